@@ -1,0 +1,58 @@
+# tether: `make demo` runs the reference service, `make test` runs everything.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+PIP_FLAGS := --disable-pip-version-check -q
+# FastAPI versions the release-point tests run on, besides the latest one in $(VENV).
+FASTAPI_MATRIX := 0.115 0.120
+
+.PHONY: all demo test lint typecheck pytest matrix bench bench-quick system-deps clean
+
+all: test
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+system-deps:
+	bash scripts/system-deps.sh
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/quickstart.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests examples docs bench
+	$(BIN)/ruff format --check src tests examples docs bench
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+pytest: $(BIN)/.installed system-deps
+	$(BIN)/pytest
+
+matrix: $(BIN)/.installed
+	@for v in $(FASTAPI_MATRIX); do \
+	  env="$(CURDIR)/.venv-fa$$v"; \
+	  if [ ! -f "$$env/.installed" ]; then \
+	    $(PY) -m venv "$$env" && \
+	    "$$env/bin/pip" install $(PIP_FLAGS) -e '.[dev]' "fastapi==$$v.*" || exit 1; \
+	    touch "$$env/.installed"; \
+	  fi; \
+	  echo "== FastAPI $$v"; \
+	  "$$env/bin/pytest" tests/fastapi -q -p no:randomly || exit 1; \
+	done
+
+test: lint typecheck pytest matrix
+
+bench: $(BIN)/.installed system-deps
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BIN)/.installed system-deps
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .venv-fa* .mypy_cache .ruff_cache build dist

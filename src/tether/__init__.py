@@ -1,0 +1,1 @@
+"""tether: connection lifecycle management for FastAPI."""

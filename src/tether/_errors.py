@@ -1,0 +1,140 @@
+"""The error types. Every message names the resource, the cause and what to do."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = [
+    "ClientDisconnected",
+    "DependencyCycleError",
+    "DuplicateResourceError",
+    "FailedResponse",
+    "ResourceClosedError",
+    "ResourceUnavailable",
+    "ScopeError",
+    "ShutdownError",
+    "StartupError",
+    "TetherError",
+    "UnknownResourceError",
+    "redact",
+]
+
+# `scheme://user:password@host` and `password=...` (libpq keyword form).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
+_KW_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\"[^\"]*\"|\S+)", re.I)
+
+
+def redact(text: str) -> str:
+    """Return *text* with the passwords of any DSNs in it replaced by ``***``."""
+    if "@" in text:
+        text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    if "assword" in text or "ASSWORD" in text:
+        text = _KW_PASSWORD.sub(r"\g<head>***", text)
+    return text
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: message`` for *exc*, with passwords redacted."""
+    text = str(exc)
+    name = type(exc).__name__
+    return redact(f"{name}: {text}" if text else name)
+
+
+class TetherError(Exception):
+    """Base class of every error tether raises."""
+
+
+class StartupError(TetherError):
+    """An app resource failed to open; the ones already open were closed.
+
+    ``resource`` names the failing resource; ``__cause__`` is the original error.
+    """
+
+    def __init__(self, message: str, *, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+class ShutdownError(ExceptionGroup[Exception], TetherError):
+    """One or more cleanups failed at shutdown; every cleanup was still attempted."""
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> ShutdownError:
+        return super().__new__(cls, message, exceptions)
+
+    def derive(self, excs: Sequence[Exception], /) -> ShutdownError:  # type: ignore[override]
+        return ShutdownError(self.message, excs)
+
+
+class ResourceUnavailable(TetherError):
+    """A resource could not be had in time (opening timed out, or its pool is exhausted).
+
+    The FastAPI integration answers ``503 Service Unavailable`` with ``Retry-After``.
+    """
+
+    def __init__(self, message: str, *, resource: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.resource = resource
+        self.retry_after = retry_after
+
+
+class ResourceClosedError(TetherError):
+    """A value (or a scope) was used after its scope had closed."""
+
+    def __init__(self, message: str, *, resource: str | None = None) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+class DependencyCycleError(TetherError):
+    """The resources depend on each other in a cycle; ``path`` lists it."""
+
+    def __init__(self, path: Sequence[str]) -> None:
+        self.path = tuple(path)
+        chain = " -> ".join(self.path)
+        super().__init__(
+            f"Dependency cycle between resources: {chain}. "
+            f"A resource cannot depend on itself, directly or through others: "
+            f"remove one of these parameters or pass the value another way."
+        )
+
+
+class ScopeError(TetherError):
+    """A resource was used against the scope rules.
+
+    An app resource that depends on a request resource, or a request resource used
+    with no unit of work (no request, no ``lc.scope()``).
+    """
+
+
+class UnknownResourceError(TetherError, LookupError):
+    """A parameter of a resource names no registered resource."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class DuplicateResourceError(TetherError, ValueError):
+    """Two resources were registered under one name."""
+
+
+class FailedResponse(TetherError):
+    """Thrown into request resources when the response has an error status.
+
+    An endpoint may answer ``4xx``/``5xx`` without raising (returning a ``JSONResponse``
+    with ``status_code=409``, say). Request resources still take their failure path
+    (roll back): this is the exception they see at their ``yield``.
+    """
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"The response has error status {status_code}.")
+        self.status_code = status_code
+
+
+class ClientDisconnected(TetherError):
+    """Thrown into request resources when the client went away mid-request.
+
+    tether cancels the work of a request whose client disconnected; its resources then
+    take their failure path (roll back) with this exception (the cancellation chained).
+    """

@@ -1,0 +1,108 @@
+"""Health checks: every resource's ``check``, run concurrently, each bounded in time."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._errors import describe
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle
+    from ._resource import Resource
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one resource's check."""
+
+    name: str
+    ok: bool
+    latency: float  # seconds
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "failing"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """Every check's result; ``ok`` when the app scope runs and every check passed."""
+
+    state: str
+    checks: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "running" and all(c.ok for c in self.checks)
+
+    def __getitem__(self, name: str) -> CheckResult:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.ok else "unavailable",
+            "state": self.state,
+            "checks": {
+                c.name: {
+                    "status": c.status,
+                    "latency_ms": round(c.latency * 1000, 3),
+                    **({"error": c.error} if c.error else {}),
+                }
+                for c in self.checks
+            },
+        }
+
+
+async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
+    assert res.check is not None
+    t0 = time.perf_counter()
+    try:
+        with anyio.fail_after(res.check_timeout):
+            if res.scope == "app":
+                value = lc._app_value(res)
+                result = res.check(value)
+                if inspect.isawaitable(result):
+                    await result
+            else:
+                async with lc.scope(f"health check of {res.name!r}") as unit:
+                    result = res.check(await unit.get(res))
+                    if inspect.isawaitable(result):
+                        await result
+    except TimeoutError:
+        return CheckResult(
+            res.name,
+            False,
+            time.perf_counter() - t0,
+            f"check did not finish within {res.check_timeout:g} s",
+        )
+    except Exception as exc:
+        return CheckResult(res.name, False, time.perf_counter() - t0, describe(exc))
+    return CheckResult(res.name, True, time.perf_counter() - t0)
+
+
+async def run_checks(lc: Lifecycle) -> HealthReport:
+    """Run every check concurrently; a check raising or timing out is failing."""
+    checked = [r for r in lc._resources.values() if r.check is not None]
+    results: list[CheckResult | None] = [None] * len(checked)
+    state = lc.state.value
+    if lc.state.value != "running":
+        return HealthReport(
+            state, [CheckResult(r.name, False, 0.0, f"app is {state}") for r in checked]
+        )
+
+    async def one(i: int, res: Resource[Any]) -> None:
+        results[i] = await _check_one(lc, res)
+
+    async with anyio.create_task_group() as tg:
+        for i, res in enumerate(checked):
+            tg.start_soon(one, i, res)
+    return HealthReport(lc.state.value, [r for r in results if r is not None])

@@ -1,0 +1,778 @@
+"""Lifecycle: the registry of resources and the runtime that opens and closes them."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Any, TypeVar, overload
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import _graph
+from ._errors import (
+    DuplicateResourceError,
+    ResourceUnavailable,
+    ScopeError,
+    ShutdownError,
+    StartupError,
+    describe,
+)
+from ._health import HealthReport, run_checks
+from ._resource import Check, Release, Resource, Scope
+from ._scope import Entry, Unit, close_entry, open_value
+from ._stats import Stats, snapshot
+
+T = TypeVar("T")
+log = logging.getLogger("tether")
+
+_SCOPES = ("app", "request")
+_RELEASES = ("handler", "response")
+
+
+class State(enum.Enum):
+    """Where a lifecycle is in its life."""
+
+    CREATED = "created"  # resources may be registered; nothing is open
+    STARTING = "starting"  # app resources are opening
+    RUNNING = "running"  # app resources open; units of work admitted
+    DRAINING = "draining"  # shutting down: new units refused, in-flight ones finishing
+    CLOSED = "closed"  # app resources closed
+
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+class Override:
+    """An override of a resource; undo it with :meth:`undo` or by leaving its ``with``."""
+
+    def __init__(self, lc: Lifecycle, target: Resource[Any], replacement: Resource[Any]) -> None:
+        self._lc = lc
+        self.target = target
+        self.replacement = replacement
+        self._active = True
+
+    def undo(self) -> None:
+        """Restore the resource exactly as it was before this override."""
+        if self._active:
+            self._active = False
+            self._lc._undo_override(self)
+
+    def __enter__(self) -> Override:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.undo()
+
+
+class _AppSlot:
+    """One app resource held open by its own task (so it closes in the task that opened it)."""
+
+    __slots__ = ("closed", "entry", "error", "opened", "release", "res", "value")
+
+    def __init__(self, res: Resource[Any]) -> None:
+        self.res = res
+        self.opened = anyio.Event()
+        self.release = anyio.Event()
+        self.closed = anyio.Event()
+        self.value: Any = None
+        self.entry: Entry | None = None
+        self.error: BaseException | None = None
+
+
+class Lifecycle:
+    """The registry of resources of one application, and the runtime that opens them.
+
+    Args:
+        close_timeout: seconds a single cleanup may take before it is abandoned.
+        drain_timeout: seconds shutdown waits for in-flight units of work.
+        leak_threshold: a request resource held longer than this is reported once,
+            with where it was acquired (``None`` turns leak detection off).
+        sync_threads: threads for opening sync resources that set no ``concurrency``.
+        check_timeout: default seconds a health check may take.
+        track_stacks: capture the acquirer's stack for values opened with ``scope().get``.
+    """
+
+    def __init__(
+        self,
+        *,
+        close_timeout: float = 10.0,
+        drain_timeout: float = 30.0,
+        leak_threshold: float | None = 60.0,
+        sync_threads: int = 10,
+        check_timeout: float = 5.0,
+        track_stacks: bool = True,
+        sweep_interval: float = 0.25,
+    ) -> None:
+        self.close_timeout = close_timeout
+        self.drain_timeout = drain_timeout
+        self.leak_threshold = leak_threshold
+        self.sync_threads = sync_threads
+        self.check_timeout = check_timeout
+        self.track_stacks = track_stacks
+        self.sweep_interval = sweep_interval
+        self.state = State.CREATED
+        self._resources: dict[str, Resource[Any]] = {}
+        self._overrides: dict[Resource[Any], Resource[Any]] = {}
+        self._override_stack: list[Override] = []
+        self._validated = False
+        self._app_values: dict[Resource[Any], Any] = {}
+        self._app_slots: list[_AppSlot] = []
+        self._override_entries: dict[Resource[Any], Entry] = {}
+        self._units: set[Unit] = set()
+        self._units_total = 0
+        self._units_refused = 0
+        self._drained: anyio.Event | None = None
+        self._open_limiter: Any = None
+        self._close_limiter: Any = None
+        self._loop: Any = None
+        self._sweepers: list[Callable[[float], None]] = []
+        self._installed_apps: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<tether.Lifecycle resources={len(self._resources)} state={self.state.value!r}>"
+
+    # ------------------------------------------------------------------ registration
+
+    @overload
+    def resource(self, factory: Callable[..., Any], /) -> Resource[Any]: ...
+
+    @overload
+    def resource(
+        self,
+        factory: None = None,
+        /,
+        *,
+        scope: Scope = "request",
+        name: str | None = None,
+        check: Check | None = None,
+        timeout: float | None = None,
+        release: Release = "handler",
+        retries: int = 0,
+        backoff: float = 0.1,
+        concurrency: int | None = None,
+        thread: bool | None = None,
+        check_timeout: float | None = None,
+        retry_after: float = 1.0,
+        guard: bool = False,
+    ) -> Callable[[Callable[..., Any]], Resource[Any]]: ...
+
+    def resource(
+        self,
+        factory: Callable[..., Any] | None = None,
+        /,
+        *,
+        scope: Scope = "request",
+        name: str | None = None,
+        check: Check | None = None,
+        timeout: float | None = None,
+        release: Release = "handler",
+        retries: int = 0,
+        backoff: float = 0.1,
+        concurrency: int | None = None,
+        thread: bool | None = None,
+        check_timeout: float | None = None,
+        retry_after: float = 1.0,
+        guard: bool = False,
+    ) -> Resource[Any] | Callable[[Callable[..., Any]], Resource[Any]]:
+        """Register a resource: ``@lc.resource`` or ``@lc.resource(scope="app", ...)``.
+
+        Args:
+            scope: ``"request"`` (default): opened on first use in a unit of work and
+                closed at its end; ``"app"``: opened at startup, closed at shutdown.
+            name: the name dependents use as a parameter (default: the function's name).
+            check: a health probe, given the value (sync or async; raising = failing).
+            timeout: seconds to open; past it :class:`ResourceUnavailable`.
+            release: for request resources, ``"handler"`` (default) closes them after the
+                endpoint, before the response starts; ``"response"`` after its last byte.
+            retries, backoff: app resources retry opening *retries* times, waiting
+                *backoff* seconds, doubled after each failure (capped at 10 s).
+            concurrency: most threads opening this sync resource at once (size of its pool).
+            thread: run a sync factory in a thread (default: generators and context
+                managers yes, plain functions no).
+            guard: hand out a proxy that raises :class:`ResourceClosedError` when the
+                value is used after its scope closed.
+        """
+
+        def register(fn: Callable[..., Any]) -> Resource[Any]:
+            return self._register(
+                fn,
+                scope=scope,
+                name=name,
+                check=check,
+                timeout=timeout,
+                release=release,
+                retries=retries,
+                backoff=backoff,
+                concurrency=concurrency,
+                thread=thread,
+                check_timeout=check_timeout,
+                retry_after=retry_after,
+                guard=guard,
+            )
+
+        if factory is not None:
+            return register(factory)
+        return register
+
+    def _register(self, fn: Any, **options: Any) -> Resource[Any]:
+        if not callable(fn):
+            msg = (
+                f"@lc.resource was given {fn!r}, which is not callable. Decorate a function "
+                f"(or pass a class or context-manager factory) that makes the value."
+            )
+            raise TypeError(msg)
+        res = self._make(fn, **options)
+        if res.name in self._resources:
+            msg = (
+                f"A resource named {res.name!r} is already registered on this Lifecycle. "
+                f"Pick another name with @lc.resource(name=...)."
+            )
+            raise DuplicateResourceError(msg)
+        if self.state is not State.CREATED and res.scope == "app":
+            msg = (
+                f"Cannot register app resource {res.name!r}: the app scope is already "
+                f"{self.state.value}. Register app resources before the application starts."
+            )
+            raise ScopeError(msg)
+        self._resources[res.name] = res
+        self._validated = False
+        return res
+
+    def _make(
+        self,
+        fn: Callable[..., Any],
+        *,
+        scope: Scope,
+        name: str | None,
+        check: Check | None,
+        timeout: float | None,
+        release: Release,
+        retries: int,
+        backoff: float,
+        concurrency: int | None,
+        thread: bool | None,
+        check_timeout: float | None,
+        retry_after: float,
+        guard: bool,
+    ) -> Resource[Any]:
+        rname = name or getattr(fn, "__name__", None)
+        if not rname or not str(rname).isidentifier():
+            msg = (
+                f"Cannot tell the name of resource {fn!r}. Give it one that is a valid "
+                f"parameter name: @lc.resource(name=...)."
+            )
+            raise ValueError(msg)
+        if scope not in _SCOPES:
+            msg = f"Resource {rname!r}: scope={scope!r} is not one of 'app', 'request'."
+            raise ValueError(msg)
+        if release not in _RELEASES:
+            msg = f"Resource {rname!r}: release={release!r} is not one of 'handler', 'response'."
+            raise ValueError(msg)
+        if timeout is not None and not timeout > 0:
+            msg = f"Resource {rname!r}: timeout={timeout!r} must be a positive number of seconds."
+            raise ValueError(msg)
+        if retries < 0:
+            msg = f"Resource {rname!r}: retries={retries!r} must be 0 or more."
+            raise ValueError(msg)
+        if concurrency is not None and concurrency < 1:
+            msg = f"Resource {rname!r}: concurrency={concurrency!r} must be 1 or more."
+            raise ValueError(msg)
+        return Resource(
+            self,
+            fn,
+            name=str(rname),
+            scope=scope,
+            check=check,
+            timeout=timeout,
+            release=release,
+            retries=retries,
+            backoff=backoff,
+            concurrency=concurrency,
+            thread=thread,
+            check_timeout=check_timeout or self.check_timeout,
+            retry_after=retry_after,
+            guard=guard,
+        )
+
+    @property
+    def resources(self) -> Mapping[str, Resource[Any]]:
+        """The registered resources by name, in registration order."""
+        return dict(self._resources)
+
+    def validate(self) -> None:
+        """Check the graph now: names, scopes and cycles (startup does it too)."""
+        if not self._validated:
+            _graph.resolve(self._resources, list(self._overrides.values()))
+            self._validated = True
+
+    # ------------------------------------------------------------------ overrides
+
+    def override(self, resource: Resource[T], value_or_factory: Any) -> Override:
+        """Replace *resource* (and so what everything depending on it gets), for tests.
+
+        A function (plain, async, generator, or context-manager factory) or a class is
+        used as a factory, resolved by parameter name like any resource; anything else
+        is used as the value. Works as a context manager, or as a plain call whose
+        result has ``undo()``. Override app resources before the app starts, so app
+        resources that depend on them are built from the override; request resources
+        see an override at once.
+        """
+        self._check_owned(resource)
+        if _is_factory(value_or_factory):
+            factory = value_or_factory
+        else:
+            value = value_or_factory
+
+            def factory() -> Any:
+                return value
+
+        replacement = self._make(
+            factory,
+            scope=resource.scope,
+            name=resource.name,
+            check=resource.check,
+            timeout=None,
+            release=resource.release,
+            retries=0,
+            backoff=0.1,
+            concurrency=resource.concurrency,
+            thread=None,
+            check_timeout=resource.check_timeout,
+            retry_after=resource.retry_after,
+            guard=resource.guard,
+        )
+        replacement.counters = resource.counters
+        _graph.resolve(self._resources, [replacement])
+        ov = Override(self, resource, replacement)
+        self._override_stack.append(ov)
+        self._overrides[resource] = replacement
+        self._validated = False
+        return ov
+
+    def _undo_override(self, ov: Override) -> None:
+        self._override_stack.remove(ov)
+        self._overrides.pop(ov.target, None)
+        for other in self._override_stack:  # an older override of the same resource
+            if other.target is ov.target:
+                self._overrides[other.target] = other.replacement
+        entry = self._override_entries.pop(ov.target, None)
+        if entry is not None and self._loop is not None:
+            log.warning(
+                "tether: override of app resource %r undone while the app runs; "
+                "its value is closed at shutdown.",
+                ov.target.name,
+            )
+            self._late_entries.append(entry)
+        self._validated = False
+
+    def _check_owned(self, resource: Any) -> None:
+        if not isinstance(resource, Resource) or resource.lifecycle is not self:
+            msg = (
+                f"{resource!r} is not a resource of this Lifecycle. Pass the object "
+                f"returned by @lc.resource on this Lifecycle."
+            )
+            raise TypeError(msg)
+
+    # ------------------------------------------------------------------ app scope
+
+    def _app_value(self, res: Resource[T]) -> T:
+        override = self._overrides.get(res) if self._overrides else None
+        if override is not None:
+            res = override
+            if res in self._app_values:
+                return self._app_values[res]  # type: ignore[no-any-return]
+            if self.state is State.RUNNING and not res.deps and res.kind.name.endswith("FUNC"):
+                value = res.factory()
+                self._app_values[res] = value
+                return value  # type: ignore[no-any-return]
+        try:
+            return self._app_values[res]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        if self.state is State.RUNNING:
+            msg = (
+                f"App resource {res.name!r} is overridden while the app runs with a factory "
+                f"that needs opening. Override app resources before the app starts."
+            )
+        else:
+            msg = (
+                f"App resource {res.name!r} is not open: the app scope is "
+                f"{self.state.value}. Start it with `FastAPI(lifespan=lc.lifespan)` "
+                f"(and `with TestClient(app):` in tests) or `async with lc.run():`."
+            )
+        raise ScopeError(msg)
+
+    def get(self, resource: Resource[T]) -> T:
+        """The value of an open app resource (for code outside a unit of work)."""
+        self._check_owned(resource)
+        if resource.scope != "app":
+            msg = (
+                f"Request resource {resource.name!r} needs a unit of work: use "
+                f"`async with lc.scope() as s: await s.get({resource.name})`."
+            )
+            raise ScopeError(msg)
+        return self._app_value(resource)
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[Lifecycle]:
+        """Open the app scope outside a server (scripts, workers, tests)."""
+        if self.state in (State.STARTING, State.RUNNING, State.DRAINING):
+            msg = (
+                f"The app scope of this Lifecycle is already {self.state.value}. "
+                f"One Lifecycle runs one app scope at a time: use a new Lifecycle."
+            )
+            raise ScopeError(msg)
+        self.validate()
+        self.state = State.STARTING
+        self._late_entries: list[Entry] = []
+        self._app_values = {}
+        self._app_slots = []
+        self._open_limiter = anyio.CapacityLimiter(self.sync_threads)
+        self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4))
+        for res in self._resources.values():
+            res.limiter = anyio.CapacityLimiter(res.concurrency) if res.concurrency else None
+        self._loop = _current_loop()
+        started = time.perf_counter()
+        try:
+            async with anyio.create_task_group() as tg:
+                await self._open_app(tg)
+                log.info(
+                    "tether: %d app resources open in %.3f s",
+                    len(self._app_slots),
+                    time.perf_counter() - started,
+                )
+                self.state = State.RUNNING
+                tg.start_soon(self._sweep_forever)
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
+                    tg.cancel_scope.cancel()
+        finally:
+            self.state = State.CLOSED
+            self._loop = None
+
+    async def _open_app(self, tg: TaskGroup) -> None:
+        order = _graph.app_order(self._resources)
+        slots = {res: _AppSlot(res) for res in order}
+        failed = anyio.Event()
+        for res in order:
+            tg.start_soon(self._hold, res, slots, failed, name=f"tether:{res.name}")
+        for res in order:
+            slot = slots[res]
+            with anyio.CancelScope() as wait:
+                async with anyio.create_task_group() as race:
+
+                    async def on_fail(scope: anyio.CancelScope = wait) -> None:
+                        await failed.wait()
+                        scope.cancel()
+
+                    race.start_soon(on_fail)
+                    await slot.opened.wait()
+                    race.cancel_scope.cancel()
+            if slot.error is not None or wait.cancelled_caught:
+                break
+        failure = next((s for s in slots.values() if s.error is not None), None)
+        if failure is None:
+            return
+        # Close what opened, in reverse order, then cancel what is still opening.
+        errors = await self._close_app_slots()
+        tg.cancel_scope.cancel()
+        assert failure.error is not None
+        msg = (
+            f"App resource {failure.res.name!r} failed to open: {describe(failure.error)}. "
+            f"The resources already open were closed. Fix the cause above, or give "
+            f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
+        )
+        for err in errors:
+            log.error("tether: while rolling back startup: %s", describe(err))
+        self.state = State.CLOSED
+        raise StartupError(msg, resource=failure.res.name) from failure.error
+
+    async def _hold(
+        self,
+        res: Resource[Any],
+        slots: dict[Resource[Any], _AppSlot],
+        failed: anyio.Event,
+    ) -> None:
+        """Open one app resource, keep it until released, close it in this same task."""
+        slot = slots[res]
+        try:
+            for dep in res.deps:
+                dep_slot = slots[dep]
+                await dep_slot.opened.wait()
+                if dep_slot.error is not None:
+                    return
+            target = self._overrides.get(res, res)
+            args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
+            value, handle = await self._open_with_retries(target, args)
+        except Exception as exc:
+            slot.error = exc
+            res.counters.open_errors += 1
+            slot.opened.set()
+            failed.set()
+            return
+        entry = Entry(target, handle, value, None)
+        slot.value = value
+        slot.entry = entry
+        self._app_values[target] = value
+        self._app_slots.append(slot)  # open order
+        c = res.counters
+        c.opened += 1
+        c.in_use += 1
+        c.max_in_use = max(c.max_in_use, c.in_use)
+        slot.opened.set()
+        try:
+            await slot.release.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await close_entry(self, entry, None)
+                except BaseException as exc:
+                    slot.error = exc
+                slot.closed.set()
+
+    async def _open_with_retries(self, res: Resource[Any], args: list[Any]) -> tuple[Any, Any]:
+        delay = res.backoff
+        for attempt in range(res.retries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = await open_value(self, res, args)
+            except Exception as exc:
+                if attempt == res.retries:
+                    raise
+                log.warning(
+                    "tether: app resource %r failed to open (attempt %d of %d): %s; "
+                    "retrying in %.2f s",
+                    res.name,
+                    attempt + 1,
+                    res.retries + 1,
+                    describe(exc),
+                    delay,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                res.counters.wait_time += time.perf_counter() - t0
+                return out
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _close_app_slots(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        for entry in reversed(self._late_entries):
+            try:
+                await close_entry(self, entry, None)
+            except Exception as exc:
+                errors.append(exc)
+        self._late_entries = []
+        for slot in reversed(self._app_slots):
+            slot.release.set()
+            await slot.closed.wait()
+            if slot.error is not None:
+                log.error(
+                    "tether: closing app resource %r failed: %s",
+                    slot.res.name,
+                    describe(slot.error),
+                    exc_info=slot.error,
+                    extra={"tether_resource": slot.res.name},
+                )
+                errors.append(slot.error)
+        self._app_slots = []
+        self._app_values = {}
+        return errors
+
+    async def _shutdown(self) -> None:
+        self.state = State.DRAINING
+        if self._units:
+            self._drained = anyio.Event()
+            with anyio.move_on_after(self.drain_timeout):
+                await self._drained.wait()
+            if self._units:
+                log.warning(
+                    "tether: %d units of work still in flight after drain_timeout=%g s: %s",
+                    len(self._units),
+                    self.drain_timeout,
+                    ", ".join(sorted(u.label for u in self._units)[:10]),
+                )
+        errors = await self._close_app_slots()
+        if errors:
+            self.state = State.CLOSED
+            excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for e in errors]
+            names = ", ".join(repr(s) for s in _failed_names(excs))
+            msg = f"{len(excs)} cleanup(s) failed at shutdown{names}; every cleanup still ran."
+            raise ShutdownError(msg, excs)
+
+    # ------------------------------------------------------------------ lifespan
+
+    def lifespan(self, app: Any = None, /, *, wrap: Lifespan | None = None) -> Any:
+        """The ASGI lifespan: ``FastAPI(lifespan=lc.lifespan)``.
+
+        ``FastAPI(lifespan=lc.lifespan(wrap=my_lifespan))`` runs *my_lifespan* inside
+        the app scope (so it may use app resources) and keeps the state it yields.
+        """
+        if wrap is not None:
+            user = wrap
+
+            def lifespan(app: Any) -> AbstractAsyncContextManager[Any]:
+                return self._lifespan(app, user)
+
+            return lifespan
+        return self._lifespan(app, None)
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Any, user: Lifespan | None) -> AsyncIterator[Any]:
+        if app is not None and _is_starlette(app):
+            from .fastapi import install
+
+            install(app, self)
+        async with self.run():
+            if user is None:
+                yield None
+            else:
+                async with user(app) as state:
+                    yield state
+
+    # ------------------------------------------------------------------ units of work
+
+    @asynccontextmanager
+    async def scope(self, label: str = "scope") -> AsyncIterator[Unit]:
+        """A request scope outside a request: ``async with lc.scope() as s: await s.get(r)``.
+
+        Values open on first ``get`` and close in reverse order when the block ends;
+        the exception that ended the block (if any) is thrown into each generator.
+        """
+        self.validate()
+        unit = Unit(self, label, track_stacks=self.track_stacks)
+        self._admit(unit)
+        try:
+            yield unit
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await unit.aclose(exc)
+            raise
+        else:
+            with anyio.CancelScope(shield=True):
+                errors = await unit.aclose(None)
+            if errors:
+                raise errors[-1]
+        finally:
+            self._retire(unit)
+
+    def _admit(self, unit: Unit) -> None:
+        if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):
+            self._units_refused += 1
+            msg = (
+                f"Cannot start {unit.label}: the application is shutting down "
+                f"({self.state.value}). Retry against another instance."
+            )
+            raise ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
+        self._units.add(unit)
+        self._units_total += 1
+
+    def _retire(self, unit: Unit) -> None:
+        self._units.discard(unit)
+        if self._drained is not None and not self._units:
+            self._drained.set()
+
+    async def _unit_for_connection(self, connection: Any) -> Unit:
+        from .fastapi import unit_for_connection
+
+        return await unit_for_connection(self, connection)
+
+    # ------------------------------------------------------------------ observing
+
+    async def health(self) -> HealthReport:
+        """Run every ``check`` concurrently, each bounded by its timeout."""
+        return await run_checks(self)
+
+    def stats(self) -> Stats:
+        """A snapshot of every resource's counters and the units of work."""
+        return Stats(
+            state=self.state.value,
+            units_in_flight=len(self._units),
+            units_total=self._units_total,
+            units_refused=self._units_refused,
+            resources={
+                name: snapshot(name, res.scope, res.counters)
+                for name, res in self._resources.items()
+            },
+        )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.sweep_interval)
+            now = time.perf_counter()
+            self._sweep_leaks(now)
+            for hook in self._sweepers:
+                hook(now)
+
+    def _sweep_leaks(self, now: float) -> None:
+        threshold = self.leak_threshold
+        if threshold is None:
+            return
+        for unit in list(self._units):
+            for entry in unit.entries:
+                held = now - entry.opened_at
+                if held > threshold and not entry.leak_reported:
+                    entry.leak_reported = True
+                    entry.res.counters.leaks += 1
+                    log.warning(
+                        "tether: resource %r held for %.1f s (leak_threshold=%g s) by %s%s",
+                        entry.res.name,
+                        held,
+                        threshold,
+                        unit.label,
+                        _format_stack(entry.stack),
+                        extra={"tether_resource": entry.res.name},
+                    )
+
+    @contextmanager
+    def _noop(self) -> Iterator[None]:  # pragma: no cover - placeholder for typing
+        yield
+
+
+def _format_stack(stack: list[tuple[str, int, str]] | None) -> str:
+    if not stack:
+        return ""
+    lines = "".join(f'\n  File "{f}", line {n}, in {name}' for f, n, name in stack)
+    return f"; acquired at:{lines}"
+
+
+def _failed_names(excs: list[Exception]) -> list[str]:
+    return []
+
+
+def _is_factory(obj: Any) -> bool:
+    return (
+        inspect.isfunction(obj)
+        or inspect.ismethod(obj)
+        or inspect.isclass(obj)
+        or inspect.isbuiltin(obj)
+    )
+
+
+def _is_starlette(app: Any) -> bool:
+    try:
+        from starlette.applications import Starlette
+    except ImportError:  # pragma: no cover - tether without starlette
+        return False
+    return isinstance(app, Starlette)
+
+
+def _current_loop() -> Any:
+    try:
+        import asyncio
+
+        return asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - trio
+        return None
+
+
+__all__ = ["Lifecycle", "Override", "State", "math"]

@@ -1,0 +1,196 @@
+"""Resource: a named factory with a scope. Everything per-factory is worked out here, once."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from ._stats import Counters
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle
+
+T = TypeVar("T")
+
+Scope = Literal["app", "request"]
+Release = Literal["handler", "response"]
+Check = Callable[[Any], Any]
+
+
+class Kind(enum.IntEnum):
+    """How a factory produces its value and how it is cleaned up."""
+
+    ASYNC_GEN = 1  # async def f(): ... yield value ...
+    SYNC_GEN = 2  # def f(): ... yield value ...
+    ASYNC_CM = 3  # @asynccontextmanager, or a class with __aenter__/__aexit__
+    SYNC_CM = 4  # @contextmanager, or a class with __enter__/__exit__
+    ASYNC_FUNC = 5  # async def f(): return value  (no cleanup)
+    SYNC_FUNC = 6  # def f(): return value  (no cleanup)
+
+
+SYNC_KINDS = frozenset({Kind.SYNC_GEN, Kind.SYNC_CM})
+
+
+def kind_of(factory: Callable[..., Any]) -> Kind:
+    """Classify *factory* once, at registration."""
+    if inspect.isclass(factory):
+        if hasattr(factory, "__aenter__") and hasattr(factory, "__aexit__"):
+            return Kind.ASYNC_CM
+        if hasattr(factory, "__enter__") and hasattr(factory, "__exit__"):
+            return Kind.SYNC_CM
+        return Kind.SYNC_FUNC
+    if inspect.isasyncgenfunction(factory):
+        return Kind.ASYNC_GEN
+    if inspect.isgeneratorfunction(factory):
+        return Kind.SYNC_GEN
+    # @asynccontextmanager / @contextmanager keep the generator function in __wrapped__.
+    wrapped = getattr(factory, "__wrapped__", None)
+    if wrapped is not None:
+        if inspect.isasyncgenfunction(wrapped):
+            return Kind.ASYNC_CM
+        if inspect.isgeneratorfunction(wrapped):
+            return Kind.SYNC_CM
+    if inspect.iscoroutinefunction(factory) or inspect.iscoroutinefunction(
+        getattr(factory, "__call__", None)  # noqa: B004 - callable objects
+    ):
+        return Kind.ASYNC_FUNC
+    return Kind.SYNC_FUNC
+
+
+def parameters_of(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The parameter names of *factory*: each names a resource it depends on."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not p.empty:
+            continue  # a parameter with a default is configuration, not a dependency
+        names.append(p.name)
+    return tuple(names)
+
+
+_MISSING: Any = object()
+
+
+class Resource(Generic[T]):
+    """A named factory with a scope, registered on a :class:`~tether.Lifecycle`.
+
+    Made by ``@lc.resource``. It is a FastAPI dependency as it is:
+    ``Annotated[T, Depends(res)]`` gives the value for the current request
+    (or WebSocket connection), opened on first use and closed by tether.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "backoff",
+        "check",
+        "check_timeout",
+        "concurrency",
+        "counters",
+        "deps",
+        "factory",
+        "guard",
+        "is_sync",
+        "kind",
+        "lifecycle",
+        "limiter",
+        "name",
+        "params",
+        "release",
+        "retries",
+        "retry_after",
+        "scope",
+        "thread",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        factory: Callable[..., Any],
+        *,
+        name: str,
+        scope: Scope,
+        check: Check | None,
+        timeout: float | None,
+        release: Release,
+        retries: int,
+        backoff: float,
+        concurrency: int | None,
+        thread: bool | None,
+        check_timeout: float,
+        retry_after: float,
+        guard: bool,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.factory = factory
+        self.name = name
+        self.scope = scope
+        self.check = check
+        self.timeout = timeout
+        self.release = release
+        self.retries = retries
+        self.backoff = backoff
+        self.concurrency = concurrency
+        self.check_timeout = check_timeout
+        self.retry_after = retry_after
+        self.guard = guard
+        self.kind = kind_of(factory)
+        self.params = parameters_of(factory)
+        # Sync generators and context managers run in threads (they manage real
+        # connections); a plain `def` runs inline unless asked otherwise.
+        self.thread = (self.kind in SYNC_KINDS) if thread is None else thread
+        self.is_sync = self.kind in SYNC_KINDS or self.kind is Kind.SYNC_FUNC
+        self.deps: tuple[Resource[Any], ...] = ()
+        self.limiter: Any = None  # anyio.CapacityLimiter, made when the lifecycle starts
+        self.counters = Counters()
+
+    def __repr__(self) -> str:
+        return f"<tether.Resource {self.name!r} scope={self.scope!r}>"
+
+    # FastAPI inspects the signature of a dependency to know what to inject. A Resource
+    # asks for the HTTP connection (works for HTTP and WebSocket routes alike). The
+    # annotation is resolved lazily so the core does not import Starlette.
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from starlette.requests import HTTPConnection
+
+        return inspect.Signature(
+            [
+                inspect.Parameter(
+                    "connection",
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    annotation=HTTPConnection,
+                )
+            ]
+        )
+
+    async def __call__(self, connection: Any) -> T:
+        """Give the value for the unit of work of *connection* (the FastAPI dependency)."""
+        unit = connection.scope.get("tether.unit")
+        if unit is None:
+            unit = await self.lifecycle._unit_for_connection(connection)
+        values = unit.values
+        value = values.get(self, _MISSING)
+        if value is _MISSING or value.__class__ is _Pending:
+            return await unit.get(self)  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
+
+
+class _Pending:
+    """Placeholder while a resource is being opened in a unit of work."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+
+def is_awaitable(value: Any) -> bool:
+    return isinstance(value, Awaitable)

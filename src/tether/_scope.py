@@ -1,0 +1,489 @@
+"""Units of work: lazy open, at most once; reverse close, exactly once, shielded and bounded.
+
+The same opener and closer serve the app scope (``_lifecycle``) and request scopes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine, Generator
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._errors import ResourceClosedError, ResourceUnavailable, ScopeError, describe
+from ._resource import _MISSING, Kind, Resource, _Pending
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle
+
+T = TypeVar("T")
+
+log = logging.getLogger("tether")
+_now = time.perf_counter
+
+_TETHER_DIRS = ("/tether/", "/anyio/", "/asyncio/", "/contextlib.py", "/starlette/", "/fastapi/")
+
+
+class Entry:
+    """One opened value in a scope, with what is needed to close it."""
+
+    __slots__ = ("handle", "late", "leak_reported", "opened_at", "res", "stack", "value")
+
+    def __init__(self, res: Resource[Any], handle: Any, value: Any, stack: Any) -> None:
+        self.res = res
+        self.handle = handle
+        self.value = value
+        self.opened_at = _now()
+        self.late = res.release == "response"
+        self.leak_reported = False
+        self.stack = stack
+
+
+# --------------------------------------------------------------------------- opening
+
+
+async def open_value(
+    lc: Lifecycle, res: Resource[T], args: list[Any], *, limiter: Any = None
+) -> tuple[T, Any]:
+    """Run *res*'s factory with *args*; return ``(value, handle)``, handle is for closing."""
+    factory = res.factory
+    kind = res.kind
+    if res.timeout is None:
+        return await _open(lc, res, factory, kind, args, limiter)
+    try:
+        with anyio.fail_after(res.timeout):
+            return await _open(lc, res, factory, kind, args, limiter)
+    except TimeoutError:
+        res.counters.timeouts += 1
+        msg = (
+            f"Resource {res.name!r} did not open within {res.timeout:g} s (its timeout=). "
+            f"Check that its backend is reachable and not saturated, or raise the timeout."
+        )
+        raise ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after) from None
+
+
+async def _open(
+    lc: Lifecycle,
+    res: Resource[Any],
+    factory: Callable[..., Any],
+    kind: Kind,
+    args: list[Any],
+    limiter: Any,
+) -> tuple[Any, Any]:
+    if kind is Kind.ASYNC_GEN:
+        agen = factory(*args)
+        try:
+            value = await agen.__anext__()
+        except StopAsyncIteration:
+            msg = f"Resource {res.name!r}: its generator returned without yielding a value."
+            raise RuntimeError(msg) from None
+        return value, agen
+    if kind is Kind.ASYNC_FUNC:
+        return await factory(*args), None
+    if kind is Kind.ASYNC_CM:
+        cm = factory(*args)
+        return await cm.__aenter__(), cm
+    if kind is Kind.SYNC_FUNC:
+        if res.thread:
+            return await _in_thread(lc, res, partial(factory, *args), limiter), None
+        return factory(*args), None
+    if kind is Kind.SYNC_GEN:
+
+        def enter_gen() -> tuple[Any, Any]:
+            gen = factory(*args)
+            try:
+                return next(gen), gen
+            except StopIteration:
+                msg = f"Resource {res.name!r}: its generator returned without yielding a value."
+                raise RuntimeError(msg) from None
+
+        if res.thread:
+            return await _in_thread(lc, res, enter_gen, limiter)
+        return enter_gen()
+
+    def enter_cm() -> tuple[Any, Any]:
+        cm = factory(*args)
+        return cm.__enter__(), cm
+
+    if res.thread:
+        return await _in_thread(lc, res, enter_cm, limiter)
+    return enter_cm()
+
+
+async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], limiter: Any) -> T:
+    # Opening holds a token of the resource's own limiter (sized from its pool), never
+    # one of the threadpool endpoints run in: a sync pool smaller than the threadpool
+    # cannot deadlock it. The thread is not abandoned on cancellation, so a value that
+    # was opened is always known, and closed.
+    return await anyio.to_thread.run_sync(fn, limiter=limiter or res.limiter or lc._open_limiter)
+
+
+# --------------------------------------------------------------------------- closing
+
+
+class _Resume:
+    """Await the rest of a coroutine that was already stepped once (see `_drive`)."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self.coro
+        value = self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # thrown in by the event loop (cancellation)
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
+    """Run a cleanup coroutine shielded from cancellation and bounded in time.
+
+    Most cleanups finish without suspending (nothing to await, or a pool release that
+    completes at once). So the coroutine is first stepped by hand: if it finishes there,
+    no cancellation could have reached it and no cancel scope was needed. Only a cleanup
+    that really waits pays for the shielded, deadline-bound scope.
+    """
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    with anyio.CancelScope(shield=True) as cs:
+        cs.deadline = anyio.current_time() + lc.close_timeout
+        result = await _Resume(coro, first)
+    if cs.cancelled_caught:
+        _close_timed_out(lc, res)
+    return result
+
+
+def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
+    res.counters.timeouts += 1
+    msg = (
+        f"Closing resource {res.name!r} took longer than close_timeout={lc.close_timeout:g} s "
+        f"and was abandoned; its connection was not returned in a known state. "
+        f"Look for a cleanup that waits on the network, or raise close_timeout."
+    )
+    raise TimeoutError(msg)
+
+
+async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> None:
+    """Close one value. Raises the cleanup's own failure (not *exc* re-raised)."""
+    res = entry.res
+    kind = res.kind
+    handle = entry.handle
+    try:
+        if kind is Kind.ASYNC_GEN:
+            step = handle.__anext__() if exc is None else handle.athrow(exc)
+            try:
+                await _drive(lc, res, step)
+            except StopAsyncIteration:
+                pass
+            else:
+                await _drive(lc, res, handle.aclose())
+                msg = f"Resource {res.name!r}: its generator yielded more than once."
+                raise RuntimeError(msg)
+        elif kind is Kind.ASYNC_CM:
+            if exc is None:
+                await _drive(lc, res, handle.__aexit__(None, None, None))
+            else:
+                await _drive(lc, res, handle.__aexit__(type(exc), exc, exc.__traceback__))
+        elif kind is Kind.SYNC_GEN or kind is Kind.SYNC_CM:
+            closer = partial(_close_sync, res, handle, exc)
+            if res.thread:
+                with anyio.CancelScope(shield=True) as cs:
+                    cs.deadline = anyio.current_time() + lc.close_timeout
+                    await anyio.to_thread.run_sync(
+                        closer, limiter=lc._close_limiter, abandon_on_cancel=True
+                    )
+                if cs.cancelled_caught:
+                    _close_timed_out(lc, res)
+            else:
+                closer()
+    except BaseException as failure:
+        if failure is exc:
+            return  # the cleanup let the original failure through: that is not a new one
+        res.counters.close_errors += 1
+        raise
+    finally:
+        c = res.counters
+        c.closed += 1
+        c.in_use -= 1
+        held = _now() - entry.opened_at
+        c.hold_time += held
+        if held > c.max_hold_time:
+            c.max_hold_time = held
+
+
+def _close_sync(res: Resource[Any], handle: Any, exc: BaseException | None) -> None:
+    if res.kind is Kind.SYNC_CM:
+        if exc is None:
+            handle.__exit__(None, None, None)
+        else:
+            handle.__exit__(type(exc), exc, exc.__traceback__)
+        return
+    try:
+        if exc is None:
+            next(handle)
+        else:
+            handle.throw(exc)
+    except StopIteration:
+        return
+    handle.close()
+    msg = f"Resource {res.name!r}: its generator yielded more than once."
+    raise RuntimeError(msg)
+
+
+async def close_entries(
+    lc: Lifecycle, entries: list[Entry], exc: BaseException | None, errors: list[BaseException]
+) -> BaseException | None:
+    """Close *entries* in reverse order, every one even if some fail.
+
+    Like ``contextlib.ExitStack``, a cleanup that fails replaces the exception the ones
+    opened before it see. Failures are logged and appended to *errors*. Returns the
+    exception the unit of work ends with.
+    """
+    while entries:
+        entry = entries.pop()
+        try:
+            await close_entry(lc, entry, exc)
+        except BaseException as failure:
+            log.error(
+                "tether: closing resource %r failed: %s",
+                entry.res.name,
+                describe(failure),
+                exc_info=failure,
+                extra={"tether_resource": entry.res.name},
+            )
+            if exc is not None and failure.__context__ is None:
+                failure.__context__ = exc
+            errors.append(failure)
+            exc = failure
+        if entry.value.__class__ is Guarded:
+            object.__setattr__(entry.value, "_tether_closed", True)
+    return exc
+
+
+# --------------------------------------------------------------------------- guard
+
+
+class Guarded:
+    """A transparent proxy for a value opened with ``guard=True``.
+
+    Attribute access and calls go to the value while its scope is open, and raise
+    :class:`~tether.ResourceClosedError` after (counted as a leak).
+    """
+
+    __slots__ = ("_tether_closed", "_tether_res", "_tether_value")
+
+    def __init__(self, res: Resource[Any], value: Any) -> None:
+        object.__setattr__(self, "_tether_res", res)
+        object.__setattr__(self, "_tether_value", value)
+        object.__setattr__(self, "_tether_closed", False)
+
+    def _tether_check(self) -> Any:
+        if self._tether_closed:
+            res = self._tether_res
+            res.counters.leaks += 1
+            msg = (
+                f"Resource {res.name!r} was used after its scope closed. "
+                f"Do not keep request resources beyond their unit of work: background "
+                f"work should open its own `async with lc.scope()`."
+            )
+            raise ResourceClosedError(msg, resource=res.name)
+        return self._tether_value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tether_check(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._tether_check(), name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tether_check()(*args, **kwargs)
+
+    async def __aenter__(self) -> Any:
+        return await self._tether_check().__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._tether_check().__aexit__(*exc)
+
+    def __enter__(self) -> Any:
+        return self._tether_check().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._tether_check().__exit__(*exc)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._tether_closed else "open"
+        return f"<tether guarded {self._tether_res.name!r} ({state}): {self._tether_value!r}>"
+
+
+# --------------------------------------------------------------------------- the unit
+
+
+def capture_stack() -> list[tuple[str, int, str]]:
+    """The caller's frames outside tether and the frameworks, innermost last."""
+    frames: list[tuple[str, int, str]] = []
+    f: Any = sys._getframe(2)
+    while f is not None and len(frames) < 12:
+        filename = f.f_code.co_filename
+        if not any(d in filename for d in _TETHER_DIRS):
+            frames.append((filename, f.f_lineno, f.f_code.co_name))
+        f = f.f_back
+    frames.reverse()
+    return frames
+
+
+class Unit:
+    """A request scope: one unit of work (a request, a WebSocket, a job, a test).
+
+    Values are opened on first :meth:`get`, at most once, and closed in reverse order
+    when the unit ends, seeing the exception that ended it. Use it through
+    ``async with lc.scope() as s: await s.get(res)``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "entries",
+        "label",
+        "lc",
+        "started",
+        "track_stacks",
+        "values",
+    )
+
+    def __init__(self, lc: Lifecycle, label: str, *, track_stacks: bool = False) -> None:
+        self.lc = lc
+        self.label = label
+        self.values: dict[Resource[Any], Any] = {}
+        self.entries: list[Entry] = []
+        self.closed = False
+        self.started = _now()
+        self.track_stacks = track_stacks
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.entries)} open"
+        return f"<tether.Unit {self.label!r} ({state})>"
+
+    async def get(self, res: Resource[T]) -> T:
+        """Return the value of *res* in this unit, opening it (and what it needs) if needed."""
+        value = self.values.get(res, _MISSING)
+        if value is _MISSING:
+            return await self._open(res)
+        if value.__class__ is _Pending:
+            await value.event.wait()
+            return await self.get(res)
+        return value  # type: ignore[no-any-return]
+
+    async def _open(self, res: Resource[T]) -> T:
+        lc = self.lc
+        if self.closed:
+            msg = (
+                f"Cannot open resource {res.name!r}: {self.label} has already ended. "
+                f"Open a new `async with lc.scope()` for work that outlives it."
+            )
+            raise ResourceClosedError(msg, resource=res.name)
+        if res.lifecycle is not lc:
+            msg = (
+                f"Resource {res.name!r} belongs to another Lifecycle than this scope's. "
+                f"Use the Lifecycle the resource was registered on."
+            )
+            raise ScopeError(msg)
+        override = lc._overrides.get(res) if lc._overrides else None
+        if res.scope == "app" and (override is None or override.scope == "app"):
+            value = lc._app_value(res)
+            self.values[res] = value
+            return value
+        pending = _Pending(anyio.Event())
+        self.values[res] = pending
+        try:
+            value = await self._open_request(override or res)
+        except BaseException:
+            del self.values[res]
+            pending.event.set()
+            raise
+        self.values[res] = value
+        pending.event.set()
+        return value
+
+    async def _open_request(self, res: Resource[T]) -> T:
+        lc = self.lc
+        args = [await self.get(d) for d in res.deps] if res.deps else []
+        c = res.counters
+        t0 = _now()
+        try:
+            value, handle = await open_value(lc, res, args)
+        except BaseException:
+            c.open_errors += 1
+            raise
+        waited = _now() - t0
+        c.wait_time += waited
+        if waited > c.max_wait_time:
+            c.max_wait_time = waited
+        c.opened += 1
+        c.in_use += 1
+        if c.in_use > c.max_in_use:
+            c.max_in_use = c.in_use
+        if res.guard:
+            value = Guarded(res, value)  # type: ignore[assignment]
+        if res.kind in _NO_CLEANUP and not res.guard:
+            c.closed += 1
+            c.in_use -= 1
+            return value
+        entry = Entry(res, handle, value, capture_stack() if self.track_stacks else None)
+        if entry.late and res.deps:
+            self._mark_late(res)
+        self.entries.append(entry)
+        return value
+
+    def _mark_late(self, res: Resource[Any]) -> None:
+        # A resource released after the response keeps what it depends on open as long.
+        deps = set(res.deps)
+        for entry in self.entries:
+            if entry.res in deps and not entry.late:
+                entry.late = True
+                self._mark_late(entry.res)
+
+    async def aclose(self, exc: BaseException | None = None) -> list[BaseException]:
+        """Close every value opened in this unit; return the cleanup failures."""
+        self.closed = True
+        errors: list[BaseException] = []
+        if self.entries:
+            await close_entries(self.lc, self.entries, exc, errors)
+        return errors
+
+    async def release_early(self, exc: BaseException | None) -> list[BaseException]:
+        """Close the values released at the handler (not the ``release="response"`` ones)."""
+        errors: list[BaseException] = []
+        entries = self.entries
+        if not entries:
+            return errors
+        keep = [e for e in entries if e.late]
+        if not keep:
+            await close_entries(self.lc, entries, exc, errors)
+            return errors
+        early = [e for e in entries if not e.late]
+        entries[:] = keep
+        await close_entries(self.lc, early, exc, errors)
+        return errors
+
+
+_NO_CLEANUP = frozenset({Kind.ASYNC_FUNC, Kind.SYNC_FUNC})

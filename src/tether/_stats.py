@@ -1,0 +1,107 @@
+"""Counters and timings: the one source for metrics, the dashboard and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class Counters:
+    """Mutable per-resource counters, updated on the hot path (plain attribute adds)."""
+
+    __slots__ = (
+        "close_errors",
+        "closed",
+        "hold_time",
+        "in_use",
+        "leaks",
+        "max_hold_time",
+        "max_in_use",
+        "max_wait_time",
+        "open_errors",
+        "opened",
+        "timeouts",
+        "wait_time",
+    )
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.in_use = 0
+        self.max_in_use = 0
+        self.open_errors = 0
+        self.close_errors = 0
+        self.timeouts = 0
+        self.leaks = 0
+        self.wait_time = 0.0
+        self.max_wait_time = 0.0
+        self.hold_time = 0.0
+        self.max_hold_time = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceStats:
+    """A snapshot of one resource's counters.
+
+    *wait_time* is the time spent opening (acquiring) values, *hold_time* the time
+    between open and close, both totals in seconds with their maxima; *errors* counts
+    failed opens and failed closes; *leaks* counts values held past the leak threshold
+    or used after their scope closed.
+    """
+
+    name: str
+    scope: str
+    opened: int
+    closed: int
+    in_use: int
+    max_in_use: int
+    errors: int
+    open_errors: int
+    close_errors: int
+    timeouts: int
+    leaks: int
+    wait_time: float
+    max_wait_time: float
+    hold_time: float
+    max_hold_time: float
+
+    @property
+    def mean_wait_time(self) -> float:
+        return self.wait_time / self.opened if self.opened else 0.0
+
+    @property
+    def mean_hold_time(self) -> float:
+        return self.hold_time / self.closed if self.closed else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of a lifecycle: its state, units of work and every resource."""
+
+    state: str
+    units_in_flight: int
+    units_total: int
+    units_refused: int
+    resources: dict[str, ResourceStats] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ResourceStats:
+        return self.resources[name]
+
+
+def snapshot(name: str, scope: str, c: Counters) -> ResourceStats:
+    return ResourceStats(
+        name=name,
+        scope=scope,
+        opened=c.opened,
+        closed=c.closed,
+        in_use=c.in_use,
+        max_in_use=c.max_in_use,
+        errors=c.open_errors + c.close_errors,
+        open_errors=c.open_errors,
+        close_errors=c.close_errors,
+        timeouts=c.timeouts,
+        leaks=c.leaks,
+        wait_time=c.wait_time,
+        max_wait_time=c.max_wait_time,
+        hold_time=c.hold_time,
+        max_hold_time=c.max_hold_time,
+    )

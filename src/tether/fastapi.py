@@ -1,0 +1,387 @@
+"""FastAPI and Starlette integration: the release point, 503s, disconnects, health routes.
+
+A user writes ``FastAPI(lifespan=lc.lifespan)`` and ``Depends(res)``. When the lifespan
+starts, tether wraps each route that uses its resources (and every plain Starlette
+route) so that it owns the unit of work of each call:
+
+* request resources opened by the call are closed when the response starts
+  (``release="handler"``), or just before its last body message (``"response"``);
+* the failure that ended the call (an exception, an ``HTTPException``, an error status,
+  a client that went away) is thrown into each cleanup, so it rolls back;
+* a cleanup that fails on the success path turns the response into a 500 (a 503 with
+  ``Retry-After`` for :class:`~tether.ResourceUnavailable`) before any byte leaves;
+* a client that disconnects cancels the call (uvicorn does not), so its queries stop.
+
+Routes without tether resources are not touched: they cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+try:
+    from starlette.routing import BaseRoute
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'"
+    raise ImportError(msg) from exc
+
+from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
+from ._lifecycle import Lifecycle, State
+from ._resource import Resource
+from ._scope import Unit
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["health_router", "install"]
+
+log = logging.getLogger("tether")
+
+# Seconds a request runs before tether starts listening for its client going away.
+# Watching costs a task; almost every request is over long before this.
+WATCH_AFTER = 0.2
+
+
+class _Replaced(Exception):
+    """Raised out of ``send`` once tether has answered in the app's stead."""
+
+
+# --------------------------------------------------------------------------- install
+
+
+def install(app: Any, lc: Lifecycle) -> None:
+    """Let *lc* own the unit of work of every route of *app* that uses its resources.
+
+    ``lc.lifespan`` calls this when the app starts. Call it yourself, after adding the
+    routes, for an app that cannot hand tether its lifespan (and then run
+    ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
+    """
+    for route in _walk(getattr(app, "routes", ())):
+        endpoint_app = getattr(route, "app", None)
+        if endpoint_app is None or isinstance(endpoint_app, _TetherRoute):
+            continue
+        if _uses(route, lc):
+            route.app = _TetherRoute(endpoint_app, lc, _label(route))  # type: ignore[attr-defined]
+    if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
+        lc._sweepers.append(_Sweeper(lc))
+
+
+def _walk(routes: Any) -> Iterator[BaseRoute]:
+    for route in routes:
+        if getattr(route, "dependant", None) is None and hasattr(route, "routes"):
+            yield from _walk(route.routes)  # Mount, Host, Router
+        else:
+            yield route
+
+
+def _uses(route: Any, lc: Lifecycle) -> bool:
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        # A plain Starlette route: tether cannot see what it uses, so it owns them all.
+        return hasattr(route, "endpoint")
+    stack = [dependant]
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if isinstance(call, Resource) and call.lifecycle is lc:
+            return True
+        stack.extend(getattr(d, "dependencies", ()))
+    return False
+
+
+def _label(route: Any) -> str:
+    methods = getattr(route, "methods", None)
+    path = getattr(route, "path", "?")
+    if methods:
+        return f"{'|'.join(sorted(methods))} {path}"
+    return f"WEBSOCKET {path}" if "websocket" in type(route).__name__.lower() else path
+
+
+async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
+    """Where a resource is asked for on a route tether does not own: say how to fix it."""
+    path = connection.scope.get("path", "?")
+    msg = (
+        f"A tether resource was asked for on {path!r}, a route this Lifecycle does not "
+        f"own: the route was added after the app started, or the app's lifespan is not "
+        f"`lc.lifespan`. Use `FastAPI(lifespan=lc.lifespan)`, or call "
+        f"`tether.fastapi.install(app, lc)` after adding the routes."
+    )
+    raise ScopeError(msg)
+
+
+# --------------------------------------------------------------------------- the unit
+
+
+class HttpUnit(Unit):
+    """The unit of work of one HTTP request (or one WebSocket connection)."""
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "arrived",
+        "body_done",
+        "buffer",
+        "complete",
+        "disconnected",
+        "failure",
+        "scope",
+        "state",
+        "task",
+        "watcher",
+    )
+
+    def __init__(self, lc: Lifecycle, label: str, scope: Scope, receive: Receive, send: Send):
+        Unit.__init__(self, lc, label)
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
+        self.failure: BaseException | None = None
+        self.complete = False
+        self.disconnected = False
+        self.body_done = False
+        self.task: asyncio.Task[Any] | None = None
+        self.watcher: asyncio.Task[Any] | None = None
+        self.buffer: collections.deque[Message] | None = None
+        self.arrived: asyncio.Event | None = None
+
+    async def send(self, message: Message) -> None:
+        if self.state == 0:
+            if message["type"] == "http.response.start":
+                self.state = 1
+                status = message["status"]
+                if status >= 400:
+                    # Sent from inside an `except` block when an exception handler made
+                    # this response (HTTPException, ServerErrorMiddleware): that is the
+                    # failure the cleanups should see.
+                    handled = sys.exc_info()[1]
+                    self.failure = handled if handled is not None else FailedResponse(status)
+                if self.entries:
+                    errors = await self.release_early(self.failure)
+                    if errors and self.failure is None:
+                        self.state = 2
+                        await _answer_error(self._send, errors[-1])
+                        raise _Replaced from errors[-1]
+            await self._send(message)
+            return
+        if self.state == 2:
+            raise _Replaced
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+            if self.entries:
+                # release="response": close before the last body message, so a failing
+                # commit aborts the response instead of completing it.
+                errors = await self.aclose(self.failure)
+                if errors and self.failure is None:
+                    self.state = 2
+                    raise _Replaced from errors[-1]
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        buffer = self.buffer
+        if buffer is None:
+            message = await self._receive()
+            if not message.get("more_body", False):
+                self.body_done = True
+            return message
+        while not buffer:
+            if self.disconnected:
+                return {"type": "http.disconnect"}
+            assert self.arrived is not None
+            self.arrived.clear()
+            await self.arrived.wait()
+        return buffer.popleft()
+
+    def start_watching(self) -> None:
+        """Listen for the client going away (once the request body has been read)."""
+        if not self.body_done:
+            for name, value in self.scope["headers"]:
+                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                    return  # the app may still be reading the body: do not compete for it
+            self.body_done = True
+        self.buffer = collections.deque()
+        self.arrived = asyncio.Event()
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        assert self.buffer is not None
+        assert self.arrived is not None
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if not self.complete and not self.closed and self.task is not None:
+                    self.disconnected = True
+                    log.info("tether: client went away during %s; cancelling it", self.label)
+                    self.task.cancel()
+                self.disconnected = True
+                self.arrived.set()
+                return
+            self.buffer.append(message)
+            self.arrived.set()
+
+
+class _Sweeper:
+    """Starts disconnect watchers for requests that have run for a while."""
+
+    def __init__(self, lc: Lifecycle) -> None:
+        self.lc = lc
+
+    def __call__(self, now: float) -> None:
+        _watch_disconnects(self.lc, now)
+
+
+def _watch_disconnects(lc: Lifecycle, now: float) -> None:
+    for unit in list(lc._units):
+        if (
+            isinstance(unit, HttpUnit)
+            and unit.watcher is None
+            and unit.state < 2
+            and now - unit.started > WATCH_AFTER
+            and not unit.closed
+        ):
+            unit.start_watching()
+
+
+# --------------------------------------------------------------------------- routes
+
+
+class _TetherRoute:
+    """Wraps a route's ASGI app: one unit of work per call."""
+
+    __slots__ = ("app", "label", "lc")
+
+    def __init__(self, app: ASGIApp, lc: Lifecycle, label: str) -> None:
+        self.app = app
+        self.lc = lc
+        self.label = label
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:  # pragma: no cover - routes only see http and websocket
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lc = self.lc
+        if lc.state is State.DRAINING:
+            lc._units_refused += 1
+            await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
+            return
+        unit = HttpUnit(lc, self.label, scope, receive, send)
+        unit.task = asyncio.current_task()
+        units = lc._units
+        units.add(unit)
+        lc._units_total += 1
+        scope["tether.unit"] = unit
+        try:
+            await self.app(scope, unit.receive, unit.send)
+        except BaseException as exc:
+            await self._failed(unit, exc)
+        else:
+            if unit.entries:
+                await unit.aclose(unit.failure)
+        finally:
+            unit.closed = True
+            if unit.watcher is not None:
+                unit.watcher.cancel()
+            units.discard(unit)
+            if lc._drained is not None and not units:
+                lc._drained.set()
+
+    async def _failed(self, unit: HttpUnit, exc: BaseException) -> None:
+        if isinstance(exc, _Replaced):
+            if unit.entries:
+                await unit.aclose(exc.__cause__)
+            return
+        if unit.disconnected and isinstance(exc, asyncio.CancelledError):
+            task = unit.task
+            if task is not None and task.cancelling():
+                task.uncancel()
+            gone = ClientDisconnected(f"The client went away during {unit.label}.")
+            gone.__cause__ = exc
+            await unit.aclose(gone)
+            return
+        errors = await unit.aclose(exc)
+        if isinstance(exc, ResourceUnavailable) and unit.state == 0:
+            log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
+            await _answer(unit._send, 503, str(exc), exc.retry_after)
+            return
+        if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
+            await _answer(unit._send, 503, str(errors[-1]), errors[-1].retry_after)
+            return
+        raise exc
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lc = self.lc
+        unit = Unit(lc, self.label)
+        lc._units.add(unit)
+        lc._units_total += 1
+        scope["tether.unit"] = unit
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            await unit.aclose(exc)
+            raise
+        else:
+            await unit.aclose(None)
+        finally:
+            lc._retire(unit)
+
+
+async def _answer(send: Send, status: int, detail: str, retry_after: float | None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _answer_error(send: Send, error: BaseException) -> None:
+    if isinstance(error, ResourceUnavailable):
+        await _answer(send, 503, str(error), error.retry_after)
+    else:
+        await _answer(send, 500, "Internal Server Error", None)
+
+
+# --------------------------------------------------------------------------- health
+
+
+def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
+    """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
+
+    ``live`` answers 200 while the process serves. ``ready`` answers 200 when the app
+    scope runs and every ``check`` passes, and 503 while starting, while draining, or
+    when a check fails; its body is the report.
+    """
+    from fastapi.responses import JSONResponse
+
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix=prefix, tags=["health"])
+
+    @router.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "alive", "state": lc.state.value}
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        report = await lc.health()
+        headers = {} if report.ok else {"Retry-After": "5"}
+        return JSONResponse(
+            report.as_dict(), status_code=200 if report.ok else 503, headers=headers
+        )
+
+    return router

@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """tether's ASGI glue targets asyncio (uvicorn's loop); the core uses anyio only."""
+    return "asyncio"

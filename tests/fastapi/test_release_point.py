@@ -1,0 +1,330 @@
+"""The release point through FastAPI's TestClient; run on every FastAPI version of the matrix."""
+
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import anyio
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.testclient import TestClient
+
+import tether
+from tether.fastapi import health_router
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __call__(self, event: str) -> None:
+        self.events.append(event)
+
+
+def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recorder]:
+    rec = Recorder()
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        rec("pool open")
+        yield "pool"
+        rec("pool close")
+
+    @lc.resource(release=release)  # type: ignore[call-overload]
+    async def session(pool: str) -> AsyncIterator[dict[str, Any]]:
+        rec("session open")
+        tx: dict[str, Any] = {"pool": pool}
+        try:
+            yield tx
+        except BaseException as exc:
+            rec(f"rollback {type(exc).__name__}")
+            raise
+        else:
+            if tx.get("fail_commit"):
+                rec("commit failed")
+                raise RuntimeError("commit failed: duplicate key")
+            rec("commit")
+        finally:
+            rec("session close")
+
+    app = FastAPI(lifespan=lc.lifespan)
+    Session = Annotated[dict[str, Any], Depends(session)]
+
+    def repo(s: Session) -> dict[str, Any]:
+        return s
+
+    async def other(s: Session) -> dict[str, Any]:
+        return s
+
+    @app.get("/ok")
+    async def ok(s: Session) -> dict[str, str]:
+        rec("endpoint")
+        return {"pool": s["pool"]}
+
+    @app.get("/three")
+    async def three(
+        s: Session,
+        r: Annotated[dict[str, Any], Depends(repo)],
+        o: Annotated[dict[str, Any], Depends(other)],
+    ) -> dict[str, bool]:
+        return {"same": s is r is o}
+
+    @app.get("/fail-commit")
+    async def fail_commit(s: Session) -> dict[str, str]:
+        s["fail_commit"] = True
+        return {"status": "written"}
+
+    @app.get("/http-error")
+    async def http_error(s: Session) -> None:
+        raise HTTPException(status_code=404, detail="nope")
+
+    @app.get("/error-status")
+    async def error_status(s: Session) -> JSONResponse:
+        return JSONResponse({"detail": "conflict"}, status_code=409)
+
+    @app.get("/boom")
+    async def boom(s: Session) -> None:
+        raise ValueError("boom")
+
+    @app.get("/sync")
+    def sync_endpoint(s: Session) -> dict[str, str]:
+        rec("sync endpoint")
+        return {"pool": s["pool"]}
+
+    @app.get("/none")
+    async def none() -> dict[str, str]:
+        return {"none": "yes"}
+
+    @app.get("/stream")
+    async def stream(s: Session) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                rec(f"chunk {i} session={'closed' if 'session close' in rec.events else 'open'}")
+                yield f"{i}\n".encode()
+                await anyio.sleep(0)
+
+        return StreamingResponse(body())
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, s: Session) -> None:
+        await websocket.accept()
+        text = await websocket.receive_text()
+        await websocket.send_text(f"{text} via {s['pool']}")
+        await websocket.close()
+
+    return app, lc, rec
+
+
+class TestHandlerRelease:
+    def test_commit_before_response(self) -> None:
+        """The session commits and closes before the response is sent; app resources close at shutdown."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/ok").json() == {"pool": "pool"}
+            assert rec.events == [
+                "pool open",
+                "session open",
+                "endpoint",
+                "commit",
+                "session close",
+            ]
+        assert rec.events[-1] == "pool close"
+
+    def test_opened_once_per_request(self) -> None:
+        """The endpoint and two dependencies asking for the session share one value."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/three").json() == {"same": True}
+            assert rec.events.count("session open") == 1
+            client.get("/three")
+            assert rec.events.count("session open") == 2
+
+    def test_failing_commit_turns_the_response_into_500(self) -> None:
+        """A commit that fails in cleanup gives a 500, never a 200."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            response = client.get("/fail-commit")
+        assert response.status_code == 500
+        assert response.text == '{"detail":"Internal Server Error"}'
+        assert "commit failed" in rec.events
+
+    def test_http_exception_rolls_back(self) -> None:
+        """An HTTPException raised by the endpoint reaches the cleanup, which rolls back."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            response = client.get("/http-error")
+        assert response.status_code == 404
+        assert "rollback HTTPException" in rec.events
+        assert "commit" not in rec.events
+
+    def test_error_status_rolls_back(self) -> None:
+        """An endpoint answering 409 without raising still takes the failure path."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/error-status").status_code == 409
+        assert "rollback FailedResponse" in rec.events
+
+    def test_exception_rolls_back_before_the_500(self) -> None:
+        """An unhandled exception rolls back, then answers 500."""
+        app, _, rec = make_app()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert client.get("/boom").status_code == 500
+        assert "rollback ValueError" in rec.events
+
+    def test_exception_propagates_to_the_server(self) -> None:
+        """tether does not swallow the endpoint's exception."""
+        app, _, _ = make_app()
+        with TestClient(app) as client, pytest.raises(ValueError, match="^boom$"):
+            client.get("/boom")
+
+    def test_sync_endpoint(self) -> None:
+        """A `def` endpoint gets the request resource too."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/sync").json() == {"pool": "pool"}
+        assert rec.events[1:5] == ["session open", "sync endpoint", "commit", "session close"]
+
+    def test_stream_after_handler_release(self) -> None:
+        """With release="handler" the session is closed before a streaming body runs."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/stream").text == "0\n1\n2\n"
+        assert "chunk 0 session=closed" in rec.events
+
+    def test_route_without_resources_is_untouched(self) -> None:
+        """A route that uses no resource opens nothing and is not wrapped."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/none").json() == {"none": "yes"}
+        assert "session open" not in rec.events
+        route = next(r for r in app.routes if getattr(r, "path", "") == "/none")
+        assert type(route.app).__name__ != "_TetherRoute"  # type: ignore[attr-defined]
+
+    def test_websocket_scope_per_connection(self) -> None:
+        """A WebSocket route gets one unit of work per connection, closed when it ends."""
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            for _ in range(2):
+                with client.websocket_connect("/ws") as ws:
+                    ws.send_text("hi")
+                    assert ws.receive_text() == "hi via pool"
+        assert rec.events.count("session open") == 2
+        assert rec.events.count("session close") == 2
+
+
+class TestResponseRelease:
+    def test_stream_uses_the_session_until_the_last_chunk(self) -> None:
+        """With release="response" the session stays open for the whole body."""
+        app, _, rec = make_app(release="response")
+        with TestClient(app) as client:
+            assert client.get("/stream").text == "0\n1\n2\n"
+        chunks = [e for e in rec.events if e.startswith("chunk")]
+        assert chunks == [f"chunk {i} session=open" for i in range(3)]
+        assert rec.events.index("session close") > rec.events.index("chunk 2 session=open")
+
+
+class TestUnavailable:
+    def test_open_timeout_answers_503_with_retry_after(self) -> None:
+        """A resource that cannot open in time gives 503 with Retry-After, not a hang."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(timeout=0.05, retry_after=3)
+        async def slow() -> AsyncIterator[int]:
+            await anyio.sleep(10)
+            yield 1
+
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/")
+        async def root(v: Annotated[int, Depends(slow)]) -> int:
+            return v
+
+        with TestClient(app) as client:
+            response = client.get("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert response.json() == {
+            "detail": "Resource 'slow' did not open within 0.05 s (its timeout=). Check that "
+            "its backend is reachable and not saturated, or raise the timeout."
+        }
+
+
+class TestOverrides:
+    def test_override_app_resource_for_a_test(self) -> None:
+        """Overriding an app resource changes what the request resources get, and is undone."""
+        app, lc, _ = make_app()
+        pool = lc.resources["pool"]
+        with lc.override(pool, "fake-pool"), TestClient(app) as client:
+            assert client.get("/ok").json() == {"pool": "fake-pool"}
+        with TestClient(app) as client:
+            assert client.get("/ok").json() == {"pool": "pool"}
+
+    def test_fastapi_dependency_overrides_still_work(self) -> None:
+        """FastAPI's own dependency_overrides can replace a tether resource."""
+        app, lc, rec = make_app()
+        app.dependency_overrides[lc.resources["session"]] = lambda: {"pool": "overridden"}
+        with TestClient(app) as client:
+            assert client.get("/ok").json() == {"pool": "overridden"}
+        assert "session open" not in rec.events
+
+
+class TestHealth:
+    def test_ready_and_live(self) -> None:
+        """/health/ready is 200 while checks pass and 503 with the report when one fails."""
+        lc = tether.Lifecycle()
+        state = {"up": True}
+
+        def probe(value: str) -> None:
+            if not state["up"]:
+                raise ConnectionError("connection refused")
+
+        @lc.resource(scope="app", check=probe)
+        def db() -> str:
+            return "db"
+
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(health_router(lc))
+        with TestClient(app) as client:
+            assert client.get("/health/live").json() == {"status": "alive", "state": "running"}
+            ready = client.get("/health/ready")
+            assert ready.status_code == 200
+            assert ready.json()["checks"]["db"]["status"] == "ok"
+            state["up"] = False
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503
+            assert ready.headers["retry-after"] == "5"
+            assert ready.json()["checks"]["db"] == {
+                "status": "failing",
+                "latency_ms": ready.json()["checks"]["db"]["latency_ms"],
+                "error": "ConnectionError: connection refused",
+            }
+
+
+class TestStarlette:
+    def test_plain_starlette_route(self) -> None:
+        """A plain Starlette app gets values with `await res(request)`, released the same way."""
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn() -> Iterator[str]:
+            rec("open")
+            yield "conn"
+            rec("close")
+
+        async def home(request: Request) -> PlainTextResponse:
+            value = await conn(request)
+            rec("endpoint")
+            return PlainTextResponse(value)
+
+        app = Starlette(routes=[Route("/", home)], lifespan=lc.lifespan)
+        with TestClient(app) as client:
+            assert client.get("/").text == "conn"
+        assert rec.events == ["open", "endpoint", "close"]

@@ -433,31 +433,45 @@ class Lifecycle:
         self._late_entries: list[Entry] = []
         self._app_values = {}
         self._app_slots = []
+        self._make_limiters()
+        self._loop = _current_loop()
+        started = time.perf_counter()
+        # A failure (StartupError, ShutdownError, or the body's own exception) is carried
+        # out of the task group and raised after it, so it is not wrapped in a group.
+        error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    await self._open_app(tg)
+                    log.info(
+                        "tether: %d app resources open in %.3f s",
+                        len(self._app_slots),
+                        time.perf_counter() - started,
+                    )
+                    self.state = State.RUNNING
+                    tg.start_soon(self._sweep_forever)
+                    try:
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await self._shutdown()
+                except Exception as exc:
+                    error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
+        finally:
+            self.state = State.CLOSED
+            self._loop = None
+
+    def _make_limiters(self) -> None:
+        # tether's own thread limiters (never anyio's default one, which endpoints use),
+        # made in the running event loop: by `run()`, or by the first `scope()` without it.
         self._open_limiter = anyio.CapacityLimiter(self.sync_threads)
         self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4))
         for res in self._resources.values():
             res.limiter = anyio.CapacityLimiter(res.concurrency) if res.concurrency else None
-        self._loop = _current_loop()
-        started = time.perf_counter()
-        try:
-            async with anyio.create_task_group() as tg:
-                await self._open_app(tg)
-                log.info(
-                    "tether: %d app resources open in %.3f s",
-                    len(self._app_slots),
-                    time.perf_counter() - started,
-                )
-                self.state = State.RUNNING
-                tg.start_soon(self._sweep_forever)
-                try:
-                    yield self
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await self._shutdown()
-                    tg.cancel_scope.cancel()
-        finally:
-            self.state = State.CLOSED
-            self._loop = None
 
     async def _open_app(self, tg: TaskGroup) -> None:
         order = _graph.app_order(self._resources)
@@ -491,8 +505,8 @@ class Lifecycle:
             f"The resources already open were closed. Fix the cause above, or give "
             f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
         )
-        for err in errors:
-            log.error("tether: while rolling back startup: %s", describe(err))
+        for name, err in errors:
+            log.error("tether: while rolling back startup, %r: %s", name, describe(err))
         self.state = State.CLOSED
         raise StartupError(msg, resource=failure.res.name) from failure.error
 
@@ -564,13 +578,14 @@ class Lifecycle:
                 return out
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _close_app_slots(self) -> list[BaseException]:
-        errors: list[BaseException] = []
+    async def _close_app_slots(self) -> list[tuple[str, BaseException]]:
+        """Close the app values in reverse order; return ``(resource name, failure)`` pairs."""
+        errors: list[tuple[str, BaseException]] = []
         for entry in reversed(self._late_entries):
             try:
                 await close_entry(self, entry, None)
             except Exception as exc:
-                errors.append(exc)
+                errors.append((entry.res.name, exc))
         self._late_entries = []
         for slot in reversed(self._app_slots):
             slot.release.set()
@@ -583,7 +598,7 @@ class Lifecycle:
                     exc_info=slot.error,
                     extra={"tether_resource": slot.res.name},
                 )
-                errors.append(slot.error)
+                errors.append((slot.res.name, slot.error))
         self._app_slots = []
         self._app_values = {}
         return errors
@@ -604,9 +619,12 @@ class Lifecycle:
         errors = await self._close_app_slots()
         if errors:
             self.state = State.CLOSED
-            excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for e in errors]
-            names = ", ".join(repr(s) for s in _failed_names(excs))
-            msg = f"{len(excs)} cleanup(s) failed at shutdown{names}; every cleanup still ran."
+            excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
+            names = ", ".join(repr(name) for name, _ in errors)
+            msg = (
+                f"{len(excs)} cleanup(s) failed at shutdown ({names}); every cleanup still "
+                f"ran, and each failure is logged with its traceback."
+            )
             raise ShutdownError(msg, excs)
 
     # ------------------------------------------------------------------ lifespan
@@ -649,21 +667,35 @@ class Lifecycle:
         the exception that ended the block (if any) is thrown into each generator.
         """
         self.validate()
+        if self._open_limiter is None:
+            self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)
         self._admit(unit)
+        failure: BaseException | None = None
         try:
             yield unit
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await unit.aclose(exc)
-            raise
+                errors = await unit.aclose(exc)
+            if not errors or not isinstance(exc, Exception):
+                raise  # a cancellation or an interrupt is never replaced
+            failure = errors[-1]
         else:
             with anyio.CancelScope(shield=True):
                 errors = await unit.aclose(None)
             if errors:
-                raise errors[-1]
+                failure = errors[-1]
         finally:
             self._retire(unit)
+        if failure is not None:
+            # As with ExitStack, a failed cleanup is what the block ends with. Raising it
+            # here would set its __context__ to the block's exception: keep its own chain.
+            context = failure.__context__
+            try:
+                raise failure
+            except BaseException:
+                failure.__context__ = context
+                raise
 
     def _admit(self, unit: Unit) -> None:
         if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):
@@ -743,10 +775,6 @@ def _format_stack(stack: list[tuple[str, int, str]] | None) -> str:
         return ""
     lines = "".join(f'\n  File "{f}", line {n}, in {name}' for f, n, name in stack)
     return f"; acquired at:{lines}"
-
-
-def _failed_names(excs: list[Exception]) -> list[str]:
-    return []
 
 
 def _is_factory(obj: Any) -> bool:

@@ -171,15 +171,17 @@ class Resource(Generic[T]):
             ]
         )
 
-    async def __call__(self, connection: Any) -> T:
-        """Give the value for the unit of work of *connection* (the FastAPI dependency)."""
-        unit = connection.scope.get("tether.unit")
-        if unit is None:
+    async def __call__(self, connection: Any = None) -> T:
+        """Give the value for the current request's unit of work (the FastAPI dependency)."""
+        from ._scope import current_unit
+
+        unit = current_unit.get()
+        if unit is None or unit.lc is not self.lifecycle:
             unit = await self.lifecycle._unit_for_connection(connection)
         values = unit.values
         value = values.get(self, _MISSING)
         if value is _MISSING or value.__class__ is _Pending:
-            return await unit.get(self)  # type: ignore[no-any-return]
+            return await unit.get(self)
         return value  # type: ignore[no-any-return]
 
 
@@ -188,8 +190,8 @@ class _Pending:
 
     __slots__ = ("event",)
 
-    def __init__(self, event: Any) -> None:
-        self.event = event
+    def __init__(self) -> None:
+        self.event: Any = None  # an anyio.Event, made only if someone has to wait
 
 
 def is_awaitable(value: Any) -> bool:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine, Generator
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +26,9 @@ T = TypeVar("T")
 
 log = logging.getLogger("tether")
 _now = time.perf_counter
+
+# The unit of work of the running request (set by the ASGI glue for the call's task).
+current_unit: ContextVar[Unit | None] = ContextVar("tether_unit", default=None)
 
 _TETHER_DIRS = ("/tether/", "/anyio/", "/asyncio/", "/contextlib.py", "/starlette/", "/fastapi/")
 
@@ -389,6 +393,9 @@ class Unit:
         if value is _MISSING:
             return await self._open(res)
         if value.__class__ is _Pending:
+            # Another task of this unit is opening it: wait for that, do not open twice.
+            if value.event is None:
+                value.event = anyio.Event()
             await value.event.wait()
             return await self.get(res)
         return value  # type: ignore[no-any-return]
@@ -407,51 +414,56 @@ class Unit:
                 f"Use the Lifecycle the resource was registered on."
             )
             raise ScopeError(msg)
-        override = lc._overrides.get(res) if lc._overrides else None
-        if res.scope == "app" and (override is None or override.scope == "app"):
+        target = res
+        if lc._overrides:
+            target = lc._overrides.get(res, res)
+        if target.scope == "app":
             value = lc._app_value(res)
             self.values[res] = value
             return value
-        pending = _Pending(anyio.Event())
-        self.values[res] = pending
+        values = self.values
+        pending = _Pending()
+        values[res] = pending
+        c = target.counters
         try:
-            value = await self._open_request(override or res)
-        except BaseException:
-            del self.values[res]
-            pending.event.set()
-            raise
-        self.values[res] = value
-        pending.event.set()
-        return value
-
-    async def _open_request(self, res: Resource[T]) -> T:
-        lc = self.lc
-        args = [await self.get(d) for d in res.deps] if res.deps else []
-        c = res.counters
-        t0 = _now()
-        try:
-            value, handle = await open_value(lc, res, args)
+            args = [await self.get(d) for d in target.deps] if target.deps else ()
+            t0 = _now()
+            if target.kind is Kind.ASYNC_GEN and target.timeout is None:
+                # The common case, inline: no extra coroutine layers on the hot path.
+                handle = target.factory(*args)
+                try:
+                    value = await handle.__anext__()
+                except StopAsyncIteration:
+                    msg = f"Resource {res.name!r}: its generator returned without yielding a value."
+                    raise RuntimeError(msg) from None
+            else:
+                value, handle = await open_value(lc, target, list(args))
         except BaseException:
             c.open_errors += 1
+            del values[res]
+            if pending.event is not None:
+                pending.event.set()
             raise
         waited = _now() - t0
         c.wait_time += waited
         if waited > c.max_wait_time:
             c.max_wait_time = waited
         c.opened += 1
-        c.in_use += 1
-        if c.in_use > c.max_in_use:
-            c.max_in_use = c.in_use
-        if res.guard:
-            value = Guarded(res, value)  # type: ignore[assignment]
-        if res.kind in _NO_CLEANUP and not res.guard:
+        if target.guard:
+            value = Guarded(target, value)  # type: ignore[assignment]
+        if target.kind in _NO_CLEANUP and not target.guard:
             c.closed += 1
-            c.in_use -= 1
-            return value
-        entry = Entry(res, handle, value, capture_stack() if self.track_stacks else None)
-        if entry.late and res.deps:
-            self._mark_late(res)
-        self.entries.append(entry)
+        else:
+            c.in_use += 1
+            if c.in_use > c.max_in_use:
+                c.max_in_use = c.in_use
+            entry = Entry(target, handle, value, capture_stack() if self.track_stacks else None)
+            if entry.late and target.deps:
+                self._mark_late(target)
+            self.entries.append(entry)
+        values[res] = value
+        if pending.event is not None:
+            pending.event.set()
         return value
 
     def _mark_late(self, res: Resource[Any]) -> None:
@@ -465,6 +477,7 @@ class Unit:
     async def aclose(self, exc: BaseException | None = None) -> list[BaseException]:
         """Close every value opened in this unit; return the cleanup failures."""
         self.closed = True
+        self.values.clear()  # a later `get` must not hand out a closed value
         errors: list[BaseException] = []
         if self.entries:
             await close_entries(self.lc, self.entries, exc, errors)
@@ -476,12 +489,16 @@ class Unit:
         entries = self.entries
         if not entries:
             return errors
-        keep = [e for e in entries if e.late]
-        if not keep:
+        early = [e for e in entries if not e.late]
+        if len(early) == len(entries):
+            self.values.clear()
             await close_entries(self.lc, entries, exc, errors)
             return errors
-        early = [e for e in entries if not e.late]
-        entries[:] = keep
+        entries[:] = [e for e in entries if e.late]
+        for entry in early:
+            for key, value in list(self.values.items()):
+                if value is entry.value:
+                    del self.values[key]
         await close_entries(self.lc, early, exc, errors)
         return errors
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -33,8 +35,8 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
-from ._resource import Resource
-from ._scope import Unit
+from ._resource import _MISSING, Resource, _Pending
+from ._scope import Unit, current_unit
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +52,9 @@ WATCH_AFTER = 0.2
 
 class _Replaced(Exception):
     """Raised out of ``send`` once tether has answered in the app's stead."""
+
+
+_CURRENT = current_unit
 
 
 # --------------------------------------------------------------------------- install
@@ -68,6 +73,7 @@ def install(app: Any, lc: Lifecycle) -> None:
             continue
         if _uses(route, lc):
             route.app = _TetherRoute(endpoint_app, lc, _label(route))  # type: ignore[attr-defined]
+            _inline(route, lc)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
 
@@ -93,6 +99,85 @@ def _uses(route: Any, lc: Lifecycle) -> bool:
             return True
         stack.extend(getattr(d, "dependencies", ()))
     return False
+
+
+def _inline(route: Any, lc: Lifecycle) -> None:
+    """Give an async endpoint its own resource parameters without FastAPI's solver.
+
+    Each ``Depends`` costs FastAPI a recursive ``solve_dependencies`` call, several times
+    what tether needs to hand out an open value. For resources that are parameters of
+    an async endpoint itself, tether takes them out of the route's dependency list and
+    passes them in a wrapper of the endpoint instead; nested ones, sync endpoints and
+    resources overridden through ``app.dependency_overrides`` keep FastAPI's path.
+    The values are the same either way (one per unit of work).
+    """
+    dependant = getattr(route, "dependant", None)
+    call = getattr(dependant, "call", None)
+    if not getattr(route, "methods", None) or dependant is None:
+        return  # HTTP routes only: a WebSocket route keeps FastAPI's solver
+    if call is None or not inspect.iscoroutinefunction(call):
+        return
+    provider = getattr(route, "dependency_overrides_provider", None)
+    overrides = getattr(provider, "dependency_overrides", None) or {}
+    direct = [
+        d
+        for d in dependant.dependencies
+        if isinstance(d.call, Resource)
+        and d.call.lifecycle is lc
+        and d.name
+        and d.call not in overrides
+        and not d.dependencies
+    ]
+    if not direct:
+        return
+    pairs = tuple((d.name, d.call) for d in direct)
+    dependant.dependencies[:] = [
+        d for d in dependant.dependencies if all(d is not x for x in direct)
+    ]
+    endpoint = call
+
+    @functools.wraps(endpoint)
+    async def with_resources(**values: Any) -> Any:
+        unit = _CURRENT.get()
+        if unit is None:  # pragma: no cover - the route wrapper always sets it
+            msg = f"No tether unit of work for {_label(route)}; was the route wrapper removed?"
+            raise ScopeError(msg)
+        now_overridden = getattr(provider, "dependency_overrides", None)
+        got = unit.values.get
+        for name, res in pairs:
+            if now_overridden and res in now_overridden:
+                values[name] = await _call_override(now_overridden[res], res)
+                continue
+            value = got(res, _MISSING)
+            if value is _MISSING or value.__class__ is _Pending:
+                value = await unit.get(res)
+            values[name] = value
+        return await endpoint(**values)
+
+    dependant.call = with_resources
+
+
+async def _call_override(override: Any, res: Resource[Any]) -> Any:
+    # An override set after the app started, on a parameter tether resolves itself.
+    try:
+        needs = [
+            p
+            for p in inspect.signature(override).parameters.values()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        needs = []
+    if needs or inspect.isasyncgenfunction(override) or inspect.isgeneratorfunction(override):
+        msg = (
+            f"app.dependency_overrides[{res.name}] was set after the app started to a "
+            f"callable with parameters or a generator, which tether cannot resolve here. "
+            f"Set it before the app starts, or use `lc.override({res.name}, ...)`."
+        )
+        raise ScopeError(msg)
+    value = override()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 def _label(route: Any) -> str:
@@ -130,7 +215,7 @@ class HttpUnit(Unit):
         "complete",
         "disconnected",
         "failure",
-        "scope",
+        "headers",
         "state",
         "task",
         "watcher",
@@ -138,7 +223,9 @@ class HttpUnit(Unit):
 
     def __init__(self, lc: Lifecycle, label: str, scope: Scope, receive: Receive, send: Send):
         Unit.__init__(self, lc, label)
-        self.scope = scope
+        # Not the scope itself: a unit referenced from the scope and referencing it back
+        # would make every request a reference cycle for the garbage collector.
+        self.headers = scope["headers"]
         self._receive = receive
         self._send = send
         self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
@@ -201,7 +288,7 @@ class HttpUnit(Unit):
     def start_watching(self) -> None:
         """Listen for the client going away (once the request body has been read)."""
         if not self.body_done:
-            for name, value in self.scope["headers"]:
+            for name, value in self.headers:
                 if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                     return  # the app may still be reading the body: do not compete for it
             self.body_done = True
@@ -281,7 +368,7 @@ class _TetherRoute:
         units = lc._units
         units.add(unit)
         lc._units_total += 1
-        scope["tether.unit"] = unit
+        token = _CURRENT.set(unit)
         try:
             await self.app(scope, unit.receive, unit.send)
         except BaseException as exc:
@@ -290,6 +377,7 @@ class _TetherRoute:
             if unit.entries:
                 await unit.aclose(unit.failure)
         finally:
+            _CURRENT.reset(token)
             unit.closed = True
             if unit.watcher is not None:
                 unit.watcher.cancel()
@@ -325,7 +413,7 @@ class _TetherRoute:
         unit = Unit(lc, self.label)
         lc._units.add(unit)
         lc._units_total += 1
-        scope["tether.unit"] = unit
+        token = _CURRENT.set(unit)
         try:
             await self.app(scope, receive, send)
         except BaseException as exc:
@@ -334,11 +422,12 @@ class _TetherRoute:
         else:
             await unit.aclose(None)
         finally:
+            _CURRENT.reset(token)
             lc._retire(unit)
 
 
 async def _answer(send: Send, status: int, detail: str, retry_after: float | None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

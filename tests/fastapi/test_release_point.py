@@ -1,16 +1,15 @@
 """The release point through FastAPI's TestClient; run on every FastAPI version of the matrix."""
 
-
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 import tether
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from tether.fastapi import health_router
 
 
@@ -119,7 +118,7 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
 
 class TestHandlerRelease:
     def test_commit_before_response(self) -> None:
-        """The session commits and closes before the response is sent; app resources close at shutdown."""
+        """The session commits and closes before the response; app resources at shutdown."""
         app, _, rec = make_app()
         with TestClient(app) as client:
             assert client.get("/ok").json() == {"pool": "pool"}

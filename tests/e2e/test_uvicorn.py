@@ -1,0 +1,72 @@
+"""The release point, disconnects and drain on a real socket (uvicorn subprocess)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from .conftest import Server
+
+APP = "tests.e2e.app_release:app"
+
+
+class TestReleasePointOnTheWire:
+    def test_failing_commit_is_a_500_never_a_200(self, serve: type[Server]) -> None:
+        """A commit failing in cleanup reaches the client as a 500, and nothing says 200."""
+        server = serve(APP)
+        response = httpx.get(f"{server.base_url}/commit-fails", timeout=10)
+        assert response.status_code == 500
+        assert response.json() == {"detail": "Internal Server Error"}
+        assert server.events()[-3:] == ["session open", "session commit failed", "session close"]
+        assert "200" not in response.text
+
+    def test_stream_uses_the_resource_until_the_last_chunk(self, serve: type[Server]) -> None:
+        """With release="response" a StreamingResponse body sees the session open to the end."""
+        server = serve(APP)
+        with httpx.stream("GET", f"{server.base_url}/stream", timeout=10) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert lines == [f"chunk {i} session open" for i in range(5)]
+        server.wait_for("stream_session close")
+        assert server.events()[-2:] == ["stream_session commit", "stream_session close"]
+
+
+class TestDisconnect:
+    def test_client_going_away_cancels_the_work_and_rolls_back(self, serve: type[Server]) -> None:
+        """A client that disconnects mid-request ends its unit of work within a second."""
+        server = serve(APP)
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"GET /slow?seconds=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for("slow start")
+        sock.close()
+        started = time.monotonic()
+        server.wait_for("session rollback ClientDisconnected", timeout=3)
+        assert time.monotonic() - started < 1.5
+        assert "slow end" not in server.events()
+        server.wait_for("session close")
+        # The server is fine afterwards.
+        for _ in range(20):
+            assert httpx.get(f"{server.base_url}/ok", timeout=5).status_code == 200
+
+
+class TestGracefulShutdown:
+    def test_sigterm_drains_in_flight_requests_then_closes_app_resources(
+        self, serve: type[Server]
+    ) -> None:
+        """On SIGTERM an in-flight request completes, then app resources close, in order."""
+        server = serve(APP)
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.wait_for("slow start")
+        server.terminate()
+        sock.settimeout(10)
+        reply = sock.recv(65536)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 200")
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert server.wait() in (0, -15)
+        assert "Traceback" not in server.output()
+        events = server.events()
+        assert events.index("slow end") < events.index("session close") < events.index("pool close")
+        assert events[-1] == "pool close"

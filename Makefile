@@ -43,7 +43,7 @@ matrix: $(BIN)/.installed
 	    touch "$$env/.installed"; \
 	  fi; \
 	  echo "== FastAPI $$v"; \
-	  "$$env/bin/pytest" tests/fastapi tests/e2e -q || exit 1; \
+	  "$$env/bin/pytest" tests/asgi tests/e2e -q || exit 1; \
 	done
 
 test: lint typecheck pytest matrix

@@ -5,18 +5,11 @@ the end. A server that cannot start (e.g. a missing Debian package: run
 `bash scripts/system-deps.sh`) makes the tests that need it error, never skip.
 """
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-# tests/ is not a package: make tests/servers.py importable as `servers`.
-_TESTS_DIR = str(Path(__file__).resolve().parents[1])
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
-
-from servers import PgBouncer, Postgres, Redis  # noqa: E402
+from tests.servers import PgBouncer, Postgres, Redis
 
 
 @pytest.fixture(scope="session")

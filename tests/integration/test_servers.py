@@ -10,8 +10,8 @@ import psycopg
 import pytest
 import redis
 
-import servers
-from servers import PgBouncer, Postgres, Redis
+from tests import servers
+from tests.servers import PgBouncer, Postgres, Redis
 
 pytestmark = pytest.mark.servers
 

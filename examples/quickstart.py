@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import uvicorn
+from fastapi import Depends, FastAPI
 
 import tether
-from fastapi import Depends, FastAPI
 
 
 class FakeDB:

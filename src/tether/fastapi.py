@@ -455,9 +455,8 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
     scope runs and every ``check`` passes, and 503 while starting, while draining, or
     when a check fails; its body is the report.
     """
-    from fastapi.responses import JSONResponse
-
     from fastapi import APIRouter
+    from fastapi.responses import JSONResponse
 
     router = APIRouter(prefix=prefix, tags=["health"])
 

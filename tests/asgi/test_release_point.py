@@ -5,11 +5,11 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 import tether
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from tether.fastapi import health_router
 
 

@@ -4,10 +4,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
+from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
 
 import tether
-from fastapi import Depends, FastAPI
 
 
 def say(event: str) -> None:

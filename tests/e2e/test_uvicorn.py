@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from .conftest import Server
+from tests.serving import Server
 
 APP = "tests.e2e.app_release:app"
 

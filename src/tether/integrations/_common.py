@@ -1,0 +1,137 @@
+"""What every integration shares: DSNs, connection budgets, loop affinity, 503 messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+from .._errors import ResourceUnavailable, ScopeError, StartupError, redact
+
+log = logging.getLogger("tether")
+
+Dsn = str | Callable[[], str]
+BudgetPolicy = Literal["warn", "error", "off"]
+
+__all__ = [
+    "BudgetPolicy",
+    "Dsn",
+    "LoopBound",
+    "check_budget",
+    "redact",
+    "resolve_dsn",
+    "unavailable",
+    "workers",
+]
+
+
+def resolve_dsn(dsn: Dsn) -> str:
+    """The DSN, read when the resource opens (never at import): a string or a callable."""
+    return dsn() if callable(dsn) else dsn
+
+
+def workers(explicit: int | None = None) -> int:
+    """How many worker processes share the database: explicit, or ``WEB_CONCURRENCY``, or 1."""
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get("WEB_CONCURRENCY", "")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        return 1
+
+
+def check_budget(
+    name: str,
+    *,
+    server_max: int,
+    per_worker: int,
+    workers: int,
+    reserved: int,
+    policy: BudgetPolicy,
+) -> None:
+    """Check ``workers x per_worker + reserved <= server_max``; warn or fail by *policy*.
+
+    *server_max* is the server's ``max_connections`` (read from the server);
+    *per_worker* a pool's most connections (size + overflow); *reserved* what is kept
+    for everything else (superuser_reserved_connections, migrations, psql, other apps).
+    """
+    if policy == "off":
+        return
+    need = workers * per_worker + reserved
+    if need <= server_max:
+        log.info(
+            "tether: connection budget of %r fits: %d workers x %d + %d reserved = %d <= %d",
+            name,
+            workers,
+            per_worker,
+            reserved,
+            need,
+            server_max,
+        )
+        return
+    msg = (
+        f"Connection budget of {name!r} does not fit: {workers} workers x {per_worker} "
+        f"connections + {reserved} reserved = {need}, but the server allows "
+        f"max_connections={server_max}. Lower the pool size or the number of workers "
+        f"(WEB_CONCURRENCY), put PgBouncer in front, or raise max_connections."
+    )
+    if policy == "error":
+        raise StartupError(msg, resource=name)
+    log.warning("tether: %s", msg)
+
+
+class LoopBound:
+    """Remembers the event loop a pool was opened on; refuses use from another loop."""
+
+    __slots__ = ("loop", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+
+    def check(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self.loop:
+            msg = (
+                f"Pool {self.name!r} was opened on another event loop than the one using it "
+                f"now. A pool belongs to the loop (and the process) that opened it: open it "
+                f"in the lifespan of each worker, and in tests run the app and the test on "
+                f"one loop (`with TestClient(app)` or one anyio/pytest-asyncio loop scope)."
+            )
+            raise ScopeError(msg)
+
+
+def unavailable(
+    name: str,
+    cause: BaseException | str,
+    *,
+    size: int | None = None,
+    in_use: int | None = None,
+    waiting: int | None = None,
+    retry_after: float = 1.0,
+) -> ResourceUnavailable:
+    """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted."""
+    state = []
+    if size is not None:
+        state.append(f"size {size}")
+    if in_use is not None:
+        state.append(f"in use {in_use}")
+    if waiting is not None:
+        state.append(f"waiting {waiting}")
+    shown = f" ({', '.join(state)})" if state else ""
+    reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+    msg = redact(
+        f"Pool {name!r}{shown} could not give a connection: {reason}. "
+        f"Retry shortly; if it persists, check the database and the pool size."
+    )
+    return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
+
+
+def describe_any(value: Any) -> str:
+    return redact(repr(value))

@@ -212,6 +212,7 @@ class HttpUnit(Unit):
         "arrived",
         "body_done",
         "buffer",
+        "cancelled",
         "complete",
         "disconnected",
         "failure",
@@ -232,6 +233,7 @@ class HttpUnit(Unit):
         self.failure: BaseException | None = None
         self.complete = False
         self.disconnected = False
+        self.cancelled = False  # tether cancelled the task because the client went away
         self.body_done = False
         self.task: asyncio.Task[Any] | None = None
         self.watcher: asyncio.Task[Any] | None = None
@@ -302,8 +304,11 @@ class HttpUnit(Unit):
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                if not self.complete and not self.closed and self.task is not None:
-                    self.disconnected = True
+                # Cancel only work that has not answered yet: once the response has started
+                # its cleanups may be running (a commit must not be interrupted), and a
+                # stream learns of the disconnect from `send` itself.
+                if self.state == 0 and not self.closed and self.task is not None:
+                    self.cancelled = True
                     log.info("tether: client went away during %s; cancelling it", self.label)
                     self.task.cancel()
                 self.disconnected = True
@@ -328,7 +333,7 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
         if (
             isinstance(unit, HttpUnit)
             and unit.watcher is None
-            and unit.state < 2
+            and unit.state == 0
             and now - unit.started > WATCH_AFTER
             and not unit.closed
         ):
@@ -390,7 +395,7 @@ class _TetherRoute:
             if unit.entries:
                 await unit.aclose(exc.__cause__)
             return
-        if unit.disconnected and isinstance(exc, asyncio.CancelledError):
+        if unit.cancelled and isinstance(exc, asyncio.CancelledError):
             task = unit.task
             if task is not None and task.cancelling():
                 task.uncancel()

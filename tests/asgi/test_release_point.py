@@ -327,3 +327,28 @@ class TestStarlette:
         with TestClient(app) as client:
             assert client.get("/").text == "conn"
         assert rec.events == ["open", "endpoint", "close"]
+
+
+class TestMiddleware:
+    def test_behind_base_http_middleware(self) -> None:
+        """With a BaseHTTPMiddleware in the stack, commit, rollback and commit failure hold."""
+        from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+        from starlette.requests import Request
+        from starlette.responses import Response
+
+        app, _, rec = make_app()
+
+        async def passthrough(request: Request, call_next: RequestResponseEndpoint) -> Response:
+            response = await call_next(request)
+            response.headers["x-mw"] = "1"
+            return response
+
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+        with TestClient(app) as client:
+            ok = client.get("/ok")
+            assert (ok.status_code, ok.headers["x-mw"]) == (200, "1")
+            assert client.get("/http-error").status_code == 404
+            assert client.get("/fail-commit").status_code == 500
+        assert rec.events.count("commit") == 1
+        assert "rollback HTTPException" in rec.events
+        assert "commit failed" in rec.events

@@ -31,7 +31,7 @@ def resolve(resources: Mapping[str, Resource[Any]], extra: list[Resource[Any]]) 
                 raise ScopeError(msg)
             deps.append(dep)
         res.deps = tuple(deps)
-    _check_cycles(resources)
+    _check_cycles(resources, {r.name: r for r in extra})
 
 
 def _unknown_message(res: Resource[Any], param: str, resources: Mapping[str, Resource[Any]]) -> str:
@@ -46,7 +46,10 @@ def _unknown_message(res: Resource[Any], param: str, resources: Mapping[str, Res
     )
 
 
-def _check_cycles(resources: Mapping[str, Resource[Any]]) -> None:
+def _check_cycles(
+    resources: Mapping[str, Resource[Any]], replaced: Mapping[str, Resource[Any]]
+) -> None:
+    """Raise on a cycle, following an override's dependencies instead of its target's."""
     WHITE, GREY, BLACK = 0, 1, 2
     color: dict[str, int] = dict.fromkeys(resources, WHITE)
     path: list[str] = []
@@ -54,7 +57,7 @@ def _check_cycles(resources: Mapping[str, Resource[Any]]) -> None:
     def visit(res: Resource[Any]) -> None:
         color[res.name] = GREY
         path.append(res.name)
-        for dep in res.deps:
+        for dep in replaced.get(res.name, res).deps:
             state = color.get(dep.name, BLACK)
             if state == GREY:
                 start = path.index(dep.name)
@@ -69,8 +72,13 @@ def _check_cycles(resources: Mapping[str, Resource[Any]]) -> None:
             visit(res)
 
 
-def app_order(resources: Mapping[str, Resource[Any]]) -> list[Resource[Any]]:
-    """App resources in a dependency order (dependencies first), registration order kept."""
+def app_order(
+    resources: Mapping[str, Resource[Any]], overrides: Mapping[Resource[Any], Resource[Any]]
+) -> list[Resource[Any]]:
+    """App resources in a dependency order (dependencies first), registration order kept.
+
+    An overridden resource's dependencies are its override's.
+    """
     order: list[Resource[Any]] = []
     seen: set[str] = set()
 
@@ -78,7 +86,7 @@ def app_order(resources: Mapping[str, Resource[Any]]) -> list[Resource[Any]]:
         if res.name in seen:
             return
         seen.add(res.name)
-        for dep in res.deps:
+        for dep in overrides.get(res, res).deps:
             visit(dep)
         order.append(res)
 

@@ -73,11 +73,12 @@ class Override:
 class _AppSlot:
     """One app resource held open by its own task (so it closes in the task that opened it)."""
 
-    __slots__ = ("closed", "entry", "error", "opened", "release", "res", "value")
+    __slots__ = ("closed", "entry", "error", "opened", "opening", "release", "res", "value")
 
     def __init__(self, res: Resource[Any]) -> None:
         self.res = res
-        self.opened = anyio.Event()
+        self.opening = anyio.CancelScope()  # cancelled when another resource fails to open
+        self.opened = anyio.Event()  # set once settled: opened, failed, or stopped
         self.release = anyio.Event()
         self.closed = anyio.Event()
         self.value: Any = None
@@ -474,7 +475,7 @@ class Lifecycle:
             res.limiter = anyio.CapacityLimiter(res.concurrency) if res.concurrency else None
 
     async def _open_app(self, tg: TaskGroup) -> None:
-        order = _graph.app_order(self._resources)
+        order = _graph.app_order(self._resources, self._overrides)
         slots = {res: _AppSlot(res) for res in order}
         failed = anyio.Event()
         for res in order:
@@ -496,7 +497,12 @@ class Lifecycle:
         failure = next((s for s in slots.values() if s.error is not None), None)
         if failure is None:
             return
-        # Close what opened, in reverse order, then cancel what is still opening.
+        # Stop what is still opening and wait until every slot has settled (an open
+        # running in a thread finishes first); then close what opened, in reverse order.
+        for slot in slots.values():
+            slot.opening.cancel()
+        for slot in slots.values():
+            await slot.opened.wait()
         errors = await self._close_app_slots()
         tg.cancel_scope.cancel()
         assert failure.error is not None
@@ -518,21 +524,26 @@ class Lifecycle:
     ) -> None:
         """Open one app resource, keep it until released, close it in this same task."""
         slot = slots[res]
-        try:
-            for dep in res.deps:
-                dep_slot = slots[dep]
-                await dep_slot.opened.wait()
-                if dep_slot.error is not None:
-                    return
-            target = self._overrides.get(res, res)
-            args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
-            value, handle = await self._open_with_retries(target, args)
-        except Exception as exc:
-            slot.error = exc
-            res.counters.open_errors += 1
+        target = self._overrides.get(res, res)
+        opened: tuple[Any, Any] | None = None
+        with slot.opening:
+            try:
+                for dep in target.deps:
+                    dep_slot = slots[dep]
+                    await dep_slot.opened.wait()
+                    if dep_slot.entry is None:
+                        break  # a dependency failed or was stopped: this one cannot open
+                else:
+                    args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
+                    opened = await self._open_with_retries(target, args)
+            except Exception as exc:
+                slot.error = exc
+                res.counters.open_errors += 1
+                failed.set()
+        if opened is None:
             slot.opened.set()
-            failed.set()
             return
+        value, handle = opened
         entry = Entry(target, handle, value, None)
         slot.value = value
         slot.entry = entry

@@ -6,6 +6,7 @@ The same opener and closer serve the app scope (``_lifecycle``) and request scop
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Generator
@@ -30,7 +31,16 @@ _now = time.perf_counter
 # The unit of work of the running request (set by the ASGI glue for the call's task).
 current_unit: ContextVar[Unit | None] = ContextVar("tether_unit", default=None)
 
-_TETHER_DIRS = ("/tether/", "/anyio/", "/asyncio/", "/contextlib.py", "/starlette/", "/fastapi/")
+# Frames skipped in an acquirer's stack. tether's own by its real directory, not "/tether/":
+# a checkout or a project named "tether" (as on CI) would otherwise hide the user's frames.
+_TETHER_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    "/anyio/",
+    "/asyncio/",
+    "/contextlib.py",
+    "/starlette/",
+    "/fastapi/",
+)
 
 
 class Entry:
@@ -425,8 +435,10 @@ class Unit:
         pending = _Pending()
         values[res] = pending
         c = target.counters
+        started = False  # a dependency's failure to open is not this resource's error
         try:
             args = [await self.get(d) for d in target.deps] if target.deps else ()
+            started = True
             t0 = _now()
             if target.kind is Kind.ASYNC_GEN and target.timeout is None:
                 # The common case, inline: no extra coroutine layers on the hot path.
@@ -439,7 +451,8 @@ class Unit:
             else:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException:
-            c.open_errors += 1
+            if started:
+                c.open_errors += 1
             del values[res]
             if pending.event is not None:
                 pending.event.set()

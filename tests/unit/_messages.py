@@ -1,0 +1,57 @@
+"""tether's error messages, as anchored patterns for `pytest.raises(match=...)`."""
+
+from __future__ import annotations
+
+import re
+
+
+def exactly(message: str) -> str:
+    """An anchored pattern matching *message* and nothing else."""
+    return f"^{re.escape(message)}$"
+
+
+def startup(resource: str, cause: str) -> str:
+    return exactly(
+        f"App resource {resource!r} failed to open: {cause}. The resources already open were "
+        f"closed. Fix the cause above, or give {resource!r} retries= or a longer timeout= if it "
+        f"is slow to come up."
+    )
+
+
+def cycle(*path: str) -> str:
+    return exactly(
+        f"Dependency cycle between resources: {' -> '.join(path)}. A resource cannot depend on "
+        f"itself, directly or through others: remove one of these parameters or pass the value "
+        f"another way."
+    )
+
+
+def unknown(owner: str, param: str, hint: str, registered: str) -> str:
+    return exactly(
+        f"Resource {owner!r} has a parameter {param!r} that names no resource.{hint} "
+        f"Parameters of a resource name the resources it depends on "
+        f"(registered: {registered}); register {param!r} with @lc.resource, rename the "
+        f"parameter, or give it a default to make it plain configuration."
+    )
+
+
+def open_timeout(resource: str, seconds: str) -> str:
+    return (
+        f"Resource {resource!r} did not open within {seconds} s (its timeout=). Check that its "
+        f"backend is reachable and not saturated, or raise the timeout."
+    )
+
+
+def close_timeout(resource: str, seconds: str) -> str:
+    return exactly(
+        f"Closing resource {resource!r} took longer than close_timeout={seconds} s and was "
+        f"abandoned; its connection was not returned in a known state. Look for a cleanup "
+        f"that waits on the network, or raise close_timeout."
+    )
+
+
+def unit_ended(resource: str, label: str) -> str:
+    return exactly(
+        f"Cannot open resource {resource!r}: {label} has already ended. "
+        f"Open a new `async with lc.scope()` for work that outlives it."
+    )

@@ -1,0 +1,398 @@
+"""The app scope: `async with lc.run()` opens in order, concurrently, closes in reverse."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+import tether
+
+from ._messages import open_timeout, startup
+
+pytestmark = pytest.mark.anyio
+
+
+class TestOpening:
+    async def test_dependencies_open_first(self) -> None:
+        """A resource opens only after every resource it depends on, and gets their values."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource(scope="app")
+        async def pool(settings: str) -> AsyncIterator[str]:
+            events.append("open pool")
+            yield f"pool({settings})"
+
+        @lc.resource(scope="app")
+        async def settings() -> AsyncIterator[str]:
+            await anyio.sleep(0.02)
+            events.append("open settings")
+            yield "settings"
+
+        @lc.resource(scope="app")
+        def cache(pool: str, settings: str) -> str:
+            events.append("open cache")
+            return f"cache({pool}, {settings})"
+
+        async with lc.run():
+            assert lc.state is tether.State.RUNNING
+            assert lc.get(cache) == "cache(pool(settings), settings)"
+        assert events == ["open settings", "open pool", "open cache"]
+        assert lc.state is tether.State.CLOSED
+
+    async def test_independent_resources_open_concurrently(self) -> None:
+        """Two independent resources taking 0.3 s each to open are both open in well under 0.6 s."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        async def first() -> AsyncIterator[int]:
+            await anyio.sleep(0.3)
+            yield 1
+
+        @lc.resource(scope="app")
+        async def second() -> AsyncIterator[int]:
+            await anyio.sleep(0.3)
+            yield 2
+
+        t0 = time.perf_counter()
+        async with lc.run():
+            elapsed = time.perf_counter() - t0
+            assert (lc.get(first), lc.get(second)) == (1, 2)
+        assert elapsed < 0.55
+
+    async def test_close_in_exact_reverse_order_of_opening(self) -> None:
+        """App resources close in the exact reverse of the order they opened in."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+        closed: list[str] = []
+
+        def make(name: str, delay: float, *deps: str) -> None:
+            async def factory(*args: object) -> AsyncIterator[str]:
+                await anyio.sleep(delay)
+                opened.append(name)
+                yield name
+                closed.append(name)
+
+            # Give the factory the parameters that name its dependencies.
+            factory.__signature__ = _signature(deps)  # type: ignore[attr-defined]
+            lc.resource(factory, scope="app", name=name)
+
+        make("settings", 0.0)
+        make("pool", 0.03, "settings")
+        make("redis", 0.01, "settings")
+        make("http", 0.02)
+        make("repo", 0.0, "pool", "redis")
+
+        async with lc.run():
+            assert len(opened) == 5
+        assert closed == opened[::-1]
+        assert opened.index("settings") < opened.index("pool") < opened.index("repo")
+        assert opened.index("redis") < opened.index("repo")
+
+    async def test_run_twice_is_refused(self) -> None:
+        """Entering `lc.run()` while it already runs raises ScopeError."""
+        lc = tether.Lifecycle()
+        expected = re.escape(
+            "The app scope of this Lifecycle is already running. "
+            "One Lifecycle runs one app scope at a time: use a new Lifecycle."
+        )
+        async with lc.run():
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                async with lc.run():
+                    pass  # pragma: no cover
+
+    async def test_exception_in_body_propagates_unwrapped(self) -> None:
+        """An exception raised inside `async with lc.run()` comes out as itself, after closing."""
+        lc = tether.Lifecycle()
+        closed: list[str] = []
+
+        @lc.resource(scope="app")
+        async def pool() -> AsyncIterator[str]:
+            yield "pool"
+            closed.append("pool")
+
+        with pytest.raises(KeyError, match=r"^'user error'$"):
+            async with lc.run():
+                raise KeyError("user error")
+        assert closed == ["pool"]
+
+    async def test_get_of_request_resource_is_refused(self) -> None:
+        """`lc.get()` of a request resource raises ScopeError pointing at `lc.scope()`."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn() -> int:
+            return 1
+
+        expected = re.escape(
+            "Request resource 'conn' needs a unit of work: use "
+            "`async with lc.scope() as s: await s.get(conn)`."
+        )
+        async with lc.run():
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                lc.get(conn)
+
+
+class TestStartupFailure:
+    async def test_failure_closes_what_opened_and_names_the_resource(self) -> None:
+        """A failing open closes what was open and raises StartupError naming it, cause chained."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        cause = ConnectionError("could not connect to postgresql://u:secret@h/db")
+
+        @lc.resource(scope="app")
+        async def settings() -> AsyncIterator[str]:
+            events.append("open settings")
+            yield "settings"
+            events.append("close settings")
+
+        @lc.resource(scope="app")
+        async def pool(settings: str) -> AsyncIterator[str]:
+            events.append("open pool")
+            yield "pool"
+            events.append("close pool")
+
+        @lc.resource(scope="app")
+        async def db(pool: str) -> AsyncIterator[str]:
+            raise cause
+            yield "never"  # pragma: no cover
+
+        expected = startup("db", "ConnectionError: could not connect to postgresql://u:***@h/db")
+        with pytest.raises(tether.StartupError, match=expected) as info:
+            async with lc.run():
+                pytest.fail("the body must not run")  # pragma: no cover
+        assert info.value.resource == "db"
+        assert info.value.__cause__ is cause
+        assert "secret" not in str(info.value)
+        assert events == ["open settings", "open pool", "close pool", "close settings"]
+        assert lc.state is tether.State.CLOSED
+        assert lc.stats().resources["db"].open_errors == 1
+
+    async def test_keyword_dsn_password_is_redacted(self) -> None:
+        """A libpq keyword password in the cause is redacted in the StartupError message."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            raise ValueError("bad conninfo: host=h user=u password=hunter2 dbname=d")
+
+        expected = startup("pool", "ValueError: bad conninfo: host=h user=u password=*** dbname=d")
+        with pytest.raises(tether.StartupError, match=expected) as info:
+            async with lc.run():
+                pass  # pragma: no cover
+        assert "hunter2" not in str(info.value)
+
+    async def test_failure_while_others_open_concurrently(self) -> None:
+        """A failure while an independent resource is still opening closes it too, exactly once."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource(scope="app")
+        async def slow() -> AsyncIterator[str]:
+            events.append("start slow")
+            try:
+                await anyio.sleep(5)
+            except BaseException:
+                events.append("slow cancelled")
+                raise
+            yield "slow"  # pragma: no cover
+
+        @lc.resource(scope="app")
+        async def fast() -> AsyncIterator[str]:
+            events.append("open fast")
+            yield "fast"
+            events.append("close fast")
+
+        @lc.resource(scope="app")
+        async def broken() -> AsyncIterator[str]:
+            await anyio.sleep(0.01)
+            raise RuntimeError("boom")
+            yield  # pragma: no cover
+
+        t0 = time.perf_counter()
+        with pytest.raises(tether.StartupError, match=startup("broken", "RuntimeError: boom")):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert time.perf_counter() - t0 < 1
+        assert sorted(events) == sorted(["start slow", "open fast", "close fast", "slow cancelled"])
+
+    async def test_failure_waits_for_thread_opens_then_closes_in_reverse(self) -> None:
+        """On a failure, a sync open still in its thread finishes, then all close in reverse."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+        closed: list[str] = []
+
+        @lc.resource(scope="app")
+        async def fast() -> AsyncIterator[str]:
+            opened.append("fast")
+            yield "fast"
+            closed.append("fast")
+
+        @lc.resource(scope="app")
+        def engine() -> Iterator[str]:
+            time.sleep(0.1)  # a blocking connect, in a worker thread
+            opened.append("engine")
+            yield "engine"
+            closed.append("engine")
+
+        @lc.resource(scope="app")
+        async def sessions(engine: str) -> AsyncIterator[str]:
+            opened.append("sessions")  # pragma: no cover - its dependency opens too late
+            yield "sessions"  # pragma: no cover
+
+        @lc.resource(scope="app")
+        async def broken() -> AsyncIterator[str]:
+            await anyio.sleep(0.01)
+            raise RuntimeError("boom")
+            yield  # pragma: no cover
+
+        with pytest.raises(tether.StartupError, match=startup("broken", "RuntimeError: boom")):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert opened == ["fast", "engine"]
+        assert closed == ["engine", "fast"]
+
+    async def test_timeout_on_open(self) -> None:
+        """A resource not open within `timeout=` fails startup with ResourceUnavailable as cause."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app", timeout=0.05)
+        async def pool() -> AsyncIterator[str]:
+            await anyio.sleep(10)
+            yield "never"  # pragma: no cover
+
+        t0 = time.perf_counter()
+        cause_text = open_timeout("pool", "0.05")
+        with pytest.raises(
+            tether.StartupError, match=startup("pool", f"ResourceUnavailable: {cause_text}")
+        ) as info:
+            async with lc.run():
+                pass  # pragma: no cover
+        assert time.perf_counter() - t0 < 1
+        cause = info.value.__cause__
+        assert isinstance(cause, tether.ResourceUnavailable)
+        assert str(cause) == cause_text
+        assert cause.resource == "pool"
+        assert lc.stats().resources["pool"].timeouts == 1
+
+    async def test_retries_then_succeeds(self, caplog: pytest.LogCaptureFixture) -> None:
+        """With `retries=2` a resource failing twice then succeeding opens, retries logged."""
+        lc = tether.Lifecycle()
+        attempts: list[float] = []
+
+        @lc.resource(scope="app", retries=2, backoff=0.01)
+        async def pool() -> AsyncIterator[str]:
+            attempts.append(time.perf_counter())
+            if len(attempts) < 3:
+                raise ConnectionError(f"refused #{len(attempts)}")
+            yield "pool"
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                assert lc.get(pool) == "pool"
+        assert len(attempts) == 3
+        # The backoff doubles: 0.01 s then 0.02 s.
+        assert attempts[2] - attempts[1] >= 0.015
+        retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+        assert retries == [
+            "tether: app resource 'pool' failed to open (attempt 1 of 3): "
+            "ConnectionError: refused #1; retrying in 0.01 s",
+            "tether: app resource 'pool' failed to open (attempt 2 of 3): "
+            "ConnectionError: refused #2; retrying in 0.02 s",
+        ]
+
+    async def test_retries_exhausted(self) -> None:
+        """With `retries=1` a resource that fails twice fails startup with the last failure."""
+        lc = tether.Lifecycle()
+        attempts: list[int] = []
+
+        @lc.resource(scope="app", retries=1, backoff=0.01)
+        async def pool() -> AsyncIterator[str]:
+            attempts.append(1)
+            raise ConnectionError(f"refused #{len(attempts)}")
+            yield  # pragma: no cover
+
+        with pytest.raises(
+            tether.StartupError, match=startup("pool", "ConnectionError: refused #2")
+        ) as info:
+            async with lc.run():
+                pass  # pragma: no cover
+        assert len(attempts) == 2
+        assert str(info.value.__cause__) == "refused #2"
+
+
+class TestShutdown:
+    async def test_every_cleanup_runs_and_failures_are_grouped(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every cleanup runs even if some fail; failures are logged and raised as ShutdownError."""
+        lc = tether.Lifecycle()
+        closed: list[str] = []
+        first = RuntimeError("first cleanup failed")
+        third = OSError("third cleanup failed")
+
+        @lc.resource(scope="app")
+        async def one() -> AsyncIterator[int]:
+            yield 1
+            closed.append("one")
+            raise first
+
+        @lc.resource(scope="app")
+        async def two(one: int) -> AsyncIterator[int]:
+            yield 2
+            closed.append("two")
+
+        @lc.resource(scope="app")
+        async def three(two: int) -> AsyncIterator[int]:
+            yield 3
+            closed.append("three")
+            raise third
+
+        expected = re.escape(
+            "2 cleanup(s) failed at shutdown ('three', 'one'); every cleanup still ran, "
+            "and each failure is logged with its traceback."
+        )
+        with caplog.at_level(logging.ERROR, logger="tether"):
+            with pytest.raises(tether.ShutdownError, match=rf"^{expected}$") as info:
+                async with lc.run():
+                    pass
+        assert closed == ["three", "two", "one"]
+        assert isinstance(info.value, ExceptionGroup)
+        assert list(info.value.exceptions) == [third, first]
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert logged == [
+            "tether: closing app resource 'three' failed: OSError: third cleanup failed",
+            "tether: closing app resource 'one' failed: RuntimeError: first cleanup failed",
+        ]
+        stats = lc.stats().resources
+        assert (stats["one"].close_errors, stats["two"].close_errors) == (1, 0)
+        assert lc.state is tether.State.CLOSED
+
+    async def test_restart_after_close(self) -> None:
+        """A Lifecycle whose app scope closed can run again, opening fresh values."""
+        lc = tether.Lifecycle()
+        made: list[object] = []
+
+        @lc.resource(scope="app")
+        def pool() -> object:
+            made.append(object())
+            return made[-1]
+
+        async with lc.run():
+            first = lc.get(pool)
+        async with lc.run():
+            assert lc.get(pool) is not first
+        assert len(made) == 2
+
+
+def _signature(deps: tuple[str, ...]) -> object:
+    import inspect
+
+    return inspect.Signature(
+        [inspect.Parameter(d, inspect.Parameter.POSITIONAL_OR_KEYWORD) for d in deps]
+    )

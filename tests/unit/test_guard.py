@@ -1,0 +1,134 @@
+"""`guard=True`: a value used after its scope closed raises ResourceClosedError (a leak)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+CLOSED = re.escape(
+    "Resource 'conn' was used after its scope closed. Do not keep request resources beyond "
+    "their unit of work: background work should open its own `async with lc.scope()`."
+)
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.dsn = "postgresql://db"
+        self.queries: list[str] = []
+
+    def execute(self, sql: str) -> str:
+        self.queries.append(sql)
+        return f"ran {sql}"
+
+    def __call__(self, sql: str) -> str:
+        return self.execute(sql)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _guarded_lifecycle() -> tuple[tether.Lifecycle, tether.Resource[Any]]:
+    lc = tether.Lifecycle()
+
+    @lc.resource(guard=True)
+    async def conn() -> AsyncIterator[Connection]:
+        yield Connection()
+
+    return lc, conn
+
+
+class TestGuard:
+    async def test_value_works_inside_its_scope(self) -> None:
+        """Inside the scope, a guarded value behaves like the value itself."""
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert c.dsn == "postgresql://db"
+            assert c.execute("SELECT 1") == "ran SELECT 1"
+            assert c("SELECT 2") == "ran SELECT 2"
+            c.dsn = "changed"
+            assert c.dsn == "changed"
+            async with c as inner:
+                assert isinstance(inner, Connection)
+            assert c.queries == ["SELECT 1", "SELECT 2"]
+        assert lc.stats().resources["conn"].leaks == 0
+
+    async def test_attribute_access_after_close_raises(self) -> None:
+        """Using an attribute of a guarded value after its scope closed raises, counting a leak."""
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$") as info:
+            c.execute("SELECT 1")
+        assert info.value.resource == "conn"
+        assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_call_after_close_raises(self) -> None:
+        """Calling a guarded value after its scope closed raises and counts a leak."""
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            c("SELECT 1")
+        assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_every_use_after_close_is_counted(self) -> None:
+        """Each use after close raises again and counts again; setting attributes too."""
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            _ = c.dsn
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            c.dsn = "x"
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            async with c:
+                pass  # pragma: no cover
+        assert lc.stats().resources["conn"].leaks == 3
+
+    async def test_guarded_plain_function_value(self) -> None:
+        """A guarded value from a plain function (no cleanup) is also closed with its scope."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(guard=True)
+        def conn() -> Connection:
+            return Connection()
+
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert c.execute("x") == "ran x"
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            c.execute("y")
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed, stats.leaks) == (1, 1, 1)
+
+    async def test_repr_shows_state(self) -> None:
+        """A guarded value's repr tells whether its scope is open or closed."""
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert repr(c).startswith("<tether guarded 'conn' (open): <")
+        assert repr(c).startswith("<tether guarded 'conn' (closed): <")
+
+    async def test_unguarded_value_is_the_value(self) -> None:
+        """Without `guard=True` the value handed out is the factory's own object."""
+        lc = tether.Lifecycle()
+        made: list[Connection] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[Connection]:
+            made.append(Connection())
+            yield made[-1]
+
+        async with lc.scope() as s:
+            assert await s.get(conn) is made[0]

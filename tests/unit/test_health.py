@@ -1,0 +1,141 @@
+"""`await lc.health()`: every check, run concurrently, each bounded in time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+
+class Pool:
+    def __init__(self, name: str, *, fail: bool = False, delay: float = 0.0) -> None:
+        self.name = name
+        self.fail = fail
+        self.delay = delay
+        self.pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        await anyio.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError(f"{self.name} at postgresql://app:s3cret@db/app is down")
+
+
+def _lifecycle(**timeouts: float) -> tether.Lifecycle:
+    lc = tether.Lifecycle(check_timeout=timeouts.get("default", 5.0))
+
+    @lc.resource(scope="app", check=lambda p: p.ping())
+    def healthy() -> Pool:
+        return Pool("healthy", delay=0.3)
+
+    @lc.resource(scope="app", check=lambda p: p.ping())
+    def broken() -> Pool:
+        return Pool("broken", fail=True)
+
+    @lc.resource(scope="app", check=lambda p: p.ping(), check_timeout=0.2)
+    def slow() -> Pool:
+        return Pool("slow", delay=10)
+
+    @lc.resource(scope="app")
+    def unchecked() -> Pool:
+        return Pool("unchecked")
+
+    return lc
+
+
+class TestHealth:
+    async def test_report_of_every_check(self) -> None:
+        """A passing check is ok; a raising one and a too-slow one are failing, with an error."""
+        lc = _lifecycle()
+        async with lc.run():
+            t0 = time.perf_counter()
+            report = await lc.health()
+            elapsed = time.perf_counter() - t0
+        assert report.state == "running"
+        assert not report.ok
+        assert [c.name for c in report.checks] == ["healthy", "broken", "slow"]
+        healthy, broken, slow = report.checks
+        assert (healthy.ok, healthy.status, healthy.error) == (True, "ok", None)
+        assert (broken.ok, broken.status) == (False, "failing")
+        assert broken.error == ("ConnectionError: broken at postgresql://app:***@db/app is down")
+        assert (slow.ok, slow.status) == (False, "failing")
+        assert slow.error == "check did not finish within 0.2 s"
+        # Concurrent: the 0.3 s check and the 0.2 s timeout overlap (in turn: 0.5 s).
+        assert elapsed < 0.45
+        assert 0.29 < healthy.latency < 0.45
+        assert 0.19 < slow.latency < 0.35
+        assert report["broken"] is broken
+
+    async def test_all_passing_is_ok(self) -> None:
+        """When the app runs and every check passes, the report is ok, with latencies recorded."""
+        lc = tether.Lifecycle()
+        calls: list[str] = []
+
+        @lc.resource(scope="app", check=lambda v: calls.append(v))
+        def sync_checked() -> str:
+            return "sync"
+
+        async def probe(v: str) -> None:
+            await anyio.sleep(0.01)
+            calls.append(v)
+
+        @lc.resource(scope="app", check=probe)
+        def async_checked() -> str:
+            return "async"
+
+        async with lc.run():
+            report = await lc.health()
+        assert report.ok
+        assert sorted(calls) == ["async", "sync"]
+        assert all(c.latency >= 0 for c in report.checks)
+        assert report["async_checked"].latency >= 0.009
+        assert report.as_dict()["status"] == "ok"
+        assert set(report.as_dict()["checks"]) == {"sync_checked", "async_checked"}
+
+    async def test_request_resource_check_opens_its_own_scope(self) -> None:
+        """A check on a request resource opens the value in a scope of its own and closes it."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource(check=lambda c: events.append(f"check {c}"))
+        async def conn() -> AsyncIterator[str]:
+            events.append("open")
+            yield "conn"
+            events.append("close")
+
+        async with lc.run():
+            report = await lc.health()
+        assert report.ok
+        assert events == ["open", "check conn", "close"]
+
+    async def test_not_running_is_not_ok(self) -> None:
+        """Before startup (and after shutdown) the report is not ok and no check runs."""
+        lc = _lifecycle()
+        report = await lc.health()
+        assert report.state == "created"
+        assert not report.ok
+        assert [(c.name, c.ok, c.error) for c in report.checks] == [
+            ("healthy", False, "app is created"),
+            ("broken", False, "app is created"),
+            ("slow", False, "app is created"),
+        ]
+        async with lc.run():
+            pass
+        report = await lc.health()
+        assert report.state == "closed"
+        assert not report.ok
+
+    async def test_no_checks_running_is_ok(self) -> None:
+        """A running app with no checks is healthy."""
+        lc = tether.Lifecycle()
+        async with lc.run():
+            report = await lc.health()
+        assert report.ok
+        assert report.checks == []
+        assert report.as_dict() == {"status": "ok", "state": "running", "checks": {}}

@@ -1,0 +1,119 @@
+"""Leak detection: a resource held past `leak_threshold` is reported once, with its stack."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+
+def _lifecycle(**options: float | None) -> tuple[tether.Lifecycle, tether.Resource[str]]:
+    lc = tether.Lifecycle(**options)  # type: ignore[arg-type]
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    return lc, conn
+
+
+def _leak_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "tether" and r.levelno == logging.WARNING and " held for " in r.getMessage()
+    ]
+
+
+class TestLeaks:
+    async def test_held_too_long_is_reported_once_with_stack(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A value held 0.4 s past a 0.1 s threshold is logged once, with where it was acquired."""
+        lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                async with lc.scope("nightly job") as s:
+                    await s.get(conn)
+                    await anyio.sleep(0.4)
+        records = _leak_warnings(caplog)
+        assert len(records) == 1
+        message = records[0].getMessage()
+        first, _, stack = message.partition("\n")
+        assert first.startswith("tether: resource 'conn' held for ")
+        assert first.endswith(" s (leak_threshold=0.1 s) by nightly job; acquired at:")
+        assert os.path.basename(__file__) in stack
+        assert f'File "{__file__}"' in stack
+        assert stack.rstrip().endswith("in test_held_too_long_is_reported_once_with_stack")
+        assert records[0].tether_resource == "conn"  # type: ignore[attr-defined]
+        assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_short_holds_are_not_reported(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Values released within the threshold are never reported."""
+        lc, conn = _lifecycle(leak_threshold=0.2, sweep_interval=0.02)
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                for _ in range(5):
+                    async with lc.scope() as s:
+                        await s.get(conn)
+                        await anyio.sleep(0.03)
+        assert _leak_warnings(caplog) == []
+        assert lc.stats().resources["conn"].leaks == 0
+
+    async def test_leak_detection_off(self, caplog: pytest.LogCaptureFixture) -> None:
+        """With `leak_threshold=None` nothing is reported however long a value is held."""
+        lc, conn = _lifecycle(leak_threshold=None, sweep_interval=0.02)
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                async with lc.scope() as s:
+                    await s.get(conn)
+                    await anyio.sleep(0.1)
+        assert _leak_warnings(caplog) == []
+
+    async def test_each_leaking_value_reported(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Two units each holding a value too long give one report each."""
+        lc, conn = _lifecycle(leak_threshold=0.05, sweep_interval=0.01)
+
+        async def job(label: str) -> None:
+            async with lc.scope(label) as s:
+                await s.get(conn)
+                await anyio.sleep(0.2)
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(job, "job a")
+                    tg.start_soon(job, "job b")
+        labels = sorted(
+            r.getMessage().split(" by ")[1].split(";")[0] for r in _leak_warnings(caplog)
+        )
+        assert labels == ["job a", "job b"]
+        assert lc.stats().resources["conn"].leaks == 2
+
+    async def test_user_code_in_a_directory_named_tether_is_in_the_stack(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The acquirer's frames are kept even when the project lives in a `tether/` directory."""
+        lc, conn = _lifecycle(leak_threshold=0.05, sweep_interval=0.01)
+        filename = "/home/runner/work/tether/tether/app/jobs.py"
+        namespace: dict[str, Any] = {"anyio": anyio}
+        source = (
+            "async def nightly(lc, conn):\n"
+            "    async with lc.scope('nightly') as s:\n"
+            "        await s.get(conn)\n"
+            "        await anyio.sleep(0.2)\n"
+        )
+        exec(compile(source, filename, "exec"), namespace)
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                await namespace["nightly"](lc, conn)
+        (record,) = _leak_warnings(caplog)
+        assert record.getMessage().endswith(f'File "{filename}", line 3, in nightly')

@@ -1,0 +1,251 @@
+"""`lc.override(resource, value_or_factory)`: replace a resource for tests, restore it exactly."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+import tether
+
+from ._messages import cycle, unknown
+
+pytestmark = pytest.mark.anyio
+
+
+class App:
+    """A small graph: settings -> pool (app), conn (request) -> repo (request)."""
+
+    def __init__(self) -> None:
+        self.lc = lc = tether.Lifecycle()
+        self.events: list[str] = []
+        events = self.events
+
+        @lc.resource(scope="app")
+        def settings() -> str:
+            return "real-settings"
+
+        @lc.resource(scope="app")
+        async def pool(settings: str) -> AsyncIterator[str]:
+            events.append("open real pool")
+            yield f"pool({settings})"
+            events.append("close real pool")
+
+        @lc.resource(scope="app")
+        def cache(pool: str) -> str:
+            return f"cache({pool})"
+
+        @lc.resource
+        async def conn(pool: str) -> AsyncIterator[str]:
+            events.append("open real conn")
+            yield f"conn({pool})"
+            events.append("close real conn")
+
+        @lc.resource
+        def repo(conn: str) -> str:
+            return f"repo({conn})"
+
+        self.settings, self.pool, self.cache = settings, pool, cache
+        self.conn, self.repo = conn, repo
+
+    async def request(self, res: tether.Resource[str]) -> str:
+        async with self.lc.scope() as s:
+            return await s.get(res)
+
+
+class TestRequestOverrides:
+    async def test_override_as_context_manager(self) -> None:
+        """Inside `with lc.override(conn, value)` dependents get the value; after, the real one."""
+        app = App()
+        async with app.lc.run():
+            with app.lc.override(app.conn, "fake-conn") as ov:
+                assert isinstance(ov, tether.Override)
+                assert await app.request(app.repo) == "repo(fake-conn)"
+                assert "open real conn" not in app.events
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+        assert app.events.count("open real conn") == 1
+
+    async def test_override_as_plain_call_with_undo(self) -> None:
+        """`lc.override(...)` returns an object whose `undo()` restores the resource."""
+        app = App()
+        async with app.lc.run():
+            ov = app.lc.override(app.conn, "fake-conn")
+            assert await app.request(app.repo) == "repo(fake-conn)"
+            ov.undo()
+            ov.undo()
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+
+    async def test_factory_override_gets_dependencies_by_name(self) -> None:
+        """A function override is a factory: its parameters name the resources it depends on."""
+        app = App()
+        events: list[str] = []
+
+        async def fake_conn(settings: str) -> AsyncIterator[str]:
+            events.append("open fake")
+            yield f"fake-conn({settings})"
+            events.append("close fake")
+
+        async with app.lc.run():
+            with app.lc.override(app.conn, fake_conn):
+                assert await app.request(app.repo) == "repo(fake-conn(real-settings))"
+        assert events == ["open fake", "close fake"]
+
+    async def test_nested_overrides_restore_in_turn(self) -> None:
+        """Undoing an inner override of a resource restores the outer one, then the original."""
+        app = App()
+        async with app.lc.run():
+            with app.lc.override(app.conn, "outer"):
+                with app.lc.override(app.conn, lambda: "inner"):
+                    assert await app.request(app.repo) == "repo(inner)"
+                assert await app.request(app.repo) == "repo(outer)"
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+
+    async def test_override_keeps_counting_for_the_target(self) -> None:
+        """An override's opens count in the overridden resource's stats."""
+        app = App()
+        async with app.lc.run():
+            with app.lc.override(app.conn, "fake"):
+                await app.request(app.repo)
+        stats = app.lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed) == (1, 1)
+
+
+class TestAppOverrides:
+    async def test_override_before_run_changes_app_and_request_dependents(self) -> None:
+        """Overriding an app resource before `lc.run()` changes what all its dependents get."""
+        app = App()
+        with app.lc.override(app.pool, "fake-pool"):
+            async with app.lc.run():
+                assert app.lc.get(app.pool) == "fake-pool"
+                assert app.lc.get(app.cache) == "cache(fake-pool)"
+                assert await app.request(app.repo) == "repo(conn(fake-pool))"
+                async with app.lc.scope() as s:
+                    assert await s.get(app.pool) == "fake-pool"
+        assert "open real pool" not in app.events
+        async with app.lc.run():
+            assert app.lc.get(app.pool) == "pool(real-settings)"
+            assert app.lc.get(app.cache) == "cache(pool(real-settings))"
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+        assert app.events == [
+            "open real conn",
+            "close real conn",
+            "open real pool",
+            "open real conn",
+            "close real conn",
+            "close real pool",
+        ]
+
+    async def test_generator_override_of_app_resource_is_opened_and_closed(self) -> None:
+        """A generator override of an app resource opens at startup and closes at shutdown."""
+        app = App()
+        events: list[str] = []
+
+        def fake_pool(settings: str) -> Iterator[str]:
+            events.append("open fake pool")
+            yield f"fake-pool({settings})"
+            events.append("close fake pool")
+
+        ov = app.lc.override(app.pool, fake_pool)
+        try:
+            async with app.lc.run():
+                assert app.lc.get(app.cache) == "cache(fake-pool(real-settings))"
+                assert events == ["open fake pool"]
+        finally:
+            ov.undo()
+        assert events == ["open fake pool", "close fake pool"]
+        async with app.lc.run():
+            assert app.lc.get(app.cache) == "cache(pool(real-settings))"
+
+    async def test_app_override_with_other_dependencies(self) -> None:
+        """An app override may depend on resources the original did not; they open first."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            return "real-pool"
+
+        @lc.resource(scope="app")
+        async def fixture_db() -> AsyncIterator[str]:
+            await anyio.sleep(0.02)
+            yield "fixture-db"
+
+        @lc.resource(scope="app")
+        def cache(pool: str) -> str:
+            return f"cache({pool})"
+
+        def fake_pool(fixture_db: str) -> str:
+            return f"fake-pool({fixture_db})"
+
+        with lc.override(pool, fake_pool):
+            async with lc.run():
+                assert lc.get(cache) == "cache(fake-pool(fixture-db))"
+
+    async def test_value_override_of_app_resource_while_running(self) -> None:
+        """A plain value may override an app resource while the app runs; requests see it."""
+        app = App()
+        async with app.lc.run():
+            with app.lc.override(app.pool, "live-fake"):
+                assert await app.request(app.repo) == "repo(conn(live-fake))"
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+
+    async def test_generator_override_of_app_resource_while_running_is_refused(self) -> None:
+        """A factory that needs opening cannot override an app resource once the app runs."""
+        app = App()
+
+        async def fake_pool() -> AsyncIterator[str]:
+            yield "never"  # pragma: no cover
+
+        expected = re.escape(
+            "App resource 'pool' is overridden while the app runs with a factory that needs "
+            "opening. Override app resources before the app starts."
+        )
+        async with app.lc.run():
+            with app.lc.override(app.pool, fake_pool):
+                with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                    await app.request(app.conn)
+
+
+class TestOverrideErrors:
+    def test_override_of_foreign_object(self) -> None:
+        """Overriding something that is not a resource of this Lifecycle raises TypeError."""
+        app, other = App(), App()
+        expected = re.escape(
+            f"{other.conn!r} is not a resource of this Lifecycle. Pass the object returned "
+            f"by @lc.resource on this Lifecycle."
+        )
+        with pytest.raises(TypeError, match=rf"^{expected}$"):
+            app.lc.override(other.conn, "x")
+
+    async def test_override_factory_with_unknown_parameter(self) -> None:
+        """A factory override naming no resource is refused at once, and nothing is replaced."""
+        app = App()
+
+        def fake_conn(pol: str) -> str:
+            return pol  # pragma: no cover
+
+        with pytest.raises(
+            tether.UnknownResourceError,
+            match=unknown(
+                "conn", "pol", " Did you mean 'pool'?", "cache, conn, pool, repo, settings"
+            ),
+        ):
+            app.lc.override(app.conn, fake_conn)
+        async with app.lc.run():
+            assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
+
+    async def test_override_that_makes_a_cycle(self) -> None:
+        """An override depending on its own dependents is a cycle, refused before anything opens."""
+        app = App()
+
+        def fake_pool(cache: str) -> str:
+            return cache  # pragma: no cover
+
+        with pytest.raises(
+            tether.DependencyCycleError,
+            match=cycle("pool", "cache", "pool"),
+        ):
+            app.lc.override(app.pool, fake_pool)
+        async with app.lc.run():
+            assert app.lc.get(app.cache) == "cache(pool(real-settings))"

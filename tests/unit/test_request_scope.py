@@ -1,0 +1,598 @@
+"""Request scopes: `async with lc.scope() as s: await s.get(res)`."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+import tether
+
+from ._messages import close_timeout, unit_ended
+
+pytestmark = pytest.mark.anyio
+
+
+class TestLazyOpening:
+    async def test_nothing_opens_unless_asked(self) -> None:
+        """A request resource (and what it depends on) opens only when something asks for it."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            events.append("open conn")
+            yield "conn"
+            events.append("close conn")
+
+        @lc.resource
+        async def session(conn: str) -> AsyncIterator[str]:
+            events.append("open session")
+            yield "session"
+            events.append("close session")
+
+        @lc.resource
+        def unrelated() -> str:
+            events.append("open unrelated")
+            return "x"
+
+        async with lc.scope():
+            pass
+        assert events == []
+        async with lc.scope() as s:
+            assert await s.get(conn) == "conn"
+        assert events == ["open conn", "close conn"]
+
+    async def test_at_most_once_under_concurrent_gets(self) -> None:
+        """Asked concurrently by several tasks and through dependents, a value opens once."""
+        lc = tether.Lifecycle()
+        opened: list[object] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[object]:
+            await anyio.sleep(0.05)
+            value = object()
+            opened.append(value)
+            yield value
+
+        @lc.resource
+        def users(conn: object) -> object:
+            return conn
+
+        @lc.resource
+        async def orders(conn: object) -> object:
+            await anyio.sleep(0.01)
+            return conn
+
+        @lc.resource
+        async def report(users: object, orders: object) -> AsyncIterator[tuple[object, object]]:
+            yield (users, orders)
+
+        got: list[object] = []
+        async with lc.scope() as s:
+
+            async def ask(res: tether.Resource[object]) -> None:
+                got.append(await s.get(res))
+
+            async with anyio.create_task_group() as tg:
+                for res in (conn, users, orders, conn, users, orders, conn):
+                    tg.start_soon(ask, res)
+                tg.start_soon(ask, report)
+        assert len(opened) == 1
+        assert got.count(opened[0]) == 7
+        assert (opened[0], opened[0]) in got
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed) == (1, 1)
+
+    async def test_one_value_per_unit_of_work(self) -> None:
+        """Each unit of work gets its own value of a request resource."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn() -> object:
+            return object()
+
+        async with lc.scope() as s1, lc.scope() as s2:
+            assert await s1.get(conn) is await s1.get(conn)
+            assert await s1.get(conn) is not await s2.get(conn)
+
+    async def test_failed_open_leaves_nothing_to_close(self) -> None:
+        """A resource whose open fails is not closed; its dependencies opened are closed."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            events.append("open conn")
+            try:
+                yield "conn"
+            finally:
+                events.append("close conn")
+
+        @lc.resource
+        async def tx(conn: str) -> AsyncIterator[str]:
+            events.append("begin tx")
+            raise ConnectionResetError("gone")
+            yield "tx"  # pragma: no cover
+
+        with pytest.raises(ConnectionResetError, match=r"^gone$"):
+            async with lc.scope() as s:
+                await s.get(tx)
+        assert events == ["open conn", "begin tx", "close conn"]
+        stats = lc.stats().resources
+        assert (stats["tx"].opened, stats["tx"].closed, stats["tx"].open_errors) == (0, 0, 1)
+
+    async def test_generator_that_does_not_yield(self) -> None:
+        """A generator that returns without yielding fails its open with a clear error."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            if False:  # pragma: no cover
+                yield "never"
+
+        expected = re.escape("Resource 'conn': its generator returned without yielding a value.")
+        with pytest.raises(RuntimeError, match=rf"^{expected}$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+
+    async def test_generator_that_yields_twice(self) -> None:
+        """A generator that yields a second time fails its cleanup with a clear error."""
+        lc = tether.Lifecycle()
+        closed: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "one"
+                yield "two"
+            finally:
+                closed.append("conn")
+
+        expected = re.escape("Resource 'conn': its generator yielded more than once.")
+        with pytest.raises(RuntimeError, match=rf"^{expected}$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+        assert closed == ["conn"]
+
+
+class TestClosing:
+    async def test_close_in_reverse_order_of_opening(self) -> None:
+        """Values close in the exact reverse of the order they were opened in."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+        closed: list[str] = []
+
+        def make(name: str) -> tether.Resource[str]:
+            async def factory() -> AsyncIterator[str]:
+                opened.append(name)
+                yield name
+                closed.append(name)
+
+            return lc.resource(factory, name=name)
+
+        a, b, c, d = (make(n) for n in "abcd")
+        async with lc.scope() as s:
+            for res in (c, a, d, b):
+                await s.get(res)
+        assert opened == ["c", "a", "d", "b"]
+        assert closed == ["b", "d", "a", "c"]
+
+    async def test_success_commits(self) -> None:
+        """A scope that ends normally lets each generator continue after `yield` (commit)."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def tx() -> AsyncIterator[str]:
+            try:
+                yield "tx"
+            except Exception as exc:
+                events.append(f"rollback: {exc!r}")
+                raise
+            else:
+                events.append("commit")
+
+        async with lc.scope() as s:
+            await s.get(tx)
+        assert events == ["commit"]
+
+    async def test_exception_reaches_each_generator_at_yield(self) -> None:
+        """The exception ending the scope is thrown into each generator (rollback), then raised."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        seen: list[BaseException] = []
+        error = ValueError("endpoint failed")
+
+        def make(name: str) -> tether.Resource[str]:
+            async def factory() -> AsyncIterator[str]:
+                try:
+                    yield name
+                except Exception as exc:
+                    seen.append(exc)
+                    events.append(f"rollback {name}")
+                    raise
+                else:
+                    events.append(f"commit {name}")
+
+            return lc.resource(factory, name=name)
+
+        conn, tx = make("conn"), make("tx")
+        with pytest.raises(ValueError, match=r"^endpoint failed$") as info:
+            async with lc.scope() as s:
+                await s.get(conn)
+                await s.get(tx)
+                raise error
+        assert info.value is error
+        assert events == ["rollback tx", "rollback conn"]
+        assert seen == [error, error]
+
+    @pytest.mark.parametrize("kind", ["sync_gen", "async_cm", "sync_cm"])
+    async def test_exception_reaches_other_kinds(self, kind: str) -> None:
+        """Sync generators and context managers see the scope's exception too."""
+        from contextlib import asynccontextmanager, contextmanager
+
+        lc = tether.Lifecycle()
+        seen: list[BaseException | None] = []
+
+        def sgen() -> Iterator[int]:
+            try:
+                yield 1
+            except Exception as exc:
+                seen.append(exc)
+                raise
+
+        async def agen() -> AsyncIterator[int]:
+            try:
+                yield 1
+            except Exception as exc:
+                seen.append(exc)
+                raise
+
+        factory = {
+            "sync_gen": sgen,
+            "async_cm": asynccontextmanager(agen),
+            "sync_cm": contextmanager(sgen),
+        }[kind]
+        res = lc.resource(factory, name="res")
+        error = LookupError("nope")
+        with pytest.raises(LookupError, match=r"^nope$"):
+            async with lc.scope() as s:
+                await s.get(res)
+                raise error
+        assert seen == [error]
+
+    async def test_cleanup_failure_replaces_exception_and_is_raised(self) -> None:
+        """A failing cleanup is what earlier-opened resources see, and what the scope raises."""
+        lc = tether.Lifecycle()
+        seen: list[str] = []
+        commit_failed = RuntimeError("commit failed")
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except Exception as exc:
+                seen.append(f"conn saw {exc!r}")
+                raise
+            else:
+                seen.append("conn clean")  # pragma: no cover
+
+        @lc.resource
+        async def tx(conn: str) -> AsyncIterator[str]:
+            yield "tx"
+            raise commit_failed
+
+        with pytest.raises(RuntimeError, match=r"^commit failed$") as info:
+            async with lc.scope() as s:
+                await s.get(tx)
+        assert info.value is commit_failed
+        assert seen == ["conn saw RuntimeError('commit failed')"]
+        stats = lc.stats().resources["tx"]
+        assert (stats.closed, stats.close_errors, stats.errors) == (1, 1, 1)
+
+    async def test_cleanup_failure_replaces_body_exception(self) -> None:
+        """As with ExitStack, a cleanup failure after a body error is raised, chained to it."""
+        lc = tether.Lifecycle()
+        seen: list[BaseException] = []
+        body_error = ValueError("body")
+        rollback_failed = RuntimeError("rollback failed")
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except Exception as exc:
+                seen.append(exc)
+                raise
+
+        @lc.resource
+        async def tx(conn: str) -> AsyncIterator[str]:
+            try:
+                yield "tx"
+            except Exception as exc:
+                seen.append(exc)
+                raise rollback_failed from None
+
+        with pytest.raises(RuntimeError, match=r"^rollback failed$") as info:
+            async with lc.scope() as s:
+                await s.get(tx)
+                raise body_error
+        assert info.value is rollback_failed
+        assert info.value.__context__ is body_error
+        assert seen == [body_error, rollback_failed]
+
+    async def test_chain_of_cleanup_failures_is_kept(self) -> None:
+        """Each cleanup failure chains to the one before it, back to the body's exception."""
+        lc = tether.Lifecycle()
+        body_error = ValueError("body")
+        tx_failed = RuntimeError("rollback failed")
+        conn_failed = OSError("connection reset")
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except Exception:
+                raise conn_failed  # noqa: B904
+
+        @lc.resource
+        async def tx(conn: str) -> AsyncIterator[str]:
+            try:
+                yield "tx"
+            except Exception:
+                raise tx_failed  # noqa: B904
+
+        with pytest.raises(OSError, match=r"^connection reset$") as info:
+            async with lc.scope() as s:
+                await s.get(tx)
+                raise body_error
+        assert info.value is conn_failed
+        assert conn_failed.__context__ is tx_failed
+        assert tx_failed.__context__ is body_error
+
+    async def test_cleanup_failure_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A failing request cleanup is logged with the resource's name."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def tx() -> AsyncIterator[str]:
+            yield "tx"
+            raise RuntimeError("commit failed")
+
+        with pytest.raises(RuntimeError, match=r"^commit failed$"):
+            async with lc.scope() as s:
+                await s.get(tx)
+        messages = [r.getMessage() for r in caplog.records if r.name == "tether"]
+        assert messages == ["tether: closing resource 'tx' failed: RuntimeError: commit failed"]
+
+
+class TestShieldedCleanup:
+    async def test_cleanup_that_awaits_runs_when_scope_is_cancelled(self) -> None:
+        """A scope exiting in a cancelled cancel scope still runs an awaiting cleanup to its end."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except BaseException as exc:
+                events.append(f"saw {type(exc).__name__}")
+                await anyio.sleep(0.05)
+                events.append("rolled back")
+                raise
+
+        with anyio.CancelScope() as cs:
+            async with lc.scope() as s:
+                await s.get(conn)
+                cs.cancel()
+                await anyio.sleep(1)
+                pytest.fail("not cancelled")  # pragma: no cover
+        assert cs.cancelled_caught
+        cancelled = anyio.get_cancelled_exc_class().__name__
+        assert events == [f"saw {cancelled}", "rolled back"]
+
+    async def test_cleanup_that_awaits_runs_when_task_group_is_cancelled(self) -> None:
+        """Cancelling the task that holds a scope still closes every value, in reverse order."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        holding = anyio.Event()
+
+        def make(name: str) -> tether.Resource[str]:
+            async def factory() -> AsyncIterator[str]:
+                try:
+                    yield name
+                finally:
+                    await anyio.sleep(0.01)
+                    events.append(f"close {name}")
+
+            return lc.resource(factory, name=name)
+
+        a, b = make("a"), make("b")
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(a)
+                await s.get(b)
+                holding.set()
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job)
+            await holding.wait()
+            tg.cancel_scope.cancel()
+        assert events == ["close b", "close a"]
+
+    async def test_cleanup_bounded_by_close_timeout(self) -> None:
+        """A hanging cleanup is abandoned after close_timeout (TimeoutError); the rest close."""
+        lc = tether.Lifecycle(close_timeout=0.1)
+        events: list[str] = []
+
+        @lc.resource
+        async def first() -> AsyncIterator[str]:
+            try:
+                yield "first"
+            except Exception as exc:
+                events.append(f"first saw {type(exc).__name__}")
+                raise
+
+        @lc.resource
+        async def stuck(first: str) -> AsyncIterator[str]:
+            yield "stuck"
+            events.append("stuck closing")
+            await anyio.sleep_forever()
+
+        @lc.resource
+        async def last(stuck: str) -> AsyncIterator[str]:
+            yield "last"
+            events.append("last closed")
+
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError, match=close_timeout("stuck", "0.1")):
+            async with lc.scope() as s:
+                await s.get(last)
+        assert 0.09 < time.perf_counter() - t0 < 1
+        assert events == ["last closed", "stuck closing", "first saw TimeoutError"]
+        stats = lc.stats().resources
+        assert (stats["stuck"].timeouts, stats["stuck"].closed) == (1, 1)
+        assert (stats["first"].closed, stats["last"].closed) == (1, 1)
+
+    async def test_sync_cleanup_bounded_by_close_timeout(self) -> None:
+        """A sync cleanup blocking its thread is abandoned after close_timeout with TimeoutError."""
+        lc = tether.Lifecycle(close_timeout=0.1)
+        release = threading.Event()
+        finished = threading.Event()
+
+        @lc.resource
+        def stuck() -> Iterator[str]:
+            yield "stuck"
+            release.wait(5)
+            finished.set()
+
+        t0 = time.perf_counter()
+        try:
+            with pytest.raises(TimeoutError, match=close_timeout("stuck", "0.1")):
+                async with lc.scope() as s:
+                    await s.get(stuck)
+            assert time.perf_counter() - t0 < 1
+            assert not finished.is_set()
+        finally:
+            release.set()
+        await anyio.to_thread.run_sync(finished.wait, 5)
+
+
+class TestAppDependencies:
+    async def test_request_resource_gets_app_value(self) -> None:
+        """A request resource depending on an app resource receives the app's one value."""
+        lc = tether.Lifecycle()
+        pools: list[object] = []
+
+        @lc.resource(scope="app")
+        async def pool() -> AsyncIterator[object]:
+            pools.append(object())
+            yield pools[-1]
+
+        @lc.resource
+        async def conn(pool: object) -> AsyncIterator[tuple[str, object]]:
+            yield ("conn", pool)
+
+        async with lc.run():
+            async with lc.scope() as s1, lc.scope() as s2:
+                assert await s1.get(conn) == ("conn", pools[0])
+                assert await s2.get(conn) == ("conn", pools[0])
+                assert await s1.get(pool) is pools[0]
+        assert len(pools) == 1
+
+    @pytest.mark.parametrize("state", ["created", "closed"])
+    async def test_app_resource_without_running_app_scope(self, state: str) -> None:
+        """Using an app resource when the app scope is not running raises ScopeError."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            return "pool"
+
+        @lc.resource
+        async def conn(pool: str) -> AsyncIterator[str]:
+            opened.append("conn")  # pragma: no cover
+            yield pool  # pragma: no cover
+
+        if state == "closed":
+            async with lc.run():
+                pass
+        expected = re.escape(
+            f"App resource 'pool' is not open: the app scope is {state}. Start it with "
+            f"`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+            f"`async with lc.run():`."
+        )
+        async with lc.scope() as s:
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                await s.get(conn)
+        assert opened == []
+
+    async def test_resource_of_another_lifecycle(self) -> None:
+        """Asking a scope for a resource of another Lifecycle raises ScopeError."""
+        lc, other = tether.Lifecycle(), tether.Lifecycle()
+
+        @other.resource
+        def conn() -> int:
+            return 1
+
+        expected = re.escape(
+            "Resource 'conn' belongs to another Lifecycle than this scope's. "
+            "Use the Lifecycle the resource was registered on."
+        )
+        async with lc.scope() as s:
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                await s.get(conn)
+
+
+class TestClosedUnit:
+    async def test_get_after_scope_closed_raises(self) -> None:
+        """`s.get()` on a unit that has ended raises ResourceClosedError, opening nothing."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource
+        def conn() -> str:
+            opened.append("conn")  # pragma: no cover
+            return "conn"  # pragma: no cover
+
+        async with lc.scope("job 42") as s:
+            pass
+        with pytest.raises(tether.ResourceClosedError, match=unit_ended("conn", "job 42")) as info:
+            await s.get(conn)
+        assert info.value.resource == "conn"
+        assert opened == []
+
+    async def test_get_of_already_opened_value_after_close_raises(self) -> None:
+        """`s.get()` after the scope ended raises even for a value it had opened (and closed)."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+
+        async with lc.scope() as s:
+            assert await s.get(conn) == "conn"
+        with pytest.raises(tether.ResourceClosedError, match=unit_ended("conn", "scope")):
+            await s.get(conn)
+
+    async def test_unit_repr(self) -> None:
+        """A unit's repr shows its label and how many values it holds."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+
+        async with lc.scope("job") as s:
+            await s.get(conn)
+            assert repr(s) == "<tether.Unit 'job' (1 open)>"
+        assert repr(s) == "<tether.Unit 'job' (closed)>"

@@ -1,0 +1,129 @@
+"""`lc.stats()`: per-resource counters and timings, and the units of work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+
+class TestStats:
+    async def test_request_resource_counters_and_timings(self) -> None:
+        """Opened, closed, in use, max in use, errors, wait and hold times add up over scopes."""
+        lc = tether.Lifecycle()
+        fail = {"open": False, "close": False}
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            await anyio.sleep(0.02)
+            if fail["open"]:
+                raise ConnectionError("refused")
+            yield "conn"
+            if fail["close"]:
+                raise RuntimeError("commit failed")
+
+        both_open = anyio.Event()
+        opened: list[str] = []
+
+        async def hold() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+                opened.append("x")
+                if len(opened) == 2:
+                    both_open.set()
+                await both_open.wait()
+                await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            tg.start_soon(hold)
+            await both_open.wait()
+            during = lc.stats()
+        assert during.units_in_flight == 2
+        assert (during["conn"].in_use, during["conn"].opened, during["conn"].closed) == (2, 2, 0)
+
+        stats = lc.stats()["conn"]
+        assert stats.name == "conn"
+        assert stats.scope == "request"
+        assert (stats.opened, stats.closed, stats.in_use, stats.max_in_use) == (2, 2, 0, 2)
+        assert stats.errors == 0
+        assert 0.04 <= stats.wait_time < 0.5
+        assert 0.02 <= stats.max_wait_time <= stats.wait_time
+        assert stats.mean_wait_time == pytest.approx(stats.wait_time / 2)
+        assert 0.1 <= stats.hold_time < 1
+        assert 0.05 <= stats.max_hold_time <= stats.hold_time
+        assert stats.mean_hold_time == pytest.approx(stats.hold_time / 2)
+
+        fail["open"] = True
+        with pytest.raises(ConnectionError, match=r"^refused$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+        fail["open"], fail["close"] = False, True
+        with pytest.raises(RuntimeError, match=r"^commit failed$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+
+        snapshot = lc.stats()
+        stats = snapshot["conn"]
+        assert (stats.opened, stats.closed, stats.in_use, stats.max_in_use) == (3, 3, 0, 2)
+        assert (stats.open_errors, stats.close_errors, stats.errors) == (1, 1, 2)
+        assert (stats.leaks, stats.timeouts) == (0, 0)
+        assert (snapshot.units_total, snapshot.units_in_flight, snapshot.units_refused) == (4, 0, 0)
+        assert snapshot.state == "created"
+
+    async def test_app_resource_counters(self) -> None:
+        """An app resource is counted opened and in use while the app runs, closed after."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        async def pool() -> AsyncIterator[str]:
+            await anyio.sleep(0.02)
+            yield "pool"
+
+        async with lc.run():
+            running = lc.stats()
+        stats = lc.stats()
+        assert running.state == "running"
+        assert running["pool"].scope == "app"
+        assert (running["pool"].opened, running["pool"].in_use, running["pool"].closed) == (1, 1, 0)
+        assert running["pool"].wait_time >= 0.02
+        assert stats.state == "closed"
+        assert (stats["pool"].opened, stats["pool"].in_use, stats["pool"].closed) == (1, 0, 1)
+
+    async def test_resources_not_used_are_listed_with_zeros(self) -> None:
+        """Every registered resource appears in the stats, even one never opened."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn() -> str:
+            return "conn"  # pragma: no cover
+
+        stats = lc.stats()
+        assert list(stats.resources) == ["conn"]
+        zero = stats["conn"]
+        assert (zero.opened, zero.closed, zero.in_use, zero.errors, zero.leaks) == (0, 0, 0, 0, 0)
+        assert (zero.mean_wait_time, zero.mean_hold_time) == (0.0, 0.0)
+
+    async def test_dependency_failure_counts_once(self) -> None:
+        """When a dependency fails to open, the error counts for it, not for its dependents."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            raise ConnectionError("refused")
+            yield "conn"  # pragma: no cover
+
+        @lc.resource
+        async def tx(conn: str) -> AsyncIterator[str]:
+            yield "tx"  # pragma: no cover
+
+        with pytest.raises(ConnectionError, match=r"^refused$"):
+            async with lc.scope() as s:
+                await s.get(tx)
+        stats = lc.stats()
+        assert (stats["conn"].open_errors, stats["tx"].open_errors) == (1, 0)

@@ -1,0 +1,223 @@
+"""Sync resources open and close in worker threads through tether's own limiters."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def small_default_threadpool() -> AsyncIterator[None]:
+    """anyio's default thread limiter cut to 2 tokens for the test, restored after."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    before = limiter.total_tokens
+    limiter.total_tokens = 2
+    try:
+        yield
+    finally:
+        limiter.total_tokens = before
+
+
+def _pool(size: int) -> queue.Queue[int]:
+    pool: queue.Queue[int] = queue.Queue(maxsize=size)
+    for i in range(size):
+        pool.put(i)
+    return pool
+
+
+class TestThreads:
+    async def test_sync_generator_opens_and_closes_in_worker_thread(self) -> None:
+        """A `def` generator runs its open and its cleanup off the event loop thread."""
+        lc = tether.Lifecycle()
+        loop_thread = threading.get_ident()
+        threads: dict[str, int] = {}
+
+        @lc.resource
+        def conn() -> Iterator[str]:
+            threads["open"] = threading.get_ident()
+            yield "conn"
+            threads["close"] = threading.get_ident()
+
+        async with lc.scope() as s:
+            assert await s.get(conn) == "conn"
+        assert set(threads) == {"open", "close"}
+        assert threads["open"] != loop_thread
+        assert threads["close"] != loop_thread
+
+    async def test_sync_context_manager_in_worker_thread(self) -> None:
+        """A @contextmanager factory is entered and exited off the event loop thread."""
+        lc = tether.Lifecycle()
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        @lc.resource(scope="app")
+        @contextmanager
+        def engine() -> Iterator[str]:
+            threads.append(threading.get_ident())
+            yield "engine"
+            threads.append(threading.get_ident())
+
+        async with lc.run():
+            assert lc.get(engine) == "engine"
+        assert len(threads) == 2
+        assert loop_thread not in threads
+
+    async def test_plain_function_runs_inline_unless_asked(self) -> None:
+        """A plain `def` runs on the loop thread by default, and in a thread with `thread=True`."""
+        lc = tether.Lifecycle()
+        loop_thread = threading.get_ident()
+
+        @lc.resource
+        def inline() -> int:
+            return threading.get_ident()
+
+        @lc.resource(thread=True)
+        def threaded() -> int:
+            return threading.get_ident()
+
+        async with lc.scope() as s:
+            assert await s.get(inline) == loop_thread
+            assert await s.get(threaded) != loop_thread
+
+
+class TestNoDeadlock:
+    @pytest.mark.parametrize("app_running", [True, False], ids=["in-run", "no-run"])
+    @pytest.mark.usefixtures("small_default_threadpool")
+    async def test_many_scopes_share_a_small_sync_pool(self, app_running: bool) -> None:
+        """50 concurrent scopes on a sync pool of 2 all finish even with a 2-thread default pool."""
+        lc = tether.Lifecycle()
+        pool = _pool(2)
+        out: list[int] = []
+
+        @lc.resource(concurrency=2)
+        def conn() -> Iterator[int]:
+            item = pool.get(timeout=5)
+            try:
+                yield item
+            finally:
+                pool.put(item)
+
+        async def job(i: int) -> None:
+            async with lc.scope(f"job {i}") as s:
+                await s.get(conn)
+                await anyio.sleep(0.001)
+                out.append(i)
+
+        async def all_jobs() -> None:
+            with anyio.fail_after(4):
+                async with anyio.create_task_group() as tg:
+                    for i in range(50):
+                        tg.start_soon(job, i)
+
+        if app_running:
+            async with lc.run():
+                await all_jobs()
+        else:
+            await all_jobs()
+        assert sorted(out) == list(range(50))
+        assert pool.qsize() == 2
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed, stats.in_use) == (50, 50, 0)
+        assert stats.max_in_use <= 2
+
+
+class TestCancellation:
+    async def test_cancelled_scope_still_runs_sync_cleanup(self) -> None:
+        """A scope cancelled while its sync resource is open still returns the item to the pool."""
+        lc = tether.Lifecycle()
+        pool = _pool(1)
+        seen: list[str] = []
+
+        @lc.resource
+        def conn() -> Iterator[int]:
+            item = pool.get(timeout=5)
+            try:
+                yield item
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+                raise
+            finally:
+                pool.put(item)
+
+        with anyio.CancelScope() as cs:
+            async with lc.scope() as s:
+                await s.get(conn)
+                assert pool.qsize() == 0
+                cs.cancel()
+                await anyio.sleep(1)
+        assert cs.cancelled_caught
+        assert pool.qsize() == 1
+        assert seen == [anyio.get_cancelled_exc_class().__name__]
+
+    async def test_cancelled_while_opening_still_closes_what_opened(self) -> None:
+        """A scope cancelled while a sync open waits in its thread closes the value it then gets."""
+        lc = tether.Lifecycle()
+        pool: queue.Queue[int] = queue.Queue(maxsize=1)
+        waiting = threading.Event()
+        closed: list[int] = []
+
+        @lc.resource
+        def conn() -> Iterator[int]:
+            waiting.set()
+            item = pool.get(timeout=5)
+            try:
+                yield item
+            finally:
+                closed.append(item)
+                pool.put(item)
+
+        async def give_item_later() -> None:
+            await anyio.to_thread.run_sync(waiting.wait, 5)
+            await anyio.sleep(0.05)
+            pool.put(7)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(give_item_later)
+            with anyio.move_on_after(0.02) as cs:
+                async with lc.scope() as s:
+                    await s.get(conn)
+                    await anyio.sleep(1)  # pragma: no cover
+        assert cs.cancelled_caught
+        assert closed == [7]
+        assert pool.qsize() == 1
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed) == (1, 1)
+
+    async def test_task_group_cancellation_returns_items(self) -> None:
+        """Cancelling many tasks that hold sync pool items gives every item back."""
+        lc = tether.Lifecycle()
+        pool = _pool(3)
+        holding = anyio.Semaphore(0)
+
+        @lc.resource(concurrency=3)
+        def conn() -> Iterator[int]:
+            item = pool.get(timeout=5)
+            try:
+                yield item
+            finally:
+                pool.put(item)
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+                holding.release()
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(job)
+            for _ in range(3):
+                await holding.acquire()
+            assert pool.qsize() == 0
+            tg.cancel_scope.cancel()
+        assert pool.qsize() == 3

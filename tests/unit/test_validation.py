@@ -1,0 +1,266 @@
+"""The graph is validated before anything opens; every message is pinned."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import tether
+
+from ._messages import cycle, unknown
+
+pytestmark = pytest.mark.anyio
+
+
+class TestCycles:
+    async def test_two_resource_cycle_shows_the_path(self) -> None:
+        """A cycle `a -> b -> a` raises DependencyCycleError with the path, and opens nothing."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource(scope="app")
+        def a(b: int) -> int:
+            opened.append("a")
+            return 1
+
+        @lc.resource(scope="app")
+        def b(a: int) -> int:
+            opened.append("b")
+            return 2
+
+        @lc.resource(scope="app")
+        def fine() -> int:
+            opened.append("fine")
+            return 3
+
+        with pytest.raises(tether.DependencyCycleError, match=cycle("a", "b", "a")) as info:
+            async with lc.run():
+                pass  # pragma: no cover
+        assert info.value.path == ("a", "b", "a")
+        assert opened == []
+        assert lc.state is tether.State.CREATED
+
+    def test_self_dependency_is_a_cycle(self) -> None:
+        """A resource naming itself as a parameter is a cycle `a -> a`."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def a(a: int) -> int:
+            return a
+
+        with pytest.raises(tether.DependencyCycleError, match=cycle("a", "a")):
+            lc.validate()
+
+    async def test_longer_cycle_in_request_scope(self) -> None:
+        """A three-resource cycle is reported on `lc.scope()` before any value opens."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource
+        def x(y: int) -> int:
+            opened.append("x")
+            return 1
+
+        @lc.resource
+        def y(z: int) -> int:
+            opened.append("y")
+            return 1
+
+        @lc.resource
+        def z(x: int) -> int:
+            opened.append("z")
+            return 1
+
+        with pytest.raises(tether.DependencyCycleError, match=cycle("x", "y", "z", "x")):
+            async with lc.scope():
+                pass  # pragma: no cover
+        assert opened == []
+
+
+class TestScopeRule:
+    async def test_app_resource_depending_on_request_resource(self) -> None:
+        """An app resource depending on a request resource raises ScopeError naming both."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource
+        async def session() -> AsyncIterator[str]:
+            opened.append("session")
+            yield "s"
+
+        @lc.resource(scope="app")
+        def cache(session: str) -> str:
+            opened.append("cache")
+            return session
+
+        expected = re.escape(
+            "App resource 'cache' depends on request resource 'session': an app resource "
+            "lives for the whole application and cannot hold a value that lives for one "
+            "request. Make 'session' an app resource (scope=\"app\"), or make 'cache' a "
+            "request resource."
+        )
+        with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert opened == []
+
+    def test_request_resource_may_depend_on_app_resource(self) -> None:
+        """A request resource depending on an app resource is valid."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            return "pool"
+
+        @lc.resource
+        def conn(pool: str) -> str:
+            return pool
+
+        lc.validate()
+        assert conn.deps == (pool,)
+
+
+class TestUnknownParameter:
+    async def test_unknown_parameter_suggests_closest_name(self) -> None:
+        """A parameter naming no resource raises UnknownResourceError with the closest name."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            return "pool"
+
+        @lc.resource
+        def conn(pool_: str) -> str:
+            return pool_
+
+        expected = unknown("conn", "pool_", " Did you mean 'pool'?", "conn, pool")
+        with pytest.raises(tether.UnknownResourceError, match=expected) as info:
+            async with lc.scope():
+                pass  # pragma: no cover
+        assert info.value.name == "pool_"
+        assert isinstance(info.value, LookupError)
+
+    def test_unknown_parameter_without_close_match(self) -> None:
+        """With nothing close, the message lists what is registered and offers no guess."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn(zzzz: str) -> str:
+            return zzzz
+
+        expected = unknown("conn", "zzzz", "", "conn")
+        with pytest.raises(tether.UnknownResourceError, match=expected):
+            lc.validate()
+
+    async def test_unknown_parameter_fails_app_startup_before_anything_opens(self) -> None:
+        """`lc.run()` refuses a graph with an unknown name before opening any resource."""
+        lc = tether.Lifecycle()
+        opened: list[str] = []
+
+        @lc.resource(scope="app")
+        def settings() -> str:
+            opened.append("settings")
+            return "s"
+
+        @lc.resource(scope="app")
+        def pool(setings: str) -> str:
+            opened.append("pool")
+            return setings
+
+        expected = unknown("pool", "setings", " Did you mean 'settings'?", "pool, settings")
+        with pytest.raises(tether.UnknownResourceError, match=expected):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert opened == []
+
+
+class TestRegistration:
+    def test_duplicate_name(self) -> None:
+        """Registering two resources under one name raises DuplicateResourceError."""
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        def conn() -> int:
+            return 1
+
+        expected = re.escape(
+            "A resource named 'conn' is already registered on this Lifecycle. "
+            "Pick another name with @lc.resource(name=...)."
+        )
+        with pytest.raises(tether.DuplicateResourceError, match=rf"^{expected}$"):
+
+            @lc.resource(name="conn")
+            def other() -> int:
+                return 2
+
+        assert lc.resources["conn"] is conn
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"scope": "global"}, "Resource 'r': scope='global' is not one of 'app', 'request'."),
+            (
+                {"release": "later"},
+                "Resource 'r': release='later' is not one of 'handler', 'response'.",
+            ),
+            ({"timeout": 0}, "Resource 'r': timeout=0 must be a positive number of seconds."),
+            (
+                {"timeout": -1.5},
+                "Resource 'r': timeout=-1.5 must be a positive number of seconds.",
+            ),
+            ({"retries": -1}, "Resource 'r': retries=-1 must be 0 or more."),
+            ({"concurrency": 0}, "Resource 'r': concurrency=0 must be 1 or more."),
+        ],
+    )
+    def test_bad_arguments(self, options: dict[str, Any], message: str) -> None:
+        """An invalid option value raises ValueError naming the resource and the value."""
+        lc = tether.Lifecycle()
+
+        def r() -> int:
+            return 1
+
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+            lc.resource(**options)(r)
+        assert "r" not in lc.resources
+
+    def test_not_callable(self) -> None:
+        """Registering something that is not callable raises TypeError."""
+        lc = tether.Lifecycle()
+        expected = re.escape(
+            "@lc.resource was given 42, which is not callable. Decorate a function "
+            "(or pass a class or context-manager factory) that makes the value."
+        )
+        with pytest.raises(TypeError, match=rf"^{expected}$"):
+            lc.resource(42)  # type: ignore[call-overload]
+
+    def test_name_must_be_an_identifier(self) -> None:
+        """A name that is not a valid parameter name is refused."""
+        lc = tether.Lifecycle()
+
+        def r() -> int:
+            return 1
+
+        expected = re.escape(
+            f"Cannot tell the name of resource {r!r}. Give it one that is a valid "
+            f"parameter name: @lc.resource(name=...)."
+        )
+        with pytest.raises(ValueError, match=rf"^{expected}$"):
+            lc.resource(name="my-db")(r)
+
+    async def test_app_resource_registered_while_running(self) -> None:
+        """Registering an app resource after startup raises ScopeError."""
+        lc = tether.Lifecycle()
+
+        def late() -> int:
+            return 1
+
+        expected = re.escape(
+            "Cannot register app resource 'late': the app scope is already running. "
+            "Register app resources before the application starts."
+        )
+        async with lc.run():
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                lc.resource(scope="app")(late)

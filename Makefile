@@ -25,11 +25,12 @@ demo: $(BIN)/.installed
 	$(BIN)/python examples/quickstart.py
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples docs bench
-	$(BIN)/ruff format --check src tests examples docs bench
+	$(BIN)/ruff check src tests examples docs bench typing_tests
+	$(BIN)/ruff format --check src tests examples docs bench typing_tests
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
+	$(BIN)/mypy --strict typing_tests
 
 pytest: $(BIN)/.installed system-deps
 	$(BIN)/pytest

@@ -7,9 +7,14 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import Any, TypeVar, overload
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
+from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -46,6 +51,30 @@ class State(enum.Enum):
 
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+class ResourceDecorator(Protocol):
+    """What ``@lc.resource(...)`` with arguments returns: it types like ``@lc.resource``."""
+
+    @overload
+    def __call__(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: Callable[..., Iterator[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(
+        self, factory: Callable[..., AbstractAsyncContextManager[T]], /
+    ) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: Callable[..., AbstractContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: Callable[..., T], /) -> Resource[T]: ...
 
 
 class Override:
@@ -140,8 +169,27 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ registration
 
+    # The overloads give `Resource[T]` the value's type: what a generator yields, what a
+    # context manager enters into, what a coroutine returns, or what a function returns.
     @overload
-    def resource(self, factory: Callable[..., Any], /) -> Resource[Any]: ...
+    def resource(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: Callable[..., Iterator[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(
+        self, factory: Callable[..., AbstractAsyncContextManager[T]], /
+    ) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: Callable[..., AbstractContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: Callable[..., T], /) -> Resource[T]: ...
 
     @overload
     def resource(
@@ -161,7 +209,7 @@ class Lifecycle:
         check_timeout: float | None = None,
         retry_after: float = 1.0,
         guard: bool = False,
-    ) -> Callable[[Callable[..., Any]], Resource[Any]]: ...
+    ) -> ResourceDecorator: ...
 
     def resource(
         self,
@@ -180,7 +228,7 @@ class Lifecycle:
         check_timeout: float | None = None,
         retry_after: float = 1.0,
         guard: bool = False,
-    ) -> Resource[Any] | Callable[[Callable[..., Any]], Resource[Any]]:
+    ) -> Resource[Any] | ResourceDecorator:
         """Register a resource: ``@lc.resource`` or ``@lc.resource(scope="app", ...)``.
 
         Args:

@@ -1,0 +1,49 @@
+"""The public surface: `tether.__all__` is sorted, complete, and every name resolves."""
+
+from __future__ import annotations
+
+import typing
+
+import tether
+import tether.fastapi
+
+
+def test_all_is_sorted_and_complete() -> None:
+    """Every public name of `tether` is in `__all__`, sorted, and importable."""
+    public = {name for name in dir(tether) if not name.startswith("_")} - {
+        "annotations",
+        "fastapi",
+        "integrations",
+    }
+    assert sorted(tether.__all__) == list(tether.__all__)
+    assert set(tether.__all__) - {"__version__"} == public
+    for name in tether.__all__:
+        assert getattr(tether, name) is not None
+
+
+def test_contract_names() -> None:
+    """The names DESIGN.md promises users are there."""
+    for name in [
+        "Lifecycle",
+        "Resource",
+        "TetherError",
+        "StartupError",
+        "ResourceUnavailable",
+        "ResourceClosedError",
+        "DependencyCycleError",
+        "ScopeError",
+        "UnknownResourceError",
+    ]:
+        assert name in tether.__all__
+    assert all(
+        issubclass(getattr(tether, n), tether.TetherError)
+        for n in tether.__all__
+        if n.endswith("Error") and n != "TetherError"
+    )
+    assert tether.fastapi.__all__ == ["health_router", "install"]
+
+
+def test_fastapi_facing_hints_resolve() -> None:
+    """FastAPI inspects these at runtime: their annotations must resolve."""
+    typing.get_type_hints(tether.fastapi.health_router)
+    typing.get_type_hints(tether.fastapi.install)

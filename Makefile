@@ -24,9 +24,11 @@ system-deps:
 demo: $(BIN)/.installed
 	$(BIN)/python examples/quickstart.py
 
+LINT_DIRS := $(wildcard src tests examples docs bench typing_tests)
+
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples docs bench typing_tests
-	$(BIN)/ruff format --check src tests examples docs bench typing_tests
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy

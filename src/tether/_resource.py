@@ -96,8 +96,10 @@ class Resource(Generic[T]):
         "deps",
         "factory",
         "guard",
+        "has_cleanup",
         "is_sync",
         "kind",
+        "late",
         "lifecycle",
         "limiter",
         "name",
@@ -147,6 +149,8 @@ class Resource(Generic[T]):
         # connections); a plain `def` runs inline unless asked otherwise.
         self.thread = (self.kind in SYNC_KINDS) if thread is None else thread
         self.is_sync = self.kind in SYNC_KINDS or self.kind is Kind.SYNC_FUNC
+        self.has_cleanup = self.kind not in (Kind.ASYNC_FUNC, Kind.SYNC_FUNC)
+        self.late = release == "response"
         self.deps: tuple[Resource[Any], ...] = ()
         self.limiter: Any = None  # anyio.CapacityLimiter, made when the lifecycle starts
         self.counters = Counters()

@@ -53,7 +53,7 @@ class Entry:
         self.handle = handle
         self.value = value
         self.opened_at = _now()
-        self.late = res.release == "response"
+        self.late = res.late
         self.leak_reported = False
         self.stack = stack
 
@@ -179,6 +179,11 @@ async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
+    return await _finish(lc, res, coro, first)
+
+
+async def _finish(lc: Lifecycle, res: Resource[Any], coro: Any, first: Any) -> Any:
+    """The rest of a cleanup that suspended: shielded, with a deadline."""
     with anyio.CancelScope(shield=True) as cs:
         cs.deadline = anyio.current_time() + lc.close_timeout
         result = await _Resume(coro, first)
@@ -206,14 +211,21 @@ async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) ->
         if kind is Kind.ASYNC_GEN:
             step = handle.__anext__() if exc is None else handle.athrow(exc)
             try:
-                await _drive(lc, res, step)
+                # `_drive` inlined for its fast path (a cleanup that does not suspend).
+                first = step.send(None)
             except StopAsyncIteration:
-                pass
+                return
+            except StopIteration:
+                pass  # the generator yielded again: reported below
             else:
-                await _drive(lc, res, handle.aclose())
-                msg = f"Resource {res.name!r}: its generator yielded more than once."
-                raise RuntimeError(msg)
-        elif kind is Kind.ASYNC_CM:
+                try:
+                    await _finish(lc, res, step, first)
+                except StopAsyncIteration:
+                    return
+            await _drive(lc, res, handle.aclose())
+            msg = f"Resource {res.name!r}: its generator yielded more than once."
+            raise RuntimeError(msg)
+        if kind is Kind.ASYNC_CM:
             if exc is None:
                 await _drive(lc, res, handle.__aexit__(None, None, None))
             else:
@@ -440,14 +452,21 @@ class Unit:
             args = [await self.get(d) for d in target.deps] if target.deps else ()
             started = True
             t0 = _now()
-            if target.kind is Kind.ASYNC_GEN and target.timeout is None:
-                # The common case, inline: no extra coroutine layers on the hot path.
+            kind = target.kind
+            if target.timeout is not None or target.thread:
+                value, handle = await open_value(lc, target, list(args))
+            elif kind is Kind.ASYNC_GEN:
+                # The common cases inline: no extra coroutine layers on the hot path.
                 handle = target.factory(*args)
                 try:
                     value = await handle.__anext__()
                 except StopAsyncIteration:
                     msg = f"Resource {res.name!r}: its generator returned without yielding a value."
                     raise RuntimeError(msg) from None
+            elif kind is Kind.SYNC_FUNC:
+                value, handle = target.factory(*args), None
+            elif kind is Kind.ASYNC_FUNC:
+                value, handle = await target.factory(*args), None
             else:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException:
@@ -464,7 +483,7 @@ class Unit:
         c.opened += 1
         if target.guard:
             value = Guarded(target, value)  # type: ignore[assignment]
-        if target.kind in _NO_CLEANUP and not target.guard:
+        if not target.has_cleanup and not target.guard:
             c.closed += 1
         else:
             c.in_use += 1
@@ -514,6 +533,3 @@ class Unit:
                     del self.values[key]
         await close_entries(self.lc, early, exc, errors)
         return errors
-
-
-_NO_CLEANUP = frozenset({Kind.ASYNC_FUNC, Kind.SYNC_FUNC})

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,18 +21,24 @@ def free_port() -> int:
 
 
 class Server:
-    """A uvicorn process serving `target` (module:attr); its output goes to a file."""
+    """A uvicorn process serving `target` (module:attr); its output goes to a file.
 
-    def __init__(self, target: str, tmp: Path, *args: str) -> None:
+    `env` adds (or overrides) environment variables of the server process, e.g. the DSN
+    the app module reads when its lifespan starts.
+    """
+
+    def __init__(
+        self, target: str, tmp: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"uvicorn-{self.port}.log"
         self._log = self.log_path.open("wb")
         cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--log-level", "warning", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env
+            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=child_env
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

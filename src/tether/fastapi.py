@@ -149,7 +149,9 @@ def _inline(route: Any, lc: Lifecycle) -> None:
                 values[name] = await _call_override(now_overridden[res], res)
                 continue
             value = got(res, _MISSING)
-            if value is _MISSING or value.__class__ is _Pending:
+            if value is _MISSING:
+                value = await unit._open(res)
+            elif value.__class__ is _Pending:
                 value = await unit.get(res)
             values[name] = value
         return await endpoint(**values)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._errors import ResourceUnavailable, ScopeError, StartupError, redact
+
+if TYPE_CHECKING:
+    from .._resource import Resource
 
 log = logging.getLogger("tether")
 
@@ -20,9 +24,11 @@ __all__ = [
     "Dsn",
     "LoopBound",
     "check_budget",
+    "depends_on",
     "redact",
     "resolve_dsn",
     "unavailable",
+    "unreachable",
     "workers",
 ]
 
@@ -115,8 +121,12 @@ def unavailable(
     in_use: int | None = None,
     waiting: int | None = None,
     retry_after: float = 1.0,
+    backend: str = "the database",
 ) -> ResourceUnavailable:
-    """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted."""
+    """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
+
+    *backend* names what to check if it persists (``"the Redis server"``, ...).
+    """
     state = []
     if size is not None:
         state.append(f"size {size}")
@@ -128,10 +138,49 @@ def unavailable(
     reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
     msg = redact(
         f"Pool {name!r}{shown} could not give a connection: {reason}. "
-        f"Retry shortly; if it persists, check the database and the pool size."
+        f"Retry shortly; if it persists, check {backend} and the pool size."
     )
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
 
 
 def describe_any(value: Any) -> str:
     return redact(repr(value))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def depends_on(fn: F, *resources: Resource[Any]) -> F:
+    """Name *fn*'s parameters after *resources*, so the Lifecycle passes it their values.
+
+    tether resolves a resource's dependencies by parameter name, and an integration's
+    factory only learns the name the user gave the resource it needs when it is
+    registered: ``depends_on(open_session, engine)`` makes ``open_session`` take one
+    parameter called ``engine.name``. The values are passed positionally, in order.
+    """
+    names = [res.name for res in resources]
+    if len(set(names)) != len(names):
+        msg = f"depends_on: resources {names!r} must have distinct names."
+        raise ValueError(msg)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, kind) for name in names]
+    )
+    return fn
+
+
+def unreachable(
+    name: str, target: str, cause: BaseException, *, retry_after: float = 1.0
+) -> ResourceUnavailable:
+    """A :class:`ResourceUnavailable` for a backend that cannot be reached.
+
+    Names the pool (or client) and where it tried to connect; *target* (a DSN or URL)
+    and the cause are shown with their passwords redacted.
+    """
+    said = str(cause).strip().rstrip(".")
+    reason = f"{type(cause).__name__}: {said}" if said else type(cause).__name__
+    msg = redact(
+        f"{name!r} cannot reach {target}: {reason}. Check that the server runs and is "
+        f"reachable from here, and the address and credentials in its DSN."
+    )
+    return ResourceUnavailable(msg, resource=name, retry_after=retry_after)

@@ -1,0 +1,80 @@
+"""A notes service on an embedded SQLite file with tether. See docs/integrations/aiosqlite.md.
+
+Run it (the file is created, in WAL mode, when the app starts)::
+
+    NOTES_DB=data/notes.db uvicorn docs.examples.aiosqlite_app:app
+
+    curl -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hi"}'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import aiosqlite
+from fastapi import Depends, FastAPI, HTTPException
+from pydantic import BaseModel
+
+import tether
+from tether.fastapi import health_router
+from tether.integrations import aiosqlite as tsqlite
+
+lc = tether.Lifecycle()
+
+# The database file: created at startup, switched to WAL, checked by /health/ready.
+db = tsqlite.database(
+    lc, lambda: os.environ.get("NOTES_DB", "notes.db"), busy_timeout=5.0, max_connections=32
+)
+
+
+@lc.resource(scope="app")
+async def schema(database: tsqlite.Database) -> None:
+    """Create the table at startup (use migrations in a real service)."""
+    async with database.connect() as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)"
+        )
+        await conn.commit()
+
+
+# Readers: a deferred transaction, never blocked by the writer (WAL).
+reader = tsqlite.connection(lc, db, name="reader")
+# Writers: take the write lock when they open, so concurrent writers wait their turn
+# (up to busy_timeout, then 503 + Retry-After).
+writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+
+Reader = Annotated[aiosqlite.Connection, Depends(reader)]
+Writer = Annotated[aiosqlite.Connection, Depends(writer)]
+
+app = FastAPI(lifespan=lc.lifespan)
+app.include_router(health_router(lc))
+
+
+class NoteIn(BaseModel):
+    text: str
+
+
+class NoteOut(BaseModel):
+    id: int
+    text: str
+
+
+@app.post("/notes", status_code=201)
+async def create_note(note: NoteIn, c: Writer) -> NoteOut:
+    cur = await c.execute("INSERT INTO notes (text) VALUES (?)", (note.text,))
+    assert cur.lastrowid is not None
+    return NoteOut(id=cur.lastrowid, text=note.text)  # committed before the response starts
+
+
+@app.get("/notes")
+async def list_notes(c: Reader) -> list[NoteOut]:
+    rows = await c.execute_fetchall("SELECT id, text FROM notes ORDER BY id")
+    return [NoteOut(id=row["id"], text=row["text"]) for row in rows]
+
+
+@app.delete("/notes/{note_id}", status_code=204)
+async def delete_note(note_id: int, c: Writer) -> None:
+    cur = await c.execute("DELETE FROM notes WHERE id = ?", (note_id,))
+    if cur.rowcount == 0:
+        raise HTTPException(404, f"no note {note_id}")  # rolled back (nothing to undo here)

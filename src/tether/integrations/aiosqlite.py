@@ -1,0 +1,392 @@
+"""aiosqlite with tether: the embedded database, one connection and transaction per unit of work.
+
+::
+
+    from typing import Annotated
+
+    import aiosqlite
+    from fastapi import Depends, FastAPI
+
+    import tether
+    from tether.integrations import aiosqlite as tsqlite
+
+    lc = tether.Lifecycle()
+    db = tsqlite.database(lc, "data/app.db")             # app: file, WAL, check
+    conn = tsqlite.connection(lc, db)                    # request: reads, and simple writes
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")  # read-then-write
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/notes")
+    async def add(text: str, c: Annotated[aiosqlite.Connection, Depends(writer)]) -> dict:
+        await c.execute("INSERT INTO notes (text) VALUES (?)", (text,))
+        return {"status": "created"}      # committed before the response starts
+
+* :func:`database` is an app resource: it resolves the path when the app starts, creates
+  the file (and its directory), switches it to WAL mode once (the mode is stored in the
+  file), and runs ``SELECT 1`` as its health check. Its value, a :class:`Database`, holds
+  the settings every connection gets.
+* :func:`connection` is a request resource: one aiosqlite connection per unit of work
+  (SQLite connections are cheap to open; there is no pool to go stale), with
+  ``busy_timeout``, ``foreign_keys=ON`` and ``synchronous=NORMAL``, in one transaction
+  that commits when the unit of work succeeded (before the response starts) and rolls
+  back on any failure. At most ``max_connections`` are open at once.
+
+Concurrent writers
+------------------
+SQLite has one write lock per database. In WAL mode readers never wait for the writer,
+nor the writer for readers; writers take turns:
+
+* a ``begin="immediate"`` connection takes the write lock when it opens, waiting up to
+  ``busy_timeout`` seconds for the current writer to finish. Use it for endpoints that
+  read and then write: they serialize cleanly. If the lock does not come free in time,
+  the request is answered ``503`` with ``Retry-After`` (:class:`~tether.ResourceUnavailable`).
+* a ``begin="deferred"`` connection (the default) takes the lock at its first write. That
+  suits reads and single-statement writes; but a transaction that read first and then
+  writes after another writer committed cannot be upgraded (``SQLITE_BUSY_SNAPSHOT``),
+  and SQLite fails it at once rather than wait. tether rolls it back and answers ``503``
+  too: the client may retry, nothing was written.
+* "database is locked" anywhere else (a write waiting longer than ``busy_timeout``, a
+  ``COMMIT``) is rolled back and answered ``503`` as well.
+
+SQLAlchemy users can use the same file through :mod:`tether.integrations.sqlalchemy` with
+a ``sqlite+aiosqlite:///path.db`` URL instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+try:
+    import aiosqlite
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.integrations.aiosqlite needs aiosqlite: pip install 'tether[aiosqlite]'"
+    raise ImportError(msg) from exc
+
+from .._errors import ResourceUnavailable, describe
+from .._resource import Resource
+from ._common import depends_on, unavailable
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Check
+
+__all__ = ["Database", "connection", "database"]
+
+log = logging.getLogger("tether")
+
+PathLike = str | os.PathLike[str]
+Begin = Literal["deferred", "immediate", "exclusive"]
+Release = Literal["handler", "response"]
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether *exc* is SQLite's "database is locked" (busy or locked, any extended code)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF in _BUSY
+    return "locked" in str(exc)  # pragma: no cover - Python without sqlite_errorcode
+
+
+class Database:
+    """An SQLite database file and how its connections are set up (:func:`database`'s value)."""
+
+    __slots__ = (
+        "busy_timeout",
+        "foreign_keys",
+        "limiter",
+        "max_connections",
+        "name",
+        "path",
+        "synchronous",
+        "wal",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str = "database",
+        wal: bool = True,
+        busy_timeout: float = 5.0,
+        foreign_keys: bool = True,
+        synchronous: Synchronous | None = "NORMAL",
+        max_connections: int = 32,
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.wal = wal
+        self.busy_timeout = busy_timeout
+        self.foreign_keys = foreign_keys
+        self.synchronous = synchronous
+        self.max_connections = max_connections
+        self.limiter: anyio.CapacityLimiter | None = None  # made in the app's event loop
+
+    def __repr__(self) -> str:
+        mode = "wal" if self.wal else "journal"
+        return f"<tether aiosqlite Database {self.name!r} {self.path!r} ({mode})>"
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``async with db.connect() as conn:`` a connection with this database's settings.
+
+        Not in a transaction (Python's sqlite3 begins one before a write; call
+        ``await conn.commit()``), closed at the end of the block. For startup work
+        (a schema), scripts and migrations; a request uses :func:`connection`.
+        """
+        conn = await self._open()
+        try:
+            yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+    async def _open(self) -> aiosqlite.Connection:
+        # Shielded: a connect cancelled half-way would leave an unclosed sqlite3
+        # connection behind in aiosqlite's thread. Opening a local file is quick.
+        with anyio.CancelScope(shield=True):
+            conn = await aiosqlite.connect(
+                self.path, timeout=self.busy_timeout, isolation_level="DEFERRED"
+            )
+            try:
+                if self.foreign_keys:
+                    await conn.execute("PRAGMA foreign_keys = ON")
+                if self.synchronous is not None:
+                    await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
+
+    async def _acquire(self, token: object) -> None:
+        limiter = self.limiter
+        if limiter is None:  # pragma: no cover - the app resource makes it
+            return
+        try:
+            with anyio.fail_after(self.busy_timeout):
+                await limiter.acquire_on_behalf_of(token)
+        except TimeoutError:
+            raise unavailable(
+                self.name,
+                f"all {self.max_connections} connections (max_connections) stayed in use "
+                f"for busy_timeout={self.busy_timeout:g} s",
+                size=self.max_connections,
+                in_use=limiter.borrowed_tokens,
+                waiting=limiter.statistics().tasks_waiting,
+            ) from None
+
+    def _release(self, token: object) -> None:
+        if self.limiter is not None:
+            self.limiter.release_on_behalf_of(token)
+
+    def locked(self, exc: BaseException, during: str) -> ResourceUnavailable:
+        """The 503 for "database is locked" (another writer held the lock too long)."""
+        return unavailable(
+            self.name,
+            f"the database {self.path!r} is locked by another writer ({during}; "
+            f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written",
+            size=self.max_connections,
+            in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
+        )
+
+
+def _resolve_path(path: PathLike | Callable[[], PathLike]) -> str:
+    raw = path() if callable(path) else path
+    text = os.fspath(raw)
+    if text in ("", ":memory:") or text.startswith("file::memory:"):
+        msg = (
+            f"An in-memory SQLite database ({text!r}) is private to one connection, and "
+            f"tether opens one connection per unit of work: use a file (a temporary one "
+            f"in tests)."
+        )
+        raise ValueError(msg)
+    return text
+
+
+def database(
+    lc: Lifecycle,
+    path: PathLike | Callable[[], PathLike],
+    *,
+    name: str = "database",
+    wal: bool = True,
+    busy_timeout: float = 5.0,
+    foreign_keys: bool = True,
+    synchronous: Synchronous | None = "NORMAL",
+    max_connections: int = 32,
+    create_dirs: bool = True,
+    check: bool | Check = True,
+) -> Resource[Database]:
+    """Register the app resource for an SQLite database file; return it.
+
+    Args:
+        path: the file, or a callable returning it (called when the app starts).
+        wal: switch the file to WAL mode at startup (readers do not block the writer).
+        busy_timeout: seconds a connection waits for the write lock (and for one of the
+            ``max_connections``) before the unit of work gets a 503.
+        foreign_keys: ``PRAGMA foreign_keys = ON`` on every connection.
+        synchronous: ``PRAGMA synchronous`` on every connection (``NORMAL`` is safe in
+            WAL mode); ``None`` leaves SQLite's default.
+        max_connections: most connections open at once (each has its own thread).
+        create_dirs: create the file's directory if it is missing.
+        check: ``True`` runs ``SELECT 1`` on a new connection as the health check.
+    """
+    if max_connections < 1:
+        msg = f"database({name!r}): max_connections={max_connections!r} must be 1 or more."
+        raise ValueError(msg)
+
+    async def open_database() -> AsyncIterator[Database]:
+        db = Database(
+            _resolve_path(path),
+            name=name,
+            wal=wal,
+            busy_timeout=busy_timeout,
+            foreign_keys=foreign_keys,
+            synchronous=synchronous,
+            max_connections=max_connections,
+        )
+        if create_dirs:
+            Path(db.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await db._open()
+        except sqlite3.Error as exc:
+            raise unavailable(name, f"cannot open {db.path!r}: {describe(exc)}") from exc
+        try:
+            if wal:
+                async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                    row = await cur.fetchone()
+                mode = str(row[0]) if row else "?"
+                if mode.lower() != "wal":
+                    log.warning(
+                        "tether: database %r (%s) stays in journal_mode=%s, not WAL "
+                        "(a filesystem without shared memory?); writers block readers.",
+                        name,
+                        db.path,
+                        mode,
+                    )
+            await conn.execute("SELECT 1")
+        finally:
+            await conn.close()
+        db.limiter = anyio.CapacityLimiter(max_connections)
+        log.info("tether: database %r open: %s", name, db.path)
+        yield db
+
+    async def select_one(db: Database) -> None:
+        async with db.connect() as conn:
+            await conn.execute("SELECT 1")
+
+    chosen: Check | None
+    if check is True:
+        chosen = select_one
+    elif check is False:
+        chosen = None
+    else:
+        chosen = check
+    res: Resource[Database] = lc.resource(scope="app", name=name, check=chosen)(open_database)
+    return res
+
+
+_database = database
+
+
+async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:
+    conn = await db._open()
+    try:
+        await conn.execute(f"BEGIN {begin.upper()}")
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+        if _is_busy(exc):
+            raise db.locked(exc, f"BEGIN {begin.upper()}") from exc
+        raise
+    return conn
+
+
+async def _rollback(conn: aiosqlite.Connection, name: str) -> None:
+    try:
+        await conn.interrupt()  # a statement still running for a unit of work that failed
+        await conn.rollback()
+    except sqlite3.Error as exc:  # the connection is closed right after: nothing is kept
+        log.warning("tether: rolling back connection %r failed: %s", name, describe(exc))
+
+
+def connection(
+    lc: Lifecycle,
+    database: Resource[Database] | PathLike | Callable[[], PathLike],
+    *,
+    name: str = "connection",
+    begin: Begin = "deferred",
+    release: Release = "handler",
+    row_factory: Any = sqlite3.Row,
+    **database_options: Any,
+) -> Resource[aiosqlite.Connection]:
+    """Register a request resource: one aiosqlite connection in a transaction; return it.
+
+    Args:
+        database: the resource returned by :func:`database`; or a path (or a callable
+            returning one), for which a database resource named ``{name}_database`` is
+            registered with *database_options* (``wal``, ``busy_timeout``, ...).
+        begin: ``"deferred"`` (default) takes the write lock at the first write;
+            ``"immediate"`` when the connection opens (for read-then-write endpoints:
+            concurrent writers then wait their turn instead of failing).
+        release: ``"handler"`` (default) or ``"response"`` (a streaming body uses it).
+        row_factory: rows as ``sqlite3.Row`` (by index and by column name) by default.
+    """
+    if begin not in ("deferred", "immediate", "exclusive"):
+        msg = f"connection({name!r}): begin={begin!r} is not deferred, immediate or exclusive."
+        raise ValueError(msg)
+    if isinstance(database, Resource):
+        if database_options:
+            msg = (
+                f"connection({name!r}): {sorted(database_options)} are settings of the "
+                f"database resource {database.name!r}: pass them to database()."
+            )
+            raise TypeError(msg)
+        db_res = database
+    else:
+        db_res = _database(lc, database, name=f"{name}_database", **database_options)
+
+    async def open_connection(db: Database) -> AsyncIterator[aiosqlite.Connection]:
+        token = object()
+        await db._acquire(token)
+        try:
+            conn = await _begin(db, begin)
+            try:
+                conn.row_factory = row_factory
+                try:
+                    yield conn
+                except BaseException as exc:
+                    await _rollback(conn, name)
+                    if _is_busy(exc):
+                        raise db.locked(exc, "a statement waited for the write lock") from exc
+                    raise
+                else:
+                    try:
+                        if conn.in_transaction:
+                            await conn.commit()
+                    except sqlite3.Error as exc:
+                        await _rollback(conn, name)
+                        if _is_busy(exc):
+                            raise db.locked(exc, "COMMIT") from exc
+                        raise
+            finally:
+                await conn.close()
+        finally:
+            db._release(token)
+
+    res: Resource[aiosqlite.Connection] = lc.resource(name=name, release=release)(
+        depends_on(open_connection, db_res)
+    )
+    return res

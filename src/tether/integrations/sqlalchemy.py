@@ -1,0 +1,772 @@
+"""SQLAlchemy 2 with tether: the engine lives for the app, a session for one unit of work.
+
+::
+
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    import tether
+    from tether.integrations import sqlalchemy as tsa
+
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, lambda: os.environ["DATABASE_URL"], pool_size=10)
+    session = tsa.session(lc, engine)
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/notes")
+    async def add(text: str, s: Annotated[AsyncSession, Depends(session)]) -> dict[str, str]:
+        s.add(Note(text=text))  # committed before the response starts
+        return {"status": "created"}
+
+* :func:`engine` is an app resource: ``create_async_engine`` runs when the app starts
+  (never at import), with an explicit pool (size, overflow, wait timeout, pre-ping),
+  one probe connection (``SELECT 1``, and the connection budget against the server's
+  ``max_connections`` on PostgreSQL), and ``dispose()`` at shutdown.
+* :func:`session` is a request resource: one ``AsyncSession`` holding one connection and
+  one transaction per unit of work, however many dependencies ask for it. It commits when
+  the endpoint succeeded (before the response starts, so a failing commit is a 500, never
+  a 200), rolls back on any failure (an exception, an ``HTTPException``, an error status,
+  a client that went away), and always closes.
+* A pool that has no connection free within ``pool_timeout``, or a database that cannot
+  be reached, is a :class:`~tether.ResourceUnavailable` (503 with ``Retry-After``) naming
+  the pool and its state.
+* :func:`sync_engine` and :func:`sync_session` are the same for ``def`` endpoints: they
+  open in tether's threads, at most ``pool_size + max_overflow`` at once, so a pool
+  smaller than the worker threadpool cannot deadlock it.
+
+Passwords never appear in tether's errors and logs: URLs are shown with
+``render_as_string(hide_password=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import anyio
+import anyio.to_thread
+
+try:
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy import text
+    from sqlalchemy.engine import URL, Engine, create_engine, make_url
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
+    raise ImportError(msg) from exc
+
+from .._errors import ResourceUnavailable, describe
+from .._resource import Resource
+from ._common import BudgetPolicy, LoopBound, check_budget, depends_on, redact, unavailable
+from ._common import workers as worker_count
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Check
+
+__all__ = ["engine", "session", "sync_engine", "sync_session"]
+
+log = logging.getLogger("tether")
+
+Url = str | URL | Callable[[], "str | URL"]
+Release = Literal["handler", "response"]
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class _PoolInfo:
+    """What tether knows about an engine resource's pool (for messages and limits)."""
+
+    __slots__ = (
+        "engine",
+        "lock",
+        "max_overflow",
+        "name",
+        "pool_size",
+        "pool_timeout",
+        "shown_url",
+        "waiting",
+    )
+
+    def __init__(self, name: str, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
+        self.name = name
+        self.pool_size = pool_size
+        self.max_overflow = max_overflow
+        self.pool_timeout = pool_timeout
+        self.shown_url = "?"
+        self.waiting = 0  # units of work waiting for a connection right now
+        self.engine: Engine | None = None  # the open engine (the sync one of an AsyncEngine)
+        self.lock = threading.Lock()
+
+    @property
+    def limit(self) -> int | None:
+        """Most connections the pool hands out at once (None: unbounded overflow)."""
+        if self.max_overflow < 0:
+            return None
+        return self.pool_size + self.max_overflow
+
+    def enter_wait(self) -> None:
+        with self.lock:
+            self.waiting += 1
+
+    def leave_wait(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    def timed_out(self, exc: BaseException) -> ResourceUnavailable:
+        pool: Any = self.engine.pool if self.engine is not None else None
+        # The live pool's own numbers (for an engine tether did not make, the only ones).
+        pool_size = _pool_number(pool, "size")
+        pool_size = self.pool_size if pool_size is None else pool_size
+        max_overflow = getattr(pool, "_max_overflow", self.max_overflow)
+        timeout = getattr(pool, "_timeout", self.pool_timeout)
+        checked_out = _pool_number(pool, "checkedout")
+        overflow = _pool_number(pool, "overflow")
+        state = f"pool_size={pool_size}, max_overflow={max_overflow}"
+        if checked_out is not None:
+            state += f", checked out {checked_out}"
+        if overflow is not None:
+            state += f", overflow {max(overflow, 0)}"
+        reason = (
+            f"no connection came free within pool_timeout={timeout:g} s ({state}); "
+            f"the requests holding them are slow, or the pool is too small for the load"
+        )
+        return unavailable(
+            self.name,
+            reason,
+            size=pool_size + max_overflow if max_overflow >= 0 else None,
+            in_use=checked_out,
+            waiting=max(self.waiting - 1, 0),  # the one failing is no longer waiting
+        )
+
+    def unreachable(self, exc: BaseException) -> ResourceUnavailable:
+        return unavailable(self.name, f"cannot connect to {self.shown_url}: {_describe_db(exc)}")
+
+
+_pools: weakref.WeakKeyDictionary[Resource[Any], _PoolInfo] = weakref.WeakKeyDictionary()
+
+
+def _pool_number(pool: Any, method: str) -> int | None:
+    fn = getattr(pool, method, None)
+    if fn is None:
+        return None
+    try:
+        return int(fn())
+    except Exception:  # pragma: no cover - a pool class without that count
+        return None
+
+
+def _describe_db(exc: BaseException) -> str:
+    # SQLAlchemy's DBAPIError wraps the driver's error; its str() adds the SQL and a link.
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, sa_exc.DBAPIError) and isinstance(orig, BaseException):
+        return describe(orig)
+    return describe(exc)
+
+
+def _info_for(engine: Resource[Any]) -> _PoolInfo:
+    info = _pools.get(engine)
+    if info is None:
+        # An engine resource the user made: tether knows its name only.
+        info = _PoolInfo(engine.name, 0, -1, 0.0)
+        _pools[engine] = info
+    return info
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Whether *exc*, raised while taking a connection, means the database cannot be had.
+
+    Taking a connection is a checkout, a pre-ping and maybe a connect: any driver error
+    there (refused, reset, "the database system is starting up", "too many clients",
+    authentication) means there is no connection to give, whatever the endpoint does.
+    """
+    # OSError: ConnectionRefusedError, TimeoutError, socket.gaierror, ...
+    return isinstance(exc, sa_exc.DBAPIError | OSError)
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """Whether *exc*, raised by the endpoint, means the connection was lost under it.
+
+    The server then ended the transaction itself: retrying is safe, hence a 503. (A
+    commit that fails that way is not mapped: the commit may have happened.)
+    """
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
+    if isinstance(exc, sa_exc.TimeoutError):
+        return info.timed_out(exc)
+    if _is_unreachable(exc):
+        return info.unreachable(exc)
+    return None
+
+
+def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
+    if isinstance(exc, sa_exc.TimeoutError):
+        return info.timed_out(exc)
+    if _is_lost(exc):
+        return info.unreachable(exc)
+    return None
+
+
+# --------------------------------------------------------------------------- engine options
+
+
+def _resolve_url(url: Url) -> URL:
+    raw = url() if callable(url) else url
+    return make_url(raw)
+
+
+def _unique_statement_name() -> str:
+    # Named prepared statements must not collide across the client connections PgBouncer
+    # multiplexes onto one server connection (transaction mode).
+    return f"__tether_{uuid.uuid4().hex}__"
+
+
+def _is_memory_sqlite(u: URL) -> bool:
+    if u.get_backend_name() != "sqlite":
+        return False
+    db = u.database or ""
+    return db in ("", ":memory:") or u.query.get("mode") == "memory" or ":memory:" in db
+
+
+def _options(
+    u: URL,
+    *,
+    name: str,
+    pool_size: int,
+    max_overflow: int,
+    pool_timeout: float,
+    pool_pre_ping: bool,
+    pgbouncer: bool,
+    application_name: str | None,
+    connect_timeout: float | None,
+    engine_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """``create_engine`` keyword arguments for *u*: the pool, and the driver's settings."""
+    options = dict(engine_kwargs)
+    connect_args: dict[str, Any] = dict(options.pop("connect_args", None) or {})
+    backend = u.get_backend_name()
+    driver = u.get_driver_name()
+    if "poolclass" not in options and not _is_memory_sqlite(u):
+        options.setdefault("pool_size", pool_size)
+        options.setdefault("max_overflow", max_overflow)
+        options.setdefault("pool_timeout", pool_timeout)
+    options.setdefault("pool_pre_ping", pool_pre_ping)
+    if backend == "postgresql":
+        if driver == "asyncpg":
+            if application_name is not None:
+                settings = dict(connect_args.get("server_settings") or {})
+                settings.setdefault("application_name", application_name)
+                connect_args["server_settings"] = settings
+            if connect_timeout is not None:
+                connect_args.setdefault("timeout", connect_timeout)
+            if pgbouncer:
+                # No statement cache on either side, and unique names for the statements
+                # SQLAlchemy still prepares (SQLAlchemy docs, "Prepared Statement Name
+                # with PGBouncer").
+                connect_args.setdefault("statement_cache_size", 0)
+                connect_args.setdefault("prepared_statement_cache_size", 0)
+                connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+        elif driver in ("psycopg", "psycopg_async", "psycopg2", "psycopg2cffi"):
+            if application_name is not None:
+                connect_args.setdefault("application_name", application_name)
+            if connect_timeout is not None:
+                # libpq takes whole seconds (and treats 1 as 2).
+                connect_args.setdefault("connect_timeout", max(2, round(connect_timeout)))
+            if pgbouncer and driver.startswith("psycopg") and not driver.startswith("psycopg2"):
+                connect_args.setdefault("prepare_threshold", None)  # never prepare
+        elif pgbouncer:
+            msg = (
+                f"Engine {name!r}: pgbouncer=True does not know how to configure the "
+                f"{driver!r} driver. Use postgresql+asyncpg or postgresql+psycopg, or "
+                f"configure the driver yourself with connect_args=."
+            )
+            raise ValueError(msg)
+    elif pgbouncer:
+        msg = f"Engine {name!r}: pgbouncer=True is for PostgreSQL URLs, not {backend!r}."
+        raise ValueError(msg)
+    if connect_args:
+        options["connect_args"] = connect_args
+    return options
+
+
+def _budget(
+    info: _PoolInfo,
+    server_max: int | None,
+    *,
+    budget: BudgetPolicy,
+    workers: int | None,
+    reserved: int,
+) -> None:
+    if server_max is None:
+        return
+    per_worker = info.limit
+    if per_worker is None:
+        log.warning(
+            "tether: engine %r has max_overflow=-1 (no limit): its connection budget "
+            "cannot be checked; set max_overflow to a number.",
+            info.name,
+        )
+        return
+    check_budget(
+        info.name,
+        server_max=server_max,
+        per_worker=per_worker,
+        workers=worker_count(workers),
+        reserved=reserved,
+        policy=budget,
+    )
+
+
+def _wants_budget(u: URL, pgbouncer: bool, budget: BudgetPolicy, name: str) -> bool:
+    if budget == "off" or u.get_backend_name() != "postgresql":
+        return False
+    if pgbouncer:
+        log.info(
+            "tether: engine %r connects through PgBouncer: the server's max_connections "
+            "is PgBouncer's to share, so the connection budget is not checked here "
+            "(check max_client_conn and the pool sizes of PgBouncer instead).",
+            name,
+        )
+        return False
+    return True
+
+
+def _check_of(check: bool | Check | None, default: Check) -> Check | None:
+    if check is True:
+        return default
+    if check is False or check is None:
+        return None
+    return check
+
+
+def _register_engine(
+    lc: Lifecycle,
+    factory: Callable[..., Any],
+    *,
+    name: str,
+    check: Check | None,
+    retries: int,
+    backoff: float,
+    info: _PoolInfo,
+) -> Resource[Any]:
+    res = lc.resource(scope="app", name=name, check=check, retries=retries, backoff=backoff)(
+        factory
+    )
+    _pools[res] = info
+    return res
+
+
+# --------------------------------------------------------------------------- async engine
+
+
+def _loop_bound_pool(bound: LoopBound) -> type[AsyncAdaptedQueuePool]:
+    """SQLAlchemy's async queue pool, refusing to hand out a connection on another loop.
+
+    The check runs before the pool takes a connection (and before its pre-ping, which on
+    another loop fails deep in the driver with "attached to a different loop"). A pool
+    recreated by ``dispose()`` or an invalidation keeps the class, so the check too.
+    """
+
+    class LoopBoundPool(AsyncAdaptedQueuePool):
+        def _do_get(self) -> ConnectionPoolEntry:
+            bound.check()
+            return super()._do_get()
+
+    return LoopBoundPool
+
+
+async def _select_one(eng: AsyncEngine) -> None:
+    async with eng.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+def engine(
+    lc: Lifecycle,
+    url: Url,
+    *,
+    name: str = "engine",
+    pool_size: int = 5,
+    max_overflow: int = 0,
+    pool_timeout: float = 5.0,
+    pool_pre_ping: bool = True,
+    pgbouncer: bool = False,
+    application_name: str | None = None,
+    connect_timeout: float | None = 10.0,
+    budget: BudgetPolicy = "warn",
+    workers: int | None = None,
+    reserved: int = 3,
+    check: bool | Check = True,
+    retries: int = 0,
+    backoff: float = 0.5,
+    **engine_kwargs: Any,
+) -> Resource[AsyncEngine]:
+    """Register an app resource holding an ``AsyncEngine``; return it.
+
+    Args:
+        url: the database URL (``postgresql+asyncpg://...``, ``postgresql+psycopg://...``,
+            ``sqlite+aiosqlite:///path.db``), or a callable returning it, called when the
+            app starts (read secrets there, not at import).
+        name: the resource's name (what dependents use as a parameter name).
+        pool_size, max_overflow, pool_timeout, pool_pre_ping: the pool (SQLAlchemy's own
+            ``AsyncAdaptedQueuePool``). A unit of work that waits ``pool_timeout`` seconds
+            for a connection gets a :class:`~tether.ResourceUnavailable` (503).
+        pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
+            so it never relies on named prepared statements surviving a transaction
+            (asyncpg: no statement caches and unique statement names; psycopg:
+            ``prepare_threshold=None``). The budget check is then skipped.
+        application_name: shown in ``pg_stat_activity`` (PostgreSQL drivers).
+        connect_timeout: seconds to establish one connection (PostgreSQL drivers).
+        budget, workers, reserved: on PostgreSQL, at startup, check that
+            ``workers x (pool_size + max_overflow) + reserved`` fits the server's
+            ``max_connections``: ``"warn"`` (default) logs a warning, ``"error"`` fails
+            startup, ``"off"`` skips it. ``workers`` defaults to ``$WEB_CONCURRENCY`` or 1.
+        check: ``True`` (default) runs ``SELECT 1`` as the health check; ``False`` none;
+            or your own check, given the engine.
+        retries, backoff: retry opening at startup (see ``lc.resource``).
+        **engine_kwargs: passed to ``create_async_engine`` (``echo``, ``connect_args``,
+            ``pool_recycle``, ``poolclass``, ...).
+    """
+    info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+
+    async def open_engine() -> AsyncIterator[AsyncEngine]:
+        u = _resolve_url(url)
+        info.shown_url = u.render_as_string(hide_password=True)
+        options = _options(
+            u,
+            name=name,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
+            pool_pre_ping=pool_pre_ping,
+            pgbouncer=pgbouncer,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            engine_kwargs=engine_kwargs,
+        )
+        if "pool_size" in options and "poolclass" not in options:
+            options["poolclass"] = _loop_bound_pool(LoopBound(name))
+        eng = create_async_engine(u, **options)
+        try:
+            server_max: int | None = None
+            try:
+                async with eng.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                    if _wants_budget(u, pgbouncer, budget, name):
+                        shown = (await conn.execute(text("SHOW max_connections"))).scalar_one()
+                        server_max = int(shown)
+            except Exception as exc:
+                failure = _open_failure(info, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
+            _budget(info, server_max, budget=budget, workers=workers, reserved=reserved)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await eng.dispose()
+            raise
+        info.engine = eng.sync_engine
+        log.info("tether: engine %r open on %s", name, redact(info.shown_url))
+        try:
+            yield eng
+        finally:
+            info.engine = None
+            await eng.dispose()
+
+    res = _register_engine(
+        lc,
+        open_engine,
+        name=name,
+        check=_check_of(check, _select_one),
+        retries=retries,
+        backoff=backoff,
+        info=info,
+    )
+    return cast("Resource[AsyncEngine]", res)
+
+
+# --------------------------------------------------------------------------- async session
+
+
+async def _rollback(s: AsyncSession, name: str) -> None:
+    """Roll back; if that fails (a connection lost or mid-query), invalidate it instead."""
+    try:
+        await s.rollback()
+    except Exception as exc:
+        log.warning(
+            "tether: rolling back session %r failed (%s); its connection is discarded",
+            name,
+            _describe_db(exc),
+        )
+        try:
+            await s.invalidate()
+        except Exception as again:  # pragma: no cover - invalidation is best effort
+            log.warning("tether: invalidating session %r failed: %s", name, describe(again))
+
+
+def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
+    if not isinstance(engine, Resource) or engine.lifecycle is not lc:
+        msg = (
+            f"{what}: `engine` must be the resource returned by engine()/sync_engine() (or "
+            f"another resource) on this Lifecycle, not {engine!r}."
+        )
+        raise TypeError(msg)
+
+
+def session(
+    lc: Lifecycle,
+    engine: Resource[AsyncEngine],
+    *,
+    name: str = "session",
+    release: Release = "handler",
+    expire_on_commit: bool = False,
+    connect: bool = True,
+    **session_kwargs: Any,
+) -> Resource[AsyncSession]:
+    """Register a request resource: one ``AsyncSession`` in a transaction per unit of work.
+
+    The session commits when the unit of work succeeded, before the response starts
+    (``release="handler"``), or after its last byte is produced (``release="response"``:
+    a streaming body uses it); it rolls back on any failure, and always closes.
+
+    Args:
+        engine: the resource returned by :func:`engine` (or any app resource whose value
+            is an ``AsyncEngine``).
+        name: the resource's name.
+        release: ``"handler"`` (default) or ``"response"`` (see ``lc.resource``).
+        expire_on_commit: ``False`` by default: objects stay loaded after the commit.
+        connect: take the connection when the session opens (default), so a pool that
+            times out or a database that is down is a 503 before the endpoint runs; with
+            ``False`` the session connects on first use, as SQLAlchemy does.
+        **session_kwargs: passed to ``AsyncSession`` (``autoflush``, ``info``, ...).
+    """
+    _check_engine(lc, engine, "session()")
+    info = _info_for(engine)
+
+    async def open_session(eng: AsyncEngine) -> AsyncIterator[AsyncSession]:
+        if info.engine is None:
+            info.engine = eng.sync_engine
+        s = AsyncSession(eng, expire_on_commit=expire_on_commit, **session_kwargs)
+        if connect:
+            info.enter_wait()
+            try:
+                await s.connection()
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await _rollback(s, name)
+                    await s.close()
+                failure = _open_failure(info, exc) if isinstance(exc, Exception) else None
+                if failure is None:
+                    raise
+                raise failure from exc
+            finally:
+                info.leave_wait()
+        try:
+            yield s
+        except BaseException as exc:
+            await _rollback(s, name)
+            failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
+            if failure is None:
+                raise
+            raise failure from exc
+        else:
+            await s.commit()
+        finally:
+            await s.close()
+
+    res: Resource[AsyncSession] = lc.resource(name=name, release=release)(
+        depends_on(open_session, engine)
+    )
+    return res
+
+
+# --------------------------------------------------------------------------- sync engine
+
+
+def sync_engine(
+    lc: Lifecycle,
+    url: Url,
+    *,
+    name: str = "engine",
+    pool_size: int = 5,
+    max_overflow: int = 0,
+    pool_timeout: float = 5.0,
+    pool_pre_ping: bool = True,
+    pgbouncer: bool = False,
+    application_name: str | None = None,
+    connect_timeout: float | None = 10.0,
+    budget: BudgetPolicy = "warn",
+    workers: int | None = None,
+    reserved: int = 3,
+    check: bool | Check = True,
+    retries: int = 0,
+    backoff: float = 0.5,
+    **engine_kwargs: Any,
+) -> Resource[Engine]:
+    """Register an app resource holding a (sync) ``Engine``; return it.
+
+    The same options as :func:`engine`, for sync drivers (``postgresql+psycopg``,
+    ``sqlite``, ...). It opens and closes in a thread; its default check runs
+    ``SELECT 1`` in a thread too.
+    """
+    info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+
+    def open_engine() -> Iterator[Engine]:
+        u = _resolve_url(url)
+        info.shown_url = u.render_as_string(hide_password=True)
+        options = _options(
+            u,
+            name=name,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
+            pool_pre_ping=pool_pre_ping,
+            pgbouncer=pgbouncer,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            engine_kwargs=engine_kwargs,
+        )
+        eng = create_engine(u, **options)
+        try:
+            server_max: int | None = None
+            try:
+                with eng.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                    if _wants_budget(u, pgbouncer, budget, name):
+                        server_max = int(conn.execute(text("SHOW max_connections")).scalar_one())
+            except Exception as exc:
+                failure = _open_failure(info, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
+            _budget(info, server_max, budget=budget, workers=workers, reserved=reserved)
+        except BaseException:
+            eng.dispose()
+            raise
+        info.engine = eng
+        log.info("tether: engine %r open on %s", name, redact(info.shown_url))
+        try:
+            yield eng
+        finally:
+            info.engine = None
+            eng.dispose()
+
+    def select_one(eng: Engine) -> None:
+        with eng.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    async def default_check(eng: Engine) -> None:
+        await anyio.to_thread.run_sync(select_one, eng, abandon_on_cancel=True)
+
+    res = _register_engine(
+        lc,
+        open_engine,
+        name=name,
+        check=_check_of(check, default_check),
+        retries=retries,
+        backoff=backoff,
+        info=info,
+    )
+    return cast("Resource[Engine]", res)
+
+
+# --------------------------------------------------------------------------- sync session
+
+
+def _sync_rollback(s: Session, name: str) -> None:
+    try:
+        s.rollback()
+    except Exception as exc:
+        log.warning(
+            "tether: rolling back session %r failed (%s); its connection is discarded",
+            name,
+            _describe_db(exc),
+        )
+        try:
+            s.invalidate()
+        except Exception as again:  # pragma: no cover - invalidation is best effort
+            log.warning("tether: invalidating session %r failed: %s", name, describe(again))
+
+
+def sync_session(
+    lc: Lifecycle,
+    engine: Resource[Engine],
+    *,
+    name: str = "session",
+    release: Release = "handler",
+    expire_on_commit: bool = False,
+    connect: bool = True,
+    concurrency: int | None = None,
+    **session_kwargs: Any,
+) -> Resource[Session]:
+    """Register a request resource: one sync ``Session`` in a transaction per unit of work.
+
+    For ``def`` endpoints. The session opens (and takes its connection) in one of
+    tether's threads, at most *concurrency* at once — by default the engine's
+    ``pool_size + max_overflow`` — never in the threadpool the endpoints run in: a pool
+    smaller than that threadpool cannot deadlock it. Commit, rollback and close are as
+    for :func:`session`, run in tether's closing threads.
+
+    Args:
+        engine: the resource returned by :func:`sync_engine`.
+        concurrency: most sessions opening at once; needed when *engine* is not one
+            made by :func:`sync_engine` with a bounded ``max_overflow``.
+    """
+    _check_engine(lc, engine, "sync_session()")
+    info = _info_for(engine)
+    limit = concurrency if concurrency is not None else info.limit
+    if limit is None:
+        msg = (
+            f"sync_session({name!r}): cannot tell how many connections the pool of "
+            f"{engine.name!r} gives at once; pass concurrency= (its pool_size + max_overflow)."
+        )
+        raise ValueError(msg)
+
+    def open_session(eng: Engine) -> Iterator[Session]:
+        if info.engine is None:
+            info.engine = eng
+        s = Session(eng, expire_on_commit=expire_on_commit, **session_kwargs)
+        if connect:
+            info.enter_wait()
+            try:
+                s.connection()
+            except BaseException as exc:
+                _sync_rollback(s, name)
+                s.close()
+                failure = _open_failure(info, exc) if isinstance(exc, Exception) else None
+                if failure is None:
+                    raise
+                raise failure from exc
+            finally:
+                info.leave_wait()
+        try:
+            yield s
+        except BaseException as exc:
+            _sync_rollback(s, name)
+            failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
+            if failure is None:
+                raise
+            raise failure from exc
+        else:
+            s.commit()
+        finally:
+            s.close()
+
+    res: Resource[Session] = lc.resource(name=name, release=release, concurrency=max(1, limit))(
+        depends_on(open_session, engine)
+    )
+    return res

@@ -1,0 +1,380 @@
+"""tether.integrations.aiosqlite against real SQLite files: transactions, WAL, writers."""
+
+import asyncio
+import importlib.util
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import aiosqlite
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+import tether
+from tether.fastapi import health_router
+from tether.integrations import aiosqlite as tsqlite
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS authors (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS books (
+    id INTEGER PRIMARY KEY,
+    author_id INTEGER NOT NULL REFERENCES authors (id),
+    title TEXT NOT NULL
+);
+"""
+
+Conn = aiosqlite.Connection
+
+
+def rows(path: Path, table: str = "authors") -> list[tuple[Any, ...]]:
+    """What another connection sees, right now."""
+    with sqlite3.connect(path) as other:
+        result = other.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+    other.close()
+    return result
+
+
+def make(
+    path: Path, **db_kw: Any
+) -> tuple[FastAPI, tether.Lifecycle, tether.Resource[tsqlite.Database]]:
+    lc = tether.Lifecycle()
+    db = tsqlite.database(lc, path, **db_kw)
+    app = FastAPI(lifespan=lc.lifespan)
+    with sqlite3.connect(path) as setup:
+        setup.executescript(SCHEMA)
+    setup.close()
+    return app, lc, db
+
+
+class AtResponseStart:
+    def __init__(self, app: Any, probe: Callable[[], Any]) -> None:
+        self.app = app
+        self.probe = probe
+        self.seen: list[Any] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def observed(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.seen.append(self.probe())
+            await send(message)
+
+        await self.app(scope, receive, observed)
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client,
+    ):
+        yield client
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def test_commit_before_the_response_and_rollback_on_every_failure(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    C = Annotated[Conn, Depends(conn)]
+
+    @app.post("/authors/{name}")
+    async def create(name: str, c: C, fail: str = "") -> dict[str, Any]:
+        cur = await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        if fail == "http":
+            raise HTTPException(409, "taken")
+        if fail == "status":
+            return JSONResponse({"detail": "no"}, status_code=422)  # type: ignore[return-value]
+        if fail == "error":
+            raise RuntimeError("boom")
+        return {"id": cur.lastrowid}
+
+    probe = AtResponseStart(app, lambda: rows(path))
+    with TestClient(probe, raise_server_exceptions=False) as client:  # type: ignore[arg-type]
+        assert client.post("/authors/ann").json() == {"id": 1}
+        assert probe.seen == [[(1, "ann")]]  # committed when the response started
+        assert client.post("/authors/bob?fail=http").status_code == 409
+        assert client.post("/authors/bob?fail=status").status_code == 422
+        assert client.post("/authors/bob?fail=error").status_code == 500
+        assert client.post("/authors/ann").status_code == 500  # UNIQUE fails the INSERT
+        assert rows(path) == [(1, "ann")]
+        stats = lc.stats().resources["connection"]
+        assert (stats.opened, stats.closed, stats.in_use) == (5, 5, 0)
+
+
+def test_one_connection_per_unit_of_work_with_its_settings(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, busy_timeout=2.5)
+    conn = tsqlite.connection(lc, db)
+    C = Annotated[Conn, Depends(conn)]
+
+    async def dep(c: C) -> int:
+        return id(c)
+
+    @app.get("/settings")
+    async def settings(c: C, other: Annotated[int, Depends(dep)]) -> dict[str, Any]:
+        async def one(sql: str) -> Any:
+            async with c.execute(sql) as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            return row[0]
+
+        return {
+            "same": id(c) == other,
+            "journal_mode": await one("PRAGMA journal_mode"),
+            "foreign_keys": await one("PRAGMA foreign_keys"),
+            "busy_timeout": await one("PRAGMA busy_timeout"),
+            "synchronous": await one("PRAGMA synchronous"),
+            "in_transaction": c.in_transaction,
+            "row": dict((await c.execute_fetchall("SELECT 1 AS one, 'x' AS two"))[0]),  # type: ignore[index]
+        }
+
+    with TestClient(app) as client:
+        assert client.get("/settings").json() == {
+            "same": True,
+            "journal_mode": "wal",
+            "foreign_keys": 1,
+            "busy_timeout": 2500,
+            "synchronous": 1,  # NORMAL
+            "in_transaction": True,
+            "row": {"one": 1, "two": "x"},  # sqlite3.Row
+        }
+    # WAL is a property of the file: any other connection sees it too.
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()
+
+
+def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+
+    @app.post("/books")
+    async def add(c: Annotated[Conn, Depends(conn)]) -> None:
+        await c.execute("INSERT INTO authors (id, name) VALUES (1, 'ann')")
+        await c.execute("INSERT INTO books (author_id, title) VALUES (42, 'orphan')")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/books").status_code == 500
+    assert rows(path) == []  # the author written first was rolled back too
+
+
+@pytest.mark.anyio
+async def test_cancelled_unit_of_work_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    _, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    async with lc.run():
+        with anyio.move_on_after(0.2):
+            async with lc.scope() as unit:
+                c = await unit.get(conn)
+                await c.execute("INSERT INTO authors (name) VALUES ('ghost')")
+                await anyio.sleep(5)
+        assert rows(path) == []
+        assert lc.stats().resources["connection"].in_use == 0
+
+
+# --------------------------------------------------------------------------- writers
+
+
+@pytest.mark.anyio
+async def test_two_concurrent_writers_take_turns(tmp_path: Path) -> None:
+    """begin="immediate": the second writer waits for the first, then both commit; a
+    reader is never blocked (WAL) and sees the last committed state."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+    reader = tsqlite.connection(lc, db, name="reader")
+    holding = asyncio.Event()
+
+    @app.post("/write/{name}")
+    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: float = 0) -> float:
+        async with c.execute("SELECT count(*) FROM authors") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        await c.execute("INSERT INTO authors (name) VALUES (?)", (f"{name}{row[0]}",))
+        if hold:
+            holding.set()
+            await asyncio.sleep(hold)
+        return time.monotonic()
+
+    @app.get("/read")
+    async def read(c: Annotated[Conn, Depends(reader)]) -> list[str]:
+        return [r[0] for r in await c.execute_fetchall("SELECT name FROM authors ORDER BY id")]
+
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/write/a?hold=0.5"))
+        await holding.wait()
+        started = time.monotonic()
+        read = await client.get("/read")
+        assert time.monotonic() - started < 0.3  # not blocked by the writer
+        assert read.json() == []  # the first write is not committed yet
+        second = await client.post("/write/b")
+        waited = time.monotonic() - started
+        done_first = (await first).json()
+        assert second.status_code == 200
+        assert 0.2 < waited < 3
+        assert done_first < second.json()  # strictly one after the other
+        assert (await client.get("/read")).json() == ["a0", "b1"]  # b saw a's row
+    assert rows(path) == [(1, "a0"), (2, "b1")]
+
+
+@pytest.mark.anyio
+async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, busy_timeout=0.2)
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+    holding = asyncio.Event()
+
+    @app.post("/write/{name}")
+    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: float = 0) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        if hold:
+            holding.set()
+            await asyncio.sleep(hold)
+        return name
+
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/write/a?hold=1"))
+        await holding.wait()
+        second = await client.post("/write/b")
+        assert (await first).status_code == 200
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "1"
+    detail = second.json()["detail"]
+    assert detail.startswith("Pool 'database' (size 32, in use 2) could not give a connection")
+    assert "is locked by another writer (BEGIN IMMEDIATE" in detail
+    assert "busy_timeout=0.2 s" in detail
+    assert rows(path) == [(1, "a")]
+
+
+@pytest.mark.anyio
+async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: Path) -> None:
+    """A deferred transaction cannot upgrade a stale read snapshot: 503, nothing written."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    have_read = asyncio.Event()
+    other_committed = asyncio.Event()
+
+    @app.post("/slow")
+    async def slow(c: Annotated[Conn, Depends(conn)]) -> None:
+        await c.execute_fetchall("SELECT count(*) FROM authors")  # the snapshot starts
+        have_read.set()
+        await other_committed.wait()
+        await c.execute("INSERT INTO authors (name) VALUES ('slow')")
+
+    @app.post("/fast")
+    async def fast(c: Annotated[Conn, Depends(conn)]) -> None:
+        await c.execute("INSERT INTO authors (name) VALUES ('fast')")
+
+    async with running(app) as client:
+        slow_task = asyncio.create_task(client.post("/slow"))
+        await have_read.wait()
+        assert (await client.post("/fast")).status_code == 200
+        other_committed.set()
+        started = time.monotonic()
+        response = await slow_task
+        assert time.monotonic() - started < 1  # SQLite fails it at once, no busy wait
+    assert response.status_code == 503
+    assert "locked by another writer" in response.json()["detail"]
+    assert rows(path) == [(1, "fast")]
+
+
+@pytest.mark.anyio
+async def test_max_connections_bounds_open_connections(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, max_connections=1, busy_timeout=0.3)
+    conn = tsqlite.connection(lc, db)
+    holding = asyncio.Event()
+
+    @app.get("/hold")
+    async def hold(c: Annotated[Conn, Depends(conn)], seconds: float = 0) -> str:
+        holding.set()
+        await asyncio.sleep(seconds)
+        return "ok"
+
+    async with running(app) as client:
+        first = asyncio.create_task(client.get("/hold?seconds=1"))
+        await holding.wait()
+        second = await client.get("/hold")
+        assert (await first).status_code == 200
+        assert (await client.get("/hold")).status_code == 200  # the slot came back
+    assert second.status_code == 503
+    assert second.json()["detail"].startswith(
+        "Pool 'database' (size 1, in use 1, waiting 0) could not give a connection: all 1 "
+        "connections (max_connections) stayed in use for busy_timeout=0.3 s"
+    )
+
+
+# --------------------------------------------------------------------------- app resource
+
+
+def test_database_resource_creates_the_file_and_checks_it(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "app.db"
+    lc = tether.Lifecycle()
+    tsqlite.connection(lc, lambda: str(path), name="conn", busy_timeout=1.0)
+    assert list(lc.resources) == ["conn_database", "conn"]
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc))
+    with TestClient(app) as client:
+        assert path.exists()
+        report = client.get("/health/ready").json()
+        assert report["checks"]["conn_database"]["status"] == "ok"
+        db = lc.get(lc.resources["conn_database"])
+        assert repr(db) == f"<tether aiosqlite Database 'conn_database' {str(path)!r} (wal)>"
+        assert db.busy_timeout == 1.0
+
+
+@pytest.mark.anyio
+async def test_in_memory_database_is_refused() -> None:
+    lc = tether.Lifecycle()
+    tsqlite.database(lc, ":memory:")
+    with pytest.raises(tether.StartupError, match="in-memory SQLite database"):
+        async with lc.run():
+            pass
+
+
+def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
+    lc = tether.Lifecycle()
+    db = tsqlite.database(lc, tmp_path / "x.db")
+    with pytest.raises(TypeError, match="pass them to database"):
+        tsqlite.connection(lc, db, wal=False)
+    with pytest.raises(ValueError, match="begin='later'"):
+        tsqlite.connection(lc, db, begin="later")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the docs example
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "aiosqlite_app.py"
+
+
+def test_docs_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "data" / "notes.db"
+    monkeypatch.setenv("NOTES_DB", str(path))
+    spec = importlib.util.spec_from_file_location("aiosqlite_app_example", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with TestClient(module.app) as client:
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/notes", json={"text": "first"}).json() == {"id": 1, "text": "first"}
+        assert client.post("/notes", json={"text": "second"}).status_code == 201
+        assert client.delete("/notes/1").status_code == 204
+        assert client.delete("/notes/1").status_code == 404
+        assert client.get("/notes").json() == [{"id": 2, "text": "second"}]
+    assert rows(path, "notes") == [(2, "second")]
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()

@@ -1,0 +1,490 @@
+"""asyncpg with tether: the pool lives for the app, a connection for one unit of work.
+
+::
+
+    from typing import Annotated
+
+    import asyncpg
+    from fastapi import Depends, FastAPI
+
+    import tether
+    from tether.integrations import asyncpg as tpg
+
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, lambda: os.environ["DATABASE_URL"], max_size=10)
+    conn = tpg.connection(lc, pool, transaction=True)
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/notes")
+    async def add(text: str, c: Annotated[asyncpg.Connection, Depends(conn)]) -> dict[str, str]:
+        await c.execute("INSERT INTO notes (text) VALUES ($1)", text)  # committed before 200
+        return {"status": "created"}
+
+* :func:`pool` is an app resource: ``asyncpg``'s own pool, created when the app starts
+  (never at import), checked with ``SELECT 1``, its connection budget checked against the
+  server's ``max_connections``, closed at shutdown. It refuses use from another event
+  loop than the one that opened it (:class:`~tether.ScopeError`).
+* :func:`connection` is a request resource: one connection per unit of work, however many
+  dependencies ask for it, optionally in a transaction that commits before the response
+  starts and rolls back on any failure.
+* A pool with no connection free within ``acquire_timeout``, or a database that cannot
+  be reached, is a :class:`~tether.ResourceUnavailable` (503 with ``Retry-After``) naming
+  the pool, its size, how many connections are in use and how many requests wait.
+* A connection never goes back to the pool in an unknown state. A query cancelled
+  mid-flight (the client went away, a timeout) is cancelled on the server by asyncpg;
+  the connection is then rolled back and reset before it is reused, and if that cannot
+  be done in ``reset_timeout`` seconds (or another task still uses the connection), it
+  is terminated instead.
+* ``pgbouncer=True`` configures asyncpg for PgBouncer's transaction (or statement) mode:
+  no named prepared statements, no session reset query, no budget check against the
+  server behind PgBouncer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+try:
+    import asyncpg
+    import asyncpg.exceptions as pg_errors
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
+    raise ImportError(msg) from exc
+
+from .._errors import ResourceUnavailable, describe
+from ._common import (
+    BudgetPolicy,
+    Dsn,
+    LoopBound,
+    check_budget,
+    depends_on,
+    redact,
+    resolve_dsn,
+    unavailable,
+    unreachable,
+)
+from ._common import workers as worker_count
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Check, Release, Resource
+
+__all__ = ["Pool", "connection", "pool"]
+
+log = logging.getLogger("tether")
+
+_STOP_WITHIN = 1.0  # seconds to terminate, on the server, the backend of a discarded connection
+
+#: Errors that mean "the database cannot be reached (right now)", not "the query is wrong".
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionRefusedError, socket.gaierror, TimeoutError (connect timeout)
+    pg_errors.PostgresConnectionError,  # 08xxx
+    pg_errors.CannotConnectNowError,  # 57P03: starting up, shutting down
+    pg_errors.AdminShutdownError,  # 57P01
+    pg_errors.CrashShutdownError,  # 57P02
+    pg_errors.TooManyConnectionsError,  # 53300
+)
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class _State:
+    """What tether knows about one pool it opened (for messages and the loop check)."""
+
+    __slots__ = ("acquire_timeout", "bound", "name", "pgbouncer", "shown", "waiting")
+
+    def __init__(self, name: str, acquire_timeout: float, shown: str, pgbouncer: bool) -> None:
+        self.name = name
+        self.pgbouncer = pgbouncer
+        self.acquire_timeout = acquire_timeout
+        self.shown = shown  # the DSN, password redacted
+        self.waiting = 0  # units of work waiting for a connection right now
+        self.bound = LoopBound(name)
+
+
+class Pool(asyncpg.Pool):  # type: ignore[misc]
+    """``asyncpg.Pool`` that refuses to be used from another event loop than its own.
+
+    Everything else is asyncpg's: this is asyncpg's pool, not one of tether's.
+    """
+
+    __slots__ = ("_tether",)
+
+    def __init__(self, *args: Any, tether: _State, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tether = tether
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        self._tether.bound.check()
+        return super().acquire(timeout=timeout)
+
+
+def _create_pool_defaults() -> dict[str, Any]:
+    """``asyncpg.create_pool``'s keyword defaults (they differ between asyncpg versions)."""
+    params = inspect.signature(asyncpg.create_pool).parameters.values()
+    return {
+        p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.default is not p.empty
+    }
+
+
+async def _no_reset(conn: Any) -> None:
+    """PgBouncer transaction mode: no session state to reset (asyncpg still rolls back)."""
+
+
+def pool(
+    lc: Lifecycle,
+    dsn: Dsn,
+    *,
+    name: str = "pool",
+    min_size: int = 1,
+    max_size: int = 10,
+    acquire_timeout: float = 5.0,
+    connect_timeout: float = 5.0,
+    pgbouncer: bool = False,
+    budget: BudgetPolicy = "warn",
+    workers: int | None = None,
+    reserved: int = 3,
+    server_settings: Mapping[str, str] | None = None,
+    check: Check | bool = True,
+    retries: int = 0,
+    backoff: float = 0.5,
+    **kw: Any,
+) -> Resource[asyncpg.Pool]:
+    """Register an asyncpg pool as an app resource of *lc*; return the resource.
+
+    Args:
+        dsn: ``postgresql://user:password@host:port/db``, or a function returning it
+            (called when the app starts, so settings can be read then, not at import).
+        min_size, max_size: connections the pool keeps open at least, and opens at most.
+        acquire_timeout: seconds a unit of work waits for a free connection before
+            :class:`~tether.ResourceUnavailable` (503). :func:`connection` uses it.
+        connect_timeout: seconds to establish one connection.
+        pgbouncer: the DSN points at PgBouncer in transaction or statement mode:
+            ``statement_cache_size=0`` (unnamed statements, re-parsed each time), no
+            session reset query on release, and no budget check (PgBouncer owns the
+            server connections).
+        budget: what to do when ``workers x max_size + reserved`` exceeds the server's
+            ``max_connections``: ``"warn"`` (log a warning), ``"error"``
+            (:class:`~tether.StartupError`) or ``"off"``.
+        workers: worker processes sharing the database (default: ``WEB_CONCURRENCY`` or 1).
+        reserved: connections kept for everything else (migrations, psql, other apps).
+        server_settings: session settings, e.g. ``{"application_name": "api"}``.
+        check: the health check: ``True`` runs ``SELECT 1``, ``False`` none, or a
+            function given the pool.
+        retries, backoff: retry opening the pool at startup (the database may come up
+            after the app).
+        kw: passed to asyncpg's pool (``max_queries``, ``init``, ``setup``, ...) and to
+            each connection (``command_timeout``, ``ssl``, ...).
+    """
+    if max_size < 1 or not 0 <= min_size <= max_size:
+        msg = f"Pool {name!r}: need 0 <= min_size <= max_size and max_size >= 1."
+        raise ValueError(msg)
+    if not acquire_timeout > 0:
+        msg = f"Pool {name!r}: acquire_timeout={acquire_timeout!r} must be a positive number."
+        raise ValueError(msg)
+
+    async def open_pool() -> AsyncIterator[asyncpg.Pool]:
+        target = resolve_dsn(dsn)
+        state = _State(name, acquire_timeout, redact(target), pgbouncer)
+        options = _create_pool_defaults()
+        options.update(min_size=min_size, max_size=max_size, timeout=connect_timeout)
+        if server_settings:
+            options["server_settings"] = dict(server_settings)
+        if pgbouncer:
+            options["statement_cache_size"] = 0
+            if "reset" in options:  # asyncpg >= 0.30
+                options["reset"] = _no_reset
+        options.update(kw)
+        p = Pool(target, tether=state, **options)
+        try:
+            await p
+        except UNREACHABLE as exc:
+            raise unreachable(name, state.shown, exc) from exc
+        try:
+            if pgbouncer or budget == "off":
+                pass  # PgBouncer multiplexes: the server's max_connections is its business
+            else:
+                server_max = int(await p.fetchval("SHOW max_connections"))
+                check_budget(
+                    name,
+                    server_max=server_max,
+                    per_worker=max_size,
+                    workers=worker_count(workers),
+                    reserved=reserved,
+                    policy=budget,
+                )
+            log.info(
+                "tether: asyncpg pool %r open on %s (min_size=%d, max_size=%d%s)",
+                name,
+                state.shown,
+                min_size,
+                max_size,
+                ", pgbouncer" if pgbouncer else "",
+            )
+            yield p
+        finally:
+            await _close_pool(p, name, lc.close_timeout / 2)
+
+    return lc.resource(
+        scope="app",
+        name=name,
+        check=_pool_check(check),
+        retries=retries,
+        backoff=backoff,
+    )(open_pool)
+
+
+def _pool_check(check: Check | bool) -> Check | None:
+    if check is True:
+        return _select_1
+    if check is False:
+        return None
+    return check
+
+
+async def _select_1(p: Any) -> None:
+    await p.fetchval("SELECT 1")
+
+
+async def _close_pool(p: Any, name: str, within: float) -> None:
+    """Close gracefully (waits for connections in use); terminate what is left after *within*."""
+    try:
+        async with asyncio.timeout(within):
+            await p.close()
+    except TimeoutError:
+        log.warning(
+            "tether: asyncpg pool %r did not close within %g s (connections still in use); "
+            "terminating them",
+            name,
+            within,
+        )
+        p.terminate()
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def connection(
+    lc: Lifecycle,
+    pool: Resource[asyncpg.Pool],
+    *,
+    name: str = "conn",
+    transaction: bool = False,
+    release: Release = "handler",
+    acquire_timeout: float | None = None,
+    reset_timeout: float = 5.0,
+    isolation: str | None = None,
+    readonly: bool = False,
+) -> Resource[asyncpg.Connection]:
+    """Register a connection of *pool* as a request resource of *lc*; return the resource.
+
+    Args:
+        pool: the pool resource (from :func:`pool`, or any resource giving an asyncpg pool).
+        transaction: run the unit of work in one transaction: committed when the endpoint
+            succeeded (before the response starts, so a failing commit is an error
+            response, never a 200), rolled back on any failure (an exception, an
+            ``HTTPException``, an error status, a client that went away).
+        release: ``"handler"`` (default) returns the connection before the response
+            starts; ``"response"`` after its last byte (streaming bodies that query).
+        acquire_timeout: seconds to wait for a free connection (default: the pool's).
+        reset_timeout: seconds a rollback and reset may take when the connection goes
+            back; past it (or if it fails) the connection is terminated, not returned.
+        isolation, readonly: of the transaction (``"serializable"``, ...).
+    """
+    pool_name = pool.name
+
+    async def open_connection(p: Any) -> AsyncIterator[asyncpg.Connection]:
+        state: _State | None = getattr(p, "_tether", None)  # None: a pool tether did not open
+        timeout = acquire_timeout or (state.acquire_timeout if state is not None else 5.0)
+        conn = await _acquire(p, pool_name, state, timeout)
+        try:
+            tx = None
+            if transaction:
+                tx = conn.transaction(isolation=isolation, readonly=readonly)
+                await tx.start()
+            try:
+                yield conn
+            except BaseException as exc:
+                if tx is None:
+                    raise
+                lost = _is_lost(conn, exc)
+                await _rollback(p, conn, tx, name, reset_timeout)
+                if lost:
+                    # The server ended the transaction with the connection: nothing was
+                    # committed, so retrying is safe. A 503, not a 500.
+                    reason = f"the connection was lost mid-transaction: {describe(exc)}"
+                    raise unavailable(pool_name, reason) from exc
+                raise
+            if tx is not None:
+                await tx.commit()
+        finally:
+            await _give_back(p, conn, name, reset_timeout)
+
+    return lc.resource(name=name, release=release)(depends_on(open_connection, pool))
+
+
+#: Errors a query raises when the server went away under it (a restart, a crash, a kill).
+LOST: tuple[type[BaseException], ...] = (
+    pg_errors.ConnectionDoesNotExistError,
+    pg_errors.AdminShutdownError,
+    pg_errors.CrashShutdownError,
+    pg_errors.CannotConnectNowError,
+    ConnectionError,  # ConnectionResetError, BrokenPipeError
+)
+
+
+def _is_lost(conn: Any, exc: BaseException) -> bool:
+    if isinstance(exc, LOST):
+        return True
+    try:
+        return isinstance(exc, pg_errors.InterfaceError) and bool(conn.is_closed())
+    except pg_errors.InterfaceError:
+        return False
+
+
+async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float) -> Any:
+    if state is not None:
+        state.waiting += 1
+    try:
+        return await p.acquire(timeout=timeout)
+    except TimeoutError as exc:
+        raise _timed_out(p, pool_name, state, timeout) from exc
+    except UNREACHABLE as exc:
+        shown = state.shown if state is not None else "the database"
+        raise unreachable(pool_name, shown, exc) from exc
+    finally:
+        if state is not None:
+            state.waiting -= 1
+
+
+def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> ResourceUnavailable:
+    in_use = _in_use(p)
+    max_size = _max_size(p)
+    if max_size is not None and in_use is not None and in_use < max_size:
+        reason = f"connecting to the database took longer than acquire_timeout={timeout:g} s"
+    else:
+        reason = (
+            f"no connection came free within acquire_timeout={timeout:g} s "
+            f"(max_size={max_size}); the requests holding them are slow, or the pool is "
+            f"too small for the load"
+        )
+    waiting = state.waiting if state is not None else None
+    return unavailable(pool_name, reason, size=max_size, in_use=in_use, waiting=waiting)
+
+
+def _in_use(p: Any) -> int | None:
+    try:
+        return int(p.get_size()) - int(p.get_idle_size())
+    except Exception:  # pragma: no cover - a pool-like value without these
+        return None
+
+
+def _max_size(p: Any) -> int | None:
+    try:
+        return int(p.get_max_size())
+    except Exception:  # pragma: no cover
+        return None
+
+
+async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> None:
+    """Roll back this unit of work's transaction; terminate the connection if that fails.
+
+    After a cancelled query asyncpg has sent the server a cancel request: the rollback
+    first waits for the server to acknowledge it, then ends the transaction.
+    """
+    pid = _server_pid(conn)
+    try:
+        async with asyncio.timeout(within):
+            await tx.rollback()
+    except Exception as exc:
+        log.warning(
+            "tether: %r: rollback failed (%s); terminating the connection", name, describe(exc)
+        )
+        await _discard(p, conn, pid, name)
+    except BaseException:
+        _terminate(conn)  # interrupted: no time to ask the server for anything
+        raise
+
+
+async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
+    """Return *conn* to *p* reset, or terminate it: never return it in an unknown state.
+
+    * closed (the server went away): asyncpg discards it, the pool reconnects later;
+    * left inside a transaction by the unit of work: rolled back first (waiting for a
+      cancelled query to be acknowledged by the server), with a warning;
+    * then asyncpg's own release: it waits for a cancellation in flight and runs the
+      session reset (``RESET ALL``, ``UNLISTEN *``, advisory locks, ``CLOSE ALL``);
+    * if any of that fails or takes longer than *within* (another task still running a
+      query on it, say), the connection is terminated instead, and its backend with it.
+    """
+    try:
+        left_in_transaction = not conn.is_closed() and conn.is_in_transaction()
+    except pg_errors.InterfaceError:
+        return  # already released (terminated by the endpoint, say): nothing to give back
+    pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
+    try:
+        if left_in_transaction:
+            log.warning(
+                "tether: %r: connection returned inside an open transaction; rolling it "
+                "back (commit or roll back the transactions you start)",
+                name,
+            )
+            async with asyncio.timeout(within):
+                await conn.execute("ROLLBACK")
+        # Bounded by its own timeout: asyncpg terminates the connection when it runs out.
+        await p.release(conn, timeout=within)
+    except Exception as exc:
+        log.warning(
+            "tether: %r: connection could not be reset (%s); terminated, not returned to the pool",
+            name,
+            describe(exc),
+        )
+        await _discard(p, conn, pid, name)
+    except BaseException:
+        _terminate(conn)
+        raise
+
+
+def _terminate(conn: Any) -> None:
+    try:
+        conn.terminate()  # gives its slot back to the pool, which reconnects when needed
+    except pg_errors.InterfaceError:
+        pass  # already released
+
+
+def _server_pid(conn: Any) -> int | None:
+    try:
+        return None if conn.is_closed() else int(conn.get_server_pid())
+    except pg_errors.InterfaceError:
+        return None  # already released
+
+
+async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
+    """Terminate *conn* and make sure its backend *pid* stops too.
+
+    Closing the socket alone does not stop a query running on the server (PostgreSQL
+    only notices a client gone when it next writes to it), and ``terminate()`` also
+    cancels the cancel request asyncpg may still have in flight for it. So the backend
+    is terminated on the server as well, through another connection of the pool.
+    """
+    _terminate(conn)
+    state: _State | None = getattr(p, "_tether", None)
+    if pid is None or (state is not None and state.pgbouncer):
+        return  # behind PgBouncer the pid is PgBouncer's, which drops the server side itself
+    try:
+        async with asyncio.timeout(_STOP_WITHIN), p.acquire(timeout=_STOP_WITHIN) as other:
+            await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+    except Exception as exc:
+        log.warning(
+            "tether: %r: could not terminate backend %d on the server (%s); a query it "
+            "was running may run to its end",
+            name,
+            pid,
+            describe(exc),
+        )

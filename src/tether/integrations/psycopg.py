@@ -1,0 +1,362 @@
+"""psycopg 3 with tether: the pool lives for the app, a connection for one unit of work.
+
+::
+
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI
+    from psycopg import AsyncConnection
+
+    import tether
+    from tether.integrations import psycopg as tpsy
+
+    lc = tether.Lifecycle()
+    pool = tpsy.pool(lc, lambda: os.environ["DATABASE_URL"], max_size=10)
+    conn = tpsy.connection(lc, pool, transaction=True)
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/notes")
+    async def add(text: str, c: Annotated[AsyncConnection, Depends(conn)]) -> dict[str, str]:
+        await c.execute("INSERT INTO notes (text) VALUES (%s)", [text])  # committed before 200
+        return {"status": "created"}
+
+* :func:`pool` is an app resource: ``psycopg_pool.AsyncConnectionPool`` (psycopg's own
+  pool), opened when the app starts (never at import) and waited for until it holds
+  ``min_size`` connections, checked with ``SELECT 1``, its connection budget checked
+  against the server's ``max_connections``, closed at shutdown. It refuses use from
+  another event loop than its own (:class:`~tether.ScopeError`).
+* :func:`connection` is a request resource: one connection per unit of work, in
+  autocommit mode, or (``transaction=True``) in one transaction committed before the
+  response starts and rolled back on any failure.
+* No connection free within ``timeout`` (``PoolTimeout``), or too many waiting, is a
+  :class:`~tether.ResourceUnavailable` (503 with ``Retry-After``) naming the pool, its
+  size, how many connections are in use and how many requests wait.
+* psycopg's pool never hands a dirty connection out again: a connection returned inside
+  a transaction is rolled back, one returned in the middle of a query is closed, a
+  broken one is replaced (``AsyncConnectionPool._reset_connection``). psycopg itself
+  cancels a query on the server when the task running it is cancelled.
+* ``pgbouncer=True`` configures psycopg for PgBouncer's transaction (or statement) mode:
+  no server-side prepared statements (``prepare_threshold=None``), and no budget check
+  against the server behind PgBouncer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+try:
+    import psycopg
+    from psycopg.rows import tuple_row
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.integrations.psycopg needs psycopg 3 and its pool: pip install 'tether[psycopg]'"
+    raise ImportError(msg) from exc
+
+from .._errors import ResourceUnavailable, describe
+from ._common import (
+    BudgetPolicy,
+    Dsn,
+    LoopBound,
+    check_budget,
+    depends_on,
+    redact,
+    resolve_dsn,
+    unavailable,
+    unreachable,
+)
+from ._common import workers as worker_count
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Check, Release, Resource
+
+__all__ = ["Pool", "connection", "pool"]
+
+log = logging.getLogger("tether")
+
+Connection = psycopg.AsyncConnection[Any]
+
+
+class _State:
+    """What tether knows about one pool it opened (for messages and the loop check)."""
+
+    __slots__ = ("bound", "name", "shown", "timeout")
+
+    def __init__(self, name: str, timeout: float, shown: str) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.shown = shown  # the conninfo, password redacted
+        self.bound = LoopBound(name)
+
+
+class Pool(AsyncConnectionPool[Connection]):
+    """``AsyncConnectionPool`` that refuses to be used from another event loop than its own.
+
+    Everything else is psycopg's: this is psycopg's pool, not one of tether's.
+    """
+
+    _tether: _State | None = None
+
+    async def getconn(self, timeout: float | None = None) -> Connection:
+        if self._tether is not None:
+            self._tether.bound.check()
+        return await super().getconn(timeout)
+
+
+def pool(
+    lc: Lifecycle,
+    conninfo: Dsn,
+    *,
+    name: str = "pool",
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 5.0,
+    open_timeout: float = 10.0,
+    connect_timeout: int = 5,
+    pgbouncer: bool = False,
+    budget: BudgetPolicy = "warn",
+    workers: int | None = None,
+    reserved: int = 3,
+    kwargs: Mapping[str, Any] | None = None,
+    pre_ping: bool = True,
+    check: Check | bool = True,
+    retries: int = 0,
+    backoff: float = 0.5,
+    **pool_kw: Any,
+) -> Resource[Pool]:
+    """Register a psycopg pool as an app resource of *lc*; return the resource.
+
+    Args:
+        conninfo: ``postgresql://user:password@host:port/db`` or ``"host=... dbname=..."``,
+            or a function returning it (called when the app starts, not at import).
+        min_size, max_size: connections the pool keeps open at least, and opens at most.
+        timeout: seconds a unit of work waits for a free connection before
+            :class:`~tether.ResourceUnavailable` (503).
+        open_timeout: seconds the startup waits for the pool to hold ``min_size``
+            connections (then :class:`~tether.StartupError` saying why it could not).
+        connect_timeout: seconds to establish one connection (libpq's ``connect_timeout``).
+        pgbouncer: the conninfo points at PgBouncer in transaction or statement mode:
+            ``prepare_threshold=None`` (no server-side prepared statements), and no budget
+            check (PgBouncer owns the server connections).
+        budget, workers, reserved: the connection budget, as for
+            :func:`tether.integrations.asyncpg.pool`.
+        kwargs: connection parameters (``application_name``, ``row_factory``, ...).
+        pre_ping: check each connection (an empty query) when it leaves the pool, so one
+            that died while idle (a database restart) is replaced, not handed out.
+        check: the health check: ``True`` runs ``SELECT 1``, ``False`` none, or a
+            function given the pool.
+        retries, backoff: retry opening the pool at startup.
+        pool_kw: passed to ``AsyncConnectionPool`` (``max_idle``, ``max_lifetime``,
+            ``max_waiting``, ``configure``, ``reset``, ...).
+    """
+    if max_size < 1 or not 0 <= min_size <= max_size:
+        msg = f"Pool {name!r}: need 0 <= min_size <= max_size and max_size >= 1."
+        raise ValueError(msg)
+    if not timeout > 0:
+        msg = f"Pool {name!r}: timeout={timeout!r} must be a positive number of seconds."
+        raise ValueError(msg)
+
+    async def open_pool() -> AsyncIterator[Pool]:
+        target = resolve_dsn(conninfo)
+        state = _State(name, timeout, redact(target))
+        connect_kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, **(kwargs or {})}
+        if pgbouncer:
+            connect_kwargs["prepare_threshold"] = None
+        options: dict[str, Any] = {
+            "check": AsyncConnectionPool.check_connection if pre_ping else None,
+            **pool_kw,
+        }
+        # One connection by hand first: an unreachable database fails at once, with
+        # libpq's reason (the pool would retry quietly until open_timeout), and it reads
+        # max_connections for the budget before the pool opens any.
+        try:
+            probe = await psycopg.AsyncConnection.connect(
+                target, **{**connect_kwargs, "autocommit": True}
+            )
+        except (psycopg.OperationalError, OSError) as exc:
+            if _is_refusal(exc):
+                raise  # wrong password, unknown database: not a matter of retrying
+            raise unreachable(name, state.shown, exc) from exc
+        try:
+            if not (pgbouncer or budget == "off"):
+                async with probe.cursor(row_factory=tuple_row) as cur:
+                    await cur.execute("SHOW max_connections")
+                    row = await cur.fetchone()
+                assert row is not None
+                check_budget(
+                    name,
+                    server_max=int(row[0]),
+                    per_worker=max_size,
+                    workers=worker_count(workers),
+                    reserved=reserved,
+                    policy=budget,
+                )
+        finally:
+            await probe.close()
+        p = Pool(
+            target,
+            open=False,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            kwargs=connect_kwargs,
+            name=name,
+            **options,
+        )
+        p._tether = state
+        try:
+            await p.open(wait=True, timeout=open_timeout)
+        except PoolTimeout as exc:
+            await p.close()
+            reason = TimeoutError(
+                f"the pool did not open {min_size} connections in {open_timeout:g} s"
+            )
+            raise unreachable(name, state.shown, reason) from exc
+        try:
+            log.info(
+                "tether: psycopg pool %r open on %s (min_size=%d, max_size=%d%s)",
+                name,
+                state.shown,
+                min_size,
+                max_size,
+                ", pgbouncer" if pgbouncer else "",
+            )
+            yield p
+        finally:
+            await p.close(timeout=lc.close_timeout / 2)
+
+    return lc.resource(
+        scope="app",
+        name=name,
+        check=_pool_check(check),
+        retries=retries,
+        backoff=backoff,
+    )(open_pool)
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The server answered and said no: bad credentials, unknown database or role."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    text = str(exc)
+    return sqlstate.startswith(("28", "3D")) or any(
+        marker in text
+        for marker in ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+    )
+
+
+def _pool_check(check: Check | bool) -> Check | None:
+    if check is True:
+        return _select_1
+    if check is False:
+        return None
+    return check
+
+
+async def _select_1(p: Any) -> None:
+    async with p.connection() as c:
+        await c.execute("SELECT 1")
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def connection(
+    lc: Lifecycle,
+    pool: Resource[Pool],
+    *,
+    name: str = "conn",
+    transaction: bool = False,
+    release: Release = "handler",
+    timeout: float | None = None,
+    reset_timeout: float = 5.0,
+) -> Resource[Connection]:
+    """Register a connection of *pool* as a request resource of *lc*; return the resource.
+
+    Args:
+        pool: the pool resource (from :func:`pool`, or any resource giving an
+            ``AsyncConnectionPool``).
+        transaction: ``False`` (default): autocommit, each statement commits on its own
+            (use ``async with conn.transaction():`` for a block). ``True``: the unit of
+            work is one transaction, committed when the endpoint succeeded (before the
+            response starts, so a failing commit is an error response, never a 200),
+            rolled back on any failure (an exception, an ``HTTPException``, an error
+            status, a client that went away).
+        release: ``"handler"`` (default) returns the connection before the response
+            starts; ``"response"`` after its last byte (streaming bodies that query).
+        timeout: seconds to wait for a free connection (default: the pool's).
+        reset_timeout: seconds a rollback may take; past it (or if it fails) the
+            connection is closed, and the pool replaces it.
+    """
+    pool_name = pool.name
+
+    async def open_connection(p: Any) -> AsyncIterator[Connection]:
+        conn = await _getconn(p, pool_name, timeout)
+        try:
+            await conn.set_autocommit(not transaction)
+            try:
+                yield conn
+            except BaseException as exc:
+                if not transaction:
+                    raise
+                lost = isinstance(exc, psycopg.OperationalError) and conn.broken
+                await _rollback(conn, name, reset_timeout)
+                if lost:
+                    # The server ended the transaction with the connection: nothing was
+                    # committed, so retrying is safe. A 503, not a 500.
+                    reason = f"the connection was lost mid-transaction: {describe(exc)}"
+                    raise unavailable(pool_name, reason) from exc
+                raise
+            if transaction:
+                await conn.commit()
+        finally:
+            # psycopg's pool checks what comes back: a transaction left open is rolled
+            # back, a connection mid-query or broken is closed and replaced.
+            await p.putconn(conn)
+
+    return lc.resource(name=name, release=release)(depends_on(open_connection, pool))
+
+
+async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:
+    try:
+        conn: Connection = await p.getconn(timeout)
+    except PoolTimeout as exc:
+        waited = timeout if timeout is not None else p.timeout
+        reason = (
+            f"no connection came free within timeout={waited:g} s; the requests holding "
+            f"them are slow, the pool is too small for the load, or the database cannot "
+            f"be reached"
+        )
+        raise _unavailable(p, pool_name, reason) from exc
+    except TooManyRequests as exc:
+        raise _unavailable(p, pool_name, str(exc)) from exc
+    return conn
+
+
+def _unavailable(p: Any, pool_name: str, reason: str) -> ResourceUnavailable:
+    try:
+        stats = p.get_stats()
+        opened = int(stats.get("pool_size", 0))
+        in_use = opened - int(stats.get("pool_available", 0))
+        waiting = int(stats.get("requests_waiting", 0))
+        return unavailable(pool_name, reason, size=p.max_size, in_use=in_use, waiting=waiting)
+    except Exception:  # pragma: no cover - a pool-like value without stats
+        return unavailable(pool_name, reason)
+
+
+async def _rollback(conn: Connection, name: str, within: float) -> None:
+    if conn.closed:
+        return  # lost with the server: nothing to roll back, the pool replaces it
+    try:
+        async with asyncio.timeout(within):
+            await conn.rollback()
+    except Exception as exc:
+        log.warning(
+            "tether: %r: rollback failed (%s); closing the connection (the pool replaces it)",
+            name,
+            describe(exc),
+        )
+        await conn.close()

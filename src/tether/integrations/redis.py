@@ -1,0 +1,208 @@
+"""redis-py's asyncio client with tether: one client (and its pool) for the app.
+
+::
+
+    from typing import Annotated
+
+    import redis.asyncio as aioredis
+    from fastapi import Depends, FastAPI
+
+    import tether
+    from tether.integrations import redis as tredis
+
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, lambda: os.environ["REDIS_URL"], max_connections=20)
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/hits")
+    async def hits(r: Annotated[aioredis.Redis, Depends(cache)]) -> dict[str, int]:
+        return {"hits": await r.incr("hits")}
+
+* :func:`client` is an app resource: a ``redis.asyncio.Redis`` over redis-py's own
+  connection pool, made when the app starts (never at import), which answers ``PING``
+  before the app serves (so an unreachable server is a :class:`~tether.StartupError`),
+  checked with ``PING``, closed (``aclose()``) at shutdown.
+* ``health_check_interval`` makes redis-py ping a connection idle for that long before
+  using it, so a server restart or an idle timeout costs no failed command.
+* A server that cannot be reached, or (with ``max_connections``) no connection free
+  within ``pool_timeout``, raises an error that is both redis-py's (``ConnectionError``
+  or ``TimeoutError``, so ``except redis.ConnectionError`` still works) and a
+  :class:`~tether.ResourceUnavailable`: left uncaught, the request is answered 503 with
+  ``Retry-After``, naming the client and its pool's size, connections in use and waiters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as redis_errors
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = "tether.integrations.redis needs redis-py: pip install 'tether[redis]'"
+    raise ImportError(msg) from exc
+
+from .._errors import ResourceUnavailable
+from ._common import Dsn, redact, resolve_dsn, unavailable
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Check, Resource
+
+__all__ = ["RedisTimeout", "RedisUnavailable", "client"]
+
+log = logging.getLogger("tether")
+
+
+class RedisUnavailable(ResourceUnavailable, redis_errors.ConnectionError):
+    """The Redis server cannot be reached, or the pool had no connection free in time.
+
+    A ``redis.exceptions.ConnectionError`` and a :class:`~tether.ResourceUnavailable`.
+    """
+
+
+class RedisTimeout(ResourceUnavailable, redis_errors.TimeoutError):
+    """Connecting to the Redis server timed out.
+
+    A ``redis.exceptions.TimeoutError`` and a :class:`~tether.ResourceUnavailable`.
+    """
+
+
+# Refusals are the server answering "no": retrying later will not help.
+_REFUSALS = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+
+
+class _PoolMixin:
+    """Turns "cannot connect" and "no connection free" into ResourceUnavailable errors."""
+
+    tether_name = "redis"
+    tether_shown = "redis"
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+        except _REFUSALS:
+            raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            if isinstance(exc, ResourceUnavailable):
+                raise
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> ResourceUnavailable:
+        pool: Any = self
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        limit = pool.max_connections
+        size = limit if isinstance(limit, int) else None
+        if isinstance(exc, redis_errors.MaxConnectionsError) or "No connection available" in str(
+            exc
+        ):
+            reason = "no connection came free in time (max_connections reached)"
+            cls: type[ResourceUnavailable] = RedisUnavailable
+        else:
+            said = str(exc).rstrip(". ")
+            reason = f"cannot reach {self.tether_shown}: {type(exc).__name__}: {said}"
+            cls = RedisTimeout if isinstance(exc, redis_errors.TimeoutError) else RedisUnavailable
+        plain = unavailable(
+            self.tether_name, reason, size=size, in_use=in_use, backend="the Redis server"
+        )
+        return cls(str(plain), resource=self.tether_name, retry_after=plain.retry_after)
+
+
+class _Pool(_PoolMixin, aioredis.ConnectionPool):
+    pass
+
+
+class _BlockingPool(_PoolMixin, aioredis.BlockingConnectionPool):
+    pass
+
+
+def client(
+    lc: Lifecycle,
+    url: Dsn,
+    *,
+    name: str = "redis",
+    health_check_interval: int = 30,
+    socket_timeout: float = 5.0,
+    socket_connect_timeout: float = 5.0,
+    max_connections: int | None = None,
+    pool_timeout: float = 5.0,
+    check: Check | bool = True,
+    retries: int = 0,
+    backoff: float = 0.5,
+    **kw: Any,
+) -> Resource[aioredis.Redis]:
+    """Register a ``redis.asyncio.Redis`` client as an app resource of *lc*; return it.
+
+    Args:
+        url: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``), or a
+            function returning it (called when the app starts, not at import).
+        health_check_interval: seconds a connection may sit idle before redis-py pings it
+            on its next use.
+        socket_timeout, socket_connect_timeout: seconds a command, and a connect, may take.
+        max_connections: the pool's size. With a number, a command waits up to
+            *pool_timeout* for a free connection (a ``BlockingConnectionPool``). ``None``:
+            redis-py's default pool (100 connections in redis-py 8), where a command that
+            finds none free fails at once.
+        check: the health check: ``True`` sends ``PING``, ``False`` none, or a function
+            given the client.
+        retries, backoff: retry the first ``PING`` at startup.
+        kw: passed to the connection pool and its connections (``decode_responses``,
+            ``client_name``, ``ssl_*``, ...; ``retry`` replaces the default of one
+            immediate retry on connection errors).
+    """
+
+    async def open_client() -> AsyncIterator[aioredis.Redis]:
+        target = resolve_dsn(url)
+        shown = redact(target)
+        options: dict[str, Any] = {
+            "health_check_interval": health_check_interval,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            # One immediate retry: a connection that went stale (a server restart) is
+            # reconnected at once; a server that is down fails fast, not after backoffs.
+            "retry": Retry(NoBackoff(), 1),
+            **kw,
+        }
+        pool: _Pool | _BlockingPool
+        if max_connections is None:
+            pool = _Pool.from_url(target, **options)
+        else:
+            pool = _BlockingPool.from_url(
+                target, max_connections=max_connections, timeout=pool_timeout, **options
+            )
+        pool.tether_name = name
+        pool.tether_shown = shown
+        r = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        try:
+            await r.ping()
+            log.info("tether: redis client %r open on %s", name, shown)
+            yield r
+        finally:
+            await r.aclose()
+
+    return lc.resource(
+        scope="app",
+        name=name,
+        check=_client_check(check),
+        retries=retries,
+        backoff=backoff,
+    )(open_client)
+
+
+def _client_check(check: Check | bool) -> Check | None:
+    if check is True:
+        return _ping
+    if check is False:
+        return None
+    return check
+
+
+async def _ping(r: Any) -> None:
+    if not await r.ping():
+        msg = "PING got no PONG"
+        raise RuntimeError(msg)

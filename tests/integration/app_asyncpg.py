@@ -1,0 +1,53 @@
+"""An asyncpg app served by a real uvicorn (tests/serving.py) for the disconnect tests.
+
+Its DSN and application_name come from the environment, read when the lifespan starts.
+"""
+
+import os
+from typing import Annotated
+
+import asyncpg
+from fastapi import Depends, FastAPI
+
+import tether
+from tether.integrations import asyncpg as tpg
+
+lc = tether.Lifecycle()
+pool = tpg.pool(
+    lc,
+    lambda: os.environ["TETHER_TEST_DSN"],
+    min_size=1,
+    max_size=2,
+    server_settings={"application_name": os.environ.get("TETHER_TEST_APP_NAME", "tether-test")},
+)
+conn = tpg.connection(lc, pool)
+tx = tpg.connection(lc, pool, name="tx", transaction=True)
+
+app = FastAPI(lifespan=lc.lifespan)
+
+Conn = Annotated[asyncpg.Connection, Depends(conn)]
+Tx = Annotated[asyncpg.Connection, Depends(tx)]
+
+
+@app.get("/sleep")
+async def sleep(c: Conn, seconds: float = 5.0) -> dict[str, str]:
+    await c.execute("SELECT pg_sleep($1)", seconds)
+    return {"status": "slept"}
+
+
+@app.get("/sleep-tx")
+async def sleep_tx(c: Tx, seconds: float = 5.0) -> dict[str, str]:
+    await c.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)")
+    await c.execute("INSERT INTO scratch VALUES (1)")
+    await c.execute("SELECT pg_sleep($1)", seconds)
+    return {"status": "slept"}
+
+
+@app.get("/pid")
+async def pid(c: Conn) -> dict[str, object]:
+    # A clean connection is in no transaction: the server assigned no transaction id yet.
+    row = await c.fetchrow(
+        "SELECT pg_backend_pid() AS pid, pg_current_xact_id_if_assigned() IS NULL AS fresh_tx"
+    )
+    assert row is not None
+    return {"pid": row["pid"], "fresh_tx": row["fresh_tx"] and not c.is_in_transaction()}

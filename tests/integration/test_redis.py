@@ -1,0 +1,128 @@
+"""tether.integrations.redis against a real Redis: ground truth from CLIENT LIST."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+import tether
+from tests.servers import Redis, free_port
+from tether.integrations import redis as tredis
+
+pytestmark = pytest.mark.servers
+
+
+def unique(request: pytest.FixtureRequest) -> str:
+    return f"tt-{request.node.name[:30]}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Redis]:
+    """A Redis of this test only (the test stops it)."""
+    with Redis() as server:
+        yield server
+
+
+def make_app(url: str, **kw: object) -> tuple[FastAPI, tether.Lifecycle]:
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, url, **kw)  # type: ignore[arg-type]
+    R = Annotated[aioredis.Redis, Depends(cache)]
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/incr/{key}")
+    async def incr(key: str, r: R) -> dict[str, int]:
+        return {"value": await r.incr(key)}
+
+    @app.get("/block/{key}")
+    async def block(key: str, r: R, seconds: float = 1.0) -> dict[str, str]:
+        await r.blpop([key], timeout=seconds)  # holds one connection that long
+        return {"status": "unblocked"}
+
+    return app, lc
+
+
+class TestClientLifecycle:
+    def test_opens_pings_and_closes(
+        self, redis_server: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """The client is in CLIENT LIST while the app runs, and gone after shutdown."""
+        name = unique(request)
+        app, lc = make_app(redis_server.url, client_name=name)
+        assert redis_server.client_list(name) == []  # nothing at import or registration
+        with TestClient(app) as client:
+            # The startup PING left one connection open, named after the test.
+            assert len(redis_server.client_list(name)) == 1
+            report = client.portal.call(lc.health)
+            assert report["redis"].ok
+            assert client.post(f"/incr/{name}").json() == {"value": 1}
+            assert client.post(f"/incr/{name}").json() == {"value": 2}
+            assert len(redis_server.client_list(name)) == 1  # the same connection, reused
+        assert redis_server.client_list(name) == []
+
+    def test_check_fails_and_requests_get_503_when_the_server_stops(
+        self, own_redis: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """Server stopped: the PING check fails, and a command is a 503 with Retry-After."""
+        name = unique(request)
+        app, lc = make_app(own_redis.url, client_name=name)
+        with TestClient(app) as client:
+            assert client.portal.call(lc.health)["redis"].ok
+            own_redis.stop()
+            report = client.portal.call(lc.health)
+            assert not report["redis"].ok
+            assert "Connection" in (report["redis"].error or "")
+            t0 = time.monotonic()
+            response = client.post(f"/incr/{name}")
+            assert time.monotonic() - t0 < 2
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["detail"].startswith("Pool 'redis'")
+            assert "cannot reach redis://127.0.0.1:" in response.json()["detail"]
+
+    def test_unreachable_at_startup_is_a_startup_error_without_the_password(self) -> None:
+        """Nothing listens there: StartupError naming the client, its password hidden."""
+        url = f"redis://:hunter2-pw@127.0.0.1:{free_port()}/0"
+        app, _ = make_app(url)
+        with pytest.raises(tether.StartupError) as info, TestClient(app):
+            pass
+        assert info.value.resource == "redis"
+        assert "redis://:***@127.0.0.1" in str(info.value)
+        chain: BaseException | None = info.value
+        while chain is not None:
+            assert "hunter2" not in str(chain)
+            chain = chain.__cause__ or chain.__context__
+        cause = info.value.__cause__
+        assert isinstance(cause, redis.ConnectionError)  # still redis-py's error type
+        assert isinstance(cause, tether.ResourceUnavailable)
+
+
+class TestPool:
+    def test_no_connection_free_in_time_is_a_503(
+        self, redis_server: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """max_connections=1 held by BLPOP: the next command waits pool_timeout, then 503."""
+        name = unique(request)
+        app, lc = make_app(redis_server.url, client_name=name, max_connections=1, pool_timeout=0.3)
+        with TestClient(app) as client, ThreadPoolExecutor(1) as executor:
+            blocked = executor.submit(client.get, f"/block/{name}-list?seconds=1.5")
+            deadline = time.monotonic() + 5
+            while not any(c["cmd"] == "blpop" for c in redis_server.client_list(name)):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            response = client.post(f"/incr/{name}")
+            assert 0.25 < time.monotonic() - t0 < 1.2
+            assert response.status_code == 503
+            detail = response.json()["detail"]
+            assert detail.startswith("Pool 'redis' (size 1, in use 1)"), detail
+            assert "no connection came free" in detail
+            assert blocked.result().status_code == 200
+            assert client.post(f"/incr/{name}").status_code == 200
+            assert len(redis_server.client_list(name)) == 1  # never more than max_connections

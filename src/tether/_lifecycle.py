@@ -162,6 +162,8 @@ class Lifecycle:
         self._close_limiter: Any = None
         self._loop: Any = None
         self._sweepers: list[Callable[[float], None]] = []
+        self._sweeping = False  # the sweeper runs: it enforces close deadlines
+        self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
         self._installed_apps: list[Any] = []
 
     def __repr__(self) -> str:
@@ -797,9 +799,25 @@ class Lifecycle:
         )
 
     async def _sweep_forever(self) -> None:
+        self._sweeping = True
+        try:
+            await self._sweep_loop()
+        finally:
+            self._sweeping = False
+            # Hand the deadlines of cleanups still running to timers.
+            loop = _current_loop()
+            now = time.perf_counter()
+            for close in list(self._slow_closes):
+                if loop is not None:
+                    loop.call_later(max(0.0, close.deadline - now), close.expire)
+
+    async def _sweep_loop(self) -> None:
         while True:
             await anyio.sleep(self.sweep_interval)
             now = time.perf_counter()
+            for close in list(self._slow_closes):
+                if now > close.deadline:
+                    close.expire()
             self._sweep_leaks(now)
             for hook in self._sweepers:
                 hook(now)

@@ -5,11 +5,12 @@ The same opener and closer serve the app scope (``_lifecycle``) and request scop
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -140,53 +141,125 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
 # --------------------------------------------------------------------------- closing
 
 
-class _Resume:
-    """Await the rest of a coroutine that was already stepped once (see `_drive`)."""
+class _Shielded:
+    """Await the rest of a cleanup that was stepped once, shielded from cancellation.
 
-    __slots__ = ("coro", "first")
+    asyncio only. A cancellation (``task.cancel()``, which is also how anyio delivers
+    one) cancels the future the task waits on. So the task never waits on the cleanup's
+    own future: it waits on a proxy that the real future resolves. A cancellation then
+    only cancels the proxy; the cleanup keeps waiting on its real future undisturbed,
+    and the cancellation is delivered again once the cleanup is over. Past
+    ``close_timeout`` the cleanup's future is cancelled (as a deadline would), and the
+    close reports a timeout. No task and no cancel scope are made: on a request's fresh
+    task either costs more than the cleanup itself when it is a pool release.
+    """
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+    __slots__ = ("coro", "deadline", "first", "lc", "proxy", "res", "timed_out")
+
+    def __init__(self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any) -> None:
+        self.lc = lc
+        self.res = res
         self.coro = coro
         self.first = first
+        self.proxy: asyncio.Future[None] | None = None
+        self.timed_out = False
+        self.deadline = 0.0
+
+    def wake(self, _: Any = None) -> None:
+        proxy = self.proxy
+        if proxy is not None and not proxy.done():
+            proxy.set_result(None)
+
+    def expire(self) -> None:
+        """Past the deadline (called by a timer, or by the lifecycle's sweeper)."""
+        self.timed_out = True
+        self.wake()
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self.coro
-        value = self.first
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # thrown in by the event loop (cancellation)
+        yielded = self.first
+        lc = self.lc
+        loop = asyncio.get_running_loop()
+        self.deadline = _now() + lc.close_timeout
+        # The running lifecycle's sweeper enforces deadlines; without it, a timer does.
+        timer = None if lc._sweeping else loop.call_later(lc.close_timeout, self.expire)
+        if timer is None:
+            lc._slow_closes.add(self)
+        swallowed = 0
+        try:
+            while True:
+                if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
+                    fut = yielded
+                    fut._asyncio_future_blocking = False
+                    while not fut.done():
+                        if self.timed_out:
+                            fut.cancel()
+                            break
+                        proxy = self.proxy = loop.create_future()
+                        fut.add_done_callback(self.wake)
+                        proxy._asyncio_future_blocking = True
+                        try:
+                            yield proxy
+                        except asyncio.CancelledError:
+                            swallowed += 1
+                        fut.remove_done_callback(self.wake)
+                    self.proxy = None
+                    step: Any = None
+                else:
+                    # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
+                    try:
+                        step = yield yielded
+                    except asyncio.CancelledError:
+                        swallowed += 1
+                        step = None
                 try:
-                    value = coro.throw(exc)
+                    yielded = coro.send(step)
                 except StopIteration as stop:
-                    return stop.value
+                    result = stop.value
+                    break
+                except BaseException as failure:
+                    if self.timed_out and isinstance(failure, asyncio.CancelledError):
+                        break  # the cancellation made by the deadline: reported below
+                    raise
+        finally:
+            if timer is None:
+                lc._slow_closes.discard(self)
             else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
+                timer.cancel()
+            if swallowed:
+                # Deliver the cancellation that arrived during the cleanup, once.
+                task = asyncio.current_task()
+                if task is not None:
+                    for _ in range(swallowed):
+                        task.uncancel()
+                    task.cancel()
+        if self.timed_out:
+            _close_timed_out(lc, self.res)
+        return result
 
 
 async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     """Run a cleanup coroutine shielded from cancellation and bounded in time.
 
     Most cleanups finish without suspending (nothing to await, or a pool release that
-    completes at once). So the coroutine is first stepped by hand: if it finishes there,
-    no cancellation could have reached it and no cancel scope was needed. Only a cleanup
-    that really waits pays for the shielded, deadline-bound scope.
+    completes at once). So on asyncio the coroutine is first stepped by hand: if it
+    finishes there, no cancellation could have reached it. Only a cleanup that really
+    waits pays for the shield (`_Shielded`). Elsewhere (trio), the whole cleanup runs in
+    a shielded anyio cancel scope with a deadline.
     """
+    if asyncio._get_running_loop() is None:
+        return await _drive_anyio(lc, res, coro)
     try:
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
-    return await _finish(lc, res, coro, first)
+    return await _Shielded(lc, res, coro, first)
 
 
-async def _finish(lc: Lifecycle, res: Resource[Any], coro: Any, first: Any) -> Any:
-    """The rest of a cleanup that suspended: shielded, with a deadline."""
+async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     with anyio.CancelScope(shield=True) as cs:
         cs.deadline = anyio.current_time() + lc.close_timeout
-        result = await _Resume(coro, first)
+        result = await coro
     if cs.cancelled_caught:
         _close_timed_out(lc, res)
     return result
@@ -211,17 +284,9 @@ async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) ->
         if kind is Kind.ASYNC_GEN:
             step = handle.__anext__() if exc is None else handle.athrow(exc)
             try:
-                # `_drive` inlined for its fast path (a cleanup that does not suspend).
-                first = step.send(None)
+                await _drive(lc, res, step)
             except StopAsyncIteration:
                 return
-            except StopIteration:
-                pass  # the generator yielded again: reported below
-            else:
-                try:
-                    await _finish(lc, res, step, first)
-                except StopAsyncIteration:
-                    return
             await _drive(lc, res, handle.aclose())
             msg = f"Resource {res.name!r}: its generator yielded more than once."
             raise RuntimeError(msg)

@@ -596,3 +596,55 @@ class TestClosedUnit:
             await s.get(conn)
             assert repr(s) == "<tether.Unit 'job' (1 open)>"
         assert repr(s) == "<tether.Unit 'job' (closed)>"
+
+
+class TestNativeShield:
+    async def test_cleanup_survives_a_native_task_cancel(self) -> None:
+        """`task.cancel()` during a waiting cleanup does not cut it short; the cancel comes after."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        release = asyncio.Event()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            events.append("closing")
+            await release.wait()  # a pool release waiting on the network, say
+            events.append("closed")
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+            events.append("after scope")
+            await asyncio.sleep(10)  # the cancellation is delivered at the next await
+            events.append("never")
+
+        task = asyncio.get_running_loop().create_task(job())
+        await asyncio.sleep(0.01)
+        assert events == ["closing"]
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert events == ["closing"]  # still waiting, not cancelled
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert events == ["closing", "closed", "after scope"]
+        assert lc.stats().resources["conn"].closed == 1
+
+    async def test_cleanup_with_its_own_cancel_scope(self) -> None:
+        """A cleanup that enters an anyio cancel scope before it first waits closes cleanly."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def client() -> AsyncIterator[str]:
+            yield "client"
+            with anyio.move_on_after(1):
+                await anyio.sleep(0.01)
+            events.append("closed")
+
+        async with lc.scope() as s:
+            await s.get(client)
+        assert events == ["closed"]

@@ -557,7 +557,7 @@ class Lifecycle:
         tg.cancel_scope.cancel()
         assert failure.error is not None
         msg = (
-            f"App resource {failure.res.name!r} failed to open: {describe(failure.error)}. "
+            f"App resource {failure.res.name!r} failed to open: {describe(failure.error).rstrip('.')}. "
             f"The resources already open were closed. Fix the cause above, or give "
             f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
         )

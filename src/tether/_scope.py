@@ -355,13 +355,23 @@ async def close_entries(
         try:
             await close_entry(lc, entry, exc)
         except BaseException as failure:
-            log.error(
-                "tether: closing resource %r failed: %s",
-                entry.res.name,
-                describe(failure),
-                exc_info=failure,
-                extra={"tether_resource": entry.res.name},
-            )
+            if isinstance(failure, ResourceUnavailable):
+                # A cleanup that deliberately reports its backend as unavailable (a lost
+                # connection turned into a 503): expected, not a crash.
+                log.warning(
+                    "tether: closing resource %r: %s",
+                    entry.res.name,
+                    describe(failure),
+                    extra={"tether_resource": entry.res.name},
+                )
+            else:
+                log.error(
+                    "tether: closing resource %r failed: %s",
+                    entry.res.name,
+                    describe(failure),
+                    exc_info=failure,
+                    extra={"tether_resource": entry.res.name},
+                )
             if exc is not None and failure.__context__ is None:
                 failure.__context__ = exc
             errors.append(failure)

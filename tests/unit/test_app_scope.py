@@ -269,7 +269,8 @@ class TestStartupFailure:
         t0 = time.perf_counter()
         cause_text = open_timeout("pool", "0.05")
         with pytest.raises(
-            tether.StartupError, match=startup("pool", f"ResourceUnavailable: {cause_text}")
+            tether.StartupError,
+            match=startup("pool", f"ResourceUnavailable: {cause_text}".rstrip(".")),
         ) as info:
             async with lc.run():
                 pass  # pragma: no cover

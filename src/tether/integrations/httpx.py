@@ -35,7 +35,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -180,15 +179,7 @@ def client(
             log.info("tether: httpx client %r open (base_url=%s)", name, redact(url) or "-")
             yield c
         finally:
-            try:
-                # Suspend once before aclose(): tether steps a cleanup by hand until its
-                # first suspension and only then enters its shielded cancel scope, and
-                # httpcore's aclose() opens an anyio cancel scope before suspending, which
-                # anyio then refuses to exit ("isn't the current task's current cancel
-                # scope"). Harmless once tether enters its scope first.
-                await asyncio.sleep(0)
-            finally:
-                await c.aclose()
+            await c.aclose()
 
     return lc.resource(scope="app", name=name, check=_client_check(check, health_url))(open_client)
 

@@ -681,8 +681,8 @@ resource), `/null` (a request resource that is a trivial object from a generator
 overhead), `/pg` (asyncpg pool of 10, `SELECT 1`), `/sqlite` (aiosqlite, a pool of 2, one tiny
 SELECT), `/graph7` (seven request resources shaped like wireup's cross-library benchmark: C..G
 plain, H a sync context manager, I an async one; C asked for three times, D twice; FastAPI's
-`Depends` and tether run the sync H in a worker thread, two thread hops per request, where the
-peers call it on the event loop).
+`Depends` runs the sync H in a worker thread, two thread hops per request; tether declares it
+`thread=False` (it does no I/O), so it runs on the event loop, as the peers call it).
 `starlette-raw` and `fastapi-manual` write acquire/release by hand; `fastapi-yield` uses
 `Depends` on async generators; the peers use their documented FastAPI integrations. On this
 2-core machine the CPU speed drifts about 2x in phases, so every figure comes from many short

@@ -88,7 +88,9 @@ async def gg(gc: C, gd: D, ge: E, gf: F) -> G:
     return G(gc, gd, ge, gf)
 
 
-@lc.resource
+# H is a sync context manager that does no I/O: tether runs it on the loop when asked
+# (`thread=False`); by default a sync generator runs in a worker thread, as FastAPI's does.
+@lc.resource(thread=False)
 def gh(gc: C, gd: D) -> Iterator[H]:
     yield from common.make_h(gc, gd)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
     asynccontextmanager,
-    contextmanager,
 )
 from typing import Any, Protocol, TypeVar, overload
 
@@ -556,8 +554,9 @@ class Lifecycle:
         errors = await self._close_app_slots()
         tg.cancel_scope.cancel()
         assert failure.error is not None
+        cause = describe(failure.error).rstrip(".")
         msg = (
-            f"App resource {failure.res.name!r} failed to open: {describe(failure.error).rstrip('.')}. "
+            f"App resource {failure.res.name!r} failed to open: {cause}. "
             f"The resources already open were closed. Fix the cause above, or give "
             f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
         )
@@ -842,10 +841,6 @@ class Lifecycle:
                         extra={"tether_resource": entry.res.name},
                     )
 
-    @contextmanager
-    def _noop(self) -> Iterator[None]:  # pragma: no cover - placeholder for typing
-        yield
-
 
 def _format_stack(stack: list[tuple[str, int, str]] | None) -> str:
     if not stack:
@@ -880,4 +875,4 @@ def _current_loop() -> Any:
         return None
 
 
-__all__ = ["Lifecycle", "Override", "State", "math"]
+__all__ = ["Lifecycle", "Override", "ResourceDecorator", "State"]

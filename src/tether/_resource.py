@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._stats import Counters
@@ -196,7 +196,3 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event: Any = None  # an anyio.Event, made only if someone has to wait
-
-
-def is_awaitable(value: Any) -> bool:
-    return isinstance(value, Awaitable)

@@ -143,10 +143,6 @@ def unavailable(
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
 
 
-def describe_any(value: Any) -> str:
-    return redact(repr(value))
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 

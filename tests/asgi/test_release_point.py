@@ -352,3 +352,53 @@ class TestMiddleware:
         assert rec.events.count("commit") == 1
         assert "rollback HTTPException" in rec.events
         assert "commit failed" in rec.events
+
+
+class TestInstall:
+    def test_route_added_after_startup_says_how_to_fix(self) -> None:
+        """A resource asked for on a route tether never saw gives a ScopeError naming the fix."""
+        app, lc, _ = make_app()
+        session = lc.resources["session"]
+        with TestClient(app) as client:
+
+            @app.get("/late")
+            async def late(s: Annotated[dict[str, Any], Depends(session)]) -> dict[str, str]:
+                return {"late": "yes"}
+
+            with pytest.raises(
+                tether.ScopeError, match=r"^A tether resource was asked for on '/late'"
+            ):
+                client.get("/late")
+
+    def test_explicit_install_for_an_app_with_its_own_lifespan(self) -> None:
+        """`install(app, lc)` plus `lc.run()` in the app's own lifespan gives the same release point."""
+        from contextlib import asynccontextmanager
+
+        from tether.fastapi import install
+
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            rec("open")
+            yield "conn"
+            rec("close")
+
+        @asynccontextmanager
+        async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with lc.run():
+                yield
+
+        app = FastAPI(lifespan=own_lifespan)
+
+        @app.get("/")
+        async def root(c: Annotated[str, Depends(conn)]) -> str:
+            rec("endpoint")
+            return c
+
+        install(app, lc)
+        install(app, lc)  # harmless twice
+        with TestClient(app) as client:
+            assert client.get("/").json() == "conn"
+        assert rec.events == ["open", "endpoint", "close"]

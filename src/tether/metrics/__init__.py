@@ -1,0 +1,1 @@
+"""Exporters of `Lifecycle.stats()`; each behind its own extra."""

@@ -14,6 +14,7 @@ def test_all_is_sorted_and_complete() -> None:
         "annotations",
         "fastapi",
         "integrations",
+        "metrics",
     }
     assert sorted(tether.__all__) == list(tether.__all__)
     assert set(tether.__all__) - {"__version__"} == public

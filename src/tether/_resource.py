@@ -184,15 +184,18 @@ class Resource(Generic[T]):
             unit = await self.lifecycle._unit_for_connection(connection)
         values = unit.values
         value = values.get(self, _MISSING)
-        if value is _MISSING or value.__class__ is _Pending:
+        if value is _MISSING or value is OPENING:
             return await unit.get(self)
         return value  # type: ignore[no-any-return]
 
 
-class _Pending:
-    """Placeholder while a resource is being opened in a unit of work."""
+class _Opening:
+    """The placeholder of a value being opened in a unit of work (one shared instance)."""
 
-    __slots__ = ("event",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.event: Any = None  # an anyio.Event, made only if someone has to wait
+    def __repr__(self) -> str:
+        return "<opening>"
+
+
+OPENING: Any = _Opening()

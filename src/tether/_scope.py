@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from ._errors import ResourceClosedError, ResourceUnavailable, ScopeError, describe
-from ._resource import _MISSING, Kind, Resource, _Pending
+from ._resource import _MISSING, OPENING, Kind, Resource
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
@@ -284,7 +284,16 @@ async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) ->
         if kind is Kind.ASYNC_GEN:
             step = handle.__anext__() if exc is None else handle.athrow(exc)
             try:
-                await _drive(lc, res, step)
+                if asyncio._get_running_loop() is None:
+                    await _drive_anyio(lc, res, step)
+                else:
+                    # `_drive` inlined: most cleanups finish without suspending.
+                    try:
+                        first = step.send(None)
+                    except StopIteration:
+                        pass  # it yielded again: reported below
+                    else:
+                        await _Shielded(lc, res, step, first)
             except StopAsyncIteration:
                 return
             await _drive(lc, res, handle.aclose())
@@ -465,10 +474,12 @@ class Unit:
         "closed",
         "entries",
         "label",
+        "late",
         "lc",
         "started",
         "track_stacks",
         "values",
+        "waiting",
     )
 
     def __init__(self, lc: Lifecycle, label: str, *, track_stacks: bool = False) -> None:
@@ -479,6 +490,8 @@ class Unit:
         self.closed = False
         self.started = _now()
         self.track_stacks = track_stacks
+        self.late = False  # some value is released after the response
+        self.waiting: dict[Resource[Any], anyio.Event] | None = None  # tasks awaiting an open
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.entries)} open"
@@ -489,11 +502,15 @@ class Unit:
         value = self.values.get(res, _MISSING)
         if value is _MISSING:
             return await self._open(res)
-        if value.__class__ is _Pending:
+        if value is OPENING:
             # Another task of this unit is opening it: wait for that, do not open twice.
-            if value.event is None:
-                value.event = anyio.Event()
-            await value.event.wait()
+            waiting = self.waiting
+            if waiting is None:
+                waiting = self.waiting = {}
+            event = waiting.get(res)
+            if event is None:
+                event = waiting[res] = anyio.Event()
+            await event.wait()
             return await self.get(res)
         return value  # type: ignore[no-any-return]
 
@@ -519,8 +536,7 @@ class Unit:
             self.values[res] = value
             return value
         values = self.values
-        pending = _Pending()
-        values[res] = pending
+        values[res] = OPENING
         c = target.counters
         started = False  # a dependency's failure to open is not this resource's error
         try:
@@ -548,8 +564,8 @@ class Unit:
             if started:
                 c.open_errors += 1
             del values[res]
-            if pending.event is not None:
-                pending.event.set()
+            if self.waiting is not None:
+                self._opened(res)
             raise
         waited = _now() - t0
         c.wait_time += waited
@@ -565,13 +581,21 @@ class Unit:
             if c.in_use > c.max_in_use:
                 c.max_in_use = c.in_use
             entry = Entry(target, handle, value, capture_stack() if self.track_stacks else None)
-            if entry.late and target.deps:
-                self._mark_late(target)
+            if entry.late:
+                self.late = True
+                if target.deps:
+                    self._mark_late(target)
             self.entries.append(entry)
         values[res] = value
-        if pending.event is not None:
-            pending.event.set()
+        if self.waiting is not None:
+            self._opened(res)
         return value
+
+    def _opened(self, res: Resource[Any]) -> None:
+        assert self.waiting is not None
+        event = self.waiting.pop(res, None)
+        if event is not None:
+            event.set()
 
     def _mark_late(self, res: Resource[Any]) -> None:
         # A resource released after the response keeps what it depends on open as long.
@@ -596,11 +620,11 @@ class Unit:
         entries = self.entries
         if not entries:
             return errors
-        early = [e for e in entries if not e.late]
-        if len(early) == len(entries):
+        if not self.late:
             self.values.clear()
             await close_entries(self.lc, entries, exc, errors)
             return errors
+        early = [e for e in entries if not e.late]
         entries[:] = [e for e in entries if e.late]
         for entry in early:
             for key, value in list(self.values.items()):

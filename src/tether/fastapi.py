@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
-from ._resource import _MISSING, Resource, _Pending
+from ._resource import _MISSING, OPENING, Resource
 from ._scope import Unit, current_unit
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def _inline(route: Any, lc: Lifecycle) -> None:
             value = got(res, _MISSING)
             if value is _MISSING:
                 value = await unit._open(res)
-            elif value.__class__ is _Pending:
+            elif value is OPENING:
                 value = await unit.get(res)
             values[name] = value
         return await endpoint(**values)

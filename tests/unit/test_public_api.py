@@ -15,6 +15,7 @@ def test_all_is_sorted_and_complete() -> None:
         "fastapi",
         "integrations",
         "metrics",
+        "cli",
     }
     assert sorted(tether.__all__) == list(tether.__all__)
     assert set(tether.__all__) - {"__version__"} == public

@@ -437,6 +437,46 @@ class _ProcessServer(_Server):
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def _launch(
+        self,
+        what: str,
+        argv: Callable[[], Sequence[str]],
+        ready: Callable[[], bool],
+        *,
+        account: pwd.struct_passwd | None = None,
+    ) -> None:
+        """Start on a free port; if another process took that port meanwhile, try another
+        (three tries). On failure, stop and raise ServerError with the log's tail."""
+        _register(self)
+        try:
+            for attempt in range(3):
+                self._port = free_port()
+                offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+                self._proc = self._spawn(argv(), account=account)
+                if _wait_for(ready, timeout=START_TIMEOUT, alive=self._alive):
+                    return
+                log = self._read_log(offset)
+                self._terminate()
+                if attempt < 2 and _port_in_use(log):
+                    continue
+                raise ServerError(
+                    f"{what} did not start on {HOST}:{self._port}\n"
+                    f"--- tail of {self.log_path} ---\n{_tail(self.log_path)}"
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        with self._lock:
+            try:
+                # SIGTERM: redis and pgbouncer close their clients at once and exit
+                self._terminate(signal.SIGTERM)
+            finally:
+                _unregister(self)
+                self._remove_dir()
+                self._port = None
+
     def _terminate(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -876,35 +916,8 @@ class Redis(_ProcessServer):
             binary = _find_binary("redis-server", "redis-server")
             if self._dir is None:
                 self._dir = _make_tempdir("tether-redis-", None)
-            _register(self)
-            try:
-                for attempt in range(3):
-                    self._port = free_port()
-                    offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-                    self._proc = self._spawn(self._argv(binary))
-                    if _wait_for(self._ping, timeout=START_TIMEOUT, alive=self._alive):
-                        return self
-                    log = self._read_log(offset)
-                    self._terminate()
-                    if attempt < 2 and _port_in_use(log):
-                        continue
-                    raise ServerError(
-                        f"redis-server did not start on {HOST}:{self._port}\n"
-                        f"--- tail of {self.log_path} ---\n{_tail(self.log_path)}"
-                    )
-                raise AssertionError("unreachable")
-            except BaseException:
-                self.stop()
-                raise
-
-    def stop(self) -> None:
-        with self._lock:
-            try:
-                self._terminate(signal.SIGTERM)
-            finally:
-                _unregister(self)
-                self._remove_dir()
-                self._port = None
+            self._launch("redis-server", lambda: self._argv(binary), self._ping)
+            return self
 
     def command(self, *args: str | bytes | int) -> Any:
         """Send one command on a fresh connection and return the decoded reply."""
@@ -1019,37 +1032,13 @@ class PgBouncer(_ProcessServer):
             self._account = _service_account()
             if self._dir is None:
                 self._dir = _make_tempdir("tether-pgbouncer-", self._account)
-            _register(self)
-            try:
-                for attempt in range(3):
-                    self._port = free_port()
-                    self._write_config()
-                    offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-                    self._proc = self._spawn([binary, str(self.config_path)], account=self._account)
-                    if _wait_for(self._ready, timeout=START_TIMEOUT, alive=self._alive):
-                        return self
-                    log = self._read_log(offset)
-                    self._terminate()
-                    if attempt < 2 and _port_in_use(log):
-                        continue
-                    raise ServerError(
-                        f"pgbouncer did not start on {HOST}:{self._port}\n"
-                        f"--- tail of {self.log_path} ---\n{_tail(self.log_path)}"
-                    )
-                raise AssertionError("unreachable")
-            except BaseException:
-                self.stop()
-                raise
 
-    def stop(self) -> None:
-        with self._lock:
-            try:
-                # SIGINT: safe shutdown would wait for clients; SIGTERM closes them at once
-                self._terminate(signal.SIGTERM)
-            finally:
-                _unregister(self)
-                self._remove_dir()
-                self._port = None
+            def argv() -> list[str]:
+                self._write_config()  # the config names the port just chosen
+                return [binary, str(self.config_path)]
+
+            self._launch("pgbouncer", argv, self._ready, account=self._account)
+            return self
 
     def show(self, what: str) -> list[dict[str, Any]]:
         """``SHOW <what>`` on the admin console (POOLS, CLIENTS, SERVERS, STATS, ...)."""

@@ -372,8 +372,7 @@ class _TetherRoute:
             return
         unit = HttpUnit(lc, self.label, scope, receive, send)
         unit.task = asyncio.current_task()
-        units = lc._units
-        units.add(unit)
+        lc._units.add(unit)
         lc._units_total += 1
         token = _CURRENT.set(unit)
         try:
@@ -388,9 +387,7 @@ class _TetherRoute:
             unit.closed = True
             if unit.watcher is not None:
                 unit.watcher.cancel()
-            units.discard(unit)
-            if lc._drained is not None and not units:
-                lc._drained.set()
+            lc._retire(unit)
 
     async def _failed(self, unit: HttpUnit, exc: BaseException) -> None:
         if isinstance(exc, _Replaced):

@@ -30,7 +30,7 @@ def resolve(resources: Mapping[str, Resource[Any]], extra: list[Resource[Any]]) 
                 )
                 raise ScopeError(msg)
             deps.append(dep)
-        res.deps = tuple(deps)
+        res.set_deps(tuple(deps))
     _check_cycles(resources, {r.name: r for r in extra})
 
 

@@ -593,7 +593,7 @@ class Lifecycle:
             slot.opened.set()
             return
         value, handle = opened
-        entry = Entry(target, handle, value, None)
+        entry = Entry(target, handle, value, None, time.perf_counter())
         slot.value = value
         slot.entry = entry
         self._app_values[target] = value

@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._stats import Counters
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
+    from ._scope import Unit
 
 T = TypeVar("T")
 
@@ -77,6 +79,10 @@ def parameters_of(factory: Callable[..., Any]) -> tuple[str, ...]:
 
 _MISSING: Any = object()
 
+# The unit of work of the running request (set by the ASGI glue for the call's task), as
+# a weak reference: see tether.fastapi.
+current_unit: ContextVar[Callable[[], Unit | None] | None] = ContextVar("tether_unit", default=None)
+
 
 class Resource(Generic[T]):
     """A named factory with a scope, registered on a :class:`~tether.Lifecycle`.
@@ -95,6 +101,7 @@ class Resource(Generic[T]):
         "counters",
         "deps",
         "factory",
+        "fast",
         "guard",
         "has_cleanup",
         "is_sync",
@@ -154,6 +161,22 @@ class Resource(Generic[T]):
         self.deps: tuple[Resource[Any], ...] = ()
         self.limiter: Any = None  # anyio.CapacityLimiter, made when the lifecycle starts
         self.counters = Counters()
+        self.fast = False
+        self.set_deps(())
+
+    def set_deps(self, deps: tuple[Resource[Any], ...]) -> None:
+        """Bind the resources this one depends on (when the graph is resolved)."""
+        self.deps = deps
+        # The common request resource (an async generator needing only app resources,
+        # no timeout, no proxy, released at the handler) is opened inline by the glue.
+        self.fast = (
+            self.scope == "request"
+            and self.kind is Kind.ASYNC_GEN
+            and all(d.scope == "app" for d in deps)
+            and self.timeout is None
+            and not self.guard
+            and not self.late
+        )
 
     def __repr__(self) -> str:
         return f"<tether.Resource {self.name!r} scope={self.scope!r}>"
@@ -177,9 +200,8 @@ class Resource(Generic[T]):
 
     async def __call__(self, connection: Any = None) -> T:
         """Give the value for the current request's unit of work (the FastAPI dependency)."""
-        from ._scope import current_unit
-
-        unit = current_unit.get()
+        ref = current_unit.get()
+        unit = ref() if ref is not None else None
         if unit is None or unit.lc is not self.lifecycle:
             unit = await self.lifecycle._unit_for_connection(connection)
         values = unit.values

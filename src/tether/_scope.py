@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator
-from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,8 +28,6 @@ T = TypeVar("T")
 log = logging.getLogger("tether")
 _now = time.perf_counter
 
-# The unit of work of the running request (set by the ASGI glue for the call's task).
-current_unit: ContextVar[Unit | None] = ContextVar("tether_unit", default=None)
 
 # Frames skipped in an acquirer's stack. tether's own by its real directory, not "/tether/":
 # a checkout or a project named "tether" (as on CI) would otherwise hide the user's frames.
@@ -49,11 +46,13 @@ class Entry:
 
     __slots__ = ("handle", "late", "leak_reported", "opened_at", "res", "stack", "value")
 
-    def __init__(self, res: Resource[Any], handle: Any, value: Any, stack: Any) -> None:
+    def __init__(
+        self, res: Resource[Any], handle: Any, value: Any, stack: Any, opened_at: float
+    ) -> None:
         self.res = res
         self.handle = handle
         self.value = value
-        self.opened_at = _now()
+        self.opened_at = opened_at
         self.late = res.late
         self.leak_reported = False
         self.stack = stack
@@ -141,69 +140,111 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
 # --------------------------------------------------------------------------- closing
 
 
+class _Gate:
+    """What a task waits on instead of a cleanup's future: that future, refusing cancellation.
+
+    The task registers its wake-up on the real future (through ``add_done_callback``),
+    so it resumes as soon as the cleanup's future completes, in the same loop iteration
+    as without a shield. ``task.cancel()`` calls ``cancel()`` on what the task waits
+    on: here that refuses, so asyncio marks the task to be cancelled at its next step,
+    which is when the cleanup's future is done. `_Shielded` takes that cancellation,
+    lets the cleanup go on, and delivers it again once the cleanup is over.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "fut")
+
+    def __init__(self, fut: asyncio.Future[Any]) -> None:
+        self.fut = fut
+        self._asyncio_future_blocking = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.fut.get_loop()
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self.fut.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Any) -> int:
+        return self.fut.remove_done_callback(fn)
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False  # shielded: the task is cancelled once the cleanup is over
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def result(self) -> Any:
+        return self.fut.result()
+
+    def __repr__(self) -> str:
+        return f"<tether shielded cleanup waiting on {self.fut!r}>"
+
+
 class _Shielded:
     """Await the rest of a cleanup that was stepped once, shielded from cancellation.
 
     asyncio only. A cancellation (``task.cancel()``, which is also how anyio delivers
     one) cancels the future the task waits on. So the task never waits on the cleanup's
-    own future: it waits on a proxy that the real future resolves. A cancellation then
-    only cancels the proxy; the cleanup keeps waiting on its real future undisturbed,
-    and the cancellation is delivered again once the cleanup is over. Past
-    ``close_timeout`` the cleanup's future is cancelled (as a deadline would), and the
-    close reports a timeout. No task and no cancel scope are made: on a request's fresh
-    task either costs more than the cleanup itself when it is a pool release.
+    own future but on a `_Gate` that refuses to be cancelled: the cleanup keeps waiting
+    on its real future undisturbed, and the cancellation is delivered again once the
+    cleanup is over. Past ``close_timeout`` the cleanup's future is cancelled (as a
+    deadline would), and the close reports a timeout. No task, no cancel scope and no
+    extra loop iteration are spent: on a request's fresh task a task or a cancel scope
+    costs more than the cleanup itself when it is a pool release.
     """
 
-    __slots__ = ("coro", "deadline", "first", "lc", "proxy", "res", "timed_out")
+    __slots__ = ("coro", "deadline", "first", "fut", "lc", "res", "timed_out")
 
     def __init__(self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any) -> None:
         self.lc = lc
         self.res = res
         self.coro = coro
         self.first = first
-        self.proxy: asyncio.Future[None] | None = None
+        self.fut: asyncio.Future[Any] | None = None
         self.timed_out = False
         self.deadline = 0.0
-
-    def wake(self, _: Any = None) -> None:
-        proxy = self.proxy
-        if proxy is not None and not proxy.done():
-            proxy.set_result(None)
 
     def expire(self) -> None:
         """Past the deadline (called by a timer, or by the lifecycle's sweeper)."""
         self.timed_out = True
-        self.wake()
+        fut = self.fut
+        if fut is not None:
+            fut.cancel()
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self.coro
         yielded = self.first
         lc = self.lc
-        loop = asyncio.get_running_loop()
         self.deadline = _now() + lc.close_timeout
         # The running lifecycle's sweeper enforces deadlines; without it, a timer does.
-        timer = None if lc._sweeping else loop.call_later(lc.close_timeout, self.expire)
-        if timer is None:
+        timer = None
+        if lc._sweeping:
             lc._slow_closes.add(self)
+        else:
+            timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
         swallowed = 0
         try:
             while True:
                 if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
                     fut = yielded
                     fut._asyncio_future_blocking = False
-                    while not fut.done():
-                        if self.timed_out:
-                            fut.cancel()
-                            break
-                        proxy = self.proxy = loop.create_future()
-                        fut.add_done_callback(self.wake)
-                        proxy._asyncio_future_blocking = True
+                    if self.timed_out:
+                        fut.cancel()
+                    if not fut.done():
+                        self.fut = fut
                         try:
-                            yield proxy
+                            yield _Gate(fut)
                         except asyncio.CancelledError:
-                            swallowed += 1
-                        fut.remove_done_callback(self.wake)
-                    self.proxy = None
+                            # The task was cancelled while waiting (delivered now that the
+                            # future is done), or the future itself was cancelled: then
+                            # the cleanup sees that when it reads the result.
+                            if not fut.cancelled() or not self.timed_out:
+                                swallowed += 1
+                        except BaseException:
+                            pass
+                        self.fut = None
                     step: Any = None
                 else:
                     # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
@@ -236,6 +277,40 @@ class _Shielded:
         if self.timed_out:
             _close_timed_out(lc, self.res)
         return result
+
+
+class _ClosingStep(_Shielded):
+    """The rest of a generator's cleanup step (`start_close` ran it until it waited).
+
+    Shielded and bounded like any cleanup, then the value's bookkeeping: what
+    `close_entry` does, without a coroutine of its own on the request's path.
+    """
+
+    __slots__ = ("entry", "exc")
+
+    def __init__(
+        self, lc: Lifecycle, entry: Entry, exc: BaseException | None, step: Any, first: Any
+    ) -> None:
+        _Shielded.__init__(self, lc, entry.res, step, first)
+        self.entry = entry
+        self.exc = exc
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        entry = self.entry
+        exc = self.exc
+        try:
+            yield from _Shielded.__await__(self)
+        except StopAsyncIteration:
+            _count_closed(entry)
+            return None
+        except BaseException as failure:
+            _count_closed(entry)
+            if failure is exc:
+                return None
+            entry.res.counters.close_errors += 1
+            raise
+        # The step ended with a value: the generator yielded a second time.
+        return (yield from close_entry(self.lc, entry, exc, again=True).__await__())
 
 
 async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
@@ -275,19 +350,81 @@ def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
     raise TimeoutError(msg)
 
 
-async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> None:
-    """Close one value. Raises the cleanup's own failure (not *exc* re-raised)."""
+def _count_closed(entry: Entry) -> None:
+    c = entry.res.counters
+    c.closed += 1
+    c.in_use -= 1
+    held = _now() - entry.opened_at
+    c.hold_time += held
+    if held > c.max_hold_time:
+        c.max_hold_time = held
+
+
+def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
+    """Begin closing one value: ``None`` if it closed already, else an awaitable that finishes.
+
+    Most cleanups finish without suspending (a generator with nothing to await after its
+    ``yield``, a pool release that completes at once). Those are run here, synchronously:
+    no coroutine, and no cancellation could have reached them. Raises the cleanup's own
+    failure (counted), never *exc* re-raised.
+    """
+    res = entry.res
+    kind = res.kind
+    if kind is Kind.ASYNC_GEN:
+        if asyncio._get_running_loop() is None:
+            return close_entry(lc, entry, exc)
+        handle = entry.handle
+        step = handle.__anext__() if exc is None else handle.athrow(exc)
+        try:
+            first = step.send(None)
+        except StopAsyncIteration:
+            _count_closed(entry)
+            return None
+        except StopIteration:
+            return close_entry(lc, entry, exc, again=True)
+        except BaseException as failure:
+            _count_closed(entry)
+            if failure is exc:
+                return None
+            res.counters.close_errors += 1
+            raise
+        return _ClosingStep(lc, entry, exc, step, first)
+    if (kind is Kind.SYNC_GEN or kind is Kind.SYNC_CM) and not res.thread:
+        try:
+            _close_sync(res, entry.handle, exc)
+        except BaseException as failure:
+            if failure is not exc:
+                res.counters.close_errors += 1
+                raise
+        finally:
+            _count_closed(entry)
+        return None
+    return close_entry(lc, entry, exc)
+
+
+async def close_entry(
+    lc: Lifecycle,
+    entry: Entry,
+    exc: BaseException | None,
+    again: bool = False,
+) -> None:
+    """Close one value. Raises the cleanup's own failure (not *exc* re-raised).
+
+    *again*: `start_close` already ran the generator's cleanup step, and it yielded again.
+    """
     res = entry.res
     kind = res.kind
     handle = entry.handle
     try:
         if kind is Kind.ASYNC_GEN:
-            step = handle.__anext__() if exc is None else handle.athrow(exc)
             try:
-                if asyncio._get_running_loop() is None:
+                if again:
+                    pass  # `start_close` ran the step: it yielded again, reported below
+                elif asyncio._get_running_loop() is None:
+                    step = handle.__anext__() if exc is None else handle.athrow(exc)
                     await _drive_anyio(lc, res, step)
                 else:
-                    # `_drive` inlined: most cleanups finish without suspending.
+                    step = handle.__anext__() if exc is None else handle.athrow(exc)
                     try:
                         first = step.send(None)
                     except StopIteration:
@@ -322,13 +459,7 @@ async def close_entry(lc: Lifecycle, entry: Entry, exc: BaseException | None) ->
         res.counters.close_errors += 1
         raise
     finally:
-        c = res.counters
-        c.closed += 1
-        c.in_use -= 1
-        held = _now() - entry.opened_at
-        c.hold_time += held
-        if held > c.max_hold_time:
-            c.max_hold_time = held
+        _count_closed(entry)
 
 
 def _close_sync(res: Resource[Any], handle: Any, exc: BaseException | None) -> None:
@@ -362,32 +493,41 @@ async def close_entries(
     while entries:
         entry = entries.pop()
         try:
-            await close_entry(lc, entry, exc)
+            pending = start_close(lc, entry, exc)
+            if pending is not None:
+                await pending
         except BaseException as failure:
-            if isinstance(failure, ResourceUnavailable):
-                # A cleanup that deliberately reports its backend as unavailable (a lost
-                # connection turned into a 503): expected, not a crash.
-                log.warning(
-                    "tether: closing resource %r: %s",
-                    entry.res.name,
-                    describe(failure),
-                    extra={"tether_resource": entry.res.name},
-                )
-            else:
-                log.error(
-                    "tether: closing resource %r failed: %s",
-                    entry.res.name,
-                    describe(failure),
-                    exc_info=failure,
-                    extra={"tether_resource": entry.res.name},
-                )
-            if exc is not None and failure.__context__ is None:
-                failure.__context__ = exc
-            errors.append(failure)
-            exc = failure
-        if entry.value.__class__ is Guarded:
+            exc = close_failed(entry, failure, exc, errors)
+        if entry.res.guard:
             object.__setattr__(entry.value, "_tether_closed", True)
     return exc
+
+
+def close_failed(
+    entry: Entry, failure: BaseException, exc: BaseException | None, errors: list[BaseException]
+) -> BaseException:
+    """Log a cleanup's failure, chain it to *exc*, record it; it is what the rest then see."""
+    if isinstance(failure, ResourceUnavailable):
+        # A cleanup that deliberately reports its backend as unavailable (a lost
+        # connection turned into a 503): expected, not a crash.
+        log.warning(
+            "tether: closing resource %r: %s",
+            entry.res.name,
+            describe(failure),
+            extra={"tether_resource": entry.res.name},
+        )
+    else:
+        log.error(
+            "tether: closing resource %r failed: %s",
+            entry.res.name,
+            describe(failure),
+            exc_info=failure,
+            extra={"tether_resource": entry.res.name},
+        )
+    if exc is not None and failure.__context__ is None:
+        failure.__context__ = exc
+    errors.append(failure)
+    return failure
 
 
 # --------------------------------------------------------------------------- guard
@@ -448,10 +588,10 @@ class Guarded:
 # --------------------------------------------------------------------------- the unit
 
 
-def capture_stack() -> list[tuple[str, int, str]]:
+def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
     """The caller's frames outside tether and the frameworks, innermost last."""
     frames: list[tuple[str, int, str]] = []
-    f: Any = sys._getframe(2)
+    f: Any = sys._getframe(depth)
     while f is not None and len(frames) < 12:
         filename = f.f_code.co_filename
         if not any(d in filename for d in _TETHER_DIRS):
@@ -459,6 +599,18 @@ def capture_stack() -> list[tuple[str, int, str]]:
         f = f.f_back
     frames.reverse()
     return frames
+
+
+def app_args(lc: Lifecycle, res: Resource[Any]) -> list[Any] | None:
+    """The open app values a `fast` resource needs, or None if one is not open."""
+    app = lc._app_values
+    args = []
+    for dep in res.deps:
+        value = app.get(dep, _MISSING)
+        if value is _MISSING:
+            return None
+        args.append(value)
+    return args
 
 
 class Unit:
@@ -535,12 +687,15 @@ class Unit:
             value = lc._app_value(res)
             self.values[res] = value
             return value
-        values = self.values
-        values[res] = OPENING
-        c = target.counters
+        self.values[res] = OPENING
         started = False  # a dependency's failure to open is not this resource's error
         try:
-            args = [await self.get(d) for d in target.deps] if target.deps else ()
+            args: Any = ()
+            if target.deps:
+                if target.fast and not lc._overrides:
+                    args = app_args(lc, target)
+                if not args:
+                    args = [await self.get(d) for d in target.deps]
             started = True
             t0 = _now()
             kind = target.kind
@@ -562,34 +717,47 @@ class Unit:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException:
             if started:
-                c.open_errors += 1
-            del values[res]
-            if self.waiting is not None:
-                self._opened(res)
+                target.counters.open_errors += 1
+            self._open_failed(res)
             raise
-        waited = _now() - t0
+        return self._add(res, target, handle, value, t0)  # type: ignore[no-any-return]
+
+    def _add(
+        self, res: Resource[Any], target: Resource[Any], handle: Any, value: Any, t0: float
+    ) -> Any:
+        """Record a value just opened for *res* (by *target*, its override or itself)."""
+        c = target.counters
+        now = _now()
+        waited = now - t0
         c.wait_time += waited
         if waited > c.max_wait_time:
             c.max_wait_time = waited
         c.opened += 1
         if target.guard:
-            value = Guarded(target, value)  # type: ignore[assignment]
+            value = Guarded(target, value)
         if not target.has_cleanup and not target.guard:
             c.closed += 1
         else:
             c.in_use += 1
             if c.in_use > c.max_in_use:
                 c.max_in_use = c.in_use
-            entry = Entry(target, handle, value, capture_stack() if self.track_stacks else None)
+            stack = capture_stack(3) if self.track_stacks else None
+            entry = Entry(target, handle, value, stack, now)
             if entry.late:
                 self.late = True
                 if target.deps:
                     self._mark_late(target)
             self.entries.append(entry)
-        values[res] = value
+        self.values[res] = value
         if self.waiting is not None:
             self._opened(res)
         return value
+
+    def _open_failed(self, res: Resource[Any]) -> None:
+        """Forget a value whose opening failed (the failure propagates)."""
+        del self.values[res]
+        if self.waiting is not None:
+            self._opened(res)
 
     def _opened(self, res: Resource[Any]) -> None:
         assert self.waiting is not None

@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,8 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
-from ._resource import _MISSING, OPENING, Resource
-from ._scope import Unit, current_unit
+from ._resource import _MISSING, OPENING, Resource, current_unit
+from ._scope import Entry, Unit, _now, app_args, close_entries, close_failed, start_close
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,7 +55,18 @@ class _Replaced(Exception):
     """Raised out of ``send`` once tether has answered in the app's stead."""
 
 
+# The context holds a weak reference to the unit, not the unit: callbacks scheduled
+# during a request copy the context (uvicorn's keep-alive timer, asyncpg's idle-connection
+# timer), and a strong reference would keep the request's objects (its send, receive and
+# scope) alive for seconds or minutes after it ended, for the garbage collector to walk.
 _CURRENT = current_unit
+_ref = weakref.ref
+
+# asyncio.current_task() is written in Python before 3.12; its dict and the running loop
+# are C: read them directly on the request path.
+_PY311 = sys.version_info < (3, 12)
+_tasks_by_loop: dict[Any, Any] = getattr(asyncio.tasks, "_current_tasks", {}) if _PY311 else {}
+_running_loop = asyncio._get_running_loop
 
 
 # --------------------------------------------------------------------------- install
@@ -138,19 +150,43 @@ def _inline(route: Any, lc: Lifecycle) -> None:
 
     @functools.wraps(endpoint)
     async def with_resources(**values: Any) -> Any:
-        unit = _CURRENT.get()
+        ref = _CURRENT.get()
+        unit = ref() if ref is not None else None
         if unit is None:  # pragma: no cover - the route wrapper always sets it
             msg = f"No tether unit of work for {_label(route)}; was the route wrapper removed?"
             raise ScopeError(msg)
         now_overridden = getattr(provider, "dependency_overrides", None)
-        got = unit.values.get
+        opened = unit.values
         for name, res in pairs:
             if now_overridden and res in now_overridden:
                 values[name] = await _call_override(now_overridden[res], res)
                 continue
-            value = got(res, _MISSING)
+            value = opened.get(res, _MISSING)
             if value is _MISSING:
-                value = await unit._open(res)
+                args = None
+                if res.fast and not unit.closed and not lc._overrides:
+                    args = app_args(lc, res) if res.deps else ()
+                if args is not None:
+                    # `Unit._open` inlined for the common request resource (an async
+                    # generator needing only app values): no coroutine of tether's own.
+                    opened[res] = OPENING
+                    t0 = _now()
+                    try:
+                        handle = res.factory(*args)
+                        value = await handle.__anext__()
+                    except BaseException as exc:
+                        res.counters.open_errors += 1
+                        unit._open_failed(res)
+                        if isinstance(exc, StopAsyncIteration):
+                            msg = (
+                                f"Resource {res.name!r}: its generator returned without "
+                                f"yielding a value."
+                            )
+                            raise RuntimeError(msg) from None
+                        raise
+                    value = unit._add(res, res, handle, value, t0)
+                else:
+                    value = await unit._open(res)
             elif value is OPENING:
                 value = await unit.get(res)
             values[name] = value
@@ -208,24 +244,19 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
 class HttpUnit(Unit):
     """The unit of work of one HTTP request (or one WebSocket connection)."""
 
-    __slots__ = (
-        "_receive",
-        "_send",
-        "arrived",
-        "body_done",
-        "buffer",
-        "cancelled",
-        "complete",
-        "disconnected",
-        "failure",
-        "headers",
-        "state",
-        "task",
-        "watcher",
-    )
+    __slots__ = ("_receive", "_send", "body_done", "failure", "headers", "state", "task", "watch")
 
     def __init__(self, lc: Lifecycle, label: str, scope: Scope, receive: Receive, send: Send):
-        Unit.__init__(self, lc, label)
+        # Unit.__init__, inlined (one call less per request).
+        self.lc = lc
+        self.label = label
+        self.values: dict[Resource[Any], Any] = {}
+        self.entries: list[Entry] = []
+        self.closed = False
+        self.started = _now()
+        self.track_stacks = False
+        self.late = False
+        self.waiting = None
         # Not the scope itself: a unit referenced from the scope and referencing it back
         # would make every request a reference cycle for the garbage collector.
         self.headers = scope["headers"]
@@ -233,14 +264,9 @@ class HttpUnit(Unit):
         self._send = send
         self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
         self.failure: BaseException | None = None
-        self.complete = False
-        self.disconnected = False
-        self.cancelled = False  # tether cancelled the task because the client went away
         self.body_done = False
         self.task: asyncio.Task[Any] | None = None
-        self.watcher: asyncio.Task[Any] | None = None
-        self.buffer: collections.deque[Message] | None = None
-        self.arrived: asyncio.Event | None = None
+        self.watch: _Watch | None = None  # made once the request has run a while
 
     async def send(self, message: Message) -> None:
         if self.state == 0:
@@ -253,8 +279,28 @@ class HttpUnit(Unit):
                     # failure the cleanups should see.
                     handled = sys.exc_info()[1]
                     self.failure = handled if handled is not None else FailedResponse(status)
-                if self.entries:
-                    errors = await self.release_early(self.failure)
+                entries = self.entries
+                if entries:
+                    if self.late or self.failure is not None:
+                        errors = await self.release_early(self.failure)
+                    else:
+                        # The common case, without a coroutine per value: close every
+                        # value; a cleanup that suspends is awaited (shielded) here.
+                        self.values.clear()
+                        lc = self.lc
+                        errors = []
+                        while entries:
+                            entry = entries.pop()
+                            try:
+                                pending = start_close(lc, entry, None)
+                                if pending is not None:
+                                    await pending
+                            except BaseException as failure:
+                                await close_entries(
+                                    lc, entries, close_failed(entry, failure, None, errors), errors
+                                )
+                            if entry.res.guard:
+                                object.__setattr__(entry.value, "_tether_closed", True)
                     if errors and self.failure is None:
                         self.state = 2
                         await _answer_error(self._send, errors[-1])
@@ -263,30 +309,32 @@ class HttpUnit(Unit):
             return
         if self.state == 2:
             raise _Replaced
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.complete = True
-            if self.entries:
-                # release="response": close before the last body message, so a failing
-                # commit aborts the response instead of completing it.
-                errors = await self.aclose(self.failure)
-                if errors and self.failure is None:
-                    self.state = 2
-                    raise _Replaced from errors[-1]
+        if (
+            self.entries
+            and message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+        ):
+            # release="response": close before the last body message, so a failing
+            # commit aborts the response instead of completing it.
+            errors = await self.aclose(self.failure)
+            if errors and self.failure is None:
+                self.state = 2
+                raise _Replaced from errors[-1]
         await self._send(message)
 
     async def receive(self) -> Message:
-        buffer = self.buffer
-        if buffer is None:
+        watch = self.watch
+        if watch is None:
             message = await self._receive()
             if not message.get("more_body", False):
                 self.body_done = True
             return message
+        buffer = watch.buffer
         while not buffer:
-            if self.disconnected:
+            if watch.disconnected:
                 return {"type": "http.disconnect"}
-            assert self.arrived is not None
-            self.arrived.clear()
-            await self.arrived.wait()
+            watch.arrived.clear()
+            await watch.arrived.wait()
         return buffer.popleft()
 
     def start_watching(self) -> None:
@@ -296,13 +344,10 @@ class HttpUnit(Unit):
                 if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                     return  # the app may still be reading the body: do not compete for it
             self.body_done = True
-        self.buffer = collections.deque()
-        self.arrived = asyncio.Event()
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+        watch = self.watch = _Watch()
+        watch.task = asyncio.get_running_loop().create_task(self._watch(watch))
 
-    async def _watch(self) -> None:
-        assert self.buffer is not None
-        assert self.arrived is not None
+    async def _watch(self, watch: _Watch) -> None:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -310,14 +355,27 @@ class HttpUnit(Unit):
                 # its cleanups may be running (a commit must not be interrupted), and a
                 # stream learns of the disconnect from `send` itself.
                 if self.state == 0 and not self.closed and self.task is not None:
-                    self.cancelled = True
+                    watch.cancelled = True
                     log.info("tether: client went away during %s; cancelling it", self.label)
                     self.task.cancel()
-                self.disconnected = True
-                self.arrived.set()
+                watch.disconnected = True
+                watch.arrived.set()
                 return
-            self.buffer.append(message)
-            self.arrived.set()
+            watch.buffer.append(message)
+            watch.arrived.set()
+
+
+class _Watch:
+    """What listening for a client going away needs (only for requests that run a while)."""
+
+    __slots__ = ("arrived", "buffer", "cancelled", "disconnected", "task")
+
+    def __init__(self) -> None:
+        self.buffer: collections.deque[Message] = collections.deque()
+        self.arrived = asyncio.Event()
+        self.disconnected = False
+        self.cancelled = False  # tether cancelled the request because the client went away
+        self.task: asyncio.Task[None] | None = None
 
 
 class _Sweeper:
@@ -334,7 +392,7 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
     for unit in list(lc._units):
         if (
             isinstance(unit, HttpUnit)
-            and unit.watcher is None
+            and unit.watch is None
             and unit.state == 0
             and now - unit.started > WATCH_AFTER
             and not unit.closed
@@ -356,25 +414,20 @@ class _TetherRoute:
         self.label = label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        else:  # pragma: no cover - routes only see http and websocket
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
         lc = self.lc
         if lc.state is State.DRAINING:
             lc._units_refused += 1
             await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
             return
         unit = HttpUnit(lc, self.label, scope, receive, send)
-        unit.task = asyncio.current_task()
-        lc._units.add(unit)
+        unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
+        units = lc._units
+        units.add(unit)
         lc._units_total += 1
-        token = _CURRENT.set(unit)
+        token = _CURRENT.set(_ref(unit))
         try:
             await self.app(scope, unit.receive, unit.send)
         except BaseException as exc:
@@ -385,16 +438,28 @@ class _TetherRoute:
         finally:
             _CURRENT.reset(token)
             unit.closed = True
-            if unit.watcher is not None:
-                unit.watcher.cancel()
-            lc._retire(unit)
+            if unit.watch is not None and unit.watch.task is not None:
+                unit.watch.task.cancel()
+            units.discard(unit)
+            if lc._drained is not None and not units:
+                lc._drained.set()
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:  # pragma: no cover - routes only see http and websocket
+            await self.app(scope, receive, send)
 
     async def _failed(self, unit: HttpUnit, exc: BaseException) -> None:
         if isinstance(exc, _Replaced):
             if unit.entries:
                 await unit.aclose(exc.__cause__)
             return
-        if unit.cancelled and isinstance(exc, asyncio.CancelledError):
+        if (
+            unit.watch is not None
+            and unit.watch.cancelled
+            and isinstance(exc, asyncio.CancelledError)
+        ):
             task = unit.task
             if task is not None and task.cancelling():
                 task.uncancel()
@@ -417,7 +482,7 @@ class _TetherRoute:
         unit = Unit(lc, self.label)
         lc._units.add(unit)
         lc._units_total += 1
-        token = _CURRENT.set(unit)
+        token = _CURRENT.set(_ref(unit))
         try:
             await self.app(scope, receive, send)
         except BaseException as exc:

@@ -402,3 +402,35 @@ class TestInstall:
         with TestClient(app) as client:
             assert client.get("/").json() == "conn"
         assert rec.events == ["open", "endpoint", "close"]
+
+
+def test_callbacks_scheduled_during_a_request_do_not_keep_it_alive() -> None:
+    """A timer set during a request copies the request's context (uvicorn's keep-alive timer
+    does, so does asyncpg's idle-connection timer): the request's unit of work, with its
+    send and receive, is still freed as soon as the request ends."""
+    import asyncio
+    import weakref
+
+    lc = tether.Lifecycle()
+    units: list[Any] = []
+    timers: list[asyncio.TimerHandle] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/x")
+    async def x(c: Annotated[str, Depends(conn)]) -> dict[str, str]:
+        (unit,) = lc._units
+        units.append(weakref.ref(unit))
+        timers.append(asyncio.get_running_loop().call_later(3600, lambda: None))
+        return {"c": c}
+
+    with TestClient(app) as client:
+        assert client.get("/x").json() == {"c": "conn"}
+        try:
+            assert units[0]() is None
+        finally:
+            client.portal.call(lambda: timers[0].cancel())  # type: ignore[union-attr]

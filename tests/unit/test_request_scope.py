@@ -633,6 +633,83 @@ class TestNativeShield:
         assert events == ["closing", "closed", "after scope"]
         assert lc.stats().resources["conn"].closed == 1
 
+    async def test_cleanup_gets_the_failure_of_what_it_waits_on(self) -> None:
+        """A cleanup awaiting something that fails gets that failure, and may handle it."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            loop = asyncio.get_running_loop()
+            reply = loop.create_future()
+            loop.call_later(0.01, reply.set_exception, ConnectionResetError("peer reset"))
+            try:
+                await reply
+            except ConnectionResetError as exc:
+                events.append(f"handled {exc}")
+
+        async with lc.scope() as s:
+            await s.get(conn)
+        assert events == ["handled peer reset"]
+        assert lc.stats().resources["conn"].close_errors == 0
+
+    async def test_cleanup_failing_after_a_wait_reports_its_own_failure(self) -> None:
+        """The failure a waiting cleanup ends with is what the scope raises, and is counted."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            loop = asyncio.get_running_loop()
+            reply = loop.create_future()
+            loop.call_later(0.01, reply.set_exception, ConnectionResetError("peer reset"))
+            await reply
+
+        with pytest.raises(ConnectionResetError, match="peer reset"):
+            async with lc.scope() as s:
+                await s.get(conn)
+        stats = lc.stats().resources["conn"]
+        assert (stats.closed, stats.close_errors, stats.in_use) == (1, 1, 0)
+
+    async def test_several_cancels_during_a_cleanup_cancel_the_task_once_after(self) -> None:
+        """Three `task.cancel()` while a cleanup waits: it finishes, then the task is cancelled."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        release = asyncio.Event()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            await release.wait()
+            await asyncio.sleep(0)  # a second wait in the same cleanup
+            events.append("closed")
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+            events.append("after scope")
+            await asyncio.sleep(10)
+            events.append("never")  # pragma: no cover
+
+        task = asyncio.get_running_loop().create_task(job())
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            task.cancel()
+            await asyncio.sleep(0)
+        assert events == []
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        assert events == ["closed", "after scope"]
+        assert lc.stats().resources["conn"].closed == 1
+
     async def test_cleanup_with_its_own_cancel_scope(self) -> None:
         """A cleanup that enters an anyio cancel scope before it first waits closes cleanly."""
         lc = tether.Lifecycle()

@@ -130,6 +130,8 @@ def _inline(route: Any, lc: Lifecycle) -> None:
     if call is None or not inspect.iscoroutinefunction(call):
         return
     provider = getattr(route, "dependency_overrides_provider", None)
+    if not hasattr(provider, "dependency_overrides"):
+        provider = None
     overrides = getattr(provider, "dependency_overrides", None) or {}
     direct = [
         d
@@ -155,7 +157,7 @@ def _inline(route: Any, lc: Lifecycle) -> None:
         if unit is None:  # pragma: no cover - the route wrapper always sets it
             msg = f"No tether unit of work for {_label(route)}; was the route wrapper removed?"
             raise ScopeError(msg)
-        now_overridden = getattr(provider, "dependency_overrides", None)
+        now_overridden = provider.dependency_overrides if provider is not None else None
         opened = unit.values
         for name, res in pairs:
             if now_overridden and res in now_overridden:
@@ -288,7 +290,7 @@ class HttpUnit(Unit):
                         # value; a cleanup that suspends is awaited (shielded) here.
                         self.values.clear()
                         lc = self.lc
-                        errors = []
+                        errors = None
                         while entries:
                             entry = entries.pop()
                             try:
@@ -296,6 +298,7 @@ class HttpUnit(Unit):
                                 if pending is not None:
                                     await pending
                             except BaseException as failure:
+                                errors = []
                                 await close_entries(
                                     lc, entries, close_failed(entry, failure, None, errors), errors
                                 )

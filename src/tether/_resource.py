@@ -167,15 +167,17 @@ class Resource(Generic[T]):
     def set_deps(self, deps: tuple[Resource[Any], ...]) -> None:
         """Bind the resources this one depends on (when the graph is resolved)."""
         self.deps = deps
-        # The common request resource (an async generator needing only app resources,
-        # no timeout, no proxy, released at the handler) is opened inline by the glue.
+        # A plain request resource (no timeout, no proxy, released at the handler, run on
+        # the loop) is opened inline by the ASGI glue once what it needs is open.
         self.fast = (
             self.scope == "request"
-            and self.kind is Kind.ASYNC_GEN
-            and all(d.scope == "app" for d in deps)
             and self.timeout is None
             and not self.guard
             and not self.late
+            and (
+                self.kind in (Kind.ASYNC_GEN, Kind.ASYNC_FUNC)
+                or (self.kind in (Kind.SYNC_FUNC, Kind.SYNC_GEN) and not self.thread)
+            )
         )
 
     def __repr__(self) -> str:

@@ -608,16 +608,33 @@ def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
     return frames
 
 
-def app_args(lc: Lifecycle, res: Resource[Any]) -> list[Any] | None:
-    """The open app values a `fast` resource needs, or None if one is not open."""
-    app = lc._app_values
+def ready_args(unit: Unit, res: Resource[Any]) -> list[Any] | None:
+    """The values *res* depends on if they are all open already (in *unit*, or app
+    values), else None. No override may be active (the caller checks)."""
+    values = unit.values
+    app = unit.lc._app_values
     args = []
     for dep in res.deps:
-        value = app.get(dep, _MISSING)
+        value = values.get(dep, _MISSING)
         if value is _MISSING:
+            if dep.scope != "app":
+                return None
+            value = app.get(dep, _MISSING)
+            if value is _MISSING:
+                return None
+        elif value is OPENING:
             return None
         args.append(value)
     return args
+
+
+def _first(res: Resource[Any], gen: Any) -> Any:
+    """The value a sync generator yields first (run on the loop: ``thread=False``)."""
+    try:
+        return next(gen)
+    except StopIteration:
+        msg = f"Resource {res.name!r}: its generator returned without yielding a value."
+        raise RuntimeError(msg) from None
 
 
 class Unit:
@@ -699,9 +716,8 @@ class Unit:
         try:
             args: Any = ()
             if target.deps:
-                if target.fast and not lc._overrides:
-                    args = app_args(lc, target)
-                if not args:
+                args = None if lc._overrides else ready_args(self, target)
+                if args is None:
                     args = [await self.get(d) for d in target.deps]
             started = True
             t0 = _now()
@@ -720,6 +736,9 @@ class Unit:
                 value, handle = target.factory(*args), None
             elif kind is Kind.ASYNC_FUNC:
                 value, handle = await target.factory(*args), None
+            elif kind is Kind.SYNC_GEN:
+                handle = target.factory(*args)
+                value = _first(target, handle)
             else:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException:

@@ -36,8 +36,8 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
-from ._resource import _MISSING, OPENING, Resource, current_unit
-from ._scope import Entry, Unit, _now, app_args, close_entries, close_failed, start_close
+from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
+from ._scope import Entry, Unit, _first, _now, close_entries, close_failed, ready_args, start_close
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +61,9 @@ class _Replaced(Exception):
 # scope) alive for seconds or minutes after it ended, for the garbage collector to walk.
 _CURRENT = current_unit
 _ref = weakref.ref
+_ASYNC_GEN = Kind.ASYNC_GEN
+_ASYNC_FUNC = Kind.ASYNC_FUNC
+_SYNC_GEN = Kind.SYNC_GEN
 
 # asyncio.current_task() is written in Python before 3.12; its dict and the running loop
 # are C: read them directly on the request path.
@@ -167,15 +170,26 @@ def _inline(route: Any, lc: Lifecycle) -> None:
             if value is _MISSING:
                 args = None
                 if res.fast and not unit.closed and not lc._overrides:
-                    args = app_args(lc, res) if res.deps else ()
+                    args = ready_args(unit, res) if res.deps else ()
                 if args is not None:
-                    # `Unit._open` inlined for the common request resource (an async
-                    # generator needing only app values): no coroutine of tether's own.
+                    # `Unit._open` inlined for a plain resource whose dependencies are
+                    # open: no coroutine of tether's own.
                     opened[res] = OPENING
                     t0 = _now()
+                    kind = res.kind
                     try:
-                        handle = res.factory(*args)
-                        value = await handle.__anext__()
+                        if kind is _ASYNC_GEN:
+                            handle = res.factory(*args)
+                            value = await handle.__anext__()
+                        elif kind is _ASYNC_FUNC:
+                            handle = None
+                            value = await res.factory(*args)
+                        elif kind is _SYNC_GEN:
+                            handle = res.factory(*args)
+                            value = _first(res, handle)
+                        else:
+                            handle = None
+                            value = res.factory(*args)
                     except BaseException as exc:
                         res.counters.open_errors += 1
                         unit._open_failed(res)

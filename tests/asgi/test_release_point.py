@@ -434,3 +434,96 @@ def test_callbacks_scheduled_during_a_request_do_not_keep_it_alive() -> None:
             assert units[0]() is None
         finally:
             client.portal.call(lambda: timers[0].cancel())  # type: ignore[union-attr]
+
+
+def test_graph_of_request_resources_opens_each_once_and_closes_in_reverse() -> None:
+    """Endpoint parameters that depend on each other (sync and async, with and without
+    cleanup) open once each, in dependency order, and close in reverse before the response."""
+    lc = tether.Lifecycle()
+    rec = Recorder()
+
+    @lc.resource
+    async def c() -> str:
+        rec("open c")
+        return "c"
+
+    @lc.resource
+    def d(c: str) -> str:
+        rec("open d")
+        return c + "d"
+
+    @lc.resource(thread=False)
+    def h(c: str, d: str) -> Iterator[str]:
+        rec("open h")
+        yield c + d + "h"
+        rec("close h")
+
+    @lc.resource
+    async def i(d: str, h: str) -> AsyncIterator[str]:
+        rec("open i")
+        yield h + "i"
+        rec("close i")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/graph")
+    async def graph(
+        i: Annotated[str, Depends(i)],
+        c: Annotated[str, Depends(c)],
+        h: Annotated[str, Depends(h)],
+        cc: Annotated[str, Depends(c)],
+    ) -> dict[str, str]:
+        rec("endpoint")
+        return {"v": i + c + h + cc}
+
+    with TestClient(app) as client:
+        assert client.get("/graph").json() == {"v": "ccdhi" + "c" + "ccdh" + "c"}
+        assert rec.events == [
+            "open c",
+            "open d",
+            "open h",
+            "open i",
+            "endpoint",
+            "close i",
+            "close h",
+        ]
+        stats = lc.stats().resources
+        assert [(stats[n].opened, stats[n].closed, stats[n].in_use) for n in "cdhi"] == [
+            (1, 1, 0)
+        ] * 4
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_generator_resource_that_does_not_yield_fails_the_request(kind: str) -> None:
+    """A generator resource that returns without yielding answers 500, with the reason."""
+    lc = tether.Lifecycle()
+
+    if kind == "async":
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            if False:  # pragma: no cover
+                yield "never"
+
+    else:
+
+        @lc.resource(thread=False)
+        def conn() -> Iterator[str]:
+            if False:  # pragma: no cover
+                yield "never"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/x")
+    async def x(c: Annotated[str, Depends(conn)]) -> dict[str, str]:
+        return {"c": c}  # pragma: no cover
+
+    with TestClient(app) as client:
+        with pytest.raises(
+            RuntimeError,
+            match=r"^Resource 'conn': its generator returned without yielding a value\.$",
+        ):
+            client.get("/x")
+        assert client.__class__(app, raise_server_exceptions=False).get("/x").status_code == 500
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.open_errors, stats.in_use) == (0, 2, 0)

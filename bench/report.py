@@ -260,6 +260,29 @@ def http_tables(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             [[v, *(spread(col(v, r, "server_cpu_us")) for r in rs)] for v in vs],
         ),
         "",
+        "**Garbage collector in the server**: µs per request, and full (generation 2) "
+        "collections per 1,000 requests. Work that allocates more than it frees between "
+        "collections, or keeps a request's objects alive after it ends, shows here:",
+        "",
+        table(
+            ["variant", *rs],
+            [
+                [
+                    v,
+                    *(
+                        (
+                            f"{med(col(v, r, 'server_gc_us')):.1f} µs, "
+                            f"{med([g[2] for g in col(v, r, 'gc_per_1k')]):.2f}"
+                            if col(v, r, "server_gc_us") and col(v, r, "gc_per_1k")
+                            else "–"
+                        )
+                        for r in rs
+                    ),
+                ]
+                for v in vs
+            ],
+        ),
+        "",
         f"**Throughput ratios**: each variant ÷ `{FLOOR}`, paired by round:",
         "",
     ]

@@ -55,12 +55,22 @@ class Server:
         self.variant = variant
         self.port = procs.free_port()
         self._log = open(log, "ab")
-        argv = procs.python("-m", "bench.serve", apps.app_path(variant), str(self.port))
+        self._gc_file = log.with_suffix(".gc.json")
+        self._gc_seq = 0
+        argv = procs.python(
+            "-m",
+            "bench.serve",
+            apps.app_path(variant),
+            str(self.port),
+            "--gc-file",
+            str(self._gc_file),
+        )
         if sndbuf:
             argv += ["--sndbuf", str(sndbuf)]
         self.proc = subprocess.Popen(
             procs.pinned(procs.SERVER_CPU, argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            text=True,
             stdout=self._log,
             stderr=self._log,
             env=env,
@@ -98,7 +108,33 @@ class Server:
     def cpu(self) -> float:
         return procs.cpu_seconds(self.proc.pid)
 
+    def gc(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The server's garbage-collector counts and seconds so far (None if it does not say)."""
+        self._gc_seq += 1
+        seq = str(self._gc_seq)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(seq + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            return None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = json.loads(self._gc_file.read_text())
+            except (OSError, ValueError):
+                got = {}
+            if got.get("seq") == seq:
+                return got  # type: ignore[no-any-return]
+            time.sleep(0.005)
+        return None
+
     def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         procs.stop(self.proc)
         self._log.close()
 
@@ -123,13 +159,22 @@ def measure(
     server: Server, route: str, seconds: int, connections: int, others: procs.Others
 ) -> dict[str, Any] | None:
     """One wrk run, with the server's CPU time and the others' load while it ran."""
+    gc0 = server.gc()
     cpu0 = server.cpu()
     before = others.look()
     res, _ = wrk(server.url(route), seconds, connections)
     after = others.look()
+    cpu1 = server.cpu()
+    gc1 = server.gc()
     if "requests" not in res:
         return None
-    res["server_cpu_us"] = (server.cpu() - cpu0) / max(res["requests"], 1) * 1e6
+    n = max(res["requests"], 1)
+    res["server_cpu_us"] = (cpu1 - cpu0) / n * 1e6
+    if gc0 is not None and gc1 is not None:
+        res["server_gc_us"] = (gc1["seconds"] - gc0["seconds"]) / n * 1e6
+        res["gc_per_1k"] = [
+            (b - a) / n * 1000 for a, b in zip(gc0["collections"], gc1["collections"], strict=True)
+        ]
     res["others"] = procs.Others.load(before, after)
     if res["others"] > procs.DISTURBED:
         res["others_busiest"] = procs.Others.busiest(before, after)

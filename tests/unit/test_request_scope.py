@@ -725,3 +725,53 @@ class TestNativeShield:
         async with lc.scope() as s:
             await s.get(client)
         assert events == ["closed"]
+
+
+def test_native_shield_on_uvloop() -> None:
+    """The shield holds on uvloop too (uvicorn's default loop): a cancel during a waiting
+    cleanup is delivered after it, and a close past close_timeout is reported."""
+    import asyncio
+
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[str]:
+        lc = tether.Lifecycle(close_timeout=0.2)
+        events: list[str] = []
+        release = asyncio.Event()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            await release.wait()
+            events.append("conn closed")
+
+        @lc.resource
+        async def stuck() -> AsyncIterator[str]:
+            yield "stuck"
+            await asyncio.sleep(10)
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+            events.append("after scope")
+            await asyncio.sleep(10)
+
+        task = asyncio.get_running_loop().create_task(job())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            events.append("job cancelled")
+        try:
+            async with lc.scope() as s:
+                await s.get(stuck)
+        except TimeoutError as exc:
+            events.append(str(exc).split(" took")[0])
+        return events
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        events = runner.run(scenario())
+    assert events == ["conn closed", "after scope", "job cancelled", "Closing resource 'stuck'"]

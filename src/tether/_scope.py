@@ -94,8 +94,7 @@ async def _open(
         try:
             value = await agen.__anext__()
         except StopAsyncIteration:
-            msg = f"Resource {res.name!r}: its generator returned without yielding a value."
-            raise RuntimeError(msg) from None
+            raise no_value(res) from None
         return value, agen
     if kind is Kind.ASYNC_FUNC:
         return await factory(*args), None
@@ -113,8 +112,7 @@ async def _open(
             try:
                 return next(gen), gen
             except StopIteration:
-                msg = f"Resource {res.name!r}: its generator returned without yielding a value."
-                raise RuntimeError(msg) from None
+                raise no_value(res) from None
 
         if res.thread:
             return await _in_thread(lc, res, enter_gen, limiter)
@@ -424,22 +422,11 @@ async def close_entry(
     handle = entry.handle
     try:
         if kind is Kind.ASYNC_GEN:
-            try:
-                if again:
-                    pass  # `start_close` ran the step: it yielded again, reported below
-                elif asyncio._get_running_loop() is None:
-                    step = handle.__anext__() if exc is None else handle.athrow(exc)
-                    await _drive_anyio(lc, res, step)
-                else:
-                    step = handle.__anext__() if exc is None else handle.athrow(exc)
-                    try:
-                        first = step.send(None)
-                    except StopIteration:
-                        pass  # it yielded again: reported below
-                    else:
-                        await _Shielded(lc, res, step, first)
-            except StopAsyncIteration:
-                return
+            if not again:  # else `start_close` ran the step, and it yielded again
+                try:
+                    await _drive(lc, res, handle.__anext__() if exc is None else handle.athrow(exc))
+                except StopAsyncIteration:
+                    return
             await _drive(lc, res, handle.aclose())
             msg = f"Resource {res.name!r}: its generator yielded more than once."
             raise RuntimeError(msg)
@@ -633,8 +620,12 @@ def _first(res: Resource[Any], gen: Any) -> Any:
     try:
         return next(gen)
     except StopIteration:
-        msg = f"Resource {res.name!r}: its generator returned without yielding a value."
-        raise RuntimeError(msg) from None
+        raise no_value(res) from None
+
+
+def no_value(res: Resource[Any]) -> RuntimeError:
+    """The error for a generator resource that returned without yielding."""
+    return RuntimeError(f"Resource {res.name!r}: its generator returned without yielding a value.")
 
 
 class Unit:
@@ -730,8 +721,7 @@ class Unit:
                 try:
                     value = await handle.__anext__()
                 except StopAsyncIteration:
-                    msg = f"Resource {res.name!r}: its generator returned without yielding a value."
-                    raise RuntimeError(msg) from None
+                    raise no_value(res) from None
             elif kind is Kind.SYNC_FUNC:
                 value, handle = target.factory(*args), None
             elif kind is Kind.ASYNC_FUNC:

@@ -37,7 +37,16 @@ except ImportError as exc:  # pragma: no cover - import guard
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
-from ._scope import Entry, Unit, _first, _now, close_entries, close_failed, ready_args, start_close
+from ._scope import (
+    Unit,
+    _first,
+    _now,
+    close_entries,
+    close_failed,
+    no_value,
+    ready_args,
+    start_close,
+)
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -194,11 +203,7 @@ def _inline(route: Any, lc: Lifecycle) -> None:
                         res.counters.open_errors += 1
                         unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
-                            msg = (
-                                f"Resource {res.name!r}: its generator returned without "
-                                f"yielding a value."
-                            )
-                            raise RuntimeError(msg) from None
+                            raise no_value(res) from None
                         raise
                     value = unit._add(res, res, handle, value, t0)
                 else:
@@ -263,16 +268,7 @@ class HttpUnit(Unit):
     __slots__ = ("_receive", "_send", "body_done", "failure", "headers", "state", "task", "watch")
 
     def __init__(self, lc: Lifecycle, label: str, scope: Scope, receive: Receive, send: Send):
-        # Unit.__init__, inlined (one call less per request).
-        self.lc = lc
-        self.label = label
-        self.values: dict[Resource[Any], Any] = {}
-        self.entries: list[Entry] = []
-        self.closed = False
-        self.started = _now()
-        self.track_stacks = False
-        self.late = False
-        self.waiting = None
+        Unit.__init__(self, lc, label)
         # Not the scope itself: a unit referenced from the scope and referencing it back
         # would make every request a reference cycle for the garbage collector.
         self.headers = scope["headers"]
@@ -441,8 +437,7 @@ class _TetherRoute:
             return
         unit = HttpUnit(lc, self.label, scope, receive, send)
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
-        units = lc._units
-        units.add(unit)
+        lc._units.add(unit)
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))
         try:
@@ -457,9 +452,7 @@ class _TetherRoute:
             unit.closed = True
             if unit.watch is not None and unit.watch.task is not None:
                 unit.watch.task.cancel()
-            units.discard(unit)
-            if lc._drained is not None and not units:
-                lc._drained.set()
+            lc._retire(unit)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":

@@ -15,6 +15,7 @@ VARIANTS: dict[str, str] = {
     "starlette-raw": "starlette_raw",
     "fastapi-manual": "fastapi_manual",
     "fastapi-yield": "fastapi_yield",
+    "wrapper-floor": "wrapper_floor",
     "tether": "tether_app",
     "dishka": "dishka_app",
     "svcs": "svcs_app",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,11 +21,13 @@ from fastapi import FastAPI, Request
 from bench import common
 from bench.common import C, D, E, F, G
 
-_unit: contextvars.ContextVar[Unit] = contextvars.ContextVar("floor_unit")
+# A weak reference, as tether holds it: timers set during a request copy its context (uvicorn's
+# keep-alive timer), and a strong one keeps every request's objects alive for the collector.
+_unit: contextvars.ContextVar[Callable[[], Unit | None]] = contextvars.ContextVar("floor_unit")
 
 
 class Unit:
-    __slots__ = ("entries", "send", "started", "values")
+    __slots__ = ("__weakref__", "entries", "send", "started", "values")
 
     def __init__(self, send: Any) -> None:
         self.values: dict[Any, Any] = {}
@@ -56,7 +59,7 @@ class UnitRoute:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         unit = Unit(send)
-        token = _unit.set(unit)
+        token = _unit.set(weakref.ref(unit))
         try:
             await self.app(scope, receive, unit.send_wrapper)
         finally:
@@ -65,7 +68,8 @@ class UnitRoute:
 
 async def use(factory: Callable[..., Any], *args: Any) -> Any:
     """The value of ``factory`` (an async or sync generator) in this request, opened once."""
-    unit = _unit.get()
+    unit = _unit.get()()
+    assert unit is not None
     value = unit.values.get(factory, unit)
     if value is unit:
         gen = factory(*args)

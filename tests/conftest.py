@@ -5,5 +5,6 @@ import pytest
 
 @pytest.fixture
 def anyio_backend() -> str:
-    """tether's ASGI glue targets asyncio (uvicorn's loop); the core uses anyio only."""
+    """tether's ASGI glue targets asyncio (uvicorn's loop); the core uses anyio only
+    (tests/unit/test_trio.py runs it on trio)."""
     return "asyncio"

@@ -21,8 +21,13 @@ venv: $(BIN)/.installed
 system-deps:
 	bash scripts/system-deps.sh
 
+# The reference service: the notes API of docs/examples/aiosqlite_app.py on its embedded
+# SQLite file, served by uvicorn on http://127.0.0.1:$(DEMO_PORT).
+DEMO_PORT ?= 8000
+DEMO_DB   ?= .demo/notes.db
 demo: $(BIN)/.installed
-	$(BIN)/python examples/quickstart.py
+	mkdir -p $(dir $(DEMO_DB))
+	NOTES_DB=$(DEMO_DB) $(BIN)/python -m uvicorn docs.examples.aiosqlite_app:app --host 127.0.0.1 --port $(DEMO_PORT)
 
 LINT_DIRS := $(wildcard src tests examples docs bench typing_tests)
 
@@ -58,4 +63,4 @@ bench-quick: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) .venv-fa* .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .venv-fa* .mypy_cache .ruff_cache build dist .demo

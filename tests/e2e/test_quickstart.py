@@ -1,4 +1,4 @@
-"""The README's quick start, run as `make demo` runs it."""
+"""The README's quick start (`examples/quickstart.py`), on a real uvicorn."""
 
 from __future__ import annotations
 

@@ -338,6 +338,34 @@ def _unregister(server: _Server) -> None:
             _live.remove(server)
 
 
+class _PgAddress:
+    """The connection parameters of a PostgreSQL endpoint on ``self.port`` (the server, or
+    PgBouncer in front of it): the same user, password and database for both."""
+
+    port: int
+
+    @property
+    def user(self) -> str:
+        return PG_USER
+
+    @property
+    def password(self) -> str:
+        return PG_PASSWORD
+
+    @property
+    def database(self) -> str:
+        return PG_DATABASE
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://tether:s3cret-pw@127.0.0.1:PORT/tether``"""
+        return self.url()
+
+    def url(self, scheme: str = "postgresql", *, database: str | None = None) -> str:
+        """The DSN with another scheme, e.g. ``url("postgresql+asyncpg")`` for SQLAlchemy."""
+        return _pg_url(scheme, self.port, database)
+
+
 class _Server:
     """Common part: temp directory, context manager, registry."""
 
@@ -497,7 +525,7 @@ class _ProcessServer(_Server):
 # PostgreSQL
 
 
-class Postgres(_Server):
+class Postgres(_PgAddress, _Server):
     """A fresh PostgreSQL cluster (initdb) on a free 127.0.0.1 port.
 
     Trust authentication for 127.0.0.1 by default (``auth="scram-sha-256"`` makes the
@@ -522,28 +550,6 @@ class Postgres(_Server):
         self._account: pwd.struct_passwd | None = None
         self._bindir: Path | None = None
         self._running = False
-
-    # connection parameters -------------------------------------------------------------------
-    @property
-    def user(self) -> str:
-        return PG_USER
-
-    @property
-    def password(self) -> str:
-        return PG_PASSWORD
-
-    @property
-    def database(self) -> str:
-        return PG_DATABASE
-
-    @property
-    def dsn(self) -> str:
-        """``postgresql://tether:s3cret-pw@127.0.0.1:PORT/tether``"""
-        return self.url()
-
-    def url(self, scheme: str = "postgresql", *, database: str | None = None) -> str:
-        """The DSN with another scheme, e.g. ``url("postgresql+asyncpg")`` for SQLAlchemy."""
-        return _pg_url(scheme, self.port, database)
 
     @property
     def data_dir(self) -> Path:
@@ -966,7 +972,7 @@ class Redis(_ProcessServer):
 # PgBouncer
 
 
-class PgBouncer(_ProcessServer):
+class PgBouncer(_PgAddress, _ProcessServer):
     """pgbouncer in front of a running ``Postgres``, on a free 127.0.0.1 port.
 
     Same user, password and database names as the Postgres (``dsn``); clients authenticate
@@ -994,27 +1000,6 @@ class PgBouncer(_ProcessServer):
         self.auth_type = auth_type
         self.settings: dict[str, str | int] = dict(settings or {})
         self._account: pwd.struct_passwd | None = None
-
-    @property
-    def user(self) -> str:
-        return PG_USER
-
-    @property
-    def password(self) -> str:
-        return PG_PASSWORD
-
-    @property
-    def database(self) -> str:
-        return PG_DATABASE
-
-    @property
-    def dsn(self) -> str:
-        """``postgresql://tether:s3cret-pw@127.0.0.1:PORT/tether`` (through pgbouncer)"""
-        return self.url()
-
-    def url(self, scheme: str = "postgresql", *, database: str | None = None) -> str:
-        """The DSN with another scheme, e.g. ``url("postgresql+asyncpg")`` for SQLAlchemy."""
-        return _pg_url(scheme, self.port, database)
 
     @property
     def config_path(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import time
@@ -223,6 +224,7 @@ class _Shielded:
         else:
             timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
         swallowed = 0
+        message = None
         try:
             while True:
                 if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
@@ -234,12 +236,13 @@ class _Shielded:
                         self.fut = fut
                         try:
                             yield _Gate(fut)
-                        except asyncio.CancelledError:
+                        except asyncio.CancelledError as cancel:
                             # The task was cancelled while waiting (delivered now that the
                             # future is done), or the future itself was cancelled: then
                             # the cleanup sees that when it reads the result.
                             if not fut.cancelled() or not self.timed_out:
                                 swallowed += 1
+                                message = cancel.args[0] if cancel.args else None
                         except BaseException:
                             pass
                         self.fut = None
@@ -248,8 +251,9 @@ class _Shielded:
                     # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
                     try:
                         step = yield yielded
-                    except asyncio.CancelledError:
+                    except asyncio.CancelledError as cancel:
                         swallowed += 1
+                        message = cancel.args[0] if cancel.args else None
                         step = None
                 try:
                     yielded = coro.send(step)
@@ -266,15 +270,33 @@ class _Shielded:
             else:
                 timer.cancel()
             if swallowed:
-                # Deliver the cancellation that arrived during the cleanup, once.
-                task = asyncio.current_task()
-                if task is not None:
-                    for _ in range(swallowed):
-                        task.uncancel()
-                    task.cancel()
+                _deliver_again(swallowed, message)
         if self.timed_out:
             _close_timed_out(lc, self.res)
         return result
+
+
+def _deliver_again(swallowed: int, message: Any) -> None:
+    """Deliver a cancellation that a shielded cleanup held back, now that it is over.
+
+    A one-shot ``task.cancel()`` (asyncio's own, ``asyncio.timeout``, uvicorn, tether's
+    disconnect watcher) would be lost: it is requested again, once, for the task's next
+    await. An anyio cancel scope is left alone: it delivers its cancellation again by
+    itself at the next await inside the scope, and one requested here would fire at the
+    first await after the scope, out of its reach.
+    """
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - a cleanup always runs in a task
+        return
+    try:
+        in_cancelled_scope = anyio.current_effective_deadline() == -math.inf
+    except Exception:  # pragma: no cover - anyio cannot tell: deliver it
+        in_cancelled_scope = False
+    if in_cancelled_scope:
+        return
+    for _ in range(swallowed):
+        task.uncancel()
+    task.cancel(message)
 
 
 class _ClosingStep(_Shielded):

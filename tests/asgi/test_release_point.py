@@ -527,3 +527,79 @@ def test_generator_resource_that_does_not_yield_fails_the_request(kind: str) -> 
         assert client.__class__(app, raise_server_exceptions=False).get("/x").status_code == 500
         stats = lc.stats().resources["conn"]
         assert (stats.opened, stats.open_errors, stats.in_use) == (0, 2, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("when", ["during the commit", "before the close"])
+async def test_cancel_scope_around_a_request_keeps_its_cancellation_inside(when: str) -> None:
+    """An anyio cancel scope around a request (a server-side timeout, a cancelled task
+    group) is cancelled while the request's cleanup waits: the cleanup runs to its end,
+    and the cancellation stays inside the scope; none fires at the caller's next await."""
+    import asyncio
+
+    from tether.fastapi import install
+
+    lc = tether.Lifecycle()
+    events: list[str] = []
+    scopes: list[anyio.CancelScope] = []
+
+    @lc.resource
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        except BaseException as exc:
+            await anyio.sleep(0.05)  # a rollback on the wire
+            events.append(f"rolled back ({type(exc).__name__})")
+            raise
+        await anyio.sleep(0.05)  # a commit on the wire
+        events.append("committed")
+
+    app = FastAPI()
+
+    @app.get("/work")
+    async def work(s: Annotated[str, Depends(session)]) -> dict[str, str]:
+        if when == "before the close":
+            scopes[0].cancel()
+            await anyio.sleep(1)
+        else:
+            asyncio.get_running_loop().call_later(0.01, scopes[0].cancel)
+        return {"s": s}
+
+    install(app, lc)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/work",
+        "raw_path": b"/work",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async with lc.run():
+        with anyio.CancelScope() as cs:
+            scopes.append(cs)
+            await app(scope, receive, send)
+        await asyncio.sleep(0)  # a cancellation left pending would fire here
+        await asyncio.sleep(0.01)
+    if when == "during the commit":
+        assert events == ["committed"]
+        assert statuses == [200]
+    else:
+        assert events == ["rolled back (CancelledError)"]
+        assert statuses == []
+        assert cs.cancelled_caught
+    assert lc.stats().resources["session"].in_use == 0

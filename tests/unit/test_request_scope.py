@@ -397,6 +397,40 @@ class TestShieldedCleanup:
         cancelled = anyio.get_cancelled_exc_class().__name__
         assert events == [f"saw {cancelled}", "rolled back"]
 
+    @pytest.mark.parametrize("when", ["during the commit", "before the cleanup"])
+    async def test_cancel_scope_cancellation_stays_inside_the_scope(self, when: str) -> None:
+        """A cancel scope cancelled while (or before) a cleanup waits: the cleanup runs to
+        its end, and no cancellation fires after the scope (anyio delivers its own inside
+        it; one re-requested by tether would land on the caller's next await)."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except BaseException:
+                await anyio.sleep(0.05)  # a rollback on the wire
+                events.append("rolled back")
+                raise
+            await anyio.sleep(0.05)  # a commit on the wire
+            events.append("committed")
+
+        with anyio.CancelScope() as cs:
+            async with lc.scope() as s:
+                await s.get(conn)
+                if when == "during the commit":
+                    asyncio.get_running_loop().call_later(0.01, cs.cancel)
+                else:
+                    cs.cancel()
+                    await anyio.sleep(1)
+        await asyncio.sleep(0)  # raises CancelledError if one was left pending
+        await asyncio.sleep(0.01)
+        assert events == (["committed"] if when == "during the commit" else ["rolled back"])
+        assert cs.cancelled_caught == (when == "before the cleanup")
+
     async def test_cleanup_that_awaits_runs_when_task_group_is_cancelled(self) -> None:
         """Cancelling the task that holds a scope still closes every value, in reverse order."""
         lc = tether.Lifecycle()

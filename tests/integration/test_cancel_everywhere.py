@@ -1,0 +1,365 @@
+"""Cancellation at every await point of a unit of work, against a real PostgreSQL.
+
+For each driver, one unit of work takes a connection in a transaction, writes a row, reads
+it back, and commits as its scope closes. A clean run counts how many times it suspends
+(every await that really waits: the pool, the network, the commit, the release). Then the
+same unit of work is run again for every k, cancelled at its k-th suspension, two ways:
+
+* ``task.cancel()``: asyncio's one-shot cancellation (what tether's disconnect watcher,
+  ``asyncio.timeout`` and a server shutting down do);
+* an anyio cancel scope: cancelled once, and then every later await in it is cancelled too
+  (``anyio.fail_after``, a cancelled task group).
+
+After each run, what a user would notice:
+
+* the cancellation is not swallowed (the task ends cancelled; the cancel scope reports it
+  caught, and nothing escapes it);
+* the row was committed exactly when the cancellation came after the unit of work had
+  reached its close (the commit then runs shielded, to its end); otherwise nothing of it
+  is in the table;
+* tether counts no connection in use, the pool has every connection back, and the server
+  shows no backend running a query or sitting in a transaction;
+* the next unit of work gets a connection outside any transaction.
+
+Bounded: about 20 suspension points per driver, each cancelled both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+import tether
+from tests.servers import Postgres
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+BUSY = {"active", "idle in transaction", "idle in transaction (aborted)"}
+
+
+class CancelAt:
+    """Await *coro*, calling *cancel* when it suspends for the *k*-th time.
+
+    A suspension is the coroutine handing its task something to wait on; *cancel* runs
+    just before that, so the cancellation lands on exactly that await.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], k: int, cancel: Callable[[], Any]):
+        self.coro = coro
+        self.k = k
+        self.cancel = cancel
+        self.fired = False
+        self.suspensions = 0
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        it = self.coro.__await__()
+        to_send: Any = None
+        to_throw: BaseException | None = None
+        while True:
+            try:
+                waiting = it.send(to_send) if to_throw is None else it.throw(to_throw)
+            except StopIteration as stop:
+                return stop.value
+            self.suspensions += 1
+            if self.suspensions == self.k:
+                self.fired = True
+                self.cancel()
+            try:
+                to_send, to_throw = (yield waiting), None
+            except BaseException as exc:
+                to_send, to_throw = None, exc
+
+
+@dataclass
+class Driver:
+    """One integration, set up on its own Lifecycle."""
+
+    lc: tether.Lifecycle
+    conn: tether.Resource[Any]
+    scalar: Callable[[Any, str, tuple[Any, ...]], Awaitable[Any]]  # one value of a query
+    checked_out: Callable[[], int]  # connections the driver's pool has handed out
+
+
+def _asyncpg(dsn: str, app_name: str) -> Driver:
+    from tether.integrations import asyncpg as tpg
+
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, dsn, min_size=2, max_size=2, server_settings={"application_name": app_name})
+    conn = tpg.connection(lc, pool, transaction=True)
+
+    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        return await c.fetchval(sql.replace("%s", "$1"), *args)
+
+    def checked_out() -> int:
+        p = lc.get(pool)
+        return int(p.get_size() - p.get_idle_size())
+
+    return Driver(lc, conn, scalar, checked_out)
+
+
+def _psycopg(dsn: str, app_name: str) -> Driver:
+    from tether.integrations import psycopg as tpsy
+
+    lc = tether.Lifecycle()
+    pool = tpsy.pool(lc, dsn, min_size=2, max_size=2, kwargs={"application_name": app_name})
+    conn = tpsy.connection(lc, pool, transaction=True)
+
+    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        cur = await c.execute(sql, args)
+        row = await cur.fetchone() if cur.description is not None else None
+        return None if row is None else row[0]
+
+    def checked_out() -> int:
+        stats = lc.get(pool).get_stats()
+        return int(stats.get("pool_size", 0) - stats.get("pool_available", 0))
+
+    return Driver(lc, conn, scalar, checked_out)
+
+
+def _sqlalchemy(dsn: str, app_name: str) -> Driver:
+    from sqlalchemy import text
+
+    from tether.integrations import sqlalchemy as tsa
+
+    lc = tether.Lifecycle()
+    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    engine = tsa.engine(lc, url, pool_size=2, application_name=app_name)
+    session = tsa.session(lc, engine)
+
+    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        params = {f"p{i}": a for i, a in enumerate(args)}
+        for name in params:
+            sql = sql.replace("%s", f":{name}", 1)
+        result = await s.execute(text(sql), params)
+        return result.scalar() if result.returns_rows else None
+
+    def checked_out() -> int:
+        return int(lc.get(engine).pool.checkedout())
+
+    return Driver(lc, session, scalar, checked_out)
+
+
+DRIVERS = {"asyncpg": _asyncpg, "psycopg": _psycopg, "sqlalchemy": _sqlalchemy}
+
+
+async def _settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> None:
+    t0 = time.monotonic()
+    while True:
+        value = check()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not true within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def cancelled_at(
+    how: str, k: int, work: Coroutine[Any, Any, Any], reached: list[str]
+) -> bool:
+    """Run *work* in a task, cancelled *how* at its *k*-th suspension; check that the
+    cancellation was neither swallowed nor let out of its scope. True if it fired (the
+    work suspended at least *k* times)."""
+    holder: list[CancelAt] = []
+
+    async def by_task() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        holder.append(CancelAt(work, k, task.cancel))
+        await holder[0]
+
+    async def by_scope() -> bool:
+        with anyio.CancelScope() as cs:
+            holder.append(CancelAt(work, k, cs.cancel))
+            await holder[0]
+        return cs.cancelled_caught
+
+    task = asyncio.ensure_future(by_task() if how == "task.cancel" else by_scope())
+    with anyio.fail_after(15):
+        await asyncio.wait({task})
+    fired = holder[0].fired
+    if how == "task.cancel":
+        if fired:
+            assert task.cancelled(), f"{how} at await {k}: the cancellation was swallowed"
+        else:
+            assert task.exception() is None  # it ran to its end: fewer than k awaits
+        return fired
+    assert not task.cancelled(), f"{how} at await {k}: the cancellation escaped its scope"
+    caught = task.result()
+    # A cancellation that came before the close interrupted the work, and the scope
+    # caught it; one during the close (shielded) may find no await left to interrupt.
+    assert caught or not fired or reached, f"{how} at await {k}: not caught, not closing"
+    return fired
+
+
+async def _everywhere(
+    postgres: Postgres,
+    d: Driver,
+    table: str,
+    app_name: str,
+    unit_of_work: Callable[[int, list[str]], Coroutine[Any, Any, Any]],
+    after_each: Callable[[int, bool, bool], None] = lambda key, fired, committed: None,
+) -> None:
+    """Cancel *unit_of_work* at each of its suspensions, both ways; check what it left."""
+    lc = d.lc
+
+    async def committed(key: int) -> bool:
+        rows = await asyncio.to_thread(
+            postgres.sql, f"SELECT count(*) FROM {table} WHERE k = {key}"
+        )
+        return bool(rows[0][0])
+
+    async def server_idle() -> bool:
+        rows = await asyncio.to_thread(postgres.activity, app_name)
+        assert len(rows) <= 2, f"{len(rows)} backends for a pool of 2"
+        return not any(r["state"] in BUSY for r in rows)
+
+    # A clean run: how many times the unit of work suspends.
+    clean = CancelAt(unit_of_work(0, []), 0, lambda: None)
+    await clean
+    assert await committed(0)
+    points = clean.suspensions
+    assert 4 <= points <= 60, points
+
+    key = 0
+    outcomes: list[tuple[str, int, bool]] = []
+    for how in ("task.cancel", "cancel scope"):
+        for k in range(1, points + 2):
+            key += 1
+            reached: list[str] = []
+            fired = await cancelled_at(how, k, unit_of_work(key, reached), reached)
+
+            # Committed exactly when the cancel came after the close began (shielded).
+            was_committed = await committed(key)
+            if not fired:
+                assert was_committed, f"{how}, run past its end: not committed"
+            elif reached:
+                assert was_committed, f"{how} at await {k}, during the close: commit lost"
+            else:
+                assert not was_committed, f"{how} at await {k}, before the close: committed"
+            outcomes.append((how, k, was_committed))
+            after_each(key, fired, was_committed)
+
+            stats = lc.stats().resources[d.conn.name]
+            assert stats.in_use == 0, f"{how} at await {k}: tether counts {stats.in_use}"
+            await _settled(lambda: d.checked_out() == 0, f"{how} at {k}: pool all back")
+            await _settled(server_idle, f"{how} at {k}: no busy backend")
+
+            # No write of an earlier unit of work is pending on the next connection.
+            async with lc.scope() as s:
+                c = await s.get(d.conn)
+                xid = await d.scalar(c, "SELECT pg_current_xact_id_if_assigned()", ())
+                assert xid is None, f"{how} at {k}: a connection handed out dirty"
+
+    # Both ways, some cancellations landed before the close and some during it.
+    for how in ("task.cancel", "cancel scope"):
+        seen = {was for h, _, was in outcomes if h == how}
+        assert seen == {True, False}, (how, outcomes)
+
+    # Nothing leaked: the pool still serves its full size at once.
+    async def hold(release: anyio.Event, got: list[int]) -> None:
+        async with lc.scope() as s:
+            await s.get(d.conn)
+            got.append(1)
+            await release.wait()
+
+    release = anyio.Event()
+    got: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold, release, got)
+        tg.start_soon(hold, release, got)
+        await _settled(lambda: len(got) == 2, "both connections of the pool at once", 5.0)
+        release.set()
+
+
+async def _new_table(postgres: Postgres, driver_name: str) -> tuple[str, str]:
+    table = f"ce_{driver_name}_{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(postgres.sql, f"CREATE TABLE {table} (k int PRIMARY KEY)")
+    return table, f"tt-cancel-{driver_name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.mark.parametrize("driver_name", sorted(DRIVERS))
+async def test_cancel_at_every_await_of_a_scope(postgres: Postgres, driver_name: str) -> None:
+    """A job's unit of work (`lc.scope()`): take a connection, write, read, commit."""
+    table, app_name = await _new_table(postgres, driver_name)
+    d = DRIVERS[driver_name](postgres.dsn, app_name)
+
+    async def unit_of_work(key: int, reached: list[str]) -> None:
+        async with d.lc.scope() as s:
+            c = await s.get(d.conn)
+            await d.scalar(c, f"INSERT INTO {table} (k) VALUES (%s)", (key,))
+            assert await d.scalar(c, f"SELECT count(*) FROM {table} WHERE k = %s", (key,)) == 1
+            reached.append("close")  # what follows is the scope's close: commit, release
+
+    async with d.lc.run():
+        await _everywhere(postgres, d, table, app_name, unit_of_work)
+
+
+@pytest.mark.parametrize("driver_name", ["asyncpg", "sqlalchemy"])
+async def test_cancel_at_every_await_of_a_request(postgres: Postgres, driver_name: str) -> None:
+    """The same through FastAPI and tether's release point, called in-process: besides
+    the above, a client that saw 200 always has its row committed, and one whose request
+    was cancelled before its close never sees 200."""
+    from fastapi import Depends, FastAPI
+
+    from tether.fastapi import install
+
+    table, app_name = await _new_table(postgres, driver_name)
+    d = DRIVERS[driver_name](postgres.dsn, app_name)
+    app = FastAPI()
+    reached_by_key: dict[int, list[str]] = {}
+    statuses: dict[int, int | None] = {}
+
+    @app.post("/rows/{key}")
+    async def insert(key: int, c: Any = Depends(d.conn)) -> dict[str, bool]:
+        await d.scalar(c, f"INSERT INTO {table} (k) VALUES (%s)", (key,))
+        assert await d.scalar(c, f"SELECT count(*) FROM {table} WHERE k = %s", (key,)) == 1
+        reached_by_key[key].append("close")  # serialisation, then the close, then 200
+        return {"ok": True}
+
+    install(app, d.lc)
+
+    async def unit_of_work(key: int, reached: list[str]) -> None:
+        reached_by_key[key] = reached
+        statuses[key] = None
+        path = f"/rows/{key}"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"test"), (b"content-length", b"0")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses[key] = message["status"]
+
+        await app(scope, receive, send)
+
+    def client_view(key: int, fired: bool, committed: bool) -> None:
+        if statuses[key] == 200:
+            assert committed, f"request {key}: the client saw 200, nothing was committed"
+        if fired and not reached_by_key[key]:
+            assert statuses[key] != 200, f"request {key}: cancelled before its close, got 200"
+
+    async with d.lc.run():
+        await _everywhere(postgres, d, table, app_name, unit_of_work, client_view)

@@ -126,3 +126,43 @@ class TestPool:
             assert blocked.result().status_code == 200
             assert client.post(f"/incr/{name}").status_code == 200
             assert len(redis_server.client_list(name)) == 1  # never more than max_connections
+
+
+class TestCancellation:
+    @pytest.mark.anyio
+    async def test_a_cancelled_command_never_answers_the_next_one(
+        self, redis_server: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """A command cancelled after it was sent, before its reply (a client that went away
+        during BLPOP): its reply, arriving later, is never read as the answer to the next
+        command on the same pooled connection (CVE-2023-28858). With one connection in
+        the pool, 20 rounds: every GET answers its own key."""
+        import asyncio
+
+        name = unique(request)
+        lc = tether.Lifecycle()
+        cache = tredis.client(lc, redis_server.url, client_name=name, max_connections=1)
+        admin = redis.Redis.from_url(redis_server.url)
+        async with lc.run():
+            r = lc.get(cache)
+            for i in range(20):
+                await r.set(f"{name}-own-{i}", f"own-{i}")
+                waits_on = f"{name}-list-{i}"
+                blocked = asyncio.ensure_future(r.blpop([waits_on], timeout=2))
+                deadline = time.monotonic() + 5
+                while not any(c["cmd"] == "blpop" for c in redis_server.client_list(name)):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                blocked.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await blocked
+                # The reply the cancelled BLPOP would get, if its connection were reused.
+                admin.rpush(waits_on, f"stale-{i}")
+                assert await r.get(f"{name}-own-{i}") == f"own-{i}".encode()
+                assert len(redis_server.client_list(name)) <= 1
+                admin.delete(waits_on)
+                # The next round must find its own BLPOP, not this one's closing connection.
+                while any(c["cmd"] == "blpop" for c in redis_server.client_list(name)):
+                    assert time.monotonic() < deadline + 5
+                    await asyncio.sleep(0.01)
+        admin.close()

@@ -278,7 +278,8 @@ def database(
                     )
             await conn.execute("SELECT 1")
         finally:
-            await conn.close()
+            with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
+                await conn.close()
         db.limiter = anyio.CapacityLimiter(max_connections)
         log.info("tether: database %r open: %s", name, db.path)
         yield db

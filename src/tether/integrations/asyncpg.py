@@ -49,6 +49,8 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 try:
     import asyncpg
     import asyncpg.exceptions as pg_errors
@@ -204,8 +206,12 @@ def pool(
         p = Pool(target, tether=state, **options)
         try:
             await p
-        except UNREACHABLE as exc:
-            raise unreachable(name, state.shown, exc) from exc
+        except BaseException as exc:
+            # Cancelled or failed half-way: the connections made so far go too.
+            _terminate_pool(p)
+            if isinstance(exc, UNREACHABLE):
+                raise unreachable(name, state.shown, exc) from exc
+            raise
         try:
             if pgbouncer or budget == "off":
                 pass  # PgBouncer multiplexes: the server's max_connections is its business
@@ -229,7 +235,10 @@ def pool(
             )
             yield p
         finally:
-            await _close_pool(p, name, lc.close_timeout / 2)
+            # Shielded here too: when opening is interrupted (a startup cancelled while it
+            # reads max_connections), this runs during the cancellation.
+            with anyio.CancelScope(shield=True):
+                await _close_pool(p, name, lc.close_timeout / 2)
 
     return lc.resource(
         scope="app",
@@ -250,6 +259,13 @@ def _pool_check(check: Check | bool) -> Check | None:
 
 async def _select_1(p: Any) -> None:
     await p.fetchval("SELECT 1")
+
+
+def _terminate_pool(p: Any) -> None:
+    try:
+        p.terminate()
+    except Exception:  # pragma: no cover - a pool that never got as far as its holders
+        log.debug("tether: terminating a pool that did not open", exc_info=True)
 
 
 async def _close_pool(p: Any, name: str, within: float) -> None:

@@ -48,6 +48,8 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 try:
     import psycopg
     from psycopg.rows import tuple_row
@@ -174,9 +176,7 @@ def pool(
         # libpq's reason (the pool would retry quietly until open_timeout), and it reads
         # max_connections for the budget before the pool opens any.
         try:
-            probe = await psycopg.AsyncConnection.connect(
-                target, **{**connect_kwargs, "autocommit": True}
-            )
+            probe = await _connect(target, **{**connect_kwargs, "autocommit": True})
         except (psycopg.OperationalError, OSError) as exc:
             if _is_refusal(exc):
                 raise  # wrong password, unknown database: not a matter of retrying
@@ -196,7 +196,8 @@ def pool(
                     policy=budget,
                 )
         finally:
-            await probe.close()
+            with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
+                await probe.close()
         p = Pool(
             target,
             open=False,
@@ -210,8 +211,13 @@ def pool(
         p._tether = state
         try:
             await p.open(wait=True, timeout=open_timeout)
-        except PoolTimeout as exc:
-            await p.close()
+        except BaseException as exc:
+            # Timed out, or cancelled half-way: close it, or its workers and the
+            # connections they made stay behind.
+            with anyio.CancelScope(shield=True):
+                await p.close()
+            if not isinstance(exc, PoolTimeout):
+                raise
             reason = TimeoutError(
                 f"the pool did not open {min_size} connections in {open_timeout:g} s"
             )
@@ -227,7 +233,8 @@ def pool(
             )
             yield p
         finally:
-            await p.close(timeout=lc.close_timeout / 2)
+            with anyio.CancelScope(shield=True):
+                await p.close(timeout=lc.close_timeout / 2)
 
     return lc.resource(
         scope="app",
@@ -297,6 +304,13 @@ def connection(
         conn = await _getconn(p, pool_name, timeout)
         try:
             await conn.set_autocommit(not transaction)
+        except BaseException:
+            # Interrupted before the unit of work got it (a cancellation): give it back
+            # shielded. (After `yield`, tether's own close is shielded.)
+            with anyio.CancelScope(shield=True):
+                await p.putconn(conn)
+            raise
+        try:
             try:
                 yield conn
             except BaseException as exc:
@@ -318,6 +332,29 @@ def connection(
             await p.putconn(conn)
 
     return lc.resource(name=name, release=release)(depends_on(open_connection, pool))
+
+
+async def _connect(target: str, **kwargs: Any) -> Connection:
+    """``AsyncConnection.connect``, without leaving a connection behind if cancelled.
+
+    psycopg abandons a connection attempt that is cancelled half-way with its socket
+    open, until the garbage collector finds it (and the server keeps an idle backend
+    meanwhile). So the attempt runs in a task of its own: a cancellation (a startup
+    cancelled, a resource ``timeout=``) is raised here at once, and a connection the
+    attempt still makes is closed as soon as it is made.
+    """
+    connecting = asyncio.ensure_future(Connection.connect(target, **kwargs))
+    try:
+        return await asyncio.shield(connecting)
+    except BaseException:
+        connecting.add_done_callback(_close_abandoned)
+        raise
+
+
+def _close_abandoned(task: asyncio.Future[Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # nothing was made (reading the exception also keeps asyncio quiet)
+    task.result().pgconn.finish()
 
 
 async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:

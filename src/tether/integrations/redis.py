@@ -38,6 +38,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 try:
     import redis.asyncio as aioredis
     import redis.exceptions as redis_errors
@@ -180,6 +182,11 @@ def client(
         r = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         try:
             await r.ping()
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
+                await r.aclose()
+            raise
+        try:
             log.info("tether: redis client %r open on %s", name, shown)
             yield r
         finally:

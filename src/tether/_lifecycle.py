@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import (
@@ -158,6 +159,7 @@ class Lifecycle:
         self._drained: anyio.Event | None = None
         self._open_limiter: Any = None
         self._close_limiter: Any = None
+        self._thread_runner: Any = None
         self._loop: Any = None
         self._sweepers: list[Callable[[float], None]] = []
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
@@ -519,6 +521,8 @@ class Lifecycle:
         # made in the running event loop: by `run()`, or by the first `scope()` without it.
         self._open_limiter = anyio.CapacityLimiter(self.sync_threads)
         self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4))
+        # Runs an open whose caller already holds a token of one of the limiters above.
+        self._thread_runner = anyio.CapacityLimiter(math.inf)
         for res in self._resources.values():
             res.limiter = anyio.CapacityLimiter(res.concurrency) if res.concurrency else None
 

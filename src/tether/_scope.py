@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -133,7 +133,23 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
     # one of the threadpool endpoints run in: a sync pool smaller than the threadpool
     # cannot deadlock it. The thread is not abandoned on cancellation, so a value that
     # was opened is always known, and closed.
-    return await anyio.to_thread.run_sync(fn, limiter=limiter or res.limiter or lc._open_limiter)
+    tokens = limiter or res.limiter or lc._open_limiter
+    if asyncio._get_running_loop() is None:
+        return await anyio.to_thread.run_sync(fn, limiter=tokens)  # anyio shields the wait
+    # On asyncio a one-shot `task.cancel()` cancels the future of the thread, anyio's
+    # shield notwithstanding, and what the thread opens would be lost: so the wait for
+    # the thread is shielded natively (the cancellation is delivered once it is over).
+    # Waiting for a token is not: nothing is open yet.
+    async with tokens:
+        with anyio.CancelScope(shield=True):
+            run = anyio.to_thread.run_sync(fn, limiter=lc._thread_runner)
+            try:
+                first = run.send(None)
+            except StopIteration as stop:
+                value: T = stop.value
+            else:
+                value = await _Shielded(lc, res, run, first, bounded=False)
+    return value
 
 
 # --------------------------------------------------------------------------- closing
@@ -194,9 +210,11 @@ class _Shielded:
     costs more than the cleanup itself when it is a pool release.
     """
 
-    __slots__ = ("coro", "deadline", "first", "fut", "lc", "res", "timed_out")
+    __slots__ = ("bounded", "coro", "deadline", "first", "fut", "lc", "res", "timed_out")
 
-    def __init__(self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any) -> None:
+    def __init__(
+        self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any, *, bounded: bool = True
+    ) -> None:
         self.lc = lc
         self.res = res
         self.coro = coro
@@ -204,6 +222,7 @@ class _Shielded:
         self.fut: asyncio.Future[Any] | None = None
         self.timed_out = False
         self.deadline = 0.0
+        self.bounded = bounded  # by close_timeout (a cleanup); an open has its own timeout=
 
     def expire(self) -> None:
         """Past the deadline (called by a timer, or by the lifecycle's sweeper)."""
@@ -216,13 +235,14 @@ class _Shielded:
         coro = self.coro
         yielded = self.first
         lc = self.lc
-        self.deadline = _now() + lc.close_timeout
         # The running lifecycle's sweeper enforces deadlines; without it, a timer does.
         timer = None
-        if lc._sweeping:
-            lc._slow_closes.add(self)
-        else:
-            timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
+        if self.bounded:
+            self.deadline = _now() + lc.close_timeout
+            if lc._sweeping:
+                lc._slow_closes.add(self)
+            else:
+                timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
         swallowed = 0
         message = None
         try:
@@ -240,7 +260,7 @@ class _Shielded:
                             # The task was cancelled while waiting (delivered now that the
                             # future is done), or the future itself was cancelled: then
                             # the cleanup sees that when it reads the result.
-                            if not fut.cancelled() or not self.timed_out:
+                            if (not fut.cancelled() or not self.timed_out) and _native(cancel):
                                 swallowed += 1
                                 message = cancel.args[0] if cancel.args else None
                         except BaseException:
@@ -249,12 +269,27 @@ class _Shielded:
                     step: Any = None
                 else:
                     # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
+                    thrown: BaseException | None = None
                     try:
                         step = yield yielded
                     except asyncio.CancelledError as cancel:
-                        swallowed += 1
-                        message = cancel.args[0] if cancel.args else None
                         step = None
+                        if _native(cancel):
+                            swallowed += 1
+                            message = cancel.args[0] if cancel.args else None
+                        else:
+                            # An anyio scope cancelled around a cleanup that is not under
+                            # an anyio shield (the cleanup entered the scope itself): a
+                            # bare yield is an anyio checkpoint, which must raise it, or
+                            # anyio's `checkpoint_if_cancelled` loops forever.
+                            thrown = cancel
+                    if thrown is not None:
+                        try:
+                            yielded = coro.throw(thrown)
+                        except StopIteration as stop:
+                            result = stop.value
+                            break
+                        continue
                 try:
                     yielded = coro.send(step)
                 except StopIteration as stop:
@@ -265,10 +300,10 @@ class _Shielded:
                         break  # the cancellation made by the deadline: reported below
                     raise
         finally:
-            if timer is None:
-                lc._slow_closes.discard(self)
-            else:
+            if timer is not None:
                 timer.cancel()
+            elif self.bounded:
+                lc._slow_closes.discard(self)
             if swallowed:
                 _deliver_again(swallowed, message)
         if self.timed_out:
@@ -276,23 +311,48 @@ class _Shielded:
         return result
 
 
-def _deliver_again(swallowed: int, message: Any) -> None:
-    """Deliver a cancellation that a shielded cleanup held back, now that it is over.
+try:  # which anyio cancel scope an asyncio task is in (anyio's own bookkeeping)
+    from anyio._backends._asyncio import _task_states as _anyio_states
 
-    A one-shot ``task.cancel()`` (asyncio's own, ``asyncio.timeout``, uvicorn, tether's
-    disconnect watcher) would be lost: it is requested again, once, for the task's next
-    await. An anyio cancel scope is left alone: it delivers its cancellation again by
-    itself at the next await inside the scope, and one requested here would fire at the
-    first await after the scope, out of its reach.
+    _states: Any = _anyio_states
+    _anyio_tasks: Any = _states.data  # the WeakKeyDictionary's own dict
+except (ImportError, AttributeError):  # pragma: no cover - another anyio layout
+    _anyio_tasks = None
+_weakref = weakref.ref
+
+
+def in_anyio_scope(task: Any = None) -> bool:
+    """Whether the running asyncio task (*task*, if the caller has it) is inside an anyio
+    cancel scope, so anyio may cancel it at every await. True when anyio's bookkeeping
+    cannot be read."""
+    if task is None:
+        if asyncio._get_running_loop() is None:
+            return False  # not asyncio (trio): every cleanup runs in an anyio shield there
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover
+            return False
+    if _anyio_tasks is None:  # pragma: no cover
+        return True
+    state = _anyio_tasks.get(_weakref(task))
+    return state is not None and getattr(state, "cancel_scope", True) is not None
+
+
+def _native(cancel: asyncio.CancelledError) -> bool:
+    """Whether a cancellation is a one-shot ``task.cancel()``, not an anyio cancel scope's.
+
+    An anyio scope delivers its cancellation again by itself, at the next await inside
+    the scope (its messages say so: anyio tells its own apart the same way). A one-shot
+    cancellation held back during a cleanup would be lost: tether delivers it again.
     """
+    reason = cancel.args[0] if cancel.args else None
+    return not (isinstance(reason, str) and reason.startswith("Cancelled via cancel scope "))
+
+
+def _deliver_again(swallowed: int, message: Any) -> None:
+    """Deliver one-shot cancellations that a shielded cleanup held back, once, for the
+    task's next await (an anyio cancel scope's are not counted: see `_native`)."""
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - a cleanup always runs in a task
-        return
-    try:
-        in_cancelled_scope = anyio.current_effective_deadline() == -math.inf
-    except Exception:  # pragma: no cover - anyio cannot tell: deliver it
-        in_cancelled_scope = False
-    if in_cancelled_scope:
         return
     for _ in range(swallowed):
         task.uncancel()
@@ -460,13 +520,17 @@ async def close_entry(
         elif kind is Kind.SYNC_GEN or kind is Kind.SYNC_CM:
             closer = partial(_close_sync, res, handle, exc)
             if res.thread:
-                with anyio.CancelScope(shield=True) as cs:
-                    cs.deadline = anyio.current_time() + lc.close_timeout
-                    await anyio.to_thread.run_sync(
-                        closer, limiter=lc._close_limiter, abandon_on_cancel=True
+                # Shielded like any cleanup (an anyio shield alone does not stop a native
+                # `task.cancel()`, which cancels the future of the thread); abandoned
+                # only past close_timeout, since a thread cannot be interrupted.
+                with anyio.CancelScope(shield=True):
+                    await _drive(
+                        lc,
+                        res,
+                        anyio.to_thread.run_sync(
+                            closer, limiter=lc._close_limiter, abandon_on_cancel=True
+                        ),
                     )
-                if cs.cancelled_caught:
-                    _close_timed_out(lc, res)
             else:
                 closer()
     except BaseException as failure:
@@ -506,6 +570,17 @@ async def close_entries(
     opened before it see. Failures are logged and appended to *errors*. Returns the
     exception the unit of work ends with.
     """
+    if entries and in_anyio_scope():
+        # anyio cancels a scope again at every await in it: the native shield alone
+        # would hold that off at each wait but not at anyio's own checkpoints.
+        with anyio.CancelScope(shield=True):
+            return await _close_all(lc, entries, exc, errors)
+    return await _close_all(lc, entries, exc, errors)
+
+
+async def _close_all(
+    lc: Lifecycle, entries: list[Entry], exc: BaseException | None, errors: list[BaseException]
+) -> BaseException | None:
     while entries:
         entry = entries.pop()
         try:

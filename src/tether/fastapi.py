@@ -43,6 +43,7 @@ from ._scope import (
     _now,
     close_entries,
     close_failed,
+    in_anyio_scope,
     no_value,
     ready_args,
     start_close,
@@ -293,7 +294,7 @@ class HttpUnit(Unit):
                     self.failure = handled if handled is not None else FailedResponse(status)
                 entries = self.entries
                 if entries:
-                    if self.late or self.failure is not None:
+                    if self.late or self.failure is not None or in_anyio_scope(self.task):
                         errors = await self.release_early(self.failure)
                     else:
                         # The common case, without a coroutine per value: close every

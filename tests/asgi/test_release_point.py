@@ -603,3 +603,68 @@ async def test_cancel_scope_around_a_request_keeps_its_cancellation_inside(when:
         assert statuses == []
         assert cs.cancelled_caught
     assert lc.stats().resources["session"].in_use == 0
+
+
+@pytest.mark.anyio
+async def test_cleanup_using_anyio_threads_in_a_cancelled_scope_finishes() -> None:
+    """A cleanup that hands work to a thread (``anyio.to_thread.run_sync``: a sync client's
+    ``close()``) while the request's anyio scope is cancelled (a streaming response's task
+    group after the client left, a timeout middleware): the cleanup runs to its end,
+    promptly, and the cancellation stays inside the scope."""
+    import asyncio
+    import time
+
+    from tether.fastapi import install
+
+    lc = tether.Lifecycle()
+    events: list[str] = []
+    scopes: list[anyio.CancelScope] = []
+
+    @lc.resource
+    async def client() -> AsyncIterator[str]:
+        yield "client"
+        scopes[0].cancel()  # cancelled while the cleanup runs
+        await anyio.to_thread.run_sync(time.sleep, 0.02)  # close() of a sync client
+        await anyio.to_thread.run_sync(time.sleep, 0.02)
+        events.append("closed")
+
+    app = FastAPI()
+
+    @app.get("/work")
+    async def work(c: Annotated[str, Depends(client)]) -> dict[str, str]:
+        return {"c": c}
+
+    install(app, lc)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/work",
+        "raw_path": b"/work",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def request() -> None:
+        with anyio.CancelScope() as cs:
+            scopes.append(cs)
+            await app(scope, receive, send)
+
+    async with lc.run():
+        task = asyncio.ensure_future(request())
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the cleanup did not finish within 5 s"
+        assert not task.cancelled()
+        task.result()
+    assert events == ["closed"]

@@ -148,7 +148,40 @@ def _sqlalchemy(dsn: str, app_name: str, release: str = "handler") -> Driver:
     return Driver(lc, session, scalar, checked_out)
 
 
-DRIVERS = {"asyncpg": _asyncpg, "psycopg": _psycopg, "sqlalchemy": _sqlalchemy}
+def _sqlalchemy_sync(dsn: str, app_name: str, release: str = "handler") -> Driver:
+    """A sync engine and session (psycopg): opened, used and closed in worker threads."""
+    from sqlalchemy import text
+
+    from tether.integrations import sqlalchemy as tsa
+
+    lc = tether.Lifecycle()
+    url = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = tsa.sync_engine(lc, url, pool_size=2, application_name=app_name)
+    session = tsa.sync_session(lc, engine, release=release)  # type: ignore[arg-type]
+
+    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        params = {f"p{i}": a for i, a in enumerate(args)}
+        for name in params:
+            sql = sql.replace("%s", f":{name}", 1)
+
+        def run() -> Any:
+            result = s.execute(text(sql), params)
+            return result.scalar() if result.returns_rows else None
+
+        return await anyio.to_thread.run_sync(run)
+
+    def checked_out() -> int:
+        return int(lc.get(engine).pool.checkedout())
+
+    return Driver(lc, session, scalar, checked_out)
+
+
+DRIVERS = {
+    "asyncpg": _asyncpg,
+    "psycopg": _psycopg,
+    "sqlalchemy": _sqlalchemy,
+    "sqlalchemy-sync": _sqlalchemy_sync,
+}
 
 
 async def _settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> None:
@@ -301,7 +334,7 @@ async def _everywhere(
 
 
 async def _new_table(postgres: Postgres, driver_name: str) -> tuple[str, str]:
-    table = f"ce_{driver_name}_{uuid.uuid4().hex[:6]}"
+    table = f"ce_{driver_name.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
     await asyncio.to_thread(postgres.sql, f"CREATE TABLE {table} (k int PRIMARY KEY)")
     return table, f"tt-cancel-{driver_name}-{uuid.uuid4().hex[:6]}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -192,6 +193,75 @@ class TestCancellation:
         assert pool.qsize() == 1
         stats = lc.stats().resources["conn"]
         assert (stats.opened, stats.closed) == (1, 1)
+
+    async def test_task_cancel_while_opening_still_closes_what_opened(self) -> None:
+        """The same with a one-shot ``task.cancel()`` (a client that went away, a server
+        shutting down): it cancels the future of the thread, anyio's shield notwithstanding;
+        the value the thread opens is still recorded, then closed, and the task ends
+        cancelled."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        in_thread = threading.Event()
+
+        @lc.resource
+        def conn() -> Iterator[str]:
+            in_thread.set()
+            time.sleep(0.2)  # connecting
+            events.append("opened")
+            try:
+                yield "conn"
+            finally:
+                events.append("closed")
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)  # the cancellation is delivered once the open is over
+                await anyio.sleep(1)
+                events.append("not cancelled")  # pragma: no cover
+
+        task = asyncio.ensure_future(job())
+        await anyio.to_thread.run_sync(in_thread.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert events == ["opened", "closed"]
+        stats = lc.stats().resources["conn"]
+        assert (stats.opened, stats.closed, stats.in_use) == (1, 1, 0)
+
+    async def test_task_cancel_while_waiting_for_a_thread_token_opens_nothing(self) -> None:
+        """Waiting for a token of the resource's limiter is not shielded: a cancelled wait
+        ends at once, and nothing is opened for it."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        release = threading.Event()
+        opened: list[int] = []
+
+        @lc.resource(concurrency=1)
+        def conn() -> Iterator[int]:
+            opened.append(1)
+            release.wait(5)
+            yield len(opened)
+
+        async def job() -> None:
+            async with lc.scope() as s:
+                await s.get(conn)
+
+        holder = asyncio.ensure_future(job())
+        while not opened:
+            await anyio.sleep(0.01)
+        waiter = asyncio.ensure_future(job())
+        await anyio.sleep(0.05)  # waiting for the only token
+        waiter.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert time.monotonic() - t0 < 1.0
+        release.set()
+        await holder
+        assert opened == [1]
 
     async def test_task_group_cancellation_returns_items(self) -> None:
         """Cancelling many tasks that hold sync pool items gives every item back."""

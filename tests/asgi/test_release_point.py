@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 import tether
+from tests.inprocess import http_scope
 from tether.fastapi import health_router
 
 
@@ -566,20 +567,7 @@ async def test_cancel_scope_around_a_request_keeps_its_cancellation_inside(when:
         return {"s": s}
 
     install(app, lc)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/work",
-        "raw_path": b"/work",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = http_scope("GET", "/work")
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:
@@ -635,20 +623,7 @@ async def test_cleanup_using_anyio_threads_in_a_cancelled_scope_finishes() -> No
         return {"c": c}
 
     install(app, lc)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/work",
-        "raw_path": b"/work",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = http_scope("GET", "/work")
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}

@@ -39,6 +39,7 @@ import anyio
 import pytest
 
 import tether
+from tests.inprocess import http_scope
 from tests.servers import Postgres
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
@@ -125,6 +126,14 @@ def _psycopg(dsn: str, app_name: str, release: str = "handler") -> Driver:
     return Driver(lc, conn, scalar, checked_out)
 
 
+def _named(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """``%s`` placeholders as SQLAlchemy's named ones, with their values."""
+    params = {f"p{i}": a for i, a in enumerate(args)}
+    for name in params:
+        sql = sql.replace("%s", f":{name}", 1)
+    return sql, params
+
+
 def _sqlalchemy(dsn: str, app_name: str, release: str = "handler") -> Driver:
     from sqlalchemy import text
 
@@ -136,10 +145,8 @@ def _sqlalchemy(dsn: str, app_name: str, release: str = "handler") -> Driver:
     session = tsa.session(lc, engine, release=release)  # type: ignore[arg-type]
 
     async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        params = {f"p{i}": a for i, a in enumerate(args)}
-        for name in params:
-            sql = sql.replace("%s", f":{name}", 1)
-        result = await s.execute(text(sql), params)
+        statement, params = _named(sql, args)
+        result = await s.execute(text(statement), params)
         return result.scalar() if result.returns_rows else None
 
     def checked_out() -> int:
@@ -160,12 +167,10 @@ def _sqlalchemy_sync(dsn: str, app_name: str, release: str = "handler") -> Drive
     session = tsa.sync_session(lc, engine, release=release)  # type: ignore[arg-type]
 
     async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        params = {f"p{i}": a for i, a in enumerate(args)}
-        for name in params:
-            sql = sql.replace("%s", f":{name}", 1)
+        statement, params = _named(sql, args)
 
         def run() -> Any:
-            result = s.execute(text(sql), params)
+            result = s.execute(text(statement), params)
             return result.scalar() if result.returns_rows else None
 
         return await anyio.to_thread.run_sync(run)
@@ -432,21 +437,7 @@ async def test_cancel_at_every_await_of_a_request(
     async def unit_of_work(key: int, reached: list[str]) -> None:
         reached_by_key[key] = reached
         statuses[key] = None
-        path = f"/rows/{key}"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"host", b"test"), (b"content-length", b"0")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 80),
-        }
+        scope = http_scope("POST", f"/rows/{key}")
 
         received: list[bool] = []
         over = asyncio.Event()

@@ -1,0 +1,21 @@
+"""Calling an ASGI app in-process, as a server would, without a server."""
+
+from typing import Any
+
+
+def http_scope(method: str, path: str) -> dict[str, Any]:
+    """The scope of one HTTP/1.1 request from 127.0.0.1 (ASGI spec 2.3, as uvicorn sends)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), (b"content-length", b"0")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }

@@ -163,7 +163,8 @@ class _Gate:
     as without a shield. ``task.cancel()`` calls ``cancel()`` on what the task waits
     on: here that refuses, so asyncio marks the task to be cancelled at its next step,
     which is when the cleanup's future is done. `_Shielded` takes that cancellation,
-    lets the cleanup go on, and delivers it again once the cleanup is over.
+    lets the cleanup go on, and delivers it again once the cleanup is over. Only an
+    anyio scope that the cleanup entered itself (its own timeout) cancels the future.
     """
 
     __slots__ = ("_asyncio_future_blocking", "fut")
@@ -182,6 +183,9 @@ class _Gate:
         return self.fut.remove_done_callback(fn)
 
     def cancel(self, msg: Any = None) -> bool:
+        if _by_anyio_scope(msg):
+            # A scope the cleanup entered itself (see `_Shielded`): its own timeout.
+            return self.fut.cancel(msg)
         return False  # shielded: the task is cancelled once the cleanup is over
 
     def cancelled(self) -> bool:
@@ -247,6 +251,8 @@ class _Shielded:
         message = None
         try:
             while True:
+                step: Any = None
+                thrown: BaseException | None = None
                 if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
                     fut = yielded
                     fut._asyncio_future_blocking = False
@@ -257,41 +263,36 @@ class _Shielded:
                         try:
                             yield _Gate(fut)
                         except asyncio.CancelledError as cancel:
-                            # The task was cancelled while waiting (delivered now that the
-                            # future is done), or the future itself was cancelled: then
-                            # the cleanup sees that when it reads the result.
-                            if (not fut.cancelled() or not self.timed_out) and _native(cancel):
+                            # Delivered now that the future is done. The deadline's own
+                            # cancellation of the future: the cleanup reads it from the
+                            # result. A one-shot cancellation: held back, delivered again
+                            # after. An anyio scope's: see below.
+                            if fut.cancelled() and self.timed_out:
+                                pass
+                            elif _native(cancel):
                                 swallowed += 1
                                 message = cancel.args[0] if cancel.args else None
+                            else:
+                                thrown = cancel
                         except BaseException:
                             pass
                         self.fut = None
-                    step: Any = None
                 else:
                     # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
-                    thrown: BaseException | None = None
                     try:
                         step = yield yielded
                     except asyncio.CancelledError as cancel:
-                        step = None
                         if _native(cancel):
                             swallowed += 1
                             message = cancel.args[0] if cancel.args else None
                         else:
-                            # An anyio scope cancelled around a cleanup that is not under
-                            # an anyio shield (the cleanup entered the scope itself): a
-                            # bare yield is an anyio checkpoint, which must raise it, or
-                            # anyio's `checkpoint_if_cancelled` loops forever.
                             thrown = cancel
-                    if thrown is not None:
-                        try:
-                            yielded = coro.throw(thrown)
-                        except StopIteration as stop:
-                            result = stop.value
-                            break
-                        continue
+                # An anyio scope's cancellation can only come from a scope the cleanup
+                # entered itself (a task inside an anyio scope closes under an anyio
+                # shield): it is the cleanup's own, and raised in it, as anyio would. (Held
+                # back at an anyio checkpoint, `checkpoint_if_cancelled` would loop forever.)
                 try:
-                    yielded = coro.send(step)
+                    yielded = coro.send(step) if thrown is None else coro.throw(thrown)
                 except StopIteration as stop:
                     result = stop.value
                     break
@@ -337,15 +338,20 @@ def in_anyio_scope(task: Any = None) -> bool:
     return state is not None and getattr(state, "cancel_scope", True) is not None
 
 
+def _by_anyio_scope(reason: Any) -> bool:
+    """Whether a cancellation's message is an anyio cancel scope's (anyio tells its own
+    cancellations apart by the same mark)."""
+    return isinstance(reason, str) and reason.startswith("Cancelled via cancel scope ")
+
+
 def _native(cancel: asyncio.CancelledError) -> bool:
     """Whether a cancellation is a one-shot ``task.cancel()``, not an anyio cancel scope's.
 
-    An anyio scope delivers its cancellation again by itself, at the next await inside
-    the scope (its messages say so: anyio tells its own apart the same way). A one-shot
-    cancellation held back during a cleanup would be lost: tether delivers it again.
+    A one-shot cancellation held back during a cleanup would be lost: tether delivers it
+    again once the cleanup is over. An anyio scope's comes from a scope the cleanup
+    entered itself, and is the cleanup's to handle.
     """
-    reason = cancel.args[0] if cancel.args else None
-    return not (isinstance(reason, str) and reason.startswith("Cancelled via cancel scope "))
+    return not _by_anyio_scope(cancel.args[0] if cancel.args else None)
 
 
 def _deliver_again(swallowed: int, message: Any) -> None:

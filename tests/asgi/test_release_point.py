@@ -643,3 +643,48 @@ async def test_cleanup_using_anyio_threads_in_a_cancelled_scope_finishes() -> No
         assert not task.cancelled()
         task.result()
     assert events == ["closed"]
+
+
+@pytest.mark.anyio
+async def test_a_cleanup_keeps_its_own_timeout() -> None:
+    """A cleanup that bounds one of its own waits (``anyio.move_on_after`` around a slow
+    close) gets that timeout, under tether's shield: the request ends after the cleanup's
+    0.05 s, not after the 5 s wait it gave up on."""
+    import asyncio
+    import time
+
+    from tether.fastapi import install
+
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def client() -> AsyncIterator[str]:
+        yield "client"
+        with anyio.move_on_after(0.05) as cs:
+            await asyncio.sleep(5)  # a peer that never answers the goodbye
+        events.append("gave up" if cs.cancelled_caught else "waited")
+
+    app = FastAPI()
+
+    @app.get("/work")
+    async def work(c: Annotated[str, Depends(client)]) -> dict[str, str]:
+        return {"c": c}
+
+    install(app, lc)
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async with lc.run():
+        t0 = time.monotonic()
+        await app(http_scope("GET", "/work"), receive, send)
+        took = time.monotonic() - t0
+    assert events == ["gave up"]
+    assert statuses == [200]
+    assert took < 2.0, took

@@ -590,3 +590,56 @@ async def test_cancel_app_scope_at_every_await(
                 await nothing_left(lc, f"{how} after {delay * 1000:.0f} ms")
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_cancel_at_every_await_of_an_sqlite_unit_of_work(tmp_path: Path) -> None:
+    """The embedded default (aiosqlite: one thread per connection), cancelled at every
+    await, both ways: committed exactly when the close had begun, no connection token
+    held, no connection thread left running, and the next unit of work can write (no
+    lock left behind)."""
+    import threading
+
+    from tether.integrations import aiosqlite as tsqlite
+
+    lc = tether.Lifecycle()
+    conn = tsqlite.connection(lc, str(tmp_path / "cancel.db"), begin="immediate")
+    db_res = next(r for r in lc.resources.values() if r.scope == "app")
+
+    async def unit_of_work(key: int, reached: list[str]) -> None:
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            await c.execute("INSERT INTO t (k) VALUES (?)", (key,))
+            async with c.execute("SELECT count(*) FROM t WHERE k = ?", (key,)) as cur:
+                assert (await cur.fetchone())[0] == 1
+            reached.append("close")
+
+    async def committed(key: int) -> bool:
+        async with (
+            lc.get(db_res).connect() as c,
+            c.execute("SELECT count(*) FROM t WHERE k = ?", (key,)) as cur,
+        ):
+            return bool((await cur.fetchone())[0])
+
+    async with lc.run():
+        async with lc.get(db_res).connect() as c:
+            await c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            await c.commit()
+        threads = threading.active_count()
+        clean = CancelAt(unit_of_work(0, []), 0, lambda: None)
+        await clean
+        assert await committed(0)
+        points = clean.suspensions
+        assert 4 <= points <= 60, points
+        key = 0
+        for how in ("task.cancel", "cancel scope"):
+            for k in range(1, points + 2):
+                key += 1
+                reached: list[str] = []
+                fired = await cancelled_at(how, k, unit_of_work(key, reached), reached)
+                what = f"{how} at await {k}"
+                assert await committed(key) == (bool(reached) or not fired), what
+                assert lc.stats().resources["connection"].in_use == 0, what
+                assert lc.get(db_res).limiter.borrowed_tokens == 0, what
+                await _settled(lambda: threading.active_count() <= threads, f"{what}: threads")
+                async with lc.scope() as s:  # the write lock is free
+                    await (await s.get(conn)).execute("INSERT INTO t (k) VALUES (?)", (-key,))

@@ -19,3 +19,21 @@ def http_scope(method: str, path: str) -> dict[str, Any]:
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 80),
     }
+
+
+class Exchange:
+    """The ``receive`` and ``send`` of one in-process request with an empty body; what the
+    app sends is kept in ``sent``."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    @property
+    def statuses(self) -> list[int]:
+        return [m["status"] for m in self.sent if m["type"] == "http.response.start"]

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 import tether
-from tests.inprocess import http_scope
+from tests.inprocess import Exchange, http_scope
 from tether.fastapi import health_router
 
 
@@ -567,28 +567,20 @@ async def test_cancel_scope_around_a_request_keeps_its_cancellation_inside(when:
         return {"s": s}
 
     install(app, lc)
-    scope = http_scope("GET", "/work")
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+    exchange = Exchange()
 
     async with lc.run():
         with anyio.CancelScope() as cs:
             scopes.append(cs)
-            await app(scope, receive, send)
+            await app(http_scope("GET", "/work"), exchange.receive, exchange.send)
         await asyncio.sleep(0)  # a cancellation left pending would fire here
         await asyncio.sleep(0.01)
     if when == "during the commit":
         assert events == ["committed"]
-        assert statuses == [200]
+        assert exchange.statuses == [200]
     else:
         assert events == ["rolled back (CancelledError)"]
-        assert statuses == []
+        assert exchange.statuses == []
         assert cs.cancelled_caught
     assert lc.stats().resources["session"].in_use == 0
 
@@ -623,18 +615,12 @@ async def test_cleanup_using_anyio_threads_in_a_cancelled_scope_finishes() -> No
         return {"c": c}
 
     install(app, lc)
-    scope = http_scope("GET", "/work")
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
+    exchange = Exchange()
 
     async def request() -> None:
         with anyio.CancelScope() as cs:
             scopes.append(cs)
-            await app(scope, receive, send)
+            await app(http_scope("GET", "/work"), exchange.receive, exchange.send)
 
     async with lc.run():
         task = asyncio.ensure_future(request())
@@ -672,19 +658,12 @@ async def test_a_cleanup_keeps_its_own_timeout() -> None:
         return {"c": c}
 
     install(app, lc)
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+    exchange = Exchange()
 
     async with lc.run():
         t0 = time.monotonic()
-        await app(http_scope("GET", "/work"), receive, send)
+        await app(http_scope("GET", "/work"), exchange.receive, exchange.send)
         took = time.monotonic() - t0
     assert events == ["gave up"]
-    assert statuses == [200]
+    assert exchange.statuses == [200]
     assert took < 2.0, took

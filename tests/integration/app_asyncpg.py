@@ -51,3 +51,11 @@ async def pid(c: Conn) -> dict[str, object]:
     )
     assert row is not None
     return {"pid": row["pid"], "fresh_tx": row["fresh_tx"] and not c.is_in_transaction()}
+
+
+@app.post("/write-slow/{table}/{key}")
+async def write_slow(table: str, key: int, c: Tx, seconds: float = 0.3) -> dict[str, str]:
+    # A write, then a slow query, in the unit of work's transaction (committed at the end).
+    await c.execute(f"INSERT INTO {table} (k) VALUES ($1)", key)
+    await c.execute("SELECT pg_sleep($1)", seconds)
+    return {"status": "written"}

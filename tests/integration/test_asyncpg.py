@@ -191,6 +191,54 @@ class TestDisconnect:
         finally:
             server.stop()
 
+    def test_client_leaving_at_any_moment_leaves_nothing_behind(
+        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest
+    ) -> None:
+        """Clients of a real uvicorn that leave at moments spread over a request (a write,
+        then pg_sleep(0.3), in one transaction committed at the end): a client that got
+        200 has its row; within 1.5 s no backend is busy; the connections stay clean."""
+        name = unique(request)
+        table = f"leave_{uuid.uuid4().hex[:8]}"
+        postgres.sql(f"CREATE TABLE {table} (k int PRIMARY KEY)")
+        server = Server(
+            "tests.integration.app_asyncpg:app",
+            tmp_path,
+            env={"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name},
+        )
+        try:
+            answered = 0
+            for key in range(14):
+                leave_after = 0.05 * key  # 0 to 0.65 s, across the 0.3 s of the request
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.sendall(
+                    f"POST /write-slow/{table}/{key} HTTP/1.1\r\nHost: x\r\n"
+                    f"Content-Length: 0\r\n\r\n".encode()
+                )
+                sock.settimeout(max(leave_after, 0.001))
+                try:
+                    reply = sock.recv(4096)
+                except (TimeoutError, OSError):
+                    reply = b""
+                sock.close()
+                if reply.startswith(b"HTTP/1.1 200"):
+                    answered += 1
+                    rows = postgres.sql(f"SELECT count(*) FROM {table} WHERE k = {key}")
+                    assert rows[0][0] == 1, f"left after {leave_after:.2f} s: 200, not committed"
+                wait_until(
+                    lambda: not any(r["state"] in BUSY for r in postgres.activity(name)),
+                    timeout=1.5,
+                )
+            assert 0 < answered < 14  # some left before the answer, some after it
+            with httpx.Client(base_url=server.base_url, timeout=5) as http:
+                for _ in range(20):
+                    response = http.get("/pid")
+                    assert response.status_code == 200, response.text
+                    assert response.json()["fresh_tx"] is True
+            assert len(postgres.activity(name)) <= 2
+            assert "Traceback" not in server.output()
+        finally:
+            server.stop()
+
     @pytest.mark.anyio
     async def test_cancelled_query_then_reused_connection_is_clean(
         self, postgres: Postgres, request: pytest.FixtureRequest

@@ -143,12 +143,7 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
     async with tokens:
         with anyio.CancelScope(shield=True):
             run = anyio.to_thread.run_sync(fn, limiter=lc._thread_runner)
-            try:
-                first = run.send(None)
-            except StopIteration as stop:
-                value: T = stop.value
-            else:
-                value = await _Shielded(lc, res, run, first, bounded=False)
+            value: T = await _drive(lc, res, run, bounded=False)
     return value
 
 
@@ -399,8 +394,9 @@ class _ClosingStep(_Shielded):
         return (yield from close_entry(self.lc, entry, exc, again=True).__await__())
 
 
-async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
-    """Run a cleanup coroutine shielded from cancellation and bounded in time.
+async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool = True) -> Any:
+    """Run a cleanup coroutine shielded from cancellation and bounded in time (by
+    close_timeout; *bounded* False: not, for an open in a thread).
 
     Most cleanups finish without suspending (nothing to await, or a pool release that
     completes at once). So on asyncio the coroutine is first stepped by hand: if it
@@ -414,7 +410,7 @@ async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
-    return await _Shielded(lc, res, coro, first)
+    return await _Shielded(lc, res, coro, first, bounded=bounded)
 
 
 async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:

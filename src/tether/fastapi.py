@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 try:
-    from starlette.routing import BaseRoute
+    import starlette.routing  # noqa: F401 - the import guard
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'"
     raise ImportError(msg) from exc
@@ -92,23 +92,68 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
-    for route in _walk(getattr(app, "routes", ())):
-        endpoint_app = getattr(route, "app", None)
-        if endpoint_app is None or isinstance(endpoint_app, _TetherRoute):
+    for route, included in _walk(getattr(app, "routes", ()), included=False):
+        if getattr(route, "app", None) is None or isinstance(
+            vars(route).get("handle"), _TetherRoute
+        ):
             continue
         if _uses(route, lc):
-            route.app = _TetherRoute(endpoint_app, lc, _label(route))  # type: ignore[attr-defined]
+            # The route's `handle`, not its `app`: a router included by reference
+            # (FastAPI 0.165) builds an app of its own per inclusion, and calls the
+            # original route's `handle` to serve it.
+            route.handle = _TetherRoute(route.handle, lc, _label(route), included=included)
+            if included and getattr(route, "dependant", None) is None:
+                # A plain Starlette route of an included router is served by a copy
+                # made from its endpoint; an endpoint that is not a function is used
+                # as the copy's ASGI app: this one's, wrapped.
+                route.endpoint = _TetherRoute(route.app, lc, _label(route))
             _inline(route, lc)
+            if included and hasattr(route, "get_route_handler"):
+                _inline_per_inclusion(route, lc)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
 
 
-def _walk(routes: Any) -> Iterator[BaseRoute]:
+def _walk(routes: Any, *, included: bool) -> Iterator[tuple[Any, bool]]:
     for route in routes:
-        if getattr(route, "dependant", None) is None and hasattr(route, "routes"):
-            yield from _walk(route.routes)  # Mount, Host, Router
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            # FastAPI 0.165 includes a router by reference: its routes stay its own.
+            yield from _walk(original.routes, included=True)
+        elif getattr(route, "dependant", None) is None and hasattr(route, "routes"):
+            yield from _walk(route.routes, included=included)  # Mount, Host, Router
         else:
-            yield route
+            yield route, included
+
+
+def _inline_per_inclusion(route: Any, lc: Lifecycle) -> None:
+    """Inline the resource parameters of each inclusion of *route* too.
+
+    FastAPI 0.165 builds, per inclusion of a router, a context with a dependant and a
+    request handler of its own, from ``route.get_route_handler()`` while a context
+    variable names that context. Without this, those requests still get their values
+    (through FastAPI's solver, from the unit of work ``handle`` set up), only slower.
+    """
+    var = getattr(_fastapi_routing(), "_effective_route_context_var", None)
+    if var is None:  # pragma: no cover - another FastAPI layout
+        return
+    build = route.get_route_handler
+
+    def get_route_handler() -> Any:
+        context = var.get()
+        if context is not None and getattr(context, "original_route", None) is route:
+            _inline(context, lc)
+        return build()
+
+    route.get_route_handler = get_route_handler
+
+
+def _fastapi_routing() -> Any:
+    try:
+        import fastapi.routing
+    except ImportError:  # pragma: no cover - plain Starlette
+        return None
+    return fastapi.routing
 
 
 def _uses(route: Any, lc: Lifecycle) -> bool:
@@ -249,8 +294,21 @@ def _label(route: Any) -> str:
 
 
 async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
-    """Where a resource is asked for on a route tether does not own: say how to fix it."""
-    path = connection.scope.get("path", "?")
+    """Where a resource is asked for on a route tether does not own: say how to fix it.
+
+    One case tether can own from here: a WebSocket route of a router that FastAPI 0.165
+    includes by reference. Its app is built per inclusion, past tether's hook; the
+    connection's own exit stack then ends its unit of work, when the endpoint returns.
+    """
+    scope = connection.scope
+    stack = scope.get("fastapi_inner_astack")
+    if scope.get("type") == "websocket" and stack is not None:
+        unit = Unit(lc, f"WEBSOCKET {scope.get('path', '?')}")
+        lc._admit(unit)
+        _CURRENT.set(_ref(unit))  # the endpoint's task: its other resources find it
+        stack.push_async_exit(_ConnectionEnd(lc, unit))
+        return unit
+    path = scope.get("path", "?")
     msg = (
         f"A tether resource was asked for on {path!r}, a route this Lifecycle does not "
         f"own: the route was added after the app started, or the app's lifespan is not "
@@ -258,6 +316,25 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
         f"`tether.fastapi.install(app, lc)` after adding the routes."
     )
     raise ScopeError(msg)
+
+
+class _ConnectionEnd:
+    """Closes a WebSocket's unit of work when FastAPI's exit stack for it unwinds."""
+
+    __slots__ = ("lc", "unit")
+
+    def __init__(self, lc: Lifecycle, unit: Unit) -> None:
+        self.lc = lc
+        self.unit = unit
+
+    async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            errors = await self.unit.aclose(exc)
+        finally:
+            self.lc._retire(self.unit)
+        if errors and exc is None:
+            raise errors[-1]
+        return False
 
 
 # --------------------------------------------------------------------------- the unit
@@ -418,14 +495,31 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
 
 
 class _TetherRoute:
-    """Wraps a route's ASGI app: one unit of work per call."""
+    """Wraps a route's ``handle``: one unit of work per call."""
 
-    __slots__ = ("app", "label", "lc")
+    __slots__ = ("app", "context_of", "label", "labels", "lc")
 
-    def __init__(self, app: ASGIApp, lc: Lifecycle, label: str) -> None:
+    def __init__(self, app: ASGIApp, lc: Lifecycle, label: str, *, included: bool = False):
         self.app = app
         self.lc = lc
         self.label = label
+        # A route of an included router serves one path per inclusion: its label is
+        # the path of the inclusion that serves the request.
+        self.context_of: Any = None
+        if included:
+            self.context_of = getattr(
+                _fastapi_routing(), "_get_scope_effective_route_context", None
+            )
+        self.labels: dict[int, tuple[Any, str]] = {}
+
+    def _label(self, scope: Scope) -> str:
+        context = self.context_of(scope)
+        if context is None:
+            return self.label
+        known = self.labels.get(id(context))
+        if known is None:
+            known = self.labels[id(context)] = (context, _label(context))
+        return known[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -436,7 +530,8 @@ class _TetherRoute:
             lc._units_refused += 1
             await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
             return
-        unit = HttpUnit(lc, self.label, scope, receive, send)
+        label = self.label if self.context_of is None else self._label(scope)
+        unit = HttpUnit(lc, label, scope, receive, send)
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         lc._units.add(unit)
         lc._units_total += 1
@@ -490,7 +585,7 @@ class _TetherRoute:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lc = self.lc
-        unit = Unit(lc, self.label)
+        unit = Unit(lc, self.label if self.context_of is None else self._label(scope))
         lc._units.add(unit)
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))

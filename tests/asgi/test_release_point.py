@@ -5,13 +5,13 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 import tether
 from tests.inprocess import Exchange, http_scope
-from tether.fastapi import health_router
+from tether.fastapi import _walk, health_router
 
 
 class Recorder:
@@ -20,6 +20,20 @@ class Recorder:
 
     def __call__(self, event: str) -> None:
         self.events.append(event)
+
+
+# Where make_app puts its routes: on the app itself, on an included APIRouter, or on a
+# router included in a router (FastAPI 0.165 includes routers by reference: their routes
+# are served through per-inclusion copies of their apps).
+LAYOUTS = ("app", "router", "nested")
+_layout = {"now": "app"}
+
+
+@pytest.fixture(autouse=True, params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> Iterator[str]:
+    _layout["now"] = request.param
+    yield request.param
+    _layout["now"] = "app"
 
 
 def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recorder]:
@@ -49,7 +63,9 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         finally:
             rec("session close")
 
-    app = FastAPI(lifespan=lc.lifespan)
+    root = app = FastAPI(lifespan=lc.lifespan)
+    if _layout["now"] != "app":
+        app = APIRouter()  # type: ignore[assignment]
     Session = Annotated[dict[str, Any], Depends(session)]
 
     def repo(s: Session) -> dict[str, Any]:
@@ -114,7 +130,13 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         await websocket.send_text(f"{text} via {s['pool']}")
         await websocket.close()
 
-    return app, lc, rec
+    if _layout["now"] == "nested":
+        outer = APIRouter()
+        outer.include_router(app)  # type: ignore[arg-type]
+        app = outer  # type: ignore[assignment]
+    if app is not root:
+        root.include_router(app)  # type: ignore[arg-type]
+    return root, lc, rec
 
 
 class TestHandlerRelease:
@@ -199,8 +221,12 @@ class TestHandlerRelease:
         with TestClient(app) as client:
             assert client.get("/none").json() == {"none": "yes"}
         assert "session open" not in rec.events
-        route = next(r for r in app.routes if getattr(r, "path", "") == "/none")
-        assert type(route.app).__name__ != "_TetherRoute"  # type: ignore[attr-defined]
+        wrapped = {
+            getattr(r, "path", ""): "handle" in vars(r)
+            for r, _ in _walk(app.routes, included=False)
+        }
+        assert wrapped["/none"] is False
+        assert wrapped["/ok"] is True
 
     def test_websocket_scope_per_connection(self) -> None:
         """A WebSocket route gets one unit of work per connection, closed when it ends."""
@@ -353,6 +379,79 @@ class TestMiddleware:
         assert rec.events.count("commit") == 1
         assert "rollback HTTPException" in rec.events
         assert "commit failed" in rec.events
+
+
+class TestIncludedRouters:
+    def test_router_included_twice_serves_both_paths(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """One router included under two prefixes: each path gets its own unit of work, and
+        what tether logs names the path that was served."""
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            rec("open")
+            yield "conn"
+            rec("close")
+
+        @lc.resource(timeout=0.05, retry_after=2)
+        async def slow() -> AsyncIterator[str]:
+            await anyio.sleep(10)
+            yield "never"
+
+        items = APIRouter(prefix="/items")
+
+        @items.get("/one")
+        async def one(c: Annotated[str, Depends(conn)]) -> str:
+            rec("endpoint")
+            return c
+
+        @items.get("/slow")
+        async def slow_route(v: Annotated[str, Depends(slow)]) -> str:
+            return v
+
+        v1, v2 = APIRouter(prefix="/v1"), APIRouter(prefix="/v2")
+        v1.include_router(items)
+        v2.include_router(items)
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(v1)
+        app.include_router(v2)
+        with TestClient(app) as client:
+            assert client.get("/v1/items/one").json() == "conn"
+            assert client.get("/v2/items/one").json() == "conn"
+            with caplog.at_level("WARNING", logger="tether"):
+                assert client.get("/v2/items/slow").status_code == 503
+        assert rec.events == ["open", "endpoint", "close"] * 2
+        assert "tether: GET /v2/items/slow answered 503" in caplog.text
+
+    def test_plain_starlette_route_on_an_included_router(self) -> None:
+        """A Starlette route added to an APIRouter gets its values and releases them."""
+        from starlette.requests import Request
+        from starlette.responses import PlainTextResponse
+
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            rec("open")
+            yield "conn"
+            rec("close")
+
+        async def plain(request: Request) -> PlainTextResponse:
+            value = await conn(request)
+            rec("endpoint")
+            return PlainTextResponse(value)
+
+        router = APIRouter()
+        router.add_route("/plain", plain)
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(router)
+        with TestClient(app) as client:
+            assert client.get("/plain").text == "conn"
+        assert rec.events == ["open", "endpoint", "close"]
 
 
 class TestInstall:

@@ -7,7 +7,7 @@ import os
 from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 import tether
 from tether.integrations import asyncpg as tpg
@@ -28,6 +28,10 @@ app = FastAPI(lifespan=lc.lifespan)
 Conn = Annotated[asyncpg.Connection, Depends(conn)]
 Tx = Annotated[asyncpg.Connection, Depends(tx)]
 
+# The routes that write live on an included router, as most apps' routes do (FastAPI 0.165
+# serves them through per-inclusion copies of their apps).
+writes = APIRouter()
+
 
 @app.get("/sleep")
 async def sleep(c: Conn, seconds: float = 5.0) -> dict[str, str]:
@@ -35,7 +39,7 @@ async def sleep(c: Conn, seconds: float = 5.0) -> dict[str, str]:
     return {"status": "slept"}
 
 
-@app.get("/sleep-tx")
+@writes.get("/sleep-tx")
 async def sleep_tx(c: Tx, seconds: float = 5.0) -> dict[str, str]:
     await c.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)")
     await c.execute("INSERT INTO scratch VALUES (1)")
@@ -53,9 +57,12 @@ async def pid(c: Conn) -> dict[str, object]:
     return {"pid": row["pid"], "fresh_tx": row["fresh_tx"] and not c.is_in_transaction()}
 
 
-@app.post("/write-slow/{table}/{key}")
+@writes.post("/write-slow/{table}/{key}")
 async def write_slow(table: str, key: int, c: Tx, seconds: float = 0.3) -> dict[str, str]:
     # A write, then a slow query, in the unit of work's transaction (committed at the end).
     await c.execute(f"INSERT INTO {table} (k) VALUES ($1)", key)
     await c.execute("SELECT pg_sleep($1)", seconds)
     return {"status": "written"}
+
+
+app.include_router(writes)

@@ -251,6 +251,43 @@ class TestResponseRelease:
         assert rec.events.index("session close") > rec.events.index("chunk 2 session=open")
 
 
+    def test_generator_endpoints_stream_with_the_session_open(self) -> None:
+        """FastAPI 0.165's generator endpoints (SSE, JSON lines) run their items with a
+        release="response" session open, and it commits after the last one."""
+        sse = pytest.importorskip("fastapi.sse")
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource(release="response")
+        async def session() -> AsyncIterator[str]:
+            rec("open")
+            yield "s"
+            rec("commit")
+
+        app = FastAPI(lifespan=lc.lifespan)
+        Session = Annotated[str, Depends(session)]
+
+        @app.get("/events", response_class=sse.EventSourceResponse)
+        async def events(s: Session) -> AsyncIterator[int]:
+            for i in range(2):
+                rec(f"item {i} committed={'commit' in rec.events}")
+                yield i
+
+        @app.get("/lines")
+        async def lines(s: Session) -> AsyncIterator[int]:
+            for i in range(2):
+                rec(f"item {i} committed={'commit' in rec.events}")
+                yield i
+
+        one = ["open", "item 0 committed=False", "item 1 committed=False", "commit"]
+        with TestClient(app) as client:
+            assert client.get("/events").text == "data: 0\n\ndata: 1\n\n"
+            assert rec.events == one
+            rec.events.clear()
+            assert client.get("/lines").text == "0\n1\n"
+            assert rec.events == one
+
+
 class TestUnavailable:
     def test_open_timeout_answers_503_with_retry_after(self) -> None:
         """A resource that cannot open in time gives 503 with Retry-After, not a hang."""

@@ -250,7 +250,6 @@ class TestResponseRelease:
         assert chunks == [f"chunk {i} session=open" for i in range(3)]
         assert rec.events.index("session close") > rec.events.index("chunk 2 session=open")
 
-
     def test_generator_endpoints_stream_with_the_session_open(self) -> None:
         """FastAPI 0.165's generator endpoints (SSE, JSON lines) run their items with a
         release="response" session open, and it commits after the last one."""

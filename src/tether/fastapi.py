@@ -92,12 +92,12 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
-    for route, included in _walk(getattr(app, "routes", ()), included=False):
+    for route, included, extra in _walk(getattr(app, "routes", ()), included=False, extra=()):
         if getattr(route, "app", None) is None or isinstance(
             vars(route).get("handle"), _TetherRoute
         ):
             continue
-        if _uses(route, lc):
+        if _uses(route, lc) or _depends_use(extra, lc):
             # The route's `handle`, not its `app`: a router included by reference
             # (FastAPI 0.165) builds an app of its own per inclusion, and calls the
             # original route's `handle` to serve it.
@@ -114,16 +114,22 @@ def install(app: Any, lc: Lifecycle) -> None:
         lc._sweepers.append(_Sweeper(lc))
 
 
-def _walk(routes: Any, *, included: bool) -> Iterator[tuple[Any, bool]]:
+def _walk(
+    routes: Any, *, included: bool, extra: tuple[Any, ...]
+) -> Iterator[tuple[Any, bool, tuple[Any, ...]]]:
+    """Every route, whether it is served through an inclusion of its router, and the
+    dependencies that inclusion adds (``include_router(..., dependencies=...)``)."""
     for route in routes:
         original = getattr(route, "original_router", None)
         if original is not None:
-            # FastAPI 0.165 includes a router by reference: its routes stay its own.
-            yield from _walk(original.routes, included=True)
+            # FastAPI 0.165 includes a router by reference: its routes stay its own, and
+            # the inclusion's dependencies are not in their dependants.
+            added = getattr(getattr(route, "include_context", None), "dependencies", ())
+            yield from _walk(original.routes, included=True, extra=(*extra, *added))
         elif getattr(route, "dependant", None) is None and hasattr(route, "routes"):
-            yield from _walk(route.routes, included=included)  # Mount, Host, Router
+            yield from _walk(route.routes, included=included, extra=extra)  # Mount, Host
         else:
-            yield route, included
+            yield route, included, extra
 
 
 def _inline_per_inclusion(route: Any, lc: Lifecycle) -> None:
@@ -161,6 +167,26 @@ def _uses(route: Any, lc: Lifecycle) -> bool:
     if dependant is None:
         # A plain Starlette route: tether cannot see what it uses, so it owns them all.
         return hasattr(route, "endpoint")
+    return _dependant_uses(dependant, lc)
+
+
+def _depends_use(depends: tuple[Any, ...], lc: Lifecycle) -> bool:
+    """Whether any of these ``Depends(...)`` needs a resource of *lc*."""
+    if not depends:
+        return False
+    from fastapi.dependencies.utils import get_dependant
+
+    for d in depends:
+        call = getattr(d, "dependency", None)
+        if isinstance(call, Resource):
+            if call.lifecycle is lc:
+                return True
+        elif call is not None and _dependant_uses(get_dependant(path="", call=call), lc):
+            return True
+    return False
+
+
+def _dependant_uses(dependant: Any, lc: Lifecycle) -> bool:
     stack = [dependant]
     while stack:
         d = stack.pop()

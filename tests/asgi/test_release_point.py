@@ -223,7 +223,7 @@ class TestHandlerRelease:
         assert "session open" not in rec.events
         wrapped = {
             getattr(r, "path", ""): "handle" in vars(r)
-            for r, _ in _walk(app.routes, included=False)
+            for r, _, _ in _walk(app.routes, included=False, extra=())
         }
         assert wrapped["/none"] is False
         assert wrapped["/ok"] is True
@@ -461,6 +461,41 @@ class TestIncludedRouters:
                 assert client.get("/v2/items/slow").status_code == 503
         assert rec.events == ["open", "endpoint", "close"] * 2
         assert "tether: GET /v2/items/slow answered 503" in caplog.text
+
+    def test_resources_named_where_the_router_is_included(self) -> None:
+        """A resource asked for by `include_router(..., dependencies=...)` (directly, or by a
+        dependency of it) is opened and closed around the routes of that inclusion only."""
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            rec("open")
+            yield "conn"
+            rec("close")
+
+        async def audited(c: Annotated[str, Depends(conn)]) -> None:
+            rec(f"audit via {c}")
+
+        router = APIRouter()
+
+        @router.get("/x")
+        async def x() -> str:
+            rec("endpoint")
+            return "x"
+
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(router, prefix="/direct", dependencies=[Depends(conn)])
+        app.include_router(router, prefix="/nested", dependencies=[Depends(audited)])
+        app.include_router(router, prefix="/plain")
+        with TestClient(app) as client:
+            for prefix in ("/direct", "/nested", "/plain"):
+                assert client.get(f"{prefix}/x").json() == "x"
+        assert rec.events == [
+            *("open", "endpoint", "close"),
+            *("open", "audit via conn", "endpoint", "close"),
+            "endpoint",
+        ]
 
     def test_plain_starlette_route_on_an_included_router(self) -> None:
         """A Starlette route added to an APIRouter gets its values and releases them."""

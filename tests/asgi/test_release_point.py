@@ -22,6 +22,18 @@ class Recorder:
         self.events.append(event)
 
 
+def recorded_conn(lc: tether.Lifecycle, rec: Recorder) -> Any:
+    """A request resource "conn" that records its opening and closing."""
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        rec("open")
+        yield "conn"
+        rec("close")
+
+    return conn
+
+
 # Where make_app puts its routes: on the app itself, on an included APIRouter, or on a
 # router included in a router (FastAPI 0.165 includes routers by reference: their routes
 # are served through per-inclusion copies of their apps).
@@ -426,11 +438,7 @@ class TestIncludedRouters:
         rec = Recorder()
         lc = tether.Lifecycle()
 
-        @lc.resource
-        async def conn() -> AsyncIterator[str]:
-            rec("open")
-            yield "conn"
-            rec("close")
+        conn = recorded_conn(lc, rec)
 
         @lc.resource(timeout=0.05, retry_after=2)
         async def slow() -> AsyncIterator[str]:
@@ -468,11 +476,7 @@ class TestIncludedRouters:
         rec = Recorder()
         lc = tether.Lifecycle()
 
-        @lc.resource
-        async def conn() -> AsyncIterator[str]:
-            rec("open")
-            yield "conn"
-            rec("close")
+        conn = recorded_conn(lc, rec)
 
         async def audited(c: Annotated[str, Depends(conn)]) -> None:
             rec(f"audit via {c}")
@@ -505,11 +509,7 @@ class TestIncludedRouters:
         rec = Recorder()
         lc = tether.Lifecycle()
 
-        @lc.resource
-        async def conn() -> AsyncIterator[str]:
-            rec("open")
-            yield "conn"
-            rec("close")
+        conn = recorded_conn(lc, rec)
 
         async def plain(request: Request) -> PlainTextResponse:
             value = await conn(request)
@@ -550,11 +550,7 @@ class TestInstall:
         rec = Recorder()
         lc = tether.Lifecycle()
 
-        @lc.resource
-        async def conn() -> AsyncIterator[str]:
-            rec("open")
-            yield "conn"
-            rec("close")
+        conn = recorded_conn(lc, rec)
 
         @asynccontextmanager
         async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:

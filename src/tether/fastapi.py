@@ -538,8 +538,9 @@ class _TetherRoute:
             )
         self.labels: dict[int, tuple[Any, str]] = {}
 
-    def _label(self, scope: Scope) -> str:
-        context = self.context_of(scope)
+    def label_for(self, scope: Scope) -> str:
+        """The label of the unit of work serving *scope*."""
+        context = None if self.context_of is None else self.context_of(scope)
         if context is None:
             return self.label
         known = self.labels.get(id(context))
@@ -556,7 +557,7 @@ class _TetherRoute:
             lc._units_refused += 1
             await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
             return
-        label = self.label if self.context_of is None else self._label(scope)
+        label = self.label if self.context_of is None else self.label_for(scope)
         unit = HttpUnit(lc, label, scope, receive, send)
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         lc._units.add(unit)
@@ -611,7 +612,7 @@ class _TetherRoute:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lc = self.lc
-        unit = Unit(lc, self.label if self.context_of is None else self._label(scope))
+        unit = Unit(lc, self.label_for(scope))
         lc._units.add(unit)
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))

@@ -4,7 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 PIP_FLAGS := --disable-pip-version-check -q
 # FastAPI versions the release-point tests run on, besides the latest one in $(VENV).
-FASTAPI_MATRIX := 0.115 0.120
+FASTAPI_MATRIX := 0.115 0.120 0.137
 
 .PHONY: all demo test lint typecheck pytest matrix bench bench-quick system-deps clean
 

@@ -99,7 +99,7 @@ def install(app: Any, lc: Lifecycle) -> None:
             continue
         if _uses(route, lc) or _depends_use(extra, lc):
             # The route's `handle`, not its `app`: a router included by reference
-            # (FastAPI 0.165) builds an app of its own per inclusion, and calls the
+            # (FastAPI 0.137+) builds an app of its own per inclusion, and calls the
             # original route's `handle` to serve it.
             route.handle = _TetherRoute(route.handle, lc, _label(route), included=included)
             if included and getattr(route, "dependant", None) is None:
@@ -122,7 +122,7 @@ def _walk(
     for route in routes:
         original = getattr(route, "original_router", None)
         if original is not None:
-            # FastAPI 0.165 includes a router by reference: its routes stay its own, and
+            # FastAPI 0.137+ includes a router by reference: its routes stay its own, and
             # the inclusion's dependencies are not in their dependants.
             added = getattr(getattr(route, "include_context", None), "dependencies", ())
             yield from _walk(original.routes, included=True, extra=(*extra, *added))
@@ -135,7 +135,7 @@ def _walk(
 def _inline_per_inclusion(route: Any, lc: Lifecycle) -> None:
     """Inline the resource parameters of each inclusion of *route* too.
 
-    FastAPI 0.165 builds, per inclusion of a router, a context with a dependant and a
+    FastAPI 0.137+ builds, per inclusion of a router, a context with a dependant and a
     request handler of its own, from ``route.get_route_handler()`` while a context
     variable names that context. Without this, those requests still get their values
     (through FastAPI's solver, from the unit of work ``handle`` set up), only slower.
@@ -322,7 +322,7 @@ def _label(route: Any) -> str:
 async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
     """Where a resource is asked for on a route tether does not own: say how to fix it.
 
-    One case tether can own from here: a WebSocket route of a router that FastAPI 0.165
+    One case tether can own from here: a WebSocket route of a router that FastAPI 0.137+
     includes by reference. Its app is built per inclusion, past tether's hook; the
     connection's own exit stack then ends its unit of work, when the endpoint returns.
     """

@@ -35,7 +35,7 @@ def recorded_conn(lc: tether.Lifecycle, rec: Recorder) -> Any:
 
 
 # Where make_app puts its routes: on the app itself, on an included APIRouter, or on a
-# router included in a router (FastAPI 0.165 includes routers by reference: their routes
+# router included in a router (FastAPI 0.137+ includes routers by reference: their routes
 # are served through per-inclusion copies of their apps).
 LAYOUTS = ("app", "router", "nested")
 _layout = {"now": "app"}
@@ -263,7 +263,7 @@ class TestResponseRelease:
         assert rec.events.index("session close") > rec.events.index("chunk 2 session=open")
 
     def test_generator_endpoints_stream_with_the_session_open(self) -> None:
-        """FastAPI 0.165's generator endpoints (SSE, JSON lines) run their items with a
+        """FastAPI's generator endpoints (0.135+) (SSE, JSON lines) run their items with a
         release="response" session open, and it commits after the last one."""
         sse = pytest.importorskip("fastapi.sse")
         rec = Recorder()

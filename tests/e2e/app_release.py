@@ -52,7 +52,7 @@ stream_session = lc.resource(name="stream_session", release="response")(
 
 
 app = FastAPI(lifespan=lc.lifespan)
-# Two routes live on an included router, as most apps' routes do (FastAPI 0.165 serves them
+# Two routes live on an included router, as most apps' routes do (FastAPI 0.137+ serves them
 # through per-inclusion copies of their apps); the others on the app itself.
 router = APIRouter()
 

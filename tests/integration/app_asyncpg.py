@@ -28,7 +28,7 @@ app = FastAPI(lifespan=lc.lifespan)
 Conn = Annotated[asyncpg.Connection, Depends(conn)]
 Tx = Annotated[asyncpg.Connection, Depends(tx)]
 
-# The routes that write live on an included router, as most apps' routes do (FastAPI 0.165
+# The routes that write live on an included router, as most apps' routes do (FastAPI 0.137+
 # serves them through per-inclusion copies of their apps).
 writes = APIRouter()
 

@@ -395,17 +395,18 @@ async def test_cancel_at_every_await_of_a_scope(postgres: Postgres, driver_name:
 
 
 @pytest.mark.parametrize(
-    ("driver_name", "release"),
-    [("asyncpg", "handler"), ("sqlalchemy", "handler"), ("asyncpg", "response")],
+    ("driver_name", "release", "on_router"),
+    [("asyncpg", "handler", False), ("sqlalchemy", "handler", True), ("asyncpg", "response", True)],
 )
 async def test_cancel_at_every_await_of_a_request(
-    postgres: Postgres, driver_name: str, release: str
+    postgres: Postgres, driver_name: str, release: str, on_router: bool
 ) -> None:
     """The same through FastAPI and tether's release point, called in-process: besides
     the above, a client that saw 200 (or, streaming, the end of the body) always has its
     row committed, and one whose request was cancelled before its close never does.
-    ``release="response"``: the body streams while it writes and reads."""
-    from fastapi import Depends, FastAPI
+    ``release="response"``: the body streams while it writes and reads. Two of the three
+    serve the route from an included router."""
+    from fastapi import APIRouter, Depends, FastAPI
     from fastapi.responses import StreamingResponse
 
     from tether.fastapi import install
@@ -413,11 +414,12 @@ async def test_cancel_at_every_await_of_a_request(
     table, app_name = await _new_table(postgres, driver_name)
     d = DRIVERS[driver_name](postgres.dsn, app_name, release)
     app = FastAPI()
+    routes: Any = APIRouter() if on_router else app
     reached_by_key: dict[int, list[str]] = {}
     statuses: dict[int, int | None] = {}
     finished: dict[int, bool] = {}  # the last body message reached the client
 
-    @app.post("/rows/{key}")
+    @routes.post("/rows/{key}")
     async def insert(key: int, c: Any = Depends(d.conn)) -> Any:
         async def write_and_read() -> Any:
             await d.scalar(c, f"INSERT INTO {table} (k) VALUES (%s)", (key,))
@@ -432,6 +434,8 @@ async def test_cancel_at_every_await_of_a_request(
             pass  # the close follows serialisation, before the response starts
         return {"ok": True}
 
+    if on_router:
+        app.include_router(routes)
     install(app, d.lc)
 
     async def unit_of_work(key: int, reached: list[str]) -> None:

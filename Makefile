@@ -5,8 +5,10 @@ BIN       := $(VENV)/bin
 PIP_FLAGS := --disable-pip-version-check -q
 # FastAPI versions the release-point tests run on, besides the latest one in $(VENV).
 FASTAPI_MATRIX := 0.115 0.120 0.137
+# Newer Pythons the whole suite runs on too, besides $(PY) (3.11), where the machine has them.
+PYTHON_MATRIX := 3.13
 
-.PHONY: all demo test lint typecheck pytest matrix bench bench-quick system-deps clean
+.PHONY: all demo test lint typecheck pytest matrix pythons bench bench-quick system-deps clean
 
 all: test
 
@@ -54,7 +56,22 @@ matrix: $(BIN)/.installed
 	  "$$env/bin/pytest" tests/asgi tests/e2e -q || exit 1; \
 	done
 
-test: lint typecheck pytest matrix
+pythons: $(BIN)/.installed system-deps
+	@for v in $(PYTHON_MATRIX); do \
+	  py=$$(python$$v -c 'import sys; print(sys.executable)' 2>/dev/null); \
+	  [ -n "$$py" ] || py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python$$v 2>/dev/null | tail -n 1); \
+	  if [ -z "$$py" ]; then echo "== Python $$v: not on this machine, skipped"; continue; fi; \
+	  env="$(CURDIR)/.venv-py$$v"; \
+	  if [ ! -f "$$env/.installed" ]; then \
+	    "$$py" -m venv "$$env" && \
+	    "$$env/bin/pip" install $(PIP_FLAGS) -e '.[dev]' || exit 1; \
+	    touch "$$env/.installed"; \
+	  fi; \
+	  echo "== Python $$v"; \
+	  "$$env/bin/pytest" -q || exit 1; \
+	done
+
+test: lint typecheck pytest matrix pythons
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run
@@ -63,4 +80,4 @@ bench-quick: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) .venv-fa* .mypy_cache .ruff_cache build dist .demo
+	rm -rf $(VENV) .venv-fa* .venv-py* .mypy_cache .ruff_cache build dist .demo

@@ -55,6 +55,7 @@ a ``sqlite+aiosqlite:///path.db`` URL instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -155,12 +156,10 @@ class Database:
                 await conn.close()
 
     async def _open(self) -> aiosqlite.Connection:
-        # Shielded: a connect cancelled half-way would leave an unclosed sqlite3
-        # connection behind in aiosqlite's thread. Opening a local file is quick.
+        # Shielded from anyio's cancellations (opening a local file is quick); a one-shot
+        # `task.cancel()` is handled by `_connect`.
         with anyio.CancelScope(shield=True):
-            conn = await aiosqlite.connect(
-                self.path, timeout=self.busy_timeout, isolation_level="DEFERRED"
-            )
+            conn = await _connect(self.path, timeout=self.busy_timeout, isolation_level="DEFERRED")
             try:
                 if self.foreign_keys:
                     await conn.execute("PRAGMA foreign_keys = ON")
@@ -300,6 +299,34 @@ def database(
 
 
 _database = database
+
+
+async def _connect(path: str, **kwargs: Any) -> aiosqlite.Connection:
+    """``aiosqlite.connect``, without leaving a connection behind if cancelled.
+
+    aiosqlite makes the sqlite3 connection in its thread; when the task waiting for it is
+    cancelled (a one-shot ``task.cancel()``: anyio's shield does not hold those), the
+    connection is made anyway and dropped unclosed (``ResourceWarning: unclosed
+    database`` on Python 3.13). So the connect runs in a task of its own: the
+    cancellation is raised here at once, and a connection it still makes is closed.
+    """
+    connecting = asyncio.ensure_future(aiosqlite.connect(path, **kwargs))
+    try:
+        return await asyncio.shield(connecting)
+    except BaseException:
+        connecting.add_done_callback(_close_abandoned)
+        raise
+
+
+_closing: set[asyncio.Future[Any]] = set()  # closes of abandoned connections, running
+
+
+def _close_abandoned(task: asyncio.Future[aiosqlite.Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # nothing was made (reading the exception also keeps asyncio quiet)
+    closing = asyncio.ensure_future(task.result().close())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
 
 
 async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._errors import ResourceUnavailable, ScopeError, StartupError, redact
@@ -21,6 +21,7 @@ BudgetPolicy = Literal["warn", "error", "off"]
 
 __all__ = [
     "BudgetPolicy",
+    "connect_or_close",
     "Dsn",
     "LoopBound",
     "check_budget",
@@ -180,3 +181,34 @@ def unreachable(
         f"reachable from here, and the address and credentials in its DSN."
     )
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
+
+
+T = TypeVar("T")
+_closing: set[asyncio.Future[Any]] = set()  # closes of abandoned connections, running
+
+
+async def connect_or_close(connecting: Awaitable[T], close: Callable[[T], Any]) -> T:
+    """Await a connection attempt without leaving a connection behind if cancelled.
+
+    Some drivers make the connection where a cancellation does not reach (psycopg's
+    attempt keeps its socket; aiosqlite makes it in its thread) and drop it, unclosed,
+    when the task waiting for it is cancelled. So the attempt runs in a task of its own:
+    a cancellation is raised here at once, and a connection the attempt still makes is
+    closed with *close* (sync, or returning an awaitable) as soon as it exists.
+    """
+    attempt = asyncio.ensure_future(connecting)
+    try:
+        return await asyncio.shield(attempt)
+    except BaseException:
+        attempt.add_done_callback(lambda done: _close_abandoned(done, close))
+        raise
+
+
+def _close_abandoned(attempt: asyncio.Future[T], close: Callable[[T], Any]) -> None:
+    if attempt.cancelled() or attempt.exception() is not None:
+        return  # nothing was made (reading the exception also keeps asyncio quiet)
+    closing = close(attempt.result())
+    if inspect.isawaitable(closing):
+        task = asyncio.ensure_future(closing)
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)

@@ -55,7 +55,6 @@ a ``sqlite+aiosqlite:///path.db`` URL instead.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
@@ -74,7 +73,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
-from ._common import depends_on, unavailable
+from ._common import connect_or_close, depends_on, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -302,31 +301,13 @@ _database = database
 
 
 async def _connect(path: str, **kwargs: Any) -> aiosqlite.Connection:
-    """``aiosqlite.connect``, without leaving a connection behind if cancelled.
+    """``aiosqlite.connect``; a connection made after a cancellation is closed.
 
     aiosqlite makes the sqlite3 connection in its thread; when the task waiting for it is
-    cancelled (a one-shot ``task.cancel()``: anyio's shield does not hold those), the
-    connection is made anyway and dropped unclosed (``ResourceWarning: unclosed
-    database`` on Python 3.13). So the connect runs in a task of its own: the
-    cancellation is raised here at once, and a connection it still makes is closed.
+    cancelled (a one-shot ``task.cancel()``: anyio's shield does not hold those), it is
+    made anyway and dropped unclosed (``ResourceWarning: unclosed database`` on 3.13).
     """
-    connecting = asyncio.ensure_future(aiosqlite.connect(path, **kwargs))
-    try:
-        return await asyncio.shield(connecting)
-    except BaseException:
-        connecting.add_done_callback(_close_abandoned)
-        raise
-
-
-_closing: set[asyncio.Future[Any]] = set()  # closes of abandoned connections, running
-
-
-def _close_abandoned(task: asyncio.Future[aiosqlite.Connection]) -> None:
-    if task.cancelled() or task.exception() is not None:
-        return  # nothing was made (reading the exception also keeps asyncio quiet)
-    closing = asyncio.ensure_future(task.result().close())
-    _closing.add(closing)
-    closing.add_done_callback(_closing.discard)
+    return await connect_or_close(aiosqlite.connect(path, **kwargs), aiosqlite.Connection.close)
 
 
 async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:

@@ -64,6 +64,7 @@ from ._common import (
     Dsn,
     LoopBound,
     check_budget,
+    connect_or_close,
     depends_on,
     redact,
     resolve_dsn,
@@ -335,26 +336,17 @@ def connection(
 
 
 async def _connect(target: str, **kwargs: Any) -> Connection:
-    """``AsyncConnection.connect``, without leaving a connection behind if cancelled.
+    """``AsyncConnection.connect``; a connection made after a cancellation is closed.
 
     psycopg abandons a connection attempt that is cancelled half-way with its socket
     open, until the garbage collector finds it (and the server keeps an idle backend
-    meanwhile). So the attempt runs in a task of its own: a cancellation (a startup
-    cancelled, a resource ``timeout=``) is raised here at once, and a connection the
-    attempt still makes is closed as soon as it is made.
+    meanwhile).
     """
-    connecting = asyncio.ensure_future(Connection.connect(target, **kwargs))
-    try:
-        return await asyncio.shield(connecting)
-    except BaseException:
-        connecting.add_done_callback(_close_abandoned)
-        raise
+    return await connect_or_close(Connection.connect(target, **kwargs), _finish)
 
 
-def _close_abandoned(task: asyncio.Future[Connection]) -> None:
-    if task.cancelled() or task.exception() is not None:
-        return  # nothing was made (reading the exception also keeps asyncio quiet)
-    task.result().pgconn.finish()
+def _finish(conn: Connection) -> None:
+    conn.pgconn.finish()
 
 
 async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:

@@ -333,10 +333,15 @@ def in_anyio_scope(task: Any = None) -> bool:
     return state is not None and getattr(state, "cancel_scope", True) is not None
 
 
+# How anyio marks the cancellations of its cancel scopes: "Cancelled via cancel scope <id>"
+# since 4.11, "Cancelled by cancel scope <id>" before (and still at some checkpoints).
+_ANYIO_MARKS = ("Cancelled via cancel scope ", "Cancelled by cancel scope ")
+
+
 def _by_anyio_scope(reason: Any) -> bool:
     """Whether a cancellation's message is an anyio cancel scope's (anyio tells its own
     cancellations apart by the same mark)."""
-    return isinstance(reason, str) and reason.startswith("Cancelled via cancel scope ")
+    return isinstance(reason, str) and reason.startswith(_ANYIO_MARKS)
 
 
 def _native(cancel: asyncio.CancelledError) -> bool:

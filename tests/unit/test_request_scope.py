@@ -809,3 +809,15 @@ def test_native_shield_on_uvloop() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         events = runner.run(scenario())
     assert events == ["conn closed", "after scope", "job cancelled", "Closing resource 'stuck'"]
+
+
+def test_anyio_cancellations_are_told_apart_on_every_supported_anyio() -> None:
+    """anyio marks its cancel scopes' cancellations "Cancelled via cancel scope <id>" since
+    4.11 and "Cancelled by cancel scope <id>" before (and still at some checkpoints): both
+    are anyio's (delivered again by anyio inside the scope), a bare task.cancel() is not."""
+    from tether._scope import _by_anyio_scope
+
+    assert _by_anyio_scope("Cancelled via cancel scope 7f3a2b")
+    assert _by_anyio_scope("Cancelled by cancel scope 7f3a2b")
+    assert not _by_anyio_scope(None)
+    assert not _by_anyio_scope("shutting down")

@@ -7,8 +7,11 @@ PIP_FLAGS := --disable-pip-version-check -q
 FASTAPI_MATRIX := 0.115 0.120 0.137
 # Newer Pythons the whole suite runs on too, besides $(PY) (3.11), where the machine has them.
 PYTHON_MATRIX := 3.13
+# The integration suite also runs on the extras' lower bounds (pyproject.toml), so they stay true.
+FLOORS := "asyncpg==0.29.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
+  "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*"
 
-.PHONY: all demo test lint typecheck pytest matrix pythons bench bench-quick system-deps clean
+.PHONY: all demo test lint typecheck pytest matrix pythons floors bench bench-quick system-deps clean
 
 all: test
 
@@ -71,7 +74,18 @@ pythons: $(BIN)/.installed system-deps
 	  "$$env/bin/pytest" -q || exit 1; \
 	done
 
-test: lint typecheck pytest matrix pythons
+floors: $(BIN)/.installed system-deps
+	@env="$(CURDIR)/.venv-floors"; \
+	if [ ! -f "$$env/.installed" ]; then \
+	  $(PY) -m venv "$$env" && \
+	  "$$env/bin/pip" install $(PIP_FLAGS) -e '.[dev]' && \
+	  "$$env/bin/pip" install $(PIP_FLAGS) $(FLOORS) || exit 1; \
+	  touch "$$env/.installed"; \
+	fi; \
+	echo "== the extras' lower bounds: $(FLOORS)"; \
+	"$$env/bin/pytest" tests/integration -q || exit 1
+
+test: lint typecheck pytest matrix pythons floors
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run
@@ -80,4 +94,4 @@ bench-quick: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) .venv-fa* .venv-py* .mypy_cache .ruff_cache build dist .demo
+	rm -rf $(VENV) .venv-fa* .venv-py* .venv-floors .mypy_cache .ruff_cache build dist .demo

@@ -73,7 +73,7 @@ async def list_notes(c: Reader) -> list[NoteOut]:
     return [NoteOut(id=row["id"], text=row["text"]) for row in rows]
 
 
-@app.delete("/notes/{note_id}", status_code=204)
+@app.delete("/notes/{note_id}", status_code=204, response_model=None)
 async def delete_note(note_id: int, c: Writer) -> None:
     cur = await c.execute("DELETE FROM notes WHERE id = ?", (note_id,))
     if cur.rowcount == 0:

@@ -94,7 +94,7 @@ async def get_note(note_id: int, s: Session) -> NoteOut:
     return NoteOut(id=note.id, text=note.text)
 
 
-@app.delete("/notes/{note_id}", status_code=204)
+@app.delete("/notes/{note_id}", status_code=204, response_model=None)
 async def delete_note(note_id: int, s: Session) -> None:
     note = await s.get(Note, note_id)
     if note is None:

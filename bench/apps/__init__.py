@@ -16,6 +16,7 @@ VARIANTS: dict[str, str] = {
     "fastapi-manual": "fastapi_manual",
     "fastapi-yield": "fastapi_yield",
     "wrapper-floor": "wrapper_floor",
+    "handler-floor": "handler_floor",
     "tether": "tether_app",
     "dishka": "dishka_app",
     "svcs": "svcs_app",

@@ -1,10 +1,12 @@
 """FastAPI and Starlette integration: the release point, 503s, disconnects, health routes.
 
 A user writes ``FastAPI(lifespan=lc.lifespan)`` and ``Depends(res)``. When the lifespan
-starts, tether wraps each route that uses its resources (and every plain Starlette
-route) so that it owns the unit of work of each call:
+starts, tether takes over the unit of work of each route that uses its resources (and of
+every plain Starlette route): it wraps FastAPI's request handler of an ``APIRoute``
+(which returns the serialised response before anything is sent), else the route's
+``handle`` and its ``send``. Either way:
 
-* request resources opened by the call are closed when the response starts
+* request resources opened by the call are closed before the response starts
   (``release="handler"``), or just before its last body message (``"response"``);
 * the failure that ended the call (an exception, an ``HTTPException``, an error status,
   a client that went away) is thrown into each cleanup, so it rolls back;
@@ -38,6 +40,7 @@ from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, Sc
 from ._lifecycle import Lifecycle, State
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
+    Entry,
     Unit,
     _first,
     _now,
@@ -92,12 +95,13 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
+    _forget_inclusions(getattr(app, "routes", ()))
     for route, included, extra in _walk(getattr(app, "routes", ()), included=False, extra=()):
-        if getattr(route, "app", None) is None or isinstance(
-            vars(route).get("handle"), _TetherRoute
-        ):
+        if getattr(route, "app", None) is None or _installed(route):
             continue
         if _uses(route, lc) or _depends_use(extra, lc):
+            if _serve_by_handler(route, lc):
+                continue
             # The route's `handle`, not its `app`: a router included by reference
             # (FastAPI 0.137+) builds an app of its own per inclusion, and calls the
             # original route's `handle` to serve it.
@@ -112,6 +116,118 @@ def install(app: Any, lc: Lifecycle) -> None:
                 _inline_per_inclusion(route, lc)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
+
+
+def _installed(route: Any) -> bool:
+    own = vars(route)
+    return isinstance(own.get("handle"), _TetherRoute) or hasattr(
+        own.get("get_route_handler"), "_tether_lifecycle"
+    )
+
+
+def _serve_by_handler(route: Any, lc: Lifecycle) -> bool:
+    """Own the unit of work of an HTTP `APIRoute` by wrapping its request handler.
+
+    FastAPI builds a route's ASGI app from ``route.get_route_handler()`` (when the route
+    is made, and for each inclusion of its router on FastAPI 0.137+). tether hooks that
+    method and rebuilds the app the way FastAPI built it. It does so only when the
+    rebuilt app has the shape of the one FastAPI made (the same functions and classes):
+    else (a route class that builds its app another way, a FastAPI layout not known
+    here) the route's ``handle`` is wrapped instead, which works everywhere, at the cost
+    of a wrapper of ``send``.
+    """
+    routing = _fastapi_routing()
+    if (
+        routing is None
+        or not getattr(route, "methods", None)
+        or getattr(route, "dependant", None) is None
+        or not callable(getattr(route, "get_route_handler", None))
+    ):
+        return False
+    make_app = _app_maker(routing, route)
+    if make_app is None or not _same_shape(make_app(_probe), route.app):
+        return False
+    var = getattr(routing, "_effective_route_context_var", None)
+    build = route.get_route_handler
+    _inline(route, lc)
+
+    def get_route_handler() -> Any:
+        context = var.get() if var is not None else None
+        if context is not None and getattr(context, "original_route", None) is route:
+            # One inclusion of the route's router (FastAPI 0.137+): its own dependant.
+            _inline(context, lc)
+            defer = _function_scoped_cleanup(context.dependant)
+            return _handler(build(), lc, _label(context), defer=defer)
+        defer = _function_scoped_cleanup(route.dependant)
+        return _handler(build(), lc, _label(route), defer=defer)
+
+    get_route_handler._tether_lifecycle = lc  # type: ignore[attr-defined]
+    route.get_route_handler = get_route_handler
+    route.app = make_app(get_route_handler())
+    return True
+
+
+def _function_scoped_cleanup(dependant: Any) -> bool:
+    """Whether a route has a ``yield`` dependency with ``Depends(scope="function")``
+    (FastAPI 0.121+): its cleanup runs after the request handler returns, before the
+    response; it may still use the request's resources, so they close after it."""
+    stack = list(getattr(dependant, "dependencies", ()))
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if getattr(d, "scope", None) == "function" and call is not None:
+            for fn in (inspect.unwrap(call), getattr(call, "__call__", None)):  # noqa: B004
+                if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+                    return True
+        stack.extend(getattr(d, "dependencies", ()))
+    return False
+
+
+def _app_maker(routing: Any, route: Any) -> Any:
+    """How FastAPI makes a route's ASGI app from its request handler, or None."""
+    request_response = getattr(routing, "request_response", None)
+    if request_response is None:  # pragma: no cover - another FastAPI layout
+        return None
+    limit = getattr(routing, "wrap_app_with_body_limit", None)  # FastAPI 0.160+
+    if limit is None:
+        return request_response
+    max_body_size = getattr(route, "max_body_size", None)
+    return lambda handler: limit(request_response(handler), max_body_size)
+
+
+async def _probe(request: Any) -> Any:  # pragma: no cover - never called
+    raise NotImplementedError
+
+
+def _same_shape(made: Any, found: Any, depth: int = 0) -> bool:
+    """Whether two ASGI apps are built alike: the same classes and functions, the same
+    settings, down their ``.app`` chain."""
+    if type(made) is not type(found) or depth > 8:
+        return False
+    if inspect.isfunction(made):
+        return made.__code__ is found.__code__
+    mine, theirs = getattr(made, "__dict__", None), getattr(found, "__dict__", None)
+    if mine is None or theirs is None or mine.keys() != theirs.keys():
+        return False
+    for key, value in mine.items():
+        if key == "app":
+            if not _same_shape(value, theirs[key], depth + 1):
+                return False
+        elif not callable(value) and value != theirs[key]:
+            return False
+    return True
+
+
+def _forget_inclusions(routes: Any) -> None:
+    """Make FastAPI 0.160+ rebuild the per-inclusion apps it has built already (an app
+    that served requests before `install`), so that they are built through tether's
+    hook. Nothing to do for an app that has not served yet."""
+    for route in routes:
+        if getattr(route, "original_router", None) is None:
+            continue
+        for name in ("_effective_candidates_version", "_effective_low_priority_routes_version"):
+            if getattr(route, name, None) is not None:
+                setattr(route, name, None)
 
 
 def _walk(
@@ -369,20 +485,66 @@ class _ConnectionEnd:
 class HttpUnit(Unit):
     """The unit of work of one HTTP request (or one WebSocket connection)."""
 
-    __slots__ = ("_receive", "_send", "body_done", "failure", "headers", "state", "task", "watch")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "body_done",
+        "failure",
+        "headers",
+        "request",
+        "state",
+        "task",
+        "watch",
+    )
 
-    def __init__(self, lc: Lifecycle, label: str, scope: Scope, receive: Receive, send: Send):
-        Unit.__init__(self, lc, label)
-        # Not the scope itself: a unit referenced from the scope and referencing it back
-        # would make every request a reference cycle for the garbage collector.
-        self.headers = scope["headers"]
-        self._receive = receive
-        self._send = send
+    def __init__(self, lc: Lifecycle, label: str, request: Any = None) -> None:
+        # `Unit.__init__`'s fields, set here: one call per request, not two.
+        self.lc = lc
+        self.label = label
+        self.values: dict[Resource[Any], Any] = {}
+        self.entries: list[Entry] = []
+        self.closed = False
+        self.started = _now()
+        self.track_stacks = False  # a leak report names the route
+        self.late = False
+        self.waiting = None
+        # The Starlette request when tether wraps FastAPI's request handler (the body is
+        # read through it); else the route wrapper sets the scope's headers (not the scope
+        # itself: a unit referenced from the scope and referencing it back would make every
+        # request a reference cycle), and `receive` and `send`.
+        self.request = request
+        self.headers: Any = None
+        self._receive: Receive = None  # type: ignore[assignment]
+        self._send: Send = None  # type: ignore[assignment]
         self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
         self.failure: BaseException | None = None
         self.body_done = False
         self.task: asyncio.Task[Any] | None = None
         self.watch: _Watch | None = None  # made once the request has run a while
+
+    async def release_at_start(self) -> list[BaseException] | None:
+        """Close the values released when the response starts (``release="handler"``);
+        return the cleanup failures, if any."""
+        entries = self.entries
+        if self.late or self.failure is not None or in_anyio_scope(self.task):
+            return await self.release_early(self.failure)
+        # The common case, without a coroutine per value: close every value; a cleanup
+        # that suspends is awaited (shielded) here.
+        self.values.clear()
+        lc = self.lc
+        errors: list[BaseException] | None = None
+        while entries:
+            entry = entries.pop()
+            try:
+                pending = start_close(lc, entry, None)
+                if pending is not None:
+                    await pending
+            except BaseException as failure:
+                errors = []
+                await close_entries(lc, entries, close_failed(entry, failure, None, errors), errors)
+            if entry.res.guard:
+                object.__setattr__(entry.value, "_tether_closed", True)
+        return errors
 
     async def send(self, message: Message) -> None:
         if self.state == 0:
@@ -395,29 +557,8 @@ class HttpUnit(Unit):
                     # failure the cleanups should see.
                     handled = sys.exc_info()[1]
                     self.failure = handled if handled is not None else FailedResponse(status)
-                entries = self.entries
-                if entries:
-                    if self.late or self.failure is not None or in_anyio_scope(self.task):
-                        errors = await self.release_early(self.failure)
-                    else:
-                        # The common case, without a coroutine per value: close every
-                        # value; a cleanup that suspends is awaited (shielded) here.
-                        self.values.clear()
-                        lc = self.lc
-                        errors = None
-                        while entries:
-                            entry = entries.pop()
-                            try:
-                                pending = start_close(lc, entry, None)
-                                if pending is not None:
-                                    await pending
-                            except BaseException as failure:
-                                errors = []
-                                await close_entries(
-                                    lc, entries, close_failed(entry, failure, None, errors), errors
-                                )
-                            if entry.res.guard:
-                                object.__setattr__(entry.value, "_tether_closed", True)
+                if self.entries:
+                    errors = await self.release_at_start()
                     if errors and self.failure is None:
                         self.state = 2
                         await _answer_error(self._send, errors[-1])
@@ -442,7 +583,7 @@ class HttpUnit(Unit):
     async def receive(self) -> Message:
         watch = self.watch
         if watch is None:
-            message = await self._receive()
+            message: Message = await self._receive()
             if not message.get("more_body", False):
                 self.body_done = True
             return message
@@ -456,13 +597,49 @@ class HttpUnit(Unit):
 
     def start_watching(self) -> None:
         """Listen for the client going away (once the request body has been read)."""
+        request = self.request
+        if request is not None:
+            self.headers = request.scope["headers"]
+            self._receive = request._receive
         if not self.body_done:
-            for name, value in self.headers:
-                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                    return  # the app may still be reading the body: do not compete for it
+            # Read in full through the request (FastAPI reads it before the endpoint runs).
+            read = request is not None and ("_body" in vars(request) or "_form" in vars(request))
+            if not read:
+                for name, value in self.headers:
+                    if name == b"transfer-encoding" or (
+                        name == b"content-length" and value != b"0"
+                    ):
+                        return  # the app may still be reading the body: do not compete for it
             self.body_done = True
         watch = self.watch = _Watch()
+        if request is not None:
+            # The app reads what is left through the request: from here, from the watch
+            # (until `stop_watching`: the request must not keep the unit alive).
+            request._receive = self.receive
         watch.task = asyncio.get_running_loop().create_task(self._watch(watch))
+
+    def stop_watching(self, original: Receive) -> Receive:
+        """Stop listening for the client (the handler is over); return what the response
+        should read its messages from, *original* once what the watch read is used."""
+        watch = self.watch
+        if watch is None:
+            return original
+        if watch.task is not None:
+            watch.task.cancel()
+        if self.request is not None:
+            self.request._receive = self._receive
+        buffer, disconnected = watch.buffer, watch.disconnected
+        if not buffer and not disconnected:
+            return original
+
+        async def receive() -> Message:
+            if buffer:
+                return buffer.popleft()
+            if disconnected:
+                return {"type": "http.disconnect"}
+            return await original()
+
+        return receive
 
     async def _watch(self, watch: _Watch) -> None:
         while True:
@@ -558,7 +735,10 @@ class _TetherRoute:
             await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
             return
         label = self.label if self.context_of is None else self.label_for(scope)
-        unit = HttpUnit(lc, label, scope, receive, send)
+        unit = HttpUnit(lc, label)
+        unit.headers = scope["headers"]
+        unit._receive = receive
+        unit._send = send
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         lc._units.add(unit)
         lc._units_total += 1
@@ -566,7 +746,7 @@ class _TetherRoute:
         try:
             await self.app(scope, unit.receive, unit.send)
         except BaseException as exc:
-            await self._failed(unit, exc)
+            await _route_failed(unit, exc)
         else:
             if unit.entries:
                 await unit.aclose(unit.failure)
@@ -582,33 +762,6 @@ class _TetherRoute:
             await self._websocket(scope, receive, send)
         else:  # pragma: no cover - routes only see http and websocket
             await self.app(scope, receive, send)
-
-    async def _failed(self, unit: HttpUnit, exc: BaseException) -> None:
-        if isinstance(exc, _Replaced):
-            if unit.entries:
-                await unit.aclose(exc.__cause__)
-            return
-        if (
-            unit.watch is not None
-            and unit.watch.cancelled
-            and isinstance(exc, asyncio.CancelledError)
-        ):
-            task = unit.task
-            if task is not None and task.cancelling():
-                task.uncancel()
-            gone = ClientDisconnected(f"The client went away during {unit.label}.")
-            gone.__cause__ = exc
-            await unit.aclose(gone)
-            return
-        errors = await unit.aclose(exc)
-        if isinstance(exc, ResourceUnavailable) and unit.state == 0:
-            log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
-            await _answer(unit._send, 503, str(exc), exc.retry_after)
-            return
-        if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
-            await _answer(unit._send, 503, str(errors[-1]), errors[-1].retry_after)
-            return
-        raise exc
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lc = self.lc
@@ -628,6 +781,41 @@ class _TetherRoute:
             lc._retire(unit)
 
 
+async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
+    """The app raised while tether wrapped its ``send``: close with that failure."""
+    if isinstance(exc, _Replaced):
+        if unit.entries:
+            await unit.aclose(exc.__cause__)
+        return
+    if _client_gone(unit, exc):
+        await unit.aclose(unit.failure)
+        return
+    errors = await unit.aclose(exc)
+    if isinstance(exc, ResourceUnavailable) and unit.state == 0:
+        log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
+        await _answer(unit._send, 503, str(exc), exc.retry_after)
+        return
+    if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
+        await _answer(unit._send, 503, str(errors[-1]), errors[-1].retry_after)
+        return
+    raise exc
+
+
+def _client_gone(unit: HttpUnit, exc: BaseException) -> bool:
+    """Whether tether cancelled the call because its client went away; if so, the
+    cancellation is taken back and the unit closes with `ClientDisconnected`."""
+    watch = unit.watch
+    if watch is None or not watch.cancelled or not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = unit.task
+    if task is not None and task.cancelling():
+        task.uncancel()
+    gone = ClientDisconnected(f"The client went away during {unit.label}.")
+    gone.__cause__ = exc
+    unit.failure = gone
+    return True
+
+
 async def _answer(send: Send, status: int, detail: str, retry_after: float | None) -> None:
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     headers = [
@@ -645,6 +833,192 @@ async def _answer_error(send: Send, error: BaseException) -> None:
         await _answer(send, 503, str(error), error.retry_after)
     else:
         await _answer(send, 500, "Internal Server Error", None)
+
+
+# --------------------------------------------------------------------------- handlers
+
+_DRAINING = State.DRAINING
+
+
+def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) -> Any:
+    """Wrap a FastAPI request handler (``request -> response``): one unit of work per call.
+
+    The handler validates the request, runs the dependencies and the endpoint, and
+    serialises the response; when it returns, nothing has been sent yet. That is the
+    release point of ``release="handler"``: no wrapper of ``send`` and no ASGI layer of
+    tether's own on the request's path. Values released with the response
+    (``release="response"``) stay open in a wrapper of the response it returned.
+
+    *defer*: the route has a ``Depends(scope="function")`` cleanup, which FastAPI runs
+    after the handler returns: the values then close when the response starts (the
+    wrapper of the response wraps ``send``), after that cleanup, as on other routes.
+    """
+    units = lc._units
+
+    async def tether_handler(request: Any) -> Any:
+        if lc.state is _DRAINING:
+            lc._units_refused += 1
+            return _response(503, "The service is shutting down; retry shortly.", 5.0)
+        unit = HttpUnit(lc, label, request)
+        task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
+        units.add(unit)
+        lc._units_total += 1
+        token = _CURRENT.set(_ref(unit))
+        late = False
+        try:
+            try:
+                response = await handler(request)
+            except BaseException as exc:
+                return await _handler_failed(unit, exc)
+            entries = unit.entries
+            if not entries:
+                return response
+            if defer:
+                late = True
+                return _LateResponse(response, unit)
+            unit.state = 1  # the handler is over: a disconnect no longer cancels it
+            if unit.late or getattr(response, "status_code", 200) >= 400 or in_anyio_scope(task):
+                response, late = await _release_slow(unit, response)
+                return response
+            # The common case, inline: no coroutine per value; a cleanup that suspends
+            # is awaited (shielded) here.
+            unit.values.clear()
+            while entries:
+                entry = entries.pop()
+                try:
+                    pending = start_close(lc, entry, None)
+                    if pending is not None:
+                        await pending
+                except BaseException as failure:
+                    errors: list[BaseException] = []
+                    await close_entries(
+                        lc, entries, close_failed(entry, failure, None, errors), errors
+                    )
+                    return _error_response(errors[-1])
+                if entry.res.guard:
+                    object.__setattr__(entry.value, "_tether_closed", True)
+            return response
+        finally:
+            _CURRENT.reset(token)
+            if not late:
+                unit.closed = True
+                if unit.watch is not None:
+                    unit.stop_watching(unit._receive)
+                units.discard(unit)  # `lc._retire`, inline
+                if lc._drained is not None and not units:
+                    lc._drained.set()
+
+    tether_handler.__wrapped__ = handler  # type: ignore[attr-defined]
+    return tether_handler
+
+
+async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
+    """Release at the handler's return, the other cases: an error status (the values
+    roll back), values released with the response, a task in an anyio cancel scope.
+    Returns the response to send, and whether the unit goes on with it."""
+    status = getattr(response, "status_code", 200)
+    if status >= 400:
+        unit.failure = FailedResponse(status)
+    errors = await unit.release_at_start()
+    if errors and unit.failure is None:
+        if unit.entries:
+            await unit.aclose(errors[-1])
+        return _error_response(errors[-1]), False
+    if unit.entries:
+        return _LateResponse(response, unit), True
+    return response, False
+
+
+async def _handler_failed(unit: HttpUnit, exc: BaseException) -> Any:
+    """The handler raised: close with that failure, then answer 503 for
+    `ResourceUnavailable`, nothing for a client that went away, else re-raise."""
+    if _client_gone(unit, exc):
+        await unit.aclose(unit.failure)
+        return _Silent()
+    errors = await unit.aclose(exc)
+    if isinstance(exc, ResourceUnavailable):
+        log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
+        return _response(503, str(exc), exc.retry_after)
+    if errors and isinstance(errors[-1], ResourceUnavailable):
+        return _response(503, str(errors[-1]), errors[-1].retry_after)
+    raise exc
+
+
+class _LateResponse:
+    """A handler's response sent with values of its unit still open.
+
+    Its ``send`` closes them: the ``release="handler"`` ones (if the handler deferred
+    them) when the response starts, the ``release="response"`` ones just before the last
+    body message, so a failing commit aborts the response instead of completing it; the
+    unit ends when the response does. Should the response never be sent (a dependency's
+    cleanup failing in between), FastAPI's exit stack for the request closes them.
+    """
+
+    __slots__ = ("response", "unit")
+
+    def __init__(self, response: Any, unit: HttpUnit) -> None:
+        self.response = response
+        self.unit = unit
+        request = unit.request
+        stack = request.scope.get("fastapi_inner_astack") if request is not None else None
+        if stack is not None:
+            stack.push_async_exit(self._unsent)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.response, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        unit = self.unit
+        lc = unit.lc
+        unit._send = send
+        receive = unit.stop_watching(receive)
+        unit.watch = None
+        token = _CURRENT.set(_ref(unit))
+        try:
+            await self.response(scope, receive, unit.send)
+        except BaseException as exc:
+            await _route_failed(unit, exc)
+        else:
+            if unit.entries:
+                await unit.aclose(unit.failure)
+        finally:
+            _CURRENT.reset(token)
+            unit.closed = True
+            lc._retire(unit)
+
+    async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        unit = self.unit
+        if not unit.closed:
+            unit.stop_watching(unit._receive)
+            try:
+                await unit.aclose(exc if exc is not None else FailedResponse(500))
+            finally:
+                unit.closed = True
+                unit.lc._retire(unit)
+        return False
+
+
+class _Silent:
+    """The response to a client that went away: nothing is sent."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+
+def _response(status: int, detail: str, retry_after: float | None) -> Any:
+    from starlette.responses import Response
+
+    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
+    headers = None
+    if retry_after is not None:
+        headers = {"retry-after": str(max(1, round(retry_after)))}
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(error: BaseException) -> Any:
+    if isinstance(error, ResourceUnavailable):
+        return _response(503, str(error), error.retry_after)
+    return _response(500, "Internal Server Error", None)
 
 
 # --------------------------------------------------------------------------- health

@@ -7,11 +7,12 @@ import anyio
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 import tether
 from tests.inprocess import Exchange, http_scope
-from tether.fastapi import _walk, health_router
+from tether.fastapi import _installed, _TetherRoute, _walk, health_router
 
 
 class Recorder:
@@ -36,8 +37,26 @@ def recorded_conn(lc: tether.Lifecycle, rec: Recorder) -> Any:
 
 # Where make_app puts its routes: on the app itself, on an included APIRouter, or on a
 # router included in a router (FastAPI 0.137+ includes routers by reference: their routes
-# are served through per-inclusion copies of their apps).
-LAYOUTS = ("app", "router", "nested")
+# are served through per-inclusion copies of their apps). "custom": on the app, made by a
+# route class that wraps the app FastAPI builds, which tether cannot rebuild: it wraps the
+# route's `handle` (and `send`) instead of FastAPI's request handler.
+LAYOUTS = ("app", "router", "nested", "custom")
+
+
+class TimedRoute(APIRoute):
+    """A route class that wraps its own ASGI app (as per-route timing or tracing does)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = self.app
+
+        async def timed(scope: Any, receive: Any, send: Any) -> None:
+            scope.setdefault("state", {})["timed"] = True
+            await inner(scope, receive, send)
+
+        self.app = timed
+
+
 _layout = {"now": "app"}
 
 
@@ -76,7 +95,9 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
             rec("session close")
 
     root = app = FastAPI(lifespan=lc.lifespan)
-    if _layout["now"] != "app":
+    if _layout["now"] == "custom":
+        root.router.route_class = TimedRoute
+    elif _layout["now"] != "app":
         app = APIRouter()  # type: ignore[assignment]
     Session = Annotated[dict[str, Any], Depends(session)]
 
@@ -234,11 +255,23 @@ class TestHandlerRelease:
             assert client.get("/none").json() == {"none": "yes"}
         assert "session open" not in rec.events
         wrapped = {
-            getattr(r, "path", ""): "handle" in vars(r)
+            getattr(r, "path", ""): _installed(r)
             for r, _, _ in _walk(app.routes, included=False, extra=())
         }
         assert wrapped["/none"] is False
         assert wrapped["/ok"] is True
+
+    def test_which_wrapper(self) -> None:
+        """FastAPI's request handler is wrapped where tether can rebuild the route's app the
+        way FastAPI built it; a route class that wraps that app gets its `handle` wrapped."""
+        app, _, _ = make_app()
+        with TestClient(app) as client:
+            assert client.get("/ok").json() == {"pool": "pool"}
+        routes = {
+            getattr(r, "path", ""): r for r, _, _ in _walk(app.routes, included=False, extra=())
+        }
+        by_handle = isinstance(vars(routes["/ok"]).get("handle"), _TetherRoute)
+        assert by_handle is (_layout["now"] == "custom")
 
     def test_websocket_scope_per_connection(self) -> None:
         """A WebSocket route gets one unit of work per connection, closed when it ends."""
@@ -833,3 +866,109 @@ async def test_a_cleanup_keeps_its_own_timeout() -> None:
     assert events == ["gave up"]
     assert exchange.statuses == [200]
     assert took < 2.0, took
+
+
+class TestHandlerWrapper:
+    """What wrapping FastAPI's request handler (not `send`) has to get right."""
+
+    def test_response_values_close_when_the_response_is_never_sent(self) -> None:
+        """A `release="response"` value whose response FastAPI never sends (a dependency's
+        cleanup failed after the handler returned) still closes, seeing that failure."""
+        import inspect
+
+        if "scope" not in inspect.signature(Depends).parameters:
+            pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+        rec = Recorder()
+        lc = tether.Lifecycle()
+
+        @lc.resource(release="response")
+        async def conn() -> AsyncIterator[str]:
+            rec("open")
+            try:
+                yield "conn"
+            except BaseException as exc:
+                rec(f"rollback {type(exc).__name__}")
+                raise
+            rec("commit")
+
+        def audit() -> Iterator[None]:
+            yield
+            raise RuntimeError("audit failed")
+
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/")
+        async def root(
+            c: Annotated[str, Depends(conn)],
+            _: Annotated[None, Depends(audit, scope="function")],  # type: ignore[call-arg]
+        ) -> StreamingResponse:
+            return StreamingResponse(iter([c]))
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert client.get("/").status_code == 500
+            assert lc.stats().units_in_flight == 0
+        assert rec.events == ["open", "rollback RuntimeError"]
+
+    def test_function_scoped_cleanup_runs_before_the_release(self) -> None:
+        """A `Depends(scope="function")` cleanup (FastAPI 0.121+) runs after the request
+        handler returns, and may still use the request's resources: they close after it,
+        before the response."""
+        import inspect
+
+        if "scope" not in inspect.signature(Depends).parameters:
+            pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+        rec = Recorder()
+        lc = tether.Lifecycle()
+        conn = recorded_conn(lc, rec)
+
+        async def audit(c: Annotated[str, Depends(conn)]) -> AsyncIterator[None]:
+            yield
+            rec(f"audit with {c}")
+
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/")
+        async def root(
+            c: Annotated[str, Depends(conn)],
+            _: Annotated[None, Depends(audit, scope="function")],  # type: ignore[call-arg]
+        ) -> str:
+            rec("endpoint")
+            return c
+
+        with TestClient(app) as client:
+            assert client.get("/").json() == "conn"
+        assert rec.events == ["open", "endpoint", "audit with conn", "close"]
+
+    def test_install_after_requests_were_served(self) -> None:
+        """`install` after the app served requests (FastAPI 0.160+ has built its apps for
+        each inclusion of a router by then): the routes of routers are still tether's."""
+        from contextlib import asynccontextmanager
+
+        from tether.fastapi import install
+
+        rec = Recorder()
+        lc = tether.Lifecycle()
+        conn = recorded_conn(lc, rec)
+        router = APIRouter()
+
+        @router.get("/none")
+        async def none() -> str:
+            return "none"
+
+        @router.get("/conn")
+        async def with_conn(c: Annotated[str, Depends(conn)]) -> str:
+            rec("endpoint")
+            return c
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with lc.run():
+                yield
+
+        app = FastAPI(lifespan=lifespan)
+        app.include_router(router, prefix="/r")
+        with TestClient(app) as client:
+            assert client.get("/r/none").json() == "none"
+            install(app, lc)
+            assert client.get("/r/conn").json() == "conn"
+        assert rec.events == ["open", "endpoint", "close"]

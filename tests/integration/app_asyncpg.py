@@ -8,6 +8,7 @@ from typing import Annotated
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI
+from pydantic import BaseModel
 
 import tether
 from tether.integrations import asyncpg as tpg
@@ -44,6 +45,18 @@ async def sleep_tx(c: Tx, seconds: float = 5.0) -> dict[str, str]:
     await c.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)")
     await c.execute("INSERT INTO scratch VALUES (1)")
     await c.execute("SELECT pg_sleep($1)", seconds)
+    return {"status": "slept"}
+
+
+class Sleep(BaseModel):
+    seconds: float
+
+
+@writes.post("/sleep-body")
+async def sleep_body(c: Tx, body: Sleep) -> dict[str, str]:
+    # A request with a body: FastAPI has read it when the endpoint runs, so the client's
+    # going away can be listened for.
+    await c.execute("SELECT pg_sleep($1)", body.seconds)
     return {"status": "slept"}
 
 

@@ -157,7 +157,8 @@ class TestDisconnect:
     def test_client_going_away_cancels_the_query_on_the_server(
         self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest
     ) -> None:
-        """A client leaving during pg_sleep(5): within 1 s no backend is busy, then 100 OK."""
+        """A client leaving during pg_sleep(5) (GET, and POST with a JSON body): within 1 s
+        no backend is busy, then 100 OK."""
         name = unique(request)
         server = Server(
             "tests.integration.app_asyncpg:app",
@@ -165,9 +166,17 @@ class TestDisconnect:
             env={"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name},
         )
         try:
-            for path in ("/sleep", "/sleep-tx"):
+            body = b'{"seconds": 5}'
+            requests = {
+                "/sleep": b"GET /sleep?seconds=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+                "/sleep-tx": b"GET /sleep-tx?seconds=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+                "/sleep-body": b"POST /sleep-body HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            }
+            for path, raw in requests.items():
                 sock = socket.create_connection(("127.0.0.1", server.port))
-                sock.sendall(f"GET {path}?seconds=5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                sock.sendall(raw)
                 wait_until(
                     lambda: any(
                         r["state"] == "active" and "pg_sleep" in r["query"]

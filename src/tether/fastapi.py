@@ -522,30 +522,6 @@ class HttpUnit(Unit):
         self.task: asyncio.Task[Any] | None = None
         self.watch: _Watch | None = None  # made once the request has run a while
 
-    async def release_at_start(self) -> list[BaseException] | None:
-        """Close the values released when the response starts (``release="handler"``);
-        return the cleanup failures, if any."""
-        entries = self.entries
-        if self.late or self.failure is not None or in_anyio_scope(self.task):
-            return await self.release_early(self.failure)
-        # The common case, without a coroutine per value: close every value; a cleanup
-        # that suspends is awaited (shielded) here.
-        self.values.clear()
-        lc = self.lc
-        errors: list[BaseException] | None = None
-        while entries:
-            entry = entries.pop()
-            try:
-                pending = start_close(lc, entry, None)
-                if pending is not None:
-                    await pending
-            except BaseException as failure:
-                errors = []
-                await close_entries(lc, entries, close_failed(entry, failure, None, errors), errors)
-            if entry.res.guard:
-                object.__setattr__(entry.value, "_tether_closed", True)
-        return errors
-
     async def send(self, message: Message) -> None:
         if self.state == 0:
             if message["type"] == "http.response.start":
@@ -558,7 +534,7 @@ class HttpUnit(Unit):
                     handled = sys.exc_info()[1]
                     self.failure = handled if handled is not None else FailedResponse(status)
                 if self.entries:
-                    errors = await self.release_at_start()
+                    errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
                         self.state = 2
                         await _answer_error(self._send, errors[-1])
@@ -742,20 +718,7 @@ class _TetherRoute:
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         lc._units.add(unit)
         lc._units_total += 1
-        token = _CURRENT.set(_ref(unit))
-        try:
-            await self.app(scope, unit.receive, unit.send)
-        except BaseException as exc:
-            await _route_failed(unit, exc)
-        else:
-            if unit.entries:
-                await unit.aclose(unit.failure)
-        finally:
-            _CURRENT.reset(token)
-            unit.closed = True
-            if unit.watch is not None and unit.watch.task is not None:
-                unit.watch.task.cancel()
-            lc._retire(unit)
+        await _run(unit, self.app, scope, unit.receive)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -779,6 +742,25 @@ class _TetherRoute:
         finally:
             _CURRENT.reset(token)
             lc._retire(unit)
+
+
+async def _run(unit: HttpUnit, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+    """Run *app* (a route, a response) with the unit's ``send``, which closes its values
+    as the response goes out; close what is left when it ends, then end the unit."""
+    token = _CURRENT.set(_ref(unit))
+    try:
+        await app(scope, receive, unit.send)
+    except BaseException as exc:
+        await _route_failed(unit, exc)
+    else:
+        if unit.entries:
+            await unit.aclose(unit.failure)
+    finally:
+        _CURRENT.reset(token)
+        unit.closed = True
+        if unit.watch is not None and unit.watch.task is not None:
+            unit.watch.task.cancel()
+        unit.lc._retire(unit)
 
 
 async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
@@ -919,7 +901,7 @@ async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
     status = getattr(response, "status_code", 200)
     if status >= 400:
         unit.failure = FailedResponse(status)
-    errors = await unit.release_at_start()
+    errors = await unit.release_early(unit.failure)
     if errors and unit.failure is None:
         if unit.entries:
             await unit.aclose(errors[-1])
@@ -969,22 +951,10 @@ class _LateResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         unit = self.unit
-        lc = unit.lc
         unit._send = send
         receive = unit.stop_watching(receive)
         unit.watch = None
-        token = _CURRENT.set(_ref(unit))
-        try:
-            await self.response(scope, receive, unit.send)
-        except BaseException as exc:
-            await _route_failed(unit, exc)
-        else:
-            if unit.entries:
-                await unit.aclose(unit.failure)
-        finally:
-            _CURRENT.reset(token)
-            unit.closed = True
-            lc._retire(unit)
+        await _run(unit, self.response, scope, receive)
 
     async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         unit = self.unit

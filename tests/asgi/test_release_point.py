@@ -868,16 +868,20 @@ async def test_a_cleanup_keeps_its_own_timeout() -> None:
     assert took < 2.0, took
 
 
+def needs_function_scope() -> None:
+    import inspect
+
+    if "scope" not in inspect.signature(Depends).parameters:
+        pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+
+
 class TestHandlerWrapper:
     """What wrapping FastAPI's request handler (not `send`) has to get right."""
 
     def test_response_values_close_when_the_response_is_never_sent(self) -> None:
         """A `release="response"` value whose response FastAPI never sends (a dependency's
         cleanup failed after the handler returned) still closes, seeing that failure."""
-        import inspect
-
-        if "scope" not in inspect.signature(Depends).parameters:
-            pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+        needs_function_scope()
         rec = Recorder()
         lc = tether.Lifecycle()
 
@@ -913,10 +917,7 @@ class TestHandlerWrapper:
         """A `Depends(scope="function")` cleanup (FastAPI 0.121+) runs after the request
         handler returns, and may still use the request's resources: they close after it,
         before the response."""
-        import inspect
-
-        if "scope" not in inspect.signature(Depends).parameters:
-            pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+        needs_function_scope()
         rec = Recorder()
         lc = tether.Lifecycle()
         conn = recorded_conn(lc, rec)

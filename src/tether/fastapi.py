@@ -865,6 +865,7 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
             # The common case, inline: no coroutine per value; a cleanup that suspends
             # is awaited (shielded) here.
             unit.values.clear()
+            failed = None
             while entries:
                 entry = entries.pop()
                 try:
@@ -876,10 +877,10 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
                     await close_entries(
                         lc, entries, close_failed(entry, failure, None, errors), errors
                     )
-                    return _error_response(errors[-1])
+                    failed = errors[-1]
                 if entry.res.guard:
                     object.__setattr__(entry.value, "_tether_closed", True)
-            return response
+            return response if failed is None else _error_response(failed)
         finally:
             _CURRENT.reset(token)
             if not late:

@@ -940,6 +940,48 @@ class TestHandlerWrapper:
             assert client.get("/").json() == "conn"
         assert rec.events == ["open", "endpoint", "audit with conn", "close"]
 
+    def test_guarded_value_is_closed_when_its_commit_fails(self) -> None:
+        """A `guard=True` value whose cleanup fails at the release point: the client gets
+        500, and the value kept past the request refuses to be used. (Served from a plain
+        asyncio task, as uvicorn serves: TestClient's requests run in an anyio task group,
+        which takes tether's other path.)"""
+        import asyncio
+
+        import httpx
+
+        from tether.fastapi import install
+
+        lc = tether.Lifecycle()
+        kept: list[Any] = []
+
+        @lc.resource(guard=True)
+        async def session() -> AsyncIterator[dict[str, str]]:
+            yield {"state": "open"}
+            raise RuntimeError("commit failed")
+
+        app = FastAPI()
+
+        @app.get("/")
+        async def root(s: Annotated[dict[str, str], Depends(session)]) -> str:
+            kept.append(s)
+            return "ok"
+
+        async def get() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await client.get("/")
+
+        async def main() -> httpx.Response:
+            install(app, lc)
+            async with lc.run():
+                return await asyncio.get_running_loop().create_task(get())
+
+        response = asyncio.run(main())
+        assert response.status_code == 500
+        assert response.json() == {"detail": "Internal Server Error"}
+        with pytest.raises(tether.ResourceClosedError, match=r"^Resource 'session' was used"):
+            kept[0].get("state")
+
     def test_install_after_requests_were_served(self) -> None:
         """`install` after the app served requests (FastAPI 0.160+ has built its apps for
         each inclusion of a router by then): the routes of routers are still tether's."""

@@ -581,13 +581,15 @@ async def close_entries(
         # anyio cancels a scope again at every await in it: the native shield alone
         # would hold that off at each wait but not at anyio's own checkpoints.
         with anyio.CancelScope(shield=True):
-            return await _close_all(lc, entries, exc, errors)
-    return await _close_all(lc, entries, exc, errors)
+            return await close_all(lc, entries, exc, errors)
+    return await close_all(lc, entries, exc, errors)
 
 
-async def _close_all(
+async def close_all(
     lc: Lifecycle, entries: list[Entry], exc: BaseException | None, errors: list[BaseException]
 ) -> BaseException | None:
+    """`close_entries` without its anyio shield, for a caller that knows its task is
+    not in an anyio cancel scope (the native shield of each cleanup is enough there)."""
     while entries:
         entry = entries.pop()
         try:

@@ -44,12 +44,10 @@ from ._scope import (
     Unit,
     _first,
     _now,
-    close_entries,
-    close_failed,
+    close_all,
     in_anyio_scope,
     no_value,
     ready_args,
-    start_close,
 )
 
 if TYPE_CHECKING:
@@ -862,24 +860,10 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
             if unit.late or getattr(response, "status_code", 200) >= 400 or in_anyio_scope(task):
                 response, late = await _release_slow(unit, response)
                 return response
-            # The common case, inline: no coroutine per value; a cleanup that suspends
-            # is awaited (shielded) here.
+            # The common case: closed here, in reverse (a cleanup that suspends is awaited,
+            # shielded); a failing commit answers 500 (503) instead.
             unit.values.clear()
-            failed = None
-            while entries:
-                entry = entries.pop()
-                try:
-                    pending = start_close(lc, entry, None)
-                    if pending is not None:
-                        await pending
-                except BaseException as failure:
-                    errors: list[BaseException] = []
-                    await close_entries(
-                        lc, entries, close_failed(entry, failure, None, errors), errors
-                    )
-                    failed = errors[-1]
-                if entry.res.guard:
-                    object.__setattr__(entry.value, "_tether_closed", True)
+            failed = await close_all(lc, entries, None, [])
             return response if failed is None else _error_response(failed)
         finally:
             _CURRENT.reset(token)
@@ -891,7 +875,6 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
                 if lc._drained is not None and not units:
                     lc._drained.set()
 
-    tether_handler.__wrapped__ = handler  # type: ignore[attr-defined]
     return tether_handler
 
 

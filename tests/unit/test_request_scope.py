@@ -821,3 +821,18 @@ def test_anyio_cancellations_are_told_apart_on_every_supported_anyio() -> None:
     assert _by_anyio_scope("Cancelled by cancel scope 7f3a2b")
     assert not _by_anyio_scope(None)
     assert not _by_anyio_scope("shutting down")
+
+
+def test_the_http_unit_sets_every_field_of_a_unit() -> None:
+    """`HttpUnit.__init__` sets `Unit`'s fields itself (one call per request, not two):
+    a field added to `Unit` must be set there too, with the same starting value."""
+    from tether._scope import Unit
+    from tether.fastapi import HttpUnit
+
+    lc = tether.Lifecycle()
+    plain, http = Unit(lc, "GET /x"), HttpUnit(lc, "GET /x")
+    for name in Unit.__slots__:
+        if name in ("__weakref__", "started"):
+            continue
+        assert getattr(http, name) == getattr(plain, name), name
+    assert http.started >= plain.started

@@ -111,7 +111,7 @@ def install(app: Any, lc: Lifecycle) -> None:
                 route.endpoint = _TetherRoute(route.app, lc, _label(route))
             _inline(route, lc)
             if included and hasattr(route, "get_route_handler"):
-                _inline_per_inclusion(route, lc)
+                _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
 
@@ -145,23 +145,9 @@ def _serve_by_handler(route: Any, lc: Lifecycle) -> bool:
     make_app = _app_maker(routing, route)
     if make_app is None or not _same_shape(make_app(_probe), route.app):
         return False
-    var = getattr(routing, "_effective_route_context_var", None)
-    build = route.get_route_handler
     _inline(route, lc)
-
-    def get_route_handler() -> Any:
-        context = var.get() if var is not None else None
-        if context is not None and getattr(context, "original_route", None) is route:
-            # One inclusion of the route's router (FastAPI 0.137+): its own dependant.
-            _inline(context, lc)
-            defer = _function_scoped_cleanup(context.dependant)
-            return _handler(build(), lc, _label(context), defer=defer)
-        defer = _function_scoped_cleanup(route.dependant)
-        return _handler(build(), lc, _label(route), defer=defer)
-
-    get_route_handler._tether_lifecycle = lc  # type: ignore[attr-defined]
-    route.get_route_handler = get_route_handler
-    route.app = make_app(get_route_handler())
+    _hook_handler(route, lc, wrap=True)
+    route.app = make_app(route.get_route_handler())
     return True
 
 
@@ -246,25 +232,33 @@ def _walk(
             yield route, included, extra
 
 
-def _inline_per_inclusion(route: Any, lc: Lifecycle) -> None:
-    """Inline the resource parameters of each inclusion of *route* too.
+def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
+    """Hook ``route.get_route_handler``, which FastAPI calls to build the route's request
+    handler: when the route is made, and for each inclusion of its router on FastAPI
+    0.137+ (while a context variable names the inclusion, with a dependant of its own).
 
-    FastAPI 0.137+ builds, per inclusion of a router, a context with a dependant and a
-    request handler of its own, from ``route.get_route_handler()`` while a context
-    variable names that context. Without this, those requests still get their values
-    (through FastAPI's solver, from the unit of work ``handle`` set up), only slower.
+    The hook inlines the resource parameters of each inclusion (without it, those
+    requests still get their values, through FastAPI's solver, only slower), and with
+    *wrap* wraps the handler it returns (`_handler`): one unit of work per call.
     """
     var = getattr(_fastapi_routing(), "_effective_route_context_var", None)
-    if var is None:  # pragma: no cover - another FastAPI layout
-        return
     build = route.get_route_handler
 
     def get_route_handler() -> Any:
-        context = var.get()
-        if context is not None and getattr(context, "original_route", None) is route:
+        context = var.get() if var is not None else None
+        if context is None or getattr(context, "original_route", None) is not route:
+            context = None
+        else:
             _inline(context, lc)
-        return build()
+        handler = build()
+        if not wrap:
+            return handler
+        served = route if context is None else context
+        defer = _function_scoped_cleanup(served.dependant)
+        return _handler(handler, lc, _label(served), defer=defer)
 
+    if wrap:
+        get_route_handler._tether_lifecycle = lc  # type: ignore[attr-defined]
     route.get_route_handler = get_route_handler
 
 

@@ -39,8 +39,9 @@ def recorded_conn(lc: tether.Lifecycle, rec: Recorder) -> Any:
 # router included in a router (FastAPI 0.137+ includes routers by reference: their routes
 # are served through per-inclusion copies of their apps). "custom": on the app, made by a
 # route class that wraps the app FastAPI builds, which tether cannot rebuild: it wraps the
-# route's `handle` (and `send`) instead of FastAPI's request handler.
-LAYOUTS = ("app", "router", "nested", "custom")
+# route's `handle` (and `send`) instead of FastAPI's request handler. "custom-router": the
+# same route class, on an included router.
+LAYOUTS = ("app", "router", "nested", "custom", "custom-router")
 
 
 class TimedRoute(APIRoute):
@@ -97,6 +98,8 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
     root = app = FastAPI(lifespan=lc.lifespan)
     if _layout["now"] == "custom":
         root.router.route_class = TimedRoute
+    elif _layout["now"] == "custom-router":
+        app = APIRouter(route_class=TimedRoute)  # type: ignore[assignment]
     elif _layout["now"] != "app":
         app = APIRouter()  # type: ignore[assignment]
     Session = Annotated[dict[str, Any], Depends(session)]
@@ -271,7 +274,7 @@ class TestHandlerRelease:
             getattr(r, "path", ""): r for r, _, _ in _walk(app.routes, included=False, extra=())
         }
         by_handle = isinstance(vars(routes["/ok"]).get("handle"), _TetherRoute)
-        assert by_handle is (_layout["now"] == "custom")
+        assert by_handle is _layout["now"].startswith("custom")
 
     def test_websocket_scope_per_connection(self) -> None:
         """A WebSocket route gets one unit of work per connection, closed when it ends."""

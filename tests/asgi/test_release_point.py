@@ -40,8 +40,25 @@ def recorded_conn(lc: tether.Lifecycle, rec: Recorder) -> Any:
 # are served through per-inclusion copies of their apps). "custom": on the app, made by a
 # route class that wraps the app FastAPI builds, which tether cannot rebuild: it wraps the
 # route's `handle` (and `send`) instead of FastAPI's request handler. "custom-router": the
-# same route class, on an included router.
-LAYOUTS = ("app", "router", "nested", "custom", "custom-router")
+# same route class, on an included router. "task": on the app, each request served from a
+# task of its own, as uvicorn serves it (TestClient runs the app in an anyio task group,
+# where tether closes under an anyio shield: "task" takes the path uvicorn's requests take).
+LAYOUTS = ("app", "router", "nested", "custom", "custom-router", "task")
+
+
+class OwnTask:
+    """ASGI middleware: serve each HTTP request from a new asyncio task."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import asyncio
+
+        await asyncio.get_running_loop().create_task(self.app(scope, receive, send))
 
 
 class TimedRoute(APIRoute):
@@ -100,6 +117,8 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         root.router.route_class = TimedRoute
     elif _layout["now"] == "custom-router":
         app = APIRouter(route_class=TimedRoute)  # type: ignore[assignment]
+    elif _layout["now"] == "task":
+        root.add_middleware(OwnTask)
     elif _layout["now"] != "app":
         app = APIRouter()  # type: ignore[assignment]
     Session = Annotated[dict[str, Any], Depends(session)]

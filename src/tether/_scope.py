@@ -150,66 +150,41 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
 # --------------------------------------------------------------------------- closing
 
 
-class _Gate:
-    """What a task waits on instead of a cleanup's future: that future, refusing cancellation.
-
-    The task registers its wake-up on the real future (through ``add_done_callback``),
-    so it resumes as soon as the cleanup's future completes, in the same loop iteration
-    as without a shield. ``task.cancel()`` calls ``cancel()`` on what the task waits
-    on: here that refuses, so asyncio marks the task to be cancelled at its next step,
-    which is when the cleanup's future is done. `_Shielded` takes that cancellation,
-    lets the cleanup go on, and delivers it again once the cleanup is over. Only an
-    anyio scope that the cleanup entered itself (its own timeout) cancels the future.
-    """
-
-    __slots__ = ("_asyncio_future_blocking", "fut")
-
-    def __init__(self, fut: asyncio.Future[Any]) -> None:
-        self.fut = fut
-        self._asyncio_future_blocking = True
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self.fut.get_loop()
-
-    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
-        self.fut.add_done_callback(fn, context=context)
-
-    def remove_done_callback(self, fn: Any) -> int:
-        return self.fut.remove_done_callback(fn)
-
-    def cancel(self, msg: Any = None) -> bool:
-        if _by_anyio_scope(msg):
-            # A scope the cleanup entered itself (see `_Shielded`): its own timeout.
-            return self.fut.cancel(msg)
-        return False  # shielded: the task is cancelled once the cleanup is over
-
-    def cancelled(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return self.fut.done()
-
-    def result(self) -> Any:
-        return self.fut.result()
-
-    def __repr__(self) -> str:
-        return f"<tether shielded cleanup waiting on {self.fut!r}>"
-
-
 class _Shielded:
     """Await the rest of a cleanup that was stepped once, shielded from cancellation.
 
     asyncio only. A cancellation (``task.cancel()``, which is also how anyio delivers
     one) cancels the future the task waits on. So the task never waits on the cleanup's
-    own future but on a `_Gate` that refuses to be cancelled: the cleanup keeps waiting
-    on its real future undisturbed, and the cancellation is delivered again once the
-    cleanup is over. Past ``close_timeout`` the cleanup's future is cancelled (as a
-    deadline would), and the close reports a timeout. No task, no cancel scope and no
-    extra loop iteration are spent: on a request's fresh task a task or a cancel scope
-    costs more than the cleanup itself when it is a pool release.
+    own future but on this object, which stands in for that future and refuses to be
+    cancelled: the task registers its wake-up on the real future (``add_done_callback``),
+    so it resumes as soon as the cleanup's future completes, in the same loop iteration as
+    without a shield; ``task.cancel()`` calls ``cancel()`` on what the task waits on, which
+    refuses, so asyncio marks the task to be cancelled at its next step, when the cleanup's
+    future is done. The cleanup keeps waiting on its real future undisturbed, and the
+    cancellation is delivered again once the cleanup is over. Only an anyio scope that the
+    cleanup entered itself (its own timeout) cancels the future. Past ``close_timeout`` the
+    cleanup's future is cancelled (as a deadline would), and the close reports a timeout.
+    No task, no cancel scope and no extra loop iteration are spent: on a request's fresh
+    task a task or a cancel scope costs more than the cleanup itself when it is a pool
+    release.
+
+    With an *entry* (`_ClosingStep`), the cleanup is a generator's cleanup step and the
+    value's bookkeeping follows, in the same generator.
     """
 
-    __slots__ = ("bounded", "coro", "deadline", "first", "fut", "lc", "res", "timed_out")
+    __slots__ = (
+        "_asyncio_future_blocking",
+        "bounded",
+        "coro",
+        "deadline",
+        "entry",
+        "exc",
+        "first",
+        "fut",
+        "lc",
+        "res",
+        "timed_out",
+    )
 
     def __init__(
         self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any, *, bounded: bool = True
@@ -222,6 +197,9 @@ class _Shielded:
         self.timed_out = False
         self.deadline = 0.0
         self.bounded = bounded  # by close_timeout (a cleanup); an open has its own timeout=
+        self.entry: Entry | None = None
+        self.exc: BaseException | None = None
+        self._asyncio_future_blocking = False
 
     def expire(self) -> None:
         """Past the deadline (called by a timer, or by the lifecycle's sweeper)."""
@@ -230,10 +208,44 @@ class _Shielded:
         if fut is not None:
             fut.cancel()
 
+    # What the task waiting on the cleanup calls: the future it stands in for, but for
+    # `cancel`.
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        assert self.fut is not None
+        return self.fut.get_loop()
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        assert self.fut is not None
+        self.fut.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Any) -> int:
+        return self.fut.remove_done_callback(fn) if self.fut is not None else 0
+
+    def cancel(self, msg: Any = None) -> bool:
+        fut = self.fut
+        if fut is not None and _by_anyio_scope(msg):
+            # A scope the cleanup entered itself (see `__await__`): its own timeout.
+            return fut.cancel(msg)
+        return False  # shielded: the task is cancelled once the cleanup is over
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return self.fut is None or self.fut.done()
+
+    def result(self) -> Any:
+        return self.fut.result() if self.fut is not None else None
+
+    def __repr__(self) -> str:
+        return f"<tether shielded cleanup waiting on {self.fut!r}>"
+
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self.coro
         yielded = self.first
         lc = self.lc
+        entry = self.entry
         # The running lifecycle's sweeper enforces deadlines; without it, a timer does.
         timer = None
         if self.bounded:
@@ -244,66 +256,86 @@ class _Shielded:
                 timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
         swallowed = 0
         message = None
+        result: Any = None
         try:
-            while True:
-                step: Any = None
-                thrown: BaseException | None = None
-                if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
-                    fut = yielded
-                    fut._asyncio_future_blocking = False
-                    if self.timed_out:
-                        fut.cancel()
-                    if not fut.done():
-                        self.fut = fut
-                        try:
-                            yield _Gate(fut)
-                        except asyncio.CancelledError as cancel:
-                            # Delivered now that the future is done. The deadline's own
-                            # cancellation of the future: the cleanup reads it from the
-                            # result. A one-shot cancellation: held back, delivered again
-                            # after. An anyio scope's: see below.
-                            if fut.cancelled() and self.timed_out:
+            try:
+                while True:
+                    step: Any = None
+                    thrown: BaseException | None = None
+                    if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
+                        fut = yielded
+                        fut._asyncio_future_blocking = False
+                        if self.timed_out:
+                            fut.cancel()
+                        if not fut.done():
+                            self.fut = fut
+                            self._asyncio_future_blocking = True
+                            try:
+                                yield self
+                            except asyncio.CancelledError as cancel:
+                                # Delivered now that the future is done. The deadline's own
+                                # cancellation of the future: the cleanup reads it from the
+                                # result. A one-shot cancellation: held back, delivered
+                                # again after. An anyio scope's: see below.
+                                if fut.cancelled() and self.timed_out:
+                                    pass
+                                elif _native(cancel):
+                                    swallowed += 1
+                                    message = cancel.args[0] if cancel.args else None
+                                else:
+                                    thrown = cancel
+                            except BaseException:
                                 pass
-                            elif _native(cancel):
+                            self.fut = None
+                    else:
+                        # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
+                        try:
+                            step = yield yielded
+                        except asyncio.CancelledError as cancel:
+                            if _native(cancel):
                                 swallowed += 1
                                 message = cancel.args[0] if cancel.args else None
                             else:
                                 thrown = cancel
-                        except BaseException:
-                            pass
-                        self.fut = None
-                else:
-                    # A bare `yield` (sleep(0)) or something not asyncio's: pass it on.
+                    # An anyio scope's cancellation can only come from a scope the cleanup
+                    # entered itself (a task inside an anyio scope closes under an anyio
+                    # shield): it is the cleanup's own, and raised in it, as anyio would.
+                    # (Held back at an anyio checkpoint, `checkpoint_if_cancelled` would
+                    # loop forever.)
                     try:
-                        step = yield yielded
-                    except asyncio.CancelledError as cancel:
-                        if _native(cancel):
-                            swallowed += 1
-                            message = cancel.args[0] if cancel.args else None
-                        else:
-                            thrown = cancel
-                # An anyio scope's cancellation can only come from a scope the cleanup
-                # entered itself (a task inside an anyio scope closes under an anyio
-                # shield): it is the cleanup's own, and raised in it, as anyio would. (Held
-                # back at an anyio checkpoint, `checkpoint_if_cancelled` would loop forever.)
-                try:
-                    yielded = coro.send(step) if thrown is None else coro.throw(thrown)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                except BaseException as failure:
-                    if self.timed_out and isinstance(failure, asyncio.CancelledError):
-                        break  # the cancellation made by the deadline: reported below
-                    raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            elif self.bounded:
-                lc._slow_closes.discard(self)
-            if swallowed:
-                _deliver_again(swallowed, message)
-        if self.timed_out:
-            _close_timed_out(lc, self.res)
+                        yielded = coro.send(step) if thrown is None else coro.throw(thrown)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    except BaseException as failure:
+                        if self.timed_out and isinstance(failure, asyncio.CancelledError):
+                            break  # the cancellation made by the deadline: reported below
+                        raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                elif self.bounded:
+                    lc._slow_closes.discard(self)
+                if swallowed:
+                    _deliver_again(swallowed, message)
+            if self.timed_out:
+                _close_timed_out(lc, self.res)
+        except StopAsyncIteration:
+            if entry is None:
+                raise
+            _count_closed(entry)  # the generator finished: closed
+            return None
+        except BaseException as failure:
+            if entry is None:
+                raise
+            _count_closed(entry)
+            if failure is self.exc:
+                return None
+            entry.res.counters.close_errors += 1
+            raise
+        if entry is not None:
+            # The step ended with a value: the generator yielded a second time.
+            return (yield from close_entry(lc, entry, self.exc, again=True).__await__())
         return result
 
 
@@ -368,35 +400,28 @@ def _deliver_again(swallowed: int, message: Any) -> None:
 class _ClosingStep(_Shielded):
     """The rest of a generator's cleanup step (`start_close` ran it until it waited).
 
-    Shielded and bounded like any cleanup, then the value's bookkeeping: what
-    `close_entry` does, without a coroutine of its own on the request's path.
+    Shielded and bounded like any cleanup, then the value's bookkeeping (`_Shielded`
+    with an entry): what `close_entry` does, without a coroutine of its own on the
+    request's path.
     """
 
-    __slots__ = ("entry", "exc")
+    __slots__ = ()
 
     def __init__(
         self, lc: Lifecycle, entry: Entry, exc: BaseException | None, step: Any, first: Any
     ) -> None:
-        _Shielded.__init__(self, lc, entry.res, step, first)
+        # `_Shielded.__init__`'s fields, set here: one call, not two.
+        self.lc = lc
+        self.res = entry.res
+        self.coro = step
+        self.first = first
+        self.fut = None
+        self.timed_out = False
+        self.deadline = 0.0
+        self.bounded = True
         self.entry = entry
         self.exc = exc
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        entry = self.entry
-        exc = self.exc
-        try:
-            yield from _Shielded.__await__(self)
-        except StopAsyncIteration:
-            _count_closed(entry)
-            return None
-        except BaseException as failure:
-            _count_closed(entry)
-            if failure is exc:
-                return None
-            entry.res.counters.close_errors += 1
-            raise
-        # The step ended with a value: the generator yielded a second time.
-        return (yield from close_entry(self.lc, entry, exc, again=True).__await__())
+        self._asyncio_future_blocking = False
 
 
 async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool = True) -> Any:

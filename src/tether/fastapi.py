@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -357,9 +357,17 @@ def _inline(route: Any, lc: Lifecycle) -> None:
                 continue
             value = opened.get(res, _MISSING)
             if value is _MISSING:
-                args = None
+                args: Sequence[Any] | None = None
                 if res.fast and not unit.closed and not lc._overrides:
-                    args = ready_args(unit, res) if res.deps else ()
+                    if not res.deps:
+                        args = ()
+                    elif res.app_deps:
+                        try:  # the app's values (an engine, a pool), open since startup
+                            args = tuple(map(lc._app_values.__getitem__, res.deps))
+                        except KeyError:
+                            pass
+                    else:
+                        args = ready_args(unit, res)
                 if args is not None:
                     # `Unit._open` inlined for a plain resource whose dependencies are
                     # open: no coroutine of tether's own.
@@ -698,9 +706,8 @@ class _TetherRoute:
             await self._other(scope, receive, send)
             return
         lc = self.lc
-        if lc.state is State.DRAINING:
-            lc._units_refused += 1
-            await _answer(send, 503, "The service is shutting down; retry shortly.", 5.0)
+        if lc.state is not _RUNNING and _refused(lc):
+            await _answer(send, 503, _SHUTTING_DOWN, 5.0)
             return
         label = self.label if self.context_of is None else self.label_for(scope)
         unit = HttpUnit(lc, label)
@@ -811,7 +818,22 @@ async def _answer_error(send: Send, error: BaseException) -> None:
 
 # --------------------------------------------------------------------------- handlers
 
-_DRAINING = State.DRAINING
+_RUNNING = State.RUNNING
+_SHUTTING_DOWN = "The service is shutting down; retry shortly."
+
+
+def _refused(lc: Lifecycle) -> bool:
+    """A request while the lifecycle is not running: refused (counted) once it shuts down.
+
+    Before it has started (`install()` without `lc.lifespan`), the request goes on with
+    the resource graph resolved, so that a resource needing an app resource says that
+    the app scope is not open (not a bare ``TypeError`` from its factory)."""
+    state = lc.state
+    if state is State.DRAINING or (state is State.CLOSED and lc._units_total):
+        lc._units_refused += 1
+        return True
+    lc.validate()
+    return False
 
 
 def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) -> Any:
@@ -830,9 +852,8 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
     units = lc._units
 
     async def tether_handler(request: Any) -> Any:
-        if lc.state is _DRAINING:
-            lc._units_refused += 1
-            return _response(503, "The service is shutting down; retry shortly.", 5.0)
+        if lc.state is not _RUNNING and _refused(lc):
+            return _response(503, _SHUTTING_DOWN, 5.0)
         unit = HttpUnit(lc, label, request)
         task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         units.add(unit)
@@ -843,7 +864,11 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
             try:
                 response = await handler(request)
             except BaseException as exc:
+                _CURRENT.reset(token)
                 return await _handler_failed(unit, exc)
+            # The cleanups run without the unit in the context: what they schedule (a pool's
+            # idle timer, set when a connection is released) does not carry it.
+            _CURRENT.reset(token)
             entries = unit.entries
             if not entries:
                 return response
@@ -860,7 +885,6 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
             failed = await close_all(lc, entries, None, [])
             return response if failed is None else _error_response(failed)
         finally:
-            _CURRENT.reset(token)
             if not late:
                 unit.closed = True
                 if unit.watch is not None:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 import tether
 from tests.inprocess import Exchange, http_scope
+from tests.unit._messages import exactly
 from tether.fastapi import _installed, _TetherRoute, _walk, health_router
 
 
@@ -626,6 +627,50 @@ class TestInstall:
         assert rec.events == ["open", "endpoint", "close"]
 
 
+def test_request_before_the_lifecycle_started_names_the_fix(layout: str) -> None:
+    """`install(app, lc)` on an app whose lifespan never runs `lc`: a resource that needs
+    an app resource says the app scope is not open and how to open it (it used to fail
+    with a bare TypeError from its factory, missing the pool), and opens nothing."""
+    from tether.fastapi import install
+
+    lc = tether.Lifecycle()
+    opened: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"  # pragma: no cover
+
+    @lc.resource
+    async def conn(pool: str) -> AsyncIterator[str]:
+        opened.append("conn")  # pragma: no cover
+        yield pool  # pragma: no cover
+
+    app = FastAPI()
+    if layout == "custom":
+        app.router.route_class = TimedRoute
+    router = APIRouter(route_class=TimedRoute) if layout == "custom-router" else app.router
+    if layout in ("router", "nested"):
+        router = APIRouter()
+    if layout == "task":
+        app.add_middleware(OwnTask)
+
+    @router.get("/x")
+    async def x(c: Annotated[str, Depends(conn)]) -> str:
+        return c  # pragma: no cover
+
+    if router is not app.router:
+        app.include_router(router)
+    install(app, lc)
+    expected = (
+        "App resource 'pool' is not open: the app scope is created. Start it with "
+        "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+        "`async with lc.run():`."
+    )
+    with pytest.raises(tether.ScopeError, match=exactly(expected)):
+        TestClient(app).get("/x")
+    assert opened == []
+
+
 def test_callbacks_scheduled_during_a_request_do_not_keep_it_alive() -> None:
     """A timer set during a request copies the request's context (uvicorn's keep-alive timer
     does, so does asyncpg's idle-connection timer): the request's unit of work, with its
@@ -656,6 +701,41 @@ def test_callbacks_scheduled_during_a_request_do_not_keep_it_alive() -> None:
             assert units[0]() is None
         finally:
             client.portal.call(lambda: timers[0].cancel())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("layout", ["app", "router", "task"], indirect=True)
+def test_cleanups_run_outside_the_request_context(layout: str) -> None:
+    """What a cleanup schedules copies the context it runs in (asyncpg sets its idle-connection
+    timer when a connection is released): the request's unit of work is no longer in it, so
+    such a timer holds nothing of the request (under load those timers outlive thousands of
+    requests, and what they hold is work for the garbage collector)."""
+    import contextvars
+
+    lc = tether.Lifecycle()
+    seen: dict[str, set[str]] = {}
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        seen["open"] = {var.name for var in contextvars.copy_context()}
+        yield "conn"
+        await anyio.sleep(0)  # a release that waits, as a pool's does
+        seen["close"] = {var.name for var in contextvars.copy_context()}
+
+    app = FastAPI(lifespan=lc.lifespan)
+    router = APIRouter() if layout == "router" else app.router
+    if layout == "task":
+        app.add_middleware(OwnTask)
+
+    @router.get("/x")
+    async def x(c: Annotated[str, Depends(conn)]) -> dict[str, str]:
+        return {"c": c}
+
+    if router is not app.router:
+        app.include_router(router)
+    with TestClient(app) as client:
+        assert client.get("/x").json() == {"c": "conn"}
+    assert "tether_unit" in seen["open"]
+    assert "tether_unit" not in seen["close"]
 
 
 def test_graph_of_request_resources_opens_each_once_and_closes_in_reverse() -> None:

@@ -94,7 +94,6 @@ class Resource(Generic[T]):
 
     __slots__ = (
         "__weakref__",
-        "app_deps",
         "backoff",
         "check",
         "check_timeout",
@@ -160,7 +159,6 @@ class Resource(Generic[T]):
         self.has_cleanup = self.kind not in (Kind.ASYNC_FUNC, Kind.SYNC_FUNC)
         self.late = release == "response"
         self.deps: tuple[Resource[Any], ...] = ()
-        self.app_deps = False
         self.limiter: Any = None  # anyio.CapacityLimiter, made when the lifecycle starts
         self.counters = Counters()
         self.fast = False
@@ -169,8 +167,6 @@ class Resource(Generic[T]):
     def set_deps(self, deps: tuple[Resource[Any], ...]) -> None:
         """Bind the resources this one depends on (when the graph is resolved)."""
         self.deps = deps
-        # It depends on app resources only: its arguments are the app's values, as they are.
-        self.app_deps = bool(deps) and all(dep.scope == "app" for dep in deps)
         # A plain request resource (no timeout, no proxy, released at the handler, run on
         # the loop) is opened inline by the ASGI glue once what it needs is open.
         self.fast = (

@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -357,17 +357,9 @@ def _inline(route: Any, lc: Lifecycle) -> None:
                 continue
             value = opened.get(res, _MISSING)
             if value is _MISSING:
-                args: Sequence[Any] | None = None
+                args = None
                 if res.fast and not unit.closed and not lc._overrides:
-                    if not res.deps:
-                        args = ()
-                    elif res.app_deps:
-                        try:  # the app's values (an engine, a pool), open since startup
-                            args = tuple(map(lc._app_values.__getitem__, res.deps))
-                        except KeyError:
-                            pass
-                    else:
-                        args = ready_args(unit, res)
+                    args = ready_args(unit, res) if res.deps else ()
                 if args is not None:
                     # `Unit._open` inlined for a plain resource whose dependencies are
                     # open: no coroutine of tether's own.

@@ -735,10 +735,16 @@ class _TetherRoute:
             lc._retire(unit)
 
 
-async def _run(unit: HttpUnit, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+async def _run(
+    unit: HttpUnit, app: ASGIApp, scope: Scope, receive: Receive, *, current: bool = True
+) -> None:
     """Run *app* (a route, a response) with the unit's ``send``, which closes its values
-    as the response goes out; close what is left when it ends, then end the unit."""
-    token = _CURRENT.set(_ref(unit))
+    as the response goes out; close what is left when it ends, then end the unit.
+
+    *current*: the unit is the context's while *app* runs (a route: its dependencies find
+    it). A response asks for no resource, and its cleanups run without the unit in the
+    context, as the request handler's do."""
+    token = _CURRENT.set(_ref(unit)) if current else None
     try:
         await app(scope, receive, unit.send)
     except BaseException as exc:
@@ -747,7 +753,8 @@ async def _run(unit: HttpUnit, app: ASGIApp, scope: Scope, receive: Receive) -> 
         if unit.entries:
             await unit.aclose(unit.failure)
     finally:
-        _CURRENT.reset(token)
+        if token is not None:
+            _CURRENT.reset(token)
         unit.closed = True
         if unit.watch is not None and unit.watch.task is not None:
             unit.watch.task.cancel()
@@ -948,7 +955,7 @@ class _LateResponse:
         unit._send = send
         receive = unit.stop_watching(receive)
         unit.watch = None
-        await _run(unit, self.response, scope, receive)
+        await _run(unit, self.response, scope, receive, current=False)
 
     async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         unit = self.unit

@@ -714,13 +714,18 @@ def test_cleanups_run_outside_the_request_context(layout: str) -> None:
     lc = tether.Lifecycle()
     seen: dict[str, set[str]] = {}
 
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
-        seen["open"] = {var.name for var in contextvars.copy_context()}
-        yield "conn"
-        await anyio.sleep(0)  # a release that waits, as a pool's does
-        seen["close"] = {var.name for var in contextvars.copy_context()}
+    def recorded(name: str, release: Any) -> Any:
+        @lc.resource(name=name, release=release)
+        async def conn() -> AsyncIterator[str]:
+            seen[f"{name} open"] = {var.name for var in contextvars.copy_context()}
+            yield name
+            await anyio.sleep(0)  # a release that waits, as a pool's does
+            seen[f"{name} close"] = {var.name for var in contextvars.copy_context()}
 
+        return conn
+
+    conn = recorded("conn", "handler")
+    feed = recorded("feed", "response")  # a stream's: closed as its body ends
     app = FastAPI(lifespan=lc.lifespan)
     router = APIRouter() if layout == "router" else app.router
     if layout == "task":
@@ -730,12 +735,21 @@ def test_cleanups_run_outside_the_request_context(layout: str) -> None:
     async def x(c: Annotated[str, Depends(conn)]) -> dict[str, str]:
         return {"c": c}
 
+    @router.get("/stream")
+    async def stream(f: Annotated[str, Depends(feed)]) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield f.encode()
+
+        return StreamingResponse(body())
+
     if router is not app.router:
         app.include_router(router)
     with TestClient(app) as client:
         assert client.get("/x").json() == {"c": "conn"}
-    assert "tether_unit" in seen["open"]
-    assert "tether_unit" not in seen["close"]
+        assert client.get("/stream").text == "feed"
+    for name in ("conn", "feed"):
+        assert "tether_unit" in seen[f"{name} open"]
+        assert "tether_unit" not in seen[f"{name} close"]
 
 
 def test_graph_of_request_resources_opens_each_once_and_closes_in_reverse() -> None:

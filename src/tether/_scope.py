@@ -410,18 +410,9 @@ class _ClosingStep(_Shielded):
     def __init__(
         self, lc: Lifecycle, entry: Entry, exc: BaseException | None, step: Any, first: Any
     ) -> None:
-        # `_Shielded.__init__`'s fields, set here: one call, not two.
-        self.lc = lc
-        self.res = entry.res
-        self.coro = step
-        self.first = first
-        self.fut = None
-        self.timed_out = False
-        self.deadline = 0.0
-        self.bounded = True
+        _Shielded.__init__(self, lc, entry.res, step, first)
         self.entry = entry
         self.exc = exc
-        self._asyncio_future_blocking = False
 
 
 async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool = True) -> Any:

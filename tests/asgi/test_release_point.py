@@ -86,6 +86,33 @@ def layout(request: pytest.FixtureRequest) -> Iterator[str]:
     _layout["now"] = "app"
 
 
+def layout_app(**kwargs: Any) -> tuple[FastAPI, Any]:
+    """An app for the current layout, and where its routes go (the app itself, or a router
+    that `include_routes` then includes)."""
+    root = FastAPI(**kwargs)
+    target: Any = root
+    now = _layout["now"]
+    if now == "custom":
+        root.router.route_class = TimedRoute
+    elif now == "custom-router":
+        target = APIRouter(route_class=TimedRoute)
+    elif now == "task":
+        root.add_middleware(OwnTask)
+    elif now != "app":
+        target = APIRouter()
+    return root, target
+
+
+def include_routes(root: FastAPI, target: Any) -> None:
+    """Include *target*'s routes in *root* as the layout says (once more for "nested")."""
+    if _layout["now"] == "nested":
+        outer = APIRouter()
+        outer.include_router(target)
+        target = outer
+    if target is not root:
+        root.include_router(target)
+
+
 def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recorder]:
     rec = Recorder()
     lc = tether.Lifecycle()
@@ -113,15 +140,7 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         finally:
             rec("session close")
 
-    root = app = FastAPI(lifespan=lc.lifespan)
-    if _layout["now"] == "custom":
-        root.router.route_class = TimedRoute
-    elif _layout["now"] == "custom-router":
-        app = APIRouter(route_class=TimedRoute)  # type: ignore[assignment]
-    elif _layout["now"] == "task":
-        root.add_middleware(OwnTask)
-    elif _layout["now"] != "app":
-        app = APIRouter()  # type: ignore[assignment]
+    root, app = layout_app(lifespan=lc.lifespan)
     Session = Annotated[dict[str, Any], Depends(session)]
 
     def repo(s: Session) -> dict[str, Any]:
@@ -186,12 +205,7 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         await websocket.send_text(f"{text} via {s['pool']}")
         await websocket.close()
 
-    if _layout["now"] == "nested":
-        outer = APIRouter()
-        outer.include_router(app)  # type: ignore[arg-type]
-        app = outer  # type: ignore[assignment]
-    if app is not root:
-        root.include_router(app)  # type: ignore[arg-type]
+    include_routes(root, app)
     return root, lc, rec
 
 
@@ -645,21 +659,13 @@ def test_request_before_the_lifecycle_started_names_the_fix(layout: str) -> None
         opened.append("conn")  # pragma: no cover
         yield pool  # pragma: no cover
 
-    app = FastAPI()
-    if layout == "custom":
-        app.router.route_class = TimedRoute
-    router = APIRouter(route_class=TimedRoute) if layout == "custom-router" else app.router
-    if layout in ("router", "nested"):
-        router = APIRouter()
-    if layout == "task":
-        app.add_middleware(OwnTask)
+    app, router = layout_app()
 
     @router.get("/x")
     async def x(c: Annotated[str, Depends(conn)]) -> str:
         return c  # pragma: no cover
 
-    if router is not app.router:
-        app.include_router(router)
+    include_routes(app, router)
     install(app, lc)
     expected = (
         "App resource 'pool' is not open: the app scope is created. Start it with "
@@ -703,7 +709,7 @@ def test_callbacks_scheduled_during_a_request_do_not_keep_it_alive() -> None:
             client.portal.call(lambda: timers[0].cancel())  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("layout", ["app", "router", "task"], indirect=True)
+@pytest.mark.parametrize("layout", ["app", "router", "nested", "task"], indirect=True)
 def test_cleanups_run_outside_the_request_context(layout: str) -> None:
     """What a cleanup schedules copies the context it runs in (asyncpg sets its idle-connection
     timer when a connection is released): the request's unit of work is no longer in it, so
@@ -726,10 +732,7 @@ def test_cleanups_run_outside_the_request_context(layout: str) -> None:
 
     conn = recorded("conn", "handler")
     feed = recorded("feed", "response")  # a stream's: closed as its body ends
-    app = FastAPI(lifespan=lc.lifespan)
-    router = APIRouter() if layout == "router" else app.router
-    if layout == "task":
-        app.add_middleware(OwnTask)
+    app, router = layout_app(lifespan=lc.lifespan)
 
     @router.get("/x")
     async def x(c: Annotated[str, Depends(conn)]) -> dict[str, str]:
@@ -742,8 +745,7 @@ def test_cleanups_run_outside_the_request_context(layout: str) -> None:
 
         return StreamingResponse(body())
 
-    if router is not app.router:
-        app.include_router(router)
+    include_routes(app, router)
     with TestClient(app) as client:
         assert client.get("/x").json() == {"c": "conn"}
         assert client.get("/stream").text == "feed"

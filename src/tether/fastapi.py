@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import inspect
 import json
@@ -439,8 +440,8 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
     if scope.get("type") == "websocket" and stack is not None:
         unit = Unit(lc, f"WEBSOCKET {scope.get('path', '?')}")
         lc._admit(unit)
-        _CURRENT.set(_ref(unit))  # the endpoint's task: its other resources find it
-        stack.push_async_exit(_ConnectionEnd(lc, unit))
+        token = _CURRENT.set(_ref(unit))  # the endpoint's task: its other resources find it
+        stack.push_async_exit(_ConnectionEnd(lc, unit, token))
         return unit
     path = scope.get("path", "?")
     msg = (
@@ -455,13 +456,19 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
 class _ConnectionEnd:
     """Closes a WebSocket's unit of work when FastAPI's exit stack for it unwinds."""
 
-    __slots__ = ("lc", "unit")
+    __slots__ = ("lc", "token", "unit")
 
-    def __init__(self, lc: Lifecycle, unit: Unit) -> None:
+    def __init__(self, lc: Lifecycle, unit: Unit, token: contextvars.Token[Any]) -> None:
         self.lc = lc
         self.unit = unit
+        self.token = token
 
     async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        # The cleanups run without the unit in the context, as on HTTP routes.
+        try:
+            _CURRENT.reset(self.token)
+        except ValueError:  # pragma: no cover - FastAPI unwinds it in the endpoint's context
+            _CURRENT.set(None)
         try:
             errors = await self.unit.aclose(exc)
         finally:
@@ -486,8 +493,13 @@ class HttpUnit(Unit):
         "request",
         "state",
         "task",
+        "token",
         "watch",
     )
+
+    # Set by `_run` (the route wrapper's path) before the route runs, not here: the token of
+    # the unit in the context, until `leave_context`.
+    token: contextvars.Token[Any] | None
 
     def __init__(self, lc: Lifecycle, label: str, request: Any = None) -> None:
         # `Unit.__init__`'s fields, set here: one call per request, not two.
@@ -518,6 +530,7 @@ class HttpUnit(Unit):
         if self.state == 0:
             if message["type"] == "http.response.start":
                 self.state = 1
+                self.leave_context()
                 status = message["status"]
                 if status >= 400:
                     # Sent from inside an `except` block when an exception handler made
@@ -547,6 +560,22 @@ class HttpUnit(Unit):
                 self.state = 2
                 raise _Replaced from errors[-1]
         await self._send(message)
+
+    def leave_context(self) -> None:
+        """Take the unit out of the context (on the route wrapper's path, which put it
+        there): the response asks for no resource, and what its cleanups schedule (a
+        pool's idle timer) does not carry the request."""
+        token = self.token
+        if token is None:
+            return
+        try:
+            _CURRENT.reset(token)
+        except ValueError:
+            # Sent from a task of the response's own (a stream on ASGI before 2.4), which
+            # runs in a copy of the context: the route's own is reset when it returns.
+            _CURRENT.set(None)
+            return
+        self.token = None
 
     async def receive(self) -> Message:
         watch = self.watch
@@ -724,14 +753,16 @@ class _TetherRoute:
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))
         try:
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _CURRENT.reset(token)  # the cleanups run without it, as on HTTP routes
         except BaseException as exc:
             await unit.aclose(exc)
             raise
         else:
             await unit.aclose(None)
         finally:
-            _CURRENT.reset(token)
             lc._retire(unit)
 
 
@@ -744,17 +775,19 @@ async def _run(
     *current*: the unit is the context's while *app* runs (a route: its dependencies find
     it). A response asks for no resource, and its cleanups run without the unit in the
     context, as the request handler's do."""
-    token = _CURRENT.set(_ref(unit)) if current else None
+    unit.token = _CURRENT.set(_ref(unit)) if current else None
     try:
-        await app(scope, receive, unit.send)
-    except BaseException as exc:
-        await _route_failed(unit, exc)
-    else:
-        if unit.entries:
-            await unit.aclose(unit.failure)
+        try:
+            await app(scope, receive, unit.send)
+        except BaseException as exc:
+            unit.leave_context()
+            await _route_failed(unit, exc)
+        else:
+            unit.leave_context()
+            if unit.entries:
+                await unit.aclose(unit.failure)
     finally:
-        if token is not None:
-            _CURRENT.reset(token)
+        unit.leave_context()
         unit.closed = True
         if unit.watch is not None and unit.watch.task is not None:
             unit.watch.task.cancel()

@@ -638,7 +638,10 @@ class Lifecycle:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             else:
-                res.counters.wait_time += time.perf_counter() - t0
+                c = res.counters
+                waited = time.perf_counter() - t0
+                c.wait_time += waited
+                c.max_wait_time = max(c.max_wait_time, waited)
                 return out
         raise AssertionError("unreachable")  # pragma: no cover
 

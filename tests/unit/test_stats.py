@@ -92,6 +92,7 @@ class TestStats:
         assert running["pool"].scope == "app"
         assert (running["pool"].opened, running["pool"].in_use, running["pool"].closed) == (1, 1, 0)
         assert running["pool"].wait_time >= 0.02
+        assert running["pool"].max_wait_time == running["pool"].wait_time
         assert stats.state == "closed"
         assert (stats["pool"].opened, stats["pool"].in_use, stats["pool"].closed) == (1, 0, 1)
 

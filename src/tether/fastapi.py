@@ -48,7 +48,6 @@ from ._scope import (
     close_all,
     in_anyio_scope,
     no_value,
-    ready_args,
 )
 
 if TYPE_CHECKING:
@@ -352,15 +351,24 @@ def _inline(route: Any, lc: Lifecycle) -> None:
             raise ScopeError(msg)
         now_overridden = provider.dependency_overrides if provider is not None else None
         opened = unit.values
+        app_values = lc._app_values
         for name, res in pairs:
             if now_overridden and res in now_overridden:
                 values[name] = await _call_override(now_overridden[res], res)
                 continue
             value = opened.get(res, _MISSING)
             if value is _MISSING:
-                args = None
+                args: Any = None
                 if res.fast and not unit.closed and not lc._overrides:
-                    args = ready_args(unit, res) if res.deps else ()
+                    args = [] if res.deps else ()
+                    for dep in res.deps:  # `ready_args`, inline: what it needs, if open
+                        arg = opened.get(dep, _MISSING)
+                        if arg is _MISSING and dep.scope == "app":
+                            arg = app_values.get(dep, _MISSING)
+                        if arg is _MISSING or arg is OPENING:
+                            args = None
+                            break
+                        args.append(arg)
                 if args is not None:
                     # `Unit._open` inlined for a plain resource whose dependencies are
                     # open: no coroutine of tether's own.
@@ -386,7 +394,25 @@ def _inline(route: Any, lc: Lifecycle) -> None:
                         if isinstance(exc, StopAsyncIteration):
                             raise no_value(res) from None
                         raise
-                    value = unit._add(res, res, handle, value, t0)
+                    # `Unit._add`, inline, for a fast resource (no proxy, released at the
+                    # handler; an `HttpUnit` names its route, not a stack, in a leak report).
+                    c = res.counters
+                    now = _now()
+                    waited = now - t0
+                    c.wait_time += waited
+                    if waited > c.max_wait_time:
+                        c.max_wait_time = waited
+                    c.opened += 1
+                    if handle is None:
+                        c.closed += 1
+                    else:
+                        c.in_use += 1
+                        if c.in_use > c.max_in_use:
+                            c.max_in_use = c.in_use
+                        unit.entries.append(Entry(res, handle, value, None, now))
+                    opened[res] = value
+                    if unit.waiting is not None:
+                        unit._opened(res)
                 else:
                     value = await unit._open(res)
             elif value is OPENING:

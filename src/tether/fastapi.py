@@ -103,13 +103,15 @@ def install(app: Any, lc: Lifecycle) -> None:
             # The route's `handle`, not its `app`: a router included by reference
             # (FastAPI 0.137+) builds an app of its own per inclusion, and calls the
             # original route's `handle` to serve it.
-            route.handle = _TetherRoute(route.handle, lc, _label(route), included=included)
+            inlined = _inline(route, lc)
+            route.handle = _TetherRoute(
+                route.handle, lc, _label(route), included=included, inlined=inlined
+            )
             if included and getattr(route, "dependant", None) is None:
                 # A plain Starlette route of an included router is served by a copy
                 # made from its endpoint; an endpoint that is not a function is used
                 # as the copy's ASGI app: this one's, wrapped.
                 route.endpoint = _TetherRoute(route.app, lc, _label(route))
-            _inline(route, lc)
             if included and hasattr(route, "get_route_handler"):
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
@@ -251,15 +253,28 @@ def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
         else:
             _inline(context, lc)
         handler = build()
-        if not wrap:
-            return handler
         served = route if context is None else context
+        inlined = getattr(served.dependant.call, "_tether_inlined", None)
+        if not wrap:
+            return handler if inlined is None else _checking(handler, inlined)
         defer = _function_scoped_cleanup(served.dependant)
-        return _handler(handler, lc, _label(served), defer=defer)
+        return _handler(handler, lc, _label(served), defer=defer, inlined=inlined)
 
     if wrap:
         get_route_handler._tether_lifecycle = lc  # type: ignore[attr-defined]
     route.get_route_handler = get_route_handler
+
+
+def _checking(handler: Any, inlined: _Inlined) -> Any:
+    """A request handler that gives the resource parameters back to FastAPI's solver if
+    an override names them (for a handler tether does not wrap otherwise)."""
+
+    async def checked(request: Any) -> Any:
+        if inlined.overrides_of.dependency_overrides:
+            inlined.check()
+        return await handler(request)
+
+    return checked
 
 
 def _fastapi_routing() -> Any:
@@ -305,22 +320,49 @@ def _dependant_uses(dependant: Any, lc: Lifecycle) -> bool:
     return False
 
 
-def _inline(route: Any, lc: Lifecycle) -> None:
+class _Inlined:
+    """The resource parameters tether took out of a route's dependency list (`_inline`),
+    and how to give them back to FastAPI's solver."""
+
+    __slots__ = ("dependant", "dependencies", "overrides_of", "resources", "undone")
+
+    def __init__(self, dependant: Any, provider: Any, resources: frozenset[Any]) -> None:
+        self.dependant = dependant
+        self.dependencies = list(dependant.dependencies)  # as FastAPI made them
+        self.overrides_of = provider  # has `dependency_overrides` (the app)
+        self.resources = resources
+        self.undone = False
+
+    def check(self) -> None:
+        """Give the parameters back to FastAPI if ``app.dependency_overrides`` now names
+        one of them (set while the app runs): FastAPI then resolves the override once per
+        request, shared with the sub-dependencies that ask for it, and runs a generator
+        override's cleanup, as without tether. Called before FastAPI solves the request;
+        the route then keeps FastAPI's path."""
+        overrides = self.overrides_of.dependency_overrides
+        if overrides and not self.undone and any(r in overrides for r in self.resources):
+            self.undone = True
+            # A new list: a request being solved goes on with the one it has.
+            self.dependant.dependencies = list(self.dependencies)
+
+
+def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
     """Give an async endpoint its own resource parameters without FastAPI's solver.
 
     Each ``Depends`` costs FastAPI a recursive ``solve_dependencies`` call, several times
     what tether needs to hand out an open value. For resources that are parameters of
     an async endpoint itself, tether takes them out of the route's dependency list and
     passes them in a wrapper of the endpoint instead; nested ones, sync endpoints and
-    resources overridden through ``app.dependency_overrides`` keep FastAPI's path.
+    resources overridden through ``app.dependency_overrides`` keep FastAPI's path, and
+    an override set while the app runs gives the parameters back (`_Inlined.check`).
     The values are the same either way (one per unit of work).
     """
     dependant = getattr(route, "dependant", None)
     call = getattr(dependant, "call", None)
     if not getattr(route, "methods", None) or dependant is None:
-        return  # HTTP routes only: a WebSocket route keeps FastAPI's solver
+        return None  # HTTP routes only: a WebSocket route keeps FastAPI's solver
     if call is None or not inspect.iscoroutinefunction(call):
-        return
+        return None
     provider = getattr(route, "dependency_overrides_provider", None)
     if not hasattr(provider, "dependency_overrides"):
         provider = None
@@ -335,8 +377,11 @@ def _inline(route: Any, lc: Lifecycle) -> None:
         and not d.dependencies
     ]
     if not direct:
-        return
+        return None
     pairs = tuple((d.name, d.call) for d in direct)
+    inlined = None
+    if provider is not None:
+        inlined = _Inlined(dependant, provider, frozenset(res for _, res in pairs))
     dependant.dependencies[:] = [
         d for d in dependant.dependencies if all(d is not x for x in direct)
     ]
@@ -349,13 +394,14 @@ def _inline(route: Any, lc: Lifecycle) -> None:
         if unit is None:  # pragma: no cover - the route wrapper always sets it
             msg = f"No tether unit of work for {_label(route)}; was the route wrapper removed?"
             raise ScopeError(msg)
-        now_overridden = provider.dependency_overrides if provider is not None else None
         opened = unit.values
         app_values = lc._app_values
-        for name, res in pairs:
-            if now_overridden and res in now_overridden:
-                values[name] = await _call_override(now_overridden[res], res)
-                continue
+        todo = pairs
+        if inlined is not None and inlined.undone:
+            # FastAPI's solver hands them in now (an override names one); a request it
+            # was solving before has not: it goes on with the resources themselves.
+            todo = tuple(pair for pair in pairs if pair[0] not in values)
+        for name, res in todo:
             value = opened.get(res, _MISSING)
             if value is _MISSING:
                 args: Any = None
@@ -420,30 +466,9 @@ def _inline(route: Any, lc: Lifecycle) -> None:
             values[name] = value
         return await endpoint(**values)
 
+    with_resources._tether_inlined = inlined  # type: ignore[attr-defined]  # for `_hook_handler`
     dependant.call = with_resources
-
-
-async def _call_override(override: Any, res: Resource[Any]) -> Any:
-    # An override set after the app started, on a parameter tether resolves itself.
-    try:
-        needs = [
-            p
-            for p in inspect.signature(override).parameters.values()
-            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        needs = []
-    if needs or inspect.isasyncgenfunction(override) or inspect.isgeneratorfunction(override):
-        msg = (
-            f"app.dependency_overrides[{res.name}] was set after the app started to a "
-            f"callable with parameters or a generator, which tether cannot resolve here. "
-            f"Set it before the app starts, or use `lc.override({res.name}, ...)`."
-        )
-        raise ScopeError(msg)
-    value = override()
-    if inspect.isawaitable(value):
-        value = await value
-    return value
+    return inlined
 
 
 def _label(route: Any) -> str:
@@ -723,12 +748,21 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
 class _TetherRoute:
     """Wraps a route's ``handle``: one unit of work per call."""
 
-    __slots__ = ("app", "context_of", "label", "labels", "lc")
+    __slots__ = ("app", "context_of", "inlined", "label", "labels", "lc")
 
-    def __init__(self, app: ASGIApp, lc: Lifecycle, label: str, *, included: bool = False):
+    def __init__(
+        self,
+        app: ASGIApp,
+        lc: Lifecycle,
+        label: str,
+        *,
+        included: bool = False,
+        inlined: _Inlined | None = None,
+    ):
         self.app = app
         self.lc = lc
         self.label = label
+        self.inlined = inlined
         # A route of an included router serves one path per inclusion: its label is
         # the path of the inclusion that serves the request.
         self.context_of: Any = None
@@ -756,6 +790,9 @@ class _TetherRoute:
         if lc.state is not _RUNNING and _refused(lc):
             await _answer(send, 503, _SHUTTING_DOWN, 5.0)
             return
+        inlined = self.inlined
+        if inlined is not None and inlined.overrides_of.dependency_overrides:
+            inlined.check()
         label = self.label if self.context_of is None else self.label_for(scope)
         unit = HttpUnit(lc, label)
         unit.headers = scope["headers"]
@@ -894,7 +931,14 @@ def _refused(lc: Lifecycle) -> bool:
     return False
 
 
-def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) -> Any:
+def _handler(
+    handler: Any,
+    lc: Lifecycle,
+    label: str,
+    *,
+    defer: bool = False,
+    inlined: _Inlined | None = None,
+) -> Any:
     """Wrap a FastAPI request handler (``request -> response``): one unit of work per call.
 
     The handler validates the request, runs the dependencies and the endpoint, and
@@ -906,12 +950,17 @@ def _handler(handler: Any, lc: Lifecycle, label: str, *, defer: bool = False) ->
     *defer*: the route has a ``Depends(scope="function")`` cleanup, which FastAPI runs
     after the handler returns: the values then close when the response starts (the
     wrapper of the response wraps ``send``), after that cleanup, as on other routes.
+
+    *inlined*: the route's resource parameters tether hands to the endpoint itself,
+    given back to FastAPI's solver before it runs if an override now names one.
     """
     units = lc._units
 
     async def tether_handler(request: Any) -> Any:
         if lc.state is not _RUNNING and _refused(lc):
             return _response(503, _SHUTTING_DOWN, 5.0)
+        if inlined is not None and inlined.overrides_of.dependency_overrides:
+            inlined.check()
         unit = HttpUnit(lc, label, request)
         task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         units.add(unit)

@@ -413,6 +413,54 @@ class TestOverrides:
             assert client.get("/ok").json() == {"pool": "overridden"}
         assert "session open" not in rec.events
 
+    def test_fastapi_dependency_overrides_set_while_the_app_runs(self) -> None:
+        """An override set once the app has started (a test client open in a fixture) takes
+        effect from the next request, as in FastAPI: a generator override (FastAPI's testing
+        pattern) runs its cleanup, and an endpoint parameter and a sub-dependency asking for
+        the same resource get one value. Cleared, the resource is used again."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        @lc.resource
+        async def session() -> AsyncIterator[dict[str, bool]]:
+            yield {"real": True}
+
+        @lc.resource
+        def kind(session: dict[str, bool]) -> str:  # tether's graph: the real session
+            return "real" if "real" in session else "fake"
+
+        class Repo:
+            def __init__(self, s: Annotated[dict[str, bool], Depends(session)]) -> None:
+                self.s = s
+
+        def fake() -> Iterator[dict[str, bool]]:
+            events.append("open")
+            try:
+                yield {"fake": True}
+            finally:
+                events.append("close")
+
+        app, router = layout_app(lifespan=lc.lifespan)
+
+        @router.get("/x")
+        async def x(
+            repo: Annotated[Repo, Depends()],
+            s: Annotated[dict[str, bool], Depends(session)],
+            k: Annotated[str, Depends(kind)],
+        ) -> dict[str, Any]:
+            return {"same": repo.s is s, "s": s, "kind": k}
+
+        include_routes(app, router)
+        with TestClient(app) as client:
+            real = {"same": True, "s": {"real": True}, "kind": "real"}
+            assert client.get("/x").json() == real
+            app.dependency_overrides[session] = fake
+            assert client.get("/x").json() == {"same": True, "s": {"fake": True}, "kind": "real"}
+            assert events == ["open", "close"]
+            app.dependency_overrides.clear()
+            assert client.get("/x").json() == real
+        assert events == ["open", "close"]
+
 
 class TestHealth:
     def test_ready_and_live(self) -> None:

@@ -655,7 +655,13 @@ class TestInstall:
                 return {"late": "yes"}
 
             with pytest.raises(
-                tether.ScopeError, match=r"^A tether resource was asked for on '/late'"
+                tether.ScopeError,
+                match=exactly(
+                    "A tether resource was asked for on '/late', a route this Lifecycle does not "
+                    "own: the route was added after the app started, or the app's lifespan is "
+                    "not `lc.lifespan`. Use `FastAPI(lifespan=lc.lifespan)`, or call "
+                    "`tether.fastapi.install(app, lc)` after adding the routes."
+                ),
             ):
                 client.get("/late")
 

@@ -251,10 +251,12 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
         assert (await first).status_code == 200
     assert second.status_code == 503
     assert second.headers["retry-after"] == "1"
-    detail = second.json()["detail"]
-    assert detail.startswith("Pool 'database' (size 32, in use 2) could not give a connection")
-    assert "is locked by another writer (BEGIN IMMEDIATE" in detail
-    assert "busy_timeout=0.2 s" in detail
+    assert second.json()["detail"] == (
+        f"Pool 'database' (size 32, in use 2) could not give a connection: the database "
+        f"{str(path)!r} is locked by another writer (BEGIN IMMEDIATE; OperationalError: "
+        f"database is locked; busy_timeout=0.2 s); nothing was written. Retry shortly; if it "
+        f"persists, check the database and the pool size."
+    )
     assert rows(path) == [(1, "a")]
 
 
@@ -287,7 +289,12 @@ async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: 
         response = await slow_task
         assert time.monotonic() - started < 1  # SQLite fails it at once, no busy wait
     assert response.status_code == 503
-    assert "locked by another writer" in response.json()["detail"]
+    assert response.json()["detail"] == (
+        f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
+        f"{str(path)!r} is locked by another writer (a statement waited for the write lock; "
+        f"OperationalError: database is locked; busy_timeout=5 s); nothing was written. Retry "
+        f"shortly; if it persists, check the database and the pool size."
+    )
     assert rows(path) == [(1, "fast")]
 
 
@@ -311,9 +318,10 @@ async def test_max_connections_bounds_open_connections(tmp_path: Path) -> None:
         assert (await first).status_code == 200
         assert (await client.get("/hold")).status_code == 200  # the slot came back
     assert second.status_code == 503
-    assert second.json()["detail"].startswith(
+    assert second.json()["detail"] == (
         "Pool 'database' (size 1, in use 1, waiting 0) could not give a connection: all 1 "
-        "connections (max_connections) stayed in use for busy_timeout=0.3 s"
+        "connections (max_connections) stayed in use for busy_timeout=0.3 s. Retry shortly; "
+        "if it persists, check the database and the pool size."
     )
 
 

@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import tether
 from tests.servers import PgBouncer, Postgres, free_port
 from tests.serving import Server
+from tests.unit._messages import exactly
 from tether.integrations import sqlalchemy as tsa
 
 pytestmark = pytest.mark.servers
@@ -386,7 +387,15 @@ def test_engine_used_from_another_event_loop_is_a_clear_error(
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
 
-        with pytest.raises(tether.ScopeError, match="Pool 'engine' was opened on another"):
+        with pytest.raises(
+            tether.ScopeError,
+            match=exactly(
+                "Pool 'engine' was opened on another event loop than the one using it now. A "
+                "pool belongs to the loop (and the process) that opened it: open it in the "
+                "lifespan of each worker, and in tests run the app and the test on one loop "
+                "(`with TestClient(app)` or one anyio/pytest-asyncio loop scope)."
+            ),
+        ):
             asyncio.run(elsewhere())
         # Refused before the pool touched a connection: the app's own use is unharmed.
         assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

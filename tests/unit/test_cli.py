@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.unit import cli_target
+from tests.unit._messages import exactly
 from tether.cli import main
 
 TARGET = "tests.unit.cli_target:lc"
@@ -44,5 +45,20 @@ def test_bad_target_says_what_to_name() -> None:
         match=r"^'tests.unit.cli_target:healthy' is a dict, not a tether.Lifecycle: name the Lifecycle.$",
     ):
         main(["graph", "tests.unit.cli_target:healthy"])
-    with pytest.raises(SystemExit, match=r"^'nocolon' is not of the form module:attribute"):
+    with pytest.raises(
+        SystemExit,
+        match=exactly("'nocolon' is not of the form module:attribute (for example myapp.main:lc)."),
+    ):
         main(["graph", "nocolon"])
+    with pytest.raises(
+        SystemExit, match=exactly("'tests.unit.cli_target' has no attribute 'nope'.")
+    ):
+        main(["graph", "tests.unit.cli_target:nope"])
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            "Cannot import 'tests.unit.no_such_module': ModuleNotFoundError: No module named "
+            "'tests.unit.no_such_module'."
+        ),
+    ):
+        main(["graph", "tests.unit.no_such_module:lc"])

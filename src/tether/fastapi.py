@@ -504,6 +504,17 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
     raise ScopeError(msg)
 
 
+def _leave(token: contextvars.Token[Any]) -> bool:
+    """Take the unit *token* put in the context out of it; in another context (a copy
+    made for a task), clear the unit there instead and return False."""
+    try:
+        _CURRENT.reset(token)
+    except ValueError:
+        _CURRENT.set(None)
+        return False
+    return True
+
+
 class _ConnectionEnd:
     """Closes a WebSocket's unit of work when FastAPI's exit stack for it unwinds."""
 
@@ -515,11 +526,7 @@ class _ConnectionEnd:
         self.token = token
 
     async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        # The cleanups run without the unit in the context, as on HTTP routes.
-        try:
-            _CURRENT.reset(self.token)
-        except ValueError:  # pragma: no cover - FastAPI unwinds it in the endpoint's context
-            _CURRENT.set(None)
+        _leave(self.token)  # the cleanups run without the unit in the context, as on HTTP
         try:
             errors = await self.unit.aclose(exc)
         finally:
@@ -617,16 +624,10 @@ class HttpUnit(Unit):
         there): the response asks for no resource, and what its cleanups schedule (a
         pool's idle timer) does not carry the request."""
         token = self.token
-        if token is None:
-            return
-        try:
-            _CURRENT.reset(token)
-        except ValueError:
-            # Sent from a task of the response's own (a stream on ASGI before 2.4), which
-            # runs in a copy of the context: the route's own is reset when it returns.
-            _CURRENT.set(None)
-            return
-        self.token = None
+        # Sent from a task of the response's own (a stream on ASGI before 2.4), in a copy
+        # of the context, the token stays: the route's own is reset when it returns.
+        if token is not None and _leave(token):
+            self.token = None
 
     async def receive(self) -> Message:
         watch = self.watch

@@ -461,6 +461,46 @@ class TestOverrides:
             assert client.get("/x").json() == real
         assert events == ["open", "close"]
 
+    def test_override_set_while_a_request_is_being_solved(self) -> None:
+        """A request FastAPI was already solving when an override took effect keeps the
+        resource itself (no error, no value missing); the next ones get the override."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import anyio.to_thread
+
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def session() -> AsyncIterator[dict[str, bool]]:
+            yield {"real": True}
+
+        reached, go = threading.Event(), threading.Event()
+        calls: list[int] = []
+
+        async def slow() -> None:
+            calls.append(1)
+            if len(calls) == 1:  # the first request waits here, mid-solve
+                reached.set()
+                await anyio.to_thread.run_sync(go.wait, 5)
+
+        app, router = layout_app(lifespan=lc.lifespan)
+
+        @router.get("/x")
+        async def x(
+            _: Annotated[None, Depends(slow)], s: Annotated[dict[str, bool], Depends(session)]
+        ) -> dict[str, bool]:
+            return s
+
+        include_routes(app, router)
+        with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.get, "/x")
+            assert reached.wait(5)
+            app.dependency_overrides[session] = lambda: {"fake": True}
+            assert client.get("/x").json() == {"fake": True}  # this one gives them back
+            go.set()
+            assert first.result(5).json() == {"real": True}
+
 
 class TestHealth:
     def test_ready_and_live(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import typing
 
 import tether
@@ -49,3 +51,20 @@ def test_fastapi_facing_hints_resolve() -> None:
     """FastAPI inspects these at runtime: their annotations must resolve."""
     typing.get_type_hints(tether.fastapi.health_router)
     typing.get_type_hints(tether.fastapi.install)
+
+
+def test_fastapi_integration_without_starlette_says_what_to_install() -> None:
+    """The core installs without Starlette; importing tether.fastapi then names the extra."""
+    code = (
+        "import sys\n"
+        "sys.modules['starlette'] = None  # as if it were not installed\n"
+        "import tether\n"
+        "try:\n"
+        "    import tether.fastapi\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out == "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'\n"

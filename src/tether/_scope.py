@@ -174,6 +174,8 @@ class _Shielded:
 
     __slots__ = (
         "_asyncio_future_blocking",
+        "_loop",
+        "add_done_callback",
         "bounded",
         "coro",
         "deadline",
@@ -208,16 +210,12 @@ class _Shielded:
         if fut is not None:
             fut.cancel()
 
-    # What the task waiting on the cleanup calls: the future it stands in for, but for
-    # `cancel`.
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        assert self.fut is not None
-        return self.fut.get_loop()
-
-    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
-        assert self.fut is not None
-        self.fut.add_done_callback(fn, context=context)
+    # What the task waiting on the cleanup uses: the future it stands in for, but for
+    # `cancel`. `_loop` and `add_done_callback` are the real future's, set as attributes
+    # while the task waits: asyncio's task reads `_loop` where there is no `get_loop`
+    # method, and calls the future's own `add_done_callback`: no call into Python for either.
+    _loop: asyncio.AbstractEventLoop
+    add_done_callback: Any
 
     def remove_done_callback(self, fn: Any) -> int:
         return self.fut.remove_done_callback(fn) if self.fut is not None else 0
@@ -269,6 +267,8 @@ class _Shielded:
                             fut.cancel()
                         if not fut.done():
                             self.fut = fut
+                            self._loop = fut.get_loop()
+                            self.add_done_callback = fut.add_done_callback
                             self._asyncio_future_blocking = True
                             try:
                                 yield self

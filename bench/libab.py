@@ -13,13 +13,16 @@ route's median CPU µs per request and the paired differences (candidate minus b
 round) as median and p25..p75. Two copies of the same code measure within about ±0.2 µs.
 
 ``/pg`` needs ``BENCH_PG_DSN`` (a running PostgreSQL); the SQLite file is made in a temporary
-directory unless ``BENCH_SQLITE_PATH`` names one.
+directory unless ``BENCH_SQLITE_PATH`` names one. ``/wait`` (alone) serves an app of its own: one
+resource whose release waits a turn of the loop, as a pool's does, so the shielded close is
+measured without a database's noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import shutil
 import statistics
@@ -62,6 +65,32 @@ def _app(package: str) -> Any:
     return module.app
 
 
+def _waiting_app(package: str) -> Any:
+    """``/wait``: one request resource whose release waits one turn of the loop, as a pool's
+    does when it hands the connection back (asyncpg's goes through a task of its own): the
+    shielded close, without a database's noise."""
+    tether = importlib.import_module(package)
+    from fastapi import Depends, FastAPI
+
+    lc = tether.Lifecycle()
+
+    async def conn() -> Any:
+        yield 1
+        loop = asyncio.get_running_loop()
+        released = loop.create_future()
+        loop.call_soon(released.set_result, None)
+        await released
+
+    resource = lc.resource(name="conn")(conn)
+    app = FastAPI(lifespan=lc.lifespan)
+
+    async def wait(c: int = Depends(resource)) -> dict[str, int]:  # noqa: B008
+        return {"c": c}
+
+    app.get("/wait")(wait)
+    return app
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     values = sorted(values)
     n = len(values)
@@ -71,7 +100,8 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 async def _run(routes: list[str], rounds: int, requests: int) -> None:
     drivers = {}
     for package in ("tether_a", "tether_b"):
-        driver = Driver(_app(package))
+        app = _waiting_app(package) if routes == ["/wait"] else _app(package)
+        driver = Driver(app)
         await driver.start()
         drivers[package] = driver
     cells = [(package, route) for route in routes for package in drivers]

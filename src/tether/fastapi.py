@@ -851,7 +851,6 @@ async def _run(
             if unit.entries:
                 await unit.aclose(unit.failure)
     finally:
-        unit.leave_context()
         unit.closed = True
         if unit.watch is not None and unit.watch.task is not None:
             unit.watch.task.cancel()

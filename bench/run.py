@@ -170,7 +170,7 @@ def cpu_model() -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from bench.apps import VARIANTS
+    from bench.apps import ON_DEMAND, VARIANTS
     from bench.common import ROUTES
 
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
@@ -182,7 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument("--profile", metavar="VARIANT:ROUTE", help="write a pyinstrument profile")
     args = p.parse_args(argv)
-    args.variants = list(VARIANTS)
+    args.variants = [v for v in VARIANTS if v not in ON_DEMAND]
     if args.only:
         args.variants = [v.strip() for v in args.only.split(",") if v.strip()]
         unknown = [v for v in args.variants if v not in VARIANTS]

@@ -17,12 +17,15 @@ VARIANTS: dict[str, str] = {
     "fastapi-yield": "fastapi_yield",
     "wrapper-floor": "wrapper_floor",
     "handler-floor": "handler_floor",
+    "features-floor": "features_floor",
     "tether": "tether_app",
     "dishka": "dishka_app",
     "svcs": "svcs_app",
     "wireup": "wireup_app",
     "that-depends": "that_depends_app",
 }
+# Measured on demand only (`--only`, `bench.concurrent`), not in `make bench`.
+ON_DEMAND = ("features-floor",)
 PEERS = ("dishka", "svcs", "wireup", "that-depends")
 FLOOR = "fastapi-manual"
 

@@ -495,6 +495,17 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
         stack.push_async_exit(_ConnectionEnd(lc, unit, token))
         return unit
     path = scope.get("path", "?")
+    if lc.state is State.CREATED:
+        # The commonest case in tests: `TestClient(app)` without `with`, or httpx's
+        # `ASGITransport`, neither of which runs the lifespan that installs tether.
+        msg = (
+            f"A tether resource was asked for on {path!r} before this Lifecycle started: "
+            f"the app's lifespan has not run, or it is not `lc.lifespan`. Use "
+            f"`FastAPI(lifespan=lc.lifespan)`; in tests, enter the client "
+            f"(`with TestClient(app) as client:`), or, with httpx's `ASGITransport`, which "
+            f"never runs a lifespan, wrap the client in `async with lc.lifespan(app):`."
+        )
+        raise ScopeError(msg)
     msg = (
         f"A tether resource was asked for on {path!r}, a route this Lifecycle does not "
         f"own: the route was added after the app started, or the app's lifespan is not "

@@ -705,6 +705,61 @@ class TestInstall:
             ):
                 client.get("/late")
 
+    def test_a_client_that_never_ran_the_lifespan_says_how_to_fix(self) -> None:
+        """`TestClient(app)` without `with` runs no lifespan: the error says so, not that the
+        route is unknown (the commonest mistake in tests)."""
+        app, lc, rec = make_app()
+        session = lc.resources["session"]
+
+        @app.get("/s")
+        async def s(value: Annotated[dict[str, Any], Depends(session)]) -> dict[str, str]:
+            return {"ok": "yes"}
+
+        client = TestClient(app)
+        with pytest.raises(
+            tether.ScopeError,
+            match=exactly(
+                "A tether resource was asked for on '/s' before this Lifecycle started: the "
+                "app's lifespan has not run, or it is not `lc.lifespan`. Use "
+                "`FastAPI(lifespan=lc.lifespan)`; in tests, enter the client (`with "
+                "TestClient(app) as client:`), or, with httpx's `ASGITransport`, which never "
+                "runs a lifespan, wrap the client in `async with lc.lifespan(app):`."
+            ),
+        ):
+            client.get("/s")
+        assert rec.events == []  # nothing opened
+        with client:  # the fix the message names
+            assert client.get("/s").json() == {"ok": "yes"}
+        assert rec.events[0] == "pool open"
+        assert rec.events[-1] == "pool close"
+
+    def test_asgi_transport_in_the_lifespan_the_error_names(self) -> None:
+        """httpx's `ASGITransport` never runs a lifespan: `async with lc.lifespan(app):`, the
+        fix the error above names, opens the app scope and owns the routes."""
+        import httpx
+
+        rec = Recorder()
+        lc = tether.Lifecycle()
+        conn = recorded_conn(lc, rec)
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/")
+        async def root(c: Annotated[str, Depends(conn)]) -> str:
+            rec("endpoint")
+            return c
+
+        async def main() -> list[str]:
+            transport = httpx.ASGITransport(app=app)
+            async with (
+                lc.lifespan(app),
+                httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+            ):
+                return [(await client.get("/")).json() for _ in range(2)]
+
+        assert anyio.run(main) == ["conn", "conn"]
+        assert rec.events == ["open", "endpoint", "close"] * 2
+        assert lc.state is tether.State.CLOSED
+
     def test_explicit_install_for_an_app_with_its_own_lifespan(self) -> None:
         """`install(app, lc)` plus `lc.run()` in the app's own lifespan gives the same release point."""
         from contextlib import asynccontextmanager

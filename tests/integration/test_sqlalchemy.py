@@ -477,6 +477,161 @@ def test_sync_session_commits_and_rolls_back(postgres: Postgres, items: None) ->
     assert rows(postgres) == [(1, "item 1")]
 
 
+# --------------------------------------------------------------------------- rolled_back
+
+
+def items_app(sess: tether.Resource[Any], app: FastAPI) -> None:
+    """Routes writing through *sess*: a plain write, one that fails after writing, one that
+    commits itself and then fails, and a count."""
+
+    @app.post("/items/{item_id}")
+    async def create(
+        item_id: int, s: Annotated[AsyncSession, Depends(sess)], fail: bool = False
+    ) -> int:
+        s.add(Item(id=item_id, name=f"item {item_id}"))
+        await s.flush()
+        if fail:
+            raise HTTPException(409, "no")
+        return item_id
+
+    @app.post("/commit-then-fail/{item_id}")
+    async def commit_then_fail(item_id: int, s: Annotated[AsyncSession, Depends(sess)]) -> None:
+        s.add(Item(id=item_id, name=f"item {item_id}"))
+        await s.commit()  # the endpoint's own commit: kept until the block ends
+        s.add(Item(id=item_id + 1, name=f"item {item_id + 1}"))
+        await s.flush()
+        raise HTTPException(409, "no")
+
+    @app.get("/items")
+    async def list_items(s: Annotated[AsyncSession, Depends(sess)]) -> list[int]:
+        return list((await s.execute(select(Item.id).order_by(Item.id))).scalars())
+
+
+async def write_in_rolled_back_block(
+    app: FastAPI, sess: tether.Resource[AsyncSession]
+) -> list[Any]:
+    """One test's worth of writes inside `rolled_back`: what the app and the block's
+    connection saw."""
+    seen: list[Any] = []
+    async with running(app) as client, tsa.rolled_back(sess) as conn:
+        seen.append((await client.post("/items/1")).status_code)
+        seen.append((await client.post("/items/2?fail=true")).status_code)  # rolled back
+        seen.append((await client.post("/commit-then-fail/3")).status_code)  # 3 kept, 4 not
+        seen.append((await client.post("/items/1")).status_code)  # duplicate key: 500
+        # Ten at once: they take turns on the block's connection.
+        batch = await asyncio.gather(*(client.post(f"/items/{i}") for i in range(10, 20)))
+        seen.append(sorted({r.status_code for r in batch}))
+        seen.append((await client.get("/items")).json())
+        seen.append(list((await conn.execute(select(Item.id).order_by(Item.id))).scalars()))
+    return seen
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.anyio
+async def test_rolled_back_leaves_postgres_as_it_was(
+    postgres: Postgres, items: None, driver: str
+) -> None:
+    """Two "tests" writing the same rows through the app, each in `rolled_back`: both pass,
+    each sees its own writes (the endpoint's own commit included), and the table is empty
+    after each, seen from another connection; no backend is left in a transaction."""
+    name = app_name()
+    app, _, _, sess = pg_app(postgres.url(f"postgresql+{driver}"), name)
+    items_app(sess, app)
+    expected = [200, 409, 409, 500, [200], [1, 3, *range(10, 20)], [1, 3, *range(10, 20)]]
+    for _ in range(2):
+        assert await write_in_rolled_back_block(app, sess) == expected
+        assert rows(postgres) == []
+    assert eventually(lambda: busy(postgres, name) == [])
+    # Without the block, the app writes for real again.
+    async with running(app) as client:
+        assert (await client.post("/items/1")).status_code == 200
+    assert rows(postgres) == [(1, "item 1")]
+
+
+@pytest.mark.anyio
+async def test_rolled_back_on_sqlite(tmp_path: Path) -> None:
+    """sqlite3 begins a transaction only before a write: `rolled_back` begins the outer one
+    itself, or the first savepoint's release would commit."""
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", pool_size=2)
+    sess = tsa.session(lc, eng)
+    app = FastAPI(lifespan=lc.lifespan)
+    items_app(sess, app)
+    async with running(app):
+        async with lc.get(eng).begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+    expected = [200, 409, 409, 500, [200], [1, 3, *range(10, 20)], [1, 3, *range(10, 20)]]
+    for _ in range(2):
+        assert await write_in_rolled_back_block(app, sess) == expected
+        async with running(app) as client:
+            assert (await client.get("/items")).json() == []
+
+
+def test_rolled_back_with_a_sync_session_and_test_client(postgres: Postgres, items: None) -> None:
+    """A `sync_session` in `def` endpoints, under `TestClient`: the block runs on the app's
+    loop through the client's portal."""
+    lc = tether.Lifecycle()
+    name = app_name()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), application_name=name)
+    sess = tsa.sync_session(lc, eng)
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/items/{item_id}")
+    def create(item_id: int, s: Annotated[Session, Depends(sess)], fail: bool = False) -> int:
+        s.add(Item(id=item_id, name=f"item {item_id}"))
+        s.flush()
+        if fail:
+            raise HTTPException(409, "no")
+        return item_id
+
+    @app.get("/items")
+    def list_items(s: Annotated[Session, Depends(sess)]) -> list[int]:
+        return list(s.execute(select(Item.id).order_by(Item.id)).scalars())
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(2):
+            with client.portal.wrap_async_context_manager(tsa.rolled_back(sess)):
+                assert client.post("/items/1").status_code == 200
+                assert client.post("/items/2?fail=true").status_code == 409
+                assert client.post("/items/1").status_code == 500
+                assert client.get("/items").json() == [1]
+            assert rows(postgres) == []
+        assert client.get("/items").json() == []
+    assert eventually(lambda: busy(postgres, name) == [])
+
+
+@pytest.mark.anyio
+async def test_rolled_back_misuse_says_what_to_pass(tmp_path: Path) -> None:
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    sess = tsa.session(lc, eng)
+
+    @lc.resource
+    async def other() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            f"rolled_back(): {other!r} is not a session made by "
+            "tether.integrations.sqlalchemy.session() or sync_session(); pass that resource "
+            "(the one endpoints depend on)."
+        ),
+    ):
+        async with tsa.rolled_back(other):
+            pass
+    with pytest.raises(
+        tether.ScopeError,
+        match=exactly(
+            "App resource 'engine' is not open: the app scope is created. Start it with "
+            "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+            "`async with lc.run():`."
+        ),
+    ):
+        async with tsa.rolled_back(sess):
+            pass
+
+
 # --------------------------------------------------------------------------- PgBouncer
 
 

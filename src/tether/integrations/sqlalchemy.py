@@ -48,6 +48,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
@@ -56,8 +57,13 @@ import anyio.to_thread
 try:
     from sqlalchemy import exc as sa_exc
     from sqlalchemy import text
-    from sqlalchemy.engine import URL, Engine, create_engine, make_url
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+    from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        create_async_engine,
+    )
     from sqlalchemy.orm import Session
     from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 except ImportError as exc:  # pragma: no cover - import guard
@@ -73,7 +79,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check
 
-__all__ = ["engine", "session", "sync_engine", "sync_session"]
+__all__ = ["engine", "rolled_back", "session", "sync_engine", "sync_session"]
 
 log = logging.getLogger("tether")
 
@@ -557,10 +563,13 @@ def session(
     _check_engine(lc, engine, "session()")
     info = _info_for(engine)
 
-    async def open_session(eng: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    async def open_session(
+        eng: AsyncEngine | AsyncConnection, join: str | None = None
+    ) -> AsyncIterator[AsyncSession]:
         if info.engine is None:
             info.engine = eng.sync_engine
-        s = AsyncSession(eng, expire_on_commit=expire_on_commit, **session_kwargs)
+        extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
+        s = AsyncSession(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             try:
@@ -591,6 +600,7 @@ def session(
     res: Resource[AsyncSession] = lc.resource(name=name, release=release)(
         depends_on(open_session, engine)
     )
+    _sessions[res] = _SessionOf(engine, open_session, is_async=True)
     return res
 
 
@@ -736,10 +746,11 @@ def sync_session(
         )
         raise ValueError(msg)
 
-    def open_session(eng: Engine) -> Iterator[Session]:
+    def open_session(eng: Engine | Connection, join: str | None = None) -> Iterator[Session]:
         if info.engine is None:
-            info.engine = eng
-        s = Session(eng, expire_on_commit=expire_on_commit, **session_kwargs)
+            info.engine = eng if isinstance(eng, Engine) else eng.engine
+        extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
+        s = Session(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             try:
@@ -769,4 +780,105 @@ def sync_session(
     res: Resource[Session] = lc.resource(name=name, release=release, concurrency=max(1, limit))(
         depends_on(open_session, engine)
     )
+    _sessions[res] = _SessionOf(engine, open_session, is_async=False)
     return res
+
+
+# --------------------------------------------------------------------------- tests
+
+
+_JOIN = "join_transaction_mode"  # Session's, for `rolled_back`
+_SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a session still open
+
+
+class _SessionOf:
+    """How a session resource made here opens a session: for :func:`rolled_back`."""
+
+    __slots__ = ("engine", "is_async", "open")
+
+    def __init__(self, engine: Resource[Any], open: Callable[..., Any], *, is_async: bool) -> None:
+        self.engine = engine
+        self.open = open  # (engine or connection, join_transaction_mode) -> generator
+        self.is_async = is_async
+
+
+_sessions: weakref.WeakKeyDictionary[Resource[Any], _SessionOf] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
+    """Roll back, when the block ends, everything the app writes through *session* in it.
+
+    For tests. While the block runs, every unit of work that asks for *session* gets a
+    session bound to one connection, inside one transaction that the block opened, joined
+    with ``join_transaction_mode="create_savepoint"``: the session's own commit (tether's
+    at the release point, or the endpoint's) releases a savepoint, its rollback goes back
+    to one, and the outer transaction is rolled back at the end. So tests that write the
+    same rows pass in any order, and the database is left as it was.
+
+    The sessions take turns on the one connection: a unit of work that asks for *session*
+    while another holds it waits for it. The block yields the connection (an
+    ``AsyncConnection``, or a ``Connection`` for :func:`sync_session`): query it between
+    requests to see what the app wrote. The app scope must be running, on this event
+    loop (with ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
+    """
+    try:
+        spec = _sessions.get(session)
+    except TypeError:  # not weakly referenceable: not a resource at all
+        spec = None
+    if spec is None:
+        msg = (
+            f"rolled_back(): {session!r} is not a session made by "
+            f"tether.integrations.sqlalchemy.session() or sync_session(); pass that resource "
+            f"(the one endpoints depend on)."
+        )
+        raise TypeError(msg)
+    lc = session.lifecycle
+    eng = lc.get(spec.engine)  # a ScopeError naming the fix if the app scope is not running
+    if spec.is_async:
+        async with eng.connect() as conn:
+            outer = await conn.begin()
+            if conn.dialect.name == "sqlite":
+                # sqlite3 (and aiosqlite) begin a transaction only before a write, so the
+                # first session's SAVEPOINT would start one and its RELEASE commit it.
+                await conn.exec_driver_sql("BEGIN")
+            lock = anyio.Lock()
+            open_joined = asynccontextmanager(spec.open)
+
+            async def joined() -> AsyncIterator[AsyncSession]:
+                async with lock, open_joined(conn, "create_savepoint") as s:
+                    yield s
+
+            try:
+                with lc.override(session, joined):
+                    yield conn
+            finally:
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(_SETTLE):  # a session still open ends first
+                        await lock.acquire()
+                    if outer.is_active:
+                        await outer.rollback()
+        return
+    conn = await anyio.to_thread.run_sync(eng.connect)
+    try:
+        sync_outer = await anyio.to_thread.run_sync(conn.begin)
+        if conn.dialect.name == "sqlite":
+            await anyio.to_thread.run_sync(conn.exec_driver_sql, "BEGIN")  # as above
+        sync_lock = threading.Lock()  # taken in an opening thread, given back in a closing one
+        open_sync = contextmanager(spec.open)
+
+        def sync_joined() -> Iterator[Session]:
+            with sync_lock, open_sync(conn, "create_savepoint") as s:
+                yield s
+
+        try:
+            with lc.override(session, sync_joined):
+                yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(sync_lock.acquire, True, _SETTLE)
+                if sync_outer.is_active:
+                    await anyio.to_thread.run_sync(sync_outer.rollback)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(conn.close)

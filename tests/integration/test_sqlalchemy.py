@@ -549,6 +549,40 @@ async def test_rolled_back_leaves_postgres_as_it_was(
 
 
 @pytest.mark.anyio
+async def test_rolled_back_waits_for_a_session_still_open(postgres: Postgres, items: None) -> None:
+    """A unit of work still holding the session when the block ends (a job, a stream) ends
+    first, cleanly; then the block rolls back."""
+    _, lc, _, sess = pg_app(postgres.url("postgresql+asyncpg"), app_name())
+    errors: list[BaseException] = []
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def job() -> None:
+        try:
+            async with lc.scope("job") as unit:
+                s = await unit.get(sess)
+                s.add(Item(id=1, name="job"))
+                await s.flush()
+                holding.set()
+                await release.wait()
+        except BaseException as exc:  # what the job would see: asserted empty below
+            errors.append(exc)
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.2)
+        release.set()
+
+    async with lc.run(), anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            async with tsa.rolled_back(sess):
+                tg.start_soon(job)
+                await holding.wait()
+                tg.start_soon(release_soon)
+            assert release.is_set()  # the block ended after the job's session did
+    assert errors == []
+    assert rows(postgres) == []
+
+
+@pytest.mark.anyio
 async def test_rolled_back_on_sqlite(tmp_path: Path) -> None:
     """sqlite3 begins a transaction only before a write: `rolled_back` begins the outer one
     itself, or the first savepoint's release would commit."""

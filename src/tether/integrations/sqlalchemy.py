@@ -854,10 +854,16 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
                     yield conn
             finally:
                 with anyio.CancelScope(shield=True):
+                    held = False
                     with anyio.move_on_after(_SETTLE):  # a session still open ends first
                         await lock.acquire()
-                    if outer.is_active:
-                        await outer.rollback()
+                        held = True
+                    try:
+                        if outer.is_active:
+                            await outer.rollback()
+                    finally:
+                        if held:  # one still waiting fails on the closed connection
+                            lock.release()
         return
     conn = await anyio.to_thread.run_sync(eng.connect)
     try:
@@ -876,9 +882,13 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sync_lock.acquire, True, _SETTLE)
-                if sync_outer.is_active:
-                    await anyio.to_thread.run_sync(sync_outer.rollback)
+                held = await anyio.to_thread.run_sync(sync_lock.acquire, True, _SETTLE)
+                try:
+                    if sync_outer.is_active:
+                        await anyio.to_thread.run_sync(sync_outer.rollback)
+                finally:
+                    if held:
+                        sync_lock.release()
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(conn.close)

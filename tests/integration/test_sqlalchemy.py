@@ -828,26 +828,13 @@ async def test_sqlite_aiosqlite_url_works(tmp_path: Path) -> None:
     eng = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", pool_size=2)
     sess = tsa.session(lc, eng)
     app = FastAPI(lifespan=lc.lifespan)
-
-    @app.post("/items/{item_id}")
-    async def create(
-        item_id: int, s: Annotated[AsyncSession, Depends(sess)], fail: bool = False
-    ) -> int:
-        s.add(Item(id=item_id, name=f"item {item_id}"))
-        await s.flush()
-        if fail:
-            raise HTTPException(400, "no")
-        return item_id
-
-    @app.get("/items")
-    async def list_items(s: Annotated[AsyncSession, Depends(sess)]) -> list[int]:
-        return list((await s.execute(select(Item.id).order_by(Item.id))).scalars())
+    items_app(sess, app)
 
     async with running(app) as client:
         async with lc.get(eng).begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         assert (await client.post("/items/1")).status_code == 200
-        assert (await client.post("/items/2?fail=true")).status_code == 400
+        assert (await client.post("/items/2?fail=true")).status_code == 409
         assert (await client.get("/items")).json() == [1]
 
 

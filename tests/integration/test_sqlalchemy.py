@@ -457,23 +457,33 @@ async def test_200_concurrent_sync_requests_on_a_pool_of_2(postgres: Postgres) -
         assert busy(postgres, name) == []
 
 
-def test_sync_session_commits_and_rolls_back(postgres: Postgres, items: None) -> None:
-    lc = tether.Lifecycle()
-    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), application_name=app_name())
-    sess = tsa.sync_session(lc, eng)
-    app = FastAPI(lifespan=lc.lifespan)
+def sync_items_app(sess: tether.Resource[Session], app: FastAPI) -> None:
+    """`def` routes writing through a sync *sess*: a write (that fails after writing with
+    ``fail``), and a list."""
 
     @app.post("/items/{item_id}")
     def create(item_id: int, s: Annotated[Session, Depends(sess)], fail: bool = False) -> int:
         s.add(Item(id=item_id, name=f"item {item_id}"))
         s.flush()
         if fail:
-            raise HTTPException(400, "no")
+            raise HTTPException(409, "no")
         return item_id
+
+    @app.get("/items")
+    def list_items(s: Annotated[Session, Depends(sess)]) -> list[int]:
+        return list(s.execute(select(Item.id).order_by(Item.id)).scalars())
+
+
+def test_sync_session_commits_and_rolls_back(postgres: Postgres, items: None) -> None:
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), application_name=app_name())
+    sess = tsa.sync_session(lc, eng)
+    app = FastAPI(lifespan=lc.lifespan)
+    sync_items_app(sess, app)
 
     with TestClient(app) as client:
         assert client.post("/items/1").status_code == 200
-        assert client.post("/items/2?fail=true").status_code == 400
+        assert client.post("/items/2?fail=true").status_code == 409
     assert rows(postgres) == [(1, "item 1")]
 
 
@@ -609,18 +619,7 @@ def test_rolled_back_with_a_sync_session_and_test_client(postgres: Postgres, ite
     eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), application_name=name)
     sess = tsa.sync_session(lc, eng)
     app = FastAPI(lifespan=lc.lifespan)
-
-    @app.post("/items/{item_id}")
-    def create(item_id: int, s: Annotated[Session, Depends(sess)], fail: bool = False) -> int:
-        s.add(Item(id=item_id, name=f"item {item_id}"))
-        s.flush()
-        if fail:
-            raise HTTPException(409, "no")
-        return item_id
-
-    @app.get("/items")
-    def list_items(s: Annotated[Session, Depends(sess)]) -> list[int]:
-        return list(s.execute(select(Item.id).order_by(Item.id)).scalars())
+    sync_items_app(sess, app)
 
     with TestClient(app, raise_server_exceptions=False) as client:
         for _ in range(2):

@@ -1,0 +1,145 @@
+"""OpenTelemetry metrics of a Lifecycle: observable instruments that read ``lc.stats()``.
+
+``register(lc)`` creates the instruments on a meter of the global ``MeterProvider`` (or the one
+given); the SDK calls them at each collection, so nothing is counted twice and nothing runs per
+request. Names and attributes follow OpenTelemetry's database-client connection conventions
+(``db.client.connection.*``, with ``db.client.connection.pool.name`` the resource's name) where
+they apply; the rest is ``tether.*``. The conventions' wait and use times are histograms, which
+only code on the request path could record: tether reports their sums and counts instead
+(``tether.resource.wait_time`` over ``tether.resource.opens``, ``tether.resource.use_time``
+over ``tether.resource.closes``), as the Prometheus exporter's summaries do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+try:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, Instrument, MeterProvider, Observation
+except ImportError as exc:  # pragma: no cover - import guard
+    msg = (
+        "tether.metrics.opentelemetry needs opentelemetry-api: pip install 'tether[opentelemetry]'"
+    )
+    raise ImportError(msg) from exc
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._stats import ResourceStats
+
+__all__ = ["POOL_NAME", "SCOPE", "STATE", "register"]
+
+POOL_NAME = "db.client.connection.pool.name"  # the resource's name
+STATE = "db.client.connection.state"  # "used": values open now
+SCOPE = "tether.resource.scope"  # "app" or "request"
+PHASE = "tether.phase"  # of an error: "open" or "close"
+
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list[Instrument]:
+    """Create *lc*'s instruments on a meter named ``tether`` of *meter_provider* (default: the
+    global one); return them. Each reads ``lc.stats()`` when the SDK collects."""
+    from .. import __version__
+
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    meter = provider.get_meter("tether", __version__)
+
+    def per_resource(read: Callable[[ResourceStats], float], **extra: str) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(read(r), {POOL_NAME: name, SCOPE: r.scope, **extra})
+                for name, r in lc.stats().resources.items()
+            ]
+
+        return observe
+
+    def of_lifecycle(read: Callable[[], float]) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(read())]
+
+        return observe
+
+    def errors(options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for name, r in lc.stats().resources.items():
+            out.append(Observation(r.open_errors, {POOL_NAME: name, SCOPE: r.scope, PHASE: "open"}))
+            out.append(
+                Observation(r.close_errors, {POOL_NAME: name, SCOPE: r.scope, PHASE: "close"})
+            )
+        return out
+
+    return [
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count",
+            [per_resource(lambda r: r.in_use, **{STATE: "used"})],
+            unit="{connection}",
+            description="Values of the resource open now (in use).",
+        ),
+        meter.create_observable_counter(
+            "db.client.connection.timeouts",
+            [per_resource(lambda r: r.timeouts)],
+            unit="{timeout}",
+            description="Opens or closes of the resource that ran out of time.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.opens",
+            [per_resource(lambda r: r.opened)],
+            unit="{value}",
+            description="Values of the resource opened.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.closes",
+            [per_resource(lambda r: r.closed)],
+            unit="{value}",
+            description="Values of the resource closed.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.wait_time",
+            [per_resource(lambda r: r.wait_time)],
+            unit="s",
+            description="Time spent opening (acquiring) values of the resource, in all.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.use_time",
+            [per_resource(lambda r: r.hold_time)],
+            unit="s",
+            description="Time values of the resource were held, open to close, in all.",
+        ),
+        meter.create_observable_gauge(
+            "tether.resource.max_in_use",
+            [per_resource(lambda r: r.max_in_use)],
+            unit="{value}",
+            description="Most values of the resource open at once.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.errors",
+            [errors],
+            unit="{error}",
+            description="Failed opens and failed closes of the resource.",
+        ),
+        meter.create_observable_counter(
+            "tether.resource.leaks",
+            [per_resource(lambda r: r.leaks)],
+            unit="{value}",
+            description="Values held past the leak threshold or used after their scope closed.",
+        ),
+        meter.create_observable_up_down_counter(
+            "tether.units.in_flight",
+            [of_lifecycle(lambda: lc.stats().units_in_flight)],
+            unit="{unit}",
+            description="Units of work (requests, jobs) in flight.",
+        ),
+        meter.create_observable_counter(
+            "tether.units.refused",
+            [of_lifecycle(lambda: lc.stats().units_refused)],
+            unit="{unit}",
+            description="Units of work refused while shutting down.",
+        ),
+        meter.create_observable_gauge(
+            "tether.lifecycle.running",
+            [of_lifecycle(lambda: 1.0 if lc.stats().state == "running" else 0.0)],
+            description="1 while the app scope runs (ready), else 0.",
+        ),
+    ]

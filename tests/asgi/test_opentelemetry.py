@@ -1,0 +1,97 @@
+"""OpenTelemetry metrics read from `lc.stats()`, collected by the OpenTelemetry SDK."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import tether
+from tether.metrics.opentelemetry import POOL_NAME, SCOPE, STATE, register
+
+Point = tuple[str, frozenset[tuple[str, Any]]]
+
+
+def collect(reader: InMemoryMetricReader) -> tuple[dict[Point, float], dict[str, Any]]:
+    """Every data point the SDK collected now, by (metric name, attributes); and each metric."""
+    points: dict[Point, float] = {}
+    found: dict[str, Any] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            assert scope_metrics.scope.name == "tether"
+            for metric in scope_metrics.metrics:
+                found[metric.name] = metric
+                for point in metric.data.data_points:
+                    points[(metric.name, frozenset(point.attributes.items()))] = point.value
+    return points, found
+
+
+def key(name: str, **attributes: str) -> Point:
+    return (name, frozenset(attributes.items()))
+
+
+def test_metrics_follow_requests() -> None:
+    """Two requests that open a session, one whose resource fails to open: the collection
+    shows the opens, closes, failures and values in use, with the conventions' names."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "p"
+
+    @lc.resource
+    async def session(pool: str) -> AsyncIterator[str]:
+        yield "s"
+
+    @lc.resource
+    async def broken() -> AsyncIterator[str]:
+        raise RuntimeError("cannot open")
+        yield "never"
+
+    reader = InMemoryMetricReader()
+    register(lc, MeterProvider(metric_readers=[reader]))
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(s: Annotated[str, Depends(session)]) -> str:
+        return s
+
+    @app.get("/broken")
+    async def uses_broken(b: Annotated[str, Depends(broken)]) -> str:
+        return b
+
+    sess = {POOL_NAME: "session", SCOPE: "request"}
+    app_pool = {POOL_NAME: "pool", SCOPE: "app"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/").status_code == 200
+        assert client.get("/broken").status_code == 500
+        points, found = collect(reader)
+    assert points[key("db.client.connection.count", **sess, **{STATE: "used"})] == 0
+    assert points[key("db.client.connection.count", **app_pool, **{STATE: "used"})] == 1
+    assert points[key("tether.resource.opens", **sess)] == 2
+    assert points[key("tether.resource.closes", **sess)] == 2
+    assert points[key("tether.resource.max_in_use", **sess)] == 1
+    assert points[key("tether.resource.wait_time", **sess)] > 0
+    assert points[key("tether.resource.use_time", **sess)] > 0
+    assert points[key("db.client.connection.timeouts", **sess)] == 0
+    broken_attrs = {POOL_NAME: "broken", SCOPE: "request"}
+    assert points[key("tether.resource.errors", **broken_attrs, **{"tether.phase": "open"})] == 1
+    assert points[key("tether.resource.errors", **broken_attrs, **{"tether.phase": "close"})] == 0
+    assert points[key("tether.resource.leaks", **sess)] == 0
+    assert points[key("tether.units.in_flight")] == 0
+    assert points[key("tether.units.refused")] == 0
+    assert points[key("tether.lifecycle.running")] == 1
+    # The conventions' kinds and units: values in use go up and down; times are seconds.
+    assert found["db.client.connection.count"].data.is_monotonic is False
+    assert found["db.client.connection.count"].unit == "{connection}"
+    assert found["tether.resource.opens"].data.is_monotonic is True
+    assert found["tether.resource.wait_time"].unit == "s"
+    # After shutdown: not running, nothing in use.
+    points, _ = collect(reader)
+    assert points[key("tether.lifecycle.running")] == 0
+    assert points[key("db.client.connection.count", **app_pool, **{STATE: "used"})] == 0

@@ -62,84 +62,46 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
         return observe
 
     def errors(options: CallbackOptions) -> Iterable[Observation]:
-        out = []
-        for name, r in lc.stats().resources.items():
-            out.append(Observation(r.open_errors, {POOL_NAME: name, SCOPE: r.scope, PHASE: "open"}))
-            out.append(
-                Observation(r.close_errors, {POOL_NAME: name, SCOPE: r.scope, PHASE: "close"})
-            )
-        return out
+        return [
+            Observation(count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase})
+            for name, r in lc.stats().resources.items()
+            for phase, count in (("open", r.open_errors), ("close", r.close_errors))
+        ]
 
+    up_down, counter, gauge = (
+        meter.create_observable_up_down_counter,
+        meter.create_observable_counter,
+        meter.create_observable_gauge,
+    )
+    stats = lc.stats
+    table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
+        (up_down, "db.client.connection.count", per_resource(lambda r: r.in_use, **{STATE: "used"}),
+         "{connection}", "Values of the resource open now (in use)."),
+        (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
+         "{timeout}", "Opens or closes of the resource that ran out of time."),
+        (counter, "tether.resource.opens", per_resource(lambda r: r.opened),
+         "{value}", "Values of the resource opened."),
+        (counter, "tether.resource.closes", per_resource(lambda r: r.closed),
+         "{value}", "Values of the resource closed."),
+        (counter, "tether.resource.wait_time", per_resource(lambda r: r.wait_time),
+         "s", "Time spent opening (acquiring) values of the resource, in all."),
+        (counter, "tether.resource.use_time", per_resource(lambda r: r.hold_time),
+         "s", "Time values of the resource were held, open to close, in all."),
+        (gauge, "tether.resource.max_in_use", per_resource(lambda r: r.max_in_use),
+         "{value}", "Most values of the resource open at once."),
+        (counter, "tether.resource.errors", errors,
+         "{error}", "Failed opens and failed closes of the resource."),
+        (counter, "tether.resource.leaks", per_resource(lambda r: r.leaks),
+         "{value}", "Values held past the leak threshold or used after their scope closed."),
+        (up_down, "tether.units.in_flight", of_lifecycle(lambda: stats().units_in_flight),
+         "{unit}", "Units of work (requests, jobs) in flight."),
+        (counter, "tether.units.refused", of_lifecycle(lambda: stats().units_refused),
+         "{unit}", "Units of work refused while shutting down."),
+        (gauge, "tether.lifecycle.running",
+         of_lifecycle(lambda: 1.0 if stats().state == "running" else 0.0),
+         "1", "1 while the app scope runs (ready), else 0."),
+    ]  # fmt: skip
     return [
-        meter.create_observable_up_down_counter(
-            "db.client.connection.count",
-            [per_resource(lambda r: r.in_use, **{STATE: "used"})],
-            unit="{connection}",
-            description="Values of the resource open now (in use).",
-        ),
-        meter.create_observable_counter(
-            "db.client.connection.timeouts",
-            [per_resource(lambda r: r.timeouts)],
-            unit="{timeout}",
-            description="Opens or closes of the resource that ran out of time.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.opens",
-            [per_resource(lambda r: r.opened)],
-            unit="{value}",
-            description="Values of the resource opened.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.closes",
-            [per_resource(lambda r: r.closed)],
-            unit="{value}",
-            description="Values of the resource closed.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.wait_time",
-            [per_resource(lambda r: r.wait_time)],
-            unit="s",
-            description="Time spent opening (acquiring) values of the resource, in all.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.use_time",
-            [per_resource(lambda r: r.hold_time)],
-            unit="s",
-            description="Time values of the resource were held, open to close, in all.",
-        ),
-        meter.create_observable_gauge(
-            "tether.resource.max_in_use",
-            [per_resource(lambda r: r.max_in_use)],
-            unit="{value}",
-            description="Most values of the resource open at once.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.errors",
-            [errors],
-            unit="{error}",
-            description="Failed opens and failed closes of the resource.",
-        ),
-        meter.create_observable_counter(
-            "tether.resource.leaks",
-            [per_resource(lambda r: r.leaks)],
-            unit="{value}",
-            description="Values held past the leak threshold or used after their scope closed.",
-        ),
-        meter.create_observable_up_down_counter(
-            "tether.units.in_flight",
-            [of_lifecycle(lambda: lc.stats().units_in_flight)],
-            unit="{unit}",
-            description="Units of work (requests, jobs) in flight.",
-        ),
-        meter.create_observable_counter(
-            "tether.units.refused",
-            [of_lifecycle(lambda: lc.stats().units_refused)],
-            unit="{unit}",
-            description="Units of work refused while shutting down.",
-        ),
-        meter.create_observable_gauge(
-            "tether.lifecycle.running",
-            [of_lifecycle(lambda: 1.0 if lc.stats().state == "running" else 0.0)],
-            description="1 while the app scope runs (ready), else 0.",
-        ),
+        create(name, [callback], unit=unit, description=description)
+        for create, name, callback, unit, description in table
     ]

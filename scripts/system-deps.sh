@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the integration tests need (redis, pgbouncer) when missing.
 set -euo pipefail
-# Also installs wrk for the benchmarks, and PostgreSQL should the machine image lack it.
+# Also Chromium for the dashboard's browser test (driven by Playwright, which never downloads
+# a browser of its own here), wrk for the benchmarks, and PostgreSQL should the machine image
+# lack it.
 # Instant when everything is present. The services of the packages it installs are never
 # left running: tests/servers.py starts throwaway servers on free 127.0.0.1 ports itself,
 # and a system redis/pgbouncer/postgresql on the default ports must not be started by the
@@ -12,6 +14,7 @@ declare -A BINARIES=(
   [redis-server]=redis-server
   [pgbouncer]=pgbouncer
   [wrk]=wrk
+  [chromium]=chromium
 )
 # packages that ship a system service
 SERVICES=(redis-server pgbouncer postgresql)
@@ -21,7 +24,7 @@ installed() { # PKG: is the Debian package installed?
 }
 
 missing=()
-for pkg in redis-server pgbouncer wrk; do
+for pkg in redis-server pgbouncer wrk chromium; do
   # the binary may be outside PATH for a non-login shell (e.g. /usr/sbin): ask dpkg too
   if command -v "${BINARIES[$pkg]}" >/dev/null 2>&1 || installed "$pkg"; then
     continue

@@ -5,6 +5,8 @@ Run it (the file is created, in WAL mode, when the app starts)::
     NOTES_DB=data/notes.db uvicorn docs.examples.aiosqlite_app:app
 
     curl -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hi"}'
+
+and watch its connections at http://localhost:8000/tether/ (tether's dashboard).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from pydantic import BaseModel
 
 import tether
-from tether.fastapi import health_router
+from tether.fastapi import dashboard_router, health_router
 from tether.integrations import aiosqlite as tsqlite
 
 lc = tether.Lifecycle()
@@ -49,6 +51,9 @@ Writer = Annotated[aiosqlite.Connection, Depends(writer)]
 
 app = FastAPI(lifespan=lc.lifespan)
 app.include_router(health_router(lc))
+# The dashboard shows route paths and source files: in production, guard it, e.g.
+# dashboard_router(lc, dependencies=[Depends(require_admin)]).
+app.include_router(dashboard_router(lc))
 
 
 class NoteIn(BaseModel):

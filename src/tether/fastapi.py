@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -36,6 +36,11 @@ try:
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'"
     raise ImportError(msg) from exc
+
+# FastAPI resolves the annotations of the routers' endpoints in this module's globals (for
+# the request, and for OpenAPI's response models): these names must be importable here.
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
 
 from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
 from ._lifecycle import Lifecycle, State
@@ -53,7 +58,7 @@ from ._scope import (
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["health_router", "install"]
+__all__ = ["dashboard_router", "health_router", "install"]
 
 log = logging.getLogger("tether")
 
@@ -1122,7 +1127,6 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
     when a check fails; its body is the report.
     """
     from fastapi import APIRouter
-    from fastapi.responses import JSONResponse
 
     router = APIRouter(prefix=prefix, tags=["health"])
 
@@ -1136,6 +1140,68 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
         headers = {} if report.ok else {"Retry-After": "5"}
         return JSONResponse(
             report.as_dict(), status_code=200 if report.ok else 503, headers=headers
+        )
+
+    return router
+
+
+def dashboard_router(
+    lc: Lifecycle,
+    *,
+    prefix: str = "/tether",
+    dependencies: Sequence[Any] | None = None,
+    refresh: float = 2.0,
+    include_in_schema: bool = False,
+) -> Any:
+    """An ``APIRouter`` serving a live dashboard of *lc* at ``{prefix}/``.
+
+    The page polls ``{prefix}/stats.json`` every *refresh* seconds: the lifecycle's state,
+    every resource's counters (``lc.stats()``), and the oldest units of work in flight
+    with what each holds, and where a value held past the leak threshold was acquired.
+    Its "Run checks" button reads ``{prefix}/checks.json`` (``lc.health()``, 503 when a
+    check fails, as ``/health/ready``). The page is self-contained: no script or style
+    is loaded from elsewhere.
+
+    It shows route paths and source file names: guard it with *dependencies*, e.g.
+    ``dependencies=[Depends(require_admin)]``, which apply to all three routes.
+    """
+    from fastapi import APIRouter
+
+    from ._dashboard import page, snapshot
+
+    given: object = refresh  # checked as what a caller may pass, not as annotated
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given > 0:
+        msg = (
+            f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls "
+            f"its stats, in seconds, and must be a positive number; e.g. refresh=2.0."
+        )
+        raise ValueError(msg)
+    router = APIRouter(
+        prefix=prefix,
+        tags=["tether"],
+        dependencies=list(dependencies or ()),
+        include_in_schema=include_in_schema,
+    )
+    # Route names unique to this lifecycle, so two dashboards in one app find their own.
+    stats_name = f"tether_dashboard_stats_{id(lc):x}"
+    checks_name = f"tether_dashboard_checks_{id(lc):x}"
+
+    @router.get("/", response_class=HTMLResponse)
+    async def dashboard(request: Request) -> HTMLResponse:
+        urls = request.url_for(stats_name).path, request.url_for(checks_name).path
+        return HTMLResponse(page(*urls, refresh), headers={"Cache-Control": "no-store"})
+
+    @router.get("/stats.json", name=stats_name)
+    async def stats() -> JSONResponse:
+        return JSONResponse(snapshot(lc), headers={"Cache-Control": "no-store"})
+
+    @router.get("/checks.json", name=checks_name)
+    async def checks() -> JSONResponse:
+        report = await lc.health()
+        return JSONResponse(
+            report.as_dict(),
+            status_code=200 if report.ok else 503,
+            headers={"Cache-Control": "no-store"},
         )
 
     return router

@@ -533,6 +533,16 @@ class TestHealth:
                 "error": "ConnectionError: connection refused",
             }
 
+    def test_health_routes_appear_in_openapi(self) -> None:
+        """An app with the health routes still serves /docs: their annotations resolve."""
+        lc = tether.Lifecycle()
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(health_router(lc))
+        with TestClient(app) as client:
+            schema = client.get("/openapi.json")
+        assert schema.status_code == 200
+        assert {"/health/live", "/health/ready"} <= set(schema.json()["paths"])
+
 
 class TestStarlette:
     def test_plain_starlette_route(self) -> None:

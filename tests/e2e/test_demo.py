@@ -46,6 +46,12 @@ def test_make_demo_serves_the_notes_service_on_sqlite(tmp_path: Path) -> None:
         assert created.status_code == 201
         assert httpx.get(f"{base}/notes", timeout=5).json() == [created.json()]
         assert httpx.get(f"{base}/health/ready", timeout=5).status_code == 200
+        stats = httpx.get(f"{base}/tether/stats.json", timeout=5).json()
+        opened = {r["name"]: r["opened"] for r in stats["resources"]}
+        assert (opened["writer"], opened["reader"]) == (1, 1)
+        assert (
+            httpx.get(f"{base}/tether/", timeout=5).headers["content-type"].startswith("text/html")
+        )
         assert db.exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

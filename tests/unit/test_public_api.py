@@ -44,11 +44,12 @@ def test_contract_names() -> None:
         for n in tether.__all__
         if n.endswith("Error") and n != "TetherError"
     )
-    assert tether.fastapi.__all__ == ["health_router", "install"]
+    assert tether.fastapi.__all__ == ["dashboard_router", "health_router", "install"]
 
 
 def test_fastapi_facing_hints_resolve() -> None:
     """FastAPI inspects these at runtime: their annotations must resolve."""
+    typing.get_type_hints(tether.fastapi.dashboard_router)
     typing.get_type_hints(tether.fastapi.health_router)
     typing.get_type_hints(tether.fastapi.install)
 

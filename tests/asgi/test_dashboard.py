@@ -1,0 +1,192 @@
+"""The dashboard: a page, and the JSON it polls, read from what tether tracks."""
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.testclient import TestClient
+
+import tether
+from tether._dashboard import snapshot
+from tether.fastapi import dashboard_router, health_router
+
+
+class Pool:
+    def __init__(self, *, up: bool = True) -> None:
+        self.up = up
+
+    async def ping(self) -> None:
+        if not self.up:
+            raise ConnectionError("the pool's server went away")
+
+
+def notes_app(lc: tether.Lifecycle, **router: Any) -> FastAPI:
+    """An app with an app resource, a request resource on it, and the dashboard."""
+
+    @lc.resource(scope="app", check=lambda p: p.ping())
+    async def pool() -> AsyncIterator[Pool]:
+        yield Pool()
+
+    @lc.resource(check=lambda c: None)
+    async def conn(pool: Pool) -> AsyncIterator[str]:
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/notes")
+    async def notes(c: Annotated[str, Depends(conn)]) -> str:
+        return c
+
+    app.include_router(dashboard_router(lc, **router))
+    return app
+
+
+async def take_conn(unit: tether.Unit) -> Any:
+    return await unit.get(unit.lc.resources["conn"])
+
+
+@contextmanager
+def job(client: TestClient, lc: tether.Lifecycle, label: str) -> Iterator[None]:
+    """A unit of work outside a request that holds `conn` while the block runs."""
+    with client.portal.wrap_async_context_manager(lc.scope(label)) as unit:
+        client.portal.call(take_conn, unit)
+        yield
+
+
+def test_stats_follow_requests_and_units_in_flight() -> None:
+    """The counters move with the requests; a unit in flight shows what it holds, and where
+    it took it."""
+    lc = tether.Lifecycle()
+    app = notes_app(lc)
+    with TestClient(app) as client:
+        assert client.get("/notes").json() == "conn"
+        assert client.get("/notes").json() == "conn"
+        with job(client, lc, "nightly export"):
+            held = client.get("/tether/stats.json")
+        after = client.get("/tether/stats.json").json()
+
+    assert held.headers["cache-control"] == "no-store"
+    s = held.json()
+    assert s["state"] == "running"
+    assert s["units"] == {"in_flight": 1, "total": 3, "refused": 0}
+    pool, conn = s["resources"]
+    assert (pool["name"], pool["scope"], pool["opened"], pool["in_use"]) == ("pool", "app", 1, 1)
+    assert (conn["name"], conn["scope"]) == ("conn", "request")
+    assert (conn["opened"], conn["closed"], conn["in_use"], conn["max_in_use"]) == (3, 2, 1, 1)
+    assert conn["leaks"] == conn["open_errors"] == conn["close_errors"] == 0
+    assert conn["mean_hold_ms"] >= 0
+    [unit] = s["in_flight"]
+    assert unit["label"] == "nightly export"
+    assert isinstance(unit["id"], str)
+    assert unit["age_s"] >= 0
+    [holding] = unit["holding"]
+    assert (holding["resource"], holding["leak"]) == ("conn", False)
+    assert any(__file__ in line and "in take_conn" in line for line in holding["acquired_at"])
+
+    assert after["units"] == {"in_flight": 0, "total": 3, "refused": 0}
+    assert after["in_flight"] == []
+    assert after["resources"][1]["closed"] == 3
+    assert after["resources"][1]["in_use"] == 0
+
+
+def test_a_leak_is_shown_with_where_it_was_acquired() -> None:
+    """A value held past the leak threshold is flagged, counted, and shows the acquirer."""
+    lc = tether.Lifecycle(leak_threshold=0.05, sweep_interval=0.02)
+    app = notes_app(lc)
+    with TestClient(app) as client, job(client, lc, "stuck job"):
+        time.sleep(0.3)
+        s = client.get("/tether/stats.json").json()
+    assert s["leak_threshold_s"] == 0.05
+    assert s["resources"][1]["leaks"] == 1
+    [holding] = s["in_flight"][0]["holding"]
+    assert holding["leak"] is True
+    assert holding["held_s"] >= 0.05
+    assert any("in take_conn" in line for line in holding["acquired_at"])
+
+
+def test_the_oldest_units_first_and_at_most_fifty() -> None:
+    """Under load the page lists the oldest units (what holds the pool longest), bounded."""
+    lc = tether.Lifecycle()
+    app = notes_app(lc)
+    with TestClient(app) as client:
+        with job(client, lc, "oldest"):
+            time.sleep(0.01)
+            with job(client, lc, "newer"):
+                s = client.get("/tether/stats.json").json()
+            small = snapshot(lc, max_units=1)
+    assert [u["label"] for u in s["in_flight"]] == ["oldest", "newer"]
+    assert [u["label"] for u in small["in_flight"]] == ["oldest"]
+
+
+def test_checks_report_every_check() -> None:
+    """checks.json runs every check: 200 while they pass, 503 with the error when one fails."""
+    lc = tether.Lifecycle()
+    app = notes_app(lc)
+    with TestClient(app) as client:
+        ok = client.get("/tether/checks.json")
+        lc.get(lc.resources["pool"]).up = False
+        failing = client.get("/tether/checks.json")
+    assert ok.status_code == 200
+    assert ok.json()["status"] == "ok"
+    assert set(ok.json()["checks"]) == {"pool", "conn"}
+    assert failing.status_code == 503
+    assert failing.json()["checks"]["pool"] == {
+        "status": "failing",
+        "latency_ms": failing.json()["checks"]["pool"]["latency_ms"],
+        "error": "ConnectionError: the pool's server went away",
+    }
+    assert failing.json()["checks"]["conn"]["status"] == "ok"
+
+
+def test_page_points_at_its_own_json_and_loads_nothing_from_elsewhere() -> None:
+    """The page is served at the prefix (with or without the slash), from wherever the router
+    is mounted, with no script or style from another host."""
+    lc = tether.Lifecycle()
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(dashboard_router(lc, prefix="/ops", refresh=0.5), prefix="/admin")
+    app.include_router(health_router(lc))
+    with TestClient(app) as client:
+        page = client.get("/admin/ops/")
+        no_slash = client.get("/admin/ops")
+        assert client.get("/admin/ops/stats.json").json()["resources"] == []
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert (
+        'data-stats="/admin/ops/stats.json" data-checks="/admin/ops/checks.json" '
+        'data-refresh="0.5"' in page.text
+    )
+    assert no_slash.text == page.text
+    assert "http://" not in page.text
+    assert "https://" not in page.text
+    assert " src=" not in page.text
+    paths = app.openapi()["paths"]  # the routers' annotations resolve: /docs works
+    assert "/admin/ops/" not in paths
+    assert "/health/ready" in paths
+
+
+def test_dependencies_guard_every_route() -> None:
+    """`dependencies=` guard the page and both JSON endpoints."""
+
+    def admin(x_token: Annotated[str, Header()] = "") -> None:
+        if x_token != "let-me-in":
+            raise HTTPException(401, "admins only")
+
+    lc = tether.Lifecycle()
+    app = notes_app(lc, dependencies=[Depends(admin)])
+    with TestClient(app) as client:
+        for path in ("/tether/", "/tether/stats.json", "/tether/checks.json"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"x-token": "let-me-in"}).status_code == 200, path
+
+
+@pytest.mark.parametrize("refresh", [0, -1, "2", True])
+def test_refresh_must_be_a_positive_number(refresh: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        dashboard_router(tether.Lifecycle(), refresh=refresh)
+    assert str(info.value) == (
+        f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls its "
+        f"stats, in seconds, and must be a positive number; e.g. refresh=2.0."
+    )

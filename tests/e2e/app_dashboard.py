@@ -1,0 +1,55 @@
+"""An app with tether's dashboard, for the browser test: a request can be held open, and
+the pool's check can be broken, from outside."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, FastAPI
+
+import tether
+from tether.fastapi import dashboard_router
+
+lc = tether.Lifecycle(leak_threshold=1.0, sweep_interval=0.1)
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.up = True
+        self.release = anyio.Event()
+
+    async def ping(self) -> None:
+        if not self.up:
+            raise ConnectionError("connection refused by 127.0.0.1:5432")
+
+
+@lc.resource(scope="app", check=lambda p: p.ping())
+async def pool() -> AsyncIterator[Pool]:
+    yield Pool()
+
+
+@lc.resource
+async def conn(pool: Pool) -> AsyncIterator[Pool]:
+    yield pool
+
+
+app = FastAPI(lifespan=lc.lifespan)
+app.include_router(dashboard_router(lc, refresh=0.2))
+
+
+@app.get("/hold")
+async def hold(c: Annotated[Pool, Depends(conn)]) -> str:
+    """Holds its connection until /release."""
+    await c.release.wait()
+    c.release = anyio.Event()
+    return "released"
+
+
+@app.post("/release")
+async def release() -> None:
+    lc.get(pool).release.set()
+
+
+@app.post("/break")
+async def break_pool() -> None:
+    lc.get(pool).up = False

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["pytester"]  # tests/unit/test_pytest_plugin.py runs pytest on test files
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -7,6 +7,7 @@ import inspect
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import (
     AbstractAsyncContextManager,
@@ -29,7 +30,7 @@ from ._errors import (
 )
 from ._health import HealthReport, run_checks
 from ._resource import Check, Release, Resource, Scope
-from ._scope import Entry, Unit, close_entry, open_value
+from ._scope import Entry, Unit, capture_stack, close_entry, open_value
 from ._stats import Stats, snapshot
 
 T = TypeVar("T")
@@ -84,6 +85,8 @@ class Override:
         self.target = target
         self.replacement = replacement
         self._active = True
+        # Where the override was made, for the pytest plugin's report of one left in place.
+        self.made_at = capture_stack(1)
 
     def undo(self) -> None:
         """Restore the resource exactly as it was before this override."""
@@ -112,6 +115,10 @@ class _AppSlot:
         self.value: Any = None
         self.entry: Entry | None = None
         self.error: BaseException | None = None
+
+
+# Every Lifecycle alive, for the pytest plugin's checks after each test (tether.pytest_plugin).
+LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 
 
 class Lifecycle:
@@ -165,6 +172,7 @@ class Lifecycle:
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
         self._installed_apps: list[Any] = []
+        LIFECYCLES.add(self)
 
     def __repr__(self) -> str:
         return f"<tether.Lifecycle resources={len(self._resources)} state={self.state.value!r}>"

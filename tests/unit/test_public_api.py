@@ -8,16 +8,20 @@ import typing
 
 import tether
 import tether.fastapi
+import tether.testing
 
 
 def test_all_is_sorted_and_complete() -> None:
     """Every public name of `tether` is in `__all__`, sorted, and importable."""
-    public = {name for name in dir(tether) if not name.startswith("_")} - {
+    # (pytest rewrites the asserts of a distribution with a pytest plugin: "@py_builtins")
+    public = {name for name in dir(tether) if not name.startswith(("_", "@"))} - {
         "annotations",
         "fastapi",
         "integrations",
         "metrics",
         "cli",
+        "pytest_plugin",
+        "testing",
     }
     assert sorted(tether.__all__) == list(tether.__all__)
     assert set(tether.__all__) - {"__version__"} == public
@@ -45,6 +49,7 @@ def test_contract_names() -> None:
         if n.endswith("Error") and n != "TetherError"
     )
     assert tether.fastapi.__all__ == ["dashboard_router", "health_router", "install"]
+    assert tether.testing.__all__ == ["assert_released", "in_flight", "undo_overrides"]
 
 
 def test_fastapi_facing_hints_resolve() -> None:

@@ -1,0 +1,72 @@
+"""tether's pytest plugin: after every test, what the test left behind in a Lifecycle.
+
+pytest loads it on its own (entry point ``pytest11``, name ``tether``). After each test,
+for every :class:`~tether.Lifecycle` alive:
+
+* an ``lc.override`` made during the test and still in place is undone, so later tests see
+  the real resource, and the test errors, naming the resource and where the override was made;
+* a unit of work that started during the test and is still in flight a second after it
+  (a ``lc.scope()`` never exited, a streamed response never read to its end, a job still
+  running) makes the test error, naming the unit, what it holds and where it acquired it.
+
+``@pytest.mark.tether_unchecked`` skips the checks for one test; ``tether_check = false``
+in the ini file, for all; ``-p no:tether`` unloads the plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ._lifecycle import LIFECYCLES
+from .testing import assert_released, undo_overrides
+
+MARKER = "tether_unchecked"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "tether_check",
+        type="bool",
+        default=True,
+        help="tether: after each test, undo overrides left in place and fail on units of "
+        "work still in flight (default: true)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: tether does not check this test for overrides left in place or units "
+        "of work still in flight",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Set up before the test's own fixtures, so torn down after them: it sees what they
+    left behind too."""
+    if not request.config.getini("tether_check") or request.node.get_closest_marker(MARKER):
+        yield
+        return
+    before = {lc: (list(lc._override_stack), set(lc._units)) for lc in list(LIFECYCLES)}
+    yield
+    problems: list[str] = []
+    for lc in list(LIFECYCLES):
+        overrides, units = before.get(lc, ((), set()))
+        undone = undo_overrides(lc, keep=overrides)
+        if undone:
+            listed = "".join(f"\n  - {line}" for line in undone)
+            problems.append(
+                f"tether: the test left {len(undone)} override{'s' if len(undone) > 1 else ''} "
+                f"of {lc!r} in place, now undone so later tests see the real "
+                f"resource:{listed}\nUse `with lc.override(...):`, or call `.undo()` on "
+                f"what lc.override returns."
+            )
+        try:
+            assert_released(lc, ignore=units)
+        except AssertionError as exc:
+            problems.append(str(exc))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

@@ -1,0 +1,75 @@
+"""Test helpers: what a test left behind in a :class:`~tether.Lifecycle`, as assertions.
+
+tether's pytest plugin (:mod:`tether.pytest_plugin`, loaded by pytest on its own) runs
+these after every test; call them yourself under another runner, or in the middle of a test.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle, Override
+    from ._scope import Unit
+
+__all__ = ["assert_released", "in_flight", "undo_overrides"]
+
+_HINT = (
+    "Exit every `lc.scope()`, read every streamed response to its end, and stop background "
+    "work before the test ends (to allow it in one test, mark it @pytest.mark.tether_unchecked)."
+)
+
+
+def in_flight(lc: Lifecycle, *, ignore: Collection[Unit] = ()) -> list[str]:
+    """One line per unit of work of *lc* in flight (but those in *ignore*): its label, its
+    age, and what it holds, with where each value was acquired when that is known."""
+    now = time.perf_counter()
+    lines = []
+    for unit in sorted(list(lc._units), key=lambda u: u.started):
+        if unit in ignore or unit.closed:
+            continue
+        held = [
+            f"{e.res.name!r}" + (f" (acquired at {_frame(e.stack[-1])})" if e.stack else "")
+            for e in list(unit.entries)
+        ]
+        holds = f"holds {', '.join(held)}" if held else "holds nothing yet"
+        lines.append(f"{unit.label!r} (in flight {now - unit.started:.2f} s) {holds}")
+    return lines
+
+
+def assert_released(lc: Lifecycle, *, wait: float = 1.0, ignore: Collection[Unit] = ()) -> None:
+    """Assert that no unit of work of *lc* is in flight (but those in *ignore*), giving
+    units that are ending up to *wait* seconds to finish; the error names each unit,
+    what it holds, and where it acquired it."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = in_flight(lc, ignore=ignore)
+        if not lines or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    if lines:
+        count = f"{len(lines)} unit{'s' if len(lines) > 1 else ''} of work"
+        listed = "".join(f"\n  - {line}" for line in lines)
+        msg = f"tether: {count} of {lc!r} still in flight:{listed}\n{_HINT}"
+        raise AssertionError(msg)
+
+
+def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[str]:
+    """Undo every override of *lc* still in place (but those in *keep*), newest first;
+    return one line for each, naming the resource and where the override was made."""
+    undone = []
+    for ov in reversed(list(lc._override_stack)):
+        if ov in keep:
+            continue
+        ov.undo()
+        where = f" made at {_frame(ov.made_at[-1])}" if ov.made_at else ""
+        undone.append(f"lc.override({ov.target.name}, ...){where}")
+    undone.reverse()
+    return undone
+
+
+def _frame(frame: tuple[str, int, str]) -> str:
+    filename, line, name = frame
+    return f"{filename}:{line} in {name}"

@@ -1,7 +1,8 @@
-"""`tether check` and `tether graph`: look at a Lifecycle from the command line.
+"""`tether graph`, `check` and `stats`: look at a Lifecycle from the command line.
 
 tether graph myapp.main:lc      # resources, scopes, dependencies, in opening order
 tether check myapp.main:lc      # open the app scope, run every check, close; exit 1 if any fails
+tether stats http://127.0.0.1:8000/tether/   # a running app's figures, from its dashboard
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import argparse
 import importlib
 import json
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +88,103 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
     return 0 if report["status"] == "ok" else 1
 
 
+def stats_url(url: str) -> str:
+    """The stats JSON of a dashboard named by its page's URL (or by the JSON's own)."""
+    if url.endswith(".json"):
+        return url
+    return url.rstrip("/") + "/stats.json"
+
+
+def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> dict[str, Any]:
+    """Read a running app's dashboard JSON; a clear ``SystemExit`` when that fails."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    for header in headers:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            msg = f"--header {header!r} is not of the form 'Name: value' (e.g. 'X-Token: abc')."
+            raise SystemExit(msg)
+        request.add_header(name.strip(), value.strip())
+    fix = "Is the app running, and does it include tether.fastapi.dashboard_router(lc)?"
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            fix = "The dashboard is guarded: pass what it expects with --header 'Name: value'."
+        elif exc.code == 404:
+            fix = (
+                "Include tether.fastapi.dashboard_router(lc) in the app, and give the URL of "
+                "its page (http://HOST:PORT/tether/ by default)."
+            )
+        msg = f"tether stats: {url} answered {exc.code} {exc.reason}. {fix}"
+        raise SystemExit(msg) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        msg = f"tether stats: cannot read {url}: {reason}. {fix}"
+        raise SystemExit(msg) from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not {"state", "units", "resources", "in_flight"} <= set(data):
+        msg = f"tether stats: {url} did not answer with a tether dashboard's JSON. {fix}"
+        raise SystemExit(msg)
+    return data
+
+
+def render_stats(data: dict[str, Any]) -> str:
+    """The dashboard's figures as a plain-text table."""
+    units = data["units"]
+    lines = [
+        f"{data['state']}: {units['in_flight']} in flight, {units['total']} started, "
+        f"{units['refused']} refused",
+        "",
+        f"{'resource':20} {'scope':8} {'in use':>6} {'max':>5} {'opened':>8} {'closed':>8} "
+        f"{'errors':>6} {'timeouts':>8} {'leaks':>5} {'wait ms mean/max':>17} "
+        f"{'hold ms mean/max':>17}",
+    ]
+    for r in data["resources"]:
+        errors = r["open_errors"] + r["close_errors"]
+        wait = f"{r['mean_wait_ms']:.2f}/{r['max_wait_ms']:.2f}"
+        hold = f"{r['mean_hold_ms']:.2f}/{r['max_hold_ms']:.2f}"
+        lines.append(
+            f"{r['name']:20} {r['scope']:8} {r['in_use']:>6} {r['max_in_use']:>5} "
+            f"{r['opened']:>8} {r['closed']:>8} {errors:>6} {r['timeouts']:>8} "
+            f"{r['leaks']:>5} {wait:>17} {hold:>17}"
+        )
+    if data["in_flight"]:
+        lines += ["", "in flight, oldest first:"]
+    for unit in data["in_flight"]:
+        held = ", ".join(
+            f"{h['resource']} {h['held_s']:.1f} s" + (" (leak)" if h["leak"] else "")
+            for h in unit["holding"]
+        )
+        lines.append(f"  {unit['label']:30} {unit['age_s']:7.1f} s  {held or 'nothing open'}")
+    return "\n".join(lines)
+
+
+def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | None) -> int:
+    url = stats_url(url)
+    while True:
+        data = fetch_stats(url, headers)
+        if as_json:
+            print(json.dumps(data, indent=2), flush=True)
+        else:
+            print(render_stats(data), flush=True)
+        if watch is None:
+            return 0
+        time.sleep(watch)
+        print(flush=True)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        msg = f"{text!r} is not a positive number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +195,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("target", help="module:attribute naming a tether.Lifecycle")
         cmd.add_argument("--json", action="store_true", help="print JSON")
+    cmd = sub.add_parser("stats", help="print a running app's figures, read from its dashboard")
+    cmd.add_argument("url", help="the dashboard's URL, e.g. http://127.0.0.1:8000/tether/")
+    cmd.add_argument("--json", action="store_true", help="print the JSON as read")
+    cmd.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header to send (repeatable), for a guarded dashboard",
+    )
+    cmd.add_argument(
+        "--watch", type=_seconds, metavar="SECONDS", help="print again every SECONDS, until ^C"
+    )
     args = parser.parse_args(argv)
+    if args.command == "stats":
+        try:
+            return stats(args.url, headers=args.header, as_json=args.json, watch=args.watch)
+        except KeyboardInterrupt:
+            return 0
     lc = load(args.target)
     if args.command == "graph":
         return graph(lc, as_json=args.json)

@@ -1182,9 +1182,9 @@ def dashboard_router(
         dependencies=list(dependencies or ()),
         include_in_schema=include_in_schema,
     )
-    # Route names unique to this lifecycle, so two dashboards in one app find their own.
-    stats_name = f"tether_dashboard_stats_{id(lc):x}"
-    checks_name = f"tether_dashboard_checks_{id(lc):x}"
+    # Route names unique to this router, so two dashboards in one app find their own JSON.
+    stats_name = f"tether_dashboard_stats_{id(router):x}"
+    checks_name = f"tether_dashboard_checks_{id(router):x}"
 
     @router.get("/", response_class=HTMLResponse)
     async def dashboard(request: Request) -> HTMLResponse:

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Header, HTTPException
 
 import tether
 from tether.fastapi import dashboard_router
@@ -33,8 +33,15 @@ async def conn(pool: Pool) -> AsyncIterator[Pool]:
     yield pool
 
 
+def admin(x_token: Annotated[str, Header()] = "") -> None:
+    if x_token != "let-me-in":
+        raise HTTPException(401, "admins only")
+
+
 app = FastAPI(lifespan=lc.lifespan)
 app.include_router(dashboard_router(lc, refresh=0.2))
+# The same figures again, behind a token.
+app.include_router(dashboard_router(lc, prefix="/guarded", dependencies=[Depends(admin)]))
 
 
 @app.get("/hold")

@@ -742,6 +742,17 @@ class Lifecycle:
         the exception that ended the block (if any) is thrown into each generator.
         """
         self.validate()
+        if self._loop is not None and self._loop is not _current_loop():
+            msg = (
+                f"lc.scope({label!r}) was entered on another event loop than the one this "
+                f"Lifecycle's app scope runs on (the loop of `lc.run()` or of the app's "
+                f"lifespan), and its app resources (pools, clients) belong to that loop. Run "
+                f"the unit of work there: in pytest-asyncio, give the test the loop of the "
+                f'fixture that starts the app (`@pytest.mark.asyncio(loop_scope="session")` '
+                f"for a session fixture); from another thread, use `anyio.from_thread.run` "
+                f"(with TestClient, `client.portal.call`)."
+            )
+            raise ScopeError(msg)
         if self._open_limiter is None:
             self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)

@@ -1,20 +1,75 @@
-"""Test helpers: what a test left behind in a :class:`~tether.Lifecycle`, as assertions.
+"""Test helpers: the app scope in a fixture of any test runner, and what a test left behind
+in a :class:`~tether.Lifecycle`, as assertions.
 
-tether's pytest plugin (:mod:`tether.pytest_plugin`, loaded by pytest on its own) runs
-these after every test; call them yourself under another runner, or in the middle of a test.
+tether's pytest plugin (:mod:`tether.pytest_plugin`, loaded by pytest on its own) runs the
+assertions after every test; call them yourself under another runner, or in the middle of a test.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Collection
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle, Override
     from ._scope import Unit
 
-__all__ = ["assert_released", "in_flight", "undo_overrides"]
+__all__ = ["assert_released", "in_flight", "running", "undo_overrides"]
+
+
+@asynccontextmanager
+async def running(lc: Lifecycle, app: Any = None) -> AsyncIterator[Lifecycle]:
+    """The app scope of *lc* (with *app*: its lifespan, which also takes over *app*'s
+    routes, for httpx's ``ASGITransport``), held by a task of its own.
+
+    ``async with lc.run():`` holds a task group open across its block, which only works
+    when the block is entered and left by one task. pytest-asyncio sets up and tears down an
+    async fixture in different tasks, so there ``lc.run()`` fails at teardown with anyio's
+    "Attempted to exit cancel scope in a different task than it was entered in". Use::
+
+        @pytest_asyncio.fixture(scope="session", loop_scope="session")
+        async def app_scope():
+            async with tether.testing.running(lc):
+                yield lc
+
+    A failure to start (``StartupError``) is raised on entering; one at shutdown
+    (``ShutdownError``) on leaving. Outside asyncio (trio) it is ``lc.run()`` itself.
+    """
+    scope = lc.lifespan(app) if app is not None else lc.run()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio: no task to hand the scope to, and no need
+        async with scope:
+            yield lc
+        return
+    started = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def hold() -> None:
+        async with scope:
+            started.set()
+            await stop.wait()
+
+    task = asyncio.create_task(hold(), name=f"tether.testing.running({lc!r})")
+    waiting = asyncio.create_task(started.wait())
+    try:
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled while starting: the app scope closes what it opened
+        task.cancel()
+        raise
+    finally:
+        waiting.cancel()
+    if task.done():
+        task.result()  # the StartupError
+    try:
+        yield lc
+    finally:
+        stop.set()
+        await asyncio.shield(task)
+
 
 _HINT = (
     "Exit every `lc.scope()`, read every streamed response to its end, and stop background "

@@ -49,7 +49,7 @@ def test_contract_names() -> None:
         if n.endswith("Error") and n != "TetherError"
     )
     assert tether.fastapi.__all__ == ["dashboard_router", "health_router", "install"]
-    assert tether.testing.__all__ == ["assert_released", "in_flight", "undo_overrides"]
+    assert tether.testing.__all__ == ["assert_released", "in_flight", "running", "undo_overrides"]
 
 
 def test_fastapi_facing_hints_resolve() -> None:

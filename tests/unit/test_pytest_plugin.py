@@ -63,7 +63,7 @@ def forget_a_job(label):
 @pytest.fixture
 def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makepyfile(app=APP)
-    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makeini("[pytest]\naddopts = -p no:asyncio\nfilterwarnings = error\n")
     return pytester
 
 
@@ -156,8 +156,10 @@ def test_the_checks_can_be_turned_off(suite: pytest.Pytester) -> None:
             """
         )
     )
-    suite.makeini("[pytest]\nfilterwarnings = error\ntether_check = false\n")
+    suite.makeini(
+        "[pytest]\naddopts = -p no:asyncio\nfilterwarnings = error\ntether_check = false\n"
+    )
     suite.runpytest_subprocess().assert_outcomes(passed=1)
-    suite.makeini("[pytest]\nfilterwarnings = error\n")
+    suite.makeini("[pytest]\naddopts = -p no:asyncio\nfilterwarnings = error\n")
     suite.runpytest_subprocess("-p", "no:tether").assert_outcomes(passed=1)
     suite.runpytest_subprocess().assert_outcomes(passed=1, errors=1)

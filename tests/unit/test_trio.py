@@ -114,3 +114,19 @@ async def test_generator_that_yields_twice_fails_its_cleanup() -> None:
         async with lc.scope() as s:
             await s.get(conn)
     assert closed == ["conn"]
+
+
+async def test_testing_running_is_the_app_scope_on_trio() -> None:
+    """`tether.testing.running` holds the app scope on trio too (no task to hand it to)."""
+    from tether.testing import running
+
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    async with running(lc):
+        assert lc.get(pool) == "pool"
+        assert lc.state.value == "running"
+    assert lc.state.value == "closed"

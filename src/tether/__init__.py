@@ -24,7 +24,7 @@ from ._health import CheckResult, HealthReport
 from ._lifecycle import Lifecycle, Override, State
 from ._resource import Resource
 from ._scope import Unit
-from ._stats import ResourceStats, Stats
+from ._stats import PoolStats, ResourceStats, Stats
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "HealthReport",
     "Lifecycle",
     "Override",
+    "PoolStats",
     "Resource",
     "ResourceClosedError",
     "ResourceStats",

@@ -80,6 +80,17 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
             }
             for r in stats.resources.values()
         ],
+        "pools": [
+            {
+                "name": p.name,
+                "max": p.max,
+                "open": p.open,
+                "in_use": p.in_use,
+                "idle": p.idle,
+                "waiting": p.waiting,
+            }
+            for p in stats.pools.values()
+        ],
         "in_flight": in_flight,
     }
 

@@ -31,7 +31,7 @@ from ._errors import (
 from ._health import HealthReport, run_checks
 from ._resource import Check, Release, Resource, Scope
 from ._scope import Entry, Unit, capture_stack, close_entry, open_value
-from ._stats import Stats, snapshot
+from ._stats import PoolStats, Stats, snapshot
 
 T = TypeVar("T")
 log = logging.getLogger("tether")
@@ -116,6 +116,8 @@ class _AppSlot:
         self.entry: Entry | None = None
         self.error: BaseException | None = None
 
+
+_NOT_OPEN: Any = object()
 
 # Every Lifecycle alive, for the pytest plugin's checks after each test (tether.pytest_plugin).
 LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
@@ -811,7 +813,8 @@ class Lifecycle:
         return await run_checks(self)
 
     def stats(self) -> Stats:
-        """A snapshot of every resource's counters and the units of work."""
+        """A snapshot of every resource's counters, the units of work, and the figures of
+        the driver pools that are open."""
         return Stats(
             state=self.state.value,
             units_in_flight=len(self._units),
@@ -821,7 +824,22 @@ class Lifecycle:
                 name: snapshot(name, res.scope, res.counters)
                 for name, res in self._resources.items()
             },
+            pools=self._pool_stats(),
         )
+
+    def _pool_stats(self) -> dict[str, PoolStats]:
+        pools: dict[str, PoolStats] = {}
+        for name, res in self._resources.items():
+            if res.pool_stats is None or res in self._overrides:
+                continue  # not a pool, or replaced (by a fake, in tests)
+            value = self._app_values.get(res, _NOT_OPEN)
+            if value is _NOT_OPEN:
+                continue
+            try:
+                pools[name] = res.pool_stats(value)
+            except Exception as exc:  # a figure is never worth failing a scrape
+                log.debug("tether: cannot read the figures of pool %r: %s", name, exc)
+        return pools
 
     async def _sweep_forever(self) -> None:
         self._sweeping = True

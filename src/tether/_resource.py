@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from ._stats import Counters
+from ._stats import Counters, PoolStats
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
@@ -111,6 +111,7 @@ class Resource(Generic[T]):
         "limiter",
         "name",
         "params",
+        "pool_stats",
         "release",
         "retries",
         "retry_after",
@@ -161,6 +162,9 @@ class Resource(Generic[T]):
         self.deps: tuple[Resource[Any], ...] = ()
         self.limiter: Any = None  # anyio.CapacityLimiter, made when the lifecycle starts
         self.counters = Counters()
+        # For an app resource that is a driver's pool, set by its integration: reads the
+        # pool's own figures from its value (lc.stats().pools).
+        self.pool_stats: Callable[[Any], PoolStats] | None = None
         self.fast = False
         self.set_deps(())
 

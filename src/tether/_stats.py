@@ -74,14 +74,34 @@ class ResourceStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A driver pool's own figures, read from it when asked (``None``: the driver does
+    not say).
+
+    *max* is the most connections it may open (size and overflow), *open* how many it has
+    now, *in_use* how many of those are checked out, *idle* how many wait in the pool,
+    *waiting* how many tasks wait for one.
+    """
+
+    name: str
+    max: int | None
+    open: int | None
+    in_use: int | None
+    idle: int | None
+    waiting: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
-    """A snapshot of a lifecycle: its state, units of work and every resource."""
+    """A snapshot of a lifecycle: its state, units of work and every resource; *pools*,
+    the figures of the driver pools the integrations opened, by resource name."""
 
     state: str
     units_in_flight: int
     units_total: int
     units_refused: int
     resources: dict[str, ResourceStats] = field(default_factory=dict)
+    pools: dict[str, PoolStats] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> ResourceStats:
         return self.resources[name]

@@ -152,6 +152,20 @@ def render_stats(data: dict[str, Any]) -> str:
             f"{r['opened']:>8} {r['closed']:>8} {errors:>6} {r['timeouts']:>8} "
             f"{r['leaks']:>5} {wait:>17} {hold:>17}"
         )
+    if data.get("pools"):
+        lines += [
+            "",
+            f"{'pool':20} {'max':>5} {'open':>5} {'in use':>6} {'idle':>5} {'waiting':>7}",
+        ]
+
+    def figure(n: int | None) -> str:
+        return "-" if n is None else str(n)
+
+    for p in data.get("pools", ()):
+        lines.append(
+            f"{p['name']:20} {figure(p['max']):>5} {figure(p['open']):>5} "
+            f"{figure(p['in_use']):>6} {figure(p['idle']):>5} {figure(p['waiting']):>7}"
+        )
     if data["in_flight"]:
         lines += ["", "in flight, oldest first:"]
     for unit in data["in_flight"]:

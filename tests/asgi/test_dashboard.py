@@ -30,6 +30,11 @@ def notes_app(lc: tether.Lifecycle, **router: Any) -> FastAPI:
     async def pool() -> AsyncIterator[Pool]:
         yield Pool()
 
+    # What an integration sets on a driver's pool: its own figures.
+    pool.pool_stats = lambda p: tether.PoolStats(
+        name="pool", max=10, open=2, in_use=1, idle=1, waiting=0
+    )
+
     @lc.resource(check=lambda c: None)
     async def conn(pool: Pool) -> AsyncIterator[str]:
         yield "conn"
@@ -78,6 +83,9 @@ def test_stats_follow_requests_and_units_in_flight() -> None:
     assert (conn["opened"], conn["closed"], conn["in_use"], conn["max_in_use"]) == (3, 2, 1, 1)
     assert conn["leaks"] == conn["open_errors"] == conn["close_errors"] == 0
     assert conn["mean_hold_ms"] >= 0
+    assert s["pools"] == [
+        {"name": "pool", "max": 10, "open": 2, "in_use": 1, "idle": 1, "waiting": 0}
+    ]
     [unit] = s["in_flight"]
     assert unit["label"] == "nightly export"
     assert isinstance(unit["id"], str)

@@ -95,3 +95,36 @@ def test_metrics_follow_requests() -> None:
     points, _ = collect(reader)
     assert points[key("tether.lifecycle.running")] == 0
     assert points[key("db.client.connection.count", **app_pool, **{STATE: "used"})] == 0
+
+
+def test_a_driver_pool_reports_its_own_connections() -> None:
+    """For a pool with the driver's figures (as the integrations set), the instruments show
+    its used and idle connections, its maximum and the requests waiting (where known)."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def pg() -> str:
+        return "pool"
+
+    @lc.resource(scope="app")
+    def engine() -> str:
+        return "engine"
+
+    pg.pool_stats = lambda p: tether.PoolStats(
+        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2
+    )
+    engine.pool_stats = lambda p: tether.PoolStats(
+        name="engine", max=5, open=1, in_use=0, idle=1, waiting=None
+    )
+    reader = InMemoryMetricReader()
+    register(lc, MeterProvider(metric_readers=[reader]))
+    with TestClient(FastAPI(lifespan=lc.lifespan)):
+        points, _ = collect(reader)
+    pg_attrs = {POOL_NAME: "pg", SCOPE: "app"}
+    engine_attrs = {POOL_NAME: "engine", SCOPE: "app"}
+    assert points[key("db.client.connection.count", **pg_attrs, **{STATE: "used"})] == 3
+    assert points[key("db.client.connection.count", **pg_attrs, **{STATE: "idle"})] == 1
+    assert points[key("db.client.connection.max", **pg_attrs)] == 10
+    assert points[key("db.client.connection.pending_requests", **pg_attrs)] == 2
+    assert points[key("db.client.connection.max", **engine_attrs)] == 5
+    assert key("db.client.connection.pending_requests", **engine_attrs) not in points

@@ -51,3 +51,29 @@ def test_metrics_follow_requests() -> None:
         in text
     )
     assert "tether_lifecycle_running 1.0" in text
+
+
+def test_a_driver_pool_reports_its_own_connections() -> None:
+    """For a pool with the driver's figures (as the integrations set), the scrape shows its
+    used and idle connections, its maximum and the requests waiting."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def pg() -> str:
+        return "pool"
+
+    pg.pool_stats = lambda p: tether.PoolStats(
+        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2
+    )
+    registry = CollectorRegistry()
+    register(lc, registry)
+    app = FastAPI(lifespan=lc.lifespan)
+    with TestClient(app):
+        text = generate_latest(registry).decode()
+    for line in [
+        'db_client_connection_count{pool_name="pg",scope="app",state="used"} 3.0',
+        'db_client_connection_count{pool_name="pg",scope="app",state="idle"} 1.0',
+        'db_client_connection_max{pool_name="pg",scope="app"} 10.0',
+        'db_client_connection_pending_requests{pool_name="pg",scope="app"} 2.0',
+    ]:
+        assert line in text.splitlines(), line

@@ -17,6 +17,7 @@ class Pool:
     def __init__(self) -> None:
         self.up = True
         self.release = anyio.Event()
+        self.in_use = 0
 
     async def ping(self) -> None:
         if not self.up:
@@ -28,9 +29,19 @@ async def pool() -> AsyncIterator[Pool]:
     yield Pool()
 
 
+# The figures a driver's pool reports (an integration sets this on its pools).
+pool.pool_stats = lambda p: tether.PoolStats(
+    name="pool", max=4, open=p.in_use + 1, in_use=p.in_use, idle=1, waiting=None
+)
+
+
 @lc.resource
 async def conn(pool: Pool) -> AsyncIterator[Pool]:
-    yield pool
+    pool.in_use += 1
+    try:
+        yield pool
+    finally:
+        pool.in_use -= 1
 
 
 def admin(x_token: Annotated[str, Header()] = "") -> None:

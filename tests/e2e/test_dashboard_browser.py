@@ -77,8 +77,11 @@ def test_dashboard_follows_a_request_that_holds_a_connection(
         target=lambda: held.append(httpx.get(f"{server.base_url}/hold", timeout=30))
     )
     request.start()
+    figures = page.locator('#pools tr[data-pool="pool"]')
     try:
         expect(conn.locator(".in-use")).to_have_text("1")
+        expect(figures.locator(".in-use")).to_have_text("1")
+        expect(figures.locator(".waiting")).to_have_text("–")
         unit = page.locator("#in-flight tbody tr").first
         expect(unit.locator("td").first).to_have_text("GET /hold")
         # Past leak_threshold (1 s) the holding is flagged, with who acquired it.
@@ -96,6 +99,7 @@ def test_dashboard_follows_a_request_that_holds_a_connection(
         request.join(timeout=10)
     assert [r.text for r in held] == ['"released"']
     expect(conn.locator(".in-use")).to_have_text("0")
+    expect(figures.locator(".in-use")).to_have_text("0")
     expect(conn.locator(".closed")).to_have_text("1")
     expect(page.locator("#in-flight tbody")).to_have_text("Nothing in flight.")
     expect(page.locator("#units-total")).to_have_text("1")

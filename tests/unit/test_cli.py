@@ -62,3 +62,40 @@ def test_bad_target_says_what_to_name() -> None:
         ),
     ):
         main(["graph", "tests.unit.no_such_module:lc"])
+
+
+def test_stats_table_shows_pools_and_units() -> None:
+    """`tether stats` prints the counters, the drivers' pool figures and what is in flight."""
+    from tether.cli import render_stats
+
+    data = {
+        "state": "running",
+        "units": {"in_flight": 1, "total": 7, "refused": 2},
+        "resources": [
+            {"name": "conn", "scope": "request", "in_use": 1, "max_in_use": 3, "opened": 7,
+             "closed": 6, "open_errors": 1, "close_errors": 0, "timeouts": 1, "leaks": 0,
+             "mean_wait_ms": 0.5, "max_wait_ms": 2.25, "mean_hold_ms": 10.0,
+             "max_hold_ms": 31.5},
+        ],
+        "pools": [
+            {"name": "pg", "max": 10, "open": 3, "in_use": 1, "idle": 2, "waiting": None},
+        ],
+        "in_flight": [
+            {"id": "1", "label": "GET /slow", "age_s": 1.25,
+             "holding": [{"resource": "conn", "held_s": 1.2, "leak": True, "acquired_at": []}]},
+        ],
+    }  # fmt: skip
+    assert render_stats(data).splitlines() == [
+        "running: 1 in flight, 7 started, 2 refused",
+        "",
+        "resource             scope    in use   max   opened   closed errors timeouts leaks  "
+        "wait ms mean/max  hold ms mean/max",
+        "conn                 request       1     3        7        6      1        1     0  "
+        "       0.50/2.25       10.00/31.50",
+        "",
+        "pool                   max  open in use  idle waiting",
+        "pg                      10     3      1     2       -",
+        "",
+        "in flight, oldest first:",
+        "  GET /slow                          1.2 s  conn 1.2 s (leak)",
+    ]

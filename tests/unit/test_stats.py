@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -128,3 +129,42 @@ class TestStats:
                 await s.get(tx)
         stats = lc.stats()
         assert (stats["conn"].open_errors, stats["tx"].open_errors) == (1, 0)
+
+
+class TestPoolFigures:
+    async def test_pools_read_while_open_never_when_overridden_or_failing(self) -> None:
+        """A pool's figures are read from its value while the app scope runs; a reader that
+        fails, or a pool replaced by an override, is left out; closed, there are none."""
+        lc = tether.Lifecycle()
+
+        class FakePool:
+            in_use = 2
+
+        @lc.resource(scope="app")
+        def pool() -> FakePool:
+            return FakePool()
+
+        @lc.resource(scope="app")
+        def broken() -> object:
+            return object()
+
+        @lc.resource(scope="app")
+        def replaced() -> FakePool:
+            return FakePool()
+
+        def figures(name: str) -> Any:
+            return lambda p: tether.PoolStats(
+                name=name, max=5, open=3, in_use=p.in_use, idle=1, waiting=None
+            )
+
+        pool.pool_stats = figures("pool")
+        broken.pool_stats = figures("broken")  # object() has no in_use: the read fails
+        replaced.pool_stats = figures("replaced")
+        assert lc.stats().pools == {}
+        with lc.override(replaced, FakePool()):
+            async with lc.run():
+                pools = lc.stats().pools
+        assert pools == {
+            "pool": tether.PoolStats(name="pool", max=5, open=3, in_use=2, idle=1, waiting=None)
+        }
+        assert lc.stats().pools == {}

@@ -59,6 +59,8 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._errors import ResourceUnavailable, describe
+from .._resource import Resource
+from .._stats import PoolStats
 from ._common import (
     BudgetPolicy,
     Dsn,
@@ -74,7 +76,7 @@ from ._common import workers as worker_count
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
-    from .._resource import Check, Release, Resource
+    from .._resource import Check, Release
 
 __all__ = ["Pool", "connection", "pool"]
 
@@ -240,13 +242,29 @@ def pool(
             with anyio.CancelScope(shield=True):
                 await _close_pool(p, name, lc.close_timeout / 2)
 
-    return lc.resource(
+    res: Resource[Any] = lc.resource(
         scope="app",
         name=name,
         check=_pool_check(check),
         retries=retries,
         backoff=backoff,
     )(open_pool)
+    res.pool_stats = lambda p: _figures(name, p)
+    return res
+
+
+def _figures(name: str, p: Any) -> PoolStats:
+    """asyncpg's own figures, and the tasks tether sees waiting in ``acquire``."""
+    size, idle = int(p.get_size()), int(p.get_idle_size())
+    state = getattr(p, "_tether", None)
+    return PoolStats(
+        name=name,
+        max=int(p.get_max_size()),
+        open=size,
+        in_use=size - idle,
+        idle=idle,
+        waiting=state.waiting if state is not None else None,
+    )
 
 
 def _pool_check(check: Check | bool) -> Check | None:

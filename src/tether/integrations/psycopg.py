@@ -59,6 +59,8 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._errors import ResourceUnavailable, describe
+from .._resource import Resource
+from .._stats import PoolStats
 from ._common import (
     BudgetPolicy,
     Dsn,
@@ -75,7 +77,7 @@ from ._common import workers as worker_count
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
-    from .._resource import Check, Release, Resource
+    from .._resource import Check, Release
 
 __all__ = ["Pool", "connection", "pool"]
 
@@ -237,13 +239,29 @@ def pool(
             with anyio.CancelScope(shield=True):
                 await p.close(timeout=lc.close_timeout / 2)
 
-    return lc.resource(
+    res: Resource[Any] = lc.resource(
         scope="app",
         name=name,
         check=_pool_check(check),
         retries=retries,
         backoff=backoff,
     )(open_pool)
+    res.pool_stats = lambda p: _figures(name, p)
+    return res
+
+
+def _figures(name: str, p: Any) -> PoolStats:
+    """psycopg_pool's own figures (``get_stats()``, which resets nothing)."""
+    stats = p.get_stats()
+    size, idle = int(stats["pool_size"]), int(stats["pool_available"])
+    return PoolStats(
+        name=name,
+        max=int(p.max_size),
+        open=size,
+        in_use=size - idle,
+        idle=idle,
+        waiting=int(stats.get("requests_waiting", 0)),
+    )
 
 
 def _is_refusal(exc: BaseException) -> bool:

@@ -72,6 +72,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
+from .._stats import PoolStats
 from ._common import BudgetPolicy, LoopBound, check_budget, depends_on, redact, unavailable
 from ._common import workers as worker_count
 
@@ -374,7 +375,24 @@ def _register_engine(
         factory
     )
     _pools[res] = info
+    res.pool_stats = lambda eng: _figures(name, eng)
     return res
+
+
+def _figures(name: str, eng: Any) -> PoolStats:
+    """The figures of an engine's queue pool (an async engine's too); other pools (SQLite's
+    single connection, ``NullPool``) have none, and are left out."""
+    pool = eng.pool
+    idle, in_use = int(pool.checkedin()), int(pool.checkedout())
+    overflow = int(getattr(pool, "_max_overflow", 0))
+    return PoolStats(
+        name=name,
+        max=int(pool.size()) + overflow if overflow >= 0 else None,
+        open=idle + in_use,
+        in_use=in_use,
+        idle=idle,
+        waiting=None,  # SQLAlchemy does not say
+    )
 
 
 # --------------------------------------------------------------------------- async engine

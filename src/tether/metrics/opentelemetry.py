@@ -4,10 +4,13 @@
 given); the SDK calls them at each collection, so nothing is counted twice and nothing runs per
 request. Names and attributes follow OpenTelemetry's database-client connection conventions
 (``db.client.connection.*``, with ``db.client.connection.pool.name`` the resource's name) where
-they apply; the rest is ``tether.*``. The conventions' wait and use times are histograms, which
-only code on the request path could record: tether reports their sums and counts instead
-(``tether.resource.wait_time`` over ``tether.resource.opens``, ``tether.resource.use_time``
-over ``tether.resource.closes``), as the Prometheus exporter's summaries do.
+they apply; the rest is ``tether.*``. For a driver's pool opened by an integration
+(``lc.stats().pools``), ``db.client.connection.count`` is the pool's own connections, ``used``
+and ``idle``, beside ``db.client.connection.max`` and ``db.client.connection.pending_requests``.
+The conventions' wait and use times are histograms, which only code on the request path could
+record: tether reports their sums and counts instead (``tether.resource.wait_time`` over
+``tether.resource.opens``, ``tether.resource.use_time`` over ``tether.resource.closes``), as the
+Prometheus exporter's summaries do.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
-    from .._stats import ResourceStats
+    from .._stats import PoolStats, ResourceStats
 
 __all__ = ["POOL_NAME", "SCOPE", "STATE", "register"]
 
 POOL_NAME = "db.client.connection.pool.name"  # the resource's name
-STATE = "db.client.connection.state"  # "used": values open now
+STATE = "db.client.connection.state"  # "used": values open now; "idle": a pool's idle ones
 SCOPE = "tether.resource.scope"  # "app" or "request"
 PHASE = "tether.phase"  # of an error: "open" or "close"
 
@@ -51,6 +54,30 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
             return [
                 Observation(read(r), {POOL_NAME: name, SCOPE: r.scope, **extra})
                 for name, r in lc.stats().resources.items()
+            ]
+
+        return observe
+
+    def connections(options: CallbackOptions) -> Iterable[Observation]:
+        """Values in use by resource; for a driver's pool, its own used and idle ones."""
+        stats = lc.stats()
+        found = []
+        for name, r in stats.resources.items():
+            attributes = {POOL_NAME: name, SCOPE: r.scope}
+            pool = stats.pools.get(name)
+            used = r.in_use if pool is None else (pool.in_use or 0)
+            found.append(Observation(used, {**attributes, STATE: "used"}))
+            if pool is not None and pool.idle is not None:
+                found.append(Observation(pool.idle, {**attributes, STATE: "idle"}))
+        return found
+
+    def per_pool(read: Callable[[PoolStats], int | None]) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            stats = lc.stats()
+            return [
+                Observation(value, {POOL_NAME: name, SCOPE: stats.resources[name].scope})
+                for name, pool in stats.pools.items()
+                if (value := read(pool)) is not None
             ]
 
         return observe
@@ -75,8 +102,13 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
     )
     stats = lc.stats
     table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
-        (up_down, "db.client.connection.count", per_resource(lambda r: r.in_use, **{STATE: "used"}),
-         "{connection}", "Values of the resource open now (in use)."),
+        (up_down, "db.client.connection.count", connections,
+         "{connection}", "Values of the resource open now (in use); a driver pool's own "
+         "connections, used and idle."),
+        (up_down, "db.client.connection.max", per_pool(lambda p: p.max),
+         "{connection}", "The most connections the driver's pool may open."),
+        (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
+         "{request}", "Requests waiting for a connection from the driver's pool."),
         (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
          "{timeout}", "Opens or closes of the resource that ran out of time."),
         (counter, "tether.resource.opens", per_resource(lambda r: r.opened),

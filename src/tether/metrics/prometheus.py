@@ -4,7 +4,9 @@
 reads ``lc.stats()``, so nothing is counted twice and nothing runs per request. Names follow
 OpenTelemetry's ``db.client.connection.*`` metrics (dots as underscores, as the OpenTelemetry
 Prometheus exporter writes them), with ``pool_name`` the resource's name; what those do not
-cover is ``tether_*``.
+cover is ``tether_*``. For a driver's pool opened by an integration (``lc.stats().pools``),
+``db_client_connection_count`` is the pool's own connections, ``used`` and ``idle``, beside
+``db_client_connection_max`` and ``db_client_connection_pending_requests``.
 """
 
 from __future__ import annotations
@@ -73,9 +75,29 @@ class TetherCollector(Collector):
             "Values held past the leak threshold or used after their scope closed.",
             labels=labels,
         )
+        pool_max = GaugeMetricFamily(
+            "db_client_connection_max",
+            "The most connections the driver's pool may open.",
+            labels=labels,
+        )
+        pending = GaugeMetricFamily(
+            "db_client_connection_pending_requests",
+            "Requests waiting for a connection from the driver's pool.",
+            labels=labels,
+        )
         for name, r in stats.resources.items():
             key = [name, r.scope]
-            count.add_metric([*key, "used"], r.in_use)
+            pool = stats.pools.get(name)
+            if pool is None:
+                count.add_metric([*key, "used"], r.in_use)
+            else:  # a driver's pool: its own connections, used and idle
+                count.add_metric([*key, "used"], pool.in_use if pool.in_use is not None else 0)
+                if pool.idle is not None:
+                    count.add_metric([*key, "idle"], pool.idle)
+                if pool.max is not None:
+                    pool_max.add_metric(key, pool.max)
+                if pool.waiting is not None:
+                    pending.add_metric(key, pool.waiting)
             max_used.add_metric(key, r.max_in_use)
             timeouts.add_metric(key, r.timeouts)
             wait.add_metric(key, count_value=r.opened, sum_value=r.wait_time)
@@ -83,7 +105,7 @@ class TetherCollector(Collector):
             errors.add_metric([*key, "open"], r.open_errors)
             errors.add_metric([*key, "close"], r.close_errors)
             leaks.add_metric(key, r.leaks)
-        yield from (count, max_used, timeouts, wait, use, errors, leaks)
+        yield from (count, pool_max, pending, max_used, timeouts, wait, use, errors, leaks)
         units = GaugeMetricFamily(
             "tether_units_in_flight", "Units of work (requests, jobs) in flight."
         )

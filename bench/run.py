@@ -301,7 +301,8 @@ def main(argv: list[str]) -> int:
     common.make_sqlite_db(str(sqlite_path))
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        # The caller's PYTHONPATH after the checkout: a build of tether to measure, say.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "BENCH_SQLITE_PATH": str(sqlite_path),
         "BENCH_PG_DSN": "",
         "PYTHONDONTWRITEBYTECODE": "1",

@@ -49,6 +49,8 @@ def test_make_demo_serves_the_notes_service_on_sqlite(tmp_path: Path) -> None:
         stats = httpx.get(f"{base}/tether/stats.json", timeout=5).json()
         opened = {r["name"]: r["opened"] for r in stats["resources"]}
         assert (opened["writer"], opened["reader"]) == (1, 1)
+        [pool] = stats["pools"]  # the SQLite file's connection slots, none in use now
+        assert (pool["name"], pool["max"], pool["in_use"]) == ("database", 32, 0)
         assert (
             httpx.get(f"{base}/tether/", timeout=5).headers["content-type"].startswith("text/html")
         )

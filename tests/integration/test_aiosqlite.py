@@ -314,9 +314,18 @@ async def test_max_connections_bounds_open_connections(tmp_path: Path) -> None:
     async with running(app) as client:
         first = asyncio.create_task(client.get("/hold?seconds=1"))
         await holding.wait()
-        second = await client.get("/hold")
+        waiting = asyncio.create_task(client.get("/hold"))
+        while lc.stats().pools["database"].waiting == 0:
+            await asyncio.sleep(0.01)
+        # The pool's figures: one connection open and in use, one request waiting.
+        assert lc.stats().pools["database"] == tether.PoolStats(
+            name="database", max=1, open=1, in_use=1, idle=0, waiting=1
+        )
+        second = await waiting
         assert (await first).status_code == 200
         assert (await client.get("/hold")).status_code == 200  # the slot came back
+        figures = lc.stats().pools["database"]
+        assert (figures.in_use, figures.waiting) == (0, 0)
     assert second.status_code == 503
     assert second.json()["detail"] == (
         "Pool 'database' (size 1, in use 1, waiting 0) could not give a connection: all 1 "

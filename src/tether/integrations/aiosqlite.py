@@ -73,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
+from .._stats import PoolStats
 from ._common import connect_or_close, depends_on, unavailable
 
 if TYPE_CHECKING:
@@ -294,7 +295,25 @@ def database(
     else:
         chosen = check
     res: Resource[Database] = lc.resource(scope="app", name=name, check=chosen)(open_database)
+    res.pool_stats = _figures
     return res
+
+
+def _figures(db: Database) -> PoolStats:
+    """No pool: a unit of work opens its own connection, up to ``max_connections`` at once,
+    and closes it; so every open connection is in use, and none idle."""
+    limiter = db.limiter
+    if limiter is None:  # pragma: no cover - the app resource makes it
+        raise RuntimeError("not open")
+    in_use = int(limiter.borrowed_tokens)
+    return PoolStats(
+        name=db.name,
+        max=db.max_connections,
+        open=in_use,
+        in_use=in_use,
+        idle=0,
+        waiting=limiter.statistics().tasks_waiting,
+    )
 
 
 _database = database

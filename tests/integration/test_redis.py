@@ -166,3 +166,33 @@ class TestCancellation:
                     assert time.monotonic() < deadline + 5
                     await asyncio.sleep(0.01)
         admin.close()
+
+
+@pytest.mark.anyio
+async def test_pool_figures_follow_the_connections(redis_server: Redis) -> None:
+    """Two BLPOPs hold both connections of a pool of 2 and a third command waits: the pool's
+    figures say so, and match the server's CLIENT LIST; afterwards both are idle."""
+    import asyncio
+
+    name = f"tt-figures-{uuid.uuid4().hex[:6]}"
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, max_connections=2, pool_timeout=5,
+                          client_name=name)  # fmt: skip
+    async with lc.run():
+        r = lc.get(cache)
+        first = lc.stats().pools["redis"]
+        assert (first.max, first.open, first.in_use, first.idle) == (2, 1, 0, 1)  # the PING's
+        key = f"k-{name}"
+        blocked = [asyncio.create_task(r.blpop([key], timeout=1)) for _ in range(2)]
+        third = asyncio.create_task(r.incr(f"n-{name}"))
+        for _ in range(200):
+            if lc.stats().pools["redis"].waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        full = lc.stats().pools["redis"]
+        assert full == tether.PoolStats(name="redis", max=2, open=2, in_use=2, idle=0, waiting=1)
+        assert len(redis_server.client_list(name)) == 2
+        await asyncio.gather(*blocked)
+        assert await third == 1
+        done = lc.stats().pools["redis"]
+        assert (done.open, done.in_use, done.idle, done.waiting) == (2, 0, 2, 0)

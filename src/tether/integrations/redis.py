@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._errors import ResourceUnavailable
+from .._stats import PoolStats
 from ._common import Dsn, redact, resolve_dsn, unavailable
 
 if TYPE_CHECKING:
@@ -84,8 +85,10 @@ class _PoolMixin:
 
     tether_name = "redis"
     tether_shown = "redis"
+    tether_waiting = 0  # tasks in get_connection now (the pool's figures)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.tether_waiting += 1
         try:
             return await super().get_connection(*args, **kwargs)  # type: ignore[misc]
         except _REFUSALS:
@@ -94,6 +97,8 @@ class _PoolMixin:
             if isinstance(exc, ResourceUnavailable):
                 raise
             raise self._unavailable(exc) from exc
+        finally:
+            self.tether_waiting -= 1
 
     def _unavailable(self, exc: BaseException) -> ResourceUnavailable:
         pool: Any = self
@@ -192,13 +197,35 @@ def client(
         finally:
             await r.aclose()
 
-    return lc.resource(
+    res: Resource[aioredis.Redis] = lc.resource(
         scope="app",
         name=name,
         check=_client_check(check),
         retries=retries,
         backoff=backoff,
     )(open_client)
+    res.pool_stats = lambda r: _figures(name, r)
+    return res
+
+
+# redis-py's pool without max_connections: 2**31, as good as none.
+_UNBOUNDED = 2**31
+
+
+def _figures(name: str, r: Any) -> PoolStats:
+    """redis-py's pool: its idle and in-use connections (redis-py 5 to 8 keep them in these
+    two attributes), and the tasks tether sees taking one."""
+    pool = r.connection_pool
+    idle, in_use = len(pool._available_connections), len(pool._in_use_connections)
+    limit = pool.max_connections
+    return PoolStats(
+        name=name,
+        max=limit if isinstance(limit, int) and limit < _UNBOUNDED else None,
+        open=idle + in_use,
+        in_use=in_use,
+        idle=idle,
+        waiting=getattr(pool, "tether_waiting", None),
+    )
 
 
 def _client_check(check: Check | bool) -> Check | None:

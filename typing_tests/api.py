@@ -54,9 +54,15 @@ def settings() -> str:
     return "s"
 
 
+@lc.resource(error_status=lambda status: status >= 500)
+async def lenient() -> AsyncIterator[Conn]:
+    yield Conn()
+
+
 async def check() -> None:
     assert_type(pool, tether.Resource[Pool])
     assert_type(conn, tether.Resource[Conn])
+    assert_type(lenient, tether.Resource[Conn])
     assert_type(sync_conn, tether.Resource[Conn])
     assert_type(acm, tether.Resource[Conn])
     assert_type(cm, tether.Resource[Conn])

@@ -221,6 +221,7 @@ class Lifecycle:
         check_timeout: float | None = None,
         retry_after: float = 1.0,
         guard: bool = False,
+        error_status: Callable[[int], bool] | None = None,
     ) -> ResourceDecorator: ...
 
     def resource(
@@ -240,6 +241,7 @@ class Lifecycle:
         check_timeout: float | None = None,
         retry_after: float = 1.0,
         guard: bool = False,
+        error_status: Callable[[int], bool] | None = None,
     ) -> Resource[Any] | ResourceDecorator:
         """Register a resource: ``@lc.resource`` or ``@lc.resource(scope="app", ...)``.
 
@@ -258,6 +260,10 @@ class Lifecycle:
                 managers yes, plain functions no).
             guard: hand out a proxy that raises :class:`ResourceClosedError` when the
                 value is used after its scope closed.
+            error_status: for request resources, which response statuses take the failure
+                path (the cleanup sees :class:`FailedResponse`, or the ``HTTPException``
+                raised): given the status, true for a failure. Default: every status of
+                400 or more; ``lambda status: status >= 500`` commits on a 4xx.
         """
 
         def register(fn: Callable[..., Any]) -> Resource[Any]:
@@ -275,6 +281,7 @@ class Lifecycle:
                 check_timeout=check_timeout,
                 retry_after=retry_after,
                 guard=guard,
+                error_status=error_status,
             )
 
         if factory is not None:
@@ -321,6 +328,7 @@ class Lifecycle:
         check_timeout: float | None,
         retry_after: float,
         guard: bool,
+        error_status: Callable[[int], bool] | None = None,
     ) -> Resource[Any]:
         rname = name or getattr(fn, "__name__", None)
         if not rname or not str(rname).isidentifier():
@@ -344,7 +352,22 @@ class Lifecycle:
         if concurrency is not None and concurrency < 1:
             msg = f"Resource {rname!r}: concurrency={concurrency!r} must be 1 or more."
             raise ValueError(msg)
-        return Resource(
+        if error_status is not None:
+            given: object = error_status  # checked as what a caller may pass
+            if not callable(given):
+                msg = (
+                    f"Resource {rname!r}: error_status={error_status!r} is not callable. "
+                    f"Pass a function of the response status that is true for a failure, "
+                    f"e.g. error_status=lambda status: status >= 500."
+                )
+                raise TypeError(msg)
+            if scope == "app":
+                msg = (
+                    f"Resource {rname!r}: error_status= is for request resources; an app "
+                    f"resource never sees a response."
+                )
+                raise ValueError(msg)
+        res: Resource[Any] = Resource(
             self,
             fn,
             name=str(rname),
@@ -360,6 +383,8 @@ class Lifecycle:
             retry_after=retry_after,
             guard=guard,
         )
+        res.error_status = error_status
+        return res
 
     @property
     def resources(self) -> Mapping[str, Resource[Any]]:
@@ -407,6 +432,7 @@ class Lifecycle:
             check_timeout=resource.check_timeout,
             retry_after=resource.retry_after,
             guard=resource.guard,
+            error_status=resource.error_status,
         )
         replacement.counters = resource.counters
         _graph.resolve(self._resources, [replacement])

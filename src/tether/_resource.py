@@ -100,6 +100,7 @@ class Resource(Generic[T]):
         "concurrency",
         "counters",
         "deps",
+        "error_status",
         "factory",
         "fast",
         "guard",
@@ -165,6 +166,9 @@ class Resource(Generic[T]):
         # For an app resource that is a driver's pool, set by its integration: reads the
         # pool's own figures from its value (lc.stats().pools).
         self.pool_stats: Callable[[Any], PoolStats] | None = None
+        # Which response statuses take the failure path (None: 400 and more), set by
+        # `lc.resource(error_status=...)`.
+        self.error_status: Callable[[int], bool] | None = None
         self.fast = False
         self.set_deps(())
 

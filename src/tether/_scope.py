@@ -472,6 +472,8 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
     failure (counted), never *exc* re-raised.
     """
     res = entry.res
+    if exc is not None and res.error_status is not None:
+        exc = _as_failure(res.error_status, exc)
     kind = res.kind
     if kind is Kind.ASYNC_GEN:
         if asyncio._get_running_loop() is None:
@@ -616,6 +618,15 @@ async def close_all(
             exc = close_failed(entry, failure, exc, errors)
         if entry.res.guard:
             object.__setattr__(entry.value, "_tether_closed", True)
+    return exc
+
+
+def _as_failure(error_status: Any, exc: BaseException) -> BaseException | None:
+    """*exc*, or None where the resource's ``error_status`` says its status is no failure:
+    a :class:`FailedResponse`, or an exception with an HTTP status (``HTTPException``)."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and isinstance(exc, Exception) and not error_status(status):
+        return None
     return exc
 
 

@@ -22,7 +22,7 @@ import anyio.to_thread
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -230,6 +230,37 @@ def test_http_exception_after_a_write_rolls_it_back(
         assert response.status_code == 409
         assert response.json() == {"detail": "conflict"}
         assert rows(postgres) == []
+        assert busy(postgres, name) == []
+
+
+def test_error_status_lets_a_4xx_commit(postgres: Postgres, items: None) -> None:
+    """With `error_status=lambda s: s >= 500`, a write followed by a 409 (raised or returned)
+    is committed; a 500 after a write still rolls it back."""
+    name = app_name()
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, postgres.url("postgresql+asyncpg"), application_name=name)
+    sess = tsa.session(lc, eng, error_status=lambda status: status >= 500)
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[AsyncSession, Depends(sess)]
+
+    @app.post("/audit/{id}/raise/{status}")
+    async def raised(id: int, status: int, s: S) -> None:
+        s.add(Item(id=id, name=f"attempt {id}"))
+        await s.flush()
+        raise HTTPException(status, "refused, attempt recorded")
+
+    @app.post("/audit/{id}/return/{status}")
+    async def returned(id: int, status: int, s: S) -> JSONResponse:
+        s.add(Item(id=id, name=f"attempt {id}"))
+        await s.flush()
+        return JSONResponse({"detail": "refused"}, status_code=status)
+
+    with TestClient(app) as client:
+        assert client.post("/audit/1/raise/409").status_code == 409
+        assert client.post("/audit/2/return/403").status_code == 403
+        assert client.post("/audit/3/raise/500").status_code == 500
+        assert client.post("/audit/4/return/503").status_code == 503
+        assert rows(postgres) == [(1, "attempt 1"), (2, "attempt 2")]
         assert busy(postgres, name) == []
 
 

@@ -357,6 +357,7 @@ def connection(
     name: str = "connection",
     begin: Begin = "deferred",
     release: Release = "handler",
+    error_status: Callable[[int], bool] | None = None,
     row_factory: Any = sqlite3.Row,
     **database_options: Any,
 ) -> Resource[aiosqlite.Connection]:
@@ -370,6 +371,9 @@ def connection(
             ``"immediate"`` when the connection opens (for read-then-write endpoints:
             concurrent writers then wait their turn instead of failing).
         release: ``"handler"`` (default) or ``"response"`` (a streaming body uses it).
+        error_status: which response statuses roll back (given the status, true for a
+            failure); default: every status of 400 or more. ``lambda status: status >= 500``
+            commits on a 4xx (see ``lc.resource``).
         row_factory: rows as ``sqlite3.Row`` (by index and by column name) by default.
     """
     if begin not in ("deferred", "immediate", "exclusive"):
@@ -414,7 +418,7 @@ def connection(
         finally:
             db._release(token)
 
-    res: Resource[aiosqlite.Connection] = lc.resource(name=name, release=release)(
-        depends_on(open_connection, db_res)
-    )
+    res: Resource[aiosqlite.Connection] = lc.resource(
+        name=name, release=release, error_status=error_status
+    )(depends_on(open_connection, db_res))
     return res

@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -311,6 +311,7 @@ def connection(
     name: str = "conn",
     transaction: bool = False,
     release: Release = "handler",
+    error_status: Callable[[int], bool] | None = None,
     acquire_timeout: float | None = None,
     reset_timeout: float = 5.0,
     isolation: str | None = None,
@@ -326,6 +327,9 @@ def connection(
             ``HTTPException``, an error status, a client that went away).
         release: ``"handler"`` (default) returns the connection before the response
             starts; ``"response"`` after its last byte (streaming bodies that query).
+        error_status: which response statuses roll back (given the status, true for a
+            failure); default: every status of 400 or more. ``lambda status: status >= 500``
+            commits on a 4xx (see ``lc.resource``).
         acquire_timeout: seconds to wait for a free connection (default: the pool's).
         reset_timeout: seconds a rollback and reset may take when the connection goes
             back; past it (or if it fails) the connection is terminated, not returned.
@@ -360,7 +364,9 @@ def connection(
         finally:
             await _give_back(p, conn, name, reset_timeout)
 
-    return lc.resource(name=name, release=release)(depends_on(open_connection, pool))
+    return lc.resource(name=name, release=release, error_status=error_status)(
+        depends_on(open_connection, pool)
+    )
 
 
 #: Errors a query raises when the server went away under it (a restart, a crash, a kill).

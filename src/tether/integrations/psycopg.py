@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -297,6 +297,7 @@ def connection(
     name: str = "conn",
     transaction: bool = False,
     release: Release = "handler",
+    error_status: Callable[[int], bool] | None = None,
     timeout: float | None = None,
     reset_timeout: float = 5.0,
 ) -> Resource[Connection]:
@@ -313,6 +314,9 @@ def connection(
             status, a client that went away).
         release: ``"handler"`` (default) returns the connection before the response
             starts; ``"response"`` after its last byte (streaming bodies that query).
+        error_status: which response statuses roll back (given the status, true for a
+            failure); default: every status of 400 or more. ``lambda status: status >= 500``
+            commits on a 4xx (see ``lc.resource``).
         timeout: seconds to wait for a free connection (default: the pool's).
         reset_timeout: seconds a rollback may take; past it (or if it fails) the
             connection is closed, and the pool replaces it.
@@ -350,7 +354,9 @@ def connection(
             # back, a connection mid-query or broken is closed and replaced.
             await p.putconn(conn)
 
-    return lc.resource(name=name, release=release)(depends_on(open_connection, pool))
+    return lc.resource(name=name, release=release, error_status=error_status)(
+        depends_on(open_connection, pool)
+    )
 
 
 async def _connect(target: str, **kwargs: Any) -> Connection:

@@ -557,6 +557,7 @@ def session(
     *,
     name: str = "session",
     release: Release = "handler",
+    error_status: Callable[[int], bool] | None = None,
     expire_on_commit: bool = False,
     connect: bool = True,
     **session_kwargs: Any,
@@ -572,6 +573,9 @@ def session(
             is an ``AsyncEngine``).
         name: the resource's name.
         release: ``"handler"`` (default) or ``"response"`` (see ``lc.resource``).
+        error_status: which response statuses roll back (given the status, true for a
+            failure); default: every status of 400 or more. ``lambda status: status >= 500``
+            commits on a 4xx (see ``lc.resource``).
         expire_on_commit: ``False`` by default: objects stay loaded after the commit.
         connect: take the connection when the session opens (default), so a pool that
             times out or a database that is down is a 503 before the endpoint runs; with
@@ -615,9 +619,9 @@ def session(
         finally:
             await s.close()
 
-    res: Resource[AsyncSession] = lc.resource(name=name, release=release)(
-        depends_on(open_session, engine)
-    )
+    res: Resource[AsyncSession] = lc.resource(
+        name=name, release=release, error_status=error_status
+    )(depends_on(open_session, engine))
     _sessions[res] = _SessionOf(engine, open_session, is_async=True)
     return res
 
@@ -736,6 +740,7 @@ def sync_session(
     *,
     name: str = "session",
     release: Release = "handler",
+    error_status: Callable[[int], bool] | None = None,
     expire_on_commit: bool = False,
     connect: bool = True,
     concurrency: int | None = None,
@@ -751,6 +756,7 @@ def sync_session(
 
     Args:
         engine: the resource returned by :func:`sync_engine`.
+        error_status: which response statuses roll back, as for :func:`session`.
         concurrency: most sessions opening at once; needed when *engine* is not one
             made by :func:`sync_engine` with a bounded ``max_overflow``.
     """
@@ -795,9 +801,9 @@ def sync_session(
         finally:
             s.close()
 
-    res: Resource[Session] = lc.resource(name=name, release=release, concurrency=max(1, limit))(
-        depends_on(open_session, engine)
-    )
+    res: Resource[Session] = lc.resource(
+        name=name, release=release, error_status=error_status, concurrency=max(1, limit)
+    )(depends_on(open_session, engine))
     _sessions[res] = _SessionOf(engine, open_session, is_async=False)
     return res
 

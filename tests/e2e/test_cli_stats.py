@@ -57,34 +57,39 @@ def test_stats_says_what_is_wrong(serve: type[Server]) -> None:
     """Unreachable, not a dashboard, or guarded: each refusal names the cause and the fix."""
     server = serve(APP)
     base = server.base_url
-    with pytest.raises(SystemExit, match=exactly(
-        f"tether stats: {base}/nowhere/stats.json answered 404 Not Found. Include "
-        f"tether.fastapi.dashboard_router(lc) in the app, and give the URL of its page "
-        f"(http://HOST:PORT/tether/ by default)."
-    )):  # fmt: skip
-        main(["stats", f"{base}/nowhere"])
-    with pytest.raises(SystemExit, match=exactly(
-        f"tether stats: {base}/guarded/stats.json answered 401 Unauthorized. The dashboard "
-        f"is guarded: pass what it expects with --header 'Name: value'."
-    )):  # fmt: skip
-        main(["stats", f"{base}/guarded/"])
+    port = free_port()  # nothing listens there
+    refusals = [
+        (
+            [f"{base}/nowhere"],
+            f"tether stats: {base}/nowhere/stats.json answered 404 Not Found. Include "
+            f"tether.fastapi.dashboard_router(lc) in the app, and give the URL of its page "
+            f"(http://HOST:PORT/tether/ by default).",
+        ),
+        (
+            [f"{base}/guarded/"],
+            f"tether stats: {base}/guarded/stats.json answered 401 Unauthorized. The dashboard "
+            f"is guarded: pass what it expects with --header 'Name: value'.",
+        ),
+        (
+            [f"{base}/openapi.json"],
+            f"tether stats: {base}/openapi.json did not answer with a tether dashboard's JSON. "
+            f"Is the app running, and does it include tether.fastapi.dashboard_router(lc)?",
+        ),
+        (
+            [f"{base}/guarded/", "--header", "X-Token"],
+            "--header 'X-Token' is not of the form 'Name: value' (e.g. 'X-Token: abc').",
+        ),
+        (
+            [f"http://127.0.0.1:{port}/tether/"],
+            f"tether stats: cannot read http://127.0.0.1:{port}/tether/stats.json: [Errno 111] "
+            f"Connection refused. Is the app running, and does it include "
+            f"tether.fastapi.dashboard_router(lc)?",
+        ),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit, match=exactly(message)):
+            main(["stats", *args])
     assert main(["stats", f"{base}/guarded/", "--header", "X-Token: let-me-in"]) == 0
-    with pytest.raises(SystemExit, match=exactly(
-        f"tether stats: {base}/openapi.json did not answer with a tether dashboard's JSON. "
-        f"Is the app running, and does it include tether.fastapi.dashboard_router(lc)?"
-    )):  # fmt: skip
-        main(["stats", f"{base}/openapi.json"])
-    with pytest.raises(SystemExit, match=exactly(
-        "--header 'X-Token' is not of the form 'Name: value' (e.g. 'X-Token: abc')."
-    )):  # fmt: skip
-        main(["stats", f"{base}/guarded/", "--header", "X-Token"])
-    port = free_port()
-    with pytest.raises(SystemExit, match=exactly(
-        f"tether stats: cannot read http://127.0.0.1:{port}/tether/stats.json: [Errno 111] "
-        f"Connection refused. Is the app running, and does it include "
-        f"tether.fastapi.dashboard_router(lc)?"
-    )):  # fmt: skip
-        main(["stats", f"http://127.0.0.1:{port}/tether/"])
 
 
 def test_stats_watch_prints_until_interrupted(serve: type[Server]) -> None:

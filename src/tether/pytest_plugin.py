@@ -7,7 +7,10 @@ for every :class:`~tether.Lifecycle` alive:
   the real resource, and the test errors, naming the resource and where the override was made;
 * a unit of work that started during the test and is still in flight a second after it
   (a ``lc.scope()`` never exited, a streamed response never read to its end, a job still
-  running) makes the test error, naming the unit, what it holds and where it acquired it.
+  running) makes the test error, naming the unit, what it holds and where it acquired it;
+* a driver pool (``lc.stats().pools``) with more connections in use than before the test,
+  when no unit of work holds them, makes the test error: something took a connection
+  straight from the pool and kept it.
 
 ``@pytest.mark.tether_unchecked`` skips the checks for one test; ``tether_check = false``
 in the ini file, for all; ``-p no:tether`` unloads the plugin.
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from ._lifecycle import LIFECYCLES
-from .testing import assert_released, undo_overrides
+from .testing import assert_pools_returned, assert_released, pools_in_use, undo_overrides
 
 MARKER = "tether_unchecked"
 
@@ -30,8 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "tether_check",
         type="bool",
         default=True,
-        help="tether: after each test, undo overrides left in place and fail on units of "
-        "work still in flight (default: true)",
+        help="tether: after each test, undo overrides left in place, and fail on units of "
+        "work still in flight and on pool connections not given back (default: true)",
     )
 
 
@@ -50,11 +53,13 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
     if not request.config.getini("tether_check") or request.node.get_closest_marker(MARKER):
         yield
         return
-    before = {lc: (list(lc._override_stack), set(lc._units)) for lc in list(LIFECYCLES)}
+    before = {
+        lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc)) for lc in list(LIFECYCLES)
+    }
     yield
     problems: list[str] = []
     for lc in list(LIFECYCLES):
-        overrides, units = before.get(lc, ((), set()))
+        overrides, units, pools = before.get(lc, ((), set(), {}))
         undone = undo_overrides(lc, keep=overrides)
         if undone:
             listed = "".join(f"\n  - {line}" for line in undone)
@@ -66,6 +71,11 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             )
         try:
             assert_released(lc, ignore=units)
+        except AssertionError as exc:
+            problems.append(str(exc))
+            continue  # the units hold the pools' connections: one report is enough
+        try:
+            assert_pools_returned(lc, pools)
         except AssertionError as exc:
             problems.append(str(exc))
     if problems:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from ._lifecycle import Lifecycle, Override
     from ._scope import Unit
 
-__all__ = ["assert_released", "in_flight", "running", "undo_overrides"]
+__all__ = [
+    "assert_pools_returned",
+    "assert_released",
+    "in_flight",
+    "pools_in_use",
+    "running",
+    "undo_overrides",
+]
 
 
 @asynccontextmanager
@@ -109,6 +116,46 @@ def assert_released(lc: Lifecycle, *, wait: float = 1.0, ignore: Collection[Unit
         listed = "".join(f"\n  - {line}" for line in lines)
         msg = f"tether: {count} of {lc!r} still in flight:{listed}\n{_HINT}"
         raise AssertionError(msg)
+
+
+def assert_pools_returned(
+    lc: Lifecycle, before: Mapping[str, int | None], *, wait: float = 1.0
+) -> None:
+    """Assert that no driver pool of *lc* (``lc.stats().pools``) has more connections in
+    use than *before* said (in use by pool name, as :func:`pools_in_use` returns), giving
+    connections being given back up to *wait* seconds. Run it when no unit of work of the
+    test is in flight: what is still in use then was taken straight from the pool."""
+    deadline = time.monotonic() + wait
+    while True:
+        grown = _grown(lc, before)
+        if not grown or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    if grown:
+        listed = "".join(
+            f"\n  - {name!r}: {now} in use, {was} before the test" for name, now, was in grown
+        )
+        msg = (
+            f"tether: a driver pool of {lc!r} has more connections in use than before the "
+            f"test, and no unit of work holds them:{listed}\nSomething took a connection "
+            f"straight from the pool (`pool.acquire()`, `engine.connect()`, ...) and did not "
+            f"give it back: use `async with` on it, or take it with `lc.scope()`."
+        )
+        raise AssertionError(msg)
+
+
+def pools_in_use(lc: Lifecycle) -> dict[str, int | None]:
+    """Connections in use now, by driver pool (what :func:`assert_pools_returned` compares)."""
+    return {name: p.in_use for name, p in lc._pool_stats().items()}
+
+
+def _grown(lc: Lifecycle, before: Mapping[str, int | None]) -> list[tuple[str, int, int]]:
+    grown = []
+    for name, now in pools_in_use(lc).items():
+        was = before.get(name)
+        if now is not None and was is not None and now > was:
+            grown.append((name, now, was))
+    return grown
 
 
 def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[str]:

@@ -49,7 +49,14 @@ def test_contract_names() -> None:
         if n.endswith("Error") and n != "TetherError"
     )
     assert tether.fastapi.__all__ == ["dashboard_router", "health_router", "install"]
-    assert tether.testing.__all__ == ["assert_released", "in_flight", "running", "undo_overrides"]
+    assert tether.testing.__all__ == [
+        "assert_pools_returned",
+        "assert_released",
+        "in_flight",
+        "pools_in_use",
+        "running",
+        "undo_overrides",
+    ]
 
 
 def test_fastapi_facing_hints_resolve() -> None:

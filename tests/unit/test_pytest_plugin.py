@@ -163,3 +163,86 @@ def test_the_checks_can_be_turned_off(suite: pytest.Pytester) -> None:
     suite.makeini("[pytest]\naddopts = -p no:asyncio\nfilterwarnings = error\n")
     suite.runpytest_subprocess("-p", "no:tether").assert_outcomes(passed=1)
     suite.runpytest_subprocess().assert_outcomes(passed=1, errors=1)
+
+
+def test_a_connection_taken_straight_from_a_pool_is_reported(suite: pytest.Pytester) -> None:
+    """A connection taken from a driver pool outside any unit of work and kept past the test
+    makes it error, naming the pool; one taken and given back does not, nor do connections
+    that were in use before the test."""
+    suite.makepyfile(
+        pools=textwrap.dedent(
+            """
+            import tether
+
+            lc = tether.Lifecycle()
+
+
+            class Pool:
+                in_use = 0
+
+                def acquire(self):
+                    self.in_use += 1
+
+                def release(self):
+                    self.in_use -= 1
+
+
+            @lc.resource(scope="app")
+            def pg():
+                return Pool()
+
+
+            pg.pool_stats = lambda p: tether.PoolStats(
+                name="pg", max=5, open=p.in_use, in_use=p.in_use, idle=0, waiting=0
+            )
+            """
+        ),
+        conftest=textwrap.dedent(
+            """
+            import pytest
+            from anyio.from_thread import start_blocking_portal
+
+            from pools import lc
+
+
+            @pytest.fixture(scope="session", autouse=True)
+            def app_scope():
+                with start_blocking_portal() as portal:
+                    with portal.wrap_async_context_manager(lc.run()):
+                        lc.get(lc.resources["pg"]).acquire()  # held for the whole session
+                        yield
+            """
+        ),
+        test_pools=textwrap.dedent(
+            """
+            from pools import lc
+
+
+            def test_gives_it_back():
+                pool = lc.get(lc.resources["pg"])
+                pool.acquire()
+                pool.release()
+
+
+            def test_keeps_one():
+                lc.get(lc.resources["pg"]).acquire()
+
+
+            def test_after():
+                pass
+            """
+        ),
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_keeps_one*",
+            "tether: a driver pool of <tether.Lifecycle resources=1 state='running'> has more "
+            "connections in use than before the test, and no unit of work holds them:",
+            "  - 'pg': 2 in use, 1 before the test",
+            "Something took a connection straight from the pool (`pool.acquire()`, "
+            "`engine.connect()`, ...) and did not give it back: use `async with` on it, or take "
+            "it with `lc.scope()`.",
+        ]
+    )

@@ -41,8 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}: tether does not check this test for overrides left in place or units "
-        "of work still in flight",
+        f"{MARKER}: tether does not check this test for overrides left in place, units of "
+        "work still in flight, or pool connections kept",
     )
 
 

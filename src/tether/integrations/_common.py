@@ -26,6 +26,8 @@ __all__ = [
     "LoopBound",
     "check_budget",
     "depends_on",
+    "read_only",
+    "read_only_failure",
     "redact",
     "resolve_dsn",
     "unavailable",
@@ -164,6 +166,38 @@ def depends_on(fn: F, *resources: Resource[Any]) -> F:
         [inspect.Parameter(name, kind) for name in names]
     )
     return fn
+
+
+#: SQLSTATE read_only_sql_transaction: a write refused because the server (or the session)
+#: is read-only, as a replica is: after a failover the writer's address can reach one, and
+#: every pooled connection to it fails each write until it is replaced.
+READ_ONLY_SQLSTATE = "25006"
+
+
+def read_only(exc: BaseException) -> bool:
+    """Whether *exc* (a driver's error, or SQLAlchemy's wrapping one) is SQLSTATE 25006."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if code == READ_ONLY_SQLSTATE:
+            return True
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return False
+
+
+def read_only_failure(name: str) -> ResourceUnavailable:
+    """The 503 for a write refused as read-only: retrying is safe (nothing was written),
+    and the pool is replacing its connections meanwhile."""
+    msg = (
+        f"Pool {name!r}: the database refused a write as read-only (SQLSTATE 25006), as a "
+        f"replica does; after a failover the address may reach one. Nothing was written, and "
+        f"the pool's connections are being replaced. Retry shortly; if it persists, check "
+        f"which server the address reaches."
+    )
+    return ResourceUnavailable(msg, resource=name, retry_after=1.0)
 
 
 def unreachable(

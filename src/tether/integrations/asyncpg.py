@@ -67,6 +67,8 @@ from ._common import (
     LoopBound,
     check_budget,
     depends_on,
+    read_only,
+    read_only_failure,
     redact,
     resolve_dsn,
     unavailable,
@@ -349,6 +351,13 @@ def connection(
             try:
                 yield conn
             except BaseException as exc:
+                if not readonly and read_only(exc):
+                    # The server is read-only (a failover reached a replica): this
+                    # connection and every other one of the pool go to the wrong server.
+                    _terminate(conn)
+                    await p.expire_connections()
+                    log.warning("tether: %r: %s", pool_name, describe(exc))
+                    raise read_only_failure(pool_name) from exc
                 if tx is None:
                     raise
                 lost = _is_lost(conn, exc)

@@ -68,6 +68,8 @@ from ._common import (
     check_budget,
     connect_or_close,
     depends_on,
+    read_only,
+    read_only_failure,
     redact,
     resolve_dsn,
     unavailable,
@@ -337,6 +339,13 @@ def connection(
             try:
                 yield conn
             except BaseException as exc:
+                if read_only(exc):
+                    # The server is read-only (a failover reached a replica): this
+                    # connection and every other one of the pool go to the wrong server.
+                    await conn.close()  # the pool replaces a closed connection
+                    await _replace_all(p)
+                    log.warning("tether: %r: %s", pool_name, describe(exc))
+                    raise read_only_failure(pool_name) from exc
                 if not transaction:
                     raise
                 lost = isinstance(exc, psycopg.OperationalError) and conn.broken
@@ -357,6 +366,16 @@ def connection(
     return lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
+
+
+async def _replace_all(p: Any) -> None:
+    """Replace every connection of *p*: ``drain()`` closes the idle ones now and the others
+    when they come back (psycopg_pool 3.2 and later); older pools check theirs."""
+    drain = getattr(p, "drain", None)
+    try:
+        await (drain() if drain is not None else p.check())
+    except Exception as exc:  # pragma: no cover - best effort, the 503 goes out anyway
+        log.warning("tether: replacing the connections of a psycopg pool failed: %s", exc)
 
 
 async def _connect(target: str, **kwargs: Any) -> Connection:

@@ -55,8 +55,8 @@ import anyio
 import anyio.to_thread
 
 try:
+    from sqlalchemy import event, text
     from sqlalchemy import exc as sa_exc
-    from sqlalchemy import text
     from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
     from sqlalchemy.ext.asyncio import (
         AsyncConnection,
@@ -73,7 +73,16 @@ except ImportError as exc:  # pragma: no cover - import guard
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
-from ._common import BudgetPolicy, LoopBound, check_budget, depends_on, redact, unavailable
+from ._common import (
+    BudgetPolicy,
+    LoopBound,
+    check_budget,
+    depends_on,
+    read_only,
+    read_only_failure,
+    redact,
+    unavailable,
+)
 from ._common import workers as worker_count
 
 if TYPE_CHECKING:
@@ -221,7 +230,20 @@ def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | 
     return None
 
 
+def _replace_on_read_only(eng: Engine) -> None:
+    """A write refused as read-only (SQLSTATE 25006: a failover reached a replica) counts as
+    a disconnect: SQLAlchemy invalidates the connection and every older one of the pool."""
+
+    def handle_error(context: Any) -> None:
+        if read_only(context.original_exception):
+            context.is_disconnect = True
+
+    event.listen(eng, "handle_error", handle_error)
+
+
 def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
+    if read_only(exc):
+        return read_only_failure(info.name)
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
     if _is_lost(exc):
@@ -485,6 +507,7 @@ def engine(
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _loop_bound_pool(LoopBound(name))
         eng = create_async_engine(u, **options)
+        _replace_on_read_only(eng.sync_engine)
         try:
             server_max: int | None = None
             try:
@@ -673,6 +696,7 @@ def sync_engine(
             engine_kwargs=engine_kwargs,
         )
         eng = create_engine(u, **options)
+        _replace_on_read_only(eng)
         try:
             server_max: int | None = None
             try:

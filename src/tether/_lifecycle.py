@@ -6,6 +6,7 @@ import enum
 import inspect
 import logging
 import math
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -170,6 +171,7 @@ class Lifecycle:
         self._close_limiter: Any = None
         self._thread_runner: Any = None
         self._loop: Any = None
+        self._pid = os.getpid()  # of the process whose app scope runs
         self._sweepers: list[Callable[[float], None]] = []
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
@@ -522,6 +524,7 @@ class Lifecycle:
         self._app_slots = []
         self._make_limiters()
         self._loop = _current_loop()
+        self._pid = os.getpid()
         started = time.perf_counter()
         # A failure (StartupError, ShutdownError, or the body's own exception) is carried
         # out of the task group and raised after it, so it is not wrapped in a group.
@@ -771,6 +774,16 @@ class Lifecycle:
         """
         self.validate()
         if self._loop is not None and self._loop is not _current_loop():
+            if os.getpid() != self._pid:
+                msg = (
+                    f"lc.scope({label!r}) was entered in process {os.getpid()}, a fork of "
+                    f"process {self._pid}, whose app scope opened this Lifecycle's resources: "
+                    f"their connections' sockets belong to the parent, and sharing them "
+                    f"corrupts both. Open them in each process, after the fork: in the "
+                    f"lifespan of each worker (tether opens nothing at import, so `gunicorn "
+                    f"--preload` is fine), or with a Lifecycle of the child's own."
+                )
+                raise ScopeError(msg)
             msg = (
                 f"lc.scope({label!r}) was entered on another event loop than the one this "
                 f"Lifecycle's app scope runs on (the loop of `lc.run()` or of the app's "

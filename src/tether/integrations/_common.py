@@ -92,20 +92,47 @@ def check_budget(
     log.warning("tether: %s", msg)
 
 
-class LoopBound:
-    """Remembers the event loop a pool was opened on; refuses use from another loop."""
+class _Forks:
+    """How many times this process is a fork away from the one that imported tether: a
+    forked child shares its parent's sockets, so its parent's pools are not its own."""
 
-    __slots__ = ("loop", "name")
+    count = 0
+
+
+def _forked() -> None:
+    _Forks.count += 1
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python
+    os.register_at_fork(after_in_child=_forked)
+
+
+class LoopBound:
+    """Remembers the event loop (and the process) a pool was opened on; refuses use from
+    another loop, or from a forked child process."""
+
+    __slots__ = ("forks", "loop", "name", "pid")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.loop = asyncio.get_running_loop()
+        self.forks = _Forks.count
+        self.pid = os.getpid()
 
     def check(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        if self.forks != _Forks.count:
+            msg = (
+                f"Pool {self.name!r} was opened in process {self.pid} and is used in process "
+                f"{os.getpid()}, a fork of it: its connections' sockets belong to the parent, "
+                f"and sharing them corrupts both. Open pools in each process, after the fork: "
+                f"in the lifespan of each worker (tether opens nothing at import, so "
+                f"`gunicorn --preload` is fine), or with a Lifecycle of the child's own."
+            )
+            raise ScopeError(msg)
         if loop is not self.loop:
             msg = (
                 f"Pool {self.name!r} was opened on another event loop than the one using it "

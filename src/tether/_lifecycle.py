@@ -774,26 +774,7 @@ class Lifecycle:
         """
         self.validate()
         if self._loop is not None and self._loop is not _current_loop():
-            if os.getpid() != self._pid:
-                msg = (
-                    f"lc.scope({label!r}) was entered in process {os.getpid()}, a fork of "
-                    f"process {self._pid}, whose app scope opened this Lifecycle's resources: "
-                    f"their connections' sockets belong to the parent, and sharing them "
-                    f"corrupts both. Open them in each process, after the fork: in the "
-                    f"lifespan of each worker (tether opens nothing at import, so `gunicorn "
-                    f"--preload` is fine), or with a Lifecycle of the child's own."
-                )
-                raise ScopeError(msg)
-            msg = (
-                f"lc.scope({label!r}) was entered on another event loop than the one this "
-                f"Lifecycle's app scope runs on (the loop of `lc.run()` or of the app's "
-                f"lifespan), and its app resources (pools, clients) belong to that loop. Run "
-                f"the unit of work there: in pytest-asyncio, give the test the loop of the "
-                f'fixture that starts the app (`@pytest.mark.asyncio(loop_scope="session")` '
-                f"for a session fixture); from another thread, use `anyio.from_thread.run` "
-                f"(with TestClient, `client.portal.call`)."
-            )
-            raise ScopeError(msg)
+            raise self._elsewhere(label)
         if self._open_limiter is None:
             self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)
@@ -823,6 +804,28 @@ class Lifecycle:
             except BaseException:
                 failure.__context__ = context
                 raise
+
+    def _elsewhere(self, label: str) -> ScopeError:
+        """The error for a unit of work on another loop than the app scope's, or in a
+        process forked after it opened."""
+        if os.getpid() != self._pid:
+            return ScopeError(
+                f"lc.scope({label!r}) was entered in process {os.getpid()}, a fork of "
+                f"process {self._pid}, whose app scope opened this Lifecycle's resources: "
+                f"their connections' sockets belong to the parent, and sharing them "
+                f"corrupts both. Open them in each process, after the fork: in the "
+                f"lifespan of each worker (tether opens nothing at import, so `gunicorn "
+                f"--preload` is fine), or with a Lifecycle of the child's own."
+            )
+        return ScopeError(
+            f"lc.scope({label!r}) was entered on another event loop than the one this "
+            f"Lifecycle's app scope runs on (the loop of `lc.run()` or of the app's "
+            f"lifespan), and its app resources (pools, clients) belong to that loop. Run "
+            f"the unit of work there: in pytest-asyncio, give the test the loop of the "
+            f'fixture that starts the app (`@pytest.mark.asyncio(loop_scope="session")` '
+            f"for a session fixture); from another thread, use `anyio.from_thread.run` "
+            f"(with TestClient, `client.portal.call`)."
+        )
 
     def _admit(self, unit: Unit) -> None:
         if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):

@@ -28,10 +28,8 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
     stats = lc.stats()
     now = time.perf_counter()
     threshold = lc.leak_threshold
-    live = [u for u in list(lc._units) if not u.closed]
-    units = sorted(live, key=lambda u: u.started)[:max_units]
     in_flight = []
-    for unit in units:
+    for unit in lc._in_flight()[:max_units]:
         holding = []
         for entry in list(unit.entries):
             held = now - entry.opened_at

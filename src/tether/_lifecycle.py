@@ -827,6 +827,10 @@ class Lifecycle:
             f"(with TestClient, `client.portal.call`)."
         )
 
+    def _in_flight(self) -> list[Unit]:
+        """The units of work in flight, oldest first (the dashboard's and the test helpers')."""
+        return sorted((u for u in list(self._units) if not u.closed), key=lambda u: u.started)
+
     def _admit(self, unit: Unit) -> None:
         if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):
             self._units_refused += 1

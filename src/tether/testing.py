@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle, Override
     from ._scope import Unit
+
+T = TypeVar("T")
 
 __all__ = [
     "assert_pools_returned",
@@ -89,8 +91,8 @@ def in_flight(lc: Lifecycle, *, ignore: Collection[Unit] = ()) -> list[str]:
     age, and what it holds, with where each value was acquired when that is known."""
     now = time.perf_counter()
     lines = []
-    for unit in sorted(list(lc._units), key=lambda u: u.started):
-        if unit in ignore or unit.closed:
+    for unit in lc._in_flight():
+        if unit in ignore:
             continue
         held = [
             f"{e.res.name!r}" + (f" (acquired at {_frame(e.stack[-1])})" if e.stack else "")
@@ -105,12 +107,7 @@ def assert_released(lc: Lifecycle, *, wait: float = 1.0, ignore: Collection[Unit
     """Assert that no unit of work of *lc* is in flight (but those in *ignore*), giving
     units that are ending up to *wait* seconds to finish; the error names each unit,
     what it holds, and where it acquired it."""
-    deadline = time.monotonic() + wait
-    while True:
-        lines = in_flight(lc, ignore=ignore)
-        if not lines or time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
+    lines = _settled(lambda: in_flight(lc, ignore=ignore), wait)
     if lines:
         count = f"{len(lines)} unit{'s' if len(lines) > 1 else ''} of work"
         listed = "".join(f"\n  - {line}" for line in lines)
@@ -125,12 +122,7 @@ def assert_pools_returned(
     use than *before* said (in use by pool name, as :func:`pools_in_use` returns), giving
     connections being given back up to *wait* seconds. Run it when no unit of work of the
     test is in flight: what is still in use then was taken straight from the pool."""
-    deadline = time.monotonic() + wait
-    while True:
-        grown = _grown(lc, before)
-        if not grown or time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
+    grown = _settled(lambda: _grown(lc, before), wait)
     if grown:
         listed = "".join(
             f"\n  - {name!r}: {now} in use, {was} before the test" for name, now, was in grown
@@ -170,6 +162,15 @@ def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[st
         undone.append(f"lc.override({ov.target.name}, ...){where}")
     undone.reverse()
     return undone
+
+
+def _settled(read: Callable[[], list[T]], wait: float) -> list[T]:
+    """*read*'s result once it is empty, or after *wait* seconds: what is ending gets the
+    time to end."""
+    deadline = time.monotonic() + wait
+    while (found := read()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
 
 
 def _frame(frame: tuple[str, int, str]) -> str:

@@ -99,3 +99,22 @@ def test_stats_table_shows_pools_and_units() -> None:
         "in flight, oldest first:",
         "  GET /slow                          1.2 s  conn 1.2 s (leak)",
     ]
+
+
+def test_python_dash_m_tether_is_the_same_command() -> None:
+    """`python -m tether` works where the `tether` script is not on PATH."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "graph", TARGET, "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [row["name"] for row in json.loads(done.stdout)] == ["settings", "db", "conn"]

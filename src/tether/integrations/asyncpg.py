@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -61,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
+from . import _once
 from ._common import (
     BudgetPolicy,
     Dsn,
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check, Release
 
-__all__ = ["Pool", "connection", "pool"]
+__all__ = ["Pool", "connection", "once", "pool"]
 
 log = logging.getLogger("tether")
 
@@ -537,3 +538,91 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
             pid,
             describe(exc),
         )
+
+
+# --------------------------------------------------------------------------- once
+
+
+class _OnceSession:
+    """One connection of the pool, for :func:`tether.integrations._once.run`."""
+
+    def __init__(self, conn: Any) -> None:
+        self.connection = conn
+        self._tx: Any = None
+
+    async def begin(self) -> None:
+        self._tx = self.connection.transaction()
+        await self._tx.start()
+
+    async def commit(self) -> None:
+        await self._tx.commit()
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.connection.fetchval(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        row = await self.connection.fetchrow(sql, *args)
+        return None if row is None else tuple(row)
+
+    def in_transaction(self) -> bool:
+        return bool(self.connection.is_in_transaction())
+
+
+def once(
+    lc: Lifecycle,
+    pool: Resource[asyncpg.Pool],
+    fn: Callable[[asyncpg.Connection], Awaitable[Any]],
+    *,
+    key: str,
+    name: str | None = None,
+    record: bool = True,
+    table: str = "tether_once",
+    timeout: float | None = None,
+) -> Resource[bool]:
+    """Register an app resource that runs *fn* once per deployment; return the resource.
+
+    For work every worker process would otherwise do at the same time at startup: migrate
+    the schema, seed a table. The first worker to start runs ``await fn(conn)`` on a
+    connection of *pool*, inside a transaction holding a transaction-level advisory lock
+    for *key*, and records *key* done in *table* in the same transaction. Workers that
+    start meanwhile wait for the lock, then find *key* recorded and skip; so does every
+    later start, until *key* changes. If *fn* fails, its transaction rolls back, nothing
+    is recorded, the app does not start (:class:`~tether.StartupError`), and the next
+    worker tries. The resource's value is ``True`` in the process that ran *fn*.
+
+    Args:
+        fn: ``async def migrate(conn)``. It runs inside the transaction: what it does on
+            *conn* commits with the record, or not at all. It must not commit or roll
+            back that transaction (``async with conn.transaction():`` inside is a
+            savepoint).
+        key: names the work and its version, e.g. ``f"schema:{VERSION}"``: the work runs
+            once per key.
+        name: the resource's name (default: *fn*'s).
+        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
+            work that is safe to repeat, and roles that may not create *table*).
+        table: where done keys are recorded; created if missing.
+        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
+            the app does not start.
+    """
+    label: str = name or getattr(fn, "__name__", None) or "once"
+    work = _once.check_arguments(label, fn, key, table)
+    pool_name = pool.name
+
+    async def run_once(p: Any) -> bool:
+        state: _State | None = getattr(p, "_tether", None)
+        conn = await _acquire(p, pool_name, state, state.acquire_timeout if state else 5.0)
+        pid = _server_pid(conn)
+        try:
+            ran = await _once.run(
+                _OnceSession(conn), name=label, key=key, fn=work, record=record, table=table
+            )
+        except BaseException:
+            # The server ends the transaction, and frees the lock, with the connection.
+            with anyio.CancelScope(shield=True):
+                await _discard(p, conn, pid, label)
+            raise
+        with anyio.CancelScope(shield=True):
+            await _give_back(p, conn, label, 5.0)
+        return ran
+
+    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, pool))

@@ -45,13 +45,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 try:
     import psycopg
+    from psycopg.pq import TransactionStatus
     from psycopg.rows import tuple_row
     from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 except ImportError as exc:  # pragma: no cover - import guard
@@ -61,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
+from . import _once
 from ._common import (
     BudgetPolicy,
     Dsn,
@@ -81,7 +84,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check, Release
 
-__all__ = ["Pool", "connection", "pool"]
+__all__ = ["Pool", "connection", "once", "pool"]
 
 log = logging.getLogger("tether")
 
@@ -432,3 +435,109 @@ async def _rollback(conn: Connection, name: str, within: float) -> None:
             describe(exc),
         )
         await conn.close()
+
+
+# --------------------------------------------------------------------------- once
+
+
+class _OnceSession:
+    """One connection of the pool, in autocommit mode with explicit ``BEGIN`` and ``COMMIT``
+    (so ``conn.transaction()`` in the user's function is a savepoint), for
+    :func:`tether.integrations._once.run`."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.connection = conn
+
+    async def begin(self) -> None:
+        await self.connection.execute("BEGIN")
+
+    async def commit(self) -> None:
+        await self.connection.execute("COMMIT")
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        async with self.connection.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(_PARAM.sub("%s", sql), args)
+            return await cur.fetchone() if cur.description is not None else None
+
+    def in_transaction(self) -> bool:
+        return self.connection.info.transaction_status == TransactionStatus.INTRANS
+
+
+_PARAM = re.compile(r"\$\d+")
+
+
+def once(
+    lc: Lifecycle,
+    pool: Resource[Pool],
+    fn: Callable[[Connection], Awaitable[Any]],
+    *,
+    key: str,
+    name: str | None = None,
+    record: bool = True,
+    table: str = "tether_once",
+    timeout: float | None = None,
+) -> Resource[bool]:
+    """Register an app resource that runs *fn* once per deployment; return the resource.
+
+    For work every worker process would otherwise do at the same time at startup: migrate
+    the schema, seed a table. The first worker to start runs ``await fn(conn)`` on a
+    connection of *pool*, inside a transaction holding a transaction-level advisory lock
+    for *key*, and records *key* done in *table* in the same transaction. Workers that
+    start meanwhile wait for the lock, then find *key* recorded and skip; so does every
+    later start, until *key* changes. If *fn* fails, its transaction rolls back, nothing
+    is recorded, the app does not start (:class:`~tether.StartupError`), and the next
+    worker tries. The resource's value is ``True`` in the process that ran *fn*.
+
+    Args:
+        fn: ``async def migrate(conn)``. It runs inside the transaction: what it does on
+            *conn* commits with the record, or not at all. It must not commit or roll
+            back that transaction (``async with conn.transaction():`` inside is a
+            savepoint).
+        key: names the work and its version, e.g. ``f"schema:{VERSION}"``: the work runs
+            once per key.
+        name: the resource's name (default: *fn*'s).
+        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
+            work that is safe to repeat, and roles that may not create *table*).
+        table: where done keys are recorded; created if missing.
+        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
+            the app does not start.
+    """
+    label: str = name or getattr(fn, "__name__", None) or "once"
+    work = _once.check_arguments(label, fn, key, table)
+    pool_name = pool.name
+
+    async def run_once(p: Any) -> bool:
+        conn = await _getconn(p, pool_name, None)
+        pid = conn.info.backend_pid  # now: psycopg closes a connection whose cancel fails
+        try:
+            autocommit = conn.autocommit
+            await conn.set_autocommit(True)
+            ran = await _once.run(
+                _OnceSession(conn), name=label, key=key, fn=work, record=record, table=table
+            )
+            await conn.set_autocommit(autocommit)
+        except BaseException:
+            # The server ends the transaction, and frees the lock, with the connection.
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+                await p.putconn(conn)  # the pool replaces a closed connection
+                await _stop_waiting(p, pid, _once.lock_ids(key, table), label)
+            raise
+        with anyio.CancelScope(shield=True):
+            await p.putconn(conn)
+        return ran
+
+    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, pool))
+
+
+async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
+    """End *pid* on the server if it still waits for (or holds) one of *locks*."""
+    try:
+        async with asyncio.timeout(1.0), p.connection(timeout=1.0) as other:
+            await other.execute(_PARAM.sub("%s", _once.STOP_WAITING), (pid, locks))
+    except Exception as exc:
+        log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)

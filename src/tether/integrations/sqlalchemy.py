@@ -43,11 +43,13 @@ Passwords never appear in tether's errors and logs: URLs are shown with
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -73,6 +75,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
+from . import _once
 from ._common import (
     BudgetPolicy,
     LoopBound,
@@ -89,7 +92,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check
 
-__all__ = ["engine", "rolled_back", "session", "sync_engine", "sync_session"]
+__all__ = ["engine", "once", "rolled_back", "session", "sync_engine", "sync_session"]
 
 log = logging.getLogger("tether")
 
@@ -940,3 +943,131 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(conn.close)
+
+
+# --------------------------------------------------------------------------- once
+
+
+class _OnceSession:
+    """One ``AsyncConnection`` of the engine, for :func:`tether.integrations._once.run`."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.connection = conn
+        self._tx: Any = None
+
+    async def begin(self) -> None:
+        self._tx = await self.connection.begin()
+
+    async def commit(self) -> None:
+        await self._tx.commit()
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        params = {f"p{i}": arg for i, arg in enumerate(args, 1)}
+        result = await self.connection.execute(text(_PARAM.sub(r":p\1", sql)), params)
+        if not result.returns_rows:
+            return None
+        row = result.first()
+        return None if row is None else tuple(row)
+
+    def in_transaction(self) -> bool:
+        return bool(self._tx.is_active)
+
+
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def once(
+    lc: Lifecycle,
+    engine: Resource[AsyncEngine],
+    fn: Callable[[AsyncConnection], Awaitable[Any]],
+    *,
+    key: str,
+    name: str | None = None,
+    record: bool = True,
+    table: str = "tether_once",
+    timeout: float | None = None,
+) -> Resource[bool]:
+    """Register an app resource that runs *fn* once per deployment; return the resource.
+
+    For work every worker process would otherwise do at the same time at startup: migrate
+    the schema (Alembic), seed a table. The first worker to start runs ``await fn(conn)``
+    on an ``AsyncConnection`` of *engine* (PostgreSQL), inside a transaction holding a
+    transaction-level advisory lock for *key*, and records *key* done in *table* in the
+    same transaction. Workers that start meanwhile wait for the lock, then find *key*
+    recorded and skip; so does every later start, until *key* changes. If *fn* fails, its
+    transaction rolls back, nothing is recorded, the app does not start
+    (:class:`~tether.StartupError`), and the next worker tries. The resource's value is
+    ``True`` in the process that ran *fn*.
+
+    Args:
+        fn: ``async def migrate(conn)``. It runs inside the transaction: what it does on
+            *conn* commits with the record, or not at all. It must not commit or roll
+            back that transaction (``conn.begin_nested()`` inside is a savepoint). Alembic
+            runs on it with ``await conn.run_sync(upgrade)`` (see the docs).
+        key: names the work and its version, e.g. ``f"schema:{VERSION}"``: the work runs
+            once per key.
+        name: the resource's name (default: *fn*'s).
+        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
+            work that is safe to repeat, such as ``alembic upgrade head``, and roles that
+            may not create *table*).
+        table: where done keys are recorded; created if missing.
+        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
+            the app does not start.
+    """
+    label: str = name or getattr(fn, "__name__", None) or "once"
+    work = _once.check_arguments(label, fn, key, table)
+
+    async def run_once(eng: AsyncEngine) -> bool:
+        if eng.dialect.name != "postgresql":
+            msg = (
+                f"once {label!r}: engine {engine.name!r} is {eng.dialect.name}, and once() "
+                f"needs PostgreSQL's advisory locks."
+            )
+            raise TypeError(msg)
+        conn = await eng.connect()
+        pid = await _backend_pid(conn)  # now: a cancelled query may leave it unreadable
+        try:
+            ran = await _once.run(
+                _OnceSession(conn), name=label, key=key, fn=work, record=record, table=table
+            )
+        except BaseException:
+            # The server ends the transaction, and frees the lock, with the connection.
+            with anyio.CancelScope(shield=True):
+                await conn.invalidate()
+                await conn.close()
+                if pid is not None:
+                    await _stop_waiting(eng, pid, _once.lock_ids(key, table), label)
+            raise
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+        return ran
+
+    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, engine))
+
+
+async def _backend_pid(conn: AsyncConnection) -> int | None:
+    """The server pid of *conn*'s driver connection (asyncpg or psycopg), without a query."""
+    try:
+        driver = (await conn.get_raw_connection()).driver_connection
+    except Exception:
+        return None
+    info = getattr(driver, "info", None)  # psycopg
+    if info is not None:
+        return int(info.backend_pid)
+    get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
+    return int(get_pid()) if get_pid is not None else None
+
+
+async def _stop_waiting(eng: AsyncEngine, pid: int, locks: list[int], name: str) -> None:
+    """End *pid* on the server if it still waits for (or holds) one of *locks*."""
+    try:
+        async with asyncio.timeout(1.0), eng.connect() as other:
+            sql = text(_PARAM.sub(r":p\1", _once.STOP_WAITING))
+            await other.execute(sql, {"p1": pid, "p2": locks})
+            await other.commit()
+    except Exception as exc:
+        log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)

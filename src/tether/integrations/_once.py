@@ -1,0 +1,202 @@
+"""Work done once per deployment at startup (migrations, seeding), whatever the workers.
+
+Every worker process of a deployment opens the same app resources; work that must happen
+once (migrate the schema, seed a table) then runs in each of them at the same time. The
+PostgreSQL integrations' ``once(...)`` runs it under a transaction-level advisory lock
+(``pg_advisory_xact_lock``: it also holds behind PgBouncer in transaction mode, where a
+session-level lock would stay on a server connection the next client gets), in the same
+transaction that records it done in a table, so the first worker does the work and the
+others wait for it and skip it. This module is the driver-independent part; each
+integration gives it a :class:`Session` on one connection of its pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+log = logging.getLogger("tether")
+
+__all__ = ["STOP_WAITING", "Session", "check_arguments", "lock_id", "lock_ids", "run"]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+class Session(Protocol):
+    """One connection of a driver's pool, as :func:`run` needs it.
+
+    SQL is written with ``$1``-style parameters; each driver translates. ``begin`` and
+    ``commit`` delimit the transaction that holds the lock; ``connection`` is what the
+    user's function is given.
+    """
+
+    connection: Any
+
+    async def begin(self) -> None: ...
+
+    async def commit(self) -> None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None: ...
+
+    def in_transaction(self) -> bool: ...
+
+
+def lock_id(text: str) -> int:
+    """A stable signed 64-bit advisory lock number for *text* (Python's ``hash()`` is salted
+    per process, so two workers would not agree on it)."""
+    digest = hashlib.blake2b(f"tether.once:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_ids(key: str, table: str) -> list[int]:
+    """The advisory locks a run for *key* may wait for: the key's, and the table's."""
+    return [lock_id(key), lock_id(f"table:{table}")]
+
+
+#: Run on another connection after a failed run, with the failed connection's backend pid
+#: and :func:`lock_ids`: ends that backend if it still holds or waits for one of the locks.
+#: A driver cannot always cancel a query it abandons (psycopg gives up when the task is
+#: cancelled during the cancel request), and a backend waiting for a lock does not notice
+#: its client is gone: it would take the lock later, and hold it until something reads
+#: from its socket. Matching the locks too makes a wrong pid harmless (behind PgBouncer the
+#: pid is PgBouncer's own).
+STOP_WAITING = (
+    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+    "AND pid = $1 AND objsubid = 1 "
+    "AND ((classid::bigint << 32) | objid::bigint) = ANY(CAST($2 AS bigint[]))"
+)
+
+
+def check_arguments(
+    name: str, fn: Callable[..., Any], key: str, table: str
+) -> Callable[[Any], Awaitable[Any]]:
+    """Refuse a bad call when the resource is declared, not at the next deployment."""
+    if not inspect.iscoroutinefunction(fn):
+        msg = (
+            f"once {name!r}: {fn!r} is not an async function. Pass `async def {name}(conn): "
+            f"...`; it runs on the connection that holds the lock, inside its transaction "
+            f"(for sync work such as Alembic, use `await conn.run_sync(...)` with SQLAlchemy, "
+            f"or `await anyio.to_thread.run_sync(...)`)."
+        )
+        raise TypeError(msg)
+    given: object = key  # checked at run time too: a caller without a type checker
+    if not isinstance(given, str) or not given.strip() or len(given) > 200:
+        msg = (
+            f"once {name!r}: key={key!r} must be a non-empty string of at most 200 "
+            f"characters that changes when the work does, e.g. "
+            f"f'migrations:{{APP_VERSION}}' (the work runs once per key)."
+        )
+        raise ValueError(msg)
+    if not _IDENTIFIER.fullmatch(table):
+        msg = (
+            f"once {name!r}: table={table!r} is not a plain SQL name (letters, digits and "
+            f"`_`, optionally `schema.table`)."
+        )
+        raise ValueError(msg)
+    return fn
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+def _create_sql(table: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, "
+        f"done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL, "
+        f"seconds double precision NOT NULL)"
+    )
+
+
+async def _ensure_table(db: Session, name: str, table: str) -> None:
+    await db.begin()
+    if await db.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+        await db.commit()
+        return
+    # Two keys creating the table at once would race in the catalog: one lock for the table.
+    await db.fetchval("SELECT pg_advisory_xact_lock(CAST($1 AS bigint))", lock_id(f"table:{table}"))
+    try:
+        await db.fetchval(_create_sql(table))
+    except Exception as exc:
+        if _sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
+            raise
+        msg = (
+            f"once {name!r}: cannot create the table {table!r} that records work done "
+            f"({type(exc).__name__}: {exc}). Create it once as a role that may:\n"
+            f"  {_create_sql(table)};\n  GRANT SELECT, INSERT ON {table} TO <the app's role>;\n"
+            f"or pass record=False (the work then runs in every worker, one at a time)."
+        )
+        raise PermissionError(msg) from exc
+    await db.commit()
+
+
+async def run(
+    db: Session,
+    *,
+    name: str,
+    key: str,
+    fn: Callable[[Any], Awaitable[Any]],
+    record: bool,
+    table: str,
+) -> bool:
+    """Run *fn* once for *key* across every process sharing the database.
+
+    Returns whether this process ran it (``False``: found it recorded done). Any failure
+    propagates; the caller discards the connection then (so the server ends the
+    transaction and frees the lock), and nothing is recorded: the next worker tries.
+    """
+    if record:
+        await _ensure_table(db, name, table)
+    await db.begin()
+    lock = lock_id(key)
+    if not await db.fetchval("SELECT pg_try_advisory_xact_lock(CAST($1 AS bigint))", lock):
+        log.info("tether: %r waits: another worker is running %r", name, key)
+        await db.fetchval("SELECT pg_advisory_xact_lock(CAST($1 AS bigint))", lock)
+    if record:
+        row = await db.fetchrow(f"SELECT done_at, done_by FROM {table} WHERE key = $1", key)
+        if row is not None:
+            await db.commit()
+            log.info("tether: %r: %r was done at %s by %s; skipped", name, key, row[0], row[1])
+            return False
+    started = time.monotonic()
+    await fn(db.connection)
+    seconds = time.monotonic() - started
+    if not db.in_transaction():
+        msg = (
+            f"once {name!r}: the function ended the transaction that holds the lock "
+            f"(a commit or rollback on the connection it was given), so other workers may "
+            f"have run {key!r} too. Leave the transaction to tether; use a nested "
+            f"transaction (a savepoint) for a block that must roll back on its own."
+        )
+        raise RuntimeError(msg)
+    if record:
+        by = f"{socket.gethostname()} pid {os.getpid()}"
+        await db.fetchval(
+            f"INSERT INTO {table} (key, done_at, done_by, seconds) "
+            f"VALUES ($1, clock_timestamp(), $2, $3)",
+            key,
+            by,
+            seconds,
+        )
+    await db.commit()
+    log.info("tether: %r ran %r in %.2f s", name, key, seconds)
+    return True

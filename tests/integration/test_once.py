@@ -1,0 +1,450 @@
+"""Work done once per deployment at startup, whatever the workers (pain.md T5.5).
+
+`once(lc, pool, fn, key=...)` of the asyncpg, psycopg and SQLAlchemy integrations, against a
+real PostgreSQL: several lifecycles start at the same moment, each with its own pool, as the
+workers of one deployment do. Ground truth: the rows the work wrote, the table of done keys,
+and pg_stat_activity / pg_locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+import tether
+from tests.servers import PgBouncer, Postgres
+from tether.integrations import _once
+from tether.integrations import asyncpg as tpg
+from tether.integrations import psycopg as tpsy
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+Work = Callable[[Any], Awaitable[Any]]
+
+
+def asyncpg_once(lc: tether.Lifecycle, pg: Postgres, fn: Work, **kw: Any) -> tether.Resource[bool]:
+    pool = tpg.pool(lc, pg.dsn, min_size=1, max_size=2,
+                    server_settings={"application_name": kw.pop("app", "once")})  # fmt: skip
+    return tpg.once(lc, pool, fn, **kw)
+
+
+def psycopg_once(lc: tether.Lifecycle, pg: Postgres, fn: Work, **kw: Any) -> tether.Resource[bool]:
+    pool = tpsy.pool(lc, pg.dsn, min_size=1, max_size=2,
+                     kwargs={"application_name": kw.pop("app", "once")})  # fmt: skip
+    return tpsy.once(lc, pool, fn, **kw)
+
+
+def sqlalchemy_once(
+    lc: tether.Lifecycle, pg: Postgres, fn: Work, **kw: Any
+) -> tether.Resource[bool]:
+    engine = tsa.engine(lc, pg.url("postgresql+asyncpg"), pool_size=2,
+                        application_name=kw.pop("app", "once"))  # fmt: skip
+    return tsa.once(lc, engine, fn, **kw)
+
+
+DRIVERS = pytest.mark.parametrize(
+    "declare",
+    [asyncpg_once, psycopg_once, sqlalchemy_once],
+    ids=["asyncpg", "psycopg", "sqlalchemy"],
+)
+
+
+async def execute(conn: Any, sql: str) -> None:
+    """Run *sql* on the connection `fn` is given, whichever driver it is."""
+    if hasattr(conn, "run_sync"):  # SQLAlchemy's AsyncConnection
+        from sqlalchemy import text
+
+        await conn.execute(text(sql))
+    else:
+        await conn.execute(sql)
+
+
+async def start(lc: tether.Lifecycle, res: tether.Resource[bool]) -> tuple[bool, float]:
+    """Start *lc* as a worker would; return the resource's value and how long startup took."""
+    started = time.monotonic()
+    async with lc.run():
+        return lc.get(res), time.monotonic() - started
+
+
+async def sql(pg: Postgres, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def names(postgres: Postgres) -> tuple[str, str]:
+    """A table for the work to write, and a key, both this test's own."""
+    tag = uuid.uuid4().hex[:8]
+    postgres.sql(f"CREATE TABLE runs_{tag} (at timestamptz DEFAULT clock_timestamp())")
+    return f"runs_{tag}", f"test:{tag}"
+
+
+@DRIVERS
+async def test_workers_starting_together_run_the_work_once(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """Three workers start at once: one runs the work, the other two wait until it is done
+    (they do not serve before the schema is there) and skip it; a restart skips it too,
+    and a new key runs again."""
+    runs, key = names
+
+    async def migrate(conn: Any) -> None:
+        await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+        await asyncio.sleep(0.5)
+
+    def worker(k: str = key) -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        return lc, declare(lc, postgres, migrate, key=k)
+
+    results = await asyncio.gather(*(start(*worker()) for _ in range(3)))
+    assert sorted(ran for ran, _ in results) == [False, False, True]
+    assert all(took >= 0.45 for _, took in results), results  # the skippers waited for it
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
+    record = await sql(postgres, "SELECT done_by, seconds FROM tether_once WHERE key = $1", key)
+    assert len(record) == 1
+    assert record[0]["seconds"] >= 0.45
+
+    assert await start(*worker()) == (False, pytest.approx(0, abs=0.4))  # a restart
+    assert (await start(*worker(key + ":v2")))[0] is True  # the next deployment
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 2
+
+
+@DRIVERS
+async def test_a_failed_run_keeps_nothing_and_the_next_start_runs_it(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """The work fails half-way: the app does not start, what the work did is rolled back,
+    nothing is recorded, no backend is left in a transaction; the next start runs it."""
+    runs, key = names
+    attempts = 0
+
+    async def migrate(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+        if attempts == 1:
+            raise RuntimeError("migration 2 of 3 failed")
+
+    lc = tether.Lifecycle()
+    res = declare(lc, postgres, migrate, key=key, app=f"once-{key}")
+    with pytest.raises(tether.StartupError, match="'migrate'") as info:
+        await start(lc, res)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert await sql(postgres, f"SELECT * FROM {runs}") == []
+    assert await sql(postgres, "SELECT * FROM tether_once WHERE key = $1", key) == []
+    left = await sql(
+        postgres,
+        "SELECT state FROM pg_stat_activity WHERE application_name = $1",
+        f"once-{key}",
+    )
+    assert left == []
+
+    lc = tether.Lifecycle()
+    assert (await start(lc, declare(lc, postgres, migrate, key=key)))[0] is True
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
+
+
+@DRIVERS
+async def test_waiting_past_the_timeout_fails_startup_and_leaves_nothing_waiting(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """Another worker holds the lock (a migration that hangs): startup fails after
+    `timeout` seconds, and the server is left with no backend of ours waiting for the
+    lock, so it cannot take the lock later on a connection nobody uses."""
+    runs, key = names
+    holder = await asyncpg.connect(postgres.dsn)
+    try:
+        await holder.execute("BEGIN")
+        await holder.fetchval("SELECT pg_advisory_xact_lock($1)", _once.lock_id(key))
+
+        async def migrate(conn: Any) -> None:
+            await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+
+        lc = tether.Lifecycle()
+        res = declare(lc, postgres, migrate, key=key, timeout=1.0, app=f"once-{key}")
+        began = time.monotonic()
+        with pytest.raises(tether.StartupError, match="'migrate'"):
+            await start(lc, res)
+        assert 0.9 <= time.monotonic() - began < 6
+        deadline = time.monotonic() + 3
+        while waiting := await sql(
+            postgres,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            f"once-{key}",
+        ):
+            assert time.monotonic() < deadline, f"backends still there: {waiting}"
+            await asyncio.sleep(0.05)
+    finally:
+        await holder.close()  # ends its transaction: the lock is free
+    lc = tether.Lifecycle()
+    assert (await start(lc, declare(lc, postgres, migrate, key=key)))[0] is True
+
+
+@DRIVERS
+async def test_record_false_runs_in_every_worker_one_at_a_time(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """With record=False nothing is recorded: each worker runs the work, never two at once."""
+    runs, key = names
+    running = most = 0
+
+    async def migrate(conn: Any) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+        await asyncio.sleep(0.2)
+        running -= 1
+
+    def worker() -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        return lc, declare(lc, postgres, migrate, key=key, record=False, table="not_made")
+
+    results = await asyncio.gather(*(start(*worker()) for _ in range(3)))
+    assert [ran for ran, _ in results] == [True, True, True]
+    assert most == 1
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 3
+    assert await sql(postgres, "SELECT to_regclass('not_made') IS NULL AS missing") == [(True,)]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_behind_pgbouncer_in_transaction_mode(
+    pgbouncer: PgBouncer, postgres: Postgres, names: tuple[str, str], driver: str
+) -> None:
+    """Through PgBouncer in transaction mode each transaction may get another server
+    connection, so a session-level lock would be taken on one and left there; the
+    transaction-level lock holds: three workers, one run."""
+    runs, key = names
+
+    async def migrate(conn: Any) -> None:
+        await conn.execute(f"INSERT INTO {runs} DEFAULT VALUES")
+        await asyncio.sleep(0.3)
+
+    def worker() -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        if driver == "asyncpg":
+            pool = tpg.pool(lc, pgbouncer.dsn, min_size=1, max_size=2, pgbouncer=True)
+            return lc, tpg.once(lc, pool, migrate, key=key)
+        ppool = tpsy.pool(lc, pgbouncer.dsn, min_size=1, max_size=2, pgbouncer=True)
+        return lc, tpsy.once(lc, ppool, migrate, key=key)
+
+    results = await asyncio.gather(*(start(*worker()) for _ in range(3)))
+    assert sorted(ran for ran, _ in results) == [False, False, True]
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
+    assert await sql(postgres, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [
+        (0,)
+    ]
+
+
+async def commit(conn: Any) -> None:
+    if hasattr(conn, "run_sync"):
+        await conn.commit()
+    else:
+        await conn.execute("COMMIT")
+
+
+@DRIVERS
+async def test_work_that_ends_the_transaction_is_refused(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """A commit inside the work would free the lock early: the app does not start, and
+    nothing is recorded."""
+    _, key = names
+    lc = tether.Lifecycle()
+    res = declare(lc, postgres, commit, key=key)
+    with pytest.raises(tether.StartupError) as info:
+        await start(lc, res)
+    assert str(info.value.__cause__) == (
+        "once 'commit': the function ended the transaction that holds the lock (a commit or "
+        f"rollback on the connection it was given), so other workers may have run '{key}' "
+        "too. Leave the transaction to tether; use a nested transaction (a savepoint) for a "
+        "block that must roll back on its own."
+    )
+    assert await sql(postgres, "SELECT * FROM tether_once WHERE key = $1", key) == []
+
+
+async def test_a_role_that_may_not_create_the_table_is_told_what_to_do(
+    postgres: Postgres, names: tuple[str, str]
+) -> None:
+    """PostgreSQL 15 lets no other role create tables in `public`: the error shows the SQL to
+    run once as the owner, or record=False."""
+    _, key = names
+    postgres.sql("DO $$ BEGIN CREATE ROLE once_app LOGIN; EXCEPTION WHEN duplicate_object "
+                 "THEN NULL; END $$")  # fmt: skip
+    dsn = postgres.dsn.replace("tether:s3cret-pw@", "once_app@")
+
+    async def noop(conn: Any) -> None:
+        pass
+
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, dsn, min_size=1, max_size=1)
+    res = tpg.once(lc, pool, noop, key=key, table="app_once")
+    with pytest.raises(tether.StartupError) as info:
+        await start(lc, res)
+    cause = info.value.__cause__
+    assert isinstance(cause, PermissionError)
+    assert str(cause) == (
+        "once 'noop': cannot create the table 'app_once' that records work done "
+        "(InsufficientPrivilegeError: permission denied for schema public). Create it once as "
+        "a role that may:\n"
+        "  CREATE TABLE IF NOT EXISTS app_once (key text PRIMARY KEY, done_at timestamptz NOT "
+        "NULL DEFAULT now(), done_by text NOT NULL, seconds double precision NOT NULL);\n"
+        "  GRANT SELECT, INSERT ON app_once TO <the app's role>;\n"
+        "or pass record=False (the work then runs in every worker, one at a time)."
+    )
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, dsn, min_size=1, max_size=1)
+    assert (await start(lc, tpg.once(lc, pool, noop, key=key, record=False)))[0] is True
+
+
+async def test_sqlalchemy_once_needs_postgresql(tmp_path: Any) -> None:
+    """An SQLite engine has no advisory locks: startup fails, naming both."""
+
+    async def noop(conn: Any) -> None:
+        pass
+
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path}/x.db", name="db")
+    res = tsa.once(lc, engine, noop, key="k")
+    with pytest.raises(tether.StartupError) as info:
+        await start(lc, res)
+    assert str(info.value.__cause__) == (
+        "once 'noop': engine 'db' is sqlite, and once() needs PostgreSQL's advisory locks."
+    )
+
+
+def test_bad_arguments_are_refused_when_declared() -> None:
+    """Mistakes surface where `once` is called, not at the next deployment."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, "postgresql://unused")
+
+    def sync_work(conn: Any) -> None:
+        pass
+
+    async def work(conn: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError) as info:
+        tpg.once(lc, pool, sync_work, key="k")  # type: ignore[arg-type]
+    assert str(info.value).startswith(
+        f"once 'sync_work': {sync_work!r} is not an async function. Pass `async def "
+        f"sync_work(conn): ...`; it runs on the connection that holds the lock"
+    )
+    with pytest.raises(ValueError, match=r"^once 'work': key='' must be a non-empty string "):
+        tpg.once(lc, pool, work, key="")
+    with pytest.raises(ValueError) as bad_table:
+        tpg.once(lc, pool, work, key="k", table="done; DROP TABLE x")
+    assert str(bad_table.value) == (
+        "once 'work': table='done; DROP TABLE x' is not a plain SQL name (letters, digits "
+        "and `_`, optionally `schema.table`)."
+    )
+
+
+def test_uvicorn_workers_migrate_once_and_all_serve(
+    postgres: Postgres, names: tuple[str, str], tmp_path: Any
+) -> None:
+    """`uvicorn --workers 3`, each worker migrating at startup with a migration that fails if
+    run twice: all three start, one of them ran it, and every request finds the schema."""
+    import httpx
+
+    from tests.serving import Server
+
+    _, key = names
+    table = f"notes_{key.partition(':')[2]}"
+    env = {"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_TABLE": table, "TETHER_TEST_KEY": key}
+    server = Server("tests.integration.app_once:app", tmp_path, "--workers", "3", env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while len(started := [e for e in server.events() if e.startswith("started")]) < 3:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+        assert sorted(e.rpartition(" ")[2] for e in started) == [
+            "ran=False",
+            "ran=False",
+            "ran=True",
+        ]
+        with httpx.Client(base_url=server.base_url) as client:
+            answers = [client.get("/notes") for _ in range(30)]
+        assert {a.status_code for a in answers} == {200}
+        assert {tuple(a.json()["notes"]) for a in answers} == {("seeded",)}
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
+ENV_PY = """
+from alembic import context
+
+config = context.config
+context.configure(
+    connection=config.attributes["connection"],
+    version_table=config.attributes["version_table"],
+)
+with context.begin_transaction():  # inside once's transaction: Alembic joins it
+    context.run_migrations()
+"""
+
+REVISION = """
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade():
+    op.create_table("{table}", sa.Column("id", sa.Integer, primary_key=True))
+    op.execute("INSERT INTO {table} (id) VALUES (1)")
+
+
+def downgrade():
+    op.drop_table("{table}")
+"""
+
+
+async def test_alembic_upgrade_runs_once_across_workers(
+    postgres: Postgres, names: tuple[str, str], tmp_path: Any
+) -> None:
+    """The documented Alembic recipe: `alembic upgrade head` through `conn.run_sync`, in
+    three workers starting together. The revision (not idempotent: it creates a table) runs
+    once, in once's transaction, and Alembic's version table says head."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    _, key = names
+    tag = key.partition(":")[2]
+    scripts = tmp_path / "migrations"
+    (scripts / "versions").mkdir(parents=True)
+    (scripts / "env.py").write_text(ENV_PY)
+    (scripts / "versions" / "0001.py").write_text(REVISION.format(table=f"alembic_t_{tag}"))
+
+    async def migrate(conn: AsyncConnection) -> None:
+        def upgrade(sync_conn: Any) -> None:
+            config = Config()
+            config.set_main_option("script_location", str(scripts))
+            config.attributes["connection"] = sync_conn
+            config.attributes["version_table"] = f"alembic_version_{tag}"
+            command.upgrade(config, "head")
+
+        await conn.run_sync(upgrade)
+
+    def worker() -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        engine = tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=1)
+        return lc, tsa.once(lc, engine, migrate, key=f"alembic:{tag}:0001")
+
+    results = await asyncio.gather(*(start(*worker()) for _ in range(3)))
+    assert sorted(ran for ran, _ in results) == [False, False, True]
+    assert await sql(postgres, f"SELECT id FROM alembic_t_{tag}") == [(1,)]
+    assert await sql(postgres, f"SELECT version_num FROM alembic_version_{tag}") == [("0001",)]

@@ -99,10 +99,14 @@ async def run_checks(lc: Lifecycle) -> HealthReport:
             state, [CheckResult(r.name, False, 0.0, f"app is {state}") for r in checked]
         )
 
+    # An app resource that is down (required=False) fails the report, check= or not.
+    down = [(r, e) for r in lc._slot_of if (e := lc._down(r)) is not None]
+    unchecked = [CheckResult(r.name, False, 0.0, str(e)) for r, e in down if r.check is None]
+
     async def one(i: int, res: Resource[Any]) -> None:
         results[i] = await _check_one(lc, res)
 
     async with anyio.create_task_group() as tg:
         for i, res in enumerate(checked):
             tg.start_soon(one, i, res)
-    return HealthReport(lc.state.value, [r for r in results if r is not None])
+    return HealthReport(lc.state.value, [r for r in results if r is not None] + unchecked)

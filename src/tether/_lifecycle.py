@@ -105,17 +105,35 @@ class Override:
 class _AppSlot:
     """One app resource held open by its own task (so it closes in the task that opened it)."""
 
-    __slots__ = ("closed", "entry", "error", "opened", "opening", "release", "res", "value")
+    __slots__ = (
+        "closed",
+        "down",
+        "entry",
+        "error",
+        "opened",
+        "opening",
+        "release",
+        "res",
+        "settled",
+        "up",
+        "value",
+        "waits_for",
+    )
 
     def __init__(self, res: Resource[Any]) -> None:
         self.res = res
         self.opening = anyio.CancelScope()  # cancelled when another resource fails to open
-        self.opened = anyio.Event()  # set once settled: opened, failed, or stopped
+        self.opened = anyio.Event()  # set once settled for startup: open, failed, stopped, down
+        self.up = anyio.Event()  # set once open (late, for one that was down)
+        self.settled = anyio.Event()  # set once it stopped trying: open, failed or stopped
         self.release = anyio.Event()
         self.closed = anyio.Event()
         self.value: Any = None
         self.entry: Entry | None = None
         self.error: BaseException | None = None
+        # Down (the app runs without it, retrying): why, and which dependency it waits for.
+        self.down: BaseException | None = None
+        self.waits_for: str | None = None
 
 
 _NOT_OPEN: Any = object()
@@ -162,6 +180,7 @@ class Lifecycle:
         self._validated = False
         self._app_values: dict[Resource[Any], Any] = {}
         self._app_slots: list[_AppSlot] = []
+        self._slot_of: dict[Resource[Any], _AppSlot] = {}
         self._override_entries: dict[Resource[Any], Entry] = {}
         self._units: set[Unit] = set()
         self._units_total = 0
@@ -224,6 +243,7 @@ class Lifecycle:
         retry_after: float = 1.0,
         guard: bool = False,
         error_status: Callable[[int], bool] | None = None,
+        required: bool = True,
     ) -> ResourceDecorator: ...
 
     def resource(
@@ -244,6 +264,7 @@ class Lifecycle:
         retry_after: float = 1.0,
         guard: bool = False,
         error_status: Callable[[int], bool] | None = None,
+        required: bool = True,
     ) -> Resource[Any] | ResourceDecorator:
         """Register a resource: ``@lc.resource`` or ``@lc.resource(scope="app", ...)``.
 
@@ -266,6 +287,13 @@ class Lifecycle:
                 path (the cleanup sees :class:`FailedResponse`, or the ``HTTPException``
                 raised): given the status, true for a failure. Default: every status of
                 400 or more; ``lambda status: status >= 500`` commits on a 4xx.
+            required: for app resources. ``False``: if it cannot open at startup (after its
+                *retries*), the app starts without it, and it is retried in the background
+                (every *backoff* seconds, doubled after each failure, capped at 10 s) until
+                it opens. Meanwhile it is *down*: what needs it (a request resource, a
+                dependent app resource, ``lc.get``) gets :class:`ResourceUnavailable` (503
+                with ``Retry-After``), and the health report lists it as failing. App
+                resources that depend on it wait for it the same way.
         """
 
         def register(fn: Callable[..., Any]) -> Resource[Any]:
@@ -284,6 +312,7 @@ class Lifecycle:
                 retry_after=retry_after,
                 guard=guard,
                 error_status=error_status,
+                required=required,
             )
 
         if factory is not None:
@@ -331,6 +360,7 @@ class Lifecycle:
         retry_after: float,
         guard: bool,
         error_status: Callable[[int], bool] | None = None,
+        required: bool = True,
     ) -> Resource[Any]:
         rname = name or getattr(fn, "__name__", None)
         if not rname or not str(rname).isidentifier():
@@ -385,7 +415,14 @@ class Lifecycle:
             retry_after=retry_after,
             guard=guard,
         )
+        if not required and scope != "app":
+            msg = (
+                f"Resource {rname!r}: required=False is for app resources (the app starts "
+                f"without one that cannot open); a request resource opens when asked for."
+            )
+            raise ValueError(msg)
         res.error_status = error_status
+        res.required = required
         return res
 
     @property
@@ -484,6 +521,9 @@ class Lifecycle:
             return self._app_values[res]  # type: ignore[no-any-return]
         except KeyError:
             pass
+        down = self._down(res)
+        if down is not None:
+            raise down
         if self.state is State.RUNNING:
             msg = (
                 f"App resource {res.name!r} is overridden while the app runs with a factory "
@@ -533,10 +573,12 @@ class Lifecycle:
             async with anyio.create_task_group() as tg:
                 try:
                     await self._open_app(tg)
+                    down = [r.name for r, slot in self._slot_of.items() if slot.entry is None]
                     log.info(
-                        "tether: %d app resources open in %.3f s",
+                        "tether: %d app resources open in %.3f s%s",
                         len(self._app_slots),
                         time.perf_counter() - started,
+                        f"; down, retried in the background: {', '.join(down)}" if down else "",
                     )
                     self.state = State.RUNNING
                     tg.start_soon(self._sweep_forever)
@@ -568,6 +610,7 @@ class Lifecycle:
     async def _open_app(self, tg: TaskGroup) -> None:
         order = _graph.app_order(self._resources, self._overrides)
         slots = {res: _AppSlot(res) for res in order}
+        self._slot_of = slots
         failed = anyio.Event()
         for res in order:
             tg.start_soon(self._hold, res, slots, failed, name=f"tether:{res.name}")
@@ -590,10 +633,7 @@ class Lifecycle:
             return
         # Stop what is still opening and wait until every slot has settled (an open
         # running in a thread finishes first); then close what opened, in reverse order.
-        for slot in slots.values():
-            slot.opening.cancel()
-        for slot in slots.values():
-            await slot.opened.wait()
+        await self._stop_opening()
         errors = await self._close_app_slots()
         tg.cancel_scope.cancel()
         assert failure.error is not None
@@ -608,6 +648,15 @@ class Lifecycle:
         self.state = State.CLOSED
         raise StartupError(msg, resource=failure.res.name) from failure.error
 
+    async def _stop_opening(self) -> None:
+        """Stop every app resource still opening (or down, retrying), and wait until each
+        has settled: an open running in a thread finishes first."""
+        for slot in self._slot_of.values():
+            if slot.entry is None:
+                slot.opening.cancel()
+        for slot in self._slot_of.values():
+            await slot.settled.wait()
+
     async def _hold(
         self,
         res: Resource[Any],
@@ -620,18 +669,12 @@ class Lifecycle:
         opened: tuple[Any, Any] | None = None
         with slot.opening:
             try:
-                for dep in target.deps:
-                    dep_slot = slots[dep]
-                    await dep_slot.opened.wait()
-                    if dep_slot.entry is None:
-                        break  # a dependency failed or was stopped: this one cannot open
-                else:
-                    args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
-                    opened = await self._open_with_retries(target, args)
+                opened = await self._open_slot(slot, target, slots)
             except Exception as exc:
                 slot.error = exc
                 res.counters.open_errors += 1
                 failed.set()
+        slot.settled.set()
         if opened is None:
             slot.opened.set()
             return
@@ -645,7 +688,12 @@ class Lifecycle:
         c.opened += 1
         c.in_use += 1
         c.max_in_use = max(c.max_in_use, c.in_use)
+        if slot.down is not None or slot.waits_for is not None:
+            log.info("tether: app resource %r is open now; it was down", res.name)
+        slot.down = None
+        slot.waits_for = None
         slot.opened.set()
+        slot.up.set()
         try:
             await slot.release.wait()
         finally:
@@ -655,6 +703,68 @@ class Lifecycle:
                 except BaseException as exc:
                     slot.error = exc
                 slot.closed.set()
+
+    async def _open_slot(
+        self, slot: _AppSlot, target: Resource[Any], slots: dict[Resource[Any], _AppSlot]
+    ) -> tuple[Any, Any] | None:
+        """Open *slot*'s value once its dependencies are; None if one failed or stopped.
+
+        A resource that is down (``required=False`` and failing, or waiting for one that
+        is down) settles for startup (``slot.opened``) and keeps trying until it opens.
+        """
+        for dep in target.deps:
+            dep_slot = slots[dep]
+            await dep_slot.opened.wait()
+            if dep_slot.entry is None:
+                if dep_slot.down is None and dep_slot.waits_for is None:
+                    return None  # a dependency failed or was stopped: this one cannot open
+                slot.waits_for = dep.name
+                slot.opened.set()  # the app starts without it
+                await dep_slot.up.wait()
+        args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
+        res = slot.res
+        if res.required and slot.waits_for is None:
+            return await self._open_with_retries(target, args)
+        try:
+            return await self._open_with_retries(target, args)
+        except Exception as exc:
+            res.counters.open_errors += 1
+            slot.down = exc
+            slot.waits_for = None
+            log.warning(
+                "tether: app resource %r failed to open: %s; the app starts without it "
+                "(required=False) and tries again in the background",
+                res.name,
+                describe(exc).rstrip("."),
+            )
+            slot.opened.set()
+        delay = res.backoff
+        while True:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                return await open_value(self, target, args)
+            except Exception as exc:
+                res.counters.open_errors += 1
+                slot.down = exc
+                log.info("tether: app resource %r is still down: %s", res.name, describe(exc))
+
+    def _down(self, res: Resource[Any]) -> ResourceUnavailable | None:
+        """The error for an app resource that is down, or None."""
+        slot = self._slot_of.get(res)
+        if slot is None or slot.entry is not None:
+            return None
+        if slot.down is not None:
+            why = f"it failed to open ({describe(slot.down).rstrip('.')})"
+        elif slot.waits_for is not None:
+            why = f"it waits for {slot.waits_for!r}, which is down"
+        else:
+            return None
+        msg = (
+            f"App resource {res.name!r} is down: {why}, and the app runs without it "
+            f"(required=False) while it is retried in the background. Retry shortly."
+        )
+        return ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after)
 
     async def _open_with_retries(self, res: Resource[Any], args: list[Any]) -> tuple[Any, Any]:
         delay = res.backoff
@@ -706,6 +816,7 @@ class Lifecycle:
                 )
                 errors.append((slot.res.name, slot.error))
         self._app_slots = []
+        self._slot_of = {}
         self._app_values = {}
         return errors
 
@@ -722,6 +833,7 @@ class Lifecycle:
                     self.drain_timeout,
                     ", ".join(sorted(u.label for u in self._units)[:10]),
                 )
+        await self._stop_opening()
         errors = await self._close_app_slots()
         if errors:
             self.state = State.CLOSED

@@ -114,6 +114,7 @@ class Resource(Generic[T]):
         "params",
         "pool_stats",
         "release",
+        "required",
         "retries",
         "retry_after",
         "scope",
@@ -169,6 +170,9 @@ class Resource(Generic[T]):
         # Which response statuses take the failure path (None: 400 and more), set by
         # `lc.resource(error_status=...)`.
         self.error_status: Callable[[int], bool] | None = None
+        # An app resource the app starts without when it cannot open (retried in the
+        # background), set by `lc.resource(required=False)`.
+        self.required = True
         self.fast = False
         self.set_deps(())
 

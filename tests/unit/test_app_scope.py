@@ -397,3 +397,146 @@ def _signature(deps: tuple[str, ...]) -> object:
     return inspect.Signature(
         [inspect.Parameter(d, inspect.Parameter.POSITIONAL_OR_KEYWORD) for d in deps]
     )
+
+
+class TestNotRequired:
+    """`required=False`: the app starts without an app resource that cannot open."""
+
+    @staticmethod
+    def declare(lc: tether.Lifecycle, events: list[str], up: list[bool]) -> tuple[
+        tether.Resource[str], tether.Resource[str], tether.Resource[str]
+    ]:  # fmt: skip
+        @lc.resource(scope="app", required=False, backoff=0.05, retry_after=2.0)
+        async def pool() -> AsyncIterator[str]:
+            if not up[0]:
+                raise ConnectionRefusedError("connection refused")
+            events.append("open pool")
+            yield "pool"
+            events.append("close pool")
+
+        @lc.resource(scope="app")
+        async def cache(pool: str) -> AsyncIterator[str]:
+            events.append("open cache")
+            yield f"cache({pool})"
+            events.append("close cache")
+
+        @lc.resource(scope="app")
+        async def settings() -> AsyncIterator[str]:
+            events.append("open settings")
+            yield "settings"
+            events.append("close settings")
+
+        return pool, cache, settings
+
+    async def test_the_app_starts_and_what_needs_it_is_unavailable_until_it_opens(self) -> None:
+        """The pool is down at startup: the app runs; the pool, what depends on it and the
+        request resources built on it raise ResourceUnavailable (a 503) and the health
+        report fails; once the database is back, the pool opens in the background, then
+        its dependents, and everything works; shutdown closes in reverse opening order."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        up = [False]
+        pool, cache, _ = self.declare(lc, events, up)
+
+        @lc.resource
+        def conn(cache: str) -> str:
+            return f"conn({cache})"
+
+        async with lc.run():
+            assert lc.state is tether.State.RUNNING
+            with pytest.raises(tether.ResourceUnavailable) as info:
+                lc.get(pool)
+            assert str(info.value) == (
+                "App resource 'pool' is down: it failed to open (ConnectionRefusedError: "
+                "connection refused), and the app runs without it (required=False) while it is "
+                "retried in the background. Retry shortly."
+            )
+            assert info.value.retry_after == 2.0
+            with pytest.raises(tether.ResourceUnavailable, match=r"^App resource 'cache' is down: "
+                               r"it waits for 'pool', which is down, and"):  # fmt: skip
+                lc.get(cache)
+            async with lc.scope() as s:
+                with pytest.raises(tether.ResourceUnavailable, match="'cache' is down"):
+                    await s.get(conn)
+            report = await lc.health()
+            assert not report.ok
+            assert {c.name for c in report.checks if not c.ok} == {"pool", "cache"}
+
+            up[0] = True
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        assert lc.get(cache) == "cache(pool)"
+                        break
+                    except tether.ResourceUnavailable:
+                        await anyio.sleep(0.01)
+            async with lc.scope() as s:
+                assert await s.get(conn) == "conn(cache(pool))"
+            assert (await lc.health()).ok
+            assert lc.stats().resources["pool"].open_errors >= 1
+        assert events == [
+            "open settings",
+            "open pool",
+            "open cache",
+            "close cache",
+            "close pool",
+            "close settings",
+        ]
+
+    async def test_shutdown_stops_the_retries(self) -> None:
+        """Shut down while it is still down: the retries stop, nothing opens late, and the
+        resources that opened close."""
+        lc = tether.Lifecycle()
+        events: list[str] = []
+        up = [False]
+        self.declare(lc, events, up)
+        with anyio.fail_after(5):
+            async with lc.run():
+                await anyio.sleep(0.2)  # a few retries
+        up[0] = True
+        await anyio.sleep(0.2)
+        assert events == ["open settings", "close settings"]
+
+    async def test_the_warning_names_it_and_says_the_app_starts_without_it(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lc = tether.Lifecycle()
+        self.declare(lc, [], [False])
+        with caplog.at_level(logging.INFO, logger="tether"):
+            async with lc.run():
+                pass
+        messages = [r.getMessage() for r in caplog.records]
+        assert (
+            "tether: app resource 'pool' failed to open: ConnectionRefusedError: connection "
+            "refused; the app starts without it (required=False) and tries again in the "
+            "background"
+        ) in messages
+        assert any(
+            m.endswith("; down, retried in the background: pool, cache") for m in messages
+        ), messages
+
+    async def test_a_required_resource_still_fails_startup(self) -> None:
+        """required=False on one resource changes nothing for the others."""
+        lc = tether.Lifecycle()
+        self.declare(lc, [], [False])
+
+        @lc.resource(scope="app")
+        def broken() -> str:
+            raise RuntimeError("bad settings")
+
+        with pytest.raises(tether.StartupError, match="'broken' failed to open"):
+            async with lc.run():
+                pass
+
+    def test_only_app_resources(self) -> None:
+        lc = tether.Lifecycle()
+        with pytest.raises(ValueError) as info:
+
+            @lc.resource(required=False)
+            def conn() -> str:
+                return "x"
+
+        assert str(info.value) == (
+            "Resource 'conn': required=False is for app resources (the app starts without one "
+            "that cannot open); a request resource opens when asked for."
+        )

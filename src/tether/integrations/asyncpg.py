@@ -161,6 +161,7 @@ def pool(
     check: Check | bool = True,
     retries: int = 0,
     backoff: float = 0.5,
+    required: bool = True,
     **kw: Any,
 ) -> Resource[asyncpg.Pool]:
     """Register an asyncpg pool as an app resource of *lc*; return the resource.
@@ -186,6 +187,8 @@ def pool(
             function given the pool.
         retries, backoff: retry opening the pool at startup (the database may come up
             after the app).
+        required: ``False`` starts the app without it when it cannot open (see
+            ``lc.resource``): what needs it answers 503 until a background retry opens it.
         kw: passed to asyncpg's pool (``max_queries``, ``init``, ``setup``, ...) and to
             each connection (``command_timeout``, ``ssl``, ...).
     """
@@ -251,6 +254,7 @@ def pool(
         check=_pool_check(check),
         retries=retries,
         backoff=backoff,
+        required=required,
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     return res

@@ -136,6 +136,7 @@ def pool(
     check: Check | bool = True,
     retries: int = 0,
     backoff: float = 0.5,
+    required: bool = True,
     **pool_kw: Any,
 ) -> Resource[Pool]:
     """Register a psycopg pool as an app resource of *lc*; return the resource.
@@ -160,6 +161,8 @@ def pool(
         check: the health check: ``True`` runs ``SELECT 1``, ``False`` none, or a
             function given the pool.
         retries, backoff: retry opening the pool at startup.
+        required: ``False`` starts the app without it when it cannot open (see
+            ``lc.resource``): what needs it answers 503 until a background retry opens it.
         pool_kw: passed to ``AsyncConnectionPool`` (``max_idle``, ``max_lifetime``,
             ``max_waiting``, ``configure``, ``reset``, ...).
     """
@@ -250,6 +253,7 @@ def pool(
         check=_pool_check(check),
         retries=retries,
         backoff=backoff,
+        required=required,
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     return res

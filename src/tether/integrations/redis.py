@@ -141,6 +141,7 @@ def client(
     check: Check | bool = True,
     retries: int = 0,
     backoff: float = 0.5,
+    required: bool = True,
     **kw: Any,
 ) -> Resource[aioredis.Redis]:
     """Register a ``redis.asyncio.Redis`` client as an app resource of *lc*; return it.
@@ -158,6 +159,8 @@ def client(
         check: the health check: ``True`` sends ``PING``, ``False`` none, or a function
             given the client.
         retries, backoff: retry the first ``PING`` at startup.
+        required: ``False`` starts the app without it when it cannot open (see
+            ``lc.resource``): what needs it answers 503 until a background retry opens it.
         kw: passed to the connection pool and its connections (``decode_responses``,
             ``client_name``, ``ssl_*``, ...; ``retry`` replaces the default of one
             immediate retry on connection errors).
@@ -203,6 +206,7 @@ def client(
         check=_client_check(check),
         retries=retries,
         backoff=backoff,
+        required=required,
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
     return res

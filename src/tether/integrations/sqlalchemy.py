@@ -394,11 +394,12 @@ def _register_engine(
     check: Check | None,
     retries: int,
     backoff: float,
+    required: bool,
     info: _PoolInfo,
 ) -> Resource[Any]:
-    res = lc.resource(scope="app", name=name, check=check, retries=retries, backoff=backoff)(
-        factory
-    )
+    res = lc.resource(
+        scope="app", name=name, check=check, retries=retries, backoff=backoff, required=required
+    )(factory)
     _pools[res] = info
     res.pool_stats = lambda eng: _figures(name, eng)
     return res
@@ -462,6 +463,7 @@ def engine(
     check: bool | Check = True,
     retries: int = 0,
     backoff: float = 0.5,
+    required: bool = True,
     **engine_kwargs: Any,
 ) -> Resource[AsyncEngine]:
     """Register an app resource holding an ``AsyncEngine``; return it.
@@ -487,6 +489,8 @@ def engine(
         check: ``True`` (default) runs ``SELECT 1`` as the health check; ``False`` none;
             or your own check, given the engine.
         retries, backoff: retry opening at startup (see ``lc.resource``).
+        required: ``False`` starts the app without it when it cannot open (see
+            ``lc.resource``): what needs it answers 503 until a background retry opens it.
         **engine_kwargs: passed to ``create_async_engine`` (``echo``, ``connect_args``,
             ``pool_recycle``, ``poolclass``, ...).
     """
@@ -544,6 +548,7 @@ def engine(
         check=_check_of(check, _select_one),
         retries=retries,
         backoff=backoff,
+        required=required,
         info=info,
     )
     return cast("Resource[AsyncEngine]", res)
@@ -673,6 +678,7 @@ def sync_engine(
     check: bool | Check = True,
     retries: int = 0,
     backoff: float = 0.5,
+    required: bool = True,
     **engine_kwargs: Any,
 ) -> Resource[Engine]:
     """Register an app resource holding a (sync) ``Engine``; return it.
@@ -738,6 +744,7 @@ def sync_engine(
         check=_check_of(check, default_check),
         retries=retries,
         backoff=backoff,
+        required=required,
         info=info,
     )
     return cast("Resource[Engine]", res)

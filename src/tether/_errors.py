@@ -66,16 +66,31 @@ class ShutdownError(ExceptionGroup[Exception], TetherError):
         return ShutdownError(self.message, excs)
 
 
+#: Added (PEP 678) by the integrations to a driver's error when the connection was lost
+#: under a unit of work without a transaction: the error stays what it was (a 500: its
+#: statement may have run), and routes declared ``tether.fastapi.idempotent`` run again.
+LOST_NOTE = (
+    "tether: the connection was lost under the unit of work (without a transaction, "
+    "whether this statement ran is unknown)"
+)
+
+
 class ResourceUnavailable(TetherError):
     """A resource could not be had in time (opening timed out, or its pool is exhausted).
 
     The FastAPI integration answers ``503 Service Unavailable`` with ``Retry-After``.
+    ``lost`` is true when the unit of work's connection was lost under it (or reached a
+    read-only server) and the pool replaces it: running the unit again may succeed at
+    once, which :func:`tether.fastapi.idempotent` routes do.
     """
 
-    def __init__(self, message: str, *, resource: str, retry_after: float = 1.0) -> None:
+    def __init__(
+        self, message: str, *, resource: str, retry_after: float = 1.0, lost: bool = False
+    ) -> None:
         super().__init__(message)
         self.resource = resource
         self.retry_after = retry_after
+        self.lost = lost
 
 
 class ResourceClosedError(TetherError):

@@ -28,8 +28,8 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 try:
     import starlette.routing  # noqa: F401 - the import guard
@@ -42,7 +42,14 @@ except ImportError as exc:  # pragma: no cover - import guard
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
-from ._errors import ClientDisconnected, FailedResponse, ResourceUnavailable, ScopeError, describe
+from ._errors import (
+    LOST_NOTE,
+    ClientDisconnected,
+    FailedResponse,
+    ResourceUnavailable,
+    ScopeError,
+    describe,
+)
 from ._lifecycle import Lifecycle, State
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
@@ -58,7 +65,7 @@ from ._scope import (
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["dashboard_router", "health_router", "install"]
+__all__ = ["dashboard_router", "health_router", "idempotent", "install"]
 
 log = logging.getLogger("tether")
 
@@ -88,6 +95,83 @@ _tasks_by_loop: dict[Any, Any] = getattr(asyncio.tasks, "_current_tasks", {}) if
 _running_loop = asyncio._get_running_loop
 
 
+# --------------------------------------------------------------------------- idempotent
+
+E = TypeVar("E", bound=Callable[..., Any])
+
+
+@overload
+def idempotent(endpoint: E, /) -> E: ...
+
+
+@overload
+def idempotent(*, retries: int = 1) -> Callable[[E], E]: ...
+
+
+def idempotent(endpoint: Any = None, /, *, retries: int = 1) -> Any:
+    """Declare an endpoint safe to run again: tether then retries it when its connection
+    is lost.
+
+    ``@idempotent`` (under the route decorator) or ``@idempotent(retries=2)``. When a
+    request of this route fails because its database connection was lost under it (a
+    server restart or failover between the pool's check and the first statement, a
+    connection killed mid-request: what tether otherwise answers 503 with
+    ``ResourceUnavailable.lost``), tether closes that unit of work (rolling back) and runs
+    the route again, with fresh resources, up to *retries* more times, before answering
+    the 503. Only routes declared so are retried: running a route again repeats all it
+    does, not only its database work. A request with a form body is not retried.
+    """
+    if retries < 1:
+        msg = f"idempotent(retries={retries!r}): retries must be 1 or more."
+        raise ValueError(msg)
+
+    def mark(fn: E) -> E:
+        fn._tether_retries = retries  # type: ignore[attr-defined]
+        return fn
+
+    return mark if endpoint is None else mark(endpoint)
+
+
+class _Retry(Exception):
+    """Raised out of a request handler's unit of work when it may run again."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _lost(exc: BaseException, errors: list[BaseException]) -> BaseException | None:
+    """The failure that says the unit of work's connection was lost, if one does."""
+    for error in (exc, *errors):
+        if isinstance(error, ResourceUnavailable) and error.lost:
+            return error
+    if LOST_NOTE in getattr(exc, "__notes__", ()):
+        return exc
+    return None
+
+
+def _retrying(handler: Any, retries: int, label: str) -> Any:
+    """Run *handler* again (up to *retries* times) when its unit of work lost its
+    connection; the last run answers as usual."""
+
+    async def retried(request: Any) -> Any:
+        for attempt in range(1, retries + 1):
+            try:
+                return await handler(request, again=True)
+            except _Retry as retry:
+                log.warning(
+                    "tether: %s lost its connection (%s); running it again "
+                    "(idempotent, retry %d of %d)",
+                    label,
+                    describe(retry.error),
+                    attempt,
+                    retries,
+                )
+        return await handler(request)
+
+    return retried
+
+
 # --------------------------------------------------------------------------- install
 
 
@@ -105,6 +189,13 @@ def install(app: Any, lc: Lifecycle) -> None:
         if _uses(route, lc) or _depends_use(extra, lc):
             if _serve_by_handler(route, lc):
                 continue
+            if getattr(getattr(route, "endpoint", None), "_tether_retries", 0):
+                log.warning(
+                    "tether: %s is marked @idempotent, but tether serves it through its "
+                    "ASGI app (not a FastAPI request handler), where it cannot run it again: "
+                    "it is not retried",
+                    _label(route),
+                )
             # The route's `handle`, not its `app`: a router included by reference
             # (FastAPI 0.137+) builds an app of its own per inclusion, and calls the
             # original route's `handle` to serve it.
@@ -263,7 +354,10 @@ def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
         if not wrap:
             return handler if inlined is None else _checking(handler, inlined)
         defer = _function_scoped_cleanup(served.dependant)
-        return _handler(handler, lc, _label(served), defer=defer, inlined=inlined)
+        label = _label(served)
+        wrapped = _handler(handler, lc, label, defer=defer, inlined=inlined)
+        retries = getattr(served.endpoint, "_tether_retries", 0)
+        return _retrying(wrapped, retries, label) if retries else wrapped
 
     if wrap:
         get_route_handler._tether_lifecycle = lc  # type: ignore[attr-defined]
@@ -972,7 +1066,7 @@ def _handler(
     """
     units = lc._units
 
-    async def tether_handler(request: Any) -> Any:
+    async def tether_handler(request: Any, again: bool = False) -> Any:
         if lc.state is not _RUNNING and _refused(lc):
             return _response(503, _SHUTTING_DOWN, 5.0)
         if inlined is not None and inlined.overrides_of.dependency_overrides:
@@ -988,7 +1082,9 @@ def _handler(
                 response = await handler(request)
             except BaseException as exc:
                 _CURRENT.reset(token)
-                return await _handler_failed(unit, exc)
+                return await _handler_failed(
+                    unit, exc, again and getattr(request, "_form", None) is None
+                )
             # The cleanups run without the unit in the context: what they schedule (a pool's
             # idle timer, set when a connection is released) does not carry it.
             _CURRENT.reset(token)
@@ -1036,13 +1132,20 @@ async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
     return response, False
 
 
-async def _handler_failed(unit: HttpUnit, exc: BaseException) -> Any:
+async def _handler_failed(unit: HttpUnit, exc: BaseException, again: bool = False) -> Any:
     """The handler raised: close with that failure, then answer 503 for
-    `ResourceUnavailable`, nothing for a client that went away, else re-raise."""
+    `ResourceUnavailable`, nothing for a client that went away, else re-raise.
+
+    *again*: the route may run again (`idempotent`) if the connection was lost."""
     if _client_gone(unit, exc):
         await unit.aclose(unit.failure)
         return _Silent()
     errors = await unit.aclose(exc)
+    # Not a request with a form body: its files are closed by now.
+    if again and getattr(unit.request, "_form", None) is None:
+        lost = _lost(exc, errors)
+        if lost is not None:
+            raise _Retry(lost) from exc
     if isinstance(exc, ResourceUnavailable):
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
         return _response(503, str(exc), exc.retry_after)

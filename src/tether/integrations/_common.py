@@ -9,7 +9,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .._errors import ResourceUnavailable, ScopeError, StartupError, redact
+from .._errors import LOST_NOTE, ResourceUnavailable, ScopeError, StartupError, redact
 
 if TYPE_CHECKING:
     from .._resource import Resource
@@ -20,6 +20,7 @@ Dsn = str | Callable[[], str]
 BudgetPolicy = Literal["warn", "error", "off"]
 
 __all__ = [
+    "LOST_NOTE",
     "BudgetPolicy",
     "connect_or_close",
     "Dsn",
@@ -152,6 +153,7 @@ def unavailable(
     waiting: int | None = None,
     retry_after: float = 1.0,
     backend: str = "the database",
+    lost: bool = False,
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
@@ -170,7 +172,7 @@ def unavailable(
         f"Pool {name!r}{shown} could not give a connection: {reason}. "
         f"Retry shortly; if it persists, check {backend} and the pool size."
     )
-    return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
+    return ResourceUnavailable(msg, resource=name, retry_after=retry_after, lost=lost)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -224,7 +226,7 @@ def read_only_failure(name: str) -> ResourceUnavailable:
         f"the pool's connections are being replaced. Retry shortly; if it persists, check "
         f"which server the address reaches."
     )
-    return ResourceUnavailable(msg, resource=name, retry_after=1.0)
+    return ResourceUnavailable(msg, resource=name, retry_after=1.0, lost=True)
 
 
 def unreachable(

@@ -63,6 +63,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    LOST_NOTE,
     BudgetPolicy,
     Dsn,
     LoopBound,
@@ -363,15 +364,17 @@ def connection(
                     await p.expire_connections()
                     log.warning("tether: %r: %s", pool_name, describe(exc))
                     raise read_only_failure(pool_name) from exc
-                if tx is None:
-                    raise
                 lost = _is_lost(conn, exc)
+                if tx is None:
+                    if lost:
+                        exc.add_note(LOST_NOTE)  # still a 500: the statement may have run
+                    raise
                 await _rollback(p, conn, tx, name, reset_timeout)
                 if lost:
                     # The server ended the transaction with the connection: nothing was
                     # committed, so retrying is safe. A 503, not a 500.
                     reason = f"the connection was lost mid-transaction: {describe(exc)}"
-                    raise unavailable(pool_name, reason) from exc
+                    raise unavailable(pool_name, reason, lost=True) from exc
                 raise
             if tx is not None:
                 await tx.commit()

@@ -65,6 +65,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    LOST_NOTE,
     BudgetPolicy,
     Dsn,
     LoopBound,
@@ -353,15 +354,17 @@ def connection(
                     await _replace_all(p)
                     log.warning("tether: %r: %s", pool_name, describe(exc))
                     raise read_only_failure(pool_name) from exc
-                if not transaction:
-                    raise
                 lost = isinstance(exc, psycopg.OperationalError) and conn.broken
+                if not transaction:
+                    if lost:
+                        exc.add_note(LOST_NOTE)  # still a 500: the statement may have run
+                    raise
                 await _rollback(conn, name, reset_timeout)
                 if lost:
                     # The server ended the transaction with the connection: nothing was
                     # committed, so retrying is safe. A 503, not a 500.
                     reason = f"the connection was lost mid-transaction: {describe(exc)}"
-                    raise unavailable(pool_name, reason) from exc
+                    raise unavailable(pool_name, reason, lost=True) from exc
                 raise
             if transaction:
                 await conn.commit()

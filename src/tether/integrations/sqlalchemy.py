@@ -250,7 +250,9 @@ def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | N
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
     if _is_lost(exc):
-        return info.unreachable(exc)
+        # The server ended the transaction with the connection: nothing was committed.
+        reason = f"the connection was lost mid-transaction: {_describe_db(exc)}"
+        return unavailable(info.name, reason, lost=True)
     return None
 
 

@@ -110,6 +110,7 @@ class _AppSlot:
         "down",
         "entry",
         "error",
+        "late",
         "opened",
         "opening",
         "release",
@@ -134,6 +135,7 @@ class _AppSlot:
         # Down (the app runs without it, retrying): why, and which dependency it waits for.
         self.down: BaseException | None = None
         self.waits_for: str | None = None
+        self.late = False  # opening after it was down: not ready yet
 
 
 _NOT_OPEN: Any = object()
@@ -692,6 +694,7 @@ class Lifecycle:
             log.info("tether: app resource %r is open now; it was down", res.name)
         slot.down = None
         slot.waits_for = None
+        slot.late = False
         slot.opened.set()
         slot.up.set()
         try:
@@ -716,21 +719,24 @@ class Lifecycle:
             dep_slot = slots[dep]
             await dep_slot.opened.wait()
             if dep_slot.entry is None:
-                if dep_slot.down is None and dep_slot.waits_for is None:
+                if dep_slot.error is not None or dep_slot.settled.is_set():
                     return None  # a dependency failed or was stopped: this one cannot open
-                slot.waits_for = dep.name
+                slot.waits_for = dep.name  # it is down: wait for it
                 slot.opened.set()  # the app starts without it
                 await dep_slot.up.wait()
         args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
         res = slot.res
         if res.required and slot.waits_for is None:
             return await self._open_with_retries(target, args)
+        if slot.waits_for is not None:
+            slot.waits_for = None
+            slot.late = True
         try:
             return await self._open_with_retries(target, args)
         except Exception as exc:
             res.counters.open_errors += 1
             slot.down = exc
-            slot.waits_for = None
+            slot.late = False
             log.warning(
                 "tether: app resource %r failed to open: %s; the app starts without it "
                 "(required=False) and tries again in the background",
@@ -758,6 +764,8 @@ class Lifecycle:
             why = f"it failed to open ({describe(slot.down).rstrip('.')})"
         elif slot.waits_for is not None:
             why = f"it waits for {slot.waits_for!r}, which is down"
+        elif slot.late:
+            why = "it is still opening (what it depends on was down)"
         else:
             return None
         msg = (

@@ -426,6 +426,13 @@ class TestNotRequired:
             yield "settings"
             events.append("close settings")
 
+        @lc.resource(scope="app")
+        async def report(settings: str, cache: str) -> AsyncIterator[str]:
+            await anyio.sleep(0.1)  # still opening when the pool is up: not ready yet
+            events.append("open report")
+            yield f"report({cache})"
+            events.append("close report")
+
         return pool, cache, settings
 
     async def test_the_app_starts_and_what_needs_it_is_unavailable_until_it_opens(self) -> None:
@@ -460,13 +467,25 @@ class TestNotRequired:
                     await s.get(conn)
             report = await lc.health()
             assert not report.ok
-            assert {c.name for c in report.checks if not c.ok} == {"pool", "cache"}
+            assert {c.name for c in report.checks if not c.ok} == {"pool", "cache", "report"}
 
             up[0] = True
             with anyio.fail_after(5):
                 while True:
                     try:
                         assert lc.get(cache) == "cache(pool)"
+                        break
+                    except tether.ResourceUnavailable:
+                        await anyio.sleep(0.01)
+            report = lc.resources["report"]
+            with pytest.raises(tether.ResourceUnavailable, match="'report' is down: it is still "
+                               r"opening \(what it depends on was down\)"):  # fmt: skip
+                lc.get(report)
+            assert not (await lc.health()).ok
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        assert lc.get(report) == "report(cache(pool))"
                         break
                     except tether.ResourceUnavailable:
                         await anyio.sleep(0.01)
@@ -478,6 +497,8 @@ class TestNotRequired:
             "open settings",
             "open pool",
             "open cache",
+            "open report",
+            "close report",
             "close cache",
             "close pool",
             "close settings",
@@ -495,7 +516,7 @@ class TestNotRequired:
                 await anyio.sleep(0.2)  # a few retries
         up[0] = True
         await anyio.sleep(0.2)
-        assert events == ["open settings", "close settings"]
+        assert events == ["open settings", "close settings"]  # report never opened
 
     async def test_the_warning_names_it_and_says_the_app_starts_without_it(
         self, caplog: pytest.LogCaptureFixture
@@ -512,7 +533,7 @@ class TestNotRequired:
             "background"
         ) in messages
         assert any(
-            m.endswith("; down, retried in the background: pool, cache") for m in messages
+            m.endswith("; down, retried in the background: pool, cache, report") for m in messages
         ), messages
 
     async def test_a_required_resource_still_fails_startup(self) -> None:

@@ -108,3 +108,39 @@ def test_the_app_starts_without_its_database_and_heals(
             assert client.get("/value").json() == 42
     finally:
         pg.start()
+
+
+def test_a_migration_on_a_pool_that_was_down_runs_when_it_opens(pg: Postgres) -> None:
+    """`once(...)` on a `required=False` pool: the app starts with the database down, and
+    is ready only once the pool has opened and the migration has run."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, pg.dsn, min_size=1, max_size=2, connect_timeout=1, required=False,
+                    backoff=0.2)  # fmt: skip
+    conn = tpg.connection(lc, pool)
+
+    async def migrate(c: Any) -> None:
+        await c.execute("CREATE TABLE late_notes (text text)")
+        await c.execute("INSERT INTO late_notes VALUES ('migrated late')")
+
+    tpg.once(lc, pool, migrate, key="late-notes:1")
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc))
+
+    @app.get("/notes")
+    async def notes(c: Annotated[Any, Depends(conn)]) -> list[str]:
+        return [r["text"] for r in await c.fetch("SELECT text FROM late_notes")]
+
+    pg.kill()
+    try:
+        with TestClient(app) as client:
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503
+            assert set(ready.json()["checks"]) >= {"pool", "migrate"}
+            pg.start()
+            deadline = time.monotonic() + 15
+            while client.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/health/ready").json()
+                time.sleep(0.1)
+            assert client.get("/notes").json() == ["migrated late"]
+    finally:
+        pg.start()

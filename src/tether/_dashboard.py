@@ -75,6 +75,7 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
                 "max_wait_ms": _ms(r.max_wait_time),
                 "mean_hold_ms": _ms(r.mean_hold_time),
                 "max_hold_ms": _ms(r.max_hold_time),
+                "down": r.down,
             }
             for r in stats.resources.values()
         ],

@@ -987,11 +987,17 @@ class Lifecycle:
             units_total=self._units_total,
             units_refused=self._units_refused,
             resources={
-                name: snapshot(name, res.scope, res.counters)
+                name: snapshot(name, res.scope, res.counters, self._down_reason(res))
                 for name, res in self._resources.items()
             },
             pools=self._pool_stats(),
         )
+
+    def _down_reason(self, res: Resource[Any]) -> str | None:
+        if res.scope != "app" or not self._slot_of:
+            return None
+        down = self._down(res)
+        return None if down is None else str(down)
 
     def _pool_stats(self) -> dict[str, PoolStats]:
         pools: dict[str, PoolStats] = {}

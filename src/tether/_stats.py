@@ -45,7 +45,8 @@ class ResourceStats:
     *wait_time* is the time spent opening (acquiring) values, *hold_time* the time
     between open and close, both totals in seconds with their maxima; *errors* counts
     failed opens and failed closes; *leaks* counts values held past the leak threshold
-    or used after their scope closed.
+    or used after their scope closed; *down* says why an app resource declared
+    ``required=False`` is not open while the app runs (``None`` otherwise).
     """
 
     name: str
@@ -63,6 +64,8 @@ class ResourceStats:
     max_wait_time: float
     hold_time: float
     max_hold_time: float
+    # An app resource the app runs without (``required=False``), and why; else None.
+    down: str | None = None
 
     @property
     def mean_wait_time(self) -> float:
@@ -107,7 +110,7 @@ class Stats:
         return self.resources[name]
 
 
-def snapshot(name: str, scope: str, c: Counters) -> ResourceStats:
+def snapshot(name: str, scope: str, c: Counters, down: str | None = None) -> ResourceStats:
     return ResourceStats(
         name=name,
         scope=scope,
@@ -124,4 +127,5 @@ def snapshot(name: str, scope: str, c: Counters) -> ResourceStats:
         max_wait_time=c.max_wait_time,
         hold_time=c.hold_time,
         max_hold_time=c.max_hold_time,
+        down=down,
     )

@@ -152,6 +152,9 @@ def render_stats(data: dict[str, Any]) -> str:
             f"{r['opened']:>8} {r['closed']:>8} {errors:>6} {r['timeouts']:>8} "
             f"{r['leaks']:>5} {wait:>17} {hold:>17}"
         )
+    for r in data["resources"]:
+        if r.get("down"):
+            lines.append(f"DOWN {r['name']}: {r['down']}")
     if data.get("pools"):
         lines += [
             "",

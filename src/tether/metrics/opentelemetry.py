@@ -125,6 +125,9 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
          "{error}", "Failed opens and failed closes of the resource."),
         (counter, "tether.resource.leaks", per_resource(lambda r: r.leaks),
          "{value}", "Values held past the leak threshold or used after their scope closed."),
+        (gauge, "tether.resource.down", per_resource(lambda r: 1.0 if r.down else 0.0),
+         "1", "1 while an app resource declared required=False is not open (the app runs "
+         "without it), else 0."),
         (up_down, "tether.units.in_flight", of_lifecycle(lambda: stats().units_in_flight),
          "{unit}", "Units of work (requests, jobs) in flight."),
         (counter, "tether.units.refused", of_lifecycle(lambda: stats().units_refused),

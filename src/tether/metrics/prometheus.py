@@ -85,8 +85,16 @@ class TetherCollector(Collector):
             "Requests waiting for a connection from the driver's pool.",
             labels=labels,
         )
+        down = GaugeMetricFamily(
+            "tether_resource_down",
+            "1 while an app resource declared required=False is not open (the app runs "
+            "without it), else 0.",
+            labels=labels,
+        )
         for name, r in stats.resources.items():
             key = [name, r.scope]
+            if r.scope == "app":
+                down.add_metric(key, 1.0 if r.down else 0.0)
             pool = stats.pools.get(name)
             if pool is None:
                 count.add_metric([*key, "used"], r.in_use)
@@ -105,7 +113,7 @@ class TetherCollector(Collector):
             errors.add_metric([*key, "open"], r.open_errors)
             errors.add_metric([*key, "close"], r.close_errors)
             leaks.add_metric(key, r.leaks)
-        yield from (count, pool_max, pending, max_used, timeouts, wait, use, errors, leaks)
+        yield from (count, pool_max, pending, max_used, timeouts, wait, use, errors, leaks, down)
         units = GaugeMetricFamily(
             "tether_units_in_flight", "Units of work (requests, jobs) in flight."
         )

@@ -42,10 +42,13 @@ pool = tpg.pool(
 )
 
 
-@lc.resource(scope="app")
-async def schema(pool: asyncpg.Pool) -> None:
-    """Create the table at startup (use migrations in a real service)."""
-    await pool.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, text text)")
+async def create_notes(c: asyncpg.Connection) -> None:
+    """The schema, version 1 (a real service would run its migrations here)."""
+    await c.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, text text)")
+
+
+# Run once per deployment, by the first worker to start; the others wait for it, then skip.
+schema = tpg.once(lc, pool, create_notes, key="notes-schema:1")
 
 
 # One connection per request. `tx` runs the request in a transaction: committed before the

@@ -43,11 +43,13 @@ pool = tpsy.pool(
 )
 
 
-@lc.resource(scope="app")
-async def schema(pool: tpsy.Pool) -> None:
-    """Create the table at startup (use migrations in a real service)."""
-    async with pool.connection() as c:
-        await c.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, text text)")
+async def create_notes(c: AsyncConnection[Any]) -> None:
+    """The schema, version 1 (a real service would run its migrations here)."""
+    await c.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, text text)")
+
+
+# Run once per deployment, by the first worker to start; the others wait for it, then skip.
+schema = tpsy.once(lc, pool, create_notes, key="notes-schema:1")
 
 
 # One connection per request: autocommit by default; `tx` runs the request in one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -101,10 +102,18 @@ def test_stats_watch_prints_until_interrupted(serve: type[Server]) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and a
+        # Python started so never raises KeyboardInterrupt: give the child ^C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
-    time.sleep(1.5)
-    proc.send_signal(2)  # SIGINT, as ^C
-    out, err = proc.communicate(timeout=10)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)  # as ^C
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0
     assert err == ""
     assert out.count("running: 0 in flight, ") >= 3

@@ -105,7 +105,15 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("acquire_timeout", "bound", "name", "pgbouncer", "shown", "waiting")
+    __slots__ = (
+        "acquire_timeout",
+        "bound",
+        "max_waiting",
+        "name",
+        "pgbouncer",
+        "shown",
+        "waiting",
+    )
 
     def __init__(self, name: str, acquire_timeout: float, shown: str, pgbouncer: bool) -> None:
         self.name = name
@@ -113,6 +121,7 @@ class _State:
         self.acquire_timeout = acquire_timeout
         self.shown = shown  # the DSN, password redacted
         self.waiting = 0  # units of work waiting for a connection right now
+        self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.bound = LoopBound(name)
 
 
@@ -153,6 +162,7 @@ def pool(
     min_size: int = 1,
     max_size: int = 10,
     acquire_timeout: float = 5.0,
+    max_waiting: int | None = None,
     connect_timeout: float = 5.0,
     pgbouncer: bool = False,
     budget: BudgetPolicy = "warn",
@@ -173,6 +183,10 @@ def pool(
         min_size, max_size: connections the pool keeps open at least, and opens at most.
         acquire_timeout: seconds a unit of work waits for a free connection before
             :class:`~tether.ResourceUnavailable` (503). :func:`connection` uses it.
+        max_waiting: the most units of work waiting for a connection at once (default: no
+            limit). With every connection in use and that many waiting, the next one is
+            refused at once (503) instead of waiting ``acquire_timeout`` for a connection
+            it would likely not get: under overload, latency stays bounded.
         connect_timeout: seconds to establish one connection.
         pgbouncer: the DSN points at PgBouncer in transaction or statement mode:
             ``statement_cache_size=0`` (unnamed statements, re-parsed each time), no
@@ -199,10 +213,14 @@ def pool(
     if not acquire_timeout > 0:
         msg = f"Pool {name!r}: acquire_timeout={acquire_timeout!r} must be a positive number."
         raise ValueError(msg)
+    if max_waiting is not None and max_waiting < 0:
+        msg = f"Pool {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
+        raise ValueError(msg)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         target = resolve_dsn(dsn)
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
+        state.max_waiting = max_waiting
         options = _create_pool_defaults()
         options.update(min_size=min_size, max_size=max_size, timeout=connect_timeout)
         if server_settings:
@@ -407,6 +425,20 @@ def _is_lost(conn: Any, exc: BaseException) -> bool:
 
 async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float) -> Any:
     if state is not None:
+        if (
+            state.max_waiting is not None
+            and state.waiting >= state.max_waiting
+            and p.get_idle_size() == 0
+            and p.get_size() >= p.get_max_size()
+        ):
+            reason = (
+                f"every connection is in use and {state.waiting} units of work already "
+                f"wait for one (max_waiting={state.max_waiting}); refused at once rather "
+                f"than queued"
+            )
+            raise unavailable(
+                pool_name, reason, size=_max_size(p), in_use=_in_use(p), waiting=state.waiting
+            )
         state.waiting += 1
     try:
         return await p.acquire(timeout=timeout)

@@ -110,6 +110,7 @@ class _PoolInfo:
         "engine",
         "lock",
         "max_overflow",
+        "max_waiting",
         "name",
         "pool_size",
         "pool_timeout",
@@ -124,6 +125,7 @@ class _PoolInfo:
         self.pool_timeout = pool_timeout
         self.shown_url = "?"
         self.waiting = 0  # units of work waiting for a connection right now
+        self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.engine: Engine | None = None  # the open engine (the sync one of an AsyncEngine)
         self.lock = threading.Lock()
 
@@ -135,8 +137,31 @@ class _PoolInfo:
         return self.pool_size + self.max_overflow
 
     def enter_wait(self) -> None:
+        """Count a unit of work waiting for a connection, or refuse it (``max_waiting``)."""
         with self.lock:
+            if self.max_waiting is not None and self.waiting >= self.max_waiting:
+                refused = self.too_many_waiting()
+                if refused is not None:
+                    raise refused
             self.waiting += 1
+
+    def too_many_waiting(self) -> ResourceUnavailable | None:
+        """The 503 for a unit of work past ``max_waiting``, if every connection is in use."""
+        pool: Any = self.engine.pool if self.engine is not None else None
+        checked_out = _pool_number(pool, "checkedout")
+        size = _pool_number(pool, "size")
+        max_overflow = getattr(pool, "_max_overflow", self.max_overflow)
+        if checked_out is None or size is None or max_overflow < 0:
+            return None
+        if checked_out < size + max_overflow:
+            return None  # a connection is free, or can be made: no wait to speak of
+        reason = (
+            f"every connection is in use and {self.waiting} units of work already wait for "
+            f"one (max_waiting={self.max_waiting}); refused at once rather than queued"
+        )
+        return unavailable(
+            self.name, reason, size=size + max_overflow, in_use=checked_out, waiting=self.waiting
+        )
 
     def leave_wait(self) -> None:
         with self.lock:
@@ -455,6 +480,7 @@ def engine(
     pool_size: int = 5,
     max_overflow: int = 0,
     pool_timeout: float = 5.0,
+    max_waiting: int | None = None,
     pool_pre_ping: bool = True,
     pgbouncer: bool = False,
     application_name: str | None = None,
@@ -478,6 +504,9 @@ def engine(
         pool_size, max_overflow, pool_timeout, pool_pre_ping: the pool (SQLAlchemy's own
             ``AsyncAdaptedQueuePool``). A unit of work that waits ``pool_timeout`` seconds
             for a connection gets a :class:`~tether.ResourceUnavailable` (503).
+        max_waiting: the most units of work waiting for a connection at once (default: no
+            limit). With every connection in use and that many waiting, the next one is
+            refused at once (503) instead of waiting ``pool_timeout``.
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
             so it never relies on named prepared statements surviving a transaction
             (asyncpg: no statement caches and unique statement names; psycopg:
@@ -496,7 +525,11 @@ def engine(
         **engine_kwargs: passed to ``create_async_engine`` (``echo``, ``connect_args``,
             ``pool_recycle``, ``poolclass``, ...).
     """
+    if max_waiting is not None and max_waiting < 0:
+        msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
+        raise ValueError(msg)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+    info.max_waiting = max_waiting
 
     async def open_engine() -> AsyncIterator[AsyncEngine]:
         u = _resolve_url(url)
@@ -670,6 +703,7 @@ def sync_engine(
     pool_size: int = 5,
     max_overflow: int = 0,
     pool_timeout: float = 5.0,
+    max_waiting: int | None = None,
     pool_pre_ping: bool = True,
     pgbouncer: bool = False,
     application_name: str | None = None,
@@ -689,7 +723,11 @@ def sync_engine(
     ``sqlite``, ...). It opens and closes in a thread; its default check runs
     ``SELECT 1`` in a thread too.
     """
+    if max_waiting is not None and max_waiting < 0:
+        msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
+        raise ValueError(msg)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+    info.max_waiting = max_waiting
 
     def open_engine() -> Iterator[Engine]:
         u = _resolve_url(url)

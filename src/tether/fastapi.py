@@ -743,16 +743,28 @@ class HttpUnit(Unit):
         watch = self.watch
         if watch is None:
             message: Message = await self._receive()
-            if not message.get("more_body", False):
+            if message["type"] == "http.disconnect":
+                self.went_away()
+            elif not message.get("more_body", False):
                 self.body_done = True
             return message
         buffer = watch.buffer
         while not buffer:
             if watch.disconnected:
+                self.went_away()
                 return {"type": "http.disconnect"}
             watch.arrived.clear()
             await watch.arrived.wait()
         return buffer.popleft()
+
+    def went_away(self) -> None:
+        """The app read ``http.disconnect``: what is still open closes as a failure.
+
+        A ``StreamingResponse`` on ASGI before 2.4 (uvicorn's) stops when its client goes
+        away and returns as if it had finished: without this, a ``release="response"``
+        value would close as a success (commit) under a body cut short."""
+        if self.entries and self.failure is None:
+            self.failure = ClientDisconnected(f"The client went away during {self.label}.")
 
     def start_watching(self) -> None:
         """Listen for the client going away (once the request body has been read)."""
@@ -1180,9 +1192,9 @@ class _LateResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         unit = self.unit
         unit._send = send
-        receive = unit.stop_watching(receive)
+        unit._receive = unit.stop_watching(receive)
         unit.watch = None
-        await _run(unit, self.response, scope, receive, current=False)
+        await _run(unit, self.response, scope, unit.receive, current=False)
 
     async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         unit = self.unit

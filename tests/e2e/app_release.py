@@ -78,6 +78,18 @@ async def stream(s: Annotated[dict[str, Any], Depends(stream_session)]) -> Strea
     return StreamingResponse(body(), media_type="text/plain")
 
 
+@app.get("/long-stream")
+async def long_stream(
+    s: Annotated[dict[str, Any], Depends(stream_session)],
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(3000):  # 30 s: the client goes away long before the end
+            await anyio.sleep(0.01)
+            yield f"chunk {i}\n".encode()
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
 @app.get("/slow")
 async def slow(
     s: Annotated[dict[str, Any], Depends(session)], seconds: float = 1.0

@@ -33,6 +33,22 @@ class TestReleasePointOnTheWire:
 
 
 class TestDisconnect:
+    def test_a_stream_cut_short_by_its_client_rolls_back(self, serve: type[Server]) -> None:
+        """The client reads two chunks of a release="response" stream and goes away: the
+        session sees ClientDisconnected (rolls back), never a commit, within a second.
+        (A StreamingResponse on uvicorn stops quietly when its client goes away.)"""
+        server = serve(APP)
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"GET /long-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while received.count(b"chunk") < 2:
+            received += sock.recv(4096)
+        sock.close()
+        server.wait_for("stream_session close", timeout=2)
+        events = server.events()
+        assert events[-2:] == ["stream_session rollback ClientDisconnected", "stream_session close"]
+        assert "stream_session commit" not in events
+
     def test_client_going_away_cancels_the_work_and_rolls_back(self, serve: type[Server]) -> None:
         """A client that disconnects mid-request ends its unit of work within a second."""
         server = serve(APP)

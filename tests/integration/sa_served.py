@@ -26,6 +26,7 @@ engine = tsa.engine(
     pool_size=2,
 )
 session = tsa.session(lc, engine)
+streaming = tsa.session(lc, engine, name="streaming", release="response")
 app = FastAPI(lifespan=lc.lifespan)
 
 Session = Annotated[AsyncSession, Depends(session)]
@@ -54,9 +55,25 @@ async def sse(s: Session) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+@app.get("/cursor")
+async def cursor(s: Annotated[AsyncSession, Depends(streaming)]) -> StreamingResponse:
+    """Writes a row, then streams rows from a server-side cursor as they are read, slowly
+    (pain.md T4.5): committed if the whole body goes out, rolled back if it does not."""
+    await s.execute(text("INSERT INTO cursor_marks VALUES (1)"))
+
+    async def rows() -> AsyncIterator[str]:
+        result = await s.stream_scalars(text("SELECT generate_series(1, 100000)"))
+        async for n in result:
+            yield f"data: {n}\n\n"
+            await anyio.sleep(0.01)
+
+    return StreamingResponse(rows(), media_type="text/event-stream")
+
+
 @app.get("/pool")
 async def pool(eng: Annotated[AsyncEngine, Depends(engine)]) -> dict[str, int]:
     return {
         "checked_out": eng.sync_engine.pool.checkedout(),  # type: ignore[attr-defined]
-        "sessions_in_use": lc.stats().resources["session"].in_use,
+        "sessions_in_use": lc.stats().resources["session"].in_use
+        + lc.stats().resources["streaming"].in_use,
     }

@@ -907,6 +907,41 @@ def test_connection_is_back_in_the_pool_while_an_sse_stream_is_open(
     assert events[0].startswith("data: 0 ")
 
 
+def test_client_closing_a_stream_over_a_server_side_cursor_frees_the_backend(
+    served: tuple[Server, str], postgres: Postgres
+) -> None:
+    """The handler writes a row, then the body streams from a server-side cursor
+    (`stream_scalars`) with a release="response" session; the client reads three events and
+    goes away (pain.md T4.5). Within a second nothing of the app runs a query or holds a
+    transaction on the server, the row is rolled back (a body cut short is a failure), the
+    session and its connection are back, and the next requests succeed."""
+    server, name = served
+    postgres.sql("CREATE TABLE IF NOT EXISTS cursor_marks (k int)")
+    postgres.sql("TRUNCATE cursor_marks")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"GET /cursor HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(4096)
+    assert busy(postgres, name), "the cursor's transaction is open while the body streams"
+    sock.close()
+    gone = time.monotonic()
+    while busy(postgres, name):
+        assert time.monotonic() - gone < 1.0, busy(postgres, name)
+        time.sleep(0.02)
+    assert postgres.sql("SELECT count(*) FROM cursor_marks") == [(0,)]
+    assert eventually(
+        lambda: (
+            httpx.get(f"{server.base_url}/pool", timeout=5).json()
+            == {"checked_out": 0, "sessions_in_use": 0}
+        )
+    )
+    with httpx.Client(base_url=server.base_url, timeout=5) as client:
+        for _ in range(20):
+            assert client.get("/ok").status_code == 200
+    assert "Traceback" not in server.output()
+
+
 def test_client_disconnect_during_pg_sleep_frees_the_backend(
     served: tuple[Server, str], postgres: Postgres
 ) -> None:

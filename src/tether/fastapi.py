@@ -987,6 +987,8 @@ async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
         return
     if _client_gone(unit, exc):
         await unit.aclose(unit.failure)
+        if unit.state == 0:
+            await _answer(unit._send, _GONE_STATUS, _GONE, None)
         return
     errors = await unit.aclose(exc)
     if isinstance(exc, ResourceUnavailable) and unit.state == 0:
@@ -1146,12 +1148,13 @@ async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
 
 async def _handler_failed(unit: HttpUnit, exc: BaseException, again: bool = False) -> Any:
     """The handler raised: close with that failure, then answer 503 for
-    `ResourceUnavailable`, nothing for a client that went away, else re-raise.
+    `ResourceUnavailable`, 499 for a client that went away (the server drops it), else
+    re-raise.
 
     *again*: the route may run again (`idempotent`) if the connection was lost."""
     if _client_gone(unit, exc):
         await unit.aclose(unit.failure)
-        return _Silent()
+        return _response(_GONE_STATUS, _GONE, None)
     errors = await unit.aclose(exc)
     # Not a request with a form body: its files are closed by now.
     if again and getattr(unit.request, "_form", None) is None:
@@ -1208,11 +1211,11 @@ class _LateResponse:
         return False
 
 
-class _Silent:
-    """The response to a client that went away: nothing is sent."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        return None
+# The answer to a client that went away (nginx's "client closed request"). The server drops
+# it (uvicorn ignores what is sent after a disconnect), but a BaseHTTPMiddleware in the stack
+# needs a response from the app, or raises "No response returned." and logs a traceback.
+_GONE_STATUS = 499
+_GONE = "The client closed the request before the response."
 
 
 def _response(status: int, detail: str, retry_after: float | None) -> Any:

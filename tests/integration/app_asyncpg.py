@@ -3,11 +3,14 @@
 Its DSN and application_name come from the environment, read when the lifespan starts.
 """
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 import tether
@@ -23,8 +26,22 @@ pool = tpg.pool(
 )
 conn = tpg.connection(lc, pool)
 tx = tpg.connection(lc, pool, name="tx", transaction=True)
+stream_tx = tpg.connection(lc, pool, name="stream_tx", transaction=True, release="response")
 
 app = FastAPI(lifespan=lc.lifespan)
+
+if os.environ.get("TETHER_TEST_MIDDLEWARE"):
+    # A BaseHTTPMiddleware in the stack (pain.md T4.1: disconnects with and without one).
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    async def passthrough(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        response.headers["x-mw"] = "1"
+        return response
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
 
 Conn = Annotated[asyncpg.Connection, Depends(conn)]
 Tx = Annotated[asyncpg.Connection, Depends(tx)]
@@ -76,6 +93,22 @@ async def write_slow(table: str, key: int, c: Tx, seconds: float = 0.3) -> dict[
     await c.execute(f"INSERT INTO {table} (k) VALUES ($1)", key)
     await c.execute("SELECT pg_sleep($1)", seconds)
     return {"status": "written"}
+
+
+@writes.get("/write-then-stream/{table}/{key}")
+async def write_then_stream(
+    table: str, key: int, c: Annotated[asyncpg.Connection, Depends(stream_tx)]
+) -> StreamingResponse:
+    # A write, then a long body streamed in the same transaction: committed only if the
+    # whole body goes out.
+    await c.execute(f"INSERT INTO {table} (k) VALUES ($1)", key)
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(3000):
+            yield f"chunk {i} {await c.fetchval('SELECT $1::int', i)}\n".encode()
+            await asyncio.sleep(0.01)
+
+    return StreamingResponse(body(), media_type="text/plain")
 
 
 app.include_router(writes)

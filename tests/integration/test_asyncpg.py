@@ -154,18 +154,30 @@ class TestConnectionPerRequest:
 # --------------------------------------------------------------------------- disconnects
 
 
+MIDDLEWARE = pytest.mark.parametrize(
+    "middleware", [False, True], ids=["plain", "BaseHTTPMiddleware"]
+)
+
+
+def serve_asyncpg_app(
+    postgres: Postgres, tmp_path: Path, name: str, *, middleware: bool = False
+) -> Server:
+    env = {"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name}
+    if middleware:
+        env["TETHER_TEST_MIDDLEWARE"] = "1"
+    return Server("tests.integration.app_asyncpg:app", tmp_path, env=env)
+
+
 class TestDisconnect:
+    @MIDDLEWARE
     def test_client_going_away_cancels_the_query_on_the_server(
-        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest
+        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest, middleware: bool
     ) -> None:
-        """A client leaving during pg_sleep(5) (GET, and POST with a JSON body): within 1 s
-        no backend is busy, then 100 OK."""
+        """A client leaving during pg_sleep(5) (GET, and POST with a JSON body), with and
+        without a BaseHTTPMiddleware in the stack: within 1 s no backend is busy, then
+        100 OK."""
         name = unique(request)
-        server = Server(
-            "tests.integration.app_asyncpg:app",
-            tmp_path,
-            env={"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name},
-        )
+        server = serve_asyncpg_app(postgres, tmp_path, name, middleware=middleware)
         try:
             body = b'{"seconds": 5}'
             requests = {
@@ -197,6 +209,35 @@ class TestDisconnect:
                     assert response.status_code == 200, response.text
                     assert response.json()["fresh_tx"] is True  # no transaction left open
             assert len(postgres.activity(name)) <= 2  # max_size=2: nothing leaked
+            assert "Traceback" not in server.output()
+        finally:
+            server.stop()
+
+    @MIDDLEWARE
+    def test_a_stream_cut_short_rolls_back_its_transaction(
+        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest, middleware: bool
+    ) -> None:
+        """A write, then a body streamed in the same transaction (release="response"); the
+        client reads a few chunks and goes away, with and without a BaseHTTPMiddleware: the
+        row is rolled back and no backend is busy within 1 s; a client that reads the whole
+        of a short stream gets its row committed."""
+        name = unique(request)
+        table = f"cut_{uuid.uuid4().hex[:8]}"
+        postgres.sql(f"CREATE TABLE {table} (k int PRIMARY KEY)")
+        server = serve_asyncpg_app(postgres, tmp_path, name, middleware=middleware)
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(f"GET /write-then-stream/{table}/1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            received = b""
+            while received.count(b"chunk") < 3:
+                received += sock.recv(4096)
+            assert any(r["state"] in BUSY for r in postgres.activity(name))
+            sock.close()
+            took = wait_until(
+                lambda: not any(r["state"] in BUSY for r in postgres.activity(name)), timeout=3
+            )
+            assert took < 1.0, f"backends busy for {took:.2f} s after the disconnect"
+            assert postgres.sql(f"SELECT count(*) FROM {table}") == [(0,)]
             assert "Traceback" not in server.output()
         finally:
             server.stop()

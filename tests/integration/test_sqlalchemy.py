@@ -1016,3 +1016,67 @@ def test_docs_example_on_postgres(postgres: Postgres, monkeypatch: pytest.Monkey
 def test_docs_example_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'notes.db'}")
     drive_example(load_example("sqlalchemy_app_sqlite", monkeypatch))
+
+
+# --------------------------------------------------------------------------- use after close
+
+CLOSED = (
+    "Session 'session' was closed by tether at the end of its unit of work (in a request, "
+    "release='handler' closes it when the endpoint returns, before the response), and cannot "
+    "be used again: it would take a connection outside any unit of work. A StreamingResponse "
+    "body that queries needs release='response'; a background task, a session of its own "
+    "(`async with lc.scope() as s: await s.get(session)`)."
+)
+
+
+def test_a_session_used_after_its_unit_of_work_is_loud(postgres: Postgres) -> None:
+    """A StreamingResponse body that queries the (handler-released) session: the query raises
+    ResourceClosedError naming the session and the fix, counted as a leak, and no connection
+    is taken from the pool, none left idle in a transaction (pain.md T2.3). The same session
+    declared release="response" streams."""
+    name = app_name()
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=2,
+                     application_name=name)  # fmt: skip
+    session = tsa.session(lc, eng)
+    streaming = tsa.session(lc, eng, name="streaming", release="response")
+    app = FastAPI(lifespan=lc.lifespan)
+
+    def body(s: AsyncSession) -> StreamingResponse:
+        async def rows() -> AsyncIterator[str]:
+            yield "first\n"
+            yield f"{(await s.execute(text('SELECT 42'))).scalar_one()}\n"
+
+        return StreamingResponse(rows())
+
+    @app.get("/released")
+    async def released(s: Annotated[AsyncSession, Depends(session)]) -> StreamingResponse:
+        return body(s)
+
+    @app.get("/streaming")
+    async def streams(s: Annotated[AsyncSession, Depends(streaming)]) -> StreamingResponse:
+        return body(s)
+
+    with TestClient(app) as client:
+        with pytest.raises(tether.ResourceClosedError, match=exactly(CLOSED)):
+            client.get("/released")
+        assert lc.get(eng).sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert lc.stats().resources["session"].leaks == 1
+        assert [r["state"] for r in postgres.activity(name)] in ([], ["idle"], ["idle"] * 2)
+        assert client.get("/streaming").text == "first\n42\n"
+
+
+def test_a_sync_session_used_after_its_scope_is_loud(postgres: Postgres) -> None:
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), pool_size=1)
+    session = tsa.sync_session(lc, eng)
+
+    async def main() -> None:
+        async with lc.run():
+            async with lc.scope() as s:
+                kept = await s.get(session)
+            with pytest.raises(tether.ResourceClosedError, match=exactly(CLOSED)):
+                kept.execute(text("SELECT 1"))
+            assert lc.get(eng).pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    anyio.run(main)

@@ -72,7 +72,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, describe
+from .._errors import ResourceClosedError, ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -589,6 +589,58 @@ def engine(
     return cast("Resource[AsyncEngine]", res)
 
 
+# --------------------------------------------------------------------------- use after close
+
+
+class _Guarded:
+    """Mixed into the sessions tether hands out: once tether has closed one, starting a
+    transaction on it again (what any use of a closed ``Session`` does: it would check a
+    connection out of the pool, outside any unit of work, until the garbage collector
+    finds it) raises :class:`ResourceClosedError` instead, and counts a leak."""
+
+    _tether_closed: tuple[str, Resource[Any]] | None = None
+
+    def _autobegin_t(self, begin: bool = False) -> Any:
+        closed = self._tether_closed
+        if closed is not None:
+            message, res = closed
+            res.counters.leaks += 1
+            raise ResourceClosedError(message, resource=res.name)
+        return super()._autobegin_t(begin)  # type: ignore[misc]
+
+
+_guarded_classes: dict[type[Any], type[Any]] = {}
+
+
+def _guarded(cls: type[Any]) -> type[Any]:
+    """*cls* (``Session`` or the user's ``sync_session_class``) with the guard mixed in."""
+    guarded = _guarded_classes.get(cls)
+    if guarded is None:
+        guarded = _guarded_classes[cls] = type(f"Guarded{cls.__name__}", (_Guarded, cls), {})
+    return guarded
+
+
+def _closed_message(name: str, release: str) -> str:
+    when = (
+        "release='handler' closes it when the endpoint returns, before the response"
+        if release == "handler"
+        else "release='response' closes it after the response"
+    )
+    return (
+        f"Session {name!r} was closed by tether at the end of its unit of work (in a "
+        f"request, {when}), and cannot be used again: it would take a connection outside any "
+        f"unit of work. A StreamingResponse body that queries needs release='response'; a "
+        f"background task, a session of its own "
+        f"(`async with lc.scope() as s: await s.get({name})`)."
+    )
+
+
+def _mark_closed(session: Any, message: str, res: Resource[Any]) -> None:
+    sync = getattr(session, "sync_session", session)
+    if isinstance(sync, _Guarded):
+        sync._tether_closed = (message, res)
+
+
 # --------------------------------------------------------------------------- async session
 
 
@@ -657,6 +709,8 @@ def session(
         if info.engine is None:
             info.engine = eng.sync_engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
+        sync_class = _guarded(extra.get("sync_session_class") or Session)
+        extra = {**extra, "sync_session_class": sync_class}
         s = AsyncSession(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
@@ -684,7 +738,9 @@ def session(
             await s.commit()
         finally:
             await s.close()
+            _mark_closed(s, closed_message, res)
 
+    closed_message = _closed_message(name, release)
     res: Resource[AsyncSession] = lc.resource(
         name=name, release=release, error_status=error_status
     )(depends_on(open_session, engine))
@@ -848,7 +904,7 @@ def sync_session(
         if info.engine is None:
             info.engine = eng if isinstance(eng, Engine) else eng.engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
-        s = Session(eng, expire_on_commit=expire_on_commit, **extra)
+        s = _guarded(Session)(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             try:
@@ -874,7 +930,9 @@ def sync_session(
             s.commit()
         finally:
             s.close()
+            _mark_closed(s, closed_message, res)
 
+    closed_message = _closed_message(name, release)
     res: Resource[Session] = lc.resource(
         name=name, release=release, error_status=error_status, concurrency=max(1, limit)
     )(depends_on(open_session, engine))

@@ -21,6 +21,7 @@ BudgetPolicy = Literal["warn", "error", "off"]
 
 __all__ = [
     "LOST_NOTE",
+    "RESET_SESSION",
     "BudgetPolicy",
     "connect_or_close",
     "Dsn",
@@ -35,6 +36,14 @@ __all__ = [
     "unreachable",
     "workers",
 ]
+
+
+#: What a unit of work may leave on a PostgreSQL session, undone before the next one gets the
+#: connection: ``SET`` (``RESET ALL``), ``SET ROLE`` (which ``RESET ALL`` leaves), cursors,
+#: ``LISTEN``, session advisory locks. One round trip (the simple query protocol runs the
+#: statements in one message); asyncpg's own reset is the same minus ``RESET ROLE``. Temporary
+#: tables stay (``DISCARD ALL`` would also drop the drivers' prepared statements).
+RESET_SESSION = "RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all()"
 
 
 def resolve_dsn(dsn: Dsn) -> str:

@@ -64,6 +64,7 @@ from .._stats import PoolStats
 from . import _once
 from ._common import (
     LOST_NOTE,
+    RESET_SESSION,
     BudgetPolicy,
     Dsn,
     LoopBound,
@@ -154,6 +155,12 @@ async def _no_reset(conn: Any) -> None:
     """PgBouncer transaction mode: no session state to reset (asyncpg still rolls back)."""
 
 
+async def _reset(conn: Any) -> None:
+    """asyncpg's reset on release, with ``RESET ROLE`` too (a ``SET ROLE`` survives asyncpg's
+    own ``RESET ALL``): one round trip, as asyncpg's."""
+    await conn.execute(RESET_SESSION)
+
+
 def pool(
     lc: Lifecycle,
     dsn: Dsn,
@@ -225,10 +232,10 @@ def pool(
         options.update(min_size=min_size, max_size=max_size, timeout=connect_timeout)
         if server_settings:
             options["server_settings"] = dict(server_settings)
+        if "reset" in options:  # asyncpg >= 0.30
+            options["reset"] = _no_reset if pgbouncer else _reset
         if pgbouncer:
             options["statement_cache_size"] = 0
-            if "reset" in options:  # asyncpg >= 0.30
-                options["reset"] = _no_reset
         options.update(kw)
         p = Pool(target, tether=state, **options)
         try:

@@ -66,6 +66,7 @@ from .._stats import PoolStats
 from . import _once
 from ._common import (
     LOST_NOTE,
+    RESET_SESSION,
     BudgetPolicy,
     Dsn,
     LoopBound,
@@ -95,10 +96,11 @@ Connection = psycopg.AsyncConnection[Any]
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("bound", "name", "shown", "timeout")
+    __slots__ = ("bound", "name", "pgbouncer", "shown", "timeout")
 
-    def __init__(self, name: str, timeout: float, shown: str) -> None:
+    def __init__(self, name: str, timeout: float, shown: str, pgbouncer: bool = False) -> None:
         self.name = name
+        self.pgbouncer = pgbouncer
         self.timeout = timeout
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
@@ -176,7 +178,7 @@ def pool(
 
     async def open_pool() -> AsyncIterator[Pool]:
         target = resolve_dsn(conninfo)
-        state = _State(name, timeout, redact(target))
+        state = _State(name, timeout, redact(target), pgbouncer)
         connect_kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, **(kwargs or {})}
         if pgbouncer:
             connect_kwargs["prepare_threshold"] = None
@@ -184,6 +186,7 @@ def pool(
             "check": AsyncConnectionPool.check_connection if pre_ping else None,
             **pool_kw,
         }
+
         # One connection by hand first: an unreachable database fails at once, with
         # libpq's reason (the pool would retry quietly until open_timeout), and it reads
         # max_connections for the budget before the pool opens any.
@@ -310,6 +313,7 @@ def connection(
     error_status: Callable[[int], bool] | None = None,
     timeout: float | None = None,
     reset_timeout: float = 5.0,
+    reset_session: bool = True,
 ) -> Resource[Connection]:
     """Register a connection of *pool* as a request resource of *lc*; return the resource.
 
@@ -330,11 +334,17 @@ def connection(
         timeout: seconds to wait for a free connection (default: the pool's).
         reset_timeout: seconds a rollback may take; past it (or if it fails) the
             connection is closed, and the pool replaces it.
+        reset_session: before the connection goes back, undo what the unit of work left on
+            the session (``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks), as
+            asyncpg's pool does: one round trip per unit of work. ``False`` skips it, for
+            code that never changes the session (the next unit of work would inherit it).
     """
     pool_name = pool.name
 
     async def open_connection(p: Any) -> AsyncIterator[Connection]:
         conn = await _getconn(p, pool_name, timeout)
+        state: _State | None = getattr(p, "_tether", None)
+        reset = reset_session and (state is None or not state.pgbouncer)
         try:
             await conn.set_autocommit(not transaction)
         except BaseException:
@@ -371,6 +381,8 @@ def connection(
         finally:
             # psycopg's pool checks what comes back: a transaction left open is rolled
             # back, a connection mid-query or broken is closed and replaced.
+            if reset:
+                await _reset_session(conn, name, reset_timeout)
             await p.putconn(conn)
 
     return lc.resource(name=name, release=release, error_status=error_status)(
@@ -548,3 +560,35 @@ async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
             await other.execute(_PARAM.sub("%s", _once.STOP_WAITING), (pid, locks))
     except Exception as exc:
         log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)
+
+
+async def _reset_session(conn: Connection, name: str, within: float) -> None:
+    """Undo what the unit of work left on the session before the connection goes back
+    (``RESET_SESSION``: ``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks), as
+    asyncpg's pool does on release: one round trip, in autocommit (the connection is idle:
+    switching costs none). psycopg's pool has a ``reset=`` hook, but it returns the
+    connection from a worker task later, not before ``putconn`` returns. A connection that
+    cannot be reset in *within* seconds is closed, and the pool replaces it."""
+    if conn.closed or conn.broken:
+        return
+    status = conn.info.transaction_status
+    if status not in (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        return  # mid-query: psycopg's pool closes it
+    try:
+        async with asyncio.timeout(within):
+            if status != TransactionStatus.IDLE:
+                await conn.rollback()
+            autocommit = conn.autocommit
+            if not autocommit:
+                await conn.set_autocommit(True)
+            await conn.execute(RESET_SESSION)
+            if not autocommit:
+                await conn.set_autocommit(False)
+    except Exception as exc:
+        log.warning(
+            "tether: %r: could not reset the connection's session (%s); closed (the pool "
+            "replaces it)",
+            name,
+            describe(exc),
+        )
+        await conn.close()

@@ -44,6 +44,7 @@ Passwords never appear in tether's errors and logs: URLs are shown with
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import threading
@@ -68,6 +69,7 @@ try:
     )
     from sqlalchemy.orm import Session
     from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+    from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
     raise ImportError(msg) from exc
@@ -77,6 +79,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    RESET_SESSION,
     BudgetPolicy,
     LoopBound,
     check_budget,
@@ -267,6 +270,57 @@ def _replace_on_read_only(eng: Engine) -> None:
             context.is_disconnect = True
 
     event.listen(eng, "handle_error", handle_error)
+
+
+def _reset_sessions(eng: Engine, name: str) -> None:
+    """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
+    of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
+    cursors, ``LISTEN``, advisory locks), as asyncpg's pool does: one round trip. A connection
+    that cannot be reset is invalidated, never handed to the next unit of work as it was."""
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is None:
+            return  # invalidated: it is not coming back
+        try:
+            _reset_driver(dbapi_connection)
+        except Exception as exc:
+            log.warning(
+                "tether: engine %r: could not reset a connection's session (%s); discarded",
+                name,
+                _describe_db(exc),
+            )
+            try:
+                record.invalidate(exc)
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+
+    event.listen(eng, "checkin", checkin)
+
+
+def _reset_driver(dbapi_connection: Any) -> None:
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    package = type(driver).__module__.partition(".")[0]
+    if package == "asyncpg":
+        await_only(driver.execute(RESET_SESSION))  # no transaction open: it stays none
+    elif package in ("psycopg", "psycopg2"):
+        # In autocommit, so the reset opens no transaction (the connection is idle here:
+        # switching costs no round trip).
+        is_async = inspect.iscoroutinefunction(driver.commit)
+        autocommit = driver.autocommit
+        if is_async:
+            if not autocommit:
+                await_only(driver.set_autocommit(True))
+            await_only(driver.execute(RESET_SESSION))
+            if not autocommit:
+                await_only(driver.set_autocommit(False))
+        else:
+            driver.autocommit = True
+            cursor = driver.cursor()
+            try:
+                cursor.execute(RESET_SESSION)
+            finally:
+                cursor.close()
+                driver.autocommit = autocommit
 
 
 def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
@@ -482,6 +536,7 @@ def engine(
     pool_timeout: float = 5.0,
     max_waiting: int | None = None,
     pool_pre_ping: bool = True,
+    reset_session: bool = True,
     pgbouncer: bool = False,
     application_name: str | None = None,
     connect_timeout: float | None = 10.0,
@@ -507,6 +562,10 @@ def engine(
         max_waiting: the most units of work waiting for a connection at once (default: no
             limit). With every connection in use and that many waiting, the next one is
             refused at once (503) instead of waiting ``pool_timeout``.
+        reset_session: on PostgreSQL, when a connection goes back to the pool, undo what
+            the unit of work left on its session (``SET``, ``SET ROLE``, cursors, ``LISTEN``,
+            advisory locks), as asyncpg's pool does: one round trip. ``False`` skips it, for
+            code that never changes the session (the next unit of work would inherit it).
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
             so it never relies on named prepared statements surviving a transaction
             (asyncpg: no statement caches and unique statement names; psycopg:
@@ -550,6 +609,8 @@ def engine(
             options["poolclass"] = _loop_bound_pool(LoopBound(name))
         eng = create_async_engine(u, **options)
         _replace_on_read_only(eng.sync_engine)
+        if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
+            _reset_sessions(eng.sync_engine, name)
         try:
             server_max: int | None = None
             try:
@@ -761,6 +822,7 @@ def sync_engine(
     pool_timeout: float = 5.0,
     max_waiting: int | None = None,
     pool_pre_ping: bool = True,
+    reset_session: bool = True,
     pgbouncer: bool = False,
     application_name: str | None = None,
     connect_timeout: float | None = 10.0,
@@ -802,6 +864,8 @@ def sync_engine(
         )
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
+        if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
+            _reset_sessions(eng, name)
         try:
             server_max: int | None = None
             try:

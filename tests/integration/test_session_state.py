@@ -1,0 +1,125 @@
+"""What a unit of work leaves on a pooled connection does not reach the next one
+(reliability.md, test 15; asyncpg's pool resets its connections the same way).
+
+A pool of one connection; one request changes the session (`SET`, `SET ROLE`, an advisory
+lock, `LISTEN`, an open cursor, in a committed transaction and outside one); the next request,
+on the same backend, sees none of it.
+"""
+
+from typing import Any
+
+import anyio
+import pytest
+
+import tether
+from tests.servers import Postgres
+from tether.integrations import asyncpg as tpg
+from tether.integrations import psycopg as tpsy
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+DIRTY = [
+    "SET statement_timeout = '123s'",
+    "SET search_path TO nowhere, public",
+    "SET ROLE once_reader",
+    "SELECT pg_advisory_lock(4242)",
+    "LISTEN tether_chan",
+]
+CHECK = (
+    "SELECT pg_backend_pid(), current_setting('statement_timeout'), "
+    "current_setting('search_path'), current_user, "
+    "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), "
+    "(SELECT count(*) FROM pg_listening_channels())"
+)
+
+
+class Driver:
+    def __init__(self, kind: str, transaction: bool) -> None:
+        self.kind, self.transaction = kind, transaction
+
+    def make(self, lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+        if self.kind == "asyncpg":
+            pool = tpg.pool(lc, pg.dsn, min_size=1, max_size=1)
+            return tpg.connection(lc, pool, transaction=self.transaction)
+        if self.kind == "psycopg":
+            ppool = tpsy.pool(lc, pg.dsn, min_size=1, max_size=1)
+            return tpsy.connection(lc, ppool, transaction=self.transaction)
+        if self.kind == "sync":
+            sync = tsa.sync_engine(lc, pg.url("postgresql+psycopg"), pool_size=1)
+            return tsa.sync_session(lc, sync)
+        engine = tsa.engine(lc, pg.url(self.kind), pool_size=1)
+        return tsa.session(lc, engine)
+
+    async def execute(self, c: Any, sql: str) -> None:
+        if self.kind == "sync":
+            from sqlalchemy import text
+
+            c.execute(text(sql))
+        elif self.kind.startswith("postgresql+"):
+            from sqlalchemy import text
+
+            await c.execute(text(sql))
+        else:
+            await c.execute(sql)
+
+    async def fetch(self, c: Any, sql: str) -> tuple[Any, ...]:
+        if self.kind == "sync":
+            from sqlalchemy import text
+
+            return tuple(c.execute(text(sql)).one())
+        if self.kind.startswith("postgresql+"):
+            from sqlalchemy import text
+
+            return tuple((await c.execute(text(sql))).one())
+        if self.kind == "psycopg":
+            return tuple(await (await c.execute(sql)).fetchone())
+        return tuple(await c.fetchrow(sql))
+
+
+DRIVERS = [
+    Driver("asyncpg", False),
+    Driver("asyncpg", True),
+    Driver("psycopg", False),
+    Driver("psycopg", True),
+    Driver("postgresql+asyncpg", True),
+    Driver("postgresql+psycopg", True),
+    Driver("sync", True),
+]
+IDS = [
+    "asyncpg",
+    "asyncpg-tx",
+    "psycopg",
+    "psycopg-tx",
+    "sqlalchemy-asyncpg",
+    "sqlalchemy-psycopg",
+    "sqlalchemy-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def role(postgres: Postgres) -> None:
+    postgres.sql("DO $$ BEGIN CREATE ROLE once_reader; EXCEPTION WHEN duplicate_object "
+                 "THEN NULL; END $$")  # fmt: skip
+    postgres.sql("GRANT once_reader TO tether")
+
+
+@pytest.mark.parametrize("driver", DRIVERS, ids=IDS)
+async def test_the_next_unit_of_work_gets_a_clean_session(
+    postgres: Postgres, role: None, driver: Driver
+) -> None:
+    lc = tether.Lifecycle()
+    conn = driver.make(lc, postgres)
+    async with lc.run():
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            clean = await driver.fetch(c, CHECK)
+            for sql in DIRTY:
+                await driver.execute(c, sql)
+            dirty = await driver.fetch(c, CHECK)
+        assert dirty[1:5] == ("123s", "nowhere, public", "once_reader", 1)  # LISTEN: at commit
+        async with lc.scope() as s:
+            after = await driver.fetch(await s.get(conn), CHECK)
+        assert after[0] == clean[0]  # the same backend: reset, not replaced
+        assert after[1:] == clean[1:]
+    await anyio.sleep(0)

@@ -11,7 +11,7 @@ PYTHON_MATRIX := 3.13
 # The integration suite and the metrics exporters' tests also run on the extras' lower bounds
 # (pyproject.toml), so they stay true. FastAPI's own floor: its latest releases need a newer
 # opentelemetry-api than tether's extra does.
-FLOORS := "asyncpg==0.29.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
+FLOORS := "asyncpg==0.30.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
   "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*" \
   "fastapi==0.115.*" "opentelemetry-api==1.20.*" "opentelemetry-sdk==1.20.*"
 

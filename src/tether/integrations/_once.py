@@ -20,11 +20,95 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._common import depends_on
+
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+    from .._resource import Resource
 
 log = logging.getLogger("tether")
 
-__all__ = ["STOP_WAITING", "Session", "check_arguments", "lock_id", "lock_ids", "run"]
+__all__ = ["DOC", "STOP_WAITING", "Job", "RowSession", "Session", "declare", "lock_id", "run"]
+
+#: The docstring of each integration's ``once``, with what differs filled in.
+DOC = """Register an app resource that runs *fn* once per deployment; return the resource.
+
+    For work every worker process would otherwise do at the same time at startup: migrate
+    the schema, seed a table. The first worker to start runs ``await fn(conn)`` on a
+    connection of *{dep}*, inside a transaction holding a transaction-level advisory lock
+    for *key*, and records *key* done in *table* in the same transaction. Workers that
+    start meanwhile wait for the lock, then find *key* recorded and skip; so does every
+    later start, until *key* changes. If *fn* fails, its transaction rolls back, nothing
+    is recorded, the app does not start (:class:`~tether.StartupError`), and the next
+    worker tries. The resource's value is ``True`` in the process that ran *fn*.
+
+    Args:
+        fn: ``async def migrate(conn)``, given {conn}. It runs inside the transaction: what
+            it does on *conn* commits with the record, or not at all. It must not commit or
+            roll back that transaction ({nested} inside is a savepoint).{extra}
+        key: names the work and its version, e.g. ``f"schema:{{VERSION}}"``: the work runs
+            once per key.
+        name: the resource's name (default: *fn*'s).
+        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
+            work that is safe to repeat, and roles that may not create *table*).
+        table: where done keys are recorded; created if missing.
+        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
+            the app does not start.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One ``once(...)`` declaration, checked."""
+
+    name: str
+    key: str
+    fn: Callable[[Any], Awaitable[Any]]
+    record: bool
+    table: str
+
+    @property
+    def locks(self) -> list[int]:
+        """The advisory locks a run may wait for: the key's, and the table's."""
+        return [lock_id(self.key), lock_id(f"table:{self.table}")]
+
+
+def declare(
+    lc: Lifecycle,
+    dep: Resource[Any],
+    fn: Callable[..., Any],
+    *,
+    key: str,
+    name: str | None,
+    record: bool,
+    table: str,
+    timeout: float | None,
+    run_with: Callable[[Any, Job], Awaitable[bool]],
+) -> Resource[bool]:
+    """Check the arguments now (not at the next deployment) and register the app resource,
+    which runs ``run_with(value of dep, job)``."""
+    label: str = name or getattr(fn, "__name__", None) or "once"
+    job = Job(label, key, check_arguments(label, fn, key, table), record, table)
+
+    async def run_once(value: Any) -> bool:
+        return await run_with(value, job)
+
+    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, dep))
+
+
+class RowSession:
+    """``fetchval`` for the sessions whose driver only gives rows."""
+
+    async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        raise NotImplementedError
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -58,13 +142,8 @@ def lock_id(text: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock_ids(key: str, table: str) -> list[int]:
-    """The advisory locks a run for *key* may wait for: the key's, and the table's."""
-    return [lock_id(key), lock_id(f"table:{table}")]
-
-
 #: Run on another connection after a failed run, with the failed connection's backend pid
-#: and :func:`lock_ids`: ends that backend if it still holds or waits for one of the locks.
+#: and :attr:`Job.locks`: ends that backend if it still holds or waits for one of the locks.
 #: A driver cannot always cancel a query it abandons (psycopg gives up when the task is
 #: cancelled during the cancel request), and a backend waiting for a lock does not notice
 #: its client is gone: it would take the lock later, and hold it until something reads
@@ -149,21 +228,14 @@ async def _ensure_table(db: Session, name: str, table: str) -> None:
     await db.commit()
 
 
-async def run(
-    db: Session,
-    *,
-    name: str,
-    key: str,
-    fn: Callable[[Any], Awaitable[Any]],
-    record: bool,
-    table: str,
-) -> bool:
-    """Run *fn* once for *key* across every process sharing the database.
+async def run(db: Session, job: Job) -> bool:
+    """Run the job's function once for its key across every process sharing the database.
 
     Returns whether this process ran it (``False``: found it recorded done). Any failure
     propagates; the caller discards the connection then (so the server ends the
     transaction and frees the lock), and nothing is recorded: the next worker tries.
     """
+    name, key, fn, record, table = job.name, job.key, job.fn, job.record, job.table
     if record:
         await _ensure_table(db, name, table)
     await db.begin()

@@ -459,7 +459,7 @@ async def _rollback(conn: Connection, name: str, within: float) -> None:
 # --------------------------------------------------------------------------- once
 
 
-class _OnceSession:
+class _OnceSession(_once.RowSession):
     """One connection of the pool, in autocommit mode with explicit ``BEGIN`` and ``COMMIT``
     (so ``conn.transaction()`` in the user's function is a savepoint), for
     :func:`tether.integrations._once.run`."""
@@ -472,10 +472,6 @@ class _OnceSession:
 
     async def commit(self) -> None:
         await self.connection.execute("COMMIT")
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        row = await self.fetchrow(sql, *args)
-        return None if row is None else row[0]
 
     async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
         async with self.connection.cursor(row_factory=tuple_row) as cur:
@@ -500,57 +496,37 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
-    """Register an app resource that runs *fn* once per deployment; return the resource.
-
-    For work every worker process would otherwise do at the same time at startup: migrate
-    the schema, seed a table. The first worker to start runs ``await fn(conn)`` on a
-    connection of *pool*, inside a transaction holding a transaction-level advisory lock
-    for *key*, and records *key* done in *table* in the same transaction. Workers that
-    start meanwhile wait for the lock, then find *key* recorded and skip; so does every
-    later start, until *key* changes. If *fn* fails, its transaction rolls back, nothing
-    is recorded, the app does not start (:class:`~tether.StartupError`), and the next
-    worker tries. The resource's value is ``True`` in the process that ran *fn*.
-
-    Args:
-        fn: ``async def migrate(conn)``. It runs inside the transaction: what it does on
-            *conn* commits with the record, or not at all. It must not commit or roll
-            back that transaction (``async with conn.transaction():`` inside is a
-            savepoint).
-        key: names the work and its version, e.g. ``f"schema:{VERSION}"``: the work runs
-            once per key.
-        name: the resource's name (default: *fn*'s).
-        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
-            work that is safe to repeat, and roles that may not create *table*).
-        table: where done keys are recorded; created if missing.
-        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
-            the app does not start.
-    """
-    label: str = name or getattr(fn, "__name__", None) or "once"
-    work = _once.check_arguments(label, fn, key, table)
     pool_name = pool.name
 
-    async def run_once(p: Any) -> bool:
+    async def run_once(p: Any, job: _once.Job) -> bool:
         conn = await _getconn(p, pool_name, None)
         pid = conn.info.backend_pid  # now: psycopg closes a connection whose cancel fails
         try:
             autocommit = conn.autocommit
             await conn.set_autocommit(True)
-            ran = await _once.run(
-                _OnceSession(conn), name=label, key=key, fn=work, record=record, table=table
-            )
+            ran = await _once.run(_OnceSession(conn), job)
             await conn.set_autocommit(autocommit)
         except BaseException:
             # The server ends the transaction, and frees the lock, with the connection.
             with anyio.CancelScope(shield=True):
                 await conn.close()
                 await p.putconn(conn)  # the pool replaces a closed connection
-                await _stop_waiting(p, pid, _once.lock_ids(key, table), label)
+                await _stop_waiting(p, pid, job.locks, job.name)
             raise
         with anyio.CancelScope(shield=True):
             await p.putconn(conn)
         return ran
 
-    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, pool))
+    return _once.declare(
+        lc, pool, fn, key=key, name=name, record=record, table=table, timeout=timeout,
+        run_with=run_once,
+    )  # fmt: skip
+
+
+once.__doc__ = _once.DOC.format(
+    dep="pool", conn="a psycopg ``AsyncConnection``", nested="``async with conn.transaction():``",
+    extra="",
+)  # fmt: skip
 
 
 async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:

@@ -1117,7 +1117,7 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
 # --------------------------------------------------------------------------- once
 
 
-class _OnceSession:
+class _OnceSession(_once.RowSession):
     """One ``AsyncConnection`` of the engine, for :func:`tether.integrations._once.run`."""
 
     def __init__(self, conn: AsyncConnection) -> None:
@@ -1129,10 +1129,6 @@ class _OnceSession:
 
     async def commit(self) -> None:
         await self._tx.commit()
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        row = await self.fetchrow(sql, *args)
-        return None if row is None else row[0]
 
     async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
         params = {f"p{i}": arg for i, arg in enumerate(args, 1)}
@@ -1160,62 +1156,40 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
-    """Register an app resource that runs *fn* once per deployment; return the resource.
-
-    For work every worker process would otherwise do at the same time at startup: migrate
-    the schema (Alembic), seed a table. The first worker to start runs ``await fn(conn)``
-    on an ``AsyncConnection`` of *engine* (PostgreSQL), inside a transaction holding a
-    transaction-level advisory lock for *key*, and records *key* done in *table* in the
-    same transaction. Workers that start meanwhile wait for the lock, then find *key*
-    recorded and skip; so does every later start, until *key* changes. If *fn* fails, its
-    transaction rolls back, nothing is recorded, the app does not start
-    (:class:`~tether.StartupError`), and the next worker tries. The resource's value is
-    ``True`` in the process that ran *fn*.
-
-    Args:
-        fn: ``async def migrate(conn)``. It runs inside the transaction: what it does on
-            *conn* commits with the record, or not at all. It must not commit or roll
-            back that transaction (``conn.begin_nested()`` inside is a savepoint). Alembic
-            runs on it with ``await conn.run_sync(upgrade)`` (see the docs).
-        key: names the work and its version, e.g. ``f"schema:{VERSION}"``: the work runs
-            once per key.
-        name: the resource's name (default: *fn*'s).
-        record: ``False`` records nothing: *fn* runs in every worker, one at a time (for
-            work that is safe to repeat, such as ``alembic upgrade head``, and roles that
-            may not create *table*).
-        table: where done keys are recorded; created if missing.
-        timeout: seconds to wait for the lock and run *fn* (default: no limit); past it
-            the app does not start.
-    """
-    label: str = name or getattr(fn, "__name__", None) or "once"
-    work = _once.check_arguments(label, fn, key, table)
-
-    async def run_once(eng: AsyncEngine) -> bool:
+    async def run_once(eng: AsyncEngine, job: _once.Job) -> bool:
         if eng.dialect.name != "postgresql":
             msg = (
-                f"once {label!r}: engine {engine.name!r} is {eng.dialect.name}, and once() "
+                f"once {job.name!r}: engine {engine.name!r} is {eng.dialect.name}, and once() "
                 f"needs PostgreSQL's advisory locks."
             )
             raise TypeError(msg)
         conn = await eng.connect()
         pid = await _backend_pid(conn)  # now: a cancelled query may leave it unreadable
         try:
-            ran = await _once.run(
-                _OnceSession(conn), name=label, key=key, fn=work, record=record, table=table
-            )
+            ran = await _once.run(_OnceSession(conn), job)
         except BaseException:
             # The server ends the transaction, and frees the lock, with the connection.
             with anyio.CancelScope(shield=True):
                 await conn.invalidate()
                 await conn.close()
                 if pid is not None:
-                    await _stop_waiting(eng, pid, _once.lock_ids(key, table), label)
+                    await _stop_waiting(eng, pid, job.locks, job.name)
             raise
         with anyio.CancelScope(shield=True):
             await conn.close()
         return ran
 
-    return lc.resource(scope="app", name=label, timeout=timeout)(depends_on(run_once, engine))
+    return _once.declare(
+        lc, engine, fn, key=key, name=name, record=record, table=table, timeout=timeout,
+        run_with=run_once,
+    )  # fmt: skip
+
+
+once.__doc__ = _once.DOC.format(
+    dep="engine", conn="an ``AsyncConnection`` (PostgreSQL)",
+    nested="``conn.begin_nested()``",
+    extra="\n            Alembic runs on it with ``await conn.run_sync(upgrade)`` (see the docs).",
+)  # fmt: skip
 
 
 async def _backend_pid(conn: AsyncConnection) -> int | None:

@@ -16,12 +16,12 @@ from pydantic import BaseModel
 import tether
 from tether.integrations import asyncpg as tpg
 
-lc = tether.Lifecycle()
+lc = tether.Lifecycle(drain_timeout=float(os.environ.get("TETHER_TEST_DRAIN", "30")))
 pool = tpg.pool(
     lc,
     lambda: os.environ["TETHER_TEST_DSN"],
     min_size=1,
-    max_size=2,
+    max_size=int(os.environ.get("TETHER_TEST_MAX_SIZE", "2")),
     server_settings={"application_name": os.environ.get("TETHER_TEST_APP_NAME", "tether-test")},
 )
 conn = tpg.connection(lc, pool)

@@ -290,6 +290,77 @@ class TestDisconnect:
         finally:
             server.stop()
 
+    def test_sigterm_lets_in_flight_queries_finish_then_closes_every_connection(
+        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest
+    ) -> None:
+        """Ten requests each in a 2 s query on their own connection; SIGTERM at 0.5 s: all
+        ten are answered 200, the process exits cleanly and leaves no backend on the server
+        (pain.md T7.3, reliability.md test 9)."""
+        name = unique(request)
+        server = Server(
+            "tests.integration.app_asyncpg:app",
+            tmp_path,
+            env={"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name,
+                 "TETHER_TEST_MAX_SIZE": "10"},
+        )  # fmt: skip
+        socks = []
+        try:
+            for _ in range(10):
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.sendall(b"GET /sleep-tx?seconds=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+                socks.append(sock)
+            wait_until(
+                lambda: sum("pg_sleep" in r["query"] for r in postgres.activity(name)) == 10,
+                timeout=5,
+            )
+            server.terminate()
+            replies = []
+            for sock in socks:
+                sock.settimeout(10)
+                replies.append(sock.recv(4096))
+            assert [r.split(b"\r\n", 1)[0] for r in replies] == [b"HTTP/1.1 200 OK"] * 10
+            # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
+            assert server.wait(15) in (0, -15)
+            assert postgres.activity(name) == []  # the pool closed every connection
+            output = server.output()
+            for noise in ("Traceback", "Task was destroyed", "ResourceWarning", "unclosed"):
+                assert noise not in output
+        finally:
+            for sock in socks:
+                sock.close()
+            server.stop()
+
+    def test_past_the_graceful_shutdown_timeout_the_query_is_ended_on_the_server(
+        self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest
+    ) -> None:
+        """A 60 s query and `--timeout-graceful-shutdown 1`: the process exits within a
+        few seconds of SIGTERM, and the backend is gone (pain.md T7.4)."""
+        name = unique(request)
+        server = Server(
+            "tests.integration.app_asyncpg:app",
+            tmp_path,
+            "--timeout-graceful-shutdown",
+            "1",
+            env={"TETHER_TEST_DSN": postgres.dsn, "TETHER_TEST_APP_NAME": name,
+                 "TETHER_TEST_DRAIN": "2"},
+        )  # fmt: skip
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            sock.sendall(b"GET /sleep-tx?seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(
+                lambda: any("pg_sleep" in r["query"] for r in postgres.activity(name)),
+                timeout=5,
+            )
+            started = time.monotonic()
+            server.terminate()
+            server.wait(15)
+            assert time.monotonic() - started < 6
+            took = wait_until(lambda: postgres.activity(name) == [], timeout=3)
+            assert took < 2.0, postgres.activity(name)
+        finally:
+            sock.close()
+            server.stop()
+
     @pytest.mark.anyio
     async def test_cancelled_query_then_reused_connection_is_clean(
         self, postgres: Postgres, request: pytest.FixtureRequest

@@ -187,6 +187,7 @@ def install(app: Any, lc: Lifecycle) -> None:
         if getattr(route, "app", None) is None or _installed(route):
             continue
         if _uses(route, lc) or _depends_use(extra, lc):
+            _warn_blocking(route, lc)
             if _serve_by_handler(route, lc):
                 continue
             if getattr(getattr(route, "endpoint", None), "_tether_retries", 0):
@@ -212,6 +213,27 @@ def install(app: Any, lc: Lifecycle) -> None:
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
+
+
+def _warn_blocking(route: Any, lc: Lifecycle) -> None:
+    """Warn about an ``async def`` endpoint that takes a sync resource opened in a thread
+    (a sync SQLAlchemy session, say): every call on it blocks the event loop, and with it
+    every other request (pain.md T1.3). Once per route, when the app starts."""
+    endpoint = getattr(route, "endpoint", None)
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not inspect.iscoroutinefunction(endpoint):
+        return
+    for d in getattr(dependant, "dependencies", ()):
+        res = getattr(d, "call", None)
+        if isinstance(res, Resource) and res.lifecycle is lc and res.is_sync and res.thread:
+            log.warning(
+                "tether: %s is `async def` but takes %r, a sync resource opened in a thread: "
+                "each call on it there blocks the event loop, and every other request with "
+                "it. Declare the endpoint with `def` (FastAPI runs it in a thread), or use an "
+                "async resource; a sync resource that does no I/O can say thread=False.",
+                _label(route),
+                res.name,
+            )
 
 
 def _installed(route: Any) -> bool:

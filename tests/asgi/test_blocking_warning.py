@@ -1,0 +1,59 @@
+"""An `async def` endpoint that takes a sync resource opened in a thread (a sync SQLAlchemy
+session) is named in a warning when the app starts: every call on it would block the event
+loop, and every other request with it (pain.md T1.3)."""
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import tether
+from tether.integrations import sqlalchemy as tsa
+
+WARNING = (
+    "tether: GET /async is `async def` but takes 'session', a sync resource opened in a "
+    "thread: each call on it there blocks the event loop, and every other request with it. "
+    "Declare the endpoint with `def` (FastAPI runs it in a thread), or use an async resource; "
+    "a sync resource that does no I/O can say thread=False."
+)
+
+
+def test_an_async_endpoint_on_a_sync_session_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=2)
+    session = tsa.sync_session(lc, engine)
+
+    @lc.resource(thread=False)
+    def settings() -> Iterator[dict[str, str]]:
+        yield {"mode": "test"}  # no I/O: on the event loop, nothing to warn about
+
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[Session, Depends(session)]
+
+    @app.get("/async")
+    async def on_the_loop(s: S) -> int:
+        return int(s.execute(text("SELECT 1")).scalar_one())
+
+    @app.get("/sync")
+    def in_a_thread(s: S) -> int:
+        return int(s.execute(text("SELECT 1")).scalar_one())
+
+    @app.get("/settings")
+    async def read_settings(c: Annotated[Any, Depends(settings)]) -> dict[str, str]:
+        return dict(c)
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        assert client.get("/async").json() == 1  # it works: the warning is about the loop
+        assert client.get("/sync").json() == 1
+        assert client.get("/settings").json() == {"mode": "test"}
+    assert [r.getMessage() for r in caplog.records if "sync resource" in r.getMessage()] == [
+        WARNING
+    ]

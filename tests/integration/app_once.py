@@ -35,7 +35,8 @@ migrated = tpg.once(lc, pool, migrate, key=os.environ.get("TETHER_TEST_KEY", "sc
 
 @asynccontextmanager
 async def announce(app: FastAPI) -> AsyncIterator[None]:
-    print(f"EVENT started {os.getpid()} ran={lc.get(migrated)}", flush=True)
+    # One write per line: three worker processes share the output file.
+    os.write(1, f"EVENT started {os.getpid()} ran={lc.get(migrated)}\n".encode())
     yield
 
 

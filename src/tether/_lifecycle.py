@@ -726,9 +726,10 @@ class Lifecycle:
                 await dep_slot.up.wait()
         args = [self._app_values[self._overrides.get(d, d)] for d in target.deps]
         res = slot.res
-        if res.required and slot.waits_for is None:
+        waited = slot.waits_for is not None
+        if res.required and not waited:
             return await self._open_with_retries(target, args)
-        if slot.waits_for is not None:
+        if waited:
             slot.waits_for = None
             slot.late = True
         try:
@@ -994,8 +995,6 @@ class Lifecycle:
         )
 
     def _down_reason(self, res: Resource[Any]) -> str | None:
-        if res.scope != "app" or not self._slot_of:
-            return None
         down = self._down(res)
         return None if down is None else str(down)
 

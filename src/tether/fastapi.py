@@ -1118,9 +1118,7 @@ def _handler(
                 response = await handler(request)
             except BaseException as exc:
                 _CURRENT.reset(token)
-                return await _handler_failed(
-                    unit, exc, again and getattr(request, "_form", None) is None
-                )
+                return await _handler_failed(unit, exc, again)
             # The cleanups run without the unit in the context: what they schedule (a pool's
             # idle timer, set when a connection is released) does not carry it.
             _CURRENT.reset(token)

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._errors import LOST_NOTE, ResourceUnavailable, ScopeError, StartupError, redact
@@ -29,9 +29,11 @@ __all__ = [
     "check_budget",
     "depends_on",
     "read_only",
+    "queue_full",
     "read_only_failure",
     "redact",
     "resolve_dsn",
+    "sqlstates",
     "unavailable",
     "unreachable",
     "workers",
@@ -184,6 +186,17 @@ def unavailable(
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after, lost=lost)
 
 
+def queue_full(
+    name: str, *, waiting: int, max_waiting: int, size: int | None, in_use: int | None
+) -> ResourceUnavailable:
+    """The 503 for a unit of work refused at once by ``max_waiting``."""
+    reason = (
+        f"every connection is in use and {waiting} units of work already wait for one "
+        f"(max_waiting={max_waiting}); refused at once rather than queued"
+    )
+    return unavailable(name, reason, size=size, in_use=in_use, waiting=waiting)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -212,18 +225,23 @@ def depends_on(fn: F, *resources: Resource[Any]) -> F:
 READ_ONLY_SQLSTATE = "25006"
 
 
-def read_only(exc: BaseException) -> bool:
-    """Whether *exc* (a driver's error, or SQLAlchemy's wrapping one) is SQLSTATE 25006."""
+def sqlstates(exc: BaseException) -> Iterator[str]:
+    """The SQLSTATE codes along *exc*'s chain: a driver's error, or SQLAlchemy's wrapping one
+    (``orig``), and their causes."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if code == READ_ONLY_SQLSTATE:
-            return True
+        if isinstance(code, str):
+            yield code
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
-    return False
+
+
+def read_only(exc: BaseException) -> bool:
+    """Whether *exc* (a driver's error, or SQLAlchemy's wrapping one) is SQLSTATE 25006."""
+    return READ_ONLY_SQLSTATE in sqlstates(exc)
 
 
 def read_only_failure(name: str) -> ResourceUnavailable:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._common import depends_on
+from ._common import depends_on, sqlstates
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -185,19 +185,6 @@ def check_arguments(
     return fn
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return None
-
-
 def _create_sql(table: str) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, "
@@ -216,7 +203,7 @@ async def _ensure_table(db: Session, name: str, table: str) -> None:
     try:
         await db.fetchval(_create_sql(table))
     except Exception as exc:
-        if _sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
+        if _INSUFFICIENT_PRIVILEGE not in sqlstates(exc):
             raise
         msg = (
             f"once {name!r}: cannot create the table {table!r} that records work done "

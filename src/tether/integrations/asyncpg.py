@@ -70,6 +70,7 @@ from ._common import (
     LoopBound,
     check_budget,
     depends_on,
+    queue_full,
     read_only,
     read_only_failure,
     redact,
@@ -438,13 +439,12 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
             and p.get_idle_size() == 0
             and p.get_size() >= p.get_max_size()
         ):
-            reason = (
-                f"every connection is in use and {state.waiting} units of work already "
-                f"wait for one (max_waiting={state.max_waiting}); refused at once rather "
-                f"than queued"
-            )
-            raise unavailable(
-                pool_name, reason, size=_max_size(p), in_use=_in_use(p), waiting=state.waiting
+            raise queue_full(
+                pool_name,
+                waiting=state.waiting,
+                max_waiting=state.max_waiting,
+                size=_max_size(p),
+                in_use=_in_use(p),
             )
         state.waiting += 1
     try:

@@ -84,6 +84,7 @@ from ._common import (
     LoopBound,
     check_budget,
     depends_on,
+    queue_full,
     read_only,
     read_only_failure,
     redact,
@@ -158,12 +159,12 @@ class _PoolInfo:
             return None
         if checked_out < size + max_overflow:
             return None  # a connection is free, or can be made: no wait to speak of
-        reason = (
-            f"every connection is in use and {self.waiting} units of work already wait for "
-            f"one (max_waiting={self.max_waiting}); refused at once rather than queued"
-        )
-        return unavailable(
-            self.name, reason, size=size + max_overflow, in_use=checked_out, waiting=self.waiting
+        return queue_full(
+            self.name,
+            waiting=self.waiting,
+            max_waiting=self.max_waiting or 0,
+            size=size + max_overflow,
+            in_use=checked_out,
         )
 
     def leave_wait(self) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Generator
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -150,6 +151,15 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
 # --------------------------------------------------------------------------- closing
 
 
+#: The cleanup coroutine being stepped right now, in this task. A timer the cleanup starts
+#: (``asyncio.timeout``, ``asyncio.wait_for`` since 3.12) runs its callback in a copy of
+#: the context it was started in, so when it cancels the task, `_Shielded.cancel` reads
+#: here whose timer it is: the cleanup's own (delivered to it) or an outer one (held back).
+_CLEANUP: ContextVar[Any] = ContextVar("tether_cleanup", default=None)
+_mark = _CLEANUP.set
+_unmark = _CLEANUP.reset
+
+
 class _Shielded:
     """Await the rest of a cleanup that was stepped once, shielded from cancellation.
 
@@ -161,8 +171,9 @@ class _Shielded:
     without a shield; ``task.cancel()`` calls ``cancel()`` on what the task waits on, which
     refuses, so asyncio marks the task to be cancelled at its next step, when the cleanup's
     future is done. The cleanup keeps waiting on its real future undisturbed, and the
-    cancellation is delivered again once the cleanup is over. Only an anyio scope that the
-    cleanup entered itself (its own timeout) cancels the future. Past ``close_timeout`` the
+    cancellation is delivered again once the cleanup is over. Only a timeout the cleanup
+    started itself (an anyio scope it entered, or an ``asyncio.timeout``: see `_CLEANUP`)
+    cancels the future, and is raised in the cleanup. Past ``close_timeout`` the
     cleanup's future is cancelled (as a deadline would), and the close reports a timeout.
     No task, no cancel scope and no extra loop iteration are spent: on a request's fresh
     task a task or a cancel scope costs more than the cleanup itself when it is a pool
@@ -184,6 +195,7 @@ class _Shielded:
         "first",
         "fut",
         "lc",
+        "own",
         "res",
         "timed_out",
     )
@@ -197,6 +209,7 @@ class _Shielded:
         self.first = first
         self.fut: asyncio.Future[Any] | None = None
         self.timed_out = False
+        self.own = False  # the future was cancelled by the cleanup's own asyncio timeout
         self.deadline = 0.0
         self.bounded = bounded  # by close_timeout (a cleanup); an open has its own timeout=
         self.entry: Entry | None = None
@@ -222,9 +235,14 @@ class _Shielded:
 
     def cancel(self, msg: Any = None) -> bool:
         fut = self.fut
-        if fut is not None and _by_anyio_scope(msg):
-            # A scope the cleanup entered itself (see `__await__`): its own timeout.
-            return fut.cancel(msg)
+        if fut is not None:
+            if _by_anyio_scope(msg):
+                # A scope the cleanup entered itself (see `__await__`): its own timeout.
+                return fut.cancel(msg)
+            if _CLEANUP.get() is self.coro:
+                # A timer the cleanup started (`asyncio.timeout`): its own timeout too.
+                self.own = True
+                return fut.cancel(msg)
         return False  # shielded: the task is cancelled once the cleanup is over
 
     def cancelled(self) -> bool:
@@ -279,6 +297,9 @@ class _Shielded:
                                 # again after. An anyio scope's: see below.
                                 if fut.cancelled() and self.timed_out:
                                     pass
+                                elif self.own:
+                                    self.own = False
+                                    thrown = cancel
                                 elif _native(cancel):
                                     swallowed += 1
                                     message = cancel.args[0] if cancel.args else None
@@ -302,6 +323,7 @@ class _Shielded:
                     # shield): it is the cleanup's own, and raised in it, as anyio would.
                     # (Held back at an anyio checkpoint, `checkpoint_if_cancelled` would
                     # loop forever.)
+                    token = _mark(coro)
                     try:
                         yielded = coro.send(step) if thrown is None else coro.throw(thrown)
                     except StopIteration as stop:
@@ -311,6 +333,8 @@ class _Shielded:
                         if self.timed_out and isinstance(failure, asyncio.CancelledError):
                             break  # the cancellation made by the deadline: reported below
                         raise
+                    finally:
+                        _unmark(token)
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -427,10 +451,13 @@ async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool 
     """
     if asyncio._get_running_loop() is None:
         return await _drive_anyio(lc, res, coro)
+    token = _mark(coro)
     try:
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
+    finally:
+        _unmark(token)
     return await _Shielded(lc, res, coro, first, bounded=bounded)
 
 
@@ -480,8 +507,12 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
             return close_entry(lc, entry, exc)
         handle = entry.handle
         step = handle.__anext__() if exc is None else handle.athrow(exc)
+        token = _mark(step)
         try:
-            first = step.send(None)
+            try:
+                first = step.send(None)
+            finally:
+                _unmark(token)
         except StopAsyncIteration:
             # `_count_closed`, inlined: this is every request's path.
             c = res.counters

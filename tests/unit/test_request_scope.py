@@ -744,6 +744,79 @@ class TestNativeShield:
         assert events == ["closed", "after scope"]
         assert lc.stats().resources["conn"].closed == 1
 
+    @pytest.mark.parametrize("kind", ["generator", "context manager"])
+    @pytest.mark.parametrize("where", ["at once", "after a first wait", "wait_for"])
+    async def test_cleanup_with_its_own_asyncio_timeout(self, kind: str, where: str) -> None:
+        """A cleanup's own `asyncio.timeout` (or `wait_for`) fires in it, as it would anywhere:
+        the shield holds back cancellations from outside, not the cleanup's own (a pool's
+        release bounded by a timeout, on a connection that stopped answering)."""
+        import asyncio
+        import contextlib
+
+        lc = tether.Lifecycle(close_timeout=30)
+        events: list[str] = []
+
+        async def bounded_close() -> None:
+            if where == "after a first wait":
+                await asyncio.sleep(0.01)
+            try:
+                if where == "wait_for":
+                    await asyncio.wait_for(asyncio.sleep(30), 0.05)
+                else:
+                    async with asyncio.timeout(0.05):
+                        await asyncio.sleep(30)  # a reply that never comes
+            except TimeoutError:
+                events.append("gave up")
+
+        if kind == "generator":
+
+            @lc.resource(name="conn")
+            async def conn() -> AsyncIterator[str]:
+                yield "conn"
+                await bounded_close()
+
+        else:
+
+            @lc.resource(name="conn")
+            @contextlib.asynccontextmanager
+            async def conn() -> AsyncIterator[str]:
+                yield "conn"
+                await bounded_close()
+
+        started = time.monotonic()
+        async with lc.scope() as s:
+            await s.get(conn)
+        assert time.monotonic() - started < 10
+        assert events == ["gave up"]
+        stats = lc.stats().resources["conn"]
+        assert (stats.closed, stats.close_errors, stats.timeouts) == (1, 0, 0)
+
+    async def test_outer_asyncio_timeout_waits_for_a_cleanup_with_its_own(self) -> None:
+        """An `asyncio.timeout` around the unit of work that expires during its cleanup is held
+        back until the cleanup is over (the cleanup's own timeout, still running, is not
+        what fires), then raised where it was entered."""
+        import asyncio
+
+        lc = tether.Lifecycle(close_timeout=30)
+        events: list[str] = []
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            async with asyncio.timeout(5):
+                await asyncio.sleep(0.2)  # outlives the outer timeout, not its own
+            events.append("closed")
+
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                async with lc.scope() as s:
+                    await s.get(conn)
+                events.append("after scope")
+                await asyncio.sleep(10)
+        assert events == ["closed", "after scope"]
+        stats = lc.stats().resources["conn"]
+        assert (stats.closed, stats.close_errors, stats.timeouts) == (1, 0, 0)
+
     async def test_cleanup_with_its_own_cancel_scope(self) -> None:
         """A cleanup that enters an anyio cancel scope before it first waits closes cleanly."""
         lc = tether.Lifecycle()

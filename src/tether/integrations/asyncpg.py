@@ -364,7 +364,10 @@ def connection(
         error_status: which response statuses roll back (given the status, true for a
             failure); default: every status of 400 or more. ``lambda status: status >= 500``
             commits on a 4xx (see ``lc.resource``).
-        acquire_timeout: seconds to wait for a free connection (default: the pool's).
+        acquire_timeout: seconds to wait for a free connection (default: the pool's), and
+            then for the ``BEGIN`` of ``transaction=True``: a database that stops answering
+            is a 503 within it. (Your own queries are bounded by asyncpg's
+            ``command_timeout``, which :func:`pool` passes on; none by default.)
         reset_timeout: seconds a rollback and reset may take when the connection goes
             back; past it (or if it fails) the connection is terminated, not returned.
         isolation, readonly: of the transaction (``"serializable"``, ...).
@@ -379,7 +382,7 @@ def connection(
             tx = None
             if transaction:
                 tx = conn.transaction(isolation=isolation, readonly=readonly)
-                await tx.start()
+                await _begin(conn, tx, pool_name, timeout)
             try:
                 yield conn
             except BaseException as exc:
@@ -457,6 +460,24 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
     finally:
         if state is not None:
             state.waiting -= 1
+
+
+async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:
+    """``BEGIN``, bounded by the acquire timeout: a connection that stopped answering (a
+    network that drops packets, with no reset) is a 503 within it, not a request that hangs.
+    Such a connection is terminated: what the server made of the ``BEGIN`` is unknown."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            await tx.start()
+    except TimeoutError as exc:  # this deadline's, or asyncpg's command_timeout
+        _terminate(conn)
+        within = f"acquire_timeout={timeout:g} s" if deadline.expired() else "command_timeout"
+        reason = (
+            f"the database did not answer BEGIN within {within} (the connection was "
+            f"terminated; the network or the server may be down)"
+        )
+        raise unavailable(pool_name, reason) from exc
 
 
 def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> ResourceUnavailable:

@@ -415,10 +415,23 @@ def _finish(conn: Connection) -> None:
 
 
 async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:
+    waited = timeout if timeout is not None else p.timeout
+    # psycopg's pool bounds the wait, not the pre-ping, which on a connection that stopped
+    # answering (packets dropped, no reset) would wait for ever: it gets as long again.
+    deadline = asyncio.timeout(2 * waited)
     try:
-        conn: Connection = await p.getconn(timeout)
+        async with deadline:
+            conn: Connection = await p.getconn(timeout)
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise
+        reason = (
+            f"the database did not answer the check of a pooled connection within "
+            f"2 x timeout={waited:g} s (the network or the server may be down; the "
+            f"connection was closed)"
+        )
+        raise _unavailable(p, pool_name, reason) from exc
     except PoolTimeout as exc:
-        waited = timeout if timeout is not None else p.timeout
         reason = (
             f"no connection came free within timeout={waited:g} s; the requests holding "
             f"them are slow, the pool is too small for the load, or the database cannot "

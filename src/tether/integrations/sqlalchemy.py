@@ -116,6 +116,7 @@ class _PoolInfo:
         "max_overflow",
         "max_waiting",
         "name",
+        "open_within",
         "pool_size",
         "pool_timeout",
         "shown_url",
@@ -127,6 +128,9 @@ class _PoolInfo:
         self.pool_size = pool_size
         self.max_overflow = max_overflow
         self.pool_timeout = pool_timeout
+        # Seconds an async session may take to get a usable connection (the wait, a
+        # connect, the pre-ping); None: unbounded (an engine tether did not make).
+        self.open_within: float | None = None
         self.shown_url = "?"
         self.waiting = 0  # units of work waiting for a connection right now
         self.max_waiting: int | None = None  # past it, a unit is refused at once
@@ -196,6 +200,14 @@ class _PoolInfo:
             in_use=checked_out,
             waiting=max(self.waiting - 1, 0),  # the one failing is no longer waiting
         )
+
+    def no_answer(self, within: float) -> ResourceUnavailable:
+        reason = (
+            f"the database did not answer within {within:g} s (pool_timeout + "
+            f"connect_timeout): a pooled connection or a new one stopped answering (the "
+            f"network or the server may be down; the connection was discarded)"
+        )
+        return unavailable(self.name, reason, waiting=max(self.waiting - 1, 0))
 
     def unreachable(self, exc: BaseException) -> ResourceUnavailable:
         return unavailable(self.name, f"cannot connect to {self.shown_url}: {_describe_db(exc)}")
@@ -590,6 +602,7 @@ def engine(
         raise ValueError(msg)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.max_waiting = max_waiting
+    info.open_within = pool_timeout + (pool_timeout if connect_timeout is None else connect_timeout)
 
     async def open_engine() -> AsyncIterator[AsyncEngine]:
         u = _resolve_url(url)
@@ -776,12 +789,27 @@ def session(
         s = AsyncSession(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
+            within = info.open_within
             try:
-                await s.connection()
+                if within is None:
+                    await s.connection()
+                else:
+                    # Bounded: a pre-ping on a connection that stopped answering (packets
+                    # dropped, no reset) would wait for ever without a command timeout.
+                    deadline = asyncio.timeout(within)
+                    try:
+                        async with deadline:
+                            await s.connection()
+                    except TimeoutError as exc:
+                        if not deadline.expired():
+                            raise  # the driver's own (connect_timeout): mapped below
+                        raise info.no_answer(within) from exc
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     await _rollback(s, name)
                     await s.close()
+                if isinstance(exc, ResourceUnavailable):
+                    raise
                 failure = _open_failure(info, exc) if isinstance(exc, Exception) else None
                 if failure is None:
                     raise

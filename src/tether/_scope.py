@@ -6,13 +6,14 @@ The same opener and closer serve the app scope (``_lifecycle``) and request scop
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
 import time
+import types
 import weakref
 from collections.abc import Callable, Generator
-from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -151,15 +152,6 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
 # --------------------------------------------------------------------------- closing
 
 
-#: The cleanup coroutine being stepped right now, in this task. A timer the cleanup starts
-#: (``asyncio.timeout``, ``asyncio.wait_for`` since 3.12) runs its callback in a copy of
-#: the context it was started in, so when it cancels the task, `_Shielded.cancel` reads
-#: here whose timer it is: the cleanup's own (delivered to it) or an outer one (held back).
-_CLEANUP: ContextVar[Any] = ContextVar("tether_cleanup", default=None)
-_mark = _CLEANUP.set
-_unmark = _CLEANUP.reset
-
-
 class _Shielded:
     """Await the rest of a cleanup that was stepped once, shielded from cancellation.
 
@@ -172,8 +164,8 @@ class _Shielded:
     refuses, so asyncio marks the task to be cancelled at its next step, when the cleanup's
     future is done. The cleanup keeps waiting on its real future undisturbed, and the
     cancellation is delivered again once the cleanup is over. Only a timeout the cleanup
-    started itself (an anyio scope it entered, or an ``asyncio.timeout``: see `_CLEANUP`)
-    cancels the future, and is raised in the cleanup. Past ``close_timeout`` the
+    started itself (an anyio scope it entered, or an ``asyncio.timeout``: see
+    `_entered_by`) cancels the future, and is raised in the cleanup. Past ``close_timeout`` the
     cleanup's future is cancelled (as a deadline would), and the close reports a timeout.
     No task, no cancel scope and no extra loop iteration are spent: on a request's fresh
     task a task or a cancel scope costs more than the cleanup itself when it is a pool
@@ -239,8 +231,10 @@ class _Shielded:
             if _by_anyio_scope(msg):
                 # A scope the cleanup entered itself (see `__await__`): its own timeout.
                 return fut.cancel(msg)
-            if _CLEANUP.get() is self.coro:
-                # A timer the cleanup started (`asyncio.timeout`): its own timeout too.
+            # `task.cancel()` is C: the frame that called it is the canceller's.
+            timeout = _expiring_timeout(sys._getframe(1))
+            if timeout is not None and _entered_by(self.coro, timeout):
+                # An `asyncio.timeout` (or `wait_for`) the cleanup entered: its own too.
                 self.own = True
                 return fut.cancel(msg)
         return False  # shielded: the task is cancelled once the cleanup is over
@@ -323,7 +317,6 @@ class _Shielded:
                     # shield): it is the cleanup's own, and raised in it, as anyio would.
                     # (Held back at an anyio checkpoint, `checkpoint_if_cancelled` would
                     # loop forever.)
-                    token = _mark(coro)
                     try:
                         yielded = coro.send(step) if thrown is None else coro.throw(thrown)
                     except StopIteration as stop:
@@ -333,8 +326,6 @@ class _Shielded:
                         if self.timed_out and isinstance(failure, asyncio.CancelledError):
                             break  # the cancellation made by the deadline: reported below
                         raise
-                    finally:
-                        _unmark(token)
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -410,6 +401,47 @@ def _native(cancel: asyncio.CancelledError) -> bool:
     return not _by_anyio_scope(cancel.args[0] if cancel.args else None)
 
 
+_ON_TIMEOUT = asyncio.Timeout._on_timeout.__code__  # type: ignore[attr-defined]
+_ASYNC_GEN_STEPS = ("async_generator_asend", "async_generator_athrow")
+
+
+def _expiring_timeout(frame: Any) -> asyncio.Timeout | None:
+    """The ``asyncio.Timeout`` whose deadline is cancelling the task, if *frame* is its."""
+    if frame is None or frame.f_code is not _ON_TIMEOUT:
+        return None
+    timeout = frame.f_locals.get("self")
+    return timeout if isinstance(timeout, asyncio.Timeout) else None
+
+
+def _entered_by(coro: Any, timeout: asyncio.Timeout) -> bool:
+    """Whether *timeout* was entered by the cleanup *coro*, or by what it awaits.
+
+    An ``async with`` keeps its context manager's ``__aexit__`` on the stack of the frame
+    that entered it until it exits, and a suspended coroutine's frame stack is part of
+    what the garbage collector sees of it (``gc.get_referents``). So the await chain from
+    *coro* down is walked, frame by frame. Runs only when a timeout cancels a task that
+    waits in a cleanup: no cost on any other path. (A timeout entered outside the cleanup,
+    around the unit of work, is not on the chain: held back.)
+    """
+    aw = coro
+    for _ in range(64):  # an await chain is never this deep; stop on anything circular
+        if aw is None:
+            return False
+        gen = None
+        for ref in gc.get_referents(aw):
+            if ref is timeout or getattr(ref, "__self__", None) is timeout:
+                return True
+            if gen is None and isinstance(ref, types.AsyncGeneratorType):
+                gen = ref
+        nxt = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
+        if nxt is None:
+            nxt = getattr(aw, "gi_yieldfrom", None)
+        if nxt is None and type(aw).__name__ in _ASYNC_GEN_STEPS:
+            nxt = gen  # an `__anext__()`/`athrow()` step: its generator
+        aw = nxt
+    return False
+
+
 def _deliver_again(swallowed: int, message: Any) -> None:
     """Deliver one-shot cancellations that a shielded cleanup held back, once, for the
     task's next await (an anyio cancel scope's are not counted: see `_native`)."""
@@ -451,13 +483,10 @@ async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool 
     """
     if asyncio._get_running_loop() is None:
         return await _drive_anyio(lc, res, coro)
-    token = _mark(coro)
     try:
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
-    finally:
-        _unmark(token)
     return await _Shielded(lc, res, coro, first, bounded=bounded)
 
 
@@ -507,12 +536,8 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
             return close_entry(lc, entry, exc)
         handle = entry.handle
         step = handle.__anext__() if exc is None else handle.athrow(exc)
-        token = _mark(step)
         try:
-            try:
-                first = step.send(None)
-            finally:
-                _unmark(token)
+            first = step.send(None)
         except StopAsyncIteration:
             # `_count_closed`, inlined: this is every request's path.
             c = res.counters

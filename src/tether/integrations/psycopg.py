@@ -331,7 +331,9 @@ def connection(
         error_status: which response statuses roll back (given the status, true for a
             failure); default: every status of 400 or more. ``lambda status: status >= 500``
             commits on a 4xx (see ``lc.resource``).
-        timeout: seconds to wait for a free connection (default: the pool's).
+        timeout: seconds to wait for a free connection (default: the pool's); the pool's
+            check of it (``pre_ping``) gets as long again, then 503 (a connection that
+            stopped answering: a network that drops packets).
         reset_timeout: seconds a rollback may take; past it (or if it fails) the
             connection is closed, and the pool replaces it.
         reset_session: before the connection goes back, undo what the unit of work left on

@@ -771,7 +771,9 @@ def session(
             commits on a 4xx (see ``lc.resource``).
         expire_on_commit: ``False`` by default: objects stay loaded after the commit.
         connect: take the connection when the session opens (default), so a pool that
-            times out or a database that is down is a 503 before the endpoint runs; with
+            times out or a database that is down is a 503 before the endpoint runs (the
+            checkout, a connect and the pre-ping together bounded by ``pool_timeout +
+            connect_timeout`` of an engine from :func:`engine`); with
             ``False`` the session connects on first use, as SQLAlchemy does.
         **session_kwargs: passed to ``AsyncSession`` (``autoflush``, ``info``, ...).
     """

@@ -117,8 +117,9 @@ class DependencyCycleError(TetherError):
 class ScopeError(TetherError):
     """A resource was used against the scope rules.
 
-    An app resource that depends on a request resource, or a request resource used
-    with no unit of work (no request, no ``lc.scope()``).
+    An app resource that depends on a request resource, a request resource used with
+    no unit of work (no request, no ``lc.scope()``), or one unit of work's connection
+    used by two tasks at once (the integrations).
     """
 
 

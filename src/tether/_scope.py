@@ -690,9 +690,10 @@ def close_failed(
     entry: Entry, failure: BaseException, exc: BaseException | None, errors: list[BaseException]
 ) -> BaseException:
     """Log a cleanup's failure, chain it to *exc*, record it; it is what the rest then see."""
-    if isinstance(failure, ResourceUnavailable):
+    if isinstance(failure, ResourceUnavailable | ScopeError):
         # A cleanup that deliberately reports its backend as unavailable (a lost
-        # connection turned into a 503): expected, not a crash.
+        # connection turned into a 503), or a misuse it saw (a connection used by two
+        # tasks at once): expected, not a crash.
         log.warning(
             "tether: closing resource %r: %s",
             entry.res.name,

@@ -48,6 +48,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -74,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceClosedError, ResourceUnavailable, describe
+from .._errors import ResourceClosedError, ResourceUnavailable, ScopeError, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -719,10 +720,48 @@ def _mark_closed(session: Any, message: str, res: Resource[Any]) -> None:
 # --------------------------------------------------------------------------- async session
 
 
+#: Seconds a rollback or close waits for an operation another task runs on the session.
+_BUSY_WAIT = 5.0
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether *exc* says another task is using the session right now (SQLAlchemy refuses
+    a second operation while one is in progress: "concurrent operations are not permitted",
+    or a state change while a method is "already in progress")."""
+    return isinstance(exc, sa_exc.IllegalStateChangeError) or (
+        isinstance(exc, sa_exc.InvalidRequestError)
+        and "concurrent operations are not permitted" in str(exc)
+    )
+
+
+def _used_concurrently(name: str) -> ScopeError:
+    return ScopeError(
+        f"Session {name!r} was used by two tasks at once (asyncio.gather over its queries, or "
+        f"a task started with it): a session runs one operation at a time, and SQLAlchemy "
+        f"refused the second. The unit of work was rolled back. Await its operations one after "
+        f"another, or give each task a session of its own (`async with lc.scope() as s: "
+        f"await s.get({name})` in the task)."
+    )
+
+
+async def _when_free(op: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a session operation (rollback, close); while another task still runs one on the
+    session (concurrent use), wait for it to finish, up to ``_BUSY_WAIT`` seconds: closing
+    under it would leave its connection checked out for good."""
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        try:
+            return await op()
+        except sa_exc.InvalidRequestError as exc:
+            if not _busy(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.005)
+
+
 async def _rollback(s: AsyncSession, name: str) -> None:
     """Roll back; if that fails (a connection lost or mid-query), invalidate it instead."""
     try:
-        await s.rollback()
+        await _when_free(s.rollback)
     except Exception as exc:
         log.warning(
             "tether: rolling back session %r failed (%s); its connection is discarded",
@@ -822,14 +861,23 @@ def session(
             yield s
         except BaseException as exc:
             await _rollback(s, name)
+            if _busy(exc):
+                raise _used_concurrently(name) from exc
             failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
             if failure is None:
                 raise
             raise failure from exc
         else:
-            await s.commit()
+            try:
+                await s.commit()
+            except sa_exc.InvalidRequestError as exc:
+                if not _busy(exc):
+                    raise
+                # A task the endpoint started still runs an operation on the session.
+                await _rollback(s, name)
+                raise _used_concurrently(name) from exc
         finally:
-            await s.close()
+            await _when_free(s.close)
             _mark_closed(s, closed_message, res)
 
     closed_message = _closed_message(name, release)

@@ -1,0 +1,140 @@
+"""One request resource used by two tasks at once (pain.md T4.4).
+
+`asyncio.gather` over two queries on the unit of work's connection or session: tether either
+lets the driver serialise them (psycopg's connections and SQLAlchemy's connected sessions hold
+a lock) or raises its own `ScopeError` naming the resource and the fix. The driver's raw error
+(asyncpg's `InterfaceError: another operation is in progress`, SQLAlchemy's "concurrent
+operations are not permitted" and `IllegalStateChangeError`) never reaches the caller, and the
+connection never stays checked out, or busy on the server, after the unit of work.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+import tether
+from tests.servers import Postgres
+from tether.integrations import asyncpg as tpg
+from tether.integrations import psycopg as tpsy
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+APP = "tether-concurrent-use"
+
+
+async def run_sql(c: Any, sql: str) -> Any:
+    if hasattr(c, "fetchval"):  # asyncpg
+        return await c.fetchval(sql)
+    if hasattr(c, "cursor"):  # psycopg
+        return (await (await c.execute(sql)).fetchone())[0]
+    from sqlalchemy import text
+
+    return (await c.execute(text(sql))).scalar_one()
+
+
+def asyncpg_conn(lc: tether.Lifecycle, pg: Postgres, transaction: bool) -> Any:
+    pool = tpg.pool(lc, pg.dsn, max_size=2, server_settings={"application_name": APP})
+    return tpg.connection(lc, pool, transaction=transaction)
+
+
+def sqlalchemy_session(lc: tether.Lifecycle, pg: Postgres, driver: str) -> Any:
+    engine = tsa.engine(lc, pg.url(f"postgresql+{driver}"), pool_size=2, application_name=APP)
+    return tsa.session(lc, engine, connect=False)  # connects on first use: the race is there
+
+
+async def pool_in_use(lc: tether.Lifecycle) -> int:
+    return sum(p.in_use or 0 for p in lc.stats().pools.values())
+
+
+async def settled(lc: tether.Lifecycle, pg: Postgres) -> None:
+    """Within 5 s: no connection checked out, none of the app's backends busy."""
+    with anyio.fail_after(5):
+        while await pool_in_use(lc) or any(
+            row["state"] != "idle" for row in pg.activity(APP)
+        ):  # fmt: skip
+            await anyio.sleep(0.05)
+
+
+CASES = {
+    "asyncpg": (lambda lc, pg: asyncpg_conn(lc, pg, False), "Connection 'conn'", "asyncpg"),
+    "asyncpg-transaction": (lambda lc, pg: asyncpg_conn(lc, pg, True), "Connection 'conn'", "asyncpg"),
+    "sqlalchemy-asyncpg": (lambda lc, pg: sqlalchemy_session(lc, pg, "asyncpg"), "Session 'session'", "SQLAlchemy"),
+    "sqlalchemy-psycopg": (lambda lc, pg: sqlalchemy_session(lc, pg, "psycopg"), "Session 'session'", "SQLAlchemy"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_two_tasks_on_one_resource_get_tethers_error_and_nothing_stays_busy(
+    postgres: Postgres, case: str
+) -> None:
+    make, named, driver = CASES[case]
+    lc = tether.Lifecycle()
+    conn = make(lc, postgres)
+    async with lc.run():
+        for _ in range(3):  # the first use of a connection, then pooled ones
+            with pytest.raises(tether.ScopeError) as caught:
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    await asyncio.gather(
+                        run_sql(c, "SELECT pg_sleep(0.2)"), run_sql(c, "SELECT pg_sleep(0.2)")
+                    )
+            message = str(caught.value)
+            assert message.startswith(f"{named} was used by two tasks at once (asyncio.gather")
+            assert f"and {driver} refused the second" in message
+            assert f"`async with lc.scope() as s: await s.get({conn.name})` in the task" in message
+            await settled(lc, postgres)
+            async with lc.scope() as s:  # the next unit of work is served, on a clean connection
+                c = await s.get(conn)
+                assert await run_sql(c, "SELECT 1") == 1
+
+
+@pytest.mark.parametrize("case", ["psycopg", "sqlalchemy-connected"])
+async def test_drivers_that_serialise_run_both(postgres: Postgres, case: str) -> None:
+    """psycopg's connection, and a session connected when it opens (tether's default), take a
+    lock per operation: both queries run, one after the other."""
+    lc = tether.Lifecycle()
+    if case == "psycopg":
+        pool = tpsy.pool(lc, postgres.dsn, max_size=2)
+        conn = tpsy.connection(lc, pool, transaction=True)
+    else:
+        engine = tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=2)
+        conn = tsa.session(lc, engine)
+    async with lc.run():
+        started = time.monotonic()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            results = await asyncio.gather(
+                run_sql(c, "SELECT 1 FROM pg_sleep(0.2)"), run_sql(c, "SELECT 2 FROM pg_sleep(0.2)")
+            )
+        assert results == [1, 2]
+        assert time.monotonic() - started >= 0.4  # one after the other
+        assert await pool_in_use(lc) == 0
+
+
+async def test_over_http_it_is_a_500_with_tethers_message(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    lc = tether.Lifecycle()
+    conn = asyncpg_conn(lc, postgres, True)
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/both")
+    async def both(c: Annotated[Any, Depends(conn)]) -> list[Any]:
+        return list(await asyncio.gather(c.fetchval("SELECT 1"), c.fetchval("SELECT 2")))
+
+    async with lc.lifespan(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            with caplog.at_level(logging.WARNING, logger="tether"):
+                r = await client.get("/both")
+    assert r.status_code == 500
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "ScopeError: Connection 'conn' was used by two tasks at once" in logged
+    assert "another operation is in progress" not in r.text

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import assert_type
 
 import tether
+import tether.fastapi
 
 lc = tether.Lifecycle()
 
@@ -73,3 +74,14 @@ async def check() -> None:
         assert_type(lc.get(pool), Pool)
         assert_type(lc.stats(), tether.Stats)
         assert_type(await lc.health(), tether.HealthReport)
+
+
+@tether.fastapi.idempotent
+@tether.fastapi.release("response")
+async def export(n: int) -> list[int]:
+    return [n]
+
+
+async def check_route_marks() -> None:
+    # The route marks keep the endpoint's own signature (FastAPI reads it).
+    assert_type(await export(1), list[int])

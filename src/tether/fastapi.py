@@ -65,7 +65,7 @@ from ._scope import (
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["dashboard_router", "health_router", "idempotent", "install"]
+__all__ = ["dashboard_router", "health_router", "idempotent", "install", "release"]
 
 log = logging.getLogger("tether")
 
@@ -130,6 +130,36 @@ def idempotent(endpoint: Any = None, /, *, retries: int = 1) -> Any:
         return fn
 
     return mark if endpoint is None else mark(endpoint)
+
+
+def release(point: str, /) -> Callable[[E], E]:
+    """Keep every request resource of this route open until its response ends.
+
+    ``@tether.fastapi.release("response")`` (under the route decorator) releases all the
+    values the route uses after the response's last byte, as if each were declared
+    ``release="response"``, whatever they were declared with. A resource shared by routes
+    that stream from the database and routes that do not (a repository over the session)
+    is then declared once, with the default, and only the streaming routes keep it longer.
+    A commit then happens before the last body message: a failing one aborts the body.
+    """
+    if point != "response":
+        msg = (
+            f"tether.fastapi.release({point!r}): a route can only keep its resources until its "
+            f'response ends: release("response"). Each resource\'s own release= (default '
+            f'"handler") applies to routes without it.'
+        )
+        raise ValueError(msg)
+
+    def mark(fn: E) -> E:
+        fn._tether_release = point  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def _keeps(endpoint: Any) -> bool:
+    """Whether a route's endpoint is marked ``@release("response")``."""
+    return getattr(endpoint, "_tether_release", None) == "response"
 
 
 class _Retry(Exception):
@@ -202,7 +232,12 @@ def install(app: Any, lc: Lifecycle) -> None:
             # original route's `handle` to serve it.
             inlined = _inline(route, lc)
             route.handle = _TetherRoute(
-                route.handle, lc, _label(route), included=included, inlined=inlined
+                route.handle,
+                lc,
+                _label(route),
+                included=included,
+                inlined=inlined,
+                keep=_keeps(getattr(route, "endpoint", None)),
             )
             if included and getattr(route, "dependant", None) is None:
                 # A plain Starlette route of an included router is served by a copy
@@ -377,7 +412,9 @@ def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
             return handler if inlined is None else _checking(handler, inlined)
         defer = _function_scoped_cleanup(served.dependant)
         label = _label(served)
-        wrapped = _handler(handler, lc, label, defer=defer, inlined=inlined)
+        wrapped = _handler(
+            handler, lc, label, defer=defer, inlined=inlined, keep=_keeps(served.endpoint)
+        )
         retries = getattr(served.endpoint, "_tether_retries", 0)
         return _retrying(wrapped, retries, label) if retries else wrapped
 
@@ -852,6 +889,22 @@ class HttpUnit(Unit):
             watch.arrived.set()
 
 
+class _KeepingUnit(HttpUnit):
+    """The unit of work of a route marked ``@release("response")``: nothing is released
+    when the response starts; every value closes with the response."""
+
+    __slots__ = ()
+
+    def __init__(self, lc: Lifecycle, label: str, request: Any = None) -> None:
+        HttpUnit.__init__(self, lc, label, request)
+        self.late = True
+
+    async def release_early(self, exc: BaseException | None) -> list[BaseException]:
+        for entry in self.entries:
+            entry.late = True
+        return []
+
+
 class _Watch:
     """What listening for a client going away needs (only for requests that run a while)."""
 
@@ -893,7 +946,7 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
 class _TetherRoute:
     """Wraps a route's ``handle``: one unit of work per call."""
 
-    __slots__ = ("app", "context_of", "inlined", "label", "labels", "lc")
+    __slots__ = ("app", "context_of", "inlined", "label", "labels", "lc", "unit_class")
 
     def __init__(
         self,
@@ -903,8 +956,10 @@ class _TetherRoute:
         *,
         included: bool = False,
         inlined: _Inlined | None = None,
+        keep: bool = False,
     ):
         self.app = app
+        self.unit_class = _KeepingUnit if keep else HttpUnit
         self.lc = lc
         self.label = label
         self.inlined = inlined
@@ -939,7 +994,7 @@ class _TetherRoute:
         if inlined is not None and inlined.overrides_of.dependency_overrides:
             inlined.check()
         label = self.label if self.context_of is None else self.label_for(scope)
-        unit = HttpUnit(lc, label)
+        unit = self.unit_class(lc, label)
         unit.headers = scope["headers"]
         unit._receive = receive
         unit._send = send
@@ -1084,6 +1139,7 @@ def _handler(
     *,
     defer: bool = False,
     inlined: _Inlined | None = None,
+    keep: bool = False,
 ) -> Any:
     """Wrap a FastAPI request handler (``request -> response``): one unit of work per call.
 
@@ -1099,15 +1155,19 @@ def _handler(
 
     *inlined*: the route's resource parameters tether hands to the endpoint itself,
     given back to FastAPI's solver before it runs if an override now names one.
+
+    *keep*: the route is marked ``@release("response")``: every value stays open until
+    the response ends.
     """
     units = lc._units
+    unit_class = _KeepingUnit if keep else HttpUnit
 
     async def tether_handler(request: Any, again: bool = False) -> Any:
         if lc.state is not _RUNNING and _refused(lc):
             return _response(503, _SHUTTING_DOWN, 5.0)
         if inlined is not None and inlined.overrides_of.dependency_overrides:
             inlined.check()
-        unit = HttpUnit(lc, label, request)
+        unit = unit_class(lc, label, request)
         task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
         units.add(unit)
         lc._units_total += 1

@@ -198,6 +198,38 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
 
         return StreamingResponse(body())
 
+    # A repository over the session, declared once (default release), used by a route that
+    # streams from it (marked: the session stays open for the body) and one that does not.
+    @lc.resource
+    async def repository(session: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {"session": session}
+
+    Repo = Annotated[dict[str, Any], Depends(repository)]
+
+    def rows(label: str) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                state = "closed" if "session close" in rec.events else "open"
+                rec(f"{label} {i} session={state}")
+                yield f"{i}\n".encode()
+                await anyio.sleep(0)
+
+        return StreamingResponse(body())
+
+    @app.get("/rows-streamed")
+    @tether.fastapi.release("response")
+    async def rows_streamed(r: Repo) -> StreamingResponse:
+        return rows("row")
+
+    @app.get("/rows-computed")
+    async def rows_computed(r: Repo) -> StreamingResponse:
+        return rows("row")
+
+    @app.get("/rows-refused")
+    @tether.fastapi.release("response")
+    async def rows_refused(r: Repo) -> JSONResponse:
+        return JSONResponse({"detail": "conflict"}, status_code=409)
+
     @app.websocket("/ws")
     async def ws(websocket: WebSocket, s: Session) -> None:
         await websocket.accept()
@@ -320,6 +352,43 @@ class TestHandlerRelease:
                     assert ws.receive_text() == "hi via pool"
         assert rec.events.count("session open") == 2
         assert rec.events.count("session close") == 2
+
+
+class TestRouteRelease:
+    """`@tether.fastapi.release("response")` on a route (pain.md T2.5): a resource shared by
+    routes that stream from the database and routes that do not is declared once."""
+
+    def test_marked_route_keeps_every_value_until_the_last_chunk(self) -> None:
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/rows-streamed").text == "0\n1\n2\n"
+        rows = [e for e in rec.events if e.startswith("row")]
+        assert rows == [f"row {i} session=open" for i in range(3)]
+        assert rec.events.index("commit") > rec.events.index("row 2 session=open")
+        assert rec.events.index("session close") > rec.events.index("commit")
+
+    def test_unmarked_route_releases_the_same_resource_at_the_handler(self) -> None:
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/rows-computed").text == "0\n1\n2\n"
+        rows = [e for e in rec.events if e.startswith("row")]
+        assert rows == [f"row {i} session=closed" for i in range(3)]
+
+    def test_marked_route_with_an_error_status_rolls_back_after_the_response(self) -> None:
+        app, _, rec = make_app()
+        with TestClient(app) as client:
+            assert client.get("/rows-refused").status_code == 409
+        assert "rollback FailedResponse" in rec.events
+        assert "commit" not in rec.events
+
+    def test_only_response_is_a_route_release_point(self) -> None:
+        with pytest.raises(ValueError) as caught:
+            tether.fastapi.release("handler")
+        assert str(caught.value) == (
+            "tether.fastapi.release('handler'): a route can only keep its resources until its "
+            'response ends: release("response"). Each resource\'s own release= (default '
+            '"handler") applies to routes without it.'
+        )
 
 
 class TestResponseRelease:

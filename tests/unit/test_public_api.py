@@ -48,7 +48,13 @@ def test_contract_names() -> None:
         for n in tether.__all__
         if n.endswith("Error") and n != "TetherError"
     )
-    assert tether.fastapi.__all__ == ["dashboard_router", "health_router", "idempotent", "install"]
+    assert tether.fastapi.__all__ == [
+        "dashboard_router",
+        "health_router",
+        "idempotent",
+        "install",
+        "release",
+    ]
     assert tether.testing.__all__ == [
         "assert_pools_returned",
         "assert_released",
@@ -65,6 +71,7 @@ def test_fastapi_facing_hints_resolve() -> None:
     typing.get_type_hints(tether.fastapi.health_router)
     typing.get_type_hints(tether.fastapi.install)
     typing.get_type_hints(tether.fastapi.idempotent)
+    typing.get_type_hints(tether.fastapi.release)
 
 
 def test_fastapi_integration_without_starlette_says_what_to_install() -> None:

@@ -46,6 +46,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +113,7 @@ class _State:
     __slots__ = (
         "acquire_timeout",
         "bound",
+        "expires",
         "max_waiting",
         "name",
         "pgbouncer",
@@ -125,6 +129,8 @@ class _State:
         self.waiting = 0  # units of work waiting for a connection right now
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.bound = LoopBound(name)
+        # With max_lifetime: when each connection expires (set as it is made).
+        self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -171,6 +177,7 @@ def pool(
     max_size: int = 10,
     acquire_timeout: float = 5.0,
     max_waiting: int | None = None,
+    max_lifetime: float | None = None,
     connect_timeout: float = 5.0,
     pgbouncer: bool = False,
     budget: BudgetPolicy = "warn",
@@ -195,6 +202,13 @@ def pool(
             limit). With every connection in use and that many waiting, the next one is
             refused at once (503) instead of waiting ``acquire_timeout`` for a connection
             it would likely not get: under overload, latency stays bounded.
+        max_lifetime: seconds a connection is used for, at most (default: for ever, as
+            asyncpg). An older one is closed when it is next acquired, never while a unit of
+            work holds it, and the pool opens a new one; each connection's lifetime is up to
+            5 % shorter, so connections made together do not all expire together. For a
+            server or proxy that moves (DNS failover, PgBouncer rotation) and for backends
+            that grow. psycopg's pool has ``max_lifetime`` (3600 s by default), SQLAlchemy's
+            ``pool_recycle``.
         connect_timeout: seconds to establish one connection.
         pgbouncer: the DSN points at PgBouncer in transaction or statement mode:
             ``statement_cache_size=0`` (unnamed statements, re-parsed each time), no
@@ -224,6 +238,12 @@ def pool(
     if max_waiting is not None and max_waiting < 0:
         msg = f"Pool {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
         raise ValueError(msg)
+    if max_lifetime is not None and not max_lifetime > 0:
+        msg = (
+            f"Pool {name!r}: max_lifetime={max_lifetime!r} must be a positive number of "
+            f"seconds (or None)."
+        )
+        raise ValueError(msg)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         target = resolve_dsn(dsn)
@@ -238,6 +258,9 @@ def pool(
         if pgbouncer:
             options["statement_cache_size"] = 0
         options.update(kw)
+        if max_lifetime is not None:
+            state.expires = weakref.WeakKeyDictionary()
+            options["init"] = _stamping(state.expires, max_lifetime, options.get("init"))
         p = Pool(target, tether=state, **options)
         try:
             await p
@@ -285,6 +308,22 @@ def pool(
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     return res
+
+
+def _stamping(
+    expires: weakref.WeakKeyDictionary[Any, float],
+    lifetime: float,
+    init: Callable[[Any], Awaitable[None]] | None,
+) -> Callable[[Any], Awaitable[None]]:
+    """asyncpg's ``init`` (run once per new connection): note when the connection expires,
+    then run the user's own ``init``."""
+
+    async def stamped(conn: Any) -> None:
+        expires[conn] = time.monotonic() + lifetime * (1 - 0.05 * random.random())
+        if init is not None:
+            await init(conn)
+
+    return stamped
 
 
 def _figures(name: str, p: Any) -> PoolStats:
@@ -472,7 +511,15 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
             )
         state.waiting += 1
     try:
-        return await p.acquire(timeout=timeout)
+        conn = await p.acquire(timeout=timeout)
+        if state is not None and state.expires is not None:
+            while _expired(state.expires, conn):
+                # Past max_lifetime: closed now that no unit of work holds it; the pool
+                # opens a new one in its place.
+                _terminate(conn)
+                await p.release(conn)
+                conn = await p.acquire(timeout=timeout)
+        return conn
     except TimeoutError as exc:
         raise _timed_out(p, pool_name, state, timeout) from exc
     except UNREACHABLE as exc:
@@ -499,6 +546,11 @@ async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:
             f"terminated; the network or the server may be down)"
         )
         raise unavailable(pool_name, reason) from exc
+
+
+def _expired(expires: weakref.WeakKeyDictionary[Any, float], conn: Any) -> bool:
+    deadline = expires.get(getattr(conn, "_con", conn))  # the proxy's connection
+    return deadline is not None and time.monotonic() > deadline
 
 
 def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> ResourceUnavailable:

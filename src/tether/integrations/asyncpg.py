@@ -416,12 +416,13 @@ def connection(
     async def open_connection(p: Any) -> AsyncIterator[asyncpg.Connection]:
         state: _State | None = getattr(p, "_tether", None)  # None: a pool tether did not open
         timeout = acquire_timeout or (state.acquire_timeout if state is not None else 5.0)
-        conn = await _acquire(p, pool_name, state, timeout)
+        if transaction:
+            conn, tx = await _acquire_begun(
+                p, pool_name, state, timeout, name, reset_timeout, isolation, readonly
+            )
+        else:
+            conn, tx = await _acquire(p, pool_name, state, timeout), None
         try:
-            tx = None
-            if transaction:
-                tx = conn.transaction(isolation=isolation, readonly=readonly)
-                await _begin(conn, tx, pool_name, timeout)
             try:
                 yield conn
             except BaseException as exc:
@@ -528,6 +529,53 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
     finally:
         if state is not None:
             state.waiting -= 1
+
+
+#: Attempts at a connection whose BEGIN works (a connection ended on the server while it sat
+#: in the pool fails its first statement: it is replaced, as a pre-ping would).
+_BEGIN_ATTEMPTS = 3
+
+
+async def _acquire_begun(
+    p: Any,
+    pool_name: str,
+    state: _State | None,
+    timeout: float,
+    name: str,
+    reset_timeout: float,
+    isolation: str | None,
+    readonly: bool,
+) -> tuple[Any, Any]:
+    """A connection of *p* inside a new transaction.
+
+    asyncpg's pool does not test a connection before handing it out. One ended on the
+    server while it sat idle (``pg_terminate_backend``, a restart, a proxy) may be handed
+    out before asyncpg has read the news, and then fails the ``BEGIN``: nothing of the unit
+    of work ran yet, so it is terminated and another one taken, up to ``_BEGIN_ATTEMPTS``.
+    """
+    for attempt in range(1, _BEGIN_ATTEMPTS + 1):
+        conn = await _acquire(p, pool_name, state, timeout)
+        tx = conn.transaction(isolation=isolation, readonly=readonly)
+        try:
+            await _begin(conn, tx, pool_name, timeout)
+        except Exception as exc:
+            stale = _is_lost(conn, exc) or isinstance(exc, pg_errors.InternalClientError)
+            if stale:
+                _terminate(conn)
+            await _give_back(p, conn, name, reset_timeout)
+            if not stale:
+                raise
+            if attempt == _BEGIN_ATTEMPTS:
+                reason = f"{attempt} connections in a row were dead: {describe(exc)}"
+                raise unavailable(pool_name, reason, lost=True) from exc
+            log.info("tether: %r: a pooled connection was dead (%s); took another", name, exc)
+        except BaseException:
+            _terminate(conn)  # interrupted mid-BEGIN: its state is unknown
+            await _give_back(p, conn, name, reset_timeout)
+            raise
+        else:
+            return conn, tx
+    raise AssertionError  # pragma: no cover - the loop returns or raises
 
 
 async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:

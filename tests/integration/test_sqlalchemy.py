@@ -488,6 +488,55 @@ async def test_200_concurrent_sync_requests_on_a_pool_of_2(postgres: Postgres) -
         assert busy(postgres, name) == []
 
 
+@pytest.mark.anyio
+async def test_the_event_loop_stays_free_while_50_sync_requests_wait_for_a_pool_of_2(
+    postgres: Postgres,
+) -> None:
+    """pain.md T1.3: a sync session opens and is used in threads, so requests queued on an
+    exhausted sync pool wait there, never on the event loop: a probe answers at once."""
+    name = app_name()
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(
+        lc, postgres.url("postgresql+psycopg"), pool_size=2, pool_timeout=30, application_name=name
+    )
+    sess = tsa.sync_session(lc, eng)
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/slow")
+    def slow(s: Annotated[Session, Depends(sess)]) -> int:
+        return int(s.execute(text("SELECT 1 FROM pg_sleep(0.2)")).scalar_one())
+
+    @app.get("/livez")
+    async def livez() -> str:
+        return "ok"
+
+    async with running(app) as client:
+        probes: list[float] = []
+        done = anyio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                assert (await client.get("/livez")).status_code == 200
+                probes.append(time.monotonic() - started)
+                await anyio.sleep(0.05)
+
+        async def load() -> None:
+            try:
+                responses = await asyncio.gather(*(client.get("/slow") for _ in range(50)))
+                assert [r.status_code for r in responses] == [200] * 50
+            finally:
+                done.set()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe)
+                tg.start_soon(load)
+        # 50 x 0.2 s on 2 connections: about 5 s of queueing, probed about 100 times.
+        assert len(probes) >= 20
+        assert max(probes) < 0.5, sorted(probes)[-5:]
+
+
 def sync_items_app(sess: tether.Resource[Session], app: FastAPI) -> None:
     """`def` routes writing through a sync *sess*: a write (that fails after writing with
     ``fail``), and a list."""

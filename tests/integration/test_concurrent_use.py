@@ -19,6 +19,7 @@ import pytest
 from fastapi import Depends, FastAPI
 
 import tether
+from tests.integration.drivers import scalar
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -27,16 +28,6 @@ from tether.integrations import sqlalchemy as tsa
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
 
 APP = "tether-concurrent-use"
-
-
-async def run_sql(c: Any, sql: str) -> Any:
-    if hasattr(c, "fetchval"):  # asyncpg
-        return await c.fetchval(sql)
-    if hasattr(c, "cursor"):  # psycopg
-        return (await (await c.execute(sql)).fetchone())[0]
-    from sqlalchemy import text
-
-    return (await c.execute(text(sql))).scalar_one()
 
 
 def asyncpg_conn(lc: tether.Lifecycle, pg: Postgres, transaction: bool) -> Any:
@@ -83,7 +74,7 @@ async def test_two_tasks_on_one_resource_get_tethers_error_and_nothing_stays_bus
                 async with lc.scope() as s:
                     c = await s.get(conn)
                     await asyncio.gather(
-                        run_sql(c, "SELECT pg_sleep(0.2)"), run_sql(c, "SELECT pg_sleep(0.2)")
+                        scalar(c, "SELECT pg_sleep(0.2)"), scalar(c, "SELECT pg_sleep(0.2)")
                     )
             message = str(caught.value)
             assert message.startswith(f"{named} was used by two tasks at once (asyncio.gather")
@@ -92,7 +83,7 @@ async def test_two_tasks_on_one_resource_get_tethers_error_and_nothing_stays_bus
             await settled(lc, postgres)
             async with lc.scope() as s:  # the next unit of work is served, on a clean connection
                 c = await s.get(conn)
-                assert await run_sql(c, "SELECT 1") == 1
+                assert await scalar(c, "SELECT 1") == 1
 
 
 @pytest.mark.parametrize("case", ["psycopg", "sqlalchemy-connected"])
@@ -111,7 +102,7 @@ async def test_drivers_that_serialise_run_both(postgres: Postgres, case: str) ->
         async with lc.scope() as s:
             c = await s.get(conn)
             results = await asyncio.gather(
-                run_sql(c, "SELECT 1 FROM pg_sleep(0.2)"), run_sql(c, "SELECT 2 FROM pg_sleep(0.2)")
+                scalar(c, "SELECT 1 FROM pg_sleep(0.2)"), scalar(c, "SELECT 2 FROM pg_sleep(0.2)")
             )
         assert results == [1, 2]
         assert time.monotonic() - started >= 0.4  # one after the other

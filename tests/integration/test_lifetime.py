@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 import tether
+from tests.integration.drivers import scalar
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -22,16 +23,6 @@ pytestmark = [pytest.mark.servers, pytest.mark.anyio]
 
 APP = "tether-lifetime"
 LIFETIME = 1.0
-
-
-async def backend_pid(c: Any) -> int:
-    if hasattr(c, "fetchval"):  # asyncpg
-        return int(await c.fetchval("SELECT pg_backend_pid()"))
-    if hasattr(c, "cursor"):  # psycopg
-        return int((await (await c.execute("SELECT pg_backend_pid()")).fetchone())[0])
-    from sqlalchemy import text
-
-    return int((await c.execute(text("SELECT pg_backend_pid()"))).scalar_one())
 
 
 def asyncpg_conn(lc: tether.Lifecycle, pg: Postgres) -> Any:
@@ -78,14 +69,14 @@ async def test_an_old_connection_is_replaced_between_units_never_during_one(
     async with lc.run():
         async with lc.scope() as s:  # outlives the lifetime: not closed under it
             c = await s.get(conn)
-            first = await backend_pid(c)
+            first = await scalar(c, "SELECT pg_backend_pid()")
             await anyio.sleep(LIFETIME * 1.5)
-            assert await backend_pid(c) == first
+            assert await scalar(c, "SELECT pg_backend_pid()") == first
         async with lc.scope() as s:  # the old one is gone: a new backend
-            second = await backend_pid(await s.get(conn))
+            second = await scalar(await s.get(conn), "SELECT pg_backend_pid()")
         assert second != first
         async with lc.scope() as s:  # a young one is reused
-            assert await backend_pid(await s.get(conn)) == second
+            assert await scalar(await s.get(conn), "SELECT pg_backend_pid()") == second
         started = time.monotonic()
         while first in {row["pid"] for row in postgres.activity(APP)}:
             assert time.monotonic() - started < 5, "the expired backend is still connected"

@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI
 
 import tether
 from tests.faultproxy import FaultProxy
+from tests.integration.drivers import scalar
 from tests.servers import Postgres, _pg_url
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -48,27 +49,16 @@ def url(proxy: FaultProxy, scheme: str = "postgresql") -> str:
     return _pg_url(scheme, proxy.port, None)
 
 
-async def run_sql(c: Any, sql: str) -> Any:
-    """One value from *sql* on an asyncpg or psycopg connection, or a SQLAlchemy session."""
-    if hasattr(c, "fetchval"):  # asyncpg
-        return await c.fetchval(sql)
-    if hasattr(c, "cursor"):  # psycopg
-        return (await (await c.execute(sql)).fetchone())[0]
-    from sqlalchemy import text
-
-    return (await c.execute(text(sql))).scalar_one()
-
-
 def serve(conn: Any, lc: tether.Lifecycle) -> FastAPI:
     app = FastAPI(lifespan=lc.lifespan)
 
     @app.get("/q")
     async def q(c: Annotated[Any, Depends(conn)]) -> Any:
-        return await run_sql(c, "SELECT 1")
+        return await scalar(c, "SELECT 1")
 
     @app.get("/sleep")
     async def sleep(c: Annotated[Any, Depends(conn)]) -> Any:
-        return await run_sql(c, "SELECT pg_sleep(5)")
+        return await scalar(c, "SELECT pg_sleep(5)")
 
     return app
 

@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI
 
 import tether
 import tether.fastapi
+from tests.integration.drivers import scalar
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -34,16 +35,6 @@ pytestmark = [pytest.mark.servers, pytest.mark.anyio]
 
 APP = "tether-server-kills"
 REQUESTS = 150
-
-
-async def one(c: Any) -> int:
-    if hasattr(c, "fetchval"):  # asyncpg
-        return int(await c.fetchval("SELECT 1"))
-    if hasattr(c, "cursor"):  # psycopg
-        return int((await (await c.execute("SELECT 1")).fetchone())[0])
-    from sqlalchemy import text
-
-    return int((await c.execute(text("SELECT 1"))).scalar_one())
 
 
 def asyncpg_tx(lc: tether.Lifecycle, pg: Postgres) -> Any:
@@ -84,7 +75,7 @@ async def test_killed_idle_connections_never_fail_a_request(postgres: Postgres, 
     @app.get("/one")
     @tether.fastapi.idempotent(retries=3)
     async def get_one(c: Annotated[Any, Depends(conn)]) -> int:
-        return await one(c)
+        return int(await scalar(c, "SELECT 1"))
 
     kills = 0
     statuses: dict[int, int] = {}

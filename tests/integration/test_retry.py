@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Form
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
@@ -128,6 +128,15 @@ def make_app(pg: Postgres, driver: Driver, table: str) -> tuple[FastAPI, list[st
         await driver.execute(c, "SELECT 1")
         return {"key": key, "text": note.text}
 
+    @app.post("/form")
+    @idempotent
+    async def form(c: C, text: Annotated[str, Form()]) -> str:
+        """A form body (its files are closed once the request fails): not run again."""
+        calls.append("form")
+        kill(pg, await driver.pid(c))
+        await driver.execute(c, "SELECT 1")
+        return text
+
     @app.post("/always-lost")
     @idempotent(retries=2)
     async def always_lost(c: C) -> str:
@@ -185,6 +194,18 @@ def test_a_retried_request_reads_its_body_again(
         answer = client.put("/notes/7", json={"text": "kept"})
     assert (answer.status_code, answer.json()) == (200, {"key": 7, "text": "kept"})
     assert calls == ["put", "put"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS[1:2], ids=IDS[1:2])
+def test_a_request_with_a_form_body_is_not_run_again(
+    postgres: Postgres, table: str, driver: Driver
+) -> None:
+    app, calls = make_app(postgres, driver, table)
+    with TestClient(app) as client:
+        answer = client.post("/form", data={"text": "once"})
+    assert answer.status_code == 503
+    assert "the connection was lost mid-transaction" in answer.json()["detail"]
+    assert calls == ["form"]
 
 
 @pytest.mark.parametrize("driver", DRIVERS[1:2], ids=IDS[1:2])

@@ -636,6 +636,8 @@ async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> Non
     After a cancelled query asyncpg has sent the server a cancel request: the rollback
     first waits for the server to acknowledge it, then ends the transaction.
     """
+    if _closed(conn):
+        return  # lost with the server, which ended the transaction: nothing to roll back
     pid = _server_pid(conn)
     try:
         async with asyncio.timeout(within):
@@ -694,6 +696,13 @@ def _terminate(conn: Any) -> None:
         conn.terminate()  # gives its slot back to the pool, which reconnects when needed
     except pg_errors.InterfaceError:
         pass  # already released
+
+
+def _closed(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except pg_errors.InterfaceError:
+        return True  # already released
 
 
 def _server_pid(conn: Any) -> int | None:

@@ -8,6 +8,7 @@ with the server itself still healthy (reliability.md, test 5)::
         proxy.blackhole()                # bytes stop flowing both ways; no RST, no FIN
         proxy.restore()                  # they flow again (what was held is delivered)
         proxy.cut()                      # every open connection is reset (RST)
+        proxy.latency(0.02)              # each chunk is held 20 ms each way (0: none)
         proxy.open_connections           # client connections the proxy still holds
 
 A blackholed connection looks like a peer behind a dead switch: writes succeed (the kernel
@@ -46,6 +47,7 @@ class FaultProxy:
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._pairs: set[_Pair] = set()
+        self._delay = 0.0  # seconds each chunk is held, each way
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -72,6 +74,10 @@ class FaultProxy:
     def restore(self) -> None:
         """Forward again; bytes held while blackholed are delivered."""
         self._call(self._set_flowing(True))
+
+    def latency(self, seconds: float) -> None:
+        """Hold each chunk *seconds* before passing it on, both ways (order is kept)."""
+        self._delay = seconds
 
     def cut(self) -> None:
         """Reset every open connection (RST to the client, close to the server)."""
@@ -167,6 +173,8 @@ class FaultProxy:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if self._delay:
+                    await asyncio.sleep(self._delay)
                 await self._flowing.wait()
                 if pair.closed:
                     break

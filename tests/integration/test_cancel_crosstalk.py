@@ -53,6 +53,13 @@ def psycopg_conn(lc: tether.Lifecycle, proxy: FaultProxy) -> Any:
 
 
 def sqlalchemy_session(lc: tether.Lifecycle, proxy: FaultProxy) -> Any:
+    import asyncpg
+
+    if tuple(int(part) for part in asyncpg.__version__.split(".")[:2]) < (0, 32):
+        # SQLAlchemy invalidates a connection whose query was cancelled; with asyncpg before
+        # 0.32 the sockets of that path are left to the garbage collector (ResourceWarning
+        # in a later test). Measured: asyncpg 0.30 and 0.31 leak, 0.32 does not.
+        pytest.skip("asyncpg < 0.32 leaves a cancelled connection's sockets to the GC")
     url = _pg_url("postgresql+asyncpg", proxy.port, None)
     return tsa.session(lc, tsa.engine(lc, url, pool_size=POOL))
 

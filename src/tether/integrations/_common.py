@@ -186,6 +186,19 @@ def unavailable(
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after, lost=lost)
 
 
+def used_concurrently(what: str, name: str, driver: str, done: str) -> ScopeError:
+    """The error for one unit of work's connection (*what*: ``"Connection"``, ``"Session"``)
+    used by two tasks at once, which *driver* refused; *done*: what tether did about it."""
+    step, steps = ("query", "queries") if what == "Connection" else ("operation", "operations")
+    article = f"a {what.lower()}"
+    return ScopeError(
+        f"{what} {name!r} was used by two tasks at once (asyncio.gather over its {steps}, or "
+        f"a task started with it): {article} runs one {step} at a time, and {driver} refused "
+        f"the second. {done} Await its {steps} one after another, or give each task "
+        f"{article} of its own (`async with lc.scope() as s: await s.get({name})` in the task)."
+    )
+
+
 def queue_full(
     name: str, *, waiting: int, max_waiting: int, size: int | None, in_use: int | None
 ) -> ResourceUnavailable:

@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, ScopeError, describe
+from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -80,6 +80,7 @@ from ._common import (
     resolve_dsn,
     unavailable,
     unreachable,
+    used_concurrently,
 )
 from ._common import workers as worker_count
 
@@ -436,7 +437,8 @@ def connection(
                 if _concurrent(exc):
                     # The other task's query still runs on it: nothing to roll back with.
                     await _discard(p, conn, _server_pid(conn), name)
-                    raise _used_concurrently(name) from exc
+                    done = "The connection was terminated (what ran on it was rolled back)."
+                    raise used_concurrently("Connection", name, "asyncpg", done) from exc
                 lost = _is_lost(conn, exc)
                 if tx is None:
                     if lost:
@@ -471,19 +473,8 @@ LOST: tuple[type[BaseException], ...] = (
 
 def _concurrent(exc: BaseException) -> bool:
     """Whether *exc* is asyncpg refusing a query while another runs on the connection."""
-    return isinstance(exc, pg_errors.InterfaceError) and "another operation is in progress" in str(
-        exc
-    )
-
-
-def _used_concurrently(name: str) -> ScopeError:
-    return ScopeError(
-        f"Connection {name!r} was used by two tasks at once (asyncio.gather over its queries, "
-        f"or a task started with it): a connection runs one query at a time, and asyncpg "
-        f"refused the second. The connection was terminated (what ran on it was rolled back). "
-        f"Await its queries one after another, or give each task a connection of its own "
-        f"(`async with lc.scope() as s: await s.get({name})` in the task)."
-    )
+    busy = "another operation is in progress"
+    return isinstance(exc, pg_errors.InterfaceError) and busy in str(exc)
 
 
 def _is_lost(conn: Any, exc: BaseException) -> bool:

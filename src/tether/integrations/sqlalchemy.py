@@ -90,6 +90,7 @@ from ._common import (
     read_only_failure,
     redact,
     unavailable,
+    used_concurrently,
 )
 from ._common import workers as worker_count
 
@@ -735,13 +736,8 @@ def _busy(exc: BaseException) -> bool:
 
 
 def _used_concurrently(name: str) -> ScopeError:
-    return ScopeError(
-        f"Session {name!r} was used by two tasks at once (asyncio.gather over its queries, or "
-        f"a task started with it): a session runs one operation at a time, and SQLAlchemy "
-        f"refused the second. The unit of work was rolled back. Await its operations one after "
-        f"another, or give each task a session of its own (`async with lc.scope() as s: "
-        f"await s.get({name})` in the task)."
-    )
+    done = "The unit of work was rolled back."
+    return used_concurrently("Session", name, "SQLAlchemy", done)
 
 
 async def _when_free(op: Callable[[], Awaitable[Any]]) -> Any:

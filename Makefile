@@ -4,10 +4,12 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 PIP_FLAGS := --disable-pip-version-check -q
 # FastAPI versions the release-point tests run on, besides the latest one in $(VENV); the
-# oldest also runs the integration suite.
+# oldest also runs the integration suite, but for the tests that run no FastAPI code
+# (marked fastapi_free).
 FASTAPI_MATRIX := 0.115 0.120 0.137
 # Newer Pythons the whole suite runs on too, besides $(PY) (3.11), where the machine has them.
 PYTHON_MATRIX := 3.13
+# The short soak (marked soak) runs in the main suite only.
 # The integration suite and the metrics exporters' tests also run on the extras' lower bounds
 # (pyproject.toml), so they stay true. FastAPI's own floor: its latest releases need a newer
 # opentelemetry-api than tether's extra does.
@@ -15,7 +17,7 @@ FLOORS := "asyncpg==0.30.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
   "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*" \
   "fastapi==0.115.*" "opentelemetry-api==1.20.*" "opentelemetry-sdk==1.20.*"
 
-.PHONY: all demo test lint typecheck pytest matrix pythons floors bench bench-quick system-deps clean
+.PHONY: all demo test lint typecheck pytest matrix pythons floors bench bench-quick soak system-deps clean
 
 all: test
 
@@ -64,7 +66,7 @@ matrix: $(BIN)/.installed
 	  echo "== FastAPI $$v"; \
 	  dirs="tests/asgi tests/e2e"; \
 	  [ "$$v" = "$(firstword $(FASTAPI_MATRIX))" ] && dirs="$$dirs tests/integration"; \
-	  "$$env/bin/pytest" $$dirs -q || exit 1; \
+	  "$$env/bin/pytest" $$dirs -q -m "not fastapi_free and not soak" || exit 1; \
 	done
 
 pythons: $(BIN)/.installed system-deps
@@ -79,7 +81,7 @@ pythons: $(BIN)/.installed system-deps
 	    touch "$$env/.installed"; \
 	  fi; \
 	  echo "== Python $$v"; \
-	  "$$env/bin/pytest" -q || exit 1; \
+	  "$$env/bin/pytest" -q -m "not soak" || exit 1; \
 	done
 
 floors: $(BIN)/.installed system-deps
@@ -93,7 +95,7 @@ floors: $(BIN)/.installed system-deps
 	fi; \
 	echo "== the extras' lower bounds: $(FLOORS)"; \
 	"$$env/bin/pytest" tests/integration tests/asgi/test_prometheus.py \
-	  tests/asgi/test_opentelemetry.py -q || exit 1
+	  tests/asgi/test_opentelemetry.py -q -m "not soak" || exit 1
 
 test: lint typecheck pytest matrix pythons floors
 
@@ -102,6 +104,12 @@ bench: $(BIN)/.installed system-deps
 
 bench-quick: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench.run --quick
+
+# The soak of reliability.md's test 18: random faults for SOAK_MINUTES (the test suite runs a
+# short one, tests/integration/test_soak.py).
+SOAK_MINUTES ?= 30
+soak: $(BIN)/.installed system-deps
+	$(BIN)/python -m tests.soak --minutes $(SOAK_MINUTES) --json .soak.json --log .soak.log
 
 clean:
 	rm -rf $(VENV) .venv-fa* .venv-py* .venv-floors .mypy_cache .ruff_cache build dist .demo

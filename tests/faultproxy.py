@@ -9,6 +9,7 @@ with the server itself still healthy (reliability.md, test 5)::
         proxy.restore()                  # they flow again (what was held is delivered)
         proxy.cut()                      # every open connection is reset (RST)
         proxy.latency(0.02)              # each chunk is held 20 ms each way (0: none)
+        proxy.linger(1.0)                # a server's close reaches its client 1 s late
         proxy.open_connections           # client connections the proxy still holds
 
 A blackholed connection looks like a peer behind a dead switch: writes succeed (the kernel
@@ -48,6 +49,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._pairs: set[_Pair] = set()
         self._delay = 0.0  # seconds each chunk is held, each way
+        self._linger = 0.0  # seconds a server's close is held before its client's
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -78,6 +80,12 @@ class FaultProxy:
     def latency(self, seconds: float) -> None:
         """Hold each chunk *seconds* before passing it on, both ways (order is kept)."""
         self._delay = seconds
+
+    def linger(self, seconds: float) -> None:
+        """Hold the close of a connection the server ended *seconds* before passing it on
+        (what it sent before closing is delivered at once): the client reads the server's
+        last words, a ``FATAL`` error, well before it learns the connection is gone."""
+        self._linger = seconds
 
     def cut(self) -> None:
         """Reset every open connection (RST to the client, close to the server)."""
@@ -161,17 +169,24 @@ class FaultProxy:
         pair.server_w = server_w
         await asyncio.gather(
             self._pump(client_r, server_w, pair),
-            self._pump(server_r, client_w, pair),
+            self._pump(server_r, client_w, pair, from_server=True),
         )
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: _Pair,
+        *,
+        from_server: bool = False,
     ) -> None:
         assert self._flowing is not None
         try:
             while not pair.closed:
                 data = await reader.read(65536)
                 if not data:
+                    if from_server and self._linger:
+                        await asyncio.sleep(self._linger)
                     break
                 if self._delay:
                     await asyncio.sleep(self._delay)

@@ -74,6 +74,12 @@ async def check() -> None:
         assert_type(lc.get(pool), Pool)
         assert_type(lc.stats(), tether.Stats)
         assert_type(await lc.health(), tether.HealthReport)
+        assert_type((await lc.health()).checks[0].detail, str | None)
+    try:
+        pass
+    except tether.ResourceUnavailable as exc:
+        assert_type(exc.timed_out, bool)
+        assert_type(exc.lost, bool)
 
 
 @tether.fastapi.idempotent

@@ -81,16 +81,25 @@ class ResourceUnavailable(TetherError):
     The FastAPI integration answers ``503 Service Unavailable`` with ``Retry-After``.
     ``lost`` is true when the unit of work's connection was lost under it (or reached a
     read-only server) and the pool replaces it: running the unit again may succeed at
-    once, which :func:`tether.fastapi.idempotent` routes do.
+    once, which :func:`tether.fastapi.idempotent` routes do. ``timed_out`` is true when
+    the wait for a connection ran out of time (counted in the resource's ``timeouts``, the
+    ``db.client.connection.timeouts`` metric).
     """
 
     def __init__(
-        self, message: str, *, resource: str, retry_after: float = 1.0, lost: bool = False
+        self,
+        message: str,
+        *,
+        resource: str,
+        retry_after: float = 1.0,
+        lost: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.resource = resource
         self.retry_after = retry_after
         self.lost = lost
+        self.timed_out = timed_out
 
 
 class ResourceClosedError(TetherError):

@@ -24,6 +24,8 @@ class CheckResult:
     ok: bool
     latency: float  # seconds
     error: str | None = None
+    #: What a passing check has to say (a pool busy with traffic: "busy: 10 of 10 ...").
+    detail: str | None = None
 
     @property
     def status(self) -> str:
@@ -56,6 +58,7 @@ class HealthReport:
                     "status": c.status,
                     "latency_ms": round(c.latency * 1000, 3),
                     **({"error": c.error} if c.error else {}),
+                    **({"detail": c.detail} if c.detail else {}),
                 }
                 for c in self.checks
             },
@@ -69,6 +72,15 @@ async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
         with anyio.fail_after(res.check_timeout):
             if res.scope == "app":
                 value = lc._app_value(res)
+                saturation = None if res in lc._overrides else res.saturation
+                if saturation is not None and (verdict := saturation(value)):
+                    # Every connection in use: the check would queue behind the traffic
+                    # (and fail its timeout while the database answers everyone else).
+                    ok, note = verdict
+                    latency = time.perf_counter() - t0
+                    if ok:
+                        return CheckResult(res.name, True, latency, detail=note)
+                    return CheckResult(res.name, False, latency, note)
                 result = res.check(value)
                 if inspect.isawaitable(result):
                     await result

@@ -117,6 +117,7 @@ class Resource(Generic[T]):
         "required",
         "retries",
         "retry_after",
+        "saturation",
         "scope",
         "thread",
         "timeout",
@@ -167,6 +168,12 @@ class Resource(Generic[T]):
         # For an app resource that is a driver's pool, set by its integration: reads the
         # pool's own figures from its value (lc.stats().pools).
         self.pool_stats: Callable[[Any], PoolStats] | None = None
+        # For an app resource that is a driver's pool, set by its integration: whether every
+        # connection is in use, read before a health check runs, so that a pool busy with
+        # traffic is reported at once instead of the check queueing behind that traffic.
+        # None: not saturated (run the check); (True, note): busy and serving (ready, the
+        # check is not run); (False, reason): saturated and nothing handed out for too long.
+        self.saturation: Callable[[Any], tuple[bool, str] | None] | None = None
         # Which response statuses take the failure path (None: 400 and more), set by
         # `lc.resource(error_status=...)`.
         self.error_status: Callable[[int], bool] | None = None

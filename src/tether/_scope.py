@@ -921,9 +921,11 @@ class Unit:
                 value = _first(target, handle)
             else:
                 value, handle = await open_value(lc, target, list(args))
-        except BaseException:
+        except BaseException as exc:
             if started:
                 target.counters.open_errors += 1
+                if isinstance(exc, ResourceUnavailable) and exc.timed_out:
+                    target.counters.timeouts += 1
             self._open_failed(res)
             raise
         return self._add(res, target, handle, value, t0)  # type: ignore[no-any-return]

@@ -82,7 +82,8 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
         print(json.dumps(report, indent=2))
     else:
         for name, result in report["checks"].items():
-            error = f"  {result['error']}" if "error" in result else ""
+            said = result.get("error") or result.get("detail")
+            error = f"  {said}" if said else ""
             print(f"{result['status']:8} {name:24} {result['latency_ms']:8.1f} ms{error}")
         print(report["status"])
     return 0 if report["status"] == "ok" else 1

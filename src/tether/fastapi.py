@@ -594,6 +594,8 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                             value = res.factory(*args)
                     except BaseException as exc:
                         res.counters.open_errors += 1
+                        if isinstance(exc, ResourceUnavailable) and exc.timed_out:
+                            res.counters.timeouts += 1
                         unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
                             raise no_value(res) from None
@@ -1190,13 +1192,16 @@ def _handler(
                 return _LateResponse(response, unit)
             unit.state = 1  # the handler is over: a disconnect no longer cancels it
             if unit.late or getattr(response, "status_code", 200) >= 400 or in_anyio_scope(task):
-                response, late = await _release_slow(unit, response)
+                response, late = await _release_slow(unit, response, again)
                 return response
             # The common case: closed here, in reverse (a cleanup that suspends is awaited,
             # shielded); a failing commit answers 500 (503) instead.
             unit.values.clear()
             failed = await close_all(lc, entries, None, [])
-            return response if failed is None else _error_response(failed)
+            if failed is None:
+                return response
+            _retry_if_lost(unit, failed, again)
+            return _error_response(failed)
         finally:
             if not late:
                 unit.closed = True
@@ -1209,7 +1214,20 @@ def _handler(
     return tether_handler
 
 
-async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
+def _retry_if_lost(unit: HttpUnit, failed: BaseException, again: bool) -> None:
+    """A commit that failed with its connection lost and nothing committed (asyncpg
+    refusing to send ``COMMIT``): an ``idempotent`` route runs again, as it does when the
+    connection is lost under the endpoint (the response has not started)."""
+    if (
+        again
+        and isinstance(failed, ResourceUnavailable)
+        and failed.lost
+        and getattr(unit.request, "_form", None) is None
+    ):
+        raise _Retry(failed)
+
+
+async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any, bool]:
     """Release at the handler's return, the other cases: an error status (the values
     roll back), values released with the response, a task in an anyio cancel scope.
     Returns the response to send, and whether the unit goes on with it."""
@@ -1220,6 +1238,7 @@ async def _release_slow(unit: HttpUnit, response: Any) -> tuple[Any, bool]:
     if errors and unit.failure is None:
         if unit.entries:
             await unit.aclose(errors[-1])
+        _retry_if_lost(unit, errors[-1], again)
         return _error_response(errors[-1]), False
     if unit.entries:
         return _LateResponse(response, unit), True

@@ -24,7 +24,7 @@ from tether.integrations import psycopg as tpsy
 from tether.integrations import redis as tredis
 from tether.integrations import sqlalchemy as tsa
 
-pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 ROUNDS = 15
 POOL = 2

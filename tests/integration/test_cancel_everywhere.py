@@ -377,6 +377,7 @@ async def cancelled_after(how: str, delay: float, work: Coroutine[Any, Any, Any]
         assert task.exception() is None
 
 
+@pytest.mark.fastapi_free
 @pytest.mark.parametrize("driver_name", sorted(DRIVERS))
 async def test_cancel_at_every_await_of_a_scope(postgres: Postgres, driver_name: str) -> None:
     """A job's unit of work (`lc.scope()`): take a connection, write, read, commit."""
@@ -496,6 +497,7 @@ def _is_asyncpg_connect_noise(context: dict[str, Any]) -> bool:
     )
 
 
+@pytest.mark.fastapi_free
 async def test_cancel_app_scope_at_every_await(
     postgres: Postgres, redis_server: Any, tmp_path: Path
 ) -> None:
@@ -606,6 +608,7 @@ async def test_cancel_app_scope_at_every_await(
         loop.set_exception_handler(previous)
 
 
+@pytest.mark.fastapi_free
 async def test_cancel_at_every_await_of_an_sqlite_unit_of_work(tmp_path: Path) -> None:
     """The embedded default (aiosqlite: one thread per connection), cancelled at every
     await, both ways: committed exactly when the close had begun, no connection token

@@ -10,7 +10,7 @@ import pytest
 from tests.servers import Postgres
 from tests.serving import ROOT
 
-pytestmark = pytest.mark.servers
+pytestmark = [pytest.mark.servers, pytest.mark.fastapi_free]
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "sqlalchemy"])

@@ -19,7 +19,7 @@ from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import sqlalchemy as tsa
 
-pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 APP = "tether-lifetime"
 LIFETIME = 1.0

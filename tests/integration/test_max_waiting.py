@@ -17,7 +17,7 @@ from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.integrations import sqlalchemy as tsa
 
-pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 
 def asyncpg_conn(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:

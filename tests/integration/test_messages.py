@@ -22,7 +22,7 @@ from tether.integrations import psycopg as tpsycopg
 from tether.integrations import sqlalchemy as tsa
 from tether.integrations._common import depends_on
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.fastapi_free]
 
 
 async def _start(lc: tether.Lifecycle) -> None:

@@ -18,7 +18,7 @@ from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import sqlalchemy as tsa
 
-pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 
 def asyncpg_pool(lc: tether.Lifecycle, pg: Postgres, name: str) -> tether.Resource[Any]:

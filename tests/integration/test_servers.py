@@ -13,7 +13,7 @@ import redis
 from tests import servers
 from tests.servers import PgBouncer, Postgres, Redis
 
-pytestmark = pytest.mark.servers
+pytestmark = [pytest.mark.servers, pytest.mark.fastapi_free]
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -17,7 +17,7 @@ from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import sqlalchemy as tsa
 
-pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 DIRTY = [
     "SET statement_timeout = '123s'",

@@ -139,3 +139,36 @@ class TestHealth:
         assert report.ok
         assert report.checks == []
         assert report.as_dict() == {"status": "ok", "state": "running", "checks": {}}
+
+    async def test_a_saturated_pool_is_reported_without_running_its_check(self) -> None:
+        """A pool's integration says when every connection is in use: the check, which would
+        queue behind the traffic, is not run; busy and serving passes with a note, stuck fails
+        with the reason; otherwise the check runs as usual."""
+        lc = tether.Lifecycle()
+        verdict: list[tuple[bool, str] | None] = [None]
+
+        @lc.resource(scope="app", check=lambda p: p.ping())
+        def db() -> Pool:
+            return Pool("db", delay=10)  # a check that would queue behind the traffic
+
+        db.saturation = lambda p: verdict[0]
+        async with lc.run():
+            pool = lc._app_value(db)
+            verdict[0] = (True, "busy: all 2 connections in use")
+            busy = await lc.health()
+            verdict[0] = (False, "saturated: and none handed out for 6.0 s")
+            stuck = await lc.health()
+            assert pool.pings == 0
+            verdict[0] = None
+            pool.delay = 0.0
+            calm = await lc.health()
+            assert pool.pings == 1
+        assert (busy.ok, busy["db"].detail, busy["db"].error) == (
+            True, "busy: all 2 connections in use", None
+        )  # fmt: skip
+        assert busy.as_dict()["checks"]["db"]["detail"] == "busy: all 2 connections in use"
+        assert busy["db"].latency < 0.1
+        assert (stuck.ok, stuck["db"].detail) == (False, None)
+        assert stuck["db"].error == "saturated: and none handed out for 6.0 s"
+        assert (calm.ok, calm["db"].detail) == (True, None)
+        assert "detail" not in calm.as_dict()["checks"]["db"]

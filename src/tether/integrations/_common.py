@@ -6,13 +6,22 @@ import asyncio
 import inspect
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .._errors import LOST_NOTE, ResourceUnavailable, ScopeError, StartupError, redact
+from .._errors import (
+    LOST_NOTE,
+    ResourceUnavailable,
+    ScopeError,
+    StartupError,
+    describe,
+    redact,
+)
 
 if TYPE_CHECKING:
     from .._resource import Resource
+    from .._stats import PoolStats
 
 log = logging.getLogger("tether")
 
@@ -27,6 +36,8 @@ __all__ = [
     "Dsn",
     "LoopBound",
     "check_budget",
+    "commit_not_sent",
+    "saturation",
     "depends_on",
     "read_only",
     "queue_full",
@@ -104,6 +115,34 @@ def check_budget(
     log.warning("tether: %s", msg)
 
 
+def saturation(
+    figures: PoolStats, served: float, within: float, timeout_name: str
+) -> tuple[bool, str] | None:
+    """A pool's readiness when every connection is in use (``Resource.saturation``).
+
+    A health check on a saturated pool would queue behind the traffic and fail its timeout
+    while the database answers everyone else; a probe that fails under load takes the
+    instance out of rotation and moves its load onto the others. So: busy and serving (a
+    connection handed out within *within* seconds, or nobody waiting) is ready, reported
+    at once; units of work waiting with none handed out for longer than that (every one of
+    them is timing out: queries stuck, or a database that stopped answering) is not.
+    *served* is ``time.monotonic()`` when the pool last handed out a connection.
+    """
+    most, in_use = figures.max, figures.in_use
+    if most is None or in_use is None or in_use < most or figures.idle:
+        return None
+    ago = time.monotonic() - served
+    waiting = figures.waiting or 0
+    if waiting and ago > within:
+        return False, (
+            f"saturated: all {most} connections in use, {waiting} waiting, and none handed "
+            f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): the queries "
+            f"holding them are stuck, or the database stopped answering"
+        )
+    queue = f", {waiting} waiting" if waiting else ""
+    return True, (f"busy: all {most} connections in use{queue}; one was handed out {ago:.1f} s ago")
+
+
 class _Forks:
     """How many times this process is a fork away from the one that imported tether: a
     forked child shares its parent's sockets, so its parent's pools are not its own."""
@@ -155,6 +194,16 @@ class LoopBound:
             raise ScopeError(msg)
 
 
+def commit_not_sent(name: str, exc: BaseException) -> ResourceUnavailable:
+    """The 503 for a commit the driver refused to send (asyncpg's ``InternalClientError``):
+    nothing was committed, and the connection, in an unknown state, is discarded."""
+    reason = (
+        f"the connection was lost before COMMIT, which was not sent, so nothing was "
+        f"committed ({describe(exc)}; the server most likely ended the session)"
+    )
+    return unavailable(name, reason, lost=True)
+
+
 def unavailable(
     name: str,
     cause: BaseException | str,
@@ -165,6 +214,7 @@ def unavailable(
     retry_after: float = 1.0,
     backend: str = "the database",
     lost: bool = False,
+    timed_out: bool = False,
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
@@ -183,7 +233,9 @@ def unavailable(
         f"Pool {name!r}{shown} could not give a connection: {reason}. "
         f"Retry shortly; if it persists, check {backend} and the pool size."
     )
-    return ResourceUnavailable(msg, resource=name, retry_after=retry_after, lost=lost)
+    return ResourceUnavailable(
+        msg, resource=name, retry_after=retry_after, lost=lost, timed_out=timed_out
+    )
 
 
 def used_concurrently(what: str, name: str, driver: str, done: str) -> ScopeError:

@@ -185,6 +185,7 @@ class Database:
                 size=self.max_connections,
                 in_use=limiter.borrowed_tokens,
                 waiting=limiter.statistics().tasks_waiting,
+                timed_out=True,
             ) from None
 
     def _release(self, token: object) -> None:

@@ -72,12 +72,14 @@ from ._common import (
     Dsn,
     LoopBound,
     check_budget,
+    commit_not_sent,
     depends_on,
     queue_full,
     read_only,
     read_only_failure,
     redact,
     resolve_dsn,
+    saturation,
     unavailable,
     unreachable,
     used_concurrently,
@@ -118,6 +120,7 @@ class _State:
         "max_waiting",
         "name",
         "pgbouncer",
+        "served",
         "shown",
         "waiting",
     )
@@ -132,6 +135,7 @@ class _State:
         self.bound = LoopBound(name)
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
+        self.served = time.monotonic()  # when a unit of work last got a connection
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -308,6 +312,7 @@ def pool(
         required=required,
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
+    res.saturation = lambda p: _saturation(name, p)
     return res
 
 
@@ -339,6 +344,13 @@ def _figures(name: str, p: Any) -> PoolStats:
         idle=idle,
         waiting=state.waiting if state is not None else None,
     )
+
+
+def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
+    state: _State | None = getattr(p, "_tether", None)
+    if state is None:
+        return None
+    return saturation(_figures(name, p), state.served, state.acquire_timeout, "acquire_timeout")
 
 
 def _pool_check(check: Check | bool) -> Check | None:
@@ -452,7 +464,15 @@ def connection(
                     raise unavailable(pool_name, reason, lost=True) from exc
                 raise
             if tx is not None:
-                await tx.commit()
+                try:
+                    await tx.commit()
+                except pg_errors.InternalClientError as exc:
+                    # asyncpg refused to send COMMIT: the connection is mid-way through
+                    # something else, most often an error the server sent unasked as it
+                    # ended the session (a restart, pg_terminate_backend) before the close
+                    # arrived. Nothing was committed: a 503, and the connection goes.
+                    _terminate(conn)
+                    raise commit_not_sent(pool_name, exc) from exc
         finally:
             await _give_back(p, conn, name, reset_timeout)
 
@@ -480,6 +500,11 @@ def _concurrent(exc: BaseException) -> bool:
 def _is_lost(conn: Any, exc: BaseException) -> bool:
     if isinstance(exc, LOST):
         return True
+    if isinstance(exc, pg_errors.InternalClientError):
+        # asyncpg refused to send the statement: its protocol is mid-way through something
+        # else, most often an error the server sent unasked as it ended the session (a
+        # restart, pg_terminate_backend) before the close arrived. The connection is done.
+        return True
     try:
         return isinstance(exc, pg_errors.InterfaceError) and bool(conn.is_closed())
     except pg_errors.InterfaceError:
@@ -504,13 +529,15 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
         state.waiting += 1
     try:
         conn = await p.acquire(timeout=timeout)
-        if state is not None and state.expires is not None:
-            while _expired(state.expires, conn):
-                # Past max_lifetime: closed now that no unit of work holds it; the pool
-                # opens a new one in its place.
-                _terminate(conn)
-                await p.release(conn)
-                conn = await p.acquire(timeout=timeout)
+        if state is not None:
+            state.served = time.monotonic()
+            if state.expires is not None:
+                while _expired(state.expires, conn):
+                    # Past max_lifetime: closed now that no unit of work holds it; the pool
+                    # opens a new one in its place.
+                    _terminate(conn)
+                    await p.release(conn)
+                    conn = await p.acquire(timeout=timeout)
         return conn
     except TimeoutError as exc:
         raise _timed_out(p, pool_name, state, timeout) from exc
@@ -550,7 +577,7 @@ async def _acquire_begun(
         try:
             await _begin(conn, tx, pool_name, timeout)
         except Exception as exc:
-            stale = _is_lost(conn, exc) or isinstance(exc, pg_errors.InternalClientError)
+            stale = _is_lost(conn, exc)
             if stale:
                 _terminate(conn)
             await _give_back(p, conn, name, reset_timeout)
@@ -584,7 +611,7 @@ async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:
             f"the database did not answer BEGIN within {within} (the connection was "
             f"terminated; the network or the server may be down)"
         )
-        raise unavailable(pool_name, reason) from exc
+        raise unavailable(pool_name, reason, timed_out=deadline.expired()) from exc
 
 
 def _expired(expires: weakref.WeakKeyDictionary[Any, float], conn: Any) -> bool:
@@ -604,7 +631,9 @@ def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> 
             f"too small for the load"
         )
     waiting = state.waiting if state is not None else None
-    return unavailable(pool_name, reason, size=max_size, in_use=in_use, waiting=waiting)
+    return unavailable(
+        pool_name, reason, size=max_size, in_use=in_use, waiting=waiting, timed_out=True
+    )
 
 
 def _in_use(p: Any) -> int | None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,7 @@ from ._common import (
     read_only_failure,
     redact,
     resolve_dsn,
+    saturation,
     unavailable,
     unreachable,
 )
@@ -96,7 +98,7 @@ Connection = psycopg.AsyncConnection[Any]
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("bound", "name", "pgbouncer", "shown", "timeout")
+    __slots__ = ("bound", "name", "pgbouncer", "served", "shown", "timeout")
 
     def __init__(self, name: str, timeout: float, shown: str, pgbouncer: bool = False) -> None:
         self.name = name
@@ -104,6 +106,7 @@ class _State:
         self.timeout = timeout
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
+        self.served = time.monotonic()  # when the pool last handed out a connection
 
 
 class Pool(AsyncConnectionPool[Connection]):
@@ -115,9 +118,13 @@ class Pool(AsyncConnectionPool[Connection]):
     _tether: _State | None = None
 
     async def getconn(self, timeout: float | None = None) -> Connection:
-        if self._tether is not None:
-            self._tether.bound.check()
-        return await super().getconn(timeout)
+        state = self._tether
+        if state is None:
+            return await super().getconn(timeout)
+        state.bound.check()
+        conn = await super().getconn(timeout)
+        state.served = time.monotonic()
+        return conn
 
 
 def pool(
@@ -260,6 +267,7 @@ def pool(
         required=required,
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
+    res.saturation = lambda p: _saturation(name, p)
     return res
 
 
@@ -275,6 +283,13 @@ def _figures(name: str, p: Any) -> PoolStats:
         idle=idle,
         waiting=int(stats.get("requests_waiting", 0)),
     )
+
+
+def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
+    state: _State | None = getattr(p, "_tether", None)
+    if state is None:
+        return None
+    return saturation(_figures(name, p), state.served, state.timeout, "timeout")
 
 
 def _is_refusal(exc: BaseException) -> bool:
@@ -432,28 +447,32 @@ async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:
             f"2 x timeout={waited:g} s (the network or the server may be down; the "
             f"connection was closed)"
         )
-        raise _unavailable(p, pool_name, reason) from exc
+        raise _unavailable(p, pool_name, reason, timed_out=True) from exc
     except PoolTimeout as exc:
         reason = (
             f"no connection came free within timeout={waited:g} s; the requests holding "
             f"them are slow, the pool is too small for the load, or the database cannot "
             f"be reached"
         )
-        raise _unavailable(p, pool_name, reason) from exc
+        raise _unavailable(p, pool_name, reason, timed_out=True) from exc
     except TooManyRequests as exc:
         raise _unavailable(p, pool_name, str(exc)) from exc
     return conn
 
 
-def _unavailable(p: Any, pool_name: str, reason: str) -> ResourceUnavailable:
+def _unavailable(
+    p: Any, pool_name: str, reason: str, *, timed_out: bool = False
+) -> ResourceUnavailable:
     try:
         stats = p.get_stats()
         opened = int(stats.get("pool_size", 0))
         in_use = opened - int(stats.get("pool_available", 0))
         waiting = int(stats.get("requests_waiting", 0))
-        return unavailable(pool_name, reason, size=p.max_size, in_use=in_use, waiting=waiting)
     except Exception:  # pragma: no cover - a pool-like value without stats
-        return unavailable(pool_name, reason)
+        return unavailable(pool_name, reason, timed_out=timed_out)
+    return unavailable(
+        pool_name, reason, size=p.max_size, in_use=in_use, waiting=waiting, timed_out=timed_out
+    )
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:

@@ -110,14 +110,19 @@ class _PoolMixin:
         ):
             reason = "no connection came free in time (max_connections reached)"
             cls: type[ResourceUnavailable] = RedisUnavailable
+            timed_out = True
         else:
             said = str(exc).rstrip(". ")
             reason = f"cannot reach {self.tether_shown}: {type(exc).__name__}: {said}"
             cls = RedisTimeout if isinstance(exc, redis_errors.TimeoutError) else RedisUnavailable
+            timed_out = False
         plain = unavailable(
             self.tether_name, reason, size=size, in_use=in_use, backend="the Redis server"
         )
-        return cls(str(plain), resource=self.tether_name, retry_after=plain.retry_after)
+        return cls(
+            str(plain), resource=self.tether_name, retry_after=plain.retry_after,
+            timed_out=timed_out,
+        )  # fmt: skip
 
 
 class _Pool(_PoolMixin, aioredis.ConnectionPool):

@@ -44,6 +44,7 @@ Passwords never appear in tether's errors and logs: URLs are shown with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import re
@@ -84,11 +85,13 @@ from ._common import (
     BudgetPolicy,
     LoopBound,
     check_budget,
+    commit_not_sent,
     depends_on,
     queue_full,
     read_only,
     read_only_failure,
     redact,
+    saturation,
     unavailable,
     used_concurrently,
 )
@@ -121,6 +124,7 @@ class _PoolInfo:
         "open_within",
         "pool_size",
         "pool_timeout",
+        "served",
         "shown_url",
         "waiting",
     )
@@ -138,6 +142,9 @@ class _PoolInfo:
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.engine: Engine | None = None  # the open engine (the sync one of an AsyncEngine)
         self.lock = threading.Lock()
+        # When the pool last handed out a connection (None: not known, an engine whose pool
+        # class is not tether's).
+        self.served: float | None = None
 
     @property
     def limit(self) -> int | None:
@@ -201,6 +208,7 @@ class _PoolInfo:
             size=pool_size + max_overflow if max_overflow >= 0 else None,
             in_use=checked_out,
             waiting=max(self.waiting - 1, 0),  # the one failing is no longer waiting
+            timed_out=True,
         )
 
     def no_answer(self, within: float) -> ResourceUnavailable:
@@ -209,7 +217,7 @@ class _PoolInfo:
             f"connect_timeout): a pooled connection or a new one stopped answering (the "
             f"network or the server may be down; the connection was discarded)"
         )
-        return unavailable(self.name, reason, waiting=max(self.waiting - 1, 0))
+        return unavailable(self.name, reason, waiting=max(self.waiting - 1, 0), timed_out=True)
 
     def unreachable(self, exc: BaseException) -> ResourceUnavailable:
         return unavailable(self.name, f"cannot connect to {self.shown_url}: {_describe_db(exc)}")
@@ -266,6 +274,18 @@ def _is_lost(exc: BaseException) -> bool:
     commit that fails that way is not mapped: the commit may have happened.)
     """
     return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def _refused_to_send(exc: sa_exc.DBAPIError) -> bool:
+    """Whether asyncpg refused to send the statement (``InternalClientError``: its protocol
+    is mid-way through something else), so the server never saw it."""
+    cause: BaseException | None = exc.orig
+    while cause is not None:
+        kind = type(cause)
+        if kind.__name__ == "InternalClientError" and kind.__module__.startswith("asyncpg"):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
@@ -498,6 +518,7 @@ def _register_engine(
     )(factory)
     _pools[res] = info
     res.pool_stats = lambda eng: _figures(name, eng)
+    res.saturation = lambda eng: _saturation(info, eng)
     return res
 
 
@@ -517,21 +538,33 @@ def _figures(name: str, eng: Any) -> PoolStats:
     )
 
 
+def _saturation(info: _PoolInfo, eng: Any) -> tuple[bool, str] | None:
+    if info.served is None or info.max_overflow < 0:
+        return None
+    figures = _figures(info.name, eng)
+    figures = dataclasses.replace(figures, waiting=info.waiting)
+    return saturation(figures, info.served, info.pool_timeout, "pool_timeout")
+
+
 # --------------------------------------------------------------------------- async engine
 
 
-def _loop_bound_pool(bound: LoopBound) -> type[AsyncAdaptedQueuePool]:
+def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueuePool]:
     """SQLAlchemy's async queue pool, refusing to hand out a connection on another loop.
 
     The check runs before the pool takes a connection (and before its pre-ping, which on
     another loop fails deep in the driver with "attached to a different loop"). A pool
-    recreated by ``dispose()`` or an invalidation keeps the class, so the check too.
+    recreated by ``dispose()`` or an invalidation keeps the class, so the check too. It
+    also notes when it last handed out a connection (readiness under load).
     """
+    info.served = time.monotonic()
 
     class LoopBoundPool(AsyncAdaptedQueuePool):
         def _do_get(self) -> ConnectionPoolEntry:
             bound.check()
-            return super()._do_get()
+            entry = super()._do_get()
+            info.served = time.monotonic()
+            return entry
 
     return LoopBoundPool
 
@@ -622,7 +655,7 @@ def engine(
             engine_kwargs=engine_kwargs,
         )
         if "pool_size" in options and "poolclass" not in options:
-            options["poolclass"] = _loop_bound_pool(LoopBound(name))
+            options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = create_async_engine(u, **options)
         _replace_on_read_only(eng.sync_engine)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
@@ -872,6 +905,13 @@ def session(
                 # A task the endpoint started still runs an operation on the session.
                 await _rollback(s, name)
                 raise _used_concurrently(name) from exc
+            except sa_exc.DBAPIError as exc:
+                if not _refused_to_send(exc):
+                    raise  # the commit may have happened: not a 503
+                # asyncpg refused to send COMMIT (the server ended the session and its
+                # error arrived before the close): nothing was committed.
+                await s.invalidate()
+                raise commit_not_sent(info.name, exc.orig or exc) from exc
         finally:
             await _when_free(s.close)
             _mark_closed(s, closed_message, res)

@@ -59,6 +59,29 @@ def sqlalchemy_session(lc: tether.Lifecycle, url: str) -> Any:
     return tsa.session(lc, engine)
 
 
+async def end_own_backend(postgres: Postgres, c: Any) -> None:
+    """End the backend of *c* on the server; its error arrives, its close is held back."""
+    pid = await scalar(c, "SELECT pg_backend_pid()")
+    await anyio.to_thread.run_sync(postgres.sql, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    await anyio.sleep(0.2)
+
+
+def write_route(app: FastAPI, conn: Any, postgres: Postgres, *, end_first: bool) -> Any:
+    """``POST /write/{key}``: insert *key*; with ``kill``, end its backend before the insert
+    (*end_first*) or after it, before the commit."""
+
+    @app.post("/write/{key}")
+    async def write(key: str, c: Annotated[Any, Depends(conn)], kill: bool = False) -> str:
+        if kill and end_first:
+            await end_own_backend(postgres, c)
+        await scalar(c, f"INSERT INTO {TABLE} VALUES ('{key}') RETURNING k")
+        if kill and not end_first:
+            await end_own_backend(postgres, c)
+        return key
+
+    return write
+
+
 @pytest.mark.parametrize(
     ("make", "status"),
     [(asyncpg_tx, 503), (psycopg_conn, 500), (sqlalchemy_session, 503)],
@@ -74,18 +97,7 @@ async def test_a_session_ended_before_the_commit_is_a_503_and_nothing_is_committ
     lc = tether.Lifecycle()
     conn = make(lc, _pg_url("postgresql", proxy.port, None))
     app = FastAPI(lifespan=lc.lifespan)
-
-    @app.post("/write/{key}")
-    async def write(key: str, c: Annotated[Any, Depends(conn)], kill: bool = False) -> str:
-        pid = await scalar(c, "SELECT pg_backend_pid()")
-        await scalar(c, f"INSERT INTO {TABLE} VALUES ('{key}') RETURNING k")
-        if kill:
-            await anyio.to_thread.run_sync(
-                postgres.sql, "SELECT pg_terminate_backend(%s, 5000)", (pid,)
-            )
-            await anyio.sleep(0.2)  # the FATAL error arrives; the close is held back
-        return key
-
+    write = write_route(app, conn, postgres, end_first=False)
     runs: list[str] = []
 
     @app.post("/write-again/{key}")
@@ -131,18 +143,7 @@ async def test_a_session_ended_before_a_query_is_a_503_and_nothing_is_committed(
     lc = tether.Lifecycle()
     conn = make(lc, _pg_url("postgresql", proxy.port, None))
     app = FastAPI(lifespan=lc.lifespan)
-
-    @app.post("/write/{key}")
-    async def write(key: str, c: Annotated[Any, Depends(conn)], kill: bool = False) -> str:
-        pid = await scalar(c, "SELECT pg_backend_pid()")
-        if kill:
-            await anyio.to_thread.run_sync(
-                postgres.sql, "SELECT pg_terminate_backend(%s, 5000)", (pid,)
-            )
-            await anyio.sleep(0.2)  # the FATAL error arrives; the close is held back
-        await scalar(c, f"INSERT INTO {TABLE} VALUES ('{key}') RETURNING k")
-        return key
-
+    write_route(app, conn, postgres, end_first=True)
     name = f"{make.__name__}-q"
     transport = httpx.ASGITransport(app=app)
     async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:

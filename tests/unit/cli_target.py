@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import tether
 
 lc = tether.Lifecycle()
-healthy = {"db": True}
+healthy = {"db": True, "busy": False}
 
 
 def probe(value: str) -> None:
@@ -21,6 +21,10 @@ def settings() -> str:
 @lc.resource(scope="app", check=probe)
 async def db(settings: str) -> AsyncIterator[str]:
     yield "db"
+
+
+# What the pool integrations set: every connection in use, the check not run.
+db.saturation = lambda value: (True, "busy: all 2 connections in use") if healthy["busy"] else None
 
 
 @lc.resource

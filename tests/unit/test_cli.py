@@ -38,6 +38,19 @@ def test_check_passes_then_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.splitlines()[-1] == "unavailable"
 
 
+def test_check_prints_what_a_passing_check_says(capsys: pytest.CaptureFixture[str]) -> None:
+    """A pool busy with traffic passes at once, and the line says so."""
+    cli_target.healthy["busy"] = True
+    try:
+        assert main(["check", TARGET]) == 0
+    finally:
+        cli_target.healthy["busy"] = False
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok       db ")
+    assert lines[0].endswith(" ms  busy: all 2 connections in use")
+    assert lines[-1] == "ok"
+
+
 def test_bad_target_says_what_to_name() -> None:
     """A target that is not a Lifecycle is refused with a clear message."""
     with pytest.raises(

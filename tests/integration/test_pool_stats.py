@@ -6,6 +6,7 @@ Ground truth: the backends of each pool's application_name in pg_stat_activity.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -102,3 +103,40 @@ async def test_pool_figures_follow_the_connections_in_use(
         assert done.idle == done.open
         assert len(postgres.activity(name)) == done.open
     assert lc.stats().pools == {}  # closed: no figures
+
+
+async def test_psycopg_waiters_that_gave_up_are_not_counted_as_waiting(
+    postgres: Postgres,
+) -> None:
+    """psycopg keeps a waiter that timed out in its queue (``requests_waiting``) until the
+    pool next hands a connection out. Three units of work time out on a held pool of 1:
+    tether's figures say none waits any more, and readiness says busy, not saturated."""
+    name = f"tt-gaveup-{uuid.uuid4().hex[:8]}"
+    lc = tether.Lifecycle(check_timeout=3.0)
+    pool = tpsy.pool(lc, postgres.dsn, name="pg", min_size=1, max_size=1, timeout=0.3,
+                     kwargs={"application_name": name})  # fmt: skip
+    conn = tpsy.connection(lc, pool)
+
+    async def wait_in_vain() -> str:
+        with pytest.raises(tether.ResourceUnavailable) as caught:
+            async with lc.scope("waiter") as s:
+                await s.get(conn)
+        return str(caught.value)
+
+    async with lc.run():
+        async with lc.scope("holder") as s:
+            await use(await s.get(conn))
+            refusals = await asyncio.gather(*(wait_in_vain() for _ in range(3)))
+            assert all("no connection came free within timeout=0.3 s" in r for r in refusals)
+            psycopg_says = lc.get(pool).get_stats()["requests_waiting"]
+            assert psycopg_says == 3  # the driver's own figure: the three that gave up
+            figures = lc.stats().pools["pg"]
+            assert (figures.in_use, figures.waiting) == (1, 0)
+            await asyncio.sleep(0.4)  # longer than the pool's timeout since the last hand-out
+            report = await lc.health()
+            assert report.ok, report.as_dict()
+            detail = report["pg"].detail or ""
+            assert re.fullmatch(
+                r"busy: the one connection in use; one was handed out \d+\.\d s ago", detail
+            ), detail
+        assert lc.stats().pools["pg"].waiting == 0

@@ -133,14 +133,15 @@ def saturation(
         return None
     ago = time.monotonic() - served
     waiting = figures.waiting or 0
+    held = f"all {most} connections" if most != 1 else "the one connection"
     if waiting and ago > within:
         return False, (
-            f"saturated: all {most} connections in use, {waiting} waiting, and none handed "
+            f"saturated: {held} in use, {waiting} waiting, and none handed "
             f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): the queries "
             f"holding them are stuck, or the database stopped answering"
         )
     queue = f", {waiting} waiting" if waiting else ""
-    return True, (f"busy: all {most} connections in use{queue}; one was handed out {ago:.1f} s ago")
+    return True, f"busy: {held} in use{queue}; one was handed out {ago:.1f} s ago"
 
 
 class _Forks:

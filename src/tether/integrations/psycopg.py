@@ -98,7 +98,7 @@ Connection = psycopg.AsyncConnection[Any]
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("bound", "name", "pgbouncer", "served", "shown", "timeout")
+    __slots__ = ("acquiring", "bound", "name", "pgbouncer", "served", "shown", "timeout")
 
     def __init__(self, name: str, timeout: float, shown: str, pgbouncer: bool = False) -> None:
         self.name = name
@@ -107,6 +107,9 @@ class _State:
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
         self.served = time.monotonic()  # when the pool last handed out a connection
+        # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
+        # the pool next hands a connection out; these calls are the ones that still wait.
+        self.acquiring = 0
 
 
 class Pool(AsyncConnectionPool[Connection]):
@@ -122,7 +125,11 @@ class Pool(AsyncConnectionPool[Connection]):
         if state is None:
             return await super().getconn(timeout)
         state.bound.check()
-        conn = await super().getconn(timeout)
+        state.acquiring += 1
+        try:
+            conn = await super().getconn(timeout)
+        finally:
+            state.acquiring -= 1
         state.served = time.monotonic()
         return conn
 
@@ -281,8 +288,16 @@ def _figures(name: str, p: Any) -> PoolStats:
         open=size,
         in_use=size - idle,
         idle=idle,
-        waiting=int(stats.get("requests_waiting", 0)),
+        waiting=_waiting(p, stats),
     )
+
+
+def _waiting(p: Any, stats: dict[str, int]) -> int:
+    """The units of work waiting for a connection: psycopg's ``requests_waiting``, less the
+    waiters that gave up (psycopg keeps those in its queue until it next hands one out)."""
+    waiting = int(stats.get("requests_waiting", 0))
+    state: _State | None = getattr(p, "_tether", None)
+    return waiting if state is None else min(waiting, state.acquiring)
 
 
 def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
@@ -467,7 +482,7 @@ def _unavailable(
         stats = p.get_stats()
         opened = int(stats.get("pool_size", 0))
         in_use = opened - int(stats.get("pool_available", 0))
-        waiting = int(stats.get("requests_waiting", 0))
+        waiting = _waiting(p, stats)
     except Exception:  # pragma: no cover - a pool-like value without stats
         return unavailable(pool_name, reason, timed_out=timed_out)
     return unavailable(

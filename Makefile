@@ -17,6 +17,12 @@ FLOORS := "asyncpg==0.30.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
   "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*" \
   "fastapi==0.115.*" "opentelemetry-api==1.20.*" "opentelemetry-sdk==1.20.*"
 
+# Test processes per suite (pytest-xdist; each starts its own servers). The suite waits on
+# servers, timeouts and clients far more than it computes, so three share two cores well;
+# PYTEST_WORKERS=0 runs one test at a time, in one process. A file's tests stay together.
+PYTEST_WORKERS ?= 3
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
 .PHONY: all demo test lint typecheck pytest matrix pythons floors bench bench-quick soak system-deps clean
 
 all: test
@@ -53,7 +59,7 @@ typecheck: $(BIN)/.installed
 	$(BIN)/mypy --strict typing_tests
 
 pytest: $(BIN)/.installed system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST)
 
 matrix: $(BIN)/.installed
 	@for v in $(FASTAPI_MATRIX); do \
@@ -66,7 +72,7 @@ matrix: $(BIN)/.installed
 	  echo "== FastAPI $$v"; \
 	  dirs="tests/asgi tests/e2e"; \
 	  [ "$$v" = "$(firstword $(FASTAPI_MATRIX))" ] && dirs="$$dirs tests/integration"; \
-	  "$$env/bin/pytest" $$dirs -q -m "not fastapi_free and not soak" || exit 1; \
+	  "$$env/bin/pytest" $(XDIST) $$dirs -q -m "not fastapi_free and not soak" || exit 1; \
 	done
 
 pythons: $(BIN)/.installed system-deps
@@ -81,7 +87,7 @@ pythons: $(BIN)/.installed system-deps
 	    touch "$$env/.installed"; \
 	  fi; \
 	  echo "== Python $$v"; \
-	  "$$env/bin/pytest" -q -m "not soak" || exit 1; \
+	  "$$env/bin/pytest" $(XDIST) -q -m "not soak" || exit 1; \
 	done
 
 floors: $(BIN)/.installed system-deps
@@ -94,7 +100,7 @@ floors: $(BIN)/.installed system-deps
 	  touch "$$env/.installed"; \
 	fi; \
 	echo "== the extras' lower bounds: $(FLOORS)"; \
-	"$$env/bin/pytest" tests/integration tests/asgi/test_prometheus.py \
+	"$$env/bin/pytest" $(XDIST) tests/integration tests/asgi/test_prometheus.py \
 	  tests/asgi/test_opentelemetry.py -q -m "not soak" || exit 1
 
 test: lint typecheck pytest matrix pythons floors

@@ -307,6 +307,17 @@ def _replace_on_read_only(eng: Engine) -> None:
     event.listen(eng, "handle_error", handle_error)
 
 
+def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
+    """Note when the (sync) engine's pool last handed out a connection (readiness under load;
+    an async engine's pool class notes it itself)."""
+    info.served = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        info.served = time.monotonic()
+
+    event.listen(eng, "checkout", checkout)
+
+
 def _reset_sessions(eng: Engine, name: str) -> None:
     """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
     of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
@@ -979,6 +990,7 @@ def sync_engine(
         )
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
+        _note_checkouts(eng, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
             _reset_sessions(eng, name)
         try:

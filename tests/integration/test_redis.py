@@ -196,3 +196,66 @@ async def test_pool_figures_follow_the_connections(redis_server: Redis) -> None:
         assert await third == 1
         done = lc.stats().pools["redis"]
         assert (done.open, done.in_use, done.idle, done.waiting) == (2, 0, 2, 0)
+
+
+@pytest.mark.anyio
+async def test_readiness_reads_a_full_pool_instead_of_queueing_behind_it(
+    redis_server: Redis,
+) -> None:
+    """Two BLPOPs hold both connections of a pool of 2. The check's PING would wait for one
+    (up to ``pool_timeout``); instead readiness answers at once: busy while nobody waits, and
+    saturated once commands wait and none has been handed out for longer than
+    ``pool_timeout``."""
+    import asyncio
+    import re
+
+    lc = tether.Lifecycle(check_timeout=3.0)
+    cache = tredis.client(lc, redis_server.url, max_connections=2, pool_timeout=1.0)
+    async with lc.run():
+        r = lc.get(cache)
+        key = f"k-ready-{uuid.uuid4().hex[:6]}"
+        blocked = [asyncio.create_task(r.blpop([key], timeout=4)) for _ in range(2)]
+        for _ in range(200):
+            if lc.stats().pools["redis"].in_use == 2:
+                break
+            await asyncio.sleep(0.01)
+        served_at = time.monotonic()
+
+        t0 = time.monotonic()
+        report = await lc.health()
+        assert time.monotonic() - t0 < 0.25
+        assert report.ok, report.as_dict()
+        detail = report["redis"].detail or ""
+        assert re.fullmatch(
+            r"busy: all 2 connections in use; one was handed out \d+\.\d s ago", detail
+        ), detail
+
+        asking = True
+
+        async def ask() -> None:  # waits for a connection, times out (503), asks again
+            while asking:
+                with pytest.raises(tredis.RedisUnavailable):
+                    await r.get(key)
+
+        waiter = asyncio.create_task(ask())
+        await asyncio.sleep(max(0.0, served_at + 1.3 - time.monotonic()))
+        t0 = time.monotonic()
+        report = await lc.health()
+        assert time.monotonic() - t0 < 0.25
+        assert not report.ok
+        error = report["redis"].error or ""
+        assert re.fullmatch(
+            r"saturated: all 2 connections in use, 1 waiting, and none handed out for "
+            r"\d+\.\d s \(longer than pool_timeout=1 s\): the commands holding them are "
+            r"stuck, or the Redis server stopped answering",
+            error,
+        ), error
+
+        asking = False
+        await waiter
+        for task in blocked:
+            task.cancel()
+        await asyncio.gather(*blocked, return_exceptions=True)
+        report = await lc.health()  # the pool has room again: PING runs, and passes
+        assert report.ok, report.as_dict()
+        assert report["redis"].detail is None

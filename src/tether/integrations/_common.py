@@ -116,7 +116,13 @@ def check_budget(
 
 
 def saturation(
-    figures: PoolStats, served: float, within: float, timeout_name: str
+    figures: PoolStats,
+    served: float,
+    within: float,
+    timeout_name: str,
+    *,
+    holders: str = "the queries holding them",
+    backend: str = "the database",
 ) -> tuple[bool, str] | None:
     """A pool's readiness when every connection is in use (``Resource.saturation``).
 
@@ -137,8 +143,8 @@ def saturation(
     if waiting and ago > within:
         return False, (
             f"saturated: {held} in use, {waiting} waiting, and none handed "
-            f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): the queries "
-            f"holding them are stuck, or the database stopped answering"
+            f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): {holders} "
+            f"are stuck, or {backend} stopped answering"
         )
     queue = f", {waiting} waiting" if waiting else ""
     return True, f"busy: {held} in use{queue}; one was handed out {ago:.1f} s ago"

@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from .._errors import ResourceUnavailable
 from .._stats import PoolStats
-from ._common import Dsn, redact, resolve_dsn, unavailable
+from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -86,11 +87,14 @@ class _PoolMixin:
     tether_name = "redis"
     tether_shown = "redis"
     tether_waiting = 0  # tasks in get_connection now (the pool's figures)
+    tether_served = 0.0  # time.monotonic() when it last handed out a connection (readiness)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         self.tether_waiting += 1
         try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            conn = await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            self.tether_served = time.monotonic()
+            return conn
         except _REFUSALS:
             raise
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
@@ -192,6 +196,7 @@ def client(
             )
         pool.tether_name = name
         pool.tether_shown = shown
+        pool.tether_served = time.monotonic()
         r = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         try:
             await r.ping()
@@ -214,6 +219,15 @@ def client(
         required=required,
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
+    if max_connections is not None:  # a pool that waits for a free connection
+        res.saturation = lambda r: saturation(
+            _figures(name, r),
+            r.connection_pool.tether_served,
+            pool_timeout,
+            "pool_timeout",
+            holders="the commands holding them",
+            backend="the Redis server",
+        )
     return res
 
 

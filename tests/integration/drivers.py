@@ -1,6 +1,9 @@
 """What the integration tests run the same way on each driver's value."""
 
+import time
 from typing import Any
+
+import tether
 
 
 async def scalar(c: Any, sql: str) -> Any:
@@ -12,3 +15,12 @@ async def scalar(c: Any, sql: str) -> Any:
     from sqlalchemy import text
 
     return (await c.execute(text(sql))).scalar_one()
+
+
+async def health_at_once(lc: tether.Lifecycle) -> tether.HealthReport:
+    """``lc.health()``, which must answer in under 250 ms: a probe never queues behind traffic."""
+    t0 = time.monotonic()
+    report = await lc.health()
+    took = time.monotonic() - t0
+    assert took < 0.25, took
+    return report

@@ -266,11 +266,22 @@ def _wait_for(
         time.sleep(interval)
 
 
-def _pg_url(scheme: str, port: int, database: str | None) -> str:
-    return (
+def _pg_url(scheme: str, port: int, database: str | None, *, no_tls_probe: bool = False) -> str:
+    """The URL of the test server (or of a proxy in front of it, on *port*).
+
+    *no_tls_probe*: tell the client not to ask for TLS first (the server has none). With
+    asyncpg's default, ``sslmode=prefer``, a connect that a timeout cancels just after its TCP
+    connect leaves the future of asyncpg's TLS probe holding "unexpected connection_lost()
+    call", never retrieved; asyncio logs it, and the test runner fails the test on it. Tests
+    whose connects time out on purpose (a proxy dropping packets) set this.
+    """
+    url = (
         f"{scheme}://{quote(PG_USER, safe='')}:{quote(PG_PASSWORD, safe='')}"
         f"@{HOST}:{port}/{quote(database or PG_DATABASE, safe='')}"
     )
+    if no_tls_probe:  # SQLAlchemy passes its URL's query to asyncpg.connect as arguments
+        url += "?ssl=disable" if scheme.endswith("+asyncpg") else "?sslmode=disable"
+    return url
 
 
 def _tcp_open(port: int) -> bool:

@@ -143,7 +143,7 @@ class Soak:
             "tests.soak_app:app",
             tmp,
             env={
-                "SOAK_DSN": _pg_url("postgresql", self.proxy.port, None),
+                "SOAK_DSN": _pg_url("postgresql", self.proxy.port, None, no_tls_probe=True),
                 "SOAK_APP": self.app_name,
             },
         )

@@ -53,7 +53,11 @@ pool = tpg.pool(
 tx = tpg.connection(lc, pool, name="tx", transaction=True)
 engine = tsa.engine(
     lc,
-    lambda: os.environ["SOAK_DSN"].replace("postgresql://", "postgresql+asyncpg://", 1),
+    lambda: (
+        os.environ["SOAK_DSN"]
+        .replace("postgresql://", "postgresql+asyncpg://", 1)
+        .replace("sslmode=", "ssl=")  # SQLAlchemy hands its URL's query to asyncpg.connect
+    ),
     name="sa",
     pool_size=MAX_SA,
     pool_timeout=1.0,

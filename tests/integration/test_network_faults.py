@@ -46,7 +46,7 @@ def proxy(postgres: Postgres) -> Iterator[FaultProxy]:
 
 
 def url(proxy: FaultProxy, scheme: str = "postgresql") -> str:
-    return _pg_url(scheme, proxy.port, None)
+    return _pg_url(scheme, proxy.port, None, no_tls_probe=True)
 
 
 def serve(conn: Any, lc: tether.Lifecycle) -> FastAPI:

@@ -11,10 +11,11 @@ FASTAPI_MATRIX := 0.115 0.120 0.137
 PYTHON_MATRIX := 3.13
 # The short soak (marked soak) runs in the main suite only.
 # The integration suite and the metrics exporters' tests also run on the extras' lower bounds
-# (pyproject.toml), so they stay true; one test at a time: with tests in parallel, asyncpg 0.30
-# left a ConnectionDoesNotExistError unretrieved in the blackholed-network test once in three
-# runs (asyncpg's cancellation was reworked in 0.32), and never one test at a time. FastAPI's own floor: its latest releases need a newer
-# opentelemetry-api than tether's extra does.
+# (pyproject.toml), so they stay true. FastAPI's own floor: its latest releases need a newer
+# opentelemetry-api than tether's extra does. They run one test at a time: with tests in
+# parallel, asyncpg 0.30 left a ConnectionDoesNotExistError unretrieved in the
+# blackholed-network test once in three runs (asyncpg's cancellation was reworked in 0.32),
+# and never one test at a time.
 FLOORS := "asyncpg==0.30.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
   "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*" \
   "fastapi==0.115.*" "opentelemetry-api==1.20.*" "opentelemetry-sdk==1.20.*"

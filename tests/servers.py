@@ -272,8 +272,9 @@ def _pg_url(scheme: str, port: int, database: str | None, *, no_tls_probe: bool 
     *no_tls_probe*: tell the client not to ask for TLS first (the server has none). With
     asyncpg's default, ``sslmode=prefer``, a connect that a timeout cancels just after its TCP
     connect leaves the future of asyncpg's TLS probe holding "unexpected connection_lost()
-    call", never retrieved; asyncio logs it, and the test runner fails the test on it. Tests
-    whose connects time out on purpose (a proxy dropping packets) set this.
+    call", never retrieved, and asyncio logs it with a traceback (``tests/conftest.py`` keeps
+    it from failing an in-process test; in the soak's server log it would read as a stray
+    traceback). Tests whose connects time out on purpose (a proxy dropping packets) set this.
     """
     url = (
         f"{scheme}://{quote(PG_USER, safe='')}:{quote(PG_PASSWORD, safe='')}"

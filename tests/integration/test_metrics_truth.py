@@ -27,8 +27,6 @@ import pytest
 from fastapi import Depends, FastAPI
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 import tether
 from tests.asgi.test_opentelemetry import collect, key
@@ -77,12 +75,6 @@ def sqlalchemy_sync_engine(lc: tether.Lifecycle, pg: Postgres) -> tether.Resourc
     return tsa.sync_session(lc, engine)
 
 
-async def select_one(c: Any) -> Any:
-    if isinstance(c, Session):  # a sync session: its queries run in a thread
-        return await anyio.to_thread.run_sync(lambda: c.execute(text("SELECT 1")).scalar_one())
-    return await scalar(c, "SELECT 1")
-
-
 @pytest.mark.fastapi_free
 @pytest.mark.parametrize(
     ("make", "timeout_name"),
@@ -105,7 +97,7 @@ async def test_readiness_answers_at_once_with_every_connection_in_use(
 
         async def hold() -> None:
             async with lc.scope() as s:
-                assert await select_one(await s.get(conn)) == 1
+                assert await scalar(await s.get(conn), "SELECT 1") == 1
                 held.append(1)
                 await release.wait()
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from ._errors import ScopeError
 from ._stats import Counters, PoolStats
 
 if TYPE_CHECKING:
@@ -224,12 +225,26 @@ class Resource(Generic[T]):
         ref = current_unit.get()
         unit = ref() if ref is not None else None
         if unit is None or unit.lc is not self.lifecycle:
+            if connection is None:  # called by hand, not by FastAPI, outside a unit of work
+                return self._called_by_hand()
             unit = await self.lifecycle._unit_for_connection(connection)
         values = unit.values
         value = values.get(self, _MISSING)
         if value is _MISSING or value is OPENING:
             return await unit.get(self)
         return value  # type: ignore[no-any-return]
+
+    def _called_by_hand(self) -> T:
+        """``await resource()`` outside a request: an app resource's value, as `lc.get`."""
+        if self.scope == "app":
+            return self.lifecycle.get(self)
+        msg = (
+            f"Request resource {self.name!r} was called outside a request, with no unit of "
+            f"work to open it in. In a route, let FastAPI call it: `Depends({self.name})`; "
+            f"elsewhere, open a unit of work: `async with lc.scope() as s: "
+            f"await s.get({self.name})`."
+        )
+        raise ScopeError(msg)
 
 
 class _Opening:

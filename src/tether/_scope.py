@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 import types
 import weakref
@@ -71,10 +72,12 @@ async def open_value(
     factory = res.factory
     kind = res.kind
     if res.timeout is None:
-        return await _open(lc, res, factory, kind, args, limiter)
+        return await _open(lc, res, factory, kind, args, limiter, None)
+    deadline = anyio.current_time() + res.timeout
     try:
-        with anyio.fail_after(res.timeout):
-            return await _open(lc, res, factory, kind, args, limiter)
+        with anyio.CancelScope(deadline=deadline):
+            return await _open(lc, res, factory, kind, args, limiter, deadline)
+        raise TimeoutError  # the deadline cancelled the open (a token's wait, or async code)
     except TimeoutError:
         res.counters.timeouts += 1
         msg = (
@@ -91,6 +94,7 @@ async def _open(
     kind: Kind,
     args: list[Any],
     limiter: Any,
+    deadline: float | None,
 ) -> tuple[Any, Any]:
     if kind is Kind.ASYNC_GEN:
         agen = factory(*args)
@@ -106,7 +110,8 @@ async def _open(
         return await cm.__aenter__(), cm
     if kind is Kind.SYNC_FUNC:
         if res.thread:
-            return await _in_thread(lc, res, partial(factory, *args), limiter), None
+            fn = partial(factory, *args)
+            return await _in_thread(lc, res, fn, limiter, deadline, pair=False), None
         return factory(*args), None
     if kind is Kind.SYNC_GEN:
 
@@ -118,7 +123,7 @@ async def _open(
                 raise no_value(res) from None
 
         if res.thread:
-            return await _in_thread(lc, res, enter_gen, limiter)
+            return await _in_thread(lc, res, enter_gen, limiter, deadline)
         return enter_gen()
 
     def enter_cm() -> tuple[Any, Any]:
@@ -126,16 +131,26 @@ async def _open(
         return cm.__enter__(), cm
 
     if res.thread:
-        return await _in_thread(lc, res, enter_cm, limiter)
+        return await _in_thread(lc, res, enter_cm, limiter, deadline)
     return enter_cm()
 
 
-async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], limiter: Any) -> T:
+async def _in_thread(
+    lc: Lifecycle,
+    res: Resource[Any],
+    fn: Callable[[], T],
+    limiter: Any,
+    deadline: float | None,
+    *,
+    pair: bool = True,
+) -> T:
     # Opening holds a token of the resource's own limiter (sized from its pool), never
     # one of the threadpool endpoints run in: a sync pool smaller than the threadpool
     # cannot deadlock it. The thread is not abandoned on cancellation, so a value that
     # was opened is always known, and closed.
     tokens = limiter or res.limiter or lc._open_limiter
+    if deadline is not None:
+        return await _in_thread_until(lc, res, fn, tokens, deadline, pair)
     if asyncio._get_running_loop() is None:
         return await anyio.to_thread.run_sync(fn, limiter=tokens)  # anyio shields the wait
     # On asyncio a one-shot `task.cancel()` cancels the future of the thread, anyio's
@@ -147,6 +162,118 @@ async def _in_thread(lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], lim
             run = anyio.to_thread.run_sync(fn, limiter=lc._thread_runner)
             value: T = await _drive(lc, res, run, bounded=False)
     return value
+
+
+async def _in_thread_until(
+    lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], tokens: Any, deadline: float, pair: bool
+) -> T:
+    """`_in_thread` for a resource with a ``timeout=``: the wait ends at the deadline.
+
+    A thread cannot be interrupted, so past the deadline it is left to finish: what it
+    opens then is closed in that thread (`_Handoff`), and the limiter's token stays
+    taken until it ends, so a backend that hangs holds as many threads as the limiter
+    allows, no more. The wait is shielded from cancellation as in `_in_thread`.
+    """
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        soon: Callable[..., Any] = loop.call_soon_threadsafe
+    else:  # trio: anyio's other backend
+        import trio
+
+        soon = trio.lowlevel.current_trio_token().run_sync_soon
+    handoff = _Handoff(res, partial(soon, tokens.release_on_behalf_of), pair)
+    await tokens.acquire_on_behalf_of(handoff)  # cancelled by the deadline: nothing open yet
+    try:
+        run = anyio.to_thread.run_sync(
+            handoff.run, fn, limiter=lc._thread_runner, abandon_on_cancel=True
+        )
+        if loop is not None:
+            with anyio.CancelScope(shield=True):
+                return await _drive(  # type: ignore[no-any-return]
+                    lc, res, run, bounded=False, limit=deadline - anyio.current_time()
+                )
+        with anyio.CancelScope(shield=True), anyio.move_on_after(deadline - anyio.current_time()):
+            return await run  # type: ignore[no-any-return]
+        raise TimeoutError
+    except TimeoutError:
+        if handoff.abandon():
+            raise  # the thread closes what it opens, and gives the token back
+        value: T = handoff.outcome()  # it finished as the deadline passed: the value is here
+        return value
+    finally:
+        if not handoff.abandoned:
+            tokens.release_on_behalf_of(handoff)
+
+
+class _Handoff:
+    """What a thread opens for a task that may stop waiting for it (`_in_thread_until`):
+    handed to the task while it waits, else closed in the thread, which then gives back
+    the limiter's token (*release*, called from the thread). *pair*: the thread returns
+    ``(value, handle)``, the handle to close; else a plain function's value."""
+
+    __slots__ = ("abandoned", "done", "error", "lock", "pair", "release", "res", "result")
+
+    def __init__(self, res: Resource[Any], release: Callable[[Any], Any], pair: bool) -> None:
+        self.res = res
+        self.release = release
+        self.pair = pair
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """In the thread."""
+        try:
+            result: Any = fn()
+            error = None
+        except BaseException as exc:  # handed over, or logged below
+            result, error = None, exc
+        with self.lock:
+            if not self.abandoned:
+                self.done = True
+                self.result, self.error = result, error
+                return self.outcome()
+        res = self.res
+        try:
+            if error is None and self.pair:
+                _close_sync(res, result[1], None)  # a generator's or context manager's
+            elif error is not None:
+                log.warning(
+                    "tether: resource %r failed to open after its timeout=%g s: %s",
+                    res.name,
+                    res.timeout,
+                    describe(error),
+                    extra={"tether_resource": res.name},
+                )
+        except Exception as exc:  # nobody is left to raise it to
+            log.warning(
+                "tether: resource %r opened after its timeout=%g s; closing it failed: %s",
+                res.name,
+                res.timeout,
+                describe(exc),
+                extra={"tether_resource": res.name},
+            )
+        finally:
+            try:
+                self.release(self)
+            except RuntimeError:  # the event loop is gone, and its limiter with it
+                pass
+        return None
+
+    def abandon(self) -> bool:
+        """The task stops waiting; False if the thread has finished already."""
+        with self.lock:
+            if self.done:
+                return False
+            self.abandoned = True
+            return True
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 # --------------------------------------------------------------------------- closing
@@ -187,13 +314,21 @@ class _Shielded:
         "first",
         "fut",
         "lc",
+        "limit",
         "own",
         "res",
         "timed_out",
     )
 
     def __init__(
-        self, lc: Lifecycle, res: Resource[Any], coro: Any, first: Any, *, bounded: bool = True
+        self,
+        lc: Lifecycle,
+        res: Resource[Any],
+        coro: Any,
+        first: Any,
+        *,
+        bounded: bool = True,
+        limit: float | None = None,
     ) -> None:
         self.lc = lc
         self.res = res
@@ -204,6 +339,7 @@ class _Shielded:
         self.own = False  # the future was cancelled by the cleanup's own asyncio timeout
         self.deadline = 0.0
         self.bounded = bounded  # by close_timeout (a cleanup); an open has its own timeout=
+        self.limit = limit  # an open's: seconds left of its timeout=, if it has one
         self.entry: Entry | None = None
         self.exc: BaseException | None = None
         self._asyncio_future_blocking = False
@@ -264,6 +400,8 @@ class _Shielded:
                 lc._slow_closes.add(self)
             else:
                 timer = asyncio.get_running_loop().call_later(lc.close_timeout, self.expire)
+        elif self.limit is not None:
+            timer = asyncio.get_running_loop().call_later(self.limit, self.expire)
         swallowed = 0
         message = None
         result: Any = None
@@ -321,6 +459,8 @@ class _Shielded:
                         yielded = coro.send(step) if thrown is None else coro.throw(thrown)
                     except StopIteration as stop:
                         result = stop.value
+                        if not self.bounded:
+                            self.timed_out = False  # an open that finished: its value counts
                         break
                     except BaseException as failure:
                         if self.timed_out and isinstance(failure, asyncio.CancelledError):
@@ -334,6 +474,8 @@ class _Shielded:
                 if swallowed:
                     _deliver_again(swallowed, message)
             if self.timed_out:
+                if not self.bounded:
+                    raise TimeoutError  # an open past its timeout=: its opener says so
                 _close_timed_out(lc, self.res)
         except StopAsyncIteration:
             if entry is None:
@@ -471,9 +613,17 @@ class _ClosingStep(_Shielded):
         self.exc = exc
 
 
-async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool = True) -> Any:
+async def _drive(
+    lc: Lifecycle,
+    res: Resource[Any],
+    coro: Any,
+    *,
+    bounded: bool = True,
+    limit: float | None = None,
+) -> Any:
     """Run a cleanup coroutine shielded from cancellation and bounded in time (by
-    close_timeout; *bounded* False: not, for an open in a thread).
+    close_timeout; *bounded* False: an open in a thread, bounded by *limit* seconds if
+    given, past which it raises ``TimeoutError``).
 
     Most cleanups finish without suspending (nothing to await, or a pool release that
     completes at once). So on asyncio the coroutine is first stepped by hand: if it
@@ -487,7 +637,7 @@ async def _drive(lc: Lifecycle, res: Resource[Any], coro: Any, *, bounded: bool 
         first = coro.send(None)
     except StopIteration as stop:
         return stop.value
-    return await _Shielded(lc, res, coro, first, bounded=bounded)
+    return await _Shielded(lc, res, coro, first, bounded=bounded, limit=limit)
 
 
 async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:

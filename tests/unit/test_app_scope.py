@@ -137,6 +137,37 @@ class TestOpening:
             with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
                 lc.get(conn)
 
+    async def test_a_resource_called_by_hand_outside_a_request(self) -> None:
+        """`await resource()` outside a request: an app resource gives its value, as
+        `lc.get` does; a request resource raises ScopeError naming both ways to open it."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def settings() -> str:
+            return "settings"
+
+        @lc.resource
+        def conn(settings: str) -> str:
+            return f"conn({settings})"  # pragma: no cover - never opened here
+
+        not_open = re.escape(
+            "App resource 'settings' is not open: the app scope is created. Start it with "
+            "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+            "`async with lc.run():`."
+        )
+        with pytest.raises(tether.ScopeError, match=rf"^{not_open}$"):
+            await settings()
+        no_unit = re.escape(
+            "Request resource 'conn' was called outside a request, with no unit of work to "
+            "open it in. In a route, let FastAPI call it: `Depends(conn)`; elsewhere, open a "
+            "unit of work: `async with lc.scope() as s: await s.get(conn)`."
+        )
+        async with lc.run():
+            assert await settings() == "settings"
+            with pytest.raises(tether.ScopeError, match=rf"^{no_unit}$"):
+                await conn()
+            assert lc.stats().resources["conn"].opened == 0
+
 
 class TestStartupFailure:
     async def test_failure_closes_what_opened_and_names_the_resource(self) -> None:

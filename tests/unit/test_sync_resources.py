@@ -14,6 +14,8 @@ import pytest
 
 import tether
 
+from ._messages import exactly, open_timeout, startup
+
 pytestmark = pytest.mark.anyio
 
 
@@ -291,3 +293,97 @@ class TestCancellation:
             assert pool.qsize() == 0
             tg.cancel_scope.cancel()
         assert pool.qsize() == 3
+
+
+class TestTimeout:
+    """`timeout=` bounds a sync open in a thread too: the caller gets `ResourceUnavailable`
+    at the deadline, the thread (which nothing can interrupt) is left to finish, and what
+    it opens then is closed in it."""
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+    async def test_a_sync_open_that_hangs_ends_at_its_timeout(self, anyio_backend: str) -> None:
+        lc = tether.Lifecycle()
+        pool: queue.Queue[int] = queue.Queue(maxsize=1)
+        events: list[str] = []
+
+        @lc.resource(timeout=0.2)
+        def conn() -> Iterator[int]:
+            item = pool.get(timeout=5)  # the pool is empty: waits in the thread
+            events.append(f"opened {item}")
+            try:
+                yield item
+            finally:
+                events.append(f"closed {item}")
+                pool.put(item)
+
+        async with lc.run():
+            t0 = time.monotonic()
+            with pytest.raises(
+                tether.ResourceUnavailable, match=exactly(open_timeout("conn", "0.2"))
+            ):
+                async with lc.scope() as s:
+                    await s.get(conn)
+            assert 0.15 < time.monotonic() - t0 < 1.5
+            assert events == []
+            pool.put(7)  # the pool hands the thread a connection after the deadline
+            with anyio.fail_after(5):
+                while events != ["opened 7", "closed 7"]:
+                    await anyio.sleep(0.01)
+            assert pool.qsize() == 1  # given back, by the thread
+            stats = lc.stats().resources["conn"]
+            assert (stats.timeouts, stats.opened, stats.in_use) == (1, 0, 0)
+
+    async def test_the_thread_keeps_its_token_until_it_ends(self) -> None:
+        """A hung backend holds as many threads as the limiter allows, no more: past its
+        deadline the thread still holds its token, so the next open waits for it, and
+        times out, without starting another thread."""
+        lc = tether.Lifecycle()
+        release = threading.Event()
+        started: list[int] = []
+
+        @lc.resource(timeout=0.1, concurrency=1)
+        def conn() -> Iterator[int]:
+            started.append(1)
+            release.wait(5)
+            yield len(started)
+
+        async def one() -> int:
+            async with lc.scope() as s:
+                return await s.get(conn)
+
+        async with lc.run():
+            for _ in range(2):
+                with pytest.raises(tether.ResourceUnavailable):
+                    await one()
+            assert started == [1]
+            release.set()
+            with anyio.fail_after(5):  # the token comes back when the thread ends
+                while True:
+                    try:
+                        assert await one() == 2
+                        break
+                    except tether.ResourceUnavailable:
+                        await anyio.sleep(0.05)
+            assert lc.stats().resources["conn"].timeouts >= 2
+
+    async def test_a_sync_app_resource_that_hangs_fails_startup_in_time(self) -> None:
+        """At startup: a `def` pool whose connect hangs fails the start at its `timeout=`,
+        naming it, instead of holding the app's startup until the connect gives up."""
+        lc = tether.Lifecycle()
+        release = threading.Event()
+
+        @lc.resource(scope="app", timeout=0.2)
+        def engine() -> Iterator[str]:
+            release.wait(5)  # a connect that hangs
+            yield "engine"
+
+        t0 = time.monotonic()
+        cause = open_timeout("engine", "0.2")
+        with pytest.raises(
+            tether.StartupError,
+            match=startup("engine", f"ResourceUnavailable: {cause}".rstrip(".")),
+        ):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert time.monotonic() - t0 < 1.5
+        release.set()

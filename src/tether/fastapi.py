@@ -27,9 +27,12 @@ import inspect
 import json
 import logging
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio
 
 try:
     import starlette.routing  # noqa: F401 - the import guard
@@ -64,6 +67,8 @@ from ._scope import (
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from ._health import HealthReport
 
 __all__ = ["dashboard_router", "health_router", "idempotent", "install", "release"]
 
@@ -1336,16 +1341,31 @@ def _error_response(error: BaseException) -> Any:
 # --------------------------------------------------------------------------- health
 
 
-def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
+def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0) -> Any:
     """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
 
     ``live`` answers 200 while the process serves. ``ready`` answers 200 when the app
     scope runs and every ``check`` passes, and 503 while starting, while draining, or
     when a check fails; its body is the report.
+
+    The checks' report is reused for *cache* seconds, and probes that arrive while the
+    checks run wait for that run: a storm of probes (several load balancers, a kubelet
+    per node) costs the database one round of checks per *cache* seconds. The state is
+    never cached: ``ready`` fails the moment the app starts draining. ``cache=0`` runs
+    the checks for every probe.
     """
     from fastapi import APIRouter
 
+    given: object = cache  # checked as what a caller may pass, not as annotated
+    if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+        msg = (
+            f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
+            f"the checks' report, and must be a number >= 0; e.g. cache=1.0, or 0 to run "
+            f"the checks for every probe."
+        )
+        raise ValueError(msg)
     router = APIRouter(prefix=prefix, tags=["health"])
+    last = _Reports(lc, cache)
 
     @router.get("/live")
     async def live() -> dict[str, str]:
@@ -1353,13 +1373,55 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health") -> Any:
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
-        report = await lc.health()
+        report = await last.report()
         headers = {} if report.ok else {"Retry-After": "5"}
         return JSONResponse(
             report.as_dict(), status_code=200 if report.ok else 503, headers=headers
         )
 
     return router
+
+
+class _Reports:
+    """The readiness report, reused for *cache* seconds; probes that come while a round of
+    checks runs wait for it, unless it started more than *cache* seconds ago (a check
+    stuck on a database that does not answer): then they start a round of their own."""
+
+    __slots__ = ("cache", "last", "last_started", "lc", "running", "started", "until")
+
+    def __init__(self, lc: Lifecycle, cache: float) -> None:
+        self.lc = lc
+        self.cache = cache
+        self.last: HealthReport | None = None
+        self.last_started = 0.0  # when the round that made `last` started
+        self.until = 0.0
+        self.running: anyio.Event | None = None
+        self.started = 0.0
+
+    async def report(self) -> HealthReport:
+        lc = self.lc
+        if lc.state is not _RUNNING or not self.cache:
+            return await lc.health()  # starting or draining: says so at once, no I/O
+        now = time.monotonic()
+        if self.last is not None and now < self.until:
+            return self.last
+        running = self.running
+        if running is not None and now - self.started < self.cache:
+            await running.wait()  # a round under way: its report will do
+            if self.last is not None and now < self.until and lc.state is _RUNNING:
+                return self.last
+        self.running = mine = anyio.Event()
+        self.started = started = time.monotonic()
+        try:
+            report = await lc.health()
+            if started >= self.last_started:  # not overtaken by a round started later
+                self.last, self.last_started = report, started
+                self.until = time.monotonic() + self.cache
+            return report
+        finally:
+            if self.running is mine:
+                self.running = None
+            mine.set()
 
 
 def dashboard_router(

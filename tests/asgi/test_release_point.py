@@ -586,7 +586,7 @@ class TestHealth:
             return "db"
 
         app = FastAPI(lifespan=lc.lifespan)
-        app.include_router(health_router(lc))
+        app.include_router(health_router(lc, cache=0))  # every probe runs the checks
         with TestClient(app) as client:
             assert client.get("/health/live").json() == {"status": "alive", "state": "running"}
             ready = client.get("/health/ready")

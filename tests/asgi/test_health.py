@@ -1,0 +1,144 @@
+"""/health/ready under a storm of probes: one round of checks per `cache=` seconds."""
+
+import time
+from typing import Annotated
+
+import anyio
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+import tether
+from tests.unit._messages import exactly
+from tether.fastapi import health_router
+
+
+def test_ready_reuses_its_report_for_cache_seconds_and_runs_one_round_at_a_time() -> None:
+    """A storm of probes costs the database one round of checks per `cache=` seconds:
+    probes within it get the last report, probes that come while the checks run wait
+    for that round; past it the checks run again. Draining fails readiness at once,
+    whatever the cache holds."""
+    lc = tether.Lifecycle(drain_timeout=5)
+    calls: list[float] = []
+    state = {"up": True}
+    release = anyio.Event()
+
+    async def probe(value: str) -> None:
+        calls.append(time.monotonic())
+        await anyio.sleep(0.1)  # a round trip to the database
+        if not state["up"]:
+            raise ConnectionError("connection refused")
+
+    @lc.resource(scope="app", check=probe)
+    def db() -> str:
+        return "db"
+
+    @lc.resource
+    def conn(db: str) -> str:
+        return f"conn of {db}"
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=0.5))
+
+    @app.get("/hold")
+    async def hold(c: Annotated[str, Depends(conn)]) -> str:
+        await release.wait()
+        return c
+
+    async def storm(client: httpx.AsyncClient) -> list[int]:
+        codes: list[int] = []
+
+        async def one() -> None:
+            codes.append((await client.get("/health/ready")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+        return codes
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with anyio.create_task_group() as tg:
+                async with lc.lifespan(app):
+                    assert await storm(client) == [200] * 20
+                    assert len(calls) == 1  # twenty probes at once, one round of checks
+                    state["up"] = False
+                    assert (await client.get("/health/ready")).status_code == 200  # cached
+                    assert len(calls) == 1
+                    await anyio.sleep(0.6)
+                    assert await storm(client) == [503] * 20
+                    assert len(calls) == 2
+                    state["up"] = True
+                    await anyio.sleep(0.6)
+                    assert (await client.get("/health/ready")).status_code == 200
+                    tg.start_soon(client.get, "/hold")  # in flight: holds the drain open
+                    while not lc.stats().units_in_flight:
+                        await anyio.sleep(0.01)
+
+                    async def while_draining() -> None:
+                        while lc.state is not tether.State.DRAINING:
+                            await anyio.sleep(0.01)
+                        ready = await client.get("/health/ready")  # the cache holds a 200
+                        assert ready.status_code == 503
+                        assert ready.json()["state"] == "draining"
+                        release.set()
+
+                    tg.start_soon(while_draining)
+                assert release.is_set()
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("cache", [-1, True, "2", float("nan")])
+def test_a_cache_that_is_not_a_duration_is_refused(cache: object) -> None:
+    lc = tether.Lifecycle()
+    with pytest.raises(
+        ValueError,
+        match=exactly(
+            f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses the "
+            f"checks' report, and must be a number >= 0; e.g. cache=1.0, or 0 to run the checks "
+            f"for every probe."
+        ),
+    ):
+        health_router(lc, cache=cache)  # type: ignore[arg-type]
+
+
+def test_a_probe_does_not_wait_behind_a_round_stuck_longer_than_the_cache() -> None:
+    """A round of checks stuck on a database that does not answer (until `check_timeout`)
+    is waited for only by the probes of its first `cache=` seconds: later ones run a round
+    of their own, and answer as soon as the database does."""
+    lc = tether.Lifecycle(check_timeout=10)
+    rounds: list[str] = []
+
+    async def probe(value: str) -> None:
+        rounds.append("stuck" if not rounds else "quick")
+        if len(rounds) == 1:
+            await anyio.sleep(8)  # the first round's query gets no answer
+
+    @lc.resource(scope="app", check=probe)
+    def db() -> str:
+        return "db"
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=0.5))
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            lc.lifespan(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(client.get, "/health/ready")  # the stuck round
+            while not rounds:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.6)  # past the cache
+            t0 = time.monotonic()
+            ready = await client.get("/health/ready")
+            assert time.monotonic() - t0 < 2  # not the 7 s left of the stuck round
+            assert ready.status_code == 200
+            assert rounds == ["stuck", "quick"]
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

@@ -41,6 +41,26 @@ def describe(exc: BaseException) -> str:
     return redact(f"{name}: {text}" if text else name)
 
 
+# SQLSTATEs no retry mends: the server refused the credentials (class 28: a wrong password,
+# a role that does not exist or may not log in) or the database does not exist (3D000).
+_FOR_GOOD = ("28", "3D000")
+
+
+def refused_for_good(exc: BaseException) -> str | None:
+    """The SQLSTATE if *exc* (or what it wraps: a cause, SQLAlchemy's ``orig``) is the
+    server refusing the credentials or the database, which retrying cannot mend."""
+    link: BaseException | None = exc
+    for _ in range(8):  # a chain is never this long; stop on anything circular
+        if link is None:
+            return None
+        state = getattr(link, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_FOR_GOOD):
+            return state
+        orig = getattr(link, "orig", None)
+        link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
+    return None
+
+
 class TetherError(Exception):
     """Base class of every error tether raises."""
 

@@ -28,6 +28,7 @@ from ._errors import (
     ShutdownError,
     StartupError,
     describe,
+    refused_for_good,
 )
 from ._health import HealthReport, run_checks
 from ._resource import Check, Release, Resource, Scope
@@ -640,11 +641,20 @@ class Lifecycle:
         tg.cancel_scope.cancel()
         assert failure.error is not None
         cause = describe(failure.error).rstrip(".")
-        msg = (
-            f"App resource {failure.res.name!r} failed to open: {cause}. "
-            f"The resources already open were closed. Fix the cause above, or give "
-            f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
-        )
+        refused = refused_for_good(failure.error)
+        if refused is not None:
+            msg = (
+                f"App resource {failure.res.name!r} failed to open: {cause}. "
+                f"The resources already open were closed. The server refused the "
+                f"credentials or the database (SQLSTATE {refused}), which no retry mends, "
+                f"so none was made: fix the user, password or database name it connects with."
+            )
+        else:
+            msg = (
+                f"App resource {failure.res.name!r} failed to open: {cause}. "
+                f"The resources already open were closed. Fix the cause above, or give "
+                f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
+            )
         for name, err in errors:
             log.error("tether: while rolling back startup, %r: %s", name, describe(err))
         self.state = State.CLOSED
@@ -784,6 +794,8 @@ class Lifecycle:
             except Exception as exc:
                 if attempt == res.retries:
                     raise
+                if refused_for_good(exc) is not None:
+                    raise  # a wrong password stays wrong: retrying it only risks a lockout
                 log.warning(
                     "tether: app resource %r failed to open (attempt %d of %d): %s; "
                     "retrying in %.2f s",

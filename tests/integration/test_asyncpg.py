@@ -630,6 +630,36 @@ class TestStartup:
         assert wrong not in str(info.value)
         assert wrong not in repr(info.value.__cause__)
 
+    def test_a_refused_password_is_not_retried(
+        self, own_pg: Postgres, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """`retries=` are for a server slow to come up: a server refusing the password (or
+        the role, or the database) refuses it again, and each try risks a lockout. The
+        start fails on the first refusal, and says why it made no retry."""
+        wrong = "not-the-pw-42"
+        lc = tether.Lifecycle()
+        tpg.pool(lc, own_pg.dsn.replace(PG_PASSWORD, wrong), retries=3, backoff=2.0)
+        app = FastAPI(lifespan=lc.lifespan)
+        t0 = time.monotonic()
+        with pytest.raises(tether.StartupError) as info, TestClient(app):
+            pass
+        assert time.monotonic() - t0 < 1.5  # a retry would have waited 2 s first
+        assert str(info.value).endswith(
+            "The resources already open were closed. The server refused the credentials or "
+            "the database (SQLSTATE 28P01), which no retry mends, so none was made: fix the "
+            "user, password or database name it connects with."
+        )
+        assert "retrying" not in caplog.text
+        db = own_pg.dsn.rsplit("/", 1)[0] + "/no_such_db"
+        lc = tether.Lifecycle()
+        tpg.pool(lc, db, retries=3, backoff=2.0)
+        with (
+            pytest.raises(tether.StartupError, match=r"\(SQLSTATE 3D000\)"),
+            TestClient(FastAPI(lifespan=lc.lifespan)),
+        ):
+            pass
+        assert time.monotonic() - t0 < 3
+
     @pytest.mark.anyio
     async def test_pool_used_from_another_event_loop_is_a_scope_error(
         self, postgres: Postgres, request: pytest.FixtureRequest

@@ -344,6 +344,20 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 
 
 @pytest.mark.anyio
+async def test_a_database_that_does_not_exist_is_not_retried(postgres: Postgres) -> None:
+    """Through SQLAlchemy's wrapping too: the server's refusal (SQLSTATE 3D000, no such
+    database) fails the start at once instead of after `retries=`."""
+    url = postgres.url("postgresql+asyncpg").rsplit("/", 1)[0] + "/no_such_db"
+    lc = tether.Lifecycle()
+    tsa.engine(lc, url, name="db", retries=3, backoff=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(tether.StartupError, match=r"\(SQLSTATE 3D000\), which no retry mends"):
+        async with lc.run():
+            pass  # pragma: no cover
+    assert time.monotonic() - t0 < 1.5  # a retry would have waited 2 s first
+
+
+@pytest.mark.anyio
 async def test_unreachable_database_at_startup_is_a_startup_error_without_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -32,7 +32,7 @@ from ._errors import (
 )
 from ._health import HealthReport, run_checks
 from ._resource import Check, Release, Resource, Scope
-from ._scope import Entry, Unit, capture_stack, close_entry, open_value
+from ._scope import Entry, Unit, await_stack, capture_stack, close_entry, open_value
 from ._stats import PoolStats, Stats, snapshot
 
 T = TypeVar("T")
@@ -1058,22 +1058,28 @@ class Lifecycle:
                 if held > threshold and not entry.leak_reported:
                     entry.leak_reported = True
                     entry.res.counters.leaks += 1
+                    where = _format_stack(entry.stack, "acquired at")
+                    task = getattr(unit, "task", None)  # a request's (an `HttpUnit`)
+                    if not where and task is not None and not task.done():
+                        # A request records no stack when it opens a value (it would cost
+                        # every request): where its task waits now says what holds it.
+                        where = _format_stack(await_stack(task), "the request is now at")
                     log.warning(
                         "tether: resource %r held for %.1f s (leak_threshold=%g s) by %s%s",
                         entry.res.name,
                         held,
                         threshold,
                         unit.label,
-                        _format_stack(entry.stack),
+                        where,
                         extra={"tether_resource": entry.res.name},
                     )
 
 
-def _format_stack(stack: list[tuple[str, int, str]] | None) -> str:
+def _format_stack(stack: list[tuple[str, int, str]] | None, what: str) -> str:
     if not stack:
         return ""
     lines = "".join(f'\n  File "{f}", line {n}, in {name}' for f, n, name in stack)
-    return f"; acquired at:{lines}"
+    return f"; {what}:{lines}"
 
 
 def _is_factory(obj: Any) -> bool:

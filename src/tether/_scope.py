@@ -935,6 +935,31 @@ def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
     return frames
 
 
+def await_stack(task: Any) -> list[tuple[str, int, str]]:
+    """Where a suspended asyncio *task* waits: the frames of its await chain outside
+    tether and the frameworks, innermost last. (``Task.get_stack`` stops at the outermost
+    coroutine: a suspended coroutine's frame has no ``f_back``.)"""
+    frames: list[tuple[str, int, str]] = []
+    aw = task.get_coro() if hasattr(task, "get_coro") else None
+    for _ in range(64):  # an await chain is never this deep; stop on anything circular
+        if aw is None:
+            break
+        if type(aw).__name__ in _ASYNC_GEN_STEPS:  # `__anext__()` of an async generator
+            aw = next(
+                (r for r in gc.get_referents(aw) if isinstance(r, types.AsyncGeneratorType)), None
+            )
+            continue
+        frame = getattr(aw, "cr_frame", None) or getattr(aw, "ag_frame", None)
+        frame = frame or getattr(aw, "gi_frame", None)
+        if frame is not None:
+            filename = frame.f_code.co_filename
+            if not any(d in filename for d in _TETHER_DIRS) and "/uvicorn/" not in filename:
+                frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+        step = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
+        aw = step or getattr(aw, "gi_yieldfrom", None)
+    return frames[-12:]
+
+
 def ready_args(unit: Unit, res: Resource[Any]) -> list[Any] | None:
     """The values *res* depends on if they are all open already (in *unit*, or app
     values), else None. No override may be active (the caller checks)."""

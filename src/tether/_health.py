@@ -105,8 +105,8 @@ async def run_checks(lc: Lifecycle) -> HealthReport:
     """Run every check concurrently; a check raising or timing out is failing."""
     checked = [r for r in lc._resources.values() if r.check is not None]
     results: list[CheckResult | None] = [None] * len(checked)
-    state = lc.state.value
-    if lc.state.value != "running":
+    state = "stopping" if lc._stopping else lc.state.value  # stopping: SIGTERM, drain_delay
+    if state != "running":
         return HealthReport(
             state, [CheckResult(r.name, False, 0.0, f"app is {state}") for r in checked]
         )

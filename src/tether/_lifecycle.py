@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -14,6 +17,7 @@ from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
     asynccontextmanager,
+    contextmanager,
 )
 from typing import Any, Protocol, TypeVar, overload
 
@@ -156,6 +160,11 @@ class Lifecycle:
         sync_threads: threads for opening sync resources that set no ``concurrency``.
         check_timeout: default seconds a health check may take.
         track_stacks: capture the acquirer's stack for values opened with ``scope().get``.
+        drain_delay: seconds, after the server is sent SIGTERM, that readiness fails while
+            the app goes on serving, before the server's own shutdown starts: time for the
+            load balancers to take the instance out of rotation. Served through
+            ``lc.lifespan`` in the main thread only (uvicorn, hypercorn); 0 (the default)
+            leaves SIGTERM to the server. A second SIGTERM stops the server at once.
     """
 
     def __init__(
@@ -168,7 +177,18 @@ class Lifecycle:
         check_timeout: float = 5.0,
         track_stacks: bool = True,
         sweep_interval: float = 0.25,
+        drain_delay: float = 0.0,
     ) -> None:
+        given: object = drain_delay  # checked as what a caller may pass, not as annotated
+        if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+            msg = (
+                f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
+                f"readiness fails after SIGTERM before the server shuts down, and must be a "
+                f"number >= 0; e.g. drain_delay=5, or 0 to leave SIGTERM to the server."
+            )
+            raise ValueError(msg)
+        self.drain_delay = drain_delay
+        self._stopping = False  # SIGTERM came, drain_delay runs: readiness fails
         self.close_timeout = close_timeout
         self.drain_timeout = drain_timeout
         self.leak_threshold = leak_threshold
@@ -890,11 +910,12 @@ class Lifecycle:
 
             install(app, self)
         async with self.run():
-            if user is None:
-                yield None
-            else:
-                async with user(app) as state:
-                    yield state
+            with _delayed_exit(self):
+                if user is None:
+                    yield None
+                else:
+                    async with user(app) as state:
+                        yield state
 
     # ------------------------------------------------------------------ units of work
 
@@ -1073,6 +1094,46 @@ class Lifecycle:
                         where,
                         extra={"tether_resource": entry.res.name},
                     )
+
+
+@contextmanager
+def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
+    """While the app serves: SIGTERM makes readiness fail for ``drain_delay`` seconds, then
+    is handed to the server's own handler (which starts its shutdown). Nothing is done
+    without a delay, or off the main thread (where signal handlers cannot be set)."""
+    delay = lc.drain_delay
+    loop = asyncio._get_running_loop()
+    if not delay or loop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    server = signal.getsignal(signal.SIGTERM)
+
+    def hand_over(signum: int, frame: Any) -> None:
+        if callable(server):
+            server(signum, frame)
+        elif server == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if lc._stopping:  # a second SIGTERM: the server stops now
+            hand_over(signum, frame)
+            return
+        lc._stopping = True
+        log.warning(
+            "tether: SIGTERM: /health/ready fails for drain_delay=%g s while the app serves, "
+            "then the server shuts down",
+            delay,
+        )
+        loop.call_soon_threadsafe(loop.call_later, delay, hand_over, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, server)
+        lc._stopping = False
 
 
 def _format_stack(stack: list[tuple[str, int, str]] | None, what: str) -> str:

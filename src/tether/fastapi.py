@@ -1400,8 +1400,8 @@ class _Reports:
 
     async def report(self) -> HealthReport:
         lc = self.lc
-        if lc.state is not _RUNNING or not self.cache:
-            return await lc.health()  # starting or draining: says so at once, no I/O
+        if lc.state is not _RUNNING or lc._stopping or not self.cache:
+            return await lc.health()  # starting, stopping, draining: says so at once, no I/O
         now = time.monotonic()
         if self.last is not None and now < self.until:
             return self.last

@@ -1,6 +1,19 @@
 """Calling an ASGI app in-process, as a server would, without a server."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+
+import httpx
+
+
+@asynccontextmanager
+async def client_of(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client calling *app* in-process. httpx's `ASGITransport` runs no lifespan:
+    enter the app's own (`lc.lifespan(app)`) around it."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+        yield client
 
 
 def http_scope(method: str, path: str) -> dict[str, Any]:

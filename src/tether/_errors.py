@@ -61,6 +61,14 @@ def refused_for_good(exc: BaseException) -> str | None:
     return None
 
 
+def is_seconds(value: object, *, zero: bool = False) -> bool:
+    """Whether *value*, as a caller may pass it, is a duration: a number (not a bool, not
+    NaN) above 0, or at least 0 with *zero*."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 0 if zero else value > 0
+
+
 class TetherError(Exception):
     """Base class of every error tether raises."""
 

@@ -32,6 +32,7 @@ from ._errors import (
     ShutdownError,
     StartupError,
     describe,
+    is_seconds,
     refused_for_good,
 )
 from ._health import HealthReport, run_checks
@@ -179,8 +180,7 @@ class Lifecycle:
         sweep_interval: float = 0.25,
         drain_delay: float = 0.0,
     ) -> None:
-        given: object = drain_delay  # checked as what a caller may pass, not as annotated
-        if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+        if not is_seconds(drain_delay, zero=True):
             msg = (
                 f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
                 f"readiness fails after SIGTERM before the server shuts down, and must be a "

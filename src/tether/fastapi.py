@@ -52,6 +52,7 @@ from ._errors import (
     ResourceUnavailable,
     ScopeError,
     describe,
+    is_seconds,
 )
 from ._lifecycle import Lifecycle, State
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
@@ -1356,8 +1357,7 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     """
     from fastapi import APIRouter
 
-    given: object = cache  # checked as what a caller may pass, not as annotated
-    if isinstance(given, bool) or not isinstance(given, int | float) or not given >= 0:
+    if not is_seconds(cache, zero=True):
         msg = (
             f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
             f"the checks' report, and must be a number >= 0; e.g. cache=1.0, or 0 to run "
@@ -1448,8 +1448,7 @@ def dashboard_router(
 
     from ._dashboard import page, snapshot
 
-    given: object = refresh  # checked as what a caller may pass, not as annotated
-    if isinstance(given, bool) or not isinstance(given, int | float) or not given > 0:
+    if not is_seconds(refresh):
         msg = (
             f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls "
             f"its stats, in seconds, and must be a positive number; e.g. refresh=2.0."

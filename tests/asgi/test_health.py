@@ -9,6 +9,7 @@ import pytest
 from fastapi import Depends, FastAPI
 
 import tether
+from tests.inprocess import client_of
 from tests.unit._messages import exactly
 from tether.fastapi import health_router
 
@@ -57,8 +58,7 @@ def test_ready_reuses_its_report_for_cache_seconds_and_runs_one_round_at_a_time(
         return codes
 
     async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with client_of(app) as client:
             async with anyio.create_task_group() as tg:
                 async with lc.lifespan(app):
                     assert await storm(client) == [200] * 20
@@ -124,12 +124,7 @@ def test_a_probe_does_not_wait_behind_a_round_stuck_longer_than_the_cache() -> N
     app.include_router(health_router(lc, cache=0.5))
 
     async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            lc.lifespan(app),
-            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-            anyio.create_task_group() as tg,
-        ):
+        async with lc.lifespan(app), client_of(app) as client, anyio.create_task_group() as tg:
             tg.start_soon(client.get, "/health/ready")  # the stuck round
             while not rounds:
                 await anyio.sleep(0.01)

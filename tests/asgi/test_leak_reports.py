@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
 import tether
+from tests.inprocess import client_of
 
 HERE = __file__
 
@@ -52,12 +52,7 @@ def test_a_request_holding_a_value_is_reported_with_where_it_waits(
     lc, app, release = _app()
 
     async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            lc.lifespan(app),
-            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-            anyio.create_task_group() as tg,
-        ):
+        async with lc.lifespan(app), client_of(app) as client, anyio.create_task_group() as tg:
             tg.start_soon(client.get, route)
             with anyio.fail_after(5):
                 while not _leaks(caplog):

@@ -678,6 +678,17 @@ class Postgres(_PgAddress, _Server):
             cur.execute(query, {"app": application_name, "admin": ADMIN_APPLICATION_NAME})
             return cur.fetchall()
 
+    def activity_after_close(
+        self, application_name: str, *, timeout: float = 3.0
+    ) -> list[dict[str, Any]]:
+        """`activity` once it is empty, or what is left after *timeout* seconds: a backend
+        whose client has closed its connection leaves pg_stat_activity when its process
+        exits, a moment later (longer under load), not when the client returns."""
+        deadline = time.monotonic() + timeout
+        while (rows := self.activity(application_name)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return rows
+
     def terminate(self, application_name: str, *, timeout: float = 5.0) -> int:
         """pg_terminate_backend() every backend with this application_name, waiting (up to
         ``timeout`` s each) until they are gone. Returns how many were terminated."""

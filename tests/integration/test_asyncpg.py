@@ -120,7 +120,7 @@ class TestConnectionPerRequest:
             assert rows[0]["state"] == "idle"
             stats = lc.stats().resources["conn"]
             assert (stats.opened, stats.closed, stats.in_use) == (5, 5, 0)
-        assert postgres.activity(name) == []  # closed at shutdown
+        assert postgres.activity_after_close(name) == []  # closed at shutdown
 
     def test_transaction_commits_before_200_and_rolls_back_on_http_exception(
         self, postgres: Postgres, request: pytest.FixtureRequest
@@ -321,7 +321,7 @@ class TestDisconnect:
             assert [r.split(b"\r\n", 1)[0] for r in replies] == [b"HTTP/1.1 200 OK"] * 10
             # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
             assert server.wait(15) in (0, -15)
-            assert postgres.activity(name) == []  # the pool closed every connection
+            assert postgres.activity_after_close(name) == []  # the pool closed every one
             output = server.output()
             for noise in ("Traceback", "Task was destroyed", "ResourceWarning", "unclosed"):
                 assert noise not in output
@@ -734,7 +734,7 @@ class TestBudget:
         with pytest.raises(tether.StartupError, match="does not fit") as info, TestClient(app):
             pass
         assert info.value.resource == "pool"
-        assert own_pg.activity(name) == []
+        assert own_pg.activity_after_close(name) == []
 
     def test_budget_that_fits_says_nothing(
         self, own_pg: Postgres, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest

@@ -68,7 +68,7 @@ def test_notes_example(
     assert postgres.sql("SELECT count(*) FROM notes", database=f"{example}_db") == [(1,)]
     assert postgres.activity(application_name)
     stopped_cleanly(server)
-    assert postgres.activity(application_name) == []
+    assert postgres.activity_after_close(application_name) == []
 
 
 def test_redis_example(redis_server: Redis, serve: type[Server]) -> None:

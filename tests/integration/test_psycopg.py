@@ -95,7 +95,7 @@ class TestConnectionPerRequest:
             assert rows[0]["state"] == "idle"
             stats = lc.stats().resources["conn"]
             assert (stats.opened, stats.closed, stats.in_use) == (5, 5, 0)
-        assert postgres.activity(name) == []
+        assert postgres.activity_after_close(name) == []
 
     def test_transaction_commits_before_200_and_rolls_back_on_http_exception(
         self, postgres: Postgres, request: pytest.FixtureRequest
@@ -327,7 +327,7 @@ class TestStartup:
             TestClient(app),
         ):
             pass
-        assert postgres.activity(name) == []
+        assert postgres.activity_after_close(name) == []
 
 
 def test_health_check_runs_select_1(postgres: Postgres, request: pytest.FixtureRequest) -> None:

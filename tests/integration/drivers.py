@@ -1,7 +1,12 @@
 """What the integration tests run the same way on each driver's value."""
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+
+import anyio
 
 import tether
 
@@ -29,3 +34,128 @@ async def health_at_once(lc: tether.Lifecycle) -> tether.HealthReport:
     took = time.monotonic() - t0
     assert took < 0.25, took
     return report
+
+
+# ---------------------------------------------- one unit-of-work resource per driver
+
+
+@dataclass
+class Driver:
+    """One integration, set up on its own Lifecycle."""
+
+    lc: tether.Lifecycle
+    conn: tether.Resource[Any]
+    scalar: Callable[[Any, str, tuple[Any, ...]], Awaitable[Any]]  # one value of a query
+    checked_out: Callable[[], int]  # connections the driver's pool has handed out
+
+
+def _asyncpg(dsn: str, app_name: str, release: str = "handler") -> Driver:
+    from tether.integrations import asyncpg as tpg
+
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, dsn, min_size=2, max_size=2, server_settings={"application_name": app_name})
+    conn = tpg.connection(lc, pool, transaction=True, release=release)  # type: ignore[arg-type]
+
+    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        return await c.fetchval(sql.replace("%s", "$1"), *args)
+
+    def checked_out() -> int:
+        p = lc.get(pool)
+        return int(p.get_size() - p.get_idle_size())
+
+    return Driver(lc, conn, scalar, checked_out)
+
+
+def _psycopg(dsn: str, app_name: str, release: str = "handler") -> Driver:
+    from tether.integrations import psycopg as tpsy
+
+    lc = tether.Lifecycle()
+    pool = tpsy.pool(lc, dsn, min_size=2, max_size=2, kwargs={"application_name": app_name})
+    conn = tpsy.connection(lc, pool, transaction=True, release=release)  # type: ignore[arg-type]
+
+    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        cur = await c.execute(sql, args)
+        row = await cur.fetchone() if cur.description is not None else None
+        return None if row is None else row[0]
+
+    def checked_out() -> int:
+        stats = lc.get(pool).get_stats()
+        return int(stats.get("pool_size", 0) - stats.get("pool_available", 0))
+
+    return Driver(lc, conn, scalar, checked_out)
+
+
+def _named(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """``%s`` placeholders as SQLAlchemy's named ones, with their values."""
+    params = {f"p{i}": a for i, a in enumerate(args)}
+    for name in params:
+        sql = sql.replace("%s", f":{name}", 1)
+    return sql, params
+
+
+def _sqlalchemy(dsn: str, app_name: str, release: str = "handler") -> Driver:
+    from sqlalchemy import text
+
+    from tether.integrations import sqlalchemy as tsa
+
+    lc = tether.Lifecycle()
+    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    engine = tsa.engine(lc, url, pool_size=2, application_name=app_name)
+    session = tsa.session(lc, engine, release=release)  # type: ignore[arg-type]
+
+    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        statement, params = _named(sql, args)
+        result = await s.execute(text(statement), params)
+        return result.scalar() if result.returns_rows else None
+
+    def checked_out() -> int:
+        return int(lc.get(engine).pool.checkedout())
+
+    return Driver(lc, session, scalar, checked_out)
+
+
+def _sqlalchemy_sync(dsn: str, app_name: str, release: str = "handler") -> Driver:
+    """A sync engine and session (psycopg): opened, used and closed in worker threads."""
+    from sqlalchemy import text
+
+    from tether.integrations import sqlalchemy as tsa
+
+    lc = tether.Lifecycle()
+    url = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = tsa.sync_engine(lc, url, pool_size=2, application_name=app_name)
+    session = tsa.sync_session(lc, engine, release=release)  # type: ignore[arg-type]
+
+    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
+        statement, params = _named(sql, args)
+
+        def run() -> Any:
+            result = s.execute(text(statement), params)
+            return result.scalar() if result.returns_rows else None
+
+        return await anyio.to_thread.run_sync(run)
+
+    def checked_out() -> int:
+        return int(lc.get(engine).pool.checkedout())
+
+    return Driver(lc, session, scalar, checked_out)
+
+
+DRIVERS = {
+    "asyncpg": _asyncpg,
+    "psycopg": _psycopg,
+    "sqlalchemy": _sqlalchemy,
+    "sqlalchemy-sync": _sqlalchemy_sync,
+}
+
+
+async def settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> None:
+    t0 = time.monotonic()
+    while True:
+        value = check()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not true within {timeout} s")
+        await asyncio.sleep(0.02)

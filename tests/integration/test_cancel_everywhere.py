@@ -8,7 +8,10 @@ same unit of work is run again for every k, cancelled at its k-th suspension, tw
 * ``task.cancel()``: asyncio's one-shot cancellation (what tether's disconnect watcher,
   ``asyncio.timeout`` and a server shutting down do);
 * an anyio cancel scope: cancelled once, and then every later await in it is cancelled too
-  (``anyio.fail_after``, a cancelled task group).
+  (``anyio.fail_after``, a cancelled task group);
+* ``task.cancel()`` at each *wake-up*: when what the unit of work awaited is done and it has
+  not run yet, so the cancellation arrives together with the reply or the connection (code
+  that catches it at that moment, such as Python 3.11's ``asyncio.wait_for``, loses it).
 
 After each run, what a user would notice:
 
@@ -21,7 +24,7 @@ After each run, what a user would notice:
   shows no backend running a query or sitting in a transaction;
 * the next unit of work gets a connection outside any transaction.
 
-Bounded: about 20 suspension points per driver, each cancelled both ways.
+Bounded: about 20 suspension points per driver, each cancelled all three ways.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ import asyncio
 import gc
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Generator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ import pytest
 
 import tether
 from tests.inprocess import http_scope
+from tests.integration.drivers import DRIVERS, Driver, settled
 from tests.servers import Postgres
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
@@ -80,128 +83,6 @@ class CancelAt:
                 to_send, to_throw = None, exc
 
 
-@dataclass
-class Driver:
-    """One integration, set up on its own Lifecycle."""
-
-    lc: tether.Lifecycle
-    conn: tether.Resource[Any]
-    scalar: Callable[[Any, str, tuple[Any, ...]], Awaitable[Any]]  # one value of a query
-    checked_out: Callable[[], int]  # connections the driver's pool has handed out
-
-
-def _asyncpg(dsn: str, app_name: str, release: str = "handler") -> Driver:
-    from tether.integrations import asyncpg as tpg
-
-    lc = tether.Lifecycle()
-    pool = tpg.pool(lc, dsn, min_size=2, max_size=2, server_settings={"application_name": app_name})
-    conn = tpg.connection(lc, pool, transaction=True, release=release)  # type: ignore[arg-type]
-
-    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        return await c.fetchval(sql.replace("%s", "$1"), *args)
-
-    def checked_out() -> int:
-        p = lc.get(pool)
-        return int(p.get_size() - p.get_idle_size())
-
-    return Driver(lc, conn, scalar, checked_out)
-
-
-def _psycopg(dsn: str, app_name: str, release: str = "handler") -> Driver:
-    from tether.integrations import psycopg as tpsy
-
-    lc = tether.Lifecycle()
-    pool = tpsy.pool(lc, dsn, min_size=2, max_size=2, kwargs={"application_name": app_name})
-    conn = tpsy.connection(lc, pool, transaction=True, release=release)  # type: ignore[arg-type]
-
-    async def scalar(c: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        cur = await c.execute(sql, args)
-        row = await cur.fetchone() if cur.description is not None else None
-        return None if row is None else row[0]
-
-    def checked_out() -> int:
-        stats = lc.get(pool).get_stats()
-        return int(stats.get("pool_size", 0) - stats.get("pool_available", 0))
-
-    return Driver(lc, conn, scalar, checked_out)
-
-
-def _named(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
-    """``%s`` placeholders as SQLAlchemy's named ones, with their values."""
-    params = {f"p{i}": a for i, a in enumerate(args)}
-    for name in params:
-        sql = sql.replace("%s", f":{name}", 1)
-    return sql, params
-
-
-def _sqlalchemy(dsn: str, app_name: str, release: str = "handler") -> Driver:
-    from sqlalchemy import text
-
-    from tether.integrations import sqlalchemy as tsa
-
-    lc = tether.Lifecycle()
-    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
-    engine = tsa.engine(lc, url, pool_size=2, application_name=app_name)
-    session = tsa.session(lc, engine, release=release)  # type: ignore[arg-type]
-
-    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        statement, params = _named(sql, args)
-        result = await s.execute(text(statement), params)
-        return result.scalar() if result.returns_rows else None
-
-    def checked_out() -> int:
-        return int(lc.get(engine).pool.checkedout())
-
-    return Driver(lc, session, scalar, checked_out)
-
-
-def _sqlalchemy_sync(dsn: str, app_name: str, release: str = "handler") -> Driver:
-    """A sync engine and session (psycopg): opened, used and closed in worker threads."""
-    from sqlalchemy import text
-
-    from tether.integrations import sqlalchemy as tsa
-
-    lc = tether.Lifecycle()
-    url = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
-    engine = tsa.sync_engine(lc, url, pool_size=2, application_name=app_name)
-    session = tsa.sync_session(lc, engine, release=release)  # type: ignore[arg-type]
-
-    async def scalar(s: Any, sql: str, args: tuple[Any, ...]) -> Any:
-        statement, params = _named(sql, args)
-
-        def run() -> Any:
-            result = s.execute(text(statement), params)
-            return result.scalar() if result.returns_rows else None
-
-        return await anyio.to_thread.run_sync(run)
-
-    def checked_out() -> int:
-        return int(lc.get(engine).pool.checkedout())
-
-    return Driver(lc, session, scalar, checked_out)
-
-
-DRIVERS = {
-    "asyncpg": _asyncpg,
-    "psycopg": _psycopg,
-    "sqlalchemy": _sqlalchemy,
-    "sqlalchemy-sync": _sqlalchemy_sync,
-}
-
-
-async def _settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> None:
-    t0 = time.monotonic()
-    while True:
-        value = check()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not true within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
 async def cancelled_at(
     how: str, k: int, work: Coroutine[Any, Any, Any], reached: list[str]
 ) -> bool:
@@ -240,6 +121,32 @@ async def cancelled_at(
     return fired
 
 
+async def cancelled_at_wake_up(k: int | None, work: Coroutine[Any, Any, Any]) -> tuple[bool, int]:
+    """Run *work* in a task and ``task.cancel()`` it at its *k*-th wake-up: what it awaited
+    is done and it has not run yet, the cancellation arriving together with a reply or a
+    connection (a one-shot cancellation that code catching it at the wrong moment loses).
+    Check that it was not swallowed. Return whether it fired, and the wake-ups seen."""
+    task = asyncio.ensure_future(work)
+    woken, fired = 0, False
+    deadline = time.monotonic() + 15
+    while not task.done():
+        waiting_on = task._fut_waiter  # what the task awaits
+        if waiting_on is not None and waiting_on.done():  # woken, not run yet
+            woken += 1
+            if woken == k:
+                fired = task.cancel()
+                break
+        assert time.monotonic() < deadline, f"wake-up {k}: the work did not end"
+        await asyncio.sleep(0)
+    with anyio.fail_after(15):
+        await asyncio.wait({task})
+    if fired:
+        assert task.cancelled(), f"task.cancel at wake-up {k}: the cancellation was swallowed"
+    else:
+        assert task.exception() is None
+    return fired, woken
+
+
 async def _everywhere(
     postgres: Postgres,
     d: Driver,
@@ -269,8 +176,8 @@ async def _everywhere(
     async def nothing_left(what: str) -> None:
         stats = lc.stats().resources[d.conn.name]
         assert stats.in_use == 0, f"{what}: tether counts {stats.in_use} in use"
-        await _settled(lambda: d.checked_out() == 0, f"{what}: pool all back")
-        await _settled(server_idle, f"{what}: no busy backend, at most 2")
+        await settled(lambda: d.checked_out() == 0, f"{what}: pool all back")
+        await settled(server_idle, f"{what}: no busy backend, at most 2")
         # No write of an earlier unit of work is pending on the next connection.
         async with lc.scope() as s:
             c = await s.get(d.conn)
@@ -319,8 +226,27 @@ async def _everywhere(
             after_each(key, True, was_committed)
             await nothing_left(what)
 
-    # Both ways, some cancellations landed before the close and some during it.
-    for how in ("task.cancel", "cancel scope"):
+    # At each wake-up: the cancellation arrives together with what the work waited for.
+    _, wake_ups = await cancelled_at_wake_up(None, unit_of_work(key + 1, []))
+    key += 1
+    assert await committed(key)
+    # The count varies from run to run (a reply read in one piece or two): go on until a
+    # run ends before its k-th wake-up.
+    for k in range(1, 3 * wake_ups + 6):
+        key += 1
+        reached = []
+        fired, _ = await cancelled_at_wake_up(k, unit_of_work(key, reached))
+        was_committed = await committed(key)
+        what = f"task.cancel at wake-up {k} of {wake_ups}"
+        assert was_committed == (bool(reached) or not fired), f"{what}: committed {was_committed}"
+        outcomes.append(("wake-up", was_committed))
+        after_each(key, fired, was_committed)
+        await nothing_left(what)
+        if not fired:
+            break
+
+    # Each way, some cancellations landed before the close and some during it.
+    for how in ("task.cancel", "cancel scope", "wake-up"):
         seen = {was for h, was in outcomes if h == how}
         assert seen == {True, False}, (how, outcomes)
 
@@ -336,7 +262,7 @@ async def _everywhere(
     async with anyio.create_task_group() as tg:
         tg.start_soon(hold, release, got)
         tg.start_soon(hold, release, got)
-        await _settled(lambda: len(got) == 2, "both connections of the pool at once", 5.0)
+        await settled(lambda: len(got) == 2, "both connections of the pool at once", 5.0)
         release.set()
 
 
@@ -566,7 +492,7 @@ async def test_cancel_app_scope_at_every_await(
             return not ours and not redis_server.client_list(app_name)
 
         try:
-            await _settled(servers_empty, f"{what}: connections left on the servers")
+            await settled(servers_empty, f"{what}: connections left on the servers")
         except AssertionError as exc:
             pg = await asyncio.to_thread(postgres.activity)
             left = [
@@ -659,6 +585,6 @@ async def test_cancel_at_every_await_of_an_sqlite_unit_of_work(tmp_path: Path) -
                 assert await committed(key) == (bool(reached) or not fired), what
                 assert lc.stats().resources["connection"].in_use == 0, what
                 assert lc.get(db_res).limiter.borrowed_tokens == 0, what
-                await _settled(lambda: threading.active_count() <= threads, f"{what}: threads")
+                await settled(lambda: threading.active_count() <= threads, f"{what}: threads")
                 async with lc.scope() as s:  # the write lock is free
                     await (await s.get(conn)).execute("INSERT INTO t (k) VALUES (?)", (-key,))

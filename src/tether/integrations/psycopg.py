@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,10 @@ class _State:
         self.acquiring = 0
 
 
+# Python 3.11's asyncio.wait_for can return a result and drop a cancellation that came with it.
+_LOSES_CANCEL = sys.version_info < (3, 12)
+
+
 class Pool(AsyncConnectionPool[Connection]):
     """``AsyncConnectionPool`` that refuses to be used from another event loop than its own.
 
@@ -125,12 +130,22 @@ class Pool(AsyncConnectionPool[Connection]):
         if state is None:
             return await super().getconn(timeout)
         state.bound.check()
+        task = asyncio.current_task() if _LOSES_CANCEL else None
+        cancels = task.cancelling() if task is not None else 0
         state.acquiring += 1
         try:
             conn = await super().getconn(timeout)
         finally:
             state.acquiring -= 1
         state.served = time.monotonic()
+        if task is not None and task.cancelling() > cancels:
+            # Cancelled just as the pool handed it the connection: on Python 3.11,
+            # asyncio.wait_for (in psycopg_pool's wait) then returns the connection and
+            # drops the cancellation (CPython gh-86296, fixed in 3.12). Deliver it, and
+            # give the connection back, as Python 3.12 does.
+            with anyio.CancelScope(shield=True):
+                await self.putconn(conn)
+            raise asyncio.CancelledError
         return conn
 
 

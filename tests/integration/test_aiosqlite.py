@@ -184,6 +184,67 @@ async def test_cancelled_unit_of_work_rolls_back(tmp_path: Path) -> None:
         assert lc.stats().resources["connection"].in_use == 0
 
 
+@pytest.mark.anyio
+async def test_a_failed_unit_of_work_with_a_half_read_cursor_frees_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """A unit of work fails with a ``SELECT`` read in part (its statement still active, the
+    cursor kept alive, as a traceback or a log record keeps it): it is rolled back, and the
+    next writer gets the write lock at once. (Interrupting the connection before the
+    rollback failed the rollback itself, and the lock stayed for as long as the cursor.)"""
+    path = tmp_path / "app.db"
+    _, lc, db = make(path)
+    conn = tsqlite.connection(lc, db, begin="immediate")
+    kept: list[Any] = []
+    async with lc.run():
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.executemany("INSERT INTO authors (name) VALUES (?)", [("a",), ("b",)])
+        with pytest.raises(RuntimeError, match="failed"):
+            async with lc.scope() as unit:
+                c = await unit.get(conn)
+                await c.execute("INSERT INTO authors (name) VALUES ('ghost')")
+                cur = await c.execute("SELECT name FROM authors ORDER BY id")
+                assert (await cur.fetchone())[0] == "a"  # one row of three read
+                kept.append(cur)
+                raise RuntimeError("failed")
+        t0 = time.monotonic()
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.execute("INSERT INTO authors (name) VALUES ('next')")
+        assert time.monotonic() - t0 < 1.0  # busy_timeout is 5 s
+    assert [name for _, name in rows(path)] == ["a", "b", "next"]
+    assert kept
+
+
+@pytest.mark.anyio
+async def test_a_statement_still_running_when_its_unit_of_work_is_cancelled_is_interrupted(
+    tmp_path: Path,
+) -> None:
+    """A unit of work cancelled while a long statement runs in the connection's thread: the
+    close interrupts it (it would run for many seconds), rolls back, and frees the lock."""
+    path = tmp_path / "app.db"
+    _, lc, db = make(path)
+    conn = tsqlite.connection(lc, db, begin="immediate")
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    async with lc.run():
+        t0 = time.monotonic()
+        with anyio.move_on_after(0.3) as scope:
+            async with lc.scope() as unit:
+                c = await unit.get(conn)
+                await c.execute("INSERT INTO authors (name) VALUES ('ghost')")
+                await c.execute(slow)
+        assert scope.cancelled_caught
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.execute("INSERT INTO authors (name) VALUES ('next')")
+        assert time.monotonic() - t0 < 2.5
+    assert [name for _, name in rows(path)] == ["next"]
+
+
 # --------------------------------------------------------------------------- writers
 
 

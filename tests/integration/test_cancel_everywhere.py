@@ -532,6 +532,15 @@ async def test_cancel_app_scope_at_every_await(
                 lc = make()
                 await cancelled_after(how, delay, app_scope(lc, []))
                 await nothing_left(lc, f"{how} after {delay * 1000:.0f} ms")
+
+        # At each wake-up of the app scope's task, until a run ends before it.
+        _, wake_ups = await cancelled_at_wake_up(None, app_scope(make(), []))
+        for k in range(1, 3 * wake_ups + 6):
+            lc = make()
+            fired, _ = await cancelled_at_wake_up(k, app_scope(lc, []))
+            await nothing_left(lc, f"task.cancel at wake-up {k} of {wake_ups}")
+            if not fired:
+                break
     finally:
         loop.set_exception_handler(previous)
 
@@ -575,16 +584,30 @@ async def test_cancel_at_every_await_of_an_sqlite_unit_of_work(tmp_path: Path) -
         assert await committed(0)
         points = clean.suspensions
         assert 4 <= points <= 60, points
+
+        async def check(key: int, fired: bool, reached: list[str], what: str) -> None:
+            assert await committed(key) == (bool(reached) or not fired), what
+            assert lc.stats().resources["connection"].in_use == 0, what
+            assert lc.get(db_res).limiter.borrowed_tokens == 0, what
+            await settled(lambda: threading.active_count() <= threads, f"{what}: threads")
+            async with lc.scope() as s:  # the write lock is free
+                await (await s.get(conn)).execute("INSERT INTO t (k) VALUES (?)", (-key,))
+
         key = 0
         for how in ("task.cancel", "cancel scope"):
             for k in range(1, points + 2):
                 key += 1
                 reached: list[str] = []
                 fired = await cancelled_at(how, k, unit_of_work(key, reached), reached)
-                what = f"{how} at await {k}"
-                assert await committed(key) == (bool(reached) or not fired), what
-                assert lc.stats().resources["connection"].in_use == 0, what
-                assert lc.get(db_res).limiter.borrowed_tokens == 0, what
-                await settled(lambda: threading.active_count() <= threads, f"{what}: threads")
-                async with lc.scope() as s:  # the write lock is free
-                    await (await s.get(conn)).execute("INSERT INTO t (k) VALUES (?)", (-key,))
+                await check(key, fired, reached, f"{how} at await {k}")
+
+        # At each wake-up, until a run ends before it.
+        key += 1
+        _, wake_ups = await cancelled_at_wake_up(None, unit_of_work(key, []))
+        for k in range(1, 3 * wake_ups + 6):
+            key += 1
+            reached = []
+            fired, _ = await cancelled_at_wake_up(k, unit_of_work(key, reached))
+            await check(key, fired, reached, f"task.cancel at wake-up {k} of {wake_ups}")
+            if not fired:
+                break

@@ -55,6 +55,7 @@ a ``sqlite+aiosqlite:///path.db`` URL instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -90,6 +91,7 @@ Release = Literal["handler", "response"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_INTERRUPT_AFTER = 0.05  # s: a rollback still waiting then waits behind a running statement
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -344,9 +346,26 @@ async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:
 
 
 async def _rollback(conn: aiosqlite.Connection, name: str) -> None:
+    """Roll back a unit of work that failed.
+
+    A statement of it may still run in the connection's thread (its task was cancelled while
+    it waited): the rollback queues behind it, so a statement still running after
+    ``_INTERRUPT_AFTER`` is interrupted. Not at once: SQLite keeps an interrupt in force
+    while any statement of the connection is active, a ``SELECT`` whose rows were not all
+    read included, so it would fail the rollback too, and closing the connection then
+    leaves its transaction, and the write lock, in place until that cursor is collected.
+    """
+    rollback = asyncio.ensure_future(conn.rollback())
     try:
-        await conn.interrupt()  # a statement still running for a unit of work that failed
-        await conn.rollback()
+        done, _ = await asyncio.wait({rollback}, timeout=_INTERRUPT_AFTER)
+        if done:
+            rollback.result()
+            return
+        await conn.interrupt()
+        try:
+            await rollback
+        except sqlite3.OperationalError:
+            await conn.rollback()  # the interrupt reached the rollback itself: once more
     except sqlite3.Error as exc:  # the connection is closed right after: nothing is kept
         log.warning("tether: rolling back connection %r failed: %s", name, describe(exc))
 

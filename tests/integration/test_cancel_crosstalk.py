@@ -5,6 +5,11 @@ A latency proxy (`tests/faultproxy.py`) holds every chunk 10 ms each way, so a c
 is cancelled, at a random moment, after it was sent and before its reply came back. The next
 unit of work asks for a value of its own on the same pool: it must get its own value, never
 the reply meant for the cancelled one, and nothing may stay checked out.
+
+Then, without a proxy, a unit of work (a Redis command) is cancelled at each of its wake-ups:
+what it awaited is done and it has not run yet, so the cancellation arrives together with the
+reply. The cancellation must not be swallowed (on Python 3.11 redis-py's ``asyncio.wait_for``
+dropped it; tether's client raises it), and the next one still gets its own value.
 """
 
 import random
@@ -17,7 +22,7 @@ import pytest
 
 import tether
 from tests.faultproxy import FaultProxy
-from tests.integration.drivers import scalar
+from tests.integration.drivers import cancelled_at_wake_up, scalar
 from tests.servers import Postgres, Redis, _pg_url
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -111,3 +116,72 @@ async def test_redis_a_cancelled_command_never_answers_the_next_one(
             with anyio.fail_after(20):
                 assert await r.get(f"{prefix}:bar-{i}") == f"bar-{i}".encode()
         assert cancelled >= ROUNDS // 4, cancelled
+
+
+# ------------------------------------------------- cancelled as the reply arrives
+
+
+def _direct(make: Any, postgres: Postgres) -> Any:
+    """*make*'s resource, on the server itself (no proxy)."""
+
+    class Direct:
+        port = postgres.port
+
+    return lambda lc: make(lc, Direct)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [asyncpg_conn, psycopg_conn, sqlalchemy_session],
+    ids=["asyncpg", "psycopg", "sqlalchemy"],
+)
+async def test_postgres_a_query_cancelled_as_its_reply_arrives_never_answers_the_next_one(
+    postgres: Postgres, make: Any
+) -> None:
+    """``task.cancel()`` at each wake-up of a unit of work (what it awaited is done, it has
+    not run yet): the reply and the cancellation arrive together. The next unit of work
+    gets its own value, and nothing stays checked out."""
+    lc = tether.Lifecycle()
+    conn = _direct(make, postgres)(lc)
+
+    async def foo(i: int) -> None:
+        async with lc.scope() as s:
+            await scalar(await s.get(conn), f"SELECT 'foo-{i}'")
+
+    async with lc.run():
+        _, wake_ups = await cancelled_at_wake_up(None, foo(0))
+        fired_any = False
+        for k in range(1, 3 * wake_ups + 6):
+            fired, _ = await cancelled_at_wake_up(k, foo(k), keeps_message=True)
+            fired_any |= fired
+            with anyio.fail_after(10):
+                async with lc.scope() as s:
+                    assert await scalar(await s.get(conn), f"SELECT 'bar-{k}'") == f"bar-{k}"
+            assert lc.stats().resources[conn.name].in_use == 0
+            if not fired:
+                break
+        assert fired_any
+        assert sum(p.in_use or 0 for p in lc.stats().pools.values()) == 0
+
+
+async def test_redis_a_command_cancelled_as_its_reply_arrives_never_answers_the_next_one(
+    redis_server: Redis,
+) -> None:
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, max_connections=POOL)
+    prefix = uuid.uuid4().hex[:8]
+    async with lc.run():
+        r = lc.get(cache)
+        await r.set(f"{prefix}:foo", "foo")
+        await r.set(f"{prefix}:bar", "bar")
+        _, wake_ups = await cancelled_at_wake_up(None, r.get(f"{prefix}:foo"))
+        fired_any = False
+        for k in range(1, 3 * wake_ups + 6):
+            fired, _ = await cancelled_at_wake_up(k, r.get(f"{prefix}:foo"), keeps_message=True)
+            fired_any |= fired
+            with anyio.fail_after(10):
+                assert await r.get(f"{prefix}:bar") == b"bar"
+            if not fired:
+                break
+        assert fired_any
+        assert lc.stats().pools[cache.name].in_use == 0

@@ -42,7 +42,7 @@ import pytest
 
 import tether
 from tests.inprocess import http_scope
-from tests.integration.drivers import DRIVERS, Driver, settled
+from tests.integration.drivers import DRIVERS, Driver, cancelled_at_wake_up, settled
 from tests.servers import Postgres
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
@@ -119,32 +119,6 @@ async def cancelled_at(
     # caught it; one during the close (shielded) may find no await left to interrupt.
     assert caught or not fired or reached, f"{how} at await {k}: not caught, not closing"
     return fired
-
-
-async def cancelled_at_wake_up(k: int | None, work: Coroutine[Any, Any, Any]) -> tuple[bool, int]:
-    """Run *work* in a task and ``task.cancel()`` it at its *k*-th wake-up: what it awaited
-    is done and it has not run yet, the cancellation arriving together with a reply or a
-    connection (a one-shot cancellation that code catching it at the wrong moment loses).
-    Check that it was not swallowed. Return whether it fired, and the wake-ups seen."""
-    task = asyncio.ensure_future(work)
-    woken, fired = 0, False
-    deadline = time.monotonic() + 15
-    while not task.done():
-        waiting_on = task._fut_waiter  # what the task awaits
-        if waiting_on is not None and waiting_on.done():  # woken, not run yet
-            woken += 1
-            if woken == k:
-                fired = task.cancel()
-                break
-        assert time.monotonic() < deadline, f"wake-up {k}: the work did not end"
-        await asyncio.sleep(0)
-    with anyio.fail_after(15):
-        await asyncio.wait({task})
-    if fired:
-        assert task.cancelled(), f"task.cancel at wake-up {k}: the cancellation was swallowed"
-    else:
-        assert task.exception() is None
-    return fired, woken
 
 
 async def _everywhere(

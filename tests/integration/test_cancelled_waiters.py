@@ -137,13 +137,16 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_connection_loses_none(
                 await r.wake_ups(k)
                 w1 = r.tasks["w1"]
                 if how == "task.cancel":
-                    w1.cancel()
+                    w1.cancel("at the hand-over")
                 else:
                     r.scopes["w1"].cancel()
                 await asyncio.wait({w1}, timeout=5)
                 assert w1.done(), f"{what}: the cancellation was lost, the waiter runs on"
                 if how == "task.cancel":
                     assert w1.cancelled(), f"{what}: the cancellation was swallowed"
+                    # With its message: anyio knows its own cancellations by it.
+                    with pytest.raises(asyncio.CancelledError, match="at the hand-over"):
+                        w1.result()
                 else:
                     assert not w1.cancelled(), f"{what}: the cancellation escaped its scope"
                     assert w1.exception() is None, f"{what}: {w1.exception()!r}"

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -29,6 +30,7 @@ Dsn = str | Callable[[], str]
 BudgetPolicy = Literal["warn", "error", "off"]
 
 __all__ = [
+    "LOSES_CANCEL",
     "LOST_NOTE",
     "RESET_SESSION",
     "BudgetPolicy",
@@ -39,6 +41,7 @@ __all__ = [
     "commit_not_sent",
     "saturation",
     "depends_on",
+    "dropped_cancellation",
     "read_only",
     "queue_full",
     "read_only_failure",
@@ -49,6 +52,19 @@ __all__ = [
     "unreachable",
     "workers",
 ]
+
+
+#: Python 3.11's ``asyncio.wait_for`` can return a result and drop a cancellation that came
+#: with it (CPython gh-86296, fixed in 3.12). psycopg's pool waits with it, redis-py sends
+#: with it: their callers check ``task.cancelling()`` around those calls.
+LOSES_CANCEL = sys.version_info < (3, 12)
+
+
+def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
+    """The cancellation asked of *task* that a call it awaited dropped, to raise again with
+    its message (anyio knows its own cancellations by their message)."""
+    message = getattr(task, "_cancel_message", None)
+    return asyncio.CancelledError() if message is None else asyncio.CancelledError(message)
 
 
 #: What a unit of work may leave on a PostgreSQL session, undone before the next one gets the

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -67,6 +66,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    LOSES_CANCEL,
     LOST_NOTE,
     RESET_SESSION,
     BudgetPolicy,
@@ -75,6 +75,7 @@ from ._common import (
     check_budget,
     connect_or_close,
     depends_on,
+    dropped_cancellation,
     read_only,
     read_only_failure,
     redact,
@@ -113,10 +114,6 @@ class _State:
         self.acquiring = 0
 
 
-# Python 3.11's asyncio.wait_for can return a result and drop a cancellation that came with it.
-_LOSES_CANCEL = sys.version_info < (3, 12)
-
-
 class Pool(AsyncConnectionPool[Connection]):
     """``AsyncConnectionPool`` that refuses to be used from another event loop than its own.
 
@@ -130,7 +127,7 @@ class Pool(AsyncConnectionPool[Connection]):
         if state is None:
             return await super().getconn(timeout)
         state.bound.check()
-        task = asyncio.current_task() if _LOSES_CANCEL else None
+        task = asyncio.current_task() if LOSES_CANCEL else None
         cancels = task.cancelling() if task is not None else 0
         state.acquiring += 1
         try:
@@ -145,7 +142,7 @@ class Pool(AsyncConnectionPool[Connection]):
             # give the connection back, as Python 3.12 does.
             with anyio.CancelScope(shield=True):
                 await self.putconn(conn)
-            raise asyncio.CancelledError
+            raise dropped_cancellation(task)
         return conn
 
 

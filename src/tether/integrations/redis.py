@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -52,7 +53,15 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 from .._errors import ResourceUnavailable
 from .._stats import PoolStats
-from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
+from ._common import (
+    LOSES_CANCEL,
+    Dsn,
+    dropped_cancellation,
+    redact,
+    resolve_dsn,
+    saturation,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -104,6 +113,12 @@ class _PoolMixin:
         finally:
             self.tether_waiting -= 1
 
+    def make_connection(self) -> Any:
+        conn = super().make_connection()  # type: ignore[misc]
+        if LOSES_CANCEL:  # redis-py sends each command under asyncio.wait_for
+            _delivering_cancellations(conn)
+        return conn
+
     def _unavailable(self, exc: BaseException) -> ResourceUnavailable:
         pool: Any = self
         in_use = len(getattr(pool, "_in_use_connections", ()))
@@ -127,6 +142,23 @@ class _PoolMixin:
             str(plain), resource=self.tether_name, retry_after=plain.retry_after,
             timed_out=timed_out,
         )  # fmt: skip
+
+
+def _delivering_cancellations(conn: Any) -> None:
+    """Raise the cancellation Python 3.11 dropped in *conn*'s send, as Python 3.12 does."""
+    send = conn.send_packed_command
+
+    async def send_packed_command(command: Any, check_health: bool = True) -> None:
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        await send(command, check_health)
+        if task is not None and task.cancelling() > cancels:
+            # The command went out, its reply is on its way: drop the connection, as
+            # redis-py does for a send that is cancelled, so the reply reaches no one.
+            await conn.disconnect(nowait=True)
+            raise dropped_cancellation(task)
+
+    conn.send_packed_command = send_packed_command
 
 
 class _Pool(_PoolMixin, aioredis.ConnectionPool):

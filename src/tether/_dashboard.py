@@ -87,6 +87,8 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
                 "in_use": p.in_use,
                 "idle": p.idle,
                 "waiting": p.waiting,
+                "created": p.created,
+                "discarded": p.discarded,
             }
             for p in stats.pools.values()
         ],

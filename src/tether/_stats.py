@@ -83,7 +83,11 @@ class PoolStats:
 
     *max* is the most connections it may open (size and overflow), *open* how many it has
     now, *in_use* how many of those are checked out, *idle* how many wait in the pool,
-    *waiting* how many tasks wait for one.
+    *waiting* how many tasks wait for one. Since the pool opened: *created*, the
+    connections it made, in *create_time* seconds in all; *discarded*, those closed instead
+    of being used again because they were broken or in a state not known (lost by the
+    server, interrupted mid-operation, not reset); a connection retired for its age is not
+    discarded.
     """
 
     name: str
@@ -92,6 +96,9 @@ class PoolStats:
     in_use: int | None
     idle: int | None
     waiting: int | None
+    created: int | None = None
+    create_time: float | None = None
+    discarded: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

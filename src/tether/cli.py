@@ -159,7 +159,8 @@ def render_stats(data: dict[str, Any]) -> str:
     if data.get("pools"):
         lines += [
             "",
-            f"{'pool':20} {'max':>5} {'open':>5} {'in use':>6} {'idle':>5} {'waiting':>7}",
+            f"{'pool':20} {'max':>5} {'open':>5} {'in use':>6} {'idle':>5} {'waiting':>7} "
+            f"{'made':>5} {'discarded':>9}",
         ]
 
     def figure(n: int | None) -> str:
@@ -168,7 +169,8 @@ def render_stats(data: dict[str, Any]) -> str:
     for p in data.get("pools", ()):
         lines.append(
             f"{p['name']:20} {figure(p['max']):>5} {figure(p['open']):>5} "
-            f"{figure(p['in_use']):>6} {figure(p['idle']):>5} {figure(p['waiting']):>7}"
+            f"{figure(p['in_use']):>6} {figure(p['idle']):>5} {figure(p['waiting']):>7} "
+            f"{figure(p.get('created')):>5} {figure(p.get('discarded')):>9}"
         )
     if data["in_flight"]:
         lines += ["", "in flight, oldest first:"]

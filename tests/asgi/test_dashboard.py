@@ -32,7 +32,7 @@ def notes_app(lc: tether.Lifecycle, **router: Any) -> FastAPI:
 
     # What an integration sets on a driver's pool: its own figures.
     pool.pool_stats = lambda p: tether.PoolStats(
-        name="pool", max=10, open=2, in_use=1, idle=1, waiting=0
+        name="pool", max=10, open=2, in_use=1, idle=1, waiting=0, created=3, discarded=1
     )
 
     @lc.resource(check=lambda c: None)
@@ -84,8 +84,9 @@ def test_stats_follow_requests_and_units_in_flight() -> None:
     assert conn["leaks"] == conn["open_errors"] == conn["close_errors"] == 0
     assert conn["mean_hold_ms"] >= 0
     assert s["pools"] == [
-        {"name": "pool", "max": 10, "open": 2, "in_use": 1, "idle": 1, "waiting": 0}
-    ]
+        {"name": "pool", "max": 10, "open": 2, "in_use": 1, "idle": 1, "waiting": 0,
+         "created": 3, "discarded": 1}
+    ]  # fmt: skip
     [unit] = s["in_flight"]
     assert unit["label"] == "nightly export"
     assert isinstance(unit["id"], str)

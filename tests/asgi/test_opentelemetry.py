@@ -111,8 +111,9 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
         return "engine"
 
     pg.pool_stats = lambda p: tether.PoolStats(
-        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2
-    )
+        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2, created=6, create_time=0.03,
+        discarded=2,
+    )  # fmt: skip
     engine.pool_stats = lambda p: tether.PoolStats(
         name="engine", max=5, open=1, in_use=0, idle=1, waiting=None
     )
@@ -128,3 +129,7 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
     assert points[key("db.client.connection.pending_requests", **pg_attrs)] == 2
     assert points[key("db.client.connection.max", **engine_attrs)] == 5
     assert key("db.client.connection.pending_requests", **engine_attrs) not in points
+    assert points[key("tether.connection.created", **pg_attrs)] == 6
+    assert points[key("tether.connection.create_time", **pg_attrs)] == 0.03
+    assert points[key("tether.connection.discarded", **pg_attrs)] == 2
+    assert key("tether.connection.created", **engine_attrs) not in points  # not known

@@ -63,8 +63,9 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
         return "pool"
 
     pg.pool_stats = lambda p: tether.PoolStats(
-        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2
-    )
+        name="pg", max=10, open=4, in_use=3, idle=1, waiting=2, created=6, create_time=0.03,
+        discarded=2,
+    )  # fmt: skip
     registry = CollectorRegistry()
     register(lc, registry)
     app = FastAPI(lifespan=lc.lifespan)
@@ -75,5 +76,8 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
         'db_client_connection_count{pool_name="pg",scope="app",state="idle"} 1.0',
         'db_client_connection_max{pool_name="pg",scope="app"} 10.0',
         'db_client_connection_pending_requests{pool_name="pg",scope="app"} 2.0',
+        'db_client_connection_create_time_seconds_count{pool_name="pg",scope="app"} 6.0',
+        'db_client_connection_create_time_seconds_sum{pool_name="pg",scope="app"} 0.03',
+        'tether_connection_discarded_total{pool_name="pg",scope="app"} 2.0',
     ]:
         assert line in text.splitlines(), line

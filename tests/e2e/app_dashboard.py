@@ -31,7 +31,14 @@ async def pool() -> AsyncIterator[Pool]:
 
 # The figures a driver's pool reports (an integration sets this on its pools).
 pool.pool_stats = lambda p: tether.PoolStats(
-    name="pool", max=4, open=p.in_use + 1, in_use=p.in_use, idle=1, waiting=None
+    name="pool",
+    max=4,
+    open=p.in_use + 1,
+    in_use=p.in_use,
+    idle=1,
+    waiting=None,
+    created=5,
+    discarded=1,
 )
 
 

@@ -45,8 +45,10 @@ def test_stats_prints_resources_and_what_is_in_flight(
     ]  # fmt: skip
     assert table[3].split()[:9] == ["pool", "app", "1", "1", "1", "0", "0", "0", "0"]
     assert table[4].split()[:9] == ["conn", "request", "1", "1", "1", "0", "0", "0", "0"]
-    assert table[6].split() == ["pool", "max", "open", "in", "use", "idle", "waiting"]
-    assert table[7].split() == ["pool", "4", "2", "1", "1", "-"]
+    assert table[6].split() == [
+        "pool", "max", "open", "in", "use", "idle", "waiting", "made", "discarded"
+    ]  # fmt: skip
+    assert table[7].split() == ["pool", "4", "2", "1", "1", "-", "5", "1"]
     assert table[9] == "in flight, oldest first:"
     assert table[10].split()[:4] == ["GET", "/hold", table[10].split()[2], "s"]
     assert table[10].split()[4] == "conn"

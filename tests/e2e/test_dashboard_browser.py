@@ -82,6 +82,8 @@ def test_dashboard_follows_a_request_that_holds_a_connection(
         expect(conn.locator(".in-use")).to_have_text("1")
         expect(figures.locator(".in-use")).to_have_text("1")
         expect(figures.locator(".waiting")).to_have_text("–")
+        expect(figures.locator(".created")).to_have_text("5")
+        expect(figures.locator(".discarded")).to_have_text("1")
         unit = page.locator("#in-flight tbody tr").first
         expect(unit.locator("td").first).to_have_text("GET /hold")
         # Past leak_threshold (1 s) the holding is flagged, with who acquired it.

@@ -15,6 +15,7 @@ The soak half of test 18 is ``make soak`` (``tests/soak.py``); a short run of it
 ``test_soak.py``.
 """
 
+import asyncio
 import re
 import time
 import uuid
@@ -249,6 +250,92 @@ async def test_exported_metrics_equal_what_happened(postgres: Postgres) -> None:
     assert 1 <= at_rest <= 3
     assert points[key("db.client.connection.max", **pg)] == 3
     assert points[key("db.client.connection.pending_requests", **pg)] == 0
+    # One connection at startup (min_size=1), two more for the three slow requests.
+    assert points[key("tether.connection.created", **pg)] == 3
+    assert points[key("tether.connection.create_time", **pg)] > 0
+    assert points[key("tether.connection.discarded", **pg)] == 0
     assert points[key("tether.units.in_flight")] == 0
     # And once the app has stopped, the server has no backend of it left.
     assert await backends(postgres, app_name) == 0
+
+
+# ------------------------------------------------------- connections made and discarded
+
+
+def asyncpg_counted(lc: tether.Lifecycle, pg: Postgres, app_name: str) -> tether.Resource[Any]:
+    pool = tpg.pool(lc, pg.dsn, name="pg", min_size=2, max_size=2,
+                    server_settings={"application_name": app_name})  # fmt: skip
+    return tpg.connection(lc, pool, transaction=True)
+
+
+def psycopg_counted(lc: tether.Lifecycle, pg: Postgres, app_name: str) -> tether.Resource[Any]:
+    pool = tpsy.pool(lc, pg.dsn, name="pg", min_size=2, max_size=2,
+                     kwargs={"application_name": app_name})  # fmt: skip
+    return tpsy.connection(lc, pool, transaction=True)
+
+
+def sqlalchemy_counted(lc: tether.Lifecycle, pg: Postgres, app_name: str) -> tether.Resource[Any]:
+    engine = tsa.engine(lc, pg.url("postgresql+asyncpg"), name="pg", pool_size=2,
+                        application_name=app_name)  # fmt: skip
+    return tsa.session(lc, engine)
+
+
+@pytest.mark.fastapi_free
+@pytest.mark.parametrize(
+    "make",
+    [asyncpg_counted, psycopg_counted, sqlalchemy_counted],
+    ids=["asyncpg", "psycopg", "sqlalchemy"],
+)
+async def test_a_pool_counts_the_connections_it_made_and_those_it_discarded(
+    postgres: Postgres, make: Any
+) -> None:
+    """``created`` and ``create_time`` count the connections the pool made; ``discarded`` the
+    one whose backend the server killed mid-query (nothing else), and the server's count of
+    backends equals the pool's open connections."""
+    app_name = f"made-{uuid.uuid4().hex[:8]}"
+    lc = tether.Lifecycle()
+    conn = make(lc, postgres, app_name)
+
+    async def unit(sql: str = "SELECT 1") -> Any:
+        async with lc.scope() as s:
+            return await scalar(await s.get(conn), sql)
+
+    async def settled(check: Any, what: str) -> None:
+        t0 = time.monotonic()
+        while not check():
+            assert time.monotonic() - t0 < 5, f"{what}: {lc.stats().pools}"
+            await anyio.sleep(0.02)
+
+    async with lc.run():
+        for _ in range(5):
+            assert await unit() == 1
+        p = lc.stats().pools["pg"]
+        assert p.discarded == 0
+        assert p.created == p.open
+        assert p.open is not None
+        assert p.open >= 1
+        assert p.create_time is not None
+        assert p.create_time > 0
+
+        # The server kills the backend of a unit of work while its query runs.
+        victim = asyncio.ensure_future(unit("SELECT pg_sleep(30)"))
+        sql = (
+            f"SELECT pid FROM pg_stat_activity WHERE application_name = '{app_name}' "
+            f"AND query LIKE '%pg_sleep(30)%' AND state = 'active'"
+        )
+        with anyio.fail_after(5):
+            while not (rows := await asyncio.to_thread(postgres.sql, sql)):
+                await anyio.sleep(0.02)
+        await asyncio.to_thread(postgres.sql, f"SELECT pg_terminate_backend({rows[0][0]})")
+        with anyio.fail_after(5), pytest.raises(Exception):  # noqa: B017,PT011 - driver's
+            await victim
+        for _ in range(5):
+            assert await unit() == 1
+
+        await settled(lambda: lc.stats().pools["pg"].discarded == 1, "one discarded")
+        p = lc.stats().pools["pg"]
+        # Every connection made is open now, or was discarded, or was retired.
+        assert p.created is not None
+        assert p.open is not None
+        assert p.created >= p.open + 1, p
+        assert await backends(postgres, app_name) == p.open

@@ -91,7 +91,8 @@ def test_stats_table_shows_pools_and_units() -> None:
              "max_hold_ms": 31.5},
         ],
         "pools": [
-            {"name": "pg", "max": 10, "open": 3, "in_use": 1, "idle": 2, "waiting": None},
+            {"name": "pg", "max": 10, "open": 3, "in_use": 1, "idle": 2, "waiting": None,
+             "created": 4, "discarded": 1},
         ],
         "in_flight": [
             {"id": "1", "label": "GET /slow", "age_s": 1.25,
@@ -106,8 +107,8 @@ def test_stats_table_shows_pools_and_units() -> None:
         "conn                 request       1     3        7        6      1        1     0  "
         "       0.50/2.25       10.00/31.50",
         "",
-        "pool                   max  open in use  idle waiting",
-        "pg                      10     3      1     2       -",
+        "pool                   max  open in use  idle waiting  made discarded",
+        "pg                      10     3      1     2       -     4         1",
         "",
         "in flight, oldest first:",
         "  GET /slow                          1.2 s  conn 1.2 s (leak)",

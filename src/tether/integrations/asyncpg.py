@@ -116,6 +116,9 @@ class _State:
     __slots__ = (
         "acquire_timeout",
         "bound",
+        "create_time",
+        "created",
+        "discarded",
         "expires",
         "max_waiting",
         "name",
@@ -136,6 +139,9 @@ class _State:
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
         self.served = time.monotonic()  # when a unit of work last got a connection
+        self.created = 0  # connections the pool made, in create_time seconds
+        self.create_time = 0.0
+        self.discarded = 0  # connections closed as broken or in a state not known
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -263,6 +269,7 @@ def pool(
         if pgbouncer:
             options["statement_cache_size"] = 0
         options.update(kw)
+        options["connect"] = _counting(state, options.get("connect") or asyncpg.connect)
         if max_lifetime is not None:
             state.expires = weakref.WeakKeyDictionary()
             options["init"] = _stamping(state.expires, max_lifetime, options.get("init"))
@@ -316,6 +323,19 @@ def pool(
     return res
 
 
+def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """asyncpg's ``connect`` (run for each connection the pool makes), counted and timed."""
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        conn = await connect(*args, **kwargs)
+        state.created += 1
+        state.create_time += time.monotonic() - t0
+        return conn
+
+    return counted
+
+
 def _stamping(
     expires: weakref.WeakKeyDictionary[Any, float],
     lifetime: float,
@@ -343,6 +363,9 @@ def _figures(name: str, p: Any) -> PoolStats:
         in_use=size - idle,
         idle=idle,
         waiting=state.waiting if state is not None else None,
+        created=state.created if state is not None else None,
+        create_time=state.create_time if state is not None else None,
+        discarded=state.discarded if state is not None else None,
     )
 
 
@@ -683,10 +706,18 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
     * if any of that fails or takes longer than *within* (another task still running a
       query on it, say), the connection is terminated instead, and its backend with it.
     """
+    state: _State | None = getattr(p, "_tether", None)
     try:
-        left_in_transaction = not conn.is_closed() and conn.is_in_transaction()
+        closed = bool(conn.is_closed())
+        left_in_transaction = not closed and conn.is_in_transaction()
     except pg_errors.InterfaceError:
-        return  # already released (terminated by the endpoint, say): nothing to give back
+        # Already released: lost, or terminated (by tether, or the endpoint), and asyncpg
+        # released it as it closed. Nothing to give back; asyncpg replaces it.
+        if state is not None:
+            state.discarded += 1
+        return
+    if closed and state is not None:
+        state.discarded += 1  # lost: asyncpg replaces it
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
@@ -705,8 +736,12 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
             name,
             describe(exc),
         )
+        if state is not None and not closed:
+            state.discarded += 1
         await _discard(p, conn, pid, name)
     except BaseException:
+        if state is not None and not closed:
+            state.discarded += 1
         _terminate(conn)
         raise
 

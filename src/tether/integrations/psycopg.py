@@ -291,7 +291,9 @@ def pool(
 
 
 def _figures(name: str, p: Any) -> PoolStats:
-    """psycopg_pool's own figures (``get_stats()``, which resets nothing)."""
+    """psycopg_pool's own figures (``get_stats()``, which resets nothing). Discarded: the
+    connections it found broken (``connections_lost``) and those given back broken or closed
+    (``returns_bad``: tether closes one whose state is not known before it gives it back)."""
     stats = p.get_stats()
     size, idle = int(stats["pool_size"]), int(stats["pool_available"])
     return PoolStats(
@@ -301,6 +303,9 @@ def _figures(name: str, p: Any) -> PoolStats:
         in_use=size - idle,
         idle=idle,
         waiting=_waiting(p, stats),
+        created=int(stats.get("connections_num", 0)) - int(stats.get("connections_errors", 0)),
+        create_time=int(stats.get("connections_ms", 0)) / 1000,
+        discarded=int(stats.get("returns_bad", 0)) + int(stats.get("connections_lost", 0)),
     )
 
 

@@ -116,6 +116,9 @@ class _PoolInfo:
     """What tether knows about an engine resource's pool (for messages and limits)."""
 
     __slots__ = (
+        "create_time",
+        "created",
+        "discarded",
         "engine",
         "lock",
         "max_overflow",
@@ -145,6 +148,9 @@ class _PoolInfo:
         # When the pool last handed out a connection (None: not known, an engine whose pool
         # class is not tether's).
         self.served: float | None = None
+        self.created = 0  # connections the pool made, in create_time seconds
+        self.create_time = 0.0
+        self.discarded = 0  # connections invalidated: broken, or in a state not known
 
     @property
     def limit(self) -> int | None:
@@ -305,6 +311,30 @@ def _replace_on_read_only(eng: Engine) -> None:
             context.is_disconnect = True
 
     event.listen(eng, "handle_error", handle_error)
+
+
+def _count_connections(eng: Engine, info: _PoolInfo) -> None:
+    """Count the connections the pool makes, and the time that takes (from the dialect's
+    connect to the pool's ``connect`` event, stamped on the connection's record), and those
+    it invalidates (a disconnect, a session that could not be reset, a unit of work
+    interrupted mid-query)."""
+
+    def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        record.info["tether_connecting"] = time.monotonic()
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        started = record.info.pop("tether_connecting", None)
+        info.created += 1
+        if started is not None:
+            info.create_time += time.monotonic() - started
+
+    def invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
+        if dbapi_connection is not None:
+            info.discarded += 1
+
+    event.listen(eng, "do_connect", do_connect)
+    event.listen(eng, "connect", connect)
+    event.listen(eng, "invalidate", invalidate)
 
 
 def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
@@ -528,12 +558,12 @@ def _register_engine(
         scope="app", name=name, check=check, retries=retries, backoff=backoff, required=required
     )(factory)
     _pools[res] = info
-    res.pool_stats = lambda eng: _figures(name, eng)
+    res.pool_stats = lambda eng: _figures(name, eng, info)
     res.saturation = lambda eng: _saturation(info, eng)
     return res
 
 
-def _figures(name: str, eng: Any) -> PoolStats:
+def _figures(name: str, eng: Any, info: _PoolInfo | None = None) -> PoolStats:
     """The figures of an engine's queue pool (an async engine's too); other pools (SQLite's
     single connection, ``NullPool``) have none, and are left out."""
     pool = eng.pool
@@ -546,6 +576,9 @@ def _figures(name: str, eng: Any) -> PoolStats:
         in_use=in_use,
         idle=idle,
         waiting=None,  # SQLAlchemy does not say
+        created=info.created if info is not None else None,
+        create_time=info.create_time if info is not None else None,
+        discarded=info.discarded if info is not None else None,
     )
 
 
@@ -669,6 +702,7 @@ def engine(
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = create_async_engine(u, **options)
         _replace_on_read_only(eng.sync_engine)
+        _count_connections(eng.sync_engine, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
             _reset_sessions(eng.sync_engine, name)
         try:
@@ -990,6 +1024,7 @@ def sync_engine(
         )
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
+        _count_connections(eng, info)
         _note_checkouts(eng, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
             _reset_sessions(eng, name)

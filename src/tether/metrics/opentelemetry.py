@@ -9,8 +9,9 @@ they apply; the rest is ``tether.*``. For a driver's pool opened by an integrati
 and ``idle``, beside ``db.client.connection.max`` and ``db.client.connection.pending_requests``.
 The conventions' wait and use times are histograms, which only code on the request path could
 record: tether reports their sums and counts instead (``tether.resource.wait_time`` over
-``tether.resource.opens``, ``tether.resource.use_time`` over ``tether.resource.closes``), as the
-Prometheus exporter's summaries do.
+``tether.resource.opens``, ``tether.resource.use_time`` over ``tether.resource.closes``,
+``tether.connection.create_time`` over ``tether.connection.created``), as the Prometheus
+exporter's summaries do.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
                 found.append(Observation(pool.idle, {**attributes, STATE: "idle"}))
         return found
 
-    def per_pool(read: Callable[[PoolStats], int | None]) -> Callback:
+    def per_pool(read: Callable[[PoolStats], float | None]) -> Callback:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             stats = lc.stats()
             return [
@@ -109,6 +110,13 @@ def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list
          "{connection}", "The most connections the driver's pool may open."),
         (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
          "{request}", "Requests waiting for a connection from the driver's pool."),
+        (counter, "tether.connection.created", per_pool(lambda p: p.created),
+         "{connection}", "Connections the driver's pool made."),
+        (counter, "tether.connection.create_time", per_pool(lambda p: p.create_time),
+         "s", "Time the driver's pool took to make its connections, in all."),
+        (counter, "tether.connection.discarded", per_pool(lambda p: p.discarded),
+         "{connection}", "Connections of the driver's pool closed instead of used again: "
+         "broken, or in a state not known (lost by the server, interrupted, not reset)."),
         (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
          "{timeout}", "Opens or closes of the resource that ran out of time."),
         (counter, "tether.resource.opens", per_resource(lambda r: r.opened),

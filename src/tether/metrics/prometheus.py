@@ -85,6 +85,17 @@ class TetherCollector(Collector):
             "Requests waiting for a connection from the driver's pool.",
             labels=labels,
         )
+        create = SummaryMetricFamily(
+            "db_client_connection_create_time_seconds",
+            "Time the driver's pool took to make a connection.",
+            labels=labels,
+        )
+        discarded = CounterMetricFamily(
+            "tether_connection_discarded",
+            "Connections of the driver's pool closed instead of used again: broken, or in a "
+            "state not known (lost by the server, interrupted mid-operation, not reset).",
+            labels=labels,
+        )
         down = GaugeMetricFamily(
             "tether_resource_down",
             "1 while an app resource declared required=False is not open (the app runs "
@@ -106,6 +117,10 @@ class TetherCollector(Collector):
                     pool_max.add_metric(key, pool.max)
                 if pool.waiting is not None:
                     pending.add_metric(key, pool.waiting)
+                if pool.created is not None and pool.create_time is not None:
+                    create.add_metric(key, count_value=pool.created, sum_value=pool.create_time)
+                if pool.discarded is not None:
+                    discarded.add_metric(key, pool.discarded)
             max_used.add_metric(key, r.max_in_use)
             timeouts.add_metric(key, r.timeouts)
             wait.add_metric(key, count_value=r.opened, sum_value=r.wait_time)
@@ -113,7 +128,8 @@ class TetherCollector(Collector):
             errors.add_metric([*key, "open"], r.open_errors)
             errors.add_metric([*key, "close"], r.close_errors)
             leaks.add_metric(key, r.leaks)
-        yield from (count, pool_max, pending, max_used, timeouts, wait, use, errors, leaks, down)
+        yield from (count, pool_max, pending, create, discarded)
+        yield from (max_used, timeouts, wait, use, errors, leaks, down)
         units = GaugeMetricFamily(
             "tether_units_in_flight", "Units of work (requests, jobs) in flight."
         )

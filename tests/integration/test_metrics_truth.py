@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import tether
 from tests.asgi.test_opentelemetry import collect, key
-from tests.integration.drivers import health_at_once, scalar
+from tests.integration.drivers import health_at_once, scalar, settled
 from tests.servers import Postgres
 from tether.fastapi import health_router
 from tether.integrations import asyncpg as tpg
@@ -300,12 +300,6 @@ async def test_a_pool_counts_the_connections_it_made_and_those_it_discarded(
         async with lc.scope() as s:
             return await scalar(await s.get(conn), sql)
 
-    async def settled(check: Any, what: str) -> None:
-        t0 = time.monotonic()
-        while not check():
-            assert time.monotonic() - t0 < 5, f"{what}: {lc.stats().pools}"
-            await anyio.sleep(0.02)
-
     async with lc.run():
         for _ in range(5):
             assert await unit() == 1
@@ -332,8 +326,11 @@ async def test_a_pool_counts_the_connections_it_made_and_those_it_discarded(
         for _ in range(5):
             assert await unit() == 1
 
-        await settled(lambda: lc.stats().pools["pg"].discarded == 1, "one discarded")
-        p = lc.stats().pools["pg"]
+        try:
+            await settled(lambda: lc.stats().pools["pg"].discarded == 1, "one discarded")
+        finally:
+            p = lc.stats().pools["pg"]
+        assert p.discarded == 1, p
         # Every connection made is open now, or was discarded, or was retired.
         assert p.created is not None
         assert p.open is not None

@@ -2,7 +2,7 @@
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,45 +159,3 @@ async def settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> 
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"{what}: not true within {timeout} s")
         await asyncio.sleep(0.02)
-
-
-async def cancelled_at_wake_up(
-    k: int | None, work: Coroutine[Any, Any, Any], *, keeps_message: bool = False
-) -> tuple[bool, int]:
-    """Run *work* in a task and ``task.cancel()`` it at its *k*-th wake-up: what it awaited
-    is done and it has not run yet, the cancellation arriving together with a reply or a
-    connection (a one-shot cancellation that code catching it at the wrong moment loses).
-    Check that it was not swallowed (and, *keeps_message*, that it kept its message).
-    Return whether it fired, and the wake-ups seen."""
-    task = asyncio.ensure_future(work)
-    woken, fired = 0, False
-    deadline = time.monotonic() + 15
-    while not task.done():
-        waiting_on = task._fut_waiter  # what the task awaits
-        if waiting_on is not None and waiting_on.done():  # woken, not run yet
-            woken += 1
-            if woken == k:
-                fired = task.cancel(f"wake-up {k}")
-                break
-        assert time.monotonic() < deadline, f"wake-up {k}: the work did not end"
-        await asyncio.sleep(0)
-    with anyio.fail_after(15):
-        await asyncio.wait({task})
-    if not fired:
-        assert task.exception() is None
-        return fired, woken
-    assert task.cancelled(), f"task.cancel at wake-up {k}: the cancellation was swallowed"
-    if keeps_message:
-        # It carries its message (anyio knows its own cancellations by it), in the error
-        # that ended the task or one it was raised from. (An anyio task group on the way
-        # turns it into its own.)
-        try:
-            task.result()
-        except asyncio.CancelledError as exc:
-            chain: BaseException | None = exc
-            messages = []
-            while isinstance(chain, asyncio.CancelledError):
-                messages.append(chain.args[0] if chain.args else None)
-                chain = chain.__context__
-            assert f"wake-up {k}" in messages, f"wake-up {k}: message lost: {messages}"
-    return fired, woken

@@ -22,8 +22,9 @@ import pytest
 
 import tether
 from tests.faultproxy import FaultProxy
-from tests.integration.drivers import cancelled_at_wake_up, scalar
+from tests.integration.drivers import scalar
 from tests.servers import Postgres, Redis, _pg_url
+from tests.wakeups import cancelled_at_wake_up
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import redis as tredis

@@ -42,8 +42,9 @@ import pytest
 
 import tether
 from tests.inprocess import http_scope
-from tests.integration.drivers import DRIVERS, Driver, cancelled_at_wake_up, settled
+from tests.integration.drivers import DRIVERS, Driver, settled
 from tests.servers import Postgres
+from tests.wakeups import cancelled_at_wake_up
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
 

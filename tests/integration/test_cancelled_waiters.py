@@ -20,7 +20,11 @@ It found that on Python 3.11 psycopg's pool lost such a cancellation (``asyncio.
 returned the connection and dropped it, CPython gh-86296): the waiter ran on as if nothing
 had happened. tether's psycopg pool now delivers it and gives the connection back.
 
-Bounded: 4 drivers × 2 ways × (the wake-ups of a clean run, about 5 to 15).
+Then a readiness check (``lc.health()``, the pool's ``SELECT 1``) is cancelled at each of its
+wake-ups, as a probe whose client gave up is: its connection goes back, the next report is ok.
+
+Bounded: 4 drivers × 2 ways × (the wake-ups of a clean run, about 5 to 15), and as many
+probes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import pytest
 
 from tests.integration.drivers import DRIVERS, Driver, settled
 from tests.servers import Postgres
+from tests.wakeups import cancelled_at_wake_up
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
@@ -171,3 +176,28 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_connection_loses_none(
         for event in r.let_go.values():
             event.set()
         await asyncio.wait(r.tasks.values())
+
+
+@pytest.mark.parametrize("driver_name", sorted(DRIVERS))
+async def test_a_readiness_check_cancelled_at_each_wake_up_gives_its_connection_back(
+    postgres: Postgres, driver_name: str
+) -> None:
+    """``lc.health()`` (what ``/health/ready`` runs: the pool's ``SELECT 1``) cancelled at each
+    of its wake-ups, as a probe whose client gave up is: the check's connection goes back to
+    the pool, and the next report is healthy."""
+    app_name = f"tt-probe-{driver_name}-{uuid.uuid4().hex[:6]}"
+    d = DRIVERS[driver_name](postgres.dsn, app_name)
+    async with d.lc.run():
+        _, wake_ups = await cancelled_at_wake_up(None, d.lc.health())
+        fired_any = False
+        for k in range(1, 3 * wake_ups + 6):
+            fired, _ = await cancelled_at_wake_up(k, d.lc.health())
+            fired_any |= fired
+            what = f"health() cancelled at wake-up {k} of {wake_ups}"
+            await settled(lambda: d.checked_out() == 0, f"{what}: pool all back")
+            with anyio.fail_after(5):
+                report = await d.lc.health()
+            assert report.ok, f"{what}: {report.as_dict()}"
+            if not fired:
+                break
+        assert fired_any

@@ -1,11 +1,13 @@
 """tether.integrations.httpx against a real uvicorn upstream (tests/serving.py)."""
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 
 import tether
 from tests.serving import Server, free_port
+from tests.wakeups import cancelled_at_wake_up
 from tether.integrations import httpx as thttpx
 
 
@@ -111,3 +114,35 @@ def test_nothing_is_made_at_registration(tmp_path: Path) -> None:
     http = thttpx.client(lc, base_url="http://127.0.0.1:9")
     with pytest.raises(tether.ScopeError):
         lc.get(http)
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_at_each_wake_up_leaves_the_pool_whole(
+    upstream: Server,
+) -> None:
+    """A request to the upstream cancelled at each of its wake-ups (``tests/wakeups.py``):
+    the cancellation is not swallowed, and the pool of two still serves two requests at once
+    after each (a connection left checked out would make one wait for the pool timeout)."""
+    lc = tether.Lifecycle()
+    http = thttpx.client(
+        lc,
+        base_url=upstream.base_url,
+        limits=httpx.Limits(max_connections=2),
+        timeout=httpx.Timeout(5.0, pool=1.0),
+    )
+    async with lc.run():
+        c = lc.get(http)
+        _, wake_ups = await cancelled_at_wake_up(None, c.get("/echo/x"))
+        fired_any = False
+        for k in range(1, 3 * wake_ups + 6):
+            fired, _ = await cancelled_at_wake_up(k, c.get("/echo/x"), keeps_message=True)
+            fired_any |= fired
+            with anyio.fail_after(5):
+                both = await asyncio.gather(
+                    c.get("/slow", params={"seconds": 0.05}),
+                    c.get("/slow", params={"seconds": 0.05}),
+                )
+            assert [r.status_code for r in both] == [200, 200], f"wake-up {k}"
+            if not fired:
+                break
+        assert fired_any

@@ -25,11 +25,6 @@ pytestmark = pytest.mark.anyio
 STEP = 0.002  # seconds each open and close waits
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the wake-ups are asyncio's
-
-
 def make() -> tuple[tether.Lifecycle, list[tuple[str, str, int]], list[tether.Resource[int]]]:
     """A lifecycle with c <- b <- a (async generators) and s (sync, in a thread); the events
     ("open" / "close", resource, value) in order."""

@@ -445,3 +445,62 @@ async def test_alembic_upgrade_runs_once_across_workers(
     assert sorted(ran for ran, _ in results) == [False, False, True]
     assert await sql(postgres, f"SELECT id FROM alembic_t_{tag}") == [(1,)]
     assert await sql(postgres, f"SELECT version_num FROM alembic_version_{tag}") == [("0001",)]
+
+
+@DRIVERS
+async def test_a_start_cancelled_at_each_wake_up_keeps_the_work_and_its_record_together(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """A worker's startup (the pool, then the lock, the check, the work, the record, the
+    commit) cancelled at each wake-up of its task (``tests/wakeups.py``), each time under a
+    new key. The resources open in tasks of their own, which the cancellation reaches through
+    anyio's task group. Whatever the moment: the work's rows exist exactly when the key is
+    recorded done, no backend of it is left (in a transaction, or holding the lock), and the
+    next start runs the work exactly when it was not recorded."""
+    from tests.wakeups import cancelled_at_wake_up
+
+    _, tag = names
+    table = f"wk_{tag.partition(':')[2]}"
+    await sql(postgres, f"CREATE TABLE {table} (k text)")
+    app = f"once-wk-{tag.partition(':')[2]}"
+
+    async def migrate(conn: Any) -> None:
+        await execute(conn, f"INSERT INTO {table} VALUES ('{current[0]}')")
+
+    current = [""]
+
+    def fresh(key: str) -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        current[0] = key
+        lc = tether.Lifecycle()
+        return lc, declare(lc, postgres, migrate, key=key, app=app)
+
+    async def counts(key: str) -> tuple[int, int]:
+        written = await sql(postgres, f"SELECT count(*) FROM {table} WHERE k = $1", key)
+        done = await sql(postgres, "SELECT count(*) FROM tether_once WHERE key = $1", key)
+        return written[0][0], done[0][0]
+
+    async def nothing_left(what: str) -> None:
+        deadline = time.monotonic() + 3
+        while left := await sql(
+            postgres, "SELECT state FROM pg_stat_activity WHERE application_name = $1", app
+        ):
+            assert time.monotonic() < deadline, f"{what}: backends left: {left}"
+            await asyncio.sleep(0.02)
+
+    _, wake_ups = await cancelled_at_wake_up(None, start(*fresh(f"{tag}:clean")))
+    assert await counts(f"{tag}:clean") == (1, 1)
+    fired_any = False
+    for k in range(1, 3 * wake_ups + 6):
+        key = f"{tag}:{k}"
+        what = f"startup cancelled at wake-up {k} of {wake_ups}"
+        fired, _ = await cancelled_at_wake_up(k, start(*fresh(key)))
+        fired_any |= fired
+        written, done = await counts(key)
+        assert written == done, f"{what}: {written} rows written, recorded {done}"
+        await nothing_left(what)
+        ran, _ = await start(*fresh(key))
+        assert ran is (done == 0), f"{what}: recorded {done}, ran again: {ran}"
+        assert await counts(key) == (1, 1), what
+        if not fired:
+            break
+    assert fired_any

@@ -73,6 +73,11 @@ async def check() -> None:
         assert_type(await s.get(conn), Conn)
         assert_type(lc.get(pool), Pool)
         assert_type(lc.stats(), tether.Stats)
+        figures = lc.stats().pools["pool"]
+        assert_type(figures, tether.PoolStats)
+        assert_type(figures.created, int | None)
+        assert_type(figures.create_time, float | None)
+        assert_type(figures.discarded, int | None)
         assert_type(await lc.health(), tether.HealthReport)
         assert_type((await lc.health()).checks[0].detail, str | None)
     try:

@@ -113,6 +113,8 @@ class _AppSlot:
 
     __slots__ = (
         "closed",
+        "dependents",
+        "done",
         "down",
         "entry",
         "error",
@@ -135,6 +137,10 @@ class _AppSlot:
         self.settled = anyio.Event()  # set once it stopped trying: open, failed or stopped
         self.release = anyio.Event()
         self.closed = anyio.Event()
+        # The slots whose resources use this one, and set once this one no longer uses its
+        # own: closed, or never opened. A slot closes after its dependents are done.
+        self.dependents: list[_AppSlot] = []
+        self.done = anyio.Event()
         self.value: Any = None
         self.entry: Entry | None = None
         self.error: BaseException | None = None
@@ -633,6 +639,9 @@ class Lifecycle:
     async def _open_app(self, tg: TaskGroup) -> None:
         order = _graph.app_order(self._resources, self._overrides)
         slots = {res: _AppSlot(res) for res in order}
+        for res in order:
+            for dep in self._overrides.get(res, res).deps:
+                slots[dep].dependents.append(slots[res])
         self._slot_of = slots
         failed = anyio.Event()
         for res in order:
@@ -699,14 +708,18 @@ class Lifecycle:
         slot = slots[res]
         target = self._overrides.get(res, res)
         opened: tuple[Any, Any] | None = None
-        with slot.opening:
-            try:
-                opened = await self._open_slot(slot, target, slots)
-            except Exception as exc:
-                slot.error = exc
-                res.counters.open_errors += 1
-                failed.set()
-        slot.settled.set()
+        try:
+            with slot.opening:
+                try:
+                    opened = await self._open_slot(slot, target, slots)
+                except Exception as exc:
+                    slot.error = exc
+                    res.counters.open_errors += 1
+                    failed.set()
+        finally:
+            slot.settled.set()
+            if opened is None:
+                slot.done.set()  # its open is over, cleanup included: it uses nothing now
         if opened is None:
             slot.opened.set()
             return
@@ -731,11 +744,18 @@ class Lifecycle:
             await slot.release.wait()
         finally:
             with anyio.CancelScope(shield=True):
+                # After what uses it. A shutdown releases the slots in reverse order, but a
+                # startup cancelled from outside cancels every slot at once: one still
+                # opening on this pool (giving its connection back) finishes first.
+                with anyio.move_on_after(self.close_timeout):
+                    for dependent in slot.dependents:
+                        await dependent.done.wait()
                 try:
                     await close_entry(self, entry, None)
                 except BaseException as exc:
                     slot.error = exc
                 slot.closed.set()
+                slot.done.set()
 
     async def _open_slot(
         self, slot: _AppSlot, target: Resource[Any], slots: dict[Resource[Any], _AppSlot]

@@ -592,3 +592,50 @@ class TestNotRequired:
             "Resource 'conn': required=False is for app resources (the app starts without one "
             "that cannot open); a request resource opens when asked for."
         )
+
+
+@pytest.mark.parametrize("how", ["timeout", "task.cancel"])
+async def test_a_startup_cancelled_from_outside_closes_dependents_before_what_they_use(
+    how: str,
+) -> None:
+    """Startup cancelled from outside (Ctrl-C, a server giving up on its lifespan) while a
+    resource still opens on a pool that is open: the pool waits for that resource's own
+    cleanup (giving back its connection) before it closes, as at a shutdown. Both are
+    cancelled at once; before, the pool closed under the cleanup."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        events.append("pool closed")
+
+    @lc.resource(scope="app")
+    async def job(pool: str) -> AsyncIterator[str]:
+        try:
+            await anyio.sleep(5)  # startup work on a connection of the pool
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)  # gives the connection back
+                events.append("job cleaned up")
+            raise
+        yield "done"
+
+    async def start() -> None:
+        async with lc.run():
+            pytest.fail("started")
+
+    if how == "timeout":
+        with anyio.move_on_after(0.2) as scope:
+            await start()
+        assert scope.cancelled_caught
+    else:
+        import asyncio
+
+        task = asyncio.ensure_future(start())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert events == ["job cleaned up", "pool closed"]
+    assert lc.stats()["pool"].closed == 1

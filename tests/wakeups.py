@@ -13,7 +13,13 @@ from typing import Any
 
 import anyio
 
-__all__ = ["cancelled_at_wake_up"]
+__all__ = ["cancelled_at_wake_up", "woken"]
+
+
+def woken(task: asyncio.Future[Any]) -> bool:
+    """Whether *task* was woken and has not run yet: what it awaits is done."""
+    waiting_on = task._fut_waiter  # type: ignore[attr-defined]
+    return waiting_on is not None and bool(waiting_on.done())
 
 
 async def cancelled_at_wake_up(
@@ -25,13 +31,12 @@ async def cancelled_at_wake_up(
     Check that it was not swallowed (and, *keeps_message*, that it kept its message).
     Return whether it fired, and the wake-ups seen."""
     task = asyncio.ensure_future(work)
-    woken, fired = 0, False
+    wake_ups, fired = 0, False
     deadline = time.monotonic() + 15
     while not task.done():
-        waiting_on = task._fut_waiter  # what the task awaits
-        if waiting_on is not None and waiting_on.done():  # woken, not run yet
-            woken += 1
-            if woken == k:
+        if woken(task):
+            wake_ups += 1
+            if wake_ups == k:
                 fired = task.cancel(f"wake-up {k}")
                 break
         assert time.monotonic() < deadline, f"wake-up {k}: the work did not end"
@@ -40,7 +45,7 @@ async def cancelled_at_wake_up(
         await asyncio.wait({task})
     if not fired:
         assert task.exception() is None
-        return fired, woken
+        return fired, wake_ups
     assert task.cancelled(), f"task.cancel at wake-up {k}: the cancellation was swallowed"
     if keeps_message:
         # It carries its message (anyio knows its own cancellations by it), in the error
@@ -55,4 +60,4 @@ async def cancelled_at_wake_up(
                 messages.append(chain.args[0] if chain.args else None)
                 chain = chain.__context__
             assert f"wake-up {k}" in messages, f"wake-up {k}: message lost: {messages}"
-    return fired, woken
+    return fired, wake_ups

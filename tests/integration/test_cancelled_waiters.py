@@ -38,7 +38,7 @@ import pytest
 
 from tests.integration.drivers import DRIVERS, Driver, settled
 from tests.servers import Postgres
-from tests.wakeups import cancelled_at_wake_up
+from tests.wakeups import cancelled_at_wake_up, woken
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
@@ -81,19 +81,18 @@ class Round:
 
     async def wake_ups(self, k: int | None = None) -> int:
         """Let holder a go; count w1's wake-ups until it has used its connection (or
-        ended), and cancel it at the *k*-th, if given. Return the count."""
+        ended), or until its *k*-th, if given, for the caller to cancel it. Return the count."""
         self.let_go["a"].set()
-        w1, woken = self.tasks["w1"], 0
+        w1, wake_ups = self.tasks["w1"], 0
         deadline = time.monotonic() + 5
         while not w1.done() and "w1" not in self.used:
-            waiting_on = w1._fut_waiter  # what w1 awaits
-            if waiting_on is not None and waiting_on.done():  # woken, not run yet
-                woken += 1
-                if woken == k:
-                    return woken
+            if woken(w1):
+                wake_ups += 1
+                if wake_ups == k:
+                    return wake_ups
             assert time.monotonic() < deadline, "the first waiter was never served"
             await asyncio.sleep(0)
-        return woken
+        return wake_ups
 
 
 @pytest.mark.parametrize("driver_name", sorted(DRIVERS))

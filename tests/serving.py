@@ -20,6 +20,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process *pid* itself has a socket listening on 127.0.0.1:*port* (Linux /proc).
+
+    A free port can be taken by another process (a database of another test) before uvicorn
+    binds it; uvicorn then exits, and a connection test would have reached the other one."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Server:
     """A uvicorn process serving `target` (module:attr); its output goes to a file.
 
@@ -30,27 +55,30 @@ class Server:
     def __init__(
         self, target: str, tmp: Path, *args: str, env: Mapping[str, str] | None = None
     ) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"uvicorn-{self.port}.log"
-        self._log = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--log-level", "warning", *args]
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=child_env
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited at startup:\n{self.output()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+        for attempt in range(3):
+            self.port = free_port()
+            self.base_url = f"http://127.0.0.1:{self.port}"
+            self.log_path = tmp / f"uvicorn-{self.port}.log"
+            self._log = self.log_path.open("wb")
+            cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1"]
+            cmd += ["--port", str(self.port), "--log-level", "warning", *args]
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=child_env
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    if "address already in use" in self.output() and attempt < 2:
+                        self._log.close()
+                        break  # the port was taken before uvicorn bound it: another
+                    raise RuntimeError(f"uvicorn exited at startup:\n{self.output()}")
+                if listens(self.proc.pid, self.port):
                     return
-            except OSError:
                 time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"uvicorn did not listen within 20 s:\n{self.output()}")
+            else:
+                self.stop()
+                raise RuntimeError(f"uvicorn did not listen within 20 s:\n{self.output()}")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

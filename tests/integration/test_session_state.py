@@ -1,9 +1,10 @@
 """What a unit of work leaves on a pooled connection does not reach the next one
 (reliability.md, test 15; asyncpg's pool resets its connections the same way).
 
-A pool of one connection; one request changes the session (`SET`, `SET ROLE`, an advisory
-lock, `LISTEN`, an open cursor, in a committed transaction and outside one); the next request,
-on the same backend, sees none of it.
+A pool of one connection; one request changes the session (`SET`, `SET SESSION
+AUTHORIZATION`, `SET ROLE`, an advisory lock, `LISTEN`, a temporary table with a row in it,
+`currval()`, in a committed transaction and outside one); the next request, on the same
+backend, sees none of it.
 """
 
 from typing import Any
@@ -20,6 +21,10 @@ from tether.integrations import sqlalchemy as tsa
 pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 DIRTY = [
+    "CREATE TEMP TABLE tether_leftover (secret text)",
+    "INSERT INTO tether_leftover VALUES ('card 4242')",
+    "SELECT nextval('tether_seq')",
+    "SET SESSION AUTHORIZATION tether_guest",
     "SET statement_timeout = '123s'",
     "SET search_path TO nowhere, public",
     "SET ROLE once_reader",
@@ -30,6 +35,9 @@ CHECK = (
     "SELECT pg_backend_pid(), current_setting('statement_timeout'), "
     "current_setting('search_path'), current_user, "
     "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), "
+    "session_user, "
+    "(SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), "
+    "tether_currval_set(), "
     "(SELECT count(*) FROM pg_listening_channels())"
 )
 
@@ -99,9 +107,17 @@ IDS = [
 
 @pytest.fixture(scope="module")
 def role(postgres: Postgres) -> None:
-    postgres.sql("DO $$ BEGIN CREATE ROLE once_reader; EXCEPTION WHEN duplicate_object "
-                 "THEN NULL; END $$")  # fmt: skip
-    postgres.sql("GRANT once_reader TO tether")
+    for role in ("once_reader", "tether_guest"):
+        postgres.sql(f"DO $$ BEGIN CREATE ROLE {role}; EXCEPTION WHEN duplicate_object "
+                     "THEN NULL; END $$")  # fmt: skip
+    postgres.sql("GRANT once_reader TO tether, tether_guest")
+    postgres.sql("CREATE SEQUENCE IF NOT EXISTS tether_seq")
+    postgres.sql("GRANT USAGE ON SEQUENCE tether_seq TO PUBLIC")
+    postgres.sql(
+        "CREATE OR REPLACE FUNCTION tether_currval_set() RETURNS bool LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM currval('tether_seq'); RETURN true; "
+        "EXCEPTION WHEN object_not_in_prerequisite_state THEN RETURN false; END $$"
+    )
 
 
 @pytest.mark.parametrize("driver", DRIVERS, ids=IDS)
@@ -117,9 +133,36 @@ async def test_the_next_unit_of_work_gets_a_clean_session(
             for sql in DIRTY:
                 await driver.execute(c, sql)
             dirty = await driver.fetch(c, CHECK)
-        assert dirty[1:5] == ("123s", "nowhere, public", "once_reader", 1)  # LISTEN: at commit
+        # LISTEN takes effect at the commit: not counted here.
+        assert dirty[1:8] == ("123s", "nowhere, public", "once_reader", 1, "tether_guest", 1, True)
         async with lc.scope() as s:
             after = await driver.fetch(await s.get(conn), CHECK)
         assert after[0] == clean[0]  # the same backend: reset, not replaced
         assert after[1:] == clean[1:]
+    await anyio.sleep(0)
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "psycopg"])
+async def test_a_role_given_when_connecting_survives_the_reset(
+    postgres: Postgres, role: None, kind: str
+) -> None:
+    """The reset undoes a `SET ROLE` back to the role the connection was opened with, not to
+    the login user: an app that connects with a role keeps it for every request."""
+    lc = tether.Lifecycle()
+    if kind == "asyncpg":
+        pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1,
+                        server_settings={"role": "once_reader"})  # fmt: skip
+        conn: tether.Resource[Any] = tpg.connection(lc, pool)
+    else:
+        ppool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1,
+                          kwargs={"options": "-c role=once_reader"})  # fmt: skip
+        conn = tpsy.connection(lc, ppool)
+    driver = Driver(kind, False)
+    async with lc.run():
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert await driver.fetch(c, "SELECT current_user") == ("once_reader",)
+            await driver.execute(c, "SET ROLE tether_guest")
+        async with lc.scope() as s:
+            assert await driver.fetch(await s.get(conn), "SELECT current_user") == ("once_reader",)
     await anyio.sleep(0)

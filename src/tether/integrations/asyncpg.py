@@ -174,8 +174,9 @@ async def _no_reset(conn: Any) -> None:
 
 
 async def _reset(conn: Any) -> None:
-    """asyncpg's reset on release, with ``RESET ROLE`` too (a ``SET ROLE`` survives asyncpg's
-    own ``RESET ALL``): one round trip, as asyncpg's."""
+    """asyncpg's reset on release, and what it leaves: ``SET ROLE`` and ``SET SESSION
+    AUTHORIZATION`` (which survive its ``RESET ALL``), temporary tables and ``currval()``
+    (``RESET_SESSION``): one round trip, as asyncpg's."""
     await conn.execute(RESET_SESSION)
 
 
@@ -702,7 +703,7 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
     * left inside a transaction by the unit of work: rolled back first (waiting for a
       cancelled query to be acknowledged by the server), with a warning;
     * then asyncpg's own release: it waits for a cancellation in flight and runs the
-      session reset (``RESET ALL``, ``UNLISTEN *``, advisory locks, ``CLOSE ALL``);
+      session reset (tether's: ``RESET_SESSION``);
     * if any of that fails or takes longer than *within* (another task still running a
       query on it, say), the connection is terminated instead, and its backend with it.
     """

@@ -384,8 +384,8 @@ def connection(
         reset_timeout: seconds a rollback may take; past it (or if it fails) the
             connection is closed, and the pool replaces it.
         reset_session: before the connection goes back, undo what the unit of work left on
-            the session (``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks), as
-            asyncpg's pool does: one round trip per unit of work. ``False`` skips it, for
+            the session (``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks, temporary
+            tables), as asyncpg's pool does: one round trip per unit of work. ``False`` skips it, for
             code that never changes the session (the next unit of work would inherit it).
     """
     pool_name = pool.name
@@ -606,9 +606,9 @@ async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
 
 async def _reset_session(conn: Connection, name: str, within: float) -> None:
     """Undo what the unit of work left on the session before the connection goes back
-    (``RESET_SESSION``: ``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks), as
-    asyncpg's pool does on release: one round trip, in autocommit (the connection is idle:
-    switching costs none). psycopg's pool has a ``reset=`` hook, but it returns the
+    (``RESET_SESSION``: ``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks,
+    temporary tables), as asyncpg's pool does on release: one round trip, in autocommit (the
+    connection is idle: switching costs none). psycopg's pool has a ``reset=`` hook, but it returns the
     connection from a worker task later, not before ``putconn`` returns. A connection that
     cannot be reset in *within* seconds is closed, and the pool replaces it."""
     if conn.closed or conn.broken:

@@ -351,7 +351,7 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
 def _reset_sessions(eng: Engine, name: str) -> None:
     """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
     of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
-    cursors, ``LISTEN``, advisory locks), as asyncpg's pool does: one round trip. A connection
+    cursors, ``LISTEN``, advisory locks, temporary tables), as asyncpg's pool does: one round trip. A connection
     that cannot be reset is invalidated, never handed to the next unit of work as it was."""
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
@@ -656,7 +656,7 @@ def engine(
             refused at once (503) instead of waiting ``pool_timeout``.
         reset_session: on PostgreSQL, when a connection goes back to the pool, undo what
             the unit of work left on its session (``SET``, ``SET ROLE``, cursors, ``LISTEN``,
-            advisory locks), as asyncpg's pool does: one round trip. ``False`` skips it, for
+            advisory locks, temporary tables), as asyncpg's pool does: one round trip. ``False`` skips it, for
             code that never changes the session (the next unit of work would inherit it).
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
             so it never relies on named prepared statements surviving a transaction

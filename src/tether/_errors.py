@@ -45,6 +45,27 @@ def describe(exc: BaseException) -> str:
 # a role that does not exist or may not log in) or the database does not exist (3D000).
 _FOR_GOOD = ("28", "3D000")
 
+# libpq keeps the SQLSTATE of a connection the server refused to itself, so psycopg's (and
+# psycopg2's) error for it has none: the server's message says which it was. Messages in
+# English (the server's lc_messages); in another language the refusal is not recognised, and
+# the start is retried as for any other failure.
+_REFUSALS = (
+    (re.compile(r"password authentication failed for user"), "28P01"),
+    (re.compile(r'FATAL:\s+role "[^"]*" (does not exist|is not permitted to log in)'), "28000"),
+    (re.compile(r"no pg_hba\.conf entry for|pg_hba\.conf rejects connection"), "28000"),
+    (re.compile(r'FATAL:\s+database "[^"]*" does not exist'), "3D000"),
+)
+
+
+def _sqlstate(exc: BaseException) -> object:
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    if state is None and type(exc).__module__.startswith("psycopg"):
+        text = str(exc)
+        for pattern, code in _REFUSALS:
+            if pattern.search(text):
+                return code
+    return state
+
 
 def refused_for_good(exc: BaseException) -> str | None:
     """The SQLSTATE if *exc* (or what it wraps: a cause, SQLAlchemy's ``orig``) is the
@@ -53,7 +74,7 @@ def refused_for_good(exc: BaseException) -> str | None:
     for _ in range(8):  # a chain is never this long; stop on anything circular
         if link is None:
             return None
-        state = getattr(link, "sqlstate", None)
+        state = _sqlstate(link)
         if isinstance(state, str) and state.startswith(_FOR_GOOD):
             return state
         orig = getattr(link, "orig", None)

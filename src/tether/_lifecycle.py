@@ -671,7 +671,13 @@ class Lifecycle:
         assert failure.error is not None
         cause = describe(failure.error).rstrip(".")
         refused = refused_for_good(failure.error)
-        if refused is not None:
+        if refused is not None and f"(SQLSTATE {refused})" in cause:
+            msg = (  # the cause says what was refused, and what to fix
+                f"App resource {failure.res.name!r} failed to open: {cause}. "
+                f"The resources already open were closed. No retry mends a refusal, so none "
+                f"was made."
+            )
+        elif refused is not None:
             msg = (
                 f"App resource {failure.res.name!r} failed to open: {cause}. "
                 f"The resources already open were closed. The server refused the "

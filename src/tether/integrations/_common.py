@@ -245,10 +245,13 @@ def unavailable(
     backend: str = "the database",
     lost: bool = False,
     timed_out: bool = False,
+    refused: str | None = None,
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
-    *backend* names what to check if it persists (``"the Redis server"``, ...).
+    *backend* names what to check if it persists (``"the Redis server"``, ...). *refused*:
+    the SQLSTATE of a server that refused the credentials or the database, which no retry
+    mends.
     """
     state = []
     if size is not None:
@@ -259,10 +262,14 @@ def unavailable(
         state.append(f"waiting {waiting}")
     shown = f" ({', '.join(state)})" if state else ""
     reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-    msg = redact(
-        f"Pool {name!r}{shown} could not give a connection: {reason}. "
-        f"Retry shortly; if it persists, check {backend} and the pool size."
-    )
+    if refused is not None:
+        advice = (
+            f"The server refused the credentials or the database (SQLSTATE {refused}): "
+            f"check the user, password and database name it connects with."
+        )
+    else:
+        advice = f"Retry shortly; if it persists, check {backend} and the pool size."
+    msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}")
     return ResourceUnavailable(
         msg, resource=name, retry_after=retry_after, lost=lost, timed_out=timed_out
     )

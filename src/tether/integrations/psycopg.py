@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.psycopg needs psycopg 3 and its pool: pip install 'tether[psycopg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, describe
+from .._errors import ResourceUnavailable, describe, refused_for_good
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -219,7 +219,7 @@ def pool(
         try:
             probe = await _connect(target, **{**connect_kwargs, "autocommit": True})
         except (psycopg.OperationalError, OSError) as exc:
-            if _is_refusal(exc):
+            if refused_for_good(exc) is not None:
                 raise  # wrong password, unknown database: not a matter of retrying
             raise unreachable(name, state.shown, exc) from exc
         try:
@@ -324,16 +324,6 @@ def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
     return saturation(_figures(name, p), state.served, state.timeout, "timeout")
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    """The server answered and said no: bad credentials, unknown database or role."""
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    text = str(exc)
-    return sqlstate.startswith(("28", "3D")) or any(
-        marker in text
-        for marker in ("password authentication failed", "does not exist", "no pg_hba.conf entry")
-    )
-
-
 def _pool_check(check: Check | bool) -> Check | None:
     if check is True:
         return _select_1
@@ -385,8 +375,9 @@ def connection(
             connection is closed, and the pool replaces it.
         reset_session: before the connection goes back, undo what the unit of work left on
             the session (``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks, temporary
-            tables), as asyncpg's pool does: one round trip per unit of work. ``False`` skips it, for
-            code that never changes the session (the next unit of work would inherit it).
+            tables), as asyncpg's pool does: one round trip per unit of work. ``False`` skips
+            it, for code that never changes the session (the next unit of work would inherit
+            it).
     """
     pool_name = pool.name
 
@@ -608,9 +599,9 @@ async def _reset_session(conn: Connection, name: str, within: float) -> None:
     """Undo what the unit of work left on the session before the connection goes back
     (``RESET_SESSION``: ``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks,
     temporary tables), as asyncpg's pool does on release: one round trip, in autocommit (the
-    connection is idle: switching costs none). psycopg's pool has a ``reset=`` hook, but it returns the
-    connection from a worker task later, not before ``putconn`` returns. A connection that
-    cannot be reset in *within* seconds is closed, and the pool replaces it."""
+    connection is idle: switching costs none). psycopg's pool has a ``reset=`` hook, but it
+    returns the connection from a worker task later, not before ``putconn`` returns. A
+    connection that cannot be reset in *within* seconds is closed, and the pool replaces it."""
     if conn.closed or conn.broken:
         return
     status = conn.info.transaction_status

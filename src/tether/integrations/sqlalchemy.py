@@ -76,7 +76,13 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceClosedError, ResourceUnavailable, ScopeError, describe
+from .._errors import (
+    ResourceClosedError,
+    ResourceUnavailable,
+    ScopeError,
+    describe,
+    refused_for_good,
+)
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -226,7 +232,11 @@ class _PoolInfo:
         return unavailable(self.name, reason, waiting=max(self.waiting - 1, 0), timed_out=True)
 
     def unreachable(self, exc: BaseException) -> ResourceUnavailable:
-        return unavailable(self.name, f"cannot connect to {self.shown_url}: {_describe_db(exc)}")
+        return unavailable(
+            self.name,
+            f"cannot connect to {self.shown_url}: {_describe_db(exc)}",
+            refused=refused_for_good(exc),
+        )
 
 
 _pools: weakref.WeakKeyDictionary[Resource[Any], _PoolInfo] = weakref.WeakKeyDictionary()
@@ -351,8 +361,9 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
 def _reset_sessions(eng: Engine, name: str) -> None:
     """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
     of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
-    cursors, ``LISTEN``, advisory locks, temporary tables), as asyncpg's pool does: one round trip. A connection
-    that cannot be reset is invalidated, never handed to the next unit of work as it was."""
+    cursors, ``LISTEN``, advisory locks, temporary tables), as asyncpg's pool does: one round
+    trip. A connection that cannot be reset is invalidated, never handed to the next unit of
+    work as it was."""
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
@@ -656,8 +667,9 @@ def engine(
             refused at once (503) instead of waiting ``pool_timeout``.
         reset_session: on PostgreSQL, when a connection goes back to the pool, undo what
             the unit of work left on its session (``SET``, ``SET ROLE``, cursors, ``LISTEN``,
-            advisory locks, temporary tables), as asyncpg's pool does: one round trip. ``False`` skips it, for
-            code that never changes the session (the next unit of work would inherit it).
+            advisory locks, temporary tables), as asyncpg's pool does: one round trip.
+            ``False`` skips it, for code that never changes the session (the next unit of work
+            would inherit it).
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
             so it never relies on named prepared statements surviving a transaction
             (asyncpg: no statement caches and unique statement names; psycopg:

@@ -15,7 +15,10 @@ PYTHON_MATRIX := 3.13
 # opentelemetry-api than tether's extra does. They run one test at a time: with tests in
 # parallel, asyncpg 0.30 left a ConnectionDoesNotExistError unretrieved in the
 # blackholed-network test once in three runs (asyncpg's cancellation was reworked in 0.32),
-# and never one test at a time.
+# and never one test at a time. Without that test, three processes still failed 3 runs in 7
+# (2026-11-27): a socket of a connect cancelled half-way left to the garbage collector, a
+# backend still busy 3 s after a cancelled SQLAlchemy 2.0 unit of work, a Redis cross-talk
+# sweep; one test at a time, none has failed. Parallel they would save about 2 minutes.
 FLOORS := "asyncpg==0.30.*" "redis==5.0.*" "psycopg[binary,pool]==3.3.6" \
   "sqlalchemy[asyncio]==2.0.57" "aiosqlite==0.20.*" "httpx==0.27.*" "prometheus-client==0.20.*" \
   "fastapi==0.115.*" "opentelemetry-api==1.20.*" "opentelemetry-sdk==1.20.*"

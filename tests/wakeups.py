@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["cancelled_at_wake_up", "woken"]
+__all__ = ["cancelled_at_turn", "cancelled_at_wake_up", "woken"]
 
 
 def woken(task: asyncio.Future[Any]) -> bool:
@@ -61,3 +61,39 @@ async def cancelled_at_wake_up(
                 chain = chain.__context__
             assert f"wake-up {k}" in messages, f"wake-up {k}: message lost: {messages}"
     return fired, wake_ups
+
+
+async def cancelled_at_turn(k: int, work: Coroutine[Any, Any, Any], *, how: str) -> bool:
+    """Run *work* in a task, inside an anyio cancel scope, and cancel it at the *k*-th turn
+    of the event loop after it starts, whatever it is doing then (waiting, woken, running):
+    ``task.cancel()`` (*how* ``"task.cancel"``) or the scope's ``cancel()`` (``"cancel
+    scope"``). A cancellation that lands while the task waits on a future another task is
+    about to complete (``asyncio.wait_for``'s on Python 3.11) is the case the wake-up sweep
+    does not reach. Check that it was delivered: the task ends cancelled, or the scope caught
+    it and nothing escaped it. Return whether it fired (False: the work ended before)."""
+    scopes: list[anyio.CancelScope] = []
+
+    async def scoped() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await work
+
+    task = asyncio.ensure_future(scoped())
+    for _ in range(k):
+        await asyncio.sleep(0)
+        if task.done():
+            assert task.exception() is None, f"turn {k}: {task.exception()!r}"
+            return False
+    assert scopes, f"turn {k}: the task never ran"
+    if how == "task.cancel":
+        task.cancel(f"turn {k}")
+    else:
+        scopes[0].cancel()
+    with anyio.fail_after(15):
+        await asyncio.wait({task})
+    if how == "task.cancel":
+        assert task.cancelled(), f"task.cancel at turn {k}: the cancellation was swallowed"
+    else:
+        assert not task.cancelled(), f"cancel scope at turn {k}: the cancellation escaped"
+        assert task.exception() is None, f"cancel scope at turn {k}: {task.exception()!r}"
+    return True

@@ -522,6 +522,26 @@ def in_anyio_scope(task: Any = None) -> bool:
     return state is not None and getattr(state, "cancel_scope", True) is not None
 
 
+def anyio_cancellation(task: Any) -> str | None:
+    """The message of the cancellation an anyio cancel scope is delivering to *task* (the
+    innermost cancelled scope around it, not behind a shield), or None if no scope around it
+    is cancelled. anyio cancels with it, and knows its own cancellations by it."""
+    if _anyio_tasks is None:  # pragma: no cover
+        return None
+    state = _anyio_tasks.get(_weakref(task))
+    scope = getattr(state, "cancel_scope", None)
+    for _ in range(1000):  # scopes nest far less deep; stop on anything circular
+        if scope is None:
+            return None
+        if getattr(scope, "_cancel_called", False):
+            reason = getattr(scope, "_cancel_reason", None)  # anyio >= 4.11
+            return reason if isinstance(reason, str) else f"Cancelled by cancel scope {id(scope):x}"
+        if getattr(scope, "_shield", False):
+            return None
+        scope = getattr(scope, "_parent_scope", None)
+    return None  # pragma: no cover
+
+
 # How anyio marks the cancellations of its cancel scopes: "Cancelled via cancel scope <id>"
 # since 4.11, "Cancelled by cancel scope <id>" before (and still at some checkpoints).
 _ANYIO_MARKS = ("Cancelled via cancel scope ", "Cancelled by cancel scope ")

@@ -24,7 +24,7 @@ import tether
 from tests.faultproxy import FaultProxy
 from tests.integration.drivers import scalar
 from tests.servers import Postgres, Redis, _pg_url
-from tests.wakeups import cancelled_at_wake_up
+from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import redis as tredis
@@ -186,3 +186,66 @@ async def test_redis_a_command_cancelled_as_its_reply_arrives_never_answers_the_
                 break
         assert fired_any
         assert lc.stats().pools[cache.name].in_use == 0
+
+
+# ------------------------------------------------- cancelled at each turn of the loop
+
+
+@pytest.mark.parametrize("how", ["cancel scope", "task.cancel"])
+async def test_redis_a_command_cancelled_at_each_turn_of_the_loop_is_cancelled(
+    redis_server: Redis, how: str
+) -> None:
+    """A command cancelled at each turn of the event loop from its start until it ends,
+    whatever it is doing then, by ``task.cancel()`` and by an anyio cancel scope (the
+    cancellation of ``move_on_after``, Starlette's disconnect watch, a task group). On Python
+    3.11 the send's ``asyncio.wait_for`` drops one that lands while its waiter is cancelled
+    and the send is done in the same turn: tether raised it again without its message, and
+    anyio's scope let it through to the caller (a bare ``CancelledError`` out of
+    ``move_on_after``). The next command gets its own reply."""
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, max_connections=POOL)
+    prefix = uuid.uuid4().hex[:8]
+    async with lc.run():
+        r = lc.get(cache)
+        await r.set(f"{prefix}:foo", "foo")
+        await r.set(f"{prefix}:bar", "bar")
+        fired = 0
+        for k in range(1, 200):
+            if not await cancelled_at_turn(k, r.get(f"{prefix}:foo"), how=how):
+                break
+            fired += 1
+            with anyio.fail_after(10):
+                assert await r.get(f"{prefix}:bar") == b"bar"
+        assert 2 <= fired < 199, fired
+        assert lc.stats().pools[cache.name].in_use == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [asyncpg_conn, psycopg_conn, sqlalchemy_session],
+    ids=["asyncpg", "psycopg", "sqlalchemy"],
+)
+async def test_postgres_a_unit_of_work_cancelled_at_each_turn_of_the_loop_is_cancelled(
+    postgres: Postgres, make: Any
+) -> None:
+    """The same for a unit of work that takes a connection and runs a query, by an anyio
+    cancel scope: delivered at every turn, and the next unit of work gets its own value."""
+    lc = tether.Lifecycle()
+    conn = _direct(make, postgres)(lc)
+
+    async def foo(i: int) -> None:
+        async with lc.scope() as s:
+            await scalar(await s.get(conn), f"SELECT 'foo-{i}'")
+
+    async with lc.run():
+        fired = 0
+        for k in range(1, 400):
+            if not await cancelled_at_turn(k, foo(k), how="cancel scope"):
+                break
+            fired += 1
+            with anyio.fail_after(10):
+                async with lc.scope() as s:
+                    assert await scalar(await s.get(conn), f"SELECT 'bar-{k}'") == f"bar-{k}"
+            assert lc.stats().resources[conn.name].in_use == 0
+        assert 2 <= fired < 399, fired
+        assert sum(p.in_use or 0 for p in lc.stats().pools.values()) == 0

@@ -19,6 +19,7 @@ from .._errors import (
     describe,
     redact,
 )
+from .._scope import anyio_cancellation
 
 if TYPE_CHECKING:
     from .._resource import Resource
@@ -62,8 +63,16 @@ LOSES_CANCEL = sys.version_info < (3, 12)
 
 def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
     """The cancellation asked of *task* that a call it awaited dropped, to raise again with
-    its message (anyio knows its own cancellations by their message)."""
-    message = getattr(task, "_cancel_message", None)
+    its message: anyio knows its own cancellations by their message, and one it does not
+    know escapes its cancel scope.
+
+    The message is the cancelled anyio scope's, if the task is in one. Else the task's own,
+    which it keeps only for a cancellation that arrived after what it awaited was done;
+    one that cancelled what it awaited went to that (``asyncio.wait_for``'s waiter, which
+    dropped it)."""
+    message = anyio_cancellation(task)
+    if message is None:
+        message = getattr(task, "_cancel_message", None)
     return asyncio.CancelledError() if message is None else asyncio.CancelledError(message)
 
 

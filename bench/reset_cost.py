@@ -7,6 +7,10 @@ connection goes back (``RESET ROLE; RESET ALL; ...``: one round trip; asyncpg's 
 did). This runs units of work of one ``SELECT 1`` each through ``lc.scope()`` on a pool of one
 connection, with ``reset_session=True`` (the default) and ``False``, interleaved run by run,
 and prints the wall time per unit of work: the difference is the reset's round trip.
+
+Then the reset statements alone, on one asyncpg connection: tether's ``RESET_SESSION``
+against the one before it took in ``SET SESSION AUTHORIZATION DEFAULT`` and ``DISCARD TEMP``
+(``PREVIOUS_RESET``), interleaved run by run: what those add to every release.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+
 import tether
 from tether.integrations import psycopg as tpsy
 from tether.integrations import sqlalchemy as tsa
+from tether.integrations._common import RESET_SESSION
+
+PREVIOUS_RESET = "RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all()"
 
 
 def _declare(kind: str, dsn: str, reset: bool) -> tuple[tether.Lifecycle, Any, Any]:
@@ -60,6 +69,21 @@ async def _per_unit(kind: str, dsn: str, reset: bool, units: int) -> float:
         return (time.perf_counter() - started) / units * 1e6
 
 
+async def _statements(dsn: str, runs: int, count: int) -> dict[str, list[float]]:
+    conn = await asyncpg.connect(dsn)
+    figures: dict[str, list[float]] = {"previous": [], "current": []}
+    try:
+        for _ in range(runs):
+            for name, sql in (("previous", PREVIOUS_RESET), ("current", RESET_SESSION)):
+                started = time.perf_counter()
+                for _ in range(count):
+                    await conn.execute(sql)
+                figures[name].append((time.perf_counter() - started) / count * 1e6)
+    finally:
+        await conn.close()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=2000)
@@ -76,6 +100,12 @@ def main() -> None:
             f"{kind:10} µs per unit of work: reset_session=False {without:7.1f}, "
             f"True {with_reset:7.1f} (+{with_reset - without:.1f})"
         )
+    figures = asyncio.run(_statements(dsn, args.runs * 3, args.units))
+    previous, current = (statistics.median(figures[k]) for k in ("previous", "current"))
+    print(
+        f"reset alone µs (asyncpg): previous {previous:7.1f}, current {current:7.1f} "
+        f"({current - previous:+.1f})"
+    )
 
 
 if __name__ == "__main__":

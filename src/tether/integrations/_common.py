@@ -79,15 +79,16 @@ def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
 #: What a unit of work may leave on a PostgreSQL session, undone before the next one gets the
 #: connection: ``SET SESSION AUTHORIZATION`` and ``SET ROLE`` (which ``RESET ALL`` leaves; the
 #: role goes back to the one the connection was opened with), ``SET`` (``RESET ALL``), cursors,
-#: ``LISTEN``, session advisory locks, temporary tables (one request's rows would be the next
-#: one's to read) and ``currval()``. That is ``DISCARD ALL`` without ``DEALLOCATE ALL`` and
-#: ``DISCARD PLANS``, which would drop the drivers' prepared statements (``DISCARD ALL`` also
-#: cannot run in one message with others). One round trip: the simple query protocol runs
-#: the statements in one message. asyncpg's own reset is ``RESET ALL``, ``CLOSE ALL``,
-#: ``UNLISTEN *`` and the advisory locks.
+#: ``LISTEN``, session advisory locks and temporary tables (one request's rows would be the next
+#: one's to read). That is ``DISCARD ALL`` but for three parts: ``DEALLOCATE ALL`` and
+#: ``DISCARD PLANS`` would drop the drivers' prepared statements, and ``DISCARD SEQUENCES``
+#: would throw away the values a sequence with ``CACHE`` > 1 set aside for the session, a gap
+#: in its numbers on every release (``DISCARD ALL`` also cannot run in one message with
+#: others). One round trip: the simple query protocol runs the statements in one message.
+#: asyncpg's own reset is ``RESET ALL``, ``CLOSE ALL``, ``UNLISTEN *`` and the advisory locks.
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; "
-    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+    "SELECT pg_advisory_unlock_all(); DISCARD TEMP"
 )
 
 

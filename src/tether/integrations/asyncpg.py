@@ -175,7 +175,7 @@ async def _no_reset(conn: Any) -> None:
 
 async def _reset(conn: Any) -> None:
     """asyncpg's reset on release, and what it leaves: ``SET ROLE`` and ``SET SESSION
-    AUTHORIZATION`` (which survive its ``RESET ALL``), temporary tables and ``currval()``
+    AUTHORIZATION`` (which survive its ``RESET ALL``) and temporary tables
     (``RESET_SESSION``): one round trip, as asyncpg's."""
     await conn.execute(RESET_SESSION)
 

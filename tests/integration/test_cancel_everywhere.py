@@ -44,7 +44,7 @@ import tether
 from tests.inprocess import http_scope
 from tests.integration.drivers import DRIVERS, Driver, settled
 from tests.servers import Postgres
-from tests.wakeups import cancelled_at_wake_up
+from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
 
@@ -586,3 +586,17 @@ async def test_cancel_at_every_await_of_an_sqlite_unit_of_work(tmp_path: Path) -
             await check(key, fired, reached, f"task.cancel at wake-up {k} of {wake_ups}")
             if not fired:
                 break
+
+        # At each turn of the loop, whatever the unit of work is doing then (waiting on its
+        # connection's thread, woken, running), both ways.
+        for how in ("task.cancel", "cancel scope"):
+            fired_count = 0
+            for k in range(1, 2000):
+                key += 1
+                reached = []
+                fired = await cancelled_at_turn(k, unit_of_work(key, reached), how=how)
+                await check(key, fired, reached, f"{how} at turn {k}")
+                if not fired:
+                    break
+                fired_count += 1
+            assert 2 <= fired_count < 1999, (how, fired_count)

@@ -21,7 +21,8 @@ returned the connection and dropped it, CPython gh-86296): the waiter ran on as 
 had happened. tether's psycopg pool now delivers it and gives the connection back.
 
 Then a readiness check (``lc.health()``, the pool's ``SELECT 1``) is cancelled at each of its
-wake-ups, as a probe whose client gave up is: its connection goes back, the next report is ok.
+wake-ups, and at each turn of the loop, as a probe whose client gave up is: its connection
+goes back, the next report is ok.
 
 Bounded: 4 drivers × 2 ways × (the wake-ups of a clean run, about 5 to 15), and as many
 probes.
@@ -36,9 +37,9 @@ import uuid
 import anyio
 import pytest
 
-from tests.integration.drivers import DRIVERS, Driver, settled
+from tests.integration.drivers import ASYNCPG_LEAKS_ON_CANCEL, DRIVERS, Driver, settled
 from tests.servers import Postgres
-from tests.wakeups import cancelled_at_wake_up, woken
+from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up, woken
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
@@ -200,3 +201,19 @@ async def test_a_readiness_check_cancelled_at_each_wake_up_gives_its_connection_
             if not fired:
                 break
         assert fired_any
+
+        # At each turn of the loop, whatever the check is doing then, both ways.
+        if ASYNCPG_LEAKS_ON_CANCEL and driver_name in ("asyncpg", "sqlalchemy"):
+            return  # their sockets would reach a later test as a ResourceWarning
+        for how in ("task.cancel", "cancel scope"):
+            fired_count = 0
+            for k in range(1, 2000):
+                if not await cancelled_at_turn(k, d.lc.health(), how=how):
+                    break
+                fired_count += 1
+                what = f"health() cancelled by {how} at turn {k}"
+                await settled(lambda: d.checked_out() == 0, f"{what}: pool all back")
+                with anyio.fail_after(5):
+                    report = await d.lc.health()
+                assert report.ok, f"{what}: {report.as_dict()}"
+            assert 1 <= fired_count < 1999, (how, fired_count)

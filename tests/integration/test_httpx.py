@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 import tether
 from tests.serving import Server, free_port
-from tests.wakeups import cancelled_at_wake_up
+from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 from tether.integrations import httpx as thttpx
 
 
@@ -146,3 +146,18 @@ async def test_a_request_cancelled_at_each_wake_up_leaves_the_pool_whole(
             if not fired:
                 break
         assert fired_any
+
+        # At each turn of the loop, whatever the request is doing then, both ways.
+        for how in ("task.cancel", "cancel scope"):
+            fired_count = 0
+            for k in range(1, 2000):
+                if not await cancelled_at_turn(k, c.get("/echo/x"), how=how):
+                    break
+                fired_count += 1
+                with anyio.fail_after(5):
+                    both = await asyncio.gather(
+                        c.get("/slow", params={"seconds": 0.05}),
+                        c.get("/slow", params={"seconds": 0.05}),
+                    )
+                assert [r.status_code for r in both] == [200, 200], f"{how} at turn {k}"
+            assert 2 <= fired_count < 1999, (how, fired_count)

@@ -344,35 +344,6 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 
 
 @pytest.mark.anyio
-async def test_a_database_that_does_not_exist_is_not_retried(postgres: Postgres) -> None:
-    """Through SQLAlchemy's wrapping too: the server's refusal (SQLSTATE 3D000, no such
-    database) fails the start at once instead of after `retries=`."""
-    url = postgres.url("postgresql+asyncpg").rsplit("/", 1)[0] + "/no_such_db"
-    lc = tether.Lifecycle()
-    tsa.engine(lc, url, name="db", retries=3, backoff=2.0)
-    t0 = time.monotonic()
-    with pytest.raises(tether.StartupError) as info:
-        async with lc.run():
-            pass  # pragma: no cover
-    assert time.monotonic() - t0 < 1.5  # a retry would have waited 2 s first
-    text = str(info.value)
-    if "ResourceUnavailable" in text:  # SQLAlchemy 2.1: the engine's pool says it
-        assert text.endswith(
-            'database "no_such_db" does not exist. The server refused the credentials or the '
-            "database (SQLSTATE 3D000): check the user, password and database name it "
-            "connects with. The resources already open were closed. No retry mends a "
-            "refusal, so none was made."
-        )
-    else:  # SQLAlchemy 2.0 raises asyncpg's own error from a connect
-        assert text.endswith(
-            'database "no_such_db" does not exist. The resources already open were closed. '
-            "The server refused the credentials or the database (SQLSTATE 3D000), which no "
-            "retry mends, so none was made: fix the user, password or database name it "
-            "connects with."
-        )
-
-
-@pytest.mark.anyio
 async def test_unreachable_database_at_startup_is_a_startup_error_without_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

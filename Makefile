@@ -14,8 +14,9 @@ PYTHON_MATRIX := 3.13
 # (pyproject.toml), so they stay true. FastAPI's own floor: its latest releases need a newer
 # opentelemetry-api than tether's extra does. They run one test at a time: with tests in
 # parallel, asyncpg 0.30 left a ConnectionDoesNotExistError unretrieved in the
-# blackholed-network test once in three runs (asyncpg's cancellation was reworked in 0.32),
-# and never one test at a time. Without that test, three processes still failed 3 runs in 7
+# blackholed-network test once in three runs (asyncpg's cancellation was reworked in 0.32;
+# once one test at a time too, since tolerated there for asyncpg's own futures only).
+# Without that test, three processes still failed 3 runs in 7
 # (2026-11-27): a socket of a connect cancelled half-way left to the garbage collector, a
 # backend still busy 3 s after a cancelled SQLAlchemy 2.0 unit of work, a Redis cross-talk
 # sweep; one test at a time, none has failed. Parallel they would save about 2 minutes.

@@ -11,11 +11,12 @@ import asyncpg
 
 import tether
 
+#: asyncpg before 0.32 (the floors run 0.30), whose cancellation was reworked in 0.32:
 #: SQLAlchemy invalidates a connection whose query was cancelled, and asyncpg cancels one
-#: whose acquire or check was; before asyncpg 0.32 the sockets of those paths are left to the
-#: garbage collector (a ResourceWarning in a later test). Measured: asyncpg 0.30 and 0.31
-#: leak, 0.32 does not.
-ASYNCPG_LEAKS_ON_CANCEL = tuple(int(part) for part in asyncpg.__version__.split(".")[:2]) < (0, 32)
+#: whose acquire or check was; the sockets of those paths are left to the garbage collector
+#: (a ResourceWarning in a later test; measured: 0.30 and 0.31 leak, 0.32 does not), and a
+#: future of its own can be left with an error nobody retrieves.
+ASYNCPG_BEFORE_0_32 = tuple(int(part) for part in asyncpg.__version__.split(".")[:2]) < (0, 32)
 
 
 async def scalar(c: Any, sql: str) -> Any:

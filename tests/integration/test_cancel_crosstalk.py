@@ -22,7 +22,7 @@ import pytest
 
 import tether
 from tests.faultproxy import FaultProxy
-from tests.integration.drivers import ASYNCPG_LEAKS_ON_CANCEL, scalar, settled
+from tests.integration.drivers import ASYNCPG_BEFORE_0_32, scalar, settled
 from tests.servers import Postgres, Redis, _pg_url
 from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 from tether.integrations import asyncpg as tpg
@@ -59,7 +59,7 @@ def psycopg_conn(lc: tether.Lifecycle, proxy: FaultProxy) -> Any:
 
 
 def sqlalchemy_session(lc: tether.Lifecycle, proxy: FaultProxy) -> Any:
-    if ASYNCPG_LEAKS_ON_CANCEL:
+    if ASYNCPG_BEFORE_0_32:
         pytest.skip("asyncpg < 0.32 leaves a cancelled connection's sockets to the GC")
     url = _pg_url("postgresql+asyncpg", proxy.port, None)
     return tsa.session(lc, tsa.engine(lc, url, pool_size=POOL))

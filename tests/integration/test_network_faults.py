@@ -13,6 +13,8 @@ A TCP proxy (`tests/faultproxy.py`) sits between the app and the real server:
   are served on new connections.
 """
 
+import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -27,7 +29,7 @@ from fastapi import Depends, FastAPI
 
 import tether
 from tests.faultproxy import FaultProxy
-from tests.integration.drivers import scalar
+from tests.integration.drivers import ASYNCPG_BEFORE_0_32, scalar
 from tests.servers import Postgres, _pg_url
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -104,9 +106,7 @@ def sqlalchemy_session(lc: tether.Lifecycle, proxy: FaultProxy) -> tuple[Any, se
     ping (asyncpg #1356), inside SQLAlchemy's own shield: the request ends only when its
     client gives up. The SQLAlchemy guide says to use asyncpg 0.32 or later.
     """
-    import asyncpg
-
-    if tuple(int(part) for part in asyncpg.__version__.split(".")[:2]) < (0, 32):
+    if ASYNCPG_BEFORE_0_32:
         pytest.skip("asyncpg < 0.32: close(timeout=) waits for ever on a pending cancel (#1356)")
     engine = tsa.engine(
         lc, url(proxy, "postgresql+asyncpg"), pool_size=MAX_SIZE, pool_timeout=1, connect_timeout=1
@@ -153,6 +153,49 @@ async def test_blackholed_network_every_request_ends_within_its_bounds(
     lc = tether.Lifecycle()
     conn, statuses, message, bound = make(lc, proxy)
     app = serve(conn, lc)
+    with _old_asyncpg_noise_tolerated():
+        await _blackholed(lc, app, conn, proxy, statuses, message, bound)
+
+
+@contextlib.contextmanager
+def _old_asyncpg_noise_tolerated() -> Iterator[None]:
+    """Before asyncpg 0.32 (the floors run 0.30) a connection closed while a cancellation of
+    its query was in flight can leave a future of asyncpg's own with a
+    ``ConnectionDoesNotExistError`` nobody retrieves ("Future exception was never retrieved";
+    asyncpg's cancellation was reworked in 0.32). Seen in the floors, once in a serial CI run
+    and once in three parallel runs before; never on 0.32. Tolerated there, for asyncpg's futures only: anything else the
+    loop reports (a task of tether's) still fails the test, with its context."""
+    if not ASYNCPG_BEFORE_0_32:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    reports: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reports.append(context))
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+    unexpected = [
+        r
+        for r in reports
+        if not (
+            r.get("message") == "Future exception was never retrieved"
+            and type(r.get("exception")).__name__ == "ConnectionDoesNotExistError"
+        )
+    ]
+    assert not unexpected, unexpected
+
+
+async def _blackholed(
+    lc: tether.Lifecycle,
+    app: Any,
+    conn: Any,
+    proxy: FaultProxy,
+    statuses: set[int],
+    message: str,
+    bound: float,
+) -> None:
     async with lc.lifespan(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:

@@ -65,11 +65,15 @@ def sqlalchemy_session(lc: tether.Lifecycle, proxy: FaultProxy) -> Any:
     return tsa.session(lc, tsa.engine(lc, url, pool_size=POOL))
 
 
-@pytest.mark.parametrize(
+#: The three PostgreSQL drivers, as a test's ``make`` parameter.
+each_driver = pytest.mark.parametrize(
     "make",
     [asyncpg_conn, psycopg_conn, sqlalchemy_session],
     ids=["asyncpg", "psycopg", "sqlalchemy"],
 )
+
+
+@each_driver
 async def test_postgres_a_cancelled_query_never_answers_the_next_one(
     pg_proxy: FaultProxy, make: Any
 ) -> None:
@@ -126,11 +130,7 @@ def _direct(make: Any, postgres: Postgres) -> Any:
     return lambda lc: make(lc, Direct)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [asyncpg_conn, psycopg_conn, sqlalchemy_session],
-    ids=["asyncpg", "psycopg", "sqlalchemy"],
-)
+@each_driver
 async def test_postgres_a_query_cancelled_as_its_reply_arrives_never_answers_the_next_one(
     postgres: Postgres, make: Any
 ) -> None:
@@ -215,11 +215,7 @@ async def test_redis_a_command_cancelled_at_each_turn_of_the_loop_is_cancelled(
         assert lc.stats().pools[cache.name].in_use == 0
 
 
-@pytest.mark.parametrize(
-    "make",
-    [asyncpg_conn, psycopg_conn, sqlalchemy_session],
-    ids=["asyncpg", "psycopg", "sqlalchemy"],
-)
+@each_driver
 async def test_postgres_a_unit_of_work_cancelled_at_each_turn_of_the_loop_is_cancelled(
     postgres: Postgres, make: Any
 ) -> None:

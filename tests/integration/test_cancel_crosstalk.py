@@ -12,9 +12,10 @@ reply. The cancellation must not be swallowed (on Python 3.11 redis-py's ``async
 dropped it; tether's client raises it), and the next one still gets its own value.
 """
 
+import contextlib
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -175,9 +176,12 @@ async def test_postgres_a_query_cancelled_as_its_reply_arrives_never_answers_the
         )
 
 
-async def test_redis_a_command_cancelled_as_its_reply_arrives_never_answers_the_next_one(
+@contextlib.asynccontextmanager
+async def redis_foo_bar(
     redis_server: Redis,
-) -> None:
+) -> AsyncIterator[tuple[tether.Lifecycle, Any, Any, str]]:
+    """A running tether Redis client (pool of ``POOL``), with keys ``<prefix>:foo`` and
+    ``<prefix>:bar`` set to ``foo`` and ``bar``."""
     lc = tether.Lifecycle()
     cache = tredis.client(lc, redis_server.url, max_connections=POOL)
     prefix = uuid.uuid4().hex[:8]
@@ -185,6 +189,13 @@ async def test_redis_a_command_cancelled_as_its_reply_arrives_never_answers_the_
         r = lc.get(cache)
         await r.set(f"{prefix}:foo", "foo")
         await r.set(f"{prefix}:bar", "bar")
+        yield lc, cache, r, prefix
+
+
+async def test_redis_a_command_cancelled_as_its_reply_arrives_never_answers_the_next_one(
+    redis_server: Redis,
+) -> None:
+    async with redis_foo_bar(redis_server) as (lc, cache, r, prefix):
         _, wake_ups = await cancelled_at_wake_up(None, r.get(f"{prefix}:foo"))
         fired_any = False
         for k in range(1, 3 * wake_ups + 6):
@@ -212,13 +223,7 @@ async def test_redis_a_command_cancelled_at_each_turn_of_the_loop_is_cancelled(
     and the send is done in the same turn: tether raised it again without its message, and
     anyio's scope let it through to the caller (a bare ``CancelledError`` out of
     ``move_on_after``). The next command gets its own reply."""
-    lc = tether.Lifecycle()
-    cache = tredis.client(lc, redis_server.url, max_connections=POOL)
-    prefix = uuid.uuid4().hex[:8]
-    async with lc.run():
-        r = lc.get(cache)
-        await r.set(f"{prefix}:foo", "foo")
-        await r.set(f"{prefix}:bar", "bar")
+    async with redis_foo_bar(redis_server) as (lc, cache, r, prefix):
         fired = 0
         for k in range(1, 200):
             if not await cancelled_at_turn(k, r.get(f"{prefix}:foo"), how=how):

@@ -163,8 +163,9 @@ def _old_asyncpg_noise_tolerated() -> Iterator[None]:
     its query was in flight can leave a future of asyncpg's own with a
     ``ConnectionDoesNotExistError`` nobody retrieves ("Future exception was never retrieved";
     asyncpg's cancellation was reworked in 0.32). Seen in the floors, once in a serial CI run
-    and once in three parallel runs before; never on 0.32. Tolerated there, for asyncpg's futures only: anything else the
-    loop reports (a task of tether's) still fails the test, with its context."""
+    and once in three parallel runs before; never on 0.32. Tolerated there, for asyncpg's
+    futures only: anything else the loop reports (a task of tether's) still fails the test,
+    with its context."""
     if not ASYNCPG_BEFORE_0_32:
         yield
         return

@@ -140,3 +140,53 @@ async def test_psycopg_waiters_that_gave_up_are_not_counted_as_waiting(
                 r"busy: the one connection in use; one was handed out \d+\.\d s ago", detail
             ), detail
         assert lc.stats().pools["pg"].waiting == 0
+
+
+async def test_psycopg_a_connection_the_pool_is_still_making_is_not_in_use(
+    postgres: Postgres,
+) -> None:
+    """psycopg counts a connection it is making in ``pool_size``, so ``pool_size`` −
+    ``pool_available`` is not what is in use. One unit of work holds a connection and a
+    second waits while the pool makes another (slowly, in ``configure``): one in use, one
+    waiting; then two in use, none waiting."""
+    name = f"tt-making-{uuid.uuid4().hex[:8]}"
+    lc = tether.Lifecycle()
+    making = asyncio.Event()
+    made = 0
+
+    async def configure(conn: Any) -> None:
+        nonlocal made
+        made += 1
+        if made > 1:  # the second one: the pool grows while a unit waits
+            making.set()
+            await asyncio.sleep(1.0)
+
+    pool = tpsy.pool(lc, postgres.dsn, name="pg", min_size=1, max_size=2, timeout=10,
+                     configure=configure, kwargs={"application_name": name})  # fmt: skip
+    conn = tpsy.connection(lc, pool)
+    second_has_one = asyncio.Event()
+    done = asyncio.Event()
+
+    async def second() -> None:
+        async with lc.scope("second") as s:
+            await use(await s.get(conn))
+            second_has_one.set()
+            await done.wait()
+
+    async with lc.run():
+        async with lc.scope("first") as s:
+            await use(await s.get(conn))
+            task = asyncio.create_task(second())
+            await asyncio.wait_for(making.wait(), 5)
+            stats = lc.get(pool).get_stats()
+            assert (stats["pool_size"], stats["pool_available"]) == (2, 0)  # psycopg's own
+            figures = lc.stats().pools["pg"]
+            assert (figures.open, figures.in_use, figures.idle) == (2, 1, 0), figures
+            assert figures.waiting == 1, figures
+            await asyncio.wait_for(second_has_one.wait(), 5)
+            figures = lc.stats().pools["pg"]
+            assert (figures.in_use, figures.idle, figures.waiting) == (2, 0, 0), figures
+            done.set()
+            await task
+        figures = lc.stats().pools["pg"]
+        assert figures.in_use == 0, figures

@@ -47,6 +47,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +101,7 @@ Connection = psycopg.AsyncConnection[Any]
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("acquiring", "bound", "name", "pgbouncer", "served", "shown", "timeout")
+    __slots__ = ("acquiring", "bound", "name", "out", "pgbouncer", "served", "shown", "timeout")
 
     def __init__(self, name: str, timeout: float, shown: str, pgbouncer: bool = False) -> None:
         self.name = name
@@ -112,6 +113,9 @@ class _State:
         # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
         # the pool next hands a connection out; these calls are the ones that still wait.
         self.acquiring = 0
+        # The connections handed out and not given back. psycopg's own figure for them
+        # (``pool_size`` - ``pool_available``) also counts a connection it is still making.
+        self.out: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 class Pool(AsyncConnectionPool[Connection]):
@@ -135,6 +139,7 @@ class Pool(AsyncConnectionPool[Connection]):
         finally:
             state.acquiring -= 1
         state.served = time.monotonic()
+        state.out.add(conn)
         if task is not None and task.cancelling() > cancels:
             # Cancelled just as the pool handed it the connection: on Python 3.11,
             # asyncio.wait_for (in psycopg_pool's wait) then returns the connection and
@@ -144,6 +149,12 @@ class Pool(AsyncConnectionPool[Connection]):
                 await self.putconn(conn)
             raise dropped_cancellation(task)
         return conn
+
+    async def putconn(self, conn: Connection) -> None:
+        state = self._tether
+        if state is not None:
+            state.out.discard(conn)
+        await super().putconn(conn)
 
 
 def pool(
@@ -291,22 +302,30 @@ def pool(
 
 
 def _figures(name: str, p: Any) -> PoolStats:
-    """psycopg_pool's own figures (``get_stats()``, which resets nothing). Discarded: the
-    connections it found broken (``connections_lost``) and those given back broken or closed
-    (``returns_bad``: tether closes one whose state is not known before it gives it back)."""
+    """psycopg_pool's own figures (``get_stats()``, which resets nothing), but for the
+    connections in use: those handed out and not given back. psycopg's ``pool_size`` also
+    counts the connections it is making or resetting, which are neither in use nor idle.
+    Discarded: the connections it found broken (``connections_lost``) and those given back
+    broken or closed (``returns_bad``: tether closes one whose state is not known before it
+    gives it back)."""
     stats = p.get_stats()
     size, idle = int(stats["pool_size"]), int(stats["pool_available"])
     return PoolStats(
         name=name,
         max=int(p.max_size),
         open=size,
-        in_use=size - idle,
+        in_use=_in_use(p, size, idle),
         idle=idle,
         waiting=_waiting(p, stats),
         created=int(stats.get("connections_num", 0)) - int(stats.get("connections_errors", 0)),
         create_time=int(stats.get("connections_ms", 0)) / 1000,
         discarded=int(stats.get("returns_bad", 0)) + int(stats.get("connections_lost", 0)),
     )
+
+
+def _in_use(p: Any, size: int, idle: int) -> int:
+    state: _State | None = getattr(p, "_tether", None)
+    return size - idle if state is None else len(state.out)
 
 
 def _waiting(p: Any, stats: dict[str, int]) -> int:
@@ -488,8 +507,8 @@ def _unavailable(
 ) -> ResourceUnavailable:
     try:
         stats = p.get_stats()
-        opened = int(stats.get("pool_size", 0))
-        in_use = opened - int(stats.get("pool_available", 0))
+        size, idle = int(stats.get("pool_size", 0)), int(stats.get("pool_available", 0))
+        in_use = _in_use(p, size, idle)
         waiting = _waiting(p, stats)
     except Exception:  # pragma: no cover - a pool-like value without stats
         return unavailable(pool_name, reason, timed_out=timed_out)

@@ -144,6 +144,10 @@ class FaultProxy:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # An aborted transport closes its socket in a callback of the next turn: let those
+        # run before the loop stops, or the sockets are left to the garbage collector.
+        for _ in range(2):
+            await asyncio.sleep(0)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         assert self._flowing is not None

@@ -120,9 +120,11 @@ class _State:
         "created",
         "discarded",
         "expires",
+        "idle_since",
         "max_waiting",
         "name",
         "pgbouncer",
+        "ping_after",
         "served",
         "shown",
         "waiting",
@@ -142,6 +144,10 @@ class _State:
         self.created = 0  # connections the pool made, in create_time seconds
         self.create_time = 0.0
         self.discarded = 0  # connections closed as broken or in a state not known
+        # With pre_ping: a connection back in the pool for ping_after seconds or more is
+        # pinged before a unit of work without a transaction gets it (set as it is released).
+        self.ping_after = 0.0
+        self.idle_since: weakref.WeakKeyDictionary[Any, float] | None = None
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -196,6 +202,7 @@ def pool(
     workers: int | None = None,
     reserved: int = 3,
     server_settings: Mapping[str, str] | None = None,
+    pre_ping: bool | float = 1.0,
     check: Check | bool = True,
     retries: int = 0,
     backoff: float = 0.5,
@@ -232,6 +239,12 @@ def pool(
         workers: worker processes sharing the database (default: ``WEB_CONCURRENCY`` or 1).
         reserved: connections kept for everything else (migrations, psql, other apps).
         server_settings: session settings, e.g. ``{"application_name": "api"}``.
+        pre_ping: check a connection that sat in the pool at least this many seconds (a
+            ``SELECT 1``, bounded by ``acquire_timeout``) before a unit of work without a
+            transaction gets it: one that died unnoticed (a network or NAT that dropped it
+            without a reset, a failover) is replaced, or answered 503 within the timeout,
+            instead of failing or hanging the endpoint's first query. ``True``: every time;
+            ``False``: never, as asyncpg. With ``transaction=True`` the ``BEGIN`` is the check.
         check: the health check: ``True`` runs ``SELECT 1``, ``False`` none, or a
             function given the pool.
         retries, backoff: retry opening the pool at startup (the database may come up
@@ -250,6 +263,7 @@ def pool(
     if max_waiting is not None and max_waiting < 0:
         msg = f"Pool {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
         raise ValueError(msg)
+    ping_after = _ping_after(name, pre_ping)
     if max_lifetime is not None and not max_lifetime > 0:
         msg = (
             f"Pool {name!r}: max_lifetime={max_lifetime!r} must be a positive number of "
@@ -261,6 +275,9 @@ def pool(
         target = resolve_dsn(dsn)
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
         state.max_waiting = max_waiting
+        if ping_after is not None:
+            state.ping_after = ping_after
+            state.idle_since = weakref.WeakKeyDictionary()
         options = _create_pool_defaults()
         options.update(min_size=min_size, max_size=max_size, timeout=connect_timeout)
         if server_settings:
@@ -324,14 +341,31 @@ def pool(
     return res
 
 
+def _ping_after(name: str, pre_ping: object) -> float | None:
+    if pre_ping is True:
+        return 0.0
+    if pre_ping is False:
+        return None
+    if isinstance(pre_ping, int | float) and pre_ping >= 0:
+        return float(pre_ping)
+    msg = (
+        f"Pool {name!r}: pre_ping={pre_ping!r} must be True, False or a number of seconds of "
+        f"0 or more."
+    )
+    raise ValueError(msg)
+
+
 def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """asyncpg's ``connect`` (run for each connection the pool makes), counted and timed."""
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         t0 = time.monotonic()
         conn = await connect(*args, **kwargs)
+        now = time.monotonic()
         state.created += 1
-        state.create_time += time.monotonic() - t0
+        state.create_time += now - t0
+        if state.idle_since is not None:
+            state.idle_since[conn] = now  # in the pool from now on, until a unit takes it
         return conn
 
     return counted
@@ -454,11 +488,15 @@ def connection(
         state: _State | None = getattr(p, "_tether", None)  # None: a pool tether did not open
         timeout = acquire_timeout or (state.acquire_timeout if state is not None else 5.0)
         if transaction:
-            conn, tx = await _acquire_begun(
-                p, pool_name, state, timeout, name, reset_timeout, isolation, readonly
+            conn, tx = await _acquire_tested(
+                p, pool_name, state, timeout, name, reset_timeout, (isolation, readonly)
             )
         else:
             conn, tx = await _acquire(p, pool_name, state, timeout), None
+            if state is not None and _idle(state, conn):
+                conn, _ = await _acquire_tested(
+                    p, pool_name, state, timeout, name, reset_timeout, None, conn
+                )
         try:
             try:
                 yield conn
@@ -573,33 +611,41 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
             state.waiting -= 1
 
 
-#: Attempts at a connection whose BEGIN works (a connection ended on the server while it sat
-#: in the pool fails its first statement: it is replaced, as a pre-ping would).
-_BEGIN_ATTEMPTS = 3
+#: Attempts at a connection that answers its BEGIN or ping (a connection ended on the server
+#: while it sat in the pool fails its first statement: it is replaced).
+_ATTEMPTS = 3
 
 
-async def _acquire_begun(
+async def _acquire_tested(
     p: Any,
     pool_name: str,
     state: _State | None,
     timeout: float,
     name: str,
     reset_timeout: float,
-    isolation: str | None,
-    readonly: bool,
+    begin: tuple[str | None, bool] | None,
+    conn: Any = None,
 ) -> tuple[Any, Any]:
-    """A connection of *p* inside a new transaction.
+    """A connection of *p* that answered: inside a new transaction when *begin* gives its
+    isolation and read-only flag, else pinged if it sat idle long enough (*conn*: one just
+    acquired, to ping first). Returns the connection and its transaction (or None).
 
     asyncpg's pool does not test a connection before handing it out. One ended on the
     server while it sat idle (``pg_terminate_backend``, a restart, a proxy) may be handed
-    out before asyncpg has read the news, and then fails the ``BEGIN``: nothing of the unit
-    of work ran yet, so it is terminated and another one taken, up to ``_BEGIN_ATTEMPTS``.
+    out before asyncpg has read the news, and then fails the ``BEGIN`` or the ping: nothing
+    of the unit of work ran yet, so it is terminated and another one taken, up to
+    ``_ATTEMPTS``. One that does not answer within *timeout* is terminated and a 503.
     """
-    for attempt in range(1, _BEGIN_ATTEMPTS + 1):
-        conn = await _acquire(p, pool_name, state, timeout)
-        tx = conn.transaction(isolation=isolation, readonly=readonly)
+    for attempt in range(1, _ATTEMPTS + 1):
+        if conn is None:
+            conn = await _acquire(p, pool_name, state, timeout)
+        tx = None
         try:
-            await _begin(conn, tx, pool_name, timeout)
+            if begin is not None:
+                tx = conn.transaction(isolation=begin[0], readonly=begin[1])
+                await _begin(conn, tx, pool_name, timeout)
+            elif state is not None and _idle(state, conn):
+                await _ping(conn, pool_name, timeout)
         except Exception as exc:
             stale = _is_lost(conn, exc)
             if stale:
@@ -607,17 +653,42 @@ async def _acquire_begun(
             await _give_back(p, conn, name, reset_timeout)
             if not stale:
                 raise
-            if attempt == _BEGIN_ATTEMPTS:
+            if attempt == _ATTEMPTS:
                 reason = f"{attempt} connections in a row were dead: {describe(exc)}"
                 raise unavailable(pool_name, reason, lost=True) from exc
             log.info("tether: %r: a pooled connection was dead (%s); took another", name, exc)
+            conn = None
         except BaseException:
-            _terminate(conn)  # interrupted mid-BEGIN: its state is unknown
+            _terminate(conn)  # interrupted mid-BEGIN or mid-ping: its state is unknown
             await _give_back(p, conn, name, reset_timeout)
             raise
         else:
             return conn, tx
     raise AssertionError  # pragma: no cover - the loop returns or raises
+
+
+def _idle(state: _State, conn: Any) -> bool:
+    """Whether *conn* sat in the pool long enough to be pinged (with ``pre_ping``)."""
+    if state.idle_since is None:
+        return False
+    since = state.idle_since.get(getattr(conn, "_con", conn))  # the proxy's connection
+    return since is not None and time.monotonic() - since >= state.ping_after
+
+
+async def _ping(conn: Any, pool_name: str, timeout: float) -> None:
+    """``SELECT 1``, bounded by the acquire timeout, as ``_begin``."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            await conn.execute("SELECT 1")  # simple protocol; asyncpg fails on an empty query
+    except TimeoutError as exc:  # this deadline's, or asyncpg's command_timeout
+        _terminate(conn)
+        within = f"acquire_timeout={timeout:g} s" if deadline.expired() else "command_timeout"
+        reason = (
+            f"the database did not answer the ping of a pooled connection within {within} "
+            f"(the connection was terminated; the network or the server may be down)"
+        )
+        raise unavailable(pool_name, reason, timed_out=deadline.expired()) from exc
 
 
 async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:
@@ -719,6 +790,7 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
         return
     if closed and state is not None:
         state.discarded += 1  # lost: asyncpg replaces it
+    raw = getattr(conn, "_con", conn)  # the proxy's connection, detached by the release
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
@@ -731,6 +803,8 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
                 await conn.execute("ROLLBACK")
         # Bounded by its own timeout: asyncpg terminates the connection when it runs out.
         await p.release(conn, timeout=within)
+        if state is not None and state.idle_since is not None:
+            state.idle_since[raw] = time.monotonic()
     except Exception as exc:
         log.warning(
             "tether: %r: connection could not be reset (%s); terminated, not returned to the pool",

@@ -643,9 +643,11 @@ async def _acquire_tested(
         try:
             if begin is not None:
                 tx = conn.transaction(isolation=begin[0], readonly=begin[1])
-                await _begin(conn, tx, pool_name, timeout)
+                await _answered(conn, pool_name, timeout, "BEGIN", tx.start())
             elif state is not None and _idle(state, conn):
-                await _ping(conn, pool_name, timeout)
+                # The simple protocol's SELECT 1: asyncpg fails on an empty query.
+                ping = conn.execute("SELECT 1")
+                await _answered(conn, pool_name, timeout, "the ping of a pooled connection", ping)
         except Exception as exc:
             stale = _is_lost(conn, exc)
             if stale:
@@ -675,35 +677,22 @@ def _idle(state: _State, conn: Any) -> bool:
     return since is not None and time.monotonic() - since >= state.ping_after
 
 
-async def _ping(conn: Any, pool_name: str, timeout: float) -> None:
-    """``SELECT 1``, bounded by the acquire timeout, as ``_begin``."""
+async def _answered(
+    conn: Any, pool_name: str, timeout: float, what: str, operation: Awaitable[Any]
+) -> None:
+    """*operation* on *conn* (*what*: its name in the message), bounded by the acquire
+    timeout: a connection that stopped answering (a network that drops packets, with no
+    reset) is a 503 within it, not a request that hangs. Such a connection is terminated:
+    what the server made of the statement is unknown."""
     deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
-            await conn.execute("SELECT 1")  # simple protocol; asyncpg fails on an empty query
+            await operation
     except TimeoutError as exc:  # this deadline's, or asyncpg's command_timeout
         _terminate(conn)
         within = f"acquire_timeout={timeout:g} s" if deadline.expired() else "command_timeout"
         reason = (
-            f"the database did not answer the ping of a pooled connection within {within} "
-            f"(the connection was terminated; the network or the server may be down)"
-        )
-        raise unavailable(pool_name, reason, timed_out=deadline.expired()) from exc
-
-
-async def _begin(conn: Any, tx: Any, pool_name: str, timeout: float) -> None:
-    """``BEGIN``, bounded by the acquire timeout: a connection that stopped answering (a
-    network that drops packets, with no reset) is a 503 within it, not a request that hangs.
-    Such a connection is terminated: what the server made of the ``BEGIN`` is unknown."""
-    deadline = asyncio.timeout(timeout)
-    try:
-        async with deadline:
-            await tx.start()
-    except TimeoutError as exc:  # this deadline's, or asyncpg's command_timeout
-        _terminate(conn)
-        within = f"acquire_timeout={timeout:g} s" if deadline.expired() else "command_timeout"
-        reason = (
-            f"the database did not answer BEGIN within {within} (the connection was "
+            f"the database did not answer {what} within {within} (the connection was "
             f"terminated; the network or the server may be down)"
         )
         raise unavailable(pool_name, reason, timed_out=deadline.expired()) from exc

@@ -645,7 +645,7 @@ async def _acquire_tested(
                 tx = conn.transaction(isolation=begin[0], readonly=begin[1])
                 await _answered(conn, pool_name, timeout, "BEGIN", tx.start())
             elif state is not None and _idle(state, conn):
-                # The simple protocol's SELECT 1: asyncpg fails on an empty query.
+                # The simple protocol's SELECT 1: asyncpg fails on an empty one (asyncpg#1259).
                 ping = conn.execute("SELECT 1")
                 await _answered(conn, pool_name, timeout, "the ping of a pooled connection", ping)
         except Exception as exc:

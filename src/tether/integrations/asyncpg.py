@@ -669,11 +669,17 @@ async def _acquire_tested(
     raise AssertionError  # pragma: no cover - the loop returns or raises
 
 
+def _raw(conn: Any) -> Any:
+    """The connection behind asyncpg's pool proxy (what the pool's callbacks are given, so
+    what tether's per-connection records are keyed by)."""
+    return getattr(conn, "_con", conn)
+
+
 def _idle(state: _State, conn: Any) -> bool:
     """Whether *conn* sat in the pool long enough to be pinged (with ``pre_ping``)."""
     if state.idle_since is None:
         return False
-    since = state.idle_since.get(getattr(conn, "_con", conn))  # the proxy's connection
+    since = state.idle_since.get(_raw(conn))
     return since is not None and time.monotonic() - since >= state.ping_after
 
 
@@ -699,7 +705,7 @@ async def _answered(
 
 
 def _expired(expires: weakref.WeakKeyDictionary[Any, float], conn: Any) -> bool:
-    deadline = expires.get(getattr(conn, "_con", conn))  # the proxy's connection
+    deadline = expires.get(_raw(conn))
     return deadline is not None and time.monotonic() > deadline
 
 
@@ -779,7 +785,7 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
         return
     if closed and state is not None:
         state.discarded += 1  # lost: asyncpg replaces it
-    raw = getattr(conn, "_con", conn)  # the proxy's connection, detached by the release
+    raw = _raw(conn)  # now: the release detaches it from the proxy
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:

@@ -45,15 +45,13 @@ venv: $(BIN)/.installed
 system-deps:
 	bash scripts/system-deps.sh
 
-# The reference service: the notes API of docs/examples/aiosqlite_app.py on its embedded
-# SQLite file, served by uvicorn on http://127.0.0.1:$(DEMO_PORT), with tether's dashboard at
-# /tether/.
+# The reference service: the notes API of src/tether/demo.py on its embedded SQLite file,
+# served by uvicorn on http://127.0.0.1:$(DEMO_PORT), with tether's dashboard at /tether/
+# (`tether demo` is the same command, installed with the package).
 DEMO_PORT ?= 8000
 DEMO_DB   ?= .demo/notes.db
 demo: $(BIN)/.installed
-	mkdir -p $(dir $(DEMO_DB))
-	@echo "notes API: http://127.0.0.1:$(DEMO_PORT)/notes, dashboard: http://127.0.0.1:$(DEMO_PORT)/tether/"
-	NOTES_DB=$(DEMO_DB) $(BIN)/python -m uvicorn docs.examples.aiosqlite_app:app --host 127.0.0.1 --port $(DEMO_PORT)
+	$(BIN)/tether demo --port $(DEMO_PORT) --db $(DEMO_DB)
 
 LINT_DIRS := $(wildcard src tests examples docs bench typing_tests)
 

@@ -1,8 +1,9 @@
-"""`tether graph`, `check` and `stats`: look at a Lifecycle from the command line.
+"""`tether graph`, `check`, `stats` and `demo`: look at a Lifecycle from the command line.
 
 tether graph myapp.main:lc      # resources, scopes, dependencies, in opening order
 tether check myapp.main:lc      # open the app scope, run every check, close; exit 1 if any fails
 tether stats http://127.0.0.1:8000/tether/   # a running app's figures, from its dashboard
+tether demo                     # serve the reference service (tether.demo) on 127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -197,6 +199,62 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
         print(flush=True)
 
 
+DEMO_NEEDS = "pip install 'tether[demo]'"
+
+
+def demo(*, host: str, port: int, db: str) -> int:
+    """Serve the reference service (`tether.demo`) with uvicorn until ^C or SIGTERM."""
+    try:
+        import uvicorn
+
+        from . import demo as service
+    except ImportError as exc:
+        missing = exc.name or describe(exc)
+        msg = (
+            f"tether demo: the reference service needs FastAPI, aiosqlite and uvicorn, and "
+            f"{missing!r} is not installed. Install them with: {DEMO_NEEDS}"
+        )
+        raise SystemExit(msg) from None
+    path = os.path.abspath(db)
+    folder = os.path.dirname(path)
+    problem = None
+    if os.path.isdir(path):
+        problem = f"{path} is a directory"
+    elif os.path.exists(folder) and not os.path.isdir(folder):
+        problem = f"{folder} is not a directory"
+    else:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            problem = f"cannot create the directory {folder}: {exc.strerror or describe(exc)}"
+    if problem:
+        msg = (
+            f"tether demo: --db {db}: {problem}. "
+            "Give --db the path of a file in a directory you can write to."
+        )
+        raise SystemExit(msg)
+    os.environ["NOTES_DB"] = path  # read by the service when it starts
+    base = f"http://{host}:{port}"
+    print(
+        f"tether demo: the notes API at {base}/notes, tether's dashboard at {base}/tether/,\n"
+        f"readiness at {base}/health/ready; notes kept in {path}. ^C stops it.",
+        flush=True,
+    )
+    uvicorn.run(service.app, host=host, port=port)
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 < value < 65536:
+        msg = f"{text!r} is not a TCP port (1 to 65535)"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -228,7 +286,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument(
         "--watch", type=_seconds, metavar="SECONDS", help="print again every SECONDS, until ^C"
     )
+    cmd = sub.add_parser(
+        "demo", help="serve the reference service: a notes API on SQLite, with tether's dashboard"
+    )
+    cmd.add_argument("--host", default="127.0.0.1", help="the address to listen on (127.0.0.1)")
+    cmd.add_argument("--port", type=_port, default=8000, help="the port to listen on (8000)")
+    cmd.add_argument(
+        "--db",
+        default=os.path.join(".demo", "notes.db"),
+        metavar="PATH",
+        help="the SQLite file that keeps the notes, created if missing (.demo/notes.db)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(host=args.host, port=args.port, db=args.db)
     if args.command == "stats":
         try:
             return stats(args.url, headers=args.header, as_json=args.json, watch=args.watch)

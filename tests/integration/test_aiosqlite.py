@@ -1,7 +1,7 @@
 """tether.integrations.aiosqlite against real SQLite files: transactions, WAL, writers."""
 
 import asyncio
-import importlib.util
+import importlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -432,19 +432,14 @@ def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
         tsqlite.connection(lc, db, begin="later")  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- the docs example
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "aiosqlite_app.py"
+# ------------------------------------------------------------- the reference service (tether.demo)
 
 
 def test_docs_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide's complete service, `tether.demo` (what `tether demo` serves)."""
     path = tmp_path / "data" / "notes.db"
     monkeypatch.setenv("NOTES_DB", str(path))
-    spec = importlib.util.spec_from_file_location("aiosqlite_app_example", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("tether.demo")
     with TestClient(module.app) as client:
         assert client.get("/health/ready").status_code == 200
         assert client.post("/notes", json={"text": "first"}).json() == {"id": 1, "text": "first"}

@@ -1,8 +1,10 @@
-"""`tether graph` and `tether check`, run in-process."""
+"""`tether graph`, `check`, `stats` and `demo`'s refusals, run in-process."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +134,53 @@ def test_python_dash_m_tether_is_the_same_command() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert [row["name"] for row in json.loads(done.stdout)] == ["settings", "db", "conn"]
+
+
+def test_demo_refuses_a_notes_file_it_cannot_keep(tmp_path: Path) -> None:
+    """`tether demo --db` naming a directory, or a path under a file, is refused before serving."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    fix = "Give --db the path of a file in a directory you can write to."
+    with pytest.raises(
+        SystemExit, match=exactly(f"tether demo: --db {tmp_path}: {tmp_path} is a directory. {fix}")
+    ):
+        main(["demo", "--db", str(tmp_path)])
+    with pytest.raises(
+        SystemExit,
+        match=exactly(f"tether demo: --db {afile}/notes.db: {afile} is not a directory. {fix}"),
+    ):
+        main(["demo", "--db", f"{afile}/notes.db"])
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether demo: --db {afile}/sub/notes.db: cannot create the directory {afile}/sub: "
+            f"Not a directory. {fix}"
+        ),
+    ):
+        main(["demo", "--db", f"{afile}/sub/notes.db"])
+    assert afile.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_demo_names_what_is_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without uvicorn (the `demo` extra), `tether demo` says what to install."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # what `import uvicorn` sees when missing
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            "tether demo: the reference service needs FastAPI, aiosqlite and uvicorn, and "
+            "'uvicorn' is not installed. Install them with: pip install 'tether[demo]'"
+        ),
+    ):
+        main(["demo", "--db", str(tmp_path / "notes.db")])
+    assert not (tmp_path / "notes.db").exists()
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "http", "-1"])
+def test_demo_refuses_a_port_that_is_not_one(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["demo", "--port", port])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"tether demo: error: argument --port: {port!r} is not a TCP port (1 to 65535)"
+    )

@@ -1,12 +1,16 @@
-"""A notes service on an embedded SQLite file with tether. See docs/integrations/aiosqlite.md.
+"""tether's reference service: a notes API on an embedded SQLite file.
 
-Run it (the file is created, in WAL mode, when the app starts)::
+``tether demo`` serves it (``make demo`` in a checkout). It is also the complete example of
+the aiosqlite integration (docs/integrations/aiosqlite.md). Serve it yourself with::
 
-    NOTES_DB=data/notes.db uvicorn docs.examples.aiosqlite_app:app
+    NOTES_DB=data/notes.db uvicorn tether.demo:app
 
     curl -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hi"}'
 
-and watch its connections at http://localhost:8000/tether/ (tether's dashboard).
+The file is created, in WAL mode, when the app starts (``notes.db`` without ``NOTES_DB``).
+Watch its connections at http://localhost:8000/tether/ (tether's dashboard) and its readiness
+at http://localhost:8000/health/ready. It needs the ``demo`` extra:
+``pip install 'tether[demo]'``.
 """
 
 from __future__ import annotations

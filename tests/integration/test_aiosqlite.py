@@ -322,6 +322,34 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
+async def test_a_table_locked_by_the_units_own_cursor_is_an_error_not_a_503(
+    tmp_path: Path,
+) -> None:
+    """SQLITE_LOCKED ("database table is locked") comes from the unit of work's own
+    connection: a `DROP TABLE` while its own cursor still reads the table. No other writer
+    is involved and no retry mends it: a 500 that says so, not a 503 blaming "another
+    writer" with a Retry-After the client would obey for ever."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db, name="own")
+
+    @app.post("/rebuild")
+    async def rebuild(c: Annotated[Conn, Depends(conn)]) -> str:
+        await c.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        await c.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(10)])
+        cursor = await c.execute("SELECT x FROM t")
+        await cursor.fetchone()  # left half-read
+        await c.execute("DROP TABLE t")  # SQLITE_LOCKED: its own cursor reads t
+        return "rebuilt"
+
+    async with running(app) as client:
+        r = await client.post("/rebuild")
+        assert lc.stats().pools["database"].in_use == 0
+    assert r.status_code == 500
+    assert "retry-after" not in r.headers
+
+
+@pytest.mark.anyio
 async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: Path) -> None:
     """A deferred transaction cannot upgrade a stale read snapshot: 503, nothing written."""
     path = tmp_path / "app.db"

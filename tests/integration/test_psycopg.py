@@ -278,6 +278,38 @@ class TestStartup:
         assert PG_PASSWORD not in caplog.text
 
     @pytest.mark.anyio
+    async def test_a_configure_that_fails_is_named_not_an_unreachable_server(
+        self, postgres: Postgres, request: pytest.FixtureRequest
+    ) -> None:
+        """The server lets tether's first connection in, but the pool's `configure=` fails on
+        every connection it makes: the startup error says so, and does not send the user
+        checking an address and credentials that work."""
+
+        async def configure(conn: Any) -> None:
+            await conn.execute("SET search_path TO app")
+            raise RuntimeError("a bug in configure")
+
+        name = unique(request)
+        lc = tether.Lifecycle()
+        tpsy.pool(lc, postgres.dsn, open_timeout=0.5, configure=configure,
+                  kwargs={"application_name": name})  # fmt: skip
+        with pytest.raises(tether.StartupError) as info:
+            async with lc.run():
+                pass
+        shown = postgres.dsn.replace(PG_PASSWORD, "***")
+        assert str(info.value) == (
+            f"App resource 'pool' failed to open: ResourceUnavailable: Pool 'pool' did not "
+            f"open 1 connection(s) in 0.5 s, although a connection made just before to "
+            f"{shown} got in. So the pool's own setup of a connection fails: a configure= "
+            f"that raises or leaves a transaction open, or kwargs the server refuses (psycopg "
+            f"logs each attempt as \"error connecting in 'pool'\"); or the server is slow to "
+            f"accept more connections: give open_timeout= more seconds. The resources already "
+            f"open were closed. Fix the cause above, or give 'pool' retries= or a longer "
+            f"timeout= if it is slow to come up."
+        )
+        assert postgres.activity_after_close(name) == []
+
+    @pytest.mark.anyio
     async def test_pool_used_from_another_event_loop_is_a_scope_error(
         self, postgres: Postgres, request: pytest.FixtureRequest
     ) -> None:

@@ -157,3 +157,95 @@ async def test_a_role_given_when_connecting_survives_the_reset(
         async with lc.scope() as s:
             assert await driver.fetch(await s.get(conn), "SELECT current_user") == ("once_reader",)
     await anyio.sleep(0)
+
+
+SETUP = ("SET search_path TO app, public", "SET statement_timeout = '2s'")
+SETUP_CHECK = (
+    "SELECT pg_backend_pid(), current_setting('search_path'), current_setting('statement_timeout')"
+)
+
+
+@pytest.mark.parametrize(
+    "kind", ["psycopg", "postgresql+asyncpg", "postgresql+psycopg", "sync"],
+    ids=["psycopg-configure", "sqlalchemy-asyncpg", "sqlalchemy-psycopg", "sqlalchemy-sync"],
+)  # fmt: skip
+async def test_what_the_connection_setup_sets_survives_the_reset(
+    postgres: Postgres, kind: str
+) -> None:
+    """Settings a connection's setup makes with `SET` (psycopg's `configure=`, SQLAlchemy's
+    `connect` event, as SQLAlchemy's documentation sets a search_path) are what every unit of
+    work starts with: the reset undoes the unit's own `SET`s, and puts the setup's back (a
+    `statement_timeout` set there used to vanish after the first request)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def setup_sqlalchemy(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for sql in SETUP:
+            cursor.execute(sql)
+        cursor.close()
+        if not getattr(dbapi_connection, "autocommit", True):
+            dbapi_connection.commit()
+
+    async def setup_psycopg(conn: Any) -> None:
+        for sql in SETUP:
+            await conn.execute(sql)
+        await conn.commit()
+
+    lc = tether.Lifecycle()
+    if kind == "psycopg":
+        ppool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1, configure=setup_psycopg)
+        conn: tether.Resource[Any] = tpsy.connection(lc, ppool, transaction=True)
+    else:
+        conn = Driver(kind, True).make(lc, postgres)
+    driver = Driver(kind, True)
+    event.listen(Engine, "connect", setup_sqlalchemy)
+    try:
+        async with lc.run():
+            async with lc.scope() as s:
+                c = await s.get(conn)
+                first = await driver.fetch(c, SETUP_CHECK)
+                await driver.execute(c, "SET search_path TO nowhere")
+                await driver.execute(c, "SET statement_timeout = '9s'")
+            for _ in range(2):
+                async with lc.scope() as s:
+                    assert await driver.fetch(await s.get(conn), SETUP_CHECK) == first
+    finally:
+        event.remove(Engine, "connect", setup_sqlalchemy)
+    assert first[1:] == ("app, public", "2s")
+    await anyio.sleep(0)
+
+
+async def test_psycopg_connection_settings_do_not_reach_the_next_unit_of_work(
+    postgres: Postgres,
+) -> None:
+    """What psycopg keeps on the connection object (`read_only`, the isolation level,
+    `deferrable`, the row factory) is put back as the pool gave it: a unit of work that made
+    its connection read-only used to leave the next one's writes failing as on a replica (a
+    503, and every connection of the pool replaced)."""
+    import psycopg
+    from psycopg.rows import dict_row, namedtuple_row
+
+    lc = tether.Lifecycle()
+    ppool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1, kwargs={"row_factory": dict_row})
+    conn = tpsy.connection(lc, ppool, transaction=True)
+    async with lc.run():
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            pid = c.info.backend_pid
+            await c.set_read_only(True)
+            await c.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            await c.set_deferrable(True)
+            c.row_factory = namedtuple_row
+            await c.execute("SELECT 1")
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert c.info.backend_pid == pid  # the same connection, put back as it was
+            assert (c.read_only, c.isolation_level, c.deferrable) == (None, None, None)
+            assert c.row_factory is dict_row
+            await c.execute("CREATE TEMP TABLE written (k int)")  # a write: not read-only
+            row = await (
+                await c.execute("SELECT current_setting('transaction_isolation') AS i")
+            ).fetchone()
+            assert row == {"i": "read committed"}
+        assert lc.stats().pools["pool"].discarded == 0

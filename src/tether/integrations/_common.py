@@ -33,7 +33,9 @@ BudgetPolicy = Literal["warn", "error", "off"]
 __all__ = [
     "LOSES_CANCEL",
     "LOST_NOTE",
+    "failed_transaction",
     "RESET_SESSION",
+    "SESSION_SETTINGS",
     "BudgetPolicy",
     "connect_or_close",
     "Dsn",
@@ -89,6 +91,16 @@ def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; "
     "SELECT pg_advisory_unlock_all(); DISCARD TEMP"
+)
+
+#: SQL that sets again what ``SET`` made of the session's settings (``pg_settings`` from the
+#: source ``session``: not those of the server, the database, the role or the connection
+#: string, which ``RESET ALL`` keeps), or NULL: read when a connection is made, after the
+#: pool's own setup (psycopg's ``configure``, SQLAlchemy's ``connect`` events), so that the
+#: reset puts back what that setup set.
+SESSION_SETTINGS = (
+    "SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
+    "FROM pg_settings WHERE source = 'session'"
 )
 
 
@@ -349,6 +361,18 @@ def sqlstates(exc: BaseException) -> Iterator[str]:
             yield code
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+def failed_transaction(what: str, name: str, savepoint: str) -> str:
+    """The message for a unit of work whose transaction had failed before its commit: a
+    statement raised an error that the endpoint caught, so PostgreSQL answers ``COMMIT``
+    with a rollback. Nothing was committed: an error response, never a 200."""
+    return (
+        f"{what} {name!r}: a statement of the unit of work's transaction failed and its error was "
+        f"caught, so the transaction was aborted and could not commit: nothing was committed "
+        f"(it was rolled back). Let the error propagate (tether rolls back and answers it), "
+        f"or run what may fail in a savepoint ({savepoint}) and carry on after it."
+    )
 
 
 def read_only(exc: BaseException) -> bool:

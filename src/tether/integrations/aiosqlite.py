@@ -90,18 +90,21 @@ Begin = Literal["deferred", "immediate", "exclusive"]
 Release = Literal["handler", "response"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+# SQLITE_BUSY only: another connection holds the lock, and waiting may end it. SQLITE_LOCKED
+# ("database table is locked") comes from the same connection (a statement its own cursor
+# still reads from), which no retry mends: an error of the endpoint, not a 503.
+_BUSY = (sqlite3.SQLITE_BUSY,)
 _INTERRUPT_AFTER = 0.05  # s: a rollback still waiting then waits behind a running statement
 
 
 def _is_busy(exc: BaseException) -> bool:
-    """Whether *exc* is SQLite's "database is locked" (busy or locked, any extended code)."""
+    """Whether *exc* is SQLite's "database is locked" (busy, any extended code)."""
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return int(code) & 0xFF in _BUSY
-    return "locked" in str(exc)  # pragma: no cover - Python without sqlite_errorcode
+    return "database is locked" in str(exc)  # pragma: no cover - without sqlite_errorcode
 
 
 class Database:

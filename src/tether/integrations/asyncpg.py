@@ -57,6 +57,7 @@ import anyio
 try:
     import asyncpg
     import asyncpg.exceptions as pg_errors
+    from asyncpg.transaction import TransactionState as _TxState
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
     raise ImportError(msg) from exc
@@ -74,6 +75,7 @@ from ._common import (
     check_budget,
     commit_not_sent,
     depends_on,
+    failed_transaction,
     queue_full,
     read_only,
     read_only_failure,
@@ -527,7 +529,7 @@ def connection(
                 raise
             if tx is not None:
                 try:
-                    await tx.commit()
+                    await _commit(conn, tx, name)
                 except pg_errors.InternalClientError as exc:
                     # asyncpg refused to send COMMIT: the connection is mid-way through
                     # something else, most often an error the server sent unasked as it
@@ -667,6 +669,29 @@ async def _acquire_tested(
         else:
             return conn, tx
     raise AssertionError  # pragma: no cover - the loop returns or raises
+
+
+async def _commit(conn: Any, tx: Any, name: str) -> None:
+    """Commit *tx* as asyncpg's ``Transaction.commit()`` does, reading the server's answer:
+    PostgreSQL answers ``COMMIT`` of a transaction that a failed statement aborted with
+    ``ROLLBACK`` and no error, and asyncpg drops the answer. (asyncpg keeps the
+    transaction's status to itself: its own bookkeeping is done here too.)"""
+    raw = _raw(conn)
+    top: Any = getattr(raw, "_top_xact", None)
+    if top is None or top is not tx or not hasattr(top, "_state"):
+        await tx.commit()  # pragma: no cover - an asyncpg that works otherwise
+        return
+    raw._top_xact = None
+    try:
+        answer = await raw.execute("COMMIT;")
+    except BaseException:
+        top._state = _TxState.FAILED
+        raise
+    top._state = _TxState.COMMITTED
+    if answer == "ROLLBACK":
+        savepoint = "`async with conn.transaction():`"
+        msg = failed_transaction("Connection", name, savepoint)
+        raise pg_errors.InFailedSQLTransactionError(msg)
 
 
 def _raw(conn: Any) -> Any:

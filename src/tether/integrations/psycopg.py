@@ -70,6 +70,7 @@ from ._common import (
     LOSES_CANCEL,
     LOST_NOTE,
     RESET_SESSION,
+    SESSION_SETTINGS,
     BudgetPolicy,
     Dsn,
     LoopBound,
@@ -77,6 +78,7 @@ from ._common import (
     connect_or_close,
     depends_on,
     dropped_cancellation,
+    failed_transaction,
     read_only,
     read_only_failure,
     redact,
@@ -101,7 +103,17 @@ Connection = psycopg.AsyncConnection[Any]
 class _State:
     """What tether knows about one pool it opened (for messages and the loop check)."""
 
-    __slots__ = ("acquiring", "bound", "name", "out", "pgbouncer", "served", "shown", "timeout")
+    __slots__ = (
+        "acquiring",
+        "bound",
+        "configured",
+        "name",
+        "out",
+        "pgbouncer",
+        "served",
+        "shown",
+        "timeout",
+    )
 
     def __init__(self, name: str, timeout: float, shown: str, pgbouncer: bool = False) -> None:
         self.name = name
@@ -116,6 +128,9 @@ class _State:
         # The connections handed out and not given back. psycopg's own figure for them
         # (``pool_size`` - ``pool_available``) also counts a connection it is still making.
         self.out: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # What the pool's ``configure`` set on each connection's session (``SET``), as SQL
+        # that sets it again: the reset's ``RESET ALL`` undoes it, and it is put back.
+        self.configured: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
 
 
 class Pool(AsyncConnectionPool[Connection]):
@@ -223,6 +238,9 @@ def pool(
             "check": AsyncConnectionPool.check_connection if pre_ping else None,
             **pool_kw,
         }
+        configure = options.get("configure")
+        if configure is not None:
+            options["configure"] = _keeping_configured(configure, state)
 
         # One connection by hand first: an unreachable database fails at once, with
         # libpq's reason (the pool would retry quietly until open_timeout), and it reads
@@ -270,10 +288,17 @@ def pool(
                 await p.close()
             if not isinstance(exc, PoolTimeout):
                 raise
-            reason = TimeoutError(
-                f"the pool did not open {min_size} connections in {open_timeout:g} s"
+            # The connection made by hand just before got in: what failed is the pool's
+            # own making of one (psycopg logs each failure, and retries until the timeout).
+            msg = (
+                f"Pool {name!r} did not open {min_size} connection(s) in {open_timeout:g} s, "
+                f"although a connection made just before to {state.shown} got in. So the "
+                f"pool's own setup of a connection fails: a configure= that raises or leaves "
+                f"a transaction open, or kwargs the server refuses (psycopg logs each attempt "
+                f"as \"error connecting in '{name}'\"); or the server is slow to accept more "
+                f"connections: give open_timeout= more seconds."
             )
-            raise unreachable(name, state.shown, reason) from exc
+            raise ResourceUnavailable(redact(msg), resource=name) from exc
         try:
             log.info(
                 "tether: psycopg pool %r open on %s (min_size=%d, max_size=%d%s)",
@@ -404,6 +429,7 @@ def connection(
         conn = await _getconn(p, pool_name, timeout)
         state: _State | None = getattr(p, "_tether", None)
         reset = reset_session and (state is None or not state.pgbouncer)
+        kept = _settings(conn)
         try:
             await conn.set_autocommit(not transaction)
         except BaseException:
@@ -436,17 +462,54 @@ def connection(
                     raise unavailable(pool_name, reason, lost=True) from exc
                 raise
             if transaction:
+                if conn.info.transaction_status == TransactionStatus.INERROR:
+                    # A failed statement aborted it, its error caught: PostgreSQL would
+                    # answer COMMIT with a rollback, and psycopg raises nothing.
+                    await _rollback(conn, name, reset_timeout)
+                    savepoint = "`async with conn.transaction():`"
+                    msg = failed_transaction("Connection", name, savepoint)
+                    raise psycopg.errors.InFailedSqlTransaction(msg)
                 await conn.commit()
         finally:
             # psycopg's pool checks what comes back: a transaction left open is rolled
             # back, a connection mid-query or broken is closed and replaced.
             if reset:
-                await _reset_session(conn, name, reset_timeout)
+                again = state.configured.get(conn, "") if state is not None else ""
+                await _reset_session(conn, name, reset_timeout, again)
+            if not conn.closed and _settings(conn) != kept:
+                await _restore(conn, kept, name)
             await p.putconn(conn)
 
     return lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
+
+
+def _settings(conn: Connection) -> tuple[Any, ...]:
+    """What psycopg keeps on the connection object, not on the server's session, and a unit
+    of work may change: the next one would inherit it (``set_read_only(True)`` would make
+    its writes fail as on a replica)."""
+    return (conn.read_only, conn.isolation_level, conn.deferrable, conn.row_factory)
+
+
+async def _restore(conn: Connection, kept: tuple[Any, ...], name: str) -> None:
+    """Put back the connection object's settings (:func:`_settings`) as the unit of work
+    found them; a connection that cannot take them back (a transaction left open) is closed,
+    and the pool replaces it."""
+    read_only, isolation_level, deferrable, row_factory = kept
+    try:
+        await conn.set_read_only(read_only)
+        await conn.set_isolation_level(isolation_level)
+        await conn.set_deferrable(deferrable)
+        conn.row_factory = row_factory
+    except Exception as exc:
+        log.warning(
+            "tether: %r: could not put back the connection's settings (%s); closed (the pool "
+            "replaces it)",
+            name,
+            describe(exc),
+        )
+        await conn.close()
 
 
 async def _replace_all(p: Any) -> None:
@@ -582,6 +645,12 @@ def once(
             await conn.set_autocommit(True)
             ran = await _once.run(_OnceSession(conn), job)
             await conn.set_autocommit(autocommit)
+            state: _State | None = getattr(p, "_tether", None)
+            if state is None or not state.pgbouncer:
+                # What the job left on the session (a `SET search_path` for a migration, a
+                # temporary table) is not the first request's.
+                again = state.configured.get(conn, "") if state is not None else ""
+                await _reset_session(conn, job.name, 5.0, again)
         except BaseException:
             # The server ends the transaction, and frees the lock, with the connection.
             with anyio.CancelScope(shield=True):
@@ -614,7 +683,38 @@ async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
         log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)
 
 
-async def _reset_session(conn: Connection, name: str, within: float) -> None:
+def _keeping_configured(
+    configure: Callable[[Connection], Awaitable[None]], state: _State
+) -> Callable[[Connection], Awaitable[None]]:
+    """The pool's ``configure``, closing a connection it fails on (psycopg's pool drops it
+    unclosed, and its backend stays until the garbage collector finds it), then a note of
+    the settings it left on the session (its ``SET``s), for the reset to put back."""
+
+    async def configured(conn: Connection) -> None:
+        try:
+            await configure(conn)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            await conn.close()
+            msg = f"configure={configure!r} left the connection in a transaction: discarded"
+            raise psycopg.ProgrammingError(msg)
+        if state.pgbouncer:
+            return  # no reset to put them back after
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(SESSION_SETTINGS)
+            row = await cur.fetchone()
+        if not conn.autocommit:
+            await conn.rollback()  # the query began a transaction: end it
+        if row is not None and row[0]:
+            state.configured[conn] = row[0]
+
+    return configured
+
+
+async def _reset_session(conn: Connection, name: str, within: float, again: str = "") -> None:
     """Undo what the unit of work left on the session before the connection goes back
     (``RESET_SESSION``: ``SET``, ``SET ROLE``, cursors, ``LISTEN``, advisory locks,
     temporary tables), as asyncpg's pool does on release: one round trip, in autocommit (the
@@ -633,7 +733,7 @@ async def _reset_session(conn: Connection, name: str, within: float) -> None:
             autocommit = conn.autocommit
             if not autocommit:
                 await conn.set_autocommit(True)
-            await conn.execute(RESET_SESSION)
+            await conn.execute(RESET_SESSION + again)
             if not autocommit:
                 await conn.set_autocommit(False)
     except Exception as exc:

@@ -88,16 +88,19 @@ from .._stats import PoolStats
 from . import _once
 from ._common import (
     RESET_SESSION,
+    SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
     check_budget,
     commit_not_sent,
     depends_on,
+    failed_transaction,
     queue_full,
     read_only,
     read_only_failure,
     redact,
     saturation,
+    sqlstates,
     unavailable,
     used_concurrently,
 )
@@ -323,6 +326,44 @@ def _replace_on_read_only(eng: Engine) -> None:
     event.listen(eng, "handle_error", handle_error)
 
 
+_FAILED = "tether_failed"  # in a connection's info: a statement failed in its transaction
+_IN_FAILED_TRANSACTION = "25P02"
+
+
+def _refuse_failed_commits(eng: Engine, name: str) -> None:
+    """PostgreSQL answers ``COMMIT`` of a transaction that a failed statement aborted with a
+    rollback and no error, and the drivers report success: an endpoint that caught the
+    statement's error would answer 200 with nothing committed. A failed statement marks its
+    connection; a commit on a marked connection first asks the server whether the
+    transaction can still commit (one round trip, only then: a savepoint rolled back may
+    have saved it), and fails the commit when it cannot."""
+
+    def handle_error(context: Any) -> None:
+        conn = context.connection
+        if conn is not None and not conn.closed:
+            conn.info[_FAILED] = True
+
+    def begin(conn: Any) -> None:
+        conn.info.pop(_FAILED, None)
+
+    def commit(conn: Any) -> None:
+        if conn.info.pop(_FAILED, None) is None:
+            return
+        try:
+            conn.exec_driver_sql("SELECT 1")
+        except sa_exc.DBAPIError as exc:
+            if _IN_FAILED_TRANSACTION not in sqlstates(exc):
+                raise
+            savepoint = "`async with session.begin_nested():`"
+            raise sa_exc.PendingRollbackError(
+                failed_transaction("Engine", name, savepoint)
+            ) from exc
+
+    event.listen(eng, "handle_error", handle_error)
+    event.listen(eng, "begin", begin)
+    event.listen(eng, "commit", commit)
+
+
 def _count_connections(eng: Engine, info: _PoolInfo) -> None:
     """Count the connections the pool makes, and the time that takes (from the dialect's
     connect to the pool's ``connect`` event, stamped on the connection's record), and those
@@ -365,11 +406,20 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     trip. A connection that cannot be reset is invalidated, never handed to the next unit of
     work as it was."""
 
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        # The first time: after the pool's `connect` events (a `SET search_path` there, as
+        # SQLAlchemy's documentation shows), note what they set, for the reset to put back.
+        if _CONFIGURED not in record.info:
+            try:
+                record.info[_CONFIGURED] = _driver_query(dbapi_connection, SESSION_SETTINGS) or ""
+            except Exception:  # a connection that fails here fails the unit's first query
+                pass
+
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
             return  # invalidated: it is not coming back
         try:
-            _reset_driver(dbapi_connection)
+            _reset_driver(dbapi_connection, record.info.get(_CONFIGURED, ""))
         except Exception as exc:
             log.warning(
                 "tether: engine %r: could not reset a connection's session (%s); discarded",
@@ -381,14 +431,47 @@ def _reset_sessions(eng: Engine, name: str) -> None:
             except Exception:  # pragma: no cover - closing a broken connection
                 pass
 
+    event.listen(eng, "checkout", checkout)
     event.listen(eng, "checkin", checkin)
 
 
-def _reset_driver(dbapi_connection: Any) -> None:
+_CONFIGURED = "tether_configured"  # in a connection's record: what its setup SET, as SQL
+
+
+def _driver_query(dbapi_connection: Any, sql: str) -> Any:
+    """The one value of *sql*, run on the driver's connection outside any transaction."""
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     package = type(driver).__module__.partition(".")[0]
     if package == "asyncpg":
-        await_only(driver.execute(RESET_SESSION))  # no transaction open: it stays none
+        return await_only(driver.fetchval(sql))
+    if package not in ("psycopg", "psycopg2"):
+        return None
+    is_async = inspect.iscoroutinefunction(driver.commit)
+    autocommit = driver.autocommit
+    if is_async:
+        if not autocommit:
+            await_only(driver.set_autocommit(True))
+        try:
+            row = await_only((await_only(driver.execute(sql))).fetchone())
+        finally:
+            if not autocommit:
+                await_only(driver.set_autocommit(False))
+        return row[0]
+    driver.autocommit = True
+    cursor = driver.cursor()
+    try:
+        cursor.execute(sql)
+        return cursor.fetchone()[0]
+    finally:
+        cursor.close()
+        driver.autocommit = autocommit
+
+
+def _reset_driver(dbapi_connection: Any, again: str = "") -> None:
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    package = type(driver).__module__.partition(".")[0]
+    if package == "asyncpg":
+        await_only(driver.execute(RESET_SESSION + again))  # no transaction open: it stays none
     elif package in ("psycopg", "psycopg2"):
         # In autocommit, so the reset opens no transaction (the connection is idle here:
         # switching costs no round trip).
@@ -397,14 +480,14 @@ def _reset_driver(dbapi_connection: Any) -> None:
         if is_async:
             if not autocommit:
                 await_only(driver.set_autocommit(True))
-            await_only(driver.execute(RESET_SESSION))
+            await_only(driver.execute(RESET_SESSION + again))
             if not autocommit:
                 await_only(driver.set_autocommit(False))
         else:
             driver.autocommit = True
             cursor = driver.cursor()
             try:
-                cursor.execute(RESET_SESSION)
+                cursor.execute(RESET_SESSION + again)
             finally:
                 cursor.close()
                 driver.autocommit = autocommit
@@ -714,6 +797,8 @@ def engine(
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = create_async_engine(u, **options)
         _replace_on_read_only(eng.sync_engine)
+        if u.get_backend_name() == "postgresql":
+            _refuse_failed_commits(eng.sync_engine, name)
         _count_connections(eng.sync_engine, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
             _reset_sessions(eng.sync_engine, name)
@@ -1036,6 +1121,8 @@ def sync_engine(
         )
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
+        if u.get_backend_name() == "postgresql":
+            _refuse_failed_commits(eng, name)
         _count_connections(eng, info)
         _note_checkouts(eng, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:

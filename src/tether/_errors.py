@@ -20,8 +20,10 @@ __all__ = [
     "redact",
 ]
 
-# `scheme://user:password@host` and `password=...` (libpq keyword form).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
+# `scheme://user:password@host` and `password=...` (libpq keyword form). The password runs
+# to the last `@` before the host's end (`/`, `?`, `#`, a space), as URL parsers read it: a
+# password with an unencoded `@` is hidden whole.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/?#\s]*)@")
 _KW_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\"[^\"]*\"|\S+)", re.I)
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 import tether
 from tests.serving import Server, free_port
+from tests.unit._messages import exactly
 from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 from tether.integrations import httpx as thttpx
 
@@ -161,3 +162,181 @@ async def test_a_request_cancelled_at_each_wake_up_leaves_the_pool_whole(
                     )
                 assert [r.status_code for r in both] == [200, 200], f"{how} at turn {k}"
             assert 2 <= fired_count < 1999, (how, fired_count)
+
+
+class _Proxy:
+    """A tiny forward HTTP proxy on 127.0.0.1 that answers every request itself, after
+    *seconds*, with the request line it received (what a proxy between the app and the
+    upstream would see)."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.seen: list[str] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> "_Proxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                while (await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                self.seen.append(line.decode().strip())
+                await asyncio.sleep(self.seconds)
+                body = b'{"via": "proxy"}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+UNRESOLVABLE = "http://upstream.example.invalid"  # only a proxy can reach it
+
+
+class TestProxies:
+    @pytest.mark.anyio
+    async def test_the_environment_proxy_is_used(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """HTTP_PROXY (read by httpx when trust_env) routes the client's requests through
+        the proxy, as for a plain httpx.AsyncClient; NO_PROXY hosts go straight there."""
+        async with _Proxy() as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", "direct.example.invalid")
+            lc = tether.Lifecycle()
+            http = thttpx.client(lc)
+            async with lc.run():
+                c = lc.get(http)
+                response = await c.get(f"{UNRESOLVABLE}/ping")
+                assert response.json() == {"via": "proxy"}
+                assert proxy.seen == [f"GET {UNRESOLVABLE}/ping HTTP/1.1"]
+                with pytest.raises(thttpx.ConnectUnavailable):
+                    await c.get("http://direct.example.invalid/ping")
+                assert len(proxy.seen) == 1
+
+    @pytest.mark.anyio
+    async def test_an_explicit_proxy_gets_the_limits_and_the_503s(self) -> None:
+        """proxy=: its route has the client's limits (a pool of 1: the second request waits
+        the pool timeout, then 503, counted as a timeout), and a proxy that cannot be
+        reached is a 503 naming it."""
+        async with _Proxy(seconds=0.6) as proxy:
+            lc = tether.Lifecycle()
+            http = thttpx.client(
+                lc,
+                proxy=proxy.url,
+                limits=httpx.Limits(max_connections=1),
+                timeout=httpx.Timeout(5.0, pool=0.2),
+            )
+            async with lc.run():
+                c = lc.get(http)
+                first = asyncio.create_task(c.get(f"{UNRESOLVABLE}/a"))
+                while not proxy.seen:
+                    await asyncio.sleep(0.01)
+                with pytest.raises(
+                    thttpx.PoolUnavailable,
+                    match=exactly(
+                        "Pool 'http' (size 1, in use 1, waiting 1) could not give a connection: "
+                        "no connection came free within the pool timeout (max_connections "
+                        "reached). Retry shortly; if it persists, check the server it calls and "
+                        "the pool size."
+                    ),
+                ) as info:
+                    await c.get(f"{UNRESOLVABLE}/b")
+                assert info.value.timed_out
+                assert lc.stats().resources["http"].timeouts == 1
+                assert (await first).json() == {"via": "proxy"}
+
+        port = free_port()
+        lc = tether.Lifecycle()
+        http = thttpx.client(lc, proxy=f"http://user:pw-123@127.0.0.1:{port}")
+        async with lc.run():
+            with pytest.raises(
+                thttpx.ConnectUnavailable,
+                match=exactly(
+                    f"Pool 'http' (size 100, in use 0, waiting 0) could not give a connection: "
+                    f"cannot reach {UNRESOLVABLE}/ through the proxy http://127.0.0.1:{port}: "
+                    f"ConnectError: All connection attempts failed. Retry shortly; if it "
+                    f"persists, check the server it calls and the pool size."
+                ),
+            ):
+                await lc.get(http).get(f"{UNRESOLVABLE}/ping")
+            assert lc.stats().resources["http"].timeouts == 0
+
+
+class TestPoolFigures:
+    @pytest.mark.anyio
+    async def test_a_streamed_response_holds_its_connection(self, upstream: Server) -> None:
+        """A response being streamed holds the one connection: the request that waited for
+        it and timed out reports it in use, and itself waiting; counted as a timeout."""
+        lc = tether.Lifecycle()
+        http = thttpx.client(
+            lc,
+            base_url=upstream.base_url,
+            limits=httpx.Limits(max_connections=1),
+            timeout=httpx.Timeout(5.0, pool=0.3),
+        )
+        async with lc.run():
+            c = lc.get(http)
+            async with c.stream("GET", "/echo/held") as held:  # its body not read yet
+                with pytest.raises(thttpx.PoolUnavailable, match=exactly(POOL_1)) as info:
+                    await c.get("/echo/x")
+                assert info.value.timed_out
+                await held.aread()
+            assert lc.stats().resources["http"].timeouts == 1
+            assert (await c.get("/echo/y")).json() == {"echo": "y"}
+
+    @pytest.mark.anyio
+    async def test_the_figures_of_a_transport_given(self, upstream: Server) -> None:
+        """transport= with a pool of 1: the message gives that pool's size, not tether's
+        limits; a transport without an httpx pool gives no figures."""
+        lc = tether.Lifecycle()
+        http = thttpx.client(
+            lc,
+            base_url=upstream.base_url,
+            transport=httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1)),
+            timeout=httpx.Timeout(5.0, pool=0.3),
+        )
+        async with lc.run():
+            c = lc.get(http)
+            first = asyncio.create_task(c.get("/slow", params={"seconds": 1.0}))
+            await asyncio.sleep(0.3)
+            with pytest.raises(thttpx.PoolUnavailable, match=exactly(POOL_1)):
+                await c.get("/echo/x")
+            assert lc.stats().resources["http"].timeouts == 1
+            assert (await first).status_code == 200
+
+        class Refusing(httpx.AsyncBaseTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                raise httpx.ConnectError("refused", request=request)
+
+        lc = tether.Lifecycle()
+        http = thttpx.client(lc, base_url="http://127.0.0.1:9", transport=Refusing())
+        async with lc.run():
+            with pytest.raises(
+                thttpx.ConnectUnavailable,
+                match=exactly(
+                    "Pool 'http' could not give a connection: cannot reach "
+                    "http://127.0.0.1:9/: ConnectError: refused. Retry shortly; if it "
+                    "persists, check the server it calls and the pool size."
+                ),
+            ):
+                await lc.get(http).get("/x")
+
+
+POOL_1 = (
+    "Pool 'http' (size 1, in use 1, waiting 1) could not give a connection: no connection "
+    "came free within the pool timeout (max_connections reached). Retry shortly; if it "
+    "persists, check the server it calls and the pool size."
+)

@@ -15,9 +15,12 @@ from fastapi.testclient import TestClient
 import tether
 from tests.integration.drivers import health_at_once
 from tests.servers import Redis, free_port
+from tests.unit._messages import exactly
 from tether.integrations import redis as tredis
 
 pytestmark = pytest.mark.servers
+
+_REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
 
 
 def unique(request: pytest.FixtureRequest) -> str:
@@ -87,17 +90,55 @@ class TestClientLifecycle:
             assert response.json()["detail"].startswith("Pool 'redis'")
             assert "cannot reach redis://127.0.0.1:" in response.json()["detail"]
 
-    def test_unreachable_at_startup_is_a_startup_error_without_the_password(self) -> None:
-        """Nothing listens there: StartupError naming the client, its password hidden."""
-        url = f"redis://:hunter2-pw@127.0.0.1:{free_port()}/0"
+    def test_a_command_in_flight_when_the_server_stops_is_a_503(
+        self, own_redis: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """A BLPOP waiting when the server stops: redis-py reconnects inside the command (its
+        retry), which fails; the request is a 503 with Retry-After, not a 500, and the
+        next one too."""
+        name = unique(request)
+        # redis-py 5 retries a command only on the errors given (redis-py 8: by default).
+        kw = {} if _REDIS_PY >= (6,) else {"retry_on_error": [redis.ConnectionError]}
+        app, _ = make_app(own_redis.url, client_name=name, max_connections=5, **kw)
+        port = own_redis.port
+        detail = (
+            f"Pool 'redis' (size 5, in use 0) could not give a connection: cannot reach "
+            f"redis://127.0.0.1:{port}/0: ConnectionError: Error 111 connecting to "
+            f"127.0.0.1:{port}. Connect call failed ('127.0.0.1', {port}). Retry shortly; "
+            f"if it persists, check the Redis server and the pool size."
+        )
+        with TestClient(app) as client, ThreadPoolExecutor(1) as executor:
+            blocked = executor.submit(client.get, f"/block/{name}-list?seconds=3")
+            deadline = time.monotonic() + 5
+            while not any(c["cmd"] == "blpop" for c in own_redis.client_list(name)):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            own_redis.stop()
+            response = blocked.result()
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["detail"] == detail
+            response = client.post(f"/incr/{name}")
+            assert response.status_code == 503
+            assert response.json()["detail"] == detail
+
+    @pytest.mark.parametrize("password", ["hunter2-pw", "hunter@2-pw"])
+    def test_unreachable_at_startup_is_a_startup_error_without_the_password(
+        self, password: str
+    ) -> None:
+        """Nothing listens there: StartupError naming the client, its password hidden (all
+        of it, one with an unencoded ``@`` too, which redis-py reads whole)."""
+        port = free_port()
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
         app, _ = make_app(url)
         with pytest.raises(tether.StartupError) as info, TestClient(app):
             pass
         assert info.value.resource == "redis"
-        assert "redis://:***@127.0.0.1" in str(info.value)
+        assert f"cannot reach redis://:***@127.0.0.1:{port}/0: " in str(info.value)
         chain: BaseException | None = info.value
         while chain is not None:
-            assert "hunter2" not in str(chain)
+            assert "hunter" not in str(chain)
+            assert "2-pw" not in str(chain)
             chain = chain.__cause__ or chain.__context__
         cause = info.value.__cause__
         assert isinstance(cause, redis.ConnectionError)  # still redis-py's error type
@@ -124,6 +165,8 @@ class TestPool:
             detail = response.json()["detail"]
             assert detail.startswith("Pool 'redis' (size 1, in use 1)"), detail
             assert "no connection came free" in detail
+            # Counted: the resource's timeouts (db.client.connection.timeouts).
+            assert lc.stats().resources["redis"].timeouts == 1
             assert blocked.result().status_code == 200
             assert client.post(f"/incr/{name}").status_code == 200
             assert len(redis_server.client_list(name)) == 1  # never more than max_connections
@@ -258,3 +301,88 @@ async def test_readiness_reads_a_full_pool_instead_of_queueing_behind_it(
         report = await lc.health()  # the pool has room again: PING runs, and passes
         assert report.ok, report.as_dict()
         assert report["redis"].detail is None
+
+
+@pytest.mark.anyio
+async def test_figures_count_connected_connections_only(redis_server: Redis) -> None:
+    """Five BLPOPs cancelled (clients that went away): redis-py drops their connections,
+    and the pool's figures say none is open or idle, as CLIENT LIST does."""
+    import asyncio
+
+    name = f"tt-connected-{uuid.uuid4().hex[:6]}"
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, max_connections=10, client_name=name)
+    async with lc.run():
+        r = lc.get(cache)
+        key = f"k-{name}"
+        blocked = [asyncio.create_task(r.blpop([key], timeout=5)) for _ in range(5)]
+        deadline = time.monotonic() + 5
+        while len(redis_server.client_list(name)) < 5 or lc.stats().pools["redis"].in_use < 5:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        for task in blocked:
+            task.cancel()
+        await asyncio.gather(*blocked, return_exceptions=True)
+        while redis_server.client_list(name):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        figures = lc.stats().pools["redis"]
+        assert (figures.open, figures.in_use, figures.idle) == (0, 0, 0)
+        assert await r.incr(f"n-{name}") == 1  # a connection made again on use
+        figures = lc.stats().pools["redis"]
+        assert (figures.open, figures.in_use, figures.idle) == (1, 0, 1)
+        assert len(redis_server.client_list(name)) == 1
+
+
+@pytest.mark.anyio
+async def test_the_default_pool_is_read_when_full_and_refuses_at_once(
+    redis_server: Redis,
+) -> None:
+    """Without max_connections, redis-py 8 caps its pool at 100 and refuses a command at
+    once when all are in use: readiness reads the full pool (busy, ready) instead of a PING
+    refused at once, and the refusal says what happened, without counting a timeout.
+    (redis-py 5's pool has no cap: no figures, and readiness PINGs.)"""
+    import asyncio
+    import re
+
+    name = f"tt-default-{uuid.uuid4().hex[:6]}"
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, client_name=name)
+    async with lc.run():
+        r = lc.get(cache)
+        if r.connection_pool.max_connections >= 2**31:  # redis-py 5: no cap
+            assert lc.stats().pools["redis"].max is None
+            report = await health_at_once(lc)
+            assert report.ok
+            assert report["redis"].detail is None
+            return
+        assert lc.stats().pools["redis"].max == 100
+        key = f"k-{name}"
+        blocked = [asyncio.create_task(r.blpop([key], timeout=4)) for _ in range(100)]
+        deadline = time.monotonic() + 10
+        while len(redis_server.client_list(name)) < 100 or lc.stats().pools["redis"].waiting:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        report = await health_at_once(lc)
+        assert report.ok, report.as_dict()
+        detail = report["redis"].detail or ""
+        assert re.fullmatch(
+            r"busy: all 100 connections in use; one was handed out \d+\.\d s ago", detail
+        ), detail
+        t0 = time.monotonic()
+        with pytest.raises(
+            tredis.RedisUnavailable,
+            match=exactly(
+                "Pool 'redis' (size 100, in use 100) could not give a connection: every "
+                "connection is in use (max_connections=100), and this pool does not wait for "
+                "one: pass max_connections= to wait up to pool_timeout. Retry shortly; if it "
+                "persists, check the Redis server and the pool size."
+            ),
+        ) as info:
+            await r.get(key)
+        assert time.monotonic() - t0 < 0.5
+        assert not info.value.timed_out
+        assert lc.stats().resources["redis"].timeouts == 0
+        for task in blocked:
+            task.cancel()
+        await asyncio.gather(*blocked, return_exceptions=True)

@@ -26,8 +26,12 @@
   (``aclose()``) at shutdown.
 * Its check confirms the client is open and, given ``health_url``, that a ``GET`` of it
   answers 2xx.
-* A server that cannot be reached (``ConnectError``, ``ConnectTimeout``), or no
-  connection free in the pool within the pool timeout (``PoolTimeout``), raises an error
+* Its requests, straight or through a proxy (``proxy=``, or ``HTTP_PROXY``,
+  ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` when ``trust_env``), go through httpx's
+  own transport with the client's ``limits``, ``verify``, ``cert`` and ``http2``.
+* A server (or proxy) that cannot be reached (``ConnectError``, ``ConnectTimeout``), or no
+  connection free in the pool within the pool timeout (``PoolTimeout``, counted in the
+  resource's ``timeouts``), raises an error
   that is both httpx's (so ``except httpx.ConnectError`` still works) and a
   :class:`~tether.ResourceUnavailable`: left uncaught, the request is answered 503 with
   ``Retry-After``, naming the client and its pool's size, connections in use and waiters.
@@ -36,6 +40,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +66,15 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 class _Unavailable(ResourceUnavailable):
     def __init__(
-        self, message: str, *, resource: str, retry_after: float, request: httpx.Request
+        self,
+        message: str,
+        *,
+        resource: str,
+        retry_after: float,
+        request: httpx.Request,
+        timed_out: bool = False,
     ) -> None:
-        super().__init__(message, resource=resource, retry_after=retry_after)
+        super().__init__(message, resource=resource, retry_after=retry_after, timed_out=timed_out)
         self.request = request
 
 
@@ -82,42 +93,59 @@ class PoolUnavailable(_Unavailable, httpx.PoolTimeout):
 class _Transport(httpx.AsyncBaseTransport):
     """httpx's own transport, with its connection failures made ResourceUnavailable."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, name: str, limits: httpx.Limits) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, name: str, via: str | None = None) -> None:
         self.inner = inner
         self.name = name
-        self.limits = limits
-        self.in_flight = 0  # requests between sending and their response headers
+        self.via = via  # the proxy it goes through, if any
+        self.resource: Resource[Any] | None = None  # its counters count the pool's timeouts
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.in_flight += 1
         try:
             return await self.inner.handle_async_request(request)
         except httpx.PoolTimeout as exc:
+            if self.resource is not None:  # db.client.connection.timeouts
+                self.resource.counters.timeouts += 1
             raise self._unavailable(PoolUnavailable, request, exc) from exc
         except httpx.ConnectTimeout as exc:
             raise self._unavailable(TimeoutUnavailable, request, exc) from exc
         except httpx.ConnectError as exc:
             raise self._unavailable(ConnectUnavailable, request, exc) from exc
-        finally:
-            self.in_flight -= 1
+
+    def _figures(self, waited: bool) -> tuple[int | None, int | None, int | None]:
+        """Size, connections in use and requests waiting, read from the transport's pool
+        (httpcore's, in httpx's own transport); ``None`` where there is no such pool.
+        *waited*: the failing request waited for a connection, and counts as waiting (the
+        pool has already taken it off its queue)."""
+        pool = getattr(self.inner, "_pool", None)
+        try:
+            most = pool._max_connections  # type: ignore[union-attr]
+            size = most if isinstance(most, int) and most < sys.maxsize else None
+        except Exception:
+            size = None
+        try:
+            # Busy: a request on it, or a response being read (streamed) from it.
+            in_use = sum(not c.is_idle() for c in pool.connections)  # type: ignore[union-attr]
+        except Exception:
+            in_use = None
+        try:
+            queued = sum(r.is_queued() for r in pool._requests)  # type: ignore[union-attr]
+            waiting: int | None = queued + waited
+        except Exception:
+            waiting = None
+        return size, in_use, waiting
 
     def _unavailable(
         self, cls: type[_Unavailable], request: httpx.Request, exc: Exception
     ) -> _Unavailable:
-        size = self.limits.max_connections
-        pool = getattr(self.inner, "_pool", None)  # httpcore's pool, if it is one
-        in_use: int | None = None
-        try:
-            in_use = sum(not c.is_idle() for c in pool.connections)  # type: ignore[union-attr]
-        except Exception:
-            pass
-        waiting = max(self.in_flight - (in_use or 0), 0) if in_use is not None else None
-        if isinstance(exc, httpx.PoolTimeout):
+        timed_out = isinstance(exc, httpx.PoolTimeout)
+        size, in_use, waiting = self._figures(timed_out)
+        if timed_out:
             reason = "no connection came free within the pool timeout (max_connections reached)"
         else:
             said = str(exc).rstrip(". ") or type(exc).__name__
             target = redact(str(request.url.copy_with(path="/", query=None, fragment=None)))
-            reason = f"cannot reach {target}: {type(exc).__name__}: {said}"
+            through = f" through the proxy {redact(self.via)}" if self.via else ""
+            reason = f"cannot reach {target}{through}: {type(exc).__name__}: {said}"
         plain = unavailable(
             self.name,
             reason,
@@ -126,7 +154,10 @@ class _Transport(httpx.AsyncBaseTransport):
             waiting=waiting,
             backend="the server it calls",
         )
-        return cls(str(plain), resource=self.name, retry_after=plain.retry_after, request=request)
+        return cls(
+            str(plain), resource=self.name, retry_after=plain.retry_after, request=request,
+            timed_out=timed_out,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -158,30 +189,80 @@ def client(
             ``False``: no check; or a function given the client.
         http2: use HTTP/2 where the server offers it (needs ``httpx[http2]``).
         kw: passed to ``httpx.AsyncClient`` (``headers``, ``auth``, ``verify``, ``cert``,
-            ``transport``, ``event_hooks``, ...).
+            ``proxy``, ``mounts``, ``trust_env``, ``transport``, ``event_hooks``, ...).
+            Without ``transport``, the proxies (``proxy``, or the environment's) get
+            transports like the direct one: the same settings, and 503s.
     """
 
     async def open_client() -> AsyncIterator[httpx.AsyncClient]:
-        options = {key: value for key, value in kw.items() if key != "transport"}
-        inner: httpx.AsyncBaseTransport | None = kw.get("transport")
-        if inner is None:
-            inner = httpx.AsyncHTTPTransport(
-                limits=limits,
-                http2=http2,
-                verify=options.pop("verify", True),
-                cert=options.pop("cert", None),
-                trust_env=options.get("trust_env", True),
-            )
-        transport = _Transport(inner, name, limits)
+        options = dict(kw)
+        given: httpx.AsyncBaseTransport | None = options.pop("transport", None)
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+        if given is None:
+            # httpx's own transports, for the direct route and for each proxy (proxy=, or
+            # HTTP(S)_PROXY / ALL_PROXY / NO_PROXY when trust_env), built as httpx builds
+            # them but with tether's settings and 503 errors.
+            settings: dict[str, Any] = {
+                "limits": limits,
+                "http2": http2,
+                "verify": options.pop("verify", True),
+                "cert": options.pop("cert", None),
+                "trust_env": options.get("trust_env", True),
+            }
+            for key, proxy in _proxies(options, settings["trust_env"]).items():
+                mounts[key] = None if proxy is None else wrapped(proxy=proxy, **settings)
+            transport = wrapped(**settings)
+        else:
+            transport = _Transport(given, name)
+            transport.resource = res
+        mounts.update(options.pop("mounts", None) or {})  # the user's own, as httpx does
         url = resolve_dsn(base_url)
-        c = httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, **options)
+        c = httpx.AsyncClient(
+            base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options
+        )
         try:
             log.info("tether: httpx client %r open (base_url=%s)", name, redact(url) or "-")
             yield c
         finally:
             await c.aclose()
 
-    return lc.resource(scope="app", name=name, check=_client_check(check, health_url))(open_client)
+    def wrapped(proxy: httpx.Proxy | None = None, **settings: Any) -> _Transport:
+        via = None if proxy is None else str(proxy.url)
+        transport = _Transport(httpx.AsyncHTTPTransport(proxy=proxy, **settings), name, via)
+        transport.resource = res
+        return transport
+
+    res: Resource[httpx.AsyncClient] = lc.resource(
+        scope="app", name=name, check=_client_check(check, health_url)
+    )(open_client)
+    return res
+
+
+def _proxies(options: dict[str, Any], trust_env: bool) -> dict[str, httpx.Proxy | None]:
+    """The proxies httpx would route through, by URL pattern (``None``: straight there),
+    taking ``proxy`` (and httpx < 0.28's ``proxies``) out of *options*."""
+    proxy = options.pop("proxy", None)
+    if proxy is None:
+        proxy = options.pop("proxies", None)
+    if proxy is None:
+        if not trust_env:
+            return {}
+        try:
+            from httpx._utils import get_environment_proxies  # what httpx itself reads
+        except ImportError:  # pragma: no cover - an httpx that moved it
+            log.warning("tether: cannot read this httpx's proxy settings from the environment")
+            return {}
+        return {
+            key: None if url is None else httpx.Proxy(url=url)
+            for key, url in get_environment_proxies().items()
+        }
+    if isinstance(proxy, dict):  # httpx < 0.28: proxies={pattern: proxy}
+        return {str(key): None if value is None else _proxy(value) for key, value in proxy.items()}
+    return {"all://": _proxy(proxy)}
+
+
+def _proxy(value: Any) -> httpx.Proxy:
+    return value if isinstance(value, httpx.Proxy) else httpx.Proxy(url=value)
 
 
 def _client_check(check: Check | bool, health_url: str | None) -> Check | None:

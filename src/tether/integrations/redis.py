@@ -25,11 +25,13 @@
   checked with ``PING``, closed (``aclose()``) at shutdown.
 * ``health_check_interval`` makes redis-py ping a connection idle for that long before
   using it, so a server restart or an idle timeout costs no failed command.
-* A server that cannot be reached, or (with ``max_connections``) no connection free
-  within ``pool_timeout``, raises an error that is both redis-py's (``ConnectionError``
-  or ``TimeoutError``, so ``except redis.ConnectionError`` still works) and a
-  :class:`~tether.ResourceUnavailable`: left uncaught, the request is answered 503 with
-  ``Retry-After``, naming the client and its pool's size, connections in use and waiters.
+* A server that cannot be reached (taking a connection, or reconnecting one inside a
+  command), or no connection free (with ``max_connections``, within ``pool_timeout``:
+  counted in the resource's ``timeouts``), raises an error that is both redis-py's
+  (``ConnectionError`` or ``TimeoutError``, so ``except redis.ConnectionError`` still
+  works) and a :class:`~tether.ResourceUnavailable`: left uncaught, the request is
+  answered 503 with ``Retry-After``, naming the client and its pool's size and
+  connections in use.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class _PoolMixin:
     tether_shown = "redis"
     tether_waiting = 0  # tasks in get_connection now (the pool's figures)
     tether_served = 0.0  # time.monotonic() when it last handed out a connection (readiness)
+    tether_resource: Any = None  # the app resource, whose counters count the pool's timeouts
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         self.tether_waiting += 1
@@ -115,21 +118,38 @@ class _PoolMixin:
 
     def make_connection(self) -> Any:
         conn = super().make_connection()  # type: ignore[misc]
+        # redis-py reconnects a connection that went away inside the command itself (its
+        # retry), past get_connection: its connect failures are this pool's too.
+        for method in ("connect", "connect_check_health"):  # the latter: redis-py 8, not 5.0
+            if hasattr(conn, method):
+                _mapping_connect_failures(self, conn, method)
         if LOSES_CANCEL:  # redis-py sends each command under asyncio.wait_for
             _delivering_cancellations(conn)
         return conn
 
-    def _unavailable(self, exc: BaseException) -> ResourceUnavailable:
+    def _unavailable(self, exc: BaseException, failed: Any = None) -> ResourceUnavailable:
+        """The 503 for *exc*; *failed*: the connection that could not connect, not counted
+        as in use (as it is not once get_connection gave it back)."""
         pool: Any = self
-        in_use = len(getattr(pool, "_in_use_connections", ()))
+        taken = getattr(pool, "_in_use_connections", ())
+        in_use = len(taken) - (failed is not None and failed in taken)
         limit = pool.max_connections
-        size = limit if isinstance(limit, int) else None
-        if isinstance(exc, redis_errors.MaxConnectionsError) or "No connection available" in str(
-            exc
-        ):
+        size = limit if isinstance(limit, int) and limit < _UNBOUNDED else None
+        said = str(exc)
+        if isinstance(self, aioredis.BlockingConnectionPool) and "No connection available" in said:
             reason = "no connection came free in time (max_connections reached)"
             cls: type[ResourceUnavailable] = RedisUnavailable
             timed_out = True
+            counters = getattr(self.tether_resource, "counters", None)
+            if counters is not None:  # db.client.connection.timeouts
+                counters.timeouts += 1
+        elif isinstance(exc, redis_errors.MaxConnectionsError) or "Too many connections" in said:
+            reason = (
+                f"every connection is in use (max_connections={limit}), and this pool does "
+                f"not wait for one: pass max_connections= to wait up to pool_timeout"
+            )
+            cls = RedisUnavailable
+            timed_out = False
         else:
             said = str(exc).rstrip(". ")
             reason = f"cannot reach {self.tether_shown}: {type(exc).__name__}: {said}"
@@ -142,6 +162,26 @@ class _PoolMixin:
             str(plain), resource=self.tether_name, retry_after=plain.retry_after,
             timed_out=timed_out,
         )  # fmt: skip
+
+
+def _mapping_connect_failures(pool: _PoolMixin, conn: Any, method: str) -> None:
+    """Make *conn*'s failures to (re)connect, in its *method*, the pool's 503 errors.
+
+    They stay redis-py's ``ConnectionError`` and ``TimeoutError``, so its retry still sees
+    them; refusals (a wrong password) stay as they are."""
+    connect = getattr(conn, method)
+
+    async def connecting(*args: Any, **kwargs: Any) -> None:
+        try:
+            await connect(*args, **kwargs)
+        except _REFUSALS:
+            raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            if isinstance(exc, ResourceUnavailable):
+                raise
+            raise pool._unavailable(exc, conn) from exc
+
+    setattr(conn, method, connecting)
 
 
 def _delivering_cancellations(conn: Any) -> None:
@@ -195,8 +235,8 @@ def client(
         socket_timeout, socket_connect_timeout: seconds a command, and a connect, may take.
         max_connections: the pool's size. With a number, a command waits up to
             *pool_timeout* for a free connection (a ``BlockingConnectionPool``). ``None``:
-            redis-py's default pool (100 connections in redis-py 8), where a command that
-            finds none free fails at once.
+            redis-py's default pool (100 connections in redis-py 8, no cap in redis-py 5),
+            where a command that finds none free fails at once.
         check: the health check: ``True`` sends ``PING``, ``False`` none, or a function
             given the client.
         retries, backoff: retry the first ``PING`` at startup.
@@ -228,6 +268,7 @@ def client(
             )
         pool.tether_name = name
         pool.tether_shown = shown
+        pool.tether_resource = res
         pool.tether_served = time.monotonic()
         r = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         try:
@@ -251,27 +292,32 @@ def client(
         required=required,
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
-    if max_connections is not None:  # a pool that waits for a free connection
-        res.saturation = lambda r: saturation(
-            _figures(name, r),
-            r.connection_pool.tether_served,
-            pool_timeout,
-            "pool_timeout",
-            holders="the commands holding them",
-            backend="the Redis server",
-        )
+    # Readiness reads a full pool instead of queueing a PING behind it (or, in a pool that
+    # does not wait, failing it at once). No figures for a pool without a cap: PING.
+    res.saturation = lambda r: saturation(
+        _figures(name, r),
+        r.connection_pool.tether_served,
+        pool_timeout,
+        "pool_timeout",
+        holders="the commands holding them",
+        backend="the Redis server",
+    )
     return res
 
 
-# redis-py's pool without max_connections: 2**31, as good as none.
+# redis-py's pool without max_connections: 2**31 in redis-py 5, as good as none (redis-py 8
+# caps it at 100, and refuses a command at once when all 100 are in use).
 _UNBOUNDED = 2**31
 
 
 def _figures(name: str, r: Any) -> PoolStats:
-    """redis-py's pool: its idle and in-use connections (redis-py 5 to 8 keep them in these
-    two attributes), and the tasks tether sees taking one."""
+    """redis-py's pool: its idle (connected) and in-use connections (redis-py 5 to 8 keep
+    them in these two attributes), and the tasks tether sees taking one."""
     pool = r.connection_pool
-    idle, in_use = len(pool._available_connections), len(pool._in_use_connections)
+    # A connection back in the pool may have been disconnected (a cancelled command, a
+    # server that went away): a mere object then, which reconnects when next used.
+    idle = sum(1 for conn in pool._available_connections if conn.is_connected)
+    in_use = len(pool._in_use_connections)
     limit = pool.max_connections
     return PoolStats(
         name=name,

@@ -84,6 +84,14 @@ class _Replaced(Exception):
     """Raised out of ``send`` once tether has answered in the app's stead."""
 
 
+class _Aborted(Exception):
+    """Raised out of the app when a cleanup failed after the response started: the
+    response is aborted (its last body message is not sent), and a server or middleware
+    must not complete it (Starlette's ``BaseHTTPMiddleware`` ends the body cleanly when
+    the app returns). The failure itself was logged by tether: its traceback is not
+    chained here, so that it is not logged twice."""
+
+
 # The context holds a weak reference to the unit, not the unit: callbacks scheduled
 # during a request copy the context (uvicorn's keep-alive timer, asyncpg's idle-connection
 # timer), and a strong reference would keep the request's objects (its send, receive and
@@ -224,6 +232,7 @@ def install(app: Any, lc: Lifecycle) -> None:
             continue
         if _uses(route, lc) or _depends_use(extra, lc):
             _warn_blocking(route, lc)
+            _warn_late_cleanup(route, lc)
             if _serve_by_handler(route, lc):
                 continue
             if getattr(getattr(route, "endpoint", None), "_tether_retries", 0):
@@ -275,6 +284,84 @@ def _warn_blocking(route: Any, lc: Lifecycle) -> None:
                 _label(route),
                 res.name,
             )
+
+
+def _warn_late_cleanup(route: Any, lc: Lifecycle) -> None:
+    """Warn about a default-scope ``yield`` dependency that depends on a request resource
+    (``async def uow(s=Depends(session)): yield s; await s.commit()``): FastAPI 0.118+
+    runs its cleanup after the response is sent, after tether closed the resource, so
+    the cleanup finds it closed. Once per route, when the app starts; not on FastAPI
+    0.106 to 0.117, where that cleanup runs before the response, and before tether's."""
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not _cleanup_after_response():
+        return
+    stack = list(getattr(dependant, "dependencies", ()))
+    seen: set[int] = set()
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if call is None or isinstance(call, Resource) or id(call) in seen:
+            continue
+        seen.add(id(call))
+        stack.extend(getattr(d, "dependencies", ()))
+        if getattr(d, "scope", None) == "function" or not _is_generator(call):
+            continue
+        res = _request_resource(d, lc)
+        if res is None:
+            continue
+        name = getattr(call, "__name__", None) or type(call).__name__
+        log.warning(
+            "tether: %s takes %r, a `yield` dependency on %r: FastAPI runs its cleanup after "
+            "the response is sent, after tether closed %r, so the cleanup finds it closed. "
+            'Declare it Depends(%s, scope="function") (FastAPI 0.121+), so that tether '
+            "closes %r after its cleanup; or do that work in the resource itself.",
+            _label(route),
+            name,
+            res.name,
+            res.name,
+            name,
+            res.name,
+        )
+
+
+def _is_generator(call: Any) -> bool:
+    for fn in (inspect.unwrap(call), getattr(call, "__call__", None)):  # noqa: B004
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            return True
+    return False
+
+
+def _request_resource(dependant: Any, lc: Lifecycle) -> Resource[Any] | None:
+    """A request resource of *lc* that *dependant* depends on (through other
+    dependencies too), or None."""
+    stack = list(getattr(dependant, "dependencies", ()))
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if isinstance(call, Resource):
+            if call.lifecycle is lc and call.scope == "request":
+                return call
+            continue
+        stack.extend(getattr(d, "dependencies", ()))
+    return None
+
+
+_after_response: bool | None = None
+
+
+def _cleanup_after_response() -> bool:
+    """Whether FastAPI runs the cleanup of default-scope ``yield`` dependencies after the
+    response is sent (0.118+), after tether's release point."""
+    global _after_response
+    if _after_response is None:
+        import fastapi
+
+        try:
+            major, minor = (int(part) for part in fastapi.__version__.split(".")[:2])
+        except ValueError:  # pragma: no cover - a version tether cannot read
+            major, minor = 1, 0
+        _after_response = (major, minor) >= (0, 118)
+    return _after_response
 
 
 def _installed(route: Any) -> bool:
@@ -781,7 +868,7 @@ class HttpUnit(Unit):
                         raise _Replaced from errors[-1]
             await self._send(message)
             return
-        if self.state == 2:
+        if self.state > 1:
             raise _Replaced
         if (
             self.entries
@@ -792,7 +879,7 @@ class HttpUnit(Unit):
             # commit aborts the response instead of completing it.
             errors = await self.aclose(self.failure)
             if errors and self.failure is None:
-                self.state = 2
+                self.state = 3
                 raise _Replaced from errors[-1]
         await self._send(message)
 
@@ -1069,6 +1156,13 @@ async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
     if isinstance(exc, _Replaced):
         if unit.entries:
             await unit.aclose(exc.__cause__)
+        if unit.state == 3:
+            # The response started: the app raises, which aborts it; tether's own answer
+            # (a 500 or 503 sent at the start, state 2) is complete, and nothing is raised.
+            raise _Aborted(
+                f"{unit.label}: a cleanup failed after the response started (logged above): "
+                f"the response is aborted, its last body message not sent"
+            ) from None
         return
     if _client_gone(unit, exc):
         await unit.aclose(unit.failure)
@@ -1186,7 +1280,9 @@ def _handler(
                 response = await handler(request)
             except BaseException as exc:
                 _CURRENT.reset(token)
-                return await _handler_failed(unit, exc, again)
+                if defer and not again:
+                    late = _defer_failure(unit, exc)
+                return await _handler_failed(unit, exc, again, deferred=late)
             # The cleanups run without the unit in the context: what they schedule (a pool's
             # idle timer, set when a connection is released) does not carry it.
             _CURRENT.reset(token)
@@ -1251,27 +1347,74 @@ async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any
     return response, False
 
 
-async def _handler_failed(unit: HttpUnit, exc: BaseException, again: bool = False) -> Any:
+async def _handler_failed(
+    unit: HttpUnit, exc: BaseException, again: bool = False, *, deferred: bool = False
+) -> Any:
     """The handler raised: close with that failure, then answer 503 for
-    `ResourceUnavailable`, 499 for a client that went away (the server drops it), else
-    re-raise.
+    `ResourceUnavailable` (unless the app has an exception handler for it: then it is
+    re-raised, for that handler), 499 for a client that went away (the server drops it),
+    else re-raise.
 
-    *again*: the route may run again (`idempotent`) if the connection was lost."""
+    *again*: the route may run again (`idempotent`) if the connection was lost.
+    *deferred*: the values close later, after the route's ``Depends(scope="function")``
+    cleanups (`_defer_failure`)."""
     if _client_gone(unit, exc):
-        await unit.aclose(unit.failure)
+        if not deferred:
+            await unit.aclose(unit.failure)
         return _response(_GONE_STATUS, _GONE, None)
-    errors = await unit.aclose(exc)
+    errors = [] if deferred else await unit.aclose(exc)
     # Not a request with a form body: its files are closed by now.
     if again and getattr(unit.request, "_form", None) is None:
         lost = _lost(exc, errors)
         if lost is not None:
             raise _Retry(lost) from exc
     if isinstance(exc, ResourceUnavailable):
+        if _app_handles(unit.request, exc):
+            raise exc
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
         return _response(503, str(exc), exc.retry_after)
     if errors and isinstance(errors[-1], ResourceUnavailable):
         return _response(503, str(errors[-1]), errors[-1].retry_after)
     raise exc
+
+
+def _app_handles(request: Any, exc: BaseException) -> bool:
+    """Whether the app has an exception handler for *exc* (``@app.exception_handler``,
+    for its class or a base class), looked up by MRO as Starlette does: then the handler
+    answers, as it does on routes served through their ``handle``."""
+    scope = getattr(request, "scope", None)
+    handlers = scope.get("starlette.exception_handlers") if scope is not None else None
+    if not handlers:
+        return False
+    by_class = handlers[0]
+    return any(cls in by_class for cls in type(exc).__mro__)
+
+
+def _defer_failure(unit: HttpUnit, exc: BaseException) -> bool:
+    """The handler of a route with a ``Depends(scope="function")`` cleanup raised: that
+    cleanup runs as the exception leaves FastAPI's exit stack for the function, and may
+    still use the request's values. They close with the failure on the request's exit
+    stack (which FastAPI unwinds after that one, before the error response is made);
+    returns whether they do."""
+    request = unit.request
+    stack = request.scope.get("fastapi_inner_astack") if request is not None else None
+    if stack is None or not unit.entries:
+        return False
+    unit.state = 1  # the handler is over: a disconnect no longer cancels it
+    if unit.watch is not None:
+        unit.stop_watching(unit._receive)
+
+    async def close(exc_type: Any, exc_value: BaseException | None, tb: Any) -> bool:
+        if not unit.closed:
+            try:
+                await unit.aclose(unit.failure if unit.failure is not None else exc)
+            finally:
+                unit.closed = True
+                unit.lc._retire(unit)
+        return False
+
+    stack.push_async_exit(close)
+    return True
 
 
 class _LateResponse:

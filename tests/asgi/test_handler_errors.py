@@ -1,0 +1,267 @@
+"""Errors on the request-handler path: an app's own exception handler for
+`ResourceUnavailable`, a `Depends(scope="function")` cleanup on the error path, and the
+warning about a default-scope `yield` dependency on a request resource."""
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import fastapi
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+import tether
+
+
+def served(app: FastAPI, lc: tether.Lifecycle, path: str) -> httpx.Response:
+    """One request from a plain asyncio task, as uvicorn serves it, with the lifespan."""
+
+    async def main() -> httpx.Response:
+        async with lc.lifespan(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await asyncio.get_running_loop().create_task(client.get(path))
+
+    return asyncio.run(main())
+
+
+class WrappingRoute(APIRoute):
+    """A route class that wraps its own app: tether serves it through `handle`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = self.app
+
+        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+            await inner(scope, receive, send)
+
+        self.app = wrapped
+
+
+class Busy(tether.ResourceUnavailable):
+    pass
+
+
+def unavailable_app(handled: type[BaseException] | None, wrapping: bool) -> Any:
+    lc = tether.Lifecycle()
+
+    @lc.resource(timeout=0.05, retry_after=7)
+    async def slow() -> AsyncIterator[str]:
+        await anyio.sleep(10)
+        yield "never"
+
+    app = FastAPI(lifespan=lc.lifespan)
+    if wrapping:
+        app.router.route_class = WrappingRoute
+    if handled is not None:
+
+        @app.exception_handler(handled)
+        async def busy(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"error": type(exc).__name__}, status_code=429)
+
+    @app.get("/")
+    async def root(v: Annotated[str, Depends(slow)]) -> str:
+        return v
+
+    return app, lc
+
+
+@pytest.mark.parametrize("wrapping", [False, True], ids=["handler", "handle"])
+@pytest.mark.parametrize(
+    "handled", [tether.ResourceUnavailable, tether.TetherError], ids=lambda c: c.__name__
+)
+def test_the_apps_handler_answers_resource_unavailable(
+    handled: type[BaseException], wrapping: bool
+) -> None:
+    app, lc = unavailable_app(handled, wrapping)
+    r = served(app, lc, "/")
+    assert (r.status_code, r.json()) == (429, {"error": "ResourceUnavailable"})
+
+
+@pytest.mark.parametrize("wrapping", [False, True], ids=["handler", "handle"])
+def test_without_a_handler_tether_answers_503(wrapping: bool) -> None:
+    app, lc = unavailable_app(None, wrapping)
+    r = served(app, lc, "/")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "7"
+
+
+@pytest.mark.parametrize("wrapping", [False, True], ids=["handler", "handle"])
+def test_a_handler_for_exception_leaves_the_503_to_tether(wrapping: bool) -> None:
+    """`@app.exception_handler(Exception)` is Starlette's server-error handler, for what
+    nothing else handles: tether's 503 comes first, on both paths."""
+    app, lc = unavailable_app(Exception, wrapping)
+    r = served(app, lc, "/")
+    assert r.status_code == 503
+
+
+def test_the_apps_handler_for_a_subclass_answers_it() -> None:
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "busy"}, status_code=429)
+
+    @app.get("/busy")
+    async def busy_route(c: Annotated[str, Depends(conn)]) -> str:
+        raise Busy("busy", resource="conn", retry_after=3)
+
+    @app.get("/other")
+    async def other(c: Annotated[str, Depends(conn)]) -> str:
+        raise tether.ResourceUnavailable("down", resource="conn", retry_after=3)
+
+    assert served(app, lc, "/busy").status_code == 429
+    assert served(app, lc, "/other").status_code == 503
+
+
+def needs_function_scope() -> None:
+    if "scope" not in inspect.signature(Depends).parameters:
+        pytest.skip("Depends(scope=...) is FastAPI 0.121+")
+
+
+def test_function_scoped_cleanup_runs_before_the_release_on_the_error_path() -> None:
+    """release-point.md: on a route with a `Depends(scope="function")` cleanup, tether
+    closes after that cleanup; an endpoint that raises too."""
+    needs_function_scope()
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[dict[str, bool]]:
+        c = {"open": True}
+        try:
+            yield c
+        except BaseException as exc:
+            events.append(f"conn rollback {type(exc).__name__}")
+            raise
+        finally:
+            c["open"] = False
+            events.append("conn close")
+
+    async def audit(c: Annotated[dict[str, bool], Depends(conn)]) -> AsyncIterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            events.append(f"audit of {type(exc).__name__}: open={c['open']}")
+            raise
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/fail")
+    async def fail(
+        c: Annotated[dict[str, bool], Depends(conn)],
+        _: Annotated[None, Depends(audit, scope="function")],  # type: ignore[call-arg]
+    ) -> str:
+        raise HTTPException(409, "conflict")
+
+    r = served(app, lc, "/fail")
+    assert r.status_code == 409
+    assert events == [
+        "audit of HTTPException: open=True",
+        "conn rollback HTTPException",
+        "conn close",
+    ]
+    assert lc.stats().units_in_flight == 0
+
+
+WARNING = (
+    "tether: GET / takes 'uow', a `yield` dependency on 'session': FastAPI runs its cleanup "
+    "after the response is sent, after tether closed 'session', so the cleanup finds it "
+    'closed. Declare it Depends(uow, scope="function") (FastAPI 0.121+), so that tether '
+    "closes 'session' after its cleanup; or do that work in the resource itself."
+)
+
+
+def fastapi_version() -> tuple[int, int]:
+    major, minor = fastapi.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_a_yield_dependency_on_a_request_resource_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def session() -> AsyncIterator[dict[str, bool]]:
+        s = {"open": True}
+        yield s
+        s["open"] = False
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    async def uow(s: Annotated[dict[str, bool], Depends(session)]) -> AsyncIterator[Any]:
+        yield s
+        events.append(f"uow cleanup: open={s['open']}")
+
+    async def on_pool(p: Annotated[str, Depends(pool)]) -> AsyncIterator[str]:
+        yield p  # an app resource: open after the response, nothing to warn about
+
+    def plain(s: Annotated[dict[str, bool], Depends(session)]) -> Any:
+        return s  # no cleanup: nothing to warn about
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(
+        u: Annotated[Any, Depends(uow)],
+        p: Annotated[str, Depends(on_pool)],
+        q: Annotated[Any, Depends(plain)],
+    ) -> str:
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert served(app, lc, "/").json() == "ok"
+    warned = [r.getMessage() for r in caplog.records if "`yield` dependency" in r.getMessage()]
+    if fastapi_version() >= (0, 118):
+        assert warned == [WARNING]
+        assert events == ["uow cleanup: open=False"]  # what the warning is about
+    else:
+        assert warned == []
+        assert events == ["uow cleanup: open=True"]
+
+
+def test_a_function_scoped_yield_dependency_is_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    needs_function_scope()
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def session() -> AsyncIterator[dict[str, bool]]:
+        s = {"open": True}
+        yield s
+        s["open"] = False
+
+    async def uow(s: Annotated[dict[str, bool], Depends(session)]) -> AsyncIterator[Any]:
+        yield s
+        events.append(f"uow cleanup: open={s['open']}")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(
+        u: Annotated[Any, Depends(uow, scope="function")],  # type: ignore[call-arg]
+    ) -> str:
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert served(app, lc, "/").json() == "ok"
+    assert [r for r in caplog.records if "`yield` dependency" in r.getMessage()] == []
+    assert events == ["uow cleanup: open=True"]  # the fix the warning names

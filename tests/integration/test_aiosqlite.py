@@ -245,6 +245,48 @@ async def test_a_statement_still_running_when_its_unit_of_work_is_cancelled_is_i
     assert [name for _, name in rows(path)] == ["next"]
 
 
+@pytest.mark.anyio
+async def test_a_unit_of_work_cancelled_in_a_statement_with_a_half_read_cursor_frees_the_lock(
+    tmp_path: Path,
+) -> None:
+    """The two above at once: a unit of work that wrote and left a ``SELECT`` read in part
+    (the cursor kept alive, as a traceback keeps it, so the garbage collector cannot help)
+    is cancelled while a long statement runs. The interrupt stays in force while the
+    half-read cursor's statement is active and fails the rollback too: tether closes the
+    unit's cursors and rolls back again, so the next writer gets the write lock at once.
+    (The connection was closed with its transaction open, and every other writer waited
+    ``busy_timeout`` for a 503 until the cursor was collected.)"""
+    path = tmp_path / "app.db"
+    _, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    kept: list[Any] = []
+    async with lc.run():
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.executemany("INSERT INTO authors (name) VALUES (?)", [("a",), ("b",)])
+        with anyio.move_on_after(0.3) as scope:
+            async with lc.scope() as unit:
+                c = await unit.get(conn)
+                cur = await c.execute("SELECT name FROM authors ORDER BY id")
+                assert (await cur.fetchone())[0] == "a"  # one row of two read
+                kept.append(cur)
+                await c.execute("INSERT INTO authors (name) VALUES ('ghost')")  # the lock
+                await c.execute(slow)
+        assert scope.cancelled_caught
+        assert lc.stats().resources["connection"].in_use == 0
+        t0 = time.monotonic()
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.execute("INSERT INTO authors (name) VALUES ('next')")
+        assert time.monotonic() - t0 < 1.0  # busy_timeout is 5 s
+    assert [name for _, name in rows(path)] == ["a", "b", "next"]
+    assert kept
+
+
 # --------------------------------------------------------------------------- writers
 
 

@@ -59,10 +59,12 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 
@@ -71,6 +73,7 @@ try:
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.aiosqlite needs aiosqlite: pip install 'tether[aiosqlite]'"
     raise ImportError(msg) from exc
+from aiosqlite.context import contextmanager
 
 from .._errors import ResourceUnavailable, describe
 from .._resource import Resource
@@ -160,7 +163,7 @@ class Database:
             with anyio.CancelScope(shield=True):
                 await conn.close()
 
-    async def _open(self) -> aiosqlite.Connection:
+    async def _open(self) -> _Connection:
         # Shielded from anyio's cancellations (opening a local file is quick); a one-shot
         # `task.cancel()` is handled by `_connect`.
         with anyio.CancelScope(shield=True):
@@ -325,17 +328,60 @@ def _figures(db: Database) -> PoolStats:
 _database = database
 
 
-async def _connect(path: str, **kwargs: Any) -> aiosqlite.Connection:
+class _Connection(aiosqlite.Connection):
+    """An aiosqlite connection that keeps, weakly, the cursors made on it (a set add each).
+
+    So that a rollback an interrupt failed can close them: SQLite keeps an interrupt in
+    force while a statement of the connection is active, a half-read cursor's included,
+    and closing a cursor resets its statement (see :func:`_rollback`).
+    """
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
+        super().__init__(connector, iter_chunk_size)
+        self._tether_cursors: weakref.WeakSet[aiosqlite.Cursor] = weakref.WeakSet()
+
+    def _kept(self, cursor: aiosqlite.Cursor) -> aiosqlite.Cursor:
+        self._tether_cursors.add(cursor)
+        return cursor
+
+    @contextmanager
+    async def cursor(self) -> aiosqlite.Cursor:
+        return self._kept(await super().cursor())
+
+    @contextmanager
+    async def execute(self, sql: str, parameters: Any = None) -> aiosqlite.Cursor:
+        return self._kept(await super().execute(sql, parameters))
+
+    @contextmanager
+    async def executemany(self, sql: str, parameters: Any) -> aiosqlite.Cursor:
+        return self._kept(await super().executemany(sql, parameters))
+
+    @contextmanager
+    async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
+        return self._kept(await super().executescript(sql_script))
+
+    async def _close_cursors(self) -> None:
+        """Close the cursors made on this connection (resetting their statements)."""
+        for cursor in list(self._tether_cursors):
+            try:
+                await cursor.close()
+            except (sqlite3.Error, ValueError):  # pragma: no cover - the connection is open
+                pass
+
+
+async def _connect(path: str, **kwargs: Any) -> _Connection:
     """``aiosqlite.connect``; a connection made after a cancellation is closed.
 
     aiosqlite makes the sqlite3 connection in its thread; when the task waiting for it is
     cancelled (a one-shot ``task.cancel()``: anyio's shield does not hold those), it is
     made anyway and dropped unclosed (``ResourceWarning: unclosed database`` on 3.13).
     """
-    return await connect_or_close(aiosqlite.connect(path, **kwargs), aiosqlite.Connection.close)
+    conn = _Connection(partial(sqlite3.connect, path, **kwargs), 64)  # as aiosqlite.connect
+    connecting = cast("Awaitable[_Connection]", conn)  # awaiting it connects, and returns it
+    return await connect_or_close(connecting, aiosqlite.Connection.close)
 
 
-async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:
+async def _begin(db: Database, begin: Begin) -> _Connection:
     conn = await db._open()
     try:
         await conn.execute(f"BEGIN {begin.upper()}")
@@ -348,15 +394,17 @@ async def _begin(db: Database, begin: Begin) -> aiosqlite.Connection:
     return conn
 
 
-async def _rollback(conn: aiosqlite.Connection, name: str) -> None:
+async def _rollback(conn: _Connection, name: str) -> None:
     """Roll back a unit of work that failed.
 
     A statement of it may still run in the connection's thread (its task was cancelled while
     it waited): the rollback queues behind it, so a statement still running after
     ``_INTERRUPT_AFTER`` is interrupted. Not at once: SQLite keeps an interrupt in force
     while any statement of the connection is active, a ``SELECT`` whose rows were not all
-    read included, so it would fail the rollback too, and closing the connection then
-    leaves its transaction, and the write lock, in place until that cursor is collected.
+    read included, so it fails the rollback too, and closing the connection then leaves its
+    transaction, and the write lock, in place until that cursor is collected. So when the
+    rollback after an interrupt fails, the connection's cursors are closed (which resets
+    their statements and ends the interrupt) and it is rolled back once more.
     """
     rollback = asyncio.ensure_future(conn.rollback())
     try:
@@ -368,7 +416,9 @@ async def _rollback(conn: aiosqlite.Connection, name: str) -> None:
         try:
             await rollback
         except sqlite3.OperationalError:
-            await conn.rollback()  # the interrupt reached the rollback itself: once more
+            # The interrupt reached the rollback itself, or stays in force (a half-read cursor).
+            await conn._close_cursors()
+            await conn.rollback()
     except sqlite3.Error as exc:  # the connection is closed right after: nothing is kept
         log.warning("tether: rolling back connection %r failed: %s", name, describe(exc))
 

@@ -5,7 +5,10 @@ test gives its pool.
 """
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +214,48 @@ class TestLostConnection:
             assert "the connection was lost mid-transaction" in response.json()["detail"]
             for _ in range(5):
                 assert client.get("/pid").status_code == 200
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("failing", [True, False], ids=["rollback", "reset"])
+    async def test_a_backend_that_stops_answering_is_given_up_within_reset_timeout(
+        self, postgres: Postgres, request: pytest.FixtureRequest, failing: bool
+    ) -> None:
+        """The backend stops answering (SIGSTOP: a frozen host) just before the unit of work
+        ends. The rollback (after a failure) or the session reset (after a success) gives up
+        at `reset_timeout`, not 5 s later (psycopg waits that long for a cancelled query's
+        confirmation): the connection is closed, and the pool serves the next unit on a new
+        one."""
+        name = unique(request)
+        lc = tether.Lifecycle()
+        pool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=2,
+                         kwargs={"application_name": name})  # fmt: skip
+        # With a transaction, the failure's rollback; without one, the reset after success.
+        conn = tpsy.connection(lc, pool, transaction=failing, reset_timeout=0.5)
+        async with lc.run():
+            pid = 0
+            try:
+                with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
+                    async with lc.scope() as s:
+                        c = await s.get(conn)
+                        pid = c.info.backend_pid
+                        await c.execute("SELECT 1")
+                        try:
+                            os.kill(pid, signal.SIGSTOP)
+                        except PermissionError:
+                            pytest.skip("cannot signal the server's processes")
+                        t0 = time.monotonic()
+                        if failing:
+                            raise RuntimeError("the endpoint failed")
+                took = time.monotonic() - t0
+            finally:
+                if pid:
+                    os.kill(pid, signal.SIGCONT)
+            assert took < 2.5, took  # reset_timeout=0.5 s; it was 5.5 s
+            assert lc.stats().pools["pool"].discarded >= 1
+            async with lc.scope() as s:
+                c = await s.get(conn)
+                assert c.info.backend_pid != pid
+                assert await (await c.execute("SELECT 2")).fetchone() == (2,)
 
 
 class TestPgBouncer:

@@ -580,12 +580,43 @@ def _unavailable(
     )
 
 
+#: Seconds psycopg is given, after its query was cancelled at the end of a bound, to have
+#: the server confirm the cancel, before it is told to close the connection instead.
+_CANCEL_GRACE = 0.2
+
+
+async def _bounded(work: Awaitable[None], within: float) -> None:
+    """Await *work* (queries on one connection) for *within* seconds at most, then raise
+    ``TimeoutError``.
+
+    ``asyncio.timeout`` is not enough: psycopg answers a cancelled query by cancelling it on
+    the server and waiting up to 5 s more for the server to confirm, so a server that stopped
+    answering held the unit of work ``within`` + 5 s. Interrupted again, psycopg closes the
+    connection at once (3.3.9; 3.3.6 leaves it to the caller, who closes it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=within)
+        if done:
+            return task.result()
+        task.cancel()  # psycopg cancels the query on the server
+        done, _ = await asyncio.wait({task}, timeout=_CANCEL_GRACE)
+        if not done:
+            task.cancel()  # the server did not confirm: psycopg closes the connection
+            await asyncio.wait({task}, timeout=1.0)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: what it raised after the bound does not matter now
+    msg = f"did not finish within {within:g} s"
+    raise TimeoutError(msg)
+
+
 async def _rollback(conn: Connection, name: str, within: float) -> None:
     if conn.closed:
         return  # lost with the server: nothing to roll back, the pool replaces it
     try:
-        async with asyncio.timeout(within):
-            await conn.rollback()
+        await _bounded(conn.rollback(), within)
     except Exception as exc:
         log.warning(
             "tether: %r: rollback failed (%s); closing the connection (the pool replaces it)",
@@ -726,16 +757,19 @@ async def _reset_session(conn: Connection, name: str, within: float, again: str 
     status = conn.info.transaction_status
     if status not in (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR):
         return  # mid-query: psycopg's pool closes it
+
+    async def reset() -> None:
+        if status != TransactionStatus.IDLE:
+            await conn.rollback()
+        autocommit = conn.autocommit
+        if not autocommit:
+            await conn.set_autocommit(True)
+        await conn.execute(RESET_SESSION + again)
+        if not autocommit:
+            await conn.set_autocommit(False)
+
     try:
-        async with asyncio.timeout(within):
-            if status != TransactionStatus.IDLE:
-                await conn.rollback()
-            autocommit = conn.autocommit
-            if not autocommit:
-                await conn.set_autocommit(True)
-            await conn.execute(RESET_SESSION + again)
-            if not autocommit:
-                await conn.set_autocommit(False)
+        await _bounded(reset(), within)
     except Exception as exc:
         log.warning(
             "tether: %r: could not reset the connection's session (%s); closed (the pool "

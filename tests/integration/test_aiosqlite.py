@@ -421,10 +421,12 @@ async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: 
         assert time.monotonic() - started < 1  # SQLite fails it at once, no busy wait
     assert response.status_code == 503
     assert response.json()["detail"] == (
-        f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
-        f"{str(path)!r} is locked by another writer (a statement waited for the write lock; "
-        f"OperationalError: database is locked; busy_timeout=5 s); nothing was written. Retry "
-        f"shortly; if it persists, check the database and the pool size."
+        f"Pool 'database' (size 32, in use 1) could not give a connection: another writer "
+        f"committed to {str(path)!r} after this unit of work first read it, so it cannot "
+        f"write from that read (OperationalError: database is locked: SQLITE_BUSY_SNAPSHOT, "
+        f"refused at once); nothing was written. For endpoints that read, then write, declare "
+        f'the connection begin="immediate". Retry shortly; if it persists, check the database '
+        f"and the pool size."
     )
     assert rows(path) == [(1, "fast")]
 

@@ -97,6 +97,7 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 # ("database table is locked") comes from the same connection (a statement its own cursor
 # still reads from), which no retry mends: an error of the endpoint, not a 503.
 _BUSY = (sqlite3.SQLITE_BUSY,)
+_BUSY_SNAPSHOT = sqlite3.SQLITE_BUSY | (2 << 8)  # 517: a WAL read snapshot too old to write
 _INTERRUPT_AFTER = 0.05  # s: a rollback still waiting then waits behind a running statement
 
 
@@ -201,11 +202,24 @@ class Database:
             self.limiter.release_on_behalf_of(token)
 
     def locked(self, exc: BaseException, during: str) -> ResourceUnavailable:
-        """The 503 for "database is locked" (another writer held the lock too long)."""
+        """The 503 for "database is locked": another writer held the lock too long, or
+        committed after this unit of work's first read (a snapshot too old to write from)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == _BUSY_SNAPSHOT:
+            reason = (
+                f"another writer committed to {self.path!r} after this unit of work first "
+                f"read it, so it cannot write from that read ({describe(exc)}: "
+                f"SQLITE_BUSY_SNAPSHOT, refused at once); nothing was written. For endpoints "
+                f'that read, then write, declare the connection begin="immediate"'
+            )
+        else:
+            reason = (
+                f"the database {self.path!r} is locked by another writer ({during}; "
+                f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written"
+            )
         return unavailable(
             self.name,
-            f"the database {self.path!r} is locked by another writer ({during}; "
-            f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written",
+            reason,
             size=self.max_connections,
             in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
         )

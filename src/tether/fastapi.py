@@ -475,9 +475,26 @@ def _walk(
             added = getattr(getattr(route, "include_context", None), "dependencies", ())
             yield from _walk(original.routes, included=True, extra=(*extra, *added))
         elif getattr(route, "dependant", None) is None and hasattr(route, "routes"):
-            yield from _walk(route.routes, included=included, extra=extra)  # Mount, Host
+            # Mount, Host: the routes of the app they serve, through its middleware too.
+            routes = route.routes or _wrapped_routes(route)
+            yield from _walk(routes, included=included, extra=extra)
         else:
             yield route, included, extra
+
+
+def _wrapped_routes(mount: Any) -> Any:
+    """The routes of the app a ``Mount`` serves through middleware
+    (``app.mount("/sub", CORSMiddleware(sub))``): its ``routes`` are the outermost app's,
+    which has none. Middleware keeps the app it wraps as ``app``."""
+    app = getattr(mount, "app", None)
+    for _ in range(64):  # a stack of middleware is never this deep; stop on a cycle
+        if app is None:
+            break
+        routes = getattr(app, "routes", None)
+        if routes:
+            return routes
+        app = getattr(app, "app", None)
+    return ()
 
 
 def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:

@@ -334,6 +334,51 @@ class TestPoolFigures:
             ):
                 await lc.get(http).get("/x")
 
+    @pytest.mark.anyio
+    async def test_a_pool_busy_with_traffic_is_ready_and_one_stuck_is_not(
+        self, upstream: Server
+    ) -> None:
+        """Every connection held by responses being read: `lc.stats()` shows the pool full,
+        and readiness answers at once from those figures (the check's GET would queue
+        behind the traffic and fail while the server answers everyone): ready while
+        responses keep coming, not ready once requests wait and none got a response for
+        longer than the pool timeout."""
+        lc = tether.Lifecycle()
+        http = thttpx.client(
+            lc,
+            base_url=upstream.base_url,
+            limits=httpx.Limits(max_connections=2),
+            timeout=httpx.Timeout(5.0, pool=1.0),
+            health_url="/echo/ok",
+        )
+        async with lc.run():
+            c = lc.get(http)
+            assert (await lc.health()).ok
+            async with c.stream("GET", "/echo/a") as a, c.stream("GET", "/echo/b") as b:
+                figures = lc.stats().pools["http"]
+                assert (figures.max, figures.open, figures.in_use, figures.idle) == (2, 2, 2, 0)
+                t0 = time.monotonic()
+                report = await lc.health()
+                assert time.monotonic() - t0 < 0.5
+                check = report["http"]
+                assert report.ok, report
+                assert check.detail is not None
+                assert check.detail.startswith("busy: all 2 connections in use; one was handed")
+                await asyncio.sleep(1.1)  # no response for longer than the pool timeout
+                waiting = asyncio.create_task(c.get("/echo/c"))
+                await asyncio.sleep(0.1)
+                assert lc.stats().pools["http"].waiting == 1
+                report = await lc.health()
+                assert not report.ok
+                assert report["http"].error is not None
+                assert report["http"].error.startswith(
+                    "saturated: all 2 connections in use, 1 waiting, and none handed out for"
+                )
+                await a.aread()
+                await b.aread()
+            assert (await waiting).json() == {"echo": "c"}  # served once they were read
+            assert (await lc.health()).ok
+
 
 POOL_1 = (
     "Pool 'http' (size 1, in use 1, waiting 1) could not give a connection: no connection "

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +53,8 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._errors import ResourceUnavailable
-from ._common import Dsn, redact, resolve_dsn, unavailable
+from .._stats import PoolStats
+from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -98,10 +101,13 @@ class _Transport(httpx.AsyncBaseTransport):
         self.name = name
         self.via = via  # the proxy it goes through, if any
         self.resource: Resource[Any] | None = None  # its counters count the pool's timeouts
+        self.served = time.monotonic()  # when a request last got its response (readiness)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await self.inner.handle_async_request(request)
+            response = await self.inner.handle_async_request(request)
+            self.served = time.monotonic()
+            return response
         except httpx.PoolTimeout as exc:
             if self.resource is not None:  # db.client.connection.timeouts
                 self.resource.counters.timeouts += 1
@@ -133,6 +139,10 @@ class _Transport(httpx.AsyncBaseTransport):
         except Exception:
             waiting = None
         return size, in_use, waiting
+
+    def figures(self) -> tuple[int | None, int | None, int | None]:
+        """Size, connections in use and requests waiting, now."""
+        return self._figures(False)
 
     def _unavailable(
         self, cls: type[_Unavailable], request: httpx.Request, exc: Exception
@@ -220,6 +230,7 @@ def client(
         c = httpx.AsyncClient(
             base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options
         )
+        _transports[c] = transport
         try:
             log.info("tether: httpx client %r open (base_url=%s)", name, redact(url) or "-")
             yield c
@@ -235,7 +246,38 @@ def client(
     res: Resource[httpx.AsyncClient] = lc.resource(
         scope="app", name=name, check=_client_check(check, health_url)
     )(open_client)
+    res.pool_stats = lambda c: _pool_stats(name, c)
+    # Readiness reads a full pool instead of queueing the health_url GET behind the traffic
+    # (it would fail its timeout while the server answers everyone else).
+    within = timeout.pool if isinstance(timeout, httpx.Timeout) else timeout
+    res.saturation = lambda c: saturation(
+        _pool_stats(name, c),
+        _transports[c].served,
+        within if within is not None else 5.0,
+        "the pool timeout",
+        holders="the requests holding them",
+        backend="the server it calls",
+    )
     return res
+
+
+#: The transport of each client tether opened (the direct route's): its pool's figures.
+_transports: weakref.WeakKeyDictionary[httpx.AsyncClient, _Transport] = weakref.WeakKeyDictionary()
+
+
+def _pool_stats(name: str, c: httpx.AsyncClient) -> PoolStats:
+    """The client's connection pool (httpcore's, on the direct route): its size, the
+    connections open, busy (a request on it, or a response still being read) and idle,
+    and the requests waiting for one; ``None`` where the transport has no such pool."""
+    transport = _transports.get(c)
+    size, in_use, waiting = (None, None, None) if transport is None else transport.figures()
+    pool = getattr(getattr(transport, "inner", None), "_pool", None)
+    try:
+        opened: int | None = len(pool.connections)  # type: ignore[union-attr]
+    except Exception:
+        opened = None
+    idle = opened - in_use if opened is not None and in_use is not None else None
+    return PoolStats(name=name, max=size, open=opened, in_use=in_use, idle=idle, waiting=waiting)
 
 
 def _proxies(options: dict[str, Any], trust_env: bool) -> dict[str, httpx.Proxy | None]:

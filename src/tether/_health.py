@@ -68,8 +68,9 @@ class HealthReport:
 async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
     assert res.check is not None
     t0 = time.perf_counter()
+    bound = anyio.move_on_after(res.check_timeout)
     try:
-        with anyio.fail_after(res.check_timeout):
+        with bound:
             if res.scope == "app":
                 value = lc._app_value(res)
                 saturation = None if res in lc._overrides else res.saturation
@@ -89,16 +90,26 @@ async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
                     result = res.check(await unit.get(res))
                     if inspect.isawaitable(result):
                         await result
-    except TimeoutError:
+    except Exception as exc:
+        # A check's own error (a driver's TimeoutError too) says what failed; one that the
+        # bound's cancellation turned into another error did not finish in time.
+        if not bound.cancel_called:
+            return CheckResult(res.name, False, time.perf_counter() - t0, describe(exc))
+    latency = time.perf_counter() - t0
+    if bound.cancel_called:
+        return CheckResult(
+            res.name, False, latency, f"check did not finish within {res.check_timeout:g} s"
+        )
+    if latency > res.check_timeout:
+        # A check that blocked the event loop (a sync call): no timeout can interrupt it.
         return CheckResult(
             res.name,
             False,
-            time.perf_counter() - t0,
-            f"check did not finish within {res.check_timeout:g} s",
+            latency,
+            f"check took {latency:.2f} s, longer than check_timeout={res.check_timeout:g} s, "
+            f"blocking the event loop meanwhile: make it async (or run it in a thread)",
         )
-    except Exception as exc:
-        return CheckResult(res.name, False, time.perf_counter() - t0, describe(exc))
-    return CheckResult(res.name, True, time.perf_counter() - t0)
+    return CheckResult(res.name, True, latency)
 
 
 async def run_checks(lc: Lifecycle) -> HealthReport:
@@ -121,4 +132,6 @@ async def run_checks(lc: Lifecycle) -> HealthReport:
     async with anyio.create_task_group() as tg:
         for i, res in enumerate(checked):
             tg.start_soon(one, i, res)
-    return HealthReport(lc.state.value, [r for r in results if r is not None] + unchecked)
+    # SIGTERM may have come while the checks ran (drain_delay): the report says so.
+    state = "stopping" if lc._stopping else lc.state.value
+    return HealthReport(state, [r for r in results if r is not None] + unchecked)

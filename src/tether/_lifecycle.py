@@ -36,7 +36,7 @@ from ._errors import (
     refused_for_good,
 )
 from ._health import HealthReport, run_checks
-from ._resource import Check, Release, Resource, Scope
+from ._resource import Check, Kind, Release, Resource, Scope
 from ._scope import Entry, Unit, await_stack, capture_stack, close_entry, open_value
 from ._stats import PoolStats, Stats, snapshot
 
@@ -542,7 +542,9 @@ class Lifecycle:
             res = override
             if res in self._app_values:
                 return self._app_values[res]  # type: ignore[no-any-return]
-            if self.state is State.RUNNING and not res.deps and res.kind.name.endswith("FUNC"):
+            # A value, or a plain function: made here. (An async function's value is a
+            # coroutine until it is opened, as the rest are.)
+            if self.state is State.RUNNING and not res.deps and res.kind is Kind.SYNC_FUNC:
                 value = res.factory()
                 self._app_values[res] = value
                 return value  # type: ignore[no-any-return]
@@ -553,10 +555,16 @@ class Lifecycle:
         down = self._down(res)
         if down is not None:
             raise down
-        if self.state is State.RUNNING:
+        if self.state is State.RUNNING and override is not None:
             msg = (
                 f"App resource {res.name!r} is overridden while the app runs with a factory "
                 f"that needs opening. Override app resources before the app starts."
+            )
+        elif self.state is State.RUNNING:
+            msg = (
+                f"App resource {res.name!r} was not opened when the app scope started (an "
+                f"override stood in for it then, undone since): it opens when the app scope "
+                f"next starts. Undo an override of an app resource after the app stops."
             )
         else:
             msg = (
@@ -623,6 +631,20 @@ class Lifecycle:
             if error is not None:
                 raise error
         finally:
+            # A startup cancelled from outside (the server gave up, ^C) closed the values
+            # in their own tasks, without a shutdown: say what failed, forget the values.
+            for slot in self._app_slots:
+                if slot.error is not None:
+                    log.error(
+                        "tether: closing app resource %r failed: %s",
+                        slot.res.name,
+                        describe(slot.error),
+                        exc_info=slot.error,
+                        extra={"tether_resource": slot.res.name},
+                    )
+            self._app_slots = []
+            self._slot_of = {}
+            self._app_values = {}
             self.state = State.CLOSED
             self._loop = None
 
@@ -753,8 +775,12 @@ class Lifecycle:
                 # After what uses it. A shutdown releases the slots in reverse order, but a
                 # startup cancelled from outside cancels every slot at once: one still
                 # opening on this pool (giving its connection back) finishes first.
+                # And after every one opened after it (reverse open order, as a shutdown
+                # closes them), those that do not use it too.
+                held = self._app_slots
+                opened_after = held[held.index(slot) + 1 :] if slot in held else []
                 with anyio.move_on_after(self.close_timeout):
-                    for dependent in slot.dependents:
+                    for dependent in (*slot.dependents, *reversed(opened_after)):
                         await dependent.done.wait()
                 try:
                     await close_entry(self, entry, None)

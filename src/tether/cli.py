@@ -53,7 +53,11 @@ def load(target: str) -> Lifecycle:
 
 
 def graph(lc: Lifecycle, *, as_json: bool) -> int:
-    lc.validate()
+    try:
+        lc.validate()
+    except TetherError as exc:  # a cycle, a parameter naming no resource: said, not traced
+        print(f"tether: {describe(exc)}", file=sys.stderr)
+        return 1
     app = _graph.app_order(lc._resources, lc._overrides)
     rows = [
         {"name": r.name, "scope": r.scope, "depends_on": [d.name for d in r.deps]}

@@ -1568,7 +1568,12 @@ class _Reports:
         running = self.running
         if running is not None and now - self.started < self.cache:
             await running.wait()  # a round under way: its report will do
-            if self.last is not None and now < self.until and lc.state is _RUNNING:
+            if (
+                self.last is not None
+                and now < self.until
+                and lc.state is _RUNNING
+                and not lc._stopping  # SIGTERM came during the round: its report is old
+            ):
                 return self.last
         self.running = mine = anyio.Event()
         self.started = started = time.monotonic()

@@ -137,3 +137,40 @@ def test_a_probe_does_not_wait_behind_a_round_stuck_longer_than_the_cache() -> N
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def test_probes_answered_after_sigterm_say_stopping_even_from_a_round_begun_before() -> None:
+    """With `drain_delay`, SIGTERM fails readiness at once: the probe whose round of checks
+    was under way when it came, and the probes waiting on that round, answer 503
+    "stopping" too (before, they answered that round's 200)."""
+    lc = tether.Lifecycle(drain_delay=30)
+    started = anyio.Event()
+
+    async def probe(value: str) -> None:
+        started.set()
+        await anyio.sleep(0.3)  # a round trip to the database
+
+    @lc.resource(scope="app", check=probe)
+    def db() -> str:
+        return "db"
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=1.0))
+
+    async def main() -> None:
+        answers: list[httpx.Response] = []
+
+        async def ask(client: httpx.AsyncClient) -> None:
+            answers.append(await client.get("/health/ready"))
+
+        async with lc.lifespan(app), client_of(app) as client:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, client)  # starts the round
+                await started.wait()
+                tg.start_soon(ask, client)  # waits on it
+                await anyio.sleep(0.05)
+                lc._stopping = True  # what tether's SIGTERM handler does (drain_delay)
+            lc._stopping = False
+        assert [(r.status_code, r.json()["state"]) for r in answers] == [(503, "stopping")] * 2
+
+    anyio.run(main)

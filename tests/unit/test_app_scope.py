@@ -595,6 +595,65 @@ class TestNotRequired:
 
 
 @pytest.mark.parametrize("how", ["timeout", "task.cancel"])
+async def test_a_startup_cancelled_from_outside_closes_in_reverse_order_and_says_what_failed(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Startup cancelled from outside while a last resource still opens: what opened closes
+    in reverse open order, those that do not use each other too (before, each closed in its
+    own task at once, in open order); a cleanup that fails is logged (before, it was lost);
+    and no value of the cancelled start can be read afterwards (before, `lc.get` gave the
+    closed one)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    def plain(name: str, fails: bool = False) -> None:
+        async def factory() -> AsyncIterator[str]:
+            events.append(f"open {name}")
+            yield name
+            events.append(f"close {name}")
+            if fails:
+                raise RuntimeError(f"{name}.close() failed")
+
+        factory.__name__ = name
+        lc.resource(scope="app")(factory)
+
+    plain("a", fails=True)
+    plain("x")
+    plain("y")
+
+    @lc.resource(scope="app")
+    async def last(a: str, x: str, y: str) -> AsyncIterator[str]:
+        await anyio.sleep(5)  # still opening when the start is cancelled
+        yield "last"
+
+    async def start() -> None:
+        async with lc.run():
+            pytest.fail("started")
+
+    caplog.set_level(logging.ERROR, logger="tether")
+    if how == "timeout":
+        with anyio.move_on_after(0.2) as scope:
+            await start()
+        assert scope.cancelled_caught
+    else:
+        import asyncio
+
+        task = asyncio.ensure_future(start())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    opened = [e for e in events if e.startswith("open")]
+    closed = [e for e in events if e.startswith("close")]
+    assert closed == [f"close {e.split()[1]}" for e in reversed(opened)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "tether: closing app resource 'a' failed: RuntimeError: a.close() failed"
+    ]
+    with pytest.raises(tether.ScopeError, match="is not open: the app scope is closed"):
+        lc.get(lc.resources["a"])
+
+
+@pytest.mark.parametrize("how", ["timeout", "task.cancel"])
 async def test_a_startup_cancelled_from_outside_closes_dependents_before_what_they_use(
     how: str,
 ) -> None:

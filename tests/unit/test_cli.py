@@ -53,6 +53,15 @@ def test_check_prints_what_a_passing_check_says(capsys: pytest.CaptureFixture[st
     assert lines[-1] == "ok"
 
 
+def test_graph_of_a_cycle_says_so_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tether graph` on resources that depend on each other exits 1 with the cycle named,
+    as `tether check` does (before, a traceback)."""
+    assert main(["graph", "tests.unit.cli_cycle:lc"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tether: DependencyCycleError: Dependency cycle between resources: ")
+    assert "Traceback" not in err
+
+
 def test_bad_target_says_what_to_name() -> None:
     """A target that is not a Lifecycle is refused with a clear message."""
     with pytest.raises(

@@ -172,3 +172,44 @@ class TestHealth:
         assert stuck["db"].error == "saturated: and none handed out for 6.0 s"
         assert (calm.ok, calm["db"].detail) == (True, None)
         assert "detail" not in calm.as_dict()["checks"]["db"]
+
+
+async def test_a_checks_own_timeout_error_is_reported_as_it_is() -> None:
+    """A check that fails with a TimeoutError of its own (a driver's read timeout) is
+    reported with that error, not as the check running out of `check_timeout`."""
+    lc = tether.Lifecycle()
+
+    async def check(value: str) -> None:
+        raise TimeoutError("read from 10.0.0.5:6379 timed out after 0.5 s")
+
+    @lc.resource(scope="app", check=check)
+    def cache() -> str:
+        return "cache"
+
+    async with lc.run():
+        report = await lc.health()
+    assert report["cache"].error == "TimeoutError: read from 10.0.0.5:6379 timed out after 0.5 s"
+
+
+async def test_a_check_that_blocks_past_its_timeout_is_failing() -> None:
+    """A sync check that blocks the event loop cannot be interrupted by its timeout: it is
+    reported failing, saying why (before, it passed)."""
+    lc = tether.Lifecycle()
+
+    def check(value: str) -> None:
+        time.sleep(0.3)  # a sync ping
+
+    @lc.resource(scope="app", check=check, check_timeout=0.1)
+    def legacy() -> str:
+        return "legacy"
+
+    async with lc.run():
+        report = await lc.health()
+    result = report["legacy"]
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.startswith("check took 0.3")
+    assert result.error.endswith(
+        " s, longer than check_timeout=0.1 s, blocking the event loop meanwhile: make it async "
+        "(or run it in a thread)"
+    )

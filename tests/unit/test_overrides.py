@@ -206,6 +206,45 @@ class TestAppOverrides:
                 with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
                     await app.request(app.conn)
 
+    async def test_async_function_override_of_app_resource_while_running_is_refused(
+        self,
+    ) -> None:
+        """An `async def` returns its value only once awaited, as the app scope opens it:
+        while the app runs it is refused like a generator (before, every user of it got an
+        un-awaited coroutine as the value)."""
+        app = App()
+
+        async def fake_pool() -> str:
+            return "never"  # pragma: no cover
+
+        expected = re.escape(
+            "App resource 'pool' is overridden while the app runs with a factory that needs "
+            "opening. Override app resources before the app starts."
+        )
+        async with app.lc.run():
+            with app.lc.override(app.pool, fake_pool):
+                with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                    app.lc.get(app.pool)
+
+    async def test_an_override_made_before_start_and_undone_while_running_says_so(
+        self,
+    ) -> None:
+        """The override stood in for the app resource when the app started, so the resource
+        itself was never opened: once it is undone, the error says that, not that the
+        resource is overridden."""
+        app = App()
+        override = app.lc.override(app.pool, "fake")
+        async with app.lc.run():
+            assert app.lc.get(app.pool) == "fake"
+            override.undo()
+            with pytest.raises(tether.ScopeError) as info:
+                app.lc.get(app.pool)
+        assert str(info.value) == (
+            "App resource 'pool' was not opened when the app scope started (an override stood "
+            "in for it then, undone since): it opens when the app scope next starts. Undo an "
+            "override of an app resource after the app stops."
+        )
+
 
 class TestOverrideErrors:
     def test_override_of_foreign_object(self) -> None:

@@ -108,6 +108,11 @@ class Override:
         self.undo()
 
 
+#: Seconds between the background attempts of a ``required=False`` resource whose server
+#: refused the credentials or the database.
+_REFUSED_RETRY = 60.0
+
+
 class _AppSlot:
     """One app resource held open by its own task (so it closes in the task that opened it)."""
 
@@ -828,8 +833,20 @@ class Lifecycle:
             )
             slot.opened.set()
         delay = res.backoff
+        refused = False
         while True:
-            await anyio.sleep(delay)
+            if not refused and (state := refused_for_good(slot.down)) is not None:
+                # The server refused the credentials or the database: that mends only when
+                # someone changes them, and every attempt is a failed login (which may count
+                # towards a lockout). Tried once a minute, not every 10 s.
+                refused = True
+                log.warning(
+                    "tether: app resource %r: the server refused the credentials or the "
+                    "database (SQLSTATE %s); tried again once a minute, until they are fixed",
+                    res.name,
+                    state,
+                )
+            await anyio.sleep(_REFUSED_RETRY if refused else delay)
             delay = min(delay * 2, 10.0)
             try:
                 return await open_value(self, target, args)

@@ -567,6 +567,48 @@ class TestNotRequired:
             m.endswith("; down, retried in the background: pool, cache, report") for m in messages
         ), messages
 
+    async def test_a_refused_login_is_retried_once_a_minute_not_every_few_seconds(
+        self, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server refused the credentials: each attempt is a failed login (which may
+        count towards a lockout), and only a change of them mends it. The background
+        retries slow to once a minute (shortened here), saying why; once the credentials
+        are fixed, it opens."""
+        import tether._lifecycle
+
+        monkeypatch.setattr(tether._lifecycle, "_REFUSED_RETRY", 0.4)
+
+        class Refused(Exception):
+            sqlstate = "28P01"  # invalid_password, as the drivers carry it
+
+        lc = tether.Lifecycle()
+        attempts: list[float] = []
+        fixed = [False]
+
+        @lc.resource(scope="app", required=False, backoff=0.01)
+        async def pool() -> AsyncIterator[str]:
+            attempts.append(time.monotonic())
+            if not fixed[0]:
+                raise Refused('password authentication failed for user "app"')
+            yield "pool"
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                await anyio.sleep(0.6)
+                assert len(attempts) == 2  # at startup, then 0.4 s later (not every 10-80 ms)
+                fixed[0] = True
+                with anyio.fail_after(2):
+                    while True:
+                        try:
+                            assert lc.get(pool) == "pool"
+                            break
+                        except tether.ResourceUnavailable:
+                            await anyio.sleep(0.02)
+        assert (
+            "tether: app resource 'pool': the server refused the credentials or the database "
+            "(SQLSTATE 28P01); tried again once a minute, until they are fixed"
+        ) in [r.getMessage() for r in caplog.records]
+
     async def test_a_required_resource_still_fails_startup(self) -> None:
         """required=False on one resource changes nothing for the others."""
         lc = tether.Lifecycle()

@@ -1,5 +1,8 @@
 """OpenTelemetry metrics read from `lc.stats()`, collected by the OpenTelemetry SDK."""
 
+import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -133,3 +136,118 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
     assert points[key("tether.connection.create_time", **pg_attrs)] == 0.03
     assert points[key("tether.connection.discarded", **pg_attrs)] == 2
     assert key("tether.connection.created", **engine_attrs) not in points  # not known
+
+
+def make(*names: str) -> tuple[tether.Lifecycle, list[tether.Resource[str]]]:
+    """A Lifecycle with a request resource of each name."""
+    lc = tether.Lifecycle()
+    resources = []
+    for name in names:
+
+        async def factory() -> AsyncIterator[str]:
+            yield "x"
+
+        resources.append(lc.resource(name=name)(factory))
+    return lc, resources
+
+
+async def use(lc: tether.Lifecycle, *resources: tether.Resource[str]) -> None:
+    """Open and close each resource once, in a unit of work of *lc* (which runs)."""
+    async with lc.scope() as unit:
+        for res in resources:
+            await unit.get(res)
+
+
+def opens(pool_name: str) -> Point:
+    return key("tether.resource.opens", **{POOL_NAME: pool_name, SCOPE: "request"})
+
+
+def test_two_lifecycles_on_one_meter_provider_are_both_exported() -> None:
+    """Two Lifecycles on a meter provider: one set of instruments, whose callbacks report
+    both; what they both report (a resource of the same name, the units of work) is added
+    up, and the lifecycle runs while either does."""
+    a, (a_session, a_only) = make("session", "a")
+    b, (b_session, b_only) = make("session", "b")
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instruments = register(a, provider)
+    assert register(b, provider) == instruments
+    assert len(instruments) == 18
+
+    async def main() -> dict[Point, float]:
+        async with a.run(), b.run():
+            await use(a, a_session, a_only)
+            await use(b, b_session, b_only)
+            await use(b, b_only)
+            async with a.scope():
+                return collect(reader)[0]
+
+    points = asyncio.run(main())
+    assert points[opens("a")] == 1
+    assert points[opens("b")] == 2
+    assert points[opens("session")] == 2
+    assert points[key("tether.units.in_flight")] == 1
+    assert points[key("tether.lifecycle.running")] == 1
+
+
+def test_the_same_lifecycle_registered_twice_is_reported_once() -> None:
+    lc, (res,) = make("session")
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    assert register(lc, provider) == register(lc, provider)
+
+    async def main() -> dict[Point, float]:
+        async with lc.run():
+            await use(lc, res)
+            return collect(reader)[0]
+
+    assert asyncio.run(main())[opens("session")] == 1
+
+
+def test_a_lifecycle_garbage_collected_drops_out() -> None:
+    """The instruments hold their Lifecycles weakly: one gone (a finished test's app) is no
+    longer exported, and nothing of it stays alive."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    kept = make("kept")[0]
+    gone = make("gone")[0]
+    register(gone, provider)
+    register(kept, provider)
+    ref = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert ref() is None
+    points, _ = collect(reader)
+    used = {STATE: "used", SCOPE: "request"}
+    assert key("db.client.connection.count", **{POOL_NAME: "kept"}, **used) in points
+    assert key("db.client.connection.count", **{POOL_NAME: "gone"}, **used) not in points
+
+
+def test_an_app_built_again_reports_the_new_lifecycle() -> None:
+    """An app built per test on one meter provider: the new Lifecycle is exported, not the
+    first one (closed, still referenced); once both are closed, the one registered last."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    counts = []
+    lifecycles = []
+    for requests in (1, 2):
+        lc = tether.Lifecycle()
+
+        @lc.resource
+        async def session() -> AsyncIterator[str]:
+            yield "s"
+
+        register(lc, provider)
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/")
+        async def root(s: Annotated[str, Depends(session)]) -> str:
+            return s
+
+        with TestClient(app) as client:
+            for _ in range(requests):
+                client.get("/")
+            counts.append(collect(reader)[0][opens("session")])
+        lifecycles.append(lc)  # still referenced, and closed
+    assert counts == [1, 2]
+    assert collect(reader)[0][opens("session")] == 2

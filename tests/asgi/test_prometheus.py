@@ -1,14 +1,19 @@
 """Prometheus metrics read from `lc.stats()`, served the usual way."""
 
-from collections.abc import AsyncIterator
+import asyncio
+import gc
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
+import pytest
 from fastapi import Depends, FastAPI, Response
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 import tether
-from tether.metrics.prometheus import register
+from tether.metrics.prometheus import TetherCollector, register
 
 
 def test_metrics_follow_requests() -> None:
@@ -81,3 +86,191 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
         'tether_connection_discarded_total{pool_name="pg",scope="app"} 2.0',
     ]:
         assert line in text.splitlines(), line
+
+
+def make(*names: str) -> tuple[tether.Lifecycle, list[tether.Resource[str]]]:
+    """A Lifecycle with a request resource of each name."""
+    lc = tether.Lifecycle()
+    resources = []
+    for name in names:
+
+        async def factory() -> AsyncIterator[str]:
+            yield "x"
+
+        resources.append(lc.resource(name=name)(factory))
+    return lc, resources
+
+
+async def use(lc: tether.Lifecycle, *resources: tether.Resource[str]) -> None:
+    """Open and close each resource once, in a unit of work of *lc* (which runs)."""
+    async with lc.scope() as unit:
+        for res in resources:
+            await unit.get(res)
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Each sample of a scrape, parsed as Prometheus would; fails on a family given twice."""
+    text = generate_latest(registry).decode()
+    assert text.count("# HELP db_client_connection_count ") <= 1, text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, frozenset(s.labels.items()))] = s.value
+    return found
+
+
+def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return (name, frozenset(labels.items()))
+
+
+def opens(pool_name: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return sample(
+        "db_client_connection_wait_time_seconds_count", pool_name=pool_name, scope="request"
+    )
+
+
+@pytest.fixture
+def on_default_registry() -> Iterator[list[TetherCollector]]:
+    """Collectors a test registers on the default REGISTRY, taken off it after the test."""
+    collectors: list[TetherCollector] = []
+    yield collectors
+    for collector in dict.fromkeys(collectors):
+        REGISTRY.unregister(collector)
+
+
+def test_two_lifecycles_share_the_default_registry(
+    on_default_registry: list[TetherCollector],
+) -> None:
+    """Two Lifecycles on the default registry (an app built per test, two apps in one
+    process): no DuplicateTimeseries, one collector, and a scrape reports both."""
+    a, (ra,) = make("a")
+    b, (rb,) = make("b")
+    on_default_registry.append(register(a))
+    on_default_registry.append(register(b))
+    assert on_default_registry[0] is on_default_registry[1]
+    assert on_default_registry[0].lifecycles == [a, b]
+
+    async def main() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with a.run(), b.run():
+            await use(a, ra)
+            await use(b, rb)
+            await use(b, rb)
+            return samples(REGISTRY)
+
+    found = asyncio.run(main())
+    assert found[opens("a")] == 1
+    assert found[opens("b")] == 2
+    assert found[sample("tether_lifecycle_running")] == 1
+
+
+def test_taken_off_the_default_registry_a_new_collector_is_registered(
+    on_default_registry: list[TetherCollector],
+) -> None:
+    """After ``REGISTRY.unregister(collector)`` (a test's cleanup), ``register`` puts a new
+    collector on the registry instead of adding to the one taken off."""
+    a, _ = make("a")
+    first = register(a)
+    REGISTRY.unregister(first)
+    b, _ = make("b")
+    second = register(b)
+    on_default_registry.append(second)
+    assert second is not first
+    assert second.lifecycles == [b]
+    assert sample("db_client_connection_count", pool_name="b", scope="request", state="used") in (
+        samples(REGISTRY)
+    )
+
+
+def test_two_lifecycles_on_one_registry_give_each_family_once() -> None:
+    """Two Lifecycles on a registry: each family once (valid exposition), each Lifecycle's
+    series in it; series they both report (a resource of the same name, the units of work)
+    are added up, and the lifecycle runs while either does."""
+    a, (a_session, a_only) = make("session", "a")
+    b, (b_session,) = make("session")
+    registry = CollectorRegistry()
+    assert register(a, registry) is register(b, registry)
+
+    async def main() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with a.run(), b.run():
+            await use(a, a_session, a_only)
+            await use(b, b_session)
+            await use(b, b_session)
+            async with a.scope():
+                return samples(registry)
+
+    found = asyncio.run(main())
+    assert found[opens("session")] == 3
+    assert found[opens("a")] == 1
+    assert found[sample("tether_units_in_flight")] == 1
+    assert found[sample("tether_lifecycle_running")] == 1
+    assert found[sample("tether_resource_max_in_use", pool_name="session", scope="request")] == 2
+
+
+def test_the_same_lifecycle_registered_twice_is_reported_once() -> None:
+    lc, (res,) = make("session")
+    registry = CollectorRegistry()
+    collector = register(lc, registry)
+    assert register(lc, registry) is collector
+    assert collector.lifecycles == [lc]
+
+    async def main() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with lc.run():
+            await use(lc, res)
+            return samples(registry)
+
+    assert asyncio.run(main())[opens("session")] == 1
+
+
+def test_a_lifecycle_garbage_collected_drops_out() -> None:
+    """The collector holds its Lifecycles weakly: one gone (a finished test's app) is no
+    longer scraped, and nothing of it stays alive."""
+    registry = CollectorRegistry()
+    kept = make("kept")[0]
+    gone = make("gone")[0]
+    register(kept, registry)
+    collector = register(gone, registry)
+    ref = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert ref() is None
+    assert collector.lifecycles == [kept]
+    found = samples(registry)
+    kept_count = sample(
+        "db_client_connection_count", pool_name="kept", scope="request", state="used"
+    )
+    assert kept_count in found
+    assert not any(labels and ("pool_name", "gone") in labels for _, labels in found)
+    assert found[sample("tether_units_refused_total")] == 0
+    del kept
+    gc.collect()
+    assert generate_latest(registry) == b""  # none left: no families at all
+
+
+def test_a_closed_lifecycle_drops_out_while_another_is_not_closed() -> None:
+    """A Lifecycle whose app scope closed (the previous test's app, still referenced) is
+    left out while another is not closed; when all are closed, the one registered last is
+    reported, so a lone app's final figures still reach the last scrape."""
+    registry = CollectorRegistry()
+    old, (old_session,) = make("session")
+    new, (new_session,) = make("session")
+    register(old, registry)
+
+    async def main() -> None:
+        async with old.run():
+            await use(old, old_session)
+            await use(old, old_session)
+
+    asyncio.run(main())
+    assert samples(registry)[opens("session")] == 2  # closed, but the only one
+    register(new, registry)
+    found = samples(registry)
+    assert found[opens("session")] == 0  # the new one, not started yet
+    assert found[sample("tether_lifecycle_running")] == 0
+
+    async def again() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with new.run():
+            await use(new, new_session)
+            return samples(registry)
+
+    assert asyncio.run(again())[opens("session")] == 1
+    assert samples(registry)[opens("session")] == 1  # both closed: the last registered

@@ -1,10 +1,11 @@
-"""OpenTelemetry metrics of a Lifecycle: observable instruments that read ``lc.stats()``.
+"""OpenTelemetry metrics of Lifecycles: observable instruments that read ``lc.stats()``.
 
-``register(lc)`` creates the instruments on a meter of the global ``MeterProvider`` (or the one
-given); the SDK calls them at each collection, so nothing is counted twice and nothing runs per
-request. Names and attributes follow OpenTelemetry's database-client connection conventions
-(``db.client.connection.*``, with ``db.client.connection.pool.name`` the resource's name) where
-they apply; the rest is ``tether.*``. For a driver's pool opened by an integration
+``register(lc)`` adds *lc* to the instruments tether keeps on a meter of the global
+``MeterProvider`` (or the one given), creating them on first use; the SDK calls them at each
+collection, so nothing is counted twice and nothing runs per request. Names and attributes
+follow OpenTelemetry's database-client connection conventions (``db.client.connection.*``, with
+``db.client.connection.pool.name`` the resource's name) where they apply; the rest is
+``tether.*``. For a driver's pool opened by an integration
 (``lc.stats().pools``), ``db.client.connection.count`` is the pool's own connections, ``used``
 and ``idle``, beside ``db.client.connection.max`` and ``db.client.connection.pending_requests``.
 The conventions' wait and use times are histograms, which only code on the request path could
@@ -12,10 +13,19 @@ record: tether reports their sums and counts instead (``tether.resource.wait_tim
 ``tether.resource.opens``, ``tether.resource.use_time`` over ``tether.resource.closes``,
 ``tether.connection.create_time`` over ``tether.connection.created``), as the Prometheus
 exporter's summaries do.
+
+Any number of Lifecycles may be registered on one meter provider; registering one again does
+nothing. The instruments hold them weakly: one garbage-collected (a finished test's) drops out.
+A collection reports the Lifecycles not closed; when all are closed, the one registered last (its
+final figures). Where two report the same attributes (resources of the same name and scope, and
+the Lifecycle-wide ``tether.units.*``), their values are added up, except ``tether.resource.down``
+and ``tether.lifecycle.running``, which are the highest (1 while any is down, or running).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -30,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
-    from .._stats import PoolStats, ResourceStats
+    from .._stats import PoolStats, ResourceStats, Stats
 
 __all__ = ["POOL_NAME", "SCOPE", "STATE", "register"]
 
@@ -42,109 +52,176 @@ PHASE = "tether.phase"  # of an error: "open" or "close"
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
-def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list[Instrument]:
-    """Create *lc*'s instruments on a meter named ``tether`` of *meter_provider* (default: the
-    global one); return them. Each reads ``lc.stats()`` when the SDK collects."""
-    from .. import __version__
+def _add(a: float, b: float) -> float:
+    return a + b
 
-    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
-    meter = provider.get_meter("tether", __version__)
 
-    def per_resource(read: Callable[[ResourceStats], float], **extra: str) -> Callback:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [
-                Observation(read(r), {POOL_NAME: name, SCOPE: r.scope, **extra})
-                for name, r in lc.stats().resources.items()
-            ]
+class _Points:
+    """One instrument's observations by attributes: those two Lifecycles report are combined."""
 
-        return observe
+    def __init__(self, combine: Callable[[float, float], float] = _add) -> None:
+        self.combine = combine
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
 
-    def connections(options: CallbackOptions) -> Iterable[Observation]:
-        """Values in use by resource; for a driver's pool, its own used and idle ones."""
-        stats = lc.stats()
-        found = []
-        for name, r in stats.resources.items():
-            attributes = {POOL_NAME: name, SCOPE: r.scope}
-            pool = stats.pools.get(name)
-            used = r.in_use if pool is None else (pool.in_use or 0)
-            found.append(Observation(used, {**attributes, STATE: "used"}))
-            if pool is not None and pool.idle is not None:
-                found.append(Observation(pool.idle, {**attributes, STATE: "idle"}))
-        return found
+    def add(self, value: float, attributes: dict[str, str]) -> None:
+        key = tuple(attributes.items())
+        old = self.values.get(key)
+        self.values[key] = value if old is None else self.combine(old, value)
 
-    def per_pool(read: Callable[[PoolStats], float | None]) -> Callback:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            stats = lc.stats()
-            return [
-                Observation(value, {POOL_NAME: name, SCOPE: stats.resources[name].scope})
-                for name, pool in stats.pools.items()
-                if (value := read(pool)) is not None
-            ]
+    def observations(self) -> list[Observation]:
+        return [Observation(value, dict(key)) for key, value in self.values.items()]
 
-        return observe
 
-    def of_lifecycle(read: Callable[[], float]) -> Callback:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read())]
+class _Instruments:
+    """tether's instruments on one meter provider, and the Lifecycles they report (weakly)."""
 
-        return observe
+    def __init__(self, meter_provider: MeterProvider) -> None:
+        self._lock = threading.Lock()
+        self._refs: list[weakref.ref[Lifecycle]] = []
+        self.instruments = self._create(meter_provider)
 
-    def errors(options: CallbackOptions) -> Iterable[Observation]:
+    def add(self, lc: Lifecycle) -> None:
+        with self._lock:
+            alive = [ref for ref in self._refs if ref() is not None]
+            if not any(ref() is lc for ref in alive):
+                alive.append(weakref.ref(lc))
+            self._refs = alive
+
+    def reported(self) -> list[Stats]:
+        """The stats of the Lifecycles alive and not closed; if all are closed, of the one
+        registered last."""
+        every = [lc.stats() for ref in self._refs if (lc := ref()) is not None]
+        return [stats for stats in every if stats.state != "closed"] or every[-1:]
+
+    def _create(self, provider: MeterProvider) -> list[Instrument]:
+        from .. import __version__
+
+        meter = provider.get_meter("tether", __version__)
+        reported = self.reported
+
+        def per_resource(
+            read: Callable[[ResourceStats], float],
+            combine: Callable[[float, float], float] = _add,
+        ) -> Callback:
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                points = _Points(combine)
+                for stats in reported():
+                    for name, r in stats.resources.items():
+                        points.add(read(r), {POOL_NAME: name, SCOPE: r.scope})
+                return points.observations()
+
+            return observe
+
+        def connections(options: CallbackOptions) -> Iterable[Observation]:
+            """Values in use by resource; for a driver's pool, its own used and idle ones."""
+            points = _Points()
+            for stats in reported():
+                for name, r in stats.resources.items():
+                    attributes = {POOL_NAME: name, SCOPE: r.scope}
+                    pool = stats.pools.get(name)
+                    used = r.in_use if pool is None else (pool.in_use or 0)
+                    points.add(used, {**attributes, STATE: "used"})
+                    if pool is not None and pool.idle is not None:
+                        points.add(pool.idle, {**attributes, STATE: "idle"})
+            return points.observations()
+
+        def per_pool(read: Callable[[PoolStats], float | None]) -> Callback:
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                points = _Points()
+                for stats in reported():
+                    for name, pool in stats.pools.items():
+                        if (value := read(pool)) is not None:
+                            scope = stats.resources[name].scope
+                            points.add(value, {POOL_NAME: name, SCOPE: scope})
+                return points.observations()
+
+            return observe
+
+        def of_lifecycle(
+            read: Callable[[Stats], float], combine: Callable[[float, float], float] = _add
+        ) -> Callback:
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                points = _Points(combine)
+                for stats in reported():
+                    points.add(read(stats), {})
+                return points.observations()
+
+            return observe
+
+        def errors(options: CallbackOptions) -> Iterable[Observation]:
+            points = _Points()
+            for stats in reported():
+                for name, r in stats.resources.items():
+                    for phase, count in (("open", r.open_errors), ("close", r.close_errors)):
+                        points.add(count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase})
+            return points.observations()
+
+        up_down, counter, gauge = (
+            meter.create_observable_up_down_counter,
+            meter.create_observable_counter,
+            meter.create_observable_gauge,
+        )
+        table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
+            (up_down, "db.client.connection.count", connections,
+             "{connection}", "Values of the resource open now (in use); a driver pool's own "
+             "connections, used and idle."),
+            (up_down, "db.client.connection.max", per_pool(lambda p: p.max),
+             "{connection}", "The most connections the driver's pool may open."),
+            (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
+             "{request}", "Requests waiting for a connection from the driver's pool."),
+            (counter, "tether.connection.created", per_pool(lambda p: p.created),
+             "{connection}", "Connections the driver's pool made."),
+            (counter, "tether.connection.create_time", per_pool(lambda p: p.create_time),
+             "s", "Time the driver's pool took to make its connections, in all."),
+            (counter, "tether.connection.discarded", per_pool(lambda p: p.discarded),
+             "{connection}", "Connections of the driver's pool closed instead of used again: "
+             "broken, or in a state not known (lost by the server, interrupted, not reset)."),
+            (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
+             "{timeout}", "Opens or closes of the resource that ran out of time."),
+            (counter, "tether.resource.opens", per_resource(lambda r: r.opened),
+             "{value}", "Values of the resource opened."),
+            (counter, "tether.resource.closes", per_resource(lambda r: r.closed),
+             "{value}", "Values of the resource closed."),
+            (counter, "tether.resource.wait_time", per_resource(lambda r: r.wait_time),
+             "s", "Time spent opening (acquiring) values of the resource, in all."),
+            (counter, "tether.resource.use_time", per_resource(lambda r: r.hold_time),
+             "s", "Time values of the resource were held, open to close, in all."),
+            (gauge, "tether.resource.max_in_use", per_resource(lambda r: r.max_in_use),
+             "{value}", "Most values of the resource open at once."),
+            (counter, "tether.resource.errors", errors,
+             "{error}", "Failed opens and failed closes of the resource."),
+            (counter, "tether.resource.leaks", per_resource(lambda r: r.leaks),
+             "{value}", "Values held past the leak threshold or used after their scope closed."),
+            (gauge, "tether.resource.down", per_resource(lambda r: 1.0 if r.down else 0.0, max),
+             "1", "1 while an app resource declared required=False is not open (the app runs "
+             "without it), else 0."),
+            (up_down, "tether.units.in_flight", of_lifecycle(lambda s: s.units_in_flight),
+             "{unit}", "Units of work (requests, jobs) in flight."),
+            (counter, "tether.units.refused", of_lifecycle(lambda s: s.units_refused),
+             "{unit}", "Units of work refused while shutting down."),
+            (gauge, "tether.lifecycle.running",
+             of_lifecycle(lambda s: 1.0 if s.state == "running" else 0.0, max),
+             "1", "1 while the app scope runs (ready), else 0."),
+        ]  # fmt: skip
         return [
-            Observation(count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase})
-            for name, r in lc.stats().resources.items()
-            for phase, count in (("open", r.open_errors), ("close", r.close_errors))
+            create(name, [callback], unit=unit, description=description)
+            for create, name, callback, unit, description in table
         ]
 
-    up_down, counter, gauge = (
-        meter.create_observable_up_down_counter,
-        meter.create_observable_counter,
-        meter.create_observable_gauge,
-    )
-    stats = lc.stats
-    table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
-        (up_down, "db.client.connection.count", connections,
-         "{connection}", "Values of the resource open now (in use); a driver pool's own "
-         "connections, used and idle."),
-        (up_down, "db.client.connection.max", per_pool(lambda p: p.max),
-         "{connection}", "The most connections the driver's pool may open."),
-        (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
-         "{request}", "Requests waiting for a connection from the driver's pool."),
-        (counter, "tether.connection.created", per_pool(lambda p: p.created),
-         "{connection}", "Connections the driver's pool made."),
-        (counter, "tether.connection.create_time", per_pool(lambda p: p.create_time),
-         "s", "Time the driver's pool took to make its connections, in all."),
-        (counter, "tether.connection.discarded", per_pool(lambda p: p.discarded),
-         "{connection}", "Connections of the driver's pool closed instead of used again: "
-         "broken, or in a state not known (lost by the server, interrupted, not reset)."),
-        (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
-         "{timeout}", "Opens or closes of the resource that ran out of time."),
-        (counter, "tether.resource.opens", per_resource(lambda r: r.opened),
-         "{value}", "Values of the resource opened."),
-        (counter, "tether.resource.closes", per_resource(lambda r: r.closed),
-         "{value}", "Values of the resource closed."),
-        (counter, "tether.resource.wait_time", per_resource(lambda r: r.wait_time),
-         "s", "Time spent opening (acquiring) values of the resource, in all."),
-        (counter, "tether.resource.use_time", per_resource(lambda r: r.hold_time),
-         "s", "Time values of the resource were held, open to close, in all."),
-        (gauge, "tether.resource.max_in_use", per_resource(lambda r: r.max_in_use),
-         "{value}", "Most values of the resource open at once."),
-        (counter, "tether.resource.errors", errors,
-         "{error}", "Failed opens and failed closes of the resource."),
-        (counter, "tether.resource.leaks", per_resource(lambda r: r.leaks),
-         "{value}", "Values held past the leak threshold or used after their scope closed."),
-        (gauge, "tether.resource.down", per_resource(lambda r: 1.0 if r.down else 0.0),
-         "1", "1 while an app resource declared required=False is not open (the app runs "
-         "without it), else 0."),
-        (up_down, "tether.units.in_flight", of_lifecycle(lambda: stats().units_in_flight),
-         "{unit}", "Units of work (requests, jobs) in flight."),
-        (counter, "tether.units.refused", of_lifecycle(lambda: stats().units_refused),
-         "{unit}", "Units of work refused while shutting down."),
-        (gauge, "tether.lifecycle.running",
-         of_lifecycle(lambda: 1.0 if stats().state == "running" else 0.0),
-         "1", "1 while the app scope runs (ready), else 0."),
-    ]  # fmt: skip
-    return [
-        create(name, [callback], unit=unit, description=description)
-        for create, name, callback, unit, description in table
-    ]
+
+_registered: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
+_registered_lock = threading.Lock()
+
+
+def register(lc: Lifecycle, meter_provider: MeterProvider | None = None) -> list[Instrument]:
+    """Report *lc* through tether's instruments on a meter named ``tether`` of *meter_provider*
+    (default: the global one), created there on first use; return them. Each reads the
+    Lifecycles' stats when the SDK collects. Any number of Lifecycles may share a meter
+    provider; registering *lc* again does nothing."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    with _registered_lock:
+        instruments = _registered.get(provider)
+        if instruments is None:
+            instruments = _registered[provider] = _Instruments(provider)
+        instruments.add(lc)
+    return list(instruments.instruments)

@@ -1,17 +1,27 @@
-"""Prometheus metrics of a Lifecycle, named after OpenTelemetry's database-client conventions.
+"""Prometheus metrics of Lifecycles, named after OpenTelemetry's database-client conventions.
 
-``register(lc)`` adds a collector to a registry (the default one unless given); every scrape
-reads ``lc.stats()``, so nothing is counted twice and nothing runs per request. Names follow
-OpenTelemetry's ``db.client.connection.*`` metrics (dots as underscores, as the OpenTelemetry
-Prometheus exporter writes them), with ``pool_name`` the resource's name; what those do not
-cover is ``tether_*``. For a driver's pool opened by an integration (``lc.stats().pools``),
-``db_client_connection_count`` is the pool's own connections, ``used`` and ``idle``, beside
-``db_client_connection_max`` and ``db_client_connection_pending_requests``.
+``register(lc)`` adds *lc* to the one tether collector of a registry (the default one unless
+given), creating it on first use; every scrape reads ``lc.stats()``, so nothing is counted twice
+and nothing runs per request. Names follow OpenTelemetry's ``db.client.connection.*`` metrics
+(dots as underscores, as the OpenTelemetry Prometheus exporter writes them), with ``pool_name``
+the resource's name; what those do not cover is ``tether_*``. For a driver's pool opened by an
+integration (``lc.stats().pools``), ``db_client_connection_count`` is the pool's own
+connections, ``used`` and ``idle``, beside ``db_client_connection_max`` and
+``db_client_connection_pending_requests``.
+
+Any number of Lifecycles may be registered on one registry; registering one again does nothing.
+The collector holds them weakly: one garbage-collected (a finished test's) drops out. A scrape
+reports the Lifecycles not closed; when all are closed, the one registered last (its final
+figures). Where two report the same series (resources of the same name and scope, and the
+Lifecycle-wide ``tether_units_*``), their values are added up, except ``tether_resource_down``
+and ``tether_lifecycle_running``, which are the highest (1 while any is down, or running).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 try:
@@ -29,124 +39,256 @@ except ImportError as exc:  # pragma: no cover - import guard
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
+    from .._stats import Stats
 
 __all__ = ["TetherCollector", "register"]
 
 
-class TetherCollector(Collector):
-    """Reads ``lc.stats()`` at each scrape."""
+def _add(a: float, b: float) -> float:
+    return a + b
 
-    def __init__(self, lc: Lifecycle) -> None:
-        self.lc = lc
 
-    def collect(self) -> Iterator[Metric]:
-        stats = self.lc.stats()
+class _Family:
+    """One metric family's samples by labels: a series two Lifecycles report is combined."""
+
+    def __init__(
+        self,
+        family: GaugeMetricFamily | CounterMetricFamily | SummaryMetricFamily,
+        combine: Callable[[float, float], float] = _add,
+    ) -> None:
+        self.family = family
+        self.combine = combine
+        self.values: dict[tuple[str, ...], tuple[float, ...]] = {}
+
+    def add(self, labels: list[str], *values: float) -> None:
+        key = tuple(labels)
+        old = self.values.get(key)
+        self.values[key] = values if old is None else tuple(map(self.combine, old, values))
+
+    def build(self) -> Metric:
+        for labels, values in self.values.items():
+            if isinstance(self.family, SummaryMetricFamily):
+                count, total = values
+                self.family.add_metric(list(labels), count_value=int(count), sum_value=total)
+            else:
+                self.family.add_metric(list(labels), values[0])
+        return self.family
+
+
+class _Families:
+    """The metric families of one scrape, filled from the stats of each Lifecycle reported."""
+
+    def __init__(self) -> None:
         labels = ["pool_name", "scope"]
-        count = GaugeMetricFamily(
-            "db_client_connection_count",
-            "Values of the resource currently open (in use), by resource.",
-            labels=[*labels, "state"],
+        self.count = _Family(
+            GaugeMetricFamily(
+                "db_client_connection_count",
+                "Values of the resource currently open (in use), by resource.",
+                labels=[*labels, "state"],
+            )
         )
-        max_used = GaugeMetricFamily(
-            "tether_resource_max_in_use", "Most values of the resource open at once.", labels=labels
+        self.max_used = _Family(
+            GaugeMetricFamily(
+                "tether_resource_max_in_use",
+                "Most values of the resource open at once.",
+                labels=labels,
+            )
         )
-        timeouts = CounterMetricFamily(
-            "db_client_connection_timeouts",
-            "Opens or closes of the resource that ran out of time.",
-            labels=labels,
+        self.timeouts = _Family(
+            CounterMetricFamily(
+                "db_client_connection_timeouts",
+                "Opens or closes of the resource that ran out of time.",
+                labels=labels,
+            )
         )
-        wait = SummaryMetricFamily(
-            "db_client_connection_wait_time_seconds",
-            "Time to open (acquire) a value of the resource.",
-            labels=labels,
+        self.wait = _Family(
+            SummaryMetricFamily(
+                "db_client_connection_wait_time_seconds",
+                "Time to open (acquire) a value of the resource.",
+                labels=labels,
+            )
         )
-        use = SummaryMetricFamily(
-            "db_client_connection_use_time_seconds",
-            "Time between opening and closing a value of the resource.",
-            labels=labels,
+        self.use = _Family(
+            SummaryMetricFamily(
+                "db_client_connection_use_time_seconds",
+                "Time between opening and closing a value of the resource.",
+                labels=labels,
+            )
         )
-        errors = CounterMetricFamily(
-            "tether_resource_errors",
-            "Failed opens and failed closes of the resource.",
-            labels=[*labels, "phase"],
+        self.errors = _Family(
+            CounterMetricFamily(
+                "tether_resource_errors",
+                "Failed opens and failed closes of the resource.",
+                labels=[*labels, "phase"],
+            )
         )
-        leaks = CounterMetricFamily(
-            "tether_resource_leaks",
-            "Values held past the leak threshold or used after their scope closed.",
-            labels=labels,
+        self.leaks = _Family(
+            CounterMetricFamily(
+                "tether_resource_leaks",
+                "Values held past the leak threshold or used after their scope closed.",
+                labels=labels,
+            )
         )
-        pool_max = GaugeMetricFamily(
-            "db_client_connection_max",
-            "The most connections the driver's pool may open.",
-            labels=labels,
+        self.pool_max = _Family(
+            GaugeMetricFamily(
+                "db_client_connection_max",
+                "The most connections the driver's pool may open.",
+                labels=labels,
+            )
         )
-        pending = GaugeMetricFamily(
-            "db_client_connection_pending_requests",
-            "Requests waiting for a connection from the driver's pool.",
-            labels=labels,
+        self.pending = _Family(
+            GaugeMetricFamily(
+                "db_client_connection_pending_requests",
+                "Requests waiting for a connection from the driver's pool.",
+                labels=labels,
+            )
         )
-        create = SummaryMetricFamily(
-            "db_client_connection_create_time_seconds",
-            "Time the driver's pool took to make a connection.",
-            labels=labels,
+        self.create = _Family(
+            SummaryMetricFamily(
+                "db_client_connection_create_time_seconds",
+                "Time the driver's pool took to make a connection.",
+                labels=labels,
+            )
         )
-        discarded = CounterMetricFamily(
-            "tether_connection_discarded",
-            "Connections of the driver's pool closed instead of used again: broken, or in a "
-            "state not known (lost by the server, interrupted mid-operation, not reset).",
-            labels=labels,
+        self.discarded = _Family(
+            CounterMetricFamily(
+                "tether_connection_discarded",
+                "Connections of the driver's pool closed instead of used again: broken, or in a "
+                "state not known (lost by the server, interrupted mid-operation, not reset).",
+                labels=labels,
+            )
         )
-        down = GaugeMetricFamily(
-            "tether_resource_down",
-            "1 while an app resource declared required=False is not open (the app runs "
-            "without it), else 0.",
-            labels=labels,
+        self.down = _Family(
+            GaugeMetricFamily(
+                "tether_resource_down",
+                "1 while an app resource declared required=False is not open (the app runs "
+                "without it), else 0.",
+                labels=labels,
+            ),
+            max,
         )
+        self.units = _Family(
+            GaugeMetricFamily("tether_units_in_flight", "Units of work (requests, jobs) in flight.")
+        )
+        self.refused = _Family(
+            CounterMetricFamily(
+                "tether_units_refused", "Units of work refused while shutting down."
+            )
+        )
+        self.running = _Family(
+            GaugeMetricFamily(
+                "tether_lifecycle_running", "1 while the app scope runs (ready), else 0."
+            ),
+            max,
+        )
+
+    def all(self) -> list[_Family]:
+        return [
+            *(self.count, self.pool_max, self.pending, self.create, self.discarded),
+            *(self.max_used, self.timeouts, self.wait, self.use, self.errors, self.leaks),
+            *(self.down, self.units, self.refused, self.running),
+        ]
+
+    def add(self, stats: Stats) -> None:
         for name, r in stats.resources.items():
             key = [name, r.scope]
             if r.scope == "app":
-                down.add_metric(key, 1.0 if r.down else 0.0)
+                self.down.add(key, 1.0 if r.down else 0.0)
             pool = stats.pools.get(name)
             if pool is None:
-                count.add_metric([*key, "used"], r.in_use)
+                self.count.add([*key, "used"], r.in_use)
             else:  # a driver's pool: its own connections, used and idle
-                count.add_metric([*key, "used"], pool.in_use if pool.in_use is not None else 0)
+                self.count.add([*key, "used"], pool.in_use if pool.in_use is not None else 0)
                 if pool.idle is not None:
-                    count.add_metric([*key, "idle"], pool.idle)
+                    self.count.add([*key, "idle"], pool.idle)
                 if pool.max is not None:
-                    pool_max.add_metric(key, pool.max)
+                    self.pool_max.add(key, pool.max)
                 if pool.waiting is not None:
-                    pending.add_metric(key, pool.waiting)
+                    self.pending.add(key, pool.waiting)
                 if pool.created is not None and pool.create_time is not None:
-                    create.add_metric(key, count_value=pool.created, sum_value=pool.create_time)
+                    self.create.add(key, pool.created, pool.create_time)
                 if pool.discarded is not None:
-                    discarded.add_metric(key, pool.discarded)
-            max_used.add_metric(key, r.max_in_use)
-            timeouts.add_metric(key, r.timeouts)
-            wait.add_metric(key, count_value=r.opened, sum_value=r.wait_time)
-            use.add_metric(key, count_value=r.closed, sum_value=r.hold_time)
-            errors.add_metric([*key, "open"], r.open_errors)
-            errors.add_metric([*key, "close"], r.close_errors)
-            leaks.add_metric(key, r.leaks)
-        yield from (count, pool_max, pending, create, discarded)
-        yield from (max_used, timeouts, wait, use, errors, leaks, down)
-        units = GaugeMetricFamily(
-            "tether_units_in_flight", "Units of work (requests, jobs) in flight."
-        )
-        units.add_metric([], stats.units_in_flight)
-        refused = CounterMetricFamily(
-            "tether_units_refused", "Units of work refused while shutting down."
-        )
-        refused.add_metric([], stats.units_refused)
-        state = GaugeMetricFamily(
-            "tether_lifecycle_running", "1 while the app scope runs (ready), else 0."
-        )
-        state.add_metric([], 1.0 if stats.state == "running" else 0.0)
-        yield from (units, refused, state)
+                    self.discarded.add(key, pool.discarded)
+            self.max_used.add(key, r.max_in_use)
+            self.timeouts.add(key, r.timeouts)
+            self.wait.add(key, r.opened, r.wait_time)
+            self.use.add(key, r.closed, r.hold_time)
+            self.errors.add([*key, "open"], r.open_errors)
+            self.errors.add([*key, "close"], r.close_errors)
+            self.leaks.add(key, r.leaks)
+        self.units.add([], stats.units_in_flight)
+        self.refused.add([], stats.units_refused)
+        self.running.add([], 1.0 if stats.state == "running" else 0.0)
+
+
+class TetherCollector(Collector):
+    """Reads the stats of its Lifecycles at each scrape; holds them weakly.
+
+    ``register(lc)`` makes one per registry and adds each Lifecycle to it. A scrape reports
+    those not closed (when all are closed, the one added last); a series two of them report is
+    their sum (``tether_resource_down`` and ``tether_lifecycle_running``: the highest).
+    """
+
+    def __init__(self, lc: Lifecycle | None = None) -> None:
+        self._lock = threading.Lock()
+        self._refs: list[weakref.ref[Lifecycle]] = []
+        if lc is not None:
+            self.add(lc)
+
+    def add(self, lc: Lifecycle) -> bool:
+        """Report *lc* too; False if it was already."""
+        with self._lock:
+            alive = [ref for ref in self._refs if ref() is not None]
+            found = any(ref() is lc for ref in alive)
+            if not found:
+                alive.append(weakref.ref(lc))
+            self._refs = alive
+            return not found
+
+    @property
+    def lifecycles(self) -> list[Lifecycle]:
+        """The Lifecycles added and still alive, in the order added."""
+        return [lc for ref in self._refs if (lc := ref()) is not None]
+
+    def describe(self) -> list[Metric]:
+        """The families (without samples), for the registry's check of duplicate names."""
+        return [family.family for family in _Families().all()]
+
+    def collect(self) -> Iterator[Metric]:
+        every = [lc.stats() for lc in self.lifecycles]
+        reported = [stats for stats in every if stats.state != "closed"] or every[-1:]
+        if not reported:
+            return
+        families = _Families()
+        for stats in reported:
+            families.add(stats)
+        for family in families.all():
+            yield family.build()
+
+
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, TetherCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_collectors_lock = threading.Lock()
+
+
+def _registered(collector: TetherCollector, registry: CollectorRegistry) -> bool:
+    """Whether *collector* is still on *registry* (not taken off with ``unregister``)."""
+    on_registry = getattr(registry, "_collector_to_names", None)
+    return on_registry is None or collector in on_registry
 
 
 def register(lc: Lifecycle, registry: CollectorRegistry | None = None) -> TetherCollector:
-    """Register a collector of *lc*'s stats on *registry* (default: the global one)."""
-    collector = TetherCollector(lc)
-    (registry or REGISTRY).register(collector)
-    return collector
+    """Report *lc*'s stats on *registry* (default: the global one) and return the registry's
+    tether collector, registered there on first use. Any number of Lifecycles may share a
+    registry; registering *lc* again does nothing."""
+    target = registry if registry is not None else REGISTRY
+    with _collectors_lock:
+        collector = _collectors.get(target)
+        if collector is not None and _registered(collector, target):
+            collector.add(lc)
+            return collector
+        collector = TetherCollector(lc)
+        target.register(collector)
+        _collectors[target] = collector
+        return collector

@@ -7,7 +7,10 @@ for every :class:`~tether.Lifecycle` alive:
   the real resource, and the test errors, naming the resource and where the override was made;
 * a unit of work that started during the test and is still in flight a second after it
   (a ``lc.scope()`` never exited, a streamed response never read to its end, a job still
-  running) makes the test error, naming the unit, what it holds and where it acquired it;
+  running) makes the test error, naming the unit, its age when the test ended, what it
+  holds and where it acquired it. During that second the unit's event loop runs: in its
+  own thread (TestClient's), or, if it is open and idle (pytest-asyncio's session or module
+  loop between tests), here; on a closed loop nothing can end, and there is no wait;
 * a driver pool (``lc.stats().pools``) with more connections in use than before the test,
   when no unit of work holds them, makes the test error: something took a connection
   straight from the pool and kept it.
@@ -18,14 +21,16 @@ in the ini file, for all; ``-p no:tether`` unloads the plugin.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from ._lifecycle import LIFECYCLES
-from .testing import assert_pools_returned, assert_released, pools_in_use, undo_overrides
+from .testing import _assert_pools_returned, _assert_released, pools_in_use, undo_overrides
 
 MARKER = "tether_unchecked"
+GRACE = 1.0  # seconds after the test for units of work and pool connections to end
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,6 +62,7 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
         lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc)) for lc in list(LIFECYCLES)
     }
     yield
+    ended = time.perf_counter()  # ages are told, and the grace counted, from here
     problems: list[str] = []
     for lc in list(LIFECYCLES):
         overrides, units, pools = before.get(lc, ((), set(), {}))
@@ -70,12 +76,12 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"what lc.override returns."
             )
         try:
-            assert_released(lc, ignore=units)
+            _assert_released(lc, wait=GRACE, ignore=units, since=ended)
         except AssertionError as exc:
             problems.append(str(exc))
             continue  # the units hold the pools' connections: one report is enough
         try:
-            assert_pools_returned(lc, pools)
+            _assert_pools_returned(lc, pools, wait=GRACE, since=ended)
         except AssertionError as exc:
             problems.append(str(exc))
     if problems:

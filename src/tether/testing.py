@@ -90,29 +90,64 @@ def in_flight(lc: Lifecycle, *, ignore: Collection[Unit] = ()) -> list[str]:
     """One line per unit of work of *lc* in flight (but those in *ignore*): its label, its
     age, and what it holds, with where each value was acquired when that is known."""
     now = time.perf_counter()
-    lines = []
-    for unit in lc._in_flight():
-        if unit in ignore:
-            continue
-        held = [
-            f"{e.res.name!r}" + (f" (acquired at {_frame(e.stack[-1])})" if e.stack else "")
-            for e in list(unit.entries)
-        ]
-        holds = f"holds {', '.join(held)}" if held else "holds nothing yet"
-        lines.append(f"{unit.label!r} (in flight {now - unit.started:.2f} s) {holds}")
-    return lines
+    return [_describe(unit, now) for unit in _units_in_flight(lc, ignore)]
 
 
 def assert_released(lc: Lifecycle, *, wait: float = 1.0, ignore: Collection[Unit] = ()) -> None:
     """Assert that no unit of work of *lc* is in flight (but those in *ignore*), giving
     units that are ending up to *wait* seconds to finish; the error names each unit,
-    what it holds, and where it acquired it."""
-    lines = _settled(lambda: in_flight(lc, ignore=ignore), wait)
-    if lines:
-        count = f"{len(lines)} unit{'s' if len(lines) > 1 else ''} of work"
-        listed = "".join(f"\n  - {line}" for line in lines)
+    what it holds, and where it acquired it, with its age when the call was made.
+
+    A unit can only finish while its event loop runs: running in another thread (TestClient's,
+    a server's), it gets the time; not running and open (pytest-asyncio's between tests), it is
+    run for that time, when no loop runs in this thread; run by this very thread (a call from a
+    coroutine) or closed, nothing can end, and there is no wait."""
+    _assert_released(lc, wait=wait, ignore=ignore, since=time.perf_counter())
+
+
+def _assert_released(lc: Lifecycle, *, wait: float, ignore: Collection[Unit], since: float) -> None:
+    """`assert_released`, ages and grace counted from *since* (``time.perf_counter()``)."""
+    units = _settled(
+        lambda: _units_in_flight(lc, ignore),
+        since + wait,
+        lambda found: {_loop_of(lc, unit) for unit in found},
+    )
+    if units:
+        count = f"{len(units)} unit{'s' if len(units) > 1 else ''} of work"
+        listed = "".join(f"\n  - {_describe(unit, since)}" for unit in units)
         msg = f"tether: {count} of {lc!r} still in flight:{listed}\n{_HINT}"
         raise AssertionError(msg)
+
+
+def _units_in_flight(lc: Lifecycle, ignore: Collection[Unit]) -> list[Unit]:
+    return [unit for unit in lc._in_flight() if unit not in ignore]
+
+
+def _describe(unit: Unit, now: float) -> str:
+    held = [
+        f"{e.res.name!r}" + (f" (acquired at {_frame(e.stack[-1])})" if e.stack else "")
+        for e in list(unit.entries)
+    ]
+    holds = f"holds {', '.join(held)}" if held else "holds nothing yet"
+    age = max(0.0, now - unit.started)
+    return f"{unit.label!r} (in flight {age:.2f} s) {holds}"
+
+
+def _loop_of(lc: Lifecycle, unit: Unit) -> asyncio.AbstractEventLoop | None:
+    """The event loop *unit* runs on: its request's task's, else the app scope's (where
+    every `lc.scope()` runs while it is open); None when unknown (no app scope: any loop,
+    in any thread)."""
+    task = getattr(unit, "task", None)
+    if isinstance(task, asyncio.Future):
+        return task.get_loop()
+    return _app_loop(lc)
+
+
+def _app_loop(lc: Lifecycle) -> asyncio.AbstractEventLoop | None:
+    """The loop of *lc*'s app scope, where its pools give connections back; None when it
+    is not open (or runs outside asyncio)."""
+    loop = lc._loop
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
 
 
 def assert_pools_returned(
@@ -120,9 +155,16 @@ def assert_pools_returned(
 ) -> None:
     """Assert that no driver pool of *lc* (``lc.stats().pools``) has more connections in
     use than *before* said (in use by pool name, as :func:`pools_in_use` returns), giving
-    connections being given back up to *wait* seconds. Run it when no unit of work of the
-    test is in flight: what is still in use then was taken straight from the pool."""
-    grown = _settled(lambda: _grown(lc, before), wait)
+    connections being given back up to *wait* seconds (on the app scope's loop, as
+    :func:`assert_released` waits). Run it when no unit of work of the test is in flight:
+    what is still in use then was taken straight from the pool."""
+    _assert_pools_returned(lc, before, wait=wait, since=time.perf_counter())
+
+
+def _assert_pools_returned(
+    lc: Lifecycle, before: Mapping[str, int | None], *, wait: float, since: float
+) -> None:
+    grown = _settled(lambda: _grown(lc, before), since + wait, lambda _: {_app_loop(lc)})
     if grown:
         listed = "".join(
             f"\n  - {name!r}: {now} in use, {was} before the test" for name, now, was in grown
@@ -164,13 +206,51 @@ def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[st
     return undone
 
 
-def _settled(read: Callable[[], list[T]], wait: float) -> list[T]:
-    """*read*'s result once it is empty, or after *wait* seconds: what is ending gets the
-    time to end."""
-    deadline = time.monotonic() + wait
-    while (found := read()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+def _settled(
+    read: Callable[[], list[T]],
+    deadline: float,
+    loops: Callable[[list[T]], Collection[asyncio.AbstractEventLoop | None]],
+) -> list[T]:
+    """*read*'s result once it is empty, or at *deadline* (``time.perf_counter()``): what is
+    ending gets the time to end, as long as the event loops it runs on (*loops* of what is
+    found) can run."""
+    while (found := read()) and (left := deadline - time.perf_counter()) > 0:
+        if not _let_run(loops(found), min(_STEP, left)):
+            break  # nothing found can progress: waiting changes nothing
     return found
+
+
+_STEP = 0.01
+
+
+def _let_run(loops: Collection[asyncio.AbstractEventLoop | None], step: float) -> bool:
+    """Let *loops* run for *step* seconds: run those that are idle (open, not running) here,
+    wait for those running in another thread. False if none can run: each is closed, or is
+    this thread's running loop, blocked by this very call."""
+    here = asyncio._get_running_loop()
+    idle: list[asyncio.AbstractEventLoop] = []
+    elsewhere = False
+    for loop in loops:
+        if loop is None:  # unknown: maybe running in another thread
+            elsewhere = True
+        elif loop is here or loop.is_closed():
+            continue
+        elif loop.is_running():
+            elsewhere = True
+        elif here is None:
+            idle.append(loop)
+    if not idle:
+        if elsewhere:
+            time.sleep(step)
+        return elsewhere
+    for loop in idle:
+        pause = asyncio.sleep(step / len(idle))
+        try:
+            loop.run_until_complete(pause)
+        except RuntimeError:  # started in another thread, or closed, meanwhile
+            pause.close()
+            time.sleep(step / len(idle))
+    return True
 
 
 def _frame(frame: tuple[str, int, str]) -> str:

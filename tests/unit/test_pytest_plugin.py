@@ -246,3 +246,173 @@ def test_a_connection_taken_straight_from_a_pool_is_reported(suite: pytest.Pytes
             "it with `lc.scope()`.",
         ]
     )
+
+
+def test_units_on_an_idle_session_loop_get_the_grace(pytester: pytest.Pytester) -> None:
+    """Under pytest-asyncio the session loop does not run between tests: the check runs it
+    for the grace, so a job ending 50 ms after its test is not blamed, and a job that runs on
+    is reported with its age when the test ended. Called from a coroutine, the check cannot
+    wait on its own loop: it answers at once."""
+    pytester.makeini(
+        "[pytest]\nfilterwarnings = error\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makeconftest(
+        textwrap.dedent(
+            """
+            import pytest_asyncio
+
+            import tether
+            import tether.testing
+
+            lc = tether.Lifecycle()
+
+
+            @lc.resource
+            async def conn():
+                yield "conn"
+
+
+            @pytest_asyncio.fixture(scope="session", loop_scope="session")
+            async def app_scope():
+                async with tether.testing.running(lc):
+                    yield lc
+            """
+        )
+    )
+    pytester.makepyfile(
+        test_session_loop=textwrap.dedent(
+            """
+            import asyncio
+            import time
+
+            import pytest
+
+            import tether.testing
+            from conftest import conn, lc
+
+            pytestmark = pytest.mark.asyncio(loop_scope="session")
+            jobs = []
+            release = asyncio.Event()
+
+
+            async def job(label, until):
+                async with lc.scope(label) as s:
+                    await s.get(conn)
+                    await until()
+
+
+            async def test_starts_a_short_job(app_scope):
+                jobs.append(asyncio.create_task(job("short job", lambda: asyncio.sleep(0.05))))
+
+
+            async def test_the_short_job_ended_in_the_grace(app_scope):
+                assert jobs.pop().done()
+
+
+            async def test_forgets_a_job(app_scope):
+                jobs.append(asyncio.create_task(job("forgotten job", release.wait)))
+                await asyncio.sleep(0.3)
+
+
+            async def test_the_check_inside_the_loop_answers_at_once(app_scope):
+                release.set()
+                await jobs.pop()
+                release.clear()
+                jobs.append(asyncio.create_task(job("job", release.wait)))
+                await asyncio.sleep(0.2)
+                t0 = time.perf_counter()
+                with pytest.raises(AssertionError) as caught:
+                    tether.testing.assert_released(lc)
+                assert time.perf_counter() - t0 < 0.1
+                release.set()
+                await jobs.pop()
+                print(caught.value)
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*.Etether: 1 unit of work of <tether.Lifecycle resources=1 state='running'> still in "
+            "flight:",
+            "  - 'job' (in flight 0.[2-9]? s) holds 'conn' (acquired at */test_session_loop.py:16 "
+            "in job)",
+            "Exit every `lc.scope()`, read every streamed response to its end, and stop "
+            "background work before the test ends (to allow it in one test, mark it "
+            "@pytest.mark.tether_unchecked).",
+            "*ERROR at teardown of test_forgets_a_job*",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='running'> still in "
+            "flight:",
+            "  - 'forgotten job' (in flight 0.[3-9]? s) holds 'conn' (acquired at "
+            "*/test_session_loop.py:16 in job)",
+            "Exit every `lc.scope()`, read every streamed response to its end, and stop "
+            "background work before the test ends (to allow it in one test, mark it "
+            "@pytest.mark.tether_unchecked).",
+        ]
+    )
+    errors = [line.split(" - ")[0] for line in result.outlines if line.startswith("ERROR")]
+    assert errors == ["ERROR test_session_loop.py::test_forgets_a_job"]
+
+
+def test_units_on_a_running_loop_in_another_thread_get_the_grace(suite: pytest.Pytester) -> None:
+    """On TestClient's loop, running in its own thread, a job ending 50 ms after its test
+    ends in the grace; one that runs on is reported with its age when the test ended."""
+    suite.makepyfile(
+        test_client=textwrap.dedent(
+            """
+            import time
+
+            import anyio
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from app import app, lc, take
+
+            jobs = []
+
+
+            @pytest.fixture(scope="module")
+            def client():
+                with TestClient(app) as client:
+                    yield client
+
+
+            async def job(label, seconds):
+                async with lc.scope(label) as s:
+                    await take(s)
+                    await anyio.sleep(seconds)
+
+
+            def test_starts_a_short_job(client):
+                jobs.append(client.portal.start_task_soon(job, "short job", 0.05))
+
+
+            def test_the_short_job_ended_in_the_grace(client):
+                assert jobs.pop().done()
+
+
+            def test_forgets_a_job(client):
+                jobs.append(client.portal.start_task_soon(job, "forgotten job", 60))
+                time.sleep(0.3)
+
+
+            def test_after(client):
+                jobs.pop().cancel()
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_forgets_a_job*",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='running'> still in "
+            "flight:",
+            "  - 'forgotten job' (in flight 0.[3-9]? s) holds 'conn' (acquired at */app.py:* "
+            "in take)",
+            "Exit every `lc.scope()`, read every streamed response to its end, and stop "
+            "background work before the test ends (to allow it in one test, mark it "
+            "@pytest.mark.tether_unchecked).",
+        ]
+    )

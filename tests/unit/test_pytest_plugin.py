@@ -295,14 +295,22 @@ def test_units_on_an_idle_session_loop_get_the_grace(pytester: pytest.Pytester) 
             release = asyncio.Event()
 
 
-            async def job(label, until):
+            async def job(label, until, started=None):
                 async with lc.scope(label) as s:
                     await s.get(conn)
+                    if started is not None:
+                        started.set()
                     await until()
 
 
+            async def start(label, until):
+                started = asyncio.Event()
+                jobs.append(asyncio.create_task(job(label, until, started)))
+                await started.wait()  # its unit of work is in flight
+
+
             async def test_starts_a_short_job(app_scope):
-                jobs.append(asyncio.create_task(job("short job", lambda: asyncio.sleep(0.05))))
+                await start("short job", lambda: asyncio.sleep(0.05))
 
 
             async def test_the_short_job_ended_in_the_grace(app_scope):
@@ -310,7 +318,7 @@ def test_units_on_an_idle_session_loop_get_the_grace(pytester: pytest.Pytester) 
 
 
             async def test_forgets_a_job(app_scope):
-                jobs.append(asyncio.create_task(job("forgotten job", release.wait)))
+                await start("forgotten job", release.wait)
                 await asyncio.sleep(0.3)
 
 
@@ -369,6 +377,8 @@ def test_units_on_a_running_loop_in_another_thread_get_the_grace(suite: pytest.P
 
             from app import app, lc, take
 
+            import threading
+
             jobs = []
 
 
@@ -378,14 +388,21 @@ def test_units_on_a_running_loop_in_another_thread_get_the_grace(suite: pytest.P
                     yield client
 
 
-            async def job(label, seconds):
+            async def job(label, seconds, started):
                 async with lc.scope(label) as s:
                     await take(s)
+                    started.set()
                     await anyio.sleep(seconds)
 
 
+            def start(client, label, seconds):
+                started = threading.Event()
+                jobs.append(client.portal.start_task_soon(job, label, seconds, started))
+                assert started.wait(10)  # its unit of work is in flight
+
+
             def test_starts_a_short_job(client):
-                jobs.append(client.portal.start_task_soon(job, "short job", 0.05))
+                start(client, "short job", 0.05)
 
 
             def test_the_short_job_ended_in_the_grace(client):
@@ -393,7 +410,7 @@ def test_units_on_a_running_loop_in_another_thread_get_the_grace(suite: pytest.P
 
 
             def test_forgets_a_job(client):
-                jobs.append(client.portal.start_task_soon(job, "forgotten job", 60))
+                start(client, "forgotten job", 60)
                 time.sleep(0.3)
 
 

@@ -165,27 +165,10 @@ SETUP_CHECK = (
 )
 
 
-@pytest.mark.parametrize(
-    "kind", ["psycopg", "postgresql+asyncpg", "postgresql+psycopg", "sync"],
-    ids=["psycopg-configure", "sqlalchemy-asyncpg", "sqlalchemy-psycopg", "sqlalchemy-sync"],
-)  # fmt: skip
-async def test_what_the_connection_setup_sets_survives_the_reset(
-    postgres: Postgres, kind: str
-) -> None:
-    """Settings a connection's setup makes with `SET` (psycopg's `configure=`, SQLAlchemy's
-    `connect` event, as SQLAlchemy's documentation sets a search_path) are what every unit of
-    work starts with: the reset undoes the unit's own `SET`s, and puts the setup's back (a
+async def test_what_psycopg_configure_sets_survives_the_reset(postgres: Postgres) -> None:
+    """Settings the pool's `configure=` makes with `SET` are what every unit of work starts
+    with: the reset undoes the unit's own `SET`s, and puts configure's back (a
     `statement_timeout` set there used to vanish after the first request)."""
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    def setup_sqlalchemy(dbapi_connection: Any, record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        for sql in SETUP:
-            cursor.execute(sql)
-        cursor.close()
-        if not getattr(dbapi_connection, "autocommit", True):
-            dbapi_connection.commit()
 
     async def setup_psycopg(conn: Any) -> None:
         for sql in SETUP:
@@ -193,25 +176,18 @@ async def test_what_the_connection_setup_sets_survives_the_reset(
         await conn.commit()
 
     lc = tether.Lifecycle()
-    if kind == "psycopg":
-        ppool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1, configure=setup_psycopg)
-        conn: tether.Resource[Any] = tpsy.connection(lc, ppool, transaction=True)
-    else:
-        conn = Driver(kind, True).make(lc, postgres)
-    driver = Driver(kind, True)
-    event.listen(Engine, "connect", setup_sqlalchemy)
-    try:
-        async with lc.run():
+    ppool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1, configure=setup_psycopg)
+    conn = tpsy.connection(lc, ppool, transaction=True)
+    driver = Driver("psycopg", True)
+    async with lc.run():
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            first = await driver.fetch(c, SETUP_CHECK)
+            await driver.execute(c, "SET search_path TO nowhere")
+            await driver.execute(c, "SET statement_timeout = '9s'")
+        for _ in range(2):
             async with lc.scope() as s:
-                c = await s.get(conn)
-                first = await driver.fetch(c, SETUP_CHECK)
-                await driver.execute(c, "SET search_path TO nowhere")
-                await driver.execute(c, "SET statement_timeout = '9s'")
-            for _ in range(2):
-                async with lc.scope() as s:
-                    assert await driver.fetch(await s.get(conn), SETUP_CHECK) == first
-    finally:
-        event.remove(Engine, "connect", setup_sqlalchemy)
+                assert await driver.fetch(await s.get(conn), SETUP_CHECK) == first
     assert first[1:] == ("app, public", "2s")
     await anyio.sleep(0)
 

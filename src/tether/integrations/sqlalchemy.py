@@ -88,7 +88,6 @@ from .._stats import PoolStats
 from . import _once
 from ._common import (
     RESET_SESSION,
-    SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
     check_budget,
@@ -406,20 +405,11 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     trip. A connection that cannot be reset is invalidated, never handed to the next unit of
     work as it was."""
 
-    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        # The first time: after the pool's `connect` events (a `SET search_path` there, as
-        # SQLAlchemy's documentation shows), note what they set, for the reset to put back.
-        if _CONFIGURED not in record.info:
-            try:
-                record.info[_CONFIGURED] = _driver_query(dbapi_connection, SESSION_SETTINGS) or ""
-            except Exception:  # a connection that fails here fails the unit's first query
-                pass
-
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
             return  # invalidated: it is not coming back
         try:
-            _reset_driver(dbapi_connection, record.info.get(_CONFIGURED, ""))
+            _reset_driver(dbapi_connection)
         except Exception as exc:
             log.warning(
                 "tether: engine %r: could not reset a connection's session (%s); discarded",
@@ -431,47 +421,14 @@ def _reset_sessions(eng: Engine, name: str) -> None:
             except Exception:  # pragma: no cover - closing a broken connection
                 pass
 
-    event.listen(eng, "checkout", checkout)
     event.listen(eng, "checkin", checkin)
 
 
-_CONFIGURED = "tether_configured"  # in a connection's record: what its setup SET, as SQL
-
-
-def _driver_query(dbapi_connection: Any, sql: str) -> Any:
-    """The one value of *sql*, run on the driver's connection outside any transaction."""
+def _reset_driver(dbapi_connection: Any) -> None:
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     package = type(driver).__module__.partition(".")[0]
     if package == "asyncpg":
-        return await_only(driver.fetchval(sql))
-    if package not in ("psycopg", "psycopg2"):
-        return None
-    is_async = inspect.iscoroutinefunction(driver.commit)
-    autocommit = driver.autocommit
-    if is_async:
-        if not autocommit:
-            await_only(driver.set_autocommit(True))
-        try:
-            row = await_only((await_only(driver.execute(sql))).fetchone())
-        finally:
-            if not autocommit:
-                await_only(driver.set_autocommit(False))
-        return row[0]
-    driver.autocommit = True
-    cursor = driver.cursor()
-    try:
-        cursor.execute(sql)
-        return cursor.fetchone()[0]
-    finally:
-        cursor.close()
-        driver.autocommit = autocommit
-
-
-def _reset_driver(dbapi_connection: Any, again: str = "") -> None:
-    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    package = type(driver).__module__.partition(".")[0]
-    if package == "asyncpg":
-        await_only(driver.execute(RESET_SESSION + again))  # no transaction open: it stays none
+        await_only(driver.execute(RESET_SESSION))  # no transaction open: it stays none
     elif package in ("psycopg", "psycopg2"):
         # In autocommit, so the reset opens no transaction (the connection is idle here:
         # switching costs no round trip).
@@ -480,14 +437,14 @@ def _reset_driver(dbapi_connection: Any, again: str = "") -> None:
         if is_async:
             if not autocommit:
                 await_only(driver.set_autocommit(True))
-            await_only(driver.execute(RESET_SESSION + again))
+            await_only(driver.execute(RESET_SESSION))
             if not autocommit:
                 await_only(driver.set_autocommit(False))
         else:
             driver.autocommit = True
             cursor = driver.cursor()
             try:
-                cursor.execute(RESET_SESSION + again)
+                cursor.execute(RESET_SESSION)
             finally:
                 cursor.close()
                 driver.autocommit = autocommit

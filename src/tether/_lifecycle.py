@@ -108,6 +108,16 @@ class Override:
         self.undo()
 
 
+def _log_close_failure(name: str, error: BaseException) -> None:
+    log.error(
+        "tether: closing app resource %r failed: %s",
+        name,
+        describe(error),
+        exc_info=error,
+        extra={"tether_resource": name},
+    )
+
+
 #: Seconds between the background attempts of a ``required=False`` resource whose server
 #: refused the credentials or the database.
 _REFUSED_RETRY = 60.0
@@ -640,13 +650,7 @@ class Lifecycle:
             # in their own tasks, without a shutdown: say what failed, forget the values.
             for slot in self._app_slots:
                 if slot.error is not None:
-                    log.error(
-                        "tether: closing app resource %r failed: %s",
-                        slot.res.name,
-                        describe(slot.error),
-                        exc_info=slot.error,
-                        extra={"tether_resource": slot.res.name},
-                    )
+                    _log_close_failure(slot.res.name, slot.error)
             self._app_slots = []
             self._slot_of = {}
             self._app_values = {}
@@ -917,13 +921,7 @@ class Lifecycle:
             slot.release.set()
             await slot.closed.wait()
             if slot.error is not None:
-                log.error(
-                    "tether: closing app resource %r failed: %s",
-                    slot.res.name,
-                    describe(slot.error),
-                    exc_info=slot.error,
-                    extra={"tether_resource": slot.res.name},
-                )
+                _log_close_failure(slot.res.name, slot.error)
                 errors.append((slot.res.name, slot.error))
         self._app_slots = []
         self._slot_of = {}

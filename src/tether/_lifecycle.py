@@ -889,6 +889,7 @@ class Lifecycle:
                     raise
                 if refused_for_good(exc) is not None:
                     raise  # a wrong password stays wrong: retrying it only risks a lockout
+                res.counters.open_errors += 1  # each failed attempt (the last one: by the caller)
                 log.warning(
                     "tether: app resource %r failed to open (attempt %d of %d): %s; "
                     "retrying in %.2f s",

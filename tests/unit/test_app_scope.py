@@ -328,6 +328,9 @@ class TestStartupFailure:
             async with lc.run():
                 assert lc.get(pool) == "pool"
         assert len(attempts) == 3
+        # Each failed attempt is a failed open (a timed-out one counts in timeouts too).
+        stats = lc.stats().resources["pool"]
+        assert (stats.opened, stats.open_errors) == (1, 2)
         # The backoff doubles: 0.01 s then 0.02 s.
         assert attempts[2] - attempts[1] >= 0.015
         retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
@@ -356,6 +359,7 @@ class TestStartupFailure:
                 pass  # pragma: no cover
         assert len(attempts) == 2
         assert str(info.value.__cause__) == "refused #2"
+        assert lc.stats().resources["pool"].open_errors == 2
 
 
 class TestShutdown:

@@ -108,6 +108,11 @@ class Override:
         self.undo()
 
 
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (not trio's)."""
+    return asyncio._get_running_loop() is not None
+
+
 def _log_close_failure(name: str, error: BaseException) -> None:
     log.error(
         "tether: closing app resource %r failed: %s",
@@ -227,6 +232,10 @@ class Lifecycle:
         self._slot_of: dict[Resource[Any], _AppSlot] = {}
         self._override_entries: dict[Resource[Any], Entry] = {}
         self._units: set[Unit] = set()
+        # The task of each unit of work of `scope()` (an HTTP unit keeps its own).
+        self._unit_tasks: weakref.WeakKeyDictionary[Unit, asyncio.Task[Any] | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self._units_total = 0
         self._units_refused = 0
         self._drained: anyio.Event | None = None
@@ -936,12 +945,19 @@ class Lifecycle:
             with anyio.move_on_after(self.drain_timeout):
                 await self._drained.wait()
             if self._units:
+                # Cancelled, so that they roll back and give their connections back while
+                # the pools are still open (closing the pools under them would leave their
+                # values to close after what they use).
                 log.warning(
-                    "tether: %d units of work still in flight after drain_timeout=%g s: %s",
+                    "tether: %d units of work still in flight after drain_timeout=%g s, "
+                    "cancelled: %s",
                     len(self._units),
                     self.drain_timeout,
                     ", ".join(sorted(u.label for u in self._units)[:10]),
                 )
+                self._cancel_units()
+                with anyio.move_on_after(self.close_timeout):
+                    await self._drained.wait()
         await self._stop_opening()
         errors = await self._close_app_slots()
         if errors:
@@ -1001,6 +1017,8 @@ class Lifecycle:
             self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)
         self._admit(unit)
+        if _on_asyncio():
+            self._unit_tasks[unit] = asyncio.current_task()  # cancelled past drain_timeout
         failure: BaseException | None = None
         try:
             yield unit
@@ -1063,6 +1081,17 @@ class Lifecycle:
             raise ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
         self._units.add(unit)
         self._units_total += 1
+
+    def _cancel_units(self) -> None:
+        """Cancel the task of every unit of work still in flight (past ``drain_timeout``)."""
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:  # not on asyncio (trio): units there are not cancelled
+            return
+        for unit in list(self._units):
+            task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
+            if task is not None and task is not current and not task.done():
+                task.cancel(f"tether: drain_timeout={self.drain_timeout:g} s passed at shutdown")
 
     def _retire(self, unit: Unit) -> None:
         self._units.discard(unit)

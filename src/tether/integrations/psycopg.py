@@ -589,27 +589,14 @@ async def _bounded(work: Awaitable[None], within: float) -> None:
     """Await *work* (queries on one connection) for *within* seconds at most, then raise
     ``TimeoutError``.
 
-    ``asyncio.timeout`` is not enough: psycopg answers a cancelled query by cancelling it on
-    the server and waiting up to 5 s more for the server to confirm, so a server that stopped
-    answering held the unit of work ``within`` + 5 s. Interrupted again, psycopg closes the
-    connection at once (3.3.9; 3.3.6 leaves it to the caller, who closes it)."""
-    task = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=within)
-        if done:
-            return task.result()
-        task.cancel()  # psycopg cancels the query on the server
-        done, _ = await asyncio.wait({task}, timeout=_CANCEL_GRACE)
-        if not done:
-            task.cancel()  # the server did not confirm: psycopg closes the connection
-            await asyncio.wait({task}, timeout=1.0)
-    except BaseException:
-        task.cancel()
-        raise
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: what it raised after the bound does not matter now
-    msg = f"did not finish within {within:g} s"
-    raise TimeoutError(msg)
+    One ``asyncio.timeout`` is not enough: psycopg answers a cancelled query by cancelling it
+    on the server and waiting up to 5 s more for the server to confirm, so a server that
+    stopped answering held the unit of work ``within`` + 5 s. Cancelled again,
+    ``_CANCEL_GRACE`` later, psycopg closes the connection at once (3.3.9; 3.3.6 leaves it
+    to the caller, who closes it). Both in this task: no task of its own per release."""
+    async with asyncio.timeout(within + _CANCEL_GRACE):  # then psycopg closes it
+        async with asyncio.timeout(within):  # psycopg cancels the query on the server
+            await work
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:

@@ -68,6 +68,7 @@ class HealthReport:
 async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
     assert res.check is not None
     t0 = time.perf_counter()
+    synchronous = False  # a sync check: no timeout can interrupt it
     bound = anyio.move_on_after(res.check_timeout)
     try:
         with bound:
@@ -85,6 +86,8 @@ async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
                 result = res.check(value)
                 if inspect.isawaitable(result):
                     await result
+                else:
+                    synchronous = True
             else:
                 async with lc.scope(f"health check of {res.name!r}") as unit:
                     result = res.check(await unit.get(res))
@@ -100,7 +103,7 @@ async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
         return CheckResult(
             res.name, False, latency, f"check did not finish within {res.check_timeout:g} s"
         )
-    if latency > res.check_timeout:
+    if synchronous and latency > res.check_timeout:
         # A check that blocked the event loop (a sync call): no timeout can interrupt it.
         return CheckResult(
             res.name,

@@ -1123,6 +1123,9 @@ class _TetherRoute:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lc = self.lc
+        if lc.state is not _RUNNING and _refused(lc):
+            await _deny_websocket(scope, send)
+            return
         unit = Unit(lc, self.label_for(scope))
         lc._units.add(unit)
         lc._units_total += 1
@@ -1212,7 +1215,9 @@ def _client_gone(unit: HttpUnit, exc: BaseException) -> bool:
     return True
 
 
-async def _answer(send: Send, status: int, detail: str, retry_after: float | None) -> None:
+async def _answer(
+    send: Send, status: int, detail: str, retry_after: float | None, kind: str = "http"
+) -> None:
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -1220,8 +1225,19 @@ async def _answer(send: Send, status: int, detail: str, retry_after: float | Non
     ]
     if retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": f"{kind}.response.start", "status": status, "headers": headers})
+    await send({"type": f"{kind}.response.body", "body": body, "more_body": False})
+
+
+async def _deny_websocket(scope: Scope, send: Send) -> None:
+    """A WebSocket handshake while the app shuts down, refused as an HTTP request is: a 503
+    with ``Retry-After`` where the server lets the app answer the handshake (ASGI's
+    ``websocket.http.response`` extension: uvicorn, Starlette's test client); elsewhere a
+    close before accepting, with 1013 "try again later" (the server answers it 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or ()):
+        await _answer(send, 503, _SHUTTING_DOWN, 5.0, "websocket.http")
+    else:
+        await send({"type": "websocket.close", "code": 1013, "reason": _SHUTTING_DOWN})
 
 
 async def _answer_error(send: Send, error: BaseException) -> None:
@@ -1376,8 +1392,9 @@ async def _handler_failed(
     *deferred*: the values close later, after the route's ``Depends(scope="function")``
     cleanups (`_defer_failure`)."""
     if _client_gone(unit, exc):
-        if not deferred:
-            await unit.aclose(unit.failure)
+        if deferred:
+            return _ClosedFirst(_response(_GONE_STATUS, _GONE, None), unit, exc)
+        await unit.aclose(unit.failure)
         return _response(_GONE_STATUS, _GONE, None)
     errors = [] if deferred else await unit.aclose(exc)
     # Not a request with a form body: its files are closed by now.
@@ -1389,7 +1406,8 @@ async def _handler_failed(
         if _app_handles(unit.request, exc):
             raise exc
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
-        return _response(503, str(exc), exc.retry_after)
+        answer = _response(503, str(exc), exc.retry_after)
+        return _ClosedFirst(answer, unit, exc) if deferred else answer
     if errors and isinstance(errors[-1], ResourceUnavailable):
         return _response(503, str(errors[-1]), errors[-1].retry_after)
     raise exc
@@ -1422,16 +1440,39 @@ def _defer_failure(unit: HttpUnit, exc: BaseException) -> bool:
         unit.stop_watching(unit._receive)
 
     async def close(exc_type: Any, exc_value: BaseException | None, tb: Any) -> bool:
-        if not unit.closed:
-            try:
-                await unit.aclose(unit.failure if unit.failure is not None else exc)
-            finally:
-                unit.closed = True
-                unit.lc._retire(unit)
+        await _close_deferred(unit, exc)
         return False
 
     stack.push_async_exit(close)
     return True
+
+
+async def _close_deferred(unit: HttpUnit, exc: BaseException) -> None:
+    """Close the values `_defer_failure` kept open, once, with the failure."""
+    if not unit.closed:
+        try:
+            await unit.aclose(unit.failure if unit.failure is not None else exc)
+        finally:
+            unit.closed = True
+            unit.lc._retire(unit)
+
+
+class _ClosedFirst:
+    """An answer tether makes itself (503, 499) on a route whose values wait for its
+    ``Depends(scope="function")`` cleanups (`_defer_failure`): FastAPI runs those cleanups
+    when the handler returns it, and the values close then, before it is sent, as they
+    do before any other response."""
+
+    __slots__ = ("exc", "response", "unit")
+
+    def __init__(self, response: Any, unit: HttpUnit, exc: BaseException) -> None:
+        self.response = response
+        self.unit = unit
+        self.exc = exc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _close_deferred(self.unit, self.exc)
+        await self.response(scope, receive, send)
 
 
 class _LateResponse:

@@ -176,6 +176,66 @@ def test_function_scoped_cleanup_runs_before_the_release_on_the_error_path() -> 
     assert lc.stats().units_in_flight == 0
 
 
+def test_a_503_tether_answers_goes_out_after_the_values_close() -> None:
+    """On a route with a `Depends(scope="function")` cleanup, the values wait for that
+    cleanup; a 503 tether answers for the endpoint's `ResourceUnavailable` is sent after
+    they close (before, it went out first, and the connection was given back after the
+    client had its answer and could retry)."""
+    needs_function_scope()
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[dict[str, bool]]:
+        c = {"open": True}
+        try:
+            yield c
+        except BaseException as exc:
+            events.append(f"conn rollback {type(exc).__name__}")
+            raise
+        finally:
+            c["open"] = False
+            events.append("conn close")
+
+    async def audit(c: Annotated[dict[str, bool], Depends(conn)]) -> AsyncIterator[None]:
+        yield
+        events.append(f"audit done: open={c['open']}")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/busy")
+    async def busy(
+        c: Annotated[dict[str, bool], Depends(conn)],
+        _: Annotated[None, Depends(audit, scope="function")],  # type: ignore[call-arg]
+    ) -> str:
+        raise tether.ResourceUnavailable("pool busy", resource="conn", retry_after=2)
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                events.append(f"response {message['status']}")
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    async def main() -> httpx.Response:
+        async with lc.lifespan(app):
+            transport = httpx.ASGITransport(app=recording)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await asyncio.get_running_loop().create_task(client.get("/busy"))
+
+    r = asyncio.run(main())
+    assert (r.status_code, r.headers["retry-after"]) == (503, "2")
+    assert r.json() == {"detail": "pool busy"}
+    assert events == [
+        "audit done: open=True",
+        "conn rollback ResourceUnavailable",
+        "conn close",
+        "response 503",
+    ]
+    assert lc.stats().units_in_flight == 0
+
+
 WARNING = (
     "tether: GET / takes 'uow', a `yield` dependency on 'session': FastAPI runs its cleanup "
     "after the response is sent, after tether closed 'session', so the cleanup finds it "

@@ -1,6 +1,6 @@
 """The FastAPI tutorial pattern (a lifespan, a per-request DB), written with tether.
 
-Run it with `make demo` (or `python examples/quickstart.py [PORT]`), then
+Run it with `python examples/quickstart.py [PORT]`, then
 `curl http://127.0.0.1:8000/`.
 """
 

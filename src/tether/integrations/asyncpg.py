@@ -44,6 +44,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import random
@@ -118,9 +119,11 @@ class _State:
     __slots__ = (
         "acquire_timeout",
         "bound",
+        "closing",
         "create_time",
         "created",
         "discarded",
+        "expired",
         "expires",
         "idle_since",
         "max_waiting",
@@ -146,6 +149,10 @@ class _State:
         self.created = 0  # connections the pool made, in create_time seconds
         self.create_time = 0.0
         self.discarded = 0  # connections closed as broken or in a state not known
+        # What tells a connection the pool retires from one lost (see _on_close): times
+        # expire_connections() ran (connections made before are retired), and the pool closing.
+        self.expired = 0
+        self.closing = False
         # With pre_ping: a connection back in the pool for ping_after seconds or more is
         # pinged before a unit of work without a transaction gets it (set as it is released).
         self.ping_after = 0.0
@@ -167,6 +174,15 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def acquire(self, *, timeout: float | None = None) -> Any:
         self._tether.bound.check()
         return super().acquire(timeout=timeout)
+
+    # Noted for the count of connections lost (_on_close): those they close are retired.
+    async def expire_connections(self) -> None:
+        self._tether.expired += 1
+        await super().expire_connections()
+
+    async def close(self) -> None:
+        self._tether.closing = True
+        await super().close()
 
 
 def _create_pool_defaults() -> dict[str, Any]:
@@ -358,7 +374,8 @@ def _ping_after(name: str, pre_ping: object) -> float | None:
 
 
 def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """asyncpg's ``connect`` (run for each connection the pool makes), counted and timed."""
+    """asyncpg's ``connect`` (run for each connection the pool makes), counted and timed,
+    with a termination listener that counts the connection if it is lost while idle."""
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         t0 = time.monotonic()
@@ -368,9 +385,35 @@ def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable
         state.create_time += now - t0
         if state.idle_since is not None:
             state.idle_since[conn] = now  # in the pool from now on, until a unit takes it
+        listen = getattr(conn, "add_termination_listener", None)
+        if listen is not None:  # else not a connection: asyncpg refuses it
+            listen(functools.partial(_on_close, state, state.expired))
         return conn
 
     return counted
+
+
+def _on_close(state: _State, expired: int, conn: Any) -> None:
+    """Termination listener of each connection the pool made (*expired*: ``state.expired``
+    when it was made). asyncpg runs it once, soon after the connection closed: it counts one
+    lost while it sat idle in the pool.
+
+    The server or the network can end a connection no unit of work holds
+    (``pg_terminate_backend``, ``idle_session_timeout``, a restart): asyncpg makes another in
+    its place, and no unit of work gives it back closed to count it. Not counted here:
+
+    * one handed out when it closed (asyncpg gives the listener its pool proxy): counted as
+      it is given back (``_give_back``), if it is tether's;
+    * one the client terminated (tether, asyncpg's ``max_inactive_connection_lifetime``);
+    * one retired: made before ``expire_connections()``, or closed with the pool.
+
+    An idle one closed otherwise is one asyncpg gave up on (its ``init`` failed): discarded.
+    """
+    if isinstance(conn, asyncpg.pool.PoolConnectionProxy):
+        return
+    if getattr(conn, "_aborted", False) or state.closing or expired != state.expired:
+        return
+    state.discarded += 1
 
 
 def _stamping(
@@ -530,11 +573,14 @@ def connection(
             if tx is not None:
                 try:
                     await _commit(conn, tx, name)
-                except pg_errors.InternalClientError as exc:
+                except (pg_errors.InternalClientError, pg_errors.InterfaceError) as exc:
                     # asyncpg refused to send COMMIT: the connection is mid-way through
                     # something else, most often an error the server sent unasked as it
                     # ended the session (a restart, pg_terminate_backend) before the close
-                    # arrived. Nothing was committed: a 503, and the connection goes.
+                    # arrived; or it has read the close already. Nothing was committed: a
+                    # 503, and the connection goes.
+                    if not _is_lost(conn, exc):
+                        raise
                     _terminate(conn)
                     raise commit_not_sent(pool_name, exc) from exc
         finally:
@@ -569,10 +615,10 @@ def _is_lost(conn: Any, exc: BaseException) -> bool:
         # else, most often an error the server sent unasked as it ended the session (a
         # restart, pg_terminate_backend) before the close arrived. The connection is done.
         return True
-    try:
-        return isinstance(exc, pg_errors.InterfaceError) and bool(conn.is_closed())
-    except pg_errors.InterfaceError:
-        return False
+    # asyncpg refusing a call on a closed connection. Once asyncpg has read the close, its
+    # pool takes the connection back by itself, and every call on the proxy tether handed
+    # out (``is_closed`` too) says it was "released back to the pool": lost as well.
+    return isinstance(exc, pg_errors.InterfaceError) and _closed(conn)
 
 
 async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float) -> Any:
@@ -679,7 +725,9 @@ async def _commit(conn: Any, tx: Any, name: str) -> None:
     raw = _raw(conn)
     top: Any = getattr(raw, "_top_xact", None)
     if top is None or top is not tx or not hasattr(top, "_state"):
-        await tx.commit()  # pragma: no cover - an asyncpg that works otherwise
+        # An asyncpg that works otherwise, or a connection its pool took back as it closed
+        # (``tx.commit()`` then refuses, sending nothing).
+        await tx.commit()
         return
     raw._top_xact = None
     try:

@@ -75,6 +75,7 @@ from ._common import (
     Dsn,
     LoopBound,
     check_budget,
+    commit_not_sent,
     connect_or_close,
     depends_on,
     dropped_cancellation,
@@ -469,7 +470,15 @@ def connection(
                     savepoint = "`async with conn.transaction():`"
                     msg = failed_transaction("Connection", name, savepoint)
                     raise psycopg.errors.InFailedSqlTransaction(msg)
-                await conn.commit()
+                broken = conn.broken
+                try:
+                    await conn.commit()
+                except psycopg.OperationalError as exc:
+                    if broken:
+                        # Lost before it (a statement met the close, its error caught), and
+                        # psycopg knew: it refused to send COMMIT. Nothing was committed.
+                        raise commit_not_sent(pool_name, exc) from exc
+                    raise
         finally:
             # psycopg's pool checks what comes back: a transaction left open is rolled
             # back, a connection mid-query or broken is closed and replaced.

@@ -7,7 +7,9 @@ idempotent is run again on a fresh connection and answers 200; a route that is n
 answered 503 with Retry-After, once, and what it wrote is rolled back.
 """
 
+import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +28,17 @@ from tether.integrations import psycopg as tpsy
 from tether.integrations import sqlalchemy as tsa
 
 pytestmark = pytest.mark.servers
+
+# The pool gave a connection: the message says it was lost, and does not blame the pool's size.
+LOST_MID_TRANSACTION = (
+    r"Pool '\w+': the connection was lost mid-transaction, so nothing was committed \(.+\)\. "
+    r"Retry shortly; if it persists, check the database\."
+)
+COMMIT_NOT_SENT = (
+    r"Pool '\w+': the connection was lost before COMMIT, which was not sent, so nothing was "
+    r"committed \(.+; the server most likely ended the session\)\. Retry shortly; if it "
+    r"persists, check the database\."
+)
 
 
 @pytest.fixture
@@ -137,6 +150,43 @@ def make_app(pg: Postgres, driver: Driver, table: str) -> tuple[FastAPI, list[st
         await driver.execute(c, "SELECT 1")
         return text
 
+    @app.post("/read-after-noticed")
+    @idempotent
+    async def read_after_noticed(c: C) -> str:
+        """Loses its connection the first time, and the driver notices before its query
+        (asyncpg's pool then detaches the connection it handed out)."""
+        calls.append("read-after-noticed")
+        if len(calls) == 1:
+            kill(pg, await driver.pid(c))
+            await asyncio.sleep(0.3)
+        await driver.execute(c, "SELECT 1")
+        return "read"
+
+    @app.post("/write-after-noticed")
+    async def write_after_noticed(c: C) -> str:
+        """Writes, loses its connection, and returns once the driver noticed: the commit
+        cannot be sent."""
+        calls.append("write-after-noticed")
+        await driver.execute(c, f"INSERT INTO {table} VALUES (1)")
+        kill(pg, await driver.pid(c))
+        await asyncio.sleep(0.3)
+        return "written"
+
+    @app.post("/swallow")
+    @idempotent
+    async def swallow(c: C) -> str:
+        """Writes and loses its connection the first time, catches the query's error and
+        returns: the commit cannot go out."""
+        calls.append("swallow")
+        await driver.execute(c, f"INSERT INTO {table} VALUES (1)")
+        if len(calls) == 1:
+            kill(pg, await driver.pid(c))
+            try:
+                await driver.execute(c, "SELECT 1")
+            except Exception:
+                pass
+        return "swallowed"
+
     @app.post("/always-lost")
     @idempotent(retries=2)
     async def always_lost(c: C) -> str:
@@ -179,7 +229,7 @@ def test_a_route_not_declared_idempotent_is_answered_503_once(
         else:
             assert answer.status_code == 503
             assert answer.headers["retry-after"] == "1"
-            assert "the connection was lost mid-transaction" in answer.json()["detail"]
+            assert re.fullmatch(LOST_MID_TRANSACTION, answer.json()["detail"], re.S)
             assert postgres.sql(f"SELECT count(*) FROM {table}") == [(0,)]  # rolled back
         assert calls == ["write"]
         assert client.post("/read-once").status_code == 200  # the pool works on
@@ -220,3 +270,52 @@ def test_retries_are_bounded(postgres: Postgres, table: str, driver: Driver) -> 
 def test_idempotent_refuses_zero_retries() -> None:
     with pytest.raises(ValueError, match=r"^idempotent\(retries=0\): retries must be 1 or more\.$"):
         idempotent(retries=0)
+
+
+@pytest.mark.parametrize("driver", DRIVERS, ids=IDS)
+def test_a_connection_lost_and_noticed_before_the_query_is_run_again(
+    postgres: Postgres, table: str, driver: Driver
+) -> None:
+    """The connection is lost while the endpoint awaits something else, so the driver has
+    noticed by its next query: asyncpg's pool has then taken the connection back, and the
+    query raises "released back to the pool" (a 500 before). It is a lost connection: the
+    idempotent route runs again."""
+    app, calls = make_app(postgres, driver, table)
+    with TestClient(app) as client:
+        answer = client.post("/read-after-noticed")
+    assert (answer.status_code, answer.json()) == (200, "read")
+    assert calls == ["read-after-noticed"] * 2
+
+
+@pytest.mark.parametrize("driver", [DRIVERS[1], DRIVERS[3]], ids=[IDS[1], IDS[3]])
+def test_a_commit_on_a_connection_lost_and_noticed_is_a_503(
+    postgres: Postgres, table: str, driver: Driver
+) -> None:
+    """The endpoint wrote and returned; the connection was lost and asyncpg noticed before
+    the `COMMIT`, so it refused to send it: nothing was committed, a 503 with Retry-After (a
+    500 before). (psycopg reads of the loss only in answer to the `COMMIT` it sent: whether
+    that committed cannot be known, and it stays a 500.)"""
+    app, calls = make_app(postgres, driver, table)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/write-after-noticed")
+        assert answer.status_code == 503, answer.text
+        assert "retry-after" in answer.headers
+        assert re.fullmatch(COMMIT_NOT_SENT, answer.json()["detail"], re.S)
+        assert postgres.sql(f"SELECT count(*) FROM {table}") == [(0,)]
+        assert calls == ["write-after-noticed"]
+        assert client.post("/read-once").status_code == 200  # the pool works on
+
+
+@pytest.mark.parametrize("driver", DRIVERS[1:3], ids=IDS[1:3])
+def test_a_lost_connection_whose_error_the_endpoint_caught_is_run_again(
+    postgres: Postgres, table: str, driver: Driver
+) -> None:
+    """The endpoint caught the error of a statement that met the lost connection, and
+    returned: the driver knows the connection is lost and refuses to send `COMMIT`, so
+    nothing was committed and the idempotent route runs again (psycopg: a 500 before)."""
+    app, calls = make_app(postgres, driver, table)
+    with TestClient(app) as client:
+        answer = client.post("/swallow")
+    assert (answer.status_code, answer.json()) == (200, "swallowed")
+    assert calls == ["swallow"] * 2
+    assert postgres.sql(f"SELECT count(*) FROM {table}") == [(1,)]  # the second run's

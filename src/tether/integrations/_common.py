@@ -42,6 +42,7 @@ __all__ = [
     "LoopBound",
     "check_budget",
     "commit_not_sent",
+    "connection_lost",
     "saturation",
     "depends_on",
     "dropped_cancellation",
@@ -95,9 +96,9 @@ RESET_SESSION = (
 
 #: SQL that sets again what ``SET`` made of the session's settings (``pg_settings`` from the
 #: source ``session``: not those of the server, the database, the role or the connection
-#: string, which ``RESET ALL`` keeps), or NULL: read when a connection is made, after the
-#: pool's own setup (psycopg's ``configure``, SQLAlchemy's ``connect`` events), so that the
-#: reset puts back what that setup set.
+#: string, which ``RESET ALL`` keeps), or NULL: read once per connection, after the pool's own
+#: setup (psycopg's ``configure``; SQLAlchemy's ``connect`` events, at the first checkout), so
+#: that the reset puts back what that setup set.
 SESSION_SETTINGS = (
     "SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
     "FROM pg_settings WHERE source = 'session'"
@@ -247,13 +248,29 @@ class LoopBound:
 
 
 def commit_not_sent(name: str, exc: BaseException) -> ResourceUnavailable:
-    """The 503 for a commit the driver refused to send (asyncpg's ``InternalClientError``):
-    nothing was committed, and the connection, in an unknown state, is discarded."""
+    """The 503 for a commit the driver refused to send (asyncpg's ``InternalClientError``, or
+    a connection it or psycopg knew was lost): nothing was committed, and the connection, in
+    an unknown state, is discarded."""
     reason = (
         f"the connection was lost before COMMIT, which was not sent, so nothing was "
         f"committed ({describe(exc)}; the server most likely ended the session)"
     )
-    return unavailable(name, reason, lost=True)
+    return _lost(name, reason)
+
+
+def connection_lost(name: str, cause: str) -> ResourceUnavailable:
+    """The 503 for a unit of work whose connection was lost under it mid-transaction (*cause*:
+    the driver's error, described): the server ended the transaction, nothing was committed."""
+    return _lost(
+        name, f"the connection was lost mid-transaction, so nothing was committed ({cause})"
+    )
+
+
+def _lost(name: str, reason: str) -> ResourceUnavailable:
+    """A 503 for a lost connection: the pool did give one, so the message does not blame its
+    size, as `unavailable` does."""
+    msg = redact(f"Pool {name!r}: {reason}. Retry shortly; if it persists, check the database.")
+    return ResourceUnavailable(msg, resource=name, retry_after=1.0, lost=True)
 
 
 def unavailable(

@@ -75,6 +75,7 @@ from ._common import (
     LoopBound,
     check_budget,
     commit_not_sent,
+    connection_lost,
     depends_on,
     failed_transaction,
     queue_full,
@@ -567,8 +568,7 @@ def connection(
                 if lost:
                     # The server ended the transaction with the connection: nothing was
                     # committed, so retrying is safe. A 503, not a 500.
-                    reason = f"the connection was lost mid-transaction: {describe(exc)}"
-                    raise unavailable(pool_name, reason, lost=True) from exc
+                    raise connection_lost(pool_name, describe(exc)) from exc
                 raise
             if tx is not None:
                 try:

@@ -77,6 +77,7 @@ from ._common import (
     check_budget,
     commit_not_sent,
     connect_or_close,
+    connection_lost,
     depends_on,
     dropped_cancellation,
     failed_transaction,
@@ -459,8 +460,7 @@ def connection(
                 if lost:
                     # The server ended the transaction with the connection: nothing was
                     # committed, so retrying is safe. A 503, not a 500.
-                    reason = f"the connection was lost mid-transaction: {describe(exc)}"
-                    raise unavailable(pool_name, reason, lost=True) from exc
+                    raise connection_lost(pool_name, describe(exc)) from exc
                 raise
             if transaction:
                 if conn.info.transaction_status == TransactionStatus.INERROR:

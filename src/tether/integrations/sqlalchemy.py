@@ -88,10 +88,12 @@ from .._stats import PoolStats
 from . import _once
 from ._common import (
     RESET_SESSION,
+    SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
     check_budget,
     commit_not_sent,
+    connection_lost,
     depends_on,
     failed_transaction,
     queue_full,
@@ -295,13 +297,17 @@ def _is_lost(exc: BaseException) -> bool:
 
 
 def _refused_to_send(exc: sa_exc.DBAPIError) -> bool:
-    """Whether asyncpg refused to send the statement (``InternalClientError``: its protocol
-    is mid-way through something else), so the server never saw it."""
+    """Whether asyncpg refused to send the statement, so the server never saw it: its
+    protocol is mid-way through something else (``InternalClientError``), or it has read
+    the connection's close already (an ``InterfaceError`` saying so)."""
     cause: BaseException | None = exc.orig
     while cause is not None:
         kind = type(cause)
-        if kind.__name__ == "InternalClientError" and kind.__module__.startswith("asyncpg"):
-            return True
+        if kind.__module__.startswith("asyncpg"):
+            if kind.__name__ == "InternalClientError":
+                return True
+            if kind.__name__ == "InterfaceError":
+                return "connection is closed" in str(cause)
         cause = cause.__cause__
     return False
 
@@ -398,18 +404,38 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
     event.listen(eng, "checkout", checkout)
 
 
+_UNREAD = "tether_unread"  # in a connection's info: its settings are to be read at checkout
+_SETTINGS = "tether_settings"  # in a connection's info: SQL that sets them again
+
+
 def _reset_sessions(eng: Engine, name: str) -> None:
     """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
     of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
     cursors, ``LISTEN``, advisory locks, temporary tables), as asyncpg's pool does: one round
     trip. A connection that cannot be reset is invalidated, never handed to the next unit of
-    work as it was."""
+    work as it was.
+
+    What the engine's ``connect`` listeners set with ``SET`` (the ``search_path`` recipe of
+    SQLAlchemy's documentation), which ``RESET ALL`` undoes too, is put back in the same round
+    trip: it is read (``SESSION_SETTINGS``) at the connection's first checkout, which comes
+    after every ``connect`` listener has run, however and whenever it was added (on the engine
+    once it is open, so after tether's own, or on ``Pool`` or ``Engine`` themselves). One query
+    per connection, and only for one made while the engine had ``connect`` listeners besides
+    SQLAlchemy's and tether's: none otherwise, and none at later checkouts."""
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        if any(fn not in own for fn in eng.pool.dispatch.connect):
+            record.info[_UNREAD] = True
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if record.info.pop(_UNREAD, False):
+            record.info[_SETTINGS] = _read_settings(dbapi_connection)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
             return  # invalidated: it is not coming back
         try:
-            _reset_driver(dbapi_connection)
+            _reset_driver(dbapi_connection, record.info.get(_SETTINGS, ""))
         except Exception as exc:
             log.warning(
                 "tether: engine %r: could not reset a connection's session (%s); discarded",
@@ -421,14 +447,53 @@ def _reset_sessions(eng: Engine, name: str) -> None:
             except Exception:  # pragma: no cover - closing a broken connection
                 pass
 
+    event.listen(eng, "connect", connect)
+    # The engine's own listeners: SQLAlchemy's setup of the dialect, and tether's. (Those on
+    # Pool or Engine themselves are not among them: the user's.)
+    own = set(getattr(eng.pool.dispatch.connect, "listeners", ()))
+    event.listen(eng, "checkout", checkout)
     event.listen(eng, "checkin", checkin)
 
 
-def _reset_driver(dbapi_connection: Any) -> None:
+def _read_settings(dbapi_connection: Any) -> str:
+    """SQL that sets again what ``SET`` made of the session's settings (``SESSION_SETTINGS``),
+    or "". Read on the driver's connection: in autocommit if it is idle, so the query opens no
+    transaction (switching costs no round trip); in the one a listener left open otherwise."""
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     package = type(driver).__module__.partition(".")[0]
     if package == "asyncpg":
-        await_only(driver.execute(RESET_SESSION))  # no transaction open: it stays none
+        return str(await_only(driver.fetchval(SESSION_SETTINGS)) or "")
+    if package not in ("psycopg", "psycopg2"):
+        return ""
+    switch = driver.info.transaction_status == 0 and not driver.autocommit  # idle
+    if inspect.iscoroutinefunction(driver.commit):
+        if switch:
+            await_only(driver.set_autocommit(True))
+        row = await_only(await_only(driver.execute(SESSION_SETTINGS)).fetchone())
+        if switch:
+            await_only(driver.set_autocommit(False))
+    else:
+        if switch:
+            driver.autocommit = True
+        cursor = driver.cursor()
+        try:
+            cursor.execute(SESSION_SETTINGS)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+            if switch:
+                driver.autocommit = False
+    return str(row[0] or "") if row is not None else ""
+
+
+def _reset_driver(dbapi_connection: Any, again: str = "") -> None:
+    """Run ``RESET_SESSION``, then *again* (what the connection's ``connect`` listeners set),
+    in one round trip, opening no transaction."""
+    sql = RESET_SESSION + again
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    package = type(driver).__module__.partition(".")[0]
+    if package == "asyncpg":
+        await_only(driver.execute(sql))  # no transaction open: it stays none
     elif package in ("psycopg", "psycopg2"):
         # In autocommit, so the reset opens no transaction (the connection is idle here:
         # switching costs no round trip).
@@ -437,14 +502,14 @@ def _reset_driver(dbapi_connection: Any) -> None:
         if is_async:
             if not autocommit:
                 await_only(driver.set_autocommit(True))
-            await_only(driver.execute(RESET_SESSION))
+            await_only(driver.execute(sql))
             if not autocommit:
                 await_only(driver.set_autocommit(False))
         else:
             driver.autocommit = True
             cursor = driver.cursor()
             try:
-                cursor.execute(RESET_SESSION)
+                cursor.execute(sql)
             finally:
                 cursor.close()
                 driver.autocommit = autocommit
@@ -457,8 +522,7 @@ def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | N
         return info.timed_out(exc)
     if _is_lost(exc):
         # The server ended the transaction with the connection: nothing was committed.
-        reason = f"the connection was lost mid-transaction: {_describe_db(exc)}"
-        return unavailable(info.name, reason, lost=True)
+        return connection_lost(info.name, _describe_db(exc))
     return None
 
 
@@ -1007,8 +1071,8 @@ def session(
             except sa_exc.DBAPIError as exc:
                 if not _refused_to_send(exc):
                     raise  # the commit may have happened: not a 503
-                # asyncpg refused to send COMMIT (the server ended the session and its
-                # error arrived before the close): nothing was committed.
+                # asyncpg refused to send COMMIT (the server ended the session, and its
+                # error or the close arrived first): nothing was committed.
                 await s.invalidate()
                 raise commit_not_sent(info.name, exc.orig or exc) from exc
         finally:

@@ -131,11 +131,10 @@ def needs_function_scope() -> None:
         pytest.skip("Depends(scope=...) is FastAPI 0.121+")
 
 
-def test_function_scoped_cleanup_runs_before_the_release_on_the_error_path() -> None:
-    """release-point.md: on a route with a `Depends(scope="function")` cleanup, tether
-    closes after that cleanup; an endpoint that raises too."""
-    needs_function_scope()
-    events: list[str] = []
+def recorded_conn(
+    events: list[str],
+) -> tuple[tether.Lifecycle, tether.Resource[dict[str, bool]]]:
+    """A lifecycle with a request resource `conn` that records its rollback and close."""
     lc = tether.Lifecycle()
 
     @lc.resource
@@ -149,6 +148,16 @@ def test_function_scoped_cleanup_runs_before_the_release_on_the_error_path() -> 
         finally:
             c["open"] = False
             events.append("conn close")
+
+    return lc, conn
+
+
+def test_function_scoped_cleanup_runs_before_the_release_on_the_error_path() -> None:
+    """release-point.md: on a route with a `Depends(scope="function")` cleanup, tether
+    closes after that cleanup; an endpoint that raises too."""
+    needs_function_scope()
+    events: list[str] = []
+    lc, conn = recorded_conn(events)
 
     async def audit(c: Annotated[dict[str, bool], Depends(conn)]) -> AsyncIterator[None]:
         try:
@@ -183,19 +192,7 @@ def test_a_503_tether_answers_goes_out_after_the_values_close() -> None:
     client had its answer and could retry)."""
     needs_function_scope()
     events: list[str] = []
-    lc = tether.Lifecycle()
-
-    @lc.resource
-    async def conn() -> AsyncIterator[dict[str, bool]]:
-        c = {"open": True}
-        try:
-            yield c
-        except BaseException as exc:
-            events.append(f"conn rollback {type(exc).__name__}")
-            raise
-        finally:
-            c["open"] = False
-            events.append("conn close")
+    lc, conn = recorded_conn(events)
 
     async def audit(c: Annotated[dict[str, bool], Depends(conn)]) -> AsyncIterator[None]:
         yield

@@ -10,6 +10,7 @@ import anyio
 import asyncpg
 
 import tether
+from tests.servers import Postgres
 
 #: asyncpg before 0.32 (the floors run 0.30), whose cancellation was reworked in 0.32:
 #: SQLAlchemy invalidates a connection whose query was cancelled, and asyncpg cancels one
@@ -17,6 +18,16 @@ import tether
 #: (a ResourceWarning in a later test; measured: 0.30 and 0.31 leak, 0.32 does not), and a
 #: future of its own can be left with an error nobody retrieves.
 ASYNCPG_BEFORE_0_32 = tuple(int(part) for part in asyncpg.__version__.split(".")[:2]) < (0, 32)
+
+
+async def backends(pg: Postgres, app_name: str) -> int:
+    """The server's count of the connections of *app_name* (ground truth)."""
+    conn = await asyncpg.connect(pg.dsn, server_settings={"application_name": "truth"})
+    try:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await conn.fetchval(sql, app_name))
+    finally:
+        await conn.close()
 
 
 async def scalar(c: Any, sql: str) -> Any:

@@ -16,27 +16,16 @@ import uuid
 from typing import Any
 
 import anyio
-import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
 import tether
-from tests.integration.drivers import settled
+from tests.integration.drivers import backends, settled
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.metrics.prometheus import register
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
-
-
-async def backends(pg: Postgres, app_name: str) -> int:
-    """The server's count of the connections of *app_name*."""
-    conn = await asyncpg.connect(pg.dsn, server_settings={"application_name": "truth"})
-    try:
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-        return int(await conn.fetchval(sql, app_name))
-    finally:
-        await conn.close()
 
 
 async def all_at_once(lc: tether.Lifecycle, conn: tether.Resource[Any], n: int) -> set[int]:

@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import tether
 from tests.asgi.test_opentelemetry import collect, key
-from tests.integration.drivers import health_at_once, scalar, settled
+from tests.integration.drivers import backends, health_at_once, scalar, settled
 from tests.servers import Postgres
 from tether.fastapi import health_router
 from tether.integrations import asyncpg as tpg
@@ -40,16 +40,6 @@ from tether.integrations import sqlalchemy as tsa
 from tether.metrics.opentelemetry import POOL_NAME, SCOPE, STATE, register
 
 pytestmark = [pytest.mark.servers, pytest.mark.anyio]
-
-
-async def backends(pg: Postgres, app_name: str) -> int:
-    """The server's count of the connections of *app_name* (ground truth)."""
-    conn = await asyncpg.connect(pg.dsn, server_settings={"application_name": "truth"})
-    try:
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-        return int(await conn.fetchval(sql, app_name))
-    finally:
-        await conn.close()
 
 
 # --------------------------------------------------------------------------- readiness

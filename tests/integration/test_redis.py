@@ -49,7 +49,20 @@ def make_app(url: str, **kw: object) -> tuple[FastAPI, tether.Lifecycle]:
         await r.blpop([key], timeout=seconds)  # holds one connection that long
         return {"status": "unblocked"}
 
+    @app.post("/slow/{key}")
+    async def slow(key: str, r: R, seconds: float = 0.8) -> int:
+        """Increments *key*, then keeps the server busy for *seconds*."""
+        return int(await r.eval(SLOW_SCRIPT, 1, key, int(seconds * 1_000_000)))  # type: ignore[misc]
+
     return app, lc
+
+
+SLOW_SCRIPT = (
+    "redis.call('INCR', KEYS[1]) local t0 = redis.call('TIME') "
+    "repeat local t = redis.call('TIME') "
+    "until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1]) "
+    "return 1"
+)
 
 
 class TestClientLifecycle:
@@ -97,15 +110,13 @@ class TestClientLifecycle:
         retry), which fails; the request is a 503 with Retry-After, not a 500, and the
         next one too."""
         name = unique(request)
-        # redis-py 5 retries a command only on the errors given (redis-py 8: by default).
-        kw = {} if _REDIS_PY >= (6,) else {"retry_on_error": [redis.ConnectionError]}
-        app, _ = make_app(own_redis.url, client_name=name, max_connections=5, **kw)
+        app, _ = make_app(own_redis.url, client_name=name, max_connections=5)
         port = own_redis.port
         detail = (
             f"Pool 'redis' (size 5, in use 0) could not give a connection: cannot reach "
             f"redis://127.0.0.1:{port}/0: ConnectionError: Error 111 connecting to "
             f"127.0.0.1:{port}. Connect call failed ('127.0.0.1', {port}). Retry shortly; "
-            f"if it persists, check the Redis server and the pool size."
+            f"if it persists, check that the Redis server runs and is reachable."
         )
         with TestClient(app) as client, ThreadPoolExecutor(1) as executor:
             blocked = executor.submit(client.get, f"/block/{name}-list?seconds=3")
@@ -121,6 +132,37 @@ class TestClientLifecycle:
             response = client.post(f"/incr/{name}")
             assert response.status_code == 503
             assert response.json()["detail"] == detail
+
+    def test_a_pooled_connection_the_server_closed_costs_no_failed_command(
+        self, own_redis: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """The server closes the idle pooled connection (CLIENT KILL, as a restart or an
+        idle timeout does): the next command reconnects and succeeds."""
+        name = unique(request)
+        app, _ = make_app(own_redis.url, client_name=name, max_connections=2)
+        with TestClient(app) as client:
+            assert client.post(f"/incr/{name}").json() == {"value": 1}
+            own_redis.command("CLIENT", "KILL", "TYPE", "normal")
+            deadline = time.monotonic() + 5
+            while own_redis.client_list(name):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            response = client.post(f"/incr/{name}")
+            assert (response.status_code, response.json()) == (200, {"value": 2})
+
+    def test_a_command_whose_reply_is_late_is_not_sent_again(
+        self, own_redis: Redis, request: pytest.FixtureRequest
+    ) -> None:
+        """A script that increments a key and then runs past `socket_timeout`: the request
+        fails (its outcome is not known: a 500), and the script ran once. redis-py 6+
+        retries a timed-out command by default, which ran it twice (the key at 2)."""
+        name = unique(request)
+        app, _ = make_app(own_redis.url, client_name=name, socket_timeout=0.5)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            response = client.post(f"/slow/{name}", params={"seconds": 0.8})
+            assert response.status_code == 500
+            time.sleep(1.5)  # a second run, had there been one, has ended by now
+            assert own_redis.command("GET", name) in ("1", b"1")
 
     @pytest.mark.parametrize("password", ["hunter2-pw", "hunter@2-pw"])
     def test_unreachable_at_startup_is_a_startup_error_without_the_password(

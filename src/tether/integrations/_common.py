@@ -285,12 +285,14 @@ def unavailable(
     lost: bool = False,
     timed_out: bool = False,
     refused: str | None = None,
+    unreachable: bool = False,
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
     *backend* names what to check if it persists (``"the Redis server"``, ...). *refused*:
     the SQLSTATE of a server that refused the credentials or the database, which no retry
-    mends.
+    mends. *unreachable*: the backend could not be reached, which the pool's size has
+    nothing to do with.
     """
     state = []
     if size is not None:
@@ -306,6 +308,8 @@ def unavailable(
             f"The server refused the credentials or the database (SQLSTATE {refused}): "
             f"check the user, password and database name it connects with."
         )
+    elif unreachable:
+        advice = f"Retry shortly; if it persists, check that {backend} runs and is reachable."
     else:
         advice = f"Retry shortly; if it persists, check {backend} and the pool size."
     msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}")

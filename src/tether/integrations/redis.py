@@ -135,6 +135,7 @@ class _PoolMixin:
         in_use = len(taken) - (failed is not None and failed in taken)
         limit = pool.max_connections
         size = limit if isinstance(limit, int) and limit < _UNBOUNDED else None
+        unreachable = False
         said = str(exc)
         if isinstance(self, aioredis.BlockingConnectionPool) and "No connection available" in said:
             reason = "no connection came free in time (max_connections reached)"
@@ -153,11 +154,13 @@ class _PoolMixin:
         else:
             said = str(exc).rstrip(". ")
             reason = f"cannot reach {self.tether_shown}: {type(exc).__name__}: {said}"
+            unreachable = True
             cls = RedisTimeout if isinstance(exc, redis_errors.TimeoutError) else RedisUnavailable
             timed_out = False
         plain = unavailable(
-            self.tether_name, reason, size=size, in_use=in_use, backend="the Redis server"
-        )
+            self.tether_name, reason, size=size, in_use=in_use, backend="the Redis server",
+            unreachable=unreachable,
+        )  # fmt: skip
         return cls(
             str(plain), resource=self.tether_name, retry_after=plain.retry_after,
             timed_out=timed_out,
@@ -254,9 +257,14 @@ def client(
             "health_check_interval": health_check_interval,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_connect_timeout,
-            # One immediate retry: a connection that went stale (a server restart) is
-            # reconnected at once; a server that is down fails fast, not after backoffs.
-            "retry": Retry(NoBackoff(), 1),
+            # One immediate retry on a connection error: a connection that went stale (a
+            # server restart) is reconnected at once; a server that is down fails fast, not
+            # after backoffs. Not on a timeout (redis-py 6+ retries those by default): a
+            # command whose reply is late may have run, and would run twice (an INCR, an
+            # EVAL). ``retry_on_error`` makes redis-py 5 retry the command itself too, as 6+
+            # does.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
+            "retry_on_error": [redis_errors.ConnectionError],
             **kw,
         }
         pool: _Pool | _BlockingPool

@@ -9,9 +9,11 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import (
     AbstractAsyncContextManager,
@@ -37,7 +39,15 @@ from ._errors import (
 )
 from ._health import HealthReport, run_checks
 from ._resource import Check, Kind, Release, Resource, Scope
-from ._scope import Entry, Unit, await_stack, capture_stack, close_entry, open_value
+from ._scope import (
+    _TETHER_DIRS,
+    Entry,
+    Unit,
+    await_stack,
+    capture_stack,
+    close_entry,
+    open_value,
+)
 from ._stats import PoolStats, Stats, snapshot
 
 T = TypeVar("T")
@@ -172,6 +182,20 @@ class _AppSlot:
 
 _NOT_OPEN: Any = object()
 
+
+class CancelledUnit:
+    """A unit of work still in flight when a shutdown's ``drain_timeout`` passed, and so
+    cancelled: what it held then, and when."""
+
+    __slots__ = ("at", "drain_timeout", "entries", "unit")
+
+    def __init__(self, unit: Unit, entries: list[Entry], at: float, drain_timeout: float) -> None:
+        self.unit = unit
+        self.entries = entries
+        self.at = at  # time.perf_counter() when it was cancelled
+        self.drain_timeout = drain_timeout
+
+
 # Every Lifecycle alive, for the pytest plugin's checks after each test (tether.pytest_plugin).
 LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 
@@ -238,6 +262,9 @@ class Lifecycle:
         )
         self._units_total = 0
         self._units_refused = 0
+        # Units of work a shutdown cancelled past drain_timeout, the latest ones (for the
+        # pytest plugin, which reports those its test started).
+        self._cancelled: deque[CancelledUnit] = deque(maxlen=100)
         self._drained: anyio.Event | None = None
         self._open_limiter: Any = None
         self._close_limiter: Any = None
@@ -248,6 +275,7 @@ class Lifecycle:
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
         self._installed_apps: list[Any] = []
+        self._app_site = ""  # where the app scope that runs was entered, "FILE:LINE in NAME"
         LIFECYCLES.add(self)
 
     def __repr__(self) -> str:
@@ -590,6 +618,17 @@ class Lifecycle:
                 f"override stood in for it then, undone since): it opens when the app scope "
                 f"next starts. Undo an override of an app resource after the app stops."
             )
+        elif self.state is State.CLOSED:
+            # In a server, no request comes after the lifespan ended: a test client used
+            # after an earlier test's lifespan, or a job after shutdown.
+            msg = (
+                f"App resource {res.name!r} is not open: the app scope is closed, its "
+                f"lifespan ended (an earlier test ran the app, or it shut down). In tests, "
+                f"run the lifespan around each test: enter the client (`with "
+                f"TestClient(app) as client:`), or, with httpx's `ASGITransport`, which never "
+                f"runs a lifespan, wrap the client in `async with lc.lifespan(app):`; "
+                f"elsewhere, `async with lc.run():`."
+            )
         else:
             msg = (
                 f"App resource {res.name!r} is not open: the app scope is "
@@ -613,11 +652,19 @@ class Lifecycle:
     async def run(self) -> AsyncIterator[Lifecycle]:
         """Open the app scope outside a server (scripts, workers, tests)."""
         if self.state in (State.STARTING, State.RUNNING, State.DRAINING):
+            site = self._app_site
+            held = (
+                f" (entered at {site}: a session- or module-scoped fixture still holds it?)"
+                if site
+                else ""
+            )
             msg = (
-                f"The app scope of this Lifecycle is already {self.state.value}. "
-                f"One Lifecycle runs one app scope at a time: use a new Lifecycle."
+                f"The app scope of this Lifecycle is already {self.state.value}{held}. "
+                f"One Lifecycle runs one app scope at a time: use the one that runs (in a "
+                f"test, take the fixture that holds it), or a new Lifecycle."
             )
             raise ScopeError(msg)
+        self._app_site = _entry_site()
         self.validate()
         self.state = State.STARTING
         self._late_entries: list[Entry] = []
@@ -630,8 +677,9 @@ class Lifecycle:
         # A failure (StartupError, ShutdownError, or the body's own exception) is carried
         # out of the task group and raised after it, so it is not wrapped in a group.
         error: Exception | None = None
+        entered_in = asyncio.current_task() if _on_asyncio() else None
         try:
-            async with anyio.create_task_group() as tg:
+            async with _left_in(entered_in), anyio.create_task_group() as tg:
                 try:
                     await self._open_app(tg)
                     down = [r.name for r, slot in self._slot_of.items() if slot.entry is None]
@@ -955,6 +1003,11 @@ class Lifecycle:
                     self.drain_timeout,
                     ", ".join(sorted(u.label for u in self._units)[:10]),
                 )
+                now = time.perf_counter()
+                self._cancelled.extend(
+                    CancelledUnit(u, list(u.entries), now, self.drain_timeout)
+                    for u in self._in_flight()
+                )
                 self._cancel_units()
                 with anyio.move_on_after(self.close_timeout):
                     await self._drained.wait()
@@ -1191,6 +1244,60 @@ class Lifecycle:
                         where,
                         extra={"tether_resource": entry.res.name},
                     )
+
+
+# Frames that are not where a user entered the app scope: tether's, the frameworks', and
+# the machinery that runs a fixture or a portal between them.
+_NOT_THE_USER = (
+    *_TETHER_DIRS,
+    "/threading.py",
+    "/concurrent/",
+    "/_pytest/",
+    "/pluggy/",
+    "/pytest_asyncio/",
+)
+
+
+def _entry_site() -> str:
+    """Where the app scope is being entered: the innermost frame outside tether, the
+    frameworks and the test runner, "FILE:LINE in NAME" ("" if none). Under a portal
+    (TestClient's), the event loop's thread has no such frame: it is the main thread's,
+    which waits for the startup. Once per app scope, never per request."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if not any(d in code.co_filename for d in _NOT_THE_USER):
+            return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+        frame = frame.f_back
+    main = threading.main_thread()
+    if threading.current_thread() is not main and main.ident is not None:
+        frame = sys._current_frames().get(main.ident)
+        while frame is not None:
+            code = frame.f_code
+            if not any(d in code.co_filename for d in _NOT_THE_USER):
+                return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+            frame = frame.f_back
+    return ""
+
+
+@asynccontextmanager
+async def _left_in(task: asyncio.Task[Any] | None) -> AsyncIterator[None]:
+    """Turn anyio's error for a task group left in another task than the one that entered
+    it (the app scope held across a pytest-asyncio fixture) into one that says what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if task is None or asyncio.current_task() is task:
+            raise
+        msg = (
+            "The app scope of this Lifecycle (`async with lc.run():`, or `lc.lifespan(app)`) "
+            "was entered in one task and left in another, and the task group it holds open "
+            "can only be left by the task that entered it: pytest-asyncio sets up and tears "
+            "down an async fixture in two different tasks. Use `async with "
+            "tether.testing.running(lc):` in the fixture (`running(lc, app)` for the app's "
+            "lifespan), which holds the app scope in a task of its own (docs/testing.md)."
+        )
+        raise ScopeError(msg) from exc
 
 
 @contextmanager

@@ -1254,13 +1254,13 @@ _SHUTTING_DOWN = "The service is shutting down; retry shortly."
 
 
 def _refused(lc: Lifecycle) -> bool:
-    """A request while the lifecycle is not running: refused (counted) once it shuts down.
+    """A request while the lifecycle is not running: refused (counted) while it drains.
 
-    Before it has started (`install()` without `lc.lifespan`), the request goes on with
-    the resource graph resolved, so that a resource needing an app resource says that
-    the app scope is not open (not a bare ``TypeError`` from its factory)."""
-    state = lc.state
-    if state is State.DRAINING or (state is State.CLOSED and lc._units_total):
+    Before it has started (`install()` without `lc.lifespan`), or after it closed (only
+    in-process: a test client used after an earlier test's lifespan ended), the request
+    goes on with the resource graph resolved, so that a resource it asks for says that the
+    app scope is not open (not a bare ``TypeError`` from its factory, nor a 503)."""
+    if lc.state is State.DRAINING:
         lc._units_refused += 1
         return True
     lc.validate()

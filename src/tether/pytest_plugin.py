@@ -10,7 +10,9 @@ for every :class:`~tether.Lifecycle` alive:
   running) makes the test error, naming the unit, its age when the test ended, what it
   holds and where it acquired it. During that second the unit's event loop runs: in its
   own thread (TestClient's), or, if it is open and idle (pytest-asyncio's session or module
-  loop between tests), here; on a closed loop nothing can end, and there is no wait;
+  loop between tests), here; on a closed loop nothing can end, and there is no wait. A unit
+  of the test that the app's shutdown cancelled past ``drain_timeout`` at the teardown of its
+  fixtures (the app run by a function-scoped fixture) makes the test error too;
 * a driver pool (``lc.stats().pools``) with more connections in use than before the test,
   when no unit of work holds them, makes the test error: something took a connection
   straight from the pool and kept it.
@@ -23,11 +25,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from ._lifecycle import LIFECYCLES
-from .testing import _assert_pools_returned, _assert_released, pools_in_use, undo_overrides
+from .testing import (
+    _assert_not_cancelled,
+    _assert_pools_returned,
+    _assert_released,
+    pools_in_use,
+    undo_overrides,
+)
 
 MARKER = "tether_unchecked"
 GRACE = 1.0  # seconds after the test for units of work and pool connections to end
@@ -51,6 +60,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# The units each Lifecycle's shutdowns had cancelled when the test's teardown began: one
+# cancelled in the test's body was the test's own doing (a test of the drain); one cancelled
+# by a fixture's teardown was left in flight by the test.
+_CANCELLED_BY_THE_BODY = pytest.StashKey[dict[Any, set[Any]]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    item.stash[_CANCELLED_BY_THE_BODY] = {lc: set(lc._cancelled) for lc in list(LIFECYCLES)}
+
+
 @pytest.fixture(autouse=True)
 def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
     """Set up before the test's own fixtures, so torn down after them: it sees what they
@@ -59,13 +79,14 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     before = {
-        lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc)) for lc in list(LIFECYCLES)
+        lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc), set(lc._cancelled))
+        for lc in list(LIFECYCLES)
     }
     yield
     ended = time.perf_counter()  # ages are told, and the grace counted, from here
     problems: list[str] = []
     for lc in list(LIFECYCLES):
-        overrides, units, pools = before.get(lc, ((), set(), {}))
+        overrides, units, pools, cancelled = before.get(lc, ((), set(), {}, set()))
         undone = undo_overrides(lc, keep=overrides)
         if undone:
             listed = "".join(f"\n  - {line}" for line in undone)
@@ -75,6 +96,11 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"resource:{listed}\nUse `with lc.override(...):`, or call `.undo()` on "
                 f"what lc.override returns."
             )
+        body = request.node.stash.get(_CANCELLED_BY_THE_BODY, {}).get(lc, set())
+        try:  # units a shutdown at a fixture's teardown (a function-scoped app) cancelled
+            _assert_not_cancelled(lc, keep=cancelled | body, ignore=units)
+        except AssertionError as exc:
+            problems.append(str(exc))
         try:
             _assert_released(lc, wait=GRACE, ignore=units, since=ended)
         except AssertionError as exc:

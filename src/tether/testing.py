@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._lifecycle import _entry_site
+
 if TYPE_CHECKING:
-    from ._lifecycle import Lifecycle, Override
-    from ._scope import Unit
+    from ._lifecycle import CancelledUnit, Lifecycle, Override
+    from ._scope import Entry, Unit
 
 T = TypeVar("T")
 
@@ -48,6 +50,7 @@ async def running(lc: Lifecycle, app: Any = None) -> AsyncIterator[Lifecycle]:
     (``ShutdownError``) on leaving. Outside asyncio (trio) it is ``lc.run()`` itself.
     """
     scope = lc.lifespan(app) if app is not None else lc.run()
+    site = _entry_site()  # the fixture's line: the task holding the scope has no frame of it
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # trio: no task to hand the scope to, and no need
@@ -73,6 +76,7 @@ async def running(lc: Lifecycle, app: Any = None) -> AsyncIterator[Lifecycle]:
         waiting.cancel()
     if task.done():
         task.result()  # the StartupError
+    lc._app_site = site or lc._app_site
     try:
         yield lc
     finally:
@@ -123,10 +127,31 @@ def _units_in_flight(lc: Lifecycle, ignore: Collection[Unit]) -> list[Unit]:
     return [unit for unit in lc._in_flight() if unit not in ignore]
 
 
-def _describe(unit: Unit, now: float) -> str:
+def _assert_not_cancelled(
+    lc: Lifecycle, *, keep: Collection[CancelledUnit], ignore: Collection[Unit]
+) -> None:
+    """Assert that no shutdown of *lc* had to cancel a unit of work past its
+    ``drain_timeout`` (but those in *keep*, and units in *ignore*): such a unit was still in
+    flight when the app scope closed, as under a function-scoped ``with TestClient(app)``
+    fixture, before the check after the test could see it."""
+    cancelled = [c for c in list(lc._cancelled) if c not in keep and c.unit not in ignore]
+    if cancelled:
+        n = len(cancelled)
+        count = f"{n} unit{'s' if n > 1 else ''} of work"
+        listed = "".join(f"\n  - {_describe(c.unit, c.at, c.entries)}" for c in cancelled)
+        timeouts = sorted({c.drain_timeout for c in cancelled})
+        drain = ", ".join(f"drain_timeout={t:g} s" for t in timeouts)
+        msg = (
+            f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
+            f"cancelled after {drain}:{listed}\n{_HINT}"
+        )
+        raise AssertionError(msg)
+
+
+def _describe(unit: Unit, now: float, entries: Collection[Entry] | None = None) -> str:
     held = [
         f"{e.res.name!r}" + (f" (acquired at {_frame(e.stack[-1])})" if e.stack else "")
-        for e in list(unit.entries)
+        for e in list(unit.entries if entries is None else entries)
     ]
     holds = f"holds {', '.join(held)}" if held else "holds nothing yet"
     age = max(0.0, now - unit.started)

@@ -97,9 +97,14 @@ class TestOpening:
     async def test_run_twice_is_refused(self) -> None:
         """Entering `lc.run()` while it already runs raises ScopeError."""
         lc = tether.Lifecycle()
-        expected = re.escape(
-            "The app scope of this Lifecycle is already running. "
-            "One Lifecycle runs one app scope at a time: use a new Lifecycle."
+        expected = (
+            re.escape("The app scope of this Lifecycle is already running (entered at ")
+            + ".+"
+            + re.escape(
+                ": a session- or module-scoped fixture still holds it?). One Lifecycle runs one "
+                "app scope at a time: use the one that runs (in a test, take the fixture that "
+                "holds it), or a new Lifecycle."
+            )
         )
         async with lc.run():
             with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):

@@ -433,3 +433,70 @@ def test_units_on_a_running_loop_in_another_thread_get_the_grace(suite: pytest.P
             "@pytest.mark.tether_unchecked).",
         ]
     )
+
+
+def test_units_a_function_scoped_app_cancelled_at_shutdown_are_reported(
+    suite: pytest.Pytester,
+) -> None:
+    """With the app per test (a function-scoped `with TestClient(app)` fixture), its shutdown
+    cancels what the test left in flight past drain_timeout, before the check runs: the
+    test errors all the same, naming the unit, its age when cancelled, and what it held."""
+    suite.makepyfile(
+        test_per_test=textwrap.dedent(
+            """
+            import threading
+
+            import anyio
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from app import app, lc, take
+
+
+            @pytest.fixture
+            def client():
+                with TestClient(app) as client:
+                    yield client
+
+
+            async def job(started):
+                async with lc.scope("forgotten job") as s:
+                    await take(s)
+                    started.set()
+                    await anyio.sleep_forever()
+
+
+            def test_forgets_a_job(client):
+                started = threading.Event()
+                client.portal.start_task_soon(job, started)
+                assert started.wait(10)
+
+
+            @pytest.mark.tether_unchecked
+            def test_allowed(client):
+                started = threading.Event()
+                client.portal.start_task_soon(job, started)
+                assert started.wait(10)
+
+
+            def test_after(client):
+                assert client.get("/").json() == "real"
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_forgets_a_job*",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='closed'> still in "
+            "flight when its app scope shut down, cancelled after drain_timeout=0.2 s:",
+            "  - 'forgotten job' (in flight *.** s) holds 'conn' (acquired at */app.py:* in take)",
+            "Exit every `lc.scope()`, read every streamed response to its end, and stop "
+            "background work before the test ends (to allow it in one test, mark it "
+            "@pytest.mark.tether_unchecked).",
+        ]
+    )
+    errors = "\n".join(line for line in result.outlines if "ERROR" in line)
+    assert "test_allowed" not in errors
+    assert "test_after" not in errors

@@ -564,6 +564,12 @@ class TestAppDependencies:
             f"App resource 'pool' is not open: the app scope is {state}. Start it with "
             f"`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
             f"`async with lc.run():`."
+            if state != "closed"
+            else "App resource 'pool' is not open: the app scope is closed, its lifespan "
+            "ended (an earlier test ran the app, or it shut down). In tests, run the lifespan "
+            "around each test: enter the client (`with TestClient(app) as client:`), or, with "
+            "httpx's `ASGITransport`, which never runs a lifespan, wrap the client in `async "
+            "with lc.lifespan(app):`; elsewhere, `async with lc.run():`."
         )
         async with lc.scope() as s:
             with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):

@@ -44,6 +44,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -51,6 +52,7 @@ import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -94,7 +96,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check, Release
 
-__all__ = ["Pool", "connection", "once", "pool"]
+__all__ = ["Pool", "connection", "once", "pool", "rolled_back"]
 
 log = logging.getLogger("tether")
 
@@ -586,9 +588,11 @@ def connection(
         finally:
             await _give_back(p, conn, name, reset_timeout)
 
-    return lc.resource(name=name, release=release, error_status=error_status)(
+    res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
+    _connections[res] = _ConnectionOf(pool, transaction)
+    return res
 
 
 #: Errors a query raises when the server went away under it (a restart, a crash, a kill).
@@ -933,6 +937,118 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
             pid,
             describe(exc),
         )
+
+
+# --------------------------------------------------------------------------- tests
+
+
+_SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a connection still held
+_SAVEPOINT = "tether_unit"  # each unit of work's, in `rolled_back`
+
+
+class _ConnectionOf:
+    """How a connection resource made here was registered: for :func:`rolled_back`."""
+
+    __slots__ = ("pool", "transaction")
+
+    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
+        self.pool = pool
+        self.transaction = transaction
+
+
+_connections: weakref.WeakKeyDictionary[Resource[Any], _ConnectionOf] = weakref.WeakKeyDictionary()
+
+
+async def _keep_unit(conn: Any, name: str) -> None:
+    """Release the unit of work's savepoint (its commit). If a statement failed in it and its
+    error was caught, PostgreSQL refuses: roll back to it, and raise what a commit raises."""
+    try:
+        await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    except pg_errors.InFailedSQLTransactionError as exc:
+        await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}")
+        savepoint = "`async with conn.transaction():`"
+        msg = failed_transaction("Connection", name, savepoint)
+        raise pg_errors.InFailedSQLTransactionError(msg) from exc
+
+
+@asynccontextmanager
+async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connection]:
+    """Roll back, when the block ends, everything the app writes through *connection* in it.
+
+    For tests. While the block runs, every unit of work that asks for *connection* (a
+    request, ``lc.scope()``) gets the same connection, inside one transaction that the
+    block opened, and runs in a savepoint of its own: tether's commit at the release point
+    releases it, a failure (an exception, an error status) rolls back to it, and the outer
+    transaction is rolled back at the end. So tests that write the same rows pass in any
+    order, and the database is left as it was. ``async with conn.transaction():`` in an
+    endpoint is a savepoint inside the unit's, as in production.
+
+    With ``transaction=False`` (autocommit), what a failing unit of work wrote is kept, as
+    in production, unless a statement of it failed: then the whole unit is rolled back
+    (a statement after a failed one, its error caught, fails in the test where production
+    runs it: run what may fail in ``async with conn.transaction():``).
+
+    The units of work take turns on the one connection: one that asks for *connection*
+    while another holds it waits for it. The block yields the connection: query it between
+    requests to see what the app wrote (and do not commit on it). The app scope must be
+    running, on this event loop (with ``TestClient``:
+    ``client.portal.wrap_async_context_manager(...)``).
+    """
+    try:
+        spec = _connections.get(connection)
+    except TypeError:  # not weakly referenceable: not a resource at all
+        spec = None
+    if spec is None:
+        msg = (
+            f"rolled_back(): {connection!r} is not a connection made by "
+            f"tether.integrations.asyncpg.connection(); pass that resource (the one "
+            f"endpoints depend on)."
+        )
+        raise TypeError(msg)
+    lc = connection.lifecycle
+    name = connection.name
+    p = lc.get(spec.pool)  # a ScopeError naming the fix if the app scope is not running
+    conn = await p.acquire()  # a ScopeError on another event loop than the pool's
+    try:
+        outer = conn.transaction()
+        await outer.start()
+        lock = anyio.Lock()
+
+        async def joined() -> AsyncIterator[asyncpg.Connection]:
+            async with lock:
+                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                try:
+                    yield conn
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        if spec.transaction:
+                            back = f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}"
+                            await conn.execute(f"{back}; RELEASE SAVEPOINT {_SAVEPOINT}")
+                        else:
+                            with contextlib.suppress(pg_errors.InFailedSQLTransactionError):
+                                await _keep_unit(conn, name)  # autocommit: kept
+                    raise
+                await _keep_unit(conn, name)
+
+        try:
+            with lc.override(connection, joined):
+                yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                held = False
+                with anyio.move_on_after(_SETTLE):  # a unit of work still holding it ends first
+                    await lock.acquire()
+                    held = True
+                try:
+                    await outer.rollback()
+                except Exception:  # busy or lost: closing the connection rolls back
+                    _terminate(conn)
+                finally:
+                    if held:  # one still waiting fails on the released connection
+                        lock.release()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await p.release(conn)
 
 
 # --------------------------------------------------------------------------- once

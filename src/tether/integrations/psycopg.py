@@ -49,6 +49,7 @@ import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -95,7 +96,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check, Release
 
-__all__ = ["Pool", "connection", "once", "pool"]
+__all__ = ["Pool", "connection", "once", "pool", "rolled_back"]
 
 log = logging.getLogger("tether")
 
@@ -489,9 +490,11 @@ def connection(
                 await _restore(conn, kept, name)
             await p.putconn(conn)
 
-    return lc.resource(name=name, release=release, error_status=error_status)(
+    res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
+    _connections[res] = _ConnectionOf(pool, transaction)
+    return res
 
 
 def _settings(conn: Connection) -> tuple[Any, ...]:
@@ -620,6 +623,144 @@ async def _rollback(conn: Connection, name: str, within: float) -> None:
             describe(exc),
         )
         await conn.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+_SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a connection still held
+_SAVEPOINT = "tether_unit"  # each unit of work's, in `rolled_back`
+
+
+class _ConnectionOf:
+    """How a connection resource made here was registered: for :func:`rolled_back`."""
+
+    __slots__ = ("pool", "transaction")
+
+    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
+        self.pool = pool
+        self.transaction = transaction
+
+
+_connections: weakref.WeakKeyDictionary[Resource[Any], _ConnectionOf] = weakref.WeakKeyDictionary()
+
+
+async def _back_to_savepoint(conn: Connection) -> None:
+    await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+    await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+
+
+async def _keep_unit(conn: Connection, name: str, *, strict: bool) -> None:
+    """Release the unit of work's savepoint (its commit). If a statement failed in it and its
+    error was caught, roll back to it instead, and (*strict*) raise what a commit raises."""
+    if conn.info.transaction_status != TransactionStatus.INERROR:
+        await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        return
+    await _back_to_savepoint(conn)
+    if strict:
+        savepoint = "`async with conn.transaction():`"
+        raise psycopg.errors.InFailedSqlTransaction(
+            failed_transaction("Connection", name, savepoint)
+        )
+
+
+@asynccontextmanager
+async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
+    """Roll back, when the block ends, everything the app writes through *connection* in it.
+
+    For tests. While the block runs, every unit of work that asks for *connection* (a
+    request, ``lc.scope()``) gets the same connection, inside one transaction that the
+    block opened, and runs in a savepoint of its own: tether's commit at the release point
+    (or the endpoint's ``conn.commit()``) releases it, a failure (an exception, an error
+    status) or ``conn.rollback()`` rolls back to it, and the outer transaction is rolled
+    back at the end. So tests that write the same rows pass in any order, and the database
+    is left as it was. ``async with conn.transaction():`` in an endpoint is a savepoint
+    inside the unit's, as in production.
+
+    With ``transaction=False`` (autocommit), what a failing unit of work wrote is kept, as
+    in production, unless a statement of it failed: then the whole unit is rolled back
+    (a statement after a failed one, its error caught, fails in the test where production
+    runs it: run what may fail in ``async with conn.transaction():``). The connection is
+    not in autocommit mode while the block runs.
+
+    The units of work take turns on the one connection: one that asks for *connection*
+    while another holds it waits for it. The block yields the connection: query it between
+    requests to see what the app wrote (and do not commit on it). The app scope must be
+    running, on this event loop (with ``TestClient``:
+    ``client.portal.wrap_async_context_manager(...)``).
+    """
+    try:
+        spec = _connections.get(connection)
+    except TypeError:  # not weakly referenceable: not a resource at all
+        spec = None
+    if spec is None:
+        msg = (
+            f"rolled_back(): {connection!r} is not a connection made by "
+            f"tether.integrations.psycopg.connection(); pass that resource (the one "
+            f"endpoints depend on)."
+        )
+        raise TypeError(msg)
+    lc = connection.lifecycle
+    name = connection.name
+    p = lc.get(spec.pool)  # a ScopeError naming the fix if the app scope is not running
+    conn: Connection = await p.getconn()  # a ScopeError on another event loop than the pool's
+    kept, autocommit = _settings(conn), conn.autocommit
+    try:
+        await conn.set_autocommit(False)
+        await conn.execute("SELECT 1")  # begins the outer transaction
+        lock = anyio.Lock()
+
+        async def commit() -> None:  # the endpoint's own: ends the unit's savepoint, opens one
+            if spec.transaction:
+                await _keep_unit(conn, name, strict=False)  # a failed one rolls back, as COMMIT
+                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+
+        async def rollback() -> None:
+            if spec.transaction:
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+
+        async def joined() -> AsyncIterator[Connection]:
+            async with lock:
+                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                # Instance attributes: the unit's commit and rollback act on its savepoint.
+                conn.commit = commit  # type: ignore[method-assign]
+                conn.rollback = rollback  # type: ignore[method-assign]
+                try:
+                    try:
+                        yield conn
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            if spec.transaction:
+                                await _back_to_savepoint(conn)
+                            else:
+                                await _keep_unit(conn, name, strict=False)  # autocommit: kept
+                        raise
+                    await _keep_unit(conn, name, strict=spec.transaction)
+                finally:
+                    del conn.commit, conn.rollback
+
+        try:
+            with lc.override(connection, joined):
+                yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                held = False
+                with anyio.move_on_after(_SETTLE):  # a unit of work still holding it ends first
+                    await lock.acquire()
+                    held = True
+                try:
+                    await conn.rollback()
+                    await conn.set_autocommit(autocommit)
+                    if _settings(conn) != kept:
+                        await _restore(conn, kept, name)
+                except Exception:  # busy or lost: closing the connection rolls back
+                    await conn.close()  # the pool replaces a closed connection
+                finally:
+                    if held:  # one still waiting fails on the returned connection
+                        lock.release()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await p.putconn(conn)
 
 
 # --------------------------------------------------------------------------- once

@@ -108,14 +108,31 @@ def test_stats_watch_prints_until_interrupted(serve: type[Server]) -> None:
         # Python started so never raises KeyboardInterrupt: give the child ^C back.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     try:
-        time.sleep(1.5)
+        # ^C once it has printed three tables (a fixed wait sent it, on a loaded machine,
+        # while the interpreter was still importing: a KeyboardInterrupt before the CLI's
+        # own handling, and the process killed by SIGINT).
+        deadline = time.monotonic() + 30
+        while sum("running: 0 in flight, " in line for line in list(lines)) < 3:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # as ^C
-        out, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        err = proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     assert proc.returncode == 0
     assert err == ""
-    assert out.count("running: 0 in flight, ") >= 3
+    assert "".join(lines).count("running: 0 in flight, ") >= 3

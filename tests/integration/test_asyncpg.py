@@ -456,6 +456,46 @@ class TestExhaustion:
 
 
 class TestPgBouncer:
+    def test_a_pool_not_declared_pgbouncer_says_so_when_its_statements_go_missing(
+        self, pgbouncer: PgBouncer, request: pytest.FixtureRequest
+    ) -> None:
+        """Without pgbouncer=True behind PgBouncer in transaction mode, a statement asyncpg
+        prepared on one server connection is later sent to another: the error's traceback
+        carries a note naming the fix (the error alone says only that the statement does
+        not exist)."""
+        lc = tether.Lifecycle()
+        pool = tpg.pool(
+            lc,
+            pgbouncer.dsn,
+            max_size=1,
+            budget="off",
+            server_settings={"application_name": unique(request)},
+        )
+        conn = tpg.connection(lc, pool)
+        app = FastAPI(lifespan=lc.lifespan)
+
+        @app.get("/q")
+        async def q(c: Annotated[asyncpg.Connection, Depends(conn)]) -> int:
+            assert await c.fetchval("SELECT $1::int", 1) == 1  # prepared, and cached
+            other = await asyncpg.connect(pgbouncer.dsn, statement_cache_size=0)
+            try:
+                # PgBouncer hands out the server connection used last: the other client's
+                # transaction now holds the one the statement was prepared on.
+                await other.execute("BEGIN; SELECT 1")
+                return int(await c.fetchval("SELECT $1::int", 2))
+            finally:
+                await other.close()
+
+        with TestClient(app) as client:
+            with pytest.raises(asyncpg.InvalidSQLStatementNameError) as info:
+                client.get("/q")
+        assert info.value.__notes__ == [
+            "tether: the server does not have a prepared statement the driver cached, or has "
+            "it already. Behind PgBouncer in transaction (or statement) mode, each transaction "
+            "may run on another server connection, which breaks the driver's statement cache: "
+            "pass pgbouncer=True to the pool (tether then configures the driver for it)."
+        ]
+
     def test_transaction_mode_runs_repeated_parameterised_queries(
         self, pgbouncer: PgBouncer, request: pytest.FixtureRequest
     ) -> None:

@@ -755,7 +755,8 @@ def hammer_app(
 
     @app.exception_handler(Exception)
     async def show(request: Any, exc: Exception) -> PlainTextResponse:
-        return PlainTextResponse(f"{type(exc).__name__}: {exc}", status_code=500)
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+        return PlainTextResponse(f"{type(exc).__name__}: {exc}{notes}", status_code=500)
 
     @app.get("/q/{n}")
     async def query(n: int, s: Annotated[AsyncSession, Depends(sess)]) -> list[Any]:
@@ -797,14 +798,18 @@ async def test_pgbouncer_transaction_mode_500_requests(
 async def test_without_the_pgbouncer_setting_prepared_statements_collide(
     pgbouncer: PgBouncer,
 ) -> None:
-    """The control: the same traffic without pgbouncer=True breaks (so the test above means it)."""
+    """The control: the same traffic without pgbouncer=True breaks (so the test above means it),
+    each failure a 500 whose error carries a note naming the fix (not a 503 saying the
+    database cannot be reached: it can)."""
     app, _, _ = hammer_app(pgbouncer.url("postgresql+asyncpg"), app_name(), pool_size=8)
     async with running(app) as client:
         with anyio.fail_after(60):
             responses = await hammer(client, 200, concurrency=16)
-    failed = [r.text for r in responses if r.status_code != 200]
+    failed = [(r.status_code, r.text) for r in responses if r.status_code != 200]
     assert failed
-    assert all("prepared statement" in text for text in failed)
+    assert {status for status, _ in failed} == {500}, failed[:3]
+    assert all("prepared statement" in text for _, text in failed)
+    assert all("pass pgbouncer=True to the pool" in text for _, text in failed), failed[:3]
 
 
 @pytest.mark.anyio

@@ -33,6 +33,7 @@ BudgetPolicy = Literal["warn", "error", "off"]
 __all__ = [
     "LOSES_CANCEL",
     "LOST_NOTE",
+    "PGBOUNCER_NOTE",
     "failed_transaction",
     "RESET_SESSION",
     "SESSION_SETTINGS",
@@ -42,6 +43,7 @@ __all__ = [
     "LoopBound",
     "check_budget",
     "commit_not_sent",
+    "note_pgbouncer",
     "connection_lost",
     "saturation",
     "depends_on",
@@ -394,6 +396,30 @@ def failed_transaction(what: str, name: str, savepoint: str) -> str:
         f"(it was rolled back). Let the error propagate (tether rolls back and answers it), "
         f"or run what may fail in a savepoint ({savepoint}) and carry on after it."
     )
+
+
+#: SQLSTATEs of a prepared statement the server does not have (26000) or has already
+#: (42P05): what a driver's statement cache meets behind PgBouncer in transaction mode, where
+#: each transaction may run on another server connection.
+_PREPARED_STATEMENT_SQLSTATES = frozenset({"26000", "42P05"})
+
+PGBOUNCER_NOTE = (
+    "tether: the server does not have a prepared statement the driver cached, or has it "
+    "already. Behind PgBouncer in transaction (or statement) mode, each transaction may run "
+    "on another server connection, which breaks the driver's statement cache: pass "
+    "pgbouncer=True to the pool (tether then configures the driver for it)."
+)
+
+
+def note_pgbouncer(exc: BaseException) -> bool:
+    """Add `PGBOUNCER_NOTE` to *exc* if it is a prepared statement missing, or there twice,
+    on the server (for a pool not declared ``pgbouncer=True``): its traceback says the fix.
+    Returns whether it is."""
+    if not any(code in _PREPARED_STATEMENT_SQLSTATES for code in sqlstates(exc)):
+        return False
+    if PGBOUNCER_NOTE not in getattr(exc, "__notes__", ()):
+        exc.add_note(PGBOUNCER_NOTE)
+    return True
 
 
 def read_only(exc: BaseException) -> bool:

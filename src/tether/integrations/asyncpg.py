@@ -80,6 +80,7 @@ from ._common import (
     connection_lost,
     depends_on,
     failed_transaction,
+    note_pgbouncer,
     queue_full,
     read_only,
     read_only_failure,
@@ -325,7 +326,11 @@ def pool(
             if pgbouncer or budget == "off":
                 pass  # PgBouncer multiplexes: the server's max_connections is its business
             else:
-                server_max = int(await p.fetchval("SHOW max_connections"))
+                try:
+                    server_max = int(await p.fetchval("SHOW max_connections"))
+                except Exception as exc:
+                    note_pgbouncer(exc)
+                    raise
                 check_budget(
                     name,
                     server_max=server_max,
@@ -549,6 +554,8 @@ def connection(
             try:
                 yield conn
             except BaseException as exc:
+                if state is None or not state.pgbouncer:
+                    note_pgbouncer(exc)
                 if not readonly and read_only(exc):
                     # The server is read-only (a failover reached a replica): this
                     # connection and every other one of the pool go to the wrong server.

@@ -82,6 +82,7 @@ from ._common import (
     depends_on,
     dropped_cancellation,
     failed_transaction,
+    note_pgbouncer,
     read_only,
     read_only_failure,
     redact,
@@ -445,6 +446,8 @@ def connection(
             try:
                 yield conn
             except BaseException as exc:
+                if state is None or not state.pgbouncer:
+                    note_pgbouncer(exc)
                 if read_only(exc):
                     # The server is read-only (a failover reached a replica): this
                     # connection and every other one of the pool go to the wrong server.

@@ -96,6 +96,7 @@ from ._common import (
     connection_lost,
     depends_on,
     failed_transaction,
+    note_pgbouncer,
     queue_full,
     read_only,
     read_only_failure,
@@ -135,6 +136,7 @@ class _PoolInfo:
         "max_waiting",
         "name",
         "open_within",
+        "pgbouncer",
         "pool_size",
         "pool_timeout",
         "served",
@@ -161,6 +163,7 @@ class _PoolInfo:
         self.created = 0  # connections the pool made, in create_time seconds
         self.create_time = 0.0
         self.discarded = 0  # connections invalidated: broken, or in a state not known
+        self.pgbouncer = False  # the engine was declared to reach PgBouncer (pgbouncer=True)
 
     @property
     def limit(self) -> int | None:
@@ -315,6 +318,8 @@ def _refused_to_send(exc: sa_exc.DBAPIError) -> bool:
 def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
+    if not info.pgbouncer and note_pgbouncer(exc):
+        return None  # a pool set up for the wrong server, not one out of connections: a 500
     if _is_unreachable(exc):
         return info.unreachable(exc)
     return None
@@ -796,6 +801,7 @@ def engine(
         msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
         raise ValueError(msg)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+    info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
     info.open_within = pool_timeout + (pool_timeout if connect_timeout is None else connect_timeout)
 
@@ -1053,6 +1059,8 @@ def session(
             yield s
         except BaseException as exc:
             await _rollback(s, name)
+            if not info.pgbouncer:
+                note_pgbouncer(exc)
             if _busy(exc):
                 raise _used_concurrently(name) from exc
             failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
@@ -1123,6 +1131,7 @@ def sync_engine(
         msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
         raise ValueError(msg)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
+    info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
 
     def open_engine() -> Iterator[Engine]:

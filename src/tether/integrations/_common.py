@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "queue_full",
     "read_only_failure",
     "redact",
+    "registered",
     "resolve_dsn",
     "sqlstates",
     "unavailable",
@@ -105,6 +106,26 @@ SESSION_SETTINGS = (
     "SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
     "FROM pg_settings WHERE source = 'session'"
 )
+
+
+V = TypeVar("V")
+
+
+def registered(registry: Mapping[Any, V], connection: object, driver: str) -> V:
+    """What *registry* holds for *connection*, a connection resource of the *driver*
+    integration (``rolled_back()``'s argument), or the ``TypeError`` naming the fix."""
+    try:
+        spec = registry.get(connection)
+    except TypeError:  # not weakly referenceable: not a resource at all
+        spec = None
+    if spec is None:
+        msg = (
+            f"rolled_back(): {connection!r} is not a connection made by "
+            f"tether.integrations.{driver}.connection(); pass that resource (the one "
+            f"endpoints depend on)."
+        )
+        raise TypeError(msg)
+    return spec
 
 
 def resolve_dsn(dsn: Dsn) -> str:

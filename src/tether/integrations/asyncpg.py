@@ -85,6 +85,7 @@ from ._common import (
     read_only,
     read_only_failure,
     redact,
+    registered,
     resolve_dsn,
     saturation,
     unavailable,
@@ -1001,17 +1002,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     running, on this event loop (with ``TestClient``:
     ``client.portal.wrap_async_context_manager(...)``).
     """
-    try:
-        spec = _connections.get(connection)
-    except TypeError:  # not weakly referenceable: not a resource at all
-        spec = None
-    if spec is None:
-        msg = (
-            f"rolled_back(): {connection!r} is not a connection made by "
-            f"tether.integrations.asyncpg.connection(); pass that resource (the one "
-            f"endpoints depend on)."
-        )
-        raise TypeError(msg)
+    spec = registered(_connections, connection, "asyncpg")
     lc = connection.lifecycle
     name = connection.name
     p = lc.get(spec.pool)  # a ScopeError naming the fix if the app scope is not running

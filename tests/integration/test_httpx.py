@@ -268,7 +268,7 @@ class TestProxies:
                     f"Pool 'http' (size 100, in use 0, waiting 0) could not give a connection: "
                     f"cannot reach {UNRESOLVABLE}/ through the proxy http://127.0.0.1:{port}: "
                     f"ConnectError: All connection attempts failed. Retry shortly; if it "
-                    f"persists, check the server it calls and the pool size."
+                    f"persists, check that the server it calls runs and is reachable."
                 ),
             ):
                 await lc.get(http).get(f"{UNRESOLVABLE}/ping")
@@ -329,7 +329,7 @@ class TestPoolFigures:
                 match=exactly(
                     "Pool 'http' could not give a connection: cannot reach "
                     "http://127.0.0.1:9/: ConnectError: refused. Retry shortly; if it "
-                    "persists, check the server it calls and the pool size."
+                    "persists, check that the server it calls runs and is reachable."
                 ),
             ):
                 await lc.get(http).get("/x")

@@ -35,15 +35,23 @@
   that is both httpx's (so ``except httpx.ConnectError`` still works) and a
   :class:`~tether.ResourceUnavailable`: left uncaught, the request is answered 503 with
   ``Retry-After``, naming the client and its pool's size, connections in use and waiters.
+* A streamed response (``client.send(..., stream=True)``, ``client.stream(...)``) opened in
+  a unit of work (a request, ``lc.scope()``) and still open when the unit ends (after the
+  response's last byte, so a body streamed to the client is read first) is closed by
+  tether, its connection back in the pool, with a warning naming the unit, the URL and
+  where it was opened, and counted in the resource's ``leaks``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -52,13 +60,15 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.httpx needs httpx: pip install 'tether[httpx]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable
+from .._errors import ClientDisconnected, ResourceUnavailable
+from .._resource import Resource, current_unit
 from .._stats import PoolStats
 from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
-    from .._resource import Check, Resource
+    from .._resource import Check
+    from .._scope import Unit
 
 __all__ = ["ConnectUnavailable", "PoolUnavailable", "TimeoutUnavailable", "client"]
 
@@ -163,6 +173,7 @@ class _Transport(httpx.AsyncBaseTransport):
             in_use=in_use,
             waiting=waiting,
             backend="the server it calls",
+            unreachable=not timed_out,
         )
         return cls(
             str(plain), resource=self.name, retry_after=plain.retry_after, request=request,
@@ -171,6 +182,110 @@ class _Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+_HTTPX_DIR = os.path.dirname(httpx.__file__)
+_SKIPPED = (__file__, contextlib.__file__)  # and httpx: where `client.stream()` passes
+
+
+def _opener() -> str:
+    """Where a streamed request was sent from: the first frame outside httpx, contextlib
+    and this module (cheap: only streamed requests ask)."""
+    f: Any = sys._getframe(2)
+    while f is not None:
+        filename = f.f_code.co_filename
+        if not filename.startswith(_HTTPX_DIR) and filename not in _SKIPPED:
+            return f"{filename}:{f.f_lineno} in {f.f_code.co_name}"
+        f = f.f_back
+    return "?"  # pragma: no cover - there is always a caller
+
+
+class _Streams:
+    """The streamed responses opened in one unit of work, closed at its end if still open."""
+
+    __slots__ = ("label", "open")
+
+    def __init__(self) -> None:
+        self.label = "the unit of work"
+        self.open: list[tuple[httpx.Response, str]] = []
+
+    def add(self, response: httpx.Response, where: str) -> None:
+        opened = self.open
+        if len(opened) >= 16:  # a long unit (a WebSocket) streaming many: forget the closed
+            opened[:] = [pair for pair in opened if not pair[0].is_closed]
+        opened.append((response, where))
+
+    async def close(self, res: Resource[Any], failure: BaseException | None) -> None:
+        opened, self.open = self.open, []
+        for response, where in opened:
+            if response.is_closed:
+                continue
+            try:
+                await response.aclose()
+            except Exception as exc:  # the connection is dropped by httpcore either way
+                log.debug("tether: closing a streamed response failed: %r", exc)
+            request = response.request
+            what = f"{request.method} {redact(str(request.url))}"
+            if isinstance(failure, ClientDisconnected):
+                # A body streamed to a client that went away: nothing to fix in the code.
+                log.info(
+                    "tether: %s ended (the client went away) with a streamed response of "
+                    "httpx client %r still open (%s): tether closed it.",
+                    self.label, res.name, what,
+                )  # fmt: skip
+                continue
+            res.counters.leaks += 1
+            log.warning(
+                "tether: %s ended with a streamed response of httpx client %r still open "
+                "(%s, opened at %s): tether closed it, so its connection went back to the "
+                "pool. Read it within `async with client.stream(...)`, or close it: "
+                "`await response.aclose()`.",
+                self.label, res.name, what, where,
+            )  # fmt: skip
+
+
+def _unit_now(lc: Lifecycle) -> Unit | None:
+    """The unit of work this code runs in: the request's (in the context), or the
+    ``lc.scope()`` this task entered; ``None`` outside any."""
+    ref = current_unit.get()
+    unit = ref() if ref is not None else None
+    if unit is not None and unit.lc is lc:
+        return None if unit.closed else unit
+    tasks = lc._unit_tasks  # the tasks of `lc.scope()`s, on asyncio
+    if tasks:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # pragma: no cover - not on asyncio
+            return None
+        for unit, its in list(tasks.items()):
+            if its is task and not unit.closed:
+                return unit
+    return None
+
+
+class _Client(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` whose streamed responses are closed, if forgotten, when
+    the unit of work that opened them ends."""
+
+    _tether: tuple[Lifecycle, Resource[_Streams]]
+
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **kw: Any
+    ) -> Coroutine[Any, Any, httpx.Response]:
+        if not stream:
+            return super().send(request, **kw)  # httpx's own coroutine: nothing added
+        return self._send_streamed(request, kw)
+
+    async def _send_streamed(self, request: httpx.Request, kw: dict[str, Any]) -> httpx.Response:
+        lc, streams_res = self._tether
+        unit = _unit_now(lc)
+        if unit is None:
+            return await super().send(request, stream=True, **kw)
+        streams = await unit.get(streams_res)
+        streams.label = unit.label
+        response = await super().send(request, stream=True, **kw)
+        streams.add(response, _opener())
+        return response
 
 
 def client(
@@ -227,9 +342,8 @@ def client(
             transport.resource = res
         mounts.update(options.pop("mounts", None) or {})  # the user's own, as httpx does
         url = resolve_dsn(base_url)
-        c = httpx.AsyncClient(
-            base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options
-        )
+        c = _Client(base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options)
+        c._tether = (lc, streams)
         _transports[c] = transport
         try:
             log.info("tether: httpx client %r open (base_url=%s)", name, redact(url) or "-")
@@ -247,6 +361,26 @@ def client(
         scope="app", name=name, check=_client_check(check, health_url)
     )(open_client)
     res.pool_stats = lambda c: _pool_stats(name, c)
+
+    async def open_streams() -> AsyncIterator[_Streams]:
+        opened = _Streams()
+        failure: BaseException | None = None
+        try:
+            yield opened
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            await opened.close(res, failure)
+
+    # The streamed responses of a unit of work: a request resource of its own, not
+    # registered (it is no resource of the app's), released after the response's last byte
+    # (a body streamed from it to the client is read by then), in the unit tether runs.
+    streams: Resource[_Streams] = Resource(
+        lc, open_streams, name=f"{name} streamed responses", scope="request", check=None,
+        timeout=None, release="response", retries=0, backoff=0.0, concurrency=None,
+        thread=False, check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
+    )  # fmt: skip
     # Readiness reads a full pool instead of queueing the health_url GET behind the traffic
     # (it would fail its timeout while the server answers everyone else).
     within = timeout.pool if isinstance(timeout, httpx.Timeout) else timeout

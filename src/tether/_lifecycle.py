@@ -556,11 +556,35 @@ class Lifecycle:
         )
         replacement.counters = resource.counters
         _graph.resolve(self._resources, [replacement])
+        if resource.scope == "app" and self.state in (State.RUNNING, State.DRAINING):
+            self._warn_built_from(resource)
         ov = Override(self, resource, replacement)
         self._override_stack.append(ov)
         self._overrides[resource] = replacement
         self._validated = False
         return ov
+
+    def _warn_built_from(self, resource: Resource[Any]) -> None:
+        """An app resource overridden while the app runs: the app resources built from it
+        at startup keep the value they were built with. Say which, and the fix."""
+        built: list[str] = []
+        todo = [resource]
+        while todo:
+            current = todo.pop()
+            for other in self._resources.values():
+                if other.scope == "app" and current in other.deps and other.name not in built:
+                    built.append(other.name)
+                    todo.append(other)
+        if built:
+            log.warning(
+                "tether: app resource %r overridden while the app runs: %s, opened at startup "
+                "from its value, keep%s that value (the override reaches request resources "
+                "and what asks for %r itself). Override app resources before the app starts.",
+                resource.name,
+                ", ".join(repr(name) for name in sorted(built)),
+                "s" if len(built) == 1 else "",
+                resource.name,
+            )
 
     def _undo_override(self, ov: Override) -> None:
         self._override_stack.remove(ov)

@@ -190,6 +190,25 @@ class TestAppOverrides:
                 assert await app.request(app.repo) == "repo(conn(live-fake))"
             assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
 
+    async def test_an_app_override_while_running_names_what_keeps_the_old_value(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """App resources built from the overridden one at startup keep what they were built
+        with: a warning names them and the fix (before, nothing said so)."""
+        app = App()
+        async with app.lc.run():
+            with caplog.at_level("WARNING", logger="tether"):
+                with app.lc.override(app.settings, "late"):
+                    assert app.lc.get(app.settings) == "late"
+                    assert app.lc.get(app.cache) == "cache(pool(real-settings))"
+        warnings = [r.getMessage() for r in caplog.records if "overridden while" in r.getMessage()]
+        assert warnings == [
+            "tether: app resource 'settings' overridden while the app runs: 'cache', 'pool', "
+            "opened at startup from its value, keep that value (the override reaches request "
+            "resources and what asks for 'settings' itself). Override app resources before "
+            "the app starts."
+        ]
+
     async def test_generator_override_of_app_resource_while_running_is_refused(self) -> None:
         """A factory that needs opening cannot override an app resource once the app runs."""
         app = App()

@@ -942,13 +942,28 @@ class Guarded:
 # --------------------------------------------------------------------------- the unit
 
 
+# And those of the thread that runs an event loop for a portal (Starlette's TestClient).
+_RUNNERS = (*_TETHER_DIRS, "/threading.py", "/concurrent/futures/")
+
+
 def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
-    """The caller's frames outside tether and the frameworks, innermost last."""
+    """The caller's frames outside tether and the frameworks, innermost last. A unit of work
+    entered through a portal (``client.portal.wrap_async_context_manager(lc.scope())``) has
+    none in its thread, which only runs the event loop: the caller is the main thread,
+    waiting on the portal, and its frames are taken."""
+    frames = _user_frames(sys._getframe(depth))
+    if not frames:
+        main = threading.main_thread()
+        if threading.current_thread() is not main and main.ident is not None:
+            frames = _user_frames(sys._current_frames().get(main.ident))
+    return frames
+
+
+def _user_frames(f: Any) -> list[tuple[str, int, str]]:
     frames: list[tuple[str, int, str]] = []
-    f: Any = sys._getframe(depth)
     while f is not None and len(frames) < 12:
         filename = f.f_code.co_filename
-        if not any(d in filename for d in _TETHER_DIRS):
+        if not any(d in filename for d in _RUNNERS):
             frames.append((filename, f.f_lineno, f.f_code.co_name))
         f = f.f_back
     frames.reverse()

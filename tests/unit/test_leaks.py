@@ -117,3 +117,25 @@ class TestLeaks:
                 await namespace["nightly"](lc, conn)
         (record,) = _leak_warnings(caplog)
         assert record.getMessage().endswith(f'File "{filename}", line 3, in nightly')
+
+
+def test_a_scope_entered_through_a_portal_names_the_test_that_took_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through TestClient's portal, the event loop's thread holds no frame of the caller: the
+    stack is the main thread's, waiting on the portal at the caller's line (before, the report
+    said "acquired at threading.py in run")."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+    app = FastAPI(lifespan=lc.lifespan)
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        with client.portal.wrap_async_context_manager(lc.scope("portal job")) as s:
+            client.portal.call(s.get, conn)
+            client.portal.call(anyio.sleep, 0.4)
+    (record,) = _leak_warnings(caplog)
+    stack = record.getMessage().partition("\n")[2]
+    assert "threading.py" not in stack
+    assert f'File "{__file__}"' in stack
+    assert "in test_a_scope_entered_through_a_portal_names_the_test_that_took_it" in stack

@@ -274,7 +274,9 @@ class Lifecycle:
         self._sweepers: list[Callable[[float], None]] = []
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
-        self._installed_apps: list[Any] = []
+        # The apps whose routes it serves (`install`), for the pytest plugin's check of
+        # their `dependency_overrides`.
+        self._installed_apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self._app_site = ""  # where the app scope that runs was entered, "FILE:LINE in NAME"
         LIFECYCLES.add(self)
 

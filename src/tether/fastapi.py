@@ -226,6 +226,10 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
+    try:
+        lc._installed_apps.add(app)
+    except TypeError:  # pragma: no cover - an app that cannot be weakly referenced
+        pass
     _forget_inclusions(getattr(app, "routes", ()))
     for route, included, extra in _walk(getattr(app, "routes", ()), included=False, extra=()):
         if getattr(route, "app", None) is None or _installed(route):

@@ -5,6 +5,8 @@ for every :class:`~tether.Lifecycle` alive:
 
 * an ``lc.override`` made during the test and still in place is undone, so later tests see
   the real resource, and the test errors, naming the resource and where the override was made;
+  the same for a FastAPI ``app.dependency_overrides`` entry of a tether resource that the test
+  added to an app served before it (one that tests share);
 * a unit of work that started during the test and is still in flight a second after it
   (a ``lc.scope()`` never exited, a streamed response never read to its end, a job still
   running) makes the test error, naming the unit, its age when the test ended, what it
@@ -30,6 +32,7 @@ from typing import Any
 import pytest
 
 from ._lifecycle import LIFECYCLES
+from ._resource import Resource
 from .testing import (
     _assert_not_cancelled,
     _assert_pools_returned,
@@ -82,6 +85,14 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
         lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc), set(lc._cancelled))
         for lc in list(LIFECYCLES)
     }
+    # FastAPI's `dependency_overrides` of tether resources on the apps already served (an
+    # app made in the test dies with it): one the test adds and leaves shadows the real
+    # resource, and `lc.override`, in every later test.
+    fastapi_overrides = {
+        app: set(_resource_overrides(app))
+        for lc in list(LIFECYCLES)
+        for app in list(lc._installed_apps)
+    }
     yield
     ended = time.perf_counter()  # ages are told, and the grace counted, from here
     problems: list[str] = []
@@ -110,5 +121,24 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             _assert_pools_returned(lc, pools, wait=GRACE, since=ended)
         except AssertionError as exc:
             problems.append(str(exc))
+    for app, kept in fastapi_overrides.items():
+        left = [res for res in _resource_overrides(app) if res not in kept]
+        for res in left:
+            del app.dependency_overrides[res]
+        if left:
+            listed = ", ".join(repr(res.name) for res in left)
+            problems.append(
+                f"tether: the test left app.dependency_overrides of {listed} in place on an "
+                f"app that other tests use, now removed so later tests see the real resource "
+                f"(and `lc.override`). Remove it when the test ends (`app.dependency_overrides"
+                f".pop(...)` in a `finally`, or a fixture that clears it after `yield`), or "
+                f"use `with lc.override(...):`."
+            )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+def _resource_overrides(app: Any) -> list[Resource[Any]]:
+    """The tether resources *app*'s FastAPI ``dependency_overrides`` replace."""
+    overrides = getattr(app, "dependency_overrides", None) or {}
+    return [key for key in list(overrides) if isinstance(key, Resource)]

@@ -67,6 +67,60 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+def test_a_fastapi_override_left_on_a_shared_app_is_removed_and_reported(
+    suite: pytest.Pytester,
+) -> None:
+    """`app.dependency_overrides[resource]` set in a test and left on an app other tests use:
+    the test errors, the override is removed, and the next test sees the real resource (and
+    its own `lc.override`, which the leftover shadowed). One cleared in a fixture is fine."""
+    suite.makepyfile(
+        test_fastapi_overrides=textwrap.dedent(
+            """
+            import pytest
+            from fastapi.testclient import TestClient
+            from app import app, conn, lc
+
+            @pytest.fixture
+            def client():
+                with TestClient(app) as c:
+                    yield c
+
+            @pytest.fixture
+            def faked():
+                app.dependency_overrides[conn] = lambda: "cleared"
+                yield
+                app.dependency_overrides.pop(conn)
+
+            def test_starts_the_app(client) -> None:
+                assert client.get("/").json() == "real"
+
+            def test_leaves_one(client) -> None:
+                app.dependency_overrides[conn] = lambda: "leaked"
+                assert client.get("/").json() == "leaked"
+
+            def test_next_sees_its_own_override(client) -> None:
+                with lc.override(conn, "mine"):
+                    assert client.get("/").json() == "mine"
+
+            def test_cleared_in_a_fixture(client, faked) -> None:
+                assert client.get("/").json() == "cleared"
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaves_one*",
+            "tether: the test left app.dependency_overrides of 'conn' in place on an app that "
+            "other tests use, now removed so later tests see the real resource (and "
+            "`lc.override`). Remove it when the test ends (`app.dependency_overrides.pop(...)` "
+            "in a `finally`, or a fixture that clears it after `yield`), or use `with "
+            "lc.override(...):`.",
+        ]
+    )
+
+
 def test_an_override_left_in_place_is_undone_and_reported(suite: pytest.Pytester) -> None:
     """The test that forgets an override errors, naming it and where it was made; the next
     test sees the real resource."""

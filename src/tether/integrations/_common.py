@@ -44,6 +44,7 @@ __all__ = [
     "check_budget",
     "commit_not_sent",
     "note_pgbouncer",
+    "pooler_never_sent",
     "connection_lost",
     "saturation",
     "depends_on",
@@ -279,6 +280,36 @@ def commit_not_sent(name: str, exc: BaseException) -> ResourceUnavailable:
         f"committed ({describe(exc)}; the server most likely ended the session)"
     )
     return _lost(name, reason)
+
+
+#: What PgBouncer says as it drops a client whose statement it never gave a server
+#: connection (PostgreSQL down or refusing it behind PgBouncer): the statement did not run.
+_POOLER_NEVER_SENT = (
+    "query_wait_timeout",
+    "server login has been failing",
+    "pgbouncer cannot connect to server",
+)
+
+
+def pooler_never_sent(name: str, exc: BaseException) -> ResourceUnavailable | None:
+    """The 503 for a statement PgBouncer dropped without running it (it found no server
+    connection for it: `_POOLER_NEVER_SENT` in the error's chain), else None. Safe to retry,
+    even outside a transaction."""
+    current: BaseException | None = exc
+    while current is not None:
+        said = str(current)
+        if any(marker in said for marker in _POOLER_NEVER_SENT):
+            reason = (
+                f"PgBouncer found no server connection for the statement, so it did not run "
+                f"({describe(exc)})"
+            )
+            msg = redact(
+                f"Pool {name!r}: {reason}. Retry shortly; if it persists, check the "
+                f"database behind PgBouncer."
+            )
+            return ResourceUnavailable(msg, resource=name, retry_after=1.0, lost=True)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def connection_lost(name: str, cause: str) -> ResourceUnavailable:

@@ -81,6 +81,7 @@ from ._common import (
     depends_on,
     failed_transaction,
     note_pgbouncer,
+    pooler_never_sent,
     queue_full,
     read_only,
     read_only_failure,
@@ -572,6 +573,9 @@ def connection(
                 lost = _is_lost(conn, exc)
                 if tx is None:
                     if lost:
+                        never = pooler_never_sent(pool_name, exc)
+                        if never is not None:
+                            raise never from exc  # it did not run: a 503
                         exc.add_note(LOST_NOTE)  # still a 500: the statement may have run
                     raise
                 await _rollback(p, conn, tx, name, reset_timeout)

@@ -83,6 +83,7 @@ from ._common import (
     dropped_cancellation,
     failed_transaction,
     note_pgbouncer,
+    pooler_never_sent,
     read_only,
     read_only_failure,
     redact,
@@ -459,6 +460,9 @@ def connection(
                 lost = isinstance(exc, psycopg.OperationalError) and conn.broken
                 if not transaction:
                     if lost:
+                        never = pooler_never_sent(pool_name, exc)
+                        if never is not None:
+                            raise never from exc  # it did not run: a 503
                         exc.add_note(LOST_NOTE)  # still a 500: the statement may have run
                     raise
                 await _rollback(conn, name, reset_timeout)

@@ -1142,8 +1142,10 @@ class Lifecycle:
             f"lifespan), and its app resources (pools, clients) belong to that loop. Run "
             f"the unit of work there: in pytest-asyncio, give the test the loop of the "
             f'fixture that starts the app (`@pytest.mark.asyncio(loop_scope="session")` '
-            f"for a session fixture); from another thread, use `anyio.from_thread.run` "
-            f"(with TestClient, `client.portal.call`)."
+            f"for a session fixture, or `asyncio_default_test_loop_scope = session` in the "
+            f"ini file for every test); from another thread, use `anyio.from_thread.run` "
+            f"(with TestClient, `client.portal.call`, or "
+            f"`client.portal.wrap_async_context_manager(...)` for a context manager)."
         )
 
     def _in_flight(self) -> list[Unit]:

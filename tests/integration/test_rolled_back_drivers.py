@@ -276,7 +276,9 @@ def test_rolled_back_on_another_loop_than_the_app(postgres: Postgres, name: str)
                 "Pool 'pool' was opened on another event loop than the one using it now. A "
                 "pool belongs to the loop (and the process) that opened it: open it in the "
                 "lifespan of each worker, and in tests run the app and the test on one loop "
-                "(`with TestClient(app)` or one anyio/pytest-asyncio loop scope)."
+                "(`with TestClient(app)` or one anyio/pytest-asyncio loop scope; with TestClient, "
+                "run async code on its loop: `client.portal.call(...)`, "
+                "`client.portal.wrap_async_context_manager(...)`)."
             ),
         ):
             anyio.run(block)

@@ -424,7 +424,9 @@ def test_engine_used_from_another_event_loop_is_a_clear_error(
                 "Pool 'engine' was opened on another event loop than the one using it now. A "
                 "pool belongs to the loop (and the process) that opened it: open it in the "
                 "lifespan of each worker, and in tests run the app and the test on one loop "
-                "(`with TestClient(app)` or one anyio/pytest-asyncio loop scope)."
+                "(`with TestClient(app)` or one anyio/pytest-asyncio loop scope; with TestClient, "
+                "run async code on its loop: `client.portal.call(...)`, "
+                "`client.portal.wrap_async_context_manager(...)`)."
             ),
         ):
             asyncio.run(elsewhere())

@@ -112,8 +112,10 @@ def test_a_session_app_scope_serves_tests_on_the_session_loop(suite: pytest.Pyte
             "the one this Lifecycle's app scope runs on (the loop of `lc.run()` or of the app's "
             "lifespan), and its app resources (pools, clients) belong to that loop. Run the unit "
             "of work there: in pytest-asyncio, give the test the loop of the fixture that starts "
-            'the app (`@pytest.mark.asyncio(loop_scope="session")` for a session fixture); from '
-            "another thread, use `anyio.from_thread.run` (with TestClient, `client.portal.call`).",
+            'the app (`@pytest.mark.asyncio(loop_scope="session")` for a session fixture, or '
+            "`asyncio_default_test_loop_scope = session` in the ini file for every test); from "
+            "another thread, use `anyio.from_thread.run` (with TestClient, `client.portal.call`, "
+            "or `client.portal.wrap_async_context_manager(...)` for a context manager).",
         ]
     )
     assert "attached to a different loop" not in result.stdout.str()

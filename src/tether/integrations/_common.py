@@ -266,7 +266,9 @@ class LoopBound:
                 f"Pool {self.name!r} was opened on another event loop than the one using it "
                 f"now. A pool belongs to the loop (and the process) that opened it: open it "
                 f"in the lifespan of each worker, and in tests run the app and the test on "
-                f"one loop (`with TestClient(app)` or one anyio/pytest-asyncio loop scope)."
+                f"one loop (`with TestClient(app)` or one anyio/pytest-asyncio loop scope; "
+                f"with TestClient, run async code on its loop: `client.portal.call(...)`, "
+                f"`client.portal.wrap_async_context_manager(...)`)."
             )
             raise ScopeError(msg)
 

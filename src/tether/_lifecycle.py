@@ -47,6 +47,7 @@ from ._scope import (
     capture_stack,
     close_entry,
     open_value,
+    user_frames,
 )
 from ._stats import PoolStats, Stats, snapshot
 
@@ -1291,21 +1292,14 @@ def _entry_site() -> str:
     frameworks and the test runner, "FILE:LINE in NAME" ("" if none). Under a portal
     (TestClient's), the event loop's thread has no such frame: it is the main thread's,
     which waits for the startup. Once per app scope, never per request."""
-    frame: Any = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if not any(d in code.co_filename for d in _NOT_THE_USER):
-            return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-        frame = frame.f_back
+    frames = user_frames(sys._getframe(1), _NOT_THE_USER)
     main = threading.main_thread()
-    if threading.current_thread() is not main and main.ident is not None:
-        frame = sys._current_frames().get(main.ident)
-        while frame is not None:
-            code = frame.f_code
-            if not any(d in code.co_filename for d in _NOT_THE_USER):
-                return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-            frame = frame.f_back
-    return ""
+    if not frames and threading.current_thread() is not main and main.ident is not None:
+        frames = user_frames(sys._current_frames().get(main.ident), _NOT_THE_USER)
+    if not frames:
+        return ""
+    filename, line, name = frames[-1]
+    return f"{filename}:{line} in {name}"
 
 
 @asynccontextmanager

@@ -942,8 +942,10 @@ class Guarded:
 # --------------------------------------------------------------------------- the unit
 
 
-# And those of the thread that runs an event loop for a portal (Starlette's TestClient).
+# And, off the main thread, those of a thread that runs an event loop for a portal
+# (Starlette's TestClient).
 _RUNNERS = (*_TETHER_DIRS, "/threading.py", "/concurrent/futures/")
+_MAIN = threading.main_thread()
 
 
 def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
@@ -951,19 +953,21 @@ def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
     entered through a portal (``client.portal.wrap_async_context_manager(lc.scope())``) has
     none in its thread, which only runs the event loop: the caller is the main thread,
     waiting on the portal, and its frames are taken."""
-    frames = _user_frames(sys._getframe(depth))
-    if not frames:
-        main = threading.main_thread()
-        if threading.current_thread() is not main and main.ident is not None:
-            frames = _user_frames(sys._current_frames().get(main.ident))
+    if threading.current_thread() is _MAIN:
+        return user_frames(sys._getframe(depth), _TETHER_DIRS)
+    frames = user_frames(sys._getframe(depth), _RUNNERS)
+    if not frames and _MAIN.ident is not None:
+        frames = user_frames(sys._current_frames().get(_MAIN.ident), _RUNNERS)
     return frames
 
 
-def _user_frames(f: Any) -> list[tuple[str, int, str]]:
+def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """The frames from *f* outward whose files are not under *skipped*, innermost last (at
+    most 12)."""
     frames: list[tuple[str, int, str]] = []
     while f is not None and len(frames) < 12:
         filename = f.f_code.co_filename
-        if not any(d in filename for d in _RUNNERS):
+        if not any(d in filename for d in skipped):
             frames.append((filename, f.f_lineno, f.f_code.co_name))
         f = f.f_back
     frames.reverse()

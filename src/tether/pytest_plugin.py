@@ -65,13 +65,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The units each Lifecycle's shutdowns had cancelled when the test's teardown began: one
 # cancelled in the test's body was the test's own doing (a test of the drain); one cancelled
-# by a fixture's teardown was left in flight by the test.
-_CANCELLED_BY_THE_BODY = pytest.StashKey[dict[Any, set[Any]]]()
+# by a fixture's teardown was left in flight by the test. Kept by id: pytest keeps every item
+# (and its stash) to the end of the session, and the objects would keep their Lifecycles.
+_CANCELLED_BY_THE_BODY = pytest.StashKey[set[int]]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    item.stash[_CANCELLED_BY_THE_BODY] = {lc: set(lc._cancelled) for lc in list(LIFECYCLES)}
+    item.stash[_CANCELLED_BY_THE_BODY] = {
+        id(cancelled) for lc in list(LIFECYCLES) for cancelled in lc._cancelled
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +110,8 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"resource:{listed}\nUse `with lc.override(...):`, or call `.undo()` on "
                 f"what lc.override returns."
             )
-        body = request.node.stash.get(_CANCELLED_BY_THE_BODY, {}).get(lc, set())
+        ids = request.node.stash.get(_CANCELLED_BY_THE_BODY, set())
+        body = {c for c in lc._cancelled if id(c) in ids}
         try:  # units a shutdown at a fixture's teardown (a function-scoped app) cancelled
             _assert_not_cancelled(lc, keep=cancelled | body, ignore=units)
         except AssertionError as exc:

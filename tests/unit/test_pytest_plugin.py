@@ -554,3 +554,37 @@ def test_units_a_function_scoped_app_cancelled_at_shutdown_are_reported(
     errors = "\n".join(line for line in result.outlines if "ERROR" in line)
     assert "test_allowed" not in errors
     assert "test_after" not in errors
+
+
+def test_the_plugin_keeps_no_lifecycle_of_an_earlier_test_alive(suite: pytest.Pytester) -> None:
+    """A Lifecycle a fixture made goes when its test ends: the plugin keeps nothing of it
+    (before, what it noted at each teardown kept every one alive to the end of the session,
+    and every later test checked them all)."""
+    suite.makepyfile(
+        test_alive=textwrap.dedent(
+            """
+            import gc, weakref
+            import pytest
+            import tether
+
+            refs = []
+
+            @pytest.fixture
+            def lc():
+                lc = tether.Lifecycle()
+                refs.append(weakref.ref(lc))
+                yield lc
+
+            def test_one(lc) -> None:
+                pass
+
+            def test_two(lc) -> None:
+                pass
+
+            def test_they_are_gone() -> None:
+                gc.collect()
+                assert [r() for r in refs] == [None, None]
+            """
+        )
+    )
+    suite.runpytest_subprocess().assert_outcomes(passed=3)

@@ -33,6 +33,9 @@ BudgetPolicy = Literal["warn", "error", "off"]
 __all__ = [
     "LOSES_CANCEL",
     "LOST_NOTE",
+    "SAVEPOINT",
+    "SETTLE",
+    "ConnectionOf",
     "PGBOUNCER_NOTE",
     "failed_transaction",
     "RESET_SESSION",
@@ -110,6 +113,24 @@ SESSION_SETTINGS = (
 
 
 V = TypeVar("V")
+
+
+#: `rolled_back`: seconds it waits, at its end, for a connection a unit of work still holds;
+#: and the savepoint each unit of work runs in.
+SETTLE = 10.0
+SAVEPOINT = "tether_unit"
+
+
+class ConnectionOf:
+    """How a connection resource of a driver's integration was registered, for its
+    ``rolled_back()``: the pool resource it takes connections from, and whether each unit of
+    work is a transaction."""
+
+    __slots__ = ("pool", "transaction")
+
+    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
+        self.pool = pool
+        self.transaction = transaction
 
 
 def registered(registry: Mapping[Any, V], connection: object, driver: str) -> V:

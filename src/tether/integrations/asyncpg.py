@@ -72,7 +72,10 @@ from . import _once
 from ._common import (
     LOST_NOTE,
     RESET_SESSION,
+    SAVEPOINT,
+    SETTLE,
     BudgetPolicy,
+    ConnectionOf,
     Dsn,
     LoopBound,
     check_budget,
@@ -603,7 +606,7 @@ def connection(
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
-    _connections[res] = _ConnectionOf(pool, transaction)
+    _connections[res] = ConnectionOf(pool, transaction)
     return res
 
 
@@ -721,7 +724,7 @@ async def _acquire_tested(
                 raise
             if attempt == _ATTEMPTS:
                 reason = f"{attempt} connections in a row were dead: {describe(exc)}"
-                raise unavailable(pool_name, reason, lost=True) from exc
+                raise unavailable(pool_name, reason, lost=True, unreachable=True) from exc
             log.info("tether: %r: a pooled connection was dead (%s); took another", name, exc)
             conn = None
         except BaseException:
@@ -954,30 +957,17 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
 # --------------------------------------------------------------------------- tests
 
 
-_SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a connection still held
-_SAVEPOINT = "tether_unit"  # each unit of work's, in `rolled_back`
-
-
-class _ConnectionOf:
-    """How a connection resource made here was registered: for :func:`rolled_back`."""
-
-    __slots__ = ("pool", "transaction")
-
-    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
-        self.pool = pool
-        self.transaction = transaction
-
-
-_connections: weakref.WeakKeyDictionary[Resource[Any], _ConnectionOf] = weakref.WeakKeyDictionary()
+# How each connection resource made here was registered: for :func:`rolled_back`.
+_connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
 
 
 async def _keep_unit(conn: Any, name: str) -> None:
     """Release the unit of work's savepoint (its commit). If a statement failed in it and its
     error was caught, PostgreSQL refuses: roll back to it, and raise what a commit raises."""
     try:
-        await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
     except pg_errors.InFailedSQLTransactionError as exc:
-        await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}")
+        await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}")
         savepoint = "`async with conn.transaction():`"
         msg = failed_transaction("Connection", name, savepoint)
         raise pg_errors.InFailedSQLTransactionError(msg) from exc
@@ -1018,14 +1008,14 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with lock:
-                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 try:
                     yield conn
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         if spec.transaction:
-                            back = f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}"
-                            await conn.execute(f"{back}; RELEASE SAVEPOINT {_SAVEPOINT}")
+                            back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"
+                            await conn.execute(f"{back}; RELEASE SAVEPOINT {SAVEPOINT}")
                         else:
                             with contextlib.suppress(pg_errors.InFailedSQLTransactionError):
                                 await _keep_unit(conn, name)  # autocommit: kept
@@ -1038,7 +1028,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
         finally:
             with anyio.CancelScope(shield=True):
                 held = False
-                with anyio.move_on_after(_SETTLE):  # a unit of work still holding it ends first
+                with anyio.move_on_after(SETTLE):  # a unit of work still holding it ends first
                     await lock.acquire()
                     held = True
                 try:

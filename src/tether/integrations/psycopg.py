@@ -71,8 +71,11 @@ from ._common import (
     LOSES_CANCEL,
     LOST_NOTE,
     RESET_SESSION,
+    SAVEPOINT,
     SESSION_SETTINGS,
+    SETTLE,
     BudgetPolicy,
+    ConnectionOf,
     Dsn,
     LoopBound,
     check_budget,
@@ -501,7 +504,7 @@ def connection(
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
-    _connections[res] = _ConnectionOf(pool, transaction)
+    _connections[res] = ConnectionOf(pool, transaction)
     return res
 
 
@@ -636,33 +639,20 @@ async def _rollback(conn: Connection, name: str, within: float) -> None:
 # --------------------------------------------------------------------------- tests
 
 
-_SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a connection still held
-_SAVEPOINT = "tether_unit"  # each unit of work's, in `rolled_back`
-
-
-class _ConnectionOf:
-    """How a connection resource made here was registered: for :func:`rolled_back`."""
-
-    __slots__ = ("pool", "transaction")
-
-    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
-        self.pool = pool
-        self.transaction = transaction
-
-
-_connections: weakref.WeakKeyDictionary[Resource[Any], _ConnectionOf] = weakref.WeakKeyDictionary()
+# How each connection resource made here was registered: for :func:`rolled_back`.
+_connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
 
 
 async def _back_to_savepoint(conn: Connection) -> None:
-    await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-    await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+    await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
 
 
 async def _keep_unit(conn: Connection, name: str, *, strict: bool) -> None:
     """Release the unit of work's savepoint (its commit). If a statement failed in it and its
     error was caught, roll back to it instead, and (*strict*) raise what a commit raises."""
     if conn.info.transaction_status != TransactionStatus.INERROR:
-        await conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
         return
     await _back_to_savepoint(conn)
     if strict:
@@ -711,15 +701,15 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
         async def commit() -> None:  # the endpoint's own: ends the unit's savepoint, opens one
             if spec.transaction:
                 await _keep_unit(conn, name, strict=False)  # a failed one rolls back, as COMMIT
-                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
 
         async def rollback() -> None:
             if spec.transaction:
-                await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
 
         async def joined() -> AsyncIterator[Connection]:
             async with lock:
-                await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
                 conn.commit = commit  # type: ignore[method-assign]
                 conn.rollback = rollback  # type: ignore[method-assign]
@@ -743,16 +733,21 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
         finally:
             with anyio.CancelScope(shield=True):
                 held = False
-                with anyio.move_on_after(_SETTLE):  # a unit of work still holding it ends first
+                with anyio.move_on_after(SETTLE):  # a unit of work still holding it ends first
                     await lock.acquire()
                     held = True
                 try:
-                    await conn.rollback()
-                    await conn.set_autocommit(autocommit)
-                    if _settings(conn) != kept:
-                        await _restore(conn, kept, name)
+                    if held:
+                        await conn.rollback()
+                        await conn.set_autocommit(autocommit)
+                        if _settings(conn) != kept:
+                            await _restore(conn, kept, name)
+                    else:
+                        # A unit of work still has it (its own `rollback` on the object, a
+                        # query perhaps running): closing it rolls back.
+                        await conn.close()  # the pool replaces a closed connection
                 except Exception:  # busy or lost: closing the connection rolls back
-                    await conn.close()  # the pool replaces a closed connection
+                    await conn.close()
                 finally:
                     if held:  # one still waiting fails on the returned connection
                         lock.release()

@@ -88,6 +88,9 @@ class RedisTimeout(ResourceUnavailable, redis_errors.TimeoutError):
     """
 
 
+# Options of the user's that replace tether's retry.
+_RETRY_OPTIONS = frozenset({"retry", "retry_on_error", "retry_on_timeout"})
+
 # Refusals are the server answering "no": retrying later will not help.
 _REFUSALS = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
@@ -246,8 +249,9 @@ def client(
         required: ``False`` starts the app without it when it cannot open (see
             ``lc.resource``): what needs it answers 503 until a background retry opens it.
         kw: passed to the connection pool and its connections (``decode_responses``,
-            ``client_name``, ``ssl_*``, ...; ``retry`` replaces the default of one
-            immediate retry on connection errors).
+            ``client_name``, ``ssl_*``, ...; ``retry``, ``retry_on_error`` or
+            ``retry_on_timeout`` replace the default of one immediate retry on connection
+            errors).
     """
 
     async def open_client() -> AsyncIterator[aioredis.Redis]:
@@ -257,16 +261,20 @@ def client(
             "health_check_interval": health_check_interval,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_connect_timeout,
+            **kw,
+        }
+        if not _RETRY_OPTIONS.intersection(kw):
             # One immediate retry on a connection error: a connection that went stale (a
             # server restart) is reconnected at once; a server that is down fails fast, not
             # after backoffs. Not on a timeout (redis-py 6+ retries those by default): a
             # command whose reply is late may have run, and would run twice (an INCR, an
             # EVAL). ``retry_on_error`` makes redis-py 5 retry the command itself too, as 6+
-            # does.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
-            "retry_on_error": [redis_errors.ConnectionError],
-            **kw,
-        }
+            # does; it is one list for every connection of the pool, which redis-py does
+            # not change without ``retry_on_timeout``. Your own retry options replace these.
+            options["retry"] = Retry(
+                NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)
+            )
+            options["retry_on_error"] = [redis_errors.ConnectionError]
         pool: _Pool | _BlockingPool
         if max_connections is None:
             pool = _Pool.from_url(target, **options)

@@ -410,7 +410,7 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
 
 
 _UNREAD = "tether_unread"  # in a connection's info: its settings are to be read at checkout
-_SETTINGS = "tether_settings"  # in a connection's info: SQL that sets them again
+_RESET = "tether_reset"  # in a connection's info: its reset, setting those settings again
 
 
 def _reset_sessions(eng: Engine, name: str) -> None:
@@ -426,21 +426,28 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     after every ``connect`` listener has run, however and whenever it was added (on the engine
     once it is open, so after tether's own, or on ``Pool`` or ``Engine`` themselves). One query
     per connection, and only for one made while the engine had ``connect`` listeners besides
-    SQLAlchemy's and tether's: none otherwise, and none at later checkouts."""
+    SQLAlchemy's and tether's: none otherwise, and none at later checkouts. The ``checkout``
+    listener that reads them is added only then too: with none, SQLAlchemy hands out a
+    pooled connection on its shorter path."""
+    reading = False
 
     def connect(dbapi_connection: Any, record: Any) -> None:
+        nonlocal reading
         if any(fn not in own for fn in eng.pool.dispatch.connect):
             record.info[_UNREAD] = True
+            if not reading:
+                reading = True
+                event.listen(eng, "checkout", checkout)
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if record.info.pop(_UNREAD, False):
-            record.info[_SETTINGS] = _read_settings(dbapi_connection)
+            record.info[_RESET] = RESET_SESSION + _read_settings(dbapi_connection)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
             return  # invalidated: it is not coming back
         try:
-            _reset_driver(dbapi_connection, record.info.get(_SETTINGS, ""))
+            _reset_driver(dbapi_connection, record.info.get(_RESET, RESET_SESSION))
         except Exception as exc:
             log.warning(
                 "tether: engine %r: could not reset a connection's session (%s); discarded",
@@ -456,7 +463,6 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     # The engine's own listeners: SQLAlchemy's setup of the dialect, and tether's. (Those on
     # Pool or Engine themselves are not among them: the user's.)
     own = set(getattr(eng.pool.dispatch.connect, "listeners", ()))
-    event.listen(eng, "checkout", checkout)
     event.listen(eng, "checkin", checkin)
 
 
@@ -491,10 +497,9 @@ def _read_settings(dbapi_connection: Any) -> str:
     return str(row[0] or "") if row is not None else ""
 
 
-def _reset_driver(dbapi_connection: Any, again: str = "") -> None:
-    """Run ``RESET_SESSION``, then *again* (what the connection's ``connect`` listeners set),
-    in one round trip, opening no transaction."""
-    sql = RESET_SESSION + again
+def _reset_driver(dbapi_connection: Any, sql: str = RESET_SESSION) -> None:
+    """Run the reset *sql* (``RESET_SESSION``, then what the connection's ``connect``
+    listeners set, if any), in one round trip, opening no transaction."""
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     package = type(driver).__module__.partition(".")[0]
     if package == "asyncpg":

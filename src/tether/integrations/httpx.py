@@ -273,7 +273,7 @@ class _Client(httpx.AsyncClient):
         self, request: httpx.Request, *, stream: bool = False, **kw: Any
     ) -> Coroutine[Any, Any, httpx.Response]:
         if not stream:
-            return super().send(request, **kw)  # httpx's own coroutine: nothing added
+            return super().send(request, **kw)  # httpx's own coroutine: no frame of ours awaited
         return self._send_streamed(request, kw)
 
     async def _send_streamed(self, request: httpx.Request, kw: dict[str, Any]) -> httpx.Response:

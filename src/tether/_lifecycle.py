@@ -197,6 +197,18 @@ class CancelledUnit:
         self.drain_timeout = drain_timeout
 
 
+class DrainedUnit:
+    """A unit of work a shutdown's drain waited on, which then ended on its own: what it
+    held when the drain began, and when it was seen to end (to within 0.05 s)."""
+
+    __slots__ = ("ended", "entries", "unit")
+
+    def __init__(self, unit: Unit, entries: list[Entry], ended: float) -> None:
+        self.unit = unit
+        self.entries = entries
+        self.ended = ended  # time.perf_counter()
+
+
 # Every Lifecycle alive, for the pytest plugin's checks after each test (tether.pytest_plugin).
 LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 
@@ -266,6 +278,8 @@ class Lifecycle:
         # Units of work a shutdown cancelled past drain_timeout, the latest ones (for the
         # pytest plugin, which reports those its test started).
         self._cancelled: deque[CancelledUnit] = deque(maxlen=100)
+        # ... and units a shutdown's drain waited on until they ended.
+        self._drained_units: deque[DrainedUnit] = deque(maxlen=100)
         self._drained: anyio.Event | None = None
         self._open_limiter: Any = None
         self._close_limiter: Any = None
@@ -1017,8 +1031,13 @@ class Lifecycle:
         self.state = State.DRAINING
         if self._units:
             self._drained = anyio.Event()
+            waited = {unit: list(unit.entries) for unit in self._in_flight()}
             with anyio.move_on_after(self.drain_timeout):
-                await self._drained.wait()
+                while self._units:
+                    with anyio.move_on_after(0.05):
+                        await self._drained.wait()
+                    self._note_drained(waited)
+            self._note_drained(waited)
             if self._units:
                 # Cancelled, so that they roll back and give their connections back while
                 # the pools are still open (closing the pools under them would leave their
@@ -1152,6 +1171,12 @@ class Lifecycle:
     def _in_flight(self) -> list[Unit]:
         """The units of work in flight, oldest first (the dashboard's and the test helpers')."""
         return sorted((u for u in list(self._units) if not u.closed), key=lambda u: u.started)
+
+    def _note_drained(self, waited: dict[Unit, list[Entry]]) -> None:
+        """Note the units of *waited* that are no longer in flight, with the time."""
+        now = time.perf_counter()
+        for unit in [unit for unit in waited if unit not in self._units]:
+            self._drained_units.append(DrainedUnit(unit, waited.pop(unit), now))
 
     def _admit(self, unit: Unit) -> None:
         if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):

@@ -14,7 +14,8 @@ for every :class:`~tether.Lifecycle` alive:
   own thread (TestClient's), or, if it is open and idle (pytest-asyncio's session or module
   loop between tests), here; on a closed loop nothing can end, and there is no wait. A unit
   of the test that the app's shutdown cancelled past ``drain_timeout`` at the teardown of its
-  fixtures (the app run by a function-scoped fixture) makes the test error too;
+  fixtures (the app run by a function-scoped fixture), or waited on until it ended more than
+  a second after the test, makes the test error too;
 * a driver pool (``lc.stats().pools``) with more connections in use than before the test,
   when no unit of work holds them, makes the test error: something took a connection
   straight from the pool and kept it.
@@ -35,6 +36,7 @@ from ._lifecycle import LIFECYCLES
 from ._resource import Resource
 from .testing import (
     _assert_not_cancelled,
+    _assert_not_drained,
     _assert_pools_returned,
     _assert_released,
     pools_in_use,
@@ -63,17 +65,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-# The units each Lifecycle's shutdowns had cancelled when the test's teardown began: one
-# cancelled in the test's body was the test's own doing (a test of the drain); one cancelled
-# by a fixture's teardown was left in flight by the test. Kept by id: pytest keeps every item
+# The units each Lifecycle's shutdowns had cancelled, or waited on, when the test's teardown
+# began: one in the test's body was the test's own doing (a test of the drain); one at a
+# fixture's teardown was left in flight by the test. Kept by id: pytest keeps every item
 # (and its stash) to the end of the session, and the objects would keep their Lifecycles.
-_CANCELLED_BY_THE_BODY = pytest.StashKey[set[int]]()
+_HELD_UP_BY_THE_BODY = pytest.StashKey[set[int]]()
+_TEST_ENDED = pytest.StashKey[float]()  # time.perf_counter() when the test's body ended
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    item.stash[_CANCELLED_BY_THE_BODY] = {
-        id(cancelled) for lc in list(LIFECYCLES) for cancelled in lc._cancelled
+    item.stash[_TEST_ENDED] = time.perf_counter()
+    item.stash[_HELD_UP_BY_THE_BODY] = {
+        id(held) for lc in list(LIFECYCLES) for held in (*lc._cancelled, *lc._drained_units)
     }
 
 
@@ -110,10 +114,20 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"resource:{listed}\nUse `with lc.override(...):`, or call `.undo()` on "
                 f"what lc.override returns."
             )
-        ids = request.node.stash.get(_CANCELLED_BY_THE_BODY, set())
+        ids = request.node.stash.get(_HELD_UP_BY_THE_BODY, set())
         body = {c for c in lc._cancelled if id(c) in ids}
         try:  # units a shutdown at a fixture's teardown (a function-scoped app) cancelled
             _assert_not_cancelled(lc, keep=cancelled | body, ignore=units)
+        except AssertionError as exc:
+            problems.append(str(exc))
+        try:  # ... or waited on past the grace
+            _assert_not_drained(
+                lc,
+                keep={d for d in lc._drained_units if id(d) in ids},
+                ignore=units,
+                since=request.node.stash.get(_TEST_ENDED, ended),
+                wait=GRACE,
+            )
         except AssertionError as exc:
             problems.append(str(exc))
         try:

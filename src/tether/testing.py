@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._lifecycle import _entry_site
 
 if TYPE_CHECKING:
-    from ._lifecycle import CancelledUnit, Lifecycle, Override
+    from ._lifecycle import CancelledUnit, DrainedUnit, Lifecycle, Override
     from ._scope import Entry, Unit
 
 T = TypeVar("T")
@@ -144,6 +144,38 @@ def _assert_not_cancelled(
         msg = (
             f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
             f"cancelled after {drain}:{listed}\n{_HINT}"
+        )
+        raise AssertionError(msg)
+
+
+def _assert_not_drained(
+    lc: Lifecycle,
+    *,
+    keep: Collection[DrainedUnit],
+    ignore: Collection[Unit],
+    since: float,
+    wait: float,
+) -> None:
+    """Assert that no shutdown of *lc* waited on a unit of work (but those in *keep*, and
+    units in *ignore*) that was still in flight *wait* seconds after *since* (the end of the
+    test): one the shutdown of a function-scoped app waited for, before the check after the
+    test could see it."""
+    drained = [
+        d
+        for d in list(lc._drained_units)
+        if d not in keep and d.unit not in ignore and d.ended - since > wait
+    ]
+    if drained:
+        n = len(drained)
+        count = f"{n} unit{'s' if n > 1 else ''} of work"
+        listed = "".join(
+            f"\n  - {_describe(d.unit, since, d.entries)}, ended {d.ended - since:.2f} s "
+            f"after the test"
+            for d in drained
+        )
+        msg = (
+            f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
+            f"which waited for {'them' if n > 1 else 'it'} to end:{listed}\n{_HINT}"
         )
         raise AssertionError(msg)
 

@@ -556,6 +556,94 @@ def test_units_a_function_scoped_app_cancelled_at_shutdown_are_reported(
     assert "test_after" not in errors
 
 
+def test_units_a_function_scoped_app_waited_on_at_shutdown_are_reported(
+    suite: pytest.Pytester,
+) -> None:
+    """With the app per test and a long drain_timeout, its shutdown waits for what the test
+    left in flight, and the unit ends on its own: a unit that ended more than the plugin's
+    one-second grace after the test makes it error all the same (before, it passed after a
+    teardown as long as the job); one that ends within the grace does not."""
+    suite.makepyfile(
+        slowapp=textwrap.dedent(
+            """
+            import anyio
+            from fastapi import FastAPI
+
+            import tether
+
+            lc = tether.Lifecycle(drain_timeout=30)
+
+
+            @lc.resource
+            async def conn():
+                yield "real"
+
+
+            app = FastAPI(lifespan=lc.lifespan)
+
+
+            async def job(label, seconds, started):
+                async with lc.scope(label) as s:
+                    await s.get(conn)
+                    started.set()
+                    await anyio.sleep(seconds)
+            """
+        ),
+        test_drained=textwrap.dedent(
+            """
+            import threading
+
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from slowapp import app, job
+
+
+            @pytest.fixture
+            def client():
+                with TestClient(app) as client:
+                    yield client
+
+
+            def start(client, label, seconds):
+                started = threading.Event()
+                client.portal.start_task_soon(job, label, seconds, started)
+                assert started.wait(10)
+
+
+            def test_leaves_a_slow_job(client):
+                start(client, "slow job", 1.6)
+
+
+            def test_leaves_a_short_job(client):
+                start(client, "short job", 0.1)
+
+
+            @pytest.mark.tether_unchecked
+            def test_allowed(client):
+                start(client, "allowed job", 1.6)
+            """
+        ),
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaves_a_slow_job*",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='closed'> still in "
+            "flight when its app scope shut down, which waited for it to end:",
+            "  - 'slow job' (in flight 0.* s) holds 'conn' (acquired at */slowapp.py:* in job), "
+            "ended 1.* s after the test",
+            "Exit every `lc.scope()`, read every streamed response to its end, and stop "
+            "background work before the test ends (to allow it in one test, mark it "
+            "@pytest.mark.tether_unchecked).",
+        ]
+    )
+    errors = "\n".join(line for line in result.outlines if "ERROR" in line)
+    assert "test_leaves_a_short_job" not in errors
+    assert "test_allowed" not in errors
+
+
 def test_the_plugin_keeps_no_lifecycle_of_an_earlier_test_alive(suite: pytest.Pytester) -> None:
     """A Lifecycle a fixture made goes when its test ends: the plugin keeps nothing of it
     (before, what it noted at each teardown kept every one alive to the end of the session,

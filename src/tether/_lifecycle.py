@@ -47,6 +47,7 @@ from ._scope import (
     capture_stack,
     close_entry,
     open_value,
+    thread_stack,
     user_frames,
 )
 from ._stats import PoolStats, Stats, snapshot
@@ -1288,7 +1289,12 @@ class Lifecycle:
                     if not where and task is not None and not task.done():
                         # A request records no stack when it opens a value (it would cost
                         # every request): where its task waits now says what holds it.
-                        where = _format_stack(await_stack(task), "the request is now at")
+                        frames = await_stack(task)
+                        if not frames:  # it waits for a worker thread (a `def` endpoint)
+                            request = getattr(unit, "request", None)
+                            scope = getattr(request, "scope", None) or {}
+                            frames = thread_stack(scope.get("endpoint"), entry.value)
+                        where = _format_stack(frames, "the request is now at")
                     log.warning(
                         "tether: resource %r held for %.1f s (leak_threshold=%g s) by %s%s",
                         entry.res.name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -21,7 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._errors import ResourceClosedError, ResourceUnavailable, ScopeError, describe
+from ._errors import (
+    ClientDisconnected,
+    ResourceClosedError,
+    ResourceUnavailable,
+    ScopeError,
+    describe,
+)
 from ._resource import _MISSING, OPENING, Kind, Resource
 
 if TYPE_CHECKING:
@@ -35,6 +42,8 @@ _now = time.perf_counter
 
 # Frames skipped in an acquirer's stack. tether's own by its real directory, not "/tether/":
 # a checkout or a project named "tether" (as on CI) would otherwise hide the user's frames.
+# Then the frameworks, and the servers and command-line runners around an app (a job's
+# `lc.scope()` under `python -m uvicorn` had ten of theirs before its one frame).
 _TETHER_DIRS = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
     "/anyio/",
@@ -42,6 +51,12 @@ _TETHER_DIRS = (
     "/contextlib.py",
     "/starlette/",
     "/fastapi/",
+    "/uvicorn/",
+    "/hypercorn/",
+    "/gunicorn/",
+    "/click/",
+    "<frozen runpy>",
+    "/runpy.py",
 )
 
 
@@ -891,20 +906,23 @@ class Guarded:
     """A transparent proxy for a value opened with ``guard=True``.
 
     Attribute access and calls go to the value while its scope is open, and raise
-    :class:`~tether.ResourceClosedError` after (counted as a leak).
+    :class:`~tether.ResourceClosedError` after (counted as one leak, however often used).
     """
 
-    __slots__ = ("_tether_closed", "_tether_res", "_tether_value")
+    __slots__ = ("_tether_closed", "_tether_counted", "_tether_res", "_tether_value")
 
     def __init__(self, res: Resource[Any], value: Any) -> None:
         object.__setattr__(self, "_tether_res", res)
         object.__setattr__(self, "_tether_value", value)
         object.__setattr__(self, "_tether_closed", False)
+        object.__setattr__(self, "_tether_counted", False)
 
     def _tether_check(self) -> Any:
         if self._tether_closed:
             res = self._tether_res
-            res.counters.leaks += 1
+            if not self._tether_counted:
+                object.__setattr__(self, "_tether_counted", True)
+                res.counters.leaks += 1
             msg = (
                 f"Resource {res.name!r} was used after its scope closed. "
                 f"Do not keep request resources beyond their unit of work: background "
@@ -992,11 +1010,30 @@ def await_stack(task: Any) -> list[tuple[str, int, str]]:
         frame = frame or getattr(aw, "gi_frame", None)
         if frame is not None:
             filename = frame.f_code.co_filename
-            if not any(d in filename for d in _TETHER_DIRS) and "/uvicorn/" not in filename:
+            if not any(d in filename for d in _TETHER_DIRS):
                 frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         step = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
         aw = step or getattr(aw, "gi_yieldfrom", None)
     return frames[-12:]
+
+
+def thread_stack(endpoint: Any, value: Any) -> list[tuple[str, int, str]]:
+    """Where a worker thread running *endpoint* (a ``def`` endpoint: its request's task only
+    waits for the thread) is now: the frames outside tether and the frameworks, innermost
+    last. Several threads running it: the one whose *endpoint* frame holds *value*."""
+    code = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
+    if code is None:
+        return []
+    found: list[tuple[Any, Any]] = []
+    for top in sys._current_frames().values():
+        f: Any = top
+        while f is not None and f.f_code is not code:
+            f = f.f_back
+        if f is not None:
+            found.append((top, f))
+    if len(found) > 1:
+        found = [(top, f) for top, f in found if any(v is value for v in f.f_locals.values())]
+    return user_frames(found[0][0], _TETHER_DIRS) if len(found) == 1 else []
 
 
 def ready_args(unit: Unit, res: Resource[Any]) -> list[Any] | None:
@@ -1136,7 +1173,9 @@ class Unit:
             else:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException as exc:
-            if started:
+            # A cancelled open (a client gone, a timeout of the caller's) is no failure of
+            # the resource.
+            if started and isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
                 target.counters.open_errors += 1
                 if isinstance(exc, ResourceUnavailable) and exc.timed_out:
                     target.counters.timeouts += 1

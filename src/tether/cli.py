@@ -9,12 +9,15 @@ tether demo                     # serve the reference service (tether.demo) on 1
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib
 import json
+import math
 import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +64,7 @@ def graph(lc: Lifecycle, *, as_json: bool) -> int:
     app = _graph.app_order(lc._resources, lc._overrides)
     rows = [
         {"name": r.name, "scope": r.scope, "depends_on": [d.name for d in r.deps]}
-        for r in [*app, *(r for r in lc._resources.values() if r.scope == "request")]
+        for r in [*app, *_request_order(lc)]
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -70,6 +73,26 @@ def graph(lc: Lifecycle, *, as_json: bool) -> int:
         deps = ", ".join(row["depends_on"]) or "-"
         print(f"{row['scope']:8} {row['name']:24} <- {deps}")
     return 0
+
+
+def _request_order(lc: Lifecycle) -> list[Any]:
+    """The request resources in an order they can open in: each after those it depends
+    on, in the order of registration otherwise."""
+    order: list[Any] = []
+    seen: set[Any] = set()
+
+    def visit(res: Any) -> None:
+        if res not in seen:
+            seen.add(res)
+            for dep in res.deps:
+                if dep.scope == "request":
+                    visit(dep)
+            order.append(res)
+
+    for res in lc._resources.values():
+        if res.scope == "request":
+            visit(res)
+    return order
 
 
 async def _check(lc: Lifecycle) -> dict[str, Any]:
@@ -102,14 +125,39 @@ def stats_url(url: str) -> str:
     return url.rstrip("/") + "/stats.json"
 
 
+class _ConfigError(SystemExit):
+    """A ``tether stats`` argument that no retry can make work."""
+
+
 def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> dict[str, Any]:
     """Read a running app's dashboard JSON; a clear ``SystemExit`` when that fails."""
+    example = "http://127.0.0.1:8000/tether/"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not one
+    except ValueError as exc:
+        msg = f"tether stats: {url!r} is not a URL ({exc}). Give the dashboard's, e.g. {example}"
+        raise _ConfigError(msg) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = (
+            f"tether stats: {url!r} is not an http:// or https:// URL. Give the dashboard's "
+            f"with its scheme, e.g. {example}"
+        )
+        raise _ConfigError(msg)
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     for header in headers:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
             msg = f"--header {header!r} is not of the form 'Name: value' (e.g. 'X-Token: abc')."
-            raise SystemExit(msg)
+            raise _ConfigError(msg)
+        try:
+            value.strip().encode("latin-1")
+        except UnicodeEncodeError:
+            msg = (
+                f"--header {header!r}: an HTTP header's value must be Latin-1 text; encode "
+                f"it (e.g. percent- or base64-encoded) as the app expects."
+            )
+            raise _ConfigError(msg) from None
         request.add_header(name.strip(), value.strip())
     fix = "Is the app running, and does it include tether.fastapi.dashboard_router(lc)?"
     try:
@@ -128,6 +176,10 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         msg = f"tether stats: cannot read {url}: {reason}. {fix}"
+        raise SystemExit(msg) from None
+    except http.client.HTTPException as exc:  # not HTTP, or a reply cut short
+        said = type(exc).__name__ + (f" {str(exc).strip()!r}" if str(exc).strip() else "")
+        msg = f"tether stats: {url} did not answer as an HTTP server ({said}). {fix}"
         raise SystemExit(msg) from None
     try:
         data = json.loads(body)
@@ -191,8 +243,21 @@ def render_stats(data: dict[str, Any]) -> str:
 
 def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | None) -> int:
     url = stats_url(url)
+    read = False
     while True:
-        data = fetch_stats(url, headers)
+        try:
+            data = fetch_stats(url, headers)
+        except _ConfigError:
+            raise
+        except SystemExit as exc:
+            # Watching an app that answered once: a failed read (a restart, a deploy) is
+            # said and tried again, until ^C. A first read that fails is a wrong URL or app.
+            if watch is None or not read:
+                raise
+            print(exc.code, file=sys.stderr, flush=True)
+            time.sleep(watch)
+            continue
+        read = True
         if as_json:
             print(json.dumps(data, indent=2), flush=True)
         else:
@@ -231,6 +296,12 @@ def demo(*, host: str, port: int, db: str) -> int:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             problem = f"cannot create the directory {folder}: {exc.strerror or describe(exc)}"
+        else:
+            try:  # SQLite takes an empty file for a new database
+                with open(path, "ab"):
+                    pass
+            except OSError as exc:
+                problem = f"cannot write {path}: {exc.strerror or describe(exc)}"
     if problem:
         msg = (
             f"tether demo: --db {db}: {problem}. "
@@ -261,7 +332,7 @@ def _port(text: str) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < math.inf:
         msg = f"{text!r} is not a positive number of seconds"
         raise argparse.ArgumentTypeError(msg)
     return value

@@ -707,9 +707,11 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                             handle = None
                             value = res.factory(*args)
                     except BaseException as exc:
-                        res.counters.open_errors += 1
-                        if isinstance(exc, ResourceUnavailable) and exc.timed_out:
-                            res.counters.timeouts += 1
+                        if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
+                            # (a cancelled wait, a client gone, is no failure of the resource)
+                            res.counters.open_errors += 1
+                            if isinstance(exc, ResourceUnavailable) and exc.timed_out:
+                                res.counters.timeouts += 1
                         unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
                             raise no_value(res) from None

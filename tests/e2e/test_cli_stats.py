@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -136,3 +139,142 @@ def test_stats_watch_prints_until_interrupted(serve: type[Server]) -> None:
     assert proc.returncode == 0
     assert err == ""
     assert "".join(lines).count("running: 0 in flight, ") >= 3
+
+
+MINIMAL = {
+    "state": "running",
+    "units": {"in_flight": 0, "total": 0, "refused": 0},
+    "resources": [],
+    "pools": [],
+    "in_flight": [],
+}
+
+
+class _Dashboard(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps(MINIMAL).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _dashboard(port: int) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_stats_refuses_what_no_retry_can_fix() -> None:
+    """A URL that is not one, or has no scheme, a header value HTTP cannot carry, and a
+    --watch interval that never comes: each said with the fix, never a traceback."""
+    example = "http://127.0.0.1:8000/tether/"
+    refusals = [
+        (
+            ["http://[::1/tether/"],
+            f"tether stats: 'http://[::1/tether/stats.json' is not a URL (Invalid IPv6 URL). "
+            f"Give the dashboard's, e.g. {example}",
+        ),
+        (
+            ["127.0.0.1:8000/tether/"],
+            f"tether stats: '127.0.0.1:8000/tether/stats.json' is not an http:// or https:// "
+            f"URL. Give the dashboard's with its scheme, e.g. {example}",
+        ),
+        (
+            [example, "--header", "X-Token: café€"],
+            "--header 'X-Token: café€': an HTTP header's value must be Latin-1 text; encode it "
+            "(e.g. percent- or base64-encoded) as the app expects.",
+        ),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit, match=exactly(message)):
+            main(["stats", *args])
+    with pytest.raises(SystemExit) as raised:
+        main(["stats", example, "--watch", "inf"])
+    assert raised.value.code == 2
+
+
+def test_stats_of_a_server_that_does_not_speak_http() -> None:
+    """Something else listening there (an SSH server) is said, not traced."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def greet() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    threading.Thread(target=greet, daemon=True).start()
+    try:
+        with pytest.raises(
+            SystemExit,
+            match=exactly(
+                f"tether stats: http://127.0.0.1:{port}/tether/stats.json did not answer as an "
+                f"HTTP server (BadStatusLine 'SSH-2.0-OpenSSH_9.2'). Is the app running, and "
+                f"does it include tether.fastapi.dashboard_router(lc)?"
+            ),
+        ):
+            main(["stats", f"http://127.0.0.1:{port}/tether/"])
+    finally:
+        listener.close()
+
+
+def test_stats_watch_outlasts_a_restart_of_the_app() -> None:
+    """--watch says a failed read and goes on: the table comes back when the app does
+    (before, the first failed read ended the command with exit code 1)."""
+    port = free_port()
+    server = _dashboard(port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "stats", f"http://127.0.0.1:{port}/tether/",
+         "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True),
+        threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+
+    def tables() -> int:
+        return sum(line.startswith("running: ") for line in list(out))
+
+    def wait_for(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert proc.poll() is None, "".join(err)
+            assert time.monotonic() < deadline, "".join(out + err)
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: tables() >= 1)
+        server.shutdown()
+        server.server_close()
+        wait_for(lambda: any("Connection refused" in line for line in list(err)))
+        seen = tables()
+        server = _dashboard(port)
+        wait_for(lambda: tables() > seen)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == 0
+    assert err[0].startswith(f"tether stats: cannot read http://127.0.0.1:{port}/tether/")

@@ -26,6 +26,37 @@ def test_graph_lists_resources_in_opening_order(capsys: pytest.CaptureFixture[st
     ]
 
 
+def test_graph_lists_request_resources_after_what_they_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A request resource registered before one it uses is listed after it (before, in
+    registration order: `repo <- conn` above `conn`)."""
+    import tether
+    from tether.cli import graph
+
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def db() -> str:
+        return "db"
+
+    @lc.resource
+    def repo(conn: str) -> str:
+        return conn
+
+    @lc.resource
+    def audit() -> str:
+        return "audit"
+
+    @lc.resource
+    def conn(db: str) -> str:
+        return db
+
+    assert graph(lc, as_json=True) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in rows] == ["db", "conn", "repo", "audit"]
+
+
 def test_check_passes_then_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """`check` exits 0 when every check passes and 1 when one fails, saying which."""
     assert main(["check", TARGET]) == 0
@@ -146,7 +177,8 @@ def test_python_dash_m_tether_is_the_same_command() -> None:
 
 
 def test_demo_refuses_a_notes_file_it_cannot_keep(tmp_path: Path) -> None:
-    """`tether demo --db` naming a directory, or a path under a file, is refused before serving."""
+    """`tether demo --db` naming a directory, a path under a file, or a file it cannot
+    write, is refused before serving."""
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
     fix = "Give --db the path of a file in a directory you can write to."
@@ -167,6 +199,16 @@ def test_demo_refuses_a_notes_file_it_cannot_keep(tmp_path: Path) -> None:
         ),
     ):
         main(["demo", "--db", f"{afile}/sub/notes.db"])
+    # A directory no file can be made in (before: served, then a traceback at startup
+    # blaming "the database and the pool size").
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether demo: --db /proc/notes.db: cannot write /proc/notes.db: No such file or "
+            f"directory. {fix}"
+        ),
+    ):
+        main(["demo", "--db", "/proc/notes.db"])
     assert afile.read_text() == "not a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 

@@ -82,8 +82,10 @@ class TestGuard:
             c("SELECT 1")
         assert lc.stats().resources["conn"].leaks == 1
 
-    async def test_every_use_after_close_is_counted(self) -> None:
-        """Each use after close raises again and counts again; setting attributes too."""
+    async def test_every_use_after_close_raises_and_the_value_is_one_leak(self) -> None:
+        """Each use after close raises again, setting attributes too; the value counts as one
+        leak (`tether_resource_leaks_total` counts values: a retry loop on a stale value
+        made it count every try)."""
         lc, conn = _guarded_lifecycle()
         async with lc.scope() as s:
             c = await s.get(conn)
@@ -94,7 +96,12 @@ class TestGuard:
         with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
             async with c:
                 pass  # pragma: no cover
-        assert lc.stats().resources["conn"].leaks == 3
+        assert lc.stats().resources["conn"].leaks == 1
+        async with lc.scope() as s:
+            d = await s.get(conn)
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            _ = d.dsn
+        assert lc.stats().resources["conn"].leaks == 2  # another value
 
     async def test_guarded_plain_function_value(self) -> None:
         """A guarded value from a plain function (no cleanup) is also closed with its scope."""

@@ -118,6 +118,49 @@ class TestLeaks:
         (record,) = _leak_warnings(caplog)
         assert record.getMessage().endswith(f'File "{filename}", line 3, in nightly')
 
+    async def test_server_and_command_line_frames_are_left_out(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A job started under `python -m uvicorn` (runpy, click, uvicorn around it) is
+        reported with the user's frames only: before, ten frames of those came before the
+        one that took the value."""
+        lc, conn = _lifecycle(leak_threshold=0.05, sweep_interval=0.01)
+        site = "/srv/venv/lib/python3.11/site-packages"
+        namespace: dict[str, Any] = {"anyio": anyio}
+        chain = [
+            ("<frozen runpy>", "_run_module_as_main"),
+            (f"{site}/click/core.py", "invoke"),
+            (f"{site}/uvicorn/server.py", "serve"),
+        ]
+        for filename, name in chain:
+            source = f"async def {name}(step):\n    await step()\n"
+            exec(compile(source, filename, "exec"), namespace)
+        source = (
+            "async def nightly(lc, conn):\n"
+            "    async with lc.scope('nightly') as s:\n"
+            "        await s.get(conn)\n"
+            "        await anyio.sleep(0.2)\n"
+        )
+        exec(compile(source, "/srv/app/jobs.py", "exec"), namespace)
+
+        async def job() -> None:
+            await namespace["nightly"](lc, conn)
+
+        async def serve() -> None:
+            await namespace["serve"](job)
+
+        async def invoke() -> None:
+            await namespace["invoke"](serve)
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run():
+                await namespace["_run_module_as_main"](invoke)
+        (record,) = _leak_warnings(caplog)
+        stack = record.getMessage().partition("\n")[2]
+        assert stack.endswith('File "/srv/app/jobs.py", line 3, in nightly')
+        for filename, _ in chain:
+            assert filename not in stack
+
 
 def test_a_scope_entered_through_a_portal_names_the_test_that_took_it(
     caplog: pytest.LogCaptureFixture,
@@ -139,3 +182,35 @@ def test_a_scope_entered_through_a_portal_names_the_test_that_took_it(
     assert "threading.py" not in stack
     assert f'File "{__file__}"' in stack
     assert "in test_a_scope_entered_through_a_portal_names_the_test_that_took_it" in stack
+
+
+def test_a_def_endpoint_holding_a_value_is_reported_where_its_thread_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A `def` endpoint runs in a worker thread; its request's task only waits for it. The
+    report says where the thread is (before, it said nothing of where: every frame of the
+    task's await chain is the frameworks')."""
+    import time
+
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+    app = FastAPI(lifespan=lc.lifespan)
+
+    def slow_report(c: str) -> None:
+        time.sleep(0.5)
+
+    @app.get("/sync")
+    def sync_endpoint(c: str = Depends(conn)) -> str:
+        slow_report(c)
+        return c
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        assert client.get("/sync").json() == "conn"
+    (record,) = _leak_warnings(caplog)
+    first, _, stack = record.getMessage().partition("\n")
+    assert first.endswith("by GET /sync; the request is now at:")
+    assert f'File "{__file__}"' in stack
+    assert "in sync_endpoint" in stack
+    assert stack.rstrip().endswith("in slow_report")

@@ -168,3 +168,36 @@ class TestPoolFigures:
             "pool": tether.PoolStats(name="pool", max=5, open=3, in_use=2, idle=1, waiting=None)
         }
         assert lc.stats().pools == {}
+
+
+async def test_an_open_cancelled_while_it_waits_is_no_open_error() -> None:
+    """A unit of work cancelled while its resource opens (a client that gave up waiting for
+    a full pool, a job's own timeout) counts no open error: nothing failed, and alerts on
+    `tether_resource_errors_total{phase="open"}` must not fire on impatient clients. On both
+    paths: a request (the open inlined in the endpoint's wrapper) and `lc.scope()`."""
+    from fastapi import Depends, FastAPI
+
+    from tests.inprocess import Exchange, http_scope
+
+    lc = tether.Lifecycle()
+    full = anyio.Event()  # never set: the pool stays full
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        await full.wait()
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(c: Any = Depends(conn)) -> str:
+        return str(c)
+
+    async with lc.lifespan(app):
+        with anyio.move_on_after(0.1):
+            await app(http_scope("GET", "/"), Exchange().receive, Exchange().send)
+        with anyio.move_on_after(0.1):
+            async with lc.scope() as s:
+                await s.get(conn)
+        stats = lc.stats()["conn"]
+        assert (stats.opened, stats.open_errors, stats.timeouts) == (0, 0, 0)

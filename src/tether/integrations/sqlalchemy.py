@@ -692,7 +692,7 @@ def _figures(name: str, eng: Any, info: _PoolInfo | None = None) -> PoolStats:
     """The figures of an engine's queue pool (an async engine's too); other pools (SQLite's
     single connection, ``NullPool``) have none, and are left out."""
     pool = eng.pool
-    idle, in_use = int(pool.checkedin()), int(pool.checkedout())
+    idle, in_use = _idle(pool), int(pool.checkedout())
     overflow = int(getattr(pool, "_max_overflow", 0))
     return PoolStats(
         name=name,
@@ -705,6 +705,22 @@ def _figures(name: str, eng: Any, info: _PoolInfo | None = None) -> PoolStats:
         create_time=info.create_time if info is not None else None,
         discarded=info.discarded if info is not None else None,
     )
+
+
+def _idle(pool: Any) -> int:
+    """The connections idle in *pool*: its checked-in records that hold one. A record whose
+    connection was invalidated (a cancelled query, a lost server) stays in the queue empty,
+    to connect again when next checked out; ``checkedin()`` counts it all the same."""
+    queue = getattr(pool, "_pool", None)
+    # SQLAlchemy's queues: the async one wraps an asyncio queue (made on first use), whose
+    # items are in `_queue`; the thread one keeps them in `queue`.
+    inner = getattr(queue, "__dict__", {}).get("_queue", queue)
+    records = getattr(inner, "_queue", None) if inner is not queue else None
+    if records is None:
+        records = getattr(queue, "queue", None)
+    if records is None:
+        return int(pool.checkedin())
+    return sum(1 for record in list(records) if record.dbapi_connection is not None)
 
 
 def _saturation(info: _PoolInfo, eng: Any) -> tuple[bool, str] | None:
@@ -883,12 +899,15 @@ class _Guarded:
     finds it) raises :class:`ResourceClosedError` instead, and counts a leak."""
 
     _tether_closed: tuple[str, Resource[Any]] | None = None
+    _tether_counted = False  # a session used after close is one leak, however often used
 
     def _autobegin_t(self, begin: bool = False) -> Any:
         closed = self._tether_closed
         if closed is not None:
             message, res = closed
-            res.counters.leaks += 1
+            if not self._tether_counted:
+                self._tether_counted = True
+                res.counters.leaks += 1
             raise ResourceClosedError(message, resource=res.name)
         return super()._autobegin_t(begin)  # type: ignore[misc]
 

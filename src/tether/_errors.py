@@ -133,8 +133,9 @@ class ResourceUnavailable(TetherError):
     ``lost`` is true when the unit of work's connection was lost under it (or reached a
     read-only server) and the pool replaces it: running the unit again may succeed at
     once, which :func:`tether.fastapi.idempotent` routes do. ``timed_out`` is true when
-    the wait for a connection ran out of time (counted in the resource's ``timeouts``, the
-    ``db.client.connection.timeouts`` metric).
+    the wait for a connection ran out of time (counted in the resource's ``timeouts``: the
+    ``tether.resource.timeouts`` metric, and the ``db.client.connection.timeouts`` of the
+    driver pool it draws from).
     """
 
     def __init__(

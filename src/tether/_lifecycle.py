@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
+    AsyncExitStack,
     asynccontextmanager,
     contextmanager,
 )
@@ -41,7 +42,9 @@ from ._health import HealthReport, run_checks
 from ._resource import Check, Kind, Release, Resource, Scope
 from ._scope import (
     _TETHER_DIRS,
+    OPEN_STOP,
     Entry,
+    OpenStop,
     Unit,
     await_stack,
     capture_stack,
@@ -156,6 +159,7 @@ class _AppSlot:
         "release",
         "res",
         "settled",
+        "stop",
         "up",
         "value",
         "waits_for",
@@ -167,6 +171,8 @@ class _AppSlot:
         self.opened = anyio.Event()  # set once settled for startup: open, failed, stopped, down
         self.up = anyio.Event()  # set once open (late, for one that was down)
         self.settled = anyio.Event()  # set once it stopped trying: open, failed or stopped
+        # Fired when the app scope stops waiting for an open still running in a thread.
+        self.stop = OpenStop()
         self.release = anyio.Event()
         self.closed = anyio.Event()
         # The slots whose resources use this one, and set once this one no longer uses its
@@ -288,6 +294,11 @@ class Lifecycle:
         self._loop: Any = None
         self._pid = os.getpid()  # of the process whose app scope runs
         self._sweepers: list[Callable[[float], None]] = []
+        self._failed_sweepers: set[Any] = set()  # hooks whose failure was logged
+        # The signal that interrupted the start (`_interruptible_start`), and the event
+        # that stops it.
+        self._interrupted: str | None = None
+        self._start_stop: anyio.Event | None = None
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
         # The apps whose routes it serves (`install`), for the pytest plugin's check of
@@ -773,7 +784,10 @@ class Lifecycle:
             for dep in self._overrides.get(res, res).deps:
                 slots[dep].dependents.append(slots[res])
         self._slot_of = slots
-        failed = anyio.Event()
+        failed = anyio.Event()  # set when one fails to open, or a signal stops the start
+        self._start_stop = failed
+        if self._interrupted is not None:
+            failed.set()
         for res in order:
             tg.start_soon(self._hold, res, slots, failed, name=f"tether:{res.name}")
         for res in order:
@@ -790,14 +804,38 @@ class Lifecycle:
                     race.cancel_scope.cancel()
             if slot.error is not None or wait.cancelled_caught:
                 break
+        self._start_stop = None
         failure = next((s for s in slots.values() if s.error is not None), None)
-        if failure is None:
+        interrupted = self._interrupted
+        if failure is None and interrupted is None:
             return
+        opening = [s.res.name for s in slots.values() if s.entry is None and s.error is None]
         # Stop what is still opening and wait until every slot has settled (an open
-        # running in a thread finishes first); then close what opened, in reverse order.
+        # running in a thread: up to close_timeout); then close what opened, in reverse order.
         await self._stop_opening()
         errors = await self._close_app_slots()
         tg.cancel_scope.cancel()
+        for name, err in errors:
+            log.error("tether: while rolling back startup, %r: %s", name, describe(err))
+        self.state = State.CLOSED
+        if failure is None:
+            assert interrupted is not None
+            still = ", ".join(repr(name) for name in opening)
+            msg = (
+                f"The start was interrupted by {interrupted}"
+                + (
+                    f" while app resource{'s' if len(opening) > 1 else ''} {still} "
+                    f"{'were' if len(opening) > 1 else 'was'} still opening"
+                    if opening
+                    else ""
+                )
+                + ": the opens were stopped (no more retries) and the app resources already "
+                "open were closed, in reverse order; nothing was served. If the start was slow "
+                "because a backend is not up yet, give the app longer to start (the "
+                "orchestrator's startup grace), or those resources fewer retries= or a "
+                "shorter timeout=."
+            )
+            raise StartupError(msg, resource=opening[0] if opening else "lifecycle")
         assert failure.error is not None
         cause = describe(failure.error).rstrip(".")
         refused = refused_for_good(failure.error)
@@ -820,19 +858,34 @@ class Lifecycle:
                 f"The resources already open were closed. Fix the cause above, or give "
                 f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
             )
-        for name, err in errors:
-            log.error("tether: while rolling back startup, %r: %s", name, describe(err))
-        self.state = State.CLOSED
         raise StartupError(msg, resource=failure.res.name) from failure.error
 
     async def _stop_opening(self) -> None:
         """Stop every app resource still opening (or down, retrying), and wait until each
-        has settled: an open running in a thread finishes first."""
-        for slot in self._slot_of.values():
+        has settled: an open running in a thread may finish first, for up to
+        ``close_timeout``; then the wait for it is abandoned, and its thread (a daemon)
+        closes what it opens."""
+        slots = list(self._slot_of.values())
+        for slot in slots:
             if slot.entry is None:
                 slot.opening.cancel()
-        for slot in self._slot_of.values():
-            await slot.settled.wait()
+        with anyio.move_on_after(self.close_timeout):
+            for slot in slots:
+                await slot.settled.wait()
+        stuck = [slot for slot in slots if not slot.settled.is_set()]
+        for slot in stuck:
+            log.warning(
+                "tether: app resource %r was still opening in its thread close_timeout=%g s "
+                "after the app stopped it; the app goes on without waiting for it, and its "
+                "thread closes what it opens",
+                slot.res.name,
+                self.close_timeout,
+                extra={"tether_resource": slot.res.name},
+            )
+            slot.stop.fire()
+        with anyio.move_on_after(self.close_timeout):
+            for slot in stuck:
+                await slot.settled.wait()
 
     async def _hold(
         self,
@@ -844,6 +897,7 @@ class Lifecycle:
         slot = slots[res]
         target = self._overrides.get(res, res)
         opened: tuple[Any, Any] | None = None
+        token = OPEN_STOP.set(slot.stop)  # the app scope may stop waiting for a thread
         try:
             with slot.opening:
                 try:
@@ -853,6 +907,7 @@ class Lifecycle:
                     res.counters.open_errors += 1
                     failed.set()
         finally:
+            OPEN_STOP.reset(token)
             slot.settled.set()
             if opened is None:
                 slot.done.set()  # its open is over, cleanup included: it uses nothing now
@@ -1089,16 +1144,21 @@ class Lifecycle:
 
     @asynccontextmanager
     async def _lifespan(self, app: Any, user: Lifespan | None) -> AsyncIterator[Any]:
-        if app is not None and _is_starlette(app):
+        starlette = app is not None and _is_starlette(app)
+        if starlette:
             from .fastapi import install
 
             install(app, self)
-        async with self.run():
+        async with AsyncExitStack() as stack:
+            with _interruptible_start(self):
+                await stack.enter_async_context(self.run())
             with _delayed_exit(self):
                 if user is None:
                     yield None
                 else:
                     async with user(app) as state:
+                        if starlette:
+                            install(app, self)  # the routes the user's startup added
                         yield state
 
     # ------------------------------------------------------------------ units of work
@@ -1272,7 +1332,26 @@ class Lifecycle:
                     close.expire()
             self._sweep_leaks(now)
             for hook in self._sweepers:
-                hook(now)
+                try:
+                    hook(now)
+                except Exception as exc:  # never the end of the app scope's task group
+                    self._sweeper_failed(hook, exc)
+
+    def _sweeper_failed(self, hook: Any, exc: Exception) -> None:
+        """Log a sweeper hook's failure, once per hook; the sweep goes on."""
+        try:
+            if hook in self._failed_sweepers:
+                return
+            self._failed_sweepers.add(hook)
+        except TypeError:  # pragma: no cover - an unhashable hook: logged every time
+            pass
+        log.error(
+            "tether: a sweeper hook (%r) failed: %s; the sweep goes on (leak reports, close "
+            "deadlines), and this hook's later failures are not logged",
+            hook,
+            describe(exc),
+            exc_info=exc,
+        )
 
     def _sweep_leaks(self, now: float) -> None:
         threshold = self.leak_threshold
@@ -1353,28 +1432,112 @@ async def _left_in(task: asyncio.Task[Any] | None) -> AsyncIterator[None]:
         raise ScopeError(msg) from exc
 
 
+def _chain_signal(
+    loop: asyncio.AbstractEventLoop,
+    signum: int,
+    handler: Callable[[Callable[[], None]], None],
+) -> Callable[[], None]:
+    """Put *handler* in front of the handler *signum* has (main thread only), and return
+    what restores that one. *handler* is given what calls the one it stands in front of.
+
+    A server sets its handler with ``signal.signal`` (uvicorn) or with the running loop's
+    ``add_signal_handler`` (hypercorn). The loop's is woken through the loop's wakeup fd,
+    whatever ``signal.signal`` says since: it is wrapped through the loop. *handler* may run
+    in a signal handler (``signal.signal``), so it only schedules its work on the loop.
+    """
+    handles = getattr(loop, "_signal_handlers", None)  # asyncio's loops (not uvloop's)
+    handle = handles.get(signum) if isinstance(handles, dict) else None
+    callback = getattr(handle, "_callback", None)
+    args = getattr(handle, "_args", None)
+    if handle is not None and callable(callback) and isinstance(args, tuple):
+
+        def on_loop() -> None:
+            handler(lambda: callback(*args))
+
+        loop.add_signal_handler(signum, on_loop)
+
+        def restore_loop() -> None:
+            now = handles.get(signum) if isinstance(handles, dict) else None
+            if now is not None and getattr(now, "_callback", None) is on_loop:
+                loop.add_signal_handler(signum, callback, *args)
+
+        return restore_loop
+
+    previous = signal.getsignal(signum)
+
+    def pass_on(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        handler(lambda: pass_on(signum, frame))
+
+    signal.signal(signum, on_signal)
+
+    def restore() -> None:
+        if signal.getsignal(signum) is on_signal:
+            signal.signal(signum, previous)
+
+    return restore
+
+
+@contextmanager
+def _interruptible_start(lc: Lifecycle) -> Iterator[None]:
+    """While the lifespan opens the app resources: SIGTERM or SIGINT stops the start (no
+    more retries; what opened is closed; `StartupError`), and is passed on to the server's
+    own handler, so it exits after. A server never cancels a lifespan's startup: uvicorn
+    waited for every retry. Main thread only (where signal handlers can be set)."""
+    loop = asyncio._get_running_loop()
+    if loop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    lc._interrupted = None
+    active = True
+
+    def interrupt(name: str) -> None:
+        if active and lc._interrupted is None:
+            lc._interrupted = name
+            log.warning("tether: %s during startup: the start is stopped", name)
+            if lc._start_stop is not None:
+                lc._start_stop.set()
+
+    restores: list[Callable[[], None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+
+        def on_signal(pass_on: Callable[[], None], name: str = sig.name) -> None:
+            loop.call_soon_threadsafe(interrupt, name)
+            pass_on()
+
+        restores.append(_chain_signal(loop, sig, on_signal))
+    try:
+        yield
+    finally:
+        active = False
+        for restore in reversed(restores):
+            restore()
+        lc._interrupted = None
+        lc._start_stop = None
+
+
 @contextmanager
 def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
     """While the app serves: SIGTERM makes readiness fail for ``drain_delay`` seconds, then
-    is handed to the server's own handler (which starts its shutdown). Nothing is done
-    without a delay, or off the main thread (where signal handlers cannot be set)."""
+    is handed to the server's own handler (which starts its shutdown), whether the server
+    set it with ``signal.signal`` (uvicorn) or the loop's ``add_signal_handler``
+    (hypercorn). Nothing is done without a delay, or off the main thread (where signal
+    handlers cannot be set)."""
     delay = lc.drain_delay
     loop = asyncio._get_running_loop()
     if not delay or loop is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    server = signal.getsignal(signal.SIGTERM)
 
-    def hand_over(signum: int, frame: Any) -> None:
-        if callable(server):
-            server(signum, frame)
-        elif server == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_sigterm(hand_over: Callable[[], None]) -> None:
         if lc._stopping:  # a second SIGTERM: the server stops now
-            hand_over(signum, frame)
+            hand_over()
             return
         lc._stopping = True
         log.warning(
@@ -1382,14 +1545,13 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
             "then the server shuts down",
             delay,
         )
-        loop.call_soon_threadsafe(loop.call_later, delay, hand_over, signum, frame)
+        loop.call_soon_threadsafe(loop.call_later, delay, hand_over)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    restore = _chain_signal(loop, signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGTERM) is on_sigterm:
-            signal.signal(signal.SIGTERM, server)
+        restore()
         lc._stopping = False
 
 

@@ -6,6 +6,7 @@ The same opener and closer serve the app scope (``_lifecycle``) and request scop
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import inspect
 import logging
@@ -164,8 +165,9 @@ async def _in_thread(
     # cannot deadlock it. The thread is not abandoned on cancellation, so a value that
     # was opened is always known, and closed.
     tokens = limiter or res.limiter or lc._open_limiter
-    if deadline is not None:
-        return await _in_thread_until(lc, res, fn, tokens, deadline, pair)
+    stop = OPEN_STOP.get()  # an app resource's open: the app scope may stop waiting for it
+    if deadline is not None or stop is not None:
+        return await _in_thread_until(lc, res, fn, tokens, deadline, pair, stop)
     if asyncio._get_running_loop() is None:
         return await anyio.to_thread.run_sync(fn, limiter=tokens)  # anyio shields the wait
     # On asyncio a one-shot `task.cancel()` cancels the future of the thread, anyio's
@@ -179,15 +181,50 @@ async def _in_thread(
     return value
 
 
+class OpenStop:
+    """Set (`OPEN_STOP`) in the task that opens an app resource: when the app scope stops
+    the open and it is still running in a thread past ``close_timeout``, `fire` ends the
+    wait for the thread, which is left to finish and closes what it opens (`_Handoff`)."""
+
+    __slots__ = ("fired", "wakers")
+
+    def __init__(self) -> None:
+        self.fired = False
+        self.wakers: set[Callable[[], Any]] = set()
+
+    def fire(self) -> None:
+        self.fired = True
+        for wake in list(self.wakers):
+            wake()
+
+
+OPEN_STOP: contextvars.ContextVar[OpenStop | None] = contextvars.ContextVar(
+    "tether_open_stop", default=None
+)
+
+
+class _Stopped(Exception):
+    """The app scope stopped waiting for an open in a thread (`OpenStop.fire`)."""
+
+
 async def _in_thread_until(
-    lc: Lifecycle, res: Resource[Any], fn: Callable[[], T], tokens: Any, deadline: float, pair: bool
+    lc: Lifecycle,
+    res: Resource[Any],
+    fn: Callable[[], T],
+    tokens: Any,
+    deadline: float | None,
+    pair: bool,
+    stop: OpenStop | None = None,
 ) -> T:
-    """`_in_thread` for a resource with a ``timeout=``: the wait ends at the deadline.
+    """`_in_thread` for a resource with a ``timeout=``: the wait ends at the deadline; for
+    an app resource's open (*stop*), also when the app scope gives up on it.
 
     A thread cannot be interrupted, so past the deadline it is left to finish: what it
     opens then is closed in that thread (`_Handoff`), and the limiter's token stays
     taken until it ends, so a backend that hangs holds as many threads as the limiter
-    allows, no more. The wait is shielded from cancellation as in `_in_thread`.
+    allows, no more. The wait is shielded from cancellation as in `_in_thread`. An app
+    resource's open runs in a daemon thread of its own: one left to finish (a connect
+    that hangs) does not hold the process at exit, as a worker thread of anyio's would.
     """
     loop = asyncio._get_running_loop()
     if loop is not None:
@@ -198,16 +235,20 @@ async def _in_thread_until(
         soon = trio.lowlevel.current_trio_token().run_sync_soon
     handoff = _Handoff(res, partial(soon, tokens.release_on_behalf_of), pair)
     await tokens.acquire_on_behalf_of(handoff)  # cancelled by the deadline: nothing open yet
+    limit = None if deadline is None else deadline - anyio.current_time()
     try:
-        run = anyio.to_thread.run_sync(
-            handoff.run, fn, limiter=lc._thread_runner, abandon_on_cancel=True
-        )
+        if stop is not None:
+            run = _in_daemon_thread(handoff, fn, soon, stop)
+        else:
+            run = anyio.to_thread.run_sync(
+                handoff.run, fn, limiter=lc._thread_runner, abandon_on_cancel=True
+            )
         if loop is not None:
             with anyio.CancelScope(shield=True):
                 return await _drive(  # type: ignore[no-any-return]
-                    lc, res, run, bounded=False, limit=deadline - anyio.current_time()
+                    lc, res, run, bounded=False, limit=limit
                 )
-        with anyio.CancelScope(shield=True), anyio.move_on_after(deadline - anyio.current_time()):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
             return await run  # type: ignore[no-any-return]
         raise TimeoutError
     except TimeoutError:
@@ -215,9 +256,44 @@ async def _in_thread_until(
             raise  # the thread closes what it opens, and gives the token back
         value: T = handoff.outcome()  # it finished as the deadline passed: the value is here
         return value
+    except _Stopped:
+        # The app scope cancelled this open before it gave up on it: delivered now.
+        await anyio.lowlevel.checkpoint()
+        raise TimeoutError(f"opening resource {res.name!r} was abandoned") from None
     finally:
         if not handoff.abandoned:
             tokens.release_on_behalf_of(handoff)
+
+
+async def _in_daemon_thread(
+    handoff: _Handoff, fn: Callable[[], Any], soon: Callable[..., Any], stop: OpenStop
+) -> Any:
+    """Run *fn* through *handoff* in a daemon thread; wait until it ends or *stop* fires
+    (then raise `_Stopped`, the thread left to close what it opens)."""
+    done = anyio.Event()
+
+    def work() -> None:
+        try:
+            handoff.run(fn)
+        except BaseException:  # kept by the handoff: `outcome()` raises it
+            pass
+        finally:
+            try:
+                soon(done.set)
+            except RuntimeError:  # the event loop is gone
+                pass
+
+    context = contextvars.copy_context()  # as anyio's worker threads run it
+    name = f"tether: opening {handoff.res.name}"
+    threading.Thread(target=context.run, args=(work,), name=name, daemon=True).start()
+    stop.wakers.add(done.set)
+    try:
+        await done.wait()
+    finally:
+        stop.wakers.discard(done.set)
+    if stop.fired and handoff.abandon("the app stopped waiting for it"):
+        raise _Stopped
+    return handoff.outcome()
 
 
 class _Handoff:
@@ -226,7 +302,7 @@ class _Handoff:
     the limiter's token (*release*, called from the thread). *pair*: the thread returns
     ``(value, handle)``, the handle to close; else a plain function's value."""
 
-    __slots__ = ("abandoned", "done", "error", "lock", "pair", "release", "res", "result")
+    __slots__ = ("abandoned", "done", "error", "lock", "pair", "release", "res", "result", "why")
 
     def __init__(self, res: Resource[Any], release: Callable[[Any], Any], pair: bool) -> None:
         self.res = res
@@ -237,6 +313,7 @@ class _Handoff:
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
+        self.why = ""
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """In the thread."""
@@ -251,22 +328,23 @@ class _Handoff:
                 self.result, self.error = result, error
                 return self.outcome()
         res = self.res
+        after = self.why or f"its timeout={res.timeout:g} s"
         try:
             if error is None and self.pair:
                 _close_sync(res, result[1], None)  # a generator's or context manager's
             elif error is not None:
                 log.warning(
-                    "tether: resource %r failed to open after its timeout=%g s: %s",
+                    "tether: resource %r failed to open after %s: %s",
                     res.name,
-                    res.timeout,
+                    after,
                     describe(error),
                     extra={"tether_resource": res.name},
                 )
         except Exception as exc:  # nobody is left to raise it to
             log.warning(
-                "tether: resource %r opened after its timeout=%g s; closing it failed: %s",
+                "tether: resource %r opened after %s; closing it failed: %s",
                 res.name,
-                res.timeout,
+                after,
                 describe(exc),
                 extra={"tether_resource": res.name},
             )
@@ -277,11 +355,13 @@ class _Handoff:
                 pass
         return None
 
-    def abandon(self) -> bool:
-        """The task stops waiting; False if the thread has finished already."""
+    def abandon(self, why: str = "") -> bool:
+        """The task stops waiting (*why*, past its timeout if not given); False if the
+        thread has finished already."""
         with self.lock:
             if self.done:
                 return False
+            self.why = why
             self.abandoned = True
             return True
 
@@ -1181,7 +1261,31 @@ class Unit:
                     target.counters.timeouts += 1
             self._open_failed(res)
             raise
+        if self._ended():  # the unit ended while this opened (asked for by a task of its own)
+            await self._opened_too_late(res, target, handle, value, t0)
         return self._add(res, target, handle, value, t0)  # type: ignore[no-any-return]
+
+    def _ended(self) -> bool:
+        return self.closed
+
+    async def _opened_too_late(
+        self, res: Resource[Any], target: Resource[Any], handle: Any, value: Any, t0: float
+    ) -> None:
+        """A value that finished opening after its unit ended: closed at once, as a
+        failure (it rolls back), and the task that asked gets `ResourceClosedError` (handed
+        out, it was never closed by tether, or closed under the task by the unit's close)."""
+        msg = (
+            f"Cannot open resource {res.name!r}: {self.label} ended while it opened. Open a "
+            f"new `async with lc.scope()` for work that outlives it."
+        )
+        error = ResourceClosedError(msg, resource=res.name)
+        entries = self.entries
+        before = len(entries)
+        self._add(res, target, handle, value, t0)  # counted, as any value opened
+        self.values.pop(res, None)
+        if len(entries) > before:  # it has a cleanup: run it now
+            await close_entries(self.lc, [entries.pop()], error, [])
+        raise error
 
     def _add(
         self, res: Resource[Any], target: Resource[Any], handle: Any, value: Any, t0: float
@@ -1216,7 +1320,7 @@ class Unit:
 
     def _open_failed(self, res: Resource[Any]) -> None:
         """Forget a value whose opening failed (the failure propagates)."""
-        del self.values[res]
+        self.values.pop(res, None)  # gone already if the unit ended meanwhile
         if self.waiting is not None:
             self._opened(res)
 

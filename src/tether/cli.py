@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from . import _graph
-from ._errors import TetherError, describe
+from ._errors import ShutdownError, TetherError, describe
 from ._lifecycle import Lifecycle
 
 __all__ = ["main"]
@@ -95,18 +95,30 @@ def _request_order(lc: Lifecycle) -> list[Any]:
     return order
 
 
-async def _check(lc: Lifecycle) -> dict[str, Any]:
-    async with lc.run():
-        report = await lc.health()
-    return report.as_dict()
+async def _check(lc: Lifecycle, closing: list[ShutdownError]) -> dict[str, Any]:
+    report: dict[str, Any] | None = None
+    try:
+        async with lc.run():
+            report = (await lc.health()).as_dict()
+    except ShutdownError as exc:  # the checks ran: their report is kept, the failure said
+        if report is None:
+            raise
+        closing.append(exc)
+    assert report is not None
+    return report
 
 
 def check(lc: Lifecycle, *, as_json: bool) -> int:
+    closing: list[ShutdownError] = []
     try:
-        report = anyio.run(_check, lc)
+        report = anyio.run(_check, lc, closing)
     except TetherError as exc:
+        if as_json:  # a report all the same, for what reads stdout
+            print(json.dumps({"status": "error", "error": describe(exc)}, indent=2))
         print(f"tether: {describe(exc)}", file=sys.stderr)
         return 1
+    for failure in closing:
+        print(f"tether: {describe(failure)}", file=sys.stderr)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -115,7 +127,7 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
             error = f"  {said}" if said else ""
             print(f"{result['status']:8} {name:24} {result['latency_ms']:8.1f} ms{error}")
         print(report["status"])
-    return 0 if report["status"] == "ok" else 1
+    return 0 if report["status"] == "ok" and not closing else 1
 
 
 def stats_url(url: str) -> str:

@@ -26,6 +26,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 import weakref
@@ -172,8 +173,14 @@ def release(point: str, /) -> Callable[[E], E]:
 
 
 def _keeps(endpoint: Any) -> bool:
-    """Whether a route's endpoint is marked ``@release("response")``."""
-    return getattr(endpoint, "_tether_release", None) == "response"
+    """Whether a route keeps its values until the response ends: its endpoint is marked
+    ``@release("response")``, or is a generator (FastAPI 0.137+ streams what it yields, JSON
+    Lines or server-sent events: its body runs while the response streams, after the
+    handler has returned)."""
+    if getattr(endpoint, "_tether_release", None) == "response":
+        return True
+    fn = inspect.unwrap(endpoint) if callable(endpoint) else None
+    return inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
 
 
 class _Retry(Exception):
@@ -231,12 +238,25 @@ def install(app: Any, lc: Lifecycle) -> None:
     except TypeError:  # pragma: no cover - an app that cannot be weakly referenced
         pass
     _forget_inclusions(getattr(app, "routes", ()))
-    for route, included, extra in _walk(getattr(app, "routes", ()), included=False, extra=()):
-        if getattr(route, "app", None) is None or _installed(route):
+    walked = [
+        (route, included, extra, _label(route, prefix))
+        for route, included, extra, prefix in _walk(
+            getattr(app, "routes", ()), included=False, extra=()
+        )
+        if getattr(route, "app", None) is not None
+    ]
+    # The warnings first, for each path a router is included at (installing a route
+    # inlines its resource parameters, out of its dependant), once per Lifecycle.
+    warned = _warned.setdefault(lc, set())
+    for route, _, extra, said in walked:
+        if said not in warned and (_uses(route, lc) or _depends_use(extra, lc)):
+            warned.add(said)
+            _warn_blocking(route, lc, said)
+            _warn_late_cleanup(route, lc, extra, said)
+    for route, included, extra, said in walked:
+        if _installed(route):
             continue
         if _uses(route, lc) or _depends_use(extra, lc):
-            _warn_blocking(route, lc)
-            _warn_late_cleanup(route, lc)
             if _serve_by_handler(route, lc):
                 continue
             if getattr(getattr(route, "endpoint", None), "_tether_retries", 0):
@@ -244,7 +264,7 @@ def install(app: Any, lc: Lifecycle) -> None:
                     "tether: %s is marked @idempotent, but tether serves it through its "
                     "ASGI app (not a FastAPI request handler), where it cannot run it again: "
                     "it is not retried",
-                    _label(route),
+                    said,
                 )
             # The route's `handle`, not its `app`: a router included by reference
             # (FastAPI 0.137+) builds an app of its own per inclusion, and calls the
@@ -269,7 +289,11 @@ def install(app: Any, lc: Lifecycle) -> None:
         lc._sweepers.append(_Sweeper(lc))
 
 
-def _warn_blocking(route: Any, lc: Lifecycle) -> None:
+# The routes (by label) each Lifecycle has been warned about: `install` runs at every start.
+_warned: weakref.WeakKeyDictionary[Lifecycle, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _warn_blocking(route: Any, lc: Lifecycle, label: str) -> None:
     """Warn about an ``async def`` endpoint that takes a sync resource opened in a thread
     (a sync SQLAlchemy session, say): every call on it blocks the event loop, and with it
     every other request (pain.md T1.3). Once per route, when the app starts."""
@@ -285,21 +309,32 @@ def _warn_blocking(route: Any, lc: Lifecycle) -> None:
                 "each call on it there blocks the event loop, and every other request with "
                 "it. Declare the endpoint with `def` (FastAPI runs it in a thread), or use an "
                 "async resource; a sync resource that does no I/O can say thread=False.",
-                _label(route),
+                label,
                 res.name,
             )
 
 
-def _warn_late_cleanup(route: Any, lc: Lifecycle) -> None:
+def _warn_late_cleanup(route: Any, lc: Lifecycle, extra: tuple[Any, ...], label: str) -> None:
     """Warn about a default-scope ``yield`` dependency that depends on a request resource
     (``async def uow(s=Depends(session)): yield s; await s.commit()``): FastAPI 0.118+
     runs its cleanup after the response is sent, after tether closed the resource, so
     the cleanup finds it closed. Once per route, when the app starts; not on FastAPI
-    0.106 to 0.117, where that cleanup runs before the response, and before tether's."""
+    0.106 to 0.117, where that cleanup runs before the response, and before tether's;
+    not on a WebSocket route, whose cleanups run before its unit of work ends. *extra*:
+    the dependencies an inclusion of the route's router adds (FastAPI 0.137+)."""
     dependant = getattr(route, "dependant", None)
-    if dependant is None or not _cleanup_after_response():
+    if dependant is None or not _cleanup_after_response() or _is_websocket(route):
         return
     stack = list(getattr(dependant, "dependencies", ()))
+    if extra:
+        from fastapi.dependencies.utils import get_dependant
+
+        for d in extra:
+            call = getattr(d, "dependency", None)
+            if call is not None and not isinstance(call, Resource):
+                added = get_dependant(path="", call=call)
+                added.scope = getattr(d, "scope", None)
+                stack.append(added)
     seen: set[int] = set()
     while stack:
         d = stack.pop()
@@ -319,7 +354,7 @@ def _warn_late_cleanup(route: Any, lc: Lifecycle) -> None:
             "the response is sent, after tether closed %r, so the cleanup finds it closed. "
             'Declare it Depends(%s, scope="function") (FastAPI 0.121+), so that tether '
             "closes %r after its cleanup; or do that work in the resource itself.",
-            _label(route),
+            label,
             name,
             res.name,
             res.name,
@@ -467,23 +502,27 @@ def _forget_inclusions(routes: Any) -> None:
 
 
 def _walk(
-    routes: Any, *, included: bool, extra: tuple[Any, ...]
-) -> Iterator[tuple[Any, bool, tuple[Any, ...]]]:
-    """Every route, whether it is served through an inclusion of its router, and the
-    dependencies that inclusion adds (``include_router(..., dependencies=...)``)."""
+    routes: Any, *, included: bool, extra: tuple[Any, ...], prefix: str = ""
+) -> Iterator[tuple[Any, bool, tuple[Any, ...], str]]:
+    """Every route, whether it is served through an inclusion of its router, the
+    dependencies that inclusion adds (``include_router(..., dependencies=...)``), and the
+    prefix it adds to the route's own path (FastAPI 0.137+; "" before, where an included
+    route is a copy with the whole path)."""
     for route in routes:
         original = getattr(route, "original_router", None)
         if original is not None:
             # FastAPI 0.137+ includes a router by reference: its routes stay its own, and
             # the inclusion's dependencies are not in their dependants.
-            added = getattr(getattr(route, "include_context", None), "dependencies", ())
-            yield from _walk(original.routes, included=True, extra=(*extra, *added))
+            context = getattr(route, "include_context", None)
+            added = getattr(context, "dependencies", ())
+            inner = prefix + (getattr(context, "prefix", "") or "")
+            yield from _walk(original.routes, included=True, extra=(*extra, *added), prefix=inner)
         elif getattr(route, "dependant", None) is None and hasattr(route, "routes"):
             # Mount, Host: the routes of the app they serve, through its middleware too.
             routes = route.routes or _wrapped_routes(route)
-            yield from _walk(routes, included=included, extra=extra)
+            yield from _walk(routes, included=included, extra=extra, prefix=prefix)
         else:
-            yield route, included, extra
+            yield route, included, extra, prefix
 
 
 def _wrapped_routes(mount: Any) -> Any:
@@ -747,12 +786,16 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
     return inlined
 
 
-def _label(route: Any) -> str:
+def _label(route: Any, prefix: str = "") -> str:
     methods = getattr(route, "methods", None)
-    path = getattr(route, "path", "?")
+    path = prefix + getattr(route, "path", "?")
     if methods:
         return f"{'|'.join(sorted(methods))} {path}"
-    return f"WEBSOCKET {path}" if "websocket" in type(route).__name__.lower() else path
+    return f"WEBSOCKET {path}" if _is_websocket(route) else path
+
+
+def _is_websocket(route: Any) -> bool:
+    return "websocket" in type(route).__name__.lower()
 
 
 async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
@@ -764,7 +807,7 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
     """
     scope = connection.scope
     stack = scope.get("fastapi_inner_astack")
-    if scope.get("type") == "websocket" and stack is not None:
+    if scope.get("type") == "websocket" and stack is not None and lc.state is not State.CREATED:
         unit = Unit(lc, f"WEBSOCKET {scope.get('path', '?')}")
         lc._admit(unit)
         token = _CURRENT.set(_ref(unit))  # the endpoint's task: its other resources find it
@@ -876,13 +919,15 @@ class HttpUnit(Unit):
             if message["type"] == "http.response.start":
                 self.state = 1
                 self.leave_context()
-                status = message["status"]
-                if status >= 400:
-                    # Sent from inside an `except` block when an exception handler made
-                    # this response (HTTPException, ServerErrorMiddleware): that is the
-                    # failure the cleanups should see.
-                    handled = sys.exc_info()[1]
-                    self.failure = handled if handled is not None else FailedResponse(status)
+                # Sent from inside an `except` block when an exception handler made this
+                # response (HTTPException, ServerErrorMiddleware, the app's own handler,
+                # whatever status it chose: a redirect too): that is the failure the
+                # cleanups should see, as when the exception escapes FastAPI's handler.
+                handled = sys.exc_info()[1]
+                if handled is not None:
+                    self.failure = handled
+                elif message["status"] >= 400:
+                    self.failure = FailedResponse(message["status"])
                 if self.entries:
                     errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
@@ -997,14 +1042,53 @@ class HttpUnit(Unit):
                 # its cleanups may be running (a commit must not be interrupted), and a
                 # stream learns of the disconnect from `send` itself.
                 if self.state == 0 and not self.closed and self.task is not None:
-                    watch.cancelled = True
-                    log.info("tether: client went away during %s; cancelling it", self.label)
-                    self.task.cancel()
+                    if _in_worker_thread(self.task):
+                        # A `def` endpoint (or dependency) runs in a thread, which no
+                        # cancel stops: cancelling the task would close its values under
+                        # it (a connection back in the pool while the thread writes on
+                        # it). It runs to its end; its values then close as a failure.
+                        log.info(
+                            "tether: client went away during %s, which runs in a worker "
+                            "thread: it rolls back when that returns",
+                            self.label,
+                        )
+                        self.went_away()
+                    else:
+                        watch.cancelled = True
+                        log.info("tether: client went away during %s; cancelling it", self.label)
+                        self.task.cancel()
                 watch.disconnected = True
                 watch.arrived.set()
                 return
             watch.buffer.append(message)
             watch.arrived.set()
+
+
+# The coroutines that wait for a worker thread: anyio's (which Starlette's
+# `run_in_threadpool` and FastAPI use), and asyncio's own `to_thread`.
+_THREAD_WAITS = frozenset({"run_sync_in_worker_thread", "to_thread"})
+
+
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
+    """Whether *task* waits for a worker thread that runs the app's code now (a ``def``
+    endpoint or dependency, ``run_in_threadpool``): its await chain ends in a thread wait
+    called from outside tether. tether's own (a sync resource opening) can be cancelled:
+    the thread closes what it opens after."""
+    aw: Any = task.get_coro()
+    caller = None
+    for _ in range(64):  # an await chain is never this deep
+        code = getattr(aw, "cr_code", None)
+        if code is None:
+            return False
+        if code.co_name in _THREAD_WAITS:
+            return caller is None or not caller.startswith(_OURS)
+        if "/anyio/" not in code.co_filename:
+            caller = code.co_filename
+        aw = getattr(aw, "cr_await", None)
+    return False
 
 
 class _KeepingUnit(HttpUnit):
@@ -1043,6 +1127,10 @@ class _Sweeper:
         self.lc = lc
 
     def __call__(self, now: float) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # on trio: disconnects are not watched (asyncio only)
+            return
         _watch_disconnects(self.lc, now)
 
 
@@ -1059,6 +1147,9 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
 
 
 # --------------------------------------------------------------------------- routes
+
+
+_WS_ENDS = frozenset({"websocket.close", "websocket.http.response.start"})
 
 
 class _TetherRoute:
@@ -1135,17 +1226,30 @@ class _TetherRoute:
         unit = Unit(lc, self.label_for(scope))
         lc._units.add(unit)
         lc._units_total += 1
+        handled: list[BaseException] = []
+
+        async def closing(message: Message) -> None:
+            # A close (or a refusal) sent from inside an `except` block: an exception
+            # handler answered the exception that ended the endpoint (`WebSocketException`,
+            # the app's own handler), which the route's app then swallows. That is the
+            # failure the cleanups should see, as on HTTP routes.
+            if message["type"] in _WS_ENDS and not handled:
+                exc = sys.exc_info()[1]
+                if exc is not None:
+                    handled.append(exc)
+            await send(message)
+
         token = _CURRENT.set(_ref(unit))
         try:
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, closing)
             finally:
                 _CURRENT.reset(token)  # the cleanups run without it, as on HTTP routes
         except BaseException as exc:
             await unit.aclose(exc)
             raise
         else:
-            await unit.aclose(None)
+            await unit.aclose(handled[0] if handled else None)
         finally:
             lc._retire(unit)
 
@@ -1332,12 +1436,19 @@ def _handler(
                 late = True
                 return _LateResponse(response, unit)
             unit.state = 1  # the handler is over: a disconnect no longer cancels it
-            if unit.late or getattr(response, "status_code", 200) >= 400 or in_anyio_scope(task):
+            if (
+                unit.late
+                or getattr(response, "status_code", 200) >= 400
+                or unit.failure is not None  # its client went away while it ran in a thread
+                or in_anyio_scope(task)
+            ):
                 response, late = await _release_slow(unit, response, again)
                 return response
             # The common case: closed here, in reverse (a cleanup that suspends is awaited,
-            # shielded); a failing commit answers 500 (503) instead.
+            # shielded); a failing commit answers 500 (503) instead. Closed first: a value a
+            # task of the request finishes opening now is not handed out.
             unit.values.clear()
+            unit.closed = True
             failed = await close_all(lc, entries, None, [])
             if failed is None:
                 return response
@@ -1383,6 +1494,8 @@ async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any
         return _error_response(errors[-1]), False
     if unit.entries:
         return _LateResponse(response, unit), True
+    if isinstance(unit.failure, ClientDisconnected):  # rolled back: its client is gone
+        return _response(_GONE_STATUS, _GONE, None), False
     return response, False
 
 

@@ -57,3 +57,30 @@ def test_an_async_endpoint_on_a_sync_session_is_warned_about(
     assert [r.getMessage() for r in caplog.records if "sync resource" in r.getMessage()] == [
         WARNING
     ]
+
+
+def test_a_router_included_twice_is_warned_about_at_both_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning names the path the route is served at, for each inclusion of its router
+    (on FastAPI 0.137+ it named the router's own path, once)."""
+    from fastapi import APIRouter
+
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=2)
+    session = tsa.sync_session(lc, engine)
+    router = APIRouter()
+
+    @router.get("/async")
+    async def on_the_loop(s: Annotated[Session, Depends(session)]) -> int:
+        return int(s.execute(text("SELECT 1")).scalar_one())
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/v2")
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        assert client.get("/v2/async").json() == 1
+    assert [r.getMessage() for r in caplog.records if "sync resource" in r.getMessage()] == [
+        WARNING.replace("GET /async", "GET /v1/async"),
+        WARNING.replace("GET /async", "GET /v2/async"),
+    ]

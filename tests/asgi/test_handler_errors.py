@@ -322,3 +322,110 @@ def test_a_function_scoped_yield_dependency_is_not_warned_about(
         assert served(app, lc, "/").json() == "ok"
     assert [r for r in caplog.records if "`yield` dependency" in r.getMessage()] == []
     assert events == ["uow cleanup: open=True"]  # the fix the warning names
+
+
+def test_the_yield_dependency_warning_on_included_and_websocket_routes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given at `include_router(..., dependencies=...)`, the `yield` dependency is warned
+    about too, under the path it is served at (FastAPI 0.137+ keeps such dependencies out
+    of the route's own: it was not); on a WebSocket route, whose cleanups run before its
+    unit of work ends, it is not (it was, wrongly)."""
+    from fastapi import APIRouter, WebSocket
+    from fastapi.testclient import TestClient
+
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def session() -> AsyncIterator[dict[str, bool]]:
+        s = {"open": True}
+        yield s
+        s["open"] = False
+
+    async def uow(s: Annotated[dict[str, bool], Depends(session)]) -> AsyncIterator[Any]:
+        yield s
+        events.append(f"uow cleanup: open={s['open']}")
+
+    admin = APIRouter()
+
+    @admin.post("/purge")
+    async def purge() -> str:
+        return "purged"
+
+    sockets = APIRouter()
+
+    @sockets.websocket("/ws")
+    async def ws(websocket: WebSocket, u: Annotated[Any, Depends(uow)]) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(admin, prefix="/admin", dependencies=[Depends(uow)])
+    app.include_router(sockets, prefix="/live")
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        assert client.post("/admin/purge").json() == "purged"
+        with client.websocket_connect("/live/ws") as socket:
+            assert socket.receive_text() == "hi"
+    warned = [r.getMessage() for r in caplog.records if "`yield` dependency" in r.getMessage()]
+    if fastapi_version() >= (0, 118):
+        assert warned == [
+            "tether: POST /admin/purge takes 'uow', a `yield` dependency on 'session': "
+            "FastAPI runs its cleanup after the response is sent, after tether closed "
+            "'session', so the cleanup finds it closed. Declare it Depends(uow, "
+            "scope=\"function\") (FastAPI 0.121+), so that tether closes 'session' after its "
+            "cleanup; or do that work in the resource itself."
+        ]
+        assert sorted(events) == ["uow cleanup: open=False", "uow cleanup: open=True"]
+    else:
+        assert warned == []
+
+
+class NotLoggedIn(Exception):
+    pass
+
+
+@pytest.mark.parametrize("path", ["/api", "/wrapped/api", "/starlette"])
+def test_an_exception_the_app_answers_with_a_redirect_rolls_back(path: str) -> None:
+    """An endpoint writes, then raises what the app's handler turns into a 303 (to a login
+    page): the write is rolled back on every way of serving a route, as when the exception
+    escapes FastAPI's handler (before, a route served through `handle`, a route class
+    wrapping its app or a plain Starlette route, committed it: only >= 400 counted)."""
+    from fastapi import APIRouter
+    from fastapi.responses import RedirectResponse
+
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def tx() -> AsyncIterator[str]:
+        try:
+            yield "tx"
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+        events.append("commit")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.exception_handler(NotLoggedIn)
+    async def to_login(request: Request, exc: NotLoggedIn) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    async def write(t: Annotated[str, Depends(tx)]) -> str:
+        raise NotLoggedIn
+
+    app.add_api_route("/api", write)
+    wrapped = APIRouter(route_class=WrappingRoute)
+    wrapped.add_api_route("/api", write)
+    app.include_router(wrapped, prefix="/wrapped")
+
+    async def plain(request: Request) -> JSONResponse:
+        await tx(request)
+        raise NotLoggedIn
+
+    app.add_route("/starlette", plain)
+    r = served(app, lc, path)
+    assert (r.status_code, r.headers["location"]) == (303, "/login")
+    assert events == ["rollback (NotLoggedIn)"]

@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import tether
+from tests.asgi.test_prometheus import pools_with_timeouts, time_out_each
 from tether.metrics.opentelemetry import POOL_NAME, SCOPE, STATE, register
 
 Point = tuple[str, frozenset[tuple[str, Any]]]
@@ -74,14 +75,16 @@ def test_metrics_follow_requests() -> None:
         assert client.get("/").status_code == 200
         assert client.get("/broken").status_code == 500
         points, found = collect(reader)
-    assert points[key("db.client.connection.count", **sess, **{STATE: "used"})] == 0
-    assert points[key("db.client.connection.count", **app_pool, **{STATE: "used"})] == 1
+    assert points[key("tether.resource.in_use", **sess)] == 0
+    assert points[key("tether.resource.in_use", **app_pool)] == 1
+    # No driver pool (no `pool_stats`), so no connections of one.
+    assert not any(name == "db.client.connection.count" for name, _ in points)
     assert points[key("tether.resource.opens", **sess)] == 2
     assert points[key("tether.resource.closes", **sess)] == 2
     assert points[key("tether.resource.max_in_use", **sess)] == 1
     assert points[key("tether.resource.wait_time", **sess)] > 0
     assert points[key("tether.resource.use_time", **sess)] > 0
-    assert points[key("db.client.connection.timeouts", **sess)] == 0
+    assert points[key("tether.resource.timeouts", **sess)] == 0
     broken_attrs = {POOL_NAME: "broken", SCOPE: "request"}
     assert points[key("tether.resource.errors", **broken_attrs, **{"tether.phase": "open"})] == 1
     assert points[key("tether.resource.errors", **broken_attrs, **{"tether.phase": "close"})] == 0
@@ -90,14 +93,14 @@ def test_metrics_follow_requests() -> None:
     assert points[key("tether.units.refused")] == 0
     assert points[key("tether.lifecycle.running")] == 1
     # The conventions' kinds and units: values in use go up and down; times are seconds.
-    assert found["db.client.connection.count"].data.is_monotonic is False
-    assert found["db.client.connection.count"].unit == "{connection}"
+    assert found["tether.resource.in_use"].data.is_monotonic is False
+    assert found["tether.resource.in_use"].unit == "{value}"
     assert found["tether.resource.opens"].data.is_monotonic is True
     assert found["tether.resource.wait_time"].unit == "s"
     # After shutdown: not running, nothing in use.
     points, _ = collect(reader)
     assert points[key("tether.lifecycle.running")] == 0
-    assert points[key("db.client.connection.count", **app_pool, **{STATE: "used"})] == 0
+    assert points[key("tether.resource.in_use", **app_pool)] == 0
 
 
 def test_a_driver_pool_reports_its_own_connections() -> None:
@@ -123,13 +126,15 @@ def test_a_driver_pool_reports_its_own_connections() -> None:
     reader = InMemoryMetricReader()
     register(lc, MeterProvider(metric_readers=[reader]))
     with TestClient(FastAPI(lifespan=lc.lifespan)):
-        points, _ = collect(reader)
+        points, found = collect(reader)
     pg_attrs = {POOL_NAME: "pg", SCOPE: "app"}
     engine_attrs = {POOL_NAME: "engine", SCOPE: "app"}
     assert points[key("db.client.connection.count", **pg_attrs, **{STATE: "used"})] == 3
     assert points[key("db.client.connection.count", **pg_attrs, **{STATE: "idle"})] == 1
     assert points[key("db.client.connection.max", **pg_attrs)] == 10
     assert points[key("db.client.connection.pending_requests", **pg_attrs)] == 2
+    assert found["db.client.connection.count"].data.is_monotonic is False
+    assert found["db.client.connection.count"].unit == "{connection}"
     assert points[key("db.client.connection.max", **engine_attrs)] == 5
     assert key("db.client.connection.pending_requests", **engine_attrs) not in points
     assert points[key("tether.connection.created", **pg_attrs)] == 6
@@ -172,7 +177,7 @@ def test_two_lifecycles_on_one_meter_provider_are_both_exported() -> None:
     provider = MeterProvider(metric_readers=[reader])
     instruments = register(a, provider)
     assert register(b, provider) == instruments
-    assert len(instruments) == 18
+    assert len(instruments) == 20
 
     async def main() -> dict[Point, float]:
         async with a.run(), b.run():
@@ -218,9 +223,8 @@ def test_a_lifecycle_garbage_collected_drops_out() -> None:
     gc.collect()
     assert ref() is None
     points, _ = collect(reader)
-    used = {STATE: "used", SCOPE: "request"}
-    assert key("db.client.connection.count", **{POOL_NAME: "kept"}, **used) in points
-    assert key("db.client.connection.count", **{POOL_NAME: "gone"}, **used) not in points
+    assert key("tether.resource.in_use", **{POOL_NAME: "kept", SCOPE: "request"}) in points
+    assert key("tether.resource.in_use", **{POOL_NAME: "gone", SCOPE: "request"}) not in points
 
 
 def test_an_app_built_again_reports_the_new_lifecycle() -> None:
@@ -251,3 +255,46 @@ def test_an_app_built_again_reports_the_new_lifecycle() -> None:
         lifecycles.append(lc)  # still referenced, and closed
     assert counts == [1, 2]
     assert collect(reader)[0][opens("session")] == 2
+
+
+def test_connection_instruments_are_per_driver_pool() -> None:
+    """Only driver pools have ``db.client.connection.count`` and ``.timeouts`` points, so their
+    sum is the pools' connections; every resource's values open now are
+    ``tether.resource.in_use``. A timeout counts under the pool the resource draws from
+    (directly or through another resource), and every resource's under
+    ``tether.resource.timeouts``; one drawing from two pools, or from none, only there."""
+    lc, (conn, *timing_out) = pools_with_timeouts()
+    reader = InMemoryMetricReader()
+    register(lc, MeterProvider(metric_readers=[reader]))
+
+    async def main() -> tuple[dict[Point, float], dict[str, Any]]:
+        async with lc.run():
+            await time_out_each(lc, timing_out)
+            async with lc.scope() as unit:
+                await unit.get(conn)  # one connection of pg in use (its figures say 1)
+                return collect(reader)
+
+    points, found = asyncio.run(main())
+    pg = {POOL_NAME: "pg", SCOPE: "app"}
+    cache = {POOL_NAME: "cache", SCOPE: "app"}
+    counts = {
+        attrs: v for (name, attrs), v in points.items() if name == "db.client.connection.count"
+    }
+    assert counts == {
+        key("", **pg, **{STATE: "used"})[1]: 1,
+        key("", **pg, **{STATE: "idle"})[1]: 1,
+        key("", **cache, **{STATE: "used"})[1]: 0,
+        key("", **cache, **{STATE: "idle"})[1]: 0,
+    }
+    for name, scope, in_use in [("settings", "app", 1), ("pg", "app", 1), ("conn", "request", 1),
+                                ("waits", "request", 0)]:  # fmt: skip
+        assert points[key("tether.resource.in_use", **{POOL_NAME: name, SCOPE: scope})] == in_use
+    assert found["tether.resource.in_use"].data.is_monotonic is False
+    pool_timeouts = {
+        attrs: v for (name, attrs), v in points.items() if name == "db.client.connection.timeouts"
+    }
+    assert pool_timeouts == {key("", **pg)[1]: 2, key("", **cache)[1]: 0}
+    for name in ("waits", "through", "both", "alone"):
+        assert points[key("tether.resource.timeouts", **{POOL_NAME: name, SCOPE: "request"})] == 1
+    assert points[key("tether.resource.timeouts", **{POOL_NAME: "conn", SCOPE: "request"})] == 0
+    assert found["tether.resource.timeouts"].data.is_monotonic is True

@@ -40,9 +40,8 @@ def test_metrics_follow_requests() -> None:
         client.get("/")
         client.get("/")
         text = client.get("/metrics").text
-    assert (
-        'db_client_connection_count{pool_name="session",scope="request",state="used"} 0.0' in text
-    )
+    assert 'tether_resource_in_use{pool_name="session",scope="request"} 0.0' in text
+    assert "db_client_connection_count{" not in text  # no driver pool, no connections
     assert (
         'db_client_connection_use_time_seconds_count{pool_name="session",scope="request"} 2.0'
         in text
@@ -176,9 +175,7 @@ def test_taken_off_the_default_registry_a_new_collector_is_registered(
     on_default_registry.append(second)
     assert second is not first
     assert second.lifecycles == [b]
-    assert sample("db_client_connection_count", pool_name="b", scope="request", state="used") in (
-        samples(REGISTRY)
-    )
+    assert sample("tether_resource_in_use", pool_name="b", scope="request") in samples(REGISTRY)
 
 
 def test_two_lifecycles_on_one_registry_give_each_family_once() -> None:
@@ -235,9 +232,7 @@ def test_a_lifecycle_garbage_collected_drops_out() -> None:
     assert ref() is None
     assert collector.lifecycles == [kept]
     found = samples(registry)
-    kept_count = sample(
-        "db_client_connection_count", pool_name="kept", scope="request", state="used"
-    )
+    kept_count = sample("tether_resource_in_use", pool_name="kept", scope="request")
     assert kept_count in found
     assert not any(labels and ("pool_name", "gone") in labels for _, labels in found)
     assert found[sample("tether_units_refused_total")] == 0
@@ -274,3 +269,106 @@ def test_a_closed_lifecycle_drops_out_while_another_is_not_closed() -> None:
 
     assert asyncio.run(again())[opens("session")] == 1
     assert samples(registry)[opens("session")] == 1  # both closed: the last registered
+
+
+def pools_with_timeouts() -> tuple[tether.Lifecycle, list[tether.Resource[str]]]:
+    """Two driver pools (their figures as the integrations set them) and a plain app
+    resource; request resources that time out opening: one drawing from ``pg`` directly, one
+    through ``conn``, one from both pools, one from none. Returns ``conn`` and those four."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def settings() -> str:  # configuration, no connection
+        return "dsn"
+
+    @lc.resource(scope="app")
+    def pg(settings: str) -> str:
+        return "pg pool"
+
+    @lc.resource(scope="app")
+    def cache() -> str:
+        return "redis pool"
+
+    pg.pool_stats = lambda p: tether.PoolStats(
+        name="pg", max=3, open=2, in_use=1, idle=1, waiting=0
+    )
+    cache.pool_stats = lambda p: tether.PoolStats(
+        name="cache", max=5, open=0, in_use=0, idle=0, waiting=None
+    )
+
+    @lc.resource
+    async def conn(pg: str) -> AsyncIterator[str]:
+        yield "conn"
+
+    @lc.resource(timeout=0.01)
+    async def waits(pg: str) -> AsyncIterator[str]:
+        await asyncio.sleep(10)
+        yield "never"
+
+    @lc.resource(timeout=0.01)
+    async def through(conn: str) -> AsyncIterator[str]:
+        await asyncio.sleep(10)
+        yield "never"
+
+    @lc.resource(timeout=0.01)
+    async def both(conn: str, cache: str) -> AsyncIterator[str]:
+        await asyncio.sleep(10)
+        yield "never"
+
+    @lc.resource(timeout=0.01)
+    async def alone() -> AsyncIterator[str]:
+        await asyncio.sleep(10)
+        yield "never"
+
+    return lc, [conn, waits, through, both, alone]
+
+
+async def time_out_each(lc: tether.Lifecycle, resources: list[tether.Resource[str]]) -> None:
+    """Open each of *resources* in a unit of work of its own: each times out (a 503)."""
+    for res in resources:
+        async with lc.scope() as unit:
+            with pytest.raises(tether.ResourceUnavailable):
+                await unit.get(res)
+
+
+def test_connection_series_are_per_driver_pool() -> None:
+    """Only driver pools have ``db_client_connection_*`` series, so their sum is the pools'
+    connections; a plain resource, or one drawing from a pool, has its values open now as
+    ``tether_resource_in_use``. A timeout counts under the pool the resource draws from
+    (directly or through another resource), and every resource's under
+    ``tether_resource_timeouts_total``; one drawing from two pools, or from none, only there."""
+    lc, (conn, *timing_out) = pools_with_timeouts()
+    registry = CollectorRegistry()
+    register(lc, registry)
+
+    async def main() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with lc.run():
+            await time_out_each(lc, timing_out)
+            async with lc.scope() as unit:
+                await unit.get(conn)  # one connection of pg in use (its figures say 1)
+                return samples(registry)
+
+    found = asyncio.run(main())
+    counts = {
+        labels: v for (name, labels), v in found.items() if name == "db_client_connection_count"
+    }
+    assert counts == {
+        frozenset({("pool_name", "pg"), ("scope", "app"), ("state", "used")}): 1,
+        frozenset({("pool_name", "pg"), ("scope", "app"), ("state", "idle")}): 1,
+        frozenset({("pool_name", "cache"), ("scope", "app"), ("state", "used")}): 0,
+        frozenset({("pool_name", "cache"), ("scope", "app"), ("state", "idle")}): 0,
+    }
+    for name, scope, in_use in [("settings", "app", 1), ("pg", "app", 1), ("conn", "request", 1),
+                                ("waits", "request", 0)]:  # fmt: skip
+        assert found[sample("tether_resource_in_use", pool_name=name, scope=scope)] == in_use
+    pool_timeouts = {
+        labels: v for (name, labels), v in found.items()
+        if name == "db_client_connection_timeouts_total"
+    }  # fmt: skip
+    assert pool_timeouts == {
+        frozenset({("pool_name", "pg"), ("scope", "app")}): 2,  # waits, and through (via conn)
+        frozenset({("pool_name", "cache"), ("scope", "app")}): 0,
+    }
+    for name in ("waits", "through", "both", "alone"):
+        assert found[sample("tether_resource_timeouts_total", pool_name=name, scope="request")] == 1
+    assert found[sample("tether_resource_timeouts_total", pool_name="conn", scope="request")] == 0

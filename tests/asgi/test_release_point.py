@@ -1,11 +1,12 @@
 """The release point through FastAPI's TestClient; run on every FastAPI version of the matrix."""
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, WebSocket, WebSocketException
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -237,8 +238,28 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         await websocket.send_text(f"{text} via {s['pool']}")
         await websocket.close()
 
+    @app.websocket("/ws-refused")
+    async def ws_refused(websocket: WebSocket, s: Session) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        raise WebSocketException(code=1008, reason="not allowed")
+
+    @app.websocket("/ws-handled")
+    async def ws_handled(websocket: WebSocket, s: Session) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        raise Refused
+
+    async def refused(websocket: WebSocket, exc: Exception) -> None:
+        await websocket.close(code=4000)
+
+    root.add_exception_handler(Refused, refused)  # type: ignore[arg-type]
     include_routes(root, app)
     return root, lc, rec
+
+
+class Refused(Exception):
+    pass
 
 
 class TestHandlerRelease:
@@ -325,7 +346,7 @@ class TestHandlerRelease:
         assert "session open" not in rec.events
         wrapped = {
             getattr(r, "path", ""): _installed(r)
-            for r, _, _ in _walk(app.routes, included=False, extra=())
+            for r, _, _, _ in _walk(app.routes, included=False, extra=())
         }
         assert wrapped["/none"] is False
         assert wrapped["/ok"] is True
@@ -337,7 +358,7 @@ class TestHandlerRelease:
         with TestClient(app) as client:
             assert client.get("/ok").json() == {"pool": "pool"}
         routes = {
-            getattr(r, "path", ""): r for r, _, _ in _walk(app.routes, included=False, extra=())
+            getattr(r, "path", ""): r for r, _, _, _ in _walk(app.routes, included=False, extra=())
         }
         by_handle = isinstance(vars(routes["/ok"]).get("handle"), _TetherRoute)
         assert by_handle is _layout["now"].startswith("custom")
@@ -352,6 +373,74 @@ class TestHandlerRelease:
                     assert ws.receive_text() == "hi via pool"
         assert rec.events.count("session open") == 2
         assert rec.events.count("session close") == 2
+        assert rec.events.count("commit") == 2
+
+    @pytest.mark.parametrize(
+        ("path", "code", "failure"),
+        [("/ws-refused", 1008, "WebSocketException"), ("/ws-handled", 4000, "Refused")],
+    )
+    def test_websocket_refused_by_an_exception_rolls_back(
+        self, path: str, code: int, failure: str
+    ) -> None:
+        """An endpoint that writes, then raises `WebSocketException` (Starlette's way to
+        refuse a client) or an exception the app's handler answers with a close: the
+        route's app swallows it, and the session rolls back all the same, seeing it
+        (before, it committed on a route of the app)."""
+        from starlette.websockets import WebSocketDisconnect
+
+        app, _, rec = make_app()
+        with TestClient(app) as client, client.websocket_connect(path) as ws:
+            ws.send_text("write")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        assert closed.value.code == code
+        assert f"rollback {failure}" in rec.events
+        assert "commit" not in rec.events
+        assert rec.events.count("session close") == 1
+
+
+def test_generator_endpoints_keep_their_values_until_the_stream_ends() -> None:
+    """FastAPI 0.137+ streams what an endpoint yields (JSON Lines; server-sent events with
+    `EventSourceResponse`): its body runs while the response streams, after the handler
+    returned. tether keeps its values open until the last chunk, then commits, as under
+    `@release("response")` (before, the endpoint got a session already closed and the
+    client a 200 cut short)."""
+    sse = pytest.importorskip("fastapi.sse", reason="generator endpoints are FastAPI 0.137+")
+    app, lc, rec = make_app()
+    Session = Annotated[dict[str, Any], Depends(lc.resources["session"])]
+
+    def state() -> str:
+        opened = rec.events.count("session open") > rec.events.count("session close")
+        return "open" if opened else "closed"
+
+    @app.get("/rows.jsonl")
+    async def rows_jsonl(s: Session) -> Any:
+        for i in range(2):
+            rec(f"row {i} session={state()}")
+            yield {"row": i}
+
+    @app.get("/rows.sse", response_class=sse.EventSourceResponse)
+    async def rows_sse(s: Session) -> Any:
+        for i in range(2):
+            rec(f"event {i} session={state()}")
+            yield {"row": i}
+
+    with TestClient(app) as client:
+        lines = client.get("/rows.jsonl").text.splitlines()
+        assert [json.loads(line) for line in lines] == [{"row": 0}, {"row": 1}]
+        events = client.get("/rows.sse").text.split("\n\n")
+        assert [json.loads(e.removeprefix("data: ")) for e in events if e] == [
+            {"row": 0},
+            {"row": 1},
+        ]
+    streamed = [e for e in rec.events if e.startswith(("row", "event"))]
+    assert streamed == [
+        "row 0 session=open",
+        "row 1 session=open",
+        "event 0 session=open",
+        "event 1 session=open",
+    ]
+    assert rec.events.count("commit") == 2
 
 
 class TestRouteRelease:
@@ -806,6 +895,13 @@ class TestInstall:
             ),
         ):
             client.get("/s")
+        # The same on a WebSocket route (before, on FastAPI 0.120+: a bare TypeError from
+        # the factory, called without the app resource it needs).
+        with (
+            pytest.raises(tether.ScopeError, match="on '/ws' before this Lifecycle started"),
+            client.websocket_connect("/ws"),
+        ):
+            pass  # pragma: no cover
         assert rec.events == []  # nothing opened
         with client:  # the fix the message names
             assert client.get("/s").json() == {"ok": "yes"}

@@ -341,8 +341,9 @@ class TestPoolFigures:
         """Every connection held by responses being read: `lc.stats()` shows the pool full,
         and readiness answers at once from those figures (the check's GET would queue
         behind the traffic and fail while the server answers everyone): ready while
-        responses keep coming, not ready once requests wait and none got a response for
-        longer than the pool timeout."""
+        requests get their connections within the pool timeout, however long ago the last
+        response came; not ready once a request's wait timed out and none got a response
+        since, for longer than the pool timeout."""
         lc = tether.Lifecycle()
         http = thttpx.client(
             lc,
@@ -365,6 +366,20 @@ class TestPoolFigures:
                 assert check.detail is not None
                 assert check.detail.startswith("busy: all 2 connections in use; one was handed")
                 await asyncio.sleep(1.1)  # no response for longer than the pool timeout
+                first = asyncio.create_task(c.get("/echo/x"))
+                for _ in range(50):
+                    if lc.stats().pools["http"].waiting == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert lc.stats().pools["http"].waiting == 1
+                report = await lc.health()  # it waits less than the pool timeout: ready
+                assert report.ok, report
+                assert report["http"].detail is not None
+                assert report["http"].detail.startswith(
+                    "busy: all 2 connections in use, 1 waiting; one was handed out"
+                )
+                with pytest.raises(thttpx.PoolUnavailable):
+                    await first  # its wait timed out: the next one's fails too
                 waiting = asyncio.create_task(c.get("/echo/c"))
                 for _ in range(50):
                     if lc.stats().pools["http"].waiting == 1:

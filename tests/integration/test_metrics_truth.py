@@ -228,12 +228,14 @@ async def test_exported_metrics_equal_what_happened(postgres: Postgres) -> None:
     pg = {POOL_NAME: "pg", SCOPE: "app"}
     assert points[key("tether.resource.opens", **conn)] == 18
     assert points[key("tether.resource.closes", **conn)] == 18
-    assert points[key("db.client.connection.timeouts", **conn)] == 4
+    assert points[key("tether.resource.timeouts", **conn)] == 4
+    assert points[key("db.client.connection.timeouts", **pg)] == 4  # the pool's, per pool
     assert points[key("tether.resource.errors", **conn, **{"tether.phase": "open"})] == 4
     assert points[key("tether.resource.errors", **conn, **{"tether.phase": "close"})] == 0
     assert points[key("tether.resource.max_in_use", **conn)] == 3
     assert points[key("tether.resource.leaks", **conn)] == 0
-    assert points[key("db.client.connection.count", **conn, **{STATE: "used"})] == 0
+    assert points[key("tether.resource.in_use", **conn)] == 0
+    assert key("db.client.connection.count", **conn, **{STATE: "used"}) not in points
     # The pool's own figures, against the server's.
     assert points[key("db.client.connection.count", **pg, **{STATE: "used"})] == 0
     assert points[key("db.client.connection.count", **pg, **{STATE: "idle"})] == at_rest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,39 @@ def test_check_passes_then_fails(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "ConnectionError: connection refused" in out
     assert out.splitlines()[-1] == "unavailable"
+
+
+def test_check_keeps_its_report_when_a_close_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    """A cleanup failing at the end of `check` no longer hides the checks' report: it is
+    printed, the failure said on stderr, and the exit code is 1. With --json, a start that
+    fails still prints a JSON report on stdout, for what reads it."""
+    import tether
+    from tether.cli import check
+
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        raise RuntimeError("close failed")
+
+    assert check(lc, as_json=True) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "ok"
+    assert "1 cleanup(s) failed at shutdown ('db')" in captured.err
+
+    broken = tether.Lifecycle()
+
+    @broken.resource(scope="app")
+    def settings() -> str:
+        raise ValueError("DATABASE_URL is not set")
+
+    assert check(broken, as_json=True) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["status"] == "error"
+    assert "App resource 'settings' failed to open" in report["error"]
+    assert captured.err.startswith("tether: ")
 
 
 def test_check_prints_what_a_passing_check_says(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -915,3 +916,65 @@ def test_the_http_unit_sets_every_field_of_a_unit() -> None:
             continue
         assert getattr(http, name) == getattr(plain, name), name
     assert http.started >= plain.started
+
+
+async def test_a_value_that_finishes_opening_after_its_unit_ended_is_closed_at_once() -> None:
+    """A task of a unit of work (a job's `lc.scope()`, a request's `create_task`) asks for
+    a value; the unit ends while it opens: the value is closed at once, as a failure (it
+    rolls back), and the task gets `ResourceClosedError`. Before, it was handed out and
+    never closed (counted in use for ever, its cleanup left to the garbage collector)."""
+    import asyncio
+
+    import httpx
+    from fastapi import Depends, FastAPI
+
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def audit() -> AsyncIterator[str]:
+        await anyio.sleep(0.2)  # a first query on open
+        try:
+            yield "audit"
+            events.append("audit commit")
+        except BaseException as exc:
+            events.append(f"audit rollback ({type(exc).__name__})")
+            raise
+
+    async def later(get: Any) -> None:
+        try:
+            await get()
+            events.append("task got the value")
+        except tether.ResourceClosedError as exc:
+            events.append(str(exc))
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+    tasks: list[asyncio.Task[None]] = []
+
+    @app.get("/work")
+    async def work(c: str = Depends(conn)) -> str:
+        tasks.append(asyncio.create_task(later(audit)))
+        await anyio.sleep(0.01)
+        return "ok"
+
+    async with lc.lifespan(app):
+        async with lc.scope("nightly job") as s:
+            tasks.append(asyncio.create_task(later(lambda: s.get(audit))))
+            await anyio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/work")).json() == "ok"
+        await asyncio.gather(*tasks)
+    ended = "ended while it opened. Open a new `async with lc.scope()` for work that outlives it."
+    assert events == [
+        "audit rollback (ResourceClosedError)",
+        f"Cannot open resource 'audit': nightly job {ended}",
+        "audit rollback (ResourceClosedError)",
+        f"Cannot open resource 'audit': GET /work {ended}",
+    ]
+    stats = lc.stats().resources["audit"]
+    assert (stats.opened, stats.closed, stats.in_use) == (2, 2, 0)

@@ -130,3 +130,38 @@ async def test_testing_running_is_the_app_scope_on_trio() -> None:
         assert lc.get(pool) == "pool"
         assert lc.state.value == "running"
     assert lc.state.value == "closed"
+
+
+def test_a_fastapi_app_on_trio_outlives_a_slow_request() -> None:
+    """A FastAPI app served on trio (`TestClient(backend="trio")`, hypercorn's trio worker):
+    a request that runs past the moment tether starts watching for disconnects (asyncio
+    only) leaves the app running (before, the watcher's `asyncio` call failed in the app
+    scope's task group, which closed every app resource under the running server)."""
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    lc = tether.Lifecycle(sweep_interval=0.05)
+    events: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        events.append("close pool")
+
+    @lc.resource
+    async def conn(pool: str) -> AsyncIterator[str]:
+        yield f"conn of {pool}"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/slow")
+    async def slow(c: str = Depends(conn)) -> str:
+        await anyio.sleep(0.5)
+        return c
+
+    with TestClient(app, backend="trio") as client:
+        assert client.get("/slow").json() == "conn of pool"
+        time.sleep(0.2)
+        assert (lc.state, events) == (tether.State.RUNNING, [])
+        assert client.get("/slow").json() == "conn of pool"
+    assert events == ["close pool"]

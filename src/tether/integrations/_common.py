@@ -209,9 +209,10 @@ def check_budget(
 def saturation(
     figures: PoolStats,
     served: float,
-    within: float,
+    within: float | None,
     timeout_name: str,
     *,
+    timed_out_at: float,
     holders: str = "the queries holding them",
     backend: str = "the database",
 ) -> tuple[bool, str] | None:
@@ -219,11 +220,15 @@ def saturation(
 
     A health check on a saturated pool would queue behind the traffic and fail its timeout
     while the database answers everyone else; a probe that fails under load takes the
-    instance out of rotation and moves its load onto the others. So: busy and serving (a
-    connection handed out within *within* seconds, or nobody waiting) is ready, reported
-    at once; units of work waiting with none handed out for longer than that (every one of
-    them is timing out: queries stuck, or a database that stopped answering) is not.
-    *served* is ``time.monotonic()`` when the pool last handed out a connection.
+    instance out of rotation and moves its load onto the others. So a full pool is ready,
+    reported at once ("busy"), while the units of work waiting for it get their connections:
+    however long ago the last one was handed out (long queries hold them), a unit that waits
+    less than the timeout is served. It is not ready only when they fail: units waiting, a
+    wait that timed out since the pool last handed one out (*timed_out_at* > *served*), and
+    none handed out for longer than the timeout *within* (``None``: the pool waits without
+    end, and nothing times out). The pool enforces its timeout, so a unit that waited longer
+    than it is one that timed out: the pools' acquire wrappers note when a wait timed out
+    (``time.monotonic()``, on that failure only), and *served* when one was handed out.
     """
     most, in_use = figures.max, figures.in_use
     if most is None or in_use is None or in_use < most or figures.idle:
@@ -231,7 +236,7 @@ def saturation(
     ago = time.monotonic() - served
     waiting = figures.waiting or 0
     held = f"all {most} connections" if most != 1 else "the one connection"
-    if waiting and ago > within:
+    if waiting and within is not None and timed_out_at > served and ago > within:
         return False, (
             f"saturated: {held} in use, {waiting} waiting, and none handed "
             f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): {holders} "

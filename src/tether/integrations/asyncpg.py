@@ -48,6 +48,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import random
 import time
 import weakref
@@ -141,6 +142,7 @@ class _State:
         "ping_after",
         "served",
         "shown",
+        "timed_out_at",
         "waiting",
     )
 
@@ -155,6 +157,7 @@ class _State:
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
         self.served = time.monotonic()  # when a unit of work last got a connection
+        self.timed_out_at = -math.inf  # when a unit of work's wait for one last timed out
         self.created = 0  # connections the pool made, in create_time seconds
         self.create_time = 0.0
         self.discarded = 0  # connections closed as broken or in a state not known
@@ -466,7 +469,13 @@ def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
     state: _State | None = getattr(p, "_tether", None)
     if state is None:
         return None
-    return saturation(_figures(name, p), state.served, state.acquire_timeout, "acquire_timeout")
+    return saturation(
+        _figures(name, p),
+        state.served,
+        state.acquire_timeout,
+        "acquire_timeout",
+        timed_out_at=state.timed_out_at,
+    )
 
 
 def _pool_check(check: Check | bool) -> Check | None:
@@ -669,6 +678,8 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
                     conn = await p.acquire(timeout=timeout)
         return conn
     except TimeoutError as exc:
+        if state is not None:
+            state.timed_out_at = time.monotonic()  # readiness: the waits are failing
         raise _timed_out(p, pool_name, state, timeout) from exc
     except UNREACHABLE as exc:
         shown = state.shown if state is not None else "the database"

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -112,6 +113,7 @@ class _Transport(httpx.AsyncBaseTransport):
         self.via = via  # the proxy it goes through, if any
         self.resource: Resource[Any] | None = None  # its counters count the pool's timeouts
         self.served = time.monotonic()  # when a request last got its response (readiness)
+        self.timed_out_at = -math.inf  # when a request's wait for a connection timed out
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -119,6 +121,7 @@ class _Transport(httpx.AsyncBaseTransport):
             self.served = time.monotonic()
             return response
         except httpx.PoolTimeout as exc:
+            self.timed_out_at = time.monotonic()
             if self.resource is not None:  # db.client.connection.timeouts
                 self.resource.counters.timeouts += 1
             raise self._unavailable(PoolUnavailable, request, exc) from exc
@@ -387,8 +390,9 @@ def client(
     res.saturation = lambda c: saturation(
         _pool_stats(name, c),
         _transports[c].served,
-        within if within is not None else 5.0,
+        within,
         "the pool timeout",
+        timed_out_at=_transports[c].timed_out_at,
         holders="the requests holding them",
         backend="the server it calls",
     )

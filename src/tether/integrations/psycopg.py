@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import weakref
@@ -121,6 +122,7 @@ class _State:
         "pgbouncer",
         "served",
         "shown",
+        "timed_out_at",
         "timeout",
     )
 
@@ -131,6 +133,7 @@ class _State:
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
         self.served = time.monotonic()  # when the pool last handed out a connection
+        self.timed_out_at = -math.inf  # when a wait for one last timed out (PoolTimeout)
         # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
         # the pool next hands a connection out; these calls are the ones that still wait.
         self.acquiring = 0
@@ -160,6 +163,9 @@ class Pool(AsyncConnectionPool[Connection]):
         state.acquiring += 1
         try:
             conn = await super().getconn(timeout)
+        except PoolTimeout:
+            state.timed_out_at = time.monotonic()  # readiness: the waits are failing
+            raise
         finally:
             state.acquiring -= 1
         state.served = time.monotonic()
@@ -374,7 +380,9 @@ def _saturation(name: str, p: Any) -> tuple[bool, str] | None:
     state: _State | None = getattr(p, "_tether", None)
     if state is None:
         return None
-    return saturation(_figures(name, p), state.served, state.timeout, "timeout")
+    return saturation(
+        _figures(name, p), state.served, state.timeout, "timeout", timed_out_at=state.timed_out_at
+    )
 
 
 def _pool_check(check: Check | bool) -> Check | None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,7 @@ class _PoolMixin:
     tether_shown = "redis"
     tether_waiting = 0  # tasks in get_connection now (the pool's figures)
     tether_served = 0.0  # time.monotonic() when it last handed out a connection (readiness)
+    tether_timed_out_at = -math.inf  # ... and when a wait for one last timed out (readiness)
     tether_resource: Any = None  # the app resource, whose counters count the pool's timeouts
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -144,6 +146,7 @@ class _PoolMixin:
             reason = "no connection came free in time (max_connections reached)"
             cls: type[ResourceUnavailable] = RedisUnavailable
             timed_out = True
+            self.tether_timed_out_at = time.monotonic()
             counters = getattr(self.tether_resource, "counters", None)
             if counters is not None:  # db.client.connection.timeouts
                 counters.timeouts += 1
@@ -315,6 +318,7 @@ def client(
         r.connection_pool.tether_served,
         pool_timeout,
         "pool_timeout",
+        timed_out_at=r.connection_pool.tether_timed_out_at,
         holders="the commands holding them",
         backend="the Redis server",
     )

@@ -47,6 +47,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import math
 import re
 import threading
 import time
@@ -70,7 +71,7 @@ try:
         create_async_engine,
     )
     from sqlalchemy.orm import Session
-    from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+    from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, StaticPool
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
@@ -141,6 +142,7 @@ class _PoolInfo:
         "pool_timeout",
         "served",
         "shown_url",
+        "timed_out_at",
         "waiting",
     )
 
@@ -160,6 +162,8 @@ class _PoolInfo:
         # When the pool last handed out a connection (None: not known, an engine whose pool
         # class is not tether's).
         self.served: float | None = None
+        # When a unit of work's wait for one last timed out (readiness: the waits fail).
+        self.timed_out_at = -math.inf
         self.created = 0  # connections the pool made, in create_time seconds
         self.create_time = 0.0
         self.discarded = 0  # connections invalidated: broken, or in a state not known
@@ -204,6 +208,7 @@ class _PoolInfo:
             self.waiting -= 1
 
     def timed_out(self, exc: BaseException) -> ResourceUnavailable:
+        self.timed_out_at = time.monotonic()
         pool: Any = self.engine.pool if self.engine is not None else None
         # The live pool's own numbers (for an engine tether did not make, the only ones).
         pool_size = _pool_number(pool, "size")
@@ -231,6 +236,7 @@ class _PoolInfo:
         )
 
     def no_answer(self, within: float) -> ResourceUnavailable:
+        self.timed_out_at = time.monotonic()
         reason = (
             f"the database did not answer within {within:g} s (pool_timeout + "
             f"connect_timeout): a pooled connection or a new one stopped answering (the "
@@ -728,7 +734,9 @@ def _saturation(info: _PoolInfo, eng: Any) -> tuple[bool, str] | None:
         return None
     figures = _figures(info.name, eng)
     figures = dataclasses.replace(figures, waiting=info.waiting)
-    return saturation(figures, info.served, info.pool_timeout, "pool_timeout")
+    return saturation(
+        figures, info.served, info.pool_timeout, "pool_timeout", timed_out_at=info.timed_out_at
+    )
 
 
 # --------------------------------------------------------------------------- async engine
@@ -747,7 +755,11 @@ def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueu
     class LoopBoundPool(AsyncAdaptedQueuePool):
         def _do_get(self) -> ConnectionPoolEntry:
             bound.check()
-            entry = super()._do_get()
+            try:
+                entry = super()._do_get()
+            except sa_exc.TimeoutError:
+                info.timed_out_at = time.monotonic()  # also a wait outside tether's sessions
+                raise
             info.served = time.monotonic()
             return entry
 
@@ -1173,6 +1185,13 @@ def sync_engine(
             connect_timeout=connect_timeout,
             engine_kwargs=engine_kwargs,
         )
+        if _is_memory_sqlite(u) and "poolclass" not in options:
+            # SQLAlchemy gives it one connection per thread (SingletonThreadPool), and tether
+            # opens and closes sessions in threads of its own: each would see a database of
+            # its own, empty. One connection for every thread, as the async engine has.
+            options["poolclass"] = StaticPool
+            connect_args = options.setdefault("connect_args", {})
+            connect_args.setdefault("check_same_thread", False)
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
         if u.get_backend_name() == "postgresql":

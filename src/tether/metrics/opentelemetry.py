@@ -5,9 +5,12 @@
 collection, so nothing is counted twice and nothing runs per request. Names and attributes
 follow OpenTelemetry's database-client connection conventions (``db.client.connection.*``, with
 ``db.client.connection.pool.name`` the resource's name) where they apply; the rest is
-``tether.*``. For a driver's pool opened by an integration
-(``lc.stats().pools``), ``db.client.connection.count`` is the pool's own connections, ``used``
-and ``idle``, beside ``db.client.connection.max`` and ``db.client.connection.pending_requests``.
+``tether.*``. As the conventions define them, ``db.client.connection.count``, ``.max``,
+``.pending_requests`` and ``.timeouts`` are per connection pool: only for the driver pools the
+integrations open (``lc.stats().pools``), so a sum of ``db.client.connection.count`` is the
+pools' connections. A pool's timeouts include those of the resources that draw from it alone
+(its connection resource's waits for a connection); every resource's values open now and
+timeouts are ``tether.resource.in_use`` and ``tether.resource.timeouts``.
 The conventions' wait and use times are histograms, which only code on the request path could
 record: tether reports their sums and counts instead (``tether.resource.wait_time`` over
 ``tether.resource.opens``, ``tether.resource.use_time`` over ``tether.resource.closes``,
@@ -38,6 +41,8 @@ except ImportError as exc:  # pragma: no cover - import guard
     )
     raise ImportError(msg) from exc
 
+from . import pool_timeouts
+
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._stats import PoolStats, ResourceStats, Stats
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["POOL_NAME", "SCOPE", "STATE", "register"]
 
 POOL_NAME = "db.client.connection.pool.name"  # the resource's name
-STATE = "db.client.connection.state"  # "used": values open now; "idle": a pool's idle ones
+STATE = "db.client.connection.state"  # of a driver pool's connections: "used" or "idle"
 SCOPE = "tether.resource.scope"  # "app" or "request"
 PHASE = "tether.phase"  # of an error: "open" or "close"
 
@@ -87,11 +92,11 @@ class _Instruments:
                 alive.append(weakref.ref(lc))
             self._refs = alive
 
-    def reported(self) -> list[Stats]:
-        """The stats of the Lifecycles alive and not closed; if all are closed, of the one
+    def reported(self) -> list[tuple[Lifecycle, Stats]]:
+        """The Lifecycles alive and not closed, with their stats; if all are closed, the one
         registered last."""
-        every = [lc.stats() for ref in self._refs if (lc := ref()) is not None]
-        return [stats for stats in every if stats.state != "closed"] or every[-1:]
+        every = [(lc, lc.stats()) for ref in self._refs if (lc := ref()) is not None]
+        return [(lc, stats) for lc, stats in every if stats.state != "closed"] or every[-1:]
 
     def _create(self, provider: MeterProvider) -> list[Instrument]:
         from .. import __version__
@@ -105,7 +110,7 @@ class _Instruments:
         ) -> Callback:
             def observe(options: CallbackOptions) -> Iterable[Observation]:
                 points = _Points(combine)
-                for stats in reported():
+                for _, stats in reported():
                     for name, r in stats.resources.items():
                         points.add(read(r), {POOL_NAME: name, SCOPE: r.scope})
                 return points.observations()
@@ -113,22 +118,28 @@ class _Instruments:
             return observe
 
         def connections(options: CallbackOptions) -> Iterable[Observation]:
-            """Values in use by resource; for a driver's pool, its own used and idle ones."""
+            """A driver pool's own connections, used and idle."""
             points = _Points()
-            for stats in reported():
-                for name, r in stats.resources.items():
-                    attributes = {POOL_NAME: name, SCOPE: r.scope}
-                    pool = stats.pools.get(name)
-                    used = r.in_use if pool is None else (pool.in_use or 0)
-                    points.add(used, {**attributes, STATE: "used"})
-                    if pool is not None and pool.idle is not None:
+            for _, stats in reported():
+                for name, pool in stats.pools.items():
+                    attributes = {POOL_NAME: name, SCOPE: stats.resources[name].scope}
+                    points.add(pool.in_use or 0, {**attributes, STATE: "used"})
+                    if pool.idle is not None:
                         points.add(pool.idle, {**attributes, STATE: "idle"})
+            return points.observations()
+
+        def timeouts(options: CallbackOptions) -> Iterable[Observation]:
+            """A driver pool's timeouts, and those of the resources drawing from it alone."""
+            points = _Points()
+            for lc, stats in reported():
+                for name, count in pool_timeouts(lc, stats).items():
+                    points.add(count, {POOL_NAME: name, SCOPE: stats.resources[name].scope})
             return points.observations()
 
         def per_pool(read: Callable[[PoolStats], float | None]) -> Callback:
             def observe(options: CallbackOptions) -> Iterable[Observation]:
                 points = _Points()
-                for stats in reported():
+                for _, stats in reported():
                     for name, pool in stats.pools.items():
                         if (value := read(pool)) is not None:
                             scope = stats.resources[name].scope
@@ -142,7 +153,7 @@ class _Instruments:
         ) -> Callback:
             def observe(options: CallbackOptions) -> Iterable[Observation]:
                 points = _Points(combine)
-                for stats in reported():
+                for _, stats in reported():
                     points.add(read(stats), {})
                 return points.observations()
 
@@ -150,7 +161,7 @@ class _Instruments:
 
         def errors(options: CallbackOptions) -> Iterable[Observation]:
             points = _Points()
-            for stats in reported():
+            for _, stats in reported():
                 for name, r in stats.resources.items():
                     for phase, count in (("open", r.open_errors), ("close", r.close_errors)):
                         points.add(count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase})
@@ -163,8 +174,7 @@ class _Instruments:
         )
         table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
             (up_down, "db.client.connection.count", connections,
-             "{connection}", "Values of the resource open now (in use); a driver pool's own "
-             "connections, used and idle."),
+             "{connection}", "Connections of the driver's pool, used and idle."),
             (up_down, "db.client.connection.max", per_pool(lambda p: p.max),
              "{connection}", "The most connections the driver's pool may open."),
             (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
@@ -176,7 +186,13 @@ class _Instruments:
             (counter, "tether.connection.discarded", per_pool(lambda p: p.discarded),
              "{connection}", "Connections of the driver's pool closed instead of used again: "
              "broken, or in a state not known (lost by the server, interrupted, not reset)."),
-            (counter, "db.client.connection.timeouts", per_resource(lambda r: r.timeouts),
+            (counter, "db.client.connection.timeouts", timeouts,
+             "{timeout}", "Waits for a connection of the driver's pool that ran out of time, "
+             "and other opens or closes that did, of the pool and of the resources drawing from "
+             "it alone."),
+            (up_down, "tether.resource.in_use", per_resource(lambda r: r.in_use),
+             "{value}", "Values of the resource open now."),
+            (counter, "tether.resource.timeouts", per_resource(lambda r: r.timeouts),
              "{timeout}", "Opens or closes of the resource that ran out of time."),
             (counter, "tether.resource.opens", per_resource(lambda r: r.opened),
              "{value}", "Values of the resource opened."),

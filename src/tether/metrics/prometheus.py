@@ -3,11 +3,15 @@
 ``register(lc)`` adds *lc* to the one tether collector of a registry (the default one unless
 given), creating it on first use; every scrape reads ``lc.stats()``, so nothing is counted twice
 and nothing runs per request. Names follow OpenTelemetry's ``db.client.connection.*`` metrics
-(dots as underscores, as the OpenTelemetry Prometheus exporter writes them), with ``pool_name``
-the resource's name; what those do not cover is ``tether_*``. For a driver's pool opened by an
-integration (``lc.stats().pools``), ``db_client_connection_count`` is the pool's own
-connections, ``used`` and ``idle``, beside ``db_client_connection_max`` and
-``db_client_connection_pending_requests``.
+(dots as underscores, as the OpenTelemetry Prometheus exporter writes them) where they apply;
+what those do not cover is ``tether_*``. The label ``pool_name`` is the resource's name.
+``db_client_connection_count``, ``_max``, ``_pending_requests``, ``_create_time_seconds``,
+``_timeouts`` and ``tether_connection_discarded`` are per connection pool, as the conventions
+define them: only for the driver pools the integrations open (``lc.stats().pools``), so a sum
+of ``db_client_connection_count`` is the pools' connections. A pool's timeouts include those
+of the resources that draw from it alone (its connection resource's waits for a connection);
+every resource's values open now and timeouts are ``tether_resource_in_use`` and
+``tether_resource_timeouts_total``.
 
 Any number of Lifecycles may be registered on one registry; registering one again does nothing.
 The collector holds them weakly: one garbage-collected (a finished test's) drops out. A scrape
@@ -36,6 +40,8 @@ try:
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.metrics.prometheus needs prometheus-client: pip install 'tether[prometheus]'"
     raise ImportError(msg) from exc
+
+from . import pool_timeouts
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -83,8 +89,15 @@ class _Families:
         self.count = _Family(
             GaugeMetricFamily(
                 "db_client_connection_count",
-                "Values of the resource currently open (in use), by resource.",
+                "Connections of the driver's pool, used and idle.",
                 labels=[*labels, "state"],
+            )
+        )
+        self.in_use = _Family(
+            GaugeMetricFamily(
+                "tether_resource_in_use",
+                "Values of the resource open now.",
+                labels=labels,
             )
         )
         self.max_used = _Family(
@@ -97,6 +110,14 @@ class _Families:
         self.timeouts = _Family(
             CounterMetricFamily(
                 "db_client_connection_timeouts",
+                "Waits for a connection of the driver's pool that ran out of time, and other "
+                "opens or closes that did, of the pool and of the resources drawing from it alone.",
+                labels=labels,
+            )
+        )
+        self.resource_timeouts = _Family(
+            CounterMetricFamily(
+                "tether_resource_timeouts",
                 "Opens or closes of the resource that ran out of time.",
                 labels=labels,
             )
@@ -185,37 +206,39 @@ class _Families:
     def all(self) -> list[_Family]:
         return [
             *(self.count, self.pool_max, self.pending, self.create, self.discarded),
-            *(self.max_used, self.timeouts, self.wait, self.use, self.errors, self.leaks),
+            *(self.timeouts, self.in_use, self.max_used, self.resource_timeouts),
+            *(self.wait, self.use, self.errors, self.leaks),
             *(self.down, self.units, self.refused, self.running),
         ]
 
-    def add(self, stats: Stats) -> None:
+    def add(self, lc: Lifecycle, stats: Stats) -> None:
         for name, r in stats.resources.items():
             key = [name, r.scope]
             if r.scope == "app":
                 self.down.add(key, 1.0 if r.down else 0.0)
-            pool = stats.pools.get(name)
-            if pool is None:
-                self.count.add([*key, "used"], r.in_use)
-            else:  # a driver's pool: its own connections, used and idle
-                self.count.add([*key, "used"], pool.in_use if pool.in_use is not None else 0)
-                if pool.idle is not None:
-                    self.count.add([*key, "idle"], pool.idle)
-                if pool.max is not None:
-                    self.pool_max.add(key, pool.max)
-                if pool.waiting is not None:
-                    self.pending.add(key, pool.waiting)
-                if pool.created is not None and pool.create_time is not None:
-                    self.create.add(key, pool.created, pool.create_time)
-                if pool.discarded is not None:
-                    self.discarded.add(key, pool.discarded)
+            self.in_use.add(key, r.in_use)
             self.max_used.add(key, r.max_in_use)
-            self.timeouts.add(key, r.timeouts)
+            self.resource_timeouts.add(key, r.timeouts)
             self.wait.add(key, r.opened, r.wait_time)
             self.use.add(key, r.closed, r.hold_time)
             self.errors.add([*key, "open"], r.open_errors)
             self.errors.add([*key, "close"], r.close_errors)
             self.leaks.add(key, r.leaks)
+        timeouts = pool_timeouts(lc, stats)
+        for name, pool in stats.pools.items():  # a driver's pool: its own connections
+            key = [name, stats.resources[name].scope]
+            self.count.add([*key, "used"], pool.in_use if pool.in_use is not None else 0)
+            if pool.idle is not None:
+                self.count.add([*key, "idle"], pool.idle)
+            if pool.max is not None:
+                self.pool_max.add(key, pool.max)
+            if pool.waiting is not None:
+                self.pending.add(key, pool.waiting)
+            if pool.created is not None and pool.create_time is not None:
+                self.create.add(key, pool.created, pool.create_time)
+            if pool.discarded is not None:
+                self.discarded.add(key, pool.discarded)
+            self.timeouts.add(key, timeouts[name])
         self.units.add([], stats.units_in_flight)
         self.refused.add([], stats.units_refused)
         self.running.add([], 1.0 if stats.state == "running" else 0.0)
@@ -255,13 +278,13 @@ class TetherCollector(Collector):
         return [family.family for family in _Families().all()]
 
     def collect(self) -> Iterator[Metric]:
-        every = [lc.stats() for lc in self.lifecycles]
-        reported = [stats for stats in every if stats.state != "closed"] or every[-1:]
+        every = [(lc, lc.stats()) for lc in self.lifecycles]
+        reported = [(lc, stats) for lc, stats in every if stats.state != "closed"] or every[-1:]
         if not reported:
             return
         families = _Families()
-        for stats in reported:
-            families.add(stats)
+        for lc, stats in reported:
+            families.add(lc, stats)
         for family in families.all():
             yield family.build()
 

@@ -1,0 +1,135 @@
+"""A client that goes away while a `def` endpoint runs in a worker thread, against a real
+PostgreSQL: no cancel stops a thread, so the endpoint runs to its end and its work is rolled
+back then. Before, tether cancelled the request's task, FastAPI's wait for the thread ended,
+and the values closed under the running thread: a psycopg connection went back to the pool
+while the thread still wrote on it (the next request committed those rows), and a SQLAlchemy
+session could not close and kept both connections of its pool for good."""
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import psycopg
+import psycopg_pool
+import pytest
+from fastapi import Depends, FastAPI
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import tether
+from tests.servers import Postgres
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+ROWS = 200  # the abandoned endpoint's inserts, 5 ms apart: about 1 s
+
+
+@pytest.fixture
+def table(postgres: Postgres) -> Iterator[None]:
+    postgres.sql("DROP TABLE IF EXISTS gone_rows")
+    postgres.sql("CREATE TABLE gone_rows (n int, who text)")
+    postgres.sql("GRANT ALL ON gone_rows TO tether")
+    yield
+    postgres.sql("DROP TABLE IF EXISTS gone_rows")
+
+
+def psycopg_app(postgres: Postgres, name: str) -> tuple[FastAPI, tether.Lifecycle, Any]:
+    """The docs' sync resource: a `def` generator over psycopg_pool's sync pool."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def pool() -> Iterator[psycopg_pool.ConnectionPool]:
+        dsn = f"{postgres.dsn}?application_name={name}"
+        with psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, timeout=5) as p:
+            yield p
+
+    @lc.resource(concurrency=1)
+    def conn(pool: psycopg_pool.ConnectionPool) -> Iterator[psycopg.Connection[Any]]:
+        with pool.connection() as c:  # commits on success, rolls back on an exception
+            yield c
+
+    def insert(c: psycopg.Connection[Any], n: int, who: str) -> None:
+        c.execute("INSERT INTO gone_rows VALUES (%s, %s)", (n, who))
+
+    return FastAPI(lifespan=lc.lifespan), lc, (conn, insert)
+
+
+def sqlalchemy_app(postgres: Postgres, name: str) -> tuple[FastAPI, tether.Lifecycle, Any]:
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(
+        lc, postgres.url("postgresql+psycopg"), pool_size=1, max_overflow=0,
+        application_name=name,
+    )  # fmt: skip
+    session = tsa.sync_session(lc, engine)
+
+    def insert(s: Session, n: int, who: str) -> None:
+        s.execute(text("INSERT INTO gone_rows VALUES (:n, :who)"), {"n": n, "who": who})
+
+    return FastAPI(lifespan=lc.lifespan), lc, (session, insert)
+
+
+async def call(app: FastAPI, path: str, leave_after: float | None) -> list[int]:
+    """One POST to *app*, as uvicorn serves it; the client goes away after *leave_after*
+    seconds (never if None). The statuses the app answered."""
+    sent: list[dict[str, Any]] = []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600 if leave_after is None else leave_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+        "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    await asyncio.get_running_loop().create_task(app(scope, receive, send))
+    return [m["status"] for m in sent if m["type"] == "http.response.start"]
+
+
+@pytest.mark.parametrize("make", [psycopg_app, sqlalchemy_app], ids=["psycopg_pool", "tsa"])
+async def test_a_def_endpoint_whose_client_left_runs_to_its_end_and_rolls_back(
+    postgres: Postgres, table: None, make: Any
+) -> None:
+    name = f"gone-{uuid.uuid4().hex[:10]}"
+    app, lc, (resource, insert) = make(postgres, name)
+    Value = Annotated[Any, Depends(resource)]
+    ended: list[str] = []
+    in_thread = threading.Event()
+
+    @app.post("/long")
+    def long(v: Value) -> dict[str, str]:
+        in_thread.set()
+        for i in range(ROWS):
+            insert(v, i, "abandoned")
+            time.sleep(0.005)
+        ended.append("returned")
+        return {"status": "done"}
+
+    @app.post("/one")
+    def one(v: Value) -> dict[str, str]:
+        insert(v, -1, "next")
+        return {"status": "done"}
+
+    async with lc.lifespan(app):
+        started = time.monotonic()
+        assert await call(app, "/long", leave_after=0.3) == [499]
+        assert ended == ["returned"]  # the thread ran to its end, the values closed after
+        assert time.monotonic() - started < 30
+        for _ in range(3):
+            assert await call(app, "/one", leave_after=None) == [200]
+    assert postgres.sql("SELECT who, count(*) FROM gone_rows GROUP BY who") == [("next", 3)]
+    assert postgres.activity_after_close(name) == []

@@ -1,0 +1,153 @@
+"""Connection metrics are per driver pool, as OpenTelemetry's database-client conventions define
+them, against a real PostgreSQL: ``sum(db_client_connection_count{state="used"})`` is the
+connections in use, which the server sees busy; resources that are not a pool (a settings
+function, an HTTP client, the request's connection drawn from the pool) add no series of
+their own; a wait for a connection that times out counts under the pool's name. Both
+exporters (Prometheus and OpenTelemetry) read the same Lifecycle.
+"""
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry
+
+import tether
+from tests.asgi.test_opentelemetry import collect
+from tests.asgi.test_prometheus import samples
+from tests.servers import Postgres
+from tether.integrations import asyncpg as tpg
+from tether.metrics import opentelemetry as totel
+from tether.metrics import prometheus as tprom
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+N = 3  # queries running at once, and the pool's size
+
+
+async def busy_backends(pg: Postgres, app_name: str) -> int:
+    """The server's count of *app_name*'s backends running a query (ground truth)."""
+    conn = await asyncpg.connect(pg.dsn, server_settings={"application_name": "truth"})
+    try:
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'"
+        )
+        return int(await conn.fetchval(sql, app_name))
+    finally:
+        await conn.close()
+
+
+def series(found: dict[Any, float], metric: str) -> dict[frozenset[tuple[str, Any]], float]:
+    """The samples (or data points) of *metric*, by their labels (or attributes)."""
+    return {labels: value for (name, labels), value in found.items() if name == metric}
+
+
+def used_by_pool(found: dict[Any, float], metric: str, pool: str, state: str) -> dict[str, float]:
+    """``db_client_connection_count`` (or its OpenTelemetry name) in *state*, by pool name."""
+    return {
+        dict(labels)[pool]: value
+        for labels, value in series(found, metric).items()
+        if dict(labels)[state] == "used"
+    }
+
+
+async def test_connection_count_is_the_pools_connections(postgres: Postgres) -> None:
+    app_name = f"pools-{uuid.uuid4().hex[:8]}"
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def settings() -> dict[str, str]:  # configuration: no connection at all
+        return {"dsn": postgres.dsn}
+
+    @lc.resource(scope="app")
+    async def http_client() -> AsyncIterator[httpx.AsyncClient]:  # not a driver pool
+        async with httpx.AsyncClient() as client:
+            yield client
+
+    pool = tpg.pool(
+        lc, postgres.dsn, name="pg", min_size=1, max_size=N, acquire_timeout=0.5,
+        server_settings={"application_name": app_name},
+    )  # fmt: skip
+    conn = tpg.connection(lc, pool, name="conn")
+    registry = CollectorRegistry()
+    tprom.register(lc, registry)
+    reader = InMemoryMetricReader()
+    totel.register(lc, MeterProvider(metric_readers=[reader]))
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/sleep")
+    async def sleep(
+        c: Annotated[asyncpg.Connection, Depends(conn)],
+        config: Annotated[dict[str, str], Depends(settings)],
+        client: Annotated[httpx.AsyncClient, Depends(http_client)],
+        s: float = 0.0,
+    ) -> str:
+        return str(await c.fetchval("SELECT pg_sleep($1)::text", s))
+
+    transport = httpx.ASGITransport(app=app)
+    statuses: list[int] = []
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def slow() -> None:
+            statuses.append((await client.get("/sleep", params={"s": 4}, timeout=20)).status_code)
+
+        for _ in range(N):
+            tg.start_soon(slow)
+        with anyio.fail_after(10):
+            while await busy_backends(postgres, app_name) < N:
+                await anyio.sleep(0.05)
+        prom_busy = samples(registry)
+        otel_busy, _ = collect(reader)
+        busy = await busy_backends(postgres, app_name)
+        refused = await client.get("/sleep")  # no connection comes free within acquire_timeout
+        prom_after = samples(registry)
+        otel_after, _ = collect(reader)
+
+    assert statuses == [200] * N
+    assert busy == N
+    # During N queries: the sum of the connections in use is N, all of them the pool's; the
+    # settings, the HTTP client and the request's connection add no series.
+    prom_used = used_by_pool(prom_busy, "db_client_connection_count", "pool_name", "state")
+    assert prom_used == {"pg": N}
+    assert sum(prom_used.values()) == busy
+    assert {
+        dict(labels)["pool_name"] for labels in series(prom_busy, "db_client_connection_count")
+    } == {"pg"}
+    otel_used = used_by_pool(otel_busy, "db.client.connection.count", totel.POOL_NAME, totel.STATE)
+    assert otel_used == {"pg": N}
+    pool_names = {
+        dict(attributes)[totel.POOL_NAME]
+        for attributes in series(otel_busy, "db.client.connection.count")
+    }
+    assert pool_names == {"pg"}
+    # What each resource has open is tether's own series.
+    for name, scope, open_now in [("settings", "app", 1), ("http_client", "app", 1),
+                                  ("pg", "app", 1), ("conn", "request", N)]:  # fmt: skip
+        labels = frozenset({("pool_name", name), ("scope", scope)})
+        assert series(prom_busy, "tether_resource_in_use")[labels] == open_now, name
+        attributes = frozenset({(totel.POOL_NAME, name), (totel.SCOPE, scope)})
+        assert series(otel_busy, "tether.resource.in_use")[attributes] == open_now, name
+
+    # The wait that timed out: a 503, counted under the pool's name (and the resource's own).
+    assert refused.status_code == 503, refused.text
+    assert "Retry-After" in refused.headers
+    pg_labels = frozenset({("pool_name", "pg"), ("scope", "app")})
+    assert series(prom_busy, "db_client_connection_timeouts_total") == {pg_labels: 0}
+    assert series(prom_after, "db_client_connection_timeouts_total") == {pg_labels: 1}
+    conn_labels = frozenset({("pool_name", "conn"), ("scope", "request")})
+    assert series(prom_after, "tether_resource_timeouts_total")[conn_labels] == 1
+    pg_attributes = frozenset({(totel.POOL_NAME, "pg"), (totel.SCOPE, "app")})
+    assert series(otel_after, "db.client.connection.timeouts") == {pg_attributes: 1}
+    conn_attributes = frozenset({(totel.POOL_NAME, "conn"), (totel.SCOPE, "request")})
+    assert series(otel_after, "tether.resource.timeouts")[conn_attributes] == 1

@@ -1,0 +1,290 @@
+"""Readiness of a full pool reads whether its waiting units of work fail, not how long ago it
+last handed out a connection (docs/operations.md, "A pool busy with traffic is ready"), against
+a real PostgreSQL and a real Redis, through the app's ``/health/ready``.
+
+* Long requests hold every connection for longer than the acquire timeout, and one more
+  request arrives and waits: it gets its connection well within the timeout, so the instance
+  is ready (200, "busy"). Before, it read "saturated" (503): none handed out for longer than
+  the timeout, and healthy instances under long requests were pulled out of rotation.
+* Connections held for good and units of work waiting for them in vain (each times out and
+  asks again): not ready (503, "saturated"), at once.
+"""
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI
+
+import tether
+from tests.integration.drivers import scalar
+from tests.servers import Postgres, Redis
+from tether.fastapi import health_router
+from tether.integrations import asyncpg as tpg
+from tether.integrations import psycopg as tpsy
+from tether.integrations import redis as tredis
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio]
+
+TIMEOUT = 1.0  # each pool's acquire timeout; a pool of 2
+
+
+def asyncpg_pool(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+    pool = tpg.pool(lc, pg.dsn, name="pg", min_size=2, max_size=2, acquire_timeout=TIMEOUT)
+    return tpg.connection(lc, pool)
+
+
+def psycopg_pool(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+    pool = tpsy.pool(lc, pg.dsn, name="pg", min_size=2, max_size=2, timeout=TIMEOUT)
+    return tpsy.connection(lc, pool)
+
+
+def sqlalchemy_engine(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+    engine = tsa.engine(
+        lc, pg.url("postgresql+asyncpg"), name="pg", pool_size=2, pool_timeout=TIMEOUT
+    )
+    return tsa.session(lc, engine)
+
+
+def sqlalchemy_sync_engine(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+    engine = tsa.sync_engine(
+        lc, pg.url("postgresql+psycopg"), name="pg", pool_size=2, pool_timeout=TIMEOUT
+    )
+    return tsa.sync_session(lc, engine)
+
+
+DRIVERS = pytest.mark.parametrize(
+    ("make", "timeout_name"),
+    [
+        (asyncpg_pool, "acquire_timeout"),
+        (psycopg_pool, "timeout"),
+        (sqlalchemy_engine, "pool_timeout"),
+        (sqlalchemy_sync_engine, "pool_timeout"),
+    ],
+    ids=["asyncpg", "psycopg", "sqlalchemy", "sqlalchemy-sync"],
+)
+
+
+def make_app(
+    make: Callable[[tether.Lifecycle, Postgres], tether.Resource[Any]], pg: Postgres
+) -> tuple[FastAPI, tether.Lifecycle, anyio.Event]:
+    """An app whose ``/hold`` keeps its connection until the returned event is set (a long
+    report), and whose ``/q`` runs ``SELECT 1``."""
+    lc = tether.Lifecycle(check_timeout=3.0)
+    conn = make(lc, pg)
+    Conn = Annotated[Any, Depends(conn)]
+    release = anyio.Event()
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=0))
+
+    @app.get("/hold")
+    async def hold(c: Conn) -> int:
+        await release.wait()
+        return int(await scalar(c, "SELECT 1"))
+
+    @app.get("/q")
+    async def q(c: Conn) -> int:
+        return int(await scalar(c, "SELECT 1"))
+
+    return app, lc, release
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    with anyio.fail_after(within):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def in_use(lc: tether.Lifecycle, name: str) -> int | None:
+    return lc.stats().pools[name].in_use
+
+
+def waiting(lc: tether.Lifecycle, name: str) -> int | None:
+    """The units of work waiting, where the pool's figures say (SQLAlchemy's do not: the
+    readiness detail does)."""
+    return lc.stats().pools[name].waiting
+
+
+@DRIVERS
+async def test_a_unit_waiting_less_than_the_timeout_keeps_a_full_pool_ready(
+    postgres: Postgres, make: Any, timeout_name: str
+) -> None:
+    """The reviewer's scenario: two long requests hold both connections; 1.4 s after the
+    last hand-out (longer than the 1 s timeout) one more request arrives and waits. The
+    probe, while it waits, answers 200 "busy"; the request is served once a long one
+    ends, and answers 200 too: nothing failed, so nothing says the pool is stuck."""
+    app, lc, release = make_app(make, postgres)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as tg,
+    ):
+        statuses: list[int] = []
+
+        async def get(path: str) -> None:
+            statuses.append((await client.get(path)).status_code)
+
+        tg.start_soon(get, "/hold")
+        tg.start_soon(get, "/hold")
+        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+        handed_out = time.monotonic()
+        await anyio.sleep(1.4)  # none handed out for longer than the timeout
+
+        waiting_since = time.monotonic()
+        tg.start_soon(get, "/q")
+        await anyio.sleep(0.2)  # it waits for a connection
+        assert waiting(lc, "pg") in (1, None)
+        ready = await client.get("/health/ready")
+        assert time.monotonic() - handed_out > TIMEOUT
+        assert time.monotonic() - waiting_since < TIMEOUT  # the probe saw it wait in time
+        assert ready.status_code == 200, ready.text
+        detail = ready.json()["checks"]["pg"]["detail"]
+        assert re.fullmatch(
+            r"busy: all 2 connections in use, 1 waiting; one was handed out \d+\.\d s ago", detail
+        ), detail
+
+        release.set()
+    assert statuses == [200, 200, 200]
+
+
+@DRIVERS
+async def test_units_timing_out_on_a_stuck_pool_make_it_not_ready(
+    postgres: Postgres, make: Any, timeout_name: str
+) -> None:
+    """Both connections held for good; three clients each ask, time out after 1 s (503),
+    and ask again. Once the waits fail, readiness answers 503 "saturated", at once; the
+    held requests let go, and it is ready again."""
+    app, lc, release = make_app(make, postgres)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        await stuck(client, lc, release, timeout_name)
+        # The held requests let go: the pool has room, and the check runs and passes.
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["pg"].get("detail") is None, ready.text
+
+
+async def stuck(
+    client: httpx.AsyncClient, lc: tether.Lifecycle, release: anyio.Event, timeout_name: str
+) -> None:
+    async with anyio.create_task_group() as tg:
+        held: list[int] = []
+        refused: list[str] = []
+        asking = True
+
+        async def hold() -> None:
+            held.append((await client.get("/hold")).status_code)
+
+        async def ask(delay: float) -> None:
+            await anyio.sleep(delay)
+            while asking:
+                response = await client.get("/q")
+                if response.status_code == 503:
+                    refused.append(response.text)
+
+        tg.start_soon(hold)
+        tg.start_soon(hold)
+        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+        for delay in (0.0, 0.3, 0.6):
+            tg.start_soon(ask, delay)
+        await until(lambda: len(refused) >= 3, "three waits timed out", within=10.0)
+        # A probe between one's 503 and its next wait may find none waiting (busy, ready):
+        # while they keep waiting in vain, it reads not ready.
+        with anyio.fail_after(3.0):
+            while True:
+                t0 = time.monotonic()
+                ready = await client.get("/health/ready")
+                assert time.monotonic() - t0 < 0.25  # read from the pool, not queued behind it
+                if ready.status_code != 200:
+                    break
+                await anyio.sleep(0.05)
+        assert ready.status_code == 503, ready.text
+        error = ready.json()["checks"]["pg"]["error"]
+        assert re.fullmatch(
+            r"saturated: all 2 connections in use, \d waiting, and none handed out for "
+            rf"\d+\.\d s \(longer than {timeout_name}=1 s\): the queries holding them are "
+            r"stuck, or the database stopped answering",
+            error,
+        ), error
+        assert all("could not give a connection" in said for said in refused), refused
+
+        asking = False
+        release.set()
+    assert held == [200, 200]
+
+
+async def test_redis_a_command_waiting_less_than_pool_timeout_keeps_it_ready(
+    redis_server: Redis,
+) -> None:
+    """Two BLPOPs hold both connections of a pool of 2 for longer than ``pool_timeout``
+    (1 s); a GET that then waits keeps readiness busy (ready) while it waits. Once it
+    timed out (503) and none was handed out since, the next GET to wait finds the pool
+    saturated (not ready); the BLPOPs get their items, and that GET is served."""
+    lc = tether.Lifecycle(check_timeout=3.0)
+    cache = tredis.client(lc, redis_server.url, max_connections=2, pool_timeout=1.0)
+    key = f"k-ready-{uuid.uuid4().hex[:6]}"
+    other = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with lc.run(), anyio.create_task_group() as tg:
+            r = lc.get(cache)
+            popped: list[Any] = []
+
+            async def pop() -> None:
+                popped.append(await r.blpop([key], timeout=10))
+
+            tg.start_soon(pop)
+            tg.start_soon(pop)
+            await until(
+                lambda: (in_use(lc, "redis"), waiting(lc, "redis")) == (2, 0),
+                "both connections held",
+            )
+            await anyio.sleep(1.3)  # none handed out for longer than pool_timeout
+
+            got: list[Any] = []
+
+            async def get() -> None:
+                try:
+                    got.append(await r.get(key))
+                except tredis.RedisUnavailable as exc:
+                    got.append(exc)
+
+            tg.start_soon(get)
+            await until(lambda: waiting(lc, "redis") == 1, "one command waiting")
+            report = await lc.health()
+            assert report.ok, report.as_dict()
+            detail = report["redis"].detail or ""
+            assert re.fullmatch(
+                r"busy: all 2 connections in use, 1 waiting; one was handed out \d+\.\d s ago",
+                detail,
+            ), detail
+
+            # The GET times out: the next one to wait finds the pool failing its waiters.
+            await until(lambda: len(got) == 1, "the GET gave up")
+            assert isinstance(got[0], tredis.RedisUnavailable), got
+            tg.start_soon(get)
+            await until(lambda: waiting(lc, "redis") == 1, "another command waiting")
+            report = await lc.health()
+            assert not report.ok
+            error = report["redis"].error or ""
+            assert re.fullmatch(
+                r"saturated: all 2 connections in use, 1 waiting, and none handed out for "
+                r"\d+\.\d s \(longer than pool_timeout=1 s\): the commands holding them are "
+                r"stuck, or the Redis server stopped answering",
+                error,
+            ), error
+            await other.rpush(key, "a", "b")  # the BLPOPs end; the GET is served
+    finally:
+        await other.aclose()
+    assert sorted(item for _, item in popped) == [b"a", b"b"]
+    assert got[1:] == [None]

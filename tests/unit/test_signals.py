@@ -1,0 +1,101 @@
+"""Signals a server registers through the running loop (`loop.add_signal_handler`, as
+hypercorn does), in front of which tether puts its own: SIGTERM during startup stops the
+start, and `drain_delay` holds SIGTERM back while readiness fails."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server_handler() -> AsyncIterator[list[float]]:
+    """A SIGTERM handler registered through the running loop, as hypercorn registers its
+    own: the times it was called."""
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+
+    def on_sigterm() -> None:
+        calls.append(time.perf_counter())
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        yield calls
+        handle = loop._signal_handlers.get(signal.SIGTERM)  # type: ignore[attr-defined]
+        assert handle is not None
+        assert handle._callback is on_sigterm
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_sigterm_during_startup_retries_stops_the_start(server_handler: list[float]) -> None:
+    """A SIGTERM while an app resource retries stops the retries, closes what opened and
+    raises `StartupError` at once; the server's handler is called too (so it exits)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource(scope="app")
+    async def settings() -> AsyncIterator[str]:
+        events.append("settings open")
+        yield "settings"
+        events.append("settings close")
+
+    @lc.resource(scope="app", retries=20, backoff=0.2)
+    async def backend(settings: str) -> str:
+        events.append("backend attempt")
+        raise ConnectionRefusedError("the database is not up yet")
+
+    asyncio.get_running_loop().call_later(0.5, signal.raise_signal, signal.SIGTERM)
+    started = time.perf_counter()
+    with pytest.raises(tether.StartupError) as info:
+        async with lc.lifespan(None):
+            pytest.fail("the app started")
+    assert time.perf_counter() - started < 3  # 20 retries take over a minute
+    assert str(info.value) == (
+        "The start was interrupted by SIGTERM while app resource 'backend' was still "
+        "opening: the opens were stopped (no more retries) and the app resources already "
+        "open were closed, in reverse order; nothing was served. If the start was slow "
+        "because a backend is not up yet, give the app longer to start (the orchestrator's "
+        "startup grace), or those resources fewer retries= or a shorter timeout=."
+    )
+    assert info.value.resource == "backend"
+    assert events[0] == "settings open"
+    assert events[-1] == "settings close"
+    assert len(server_handler) == 1  # the server learnt of it
+    assert lc.state is tether.State.CLOSED
+
+
+async def test_drain_delay_holds_back_a_sigterm_handler_of_the_loop(
+    server_handler: list[float],
+) -> None:
+    """With `drain_delay`, the server's SIGTERM handler registered through the loop is called
+    only after the delay, readiness failing meanwhile (before: at once, so the delay did
+    nothing under hypercorn); a second SIGTERM hands it over at once."""
+    lc = tether.Lifecycle(drain_delay=0.6)
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    async with lc.lifespan(None):
+        sent = time.perf_counter()
+        signal.raise_signal(signal.SIGTERM)
+        await anyio.sleep(0.3)
+        assert server_handler == []  # the server has not been told: it goes on serving
+        assert lc._stopping  # /health/ready answers 503
+        with anyio.fail_after(5):
+            while not server_handler:
+                await anyio.sleep(0.02)
+        assert server_handler[0] - sent >= 0.55
+        signal.raise_signal(signal.SIGTERM)  # the server gets a second one at once
+        await anyio.sleep(0.1)
+        assert len(server_handler) == 2

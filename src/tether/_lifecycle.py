@@ -228,7 +228,7 @@ class Lifecycle:
         drain_timeout: seconds shutdown waits for in-flight units of work.
         leak_threshold: a request resource held longer than this is reported once,
             with where it was acquired (``None`` turns leak detection off).
-        sync_threads: threads for opening sync resources that set no ``concurrency``.
+        sync_threads: threads for opening each sync resource that sets no ``concurrency``.
         check_timeout: default seconds a health check may take.
         track_stacks: capture the acquirer's stack for values opened with ``scope().get``.
         drain_delay: seconds, after the server is sent SIGTERM, that readiness fails while
@@ -774,8 +774,11 @@ class Lifecycle:
         self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4))
         # Runs an open whose caller already holds a token of one of the limiters above.
         self._thread_runner = anyio.CapacityLimiter(math.inf)
+        # A limiter per resource, `sync_threads` tokens without `concurrency=`: opens of one
+        # resource waiting for its pool never hold the tokens another resource needs (the
+        # holders of that pool's connections, opening their next sync resource).
         for res in self._resources.values():
-            res.limiter = anyio.CapacityLimiter(res.concurrency) if res.concurrency else None
+            res.limiter = anyio.CapacityLimiter(res.concurrency or self.sync_threads)
 
     async def _open_app(self, tg: TaskGroup) -> None:
         order = _graph.app_order(self._resources, self._overrides)

@@ -585,6 +585,15 @@ async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:
         )
         raise _unavailable(p, pool_name, reason, timed_out=True) from exc
     except PoolTimeout as exc:
+        state: _State | None = getattr(p, "_tether", None)
+        if state is not None and not state.out:
+            # None in use, so none to wait for: the pool could not make one (a database
+            # down or restarting, its connections lost and not yet replaced).
+            reason = (
+                f"none is in use, and the pool could not make one within timeout={waited:g} "
+                f"s: the database cannot be reached, or is restarting"
+            )
+            raise _unavailable(p, pool_name, reason, timed_out=True, unreachable=True) from exc
         reason = (
             f"no connection came free within timeout={waited:g} s; the requests holding "
             f"them are slow, the pool is too small for the load, or the database cannot "
@@ -597,7 +606,7 @@ async def _getconn(p: Any, pool_name: str, timeout: float | None) -> Connection:
 
 
 def _unavailable(
-    p: Any, pool_name: str, reason: str, *, timed_out: bool = False
+    p: Any, pool_name: str, reason: str, *, timed_out: bool = False, unreachable: bool = False
 ) -> ResourceUnavailable:
     try:
         stats = p.get_stats()
@@ -605,10 +614,11 @@ def _unavailable(
         in_use = _in_use(p, size, idle)
         waiting = _waiting(p, stats)
     except Exception:  # pragma: no cover - a pool-like value without stats
-        return unavailable(pool_name, reason, timed_out=timed_out)
+        return unavailable(pool_name, reason, timed_out=timed_out, unreachable=unreachable)
     return unavailable(
-        pool_name, reason, size=p.max_size, in_use=in_use, waiting=waiting, timed_out=timed_out
-    )
+        pool_name, reason, size=p.max_size, in_use=in_use, waiting=waiting,
+        timed_out=timed_out, unreachable=unreachable,
+    )  # fmt: skip
 
 
 #: Seconds psycopg is given, after its query was cancelled at the end of a bound, to have

@@ -855,6 +855,15 @@ class Lifecycle:
                 f"credentials or the database (SQLSTATE {refused}), which no retry mends, "
                 f"so none was made: fix the user, password or database name it connects with."
             )
+        elif failure.res.retries:
+            tries = failure.res.retries + 1
+            msg = (
+                f"App resource {failure.res.name!r} failed to open: {cause}. "
+                f"The resources already open were closed. It was tried {tries} times "
+                f"(retries={failure.res.retries}, backoff={failure.res.backoff:g} s): fix the "
+                f"cause above, or give {failure.res.name!r} more retries= or a longer "
+                f"timeout= if it is slow to come up."
+            )
         else:
             msg = (
                 f"App resource {failure.res.name!r} failed to open: {cause}. "

@@ -12,7 +12,7 @@ import pytest
 
 import tether
 
-from ._messages import open_timeout, startup
+from ._messages import exactly, open_timeout, startup
 
 pytestmark = pytest.mark.anyio
 
@@ -347,7 +347,9 @@ class TestStartupFailure:
         ]
 
     async def test_retries_exhausted(self) -> None:
-        """With `retries=1` a resource that fails twice fails startup with the last failure."""
+        """With `retries=1` a resource that fails twice fails startup with the last failure,
+        and the message says how often it was tried (before, it advised `retries=` to a
+        resource that had them)."""
         lc = tether.Lifecycle()
         attempts: list[int] = []
 
@@ -358,7 +360,13 @@ class TestStartupFailure:
             yield  # pragma: no cover
 
         with pytest.raises(
-            tether.StartupError, match=startup("pool", "ConnectionError: refused #2")
+            tether.StartupError,
+            match=exactly(
+                "App resource 'pool' failed to open: ConnectionError: refused #2. The "
+                "resources already open were closed. It was tried 2 times (retries=1, "
+                "backoff=0.01 s): fix the cause above, or give 'pool' more retries= or a "
+                "longer timeout= if it is slow to come up."
+            ),
         ) as info:
             async with lc.run():
                 pass  # pragma: no cover

@@ -21,6 +21,7 @@ from contextlib import (
     AsyncExitStack,
     asynccontextmanager,
     contextmanager,
+    suppress,
 )
 from typing import Any, Protocol, TypeVar, overload
 
@@ -1520,7 +1521,11 @@ def _interruptible_start(lc: Lifecycle) -> Iterator[None]:
     for sig in (signal.SIGTERM, signal.SIGINT):
 
         def on_signal(pass_on: Callable[[], None], name: str = sig.name) -> None:
-            loop.call_soon_threadsafe(interrupt, name)
+            # Left installed behind another's (two startups at once), once this start is
+            # over it only passes the signal on.
+            if active:
+                with suppress(RuntimeError):  # (its loop closed)
+                    loop.call_soon_threadsafe(interrupt, name)
             pass_on()
 
         restores.append(_chain_signal(loop, sig, on_signal))
@@ -1547,8 +1552,12 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
         yield
         return
 
+    serving = True
+
     def on_sigterm(hand_over: Callable[[], None]) -> None:
-        if lc._stopping:  # a second SIGTERM: the server stops now
+        if lc._stopping or not serving or loop.is_closed():
+            # A second SIGTERM: the server stops now. Or this app is over, and this handler
+            # was left behind another's (two apps at once): it only passes the signal on.
             hand_over()
             return
         lc._stopping = True
@@ -1563,6 +1572,7 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
     try:
         yield
     finally:
+        serving = False
         restore()
         lc._stopping = False
 

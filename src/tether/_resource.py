@@ -100,6 +100,7 @@ class Resource(Generic[T]):
         "check_timeout",
         "concurrency",
         "counters",
+        "counts_waits",
         "deps",
         "error_status",
         "factory",
@@ -169,6 +170,10 @@ class Resource(Generic[T]):
         # For an app resource that is a driver's pool, set by its integration: reads the
         # pool's own figures from its value (lc.stats().pools).
         self.pool_stats: Callable[[Any], PoolStats] | None = None
+        # Set by an integration whose pool counts its waits that time out in its own
+        # `timeouts` (httpx, Redis: the wait happens in a call, not in an open of tether's):
+        # the metrics then add no dependent's timeouts to the pool's, the same event.
+        self.counts_waits = False
         # For an app resource that is a driver's pool, set by its integration: whether every
         # connection is in use, read before a health check runs, so that a pool busy with
         # traffic is reported at once instead of the check queueing behind that traffic.

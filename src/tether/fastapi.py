@@ -923,11 +923,13 @@ class HttpUnit(Unit):
                 # response (HTTPException, ServerErrorMiddleware, the app's own handler,
                 # whatever status it chose: a redirect too): that is the failure the
                 # cleanups should see, as when the exception escapes FastAPI's handler.
-                handled = sys.exc_info()[1]
-                if handled is not None:
-                    self.failure = handled
-                elif message["status"] >= 400:
-                    self.failure = FailedResponse(message["status"])
+                if message["status"] >= 400:
+                    handled = sys.exc_info()[1]
+                    self.failure = (
+                        handled if handled is not None else FailedResponse(message["status"])
+                    )
+                else:  # a redirect an exception handler answered with, say
+                    self.failure = _answered_exception()
                 if self.entries:
                     errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
@@ -1041,53 +1043,71 @@ class HttpUnit(Unit):
                 # Cancel only work that has not answered yet: once the response has started
                 # its cleanups may be running (a commit must not be interrupted), and a
                 # stream learns of the disconnect from `send` itself.
-                if self.state == 0 and not self.closed and self.task is not None:
-                    if _in_worker_thread(self.task):
-                        # A `def` endpoint (or dependency) runs in a thread, which no
-                        # cancel stops: cancelling the task would close its values under
-                        # it (a connection back in the pool while the thread writes on
-                        # it). It runs to its end; its values then close as a failure.
-                        log.info(
-                            "tether: client went away during %s, which runs in a worker "
-                            "thread: it rolls back when that returns",
-                            self.label,
-                        )
-                        self.went_away()
-                    else:
-                        watch.cancelled = True
-                        log.info("tether: client went away during %s; cancelling it", self.label)
-                        self.task.cancel()
                 watch.disconnected = True
                 watch.arrived.set()
+                if self.state == 0 and not self.closed and self.task is not None:
+                    await self._cancel(watch, self.task)
                 return
             watch.buffer.append(message)
             watch.arrived.set()
 
-
-# The coroutines that wait for a worker thread: anyio's (which Starlette's
-# `run_in_threadpool` and FastAPI use), and asyncio's own `to_thread`.
-_THREAD_WAITS = frozenset({"run_sync_in_worker_thread", "to_thread"})
+    async def _cancel(self, watch: _Watch, task: asyncio.Task[Any]) -> None:
+        """Cancel the request whose client went away; but not while the app's code runs in
+        a worker thread (a ``def`` endpoint or dependency), which no cancel stops:
+        cancelling the task then would close its values under the thread (a connection
+        back in the pool while the thread still writes on it). The unit closes as a
+        failure whatever it opens from here, and the task is cancelled once it is out of
+        the thread; if the handler ends first, its values roll back then."""
+        if _in_worker_thread(task):
+            log.info(
+                "tether: client went away during %s, which runs in a worker thread: it is "
+                "cancelled when that returns, and rolls back",
+                self.label,
+            )
+            if self.failure is None:
+                self.failure = ClientDisconnected(f"The client went away during {self.label}.")
+            while _in_worker_thread(task):
+                await asyncio.sleep(0.01)  # (this watcher is cancelled when the handler ends)
+            if self.state != 0 or self.closed:
+                return
+        watch.cancelled = True
+        log.info("tether: client went away during %s; cancelling it", self.label)
+        task.cancel()
 
 
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_thread_waits: tuple[Any, ...] | None = None
 
 
 def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
     """Whether *task* waits for a worker thread that runs the app's code now (a ``def``
-    endpoint or dependency, ``run_in_threadpool``): its await chain ends in a thread wait
-    called from outside tether. tether's own (a sync resource opening) can be cancelled:
-    the thread closes what it opens after."""
+    endpoint or dependency, ``run_in_threadpool``, ``asyncio.to_thread``): its await chain
+    ends in the future of a thread that started, awaited by anyio's or asyncio's thread
+    wait, called from outside tether. Not while it waits for a thread token (nothing runs
+    yet), nor in tether's own (a sync resource opening: the thread closes what it opens
+    after a cancel)."""
+    global _thread_waits
+    if _thread_waits is None:
+        from anyio._backends._asyncio import AsyncIOBackend
+
+        _thread_waits = (
+            AsyncIOBackend.run_sync_in_worker_thread.__code__,
+            asyncio.to_thread.__code__,
+        )
     aw: Any = task.get_coro()
     caller = None
     for _ in range(64):  # an await chain is never this deep
         code = getattr(aw, "cr_code", None)
         if code is None:
             return False
-        if code.co_name in _THREAD_WAITS:
-            return caller is None or not caller.startswith(_OURS)
+        step = getattr(aw, "cr_await", None)
+        if code in _thread_waits:
+            # The thread's future (its iterator), not a token's wait (a coroutine).
+            running = step is not None and not inspect.iscoroutine(step)
+            return running and (caller is None or not caller.startswith(_OURS))
         if "/anyio/" not in code.co_filename:
             caller = code.co_filename
-        aw = getattr(aw, "cr_await", None)
+        aw = step
     return False
 
 
@@ -1150,6 +1170,24 @@ def _watch_disconnects(lc: Lifecycle, now: float) -> None:
 
 
 _WS_ENDS = frozenset({"websocket.close", "websocket.http.response.start"})
+_EXCEPTION_HANDLERS = os.path.join("starlette", "_exception_handler.py")
+
+
+def _answered_exception() -> BaseException | None:
+    """The exception that Starlette's exception handling (``@app.exception_handler``,
+    ``WebSocketException``) is answering with the message being sent, if it is: one the
+    endpoint raised, and the route's app swallows. Not one the endpoint caught itself and
+    answered from its own ``except`` block (an idle WebSocket closed on a timeout)."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return None
+    f: Any = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_name == "wrapped_app" and code.co_filename.endswith(_EXCEPTION_HANDLERS):
+            return exc if f.f_locals.get("exc") is exc else None
+        f = f.f_back
+    return None
 
 
 class _TetherRoute:
@@ -1234,7 +1272,7 @@ class _TetherRoute:
             # the app's own handler), which the route's app then swallows. That is the
             # failure the cleanups should see, as on HTTP routes.
             if message["type"] in _WS_ENDS and not handled:
-                exc = sys.exc_info()[1]
+                exc = _answered_exception()
                 if exc is not None:
                     handled.append(exc)
             await send(message)

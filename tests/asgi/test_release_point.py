@@ -250,6 +250,17 @@ def make_app(release: str = "handler") -> tuple[FastAPI, tether.Lifecycle, Recor
         await websocket.receive_text()
         raise Refused
 
+    @app.websocket("/ws-idle")
+    async def ws_idle(websocket: WebSocket, s: Session) -> None:
+        import asyncio
+
+        await websocket.accept()
+        await websocket.receive_text()
+        try:
+            await asyncio.wait_for(websocket.receive_text(), 0.1)
+        except TimeoutError:  # caught here: an idle client closed, no failure
+            await websocket.close(code=1000)
+
     async def refused(websocket: WebSocket, exc: Exception) -> None:
         await websocket.close(code=4000)
 
@@ -397,6 +408,20 @@ class TestHandlerRelease:
         assert f"rollback {failure}" in rec.events
         assert "commit" not in rec.events
         assert rec.events.count("session close") == 1
+
+    def test_websocket_closed_from_the_endpoints_own_except_commits(self) -> None:
+        """A close the endpoint sends from an `except` block of its own (an idle client,
+        timed out) is no failure: its writes commit."""
+        from starlette.websockets import WebSocketDisconnect
+
+        app, _, rec = make_app()
+        with TestClient(app) as client, client.websocket_connect("/ws-idle") as ws:
+            ws.send_text("write")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        assert closed.value.code == 1000
+        assert "commit" in rec.events
+        assert not [e for e in rec.events if e.startswith("rollback")]
 
 
 def test_generator_endpoints_keep_their_values_until_the_stream_ends() -> None:

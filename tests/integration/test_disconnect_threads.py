@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 import psycopg
 import psycopg_pool
 import pytest
@@ -133,3 +135,73 @@ async def test_a_def_endpoint_whose_client_left_runs_to_its_end_and_rolls_back(
             assert await call(app, "/one", leave_after=None) == [200]
     assert postgres.sql("SELECT who, count(*) FROM gone_rows GROUP BY who") == [("next", 3)]
     assert postgres.activity_after_close(name) == []
+
+
+async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it() -> None:
+    """The client leaves while a `def` dependency (an auth check) runs in its thread: the
+    request is cancelled once that thread returns, at the endpoint's first await, and what
+    it opened rolls back (before, the deferred cancel never came: the endpoint ran in full
+    and committed; an endpoint that never awaits runs to its end, and rolls back)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def tx() -> Any:
+        try:
+            yield "tx"
+            events.append("commit")
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+
+    def auth() -> str:
+        time.sleep(0.8)  # the client leaves at 0.3 s
+        return "user"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/long")
+    async def long(user: Annotated[str, Depends(auth)], t: Annotated[str, Depends(tx)]) -> str:
+        await anyio.sleep(0.5)  # cancelled here, at its first await
+        events.append("endpoint ended")
+        return t
+
+    async with lc.lifespan(app):
+        assert await call(app, "/long", leave_after=0.3) == [499]
+    assert events == ["rollback (ClientDisconnected)"]
+
+
+async def test_requests_queued_for_a_worker_thread_are_still_cancelled() -> None:
+    """With every worker thread taken, `def` endpoints whose clients left while they waited
+    for one are cancelled there: nothing of theirs runs (a request waiting for a thread
+    token is not in a thread)."""
+    lc = tether.Lifecycle()
+    ran: list[int] = []
+
+    @lc.resource
+    async def tx() -> Any:
+        yield "tx"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/long")
+    def long(t: Annotated[str, Depends(tx)]) -> str:
+        ran.append(1)
+        time.sleep(0.5)
+        return t
+
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    async with lc.lifespan(app):
+        tokens = limiter.total_tokens
+        limiter.total_tokens = 1
+        try:
+            started = time.monotonic()
+            statuses = await asyncio.gather(
+                *(call(app, "/long", leave_after=0.2) for _ in range(6))
+            )
+            took = time.monotonic() - started
+        finally:
+            limiter.total_tokens = tokens
+    assert statuses == [[499]] * 6
+    assert len(ran) == 1  # the one that had the thread ran to its end, the others never ran
+    assert took < 3.0  # six bodies in turn would take 3 s

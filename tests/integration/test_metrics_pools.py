@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 import tether
 from tests.asgi.test_opentelemetry import collect
-from tests.asgi.test_prometheus import samples
+from tests.asgi.test_prometheus import sample, samples
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.metrics import opentelemetry as totel
@@ -151,3 +151,50 @@ async def test_connection_count_is_the_pools_connections(postgres: Postgres) -> 
     assert series(otel_after, "db.client.connection.timeouts") == {pg_attributes: 1}
     conn_attributes = frozenset({(totel.POOL_NAME, "conn"), (totel.SCOPE, "request")})
     assert series(otel_after, "tether.resource.timeouts")[conn_attributes] == 1
+
+
+async def test_a_pool_that_counts_its_own_waits_counts_one_timeout_once() -> None:
+    """httpx (and Redis) count a wait for their pool that timed out on the pool itself: a
+    request resource that calls the client while it opens, and fails on that timeout, adds
+    nothing to the pool's `db_client_connection_timeouts` (before, the one timeout counted
+    twice there). Its own `tether_resource_timeouts` keeps it."""
+    import asyncio
+
+    from tether.integrations import httpx as thx
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)  # a server that accepts and never answers
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lc = tether.Lifecycle()
+    http = thx.client(
+        lc, base_url=f"http://127.0.0.1:{port}", check=False,
+        timeout=httpx.Timeout(30.0, pool=0.3), limits=httpx.Limits(max_connections=1),
+    )  # fmt: skip
+
+    @lc.resource
+    async def user(http: httpx.AsyncClient) -> AsyncIterator[str]:
+        yield (await http.get("/whoami")).text  # the request's user, from an auth service
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/me")
+    async def me(u: Annotated[str, Depends(user)]) -> str:
+        return u
+
+    registry = CollectorRegistry()
+    tprom.register(lc, registry=registry)
+    try:
+        async with lc.lifespan(app):
+            holder = asyncio.create_task(lc.get(http).get("/held"))  # the one connection
+            await anyio.sleep(0.2)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/me")).status_code == 503
+            found = samples(registry)
+            holder.cancel()
+    finally:
+        server.close()
+    assert found[sample("db_client_connection_timeouts_total", pool_name="http", scope="app")] == 1
+    assert found[sample("tether_resource_timeouts_total", pool_name="user", scope="request")] == 1

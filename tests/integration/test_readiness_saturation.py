@@ -288,3 +288,33 @@ async def test_redis_a_command_waiting_less_than_pool_timeout_keeps_it_ready(
         await other.aclose()
     assert sorted(item for _, item in popped) == [b"a", b"b"]
     assert got[1:] == [None]
+
+
+async def test_an_old_timeout_does_not_make_a_later_waiter_read_stuck(postgres: Postgres) -> None:
+    """One wait timed out, then no traffic for longer than the timeout; a new unit waits and
+    will be served in time: the probe answers 200 "busy" (a timeout is a sign of failing
+    waits only while recent: before, the old one made it read "saturated")."""
+    app, lc, release = make_app(asyncpg_pool, postgres)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as tg,
+    ):
+        statuses: list[int] = []
+
+        async def get(path: str) -> None:
+            statuses.append((await client.get(path)).status_code)
+
+        tg.start_soon(get, "/hold")
+        tg.start_soon(get, "/hold")
+        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+        assert (await client.get("/q")).status_code == 503  # waited 1 s in vain
+        await anyio.sleep(TIMEOUT + 0.3)  # no traffic for longer than the timeout
+        tg.start_soon(get, "/q")
+        await anyio.sleep(0.2)  # it waits for a connection
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["pg"]["detail"].startswith("busy: all 2 connections")
+        release.set()
+    assert sorted(statuses) == [200, 200, 200]

@@ -944,6 +944,72 @@ async def test_postgres_restart_mid_traffic(postgres: Postgres) -> None:
 # --------------------------------------------------------------------------- SQLite
 
 
+@pytest.mark.parametrize("variant", ["async", "sync"])
+def test_a_commit_sqlite_refuses_leaves_no_transaction_behind(tmp_path: Path, variant: str) -> None:
+    """SQLite keeps its transaction open when COMMIT fails (a deferred foreign key), and
+    SQLAlchemy's return to the pool leaves it so: before, the connection went back holding
+    the write lock, every later write failed with the same error, and other processes got
+    "database is locked". The failing request is a 500; the next ones are served."""
+    import sqlite3
+
+    path = tmp_path / "fk.db"
+    with sqlite3.connect(path) as c:
+        c.executescript(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+            "CREATE TABLE child (id INTEGER PRIMARY KEY, pid INTEGER REFERENCES parent(id)"
+            " DEFERRABLE INITIALLY DEFERRED);"
+        )
+    lc = tether.Lifecycle()
+    if variant == "async":
+        engine: Any = tsa.engine(lc, f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0)
+        session: Any = tsa.session(lc, engine)
+    else:
+        engine = tsa.sync_engine(lc, f"sqlite:///{path}", pool_size=1, max_overflow=0)
+        session = tsa.sync_session(lc, engine)
+
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[Any, Depends(session)]
+    fk = text("PRAGMA foreign_keys=ON")  # outside a transaction: pysqlite begins at a write
+
+    if variant == "async":
+
+        @app.post("/child")
+        async def orphan(s: S) -> str:
+            await s.execute(fk)
+            await s.execute(text("INSERT INTO child (pid) VALUES (9)"))
+            return "written"
+
+        @app.post("/parent")
+        async def parent(s: S) -> str:
+            await s.execute(fk)
+            await s.execute(text("INSERT INTO parent DEFAULT VALUES"))
+            return "written"
+
+    else:
+
+        @app.post("/child")
+        def orphan_sync(s: S) -> str:
+            s.execute(fk)
+            s.execute(text("INSERT INTO child (pid) VALUES (9)"))
+            return "written"
+
+        @app.post("/parent")
+        def parent_sync(s: S) -> str:
+            s.execute(fk)
+            s.execute(text("INSERT INTO parent DEFAULT VALUES"))
+            return "written"
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/parent").status_code == 200
+        assert client.post("/child").status_code == 500
+        assert [client.post("/parent").status_code for _ in range(3)] == [200] * 3
+        with sqlite3.connect(path, timeout=0.5) as other:  # the write lock is free
+            other.execute("INSERT INTO parent DEFAULT VALUES")
+    with sqlite3.connect(path) as c:
+        counts = c.execute("SELECT (SELECT count(*) FROM parent), (SELECT count(*) FROM child)")
+        assert counts.fetchone() == (5, 0)
+
+
 def test_sync_engine_on_in_memory_sqlite_is_one_database() -> None:
     """`sync_engine(lc, "sqlite://")` with `def` endpoints (a common test setup): every
     request sees the one in-memory database (before, SQLAlchemy's per-thread pool gave each

@@ -99,3 +99,55 @@ async def test_drain_delay_holds_back_a_sigterm_handler_of_the_loop(
         signal.raise_signal(signal.SIGTERM)  # the server gets a second one at once
         await anyio.sleep(0.1)
         assert len(server_handler) == 2
+
+
+def test_overlapping_startups_leave_signals_as_they_were() -> None:
+    """Two apps starting at once in one process (two services in one test) chain their
+    handlers; one is left installed behind the other's. Once their loop is closed, it only
+    passes the signal on: Ctrl-C is a KeyboardInterrupt and SIGTERM ends the process
+    (before, both raised "Event loop is closed", and the process lived on)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import asyncio, os, signal, time
+        from fastapi import FastAPI
+        import tether
+
+        def make(delay):
+            lc = tether.Lifecycle(drain_delay=1)
+
+            @lc.resource(scope="app")
+            async def slow():
+                await asyncio.sleep(delay)
+                yield 1
+
+            return lc, FastAPI(lifespan=lc.lifespan)
+
+        async def hold(delay):
+            lc, app = make(delay)
+            async with lc.lifespan(app):
+                await asyncio.sleep(delay)
+
+        async def main():
+            await asyncio.gather(hold(0.1), hold(0.3))
+
+        asyncio.run(main())
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            print("no KeyboardInterrupt", flush=True)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        print("alive after SIGTERM", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.splitlines() == ["KeyboardInterrupt"], done.stdout + done.stderr
+    assert done.returncode == -signal.SIGTERM, done.stderr

@@ -224,19 +224,24 @@ def saturation(
     reported at once ("busy"), while the units of work waiting for it get their connections:
     however long ago the last one was handed out (long queries hold them), a unit that waits
     less than the timeout is served. It is not ready only when they fail: units waiting, a
-    wait that timed out since the pool last handed one out (*timed_out_at* > *served*), and
-    none handed out for longer than the timeout *within* (``None``: the pool waits without
-    end, and nothing times out). The pool enforces its timeout, so a unit that waited longer
-    than it is one that timed out: the pools' acquire wrappers note when a wait timed out
-    (``time.monotonic()``, on that failure only), and *served* when one was handed out.
+    wait that timed out since the pool last handed one out (*timed_out_at* > *served*), no
+    longer ago than the timeout *within*, and none handed out for longer than that
+    (``None``: the pool waits without end, and nothing times out). The pool enforces its
+    timeout, so a unit that waited longer than it is one that timed out: the pools' acquire
+    wrappers note when a wait timed out (``time.monotonic()``, on that failure only), and
+    *served* when one was handed out.
     """
     most, in_use = figures.max, figures.in_use
     if most is None or in_use is None or in_use < most or figures.idle:
         return None
-    ago = time.monotonic() - served
+    now = time.monotonic()
+    ago = now - served
     waiting = figures.waiting or 0
     held = f"all {most} connections" if most != 1 else "the one connection"
-    if waiting and within is not None and timed_out_at > served and ago > within:
+    # (A wait that timed out long ago, with no traffic since, says nothing of the unit
+    # waiting now: it must be recent, within the timeout.)
+    recent = served < timed_out_at and now - timed_out_at <= (within or 0.0)
+    if waiting and within is not None and recent and ago > within:
         return False, (
             f"saturated: {held} in use, {waiting} waiting, and none handed "
             f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): {holders} "

@@ -364,6 +364,7 @@ def client(
         scope="app", name=name, check=_client_check(check, health_url)
     )(open_client)
     res.pool_stats = lambda c: _pool_stats(name, c)
+    res.counts_waits = True
 
     async def open_streams() -> AsyncIterator[_Streams]:
         opened = _Streams()

@@ -311,6 +311,7 @@ def client(
         required=required,
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
+    res.counts_waits = True
     # Readiness reads a full pool instead of queueing a PING behind it (or, in a pool that
     # does not wait, failing it at once). No figures for a pool without a cap: PING.
     res.saturation = lambda r: saturation(

@@ -619,6 +619,14 @@ def _options(
     elif pgbouncer:
         msg = f"Engine {name!r}: pgbouncer=True is for PostgreSQL URLs, not {backend!r}."
         raise ValueError(msg)
+    if _is_memory_sqlite(u) and "poolclass" not in options:
+        # One connection for every thread and task: SQLAlchemy's default for a sync engine
+        # is one per thread (SingletonThreadPool), and tether opens and closes sessions in
+        # threads of its own, each of which would see a database of its own, empty; a
+        # shared-cache URI (`file::memory:?cache=shared`) gets a queue pool, whose
+        # connections lock each other's tables.
+        options["poolclass"] = StaticPool
+        connect_args.setdefault("check_same_thread", False)
     if connect_args:
         options["connect_args"] = connect_args
     return options
@@ -1114,7 +1122,12 @@ def session(
                 raise _used_concurrently(name) from exc
             except sa_exc.DBAPIError as exc:
                 if not _refused_to_send(exc):
-                    raise  # the commit may have happened: not a 503
+                    # The commit may have happened: not a 503. Rolled back all the same:
+                    # SQLite keeps its transaction open when COMMIT fails (a deferred
+                    # foreign key), and SQLAlchemy's return to the pool then leaves it so,
+                    # holding the write lock for every later unit of work.
+                    await _rollback(s, name)
+                    raise
                 # asyncpg refused to send COMMIT (the server ended the session, and its
                 # error or the close arrived first): nothing was committed.
                 await s.invalidate()
@@ -1185,13 +1198,6 @@ def sync_engine(
             connect_timeout=connect_timeout,
             engine_kwargs=engine_kwargs,
         )
-        if _is_memory_sqlite(u) and "poolclass" not in options:
-            # SQLAlchemy gives it one connection per thread (SingletonThreadPool), and tether
-            # opens and closes sessions in threads of its own: each would see a database of
-            # its own, empty. One connection for every thread, as the async engine has.
-            options["poolclass"] = StaticPool
-            connect_args = options.setdefault("connect_args", {})
-            connect_args.setdefault("check_same_thread", False)
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
         if u.get_backend_name() == "postgresql":
@@ -1325,7 +1331,11 @@ def sync_session(
                 raise
             raise failure from exc
         else:
-            s.commit()
+            try:
+                s.commit()
+            except sa_exc.DBAPIError:
+                _sync_rollback(s, name)  # as in `session`: SQLite keeps a failed commit's
+                raise  # transaction open, past the pool's return
         finally:
             s.close()
             _mark_closed(s, closed_message, res)

@@ -16,7 +16,8 @@ def pool_timeouts(lc: Lifecycle, stats: Stats) -> dict[str, int]:
     A pool's are its own and those of every resource that draws from it alone: the pool is
     among its dependencies, directly or through others, and no other pool is. A resource
     that draws from no pool, or from several, is counted under no pool (its own
-    ``tether_resource_timeouts`` has them).
+    ``tether_resource_timeouts`` has them). A pool that counts its own waits (httpx, Redis:
+    ``Resource.counts_waits``) has its own only: a dependent's is the same event.
     """
     pools = stats.pools
     totals = dict.fromkeys(pools, 0)
@@ -35,12 +36,14 @@ def pool_timeouts(lc: Lifecycle, stats: Stats) -> dict[str, int]:
             drawn[res] = found
         return found
 
-    for name, res in lc.resources.items():
+    resources = lc.resources
+    for name, res in resources.items():
         r = stats.resources.get(name)
         if r is None or not r.timeouts:
             continue
         found = draws_from(res)
         if len(found) == 1:
             (pool,) = found
-            totals[pool] += r.timeouts
+            if res.name == pool or not resources[pool].counts_waits:
+                totals[pool] += r.timeouts
     return totals

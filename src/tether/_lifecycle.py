@@ -910,23 +910,33 @@ class Lifecycle:
         slot = slots[res]
         target = self._overrides.get(res, res)
         opened: tuple[Any, Any] | None = None
-        token = OPEN_STOP.set(slot.stop)  # the app scope may stop waiting for a thread
-        try:
-            with slot.opening:
+        # The scope spans the whole hold, not the open only: a generator may enter a cancel
+        # scope around its yield (a task group of its own), which must exit before this
+        # one, when it closes; and the close is shielded by it, not by a scope of its own.
+        with slot.opening:
+            token = OPEN_STOP.set(slot.stop)  # the app scope may stop waiting for a thread
+            try:
                 try:
                     opened = await self._open_slot(slot, target, slots)
                 except Exception as exc:
                     slot.error = exc
                     res.counters.open_errors += 1
                     failed.set()
-        finally:
-            OPEN_STOP.reset(token)
-            slot.settled.set()
-            if opened is None:
-                slot.done.set()  # its open is over, cleanup included: it uses nothing now
+            finally:
+                OPEN_STOP.reset(token)
+                slot.stop.over = True
+                slot.settled.set()
+                if opened is None:
+                    slot.done.set()  # its open is over, cleanup included: it uses nothing now
+            if opened is not None:
+                await self._keep(slot, res, target, opened)
         if opened is None:
             slot.opened.set()
-            return
+
+    async def _keep(
+        self, slot: _AppSlot, res: Resource[Any], target: Resource[Any], opened: tuple[Any, Any]
+    ) -> None:
+        """Hold *slot*'s value until it is released, then close it (in `_hold`'s scope)."""
         value, handle = opened
         entry = Entry(target, handle, value, None, time.perf_counter())
         slot.value = value
@@ -947,23 +957,34 @@ class Lifecycle:
         try:
             await slot.release.wait()
         finally:
-            with anyio.CancelScope(shield=True):
-                # After what uses it. A shutdown releases the slots in reverse order, but a
-                # startup cancelled from outside cancels every slot at once: one still
-                # opening on this pool (giving its connection back) finishes first.
-                # And after every one opened after it (reverse open order, as a shutdown
-                # closes them), those that do not use it too.
-                held = self._app_slots
-                opened_after = held[held.index(slot) + 1 :] if slot in held else []
-                with anyio.move_on_after(self.close_timeout):
-                    for dependent in (*slot.dependents, *reversed(opened_after)):
-                        await dependent.done.wait()
-                try:
-                    await close_entry(self, entry, None)
-                except BaseException as exc:
-                    slot.error = exc
-                slot.closed.set()
-                slot.done.set()
+            if slot.opening.cancel_called:
+                # The start was stopped while this opened (in a thread, which finished):
+                # its scope cancels every await in it, so the close gets a shield of its
+                # own (a cancel scope the generator entered around its yield, if any,
+                # cannot be exited in it: not for such a value).
+                with anyio.CancelScope(shield=True):
+                    await self._close_slot(slot, entry)
+            else:
+                slot.opening.shield = True  # the close is not interrupted from outside
+                await self._close_slot(slot, entry)
+
+    async def _close_slot(self, slot: _AppSlot, entry: Entry) -> None:
+        # After what uses it. A shutdown releases the slots in reverse order, but a
+        # startup cancelled from outside cancels every slot at once: one still
+        # opening on this pool (giving its connection back) finishes first.
+        # And after every one opened after it (reverse open order, as a shutdown
+        # closes them), those that do not use it too.
+        held = self._app_slots
+        opened_after = held[held.index(slot) + 1 :] if slot in held else []
+        with anyio.move_on_after(self.close_timeout):
+            for dependent in (*slot.dependents, *reversed(opened_after)):
+                await dependent.done.wait()
+        try:
+            await close_entry(self, entry, None)
+        except BaseException as exc:
+            slot.error = exc
+        slot.closed.set()
+        slot.done.set()
 
     async def _open_slot(
         self, slot: _AppSlot, target: Resource[Any], slots: dict[Resource[Any], _AppSlot]

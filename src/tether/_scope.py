@@ -166,6 +166,8 @@ async def _in_thread(
     # was opened is always known, and closed.
     tokens = limiter or res.limiter or lc._open_limiter
     stop = OPEN_STOP.get()  # an app resource's open: the app scope may stop waiting for it
+    if stop is not None and stop.over:  # a task the open started, running on after it
+        stop = None
     if deadline is not None or stop is not None:
         return await _in_thread_until(lc, res, fn, tokens, deadline, pair, stop)
     if asyncio._get_running_loop() is None:
@@ -186,10 +188,11 @@ class OpenStop:
     the open and it is still running in a thread past ``close_timeout``, `fire` ends the
     wait for the thread, which is left to finish and closes what it opens (`_Handoff`)."""
 
-    __slots__ = ("fired", "wakers")
+    __slots__ = ("fired", "over", "wakers")
 
     def __init__(self) -> None:
         self.fired = False
+        self.over = False  # the open is over (tasks it started keep the variable)
         self.wakers: set[Callable[[], Any]] = set()
 
     def fire(self) -> None:

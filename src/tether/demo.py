@@ -19,8 +19,9 @@ import os
 from typing import Annotated
 
 import aiosqlite
-from fastapi import Depends, FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import Depends, FastAPI, HTTPException, Path
+from pydantic import BaseModel, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 import tether
 from tether.fastapi import dashboard_router, health_router
@@ -63,6 +64,24 @@ app.include_router(dashboard_router(lc))
 class NoteIn(BaseModel):
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def encodable(cls, text: str) -> str:
+        """A JSON string may hold a lone surrogate ("\\ud800"), which no UTF-8 text (nor
+        SQLite) can store: a 422, whose echo of the input is escaped (it could not be sent)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            error = PydanticCustomError(
+                "unicode",
+                "Text must be valid Unicode: a lone surrogate at {position} cannot be stored",
+                {"position": exc.start},
+            )
+            escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            details = InitErrorDetails(type=error, loc=(), input=escaped)
+            raise ValidationError.from_exception_data("text", [details]) from None
+        return text
+
 
 class NoteOut(BaseModel):
     id: int
@@ -82,8 +101,12 @@ async def list_notes(c: Reader) -> list[NoteOut]:
     return [NoteOut(id=row["id"], text=row["text"]) for row in rows]
 
 
+# An SQLite integer is 64-bit: a larger id is a 422, not an OverflowError.
+NoteId = Annotated[int, Path(ge=-(2**63), le=2**63 - 1)]
+
+
 @app.delete("/notes/{note_id}", status_code=204, response_model=None)
-async def delete_note(note_id: int, c: Writer) -> None:
+async def delete_note(note_id: NoteId, c: Writer) -> None:
     cur = await c.execute("DELETE FROM notes WHERE id = ?", (note_id,))
     if cur.rowcount == 0:
         raise HTTPException(404, f"no note {note_id}")  # rolled back (nothing to undo here)

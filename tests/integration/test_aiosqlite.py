@@ -4,8 +4,8 @@ import asyncio
 import importlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,6 +66,21 @@ class AtResponseStart:
             await send(message)
 
         await self.app(scope, receive, observed)
+
+
+@contextmanager
+def holding_the_lock(path: Path, begin: str, *, exclusive_mode: bool = False) -> Iterator[None]:
+    """Another connection (another process, as far as SQLite knows) holds *path*'s lock."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        if exclusive_mode:
+            other.execute("PRAGMA locking_mode = EXCLUSIVE")
+        other.execute(begin)
+        other.execute("INSERT INTO authors (name) VALUES ('other')")  # a lock on WAL too
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
 
 
 @asynccontextmanager
@@ -355,12 +370,40 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
     assert second.status_code == 503
     assert second.headers["retry-after"] == "1"
     assert second.json()["detail"] == (
-        f"Pool 'database' (size 32, in use 2) could not give a connection: the database "
+        f"Pool 'database' (size 32, in use 1, waiting 0) could not give a connection: the "
+        f"database {str(path)!r} is locked by another writer (this app's writers take turns, "
+        f"and this one waited busy_timeout=0.2 s for its turn); nothing was written. Retry "
+        f"shortly; if it persists, check the database and the pool size."
+    )
+    assert rows(path) == [(1, "a")]
+
+
+@pytest.mark.anyio
+async def test_writer_waiting_past_busy_timeout_for_another_process_is_a_503(
+    tmp_path: Path,
+) -> None:
+    """Another process's writer holds the lock: SQLite's busy handler waits, then 503."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, busy_timeout=0.2)
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+
+    @app.post("/write/{name}")
+    async def write(name: str, c: Annotated[Conn, Depends(writer)]) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        return name
+
+    async with running(app) as client:
+        with holding_the_lock(path, "BEGIN IMMEDIATE"):
+            r = await client.post("/write/b")
+        assert (await client.post("/write/c")).status_code == 200
+    assert r.status_code == 503
+    assert r.json()["detail"] == (
+        f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
         f"{str(path)!r} is locked by another writer (BEGIN IMMEDIATE; OperationalError: "
         f"database is locked; busy_timeout=0.2 s); nothing was written. Retry shortly; if it "
         f"persists, check the database and the pool size."
     )
-    assert rows(path) == [(1, "a")]
+    assert rows(path) == [(1, "c")]
 
 
 @pytest.mark.anyio
@@ -467,6 +510,88 @@ async def test_max_connections_bounds_open_connections(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.anyio
+async def test_readers_keep_their_slots_while_writers_wait_for_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """A writer holds the write lock while more writers arrive: they wait for their turn
+    without taking the connection slots, so a reader is served at once (each waiting writer
+    held a slot, and a reader waited for one: seconds, then a 503)."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, max_connections=4, busy_timeout=5.0)
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+    reader = tsqlite.connection(lc, db, name="reader")
+    holding = asyncio.Event()
+
+    @app.post("/write/{name}")
+    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: float = 0) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        if hold:
+            holding.set()
+            await asyncio.sleep(hold)
+        return name
+
+    @app.get("/read")
+    async def read(c: Annotated[Conn, Depends(reader)]) -> int:
+        return len(await c.execute_fetchall("SELECT * FROM authors"))
+
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/write/first?hold=3"))
+        await holding.wait()
+        burst = [asyncio.create_task(client.post(f"/write/w{i}")) for i in range(10)]
+        deadline = time.monotonic() + 1.0
+        while lc.stats().pools["database"].waiting < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        figures = lc.stats().pools["database"]
+        started = time.monotonic()
+        read = await client.get("/read")
+        assert time.monotonic() - started < 0.5  # the first writer holds the lock 3 s
+        assert (read.status_code, read.json()) == (200, 0)
+        assert (figures.in_use, figures.waiting) == (1, 10)  # the writers wait their turn
+        done = await asyncio.gather(first, *burst)
+    assert [r.status_code for r in done] == [200] * 11
+    assert len(rows(path)) == 11
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("wal", [False, True])
+async def test_a_database_locked_while_a_connection_is_set_up_is_a_503(
+    tmp_path: Path, wal: bool
+) -> None:
+    """Another process holds an exclusive lock (a rollback journal; or locking_mode=EXCLUSIVE
+    on a WAL file) longer than busy_timeout: setting a connection up reads the schema and
+    waits for it; readers and writers get the 503 with Retry-After, not a 500."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, wal=wal, busy_timeout=0.3)
+    reader = tsqlite.connection(lc, db, name="reader")
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+
+    @app.get("/read")
+    async def read(c: Annotated[Conn, Depends(reader)]) -> int:
+        return len(await c.execute_fetchall("SELECT * FROM authors"))
+
+    @app.post("/write")
+    async def write(c: Annotated[Conn, Depends(writer)]) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES ('w')")
+        return "ok"
+
+    async with running(app) as client:
+        with holding_the_lock(path, "BEGIN EXCLUSIVE", exclusive_mode=wal):
+            got = [await client.get("/read"), await client.post("/write")]
+        assert (await client.get("/read")).json() == 0
+        assert (await client.post("/write")).status_code == 200
+        assert lc.stats().pools["database"].in_use == 0
+    for r in got:
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
+        assert r.json()["detail"] == (
+            f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
+            f"{str(path)!r} is locked by another writer (setting up the connection; "
+            f"OperationalError: database is locked; busy_timeout=0.3 s); nothing was written. "
+            f"Retry shortly; if it persists, check the database and the pool size."
+        )
+    assert rows(path) == [(1, "w")]
+
+
 # --------------------------------------------------------------------------- app resource
 
 
@@ -487,12 +612,80 @@ def test_database_resource_creates_the_file_and_checks_it(tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_in_memory_database_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        (":memory:", "is private to one connection"),
+        ("", "is private to one connection"),
+        ("file::memory:?cache=shared", "is private to one connection"),
+        ("file:?mode=rwc", "is private to one connection"),  # a temporary database
+        # SQLite built with SQLITE_USE_URI (Debian's) opens these as URIs without uri=True:
+        # a shared in-memory database, empty again whenever no connection has it open.
+        (
+            "file:notes?mode=memory&cache=shared",
+            "lives only while a connection has it open (none does between units of work), "
+            "so each unit of work would find it empty",
+        ),
+        (
+            "file:notes?cache=shared&mode=memory#x",
+            "lives only while a connection has it open (none does between units of work), "
+            "so each unit of work would find it empty",
+        ),
+    ],
+)
+async def test_in_memory_database_is_refused(
+    path: str, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     lc = tether.Lifecycle()
-    tsqlite.database(lc, ":memory:")
-    with pytest.raises(tether.StartupError, match="in-memory SQLite database"):
+    tsqlite.database(lc, path)
+    with pytest.raises(tether.StartupError) as caught:
         async with lc.run():
             pass
+    assert str(caught.value.__cause__) == (
+        f"An in-memory SQLite database ({path!r}) {why}, and tether opens one connection per "
+        f"unit of work: use a file (a temporary one in tests)."
+    )
+    assert list(tmp_path.iterdir()) == []  # no file made of the URI either
+
+
+def test_a_database_file_deleted_while_serving_fails_readiness_and_is_not_recreated(
+    tmp_path: Path,
+) -> None:
+    """The file is deleted (or its volume unmounted) while the app serves: no connection
+    creates it again, empty (every request then failed on a missing table while readiness
+    said 200); readiness fails, naming the file and what happened. A path with characters
+    that mean something in a URI (``?``, ``#``, ``%``, a space, non-ASCII) works as any other."""
+    path = tmp_path / "we?ird #dir %41 é" / "app.db"
+    path.parent.mkdir()
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    app.include_router(health_router(lc, cache=0))
+
+    @app.post("/authors/{name}")
+    async def create(name: str, c: Annotated[Conn, Depends(conn)]) -> int | None:
+        cur = await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        return cur.lastrowid
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/authors/ann").json() == 1
+        assert client.get("/health/ready").status_code == 200
+        assert [p.name for p in path.parent.iterdir()] == ["app.db"]  # none made elsewhere
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        ready = client.get("/health/ready")
+        gone = (
+            f"Database 'database': the file {str(path)!r} is gone (deleted, or its volume "
+            f"unmounted, after the app started; OperationalError: unable to open database "
+            f"file). tether does not create it again, empty, while the app serves: restore "
+            f"the file, or restart the app to create a new one."
+        )
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"]["error"] == f"ResourceUnavailable: {gone}"
+        r = client.post("/authors/bob")
+        assert (r.status_code, r.json()["detail"]) == (503, gone)
+        assert not path.exists()
+        assert lc.stats().pools["database"].in_use == 0
 
 
 def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:

@@ -422,6 +422,51 @@ class TestShutdown:
         assert (stats["one"].close_errors, stats["two"].close_errors) == (1, 0)
         assert lc.state is tether.State.CLOSED
 
+    async def test_a_task_group_spanning_the_yield_runs_and_closes(self) -> None:
+        """An app resource running background work in a task group of its own, across its
+        `yield` (a refresher, a listener), as the docs say works: its work runs while the
+        app does, and it closes at shutdown, in reverse order, also when a startup fails
+        (before, anyio refused to exit the scope tether had put around the open alone:
+        "Attempted to exit a cancel scope that isn't the current task's"). On asyncio: on
+        trio, the bound on its close is a cancel scope, inside which its own cannot exit."""
+        events: list[str] = []
+
+        def make(fail: bool) -> tether.Lifecycle:
+            lc = tether.Lifecycle()
+
+            @lc.resource(scope="app")
+            async def refresher() -> AsyncIterator[str]:
+                async def refresh() -> None:
+                    while True:
+                        events.append("refresh")
+                        await anyio.sleep(0.02)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(refresh)
+                    yield "refresher"
+                    tg.cancel_scope.cancel()
+                events.append("refresher closed")
+
+            @lc.resource(scope="app")
+            async def broken(refresher: str) -> AsyncIterator[str]:
+                await anyio.sleep(0.05)
+                if fail:
+                    raise RuntimeError("boom")
+                yield "broken"
+                events.append("broken closed")
+
+            return lc
+
+        async with make(fail=False).run():
+            await anyio.sleep(0.1)
+        assert events.count("refresh") >= 2
+        assert events[-2:] == ["broken closed", "refresher closed"]
+        events.clear()
+        with pytest.raises(tether.StartupError, match="'broken' failed to open"):
+            async with make(fail=True).run():
+                pass  # pragma: no cover
+        assert events[-1] == "refresher closed"
+
     async def test_restart_after_close(self) -> None:
         """A Lifecycle whose app scope closed can run again, opening fresh values."""
         lc = tether.Lifecycle()

@@ -151,3 +151,40 @@ def test_the_process_exits_without_waiting_for_the_hanging_thread(mode: str) -> 
         pytest.fail(f"the process still ran 15 s after it started:\n{out}")
     assert time.monotonic() - started < 12
     assert f"StartupError {'engine' if mode == 'timeout' else 'cache'}" in out, out
+
+
+async def test_tasks_an_app_resource_starts_open_sync_resources_as_usual() -> None:
+    """A task started by an app resource's factory (a job, a pool's housekeeping) inherits
+    the open's context; once that open is over, its sync opens run in tether's worker threads
+    as any unit of work's do, not in a daemon thread each, as an app resource's open does."""
+    lc = tether.Lifecycle()
+    threads: list[str] = []
+
+    @lc.resource
+    def conn() -> Iterator[str]:
+        threads.append(threading.current_thread().name)
+        yield "conn"
+
+    async def job() -> None:
+        await anyio.sleep(0.05)  # after the open is over
+        async with lc.scope("job") as s:
+            await s.get(conn)
+
+    @lc.resource(scope="app")
+    async def jobs() -> AsyncIterator[str]:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(job())
+        yield "jobs"
+        await task
+
+    @lc.resource(scope="app")
+    def settings() -> Iterator[str]:
+        threads.append(threading.current_thread().name)
+        yield "settings"
+
+    async with lc.run():
+        await anyio.sleep(0.3)
+    assert threads[0] == "tether: opening settings"  # an app resource's own open
+    assert threads[1] != "tether: opening jobs"
+    assert not threads[1].startswith("tether: opening")

@@ -24,8 +24,10 @@
 
 * :func:`database` is an app resource: it resolves the path when the app starts, creates
   the file (and its directory), switches it to WAL mode once (the mode is stored in the
-  file), and runs ``SELECT 1`` as its health check. Its value, a :class:`Database`, holds
-  the settings every connection gets.
+  file), and reads the file (``PRAGMA schema_version``) as its health check. Once started,
+  it never creates the file again: a file deleted while the app serves fails readiness and
+  each unit of work (503), instead of a new, empty database. Its value, a
+  :class:`Database`, holds the settings every connection gets.
 * :func:`connection` is a request resource: one aiosqlite connection per unit of work
   (SQLite connections are cheap to open; there is no pool to go stale), with
   ``busy_timeout``, ``foreign_keys=ON`` and ``synchronous=NORMAL``, in one transaction
@@ -38,16 +40,19 @@ SQLite has one write lock per database. In WAL mode readers never wait for the w
 nor the writer for readers; writers take turns:
 
 * a ``begin="immediate"`` connection takes the write lock when it opens, waiting up to
-  ``busy_timeout`` seconds for the current writer to finish. Use it for endpoints that
-  read and then write: they serialize cleanly. If the lock does not come free in time,
-  the request is answered ``503`` with ``Retry-After`` (:class:`~tether.ResourceUnavailable`).
+  ``busy_timeout`` seconds for the current writer to finish. The app's writers queue for
+  their turn (FIFO) before they take one of the ``max_connections``, so the slots stay free
+  for readers. Use it for endpoints that read and then write: they serialize cleanly. If
+  the lock does not come free in time, the request is answered ``503`` with
+  ``Retry-After`` (:class:`~tether.ResourceUnavailable`).
 * a ``begin="deferred"`` connection (the default) takes the lock at its first write. That
   suits reads and single-statement writes; but a transaction that read first and then
   writes after another writer committed cannot be upgraded (``SQLITE_BUSY_SNAPSHOT``),
   and SQLite fails it at once rather than wait. tether rolls it back and answers ``503``
   too: the client may retry, nothing was written.
-* "database is locked" anywhere else (a write waiting longer than ``busy_timeout``, a
-  ``COMMIT``) is rolled back and answered ``503`` as well.
+* "database is locked" anywhere else (setting a connection up while another process holds
+  an exclusive lock, a write waiting longer than ``busy_timeout``, a ``COMMIT``) is rolled
+  back and answered ``503`` as well.
 
 SQLAlchemy users can use the same file through :mod:`tether.integrations.sqlalchemy` with
 a ``sqlite+aiosqlite:///path.db`` URL instead.
@@ -65,6 +70,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import parse_qs
 
 import anyio
 
@@ -115,6 +121,8 @@ class Database:
     """An SQLite database file and how its connections are set up (:func:`database`'s value)."""
 
     __slots__ = (
+        "_uri",
+        "_writers",
         "busy_timeout",
         "foreign_keys",
         "limiter",
@@ -144,6 +152,12 @@ class Database:
         self.synchronous = synchronous
         self.max_connections = max_connections
         self.limiter: anyio.CapacityLimiter | None = None  # made in the app's event loop
+        # The writers' turns (begin="immediate"/"exclusive"): one at a time waits for the
+        # write lock, so writers queued for it do not hold the slots readers need.
+        self._writers: anyio.CapacityLimiter | None = None
+        # Once the app started (the file exists): the file as a URI, opened read-write
+        # without creating it (a file deleted while serving is an error, not a new one).
+        self._uri: str | None = None
 
     def __repr__(self) -> str:
         mode = "wal" if self.wal else "journal"
@@ -168,7 +182,18 @@ class Database:
         # Shielded from anyio's cancellations (opening a local file is quick); a one-shot
         # `task.cancel()` is handled by `_connect`.
         with anyio.CancelScope(shield=True):
-            conn = await _connect(self.path, timeout=self.busy_timeout, isolation_level="DEFERRED")
+            uri = self._uri
+            try:
+                conn = await _connect(
+                    self.path if uri is None else uri,
+                    timeout=self.busy_timeout,
+                    isolation_level="DEFERRED",
+                    uri=uri is not None,
+                )
+            except sqlite3.OperationalError as exc:
+                if uri is not None and not await anyio.Path(self.path).exists():
+                    raise self._gone(exc) from exc
+                raise
             try:
                 if self.foreign_keys:
                     await conn.execute("PRAGMA foreign_keys = ON")
@@ -201,6 +226,46 @@ class Database:
         if self.limiter is not None:
             self.limiter.release_on_behalf_of(token)
 
+    async def _take_turn(self, token: object) -> None:
+        """Wait, up to ``busy_timeout``, until no other writer of this app waits for (or
+        holds) the write lock; before taking a connection slot, which readers keep."""
+        writers = self._writers
+        if writers is None:  # pragma: no cover - the app resource makes it
+            return
+        try:
+            writers.acquire_on_behalf_of_nowait(token)  # no writer: no wait, no cancel scope
+        except anyio.WouldBlock:
+            pass
+        else:
+            return
+        try:
+            with anyio.fail_after(self.busy_timeout):
+                await writers.acquire_on_behalf_of(token)
+        except TimeoutError:
+            raise unavailable(
+                self.name,
+                f"the database {self.path!r} is locked by another writer (this app's writers "
+                f"take turns, and this one waited busy_timeout={self.busy_timeout:g} s for its "
+                f"turn); nothing was written",
+                size=self.max_connections,
+                in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
+                waiting=writers.statistics().tasks_waiting,
+            ) from None
+
+    def _end_turn(self, token: object) -> None:
+        if self._writers is not None:
+            self._writers.release_on_behalf_of(token)
+
+    def _gone(self, exc: BaseException) -> ResourceUnavailable:
+        """The error for a database file deleted (or unmounted) after the app started."""
+        msg = (
+            f"Database {self.name!r}: the file {self.path!r} is gone (deleted, or its volume "
+            f"unmounted, after the app started; {describe(exc)}). tether does not create it "
+            f"again, empty, while the app serves: restore the file, or restart the app to "
+            f"create a new one."
+        )
+        return ResourceUnavailable(msg, resource=self.name)
+
     def locked(self, exc: BaseException, during: str) -> ResourceUnavailable:
         """The 503 for "database is locked": another writer held the lock too long, or
         committed after this unit of work's first read (a snapshot too old to write from)."""
@@ -225,17 +290,46 @@ class Database:
         )
 
 
+def _in_memory(text: str) -> str | None:
+    """Why SQLite opens *text* as an in-memory (or a temporary) database, if it does.
+
+    As a URI too (``file:name?mode=memory&cache=shared``): an SQLite built with
+    ``SQLITE_USE_URI`` (Debian's, for one) reads a ``file:`` path as a URI without ``uri=True``.
+    """
+    if text in ("", ":memory:") or text.startswith("file::memory:"):
+        return "is private to one connection"
+    if not text.startswith("file:"):
+        return None
+    name, _, query = text[len("file:") :].partition("?")
+    if name.partition("#")[0] == "":
+        return "is private to one connection"
+    if "memory" in parse_qs(query.partition("#")[0]).get("mode", []):
+        return (
+            "lives only while a connection has it open (none does between units of work), "
+            "so each unit of work would find it empty"
+        )
+    return None
+
+
 def _resolve_path(path: PathLike | Callable[[], PathLike]) -> str:
     raw = path() if callable(path) else path
     text = os.fspath(raw)
-    if text in ("", ":memory:") or text.startswith("file::memory:"):
+    why = _in_memory(text)
+    if why is not None:
         msg = (
-            f"An in-memory SQLite database ({text!r}) is private to one connection, and "
-            f"tether opens one connection per unit of work: use a file (a temporary one "
-            f"in tests)."
+            f"An in-memory SQLite database ({text!r}) {why}, and tether opens one "
+            f"connection per unit of work: use a file (a temporary one in tests)."
         )
         raise ValueError(msg)
     return text
+
+
+def _rw_uri(path: str) -> str | None:
+    """*path* as a URI that opens it read-write, never creating it; ``None`` for a path that
+    is a ``file:`` URI already (opened as given)."""
+    if path.startswith("file:"):
+        return None
+    return f"{Path(path).absolute().as_uri()}?mode=rw"
 
 
 def database(
@@ -257,13 +351,15 @@ def database(
         path: the file, or a callable returning it (called when the app starts).
         wal: switch the file to WAL mode at startup (readers do not block the writer).
         busy_timeout: seconds a connection waits for the write lock (and for one of the
-            ``max_connections``) before the unit of work gets a 503.
+            ``max_connections``; a writer for its turn among the app's writers) before the
+            unit of work gets a 503.
         foreign_keys: ``PRAGMA foreign_keys = ON`` on every connection.
         synchronous: ``PRAGMA synchronous`` on every connection (``NORMAL`` is safe in
             WAL mode); ``None`` leaves SQLite's default.
         max_connections: most connections open at once (each has its own thread).
         create_dirs: create the file's directory if it is missing.
-        check: ``True`` runs ``SELECT 1`` on a new connection as the health check.
+        check: ``True`` reads the file (``PRAGMA schema_version``) on a new connection as
+            the health check.
     """
     if max_connections < 1:
         msg = f"database({name!r}): max_connections={max_connections!r} must be 1 or more."
@@ -298,21 +394,25 @@ def database(
                         db.path,
                         mode,
                     )
-            await conn.execute("SELECT 1")
+            await conn.execute("PRAGMA schema_version")
         finally:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
                 await conn.close()
         db.limiter = anyio.CapacityLimiter(max_connections)
+        db._writers = anyio.CapacityLimiter(1)
+        db._uri = _rw_uri(db.path)  # the file exists now: never create it again
         log.info("tether: database %r open: %s", name, db.path)
         yield db
 
-    async def select_one(db: Database) -> None:
+    async def read_the_file(db: Database) -> None:
+        # Reads the file's header (``SELECT 1`` reads nothing); a file that is gone fails the
+        # open (the connection does not create it again).
         async with db.connect() as conn:
-            await conn.execute("SELECT 1")
+            await conn.execute("PRAGMA schema_version")
 
     chosen: Check | None
     if check is True:
-        chosen = select_one
+        chosen = read_the_file
     elif check is False:
         chosen = None
     else:
@@ -329,13 +429,16 @@ def _figures(db: Database) -> PoolStats:
     if limiter is None:  # pragma: no cover - the app resource makes it
         raise RuntimeError("not open")
     in_use = int(limiter.borrowed_tokens)
+    waiting = limiter.statistics().tasks_waiting
+    if db._writers is not None:  # writers waiting for their turn wait for a connection too
+        waiting += db._writers.statistics().tasks_waiting
     return PoolStats(
         name=db.name,
         max=db.max_connections,
         open=in_use,
         in_use=in_use,
         idle=0,
-        waiting=limiter.statistics().tasks_waiting,
+        waiting=waiting,
     )
 
 
@@ -396,7 +499,14 @@ async def _connect(path: str, **kwargs: Any) -> _Connection:
 
 
 async def _begin(db: Database, begin: Begin) -> _Connection:
-    conn = await db._open()
+    try:
+        conn = await db._open()
+    except sqlite3.OperationalError as exc:
+        # Setting the connection up reads the schema (PRAGMA synchronous), which waits for
+        # another process's exclusive lock (a rollback journal, locking_mode=EXCLUSIVE).
+        if _is_busy(exc):
+            raise db.locked(exc, "setting up the connection") from exc
+        raise
     try:
         await conn.execute(f"BEGIN {begin.upper()}")
     except BaseException as exc:
@@ -477,33 +587,41 @@ def connection(
     else:
         db_res = _database(lc, database, name=f"{name}_database", **database_options)
 
+    writes = begin != "deferred"  # it takes the write lock as it opens: a writer's turn
+
     async def open_connection(db: Database) -> AsyncIterator[aiosqlite.Connection]:
         token = object()
-        await db._acquire(token)
+        if writes:
+            await db._take_turn(token)
         try:
-            conn = await _begin(db, begin)
+            await db._acquire(token)
             try:
-                conn.row_factory = row_factory
+                conn = await _begin(db, begin)
                 try:
-                    yield conn
-                except BaseException as exc:
-                    await _rollback(conn, name)
-                    if _is_busy(exc):
-                        raise db.locked(exc, "a statement waited for the write lock") from exc
-                    raise
-                else:
+                    conn.row_factory = row_factory
                     try:
-                        if conn.in_transaction:
-                            await conn.commit()
-                    except sqlite3.Error as exc:
+                        yield conn
+                    except BaseException as exc:
                         await _rollback(conn, name)
                         if _is_busy(exc):
-                            raise db.locked(exc, "COMMIT") from exc
+                            raise db.locked(exc, "a statement waited for the write lock") from exc
                         raise
+                    else:
+                        try:
+                            if conn.in_transaction:
+                                await conn.commit()
+                        except sqlite3.Error as exc:
+                            await _rollback(conn, name)
+                            if _is_busy(exc):
+                                raise db.locked(exc, "COMMIT") from exc
+                            raise
+                finally:
+                    await conn.close()
             finally:
-                await conn.close()
+                db._release(token)
         finally:
-            db._release(token)
+            if writes:
+                db._end_turn(token)
 
     res: Resource[aiosqlite.Connection] = lc.resource(
         name=name, release=release, error_status=error_status

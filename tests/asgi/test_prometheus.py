@@ -42,13 +42,9 @@ def test_metrics_follow_requests() -> None:
         text = client.get("/metrics").text
     assert 'tether_resource_in_use{pool_name="session",scope="request"} 0.0' in text
     assert "db_client_connection_count{" not in text  # no driver pool, no connections
+    assert 'tether_resource_use_time_seconds_count{pool_name="session",scope="request"} 2.0' in text
     assert (
-        'db_client_connection_use_time_seconds_count{pool_name="session",scope="request"} 2.0'
-        in text
-    )
-    assert (
-        'db_client_connection_wait_time_seconds_count{pool_name="session",scope="request"} 2.0'
-        in text
+        'tether_resource_wait_time_seconds_count{pool_name="session",scope="request"} 2.0' in text
     )
     assert (
         'tether_resource_errors_total{phase="close",pool_name="session",scope="request"} 0.0'
@@ -123,9 +119,7 @@ def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
 
 
 def opens(pool_name: str) -> tuple[str, frozenset[tuple[str, str]]]:
-    return sample(
-        "db_client_connection_wait_time_seconds_count", pool_name=pool_name, scope="request"
-    )
+    return sample("tether_resource_wait_time_seconds_count", pool_name=pool_name, scope="request")
 
 
 @pytest.fixture

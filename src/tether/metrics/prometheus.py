@@ -124,14 +124,14 @@ class _Families:
         )
         self.wait = _Family(
             SummaryMetricFamily(
-                "db_client_connection_wait_time_seconds",
+                "tether_resource_wait_time_seconds",
                 "Time to open (acquire) a value of the resource.",
                 labels=labels,
             )
         )
         self.use = _Family(
             SummaryMetricFamily(
-                "db_client_connection_use_time_seconds",
+                "tether_resource_use_time_seconds",
                 "Time between opening and closing a value of the resource.",
                 labels=labels,
             )

@@ -13,7 +13,8 @@ a real PostgreSQL and a real Redis, through the app's ``/health/ready``.
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
@@ -102,6 +103,28 @@ async def until(condition: Callable[[], bool], what: str, within: float = 5.0) -
             await anyio.sleep(0.01)
 
 
+@asynccontextmanager
+async def held(app: FastAPI, lc: tether.Lifecycle) -> AsyncIterator[Any]:
+    """The app served in-process, with both connections of its pool held by `/hold`
+    requests: the client, a task group, `get` (a request in the background, its status
+    kept) and the statuses."""
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        anyio.create_task_group() as tg,
+    ):
+        statuses: list[int] = []
+
+        async def get(path: str) -> None:
+            statuses.append((await client.get(path)).status_code)
+
+        tg.start_soon(get, "/hold")
+        tg.start_soon(get, "/hold")
+        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+        yield client, tg, get, statuses
+
+
 def in_use(lc: tether.Lifecycle, name: str) -> int | None:
     return lc.stats().pools[name].in_use
 
@@ -121,20 +144,7 @@ async def test_a_unit_waiting_less_than_the_timeout_keeps_a_full_pool_ready(
     probe, while it waits, answers 200 "busy"; the request is served once a long one
     ends, and answers 200 too: nothing failed, so nothing says the pool is stuck."""
     app, lc, release = make_app(make, postgres)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        lc.lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-        anyio.create_task_group() as tg,
-    ):
-        statuses: list[int] = []
-
-        async def get(path: str) -> None:
-            statuses.append((await client.get(path)).status_code)
-
-        tg.start_soon(get, "/hold")
-        tg.start_soon(get, "/hold")
-        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+    async with held(app, lc) as (client, tg, get, statuses):
         handed_out = time.monotonic()
         await anyio.sleep(1.4)  # none handed out for longer than the timeout
 
@@ -295,20 +305,7 @@ async def test_an_old_timeout_does_not_make_a_later_waiter_read_stuck(postgres: 
     will be served in time: the probe answers 200 "busy" (a timeout is a sign of failing
     waits only while recent: before, the old one made it read "saturated")."""
     app, lc, release = make_app(asyncpg_pool, postgres)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        lc.lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-        anyio.create_task_group() as tg,
-    ):
-        statuses: list[int] = []
-
-        async def get(path: str) -> None:
-            statuses.append((await client.get(path)).status_code)
-
-        tg.start_soon(get, "/hold")
-        tg.start_soon(get, "/hold")
-        await until(lambda: in_use(lc, "pg") == 2, "both connections held")
+    async with held(app, lc) as (client, tg, get, statuses):
         assert (await client.get("/q")).status_code == 503  # waited 1 s in vain
         await anyio.sleep(TIMEOUT + 0.3)  # no traffic for longer than the timeout
         tg.start_soon(get, "/q")

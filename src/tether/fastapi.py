@@ -928,7 +928,8 @@ class HttpUnit(Unit):
                     self.failure = (
                         handled if handled is not None else FailedResponse(message["status"])
                     )
-                else:  # a redirect an exception handler answered with, say
+                elif self.failure is None:  # (its client gone: it stays a failure)
+                    # A redirect an exception handler answered with, say.
                     self.failure = _answered_exception()
                 if self.entries:
                     errors = await self.release_early(self.failure)

@@ -205,3 +205,47 @@ async def test_requests_queued_for_a_worker_thread_are_still_cancelled() -> None
     assert statuses == [[499]] * 6
     assert len(ran) == 1  # the one that had the thread ran to its end, the others never ran
     assert took < 3.0  # six bodies in turn would take 3 s
+
+
+async def test_a_def_endpoint_on_a_route_served_through_handle_rolls_back_too() -> None:
+    """The same on a route tether serves through its `handle` (a route class that wraps its
+    app): the response the endpoint makes after its client left does not turn the unit's
+    failure back into a success (it committed, when that response started)."""
+    from fastapi import APIRouter
+    from fastapi.routing import APIRoute
+
+    class WrappingRoute(APIRoute):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            inner = self.app
+
+            async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+                await inner(scope, receive, send)
+
+            self.app = wrapped
+
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def tx() -> Any:
+        try:
+            yield "tx"
+            events.append("commit")
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+
+    router = APIRouter(route_class=WrappingRoute)
+
+    @router.post("/long")
+    def long(t: Annotated[str, Depends(tx)]) -> str:
+        time.sleep(0.8)  # the client leaves at 0.3 s
+        events.append("endpoint ended")
+        return t
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(router)
+    async with lc.lifespan(app):
+        await call(app, "/long", leave_after=0.3)
+    assert events == ["endpoint ended", "rollback (ClientDisconnected)"]

@@ -162,8 +162,10 @@ async def test_a_pool_that_counts_its_own_waits_counts_one_timeout_once() -> Non
 
     from tether.integrations import httpx as thx
 
+    accepted: list[asyncio.StreamWriter] = []
+
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(3600)  # a server that accepts and never answers
+        accepted.append(writer)  # a server that accepts and never answers
 
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -196,5 +198,8 @@ async def test_a_pool_that_counts_its_own_waits_counts_one_timeout_once() -> Non
             holder.cancel()
     finally:
         server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
     assert found[sample("db_client_connection_timeouts_total", pool_name="http", scope="app")] == 1
     assert found[sample("tether_resource_timeouts_total", pool_name="user", scope="request")] == 1

@@ -147,7 +147,10 @@ def test_overlapping_startups_leave_signals_as_they_were() -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
+        # A worker of pytest-xdist ignores SIGINT, and a Python started so never raises
+        # KeyboardInterrupt: give the child ^C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert done.stdout.splitlines() == ["KeyboardInterrupt"], done.stdout + done.stderr
     assert done.returncode == -signal.SIGTERM, done.stderr

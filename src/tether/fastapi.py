@@ -110,6 +110,15 @@ _tasks_by_loop: dict[Any, Any] = getattr(asyncio.tasks, "_current_tasks", {}) if
 _running_loop = asyncio._get_running_loop
 
 
+def _current_task() -> Any:
+    """The running asyncio task (3.12+); None on another event loop (trio), where
+    ``asyncio.current_task()`` raises."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
 # --------------------------------------------------------------------------- idempotent
 
 E = TypeVar("E", bound=Callable[..., Any])
@@ -1246,7 +1255,7 @@ class _TetherRoute:
         unit.headers = scope["headers"]
         unit._receive = receive
         unit._send = send
-        unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
+        unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         lc._units.add(unit)
         lc._units_total += 1
         await _run(unit, self.app, scope, unit.receive)
@@ -1452,7 +1461,7 @@ def _handler(
         if inlined is not None and inlined.overrides_of.dependency_overrides:
             inlined.check()
         unit = unit_class(lc, label, request)
-        task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else asyncio.current_task()
+        task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         units.add(unit)
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))

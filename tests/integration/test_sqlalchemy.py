@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, closing, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -953,7 +953,7 @@ def test_a_commit_sqlite_refuses_leaves_no_transaction_behind(tmp_path: Path, va
     import sqlite3
 
     path = tmp_path / "fk.db"
-    with sqlite3.connect(path) as c:
+    with closing(sqlite3.connect(path)) as c, c:
         c.executescript(
             "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
             "CREATE TABLE child (id INTEGER PRIMARY KEY, pid INTEGER REFERENCES parent(id)"
@@ -1003,9 +1003,9 @@ def test_a_commit_sqlite_refuses_leaves_no_transaction_behind(tmp_path: Path, va
         assert client.post("/parent").status_code == 200
         assert client.post("/child").status_code == 500
         assert [client.post("/parent").status_code for _ in range(3)] == [200] * 3
-        with sqlite3.connect(path, timeout=0.5) as other:  # the write lock is free
+        with closing(sqlite3.connect(path, timeout=0.5)) as other, other:  # the lock is free
             other.execute("INSERT INTO parent DEFAULT VALUES")
-    with sqlite3.connect(path) as c:
+    with closing(sqlite3.connect(path)) as c, c:
         counts = c.execute("SELECT (SELECT count(*) FROM parent), (SELECT count(*) FROM child)")
         assert counts.fetchone() == (5, 0)
 

@@ -34,6 +34,7 @@ from ._resource import _MISSING, OPENING, Kind, Resource
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
+    from ._stats import Counters
 
 T = TypeVar("T")
 
@@ -1100,6 +1101,15 @@ def await_stack(task: Any) -> list[tuple[str, int, str]]:
     return frames[-12:]
 
 
+def count_open_failure(counters: Counters, exc: BaseException) -> None:
+    """Count an open that failed with *exc*: not a cancelled one (a client gone, a timeout
+    of the caller's), which is no failure of the resource."""
+    if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
+        counters.open_errors += 1
+        if isinstance(exc, ResourceUnavailable) and exc.timed_out:
+            counters.timeouts += 1
+
+
 def thread_stack(endpoint: Any, value: Any) -> list[tuple[str, int, str]]:
     """Where a worker thread running *endpoint* (a ``def`` endpoint: its request's task only
     waits for the thread) is now: the frames outside tether and the frameworks, innermost
@@ -1256,12 +1266,8 @@ class Unit:
             else:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException as exc:
-            # A cancelled open (a client gone, a timeout of the caller's) is no failure of
-            # the resource.
-            if started and isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
-                target.counters.open_errors += 1
-                if isinstance(exc, ResourceUnavailable) and exc.timed_out:
-                    target.counters.timeouts += 1
+            if started:
+                count_open_failure(target.counters, exc)
             self._open_failed(res)
             raise
         if self._ended():  # the unit ended while this opened (asked for by a task of its own)

@@ -63,6 +63,7 @@ from ._scope import (
     _first,
     _now,
     close_all,
+    count_open_failure,
     in_anyio_scope,
     no_value,
 )
@@ -755,11 +756,7 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                             handle = None
                             value = res.factory(*args)
                     except BaseException as exc:
-                        if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
-                            # (a cancelled wait, a client gone, is no failure of the resource)
-                            res.counters.open_errors += 1
-                            if isinstance(exc, ResourceUnavailable) and exc.timed_out:
-                                res.counters.timeouts += 1
+                        count_open_failure(res.counters, exc)
                         unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
                             raise no_value(res) from None

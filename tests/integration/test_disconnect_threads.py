@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -72,6 +72,23 @@ def sqlalchemy_app(postgres: Postgres, name: str) -> tuple[FastAPI, tether.Lifec
         s.execute(text("INSERT INTO gone_rows VALUES (:n, :who)"), {"n": n, "who": who})
 
     return FastAPI(lifespan=lc.lifespan), lc, (session, insert)
+
+
+def recorded_tx() -> tuple[tether.Lifecycle, tether.Resource[str], list[str]]:
+    """A Lifecycle with a request resource `tx` that records its commit or rollback."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def tx() -> AsyncIterator[str]:
+        try:
+            yield "tx"
+            events.append("commit")
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+
+    return lc, tx, events
 
 
 async def call(app: FastAPI, path: str, leave_after: float | None) -> list[int]:
@@ -142,17 +159,7 @@ async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it(
     request is cancelled once that thread returns, at the endpoint's first await, and what
     it opened rolls back (before, the deferred cancel never came: the endpoint ran in full
     and committed; an endpoint that never awaits runs to its end, and rolls back)."""
-    lc = tether.Lifecycle()
-    events: list[str] = []
-
-    @lc.resource
-    async def tx() -> Any:
-        try:
-            yield "tx"
-            events.append("commit")
-        except BaseException as exc:
-            events.append(f"rollback ({type(exc).__name__})")
-            raise
+    lc, tx, events = recorded_tx()
 
     def auth() -> str:
         time.sleep(0.8)  # the client leaves at 0.3 s
@@ -224,17 +231,7 @@ async def test_a_def_endpoint_on_a_route_served_through_handle_rolls_back_too() 
 
             self.app = wrapped
 
-    lc = tether.Lifecycle()
-    events: list[str] = []
-
-    @lc.resource
-    async def tx() -> Any:
-        try:
-            yield "tx"
-            events.append("commit")
-        except BaseException as exc:
-            events.append(f"rollback ({type(exc).__name__})")
-            raise
+    lc, tx, events = recorded_tx()
 
     router = APIRouter(route_class=WrappingRoute)
 

@@ -133,18 +133,26 @@ class ConnectionOf:
         self.transaction = transaction
 
 
-def registered(registry: Mapping[Any, V], connection: object, driver: str) -> V:
-    """What *registry* holds for *connection*, a connection resource of the *driver*
-    integration (``rolled_back()``'s argument), or the ``TypeError`` naming the fix."""
+def registered(
+    registry: Mapping[Any, V],
+    connection: object,
+    driver: str,
+    *,
+    kind: str = "connection",
+    made_by: str | None = None,
+) -> V:
+    """What *registry* holds for *connection*, a *kind* resource of the *driver*
+    integration (``rolled_back()``'s argument; *made_by*: the functions that make one), or
+    the ``TypeError`` naming the fix."""
     try:
         spec = registry.get(connection)
     except TypeError:  # not weakly referenceable: not a resource at all
         spec = None
     if spec is None:
+        made_by = made_by or f"tether.integrations.{driver}.connection()"
         msg = (
-            f"rolled_back(): {connection!r} is not a connection made by "
-            f"tether.integrations.{driver}.connection(); pass that resource (the one "
-            f"endpoints depend on)."
+            f"rolled_back(): {connection!r} is not a {kind} made by {made_by}; pass that "
+            f"resource (the one endpoints depend on)."
         )
         raise TypeError(msg)
     return spec

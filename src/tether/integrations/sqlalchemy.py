@@ -102,6 +102,7 @@ from ._common import (
     read_only,
     read_only_failure,
     redact,
+    registered,
     saturation,
     sqlstates,
     unavailable,
@@ -1386,17 +1387,10 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     requests to see what the app wrote. The app scope must be running, on this event
     loop (with ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
     """
-    try:
-        spec = _sessions.get(session)
-    except TypeError:  # not weakly referenceable: not a resource at all
-        spec = None
-    if spec is None:
-        msg = (
-            f"rolled_back(): {session!r} is not a session made by "
-            f"tether.integrations.sqlalchemy.session() or sync_session(); pass that resource "
-            f"(the one endpoints depend on)."
-        )
-        raise TypeError(msg)
+    spec = registered(
+        _sessions, session, "sqlalchemy", kind="session",
+        made_by="tether.integrations.sqlalchemy.session() or sync_session()",
+    )  # fmt: skip
     lc = session.lifecycle
     eng = lc.get(spec.engine)  # a ScopeError naming the fix if the app scope is not running
     if spec.is_async:

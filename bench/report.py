@@ -769,6 +769,12 @@ def write(results_file: Path) -> Path:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(
+            "usage: python -m bench.report [RESULTS.json]\n\nWrites docs/benchmarks.md and "
+            "its plots from a results file (default: the newest in bench/results/)."
+        )
+        return
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else newest_results()
     if path is None:
         sys.exit("no results in bench/results/: run python -m bench.run first")

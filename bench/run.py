@@ -446,5 +446,7 @@ def profile_one(spec: str, env: dict[str, str], workdir: Path) -> int:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        parse_args(sys.argv[1:])  # prints the help and exits, before any set-up
     ensure_venv()
     sys.exit(main(sys.argv[1:]))

@@ -7,6 +7,8 @@ the registry of units of work in flight that drain and leak detection keep anywa
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,9 @@ def _ms(seconds: float) -> float:
 
 
 def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
-    """The lifecycle's state, every resource's counters, and the oldest units in flight."""
+    """The lifecycle's state, every resource's counters, and the oldest units in flight,
+    with the process that answers (``pid``, ``host``): under several workers each read is
+    one worker's own figures, whichever the server handed the request to."""
     stats = lc.stats()
     now = time.perf_counter()
     threshold = lc.leak_threshold
@@ -52,6 +56,8 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
             }
         )
     return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "state": stats.state,
         "leak_threshold_s": threshold,
         "units": {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from urllib.parse import unquote
 
 __all__ = [
     "ClientDisconnected",
@@ -18,21 +19,136 @@ __all__ = [
     "TetherError",
     "UnknownResourceError",
     "redact",
+    "remember_secrets",
 ]
 
-# `scheme://user:password@host` and `password=...` (libpq keyword form). The password runs
-# to the last `@` before the host's end (`/`, `?`, `#`, a space), as URL parsers read it: a
-# password with an unencoded `@` is hidden whole.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/?#\s]*)@")
-_KW_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'[^']*'|\"[^\"]*\"|\S+)", re.I)
+# Passwords are hidden three ways (``redact``):
+#
+# - in a URL, ``scheme://user:PASSWORD@host``: the password runs to the last ``@`` before the
+#   first ``/``, as libpq (which reads ``?``, ``#`` and spaces as part of it) and URL parsers
+#   (redis-py's, urllib's: an unencoded ``@`` in it) read it; one with an unencoded ``/``
+#   runs to the first ``@`` after it, as SQLAlchemy reads it (``host:5432/`` is a port), and
+#   so does one with a space.
+#   The user may hold an ``@`` (``redis://user@tenant:pw@host``).
+# - after a key ending in ``password``, ``passwd``, ``pwd`` or ``secret`` (``sslpassword``,
+#   ``oauth_client_secret``, ``PGPASSWORD``), or ``token``, ``api_key``/``apikey`` or
+#   ``signature`` (``access_token``, ``X-Amz-Signature``): ``key=value`` (libpq's key/value
+#   form, a URL's query: a quoted value with its escapes, ``'o\'x'``), ``'key': 'value'``
+#   (a dict's repr, JSON), ``password: value``.
+# - the exact passwords of the DSNs the resources opened with (``remember_secrets``), where a
+#   driver's parse error quotes them, or a piece of them, in a form none of the above finds.
+_SCHEME = r"[a-zA-Z][a-zA-Z0-9+.\-]*://"
+_URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^:/\s]*:)(?P<pw>[^/\s]*)@")
+_URL_PASSWORD_SLASH = re.compile(rf"(?P<head>{_SCHEME}[^:/\s]*:)(?P<pw>(?!\d*/)[^@\s]*/[^@\s]*)@")
+_URL_PASSWORD_SPACE = re.compile(
+    rf"(?P<head>{_SCHEME}[^:/\s]*:)(?P<pw>(?!\d*(?:[/\s]|$))[^/@\n]*\s[^/@\s]*)@"
+)
+_PASSWORD_KEY = r"[\w.\-]*?(?:password|passwd|pwd|secret)"
+_SECRET_KEY = r"[\w.\-]*?(?:password|passwd|pwd|secret|token|api_?key|signature)"
+_QUOTED = r"""'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?"""
+_KW_PASSWORD = re.compile(
+    rf"(?P<head>(?<![\w.\-]){_SECRET_KEY}\s*=\s*)(?P<pw>{_QUOTED}|(?:[^\s\\]|\\.)+)", re.I
+)
+_DICT_PASSWORD = re.compile(
+    rf"(?P<head>(?P<q>['\"]){_SECRET_KEY}(?P=q)\s*:\s*b?)(?P<pw>{_QUOTED}|[^\s,}}\]]+)", re.I
+)
+_COLON_PASSWORD = re.compile(
+    rf"(?P<head>(?<![\w.\-]){_PASSWORD_KEY}:\s*)(?P<pw>{_QUOTED}|(?:[^\s\\]|\\.)+)", re.I
+)
+_KEYS = re.compile(r"passw|pwd|secret|token|api_?key|signature", re.I)
+
+#: The passwords of the DSNs resources opened with that the patterns above may not find
+#: whole in a driver's message (``remember_secrets``), longest first. A tuple replaced
+#: whole: read from any thread without a lock.
+_secrets: tuple[str, ...] = ()
+# A password of these characters only is delimited by the patterns, and no driver splits
+# it: scrubbing it as plain text as well would turn a common word (a development password
+# ``postgres``) into ``***`` in every message.
+_PLAIN = re.compile(r"[A-Za-z0-9._~%+\-]*")
+# Where URL parsers split a DSN: a password holding one of these comes back in pieces.
+_SPLITS = re.compile(r"[/?#@&=:\s]+")
+# Where the next ``key=`` of a key/value DSN starts.
+_NEXT_KEY = re.compile(r"\s+[\w.\-]+\s*=")
 
 
-def redact(text: str) -> str:
-    """Return *text* with the passwords of any DSNs in it replaced by ``***``."""
+def _remember(password: str) -> None:
+    global _secrets
+    found = set()
+    for shape in {password, unquote(password)}:
+        if len(shape) >= 4 and not _PLAIN.fullmatch(shape):
+            found.add(shape)
+            found.update(p for p in _SPLITS.split(shape) if len(p) >= 4)
+    if found - set(_secrets):
+        _secrets = tuple(sorted({*_secrets, *found}, key=len, reverse=True))
+
+
+def _unquoted(value: str) -> str:
+    if value[:1] in ("'", '"'):
+        value = value[1:-1] if len(value) > 1 and value[-1] == value[0] else value[1:]
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def remember_secrets(dsn: object) -> None:
+    """Note the passwords in *dsn* (a DSN, a URL object, a mapping of connection
+    parameters), read when its resource opens, so that ``redact`` hides them wherever they
+    show, whole or in the pieces a driver's parse error quotes (an unencoded ``/`` in a
+    URL's password: ``invalid literal for int(): 'hunter2'``). Only passwords of 4 or more
+    characters with one that is not a letter, a digit or ``-._~%+`` are noted: the others
+    are found by the patterns, and no driver splits them."""
+    if isinstance(dsn, Mapping):
+        for key, value in dsn.items():
+            if isinstance(key, str) and isinstance(value, str) and _KEYS.search(key):
+                _remember(value)
+        return
+    if not isinstance(dsn, str):
+        password = getattr(dsn, "password", None)
+        if isinstance(password, str):
+            _remember(password)
+        dsn = str(dsn)
+    scheme = re.match(_SCHEME, dsn)
+    if scheme is not None:
+        rest = dsn[scheme.end() :]
+        authority = rest.partition("/")[0]
+        # libpq's and URL parsers' userinfo, else SQLAlchemy's (across a '/', not a port's).
+        at = authority.rfind("@") if "@" in authority else rest.find("@")
+        _user, colon, password = rest[: max(at, 0)].partition(":")
+        if colon and (at == authority.rfind("@") or not re.match(r"\d*/", password)):
+            _remember(password)
+        if at >= 0:
+            rest = rest[at + 1 :]
+        for pair in rest.partition("?")[2].split("&"):
+            key, _, value = pair.partition("=")
+            if _KEYS.search(key):
+                _remember(value)
+        return
+    for found in _KW_PASSWORD.finditer(dsn):
+        _remember(found["pw"])
+        _remember(_unquoted(found["pw"]))
+        # An unquoted password with a space (``password=hunter2 secret``, meant whole):
+        # libpq reads its second word as a keyword, and says so.
+        meant = _NEXT_KEY.split(dsn[found.start("pw") :], maxsplit=1)[0]
+        _remember(meant.strip())
+
+
+def redact(text: object) -> str:
+    """Return *text* with the passwords in it replaced by ``***`` (anything else than a
+    string is made one first: ``None`` gives ``'None'``): those of URLs
+    (``scheme://user:***@host``), those after a key naming a secret (``password=***``,
+    ``sslpassword=***``, ``'password': ***``, ``?access_token=***``), and the passwords of
+    the DSNs the resources opened with (``remember_secrets``)."""
+    if not isinstance(text, str):
+        text = str(text)
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
     if "@" in text:
         text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    if "assword" in text or "ASSWORD" in text:
+        text = _URL_PASSWORD_SLASH.sub(r"\g<head>***@", text)
+        text = _URL_PASSWORD_SPACE.sub(r"\g<head>***@", text)
+    if _KEYS.search(text):
         text = _KW_PASSWORD.sub(r"\g<head>***", text)
+        text = _DICT_PASSWORD.sub(r"\g<head>***", text)
+        text = _COLON_PASSWORD.sub(r"\g<head>***", text)
     return text
 
 
@@ -92,6 +208,60 @@ def is_seconds(value: object, *, zero: bool = False) -> bool:
     return value >= 0 if zero else value > 0
 
 
+def check_number(
+    value: object,
+    option: str,
+    where: str,
+    *,
+    integer: bool = False,
+    least: int | None = 0,
+    above: bool = False,
+    none: bool = False,
+    example: str = "5",
+    need: str | None = None,
+) -> None:
+    """Refuse an option that is not a number of the right kind and range, as a caller may
+    pass it: a TypeError for the wrong type (a string read from the environment, a bool, a
+    float where a count is wanted), a ValueError for one out of range, both naming *where*
+    (``Resource 'pool'``), the option and the fix. *integer*: a whole number, at least
+    *least* (None: any); else seconds, above 0 with *above*, else at least 0. *none*: None is valid.
+    *need*: what the message says it must be, if not that."""
+    if value is None and none:
+        return
+    want = need
+    if integer:
+        need = "a whole number" if least is None else f"{least} or more"
+        what = "a whole number"
+        ok_type = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        need = "a positive number of seconds" if above else "a number of seconds >= 0"
+        what = "a number of seconds"
+        ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+    if none:
+        need += " (or None)"
+    if want is not None:
+        need = want
+    if not ok_type:
+        hint = ""
+        if isinstance(value, str):
+            convert = "int" if integer else "float"
+            hint = (
+                f" (a setting read from the environment is a string: convert it with {convert}())"
+            )
+        tname = "None" if value is None else f"a {type(value).__name__}"
+        msg = (
+            f"{where}: {option}={value!r} is {tname}, not {what}. Pass {need}, "
+            f"e.g. {option}={example}{hint}."
+        )
+        raise TypeError(msg)
+    number: float = value  # type: ignore[assignment]
+    if least is None:
+        return
+    if not (number > 0 if above and not integer else number >= least):
+        msg = f"{where}: {option}={value!r} must be {need}."
+        raise ValueError(msg)
+
+
 class TetherError(Exception):
     """Base class of every error tether raises."""
 
@@ -105,6 +275,8 @@ class StartupError(TetherError):
     def __init__(self, message: str, *, resource: str) -> None:
         super().__init__(message)
         self.resource = resource
+        #: The signal that stopped the start (``"SIGTERM"``), if one did.
+        self.interrupted_by: str | None = None
 
 
 class ShutdownError(ExceptionGroup[Exception], TetherError):

@@ -49,7 +49,9 @@ class HealthReport:
                 return c
         raise KeyError(name)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, errors: bool = True) -> dict[str, Any]:
+        """The report as JSON; without *errors*, each failing check's status only (no error
+        or detail text: ``Lifecycle(expose_errors=False)``)."""
         return {
             "status": "ok" if self.ok else "unavailable",
             "state": self.state,
@@ -57,8 +59,8 @@ class HealthReport:
                 c.name: {
                     "status": c.status,
                     "latency_ms": round(c.latency * 1000, 3),
-                    **({"error": c.error} if c.error else {}),
-                    **({"detail": c.detail} if c.detail else {}),
+                    **({"error": c.error} if c.error and errors else {}),
+                    **({"detail": c.detail} if c.detail and errors else {}),
                 }
                 for c in self.checks
             },

@@ -35,6 +35,7 @@ from ._errors import (
     ScopeError,
     ShutdownError,
     StartupError,
+    check_number,
     describe,
     is_seconds,
     refused_for_good,
@@ -61,6 +62,10 @@ log = logging.getLogger("tether")
 
 _SCOPES = ("app", "request")
 _RELEASES = ("handler", "response")
+
+
+#: `lc.scope()`'s leak_threshold when none is given: the Lifecycle's.
+_LIFECYCLES: Any = object()
 
 
 class State(enum.Enum):
@@ -190,6 +195,7 @@ class _AppSlot:
 
 
 _NOT_OPEN: Any = object()
+_NO_APP: Any = object()  # `lc.lifespan()` called with no app
 
 
 class CancelledUnit:
@@ -237,6 +243,16 @@ class Lifecycle:
             load balancers to take the instance out of rotation. Served through
             ``lc.lifespan`` in the main thread only (uvicorn, hypercorn); 0 (the default)
             leaves SIGTERM to the server. A second SIGTERM stops the server at once.
+        sweep_interval: seconds between the sweeps for leaks and overdue cleanups.
+        expose_errors: ``True`` (the default): a 503's body and ``/health/ready``'s report
+            carry tether's whole message (which resource, why, the server's address with
+            its password hidden, the driver's error), for whoever can reach them.
+            ``False``: they name the resource only, and the message goes to the log (the
+            dashboard, which is guarded, keeps it): for a service whose clients are the
+            public.
+
+    Every number is checked here: a ``TypeError`` for one that is not a number (a string
+    read from the environment, a bool), a ``ValueError`` for one out of range.
     """
 
     def __init__(
@@ -250,6 +266,7 @@ class Lifecycle:
         track_stacks: bool = True,
         sweep_interval: float = 0.25,
         drain_delay: float = 0.0,
+        expose_errors: bool = True,
     ) -> None:
         if not is_seconds(drain_delay, zero=True):
             msg = (
@@ -257,7 +274,23 @@ class Lifecycle:
                 f"readiness fails after SIGTERM before the server shuts down, and must be a "
                 f"number >= 0; e.g. drain_delay=5, or 0 to leave SIGTERM to the server."
             )
-            raise ValueError(msg)
+            given: object = drain_delay  # checked as what a caller may pass
+            number = isinstance(given, int | float) and not isinstance(given, bool)
+            raise ValueError(msg) if number else TypeError(msg)
+        where = "Lifecycle()"
+        check_number(close_timeout, "close_timeout", where, above=True, example="10")
+        check_number(drain_timeout, "drain_timeout", where, example="30")
+        check_number(
+            leak_threshold,
+            "leak_threshold",
+            where,
+            above=True,
+            none=True,
+            example="60, or None to turn leak detection off",
+        )
+        check_number(sync_threads, "sync_threads", where, integer=True, least=1, example="10")
+        check_number(check_timeout, "check_timeout", where, above=True, example="5")
+        check_number(sweep_interval, "sweep_interval", where, above=True, example="0.25")
         self.drain_delay = drain_delay
         self._stopping = False  # SIGTERM came, drain_delay runs: readiness fails
         self.close_timeout = close_timeout
@@ -267,6 +300,7 @@ class Lifecycle:
         self.check_timeout = check_timeout
         self.track_stacks = track_stacks
         self.sweep_interval = sweep_interval
+        self.expose_errors = bool(expose_errors)
         self.state = State.CREATED
         self._resources: dict[str, Resource[Any]] = {}
         self._overrides: dict[Resource[Any], Resource[Any]] = {}
@@ -289,6 +323,13 @@ class Lifecycle:
         # ... and units a shutdown's drain waited on until they ended.
         self._drained_units: deque[DrainedUnit] = deque(maxlen=100)
         self._drained: anyio.Event | None = None
+        # Set when a shutdown's app scope has closed: the units of work an app resource's
+        # own tasks ask for while it drains wait for it (`_parked`).
+        self._shut: anyio.Event | None = None
+        # The units of work given a leak_threshold of their own (`lc.scope(...)`).
+        self._leak_thresholds: weakref.WeakKeyDictionary[Unit, float | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self._open_limiter: Any = None
         self._close_limiter: Any = None
         self._thread_runner: Any = None
@@ -303,8 +344,15 @@ class Lifecycle:
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
         # The apps whose routes it serves (`install`), for the pytest plugin's check of
-        # their `dependency_overrides`.
-        self._installed_apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        # their `dependency_overrides`: each with the tether resources those replaced when
+        # it was first served.
+        self._installed_apps: weakref.WeakKeyDictionary[Any, frozenset[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # The connections in use in each driver pool when it closed, at each shutdown: after
+        # the drain and after its dependents closed (the pytest plugin's check of an app run
+        # per test: one still in use then was kept by something that never gave it back).
+        self._in_use_at_shutdown: deque[dict[str, int | None]] = deque(maxlen=100)
         self._app_site = ""  # where the app scope that runs was entered, "FILE:LINE in NAME"
         LIFECYCLES.add(self)
 
@@ -486,14 +534,30 @@ class Lifecycle:
         if release not in _RELEASES:
             msg = f"Resource {rname!r}: release={release!r} is not one of 'handler', 'response'."
             raise ValueError(msg)
-        if timeout is not None and not timeout > 0:
-            msg = f"Resource {rname!r}: timeout={timeout!r} must be a positive number of seconds."
-            raise ValueError(msg)
-        if retries < 0:
-            msg = f"Resource {rname!r}: retries={retries!r} must be 0 or more."
-            raise ValueError(msg)
-        if concurrency is not None and concurrency < 1:
-            msg = f"Resource {rname!r}: concurrency={concurrency!r} must be 1 or more."
+        where = f"Resource {rname!r}"
+        if timeout is not None:
+            check_number(timeout, "timeout", where, above=True)
+        check_number(retries, "retries", where, integer=True, example="3")
+        check_number(backoff, "backoff", where, example="0.5")
+        if concurrency is not None:
+            check_number(concurrency, "concurrency", where, integer=True, least=1, example="4")
+        if check_timeout is not None:
+            check_number(check_timeout, "check_timeout", where, above=True, example="2")
+        check_number(retry_after, "retry_after", where, example="1")
+        probe: object = check  # checked as what a caller may pass
+        if probe is not None and not callable(probe):
+            msg = (
+                f"Resource {rname!r}: check={check!r} is not callable. Pass a function of "
+                f"the value that raises when it is unhealthy (sync or async), e.g. "
+                f'check=lambda pool: pool.fetchval("SELECT 1").'
+            )
+            raise TypeError(msg)
+        if release == "response" and scope == "app":
+            msg = (
+                f"Resource {rname!r}: release='response' is for request resources (it closes "
+                f"them after the response's last byte); an app resource closes at shutdown. "
+                f"Drop release= or use scope='request'."
+            )
             raise ValueError(msg)
         if error_status is not None:
             given: object = error_status  # checked as what a caller may pass
@@ -560,6 +624,16 @@ class Lifecycle:
         see an override at once.
         """
         self._check_owned(resource)
+        called = _called_factory(value_or_factory)
+        if called is not None:
+            what, fn = called
+            msg = (
+                f"lc.override() of resource {resource.name!r} was given {what} of {fn}(): "
+                f"the factory was called, and its value would be that object. Pass the "
+                f"factory itself: lc.override({resource.name}, {fn}), not "
+                f"lc.override({resource.name}, {fn}())."
+            )
+            raise TypeError(msg)
         if _is_factory(value_or_factory):
             factory = value_or_factory
         else:
@@ -767,6 +841,9 @@ class Lifecycle:
             self._app_values = {}
             self.state = State.CLOSED
             self._loop = None
+            if self._shut is not None:
+                self._shut.set()
+                self._shut = None
 
     def _make_limiters(self) -> None:
         # tether's own thread limiters (never anyio's default one, which endpoints use),
@@ -839,7 +916,9 @@ class Lifecycle:
                 "orchestrator's startup grace), or those resources fewer retries= or a "
                 "shorter timeout=."
             )
-            raise StartupError(msg, resource=opening[0] if opening else "lifecycle")
+            stopped = StartupError(msg, resource=opening[0] if opening else "lifecycle")
+            stopped.interrupted_by = interrupted
+            raise stopped
         assert failure.error is not None
         cause = describe(failure.error).rstrip(".")
         refused = refused_for_good(failure.error)
@@ -855,6 +934,17 @@ class Lifecycle:
                 f"The resources already open were closed. The server refused the "
                 f"credentials or the database (SQLSTATE {refused}), which no retry mends, "
                 f"so none was made: fix the user, password or database name it connects with."
+            )
+        elif _misconfigured(failure.error):
+            tried = (
+                f" It was tried {failure.res.retries + 1} times (retries={failure.res.retries})."
+                if failure.res.retries
+                else ""
+            )
+            msg = (
+                f"App resource {failure.res.name!r} failed to open: {cause}. "
+                f"The resources already open were closed.{tried} Fix the cause above: a "
+                f"mistake in the configuration or the code, which no retry mends."
             )
         elif failure.res.retries:
             tries = failure.res.retries + 1
@@ -1097,8 +1187,9 @@ class Lifecycle:
                 return out
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _close_app_slots(self) -> list[tuple[str, BaseException]]:
-        """Close the app values in reverse order; return ``(resource name, failure)`` pairs."""
+    async def _close_app_slots(self, *, note: bool = False) -> list[tuple[str, BaseException]]:
+        """Close the app values in reverse order; return ``(resource name, failure)`` pairs.
+        *note*: note each driver pool's connections in use when it closes (a shutdown)."""
         errors: list[tuple[str, BaseException]] = []
         for entry in reversed(self._late_entries):
             try:
@@ -1106,7 +1197,11 @@ class Lifecycle:
             except Exception as exc:
                 errors.append((entry.res.name, exc))
         self._late_entries = []
+        in_use: dict[str, int | None] = {}
         for slot in reversed(self._app_slots):
+            figures = self._figures_of(slot.res) if note else None
+            if figures is not None:  # its dependents closed: what is in use now was kept
+                in_use[slot.res.name] = figures.in_use
             slot.release.set()
             await slot.closed.wait()
             if slot.error is not None:
@@ -1115,6 +1210,8 @@ class Lifecycle:
         self._app_slots = []
         self._slot_of = {}
         self._app_values = {}
+        if note:
+            self._in_use_at_shutdown.append(in_use)
         return errors
 
     async def _shutdown(self) -> None:
@@ -1148,7 +1245,7 @@ class Lifecycle:
                 with anyio.move_on_after(self.close_timeout):
                     await self._drained.wait()
         await self._stop_opening()
-        errors = await self._close_app_slots()
+        errors = await self._close_app_slots(note=True)
         if errors:
             self.state = State.CLOSED
             excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
@@ -1161,19 +1258,32 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ lifespan
 
-    def lifespan(self, app: Any = None, /, *, wrap: Lifespan | None = None) -> Any:
+    def lifespan(self, app: Any = _NO_APP, /, *, wrap: Lifespan | None = None) -> Any:
         """The ASGI lifespan: ``FastAPI(lifespan=lc.lifespan)``.
 
-        ``FastAPI(lifespan=lc.lifespan(wrap=my_lifespan))`` runs *my_lifespan* inside
-        the app scope (so it may use app resources) and keeps the state it yields.
+        ``FastAPI(lifespan=lc.lifespan(wrap=my_lifespan))`` runs *my_lifespan* (an
+        ``@asynccontextmanager`` function of the app, or an async generator function)
+        inside the app scope (so it may use app resources) and keeps the state it yields.
+        ``lc.lifespan()``, called with no app, is the same lifespan as ``lc.lifespan``.
         """
+        if app is _NO_APP and wrap is None:
+            return _CalledLifespan(self)
+        if app is _NO_APP:
+            app = None
         if wrap is not None:
-            user = wrap
+            user = _user_lifespan(wrap)
 
             def lifespan(app: Any) -> AbstractAsyncContextManager[Any]:
                 return self._lifespan(app, user)
 
+            lifespan.__dict__[_WRAPS] = (self, user)
             return lifespan
+        # `lc.lifespan(app)` in a test, of an app made with `lc.lifespan(wrap=...)`: the
+        # app's own lifespan, its wrapped one included.
+        router = getattr(app, "router", None)
+        made = getattr(getattr(router, "lifespan_context", None), "__dict__", {}).get(_WRAPS)
+        if made is not None and made[0] is self:
+            return self._lifespan(app, made[1])
         return self._lifespan(app, None)
 
     @asynccontextmanager
@@ -1184,8 +1294,29 @@ class Lifecycle:
 
             install(app, self)
         async with AsyncExitStack() as stack:
-            with _interruptible_start(self):
-                await stack.enter_async_context(self.run())
+            stopped: StartupError | None = None
+            try:
+                with _interruptible_start(self) as start:
+                    await stack.enter_async_context(self.run())
+            except StartupError as exc:
+                if exc.interrupted_by is None or not start.server_stops:
+                    raise
+                stopped = exc
+            if stopped is not None:
+                # The server was handed the signal too, and stops once its startup is
+                # over: reported as a failure, the server exits as one (uvicorn with 3,
+                # which gunicorn takes for a worker that cannot boot, and halts with every
+                # other worker's requests in flight). So the startup completes, nothing
+                # open and every request refused (503), and the server shuts down as on
+                # any signal.
+                log.warning("tether: %s The server stops as on any %s.", stopped,
+                            stopped.interrupted_by)  # fmt: skip
+                self.state = State.DRAINING
+                try:
+                    yield None
+                finally:
+                    self.state = State.CLOSED
+                return
             with _delayed_exit(self):
                 if user is None:
                     yield None
@@ -1198,19 +1329,39 @@ class Lifecycle:
     # ------------------------------------------------------------------ units of work
 
     @asynccontextmanager
-    async def scope(self, label: str = "scope") -> AsyncIterator[Unit]:
+    async def scope(
+        self, label: str = "scope", *, leak_threshold: float | None = _LIFECYCLES
+    ) -> AsyncIterator[Unit]:
         """A request scope outside a request: ``async with lc.scope() as s: await s.get(r)``.
 
         Values open on first ``get`` and close in reverse order when the block ends;
         the exception that ended the block (if any) is thrown into each generator.
+        *leak_threshold*: this unit's, in place of the Lifecycle's (a long job: a number of
+        seconds it may hold its values, or None for no leak reports of it).
         """
+        if leak_threshold is not _LIFECYCLES:
+            check_number(
+                leak_threshold,
+                "leak_threshold",
+                f"lc.scope({label!r})",
+                above=True,
+                none=True,
+                example="3600, or None for no leak reports of this unit of work",
+            )
         self.validate()
         if self._loop is not None and self._loop is not _current_loop():
             raise self._elsewhere(label)
         if self._open_limiter is None:
             self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)
-        self._admit(unit)
+        stop = OPEN_STOP.get()
+        if self.state is State.DRAINING and stop is not None and await self._parked(unit, stop):
+            self._units.add(unit)  # admitted while the app scope drains: its owner stops it
+            self._units_total += 1
+        else:
+            self._admit(unit)
+        if leak_threshold is not _LIFECYCLES:
+            self._leak_thresholds[unit] = leak_threshold
         if _on_asyncio():
             self._unit_tasks[unit] = asyncio.current_task()  # cancelled past drain_timeout
         failure: BaseException | None = None
@@ -1273,8 +1424,39 @@ class Lifecycle:
         for unit in [unit for unit in waited if unit not in self._units]:
             self._drained_units.append(DrainedUnit(unit, waited.pop(unit), now))
 
+    async def _parked(self, unit: Unit, stop: OpenStop) -> bool:
+        """While the app scope drains, a unit of work that a task an app resource started
+        asks for (its open, or a task it spawned: a queue consumer's loop) waits for that
+        resource's cleanup to begin, instead of being refused: refused, the consumer's task
+        would die of it, and the cleanup that stops it (a cancel, or a flag it sets, then an
+        await of the task) fail the shutdown. A cleanup that cancels the task stops it here;
+        one that sets a flag has the unit admitted (True), its app resources still open, so
+        the loop ends after it. Refused (False) for a task of another Lifecycle's resource,
+        and once the app scope has closed."""
+        slot = next((s for s in self._app_slots if s.stop is stop), None)
+        if slot is None:
+            return False
+        if self._shut is None:
+            self._shut = anyio.Event()
+        shut = self._shut
+        while not slot.release.is_set() and not shut.is_set():
+            with anyio.move_on_after(0.05):
+                await slot.release.wait()
+        if not shut.is_set() and self.state is State.DRAINING:
+            return True
+        self._units_refused += 1
+        msg = (
+            f"Cannot start {unit.label}: the application has shut down, and its app "
+            f"resources are closed. Stop the task that starts it in the cleanup of the app "
+            f"resource that started it (after its `yield`)."
+        )
+        raise ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
+
     def _admit(self, unit: Unit) -> None:
-        if self.state is State.DRAINING or (self.state is State.CLOSED and self._units_total):
+        # Refused while the app scope drains only: once it closed (an earlier test ran the
+        # app), a unit of work that needs no app resource (a job's unit test, overrides)
+        # runs, and one that does is told the app scope is not open.
+        if self.state is State.DRAINING:
             self._units_refused += 1
             msg = (
                 f"Cannot start {unit.label}: the application is shutting down "
@@ -1300,10 +1482,10 @@ class Lifecycle:
         if self._drained is not None and not self._units:
             self._drained.set()
 
-    async def _unit_for_connection(self, connection: Any) -> Unit:
+    async def _unit_for_connection(self, connection: Any, name: str | None = None) -> Unit:
         from .fastapi import unit_for_connection
 
-        return await unit_for_connection(self, connection)
+        return await unit_for_connection(self, connection, name)
 
     # ------------------------------------------------------------------ observing
 
@@ -1314,8 +1496,11 @@ class Lifecycle:
     def stats(self) -> Stats:
         """A snapshot of every resource's counters, the units of work, and the figures of
         the driver pools that are open."""
+        # SIGTERM came and drain_delay runs: "stopping", as readiness says.
+        running = self.state is State.RUNNING
+        state = "stopping" if self._stopping and running else self.state.value
         return Stats(
-            state=self.state.value,
+            state=state,
             units_in_flight=len(self._units),
             units_total=self._units_total,
             units_refused=self._units_refused,
@@ -1333,16 +1518,23 @@ class Lifecycle:
     def _pool_stats(self) -> dict[str, PoolStats]:
         pools: dict[str, PoolStats] = {}
         for name, res in self._resources.items():
-            if res.pool_stats is None or res in self._overrides:
-                continue  # not a pool, or replaced (by a fake, in tests)
-            value = self._app_values.get(res, _NOT_OPEN)
-            if value is _NOT_OPEN:
-                continue
-            try:
-                pools[name] = res.pool_stats(value)
-            except Exception as exc:  # a figure is never worth failing a scrape
-                log.debug("tether: cannot read the figures of pool %r: %s", name, exc)
+            figures = self._figures_of(res)
+            if figures is not None:
+                pools[name] = figures
         return pools
+
+    def _figures_of(self, res: Resource[Any]) -> PoolStats | None:
+        """The figures of *res*'s driver pool, if it is one and open (not overridden)."""
+        if res.pool_stats is None or res in self._overrides:
+            return None  # not a pool, or replaced (by a fake, in tests)
+        value = self._app_values.get(res, _NOT_OPEN)
+        if value is _NOT_OPEN:
+            return None
+        try:
+            return res.pool_stats(value)
+        except Exception as exc:  # a figure is never worth failing a scrape
+            log.debug("tether: cannot read the figures of pool %r: %s", res.name, exc)
+            return None
 
     async def _sweep_forever(self) -> None:
         self._sweeping = True
@@ -1364,7 +1556,10 @@ class Lifecycle:
             for close in list(self._slow_closes):
                 if now > close.deadline:
                     close.expire()
-            self._sweep_leaks(now)
+            try:
+                self._sweep_leaks(now)
+            except Exception as exc:  # never the end of the app scope's task group
+                self._sweeper_failed("the leak sweep", exc)
             for hook in self._sweepers:
                 try:
                     hook(now)
@@ -1379,6 +1574,15 @@ class Lifecycle:
             self._failed_sweepers.add(hook)
         except TypeError:  # pragma: no cover - an unhashable hook: logged every time
             pass
+        if hook == "the leak sweep":
+            log.error(
+                "tether: the leak sweep failed: %s (leak_threshold=%r); the app runs on, "
+                "without leak reports, and its later failures are not logged",
+                describe(exc),
+                self.leak_threshold,
+                exc_info=exc,
+            )
+            return
         log.error(
             "tether: a sweeper hook (%r) failed: %s; the sweep goes on (leak reports, close "
             "deadlines), and this hook's later failures are not logged",
@@ -1388,10 +1592,14 @@ class Lifecycle:
         )
 
     def _sweep_leaks(self, now: float) -> None:
-        threshold = self.leak_threshold
-        if threshold is None:
+        default = self.leak_threshold
+        own = self._leak_thresholds
+        if default is None and not own:
             return
         for unit in list(self._units):
+            threshold = own.get(unit, default) if own else default
+            if threshold is None:
+                continue
             for entry in unit.entries:
                 held = now - entry.opened_at
                 if held > threshold and not entry.leak_reported:
@@ -1518,22 +1726,44 @@ def _chain_signal(
     return restore
 
 
+class _Start:
+    """What `_interruptible_start` learnt: whether the signal that stopped the start was
+    also handed to a server that stops on it."""
+
+    server_stops = False
+
+
+def _server_handles(loop: asyncio.AbstractEventLoop, signum: int) -> bool:
+    """Whether a server set a handler of *signum* (with ``signal.signal`` or the loop's
+    ``add_signal_handler``), rather than Python's defaults."""
+    handles = getattr(loop, "_signal_handlers", None)
+    if isinstance(handles, dict) and signum in handles:
+        return True
+    handler = signal.getsignal(signum)
+    return callable(handler) and handler is not signal.default_int_handler
+
+
 @contextmanager
-def _interruptible_start(lc: Lifecycle) -> Iterator[None]:
+def _interruptible_start(lc: Lifecycle) -> Iterator[_Start]:
     """While the lifespan opens the app resources: SIGTERM or SIGINT stops the start (no
     more retries; what opened is closed; `StartupError`), and is passed on to the server's
     own handler, so it exits after. A server never cancels a lifespan's startup: uvicorn
     waited for every retry. Main thread only (where signal handlers can be set)."""
+    start = _Start()
     loop = asyncio._get_running_loop()
     if loop is None or threading.current_thread() is not threading.main_thread():
-        yield
+        yield start
         return
     lc._interrupted = None
     active = True
+    # Whether a server has its own handler of each signal, which stops it once its startup
+    # is over (not Python's default ones: no server runs the app).
+    servers = {sig.name: _server_handles(loop, sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def interrupt(name: str) -> None:
         if active and lc._interrupted is None:
             lc._interrupted = name
+            start.server_stops = servers[name]
             log.warning("tether: %s during startup: the start is stopped", name)
             if lc._start_stop is not None:
                 lc._start_stop.set()
@@ -1551,7 +1781,7 @@ def _interruptible_start(lc: Lifecycle) -> Iterator[None]:
 
         restores.append(_chain_signal(loop, sig, on_signal))
     try:
-        yield
+        yield start
     finally:
         active = False
         for restore in reversed(restores):
@@ -1603,6 +1833,79 @@ def _format_stack(stack: list[tuple[str, int, str]] | None, what: str) -> str:
         return ""
     lines = "".join(f'\n  File "{f}", line {n}, in {name}' for f, n, name in stack)
     return f"; {what}:{lines}"
+
+
+#: Set on the lifespan `lc.lifespan(wrap=...)` makes: its Lifecycle and the wrapped one.
+_WRAPS = "__tether_wraps__"
+
+
+class _CalledLifespan:
+    """``lc.lifespan()`` with no app: the lifespan still, both as the function of the app
+    that ``FastAPI(lifespan=...)`` calls and as an async context manager of no app."""
+
+    def __init__(self, lc: Lifecycle) -> None:
+        self._lc = lc
+        self._cm: AbstractAsyncContextManager[Any] | None = None
+
+    def __call__(self, app: Any) -> AbstractAsyncContextManager[Any]:
+        return self._lc._lifespan(app, None)
+
+    async def __aenter__(self) -> Any:
+        self._cm = self._lc._lifespan(None, None)
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(*exc)
+
+
+def _user_lifespan(wrap: Any) -> Lifespan:
+    """*wrap* as a function of the app giving an async context manager: an async generator
+    function (a lifespan form Starlette accepts) is made one, as Starlette does."""
+    if inspect.isasyncgenfunction(wrap):
+        return asynccontextmanager(wrap)
+    if hasattr(wrap, "__aenter__") and not inspect.isclass(wrap):
+        fn = getattr(getattr(wrap, "func", None), "__name__", "my_lifespan")
+        msg = (
+            f"lc.lifespan(wrap=...) was given the context manager of a lifespan already "
+            f"called ({fn}(...)). Pass the function itself, which tether calls with the app: "
+            f"lc.lifespan(wrap={fn}), not lc.lifespan(wrap={fn}(app))."
+        )
+        raise TypeError(msg)
+    if callable(wrap):
+        return wrap  # type: ignore[no-any-return]
+    msg = (
+        f"lc.lifespan(wrap=...) was given {wrap!r}, which is not a lifespan. Pass a function "
+        f"of the app that returns an async context manager (an @asynccontextmanager "
+        f"function, or an async generator function), e.g. lc.lifespan(wrap=my_lifespan)."
+    )
+    raise TypeError(msg)
+
+
+#: Errors of the configuration or the code (a bad setting, a missing module or key, a
+#: wrong argument), which no retry mends: a StartupError for one gives no retry advice.
+_MISCONFIGURED = (ValueError, TypeError, KeyError, ImportError, AttributeError, NameError)
+
+
+def _misconfigured(exc: BaseException) -> bool:
+    return isinstance(exc, _MISCONFIGURED)
+
+
+def _called_factory(obj: Any) -> tuple[str, str] | None:
+    """(what, function name) if *obj* is a factory already called (a generator, an async
+    generator, a coroutine), closed so that a coroutine is not reported never awaited."""
+    if inspect.isgenerator(obj):
+        what = "a generator object"
+    elif inspect.isasyncgen(obj):
+        what = "an async generator object"
+    elif inspect.iscoroutine(obj):
+        what = "a coroutine object"
+    else:
+        return None
+    name = str(getattr(obj, "__name__", "factory"))
+    if not inspect.isasyncgen(obj):  # an async generator never started needs no closing
+        obj.close()
+    return what, name
 
 
 def _is_factory(obj: Any) -> bool:

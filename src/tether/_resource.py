@@ -62,7 +62,17 @@ def kind_of(factory: Callable[..., Any]) -> Kind:
     return Kind.SYNC_FUNC
 
 
-def parameters_of(factory: Callable[..., Any]) -> tuple[str, ...]:
+def _fastapi_marker(param: inspect.Parameter) -> Any:
+    """FastAPI's ``Depends()``, ``Header()``, ``Query()``... in *param*'s default or its
+    ``Annotated`` metadata, if any (told by the class's module: FastAPI is not imported)."""
+    metadata = getattr(param.annotation, "__metadata__", ())
+    for marker in (param.default, *metadata):
+        if type(marker).__module__ == "fastapi.params":
+            return marker
+    return None
+
+
+def parameters_of(factory: Callable[..., Any], name: str = "") -> tuple[str, ...]:
     """The parameter names of *factory*: each names a resource it depends on."""
     try:
         sig = inspect.signature(factory)
@@ -72,6 +82,27 @@ def parameters_of(factory: Callable[..., Any]) -> tuple[str, ...]:
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        marker = _fastapi_marker(p)
+        if marker is not None:
+            kind = type(marker).__name__
+            head = (
+                f"Resource {name!r}: parameter {p.name!r} is FastAPI's {{}}, which tether does "
+                f"not resolve: tether calls a resource's factory itself, and passes it only "
+                f"other resources, by parameter name."
+            )
+            dependency = getattr(marker, "dependency", None)
+            if dependency is not None:
+                dep = getattr(dependency, "__name__", "the function")
+                msg = head.format(f"{kind}({dep})") + (
+                    f" Register {dep} as a resource, @lc.resource(name={p.name!r}), and drop "
+                    f"the {kind}()."
+                )
+            else:
+                msg = head.format(f"{kind}()") + (
+                    f" Read it in the route (`{p.name}: Annotated[str, {kind}()]`) and pass "
+                    f"it to the work there, or drop the parameter."
+                )
+            raise TypeError(msg)
         if p.default is not p.empty:
             continue  # a parameter with a default is configuration, not a dependency
         names.append(p.name)
@@ -157,7 +188,7 @@ class Resource(Generic[T]):
         self.retry_after = retry_after
         self.guard = guard
         self.kind = kind_of(factory)
-        self.params = parameters_of(factory)
+        self.params = parameters_of(factory, name)
         # Sync generators and context managers run in threads (they manage real
         # connections); a plain `def` runs inline unless asked otherwise.
         self.thread = (self.kind in SYNC_KINDS) if thread is None else thread
@@ -232,7 +263,7 @@ class Resource(Generic[T]):
         if unit is None or unit.lc is not self.lifecycle:
             if connection is None:  # called by hand, not by FastAPI, outside a unit of work
                 return self._called_by_hand()
-            unit = await self.lifecycle._unit_for_connection(connection)
+            unit = await self.lifecycle._unit_for_connection(connection, self.name)
         values = unit.values
         value = values.get(self, _MISSING)
         if value is _MISSING or value is OPENING:

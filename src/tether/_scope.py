@@ -1223,7 +1223,18 @@ class Unit:
                 f"Open a new `async with lc.scope()` for work that outlives it."
             )
             raise ResourceClosedError(msg, resource=res.name)
-        if res.lifecycle is not lc:
+        try:
+            foreign = res.lifecycle is not lc
+        except AttributeError:  # not a Resource at all
+            name = getattr(res, "__qualname__", None)
+            what = f"the function {name}" if name else repr(res)
+            msg = (
+                f"s.get() was given {what}, which is not a tether resource. Pass what "
+                f"@lc.resource returned (e.g. `await s.get(conn)`); register a plain "
+                f"function with @lc.resource first."
+            )
+            raise TypeError(msg) from None
+        if foreign:
             msg = (
                 f"Resource {res.name!r} belongs to another Lifecycle than this scope's. "
                 f"Use the Lifecycle the resource was registered on."

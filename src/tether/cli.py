@@ -9,6 +9,7 @@ tether demo                     # serve the reference service (tether.demo) on 1
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import importlib
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 
 from . import _graph
-from ._errors import ShutdownError, TetherError, describe
+from ._errors import ShutdownError, TetherError, describe, redact
 from ._lifecycle import Lifecycle
 
 __all__ = ["main"]
@@ -148,15 +149,29 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not one
     except ValueError as exc:
-        msg = f"tether stats: {url!r} is not a URL ({exc}). Give the dashboard's, e.g. {example}"
+        msg = (
+            f"tether stats: {redact(repr(url))} is not a URL ({exc}). Give the dashboard's, "
+            f"e.g. {example}"
+        )
         raise _ConfigError(msg) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         msg = (
-            f"tether stats: {url!r} is not an http:// or https:// URL. Give the dashboard's "
-            f"with its scheme, e.g. {example}"
+            f"tether stats: {redact(repr(url))} is not an http:// or https:// URL. Give the "
+            f"dashboard's with its scheme, e.g. {example}"
         )
         raise _ConfigError(msg)
+    basic = None
+    if parts.username is not None or parts.password is not None:
+        # http://user:password@host/: sent as Basic auth (urllib does not), never shown.
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        netloc = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if basic is not None:
+        request.add_header("Authorization", f"Basic {basic}")  # a --header one replaces it
+    shown = redact(url)
     for header in headers:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
@@ -176,39 +191,64 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
+        if exc.code in (401, 403) and basic is not None:
+            fix = (
+                "The dashboard refused the URL's user and password (sent as Basic auth): "
+                "check them, or pass what it expects with --header 'Name: value'."
+            )
+        elif exc.code in (401, 403):
             fix = "The dashboard is guarded: pass what it expects with --header 'Name: value'."
         elif exc.code == 404:
             fix = (
                 "Include tether.fastapi.dashboard_router(lc) in the app, and give the URL of "
                 "its page (http://HOST:PORT/tether/ by default)."
             )
-        msg = f"tether stats: {url} answered {exc.code} {exc.reason}. {fix}"
+        msg = f"tether stats: {shown} answered {exc.code} {exc.reason}. {fix}"
         raise SystemExit(msg) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        msg = f"tether stats: cannot read {url}: {reason}. {fix}"
+        msg = f"tether stats: cannot read {shown}: {reason}. {fix}"
         raise SystemExit(msg) from None
     except http.client.HTTPException as exc:  # not HTTP, or a reply cut short
         said = type(exc).__name__ + (f" {str(exc).strip()!r}" if str(exc).strip() else "")
-        msg = f"tether stats: {url} did not answer as an HTTP server ({said}). {fix}"
+        msg = f"tether stats: {shown} did not answer as an HTTP server ({said}). {fix}"
         raise SystemExit(msg) from None
     try:
         data = json.loads(body)
     except ValueError:
         data = None
     if not isinstance(data, dict) or not {"state", "units", "resources", "in_flight"} <= set(data):
-        msg = f"tether stats: {url} did not answer with a tether dashboard's JSON. {fix}"
+        msg = f"tether stats: {shown} did not answer with a tether dashboard's JSON. {fix}"
         raise SystemExit(msg)
     return data
 
 
-def render_stats(data: dict[str, Any]) -> str:
-    """The dashboard's figures as a plain-text table."""
+def _process(data: dict[str, Any]) -> str | None:
+    """The process that answered a read (``pid 1234 on web-1``), if the dashboard says."""
+    if data.get("pid") is None:  # an older tether's dashboard does not say
+        return None
+    return f"pid {data['pid']}" + (f" on {data['host']}" if data.get("host") else "")
+
+
+def render_stats(data: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
+    """The dashboard's figures as a plain-text table; *previous*, the read before it (under
+    ``--watch``): a read answered by another process (another worker, a restart) says so,
+    as its figures are its own, not the last ones moved on."""
     units = data["units"]
+    process = _process(data)
     lines = [
         f"{data['state']}: {units['in_flight']} in flight, {units['total']} started, "
-        f"{units['refused']} refused",
+        f"{units['refused']} refused" + (f" ({process})" if process else ""),
+    ]
+    was = None if previous is None else _process(previous)
+    if process and was and was != process:
+        if previous and data.get("host") == previous.get("host"):
+            was = f"pid {previous['pid']}"  # the same host: its pid says it
+        lines.append(
+            f"another process answered: {process}, was {was}; each worker (and each "
+            f"restart) has its own figures"
+        )
+    lines += [
         "",
         f"{'resource':20} {'scope':8} {'in use':>6} {'max':>5} {'opened':>8} {'closed':>8} "
         f"{'errors':>6} {'timeouts':>8} {'leaks':>5} {'wait ms mean/max':>17} "
@@ -256,6 +296,7 @@ def render_stats(data: dict[str, Any]) -> str:
 def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | None) -> int:
     url = stats_url(url)
     read = False
+    previous: dict[str, Any] | None = None
     while True:
         try:
             data = fetch_stats(url, headers)
@@ -269,11 +310,11 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
             print(exc.code, file=sys.stderr, flush=True)
             time.sleep(watch)
             continue
-        read = True
         if as_json:
             print(json.dumps(data, indent=2), flush=True)
         else:
-            print(render_stats(data), flush=True)
+            print(render_stats(data, previous), flush=True)
+        read, previous = True, data
         if watch is None:
             return 0
         time.sleep(watch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -244,7 +245,9 @@ def install(app: Any, lc: Lifecycle) -> None:
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
     try:
-        lc._installed_apps.add(app)
+        if app not in lc._installed_apps:
+            overrides = getattr(app, "dependency_overrides", None) or {}
+            lc._installed_apps[app] = frozenset(k for k in overrides if isinstance(k, Resource))
     except TypeError:  # pragma: no cover - an app that cannot be weakly referenced
         pass
     _forget_inclusions(getattr(app, "routes", ()))
@@ -804,7 +807,7 @@ def _is_websocket(route: Any) -> bool:
     return "websocket" in type(route).__name__.lower()
 
 
-async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
+async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None = None) -> Unit:
     """Where a resource is asked for on a route tether does not own: say how to fix it.
 
     One case tether can own from here: a WebSocket route of a router that FastAPI 0.137+
@@ -820,24 +823,72 @@ async def unit_for_connection(lc: Lifecycle, connection: Any) -> Unit:
         stack.push_async_exit(_ConnectionEnd(lc, unit, token))
         return unit
     path = scope.get("path", "?")
+    what = "A tether resource" if name is None else f"Resource {name!r}"
     if lc.state is State.CREATED:
         # The commonest case in tests: `TestClient(app)` without `with`, or httpx's
         # `ASGITransport`, neither of which runs the lifespan that installs tether.
         msg = (
-            f"A tether resource was asked for on {path!r} before this Lifecycle started: "
+            f"{what} was asked for on {path!r} before this Lifecycle started: "
             f"the app's lifespan has not run, or it is not `lc.lifespan`. Use "
             f"`FastAPI(lifespan=lc.lifespan)`; in tests, enter the client "
             f"(`with TestClient(app) as client:`), or, with httpx's `ASGITransport`, which "
             f"never runs a lifespan, wrap the client in `async with lc.lifespan(app):`."
         )
         raise ScopeError(msg)
+    if lc.state is State.CLOSED:
+        # An app scope that ran (`lc.run()`, an earlier `with TestClient(app)`) and ended:
+        # a client not entered now runs no lifespan.
+        msg = (
+            f"{what} was asked for on {path!r} after this Lifecycle's app scope closed: "
+            f"the app has shut down, and its lifespan is not running now. Start it again: "
+            f"in tests, enter the client (`with TestClient(app) as client:`), or, with "
+            f"httpx's `ASGITransport`, wrap the client in `async with lc.lifespan(app):`."
+        )
+        raise ScopeError(msg)
+    route = scope.get("route")
+    owner = _route_owner(route) if route is not None else None
+    if owner is not None and owner is not lc:
+        msg = (
+            f"{what} was asked for on {path!r}, a route whose unit of work belongs to another "
+            f"Lifecycle: a route uses the resources of one Lifecycle (two chained with "
+            f"`wrap=` each own only their routes). Register the resources this app uses on "
+            f"one Lifecycle."
+        )
+        raise ScopeError(msg)
+    if owner is lc or (route is None and "endpoint" not in scope and _installed_app(lc, scope)):
+        # The app is tether's, the route too or none matched yet: a middleware, or an
+        # exception handler, which run outside the route's unit of work.
+        msg = (
+            f"{what} was asked for on {path!r} outside a route's unit of work (in an HTTP "
+            f"middleware or an exception handler, which run before the route's unit of work "
+            f"begins or after it ended). Open one there: `async with lc.scope() as s: "
+            f"value = await s.get({name or 'resource'})`."
+        )
+        raise ScopeError(msg)
     msg = (
-        f"A tether resource was asked for on {path!r}, a route this Lifecycle does not "
+        f"{what} was asked for on {path!r}, a route this Lifecycle does not "
         f"own: the route was added after the app started, or the app's lifespan is not "
         f"`lc.lifespan`. Use `FastAPI(lifespan=lc.lifespan)`, or call "
         f"`tether.fastapi.install(app, lc)` after adding the routes."
     )
     raise ScopeError(msg)
+
+
+def _route_owner(route: Any) -> Lifecycle | None:
+    """The Lifecycle that owns *route*'s unit of work, if one does."""
+    own = vars(route) if hasattr(route, "__dict__") else {}
+    handle = own.get("handle")
+    if isinstance(handle, _TetherRoute):
+        return handle.lc
+    lc: Lifecycle | None = getattr(own.get("get_route_handler"), "_tether_lifecycle", None)
+    return lc
+
+
+def _installed_app(lc: Lifecycle, scope: Any) -> bool:
+    try:
+        return scope.get("app") in lc._installed_apps
+    except TypeError:  # pragma: no cover - an app that cannot be weakly referenced
+        return False
 
 
 def _leave(token: contextvars.Token[Any]) -> bool:
@@ -941,7 +992,7 @@ class HttpUnit(Unit):
                     errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
                         self.state = 2
-                        await _answer_error(self._send, errors[-1])
+                        await _answer_error(self._send, errors[-1], self.lc)
                         raise _Replaced from errors[-1]
             await self._send(message)
             return
@@ -1083,16 +1134,18 @@ class HttpUnit(Unit):
 
 
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ASYNCIO = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _thread_waits: tuple[Any, ...] | None = None
 
 
 def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
     """Whether *task* waits for a worker thread that runs the app's code now (a ``def``
-    endpoint or dependency, ``run_in_threadpool``, ``asyncio.to_thread``): its await chain
-    ends in the future of a thread that started, awaited by anyio's or asyncio's thread
-    wait, called from outside tether. Not while it waits for a thread token (nothing runs
-    yet), nor in tether's own (a sync resource opening: the thread closes what it opens
-    after a cancel)."""
+    endpoint or dependency, ``run_in_threadpool``, ``asyncio.to_thread``,
+    ``loop.run_in_executor``): its await chain ends in the future of a thread that started,
+    awaited by anyio's or asyncio's thread wait or by the app's own code, called from
+    outside tether. Not while it waits for a thread token or a free executor thread
+    (nothing runs yet), nor in tether's own (a sync resource opening: the thread closes what
+    it opens after a cancel)."""
     global _thread_waits
     if _thread_waits is None:
         from anyio._backends._asyncio import AsyncIOBackend
@@ -1102,11 +1155,19 @@ def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
             asyncio.to_thread.__code__,
         )
     aw: Any = task.get_coro()
-    caller = None
+    caller = waiter = None
     for _ in range(64):  # an await chain is never this deep
         code = getattr(aw, "cr_code", None)
         if code is None:
-            return False
+            # The end of the chain: a thread the app's own code waits for directly
+            # (`await loop.run_in_executor(...)`) counts once it runs; asyncio's own
+            # (`getaddrinfo`) and tether's do not.
+            return (
+                waiter is not None
+                and not waiter.startswith((_OURS, _ASYNCIO))
+                and _runs_a_thread(getattr(task, "_fut_waiter", None))
+            )
+        waiter = code.co_filename
         step = getattr(aw, "cr_await", None)
         if code in _thread_waits:
             # The thread's future (its iterator), not a token's wait (a coroutine).
@@ -1115,6 +1176,21 @@ def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
         if "/anyio/" not in code.co_filename:
             caller = code.co_filename
         aw = step
+    return False
+
+
+def _runs_a_thread(fut: Any) -> bool:
+    """Whether *fut* is the asyncio side of an executor's future (``asyncio.wrap_future``,
+    what ``loop.run_in_executor`` returns) whose function runs now in its thread."""
+    if not isinstance(fut, asyncio.Future) or fut.done():
+        return False
+    for callback, _ in getattr(fut, "_callbacks", None) or ():
+        if getattr(callback, "__name__", "") != "_call_check_cancel":
+            continue  # not asyncio's chain to a concurrent future
+        for cell in getattr(callback, "__closure__", None) or ():
+            source = cell.cell_contents
+            if isinstance(source, concurrent.futures.Future):
+                return source.running()
     return False
 
 
@@ -1347,10 +1423,10 @@ async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
     errors = await unit.aclose(exc)
     if isinstance(exc, ResourceUnavailable) and unit.state == 0:
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
-        await _answer(unit._send, 503, str(exc), exc.retry_after)
+        await _answer(unit._send, 503, _detail(unit.lc, exc), exc.retry_after)
         return
     if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
-        await _answer(unit._send, 503, str(errors[-1]), errors[-1].retry_after)
+        await _answer(unit._send, 503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
         return
     raise exc
 
@@ -1395,9 +1471,9 @@ async def _deny_websocket(scope: Scope, send: Send) -> None:
         await send({"type": "websocket.close", "code": 1013, "reason": _SHUTTING_DOWN})
 
 
-async def _answer_error(send: Send, error: BaseException) -> None:
+async def _answer_error(send: Send, error: BaseException, lc: Lifecycle) -> None:
     if isinstance(error, ResourceUnavailable):
-        await _answer(send, 503, str(error), error.retry_after)
+        await _answer(send, 503, _detail(lc, error), error.retry_after)
     else:
         await _answer(send, 500, "Internal Server Error", None)
 
@@ -1498,7 +1574,7 @@ def _handler(
             if failed is None:
                 return response
             _retry_if_lost(unit, failed, again)
-            return _error_response(failed)
+            return _error_response(failed, lc)
         finally:
             if not late:
                 unit.closed = True
@@ -1536,7 +1612,7 @@ async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any
         if unit.entries:
             await unit.aclose(errors[-1])
         _retry_if_lost(unit, errors[-1], again)
-        return _error_response(errors[-1]), False
+        return _error_response(errors[-1], unit.lc), False
     if unit.entries:
         return _LateResponse(response, unit), True
     if isinstance(unit.failure, ClientDisconnected):  # rolled back: its client is gone
@@ -1570,10 +1646,10 @@ async def _handler_failed(
         if _app_handles(unit.request, exc):
             raise exc
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
-        answer = _response(503, str(exc), exc.retry_after)
+        answer = _response(503, _detail(unit.lc, exc), exc.retry_after)
         return _ClosedFirst(answer, unit, exc) if deferred else answer
     if errors and isinstance(errors[-1], ResourceUnavailable):
-        return _response(503, str(errors[-1]), errors[-1].retry_after)
+        return _response(503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
     raise exc
 
 
@@ -1698,10 +1774,18 @@ def _response(status: int, detail: str, retry_after: float | None) -> Any:
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def _error_response(error: BaseException) -> Any:
+def _error_response(error: BaseException, lc: Lifecycle) -> Any:
     if isinstance(error, ResourceUnavailable):
-        return _response(503, str(error), error.retry_after)
+        return _response(503, _detail(lc, error), error.retry_after)
     return _response(500, "Internal Server Error", None)
+
+
+def _detail(lc: Lifecycle, error: ResourceUnavailable) -> str:
+    """A 503's detail: tether's message, or with ``Lifecycle(expose_errors=False)`` the
+    resource's name only (the message is logged)."""
+    if lc.expose_errors or error.resource == "lifecycle":  # "shutting down": nothing inside
+        return str(error)
+    return f"{error.resource!r} is unavailable now. Retry later."
 
 
 # --------------------------------------------------------------------------- health
@@ -1741,7 +1825,9 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
         report = await last.report()
         headers = {} if report.ok else {"Retry-After": "5"}
         return JSONResponse(
-            report.as_dict(), status_code=200 if report.ok else 503, headers=headers
+            report.as_dict(errors=lc.expose_errors),
+            status_code=200 if report.ok else 503,
+            headers=headers,
         )
 
     return router

@@ -26,6 +26,7 @@ in the ini file, for all; ``-p no:tether`` unloads the plugin.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -92,15 +93,25 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
         lc: (list(lc._override_stack), set(lc._units), pools_in_use(lc), set(lc._cancelled))
         for lc in list(LIFECYCLES)
     }
+    # What the apps' shutdowns during the test found in use in the pools, before closing them
+    # (an app run by a function-scoped fixture, or in the test: its pools are gone after).
+    shutdowns = {lc: len(lc._in_use_at_shutdown) for lc in before}
     # FastAPI's `dependency_overrides` of tether resources on the apps already served (an
     # app made in the test dies with it): one the test adds and leaves shadows the real
     # resource, and `lc.override`, in every later test.
     fastapi_overrides = {
         app: set(_resource_overrides(app))
         for lc in list(LIFECYCLES)
-        for app in list(lc._installed_apps)
+        for app in list(lc._installed_apps.keys())
     }
     yield
+    # ... and the apps first served during the test, as they were then (one a module holds,
+    # which later tests serve too; not one the test made for itself).
+    for lc in list(LIFECYCLES):
+        for app, at_install in list(lc._installed_apps.items()):
+            added = any(r not in at_install for r in _resource_overrides(app))
+            if app not in fastapi_overrides and added and _module_level(app):
+                fastapi_overrides[app] = set(at_install)
     ended = time.perf_counter()  # ages are told, and the grace counted, from here
     problems: list[str] = []
     for lc in list(LIFECYCLES):
@@ -139,6 +150,19 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             _assert_pools_returned(lc, pools, wait=GRACE, since=ended)
         except AssertionError as exc:
             problems.append(str(exc))
+        found = list(lc._in_use_at_shutdown)[shutdowns.get(lc, 0) :]
+        closed = _grown_at_shutdown(found, pools, pools_in_use(lc))
+        if closed:
+            listed = "".join(
+                f"\n  - {name!r}: {now} in use, {was} before the test" for name, now, was in closed
+            )
+            problems.append(
+                f"tether: a driver pool of {lc!r} had more connections in use when the app "
+                f"shut down than before the test, and no unit of work held them:{listed}\n"
+                f"Something took a connection straight from the pool (`pool.acquire()`, "
+                f"`engine.connect()`, ...) and did not give it back: use `async with` on it, "
+                f"or take it with `lc.scope()`."
+            )
     for app, kept in fastapi_overrides.items():
         left = [res for res in _resource_overrides(app) if res not in kept]
         for res in left:
@@ -160,3 +184,32 @@ def _resource_overrides(app: Any) -> list[Resource[Any]]:
     """The tether resources *app*'s FastAPI ``dependency_overrides`` replace."""
     overrides = getattr(app, "dependency_overrides", None) or {}
     return [key for key in list(overrides) if isinstance(key, Resource)]
+
+
+def _grown_at_shutdown(
+    found: list[dict[str, int | None]],
+    before: dict[str, int | None],
+    now: dict[str, int | None],
+) -> list[tuple[str, int, int]]:
+    """Pools closed since (not open now) that had more connections in use at a shutdown than
+    before the test (none, for a pool the test opened)."""
+    grown: dict[str, tuple[str, int, int]] = {}
+    for figures in found:
+        for name, in_use in figures.items():
+            was = before.get(name, 0) or 0
+            if name not in now and in_use is not None and in_use > was:
+                grown.setdefault(name, (name, in_use, was))
+    return list(grown.values())
+
+
+def _module_level(app: Any) -> bool:
+    """Whether a module holds *app* (``app = FastAPI(...)`` in the app's module): one other
+    tests use, not one the test made for itself (which dies with it). Looked up only for an
+    app first served during the test and left with an override."""
+    for module in list(sys.modules.values()):
+        try:
+            if any(value is app for value in list(vars(module).values())):
+                return True
+        except TypeError:  # pragma: no cover - a module object without a __dict__
+            continue
+    return False

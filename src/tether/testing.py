@@ -8,10 +8,14 @@ assertions after every test; call them yourself under another runner, or in the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from contextlib import asynccontextmanager
+import warnings
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
 
 from ._lifecycle import _entry_site
 
@@ -34,7 +38,8 @@ __all__ = [
 @asynccontextmanager
 async def running(lc: Lifecycle, app: Any = None) -> AsyncIterator[Lifecycle]:
     """The app scope of *lc* (with *app*: its lifespan, which also takes over *app*'s
-    routes, for httpx's ``ASGITransport``), held by a task of its own.
+    routes, for httpx's ``ASGITransport``, the user's lifespan of ``lc.lifespan(wrap=...)``
+    included), held by a task of its own.
 
     ``async with lc.run():`` holds a task group open across its block, which only works
     when the block is entered and left by one task. pytest-asyncio sets up and tears down an
@@ -313,3 +318,106 @@ def _let_run(loops: Collection[asyncio.AbstractEventLoop | None], step: float) -
 def _frame(frame: tuple[str, int, str]) -> str:
     filename, line, name = frame
     return f"{filename}:{line} in {name}"
+
+
+# --------------------------------------------------------------------------- rolled_back
+
+#: The integrations' ``rolled_back()``: what a unit of work's commit runs before its savepoint
+#: is released. ``RELEASE SAVEPOINT`` checks no ``DEFERRABLE INITIALLY DEFERRED`` constraint,
+#: where production's ``COMMIT`` does: ``SET CONSTRAINTS ALL IMMEDIATE`` checks them now, in a
+#: savepoint rolled back at once, so the next unit of work starts with them deferred again.
+_CHECK_DEFERRED = (
+    "SAVEPOINT tether_check",
+    "SET CONSTRAINTS ALL IMMEDIATE",
+    "ROLLBACK TO SAVEPOINT tether_check",
+    "RELEASE SAVEPOINT tether_check",
+)
+
+
+def _nested(name: str) -> str:
+    return (
+        f"rolled_back(): a unit of work asked for {name!r} while this task already holds it "
+        f"in the block (an `lc.scope()` opened inside a request or scope that has it). In "
+        f"production it gets another connection of the pool; in rolled_back() every unit of "
+        f"work shares the block's one connection, so it would wait for itself. Pass the "
+        f"connection (or session) the outer unit of work has to the inner code, or test it "
+        f"without rolled_back()."
+    )
+
+
+def _waited(name: str, timeout: float) -> str:
+    return (
+        f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
+        f"{name!r}, held by another unit of work of the block. In production it gets another "
+        f"connection of the pool; in rolled_back() the units of work share the block's one "
+        f"connection and take turns, so one that the holder waits for (a job in its own "
+        f"`lc.scope()` that an endpoint awaits, with asyncio.gather or a task) never gets it. "
+        f"Pass the endpoint's connection (or session) to the job, or test it without "
+        f"rolled_back()."
+    )
+
+
+def outside_the_block(resource: str, pool: str) -> None:
+    """Warn that a unit of work took a connection of *pool* through another resource while
+    ``rolled_back(resource)`` is open: it is not in the block (it does not see the block's
+    writes, and its own commit)."""
+    warnings.warn(
+        f"rolled_back({resource!r}) is open, and a unit of work took a connection of pool "
+        f"{pool!r} through another resource: it is outside the block, so it does not see what "
+        f"the block wrote, and what it writes is committed and stays after the test. Give "
+        f"rolled_back() the resource the code under test uses, or open one block per resource.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class _Turns:
+    """The integrations' ``rolled_back()``: the units of work of one block take turns on its
+    one connection. One that asks for it while its own task holds it (a nested
+    ``lc.scope()``) fails at once; one that waits longer than *timeout* (the pool's acquire
+    timeout) fails: a unit of work the holder awaits would otherwise wait forever. Sync
+    sessions (:meth:`sync_turn`) only wait, bounded: worker threads serve one unit of work
+    after another, so a thread tells nothing of which one asks."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.lock = anyio.Lock()
+        self._holder: object = None
+        self._sync_lock = threading.Lock()  # taken in an opening thread, given back in another
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        me = anyio.get_current_task().id
+        if self._holder == me:
+            raise RuntimeError(_nested(self.name))
+        acquired = False
+        with anyio.move_on_after(self.timeout):
+            await self.lock.acquire()
+            acquired = True
+        if not acquired:
+            raise RuntimeError(_waited(self.name, self.timeout))
+        self._holder = me
+        try:
+            yield
+        finally:
+            self._holder = None
+            self.lock.release()
+
+    @contextmanager
+    def sync_turn(self) -> Iterator[None]:
+        # No "same task" check: a worker thread serves one unit of work, then another.
+        if not self._sync_lock.acquire(True, self.timeout):
+            raise RuntimeError(_waited(self.name, self.timeout))
+        try:
+            yield
+        finally:
+            self._sync_lock.release()
+
+    def sync_settle(self, within: float) -> bool:
+        """Wait for the unit of work still holding the connection: true once it is free (then
+        held, until :meth:`sync_release`)."""
+        return self._sync_lock.acquire(True, within)
+
+    def sync_release(self) -> None:
+        self._sync_lock.release()

@@ -1,5 +1,7 @@
 """The dashboard: a page, and the JSON it polls, read from what tether tracks."""
 
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from tether.fastapi import dashboard_router, health_router
 class Pool:
     def __init__(self, *, up: bool = True) -> None:
         self.up = up
+        self.in_use = 0  # connections handed out (`conn`)
 
     async def ping(self) -> None:
         if not self.up:
@@ -32,12 +35,16 @@ def notes_app(lc: tether.Lifecycle, **router: Any) -> FastAPI:
 
     # What an integration sets on a driver's pool: its own figures.
     pool.pool_stats = lambda p: tether.PoolStats(
-        name="pool", max=10, open=2, in_use=1, idle=1, waiting=0, created=3, discarded=1
+        name="pool", max=10, open=2, in_use=p.in_use, idle=1, waiting=0, created=3, discarded=1
     )
 
     @lc.resource(check=lambda c: None)
     async def conn(pool: Pool) -> AsyncIterator[str]:
-        yield "conn"
+        pool.in_use += 1
+        try:
+            yield "conn"
+        finally:
+            pool.in_use -= 1
 
     app = FastAPI(lifespan=lc.lifespan)
 
@@ -99,6 +106,20 @@ def test_stats_follow_requests_and_units_in_flight() -> None:
     assert after["in_flight"] == []
     assert after["resources"][1]["closed"] == 3
     assert after["resources"][1]["in_use"] == 0
+
+
+def test_stats_name_the_process_that_answered() -> None:
+    """stats.json says which process answered (pid, host), and the page shows it: with
+    several workers each read is one worker's own figures (before, successive reads
+    alternated between workers' counters, "17 started" then "13", with nothing to tell)."""
+    lc = tether.Lifecycle()
+    app = notes_app(lc)
+    with TestClient(app) as client:
+        s = client.get("/tether/stats.json").json()
+        page = client.get("/tether/").text
+    assert (s["pid"], s["host"]) == (os.getpid(), socket.gethostname())
+    assert '<b id="process">' in page
+    assert "with several workers each refresh shows whichever one answers" in page
 
 
 def test_a_leak_is_shown_with_where_it_was_acquired() -> None:

@@ -174,3 +174,52 @@ def test_probes_answered_after_sigterm_say_stopping_even_from_a_round_begun_befo
         assert [(r.status_code, r.json()["state"]) for r in answers] == [(503, "stopping")] * 2
 
     anyio.run(main)
+
+
+def test_expose_errors_false_keeps_the_causes_out_of_client_bodies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With `Lifecycle(expose_errors=False)` a 503's body names the resource only, and the
+    readiness report says which check fails, not why (the server's address, the driver's
+    error): the message goes to the log. By default both carry it."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    reason = "'pool' cannot reach postgresql://app:***@db.internal:5432/notes: refused"
+    for expose in (True, False):
+        lc = tether.Lifecycle(expose_errors=expose)
+
+        @lc.resource(scope="app", check=lambda p: p.ping())
+        async def pool() -> object:
+            class Pool:
+                def ping(self) -> None:
+                    raise ConnectionError(reason)
+
+            return Pool()
+
+        @lc.resource
+        async def conn(pool: object) -> str:
+            raise tether.ResourceUnavailable(reason, resource="pool", retry_after=2)
+
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(health_router(lc, cache=0))
+
+        @app.get("/notes")
+        async def notes(c: Annotated[str, Depends(conn)]) -> str:
+            return c
+
+        with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+            caplog.clear()
+            answer = client.get("/notes")
+            ready = client.get("/health/ready")
+        assert (answer.status_code, answer.headers["retry-after"]) == (503, "2")
+        check = ready.json()["checks"]["pool"]
+        if expose:
+            assert answer.json() == {"detail": reason}
+            assert check["error"] == f"ConnectionError: {reason}"
+        else:
+            assert answer.json() == {"detail": "'pool' is unavailable now. Retry later."}
+            assert "error" not in check
+            assert check["status"] == "failing"
+        assert reason in caplog.text  # the log has it either way

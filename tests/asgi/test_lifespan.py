@@ -65,3 +65,17 @@ def test_a_wrapped_lifespan_that_fails_closes_the_app_resources() -> None:
     ):
         pass  # pragma: no cover
     assert events == ["open settings", "app startup sees 'hello'", "close settings"]
+
+
+@pytest.mark.anyio
+async def test_lc_lifespan_of_the_app_runs_the_wrapped_lifespan_too() -> None:
+    """`async with lc.lifespan(app):` (around httpx's `ASGITransport`, which runs no
+    lifespan) of an app made with `lc.lifespan(wrap=...)` runs the app's own lifespan too,
+    as the server does (before: tether's alone, so the app's startup never ran)."""
+    events: list[str] = []
+    app = _app(events)
+    lc = app.router.lifespan_context.__tether_wraps__[0]  # type: ignore[attr-defined]
+    async with lc.lifespan(app) as state:
+        assert state == {"visits": [0]}  # the wrapped lifespan's
+        assert events == ["open settings", "app startup sees 'hello'"]
+    assert events[-2:] == ["app shutdown", "close settings"]

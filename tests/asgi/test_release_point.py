@@ -890,7 +890,7 @@ class TestInstall:
             with pytest.raises(
                 tether.ScopeError,
                 match=exactly(
-                    "A tether resource was asked for on '/late', a route this Lifecycle does not "
+                    "Resource 'session' was asked for on '/late', a route this Lifecycle does not "
                     "own: the route was added after the app started, or the app's lifespan is "
                     "not `lc.lifespan`. Use `FastAPI(lifespan=lc.lifespan)`, or call "
                     "`tether.fastapi.install(app, lc)` after adding the routes."
@@ -912,7 +912,7 @@ class TestInstall:
         with pytest.raises(
             tether.ScopeError,
             match=exactly(
-                "A tether resource was asked for on '/s' before this Lifecycle started: the "
+                "Resource 'session' was asked for on '/s' before this Lifecycle started: the "
                 "app's lifespan has not run, or it is not `lc.lifespan`. Use "
                 "`FastAPI(lifespan=lc.lifespan)`; in tests, enter the client (`with "
                 "TestClient(app) as client:`), or, with httpx's `ASGITransport`, which never "

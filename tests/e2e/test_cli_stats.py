@@ -41,7 +41,10 @@ def test_stats_prints_resources_and_what_is_in_flight(
     finally:
         httpx.post(f"{server.base_url}/release", timeout=10)
         held.join(10)
-    assert table[0] == "running: 1 in flight, 1 started, 0 refused"
+    assert table[0] == (
+        f"running: 1 in flight, 1 started, 0 refused (pid {server.proc.pid} on "
+        f"{socket.gethostname()})"
+    )
     assert table[2].split() == [
         "resource", "scope", "in", "use", "max", "opened", "closed", "errors", "timeouts",
         "leaks", "wait", "ms", "mean/max", "hold", "ms", "mean/max",
@@ -139,6 +142,56 @@ def test_stats_watch_prints_until_interrupted(serve: type[Server]) -> None:
     assert proc.returncode == 0
     assert err == ""
     assert "".join(lines).count("running: 0 in flight, ") >= 3
+
+
+def test_stats_watch_says_when_another_worker_answered(serve: type[Server]) -> None:
+    """Against `uvicorn --workers 2` each read is answered by either worker, each with its
+    own counters: the header names the process, and a read from another one says so (before,
+    "17 started" then "13 started", as if the counters went backwards, with nothing said)."""
+    server = serve(APP, "--workers", "2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "stats", f"{server.base_url}/tether/", "--watch",
+         "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("another process answered: ") for line in list(lines)):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    host = socket.gethostname()
+    headers = [line.rstrip("\n") for line in lines if line.startswith("running: ")]
+    pids = [int(h.rsplit("(pid ", 1)[1].split()[0]) for h in headers]
+    assert all(h.endswith(f" on {host})") for h in headers), headers
+    assert server.proc.pid not in pids  # the workers answer, not uvicorn's parent
+    at = next(i for i, line in enumerate(lines) if line.startswith("another process answered"))
+    before = sum(line.startswith("running: ") for line in lines[:at]) - 1
+    new, was = pids[before], pids[before - 1]
+    assert new != was
+    assert lines[at].rstrip("\n") == (
+        f"another process answered: pid {new} on {host}, was pid {was}; each worker (and each "
+        f"restart) has its own figures"
+    )
+    assert proc.returncode == 0
 
 
 MINIMAL = {

@@ -761,8 +761,8 @@ class TestBudget:
         assert (
             "tether: Connection budget of 'pool' does not fit: 4 workers x 10 connections + 3 "
             "reserved = 43, but the server allows max_connections=20. Lower the pool size or "
-            "the number of workers (WEB_CONCURRENCY), put PgBouncer in front, or raise "
-            "max_connections."
+            "the number of workers (-w/--workers, or WEB_CONCURRENCY), put PgBouncer in front, "
+            "or raise max_connections."
         ) in warnings
 
     def test_budget_error_fails_startup_and_closes_the_pool(

@@ -401,6 +401,9 @@ def _is_asyncpg_connect_noise(context: dict[str, Any]) -> bool:
 
 
 @pytest.mark.fastapi_free
+# Cancelled at every await, a checkout may still be giving its connection back when the
+# pool closes: this test checks the servers themselves for connections left instead.
+@pytest.mark.tether_unchecked
 async def test_cancel_app_scope_at_every_await(
     postgres: Postgres, redis_server: Any, tmp_path: Path
 ) -> None:

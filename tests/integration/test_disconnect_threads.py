@@ -178,6 +178,42 @@ async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it(
     assert events == ["rollback (ClientDisconnected)"]
 
 
+async def test_a_client_that_left_during_run_in_executor_is_cancelled_after_the_thread() -> None:
+    """An async endpoint that hands blocking work to an executor itself (`await
+    loop.run_in_executor(...)`): the request is cancelled once the thread returns, and what
+    it opened rolls back after it (before, it rolled back at once, under the running thread).
+    Work still queued for a busy executor is cancelled at once: it never runs."""
+    import concurrent.futures
+
+    lc, tx, events = recorded_tx()
+    app = FastAPI(lifespan=lc.lifespan)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def work(n: int) -> None:
+        time.sleep(0.8)  # the client leaves at 0.3 s
+        events.append(f"thread {n} ended")
+
+    @app.post("/long/{n}")
+    async def long(n: int, t: Annotated[str, Depends(tx)]) -> str:
+        await asyncio.get_running_loop().run_in_executor(executor, work, n)
+        await anyio.sleep(0.5)  # cancelled here
+        events.append("endpoint ended")
+        return t
+
+    try:
+        async with lc.lifespan(app):
+            first = asyncio.ensure_future(call(app, "/long/1", leave_after=0.3))
+            await asyncio.sleep(0.1)  # the first has the executor's one thread
+            assert await call(app, "/long/2", leave_after=0.2) == [499]
+            assert events == ["rollback (ClientDisconnected)"]  # the queued one, at once
+            assert await first == [499]
+    finally:
+        executor.shutdown()
+    assert events == ["rollback (ClientDisconnected)", "thread 1 ended"] + [
+        "rollback (ClientDisconnected)"
+    ]
+
+
 async def test_requests_queued_for_a_worker_thread_are_still_cancelled() -> None:
     """With every worker thread taken, `def` endpoints whose clients left while they waited
     for one are cancelled there: nothing of theirs runs (a request waiting for a thread

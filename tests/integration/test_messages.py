@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import tether
-from tests.unit._messages import exactly, startup
+from tests.unit._messages import exactly, misconfigured
 from tether.integrations import aiosqlite as tsqlite
 from tether.integrations import asyncpg as tpg
 from tether.integrations import httpx as thttpx
@@ -39,7 +39,7 @@ class TestAiosqlite:
             "connection, and tether opens one connection per unit of work: use a file (a "
             "temporary one in tests)"
         )
-        with pytest.raises(tether.StartupError, match=startup("database", cause)):
+        with pytest.raises(tether.StartupError, match=misconfigured("database", cause)):
             await _start(lc)
 
     def test_max_connections(self, tmp_path: Path) -> None:
@@ -127,18 +127,18 @@ class TestSqlalchemy:
         lc = tether.Lifecycle()
         tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", pgbouncer=True)
         cause = "ValueError: Engine 'engine': pgbouncer=True is for PostgreSQL URLs, not 'sqlite'"
-        with pytest.raises(tether.StartupError, match=startup("engine", cause)):
+        with pytest.raises(tether.StartupError, match=misconfigured("engine", cause)):
             await _start(lc)
 
     async def test_pgbouncer_with_a_driver_it_does_not_know(self) -> None:
         lc = tether.Lifecycle()
-        tsa.engine(lc, "postgresql+pg8000://u@127.0.0.1:9/x", pgbouncer=True)
+        tsa.sync_engine(lc, "postgresql+pg8000://u@127.0.0.1:9/x", pgbouncer=True)
         cause = (
             "ValueError: Engine 'engine': pgbouncer=True does not know how to configure the "
             "'pg8000' driver. Use postgresql+asyncpg or postgresql+psycopg, or configure the "
             "driver yourself with connect_args="
         )
-        with pytest.raises(tether.StartupError, match=startup("engine", cause)):
+        with pytest.raises(tether.StartupError, match=misconfigured("engine", cause)):
             await _start(lc)
 
 

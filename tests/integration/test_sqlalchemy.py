@@ -1272,3 +1272,240 @@ def test_a_sync_session_used_after_its_scope_is_loud(postgres: Postgres) -> None
             assert lc.get(eng).pool.checkedout() == 0  # type: ignore[attr-defined]
 
     anyio.run(main)
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_statement_still_running_when_its_unit_is_cancelled_is_interrupted(
+    tmp_path: Path,
+) -> None:
+    """`sqlite+aiosqlite`: a unit of work cancelled while a long statement runs in the
+    driver's thread. The rollback queues behind that statement, so the close interrupts it
+    (before, the session closed only when the statement ended, many seconds later, holding
+    the write lock and a connection of the pool all that time), and the next writer gets
+    the lock at once."""
+    path = tmp_path / "app.db"
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0)
+    sess = tsa.session(lc, eng)
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    async with lc.run():
+        async with lc.get(eng).begin() as conn:
+            await conn.execute(text("CREATE TABLE t (v text)"))
+        t0 = time.monotonic()
+        with anyio.move_on_after(0.3) as scope:
+            async with lc.scope() as unit:
+                s = await unit.get(sess)
+                await s.execute(text("INSERT INTO t VALUES ('ghost')"))
+                await s.execute(text(slow))
+        assert scope.cancelled_caught
+        assert time.monotonic() - t0 < 2.5
+        async with lc.scope() as unit:
+            s = await unit.get(sess)
+            await s.execute(text("INSERT INTO t VALUES ('next')"))
+        assert time.monotonic() - t0 < 3.0
+        async with lc.scope() as unit:
+            s = await unit.get(sess)
+            assert (await s.execute(text("SELECT v FROM t"))).scalars().all() == ["next"]
+
+
+# --------------------------------------------------------------------------- rolled_back, as in production
+
+
+@pytest.fixture
+def deferred_fk(postgres: Postgres) -> Iterator[None]:
+    """A foreign key checked at COMMIT (`DEFERRABLE INITIALLY DEFERRED`)."""
+    postgres.sql("DROP TABLE IF EXISTS tsa_child; DROP TABLE IF EXISTS tsa_parent")
+    postgres.sql("CREATE TABLE tsa_parent (id int PRIMARY KEY)")
+    postgres.sql(
+        "CREATE TABLE tsa_child (id int PRIMARY KEY, "
+        "parent_id int REFERENCES tsa_parent (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    postgres.sql("GRANT ALL ON tsa_parent, tsa_child TO tether")
+    yield
+    postgres.sql("DROP TABLE IF EXISTS tsa_child; DROP TABLE IF EXISTS tsa_parent")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.anyio
+async def test_rolled_back_checks_deferred_constraints_as_commit_does(
+    postgres: Postgres, deferred_fk: None, driver: str
+) -> None:
+    """A write violating a deferred foreign key fails the session's commit in the block as
+    production's COMMIT does (a 500, an IntegrityError in a scope), not a 200; the child
+    written before its parent in one unit still passes, and the key stays deferred."""
+    from sqlalchemy.exc import IntegrityError
+
+    app, lc, _, sess = pg_app(postgres.url(f"postgresql+{driver}"), app_name())
+    child = text("INSERT INTO tsa_child VALUES (:id, :id)")
+
+    @app.post("/child/{parent}")
+    async def orphan(parent: int, s: Annotated[AsyncSession, Depends(sess)]) -> None:
+        await s.execute(child, {"id": parent})
+
+    @app.post("/family/{parent}")
+    async def family(parent: int, s: Annotated[AsyncSession, Depends(sess)]) -> None:
+        await s.execute(child, {"id": parent})
+        await s.execute(text("INSERT INTO tsa_parent VALUES (:id)"), {"id": parent})
+
+    async with running(app) as client:
+        assert (await client.post("/child/42")).status_code == 500  # production
+        for _ in range(2):
+            async with tsa.rolled_back(sess) as conn:
+                assert (await client.post("/child/42")).status_code == 500
+                assert (await client.post("/family/1")).status_code == 200
+                with pytest.raises(IntegrityError, match="tsa_child_parent_id_fkey"):
+                    async with lc.scope("job") as unit:
+                        await (await unit.get(sess)).execute(child, {"id": 43})
+                assert (await client.post("/family/2")).status_code == 200
+                got = await conn.execute(text("SELECT id FROM tsa_parent ORDER BY id"))
+                assert list(got.scalars()) == [1, 2]
+    assert postgres.sql("SELECT count(*) FROM tsa_child")[0][0] == 0
+
+
+def settings_app(sess: tether.Resource[Any], app: FastAPI, *, sync: bool) -> None:
+    """`/login` sets `SET`, `SET LOCAL` and `set_config(..., true)`; `/seen` shows them."""
+    login_sql = [
+        "SELECT set_config('app.user', 'alice', true)",
+        "SET statement_timeout = '1234'",
+        "SET LOCAL search_path = pg_catalog",
+    ]
+    show = text(
+        "SELECT current_setting('statement_timeout'), current_setting('search_path'), "
+        "coalesce(current_setting('app.user', true), '')"
+    )
+    if sync:
+
+        @app.post("/login")
+        def sync_login(s: Annotated[Session, Depends(sess)]) -> None:
+            for sql in login_sql:
+                s.execute(text(sql))
+
+        @app.get("/seen")
+        def sync_seen(s: Annotated[Session, Depends(sess)]) -> list[str]:
+            return list(s.execute(show).one())
+
+        return
+
+    @app.post("/login")
+    async def login(s: Annotated[AsyncSession, Depends(sess)]) -> None:
+        for sql in login_sql:
+            await s.execute(text(sql))
+
+    @app.get("/seen")
+    async def seen(s: Annotated[AsyncSession, Depends(sess)]) -> list[str]:
+        return list((await s.execute(show)).one())
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.anyio
+async def test_rolled_back_session_settings_do_not_carry_to_the_next_unit(
+    postgres: Postgres, driver: str
+) -> None:
+    """`SET`, `SET LOCAL` and `set_config(..., true)` made by one request are gone in the
+    next one in the block, as in production: a request that sets nothing sees nothing."""
+    app, _, _, sess = pg_app(postgres.url(f"postgresql+{driver}"), app_name(), pool_size=1)
+    settings_app(sess, app, sync=False)
+    async with running(app) as client:
+        await client.post("/login")
+        production = (await client.get("/seen")).json()
+        assert production[2] == ""
+        async with tsa.rolled_back(sess):
+            assert (await client.post("/login")).status_code == 200
+            assert (await client.get("/seen")).json() == production
+
+
+def test_rolled_back_sync_session_settings_do_not_carry(postgres: Postgres) -> None:
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), pool_size=1)
+    sess = tsa.sync_session(lc, eng)
+    app = FastAPI(lifespan=lc.lifespan)
+    settings_app(sess, app, sync=True)
+    with TestClient(app) as client:
+        client.post("/login")
+        production = client.get("/seen").json()
+        with client.portal.wrap_async_context_manager(tsa.rolled_back(sess)):
+            assert client.post("/login").status_code == 200
+            assert client.get("/seen").json() == production
+
+
+def nested_unit_message(name: str) -> str:
+    return (
+        f"rolled_back(): a unit of work asked for {name!r} while this task already holds it "
+        f"in the block (an `lc.scope()` opened inside a request or scope that has it). In "
+        f"production it gets another connection of the pool; in rolled_back() every unit of "
+        f"work shares the block's one connection, so it would wait for itself. Pass the "
+        f"connection (or session) the outer unit of work has to the inner code, or test it "
+        f"without rolled_back()."
+    )
+
+
+def waited_turn_message(name: str, timeout: float) -> str:
+    return (
+        f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
+        f"{name!r}, held by another unit of work of the block. In production it gets another "
+        f"connection of the pool; in rolled_back() the units of work share the block's one "
+        f"connection and take turns, so one that the holder waits for (a job in its own "
+        f"`lc.scope()` that an endpoint awaits, with asyncio.gather or a task) never gets it. "
+        f"Pass the endpoint's connection (or session) to the job, or test it without "
+        f"rolled_back()."
+    )
+
+
+@pytest.mark.anyio
+async def test_rolled_back_nested_unit_of_work_fails_clearly_instead_of_hanging(
+    postgres: Postgres, items: None
+) -> None:
+    """A unit of work opened while one of the block holds the session: in the same task it
+    fails at once, in another (asyncio.gather) after the pool's timeout; never a hang."""
+    _, lc, _, sess = pg_app(postgres.url("postgresql+asyncpg"), app_name(), pool_timeout=1)
+
+    async def job(item: int) -> None:
+        async with lc.scope("job") as unit:
+            (await unit.get(sess)).add(Item(id=item, name=f"item {item}"))
+
+    async with lc.run(), tsa.rolled_back(sess) as conn:
+        with anyio.fail_after(10):
+            async with lc.scope("request") as unit:
+                (await unit.get(sess)).add(Item(id=1, name="item 1"))
+                with pytest.raises(RuntimeError, match=exactly(nested_unit_message("session"))):
+                    await job(2)
+                started = time.monotonic()
+                with pytest.raises(RuntimeError, match=exactly(waited_turn_message("session", 1))):
+                    await asyncio.gather(job(3))
+                assert 0.9 < time.monotonic() - started < 5
+            await job(4)
+        assert list((await conn.execute(select(Item.id).order_by(Item.id))).scalars()) == [1, 4]
+    assert rows(postgres) == []
+
+
+@pytest.mark.anyio
+async def test_rolled_back_sync_nested_unit_of_work_fails_clearly(
+    postgres: Postgres, items: None
+) -> None:
+    """A sync session: a unit of work waiting for the block's connection while another holds
+    it (in another thread) fails after the pool's timeout, never hangs."""
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), pool_timeout=1)
+    sess = tsa.sync_session(lc, eng)
+
+    async def job(item: int) -> None:
+        async with lc.scope("job") as unit:
+            (await unit.get(sess)).add(Item(id=item, name=f"item {item}"))
+
+    async with lc.run(), tsa.rolled_back(sess) as conn:
+        with anyio.fail_after(10):
+            async with lc.scope("request") as unit:
+                (await unit.get(sess)).add(Item(id=1, name="item 1"))
+                started = time.monotonic()
+                with pytest.raises(RuntimeError, match=exactly(waited_turn_message("session", 1))):
+                    await job(2)
+                assert 0.9 < time.monotonic() - started < 5
+            await job(3)
+        got = await anyio.to_thread.run_sync(
+            lambda: list(conn.execute(select(Item.id).order_by(Item.id)).scalars())
+        )
+        assert got == [1, 3]
+    assert rows(postgres) == []

@@ -18,6 +18,15 @@ def startup(resource: str, cause: str) -> str:
     )
 
 
+def misconfigured(resource: str, cause: str) -> str:
+    """The StartupError of a configuration or code mistake (no retry advice)."""
+    return exactly(
+        f"App resource {resource!r} failed to open: {cause}. The resources already open were "
+        f"closed. Fix the cause above: a mistake in the configuration or the code, which no "
+        f"retry mends."
+    )
+
+
 def cycle(*path: str) -> str:
     return exactly(
         f"Dependency cycle between resources: {' -> '.join(path)}. A resource cannot depend on "

@@ -12,7 +12,7 @@ import pytest
 
 import tether
 
-from ._messages import exactly, open_timeout, startup
+from ._messages import exactly, misconfigured, open_timeout, startup
 
 pytestmark = pytest.mark.anyio
 
@@ -217,7 +217,9 @@ class TestStartupFailure:
         def pool() -> str:
             raise ValueError("bad conninfo: host=h user=u password=hunter2 dbname=d")
 
-        expected = startup("pool", "ValueError: bad conninfo: host=h user=u password=*** dbname=d")
+        expected = misconfigured(
+            "pool", "ValueError: bad conninfo: host=h user=u password=*** dbname=d"
+        )
         with pytest.raises(tether.StartupError, match=expected) as info:
             async with lc.run():
                 pass  # pragma: no cover
@@ -482,6 +484,29 @@ class TestShutdown:
         async with lc.run():
             assert lc.get(pool) is not first
         assert len(made) == 2
+
+    async def test_units_of_work_after_the_app_scope_closed(self) -> None:
+        """Once an earlier test ran the app, a job's unit test with an override runs (before:
+        refused with "the application is shutting down (closed)", so it passed alone and
+        failed after that test); one that needs an app resource says the app scope is closed."""
+        lc = tether.Lifecycle()
+
+        @lc.resource(scope="app")
+        def pool() -> str:
+            return "pool"
+
+        @lc.resource
+        def conn(pool: str) -> str:
+            return f"conn of {pool}"
+
+        async with lc.run(), lc.scope() as unit:
+            assert await unit.get(conn) == "conn of pool"
+        with lc.override(conn, "fake-conn"):
+            async with lc.scope("job") as unit:
+                assert await unit.get(conn) == "fake-conn"
+        with pytest.raises(tether.ScopeError, match="the app scope is closed, its lifespan"):
+            async with lc.scope("job") as unit:
+                await unit.get(conn)
 
 
 def _signature(deps: tuple[str, ...]) -> object:

@@ -191,6 +191,42 @@ def test_stats_table_shows_pools_and_units() -> None:
     ]
 
 
+def test_stats_header_names_the_process_and_says_when_another_answered() -> None:
+    """The header names the process that answered; under --watch a read answered by
+    another one (another worker, a restart) says so, since its counters are its own: with
+    two workers "17 started" then "13 started" looked like counters going backwards."""
+    from tether.cli import render_stats
+
+    def read(pid: int, host: str, total: int) -> dict[str, object]:
+        return {
+            "pid": pid,
+            "host": host,
+            "state": "running",
+            "units": {"in_flight": 0, "total": total, "refused": 0},
+            "resources": [],
+            "pools": [],
+            "in_flight": [],
+        }
+
+    first, other, again = read(1233, "web-1", 17), read(1234, "web-1", 13), read(1233, "web-1", 18)
+    assert render_stats(first).splitlines()[:2] == [
+        "running: 0 in flight, 17 started, 0 refused (pid 1233 on web-1)",
+        "",
+    ]
+    assert render_stats(other, first).splitlines()[:3] == [
+        "running: 0 in flight, 13 started, 0 refused (pid 1234 on web-1)",
+        "another process answered: pid 1234 on web-1, was pid 1233; each worker (and each "
+        "restart) has its own figures",
+        "",
+    ]
+    assert render_stats(again, first).splitlines()[1] == ""  # the same one: nothing said
+    elsewhere = read(7, "web-2", 3)
+    assert render_stats(elsewhere, first).splitlines()[1] == (
+        "another process answered: pid 7 on web-2, was pid 1233 on web-1; each worker (and "
+        "each restart) has its own figures"
+    )
+
+
 def test_python_dash_m_tether_is_the_same_command() -> None:
     """`python -m tether` works where the `tether` script is not on PATH."""
     import subprocess

@@ -15,9 +15,9 @@ import tether
 pytestmark = pytest.mark.anyio
 
 
-def _refused(label: str, state: str = "draining") -> str:
+def _refused(label: str) -> str:
     return re.escape(
-        f"Cannot start {label}: the application is shutting down ({state}). "
+        f"Cannot start {label}: the application is shutting down (draining). "
         f"Retry against another instance."
     )
 
@@ -125,14 +125,102 @@ class TestDrain:
             "stuck job"
         ]
 
-    async def test_scope_after_shutdown_is_refused(self) -> None:
-        """Once the app scope has closed, a new unit of work is refused."""
+    async def test_scope_after_shutdown_is_not_refused_as_draining(self) -> None:
+        """Once the app scope has closed, a new unit of work is no longer refused as if the
+        app were shutting down (a job's unit test after a test that ran the app): what it
+        asks of the closed app scope says so (tests/unit/test_app_scope.py)."""
         events: list[str] = []
         lc, _ = _lifecycle(events)
         async with lc.run():
             async with lc.scope():
                 pass
         assert lc.state is tether.State.CLOSED
-        with pytest.raises(tether.ResourceUnavailable, match=rf"^{_refused('scope', 'closed')}$"):
-            async with lc.scope():
-                pass  # pragma: no cover
+        async with lc.scope():
+            pass
+        assert lc.stats().units_refused == 0
+
+
+async def test_a_consumer_loop_an_app_resource_runs_stops_with_it_at_shutdown() -> None:
+    """An app resource runs a queue consumer: a task taking one unit of work per message,
+    cancelled in its cleanup. At shutdown the message in hand is finished, the loop's next
+    unit waits instead of being refused, and the cleanup's cancel stops it there (before:
+    refused, the task died of `ResourceUnavailable`, and the cleanup's `await` failed the
+    shutdown with `ShutdownError`)."""
+    import asyncio
+    import contextlib
+
+    lc = tether.Lifecycle(drain_timeout=5)
+    handled: list[str] = []
+    in_hand = anyio.Event()
+
+    @lc.resource
+    async def work_conn() -> AsyncIterator[str]:
+        yield "conn"
+        handled.append("committed")
+
+    @lc.resource(scope="app")
+    async def consumer() -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                async with lc.scope("consume message") as s:
+                    await s.get(work_conn)
+                    in_hand.set()
+                    await asyncio.sleep(0.2)  # handling one message
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        handled.append("consumer stopped")
+
+    started = time.perf_counter()
+    async with lc.run():
+        await in_hand.wait()
+        started = time.perf_counter()
+    assert time.perf_counter() - started < 2  # not drain_timeout
+    assert handled[-2:] == ["committed", "consumer stopped"]
+    assert lc.stats().units_refused == 0
+
+
+async def test_a_consumer_loop_stopped_by_a_flag_ends_after_its_next_message() -> None:
+    """The other way to stop a consumer: its cleanup sets a flag the loop checks between
+    messages, then awaits the task. The loop's next unit of work, asked for while the app
+    drains, waits until that cleanup begins and then runs (its pool is still open), and the
+    loop sees the flag after it (refused, the task died and failed the shutdown; held until
+    the app scope closed, it would never end)."""
+    import asyncio
+
+    lc = tether.Lifecycle(drain_timeout=5, close_timeout=5)
+    handled: list[str] = []
+    in_hand = anyio.Event()
+
+    @lc.resource
+    async def work_conn() -> AsyncIterator[str]:
+        yield "conn"
+        handled.append("committed")
+
+    @lc.resource(scope="app")
+    async def consumer() -> AsyncIterator[None]:
+        stop = asyncio.Event()
+
+        async def loop() -> None:
+            while not stop.is_set():
+                async with lc.scope("consume message") as s:
+                    await s.get(work_conn)
+                    in_hand.set()
+                    await asyncio.sleep(0.2)
+
+        task = asyncio.create_task(loop())
+        yield
+        stop.set()
+        await task
+        handled.append("consumer stopped")
+
+    async with lc.run():
+        await in_hand.wait()
+        started = time.perf_counter()
+    assert time.perf_counter() - started < 3  # not close_timeout
+    assert handled[-1] == "consumer stopped"
+    assert handled.count("committed") >= 2
+    assert lc.stats().units_refused == 0

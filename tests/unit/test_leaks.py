@@ -78,6 +78,43 @@ class TestLeaks:
                     await anyio.sleep(0.1)
         assert _leak_warnings(caplog) == []
 
+    async def test_a_long_job_gives_itself_a_threshold_of_its_own(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A nightly job may hold its connection for an hour: `lc.scope(...,
+        leak_threshold=...)` sets its own (None: never reported), while the Lifecycle's
+        still applies to every other unit of work."""
+        lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+
+        async def job(label: str, **threshold: float | None) -> None:
+            async with lc.scope(label, **threshold) as s:
+                await s.get(conn)
+                await anyio.sleep(0.4)
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            async with lc.run(), anyio.create_task_group() as tg:
+                tg.start_soon(lambda: job("nightly", leak_threshold=None))
+                tg.start_soon(lambda: job("weekly", leak_threshold=3600))
+                tg.start_soon(lambda: job("stuck request", leak_threshold=0.2))
+                tg.start_soon(lambda: job("other"))
+        reported = sorted(
+            r.getMessage().split(" by ")[1].split(";")[0] for r in _leak_warnings(caplog)
+        )
+        assert reported == ["other", "stuck request"]
+        assert "(leak_threshold=0.2 s) by stuck request" in caplog.text
+
+    async def test_a_scopes_threshold_is_checked(self) -> None:
+        lc, _ = _lifecycle()
+        with pytest.raises(TypeError) as info:
+            async with lc.scope("nightly", leak_threshold="3600"):  # type: ignore[arg-type]
+                pass
+        assert str(info.value) == (
+            "lc.scope('nightly'): leak_threshold='3600' is a str, not a number of seconds. "
+            "Pass a positive number of seconds (or None), e.g. leak_threshold=3600, or None for "
+            "no leak reports of this unit of work (a setting read from the environment is a "
+            "string: convert it with float())."
+        )
+
     async def test_each_leaking_value_reported(self, caplog: pytest.LogCaptureFixture) -> None:
         """Two units each holding a value too long give one report each."""
         lc, conn = _lifecycle(leak_threshold=0.05, sweep_interval=0.01)

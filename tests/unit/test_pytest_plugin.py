@@ -676,3 +676,139 @@ def test_the_plugin_keeps_no_lifecycle_of_an_earlier_test_alive(suite: pytest.Py
         )
     )
     suite.runpytest_subprocess().assert_outcomes(passed=3)
+
+
+def test_a_fastapi_override_left_on_an_app_first_served_in_the_test_is_reported(
+    suite: pytest.Pytester,
+) -> None:
+    """The module-level app's first test (the first to start it) leaves an override: the
+    test errors and the override is removed, so the next test sees the real resource. An
+    app the test made for itself dies with it: nothing to report."""
+    suite.makepyfile(
+        test_first_served=textwrap.dedent(
+            """
+            from fastapi import FastAPI
+            from fastapi.testclient import TestClient
+            from app import app, conn, lc
+
+            def test_first_leaves_one() -> None:
+                with TestClient(app) as client:
+                    app.dependency_overrides[conn] = lambda: "leaked"
+                    assert client.get("/").json() == "leaked"
+
+            def test_next_sees_the_real_one() -> None:
+                with TestClient(app) as client:
+                    assert client.get("/").json() == "real"
+
+            def test_own_app() -> None:
+                own = FastAPI(lifespan=lc.lifespan)
+                own.dependency_overrides[conn] = lambda: "mine"
+                with TestClient(own):
+                    pass
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_first_leaves_one*",
+            "tether: the test left app.dependency_overrides of 'conn' in place on an app that "
+            "other tests use, now removed so later tests see the real resource (and "
+            "`lc.override`). Remove it when the test ends (`app.dependency_overrides.pop(...)` "
+            "in a `finally`, or a fixture that clears it after `yield`), or use `with "
+            "lc.override(...):`.",
+        ]
+    )
+
+
+def test_a_connection_kept_by_an_app_run_per_test_is_reported(suite: pytest.Pytester) -> None:
+    """An app started and stopped in each test (a function-scoped `TestClient` fixture, or
+    one in the test): a connection the test took from a pool and kept is found at the app's
+    shutdown, before the pool closes, and the test errors; one given back is fine."""
+    suite.makepyfile(
+        leaky=textwrap.dedent(
+            """
+            from typing import Annotated
+
+            from fastapi import Depends, FastAPI
+
+            import tether
+
+            lc = tether.Lifecycle()
+
+
+            class Pool:
+                def __init__(self):
+                    self.in_use = 0
+
+                def acquire(self):
+                    self.in_use += 1
+
+                def release(self):
+                    self.in_use -= 1
+
+
+            @lc.resource(scope="app")
+            def pg():
+                return Pool()
+
+
+            pg.pool_stats = lambda p: tether.PoolStats(
+                name="pg", max=5, open=p.in_use, in_use=p.in_use, idle=0, waiting=0
+            )
+            app = FastAPI(lifespan=lc.lifespan)
+
+
+            @app.post("/leak")
+            async def leak(pool: Annotated[Pool, Depends(pg)], give_back: bool = False) -> None:
+                pool.acquire()
+                if give_back:
+                    pool.release()
+            """
+        ),
+        test_leaky=textwrap.dedent(
+            """
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from leaky import app
+
+
+            @pytest.fixture
+            def client():
+                with TestClient(app) as c:
+                    yield c
+
+
+            def test_gives_it_back(client):
+                assert client.post("/leak?give_back=true").status_code == 200
+
+
+            def test_keeps_one(client):
+                assert client.post("/leak").status_code == 200
+
+
+            def test_keeps_one_app_in_the_test():
+                with TestClient(app) as c:
+                    assert c.post("/leak").status_code == 200
+
+
+            def test_after(client):
+                pass
+            """
+        ),
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=4, errors=2)
+    message = [
+        "tether: a driver pool of <tether.Lifecycle resources=1 state='closed'> had more "
+        "connections in use when the app shut down than before the test, and no unit of "
+        "work held them:",
+        "  - 'pg': 1 in use, 0 before the test",
+        "Something took a connection straight from the pool (`pool.acquire()`, "
+        "`engine.connect()`, ...) and did not give it back: use `async with` on it, or take "
+        "it with `lc.scope()`.",
+    ]
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_keeps_one *", *message])
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_keeps_one_app_in_the_test*", *message])

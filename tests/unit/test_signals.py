@@ -37,9 +37,15 @@ async def server_handler() -> AsyncIterator[list[float]]:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def test_sigterm_during_startup_retries_stops_the_start(server_handler: list[float]) -> None:
-    """A SIGTERM while an app resource retries stops the retries, closes what opened and
-    raises `StartupError` at once; the server's handler is called too (so it exits)."""
+async def test_sigterm_during_startup_retries_stops_the_start(
+    server_handler: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERM while an app resource retries stops the retries and closes what opened at
+    once; the server's handler is called too. The startup then completes with nothing open
+    and every unit of work refused, so that the server, which stops on the signal, shuts
+    down as on any SIGTERM (before: a `StartupError`, on which uvicorn exits with 3, which
+    gunicorn takes for a worker that cannot boot: its master halted, with the other
+    workers' requests in flight)."""
     lc = tether.Lifecycle()
     events: list[str] = []
 
@@ -56,22 +62,43 @@ async def test_sigterm_during_startup_retries_stops_the_start(server_handler: li
 
     asyncio.get_running_loop().call_later(0.5, signal.raise_signal, signal.SIGTERM)
     started = time.perf_counter()
-    with pytest.raises(tether.StartupError) as info:
-        async with lc.lifespan(None):
-            pytest.fail("the app started")
-    assert time.perf_counter() - started < 3  # 20 retries take over a minute
-    assert str(info.value) == (
-        "The start was interrupted by SIGTERM while app resource 'backend' was still "
+    async with lc.lifespan(None):
+        assert time.perf_counter() - started < 3  # 20 retries take over a minute
+        assert events[0] == "settings open"
+        assert events[-1] == "settings close"  # nothing is open
+        assert len(server_handler) == 1  # the server learnt of it, and stops
+        assert lc.stats().state == "draining"
+        with pytest.raises(tether.ResourceUnavailable, match="shutting down"):
+            async with lc.scope("late"):
+                pass
+    assert lc.state is tether.State.CLOSED
+    assert caplog.messages[-1] == (
+        "tether: The start was interrupted by SIGTERM while app resource 'backend' was still "
         "opening: the opens were stopped (no more retries) and the app resources already "
         "open were closed, in reverse order; nothing was served. If the start was slow "
         "because a backend is not up yet, give the app longer to start (the orchestrator's "
-        "startup grace), or those resources fewer retries= or a shorter timeout=."
+        "startup grace), or those resources fewer retries= or a shorter timeout=. The "
+        "server stops as on any SIGTERM."
     )
-    assert info.value.resource == "backend"
-    assert events[0] == "settings open"
-    assert events[-1] == "settings close"
-    assert len(server_handler) == 1  # the server learnt of it
-    assert lc.state is tether.State.CLOSED
+
+
+async def test_only_a_servers_own_handler_counts_as_a_server_that_stops(
+    server_handler: list[float],
+) -> None:
+    """Python's default handlers (a test, a script: nothing stops after the startup) keep
+    the `StartupError`; a handler a server set, through the loop or `signal.signal`, is
+    one that stops the server after its startup."""
+    from tether._lifecycle import _server_handles
+
+    loop = asyncio.get_running_loop()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not _server_handles(loop, signal.SIGINT)
+    assert _server_handles(loop, signal.SIGTERM)  # the fixture's, through the loop
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # as uvicorn sets it
+    try:
+        assert _server_handles(loop, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def test_drain_delay_holds_back_a_sigterm_handler_of_the_loop(
@@ -92,6 +119,7 @@ async def test_drain_delay_holds_back_a_sigterm_handler_of_the_loop(
         await anyio.sleep(0.3)
         assert server_handler == []  # the server has not been told: it goes on serving
         assert lc._stopping  # /health/ready answers 503
+        assert lc.stats().state == "stopping"  # as readiness says (before: "running")
         with anyio.fail_after(5):
             while not server_handler:
                 await anyio.sleep(0.02)

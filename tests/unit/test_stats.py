@@ -132,6 +132,8 @@ class TestStats:
 
 
 class TestPoolFigures:
+    # Made-up pool figures: connections in use at the app's shutdown too (no real pool).
+    @pytest.mark.tether_unchecked
     async def test_pools_read_while_open_never_when_overridden_or_failing(self) -> None:
         """A pool's figures are read from its value while the app scope runs; a reader that
         fails, or a pool replaced by an override, is left out; closed, there are none."""

@@ -267,12 +267,17 @@ class TestRegistration:
 
 
 class TestLifecycleOptions:
-    @pytest.mark.parametrize("delay", [-1, True, "5", float("nan")])
-    def test_a_drain_delay_that_is_not_a_duration_is_refused(self, delay: object) -> None:
+    @pytest.mark.parametrize(
+        ("delay", "error"),
+        [(-1, ValueError), (True, TypeError), ("5", TypeError), (float("nan"), ValueError)],
+    )
+    def test_a_drain_delay_that_is_not_a_duration_is_refused(
+        self, delay: object, error: type[Exception]
+    ) -> None:
         expected = (
             f"Lifecycle(drain_delay={delay!r}): drain_delay is how long, in seconds, readiness "
             f"fails after SIGTERM before the server shuts down, and must be a number >= 0; "
             f"e.g. drain_delay=5, or 0 to leave SIGTERM to the server."
         )
-        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        with pytest.raises(error, match=f"^{re.escape(expected)}$"):
             tether.Lifecycle(drain_delay=delay)  # type: ignore[arg-type]

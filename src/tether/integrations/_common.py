@@ -18,6 +18,7 @@ from .._errors import (
     StartupError,
     describe,
     redact,
+    remember_secrets,
 )
 from .._scope import anyio_cancellation
 
@@ -57,6 +58,7 @@ __all__ = [
     "read_only_failure",
     "redact",
     "registered",
+    "remember_secrets",
     "resolve_dsn",
     "sqlstates",
     "unavailable",
@@ -158,20 +160,167 @@ def registered(
     return spec
 
 
-def resolve_dsn(dsn: Dsn) -> str:
-    """The DSN, read when the resource opens (never at import): a string or a callable."""
-    return dsn() if callable(dsn) else dsn
+def _unset_dsn(value: object, where: str, what: str, example: str, returned: bool) -> str:
+    got = "None" if value is None else "empty"
+    given = (
+        f"the function given for the {what} returned {got}"
+        if returned
+        else (f"the {what} is {got}")
+    )
+    return (
+        f"{where}: {given}: is the setting it is read from (an environment variable) set? "
+        f"Set it, or pass the {what} itself; a function, e.g. {example}, reads it when the "
+        f"app starts."
+    )
+
+
+def check_dsn(
+    dsn: object, where: str, *, what: str = "DSN", example: str = "...", strings: bool = True
+) -> None:
+    """Refuse, at declaration, a DSN that is unset: None or an empty string (an
+    ``os.environ.get`` of a variable not set), or (with *strings*) not a string nor a
+    function."""
+    if dsn is None or (isinstance(dsn, str) and not dsn.strip()):
+        raise ValueError(_unset_dsn(dsn, where, what, example, returned=False))
+    if strings and not isinstance(dsn, str) and not callable(dsn):
+        # The type only: a mapping of connection parameters holds the password.
+        msg = (
+            f"{where}: the {what} must be a string or a function returning one, not a "
+            f"{type(dsn).__name__}; build the {what} string from it, or pass e.g. {example}."
+        )
+        raise TypeError(msg)
+
+
+def resolve_dsn(
+    dsn: Dsn, where: str = "", *, what: str = "DSN", example: str = "...", empty: bool = False
+) -> str:
+    """The DSN, read when the resource opens (never at import): a string or a callable;
+    one that a function gives unset (None, empty) is refused, naming *where* (*empty*: an
+    empty one is valid). Its passwords are noted for ``redact`` (``remember_secrets``)."""
+    if not callable(dsn):
+        remember_secrets(dsn)
+        return dsn
+    value: object = dsn()
+    remember_secrets(value)
+    if value is None or (not empty and isinstance(value, str) and not value.strip()):
+        raise ValueError(_unset_dsn(value, where, what, example, returned=True))
+    if not isinstance(value, str):
+        return value  # type: ignore[return-value]  # a driver's own object (a URL)
+    return value
+
+
+#: What each integration's resources are, by the module of their factory.
+_MADE = {
+    "tether.integrations.asyncpg": "an asyncpg resource of tether.integrations.asyncpg",
+    "tether.integrations.psycopg": "a psycopg resource of tether.integrations.psycopg",
+    "tether.integrations.aiosqlite": "an aiosqlite resource of tether.integrations.aiosqlite",
+    "tether.integrations.sqlalchemy": "a SQLAlchemy resource of tether.integrations.sqlalchemy",
+    "tether.integrations.redis": "a Redis client of tether.integrations.redis",
+    "tether.integrations.httpx": "an httpx client of tether.integrations.httpx",
+}
+
+
+def check_resource(
+    lc: Any, value: object, *, where: str, param: str, maker: str, example: str
+) -> None:
+    """Refuse, at declaration, a *param* of *where* that is not a resource of *lc* made by
+    *maker* (``tether.integrations.asyncpg.pool()``), or by another integration: a
+    ``TypeError`` naming what was passed (redacted) and what to pass (*example*)."""
+    from .._resource import Resource
+
+    declare = f"`{param} = {example}`"
+    if not isinstance(value, Resource):
+        shown = redact(repr(value))
+        kind = " but a string" if isinstance(value, str) else ""
+        msg = (
+            f"{where}: {param}={shown} is not a resource{kind}. Declare the {param} first and "
+            f"pass the resource {maker} returns: {declare}, then pass {param}."
+        )
+        raise TypeError(msg)
+    if value.lifecycle is not lc:
+        msg = (
+            f"{where}: the {param} resource {value.name!r} is registered on another Lifecycle "
+            f"than the one given. Pass a {param} of this Lifecycle: declare it on the "
+            f"Lifecycle its dependents use ({declare})."
+        )
+        raise TypeError(msg)
+    module = getattr(value.factory, "__module__", "")
+    made = _MADE.get(module)
+    if made is not None and not maker.startswith(module + "."):
+        msg = (
+            f"{where}: the {param} resource {value.name!r} is {made}, not a {param} made by "
+            f"{maker}. Pass one made by {maker} ({declare}), or use the integration that "
+            f"made {value.name!r} to use it."
+        )
+        raise TypeError(msg)
 
 
 def workers(explicit: int | None = None) -> int:
-    """How many worker processes share the database: explicit, or ``WEB_CONCURRENCY``, or 1."""
+    """How many worker processes share the database: *explicit*; else the count on the
+    server's command line (gunicorn's ``-w``/``--workers``, there or in ``GUNICORN_CMD_ARGS``;
+    uvicorn's ``--workers``), which the server runs whatever ``WEB_CONCURRENCY`` says; else
+    ``WEB_CONCURRENCY`` (the servers' default; neither sets it); else 1.
+
+    Read at startup, never per request. gunicorn forks its workers and uvicorn's spawned
+    ones are given the parent's ``sys.argv``, so a worker sees the command line; a gunicorn
+    config file's ``workers`` and ``uvicorn.run(workers=)`` are not visible."""
     if explicit is not None:
         return explicit
+    counted = _server_workers(getattr(sys, "argv", []), os.environ)  # embedded: none
+    if counted is not None:
+        return counted
     raw = os.environ.get("WEB_CONCURRENCY", "")
     try:
         return max(1, int(raw))
     except ValueError:
         return 1
+
+
+def _server_workers(argv: list[str], environ: Mapping[str, str]) -> int | None:
+    """The worker count given on *argv* if it is gunicorn's or uvicorn's, else None."""
+    import shlex
+
+    parts = argv[0].replace("\\", "/").split("/") if argv else [""]
+    program = parts[-2] if parts[-1] == "__main__.py" and len(parts) > 1 else parts[-1]
+    program = program.removesuffix(".exe")
+    count = None
+    if program == "gunicorn":  # the command line over GUNICORN_CMD_ARGS, as gunicorn does
+        count = _option_value(argv[1:], "-w", "--workers")
+        if count is None:
+            try:
+                from_env = shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
+            except ValueError:  # not parseable: gunicorn itself would not start
+                from_env = []
+            count = _option_value(from_env, "-w", "--workers")
+    elif program == "uvicorn":
+        if "--reload" in argv[1:]:  # uvicorn ignores --workers when reloading
+            return 1
+        count = _option_value(argv[1:], None, "--workers")
+    return None if count is None else max(1, count)
+
+
+def _option_value(args: list[str], short: str | None, long: str) -> int | None:
+    """The integer given last to option *short*/*long* in *args* (``-w 3``, ``-w3``,
+    ``--workers 3``, ``--workers=3``), or None."""
+    value: str | None = None
+    found = None
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--":
+            break
+        if arg in (long, short):
+            value = next(rest, None)
+        elif arg.startswith(long + "="):
+            value = arg[len(long) + 1 :]
+        elif short is not None and arg.startswith(short) and not arg.startswith("--"):
+            value = arg[len(short) :]
+        else:
+            continue
+        try:
+            found = int(value or "")
+        except ValueError:
+            continue
+    return found
 
 
 def check_budget(
@@ -207,7 +356,8 @@ def check_budget(
         f"Connection budget of {name!r} does not fit: {workers} workers x {per_worker} "
         f"connections + {reserved} reserved = {need}, but the server allows "
         f"max_connections={server_max}. Lower the pool size or the number of workers "
-        f"(WEB_CONCURRENCY), put PgBouncer in front, or raise max_connections."
+        f"(-w/--workers, or WEB_CONCURRENCY), put PgBouncer in front, or raise "
+        f"max_connections."
     )
     if policy == "error":
         raise StartupError(msg, resource=name)
@@ -448,6 +598,16 @@ def depends_on(fn: F, *resources: Resource[Any]) -> F:
     registered: ``depends_on(open_session, engine)`` makes ``open_session`` take one
     parameter called ``engine.name``. The values are passed positionally, in order.
     """
+    from .._resource import Resource
+
+    given: tuple[object, ...] = resources  # checked as what a caller may pass
+    for res in given:
+        if not isinstance(res, Resource):
+            msg = (
+                f"depends_on: {redact(repr(res))} is not a resource; pass the resources "
+                f"@lc.resource (or an integration) returned."
+            )
+            raise TypeError(msg)
     names = [res.name for res in resources]
     if len(set(names)) != len(names):
         msg = f"depends_on: resources {names!r} must have distinct names."

@@ -81,10 +81,10 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 from aiosqlite.context import contextmanager
 
-from .._errors import ResourceUnavailable, describe
+from .._errors import ResourceUnavailable, check_number, describe
 from .._resource import Resource
 from .._stats import PoolStats
-from ._common import connect_or_close, depends_on, unavailable
+from ._common import check_resource, connect_or_close, depends_on, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -311,8 +311,31 @@ def _in_memory(text: str) -> str | None:
     return None
 
 
-def _resolve_path(path: PathLike | Callable[[], PathLike]) -> str:
+def _check_path(raw: object, name: str) -> None:
+    """Refuse what is not a path: None (a setting not set) or a SQLAlchemy URL."""
+    if raw is None:
+        msg = (
+            f"database({name!r}): the path is None: is the setting it is read from (an "
+            f'environment variable) set? Pass the file\'s path, e.g. "notes.db", or a '
+            f"function returning it."
+        )
+        raise ValueError(msg)
+    text = raw if isinstance(raw, str) else ""
+    scheme = text.partition(":")[0]
+    if ":" in text and (scheme == "sqlite" or scheme.startswith("sqlite+")):
+        rest = text.partition(":")[2]
+        file = rest[3:] if rest.startswith("///") and rest[3:] else "notes.db"
+        msg = (
+            f"database({name!r}): {text!r} is a SQLAlchemy URL, not a path: SQLite would "
+            f"create a file named after it. Pass the file's path, e.g. {file!r} (or use "
+            f"tether.integrations.sqlalchemy.engine() for a URL)."
+        )
+        raise ValueError(msg)
+
+
+def _resolve_path(path: PathLike | Callable[[], PathLike], name: str = "database") -> str:
     raw = path() if callable(path) else path
+    _check_path(raw, name)
     text = os.fspath(raw)
     why = _in_memory(text)
     if why is not None:
@@ -361,13 +384,15 @@ def database(
         check: ``True`` reads the file (``PRAGMA schema_version``) on a new connection as
             the health check.
     """
-    if max_connections < 1:
-        msg = f"database({name!r}): max_connections={max_connections!r} must be 1 or more."
-        raise ValueError(msg)
+    if not callable(path):
+        _check_path(path, name)
+    where = f"database({name!r})"
+    check_number(max_connections, "max_connections", where, integer=True, least=1, example="32")
+    check_number(busy_timeout, "busy_timeout", where, example="5")
 
     async def open_database() -> AsyncIterator[Database]:
         db = Database(
-            _resolve_path(path),
+            _resolve_path(path, name),
             name=name,
             wal=wal,
             busy_timeout=busy_timeout,
@@ -577,6 +602,14 @@ def connection(
         msg = f"connection({name!r}): begin={begin!r} is not deferred, immediate or exclusive."
         raise ValueError(msg)
     if isinstance(database, Resource):
+        check_resource(
+            lc,
+            database,
+            where=f"tether.integrations.aiosqlite.connection(name={name!r})",
+            param="database",
+            maker="tether.integrations.aiosqlite.database()",
+            example='tether.integrations.aiosqlite.database(lc, "notes.db")',
+        )
         if database_options:
             msg = (
                 f"connection({name!r}): {sorted(database_options)} are settings of the "

@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, describe
+from .._errors import ResourceUnavailable, check_number, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -80,6 +80,8 @@ from ._common import (
     Dsn,
     LoopBound,
     check_budget,
+    check_dsn,
+    check_resource,
     commit_not_sent,
     connection_lost,
     depends_on,
@@ -107,6 +109,7 @@ __all__ = ["Pool", "connection", "once", "pool", "rolled_back"]
 
 log = logging.getLogger("tether")
 
+_EXAMPLE_DSN = "lambda: os.environ['DATABASE_URL']"
 _STOP_WITHIN = 1.0  # seconds to terminate, on the server, the backend of a discarded connection
 
 #: Errors that mean "the database cannot be reached (right now)", not "the query is wrong".
@@ -140,6 +143,7 @@ class _State:
         "name",
         "pgbouncer",
         "ping_after",
+        "rolled_back",
         "served",
         "shown",
         "timed_out_at",
@@ -154,6 +158,7 @@ class _State:
         self.waiting = 0  # units of work waiting for a connection right now
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.bound = LoopBound(name)
+        self.rolled_back: str | None = None  # the resource of a `rolled_back` block open now
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
         self.served = time.monotonic()  # when a unit of work last got a connection
@@ -266,7 +271,8 @@ def pool(
         budget: what to do when ``workers x max_size + reserved`` exceeds the server's
             ``max_connections``: ``"warn"`` (log a warning), ``"error"``
             (:class:`~tether.StartupError`) or ``"off"``.
-        workers: worker processes sharing the database (default: ``WEB_CONCURRENCY`` or 1).
+        workers: worker processes sharing the database (default: the server's ``-w``/
+            ``--workers`` (gunicorn, uvicorn), else ``WEB_CONCURRENCY``, else 1).
         reserved: connections kept for everything else (migrations, psql, other apps).
         server_settings: session settings, e.g. ``{"application_name": "api"}``.
         pre_ping: check a connection that sat in the pool at least this many seconds (a
@@ -284,25 +290,24 @@ def pool(
         kw: passed to asyncpg's pool (``max_queries``, ``init``, ``setup``, ...) and to
             each connection (``command_timeout``, ``ssl``, ...).
     """
+    where = f"Pool {name!r}"
+    check_dsn(dsn, where, example=_EXAMPLE_DSN)
+    check_number(min_size, "min_size", where, integer=True, least=None, example="1")
+    check_number(max_size, "max_size", where, integer=True, least=None, example="10")
     if max_size < 1 or not 0 <= min_size <= max_size:
         msg = f"Pool {name!r}: need 0 <= min_size <= max_size and max_size >= 1."
         raise ValueError(msg)
-    if not acquire_timeout > 0:
-        msg = f"Pool {name!r}: acquire_timeout={acquire_timeout!r} must be a positive number."
-        raise ValueError(msg)
-    if max_waiting is not None and max_waiting < 0:
-        msg = f"Pool {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
-        raise ValueError(msg)
+    check_number(acquire_timeout, "acquire_timeout", where, above=True, need="a positive number")
+    check_number(max_waiting, "max_waiting", where, integer=True, none=True, example="20")
     ping_after = _ping_after(name, pre_ping)
-    if max_lifetime is not None and not max_lifetime > 0:
-        msg = (
-            f"Pool {name!r}: max_lifetime={max_lifetime!r} must be a positive number of "
-            f"seconds (or None)."
-        )
-        raise ValueError(msg)
+    check_number(max_lifetime, "max_lifetime", where, above=True, none=True, example="3600")
+    check_number(connect_timeout, "connect_timeout", where, above=True)
+    check_number(reserved, "reserved", where, integer=True, example="3")
+    if workers is not None:
+        check_number(workers, "workers", where, integer=True, least=1, example="4")
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
-        target = resolve_dsn(dsn)
+        target = resolve_dsn(dsn, where, example=_EXAMPLE_DSN)
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
         state.max_waiting = max_waiting
         if ping_after is not None:
@@ -549,6 +554,17 @@ def connection(
             back; past it (or if it fails) the connection is terminated, not returned.
         isolation, readonly: of the transaction (``"serializable"``, ...).
     """
+    check_resource(
+        lc,
+        pool,
+        where=f"tether.integrations.asyncpg.connection(name={name!r})",
+        param="pool",
+        maker="tether.integrations.asyncpg.pool()",
+        example="tether.integrations.asyncpg.pool(lc, dsn)",
+    )
+    if acquire_timeout is not None:
+        check_number(acquire_timeout, "acquire_timeout", f"Connection {name!r}", above=True)
+    check_number(reset_timeout, "reset_timeout", f"Connection {name!r}", above=True)
     pool_name = pool.name
 
     async def open_connection(p: Any) -> AsyncIterator[asyncpg.Connection]:
@@ -616,6 +632,8 @@ def connection(
         depends_on(open_connection, pool)
     )
     _connections[res] = ConnectionOf(pool, transaction)
+    if transaction:
+        _begins[res] = (isolation, readonly)
     return res
 
 
@@ -651,6 +669,10 @@ def _is_lost(conn: Any, exc: BaseException) -> bool:
 
 async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float) -> Any:
     if state is not None:
+        if state.rolled_back is not None:  # tests only
+            from ..testing import outside_the_block
+
+            outside_the_block(state.rolled_back, pool_name)
         if (
             state.max_waiting is not None
             and state.waiting >= state.max_waiting
@@ -972,16 +994,34 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
 _connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
 
 
-async def _keep_unit(conn: Any, name: str) -> None:
-    """Release the unit of work's savepoint (its commit). If a statement failed in it and its
-    error was caught, PostgreSQL refuses: roll back to it, and raise what a commit raises."""
+async def _keep_unit(conn: Any, name: str, reset: bool) -> None:
+    """Release the unit of work's savepoint (its commit), its deferred constraints checked
+    first, as ``COMMIT`` checks them: a violation rolls back to it and is raised, as
+    ``COMMIT`` raises it. If a statement failed in it and its error was caught, PostgreSQL
+    refuses: roll back to it, and raise what a commit raises. Then (*reset*) the session is
+    reset as production resets it on release (``SET``, ``SET LOCAL``, the role...), in the
+    same round trip."""
+    from ..testing import _CHECK_DEFERRED
+
+    after = f"; {RESET_SESSION}" if reset else ""
+    back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
     try:
-        await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
+        await conn.execute("; ".join((*_CHECK_DEFERRED, f"RELEASE SAVEPOINT {SAVEPOINT}")) + after)
     except pg_errors.InFailedSQLTransactionError as exc:
-        await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}")
+        await conn.execute(back)
         savepoint = "`async with conn.transaction():`"
         msg = failed_transaction("Connection", name, savepoint)
         raise pg_errors.InFailedSQLTransactionError(msg) from exc
+    except pg_errors.PostgresError:  # a deferred constraint violated: COMMIT's error
+        await conn.execute(back)
+        raise
+
+
+#: How each connection resource made here begins its transaction (isolation, read-only): for
+#: :func:`rolled_back`, which begins its outer transaction so.
+_begins: weakref.WeakKeyDictionary[Resource[Any], tuple[str | None, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @asynccontextmanager
@@ -1001,24 +1041,38 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     (a statement after a failed one, its error caught, fails in the test where production
     runs it: run what may fail in ``async with conn.transaction():``).
 
+    As in production, each unit's commit checks the deferred constraints (a violation is the
+    driver's error, where ``COMMIT`` raises it), and the session's settings (``SET``, ``SET
+    LOCAL``, ``set_config(..., true)``, the role) are reset after each unit, as on release.
+    The outer transaction begins with the resource's ``isolation`` and ``readonly``.
+
     The units of work take turns on the one connection: one that asks for *connection*
-    while another holds it waits for it. The block yields the connection: query it between
-    requests to see what the app wrote (and do not commit on it). The app scope must be
-    running, on this event loop (with ``TestClient``:
-    ``client.portal.wrap_async_context_manager(...)``).
+    while another holds it waits for it, up to the pool's acquire timeout, then raises a
+    ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
+    The block yields the connection: query it between requests to see what the app wrote (and
+    do not commit on it). The app scope must be running, on this event loop (with
+    ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
     """
+    from ..testing import _Turns
+
     spec = registered(_connections, connection, "asyncpg")
     lc = connection.lifecycle
     name = connection.name
     p = lc.get(spec.pool)  # a ScopeError naming the fix if the app scope is not running
+    state: _State | None = getattr(p, "_tether", None)
+    reset = state is None or not state.pgbouncer  # as the pool's reset on release
+    turns = _Turns(name, state.acquire_timeout if state is not None else 5.0)
     conn = await p.acquire()  # a ScopeError on another event loop than the pool's
+    if state is not None:
+        state.rolled_back = name  # another resource of the pool is outside the block: warned
     try:
-        outer = conn.transaction()
+        isolation, readonly = _begins.get(connection, (None, False))
+        outer = conn.transaction(isolation=isolation, readonly=readonly)
         await outer.start()
-        lock = anyio.Lock()
+        lock = turns.lock
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
-            async with lock:
+            async with turns.turn():
                 await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 try:
                     yield conn
@@ -1028,10 +1082,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                             back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"
                             await conn.execute(f"{back}; RELEASE SAVEPOINT {SAVEPOINT}")
                         else:
-                            with contextlib.suppress(pg_errors.InFailedSQLTransactionError):
-                                await _keep_unit(conn, name)  # autocommit: kept
+                            with contextlib.suppress(pg_errors.PostgresError):
+                                await _keep_unit(conn, name, reset)  # autocommit: kept
                     raise
-                await _keep_unit(conn, name)
+                await _keep_unit(conn, name, reset)
 
         try:
             with lc.override(connection, joined):
@@ -1050,6 +1104,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                     if held:  # one still waiting fails on the released connection
                         lock.release()
     finally:
+        if state is not None:
+            state.rolled_back = None
         with anyio.CancelScope(shield=True):
             await p.release(conn)
 

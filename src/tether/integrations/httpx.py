@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.httpx needs httpx: pip install 'tether[httpx]'"
     raise ImportError(msg) from exc
 
-from .._errors import ClientDisconnected, ResourceUnavailable
+from .._errors import ClientDisconnected, ResourceUnavailable, check_number
 from .._resource import Resource, current_unit
 from .._stats import PoolStats
 from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
@@ -228,7 +228,9 @@ class _Streams:
             except Exception as exc:  # the connection is dropped by httpcore either way
                 log.debug("tether: closing a streamed response failed: %r", exc)
             request = response.request
-            what = f"{request.method} {redact(str(request.url))}"
+            # Without its query: a token, an API key or a signature travels there.
+            shown = request.url.copy_with(query=None, fragment=None)
+            what = f"{request.method} {redact(str(shown))}"
             if isinstance(failure, ClientDisconnected):
                 # A body streamed to a client that went away: nothing to fix in the code.
                 log.info(
@@ -322,6 +324,18 @@ def client(
             transports like the direct one: the same settings, and 503s.
     """
 
+    where = f"HTTP client {name!r}"
+    given: object = base_url  # checked as what a caller may pass
+    if given is None:
+        msg = (
+            f"{where}: base_url is None: is the setting it is read from (an environment "
+            f'variable) set? Pass the URL, e.g. base_url="https://api.example.com", or a '
+            f"function returning it, or leave base_url out for absolute request URLs."
+        )
+        raise ValueError(msg)
+    if not isinstance(timeout, httpx.Timeout):
+        check_number(timeout, "timeout", where, above=True, none=True, example="10")
+
     async def open_client() -> AsyncIterator[httpx.AsyncClient]:
         options = dict(kw)
         given: httpx.AsyncBaseTransport | None = options.pop("transport", None)
@@ -344,12 +358,13 @@ def client(
             transport = _Transport(given, name)
             transport.resource = res
         mounts.update(options.pop("mounts", None) or {})  # the user's own, as httpx does
-        url = resolve_dsn(base_url)
+        url = resolve_dsn(base_url, where, what="base_url", example="https://...", empty=True)
         c = _Client(base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options)
         c._tether = (lc, streams)
         _transports[c] = transport
         try:
-            log.info("tether: httpx client %r open (base_url=%s)", name, redact(url) or "-")
+            base = str(httpx.URL(url).copy_with(query=None, fragment=None)) if url else ""
+            log.info("tether: httpx client %r open (base_url=%s)", name, redact(base) or "-")
             yield c
         finally:
             await c.aclose()

@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.psycopg needs psycopg 3 and its pool: pip install 'tether[psycopg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, describe, refused_for_good
+from .._errors import ResourceUnavailable, check_number, describe, refused_for_good
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -80,6 +80,8 @@ from ._common import (
     Dsn,
     LoopBound,
     check_budget,
+    check_dsn,
+    check_resource,
     commit_not_sent,
     connect_or_close,
     connection_lost,
@@ -98,6 +100,8 @@ from ._common import (
     unreachable,
 )
 from ._common import workers as worker_count
+
+_EXAMPLE_DSN = "lambda: os.environ['DATABASE_URL']"
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -120,6 +124,7 @@ class _State:
         "name",
         "out",
         "pgbouncer",
+        "rolled_back",
         "served",
         "shown",
         "timed_out_at",
@@ -132,6 +137,7 @@ class _State:
         self.timeout = timeout
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
+        self.rolled_back: str | None = None  # the resource of a `rolled_back` block open now
         self.served = time.monotonic()  # when the pool last handed out a connection
         self.timed_out_at = -math.inf  # when a wait for one last timed out (PoolTimeout)
         # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
@@ -236,15 +242,22 @@ def pool(
         pool_kw: passed to ``AsyncConnectionPool`` (``max_idle``, ``max_lifetime``,
             ``max_waiting``, ``configure``, ``reset``, ...).
     """
+    where = f"Pool {name!r}"
+    check_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
+    check_number(min_size, "min_size", where, integer=True, least=None, example="1")
+    check_number(max_size, "max_size", where, integer=True, least=None, example="10")
     if max_size < 1 or not 0 <= min_size <= max_size:
         msg = f"Pool {name!r}: need 0 <= min_size <= max_size and max_size >= 1."
         raise ValueError(msg)
-    if not timeout > 0:
-        msg = f"Pool {name!r}: timeout={timeout!r} must be a positive number of seconds."
-        raise ValueError(msg)
+    check_number(timeout, "timeout", where, above=True)
+    check_number(open_timeout, "open_timeout", where, above=True, example="10")
+    check_number(connect_timeout, "connect_timeout", where)
+    check_number(reserved, "reserved", where, integer=True, example="3")
+    if workers is not None:
+        check_number(workers, "workers", where, integer=True, least=1, example="4")
 
     async def open_pool() -> AsyncIterator[Pool]:
-        target = resolve_dsn(conninfo)
+        target = resolve_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
         state = _State(name, timeout, redact(target), pgbouncer)
         connect_kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, **(kwargs or {})}
         if pgbouncer:
@@ -440,11 +453,26 @@ def connection(
             it, for code that never changes the session (the next unit of work would inherit
             it).
     """
+    check_resource(
+        lc,
+        pool,
+        where=f"tether.integrations.psycopg.connection(name={name!r})",
+        param="pool",
+        maker="tether.integrations.psycopg.pool()",
+        example="tether.integrations.psycopg.pool(lc, conninfo)",
+    )
+    if timeout is not None:
+        check_number(timeout, "timeout", f"Connection {name!r}", above=True)
+    check_number(reset_timeout, "reset_timeout", f"Connection {name!r}", above=True)
     pool_name = pool.name
 
     async def open_connection(p: Any) -> AsyncIterator[Connection]:
-        conn = await _getconn(p, pool_name, timeout)
         state: _State | None = getattr(p, "_tether", None)
+        if state is not None and state.rolled_back is not None:  # tests only
+            from ..testing import outside_the_block
+
+            outside_the_block(state.rolled_back, pool_name)
+        conn = await _getconn(p, pool_name, timeout)
         reset = reset_session and (state is None or not state.pgbouncer)
         kept = _settings(conn)
         try:
@@ -666,11 +694,24 @@ async def _back_to_savepoint(conn: Connection) -> None:
     await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
 
 
-async def _keep_unit(conn: Connection, name: str, *, strict: bool) -> None:
-    """Release the unit of work's savepoint (its commit). If a statement failed in it and its
-    error was caught, roll back to it instead, and (*strict*) raise what a commit raises."""
+async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = "") -> None:
+    """Release the unit of work's savepoint (its commit), its deferred constraints checked
+    first, as ``COMMIT`` checks them: a violation rolls back to it and is raised, as
+    ``COMMIT`` raises it; then run *reset* (production's reset on release) in the same round
+    trip. If a statement failed in it and its error was caught, roll back to it instead, and
+    (*strict*) raise what a commit raises."""
+    from ..testing import _CHECK_DEFERRED
+
     if conn.info.transaction_status != TransactionStatus.INERROR:
-        await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
+        try:
+            await conn.execute(
+                "; ".join((*_CHECK_DEFERRED, f"RELEASE SAVEPOINT {SAVEPOINT}")) + reset
+            )
+        except psycopg.DatabaseError:  # a deferred constraint violated: COMMIT's error
+            if conn.broken:
+                raise
+            await _back_to_savepoint(conn)
+            raise
         return
     await _back_to_savepoint(conn)
     if strict:
@@ -699,34 +740,52 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     runs it: run what may fail in ``async with conn.transaction():``). The connection is
     not in autocommit mode while the block runs.
 
+    As in production, each unit's commit checks the deferred constraints (a violation is the
+    driver's error, where ``COMMIT`` raises it), and the session's settings (``SET``, ``SET
+    LOCAL``, ``set_config(..., true)``, the role) are reset after each unit, as on release.
+
     The units of work take turns on the one connection: one that asks for *connection*
-    while another holds it waits for it. The block yields the connection: query it between
-    requests to see what the app wrote (and do not commit on it). The app scope must be
-    running, on this event loop (with ``TestClient``:
-    ``client.portal.wrap_async_context_manager(...)``).
+    while another holds it waits for it, up to the pool's acquire timeout, then raises a
+    ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
+    The block yields the connection: query it between requests to see what the app wrote (and
+    do not commit on it). The app scope must be running, on this event loop (with
+    ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
     """
+    from ..testing import _Turns
+
     spec = registered(_connections, connection, "psycopg")
     lc = connection.lifecycle
     name = connection.name
     p = lc.get(spec.pool)  # a ScopeError naming the fix if the app scope is not running
+    state: _State | None = getattr(p, "_tether", None)
+    turns = _Turns(name, state.timeout if state is not None else 5.0)
     conn: Connection = await p.getconn()  # a ScopeError on another event loop than the pool's
+    if state is not None:
+        state.rolled_back = name  # another resource of the pool is outside the block: warned
     kept, autocommit = _settings(conn), conn.autocommit
+    # As production's reset on release (none behind PgBouncer), setting again what the
+    # pool's `configure` set.
+    reset = "" if state is not None and state.pgbouncer else "; " + RESET_SESSION
+    if reset and state is not None:
+        reset += state.configured.get(conn, "")
     try:
         await conn.set_autocommit(False)
         await conn.execute("SELECT 1")  # begins the outer transaction
-        lock = anyio.Lock()
+        lock = turns.lock
 
         async def commit() -> None:  # the endpoint's own: ends the unit's savepoint, opens one
             if spec.transaction:
-                await _keep_unit(conn, name, strict=False)  # a failed one rolls back, as COMMIT
-                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+                try:
+                    await _keep_unit(conn, name, strict=False)  # a failed one rolls back
+                finally:
+                    await conn.execute(f"SAVEPOINT {SAVEPOINT}")
 
         async def rollback() -> None:
             if spec.transaction:
                 await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
 
         async def joined() -> AsyncIterator[Connection]:
-            async with lock:
+            async with turns.turn():
                 await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
                 conn.commit = commit  # type: ignore[method-assign]
@@ -739,9 +798,12 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                             if spec.transaction:
                                 await _back_to_savepoint(conn)
                             else:
-                                await _keep_unit(conn, name, strict=False)  # autocommit: kept
+                                try:  # autocommit: kept
+                                    await _keep_unit(conn, name, strict=False, reset=reset)
+                                except psycopg.DatabaseError:
+                                    pass  # rolled back: the unit's own error is raised
                         raise
-                    await _keep_unit(conn, name, strict=spec.transaction)
+                    await _keep_unit(conn, name, strict=spec.transaction, reset=reset)
                 finally:
                     del conn.commit, conn.rollback
 
@@ -770,6 +832,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                     if held:  # one still waiting fails on the returned connection
                         lock.release()
     finally:
+        if state is not None:
+            state.rolled_back = None
         with anyio.CancelScope(shield=True):
             await p.putconn(conn)
 

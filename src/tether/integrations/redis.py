@@ -54,11 +54,12 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.redis needs redis-py: pip install 'tether[redis]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable
+from .._errors import ResourceUnavailable, check_number
 from .._stats import PoolStats
 from ._common import (
     LOSES_CANCEL,
     Dsn,
+    check_dsn,
     dropped_cancellation,
     redact,
     resolve_dsn,
@@ -257,8 +258,17 @@ def client(
             errors).
     """
 
+    where = f"Redis client {name!r}"
+    example = "lambda: os.environ['REDIS_URL']"
+    check_dsn(url, where, what="URL", example=example)
+    check_number(health_check_interval, "health_check_interval", where, example="30")
+    check_number(socket_timeout, "socket_timeout", where, above=True, none=True)
+    check_number(socket_connect_timeout, "socket_connect_timeout", where, above=True, none=True)
+    check_number(max_connections, "max_connections", where, integer=True, least=1, none=True)
+    check_number(pool_timeout, "pool_timeout", where, above=True)
+
     async def open_client() -> AsyncIterator[aioredis.Redis]:
-        target = resolve_dsn(url)
+        target = resolve_dsn(url, where, what="URL", example=example)
         shown = redact(target)
         options: dict[str, Any] = {
             "health_check_interval": health_check_interval,

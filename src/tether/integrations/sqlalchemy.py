@@ -81,6 +81,7 @@ from .._errors import (
     ResourceClosedError,
     ResourceUnavailable,
     ScopeError,
+    check_number,
     describe,
     refused_for_good,
 )
@@ -103,6 +104,7 @@ from ._common import (
     read_only_failure,
     redact,
     registered,
+    remember_secrets,
     saturation,
     sqlstates,
     unavailable,
@@ -343,6 +345,29 @@ def _replace_on_read_only(eng: Engine) -> None:
     event.listen(eng, "handle_error", handle_error)
 
 
+def _interrupt_cancelled(eng: Engine) -> None:
+    """A statement whose task is cancelled (a client gone, a timeout) is interrupted.
+
+    aiosqlite runs it in its connection's thread, where the cancel does not reach: it ran to
+    its end (seconds, or hours), and SQLAlchemy invalidated the connection meanwhile, whose
+    close then left the transaction, and SQLite's write lock, in place for as long as the
+    statement's cursor lived. Interrupted, SQLite stops it at its next step; the connection
+    is kept, not invalidated, so its unit of work rolls it back, and it is clean for the next.
+    """
+
+    def handle_error(context: Any) -> None:
+        if isinstance(context.original_exception, Exception) or context.connection is None:
+            return  # an error of the statement, not a cancel
+        try:
+            raw = context.connection.connection.driver_connection._conn  # sqlite3's
+        except Exception:  # closed already, or not aiosqlite
+            return
+        raw.interrupt()
+        context.is_disconnect = False
+
+    event.listen(eng, "handle_error", handle_error)
+
+
 _FAILED = "tether_failed"  # in a connection's info: a statement failed in its transaction
 _IN_FAILED_TRANSACTION = "25P02"
 
@@ -547,7 +572,15 @@ def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | N
 
 
 def _resolve_url(url: Url) -> URL:
-    raw = url() if callable(url) else url
+    raw: object = url() if callable(url) else url  # a function may return anything
+    remember_secrets(raw)  # its password, for redact(): SQLAlchemy's errors may quote it
+    if not isinstance(raw, str | URL):  # SQLAlchemy's error would print it, password and all
+        given = "the function given for the URL returned" if callable(url) else "the URL is"
+        msg = (
+            f"{given} a {type(raw).__name__}, not a string or a sqlalchemy.engine.URL; build "
+            f"the URL from it (URL.create(...))."
+        )
+        raise TypeError(msg)
     return make_url(raw)
 
 
@@ -562,6 +595,33 @@ def _is_memory_sqlite(u: URL) -> bool:
         return False
     db = u.database or ""
     return db in ("", ":memory:") or u.query.get("mode") == "memory" or ":memory:" in db
+
+
+def _check_async_driver(u: URL, name: str) -> None:
+    """Refuse a URL of a sync driver for :func:`engine` (an async engine), saying which."""
+    try:
+        # The dialect create_async_engine picks (psycopg's async one for postgresql+psycopg).
+        is_async = getattr(u.get_dialect(_is_async=True), "is_async", False)
+    except Exception:  # a driver SQLAlchemy does not know: create_engine says what is wrong
+        return
+    if is_async:
+        return
+    backend = u.get_backend_name()
+    drivers = {
+        "sqlite": "'sqlite+aiosqlite'",
+        "postgresql": "'postgresql+asyncpg' or 'postgresql+psycopg'",
+        "mysql": "'mysql+aiomysql' or 'mysql+asyncmy'",
+    }.get(backend, "an async one")
+    msg = (
+        f"Engine {name!r}: {u.drivername!r} is a sync driver, and engine() makes an async "
+        f"engine, which needs an async driver: use {drivers} in the URL (e.g. "
+        f"{u.set(drivername=_ASYNC_DRIVER.get(backend, u.drivername)).render_as_string()!r}), "
+        f"or declare a sync engine with sync_engine()."
+    )
+    raise ValueError(msg)
+
+
+_ASYNC_DRIVER = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 
 
 def _options(
@@ -780,6 +840,25 @@ async def _select_one(eng: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
+def _check_pool_numbers(
+    where: str,
+    pool_size: object,
+    max_overflow: object,
+    pool_timeout: object,
+    connect_timeout: object,
+    reserved: object,
+    workers: object,
+) -> None:
+    """Refuse an engine's numbers of the wrong type or range when it is declared (a string
+    from the environment would fail only at startup, or when the pool is full)."""
+    check_number(pool_size, "pool_size", where, integer=True, least=1, example="5")
+    check_number(max_overflow, "max_overflow", where, integer=True, least=None, example="0")
+    check_number(pool_timeout, "pool_timeout", where, above=True, example="5")
+    check_number(connect_timeout, "connect_timeout", where, above=True, none=True, example="10")
+    check_number(reserved, "reserved", where, integer=True, example="3")
+    check_number(workers, "workers", where, integer=True, least=1, none=True, example="4")
+
+
 def engine(
     lc: Lifecycle,
     url: Url,
@@ -830,7 +909,8 @@ def engine(
         budget, workers, reserved: on PostgreSQL, at startup, check that
             ``workers x (pool_size + max_overflow) + reserved`` fits the server's
             ``max_connections``: ``"warn"`` (default) logs a warning, ``"error"`` fails
-            startup, ``"off"`` skips it. ``workers`` defaults to ``$WEB_CONCURRENCY`` or 1.
+            startup, ``"off"`` skips it. ``workers`` defaults to the server's
+            ``-w``/``--workers`` (gunicorn, uvicorn), else ``$WEB_CONCURRENCY``, else 1.
         check: ``True`` (default) runs ``SELECT 1`` as the health check; ``False`` none;
             or your own check, given the engine.
         retries, backoff: retry opening at startup (see ``lc.resource``).
@@ -839,9 +919,28 @@ def engine(
         **engine_kwargs: passed to ``create_async_engine`` (``echo``, ``connect_args``,
             ``pool_recycle``, ``poolclass``, ...).
     """
-    if max_waiting is not None and max_waiting < 0:
-        msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
-        raise ValueError(msg)
+    _check_pool_numbers(
+        f"Engine {name!r}",
+        pool_size,
+        max_overflow,
+        pool_timeout,
+        connect_timeout,
+        reserved,
+        workers,
+    )
+    if max_waiting is not None:
+        check_number(max_waiting, "max_waiting", f"Engine {name!r}", integer=True, example="20")
+    from ._common import check_dsn
+
+    example = "lambda: os.environ['DATABASE_URL']"
+    check_dsn(url, f"Engine {name!r}", what="URL", example=example, strings=False)
+    if isinstance(url, str | URL):  # a function's URL is checked when the app starts
+        try:
+            given = make_url(url)
+        except Exception:  # create_async_engine says what is wrong, at startup
+            pass
+        else:
+            _check_async_driver(given, name)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -849,6 +948,7 @@ def engine(
 
     async def open_engine() -> AsyncIterator[AsyncEngine]:
         u = _resolve_url(url)
+        _check_async_driver(u, name)
         info.shown_url = u.render_as_string(hide_password=True)
         options = _options(
             u,
@@ -868,6 +968,8 @@ def engine(
         _replace_on_read_only(eng.sync_engine)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
+        elif u.get_backend_name() == "sqlite":
+            _interrupt_cancelled(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
         if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
             _reset_sessions(eng.sync_engine, name)
@@ -1019,11 +1121,26 @@ async def _rollback(s: AsyncSession, name: str) -> None:
 
 def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
     if not isinstance(engine, Resource) or engine.lifecycle is not lc:
+        shown = redact(repr(engine))  # a URL given by mistake: never its password
         msg = (
             f"{what}: `engine` must be the resource returned by engine()/sync_engine() (or "
-            f"another resource) on this Lifecycle, not {engine!r}."
+            f"another resource) on this Lifecycle, not {shown}."
         )
         raise TypeError(msg)
+    if engine in _pools:  # made by engine() (an async generator) or sync_engine()
+        made_async = inspect.isasyncgenfunction(engine.factory)
+        if made_async == what.startswith("sync_"):
+            made, use, other = (
+                ("engine()", "session()", "an async")
+                if made_async
+                else ("sync_engine()", "sync_session()", "a sync")
+            )
+            msg = (
+                f"{what}: the engine resource {engine.name!r} is {other} engine, made by "
+                f"{made}, and {what} needs the other kind. Use {use} with it, or declare the "
+                f"engine with {'sync_engine()' if made_async else 'engine()'}."
+            )
+            raise TypeError(msg)
 
 
 def session(
@@ -1177,9 +1294,17 @@ def sync_engine(
     ``sqlite``, ...). It opens and closes in a thread; its default check runs
     ``SELECT 1`` in a thread too.
     """
-    if max_waiting is not None and max_waiting < 0:
-        msg = f"Engine {name!r}: max_waiting={max_waiting!r} must be 0 or more (or None)."
-        raise ValueError(msg)
+    _check_pool_numbers(
+        f"Engine {name!r}",
+        pool_size,
+        max_overflow,
+        pool_timeout,
+        connect_timeout,
+        reserved,
+        workers,
+    )
+    if max_waiting is not None:
+        check_number(max_waiting, "max_waiting", f"Engine {name!r}", integer=True, example="20")
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -1370,6 +1495,53 @@ class _SessionOf:
 _sessions: weakref.WeakKeyDictionary[Resource[Any], _SessionOf] = weakref.WeakKeyDictionary()
 
 
+def _as_in_production(ss: Session) -> None:
+    """`rolled_back`: the session's commit (its savepoint's release) first checks the deferred
+    constraints, as ``COMMIT`` checks them (``RELEASE SAVEPOINT`` checks none): a violation
+    is raised by the commit, as in production, and the unit of work rolls back to its
+    savepoint. Checked in a savepoint rolled back at once, so they stay deferred after it."""
+    from ..testing import _CHECK_DEFERRED
+
+    commit = ss.commit
+
+    def checked_commit() -> None:
+        if ss.in_transaction():
+            ss.flush()
+            c = ss.connection()
+            if c.dialect.name == "postgresql":
+                check = c.begin_nested()
+                try:
+                    c.exec_driver_sql(_CHECK_DEFERRED[1])
+                finally:
+                    check.rollback()
+        commit()
+
+    ss.commit = checked_commit  # type: ignore[method-assign]
+
+
+def _reset_unit(sync_conn: Connection) -> None:
+    """`rolled_back`: after each unit of work, undo what production's reset on release undoes
+    (``SET``, ``SET LOCAL``, the role...), inside the block's transaction: one round trip."""
+    sql = sync_conn.info.get(_RESET, RESET_SESSION)
+    driver: Any = sync_conn.connection.driver_connection
+    package = type(driver).__module__.partition(".")[0]
+    if package == "asyncpg" or inspect.iscoroutinefunction(getattr(driver, "execute", None)):
+        await_only(driver.execute(sql))
+    else:
+        cursor = driver.cursor()
+        try:
+            cursor.execute(sql)
+        finally:
+            cursor.close()
+
+
+def _turn_timeout(eng: Any) -> float:
+    """The engine's pool timeout: how long a unit of work of `rolled_back` waits its turn."""
+    pool = getattr(getattr(eng, "sync_engine", eng), "pool", None)
+    timeout = getattr(pool, "timeout", None)
+    return float(timeout()) if callable(timeout) else 30.0
+
+
 @asynccontextmanager
 async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     """Roll back, when the block ends, everything the app writes through *session* in it.
@@ -1381,18 +1553,27 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     to one, and the outer transaction is rolled back at the end. So tests that write the
     same rows pass in any order, and the database is left as it was.
 
+    On PostgreSQL, as in production, the session's commit checks the deferred constraints,
+    and the session's settings are reset after each unit of work, as on release.
+
     The sessions take turns on the one connection: a unit of work that asks for *session*
-    while another holds it waits for it. The block yields the connection (an
-    ``AsyncConnection``, or a ``Connection`` for :func:`sync_session`): query it between
-    requests to see what the app wrote. The app scope must be running, on this event
-    loop (with ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
+    while another holds it waits for it, up to the engine's pool timeout, then raises a
+    ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
+    The block yields the connection (an ``AsyncConnection``, or a ``Connection`` for
+    :func:`sync_session`): query it between requests to see what the app wrote. The app
+    scope must be running, on this event loop (with ``TestClient``:
+    ``client.portal.wrap_async_context_manager(...)``).
     """
     spec = registered(
         _sessions, session, "sqlalchemy", kind="session",
         made_by="tether.integrations.sqlalchemy.session() or sync_session()",
     )  # fmt: skip
+    from ..testing import _Turns
+
     lc = session.lifecycle
     eng = lc.get(spec.engine)  # a ScopeError naming the fix if the app scope is not running
+    # As production's reset on release: PostgreSQL, not behind PgBouncer.
+    reset = eng.dialect.name == "postgresql" and not _info_for(spec.engine).pgbouncer
     if spec.is_async:
         async with eng.connect() as conn:
             outer = await conn.begin()
@@ -1400,12 +1581,20 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
                 # sqlite3 (and aiosqlite) begin a transaction only before a write, so the
                 # first session's SAVEPOINT would start one and its RELEASE commit it.
                 await conn.exec_driver_sql("BEGIN")
-            lock = anyio.Lock()
+            turns = _Turns(session.name, _turn_timeout(eng))
+            lock = turns.lock
             open_joined = asynccontextmanager(spec.open)
 
             async def joined() -> AsyncIterator[AsyncSession]:
-                async with lock, open_joined(conn, "create_savepoint") as s:
-                    yield s
+                async with turns.turn():
+                    try:
+                        async with open_joined(conn, "create_savepoint") as s:
+                            _as_in_production(s.sync_session)
+                            yield s
+                    finally:
+                        if reset:
+                            with anyio.CancelScope(shield=True):
+                                await conn.run_sync(_reset_unit)
 
             try:
                 with lc.override(session, joined):
@@ -1428,25 +1617,32 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
         sync_outer = await anyio.to_thread.run_sync(conn.begin)
         if conn.dialect.name == "sqlite":
             await anyio.to_thread.run_sync(conn.exec_driver_sql, "BEGIN")  # as above
-        sync_lock = threading.Lock()  # taken in an opening thread, given back in a closing one
+        # Taken in an opening thread, given back in a closing one.
+        sync_turns = _Turns(session.name, _turn_timeout(eng))
         open_sync = contextmanager(spec.open)
 
         def sync_joined() -> Iterator[Session]:
-            with sync_lock, open_sync(conn, "create_savepoint") as s:
-                yield s
+            with sync_turns.sync_turn():
+                try:
+                    with open_sync(conn, "create_savepoint") as s:
+                        _as_in_production(s)
+                        yield s
+                finally:
+                    if reset:
+                        _reset_unit(conn)
 
         try:
             with lc.override(session, sync_joined):
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):
-                held = await anyio.to_thread.run_sync(sync_lock.acquire, True, _SETTLE)
+                held = await anyio.to_thread.run_sync(sync_turns.sync_settle, _SETTLE)
                 try:
                     if sync_outer.is_active:
                         await anyio.to_thread.run_sync(sync_outer.rollback)
                 finally:
                     if held:
-                        sync_lock.release()
+                        sync_turns.sync_release()
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(conn.close)

@@ -1,0 +1,306 @@
+"""The integrations given the wrong thing: refused at declaration (or, for a function's
+value, at startup), with what was passed (its password hidden) and what to pass. None of
+these needs a server: each is refused before anything connects."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tether
+from tests.unit._messages import exactly
+from tether._errors import redact
+from tether.integrations import aiosqlite as tsqlite
+from tether.integrations import asyncpg as tpg
+from tether.integrations import httpx as thttpx
+from tether.integrations import psycopg as tpsycopg
+from tether.integrations import redis as tredis
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = pytest.mark.anyio
+
+_UNSET = (
+    "{where}: the {what} is None: is the setting it is read from (an environment variable) "
+    "set? Set it, or pass the {what} itself; a function, e.g. {example}, reads it when the "
+    "app starts."
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "where", "what", "example"),
+    [
+        (tpg.pool, "Pool 'pool'", "DSN", "lambda: os.environ['DATABASE_URL']"),
+        (tpsycopg.pool, "Pool 'pool'", "conninfo", "lambda: os.environ['DATABASE_URL']"),
+        (tredis.client, "Redis client 'redis'", "URL", "lambda: os.environ['REDIS_URL']"),
+        (tsa.engine, "Engine 'engine'", "URL", "lambda: os.environ['DATABASE_URL']"),
+    ],
+    ids=["asyncpg", "psycopg", "redis", "sqlalchemy"],
+)
+def test_an_unset_dsn_is_refused_at_declaration(
+    make: Callable[..., Any], where: str, what: str, example: str
+) -> None:
+    lc = tether.Lifecycle()
+    message = _UNSET.format(where=where, what=what, example=example)
+    with pytest.raises(ValueError, match=exactly(message)):
+        make(lc, None)
+    assert lc.resources == {}
+
+
+async def test_a_dsn_function_returning_none_fails_startup_saying_so() -> None:
+    lc = tether.Lifecycle()
+    tpg.pool(lc, lambda: None, retries=2, backoff=0)  # type: ignore[arg-type, return-value]
+    cause = (
+        "ValueError: Pool 'pool': the function given for the DSN returned None: is the "
+        "setting it is read from (an environment variable) set? Set it, or pass the DSN "
+        "itself; a function, e.g. lambda: os.environ['DATABASE_URL'], reads it when the app "
+        "starts"
+    )
+    with pytest.raises(
+        tether.StartupError,
+        match=exactly(
+            f"App resource 'pool' failed to open: {cause}. The resources already open were "
+            f"closed. It was tried 3 times (retries=2). Fix the cause above: a mistake in the "
+            f"configuration or the code, which no retry mends."
+        ),
+    ):
+        async with lc.run():
+            pass  # pragma: no cover
+
+
+def test_redact_takes_anything() -> None:
+    assert redact(None) == "None"
+    assert redact(b"x") == "b'x'"
+
+
+@pytest.mark.parametrize(
+    ("declare", "error", "message"),
+    [
+        (
+            lambda lc: tpg.pool(lc, "postgresql://h/db", acquire_timeout="5"),
+            TypeError,
+            "Pool 'pool': acquire_timeout='5' is a str, not a number of seconds. Pass a "
+            "positive number, e.g. acquire_timeout=5 (a setting read from the environment is "
+            "a string: convert it with float()).",
+        ),
+        (
+            lambda lc: tpg.pool(lc, "postgresql://h/db", max_size="10"),
+            TypeError,
+            "Pool 'pool': max_size='10' is a str, not a whole number. Pass a whole number, "
+            "e.g. max_size=10 (a setting read from the environment is a string: convert it "
+            "with int()).",
+        ),
+        (
+            lambda lc: tpsycopg.pool(lc, "postgresql://h/db", timeout="5"),
+            TypeError,
+            "Pool 'pool': timeout='5' is a str, not a number of seconds. Pass a positive "
+            "number of seconds, e.g. timeout=5 (a setting read from the environment is a "
+            "string: convert it with float()).",
+        ),
+        (
+            lambda lc: thttpx.client(lc, timeout=-1),
+            ValueError,
+            "HTTP client 'http': timeout=-1 must be a positive number of seconds (or None).",
+        ),
+        (
+            lambda lc: thttpx.client(lc, timeout="10"),
+            TypeError,
+            "HTTP client 'http': timeout='10' is a str, not a number of seconds. Pass a "
+            "positive number of seconds (or None), e.g. timeout=10 (a setting read from the "
+            "environment is a string: convert it with float()).",
+        ),
+        (
+            lambda lc: tredis.client(lc, "redis://h", max_connections=0),
+            ValueError,
+            "Redis client 'redis': max_connections=0 must be 1 or more (or None).",
+        ),
+        (
+            lambda lc: tsqlite.database(lc, "x.db", busy_timeout="5"),
+            TypeError,
+            "database('database'): busy_timeout='5' is a str, not a number of seconds. Pass a "
+            "number of seconds >= 0, e.g. busy_timeout=5 (a setting read from the environment "
+            "is a string: convert it with float()).",
+        ),
+    ],
+    ids=[
+        "asyncpg-acquire_timeout",
+        "asyncpg-max_size",
+        "psycopg-timeout",
+        "httpx-negative",
+        "httpx-str",
+        "redis",
+        "aiosqlite",
+    ],
+)
+def test_integration_numbers_are_checked_at_declaration(
+    declare: Callable[[tether.Lifecycle], Any], error: type[Exception], message: str
+) -> None:
+    lc = tether.Lifecycle()
+    with pytest.raises(error, match=exactly(message)):
+        declare(lc)
+    assert lc.resources == {}
+
+
+@pytest.mark.parametrize(
+    ("module", "param", "example"),
+    [
+        (tpg, "pool", "tether.integrations.asyncpg.pool(lc, dsn)"),
+        (tpsycopg, "pool", "tether.integrations.psycopg.pool(lc, conninfo)"),
+    ],
+    ids=["asyncpg", "psycopg"],
+)
+def test_a_connection_given_a_dsn_instead_of_its_pool(
+    module: Any, param: str, example: str
+) -> None:
+    driver = module.__name__.rsplit(".", 1)[1]
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            f"tether.integrations.{driver}.connection(name='conn'): "
+            f"pool='postgresql://u:***@h/db' is not a resource but a string. Declare the pool "
+            f"first and pass the resource tether.integrations.{driver}.pool() returns: "
+            f"`pool = {example}`, then pass pool."
+        ),
+    ):
+        module.connection(tether.Lifecycle(), "postgresql://u:hunter2@h/db")
+
+
+def test_a_connection_given_the_database_of_another_lifecycle(tmp_path: Path) -> None:
+    lc1, lc2 = tether.Lifecycle(), tether.Lifecycle()
+    db1 = tsqlite.database(lc1, tmp_path / "one.db")
+    tsqlite.database(lc2, tmp_path / "two.db")  # the same name, on lc2
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "tether.integrations.aiosqlite.connection(name='conn'): the database resource "
+            "'database' is registered on another Lifecycle than the one given. Pass a "
+            "database of this Lifecycle: declare it on the Lifecycle its dependents use "
+            '(`database = tether.integrations.aiosqlite.database(lc, "notes.db")`).'
+        ),
+    ):
+        tsqlite.connection(lc2, db1, name="conn")
+
+
+def test_a_pool_of_another_lifecycle() -> None:
+    lc1, lc2 = tether.Lifecycle(), tether.Lifecycle()
+    pool = tpg.pool(lc1, "postgresql://h/db")
+    with pytest.raises(TypeError, match="registered on another Lifecycle than the one given"):
+        tpg.connection(lc2, pool)
+
+
+def test_an_aiosqlite_connection_of_a_sqlalchemy_engine(tmp_path: Path) -> None:
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "tether.integrations.aiosqlite.connection(name='connection'): the database "
+            "resource 'engine' is a SQLAlchemy resource of tether.integrations.sqlalchemy, not "
+            "a database made by tether.integrations.aiosqlite.database(). Pass one made by "
+            "tether.integrations.aiosqlite.database() (`database = "
+            'tether.integrations.aiosqlite.database(lc, "notes.db")`), or use the integration '
+            "that made 'engine' to use it."
+        ),
+    ):
+        tsqlite.connection(lc, engine)  # type: ignore[arg-type]
+
+
+def test_a_session_given_a_url_hides_its_password() -> None:
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "session(): `engine` must be the resource returned by engine()/sync_engine() (or "
+            "another resource) on this Lifecycle, not 'postgresql+asyncpg://u:***@h/db'."
+        ),
+    ):
+        tsa.session(tether.Lifecycle(), "postgresql+asyncpg://u:hunter2@h/db")  # type: ignore[arg-type]
+
+
+def test_a_sync_session_of_an_async_engine(tmp_path: Path) -> None:
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "sync_session(): the engine resource 'engine' is an async engine, made by "
+            "engine(), and sync_session() needs the other kind. Use session() with it, or "
+            "declare the engine with sync_engine()."
+        ),
+    ):
+        tsa.sync_session(lc, engine)  # type: ignore[arg-type]
+
+
+def test_an_async_engine_of_a_sync_driver() -> None:
+    with pytest.raises(
+        ValueError,
+        match=exactly(
+            "Engine 'engine': 'sqlite' is a sync driver, and engine() makes an async engine, "
+            "which needs an async driver: use 'sqlite+aiosqlite' in the URL (e.g. "
+            "'sqlite+aiosqlite:///x.db'), or declare a sync engine with sync_engine()."
+        ),
+    ):
+        tsa.engine(tether.Lifecycle(), "sqlite:///x.db")
+
+
+async def test_an_async_engine_of_a_sync_driver_from_a_function() -> None:
+    lc = tether.Lifecycle()
+    tsa.engine(lc, lambda: "postgresql+pg8000://u:hunter2@h/db")
+    with pytest.raises(tether.StartupError) as info:
+        async with lc.run():
+            pass  # pragma: no cover
+    assert str(info.value) == (
+        "App resource 'engine' failed to open: ValueError: Engine 'engine': "
+        "'postgresql+pg8000' is a sync driver, and engine() makes an async engine, which "
+        "needs an async driver: use 'postgresql+asyncpg' or 'postgresql+psycopg' in the URL "
+        "(e.g. 'postgresql+asyncpg://u:***@h/db'), or declare a sync engine with "
+        "sync_engine(). The resources already open were closed. Fix the cause above: a "
+        "mistake in the configuration or the code, which no retry mends."
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [("sqlite:///notes.db", "notes.db"), ("sqlite+aiosqlite:////srv/x.db", "/srv/x.db")],
+)
+def test_an_aiosqlite_database_given_a_sqlalchemy_url(url: str, path: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=exactly(
+            f"database('database'): {url!r} is a SQLAlchemy URL, not a path: SQLite would "
+            f"create a file named after it. Pass the file's path, e.g. {path!r} (or use "
+            f"tether.integrations.sqlalchemy.engine() for a URL)."
+        ),
+    ):
+        tsqlite.database(tether.Lifecycle(), url)
+
+
+@pytest.mark.parametrize("declare", [tsa.engine, tsa.sync_engine], ids=["engine", "sync_engine"])
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"pool_size": "5"},
+            TypeError,
+            "Engine 'engine': pool_size='5' is a str, not a whole number. Pass 1 or more, e.g. "
+            "pool_size=5 (a setting read from the environment is a string: convert it with "
+            "int()).",
+        ),
+        (
+            {"pool_timeout": 0},
+            ValueError,
+            "Engine 'engine': pool_timeout=0 must be a positive number of seconds.",
+        ),
+        ({"max_waiting": -1}, ValueError, "Engine 'engine': max_waiting=-1 must be 0 or more."),
+    ],
+    ids=["pool_size-str", "pool_timeout-0", "max_waiting-negative"],
+)
+def test_sqlalchemy_engine_numbers_are_checked_at_declaration(
+    declare: Callable[..., Any], options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Before, a string `pool_size` from the environment failed only at startup, inside
+    SQLAlchemy's pool, and a zero `pool_timeout` made every busy moment a 503."""
+    lc = tether.Lifecycle()
+    url = "sqlite+aiosqlite:///x.db" if declare is tsa.engine else "sqlite:///x.db"
+    with pytest.raises(error, match=exactly(message)):
+        declare(lc, url, **options)
+    assert lc.resources == {}

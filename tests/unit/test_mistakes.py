@@ -1,0 +1,510 @@
+"""Mistakes users make with the core and its FastAPI glue: each one is refused where it is
+made, with a message naming the thing, the cause and the fix (before: a bare TypeError, a
+hang, a value that silently was something else, or an app scope that died mid-run)."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+import pytest
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+import tether
+
+from ._messages import exactly
+
+pytestmark = pytest.mark.anyio
+
+
+def r() -> int:
+    return 1  # pragma: no cover
+
+
+# --------------------------------------------------------------------- Lifecycle() numbers
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"leak_threshold": "60"},
+            TypeError,
+            "Lifecycle(): leak_threshold='60' is a str, not a number of seconds. Pass a "
+            "positive number of seconds (or None), e.g. leak_threshold=60, or None to turn "
+            "leak detection off (a setting read from the environment is a string: convert it "
+            "with float()).",
+        ),
+        (
+            {"leak_threshold": 0},
+            ValueError,
+            "Lifecycle(): leak_threshold=0 must be a positive number of seconds (or None).",
+        ),
+        (
+            {"sync_threads": 0},
+            ValueError,
+            "Lifecycle(): sync_threads=0 must be 1 or more.",
+        ),
+        (
+            {"sync_threads": 2.5},
+            TypeError,
+            "Lifecycle(): sync_threads=2.5 is a float, not a whole number. Pass 1 or more, "
+            "e.g. sync_threads=10.",
+        ),
+        (
+            {"sync_threads": True},
+            TypeError,
+            "Lifecycle(): sync_threads=True is a bool, not a whole number. Pass 1 or more, "
+            "e.g. sync_threads=10.",
+        ),
+        (
+            {"drain_timeout": "30"},
+            TypeError,
+            "Lifecycle(): drain_timeout='30' is a str, not a number of seconds. Pass a number "
+            "of seconds >= 0, e.g. drain_timeout=30 (a setting read from the environment is a "
+            "string: convert it with float()).",
+        ),
+        (
+            {"close_timeout": "10"},
+            TypeError,
+            "Lifecycle(): close_timeout='10' is a str, not a number of seconds. Pass a "
+            "positive number of seconds, e.g. close_timeout=10 (a setting read from the "
+            "environment is a string: convert it with float()).",
+        ),
+        (
+            {"sweep_interval": 0},
+            ValueError,
+            "Lifecycle(): sweep_interval=0 must be a positive number of seconds.",
+        ),
+        (
+            {"check_timeout": float("nan")},
+            ValueError,
+            "Lifecycle(): check_timeout=nan must be a positive number of seconds.",
+        ),
+    ],
+)
+def test_lifecycle_numbers_are_checked_when_it_is_made(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=exactly(message)):
+        tether.Lifecycle(**options)
+
+
+async def test_a_failing_leak_sweep_never_closes_the_app_scope(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever makes a leak sweep fail, it is logged once and the app runs on (before: the
+    sweep's error ended the app scope's task group, closing the pools mid-run)."""
+    lc = tether.Lifecycle(sweep_interval=0.01)
+    lc.leak_threshold = "60"  # type: ignore[assignment]  # set past the check
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    @lc.resource
+    async def conn(pool: str) -> AsyncIterator[str]:
+        yield f"conn of {pool}"
+
+    with caplog.at_level(logging.ERROR, logger="tether"):
+        async with lc.run():
+            async with lc.scope() as s:
+                await s.get(conn)
+                await anyio.sleep(0.1)  # many sweeps
+            async with lc.scope() as s:
+                assert await s.get(conn) == "conn of pool"
+            assert lc.state is tether.State.RUNNING
+    failures = [r for r in caplog.records if "leak sweep" in r.getMessage()]
+    assert [r.getMessage() for r in failures] == [
+        "tether: the leak sweep failed: TypeError: '>' not supported between instances of "
+        "'float' and 'str' (leak_threshold='60'); the app runs on, without leak reports, and "
+        "its later failures are not logged"
+    ]
+
+
+# --------------------------------------------------------------------- lc.resource options
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"timeout": "5"},
+            TypeError,
+            "Resource 'r': timeout='5' is a str, not a number of seconds. Pass a positive "
+            "number of seconds, e.g. timeout=5 (a setting read from the environment is a "
+            "string: convert it with float()).",
+        ),
+        (
+            {"retries": "3"},
+            TypeError,
+            "Resource 'r': retries='3' is a str, not a whole number. Pass 0 or more, e.g. "
+            "retries=3 (a setting read from the environment is a string: convert it with "
+            "int()).",
+        ),
+        (
+            {"retries": None},
+            TypeError,
+            "Resource 'r': retries=None is None, not a whole number. Pass 0 or more, e.g. "
+            "retries=3.",
+        ),
+        (
+            {"retries": 2.5},
+            TypeError,
+            "Resource 'r': retries=2.5 is a float, not a whole number. Pass 0 or more, e.g. "
+            "retries=3.",
+        ),
+        (
+            {"backoff": -1},
+            ValueError,
+            "Resource 'r': backoff=-1 must be a number of seconds >= 0.",
+        ),
+        (
+            {"backoff": "1"},
+            TypeError,
+            "Resource 'r': backoff='1' is a str, not a number of seconds. Pass a number of "
+            "seconds >= 0, e.g. backoff=0.5 (a setting read from the environment is a string: "
+            "convert it with float()).",
+        ),
+        (
+            {"concurrency": "4"},
+            TypeError,
+            "Resource 'r': concurrency='4' is a str, not a whole number. Pass 1 or more, e.g. "
+            "concurrency=4 (a setting read from the environment is a string: convert it with "
+            "int()).",
+        ),
+        (
+            {"concurrency": 2.5},
+            TypeError,
+            "Resource 'r': concurrency=2.5 is a float, not a whole number. Pass 1 or more, "
+            "e.g. concurrency=4.",
+        ),
+        (
+            {"check": "SELECT 1"},
+            TypeError,
+            "Resource 'r': check='SELECT 1' is not callable. Pass a function of the value "
+            "that raises when it is unhealthy (sync or async), e.g. check=lambda pool: "
+            'pool.fetchval("SELECT 1").',
+        ),
+        (
+            {"scope": "app", "release": "response"},
+            ValueError,
+            "Resource 'r': release='response' is for request resources (it closes them after "
+            "the response's last byte); an app resource closes at shutdown. Drop release= or "
+            "use scope='request'.",
+        ),
+    ],
+)
+def test_resource_options_are_checked_at_declaration(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    lc = tether.Lifecycle()
+    with pytest.raises(error, match=exactly(message)):
+        lc.resource(**options)(r)
+    assert "r" not in lc.resources
+
+
+# --------------------------------------------------------------------- FastAPI's markers
+
+
+def get_settings() -> dict[str, str]:
+    return {}  # pragma: no cover - never called
+
+
+def test_a_factory_parameter_given_depends_is_refused() -> None:
+    lc = tether.Lifecycle()
+
+    async def tenant_conn(settings: dict[str, str] = Depends(get_settings)) -> str:
+        return "never"  # pragma: no cover
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "Resource 'tenant_conn': parameter 'settings' is FastAPI's Depends(get_settings), "
+            "which tether does not resolve: tether calls a resource's factory itself, and "
+            "passes it only other resources, by parameter name. Register get_settings as a "
+            "resource, @lc.resource(name='settings'), and drop the Depends()."
+        ),
+    ):
+        lc.resource(tenant_conn)
+    assert lc.resources == {}
+
+
+@pytest.mark.parametrize("annotated", [False, True])
+def test_a_factory_parameter_given_header_is_refused(annotated: bool) -> None:
+    lc = tether.Lifecycle()
+
+    if annotated:
+
+        async def tenant_conn(x_tenant: Annotated[str, Header()]) -> str:
+            return x_tenant  # pragma: no cover
+
+    else:
+
+        async def tenant_conn(x_tenant: str = Header()) -> str:  # type: ignore[no-redef]
+            return x_tenant  # pragma: no cover
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "Resource 'tenant_conn': parameter 'x_tenant' is FastAPI's Header(), which tether "
+            "does not resolve: tether calls a resource's factory itself, and passes it only "
+            "other resources, by parameter name. Read it in the route (`x_tenant: "
+            "Annotated[str, Header()]`) and pass it to the work there, or drop the parameter."
+        ),
+    ):
+        lc.resource(tenant_conn)
+
+
+# --------------------------------------------------------------------- s.get, override
+
+
+async def test_scope_get_of_a_function_that_is_not_a_resource() -> None:
+    lc = tether.Lifecycle()
+
+    async def plain() -> int:
+        return 1  # pragma: no cover
+
+    async with lc.run(), lc.scope() as s:
+        with pytest.raises(
+            TypeError,
+            match=exactly(
+                "s.get() was given the function test_scope_get_of_a_function_that_is_not_a_"
+                "resource.<locals>.plain, which is not a tether resource. Pass what "
+                "@lc.resource returned (e.g. `await s.get(conn)`); register a plain function "
+                "with @lc.resource first."
+            ),
+        ):
+            await s.get(plain)  # type: ignore[arg-type]
+
+
+def fake_conn() -> Iterator[str]:
+    yield "fake"  # pragma: no cover
+
+
+async def afake_conn() -> AsyncIterator[str]:
+    yield "fake"  # pragma: no cover
+
+
+async def make_fake() -> str:
+    return "fake"  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("factory", "what"),
+    [
+        (fake_conn, "a generator object"),
+        (afake_conn, "an async generator object"),
+        (make_fake, "a coroutine object"),
+    ],
+)
+def test_override_with_a_called_factory_is_refused(factory: Any, what: str) -> None:
+    """No never-awaited warning either: the coroutine is closed (warnings are errors)."""
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "real"  # pragma: no cover
+
+    name = factory.__name__
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            f"lc.override() of resource 'conn' was given {what} of {name}(): the factory was "
+            f"called, and its value would be that object. Pass the factory itself: "
+            f"lc.override(conn, {name}), not lc.override(conn, {name}())."
+        ),
+    ):
+        lc.override(conn, factory())
+    assert conn not in lc._overrides
+
+
+# --------------------------------------------------------------------- lifespan spellings
+
+
+def _app_lc() -> tuple[tether.Lifecycle, list[str]]:
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        events.append("pool open")
+        yield "pool"
+        events.append("pool close")
+
+    return lc, events
+
+
+def test_lifespan_called_with_no_app_is_the_lifespan() -> None:
+    lc, events = _app_lc()
+    with TestClient(FastAPI(lifespan=lc.lifespan())):
+        assert events == ["pool open"]
+    assert events == ["pool open", "pool close"]
+
+
+def test_wrap_takes_an_async_generator_function() -> None:
+    lc, events = _app_lc()
+
+    async def mine(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        events.append("user startup")
+        yield {"k": "v"}
+        events.append("user shutdown")
+
+    with TestClient(FastAPI(lifespan=lc.lifespan(wrap=mine))):  # type: ignore[arg-type]
+        assert events == ["pool open", "user startup"]
+    assert events == ["pool open", "user startup", "user shutdown", "pool close"]
+
+
+def test_wrap_given_a_called_lifespan_is_refused() -> None:
+    lc, _ = _app_lc()
+
+    @asynccontextmanager
+    async def my_cm(app: FastAPI) -> AsyncIterator[None]:
+        yield  # pragma: no cover
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "lc.lifespan(wrap=...) was given the context manager of a lifespan already called "
+            "(my_cm(...)). Pass the function itself, which tether calls with the app: "
+            "lc.lifespan(wrap=my_cm), not lc.lifespan(wrap=my_cm(app))."
+        ),
+    ):
+        lc.lifespan(wrap=my_cm(FastAPI()))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- outside a route
+
+
+def _conn_lc() -> tuple[tether.Lifecycle, tether.Resource[str]]:
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    return lc, conn
+
+
+_OUTSIDE = (
+    "Resource 'conn' was asked for on '/' outside a route's unit of work (in an HTTP "
+    "middleware or an exception handler, which run before the route's unit of work begins "
+    "or after it ended). Open one there: `async with lc.scope() as s: value = await "
+    "s.get(conn)`."
+)
+
+
+def test_a_resource_asked_for_in_a_middleware() -> None:
+    lc, conn = _conn_lc()
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.middleware("http")
+    async def audit(request: Request, call_next: Any) -> Any:
+        await conn(request)
+        return await call_next(request)  # pragma: no cover
+
+    @app.get("/")
+    async def root() -> str:
+        return "ok"  # pragma: no cover
+
+    with TestClient(app) as client, pytest.raises(tether.ScopeError, match=exactly(_OUTSIDE)):
+        client.get("/")
+
+
+def test_a_resource_asked_for_in_an_exception_handler() -> None:
+    lc, conn = _conn_lc()
+    app = FastAPI(lifespan=lc.lifespan)
+
+    class Boom(Exception):
+        pass
+
+    @app.exception_handler(Boom)
+    async def on_boom(request: Request, exc: Boom) -> JSONResponse:
+        await conn(request)
+        return JSONResponse({}, status_code=500)  # pragma: no cover
+
+    @app.get("/")
+    async def root(c: Annotated[str, Depends(conn)]) -> str:
+        raise Boom
+
+    with TestClient(app) as client, pytest.raises(tether.ScopeError, match=exactly(_OUTSIDE)):
+        client.get("/")
+
+
+def test_a_client_not_entered_after_the_app_scope_closed() -> None:
+    lc, conn = _conn_lc()
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(c: Annotated[str, Depends(conn)]) -> str:
+        return c  # pragma: no cover
+
+    async def earlier_test() -> None:
+        async with lc.run():
+            pass
+
+    asyncio.run(earlier_test())
+    with pytest.raises(
+        tether.ScopeError,
+        match=exactly(
+            "Resource 'conn' was asked for on '/' after this Lifecycle's app scope closed: the "
+            "app has shut down, and its lifespan is not running now. Start it again: in "
+            "tests, enter the client (`with TestClient(app) as client:`), or, with httpx's "
+            "`ASGITransport`, wrap the client in `async with lc.lifespan(app):`."
+        ),
+    ):
+        TestClient(app).get("/")
+
+
+def test_a_route_using_the_resources_of_two_chained_lifecycles() -> None:
+    lc1, c1 = _conn_lc()
+    lc2 = tether.Lifecycle()
+
+    @lc2.resource
+    async def c2() -> AsyncIterator[str]:
+        yield "2"  # pragma: no cover
+
+    app = FastAPI(lifespan=lc1.lifespan(wrap=lc2.lifespan))
+
+    @app.get("/")
+    async def root(x: Annotated[str, Depends(c1)], y: Annotated[str, Depends(c2)]) -> str:
+        return x + y  # pragma: no cover
+
+    with TestClient(app) as client:
+        with pytest.raises(
+            tether.ScopeError,
+            match=exactly(
+                "Resource 'c2' was asked for on '/', a route whose unit of work belongs to "
+                "another Lifecycle: a route uses the resources of one Lifecycle (two chained "
+                "with `wrap=` each own only their routes). Register the resources this app "
+                "uses on one Lifecycle."
+            ),
+        ):
+            client.get("/")
+
+
+# --------------------------------------------------------------------- StartupError advice
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_configuration_mistake_gets_no_retry_advice(retries: int) -> None:
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app", retries=retries, backoff=0)
+    async def pool() -> AsyncIterator[str]:
+        raise KeyError("DATABASE_URL")
+        yield  # pragma: no cover
+
+    tried = " It was tried 2 times (retries=1)." if retries else ""
+    expected = (
+        f"App resource 'pool' failed to open: KeyError: 'DATABASE_URL'. The resources already "
+        f"open were closed.{tried} Fix the cause above: a mistake in the configuration or the "
+        f"code, which no retry mends."
+    )
+    with pytest.raises(tether.StartupError, match=exactly(expected)):
+        async with lc.run():
+            pass  # pragma: no cover

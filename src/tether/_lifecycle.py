@@ -1199,7 +1199,10 @@ class Lifecycle:
         self._late_entries = []
         in_use: dict[str, int | None] = {}
         for slot in reversed(self._app_slots):
-            figures = self._figures_of(slot.res) if note else None
+            # Database pools only: a client's (httpx, Redis: those that count their own
+            # waits) are used directly by design, and httpcore counts a cancelled request's
+            # connection busy until its next use.
+            figures = self._figures_of(slot.res) if note and not slot.res.counts_waits else None
             if figures is not None:  # its dependents closed: what is in use now was kept
                 in_use[slot.res.name] = figures.in_use
             slot.release.set()
@@ -1355,6 +1358,8 @@ class Lifecycle:
             self._make_limiters()
         unit = Unit(self, label, track_stacks=self.track_stacks)
         stop = OPEN_STOP.get()
+        if stop is not None and self.state is State.CLOSED:
+            raise self._shut_down(unit)  # a task an app resource started, left running
         if self.state is State.DRAINING and stop is not None and await self._parked(unit, stop):
             self._units.add(unit)  # admitted while the app scope drains: its owner stops it
             self._units_total += 1
@@ -1444,13 +1449,18 @@ class Lifecycle:
                 await slot.release.wait()
         if not shut.is_set() and self.state is State.DRAINING:
             return True
+        raise self._shut_down(unit)
+
+    def _shut_down(self, unit: Unit) -> ResourceUnavailable:
+        """The refusal of a unit of work a task an app resource started asks for once the
+        app scope has closed: the task outlived the resource's cleanup."""
         self._units_refused += 1
         msg = (
             f"Cannot start {unit.label}: the application has shut down, and its app "
             f"resources are closed. Stop the task that starts it in the cleanup of the app "
             f"resource that started it (after its `yield`)."
         )
-        raise ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
+        return ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
 
     def _admit(self, unit: Unit) -> None:
         # Refused while the app scope drains only: once it closed (an earlier test ran the

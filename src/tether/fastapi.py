@@ -1820,10 +1820,19 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     async def live() -> dict[str, str]:
         return {"status": "alive", "state": lc.state.value}
 
+    logged: dict[str, str] = {}  # expose_errors=False: each check's error, logged once
+
     @router.get("/ready")
     async def ready() -> JSONResponse:
         report = await last.report()
         headers = {} if report.ok else {"Retry-After": "5"}
+        if not lc.expose_errors:  # kept from the body: in the log, each time it changes
+            for check in report.checks:
+                error = check.error or ""
+                if logged.get(check.name, "") != error:
+                    logged[check.name] = error
+                    if error:
+                        log.warning("tether: readiness check %r fails: %s", check.name, error)
         return JSONResponse(
             report.as_dict(errors=lc.expose_errors),
             status_code=200 if report.ok else 503,

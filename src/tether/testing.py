@@ -348,12 +348,12 @@ def _nested(name: str) -> str:
 def _waited(name: str, timeout: float) -> str:
     return (
         f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
-        f"{name!r}, held by another unit of work of the block. In production it gets another "
-        f"connection of the pool; in rolled_back() the units of work share the block's one "
-        f"connection and take turns, so one that the holder waits for (a job in its own "
-        f"`lc.scope()` that an endpoint awaits, with asyncio.gather or a task) never gets it. "
-        f"Pass the endpoint's connection (or session) to the job, or test it without "
-        f"rolled_back()."
+        f"{name!r} while another unit of work of the block held it, and no other got a turn "
+        f"meanwhile. In production it gets another connection of the pool; in rolled_back() "
+        f"the units of work share the block's one connection and take turns, so one the holder "
+        f"waits for (a job in its own `lc.scope()` that an endpoint awaits, with asyncio.gather "
+        f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
+        f"endpoint's connection (or session) to the job, or test it without rolled_back()."
     )
 
 
@@ -385,18 +385,26 @@ class _Turns:
         self.lock = anyio.Lock()
         self._holder: object = None
         self._sync_lock = threading.Lock()  # taken in an opening thread, given back in another
+        # Turns taken so far: a wait counts *timeout* from the last one, so units queued
+        # behind others that come and go wait their turn; one stuck behind a holder fails.
+        self.taken = 0
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         me = anyio.get_current_task().id
         if self._holder == me:
             raise RuntimeError(_nested(self.name))
-        acquired = False
-        with anyio.move_on_after(self.timeout):
-            await self.lock.acquire()
-            acquired = True
-        if not acquired:
-            raise RuntimeError(_waited(self.name, self.timeout))
+        while True:
+            seen = self.taken
+            acquired = False
+            with anyio.move_on_after(self.timeout):
+                await self.lock.acquire()
+                acquired = True
+            if acquired:
+                break
+            if self.taken == seen:  # nobody got a turn in all that time
+                raise RuntimeError(_waited(self.name, self.timeout))
+        self.taken += 1
         self._holder = me
         try:
             yield
@@ -407,8 +415,13 @@ class _Turns:
     @contextmanager
     def sync_turn(self) -> Iterator[None]:
         # No "same task" check: a worker thread serves one unit of work, then another.
-        if not self._sync_lock.acquire(True, self.timeout):
-            raise RuntimeError(_waited(self.name, self.timeout))
+        while True:
+            seen = self.taken
+            if self._sync_lock.acquire(True, self.timeout):
+                break
+            if self.taken == seen:
+                raise RuntimeError(_waited(self.name, self.timeout))
+        self.taken += 1
         try:
             yield
         finally:

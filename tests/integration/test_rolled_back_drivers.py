@@ -60,6 +60,12 @@ class Driver:
         else:
             await c.execute(sql, args)
 
+    async def value(self, c: Any, sql: str) -> Any:
+        if self.name == "asyncpg":
+            return await c.fetchval(sql)
+        row = await (await c.execute(sql)).fetchone()
+        return row[0] if row else None
+
     async def ids(self, c: Any) -> list[int]:
         sql = f"SELECT id FROM {TABLE} ORDER BY id"
         if self.name == "asyncpg":
@@ -408,11 +414,19 @@ async def test_asyncpg_read_only_and_isolation_as_in_production(
     async def level(c: Annotated[asyncpg.Connection, Depends(ser)]) -> str:
         return str(await c.fetchval("SHOW transaction_isolation"))
 
+    @app.get("/count")
+    async def count(c: Annotated[asyncpg.Connection, Depends(ro)]) -> int:
+        return int(await c.fetchval(f"SELECT count(*) FROM {TABLE}"))
+
     async with running(app) as client:
         assert (await client.post("/report")).status_code == 500  # production
         assert (await client.get("/level")).json() == "serializable"
-        async with tpg.rolled_back(ro):
+        async with tpg.rolled_back(ro) as c:
+            # The test seeds its data on the block's connection: read-only is the units'.
+            await c.execute(f"INSERT INTO {TABLE} VALUES (7), (8)")
             assert (await client.post("/report")).status_code == 500
+            assert (await client.get("/count")).json() == 2
+            assert (await client.get("/count")).json() == 2
         async with tpg.rolled_back(ser):
             assert (await client.get("/level")).json() == "serializable"
     assert rows(postgres) == []
@@ -432,12 +446,12 @@ def nested_message(name: str) -> str:
 def waited_message(name: str, timeout: float) -> str:
     return (
         f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
-        f"{name!r}, held by another unit of work of the block. In production it gets another "
-        f"connection of the pool; in rolled_back() the units of work share the block's one "
-        f"connection and take turns, so one that the holder waits for (a job in its own "
-        f"`lc.scope()` that an endpoint awaits, with asyncio.gather or a task) never gets it. "
-        f"Pass the endpoint's connection (or session) to the job, or test it without "
-        f"rolled_back()."
+        f"{name!r} while another unit of work of the block held it, and no other got a turn "
+        f"meanwhile. In production it gets another connection of the pool; in rolled_back() "
+        f"the units of work share the block's one connection and take turns, so one the holder "
+        f"waits for (a job in its own `lc.scope()` that an endpoint awaits, with asyncio.gather "
+        f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
+        f"endpoint's connection (or session) to the job, or test it without rolled_back()."
     )
 
 
@@ -507,3 +521,31 @@ async def test_a_unit_taking_the_pool_through_another_resource_is_warned_of(
         "the resource the code under test uses, or open one block per resource."
     ]
     assert rows(postgres) == [2, 3]
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+@pytest.mark.anyio
+async def test_what_the_test_set_on_the_block_connection_stays(
+    postgres: Postgres, items: None, name: str
+) -> None:
+    """A test sets fixtures up on the block's connection (a temporary table, a
+    `search_path`): they stay for every request of the block, while what each unit of work
+    sets on the session is reset after it (before, the first request's reset dropped the
+    test's temporary table and its settings)."""
+    driver = Driver(name)
+    app, lc, conn = make_app(postgres, driver, transaction=True)
+
+    @app.get("/setup")
+    async def setup(c: Annotated[Any, Depends(conn)]) -> list[str]:
+        path = await driver.value(c, "SHOW search_path")
+        rows = await driver.value(c, "SELECT count(*) FROM fixture_rows")
+        timeout = await driver.value(c, "SHOW statement_timeout")
+        await driver.execute(c, "SET statement_timeout = '1234ms'")  # the unit's own
+        return [str(path), str(rows), str(timeout)]
+
+    async with running(app) as client, driver.module.rolled_back(conn) as c:
+        await driver.execute(c, "CREATE TEMP TABLE fixture_rows (n int)")
+        await driver.execute(c, "INSERT INTO fixture_rows VALUES (1)")
+        await driver.execute(c, "SET search_path = pg_temp, public")
+        for _ in range(2):
+            assert (await client.get("/setup")).json() == ["pg_temp, public", "1", "0"]

@@ -24,6 +24,7 @@ import pytest
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -1445,12 +1446,12 @@ def nested_unit_message(name: str) -> str:
 def waited_turn_message(name: str, timeout: float) -> str:
     return (
         f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
-        f"{name!r}, held by another unit of work of the block. In production it gets another "
-        f"connection of the pool; in rolled_back() the units of work share the block's one "
-        f"connection and take turns, so one that the holder waits for (a job in its own "
-        f"`lc.scope()` that an endpoint awaits, with asyncio.gather or a task) never gets it. "
-        f"Pass the endpoint's connection (or session) to the job, or test it without "
-        f"rolled_back()."
+        f"{name!r} while another unit of work of the block held it, and no other got a turn "
+        f"meanwhile. In production it gets another connection of the pool; in rolled_back() "
+        f"the units of work share the block's one connection and take turns, so one the holder "
+        f"waits for (a job in its own `lc.scope()` that an endpoint awaits, with asyncio.gather "
+        f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
+        f"endpoint's connection (or session) to the job, or test it without rolled_back()."
     )
 
 
@@ -1509,3 +1510,35 @@ async def test_rolled_back_sync_nested_unit_of_work_fails_clearly(
         )
         assert got == [1, 3]
     assert rows(postgres) == []
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_write_cut_by_a_timeout_commits_nothing_of_its_unit(
+    tmp_path: Path,
+) -> None:
+    """An endpoint bounds a slow write with `asyncio.wait_for` and carries on after the
+    timeout. SQLite rolls back the whole transaction of an interrupted write: the unit of
+    work must not go on as if it were still in it (a later write then committed alone, the
+    earlier one lost: a partial commit). It fails, and nothing of it is committed."""
+    path = tmp_path / "app.db"
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0)
+    sess = tsa.session(lc, eng)
+    slow_write = (
+        "INSERT INTO big WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+        "WHERE x < 1000000000) SELECT x FROM c"
+    )
+    async with lc.run():
+        async with lc.get(eng).begin() as conn:
+            await conn.execute(text("CREATE TABLE orders (v text)"))
+            await conn.execute(text("CREATE TABLE big (x int)"))
+        with pytest.raises(sa_exc.PendingRollbackError):
+            async with lc.scope() as unit:
+                s = await unit.get(sess)
+                await s.execute(text("INSERT INTO orders VALUES ('debit account A')"))
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(s.execute(text(slow_write)), 0.3)
+                await s.execute(text("INSERT INTO orders VALUES ('credit account B')"))
+        async with lc.scope() as unit:
+            s = await unit.get(sess)
+            assert (await s.execute(text("SELECT count(*) FROM orders"))).scalar() == 0

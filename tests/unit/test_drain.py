@@ -224,3 +224,37 @@ async def test_a_consumer_loop_stopped_by_a_flag_ends_after_its_next_message() -
     assert handled[-1] == "consumer stopped"
     assert handled.count("committed") >= 2
     assert lc.stats().units_refused == 0
+
+
+async def test_a_task_an_app_resource_left_running_is_refused_once_the_app_closed() -> None:
+    """A consumer whose resource's cleanup forgot to stop it asks for a unit of work after
+    the app scope closed: refused, saying what to fix (not admitted as a job's unit test is)."""
+    import asyncio
+
+    lc = tether.Lifecycle()
+    tasks: list[asyncio.Task[None]] = []
+    outcome: list[str] = []
+    go = asyncio.Event()
+
+    @lc.resource(scope="app")
+    async def consumer() -> AsyncIterator[None]:
+        async def loop() -> None:
+            await go.wait()
+            try:
+                async with lc.scope("consume message"):
+                    outcome.append("admitted")
+            except tether.ResourceUnavailable as exc:
+                outcome.append(str(exc))
+
+        tasks.append(asyncio.create_task(loop()))
+        yield  # and never stops it
+
+    async with lc.run():
+        pass
+    go.set()
+    await tasks[0]
+    assert outcome == [
+        "Cannot start consume message: the application has shut down, and its app resources "
+        "are closed. Stop the task that starts it in the cleanup of the app resource that "
+        "started it (after its `yield`)."
+    ]

@@ -91,11 +91,13 @@ async def test_only_a_servers_own_handler_counts_as_a_server_that_stops(
     from tether._lifecycle import _server_handles
 
     loop = asyncio.get_running_loop()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert not _server_handles(loop, signal.SIGINT)
     assert _server_handles(loop, signal.SIGTERM)  # the fixture's, through the loop
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # as uvicorn sets it
+    previous = signal.getsignal(signal.SIGINT)
     try:
+        for python_s in (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, python_s)
+            assert not _server_handles(loop, signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # as uvicorn sets it
         assert _server_handles(loop, signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, previous)

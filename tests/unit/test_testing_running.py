@@ -60,3 +60,26 @@ async def test_running_with_tethers_own_lifespan(how: str) -> None:
     async with running(lc, app):
         assert lc.get(thing) == 1
     assert opened == ["open", "closed"]
+
+
+@pytest.mark.anyio
+async def test_rolled_back_turns_queue_behind_others_that_come_and_go() -> None:
+    """Four units of work of a `rolled_back` block, each holding the one connection 0.3 s,
+    with a 0.5 s acquire timeout: the last waits 0.9 s in all, but someone gets a turn in
+    every 0.5 s, so none fails (before: the fourth failed, told the holder waited for it)."""
+    import anyio
+
+    from tether.testing import _Turns
+
+    turns = _Turns("session", 0.5)
+    done: list[int] = []
+
+    async def unit(n: int) -> None:
+        async with turns.turn():
+            await anyio.sleep(0.3)
+            done.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(unit, n)
+    assert sorted(done) == [0, 1, 2, 3]

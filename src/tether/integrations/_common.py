@@ -41,6 +41,7 @@ __all__ = [
     "failed_transaction",
     "RESET_SESSION",
     "SESSION_SETTINGS",
+    "IN_BLOCK_RESET",
     "BudgetPolicy",
     "connect_or_close",
     "Dsn",
@@ -101,6 +102,15 @@ def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; "
     "SELECT pg_advisory_unlock_all(); DISCARD TEMP"
+)
+
+#: `rolled_back`: what production's reset undoes after each unit of work in a block, but for
+#: ``DISCARD TEMP``: a temporary table the test made on the block's connection (a fixture)
+#: stays. The settings the unit found are set again after it (``SESSION_SETTINGS``, read as
+#: it starts), so what the test set on the block's connection stays too.
+IN_BLOCK_RESET = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all()"
 )
 
 #: SQL that sets again what ``SET`` made of the session's settings (``pg_settings`` from the

@@ -71,9 +71,11 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    IN_BLOCK_RESET,
     LOST_NOTE,
     RESET_SESSION,
     SAVEPOINT,
+    SESSION_SETTINGS,
     SETTLE,
     BudgetPolicy,
     ConnectionOf,
@@ -158,7 +160,7 @@ class _State:
         self.waiting = 0  # units of work waiting for a connection right now
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.bound = LoopBound(name)
-        self.rolled_back: str | None = None  # the resource of a `rolled_back` block open now
+        self.rolled_back: list[str] = []  # the resources of the `rolled_back` blocks open now
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
         self.served = time.monotonic()  # when a unit of work last got a connection
@@ -669,10 +671,10 @@ def _is_lost(conn: Any, exc: BaseException) -> bool:
 
 async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float) -> Any:
     if state is not None:
-        if state.rolled_back is not None:  # tests only
+        if state.rolled_back:  # tests only
             from ..testing import outside_the_block
 
-            outside_the_block(state.rolled_back, pool_name)
+            outside_the_block(state.rolled_back[0], pool_name)
         if (
             state.max_waiting is not None
             and state.waiting >= state.max_waiting
@@ -994,16 +996,15 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
 _connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
 
 
-async def _keep_unit(conn: Any, name: str, reset: bool) -> None:
+async def _keep_unit(conn: Any, name: str, after: str) -> None:
     """Release the unit of work's savepoint (its commit), its deferred constraints checked
     first, as ``COMMIT`` checks them: a violation rolls back to it and is raised, as
     ``COMMIT`` raises it. If a statement failed in it and its error was caught, PostgreSQL
-    refuses: roll back to it, and raise what a commit raises. Then (*reset*) the session is
-    reset as production resets it on release (``SET``, ``SET LOCAL``, the role...), in the
-    same round trip."""
+    refuses: roll back to it, and raise what a commit raises. Then *after*: the session's
+    reset, as production resets it on release (``SET``, ``SET LOCAL``, the role...), and
+    what the unit found set again, in the same round trip."""
     from ..testing import _CHECK_DEFERRED
 
-    after = f"; {RESET_SESSION}" if reset else ""
     back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
     try:
         await conn.execute("; ".join((*_CHECK_DEFERRED, f"RELEASE SAVEPOINT {SAVEPOINT}")) + after)
@@ -1064,28 +1065,38 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     turns = _Turns(name, state.acquire_timeout if state is not None else 5.0)
     conn = await p.acquire()  # a ScopeError on another event loop than the pool's
     if state is not None:
-        state.rolled_back = name  # another resource of the pool is outside the block: warned
+        state.rolled_back.append(name)  # another resource of the pool is outside: warned
     try:
         isolation, readonly = _begins.get(connection, (None, False))
-        outer = conn.transaction(isolation=isolation, readonly=readonly)
+        # Read-only per unit of work, not for the block: the test seeds its data on it.
+        outer = conn.transaction(isolation=isolation)
         await outer.start()
         lock = turns.lock
+        back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with turns.turn():
-                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+                # What the test set on the session (the unit's reset puts it back after).
+                found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""
+                after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
+                begin = f"SAVEPOINT {SAVEPOINT}"
+                if readonly:  # undone with the savepoint, which a read-only unit rolls back
+                    begin += "; SET LOCAL transaction_read_only = on"
+                await conn.execute(begin)
                 try:
                     yield conn
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         if spec.transaction:
-                            back = f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"
-                            await conn.execute(f"{back}; RELEASE SAVEPOINT {SAVEPOINT}")
+                            await conn.execute(back)
                         else:
                             with contextlib.suppress(pg_errors.PostgresError):
-                                await _keep_unit(conn, name, reset)  # autocommit: kept
+                                await _keep_unit(conn, name, after)  # autocommit: kept
                     raise
-                await _keep_unit(conn, name, reset)
+                if readonly:  # nothing to keep: its settings go with its savepoint
+                    await conn.execute(back)
+                else:
+                    await _keep_unit(conn, name, after)
 
         try:
             with lc.override(connection, joined):
@@ -1105,7 +1116,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                         lock.release()
     finally:
         if state is not None:
-            state.rolled_back = None
+            state.rolled_back.remove(name)
         with anyio.CancelScope(shield=True):
             await p.release(conn)
 

@@ -69,6 +69,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    IN_BLOCK_RESET,
     LOSES_CANCEL,
     LOST_NOTE,
     RESET_SESSION,
@@ -137,7 +138,7 @@ class _State:
         self.timeout = timeout
         self.shown = shown  # the conninfo, password redacted
         self.bound = LoopBound(name)
-        self.rolled_back: str | None = None  # the resource of a `rolled_back` block open now
+        self.rolled_back: list[str] = []  # the resources of the `rolled_back` blocks open now
         self.served = time.monotonic()  # when the pool last handed out a connection
         self.timed_out_at = -math.inf  # when a wait for one last timed out (PoolTimeout)
         # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
@@ -468,10 +469,10 @@ def connection(
 
     async def open_connection(p: Any) -> AsyncIterator[Connection]:
         state: _State | None = getattr(p, "_tether", None)
-        if state is not None and state.rolled_back is not None:  # tests only
+        if state is not None and state.rolled_back:  # tests only
             from ..testing import outside_the_block
 
-            outside_the_block(state.rolled_back, pool_name)
+            outside_the_block(state.rolled_back[0], pool_name)
         conn = await _getconn(p, pool_name, timeout)
         reset = reset_session and (state is None or not state.pgbouncer)
         kept = _settings(conn)
@@ -761,13 +762,11 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     turns = _Turns(name, state.timeout if state is not None else 5.0)
     conn: Connection = await p.getconn()  # a ScopeError on another event loop than the pool's
     if state is not None:
-        state.rolled_back = name  # another resource of the pool is outside the block: warned
+        state.rolled_back.append(name)  # another resource of the pool is outside: warned
     kept, autocommit = _settings(conn), conn.autocommit
-    # As production's reset on release (none behind PgBouncer), setting again what the
-    # pool's `configure` set.
-    reset = "" if state is not None and state.pgbouncer else "; " + RESET_SESSION
-    if reset and state is not None:
-        reset += state.configured.get(conn, "")
+    # As production's reset on release (none behind PgBouncer), then what each unit of work
+    # found set again: what the pool's `configure` set, and the test on the block's connection.
+    resets = state is None or not state.pgbouncer
     try:
         await conn.set_autocommit(False)
         await conn.execute("SELECT 1")  # begins the outer transaction
@@ -786,6 +785,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
 
         async def joined() -> AsyncIterator[Connection]:
             async with turns.turn():
+                reset = ""
+                if resets:
+                    row = await (await conn.execute(SESSION_SETTINGS)).fetchone()
+                    reset = f"; {IN_BLOCK_RESET}{(row[0] if row else None) or ''}"
                 await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
                 conn.commit = commit  # type: ignore[method-assign]
@@ -833,7 +836,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                         lock.release()
     finally:
         if state is not None:
-            state.rolled_back = None
+            state.rolled_back.remove(name)
         with anyio.CancelScope(shield=True):
             await p.putconn(conn)
 

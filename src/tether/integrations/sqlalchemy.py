@@ -89,6 +89,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    IN_BLOCK_RESET,
     RESET_SESSION,
     SESSION_SETTINGS,
     BudgetPolicy,
@@ -346,26 +347,37 @@ def _replace_on_read_only(eng: Engine) -> None:
 
 
 def _interrupt_cancelled(eng: Engine) -> None:
-    """A statement whose task is cancelled (a client gone, a timeout) is interrupted.
+    """A statement whose task is cancelled (a client gone, a timeout) is interrupted, and its
+    transaction rolled back in the connection's thread.
 
-    aiosqlite runs it in its connection's thread, where the cancel does not reach: it ran to
-    its end (seconds, or hours), and SQLAlchemy invalidated the connection meanwhile, whose
-    close then left the transaction, and SQLite's write lock, in place for as long as the
-    statement's cursor lived. Interrupted, SQLite stops it at its next step; the connection
-    is kept, not invalidated, so its unit of work rolls it back, and it is clean for the next.
+    aiosqlite runs the statement in its connection's thread, where the cancel does not
+    reach: it ran to its end (seconds, or hours). SQLAlchemy invalidates the connection (so
+    the unit of work cannot go on as if nothing happened: ``PendingRollbackError``, nothing
+    committed), and its close then left the transaction, and SQLite's write lock, in place
+    for as long as the statement's cursor lived. Interrupted, SQLite stops the statement at
+    its next step; the rollback queued right behind it (before the close) ends the
+    transaction, so the next writer gets the lock at once.
     """
 
     def handle_error(context: Any) -> None:
         if isinstance(context.original_exception, Exception) or context.connection is None:
             return  # an error of the statement, not a cancel
         try:
-            raw = context.connection.connection.driver_connection._conn  # sqlite3's
-        except Exception:  # closed already, or not aiosqlite
+            driver = context.connection.connection.driver_connection
+            raw, queue = driver._conn, driver._tx  # sqlite3's connection, aiosqlite's queue
+            done = asyncio.get_running_loop().create_future()
+        except Exception:  # closed already, not aiosqlite, or no loop
             return
         raw.interrupt()
-        context.is_disconnect = False
+        done.add_done_callback(_retrieved)
+        queue.put_nowait((done, raw.rollback))
 
     event.listen(eng, "handle_error", handle_error)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a rollback the interrupt also reached: the close follows
 
 
 _FAILED = "tether_failed"  # in a connection's info: a statement failed in its transaction
@@ -1519,10 +1531,17 @@ def _as_in_production(ss: Session) -> None:
     ss.commit = checked_commit  # type: ignore[method-assign]
 
 
-def _reset_unit(sync_conn: Connection) -> None:
+def _found_settings(sync_conn: Connection) -> str:
+    """`rolled_back`: the settings a unit of work finds as it starts (what the engine's own
+    setup and the test set on the block's connection), as SQL that sets them again."""
+    return _read_settings(sync_conn.connection.dbapi_connection)
+
+
+def _reset_unit(sync_conn: Connection, found: str) -> None:
     """`rolled_back`: after each unit of work, undo what production's reset on release undoes
-    (``SET``, ``SET LOCAL``, the role...), inside the block's transaction: one round trip."""
-    sql = sync_conn.info.get(_RESET, RESET_SESSION)
+    (``SET``, ``SET LOCAL``, the role...), inside the block's transaction, and set again what
+    the unit found (*found*): one round trip."""
+    sql = IN_BLOCK_RESET + found
     driver: Any = sync_conn.connection.driver_connection
     package = type(driver).__module__.partition(".")[0]
     if package == "asyncpg" or inspect.iscoroutinefunction(getattr(driver, "execute", None)):
@@ -1587,6 +1606,7 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
 
             async def joined() -> AsyncIterator[AsyncSession]:
                 async with turns.turn():
+                    found = await conn.run_sync(_found_settings) if reset else ""
                     try:
                         async with open_joined(conn, "create_savepoint") as s:
                             _as_in_production(s.sync_session)
@@ -1594,7 +1614,7 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
                     finally:
                         if reset:
                             with anyio.CancelScope(shield=True):
-                                await conn.run_sync(_reset_unit)
+                                await conn.run_sync(_reset_unit, found)
 
             try:
                 with lc.override(session, joined):
@@ -1623,13 +1643,14 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
 
         def sync_joined() -> Iterator[Session]:
             with sync_turns.sync_turn():
+                found = _found_settings(conn) if reset else ""
                 try:
                     with open_sync(conn, "create_savepoint") as s:
                         _as_in_production(s)
                         yield s
                 finally:
                     if reset:
-                        _reset_unit(conn)
+                        _reset_unit(conn, found)
 
         try:
             with lc.override(session, sync_joined):

@@ -290,7 +290,11 @@ def test_an_aiosqlite_database_given_a_sqlalchemy_url(url: str, path: str) -> No
             ValueError,
             "Engine 'engine': pool_timeout=0 must be a positive number of seconds.",
         ),
-        ({"max_waiting": -1}, ValueError, "Engine 'engine': max_waiting=-1 must be 0 or more."),
+        (
+            {"max_waiting": -1},
+            ValueError,
+            "Engine 'engine': max_waiting=-1 must be 0 or more (or None).",
+        ),
     ],
     ids=["pool_size-str", "pool_timeout-0", "max_waiting-negative"],
 )

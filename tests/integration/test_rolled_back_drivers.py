@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 import tether
 from tests.servers import Postgres
-from tests.unit._messages import exactly
+from tests.unit._messages import exactly, nested_message, waited_message
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 
@@ -430,29 +430,6 @@ async def test_asyncpg_read_only_and_isolation_as_in_production(
         async with tpg.rolled_back(ser):
             assert (await client.get("/level")).json() == "serializable"
     assert rows(postgres) == []
-
-
-def nested_message(name: str) -> str:
-    return (
-        f"rolled_back(): a unit of work asked for {name!r} while this task already holds it "
-        f"in the block (an `lc.scope()` opened inside a request or scope that has it). In "
-        f"production it gets another connection of the pool; in rolled_back() every unit of "
-        f"work shares the block's one connection, so it would wait for itself. Pass the "
-        f"connection (or session) the outer unit of work has to the inner code, or test it "
-        f"without rolled_back()."
-    )
-
-
-def waited_message(name: str, timeout: float) -> str:
-    return (
-        f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
-        f"{name!r} while another unit of work of the block held it, and no other got a turn "
-        f"meanwhile. In production it gets another connection of the pool; in rolled_back() "
-        f"the units of work share the block's one connection and take turns, so one the holder "
-        f"waits for (a job in its own `lc.scope()` that an endpoint awaits, with asyncio.gather "
-        f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
-        f"endpoint's connection (or session) to the job, or test it without rolled_back()."
-    )
 
 
 @pytest.mark.parametrize("name", DRIVERS)

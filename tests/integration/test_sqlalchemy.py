@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import tether
 from tests.servers import PgBouncer, Postgres, free_port
 from tests.serving import Server
-from tests.unit._messages import exactly
+from tests.unit._messages import exactly, nested_message, waited_message
 from tether.integrations import sqlalchemy as tsa
 
 pytestmark = pytest.mark.servers
@@ -1432,29 +1432,6 @@ def test_rolled_back_sync_session_settings_do_not_carry(postgres: Postgres) -> N
             assert client.get("/seen").json() == production
 
 
-def nested_unit_message(name: str) -> str:
-    return (
-        f"rolled_back(): a unit of work asked for {name!r} while this task already holds it "
-        f"in the block (an `lc.scope()` opened inside a request or scope that has it). In "
-        f"production it gets another connection of the pool; in rolled_back() every unit of "
-        f"work shares the block's one connection, so it would wait for itself. Pass the "
-        f"connection (or session) the outer unit of work has to the inner code, or test it "
-        f"without rolled_back()."
-    )
-
-
-def waited_turn_message(name: str, timeout: float) -> str:
-    return (
-        f"rolled_back(): a unit of work waited {timeout:g}s (the pool's acquire timeout) for "
-        f"{name!r} while another unit of work of the block held it, and no other got a turn "
-        f"meanwhile. In production it gets another connection of the pool; in rolled_back() "
-        f"the units of work share the block's one connection and take turns, so one the holder "
-        f"waits for (a job in its own `lc.scope()` that an endpoint awaits, with asyncio.gather "
-        f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
-        f"endpoint's connection (or session) to the job, or test it without rolled_back()."
-    )
-
-
 @pytest.mark.anyio
 async def test_rolled_back_nested_unit_of_work_fails_clearly_instead_of_hanging(
     postgres: Postgres, items: None
@@ -1471,10 +1448,10 @@ async def test_rolled_back_nested_unit_of_work_fails_clearly_instead_of_hanging(
         with anyio.fail_after(10):
             async with lc.scope("request") as unit:
                 (await unit.get(sess)).add(Item(id=1, name="item 1"))
-                with pytest.raises(RuntimeError, match=exactly(nested_unit_message("session"))):
+                with pytest.raises(RuntimeError, match=exactly(nested_message("session"))):
                     await job(2)
                 started = time.monotonic()
-                with pytest.raises(RuntimeError, match=exactly(waited_turn_message("session", 1))):
+                with pytest.raises(RuntimeError, match=exactly(waited_message("session", 1))):
                     await asyncio.gather(job(3))
                 assert 0.9 < time.monotonic() - started < 5
             await job(4)
@@ -1501,7 +1478,7 @@ async def test_rolled_back_sync_nested_unit_of_work_fails_clearly(
             async with lc.scope("request") as unit:
                 (await unit.get(sess)).add(Item(id=1, name="item 1"))
                 started = time.monotonic()
-                with pytest.raises(RuntimeError, match=exactly(waited_turn_message("session", 1))):
+                with pytest.raises(RuntimeError, match=exactly(waited_message("session", 1))):
                     await job(2)
                 assert 0.9 < time.monotonic() - started < 5
             await job(3)

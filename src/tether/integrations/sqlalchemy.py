@@ -858,11 +858,13 @@ def _check_pool_numbers(
     max_overflow: object,
     pool_timeout: object,
     connect_timeout: object,
+    max_waiting: object,
     reserved: object,
     workers: object,
 ) -> None:
     """Refuse an engine's numbers of the wrong type or range when it is declared (a string
     from the environment would fail only at startup, or when the pool is full)."""
+    check_number(max_waiting, "max_waiting", where, integer=True, none=True, example="20")
     check_number(pool_size, "pool_size", where, integer=True, least=1, example="5")
     check_number(max_overflow, "max_overflow", where, integer=True, least=None, example="0")
     check_number(pool_timeout, "pool_timeout", where, above=True, example="5")
@@ -937,11 +939,10 @@ def engine(
         max_overflow,
         pool_timeout,
         connect_timeout,
+        max_waiting,
         reserved,
         workers,
     )
-    if max_waiting is not None:
-        check_number(max_waiting, "max_waiting", f"Engine {name!r}", integer=True, example="20")
     from ._common import check_dsn
 
     example = "lambda: os.environ['DATABASE_URL']"
@@ -1312,11 +1313,10 @@ def sync_engine(
         max_overflow,
         pool_timeout,
         connect_timeout,
+        max_waiting,
         reserved,
         workers,
     )
-    if max_waiting is not None:
-        check_number(max_waiting, "max_waiting", f"Engine {name!r}", integer=True, example="20")
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting

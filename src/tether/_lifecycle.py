@@ -323,9 +323,6 @@ class Lifecycle:
         # ... and units a shutdown's drain waited on until they ended.
         self._drained_units: deque[DrainedUnit] = deque(maxlen=100)
         self._drained: anyio.Event | None = None
-        # Set when a shutdown's app scope has closed: the units of work an app resource's
-        # own tasks ask for while it drains wait for it (`_parked`).
-        self._shut: anyio.Event | None = None
         # The units of work given a leak_threshold of their own (`lc.scope(...)`).
         self._leak_thresholds: weakref.WeakKeyDictionary[Unit, float | None] = (
             weakref.WeakKeyDictionary()
@@ -841,9 +838,6 @@ class Lifecycle:
             self._app_values = {}
             self.state = State.CLOSED
             self._loop = None
-            if self._shut is not None:
-                self._shut.set()
-                self._shut = None
 
     def _make_limiters(self) -> None:
         # tether's own thread limiters (never anyio's default one, which endpoints use),
@@ -1360,11 +1354,11 @@ class Lifecycle:
         stop = OPEN_STOP.get()
         if stop is not None and self.state is State.CLOSED:
             raise self._shut_down(unit)  # a task an app resource started, left running
-        if self.state is State.DRAINING and stop is not None and await self._parked(unit, stop):
-            self._units.add(unit)  # admitted while the app scope drains: its owner stops it
-            self._units_total += 1
-        else:
-            self._admit(unit)
+        # Admitted while the app scope drains if its owner stops it (`_parked`).
+        parked = (
+            self.state is State.DRAINING and stop is not None and await self._parked(unit, stop)
+        )
+        self._admit(unit, parked=parked)
         if leak_threshold is not _LIFECYCLES:
             self._leak_thresholds[unit] = leak_threshold
         if _on_asyncio():
@@ -1441,13 +1435,10 @@ class Lifecycle:
         slot = next((s for s in self._app_slots if s.stop is stop), None)
         if slot is None:
             return False
-        if self._shut is None:
-            self._shut = anyio.Event()
-        shut = self._shut
-        while not slot.release.is_set() and not shut.is_set():
+        while not slot.release.is_set() and self.state is State.DRAINING:
             with anyio.move_on_after(0.05):
                 await slot.release.wait()
-        if not shut.is_set() and self.state is State.DRAINING:
+        if self.state is State.DRAINING:  # its cleanup began: the app resources are open
             return True
         raise self._shut_down(unit)
 
@@ -1462,11 +1453,11 @@ class Lifecycle:
         )
         return ResourceUnavailable(msg, resource="lifecycle", retry_after=5.0)
 
-    def _admit(self, unit: Unit) -> None:
-        # Refused while the app scope drains only: once it closed (an earlier test ran the
-        # app), a unit of work that needs no app resource (a job's unit test, overrides)
-        # runs, and one that does is told the app scope is not open.
-        if self.state is State.DRAINING:
+    def _admit(self, unit: Unit, *, parked: bool = False) -> None:
+        # Refused while the app scope drains only (but one `_parked` let in): once it closed
+        # (an earlier test ran the app), a unit of work that needs no app resource (a job's
+        # unit test, overrides) runs, and one that does is told the app scope is not open.
+        if self.state is State.DRAINING and not parked:
             self._units_refused += 1
             msg = (
                 f"Cannot start {unit.label}: the application is shutting down "

@@ -50,8 +50,20 @@ system-deps:
 # (`tether demo` is the same command, installed with the package).
 DEMO_PORT ?= 8000
 DEMO_DB   ?= .demo/notes.db
-demo: $(BIN)/.installed
+# It installs the `demo` extra only (FastAPI, aiosqlite, uvicorn), not the whole dev set that
+# `make test` needs; a venv `make test` already set up serves it as it is.
+demo: $(BIN)/.demo-installed
 	$(BIN)/tether demo --port $(DEMO_PORT) --db $(DEMO_DB)
+
+$(BIN)/.demo-installed: pyproject.toml
+	@if [ ! -f $(BIN)/.installed ] || [ pyproject.toml -nt $(BIN)/.installed ]; then \
+	  set -e; \
+	  [ -x $(BIN)/python ] || $(PY) -m venv $(VENV); \
+	  echo "$(BIN)/pip install -e '.[demo]'"; \
+	  $(BIN)/pip install $(PIP_FLAGS) --upgrade pip; \
+	  $(BIN)/pip install $(PIP_FLAGS) -e '.[demo]'; \
+	fi
+	@touch $@
 
 LINT_DIRS := $(wildcard src tests examples docs bench typing_tests)
 

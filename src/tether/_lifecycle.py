@@ -1885,11 +1885,14 @@ def _user_lifespan(wrap: Any) -> Lifespan:
 
 #: Errors of the configuration or the code (a bad setting, a missing module or key, a
 #: wrong argument), which no retry mends: a StartupError for one gives no retry advice.
-_MISCONFIGURED = (ValueError, TypeError, KeyError, ImportError, AttributeError, NameError)
+#: A ValueError counts only as itself (a bad setting): libraries derive errors of what a
+#: server answered from it (json.JSONDecodeError, for an upstream's HTML error page while it
+#: starts; UnicodeDecodeError), which a retry can mend.
+_MISCONFIGURED = (TypeError, KeyError, ImportError, AttributeError, NameError)
 
 
 def _misconfigured(exc: BaseException) -> bool:
-    return isinstance(exc, _MISCONFIGURED)
+    return type(exc) is ValueError or isinstance(exc, _MISCONFIGURED)
 
 
 def _called_factory(obj: Any) -> tuple[str, str] | None:

@@ -3,6 +3,7 @@ made, with a message naming the thing, the cause and the fix (before: a bare Typ
 hang, a value that silently was something else, or an app scope that died mid-run)."""
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -508,3 +509,24 @@ async def test_a_configuration_mistake_gets_no_retry_advice(retries: int) -> Non
     with pytest.raises(tether.StartupError, match=exactly(expected)):
         async with lc.run():
             pass  # pragma: no cover
+
+
+async def test_an_upstream_answer_that_fails_to_parse_keeps_the_retry_advice() -> None:
+    # json.JSONDecodeError is a ValueError, but what it reports is what a server answered (an
+    # HTML error page while the upstream starts), which a retry can mend.
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app", retries=1, backoff=0)
+    async def upstream() -> AsyncIterator[str]:
+        json.loads("<html>502 Bad Gateway</html>")
+        yield "never"  # pragma: no cover
+
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    message = str(caught.value)
+    assert "no retry mends" not in message
+    assert message.endswith(
+        "It was tried 2 times (retries=1, backoff=0 s): fix the cause above, or give "
+        "'upstream' more retries= or a longer timeout= if it is slow to come up."
+    )

@@ -208,6 +208,14 @@ def is_seconds(value: object, *, zero: bool = False) -> bool:
     return value >= 0 if zero else value > 0
 
 
+def _a_type(value: object) -> str:
+    """``a str``, ``an int``, ``None``: what *value* is, for a message."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
+
+
 def check_number(
     value: object,
     option: str,
@@ -248,9 +256,8 @@ def check_number(
             hint = (
                 f" (a setting read from the environment is a string: convert it with {convert}())"
             )
-        tname = "None" if value is None else f"a {type(value).__name__}"
         msg = (
-            f"{where}: {option}={value!r} is {tname}, not {what}. Pass {need}, "
+            f"{where}: {option}={value!r} is {_a_type(value)}, not {what}. Pass {need}, "
             f"e.g. {option}={example}{hint}."
         )
         raise TypeError(msg)
@@ -260,6 +267,25 @@ def check_number(
     if not (number > 0 if above and not integer else number >= least):
         msg = f"{where}: {option}={value!r} must be {need}."
         raise ValueError(msg)
+
+
+def check_bool(value: object, option: str, where: str, *, none: bool = False) -> None:
+    """Refuse an on/off option that is not a bool, as a caller may pass it: a string read
+    from the environment (``"false"`` is true to ``if``), a number. A TypeError naming *where*
+    (``Lifecycle()``, ``Resource 'pool'``), the option and the fix. *none*: None is valid."""
+    if isinstance(value, bool) or (value is None and none):
+        return
+    hint = ""
+    if isinstance(value, str):
+        hint = (
+            f" (a setting read from the environment is a string, and {value!r} would count as "
+            f'true: convert it, e.g. {option}=os.environ.get(...) == "1")'
+        )
+    msg = (
+        f"{where}: {option}={value!r} is {_a_type(value)}, not a bool. Pass True or False"
+        f"{' (or None)' if none else ''}{hint}."
+    )
+    raise TypeError(msg)
 
 
 class TetherError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import json
 import logging
 import math
 import os
@@ -1885,14 +1886,14 @@ def _user_lifespan(wrap: Any) -> Lifespan:
 
 #: Errors of the configuration or the code (a bad setting, a missing module or key, a
 #: wrong argument), which no retry mends: a StartupError for one gives no retry advice.
-#: A ValueError counts only as itself (a bad setting): libraries derive errors of what a
-#: server answered from it (json.JSONDecodeError, for an upstream's HTML error page while it
-#: starts; UnicodeDecodeError), which a retry can mend.
-_MISCONFIGURED = (TypeError, KeyError, ImportError, AttributeError, NameError)
+_MISCONFIGURED = (ValueError, TypeError, KeyError, ImportError, AttributeError, NameError)
+#: ... but for the ValueErrors that report what a server answered (json.JSONDecodeError, for
+#: an upstream's HTML error page while it starts; UnicodeDecodeError), which a retry can mend.
+_ANSWERED = (json.JSONDecodeError, UnicodeError)
 
 
 def _misconfigured(exc: BaseException) -> bool:
-    return type(exc) is ValueError or isinstance(exc, _MISCONFIGURED)
+    return isinstance(exc, _MISCONFIGURED) and not isinstance(exc, _ANSWERED)
 
 
 def _called_factory(obj: Any) -> tuple[str, str] | None:

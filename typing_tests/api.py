@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import assert_type
+from types import TracebackType
+from typing import TextIO, assert_type
+
+from fastapi import FastAPI
 
 import tether
 import tether.fastapi
@@ -96,3 +102,104 @@ async def export(n: int) -> list[int]:
 async def check_route_marks() -> None:
     # The route marks keep the endpoint's own signature (FastAPI reads it).
     assert_type(await export(1), list[int])
+
+
+async def bare_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # A lifespan written as a bare async generator function, as FastAPI takes it.
+    yield
+
+
+@asynccontextmanager
+async def cm_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+    yield {"state": "s"}
+
+
+def check_lifespans() -> None:
+    FastAPI(lifespan=lc.lifespan(wrap=bare_lifespan))
+    FastAPI(lifespan=lc.lifespan(wrap=cm_lifespan))
+
+
+# A plain `def` hands out what it returns, never entered or iterated (even a lock, a
+# semaphore, a file); a context-manager class is entered, as `@(async)contextmanager` ones.
+@lc.resource(scope="app")
+def limit() -> asyncio.Semaphore:
+    return asyncio.Semaphore(10)
+
+
+@lc.resource(scope="app")
+def lock() -> threading.Lock:
+    return threading.Lock()
+
+
+@lc.resource(scope="app")
+def logfile() -> TextIO:
+    return open("/dev/null", "w")
+
+
+@lc.resource
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory()
+
+
+class Session:
+    async def __aenter__(self) -> Conn:
+        return Conn()
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+
+class SyncSession:
+    def __enter__(self) -> Conn:
+        return Conn()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+
+session = lc.resource(Session)
+sync_session = lc.resource(scope="app")(SyncSession)
+pool_class = lc.resource(scope="app")(Pool)
+
+
+async def check_plain_functions() -> None:
+    assert_type(limit, tether.Resource[asyncio.Semaphore])
+    assert_type(lock, tether.Resource[threading.Lock])
+    assert_type(logfile, tether.Resource[TextIO])
+    assert_type(scratch, tether.Resource[tempfile.TemporaryDirectory[str]])
+    assert_type(session, tether.Resource[Conn])
+    assert_type(sync_session, tether.Resource[Conn])
+    assert_type(pool_class, tether.Resource[Pool])
+    async with lc.get(limit):
+        lc.get(logfile).write("x")
+
+
+# psycopg: a pool tether did not open is accepted where tether's `Pool` is, as documented.
+from typing import Any  # noqa: E402
+
+from psycopg import AsyncConnection  # noqa: E402
+from psycopg_pool import AsyncConnectionPool  # noqa: E402
+
+from tether.integrations import psycopg as tpsy  # noqa: E402
+
+
+@lc.resource(scope="app")
+async def own_pool() -> AsyncIterator[AsyncConnectionPool[AsyncConnection[Any]]]:
+    p: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool("postgresql://x", open=False)
+    yield p
+
+
+async def _job(c: AsyncConnection[Any]) -> None: ...
+
+
+def check_psycopg_own_pool() -> None:
+    assert_type(tpsy.connection(lc, own_pool), tether.Resource[AsyncConnection[Any]])
+    tpsy.once(lc, own_pool, _job, key="k")
+    assert_type(
+        tpsy.connection(lc, tpsy.pool(lc, "postgresql://x"), name="c2"),
+        tether.Resource[AsyncConnection[Any]],
+    )

@@ -76,6 +76,7 @@ class NoteOut(BaseModel):
 async def create_note(note: NoteIn, c: Tx) -> NoteOut:
     cur = await c.execute("INSERT INTO notes (text) VALUES (%s) RETURNING id, text", [note.text])
     row = await cur.fetchone()
+    assert row is not None  # INSERT ... RETURNING gives one row
     if not note.text.strip():
         raise HTTPException(422, "empty note")  # the INSERT above is rolled back
     return NoteOut(**row)

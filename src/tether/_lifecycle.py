@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import inspect
 import json
 import logging
@@ -24,7 +25,7 @@ from contextlib import (
     contextmanager,
     suppress,
 )
-from typing import Any, Protocol, TypeVar, overload
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -36,6 +37,7 @@ from ._errors import (
     ScopeError,
     ShutdownError,
     StartupError,
+    check_bool,
     check_number,
     describe,
     is_seconds,
@@ -58,7 +60,12 @@ from ._scope import (
 )
 from ._stats import PoolStats, Stats, snapshot
 
+if TYPE_CHECKING:
+    from contextlib import _AsyncGeneratorContextManager, _GeneratorContextManager
+
 T = TypeVar("T")
+#: A file a plain function returns: handed out as it is (a file is also an iterator).
+_File = TypeVar("_File", bound=IO[Any])
 log = logging.getLogger("tether")
 
 _SCOPES = ("app", "request")
@@ -79,25 +86,38 @@ class State(enum.Enum):
     CLOSED = "closed"  # app resources closed
 
 
-Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+#: What `lc.lifespan(wrap=...)` takes: a function of the app giving an async context manager
+#: (an ``@asynccontextmanager`` function), or an async generator function (as Starlette).
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]] | Callable[[Any], AsyncIterator[Any]]
+#: ... made a function of the app giving an async context manager (`_user_lifespan`).
+_AppLifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 
 class ResourceDecorator(Protocol):
     """What ``@lc.resource(...)`` with arguments returns: it types like ``@lc.resource``."""
 
     @overload
+    def __call__(self, factory: Callable[..., _File], /) -> Resource[_File]: ...
+
+    @overload
+    def __call__(self, factory: type[AbstractAsyncContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: type[AbstractContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def __call__(
+        self, factory: Callable[..., _AsyncGeneratorContextManager[T]], /
+    ) -> Resource[T]: ...
+
+    @overload
+    def __call__(self, factory: Callable[..., _GeneratorContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
     def __call__(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
 
     @overload
     def __call__(self, factory: Callable[..., Iterator[T]], /) -> Resource[T]: ...
-
-    @overload
-    def __call__(
-        self, factory: Callable[..., AbstractAsyncContextManager[T]], /
-    ) -> Resource[T]: ...
-
-    @overload
-    def __call__(self, factory: Callable[..., AbstractContextManager[T]], /) -> Resource[T]: ...
 
     @overload
     def __call__(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
@@ -253,7 +273,8 @@ class Lifecycle:
             public.
 
     Every number is checked here: a ``TypeError`` for one that is not a number (a string
-    read from the environment, a bool), a ``ValueError`` for one out of range.
+    read from the environment, a bool), a ``ValueError`` for one out of range; and every
+    on/off option: a ``TypeError`` for one that is not a bool (``"false"`` is true to ``if``).
     """
 
     def __init__(
@@ -292,6 +313,8 @@ class Lifecycle:
         check_number(sync_threads, "sync_threads", where, integer=True, least=1, example="10")
         check_number(check_timeout, "check_timeout", where, above=True, example="5")
         check_number(sweep_interval, "sweep_interval", where, above=True, example="0.25")
+        check_bool(track_stacks, "track_stacks", where)
+        check_bool(expose_errors, "expose_errors", where)
         self.drain_delay = drain_delay
         self._stopping = False  # SIGTERM came, drain_delay runs: readiness fails
         self.close_timeout = close_timeout
@@ -301,7 +324,7 @@ class Lifecycle:
         self.check_timeout = check_timeout
         self.track_stacks = track_stacks
         self.sweep_interval = sweep_interval
-        self.expose_errors = bool(expose_errors)
+        self.expose_errors = expose_errors
         self.state = State.CREATED
         self._resources: dict[str, Resource[Any]] = {}
         self._overrides: dict[Resource[Any], Resource[Any]] = {}
@@ -359,21 +382,34 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ registration
 
-    # The overloads give `Resource[T]` the value's type: what a generator yields, what a
-    # context manager enters into, what a coroutine returns, or what a function returns.
+    # The overloads give `Resource[T]` the value's type, by the rules `kind_of` applies at
+    # runtime: what a context-manager class, or an `@(async)contextmanager` function, enters
+    # into; what a generator yields; what a coroutine returns; else what a function returns
+    # (a plain `def` returning a lock, a semaphore or a file hands that out, not entered).
+    # A plain `def` whose return type is an iterator (not a file) types as a generator
+    # function, which it cannot be told from.
+    @overload
+    def resource(self, factory: Callable[..., _File], /) -> Resource[_File]: ...
+
+    @overload
+    def resource(self, factory: type[AbstractAsyncContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: type[AbstractContextManager[T]], /) -> Resource[T]: ...
+
+    @overload
+    def resource(
+        self, factory: Callable[..., _AsyncGeneratorContextManager[T]], /
+    ) -> Resource[T]: ...
+
+    @overload
+    def resource(self, factory: Callable[..., _GeneratorContextManager[T]], /) -> Resource[T]: ...
+
     @overload
     def resource(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
 
     @overload
     def resource(self, factory: Callable[..., Iterator[T]], /) -> Resource[T]: ...
-
-    @overload
-    def resource(
-        self, factory: Callable[..., AbstractAsyncContextManager[T]], /
-    ) -> Resource[T]: ...
-
-    @overload
-    def resource(self, factory: Callable[..., AbstractContextManager[T]], /) -> Resource[T]: ...
 
     @overload
     def resource(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
@@ -542,6 +578,9 @@ class Lifecycle:
         if check_timeout is not None:
             check_number(check_timeout, "check_timeout", where, above=True, example="2")
         check_number(retry_after, "retry_after", where, example="1")
+        check_bool(thread, "thread", where, none=True)
+        check_bool(guard, "guard", where)
+        check_bool(required, "required", where)
         probe: object = check  # checked as what a caller may pass
         if probe is not None and not callable(probe):
             msg = (
@@ -723,7 +762,7 @@ class Lifecycle:
             # A value, or a plain function: made here. (An async function's value is a
             # coroutine until it is opened, as the rest are.)
             if self.state is State.RUNNING and not res.deps and res.kind is Kind.SYNC_FUNC:
-                value = res.factory()
+                value = res.call()
                 self._app_values[res] = value
                 return value  # type: ignore[no-any-return]
         try:
@@ -1129,6 +1168,7 @@ class Lifecycle:
                 return await open_value(self, target, args)
             except Exception as exc:
                 res.counters.open_errors += 1
+                _count_timeout(res, exc)
                 slot.down = exc
                 log.info("tether: app resource %r is still down: %s", res.name, describe(exc))
 
@@ -1158,6 +1198,7 @@ class Lifecycle:
             try:
                 out = await open_value(self, res, args)
             except Exception as exc:
+                _count_timeout(res, exc)  # each attempt that ran out of time
                 if attempt == res.retries:
                     raise
                 if refused_for_good(exc) is not None:
@@ -1285,7 +1326,7 @@ class Lifecycle:
         return self._lifespan(app, None)
 
     @asynccontextmanager
-    async def _lifespan(self, app: Any, user: Lifespan | None) -> AsyncIterator[Any]:
+    async def _lifespan(self, app: Any, user: _AppLifespan | None) -> AsyncIterator[Any]:
         starlette = app is not None and _is_starlette(app)
         if starlette:
             from .fastapi import install
@@ -1861,7 +1902,7 @@ class _CalledLifespan:
         return await self._cm.__aexit__(*exc)
 
 
-def _user_lifespan(wrap: Any) -> Lifespan:
+def _user_lifespan(wrap: Any) -> _AppLifespan:
     """*wrap* as a function of the app giving an async context manager: an async generator
     function (a lifespan form Starlette accepts) is made one, as Starlette does."""
     if inspect.isasyncgenfunction(wrap):
@@ -1913,12 +1954,19 @@ def _called_factory(obj: Any) -> tuple[str, str] | None:
     return what, name
 
 
+def _count_timeout(res: Resource[Any], exc: BaseException) -> None:
+    """Count in *res*'s ``timeouts`` an open of an app resource that ran out of time."""
+    if isinstance(exc, ResourceUnavailable) and exc.timed_out:
+        res.counters.timeouts += 1
+
+
 def _is_factory(obj: Any) -> bool:
     return (
         inspect.isfunction(obj)
         or inspect.ismethod(obj)
         or inspect.isclass(obj)
         or inspect.isbuiltin(obj)
+        or isinstance(obj, functools.partial)  # a factory given its options, as lc.resource takes
     )
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
+import os
+import re
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -36,47 +39,105 @@ class Kind(enum.IntEnum):
 SYNC_KINDS = frozenset({Kind.SYNC_GEN, Kind.SYNC_CM})
 
 
+def _contextlib_helper(fn: Any) -> bool:
+    """Whether *fn* is the function ``@contextmanager`` / ``@asynccontextmanager`` made (its
+    code is contextlib's, or a backport's of it): an ordinary ``functools.wraps`` wrapper,
+    which also keeps the generator function in ``__wrapped__``, passes the call through."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    path = str(code.co_filename)
+    return "contextlib" in os.path.basename(path) or "contextlib" in os.path.basename(
+        os.path.dirname(path)
+    )
+
+
 def kind_of(factory: Callable[..., Any]) -> Kind:
-    """Classify *factory* once, at registration."""
+    """Classify *factory* once, at registration.
+
+    A ``functools.partial`` is its function; an ordinary decorator made with
+    ``functools.wraps`` passes the call through, so it has the kind of the function it
+    wraps (``__wrapped__``), but ``@(async)contextmanager``'s own function makes a context
+    manager of the generator function it wraps.
+    """
     if inspect.isclass(factory):
         if hasattr(factory, "__aenter__") and hasattr(factory, "__aexit__"):
             return Kind.ASYNC_CM
         if hasattr(factory, "__enter__") and hasattr(factory, "__exit__"):
             return Kind.SYNC_CM
         return Kind.SYNC_FUNC
-    if inspect.isasyncgenfunction(factory):
-        return Kind.ASYNC_GEN
-    if inspect.isgeneratorfunction(factory):
-        return Kind.SYNC_GEN
-    # @asynccontextmanager / @contextmanager keep the generator function in __wrapped__.
-    wrapped = getattr(factory, "__wrapped__", None)
-    if wrapped is not None:
-        if inspect.isasyncgenfunction(wrapped):
-            return Kind.ASYNC_CM
-        if inspect.isgeneratorfunction(wrapped):
-            return Kind.SYNC_CM
-    if inspect.iscoroutinefunction(factory) or inspect.iscoroutinefunction(
-        getattr(factory, "__call__", None)  # noqa: B004 - callable objects
-    ):
-        return Kind.ASYNC_FUNC
+    fn: Any = factory
+    for _ in range(100):  # the chain of wrappers (bounded: a __wrapped__ may loop)
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        if inspect.isasyncgenfunction(fn):
+            return Kind.ASYNC_GEN
+        if inspect.isgeneratorfunction(fn):
+            return Kind.SYNC_GEN
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None and _contextlib_helper(fn):
+            if inspect.isasyncgenfunction(wrapped):
+                return Kind.ASYNC_CM
+            if inspect.isgeneratorfunction(wrapped):
+                return Kind.SYNC_CM
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - callable objects
+        ):
+            return Kind.ASYNC_FUNC
+        if wrapped is None or not callable(wrapped):
+            break
+        fn = wrapped
     return Kind.SYNC_FUNC
 
 
-def _fastapi_marker(param: inspect.Parameter) -> Any:
+#: FastAPI's parameter markers, as written in an annotation's text (under
+#: ``from __future__ import annotations``, when it cannot be evaluated).
+_MARKER_TEXT = re.compile(
+    r"\b(Depends|Security|Header|Query|Path|Body|Cookie|Form|File)\(\s*"
+    r"(?:dependency\s*=\s*)?([A-Za-z_][\w.]*)?"
+)
+
+
+def _fastapi_marker(param: inspect.Parameter) -> tuple[str, str | None] | None:
     """FastAPI's ``Depends()``, ``Header()``, ``Query()``... in *param*'s default or its
-    ``Annotated`` metadata, if any (told by the class's module: FastAPI is not imported)."""
-    metadata = getattr(param.annotation, "__metadata__", ())
+    ``Annotated`` metadata, if any (told by the class's module: FastAPI is not imported),
+    as (its class name, the name of its dependency function, if any). An annotation left
+    as a string (one that could not be evaluated) is read as text."""
+    annotation = param.annotation
+    metadata = getattr(annotation, "__metadata__", ())
     for marker in (param.default, *metadata):
         if type(marker).__module__ == "fastapi.params":
-            return marker
+            dependency = getattr(marker, "dependency", None)
+            dep = None if dependency is None else getattr(dependency, "__name__", "the function")
+            return type(marker).__name__, dep
+    if isinstance(annotation, str) and "Annotated" in annotation:
+        found = _MARKER_TEXT.search(annotation)
+        if found is not None:
+            kind, dep = found.group(1), found.group(2)
+            if kind not in ("Depends", "Security"):
+                dep = None  # Header("x-token"): its argument is not a function
+            return kind, dep
     return None
 
 
-def parameters_of(factory: Callable[..., Any], name: str = "") -> tuple[str, ...]:
-    """The parameter names of *factory*: each names a resource it depends on."""
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+    """*factory*'s signature, its string annotations (``from __future__ import
+    annotations``) evaluated where they can be."""
     try:
-        sig = inspect.signature(factory)
+        return inspect.signature(factory, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: a name under TYPE_CHECKING
+        pass
+    try:
+        return inspect.signature(factory)
     except (TypeError, ValueError):
+        return None
+
+
+def parameters_of(factory: Callable[..., Any], name: str = "") -> tuple[str, ...]:
+    """The parameter names of *factory*: each names a resource it depends on. The
+    keyword-only ones come last (as in any signature): see `caller`."""
+    sig = _signature(factory)
+    if sig is None:
         return ()
     names = []
     for p in sig.parameters.values():
@@ -84,15 +145,13 @@ def parameters_of(factory: Callable[..., Any], name: str = "") -> tuple[str, ...
             continue
         marker = _fastapi_marker(p)
         if marker is not None:
-            kind = type(marker).__name__
+            kind, dep = marker
             head = (
                 f"Resource {name!r}: parameter {p.name!r} is FastAPI's {{}}, which tether does "
                 f"not resolve: tether calls a resource's factory itself, and passes it only "
                 f"other resources, by parameter name."
             )
-            dependency = getattr(marker, "dependency", None)
-            if dependency is not None:
-                dep = getattr(dependency, "__name__", "the function")
+            if dep is not None:
                 msg = head.format(f"{kind}({dep})") + (
                     f" Register {dep} as a resource, @lc.resource(name={p.name!r}), and drop "
                     f"the {kind}()."
@@ -107,6 +166,26 @@ def parameters_of(factory: Callable[..., Any], name: str = "") -> tuple[str, ...
             continue  # a parameter with a default is configuration, not a dependency
         names.append(p.name)
     return tuple(names)
+
+
+def caller(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """What tether calls with the values of *factory*'s dependencies, in the order of its
+    parameters: *factory* itself, or, when some of them are keyword-only, a function that
+    passes those by keyword (worked out once; the common factory costs nothing more)."""
+    sig = _signature(factory)
+    if sig is None:
+        return factory
+    keywords = tuple(
+        p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    )
+    if not keywords:
+        return factory
+    count = -len(keywords)
+
+    def call(*args: Any) -> Any:
+        return factory(*args[:count], **dict(zip(keywords, args[count:], strict=True)))
+
+    return call
 
 
 _MISSING: Any = object()
@@ -127,6 +206,7 @@ class Resource(Generic[T]):
     __slots__ = (
         "__weakref__",
         "backoff",
+        "call",
         "check",
         "check_timeout",
         "concurrency",
@@ -189,6 +269,8 @@ class Resource(Generic[T]):
         self.guard = guard
         self.kind = kind_of(factory)
         self.params = parameters_of(factory, name)
+        # What the factory is called through, with its dependencies' values in order.
+        self.call = caller(factory)
         # Sync generators and context managers run in threads (they manage real
         # connections); a plain `def` runs inline unless asked otherwise.
         self.thread = (self.kind in SYNC_KINDS) if thread is None else thread

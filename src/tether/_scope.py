@@ -86,7 +86,7 @@ async def open_value(
     lc: Lifecycle, res: Resource[T], args: list[Any], *, limiter: Any = None
 ) -> tuple[T, Any]:
     """Run *res*'s factory with *args*; return ``(value, handle)``, handle is for closing."""
-    factory = res.factory
+    factory = res.call
     kind = res.kind
     if res.timeout is None:
         return await _open(lc, res, factory, kind, args, limiter, None)
@@ -96,12 +96,15 @@ async def open_value(
             return await _open(lc, res, factory, kind, args, limiter, deadline)
         raise TimeoutError  # the deadline cancelled the open (a token's wait, or async code)
     except TimeoutError:
-        res.counters.timeouts += 1
+        # Counted in the resource's `timeouts` by whoever counts the failed open (as a
+        # pool's wait that runs out in the factory): `count_open_failure`, or the app scope.
         msg = (
             f"Resource {res.name!r} did not open within {res.timeout:g} s (its timeout=). "
             f"Check that its backend is reachable and not saturated, or raise the timeout."
         )
-        raise ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after) from None
+        raise ResourceUnavailable(
+            msg, resource=res.name, retry_after=res.retry_after, timed_out=True
+        ) from None
 
 
 async def _open(
@@ -690,7 +693,7 @@ def _entered_by(coro: Any, timeout: asyncio.Timeout) -> bool:
             return False
         gen = None
         for ref in gc.get_referents(aw):
-            if ref is timeout or getattr(ref, "__self__", None) is timeout:
+            if ref is timeout or _bound_to(ref) is timeout:
                 return True
             if gen is None and isinstance(ref, types.AsyncGeneratorType):
                 gen = ref
@@ -701,6 +704,16 @@ def _entered_by(coro: Any, timeout: asyncio.Timeout) -> bool:
             nxt = gen  # an `__anext__()`/`athrow()` step: its generator
         aw = nxt
     return False
+
+
+def _bound_to(ref: Any) -> Any:
+    """*ref*'s ``__self__`` (a bound method's object), or None; an object whose
+    ``__getattr__`` raises something else (a proxy of a value closed with its unit of work)
+    is no method."""
+    try:
+        return getattr(ref, "__self__", None)
+    except Exception:
+        return None
 
 
 def _deliver_again(swallowed: int, message: Any) -> None:
@@ -1262,17 +1275,17 @@ class Unit:
                 value, handle = await open_value(lc, target, list(args))
             elif kind is Kind.ASYNC_GEN:
                 # The common cases inline: no extra coroutine layers on the hot path.
-                handle = target.factory(*args)
+                handle = target.call(*args)
                 try:
                     value = await handle.__anext__()
                 except StopAsyncIteration:
                     raise no_value(res) from None
             elif kind is Kind.SYNC_FUNC:
-                value, handle = target.factory(*args), None
+                value, handle = target.call(*args), None
             elif kind is Kind.ASYNC_FUNC:
-                value, handle = await target.factory(*args), None
+                value, handle = await target.call(*args), None
             elif kind is Kind.SYNC_GEN:
-                handle = target.factory(*args)
+                handle = target.call(*args)
                 value = _first(target, handle)
             else:
                 value, handle = await open_value(lc, target, list(args))

@@ -53,6 +53,8 @@ from ._errors import (
     FailedResponse,
     ResourceUnavailable,
     ScopeError,
+    check_bool,
+    check_number,
     describe,
     is_seconds,
 )
@@ -147,6 +149,15 @@ def idempotent(endpoint: Any = None, /, *, retries: int = 1) -> Any:
     the 503. Only routes declared so are retried: running a route again repeats all it
     does, not only its database work. A request with a form body is not retried.
     """
+    check_number(
+        retries,
+        "retries",
+        "idempotent()",
+        integer=True,
+        least=None,
+        example="2",
+        need="a whole number, 1 or more",
+    )
     if retries < 1:
         msg = f"idempotent(retries={retries!r}): retries must be 1 or more."
         raise ValueError(msg)
@@ -579,7 +590,13 @@ def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
         defer = _function_scoped_cleanup(served.dependant)
         label = _label(served)
         wrapped = _handler(
-            handler, lc, label, defer=defer, inlined=inlined, keep=_keeps(served.endpoint)
+            handler,
+            lc,
+            label,
+            defer=defer,
+            inlined=inlined,
+            keep=_keeps(served.endpoint),
+            sse=bool(getattr(served, "is_sse_stream", False)),
         )
         retries = getattr(served.endpoint, "_tether_retries", 0)
         return _retrying(wrapped, retries, label) if retries else wrapped
@@ -747,17 +764,17 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                     kind = res.kind
                     try:
                         if kind is _ASYNC_GEN:
-                            handle = res.factory(*args)
+                            handle = res.call(*args)
                             value = await handle.__anext__()
                         elif kind is _ASYNC_FUNC:
                             handle = None
-                            value = await res.factory(*args)
+                            value = await res.call(*args)
                         elif kind is _SYNC_GEN:
-                            handle = res.factory(*args)
+                            handle = res.call(*args)
                             value = _first(res, handle)
                         else:
                             handle = None
-                            value = res.factory(*args)
+                            value = res.call(*args)
                     except BaseException as exc:
                         count_open_failure(res.counters, exc)
                         unit._open_failed(res)
@@ -1095,8 +1112,17 @@ class HttpUnit(Unit):
         return receive
 
     async def _watch(self, watch: _Watch) -> None:
+        bodies = 0
         while True:
             message = await self._receive()
+            if message["type"] == "http.request":
+                bodies += 1
+                if bodies > 1:
+                    # The body was read in full before the watch began, so a server sends
+                    # no more: a `receive` that answers it again and again without waiting
+                    # (a middleware replaying the body) would spin this loop, buffering it
+                    # for ever. Stop listening; the app reads on from that middleware.
+                    return
             if message["type"] == "http.disconnect":
                 # Cancel only work that has not answered yet: once the response has started
                 # its cleanups may be running (a commit must not be interrupted), and a
@@ -1208,6 +1234,67 @@ class _KeepingUnit(HttpUnit):
         for entry in self.entries:
             entry.late = True
         return []
+
+
+class _ProducedUnit(_KeepingUnit):
+    """The unit of work of an endpoint FastAPI streams as server-sent events (0.137+): a
+    generator it runs in a task of its own (its items in a worker thread, for a ``def``
+    one), which FastAPI stops only when its exit stack for the request unwinds, after the
+    response. Its values close from that stack, after the task has stopped
+    (`_close_after_producer`): not when the response ends (a client that went away left the
+    generator running, its query on a connection given back to the pool, or a sync session
+    closed under its thread), nor before the last body message (a generator that raised has
+    ended the stream normally by then, and what it wrote was committed). Each close before
+    then only notes its failure."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, lc: Lifecycle, label: str, request: Any = None) -> None:
+        _KeepingUnit.__init__(self, lc, label, request)
+        self.sent = False  # the last body message went out
+
+    async def send(self, message: Message) -> None:
+        await HttpUnit.send(self, message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.sent = True
+
+    def went_away(self) -> None:
+        # A client that leaves once the stream has ended (Starlette's disconnect listener
+        # reads that from uvicorn as the response completes) cut nothing short.
+        if not self.sent:
+            HttpUnit.went_away(self)
+
+    async def aclose(self, exc: BaseException | None = None) -> list[BaseException]:
+        if exc is not None and self.failure is None:
+            self.failure = exc
+        return []
+
+    async def close_after_producer(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self.entries:
+            self.stop_watching(self._receive)
+            failure = exc if exc is not None else self.failure
+            if failure is None and self.state == 0:
+                failure = FailedResponse(500)  # the response was never sent
+            try:
+                await HttpUnit.aclose(self, failure)
+            finally:
+                self.closed = True
+                self.lc._retire(self)
+        else:
+            self.closed = True
+            self.lc._retire(self)
+        return False
+
+
+def _close_after_producer(unit: HttpUnit, request: Any) -> bool:
+    """Close *unit* (a `_ProducedUnit`) from FastAPI's exit stack for *request*, pushed
+    before the handler runs so that it unwinds after the producer (which the handler
+    enters); whether it was (FastAPI makes the stack for every request)."""
+    stack = request.scope.get("fastapi_inner_astack")
+    if stack is None or not isinstance(unit, _ProducedUnit):  # pragma: no cover
+        return False
+    stack.push_async_exit(unit.close_after_producer)
+    return True
 
 
 class _Watch:
@@ -1396,10 +1483,11 @@ async def _run(
             if unit.entries:
                 await unit.aclose(unit.failure)
     finally:
-        unit.closed = True
         if unit.watch is not None and unit.watch.task is not None:
             unit.watch.task.cancel()
-        unit.lc._retire(unit)
+        if type(unit) is not _ProducedUnit:  # (its values close after FastAPI's producer)
+            unit.closed = True
+            unit.lc._retire(unit)
 
 
 async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
@@ -1506,6 +1594,7 @@ def _handler(
     defer: bool = False,
     inlined: _Inlined | None = None,
     keep: bool = False,
+    sse: bool = False,
 ) -> Any:
     """Wrap a FastAPI request handler (``request -> response``): one unit of work per call.
 
@@ -1524,9 +1613,12 @@ def _handler(
 
     *keep*: the route is marked ``@release("response")``: every value stays open until
     the response ends.
+
+    *sse*: the endpoint is a generator FastAPI streams as server-sent events (0.137+), from
+    a task of its own: the values close after that task (`_ProducedUnit`).
     """
     units = lc._units
-    unit_class = _KeepingUnit if keep else HttpUnit
+    unit_class = _ProducedUnit if sse else _KeepingUnit if keep else HttpUnit
 
     async def tether_handler(request: Any, again: bool = False) -> Any:
         if lc.state is not _RUNNING and _refused(lc):
@@ -1539,6 +1631,7 @@ def _handler(
         lc._units_total += 1
         token = _CURRENT.set(_ref(unit))
         late = False
+        stacked = sse and _close_after_producer(unit, request)
         try:
             try:
                 response = await handler(request)
@@ -1576,7 +1669,7 @@ def _handler(
             _retry_if_lost(unit, failed, again)
             return _error_response(failed, lc)
         finally:
-            if not late:
+            if not late and not stacked:
                 unit.closed = True
                 if unit.watch is not None:
                     unit.stop_watching(unit._receive)
@@ -1747,7 +1840,7 @@ class _LateResponse:
 
     async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         unit = self.unit
-        if not unit.closed:
+        if not unit.closed and type(unit) is not _ProducedUnit:
             unit.stop_watching(unit._receive)
             try:
                 await unit.aclose(exc if exc is not None else FailedResponse(500))
@@ -1806,6 +1899,7 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     """
     from fastapi import APIRouter
 
+    check_number(cache, "cache", "health_router()", least=None, example="1.0, or 0 for every probe")
     if not is_seconds(cache, zero=True):
         msg = (
             f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
@@ -1913,6 +2007,8 @@ def dashboard_router(
 
     from ._dashboard import page, snapshot
 
+    check_number(refresh, "refresh", "dashboard_router()", least=None, above=True, example="2.0")
+    check_bool(include_in_schema, "include_in_schema", "dashboard_router()")
     if not is_seconds(refresh):
         msg = (
             f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls "

@@ -24,8 +24,9 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 
 import tether
+from tests.faultproxy import FaultProxy
 from tests.integration.drivers import scalar
-from tests.servers import Postgres, Redis
+from tests.servers import Postgres, Redis, _pg_url
 from tether.fastapi import health_router
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -315,3 +316,68 @@ async def test_an_old_timeout_does_not_make_a_later_waiter_read_stuck(postgres: 
         assert ready.json()["checks"]["pg"]["detail"].startswith("busy: all 2 connections")
         release.set()
     assert sorted(statuses) == [200, 200, 200]
+
+
+async def test_a_psycopg_pool_growing_under_traffic_is_ready_at_once(postgres: Postgres) -> None:
+    """A pool whose connections are not all in use, none idle, and units waiting (psycopg's
+    others being made, or pre-pinged, counted neither in use nor idle) is busy too: the
+    probe answers 200 at once instead of queueing its check behind the units waiting (it
+    waited its whole check_timeout, then failed: the overload reviewer's 503s behind
+    PgBouncer, whose pre-pings wait for a server connection)."""
+    with FaultProxy(postgres.port) as proxy:
+        lc = tether.Lifecycle(check_timeout=3.0)
+        pool = tpsy.pool(
+            lc,
+            _pg_url("postgresql", proxy.port, None),
+            name="pg",
+            min_size=1,
+            max_size=2,
+            timeout=8,
+        )
+        conn = tpsy.connection(lc, pool)
+        Conn = Annotated[Any, Depends(conn)]
+        release = anyio.Event()
+        app = FastAPI(lifespan=lc.lifespan)
+        app.include_router(health_router(lc, cache=0))
+
+        @app.get("/hold")
+        async def hold(c: Conn) -> int:
+            await release.wait()
+            return int(await scalar(c, "SELECT 1"))
+
+        @app.get("/q")
+        async def q(c: Conn) -> int:
+            return int(await scalar(c, "SELECT 1"))
+
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            lc.lifespan(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+            anyio.create_task_group() as tg,
+        ):
+            statuses: list[int] = []
+
+            async def get(path: str) -> None:
+                statuses.append((await client.get(path)).status_code)
+
+            tg.start_soon(get, "/hold")
+            await until(lambda: in_use(lc, "pg") == 1, "the one connection held")
+            proxy.latency(0.4)  # the pool's second connection takes seconds to make
+            tg.start_soon(get, "/q")
+            await until(lambda: waiting(lc, "pg") == 1, "a unit waiting")
+            figures = lc.stats().pools["pg"]
+            assert (figures.in_use, figures.idle) == (1, 0)
+            started = time.monotonic()
+            ready = await client.get("/health/ready")
+            took = time.monotonic() - started
+            assert ready.status_code == 200, ready.text
+            assert took < 1.0, took  # not queued behind the unit waiting (3 s before)
+            detail = ready.json()["checks"]["pg"]["detail"]
+            assert re.fullmatch(
+                r"busy: 1 of 2 connections \(the others being made or checked\) in use, "
+                r"1 waiting; one was handed out \d+\.\d s ago",
+                detail,
+            ), detail
+            proxy.latency(0)
+            release.set()
+        assert sorted(statuses) == [200, 200]

@@ -88,3 +88,17 @@ def waited_message(name: str, timeout: float) -> str:
         f"or a task) never gets it, and one behind a holder slower than that fails. Pass the "
         f"endpoint's connection (or session) to the job, or test it without rolled_back()."
     )
+
+
+# check_bool (tether._errors): an on/off option that is not a bool; *kind*: "a str", "an int".
+def not_a_bool(where: str, option: str, value: object, kind: str, *, none: bool = False) -> str:
+    hint = ""
+    if isinstance(value, str):
+        hint = (
+            f" (a setting read from the environment is a string, and {value!r} would count as "
+            f'true: convert it, e.g. {option}=os.environ.get(...) == "1")'
+        )
+    return exactly(
+        f"{where}: {option}={value!r} is {kind}, not a bool. Pass True or False"
+        f"{' (or None)' if none else ''}{hint}."
+    )

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -47,8 +48,11 @@ __all__ = [
     "Dsn",
     "LoopBound",
     "check_budget",
+    "check_dsn",
+    "check_dsn_value",
     "commit_not_sent",
     "note_pgbouncer",
+    "plain_dsn",
     "pooler_never_sent",
     "connection_lost",
     "saturation",
@@ -178,45 +182,132 @@ def _unset_dsn(value: object, where: str, what: str, example: str, returned: boo
         else (f"the {what} is {got}")
     )
     return (
-        f"{where}: {given}: is the setting it is read from (an environment variable) set? "
+        f"{_at(where)}{given}: is the setting it is read from (an environment variable) set? "
         f"Set it, or pass the {what} itself; a function, e.g. {example}, reads it when the "
         f"app starts."
     )
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _is_secret(value: object) -> bool:
+    """A secret kept out of sight (pydantic's ``SecretStr``): its value is
+    ``get_secret_value()``, its ``str()`` a mask."""
+    return callable(getattr(value, "get_secret_value", None))
+
+
+def _is_pydantic_url(value: object) -> bool:
+    """A URL of pydantic's (``PostgresDsn``, ``RedisDsn``, ``AnyUrl``, pydantic-core's
+    ``Url``): its ``str()`` is the URL, password and all, as it was given (normalised)."""
+    return callable(getattr(value, "unicode_string", None)) and any(
+        cls.__module__.partition(".")[0] in ("pydantic", "pydantic_core")
+        for cls in type(value).__mro__
+    )
+
+
+def plain_dsn(value: object) -> object:
+    """*value* as a driver takes it: a URL of pydantic's (``PostgresDsn``) as its ``str()``,
+    which keeps the password; anything else as it is (`check_dsn_value` judges it)."""
+    return str(value) if _is_pydantic_url(value) else value
+
+
+def _is_mask(value: str) -> bool:
+    """Only asterisks: pydantic's mask, what ``str()`` of a ``SecretStr`` gives."""
+    shown = value.strip()
+    return bool(shown) and not shown.strip("*")
+
+
+def _secret_example(example: str) -> str:
+    """``lambda: settings.redis_url.get_secret_value()``, after *example*'s variable."""
+    found = re.search(r"os\.environ\[['\"](\w+)['\"]\]", example)
+    field = found[1].lower() if found else "url"
+    return f"lambda: settings.{field}.get_secret_value()"
+
+
+def check_dsn_value(
+    value: object,
+    where: str,
+    *,
+    what: str = "DSN",
+    example: str = "...",
+    returned: bool = False,
+    strings: bool = True,
+) -> None:
+    """Refuse a DSN *value* (*returned*: by the function given for it) that is a secret
+    (pydantic's ``SecretStr``: its ``get_secret_value()`` is the DSN), pydantic's mask of
+    one (``'**********'``), or (with *strings*) not a string nor a URL of pydantic's: a
+    ``TypeError`` or ``ValueError`` naming *where*, the type (never the value) and the fix."""
+    given = f"the function given for the {what} returned" if returned else f"the {what} is"
+    fix = "return" if returned else "pass a function returning"
+    if _is_secret(value):
+        msg = (
+            f"{_at(where)}{given} a {type(value).__name__}, not a string: {fix} its "
+            f"get_secret_value(), e.g. {_secret_example(example)} (str() of a "
+            f"{type(value).__name__} is the mask '**********', not the {what})."
+        )
+        raise TypeError(msg)
+    if isinstance(value, str) and _is_mask(value):
+        msg = (
+            f"{_at(where)}{given} {value.strip()!r}, the mask pydantic shows for a SecretStr "
+            f"(its str(), or an f-string of it), not a {what}: {fix} its get_secret_value() "
+            f"instead, e.g. {_secret_example(example)}."
+        )
+        raise ValueError(msg)
+    if strings and not isinstance(value, str) and not _is_pydantic_url(value):
+        # The type only: a mapping of connection parameters holds the password.
+        if returned:
+            msg = (
+                f"{_at(where)}{given} a {type(value).__name__}, not a string: return the "
+                f"{what} string, e.g. {example}."
+            )
+        else:
+            msg = (
+                f"{_at(where)}the {what} must be a string or a function returning one, not a "
+                f"{type(value).__name__}; build the {what} string from it, or pass e.g. "
+                f"{example}."
+            )
+        raise TypeError(msg)
 
 
 def check_dsn(
     dsn: object, where: str, *, what: str = "DSN", example: str = "...", strings: bool = True
 ) -> None:
     """Refuse, at declaration, a DSN that is unset: None or an empty string (an
-    ``os.environ.get`` of a variable not set), or (with *strings*) not a string nor a
-    function."""
+    ``os.environ.get`` of a variable not set); a secret (pydantic's ``SecretStr``) or its
+    mask (``'**********'``); or (with *strings*) not a string, a URL of pydantic's
+    (``PostgresDsn``: its ``str()`` is used) nor a function."""
     if dsn is None or (isinstance(dsn, str) and not dsn.strip()):
         raise ValueError(_unset_dsn(dsn, where, what, example, returned=False))
-    if strings and not isinstance(dsn, str) and not callable(dsn):
-        # The type only: a mapping of connection parameters holds the password.
-        msg = (
-            f"{where}: the {what} must be a string or a function returning one, not a "
-            f"{type(dsn).__name__}; build the {what} string from it, or pass e.g. {example}."
-        )
-        raise TypeError(msg)
+    if not callable(dsn):
+        check_dsn_value(dsn, where, what=what, example=example, strings=strings)
 
 
 def resolve_dsn(
-    dsn: Dsn, where: str = "", *, what: str = "DSN", example: str = "...", empty: bool = False
+    dsn: Dsn,
+    where: str = "",
+    *,
+    what: str = "DSN",
+    example: str = "...",
+    empty: bool = False,
+    objects: tuple[type, ...] = (),
 ) -> str:
-    """The DSN, read when the resource opens (never at import): a string or a callable;
-    one that a function gives unset (None, empty) is refused, naming *where* (*empty*: an
-    empty one is valid). Its passwords are noted for ``redact`` (``remember_secrets``)."""
-    if not callable(dsn):
-        remember_secrets(dsn)
-        return dsn
-    value: object = dsn()
-    remember_secrets(value)
+    """The DSN, read when the resource opens (never at import): a string or a callable
+    returning one. A URL of pydantic's (``PostgresDsn``) is made a string (``str()``), as
+    are *objects* (the driver's own URL class, whose ``str()`` keeps the password). One
+    unset (None, empty: *empty* makes an empty one valid), a secret (pydantic's
+    ``SecretStr``), its mask (``'**********'``) or anything else is refused, naming *where*.
+    Its passwords are noted for ``redact`` (``remember_secrets``)."""
+    returned = callable(dsn)
+    value: object = dsn() if callable(dsn) else dsn
     if value is None or (not empty and isinstance(value, str) and not value.strip()):
-        raise ValueError(_unset_dsn(value, where, what, example, returned=True))
-    if not isinstance(value, str):
-        return value  # type: ignore[return-value]  # a driver's own object (a URL)
-    return value
+        raise ValueError(_unset_dsn(value, where, what, example, returned=returned))
+    value = str(value) if objects and isinstance(value, objects) else plain_dsn(value)
+    check_dsn_value(value, where, what=what, example=example, returned=returned)
+    text = str(value)  # a string by now: check_dsn_value refused the rest
+    remember_secrets(text)
+    return text
 
 
 #: What each integration's resources are, by the module of their factory.
@@ -400,12 +491,21 @@ def saturation(
     *served* when one was handed out.
     """
     most, in_use = figures.max, figures.in_use
-    if most is None or in_use is None or in_use < most or figures.idle:
+    waiting = figures.waiting or 0
+    if most is None or in_use is None or figures.idle:
         return None
+    if in_use < most and not (waiting and in_use):
+        return None
+    # Fewer than all in use, none idle and units waiting: the pool is busy too, its other
+    # connections being made, checked (psycopg's pre-ping) or given back, and a check would
+    # queue behind the units waiting. (With none in use, the check tells whether the
+    # database answers at all.)
     now = time.monotonic()
     ago = now - served
-    waiting = figures.waiting or 0
-    held = f"all {most} connections" if most != 1 else "the one connection"
+    if in_use < most:
+        held = f"{in_use} of {most} connections (the others being made or checked)"
+    else:
+        held = f"all {most} connections" if most != 1 else "the one connection"
     # (A wait that timed out long ago, with no traffic since, says nothing of the unit
     # waiting now: it must be recent, within the timeout.)
     recent = served < timed_out_at and now - timed_out_at <= (within or 0.0)

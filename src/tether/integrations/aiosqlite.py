@@ -81,7 +81,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 from aiosqlite.context import contextmanager
 
-from .._errors import ResourceUnavailable, check_number, describe
+from .._errors import ResourceUnavailable, check_bool, check_number, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from ._common import check_resource, connect_or_close, depends_on, unavailable
@@ -389,6 +389,9 @@ def database(
     where = f"database({name!r})"
     check_number(max_connections, "max_connections", where, integer=True, least=1, example="32")
     check_number(busy_timeout, "busy_timeout", where, example="5")
+    check_bool(wal, "wal", where)
+    check_bool(foreign_keys, "foreign_keys", where)
+    check_bool(create_dirs, "create_dirs", where)
 
     async def open_database() -> AsyncIterator[Database]:
         db = Database(

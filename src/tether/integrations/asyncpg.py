@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, check_number, describe
+from .._errors import ResourceUnavailable, check_bool, check_number, describe
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -135,12 +135,14 @@ class _State:
         "acquire_timeout",
         "bound",
         "closing",
+        "configured",
         "create_time",
         "created",
         "discarded",
         "expired",
         "expires",
         "idle_since",
+        "loggers",
         "max_waiting",
         "name",
         "pgbouncer",
@@ -176,6 +178,10 @@ class _State:
         # pinged before a unit of work without a transaction gets it (set as it is released).
         self.ping_after = 0.0
         self.idle_since: weakref.WeakKeyDictionary[Any, float] | None = None
+        # What the pool's ``init`` left on each connection it ran on: its settings (``SET``),
+        # as SQL that sets them again after the reset's ``RESET ALL``, and its query loggers.
+        self.configured: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self.loggers: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -216,11 +222,57 @@ async def _no_reset(conn: Any) -> None:
     """PgBouncer transaction mode: no session state to reset (asyncpg still rolls back)."""
 
 
-async def _reset(conn: Any) -> None:
+def _resetting(state: _State) -> Callable[[Any], Awaitable[None]]:
     """asyncpg's reset on release, and what it leaves: ``SET ROLE`` and ``SET SESSION
     AUTHORIZATION`` (which survive its ``RESET ALL``) and temporary tables
-    (``RESET_SESSION``): one round trip, as asyncpg's."""
-    await conn.execute(RESET_SESSION)
+    (``RESET_SESSION``); then what the pool's ``init`` set, set again: one round trip, as
+    asyncpg's."""
+
+    async def reset(conn: Any) -> None:
+        await conn.execute(RESET_SESSION + state.configured.get(conn, ""))
+
+    return reset
+
+
+def _keeping_init(state: _State, init: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
+    """The pool's ``init`` (run once per new connection), then a note of what it left for the
+    reset to keep: its settings (a ``SET search_path``: the pool's first release would undo
+    them before any request ran with them), read in one query, and its query loggers (those a
+    unit of work adds go)."""
+
+    async def noted(conn: Any) -> None:
+        await init(conn)
+        if conn._query_loggers:
+            state.loggers[conn] = set(conn._query_loggers)
+        if not state.pgbouncer:  # no reset to put them back after
+            settings = await conn.fetchval(SESSION_SETTINGS)
+            if settings:
+                state.configured[conn] = settings
+
+    return noted
+
+
+def _drop_loggers(raw: Any, state: _State | None) -> None:
+    """Drop the query loggers a unit of work added (``conn.add_query_logger``) as the
+    connection goes back: they would receive the next units' queries and arguments, and pile
+    up (asyncpg's own reset clears the listeners and log listeners, not these). Those the
+    pool's ``init`` added stay. A set comparison when nothing changed."""
+    if state is None:
+        return  # a pool tether did not open: what its init added is not known
+    _put_back_loggers(raw, state.loggers.get(raw))
+
+
+def _put_back_loggers(raw: Any, kept: set[Any] | None) -> None:
+    """Make *raw*'s query loggers *kept* (None: none)."""
+    loggers = getattr(raw, "_query_loggers", None)  # None: no longer the pool's
+    if loggers is None:
+        return
+    if kept is None:
+        if loggers:
+            loggers.clear()
+    elif loggers != kept:
+        loggers.clear()
+        loggers.update(kept)
 
 
 def pool(
@@ -290,7 +342,9 @@ def pool(
         required: ``False`` starts the app without it when it cannot open (see
             ``lc.resource``): what needs it answers 503 until a background retry opens it.
         kw: passed to asyncpg's pool (``max_queries``, ``init``, ``setup``, ...) and to
-            each connection (``command_timeout``, ``ssl``, ...).
+            each connection (``command_timeout``, ``ssl``, ...). What ``init`` sets with
+            ``SET`` is noted as it runs and set again by each release's reset, so every unit
+            of work starts with it; the query loggers it adds stay, those a unit adds go.
     """
     where = f"Pool {name!r}"
     check_dsn(dsn, where, example=_EXAMPLE_DSN)
@@ -307,6 +361,8 @@ def pool(
     check_number(reserved, "reserved", where, integer=True, example="3")
     if workers is not None:
         check_number(workers, "workers", where, integer=True, least=1, example="4")
+    check_bool(pgbouncer, "pgbouncer", where)
+    check_bool(required, "required", where)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         target = resolve_dsn(dsn, where, example=_EXAMPLE_DSN)
@@ -320,11 +376,13 @@ def pool(
         if server_settings:
             options["server_settings"] = dict(server_settings)
         if "reset" in options:  # asyncpg >= 0.30
-            options["reset"] = _no_reset if pgbouncer else _reset
+            options["reset"] = _no_reset if pgbouncer else _resetting(state)
         if pgbouncer:
             options["statement_cache_size"] = 0
         options.update(kw)
         options["connect"] = _counting(state, options.get("connect") or asyncpg.connect)
+        if options.get("init") is not None:
+            options["init"] = _keeping_init(state, options["init"])
         if max_lifetime is not None:
             state.expires = weakref.WeakKeyDictionary()
             options["init"] = _stamping(state.expires, max_lifetime, options.get("init"))
@@ -556,6 +614,8 @@ def connection(
             back; past it (or if it fails) the connection is terminated, not returned.
         isolation, readonly: of the transaction (``"serializable"``, ...).
     """
+    check_bool(transaction, "transaction", f"Connection {name!r}")
+    check_bool(readonly, "readonly", f"Connection {name!r}")
     check_resource(
         lc,
         pool,
@@ -678,8 +738,11 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
         if (
             state.max_waiting is not None
             and state.waiting >= state.max_waiting
-            and p.get_idle_size() == 0
-            and p.get_size() >= p.get_max_size()
+            # Those waiting beyond what the pool can hand out without a release (its idle
+            # connections, and those it has yet to make: asyncpg's size counts the connected
+            # ones, so a pool still filling, cold or after a restart, has room) queue.
+            and state.waiting - p.get_idle_size() - (p.get_max_size() - p.get_size())
+            >= state.max_waiting
         ):
             raise queue_full(
                 pool_name,
@@ -913,6 +976,7 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
     if closed and state is not None:
         state.discarded += 1  # lost: asyncpg replaces it
     raw = _raw(conn)  # now: the release detaches it from the proxy
+    _drop_loggers(raw, state)
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
@@ -1076,6 +1140,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with turns.turn():
+                loggers = set(_raw(conn)._query_loggers)  # as the unit found them
                 # What the test set on the session (the unit's reset puts it back after).
                 found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""
                 after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
@@ -1093,6 +1158,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                             with contextlib.suppress(pg_errors.PostgresError):
                                 await _keep_unit(conn, name, after)  # autocommit: kept
                     raise
+                finally:
+                    _put_back_loggers(_raw(conn), loggers)
                 if readonly:  # nothing to keep: its settings go with its savepoint
                     await conn.execute(back)
                 else:
@@ -1160,6 +1227,7 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
+    check_bool(record, "record", f"tether.integrations.asyncpg.once(key={key!r})")
     pool_name = pool.name
 
     async def run_once(p: Any, job: _once.Job) -> bool:

@@ -61,10 +61,10 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.httpx needs httpx: pip install 'tether[httpx]'"
     raise ImportError(msg) from exc
 
-from .._errors import ClientDisconnected, ResourceUnavailable, check_number
+from .._errors import ClientDisconnected, ResourceUnavailable, check_bool, check_number
 from .._resource import Resource, current_unit
 from .._stats import PoolStats
-from ._common import Dsn, redact, resolve_dsn, saturation, unavailable
+from ._common import Dsn, check_dsn_value, redact, resolve_dsn, saturation, unavailable
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -333,8 +333,14 @@ def client(
             f"function returning it, or leave base_url out for absolute request URLs."
         )
         raise ValueError(msg)
+    if not callable(given) and not isinstance(given, httpx.URL) and given != "":
+        check_dsn_value(given, where, what="base_url", example='"https://api.example.com"')
     if not isinstance(timeout, httpx.Timeout):
         check_number(timeout, "timeout", where, above=True, none=True, example="10")
+    check_bool(http2, "http2", where)
+    for option in ("trust_env", "follow_redirects"):  # httpx's on/off options
+        if option in kw:
+            check_bool(kw[option], option, where)
 
     async def open_client() -> AsyncIterator[httpx.AsyncClient]:
         options = dict(kw)
@@ -358,7 +364,10 @@ def client(
             transport = _Transport(given, name)
             transport.resource = res
         mounts.update(options.pop("mounts", None) or {})  # the user's own, as httpx does
-        url = resolve_dsn(base_url, where, what="base_url", example="https://...", empty=True)
+        url = resolve_dsn(
+            base_url, where, what="base_url", example="https://...", empty=True,
+            objects=(httpx.URL,),
+        )  # fmt: skip
         c = _Client(base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options)
         c._tether = (lc, streams)
         _transports[c] = transport

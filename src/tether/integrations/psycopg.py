@@ -29,6 +29,10 @@
 * :func:`connection` is a request resource: one connection per unit of work, in
   autocommit mode, or (``transaction=True``) in one transaction committed before the
   response starts and rolled back on any failure.
+* The connection handed out is psycopg's ``AsyncConnection`` behind a thin proxy that
+  refuses use once the connection went back to the pool
+  (:class:`~tether.ResourceClosedError`, naming ``release="response"``), and what a unit of
+  work added to it (notify and notice handlers, notifications unread) goes with it.
 * No connection free within ``timeout`` (``PoolTimeout``), or too many waiting, is a
   :class:`~tether.ResourceUnavailable` (503 with ``Retry-After``) naming the pool, its
   size, how many connections are in use and how many requests wait.
@@ -51,7 +55,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -63,8 +67,19 @@ try:
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.psycopg needs psycopg 3 and its pool: pip install 'tether[psycopg]'"
     raise ImportError(msg) from exc
+try:
+    from psycopg_pool.base import AttemptWithBackoff
+except ImportError:  # pragma: no cover - psycopg_pool before 3.3
+    from psycopg_pool.base import ConnectionAttempt as AttemptWithBackoff  # type: ignore[no-redef, attr-defined]
 
-from .._errors import ResourceUnavailable, check_number, describe, refused_for_good
+from .._errors import (
+    ResourceClosedError,
+    ResourceUnavailable,
+    check_bool,
+    check_number,
+    describe,
+    refused_for_good,
+)
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -121,6 +136,7 @@ class _State:
     __slots__ = (
         "acquiring",
         "bound",
+        "callbacks",
         "configured",
         "name",
         "out",
@@ -150,15 +166,42 @@ class _State:
         # What the pool's ``configure`` set on each connection's session (``SET``), as SQL
         # that sets it again: the reset's ``RESET ALL`` undoes it, and it is put back.
         self.configured: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+        # The notice and notify handlers the pool's ``configure`` added to each connection
+        # (none for most): what a unit of work adds is dropped as the connection goes back.
+        self.callbacks: weakref.WeakKeyDictionary[Connection, _Callbacks] = (
+            weakref.WeakKeyDictionary()
+        )
+
+
+#: The longest wait between two attempts at replacing a lost connection.
+RECONNECT_DELAY_CAP = 1.0
+
+
+class _Attempt(AttemptWithBackoff):
+    """psycopg_pool's attempts at replacing a lost connection, their delay capped at
+    `RECONNECT_DELAY_CAP`. Its own double from 1 s up to ``reconnect_timeout`` (5 minutes):
+    after an outage of 45 s a connection's next attempt came up to 12 s after the server was
+    back, and every request waited for it and got a 503 saying the database could not be
+    reached (asyncpg's and SQLAlchemy's pools connect on demand)."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_DELAY_CAP)
 
 
 class Pool(AsyncConnectionPool[Connection]):
-    """``AsyncConnectionPool`` that refuses to be used from another event loop than its own.
+    """``AsyncConnectionPool`` that refuses to be used from another event loop than its own,
+    and tries to replace a lost connection at least every `RECONNECT_DELAY_CAP` seconds.
 
     Everything else is psycopg's: this is psycopg's pool, not one of tether's.
     """
 
     _tether: _State | None = None
+
+    async def _add_connection(self, attempt: Any, growing: bool = False) -> None:
+        if attempt is None:
+            attempt = _Attempt(timeout=self.reconnect_timeout)
+        await super()._add_connection(attempt, growing=growing)
 
     async def getconn(self, timeout: float | None = None) -> Connection:
         state = self._tether
@@ -256,6 +299,9 @@ def pool(
     check_number(reserved, "reserved", where, integer=True, example="3")
     if workers is not None:
         check_number(workers, "workers", where, integer=True, least=1, example="4")
+    check_bool(pgbouncer, "pgbouncer", where)
+    check_bool(pre_ping, "pre_ping", where)
+    check_bool(required, "required", where)
 
     async def open_pool() -> AsyncIterator[Pool]:
         target = resolve_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
@@ -417,7 +463,7 @@ async def _select_1(p: Any) -> None:
 
 def connection(
     lc: Lifecycle,
-    pool: Resource[Pool],
+    pool: Resource[Pool] | Resource[AsyncConnectionPool[Any]],
     *,
     name: str = "conn",
     transaction: bool = False,
@@ -439,7 +485,10 @@ def connection(
             rolled back on any failure (an exception, an ``HTTPException``, an error
             status, a client that went away).
         release: ``"handler"`` (default) returns the connection before the response
-            starts; ``"response"`` after its last byte (streaming bodies that query).
+            starts; ``"response"`` after its last byte (streaming bodies that query). The
+            connection handed out refuses use after it went back
+            (:class:`~tether.ResourceClosedError`): the pool may have given it to another
+            request, whose transaction the statement would run in.
         error_status: which response statuses roll back (given the status, true for a
             failure); default: every status of 400 or more. ``lambda status: status >= 500``
             commits on a 4xx (see ``lc.resource``).
@@ -465,7 +514,10 @@ def connection(
     if timeout is not None:
         check_number(timeout, "timeout", f"Connection {name!r}", above=True)
     check_number(reset_timeout, "reset_timeout", f"Connection {name!r}", above=True)
+    check_bool(transaction, "transaction", f"Connection {name!r}")
+    check_bool(reset_session, "reset_session", f"Connection {name!r}")
     pool_name = pool.name
+    given_back = _given_back_message(name, pool_name, release)
 
     async def open_connection(p: Any) -> AsyncIterator[Connection]:
         state: _State | None = getattr(p, "_tether", None)
@@ -476,6 +528,7 @@ def connection(
         conn = await _getconn(p, pool_name, timeout)
         reset = reset_session and (state is None or not state.pgbouncer)
         kept = _settings(conn)
+        callbacks = _callbacks(conn, state)
         try:
             await conn.set_autocommit(not transaction)
         except BaseException:
@@ -484,9 +537,10 @@ def connection(
             with anyio.CancelScope(shield=True):
                 await p.putconn(conn)
             raise
+        handed = _Handed(conn)
         try:
             try:
-                yield conn
+                yield cast("Connection", handed)
             except BaseException as exc:
                 if state is None or not state.pgbouncer:
                     note_pgbouncer(exc)
@@ -529,6 +583,7 @@ def connection(
                         raise commit_not_sent(pool_name, exc) from exc
                     raise
         finally:
+            handed._tether_give_back(given_back, res)  # the unit of work is over
             # psycopg's pool checks what comes back: a transaction left open is rolled
             # back, a connection mid-query or broken is closed and replaced.
             if reset:
@@ -536,6 +591,7 @@ def connection(
                 await _reset_session(conn, name, reset_timeout, again)
             if not conn.closed and _settings(conn) != kept:
                 await _restore(conn, kept, name)
+            _drop_callbacks(conn, callbacks)
             await p.putconn(conn)
 
     res = lc.resource(name=name, release=release, error_status=error_status)(
@@ -543,6 +599,114 @@ def connection(
     )
     _connections[res] = ConnectionOf(pool, transaction)
     return res
+
+
+class _Handed:
+    """A connection as :func:`connection` hands it to a unit of work: psycopg's
+    ``AsyncConnection`` to the code using it (its attributes and methods, ``isinstance``)
+    until tether gives it back to the pool. Used after that (a ``StreamingResponse`` body
+    with ``release="handler"``, a background task), it raises
+    :class:`~tether.ResourceClosedError`, counted as one leak, where the connection itself
+    would run the statement in whatever unit of work the pool gave it to next, inside that
+    one's transaction. One object per unit of work, one check per attribute read; a cursor
+    made before the release is psycopg's own and is not checked."""
+
+    __slots__ = ("__weakref__", "_tether_conn", "_tether_counted", "_tether_gone")
+
+    _tether_conn: Connection
+    _tether_gone: tuple[str, Resource[Any]] | None
+    _tether_counted: bool
+
+    def __init__(self, conn: Connection) -> None:
+        object.__setattr__(self, "_tether_conn", conn)
+        object.__setattr__(self, "_tether_gone", None)
+        object.__setattr__(self, "_tether_counted", False)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Any]:  # isinstance(conn, psycopg.AsyncConnection) holds
+        return type(self._tether_conn)
+
+    def _tether_give_back(self, message: str, res: Resource[Any]) -> None:
+        object.__setattr__(self, "_tether_gone", (message, res))
+
+    def _tether_live(self) -> Connection:
+        gone = self._tether_gone
+        if gone is None:
+            return self._tether_conn
+        message, res = gone
+        if not self._tether_counted:
+            object.__setattr__(self, "_tether_counted", True)
+            res.counters.leaks += 1
+        raise ResourceClosedError(message, resource=res.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            # Introspection (getattr(x, "__self__", None), a debugger) and psycopg's private
+            # parts: never a statement, and an error would break the caller, not a misuse.
+            return getattr(self._tether_conn, attr)
+        return getattr(self._tether_live(), attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        setattr(self._tether_live(), attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(self._tether_live(), attr)
+
+    async def __aenter__(self) -> Any:
+        return await self._tether_live().__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._tether_live().__aexit__(*exc)
+
+    def __repr__(self) -> str:
+        given = " (given back to the pool)" if self._tether_gone is not None else ""
+        return f"{self._tether_conn!r}{given}"
+
+
+def _given_back_message(name: str, pool_name: str, release: str) -> str:
+    when = (
+        "release='handler' gives it back when the endpoint returns, before the response"
+        if release == "handler"
+        else "release='response' gives it back after the response"
+    )
+    return (
+        f"Connection {name!r} was given back to pool {pool_name!r} at the end of its unit of "
+        f"work (in a request, {when}), and cannot be used after: the pool may have handed it "
+        f"to another request, and the statement would run in that one's transaction. A "
+        f"StreamingResponse body that queries needs release='response'; a background task, "
+        f"a connection of its own (`async with lc.scope() as s: await s.get({name})`)."
+    )
+
+
+#: The notice and notify handlers on a connection object (psycopg's lists, copied).
+_Callbacks = tuple[list[Any], list[Any]]
+_NO_CALLBACKS: _Callbacks = ([], [])
+
+
+def _callbacks(conn: Connection, state: _State | None) -> _Callbacks | None:
+    """The handlers the connection had when the pool gave it (what its ``configure`` added,
+    noted as it made it: none for most); of a pool tether did not open, a copy taken now."""
+    if state is not None:
+        return state.callbacks.get(conn)
+    return (list(conn._notice_handlers), list(conn._notify_handlers))
+
+
+def _drop_callbacks(conn: Connection, kept: _Callbacks | None) -> None:
+    """Drop what the unit of work left on the connection object for notices and notifications,
+    as the connection goes back: the notice and notify handlers it added (they would receive
+    the next units' notices and notifications, and pile up, one per unit), and the
+    notifications received and not read (a ``LISTEN`` of its own, which the reset's ``UNLISTEN
+    *`` ended; the next unit's ``conn.notifies()`` would yield them first). *kept*: the
+    handlers the connection had when the pool gave it. Two list comparisons when nothing
+    changed."""
+    notice, notify = kept or _NO_CALLBACKS
+    if conn._notice_handlers != notice:
+        conn._notice_handlers[:] = notice
+    if conn._notify_handlers != notify:
+        conn._notify_handlers[:] = notify
+    backlog = conn._notifies_backlog
+    if backlog:
+        backlog.clear()
 
 
 def _settings(conn: Connection) -> tuple[Any, ...]:
@@ -706,7 +870,8 @@ async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = 
     if conn.info.transaction_status != TransactionStatus.INERROR:
         try:
             await conn.execute(
-                "; ".join((*_CHECK_DEFERRED, f"RELEASE SAVEPOINT {SAVEPOINT}")) + reset
+                "; ".join((*_CHECK_DEFERRED, f"RELEASE SAVEPOINT {SAVEPOINT}")) + reset,
+                prepare=False,  # several statements: PostgreSQL cannot prepare them
             )
         except psycopg.DatabaseError:  # a deferred constraint violated: COMMIT's error
             if conn.broken:
@@ -785,6 +950,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
 
         async def joined() -> AsyncIterator[Connection]:
             async with turns.turn():
+                callbacks = _callbacks(conn, None)  # as the unit found them, as in production
                 reset = ""
                 if resets:
                     row = await (await conn.execute(SESSION_SETTINGS)).fetchone()
@@ -809,6 +975,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                     await _keep_unit(conn, name, strict=spec.transaction, reset=reset)
                 finally:
                     del conn.commit, conn.rollback
+                    _drop_callbacks(conn, callbacks)
 
         try:
             with lc.override(connection, joined):
@@ -872,7 +1039,7 @@ _PARAM = re.compile(r"\$\d+")
 
 def once(
     lc: Lifecycle,
-    pool: Resource[Pool],
+    pool: Resource[Pool] | Resource[AsyncConnectionPool[Any]],
     fn: Callable[[Connection], Awaitable[Any]],
     *,
     key: str,
@@ -881,22 +1048,25 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
+    check_bool(record, "record", f"tether.integrations.psycopg.once(key={key!r})")
     pool_name = pool.name
 
     async def run_once(p: Any, job: _once.Job) -> bool:
         conn = await _getconn(p, pool_name, None)
         pid = conn.info.backend_pid  # now: psycopg closes a connection whose cancel fails
+        state: _State | None = getattr(p, "_tether", None)
+        callbacks = _callbacks(conn, state)
         try:
             autocommit = conn.autocommit
             await conn.set_autocommit(True)
             ran = await _once.run(_OnceSession(conn), job)
             await conn.set_autocommit(autocommit)
-            state: _State | None = getattr(p, "_tether", None)
             if state is None or not state.pgbouncer:
                 # What the job left on the session (a `SET search_path` for a migration, a
                 # temporary table) is not the first request's.
                 again = state.configured.get(conn, "") if state is not None else ""
                 await _reset_session(conn, job.name, 5.0, again)
+            _drop_callbacks(conn, callbacks)
         except BaseException:
             # The server ends the transaction, and frees the lock, with the connection.
             with anyio.CancelScope(shield=True):
@@ -947,6 +1117,8 @@ def _keeping_configured(
             await conn.close()
             msg = f"configure={configure!r} left the connection in a transaction: discarded"
             raise psycopg.ProgrammingError(msg)
+        if conn._notice_handlers or conn._notify_handlers:
+            state.callbacks[conn] = (list(conn._notice_handlers), list(conn._notify_handlers))
         if state.pgbouncer:
             return  # no reset to put them back after
         async with conn.cursor(row_factory=tuple_row) as cur:
@@ -979,7 +1151,9 @@ async def _reset_session(conn: Connection, name: str, within: float, again: str 
         autocommit = conn.autocommit
         if not autocommit:
             await conn.set_autocommit(True)
-        await conn.execute(RESET_SESSION + again)
+        # Not prepared, whatever the connection's prepare_threshold: PostgreSQL cannot prepare
+        # several statements, and the reset would fail on every connection (each closed).
+        await conn.execute(RESET_SESSION + again, prepare=False)
         if not autocommit:
             await conn.set_autocommit(False)
 

@@ -23,6 +23,11 @@
   connection pool, made when the app starts (never at import), which answers ``PING``
   before the app serves (so an unreachable server is a :class:`~tether.StartupError`),
   checked with ``PING``, closed (``aclose()``) at shutdown.
+* The client is shared, and redis-py's pool gives each command any free connection: a
+  command that would change the state of the connection it runs on (``SELECT`` of another
+  database, ``MULTI``, ``WATCH``, ``AUTH``, ``CLIENT SETNAME``, ``SUBSCRIBE``, ...) would
+  reach later commands of any request, so it is refused (:class:`~tether.ScopeError`, before
+  anything is sent), naming what to use (a client per database or user, a pipeline, PubSub).
 * ``health_check_interval`` makes redis-py ping a connection idle for that long before
   using it, so a server restart or an idle timeout costs no failed command.
 * A server that cannot be reached (taking a connection, or reconnecting one inside a
@@ -54,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.redis needs redis-py: pip install 'tether[redis]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, check_number
+from .._errors import ResourceUnavailable, ScopeError, check_bool, check_number
 from .._stats import PoolStats
 from ._common import (
     LOSES_CANCEL,
@@ -211,6 +216,128 @@ def _delivering_cancellations(conn: Any) -> None:
     conn.send_packed_command = send_packed_command
 
 
+#: Commands that change the state of the connection they run on: redis-py's pool hands that
+#: connection to any later command, another request's too (redis-py resets nothing). By
+#: kind: what the command would leave the connection (``{sub}``: its argument), and the form
+#: that changes nothing.
+_CONNECTION_STATE = {
+    "SELECT": (
+        "using database {sub}, not the client's",
+        "A client's database is fixed: use a client of its own for database {sub}, its number "
+        "in the URL (tredis.client(lc, 'redis://host:6379/{sub}', name=...)), or "
+        "redis.asyncio.Redis(db={sub}) in a script.",
+    ),
+    "MULTI": (
+        "inside a transaction, where every later command is queued, not run, until EXEC",
+        "Run a transaction in a pipeline, which holds one connection for it: async with "
+        "r.pipeline(transaction=True) as pipe: pipe.incr(key); ...; await pipe.execute().",
+    ),
+    "WATCH": (
+        "watching keys until an EXEC",
+        "WATCH in a pipeline, which holds one connection until it ends: async with "
+        "r.pipeline() as pipe: await pipe.watch(key); ...; pipe.multi(); ...; "
+        "await pipe.execute().",
+    ),
+    "AUTH": (
+        "authenticated as another user",
+        "Use a client of its own for each ACL user: the user and password in its URL "
+        "(redis://user:password@host/0), or username= and password=.",
+    ),
+    "HELLO": (
+        "speaking another protocol than redis-py expects on it",
+        "Set the protocol for every connection of the client: protocol=2 or protocol=3.",
+    ),
+    "RESET": (
+        "reset to the server's defaults (database 0, the default user)",
+        "Leave the connections' state to the pool.",
+    ),
+    "CLIENT": (
+        "with a setting of its own",
+        "Give every connection of the client the setting (client_name=, ...), or use a client "
+        "of its own for it.",
+    ),
+    "SUBSCRIBE": (
+        "in subscribed mode, where it answers nothing else",
+        "Subscribe through a PubSub object, which holds a connection of its own: "
+        "async with r.pubsub() as ps: await ps.subscribe(channel).",
+    ),
+}
+
+#: ``CLIENT`` subcommands that change the connection's own settings.
+_CLIENT_SETTINGS = frozenset({"REPLY", "SETNAME", "TRACKING", "CACHING", "NO-EVICT", "NO-TOUCH"})
+_SUBSCRIBE = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"})
+
+
+def _word(value: Any) -> str:
+    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).upper()
+
+
+def _changes_connection(args: tuple[Any, ...], db: Any) -> tuple[str, str, str] | None:
+    """(kind, command as shown, its first argument) if the command *args* changes the state
+    of the connection it runs on (*db*: the client's database, which a SELECT of leaves as it
+    is), else None. Only a command's name, and SELECT's and CLIENT's first argument, are
+    shown: AUTH's arguments hold a password."""
+    words = [*_word(args[0]).split(), *(_word(arg) for arg in args[1:2])]
+    name = words[0] if words else ""
+    sub = words[1] if len(words) > 1 else ""
+    if name == "SELECT":
+        return None if sub == _word(db) else ("SELECT", f"SELECT {sub}", sub)
+    if name in ("MULTI", "WATCH", "AUTH", "RESET"):
+        return name, name, ""
+    if name == "HELLO" and sub:  # a protocol, or AUTH: HELLO alone only reads
+        if "AUTH" in map(_word, args):
+            return "AUTH", "HELLO ... AUTH", ""
+        return "HELLO", "HELLO", ""
+    if name == "CLIENT" and sub in _CLIENT_SETTINGS:
+        return "CLIENT", f"CLIENT {sub}", sub
+    if name in _SUBSCRIBE:
+        return "SUBSCRIBE", name, ""
+    return None
+
+
+#: The commands `_changes_connection` looks at further, by their name.
+_WATCHED = frozenset({"SELECT", "MULTI", "WATCH", "AUTH", "RESET", "HELLO", "CLIENT", *_SUBSCRIBE})
+#: Whether a command's first argument (redis-py passes a constant: ``"GET"``, ``"CLIENT
+#: SETNAME"``) names one of them: one dict lookup per command instead of parsing it.
+_watched: dict[Any, bool] = {}
+
+
+def _is_watched(first: Any) -> bool:
+    words = _word(first).split()
+    watched = bool(words) and words[0] in _WATCHED
+    if isinstance(first, str | bytes) and len(_watched) < 4096:
+        _watched[first] = watched
+    return watched
+
+
+class _Client(aioredis.Redis):
+    """The client tether hands out: redis-py's, but for the commands that would change the
+    state of the pooled connection they run on (`_CONNECTION_STATE`), refused before
+    anything is sent. Pipelines and PubSub objects hold a connection of their own, and run
+    them as redis-py does."""
+
+    tether_name = "redis"
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            seen = _watched.get(args[0]) if args else False
+        except TypeError:  # an unhashable first argument: not one of redis-py's names
+            seen = None
+        if seen is not False and _is_watched(args[0]):
+            pool: Any = self.connection_pool
+            changes = _changes_connection(args, pool.connection_kwargs.get("db", 0))
+            if changes is not None:
+                kind, command, sub = changes
+                what, fix = (text.format(sub=sub) for text in _CONNECTION_STATE[kind])
+                msg = (
+                    f"Redis client {self.tether_name!r}: {command} would leave the pooled "
+                    f"connection it runs on {what}, and redis-py hands that connection to any "
+                    f"later command, another request's too: refused, nothing was sent. {fix}"
+                )
+                raise ScopeError(msg)
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
 class _Pool(_PoolMixin, aioredis.ConnectionPool):
     pass
 
@@ -266,6 +393,9 @@ def client(
     check_number(socket_connect_timeout, "socket_connect_timeout", where, above=True, none=True)
     check_number(max_connections, "max_connections", where, integer=True, least=1, none=True)
     check_number(pool_timeout, "pool_timeout", where, above=True)
+    for option in ("decode_responses", "retry_on_timeout"):  # redis-py's on/off options
+        if option in kw:
+            check_bool(kw[option], option, where)
 
     async def open_client() -> AsyncIterator[aioredis.Redis]:
         target = resolve_dsn(url, where, what="URL", example=example)
@@ -299,7 +429,8 @@ def client(
         pool.tether_shown = shown
         pool.tether_resource = res
         pool.tether_served = time.monotonic()
-        r = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        r = _Client.from_pool(pool)  # the client owns the pool: aclose() closes it
+        r.tether_name = name  # type: ignore[attr-defined]  # a _Client: from_pool is cls(...)
         try:
             await r.ping()
         except BaseException:

@@ -81,6 +81,7 @@ from .._errors import (
     ResourceClosedError,
     ResourceUnavailable,
     ScopeError,
+    check_bool,
     check_number,
     describe,
     refused_for_good,
@@ -95,11 +96,13 @@ from ._common import (
     BudgetPolicy,
     LoopBound,
     check_budget,
+    check_dsn_value,
     commit_not_sent,
     connection_lost,
     depends_on,
     failed_transaction,
     note_pgbouncer,
+    plain_dsn,
     queue_full,
     read_only,
     read_only_failure,
@@ -455,6 +458,7 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
 
 _UNREAD = "tether_unread"  # in a connection's info: its settings are to be read at checkout
 _RESET = "tether_reset"  # in a connection's info: its reset, setting those settings again
+_CALLBACKS = "tether_callbacks"  # in a connection's info: its driver's callbacks, as set up
 
 
 def _reset_sessions(eng: Engine, name: str) -> None:
@@ -472,7 +476,14 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     per connection, and only for one made while the engine had ``connect`` listeners besides
     SQLAlchemy's and tether's: none otherwise, and none at later checkouts. The ``checkout``
     listener that reads them is added only then too: with none, SQLAlchemy hands out a
-    pooled connection on its shorter path."""
+    pooled connection on its shorter path.
+
+    What the driver keeps on the connection object goes back as the pool's setup left it too
+    (``_callbacks``: noted with the settings, or when the connection is made if there is
+    nothing to read): the listeners, loggers and notice/notify handlers a unit of work added
+    are dropped, psycopg's unread notifications too; and a transaction the unit of work began
+    itself and left open (a raw ``BEGIN`` in autocommit, which SQLAlchemy's rollback does not
+    see on asyncpg) is rolled back, with a warning, before the reset."""
     reading = False
 
     def connect(dbapi_connection: Any, record: Any) -> None:
@@ -482,16 +493,24 @@ def _reset_sessions(eng: Engine, name: str) -> None:
             if not reading:
                 reading = True
                 event.listen(eng, "checkout", checkout)
+        else:  # every connect listener has run: what the driver keeps now is the setup's
+            record.info[_CALLBACKS] = _callbacks(dbapi_connection)
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if record.info.pop(_UNREAD, False):
+            record.info[_CALLBACKS] = _callbacks(dbapi_connection)
             record.info[_RESET] = RESET_SESSION + _read_settings(dbapi_connection)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
             return  # invalidated: it is not coming back
         try:
-            _reset_driver(dbapi_connection, record.info.get(_RESET, RESET_SESSION))
+            _reset_driver(
+                dbapi_connection,
+                record.info.get(_RESET, RESET_SESSION),
+                record.info.get(_CALLBACKS),
+                name,
+            )
         except Exception as exc:
             log.warning(
                 "tether: engine %r: could not reset a connection's session (%s); discarded",
@@ -541,32 +560,123 @@ def _read_settings(dbapi_connection: Any) -> str:
     return str(row[0] or "") if row is not None else ""
 
 
-def _reset_driver(dbapi_connection: Any, sql: str = RESET_SESSION) -> None:
-    """Run the reset *sql* (``RESET_SESSION``, then what the connection's ``connect``
-    listeners set, if any), in one round trip, opening no transaction."""
+#: The callbacks a driver keeps on its connection object, which a unit of work can add to
+#: (asyncpg's ``add_log_listener``, ``add_query_logger``, ``add_termination_listener``;
+#: psycopg's ``add_notice_handler``, ``add_notify_handler``). Private attributes, read with a
+#: default: a version without one is left alone. asyncpg's ``LISTEN`` callbacks
+#: (``_listeners``) are not among them: the reset's ``UNLISTEN *`` ends every one on the
+#: server, so they are all dropped, as asyncpg's own pool does.
+_DRIVER_CALLBACKS = {
+    "asyncpg": ("_log_listeners", "_query_loggers", "_termination_listeners"),
+    "psycopg": ("_notice_handlers", "_notify_handlers"),
+}
+
+_IDLE, _IN_TRANSACTION, _IN_ERROR = 0, 2, 3  # libpq's transaction status (psycopg's ``info``)
+
+_LEFT_OPEN = (
+    "tether: %r: connection returned inside an open transaction; rolling it back (commit or "
+    "roll back the transactions you start)"
+)  # tether.asyncpg's words for the same mistake
+
+
+def _driver_of(dbapi_connection: Any) -> tuple[Any, str]:
+    """The driver's own connection under SQLAlchemy's adapter, and its package's name."""
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    package = type(driver).__module__.partition(".")[0]
+    return driver, type(driver).__module__.partition(".")[0]
+
+
+def _callbacks(dbapi_connection: Any) -> dict[str, Any]:
+    """Copies of the callbacks the driver keeps on *dbapi_connection* (``_DRIVER_CALLBACKS``):
+    what the pool's setup (SQLAlchemy's dialect, the engine's ``connect`` listeners) added."""
+    driver, package = _driver_of(dbapi_connection)
+    kept: dict[str, Any] = {}
+    for attr in _DRIVER_CALLBACKS.get(package, ()):
+        value = getattr(driver, attr, None)
+        if isinstance(value, set | list):
+            kept[attr] = value.copy()
+    return kept
+
+
+def _drop_callbacks(driver: Any, package: str, kept: dict[str, Any] | None) -> None:
+    """Put the driver's callbacks back as *kept* (``_callbacks``): those a unit of work added
+    would receive the next units' notifications, notices and queries (and pile up)."""
     if package == "asyncpg":
+        listeners = getattr(driver, "_listeners", None)
+        if listeners:
+            # Stale, they would also make a later add_listener() skip its LISTEN.
+            listeners.clear()
+    for attr, before in (kept or {}).items():
+        now = getattr(driver, attr, None)
+        if now is None or now == before:
+            continue
+        if isinstance(now, set):
+            now.clear()
+            now.update(before)
+        elif isinstance(now, list):
+            now[:] = before
+
+
+def _reset_driver(
+    dbapi_connection: Any,
+    sql: str = RESET_SESSION,
+    kept: dict[str, Any] | None = None,
+    name: str = "engine",
+) -> None:
+    """Run the reset *sql* (``RESET_SESSION``, then what the connection's ``connect``
+    listeners set, if any), in one round trip, opening no transaction.
+
+    Before it, the callbacks the unit of work added on the driver's connection are dropped
+    (*kept*: those to keep, ``_callbacks``), and a transaction it began itself and left open is
+    rolled back, with a warning; after it, psycopg's notifications nobody read are dropped."""
+    driver, package = _driver_of(dbapi_connection)
+    _drop_callbacks(driver, package, kept)
+    if package == "asyncpg":
+        if driver.is_in_transaction():
+            # SQLAlchemy's rollback ends only a transaction its adapter began: not a raw
+            # BEGIN in autocommit, nor an unfinished driver.transaction().
+            log.warning(_LEFT_OPEN, name)
+            if dbapi_connection is not driver:
+                dbapi_connection.rollback()  # the adapter's own, if any (its state too)
+            if driver.is_in_transaction():
+                if getattr(driver, "_top_xact", None) is not None:
+                    driver._top_xact = None  # as asyncpg's own reset: it is rolled back
+                await_only(driver.execute("ROLLBACK"))
         await_only(driver.execute(sql))  # no transaction open: it stays none
-    elif package in ("psycopg", "psycopg2"):
-        # In autocommit, so the reset opens no transaction (the connection is idle here:
-        # switching costs no round trip).
-        is_async = inspect.iscoroutinefunction(driver.commit)
-        autocommit = driver.autocommit
-        if is_async:
-            if not autocommit:
-                await_only(driver.set_autocommit(True))
-            await_only(driver.execute(sql))
-            if not autocommit:
-                await_only(driver.set_autocommit(False))
-        else:
+        return
+    if package not in ("psycopg", "psycopg2"):
+        return
+    # Never prepared (psycopg's prepare_threshold=0 would prepare it, and PostgreSQL refuses
+    # to prepare several statements); psycopg2 prepares nothing.
+    options: dict[str, Any] = {"prepare": False} if package == "psycopg" else {}
+    status = getattr(getattr(driver, "info", None), "transaction_status", _IDLE)
+    left_open = status in (_IN_TRANSACTION, _IN_ERROR)
+    if left_open:  # SQLAlchemy's rollback was skipped (pool_reset_on_return=None)
+        log.warning(_LEFT_OPEN, name)
+    # In autocommit, so the reset opens no transaction (the connection is idle here:
+    # switching costs no round trip).
+    is_async = inspect.iscoroutinefunction(driver.commit)
+    autocommit = driver.autocommit
+    if is_async:
+        if left_open:
+            await_only(driver.execute("ROLLBACK"))
+        if not autocommit:
+            await_only(driver.set_autocommit(True))
+        await_only(driver.execute(sql, **options))
+        if not autocommit:
+            await_only(driver.set_autocommit(False))
+    else:
+        cursor = driver.cursor()
+        try:
+            if left_open:
+                cursor.execute("ROLLBACK")
             driver.autocommit = True
-            cursor = driver.cursor()
-            try:
-                cursor.execute(sql)
-            finally:
-                cursor.close()
-                driver.autocommit = autocommit
+            cursor.execute(sql, **options)
+        finally:
+            cursor.close()
+            driver.autocommit = autocommit
+    backlog = getattr(driver, "_notifies_backlog", None)  # psycopg >= 3.2
+    if backlog:
+        backlog.clear()  # notifications of the unit's LISTEN, for the next notifies()
 
 
 def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
@@ -584,7 +694,9 @@ def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | N
 
 
 def _resolve_url(url: Url) -> URL:
-    raw: object = url() if callable(url) else url  # a function may return anything
+    raw = plain_dsn(url() if callable(url) else url)  # a function may return anything
+    example = "lambda: os.environ['DATABASE_URL']"
+    check_dsn_value(raw, "", what="URL", example=example, returned=callable(url), strings=False)
     remember_secrets(raw)  # its password, for redact(): SQLAlchemy's errors may quote it
     if not isinstance(raw, str | URL):  # SQLAlchemy's error would print it, password and all
         given = "the function given for the URL returned" if callable(url) else "the URL is"
@@ -823,6 +935,9 @@ def _saturation(info: _PoolInfo, eng: Any) -> tuple[bool, str] | None:
 # --------------------------------------------------------------------------- async engine
 
 
+_POOL_LOGGER = f"{AsyncAdaptedQueuePool.__module__}.{AsyncAdaptedQueuePool.__name__}"
+
+
 def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueuePool]:
     """SQLAlchemy's async queue pool, refusing to hand out a connection on another loop.
 
@@ -834,6 +949,10 @@ def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueu
     info.served = time.monotonic()
 
     class LoopBoundPool(AsyncAdaptedQueuePool):
+        # SQLAlchemy names a pool's logger after its class: the name of the pool it is, so
+        # that `sqlalchemy.pool` logging (its debug recipe, its WARN default) covers it.
+        _sqla_logger_namespace = _POOL_LOGGER
+
         def _do_get(self) -> ConnectionPoolEntry:
             bound.check()
             try:
@@ -871,6 +990,15 @@ def _check_pool_numbers(
     check_number(connect_timeout, "connect_timeout", where, above=True, none=True, example="10")
     check_number(reserved, "reserved", where, integer=True, example="3")
     check_number(workers, "workers", where, integer=True, least=1, none=True, example="4")
+
+
+def _check_engine_flags(where: str, check: object, **flags: object) -> None:
+    """Refuse an engine's on/off options that are not bools when it is declared (a string
+    from the environment, ``"false"``, would count as true)."""
+    for option, value in flags.items():
+        check_bool(value, option, where)
+    if not isinstance(check, bool) and not callable(check):
+        check_bool(check, "check", where)  # True, False, or a function
 
 
 def engine(
@@ -911,7 +1039,10 @@ def engine(
             refused at once (503) instead of waiting ``pool_timeout``.
         reset_session: on PostgreSQL, when a connection goes back to the pool, undo what
             the unit of work left on its session (``SET``, ``SET ROLE``, cursors, ``LISTEN``,
-            advisory locks, temporary tables), as asyncpg's pool does: one round trip.
+            advisory locks, temporary tables), as asyncpg's pool does: one round trip. The
+            callbacks the unit added on the driver's connection (listeners, loggers, notice
+            and notify handlers) are dropped too, and a transaction it began itself and left
+            open (a raw ``BEGIN`` in autocommit) is rolled back, with a warning.
             ``False`` skips it, for code that never changes the session (the next unit of work
             would inherit it).
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
@@ -942,6 +1073,14 @@ def engine(
         max_waiting,
         reserved,
         workers,
+    )
+    _check_engine_flags(
+        f"Engine {name!r}",
+        check,
+        pool_pre_ping=pool_pre_ping,
+        reset_session=reset_session,
+        pgbouncer=pgbouncer,
+        required=required,
     )
     from ._common import check_dsn
 
@@ -1156,6 +1295,96 @@ def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
             raise TypeError(msg)
 
 
+def _session_class(class_: object, where: str, *, is_async: bool) -> type[Any]:
+    """Refuse a ``class_=`` that is not a session class of the kind *where* makes (an
+    ``AsyncSession`` subclass for :func:`session`, a ``Session`` one for :func:`sync_session`),
+    when it is declared; return it."""
+    base: type[Any] = AsyncSession if is_async else Session
+    if isinstance(class_, type) and issubclass(class_, base):
+        return class_
+    shown = (
+        f"{class_.__module__}.{class_.__qualname__}" if isinstance(class_, type) else repr(class_)
+    )
+    other: type[Any]
+    if is_async:
+        want = (
+            "a subclass of sqlalchemy.ext.asyncio.AsyncSession (SQLModel's is "
+            "sqlmodel.ext.asyncio.session.AsyncSession)"
+        )
+        other, other_kind, use = Session, "a sync Session class", "sync_session()"
+    else:
+        want = "a subclass of sqlalchemy.orm.Session (SQLModel's is sqlmodel.Session)"
+        other, other_kind, use = AsyncSession, "an AsyncSession class", "session()"
+    if isinstance(class_, type) and issubclass(class_, other):
+        kind = "async" if is_async else "sync"
+        reason = f"is {other_kind}, and {where.partition('(')[0]}() makes {kind} sessions"
+        msg = f"{where}: class_={shown} {reason}. Pass {want}, or declare it with {use}."
+    else:
+        msg = f"{where}: class_={shown} is not a session class. Pass {want}."
+    raise TypeError(msg)
+
+
+def _accepted(*classes: type[Any]) -> set[str] | None:
+    """The keyword arguments the ``__init__`` of *classes* take (None: any, or not known):
+    each passes the ones it does not take (``**kw``) to the next (an ``AsyncSession`` to its
+    sync session class)."""
+    names: set[str] = set()
+    for i, cls in enumerate(classes):
+        try:
+            parameters = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - a signature Python cannot read
+            return None
+        for p in parameters:
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                if i == len(classes) - 1:
+                    return None
+            else:
+                names.add(p.name)
+    return names
+
+
+def _check_session_kwargs(
+    where: str, make: Callable[[], Any], kwargs: dict[str, Any], *classes: type[Any]
+) -> None:
+    """Build the session once, with no engine (no connection), so a keyword argument the
+    session class does not take (``autoflsuh=False``) fails the declaration, not every
+    request while readiness says 200."""
+    shown = classes[0].__name__
+    fn = where.partition("(")[0]
+    if "bind" in kwargs:
+        msg = (
+            f"{where}: bind= is not an option here: tether binds the session to the engine "
+            f"resource given to {fn}(). Leave it out."
+        )
+        raise TypeError(msg)
+    try:
+        made = make()
+    except TypeError as exc:
+        accepted = _accepted(*classes)
+        unknown = [k for k in kwargs if accepted is not None and k not in accepted]
+        if not unknown:
+            msg = f"{where}: {shown}() refused the keyword arguments given to {fn}(): {exc}."
+            raise TypeError(msg) from None
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(accepted or ()), n=1)
+            hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
+        options = " and ".join(hints)
+        verb = "is not an option" if len(unknown) == 1 else "are not options"
+        msg = (
+            f"{where}: {options} {verb} of {shown}, which {fn}() passes its keyword arguments "
+            f"to. Fix or remove {'it' if len(unknown) == 1 else 'them'}."
+        )
+        raise TypeError(msg) from None
+    except Exception as exc:
+        msg = f"{where}: {shown}() refused the keyword arguments given to {fn}(): {describe(exc)}."
+        raise ValueError(msg) from exc
+    sync = getattr(made, "sync_session", made)
+    sync.close()  # it holds nothing: no engine, no connection
+
+
 def session(
     lc: Lifecycle,
     engine: Resource[AsyncEngine],
@@ -1165,6 +1394,7 @@ def session(
     error_status: Callable[[int], bool] | None = None,
     expire_on_commit: bool = False,
     connect: bool = True,
+    class_: type[AsyncSession] = AsyncSession,
     **session_kwargs: Any,
 ) -> Resource[AsyncSession]:
     """Register a request resource: one ``AsyncSession`` in a transaction per unit of work.
@@ -1187,10 +1417,34 @@ def session(
             checkout, a connect and the pre-ping together bounded by ``pool_timeout +
             connect_timeout`` of an engine from :func:`engine`); with
             ``False`` the session connects on first use, as SQLAlchemy does.
-        **session_kwargs: passed to ``AsyncSession`` (``autoflush``, ``info``, ...).
+        class_: the session class, a subclass of ``AsyncSession``: SQLModel's
+            (``sqlmodel.ext.asyncio.session.AsyncSession``) for ``session.exec()``. Its sync
+            session (``sync_session_class=``, or the class's own) is the one guarded after
+            the release.
+        **session_kwargs: passed to the session class (``autoflush``, ``info``, ...),
+            checked when declared: an option it does not take is a ``TypeError`` then.
     """
+    where = f"session({name!r})"
+    check_bool(expire_on_commit, "expire_on_commit", where)
+    check_bool(connect, "connect", where)
     _check_engine(lc, engine, "session()")
+    session_class = _session_class(class_, where, is_async=True)
     info = _info_for(engine)
+
+    def sync_class_of(extra: dict[str, Any]) -> type[Any]:
+        return _guarded(extra.get("sync_session_class") or session_class.sync_session_class)
+
+    _check_session_kwargs(
+        where,
+        lambda: session_class(
+            None,
+            expire_on_commit=expire_on_commit,
+            **{**session_kwargs, "sync_session_class": sync_class_of(session_kwargs)},
+        ),
+        session_kwargs,
+        session_class,
+        session_kwargs.get("sync_session_class") or session_class.sync_session_class,
+    )
 
     async def open_session(
         eng: AsyncEngine | AsyncConnection, join: str | None = None
@@ -1198,9 +1452,8 @@ def session(
         if info.engine is None:
             info.engine = eng.sync_engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
-        sync_class = _guarded(extra.get("sync_session_class") or Session)
-        extra = {**extra, "sync_session_class": sync_class}
-        s = AsyncSession(eng, expire_on_commit=expire_on_commit, **extra)
+        extra = {**extra, "sync_session_class": sync_class_of(extra)}
+        s = session_class(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             within = info.open_within
@@ -1317,6 +1570,14 @@ def sync_engine(
         reserved,
         workers,
     )
+    _check_engine_flags(
+        f"Engine {name!r}",
+        check,
+        pool_pre_ping=pool_pre_ping,
+        reset_session=reset_session,
+        pgbouncer=pgbouncer,
+        required=required,
+    )
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -1416,6 +1677,7 @@ def sync_session(
     expire_on_commit: bool = False,
     connect: bool = True,
     concurrency: int | None = None,
+    class_: type[Session] = Session,
     **session_kwargs: Any,
 ) -> Resource[Session]:
     """Register a request resource: one sync ``Session`` in a transaction per unit of work.
@@ -1431,8 +1693,22 @@ def sync_session(
         error_status: which response statuses roll back, as for :func:`session`.
         concurrency: most sessions opening at once; needed when *engine* is not one
             made by :func:`sync_engine` with a bounded ``max_overflow``.
+        class_: the session class, a subclass of ``Session``: SQLModel's
+            (``sqlmodel.Session``) for ``session.exec()``.
+        **session_kwargs: passed to the session class, checked when declared, as for
+            :func:`session`.
     """
+    where = f"sync_session({name!r})"
+    check_bool(expire_on_commit, "expire_on_commit", where)
+    check_bool(connect, "connect", where)
     _check_engine(lc, engine, "sync_session()")
+    guarded_class = _guarded(_session_class(class_, where, is_async=False))
+    _check_session_kwargs(
+        where,
+        lambda: guarded_class(None, expire_on_commit=expire_on_commit, **session_kwargs),
+        session_kwargs,
+        class_,
+    )
     info = _info_for(engine)
     limit = concurrency if concurrency is not None else info.limit
     if limit is None:
@@ -1446,7 +1722,7 @@ def sync_session(
         if info.engine is None:
             info.engine = eng if isinstance(eng, Engine) else eng.engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
-        s = _guarded(Session)(eng, expire_on_commit=expire_on_commit, **extra)
+        s = guarded_class(eng, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             try:
@@ -1544,12 +1820,14 @@ def _reset_unit(sync_conn: Connection, found: str) -> None:
     sql = IN_BLOCK_RESET + found
     driver: Any = sync_conn.connection.driver_connection
     package = type(driver).__module__.partition(".")[0]
+    # Never prepared: several statements (psycopg's prepare_threshold=0 would try).
+    options: dict[str, Any] = {"prepare": False} if package == "psycopg" else {}
     if package == "asyncpg" or inspect.iscoroutinefunction(getattr(driver, "execute", None)):
-        await_only(driver.execute(sql))
+        await_only(driver.execute(sql, **options))
     else:
         cursor = driver.cursor()
         try:
-            cursor.execute(sql)
+            cursor.execute(sql, **options)
         finally:
             cursor.close()
 
@@ -1711,6 +1989,9 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
+    label = name or getattr(fn, "__name__", None) or "once"
+    check_bool(record, "record", f"once {label!r}")
+
     async def run_once(eng: AsyncEngine, job: _once.Job) -> bool:
         if eng.dialect.name != "postgresql":
             msg = (

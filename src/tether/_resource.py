@@ -7,6 +7,7 @@ import functools
 import inspect
 import os
 import re
+import types
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -84,7 +85,9 @@ def kind_of(factory: Callable[..., Any]) -> Kind:
             getattr(fn, "__call__", None)  # noqa: B004 - callable objects
         ):
             return Kind.ASYNC_FUNC
-        if wrapped is None or not callable(wrapped):
+        if wrapped is None or not callable(wrapped) or not isinstance(fn, types.FunctionType):
+            # Only a function's decorator passes the call through: an object that wraps a
+            # function (asgiref's AsyncToSync, say) may run it instead.
             break
         fn = wrapped
     return Kind.SYNC_FUNC

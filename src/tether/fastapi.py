@@ -954,6 +954,7 @@ class HttpUnit(Unit):
         "headers",
         "request",
         "state",
+        "streaming",
         "task",
         "token",
         "watch",
@@ -985,6 +986,7 @@ class HttpUnit(Unit):
         self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
         self.failure: BaseException | None = None
         self.body_done = False
+        self.streaming = False  # its values close after FastAPI's producer (`_ProducedUnit`)
         self.task: asyncio.Task[Any] | None = None
         self.watch: _Watch | None = None  # made once the request has run a while
 
@@ -1244,8 +1246,9 @@ class _ProducedUnit(_KeepingUnit):
     (`_close_after_producer`): not when the response ends (a client that went away left the
     generator running, its query on a connection given back to the pool, or a sync session
     closed under its thread), nor before the last body message (a generator that raised has
-    ended the stream normally by then, and what it wrote was committed). Each close before
-    then only notes its failure."""
+    ended the stream normally by then, and what it wrote was committed). Once the handler has
+    returned its response (``streaming``), each close before then only notes its failure;
+    before, they close as on any route (a handler that failed, an ``idempotent`` retry)."""
 
     __slots__ = ("sent",)
 
@@ -1265,16 +1268,18 @@ class _ProducedUnit(_KeepingUnit):
             HttpUnit.went_away(self)
 
     async def aclose(self, exc: BaseException | None = None) -> list[BaseException]:
+        if not self.streaming:
+            return await HttpUnit.aclose(self, exc)
         if exc is not None and self.failure is None:
             self.failure = exc
         return []
 
     async def close_after_producer(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if self.entries:
+        if self.entries and not self.closed:
             self.stop_watching(self._receive)
             failure = exc if exc is not None else self.failure
-            if failure is None and self.state == 0:
-                failure = FailedResponse(500)  # the response was never sent
+            if failure is None and not self.sent:
+                failure = FailedResponse(500)  # the stream did not end: cut short
             try:
                 await HttpUnit.aclose(self, failure)
             finally:
@@ -1485,7 +1490,7 @@ async def _run(
     finally:
         if unit.watch is not None and unit.watch.task is not None:
             unit.watch.task.cancel()
-        if type(unit) is not _ProducedUnit:  # (its values close after FastAPI's producer)
+        if not unit.streaming:  # (else its values close after FastAPI's producer)
             unit.closed = True
             unit.lc._retire(unit)
 
@@ -1643,6 +1648,8 @@ def _handler(
             # The cleanups run without the unit in the context: what they schedule (a pool's
             # idle timer, set when a connection is released) does not carry it.
             _CURRENT.reset(token)
+            if stacked:
+                unit.streaming = True
             entries = unit.entries
             if not entries:
                 return response
@@ -1669,7 +1676,7 @@ def _handler(
             _retry_if_lost(unit, failed, again)
             return _error_response(failed, lc)
         finally:
-            if not late and not stacked:
+            if not late and not unit.streaming:
                 unit.closed = True
                 if unit.watch is not None:
                     unit.stop_watching(unit._receive)
@@ -1840,7 +1847,7 @@ class _LateResponse:
 
     async def _unsent(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         unit = self.unit
-        if not unit.closed and type(unit) is not _ProducedUnit:
+        if not unit.closed and not unit.streaming:
             unit.stop_watching(unit._receive)
             try:
                 await unit.aclose(exc if exc is not None else FailedResponse(500))

@@ -355,6 +355,27 @@ class TestWrappedFactories:
             assert await s.get(conn) == "c"
         assert events == ["conn", "open", "close"]
 
+    async def test_an_object_wrapping_a_coroutine_function_is_called_as_it_is(self) -> None:
+        """An object made with `functools.update_wrapper` (asgiref's `AsyncToSync`) may run
+        the function it wraps: only a function's decorator is followed (the diff reviewer
+        saw one awaited as a coroutine function)."""
+        lc = tether.Lifecycle()
+
+        async def make() -> str:
+            return "made"
+
+        class RunsIt:
+            def __init__(self, fn: Any) -> None:
+                self.fn = fn
+                functools.update_wrapper(self, fn)
+
+            def __call__(self) -> str:
+                return "ran it"  # (AsyncToSync runs the coroutine in a loop of its own)
+
+        value = lc.resource(name="value", thread=False)(RunsIt(make))
+        async with lc.scope() as s:
+            assert await s.get(value) == "ran it"
+
     async def test_a_wrapped_sync_generator_is_a_sync_generator(self) -> None:
         lc = tether.Lifecycle()
         events: list[str] = []

@@ -494,14 +494,15 @@ def saturation(
     waiting = figures.waiting or 0
     if most is None or in_use is None or figures.idle:
         return None
-    if in_use < most and not (waiting and in_use):
-        return None
-    # Fewer than all in use, none idle and units waiting: the pool is busy too, its other
-    # connections being made, checked (psycopg's pre-ping) or given back, and a check would
-    # queue behind the units waiting. (With none in use, the check tells whether the
-    # database answers at all.)
     now = time.monotonic()
     ago = now - served
+    if in_use < most and not (waiting and in_use and within is not None and ago <= within):
+        return None
+    # Fewer than all in use, none idle, units waiting, and one handed out within the
+    # timeout: the pool is busy too, its other connections being made, checked (psycopg's
+    # pre-ping) or given back, and a check would queue behind the units waiting. (With
+    # none in use, or none handed out for longer, the check tells whether the database
+    # answers at all: connects that fail are no timeouts.)
     if in_use < most:
         held = f"{in_use} of {most} connections (the others being made or checked)"
     else:

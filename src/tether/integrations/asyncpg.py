@@ -229,7 +229,8 @@ def _resetting(state: _State) -> Callable[[Any], Awaitable[None]]:
     asyncpg's."""
 
     async def reset(conn: Any) -> None:
-        await conn.execute(RESET_SESSION + state.configured.get(conn, ""))
+        configured = state.configured
+        await conn.execute(RESET_SESSION + (configured.get(conn, "") if configured else ""))
 
     return reset
 
@@ -259,6 +260,8 @@ def _drop_loggers(raw: Any, state: _State | None) -> None:
     pool's ``init`` added stay. A set comparison when nothing changed."""
     if state is None:
         return  # a pool tether did not open: what its init added is not known
+    if not getattr(raw, "_query_loggers", None):
+        return  # none (the common case): nothing to drop
     _put_back_loggers(raw, state.loggers.get(raw))
 
 

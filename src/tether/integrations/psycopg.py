@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
 import weakref
@@ -173,20 +174,22 @@ class _State:
         )
 
 
-#: The longest wait between two attempts at replacing a lost connection.
-RECONNECT_DELAY_CAP = 1.0
+#: The longest wait between two attempts at replacing a lost connection (give or take 10 %).
+RECONNECT_DELAY_CAP = 2.0
 
 
 class _Attempt(AttemptWithBackoff):
     """psycopg_pool's attempts at replacing a lost connection, their delay capped at
-    `RECONNECT_DELAY_CAP`. Its own double from 1 s up to ``reconnect_timeout`` (5 minutes):
-    after an outage of 45 s a connection's next attempt came up to 12 s after the server was
-    back, and every request waited for it and got a 503 saying the database could not be
-    reached (asyncpg's and SQLAlchemy's pools connect on demand)."""
+    `RECONNECT_DELAY_CAP`, jittered so that a pool's attempts do not all come at once. Its
+    own double from 1 s up to ``reconnect_timeout`` (5 minutes): after an outage of 45 s a
+    connection's next attempt came up to 12 s after the server was back, and every request
+    waited for it and got a 503 saying the database could not be reached (asyncpg's and
+    SQLAlchemy's pools connect on demand)."""
 
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_DELAY_CAP)
+        if self.delay > RECONNECT_DELAY_CAP:
+            self.delay = RECONNECT_DELAY_CAP * random.uniform(0.9, 1.1)
 
 
 class Pool(AsyncConnectionPool[Connection]):

@@ -1676,13 +1676,17 @@ def _handler(
             _retry_if_lost(unit, failed, again)
             return _error_response(failed, lc)
         finally:
-            if not late and not unit.streaming:
-                unit.closed = True
-                if unit.watch is not None:
-                    unit.stop_watching(unit._receive)
-                units.discard(unit)  # `lc._retire`, inline
-                if lc._drained is not None and not units:
-                    lc._drained.set()
+            if not late:
+                if unit.streaming:  # its values close after FastAPI's producer
+                    if unit.watch is not None:  # the response reads what comes from here
+                        unit.stop_watching(unit._receive)
+                else:
+                    unit.closed = True
+                    if unit.watch is not None:
+                        unit.stop_watching(unit._receive)
+                    units.discard(unit)  # `lc._retire`, inline
+                    if lc._drained is not None and not units:
+                        lc._drained.set()
 
     return tether_handler
 

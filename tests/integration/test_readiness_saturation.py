@@ -325,30 +325,13 @@ async def test_a_psycopg_pool_growing_under_traffic_is_ready_at_once(postgres: P
     waited its whole check_timeout, then failed: the overload reviewer's 503s behind
     PgBouncer, whose pre-pings wait for a server connection)."""
     with FaultProxy(postgres.port) as proxy:
-        lc = tether.Lifecycle(check_timeout=3.0)
-        pool = tpsy.pool(
-            lc,
-            _pg_url("postgresql", proxy.port, None),
-            name="pg",
-            min_size=1,
-            max_size=2,
-            timeout=8,
-        )
-        conn = tpsy.connection(lc, pool)
-        Conn = Annotated[Any, Depends(conn)]
-        release = anyio.Event()
-        app = FastAPI(lifespan=lc.lifespan)
-        app.include_router(health_router(lc, cache=0))
 
-        @app.get("/hold")
-        async def hold(c: Conn) -> int:
-            await release.wait()
-            return int(await scalar(c, "SELECT 1"))
+        def growing(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+            url = _pg_url("postgresql", proxy.port, None)
+            pool = tpsy.pool(lc, url, name="pg", min_size=1, max_size=2, timeout=8)
+            return tpsy.connection(lc, pool)
 
-        @app.get("/q")
-        async def q(c: Conn) -> int:
-            return int(await scalar(c, "SELECT 1"))
-
+        app, lc, release = make_app(growing, postgres)
         transport = httpx.ASGITransport(app=app)
         async with (
             lc.lifespan(app),

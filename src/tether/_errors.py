@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 from urllib.parse import unquote
+
+_E = TypeVar("_E", bound=BaseException)
 
 __all__ = [
     "ClientDisconnected",
@@ -198,6 +201,18 @@ def refused_for_good(exc: BaseException) -> str | None:
         orig = getattr(link, "orig", None)
         link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
     return None
+
+
+def for_good(exc: _E) -> _E:
+    """Mark *exc*, tether's refusal of a value a function gave at open (a DSN function
+    returning pydantic's ``SecretStr``), as one no retry mends: the open is not retried."""
+    exc.__tether_for_good__ = True  # type: ignore[attr-defined]
+    return exc
+
+
+def marked_for_good(exc: BaseException) -> bool:
+    """Whether *exc* was marked by `for_good`."""
+    return getattr(exc, "__tether_for_good__", False) is True
 
 
 def is_seconds(value: object, *, zero: bool = False) -> bool:

@@ -41,6 +41,7 @@ from ._errors import (
     check_number,
     describe,
     is_seconds,
+    marked_for_good,
     refused_for_good,
 )
 from ._health import HealthReport, run_checks
@@ -972,7 +973,7 @@ class Lifecycle:
         elif _misconfigured(failure.error):
             tried = (
                 f" It was tried {failure.res.retries + 1} times (retries={failure.res.retries})."
-                if failure.res.retries
+                if failure.res.retries and not marked_for_good(failure.error)
                 else ""
             )
             msg = (
@@ -1203,6 +1204,8 @@ class Lifecycle:
                     raise
                 if refused_for_good(exc) is not None:
                     raise  # a wrong password stays wrong: retrying it only risks a lockout
+                if marked_for_good(exc):
+                    raise  # tether's refusal of what a function gave (a SecretStr DSN)
                 res.counters.open_errors += 1  # each failed attempt (the last one: by the caller)
                 log.warning(
                     "tether: app resource %r failed to open (attempt %d of %d): %s; "

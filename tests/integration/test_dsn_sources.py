@@ -298,3 +298,69 @@ async def test_sqlalchemy_a_url_function_returning_a_secret_or_its_mask_fails_st
         async with lc.run():
             pass  # pragma: no cover
     assert SECRET not in str(info.value)
+
+
+MASKED = {
+    "asyncpg": "postgresql://app:**********@127.0.0.1:9/db",
+    "psycopg": "host=127.0.0.1 port=9 user=app password=********** dbname=db",
+    "redis": "redis://:**********@127.0.0.1:9/0",
+    "httpx": "https://u:**********@api.example.com/",
+}
+
+
+def _masked_message(where: str, what: str, *, returned: bool) -> str:
+    given = (
+        f"the function given for the {what} returned one with" if returned else f"the {what} has"
+    )
+    return (
+        f"{where}: {given} pydantic's mask '**********' as its password (an f-string of a "
+        f"SecretStr), not the password itself. Build the {what} with the secret's "
+        f'get_secret_value(), e.g. f"...:{{settings.db_password.get_secret_value()}}@..."'
+        f"{'' if returned else ', in a function passed for it'}."
+    )
+
+
+@pytest.mark.parametrize(("make", "where", "what", "fix"), DECLARE, ids=IDS)
+def test_the_mask_as_a_password_inside_a_dsn_is_refused_at_declaration(
+    make: Make, where: str, what: str, fix: str, request: pytest.FixtureRequest
+) -> None:
+    """``f"postgresql://app:{settings.password}@db/app"`` with a ``SecretStr`` password: the
+    server refused the password ``**********``, a refusal no retry mends, and nothing said why.
+    The DSN is not quoted in the message."""
+    lc = tether.Lifecycle()
+    given = MASKED[request.node.callspec.id]
+    with pytest.raises(ValueError, match=exactly(_masked_message(where, what, returned=False))):
+        make(lc, given)
+    # A password that merely holds asterisks is a password.
+    make(tether.Lifecycle(), given.replace("**********", "pa**word"))
+
+
+@pytest.mark.parametrize(("make", "where", "what", "fix"), DECLARE[:3], ids=IDS[:3])
+async def test_a_refused_dsn_function_result_is_not_retried(
+    make: Make, where: str, what: str, fix: str, request: pytest.FixtureRequest
+) -> None:
+    """A function that returned a ``SecretStr``, or a DSN with the mask for its password,
+    returns the same on every call: the start fails at once, not after ``retries=`` attempts
+    and their backoff, and does not say it was tried several times."""
+    masked = MASKED[request.node.callspec.id]
+    for given, cause in (
+        (
+            SecretStr(PG_URL),
+            f"TypeError: {where}: the function given for the {what} returned a SecretStr, not "
+            f"a string: return its get_secret_value(), e.g. {fix} (str() of a SecretStr is the "
+            f"mask '**********', not the {what})",
+        ),
+        (masked, "ValueError: " + _masked_message(where, what, returned=True)[:-1]),
+    ):
+        calls: list[object] = []
+
+        def dsn(given: object = given) -> object:
+            calls.append(given)
+            return given
+
+        lc = tether.Lifecycle()
+        res = make(lc, dsn, retries=3, backoff=0.05)  # type: ignore[call-arg]
+        with pytest.raises(tether.StartupError, match=misconfigured(res.name, cause)):
+            async with lc.run():
+                pass  # pragma: no cover
+        assert len(calls) == 1

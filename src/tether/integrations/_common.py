@@ -18,6 +18,7 @@ from .._errors import (
     ScopeError,
     StartupError,
     describe,
+    for_good,
     redact,
     remember_secrets,
 )
@@ -219,6 +220,15 @@ def _is_mask(value: str) -> bool:
     return bool(shown) and not shown.strip("*")
 
 
+#: pydantic's mask as a password: ``scheme://user:**********@host`` (an f-string of a
+#: ``SecretStr``), or ``password=**********`` in a conninfo string or a URL's query.
+_MASKED_PASSWORD = re.compile(r"(?::|\bpassword\s*=\s*)\*{10}(?=@|&|\s|$)")
+
+
+def _same(exc: BaseException) -> BaseException:
+    return exc
+
+
 def _secret_example(example: str) -> str:
     """``lambda: settings.redis_url.get_secret_value()``, after *example*'s variable."""
     found = re.search(r"os\.environ\[['\"](\w+)['\"]\]", example)
@@ -241,20 +251,37 @@ def check_dsn_value(
     ``TypeError`` or ``ValueError`` naming *where*, the type (never the value) and the fix."""
     given = f"the function given for the {what} returned" if returned else f"the {what} is"
     fix = "return" if returned else "pass a function returning"
+    # A refusal of what a function returned is marked: its next call returns the same.
+    mark = for_good if returned else _same
     if _is_secret(value):
         msg = (
             f"{_at(where)}{given} a {type(value).__name__}, not a string: {fix} its "
             f"get_secret_value(), e.g. {_secret_example(example)} (str() of a "
             f"{type(value).__name__} is the mask '**********', not the {what})."
         )
-        raise TypeError(msg)
+        raise mark(TypeError(msg))
     if isinstance(value, str) and _is_mask(value):
         msg = (
             f"{_at(where)}{given} {value.strip()!r}, the mask pydantic shows for a SecretStr "
             f"(its str(), or an f-string of it), not a {what}: {fix} its get_secret_value() "
             f"instead, e.g. {_secret_example(example)}."
         )
-        raise ValueError(msg)
+        raise mark(ValueError(msg))
+    if isinstance(value, str) and _MASKED_PASSWORD.search(value):
+        # Never quoted: the rest of it (user, host) is the user's to show.
+        given = (
+            f"the function given for the {what} returned one with"
+            if returned
+            else f"the {what} has"
+        )
+        msg = (
+            f"{_at(where)}{given} pydantic's mask '**********' as its password (an f-string of "
+            f"a SecretStr), not the password itself. Build the {what} with the secret's "
+            f"get_secret_value(), e.g. "
+            f'f"...:{{settings.db_password.get_secret_value()}}@..."'
+            f"{'' if returned else ', in a function passed for it'}."
+        )
+        raise mark(ValueError(msg))
     if strings and not isinstance(value, str) and not _is_pydantic_url(value):
         # The type only: a mapping of connection parameters holds the password.
         if returned:
@@ -268,7 +295,7 @@ def check_dsn_value(
                 f"{type(value).__name__}; build the {what} string from it, or pass e.g. "
                 f"{example}."
             )
-        raise TypeError(msg)
+        raise mark(TypeError(msg))
 
 
 def check_dsn(

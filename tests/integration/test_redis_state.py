@@ -58,7 +58,17 @@ async def clean(r: aioredis.Redis) -> None:
             f"MULTI would leave the pooled connection it runs on inside a transaction, where "
             f"every later command is queued, not run, until EXEC, {SHARED}{REFUSED} Run a "
             f"transaction in a pipeline, which holds one connection for it: async with "
-            f"r.pipeline(transaction=True) as pipe: pipe.incr(key); ...; await pipe.execute().",
+            f"r.pipeline(transaction=True) as pipe: pipe.incr(key); ...; await pipe.execute(). "
+            f"Or by hand on a connection of its own: async with r.client() as c: await "
+            f"c.execute_command('MULTI'); ...",
+        ),
+        (
+            lambda r: r.execute_command("WATCH", "k"),
+            f"WATCH would leave the pooled connection it runs on watching keys until an EXEC, "
+            f"{SHARED}{REFUSED} WATCH in a pipeline, which holds one connection until it ends: "
+            f"async with r.pipeline() as pipe: await pipe.watch(key); ...; pipe.multi(); ...; "
+            f"await pipe.execute(). Or by hand on a connection of its own: async with "
+            f"r.client() as c: await c.execute_command('WATCH', key); ...",
         ),
         (
             lambda r: r.auth("ops-secret-pw", "ops"),
@@ -87,7 +97,7 @@ async def clean(r: aioredis.Redis) -> None:
             f"ps.subscribe(channel).",
         ),
     ],
-    ids=["select", "multi", "auth", "hello-auth", "client-setname", "subscribe"],
+    ids=["select", "multi", "watch", "auth", "hello-auth", "client-setname", "subscribe"],
 )
 async def test_a_command_that_would_change_the_pooled_connection_is_refused(
     one: aioredis.Redis,

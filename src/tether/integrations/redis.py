@@ -28,6 +28,8 @@
   database, ``MULTI``, ``WATCH``, ``AUTH``, ``CLIENT SETNAME``, ``SUBSCRIBE``, ...) would
   reach later commands of any request, so it is refused (:class:`~tether.ScopeError`, before
   anything is sent), naming what to use (a client per database or user, a pipeline, PubSub).
+  ``r.client()`` (a connection of its own until closed) runs ``MULTI`` and ``WATCH`` by hand:
+  a connection it gives back inside a transaction, or watching keys, is disconnected first.
 * ``health_check_interval`` makes redis-py ping a connection idle for that long before
   using it, so a server restart or an idle timeout costs no failed command.
 * A server that cannot be reached (taking a connection, or reconnecting one inside a
@@ -230,13 +232,16 @@ _CONNECTION_STATE = {
     "MULTI": (
         "inside a transaction, where every later command is queued, not run, until EXEC",
         "Run a transaction in a pipeline, which holds one connection for it: async with "
-        "r.pipeline(transaction=True) as pipe: pipe.incr(key); ...; await pipe.execute().",
+        "r.pipeline(transaction=True) as pipe: pipe.incr(key); ...; await pipe.execute(). "
+        "Or by hand on a connection of its own: async with r.client() as c: await "
+        "c.execute_command('MULTI'); ...",
     ),
     "WATCH": (
         "watching keys until an EXEC",
         "WATCH in a pipeline, which holds one connection until it ends: async with "
         "r.pipeline() as pipe: await pipe.watch(key); ...; pipe.multi(); ...; "
-        "await pipe.execute().",
+        "await pipe.execute(). Or by hand on a connection of its own: async with r.client() "
+        "as c: await c.execute_command('WATCH', key); ...",
     ),
     "AUTH": (
         "authenticated as another user",
@@ -314,7 +319,7 @@ class _Client(aioredis.Redis):
     """The client tether hands out: redis-py's, but for the commands that would change the
     state of the pooled connection they run on (`_CONNECTION_STATE`), refused before
     anything is sent. Pipelines and PubSub objects hold a connection of their own, and run
-    them as redis-py does."""
+    them as redis-py does; so does :meth:`client` for a transaction (`_Dedicated`)."""
 
     tether_name = "redis"
 
@@ -327,15 +332,172 @@ class _Client(aioredis.Redis):
             pool: Any = self.connection_pool
             changes = _changes_connection(args, pool.connection_kwargs.get("db", 0))
             if changes is not None:
-                kind, command, sub = changes
-                what, fix = (text.format(sub=sub) for text in _CONNECTION_STATE[kind])
-                msg = (
-                    f"Redis client {self.tether_name!r}: {command} would leave the pooled "
-                    f"connection it runs on {what}, and redis-py hands that connection to any "
-                    f"later command, another request's too: refused, nothing was sent. {fix}"
-                )
-                raise ScopeError(msg)
+                raise self._refusal(*changes)
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def _refusal(self, kind: str, command: str, sub: str) -> ScopeError:
+        what, fix = (text.format(sub=sub) for text in _CONNECTION_STATE[kind])
+        msg = (
+            f"Redis client {self.tether_name!r}: {command} would leave the pooled "
+            f"connection it runs on {what}, and redis-py hands that connection to any "
+            f"later command, another request's too: refused, nothing was sent. {fix}"
+        )
+        return ScopeError(msg)
+
+    def client(self) -> _Dedicated:
+        """redis-py's client holding one connection of the pool until it is closed (as
+        ``Redis.client()``), named as this one, where a transaction may run by hand."""
+        dedicated = _Dedicated(connection_pool=self.connection_pool, single_connection_client=True)
+        dedicated.tether_name = self.tether_name
+        return dedicated
+
+
+#: The commands that end a transaction (and unwatch every key) on a dedicated connection.
+_ENDS_TRANSACTION = frozenset({"EXEC", "DISCARD"})
+#: A connection's methods that (re)connect it: redis-py 5's, and 8's.
+_RECONNECTS = ("connect", "connect_check_health")
+
+
+class _Dedicated(_Client):
+    """``r.client()``: one connection of the pool, held until ``aclose()`` gives it back
+    (redis-py's ``single_connection_client``). ``MULTI``, ``WATCH``, ``EXEC``, ``DISCARD``
+    and ``UNWATCH`` run on it, as on a pipeline's connection:
+
+    * redis-py's pool resets nothing on release: a connection given back inside a
+      transaction or with keys watched (a request that failed between ``MULTI`` and
+      ``EXEC``) is disconnected first, and the pool reconnects it, clean, when next used.
+    * redis-py's retry reconnects a connection that went away and sends the command again,
+      and its health check does when its PING, queued inside MULTI, is not answered: on the
+      new connection, without the transaction, the commands after MULTI ran at once and
+      EXEC ran unguarded by the watched keys. While the server holds a transaction or
+      watched keys on it, the connection is not reconnected (the command fails: `_lost`, a
+      503; the transaction is run again), and inside MULTI it is not health-checked.
+
+    The other commands that change a connection's state stay refused: they would outlive
+    the transaction, into the pool."""
+
+    tether_multi = False  # MULTI was sent, and no EXEC or DISCARD answered since
+    tether_watching = False  # WATCH was sent, and no EXEC, DISCARD or UNWATCH answered since
+    tether_saved: dict[str, Any] | None = None  # the reconnecting methods `_pin` replaced
+    tether_lost = False  # a reconnect was refused in the command under way
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            seen = _watched.get(args[0]) if args else False
+        except TypeError:  # an unhashable first argument: not one of redis-py's names
+            seen = None
+        if seen is False and not (self.tether_multi or self.tether_watching):
+            return await aioredis.Redis.execute_command(self, *args, **options)  # type: ignore[no-untyped-call]
+        words = _word(args[0]).split() if args else []
+        name = words[0] if words else ""
+        if name in _WATCHED:
+            pool: Any = self.connection_pool
+            changes = _changes_connection(args, pool.connection_kwargs.get("db", 0))
+            if changes is not None and changes[0] not in ("MULTI", "WATCH"):
+                raise self._refusal(*changes)
+        conn = self.connection
+        if self.tether_multi and conn is not None:
+            # No health check: its PING would be queued, not answered, and redis-py would
+            # take the connection for dead. A dead one fails the command itself (`_lost`).
+            conn.next_health_check = math.inf
+        # Marked before it is sent: one cancelled or failed on its way may have reached the
+        # server, and the connection is then released disconnected.
+        if name == "MULTI":
+            self.tether_multi = True
+        elif name == "WATCH":
+            self.tether_watching = True
+        try:
+            result = await aioredis.Redis.execute_command(self, *args, **options)  # type: ignore[no-untyped-call]
+        except BaseException:
+            if self.tether_lost:  # the server ended the transaction with the connection
+                self.tether_lost = self.tether_multi = self.tether_watching = False
+                self._unpin()
+            elif self.tether_multi or self.tether_watching:  # a MULTI or WATCH that failed
+                self._pin()  # may have been run all the same
+            raise
+        # Cleared only once answered: an EXEC that failed (EXECABORT, a lost connection)
+        # leaves the connection to be disconnected at release, whatever the server kept.
+        if name in _ENDS_TRANSACTION:
+            self.tether_multi = self.tether_watching = False
+        elif name == "UNWATCH" and not self.tether_multi:  # inside MULTI it is only queued
+            self.tether_watching = False
+        if self.tether_multi or self.tether_watching:
+            self._pin()
+        else:
+            self._unpin()
+        return result
+
+    def _pin(self) -> None:
+        """Refuse to reconnect the connection (redis-py's retry, its health check) while the
+        server holds a transaction or watched keys on it."""
+        conn = self.connection
+        if conn is None or self.tether_saved is not None:
+            return
+
+        async def refusing(*args: Any, **kwargs: Any) -> None:
+            if conn.is_connected:  # nothing to do, as redis-py's own
+                return
+            self.tether_lost = True
+            raise self._lost()
+
+        saved: dict[str, Any] = {}
+        for method in _RECONNECTS:
+            if hasattr(conn, method):
+                saved[method] = vars(conn).get(method)  # tether's wrapper, or None: the class's
+                setattr(conn, method, refusing)
+        self.tether_saved = saved
+
+    def _unpin(self) -> None:
+        saved, self.tether_saved = self.tether_saved, None
+        conn = self.connection
+        if saved is None or conn is None:
+            return
+        for method, previous in saved.items():
+            if previous is None:
+                delattr(conn, method)
+            else:
+                setattr(conn, method, previous)
+
+    def _lost(self) -> RedisUnavailable:
+        if self.tether_multi:
+            where, ended, outside, start = (
+                "inside a transaction (after MULTI)",
+                "dropped the transaction with it, and ran none of its queued commands",
+                "outside the transaction",
+                "MULTI (or WATCH)",
+            )
+        else:
+            where, ended, outside, start = (
+                "while watching keys (after WATCH)",
+                "forgot the watched keys with it",
+                "unguarded by the watched keys",
+                "WATCH",
+            )
+        msg = (
+            f"Redis client {self.tether_name!r}: the connection of r.client() was lost "
+            f"{where}: the server {ended}. It was not reconnected, which would run the next "
+            f"commands {outside}: run the transaction again, from {start}. Retry shortly; if "
+            f"it persists, check the Redis server."
+        )
+        return RedisUnavailable(msg, resource=self.tether_name, lost=True)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # redis-py shields its close with asyncio.shield, which an anyio cancel scope (a
+        # request whose client went away, a move_on_after) cancels again at once: it never
+        # gave the connection back, and the pool was a connection short for good.
+        with anyio.CancelScope(shield=True):
+            await super().__aexit__(*exc_info)  # type: ignore[no-untyped-call]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        conn = self.connection
+        if conn is not None and (self.tether_multi or self.tether_watching):
+            # The server keeps the transaction and the watched keys with the connection,
+            # and redis-py's pool would hand it on as it is, to any later command: close
+            # it (no round trip, nothing to fail or wait for) before it goes back.
+            self.tether_multi = self.tether_watching = False
+            await conn.disconnect(nowait=True)
+        self._unpin()  # the pool reconnects it as any other
+        await super().aclose(close_connection_pool)
 
 
 class _Pool(_PoolMixin, aioredis.ConnectionPool):

@@ -258,7 +258,8 @@ def test_a_streaming_body_gets_the_error_or_its_connection(postgres: Postgres) -
 @pytest.mark.fastapi_free
 async def test_rolled_back_drops_a_units_handlers_as_production_does(postgres: Postgres) -> None:
     """In `rolled_back` every unit of work gets the block's connection: the handlers one adds
-    go at its end, as on release; those the test added on the block's connection stay."""
+    go at its end, as on release; those the test added on the block's connection stay for
+    the block, and go with it (they used to stay on the pool's connection after it)."""
     lc = tether.Lifecycle()
     conn = tpsy.connection(lc, tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1))
     seen: list[str] = []
@@ -266,13 +267,18 @@ async def test_rolled_back_drops_a_units_handlers_as_production_does(postgres: P
     def fixture_handler(d: psycopg.errors.Diagnostic) -> None:
         seen.append(f"fixture: {d.message_primary}")
 
-    async with lc.run(), tpsy.rolled_back(conn) as block:
-        block.add_notice_handler(fixture_handler)
-        for unit in (1, 2):
-            async with lc.scope() as s:
-                c = await s.get(conn)
-                if unit == 1:
-                    c.add_notice_handler(lambda d: seen.append(f"unit 1: {d.message_primary}"))
-                await c.execute(f"DO $$ BEGIN RAISE NOTICE 'in unit {unit}'; END $$")
-        assert block._notice_handlers == [fixture_handler]
+    async with lc.run():
+        async with tpsy.rolled_back(conn) as block:
+            block.add_notice_handler(fixture_handler)
+            for unit in (1, 2):
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    if unit == 1:
+                        c.add_notice_handler(lambda d: seen.append(f"unit 1: {d.message_primary}"))
+                    await c.execute(f"DO $$ BEGIN RAISE NOTICE 'in unit {unit}'; END $$")
+            assert block._notice_handlers == [fixture_handler]
+        async with lc.scope() as s:  # the same connection, out of the block
+            c = await s.get(conn)
+            assert c._notice_handlers == []
+            await c.execute("DO $$ BEGIN RAISE NOTICE 'after the block'; END $$")
     assert seen == ["fixture: in unit 1", "unit 1: in unit 1", "fixture: in unit 2"]

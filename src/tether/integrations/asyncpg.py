@@ -142,9 +142,11 @@ class _State:
         "expired",
         "expires",
         "idle_since",
+        "listeners",
         "loggers",
         "max_waiting",
         "name",
+        "own_listeners",
         "pgbouncer",
         "ping_after",
         "rolled_back",
@@ -182,6 +184,12 @@ class _State:
         # as SQL that sets them again after the reset's ``RESET ALL``, and its query loggers.
         self.configured: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self.loggers: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+        # The termination listeners each connection had when the pool made it: tether's own
+        # (_on_close), and those its ``connect`` and ``init`` added; those a unit of work adds
+        # go as it gives the connection back. *own_listeners*: every connection's are tether's
+        # one alone (the common case: a length check on release, no look-up).
+        self.listeners: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+        self.own_listeners = True
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -238,13 +246,14 @@ def _resetting(state: _State) -> Callable[[Any], Awaitable[None]]:
 def _keeping_init(state: _State, init: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
     """The pool's ``init`` (run once per new connection), then a note of what it left for the
     reset to keep: its settings (a ``SET search_path``: the pool's first release would undo
-    them before any request ran with them), read in one query, and its query loggers (those a
-    unit of work adds go)."""
+    them before any request ran with them), read in one query, and its query loggers and
+    termination listeners (those a unit of work adds go)."""
 
     async def noted(conn: Any) -> None:
         await init(conn)
         if conn._query_loggers:
             state.loggers[conn] = set(conn._query_loggers)
+        _note_listeners(state, conn)
         if not state.pgbouncer:  # no reset to put them back after
             settings = await conn.fetchval(SESSION_SETTINGS)
             if settings:
@@ -253,16 +262,38 @@ def _keeping_init(state: _State, init: Callable[[Any], Awaitable[None]]) -> Call
     return noted
 
 
-def _drop_loggers(raw: Any, state: _State | None) -> None:
-    """Drop the query loggers a unit of work added (``conn.add_query_logger``) as the
-    connection goes back: they would receive the next units' queries and arguments, and pile
-    up (asyncpg's own reset clears the listeners and log listeners, not these). Those the
-    pool's ``init`` added stay. A set comparison when nothing changed."""
+def _note_listeners(state: _State, conn: Any) -> None:
+    """Note the termination listeners *conn* has as the pool makes it (tether's own, and those
+    the pool's ``connect`` and ``init`` added): they stay on it, those a unit of work adds go."""
+    listeners = getattr(conn, "_termination_listeners", None)
+    if listeners is None:
+        return  # an asyncpg without them: nothing to keep
+    state.listeners[conn] = set(listeners)
+    if len(listeners) != 1:
+        state.own_listeners = False  # one more than tether's: compare each connection's own
+
+
+def _drop_callbacks(raw: Any, state: _State | None) -> None:
+    """Drop the callbacks a unit of work added on the connection object as the connection goes
+    back: its query loggers (``conn.add_query_logger``), which would receive the next units'
+    queries and arguments, and its termination listeners (``conn.add_termination_listener``),
+    which a later unit's close would run, given that unit's connection. Both would pile up,
+    one per unit: asyncpg's own reset clears the listeners and log listeners, not these.
+    Those the pool's ``init`` added stay, and so does tether's own termination listener.
+    A falsy check and a length check when nothing was added (one look-up and one set
+    comparison each, for a pool whose ``init`` added some)."""
     if state is None:
         return  # a pool tether did not open: what its init added is not known
-    if not getattr(raw, "_query_loggers", None):
-        return  # none (the common case): nothing to drop
-    _put_back_loggers(raw, state.loggers.get(raw))
+    # asyncpg >= 0.30's (the pool refuses a connection that is not one): read directly.
+    if raw._query_loggers:  # none, the common case: nothing to drop
+        _put_back_loggers(raw, state.loggers.get(raw))
+    listeners = raw._termination_listeners
+    if state.own_listeners and len(listeners) <= 1:
+        return  # tether's own alone, the common case (none: asyncpg ran them as it closed)
+    kept = state.listeners.get(raw)
+    if kept is not None and listeners != kept:
+        listeners.clear()
+        listeners.update(kept)
 
 
 def _put_back_loggers(raw: Any, kept: set[Any] | None) -> None:
@@ -347,7 +378,8 @@ def pool(
         kw: passed to asyncpg's pool (``max_queries``, ``init``, ``setup``, ...) and to
             each connection (``command_timeout``, ``ssl``, ...). What ``init`` sets with
             ``SET`` is noted as it runs and set again by each release's reset, so every unit
-            of work starts with it; the query loggers it adds stay, those a unit adds go.
+            of work starts with it; the query loggers and termination listeners it adds
+            stay, those a unit adds go.
     """
     where = f"Pool {name!r}"
     check_dsn(dsn, where, example=_EXAMPLE_DSN)
@@ -472,6 +504,7 @@ def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable
         listen = getattr(conn, "add_termination_listener", None)
         if listen is not None:  # else not a connection: asyncpg refuses it
             listen(functools.partial(_on_close, state, state.expired))
+            _note_listeners(state, conn)  # init, if any, notes again after it
         return conn
 
     return counted
@@ -979,7 +1012,8 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
     if closed and state is not None:
         state.discarded += 1  # lost: asyncpg replaces it
     raw = _raw(conn)  # now: the release detaches it from the proxy
-    _drop_loggers(raw, state)
+    if not closed:  # closed: asyncpg runs (or ran) its termination listeners, and drops all
+        _drop_callbacks(raw, state)
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
@@ -1117,6 +1151,13 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     The units of work take turns on the one connection: one that asks for *connection*
     while another holds it waits for it, up to the pool's acquire timeout, then raises a
     ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
+    As in production, each unit of work gets a pool proxy of its own, released as the unit
+    ends: a statement on it after (a ``StreamingResponse`` body with ``release="handler"``, a
+    background task) raises asyncpg's ``InterfaceError`` ("released back to the pool"), where
+    it would run in the next unit's savepoint. The callbacks a unit adds (query loggers, log
+    and termination listeners) go at its end; those the test adds on the block's connection,
+    with the block.
+
     The block yields the connection: query it between requests to see what the app wrote (and
     do not commit on it). The app scope must be running, on this event loop (with
     ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
@@ -1133,6 +1174,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     conn = await p.acquire()  # a ScopeError on another event loop than the pool's
     if state is not None:
         state.rolled_back.append(name)  # another resource of the pool is outside: warned
+    pooled = _found_callbacks(_raw(conn))  # the test's own go with the block
     try:
         isolation, readonly = _begins.get(connection, (None, False))
         # Read-only per unit of work, not for the block: the test seeds its data on it.
@@ -1143,7 +1185,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with turns.turn():
-                loggers = set(_raw(conn)._query_loggers)  # as the unit found them
+                found_callbacks = _found_callbacks(_raw(conn))  # as the unit found them
                 # What the test set on the session (the unit's reset puts it back after).
                 found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""
                 after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
@@ -1151,8 +1193,9 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                 if readonly:  # undone with the savepoint, which a read-only unit rolls back
                     begin += "; SET LOCAL transaction_read_only = on"
                 await conn.execute(begin)
+                handed = _unit_proxy(conn)
                 try:
-                    yield conn
+                    yield handed
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         if spec.transaction:
@@ -1162,7 +1205,9 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                                 await _keep_unit(conn, name, after)  # autocommit: kept
                     raise
                 finally:
-                    _put_back_loggers(_raw(conn), loggers)
+                    _release_proxy(handed, conn)
+                    if not _closed(conn):  # closed: asyncpg ran its listeners, dropped all
+                        _put_back_callbacks(_raw(conn), found_callbacks)
                 if readonly:  # nothing to keep: its settings go with its savepoint
                     await conn.execute(back)
                 else:
@@ -1187,8 +1232,56 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     finally:
         if state is not None:
             state.rolled_back.remove(name)
+        if not _closed(conn):
+            _put_back_callbacks(_raw(conn), pooled)
         with anyio.CancelScope(shield=True):
             await p.release(conn)
+
+
+def _unit_proxy(conn: Any) -> Any:
+    """`rolled_back`: the block's connection as asyncpg's pool hands one to a unit of work, a
+    proxy of its own, released as the unit ends (:func:`_release_proxy`): used after, it raises
+    asyncpg's ``InterfaceError`` ("connection has been released back to the pool"), as in
+    production, where the block's proxy would still run the statement in the next unit."""
+    cls = asyncpg.pool.PoolConnectionProxy
+    if type(conn) is not cls:
+        return conn  # a pool tether did not open, handing out something else: as it is
+    proxy: Any = object.__new__(cls)
+    # Not attached to the connection (which keeps the block's proxy, given to its callbacks).
+    proxy._con = conn._con
+    proxy._holder = conn._holder
+    return proxy
+
+
+def _release_proxy(proxy: Any, conn: Any) -> None:
+    if proxy is not conn:
+        proxy._con = None
+
+
+#: `rolled_back`: the callbacks on a connection object that production's release drops (those
+#: a unit of work added): tether drops the query loggers and termination listeners, asyncpg's
+#: reset the log listeners.
+_UNIT_CALLBACKS = ("_query_loggers", "_termination_listeners", "_log_listeners")
+
+
+def _found_callbacks(raw: Any) -> list[tuple[set[Any], set[Any]]]:
+    """Copies of *raw*'s callbacks (``_UNIT_CALLBACKS``), to put back with
+    :func:`_put_back_callbacks`."""
+    found = []
+    for attr in _UNIT_CALLBACKS:
+        now = getattr(raw, attr, None)
+        if now is not None:
+            found.append((now, set(now)))
+    return found
+
+
+def _put_back_callbacks(raw: Any, found: list[tuple[set[Any], set[Any]]]) -> None:
+    """Make *raw*'s callbacks what :func:`_found_callbacks` found: in `rolled_back` the units
+    of work share the block's connection, and what one adds goes at its end, as on release."""
+    for now, before in found:
+        if now != before:
+            now.clear()
+            now.update(before)
 
 
 # --------------------------------------------------------------------------- once

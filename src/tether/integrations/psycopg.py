@@ -629,8 +629,11 @@ class _Handed:
     def __class__(self) -> type[Any]:  # isinstance(conn, psycopg.AsyncConnection) holds
         return type(self._tether_conn)
 
-    def _tether_give_back(self, message: str, res: Resource[Any]) -> None:
+    def _tether_give_back(self, message: str, res: Resource[Any], *, leak: bool = True) -> None:
+        """From now on, raise *message*; the first use counts one leak of *res* (if *leak*)."""
         object.__setattr__(self, "_tether_gone", (message, res))
+        if not leak:
+            object.__setattr__(self, "_tether_counted", True)
 
     def _tether_live(self) -> Connection:
         gone = self._tether_gone
@@ -916,9 +919,17 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     The units of work take turns on the one connection: one that asks for *connection*
     while another holds it waits for it, up to the pool's acquire timeout, then raises a
     ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
+    As in production, a unit of work's connection is unusable after the unit: a statement on
+    it (a ``StreamingResponse`` body with ``release="handler"``, a background task) raises
+    :class:`~tether.ResourceClosedError`, counted as a leak, where it would run in the next
+    unit's savepoint. The callbacks a unit adds (``add_notice_handler``,
+    ``add_notify_handler``) go at its end; those the test adds on the block's connection, with
+    the block.
+
     The block yields the connection: query it between requests to see what the app wrote (and
-    do not commit on it). The app scope must be running, on this event loop (with
-    ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
+    do not commit on it); after the block it raises :class:`~tether.ResourceClosedError`. The
+    app scope must be running, on this event loop (with ``TestClient``:
+    ``client.portal.wrap_async_context_manager(...)``).
     """
     from ..testing import _Turns
 
@@ -932,6 +943,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     if state is not None:
         state.rolled_back.append(name)  # another resource of the pool is outside: warned
     kept, autocommit = _settings(conn), conn.autocommit
+    pooled = _callbacks(conn, None)  # the handlers the test adds on the block's go with it
+    # Each unit of work gets the connection as production hands it: unusable after the unit.
+    given_back = _given_back_message(name, spec.pool.name, connection.release)
+    block = _Handed(conn)
     # As production's reset on release (none behind PgBouncer), then what each unit of work
     # found set again: what the pool's `configure` set, and the test on the block's connection.
     resets = state is None or not state.pgbouncer
@@ -962,9 +977,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
                 conn.commit = commit  # type: ignore[method-assign]
                 conn.rollback = rollback  # type: ignore[method-assign]
+                handed = _Handed(conn)
                 try:
                     try:
-                        yield conn
+                        yield cast("Connection", handed)
                     except BaseException:
                         with anyio.CancelScope(shield=True):
                             if spec.transaction:
@@ -977,13 +993,15 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                         raise
                     await _keep_unit(conn, name, strict=spec.transaction, reset=reset)
                 finally:
+                    handed._tether_give_back(given_back, connection)  # the unit of work is over
                     del conn.commit, conn.rollback
                     _drop_callbacks(conn, callbacks)
 
         try:
             with lc.override(connection, joined):
-                yield conn
+                yield cast("Connection", block)
         finally:
+            block._tether_give_back(_block_over(name), connection, leak=False)
             with anyio.CancelScope(shield=True):
                 held = False
                 with anyio.move_on_after(SETTLE):  # a unit of work still holding it ends first
@@ -1007,8 +1025,19 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     finally:
         if state is not None:
             state.rolled_back.remove(name)
+        if not conn.closed:
+            _drop_callbacks(conn, pooled)
         with anyio.CancelScope(shield=True):
             await p.putconn(conn)
+
+
+def _block_over(name: str) -> str:
+    return (
+        f"Connection {name!r} of rolled_back({name}) was given back to its pool when the block "
+        f"ended (its transaction rolled back), and cannot be used after: the pool may have "
+        f"handed it to a unit of work. Query it inside the `async with "
+        f"rolled_back({name}) as conn:` block."
+    )
 
 
 # --------------------------------------------------------------------------- once

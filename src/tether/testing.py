@@ -382,7 +382,9 @@ class _Turns:
     def __init__(self, name: str, timeout: float) -> None:
         self.name = name
         self.timeout = timeout
-        self.lock = anyio.Lock()
+        # Not a Lock: a unit of work may end in another task than the one that began it
+        # (a release="response" value, closed after the response's last body message).
+        self.lock = anyio.Semaphore(1)
         self._holder: object = None
         self._sync_lock = threading.Lock()  # taken in an opening thread, given back in another
         # Turns taken so far: a wait counts *timeout* from the last one, so units queued

@@ -176,3 +176,44 @@ def test_asyncpg_a_streaming_body_fails_in_the_block_as_in_production(postgres: 
                 client.get("/stream")
             assert str(caught.value) == RELEASED
             assert client.get("/plain").json() == 42
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_streaming_body_with_release_response_works_in_the_block(
+    postgres: Postgres, driver: str
+) -> None:
+    """The form the message above names: with `release="response"` the body's query runs,
+    in the block as in production. The block's turn on its one connection was an anyio
+    lock, which the task that closes the unit after the response (not the one that opened
+    it) could not release: `RuntimeError: The current task is not holding this lock`."""
+    lc = tether.Lifecycle()
+    if driver == "psycopg":
+        pool: Any = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1)
+        tx: Any = tpsy.connection(lc, pool, name="tx", release="response")
+        rolled_back: Any = tpsy.rolled_back
+
+        async def query(c: Any) -> Any:
+            return await one(c, "SELECT 41 + 1")
+    else:
+        pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1)
+        tx = tpg.connection(lc, pool, name="tx", release="response")
+        rolled_back = tpg.rolled_back
+
+        async def query(c: Any) -> Any:
+            return await c.fetchval("SELECT 41 + 1")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/stream")
+    async def stream(c: Annotated[Any, Depends(tx)]) -> StreamingResponse:
+        async def body() -> Any:
+            yield "rows\n"
+            yield f"{await query(c)}\n"
+
+        return StreamingResponse(body())
+
+    with TestClient(app) as client:
+        with client.portal.wrap_async_context_manager(rolled_back(tx)):
+            for _ in range(3):
+                assert client.get("/stream").text == "rows\n42\n"
+        assert lc.stats().resources["tx"].leaks == 0

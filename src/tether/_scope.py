@@ -56,9 +56,16 @@ _TETHER_DIRS = (
     "/uvicorn/",
     "/hypercorn/",
     "/gunicorn/",
+    "/granian/",
+    "/daphne/",
+    "/twisted/",
     "/click/",
     "<frozen runpy>",
     "/runpy.py",
+    # A worker process a server spawned (`uvicorn --workers N`, granian):
+    # multiprocessing's bootstrap, under the `<string>` of `python -c`.
+    "/multiprocessing/",
+    "<string>",
 )
 
 
@@ -1094,7 +1101,9 @@ def await_stack(task: Any) -> list[tuple[str, int, str]]:
     tether and the frameworks, innermost last. (``Task.get_stack`` stops at the outermost
     coroutine: a suspended coroutine's frame has no ``f_back``.)"""
     frames: list[tuple[str, int, str]] = []
-    aw = task.get_coro() if hasattr(task, "get_coro") else None
+    # `_coro`, not `get_coro()`: the same on CPython's tasks, and None on granian's
+    # `--task-impl rust` tasks, whose `get_coro()` crashes the process.
+    aw = getattr(task, "_coro", None)
     for _ in range(64):  # an await chain is never this deep; stop on anything circular
         if aw is None:
             break

@@ -6,9 +6,10 @@ report names the route, and where the request's task waits at the time of the re
 task waits for the client to leave: its report names the route only.)
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import pytest
@@ -69,3 +70,31 @@ def test_a_request_holding_a_value_is_reported_with_where_it_waits(
     assert f'File "{HERE}"' in stack
     assert "/tether/" not in stack.replace(HERE, "")  # tether's own frames are left out
     assert lc.stats().resources[resource].leaks == 1
+
+
+class _NoCoroTask(asyncio.Task):  # type: ignore[type-arg]
+    """granian's ``--task-impl rust`` tasks: an ``asyncio.Task`` whose ``get_coro()`` crashed
+    the worker process (a segfault) when tether's sweep read where a request waits."""
+
+    def get_coro(self) -> Any:
+        raise RuntimeError("get_coro() of a task that cannot give it")
+
+
+def test_a_request_whose_task_cannot_give_its_coroutine_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc, app, release = _app()
+
+    async def main() -> None:
+        async with lc.lifespan(app), client_of(app) as client:
+            task = _NoCoroTask(client.get("/hold"), loop=asyncio.get_running_loop())
+            with anyio.fail_after(5):
+                while not _leaks(caplog) and not task.done():
+                    await anyio.sleep(0.02)
+            release.set()
+            assert (await task).status_code == 200
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        anyio.run(main)
+    (message,) = _leaks(caplog)
+    assert message.startswith("tether: resource 'conn' held for ")

@@ -459,9 +459,10 @@ def _note_checkouts(eng: Engine, info: _PoolInfo) -> None:
 _UNREAD = "tether_unread"  # in a connection's info: its settings are to be read at checkout
 _RESET = "tether_reset"  # in a connection's info: its reset, setting those settings again
 _CALLBACKS = "tether_callbacks"  # in a connection's info: its driver's callbacks, as set up
+_KEPT = "tether_kept"  # in a connection's info: its driver's settings (psycopg's), as set up
 
 
-def _reset_sessions(eng: Engine, name: str) -> None:
+def _reset_sessions(eng: Engine, name: str, *, server: bool = True) -> None:
     """When a connection goes back to the pool (after SQLAlchemy's rollback), undo what a unit
     of work may have left on its PostgreSQL session (``RESET_SESSION``: ``SET``, ``SET ROLE``,
     cursors, ``LISTEN``, advisory locks, temporary tables), as asyncpg's pool does: one round
@@ -481,9 +482,15 @@ def _reset_sessions(eng: Engine, name: str) -> None:
     What the driver keeps on the connection object goes back as the pool's setup left it too
     (``_callbacks``: noted with the settings, or when the connection is made if there is
     nothing to read): the listeners, loggers and notice/notify handlers a unit of work added
-    are dropped, psycopg's unread notifications too; and a transaction the unit of work began
+    are dropped, psycopg's unread notifications too, and psycopg's and psycopg2's transaction
+    settings (``_driver_settings``) are put back; and a transaction the unit of work began
     itself and left open (a raw ``BEGIN`` in autocommit, which SQLAlchemy's rollback does not
-    see on asyncpg) is rolled back, with a warning, before the reset."""
+    see on asyncpg) is rolled back, with a warning, before the reset.
+
+    ``server=False`` (behind PgBouncer in transaction mode, where the next transaction may run
+    on another server connection, and a ``SET`` outlives none): no reset of the server's
+    session, and no settings read; what the driver keeps on the client's connection object
+    goes back all the same, with no round trip."""
     reading = False
 
     def connect(dbapi_connection: Any, record: Any) -> None:
@@ -495,11 +502,14 @@ def _reset_sessions(eng: Engine, name: str) -> None:
                 event.listen(eng, "checkout", checkout)
         else:  # every connect listener has run: what the driver keeps now is the setup's
             record.info[_CALLBACKS] = _callbacks(dbapi_connection)
+            record.info[_KEPT] = _driver_settings(dbapi_connection)
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if record.info.pop(_UNREAD, False):
             record.info[_CALLBACKS] = _callbacks(dbapi_connection)
-            record.info[_RESET] = RESET_SESSION + _read_settings(dbapi_connection)
+            record.info[_KEPT] = _driver_settings(dbapi_connection)
+            if server:
+                record.info[_RESET] = RESET_SESSION + _read_settings(dbapi_connection)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if dbapi_connection is None:
@@ -507,9 +517,10 @@ def _reset_sessions(eng: Engine, name: str) -> None:
         try:
             _reset_driver(
                 dbapi_connection,
-                record.info.get(_RESET, RESET_SESSION),
+                record.info.get(_RESET, RESET_SESSION) if server else "",
                 record.info.get(_CALLBACKS),
                 name,
+                record.info.get(_KEPT),
             )
         except Exception as exc:
             log.warning(
@@ -597,6 +608,71 @@ def _callbacks(dbapi_connection: Any) -> dict[str, Any]:
     return kept
 
 
+#: What psycopg and psycopg2 keep on their connection object for every later transaction,
+#: which a unit of work can change (psycopg2's ``set_session()``, the attributes, psycopg's
+#: ``set_read_only()``...): the driver applies them to every later transaction, with its
+#: ``BEGIN``, where the reset's ``RESET ALL`` does not reach them. A unit that left
+#: ``readonly=True`` made every later unit's writes fail (as on a replica), one that left
+#: ``autocommit=True`` made their rollbacks undo nothing.
+_DRIVER_SETTINGS = {
+    "psycopg": ("autocommit", "isolation_level", "read_only", "deferrable"),
+    "psycopg2": ("autocommit", "isolation_level", "readonly", "deferrable"),
+}
+#: And what makes their cursors and rows (SQLAlchemy's results need the driver's default
+#: tuples: a unit's ``row_factory = dict_row`` broke every later unit's queries), and
+#: psycopg's ``prepare_threshold`` (``pgbouncer=True`` sets it for every unit).
+_DRIVER_ATTRIBUTES = {
+    "psycopg": ("row_factory", "cursor_factory", "prepare_threshold"),
+    "psycopg2": ("cursor_factory",),
+}
+#: psycopg2's lists of the server's notices and of the notifications a ``LISTEN`` received,
+#: which grow until someone reads them (SQLAlchemy empties ``notices`` after its statements,
+#: not after the driver's own cursors).
+_PSYCOPG2_LISTS = ("notices", "notifies")
+
+
+def _driver_settings(dbapi_connection: Any) -> dict[str, Any]:
+    """What psycopg or psycopg2 keeps on *dbapi_connection*, as the pool's setup left it: its
+    transaction settings (``_DRIVER_SETTINGS``), its row and cursor factories
+    (``_DRIVER_ATTRIBUTES``), and psycopg2's notice and notification lists
+    (the objects: a ``connect`` listener may put its own there). Nothing for other drivers."""
+    driver, package = _driver_of(dbapi_connection)
+    attrs = (*_DRIVER_SETTINGS.get(package, ()), *_DRIVER_ATTRIBUTES.get(package, ()))
+    if package == "psycopg2":
+        attrs = (*attrs, *_PSYCOPG2_LISTS)
+    return {attr: getattr(driver, attr) for attr in attrs if hasattr(driver, attr)}
+
+
+def _restore_settings(driver: Any, package: str, kept: dict[str, Any] | None) -> None:
+    """Put the driver's transaction settings back as the pool's setup left them (*kept*:
+    ``_driver_settings``; the connection is idle), and psycopg2's lists too, emptied: a
+    notification for a unit's ``LISTEN`` is not the next unit's to read."""
+    if kept is None:
+        return  # a connection made before tether's listeners: nothing known to go back to
+    is_async = inspect.iscoroutinefunction(driver.commit)
+    for attr in _DRIVER_SETTINGS.get(package, ()):
+        if attr not in kept or getattr(driver, attr) == kept[attr]:
+            continue
+        if is_async:  # psycopg's AsyncConnection: set_autocommit(), set_read_only(), ...
+            await_only(getattr(driver, f"set_{attr}")(kept[attr]))
+        else:
+            setattr(driver, attr, kept[attr])
+    for attr in _DRIVER_ATTRIBUTES.get(package, ()):
+        if attr in kept and getattr(driver, attr) is not kept[attr]:
+            setattr(driver, attr, kept[attr])  # no I/O: a plain attribute, async too
+    if package != "psycopg2":
+        return
+    for attr in _PSYCOPG2_LISTS:
+        before = kept.get(attr)
+        if before is not None and getattr(driver, attr) is not before:
+            setattr(driver, attr, before)
+        items: Any = getattr(driver, attr, None)
+        if isinstance(items, list):
+            del items[:]
+        elif hasattr(items, "clear"):
+            items.clear()
+
+
 def _drop_callbacks(driver: Any, package: str, kept: dict[str, Any] | None) -> None:
     """Put the driver's callbacks back as *kept* (``_callbacks``): those a unit of work added
     would receive the next units' notifications, notices and queries (and pile up)."""
@@ -621,13 +697,16 @@ def _reset_driver(
     sql: str = RESET_SESSION,
     kept: dict[str, Any] | None = None,
     name: str = "engine",
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Run the reset *sql* (``RESET_SESSION``, then what the connection's ``connect``
-    listeners set, if any), in one round trip, opening no transaction.
+    listeners set, if any; none if ""), in one round trip, opening no transaction.
 
     Before it, the callbacks the unit of work added on the driver's connection are dropped
     (*kept*: those to keep, ``_callbacks``), and a transaction it began itself and left open is
-    rolled back, with a warning; after it, psycopg's notifications nobody read are dropped."""
+    rolled back, with a warning; after it, the driver's transaction settings go back as the
+    pool's setup left them (*settings*: ``_driver_settings``), and the notifications (psycopg2:
+    the notices too) nobody read are dropped."""
     driver, package = _driver_of(dbapi_connection)
     _drop_callbacks(driver, package, kept)
     if package == "asyncpg":
@@ -641,7 +720,8 @@ def _reset_driver(
                 if getattr(driver, "_top_xact", None) is not None:
                     driver._top_xact = None  # as asyncpg's own reset: it is rolled back
                 await_only(driver.execute("ROLLBACK"))
-        await_only(driver.execute(sql))  # no transaction open: it stays none
+        if sql:
+            await_only(driver.execute(sql))  # no transaction open: it stays none
         return
     if package not in ("psycopg", "psycopg2"):
         return
@@ -659,21 +739,24 @@ def _reset_driver(
     if is_async:
         if left_open:
             await_only(driver.execute("ROLLBACK"))
-        if not autocommit:
+        if sql and not autocommit:
             await_only(driver.set_autocommit(True))
-        await_only(driver.execute(sql, **options))
-        if not autocommit:
+        if sql:
+            await_only(driver.execute(sql, **options))
+        if sql and not autocommit:
             await_only(driver.set_autocommit(False))
-    else:
+    elif left_open or sql:
         cursor = driver.cursor()
         try:
             if left_open:
                 cursor.execute("ROLLBACK")
-            driver.autocommit = True
-            cursor.execute(sql, **options)
+            if sql:
+                driver.autocommit = True
+                cursor.execute(sql, **options)
         finally:
             cursor.close()
             driver.autocommit = autocommit
+    _restore_settings(driver, package, settings)
     backlog = getattr(driver, "_notifies_backlog", None)  # psycopg >= 3.2
     if backlog:
         backlog.clear()  # notifications of the unit's LISTEN, for the next notifies()
@@ -1042,13 +1125,17 @@ def engine(
             advisory locks, temporary tables), as asyncpg's pool does: one round trip. The
             callbacks the unit added on the driver's connection (listeners, loggers, notice
             and notify handlers) are dropped too, and a transaction it began itself and left
-            open (a raw ``BEGIN`` in autocommit) is rolled back, with a warning.
+            open (a raw ``BEGIN`` in autocommit) is rolled back, with a warning; psycopg's and
+            psycopg2's transaction settings on the connection object (``autocommit``,
+            ``read_only``, ...) go back as the pool's setup left them.
             ``False`` skips it, for code that never changes the session (the next unit of work
             would inherit it).
         pgbouncer: the URL points at PgBouncer in transaction mode: configure the driver
             so it never relies on named prepared statements surviving a transaction
             (asyncpg: no statement caches and unique statement names; psycopg:
-            ``prepare_threshold=None``). The budget check is then skipped.
+            ``prepare_threshold=None``; psycopg2 prepares nothing). The budget check is then
+            skipped, and so is the reset of the server's session (``reset_session``): what the
+            driver keeps on its connection object is still put back.
         application_name: shown in ``pg_stat_activity`` (PostgreSQL drivers).
         connect_timeout: seconds to establish one connection (PostgreSQL drivers).
         budget, workers, reserved: on PostgreSQL, at startup, check that
@@ -1123,8 +1210,8 @@ def engine(
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
-        if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
-            _reset_sessions(eng.sync_engine, name)
+        if reset_session and u.get_backend_name() == "postgresql":
+            _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
         try:
             server_max: int | None = None
             try:
@@ -1603,8 +1690,8 @@ def sync_engine(
             _refuse_failed_commits(eng, name)
         _count_connections(eng, info)
         _note_checkouts(eng, info)
-        if reset_session and u.get_backend_name() == "postgresql" and not pgbouncer:
-            _reset_sessions(eng, name)
+        if reset_session and u.get_backend_name() == "postgresql":
+            _reset_sessions(eng, name, server=not pgbouncer)
         try:
             server_max: int | None = None
             try:

@@ -1836,6 +1836,17 @@ def _interruptible_start(lc: Lifecycle) -> Iterator[_Start]:
         lc._start_stop = None
 
 
+def _held_by_loop(loop: asyncio.AbstractEventLoop, signum: int) -> bool:
+    """Whether *signum*'s handler was registered with a loop that keeps it where tether
+    cannot wrap it (uvloop's ``add_signal_handler``: its wakeup fd calls the server's
+    callback whatever ``signal.signal`` says since)."""
+    handles = getattr(loop, "_signal_handlers", None)
+    if isinstance(handles, dict):  # asyncio's loops: wrapped through the loop
+        return False
+    handler = signal.getsignal(signum)
+    return getattr(handler, "__self__", None) is loop
+
+
 @contextmanager
 def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
     """While the app serves: SIGTERM makes readiness fail for ``drain_delay`` seconds, then
@@ -1846,6 +1857,18 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
     delay = lc.drain_delay
     loop = asyncio._get_running_loop()
     if not delay or loop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    if _held_by_loop(loop, signal.SIGTERM):
+        log.warning(
+            "tether: drain_delay=%g s cannot delay this server's shutdown: its SIGTERM "
+            "handler is registered with uvloop's loop (granian's default --loop auto, "
+            "hypercorn -k uvloop), which calls it itself, so /health/ready fails only once "
+            "the shutdown begins. Run the server on asyncio's loop (granian --loop asyncio, "
+            "hypercorn -k asyncio), or delay in the orchestrator (a preStop hook that sleeps).",
+            delay,
+        )
         yield
         return
 

@@ -5,6 +5,7 @@ start, and `drain_delay` holds SIGTERM back while readiness fails."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -184,3 +185,40 @@ def test_overlapping_startups_leave_signals_as_they_were() -> None:
     )  # fmt: skip
     assert done.stdout.splitlines() == ["KeyboardInterrupt"], done.stdout + done.stderr
     assert done.returncode == -signal.SIGTERM, done.stderr
+
+
+def test_drain_delay_under_a_uvloop_handler_warns_instead_of_claiming_a_delay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop's loop (granian's default `--loop auto`, hypercorn `-k uvloop`) calls a
+    SIGTERM handler registered with it itself, whatever `signal.signal` says: the server
+    stopped at once while tether logged that readiness failed for `drain_delay` "while the
+    app serves". tether now says at startup that the delay cannot work there, and how to
+    run it, and claims nothing on SIGTERM."""
+    uvloop = pytest.importorskip("uvloop")
+    calls: list[float] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: calls.append(time.perf_counter()))
+        try:
+            lc = tether.Lifecycle(drain_delay=5)
+            async with lc.lifespan(None):
+                signal.raise_signal(signal.SIGTERM)
+                with anyio.fail_after(2):
+                    while not calls:
+                        await anyio.sleep(0.01)
+                assert not lc._stopping
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        uvloop.run(main())
+    messages = [r.getMessage() for r in caplog.records if r.name == "tether"]
+    assert messages == [
+        "tether: drain_delay=5 s cannot delay this server's shutdown: its SIGTERM handler is "
+        "registered with uvloop's loop (granian's default --loop auto, hypercorn -k uvloop), "
+        "which calls it itself, so /health/ready fails only once the shutdown begins. Run the "
+        "server on asyncio's loop (granian --loop asyncio, hypercorn -k asyncio), or delay in "
+        "the orchestrator (a preStop hook that sleeps)."
+    ]

@@ -1960,6 +1960,8 @@ _ANSWERED = (json.JSONDecodeError, UnicodeError)
 
 
 def _misconfigured(exc: BaseException) -> bool:
+    if marked_for_good(exc):  # tether's own refusal of what it was given to open
+        return True
     return isinstance(exc, _MISCONFIGURED) and not isinstance(exc, _ANSWERED)
 
 

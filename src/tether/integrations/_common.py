@@ -311,6 +311,21 @@ def check_dsn(
         check_dsn_value(dsn, where, what=what, example=example, strings=strings)
 
 
+def asyncio_only(where: str, driver: str) -> None:
+    """Refuse to open *driver*'s resource off asyncio (anyio's trio backend), where it
+    fails with ``RuntimeError: no running event loop`` or trio's "unrecognized yield
+    message", and a StartupError advised retries: a mistake no retry mends."""
+    if asyncio._get_running_loop() is not None:
+        return
+    msg = (
+        f"{where}: {driver} runs on asyncio only, and this app runs on another event loop "
+        f"(anyio's trio backend: hypercorn -k trio, anyio.run(..., backend='trio'), "
+        f"TestClient(backend='trio')). Run the app on asyncio (hypercorn -k asyncio, "
+        f"uvicorn), or keep {driver} out of the trio app."
+    )
+    raise for_good(RuntimeError(msg))
+
+
 def resolve_dsn(
     dsn: Dsn,
     where: str = "",

@@ -84,7 +84,13 @@ from aiosqlite.context import contextmanager
 from .._errors import ResourceUnavailable, check_bool, check_number, describe
 from .._resource import Resource
 from .._stats import PoolStats
-from ._common import check_resource, connect_or_close, depends_on, unavailable
+from ._common import (
+    asyncio_only,
+    check_resource,
+    connect_or_close,
+    depends_on,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -394,6 +400,7 @@ def database(
     check_bool(create_dirs, "create_dirs", where)
 
     async def open_database() -> AsyncIterator[Database]:
+        asyncio_only(where, "aiosqlite")
         db = Database(
             _resolve_path(path, name),
             name=name,

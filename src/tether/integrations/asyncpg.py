@@ -81,6 +81,7 @@ from ._common import (
     ConnectionOf,
     Dsn,
     LoopBound,
+    asyncio_only,
     check_budget,
     check_dsn,
     check_resource,
@@ -400,6 +401,7 @@ def pool(
     check_bool(required, "required", where)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
+        asyncio_only(where, "asyncpg")
         target = resolve_dsn(dsn, where, example=_EXAMPLE_DSN)
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
         state.max_waiting = max_waiting

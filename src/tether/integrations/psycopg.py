@@ -96,6 +96,7 @@ from ._common import (
     ConnectionOf,
     Dsn,
     LoopBound,
+    asyncio_only,
     check_budget,
     check_dsn,
     check_resource,
@@ -307,6 +308,7 @@ def pool(
     check_bool(required, "required", where)
 
     async def open_pool() -> AsyncIterator[Pool]:
+        asyncio_only(where, "psycopg's async pool")
         target = resolve_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
         state = _State(name, timeout, redact(target), pgbouncer)
         connect_kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, **(kwargs or {})}

@@ -66,6 +66,7 @@ from .._stats import PoolStats
 from ._common import (
     LOSES_CANCEL,
     Dsn,
+    asyncio_only,
     check_dsn,
     dropped_cancellation,
     redact,
@@ -560,6 +561,7 @@ def client(
             check_bool(kw[option], option, where)
 
     async def open_client() -> AsyncIterator[aioredis.Redis]:
+        asyncio_only(where, "redis-py's asyncio client")
         target = resolve_dsn(url, where, what="URL", example=example)
         shown = redact(target)
         options: dict[str, Any] = {

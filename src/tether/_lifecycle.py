@@ -827,7 +827,10 @@ class Lifecycle:
             msg = (
                 f"The app scope of this Lifecycle is already {self.state.value}{held}. "
                 f"One Lifecycle runs one app scope at a time: use the one that runs (in a "
-                f"test, take the fixture that holds it), or a new Lifecycle."
+                f"test, take the fixture that holds it), or a new Lifecycle. To serve a "
+                f"second app (an admin app) from this Lifecycle's resources, give it no "
+                f"lifespan of its own and call `tether.fastapi.install(admin, lc)` after "
+                f"adding its routes."
             )
             raise ScopeError(msg)
         self._app_site = _entry_site()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -31,7 +32,7 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -261,26 +262,28 @@ def install(app: Any, lc: Lifecycle) -> None:
             lc._installed_apps[app] = frozenset(k for k in overrides if isinstance(k, Resource))
     except TypeError:  # pragma: no cover - an app that cannot be weakly referenced
         pass
-    _forget_inclusions(getattr(app, "routes", ()))
+    routes = _routes_of(app)
+    _forget_inclusions(routes)
     walked = [
         (route, included, extra, _label(route, prefix))
-        for route, included, extra, prefix in _walk(
-            getattr(app, "routes", ()), included=False, extra=()
-        )
-        if getattr(route, "app", None) is not None
+        for route, included, extra, prefix in _walk(routes, included=False, extra=())
+        if getattr(route, "app", None) is not None or _is_frontend(route)
     ]
+    # A dependency that `app.dependency_overrides` replaces (set before the app starts)
+    # with one that uses a resource: the routes that depend on it use the resource too.
+    hot = _overridden_by_users(app, [route for route, _, _, _ in walked], lc)
     # The warnings first, for each path a router is included at (installing a route
     # inlines its resource parameters, out of its dependant), once per Lifecycle.
     warned = _warned.setdefault(lc, set())
     for route, _, extra, said in walked:
-        if said not in warned and (_uses(route, lc) or _depends_use(extra, lc)):
+        if said not in warned and (_uses(route, lc, hot) or _depends_use(extra, lc, hot)):
             warned.add(said)
             _warn_blocking(route, lc, said)
             _warn_late_cleanup(route, lc, extra, said)
     for route, included, extra, said in walked:
         if _installed(route):
             continue
-        if _uses(route, lc) or _depends_use(extra, lc):
+        if _uses(route, lc, hot) or _depends_use(extra, lc, hot):
             if _serve_by_handler(route, lc):
                 continue
             if getattr(getattr(route, "endpoint", None), "_tether_retries", 0):
@@ -311,6 +314,48 @@ def install(app: Any, lc: Lifecycle) -> None:
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
+    _install_after_router_lifespans(app, lc)
+
+
+def _install_after_router_lifespans(app: Any, lc: Lifecycle) -> None:
+    """Take over the routes the lifespans of included routers add, too
+    (``APIRouter(lifespan=...)``): FastAPI runs those inside the app's own lifespan
+    (``lc.lifespan``), after it called `install`. Its merged lifespan enters the last
+    router's last; tether wraps that one so that it installs again once it has entered,
+    when every lifespan has started. At startup only: nothing on the request path."""
+    merged = getattr(getattr(app, "router", None), "lifespan_context", None)
+    fn: Any = getattr(merged, "__wrapped__", None)
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_name != "merged_lifespan" or fn.__closure__ is None:
+        return  # no router lifespans (or a FastAPI that merges them another way)
+    try:
+        cell = fn.__closure__[code.co_freevars.index("nested_context")]
+        nested = cell.cell_contents
+    except (ValueError, IndexError):  # pragma: no cover - another FastAPI layout
+        return
+    if isinstance(nested, _InstallAfter):
+        if lc not in nested.lcs:
+            nested.lcs.append(lc)
+        return
+    cell.cell_contents = _InstallAfter(nested, lc)
+
+
+class _InstallAfter:
+    """A router's lifespan, after whose startup tether installs its Lifecycles again."""
+
+    def __init__(self, lifespan: Any, lc: Lifecycle) -> None:
+        self.lifespan = lifespan
+        self.lcs = [lc]
+
+    def __call__(self, app: Any) -> Any:
+        return self._run(app)
+
+    @contextlib.asynccontextmanager
+    async def _run(self, app: Any) -> AsyncIterator[Any]:
+        async with self.lifespan(app) as state:
+            for lc in self.lcs:
+                install(app, lc)  # the routes its startup added
+            yield state
 
 
 # The routes (by label) each Lifecycle has been warned about: `install` runs at every start.
@@ -540,28 +585,46 @@ def _walk(
             context = getattr(route, "include_context", None)
             added = getattr(context, "dependencies", ())
             inner = prefix + (getattr(context, "prefix", "") or "")
-            yield from _walk(original.routes, included=True, extra=(*extra, *added), prefix=inner)
+            yield from _walk(
+                _routes_of(original), included=True, extra=(*extra, *added), prefix=inner
+            )
         elif getattr(route, "dependant", None) is None and hasattr(route, "routes"):
             # Mount, Host: the routes of the app they serve, through its middleware too.
-            routes = route.routes or _wrapped_routes(route)
-            yield from _walk(routes, included=included, extra=extra, prefix=prefix)
+            yield from _walk(_mounted_routes(route), included=included, extra=extra, prefix=prefix)
         else:
             yield route, included, extra, prefix
 
 
-def _wrapped_routes(mount: Any) -> Any:
-    """The routes of the app a ``Mount`` serves through middleware
-    (``app.mount("/sub", CORSMiddleware(sub))``): its ``routes`` are the outermost app's,
-    which has none. Middleware keeps the app it wraps as ``app``."""
-    app = getattr(mount, "app", None)
+def _routes_of(app: Any) -> list[Any]:
+    """An app's (or a router's) routes, with its low-priority ones: FastAPI 0.165+ keeps
+    the groups of ``app.frontend(...)`` routes apart, in ``router._low_priority_routes``,
+    tried after every other route."""
+    routes = list(getattr(app, "routes", None) or ())
+    low = getattr(getattr(app, "router", app), "_low_priority_routes", None)
+    if isinstance(low, list) and low:
+        routes.extend(low)
+    return routes
+
+
+def _mounted_routes(mount: Any) -> list[Any]:
+    """The routes of the app a ``Mount`` (or a ``Host``) serves, through its middleware too
+    (``app.mount("/sub", CORSMiddleware(sub))``, whose outermost app has none). Middleware
+    keeps the app it wraps as ``app``."""
+    app = getattr(mount, "_base_app", None) or getattr(mount, "app", None)
     for _ in range(64):  # a stack of middleware is never this deep; stop on a cycle
         if app is None:
             break
-        routes = getattr(app, "routes", None)
+        routes = _routes_of(app)
         if routes:
             return routes
         app = getattr(app, "app", None)
-    return ()
+    return list(getattr(mount, "routes", None) or ())
+
+
+def _is_frontend(route: Any) -> bool:
+    """Whether *route* is FastAPI's group of ``frontend(...)`` routes (0.165+): no ``app``
+    of its own; its ``handle`` solves the router's dependencies, then serves the file."""
+    return type(route).__name__ == "_FrontendRouteGroup"
 
 
 def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
@@ -626,15 +689,18 @@ def _fastapi_routing() -> Any:
     return fastapi.routing
 
 
-def _uses(route: Any, lc: Lifecycle) -> bool:
+_NONE: frozenset[int] = frozenset()
+
+
+def _uses(route: Any, lc: Lifecycle, hot: frozenset[int] = _NONE) -> bool:
     dependant = getattr(route, "dependant", None)
     if dependant is None:
         # A plain Starlette route: tether cannot see what it uses, so it owns them all.
         return hasattr(route, "endpoint")
-    return _dependant_uses(dependant, lc)
+    return _dependant_uses(dependant, lc, hot)
 
 
-def _depends_use(depends: tuple[Any, ...], lc: Lifecycle) -> bool:
+def _depends_use(depends: tuple[Any, ...], lc: Lifecycle, hot: frozenset[int] = _NONE) -> bool:
     """Whether any of these ``Depends(...)`` needs a resource of *lc*."""
     if not depends:
         return False
@@ -645,20 +711,61 @@ def _depends_use(depends: tuple[Any, ...], lc: Lifecycle) -> bool:
         if isinstance(call, Resource):
             if call.lifecycle is lc:
                 return True
-        elif call is not None and _dependant_uses(get_dependant(path="", call=call), lc):
+        elif call is not None and (
+            id(call) in hot or _dependant_uses(get_dependant(path="", call=call), lc, hot)
+        ):
             return True
     return False
 
 
-def _dependant_uses(dependant: Any, lc: Lifecycle) -> bool:
+def _dependant_uses(dependant: Any, lc: Lifecycle, hot: frozenset[int] = _NONE) -> bool:
+    """Whether *dependant* needs a resource of *lc*, through its dependencies too; *hot*:
+    the ids of the dependencies an override replaces with one that does."""
     stack = [dependant]
     while stack:
         d = stack.pop()
         call = getattr(d, "call", None)
-        if isinstance(call, Resource) and call.lifecycle is lc:
+        if isinstance(call, Resource):
+            if call.lifecycle is lc:
+                return True
+        elif hot and id(call) in hot:
             return True
         stack.extend(getattr(d, "dependencies", ()))
     return False
+
+
+def _overridden_by_users(app: Any, routes: list[Any], lc: Lifecycle) -> frozenset[int]:
+    """The ids of the dependencies that ``dependency_overrides`` (of *app*, and of the
+    providers of *routes*: a mounted sub-app's) replace with a callable that uses a
+    resource of *lc*: ``app.dependency_overrides[get_user] = user_from_db``."""
+    providers = {id(app): app}
+    for route in routes:
+        provider = getattr(route, "dependency_overrides_provider", None)
+        if provider is not None:
+            providers.setdefault(id(provider), provider)
+    found: set[int] = set()
+    for provider in providers.values():
+        overrides = getattr(provider, "dependency_overrides", None)
+        if not isinstance(overrides, dict):
+            continue
+        for key, value in overrides.items():
+            if not isinstance(key, Resource) and _override_uses(value, lc):
+                found.add(id(key))
+    return frozenset(found)
+
+
+def _override_uses(value: Any, lc: Lifecycle) -> bool:
+    """Whether an override's callable needs a resource of *lc*."""
+    if isinstance(value, Resource):
+        return value.lifecycle is lc
+    if not callable(value):
+        return False
+    try:
+        from fastapi.dependencies.utils import get_dependant
+
+        return _dependant_uses(get_dependant(path="", call=value), lc)
+    except Exception:
+        return False
 
 
 class _Inlined:
@@ -813,6 +920,13 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
 
 
 def _label(route: Any, prefix: str = "") -> str:
+    original = getattr(route, "original_route", None)  # an inclusion's context (0.137+)
+    if _is_frontend(route) or _is_frontend(original):
+        # FastAPI's group of frontend routes: the paths it serves files under.
+        group = route if original is None else original
+        prefix += getattr(route, "frontend_prefix", "")
+        paths = ", ".join(prefix + getattr(r, "path", "?") for r in getattr(group, "routes", ()))
+        return f"FRONTEND {paths or prefix or '/'}"
     methods = getattr(route, "methods", None)
     path = prefix + getattr(route, "path", "?")
     if methods:
@@ -841,6 +955,33 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
         return unit
     path = scope.get("path", "?")
     what = "A tether resource" if name is None else f"Resource {name!r}"
+    mounted = _mounted_at(scope)
+    if lc.state is State.CREATED and mounted and not _installed_app(lc, scope):
+        # `outer.mount("/v2", FastAPI(lifespan=lc.lifespan))`: Starlette runs the outer
+        # app's lifespan only, never a mounted app's.
+        msg = (
+            f"{what} was asked for on {path!r} before this Lifecycle started: the app that "
+            f"serves it is mounted at {mounted!r}, and Starlette never runs a mounted app's "
+            f"lifespan, so its `lifespan=lc.lifespan` did not run. Run it from the outer "
+            f"app's lifespan: `FastAPI(lifespan=outer_lc.lifespan(wrap=lc.lifespan))`, "
+            f"outer_lc being the outer app's Lifecycle (or `FastAPI(lifespan=lc.lifespan)` "
+            f"for an outer app without one), or register these resources on the outer "
+            f"app's Lifecycle."
+        )
+        raise ScopeError(msg)
+    if lc.state is State.CREATED and _lifespan_is(scope.get("app"), lc):
+        # The app's lifespan is tether's, and nothing ran it: a test client not entered,
+        # or a server told not to run lifespans (or one that never does).
+        msg = (
+            f"{what} was asked for on {path!r} before this Lifecycle started: the app's "
+            f"lifespan is `lc.lifespan`, but it has not run. In tests, enter the client "
+            f"(`with TestClient(app) as client:`), or, with httpx's `ASGITransport`, which "
+            f"never runs a lifespan, wrap the client in `async with lc.lifespan(app):`. Under "
+            f"a server, it was started without the ASGI lifespan (`uvicorn --lifespan off`, "
+            f"`granian --interface asginl`) or does not run one (daphne): enable it "
+            f"(`uvicorn --lifespan on`, `granian --interface asgi`)."
+        )
+        raise ScopeError(msg)
     if lc.state is State.CREATED:
         # The commonest case in tests: `TestClient(app)` without `with`, or httpx's
         # `ASGITransport`, neither of which runs the lifespan that installs tether.
@@ -872,23 +1013,150 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
             f"one Lifecycle."
         )
         raise ScopeError(msg)
-    if owner is lc or (route is None and "endpoint" not in scope and _installed_app(lc, scope)):
-        # The app is tether's, the route too or none matched yet: a middleware, or an
-        # exception handler, which run outside the route's unit of work.
+    res = name or "resource"
+    opening = f"`async with lc.scope() as s: value = await s.get({res})`"
+    installed = _installed_app(lc, scope)
+    if owner is lc or (route is None and "endpoint" not in scope and installed):
+        # The app is tether's, the route too or none matched yet: a middleware, an
+        # exception handler or a background task, which run outside the route's unit of work.
+        if _in_background_task():
+            msg = (
+                f"{what} was asked for on {path!r} in a background task (`BackgroundTasks`), "
+                f"which runs after the response is sent, once the route's unit of work has "
+                f"ended and its values are closed. Open a unit of work in the task: {opening}."
+            )
+        else:
+            msg = (
+                f"{what} was asked for on {path!r} outside a route's unit of work (in an HTTP "
+                f"middleware or an exception handler, which run before the route's unit of "
+                f"work begins or after it ended). Open one there: {opening}."
+            )
+        raise ScopeError(msg)
+    if installed and getattr(route, "dependant", None) is not None and not _uses(route, lc):
+        # A FastAPI route of the app tether took over at startup, which it left alone: it
+        # declares no resource (a resolver that opens one lazily: `await conn(request)`),
+        # or an override set while the app runs replaced a dependency with one that does.
+        label = f"{scope.get('method', 'GET')} {path}"
+        overridden = _overridden_while_running(route, scope.get("app"), lc)
+        if overridden:
+            cause = (
+                f"`app.dependency_overrides` now replaces {overridden} with a dependency that "
+                f"uses it, set after the app started: tether takes over the routes that use "
+                f"its resources when the app starts. Set the override before the app starts "
+                f"(before `with TestClient(app)`), "
+            )
+        else:
+            cause = (
+                f"{label} declares no tether resource among its dependencies, so tether did "
+                f"not take it over when the app started, and it has no unit of work. Declare "
+                f"one: `dependencies=[Depends({res})]` on the route, its router or "
+                f"`include_router(...)` (for strawberry's GraphQLRouter, "
+                f"`context_getter=...` with a `Depends({res})` parameter), "
+            )
+        msg = f"{what} was asked for on {path!r}: {cause}or open a unit of work: {opening}."
+        raise ScopeError(msg)
+    if (
+        installed
+        and mounted
+        and scope.get("endpoint") is not None
+        and (
+            route is None
+            or (getattr(route, "dependant", None) is None and hasattr(route, "routes"))
+        )
+    ):
+        # A Mount of an ASGI app with no routes (strawberry's `GraphQL` app, say): tether
+        # cannot see what it uses, and does not take it over.
         msg = (
-            f"{what} was asked for on {path!r} outside a route's unit of work (in an HTTP "
-            f"middleware or an exception handler, which run before the route's unit of work "
-            f"begins or after it ended). Open one there: `async with lc.scope() as s: "
-            f"value = await s.get({name or 'resource'})`."
+            f"{what} was asked for on {path!r}, in an ASGI app mounted at {mounted!r} "
+            f"(`app.mount({mounted!r}, asgi_app)`) with no routes tether can see: tether "
+            f"does not take it over, so it has no unit of work. Open one where the resource "
+            f"is used: {opening}; or serve it from a FastAPI route that declares "
+            f"`Depends({res})` (strawberry's GraphQLRouter, with it in `context_getter`)."
         )
         raise ScopeError(msg)
+    running = lc.state in (State.STARTING, State.RUNNING, State.DRAINING)
+    second = (
+        " If this app is a second app served next to the one whose lifespan runs `lc` (an "
+        "admin app), give it no lifespan of its own and call "
+        "`tether.fastapi.install(admin, lc)` after adding its routes."
+        if running and not installed and lc._installed_apps
+        else ""
+    )
     msg = (
         f"{what} was asked for on {path!r}, a route this Lifecycle does not "
         f"own: the route was added after the app started, or the app's lifespan is not "
         f"`lc.lifespan`. Use `FastAPI(lifespan=lc.lifespan)`, or call "
-        f"`tether.fastapi.install(app, lc)` after adding the routes."
+        f"`tether.fastapi.install(app, lc)` after adding the routes.{second}"
     )
     raise ScopeError(msg)
+
+
+def _lifespan_is(app: Any, lc: Lifecycle) -> bool:
+    """Whether *app*'s lifespan is *lc*'s (``FastAPI(lifespan=lc.lifespan)``, or a
+    ``wrap=`` of it), on the error path only."""
+    todo = [getattr(getattr(app, "router", None), "lifespan_context", None)]
+    for _ in range(32):  # FastAPI's merges (one per included router) and wrappers
+        if not todo:
+            break
+        context = todo.pop()
+        if context is None:
+            continue
+        if getattr(context, "__self__", None) is lc:
+            return True
+        todo.append(getattr(context, "__wrapped__", None))
+        # FastAPI's `merged_lifespan` keeps the lifespans it merges in its closure.
+        for cell in getattr(context, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    todo.append(cell.cell_contents)
+    return False
+
+
+def _mounted_at(scope: Any) -> str:
+    """The path the app serving *scope* is mounted at in another (Starlette's ``Mount``
+    sets ``app_root_path`` to the outer app's root path), or ""."""
+    outer = scope.get("app_root_path")
+    root = scope.get("root_path") or ""
+    if outer is None or not root.startswith(outer):
+        return ""
+    return root[len(outer) :]
+
+
+_BACKGROUND = os.path.join("starlette", "background.py")
+
+
+def _in_background_task() -> bool:
+    """Whether the running code is a Starlette background task (on the error path only)."""
+    f: Any = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename.endswith(_BACKGROUND):
+            return True
+        f = f.f_back
+    return False
+
+
+def _overridden_while_running(route: Any, app: Any, lc: Lifecycle) -> str:
+    """The dependencies of *route* that its app's ``dependency_overrides`` now replace with
+    one that uses a resource of *lc*, named; "" for none (on the error path only)."""
+    provider = getattr(route, "dependency_overrides_provider", None) or app
+    overrides = getattr(provider, "dependency_overrides", None)
+    if not isinstance(overrides, dict) or not overrides:
+        return ""
+    by_id = {id(key): value for key, value in overrides.items()}
+    names = []
+    stack = list(getattr(route.dependant, "dependencies", ()))
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if (
+            id(call) in by_id
+            and not isinstance(call, Resource)
+            and _override_uses(by_id[id(call)], lc)
+        ):
+            names.append(f"`{getattr(call, '__name__', None) or type(call).__name__}`")
+            continue
+        stack.extend(getattr(d, "dependencies", ()))
+    return ", ".join(sorted(set(names)))
 
 
 def _route_owner(route: Any) -> Lifecycle | None:
@@ -983,7 +1251,10 @@ class HttpUnit(Unit):
         self.headers: Any = None
         self._receive: Receive = None  # type: ignore[assignment]
         self._send: Send = None  # type: ignore[assignment]
-        self.state = 0  # 0: response not started, 1: started, 2: tether answered instead
+        # 0: response not started, 1: started, 2: tether answered instead, 3: aborted (a
+        # cleanup failed after the start), 4: a cleanup failed before the start, for the
+        # app's exception handler to answer (`_route_failed` raises it)
+        self.state = 0
         self.failure: BaseException | None = None
         self.body_done = False
         self.streaming = False  # its values close after FastAPI's producer (`_ProducedUnit`)
@@ -1010,6 +1281,9 @@ class HttpUnit(Unit):
                 if self.entries:
                     errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
+                        if _app_handles(_run_scope(), errors[-1]):
+                            self.state = 4  # nothing sent: the app's handler answers
+                            raise _Replaced from errors[-1]
                         self.state = 2
                         await _answer_error(self._send, errors[-1], self.lc)
                         raise _Replaced from errors[-1]
@@ -1182,7 +1456,9 @@ def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
             AsyncIOBackend.run_sync_in_worker_thread.__code__,
             asyncio.to_thread.__code__,
         )
-    aw: Any = task.get_coro()
+    # `_coro`, not `get_coro()`: the same on CPython's tasks, and None on granian's
+    # `--task-impl rust` tasks, whose `get_coro()` crashes the process.
+    aw: Any = getattr(task, "_coro", None)
     caller = waiter = None
     for _ in range(64):  # an await chain is never this deep
         code = getattr(aw, "cr_code", None)
@@ -1482,7 +1758,7 @@ async def _run(
             await app(scope, receive, unit.send)
         except BaseException as exc:
             unit.leave_context()
-            await _route_failed(unit, exc)
+            await _route_failed(unit, exc, scope)
         else:
             unit.leave_context()
             if unit.entries:
@@ -1495,11 +1771,18 @@ async def _run(
             unit.lc._retire(unit)
 
 
-async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
-    """The app raised while tether wrapped its ``send``: close with that failure."""
+async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> None:
+    """The app raised while tether wrapped its ``send``: close with that failure.
+
+    A cleanup that failed before the response started, with an exception the app has a
+    handler for (``@app.exception_handler(IntegrityError)``, an ``HTTPException``, its own
+    ``ResourceUnavailable`` handler): raised from here, once every value is closed, for
+    that handler to answer, as it would had the endpoint raised it."""
     if isinstance(exc, _Replaced):
         if unit.entries:
             await unit.aclose(exc.__cause__)
+        if unit.state == 4 and exc.__cause__ is not None:
+            raise exc.__cause__
         if unit.state == 3:
             # The response started: the app raises, which aborts it; tether's own answer
             # (a 500 or 503 sent at the start, state 2) is complete, and nothing is raised.
@@ -1519,9 +1802,24 @@ async def _route_failed(unit: HttpUnit, exc: BaseException) -> None:
         await _answer(unit._send, 503, _detail(unit.lc, exc), exc.retry_after)
         return
     if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
+        if _app_handles(scope, errors[-1]):
+            raise errors[-1]
         await _answer(unit._send, 503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
         return
     raise exc
+
+
+def _run_scope() -> Any:
+    """The scope of the `_run` call the running code is under (a cleanup failed in a
+    unit's ``send``: which handlers does the app have?), or None (a response sent from a
+    task of its own). Only on that failure path."""
+    f: Any = sys._getframe(1)
+    code = _run.__code__
+    while f is not None:
+        if f.f_code is code:
+            return f.f_locals.get("scope")
+        f = f.f_back
+    return None
 
 
 def _client_gone(unit: HttpUnit, exc: BaseException) -> bool:
@@ -1674,6 +1972,8 @@ def _handler(
             if failed is None:
                 return response
             _retry_if_lost(unit, failed, again)
+            if _app_handles(request.scope, failed):
+                raise failed  # closed: the app's own exception handler answers
             return _error_response(failed, lc)
         finally:
             if not late:
@@ -1716,6 +2016,8 @@ async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any
         if unit.entries:
             await unit.aclose(errors[-1])
         _retry_if_lost(unit, errors[-1], again)
+        if _app_handles(getattr(unit.request, "scope", None), errors[-1]):
+            raise errors[-1]  # closed: the app's own exception handler answers
         return _error_response(errors[-1], unit.lc), False
     if unit.entries:
         return _LateResponse(response, unit), True
@@ -1747,21 +2049,23 @@ async def _handler_failed(
         if lost is not None:
             raise _Retry(lost) from exc
     if isinstance(exc, ResourceUnavailable):
-        if _app_handles(unit.request, exc):
+        if _app_handles(getattr(unit.request, "scope", None), exc):
             raise exc
         log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
         answer = _response(503, _detail(unit.lc, exc), exc.retry_after)
         return _ClosedFirst(answer, unit, exc) if deferred else answer
     if errors and isinstance(errors[-1], ResourceUnavailable):
+        if _app_handles(getattr(unit.request, "scope", None), errors[-1]):
+            raise errors[-1]
         return _response(503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
     raise exc
 
 
-def _app_handles(request: Any, exc: BaseException) -> bool:
-    """Whether the app has an exception handler for *exc* (``@app.exception_handler``,
-    for its class or a base class), looked up by MRO as Starlette does: then the handler
-    answers, as it does on routes served through their ``handle``."""
-    scope = getattr(request, "scope", None)
+def _app_handles(scope: Any, exc: BaseException) -> bool:
+    """Whether the app serving *scope* has an exception handler for *exc*
+    (``@app.exception_handler``, for its class or a base class; Starlette's own for
+    ``HTTPException``), looked up by MRO as Starlette does: then the handler answers, as
+    it does on routes served through their ``handle``."""
     handlers = scope.get("starlette.exception_handlers") if scope is not None else None
     if not handlers:
         return False

@@ -913,10 +913,12 @@ class TestInstall:
             tether.ScopeError,
             match=exactly(
                 "Resource 'session' was asked for on '/s' before this Lifecycle started: the "
-                "app's lifespan has not run, or it is not `lc.lifespan`. Use "
-                "`FastAPI(lifespan=lc.lifespan)`; in tests, enter the client (`with "
-                "TestClient(app) as client:`), or, with httpx's `ASGITransport`, which never "
-                "runs a lifespan, wrap the client in `async with lc.lifespan(app):`."
+                "app's lifespan is `lc.lifespan`, but it has not run. In tests, enter the "
+                "client (`with TestClient(app) as client:`), or, with httpx's `ASGITransport`, "
+                "which never runs a lifespan, wrap the client in `async with "
+                "lc.lifespan(app):`. Under a server, it was started without the ASGI lifespan "
+                "(`uvicorn --lifespan off`, `granian --interface asginl`) or does not run one "
+                "(daphne): enable it (`uvicorn --lifespan on`, `granian --interface asgi`)."
             ),
         ):
             client.get("/s")

@@ -114,3 +114,20 @@ class TestGracefulShutdown:
         assert "Traceback" not in output
         assert "tether: SIGTERM: /health/ready fails for drain_delay=1.5 s" in output
         assert server.events() == ["pool open", "pool close"]
+
+
+def test_lifespan_off_is_named_in_the_error(serve: type[Server]) -> None:
+    """`uvicorn --lifespan off` never runs `lc.lifespan`: the log said to use
+    `FastAPI(lifespan=lc.lifespan)`, which the app already did. It names the server option."""
+    server = serve(APP, "--lifespan", "off")
+    response = httpx.get(f"{server.base_url}/commit-fails", timeout=10)
+    assert response.status_code == 500
+    deadline = time.monotonic() + 5
+    while "--lifespan off" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    output = server.output()
+    assert (
+        "the app's lifespan is `lc.lifespan`, but it has not run. In tests, enter the client"
+        in output
+    )
+    assert "(`uvicorn --lifespan off`, `granian --interface asginl`)" in output

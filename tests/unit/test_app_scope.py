@@ -103,7 +103,9 @@ class TestOpening:
             + re.escape(
                 ": a session- or module-scoped fixture still holds it?). One Lifecycle runs one "
                 "app scope at a time: use the one that runs (in a test, take the fixture that "
-                "holds it), or a new Lifecycle."
+                "holds it), or a new Lifecycle. To serve a second app (an admin app) from this "
+                "Lifecycle's resources, give it no lifespan of its own and call "
+                "`tether.fastapi.install(admin, lc)` after adding its routes."
             )
         )
         async with lc.run():

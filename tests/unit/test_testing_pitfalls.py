@@ -40,7 +40,9 @@ def _refused_again(site: str) -> str:
         f"The app scope of this Lifecycle is already running (entered at {site}: a session- "
         f"or module-scoped fixture still holds it?). One Lifecycle runs one app scope at a "
         f"time: use the one that runs (in a test, take the fixture that holds it), or a new "
-        f"Lifecycle."
+        f"Lifecycle. To serve a second app (an admin app) from this Lifecycle's resources, "
+        f"give it no lifespan of its own and call `tether.fastapi.install(admin, lc)` after "
+        f"adding its routes."
     )
 
 

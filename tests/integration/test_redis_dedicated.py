@@ -8,6 +8,7 @@ or was cancelled) is disconnected first: the next command, another request's, fi
 instead of answered ``QUEUED``. Against a real Redis, with a pool of one connection, so that
 every command gets the same one."""
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -250,6 +251,15 @@ def make_app(url: str) -> FastAPI:
             await c.execute_command("WATCH", key)
             raise RuntimeError("the request failed while watching")
 
+    @app.post("/forget/{key}")
+    async def forget(key: str, r: R, multi: bool = False) -> None:
+        """Takes a dedicated connection and never closes it (*multi*: inside a MULTI)."""
+        c = r.client()
+        await c.set(key, "forgotten")
+        if multi:
+            await c.execute_command("MULTI")
+            await c.execute_command("SET", key, "queued")
+
     @app.post("/incr/{key}")
     async def incr(key: str, r: R) -> dict[str, Any]:
         return {"value": await r.incr(key)}
@@ -295,3 +305,31 @@ def test_a_request_that_raises_while_watching_leaves_no_key_watched(
         response = client.post(f"/pipeline/{key}")
         assert (response.status_code, response.json()) == (200, {"value": 6})
     redis_server.command("DEL", key)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["plain", "inside-multi"])
+def test_a_dedicated_connection_never_closed_goes_back_at_the_end_of_the_request(
+    redis_server: Redis, multi: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that takes `r.client()` and never closes it: redis-py keeps its connection
+    out of the pool for good (with a pool of one, every later command waited `pool_timeout`
+    and got a 503). tether gives it back when the request ends (disconnected first if inside
+    a transaction: the queued SET never runs), warns naming the line, and counts a leak."""
+    key, other = unique(), unique()
+    app = make_app(redis_server.url)
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        with TestClient(app) as client:
+            assert client.post(f"/forget/{key}", params={"multi": multi}).status_code == 200
+            response = client.post(f"/incr/{other}")
+            assert (response.status_code, response.json()) == (200, {"value": 1})
+    assert redis_server.command("GET", key) in ("forgotten", b"forgotten")
+    (message,) = [r.getMessage() for r in caplog.records if "still held by" in r.getMessage()]
+    assert message.startswith(
+        "tether: POST /forget/{key} ended with a connection of redis client 'cache' still "
+        f"held by r.client() (taken at {__file__}:"
+    )
+    assert message.endswith(
+        "in forget): tether gave it back to the pool. Close it: `async with r.client() as "
+        "c:`, or `await c.aclose()`."
+    )
+    redis_server.command("DEL", key, other)

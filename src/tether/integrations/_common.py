@@ -22,10 +22,13 @@ from .._errors import (
     redact,
     remember_secrets,
 )
+from .._resource import current_unit
 from .._scope import anyio_cancellation
 
 if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
     from .._resource import Resource
+    from .._scope import Unit
     from .._stats import PoolStats
 
 log = logging.getLogger("tether")
@@ -309,6 +312,39 @@ def check_dsn(
         raise ValueError(_unset_dsn(dsn, where, what, example, returned=False))
     if not callable(dsn):
         check_dsn_value(dsn, where, what=what, example=example, strings=strings)
+
+
+def unit_now(lc: Lifecycle) -> Unit | None:
+    """The unit of work of *lc* this code runs in: the request's (in the context), or the
+    ``lc.scope()`` this task entered; ``None`` outside any."""
+    ref = current_unit.get()
+    unit = ref() if ref is not None else None
+    if unit is not None and unit.lc is lc:
+        return None if unit.closed else unit
+    tasks = lc._unit_tasks  # the tasks of `lc.scope()`s, on asyncio
+    if tasks:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # pragma: no cover - not on asyncio
+            return None
+        for unit, its in list(tasks.items()):
+            if its is task and not unit.closed:
+                return unit
+    return None
+
+
+def caller_outside(*skipped: str) -> str:
+    """``FILE:LINE in NAME`` of the first frame outside tether's integrations and the
+    *skipped* directories (a driver's): where the app's code called it (cheap enough for
+    what only a few calls ask)."""
+    f: Any = sys._getframe(2)
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    while f is not None:
+        filename = f.f_code.co_filename
+        if not filename.startswith((ours, *skipped)) and "/contextlib.py" not in filename:
+            return f"{filename}:{f.f_lineno} in {f.f_code.co_name}"
+        f = f.f_back
+    return "?"  # pragma: no cover - there is always a caller
 
 
 def asyncio_only(where: str, driver: str) -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -61,18 +62,27 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.redis needs redis-py: pip install 'tether[redis]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, ScopeError, check_bool, check_number
+from .._errors import (
+    ClientDisconnected,
+    ResourceUnavailable,
+    ScopeError,
+    check_bool,
+    check_number,
+)
+from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
     LOSES_CANCEL,
     Dsn,
     asyncio_only,
+    caller_outside,
     check_dsn,
     dropped_cancellation,
     redact,
     resolve_dsn,
     saturation,
     unavailable,
+    unit_now,
 )
 
 if TYPE_CHECKING:
@@ -323,6 +333,9 @@ class _Client(aioredis.Redis):
     them as redis-py does; so does :meth:`client` for a transaction (`_Dedicated`)."""
 
     tether_name = "redis"
+    # The Lifecycle and its request resource of the connections `client()` clones hold
+    # (`_Held`); None on a client tether did not open.
+    tether_held: tuple[Lifecycle, Resource[_Held]] | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
@@ -350,6 +363,7 @@ class _Client(aioredis.Redis):
         ``Redis.client()``), named as this one, where a transaction may run by hand."""
         dedicated = _Dedicated(connection_pool=self.connection_pool, single_connection_client=True)
         dedicated.tether_name = self.tether_name
+        dedicated.tether_held = self.tether_held
         return dedicated
 
 
@@ -381,6 +395,19 @@ class _Dedicated(_Client):
     tether_watching = False  # WATCH was sent, and no EXEC, DISCARD or UNWATCH answered since
     tether_saved: dict[str, Any] | None = None  # the reconnecting methods `_pin` replaced
     tether_lost = False  # a reconnect was refused in the command under way
+
+    async def initialize(self) -> _Dedicated:
+        # redis-py takes the connection here (`async with`, or the first command): noted
+        # in the unit of work this runs in, which gives it back at its end if still held.
+        if self.connection is None and self.tether_held is not None:
+            lc, held = self.tether_held
+            unit = unit_now(lc)
+            if unit is not None:
+                holders = await unit.get(held)
+                holders.label = unit.label
+                holders.add(self, caller_outside(_REDIS_DIR))
+        await super().initialize()
+        return self
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
@@ -501,6 +528,47 @@ class _Dedicated(_Client):
         await super().aclose(close_connection_pool)
 
 
+_REDIS_DIR = os.path.dirname(os.path.abspath(aioredis.__file__)).rsplit(os.sep, 1)[0] + os.sep
+
+
+class _Held:
+    """The connections ``r.client()`` clones took in one unit of work, given back at its end
+    if still held: redis-py keeps one out of the pool for good when its client is never
+    closed (its garbage collection closes the socket, and never gives the connection back)."""
+
+    __slots__ = ("held", "label")
+
+    def __init__(self) -> None:
+        self.label = "the unit of work"
+        self.held: list[tuple[_Dedicated, str]] = []
+
+    def add(self, client: _Dedicated, where: str) -> None:
+        held = self.held
+        if len(held) >= 16:  # a long unit (a WebSocket) taking many: forget those given back
+            held[:] = [pair for pair in held if pair[0].connection is not None]
+        held.append((client, where))
+
+    async def close(self, name: str, res: Resource[Any], failure: BaseException | None) -> None:
+        held, self.held = self.held, []
+        for client, where in held:
+            if client.connection is None:
+                continue  # closed by the app (or never taken)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await client.aclose()  # disconnected first if inside a transaction
+                except Exception as exc:  # pragma: no cover - redis-py releases it anyway
+                    log.debug("tether: giving back a connection of r.client() failed: %r", exc)
+            if isinstance(failure, ClientDisconnected):
+                continue  # its client went away mid-way: nothing to fix in the code
+            res.counters.leaks += 1
+            log.warning(
+                "tether: %s ended with a connection of redis client %r still held by "
+                "r.client() (taken at %s): tether gave it back to the pool. Close it: "
+                "`async with r.client() as c:`, or `await c.aclose()`.",
+                self.label, name, where,
+            )  # fmt: skip
+
+
 class _Pool(_PoolMixin, aioredis.ConnectionPool):
     pass
 
@@ -595,6 +663,7 @@ def client(
         pool.tether_served = time.monotonic()
         r = _Client.from_pool(pool)  # the client owns the pool: aclose() closes it
         r.tether_name = name  # type: ignore[attr-defined]  # a _Client: from_pool is cls(...)
+        r.tether_held = (lc, held)  # type: ignore[attr-defined]
         try:
             await r.ping()
         except BaseException:
@@ -617,6 +686,26 @@ def client(
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
     res.counts_waits = True
+
+    async def open_held() -> AsyncIterator[_Held]:
+        holders = _Held()
+        failure: BaseException | None = None
+        try:
+            yield holders
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            await holders.close(name, res, failure)
+
+    # The connections `r.client()` clones hold in a unit of work: a request resource of its
+    # own, not registered (it is no resource of the app's), released after the response's
+    # last byte (a body streamed from it has used it by then), in the unit tether runs.
+    held: Resource[_Held] = Resource(
+        lc, open_held, name=f"{name} dedicated connections", scope="request", check=None,
+        timeout=None, release="response", retries=0, backoff=0.0, concurrency=None,
+        thread=False, check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
+    )  # fmt: skip
     # Readiness reads a full pool instead of queueing a PING behind it (or, in a pool that
     # does not wait, failing it at once). No figures for a pool without a cap: PING.
     res.saturation = lambda r: saturation(

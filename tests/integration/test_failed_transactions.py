@@ -39,7 +39,7 @@ SAVEPOINT = {
     "asyncpg": "`async with conn.transaction():`",
     "psycopg": "`async with conn.transaction():`",
     "sqlalchemy": "`async with session.begin_nested():`",
-    "sqlalchemy-sync": "`async with session.begin_nested():`",
+    "sqlalchemy-sync": "`with session.begin_nested():`",
 }
 
 

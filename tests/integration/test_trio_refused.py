@@ -16,6 +16,7 @@ from tether.integrations import aiosqlite as tsqlite
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
 from tether.integrations import redis as tredis
+from tether.integrations import sqlalchemy as tsa
 
 pytest.importorskip("trio")
 
@@ -30,11 +31,18 @@ CASES: list[tuple[Callable[[tether.Lifecycle, Path], Any], str, str]] = [
         "redis-py's asyncio client",
     ),
     (lambda lc, tmp: tsqlite.database(lc, tmp / "app.db"), "database('database')", "aiosqlite"),
+    (
+        lambda lc, _: tsa.engine(lc, DSN.replace("postgresql:", "postgresql+asyncpg:")),
+        "Engine 'engine'",
+        "SQLAlchemy's async engine",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("make", "where", "driver"), CASES, ids=["asyncpg", "psycopg", "redis", "aiosqlite"]
+    ("make", "where", "driver"),
+    CASES,
+    ids=["asyncpg", "psycopg", "redis", "aiosqlite", "sqlalchemy"],
 )
 def test_an_asyncio_only_driver_on_trio_fails_the_start_at_once(
     make: Callable[[tether.Lifecycle, Path], Any], where: str, driver: str, tmp_path: Path

@@ -44,6 +44,7 @@ Passwords never appear in tether's errors and logs: URLs are shown with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -53,7 +54,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -95,6 +96,7 @@ from ._common import (
     SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
+    asyncio_only,
     check_budget,
     check_dsn_value,
     commit_not_sent,
@@ -387,13 +389,24 @@ _FAILED = "tether_failed"  # in a connection's info: a statement failed in its t
 _IN_FAILED_TRANSACTION = "25P02"
 
 
-def _refuse_failed_commits(eng: Engine, name: str) -> None:
+def _refuse_failed_commits(
+    eng: Engine, name: str, savepoint: str = "`async with session.begin_nested():`"
+) -> None:
     """PostgreSQL answers ``COMMIT`` of a transaction that a failed statement aborted with a
     rollback and no error, and the drivers report success: an endpoint that caught the
     statement's error would answer 200 with nothing committed. A failed statement marks its
     connection; a commit on a marked connection first asks the server whether the
     transaction can still commit (one round trip, only then: a savepoint rolled back may
-    have saved it), and fails the commit when it cannot."""
+    have saved it), and fails the commit when it cannot. psycopg and psycopg2 say with no
+    round trip that the transaction is aborted (``transaction_status``): a commit on such a
+    connection is checked too, however the transaction was aborted (a statement run on the
+    driver's connection itself, which SQLAlchemy does not see fail).
+
+    A commit refused rolls the driver's connection back first: SQLAlchemy counts the
+    transaction as ended when its ``commit`` listener raises, and skips the pool's rollback
+    on return, so the connection went back to the pool "idle in transaction (aborted)"
+    (with ``pgbouncer=True`` or ``reset_session=False``, where tether's reset does not run).
+    *savepoint* is the form the message recommends (``async with`` or ``with``)."""
 
     def handle_error(context: Any) -> None:
         conn = context.connection
@@ -404,14 +417,18 @@ def _refuse_failed_commits(eng: Engine, name: str) -> None:
         conn.info.pop(_FAILED, None)
 
     def commit(conn: Any) -> None:
-        if conn.info.pop(_FAILED, None) is None:
+        if conn.info.pop(_FAILED, None) is None and not _aborted(conn):
             return
         try:
             conn.exec_driver_sql("SELECT 1")
         except sa_exc.DBAPIError as exc:
             if _IN_FAILED_TRANSACTION not in sqlstates(exc):
                 raise
-            savepoint = "`async with session.begin_nested():`"
+            try:
+                conn.connection.dbapi_connection.rollback()
+            except Exception as again:  # a connection lost meanwhile: never reused as it is
+                with contextlib.suppress(Exception):
+                    conn.invalidate(again)
             raise sa_exc.PendingRollbackError(
                 failed_transaction("Engine", name, savepoint)
             ) from exc
@@ -419,6 +436,85 @@ def _refuse_failed_commits(eng: Engine, name: str) -> None:
     event.listen(eng, "handle_error", handle_error)
     event.listen(eng, "begin", begin)
     event.listen(eng, "commit", commit)
+
+
+def _aborted(conn: Any) -> bool:
+    """Whether psycopg (or psycopg2) says *conn*'s transaction is aborted, with no round trip
+    (libpq's transaction status); False for other drivers (asyncpg does not say)."""
+    try:
+        info = getattr(conn.connection.driver_connection, "info", None)  # None: asyncpg
+        return info is not None and bool(info.transaction_status == _IN_ERROR)
+    except Exception:  # pragma: no cover - a connection closed meanwhile
+        return False
+
+
+_STREAMS = "tether_streams"  # in a connection's info: its server-side cursors, this checkout
+_RETURNED = "_tether_returned"  # on a server-side cursor's execution context: its message
+
+
+def _stream_closed_message(name: str) -> str:
+    return (
+        f"Engine {name!r}: a result read after its connection went back to the pool: its "
+        f"server-side cursor (stream(), stream_scalars(), yield_per) was opened in a unit of "
+        f"work that has ended (in a request, a session with release='handler' is closed when "
+        f"the endpoint returns, before the response), and reading it would run on a "
+        f"connection another unit of work may hold now, aborting its transaction. Read it "
+        f"before the endpoint returns, or declare the session it comes from with "
+        f"release='response' for a StreamingResponse body that reads it; a background task "
+        f"needs a session of its own (`async with lc.scope() as s: await s.get(session)`)."
+    )
+
+
+def _close_streams_on_return(eng: Engine, name: str) -> None:
+    """Close the server-side cursors a unit of work opened (``stream()``,
+    ``stream_scalars()``, ``yield_per``) when their connection goes back to the pool, so a
+    result read later (a StreamingResponse body reading a result its endpoint opened, the
+    session released at the handler) raises :class:`ResourceClosedError` naming the fix.
+
+    Without it the driver's cursor kept the pooled connection: its FETCH ran on it while
+    another unit of work held it, the server aborted that unit's transaction, and its
+    ``COMMIT`` silently rolled back. The cursor is closed on the client, with no round trip
+    (its transaction has ended: the server has closed it already).
+
+    Every statement's listener only looks at a flag; the pool's ``checkin`` listener is added
+    when the engine opens its first server-side cursor, so connections go back on
+    SQLAlchemy's short path until then."""
+    message = _stream_closed_message(name)
+    lock = threading.Lock()
+    returning = False
+
+    def after_cursor_execute(
+        conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, many: Any
+    ) -> None:
+        if not getattr(context, "_is_server_side", False):
+            return
+        nonlocal returning
+        if not returning:
+            with lock:
+                if not returning:
+                    event.listen(eng, "checkin", checkin)
+                    returning = True
+        conn.info.setdefault(_STREAMS, []).append(context)
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        contexts = record.info.pop(_STREAMS, None)
+        for context in contexts or ():
+            setattr(context, _RETURNED, message)
+            if dbapi_connection is None:
+                continue  # the connection is gone (invalidated): its cursor with it
+            try:
+                context.cursor.close()  # on the client: the transaction has ended
+            except Exception:  # closed already, or a driver refusing: marked all the same
+                pass
+
+    def handle_error(context: Any) -> ResourceClosedError | None:
+        returned = getattr(context.execution_context, _RETURNED, None)
+        if returned is None:
+            return None
+        return ResourceClosedError(returned, resource=name)
+
+    event.listen(eng, "after_cursor_execute", after_cursor_execute)
+    event.listen(eng, "handle_error", handle_error)
 
 
 def _count_connections(eng: Engine, info: _PoolInfo) -> None:
@@ -1186,6 +1282,7 @@ def engine(
     info.open_within = pool_timeout + (pool_timeout if connect_timeout is None else connect_timeout)
 
     async def open_engine() -> AsyncIterator[AsyncEngine]:
+        asyncio_only(f"Engine {name!r}", "SQLAlchemy's async engine")
         u = _resolve_url(url)
         _check_async_driver(u, name)
         info.shown_url = u.render_as_string(hide_password=True)
@@ -1207,6 +1304,7 @@ def engine(
         _replace_on_read_only(eng.sync_engine)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
+            _close_streams_on_return(eng.sync_engine, name)
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
@@ -1272,6 +1370,106 @@ class _Guarded:
                 res.counters.leaks += 1
             raise ResourceClosedError(message, resource=res.name)
         return super()._autobegin_t(begin)  # type: ignore[misc]
+
+    # With connect=True, the transaction tether began when the session opened, while it is
+    # the session's, and what to say to a `begin()` then; and the execution options the
+    # session's connections take (``execution_options=``).
+    _tether_begun: tuple[Any, _Opened] | None = None
+
+    def _tether_fresh(self) -> _Opened | None:
+        """What tether said the session opened with, while its transaction is still the one
+        tether began (None otherwise: one the endpoint began after a commit, or none)."""
+        begun = self._tether_begun
+        if begun is None or begun[0] is not self.get_transaction():  # type: ignore[attr-defined]
+            return None
+        return begun[1]
+
+    def begin(self, nested: bool = False) -> Any:
+        opened = None if nested else self._tether_fresh()
+        if opened is not None:
+            raise sa_exc.InvalidRequestError(opened.begun)
+        return super().begin(nested)  # type: ignore[misc]
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Any:
+        opened = self._tether_fresh() if execution_options else None
+        if opened is not None:
+            # SQLAlchemy would only warn (once) and ignore them: the transaction, at the
+            # engine's isolation level, has begun.
+            if any(opened.options.get(k, _MISSING) != v for k, v in execution_options.items()):
+                raise sa_exc.InvalidRequestError(opened.ignored)
+            execution_options = None  # the session's own: in force already
+        return super().connection(bind_arguments, execution_options)  # type: ignore[misc]
+
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """What a session opened with ``connect=True`` says to a ``begin()`` (*begun*) and to
+    ``connection(execution_options=...)`` (*ignored*), and its own *options*."""
+
+    begun: str
+    ignored: str
+    options: dict[str, Any]
+
+
+def _opened(name: str, fn: str, options: dict[str, Any]) -> _Opened:
+    declare = f"{fn}(lc, engine, execution_options={{'isolation_level': 'SERIALIZABLE'}})"
+    begun = (
+        f"Session {name!r} is in a transaction already: tether began it when the session "
+        f"opened (connect=True), and commits it when the unit of work succeeds (rolls it back "
+        f"on a failure), so session.begin() cannot begin one. Leave the begin() block out "
+        f"(run a part that may fail in session.begin_nested()), or declare the session with "
+        f"connect=False to begin its transaction yourself. For the transaction's isolation "
+        f"level, declare it: {declare}."
+    )
+    ignored = (
+        f"Session {name!r}: the execution options given to session.connection() would be "
+        f"ignored: tether took the session's connection when it opened (connect=True), so its "
+        f"transaction has begun with the session's own options (SQLAlchemy only warns, once, "
+        f"and the transaction runs at the engine's isolation level). Declare them with the "
+        f"session: {declare}; or declare it with connect=False."
+    )
+    return _Opened(begun, ignored, options)
+
+
+#: The isolation levels SQLAlchemy knows (PostgreSQL's, MySQL's, SQLite's): a typo fails the
+#: declaration. AUTOCOMMIT is refused: a unit of work that commits each statement as it runs
+#: cannot be rolled back.
+_ISOLATION_LEVELS = ("READ COMMITTED", "READ UNCOMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+
+
+def _check_execution_options(options: object, where: str) -> dict[str, Any]:
+    """Refuse ``execution_options=`` that is not a dict of option names, or whose isolation
+    level is not one, when the session is declared; return a copy."""
+    example = "execution_options={'isolation_level': 'SERIALIZABLE'}"
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        msg = (
+            f"{where}: execution_options must be a dict of SQLAlchemy execution options "
+            f"({example}), not a {type(options).__name__}."
+        )
+        raise TypeError(msg)
+    options = dict(options)
+    level = options.get("isolation_level")
+    if level is not None:
+        shown = level.replace("_", " ").upper() if isinstance(level, str) else None
+        if shown == "AUTOCOMMIT":
+            with_ = "with" if where.startswith("sync_") else "async with"
+            msg = (
+                f"{where}: isolation_level='AUTOCOMMIT' would commit each statement as it "
+                f"runs, so a failing unit of work could not be rolled back. Use the engine "
+                f"for that work (`{with_} engine.connect()` with "
+                f"`execution_options(isolation_level='AUTOCOMMIT')`), or another level."
+            )
+            raise ValueError(msg)
+        if shown not in _ISOLATION_LEVELS:
+            levels = ", ".join(repr(lv) for lv in _ISOLATION_LEVELS)
+            msg = f"{where}: isolation_level={level!r} is not an isolation level: use {levels}."
+            raise ValueError(msg)
+    return options
 
 
 _guarded_classes: dict[type[Any], type[Any]] = {}
@@ -1472,6 +1670,42 @@ def _check_session_kwargs(
     sync.close()  # it holds nothing: no engine, no connection
 
 
+def _with_options(
+    options: dict[str, Any], *classes: type[Any]
+) -> Callable[[Any, dict[str, Any], bool], tuple[Any, dict[str, Any]]]:
+    """How a session declared with *options* (``execution_options=``) is made: given the
+    engine (or, under :func:`rolled_back`, the block's connection: *joined*) and the session
+    class's keyword arguments, what to bind it to, and those arguments.
+
+    SQLAlchemy 2.1's session (*classes* take ``execution_options``) applies them itself, to
+    every connection it takes and every statement it runs; SQLAlchemy 2.0's is bound to
+    ``engine.execution_options(**options)`` (made once per engine, sharing its pool). Under
+    ``rolled_back`` the block's transaction has begun: its isolation level and the other
+    connection characteristics cannot change, and are left out."""
+    accepted = _accepted(*classes)
+    takes = accepted is not None and "execution_options" in accepted
+    made: list[tuple[Any, Any]] = []  # (the engine, its copy with the options)
+
+    def bound(eng: Any, kwargs: dict[str, Any], joined: bool) -> tuple[Any, dict[str, Any]]:
+        if not options:
+            return eng, kwargs
+        if takes:
+            given = options
+            if joined:
+                kept = eng.dialect.connection_characteristics
+                given = {k: v for k, v in options.items() if k not in kept}
+            return eng, {**kwargs, "execution_options": given}
+        if joined:
+            return eng, kwargs
+        pair = made[0] if made else None
+        if pair is None or pair[0] is not eng:  # first, or the engine opened again
+            pair = (eng, eng.execution_options(**options))
+            made[:] = [pair]
+        return pair[1], kwargs
+
+    return bound
+
+
 def session(
     lc: Lifecycle,
     engine: Resource[AsyncEngine],
@@ -1481,6 +1715,7 @@ def session(
     error_status: Callable[[int], bool] | None = None,
     expire_on_commit: bool = False,
     connect: bool = True,
+    execution_options: Mapping[str, Any] | None = None,
     class_: type[AsyncSession] = AsyncSession,
     **session_kwargs: Any,
 ) -> Resource[AsyncSession]:
@@ -1503,7 +1738,18 @@ def session(
             times out or a database that is down is a 503 before the endpoint runs (the
             checkout, a connect and the pre-ping together bounded by ``pool_timeout +
             connect_timeout`` of an engine from :func:`engine`); with
-            ``False`` the session connects on first use, as SQLAlchemy does.
+            ``False`` the session connects on first use, as SQLAlchemy does. With
+            ``True`` the session's transaction has begun when the endpoint gets it:
+            ``session.begin()`` raises (saying so), and so does
+            ``session.connection(execution_options=...)`` with options other than the
+            session's own (SQLAlchemy would ignore them); use ``execution_options=``.
+        execution_options: the execution options of every transaction of the session
+            (``{"isolation_level": "SERIALIZABLE"}``, ``postgresql_readonly``, ...), the first
+            one too: SQLAlchemy 2.1's session applies them itself (to its statements too); on
+            2.0 the session is bound to ``engine.execution_options(...)``, which shares the
+            engine's pool. Checked when declared (a dict; an isolation level SQLAlchemy
+            knows, not ``"AUTOCOMMIT"``). Under :func:`rolled_back` the units of work run in
+            the block's transaction: its isolation level and read-only setting hold.
         class_: the session class, a subclass of ``AsyncSession``: SQLModel's
             (``sqlmodel.ext.asyncio.session.AsyncSession``) for ``session.exec()``. Its sync
             session (``sync_session_class=``, or the class's own) is the one guarded after
@@ -1514,9 +1760,16 @@ def session(
     where = f"session({name!r})"
     check_bool(expire_on_commit, "expire_on_commit", where)
     check_bool(connect, "connect", where)
+    options = _check_execution_options(execution_options, where)
+    opened = _opened(name, "session", options)
     _check_engine(lc, engine, "session()")
     session_class = _session_class(class_, where, is_async=True)
     info = _info_for(engine)
+    bound = _with_options(
+        options,
+        session_class,
+        session_kwargs.get("sync_session_class") or session_class.sync_session_class,
+    )
 
     def sync_class_of(extra: dict[str, Any]) -> type[Any]:
         return _guarded(extra.get("sync_session_class") or session_class.sync_session_class)
@@ -1540,7 +1793,8 @@ def session(
             info.engine = eng.sync_engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
         extra = {**extra, "sync_session_class": sync_class_of(extra)}
-        s = session_class(eng, expire_on_commit=expire_on_commit, **extra)
+        bind, extra = bound(eng, extra, join is not None)
+        s = session_class(bind, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             within = info.open_within
@@ -1571,6 +1825,9 @@ def session(
             finally:
                 info.leave_wait()
         try:
+            if connect:
+                began = cast("_Guarded", s.sync_session)
+                began._tether_begun = (s.sync_session.get_transaction(), opened)
             yield s
         except BaseException as exc:
             await _rollback(s, name)
@@ -1687,7 +1944,8 @@ def sync_engine(
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
         if u.get_backend_name() == "postgresql":
-            _refuse_failed_commits(eng, name)
+            _refuse_failed_commits(eng, name, "`with session.begin_nested():`")
+            _close_streams_on_return(eng, name)
         _count_connections(eng, info)
         _note_checkouts(eng, info)
         if reset_session and u.get_backend_name() == "postgresql":
@@ -1763,6 +2021,7 @@ def sync_session(
     error_status: Callable[[int], bool] | None = None,
     expire_on_commit: bool = False,
     connect: bool = True,
+    execution_options: Mapping[str, Any] | None = None,
     concurrency: int | None = None,
     class_: type[Session] = Session,
     **session_kwargs: Any,
@@ -1778,6 +2037,7 @@ def sync_session(
     Args:
         engine: the resource returned by :func:`sync_engine`.
         error_status: which response statuses roll back, as for :func:`session`.
+        connect, execution_options: as for :func:`session`.
         concurrency: most sessions opening at once; needed when *engine* is not one
             made by :func:`sync_engine` with a bounded ``max_overflow``.
         class_: the session class, a subclass of ``Session``: SQLModel's
@@ -1788,8 +2048,11 @@ def sync_session(
     where = f"sync_session({name!r})"
     check_bool(expire_on_commit, "expire_on_commit", where)
     check_bool(connect, "connect", where)
+    options = _check_execution_options(execution_options, where)
+    opened = _opened(name, "sync_session", options)
     _check_engine(lc, engine, "sync_session()")
     guarded_class = _guarded(_session_class(class_, where, is_async=False))
+    bound = _with_options(options, class_)
     _check_session_kwargs(
         where,
         lambda: guarded_class(None, expire_on_commit=expire_on_commit, **session_kwargs),
@@ -1809,7 +2072,8 @@ def sync_session(
         if info.engine is None:
             info.engine = eng if isinstance(eng, Engine) else eng.engine
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
-        s = guarded_class(eng, expire_on_commit=expire_on_commit, **extra)
+        bind, extra = bound(eng, extra, join is not None)
+        s = guarded_class(bind, expire_on_commit=expire_on_commit, **extra)
         if connect:
             info.enter_wait()
             try:
@@ -1824,6 +2088,8 @@ def sync_session(
             finally:
                 info.leave_wait()
         try:
+            if connect:
+                cast("_Guarded", s)._tether_begun = (s.get_transaction(), opened)
             yield s
         except BaseException as exc:
             _sync_rollback(s, name)

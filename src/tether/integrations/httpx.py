@@ -27,33 +27,43 @@
 * Its check confirms the client is open and, given ``health_url``, that a ``GET`` of it
   answers 2xx.
 * Its requests, straight or through a proxy (``proxy=``, or ``HTTP_PROXY``,
-  ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` when ``trust_env``), go through httpx's
-  own transport with the client's ``limits``, ``verify``, ``cert`` and ``http2``.
+  ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` when ``trust_env`` and no
+  ``transport=``), go through httpx's own transport with the client's ``limits``,
+  ``verify``, ``cert`` and ``http2`` (or through ``transport=``, or a transport given in
+  ``mounts=``).
 * A server (or proxy) that cannot be reached (``ConnectError``, ``ConnectTimeout``), or no
   connection free in the pool within the pool timeout (``PoolTimeout``, counted in the
-  resource's ``timeouts``), raises an error
+  resource's ``timeouts``), on any of those routes, raises an error
   that is both httpx's (so ``except httpx.ConnectError`` still works) and a
   :class:`~tether.ResourceUnavailable`: left uncaught, the request is answered 503 with
   ``Retry-After``, naming the client and its pool's size, connections in use and waiters.
+  A TLS handshake that fails on the settings (a certificate not trusted, a host name
+  mismatch) is no 503: an ``httpx.ConnectError`` naming ``verify=`` and ``cert=``.
+* Its figures (``lc.stats().pools``) and readiness read the pool of the route its
+  ``health_url`` (else its ``base_url``) takes, direct or through a proxy; with neither,
+  the sum of every route's pool.
 * A streamed response (``client.send(..., stream=True)``, ``client.stream(...)``) opened in
   a unit of work (a request, ``lc.scope()``) and still open when the unit ends (after the
   response's last byte, so a body streamed to the client is read first) is closed by
   tether, its connection back in the pool, with a warning naming the unit, the URL and
-  where it was opened, and counted in the resource's ``leaks``.
+  where it was opened, and counted in the resource's ``leaks``; one whose body was being
+  read when the upstream failed mid-body or the unit was cancelled (a relay's
+  ``BackgroundTask(response.aclose)`` then does not run) is closed at INFO, not counted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import os
+import ssl
 import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 try:
     import httpx
@@ -62,14 +72,22 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._errors import ClientDisconnected, ResourceUnavailable, check_bool, check_number
-from .._resource import Resource, current_unit
+from .._resource import Resource
 from .._stats import PoolStats
-from ._common import Dsn, check_dsn_value, redact, resolve_dsn, saturation, unavailable
+from ._common import (
+    Dsn,
+    caller_outside,
+    check_dsn_value,
+    redact,
+    resolve_dsn,
+    saturation,
+    unavailable,
+    unit_now,
+)
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check
-    from .._scope import Unit
 
 __all__ = ["ConnectUnavailable", "PoolUnavailable", "TimeoutUnavailable", "client"]
 
@@ -128,7 +146,23 @@ class _Transport(httpx.AsyncBaseTransport):
         except httpx.ConnectTimeout as exc:
             raise self._unavailable(TimeoutUnavailable, request, exc) from exc
         except httpx.ConnectError as exc:
+            refused = _tls_refusal(exc)
+            if refused is not None:  # a configuration error: no retry mends it, no 503
+                raise httpx.ConnectError(self._tls(request, refused), request=request) from exc
             raise self._unavailable(ConnectUnavailable, request, exc) from exc
+
+    def _tls(self, request: httpx.Request, refused: ssl.SSLError) -> str:
+        """The message of a TLS handshake that failed on the settings, not on an outage."""
+        target = redact(str(request.url.copy_with(path="/", query=None, fragment=None)))
+        through = f" through the proxy {redact(self.via)}" if self.via else ""
+        said = str(refused).rstrip(". ") or type(refused).__name__
+        return (
+            f"HTTP client {self.name!r}: the TLS handshake with {target}{through} failed: "
+            f"{type(refused).__name__}: {said}. A retry will not mend it (no 503): it is the "
+            f"client's TLS settings or the server's certificate. Give the client verify= (a CA "
+            f"bundle, or an ssl.SSLContext, that trusts the server's certificate, issued for "
+            f"the URL's host) and, if the server asks for a client certificate, cert=."
+        )
 
     def _figures(self, waited: bool) -> tuple[int | None, int | None, int | None]:
         """Size, connections in use and requests waiting, read from the transport's pool
@@ -187,20 +221,27 @@ class _Transport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-_HTTPX_DIR = os.path.dirname(httpx.__file__)
-_SKIPPED = (__file__, contextlib.__file__)  # and httpx: where `client.stream()` passes
+#: TLS failures of the connection itself (the peer closed it during the handshake: a
+#: server restarting, a load balancer), not of the settings: these stay 503s.
+_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
-def _opener() -> str:
-    """Where a streamed request was sent from: the first frame outside httpx, contextlib
-    and this module (cheap: only streamed requests ask)."""
-    f: Any = sys._getframe(2)
-    while f is not None:
-        filename = f.f_code.co_filename
-        if not filename.startswith(_HTTPX_DIR) and filename not in _SKIPPED:
-            return f"{filename}:{f.f_lineno} in {f.f_code.co_name}"
-        f = f.f_back
-    return "?"  # pragma: no cover - there is always a caller
+def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` in *exc*'s cause chain that a retry would not mend (a
+    certificate refused, a host name mismatch, a client certificate refused, TLS spoken to a
+    plain HTTP port), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return None if isinstance(cause, _TLS_TRANSIENT) else cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+#: httpx's own frames: where `client.stream()` passes, skipped in where a stream was opened.
+_HTTPX_DIR = os.path.dirname(os.path.abspath(httpx.__file__)) + os.sep
 
 
 class _Streams:
@@ -231,6 +272,17 @@ class _Streams:
             # Without its query: a token, an API key or a signature travels there.
             shown = request.url.copy_with(query=None, fragment=None)
             what = f"{request.method} {redact(str(shown))}"
+            cut = _cut_short(response, failure)
+            if cut is not None:
+                # Its body was being read (relayed) when the upstream failed or the unit was
+                # cancelled (a server's shutdown timeout): the code closes it after the body
+                # (a `BackgroundTask(response.aclose)`), which then does not run.
+                log.info(
+                    "tether: %s ended (%s) with a streamed response of httpx client %r still "
+                    "open (%s): tether closed it.",
+                    self.label, cut, res.name, what,
+                )  # fmt: skip
+                continue
             if isinstance(failure, ClientDisconnected):
                 # A body streamed to a client that went away: nothing to fix in the code.
                 log.info(
@@ -249,22 +301,16 @@ class _Streams:
             )  # fmt: skip
 
 
-def _unit_now(lc: Lifecycle) -> Unit | None:
-    """The unit of work this code runs in: the request's (in the context), or the
-    ``lc.scope()`` this task entered; ``None`` outside any."""
-    ref = current_unit.get()
-    unit = ref() if ref is not None else None
-    if unit is not None and unit.lc is lc:
-        return None if unit.closed else unit
-    tasks = lc._unit_tasks  # the tasks of `lc.scope()`s, on asyncio
-    if tasks:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # pragma: no cover - not on asyncio
-            return None
-        for unit, its in list(tasks.items()):
-            if its is task and not unit.closed:
-                return unit
+def _cut_short(response: httpx.Response, failure: BaseException | None) -> str | None:
+    """Why the unit of work ended while *response*'s body was being read, if it did: the
+    server it calls failed mid-body (an ``httpx.TransportError``), or the unit was cancelled
+    (a server's shutdown timeout); ``None`` otherwise."""
+    if failure is None or not response.is_stream_consumed:  # its body not being read
+        return None
+    if isinstance(failure, httpx.TransportError):
+        return f"the server it calls failed mid-body: {type(failure).__name__}"
+    if isinstance(failure, anyio.get_cancelled_exc_class()):
+        return "cancelled while the body was being read"
     return None
 
 
@@ -283,13 +329,13 @@ class _Client(httpx.AsyncClient):
 
     async def _send_streamed(self, request: httpx.Request, kw: dict[str, Any]) -> httpx.Response:
         lc, streams_res = self._tether
-        unit = _unit_now(lc)
+        unit = unit_now(lc)
         if unit is None:
             return await super().send(request, stream=True, **kw)
         streams = await unit.get(streams_res)
         streams.label = unit.label
         response = await super().send(request, stream=True, **kw)
-        streams.add(response, _opener())
+        streams.add(response, caller_outside(_HTTPX_DIR))
         return response
 
 
@@ -314,14 +360,16 @@ def client(
             or an ``httpx.Timeout``.
         limits: the pool: ``max_connections`` (its size), ``max_keepalive_connections``,
             ``keepalive_expiry``.
-        health_url: a URL (relative to *base_url*) the check GETs, expecting 2xx.
+        health_url: a URL (relative to *base_url*) the check GETs, expecting 2xx; a
+            relative one without *base_url* is refused.
         check: ``True``: the client is open (and *health_url* answers, if given);
             ``False``: no check; or a function given the client.
         http2: use HTTP/2 where the server offers it (needs ``httpx[http2]``).
         kw: passed to ``httpx.AsyncClient`` (``headers``, ``auth``, ``verify``, ``cert``,
             ``proxy``, ``mounts``, ``trust_env``, ``transport``, ``event_hooks``, ...).
-            Without ``transport``, the proxies (``proxy``, or the environment's) get
-            transports like the direct one: the same settings, and 503s.
+            The proxies (``proxy``, or without ``transport`` the environment's, as in httpx)
+            get transports like the direct one: the same settings, and 503s; so do the
+            transports given in ``mounts``.
     """
 
     where = f"HTTP client {name!r}"
@@ -338,6 +386,8 @@ def client(
     if not isinstance(timeout, httpx.Timeout):
         check_number(timeout, "timeout", where, above=True, none=True, example="10")
     check_bool(http2, "http2", where)
+    if health_url is not None and base_url == "":
+        _check_health_url(health_url, where, returned=False)
     for option in ("trust_env", "follow_redirects"):  # httpx's on/off options
         if option in kw:
             check_bool(kw[option], option, where)
@@ -346,31 +396,33 @@ def client(
         options = dict(kw)
         given: httpx.AsyncBaseTransport | None = options.pop("transport", None)
         mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
-        if given is None:
-            # httpx's own transports, for the direct route and for each proxy (proxy=, or
-            # HTTP(S)_PROXY / ALL_PROXY / NO_PROXY when trust_env), built as httpx builds
-            # them but with tether's settings and 503 errors.
-            settings: dict[str, Any] = {
-                "limits": limits,
-                "http2": http2,
-                "verify": options.pop("verify", True),
-                "cert": options.pop("cert", None),
-                "trust_env": options.get("trust_env", True),
-            }
-            for key, proxy in _proxies(options, settings["trust_env"]).items():
-                mounts[key] = None if proxy is None else wrapped(proxy=proxy, **settings)
-            transport = wrapped(**settings)
-        else:
-            transport = _Transport(given, name)
-            transport.resource = res
-        mounts.update(options.pop("mounts", None) or {})  # the user's own, as httpx does
+        # httpx's own transports, for the direct route and for each proxy (proxy=, or
+        # HTTP(S)_PROXY / ALL_PROXY / NO_PROXY when trust_env and no transport=), built as
+        # httpx builds them but with tether's settings and 503 errors. (Given transport=,
+        # httpx still makes proxy='s transport itself, from these settings: so does tether.)
+        settings: dict[str, Any] = {
+            "limits": limits,
+            "http2": http2,
+            "verify": options.pop("verify", True),
+            "cert": options.pop("cert", None),
+            "trust_env": options.get("trust_env", True),
+        }
+        from_env = settings["trust_env"] and given is None  # as httpx reads the environment
+        for key, proxy in _proxies(options, from_env).items():
+            mounts[key] = None if proxy is None else wrapped(proxy=proxy, **settings)
+        transport = wrapped(**settings) if given is None else wrapped_given(given)
+        # The user's own mounts, over the proxies' as in httpx: with 503s too.
+        for key, mounted in (options.pop("mounts", None) or {}).items():
+            mounts[key] = None if mounted is None else wrapped_given(mounted)
         url = resolve_dsn(
             base_url, where, what="base_url", example="https://...", empty=True,
             objects=(httpx.URL,),
         )  # fmt: skip
+        if health_url is not None and not url:  # a function returned ""
+            _check_health_url(health_url, where, returned=True)
         c = _Client(base_url=url, timeout=timeout, transport=transport, mounts=mounts, **options)
         c._tether = (lc, streams)
-        _transports[c] = transport
+        _transports[c] = _measured(c, transport, health_url)
         try:
             base = str(httpx.URL(url).copy_with(query=None, fragment=None)) if url else ""
             log.info("tether: httpx client %r open (base_url=%s)", name, redact(base) or "-")
@@ -381,6 +433,11 @@ def client(
     def wrapped(proxy: httpx.Proxy | None = None, **settings: Any) -> _Transport:
         via = None if proxy is None else str(proxy.url)
         transport = _Transport(httpx.AsyncHTTPTransport(proxy=proxy, **settings), name, via)
+        transport.resource = res
+        return transport
+
+    def wrapped_given(given: httpx.AsyncBaseTransport) -> _Transport:
+        transport = _Transport(given, name)
         transport.resource = res
         return transport
 
@@ -414,31 +471,84 @@ def client(
     within = timeout.pool if isinstance(timeout, httpx.Timeout) else timeout
     res.saturation = lambda c: saturation(
         _pool_stats(name, c),
-        _transports[c].served,
+        max((t.served for t in _transports[c]), default=time.monotonic()),
         within,
         "the pool timeout",
-        timed_out_at=_transports[c].timed_out_at,
+        timed_out_at=max((t.timed_out_at for t in _transports[c]), default=-math.inf),
         holders="the requests holding them",
         backend="the server it calls",
     )
     return res
 
 
-#: The transport of each client tether opened (the direct route's): its pool's figures.
-_transports: weakref.WeakKeyDictionary[httpx.AsyncClient, _Transport] = weakref.WeakKeyDictionary()
+def _check_health_url(health_url: str, where: str, *, returned: bool) -> None:
+    """Refuse a relative *health_url* with no base_url to resolve it against: base_url left
+    out, or (*returned*) the function given for it returned ``""``."""
+    try:
+        relative = httpx.URL(health_url).is_relative_url
+    except Exception:  # not a URL: httpx says so at the check
+        return
+    if not relative:
+        return
+    given = 'its base_url function returned ""' if returned else "it has no base_url"
+    msg = (
+        f"{where}: health_url {health_url!r} is relative, and {given} to resolve it "
+        f"against: every readiness check would fail. Pass base_url (e.g. "
+        f'base_url="https://api.example.com"), or an absolute health_url '
+        f'(e.g. "https://api.example.com/health").'
+    )
+    raise ValueError(msg)
+
+
+#: The transports of each client tether opened that its figures and readiness read: the
+#: one its health_url (else its base_url) goes through, the direct route's or a proxy's
+#: (or a mount's); with neither, all of them (the direct route's, each proxy's, each mount's).
+_transports: weakref.WeakKeyDictionary[httpx.AsyncClient, list[_Transport]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _measured(c: httpx.AsyncClient, direct: _Transport, health_url: str | None) -> list[_Transport]:
+    """The transports of *c* whose pools its figures and readiness read."""
+    every = [direct]
+    for mounted in c._mounts.values():
+        if isinstance(mounted, _Transport) and mounted not in every:
+            every.append(mounted)
+    probe = health_url if health_url is not None else str(c.base_url)
+    if not probe:
+        return every
+    try:
+        route = c._transport_for_url(c._merge_url(probe))
+    except Exception:  # an httpx without these (private) methods, or no URL at all
+        return every
+    return [route] if isinstance(route, _Transport) else every
 
 
 def _pool_stats(name: str, c: httpx.AsyncClient) -> PoolStats:
-    """The client's connection pool (httpcore's, on the direct route): its size, the
-    connections open, busy (a request on it, or a response still being read) and idle,
-    and the requests waiting for one; ``None`` where the transport has no such pool."""
-    transport = _transports.get(c)
-    size, in_use, waiting = (None, None, None) if transport is None else transport.figures()
-    pool = getattr(getattr(transport, "inner", None), "_pool", None)
-    try:
-        opened: int | None = len(pool.connections)  # type: ignore[union-attr]
-    except Exception:
-        opened = None
+    """The client's connection pool (httpcore's) on the route its health_url (else its
+    base_url) takes, the direct one or a proxy's; with neither, the sum of every route's
+    pools (those with an httpx pool): the size, the connections open, busy (a request on
+    it, or a response still being read) and idle, and the requests waiting for one;
+    ``None`` where no transport has such a pool."""
+    totals: list[int | None] | None = None
+    for transport in _transports.get(c, ()):
+        pool = getattr(transport.inner, "_pool", None)
+        if pool is None:
+            continue  # a transport of the user's without httpx's pool: no figures
+        size, in_use, waiting = transport.figures()
+        try:
+            opened: int | None = len(pool.connections)
+        except Exception:
+            opened = None
+        figures = [size, opened, in_use, waiting]
+        if totals is None:
+            totals = figures
+        else:
+            totals = [
+                None if a is None or b is None else a + b
+                for a, b in zip(totals, figures, strict=True)
+            ]
+    size, opened, in_use, waiting = totals or [None, None, None, None]
     idle = opened - in_use if opened is not None and in_use is not None else None
     return PoolStats(name=name, max=size, open=opened, in_use=in_use, idle=idle, waiting=waiting)
 

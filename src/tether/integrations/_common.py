@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .._errors import (
@@ -331,6 +331,37 @@ def unit_now(lc: Lifecycle) -> Unit | None:
             if its is task and not unit.closed:
                 return unit
     return None
+
+
+def per_unit(
+    lc: Lifecycle,
+    name: str,
+    make: Callable[[], V],
+    close: Callable[[V, BaseException | None], Awaitable[None]],
+) -> Resource[V]:
+    """A request resource of an integration's own, not registered (it is no resource of the
+    app's): *make()*'s collection of what one unit of work opened through a client (httpx's
+    streamed responses, Redis's dedicated connections), given to *close* with the unit's
+    failure (None: it succeeded). Released after the response's last byte, so a body streamed
+    from it has used it by then, in the unit tether runs."""
+    from .._resource import Resource
+
+    async def open_collection() -> AsyncIterator[V]:
+        made = make()
+        failure: BaseException | None = None
+        try:
+            yield made
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            await close(made, failure)
+
+    return Resource(
+        lc, open_collection, name=name, scope="request", check=None, timeout=None,
+        release="response", retries=0, backoff=0.0, concurrency=None, thread=False,
+        check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
+    )  # fmt: skip
 
 
 def caller_outside(*skipped: str) -> str:

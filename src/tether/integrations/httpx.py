@@ -78,6 +78,7 @@ from ._common import (
     Dsn,
     caller_outside,
     check_dsn_value,
+    per_unit,
     redact,
     resolve_dsn,
     saturation,
@@ -447,25 +448,10 @@ def client(
     res.pool_stats = lambda c: _pool_stats(name, c)
     res.counts_waits = True
 
-    async def open_streams() -> AsyncIterator[_Streams]:
-        opened = _Streams()
-        failure: BaseException | None = None
-        try:
-            yield opened
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            await opened.close(res, failure)
-
-    # The streamed responses of a unit of work: a request resource of its own, not
-    # registered (it is no resource of the app's), released after the response's last byte
-    # (a body streamed from it to the client is read by then), in the unit tether runs.
-    streams: Resource[_Streams] = Resource(
-        lc, open_streams, name=f"{name} streamed responses", scope="request", check=None,
-        timeout=None, release="response", retries=0, backoff=0.0, concurrency=None,
-        thread=False, check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
-    )  # fmt: skip
+    # The streamed responses of a unit of work, closed at its end if still open.
+    streams = per_unit(
+        lc, f"{name} streamed responses", _Streams, lambda opened, f: opened.close(res, f)
+    )
     # Readiness reads a full pool instead of queueing the health_url GET behind the traffic
     # (it would fail its timeout while the server answers everyone else).
     within = timeout.pool if isinstance(timeout, httpx.Timeout) else timeout

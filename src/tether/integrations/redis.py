@@ -78,6 +78,7 @@ from ._common import (
     caller_outside,
     check_dsn,
     dropped_cancellation,
+    per_unit,
     redact,
     resolve_dsn,
     saturation,
@@ -687,25 +688,10 @@ def client(
     res.pool_stats = lambda r: _figures(name, r)
     res.counts_waits = True
 
-    async def open_held() -> AsyncIterator[_Held]:
-        holders = _Held()
-        failure: BaseException | None = None
-        try:
-            yield holders
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            await holders.close(name, res, failure)
-
-    # The connections `r.client()` clones hold in a unit of work: a request resource of its
-    # own, not registered (it is no resource of the app's), released after the response's
-    # last byte (a body streamed from it has used it by then), in the unit tether runs.
-    held: Resource[_Held] = Resource(
-        lc, open_held, name=f"{name} dedicated connections", scope="request", check=None,
-        timeout=None, release="response", retries=0, backoff=0.0, concurrency=None,
-        thread=False, check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
-    )  # fmt: skip
+    # The connections `r.client()` clones hold in a unit of work, given back at its end.
+    held = per_unit(
+        lc, f"{name} dedicated connections", _Held, lambda holders, f: holders.close(name, res, f)
+    )
     # Readiness reads a full pool instead of queueing a PING behind it (or, in a pool that
     # does not wait, failing it at once). No figures for a pool without a cap: PING.
     res.saturation = lambda r: saturation(

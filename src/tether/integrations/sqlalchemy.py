@@ -149,6 +149,7 @@ class _PoolInfo:
         "pgbouncer",
         "pool_size",
         "pool_timeout",
+        "rolled_back",
         "served",
         "shown_url",
         "timed_out_at",
@@ -177,6 +178,9 @@ class _PoolInfo:
         self.create_time = 0.0
         self.discarded = 0  # connections invalidated: broken, or in a state not known
         self.pgbouncer = False  # the engine was declared to reach PgBouncer (pgbouncer=True)
+        # The session resources of the `rolled_back` blocks open on this engine now: a
+        # session of another resource of the engine is outside them (warned of).
+        self.rolled_back: list[str] = []
 
     @property
     def limit(self) -> int | None:
@@ -289,6 +293,28 @@ def _info_for(engine: Resource[Any]) -> _PoolInfo:
         info = _PoolInfo(engine.name, 0, -1, 0.0)
         _pools[engine] = info
     return info
+
+
+def _outside_the_block(info: _PoolInfo, lazy: Session | None) -> None:
+    """Tests only: a session of a resource other than that of a ``rolled_back`` block open
+    on its engine gets a connection of its own, outside the block: warned of now, or, for a
+    session that connects on first use (*lazy*), as it takes one (one never used takes none).
+    """
+    from ..testing import outside_the_block
+
+    def warn() -> None:
+        blocks = info.rolled_back[:]  # one may end meanwhile, on the loop's thread
+        if blocks:
+            outside_the_block(blocks[0], info.name)
+
+    if lazy is None:
+        warn()
+        return
+
+    def after_begin(session: Any, transaction: Any, connection: Any) -> None:
+        warn()  # if the block is still open
+
+    event.listen(lazy, "after_begin", after_begin, once=True)
 
 
 # --------------------------------------------------------------------------- errors
@@ -1795,6 +1821,8 @@ def session(
         extra = {**extra, "sync_session_class": sync_class_of(extra)}
         bind, extra = bound(eng, extra, join is not None)
         s = session_class(bind, expire_on_commit=expire_on_commit, **extra)
+        if join is None and info.rolled_back:  # tests only: outside the block open
+            _outside_the_block(info, None if connect else s.sync_session)
         if connect:
             info.enter_wait()
             within = info.open_within
@@ -2074,6 +2102,8 @@ def sync_session(
         extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
         bind, extra = bound(eng, extra, join is not None)
         s = guarded_class(bind, expire_on_commit=expire_on_commit, **extra)
+        if join is None and info.rolled_back:  # tests only: outside the block open
+            _outside_the_block(info, None if connect else s)
         if connect:
             info.enter_wait()
             try:
@@ -2206,6 +2236,13 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     On PostgreSQL, as in production, the session's commit checks the deferred constraints,
     and the session's settings are reset after each unit of work, as on release.
 
+    Only the units of work that ask for *session* are in the block: a session of another
+    resource of the same engine (an ``audit_session``, a read-only one) still gets a
+    connection of its own, so it does not see what the block wrote, and what it writes is
+    committed and stays after the test. Such a session is warned of (a ``RuntimeWarning``
+    naming the block's resource, as it takes its connection): give ``rolled_back`` the
+    resource the code under test uses, or open one block per resource.
+
     The sessions take turns on the one connection: a unit of work that asks for *session*
     while another holds it waits for it, up to the engine's pool timeout, then raises a
     ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
@@ -2218,12 +2255,27 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
         _sessions, session, "sqlalchemy", kind="session",
         made_by="tether.integrations.sqlalchemy.session() or sync_session()",
     )  # fmt: skip
+    lc = session.lifecycle
+    eng = lc.get(spec.engine)  # a ScopeError naming the fix if the app scope is not running
+    info = _info_for(spec.engine)
+    # As production's reset on release: PostgreSQL, not behind PgBouncer.
+    reset = eng.dialect.name == "postgresql" and not info.pgbouncer
+    info.rolled_back.append(session.name)  # another session resource of the engine: warned
+    try:
+        async with _rolled_back(session, spec, eng, reset) as conn:
+            yield conn
+    finally:
+        info.rolled_back.remove(session.name)
+
+
+@asynccontextmanager
+async def _rolled_back(
+    session: Resource[Any], spec: _SessionOf, eng: Any, reset: bool
+) -> AsyncIterator[Any]:
+    """`rolled_back` itself, once the block is recorded on its engine."""
     from ..testing import _Turns
 
     lc = session.lifecycle
-    eng = lc.get(spec.engine)  # a ScopeError naming the fix if the app scope is not running
-    # As production's reset on release: PostgreSQL, not behind PgBouncer.
-    reset = eng.dialect.name == "postgresql" and not _info_for(spec.engine).pgbouncer
     if spec.is_async:
         async with eng.connect() as conn:
             outer = await conn.begin()

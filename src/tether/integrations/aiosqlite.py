@@ -70,7 +70,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import anyio
 
@@ -81,7 +81,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 from aiosqlite.context import contextmanager
 
-from .._errors import ResourceUnavailable, check_bool, check_number, describe
+from .._errors import ResourceUnavailable, check_bool, check_number, describe, for_good
 from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
@@ -194,7 +194,9 @@ class Database:
                     self.path if uri is None else uri,
                     timeout=self.busy_timeout,
                     isolation_level="DEFERRED",
-                    uri=uri is not None,
+                    # A `file:` path is a URI on every SQLite build (not only on those built
+                    # with SQLITE_USE_URI, Debian's), as its directory is (create_dirs).
+                    uri=uri is not None or self.path.startswith("file:"),
                 )
             except sqlite3.OperationalError as exc:
                 if uri is not None and not await anyio.Path(self.path).exists():
@@ -309,7 +311,8 @@ def _in_memory(text: str) -> str | None:
     name, _, query = text[len("file:") :].partition("?")
     if name.partition("#")[0] == "":
         return "is private to one connection"
-    if "memory" in parse_qs(query.partition("#")[0]).get("mode", []):
+    options = parse_qs(query.partition("#")[0])
+    if "memory" in options.get("mode", []) or "memdb" in options.get("vfs", []):
         return (
             "lives only while a connection has it open (none does between units of work), "
             "so each unit of work would find it empty"
@@ -353,6 +356,16 @@ def _resolve_path(path: PathLike | Callable[[], PathLike], name: str = "database
     return text
 
 
+def _file_of(path: str) -> Path:
+    """The file *path* names: a ``file:`` URI's path part (percent-decoded), or *path*."""
+    if not path.startswith("file:"):
+        return Path(path)
+    rest = path[len("file:") :].partition("?")[0].partition("#")[0]
+    if rest.startswith("//"):  # file://localhost/abs/path, file:///abs/path
+        rest = "/" + rest[2:].partition("/")[2]
+    return Path(unquote(rest))
+
+
 def _rw_uri(path: str) -> str | None:
     """*path* as a URI that opens it read-write, never creating it; ``None`` for a path that
     is a ``file:`` URI already (opened as given)."""
@@ -369,7 +382,7 @@ def database(
     wal: bool = True,
     busy_timeout: float = 5.0,
     foreign_keys: bool = True,
-    synchronous: Synchronous | None = "NORMAL",
+    synchronous: Synchronous | int | None = "NORMAL",
     max_connections: int = 32,
     create_dirs: bool = True,
     check: bool | Check = True,
@@ -383,8 +396,9 @@ def database(
             ``max_connections``; a writer for its turn among the app's writers) before the
             unit of work gets a 503.
         foreign_keys: ``PRAGMA foreign_keys = ON`` on every connection.
-        synchronous: ``PRAGMA synchronous`` on every connection (``NORMAL`` is safe in
-            WAL mode); ``None`` leaves SQLite's default.
+        synchronous: ``PRAGMA synchronous`` on every connection: ``OFF``, ``NORMAL`` (safe
+            in WAL mode), ``FULL`` or ``EXTRA`` (any case), or 0-3; ``None`` leaves SQLite's
+            default. Another value is refused (SQLite would read it as ``NORMAL``).
         max_connections: most connections open at once (each has its own thread).
         create_dirs: create the file's directory if it is missing.
         check: ``True`` reads the file (``PRAGMA schema_version``) on a new connection as
@@ -398,6 +412,7 @@ def database(
     check_bool(wal, "wal", where)
     check_bool(foreign_keys, "foreign_keys", where)
     check_bool(create_dirs, "create_dirs", where)
+    synchronous = _check_synchronous(synchronous, where)
 
     async def open_database() -> AsyncIterator[Database]:
         asyncio_only(where, "aiosqlite")
@@ -410,11 +425,23 @@ def database(
             synchronous=synchronous,
             max_connections=max_connections,
         )
+        file = _file_of(db.path)
         if create_dirs:
-            Path(db.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                msg = (
+                    f"Database {name!r}: cannot create the directory {str(file.parent)!r} "
+                    f"of {db.path!r} (create_dirs=True): {describe(exc)}. Fix the path, or "
+                    f"create the directory, writable by the app's user."
+                )
+                raise for_good(OSError(msg)) from exc
         try:
             conn = await db._open()
         except sqlite3.Error as exc:
+            misconfigured = _cannot_open(name, db.path, file, exc, create_dirs=create_dirs, wal=wal)
+            if misconfigured is not None:
+                raise misconfigured from exc
             raise unavailable(name, f"cannot open {db.path!r}: {describe(exc)}") from exc
         try:
             if wal:
@@ -430,6 +457,13 @@ def database(
                         mode,
                     )
             await conn.execute("PRAGMA schema_version")
+        except sqlite3.Error as exc:
+            # A file of something else is read only now when the connection set nothing up
+            # (foreign_keys=False, synchronous=None); a read-only one, by the WAL switch.
+            misconfigured = _cannot_open(name, db.path, file, exc, create_dirs=create_dirs, wal=wal)
+            if misconfigured is not None:
+                raise misconfigured from exc
+            raise
         finally:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
                 await conn.close()
@@ -455,6 +489,93 @@ def database(
     res: Resource[Database] = lc.resource(scope="app", name=name, check=chosen)(open_database)
     res.pool_stats = _figures
     return res
+
+
+def _error_name(exc: BaseException) -> str | None:
+    """SQLite's primary result code name (``SQLITE_CANTOPEN``) of *exc*, if it has one."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(code, int):  # pragma: no cover - Python < 3.11
+        return None
+    return _PRIMARY_NAMES.get(code & 0xFF)
+
+
+_PRIMARY_NAMES = {
+    sqlite3.SQLITE_CANTOPEN: "SQLITE_CANTOPEN",
+    sqlite3.SQLITE_NOTADB: "SQLITE_NOTADB",
+    sqlite3.SQLITE_READONLY: "SQLITE_READONLY",
+}
+
+
+def _cannot_open(
+    name: str, path: str, file: Path, exc: sqlite3.Error, *, create_dirs: bool, wal: bool
+) -> sqlite3.Error | None:
+    """The error, marked as a mistake no retry mends, for a path that cannot be a database
+    (a directory, a file of something else, a directory missing, a read-only file switched to
+    WAL mode); None for another failure (a lock: a retry may mend it)."""
+    error = _error_name(exc)
+    if error == "SQLITE_READONLY" and wal:  # the WAL switch writes to the file
+        msg = (
+            f"Database {name!r}: {path!r} is read-only ({describe(exc)}), and switching it to "
+            f"WAL mode (wal=True, the default) writes to it. Pass wal=False for a read-only "
+            f"database, or make the file and its directory writable by the app's user."
+        )
+        return for_good(sqlite3.OperationalError(msg))
+    where = f"Database {name!r}: cannot open {path!r}"
+    if error == "SQLITE_NOTADB":
+        msg = (
+            f"{where}: the file is not an SQLite database ({describe(exc)}). Pass the path of "
+            f"the database file (is it the right file?), or move this one aside to have a new, "
+            f"empty database created there."
+        )
+        return for_good(sqlite3.DatabaseError(msg))
+    if error != "SQLITE_CANTOPEN":
+        return None
+    if file.is_dir():
+        example = str(file / "app.db")
+        msg = (
+            f"{where}: it is a directory, not a file ({describe(exc)}). Pass the path of the "
+            f"database file, e.g. {example!r}."
+        )
+    elif not file.parent.is_dir():
+        fix = (
+            "create it, or pass create_dirs=True (the default) to have it created at startup."
+            if not create_dirs
+            else "is a part of it a file?"
+        )
+        msg = f"{where}: its directory {str(file.parent)!r} does not exist ({describe(exc)}): {fix}"
+    elif path.startswith("file:") and not file.exists():
+        msg = (
+            f"{where}: the file {str(file)!r} does not exist, and the URI's mode= does not let "
+            f"SQLite create it ({describe(exc)}). Pass the path of an existing database, or "
+            f"drop mode= (or use mode=rwc) to have it created."
+        )
+    else:
+        msg = (
+            f"{where} ({describe(exc)}). Check that the app's user may read and write the "
+            f"file and its directory (SQLite creates {file.name}-wal and {file.name}-shm next "
+            f"to it)."
+        )
+    return for_good(sqlite3.OperationalError(msg))
+
+
+_SYNCHRONOUS: tuple[Synchronous, ...] = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _check_synchronous(value: object, where: str) -> Synchronous | None:
+    """*value* as ``PRAGMA synchronous``'s name: one of its names (any case) or 0-3; SQLite
+    reads any other word as NORMAL, silently."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+        return _SYNCHRONOUS[value]
+    if isinstance(value, str) and value.strip().upper() in _SYNCHRONOUS:
+        return _SYNCHRONOUS[_SYNCHRONOUS.index(value.strip().upper())]
+    msg = (
+        f"{where}: synchronous={value!r} is not one of OFF, NORMAL, FULL, EXTRA (any case) or "
+        f'0-3, and SQLite would silently use NORMAL for it. Pass e.g. synchronous="FULL", or '
+        f"None for SQLite's default."
+    )
+    raise ValueError(msg)
 
 
 def _figures(db: Database) -> PoolStats:
@@ -491,6 +612,9 @@ class _Connection(aiosqlite.Connection):
     def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
         super().__init__(connector, iter_chunk_size)
         self._tether_cursors: weakref.WeakSet[aiosqlite.Cursor] = weakref.WeakSet()
+        # The connection resource's name, for a unit of work's connection (in its
+        # transaction); None for `Database.connect()`'s.
+        self._tether_unit: str | None = None
 
     def _kept(self, cursor: aiosqlite.Cursor) -> aiosqlite.Cursor:
         self._tether_cursors.add(cursor)
@@ -510,7 +634,25 @@ class _Connection(aiosqlite.Connection):
 
     @contextmanager
     async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
-        return self._kept(await super().executescript(sql_script))
+        """As ``sqlite3``'s, but in a unit of work's transaction: statement by statement.
+
+        ``sqlite3``'s ``executescript`` commits an open transaction first (legacy
+        transaction control, which tether's ``isolation_level`` is), then runs the script
+        outside any transaction: a unit of work that failed after it would keep its writes
+        so far and the script's. In a unit of work the script's statements run in its
+        transaction instead, committed or rolled back with it; a script with its own
+        ``BEGIN``/``COMMIT``/``ROLLBACK`` is refused before any of it runs.
+        """
+        if self._tether_unit is None or not self.in_transaction:
+            return self._kept(await super().executescript(sql_script))
+        statements = _statements(sql_script)
+        for statement in statements:
+            control = _transaction_control(statement)
+            if control is not None:
+                raise sqlite3.ProgrammingError(_own_transaction(self._tether_unit, control))
+        run = cast("Callable[..., Awaitable[sqlite3.Cursor]]", self._execute)
+        cursor = await run(_run_statements, self._conn, statements)
+        return self._kept(aiosqlite.Cursor(self, cursor))
 
     async def _close_cursors(self) -> None:
         """Close the cursors made on this connection (resetting their statements)."""
@@ -519,6 +661,84 @@ class _Connection(aiosqlite.Connection):
                 await cursor.close()
             except (sqlite3.Error, ValueError):  # pragma: no cover - the connection is open
                 pass
+
+
+def _statements(script: str) -> list[str]:
+    """*script*'s statements, as SQLite splits them (``sqlite3.complete_statement``: a ``;``
+    in a string, a comment or a ``CREATE TRIGGER ... END`` body ends none). A last statement
+    without its ``;`` is kept, as ``executescript`` runs it; whitespace and comments alone
+    are dropped."""
+    statements: list[str] = []
+    start = 0
+    at = script.find(";")
+    while at != -1:
+        if sqlite3.complete_statement(script[start : at + 1]):
+            statements.append(script[start : at + 1])
+            start = at + 1
+        at = script.find(";", at + 1)
+    statements.append(script[start:])
+    return [statement for statement in statements if _words(statement, 1) not in ([], [";"])]
+
+
+def _words(statement: str, count: int) -> list[str]:
+    """The first *count* words of *statement* (upper case), past whitespace and comments."""
+    words: list[str] = []
+    at, end = 0, len(statement)
+    while at < end and len(words) < count:
+        char = statement[at]
+        if char.isspace():
+            at += 1
+        elif statement.startswith("--", at):
+            newline = statement.find("\n", at)
+            at = end if newline == -1 else newline + 1
+        elif statement.startswith("/*", at):
+            close = statement.find("*/", at + 2)
+            at = end if close == -1 else close + 2
+        elif char.isalnum() or char == "_":
+            first = at
+            while at < end and (statement[at].isalnum() or statement[at] == "_"):
+                at += 1
+            words.append(statement[first:at].upper())
+        else:  # a string, a name in quotes, a ";", an operator: not a keyword
+            words.append(char)
+            at += 1
+    return words
+
+
+def _transaction_control(statement: str) -> str | None:
+    """The statement's keyword if it begins or ends a transaction (``ROLLBACK TO`` a
+    savepoint, ``SAVEPOINT`` and ``RELEASE`` do not: they nest in the unit's)."""
+    words = _words(statement, 3)
+    if not words or words[0] not in ("BEGIN", "COMMIT", "END", "ROLLBACK"):
+        return None
+    if words[0] == "ROLLBACK" and "TO" in words[1:3]:
+        return None
+    return words[0]
+
+
+def _own_transaction(name: str, keyword: str) -> str:
+    return (
+        f"executescript() on connection {name!r}: the script has its own {keyword} "
+        f"statement, and the connection is in its unit of work's transaction (committed when "
+        f"the unit of work succeeds, rolled back when it fails), which {keyword} would end "
+        f"early; nothing of the script ran. Remove the BEGIN/COMMIT/ROLLBACK statements (the "
+        f"script's statements run in the unit of work's transaction), or run the script "
+        f"outside a unit of work: `async with db.connect() as conn: await "
+        f"conn.executescript(...)` (db: the tether.integrations.aiosqlite.database() value)."
+    )
+
+
+def _run_statements(conn: sqlite3.Connection, statements: list[str]) -> sqlite3.Cursor:
+    """Run *statements* on *conn*, in its transaction (in aiosqlite's thread)."""
+    cursor = conn.cursor()
+    try:
+        for statement in statements:
+            for _row in cursor.execute(statement):  # run to its end, as executescript does
+                pass
+    except BaseException:
+        cursor.close()
+        raise
+    return cursor
 
 
 async def _connect(path: str, **kwargs: Any) -> _Connection:
@@ -530,10 +750,19 @@ async def _connect(path: str, **kwargs: Any) -> _Connection:
     """
     conn = _Connection(partial(sqlite3.connect, path, **kwargs), 64)  # as aiosqlite.connect
     connecting = cast("Awaitable[_Connection]", conn)  # awaiting it connects, and returns it
-    return await connect_or_close(connecting, aiosqlite.Connection.close)
+    try:
+        return await connect_or_close(connecting, aiosqlite.Connection.close)
+    except sqlite3.Error:
+        # aiosqlite stops its thread on a failed connect without waiting for it, and the
+        # thread then reports to the event loop: one closed by then (an app whose start
+        # failed on it) makes the thread fail ("Event loop is closed"). Wait for it.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            while conn._thread.is_alive():
+                await anyio.sleep(0.001)
+        raise
 
 
-async def _begin(db: Database, begin: Begin) -> _Connection:
+async def _begin(db: Database, begin: Begin, name: str) -> _Connection:
     try:
         conn = await db._open()
     except sqlite3.OperationalError as exc:
@@ -544,6 +773,7 @@ async def _begin(db: Database, begin: Begin) -> _Connection:
         raise
     try:
         await conn.execute(f"BEGIN {begin.upper()}")
+        conn._tether_unit = name
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await conn.close()
@@ -639,7 +869,7 @@ def connection(
         try:
             await db._acquire(token)
             try:
-                conn = await _begin(db, begin)
+                conn = await _begin(db, begin, name)
                 try:
                     conn.row_factory = row_factory
                     try:

@@ -6,7 +6,8 @@ for every :class:`~tether.Lifecycle` alive:
 * an ``lc.override`` made during the test and still in place is undone, so later tests see
   the real resource, and the test errors, naming the resource and where the override was made;
   the same for a FastAPI ``app.dependency_overrides`` entry of a tether resource that the test
-  added to an app served before it (one that tests share);
+  added to an app that tests share (one served before it, or one a module holds: compared with
+  its overrides when the test started);
 * a unit of work that started during the test and is still in flight a second after it
   (a ``lc.scope()`` never exited, a streamed response never read to its end, a job still
   running) makes the test error, naming the unit, its age when the test ended, what it
@@ -15,7 +16,8 @@ for every :class:`~tether.Lifecycle` alive:
   loop between tests), here; on a closed loop nothing can end, and there is no wait. A unit
   of the test that the app's shutdown cancelled past ``drain_timeout`` at the teardown of its
   fixtures (the app run by a function-scoped fixture), or waited on until it ended more than
-  a second after the test, makes the test error too;
+  a second after the test, makes the test error too; the same for one the end of a
+  ``rolled_back()`` block (a fixture's) waited on, holding the block's connection;
 * a driver pool (``lc.stats().pools``) with more connections in use than before the test,
   when no unit of work holds them, makes the test error: something took a connection
   straight from the pool and kept it.
@@ -104,9 +106,14 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
         for lc in list(LIFECYCLES)
         for app in list(lc._installed_apps.keys())
     }
+    # ... and on the apps modules hold, not served yet, which later tests serve too: one the
+    # test adds and then serves (`app.dependency_overrides[res] = ...`, then `with
+    # TestClient(app)`) is already there when the app is first served.
+    for app in _module_apps():
+        fastapi_overrides.setdefault(app, set(_resource_overrides(app)))
     yield
-    # ... and the apps first served during the test, as they were then (one a module holds,
-    # which later tests serve too; not one the test made for itself).
+    # ... and an app first served during the test that no module held when it started (its
+    # module imported by the test), as it was then (not one the test made for itself).
     for lc in list(LIFECYCLES):
         for app, at_install in list(lc._installed_apps.items()):
             added = any(r not in at_install for r in _resource_overrides(app))
@@ -213,3 +220,35 @@ def _module_level(app: Any) -> bool:
         except TypeError:  # pragma: no cover - a module object without a __dict__
             continue
     return False
+
+
+# Per module (by name): the module object and its number of globals when last looked at, and
+# the names of those that held a FastAPI app then (`_module_apps`, at each test's start).
+_APPS_IN: dict[str, tuple[int, int, tuple[str, ...]]] = {}
+
+
+def _module_apps() -> list[Any]:
+    """The FastAPI apps modules hold (``app = FastAPI(...)``): those tests share. A module
+    is looked through again only when its number of globals changed."""
+    fastapi = sys.modules.get("fastapi")
+    cls = getattr(fastapi, "FastAPI", None)
+    if not isinstance(cls, type):
+        return []
+    apps: dict[int, Any] = {}
+    for name, module in list(sys.modules.items()):
+        try:
+            found = vars(module)
+        except TypeError:  # pragma: no cover - a module object without a __dict__
+            continue
+        size = len(found)
+        known = _APPS_IN.get(name)
+        if known is not None and known[0] == id(module) and known[1] == size:
+            names = known[2]
+        else:
+            names = tuple(k for k, v in list(found.items()) if issubclass(type(v), cls))
+            _APPS_IN[name] = (id(module), size, names)
+        for key in names:
+            value = found.get(key)
+            if issubclass(type(value), cls):
+                apps[id(value)] = value
+    return list(apps.values())

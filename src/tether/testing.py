@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.to_thread
 
-from ._lifecycle import _entry_site
+from ._lifecycle import DrainedUnit, _entry_site
 
 if TYPE_CHECKING:
-    from ._lifecycle import CancelledUnit, DrainedUnit, Lifecycle, Override
+    from ._lifecycle import CancelledUnit, Lifecycle, Override
+    from ._resource import Resource
     from ._scope import Entry, Unit
 
 T = TypeVar("T")
@@ -164,12 +166,15 @@ def _assert_not_drained(
     """Assert that no shutdown of *lc* waited on a unit of work (but those in *keep*, and
     units in *ignore*) that was still in flight *wait* seconds after *since* (the end of the
     test): one the shutdown of a function-scoped app waited for, before the check after the
-    test could see it."""
-    drained = [
+    test could see it. The same for a unit the end of a ``rolled_back()`` block (a fixture's)
+    waited on, holding the block's connection."""
+    late = [
         d
         for d in list(lc._drained_units)
         if d not in keep and d.unit not in ignore and d.ended - since > wait
     ]
+    messages = []
+    drained = [d for d in late if not isinstance(d, _BlockWaited)]
     if drained:
         n = len(drained)
         count = f"{n} unit{'s' if n > 1 else ''} of work"
@@ -178,11 +183,29 @@ def _assert_not_drained(
             f"after the test"
             for d in drained
         )
-        msg = (
+        messages.append(
             f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
             f"which waited for {'them' if n > 1 else 'it'} to end:{listed}\n{_HINT}"
         )
-        raise AssertionError(msg)
+    blocks: dict[str, list[_BlockWaited]] = {}
+    for d in late:
+        if isinstance(d, _BlockWaited):
+            blocks.setdefault(d.block, []).append(d)
+    for block, waited in blocks.items():
+        n = len(waited)
+        count = f"{n} unit{'s' if n > 1 else ''} of work"
+        listed = "".join(
+            f"\n  - {_describe(d.unit, since, d.entries)}, gave it back "
+            f"{d.ended - since:.2f} s after the test"
+            for d in waited
+        )
+        messages.append(
+            f"tether: {count} of {lc!r} still held {block!r} when rolled_back({block}) ended "
+            f"after the test (a fixture's teardown), and the block waited for "
+            f"{'them' if n > 1 else 'it'} to give it back before rolling back:{listed}\n{_HINT}"
+        )
+    if messages:
+        raise AssertionError("\n".join(messages))
 
 
 def _describe(unit: Unit, now: float, entries: Collection[Entry] | None = None) -> str:
@@ -357,6 +380,76 @@ def _waited(name: str, timeout: float) -> str:
     )
 
 
+def _aborted(name: str, savepoint: str) -> str:
+    """The error for a unit of work of ``rolled_back(name)`` that finds the block's
+    transaction aborted: a statement on the block's connection, outside every unit, failed."""
+    return (
+        f"rolled_back({name}): the block's transaction is aborted, so no unit of work can run "
+        f"in it: a statement run on the block's connection (the one `async with "
+        f"rolled_back({name}) as conn:` yields), outside any unit of work, failed (one the "
+        f"test expects to fail, in `pytest.raises`?), and PostgreSQL ignores every later "
+        f"command of the transaction until it is rolled back. Run a statement that may fail "
+        f"on the block's connection in a savepoint ({savepoint}): its failure then rolls back "
+        f"to the savepoint only, and the block carries on."
+    )
+
+
+class _BlockWaited(DrainedUnit):
+    """A unit of work the end of a ``rolled_back()`` block waited on, holding the block's
+    connection: what it held, and when it gave the connection back (the pytest plugin reports
+    one that did so past its grace, as one a shutdown's drain waited on)."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, unit: Unit, entries: list[Entry], ended: float, block: str) -> None:
+        super().__init__(unit, entries, ended)
+        self.block = block
+
+
+def _holds(unit: Unit, name: str) -> list[Entry] | None:
+    """What *unit* holds, if it holds the value of the resource named *name*."""
+    entries = list(unit.entries)
+    return entries if any(e.res.name == name for e in entries) else None
+
+
+@asynccontextmanager
+async def _watching(resource: Resource[Any]) -> AsyncIterator[dict[Unit, list[Entry]]]:
+    """While ``rolled_back(resource)``'s end waits for its connection: the units of work in
+    flight that hold *resource*'s value, or wait their turn for it, as they began the wait,
+    each with what it held (looked at again every 50 ms: one waiting gets its turn)."""
+    from ._resource import OPENING
+
+    name = resource.name
+    holders: dict[Unit, list[Entry]] = {}
+    for unit in resource.lifecycle._in_flight():
+        held = _holds(unit, name)
+        if held is not None or unit.values.get(resource) is OPENING:
+            holders[unit] = held or list(unit.entries)
+
+    async def look() -> None:
+        while True:
+            await anyio.sleep(0.05)
+            for unit in list(holders):
+                held = _holds(unit, name)
+                if held is not None:
+                    holders[unit] = held
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(look)
+        try:
+            yield holders
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _note_waited(resource: Resource[Any], holders: Mapping[Unit, list[Entry]]) -> None:
+    """Note that the end of ``rolled_back(resource)`` waited on *holders* until now."""
+    now = time.perf_counter()
+    drained = resource.lifecycle._drained_units
+    for unit, entries in holders.items():
+        drained.append(_BlockWaited(unit, entries, now, resource.name))
+
+
 def outside_the_block(resource: str, pool: str) -> None:
     """Warn that a unit of work took a connection of *pool* through another resource while
     ``rolled_back(resource)`` is open: it is not in the block (it does not see the block's
@@ -428,6 +521,37 @@ class _Turns:
             yield
         finally:
             self._sync_lock.release()
+
+    async def settle(self, resource: Resource[Any], within: float) -> bool:
+        """The block's end: take the connection, waiting up to *within* seconds for the unit
+        of work still holding it (and those waiting their turn) to give it back; true once
+        taken (then held, until ``lock.release()``). A unit waited on is noted, with what it
+        held and when it gave the connection back, for the pytest plugin: the test left it in
+        flight."""
+        try:
+            self.lock.acquire_nowait()
+        except anyio.WouldBlock:
+            pass
+        else:
+            return True
+        held = False
+        async with _watching(resource) as holders:
+            with anyio.move_on_after(within):
+                await self.lock.acquire()
+                held = True
+        if held:
+            _note_waited(resource, holders)
+        return held
+
+    async def sync_settled(self, resource: Resource[Any], within: float) -> bool:
+        """:meth:`settle` for sync sessions (then held until :meth:`sync_release`)."""
+        if self._sync_lock.acquire(False):
+            return True
+        async with _watching(resource) as holders:
+            held = await anyio.to_thread.run_sync(self.sync_settle, within)
+        if held:
+            _note_waited(resource, holders)
+        return held
 
     def sync_settle(self, within: float) -> bool:
         """Wait for the unit of work still holding the connection: true once it is free (then

@@ -1164,7 +1164,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     do not commit on it). The app scope must be running, on this event loop (with
     ``TestClient``: ``client.portal.wrap_async_context_manager(...)``).
     """
-    from ..testing import _Turns
+    from ..testing import _aborted, _Turns
 
     spec = registered(_connections, connection, "asyncpg")
     lc = connection.lifecycle
@@ -1188,13 +1188,16 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with turns.turn():
                 found_callbacks = _found_callbacks(_raw(conn))  # as the unit found them
-                # What the test set on the session (the unit's reset puts it back after).
-                found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""
-                after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
                 begin = f"SAVEPOINT {SAVEPOINT}"
                 if readonly:  # undone with the savepoint, which a read-only unit rolls back
                     begin += "; SET LOCAL transaction_read_only = on"
-                await conn.execute(begin)
+                try:
+                    # What the test set on the session (the unit's reset puts it back after).
+                    found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""
+                    await conn.execute(begin)
+                except pg_errors.InFailedSQLTransactionError as exc:  # the test's statement
+                    raise RuntimeError(_aborted(name, "`async with conn.transaction():`")) from exc
+                after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
                 handed = _unit_proxy(conn)
                 try:
                     yield handed
@@ -1220,10 +1223,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):
-                held = False
-                with anyio.move_on_after(SETTLE):  # a unit of work still holding it ends first
-                    await lock.acquire()
-                    held = True
+                # A unit of work still holding it ends first (noted for the pytest plugin).
+                held = await turns.settle(connection, SETTLE)
                 try:
                     await outer.rollback()
                 except Exception:  # busy or lost: closing the connection rolls back

@@ -933,7 +933,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     app scope must be running, on this event loop (with ``TestClient``:
     ``client.portal.wrap_async_context_manager(...)``).
     """
-    from ..testing import _Turns
+    from ..testing import _aborted, _Turns
 
     spec = registered(_connections, connection, "psycopg")
     lc = connection.lifecycle
@@ -970,6 +970,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
 
         async def joined() -> AsyncIterator[Connection]:
             async with turns.turn():
+                if conn.info.transaction_status == TransactionStatus.INERROR:  # the test's
+                    raise RuntimeError(_aborted(name, "`async with conn.transaction():`"))
                 callbacks = _callbacks(conn, None)  # as the unit found them, as in production
                 reset = ""
                 if resets:
@@ -1005,10 +1007,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
         finally:
             block._tether_give_back(_block_over(name), connection, leak=False)
             with anyio.CancelScope(shield=True):
-                held = False
-                with anyio.move_on_after(SETTLE):  # a unit of work still holding it ends first
-                    await lock.acquire()
-                    held = True
+                # A unit of work still holding it ends first (noted for the pytest plugin).
+                held = await turns.settle(connection, SETTLE)
                 try:
                     if held:
                         await conn.rollback()

@@ -2273,6 +2273,7 @@ async def _rolled_back(
     session: Resource[Any], spec: _SessionOf, eng: Any, reset: bool
 ) -> AsyncIterator[Any]:
     """`rolled_back` itself, once the block is recorded on its engine."""
+    from ..testing import _aborted as _block_aborted
     from ..testing import _Turns
 
     lc = session.lifecycle
@@ -2289,7 +2290,16 @@ async def _rolled_back(
 
             async def joined() -> AsyncIterator[AsyncSession]:
                 async with turns.turn():
-                    found = await conn.run_sync(_found_settings) if reset else ""
+                    try:  # the test's own statement on the block's connection failed?
+                        aborted = await conn.run_sync(_aborted)  # psycopg: no round trip
+                        found = await conn.run_sync(_found_settings) if reset else ""
+                    except Exception as exc:  # asyncpg says so at the first query
+                        if _IN_FAILED_TRANSACTION not in sqlstates(exc):
+                            raise
+                        aborted = True
+                    if aborted:
+                        nested = "`async with conn.begin_nested():`"
+                        raise RuntimeError(_block_aborted(session.name, nested))
                     try:
                         async with open_joined(conn, "create_savepoint") as s:
                             _as_in_production(s.sync_session)
@@ -2304,10 +2314,8 @@ async def _rolled_back(
                     yield conn
             finally:
                 with anyio.CancelScope(shield=True):
-                    held = False
-                    with anyio.move_on_after(_SETTLE):  # a session still open ends first
-                        await lock.acquire()
-                        held = True
+                    # A session still open ends first (noted for the pytest plugin).
+                    held = await turns.settle(session, _SETTLE)
                     try:
                         if outer.is_active:
                             await outer.rollback()
@@ -2326,7 +2334,15 @@ async def _rolled_back(
 
         def sync_joined() -> Iterator[Session]:
             with sync_turns.sync_turn():
-                found = _found_settings(conn) if reset else ""
+                try:  # the test's own statement on the block's connection failed?
+                    aborted = _aborted(conn)  # psycopg: no round trip
+                    found = _found_settings(conn) if reset else ""
+                except Exception as exc:  # asyncpg says so at the first query
+                    if _IN_FAILED_TRANSACTION not in sqlstates(exc):
+                        raise
+                    aborted = True
+                if aborted:
+                    raise RuntimeError(_block_aborted(session.name, "`with conn.begin_nested():`"))
                 try:
                     with open_sync(conn, "create_savepoint") as s:
                         _as_in_production(s)
@@ -2340,7 +2356,8 @@ async def _rolled_back(
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):
-                held = await anyio.to_thread.run_sync(sync_turns.sync_settle, _SETTLE)
+                # A session still open ends first (noted for the pytest plugin).
+                held = await sync_turns.sync_settled(session, _SETTLE)
                 try:
                     if sync_outer.is_active:
                         await anyio.to_thread.run_sync(sync_outer.rollback)

@@ -14,12 +14,15 @@ where tether's reset does not run (``pgbouncer=True``, ``reset_session=False``).
 """
 
 import asyncio
+import contextlib
+import gc
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
@@ -327,3 +330,67 @@ def test_a_refused_commit_gives_its_connection_back_rolled_back(
         r = client.post("/order/2")  # on the same connection (pool_size=1)
         assert r.status_code == 200, r.text
         assert postgres.sql(f"SELECT id FROM {orders.name}") == [(2,)]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_under_rolled_back_a_stream_read_after_the_unit_fails_as_in_production(
+    postgres: Postgres, driver: str
+) -> None:
+    """`rolled_back(session)` keeps the block's one connection out of the pool, so the
+    checkin that ends a unit's server-side cursors never ran: the body read on, the test
+    passed, and production failed. Each unit's cursors end with the unit, as at checkin."""
+    lc = tether.Lifecycle()
+    url = postgres.dsn.replace("postgresql:", f"postgresql+{driver}:")
+    session = tsa.session(lc, tsa.engine(lc, url, pool_size=1, max_overflow=0))
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/export")
+    async def export(s: Annotated[AsyncSession, Depends(session)]) -> StreamingResponse:
+        result = await s.stream(text("SELECT g FROM generate_series(1, 5) g"))
+
+        async def body() -> Any:
+            async for row in result:
+                yield f"{row[0]}\n"
+
+        return StreamingResponse(body())
+
+    with TestClient(app) as client:
+        for block in (False, True):
+            if block:
+                context: Any = client.portal.wrap_async_context_manager(tsa.rolled_back(session))
+            else:
+                context = contextlib.nullcontext()
+            with context, pytest.raises(tether.ResourceClosedError) as caught:
+                client.get("/export")
+            assert str(caught.value) == STREAM_CLOSED
+
+
+def test_a_connection_held_long_keeps_no_context_of_its_streams(postgres: Postgres) -> None:
+    """A connection held for many streamed queries (a job's `engine.connect()`, a WebSocket's
+    session): each statement's context was kept until the connection went back, about 3 KB
+    a query, without bound. Only those whose result the app still holds are kept."""
+    from sqlalchemy.engine.default import DefaultExecutionContext
+
+    def contexts() -> int:
+        gc.collect()
+        return sum(isinstance(o, DefaultExecutionContext) for o in gc.get_objects())
+
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, postgres.dsn.replace("postgresql:", "postgresql+psycopg:"))
+
+    async def main() -> int:
+        async with lc.run():
+            eng = lc.get(engine)
+            with eng.connect() as conn:
+                for _ in range(3):  # warm: the pool's own, SQLAlchemy's caches
+                    list(conn.execution_options(yield_per=10).execute(text("SELECT 1")))
+                before = contexts()
+                for _ in range(200):
+                    result = conn.execution_options(yield_per=10).execute(
+                        text("SELECT g FROM generate_series(1, 20) g")
+                    )
+                    assert len(list(result)) == 20
+                    del result
+                return contexts() - before
+
+    assert anyio.run(main) < 20

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -491,6 +491,19 @@ def _stream_closed_message(name: str) -> str:
     )
 
 
+def _end_streams(contexts: Iterable[Any], message: str, *, alive: bool = True) -> None:
+    """Mark the server-side cursors of *contexts* as ended (a later read raises *message*)
+    and close them on the client (*alive*: their connection is still there)."""
+    for context in list(contexts):
+        setattr(context, _RETURNED, message)
+        if not alive:
+            continue  # the connection is gone (invalidated): its cursor with it
+        try:
+            context.cursor.close()  # on the client: the transaction has ended
+        except Exception:  # closed already, or a driver refusing: marked all the same
+            pass
+
+
 def _close_streams_on_return(eng: Engine, name: str) -> None:
     """Close the server-side cursors a unit of work opened (``stream()``,
     ``stream_scalars()``, ``yield_per``) when their connection goes back to the pool, so a
@@ -520,18 +533,17 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
                 if not returning:
                     event.listen(eng, "checkin", checkin)
                     returning = True
-        conn.info.setdefault(_STREAMS, []).append(context)
+        # Weakly: a result the app dropped cannot be read again, and a connection held long
+        # (a job's, a WebSocket's) would keep every streamed statement's context.
+        streams = conn.info.get(_STREAMS)
+        if streams is None:
+            streams = conn.info[_STREAMS] = weakref.WeakSet()
+        streams.add(context)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         contexts = record.info.pop(_STREAMS, None)
-        for context in contexts or ():
-            setattr(context, _RETURNED, message)
-            if dbapi_connection is None:
-                continue  # the connection is gone (invalidated): its cursor with it
-            try:
-                context.cursor.close()  # on the client: the transaction has ended
-            except Exception:  # closed already, or a driver refusing: marked all the same
-                pass
+        if contexts:
+            _end_streams(contexts, message, alive=dbapi_connection is not None)
 
     def handle_error(context: Any) -> ResourceClosedError | None:
         returned = getattr(context.execution_context, _RETURNED, None)
@@ -2268,6 +2280,22 @@ async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
         info.rolled_back.remove(session.name)
 
 
+def _streams_of(conn: Any) -> set[Any]:
+    """The server-side cursors open on the block's connection now (the test's own)."""
+    return set(conn.info.get(_STREAMS, ()))
+
+
+def _end_unit_streams(conn: Any, before: set[Any], message: str) -> None:
+    """`rolled_back`: the server-side cursors a unit of work opened on the block's connection
+    end with the unit, as production's checkin ends them (the test's own stay)."""
+    streams = conn.info.get(_STREAMS)
+    if streams:
+        its = [c for c in streams if c not in before]
+        _end_streams(its, message)
+        for context in its:
+            streams.discard(context)
+
+
 @asynccontextmanager
 async def _rolled_back(
     session: Resource[Any], spec: _SessionOf, eng: Any, reset: bool
@@ -2277,6 +2305,7 @@ async def _rolled_back(
     from ..testing import _Turns
 
     lc = session.lifecycle
+    ended = _stream_closed_message(spec.engine.name)
     if spec.is_async:
         async with eng.connect() as conn:
             outer = await conn.begin()
@@ -2300,11 +2329,14 @@ async def _rolled_back(
                     if aborted:
                         nested = "`async with conn.begin_nested():`"
                         raise RuntimeError(_block_aborted(session.name, nested))
+                    streams_before = _streams_of(conn.sync_connection)
                     try:
                         async with open_joined(conn, "create_savepoint") as s:
                             _as_in_production(s.sync_session)
                             yield s
                     finally:
+                        # As production's checkin: the unit's server-side cursors end.
+                        _end_unit_streams(conn.sync_connection, streams_before, ended)
                         if reset:
                             with anyio.CancelScope(shield=True):
                                 await conn.run_sync(_reset_unit, found)
@@ -2343,11 +2375,13 @@ async def _rolled_back(
                     aborted = True
                 if aborted:
                     raise RuntimeError(_block_aborted(session.name, "`with conn.begin_nested():`"))
+                streams_before = _streams_of(conn)
                 try:
                     with open_sync(conn, "create_savepoint") as s:
                         _as_in_production(s)
                         yield s
                 finally:
+                    _end_unit_streams(conn, streams_before, ended)  # as production's checkin
                     if reset:
                         _reset_unit(conn, found)
 

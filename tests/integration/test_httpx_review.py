@@ -538,3 +538,42 @@ async def test_a_relative_health_url_without_base_url_is_refused(upstream: Serve
     thttpx.client(lc, health_url=f"{upstream.base_url}/health")
     async with lc.run():
         assert (await lc.health()).ok
+
+
+class _RaisingTLS(httpx.AsyncBaseTransport):
+    """A transport whose connect fails with an OpenSSL error of the given reason, as
+    httpcore raises it (an ``httpx.ConnectError`` from the ``ssl.SSLError``)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        error = ssl.SSLError(1, f"[SSL: {self.reason}] ({self.reason.lower()})")
+        error.reason = self.reason
+        raise httpx.ConnectError(str(error), request=request) from error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("reason", "mendable"),
+    [
+        ("TLSV1_ALERT_INTERNAL_ERROR", True),  # the server failed: try again
+        ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", True),  # a corrupted record
+        ("WRONG_VERSION_NUMBER", False),  # TLS spoken to a plain HTTP port
+        ("TLSV13_ALERT_CERTIFICATE_REQUIRED", False),  # no client certificate given
+        ("SSLV3_ALERT_BAD_CERTIFICATE", False),  # the client certificate refused
+    ],
+)
+async def test_only_tls_failures_of_the_settings_lose_their_503(
+    reason: str, mendable: bool
+) -> None:
+    """A refused certificate is no 503 (a retry cannot mend it), but a server that sends an
+    internal-error alert, or a record corrupted on the way, is an outage like any other."""
+    lc = tether.Lifecycle()
+    http = thttpx.client(lc, base_url="https://api.example.com", transport=_RaisingTLS(reason))
+    async with lc.run():
+        client = lc.get(http)
+        with pytest.raises(httpx.ConnectError) as info:
+            await client.get("/")
+    assert isinstance(info.value, tether.ResourceUnavailable) is mendable
+    assert ("verify=" in str(info.value)) is not mendable

@@ -222,9 +222,25 @@ class _Transport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-#: TLS failures of the connection itself (the peer closed it during the handshake: a
-#: server restarting, a load balancer), not of the settings: these stay 503s.
-_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+#: The TLS failures of the settings, by OpenSSL's reason, which a retry would not mend: TLS
+#: spoken to a plain HTTP port, no protocol or cipher both sides take, a certificate or a
+#: client certificate refused. Any other (the peer closing the connection during the
+#: handshake, a server's internal error alert, a corrupted record) stays a 503.
+_TLS_SETTINGS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "NO_SHARED_CIPHER",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_DECRYPT_ERROR",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "TLSV1_UNRECOGNIZED_NAME",
+    }
+)
 
 
 def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
@@ -235,8 +251,11 @@ def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause  # the server's certificate: not trusted, or not the host's
         if isinstance(cause, ssl.SSLError):
-            return None if isinstance(cause, _TLS_TRANSIENT) else cause
+            reason = getattr(cause, "reason", None) or ""
+            return cause if reason in _TLS_SETTINGS or "CERTIFICATE" in reason else None
         cause = cause.__cause__ or cause.__context__
     return None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import aiosqlite
+import anyio
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
@@ -446,3 +447,101 @@ async def test_synchronous_is_set_on_every_connection(
     async with lc.run(), lc.scope() as scope:
         c = await scope.get(conn)
         assert [tuple(r) for r in await c.execute_fetchall("PRAGMA synchronous")] == [(pragma,)]
+
+
+REBUILD = (
+    "PRAGMA foreign_keys=OFF;"
+    "CREATE TABLE author_new (id INTEGER PRIMARY KEY, name TEXT NOT NULL, born INTEGER);"
+    "INSERT INTO author_new (id, name) SELECT id, name FROM author;"
+    "DROP TABLE author;"
+    "ALTER TABLE author_new RENAME TO author;"
+    "PRAGMA foreign_keys=ON;"
+)
+
+
+def test_a_script_that_sets_foreign_keys_is_refused_in_a_unit_of_work(tmp_path: Path) -> None:
+    """SQLite's table rebuild turns foreign keys off around `DROP TABLE`; inside a
+    transaction SQLite ignores that pragma, so in a unit of work the drop cascaded and
+    deleted every row that referenced the table, then the unit committed. Refused before any
+    of it runs; the same script through `db.connect()` rebuilds the table and keeps them."""
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as setup:
+        setup.executescript(
+            "CREATE TABLE author (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
+            "CREATE TABLE book (id INTEGER PRIMARY KEY, author_id INTEGER NOT NULL "
+            "REFERENCES author (id) ON DELETE CASCADE, title TEXT);"
+            "INSERT INTO author VALUES (1, 'Le Guin');"
+            "INSERT INTO book VALUES (1, 1, 'The Dispossessed'), (2, 1, 'Lathe of Heaven');"
+        )
+    setup.close()
+    lc = tether.Lifecycle()
+    db = tsqlite.database(lc, path)
+    writer = tsqlite.connection(lc, db, name="writer")
+
+    async def main() -> None:
+        async with lc.run():
+            with pytest.raises(sqlite3.ProgrammingError) as caught:
+                async with lc.scope() as s:
+                    await (await s.get(writer)).executescript(REBUILD)
+            assert str(caught.value) == (
+                "executescript() on connection 'writer': the script sets PRAGMA foreign_keys, "
+                "which SQLite ignores inside a transaction, and the connection is in its unit "
+                "of work's transaction: a DROP TABLE after it (a table rebuild) would still "
+                "delete, through ON DELETE CASCADE, the rows that reference the table; nothing "
+                "of the script ran. Run such a script outside a unit of work, as startup work "
+                "or a migration: `async with db.connect() as conn: await "
+                "conn.executescript(...)` (db: the tether.integrations.aiosqlite.database() "
+                "value)."
+            )
+            assert rows_of(path, "book") == 2
+            async with lc.get(db).connect() as conn:  # the form the message names
+                await conn.executescript(REBUILD)
+            assert rows_of(path, "book") == 2
+
+    anyio.run(main)
+
+
+def rows_of(path: Path, table: str) -> int:
+    other = sqlite3.connect(path)
+    try:
+        return int(other.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        other.close()
+
+
+@pytest.mark.anyio
+async def test_a_long_script_in_a_unit_of_work_leaves_the_event_loop_free(
+    tmp_path: Path,
+) -> None:
+    """A seed script of 16,000 rows whose strings hold ";": splitting it tried every ";"
+    from the statement's start (quadratic), on the event loop: every other request of the
+    worker froze for 6 s. It is split in aiosqlite's thread, in one pass; the rows are all
+    there, quotes doubled inside strings and all."""
+    import anyio
+
+    path = tmp_path / "app.db"
+    make_file(path)
+    values = ",".join(f"('row {i}; it''s [{i}] -- not a comment')" for i in range(16_000))
+    script = f"/* seed; */ INSERT INTO log (text) VALUES {values};\n-- done;\n"
+    lc = tether.Lifecycle()
+    writer = tsqlite.connection(lc, tsqlite.database(lc, path), name="writer")
+    longest = 0.0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = anyio.current_time()
+        while not done.is_set():
+            await anyio.sleep(0.01)
+            now = anyio.current_time()
+            longest = max(longest, now - last)
+            last = now
+
+    async with lc.run(), anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        async with lc.scope() as s:
+            await (await s.get(writer)).executescript(script)
+        done.set()
+    assert rows_of(path, "log") == 16_000
+    assert rows(path, "log")[1] == "row 1; it's [1] -- not a comment"
+    assert longest < 2.0  # 6 s on the event loop before; well under a second in its thread

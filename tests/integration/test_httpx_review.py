@@ -577,3 +577,41 @@ async def test_only_tls_failures_of_the_settings_lose_their_503(
             await client.get("/")
     assert isinstance(info.value, tether.ResourceUnavailable) is mendable
     assert ("verify=" in str(info.value)) is not mendable
+
+
+@pytest.mark.anyio
+async def test_a_stream_dropped_half_read_is_a_leak_when_another_call_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The relay exemption above is for the relayed response's own failure. A stream the
+    code read in part and dropped, in a unit that then failed on another call's
+    `ReadTimeout`, was logged at INFO as "failed mid-body" and not counted: a real leak,
+    hidden."""
+
+    async def lines() -> Any:
+        for i in range(100):
+            yield b"line %d\n" % i
+            await asyncio.sleep(0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            return httpx.Response(200, content=lines())
+        raise httpx.ReadTimeout("upstream /other timed out", request=request)
+
+    lc = tether.Lifecycle()
+    api = thttpx.client(
+        lc, base_url="http://api.test", name="api", transport=httpx.MockTransport(handler)
+    )
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            with pytest.raises(httpx.ReadTimeout):
+                async with lc.scope("job") as unit:
+                    c = await unit.get(api)
+                    r = await c.send(c.build_request("GET", "/events"), stream=True)
+                    async for _ in r.aiter_lines():  # the first line, then r is forgotten
+                        break
+                    await c.get("/other")
+            assert lc.stats().resources["api"].leaks == 1
+    (warning,) = [r for r in caplog.records if "still open" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "(GET http://api.test/events, opened at " in warning.getMessage()

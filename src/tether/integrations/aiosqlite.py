@@ -817,8 +817,10 @@ async def _connect(path: str, **kwargs: Any) -> _Connection:
         # aiosqlite stops its thread on a failed connect without waiting for it, and the
         # thread then reports to the event loop: one closed by then (an app whose start
         # failed on it) makes the thread fail ("Event loop is closed"). Wait for it.
+        # aiosqlite 0.21+ keeps its thread as `_thread`; before, the connection was it.
+        thread: Any = getattr(conn, "_thread", conn)
         with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-            while conn._thread.is_alive():
+            while thread.is_alive():
                 await anyio.sleep(0.001)
         raise
 

@@ -989,6 +989,17 @@ def close_failed(
             describe(failure),
             extra={"tether_resource": entry.res.name},
         )
+    elif isinstance(failure, Exception) and isinstance(getattr(failure, "status_code", None), int):
+        # An answer the cleanup chose (``raise HTTPException(409)`` for a conflict its flush
+        # found): the app's handler answers with its status, as for one raised by a handler,
+        # which Starlette does not log either. Noted, without a traceback.
+        log.info(
+            "tether: closing resource %r answered %s: %s",
+            entry.res.name,
+            failure.status_code,  # type: ignore[attr-defined]
+            describe(failure),
+            extra={"tether_resource": entry.res.name},
+        )
     else:
         log.error(
             "tether: closing resource %r failed: %s",

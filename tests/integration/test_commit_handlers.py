@@ -13,6 +13,7 @@ route's ``handle``), each from a plain asyncio task (as uvicorn serves) and from
 """
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
@@ -163,7 +164,7 @@ def test_a_unique_violation_at_commit_without_a_handler_is_still_a_500(
 @SERVINGS
 @CLIENTS
 def test_an_http_exception_raised_by_a_resource_after_its_yield_answers_with_its_status(
-    postgres: Postgres, names: None, serving: str, client: str
+    postgres: Postgres, names: None, serving: str, client: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A resource over the session that maps a conflict found at its flush to a 409 itself:
     the client gets that 409 (Starlette's handler for ``HTTPException``), and the session,
@@ -184,10 +185,24 @@ def test_an_http_exception_raised_by_a_resource_after_its_yield_answers_with_its
         s.add(Name(id=id, name=new))
         return id
 
-    answers = requests(app, lc, client, ("POST", "/names/2/taken"), ("POST", "/names/3/free"))
+    with caplog.at_level(logging.INFO, logger="tether"):
+        answers = requests(app, lc, client, ("POST", "/names/2/taken"), ("POST", "/names/3/free"))
     assert answers == [(409, {"detail": "that name is taken"}), (200, 3)]
     assert rows(postgres) == [(1, "taken"), (3, "free"), (103, "free, first of two")]
     assert not_idle(postgres, name) == []
+    # Chosen, not a crash: noted at INFO, with no traceback, as Starlette logs none for it.
+    noted = [
+        (r.levelname, r.getMessage(), r.exc_info)
+        for r in caplog.records
+        if getattr(r, "tether_resource", None) == "uow"
+    ]
+    assert noted == [
+        (
+            "INFO",
+            "tether: closing resource 'uow' answered 409: HTTPException: 409: that name is taken",
+            None,
+        )
+    ]
 
 
 @SERVINGS

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -91,9 +92,20 @@ def recorded_tx() -> tuple[tether.Lifecycle, tether.Resource[str], list[str]]:
     return lc, tx, events
 
 
-async def call(app: FastAPI, path: str, leave_after: float | None) -> list[int]:
-    """One POST to *app*, as uvicorn serves it; the client goes away after *leave_after*
-    seconds (never if None). The statuses the app answered."""
+class NoCoroTask(asyncio.Task):  # type: ignore[type-arg]
+    """granian's ``--task-impl rust`` tasks: an ``asyncio.Task`` whose ``get_coro()``
+    crashed the worker process (a segfault) when tether looked where a request waits."""
+
+    def get_coro(self) -> Any:
+        raise RuntimeError("get_coro() of a task that cannot give it")
+
+
+async def call(
+    app: FastAPI, path: str, leave_after: float | None, task: type[asyncio.Task[Any]] | None = None
+) -> list[int]:
+    """One POST to *app*, as uvicorn serves it (in a *task* of that class, if given); the
+    client goes away after *leave_after* seconds (never if None). The statuses the app
+    answered."""
     sent: list[dict[str, Any]] = []
     asked = False
 
@@ -115,7 +127,10 @@ async def call(app: FastAPI, path: str, leave_after: float | None) -> list[int]:
         "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 80),
     }  # fmt: skip
-    await asyncio.get_running_loop().create_task(app(scope, receive, send))
+    loop = asyncio.get_running_loop()
+    await (loop.create_task if task is None else partial(task, loop=loop))(
+        app(scope, receive, send)
+    )
     return [m["status"] for m in sent if m["type"] == "http.response.start"]
 
 
@@ -154,11 +169,15 @@ async def test_a_def_endpoint_whose_client_left_runs_to_its_end_and_rolls_back(
     assert postgres.activity_after_close(name) == []
 
 
-async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it() -> None:
+@pytest.mark.parametrize("task", [None, NoCoroTask], ids=["task", "no-get_coro"])
+async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it(
+    task: type[asyncio.Task[Any]] | None,
+) -> None:
     """The client leaves while a `def` dependency (an auth check) runs in its thread: the
     request is cancelled once that thread returns, at the endpoint's first await, and what
     it opened rolls back (before, the deferred cancel never came: the endpoint ran in full
-    and committed; an endpoint that never awaits runs to its end, and rolls back)."""
+    and committed; an endpoint that never awaits runs to its end, and rolls back). The same
+    in a task whose `get_coro()` fails, as granian's rust tasks' does."""
     lc, tx, events = recorded_tx()
 
     def auth() -> str:
@@ -174,7 +193,7 @@ async def test_a_client_that_left_during_a_def_dependency_is_cancelled_after_it(
         return t
 
     async with lc.lifespan(app):
-        assert await call(app, "/long", leave_after=0.3) == [499]
+        assert await call(app, "/long", leave_after=0.3, task=task) == [499]
     assert events == ["rollback (ClientDisconnected)"]
 
 

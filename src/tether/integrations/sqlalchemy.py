@@ -532,6 +532,9 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
             with lock:
                 if not returning:
                     event.listen(eng, "checkin", checkin)
+                    if conn.dialect.driver == "psycopg2":
+                        event.listen(eng, "commit", ending)
+                        event.listen(eng, "rollback", ending)
                     returning = True
         # Weakly: a result the app dropped cannot be read again, and a connection held long
         # (a job's, a WebSocket's) would keep every streamed statement's context.
@@ -539,6 +542,18 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
         if streams is None:
             streams = conn.info[_STREAMS] = weakref.WeakSet()
         streams.add(context)
+
+    def ending(conn: Any) -> None:
+        # psycopg2 closes a named cursor only in the transaction that opened it (a later
+        # close raises, and SQLAlchemy logs that at ERROR when the result is read): closed
+        # here, as the transaction ends, which ends it on the server anyway.
+        if conn.closed:
+            return  # a rollback of an error on a stale result's connection (closed already)
+        for context in list(conn.info.get(_STREAMS, ())):
+            try:
+                context.cursor.close()
+            except Exception:  # an aborted transaction, a lost connection: dropped at checkin
+                pass
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         contexts = record.info.pop(_STREAMS, None)

@@ -33,7 +33,9 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
     now = time.perf_counter()
     threshold = lc.leak_threshold
     in_flight = []
+    own = lc._leak_thresholds  # a unit's own (`lc.scope(label, leak_threshold=...)`)
     for unit in lc._in_flight()[:max_units]:
+        limit = own.get(unit, threshold) if own else threshold
         holding = []
         for entry in list(unit.entries):
             held = now - entry.opened_at
@@ -41,7 +43,7 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
                 {
                     "resource": entry.res.name,
                     "held_s": round(held, 3),
-                    "leak": entry.leak_reported or (threshold is not None and held > threshold),
+                    "leak": entry.leak_reported or (limit is not None and held > limit),
                     "acquired_at": [
                         f'File "{f}", line {n}, in {name}' for f, n, name in entry.stack or ()
                     ],
@@ -52,6 +54,7 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
                 "id": f"{id(unit):x}",  # stable while the unit lives: the page keeps its rows
                 "label": unit.label,
                 "age_s": round(now - unit.started, 3),
+                "leak_threshold_s": limit,
                 "holding": holding,
             }
         )

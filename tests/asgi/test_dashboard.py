@@ -137,6 +137,34 @@ def test_a_leak_is_shown_with_where_it_was_acquired() -> None:
     assert any("in take_conn" in line for line in holding["acquired_at"])
 
 
+def test_a_unit_with_its_own_leak_threshold_is_judged_by_it() -> None:
+    """A job that set a longer threshold of its own (`lc.scope(label, leak_threshold=...)`,
+    as the docs advise for long jobs) is not flagged once it passes the Lifecycle's, which
+    the sweeper does not report either; one that set a shorter one is flagged by it. Each
+    unit's threshold is given for the page's text (it printed the Lifecycle's for all), and
+    `tether stats` reads the same flag."""
+    lc = tether.Lifecycle(leak_threshold=0.05, sweep_interval=0.02)
+    app = notes_app(lc)
+
+    @contextmanager
+    def own_job(label: str, limit: float) -> Iterator[None]:
+        with client.portal.wrap_async_context_manager(
+            lc.scope(label, leak_threshold=limit)
+        ) as unit:
+            client.portal.call(take_conn, unit)
+            yield
+
+    with TestClient(app) as client, own_job("nightly import", 3600), own_job("quick", 0.01):
+        time.sleep(0.3)
+        s = client.get("/tether/stats.json").json()
+    units = {u["label"]: u for u in s["in_flight"]}
+    assert [h["leak"] for h in units["nightly import"]["holding"]] == [False]
+    assert units["nightly import"]["leak_threshold_s"] == 3600
+    assert [h["leak"] for h in units["quick"]["holding"]] == [True]
+    assert units["quick"]["leak_threshold_s"] == 0.01
+    assert s["resources"][1]["leaks"] == 1  # the sweeper's count agrees: the quick one only
+
+
 def test_the_oldest_units_first_and_at_most_fifty() -> None:
     """Under load the page lists the oldest units (what holds the pool longest), bounded."""
     lc = tether.Lifecycle()

@@ -91,6 +91,7 @@ def test_dashboard_follows_a_request_that_holds_a_connection(
         expect(leak).to_be_visible(timeout=10_000)
         expect(conn.locator(".leaks")).to_have_text("1")
         expect(conn).to_have_class("warn")
+        expect(leak.locator("summary")).to_contain_text("held past the leak threshold (1 s)")
         leak.locator("summary").click()
         expect(leak.locator("pre")).to_have_text("acquired by GET /hold")
         # Opened, it stays open while the page refreshes (every 0.2 s here).

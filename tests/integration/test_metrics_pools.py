@@ -206,3 +206,29 @@ async def test_a_pool_that_counts_its_own_waits_counts_one_timeout_once() -> Non
         await server.wait_closed()
     assert found[sample("db_client_connection_timeouts_total", pool_name="http", scope="app")] == 1
     assert found[sample("tether_resource_timeouts_total", pool_name="user", scope="request")] == 1
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["connection", "transaction"])
+async def test_a_connection_resource_never_counts_more_in_use_than_its_pool_holds(
+    postgres: Postgres, transaction: bool
+) -> None:
+    """Twenty units of work take turns on an asyncpg pool of 2: asyncpg hands a returned
+    connection to a waiting unit before its release returns to the one giving it back, so
+    both counted it for a moment, and `max_in_use` (the dashboard's "max", both exporters'
+    `max_in_use`) read 4 of a pool of 2. Never more than the pool's size now."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=2, max_size=2, acquire_timeout=30)
+    conn = tpg.connection(lc, pool, name="conn", transaction=transaction)
+    seen: list[int] = []
+
+    async def unit() -> None:
+        async with lc.scope("turns") as scope:
+            c = await scope.get(conn)
+            seen.append(lc.stats().resources["conn"].in_use)
+            await c.fetchval("SELECT pg_sleep(0.02)")
+
+    async with lc.run(), anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(unit)
+    stats = lc.stats().resources["conn"]
+    assert (max(seen), stats.max_in_use, stats.in_use, stats.opened) == (2, 2, 0, 20)

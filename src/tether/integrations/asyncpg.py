@@ -726,7 +726,14 @@ def connection(
                     _terminate(conn)
                     raise commit_not_sent(pool_name, exc) from exc
         finally:
-            await _give_back(p, conn, name, reset_timeout)
+            # Not counted in use while it goes back: asyncpg hands it to a unit of work
+            # waiting for one before its release returns here, and that one counts it.
+            counters = res.counters
+            counters.in_use -= 1
+            try:
+                await _give_back(p, conn, name, reset_timeout)
+            finally:
+                counters.in_use += 1  # as tether's bookkeeping takes it off, at once
 
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)

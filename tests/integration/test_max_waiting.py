@@ -70,7 +70,10 @@ async def test_past_max_waiting_a_unit_is_refused_at_once(postgres: Postgres, ma
             release.set()  # the two waiting get the connection in turn
     assert len(served) == 2
     assert all(took < 1.0 for took, _ in refused), refused
-    assert "units of work already wait for one (max_waiting=2); refused at once" in refused[0][1]
+    assert (
+        "no connection is free (each is in use or still being made) and 2 units of work already "
+        "wait for one (max_waiting=2); refused at once rather than queued"
+    ) in refused[0][1]
 
 
 def psycopg_conn(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:

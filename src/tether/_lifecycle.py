@@ -1654,6 +1654,8 @@ class Lifecycle:
                 if held > threshold and not entry.leak_reported:
                     entry.leak_reported = True
                     entry.res.counters.leaks += 1
+                    if entry.res.guard:  # one leak: not counted again if used after close
+                        object.__setattr__(entry.value, "_tether_counted", True)
                     where = _format_stack(entry.stack, "acquired at")
                     task = getattr(unit, "task", None)  # a request's (an `HttpUnit`)
                     if not where and task is not None and not task.done():

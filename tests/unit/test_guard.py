@@ -6,6 +6,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 import tether
@@ -102,6 +103,25 @@ class TestGuard:
         with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
             _ = d.dsn
         assert lc.stats().resources["conn"].leaks == 2  # another value
+
+    async def test_a_value_held_too_long_then_used_after_close_is_one_leak(self) -> None:
+        """Held past the leak threshold (reported, counted), then used after its scope
+        closed: still the one value, one leak (it counted two)."""
+        lc = tether.Lifecycle(leak_threshold=0.05, sweep_interval=0.02)
+
+        @lc.resource(guard=True)
+        async def conn() -> AsyncIterator[Connection]:
+            yield Connection()
+
+        async with lc.run():
+            async with lc.scope("slow job") as s:
+                c = await s.get(conn)
+                with anyio.fail_after(5):
+                    while not lc.stats().resources["conn"].leaks:
+                        await anyio.sleep(0.02)
+            with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+                c.execute("SELECT 1")
+        assert lc.stats().resources["conn"].leaks == 1
 
     async def test_guarded_plain_function_value(self) -> None:
         """A guarded value from a plain function (no cleanup) is also closed with its scope."""

@@ -2,8 +2,8 @@
 # Installs the Debian packages the integration tests need (redis, pgbouncer) when missing.
 set -euo pipefail
 # Also Chromium for the dashboard's browser test (driven by Playwright, which never downloads
-# a browser of its own here), wrk for the benchmarks, and PostgreSQL should the machine image
-# lack it.
+# a browser of its own here), wrk for the benchmarks, openssl for the httpx TLS tests'
+# throwaway certificates, and PostgreSQL should the machine image lack it.
 # Instant when everything is present. The services of the packages it installs are never
 # left running: tests/servers.py starts throwaway servers on free 127.0.0.1 ports itself,
 # and a system redis/pgbouncer/postgresql on the default ports must not be started by the
@@ -15,6 +15,7 @@ declare -A BINARIES=(
   [pgbouncer]=pgbouncer
   [wrk]=wrk
   [chromium]=chromium
+  [openssl]=openssl
 )
 # packages that ship a system service
 SERVICES=(redis-server pgbouncer postgresql)
@@ -24,7 +25,7 @@ installed() { # PKG: is the Debian package installed?
 }
 
 missing=()
-for pkg in redis-server pgbouncer wrk chromium; do
+for pkg in redis-server pgbouncer wrk chromium openssl; do
   # the binary may be outside PATH for a non-login shell (e.g. /usr/sbin): ask dpkg too
   if command -v "${BINARIES[$pkg]}" >/dev/null 2>&1 || installed "$pkg"; then
     continue

@@ -1,11 +1,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
 
 pytest_plugins = ["pytester"]  # tests/unit/test_pytest_plugin.py runs pytest on test files
+
+# The machine's client and server settings must not reach the suite's clients, nor the
+# processes it starts (they inherit this environment): httpx (trust_env) and urllib (`tether
+# stats`) send requests for the suite's own 127.0.0.1 servers to HTTP_PROXY/ALL_PROXY unless
+# NO_PROXY names 127.0.0.1, and a lowercase http_proxy/no_proxy beats the uppercase one the
+# proxy tests set; libpq and asyncpg read PG* (PGSSLMODE=require, PGSERVICE, ...) for every
+# connection, the harness's own too; uvicorn starts WEB_CONCURRENCY workers when not given
+# --workers, and tether counts them (and GUNICORN_CMD_ARGS's) in a pool's connection budget;
+# PYTHONSAFEPATH keeps a `python -c` child from importing `tests`. The tests that use a proxy
+# or a worker count set their own.
+_CLIENT_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+_SERVER_VARIABLES = {"WEB_CONCURRENCY", "GUNICORN_CMD_ARGS", "PYTHONSAFEPATH"}
+for _name in list(os.environ):
+    if _name.startswith("PG") or _name.lower() in _CLIENT_VARIABLES or _name in _SERVER_VARIABLES:
+        del os.environ[_name]
 
 
 @pytest.fixture

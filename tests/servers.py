@@ -216,6 +216,11 @@ def _make_tempdir(prefix: str, account: pwd.struct_passwd | None) -> Path:
     parent = Path(tempfile.gettempdir())
     if account is not None and not _traversable_by_others(parent):
         parent = Path("/tmp")  # the service user must be able to reach its directory
+    # PostgreSQL's socket, <directory>/.s.PGSQL.<port>, must fit in 107 bytes: a long TMPDIR
+    # (a CI runner's build directory) stopped it at startup ("Unix-domain socket path is too
+    # long").
+    if len(str(parent)) > 64:
+        parent = Path("/tmp")
     directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     if account is not None:
         os.chown(directory, account.pw_uid, account.pw_gid)

@@ -53,7 +53,18 @@ def test_make_demo_serves_the_notes_service_on_sqlite(tmp_path: Path) -> None:
     """The service starts, creates its database file, keeps notes, and reports ready."""
     port = free_port()
     db = tmp_path / "demo" / "notes.db"
-    proc = start(["make", "-s", "demo", f"DEMO_PORT={port}", f"DEMO_DB={db}"], port)
+    proc = start(
+        [
+            "make",
+            "-s",
+            "-o",
+            ".venv/bin/.demo-installed",
+            "demo",
+            f"DEMO_PORT={port}",
+            f"DEMO_DB={db}",
+        ],
+        port,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         created = httpx.post(f"{base}/notes", json={"text": "hi"}, timeout=5)

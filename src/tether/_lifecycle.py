@@ -55,6 +55,7 @@ from ._scope import (
     await_stack,
     capture_stack,
     close_entry,
+    code_of,
     open_value,
     thread_stack,
     user_frames,
@@ -1682,11 +1683,7 @@ class Lifecycle:
 # the machinery that runs a fixture or a portal between them.
 _NOT_THE_USER = (
     *_TETHER_DIRS,
-    "/threading.py",
-    "/concurrent/",
-    "/_pytest/",
-    "/pluggy/",
-    "/pytest_asyncio/",
+    *code_of("threading", "concurrent", "_pytest", "pluggy", "pytest_asyncio"),
 )
 
 

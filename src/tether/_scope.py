@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import importlib.util
 import inspect
 import logging
 import os
@@ -46,25 +47,47 @@ _now = time.perf_counter
 # a checkout or a project named "tether" (as on CI) would otherwise hide the user's frames.
 # Then the frameworks, and the servers and command-line runners around an app (a job's
 # `lc.scope()` under `python -m uvicorn` had ten of theirs before its one frame).
+def code_of(*names: str) -> tuple[str, ...]:
+    """Where the code of the modules *names* lies: a package's directories (with a trailing
+    separator), a module's file; found without importing them (those not installed: none).
+    Matched as prefixes of a frame's file: a user's checkout under a directory that happens
+    to be named "fastapi" or "asyncio" is not taken for theirs."""
+    found: list[str] = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # pragma: no cover - a broken install
+            continue
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            found.extend(os.path.join(d, "") for d in spec.submodule_search_locations)
+        elif spec.origin and os.path.isabs(spec.origin):
+            found.append(spec.origin)
+    return tuple(found)
+
+
 _TETHER_DIRS = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
-    "/anyio/",
-    "/asyncio/",
-    "/contextlib.py",
-    "/starlette/",
-    "/fastapi/",
-    "/uvicorn/",
-    "/hypercorn/",
-    "/gunicorn/",
-    "/granian/",
-    "/daphne/",
-    "/twisted/",
-    "/click/",
+    *code_of(
+        "anyio",
+        "asyncio",
+        "contextlib",
+        "starlette",
+        "fastapi",
+        "uvicorn",
+        "hypercorn",
+        "gunicorn",
+        "granian",
+        "daphne",
+        "twisted",
+        "click",
+        "runpy",
+        # A worker process a server spawned (`uvicorn --workers N`, granian):
+        # multiprocessing's bootstrap, under the `<string>` of `python -c`.
+        "multiprocessing",
+    ),
     "<frozen runpy>",
-    "/runpy.py",
-    # A worker process a server spawned (`uvicorn --workers N`, granian):
-    # multiprocessing's bootstrap, under the `<string>` of `python -c`.
-    "/multiprocessing/",
     "<string>",
 )
 
@@ -1077,7 +1100,7 @@ class Guarded:
 
 # And, off the main thread, those of a thread that runs an event loop for a portal
 # (Starlette's TestClient).
-_RUNNERS = (*_TETHER_DIRS, "/threading.py", "/concurrent/futures/")
+_RUNNERS = (*_TETHER_DIRS, *code_of("threading", "concurrent"))
 _MAIN = threading.main_thread()
 
 
@@ -1100,7 +1123,7 @@ def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
     frames: list[tuple[str, int, str]] = []
     while f is not None and len(frames) < 12:
         filename = f.f_code.co_filename
-        if not any(d in filename for d in skipped):
+        if not filename.startswith(skipped):
             frames.append((filename, f.f_lineno, f.f_code.co_name))
         f = f.f_back
     frames.reverse()
@@ -1127,7 +1150,7 @@ def await_stack(task: Any) -> list[tuple[str, int, str]]:
         frame = frame or getattr(aw, "gi_frame", None)
         if frame is not None:
             filename = frame.f_code.co_filename
-            if not any(d in filename for d in _TETHER_DIRS):
+            if not filename.startswith(_TETHER_DIRS):
                 frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         step = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
         aw = step or getattr(aw, "gi_yieldfrom", None)

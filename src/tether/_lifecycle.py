@@ -976,7 +976,7 @@ class Lifecycle:
             )
         elif _misconfigured(failure.error):
             tried = (
-                f" It was tried {failure.res.retries + 1} times (retries={failure.res.retries})."
+                f" It was not retried (retries={failure.res.retries})."
                 if failure.res.retries and not marked_for_good(failure.error)
                 else ""
             )
@@ -1208,8 +1208,11 @@ class Lifecycle:
                     raise
                 if refused_for_good(exc) is not None:
                     raise  # a wrong password stays wrong: retrying it only risks a lockout
-                if marked_for_good(exc):
-                    raise  # tether's refusal of what a function gave (a SecretStr DSN)
+                if _misconfigured(exc):
+                    # tether's refusal of what a function gave (a SecretStr DSN), or a
+                    # mistake in the configuration or the code (an unset environment
+                    # variable, a typo): retried, it only delays the failure by the backoff.
+                    raise
                 res.counters.open_errors += 1  # each failed attempt (the last one: by the caller)
                 log.warning(
                     "tether: app resource %r failed to open (attempt %d of %d): %s; "
@@ -1275,19 +1278,21 @@ class Lifecycle:
                 # Cancelled, so that they roll back and give their connections back while
                 # the pools are still open (closing the pools under them would leave their
                 # values to close after what they use).
-                log.warning(
-                    "tether: %d units of work still in flight after drain_timeout=%g s, "
-                    "cancelled: %s",
-                    len(self._units),
-                    self.drain_timeout,
-                    ", ".join(sorted(u.label for u in self._units)[:10]),
-                )
                 now = time.perf_counter()
                 self._cancelled.extend(
                     CancelledUnit(u, list(u.entries), now, self.drain_timeout)
                     for u in self._in_flight()
                 )
-                self._cancel_units()
+                cancelled = self._cancel_units()
+                left = [u for u in self._units if u not in cancelled]
+                log.warning(
+                    "tether: %d units of work still in flight after drain_timeout=%g s, "
+                    "cancelled: %s%s",
+                    len(self._units),
+                    self.drain_timeout,
+                    ", ".join(sorted(u.label for u in cancelled)[:10]) or "none",
+                    self._not_cancelled(left),
+                )
                 with anyio.move_on_after(self.close_timeout):
                     await self._drained.wait()
         await self._stop_opening()
@@ -1516,16 +1521,32 @@ class Lifecycle:
         self._units.add(unit)
         self._units_total += 1
 
-    def _cancel_units(self) -> None:
-        """Cancel the task of every unit of work still in flight (past ``drain_timeout``)."""
+    def _cancel_units(self) -> list[Unit]:
+        """Cancel the task of every unit of work still in flight (past ``drain_timeout``);
+        return the units cancelled."""
         try:
             current = asyncio.current_task()
         except RuntimeError:  # not on asyncio (trio): units there are not cancelled
-            return
+            return []
+        cancelled = []
         for unit in list(self._units):
             task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
             if task is not None and task is not current and not task.done():
                 task.cancel(f"tether: drain_timeout={self.drain_timeout:g} s passed at shutdown")
+                cancelled.append(unit)
+        return cancelled
+
+    def _not_cancelled(self, units: list[Unit]) -> str:
+        """The drain warning's tail for the units past ``drain_timeout`` it could not cancel
+        (no asyncio task known: on trio), "" if none."""
+        if not units:
+            return ""
+        return (
+            f"; not cancelled (no asyncio task to cancel, as on trio): "
+            f"{', '.join(sorted(u.label for u in units)[:10])}: they get up to "
+            f"close_timeout={self.close_timeout:g} s to end before the app resources close "
+            f"under them; end them from the server's shutdown (its graceful timeout)"
+        )
 
     def _retire(self, unit: Unit) -> None:
         self._units.discard(unit)
@@ -1658,7 +1679,8 @@ class Lifecycle:
                     if entry.res.guard:  # one leak: not counted again if used after close
                         object.__setattr__(entry.value, "_tether_counted", True)
                     where = _format_stack(entry.stack, "acquired at")
-                    task = getattr(unit, "task", None)  # a request's (an `HttpUnit`)
+                    # A request's (an `HttpUnit`), or a WebSocket's or a scope's task.
+                    task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
                     if not where and task is not None and not task.done():
                         # A request records no stack when it opens a value (it would cost
                         # every request): where its task waits now says what holds it.

@@ -60,7 +60,7 @@ async def test_a_dsn_function_returning_none_fails_startup_saying_so() -> None:
         tether.StartupError,
         match=exactly(
             f"App resource 'pool' failed to open: {cause}. The resources already open were "
-            f"closed. It was tried 3 times (retries=2). Fix the cause above: a mistake in the "
+            f"closed. It was not retried (retries=2). Fix the cause above: a mistake in the "
             f"configuration or the code, which no retry mends."
         ),
     ):

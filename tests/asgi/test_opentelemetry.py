@@ -170,6 +170,10 @@ def opens(pool_name: str) -> Point:
     return key("tether.resource.opens", **{POOL_NAME: pool_name, SCOPE: "request"})
 
 
+def max_in_use(pool_name: str) -> Point:
+    return key("tether.resource.max_in_use", **{POOL_NAME: pool_name, SCOPE: "request"})
+
+
 def test_two_lifecycles_on_one_meter_provider_are_both_exported() -> None:
     """Two Lifecycles on a meter provider: one set of instruments, whose callbacks report
     both; what they both report (a resource of the same name, the units of work) is added
@@ -231,8 +235,9 @@ def test_a_lifecycle_garbage_collected_drops_out() -> None:
 
 
 def test_an_app_built_again_reports_the_new_lifecycle() -> None:
-    """An app built per test on one meter provider: the new Lifecycle is exported, not the
-    first one (closed, still referenced); once both are closed, the one registered last."""
+    """An app built per test on one meter provider: the new Lifecycle's gauges are exported,
+    not the first one's (closed, still referenced); once both are closed, the one registered
+    last. The counters add up both: a cumulative count never goes back."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     counts = []
@@ -254,10 +259,12 @@ def test_an_app_built_again_reports_the_new_lifecycle() -> None:
         with TestClient(app) as client:
             for _ in range(requests):
                 client.get("/")
-            counts.append(collect(reader)[0][opens("session")])
+            points = collect(reader)[0]
+            counts.append((points[opens("session")], points[max_in_use("session")]))
         lifecycles.append(lc)  # still referenced, and closed
-    assert counts == [1, 2]
-    assert collect(reader)[0][opens("session")] == 2
+    assert counts == [(1, 1), (3, 1)]
+    points = collect(reader)[0]
+    assert (points[opens("session")], points[key("tether.lifecycle.running")]) == (3, 0)
 
 
 # Made-up pool figures: connections in use at the app's shutdown too (no real pool).

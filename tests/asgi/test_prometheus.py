@@ -222,7 +222,8 @@ def test_the_same_lifecycle_registered_twice_is_reported_once() -> None:
 
 def test_a_lifecycle_garbage_collected_drops_out() -> None:
     """The collector holds its Lifecycles weakly: one gone (a finished test's app) is no
-    longer scraped, and nothing of it stays alive."""
+    longer scraped, and nothing of it stays alive; what it counted while scraped stays in
+    the counters and summaries, which never go back."""
     registry = CollectorRegistry()
     kept = make("kept")[0]
     gone = make("gone")[0]
@@ -238,15 +239,23 @@ def test_a_lifecycle_garbage_collected_drops_out() -> None:
     assert kept_count in found
     assert not any(labels and ("pool_name", "gone") in labels for _, labels in found)
     assert found[sample("tether_units_refused_total")] == 0
+    kept_opens = opens("kept")
+    assert found[kept_opens] == 0
     del kept
     gc.collect()
-    assert generate_latest(registry) == b""  # none left: no families at all
+    found = samples(registry)
+    assert kept_count not in found  # none left: nothing open, nothing running
+    assert sample("tether_lifecycle_running") not in found
+    assert found[kept_opens] == 0  # the counters it was scraped with stay
+    assert found[sample("tether_units_refused_total")] == 0
+    assert generate_latest(CollectorRegistry()) == b""
 
 
 def test_a_closed_lifecycle_drops_out_while_another_is_not_closed() -> None:
     """A Lifecycle whose app scope closed (the previous test's app, still referenced) is
-    left out while another is not closed; when all are closed, the one registered last is
-    reported, so a lone app's final figures still reach the last scrape."""
+    left out of the gauges while another is not closed; when all are closed, the one
+    registered last is reported, so a lone app's final figures still reach the last scrape.
+    Its counts stay in the counters and summaries, which never go back."""
     registry = CollectorRegistry()
     old, (old_session,) = make("session")
     new, (new_session,) = make("session")
@@ -257,20 +266,25 @@ def test_a_closed_lifecycle_drops_out_while_another_is_not_closed() -> None:
             await use(old, old_session)
             await use(old, old_session)
 
+    max_in_use = sample("tether_resource_max_in_use", pool_name="session", scope="request")
     asyncio.run(main())
-    assert samples(registry)[opens("session")] == 2  # closed, but the only one
+    found = samples(registry)
+    assert (found[opens("session")], found[max_in_use]) == (2, 1)  # closed, but the only one
     register(new, registry)
     found = samples(registry)
-    assert found[opens("session")] == 0  # the new one, not started yet
+    assert found[max_in_use] == 0  # the new one, not started yet
     assert found[sample("tether_lifecycle_running")] == 0
+    assert found[opens("session")] == 2  # the old one's opens stay counted
 
     async def again() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         async with new.run():
             await use(new, new_session)
             return samples(registry)
 
-    assert asyncio.run(again())[opens("session")] == 1
-    assert samples(registry)[opens("session")] == 1  # both closed: the last registered
+    found = asyncio.run(again())
+    assert (found[opens("session")], found[sample("tether_lifecycle_running")]) == (3, 1)
+    found = samples(registry)  # both closed: the last registered, and every one's counts
+    assert (found[opens("session")], found[max_in_use]) == (3, 1)
 
 
 def pools_with_timeouts() -> tuple[tether.Lifecycle, list[tether.Resource[str]]]:

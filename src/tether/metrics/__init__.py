@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import threading
+import weakref
+from collections.abc import Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -47,3 +50,61 @@ def pool_timeouts(lc: Lifecycle, stats: Stats) -> dict[str, int]:
             if res.name == pool or not resources[pool].counts_waits:
                 totals[pool] += r.timeouts
     return totals
+
+
+K = TypeVar("K", bound=Hashable)
+Figures = dict[K, tuple[float, ...]]
+
+
+def _plus(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+class Totals(Generic[K]):
+    """The series of counters (and of a summary's count and sum) of one exporter, which never
+    go back as the Lifecycles it reads change: each series is what the Lifecycles alive report
+    now, added up, plus what it held before those it no longer has (retired).
+
+    A Lifecycle keeps its resources' counters when its app scope closes, and when it runs
+    again it goes on from them: while it is alive its figures count as they are, closed or
+    not. Its series retire into the total when it is garbage-collected, when it no longer
+    reports one (a driver pool closed: its figures count since the pool opened), or when one
+    goes back (the pool opened again since the last read). What is retired is the figures of
+    the last read: a driver pool's counts after it and before the pool closed (or before the
+    Lifecycle was garbage-collected) are not seen; its resources' counts are, while it is
+    alive. Memory is one entry per series and per Lifecycle alive; it is all read at
+    collection time, never on the request path.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._retired: Figures[K] = {}
+        self._seen: dict[int, tuple[weakref.ref[Lifecycle], Figures[K]]] = {}
+
+    def _retire(self, key: K, values: tuple[float, ...]) -> None:
+        old = self._retired.get(key)
+        self._retired[key] = values if old is None else _plus(old, values)
+
+    def read(self, figures: Iterable[tuple[Lifecycle, Figures[K]]]) -> Figures[K]:
+        """The totals, given the figures each Lifecycle reports now (every one alive)."""
+        with self._lock:
+            for ident, (ref, seen) in list(self._seen.items()):
+                if ref() is None:  # garbage-collected: its figures stay counted
+                    del self._seen[ident]
+                    for key, values in seen.items():
+                        self._retire(key, values)
+            for lc, now in figures:
+                entry = self._seen.get(id(lc))
+                if entry is not None:
+                    for key, was in entry[1].items():
+                        current = now.get(key)
+                        if current is None or any(v < w for v, w in zip(current, was, strict=True)):
+                            self._retire(key, was)  # no longer reported, or started again
+                ref = entry[0] if entry is not None else weakref.ref(lc)
+                self._seen[id(lc)] = (ref, dict(now))
+            totals = dict(self._retired)
+            for _, seen in self._seen.values():
+                for key, values in seen.items():
+                    old = totals.get(key)
+                    totals[key] = values if old is None else _plus(old, values)
+            return totals

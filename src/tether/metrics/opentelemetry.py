@@ -19,8 +19,12 @@ exporter's summaries do.
 
 Any number of Lifecycles may be registered on one meter provider; registering one again does
 nothing. The instruments hold them weakly: one garbage-collected (a finished test's) drops out.
-A collection reports the Lifecycles not closed; when all are closed, the one registered last (its
-final figures). Where two report the same attributes (resources of the same name and scope, and
+A collection's gauges and up-down counters (what is open now, running, down) are those of the
+Lifecycles not closed; when all are closed, the one registered last (its final figures). Its
+counters never go back: each callback returns a cumulative total over every Lifecycle it has
+read, those closed or garbage-collected since included (their final figures, kept per set of
+attributes), so one of two apps stopping, or an app built again in the same process, gives no
+negative delta. Where two report the same attributes (resources of the same name and scope, and
 the Lifecycle-wide ``tether.units.*``), their values are added up, except ``tether.resource.down``
 and ``tether.lifecycle.running``, which are the highest (1 while any is down, or running).
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 try:
@@ -41,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     )
     raise ImportError(msg) from exc
 
-from . import pool_timeouts
+from . import Totals, pool_timeouts
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -55,6 +59,9 @@ SCOPE = "tether.resource.scope"  # "app" or "request"
 PHASE = "tether.phase"  # of an error: "open" or "close"
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
+Attributes = tuple[tuple[str, str], ...]
+# A Lifecycle's points of one instrument, read from its stats: (value, attributes).
+Read = Callable[["Lifecycle", "Stats"], Iterable[tuple[float, dict[str, str]]]]
 
 
 def _add(a: float, b: float) -> float:
@@ -66,7 +73,7 @@ class _Points:
 
     def __init__(self, combine: Callable[[float, float], float] = _add) -> None:
         self.combine = combine
-        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+        self.values: dict[Attributes, float] = {}
 
     def add(self, value: float, attributes: dict[str, str]) -> None:
         key = tuple(attributes.items())
@@ -92,80 +99,86 @@ class _Instruments:
                 alive.append(weakref.ref(lc))
             self._refs = alive
 
-    def reported(self) -> list[tuple[Lifecycle, Stats]]:
-        """The Lifecycles alive and not closed, with their stats; if all are closed, the one
-        registered last."""
-        every = [(lc, lc.stats()) for ref in self._refs if (lc := ref()) is not None]
+    def every(self) -> list[tuple[Lifecycle, Stats]]:
+        """The Lifecycles alive, with their stats."""
+        return [(lc, lc.stats()) for ref in self._refs if (lc := ref()) is not None]
+
+    def reported(self, every: list[tuple[Lifecycle, Stats]]) -> list[tuple[Lifecycle, Stats]]:
+        """Those of *every* not closed; if all are closed, the one registered last."""
         return [(lc, stats) for lc, stats in every if stats.state != "closed"] or every[-1:]
 
     def _create(self, provider: MeterProvider) -> list[Instrument]:
         from .. import __version__
 
         meter = provider.get_meter("tether", __version__)
-        reported = self.reported
+        every, reported = self.every, self.reported
 
-        def per_resource(
-            read: Callable[[ResourceStats], float],
-            combine: Callable[[float, float], float] = _add,
-        ) -> Callback:
+        def now(read: Read, combine: Callable[[float, float], float] = _add) -> Callback:
+            """What is open now (a gauge, an up-down counter): the Lifecycles reported."""
+
             def observe(options: CallbackOptions) -> Iterable[Observation]:
                 points = _Points(combine)
-                for _, stats in reported():
-                    for name, r in stats.resources.items():
-                        points.add(read(r), {POOL_NAME: name, SCOPE: r.scope})
+                for lc, stats in reported(every()):
+                    for value, attributes in read(lc, stats):
+                        points.add(value, attributes)
                 return points.observations()
 
             return observe
 
-        def connections(options: CallbackOptions) -> Iterable[Observation]:
-            """A driver pool's own connections, used and idle."""
-            points = _Points()
-            for _, stats in reported():
-                for name, pool in stats.pools.items():
-                    attributes = {POOL_NAME: name, SCOPE: stats.resources[name].scope}
-                    points.add(pool.in_use or 0, {**attributes, STATE: "used"})
-                    if pool.idle is not None:
-                        points.add(pool.idle, {**attributes, STATE: "idle"})
-            return points.observations()
+        def counted(read: Read) -> Callback:
+            """A counter: a cumulative total over every Lifecycle read, which never goes back
+            (those closed or garbage-collected since stay counted); the SDK takes deltas."""
+            totals: Totals[Attributes] = Totals()
 
-        def timeouts(options: CallbackOptions) -> Iterable[Observation]:
-            """A driver pool's timeouts, and those of the resources drawing from it alone."""
-            points = _Points()
-            for lc, stats in reported():
-                for name, count in pool_timeouts(lc, stats).items():
-                    points.add(count, {POOL_NAME: name, SCOPE: stats.resources[name].scope})
-            return points.observations()
-
-        def per_pool(read: Callable[[PoolStats], float | None]) -> Callback:
             def observe(options: CallbackOptions) -> Iterable[Observation]:
-                points = _Points()
-                for _, stats in reported():
-                    for name, pool in stats.pools.items():
-                        if (value := read(pool)) is not None:
-                            scope = stats.resources[name].scope
-                            points.add(value, {POOL_NAME: name, SCOPE: scope})
-                return points.observations()
+                figures: list[tuple[Lifecycle, dict[Attributes, tuple[float, ...]]]] = []
+                for lc, stats in every():
+                    points = _Points()
+                    for value, attributes in read(lc, stats):
+                        points.add(value, attributes)
+                    figures.append((lc, {key: (v,) for key, v in points.values.items()}))
+                return [Observation(v, dict(key)) for key, (v,) in totals.read(figures).items()]
 
             return observe
 
-        def of_lifecycle(
-            read: Callable[[Stats], float], combine: Callable[[float, float], float] = _add
-        ) -> Callback:
-            def observe(options: CallbackOptions) -> Iterable[Observation]:
-                points = _Points(combine)
-                for _, stats in reported():
-                    points.add(read(stats), {})
-                return points.observations()
-
-            return observe
-
-        def errors(options: CallbackOptions) -> Iterable[Observation]:
-            points = _Points()
-            for _, stats in reported():
+        def per_resource(read: Callable[[ResourceStats], float]) -> Read:
+            def points(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
                 for name, r in stats.resources.items():
-                    for phase, count in (("open", r.open_errors), ("close", r.close_errors)):
-                        points.add(count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase})
-            return points.observations()
+                    yield read(r), {POOL_NAME: name, SCOPE: r.scope}
+
+            return points
+
+        def connections(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
+            """A driver pool's own connections, used and idle."""
+            for name, pool in stats.pools.items():
+                attributes = {POOL_NAME: name, SCOPE: stats.resources[name].scope}
+                yield pool.in_use or 0, {**attributes, STATE: "used"}
+                if pool.idle is not None:
+                    yield pool.idle, {**attributes, STATE: "idle"}
+
+        def timeouts(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
+            """A driver pool's timeouts, and those of the resources drawing from it alone."""
+            for name, count in pool_timeouts(lc, stats).items():
+                yield count, {POOL_NAME: name, SCOPE: stats.resources[name].scope}
+
+        def per_pool(read: Callable[[PoolStats], float | None]) -> Read:
+            def points(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
+                for name, pool in stats.pools.items():
+                    if (value := read(pool)) is not None:
+                        yield value, {POOL_NAME: name, SCOPE: stats.resources[name].scope}
+
+            return points
+
+        def of_lifecycle(read: Callable[[Stats], float]) -> Read:
+            def points(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
+                yield read(stats), {}
+
+            return points
+
+        def errors(lc: Lifecycle, stats: Stats) -> Iterator[tuple[float, dict[str, str]]]:
+            for name, r in stats.resources.items():
+                for phase, count in (("open", r.open_errors), ("close", r.close_errors)):
+                    yield count, {POOL_NAME: name, SCOPE: r.scope, PHASE: phase}
 
         up_down, counter, gauge = (
             meter.create_observable_up_down_counter,
@@ -173,50 +186,54 @@ class _Instruments:
             meter.create_observable_gauge,
         )
         table: list[tuple[Callable[..., Instrument], str, Callback, str, str]] = [
-            (up_down, "db.client.connection.count", connections,
+            (up_down, "db.client.connection.count", now(connections),
              "{connection}", "Connections of the driver's pool, used and idle."),
-            (up_down, "db.client.connection.max", per_pool(lambda p: p.max),
+            (up_down, "db.client.connection.max", now(per_pool(lambda p: p.max)),
              "{connection}", "The most connections the driver's pool may open."),
-            (up_down, "db.client.connection.pending_requests", per_pool(lambda p: p.waiting),
+            (up_down, "db.client.connection.pending_requests",
+             now(per_pool(lambda p: p.waiting)),
              "{request}", "Requests waiting for a connection from the driver's pool."),
-            (counter, "tether.connection.created", per_pool(lambda p: p.created),
+            (counter, "tether.connection.created", counted(per_pool(lambda p: p.created)),
              "{connection}", "Connections the driver's pool made."),
-            (counter, "tether.connection.create_time", per_pool(lambda p: p.create_time),
+            (counter, "tether.connection.create_time",
+             counted(per_pool(lambda p: p.create_time)),
              "s", "Time the driver's pool took to make its connections, in all."),
-            (counter, "tether.connection.discarded", per_pool(lambda p: p.discarded),
+            (counter, "tether.connection.discarded",
+             counted(per_pool(lambda p: p.discarded)),
              "{connection}", "Connections of the driver's pool closed instead of used again: "
              "broken, or in a state not known (lost by the server, interrupted, not reset)."),
-            (counter, "db.client.connection.timeouts", timeouts,
+            (counter, "db.client.connection.timeouts", counted(timeouts),
              "{timeout}", "Waits for a connection of the driver's pool that ran out of time, "
              "and other opens or closes that did, of the pool and of the resources drawing from "
              "it alone."),
-            (up_down, "tether.resource.in_use", per_resource(lambda r: r.in_use),
+            (up_down, "tether.resource.in_use", now(per_resource(lambda r: r.in_use)),
              "{value}", "Values of the resource open now."),
-            (counter, "tether.resource.timeouts", per_resource(lambda r: r.timeouts),
+            (counter, "tether.resource.timeouts", counted(per_resource(lambda r: r.timeouts)),
              "{timeout}", "Opens or closes of the resource that ran out of time."),
-            (counter, "tether.resource.opens", per_resource(lambda r: r.opened),
+            (counter, "tether.resource.opens", counted(per_resource(lambda r: r.opened)),
              "{value}", "Values of the resource opened."),
-            (counter, "tether.resource.closes", per_resource(lambda r: r.closed),
+            (counter, "tether.resource.closes", counted(per_resource(lambda r: r.closed)),
              "{value}", "Values of the resource closed."),
-            (counter, "tether.resource.wait_time", per_resource(lambda r: r.wait_time),
+            (counter, "tether.resource.wait_time", counted(per_resource(lambda r: r.wait_time)),
              "s", "Time spent opening (acquiring) values of the resource, in all."),
-            (counter, "tether.resource.use_time", per_resource(lambda r: r.hold_time),
+            (counter, "tether.resource.use_time", counted(per_resource(lambda r: r.hold_time)),
              "s", "Time values of the resource were held, open to close, in all."),
-            (gauge, "tether.resource.max_in_use", per_resource(lambda r: r.max_in_use),
+            (gauge, "tether.resource.max_in_use", now(per_resource(lambda r: r.max_in_use)),
              "{value}", "Most values of the resource open at once."),
-            (counter, "tether.resource.errors", errors,
+            (counter, "tether.resource.errors", counted(errors),
              "{error}", "Failed opens and failed closes of the resource."),
-            (counter, "tether.resource.leaks", per_resource(lambda r: r.leaks),
+            (counter, "tether.resource.leaks", counted(per_resource(lambda r: r.leaks)),
              "{value}", "Values held past the leak threshold or used after their scope closed."),
-            (gauge, "tether.resource.down", per_resource(lambda r: 1.0 if r.down else 0.0, max),
+            (gauge, "tether.resource.down",
+             now(per_resource(lambda r: 1.0 if r.down else 0.0), max),
              "1", "1 while an app resource declared required=False is not open (the app runs "
              "without it), else 0."),
-            (up_down, "tether.units.in_flight", of_lifecycle(lambda s: s.units_in_flight),
+            (up_down, "tether.units.in_flight", now(of_lifecycle(lambda s: s.units_in_flight)),
              "{unit}", "Units of work (requests, jobs) in flight."),
-            (counter, "tether.units.refused", of_lifecycle(lambda s: s.units_refused),
+            (counter, "tether.units.refused", counted(of_lifecycle(lambda s: s.units_refused)),
              "{unit}", "Units of work refused while shutting down."),
             (gauge, "tether.lifecycle.running",
-             of_lifecycle(lambda s: 1.0 if s.state == "running" else 0.0, max),
+             now(of_lifecycle(lambda s: 1.0 if s.state == "running" else 0.0), max),
              "1", "1 while the app scope runs (ready), else 0."),
         ]  # fmt: skip
         return [

@@ -14,11 +14,15 @@ every resource's values open now and timeouts are ``tether_resource_in_use`` and
 ``tether_resource_timeouts_total``.
 
 Any number of Lifecycles may be registered on one registry; registering one again does nothing.
-The collector holds them weakly: one garbage-collected (a finished test's) drops out. A scrape
-reports the Lifecycles not closed; when all are closed, the one registered last (its final
-figures). Where two report the same series (resources of the same name and scope, and the
-Lifecycle-wide ``tether_units_*``), their values are added up, except ``tether_resource_down``
-and ``tether_lifecycle_running``, which are the highest (1 while any is down, or running).
+The collector holds them weakly: one garbage-collected (a finished test's) drops out. A scrape's
+gauges (what is open now, running, down) are those of the Lifecycles not closed; when all are
+closed, the one registered last (its final figures). Its counters and summaries never go back:
+each is the sum over every Lifecycle the collector has read, those closed or garbage-collected
+since included (their final figures, kept per series), so one of two apps stopping, or an app
+built again in the same process, is no counter reset. Where two report the same series
+(resources of the same name and scope, and the Lifecycle-wide ``tether_units_*``), their values
+are added up, except ``tether_resource_down`` and ``tether_lifecycle_running``, which are the
+highest (1 while any is down, or running).
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus-client's multiprocess mode, for several
 worker processes), the same series are prometheus-client metrics instead, in its files: each
@@ -57,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 
 from .._lifecycle import State
-from . import pool_timeouts
+from . import Totals, pool_timeouts
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -99,6 +103,11 @@ class _Family:
         # (prometheus-client's mark_process_dead) drops out.
         mode: Literal["livemax", "livesum"] = "livemax" if self.combine is max else "livesum"
         return Gauge(name, doc, labels, registry=None, multiprocess_mode=mode)
+
+    @property
+    def cumulative(self) -> bool:
+        """Whether its series only grow (a counter, a summary's count and sum)."""
+        return not isinstance(self.family, GaugeMetricFamily)
 
     def add(self, labels: list[str], *values: float) -> None:
         key = tuple(labels)
@@ -429,9 +438,11 @@ def _multiprocess() -> bool:
 class TetherCollector(Collector):
     """Reads the stats of its Lifecycles at each scrape; holds them weakly.
 
-    ``register(lc)`` makes one per registry and adds each Lifecycle to it. A scrape reports
-    those not closed (when all are closed, the one added last); a series two of them report is
-    their sum (``tether_resource_down`` and ``tether_lifecycle_running``: the highest).
+    ``register(lc)`` makes one per registry and adds each Lifecycle to it. A scrape's gauges
+    are those of the Lifecycles not closed (when all are closed, the one added last); its
+    counters and summaries add up every Lifecycle it has read, closed and garbage-collected
+    ones included, so they never go back. A series two of them report is their sum
+    (``tether_resource_down`` and ``tether_lifecycle_running``: the highest).
 
     In multiprocess mode (``multiprocess=True``) it reports nothing itself: a scrape refreshes
     this process's figures in prometheus-client's files, which ``MultiProcessCollector``
@@ -440,6 +451,7 @@ class TetherCollector(Collector):
 
     def __init__(self, lc: Lifecycle | None = None, *, multiprocess: bool = False) -> None:
         self._lifecycles = _Lifecycles()
+        self._totals: Totals[_Key] = Totals()
         self.multiprocess = multiprocess
         if lc is not None:
             self.add(lc)
@@ -469,12 +481,28 @@ class TetherCollector(Collector):
             return
         every = [(lc, lc.stats()) for lc in self.lifecycles]
         reported = [(lc, stats) for lc, stats in every if stats.state != "closed"] or every[-1:]
-        if not reported:
+        now = {id(lc) for lc, _ in reported}
+        families = _Families().all()
+        figures: list[tuple[Lifecycle, dict[_Key, tuple[float, ...]]]] = []
+        for lc, stats in every:
+            own = _Families()
+            own.add(lc, stats)
+            counted: dict[_Key, tuple[float, ...]] = {}
+            for index, (family, mine) in enumerate(zip(families, own.all(), strict=True)):
+                if family.cumulative:  # every Lifecycle's, and those of the retired (below)
+                    counted.update(
+                        ((index, labels), values) for labels, values in mine.values.items()
+                    )
+                elif id(lc) in now:  # what is open now: the Lifecycles reported
+                    for labels, values in mine.values.items():
+                        family.add(list(labels), *values)
+            figures.append((lc, counted))
+        totals = self._totals.read(figures)
+        if not every and not totals:
             return
-        families = _Families()
-        for lc, stats in reported:
-            families.add(lc, stats)
-        for family in families.all():
+        for (index, labels), values in totals.items():
+            families[index].values[labels] = values
+        for family in families:
             yield family.build()
 
 

@@ -10,7 +10,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .._errors import (
     LOST_NOTE,
@@ -133,12 +133,54 @@ SESSION_SETTINGS = (
 
 
 V = TypeVar("V")
+D = TypeVar("D")
 
 
 #: `rolled_back`: seconds it waits, at its end, for a connection a unit of work still holds;
 #: and the savepoint each unit of work runs in.
 SETTLE = 10.0
 SAVEPOINT = "tether_unit"
+
+
+class PerResource(Generic[V]):
+    """What an integration records about each resource it made (for ``rolled_back()``, its
+    pool's figures), kept on the resource's Lifecycle. A module-level ``WeakKeyDictionary``
+    kept every Lifecycle alive for good, an app built per test included: its values lead back
+    to their key (a pool resource, a closure over the resource). On the Lifecycle they are a
+    cycle the collector frees with it."""
+
+    __slots__ = ("_attr",)
+
+    def __init__(self, name: str) -> None:
+        self._attr = f"_tether_{name}"
+
+    def _table(self, res: object, *, create: bool = False) -> dict[Any, V] | None:
+        lc = getattr(res, "lifecycle", None)
+        owned = getattr(lc, "__dict__", None)
+        if owned is None:
+            return None
+        table: dict[Any, V] | None = owned.get(self._attr)
+        if table is None and create:
+            table = owned[self._attr] = {}
+        return table
+
+    def __setitem__(self, res: Resource[Any], value: V) -> None:
+        table = self._table(res, create=True)
+        assert table is not None
+        table[res] = value
+
+    @overload
+    def get(self, res: object) -> V | None: ...
+    @overload
+    def get(self, res: object, default: D) -> V | D: ...
+    def get(self, res: object, default: Any = None) -> Any:
+        table = self._table(res)
+        if table is None:
+            return default
+        try:
+            return table.get(res, default)
+        except TypeError:  # not hashable: not a resource at all
+            return default
 
 
 class ConnectionOf:
@@ -154,7 +196,7 @@ class ConnectionOf:
 
 
 def registered(
-    registry: Mapping[Any, V],
+    registry: PerResource[V],
     connection: object,
     driver: str,
     *,
@@ -164,10 +206,7 @@ def registered(
     """What *registry* holds for *connection*, a *kind* resource of the *driver*
     integration (``rolled_back()``'s argument; *made_by*: the functions that make one), or
     the ``TypeError`` naming the fix."""
-    try:
-        spec = registry.get(connection)
-    except TypeError:  # not weakly referenceable: not a resource at all
-        spec = None
+    spec = registry.get(connection)
     if spec is None:
         made_by = made_by or f"tether.integrations.{driver}.connection()"
         msg = (

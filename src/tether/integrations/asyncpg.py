@@ -81,6 +81,7 @@ from ._common import (
     ConnectionOf,
     Dsn,
     LoopBound,
+    PerResource,
     asyncio_only,
     check_budget,
     check_dsn,
@@ -1103,7 +1104,7 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
 
 
 # How each connection resource made here was registered: for :func:`rolled_back`.
-_connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
+_connections: PerResource[ConnectionOf] = PerResource("asyncpg_connections")
 
 
 async def _keep_unit(conn: Any, name: str, after: str) -> None:
@@ -1130,9 +1131,7 @@ async def _keep_unit(conn: Any, name: str, after: str) -> None:
 
 #: How each connection resource made here begins its transaction (isolation, read-only): for
 #: :func:`rolled_back`, which begins its outer transaction so.
-_begins: weakref.WeakKeyDictionary[Resource[Any], tuple[str | None, bool]] = (
-    weakref.WeakKeyDictionary()
-)
+_begins: PerResource[tuple[str | None, bool]] = PerResource("asyncpg_begins")
 
 
 @asynccontextmanager

@@ -96,6 +96,7 @@ from ._common import (
     ConnectionOf,
     Dsn,
     LoopBound,
+    PerResource,
     asyncio_only,
     check_budget,
     check_dsn,
@@ -859,7 +860,7 @@ async def _rollback(conn: Connection, name: str, within: float) -> None:
 
 
 # How each connection resource made here was registered: for :func:`rolled_back`.
-_connections: weakref.WeakKeyDictionary[Resource[Any], ConnectionOf] = weakref.WeakKeyDictionary()
+_connections: PerResource[ConnectionOf] = PerResource("psycopg_connections")
 
 
 async def _back_to_savepoint(conn: Connection) -> None:

@@ -96,6 +96,7 @@ from ._common import (
     SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
+    PerResource,
     asyncio_only,
     check_budget,
     check_dsn_value,
@@ -265,7 +266,7 @@ class _PoolInfo:
         )
 
 
-_pools: weakref.WeakKeyDictionary[Resource[Any], _PoolInfo] = weakref.WeakKeyDictionary()
+_pools: PerResource[_PoolInfo] = PerResource("sqlalchemy_pools")
 
 
 def _pool_number(pool: Any, method: str) -> int | None:
@@ -1617,7 +1618,7 @@ def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
             f"another resource) on this Lifecycle, not {shown}."
         )
         raise TypeError(msg)
-    if engine in _pools:  # made by engine() (an async generator) or sync_engine()
+    if _pools.get(engine) is not None:  # made by engine() (an async generator) or sync_engine()
         made_async = inspect.isasyncgenfunction(engine.factory)
         if made_async == what.startswith("sync_"):
             made, use, other = (
@@ -2190,7 +2191,7 @@ class _SessionOf:
         self.is_async = is_async
 
 
-_sessions: weakref.WeakKeyDictionary[Resource[Any], _SessionOf] = weakref.WeakKeyDictionary()
+_sessions: PerResource[_SessionOf] = PerResource("sqlalchemy_sessions")
 
 
 def _as_in_production(ss: Session) -> None:

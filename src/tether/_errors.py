@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
@@ -428,3 +429,22 @@ class ClientDisconnected(TetherError):
     tether cancels the work of a request whose client disconnected; its resources then
     take their failure path (roll back) with this exception (the cancellation chained).
     """
+
+
+class _RedactedTracebacks(logging.Filter):
+    """tether's records carry the failure they report (``exc_info``), whose traceback a
+    handler prints as it is: a message in it (a driver's, a cleanup's) can hold a DSN's
+    password that the record's own message hides. The traceback's text is made here,
+    redacted, and handlers print that (``record.exc_text``; a formatter that reads
+    ``exc_info`` itself, a JSON one, formats its own)."""
+
+    _format = staticmethod(logging.Formatter().formatException)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = redact(self._format(record.exc_info))
+        return True
+
+
+logging.getLogger("tether").addFilter(_RedactedTracebacks())
+

@@ -275,8 +275,11 @@ class Resource(Generic[T]):
         # What the factory is called through, with its dependencies' values in order.
         self.call = caller(factory)
         # Sync generators and context managers run in threads (they manage real
-        # connections); a plain `def` runs inline unless asked otherwise.
-        self.thread = (self.kind in SYNC_KINDS) if thread is None else thread
+        # connections); a plain `def` runs inline unless asked otherwise, or given a
+        # `timeout=`: inline, nothing could stop it (a blocking connect ran past it).
+        if thread is None:
+            thread = self.kind in SYNC_KINDS or (self.kind is Kind.SYNC_FUNC and timeout is not None)
+        self.thread = thread
         self.is_sync = self.kind in SYNC_KINDS or self.kind is Kind.SYNC_FUNC
         self.has_cleanup = self.kind not in (Kind.ASYNC_FUNC, Kind.SYNC_FUNC)
         self.late = release == "response"

@@ -2,7 +2,9 @@
 naming a secret, dict reprs), ``describe`` (an exception), and the exact passwords of the
 DSNs resources opened with (``remember_secrets``), which drivers' parse errors quote."""
 
+import logging
 import re
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -161,3 +163,29 @@ async def test_sqlalchemy_url_function_returning_a_dict() -> None:
     with pytest.raises(tether.StartupError, match=misconfigured("engine", cause)):
         async with lc.run():
             pass  # pragma: no cover
+
+
+@pytest.mark.anyio
+async def test_a_password_in_a_failure_tether_logs_is_hidden_in_its_traceback_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cleanup whose error quotes a DSN: the log line hid its password, and the traceback
+    of the same record printed it in full."""
+    dsn = "postgresql://app:hunter2@db.example:5432/app"
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def client() -> AsyncIterator[int]:
+        try:
+            yield 1
+        finally:
+            raise ConnectionError(f"could not flush to {dsn}")
+
+    with caplog.at_level(logging.ERROR, logger="tether"), pytest.raises(tether.ShutdownError):
+        async with lc.run():
+            pass
+    assert "Traceback (most recent call last)" in caplog.text
+    assert "ConnectionError: could not flush to postgresql://app:***@db.example:5432/app" in (
+        caplog.text
+    )
+    assert "hunter2" not in caplog.text

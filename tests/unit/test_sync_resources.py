@@ -387,3 +387,34 @@ class TestTimeout:
                 pass  # pragma: no cover
         assert time.monotonic() - t0 < 1.5
         release.set()
+
+
+async def test_a_plain_def_given_a_timeout_runs_in_a_thread_bounded_by_it() -> None:
+    """A plain `def` app resource runs inline by default; given `timeout=`, it runs in a
+    thread, so the timeout is kept and the event loop goes on meanwhile (a 2 s blocking
+    connect with timeout=0.3 opened after 2 s, with the loop blocked all along)."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app", timeout=0.3)
+    def client() -> str:
+        time.sleep(2)  # a blocking connect to a server that does not answer
+        return "client"
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.05)
+            ticks += 1
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        message = startup("client", f"ResourceUnavailable: {open_timeout('client', '0.3')[:-1]}")
+        with pytest.raises(tether.StartupError, match=message):
+            async with lc.run():
+                pass  # pragma: no cover
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - started < 1.5
+    assert ticks >= 3  # the loop ran while the function blocked its thread

@@ -447,4 +447,3 @@ class _RedactedTracebacks(logging.Filter):
 
 
 logging.getLogger("tether").addFilter(_RedactedTracebacks())
-

@@ -278,7 +278,9 @@ class Resource(Generic[T]):
         # connections); a plain `def` runs inline unless asked otherwise, or given a
         # `timeout=`: inline, nothing could stop it (a blocking connect ran past it).
         if thread is None:
-            thread = self.kind in SYNC_KINDS or (self.kind is Kind.SYNC_FUNC and timeout is not None)
+            thread = self.kind in SYNC_KINDS or (
+                self.kind is Kind.SYNC_FUNC and timeout is not None
+            )
         self.thread = thread
         self.is_sync = self.kind in SYNC_KINDS or self.kind is Kind.SYNC_FUNC
         self.has_cleanup = self.kind not in (Kind.ASYNC_FUNC, Kind.SYNC_FUNC)

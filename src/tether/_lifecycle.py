@@ -157,6 +157,18 @@ def _on_asyncio() -> bool:
     return asyncio._get_running_loop() is not None
 
 
+def _one(exc: BaseException) -> BaseException:
+    """The one failure inside *exc*, a task group's group of one (what failed, named)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def broken(lc: Lifecycle) -> list[str]:
+    """The app resources of *lc* that failed while the app ran (`_AppSlot.broke`)."""
+    return [r.name for r, slot in list(lc._slot_of.items()) if slot.broke is not None]
+
+
 def _log_close_failure(name: str, error: BaseException) -> None:
     log.error(
         "tether: closing app resource %r failed: %s",
@@ -176,6 +188,7 @@ class _AppSlot:
     """One app resource held open by its own task (so it closes in the task that opened it)."""
 
     __slots__ = (
+        "broke",
         "closed",
         "dependents",
         "done",
@@ -215,6 +228,9 @@ class _AppSlot:
         self.down: BaseException | None = None
         self.waits_for: str | None = None
         self.late = False  # opening after it was down: not ready yet
+        # Failed while open: a cancel scope its generator entered around its yield was
+        # cancelled (a task of its own failed); closed then, and down for good.
+        self.broke: BaseException | None = None
 
 
 _NOT_OPEN: Any = object()
@@ -1085,8 +1101,20 @@ class Lifecycle:
         slot.up.set()
         try:
             await slot.release.wait()
+        except anyio.get_cancelled_exc_class():
+            if not slot.release.is_set() and not slot.opening.cancel_called:
+                slot.opening.shield = True  # a cancel from outside now waits for the close
+                if anyio.current_effective_deadline() == -math.inf:
+                    # Cancelled by a scope inside this one, which only the generator can
+                    # have entered around its yield: its task group, a task of which failed.
+                    # (From outside, the app scope's caller cancelled: closed below.)
+                    await self._broke(slot, res, entry)
+                    return
+            raise
         finally:
-            if slot.opening.cancel_called:
+            if slot.broke is not None:
+                pass  # closed by `_broke`
+            elif slot.opening.cancel_called:
                 # The start was stopped while this opened (in a thread, which finished):
                 # its scope cancels every await in it, so the close gets a shield of its
                 # own (a cancel scope the generator entered around its yield, if any,
@@ -1096,6 +1124,40 @@ class Lifecycle:
             else:
                 slot.opening.shield = True  # the close is not interrupted from outside
                 await self._close_slot(slot, entry)
+
+    async def _broke(self, slot: _AppSlot, res: Resource[Any], entry: Entry) -> None:
+        """*slot*'s value failed while open (a task its generator started around its yield
+        failed, and the generator's task group cancelled itself): close it at once, in this
+        task, so the generator leaves its scope and says what failed; then it is down for
+        good. The app goes on without it: what needs it answers 503, and both health
+        probes fail (liveness too: only a restart opens it again)."""
+        slot.broke = RuntimeError(
+            "a cancel scope the resource entered around its yield (its task group) was "
+            "cancelled while the app ran"
+        )
+        try:
+            await close_entry(self, entry, None)
+        except BaseException as exc:
+            slot.broke = exc
+        self._app_values.pop(entry.res, None)
+        slot.entry = None
+        slot.value = None
+        slot.closed.set()
+        slot.done.set()
+        if self.state is State.STARTING:
+            slot.error = _one(slot.broke)  # the start fails, naming it and what failed
+            if self._start_stop is not None:
+                self._start_stop.set()  # and stops what is still opening
+            return
+        log.error(
+            "tether: app resource %r failed while the app ran: %s; it is closed, and the app "
+            "goes on without it: what needs it answers 503, /health/ready and /health/live "
+            "fail, so that the process is restarted",
+            res.name,
+            describe(_one(slot.broke)),
+            exc_info=slot.broke,
+            extra={"tether_resource": res.name},
+        )
 
     async def _close_slot(self, slot: _AppSlot, entry: Entry) -> None:
         # After what uses it. A shutdown releases the slots in reverse order, but a
@@ -1182,6 +1244,13 @@ class Lifecycle:
         slot = self._slot_of.get(res)
         if slot is None or slot.entry is not None:
             return None
+        if slot.broke is not None:
+            msg = (
+                f"App resource {res.name!r} failed while the app ran "
+                f"({describe(_one(slot.broke)).rstrip('.')}): it is closed, and opens again "
+                f"only when the process restarts (/health/live fails for that)."
+            )
+            return ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after)
         if slot.down is not None:
             why = f"it failed to open ({describe(slot.down).rstrip('.')})"
         elif slot.waits_for is not None:
@@ -1253,7 +1322,7 @@ class Lifecycle:
                 in_use[slot.res.name] = figures.in_use
             slot.release.set()
             await slot.closed.wait()
-            if slot.error is not None:
+            if slot.error is not None and slot.broke is None:  # (one that broke: told then)
                 _log_close_failure(slot.res.name, slot.error)
                 errors.append((slot.res.name, slot.error))
         self._app_slots = []

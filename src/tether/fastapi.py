@@ -59,7 +59,7 @@ from ._errors import (
     describe,
     is_seconds,
 )
-from ._lifecycle import Lifecycle, State
+from ._lifecycle import Lifecycle, State, broken
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
     Entry,
@@ -949,9 +949,16 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
     stack = scope.get("fastapi_inner_astack")
     if scope.get("type") == "websocket" and stack is not None and lc.state is not State.CREATED:
         unit = Unit(lc, f"WEBSOCKET {scope.get('path', '?')}")
-        lc._admit(unit)
+        try:
+            lc._admit(unit)
+        except ResourceUnavailable as exc:  # draining: refused as on an app's route
+            stack.push_async_exit(_ConnectionRefused(connection, exc))
+            raise
+        # The endpoint's task: cancelled past drain_timeout, and where a leak report
+        # says it waits.
+        lc._unit_tasks[unit] = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         token = _CURRENT.set(_ref(unit))  # the endpoint's task: its other resources find it
-        stack.push_async_exit(_ConnectionEnd(lc, unit, token))
+        stack.push_async_exit(_ConnectionEnd(lc, unit, token, connection))
         return unit
     path = scope.get("path", "?")
     what = "A tether resource" if name is None else f"Resource {name!r}"
@@ -1188,14 +1195,19 @@ def _leave(token: contextvars.Token[Any]) -> bool:
 
 
 class _ConnectionEnd:
-    """Closes a WebSocket's unit of work when FastAPI's exit stack for it unwinds."""
+    """Closes a WebSocket's unit of work when FastAPI's exit stack for it unwinds; then
+    answers as `_TetherRoute._websocket` does (`_websocket_ended`): returns True (the
+    exception is swallowed) where it answered the exception itself."""
 
-    __slots__ = ("lc", "token", "unit")
+    __slots__ = ("connection", "lc", "token", "unit")
 
-    def __init__(self, lc: Lifecycle, unit: Unit, token: contextvars.Token[Any]) -> None:
+    def __init__(
+        self, lc: Lifecycle, unit: Unit, token: contextvars.Token[Any], connection: Any
+    ) -> None:
         self.lc = lc
         self.unit = unit
         self.token = token
+        self.connection = connection
 
     async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         _leave(self.token)  # the cleanups run without the unit in the context, as on HTTP
@@ -1203,9 +1215,53 @@ class _ConnectionEnd:
             errors = await self.unit.aclose(exc)
         finally:
             self.lc._retire(self.unit)
-        if errors and exc is None:
-            raise errors[-1]
-        return False
+        error = exc if exc is not None else errors[-1] if errors else None
+        if error is None or (exc is not None and not isinstance(exc, ResourceUnavailable)):
+            return False
+        ws = self.connection
+        send = getattr(ws, "send", None)  # (an `HTTPConnection` made by hand has none)
+        if send is None:
+            return False
+        return await _websocket_ended(
+            self.lc,
+            self.unit.label,
+            ws.scope,
+            send,
+            _socket_stage(ws),
+            error,
+            raised=exc is not None,
+        )
+
+
+class _ConnectionRefused:
+    """A WebSocket's unit of work refused while the app drains (FastAPI 0.137+'s routes of
+    included routers): answered as `_deny_websocket` answers it on an app's route once the
+    exception leaves FastAPI's exit stack, which then swallows it."""
+
+    __slots__ = ("connection", "exc")
+
+    def __init__(self, connection: Any, exc: BaseException) -> None:
+        self.connection = connection
+        self.exc = exc
+
+    async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        ws = self.connection
+        if exc is not self.exc or getattr(ws, "send", None) is None:
+            return False
+        stage = _socket_stage(ws)
+        with contextlib.suppress(Exception):  # the client is gone: nothing to answer
+            if stage == 0:
+                await _deny_websocket(ws.scope, ws.send)
+            elif stage == 1:
+                await ws.send({"type": "websocket.close", "code": 1013, "reason": _SHUTTING_DOWN})
+        return True
+
+
+def _socket_stage(ws: Any) -> int:
+    """Where a Starlette WebSocket is: 0 before its ``accept``, 1 open, 2 closed or
+    answered (nothing more may be sent)."""
+    name = getattr(getattr(ws, "application_state", None), "name", "")
+    return 0 if name == "CONNECTING" else 1 if name == "CONNECTED" else 2
 
 
 # --------------------------------------------------------------------------- the unit
@@ -1715,17 +1771,27 @@ class _TetherRoute:
         unit = Unit(lc, self.label_for(scope))
         lc._units.add(unit)
         lc._units_total += 1
+        # The connection's task: cancelled past drain_timeout, and where a leak report says
+        # it waits.
+        lc._unit_tasks[unit] = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         handled: list[BaseException] = []
+        stage = 0  # as `_socket_stage`: 0 before the accept, 1 open, 2 closed or answered
 
         async def closing(message: Message) -> None:
-            # A close (or a refusal) sent from inside an `except` block: an exception
-            # handler answered the exception that ended the endpoint (`WebSocketException`,
-            # the app's own handler), which the route's app then swallows. That is the
-            # failure the cleanups should see, as on HTTP routes.
-            if message["type"] in _WS_ENDS and not handled:
-                exc = _answered_exception()
-                if exc is not None:
-                    handled.append(exc)
+            nonlocal stage
+            kind = message["type"]
+            if kind in _WS_ENDS:
+                stage = 2
+                # A close (or a refusal) sent from inside an `except` block: an exception
+                # handler answered the exception that ended the endpoint
+                # (`WebSocketException`, the app's own handler), which the route's app then
+                # swallows. That is the failure the cleanups should see, as on HTTP routes.
+                if not handled:
+                    exc = _answered_exception()
+                    if exc is not None:
+                        handled.append(exc)
+            elif kind == "websocket.accept":
+                stage = 1
             await send(message)
 
         token = _CURRENT.set(_ref(unit))
@@ -1736,9 +1802,14 @@ class _TetherRoute:
                 _CURRENT.reset(token)  # the cleanups run without it, as on HTTP routes
         except BaseException as exc:
             await unit.aclose(exc)
-            raise
+            if not isinstance(exc, ResourceUnavailable) or not await _websocket_ended(
+                lc, unit.label, scope, send, stage, exc, raised=True
+            ):
+                raise
         else:
-            await unit.aclose(handled[0] if handled else None)
+            errors = await unit.aclose(handled[0] if handled else None)
+            if errors:
+                await _websocket_ended(lc, unit.label, scope, send, stage, errors[-1], raised=False)
         finally:
             lc._retire(unit)
 
@@ -1860,6 +1931,52 @@ async def _deny_websocket(scope: Scope, send: Send) -> None:
         await _answer(send, 503, _SHUTTING_DOWN, 5.0, "websocket.http")
     else:
         await send({"type": "websocket.close", "code": 1013, "reason": _SHUTTING_DOWN})
+
+
+async def _websocket_ended(
+    lc: Lifecycle,
+    label: str,
+    scope: Scope,
+    send: Send,
+    stage: int,
+    error: BaseException,
+    *,
+    raised: bool,
+) -> bool:
+    """A WebSocket's unit of work ended with *error*, its values closed: the endpoint
+    raised it (*raised*), or a cleanup failed once it returned (a commit; logged by then).
+    Answered as HTTP routes answer, where the socket still takes an answer (*stage*, as
+    `_socket_stage`): `ResourceUnavailable` before the accept with a 503 and
+    ``Retry-After`` where the server lets the app answer the handshake (else a close with
+    1013, "try again later"), after it with a close with 1013; a failed cleanup with a
+    close with 1011. Returns whether it is answered: False for an exception the endpoint
+    raised that is left to the app's exception handler for it, or to the server."""
+    unavailable = isinstance(error, ResourceUnavailable)
+    if raised and (not unavailable or stage == 2 or _app_handles(scope, error)):
+        return False
+    if stage == 2:
+        return True  # closed by the endpoint: the failure is logged, nothing to answer
+    if raised:
+        action = "answered 503" if stage == 0 else "closed the socket with 1013"
+        log.warning("tether: %s %s: %s", label, action, describe(error))
+    try:
+        extensions = scope.get("extensions") or ()
+        if not isinstance(error, ResourceUnavailable):
+            await send({"type": "websocket.close", "code": 1011, "reason": "Internal error"})
+        elif stage == 0 and "websocket.http.response" in extensions:
+            await _answer(send, 503, _detail(lc, error), error.retry_after, "websocket.http")
+        else:
+            reason = _close_reason(f"{error.resource!r} is unavailable now. Retry later.")
+            await send({"type": "websocket.close", "code": 1013, "reason": reason})
+    except Exception as exc:  # the client is gone
+        log.debug("tether: %s: the answer was not sent: %s", label, describe(exc))
+    return True
+
+
+def _close_reason(reason: str) -> str:
+    """*reason*, cut to the 123 bytes a close frame has room for."""
+    raw = reason.encode()
+    return reason if len(raw) <= 123 else raw[:120].decode(errors="ignore") + "..."
 
 
 async def _answer_error(send: Send, error: BaseException, lc: Lifecycle) -> None:
@@ -2202,7 +2319,9 @@ def _detail(lc: Lifecycle, error: ResourceUnavailable) -> str:
 def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0) -> Any:
     """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
 
-    ``live`` answers 200 while the process serves. ``ready`` answers 200 when the app
+    ``live`` answers 200 while the process serves, and 503 (``"status": "broken"``, naming
+    them) once an app resource failed while the app ran, which only a restart opens again
+    (a task of its own around its ``yield`` failed). ``ready`` answers 200 when the app
     scope runs and every ``check`` passes, and 503 while starting, while draining, or
     when a check fails; its body is the report.
 
@@ -2226,7 +2345,11 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     last = _Reports(lc, cache)
 
     @router.get("/live")
-    async def live() -> dict[str, str]:
+    async def live() -> Any:
+        failed = broken(lc)
+        if failed:  # an app resource that failed while the app ran opens again on a restart
+            body = {"status": "broken", "state": lc.state.value, "broken": failed}
+            return JSONResponse(body, status_code=503)
         return {"status": "alive", "state": lc.state.value}
 
     logged: dict[str, str] = {}  # expose_errors=False: each check's error, logged once

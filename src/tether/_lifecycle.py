@@ -1229,6 +1229,14 @@ class Lifecycle:
                     res.name,
                     state,
                 )
+            if not refused and marked_for_good(slot.down):
+                refused = True  # a refusal of the server's (Redis's) or of tether's own
+                log.warning(
+                    "tether: app resource %r: %s; no retry mends that: tried again once a "
+                    "minute, until it is fixed",
+                    res.name,
+                    describe(slot.down).rstrip("."),
+                )
             await anyio.sleep(_REFUSED_RETRY if refused else delay)
             delay = min(delay * 2, 10.0)
             try:

@@ -7,8 +7,10 @@ message then (`tests/unit/test_refusals.py` pins which messages). A wrong passwo
 on asyncpg (`test_asyncpg.py`), as this server trusts every password.
 """
 
+import contextlib
 import time
 
+import anyio
 import pytest
 
 import tether
@@ -78,3 +80,51 @@ async def test_a_refused_connection_is_not_retried(
             "refusal, so none was made."
         )
     assert "retrying" not in caplog.text
+
+
+@pytest.mark.parametrize("password", ["wrong-pw", None], ids=["wrong", "missing"])
+async def test_a_redis_server_that_refuses_the_credentials_is_not_retried(
+    password: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis too: a wrong or missing password was tried `retries=` times with backoff (7 s
+    for retries=3), and the message advised more retries=. With required=False the
+    background attempts drop to once a minute, as for PostgreSQL."""
+    import redis as sync_redis
+
+    from tests.servers import Redis
+    from tether.integrations import redis as tredis
+
+    with Redis() as rd, contextlib.ExitStack() as undo:
+        with sync_redis.Redis.from_url(rd.url) as first:
+            first.config_set("requirepass", "right-pw")
+        admin = sync_redis.Redis.from_url(rd.url.replace("redis://", "redis://:right-pw@"))
+        undo.callback(admin.close)
+        undo.callback(admin.config_set, "requirepass", "")  # for the harness's own stop
+        url = rd.url if password is None else rd.url.replace("redis://", f"redis://:{password}@")
+        lc = tether.Lifecycle()
+        tredis.client(lc, url, retries=3, backoff=2.0)
+        t0 = time.monotonic()
+        with pytest.raises(tether.StartupError) as info:
+            async with lc.run():
+                pass  # pragma: no cover
+        assert time.monotonic() - t0 < 2.0  # no backoff waited
+        message = str(info.value)
+        assert message.startswith(
+            f"App resource 'redis' failed to open: AuthenticationError: Redis client 'redis': "
+            f"the server at {url.replace(f':{password}@', ':***@')} refused the credentials ("
+        )
+        assert message.endswith(
+            "). Fix the user and password in its URL, or the server's ACL. The resources "
+            "already open were closed. Fix the cause above: a mistake in the configuration or "
+            "the code, which no retry mends."
+        )
+        assert "wrong-pw" not in message
+
+        caplog.clear()
+        down = tether.Lifecycle()
+        tredis.client(down, url, required=False, backoff=0.05)
+        async with down.run():
+            await anyio.sleep(0.5)
+        refused = [r for r in caplog.records if "no retry mends that" in r.getMessage()]
+        assert len(refused) == 1
+        assert tether.Lifecycle.stats(down).resources["redis"].open_errors <= 2

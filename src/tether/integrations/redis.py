@@ -68,6 +68,8 @@ from .._errors import (
     ScopeError,
     check_bool,
     check_number,
+    describe,
+    for_good,
 )
 from .._resource import Resource
 from .._stats import PoolStats
@@ -667,9 +669,18 @@ def client(
         r.tether_held = (lc, held)  # type: ignore[attr-defined]
         try:
             await r.ping()
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
                 await r.aclose()
+            if isinstance(exc, _REFUSALS):
+                # A wrong or missing password, an ACL user without the right: each retry is
+                # refused again (and counts as a failed login), so none is made.
+                msg = (
+                    f"Redis client {name!r}: the server at {shown} refused the credentials "
+                    f"({describe(exc).rstrip('.')}). Fix the user and password in its URL, or "
+                    f"the server's ACL."
+                )
+                raise for_good(type(exc)(msg)) from exc
             raise
         try:
             log.info("tether: redis client %r open on %s", name, shown)

@@ -379,6 +379,7 @@ class Lifecycle:
         # The signal that interrupted the start (`_interruptible_start`), and the event
         # that stops it.
         self._interrupted: str | None = None
+        self._runs = 0  # app scopes started: its driver pools are new in each (the exporters)
         self._start_stop: anyio.Event | None = None
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
@@ -851,6 +852,7 @@ class Lifecycle:
             )
             raise ScopeError(msg)
         self._app_site = _entry_site()
+        self._runs += 1
         self.validate()
         self.state = State.STARTING
         self._late_entries: list[Entry] = []

@@ -8,6 +8,7 @@ cumulative values: one that falls gives a delta backend a negative count).
 
 import asyncio
 import gc
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -244,3 +245,101 @@ def test_retired_totals_stay_one_per_series() -> None:
     assert not totals._seen  # no Lifecycle alive
     assert len(totals._retired) == 7  # the resource's 6 (errors: open, close), units refused
     provider.shutdown()
+
+
+TIMEOUTS = sample("db_client_connection_timeouts_total", pool_name="pg", scope="app")
+
+
+@pytest.mark.servers
+@pytest.mark.anyio
+async def test_a_lifecycle_run_again_counts_its_pools_timeouts_once(postgres: Postgres) -> None:
+    """A pool's timeouts (its connection resource's waits that ran out, which the Lifecycle
+    keeps across runs) seen while the app ran, then while it was closed, then in a second
+    run with none: one timeout. The series was retired when it was not reported (the app
+    closed) and added again when it was: 2."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, name="pg", min_size=1, max_size=1, acquire_timeout=0.2)
+    conn = tpg.connection(lc, pool, name="conn")
+    exporters = Exporters()
+    exporters.register(lc)
+    try:
+        async with lc.run(), lc.scope("holds it") as first:
+            await first.get(conn)
+            with pytest.raises(tether.ResourceUnavailable):
+                async with lc.scope("times out") as second:
+                    await second.get(conn)
+            assert exporters.read()[0][TIMEOUTS] == 1
+        assert exporters.read()[0][TIMEOUTS] == 1  # closed: its last figures stand
+        async with lc.run():
+            assert exporters.read()[0][TIMEOUTS] == 1
+        assert exporters.read()[0][TIMEOUTS] == 1
+        assert lc.stats()["conn"].timeouts == 1
+    finally:
+        exporters.shutdown()
+
+
+def test_two_scrapes_at_once_count_what_happened_once() -> None:
+    """Two scrapes at once (an HA pair of Prometheus servers, prometheus-client's threaded
+    server): one read the figures, a request was served, the other read and added them up
+    first; the first, adding up its older figures next, took them for a pool started again
+    and counted the newer ones twice, for good. Scrapes take turns now."""
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    registry = CollectorRegistry()
+    tprom.register(lc, registry)
+    real = lc.stats
+    read, go_on = threading.Event(), threading.Event()
+
+    def stats() -> Any:
+        figures = real()
+        if not read.is_set():  # the first scrape pauses once it has read
+            read.set()
+            assert go_on.wait(5)
+        return figures
+
+    conn.counters.opened = 10  # requests served
+    lc.stats = stats  # type: ignore[method-assign]
+    first = threading.Thread(target=samples, args=(registry,))
+    first.start()
+    assert read.wait(5)
+    conn.counters.opened = 12  # two more while the first scrape runs
+    second = threading.Thread(target=samples, args=(registry,))
+    second.start()
+    second.join(0.5)  # it waits for the first (it used to add up first)
+    go_on.set()
+    first.join(5)
+    second.join(5)
+    count = sample("tether_resource_wait_time_seconds_count", pool_name="conn", scope="request")
+    assert samples(registry)[count] == 12
+
+
+MADE_BY_PG = sample("db_client_connection_create_time_seconds_count", pool_name="pg", scope="app")
+
+
+@pytest.mark.servers
+def test_a_pool_opened_again_between_two_reads_adds_its_connections(postgres: Postgres) -> None:
+    """A Lifecycle run twice, read only while each run was open: the second run's pool is a
+    new one, whose count (1) had reached the first one's (1) at its first read and was taken
+    for the same pool's: 1 connection made, not 2. Each run's pool counts now."""
+    lc, app = build(postgres.dsn)
+    exporters = Exporters()
+    exporters.register(lc)
+
+    async def serve() -> tuple[float, float]:
+        async with serving(lc, app) as client:
+            await requests(client, 1)
+            prom, otel = exporters.read()
+            return prom[MADE_BY_PG], otel[OTEL_MADE]
+
+    try:
+        first = asyncio.run(serve())
+        made = lc.stats().pools.get("pg")
+        assert made is None  # closed: no pool figures
+        second = asyncio.run(serve())
+        assert (first, second) == ((1, 1), (2, 2))
+    finally:
+        exporters.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -67,19 +67,26 @@ class Totals(Generic[K]):
 
     A Lifecycle keeps its resources' counters when its app scope closes, and when it runs
     again it goes on from them: while it is alive its figures count as they are, closed or
-    not. Its series retire into the total when it is garbage-collected, when it no longer
-    reports one (a driver pool closed: its figures count since the pool opened), or when one
-    goes back (the pool opened again since the last read). What is retired is the figures of
-    the last read: a driver pool's counts after it and before the pool closed (or before the
-    Lifecycle was garbage-collected) are not seen; its resources' counts are, while it is
-    alive. Memory is one entry per series and per Lifecycle alive; it is all read at
-    collection time, never on the request path.
+    not. A series it no longer reports (a pool closed with its app scope) keeps its last
+    figures, and counts on from them when reported again; but a driver pool's own counts
+    (*per_pool*: connections made, discarded) start again with the new pool of each run of
+    the Lifecycle (or one reopened while it runs, seen as a count that went back): the last
+    figures of the old pool retire into the total. A Lifecycle's series retire too when it
+    is garbage-collected. What is retired is the figures of the last read: a driver pool's
+    counts after it and before the pool closed are not seen; its resources' counts are,
+    while it is alive. Memory is one entry per series and per Lifecycle alive; it is all read at
+    collection time (one collection at a time: the caller's lock), never on the request
+    path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_pool: Callable[[K], bool] = lambda key: False) -> None:
         self._lock = threading.Lock()
         self._retired: Figures[K] = {}
-        self._seen: dict[int, tuple[weakref.ref[Lifecycle], Figures[K]]] = {}
+        # Per Lifecycle: it (weakly), its series as last read, and the run they were read in.
+        self._seen: dict[int, tuple[weakref.ref[Lifecycle], Figures[K], int]] = {}
+        # Whether a series is a driver pool's own count (since the pool opened: a run of
+        # the Lifecycle opens a new pool, whose count starts again).
+        self._per_pool = per_pool
 
     def _retire(self, key: K, values: tuple[float, ...]) -> None:
         old = self._retired.get(key)
@@ -88,22 +95,30 @@ class Totals(Generic[K]):
     def read(self, figures: Iterable[tuple[Lifecycle, Figures[K]]]) -> Figures[K]:
         """The totals, given the figures each Lifecycle reports now (every one alive)."""
         with self._lock:
-            for ident, (ref, seen) in list(self._seen.items()):
+            for ident, (ref, seen, _) in list(self._seen.items()):
                 if ref() is None:  # garbage-collected: its figures stay counted
                     del self._seen[ident]
                     for key, values in seen.items():
                         self._retire(key, values)
             for lc, now in figures:
                 entry = self._seen.get(id(lc))
+                seen = dict(now)
+                run = lc._runs
                 if entry is not None:
                     for key, was in entry[1].items():
                         current = now.get(key)
-                        if current is None or any(v < w for v, w in zip(current, was, strict=True)):
-                            self._retire(key, was)  # no longer reported, or started again
+                        if current is None:
+                            # Not reported now (its pool closed with the app scope): its last
+                            # figures stand until it is again.
+                            seen[key] = was
+                        elif (run != entry[2] and self._per_pool(key)) or any(
+                            v < w for v, w in zip(current, was, strict=True)
+                        ):
+                            self._retire(key, was)  # a new pool (run again, or reopened)
                 ref = entry[0] if entry is not None else weakref.ref(lc)
-                self._seen[id(lc)] = (ref, dict(now))
+                self._seen[id(lc)] = (ref, seen, run)
             totals = dict(self._retired)
-            for _, seen in self._seen.values():
+            for _, seen, _ in self._seen.values():
                 for key, values in seen.items():
                     old = totals.get(key)
                     totals[key] = values if old is None else _plus(old, values)

@@ -125,10 +125,11 @@ class _Instruments:
 
             return observe
 
-        def counted(read: Read) -> Callback:
+        def counted(read: Read, *, per_pool: bool = False) -> Callback:
             """A counter: a cumulative total over every Lifecycle read, which never goes back
-            (those closed or garbage-collected since stay counted); the SDK takes deltas."""
-            totals: Totals[Attributes] = Totals()
+            (those closed or garbage-collected since stay counted); the SDK takes deltas.
+            *per_pool*: a driver pool's own count, which starts again with each run."""
+            totals: Totals[Attributes] = Totals(per_pool=lambda key: per_pool)
 
             def observe(options: CallbackOptions) -> Iterable[Observation]:
                 figures: list[tuple[Lifecycle, dict[Attributes, tuple[float, ...]]]] = []
@@ -193,13 +194,13 @@ class _Instruments:
             (up_down, "db.client.connection.pending_requests",
              now(per_pool(lambda p: p.waiting)),
              "{request}", "Requests waiting for a connection from the driver's pool."),
-            (counter, "tether.connection.created", counted(per_pool(lambda p: p.created)),
+            (counter, "tether.connection.created", counted(per_pool(lambda p: p.created), per_pool=True),
              "{connection}", "Connections the driver's pool made."),
             (counter, "tether.connection.create_time",
-             counted(per_pool(lambda p: p.create_time)),
+             counted(per_pool(lambda p: p.create_time), per_pool=True),
              "s", "Time the driver's pool took to make its connections, in all."),
             (counter, "tether.connection.discarded",
-             counted(per_pool(lambda p: p.discarded)),
+             counted(per_pool(lambda p: p.discarded), per_pool=True),
              "{connection}", "Connections of the driver's pool closed instead of used again: "
              "broken, or in a state not known (lost by the server, interrupted, not reset)."),
             (counter, "db.client.connection.timeouts", counted(timeouts),

@@ -296,6 +296,17 @@ class _Lifecycles:
 _Key = tuple[int, tuple[str, ...]]  # a family's index in _Families.all(), a series' labels
 
 
+def _pool_counts() -> frozenset[int]:
+    """The families of a driver pool's own counts (since it opened: connections made, and
+    discarded), by index."""
+    families = _Families()
+    own = (families.create, families.discarded)
+    return frozenset(i for i, family in enumerate(families.all()) if family in own)
+
+
+_POOL_COUNTS = _pool_counts()
+
+
 class _Mirror:
     """tether's series as prometheus-client metrics, for its multiprocess mode: each worker
     writes them to its own files, and ``MultiProcessCollector`` adds them up at a scrape as it
@@ -451,7 +462,8 @@ class TetherCollector(Collector):
 
     def __init__(self, lc: Lifecycle | None = None, *, multiprocess: bool = False) -> None:
         self._lifecycles = _Lifecycles()
-        self._totals: Totals[_Key] = Totals()
+        self._totals: Totals[_Key] = Totals(per_pool=lambda key: key[0] in _POOL_COUNTS)
+        self._collecting = threading.Lock()
         self.multiprocess = multiprocess
         if lc is not None:
             self.add(lc)
@@ -479,6 +491,14 @@ class TetherCollector(Collector):
             if _mirror is not None:
                 _mirror.refresh()
             return
+        # One scrape at a time, from reading the stats to adding them up: two at once (an
+        # HA pair of Prometheus servers, prometheus-client's threaded server) would each
+        # take the other's newer figures for a pool started again, and count them twice.
+        with self._collecting:
+            built = self._families()
+        yield from built
+
+    def _families(self) -> list[Metric]:
         every = [(lc, lc.stats()) for lc in self.lifecycles]
         reported = [(lc, stats) for lc, stats in every if stats.state != "closed"] or every[-1:]
         now = {id(lc) for lc, _ in reported}
@@ -499,11 +519,10 @@ class TetherCollector(Collector):
             figures.append((lc, counted))
         totals = self._totals.read(figures)
         if not every and not totals:
-            return
+            return []
         for (index, labels), values in totals.items():
             families[index].values[labels] = values
-        for family in families:
-            yield family.build()
+        return [family.build() for family in families]
 
 
 _collectors: dict[bool, weakref.WeakKeyDictionary[CollectorRegistry, TetherCollector]] = {

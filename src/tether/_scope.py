@@ -19,7 +19,7 @@ import types
 import weakref
 from collections.abc import Callable, Generator
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -204,6 +204,11 @@ async def _in_thread(
         stop = None
     if deadline is not None or stop is not None:
         return await _in_thread_until(lc, res, fn, tokens, deadline, pair, stop)
+    if limiter is None:
+        waits = lc.__dict__.get(TOKEN_WAITS)
+        wait = waits.get(res) if waits else None
+        if wait is not None:
+            return await _in_thread_waited(lc, res, fn, tokens, wait)
     if asyncio._get_running_loop() is None:
         return await anyio.to_thread.run_sync(fn, limiter=tokens)  # anyio shields the wait
     # On asyncio a one-shot `task.cancel()` cancels the future of the thread, anyio's
@@ -215,6 +220,64 @@ async def _in_thread(
             run = anyio.to_thread.run_sync(fn, limiter=lc._thread_runner)
             value: T = await _drive(lc, res, run, bounded=False)
     return value
+
+
+class TokenTicket(Protocol):
+    """A unit of work's wait for a token of a sync resource's limiter (`TokenWait`)."""
+
+    @property
+    def within(self) -> float | None:
+        """Seconds the unit may wait for the token (None: no bound)."""
+
+    def timed_out(self) -> BaseException:
+        """What the open raises when the token did not come within `within` seconds."""
+
+    def leave(self) -> None:
+        """The open is over (opened, failed, cancelled): called once, in the same task."""
+
+
+# Set by an integration whose sync resource's limiter stands in front of a pool of its own
+# (SQLAlchemy's sync sessions: `concurrency=` its size): called on the event loop before an
+# open waits for a token, it counts the unit waiting for the pool, or refuses it (raises),
+# and bounds that wait as the pool bounds its own. Kept per Lifecycle, by resource
+# (`set_token_wait`); a resource without one (what users write) waits as it always did.
+TokenWait = Callable[[], TokenTicket]
+TOKEN_WAITS = "_tether_token_waits"
+
+
+def set_token_wait(res: Resource[Any], wait: TokenWait) -> None:
+    """Make the opens in a thread of *res* wait for their token through *wait*."""
+    res.lifecycle.__dict__.setdefault(TOKEN_WAITS, {})[res] = wait
+
+
+async def _in_thread_waited(
+    lc: Lifecycle,
+    res: Resource[Any],
+    fn: Callable[[], T],
+    tokens: Any,
+    wait: TokenWait,
+) -> T:
+    """`_in_thread` for a resource with a `TokenWait`: the wait for the token is the wait
+    for the resource's pool, counted there and bounded by its timeout; the thread then runs
+    as in `_in_thread`, on the token taken."""
+    ticket = wait()  # counts the unit waiting, or refuses it
+    try:
+        try:
+            with anyio.fail_after(ticket.within):
+                await tokens.acquire()  # not shielded: nothing is open yet
+        except TimeoutError:
+            raise ticket.timed_out() from None
+        try:
+            run = anyio.to_thread.run_sync(fn, limiter=lc._thread_runner)
+            if asyncio._get_running_loop() is None:
+                return await run  # anyio shields the wait
+            with anyio.CancelScope(shield=True):  # as in `_in_thread`
+                value: T = await _drive(lc, res, run, bounded=False)
+            return value
+        finally:
+            tokens.release()
+    finally:
+        ticket.leave()
 
 
 class OpenStop:

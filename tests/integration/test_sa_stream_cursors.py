@@ -400,3 +400,44 @@ def test_a_connection_held_long_keeps_no_context_of_its_streams(postgres: Postgr
                 return contexts() - before
 
     assert anyio.run(main) < 20
+
+
+def test_a_job_committing_inside_its_psycopg2_read_loop_keeps_the_pool(
+    postgres: Postgres, tables: tuple[Table, Table]
+) -> None:
+    """A Core connection that commits while a server-side cursor result is read (a batch
+    job's loop) on psycopg2: the next read raises ResourceClosedError saying the transaction
+    ended, and the pool is kept. tether closed the cursor at the commit, psycopg2 then said
+    "cursor already closed", which SQLAlchemy reads as a disconnect: it invalidated every
+    connection of the pool, another unit's held one too."""
+    source, _ = tables
+    lc = tether.Lifecycle()
+    eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg2"), pool_size=2)
+
+    async def job() -> None:
+        async with lc.run(), lc.scope("batch") as unit:
+            engine = await unit.get(eng)
+            other = engine.connect()  # another unit of work's connection, held meanwhile
+            other_pid = other.execute(text("SELECT pg_backend_pid()")).scalar()
+            with pytest.raises(tether.ResourceClosedError) as info, engine.connect() as c:
+                batch_pid = c.execute(text("SELECT pg_backend_pid()")).scalar()
+                statement = select(source.c.id).order_by(source.c.id)
+                result = c.execution_options(stream_results=True, max_row_buffer=5).execute(
+                    statement
+                )
+                for i, _row in enumerate(result):
+                    if i == 2:
+                        c.commit()
+            other.close()
+            with engine.connect() as a, engine.connect() as b:  # both kept in the pool
+                pids = {c.execute(text("SELECT pg_backend_pid()")).scalar() for c in (a, b)}
+            assert pids == {other_pid, batch_pid}
+            assert str(info.value) == (
+                "Engine 'engine': a result read after the transaction it was opened in ended (a "
+                "commit or rollback while it was being read): its server-side cursor (stream(), "
+                "stream_scalars(), yield_per) lived in that transaction. Read it to the end "
+                "before committing, or commit on a connection of its own."
+            )
+            assert lc.stats().pools["engine"].discarded == 0
+
+    anyio.run(job)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import inspect
 import logging
@@ -56,6 +57,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
@@ -72,7 +74,7 @@ try:
         create_async_engine,
     )
     from sqlalchemy.orm import Session
-    from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, StaticPool
+    from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
@@ -88,6 +90,7 @@ from .._errors import (
     refused_for_good,
 )
 from .._resource import Resource
+from .._scope import set_token_wait
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -138,6 +141,7 @@ class _PoolInfo:
     """What tether knows about an engine resource's pool (for messages and limits)."""
 
     __slots__ = (
+        "claims",
         "create_time",
         "created",
         "discarded",
@@ -167,6 +171,9 @@ class _PoolInfo:
         self.open_within: float | None = None
         self.shown_url = "?"
         self.waiting = 0  # units of work waiting for a connection right now
+        # Units of work that found a connection free (or one to make), not yet taken: the
+        # pool does not count them in use yet (a sync session's checkout is in a thread).
+        self.claims = 0
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.engine: Engine | None = None  # the open engine (the sync one of an AsyncEngine)
         self.lock = threading.Lock()
@@ -190,45 +197,70 @@ class _PoolInfo:
             return None
         return self.pool_size + self.max_overflow
 
-    def enter_wait(self) -> None:
-        """Count a unit of work waiting for a connection, or refuse it (``max_waiting``)."""
+    def enter_wait(self) -> _Ticket:
+        """Count a unit of work asking for a connection: waiting if none is free for it (or
+        units wait already: a connection coming free is theirs), refused past
+        ``max_waiting``; else it claims the free one, until the pool hands it out (a burst
+        on a pool with one free connection: that one unit is not waiting). With the pool's
+        numbers not known (an engine of the user's), counted waiting, never refused."""
+        ticket = _Ticket(self)
         with self.lock:
-            if self.max_waiting is not None and self.waiting >= self.max_waiting:
-                refused = self.too_many_waiting()
-                if refused is not None:
-                    raise refused
-            self.waiting += 1
+            free = self.free()
+            if free is None:
+                self.waiting += 1
+                ticket.state = _WAITING
+            elif free > 0 and self.waiting == 0:
+                self.claims += 1
+                ticket.state = _CLAIMED
+            else:
+                full = free <= 0  # (else those waiting are about to take what is free)
+                if full and self.max_waiting is not None and self.waiting >= self.max_waiting:
+                    raise self.too_many_waiting()
+                self.waiting += 1
+                ticket.state = _WAITING
+        return ticket
 
-    def too_many_waiting(self) -> ResourceUnavailable | None:
-        """The 503 for a unit of work past ``max_waiting``, if every connection is in use."""
+    def free(self) -> int | None:
+        """Connections the pool can hand out at once, less those claimed (None: not known)."""
         pool: Any = self.engine.pool if self.engine is not None else None
         checked_out = _pool_number(pool, "checkedout")
         size = _pool_number(pool, "size")
         max_overflow = getattr(pool, "_max_overflow", self.max_overflow)
         if checked_out is None or size is None or max_overflow < 0:
             return None
-        if checked_out < size + max_overflow:
-            return None  # a connection is free, or can be made: no wait to speak of
+        return size + max_overflow - checked_out - self.claims
+
+    def too_many_waiting(self) -> ResourceUnavailable:
+        """The 503 for a unit of work past ``max_waiting``, every connection in use."""
+        pool: Any = self.engine.pool if self.engine is not None else None
+        max_overflow = getattr(pool, "_max_overflow", self.max_overflow)
         return queue_full(
             self.name,
             waiting=self.waiting,
             max_waiting=self.max_waiting or 0,
-            size=size + max_overflow,
-            in_use=checked_out,
+            size=int(_pool_number(pool, "size") or 0) + max_overflow,
+            in_use=_pool_number(pool, "checkedout"),
         )
 
-    def leave_wait(self) -> None:
-        with self.lock:
-            self.waiting -= 1
+    def pool_timeout_now(self) -> float | None:
+        """The live pool's ``pool_timeout`` (None: not known, an engine of the user's not
+        opened yet)."""
+        pool: Any = self.engine.pool if self.engine is not None else None
+        timeout = getattr(pool, "_tether_timeout", None)
+        if timeout is None:
+            timeout = getattr(pool, "_timeout", None)
+        if timeout is None and self.pool_timeout > 0:
+            timeout = self.pool_timeout
+        return None if timeout is None else float(timeout)
 
-    def timed_out(self, exc: BaseException) -> ResourceUnavailable:
+    def timed_out(self, exc: BaseException | None) -> ResourceUnavailable:
         self.timed_out_at = time.monotonic()
         pool: Any = self.engine.pool if self.engine is not None else None
         # The live pool's own numbers (for an engine tether did not make, the only ones).
         pool_size = _pool_number(pool, "size")
         pool_size = self.pool_size if pool_size is None else pool_size
         max_overflow = getattr(pool, "_max_overflow", self.max_overflow)
-        timeout = getattr(pool, "_timeout", self.pool_timeout)
+        timeout = self.pool_timeout_now() or self.pool_timeout
         checked_out = _pool_number(pool, "checkedout")
         overflow = _pool_number(pool, "overflow")
         state = f"pool_size={pool_size}, max_overflow={max_overflow}"
@@ -267,6 +299,83 @@ class _PoolInfo:
 
 
 _pools: PerResource[_PoolInfo] = PerResource("sqlalchemy_pools")
+
+_WAITING, _CLAIMED, _TAKEN = 1, 2, 3
+
+
+class _Ticket:
+    """One unit of work's ask for a connection of a pool (`_PoolInfo.enter_wait`): counted
+    waiting, or claiming a free one, until the pool hands it one (`took`) or the ask ends
+    (`leave`). It bounds the whole wait, a sync session's wait for its limiter's token
+    included: *deadline*, `pool_timeout` after the ask. The pool's classes of tether's
+    engines see it (`_ASKING`) as they hand a connection out."""
+
+    __slots__ = ("deadline", "info", "reset", "state")
+
+    def __init__(self, info: _PoolInfo) -> None:
+        self.info = info
+        self.state = 0
+        timeout = info.pool_timeout_now()
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.reset: contextvars.Token[_Ticket | None] | None = None
+
+    @property
+    def within(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def remaining(self, configured: float) -> float:
+        """The pool's wait for this unit: what is left of its bound."""
+        within = self.within
+        return configured if within is None else min(configured, within)
+
+    def took(self) -> None:
+        """The pool handed the unit a connection (or began making one for it)."""
+        info = self.info
+        with info.lock:
+            if self.state == _WAITING:
+                info.waiting -= 1
+            elif self.state == _CLAIMED:
+                info.claims -= 1
+            self.state = _TAKEN
+
+    def timed_out(self) -> ResourceUnavailable:
+        """A sync session's wait for its limiter's token ran out: the pool's timeout."""
+        return self.info.timed_out(None)
+
+    def leave(self) -> None:
+        self.took()
+        if self.reset is not None:
+            _ASKING.reset(self.reset)
+            self.reset = None
+
+
+# The ask of the unit of work checking a connection out in this task (an async session:
+# SQLAlchemy's greenlets share the task's context) or thread (a sync session: its thread
+# runs in a copy of the task's).
+_ASKING: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar(
+    "tether_sqlalchemy_asking", default=None
+)
+
+
+def _ask(info: _PoolInfo) -> tuple[_Ticket, bool]:
+    """Start a unit of work's ask for a connection, seen by the pool (`_ASKING`) until
+    `leave`: the ask already started for it on the event loop (a sync session's, by its
+    wait for the limiter's token, `_token_wait`), else a new one (raises past
+    ``max_waiting``), with True: the caller leaves it."""
+    ticket = _ASKING.get()
+    if ticket is not None and ticket.info is info and ticket.state != _TAKEN:
+        return ticket, False
+    ticket = info.enter_wait()
+    ticket.reset = _ASKING.set(ticket)
+    return ticket, True
+
+
+def _took_connection() -> None:
+    ticket = _ASKING.get()
+    if ticket is not None:
+        ticket.took()
 
 
 def _pool_number(pool: Any, method: str) -> int | None:
@@ -520,6 +629,12 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
     when the engine opens its first server-side cursor, so connections go back on
     SQLAlchemy's short path until then."""
     message = _stream_closed_message(name)
+    ended = (
+        f"Engine {name!r}: a result read after the transaction it was opened in ended (a "
+        f"commit or rollback while it was being read): its server-side cursor (stream(), "
+        f"stream_scalars(), yield_per) lived in that transaction. Read it to the end before "
+        f"committing, or commit on a connection of its own."
+    )
     lock = threading.Lock()
     returning = False
 
@@ -547,10 +662,13 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
     def ending(conn: Any) -> None:
         # psycopg2 closes a named cursor only in the transaction that opened it (a later
         # close raises, and SQLAlchemy logs that at ERROR when the result is read): closed
-        # here, as the transaction ends, which ends it on the server anyway.
+        # here, as the transaction ends, which ends it on the server anyway; a read after it
+        # raises saying so (a job committing inside its read loop), or, once the connection
+        # went back, that it did.
         if conn.closed:
             return  # a rollback of an error on a stale result's connection (closed already)
         for context in list(conn.info.get(_STREAMS, ())):
+            setattr(context, _RETURNED, ended)
             try:
                 context.cursor.close()
             except Exception:  # an aborted transaction, a lost connection: dropped at checkin
@@ -565,6 +683,9 @@ def _close_streams_on_return(eng: Engine, name: str) -> None:
         returned = getattr(context.execution_context, _RETURNED, None)
         if returned is None:
             return None
+        # The cursor tether closed: not the connection lost (psycopg2's "cursor already
+        # closed" reads as a disconnect, which would invalidate the whole pool).
+        context.is_disconnect = False
         return ResourceClosedError(returned, resource=name)
 
     event.listen(eng, "after_cursor_execute", after_cursor_execute)
@@ -575,7 +696,11 @@ def _count_connections(eng: Engine, info: _PoolInfo) -> None:
     """Count the connections the pool makes, and the time that takes (from the dialect's
     connect to the pool's ``connect`` event, stamped on the connection's record), and those
     it invalidates (a disconnect, a session that could not be reset, a unit of work
-    interrupted mid-query)."""
+    interrupted mid-query): since this engine opened, as every driver pool's figures are (a
+    Lifecycle run again opens a new one)."""
+    info.created = 0
+    info.create_time = 0.0
+    info.discarded = 0
 
     def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         record.info["tether_connecting"] = time.monotonic()
@@ -1194,9 +1319,52 @@ def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueu
                 info.timed_out_at = time.monotonic()  # also a wait outside tether's sessions
                 raise
             info.served = time.monotonic()
+            _took_connection()
             return entry
 
+        def _inc_overflow(self) -> bool:
+            made = super()._inc_overflow()
+            if made:  # a connection is being made for the unit: no longer free for others
+                _took_connection()
+            return made
+
     return LoopBoundPool
+
+
+def _sync_pool(info: _PoolInfo) -> type[QueuePool]:
+    """SQLAlchemy's queue pool, whose wait for a connection is what is left of the unit of
+    work's bound (`_Ticket`): a sync session first waits for a token of its limiter, on the
+    event loop, and the two waits together last ``pool_timeout`` at most, as an async
+    session's one wait does. It notes its hand-outs for the unit's ask too."""
+
+    class SyncPool(QueuePool):
+        _sqla_logger_namespace = f"{QueuePool.__module__}.{QueuePool.__name__}"
+        _tether_timeout: float
+
+        @property
+        def _timeout(self) -> float:  # read by QueuePool._do_get, in the unit's thread
+            ticket = _ASKING.get()
+            configured = self._tether_timeout
+            if ticket is None or ticket.state == _TAKEN:
+                return configured
+            return ticket.remaining(configured)
+
+        @_timeout.setter
+        def _timeout(self, value: float) -> None:
+            self._tether_timeout = value
+
+        def _do_get(self) -> ConnectionPoolEntry:
+            entry = super()._do_get()
+            _took_connection()
+            return entry
+
+        def _inc_overflow(self) -> bool:
+            made = super()._inc_overflow()
+            if made:
+                _took_connection()
+            return made
+
+    return SyncPool
 
 
 async def _select_one(eng: AsyncEngine) -> None:
@@ -1852,7 +2020,7 @@ def session(
         if join is None and info.rolled_back:  # tests only: outside the block open
             _outside_the_block(info, None if connect else s.sync_session)
         if connect:
-            info.enter_wait()
+            ticket, own = _ask(info)
             within = info.open_within
             try:
                 if within is None:
@@ -1879,7 +2047,10 @@ def session(
                     raise
                 raise failure from exc
             finally:
-                info.leave_wait()
+                if own:
+                    ticket.leave()
+                else:
+                    ticket.took()
         try:
             if connect:
                 began = cast("_Guarded", s.sync_session)
@@ -1997,6 +2168,8 @@ def sync_engine(
             connect_timeout=connect_timeout,
             engine_kwargs=engine_kwargs,
         )
+        if "pool_size" in options and "poolclass" not in options:
+            options["poolclass"] = _sync_pool(info)
         eng = create_engine(u, **options)
         _replace_on_read_only(eng)
         if u.get_backend_name() == "postgresql":
@@ -2068,6 +2241,16 @@ def _sync_rollback(s: Session, name: str) -> None:
             log.warning("tether: invalidating session %r failed: %s", name, describe(again))
 
 
+def _token_wait(info: _PoolInfo) -> _Ticket:
+    """A sync session's open, on the event loop, before it waits for a token of its
+    limiter (``concurrency``, the pool's size): the unit starts its ask for a connection
+    there, so it counts as waiting for the pool (``max_waiting``, the pool's figures), and
+    its wait for the token is bounded by ``pool_timeout``, as the pool's own wait is."""
+    ticket = info.enter_wait()
+    ticket.reset = _ASKING.set(ticket)
+    return ticket
+
+
 def sync_session(
     lc: Lifecycle,
     engine: Resource[Engine],
@@ -2133,7 +2316,7 @@ def sync_session(
         if join is None and info.rolled_back:  # tests only: outside the block open
             _outside_the_block(info, None if connect else s)
         if connect:
-            info.enter_wait()
+            ticket, own = _ask(info)  # started on the loop, by the wait for a token
             try:
                 s.connection()
             except BaseException as exc:
@@ -2144,7 +2327,10 @@ def sync_session(
                     raise
                 raise failure from exc
             finally:
-                info.leave_wait()
+                if own:
+                    ticket.leave()
+                else:
+                    ticket.took()  # the wait is over: what remains is the open's
         try:
             if connect:
                 cast("_Guarded", s)._tether_begun = (s.get_transaction(), opened)
@@ -2169,6 +2355,8 @@ def sync_session(
     res: Resource[Session] = lc.resource(
         name=name, release=release, error_status=error_status, concurrency=max(1, limit)
     )(depends_on(open_session, engine))
+    if connect:
+        set_token_wait(res, partial(_token_wait, info))
     _sessions[res] = _SessionOf(engine, open_session, is_async=False)
     return res
 

@@ -434,15 +434,19 @@ class ClientDisconnected(TetherError):
 class _RedactedTracebacks(logging.Filter):
     """tether's records carry the failure they report (``exc_info``), whose traceback a
     handler prints as it is: a message in it (a driver's, a cleanup's) can hold a DSN's
-    password that the record's own message hides. The traceback's text is made here,
-    redacted, and handlers print that (``record.exc_text``; a formatter that reads
-    ``exc_info`` itself, a JSON one, formats its own)."""
+    password that the record's own message hides. Where it does, the traceback's text is
+    made here, redacted, and handlers print that (``record.exc_text``, with logging's own
+    formatting; a formatter that reads ``exc_info`` itself, a JSON one, formats its own);
+    elsewhere the handler's formatter formats it as usual."""
 
     _format = staticmethod(logging.Formatter().formatException)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
-            record.exc_text = redact(self._format(record.exc_info))
+            text = self._format(record.exc_info)
+            hidden = redact(text)
+            if hidden != text:  # else the handler's own formatter formats it, as it would
+                record.exc_text = hidden
         return True
 
 

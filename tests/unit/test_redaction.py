@@ -2,9 +2,11 @@
 naming a secret, dict reprs), ``describe`` (an exception), and the exact passwords of the
 DSNs resources opened with (``remember_secrets``), which drivers' parse errors quote."""
 
+import io
 import logging
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -189,3 +191,26 @@ async def test_a_password_in_a_failure_tether_logs_is_hidden_in_its_traceback_to
         caplog.text
     )
     assert "hunter2" not in caplog.text
+
+
+def test_a_handlers_own_traceback_format_is_kept_where_nothing_is_hidden() -> None:
+    """The traceback text is made by tether only where it hides a password in it: a
+    formatter that prints one line per record (for a log shipper) formats tether's own."""
+
+    class OneLine(logging.Formatter):
+        def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+            return f"EXC {ei[1]!r}"
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLine("%(message)s"))
+    logger = logging.getLogger("tether")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ConnectionError("boom")
+        except ConnectionError:
+            logger.exception("failure")
+    finally:
+        logger.removeHandler(handler)
+    assert out.getvalue() == "failure\nEXC ConnectionError('boom')\n"

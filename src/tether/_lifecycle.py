@@ -380,6 +380,7 @@ class Lifecycle:
         # that stops it.
         self._interrupted: str | None = None
         self._runs = 0  # app scopes started: its driver pools are new in each (the exporters)
+        self._broken_any = False  # an app resource failed while the app ran (`_broke`)
         self._start_stop: anyio.Event | None = None
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
@@ -773,6 +774,11 @@ class Lifecycle:
     # ------------------------------------------------------------------ app scope
 
     def _app_value(self, res: Resource[T]) -> T:
+        if self._broken_any:  # an app resource failed while the app ran: it, or one on it?
+            down = self._down(res)
+            if down is not None:
+                raise down
+        original = res
         override = self._overrides.get(res) if self._overrides else None
         if override is not None:
             res = override
@@ -788,7 +794,7 @@ class Lifecycle:
             return self._app_values[res]  # type: ignore[no-any-return]
         except KeyError:
             pass
-        down = self._down(res)
+        down = self._down(original)
         if down is not None:
             raise down
         if self.state is State.RUNNING and override is not None:
@@ -853,6 +859,7 @@ class Lifecycle:
             raise ScopeError(msg)
         self._app_site = _entry_site()
         self._runs += 1
+        self._broken_any = False
         self.validate()
         self.state = State.STARTING
         self._late_entries: list[Entry] = []
@@ -1105,11 +1112,18 @@ class Lifecycle:
             await slot.release.wait()
         except anyio.get_cancelled_exc_class():
             if not slot.release.is_set() and not slot.opening.cancel_called:
+                # No cancel scope cancelled anywhere: asyncio's own cancel, which only the
+                # generator can have asked for (its `asyncio.TaskGroup`, a task of which
+                # failed, or an `asyncio.timeout` around its yield).
+                native = anyio.current_effective_deadline() != -math.inf
                 slot.opening.shield = True  # a cancel from outside now waits for the close
-                if anyio.current_effective_deadline() == -math.inf:
-                    # Cancelled by a scope inside this one, which only the generator can
-                    # have entered around its yield: its task group, a task of which failed.
+                if native or anyio.current_effective_deadline() == -math.inf:
+                    # ...or a scope inside this one, which only the generator can have
+                    # entered around its yield: its task group, a task of which failed.
                     # (From outside, the app scope's caller cancelled: closed below.)
+                    task = asyncio.current_task() if native else None
+                    if task is not None:
+                        task.uncancel()  # taken here: the task goes on (the group does not)
                     await self._broke(slot, res, entry)
                     return
             raise
@@ -1151,6 +1165,7 @@ class Lifecycle:
             if self._start_stop is not None:
                 self._start_stop.set()  # and stops what is still opening
             return
+        self._broken_any = True
         log.error(
             "tether: app resource %r failed while the app ran: %s; it is closed, and the app "
             "goes on without it: what needs it answers 503, /health/ready and /health/live "
@@ -1169,15 +1184,23 @@ class Lifecycle:
         # closes them), those that do not use it too.
         held = self._app_slots
         opened_after = held[held.index(slot) + 1 :] if slot in held else []
-        with anyio.move_on_after(self.close_timeout):
+        # Shielded: a cancel scope the generator entered around its yield (its task group)
+        # may be cancelled by now, from inside (an app scope cancelled from outside ends its
+        # tasks), and would end this wait at once, and the close with it.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
             for dependent in (*slot.dependents, *reversed(opened_after)):
                 await dependent.done.wait()
         try:
             await close_entry(self, entry, None)
+        except anyio.get_cancelled_exc_class():
+            # The cancel of an app scope cancelled from outside, out of a task group the
+            # generator kept around its yield as it closed: it did close; no cleanup failed.
+            pass
         except BaseException as exc:
             slot.error = exc
-        slot.closed.set()
-        slot.done.set()
+        finally:
+            slot.closed.set()
+            slot.done.set()
 
     async def _open_slot(
         self, slot: _AppSlot, target: Resource[Any], slots: dict[Resource[Any], _AppSlot]
@@ -1252,8 +1275,18 @@ class Lifecycle:
     def _down(self, res: Resource[Any]) -> ResourceUnavailable | None:
         """The error for an app resource that is down, or None."""
         slot = self._slot_of.get(res)
-        if slot is None or slot.entry is not None:
+        if slot is None:
             return None
+        if slot.entry is not None:
+            under = self._broken_under(res) if self._broken_any else None
+            if under is None:
+                return None
+            msg = (
+                f"App resource {res.name!r} depends on {under!r}, which failed while the app "
+                f"ran: {under!r} is closed, and opens again only when the process restarts "
+                f"(/health/live fails for that)."
+            )
+            return ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after)
         if slot.broke is not None:
             msg = (
                 f"App resource {res.name!r} failed while the app ran "
@@ -1274,6 +1307,22 @@ class Lifecycle:
             f"(required=False) while it is retried in the background. Retry shortly."
         )
         return ResourceUnavailable(msg, resource=res.name, retry_after=res.retry_after)
+
+    def _broken_under(self, res: Resource[Any]) -> str | None:
+        """The name of an app resource *res* depends on (through others too) that failed
+        while the app ran, if one did."""
+        stack = list(self._overrides.get(res, res).deps)
+        seen: set[Resource[Any]] = set()
+        while stack:
+            dep = stack.pop()
+            if dep in seen:
+                continue
+            seen.add(dep)
+            slot = self._slot_of.get(dep)
+            if slot is not None and slot.broke is not None:
+                return dep.name
+            stack.extend(self._overrides.get(dep, dep).deps)
+        return None
 
     async def _open_with_retries(self, res: Resource[Any], args: list[Any]) -> tuple[Any, Any]:
         delay = res.backoff

@@ -372,7 +372,14 @@ def _warn_blocking(route: Any, lc: Lifecycle, label: str) -> None:
         return
     for d in getattr(dependant, "dependencies", ()):
         res = getattr(d, "call", None)
-        if isinstance(res, Resource) and res.lifecycle is lc and res.is_sync and res.thread:
+        if (
+            isinstance(res, Resource)
+            and res.lifecycle is lc
+            and res.is_sync
+            and res.thread
+            # a plain function in a thread for its `timeout=` only: its value is made there
+            and not (res.kind is Kind.SYNC_FUNC and res.timeout is not None)
+        ):
             log.warning(
                 "tether: %s is `async def` but takes %r, a sync resource opened in a thread: "
                 "each call on it there blocks the event loop, and every other request with "

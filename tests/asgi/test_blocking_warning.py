@@ -35,6 +35,10 @@ def test_an_async_endpoint_on_a_sync_session_is_warned_about(
     def settings() -> Iterator[dict[str, str]]:
         yield {"mode": "test"}  # no I/O: on the event loop, nothing to warn about
 
+    @lc.resource(timeout=5)
+    def flags() -> dict[str, bool]:
+        return {"beta": True}  # made in a thread for its timeout only: nothing to warn about
+
     app = FastAPI(lifespan=lc.lifespan)
     S = Annotated[Session, Depends(session)]
 
@@ -47,7 +51,9 @@ def test_an_async_endpoint_on_a_sync_session_is_warned_about(
         return int(s.execute(text("SELECT 1")).scalar_one())
 
     @app.get("/settings")
-    async def read_settings(c: Annotated[Any, Depends(settings)]) -> dict[str, str]:
+    async def read_settings(
+        c: Annotated[Any, Depends(settings)], f: Annotated[Any, Depends(flags)]
+    ) -> dict[str, str]:
         return dict(c)
 
     with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:

@@ -118,6 +118,34 @@ _RETRY_OPTIONS = frozenset({"retry", "retry_on_error", "retry_on_timeout"})
 _REFUSALS = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
 
+class _Refusal(Exception):
+    """A refusal of the server's, carried past redis-py's retry (`_Retry`)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+class _Retry(Retry):
+    """redis-py's retry on a connection error, but for the server's refusals (a wrong or
+    missing password, an ACL's): ``AuthenticationError`` is a ``ConnectionError``, so it was
+    retried; and redis-py 5.0's health check, retrying its PING within each reconnect,
+    recursed until Python's limit ("maximum recursion depth exceeded") on a missing
+    password."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except _REFUSALS as exc:
+                raise _Refusal(exc) from None
+
+        try:
+            return await super().call_with_retry(once, fail, *args, **kwargs)
+        except _Refusal as refused:
+            raise refused.exc from None
+
+
 class _PoolMixin:
     """Turns "cannot connect" and "no connection free" into ResourceUnavailable errors."""
 
@@ -649,7 +677,7 @@ def client(
             # EVAL). ``retry_on_error`` makes redis-py 5 retry the command itself too, as 6+
             # does; it is one list for every connection of the pool, which redis-py does
             # not change without ``retry_on_timeout``. Your own retry options replace these.
-            options["retry"] = Retry(
+            options["retry"] = _Retry(
                 NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)
             )
             options["retry_on_error"] = [redis_errors.ConnectionError]

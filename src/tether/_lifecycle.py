@@ -1148,8 +1148,8 @@ class Lifecycle:
         good. The app goes on without it: what needs it answers 503, and both health
         probes fail (liveness too: only a restart opens it again)."""
         slot.broke = RuntimeError(
-            "a cancel scope the resource entered around its yield (its task group) was "
-            "cancelled while the app ran"
+            "what it entered around its yield (a task group, a cancel scope, an "
+            "asyncio.timeout()) cancelled it while the app ran"
         )
         try:
             await close_entry(self, entry, None)

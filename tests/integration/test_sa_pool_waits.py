@@ -114,6 +114,8 @@ async def test_max_waiting_admits_the_free_connection_and_that_many_waiting(
     for _, exc in refused:
         assert not exc.timed_out
         assert exc.retry_after == 1
+        # the one connection counted in use, also while its unit's checkout is still to run
+        assert "Pool 'engine' (size 1, in use 1, waiting 2)" in str(exc), str(exc)
         assert (
             "no connection is free (each is in use or still being made) and 2 units of work "
             "already wait for one (max_waiting=2); refused at once rather than queued"

@@ -239,7 +239,8 @@ class _PoolInfo:
             waiting=self.waiting,
             max_waiting=self.max_waiting or 0,
             size=int(_pool_number(pool, "size") or 0) + max_overflow,
-            in_use=_pool_number(pool, "checkedout"),
+            # with the free ones claimed: taken by a unit whose checkout has not run yet
+            in_use=None if (out := _pool_number(pool, "checkedout")) is None else out + self.claims,
         )
 
     def pool_timeout_now(self) -> float | None:

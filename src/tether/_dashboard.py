@@ -33,9 +33,8 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
     now = time.perf_counter()
     threshold = lc.leak_threshold
     in_flight = []
-    own = lc._leak_thresholds  # a unit's own (`lc.scope(label, leak_threshold=...)`)
     for unit in lc._in_flight()[:max_units]:
-        limit = own.get(unit, threshold) if own else threshold
+        limit = lc._leak_threshold_of(unit)
         holding = []
         for entry in list(unit.entries):
             held = now - entry.opened_at

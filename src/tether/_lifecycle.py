@@ -381,6 +381,8 @@ class Lifecycle:
         self._interrupted: str | None = None
         self._runs = 0  # app scopes started: its driver pools are new in each (the exporters)
         self._broken_any = False  # an app resource failed while the app ran (`_broke`)
+        # How an integration's sync resources wait for a thread (`_scope.set_token_wait`).
+        self._token_waits: dict[Resource[Any], Any] = {}
         self._start_stop: anyio.Event | None = None
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
@@ -1790,13 +1792,17 @@ class Lifecycle:
             exc_info=exc,
         )
 
-    def _sweep_leaks(self, now: float) -> None:
-        default = self.leak_threshold
+    def _leak_threshold_of(self, unit: Unit) -> float | None:
+        """*unit*'s leak threshold: its own (`lc.scope(label, leak_threshold=...)`), or the
+        Lifecycle's."""
         own = self._leak_thresholds
-        if default is None and not own:
+        return own.get(unit, self.leak_threshold) if own else self.leak_threshold
+
+    def _sweep_leaks(self, now: float) -> None:
+        if self.leak_threshold is None and not self._leak_thresholds:
             return
         for unit in list(self._units):
-            threshold = own.get(unit, default) if own else default
+            threshold = self._leak_threshold_of(unit)
             if threshold is None:
                 continue
             for entry in unit.entries:

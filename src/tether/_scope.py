@@ -205,8 +205,7 @@ async def _in_thread(
     if deadline is not None or stop is not None:
         return await _in_thread_until(lc, res, fn, tokens, deadline, pair, stop)
     if limiter is None:
-        waits = lc.__dict__.get(TOKEN_WAITS)
-        wait = waits.get(res) if waits else None
+        wait = lc._token_waits.get(res) if lc._token_waits else None
         if wait is not None:
             return await _in_thread_waited(lc, res, fn, tokens, wait)
     if asyncio._get_running_loop() is None:
@@ -242,12 +241,11 @@ class TokenTicket(Protocol):
 # and bounds that wait as the pool bounds its own. Kept per Lifecycle, by resource
 # (`set_token_wait`); a resource without one (what users write) waits as it always did.
 TokenWait = Callable[[], TokenTicket]
-TOKEN_WAITS = "_tether_token_waits"
 
 
 def set_token_wait(res: Resource[Any], wait: TokenWait) -> None:
     """Make the opens in a thread of *res* wait for their token through *wait*."""
-    res.lifecycle.__dict__.setdefault(TOKEN_WAITS, {})[res] = wait
+    res.lifecycle._token_waits[res] = wait
 
 
 async def _in_thread_waited(

@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from ._errors import (
     ClientDisconnected,
+    FailedResponse,
     ResourceClosedError,
     ResourceUnavailable,
     ScopeError,
@@ -1052,11 +1053,19 @@ async def close_all(
 
 def _as_failure(error_status: Any, exc: BaseException) -> BaseException | None:
     """*exc*, or None where the resource's ``error_status`` says its status is no failure:
-    a :class:`FailedResponse`, or an exception with an HTTP status (``HTTPException``)."""
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int) and isinstance(exc, Exception) and not error_status(status):
-        return None
-    return exc
+    a :class:`FailedResponse`, or Starlette's ``HTTPException`` (FastAPI's too). Only
+    those carry the response's status: another exception's ``status_code`` (an SDK's
+    ``APIStatusError``) is its upstream's, and the client gets a 500 (or what the app's
+    handler answers), so it is a failure."""
+    status: object
+    if isinstance(exc, FailedResponse):
+        status = exc.status_code
+    else:
+        exceptions = sys.modules.get("starlette.exceptions")
+        if exceptions is None or not isinstance(exc, exceptions.HTTPException):
+            return exc
+        status = exc.status_code
+    return None if isinstance(status, int) and not error_status(status) else exc
 
 
 def close_failed(

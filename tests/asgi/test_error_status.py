@@ -84,6 +84,74 @@ def test_each_resource_decides_which_statuses_fail(
     assert events == expected  # closed in reverse: lenient, opened last, first
 
 
+class UpstreamError(Exception):
+    """Shaped like an SDK's ``APIStatusError``: its ``status_code`` is the upstream's."""
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"the upstream answered {status_code}")
+        self.status_code = status_code
+
+
+class PaymentError(UpstreamError):
+    """An SDK's error that the app's own handler answers with a 502."""
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/upstream", 500), ("/payment", 502), ("/missing", 404), ("/http-404", 404)],
+)
+def test_only_the_response_status_decides_not_an_exceptions_status_code(
+    path: str, status: int
+) -> None:
+    """An exception that escapes the endpoint carrying the *upstream's* status (429 from an
+    SDK) is a failure: the client gets a 500, or the 502 the app's handler answers, and the
+    lenient resource must roll back; it committed. An exception the app maps to a 404
+    without a status of its own rolls back too (the docs: "an exception without a
+    status"); an ``HTTPException`` 404 is the response's status, and commits."""
+    events: list[str] = []
+    lc, app = make(events)
+
+    async def both_of(request: Any) -> None:
+        return None
+
+    deps = app.router.routes[-1].dependencies  # type: ignore[attr-defined]
+
+    class Missing(Exception):
+        pass
+
+    @app.exception_handler(PaymentError)
+    async def payment_failed(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "upstream failed"}, status_code=502)
+
+    @app.exception_handler(Missing)
+    async def missing(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "not found"}, status_code=404)
+
+    @app.post("/upstream", dependencies=deps)
+    async def upstream() -> None:
+        raise UpstreamError(429)
+
+    @app.post("/payment", dependencies=deps)
+    async def payment() -> None:
+        raise PaymentError(402)
+
+    @app.post("/missing", dependencies=deps)
+    async def not_there() -> None:
+        raise Missing
+
+    @app.post("/http-404", dependencies=deps)
+    async def http_404() -> None:
+        raise HTTPException(404, "no")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post(path).status_code == status
+    if path == "/http-404":
+        assert events == ["lenient commit", "strict rollback HTTPException 404"]
+    else:
+        assert events[0].startswith("lenient rollback"), events
+        assert events[1].startswith("strict rollback"), events
+
+
 def test_an_override_keeps_the_resources_error_status() -> None:
     """A resource replaced by `lc.override` keeps when its cleanup sees a failure."""
     events: list[str] = []

@@ -17,6 +17,7 @@ from .._errors import (
     ResourceUnavailable,
     ScopeError,
     StartupError,
+    TetherError,
     describe,
     for_good,
     redact,
@@ -123,12 +124,21 @@ IN_BLOCK_RESET = (
 
 #: SQL that sets again what ``SET`` made of the session's settings (``pg_settings`` from the
 #: source ``session``: not those of the server, the database, the role or the connection
-#: string, which ``RESET ALL`` keeps), or NULL: read once per connection, after the pool's own
-#: setup (psycopg's ``configure``; SQLAlchemy's ``connect`` events, at the first checkout), so
-#: that the reset puts back what that setup set.
+#: string, which ``RESET ALL`` keeps), and its ``SET SESSION AUTHORIZATION`` and ``SET ROLE``
+#: (not in ``pg_settings``: read from ``session_user`` against the user who logged in, and
+#: ``current_user``), or NULL: read once per connection, after the pool's own setup
+#: (asyncpg's ``init``, psycopg's ``configure``; SQLAlchemy's ``connect`` events, at the first
+#: checkout), so that the reset puts back what that setup set: a pool that drops to a role
+#: of least privilege there keeps it for every unit of work.
 SESSION_SETTINGS = (
-    "SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
-    "FROM pg_settings WHERE source = 'session'"
+    "SELECT nullif(concat("
+    "(SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
+    "FROM pg_settings WHERE source = 'session'), "
+    "CASE WHEN session_user <> (SELECT usename FROM pg_stat_activity "
+    "WHERE pid = pg_backend_pid()) THEN format('; SET SESSION AUTHORIZATION %I', session_user) "
+    "END, "
+    "CASE WHEN current_user <> session_user THEN format('; SET ROLE %I', current_user) END"
+    "), '')"
 )
 
 
@@ -768,6 +778,29 @@ def connection_lost(name: str, cause: str) -> ResourceUnavailable:
     return _lost(
         name, f"the connection was lost mid-transaction, so nothing was committed ({cause})"
     )
+
+
+class LostAfterCommit(TetherError):
+    """A unit of work whose connection was lost (or whose last ``COMMIT`` was not sent)
+    after the endpoint's own ``commit()`` went through: what it committed stays, what came
+    after was rolled back. A 500, not a 503: running the request again (a client's retry,
+    an ``idempotent`` route) would repeat what was committed."""
+
+    def __init__(self, message: str, *, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+def lost_after_commit(name: str, cause: str) -> LostAfterCommit:
+    """The error for a connection lost, or a last ``COMMIT`` not sent, after the unit's
+    endpoint committed part of its work itself (*cause*: the driver's error, described)."""
+    msg = redact(
+        f"Pool {name!r}: the connection was lost after the endpoint's own commit(), so what "
+        f"it committed stays and what came after was rolled back ({cause}). The request is "
+        f"not retried: running it again would repeat what was committed. Make the work "
+        f"after a commit safe to lose, or commit once, at the end (tether does that)."
+    )
+    return LostAfterCommit(msg, resource=name)
 
 
 def _lost(name: str, reason: str) -> ResourceUnavailable:

@@ -11,7 +11,8 @@ every plain Starlette route): it wraps FastAPI's request handler of an ``APIRout
 * the failure that ended the call (an exception, an ``HTTPException``, an error status,
   a client that went away) is thrown into each cleanup, so it rolls back;
 * a cleanup that fails on the success path turns the response into a 500 (a 503 with
-  ``Retry-After`` for :class:`~tether.ResourceUnavailable`) before any byte leaves;
+  ``Retry-After`` for :class:`~tether.ResourceUnavailable`) before any byte leaves, or is
+  raised for the app's own handler (for its class, or its server-error handler) to answer;
 * a client that disconnects cancels the call (uvicorn does not), so its queries stop.
 
 Routes without tether resources are not touched: they cost nothing.
@@ -42,6 +43,8 @@ try:
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'"
     raise ImportError(msg) from exc
+
+from starlette.middleware.errors import ServerErrorMiddleware
 
 # FastAPI resolves the annotations of the routers' endpoints in this module's globals (for
 # the request, and for OpenAPI's response models): these names must be importable here.
@@ -84,6 +87,11 @@ log = logging.getLogger("tether")
 # Seconds a request runs before tether starts listening for its client going away.
 # Watching costs a task; almost every request is over long before this.
 WATCH_AFTER = 0.2
+
+
+# The messages that carry a response's body: the last of them (``more_body`` false; a
+# ``pathsend`` has none) is where ``release="response"`` values close.
+_BODY_MESSAGES = frozenset({"http.response.body", "http.response.pathsend"})
 
 
 class _Replaced(Exception):
@@ -1344,7 +1352,7 @@ class HttpUnit(Unit):
                 if self.entries:
                     errors = await self.release_early(self.failure)
                     if errors and self.failure is None:
-                        if _app_handles(_run_scope(), errors[-1]):
+                        if _app_answers(_run_scope(), errors[-1]):
                             self.state = 4  # nothing sent: the app's handler answers
                             raise _Replaced from errors[-1]
                         self.state = 2
@@ -1356,11 +1364,13 @@ class HttpUnit(Unit):
             raise _Replaced
         if (
             self.entries
-            and message["type"] == "http.response.body"
+            and message["type"] in _BODY_MESSAGES
             and not message.get("more_body", False)
         ):
             # release="response": close before the last body message, so a failing
-            # commit aborts the response instead of completing it.
+            # commit aborts the response instead of completing it. A file a server sends
+            # itself (``http.response.pathsend``, which Starlette's `FileResponse` uses
+            # where the server offers it: granian) is the whole body in one message.
             errors = await self.aclose(self.failure)
             if errors and self.failure is None:
                 self.state = 3
@@ -1859,8 +1869,16 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
     if isinstance(exc, _Replaced):
         if unit.entries:
             await unit.aclose(exc.__cause__)
-        if unit.state == 4 and exc.__cause__ is not None:
-            raise exc.__cause__
+        failed = exc.__cause__
+        if unit.state == 4 and failed is not None:
+            # Raised as it was, without tether's `_Replaced` as its context (raised here,
+            # under `_run`'s `except`, it would get one): the server logs its traceback
+            # when the app's server-error handler answered it.
+            context = failed.__context__
+            try:
+                raise failed
+            finally:
+                failed.__context__ = context
         if unit.state == 3:
             # The response started: the app raises, which aborts it; tether's own answer
             # (a 500 or 503 sent at the start, state 2) is complete, and nothing is raised.
@@ -2096,7 +2114,7 @@ def _handler(
             if failed is None:
                 return response
             _retry_if_lost(unit, failed, again)
-            if _app_handles(request.scope, failed):
+            if _app_answers(request.scope, failed):
                 raise failed  # closed: the app's own exception handler answers
             return _error_response(failed, lc)
         finally:
@@ -2140,7 +2158,7 @@ async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any
         if unit.entries:
             await unit.aclose(errors[-1])
         _retry_if_lost(unit, errors[-1], again)
-        if _app_handles(getattr(unit.request, "scope", None), errors[-1]):
+        if _app_answers(getattr(unit.request, "scope", None), errors[-1]):
             raise errors[-1]  # closed: the app's own exception handler answers
         return _error_response(errors[-1], unit.lc), False
     if unit.entries:
@@ -2195,6 +2213,31 @@ def _app_handles(scope: Any, exc: BaseException) -> bool:
         return False
     by_class = handlers[0]
     return any(cls in by_class for cls in type(exc).__mro__)
+
+
+def _app_answers(scope: Any, failed: BaseException) -> bool:
+    """Whether a handler of the app's answers *failed* (a cleanup's failure at the release
+    point, before the response started): then it is raised, once every value is closed, as
+    if the endpoint had raised it. That is a handler for its class or a base class
+    (`_app_handles`); else, for any exception but `ResourceUnavailable` (tether's 503 comes
+    first), the app's server-error handler (``@app.exception_handler(Exception)`` or
+    ``(500)``) if it has one. Starlette's ``ServerErrorMiddleware`` calls that one for what
+    nothing else handled (an HTTP middleware's ``except`` around ``call_next`` sees it on
+    its way), then raises it on to the server, which logs it, as for the endpoint's own
+    errors. Without either, tether answers 500 (503) itself."""
+    if _app_handles(scope, failed):
+        return True
+    if scope is None or isinstance(failed, ResourceUnavailable):
+        return False
+    # The innermost app's (a mounted app's own, if it has one): the first
+    # `ServerErrorMiddleware` the exception reaches on its way out. Its handler, not the
+    # app's `exception_handlers`: the one the stack was built with is the one that runs.
+    stack = getattr(scope.get("app"), "middleware_stack", None)
+    return (
+        isinstance(failed, Exception)
+        and isinstance(stack, ServerErrorMiddleware)
+        and stack.handler is not None
+    )
 
 
 def _defer_failure(unit: HttpUnit, exc: BaseException) -> bool:

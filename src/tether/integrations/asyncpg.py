@@ -50,6 +50,7 @@ import inspect
 import logging
 import math
 import random
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -66,7 +67,13 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.asyncpg needs asyncpg: pip install 'tether[asyncpg]'"
     raise ImportError(msg) from exc
 
-from .._errors import ResourceUnavailable, check_bool, check_number, describe
+from .._errors import (
+    ClientDisconnected,
+    ResourceUnavailable,
+    check_bool,
+    check_number,
+    describe,
+)
 from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
@@ -99,6 +106,7 @@ from ._common import (
     registered,
     resolve_dsn,
     saturation,
+    sqlstates,
     unavailable,
     unreachable,
     used_concurrently,
@@ -137,7 +145,9 @@ class _State:
         "acquire_timeout",
         "bound",
         "closing",
+        "codecs",
         "configured",
+        "connect_kept",
         "create_time",
         "created",
         "discarded",
@@ -178,6 +188,9 @@ class _State:
         # expire_connections() ran (connections made before are retired), and the pool closing.
         self.expired = 0
         self.closing = False
+        # The connection options pool() derived from its own (connect_timeout, pgbouncer):
+        # kept by set_connect_args(), which replaces all of asyncpg's.
+        self.connect_kept: dict[str, Any] = {}
         # With pre_ping: a connection back in the pool for ping_after seconds or more is
         # pinged before a unit of work without a transaction gets it (set as it is released).
         self.ping_after = 0.0
@@ -192,6 +205,10 @@ class _State:
         # one alone (the common case: a length check on release, no look-up).
         self.listeners: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
         self.own_listeners = True
+        # The connections on which a unit of work changed a type codec (``set_type_codec``,
+        # ``set_builtin_type_codec``): closed as they are given back (see _CodecsNoted).
+        # Empty (the common case): one truth test on release.
+        self.codecs: set[Any] = set()
 
 
 class Pool(asyncpg.Pool):  # type: ignore[misc]
@@ -218,6 +235,26 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def close(self) -> None:
         self._tether.closing = True
         await super().close()
+
+    # asyncpg's replaces every connection option. Those pool() derived from its own stay
+    # unless given (``connect_timeout``; with ``pgbouncer=True``, no statement cache, which
+    # would break behind PgBouncer after a credentials rotation), and what tether's messages
+    # name (a 503 "cannot reach ...") follows the new arguments.
+    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+        state = self._tether
+        super().set_connect_args(dsn, **{**state.connect_kept, **connect_kwargs})
+        state.shown = _shown(dsn, connect_kwargs)
+
+
+def _shown(dsn: str | None, kwargs: Mapping[str, Any]) -> str:
+    """How messages name what the pool connects to: the DSN, its password redacted, or (none
+    given) the connection arguments that say where, never the password."""
+    if dsn:
+        return redact(dsn)
+    where = [
+        f"{key}={kwargs[key]!r}" for key in ("host", "port", "user", "database") if key in kwargs
+    ]
+    return f"the database ({', '.join(where)})" if where else "the database"
 
 
 def _create_pool_defaults() -> dict[str, Any]:
@@ -381,7 +418,9 @@ def pool(
             each connection (``command_timeout``, ``ssl``, ...). What ``init`` sets with
             ``SET`` is noted as it runs and set again by each release's reset, so every unit
             of work starts with it; the query loggers and termination listeners it adds
-            stay, those a unit adds go.
+            stay, those a unit adds go. Type codecs go in ``init`` (or ``setup``): a
+            connection on which a unit of work changed one is closed as it goes back.
+            ``init`` must not create temporary tables: the reset drops them.
     """
     where = f"Pool {name!r}"
     check_dsn(dsn, where, example=_EXAMPLE_DSN)
@@ -418,9 +457,13 @@ def pool(
         if pgbouncer:
             options["statement_cache_size"] = 0
         options.update(kw)
+        kept = ("timeout", "statement_cache_size") if pgbouncer else ("timeout",)
+        state.connect_kept = {key: options[key] for key in kept}
         options["connect"] = _counting(state, options.get("connect") or asyncpg.connect)
         if options.get("init") is not None:
             options["init"] = _keeping_init(state, options["init"])
+        if options.get("setup") is not None:
+            options["setup"] = _keeping_setup(state, options["setup"])
         if max_lifetime is not None:
             state.expires = weakref.WeakKeyDictionary()
             options["init"] = _stamping(state.expires, max_lifetime, options.get("init"))
@@ -508,9 +551,76 @@ def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable
         if listen is not None:  # else not a connection: asyncpg refuses it
             listen(functools.partial(_on_close, state, state.expired))
             _note_listeners(state, conn)  # init, if any, notes again after it
+            _note_codecs(conn)
         return conn
 
     return counted
+
+
+class _CodecsNoted:
+    """Mixed into each connection's class as the pool makes it (:func:`_note_codecs`): a type
+    codec changed while a unit of work holds the connection is noted, and the connection is
+    closed as it goes back (``_give_back``), not handed to the next unit. asyncpg keeps codecs
+    on the connection and its reset leaves them, so the next unit on that connection would
+    decode (and encode) with them, and units on the other connections without. Those the
+    pool's ``init`` sets (no unit holds the connection yet) and its ``setup`` sets (run again
+    for each unit) are the pool's: kept."""
+
+    __slots__ = ()
+
+    async def set_type_codec(self, typename: str, *args: Any, **kwargs: Any) -> None:
+        _codec_changed(self)
+        await super().set_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
+
+    async def set_builtin_type_codec(self, typename: str, *args: Any, **kwargs: Any) -> None:
+        _codec_changed(self)
+        await super().set_builtin_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
+
+
+#: Each connection class met, with :class:`_CodecsNoted` mixed in.
+_noted_classes: dict[type, type] = {}
+
+
+def _note_codecs(conn: Any) -> None:
+    """Make *conn* an instance of its class with :class:`_CodecsNoted` mixed in: the same
+    layout (no slot added), so its class can be set, whatever ``connect`` made it with."""
+    cls = type(conn)
+    if issubclass(cls, _CodecsNoted) or not isinstance(conn, asyncpg.Connection):
+        return
+    noted = _noted_classes.get(cls)
+    if noted is None:
+        attrs = {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        try:
+            noted = type(cls.__name__, (_CodecsNoted, cls), attrs)
+        except TypeError:  # a class that cannot be subclassed so (a metaclass of its own)
+            noted = cls
+        _noted_classes[cls] = noted
+    if noted is not cls:
+        conn.__class__ = noted
+
+
+def _codec_changed(conn: Any) -> None:
+    """Note that a unit of work changed a codec of *conn*: the pool holding it closes it as it
+    comes back. Not held (the pool's ``init``, a connection outside a pool): nothing to do."""
+    holder = getattr(getattr(conn, "_proxy", None), "_holder", None)
+    state: _State | None = getattr(getattr(holder, "_pool", None), "_tether", None)
+    if state is not None:
+        codecs = state.codecs
+        for gone in [c for c in codecs if c.is_closed()]:  # never given back (a lost one)
+            codecs.discard(gone)
+        codecs.add(conn)
+
+
+def _keeping_setup(state: _State, setup: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
+    """The pool's ``setup`` (run as each unit of work acquires): the codecs it sets are the
+    pool's, set again for every unit, so not a reason to close the connection."""
+
+    async def kept(proxy: Any) -> None:
+        await setup(proxy)
+        if state.codecs:
+            state.codecs.discard(_raw(proxy))
+
+    return kept
 
 
 def _on_close(state: _State, expired: int, conn: Any) -> None:
@@ -651,10 +761,13 @@ def connection(
             ``command_timeout``, which :func:`pool` passes on; none by default.)
         reset_timeout: seconds a rollback and reset may take when the connection goes
             back; past it (or if it fails) the connection is terminated, not returned.
-        isolation, readonly: of the transaction (``"serializable"``, ...).
+        isolation, readonly: of the transaction (``"serializable"``, ...): with
+            ``transaction=True`` only (without a transaction there is none they apply to,
+            and a ``ValueError`` says so).
     """
     check_bool(transaction, "transaction", f"Connection {name!r}")
     check_bool(readonly, "readonly", f"Connection {name!r}")
+    _check_transaction_options(name, transaction, isolation, readonly)
     check_resource(
         lc,
         pool,
@@ -681,13 +794,20 @@ def connection(
                 conn, _ = await _acquire_tested(
                     p, pool_name, state, timeout, name, reset_timeout, None, conn
                 )
+        interrupted = False
         try:
             try:
                 yield conn
             except BaseException as exc:
-                if state is None or not state.pgbouncer:
-                    note_pgbouncer(exc)
+                # Stopped from outside, wherever its code was (inside its own `async with
+                # conn.transaction():`, say): a transaction it left open is not its mistake.
+                interrupted = isinstance(exc, ClientDisconnected | asyncio.CancelledError)
+                _note_prepared(exc, pgbouncer=state is not None and state.pgbouncer)
                 if not readonly and read_only(exc):
+                    if tx is not None:  # aborted: the check below needs it rolled back
+                        await _rollback(p, conn, tx, name, reset_timeout)
+                    if not await _read_only_server(conn, reset_timeout):
+                        raise  # the unit's own read-only transaction, or a read-only pool
                     # The server is read-only (a failover reached a replica): this
                     # connection and every other one of the pool go to the wrong server.
                     _terminate(conn)
@@ -732,7 +852,7 @@ def connection(
             counters = res.counters
             counters.in_use -= 1
             try:
-                await _give_back(p, conn, name, reset_timeout)
+                await _give_back(p, conn, name, reset_timeout, interrupted)
             finally:
                 counters.in_use += 1  # as tether's bookkeeping takes it off, at once
 
@@ -743,6 +863,98 @@ def connection(
     if transaction:
         _begins[res] = (isolation, readonly)
     return res
+
+
+#: asyncpg's names for a transaction's isolation level.
+_ISOLATIONS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
+
+
+def _check_transaction_options(
+    name: str, transaction: bool, isolation: object, readonly: bool
+) -> None:
+    """Refuse, as the resource is registered, what would fail (or be ignored) on every request:
+    an isolation level asyncpg does not know (SQL's spelling, ``"repeatable read"``), and
+    ``isolation=``/``readonly=`` without ``transaction=True``."""
+    if isolation is not None and isolation not in _ISOLATIONS:
+        spelled = str(isolation).strip().lower().replace(" ", "_").replace("-", "_")
+        fix = f"isolation={spelled!r}" if spelled in _ISOLATIONS else "one of them"
+        msg = (
+            f"Connection {name!r}: isolation={isolation!r} is not an isolation level asyncpg "
+            f"knows ({', '.join(map(repr, _ISOLATIONS))}), so every request would fail as it "
+            f"begins its transaction. Pass {fix}, or None for the server's default."
+        )
+        raise ValueError(msg)
+    if transaction:
+        return
+    given = [f"isolation={isolation!r}"] * (isolation is not None) + ["readonly=True"] * readonly
+    if given:
+        what, them = (given[0], given[0]) if len(given) == 1 else (" and ".join(given), "them")
+        need = "needs" if len(given) == 1 else "need"
+        msg = (
+            f"Connection {name!r}: {what} {need} transaction=True: "
+            f"{'it is' if len(given) == 1 else 'they are'} of the unit of work's transaction, "
+            f"and transaction=False runs none (each statement commits on its own), so "
+            f"{'it' if len(given) == 1 else 'they'} would be ignored"
+            f"{' and writes committed' if readonly else ''}. Pass transaction=True, or drop "
+            f"{them}."
+        )
+        raise ValueError(msg)
+
+
+#: SQLSTATEs of a prepared statement the server does not have (26000) or has already (42P05).
+_PREPARED_STATEMENT = frozenset({"26000", "42P05"})
+
+
+def _note_prepared(exc: BaseException, *, pgbouncer: bool) -> None:
+    """Say what a prepared statement the server does not have, or has already, means: one
+    of asyncpg's (``__asyncpg_stmt_...``) is its cache broken by PgBouncer in transaction mode
+    (the fix: ``pgbouncer=True``); one the app named itself outlives the unit of work on its
+    pooled connection, which no pool option changes."""
+    if not any(code in _PREPARED_STATEMENT for code in sqlstates(exc)):
+        return
+    said = str(exc)
+    if "__asyncpg_" in said:
+        if not pgbouncer:
+            note_pgbouncer(exc)
+        return
+    found = re.search(r'"([^"]*)"', said)
+    named = f"the prepared statement {found.group(1)!r}" if found else "this prepared statement"
+    note = (
+        f"tether: {named} is the app's own (SQL PREPARE, or conn.prepare(..., name=...)), "
+        f"not one the driver caches. It lives in one server session, and the session reset "
+        f"keeps it: the next unit of work on that pooled connection finds it there (preparing "
+        f"it again fails), and a unit on another connection does not have it. DEALLOCATE it "
+        f"in the unit of work that prepared it, or use conn.prepare() without a name."
+    )
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
+#: True when the server refuses writes for every session: a replica (in recovery), or
+#: ``default_transaction_read_only`` set by the server's configuration (``ALTER SYSTEM``, the
+#: configuration file, ``ALTER DATABASE``), not by this pool (its ``server_settings``, the
+#: role's defaults, a ``SET``).
+_SERVER_READ_ONLY = (
+    "SELECT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_settings"
+    " WHERE name = 'default_transaction_read_only' AND setting = 'on'"
+    " AND source NOT IN ('client', 'session', 'user', 'database user'))"
+)
+
+
+async def _read_only_server(conn: Any, within: float) -> bool:
+    """Whether a write refused as read-only (25006) on *conn* means the server is read-only
+    (a failover reached a replica) rather than the unit's own read-only transaction
+    (``conn.transaction(readonly=True)``, ``SET TRANSACTION READ ONLY``) or a pool read-only
+    on purpose. Asked on the error path only, after the transaction is rolled back: one
+    query. When it cannot be asked (the connection broke), the server is taken to be
+    read-only, as before the check: the pool is replaced."""
+    try:
+        async with asyncio.timeout(within):
+            if conn.is_in_transaction():  # the unit's own, aborted by the error
+                await conn.execute("ROLLBACK")
+            return bool(await conn.fetchval(_SERVER_READ_ONLY))
+    except Exception:
+        return True
 
 
 #: Errors a query raises when the server went away under it (a restart, a crash, a kill).
@@ -998,12 +1210,18 @@ async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> Non
         raise
 
 
-async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
+async def _give_back(
+    p: Any, conn: Any, name: str, within: float, interrupted: bool = False
+) -> None:
     """Return *conn* to *p* reset, or terminate it: never return it in an unknown state.
 
     * closed (the server went away): asyncpg discards it, the pool reconnects later;
     * left inside a transaction by the unit of work: rolled back first (waiting for a
-      cancelled query to be acknowledged by the server), with a warning;
+      cancelled query to be acknowledged by the server), with a warning, unless the unit
+      was *interrupted* (its client went away, it was cancelled): its code was stopped
+      wherever it was, inside its own ``async with conn.transaction():`` say;
+    * on which the unit of work changed a type codec: closed instead (asyncpg's reset
+      keeps codecs);
     * then asyncpg's own release: it waits for a cancellation in flight and runs the
       session reset (tether's: ``RESET_SESSION``);
     * if any of that fails or takes longer than *within* (another task still running a
@@ -1022,16 +1240,29 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
     if closed and state is not None:
         state.discarded += 1  # lost: asyncpg replaces it
     raw = _raw(conn)  # now: the release detaches it from the proxy
+    if state is not None and state.codecs and raw in state.codecs:
+        await _close_with_codecs(p, conn, raw, state, name, closed)
+        return
     if not closed:  # closed: asyncpg runs (or ran) its termination listeners, and drops all
         _drop_callbacks(raw, state)
     pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
-            log.warning(
-                "tether: %r: connection returned inside an open transaction; rolling it "
-                "back (commit or roll back the transactions you start)",
-                name,
-            )
+            if interrupted:
+                # A streaming body the client left inside its `async with
+                # conn.transaction():` (whose own rollback the cancellation cut short), a
+                # cancelled task: stopped mid-way, not left open by mistake.
+                log.debug(
+                    "tether: %r: the unit of work was interrupted (the client went away, or "
+                    "it was cancelled) inside a transaction it opened; rolling it back",
+                    name,
+                )
+            else:
+                log.warning(
+                    "tether: %r: connection returned inside an open transaction; rolling it "
+                    "back (commit or roll back the transactions you start)",
+                    name,
+                )
             async with asyncio.timeout(within):
                 await conn.execute("ROLLBACK")
         # Bounded by its own timeout: asyncpg terminates the connection when it runs out.
@@ -1052,6 +1283,27 @@ async def _give_back(p: Any, conn: Any, name: str, within: float) -> None:
             state.discarded += 1
         _terminate(conn)
         raise
+
+
+async def _close_with_codecs(
+    p: Any, conn: Any, raw: Any, state: _State, name: str, closed: bool
+) -> None:
+    """Close *conn*, on which the unit of work changed a type codec, instead of returning it:
+    asyncpg's reset keeps codecs, and the next unit on it would decode (and encode) with them.
+    The pool opens another in its place (its ``init`` sets the pool's codecs). Not counted
+    as discarded: its state is known, and a connection that came back *closed* was counted."""
+    state.codecs.discard(raw)
+    if not closed:
+        log.warning(
+            "tether: %r: the unit of work changed a type codec (set_type_codec or "
+            "set_builtin_type_codec), which asyncpg's reset keeps: the connection was closed, "
+            "not returned, so the next unit on it does not decode with it. Set codecs in the "
+            "pool's init= (every connection, once), not per unit of work",
+            name,
+        )
+    _terminate(conn)
+    with contextlib.suppress(pg_errors.InterfaceError):
+        await p.release(conn)
 
 
 def _terminate(conn: Any) -> None:

@@ -84,6 +84,7 @@ from .._errors import (
     ResourceClosedError,
     ResourceUnavailable,
     ScopeError,
+    TetherError,
     check_bool,
     check_number,
     describe,
@@ -107,6 +108,7 @@ from ._common import (
     connection_lost,
     depends_on,
     failed_transaction,
+    lost_after_commit,
     note_pgbouncer,
     plain_dsn,
     queue_full,
@@ -477,15 +479,71 @@ def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | 
     return None
 
 
-def _replace_on_read_only(eng: Engine) -> None:
-    """A write refused as read-only (SQLSTATE 25006: a failover reached a replica) counts as
-    a disconnect: SQLAlchemy invalidates the connection and every older one of the pool."""
+#: True when the server refuses writes for every session: a replica (in recovery), or
+#: ``default_transaction_read_only`` set by the server's configuration (``ALTER SYSTEM``, the
+#: configuration file, ``ALTER DATABASE``), not by the app (``connect_args``' server settings,
+#: the role's defaults, a ``SET``).
+_SERVER_READ_ONLY = (
+    "SELECT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_settings"
+    " WHERE name = 'default_transaction_read_only' AND setting = 'on'"
+    " AND source NOT IN ('client', 'session', 'user', 'database user'))"
+)
 
-    def handle_error(context: Any) -> None:
-        if read_only(context.original_exception):
-            context.is_disconnect = True
 
-    event.listen(eng, "handle_error", handle_error)
+def _replace_pool(sync_conn: Connection, exc: BaseException | None) -> None:
+    """The server is read-only (a failover reached a replica): *sync_conn* and every
+    connection of its pool opened before now go to it. They are replaced, as SQLAlchemy
+    replaces them after a disconnect: each older one is recycled at its next checkout."""
+    sync_conn.engine.pool._invalidate(sync_conn.connection, exc, _checkin=False)
+    sync_conn.invalidate(exc)
+
+
+def _pool_of(eng: Any) -> Any:
+    return getattr(getattr(eng, "sync_engine", eng), "pool", None)
+
+
+async def _read_only_server(eng: AsyncEngine | AsyncConnection, exc: BaseException) -> bool:
+    """For a write refused as read-only (SQLSTATE 25006), once the unit's transaction is
+    rolled back: whether the server itself is read-only (a failover reached a replica), not
+    the unit's own read-only transaction (``SET TRANSACTION READ ONLY``,
+    ``postgresql_readonly``) or an engine read-only on purpose. If it is, the pool's
+    connections are replaced. On the error path only: one checkout and one query. Under
+    `rolled_back` (*eng* is the block's connection, its transaction aborted) it is the
+    unit's own. When it cannot be asked, the server is taken to be read-only, and the pool
+    replaced."""
+    if isinstance(eng, AsyncConnection):
+        return False
+    if eng.dialect.name != "postgresql":  # the question is PostgreSQL's
+        _pool_of(eng)._invalidate(None, exc, _checkin=False)
+        return True
+    try:
+        async with asyncio.timeout(_turn_timeout(eng)):
+            async with eng.connect() as c:
+                if not (await c.exec_driver_sql(_SERVER_READ_ONLY)).scalar():
+                    return False
+                await c.run_sync(_replace_pool, exc)
+                return True
+    except Exception:
+        _pool_of(eng)._invalidate(None, exc, _checkin=False)
+        return True
+
+
+def _sync_read_only_server(eng: Engine | Connection, exc: BaseException) -> bool:
+    """`_read_only_server` for a sync session (in tether's closing thread)."""
+    if isinstance(eng, Connection):
+        return False
+    if eng.dialect.name != "postgresql":
+        _pool_of(eng)._invalidate(None, exc, _checkin=False)
+        return True
+    try:
+        with eng.connect() as c:
+            if not c.exec_driver_sql(_SERVER_READ_ONLY).scalar():
+                return False
+            _replace_pool(c, exc)
+            return True
+    except Exception:
+        _pool_of(eng)._invalidate(None, exc, _checkin=False)
+        return True
 
 
 def _interrupt_cancelled(eng: Engine) -> None:
@@ -1038,12 +1096,22 @@ def _reset_driver(
         backlog.clear()  # notifications of the unit's LISTEN, for the next notifies()
 
 
-def _use_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
-    if read_only(exc):
+def _use_failure(info: _PoolInfo, exc: BaseException, committed: bool) -> TetherError | None:
+    """What the unit's failure *exc* (raised by the endpoint) is answered with, if not
+    itself. *committed*: the endpoint's own ``commit()`` went through before it, so a lost
+    connection is no longer "nothing was committed" (a 503 that a retry, or an
+    ``idempotent`` route, would answer by repeating what was committed), but a 500."""
+    if read_only(exc):  # the server's (`_read_only_server`): the pool is being replaced
+        if committed:
+            said = _describe_db(exc)
+            cause = f"the server refused a write as read-only, as a replica does: {said}"
+            return lost_after_commit(info.name, cause)
         return read_only_failure(info.name)
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
     if _is_lost(exc):
+        if committed:
+            return lost_after_commit(info.name, _describe_db(exc))
         # The server ended the transaction with the connection: nothing was committed.
         return connection_lost(info.name, _describe_db(exc))
     return None
@@ -1524,7 +1592,6 @@ def engine(
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = create_async_engine(u, **options)
-        _replace_on_read_only(eng.sync_engine)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
             _close_streams_on_return(eng.sync_engine, name)
@@ -1583,6 +1650,9 @@ class _Guarded:
 
     _tether_closed: tuple[str, Resource[Any]] | None = None
     _tether_counted = False  # a session used after close is one leak, however often used
+    # A transaction of the session committed (`_note_commit`): the endpoint's own commit(),
+    # as tether's comes last.
+    _tether_committed = False
 
     def _autobegin_t(self, begin: bool = False) -> Any:
         closed = self._tether_closed
@@ -1703,7 +1773,16 @@ def _guarded(cls: type[Any]) -> type[Any]:
     guarded = _guarded_classes.get(cls)
     if guarded is None:
         guarded = _guarded_classes[cls] = type(f"Guarded{cls.__name__}", (_Guarded, cls), {})
+        event.listen(guarded, "after_commit", _note_commit)
     return guarded
+
+
+def _note_commit(session: Any) -> None:
+    """A session's transaction committed (SQLAlchemy's ``after_commit``, which a savepoint's
+    release fires too): noted, for a connection lost after it (`_use_failure`). A class
+    listener: no cost per session, and one call per commit."""
+    if not session.in_nested_transaction():
+        session._tether_committed = True
 
 
 def _closed_message(name: str, release: str) -> str:
@@ -2063,10 +2142,15 @@ def session(
                 note_pgbouncer(exc)
             if _busy(exc):
                 raise _used_concurrently(name) from exc
-            failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
-            if failure is None:
+            if not isinstance(exc, Exception):
                 raise
-            raise failure from exc
+            if read_only(exc) and not await _read_only_server(eng, exc):
+                raise  # the unit's own read-only transaction: its error, not a failover
+            committed = cast("_Guarded", s.sync_session)._tether_committed
+            answer = _use_failure(info, exc, committed)
+            if answer is None:
+                raise
+            raise answer from exc
         else:
             try:
                 await s.commit()
@@ -2085,8 +2169,11 @@ def session(
                     await _rollback(s, name)
                     raise
                 # asyncpg refused to send COMMIT (the server ended the session, and its
-                # error or the close arrived first): nothing was committed.
+                # error or the close arrived first): nothing was committed since the
+                # endpoint's own commit(), if it made one.
                 await s.invalidate()
+                if cast("_Guarded", s.sync_session)._tether_committed:
+                    raise lost_after_commit(info.name, describe(exc.orig or exc)) from exc
                 raise commit_not_sent(info.name, exc.orig or exc) from exc
         finally:
             await _when_free(s.close)
@@ -2172,7 +2259,6 @@ def sync_engine(
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _sync_pool(info)
         eng = create_engine(u, **options)
-        _replace_on_read_only(eng)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng, name, "`with session.begin_nested():`")
             _close_streams_on_return(eng, name)
@@ -2338,10 +2424,14 @@ def sync_session(
             yield s
         except BaseException as exc:
             _sync_rollback(s, name)
-            failure = _use_failure(info, exc) if isinstance(exc, Exception) else None
-            if failure is None:
+            if not isinstance(exc, Exception):
                 raise
-            raise failure from exc
+            if read_only(exc) and not _sync_read_only_server(eng, exc):
+                raise  # the unit's own read-only transaction: its error, not a failover
+            answer = _use_failure(info, exc, cast("_Guarded", s)._tether_committed)
+            if answer is None:
+                raise
+            raise answer from exc
         else:
             try:
                 s.commit()

@@ -36,7 +36,8 @@ LOST_MID_TRANSACTION = (
 )
 COMMIT_NOT_SENT = (
     r"Pool '\w+': the connection was lost before COMMIT, which was not sent, so nothing was "
-    r"committed \(.+; the server most likely ended the session\)\. Retry shortly; if it "
+    r"committed \(.+; the server ended the session, or the driver closed it after a "
+    r"cancelled query\)\. Retry shortly; if it "
     r"persists, check the database\."
 )
 

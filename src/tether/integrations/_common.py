@@ -737,7 +737,8 @@ def commit_not_sent(name: str, exc: BaseException) -> ResourceUnavailable:
     an unknown state, is discarded."""
     reason = (
         f"the connection was lost before COMMIT, which was not sent, so nothing was "
-        f"committed ({describe(exc)}; the server most likely ended the session)"
+        f"committed ({describe(exc)}; the server ended the session, or the driver closed it "
+        f"after a cancelled query)"
     )
     return _lost(name, reason)
 

@@ -55,7 +55,7 @@ import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -107,6 +107,7 @@ from ._common import (
     depends_on,
     dropped_cancellation,
     failed_transaction,
+    lost_after_commit,
     note_pgbouncer,
     pooler_never_sent,
     read_only,
@@ -307,6 +308,14 @@ def pool(
     check_bool(pgbouncer, "pgbouncer", where)
     check_bool(pre_ping, "pre_ping", where)
     check_bool(required, "required", where)
+    if check is AsyncConnectionPool.check_connection:
+        msg = (
+            f"Pool {name!r}: check=AsyncConnectionPool.check_connection is psycopg_pool's "
+            f"check of a connection as it leaves the pool, but tether's pool() takes check= "
+            f"as its health check (given the pool), which it would fail for ever. Drop "
+            f"check=: pre_ping=True (the default) passes that check to psycopg_pool."
+        )
+        raise TypeError(msg)
 
     async def open_pool() -> AsyncIterator[Pool]:
         asyncio_only(where, "psycopg's async pool")
@@ -532,6 +541,7 @@ def connection(
 
             outside_the_block(state.rolled_back[0], pool_name)
         conn = await _getconn(p, pool_name, timeout)
+        pid = conn.info.backend_pid  # libpq's, no round trip: for `_end_backend`
         reset = reset_session and (state is None or not state.pgbouncer)
         kept = _settings(conn)
         callbacks = _callbacks(conn, state)
@@ -543,14 +553,14 @@ def connection(
             with anyio.CancelScope(shield=True):
                 await p.putconn(conn)
             raise
-        handed = _Handed(conn)
+        handed = _Handed(conn, begin=transaction)
         try:
             try:
                 yield cast("Connection", handed)
             except BaseException as exc:
                 if state is None or not state.pgbouncer:
                     note_pgbouncer(exc)
-                if read_only(exc):
+                if read_only(exc) and await _server_read_only(conn, name, reset_timeout):
                     # The server is read-only (a failover reached a replica): this
                     # connection and every other one of the pool go to the wrong server.
                     await conn.close()  # the pool replaces a closed connection
@@ -567,6 +577,10 @@ def connection(
                     raise
                 await _rollback(conn, name, reset_timeout)
                 if lost:
+                    if handed._tether_committed:
+                        # The endpoint's own commit() went through: that part stays, and
+                        # running the request again would repeat it. A 500.
+                        raise lost_after_commit(pool_name, describe(exc)) from exc
                     # The server ended the transaction with the connection: nothing was
                     # committed, so retrying is safe. A 503, not a 500.
                     raise connection_lost(pool_name, describe(exc)) from exc
@@ -581,13 +595,18 @@ def connection(
                     raise psycopg.errors.InFailedSqlTransaction(msg)
                 broken = conn.broken
                 try:
-                    await conn.commit()
+                    committed = await _commit(conn)
                 except psycopg.OperationalError as exc:
                     if broken:
                         # Lost before it (a statement met the close, its error caught), and
-                        # psycopg knew: it refused to send COMMIT. Nothing was committed.
+                        # psycopg knew: it refused to send COMMIT. Nothing was committed
+                        # since the endpoint's own commit(), if it made one.
+                        if handed._tether_committed:
+                            raise lost_after_commit(pool_name, describe(exc)) from exc
                         raise commit_not_sent(pool_name, exc) from exc
                     raise
+                if not committed:
+                    raise psycopg.errors.InFailedSqlTransaction(_commit_rolled_back(name))
         finally:
             handed._tether_give_back(given_back, res)  # the unit of work is over
             # psycopg's pool checks what comes back: a transaction left open is rolled
@@ -597,6 +616,11 @@ def connection(
                 await _reset_session(conn, name, reset_timeout, again)
             if not conn.closed and _settings(conn) != kept:
                 await _restore(conn, kept, name)
+            elif conn.broken and _hung_up(conn) and not _behind_pgbouncer(state):
+                # psycopg hung up on it, not the server, nor a close() of tether's (its cancel
+                # of a query interrupted again by an anyio cancel scope, or not confirmed in
+                # time): a query may still run on the server, its transaction and locks held.
+                await _end_backend(p, pid, name)
             _drop_callbacks(conn, callbacks)
             await p.putconn(conn)
 
@@ -615,18 +639,50 @@ class _Handed:
     :class:`~tether.ResourceClosedError`, counted as one leak, where the connection itself
     would run the statement in whatever unit of work the pool gave it to next, inside that
     one's transaction. One object per unit of work, one check per attribute read; a cursor
-    made before the release is psycopg's own and is not checked."""
+    made before the release is psycopg's own and is not checked.
 
-    __slots__ = ("__weakref__", "_tether_conn", "_tether_counted", "_tether_gone")
+    Two methods are its own. ``transaction()`` (*begin*: the unit of work is one transaction)
+    begins the unit's transaction first if no statement has yet: psycopg's block would
+    otherwise be the outer transaction, committed at its end whatever became of the unit's.
+    ``commit()`` notes that the endpoint committed part of its work itself: a connection lost
+    after it is then not "nothing was committed"."""
+
+    __slots__ = (
+        "__weakref__",
+        "_tether_begin",
+        "_tether_committed",
+        "_tether_conn",
+        "_tether_counted",
+        "_tether_gone",
+    )
 
     _tether_conn: Connection
     _tether_gone: tuple[str, Resource[Any]] | None
     _tether_counted: bool
+    _tether_begin: bool
+    _tether_committed: bool
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, begin: bool = False) -> None:
         object.__setattr__(self, "_tether_conn", conn)
         object.__setattr__(self, "_tether_gone", None)
         object.__setattr__(self, "_tether_counted", False)
+        object.__setattr__(self, "_tether_begin", begin)
+        object.__setattr__(self, "_tether_committed", False)
+
+    def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AbstractAsyncContextManager[psycopg.AsyncTransaction]:
+        conn = self._tether_live()
+        if not self._tether_begin:
+            return conn.transaction(savepoint_name, force_rollback)
+        return _within_unit(conn, savepoint_name, force_rollback)
+
+    async def commit(self) -> None:
+        conn = self._tether_live()
+        began = conn.info.transaction_status != TransactionStatus.IDLE
+        await conn.commit()
+        if began and not conn.autocommit:
+            object.__setattr__(self, "_tether_committed", True)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type[Any]:  # isinstance(conn, psycopg.AsyncConnection) holds
@@ -670,6 +726,92 @@ class _Handed:
     def __repr__(self) -> str:
         given = " (given back to the pool)" if self._tether_gone is not None else ""
         return f"{self._tether_conn!r}{given}"
+
+
+@asynccontextmanager
+async def _within_unit(
+    conn: Connection, savepoint_name: str | None, force_rollback: bool
+) -> AsyncIterator[psycopg.AsyncTransaction]:
+    """psycopg's ``conn.transaction()`` as a savepoint of the unit's transaction: begun first
+    (psycopg's own ``BEGIN``, with the connection's isolation level and read-only setting) if
+    no statement has begun it yet. Only then: no round trip of its own otherwise."""
+    if not conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        async with conn.lock:
+            await conn.wait(conn._start_query())
+    async with conn.transaction(savepoint_name, force_rollback) as tx:
+        yield tx
+
+
+async def _commit(conn: Connection) -> bool:
+    """``conn.commit()``, reading the server's answer: ``False`` if PostgreSQL answered
+    ``COMMIT`` with ``ROLLBACK`` (the transaction was aborted, and psycopg raises nothing).
+    The status read before the commit misses an abort that happens while the commit waits
+    for the connection: a ``cursor.stream()`` loop left early holds the connection until
+    its generator is closed, and closing it cancels the query on the server, which aborts
+    the transaction. Same round trip as ``commit()``."""
+    if conn._num_transactions or conn._pipeline is not None or conn._tpc:
+        await conn.commit()  # psycopg's refusals, or its pipeline's sync
+        return True
+    async with conn.lock:
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            return True
+        result = await conn.wait(conn._exec_command(b"COMMIT"))
+    return result is None or result.command_status != b"ROLLBACK"
+
+
+def _commit_rolled_back(name: str) -> str:
+    return (
+        f"Connection {name!r}: PostgreSQL answered the unit of work's COMMIT with ROLLBACK: "
+        f"its transaction had been aborted as the commit waited for the connection, so "
+        f"nothing was committed. Most likely a `cursor.stream()` loop was left early "
+        f"(return or break), and closing its generator cancelled the query still running on "
+        f"the server, which aborts the transaction. Read what the loop needs first, or "
+        f"`LIMIT` the query, or close the stream yourself (`async with "
+        f"contextlib.aclosing(cur.stream(...)) as rows:`) inside `async with "
+        f"conn.transaction():`."
+    )
+
+
+#: Whether the server itself is read-only (a replica, or read-only by default), not the
+#: session: ``reset_val`` is the value before any ``SET`` of the unit's own.
+_SERVER_READ_ONLY = (
+    "SELECT pg_is_in_recovery() OR (SELECT reset_val FROM pg_settings "
+    "WHERE name = 'default_transaction_read_only') = 'on'"
+)
+
+
+async def _server_read_only(conn: Connection, name: str, within: float) -> bool:
+    """For an error with SQLSTATE 25006: whether it is the server that is read-only (a
+    failover reached a replica), not the unit of work's own read-only transaction
+    (``set_read_only(True)``, ``SET TRANSACTION READ ONLY``), which is the endpoint's bug.
+    On the error path only: the unit's transaction is rolled back, then one query asks the
+    server. One that cannot be asked counts as read-only (as before this check)."""
+    if conn.read_only and not conn.autocommit:
+        return False  # psycopg began the transaction READ ONLY, as told
+    if conn.closed or conn.broken:
+        return True
+
+    async def ask() -> bool:
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            await conn.rollback()
+        async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
+            await cur.execute(_SERVER_READ_ONLY, prepare=False)
+            row = await cur.fetchone()
+        if not conn.autocommit:
+            await conn.rollback()
+        return bool(row and row[0])
+
+    try:
+        async with asyncio.timeout(within):
+            return await ask()
+    except Exception as exc:
+        log.warning(
+            "tether: %r: a write was refused as read-only, and asking the server whether it "
+            "is read-only failed (%s); taken as a failover",
+            name,
+            describe(exc),
+        )
+        return True
 
 
 def _given_back_message(name: str, pool_name: str, release: str) -> str:
@@ -722,19 +864,28 @@ def _settings(conn: Connection) -> tuple[Any, ...]:
     """What psycopg keeps on the connection object, not on the server's session, and a unit
     of work may change: the next one would inherit it (``set_read_only(True)`` would make
     its writes fail as on a replica)."""
-    return (conn.read_only, conn.isolation_level, conn.deferrable, conn.row_factory)
+    return (
+        conn.read_only,
+        conn.isolation_level,
+        conn.deferrable,
+        conn.row_factory,
+        conn.cursor_factory,
+        conn.server_cursor_factory,
+    )
 
 
 async def _restore(conn: Connection, kept: tuple[Any, ...], name: str) -> None:
     """Put back the connection object's settings (:func:`_settings`) as the unit of work
     found them; a connection that cannot take them back (a transaction left open) is closed,
     and the pool replaces it."""
-    read_only, isolation_level, deferrable, row_factory = kept
+    read_only, isolation_level, deferrable, row_factory, cursor_factory, server_factory = kept
     try:
         await conn.set_read_only(read_only)
         await conn.set_isolation_level(isolation_level)
         await conn.set_deferrable(deferrable)
         conn.row_factory = row_factory
+        conn.cursor_factory = cursor_factory
+        conn.server_cursor_factory = server_factory
     except Exception as exc:
         log.warning(
             "tether: %r: could not put back the connection's settings (%s); closed (the pool "
@@ -842,8 +993,86 @@ async def _bounded(work: Awaitable[None], within: float) -> None:
             await work
 
 
+#: Seconds the unit's end waits, at most, for a ``stream()`` or ``notifies()`` generator it
+#: left open to let go of the connection (asyncio closes one left early soon after: psycopg
+#: then cancels its query, one round trip), before it closes the connection instead.
+_LET_GO = 0.5
+
+
+async def _let_go(conn: Connection, name: str, within: float) -> bool:
+    """Whether the connection is free for the rollback or the reset: not held by a
+    ``cursor.stream()`` or ``conn.notifies()`` generator the unit of work left open (psycopg's
+    generators hold the connection's lock while suspended). One left early is closed by
+    asyncio's finaliser once the loop runs it: given a few turns and up to `_LET_GO` s. One
+    still held (kept alive by a reference: an exception's traceback keeps the endpoint's
+    locals) would make the rollback wait *within* seconds for nothing: the connection is
+    closed at once, and the pool replaces it. One attribute read when nothing holds it."""
+    lock = conn.lock
+    if not lock.locked() or conn.closed:
+        return True
+    for _ in range(3):
+        await asyncio.sleep(0)
+        if not lock.locked():
+            return True
+    try:
+        async with asyncio.timeout(min(within, _LET_GO)):
+            await lock.acquire()
+        lock.release()
+        return True
+    except TimeoutError:
+        log.warning(
+            "tether: %r: the connection is still held at the end of its unit of work, most "
+            "likely by a `cursor.stream()` or `conn.notifies()` generator left open (kept "
+            "alive by a reference, such as an exception's traceback); closed (the pool "
+            "replaces it). Close such a generator in the endpoint (`async with "
+            "contextlib.aclosing(...)`).",
+            name,
+        )
+        await conn.close()
+        return False
+
+
+def _behind_pgbouncer(state: _State | None) -> bool:
+    return state is not None and state.pgbouncer
+
+
+def _hung_up(conn: Connection) -> bool:
+    """Whether this side closed the connection (libpq's ``PQfinish``); one the server
+    ended keeps its libpq object."""
+    return cast("Any", conn.pgconn).pgconn_ptr is None
+
+
+#: Seconds `_end_backend` may take (another connection of the pool, one statement).
+_STOP_WITHIN = 1.0
+
+
+async def _end_backend(p: Any, pid: int, name: str) -> None:
+    """End backend *pid* on the server, through another connection of the pool: its
+    connection was closed on this side, and PostgreSQL only notices a client gone when it
+    next writes to it, so a query it runs (``pg_sleep``, a long aggregate) would run to its
+    end, its transaction open and its row locks held, with nothing in the pool's figures.
+    Psycopg's own cancel of a query is cut short when an anyio cancel scope (Starlette's
+    ``StreamingResponse`` as the client leaves, ``anyio.move_on_after``) cancels it again.
+    Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself."""
+    try:
+        async with (
+            asyncio.timeout(_STOP_WITHIN),
+            p.connection(timeout=_STOP_WITHIN) as other,
+            psycopg.AsyncCursor(other) as cur,  # whatever the pool's cursor_factory
+        ):
+            await cur.execute("SELECT pg_terminate_backend(%s)", (pid,), prepare=False)
+    except Exception as exc:
+        log.warning(
+            "tether: %r: could not end backend %d on the server (%s); a query it was running "
+            "may run to its end",
+            name,
+            pid,
+            describe(exc),
+        )
+
+
 async def _rollback(conn: Connection, name: str, within: float) -> None:
-    if conn.closed:
+    if conn.closed or not await _let_go(conn, name, within):
         return  # lost with the server: nothing to roll back, the pool replaces it
     try:
         await _bounded(conn.rollback(), within)
@@ -976,7 +1205,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                 callbacks = _callbacks(conn, None)  # as the unit found them, as in production
                 reset = ""
                 if resets:
-                    row = await (await conn.execute(SESSION_SETTINGS)).fetchone()
+                    # Tuples, whatever the pool's row_factory (dict_row: row[0] a KeyError).
+                    async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
+                        await cur.execute(SESSION_SETTINGS)
+                        row = await cur.fetchone()
                     reset = f"; {IN_BLOCK_RESET}{(row[0] if row else None) or ''}"
                 await conn.execute(f"SAVEPOINT {SAVEPOINT}")
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
@@ -1061,7 +1293,9 @@ class _OnceSession(_once.RowSession):
         await self.connection.execute("COMMIT")
 
     async def fetchrow(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
-        async with self.connection.cursor(row_factory=tuple_row) as cur:
+        # psycopg's own cursor, whatever the pool's cursor_factory (AsyncRawCursor: `%s`
+        # would be a syntax error).
+        async with psycopg.AsyncCursor(self.connection, row_factory=tuple_row) as cur:
             await cur.execute(_PARAM.sub("%s", sql), args)
             return await cur.fetchone() if cur.description is not None else None
 
@@ -1128,8 +1362,12 @@ once.__doc__ = _once.DOC.format(
 async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
     """End *pid* on the server if it still waits for (or holds) one of *locks*."""
     try:
-        async with asyncio.timeout(1.0), p.connection(timeout=1.0) as other:
-            await other.execute(_PARAM.sub("%s", _once.STOP_WAITING), (pid, locks))
+        async with (
+            asyncio.timeout(1.0),
+            p.connection(timeout=1.0) as other,
+            psycopg.AsyncCursor(other) as cur,  # whatever the pool's cursor_factory
+        ):
+            await cur.execute(_PARAM.sub("%s", _once.STOP_WAITING), (pid, locks))
     except Exception as exc:
         log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)
 
@@ -1174,7 +1412,7 @@ async def _reset_session(conn: Connection, name: str, within: float, again: str 
     connection is idle: switching costs none). psycopg's pool has a ``reset=`` hook, but it
     returns the connection from a worker task later, not before ``putconn`` returns. A
     connection that cannot be reset in *within* seconds is closed, and the pool replaces it."""
-    if conn.closed or conn.broken:
+    if conn.closed or conn.broken or not await _let_go(conn, name, within):
         return
     status = conn.info.transaction_status
     if status not in (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR):

@@ -72,6 +72,7 @@ class Server:
                     if "address already in use" in self.output() and attempt < 2:
                         self._log.close()
                         break  # the port was taken before uvicorn bound it: another
+                    self._log.close()  # else collected in a later test: an unraisable warning
                     raise RuntimeError(f"uvicorn exited at startup:\n{self.output()}")
                 if listens(self.proc.pid, self.port):
                     return

@@ -13,7 +13,7 @@ def say(event: str) -> None:
     print(f"EVENT {event}", flush=True)
 
 
-lc = tether.Lifecycle(drain_delay=1.5)
+lc = tether.Lifecycle(drain_delay=3)
 
 
 @lc.resource(scope="app")

@@ -43,7 +43,16 @@ def request(server: Server, served: dict[int, int]) -> None:
 
 def settled(server: Server, n: int) -> None:
     """Once each worker has written its figures, every scrape reports the *n* requests."""
-    time.sleep(2 * REFRESH_INTERVAL + 0.5)
+    # Each worker writes its figures every REFRESH_INTERVAL; on a loaded machine a fixed
+    # wait of two intervals may end before one has: wait for a scrape that adds up first.
+    deadline = time.monotonic() + 10 * REFRESH_INTERVAL + 20
+    while True:
+        figures = scrape(server)
+        counts = (figures.get("app_served_total"), figures.get(OPENS), figures.get(CLOSES))
+        if counts == (n, n, n):
+            break
+        assert time.monotonic() < deadline, f"{n} requests: {figures}"
+        time.sleep(0.1)
     for _ in range(10):
         figures = scrape(server)
         assert figures["app_served_total"] == n

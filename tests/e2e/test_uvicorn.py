@@ -90,7 +90,7 @@ class TestGracefulShutdown:
     def test_sigterm_fails_readiness_for_drain_delay_while_the_app_serves(
         self, serve: type[Server]
     ) -> None:
-        """With `drain_delay=1.5`: SIGTERM turns /health/ready to 503 at once, while the
+        """With `drain_delay=3`: SIGTERM turns /health/ready to 503 at once, while the
         listener stays open and requests are served as before; then the server shuts down
         as on any SIGTERM. Load balancers take the instance out of rotation first."""
         server = serve("tests.e2e.app_drain_delay:app")
@@ -100,19 +100,20 @@ class TestGracefulShutdown:
         signalled = time.monotonic()
         with httpx.Client(base_url=server.base_url, timeout=5) as http:
             while (ready := http.get("/health/ready")).status_code == 200:
-                assert time.monotonic() - signalled < 1.0, "readiness still passes"
+                assert time.monotonic() - signalled < 1.5, "readiness still passes"
                 time.sleep(0.02)
             assert ready.status_code == 503
             assert ready.headers["retry-after"] == "5"
             assert ready.json()["state"] == "stopping"
             assert http.get("/ok").json() == {"conn": "conn of pool"}  # still serving
             assert http.get("/health/live").status_code == 200
-            assert time.monotonic() - signalled < 1.0
+            # All of the above within the delay (3 s: room for a loaded machine).
+            assert time.monotonic() - signalled < 2.5
         assert server.wait() in (0, -15)
-        assert time.monotonic() - signalled > 1.3  # the delay, then uvicorn's shutdown
+        assert time.monotonic() - signalled > 2.8  # the delay, then uvicorn's shutdown
         output = server.output()
         assert "Traceback" not in output
-        assert "tether: SIGTERM: /health/ready fails for drain_delay=1.5 s" in output
+        assert "tether: SIGTERM: /health/ready fails for drain_delay=3 s" in output
         assert server.events() == ["pool open", "pool close"]
 
 

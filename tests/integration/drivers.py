@@ -47,11 +47,12 @@ async def scalar(c: Any, sql: str) -> Any:
 
 
 async def health_at_once(lc: tether.Lifecycle) -> tether.HealthReport:
-    """``lc.health()``, which must answer in under 250 ms: a probe never queues behind traffic."""
+    """``lc.health()``, which must answer in under 600 ms: a probe never queues behind traffic
+    (queued, it would wait a pool timeout, 1 s or more; 600 ms allows for a loaded machine)."""
     t0 = time.monotonic()
     report = await lc.health()
     took = time.monotonic() - t0
-    assert took < 0.25, took
+    assert took < 0.6, took
     return report
 
 

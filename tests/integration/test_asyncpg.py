@@ -174,7 +174,7 @@ class TestDisconnect:
         self, postgres: Postgres, tmp_path: Path, request: pytest.FixtureRequest, middleware: bool
     ) -> None:
         """A client leaving during pg_sleep(5) (GET, and POST with a JSON body), with and
-        without a BaseHTTPMiddleware in the stack: within 1 s no backend is busy, then
+        without a BaseHTTPMiddleware in the stack: within 2.5 s no backend is busy, then
         100 OK."""
         name = unique(request)
         server = serve_asyncpg_app(postgres, tmp_path, name, middleware=middleware)
@@ -200,9 +200,11 @@ class TestDisconnect:
                 sock.close()
                 took = wait_until(
                     lambda: not any(r["state"] in BUSY for r in postgres.activity(name)),
-                    timeout=3,
+                    timeout=4,
                 )
-                assert took < 1.0, f"{path}: backends busy for {took:.2f} s after the disconnect"
+                # Left running, the query would hold its backend seconds more; each poll
+                # is a new connection, slow on a loaded machine.
+                assert took < 2.5, f"{path}: backends busy for {took:.2f} s after the disconnect"
             with httpx.Client(base_url=server.base_url, timeout=5) as http:
                 for _ in range(100):
                     response = http.get("/pid")
@@ -219,7 +221,7 @@ class TestDisconnect:
     ) -> None:
         """A write, then a body streamed in the same transaction (release="response"); the
         client reads a few chunks and goes away, with and without a BaseHTTPMiddleware: the
-        row is rolled back and no backend is busy within 1 s; a client that reads the whole
+        row is rolled back and no backend is busy within 2.5 s; a client that reads the whole
         of a short stream gets its row committed."""
         name = unique(request)
         table = f"cut_{uuid.uuid4().hex[:8]}"
@@ -234,9 +236,9 @@ class TestDisconnect:
             assert any(r["state"] in BUSY for r in postgres.activity(name))
             sock.close()
             took = wait_until(
-                lambda: not any(r["state"] in BUSY for r in postgres.activity(name)), timeout=3
+                lambda: not any(r["state"] in BUSY for r in postgres.activity(name)), timeout=4
             )
-            assert took < 1.0, f"backends busy for {took:.2f} s after the disconnect"
+            assert took < 2.5, f"backends busy for {took:.2f} s after the disconnect"
             assert postgres.sql(f"SELECT count(*) FROM {table}") == [(0,)]
             assert "Traceback" not in server.output()
         finally:
@@ -388,7 +390,7 @@ class TestDisconnect:
                 t0 = time.monotonic()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                assert time.monotonic() - t0 < 1.0
+                assert time.monotonic() - t0 < 2.5  # not the 5 s of the query
                 rows = await asyncio.to_thread(postgres.activity, name)
                 assert not any(r["state"] in BUSY for r in rows), rows
                 async with lc.scope() as s:
@@ -419,7 +421,7 @@ class TestDisconnect:
                 await orphan
             t0 = time.monotonic()
             while any(r["pid"] == pid for r in await asyncio.to_thread(postgres.activity, name)):
-                assert time.monotonic() - t0 < 1.0, "the backend outlived its connection"
+                assert time.monotonic() - t0 < 2.5, "the backend outlived its connection"
                 await asyncio.sleep(0.02)
             async with lc.scope() as s:
                 c = await s.get(conn)

@@ -404,6 +404,9 @@ def _is_asyncpg_connect_noise(context: dict[str, Any]) -> bool:
 # Cancelled at every await, a checkout may still be giving its connection back when the
 # pool closes: this test checks the servers themselves for connections left instead.
 @pytest.mark.tether_unchecked
+# About 100 startups and shutdowns of six real resources: 19 s here, but over the suite's
+# 120 s per test on two slow cores shared with the other xdist worker and the servers.
+@pytest.mark.timeout(600)
 async def test_cancel_app_scope_at_every_await(
     postgres: Postgres, redis_server: Any, tmp_path: Path
 ) -> None:

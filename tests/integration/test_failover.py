@@ -40,7 +40,15 @@ def set_read_only(pg: Postgres, on: bool) -> None:
     else:
         pg.sql("ALTER SYSTEM RESET default_transaction_read_only")
     pg.sql("SELECT pg_reload_conf()")
-    time.sleep(0.3)  # every backend applies the reload at its next command
+    # pg_reload_conf() only signals the postmaster, which reloads when it gets to it (a
+    # fixed sleep may end first on a loaded machine). Once a new backend sees the setting,
+    # the postmaster has reloaded and passed the signal on: every backend applies it at its
+    # next command.
+    want = "on" if on else "off"
+    deadline = time.monotonic() + 10
+    while pg.sql("SHOW default_transaction_read_only") != [(want,)]:
+        assert time.monotonic() < deadline, f"default_transaction_read_only is not {want}"
+        time.sleep(0.02)
 
 
 def asyncpg_app(pg: Postgres, name: str) -> FastAPI:

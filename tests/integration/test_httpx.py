@@ -91,14 +91,19 @@ class TestUnavailable:
 
     def test_pool_timeout_is_a_503(self, upstream: Server) -> None:
         """max_connections=1 held by a slow request: the next waits the pool timeout, 503."""
-        app, _, _ = make_app(
+        app, lc, _ = make_app(
             base_url=upstream.base_url,
             limits=httpx.Limits(max_connections=1),
             timeout=httpx.Timeout(5.0, pool=0.3),
         )
         with TestClient(app) as client, ThreadPoolExecutor(1) as executor:
             slow = executor.submit(client.get, "/slow?seconds=1.5")
-            time.sleep(0.5)  # the slow request is in flight upstream
+            # The slow request holds the one connection (a fixed sleep may end before it
+            # does on a loaded machine: the next request would take the connection).
+            deadline = time.monotonic() + 5
+            while lc.stats().pools["http"].in_use != 1:
+                assert time.monotonic() < deadline, lc.stats().pools["http"]
+                time.sleep(0.01)
             t0 = time.monotonic()
             response = client.get("/echo/x")
             assert 0.25 < time.monotonic() - t0 < 1.2

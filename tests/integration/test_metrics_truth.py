@@ -214,7 +214,7 @@ async def test_exported_metrics_equal_what_happened(postgres: Postgres) -> None:
                 tg.start_soon(quick)
             t0 = time.monotonic()
             ready = await client.get("/health/ready")
-            assert time.monotonic() - t0 < 0.25
+            assert time.monotonic() - t0 < 0.6  # not queued behind the 1 s holds
             assert ready.status_code == 200, ready.text
             assert ready.json()["checks"]["pg"]["detail"].startswith("busy: all 3 connections")
         for _ in range(5):

@@ -161,7 +161,7 @@ class TestCancellation:
             t0 = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 2.5  # not the 5 s of the query
             rows = await asyncio.to_thread(postgres.activity, name)
             assert not any(r["state"] in BUSY for r in rows), rows
             async with lc.scope() as s:

@@ -37,6 +37,18 @@ def make_session(
 KINDS = pytest.mark.parametrize("kind", ["async", "sync"])
 
 
+async def report_once_waiting(lc: tether.Lifecycle, n: int) -> tether.HealthReport:
+    """``lc.health()`` once it says *n* waiting (or after 5 s, for the caller's assert): a
+    fixed sleep may end, on a loaded machine, before a sync session's waiter reached the
+    pool in its thread."""
+    deadline = time.monotonic() + 5
+    while True:
+        report = await lc.health()
+        if f"{n} waiting;" in (report["engine"].detail or "") or time.monotonic() > deadline:
+            return report
+        await anyio.sleep(0.05)
+
+
 async def burst(
     lc: tether.Lifecycle, session: tether.Resource[Any], units: int, hold: float
 ) -> tuple[list[float], list[tuple[float, tether.ResourceUnavailable]]]:
@@ -155,8 +167,7 @@ async def test_units_waiting_for_a_sync_sessions_token_count_as_waiting(
             await held.wait()
             tg.start_soon(wait)
             tg.start_soon(wait)
-            await anyio.sleep(0.5)
-            report = await lc.health()
+            report = await report_once_waiting(lc, 2)
             release.set()
         assert served == 2
         after = await lc.health()
@@ -208,8 +219,7 @@ async def test_waiters_cancelled_are_no_longer_counted(postgres: Postgres, kind:
             tg.start_soon(hold, held, release)
             await held.wait()
             tg.start_soon(three)
-            await anyio.sleep(0.3)
-            report = await lc.health()
+            report = await report_once_waiting(lc, 2)
             release.set()
     detail = report["engine"].detail or ""
     assert detail.startswith("busy: the one connection in use, 2 waiting;"), detail

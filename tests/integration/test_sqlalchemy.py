@@ -359,7 +359,7 @@ async def test_pool_figures_leave_out_connections_discarded_by_a_cancel(
 @pytest.mark.parametrize("make", [pg_app, own_engine_app], ids=["tsa.engine", "own engine"])
 async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, make: Any) -> None:
     name = app_name()
-    app, lc, _, sess = make(
+    app, lc, eng, sess = make(
         postgres.url("postgresql+asyncpg"), name, pool_size=1, max_overflow=0, pool_timeout=0.5
     )
 
@@ -370,7 +370,11 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 
     async with running(app) as client:
         first = asyncio.create_task(client.get("/hold"))
-        await asyncio.sleep(0.3)
+        # The first holds the one connection (a fixed sleep may end before it does on a
+        # loaded machine: the second would take it).
+        with anyio.fail_after(5):
+            while lc.get(eng).pool.checkedout() != 1:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         second = await client.get("/hold")
         assert 0.4 < time.monotonic() - started < 1.2
@@ -927,7 +931,13 @@ async def test_postgres_restart_mid_traffic(postgres: Postgres) -> None:
             restarted_at = time.monotonic()
             await anyio.to_thread.run_sync(postgres.restart)
             back = time.monotonic()
-            await asyncio.sleep(2.0)
+            # Enough requests from 1 s after it is back, however slow the machine is (a
+            # fixed 2 s left about one second of them: too few on a loaded machine).
+            deadline = back + 15
+            while time.monotonic() < deadline:
+                if len([1 for r in list(results) if r[0] >= back + 1.0]) > 20:
+                    break
+                await asyncio.sleep(0.1)
             stop.set()
 
         late = [r for r in results if r[0] >= back + 1.0]

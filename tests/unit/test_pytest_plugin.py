@@ -385,7 +385,7 @@ def test_units_on_an_idle_session_loop_get_the_grace(pytester: pytest.Pytester) 
                 t0 = time.perf_counter()
                 with pytest.raises(AssertionError) as caught:
                     tether.testing.assert_released(lc)
-                assert time.perf_counter() - t0 < 0.1
+                assert time.perf_counter() - t0 < 0.5  # not its 1 s wait
                 release.set()
                 await jobs.pop()
                 print(caught.value)

@@ -149,6 +149,37 @@ async def test_a_codec_a_unit_sets_does_not_reach_the_next_unit(
     ]
 
 
+@pytest.mark.servers
+@pytest.mark.fastapi_free
+@pytest.mark.parametrize("way", ["pool.acquire", "rolled_back"])
+async def test_a_codec_changed_on_another_way_back_is_not_the_next_units(
+    postgres: Postgres, way: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A codec set on a connection that goes back another way than a unit's (the app's own
+    `pool.acquire()`, a test's `rolled_back()` block) went back with it: the next unit decoded
+    with it, and was then blamed for it (warned, and its connection closed). The pool closes
+    such a connection as it comes back, whichever way."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1)
+    conn = tpg.connection(lc, pool)
+    seen = []
+    async with lc.run():
+        if way == "pool.acquire":
+            async with lc.get(pool).acquire() as c:
+                await c.set_builtin_type_codec("oid", schema="pg_catalog", codec_name="text")
+        else:
+            async with tpg.rolled_back(conn) as c:
+                await c.set_builtin_type_codec("oid", schema="pg_catalog", codec_name="text")
+        caplog.clear()
+        for _ in range(2):
+            async with lc.scope() as s:
+                c = await s.get(conn)
+                seen.append(tuple(await c.fetchrow("SELECT '8'::oid, pg_backend_pid()")))
+    assert [row[0] for row in seen] == [8, 8]  # the first used to get '8' (text)
+    assert seen[0][1] == seen[1][1]  # and kept its connection
+    assert [r for r in caplog.records if "type codec" in r.getMessage()] == []
+
+
 # --------------------------------------------------------------------------- bug 4: PREPARE
 
 APP_NOTE = (

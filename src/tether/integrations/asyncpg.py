@@ -236,6 +236,29 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._tether.closing = True
         await super().close()
 
+    # Every way back to the pool (a unit's, `rolled_back`'s, the app's own `pool.acquire()`):
+    # a connection whose type codecs were changed while it was held is closed, not returned
+    # (`_CodecsNoted`), so the next holder does not decode with them, nor is blamed for them.
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        codecs = self._tether.codecs
+        if codecs:
+            raw = _raw(connection)
+            if raw in codecs:
+                codecs.discard(raw)
+                log.warning(
+                    "tether: pool %r: a type codec was changed (set_type_codec or "
+                    "set_builtin_type_codec) on a connection while it was held, which "
+                    "asyncpg's reset keeps: the connection was closed, not returned, so the "
+                    "next holder does not decode with it. Set codecs in the pool's init= "
+                    "(every connection, once)",
+                    self._tether.name,
+                )
+                _terminate(connection)
+                with contextlib.suppress(pg_errors.InterfaceError):  # released as it closed
+                    await super().release(connection, timeout=timeout)
+                return
+        await super().release(connection, timeout=timeout)
+
     # asyncpg's replaces every connection option. Those pool() derived from its own stay
     # unless given (``connect_timeout``; with ``pgbouncer=True``, no statement cache, which
     # would break behind PgBouncer after a credentials rotation), and what tether's messages

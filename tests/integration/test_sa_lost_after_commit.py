@@ -20,8 +20,10 @@ Ground truth: the rows in the table, read from another connection, and the backe
 """
 
 import asyncio
+import contextlib
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 import tether
 from tests.servers import Postgres
@@ -472,3 +474,110 @@ def test_a_server_turned_read_only_is_a_failover_and_after_a_commit_a_500(
         served = {client.get("/pid").json() for _ in range(4)}
         assert not served & old, "a request reached a connection from before the failover"
     assert committed(own_pg, own_table) == (["order"] if commits else [])
+
+
+# ------------------------------------------------------------- lost during its own commit()
+
+
+class ReplyCutter:
+    """A TCP proxy to PostgreSQL, on a loop of its own, that once armed lets the next
+    ``COMMIT`` through to the server, lets the server run it, and then cuts the client's
+    connection before the server's answer reaches it: a network cut (or a crash) between
+    the server's commit and the client hearing of it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "ReplyCutter":
+        self.thread.start()
+        started = asyncio.run_coroutine_threadsafe(self._serve(), self.loop)
+        self.server = started.result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self.server.close()
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    async def _serve(self) -> asyncio.Server:
+        return await asyncio.start_server(self._pair, "127.0.0.1", 0)
+
+    async def _pair(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def back() -> None:
+            with contextlib.suppress(Exception):
+                while data := await sr.read(65536):
+                    cw.write(data)
+                    await cw.drain()
+
+        answers = asyncio.create_task(back())
+        try:
+            while data := await cr.read(65536):
+                if self.armed and b"COMMIT" in data:
+                    self.armed = False
+                    answers.cancel()  # the server's answer will not reach the client
+                    sw.write(data)
+                    await sw.drain()
+                    await asyncio.sleep(0.5)  # the server commits
+                    cw.transport.abort()
+                    sw.close()
+                    return
+                sw.write(data)
+                await sw.drain()
+        except Exception:
+            pass
+        finally:
+            answers.cancel()
+            sw.close()
+            cw.close()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_connection_lost_during_the_endpoints_commit_is_a_500_and_not_run_again(
+    postgres: Postgres, table: str, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint's own `commit()` reached the server, which committed, and the answer was
+    lost with the connection: whether it committed cannot be known from the client. It was a
+    503 "nothing was committed" with Retry-After, and the idempotent route ran again: the
+    order was written twice. It is a 500, and the route runs once."""
+    with ReplyCutter(postgres.port) as cutter:
+        lc = tether.Lifecycle()
+        url = make_url(postgres.url(f"postgresql+{driver}")).set(port=cutter.port)
+        engine = tsa.engine(lc, url, pool_size=2, max_overflow=0)
+        session = tsa.session(lc, engine)
+        app = FastAPI(lifespan=lc.lifespan)
+        runs: list[int] = []
+
+        @app.post("/order")
+        @idempotent
+        async def order(s: Annotated[Any, Depends(session)]) -> str:
+            runs.append(1)
+            await s.execute(text(f"INSERT INTO {table} (v) VALUES ('order')"))
+            cutter.armed = len(runs) == 1
+            await s.commit()
+            await s.execute(text(f"INSERT INTO {table} (v) VALUES ('audit')"))
+            return "written"
+
+        with (
+            caplog.at_level(logging.WARNING),
+            TestClient(app, raise_server_exceptions=False) as client,
+        ):
+            response = client.post("/order")
+    assert response.status_code == 500
+    assert "retry-after" not in response.headers
+    assert runs == [1]
+    assert committed(postgres, table) == ["order"]  # the server did commit it, once
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "during the endpoint's own commit(), so whether the server committed" in said

@@ -105,24 +105,3 @@ async def test_a_role_the_setup_takes_is_every_units_role(
                 assert await fetch(kind, c, may_read) == (False,)
     assert first == ("setup_reader", "tether", "app, public")
     await anyio.sleep(0)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_a_session_authorization_the_setup_sets_is_kept(
-    postgres: Postgres, roles: None, kind: str
-) -> None:
-    """`SET SESSION AUTHORIZATION` (a superuser's login acting as another user) too; the
-    unit's own is undone back to it."""
-    setup = "SET SESSION AUTHORIZATION setup_other"
-    lc = tether.Lifecycle()
-    engine, conn = make(lc, postgres, kind, setup)
-    async with lc.run():
-        await start(lc, engine, setup)
-        async with lc.scope() as s:
-            c = await s.get(conn)
-            first = await fetch(kind, c, CHECK)
-            await execute(kind, c, "SET SESSION AUTHORIZATION DEFAULT")
-        async with lc.scope() as s:
-            assert await fetch(kind, await s.get(conn), CHECK) == first
-    assert first[:2] == ("setup_other", "setup_other")
-    await anyio.sleep(0)

@@ -91,11 +91,41 @@ def dropped_cancellation(task: asyncio.Task[Any]) -> asyncio.CancelledError:
     The message is the cancelled anyio scope's, if the task is in one. Else the task's own,
     which it keeps only for a cancellation that arrived after what it awaited was done;
     one that cancelled what it awaited went to that (``asyncio.wait_for``'s waiter, which
-    dropped it)."""
+    dropped it). Else that of a scope around a task awaiting *task*: a child of
+    ``asyncio.gather`` is in no scope of its own, and the scope's cancellation of the task
+    awaiting the gather reached it through the gather, message and all, and was dropped."""
     message = anyio_cancellation(task)
     if message is None:
         message = getattr(task, "_cancel_message", None)
+    if message is None:
+        for awaiting in _awaiting(task):
+            message = anyio_cancellation(awaiting)
+            if message is not None:
+                break
     return asyncio.CancelledError() if message is None else asyncio.CancelledError(message)
+
+
+def _awaiting(task: asyncio.Future[Any], depth: int = 4) -> Iterator[asyncio.Task[Any]]:
+    """The tasks awaiting *task*: through its done callbacks, a task's own wakeup (``await
+    task``) or a future a callback holds (``asyncio.gather``'s outer future, which its
+    ``_done_callback`` closes over), up to *depth* futures away. Only on the rare path of a
+    dropped cancellation: it reads asyncio's private ``_callbacks``, and finds none if they
+    change."""
+    if depth <= 0:
+        return
+    for entry in getattr(task, "_callbacks", None) or ():
+        callback = entry[0] if isinstance(entry, tuple) else entry
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, asyncio.Task) and owner is not task:
+            yield owner
+            continue
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                held = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(held, asyncio.Future) and held is not task:
+                yield from _awaiting(held, depth - 1)
 
 
 #: What a unit of work may leave on a PostgreSQL session, undone before the next one gets the
@@ -124,19 +154,17 @@ IN_BLOCK_RESET = (
 
 #: SQL that sets again what ``SET`` made of the session's settings (``pg_settings`` from the
 #: source ``session``: not those of the server, the database, the role or the connection
-#: string, which ``RESET ALL`` keeps), and its ``SET SESSION AUTHORIZATION`` and ``SET ROLE``
-#: (not in ``pg_settings``: read from ``session_user`` against the user who logged in, and
-#: ``current_user``), or NULL: read once per connection, after the pool's own setup
-#: (asyncpg's ``init``, psycopg's ``configure``; SQLAlchemy's ``connect`` events, at the first
-#: checkout), so that the reset puts back what that setup set: a pool that drops to a role
-#: of least privilege there keeps it for every unit of work.
+#: string, which ``RESET ALL`` keeps), and its ``SET ROLE`` (not in ``pg_settings``: read
+#: from ``current_user`` against ``session_user``; a ``SET SESSION AUTHORIZATION`` there is
+#: not kept: the user who logged in is known only to ``pg_stat_activity``, which hardened
+#: servers do not let every role read), or NULL: read once per connection, after the pool's
+#: own setup (asyncpg's ``init``, psycopg's ``configure``; SQLAlchemy's ``connect`` events,
+#: at the first checkout), so that the reset puts back what that setup set: a pool that
+#: drops to a role of least privilege there keeps it for every unit of work.
 SESSION_SETTINGS = (
     "SELECT nullif(concat("
     "(SELECT string_agg(format('; SELECT set_config(%L, %L, false)', name, setting), '') "
     "FROM pg_settings WHERE source = 'session'), "
-    "CASE WHEN session_user <> (SELECT usename FROM pg_stat_activity "
-    "WHERE pid = pg_backend_pid()) THEN format('; SET SESSION AUTHORIZATION %I', session_user) "
-    "END, "
     "CASE WHEN current_user <> session_user THEN format('; SET ROLE %I', current_user) END"
     "), '')"
 )
@@ -800,6 +828,19 @@ def lost_after_commit(name: str, cause: str) -> LostAfterCommit:
         f"it committed stays and what came after was rolled back ({cause}). The request is "
         f"not retried: running it again would repeat what was committed. Make the work "
         f"after a commit safe to lose, or commit once, at the end (tether does that)."
+    )
+    return LostAfterCommit(msg, resource=name)
+
+
+def lost_at_commit(name: str, cause: str) -> LostAfterCommit:
+    """The error for a connection lost *during* the endpoint's own ``commit()``: whether the
+    server committed cannot be known from here, so it is no 503 "nothing was committed", and
+    the request is not run again (*cause*: the driver's error, described)."""
+    msg = redact(
+        f"Pool {name!r}: the connection was lost during the endpoint's own commit(), so "
+        f"whether the server committed it cannot be known from here; what came after was "
+        f"rolled back ({cause}). The request is not retried: running it again could repeat "
+        f"what was committed. Check the data, or commit once, at the end (tether does that)."
     )
     return LostAfterCommit(msg, resource=name)
 

@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -397,6 +398,51 @@ class _Client(aioredis.Redis):
         dedicated.tether_held = self.tether_held
         return dedicated
 
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Any:
+        """redis-py's pipeline; the connection it takes on ``watch()`` (and holds until
+        ``execute()`` or ``reset()``) is noted in the unit of work, given back at its end if
+        still held. Its ``execute()`` without ``watch()`` gives its connection back itself,
+        and passes by none of this."""
+        pipe: Any = super().pipeline(transaction, shard_hint)
+        if self.tether_held is not None:
+            _noting(pipe, "immediate_execute_command", self._tether_hold, "pipeline")
+        return pipe
+
+    def pubsub(self, **kwargs: Any) -> Any:
+        """redis-py's PubSub; the connection it takes on its first command (``subscribe()``)
+        is noted in the unit of work, given back (closed) at its end if still held."""
+        ps: Any = super().pubsub(**kwargs)
+        if self.tether_held is not None:
+            _noting(ps, "execute_command", self._tether_hold, "pubsub")
+        return ps
+
+    async def _tether_hold(self, holder: Any, kind: str) -> None:
+        """Note *holder* (taking a connection of the pool) in the unit of work this runs in."""
+        if self.tether_held is None:
+            return
+        lc, held = self.tether_held
+        unit = unit_now(lc)
+        if unit is not None:
+            holders = await unit.get(held)
+            holders.label = unit.label
+            holders.add(holder, caller_outside(_REDIS_DIR), kind)
+
+
+def _noting(holder: Any, method: str, hold: Any, kind: str) -> None:
+    """Make *holder*'s *method* (where it takes a connection of the pool when it holds none)
+    note it first with *hold*. Through a weak reference: no cycle keeps a pipeline or a
+    PubSub (and its connection) alive until the garbage collector runs."""
+    ref = weakref.ref(holder)
+    run = getattr(type(holder), method)
+
+    async def noting(*args: Any, **kwargs: Any) -> Any:
+        it: Any = ref()  # alive: this runs as its method
+        if it.connection is None:  # taking one
+            await hold(it, kind)
+        return await run(it, *args, **kwargs)
+
+    setattr(holder, method, noting)
+
 
 #: The commands that end a transaction (and unwatch every key) on a dedicated connection.
 _ENDS_TRANSACTION = frozenset({"EXEC", "DISCARD"})
@@ -431,12 +477,7 @@ class _Dedicated(_Client):
         # redis-py takes the connection here (`async with`, or the first command): noted
         # in the unit of work this runs in, which gives it back at its end if still held.
         if self.connection is None and self.tether_held is not None:
-            lc, held = self.tether_held
-            unit = unit_now(lc)
-            if unit is not None:
-                holders = await unit.get(held)
-                holders.label = unit.label
-                holders.add(self, caller_outside(_REDIS_DIR))
+            await self._tether_hold(self, "client")
         await super().initialize()
         return self
 
@@ -562,42 +603,81 @@ class _Dedicated(_Client):
 _REDIS_DIR = os.path.dirname(os.path.abspath(aioredis.__file__)).rsplit(os.sep, 1)[0] + os.sep
 
 
+#: What `_Held` says of a connection still held at the end of a unit of work, by what
+#: held it: the holder, what tether did, and how to close it.
+_HOLDERS = {
+    "client": (
+        "r.client() (taken at {where})",
+        "gave it back to the pool",
+        "Close it: `async with r.client() as c:`, or `await c.aclose()`.",
+    ),
+    "pipeline": (
+        "a pipeline watching keys (r.pipeline(), watch() at {where})",
+        "disconnected it (the server forgot the watched keys) and gave it back to the pool",
+        "End the pipeline on every way out, an early return or raise too: `async with "
+        "r.pipeline() as pipe:`, or `await pipe.reset()` in a `finally`.",
+    ),
+    "pubsub": (
+        "a PubSub (r.pubsub(), first used at {where})",
+        "closed it (its subscriptions with it) and gave it back to the pool",
+        "Close it: `async with r.pubsub() as ps:`, or `await ps.aclose()`.",
+    ),
+}
+
+
 class _Held:
-    """The connections ``r.client()`` clones took in one unit of work, given back at its end
-    if still held: redis-py keeps one out of the pool for good when its client is never
-    closed (its garbage collection closes the socket, and never gives the connection back)."""
+    """The connections ``r.client()`` clones, pipelines (after ``watch()``) and PubSub
+    objects took in one unit of work, given back at its end if still held: redis-py keeps
+    one out of the pool for good when its holder is never closed (its garbage collection
+    closes the socket, and never gives the connection back)."""
 
     __slots__ = ("held", "label")
 
     def __init__(self) -> None:
         self.label = "the unit of work"
-        self.held: list[tuple[_Dedicated, str]] = []
+        self.held: list[tuple[Any, str, str]] = []
 
-    def add(self, client: _Dedicated, where: str) -> None:
+    def add(self, holder: Any, where: str, kind: str = "client") -> None:
         held = self.held
         if len(held) >= 16:  # a long unit (a WebSocket) taking many: forget those given back
-            held[:] = [pair for pair in held if pair[0].connection is not None]
-        held.append((client, where))
+            held[:] = [entry for entry in held if entry[0].connection is not None]
+        held.append((holder, where, kind))
 
     async def close(self, name: str, res: Resource[Any], failure: BaseException | None) -> None:
         held, self.held = self.held, []
-        for client, where in held:
-            if client.connection is None:
+        for holder, where, kind in held:
+            if holder.connection is None:
                 continue  # closed by the app (or never taken)
             with anyio.CancelScope(shield=True):
                 try:
-                    await client.aclose()  # disconnected first if inside a transaction
+                    await _give_back(holder, kind)
                 except Exception as exc:  # pragma: no cover - redis-py releases it anyway
-                    log.debug("tether: giving back a connection of r.client() failed: %r", exc)
+                    log.debug("tether: giving back a connection of %s failed: %r", kind, exc)
             if isinstance(failure, ClientDisconnected):
                 continue  # its client went away mid-way: nothing to fix in the code
             res.counters.leaks += 1
+            by, done, fix = _HOLDERS[kind]
             log.warning(
-                "tether: %s ended with a connection of redis client %r still held by "
-                "r.client() (taken at %s): tether gave it back to the pool. Close it: "
-                "`async with r.client() as c:`, or `await c.aclose()`.",
-                self.label, name, where,
+                "tether: %s ended with a connection of redis client %r still held by %s: "
+                "tether %s. %s",
+                self.label, name, by.format(where=where), done, fix,
             )  # fmt: skip
+
+
+async def _give_back(holder: Any, kind: str) -> None:
+    """Give *holder*'s connection back to the pool, leaving nothing of the unit's on it."""
+    if kind == "client":
+        await holder.aclose()  # disconnected first if inside a transaction
+        return
+    conn = holder.connection
+    # Disconnected, not reset with a round trip (UNWATCH, UNSUBSCRIBE): nothing to wait for
+    # or to fail; the server forgets the watched keys and subscriptions with it.
+    await conn.disconnect(nowait=True)
+    if kind == "pipeline":
+        holder.watching = False  # or reset() would send UNWATCH, reconnecting it
+        await holder.reset()
+    else:
+        await (holder.aclose if hasattr(holder, "aclose") else holder.reset)()
 
 
 class _Pool(_PoolMixin, aioredis.ConnectionPool):

@@ -109,6 +109,7 @@ from ._common import (
     depends_on,
     failed_transaction,
     lost_after_commit,
+    lost_at_commit,
     note_pgbouncer,
     plain_dsn,
     queue_full,
@@ -1096,11 +1097,15 @@ def _reset_driver(
         backlog.clear()  # notifications of the unit's LISTEN, for the next notifies()
 
 
-def _use_failure(info: _PoolInfo, exc: BaseException, committed: bool) -> TetherError | None:
+def _use_failure(
+    info: _PoolInfo, exc: BaseException, committed: bool, committing: bool = False
+) -> TetherError | None:
     """What the unit's failure *exc* (raised by the endpoint) is answered with, if not
     itself. *committed*: the endpoint's own ``commit()`` went through before it, so a lost
     connection is no longer "nothing was committed" (a 503 that a retry, or an
-    ``idempotent`` route, would answer by repeating what was committed), but a 500."""
+    ``idempotent`` route, would answer by repeating what was committed), but a 500.
+    *committing*: it began one, which may have committed before the connection was lost:
+    a 500 too."""
     if read_only(exc):  # the server's (`_read_only_server`): the pool is being replaced
         if committed:
             said = _describe_db(exc)
@@ -1112,6 +1117,8 @@ def _use_failure(info: _PoolInfo, exc: BaseException, committed: bool) -> Tether
     if _is_lost(exc):
         if committed:
             return lost_after_commit(info.name, _describe_db(exc))
+        if committing:
+            return lost_at_commit(info.name, _describe_db(exc))
         # The server ended the transaction with the connection: nothing was committed.
         return connection_lost(info.name, _describe_db(exc))
     return None
@@ -1653,6 +1660,9 @@ class _Guarded:
     # A transaction of the session committed (`_note_commit`): the endpoint's own commit(),
     # as tether's comes last.
     _tether_committed = False
+    # The endpoint began a commit (`_note_committing`), which a lost connection may have
+    # cut short before or after the server committed.
+    _tether_committing = False
 
     def _autobegin_t(self, begin: bool = False) -> Any:
         closed = self._tether_closed
@@ -1773,8 +1783,16 @@ def _guarded(cls: type[Any]) -> type[Any]:
     guarded = _guarded_classes.get(cls)
     if guarded is None:
         guarded = _guarded_classes[cls] = type(f"Guarded{cls.__name__}", (_Guarded, cls), {})
+        event.listen(guarded, "before_commit", _note_committing)
         event.listen(guarded, "after_commit", _note_commit)
     return guarded
+
+
+def _note_committing(session: Any) -> None:
+    """A session's transaction is about to commit (``before_commit``): a connection lost
+    from here on may have lost the answer to a ``COMMIT`` the server ran (`_use_failure`)."""
+    if not session.in_nested_transaction():
+        session._tether_committing = True
 
 
 def _note_commit(session: Any) -> None:
@@ -2146,8 +2164,8 @@ def session(
                 raise
             if read_only(exc) and not await _read_only_server(eng, exc):
                 raise  # the unit's own read-only transaction: its error, not a failover
-            committed = cast("_Guarded", s.sync_session)._tether_committed
-            answer = _use_failure(info, exc, committed)
+            held = cast("_Guarded", s.sync_session)
+            answer = _use_failure(info, exc, held._tether_committed, held._tether_committing)
             if answer is None:
                 raise
             raise answer from exc
@@ -2428,7 +2446,8 @@ def sync_session(
                 raise
             if read_only(exc) and not _sync_read_only_server(eng, exc):
                 raise  # the unit's own read-only transaction: its error, not a failover
-            answer = _use_failure(info, exc, cast("_Guarded", s)._tether_committed)
+            held_s = cast("_Guarded", s)
+            answer = _use_failure(info, exc, held_s._tether_committed, held_s._tether_committing)
             if answer is None:
                 raise
             raise answer from exc

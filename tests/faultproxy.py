@@ -170,6 +170,9 @@ class FaultProxy:
         except OSError:
             pair.reset()
             return
+        if pair.closed:  # cut (or stopped) while it connected: nothing will close it else
+            server_w.transport.abort()
+            return
         pair.server_w = server_w
         await asyncio.gather(
             self._pump(client_r, server_w, pair),

@@ -108,6 +108,7 @@ from ._common import (
     dropped_cancellation,
     failed_transaction,
     lost_after_commit,
+    lost_at_commit,
     note_pgbouncer,
     pooler_never_sent,
     read_only,
@@ -577,6 +578,9 @@ def connection(
                     raise
                 await _rollback(conn, name, reset_timeout)
                 if lost:
+                    if handed._tether_committing:
+                        # Lost during the endpoint's own commit(): it may have committed.
+                        raise lost_at_commit(pool_name, describe(exc)) from exc
                     if handed._tether_committed:
                         # The endpoint's own commit() went through: that part stays, and
                         # running the request again would repeat it. A 500.
@@ -597,10 +601,14 @@ def connection(
                 try:
                     committed = await _commit(conn)
                 except psycopg.OperationalError as exc:
-                    if broken:
+                    if broken or conn.info.transaction_status == TransactionStatus.ACTIVE:
                         # Lost before it (a statement met the close, its error caught), and
-                        # psycopg knew: it refused to send COMMIT. Nothing was committed
-                        # since the endpoint's own commit(), if it made one.
+                        # psycopg knew: it refused to send COMMIT. Or libpq refused to send
+                        # it, still mid-query (psycopg before 3.3.7 leaves a query cut short
+                        # by an anyio scope so). Nothing was committed since the endpoint's
+                        # own commit(), if it made one.
+                        if handed._tether_committing:
+                            raise lost_at_commit(pool_name, describe(exc)) from exc
                         if handed._tether_committed:
                             raise lost_after_commit(pool_name, describe(exc)) from exc
                         raise commit_not_sent(pool_name, exc) from exc
@@ -616,10 +624,12 @@ def connection(
                 await _reset_session(conn, name, reset_timeout, again)
             if not conn.closed and _settings(conn) != kept:
                 await _restore(conn, kept, name)
-            elif conn.broken and _hung_up(conn) and not _behind_pgbouncer(state):
+            elif _left_running(conn) and not _behind_pgbouncer(state):
                 # psycopg hung up on it, not the server, nor a close() of tether's (its cancel
                 # of a query interrupted again by an anyio cancel scope, or not confirmed in
-                # time): a query may still run on the server, its transaction and locks held.
+                # time), or left it mid-query (psycopg before 3.3.7 on that interruption;
+                # the pool closes it): a query may still run on the server, its transaction
+                # and locks held.
                 await _end_backend(p, pid, name)
             _drop_callbacks(conn, callbacks)
             await p.putconn(conn)
@@ -645,12 +655,14 @@ class _Handed:
     begins the unit's transaction first if no statement has yet: psycopg's block would
     otherwise be the outer transaction, committed at its end whatever became of the unit's.
     ``commit()`` notes that the endpoint committed part of its work itself: a connection lost
-    after it is then not "nothing was committed"."""
+    after it, or during it, is then not "nothing was committed". A ``commit()`` of an aborted
+    transaction (answered ``ROLLBACK``) commits nothing, and a raw ``COMMIT`` is not seen."""
 
     __slots__ = (
         "__weakref__",
         "_tether_begin",
         "_tether_committed",
+        "_tether_committing",
         "_tether_conn",
         "_tether_counted",
         "_tether_gone",
@@ -661,6 +673,7 @@ class _Handed:
     _tether_counted: bool
     _tether_begin: bool
     _tether_committed: bool
+    _tether_committing: bool
 
     def __init__(self, conn: Connection, *, begin: bool = False) -> None:
         object.__setattr__(self, "_tether_conn", conn)
@@ -668,6 +681,7 @@ class _Handed:
         object.__setattr__(self, "_tether_counted", False)
         object.__setattr__(self, "_tether_begin", begin)
         object.__setattr__(self, "_tether_committed", False)
+        object.__setattr__(self, "_tether_committing", False)
 
     def transaction(
         self, savepoint_name: str | None = None, force_rollback: bool = False
@@ -679,10 +693,25 @@ class _Handed:
 
     async def commit(self) -> None:
         conn = self._tether_live()
-        began = conn.info.transaction_status != TransactionStatus.IDLE
-        await conn.commit()
-        if began and not conn.autocommit:
-            object.__setattr__(self, "_tether_committed", True)
+        if conn.autocommit or conn.info.transaction_status != TransactionStatus.INTRANS:
+            # Nothing to commit, or an aborted transaction (PostgreSQL answers ROLLBACK):
+            # nothing of the endpoint's own is committed.
+            await conn.commit()
+            return
+        # COMMIT sent and its answer lost (the connection lost meanwhile): whether the
+        # server committed is unknown, so no 503 "nothing was committed" after it.
+        object.__setattr__(self, "_tether_committing", True)
+        try:
+            await conn.commit()
+        except psycopg.OperationalError:
+            if not conn.broken:
+                object.__setattr__(self, "_tether_committing", False)
+            raise
+        except BaseException:
+            object.__setattr__(self, "_tether_committing", False)
+            raise
+        object.__setattr__(self, "_tether_committing", False)
+        object.__setattr__(self, "_tether_committed", True)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type[Any]:  # isinstance(conn, psycopg.AsyncConnection) holds
@@ -772,11 +801,14 @@ def _commit_rolled_back(name: str) -> str:
     )
 
 
-#: Whether the server itself is read-only (a replica, or read-only by default), not the
-#: session: ``reset_val`` is the value before any ``SET`` of the unit's own.
+#: Whether the server itself is read-only (a replica, or read-only in its own
+#: configuration), not the session: a read-only default the pool asked for (conninfo
+#: ``options``, its source ``client``), a role's or database's (``ALTER ROLE ... SET``) or a
+#: ``SET`` is read-only on purpose, not a failover (as asyncpg's and SQLAlchemy's check).
 _SERVER_READ_ONLY = (
-    "SELECT pg_is_in_recovery() OR (SELECT reset_val FROM pg_settings "
-    "WHERE name = 'default_transaction_read_only') = 'on'"
+    "SELECT pg_is_in_recovery() OR EXISTS (SELECT 1 FROM pg_settings "
+    "WHERE name = 'default_transaction_read_only' AND setting = 'on' "
+    "AND source NOT IN ('client', 'session', 'user', 'database user'))"
 )
 
 
@@ -1042,25 +1074,39 @@ def _hung_up(conn: Connection) -> bool:
     return cast("Any", conn.pgconn).pgconn_ptr is None
 
 
-#: Seconds `_end_backend` may take (another connection of the pool, one statement).
+def _left_running(conn: Connection) -> bool:
+    """Whether a query may still run on the server for *conn* as it goes back: psycopg hung
+    up on it (the server did not), or it is still mid-query (``ACTIVE``)."""
+    if conn.broken:
+        return _hung_up(conn)
+    # libpq's status read directly: `conn.info` makes an object each time (per unit of work).
+    return conn.pgconn.transaction_status == TransactionStatus.ACTIVE
+
+
+#: Seconds `_end_backend` may take (a connection of its own, one statement).
 _STOP_WITHIN = 1.0
 
 
 async def _end_backend(p: Any, pid: int, name: str) -> None:
-    """End backend *pid* on the server, through another connection of the pool: its
-    connection was closed on this side, and PostgreSQL only notices a client gone when it
-    next writes to it, so a query it runs (``pg_sleep``, a long aggregate) would run to its
-    end, its transaction open and its row locks held, with nothing in the pool's figures.
-    Psycopg's own cancel of a query is cut short when an anyio cancel scope (Starlette's
+    """End backend *pid* on the server: its connection was closed on this side (or is about
+    to be, mid-query), and PostgreSQL only notices a client gone when it next writes to it,
+    so a query it runs (``pg_sleep``, a long aggregate) would run to its end, its
+    transaction open and its row locks held, with nothing in the pool's figures. Psycopg's
+    own cancel of a query is cut short when an anyio cancel scope (Starlette's
     ``StreamingResponse`` as the client leaves, ``anyio.move_on_after``) cancels it again.
+
+    Through a short connection of its own, with the pool's conninfo and connection
+    parameters but not its ``configure``: as the login role (a setup's ``SET ROLE`` to a
+    role of less privilege may not end the login role's backends), and with no pool slot
+    (a pool of one, or a busy one, has none to spare). Only on this rare path.
     Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself."""
+    other: Connection | None = None
     try:
-        async with (
-            asyncio.timeout(_STOP_WITHIN),
-            p.connection(timeout=_STOP_WITHIN) as other,
-            psycopg.AsyncCursor(other) as cur,  # whatever the pool's cursor_factory
-        ):
-            await cur.execute("SELECT pg_terminate_backend(%s)", (pid,), prepare=False)
+        async with asyncio.timeout(_STOP_WITHIN):
+            kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
+            other = await _connect(p.conninfo, **kwargs)
+            async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
+                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
     except Exception as exc:
         log.warning(
             "tether: %r: could not end backend %d on the server (%s); a query it was running "
@@ -1069,6 +1115,10 @@ async def _end_backend(p: Any, pid: int, name: str) -> None:
             pid,
             describe(exc),
         )
+    finally:
+        if other is not None:
+            with anyio.CancelScope(shield=True):
+                await other.close()
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:

@@ -35,6 +35,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import tether
 from tests.servers import Postgres
@@ -581,3 +582,51 @@ def test_a_connection_lost_during_the_endpoints_commit_is_a_500_and_not_run_agai
     assert committed(postgres, table) == ["order"]  # the server did commit it, once
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "during the endpoint's own commit(), so whether the server committed" in said
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("how", ["in-its-flush", "after-a-failed-commit"])
+def test_lost_before_the_commit_was_sent_is_still_a_503_and_retried(
+    postgres: Postgres, table: str, driver: str, how: str
+) -> None:
+    """A connection lost in the flush of the endpoint's `commit()` (`add()` then `commit()`:
+    its INSERT fails, no COMMIT is sent), or after a `commit()` that failed in its flush and
+    was rolled back: nothing was committed, so the 503 and the idempotent retry stay (a first
+    version of the check above answered these 500, and did not run the route again)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Row(Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(primary_key=True)
+        v: Mapped[str]
+
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, postgres.url(f"postgresql+{driver}"), pool_size=2, max_overflow=0)
+    session = tsa.session(lc, engine)
+    app = FastAPI(lifespan=lc.lifespan)
+    runs: list[int] = []
+    postgres.sql(f"INSERT INTO {table} (id, v) VALUES (-1, 'taken')")
+
+    @app.post("/order")
+    @idempotent
+    async def order(s: Annotated[Any, Depends(session)]) -> str:
+        runs.append(1)
+        if how == "after-a-failed-commit":
+            s.add(Row(id=-1, v="duplicate"))
+            with pytest.raises(sa_exc.IntegrityError):
+                await s.commit()  # its flush fails: no COMMIT is sent
+            await s.rollback()
+        pid = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        if len(runs) == 1:
+            await anyio.to_thread.run_sync(kill, postgres, pid)
+        s.add(Row(v="order"))
+        await s.commit()  # its flush's INSERT meets the lost connection
+        return "written"
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/order")
+    assert response.status_code == 200, response.text  # run again, on a new connection
+    assert len(runs) == 2
+    assert committed(postgres, table) == ["taken", "order"]

@@ -1117,7 +1117,10 @@ def _use_failure(
     if _is_lost(exc):
         if committed:
             return lost_after_commit(info.name, _describe_db(exc))
-        if committing:
+        if committing and getattr(exc, "statement", "") is None:
+            # Lost at the COMMIT itself (SQLAlchemy names no statement for it): not in the
+            # commit's flush (its INSERT names one: no COMMIT was sent), nor after a
+            # commit that failed before it, and was rolled back.
             return lost_at_commit(info.name, _describe_db(exc))
         # The server ended the transaction with the connection: nothing was committed.
         return connection_lost(info.name, _describe_db(exc))

@@ -170,6 +170,19 @@ SESSION_SETTINGS = (
 )
 
 
+#: Whether the server itself refuses writes for every session: a replica (in recovery), or
+#: ``default_transaction_read_only`` set by its configuration (``ALTER SYSTEM``, the
+#: configuration file, ``ALTER DATABASE``). Asked on a write refused as read-only (SQLSTATE
+#: 25006) only: a read-only default the app asked for (a connection's options or server
+#: settings, source ``client``; a role's, ``ALTER ROLE ... SET``; a ``SET``) or the unit's own
+#: read-only transaction is read-only on purpose, the endpoint's error, not a failover.
+SERVER_READ_ONLY = (
+    "SELECT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_settings"
+    " WHERE name = 'default_transaction_read_only' AND setting = 'on'"
+    " AND source NOT IN ('client', 'session', 'user', 'database user'))"
+)
+
+
 V = TypeVar("V")
 D = TypeVar("D")
 

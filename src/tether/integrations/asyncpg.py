@@ -82,6 +82,7 @@ from ._common import (
     LOST_NOTE,
     RESET_SESSION,
     SAVEPOINT,
+    SERVER_READ_ONLY,
     SESSION_SETTINGS,
     SETTLE,
     BudgetPolicy,
@@ -953,17 +954,6 @@ def _note_prepared(exc: BaseException, *, pgbouncer: bool) -> None:
         exc.add_note(note)
 
 
-#: True when the server refuses writes for every session: a replica (in recovery), or
-#: ``default_transaction_read_only`` set by the server's configuration (``ALTER SYSTEM``, the
-#: configuration file, ``ALTER DATABASE``), not by this pool (its ``server_settings``, the
-#: role's defaults, a ``SET``).
-_SERVER_READ_ONLY = (
-    "SELECT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_settings"
-    " WHERE name = 'default_transaction_read_only' AND setting = 'on'"
-    " AND source NOT IN ('client', 'session', 'user', 'database user'))"
-)
-
-
 async def _read_only_server(conn: Any, within: float) -> bool:
     """Whether a write refused as read-only (25006) on *conn* means the server is read-only
     (a failover reached a replica) rather than the unit's own read-only transaction
@@ -975,7 +965,7 @@ async def _read_only_server(conn: Any, within: float) -> bool:
         async with asyncio.timeout(within):
             if conn.is_in_transaction():  # the unit's own, aborted by the error
                 await conn.execute("ROLLBACK")
-            return bool(await conn.fetchval(_SERVER_READ_ONLY))
+            return bool(await conn.fetchval(SERVER_READ_ONLY))
     except Exception:
         return True
 

@@ -90,6 +90,7 @@ from ._common import (
     LOST_NOTE,
     RESET_SESSION,
     SAVEPOINT,
+    SERVER_READ_ONLY,
     SESSION_SETTINGS,
     SETTLE,
     BudgetPolicy,
@@ -801,17 +802,6 @@ def _commit_rolled_back(name: str) -> str:
     )
 
 
-#: Whether the server itself is read-only (a replica, or read-only in its own
-#: configuration), not the session: a read-only default the pool asked for (conninfo
-#: ``options``, its source ``client``), a role's or database's (``ALTER ROLE ... SET``) or a
-#: ``SET`` is read-only on purpose, not a failover (as asyncpg's and SQLAlchemy's check).
-_SERVER_READ_ONLY = (
-    "SELECT pg_is_in_recovery() OR EXISTS (SELECT 1 FROM pg_settings "
-    "WHERE name = 'default_transaction_read_only' AND setting = 'on' "
-    "AND source NOT IN ('client', 'session', 'user', 'database user'))"
-)
-
-
 async def _server_read_only(conn: Connection, name: str, within: float) -> bool:
     """For an error with SQLSTATE 25006: whether it is the server that is read-only (a
     failover reached a replica), not the unit of work's own read-only transaction
@@ -827,7 +817,7 @@ async def _server_read_only(conn: Connection, name: str, within: float) -> bool:
         if conn.info.transaction_status != TransactionStatus.IDLE:
             await conn.rollback()
         async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
-            await cur.execute(_SERVER_READ_ONLY, prepare=False)
+            await cur.execute(SERVER_READ_ONLY, prepare=False)
             row = await cur.fetchone()
         if not conn.autocommit:
             await conn.rollback()

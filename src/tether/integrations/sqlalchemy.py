@@ -97,6 +97,7 @@ from . import _once
 from ._common import (
     IN_BLOCK_RESET,
     RESET_SESSION,
+    SERVER_READ_ONLY,
     SESSION_SETTINGS,
     BudgetPolicy,
     LoopBound,
@@ -480,17 +481,6 @@ def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | 
     return None
 
 
-#: True when the server refuses writes for every session: a replica (in recovery), or
-#: ``default_transaction_read_only`` set by the server's configuration (``ALTER SYSTEM``, the
-#: configuration file, ``ALTER DATABASE``), not by the app (``connect_args``' server settings,
-#: the role's defaults, a ``SET``).
-_SERVER_READ_ONLY = (
-    "SELECT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_settings"
-    " WHERE name = 'default_transaction_read_only' AND setting = 'on'"
-    " AND source NOT IN ('client', 'session', 'user', 'database user'))"
-)
-
-
 def _replace_pool(sync_conn: Connection, exc: BaseException | None) -> None:
     """The server is read-only (a failover reached a replica): *sync_conn* and every
     connection of its pool opened before now go to it. They are replaced, as SQLAlchemy
@@ -520,7 +510,7 @@ async def _read_only_server(eng: AsyncEngine | AsyncConnection, exc: BaseExcepti
     try:
         async with asyncio.timeout(_turn_timeout(eng)):
             async with eng.connect() as c:
-                if not (await c.exec_driver_sql(_SERVER_READ_ONLY)).scalar():
+                if not (await c.exec_driver_sql(SERVER_READ_ONLY)).scalar():
                     return False
                 await c.run_sync(_replace_pool, exc)
                 return True
@@ -538,7 +528,7 @@ def _sync_read_only_server(eng: Engine | Connection, exc: BaseException) -> bool
         return True
     try:
         with eng.connect() as c:
-            if not c.exec_driver_sql(_SERVER_READ_ONLY).scalar():
+            if not c.exec_driver_sql(SERVER_READ_ONLY).scalar():
                 return False
             _replace_pool(c, exc)
             return True

@@ -692,6 +692,44 @@ class TestReviewFollowUps:
         assert "nothing was committed" in response.text
         assert values(postgres, table) == []
 
+    async def test_a_commit_cut_short_by_a_deadline_is_not_retried(
+        self, postgres: Postgres, table: str
+    ) -> None:
+        """A deadline around the endpoint's own ``commit()`` (``move_on_after``) cuts it once
+        COMMIT was sent: psycopg closes the connection, the server goes on and commits. A
+        loss after it was the 503 "nothing was committed", and an idempotent route ran again:
+        the order was written twice. Whether it committed is unknown: a 500, run once."""
+        postgres.sql(
+            "CREATE OR REPLACE FUNCTION deep_slow() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END$$"
+        )
+        postgres.sql(
+            f"CREATE CONSTRAINT TRIGGER deep_slow AFTER INSERT ON {table} DEFERRABLE "
+            f"INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION deep_slow()"
+        )  # COMMIT takes 0.5 s, as behind a slow synchronous standby
+        app, _, conn = make(postgres, min_size=1, max_size=2)
+        runs: list[int] = []
+
+        @app.post("/order")
+        @tether.fastapi.idempotent
+        async def order(c: Annotated[Conn, Depends(conn)]) -> str:
+            runs.append(1)
+            await c.execute(f"INSERT INTO {table} VALUES ('order')")
+            if len(runs) == 1:
+                with anyio.move_on_after(0.2):
+                    await c.commit()
+                await asyncio.sleep(1.0)  # other work; the server commits meanwhile
+                await c.execute("SELECT 1")  # the connection is gone
+            else:
+                await c.commit()
+            return "placed"
+
+        async with running(app) as client:
+            response = await client.post("/order")
+        assert response.status_code == 500
+        assert runs == [1]
+        assert values(postgres, table) == ["order"]
+
     async def test_a_pool_read_only_on_purpose_is_no_failover(
         self, postgres: Postgres, table: str
     ) -> None:

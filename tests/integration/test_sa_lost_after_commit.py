@@ -630,3 +630,35 @@ def test_lost_before_the_commit_was_sent_is_still_a_503_and_retried(
     assert response.status_code == 200, response.text  # run again, on a new connection
     assert len(runs) == 2
     assert committed(postgres, table) == ["taken", "order"]
+
+
+def test_a_commit_asyncpg_refused_to_send_is_still_a_503_and_retried(
+    postgres: Postgres, table: str
+) -> None:
+    """The server ended the session and asyncpg read the close before the endpoint's own
+    `commit()`: asyncpg refuses to send COMMIT ("the underlying connection is closed"), so
+    nothing was committed. The 503 and the idempotent retry, not the 500 "cannot be known"
+    of a COMMIT whose answer was lost."""
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=2, max_overflow=0)
+    session = tsa.session(lc, engine)
+    app = FastAPI(lifespan=lc.lifespan)
+    runs: list[int] = []
+
+    @app.post("/order")
+    @idempotent
+    async def order(s: Annotated[Any, Depends(session)]) -> str:
+        runs.append(1)
+        await s.execute(text(f"INSERT INTO {table} (v) VALUES ('order')"))
+        if len(runs) == 1:
+            pid = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await anyio.to_thread.run_sync(kill, postgres, pid)
+            await asyncio.sleep(0.3)  # asyncpg reads the close
+        await s.commit()
+        return "written"
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/order")
+    assert response.status_code == 200, response.text
+    assert len(runs) == 2
+    assert committed(postgres, table) == ["order"]

@@ -642,6 +642,10 @@ def connection(
     return res
 
 
+#: A transaction still open, COMMIT not run (`_Handed.commit`).
+_OPEN_TRANSACTION = frozenset({TransactionStatus.INTRANS, TransactionStatus.INERROR})
+
+
 class _Handed:
     """A connection as :func:`connection` hands it to a unit of work: psycopg's
     ``AsyncConnection`` to the code using it (its attributes and methods, ``isinstance``)
@@ -704,12 +708,12 @@ class _Handed:
         object.__setattr__(self, "_tether_committing", True)
         try:
             await conn.commit()
-        except psycopg.OperationalError:
-            if not conn.broken:
-                object.__setattr__(self, "_tether_committing", False)
-            raise
         except BaseException:
-            object.__setattr__(self, "_tether_committing", False)
+            # Still committing unless COMMIT surely did not run: the connection is whole and
+            # its transaction still open. A cancel (a deadline around the commit) that cut it
+            # once COMMIT was sent left psycopg to close the connection: unknown.
+            if not conn.broken and conn.info.transaction_status in _OPEN_TRANSACTION:
+                object.__setattr__(self, "_tether_committing", False)
             raise
         object.__setattr__(self, "_tether_committing", False)
         object.__setattr__(self, "_tether_committed", True)

@@ -1107,10 +1107,12 @@ def _use_failure(
     if _is_lost(exc):
         if committed:
             return lost_after_commit(info.name, _describe_db(exc))
-        if committing and getattr(exc, "statement", "") is None:
+        at_commit = isinstance(exc, sa_exc.DBAPIError) and exc.statement is None
+        if committing and at_commit and not _refused_to_send(cast("sa_exc.DBAPIError", exc)):
             # Lost at the COMMIT itself (SQLAlchemy names no statement for it): not in the
             # commit's flush (its INSERT names one: no COMMIT was sent), nor after a
-            # commit that failed before it, and was rolled back.
+            # commit that failed before it, and was rolled back, nor a COMMIT asyncpg
+            # refused to send on a connection it knew closed.
             return lost_at_commit(info.name, _describe_db(exc))
         # The server ended the transaction with the connection: nothing was committed.
         return connection_lost(info.name, _describe_db(exc))

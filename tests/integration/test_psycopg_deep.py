@@ -730,6 +730,34 @@ class TestReviewFollowUps:
         assert runs == [1]
         assert values(postgres, table) == ["order"]
 
+    async def test_a_commit_the_server_refused_is_no_commit_of_its_own(
+        self, postgres: Postgres, table: str
+    ) -> None:
+        """The endpoint's ``commit()`` refused by the server (a deferred constraint checked at
+        COMMIT), the error caught: nothing was committed, so a connection lost after it is
+        still the 503 "nothing was committed" (safe to retry), not ``LostAfterCommit``."""
+        postgres.sql(
+            f"ALTER TABLE {table} ADD CONSTRAINT {table}_once UNIQUE (v) "
+            f"DEFERRABLE INITIALLY DEFERRED"
+        )
+        app, _, conn = make(postgres, min_size=1, max_size=1)
+
+        @app.post("/refused")
+        async def refused(c: Annotated[Conn, Depends(conn)]) -> None:
+            await c.execute(f"INSERT INTO {table} VALUES ('twice'), ('twice')")
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                await c.commit()  # refused at COMMIT: nothing committed
+            await c.execute(f"INSERT INTO {table} VALUES ('after')")
+            pid = c.info.backend_pid
+            await asyncio.to_thread(postgres.sql, "SELECT pg_terminate_backend(%s)", [pid])
+            await c.execute("SELECT 1")
+
+        async with running(app, raise_errors=True) as client:
+            response = await client.post("/refused")
+        assert response.status_code == 503
+        assert "nothing was committed" in response.text
+        assert values(postgres, table) == []
+
     async def test_a_pool_read_only_on_purpose_is_no_failover(
         self, postgres: Postgres, table: str
     ) -> None:

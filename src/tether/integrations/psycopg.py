@@ -708,11 +708,14 @@ class _Handed:
         object.__setattr__(self, "_tether_committing", True)
         try:
             await conn.commit()
-        except BaseException:
-            # Still committing unless COMMIT surely did not run: the connection is whole and
-            # its transaction still open. A cancel (a deadline around the commit) that cut it
-            # once COMMIT was sent left psycopg to close the connection: unknown.
-            if not conn.broken and conn.info.transaction_status in _OPEN_TRANSACTION:
+        except BaseException as exc:
+            # Still committing unless COMMIT surely did not commit: the server answered it
+            # with an error (a deferred constraint, a serialization failure: its SQLSTATE),
+            # or it did not run (the transaction still open), on a connection still whole.
+            # A cancel (a deadline around the commit) that cut it once COMMIT was sent left
+            # psycopg to close the connection: unknown.
+            answered = getattr(exc, "sqlstate", None) is not None
+            if not conn.broken and (answered or conn.info.transaction_status in _OPEN_TRANSACTION):
                 object.__setattr__(self, "_tether_committing", False)
             raise
         object.__setattr__(self, "_tether_committing", False)

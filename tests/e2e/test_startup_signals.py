@@ -80,5 +80,14 @@ def test_a_signal_during_startup_retries_stops_the_start(
     events = [line[6:] for line in output.splitlines() if line.startswith("EVENT ")]
     assert events[-1] == "settings close", output  # what opened was closed
     assert "backend attempt 3" not in events, output  # the retries stopped
-    assert "Traceback" not in output
+    if times == 2 and output.count("Traceback") == 1:
+        # A second Ctrl-C that reaches uvicorn once the start has ended is its force exit:
+        # it skips the lifespan's shutdown, and asyncio then cancels the lifespan task at
+        # its `await receive()`, which uvicorn logs with a traceback (for any app; seen on a
+        # loaded CI). What had opened was closed at the first signal (above); that
+        # traceback, and no other, may be there.
+        assert "lifespan" in output, output
+        assert output.rstrip().endswith("CancelledError"), output
+    else:
+        assert "Traceback" not in output
     assert "Application startup failed" not in output

@@ -179,3 +179,22 @@ async def settled(check: Callable[[], Any], what: str, timeout: float = 3.0) -> 
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"{what}: not true within {timeout} s")
         await asyncio.sleep(0.02)
+
+
+def set_read_only(pg: Postgres, on: bool) -> None:
+    """Make the server read-only for every session, as a replica is (or writable again), and
+    wait until new backends see it."""
+    if on:
+        pg.sql("ALTER SYSTEM SET default_transaction_read_only = on")
+    else:
+        pg.sql("ALTER SYSTEM RESET default_transaction_read_only")
+    pg.sql("SELECT pg_reload_conf()")
+    # pg_reload_conf() only signals the postmaster, which reloads when it gets to it (a
+    # fixed sleep may end first on a loaded machine). Once a new backend sees the setting,
+    # the postmaster has reloaded and passed the signal on: every backend applies it at its
+    # next command.
+    want = "on" if on else "off"
+    deadline = time.monotonic() + 10
+    while pg.sql("SHOW default_transaction_read_only") != [(want,)]:
+        assert time.monotonic() < deadline, f"default_transaction_read_only is not {want}"
+        time.sleep(0.02)

@@ -7,7 +7,6 @@ the address reaching the new primary is. A write meanwhile is a 503 with Retry-A
 Ground truth: pg_stat_activity by application_name, and the rows in the table.
 """
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 import tether
+from tests.integration.drivers import set_read_only
 from tests.servers import Postgres
 from tether.integrations import asyncpg as tpg
 from tether.integrations import psycopg as tpsy
@@ -32,23 +32,6 @@ def pg() -> Iterator[Postgres]:
         server.sql("CREATE TABLE failover_t (k int)")
         server.sql("GRANT ALL ON failover_t TO tether")
         yield server
-
-
-def set_read_only(pg: Postgres, on: bool) -> None:
-    if on:
-        pg.sql("ALTER SYSTEM SET default_transaction_read_only = on")
-    else:
-        pg.sql("ALTER SYSTEM RESET default_transaction_read_only")
-    pg.sql("SELECT pg_reload_conf()")
-    # pg_reload_conf() only signals the postmaster, which reloads when it gets to it (a
-    # fixed sleep may end first on a loaded machine). Once a new backend sees the setting,
-    # the postmaster has reloaded and passed the signal on: every backend applies it at its
-    # next command.
-    want = "on" if on else "off"
-    deadline = time.monotonic() + 10
-    while pg.sql("SHOW default_transaction_read_only") != [(want,)]:
-        assert time.monotonic() < deadline, f"default_transaction_read_only is not {want}"
-        time.sleep(0.02)
 
 
 def asyncpg_app(pg: Postgres, name: str) -> FastAPI:

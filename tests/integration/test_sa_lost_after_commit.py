@@ -38,6 +38,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import tether
+from tests.integration.drivers import set_read_only
 from tests.servers import Postgres
 from tether.fastapi import idempotent
 from tether.integrations import sqlalchemy as tsa
@@ -358,21 +359,6 @@ def own_pg() -> Iterator[Postgres]:
     """A server of this module only: the tests switch it to read-only and back."""
     with Postgres() as server:
         yield server
-
-
-def set_read_only(pg: Postgres, on: bool) -> None:
-    """Make the server read-only for every session, as a replica is (or writable again), and
-    wait until new backends see it (as `tests/integration/test_failover.py` does)."""
-    if on:
-        pg.sql("ALTER SYSTEM SET default_transaction_read_only = on")
-    else:
-        pg.sql("ALTER SYSTEM RESET default_transaction_read_only")
-    pg.sql("SELECT pg_reload_conf()")
-    want = "on" if on else "off"
-    deadline = time.monotonic() + 10
-    while pg.sql("SHOW default_transaction_read_only") != [(want,)]:
-        assert time.monotonic() < deadline, f"default_transaction_read_only is not {want}"
-        time.sleep(0.02)
 
 
 @pytest.fixture

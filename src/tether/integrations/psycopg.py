@@ -543,7 +543,7 @@ def connection(
 
             outside_the_block(state.rolled_back[0], pool_name)
         conn = await _getconn(p, pool_name, timeout)
-        pid = conn.info.backend_pid  # libpq's, no round trip: for `_end_backend`
+        pid = conn.pgconn.backend_pid  # libpq's, no round trip: for `_end_backend`
         reset = reset_session and (state is None or not state.pgbouncer)
         kept = _settings(conn)
         callbacks = _callbacks(conn, state)

@@ -1808,7 +1808,7 @@ class Lifecycle:
             for entry in unit.entries:
                 held = now - entry.opened_at
                 if held > threshold and not entry.leak_reported:
-                    entry.leak_reported = True
+                    entry.leak_reported = unit.label
                     entry.res.counters.leaks += 1
                     if entry.res.guard:  # one leak: not counted again if used after close
                         object.__setattr__(entry.value, "_tether_counted", True)

@@ -106,7 +106,7 @@ class Entry:
         self.value = value
         self.opened_at = opened_at
         self.late = res.late
-        self.leak_reported = False
+        self.leak_reported = ""  # the unit's label once reported as a leak
         self.stack = stack
 
 
@@ -891,6 +891,21 @@ def _count_closed(entry: Entry) -> None:
     c.hold_time += held
     if held > c.max_hold_time:
         c.max_hold_time = held
+    if entry.leak_reported:
+        _leak_given_back(entry, held)
+
+
+def _leak_given_back(entry: Entry, held: float) -> None:
+    """A value reported as a leak (held past ``leak_threshold``) has now closed: say so,
+    once, so that a report in the log is followed by its end (HikariCP's "previously
+    reported leaked connection was returned"). Not a warning: nothing is wrong any more."""
+    log.info(
+        "tether: resource %r, reported as held too long by %s, was given back after %.1f s",
+        entry.res.name,
+        entry.leak_reported,
+        held,
+        extra={"tether_resource": entry.res.name},
+    )
 
 
 def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
@@ -921,6 +936,8 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
             c.hold_time += held
             if held > c.max_hold_time:
                 c.max_hold_time = held
+            if entry.leak_reported:
+                _leak_given_back(entry, held)
             return None
         except StopIteration:
             return close_entry(lc, entry, exc, again=True)

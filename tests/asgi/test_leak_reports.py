@@ -72,6 +72,30 @@ def test_a_request_holding_a_value_is_reported_with_where_it_waits(
     assert lc.stats().resources[resource].leaks == 1
 
 
+def test_a_request_that_gives_back_a_reported_value_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the leak report, the request's end is logged too, naming its route."""
+    lc, app, release = _app()
+
+    async def main() -> None:
+        async with lc.lifespan(app), client_of(app) as client, anyio.create_task_group() as tg:
+            tg.start_soon(client.get, "/hold")
+            with anyio.fail_after(5):
+                while not _leaks(caplog):
+                    await anyio.sleep(0.02)
+            release.set()
+
+    with caplog.at_level(logging.INFO, logger="tether"):
+        anyio.run(main)
+    assert len(_leaks(caplog)) == 1
+    back = [r.getMessage() for r in caplog.records if " was given back after " in r.getMessage()]
+    assert len(back) == 1
+    assert back[0].startswith(
+        "tether: resource 'conn', reported as held too long by GET /hold, was given back after "
+    )
+
+
 class _NoCoroTask(asyncio.Task):  # type: ignore[type-arg]
     """granian's ``--task-impl rust`` tasks: an ``asyncio.Task`` whose ``get_coro()`` crashed
     the worker process (a segfault) when tether's sweep read where a request waits."""

@@ -35,6 +35,14 @@ def _leak_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+def _given_back(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "tether" and " was given back after " in r.getMessage()
+    ]
+
+
 class TestLeaks:
     async def test_held_too_long_is_reported_once_with_stack(
         self, caplog: pytest.LogCaptureFixture
@@ -57,6 +65,43 @@ class TestLeaks:
         assert stack.rstrip().endswith("in test_held_too_long_is_reported_once_with_stack")
         assert records[0].tether_resource == "conn"  # type: ignore[attr-defined]
         assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_a_reported_leak_given_back_is_logged_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The report of a leak is followed by its end: one INFO record naming the resource,
+        the unit that held it and for how long, when the value is finally given back."""
+        lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+        with caplog.at_level(logging.INFO, logger="tether"):
+            async with lc.run():
+                async with lc.scope("nightly job") as s:
+                    await s.get(conn)
+                    with anyio.fail_after(5):
+                        while not _leak_warnings(caplog):
+                            await anyio.sleep(0.02)
+                    await anyio.sleep(0.2)
+                    assert _given_back(caplog) == []  # still held: nothing to say yet
+        (record,) = _given_back(caplog)
+        assert record.levelno == logging.INFO
+        message = record.getMessage()
+        prefix = "tether: resource 'conn', reported as held too long by nightly job, was given back after "
+        assert message.startswith(prefix)
+        assert message.endswith(" s")
+        assert float(message[len(prefix) : -2]) >= 0.3  # held across the report and the sleep
+        assert record.tether_resource == "conn"  # type: ignore[attr-defined]
+        assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_values_never_reported_are_not_said_to_be_given_back(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lc, conn = _lifecycle(leak_threshold=0.5, sweep_interval=0.02)
+        with caplog.at_level(logging.INFO, logger="tether"):
+            async with lc.run():
+                for _ in range(3):
+                    async with lc.scope() as s:
+                        await s.get(conn)
+                        await anyio.sleep(0.03)
+        assert _given_back(caplog) == []
 
     async def test_short_holds_are_not_reported(self, caplog: pytest.LogCaptureFixture) -> None:
         """Values released within the threshold are never reported."""

@@ -103,7 +103,9 @@ class _Aborted(Exception):
     response is aborted (its last body message is not sent), and a server or middleware
     must not complete it (Starlette's ``BaseHTTPMiddleware`` ends the body cleanly when
     the app returns). The failure itself was logged by tether: its traceback is not
-    chained here, so that it is not logged twice."""
+    chained here, so that it is not logged twice. Not raised where the app has a
+    server-error handler: the failure itself is raised then, for that handler to see
+    (`_app_reports`)."""
 
 
 # The context holds a weak reference to the unit, not the unit: callbacks scheduled
@@ -1226,15 +1228,19 @@ class _ConnectionEnd:
 
     async def __call__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         _leave(self.token)  # the cleanups run without the unit in the context, as on HTTP
+        ws = self.connection
+        send = getattr(ws, "send", None)  # (an `HTTPConnection` made by hand has none)
         try:
             errors = await self.unit.aclose(exc)
+            if exc is not None and _drain_cancelled(self.lc, self.unit, exc):
+                if send is not None:
+                    await _close_for_restart(self.unit.label, ws.scope, send, _socket_stage(ws))
+                return False
         finally:
             self.lc._retire(self.unit)
         error = exc if exc is not None else errors[-1] if errors else None
         if error is None or (exc is not None and not isinstance(exc, ResourceUnavailable)):
             return False
-        ws = self.connection
-        send = getattr(ws, "send", None)  # (an `HTTPConnection` made by hand has none)
         if send is None:
             return False
         return await _websocket_ended(
@@ -1819,6 +1825,9 @@ class _TetherRoute:
                 _CURRENT.reset(token)  # the cleanups run without it, as on HTTP routes
         except BaseException as exc:
             await unit.aclose(exc)
+            if _drain_cancelled(lc, unit, exc):
+                await _close_for_restart(unit.label, scope, send, stage)
+                raise
             if not isinstance(exc, ResourceUnavailable) or not await _websocket_ended(
                 lc, unit.label, scope, send, stage, exc, raised=True
             ):
@@ -1865,15 +1874,22 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
     A cleanup that failed before the response started, with an exception the app has a
     handler for (``@app.exception_handler(IntegrityError)``, an ``HTTPException``, its own
     ``ResourceUnavailable`` handler): raised from here, once every value is closed, for
-    that handler to answer, as it would had the endpoint raised it."""
+    that handler to answer, as it would had the endpoint raised it. One that failed after
+    the response started aborts it: raised too where the app has a server-error handler,
+    for that handler to see (`_app_reports`), else `_Aborted`."""
     if isinstance(exc, _Replaced):
         if unit.entries:
             await unit.aclose(exc.__cause__)
         failed = exc.__cause__
-        if unit.state == 4 and failed is not None:
+        if failed is not None and (
+            unit.state == 4 or (unit.state == 3 and _app_reports(scope, failed))
+        ):
             # Raised as it was, without tether's `_Replaced` as its context (raised here,
             # under `_run`'s `except`, it would get one): the server logs its traceback
-            # when the app's server-error handler answered it.
+            # when the app's server-error handler answered it. After the start (state 3)
+            # that handler cannot answer (Starlette sends nothing once the response
+            # started) but still sees what failed, as for the endpoint's own errors; the
+            # app raises, which aborts the response.
             context = failed.__context__
             try:
                 raise failed
@@ -1956,6 +1972,37 @@ async def _deny_websocket(scope: Scope, send: Send) -> None:
         await _answer(send, 503, _SHUTTING_DOWN, 5.0, "websocket.http")
     else:
         await send({"type": "websocket.close", "code": 1013, "reason": _SHUTTING_DOWN})
+
+
+def _drain_cancelled(lc: Lifecycle, unit: Unit, exc: BaseException) -> bool:
+    """Whether *exc* is the cancel a shutdown sent *unit* once its ``drain_timeout``
+    passed (`Lifecycle._cancel_units`): the app drains, and the unit was in flight when
+    the drain cancelled every unit still in flight (or the cancel says so). On the
+    failure path only."""
+    if not isinstance(exc, asyncio.CancelledError) or lc.state is not State.DRAINING:
+        return False
+    if str(exc).startswith("tether: drain_timeout="):
+        return True
+    cancelled = lc._cancelled
+    return bool(cancelled) and unit.started <= cancelled[-1].at
+
+
+async def _close_for_restart(label: str, scope: Scope, send: Send, stage: int) -> None:
+    """A WebSocket the drain cancelled (`_drain_cancelled`), its values rolled back: an
+    open socket (*stage* 1, as `_socket_stage`) is closed with 1012, "service restart",
+    so that its client reconnects (to another instance) rather than see the server drop
+    it; a handshake not accepted yet (0) is refused as one that comes while the app
+    drains (`_deny_websocket`). Nothing is sent to a socket already closed, nor raised if
+    the client is gone."""
+    if stage == 2:
+        return
+    try:
+        if stage == 1:
+            await send({"type": "websocket.close", "code": 1012, "reason": _SHUTTING_DOWN})
+        else:
+            await _deny_websocket(scope, send)
+    except Exception as exc:  # the client (or the server's side of it) is gone
+        log.debug("tether: %s: the close was not sent: %s", label, describe(exc))
 
 
 async def _websocket_ended(
@@ -2228,6 +2275,19 @@ def _app_answers(scope: Any, failed: BaseException) -> bool:
     if _app_handles(scope, failed):
         return True
     if scope is None or isinstance(failed, ResourceUnavailable):
+        return False
+    return _app_reports(scope, failed)
+
+
+def _app_reports(scope: Any, failed: BaseException) -> bool:
+    """Whether the app has a server-error handler (``@app.exception_handler(Exception)``
+    or ``(500)``) that *failed* reaches. Starlette's ``ServerErrorMiddleware`` calls it for
+    what escapes the app, response started or not (it sends its answer only if not). For a
+    cleanup's failure after the response started, it gets the failure itself, not tether's
+    `_Aborted` (an error reporter records what failed); a handler for the failure's class
+    cannot answer a started response: Starlette raises its ``RuntimeError``, caused by the
+    failure, on to the server-error handler, as for an endpoint's error raised mid-body."""
+    if scope is None:
         return False
     # The innermost app's (a mounted app's own, if it has one): the first
     # `ServerErrorMiddleware` the exception reaches on its way out. Its handler, not the

@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
@@ -52,7 +54,9 @@ __all__ = [
     "connect_or_close",
     "Dsn",
     "LoopBound",
+    "BUDGET_QUERY",
     "check_budget",
+    "forget_budget",
     "check_dsn",
     "check_dsn_value",
     "commit_not_sent",
@@ -623,6 +627,43 @@ def _option_value(args: list[str], short: str | None, long: str) -> int | None:
     return found
 
 
+#: The server's ``max_connections``, and what tells the server from another: its port and
+#: when it started (the same server however it is reached: a host name, an address, a
+#: socket). Read by each PostgreSQL pool as it opens, for :func:`check_budget`.
+BUDGET_QUERY = (
+    "SELECT current_setting('max_connections'),"
+    " current_setting('port') || '@' || pg_postmaster_start_time()::text"
+)
+
+
+class _Share:
+    """A pool's part of a server's connections: ``workers x per_worker``."""
+
+    __slots__ = ("per_worker", "reserved", "server", "workers")
+
+    def __init__(self, server: str, per_worker: int, workers: int, reserved: int) -> None:
+        self.server = server
+        self.per_worker = per_worker
+        self.workers = workers
+        self.reserved = reserved
+
+
+#: The shares of the pools of each lifecycle open now, by resource name: a pool that opens
+#: adds those on the same server to its own (an app's engine and asyncpg pool on one
+#: server both count against its max_connections).
+_shares: weakref.WeakKeyDictionary[Lifecycle, dict[str, _Share]] = weakref.WeakKeyDictionary()
+#: Held from reading the shares to noting one: a sync engine opens in a thread of its own.
+_shares_lock = threading.Lock()
+
+
+def forget_budget(lc: Lifecycle, name: str) -> None:
+    """Forget pool *name*'s share of its server (it closed): see :func:`check_budget`."""
+    with _shares_lock:
+        shares = _shares.get(lc)
+        if shares is not None:
+            shares.pop(name, None)
+
+
 def check_budget(
     name: str,
     *,
@@ -631,15 +672,85 @@ def check_budget(
     workers: int,
     reserved: int,
     policy: BudgetPolicy,
+    lc: Lifecycle | None = None,
+    server: str | None = None,
 ) -> None:
     """Check ``workers x per_worker + reserved <= server_max``; warn or fail by *policy*.
 
     *server_max* is the server's ``max_connections`` (read from the server);
     *per_worker* a pool's most connections (size + overflow); *reserved* what is kept
     for everything else (superuser_reserved_connections, migrations, psql, other apps).
+
+    With *lc* and *server* (the second column of :data:`BUDGET_QUERY`), the pools of *lc*
+    open on the same server count too: ``workers x per_worker`` of each, and the largest
+    *reserved*. A pool that fits is noted (until :func:`forget_budget`), so that the next
+    one to open counts it.
     """
     if policy == "off":
         return
+    if lc is None or server is None:
+        _check_alone(name, server_max=server_max, per_worker=per_worker, workers=workers,
+                     reserved=reserved, policy=policy)  # fmt: skip
+        return
+    mine = _Share(server, per_worker, workers, reserved)
+    with _shares_lock:
+        shares = _shares.setdefault(lc, {})
+        others = [(n, s) for n, s in shares.items() if n != name and s.server == server]
+        if others:
+            _check_shared(name, mine, others, server_max=server_max, policy=policy)
+        else:
+            _check_alone(name, server_max=server_max, per_worker=per_worker, workers=workers,
+                         reserved=reserved, policy=policy)  # fmt: skip
+        shares[name] = mine
+
+
+def _check_shared(
+    name: str,
+    mine: _Share,
+    others: list[tuple[str, _Share]],
+    *,
+    server_max: int,
+    policy: BudgetPolicy,
+) -> None:
+    pools = [*others, (name, mine)]
+    reserved = max(share.reserved for _, share in pools)
+    need = sum(share.workers * share.per_worker for _, share in pools) + reserved
+    parts = " + ".join(
+        f"{share.workers} workers x {share.per_worker} ({n!r})" for n, share in pools
+    )
+    if need <= server_max:
+        log.info(
+            "tether: connection budget of %r fits, with the other pools on its server: "
+            "%s + %d reserved = %d <= %d",
+            name,
+            parts,
+            reserved,
+            need,
+            server_max,
+        )
+        return
+    names = ", ".join(repr(n) for n, _ in others)
+    msg = (
+        f"Connection budget of {name!r} does not fit with the other pools of this app on "
+        f"the same server ({names}): {parts} connections + {reserved} reserved = {need}, "
+        f"but the server allows max_connections={server_max}. Lower the pool sizes or the "
+        f"number of workers (-w/--workers, or WEB_CONCURRENCY), put PgBouncer in front, or "
+        f"raise max_connections."
+    )
+    if policy == "error":
+        raise StartupError(msg, resource=name)
+    log.warning("tether: %s", msg)
+
+
+def _check_alone(
+    name: str,
+    *,
+    server_max: int,
+    per_worker: int,
+    workers: int,
+    reserved: int,
+    policy: BudgetPolicy,
+) -> None:
     need = workers * per_worker + reserved
     if need <= server_max:
         log.info(

@@ -44,6 +44,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -78,6 +79,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOST_NOTE,
     RESET_SESSION,
@@ -98,6 +100,7 @@ from ._common import (
     connection_lost,
     depends_on,
     failed_transaction,
+    forget_budget,
     note_pgbouncer,
     pooler_never_sent,
     queue_full,
@@ -155,6 +158,7 @@ class _State:
         "expired",
         "expires",
         "idle_since",
+        "lifetime",
         "listeners",
         "loggers",
         "max_waiting",
@@ -162,6 +166,7 @@ class _State:
         "own_listeners",
         "pgbouncer",
         "ping_after",
+        "recycled",
         "rolled_back",
         "served",
         "shown",
@@ -180,6 +185,9 @@ class _State:
         self.rolled_back: list[str] = []  # the resources of the `rolled_back` blocks open now
         # With max_lifetime: when each connection expires (set as it is made).
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
+        # When connections past their lifetime were closed in the last second (see _due).
+        self.recycled: collections.deque[float] = collections.deque()
+        self.lifetime = math.inf  # max_lifetime
         self.served = time.monotonic()  # when a unit of work last got a connection
         self.timed_out_at = -math.inf  # when a unit of work's wait for one last timed out
         self.created = 0  # connections the pool made, in create_time seconds
@@ -410,7 +418,10 @@ def pool(
         max_lifetime: seconds a connection is used for, at most (default: for ever, as
             asyncpg). An older one is closed when it is next acquired, never while a unit of
             work holds it, and the pool opens a new one; each connection's lifetime is up to
-            5 % shorter, so connections made together do not all expire together. For a
+            5 % shorter, and the pool closes at most ``ceil(0.1 * max_size)`` of them in any
+            second (``ceil(max_size / max_lifetime)`` if more, for lifetimes under 10 s): one
+            due past that keeps serving, up to ``max_lifetime`` + ``min(10 s,
+            max_lifetime)``, so connections made together are not all replaced together. For a
             server or proxy that moves (DNS failover, PgBouncer rotation) and for backends
             that grow. psycopg's pool has ``max_lifetime`` (3600 s by default), SQLAlchemy's
             ``pool_recycle``.
@@ -490,6 +501,7 @@ def pool(
             options["setup"] = _keeping_setup(state, options["setup"])
         if max_lifetime is not None:
             state.expires = weakref.WeakKeyDictionary()
+            state.lifetime = max_lifetime
             options["init"] = _stamping(state.expires, max_lifetime, options.get("init"))
         p = Pool(target, tether=state, **options)
         try:
@@ -505,17 +517,19 @@ def pool(
                 pass  # PgBouncer multiplexes: the server's max_connections is its business
             else:
                 try:
-                    server_max = int(await p.fetchval("SHOW max_connections"))
+                    server_max, server = await p.fetchrow(BUDGET_QUERY)
                 except Exception as exc:
                     note_pgbouncer(exc)
                     raise
                 check_budget(
                     name,
-                    server_max=server_max,
+                    server_max=int(server_max),
                     per_worker=max_size,
                     workers=worker_count(workers),
                     reserved=reserved,
                     policy=budget,
+                    lc=lc,
+                    server=server,
                 )
             log.info(
                 "tether: asyncpg pool %r open on %s (min_size=%d, max_size=%d%s)",
@@ -527,6 +541,7 @@ def pool(
             )
             yield p
         finally:
+            forget_budget(lc, name)
             # Shielded here too: when opening is interrupted (a startup cancelled while it
             # reads max_connections), this runs during the cancellation.
             with anyio.CancelScope(shield=True):
@@ -1028,7 +1043,7 @@ async def _acquire(p: Any, pool_name: str, state: _State | None, timeout: float)
         if state is not None:
             state.served = time.monotonic()
             if state.expires is not None:
-                while _expired(state.expires, conn):
+                while _due(state, state.expires, p, conn):
                     # Past max_lifetime: closed now that no unit of work holds it; the pool
                     # opens a new one in its place.
                     _terminate(conn)
@@ -1165,9 +1180,41 @@ async def _answered(
         raise unavailable(pool_name, reason, timed_out=deadline.expired()) from exc
 
 
-def _expired(expires: weakref.WeakKeyDictionary[Any, float], conn: Any) -> bool:
+#: Seconds, at most, a connection past its lifetime keeps serving while the pool replaces
+#: others (``min(RECYCLE_SLACK, max_lifetime)``): at ``ceil(0.1 * max_size)`` a second, or
+#: ``ceil(max_size / max_lifetime)``, a whole pool made at once is replaced within that.
+RECYCLE_SLACK = 10.0
+
+
+def _due(state: _State, expires: weakref.WeakKeyDictionary[Any, float], p: Any, conn: Any) -> bool:
+    """Whether *conn*, just acquired, is to be closed for its age: past its lifetime, and
+    fewer than the budget closed so in the last second (else it serves this unit of work,
+    and is closed on a later acquire), or past it by the slack.
+
+    The budget, ``ceil(0.1 * max_size)`` a second, spreads the replacement of connections
+    made together (a pool warmed at once) instead of replacing them all in the same second;
+    with a lifetime under 10 s that would not keep up (every connection is replaced once a
+    lifetime), so it is ``ceil(max_size / max_lifetime)`` then.
+    """
     deadline = expires.get(_raw(conn))
-    return deadline is not None and time.monotonic() > deadline
+    now = time.monotonic()
+    if deadline is None or now <= deadline:
+        return False
+    recycled = state.recycled
+    while recycled and recycled[0] <= now - 1.0:
+        recycled.popleft()
+    size = _max_size_of(p)
+    budget = max(math.ceil(0.1 * size), math.ceil(size / state.lifetime))
+    slack = min(RECYCLE_SLACK, state.lifetime)
+    if now <= deadline + slack and len(recycled) >= budget:
+        return False
+    recycled.append(now)
+    return True
+
+
+def _max_size_of(p: Any) -> int:
+    size = _max_size(p)
+    return size if size is not None else 1
 
 
 def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> ResourceUnavailable:
@@ -1181,7 +1228,9 @@ def _timed_out(p: Any, pool_name: str, state: _State | None, timeout: float) -> 
             f"(max_size={max_size}); the requests holding them are slow, or the pool is "
             f"too small for the load"
         )
-    waiting = state.waiting if state is not None else None
+    # The others waiting: this unit, timing out, no longer waits (as psycopg and SQLAlchemy
+    # count it).
+    waiting = max(state.waiting - 1, 0) if state is not None else None
     return unavailable(
         pool_name, reason, size=max_size, in_use=in_use, waiting=waiting, timed_out=True
     )

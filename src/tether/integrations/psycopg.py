@@ -85,6 +85,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOSES_CANCEL,
     LOST_NOTE,
@@ -108,6 +109,7 @@ from ._common import (
     depends_on,
     dropped_cancellation,
     failed_transaction,
+    forget_budget,
     lost_after_commit,
     lost_at_commit,
     note_pgbouncer,
@@ -346,7 +348,7 @@ def pool(
         try:
             if not (pgbouncer or budget == "off"):
                 async with probe.cursor(row_factory=tuple_row) as cur:
-                    await cur.execute("SHOW max_connections")
+                    await cur.execute(BUDGET_QUERY)
                     row = await cur.fetchone()
                 assert row is not None
                 check_budget(
@@ -356,6 +358,8 @@ def pool(
                     workers=worker_count(workers),
                     reserved=reserved,
                     policy=budget,
+                    lc=lc,
+                    server=row[1],
                 )
         finally:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
@@ -374,6 +378,7 @@ def pool(
         try:
             await p.open(wait=True, timeout=open_timeout)
         except BaseException as exc:
+            forget_budget(lc, name)
             # Timed out, or cancelled half-way: close it, or its workers and the
             # connections they made stay behind.
             with anyio.CancelScope(shield=True):
@@ -402,6 +407,7 @@ def pool(
             )
             yield p
         finally:
+            forget_budget(lc, name)
             with anyio.CancelScope(shield=True):
                 await p.close(timeout=lc.close_timeout / 2)
 
@@ -1031,7 +1037,8 @@ _LET_GO = 0.5
 async def _let_go(conn: Connection, name: str, within: float) -> bool:
     """Whether the connection is free for the rollback or the reset: not held by a
     ``cursor.stream()`` or ``conn.notifies()`` generator the unit of work left open (psycopg's
-    generators hold the connection's lock while suspended). One left early is closed by
+    generators hold the connection's lock while suspended), or by a query another task still
+    runs on it (a ``gather`` whose other query failed). One left early is closed by
     asyncio's finaliser once the loop runs it: given a few turns and up to `_LET_GO` s. One
     still held (kept alive by a reference: an exception's traceback keeps the endpoint's
     locals) would make the rollback wait *within* seconds for nothing: the connection is
@@ -1050,11 +1057,14 @@ async def _let_go(conn: Connection, name: str, within: float) -> bool:
         return True
     except TimeoutError:
         log.warning(
-            "tether: %r: the connection is still held at the end of its unit of work, most "
-            "likely by a `cursor.stream()` or `conn.notifies()` generator left open (kept "
-            "alive by a reference, such as an exception's traceback); closed (the pool "
-            "replaces it). Close such a generator in the endpoint (`async with "
-            "contextlib.aclosing(...)`).",
+            "tether: %r: the connection is still held at the end of its unit of work (its "
+            "lock is taken): by a `cursor.stream()` or `conn.notifies()` generator left open "
+            "(kept alive by a reference, such as an exception's traceback), or by a query "
+            "still running in another task (`asyncio.gather` of queries on one connection, "
+            "one of which failed, or a task not awaited); closed (the pool replaces it). "
+            "Close such a generator in the endpoint (`async with contextlib.aclosing(...)`), "
+            "and await every task using the connection before the unit of work ends (or give "
+            "each its own connection).",
             name,
         )
         await conn.close()

@@ -95,6 +95,7 @@ from .._scope import set_token_wait
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_QUERY,
     IN_BLOCK_RESET,
     RESET_SESSION,
     SERVER_READ_ONLY,
@@ -109,6 +110,7 @@ from ._common import (
     connection_lost,
     depends_on,
     failed_transaction,
+    forget_budget,
     lost_after_commit,
     lost_at_commit,
     note_pgbouncer,
@@ -1247,8 +1249,9 @@ def _options(
 
 
 def _budget(
+    lc: Lifecycle,
     info: _PoolInfo,
-    server_max: int | None,
+    server_max: tuple[int, str] | None,
     *,
     budget: BudgetPolicy,
     workers: int | None,
@@ -1266,11 +1269,13 @@ def _budget(
         return
     check_budget(
         info.name,
-        server_max=server_max,
+        server_max=server_max[0],
         per_worker=per_worker,
         workers=worker_count(workers),
         reserved=reserved,
         policy=budget,
+        lc=lc,
+        server=server_max[1],
     )
 
 
@@ -1603,20 +1608,21 @@ def engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
         try:
-            server_max: int | None = None
+            server_max: tuple[int, str] | None = None
             try:
                 async with eng.connect() as conn:
                     await conn.execute(text("SELECT 1"))
                     if _wants_budget(u, pgbouncer, budget, name):
-                        shown = (await conn.execute(text("SHOW max_connections"))).scalar_one()
-                        server_max = int(shown)
+                        row = (await conn.execute(text(BUDGET_QUERY))).one()
+                        server_max = (int(row[0]), str(row[1]))
             except Exception as exc:
                 failure = _open_failure(info, exc)
                 if failure is None:
                     raise
                 raise failure from exc
-            _budget(info, server_max, budget=budget, workers=workers, reserved=reserved)
+            _budget(lc, info, server_max, budget=budget, workers=workers, reserved=reserved)
         except BaseException:
+            forget_budget(lc, name)
             with anyio.CancelScope(shield=True):
                 await eng.dispose()
             raise
@@ -1625,6 +1631,7 @@ def engine(
         try:
             yield eng
         finally:
+            forget_budget(lc, name)
             info.engine = None
             await eng.dispose()
 
@@ -2280,19 +2287,21 @@ def sync_engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng, name, server=not pgbouncer)
         try:
-            server_max: int | None = None
+            server_max: tuple[int, str] | None = None
             try:
                 with eng.connect() as conn:
                     conn.execute(text("SELECT 1"))
                     if _wants_budget(u, pgbouncer, budget, name):
-                        server_max = int(conn.execute(text("SHOW max_connections")).scalar_one())
+                        row = conn.execute(text(BUDGET_QUERY)).one()
+                        server_max = (int(row[0]), str(row[1]))
             except Exception as exc:
                 failure = _open_failure(info, exc)
                 if failure is None:
                     raise
                 raise failure from exc
-            _budget(info, server_max, budget=budget, workers=workers, reserved=reserved)
+            _budget(lc, info, server_max, budget=budget, workers=workers, reserved=reserved)
         except BaseException:
+            forget_budget(lc, name)
             eng.dispose()
             raise
         info.engine = eng
@@ -2300,6 +2309,7 @@ def sync_engine(
         try:
             yield eng
         finally:
+            forget_budget(lc, name)
             info.engine = None
             eng.dispose()
 

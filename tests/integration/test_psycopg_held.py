@@ -1,0 +1,47 @@
+"""The warning for a psycopg connection still held as its unit of work ends says what holds
+it, true in both cases: a generator left open, or a query another task still runs on it.
+
+``asyncio.gather`` of two queries on one connection, the first of which fails: the gather
+raises at once, the second query still runs, holding the connection's lock, as the unit of
+work ends. The warning blamed a ``stream()`` or ``notifies()`` generator, which there is none
+of.
+"""
+
+import asyncio
+import logging
+
+import pytest
+
+import tether
+from tests.servers import Postgres
+from tether.integrations import psycopg as tpsy
+
+pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
+
+HELD = (
+    "the connection is still held at the end of its unit of work (its lock is taken): by a "
+    "`cursor.stream()` or `conn.notifies()` generator left open (kept alive by a reference, "
+    "such as an exception's traceback), or by a query still running in another task "
+    "(`asyncio.gather` of queries on one connection, one of which failed, or a task not "
+    "awaited); closed (the pool replaces it). Close such a generator in the endpoint (`async "
+    "with contextlib.aclosing(...)`), and await every task using the connection before the "
+    "unit of work ends (or give each its own connection)."
+)
+
+
+async def test_a_gather_still_running_is_named(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    lc = tether.Lifecycle()
+    pool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=1)
+    conn = tpsy.connection(lc, pool)
+    async with lc.run():
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            with pytest.raises(Exception, match="division by zero"):
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    await asyncio.gather(c.execute("SELECT 1/0"), c.execute("SELECT pg_sleep(2)"))
+        assert f"tether: 'conn': {HELD}" in caplog.text, caplog.text
+        async with lc.scope() as s:  # the pool replaced it
+            c = await s.get(conn)
+            assert await (await c.execute("SELECT 1")).fetchone() == (1,)

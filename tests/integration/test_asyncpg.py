@@ -448,7 +448,7 @@ class TestExhaustion:
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1"
             detail = response.json()["detail"]
-            assert detail.startswith("Pool 'pool' (size 1, in use 1, waiting 1)"), detail
+            assert detail.startswith("Pool 'pool' (size 1, in use 1, waiting 0)"), detail
             assert "acquire_timeout=0.3 s" in detail
             assert holding.result().status_code == 200
             assert client.get("/pid").status_code == 200  # and it recovers at once

@@ -109,7 +109,7 @@ class TestUnavailable:
             assert 0.25 < time.monotonic() - t0 < 1.2
             assert response.status_code == 503
             detail = response.json()["detail"]
-            assert detail.startswith("Pool 'http' (size 1, in use 1, waiting 1)"), detail
+            assert detail.startswith("Pool 'http' (size 1, in use 1, waiting 0)"), detail
             assert slow.result().status_code == 200
             assert client.get("/echo/y").json() == {"echo": "y"}
 
@@ -252,7 +252,7 @@ class TestProxies:
                 with pytest.raises(
                     thttpx.PoolUnavailable,
                     match=exactly(
-                        "Pool 'http' (size 1, in use 1, waiting 1) could not give a connection: "
+                        "Pool 'http' (size 1, in use 1, waiting 0) could not give a connection: "
                         "no connection came free within the pool timeout (max_connections "
                         "reached). Retry shortly; if it persists, check the server it calls and "
                         "the pool size."
@@ -404,7 +404,7 @@ class TestPoolFigures:
 
 
 POOL_1 = (
-    "Pool 'http' (size 1, in use 1, waiting 1) could not give a connection: no connection "
+    "Pool 'http' (size 1, in use 1, waiting 0) could not give a connection: no connection "
     "came free within the pool timeout (max_connections reached). Retry shortly; if it "
     "persists, check the server it calls and the pool size."
 )

@@ -165,11 +165,11 @@ class _Transport(httpx.AsyncBaseTransport):
             f"the URL's host) and, if the server asks for a client certificate, cert=."
         )
 
-    def _figures(self, waited: bool) -> tuple[int | None, int | None, int | None]:
+    def figures(self) -> tuple[int | None, int | None, int | None]:
         """Size, connections in use and requests waiting, read from the transport's pool
-        (httpcore's, in httpx's own transport); ``None`` where there is no such pool.
-        *waited*: the failing request waited for a connection, and counts as waiting (the
-        pool has already taken it off its queue)."""
+        (httpcore's, in httpx's own transport); ``None`` where there is no such pool. A
+        request that timed out waiting is off the pool's queue: not counted, as the
+        database pools do not count the unit that timed out."""
         pool = getattr(self.inner, "_pool", None)
         try:
             most = pool._max_connections  # type: ignore[union-attr]
@@ -183,20 +183,16 @@ class _Transport(httpx.AsyncBaseTransport):
             in_use = None
         try:
             queued = sum(r.is_queued() for r in pool._requests)  # type: ignore[union-attr]
-            waiting: int | None = queued + waited
+            waiting: int | None = queued
         except Exception:
             waiting = None
         return size, in_use, waiting
-
-    def figures(self) -> tuple[int | None, int | None, int | None]:
-        """Size, connections in use and requests waiting, now."""
-        return self._figures(False)
 
     def _unavailable(
         self, cls: type[_Unavailable], request: httpx.Request, exc: Exception
     ) -> _Unavailable:
         timed_out = isinstance(exc, httpx.PoolTimeout)
-        size, in_use, waiting = self._figures(timed_out)
+        size, in_use, waiting = self.figures()
         if timed_out:
             reason = "no connection came free within the pool timeout (max_connections reached)"
         else:

@@ -45,6 +45,22 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
+def group_listens(pgid: int, port: int) -> bool:
+    """Whether a process of the process group *pgid* (a command started with
+    ``start_new_session=True``, as `make demo` with its uvicorn child) listens on *port*."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and listens(int(entry), port):
+            return True
+    return False
+
+
 class Server:
     """A uvicorn process serving `target` (module:attr); its output goes to a file.
 

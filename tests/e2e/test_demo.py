@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving import ROOT, free_port
+from tests.serving import ROOT, free_port, group_listens
 
 pytestmark = pytest.mark.skipif(
     not (ROOT / ".venv" / "bin" / "python").exists(), reason="make demo runs in .venv"
 )
+
+
+class _PortTaken(Exception):
+    """The command exited at startup because something else took its port meanwhile."""
 
 
 def start(command: list[str], port: int, cwd: Path = ROOT) -> subprocess.Popen[str]:
@@ -31,15 +37,32 @@ def start(command: list[str], port: int, cwd: Path = ROOT) -> subprocess.Popen[s
     )
     deadline = time.monotonic() + 60
     while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        if group_listens(proc.pid, port):  # its own server, not another test's on the port
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
             return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):  # the group may have ended
                 os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate(timeout=20)
-                pytest.fail(f"{command} did not listen on {port} within 60 s:\n{out}")
-            time.sleep(0.1)
+            out, _ = proc.communicate(timeout=20)
+            if proc.returncode != 0 and "address already in use" in out.lower():
+                raise _PortTaken(out) from None
+            pytest.fail(f"{command} did not listen on {port} within 60 s:\n{out}")
+        time.sleep(0.1)
+
+
+def start_on_a_free_port(
+    command: Callable[[int], list[str]], cwd: Path = ROOT
+) -> tuple[subprocess.Popen[str], int]:
+    """`start` on a port free now, and on another if a process of another test takes it
+    before the command binds it (a free port is only free when it is looked up)."""
+    for attempt in range(3):
+        port = free_port()
+        try:
+            return start(command(port), port, cwd), port
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
@@ -51,10 +74,9 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 def test_make_demo_serves_the_notes_service_on_sqlite(tmp_path: Path) -> None:
     """The service starts, creates its database file, keeps notes, and reports ready."""
-    port = free_port()
     db = tmp_path / "demo" / "notes.db"
-    proc = start(
-        [
+    proc, port = start_on_a_free_port(
+        lambda port: [
             "make",
             "-s",
             "-o",
@@ -62,8 +84,7 @@ def test_make_demo_serves_the_notes_service_on_sqlite(tmp_path: Path) -> None:
             "demo",
             f"DEMO_PORT={port}",
             f"DEMO_DB={db}",
-        ],
-        port,
+        ]
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -89,10 +110,12 @@ def test_tether_demo_keeps_its_notes_across_a_restart(tmp_path: Path) -> None:
     """The installed command says where everything is, stops cleanly on SIGTERM, and the notes
     are still there when it starts again on the same file."""
     tether = ROOT / ".venv" / "bin" / "tether"
-    port = free_port()
+    proc, port = start_on_a_free_port(
+        lambda port: [str(tether), "demo", "--port", str(port), "--db", "kept/notes.db"],
+        cwd=tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     command = [str(tether), "demo", "--port", str(port), "--db", "kept/notes.db"]
-    proc = start(command, port, cwd=tmp_path)
     try:
         created = httpx.post(f"{base}/notes", json={"text": "still here"}, timeout=5)
         assert created.json() == {"id": 1, "text": "still here"}

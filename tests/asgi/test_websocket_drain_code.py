@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
+import fastapi
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, WebSocket, WebSocketDisconnect
 
@@ -77,7 +78,18 @@ def _app(events: list[str], **options: Any) -> tuple[FastAPI, tether.Lifecycle]:
     return app, lc
 
 
-@pytest.mark.parametrize("path", ["/ws/hold", "/r/ws/hold", "/ws/lazy"])
+# A resource opened lazily on a WebSocket route that declares none needs FastAPI 0.118+ (its
+# exit stack for the connection); before, it raises `ScopeError` (docs/release-point.md).
+LAZY = pytest.param(
+    "/ws/lazy",
+    marks=pytest.mark.skipif(
+        tuple(int(p) for p in fastapi.__version__.split(".")[:2]) < (0, 118),
+        reason="a WebSocket route's lazily opened resource needs FastAPI 0.118+",
+    ),
+)
+
+
+@pytest.mark.parametrize("path", ["/ws/hold", "/r/ws/hold", LAZY])
 async def test_a_socket_open_past_drain_timeout_is_closed_with_1012(
     path: str, caplog: pytest.LogCaptureFixture
 ) -> None:

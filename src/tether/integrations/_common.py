@@ -737,6 +737,11 @@ def _check_shared(
         f"number of workers (-w/--workers, or WEB_CONCURRENCY), put PgBouncer in front, or "
         f"raise max_connections."
     )
+    _over_budget(name, msg, policy)
+
+
+def _over_budget(name: str, msg: str, policy: BudgetPolicy) -> None:
+    """A budget that does not fit: a `StartupError` with ``budget="error"``, else a warning."""
     if policy == "error":
         raise StartupError(msg, resource=name)
     log.warning("tether: %s", msg)
@@ -770,9 +775,7 @@ def _check_alone(
         f"(-w/--workers, or WEB_CONCURRENCY), put PgBouncer in front, or raise "
         f"max_connections."
     )
-    if policy == "error":
-        raise StartupError(msg, resource=name)
-    log.warning("tether: %s", msg)
+    _over_budget(name, msg, policy)
 
 
 def saturation(

@@ -57,6 +57,8 @@ from ._scope import (
     close_entry,
     code_of,
     open_value,
+    outside,
+    thread_frames,
     thread_stack,
     user_frames,
 )
@@ -1851,7 +1853,7 @@ def _entry_site() -> str:
     frames = user_frames(sys._getframe(1), _NOT_THE_USER)
     main = threading.main_thread()
     if not frames and threading.current_thread() is not main and main.ident is not None:
-        frames = user_frames(sys._current_frames().get(main.ident), _NOT_THE_USER)
+        frames = outside(thread_frames().get(main.ident, []), _NOT_THE_USER)
     if not frames:
         return ""
     filename, line, name = frames[-1]

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import faulthandler
 import gc
 import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -1200,8 +1203,45 @@ def capture_stack(depth: int = 2) -> list[tuple[str, int, str]]:
         return user_frames(sys._getframe(depth), _TETHER_DIRS)
     frames = user_frames(sys._getframe(depth), _RUNNERS)
     if not frames and _MAIN.ident is not None:
-        frames = user_frames(sys._current_frames().get(_MAIN.ident), _RUNNERS)
+        frames = outside(thread_frames().get(_MAIN.ident, []), _RUNNERS)
     return frames
+
+
+_FRAME_LINE = re.compile(r'^  File "(.*)", line (\d+) in (.*)$')
+
+
+def thread_frames() -> dict[int, list[tuple[str, int, str]]]:
+    """Every thread's frames, innermost first, by thread ident, read by ``faulthandler`` in
+    one C call that holds the GIL. Another thread's frames are never walked from Python
+    (``sys._current_frames()``, then ``f_back``): that thread runs between two steps of
+    such a walk, and on CPython 3.11 a frame it returns from meanwhile crashes the process
+    (a segfault in ``f_back``, seen on CI while TestClient's main thread started the app).
+    Diagnostics only: at an app scope's entry, and in leak reports."""
+    with tempfile.TemporaryFile() as out:
+        faulthandler.dump_traceback(out, all_threads=True)
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    threads: dict[int, list[tuple[str, int, str]]] = {}
+    frames: list[tuple[str, int, str]] | None = None
+    for line in text.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            ident = int(line.partition("0x")[2].split(" ", 1)[0], 16)
+            frames = threads.setdefault(ident, [])
+        elif frames is not None:
+            found = _FRAME_LINE.match(line)
+            if found:
+                frames.append((found[1], int(found[2]), found[3]))
+    return threads
+
+
+def outside(
+    frames: list[tuple[str, int, str]], skipped: tuple[str, ...]
+) -> list[tuple[str, int, str]]:
+    """*frames* (innermost first) whose files are not under *skipped*, innermost last (at
+    most 12), as `user_frames` gives them."""
+    kept = [frame for frame in frames if not frame[0].startswith(skipped)][:12]
+    kept.reverse()
+    return kept
 
 
 def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
@@ -1256,20 +1296,18 @@ def count_open_failure(counters: Counters, exc: BaseException) -> None:
 def thread_stack(endpoint: Any, value: Any) -> list[tuple[str, int, str]]:
     """Where a worker thread running *endpoint* (a ``def`` endpoint: its request's task only
     waits for the thread) is now: the frames outside tether and the frameworks, innermost
-    last. Several threads running it: the one whose *endpoint* frame holds *value*."""
+    last. Several threads running it at once: none (which one holds *value* would take
+    reading a running thread's locals, see `thread_frames`)."""
     code = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
     if code is None:
         return []
-    found: list[tuple[Any, Any]] = []
-    for top in sys._current_frames().values():
-        f: Any = top
-        while f is not None and f.f_code is not code:
-            f = f.f_back
-        if f is not None:
-            found.append((top, f))
-    if len(found) > 1:
-        found = [(top, f) for top, f in found if any(v is value for v in f.f_locals.values())]
-    return user_frames(found[0][0], _TETHER_DIRS) if len(found) == 1 else []
+    site = (code.co_filename, code.co_name)
+    found = [
+        frames
+        for frames in thread_frames().values()
+        if any((filename, name) == site for filename, _, name in frames)
+    ]
+    return outside(found[0], _TETHER_DIRS) if len(found) == 1 else []
 
 
 def ready_args(unit: Unit, res: Resource[Any]) -> list[Any] | None:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
@@ -54,6 +54,7 @@ __all__ = [
     "Postgres",
     "Redis",
     "ServerError",
+    "dead_port",
     "free_port",
     "stop_all",
 ]
@@ -89,11 +90,38 @@ class ServerError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now.
+
+    Only right now: another process (a server of another test, an outgoing connection) may
+    take it before it is used. A server started on it must start again on another one when
+    its bind fails with "address already in use" (as the classes here and
+    ``tests.serving.Server`` do); a port where nothing must listen is ``dead_port()``'s."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def dead_port(*, reuse_port: bool = False) -> Iterator[int]:
+    """A TCP port on 127.0.0.1 where nothing listens while the block runs: a connection
+    there is refused at once (ECONNREFUSED).
+
+    A socket stays bound to the port, never listening: Linux refuses a connection to it, no
+    other socket can bind the port (a server of another test given it by ``free_port()``
+    fails with "address already in use" and tries another) and no outgoing connection gets
+    it as its own port. With ``free_port()`` instead, a server of another test could take
+    the port meanwhile, and the test would see that server's answer, not a refusal.
+
+    ``reuse_port=True`` lets a server of this process listen there in between (it must bind
+    with SO_REUSEPORT, e.g. a socketserver with ``allow_reuse_port = True``): the port stays
+    the test's while that server stops and starts again, refused while it is down."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((HOST, 0))  # bound, never listen()ed
+        port: int = sock.getsockname()[1]
+        yield port
 
 
 def _keep_dirs() -> bool:

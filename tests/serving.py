@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from tests.servers import dead_port, free_port
+
+__all__ = ["ROOT", "Server", "dead_port", "free_port", "group_listens", "listens"]
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listens(pid: int, port: int) -> bool:

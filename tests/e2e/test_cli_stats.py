@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from tests.serving import Server, free_port
+from tests.serving import Server, dead_port
 from tests.unit._messages import exactly
 from tether.cli import main
 
@@ -62,11 +62,25 @@ def test_stats_prints_resources_and_what_is_in_flight(
     assert data["in_flight"][0]["label"] == "GET /hold"
 
 
-def test_stats_says_what_is_wrong(serve: type[Server]) -> None:
+@pytest.fixture
+def dead() -> Iterator[int]:
+    """A port where nothing listens, and nothing can meanwhile (a free port may be taken)."""
+    with dead_port() as port:
+        yield port
+
+
+@pytest.fixture
+def kept_port() -> Iterator[int]:
+    """A port for `_dashboard`, kept while it is down: refused then, never taken meanwhile."""
+    with dead_port(reuse_port=True) as port:
+        yield port
+
+
+def test_stats_says_what_is_wrong(serve: type[Server], dead: int) -> None:
     """Unreachable, not a dashboard, or guarded: each refusal names the cause and the fix."""
     server = serve(APP)
     base = server.base_url
-    port = free_port()  # nothing listens there
+    port = dead  # nothing listens there
     refusals = [
         (
             [f"{base}/nowhere"],
@@ -216,8 +230,12 @@ class _Dashboard(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _DashboardServer(http.server.ThreadingHTTPServer):
+    allow_reuse_port = True  # SO_REUSEPORT: it may bind the port `kept_port` keeps
+
+
 def _dashboard(port: int) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Dashboard)
+    server = _DashboardServer(("127.0.0.1", port), _Dashboard)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -276,10 +294,10 @@ def test_stats_of_a_server_that_does_not_speak_http() -> None:
         listener.close()
 
 
-def test_stats_watch_outlasts_a_restart_of_the_app() -> None:
+def test_stats_watch_outlasts_a_restart_of_the_app(kept_port: int) -> None:
     """--watch says a failed read and goes on: the table comes back when the app does
     (before, the first failed read ended the command with exit code 1)."""
-    port = free_port()
+    port = kept_port  # the app's while it is down too: refused then, and free to restart on
     server = _dashboard(port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.cli", "stats", f"http://127.0.0.1:{port}/tether/",

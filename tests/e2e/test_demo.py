@@ -110,12 +110,12 @@ def test_tether_demo_keeps_its_notes_across_a_restart(tmp_path: Path) -> None:
     """The installed command says where everything is, stops cleanly on SIGTERM, and the notes
     are still there when it starts again on the same file."""
     tether = ROOT / ".venv" / "bin" / "tether"
-    proc, port = start_on_a_free_port(
-        lambda port: [str(tether), "demo", "--port", str(port), "--db", "kept/notes.db"],
-        cwd=tmp_path,
-    )
+
+    def command(port: int) -> list[str]:
+        return [str(tether), "demo", "--port", str(port), "--db", "kept/notes.db"]
+
+    proc, port = start_on_a_free_port(command, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
-    command = [str(tether), "demo", "--port", str(port), "--db", "kept/notes.db"]
     try:
         created = httpx.post(f"{base}/notes", json={"text": "still here"}, timeout=5)
         assert created.json() == {"id": 1, "text": "still here"}
@@ -131,9 +131,11 @@ def test_tether_demo_keeps_its_notes_across_a_restart(tmp_path: Path) -> None:
     ]
     assert "Application shutdown complete." in out
     assert "Traceback" not in out, out
-    proc = start(command, port, cwd=tmp_path)
+    # On a port free now: the first one may have been taken since (by another test's server).
+    proc, port = start_on_a_free_port(command, cwd=tmp_path)
     try:
-        assert httpx.get(f"{base}/notes", timeout=5).json() == [created.json()]
+        notes = httpx.get(f"http://127.0.0.1:{port}/notes", timeout=5).json()
+        assert notes == [created.json()]
     finally:
         out = stop(proc)
     assert "Application shutdown complete." in out, out

@@ -21,6 +21,8 @@ APP = "tests.e2e.app_startup_signals:app"
 def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "uvicorn.log"
     cmd = [sys.executable, "-u", "-m", "uvicorn", APP, "--host", "127.0.0.1"]
+    # Never bound, so never taken meanwhile: uvicorn binds its port once the lifespan has
+    # started, and these tests stop it before.
     cmd += ["--port", str(free_port())]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

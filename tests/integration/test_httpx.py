@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 import tether
-from tests.serving import Server, free_port
+from tests.serving import Server, dead_port
 from tests.unit._messages import exactly
 from tests.wakeups import cancelled_at_turn, cancelled_at_wake_up
 from tether.integrations import httpx as thttpx
@@ -78,16 +78,17 @@ class TestClientLifecycle:
 class TestUnavailable:
     def test_unreachable_upstream_is_a_503_and_still_an_httpx_error(self) -> None:
         """Nothing listens upstream: 503 naming the client; `except httpx.ConnectError` works."""
-        app, _, _ = make_app(base_url=f"http://user:pw-123@127.0.0.1:{free_port()}")
-        with TestClient(app) as client:
-            response = client.get("/echo/x")
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == "1"
-            detail = response.json()["detail"]
-            assert detail.startswith("Pool 'http' (size 100, in use 0"), detail
-            assert "cannot reach http://user:***@127.0.0.1:" in detail
-            assert "pw-123" not in detail
-            assert client.get("/caught").json() == {"caught": "ConnectUnavailable"}
+        with dead_port() as dead:  # nothing listens there, and nothing can meanwhile
+            app, _, _ = make_app(base_url=f"http://user:pw-123@127.0.0.1:{dead}")
+            with TestClient(app) as client:
+                response = client.get("/echo/x")
+                assert response.status_code == 503
+                assert response.headers["retry-after"] == "1"
+                detail = response.json()["detail"]
+                assert detail.startswith("Pool 'http' (size 100, in use 0"), detail
+                assert "cannot reach http://user:***@127.0.0.1:" in detail
+                assert "pw-123" not in detail
+                assert client.get("/caught").json() == {"caught": "ConnectUnavailable"}
 
     def test_pool_timeout_is_a_503(self, upstream: Server) -> None:
         """max_connections=1 held by a slow request: the next waits the pool timeout, 503."""
@@ -97,7 +98,7 @@ class TestUnavailable:
             timeout=httpx.Timeout(5.0, pool=0.3),
         )
         with TestClient(app) as client, ThreadPoolExecutor(1) as executor:
-            slow = executor.submit(client.get, "/slow?seconds=1.5")
+            slow = executor.submit(client.get, "/slow?seconds=3")
             # The slow request holds the one connection (a fixed sleep may end before it
             # does on a loaded machine: the next request would take the connection).
             deadline = time.monotonic() + 5
@@ -106,7 +107,7 @@ class TestUnavailable:
                 time.sleep(0.01)
             t0 = time.monotonic()
             response = client.get("/echo/x")
-            assert 0.25 < time.monotonic() - t0 < 1.2
+            assert 0.25 < time.monotonic() - t0 < 2.5  # the timeout, not the 3 s hold
             assert response.status_code == 503
             detail = response.json()["detail"]
             assert detail.startswith("Pool 'http' (size 1, in use 1, waiting 0)"), detail
@@ -263,21 +264,22 @@ class TestProxies:
                 assert lc.stats().resources["http"].timeouts == 1
                 assert (await first).json() == {"via": "proxy"}
 
-        port = free_port()
-        lc = tether.Lifecycle()
-        http = thttpx.client(lc, proxy=f"http://user:pw-123@127.0.0.1:{port}")
-        async with lc.run():
-            with pytest.raises(
-                thttpx.ConnectUnavailable,
-                match=exactly(
-                    f"Pool 'http' (size 100, in use 0, waiting 0) could not give a connection: "
-                    f"cannot reach {UNRESOLVABLE}/ through the proxy http://127.0.0.1:{port}: "
-                    f"ConnectError: All connection attempts failed. Retry shortly; if it "
-                    f"persists, check that the server it calls runs and is reachable."
-                ),
-            ):
-                await lc.get(http).get(f"{UNRESOLVABLE}/ping")
-            assert lc.stats().resources["http"].timeouts == 0
+        with dead_port() as port:  # nothing listens there, and nothing can meanwhile
+            lc = tether.Lifecycle()
+            http = thttpx.client(lc, proxy=f"http://user:pw-123@127.0.0.1:{port}")
+            async with lc.run():
+                with pytest.raises(
+                    thttpx.ConnectUnavailable,
+                    match=exactly(
+                        f"Pool 'http' (size 100, in use 0, waiting 0) could not give a "
+                        f"connection: cannot reach {UNRESOLVABLE}/ through the proxy "
+                        f"http://127.0.0.1:{port}: ConnectError: All connection attempts "
+                        f"failed. Retry shortly; if it persists, check that the server it "
+                        f"calls runs and is reachable."
+                    ),
+                ):
+                    await lc.get(http).get(f"{UNRESOLVABLE}/ping")
+                assert lc.stats().resources["http"].timeouts == 0
 
 
 class TestPoolFigures:

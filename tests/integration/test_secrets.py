@@ -20,7 +20,7 @@ import tether
 import tether._errors
 import tether.fastapi
 from tests.servers import Postgres
-from tests.serving import Server, free_port
+from tests.serving import Server, dead_port
 from tests.unit._messages import exactly
 from tether.cli import main
 from tether.integrations import asyncpg as tasyncpg
@@ -42,13 +42,20 @@ def leaks(*texts: str) -> list[str]:
     return [t for t in texts if any(s in t for s in SECRETS)]
 
 
+@pytest.fixture
+def dead() -> Iterator[int]:
+    """A port where nothing listens, and nothing can meanwhile (a free port may be taken)."""
+    with dead_port() as port:
+        yield port
+
+
 async def test_a_hash_password_and_an_sslpassword_are_never_shown(
-    postgres: Postgres, caplog: pytest.LogCaptureFixture
+    postgres: Postgres, dead: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """libpq reads `postgresql://u:hunter2#x@host/db` (its password runs to the '@'), and
     `sslpassword=`: the open log, the 503 body, /health/ready and the StartupError show
     `***` for both."""
-    port, dead = postgres.port, free_port()
+    port = postgres.port
     hashed = "postgresql://tether:hunter2#x@127.0.0.1:{}/tether"
     keyed = "host=127.0.0.1 port={} user=tether password=x sslpassword=ssl-hunter2 dbname=tether"
     # The URL is valid for libpq: the server takes it (trust auth).

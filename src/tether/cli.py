@@ -45,13 +45,15 @@ def load(target: str) -> Lifecycle:
         msg = f"Cannot import {module_name!r}: {describe(exc)}."
         raise SystemExit(msg) from None
     obj: Any = module
+    missing = object()
     for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
+        obj = getattr(obj, part, missing)
+        if obj is missing:
             msg = f"{module_name!r} has no attribute {attr!r}."
             raise SystemExit(msg)
     if not isinstance(obj, Lifecycle):
-        msg = f"{target!r} is a {type(obj).__name__}, not a tether.Lifecycle: name the Lifecycle."
+        kind = "None" if obj is None else f"of type {type(obj).__name__}"
+        msg = f"{target!r} is {kind}, not a tether.Lifecycle: name the Lifecycle."
         raise SystemExit(msg)
     return obj
 
@@ -113,6 +115,10 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
     closing: list[ShutdownError] = []
     try:
         report = anyio.run(_check, lc, closing)
+    except KeyboardInterrupt:
+        # ^C: asyncio cancelled the run, so what had opened was closed on the way out.
+        print("tether check: interrupted (^C); what it had opened is closed", file=sys.stderr)
+        return 130
     except TetherError as exc:
         if as_json:  # a report all the same, for what reads stdout
             print(json.dumps({"status": "error", "error": describe(exc)}, indent=2))
@@ -132,10 +138,33 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
 
 
 def stats_url(url: str) -> str:
-    """The stats JSON of a dashboard named by its page's URL (or by the JSON's own)."""
-    if url.endswith(".json"):
+    """The stats JSON of a dashboard named by its page's URL (or by the JSON's own), its
+    query kept (a dashboard guarded by ``?token=``), its fragment dropped."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL: `fetch_stats` says so
         return url
-    return url.rstrip("/") + "/stats.json"
+    path = parts.path
+    if not path.endswith(".json"):
+        path = path.rstrip("/") + "/stats.json"
+    return urllib.parse.urlunsplit(parts._replace(path=path, fragment=""))
+
+
+def _shown(url: str) -> str:
+    """*url* as messages show it: redacted; and where it holds more than one ``@`` after its
+    ``scheme://`` (an unencoded ``@`` in a password, which URL parsers split on, and more
+    so with a ``/`` after it), everything before the last one is hidden, as nobody can tell
+    where the password ends."""
+    scheme, sep, rest = url.partition("://")
+    if sep and rest.count("@") > 1:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return redact(url)
+
+
+_ENCODE = (
+    "Percent-encode an '@' in the user or password as %40 and a '/' as %2F "
+    "(http://user:p%40ss%2Fword@host:8000/tether/)."
+)
 
 
 class _ConfigError(SystemExit):
@@ -145,20 +174,25 @@ class _ConfigError(SystemExit):
 def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> dict[str, Any]:
     """Read a running app's dashboard JSON; a clear ``SystemExit`` when that fails."""
     example = "http://127.0.0.1:8000/tether/"
+    shown = _shown(url)
+    ambiguous = shown != redact(url)
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not one
     except ValueError as exc:
-        msg = (
-            f"tether stats: {redact(repr(url))} is not a URL ({exc}). Give the dashboard's, "
-            f"e.g. {example}"
-        )
+        fix = _ENCODE if ambiguous else f"Give the dashboard's, e.g. {example}"
+        msg = f"tether stats: {shown!r} is not a URL ({exc}). {fix}"
         raise _ConfigError(msg) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         msg = (
             f"tether stats: {redact(repr(url))} is not an http:// or https:// URL. Give the "
             f"dashboard's with its scheme, e.g. {example}"
         )
+        raise _ConfigError(msg)
+    if ambiguous and (parts.username is not None or parts.password is not None):
+        # http://user:p@ss/word@host/: urllib reads host 'ss' and would send the password's
+        # first piece to it as Basic auth.
+        msg = f"tether stats: {shown!r}: where its user and password end is ambiguous. {_ENCODE}"
         raise _ConfigError(msg)
     basic = None
     if parts.username is not None or parts.password is not None:
@@ -171,7 +205,7 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if basic is not None:
         request.add_header("Authorization", f"Basic {basic}")  # a --header one replaces it
-    shown = redact(url)
+    shown = _shown(url)
     for header in headers:
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
@@ -187,9 +221,17 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
             raise _ConfigError(msg) from None
         request.add_header(name.strip(), value.strip())
     fix = "Is the app running, and does it include tether.fastapi.dashboard_router(lc)?"
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
+            # The timeout bounds each socket read; the deadline the whole answer (a server
+            # that trickles a byte a second would hold the command for as long as it likes).
+            chunks = []
+            while chunk := response.read1(65536):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"its answer did not end within {timeout:g} s")
+            body = b"".join(chunks)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403) and basic is not None:
             fix = (
@@ -217,9 +259,13 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         data = json.loads(body)
     except ValueError:
         data = None
+    msg = f"tether stats: {shown} did not answer with a tether dashboard's JSON. {fix}"
     if not isinstance(data, dict) or not {"state", "units", "resources", "in_flight"} <= set(data):
-        msg = f"tether stats: {shown} did not answer with a tether dashboard's JSON. {fix}"
         raise SystemExit(msg)
+    try:  # the keys, but not their shape (another tool's JSON): said, not traced
+        render_stats(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise SystemExit(msg) from None
     return data
 
 
@@ -297,28 +343,33 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
     url = stats_url(url)
     read = False
     previous: dict[str, Any] | None = None
-    while True:
-        try:
-            data = fetch_stats(url, headers)
-        except _ConfigError:
-            raise
-        except SystemExit as exc:
-            # Watching an app that answered once: a failed read (a restart, a deploy) is
-            # said and tried again, until ^C. A first read that fails is a wrong URL or app.
-            if watch is None or not read:
+    try:
+        while True:
+            try:
+                data = fetch_stats(url, headers)
+            except _ConfigError:
                 raise
-            print(exc.code, file=sys.stderr, flush=True)
+            except SystemExit as exc:
+                # Watching an app that answered once: a failed read (a restart, a deploy) is
+                # said and tried again, until ^C. A first read that fails is a wrong URL or app.
+                if watch is None or not read:
+                    raise
+                print(exc.code, file=sys.stderr, flush=True)
+                time.sleep(watch)
+                continue
+            if as_json:
+                print(json.dumps(data, indent=2), flush=True)
+            else:
+                print(render_stats(data, previous), flush=True)
+            read, previous = True, data
+            if watch is None:
+                return 0
             time.sleep(watch)
-            continue
-        if as_json:
-            print(json.dumps(data, indent=2), flush=True)
-        else:
-            print(render_stats(data, previous), flush=True)
-        read, previous = True, data
-        if watch is None:
-            return 0
-        time.sleep(watch)
-        print(flush=True)
+            print(flush=True)
+    except KeyboardInterrupt:
+        # ^C ends --watch once it printed, as its help says. Before that, and during a single
+        # read, nothing was printed: a script sees it interrupted (130, as a shell says).
+        return 0 if read and watch is not None else 130
 
 
 DEMO_NEEDS = "pip install 'tether[demo]'"
@@ -384,7 +435,10 @@ def _port(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0 < value < math.inf:
         msg = f"{text!r} is not a positive number of seconds"
         raise argparse.ArgumentTypeError(msg)
@@ -425,14 +479,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help="the SQLite file that keeps the notes, created if missing (.demo/notes.db)",
     )
+    for stream in (sys.stdout, sys.stderr):
+        # A name the terminal's encoding cannot show (a resource 'café' under
+        # PYTHONIOENCODING=ascii) is printed escaped, not a UnicodeEncodeError traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # `tether stats --watch 2 URL | head -1`: the reader has gone, which is no error of
+        # ours. Nothing more is written (nor flushed at exit into the closed pipe), and the
+        # status is a process's that SIGPIPE ended, as `cat` in the same pipeline.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout not a file (called in-process)
+            pass
+        return 141
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo(host=args.host, port=args.port, db=args.db)
     if args.command == "stats":
         try:
             return stats(args.url, headers=args.header, as_json=args.json, watch=args.watch)
-        except KeyboardInterrupt:
-            return 0
+        except KeyboardInterrupt:  # ^C before its first read started
+            return 130
     lc = load(args.target)
     if args.command == "graph":
         return graph(lc, as_json=args.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -218,13 +219,28 @@ MINIMAL = {
 
 
 class _Dashboard(http.server.BaseHTTPRequestHandler):
+    """A dashboard's figures; under /q/, only for ?token=tok; under /shape/, JSON with the
+    keys but not their shape; under /trickle/, an answer sent a byte every 0.2 s."""
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        body = json.dumps(MINIMAL).encode()
+        figures = MINIMAL
+        if self.path.startswith("/q/") and self.path != "/q/tether/stats.json?token=tok":
+            self.send_error(403)
+            return
+        if self.path.startswith("/shape/"):
+            figures = {**MINIMAL, "units": []}
+        body = json.dumps(figures).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not self.path.startswith("/trickle/"):
+            self.wfile.write(body)
+            return
+        for byte in body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.2)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -247,7 +263,8 @@ def test_stats_refuses_what_no_retry_can_fix() -> None:
     refusals = [
         (
             ["http://[::1/tether/"],
-            f"tether stats: 'http://[::1/tether/stats.json' is not a URL (Invalid IPv6 URL). "
+            # As given: a URL no parser can read is not extended.
+            f"tether stats: 'http://[::1/tether/' is not a URL (Invalid IPv6 URL). "
             f"Give the dashboard's, e.g. {example}",
         ),
         (
@@ -349,3 +366,160 @@ def test_stats_watch_outlasts_a_restart_of_the_app(kept_port: int) -> None:
                 pipe.close()
     assert proc.returncode == 0
     assert err[0].startswith(f"tether stats: cannot read http://127.0.0.1:{port}/tether/")
+
+
+@pytest.fixture
+def dashboard() -> Iterator[str]:
+    """The base URL of a `_Dashboard` on a free port."""
+    server = _dashboard(0)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_stats_keeps_the_query_of_the_url(
+    dashboard: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dashboard guarded by `?token=`: the page's URL and its stats.json, each with the
+    query, are read (before: `/stats.json` was put after the query, and the token sent as
+    `tok/stats.json` got a 403); a fragment is not sent."""
+    for url in [
+        f"{dashboard}/q/tether/?token=tok",
+        f"{dashboard}/q/tether?token=tok#figures",
+        f"{dashboard}/q/tether/stats.json?token=tok",
+    ]:
+        assert main(["stats", url, "--json"]) == 0, url
+        assert json.loads(capsys.readouterr().out) == MINIMAL
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether stats: {dashboard}/q/tether/stats.json?token=*** answered 403 Forbidden. "
+            f"The dashboard is guarded: pass what it expects with --header 'Name: value'."
+        ),
+    ):
+        main(["stats", f"{dashboard}/q/tether/?token=wrong"])
+
+
+def test_stats_of_json_that_is_not_a_dashboards(dashboard: str) -> None:
+    """JSON with the dashboard's keys but not their shape is said, not traced (before: a
+    TypeError from the table)."""
+    for args in [[], ["--json"]]:
+        with pytest.raises(
+            SystemExit,
+            match=exactly(
+                f"tether stats: {dashboard}/shape/stats.json did not answer with a tether "
+                f"dashboard's JSON. Is the app running, and does it include "
+                f"tether.fastapi.dashboard_router(lc)?"
+            ),
+        ):
+            main(["stats", f"{dashboard}/shape/", *args])
+
+
+def test_stats_gives_up_on_an_answer_that_never_ends(dashboard: str) -> None:
+    """A server that sends its answer a byte every 0.2 s (about 25 s for this one) is given
+    up at the read's deadline (before: the timeout bounded each socket read, and such a
+    server held the command for as long as it sent)."""
+    from tether.cli import fetch_stats
+
+    url = f"{dashboard}/trickle/stats.json"
+    started = time.monotonic()
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether stats: cannot read {url}: its answer did not end within 1 s. Is the app "
+            f"running, and does it include tether.fastapi.dashboard_router(lc)?"
+        ),
+    ):
+        fetch_stats(url, timeout=1)
+    assert time.monotonic() - started < 12  # the whole answer takes 25 s or more
+
+
+def test_stats_into_a_pipe_closed_early_ends_quietly(dashboard: str) -> None:
+    """`tether stats --watch 0.05 URL | head -1`: the reader leaves, and the command ends
+    with the status SIGPIPE gives, nothing on stderr (before: a BrokenPipeError traceback)."""
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "stats", f"{dashboard}/tether/", "--watch", "0.05"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read) as reader:
+            assert reader.readline().startswith("running: 0 in flight, ")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err) == (141, "")
+
+
+def test_stats_interrupted_before_it_read_says_so() -> None:
+    """^C during a single read of a server that never answers exits 130, as a shell says of
+    an interrupted command (before: 0, as if it had printed the figures)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted = threading.Event()
+    kept: list[socket.socket] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        kept.append(conn)  # held open, never answered
+        accepted.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "stats", f"http://127.0.0.1:{port}/tether/"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert accepted.wait(30)
+        proc.send_signal(signal.SIGINT)  # as ^C, while it waits for the answer
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for conn in kept:
+            conn.close()
+        listener.close()
+    assert (proc.returncode, out, err) == (130, "", "")
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        # urllib reads host 'ss' and port 'w0rd'.
+        (
+            "http://admin:p@ss:w0rd/x@127.0.0.1:8000/tether/",
+            "'http://***@127.0.0.1:8000/tether/stats.json' is not a URL (Port could not be "
+            "cast to integer value as 'w0rd')",
+        ),
+        # urllib reads host '9': the password's first piece would go there as Basic auth.
+        (
+            "http://admin:Xk@9/qLm2@127.0.0.1:8000/tether/",
+            "'http://***@127.0.0.1:8000/tether/stats.json': where its user and password end "
+            "is ambiguous",
+        ),
+    ],
+)
+def test_stats_refuses_a_password_with_an_unencoded_at_and_slash(url: str, cause: str) -> None:
+    """A password with an unencoded `@` and then `/`: refused before any request, the URL
+    shown without anything before its last `@` (before: most of the password shown, and a
+    request sent to the host a parser read in it)."""
+    with pytest.raises(SystemExit) as raised:
+        main(["stats", url])
+    message = str(raised.value.code)
+    assert message == (
+        f"tether stats: {cause}. Percent-encode an '@' in the user or password as %40 and a "
+        f"'/' as %2F (http://user:p%40ss%2Fword@host:8000/tether/)."
+    )
+    for piece in ["p@ss", "w0rd/x", "Xk", "qLm2"]:
+        assert piece not in message

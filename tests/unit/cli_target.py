@@ -30,3 +30,7 @@ db.saturation = lambda value: (True, "busy: all 2 connections in use") if health
 @lc.resource
 async def conn(db: str) -> AsyncIterator[str]:
     yield "conn"
+
+
+# Not a Lifecycle: set to None (before, said to be missing).
+nothing = None

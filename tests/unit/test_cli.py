@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -131,9 +135,20 @@ def test_bad_target_says_what_to_name() -> None:
     """A target that is not a Lifecycle is refused with a clear message."""
     with pytest.raises(
         SystemExit,
-        match=r"^'tests.unit.cli_target:healthy' is a dict, not a tether.Lifecycle: name the Lifecycle.$",
+        match=exactly(
+            "'tests.unit.cli_target:healthy' is of type dict, not a tether.Lifecycle: name the "
+            "Lifecycle."
+        ),
     ):
         main(["graph", "tests.unit.cli_target:healthy"])
+    # An attribute that is there, set to None (before: "has no attribute").
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            "'tests.unit.cli_target:nothing' is None, not a tether.Lifecycle: name the Lifecycle."
+        ),
+    ):
+        main(["graph", "tests.unit.cli_target:nothing"])
     with pytest.raises(
         SystemExit,
         match=exactly("'nocolon' is not of the form module:attribute (for example myapp.main:lc)."),
@@ -305,3 +320,80 @@ def test_demo_refuses_a_port_that_is_not_one(port: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"tether demo: error: argument --port: {port!r} is not a TCP port (1 to 65535)"
     )
+
+
+def test_stats_refuses_a_watch_interval_that_is_not_a_number(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--watch 2s` is said as `--port 80a` is (before: "invalid _seconds value")."""
+    for text in ["2s", "0", "inf", "nan"]:
+        with pytest.raises(SystemExit) as raised:
+            main(["stats", "http://127.0.0.1:8000/tether/", "--watch", text])
+        assert raised.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"tether stats: error: argument --watch: {text!r} is not a positive number of seconds"
+        )
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tether(*args: str, encoding: str = "utf-8") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONIOENCODING": encoding},
+        capture_output=True,
+        text=True,
+        encoding=encoding,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_names_the_terminal_cannot_show_are_printed_escaped(encoding: str) -> None:
+    """A resource named `café` and a check error with a `—`, where the terminal's encoding
+    cannot hold them: printed escaped, with the command's own exit status (before: a
+    UnicodeEncodeError traceback and exit 1 from `graph` too)."""
+    graphed = _tether("graph", "tests.unit.cli_uni:lc", encoding=encoding)
+    assert (graphed.returncode, graphed.stderr) == (0, "")
+    name = "café" if encoding == "latin-1" else "caf\\xe9"
+    assert graphed.stdout.split() == ["app", name, "<-", "-"]
+    checked = _tether("check", "tests.unit.cli_uni:lc", encoding=encoding)
+    assert checked.returncode == 1
+    assert "Traceback" not in checked.stderr
+    assert checked.stdout.splitlines()[0].split()[:2] == ["failing", name]
+    assert "ConnectionError: refused \\u2014 try again later" in checked.stdout
+
+
+def test_check_interrupted_says_so_and_closes_what_opened(tmp_path: Path) -> None:
+    """^C while a resource is still opening: one line, exit status 130, and what had opened
+    closed (before: two chained tracebacks of asyncio's internals)."""
+    log = tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "check", "tests.unit.cli_interrupt:lc"],
+        cwd=ROOT,
+        env={**os.environ, "CLI_INTERRUPT_LOG": str(log)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell without job control starts background jobs with SIGINT ignored: give the
+        # child ^C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "second opening" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # as ^C
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, out) == (130, "")
+    assert err == "tether check: interrupted (^C); what it had opened is closed\n"
+    assert log.read_text().splitlines() == ["first opened", "second opening", "first closed"]

@@ -62,17 +62,19 @@ def forget_a_job(label):
 
 
 def _in_flight(result: pytest.RunResult, label: str) -> list[float]:
-    """The in-flight times the report gave *label*'s unit of work, in seconds."""
+    """The in-flight times the report gave *label*'s unit of work, in seconds, each once (on a
+    wide terminal pytest's short summary repeats the report's lines)."""
     found = re.findall(rf"- '{label}' \(in flight (\d+\.\d+) s\)", result.stdout.str())
-    return [float(x) for x in found]
+    return [float(x) for x in dict.fromkeys(found)]
 
 
 def _ended_after(result: pytest.RunResult, label: str) -> list[float]:
-    """How long after its test the report says *label*'s unit of work ended, in seconds."""
+    """How long after its test the report says *label*'s unit of work ended, in seconds, each
+    once."""
     found = re.findall(
         rf"- '{label}' \(in flight .*, ended (\d+\.\d+) s after the test", result.stdout.str()
     )
-    return [float(x) for x in found]
+    return [float(x) for x in dict.fromkeys(found)]
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ count.
 """
 
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,104 @@ async def test_pools_on_other_servers_are_not_counted(postgres: Postgres) -> Non
         tpg.pool(lc, other.dsn, min_size=1, max_size=20, budget="error", workers=3, name="b")
         async with lc.run():
             assert len({share.server for share in _common._shares[lc].values()}) == 2
+
+
+@pytest.fixture(scope="module")
+def hardened() -> Iterator[str]:
+    """A server where PUBLIC may not call pg_postmaster_start_time() (a hardened one, as
+    some DBAs revoke functions; or a PostgreSQL-compatible one without it), and the DSN of a
+    role that is not its superuser."""
+    import asyncpg
+
+    with Postgres() as pg:
+
+        async def harden() -> None:
+            conn = await asyncpg.connect(pg.dsn)
+            try:
+                await conn.execute("CREATE ROLE app LOGIN PASSWORD 'app-pw'")
+                await conn.execute("GRANT ALL ON DATABASE tether TO app")
+                await conn.execute(
+                    "REVOKE EXECUTE ON FUNCTION pg_postmaster_start_time() FROM PUBLIC"
+                )
+            finally:
+                await conn.close()
+
+        import anyio
+
+        anyio.run(harden)
+        yield f"postgresql://app:app-pw@127.0.0.1:{pg.port}/tether"
+
+
+HARDENED = [
+    ("asyncpg", lambda lc, dsn, size: tpg.pool(lc, dsn, min_size=1, max_size=size,
+                                               budget="error", workers=3)),
+    ("psycopg", lambda lc, dsn, size: tpsy.pool(lc, dsn, min_size=1, max_size=size,
+                                                budget="error", workers=3)),
+    ("sqlalchemy", lambda lc, dsn, size: tsa.engine(
+        lc, dsn.replace("postgresql:", "postgresql+asyncpg:"), pool_size=size, max_overflow=0,
+        budget="error", workers=3)),
+    ("sqlalchemy-sync", lambda lc, dsn, size: tsa.sync_engine(
+        lc, dsn.replace("postgresql:", "postgresql+psycopg:"), pool_size=size, max_overflow=0,
+        budget="error", workers=3)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("declare", [d for _, d in HARDENED], ids=[n for n, _ in HARDENED])
+async def test_a_server_that_refuses_the_budget_query_is_counted_alone(
+    hardened: str, declare: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the role may not call pg_postmaster_start_time(), the pool reads
+    max_connections alone and is checked alone (before: the app did not start, "permission
+    denied for function pg_postmaster_start_time", with advice to retry): it starts when it
+    fits, and a budget that does not fit is still refused."""
+    lc = tether.Lifecycle()
+    declare(lc, hardened, 20)  # 3 x 20 + 3 = 63 <= 100
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            name = next(iter(lc._resources))
+    assert (
+        "the server refused the query that tells it from other servers "
+        "(InsufficientPrivilege" in caplog.text
+    ), caplog.text
+    assert "permission denied for function pg_postmaster_start_time): the connection budget" \
+        f" of {name!r} is checked for that pool alone" in caplog.text  # fmt: skip
+    assert f"connection budget of {name!r} fits: 3 workers x 20 + 3 reserved = 63 <= 100" in (
+        caplog.text
+    )
+    lc = tether.Lifecycle()
+    declare(lc, hardened, 40)  # 3 x 40 + 3 = 123 > 100
+    with pytest.raises(tether.StartupError, match="3 workers x 40 connections \\+ 3 reserved"):
+        async with lc.run():
+            pass  # pragma: no cover - it does not start
+
+
+class _NoSetting(Exception):
+    """What a PostgreSQL-compatible server without max_connections answers `SHOW
+    max_connections` with (SQLSTATE 42704, undefined object): no PostgreSQL refuses it."""
+
+    sqlstate = "42704"
+
+    def __str__(self) -> str:
+        return 'unrecognized configuration parameter "max_connections"'
+
+
+def test_a_server_without_max_connections_is_said_by_the_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where even `SHOW max_connections` is refused, the budget is not checked: a warning
+    with budget="warn", a StartupError naming budget='off' with "error"; an error that is not
+    a refusal (a lost connection) is not taken for one."""
+    said = (
+        "The connection budget of 'pool' cannot be checked: the server did not give its "
+        "max_connections (_NoSetting: unrecognized configuration parameter "
+        "\"max_connections\"). Pass budget='off' to 'pool' to not read it (a "
+        "PostgreSQL-compatible server without max_connections)."
+    )
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert _common.budget_unread("pool", _NoSetting(), "warn")
+    assert caplog.messages == [f"tether: {said}"]
+    with pytest.raises(tether.StartupError) as caught:
+        _common.budget_unread("pool", _NoSetting(), "error")
+    assert str(caught.value) == said
+    assert not _common.budget_unread("pool", ConnectionResetError(), "error")
+    assert not _common.budget_refused("pool", ConnectionResetError())

@@ -55,6 +55,9 @@ __all__ = [
     "Dsn",
     "LoopBound",
     "BUDGET_QUERY",
+    "BUDGET_FALLBACK",
+    "budget_refused",
+    "budget_unread",
     "check_budget",
     "forget_budget",
     "check_dsn",
@@ -634,6 +637,62 @@ BUDGET_QUERY = (
     "SELECT current_setting('max_connections'),"
     " current_setting('port') || '@' || pg_postmaster_start_time()::text"
 )
+
+
+#: The server's ``max_connections`` alone, read where the server refuses
+#: :data:`BUDGET_QUERY` (its functions revoked from PUBLIC on a hardened server, or missing on
+#: a PostgreSQL-compatible one): a command, which no REVOKE takes away. The pool is then
+#: counted alone, as nothing tells its server from another's.
+BUDGET_FALLBACK = "SHOW max_connections"
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The driver's error in *exc*'s chain if the server refused to run a query (SQLSTATE class
+    42, a syntax or access rule: permission denied, no such function or setting; class 0A,
+    not supported), else None. Not 42P05 (a prepared statement there already: PgBouncer)."""
+    found = None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if isinstance(code, str) and code[:2] in ("42", "0A") and code != "42P05":
+            found = current  # the innermost: the driver's own, not an adapter's wrapping
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return found
+
+
+def budget_refused(name: str, exc: BaseException) -> bool:
+    """Whether the server refused :data:`BUDGET_QUERY` for pool *name* (then read
+    :data:`BUDGET_FALLBACK`; said at INFO), rather than failed to answer it."""
+    refusal = _refusal(exc)
+    if refusal is None:
+        return False
+    log.info(
+        "tether: the server refused the query that tells it from other servers (%s): the "
+        "connection budget of %r is checked for that pool alone, without the app's other "
+        "pools on the same server.",
+        describe(refusal),
+        name,
+    )
+    return True
+
+
+def budget_unread(name: str, exc: BaseException, policy: BudgetPolicy) -> bool:
+    """Whether the server refused :data:`BUDGET_FALLBACK` too (one without
+    ``max_connections``): then the budget is not checked, said as one that does not fit
+    is (a `StartupError` with ``budget="error"``, else a warning)."""
+    refusal = _refusal(exc)
+    if refusal is None:
+        return False
+    msg = (
+        f"The connection budget of {name!r} cannot be checked: the server did not give its "
+        f"max_connections ({describe(refusal)}). Pass budget='off' to {name!r} to not read "
+        f"it (a PostgreSQL-compatible server without max_connections)."
+    )
+    _over_budget(name, msg, policy)
+    return True
 
 
 class _Share:

@@ -79,6 +79,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_FALLBACK,
     BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOST_NOTE,
@@ -93,6 +94,8 @@ from ._common import (
     LoopBound,
     PerResource,
     asyncio_only,
+    budget_refused,
+    budget_unread,
     check_budget,
     check_dsn,
     check_resource,
@@ -380,6 +383,26 @@ def _put_back_loggers(raw: Any, kept: set[Any] | None) -> None:
         loggers.update(kept)
 
 
+async def _read_budget(p: Pool, name: str, policy: BudgetPolicy) -> tuple[int | None, str | None]:
+    """The server's max_connections and what tells it from another (None where the server
+    refuses that query: the pool is then counted alone), or (None, None) where it gives no
+    max_connections at all (said by *policy*)."""
+    try:
+        row = await p.fetchrow(BUDGET_QUERY)
+        assert row is not None
+        return int(row[0]), str(row[1])
+    except Exception as exc:
+        note_pgbouncer(exc)
+        if not budget_refused(name, exc):
+            raise
+    try:
+        return int(await p.fetchval(BUDGET_FALLBACK)), None
+    except Exception as exc:
+        if budget_unread(name, exc, policy):
+            return None, None
+        raise
+
+
 def pool(
     lc: Lifecycle,
     dsn: Dsn,
@@ -513,17 +536,15 @@ def pool(
                 raise unreachable(name, state.shown, exc) from exc
             raise
         try:
-            if pgbouncer or budget == "off":
-                pass  # PgBouncer multiplexes: the server's max_connections is its business
-            else:
-                try:
-                    server_max, server = await p.fetchrow(BUDGET_QUERY)
-                except Exception as exc:
-                    note_pgbouncer(exc)
-                    raise
+            server_max: int | None = None
+            server: str | None = None
+            # PgBouncer multiplexes: the server's max_connections is its business.
+            if not (pgbouncer or budget == "off"):
+                server_max, server = await _read_budget(p, name, budget)
+            if server_max is not None:
                 check_budget(
                     name,
-                    server_max=int(server_max),
+                    server_max=server_max,
                     per_worker=max_size,
                     workers=worker_count(workers),
                     reserved=reserved,

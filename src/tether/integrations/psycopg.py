@@ -85,6 +85,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_FALLBACK,
     BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOSES_CANCEL,
@@ -100,6 +101,8 @@ from ._common import (
     LoopBound,
     PerResource,
     asyncio_only,
+    budget_refused,
+    budget_unread,
     check_budget,
     check_dsn,
     check_resource,
@@ -247,6 +250,34 @@ class Pool(AsyncConnectionPool[Connection]):
         await super().putconn(conn)
 
 
+async def _read_budget(
+    probe: psycopg.AsyncConnection[Any], name: str, policy: BudgetPolicy
+) -> tuple[int | None, str | None]:
+    """The server's max_connections and what tells it from another (None where the server
+    refuses that query: the pool is then counted alone), or (None, None) where it gives no
+    max_connections at all (said by *policy*). *probe* is in autocommit: a refused query
+    leaves it usable."""
+    try:
+        async with probe.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(BUDGET_QUERY)
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), str(row[1])
+    except psycopg.Error as exc:
+        if not budget_refused(name, exc):
+            raise
+    try:
+        async with probe.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(BUDGET_FALLBACK)
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), None
+    except psycopg.Error as exc:
+        if budget_unread(name, exc, policy):
+            return None, None
+        raise
+
+
 def pool(
     lc: Lifecycle,
     conninfo: Dsn,
@@ -347,20 +378,18 @@ def pool(
             raise unreachable(name, state.shown, exc) from exc
         try:
             if not (pgbouncer or budget == "off"):
-                async with probe.cursor(row_factory=tuple_row) as cur:
-                    await cur.execute(BUDGET_QUERY)
-                    row = await cur.fetchone()
-                assert row is not None
-                check_budget(
-                    name,
-                    server_max=int(row[0]),
-                    per_worker=max_size,
-                    workers=worker_count(workers),
-                    reserved=reserved,
-                    policy=budget,
-                    lc=lc,
-                    server=row[1],
-                )
+                server_max, server = await _read_budget(probe, name, budget)
+                if server_max is not None:
+                    check_budget(
+                        name,
+                        server_max=server_max,
+                        per_worker=max_size,
+                        workers=worker_count(workers),
+                        reserved=reserved,
+                        policy=budget,
+                        lc=lc,
+                        server=server,
+                    )
         finally:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
                 await probe.close()

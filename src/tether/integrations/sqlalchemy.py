@@ -95,6 +95,7 @@ from .._scope import set_token_wait
 from .._stats import PoolStats
 from . import _once
 from ._common import (
+    BUDGET_FALLBACK,
     BUDGET_QUERY,
     IN_BLOCK_RESET,
     RESET_SESSION,
@@ -104,6 +105,8 @@ from ._common import (
     LoopBound,
     PerResource,
     asyncio_only,
+    budget_refused,
+    budget_unread,
     check_budget,
     check_dsn_value,
     commit_not_sent,
@@ -1251,7 +1254,7 @@ def _options(
 def _budget(
     lc: Lifecycle,
     info: _PoolInfo,
-    server_max: tuple[int, str] | None,
+    server_max: tuple[int, str | None] | None,
     *,
     budget: BudgetPolicy,
     workers: int | None,
@@ -1277,6 +1280,48 @@ def _budget(
         lc=lc,
         server=server_max[1],
     )
+
+
+async def _read_budget(
+    conn: AsyncConnection, name: str, policy: BudgetPolicy
+) -> tuple[int, str | None] | None:
+    """The server's max_connections and what tells it from another (None where the server
+    refuses that query: the engine is then counted alone), or None where it gives no
+    max_connections at all (said by *policy*)."""
+    try:
+        row = (await conn.execute(text(BUDGET_QUERY))).one()
+        return int(row[0]), str(row[1])
+    except sa_exc.DBAPIError as exc:
+        if not budget_refused(name, exc):
+            raise
+    await conn.rollback()  # the refused query aborted the transaction
+    try:
+        row = (await conn.execute(text(BUDGET_FALLBACK))).one()
+        return int(row[0]), None
+    except sa_exc.DBAPIError as exc:
+        if budget_unread(name, exc, policy):
+            return None
+        raise
+
+
+def _read_budget_sync(
+    conn: Connection, name: str, policy: BudgetPolicy
+) -> tuple[int, str | None] | None:
+    """`_read_budget` on a sync engine's connection."""
+    try:
+        row = conn.execute(text(BUDGET_QUERY)).one()
+        return int(row[0]), str(row[1])
+    except sa_exc.DBAPIError as exc:
+        if not budget_refused(name, exc):
+            raise
+    conn.rollback()
+    try:
+        row = conn.execute(text(BUDGET_FALLBACK)).one()
+        return int(row[0]), None
+    except sa_exc.DBAPIError as exc:
+        if budget_unread(name, exc, policy):
+            return None
+        raise
 
 
 def _wants_budget(u: URL, pgbouncer: bool, budget: BudgetPolicy, name: str) -> bool:
@@ -1608,13 +1653,12 @@ def engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
         try:
-            server_max: tuple[int, str] | None = None
+            server_max: tuple[int, str | None] | None = None
             try:
                 async with eng.connect() as conn:
                     await conn.execute(text("SELECT 1"))
                     if _wants_budget(u, pgbouncer, budget, name):
-                        row = (await conn.execute(text(BUDGET_QUERY))).one()
-                        server_max = (int(row[0]), str(row[1]))
+                        server_max = await _read_budget(conn, name, budget)
             except Exception as exc:
                 failure = _open_failure(info, exc)
                 if failure is None:
@@ -2287,13 +2331,12 @@ def sync_engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng, name, server=not pgbouncer)
         try:
-            server_max: tuple[int, str] | None = None
+            server_max: tuple[int, str | None] | None = None
             try:
                 with eng.connect() as conn:
                     conn.execute(text("SELECT 1"))
                     if _wants_budget(u, pgbouncer, budget, name):
-                        row = conn.execute(text(BUDGET_QUERY)).one()
-                        server_max = (int(row[0]), str(row[1]))
+                        server_max = _read_budget_sync(conn, name, budget)
             except Exception as exc:
                 failure = _open_failure(info, exc)
                 if failure is None:

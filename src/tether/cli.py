@@ -259,14 +259,16 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         data = json.loads(body)
     except ValueError:
         data = None
-    msg = f"tether stats: {shown} did not answer with a tether dashboard's JSON. {fix}"
     if not isinstance(data, dict) or not {"state", "units", "resources", "in_flight"} <= set(data):
-        raise SystemExit(msg)
-    try:  # the keys, but not their shape (another tool's JSON): said, not traced
-        render_stats(data)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        raise SystemExit(msg) from None
+        raise SystemExit(_not_a_dashboard(shown))
     return data
+
+
+def _not_a_dashboard(shown: str) -> str:
+    return (
+        f"tether stats: {shown} did not answer with a tether dashboard's JSON. Is the app "
+        f"running, and does it include tether.fastapi.dashboard_router(lc)?"
+    )
 
 
 def _process(data: dict[str, Any]) -> str | None:
@@ -360,7 +362,12 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
             if as_json:
                 print(json.dumps(data, indent=2), flush=True)
             else:
-                print(render_stats(data, previous), flush=True)
+                try:
+                    table = render_stats(data, previous)
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                    # The keys, not their shape (another tool's JSON): said, not traced.
+                    raise SystemExit(_not_a_dashboard(_shown(url))) from None
+                print(table, flush=True)
             read, previous = True, data
             if watch is None:
                 return 0

@@ -402,19 +402,22 @@ def test_stats_keeps_the_query_of_the_url(
         main(["stats", f"{dashboard}/q/tether/?token=wrong"])
 
 
-def test_stats_of_json_that_is_not_a_dashboards(dashboard: str) -> None:
+def test_stats_of_json_that_is_not_a_dashboards(
+    dashboard: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """JSON with the dashboard's keys but not their shape is said, not traced (before: a
-    TypeError from the table)."""
-    for args in [[], ["--json"]]:
-        with pytest.raises(
-            SystemExit,
-            match=exactly(
-                f"tether stats: {dashboard}/shape/stats.json did not answer with a tether "
-                f"dashboard's JSON. Is the app running, and does it include "
-                f"tether.fastapi.dashboard_router(lc)?"
-            ),
-        ):
-            main(["stats", f"{dashboard}/shape/", *args])
+    TypeError from the table); --json prints it as read."""
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether stats: {dashboard}/shape/stats.json did not answer with a tether "
+            f"dashboard's JSON. Is the app running, and does it include "
+            f"tether.fastapi.dashboard_router(lc)?"
+        ),
+    ):
+        main(["stats", f"{dashboard}/shape/"])
+    assert main(["stats", f"{dashboard}/shape/", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["units"] == []
 
 
 def test_stats_gives_up_on_an_answer_that_never_ends(dashboard: str) -> None:

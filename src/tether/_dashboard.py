@@ -42,7 +42,7 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
                 {
                     "resource": entry.res.name,
                     "held_s": round(held, 3),
-                    "leak": bool(entry.leak_reported) or (limit is not None and held > limit),
+                    "leak": entry.leak_reported is not None or (limit is not None and held > limit),
                     "acquired_at": [
                         f'File "{f}", line {n}, in {name}' for f, n, name in entry.stack or ()
                     ],

@@ -1809,7 +1809,7 @@ class Lifecycle:
                 continue
             for entry in unit.entries:
                 held = now - entry.opened_at
-                if held > threshold and not entry.leak_reported:
+                if held > threshold and entry.leak_reported is None:
                     entry.leak_reported = unit.label
                     entry.res.counters.leaks += 1
                     if entry.res.guard:  # one leak: not counted again if used after close
@@ -1818,14 +1818,10 @@ class Lifecycle:
                     # A request's (an `HttpUnit`), or a WebSocket's or a scope's task.
                     task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
                     if not where and task is not None and not task.done():
-                        # A request records no stack when it opens a value (it would cost
-                        # every request): where its task waits now says what holds it.
-                        frames = await_stack(task)
-                        if not frames:  # it waits for a worker thread (a `def` endpoint)
-                            request = getattr(unit, "request", None)
-                            scope = getattr(request, "scope", None) or {}
-                            frames = thread_stack(scope.get("endpoint"), entry.value)
-                        where = _format_stack(frames, "the request is now at")
+                        try:
+                            where = _where_now(unit, task, entry.value)
+                        except Exception:  # a diagnostic: the report is made without it
+                            log.debug("tether: where %s is now", unit.label, exc_info=True)
                     log.warning(
                         "tether: resource %r held for %.1f s (leak_threshold=%g s) by %s%s",
                         entry.res.name,
@@ -1835,6 +1831,18 @@ class Lifecycle:
                         where,
                         extra={"tether_resource": entry.res.name},
                     )
+
+
+def _where_now(unit: Unit, task: Any, value: Any) -> str:
+    """Where a unit of work that recorded no stack when it opened *value* is now (a request
+    records none: it would cost every request): where its task waits, or the worker thread
+    running its ``def`` endpoint."""
+    frames = await_stack(task)
+    if not frames:  # it waits for a worker thread (a `def` endpoint)
+        request = getattr(unit, "request", None)
+        scope = getattr(request, "scope", None) or {}
+        frames = thread_stack(scope.get("endpoint"), value)
+    return _format_stack(frames, "the request is now at")
 
 
 # Frames that are not where a user entered the app scope: tether's, the frameworks', and

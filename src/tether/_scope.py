@@ -109,7 +109,9 @@ class Entry:
         self.value = value
         self.opened_at = opened_at
         self.late = res.late
-        self.leak_reported = ""  # the unit's label once reported as a leak
+        # The label of the unit that held it once reported as a leak (None: not reported;
+        # a label may be "").
+        self.leak_reported: str | None = None
         self.stack = stack
 
 
@@ -894,7 +896,7 @@ def _count_closed(entry: Entry) -> None:
     c.hold_time += held
     if held > c.max_hold_time:
         c.max_hold_time = held
-    if entry.leak_reported:
+    if entry.leak_reported is not None:
         _leak_given_back(entry, held)
 
 
@@ -939,7 +941,7 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
             c.hold_time += held
             if held > c.max_hold_time:
                 c.max_hold_time = held
-            if entry.leak_reported:
+            if entry.leak_reported is not None:
                 _leak_given_back(entry, held)
             return None
         except StopIteration:
@@ -1217,10 +1219,13 @@ def thread_frames() -> dict[int, list[tuple[str, int, str]]]:
     such a walk, and on CPython 3.11 a frame it returns from meanwhile crashes the process
     (a segfault in ``f_back``, seen on CI while TestClient's main thread started the app).
     Diagnostics only: at an app scope's entry, and in leak reports."""
-    with tempfile.TemporaryFile() as out:
-        faulthandler.dump_traceback(out, all_threads=True)
-        out.seek(0)
-        text = out.read().decode("utf-8", "replace")
+    try:
+        with _dump_file() as out:
+            faulthandler.dump_traceback(out, all_threads=True)
+            out.seek(0)
+            text = out.read().decode("ascii", "replace")
+    except OSError:  # no file to dump into (a read-only filesystem, no memfd): no frames
+        return {}
     threads: dict[int, list[tuple[str, int, str]]] = {}
     frames: list[tuple[str, int, str]] | None = None
     for line in text.splitlines():
@@ -1230,8 +1235,33 @@ def thread_frames() -> dict[int, list[tuple[str, int, str]]]:
         elif frames is not None:
             found = _FRAME_LINE.match(line)
             if found:
-                frames.append((found[1], int(found[2]), found[3]))
+                frames.append((_unescaped(found[1]), int(found[2]), _unescaped(found[3])))
     return threads
+
+
+def _dump_file() -> Any:
+    """A file for faulthandler's dump (it writes to a file descriptor): in memory where
+    Linux has memfd, so that a read-only filesystem (a container's, with no writable
+    temporary directory) does not stop it; else a temporary file."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        try:
+            return os.fdopen(memfd_create("tether-frames", os.MFD_CLOEXEC), "w+b")
+        except OSError:  # a kernel or sandbox without it
+            pass
+    return tempfile.TemporaryFile()
+
+
+# faulthandler writes a name's characters outside ASCII as \xHH, \uHHHH or \UHHHHHHHH.
+_ESCAPE = re.compile(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})|\\U([0-9a-f]{8})")
+
+
+def _unescaped(text: str) -> str:
+    """A file or function name as faulthandler wrote it, with its non-ASCII characters
+    back (a project under ``/home/josé/``), so that it compares with ``co_filename``."""
+    if "\\" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: chr(int(m[1] or m[2] or m[3], 16)), text)
 
 
 def outside(

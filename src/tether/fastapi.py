@@ -1882,7 +1882,7 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
             await unit.aclose(exc.__cause__)
         failed = exc.__cause__
         if failed is not None and (
-            unit.state == 4 or (unit.state == 3 and _app_reports(scope, failed))
+            unit.state == 4 or (unit.state == 3 and _reported_on_the_way_out(unit, scope, failed))
         ):
             # Raised as it was, without tether's `_Replaced` as its context (raised here,
             # under `_run`'s `except`, it would get one): the server logs its traceback
@@ -2298,6 +2298,35 @@ def _app_reports(scope: Any, failed: BaseException) -> bool:
         and isinstance(stack, ServerErrorMiddleware)
         and stack.handler is not None
     )
+
+
+def _reported_on_the_way_out(unit: HttpUnit, scope: Any, failed: BaseException) -> bool:
+    """After the response started: whether a server-error handler sees *failed* on its way
+    out, the innermost app's (`_app_reports`) or, for a route of a mounted app, that of an
+    app the Lifecycle serves that mounts it (an error reporter is registered on the main
+    app, and versioned sub-apps mounted on it: ``app.mount("/v1", v1)``). Nothing can be
+    answered any more: only who sees it is asked. On the failure path only."""
+    if _app_reports(scope, failed):
+        return True
+    inner = scope.get("app") if scope is not None else None
+    if inner is None or not isinstance(failed, Exception):
+        return False
+    return any(
+        outer is not inner and _mounts(outer, inner) and _app_reports({"app": outer}, failed)
+        for outer in list(unit.lc._installed_apps.keys())
+    )
+
+
+def _mounts(outer: Any, inner: Any, depth: int = 0) -> bool:
+    """Whether *outer*'s routes mount *inner*, directly or through mounted apps and routers
+    (``Mount``, ``Host``: a route with an ``app``)."""
+    if depth > 8:  # no app is mounted this deep; stop on anything circular
+        return False
+    for route in getattr(getattr(outer, "router", outer), "routes", ()):
+        for app in (getattr(route, "_base_app", None), getattr(route, "app", None)):
+            if app is inner or (app is not None and _mounts(app, inner, depth + 1)):
+                return True
+    return False
 
 
 def _defer_failure(unit: HttpUnit, exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ The failing commit is a real one: a deferred foreign key that SQLite checks at `
 (tether's aiosqlite connection, ``release="response"``), under a streaming response, on
 both ways tether serves a route (it wraps FastAPI's request handler; a route class that
 wraps its own app gets ``handle`` and ``send``), on a mounted app (whose own handler sees
-it), behind a ``BaseHTTPMiddleware`` too, from
+it, or the main app's, where the mounted one has none), behind a ``BaseHTTPMiddleware`` too, from
 a plain asyncio task (as uvicorn serves) and from an anyio task group (as the TestClient);
 and once under a real uvicorn, for what the client and the server's log see.
 """
@@ -90,8 +90,12 @@ class Books:
         db = tsqlite.database(lc, path)
         writer = tsqlite.connection(lc, db, name="writer", release="response")
         app = self.app = FastAPI(lifespan=lc.lifespan)
-        routes = FastAPI() if layout == "mounted" else app
-        self.prefix = "/sub" if layout == "mounted" else ""
+        mounted = layout in ("mounted", "mounted-outer")
+        routes = FastAPI() if mounted else app
+        self.prefix = "/sub" if mounted else ""
+        # "mounted-outer": the handler on the main app, the route on a mounted one (an
+        # error reporter on the main app, versioned sub-apps mounted on it).
+        handlers = app if layout == "mounted-outer" else routes
         if layout == "handle":
             app.router.route_class = WrappingRoute
 
@@ -99,7 +103,7 @@ class Books:
             if cls is None:
                 continue
 
-            @routes.exception_handler(cls)
+            @handlers.exception_handler(cls)
             async def envelope(request: Request, exc: Exception) -> JSONResponse:
                 self.seen.append(exc)
                 if report:  # under uvicorn: in the server's output
@@ -195,7 +199,7 @@ def assert_aborted(served: Served) -> None:
     assert all(m.get("more_body", False) for m in bodies), served.sent
 
 
-@pytest.mark.parametrize("layout", ["handler", "handle", "mounted"])
+@pytest.mark.parametrize("layout", ["handler", "handle", "mounted", "mounted-outer"])
 @pytest.mark.parametrize("runner", ["task", "anyio"])
 @pytest.mark.parametrize("middleware", [False, True], ids=["plain", "base_http_middleware"])
 @pytest.mark.parametrize("handler", [Exception, 500], ids=["Exception", "500"])

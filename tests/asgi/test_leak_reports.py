@@ -7,13 +7,18 @@ task waits for the client to leave: its report names the route only.)
 """
 
 import asyncio
+import importlib.util
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 
 import tether
 from tests.inprocess import client_of
@@ -122,3 +127,88 @@ def test_a_request_whose_task_cannot_give_its_coroutine_is_reported(
         anyio.run(main)
     (message,) = _leaks(caplog)
     assert message.startswith("tether: resource 'conn' held for ")
+
+
+SYNC_APP = """
+import time
+
+from fastapi import Depends, FastAPI
+
+import tether
+
+lc = tether.Lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+
+
+@lc.resource
+async def conn():
+    yield "conn"
+
+
+app = FastAPI(lifespan=lc.lifespan)
+
+
+def slow_report(c):
+    time.sleep(0.5)
+
+
+@app.get("/sync")
+def sync_endpoint(c: str = Depends(conn)) -> str:
+    slow_report(c)
+    return c
+"""
+
+
+def _sync_app(folder: Path) -> Any:
+    """`SYNC_APP` imported from a file in *folder*: a `def` endpoint holding its value 0.5 s."""
+    folder.mkdir(parents=True)
+    path = folder / "sync_app.py"
+    path.write_text(SYNC_APP, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(f"sync_app_{abs(hash(folder))}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_def_endpoint_under_a_non_ascii_directory_is_reported_where_its_thread_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A project under `/home/josé/`: the report still says where the endpoint's worker thread
+    is, the path as the file system has it (before: none, as faulthandler writes `caf\\xe9`)."""
+    module = _sync_app(tmp_path / "café")
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(module.app) as client:
+        assert client.get("/sync").json() == "conn"
+    (message,) = _leaks(caplog)
+    first, _, stack = message.partition("\n")
+    assert first.endswith(" s (leak_threshold=0.1 s) by GET /sync; the request is now at:")
+    assert f'File "{tmp_path}/café/sync_app.py", line ' in stack
+    assert stack.rstrip().endswith("in slow_report")
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "no-memfd"])
+def test_without_a_temporary_directory_leaks_are_still_reported(
+    memfd: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A container with a read-only root filesystem has no temporary directory: the app
+    starts under TestClient, and the leak is reported, where the endpoint's thread is
+    (read into memory) or, without memfd, without it (before: TestClient's start failed,
+    "No usable temporary directory found", and the sweep failed without a report)."""
+    module = _sync_app(tmp_path / "app")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create", raising=False)
+    with pytest.raises(FileNotFoundError):
+        tempfile.TemporaryFile()
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(module.app) as client:
+        assert client.get("/sync").json() == "conn"
+    (message,) = _leaks(caplog)
+    if memfd:
+        assert message.rstrip().endswith("in slow_report"), message
+    else:
+        assert message.endswith(" s (leak_threshold=0.1 s) by GET /sync"), message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert module.lc.stats().resources["conn"].leaks == 1

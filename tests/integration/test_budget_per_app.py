@@ -192,3 +192,50 @@ def test_a_server_without_max_connections_is_said_by_the_policy(
     assert str(caught.value) == said
     assert not _common.budget_unread("pool", ConnectionResetError(), "error")
     assert not _common.budget_refused("pool", ConnectionResetError())
+
+
+async def test_pools_set_to_other_time_zones_count_together(postgres: Postgres) -> None:
+    """The server is told apart by its start time as a number: a pool whose sessions use
+    another TimeZone and DateStyle reads the same server (before: its start time as text in
+    that zone and style, taken for another server, and the two pools not counted together)."""
+    lc = tether.Lifecycle()
+    tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=20, budget="error", workers=3)
+    tpg.pool(
+        lc,
+        postgres.dsn,
+        min_size=1,
+        max_size=20,
+        budget="error",
+        workers=3,
+        server_settings={"timezone": "Asia/Tokyo", "datestyle": "SQL, DMY"},
+    )
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover - it does not start
+    message = str(caught.value)
+    assert expected("engine", "pool") in message or expected("pool", "engine") in message, message
+
+
+@pytest.mark.parametrize("first", ["error", "warn"])
+def test_the_strictest_policy_of_the_pools_counted_applies(first: str) -> None:
+    """Pools that open concurrently check their budget in an order that is chance: one
+    declared budget="error" fails the start whichever checks last (before: only the last
+    one's policy applied, and the same app started or not from one run to the next)."""
+    lc = tether.Lifecycle()
+    second = "warn" if first == "error" else "error"
+    shared = {"server_max": 20, "per_worker": 10, "workers": 1, "reserved": 3, "lc": lc}
+    _common.check_budget("a", policy=first, server="5432@1", **shared)  # type: ignore[arg-type]
+    with pytest.raises(tether.StartupError, match="1 workers x 10 \\('a'\\) \\+ 1 workers x 10"):
+        _common.check_budget("b", policy=second, server="5432@1", **shared)  # type: ignore[arg-type]
+
+
+async def test_a_psycopg_pool_that_fails_to_build_leaves_no_share(postgres: Postgres) -> None:
+    """An option psycopg_pool does not take fails the start; the pool's share, noted when its
+    budget was read, goes with it (before: it stayed, counted by every later check of the
+    Lifecycle)."""
+    lc = tether.Lifecycle()
+    tpsy.pool(lc, postgres.dsn, min_size=1, max_size=10, workers=1, bogus_option=1)
+    with pytest.raises(tether.StartupError, match="bogus_option"):
+        async with lc.run():
+            pass  # pragma: no cover - it does not start
+    assert not _common._shares.get(lc)

@@ -325,3 +325,19 @@ def test_a_def_endpoint_holding_a_value_is_reported_where_its_thread_is(
     assert f'File "{__file__}"' in stack
     assert "in sync_endpoint" in stack
     assert stack.rstrip().endswith("in slow_report")
+
+
+async def test_a_scope_labelled_empty_is_reported_once_and_given_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`lc.scope("")`: one report and its end, as any label (before: a report at every sweep,
+    each counted, and no end)."""
+    lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            async with lc.scope("") as s:
+                await s.get(conn)
+                await anyio.sleep(0.4)  # many sweeps past the threshold
+    assert len(_leak_warnings(caplog)) == 1
+    assert len(_given_back(caplog)) == 1
+    assert lc.stats().resources["conn"].leaks == 1

@@ -635,7 +635,10 @@ def _option_value(args: list[str], short: str | None, long: str) -> int | None:
 #: socket). Read by each PostgreSQL pool as it opens, for :func:`check_budget`.
 BUDGET_QUERY = (
     "SELECT current_setting('max_connections'),"
-    " current_setting('port') || '@' || pg_postmaster_start_time()::text"
+    " current_setting('port') || '@'"
+    # The start time as microseconds since the epoch: its text would follow each session's
+    # TimeZone and DateStyle, and one server be taken for two by pools set differently.
+    " || (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text"
 )
 
 
@@ -698,13 +701,16 @@ def budget_unread(name: str, exc: BaseException, policy: BudgetPolicy) -> bool:
 class _Share:
     """A pool's part of a server's connections: ``workers x per_worker``."""
 
-    __slots__ = ("per_worker", "reserved", "server", "workers")
+    __slots__ = ("per_worker", "policy", "reserved", "server", "workers")
 
-    def __init__(self, server: str, per_worker: int, workers: int, reserved: int) -> None:
+    def __init__(
+        self, server: str, per_worker: int, workers: int, reserved: int, policy: BudgetPolicy
+    ) -> None:
         self.server = server
         self.per_worker = per_worker
         self.workers = workers
         self.reserved = reserved
+        self.policy = policy
 
 
 #: The shares of the pools of each lifecycle open now, by resource name: a pool that opens
@@ -751,7 +757,7 @@ def check_budget(
         _check_alone(name, server_max=server_max, per_worker=per_worker, workers=workers,
                      reserved=reserved, policy=policy)  # fmt: skip
         return
-    mine = _Share(server, per_worker, workers, reserved)
+    mine = _Share(server, per_worker, workers, reserved, policy)
     with _shares_lock:
         shares = _shares.setdefault(lc, {})
         others = [(n, s) for n, s in shares.items() if n != name and s.server == server]
@@ -789,6 +795,10 @@ def _check_shared(
         )
         return
     names = ", ".join(repr(n) for n, _ in others)
+    # The strictest policy of the pools counted: which of them opens last is chance (they
+    # open concurrently), and a pool declared budget="error" fails the start either way.
+    if any(share.policy == "error" for _, share in pools):
+        policy = "error"
     msg = (
         f"Connection budget of {name!r} does not fit with the other pools of this app on "
         f"the same server ({names}): {parts} connections + {reserved} reserved = {need}, "

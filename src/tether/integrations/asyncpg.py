@@ -158,6 +158,7 @@ class _State:
         "create_time",
         "created",
         "discarded",
+        "due_since",
         "expired",
         "expires",
         "idle_since",
@@ -190,6 +191,8 @@ class _State:
         self.expires: weakref.WeakKeyDictionary[Any, float] | None = None
         # When connections past their lifetime were closed in the last second (see _due).
         self.recycled: collections.deque[float] = collections.deque()
+        # When an acquire first found each connection past its lifetime and left it serving.
+        self.due_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.lifetime = math.inf  # max_lifetime
         self.served = time.monotonic()  # when a unit of work last got a connection
         self.timed_out_at = -math.inf  # when a unit of work's wait for one last timed out
@@ -1210,14 +1213,15 @@ RECYCLE_SLACK = 10.0
 def _due(state: _State, expires: weakref.WeakKeyDictionary[Any, float], p: Any, conn: Any) -> bool:
     """Whether *conn*, just acquired, is to be closed for its age: past its lifetime, and
     fewer than the budget closed so in the last second (else it serves this unit of work,
-    and is closed on a later acquire), or past it by the slack.
+    and is closed on a later acquire), or left serving so for the slack already.
 
     The budget, ``ceil(0.1 * max_size)`` a second, spreads the replacement of connections
     made together (a pool warmed at once) instead of replacing them all in the same second;
     with a lifetime under 10 s that would not keep up (every connection is replaced once a
     lifetime), so it is ``ceil(max_size / max_lifetime)`` then.
     """
-    deadline = expires.get(_raw(conn))
+    raw = _raw(conn)
+    deadline = expires.get(raw)
     now = time.monotonic()
     if deadline is None or now <= deadline:
         return False
@@ -1227,8 +1231,14 @@ def _due(state: _State, expires: weakref.WeakKeyDictionary[Any, float], p: Any, 
     size = _max_size_of(p)
     budget = max(math.ceil(0.1 * size), math.ceil(size / state.lifetime))
     slack = min(RECYCLE_SLACK, state.lifetime)
-    if now <= deadline + slack and len(recycled) >= budget:
-        return False
+    if len(recycled) >= budget:
+        # The slack runs from the first acquire that found it due, not from its deadline:
+        # the connections of a pool idle past their lifetime come due unseen, and the burst
+        # after the idle spell replaces them at the budget's rate, not all at once.
+        first = state.due_since.setdefault(raw, now)
+        if now <= first + slack:
+            return False
+    state.due_since.pop(raw, None)
     recycled.append(now)
     return True
 

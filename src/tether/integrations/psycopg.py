@@ -393,16 +393,20 @@ def pool(
         finally:
             with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
                 await probe.close()
-        p = Pool(
-            target,
-            open=False,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout,
-            kwargs=connect_kwargs,
-            name=name,
-            **options,
-        )
+        try:
+            p = Pool(
+                target,
+                open=False,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout,
+                kwargs=connect_kwargs,
+                name=name,
+                **options,
+            )
+        except BaseException:  # options psycopg_pool refuses: the share noted is not taken
+            forget_budget(lc, name)
+            raise
         p._tether = state
         try:
             await p.open(wait=True, timeout=open_timeout)

@@ -47,12 +47,22 @@ async def scalar(c: Any, sql: str) -> Any:
 
 
 async def health_at_once(lc: tether.Lifecycle) -> tether.HealthReport:
-    """``lc.health()``, which must answer in under 600 ms: a probe never queues behind traffic
-    (queued, it would wait a pool timeout, 1 s or more; 600 ms allows for a loaded machine)."""
+    """``lc.health()``, which must answer at once: a probe never queues behind traffic.
+
+    Queued, a check waits for a connection a pool timeout (1 s or more) and is reported
+    without a word of the busy or saturated pool (what the callers assert). Timed by each
+    check's own latency, not the call's: a check answered from the pool's figures runs a
+    few lines without awaiting, which a loaded machine's busy event loop cannot stretch (the
+    call's wall clock it can, by a second or two, past any bound that told a queued check).
+    A check that ran (redis-py 5's uncapped pool, which nothing queues behind) awaits its
+    server, which a loaded machine can stretch: it is held only to finishing well within
+    its check_timeout (5 s at most)."""
     t0 = time.monotonic()
     report = await lc.health()
     took = time.monotonic() - t0
-    assert took < 0.6, took
+    for check in report.checks:
+        from_figures = check.detail is not None or (check.error or "").startswith("saturated")
+        assert check.latency < (0.6 if from_figures else 5.0), (check, took)
     return report
 
 

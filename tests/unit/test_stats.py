@@ -53,10 +53,13 @@ class TestStats:
         assert stats.scope == "request"
         assert (stats.opened, stats.closed, stats.in_use, stats.max_in_use) == (2, 2, 0, 2)
         assert stats.errors == 0
-        assert 0.04 <= stats.wait_time < 0.5
+        # The lower bounds hold however loaded the machine (a sleep never ends early); the
+        # upper ones leave seconds for its stalls and still catch milliseconds counted as
+        # seconds (40 and 100 and more).
+        assert 0.04 <= stats.wait_time < 5
         assert 0.02 <= stats.max_wait_time <= stats.wait_time
         assert stats.mean_wait_time == pytest.approx(stats.wait_time / 2)
-        assert 0.1 <= stats.hold_time < 1
+        assert 0.1 <= stats.hold_time < 10
         assert 0.05 <= stats.max_hold_time <= stats.hold_time
         assert stats.mean_hold_time == pytest.approx(stats.hold_time / 2)
 

@@ -10,6 +10,7 @@ of.
 import asyncio
 import logging
 
+import psycopg
 import pytest
 
 import tether
@@ -42,6 +43,29 @@ async def test_a_gather_still_running_is_named(
                     c = await s.get(conn)
                     await asyncio.gather(c.execute("SELECT 1/0"), c.execute("SELECT pg_sleep(2)"))
         assert f"tether: 'conn': {HELD}" in caplog.text, caplog.text
+        async with lc.scope() as s:  # the pool replaced it
+            c = await s.get(conn)
+            assert await (await c.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_the_task_still_running_fails_at_once_rather_than_hang(postgres: Postgres) -> None:
+    """A query left running in a task the unit of work did not await, when the unit ends: the
+    connection is hung up under it, and that task's query fails with psycopg's "server closed
+    the connection" within moments (before: the connection was closed under the waiting
+    query, whose wait never woke: the task hung for good; and psycopg's C code resuming a
+    wait on a closed connection reads freed memory, a segfault seen under load)."""
+    lc = tether.Lifecycle()
+    pool = tpsy.pool(lc, postgres.dsn, min_size=1, max_size=2)
+    conn = tpsy.connection(lc, pool, transaction=False)
+    async with lc.run():
+        for _ in range(3):
+            async with lc.scope() as s:
+                c = await s.get(conn)
+                orphan = asyncio.ensure_future(c.execute("SELECT pg_sleep(30)"))
+                await asyncio.sleep(0.1)  # the query is on the server
+            with pytest.raises(psycopg.OperationalError, match="server closed the connection"):
+                async with asyncio.timeout(10):  # (the query itself takes 30 s)
+                    await orphan
         async with lc.scope() as s:  # the pool replaced it
             c = await s.get(conn)
             assert await (await c.execute("SELECT 1")).fetchone() == (1,)

@@ -50,8 +50,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import re
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -1100,8 +1102,38 @@ async def _let_go(conn: Connection, name: str, within: float) -> bool:
             "each its own connection).",
             name,
         )
-        await conn.close()
+        await _hang_up_held(conn)
         return False
+
+
+async def _hang_up_held(conn: Connection) -> None:
+    """Close *conn* while another task may hold it, waiting mid-query. psycopg's C
+    generators keep libpq's connection pointer across their waits: closing it (``PQfinish``)
+    under one that resumes later reads freed memory (a segfault, seen under load), and a
+    wait on the closed socket never wakes (a task that hangs for good). So the socket is shut
+    down first: a holder waiting on it wakes, fails (``server closed the connection``) and
+    lets go; then the connection is closed. A holder that does not let go within `_LET_GO`
+    is not inside a wait (a generator suspended between rows reads the connection afresh
+    when it resumes)."""
+    try:
+        shut = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):  # no socket any more: nothing waits on it
+        pass
+    else:
+        try:
+            shut.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            shut.close()
+        lock = conn.lock
+        try:
+            async with asyncio.timeout(_LET_GO):
+                await lock.acquire()
+            lock.release()
+        except TimeoutError:
+            pass
+    await conn.close()
 
 
 def _behind_pgbouncer(state: _State | None) -> bool:

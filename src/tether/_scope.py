@@ -1236,7 +1236,7 @@ def thread_frames() -> dict[int, list[tuple[str, int, str]]]:
         elif frames is not None:
             found = _FRAME_LINE.match(line)
             if found:
-                frames.append((_unescaped(found[1]), int(found[2]), _unescaped(found[3])))
+                frames.append((found[1], int(found[2]), found[3]))
     return threads
 
 
@@ -1253,26 +1253,58 @@ def _dump_file() -> Any:
     return tempfile.TemporaryFile()
 
 
-# faulthandler writes a name's characters outside ASCII as \xHH, \uHHHH or \UHHHHHHHH.
-_ESCAPE = re.compile(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})|\\U([0-9a-f]{8})")
+def _escaped(text: str) -> str:
+    """*text* as faulthandler writes it: printable ASCII kept, any other character as
+    ``\\xHH``, ``\\uHHHH`` or ``\\UHHHHHHHH`` (a backslash itself is kept, so its text cannot
+    be read back without ambiguity: ``C:\\build\\x64``). Names are compared in this form."""
+    if text.isascii() and text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+# What faulthandler writes for a character other than printable ASCII.
+_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+
+
+def _read_back(m: re.Match[str]) -> str:
+    code = int(m[1] or m[2] or m[3], 16)
+    # Only what faulthandler writes so: a literal "\\x64" (it writes "d") is left as it is.
+    if m[1] is not None:
+        written = code < 0x20 or code >= 0x7F
+    else:
+        written = code > (0xFF if m[2] is not None else 0xFFFF)
+    return chr(code) if written else m[0]
 
 
 def _unescaped(text: str) -> str:
-    """A file or function name as faulthandler wrote it, with its non-ASCII characters
-    back (a project under ``/home/josé/``), so that it compares with ``co_filename``."""
+    """A name as faulthandler wrote it, for display: its characters outside ASCII back (a
+    project under ``/home/josé/``). Best effort: a literal ``\\x86`` in a name reads as one."""
     if "\\" not in text:
         return text
-    return _ESCAPE.sub(lambda m: chr(int(m[1] or m[2] or m[3], 16)), text)
+    return _ESCAPE.sub(_read_back, text)
 
 
 def outside(
     frames: list[tuple[str, int, str]], skipped: tuple[str, ...]
 ) -> list[tuple[str, int, str]]:
-    """*frames* (innermost first) whose files are not under *skipped*, innermost last (at
-    most 12), as `user_frames` gives them."""
-    kept = [frame for frame in frames if not frame[0].startswith(skipped)][:12]
+    """*frames* (innermost first, as `thread_frames` gives them: names as faulthandler
+    wrote them) whose files are not under *skipped*, innermost last (at most 12), names
+    read back, as `user_frames` gives them."""
+    prefixes = tuple(_escaped(prefix) for prefix in skipped)
+    kept = [frame for frame in frames if not frame[0].startswith(prefixes)][:12]
     kept.reverse()
-    return kept
+    return [(_unescaped(filename), line, _unescaped(name)) for filename, line, name in kept]
 
 
 def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
@@ -1332,7 +1364,7 @@ def thread_stack(endpoint: Any, value: Any) -> list[tuple[str, int, str]]:
     code = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
     if code is None:
         return []
-    site = (code.co_filename, code.co_name)
+    site = (_escaped(code.co_filename), _escaped(code.co_name))  # as faulthandler writes them
     found = [
         frames
         for frames in thread_frames().values()

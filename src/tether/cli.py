@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -150,14 +151,26 @@ def stats_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=path, fragment=""))
 
 
+def _ambiguous(url: str) -> bool:
+    """Whether *url* has a user and password and an ``@`` in its path too
+    (``http://user:p@ss/word@host/``): an unencoded ``@`` and then ``/`` in the password, which
+    every parser ends at the first ``@`` (urllib reads host ``ss``). Several ``@`` before the
+    first ``/`` are read right (the last one ends the password), and one in the query is
+    the query's."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return "@" in parts.netloc and "@" in parts.path
+
+
 def _shown(url: str) -> str:
-    """*url* as messages show it: redacted; and where it holds more than one ``@`` after its
-    ``scheme://`` (an unencoded ``@`` in a password, which URL parsers split on, and more
-    so with a ``/`` after it), everything before the last one is hidden, as nobody can tell
-    where the password ends."""
-    scheme, sep, rest = url.partition("://")
-    if sep and rest.count("@") > 1:
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    """*url* as messages show it: redacted; an ambiguous one (`_ambiguous`) from the last
+    ``@`` of its path on, as nobody can tell where its password ends."""
+    if _ambiguous(url):
+        parts = urllib.parse.urlsplit(url)
+        rest = parts.path.rpartition("@")[2] + (f"?{parts.query}" if parts.query else "")
+        return redact(f"{parts.scheme}://***@{rest}")
     return redact(url)
 
 
@@ -175,7 +188,7 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
     """Read a running app's dashboard JSON; a clear ``SystemExit`` when that fails."""
     example = "http://127.0.0.1:8000/tether/"
     shown = _shown(url)
-    ambiguous = shown != redact(url)
+    ambiguous = _ambiguous(url)
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not one
@@ -189,7 +202,7 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
             f"dashboard's with its scheme, e.g. {example}"
         )
         raise _ConfigError(msg)
-    if ambiguous and (parts.username is not None or parts.password is not None):
+    if ambiguous:
         # http://user:p@ss/word@host/: urllib reads host 'ss' and would send the password's
         # first piece to it as Basic auth.
         msg = f"tether stats: {shown!r}: where its user and password end is ambiguous. {_ENCODE}"
@@ -221,18 +234,10 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
             raise _ConfigError(msg) from None
         request.add_header(name.strip(), value.strip())
     fix = "Is the app running, and does it include tether.fastapi.dashboard_router(lc)?"
-    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            # The timeout bounds each socket read; the deadline the whole answer (a server
-            # that trickles a byte a second would hold the command for as long as it likes).
-            chunks = []
-            while chunk := response.read1(65536):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"its answer did not end within {timeout:g} s")
-            body = b"".join(chunks)
+        body = _within(timeout, request)
     except urllib.error.HTTPError as exc:
+        exc.close()  # its answer's socket (read in another thread, so not freed with it)
         if exc.code in (401, 403) and basic is not None:
             fix = (
                 "The dashboard refused the URL's user and password (sent as Basic auth): "
@@ -262,6 +267,41 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
     if not isinstance(data, dict) or not {"state", "units", "resources", "in_flight"} <= set(data):
         raise SystemExit(_not_a_dashboard(shown))
     return data
+
+
+def _read(request: urllib.request.Request, timeout: float, deadline: float) -> bytes:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        chunks = []
+        while chunk := response.read1(65536):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:  # its reader has given up: stop reading
+                raise TimeoutError(f"its answer did not end within {timeout:g} s")
+        return b"".join(chunks)
+
+
+def _within(timeout: float, request: urllib.request.Request) -> bytes:
+    """The answer to *request*, headers and body, within *timeout* seconds in all: urllib's
+    timeout bounds each socket read, and a server that trickles its answer a byte a second
+    would hold the command for as long as it likes. Read in a thread of its own, given up
+    (left to end at its next read) at the deadline; its exception raised here."""
+    deadline = time.monotonic() + timeout
+    done: list[bytes] = []
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            done.append(_read(request, timeout, deadline))
+        except BaseException as exc:  # raised in the caller's thread
+            failed.append(exc)
+
+    reader = threading.Thread(target=read, name="tether-stats-read", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        raise TimeoutError(f"its answer did not end within {timeout:g} s")
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 def _not_a_dashboard(shown: str) -> str:

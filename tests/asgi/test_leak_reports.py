@@ -171,18 +171,21 @@ def _sync_app(folder: Path) -> Any:
     return module
 
 
+@pytest.mark.parametrize("folder", ["café€", "build\\x64", "dir\\u00e9x"])
 def test_a_def_endpoint_under_a_non_ascii_directory_is_reported_where_its_thread_is(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    folder: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A project under `/home/josé/`: the report still says where the endpoint's worker thread
-    is, the path as the file system has it (before: none, as faulthandler writes `caf\\xe9`)."""
-    module = _sync_app(tmp_path / "café")
+    is, the path as the file system has it (before: none, as faulthandler writes `caf\\xe9`);
+    and one whose name holds a backslash, which faulthandler writes as it is (`build\\x64`,
+    a Windows-like name), is not mistaken for one of its escapes."""
+    module = _sync_app(tmp_path / folder)
     with caplog.at_level(logging.WARNING, logger="tether"), TestClient(module.app) as client:
         assert client.get("/sync").json() == "conn"
     (message,) = _leaks(caplog)
     first, _, stack = message.partition("\n")
     assert first.endswith(" s (leak_threshold=0.1 s) by GET /sync; the request is now at:")
-    assert f'File "{tmp_path}/café/sync_app.py", line ' in stack
+    assert f'File "{tmp_path}/{folder}/sync_app.py", line ' in stack
     assert stack.rstrip().endswith("in slow_report")
 
 

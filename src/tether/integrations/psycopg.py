@@ -1117,7 +1117,8 @@ async def _hang_up_held(conn: Connection) -> None:
     when it resumes)."""
     shut = None
     try:
-        fd = os.dup(conn.pgconn.socket)
+        fileno = conn.pgconn.socket
+        fd = os.dup(fileno)
     except (OSError, psycopg.Error):  # no socket any more: nothing waits on it
         pass
     else:
@@ -1132,14 +1133,28 @@ async def _hang_up_held(conn: Connection) -> None:
             pass
         finally:
             shut.close()
-        lock = conn.lock
-        try:
-            async with asyncio.timeout(_LET_GO):
-                await lock.acquire()
-            lock.release()
-        except TimeoutError:
-            pass
+        if _waited_on(fileno):  # a generator suspended between rows is not: no wait for it
+            lock = conn.lock
+            try:
+                async with asyncio.timeout(_LET_GO):
+                    await lock.acquire()
+                lock.release()
+            except TimeoutError:
+                pass
     await conn.close()
+
+
+def _waited_on(fileno: int) -> bool:
+    """Whether a task waits on socket *fileno* (psycopg's waits register it with the event
+    loop). Where the loop cannot say (uvloop has no selector to ask), taken to be."""
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    if selector is None:
+        return True
+    try:
+        selector.get_key(fileno)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _behind_pgbouncer(state: _State | None) -> bool:

@@ -174,6 +174,9 @@ def _shown(url: str) -> str:
     return redact(url)
 
 
+# What a URL may hold as it is (RFC 3986's reserved and unreserved characters, and `%`).
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%-._~"
+
 _ENCODE = (
     "Percent-encode an '@' in the user or password as %40 and a '/' as %2F "
     "(http://user:p%40ss%2Fword@host:8000/tether/)."
@@ -215,6 +218,9 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         netloc = parts.netloc.rpartition("@")[2]
         url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    # Characters outside ASCII (a path or a token that holds one) sent percent-encoded, as a
+    # browser does: http.client refuses them (a UnicodeEncodeError), and a space (InvalidURL).
+    url = urllib.parse.quote(url, safe=_URL_SAFE)
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if basic is not None:
         request.add_header("Authorization", f"Basic {basic}")  # a --header one replaces it
@@ -256,7 +262,14 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         reason = getattr(exc, "reason", exc)
         msg = f"tether stats: cannot read {shown}: {reason}. {fix}"
         raise SystemExit(msg) from None
-    except http.client.HTTPException as exc:  # not HTTP, or a reply cut short
+    except http.client.IncompleteRead as exc:  # the server closed the connection mid-answer
+        read, more = len(exc.partial), exc.expected
+        msg = (
+            f"tether stats: {shown} cut its answer short ({read} bytes read, {more} more "
+            f"expected): a proxy or the app ended the connection. {fix}"
+        )
+        raise SystemExit(msg) from None
+    except http.client.HTTPException as exc:  # not HTTP
         said = type(exc).__name__ + (f" {str(exc).strip()!r}" if str(exc).strip() else "")
         msg = f"tether stats: {shown} did not answer as an HTTP server ({said}). {fix}"
         raise SystemExit(msg) from None
@@ -276,7 +289,10 @@ def _read(request: urllib.request.Request, timeout: float, deadline: float) -> b
             chunks.append(chunk)
             if time.monotonic() > deadline:  # its reader has given up: stop reading
                 raise TimeoutError(f"its answer did not end within {timeout:g} s")
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        if response.length:  # the connection ended before the Content-Length it announced
+            raise http.client.IncompleteRead(body, response.length)
+        return body
 
 
 def _within(timeout: float, request: urllib.request.Request) -> bytes:

@@ -230,6 +230,13 @@ class _Dashboard(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/shape/"):
             figures = {**MINIMAL, "units": []}
         body = json.dumps(figures).encode()
+        if self.path.startswith("/cut/"):  # 40 bytes fewer than it announces, then closed
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:-40])
+            self.close_connection = True
+            return
         if self.path.startswith("/trickle-head/"):  # its status line and headers, slowly
             head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 40
             for byte in head:
@@ -549,3 +556,30 @@ def test_stats_refuses_a_password_with_an_unencoded_at_and_slash(url: str, cause
     )
     for piece in ["p@ss", "w0rd/x", "Xk", "qLm2"]:
         assert piece not in message
+
+
+def test_stats_says_an_answer_cut_short(dashboard: str) -> None:
+    """A server that ends the connection before the body it announced: said as such (before
+    the deadline change, too: an `IncompleteRead`; with it, for a moment, taken for JSON that
+    is not a dashboard's)."""
+    size = len(json.dumps(MINIMAL).encode())
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether stats: {dashboard}/cut/stats.json cut its answer short ({size - 40} bytes "
+            f"read, 40 more expected): a proxy or the app ended the connection. Is the app "
+            f"running, and does it include tether.fastapi.dashboard_router(lc)?"
+        ),
+    ):
+        main(["stats", f"{dashboard}/cut/"])
+
+
+def test_stats_sends_a_url_with_characters_outside_ascii(
+    dashboard: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token or a path with a character outside ASCII, or a space, is sent percent-encoded,
+    as a browser does (before: a UnicodeEncodeError traceback, or http.client's InvalidURL
+    with the token in it)."""
+    for url in [f"{dashboard}/tether/?token=café", f"{dashboard}/tether/?token=a b"]:
+        assert main(["stats", url, "--json"]) == 0, url
+        assert json.loads(capsys.readouterr().out) == MINIMAL

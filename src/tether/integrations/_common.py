@@ -58,6 +58,7 @@ __all__ = [
     "BUDGET_FALLBACK",
     "budget_refused",
     "budget_unread",
+    "read_budget",
     "check_budget",
     "forget_budget",
     "check_dsn",
@@ -696,6 +697,34 @@ def budget_unread(name: str, exc: BaseException, policy: BudgetPolicy) -> bool:
     )
     _over_budget(name, msg, policy)
     return True
+
+
+async def read_budget(
+    name: str,
+    policy: BudgetPolicy,
+    ask: Callable[[str], Awaitable[Any]],
+    recover: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[int | None, str | None]:
+    """The server's max_connections and what tells it from another, asked with *ask* (a
+    query's first row): the second is None where the server refuses :data:`BUDGET_QUERY`
+    (the pool is then counted alone; *recover* first, where the refusal aborted a
+    transaction), and both are where it gives no max_connections at all (said by
+    *policy*). A driver's asyncio connection; SQLAlchemy's sync one has its own twin."""
+    try:
+        row = await ask(BUDGET_QUERY)
+        return int(row[0]), str(row[1])
+    except Exception as exc:
+        note_pgbouncer(exc)
+        if not budget_refused(name, exc):
+            raise
+    if recover is not None:
+        await recover()
+    try:
+        return int((await ask(BUDGET_FALLBACK))[0]), None
+    except Exception as exc:
+        if budget_unread(name, exc, policy):
+            return None, None
+        raise
 
 
 class _Share:

@@ -79,8 +79,6 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
-    BUDGET_FALLBACK,
-    BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOST_NOTE,
     RESET_SESSION,
@@ -94,8 +92,6 @@ from ._common import (
     LoopBound,
     PerResource,
     asyncio_only,
-    budget_refused,
-    budget_unread,
     check_budget,
     check_dsn,
     check_resource,
@@ -107,6 +103,7 @@ from ._common import (
     note_pgbouncer,
     pooler_never_sent,
     queue_full,
+    read_budget,
     read_only,
     read_only_failure,
     redact,
@@ -386,26 +383,6 @@ def _put_back_loggers(raw: Any, kept: set[Any] | None) -> None:
         loggers.update(kept)
 
 
-async def _read_budget(p: Pool, name: str, policy: BudgetPolicy) -> tuple[int | None, str | None]:
-    """The server's max_connections and what tells it from another (None where the server
-    refuses that query: the pool is then counted alone), or (None, None) where it gives no
-    max_connections at all (said by *policy*)."""
-    try:
-        row = await p.fetchrow(BUDGET_QUERY)
-        assert row is not None
-        return int(row[0]), str(row[1])
-    except Exception as exc:
-        note_pgbouncer(exc)
-        if not budget_refused(name, exc):
-            raise
-    try:
-        return int(await p.fetchval(BUDGET_FALLBACK)), None
-    except Exception as exc:
-        if budget_unread(name, exc, policy):
-            return None, None
-        raise
-
-
 def pool(
     lc: Lifecycle,
     dsn: Dsn,
@@ -543,7 +520,7 @@ def pool(
             server: str | None = None
             # PgBouncer multiplexes: the server's max_connections is its business.
             if not (pgbouncer or budget == "off"):
-                server_max, server = await _read_budget(p, name, budget)
+                server_max, server = await read_budget(name, budget, p.fetchrow)
             if server_max is not None:
                 check_budget(
                     name,

@@ -48,6 +48,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -87,8 +88,6 @@ from .._resource import Resource
 from .._stats import PoolStats
 from . import _once
 from ._common import (
-    BUDGET_FALLBACK,
-    BUDGET_QUERY,
     IN_BLOCK_RESET,
     LOSES_CANCEL,
     LOST_NOTE,
@@ -103,8 +102,6 @@ from ._common import (
     LoopBound,
     PerResource,
     asyncio_only,
-    budget_refused,
-    budget_unread,
     check_budget,
     check_dsn,
     check_resource,
@@ -119,6 +116,7 @@ from ._common import (
     lost_at_commit,
     note_pgbouncer,
     pooler_never_sent,
+    read_budget,
     read_only,
     read_only_failure,
     redact,
@@ -252,32 +250,11 @@ class Pool(AsyncConnectionPool[Connection]):
         await super().putconn(conn)
 
 
-async def _read_budget(
-    probe: psycopg.AsyncConnection[Any], name: str, policy: BudgetPolicy
-) -> tuple[int | None, str | None]:
-    """The server's max_connections and what tells it from another (None where the server
-    refuses that query: the pool is then counted alone), or (None, None) where it gives no
-    max_connections at all (said by *policy*). *probe* is in autocommit: a refused query
-    leaves it usable."""
-    try:
-        async with probe.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(BUDGET_QUERY)
-            row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), str(row[1])
-    except psycopg.Error as exc:
-        if not budget_refused(name, exc):
-            raise
-    try:
-        async with probe.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(BUDGET_FALLBACK)
-            row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), None
-    except psycopg.Error as exc:
-        if budget_unread(name, exc, policy):
-            return None, None
-        raise
+async def _first_row(probe: psycopg.AsyncConnection[Any], query: str) -> Any:
+    """*query*'s first row on *probe* (in autocommit: a refused query leaves it usable)."""
+    async with probe.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(query)
+        return await cur.fetchone()
 
 
 def pool(
@@ -380,7 +357,9 @@ def pool(
             raise unreachable(name, state.shown, exc) from exc
         try:
             if not (pgbouncer or budget == "off"):
-                server_max, server = await _read_budget(probe, name, budget)
+                server_max, server = await read_budget(
+                    name, budget, functools.partial(_first_row, probe)
+                )
                 if server_max is not None:
                     check_budget(
                         name,

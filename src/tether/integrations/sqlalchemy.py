@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -119,6 +120,7 @@ from ._common import (
     note_pgbouncer,
     plain_dsn,
     queue_full,
+    read_budget,
     read_only,
     read_only_failure,
     redact,
@@ -1254,13 +1256,13 @@ def _options(
 def _budget(
     lc: Lifecycle,
     info: _PoolInfo,
-    server_max: tuple[int, str | None] | None,
+    server_max: tuple[int | None, str | None],
     *,
     budget: BudgetPolicy,
     workers: int | None,
     reserved: int,
 ) -> None:
-    if server_max is None:
+    if server_max[0] is None:  # not read (not PostgreSQL, PgBouncer, "off"), or none given
         return
     per_worker = info.limit
     if per_worker is None:
@@ -1282,45 +1284,26 @@ def _budget(
     )
 
 
-async def _read_budget(
-    conn: AsyncConnection, name: str, policy: BudgetPolicy
-) -> tuple[int, str | None] | None:
-    """The server's max_connections and what tells it from another (None where the server
-    refuses that query: the engine is then counted alone), or None where it gives no
-    max_connections at all (said by *policy*)."""
-    try:
-        row = (await conn.execute(text(BUDGET_QUERY))).one()
-        return int(row[0]), str(row[1])
-    except sa_exc.DBAPIError as exc:
-        if not budget_refused(name, exc):
-            raise
-    await conn.rollback()  # the refused query aborted the transaction
-    try:
-        row = (await conn.execute(text(BUDGET_FALLBACK))).one()
-        return int(row[0]), None
-    except sa_exc.DBAPIError as exc:
-        if budget_unread(name, exc, policy):
-            return None
-        raise
+async def _first_row(conn: AsyncConnection, query: str) -> Any:
+    return (await conn.execute(text(query))).one()
 
 
 def _read_budget_sync(
     conn: Connection, name: str, policy: BudgetPolicy
-) -> tuple[int, str | None] | None:
-    """`_read_budget` on a sync engine's connection."""
+) -> tuple[int | None, str | None]:
+    """`_common.read_budget` on a sync engine's connection (in its thread, no event loop)."""
     try:
         row = conn.execute(text(BUDGET_QUERY)).one()
         return int(row[0]), str(row[1])
     except sa_exc.DBAPIError as exc:
         if not budget_refused(name, exc):
             raise
-    conn.rollback()
+    conn.rollback()  # the refused query aborted the transaction
     try:
-        row = conn.execute(text(BUDGET_FALLBACK)).one()
-        return int(row[0]), None
+        return int(conn.execute(text(BUDGET_FALLBACK)).one()[0]), None
     except sa_exc.DBAPIError as exc:
         if budget_unread(name, exc, policy):
-            return None
+            return None, None
         raise
 
 
@@ -1653,12 +1636,14 @@ def engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
         try:
-            server_max: tuple[int, str | None] | None = None
+            server_max: tuple[int | None, str | None] = (None, None)
             try:
                 async with eng.connect() as conn:
                     await conn.execute(text("SELECT 1"))
                     if _wants_budget(u, pgbouncer, budget, name):
-                        server_max = await _read_budget(conn, name, budget)
+                        server_max = await read_budget(
+                            name, budget, functools.partial(_first_row, conn), conn.rollback
+                        )
             except Exception as exc:
                 failure = _open_failure(info, exc)
                 if failure is None:
@@ -2331,7 +2316,7 @@ def sync_engine(
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng, name, server=not pgbouncer)
         try:
-            server_max: tuple[int, str | None] | None = None
+            server_max: tuple[int | None, str | None] = (None, None)
             try:
                 with eng.connect() as conn:
                     conn.execute(text("SELECT 1"))

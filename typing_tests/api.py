@@ -95,6 +95,7 @@ async def check() -> None:
 
 @tether.fastapi.idempotent
 @tether.fastapi.release("response")
+@tether.fastapi.leak_threshold(3600)
 async def export(n: int) -> list[int]:
     return [n]
 

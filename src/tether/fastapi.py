@@ -62,7 +62,7 @@ from ._errors import (
     describe,
     is_seconds,
 )
-from ._lifecycle import Lifecycle, State, broken
+from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
     Entry,
@@ -80,7 +80,14 @@ if TYPE_CHECKING:
 
     from ._health import HealthReport
 
-__all__ = ["dashboard_router", "health_router", "idempotent", "install", "release"]
+__all__ = [
+    "dashboard_router",
+    "health_router",
+    "idempotent",
+    "install",
+    "leak_threshold",
+    "release",
+]
 
 log = logging.getLogger("tether")
 
@@ -205,6 +212,38 @@ def release(point: str, /) -> Callable[[E], E]:
     return mark
 
 
+def leak_threshold(seconds: float | None, /) -> Callable[[E], E]:
+    """Give this route's units of work a leak threshold of their own.
+
+    ``@tether.fastapi.leak_threshold(3600)`` (under the route decorator): a value this route
+    holds is reported as a leak after *seconds*, in place of the Lifecycle's
+    ``leak_threshold``; ``None``: never reported. For a WebSocket route whose connection is
+    meant to hold its values while the socket is open, or a long stream
+    (``release("response")``), where the Lifecycle's threshold would report every
+    connection. Like ``lc.scope(label, leak_threshold=...)`` for a job.
+    """
+    check_number(
+        seconds,
+        "seconds",
+        "tether.fastapi.leak_threshold()",
+        above=True,
+        none=True,
+        example="3600, or None for no leak reports of this route",
+    )
+
+    def mark(fn: E) -> E:
+        fn._tether_leak_threshold = seconds  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def _threshold_of(endpoint: Any) -> Any:
+    """The leak threshold *endpoint* is marked with (`leak_threshold`), or `_LIFECYCLES`:
+    none of its own."""
+    return getattr(endpoint, "_tether_leak_threshold", _LIFECYCLES)
+
+
 def _keeps(endpoint: Any) -> bool:
     """Whether a route keeps its values until the response ends: its endpoint is marked
     ``@release("response")``, or is a generator (FastAPI 0.137+ streams what it yields, JSON
@@ -314,12 +353,18 @@ def install(app: Any, lc: Lifecycle) -> None:
                 included=included,
                 inlined=inlined,
                 keep=_keeps(getattr(route, "endpoint", None)),
+                threshold=_threshold_of(getattr(route, "endpoint", None)),
             )
             if included and getattr(route, "dependant", None) is None:
                 # A plain Starlette route of an included router is served by a copy
                 # made from its endpoint; an endpoint that is not a function is used
                 # as the copy's ASGI app: this one's, wrapped.
-                route.endpoint = _TetherRoute(route.app, lc, _label(route))
+                route.endpoint = _TetherRoute(
+                    route.app,
+                    lc,
+                    _label(route),
+                    threshold=_threshold_of(getattr(route, "endpoint", None)),
+                )
             if included and hasattr(route, "get_route_handler"):
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
@@ -677,6 +722,7 @@ def _hook_handler(route: Any, lc: Lifecycle, *, wrap: bool) -> None:
             inlined=inlined,
             keep=_keeps(served.endpoint),
             sse=bool(getattr(served, "is_sse_stream", False)),
+            threshold=_threshold_of(served.endpoint),
         )
         retries = getattr(served.endpoint, "_tether_retries", 0)
         return _retrying(wrapped, retries, label) if retries else wrapped
@@ -971,6 +1017,9 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
         except ResourceUnavailable as exc:  # draining: refused as on an app's route
             stack.push_async_exit(_ConnectionRefused(connection, exc))
             raise
+        threshold = _threshold_of(scope.get("endpoint"))
+        if threshold is not _LIFECYCLES:
+            lc._leak_thresholds[unit] = threshold
         # The endpoint's task: cancelled past drain_timeout, and where a leak report
         # says it waits.
         lc._unit_tasks[unit] = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
@@ -1723,7 +1772,16 @@ def _answered_exception() -> BaseException | None:
 class _TetherRoute:
     """Wraps a route's ``handle``: one unit of work per call."""
 
-    __slots__ = ("app", "context_of", "inlined", "label", "labels", "lc", "unit_class")
+    __slots__ = (
+        "app",
+        "context_of",
+        "inlined",
+        "label",
+        "labels",
+        "lc",
+        "threshold",
+        "unit_class",
+    )
 
     def __init__(
         self,
@@ -1734,9 +1792,11 @@ class _TetherRoute:
         included: bool = False,
         inlined: _Inlined | None = None,
         keep: bool = False,
+        threshold: Any = _LIFECYCLES,
     ):
         self.app = app
         self.unit_class = _KeepingUnit if keep else HttpUnit
+        self.threshold = threshold
         self.lc = lc
         self.label = label
         self.inlined = inlined
@@ -1778,6 +1838,8 @@ class _TetherRoute:
         unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         lc._units.add(unit)
         lc._units_total += 1
+        if self.threshold is not _LIFECYCLES:
+            lc._leak_thresholds[unit] = self.threshold
         await _run(unit, self.app, scope, unit.receive)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1794,6 +1856,8 @@ class _TetherRoute:
         unit = Unit(lc, self.label_for(scope))
         lc._units.add(unit)
         lc._units_total += 1
+        if self.threshold is not _LIFECYCLES:
+            lc._leak_thresholds[unit] = self.threshold
         # The connection's task: cancelled past drain_timeout, and where a leak report says
         # it waits.
         lc._unit_tasks[unit] = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
@@ -2087,6 +2151,7 @@ def _handler(
     inlined: _Inlined | None = None,
     keep: bool = False,
     sse: bool = False,
+    threshold: Any = _LIFECYCLES,
 ) -> Any:
     """Wrap a FastAPI request handler (``request -> response``): one unit of work per call.
 
@@ -2108,6 +2173,8 @@ def _handler(
 
     *sse*: the endpoint is a generator FastAPI streams as server-sent events (0.137+), from
     a task of its own: the values close after that task (`_ProducedUnit`).
+
+    *threshold*: the route's own leak threshold (`leak_threshold`), if marked.
     """
     units = lc._units
     unit_class = _ProducedUnit if sse else _KeepingUnit if keep else HttpUnit
@@ -2121,6 +2188,8 @@ def _handler(
         task = unit.task = _tasks_by_loop.get(_running_loop()) if _PY311 else _current_task()
         units.add(unit)
         lc._units_total += 1
+        if threshold is not _LIFECYCLES:
+            lc._leak_thresholds[unit] = threshold
         token = _CURRENT.set(_ref(unit))
         late = False
         stacked = sse and _close_after_producer(unit, request)

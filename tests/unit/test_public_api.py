@@ -54,6 +54,7 @@ def test_contract_names() -> None:
         "health_router",
         "idempotent",
         "install",
+        "leak_threshold",
         "release",
     ]
     assert tether.testing.__all__ == [
@@ -73,6 +74,7 @@ def test_fastapi_facing_hints_resolve() -> None:
     typing.get_type_hints(tether.fastapi.install)
     typing.get_type_hints(tether.fastapi.idempotent)
     typing.get_type_hints(tether.fastapi.release)
+    typing.get_type_hints(tether.fastapi.leak_threshold)
 
 
 def test_fastapi_integration_without_starlette_says_what_to_install() -> None:

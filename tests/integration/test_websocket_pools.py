@@ -5,6 +5,7 @@ query at drain_timeout is cancelled, its query stopped, before the pool closes. 
 route and on a route of an included router."""
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, WebSocket, WebSocketDisconnect
 from starlette.testclient import TestClient, WebSocketDenialResponse
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import tether
@@ -249,3 +250,33 @@ def test_full_pool_handshake_over_uvicorn_is_503_without_a_traceback(
     assert "Exception in ASGI application" not in out, out
     assert out.count("tether: WEBSOCKET /ws/hold answered 503: ") == 1, out
     assert out.count("tether: WEBSOCKET /r/ws/hold answered 503: ") == 1, out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sigterm_over_uvicorn_closes_an_open_socket_with_1012(
+    postgres: Postgres, tmp_path: Path, path: str
+) -> None:
+    """SIGTERM to a real uvicorn with a socket open on a pooled connection: the client gets
+    close code 1012 (service restart: reconnect elsewhere), the server exits as on any SIGTERM
+    within a few seconds (not held by the socket until a drain timeout), and logs no traceback."""
+    server = Server(
+        "tests.e2e.app_websocket_pool:app", tmp_path, env={"DATABASE_URL": postgres.dsn}
+    )
+    url = f"ws://127.0.0.1:{server.port}"
+    try:
+        with connect(f"{url}{path}/hold") as holder:
+            assert holder.recv(timeout=5) == "1"
+            sent = time.monotonic()
+            server.terminate()
+            with pytest.raises(ConnectionClosed) as closed:
+                holder.recv(timeout=15)
+        code = server.wait(15)
+        took = time.monotonic() - sent
+    finally:
+        server.stop()
+    out = server.output()
+    assert closed.value.rcvd is not None, out
+    assert closed.value.rcvd.code == 1012, out
+    assert code in (0, -signal.SIGTERM), out  # uvicorn raises the signal again once stopped
+    assert took < 10, out
+    assert "Traceback" not in out, out

@@ -1,5 +1,6 @@
 """The warning for a psycopg connection still held as its unit of work ends says what holds
-it, true in both cases: a generator left open, or a query another task still runs on it.
+it: a query still running on it (another task's, or a generator's close), or a generator
+left open (``tests/integration/test_psycopg_small_fixes.py``).
 
 ``asyncio.gather`` of two queries on one connection, the first of which fails: the gather
 raises at once, the second query still runs, holding the connection's lock, as the unit of
@@ -21,10 +22,10 @@ pytestmark = [pytest.mark.servers, pytest.mark.anyio, pytest.mark.fastapi_free]
 
 HELD = (
     "the connection is still held at the end of its unit of work (its lock is taken): by a "
-    "`cursor.stream()` or `conn.notifies()` generator left open (kept alive by a reference, "
-    "such as an exception's traceback), or by a query still running in another task "
-    "(`asyncio.gather` of queries on one connection, one of which failed, or a task not "
-    "awaited); closed (the pool replaces it). Close such a generator in the endpoint (`async "
+    "query still running on it: in another task (`asyncio.gather` of queries on one "
+    "connection, one of which failed, or a task not awaited), or in a `cursor.stream()` or "
+    "`conn.notifies()` generator being closed, whose cancel of its query took longer than "
+    "0.5 s; closed (the pool replaces it). Close such a generator in the endpoint (`async "
     "with contextlib.aclosing(...)`), and await every task using the connection before the "
     "unit of work ends (or give each its own connection)."
 )

@@ -611,10 +611,69 @@ class _CodecsNoted:
     async def set_type_codec(self, typename: str, *args: Any, **kwargs: Any) -> None:
         _codec_changed(self)
         await super().set_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
+        _codec_set(self, "set_type_codec", typename, args, kwargs)
 
     async def set_builtin_type_codec(self, typename: str, *args: Any, **kwargs: Any) -> None:
         _codec_changed(self)
         await super().set_builtin_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
+        _codec_set(self, "set_builtin_type_codec", typename, args, kwargs)
+
+
+#: `rolled_back`: the codec calls made on each connection outside a unit of work of a block
+#: (the pool's ``init`` and ``setup``, a test's on the block's connection), the last per type,
+#: method and format, in the order made: what a block sets again after one of its units changed
+#: the codec of that type. A few entries per connection that has codecs, none for the others.
+_kept_codecs: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, str, str, Any], tuple[tuple[Any, ...], dict[str, Any]]]
+] = weakref.WeakKeyDictionary()
+
+#: `rolled_back`: the types (name, schema) whose codec the unit of work of a block running on
+#: each connection changed so far; the block puts them back as the unit ends.
+_unit_codecs: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+
+def _codec_set(
+    conn: Any, method: str, typename: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Note a codec call on *conn* that went through: for the unit of a `rolled_back` block
+    running on it, the type it changed; else the call, to make again after such a unit."""
+    schema = kwargs.get("schema", "public")
+    changed = _unit_codecs.get(conn)
+    if changed is not None:
+        changed.add((typename, schema))
+        return
+    calls = _kept_codecs.setdefault(conn, {})
+    key = (typename, schema, method, kwargs.get("format"))
+    calls.pop(key, None)  # the latest last: a later call on the type wins
+    calls[key] = (args, dict(kwargs))
+
+
+async def _put_back_codecs(raw: Any, changed: set[tuple[str, str]], name: str) -> None:
+    """`rolled_back`: put the codecs of the types a unit of work changed (*changed*) back as
+    it found them, for the block's next unit: asyncpg's own, then those the pool's ``init`` and
+    ``setup`` and the test set on the connection. (Production closes such a connection.)"""
+    log.warning(
+        "tether: %r: the unit of work changed a type codec (set_type_codec or "
+        "set_builtin_type_codec), which asyncpg's reset keeps: in production the connection is "
+        "closed, not returned, so the next unit on it does not decode with it; in this "
+        "rolled_back() block the codecs it changed were put back as the unit found them. Set "
+        "codecs in the pool's init= (every connection, once), not per unit of work",
+        name,
+    )
+    calls = list(_kept_codecs.get(raw, {}).items())
+    try:
+        for typename, schema in sorted(changed):
+            await raw.reset_type_codec(typename, schema=schema)
+        for (typename, schema, method, _), (args, kwargs) in calls:
+            if (typename, schema) in changed:  # set again, not noted again
+                await getattr(super(_CodecsNoted, raw), method)(typename, *args, **kwargs)
+    except Exception as exc:
+        log.warning(
+            "tether: %r: could not put back the type codecs the unit of work changed (%s); "
+            "the block's next units decode with them",
+            name,
+            describe(exc),
+        )
 
 
 #: Each connection class met, with :class:`_CodecsNoted` mixed in.
@@ -1504,7 +1563,8 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     conn = await p.acquire()  # a ScopeError on another event loop than the pool's
     if state is not None:
         state.rolled_back.append(name)  # another resource of the pool is outside: warned
-    pooled = _found_callbacks(_raw(conn))  # the test's own go with the block
+    raw = _raw(conn)
+    pooled = _found_callbacks(raw)  # the test's own go with the block
     try:
         isolation, readonly = _begins.get(connection, (None, False))
         # Read-only per unit of work, not for the block: the test seeds its data on it.
@@ -1515,7 +1575,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
 
         async def joined() -> AsyncIterator[asyncpg.Connection]:
             async with turns.turn():
-                found_callbacks = _found_callbacks(_raw(conn))  # as the unit found them
+                found_callbacks = _found_callbacks(raw)  # as the unit found them
                 begin = f"SAVEPOINT {SAVEPOINT}"
                 if readonly:  # undone with the savepoint, which a read-only unit rolls back
                     begin += "; SET LOCAL transaction_read_only = on"
@@ -1527,24 +1587,35 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                     raise RuntimeError(_aborted(name, "`async with conn.transaction():`")) from exc
                 after = f"; {IN_BLOCK_RESET}{found or ''}" if reset else ""
                 handed = _unit_proxy(conn)
+                # A codec the test changed on the block's connection: the pool closes it after.
+                noted = state is not None and raw in state.codecs
+                _unit_codecs[raw] = set()  # the codecs the unit changes (asyncpg's reset keeps)
                 try:
-                    yield handed
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        if spec.transaction:
-                            await conn.execute(back)
-                        else:
-                            with contextlib.suppress(pg_errors.PostgresError):
-                                await _keep_unit(conn, name, after)  # autocommit: kept
-                    raise
+                    try:
+                        yield handed
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            if spec.transaction:
+                                await conn.execute(back)
+                            else:
+                                with contextlib.suppress(pg_errors.PostgresError):
+                                    await _keep_unit(conn, name, after)  # autocommit: kept
+                        raise
+                    finally:
+                        _release_proxy(handed, conn)
+                        if not _closed(conn):  # closed: asyncpg ran its listeners, dropped all
+                            _put_back_callbacks(raw, found_callbacks)
+                    if readonly:  # nothing to keep: its settings go with its savepoint
+                        await conn.execute(back)
+                    else:
+                        await _keep_unit(conn, name, after)
                 finally:
-                    _release_proxy(handed, conn)
-                    if not _closed(conn):  # closed: asyncpg ran its listeners, dropped all
-                        _put_back_callbacks(_raw(conn), found_callbacks)
-                if readonly:  # nothing to keep: its settings go with its savepoint
-                    await conn.execute(back)
-                else:
-                    await _keep_unit(conn, name, after)
+                    changed = _unit_codecs.pop(raw, None)
+                    if changed and not _closed(conn):
+                        if state is not None and not noted:  # put back: nothing to close for
+                            state.codecs.discard(raw)
+                        with anyio.CancelScope(shield=True):
+                            await _put_back_codecs(raw, changed, name)
 
         try:
             with lc.override(connection, joined):

@@ -149,6 +149,7 @@ class _State:
         "bound",
         "callbacks",
         "configured",
+        "discarded",
         "name",
         "out",
         "pgbouncer",
@@ -168,6 +169,9 @@ class _State:
         self.rolled_back: list[str] = []  # the resources of the `rolled_back` blocks open now
         self.served = time.monotonic()  # when the pool last handed out a connection
         self.timed_out_at = -math.inf  # when a wait for one last timed out (PoolTimeout)
+        # Connections given back closed or mid-query after the pool closed: psycopg_pool closes
+        # them without counting them in ``returns_bad``.
+        self.discarded = 0
         # Calls of getconn under way. psycopg counts a waiter that timed out as waiting until
         # the pool next hands a connection out; these calls are the ones that still wait.
         self.acquiring = 0
@@ -247,7 +251,18 @@ class Pool(AsyncConnectionPool[Connection]):
         state = self._tether
         if state is not None:
             state.out.discard(conn)
+            if self.closed and conn.pgconn.transaction_status in _RETURNED_BAD:
+                # psycopg_pool closes what comes back to a closed pool (a unit of work still
+                # running as the app shut down) without counting it: one closed or mid-query
+                # is discarded, as the pool open would count it (``returns_bad``), and as
+                # asyncpg's is counted whenever it comes back.
+                state.discarded += 1
         await super().putconn(conn)
+
+
+#: The states in which psycopg_pool counts a connection given back as bad (``returns_bad``):
+#: closed (or broken), or still running a query (it closes it).
+_RETURNED_BAD = frozenset({TransactionStatus.UNKNOWN, TransactionStatus.ACTIVE})
 
 
 async def _first_row(probe: psycopg.AsyncConnection[Any], query: str) -> Any:
@@ -444,8 +459,10 @@ def _figures(name: str, p: Any) -> PoolStats:
     counts the connections it is making or resetting, which are neither in use nor idle.
     Discarded: the connections it found broken (``connections_lost``) and those given back
     broken or closed (``returns_bad``: tether closes one whose state is not known before it
-    gives it back)."""
+    gives it back), and those given back so after the pool closed, which psycopg_pool does
+    not count (tether does)."""
     stats = p.get_stats()
+    state: _State | None = getattr(p, "_tether", None)
     size, idle = int(stats["pool_size"]), int(stats["pool_available"])
     return PoolStats(
         name=name,
@@ -456,7 +473,9 @@ def _figures(name: str, p: Any) -> PoolStats:
         waiting=_waiting(p, stats),
         created=int(stats.get("connections_num", 0)) - int(stats.get("connections_errors", 0)),
         create_time=int(stats.get("connections_ms", 0)) / 1000,
-        discarded=int(stats.get("returns_bad", 0)) + int(stats.get("connections_lost", 0)),
+        discarded=int(stats.get("returns_bad", 0))
+        + int(stats.get("connections_lost", 0))
+        + (state.discarded if state is not None else 0),
     )
 
 
@@ -1072,17 +1091,43 @@ async def _let_go(conn: Connection, name: str, within: float) -> bool:
     except TimeoutError:
         log.warning(
             "tether: %r: the connection is still held at the end of its unit of work (its "
-            "lock is taken): by a `cursor.stream()` or `conn.notifies()` generator left open "
-            "(kept alive by a reference, such as an exception's traceback), or by a query "
-            "still running in another task (`asyncio.gather` of queries on one connection, "
-            "one of which failed, or a task not awaited); closed (the pool replaces it). "
-            "Close such a generator in the endpoint (`async with contextlib.aclosing(...)`), "
-            "and await every task using the connection before the unit of work ends (or give "
-            "each its own connection).",
+            "lock is taken): %s; closed (the pool replaces it). Close such a generator in the "
+            "endpoint (`async with contextlib.aclosing(...)`), and await every task using the "
+            "connection before the unit of work ends (or give each its own connection).",
             name,
+            _held_by(conn, min(within, _LET_GO)),
         )
         await _hang_up_held(conn)
         return False
+
+
+#: What holds a connection at its unit's end (`_held_by`): a generator suspended between rows.
+_HELD_SUSPENDED = (
+    "by a `cursor.stream()` or `conn.notifies()` generator left open (kept alive by a "
+    "reference, such as an exception's traceback)"
+)
+#: ... or a query it waits for the server's answer to.
+_HELD_WAITING = (
+    "by a query still running on it: in another task (`asyncio.gather` of queries on one "
+    "connection, one of which failed, or a task not awaited), or in a `cursor.stream()` or "
+    "`conn.notifies()` generator being closed, whose cancel of its query took longer than "
+    "{waited:g} s"
+)
+
+
+def _held_by(conn: Connection, waited: float) -> str:
+    """What holds *conn* (its lock taken), as the warning says it: a task waiting on its
+    socket runs a query (another task's, or a generator's close cancelling its query, which
+    outlasted *waited* s); none waiting, a generator suspended between rows holds it. Where
+    the loop cannot say (uvloop), both."""
+    waiting = _HELD_WAITING.format(waited=waited)
+    try:
+        fileno = conn.pgconn.socket
+    except (OSError, psycopg.Error):  # no socket any more: nothing to tell them apart by
+        return f"{_HELD_SUSPENDED}, or {waiting}"
+    if getattr(asyncio.get_running_loop(), "_selector", None) is None:
+        return f"{_HELD_SUSPENDED}, or {waiting}"
+    return waiting if _waited_on(fileno) else _HELD_SUSPENDED
 
 
 async def _hang_up_held(conn: Connection) -> None:

@@ -51,7 +51,9 @@ import functools
 import inspect
 import logging
 import math
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -1872,6 +1874,19 @@ def _busy(exc: BaseException) -> bool:
     )
 
 
+def _still_in_use(name: str) -> str:
+    """The error of a unit of work that succeeded while a task it started still ran an
+    operation on its session (`_let_go`)."""
+    return (
+        f"Session {name!r} was still in use by another task when its unit of work ended (a "
+        f"task started with it and not awaited, or the other operation of an asyncio.gather "
+        f"that failed), so its transaction could not be committed: the connection was hung up "
+        f"under that task and discarded, and the unit of work rolled back. Await every task "
+        f"using the session before the unit of work ends, or give each task a session of its "
+        f"own (`async with lc.scope() as s: await s.get({name})` in the task)."
+    )
+
+
 def _used_concurrently(name: str) -> ScopeError:
     done = "The unit of work was rolled back."
     return used_concurrently("Session", name, "SQLAlchemy", done)
@@ -1891,8 +1906,169 @@ async def _when_free(op: Callable[[], Awaitable[Any]]) -> Any:
         await asyncio.sleep(0.005)
 
 
-async def _rollback(s: AsyncSession, name: str) -> None:
-    """Roll back; if that fails (a connection lost or mid-query), invalidate it instead."""
+#: Seconds the end of a unit of work gives an operation another task still runs on its
+#: session (the other query of an ``asyncio.gather`` that failed) to end, before it hangs the
+#: connection up under that task (`_let_go`); then the seconds that task has to fail and let
+#: go of it, before the connection is discarded all the same.
+_LET_GO = 0.5
+
+
+def _held(s: AsyncSession) -> list[Any]:
+    """The pool's connections (``PoolProxiedConnection``) of *s* that another task runs an
+    operation on now: SQLAlchemy's adapted connection holds its execute lock (asyncpg,
+    aiosqlite), or psycopg's connection its own. A few attribute reads; none without a
+    connection."""
+    tx = s.sync_session.get_transaction()
+    if tx is None:
+        return []
+    held: list[Any] = []
+    for entry in getattr(tx, "_connections", _NO_CONNECTIONS).values():
+        fairy = getattr(entry[0], "_dbapi_connection", None)
+        if fairy is None:
+            continue
+        adapted = fairy.dbapi_connection
+        mutex = getattr(adapted, "_execute_mutex", None)
+        if not (isinstance(mutex, asyncio.Lock) and mutex.locked()):
+            mutex = getattr(getattr(adapted, "driver_connection", None), "lock", None)  # psycopg
+            if not (isinstance(mutex, asyncio.Lock) and mutex.locked()):
+                continue
+        if not any(fairy is h for h in held):
+            held.append(fairy)
+    return held
+
+
+_NO_CONNECTIONS: dict[Any, Any] = {}
+
+
+async def _let_go(s: AsyncSession, name: str, eng: Any, info: _PoolInfo) -> bool:
+    """Whether the session is free for the commit, the rollback or the close: no other task
+    runs an operation on it (a task started with it and not awaited, or the other query of an
+    ``asyncio.gather`` that failed). One that ends within `_LET_GO` s is waited for. One
+    still running would hold the unit's end until ``close_timeout`` (psycopg waits for its
+    lock; a pool connection abandoned), or make it fail (asyncpg refuses): its connection is
+    hung up under it (`_hang_up`), so its operation fails with a connection error at once,
+    and is discarded (False: what the unit did is lost with it); on PostgreSQL its backend,
+    still running the query, is ended (`_end_backends`). A few attribute reads when nothing
+    holds it."""
+    if not _held(s):
+        return True
+    deadline = time.monotonic() + _LET_GO
+    while True:
+        await asyncio.sleep(0.005)
+        held = _held(s)
+        if not held:
+            return True
+        if time.monotonic() > deadline:
+            break
+    log.warning(
+        "tether: session %r: its connection is still in use at the end of its unit of work, "
+        "by a task still using the session after its unit of work ended (a task started with "
+        "it and not awaited, or the other operation of an `asyncio.gather` that failed); hung "
+        "up under that task (its operation fails with a connection error) and discarded (the "
+        "pool replaces it), the unit of work rolled back. Await every task using the session "
+        "before the unit of work ends, or give each task a session of its own (`async with "
+        "lc.scope() as s: await s.get(%s)` in the task).",
+        name,
+        name,
+    )
+    pids = []
+    for fairy in held:
+        driver = fairy.driver_connection
+        pid = _pid_of(driver)  # read first: no round trip
+        await _hang_up(driver)
+        if pid is not None:
+            pids.append(pid)
+    deadline = time.monotonic() + _LET_GO
+    while _held(s) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)  # the task wakes, fails, and lets go
+    try:
+        await _when_free(s.invalidate)  # counted discarded by the pool's event
+    except Exception as exc:  # pragma: no cover - invalidation is best effort
+        log.warning("tether: invalidating session %r failed: %s", name, describe(exc))
+    if pids and eng.dialect.name == "postgresql" and not info.pgbouncer:
+        await _end_backends(eng, pids, name)
+    return False
+
+
+def _pid_of(driver: Any) -> int | None:
+    """The server pid of a psycopg or asyncpg connection, without a query (None: neither)."""
+    try:
+        info = getattr(driver, "info", None)  # psycopg
+        if info is not None:
+            return int(info.backend_pid)
+        get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
+        return int(get_pid()) if get_pid is not None else None
+    except Exception:
+        return None
+
+
+#: Seconds `_end_backends` may take (a connection of the pool, one statement per pid).
+_STOP_WITHIN = 1.0
+
+
+async def _end_backends(eng: Any, pids: list[int], name: str) -> None:
+    """End on the server the backends of connections hung up mid-query (`_let_go`): a
+    backend notices that its client left only when it next writes to it, so the query would
+    run to its end (holding its transaction's locks and a connection slot). Through a
+    connection of the engine's pool: the one discarded left a slot free. Not behind PgBouncer
+    (its pids are PgBouncer's, which drops the server side itself)."""
+    try:
+        async with asyncio.timeout(_STOP_WITHIN), eng.connect() as other:
+            for pid in pids:
+                await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await other.commit()
+    except Exception as exc:
+        log.warning(
+            "tether: session %r: could not end backend %s on the server (%s); the query it "
+            "was running may run to its end",
+            name,
+            ", ".join(map(str, pids)),
+            describe(exc),
+        )
+
+
+async def _hang_up(driver: Any) -> None:
+    """Make the operation another task runs on the driver connection *driver* fail at once,
+    without freeing what it waits on: psycopg's socket is shut down (through a copy of its
+    descriptor: its C code keeps the connection's pointer across the wait, so closing it
+    there would read freed memory; the wait wakes on the shut socket, fails and lets go, and
+    the pool's invalidation closes it after); asyncpg's is terminated (its waiting query fails
+    with ``ConnectionDoesNotExistError``); aiosqlite's query is interrupted. Best effort."""
+    package = type(driver).__module__.partition(".")[0]
+    try:
+        if package == "psycopg":
+            _shut_down(driver.pgconn.socket)
+        elif package == "asyncpg":
+            driver.terminate()
+        elif package == "aiosqlite":
+            await driver.interrupt()
+    except Exception as exc:  # no socket any more: nothing waits on it
+        log.debug("tether: hanging up a connection in use failed: %s", describe(exc))
+
+
+def _shut_down(fileno: int) -> None:
+    """Shut down the socket *fileno* (both ways), through a copy of its descriptor: the
+    driver still owns, and closes, the original."""
+    fd = os.dup(fileno)
+    try:
+        shut = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise
+    try:
+        shut.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        shut.close()
+
+
+async def _rollback(s: AsyncSession, name: str, own: AsyncEngine | None, info: _PoolInfo) -> None:
+    """Roll back; if that fails (a connection lost or mid-query), invalidate it instead. A
+    connection still in use by another task is hung up under it first (`_let_go`), if the
+    session's connection is its own, of engine *own* (None: `rolled_back`'s block's)."""
+    if own is not None and not await _let_go(s, name, own, info):
+        return  # discarded, its transaction with it
     try:
         await _when_free(s.rollback)
     except Exception as exc:
@@ -2167,7 +2343,9 @@ def session(
                         raise info.no_answer(within) from exc
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    await _rollback(s, name)
+                    await _rollback(
+                        s, name, cast("AsyncEngine", eng) if join is None else None, info
+                    )
                     await s.close()
                 if isinstance(exc, ResourceUnavailable):
                     raise
@@ -2180,13 +2358,16 @@ def session(
                     ticket.leave()
                 else:
                     ticket.took()
+        # The engine of the session's own connection (None: `rolled_back`'s block's, never
+        # hung up under another task).
+        own_engine = cast("AsyncEngine", eng) if join is None else None
         try:
             if connect:
                 began = cast("_Guarded", s.sync_session)
                 began._tether_begun = (s.sync_session.get_transaction(), opened)
             yield s
         except BaseException as exc:
-            await _rollback(s, name)
+            await _rollback(s, name, own_engine, info)
             if not info.pgbouncer:
                 note_pgbouncer(exc)
             if _busy(exc):
@@ -2201,13 +2382,17 @@ def session(
                 raise
             raise answer from exc
         else:
+            if own_engine is not None and not await _let_go(s, name, own_engine, info):
+                # A task the endpoint started still ran an operation on the session: hung
+                # up under it, the transaction lost with the connection.
+                raise ScopeError(_still_in_use(name))
             try:
                 await s.commit()
             except sa_exc.InvalidRequestError as exc:
                 if not _busy(exc):
                     raise
                 # A task the endpoint started still runs an operation on the session.
-                await _rollback(s, name)
+                await _rollback(s, name, own_engine, info)
                 raise _used_concurrently(name) from exc
             except sa_exc.DBAPIError as exc:
                 if not _refused_to_send(exc):
@@ -2215,7 +2400,7 @@ def session(
                     # SQLite keeps its transaction open when COMMIT fails (a deferred
                     # foreign key), and SQLAlchemy's return to the pool then leaves it so,
                     # holding the write lock for every later unit of work.
-                    await _rollback(s, name)
+                    await _rollback(s, name, own_engine, info)
                     raise
                 # asyncpg refused to send COMMIT (the server ended the session, and its
                 # error or the close arrived first): nothing was committed since the

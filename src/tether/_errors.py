@@ -156,6 +156,12 @@ def redact(text: object) -> str:
     return text
 
 
+def unstopped(text: str) -> str:
+    """*text* without the full stop that ends it, to go on inside a sentence: one period,
+    not an ellipsis (``e.g. https://...`` stays whole)."""
+    return text[:-1] if text.endswith(".") and not text.endswith("..") else text
+
+
 def describe(exc: BaseException) -> str:
     """``TypeName: message`` for *exc*, with passwords redacted."""
     text = str(exc)

@@ -34,6 +34,24 @@ def resolve(resources: Mapping[str, Resource[Any]], extra: list[Resource[Any]]) 
     _check_cycles(resources, {r.name: r for r in extra})
 
 
+def unknown_override_message(
+    res: Resource[Any], factory: Any, param: str, resources: Mapping[str, Resource[Any]]
+) -> str:
+    """The message for a parameter of *factory*, given to ``lc.override(res, ...)``, that
+    names no resource: the override's factory is named, not *res* (which has no such
+    parameter)."""
+    close = difflib.get_close_matches(param, list(resources), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    known = ", ".join(sorted(resources)) or "none"
+    what = getattr(factory, "__qualname__", None) or repr(factory)
+    return (
+        f"lc.override() of resource {res.name!r}: the override's factory {what}() has a "
+        f"parameter {param!r} that names no resource.{hint} Parameters of a factory name the "
+        f"resources it depends on (registered: {known}): rename the parameter, or give it a "
+        f"default to make it plain configuration."
+    )
+
+
 def _unknown_message(res: Resource[Any], param: str, resources: Mapping[str, Resource[Any]]) -> str:
     close = difflib.get_close_matches(param, list(resources), n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""

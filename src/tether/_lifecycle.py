@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,12 +38,15 @@ from ._errors import (
     ScopeError,
     ShutdownError,
     StartupError,
+    UnknownResourceError,
+    _a_type,
     check_bool,
     check_number,
     describe,
     is_seconds,
     marked_for_good,
     refused_for_good,
+    unstopped,
 )
 from ._health import HealthReport, run_checks
 from ._resource import Check, Kind, Release, Resource, Scope
@@ -266,6 +270,29 @@ class DrainedUnit:
 
 # Every Lifecycle alive, for the pytest plugin's checks after each test (tether.pytest_plugin).
 LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
+
+
+def _check_name(name: object) -> None:
+    """Refuse a resource's *name* that no parameter can ask for it by: a TypeError or a
+    ValueError naming it, the cause and the fix."""
+    if not isinstance(name, str):
+        msg = (
+            f"Resource name={name!r} is {_a_type(name)}, not a string. A parameter asks for "
+            f"a resource by its name: pass one, e.g. name='db'."
+        )
+        raise TypeError(msg)
+    if not name.isidentifier():
+        fixed = re.sub(r"\W", "_", name)
+        if not fixed.strip("_"):
+            fixed = "db"
+        elif fixed[0].isdigit():
+            fixed = f"r_{fixed}"
+        msg = (
+            f"Resource name={name!r} is not a valid parameter name, and a parameter asks for "
+            f"a resource by its name: use letters, digits and underscores, not starting with a "
+            f"digit, e.g. name={fixed!r}."
+        )
+        raise ValueError(msg)
 
 
 class Lifecycle:
@@ -579,6 +606,8 @@ class Lifecycle:
         error_status: Callable[[int], bool] | None = None,
         required: bool = True,
     ) -> Resource[Any]:
+        if name is not None:
+            _check_name(name)
         rname = name or getattr(fn, "__name__", None)
         if not rname or not str(rname).isidentifier():
             msg = (
@@ -720,6 +749,10 @@ class Lifecycle:
             error_status=resource.error_status,
         )
         replacement.counters = resource.counters
+        for param in replacement.params:
+            if param not in self._resources:
+                msg = _graph.unknown_override_message(resource, factory, param, self._resources)
+                raise UnknownResourceError(msg, name=param)
         _graph.resolve(self._resources, [replacement])
         if resource.scope == "app" and self.state in (State.RUNNING, State.DRAINING):
             self._warn_built_from(resource)
@@ -988,7 +1021,7 @@ class Lifecycle:
             stopped.interrupted_by = interrupted
             raise stopped
         assert failure.error is not None
-        cause = describe(failure.error).rstrip(".")
+        cause = unstopped(describe(failure.error))
         refused = refused_for_good(failure.error)
         if refused is not None and f"(SQLSTATE {refused})" in cause:
             msg = (  # the cause says what was refused, and what to fix
@@ -1241,7 +1274,7 @@ class Lifecycle:
                 "tether: app resource %r failed to open: %s; the app starts without it "
                 "(required=False) and tries again in the background",
                 res.name,
-                describe(exc).rstrip("."),
+                unstopped(describe(exc)),
             )
             slot.opened.set()
         delay = res.backoff
@@ -1264,7 +1297,7 @@ class Lifecycle:
                     "tether: app resource %r: %s; no retry mends that: tried again once a "
                     "minute, until it is fixed",
                     res.name,
-                    describe(slot.down).rstrip("."),
+                    unstopped(describe(slot.down)),
                 )
             await anyio.sleep(_REFUSED_RETRY if refused else delay)
             delay = min(delay * 2, 10.0)

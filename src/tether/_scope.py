@@ -6,6 +6,7 @@ The same opener and closer serve the app scope (``_lifecycle``) and request scop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import faulthandler
 import gc
@@ -34,6 +35,7 @@ from ._errors import (
     ResourceUnavailable,
     ScopeError,
     describe,
+    for_good,
 )
 from ._resource import _MISSING, OPENING, Kind, Resource
 
@@ -163,7 +165,13 @@ async def _open(
         return await factory(*args), None
     if kind is Kind.ASYNC_CM:
         cm = factory(*args)
-        return await cm.__aenter__(), cm
+        try:
+            return await cm.__aenter__(), cm
+        except RuntimeError as exc:
+            error = _cm_no_value(res, cm, exc)
+            if error is None:
+                raise
+            raise error from None
     if kind is Kind.SYNC_FUNC:
         if res.thread:
             fn = partial(factory, *args)
@@ -184,7 +192,13 @@ async def _open(
 
     def enter_cm() -> tuple[Any, Any]:
         cm = factory(*args)
-        return cm.__enter__(), cm
+        try:
+            return cm.__enter__(), cm
+        except RuntimeError as exc:
+            error = _cm_no_value(res, cm, exc)
+            if error is None:
+                raise
+            raise error from None
 
     if res.thread:
         return await _in_thread(lc, res, enter_cm, limiter, deadline)
@@ -1401,9 +1415,30 @@ def _first(res: Resource[Any], gen: Any) -> Any:
         raise no_value(res) from None
 
 
-def no_value(res: Resource[Any]) -> RuntimeError:
-    """The error for a generator resource that returned without yielding."""
-    return RuntimeError(f"Resource {res.name!r}: its generator returned without yielding a value.")
+def no_value(res: Resource[Any], what: str = "its generator") -> RuntimeError:
+    """The error for a generator resource that returned without yielding (*what*: a context
+    manager's generator): a mistake in the code, which no retry mends (`for_good`)."""
+    msg = (
+        f"Resource {res.name!r}: {what} returned without yielding a value. A generator "
+        f"resource yields its value once (`yield value`) and cleans up after the yield: check "
+        f"the path that returned before it (an early `return`, an `if` around the `yield`)."
+    )
+    return for_good(RuntimeError(msg))
+
+
+#: contextlib's error for a ``@contextmanager`` / ``@asynccontextmanager`` generator that
+#: returned without yielding.
+_DID_NOT_YIELD = "generator didn't yield"
+
+
+def _cm_no_value(res: Resource[Any], cm: Any, exc: RuntimeError) -> RuntimeError | None:
+    """For *exc*, raised by entering *cm*: tether's `no_value` in place of contextlib's bare
+    "generator didn't yield" (which names no resource); None for any other error."""
+    if str(exc) == _DID_NOT_YIELD and isinstance(
+        cm, contextlib._GeneratorContextManager | contextlib._AsyncGeneratorContextManager
+    ):
+        return no_value(res, "its context manager's generator (contextlib)")
+    return None
 
 
 class Unit:

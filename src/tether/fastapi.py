@@ -57,6 +57,7 @@ from ._errors import (
     FailedResponse,
     ResourceUnavailable,
     ScopeError,
+    _a_type,
     check_bool,
     check_number,
     describe,
@@ -167,6 +168,13 @@ def idempotent(endpoint: Any = None, /, *, retries: int = 1) -> Any:
     the 503. Only routes declared so are retried: running a route again repeats all it
     does, not only its database work. A request with a form body is not retried.
     """
+    if endpoint is not None and not callable(endpoint):
+        msg = (
+            f"@tether.fastapi.idempotent was given {endpoint!r}, which is not callable: put "
+            f"it under the route decorator, bare (@idempotent) or with its retries "
+            f"(@idempotent(retries=2))."
+        )
+        raise TypeError(msg)
     check_number(
         retries,
         "retries",
@@ -298,6 +306,17 @@ def _retrying(handler: Any, retries: int, label: str) -> Any:
 # --------------------------------------------------------------------------- install
 
 
+def _check_lifecycle(lc: object, where: str, example: str) -> None:
+    """Refuse *lc* that is not a Lifecycle, naming *where* and the fix (*example*)."""
+    if not isinstance(lc, Lifecycle):
+        given = "lc is None" if lc is None else f"lc={lc!r} is {_a_type(lc)}"
+        msg = (
+            f"{where}: {given}, not a tether.Lifecycle: pass the Lifecycle the app's "
+            f"resources are registered on, e.g. {example}."
+        )
+        raise TypeError(msg)
+
+
 def install(app: Any, lc: Lifecycle) -> None:
     """Let *lc* own the unit of work of every route of *app* that uses its resources.
 
@@ -305,6 +324,16 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
+    _check_lifecycle(lc, "tether.fastapi.install()", "install(app, lc)")
+    if getattr(app, "routes", None) is None:
+        given = "app is None" if app is None else f"app={app!r} is {_a_type(app)}"
+        msg = (
+            f"tether.fastapi.install(): {given} with no routes, not a FastAPI or Starlette "
+            f"app (or router): pass the app whose routes use the "
+            f"Lifecycle's resources, e.g. install(app, lc); for an app wrapped in a "
+            f"middleware, the app inside it."
+        )
+        raise TypeError(msg)
     try:
         if app not in lc._installed_apps:
             overrides = getattr(app, "dependency_overrides", None) or {}
@@ -339,7 +368,10 @@ def install(app: Any, lc: Lifecycle) -> None:
                 log.warning(
                     "tether: %s is marked @idempotent, but tether serves it through its "
                     "ASGI app (not a FastAPI request handler), where it cannot run it again: "
-                    "it is not retried",
+                    "it is not retried. Its route class builds the route's app another way "
+                    "than FastAPI's APIRoute (it wraps or replaces `self.app`): to have it "
+                    "retried, do that work in a middleware or a dependency and keep APIRoute's "
+                    "app, or drop @idempotent",
                     said,
                 )
             # The route's `handle`, not its `app`: a router included by reference
@@ -2541,6 +2573,7 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     """
     from fastapi import APIRouter
 
+    _check_lifecycle(lc, "health_router()", "health_router(lc)")
     check_number(cache, "cache", "health_router()", least=None, example="1.0, or 0 for every probe")
     if not is_seconds(cache, zero=True):
         msg = (
@@ -2653,6 +2686,7 @@ def dashboard_router(
 
     from ._dashboard import page, snapshot
 
+    _check_lifecycle(lc, "dashboard_router()", "dashboard_router(lc)")
     check_number(refresh, "refresh", "dashboard_router()", least=None, above=True, example="2.0")
     check_bool(include_in_schema, "include_in_schema", "dashboard_router()")
     if not is_seconds(refresh):

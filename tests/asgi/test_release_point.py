@@ -1206,7 +1206,7 @@ def test_generator_resource_that_does_not_yield_fails_the_request(kind: str) -> 
     with TestClient(app) as client:
         with pytest.raises(
             RuntimeError,
-            match=r"^Resource 'conn': its generator returned without yielding a value\.$",
+            match=r"^Resource 'conn': its generator returned without yielding a value\. ",
         ):
             client.get("/x")
         assert client.__class__(app, raise_server_exceptions=False).get("/x").status_code == 500

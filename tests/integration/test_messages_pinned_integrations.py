@@ -201,3 +201,91 @@ def test_an_integration_without_its_extra_names_the_install(
     with pytest.raises(ImportError, match=exactly(message)) as info:
         importlib.import_module(module)
     assert isinstance(info.value.__cause__, ImportError)
+
+
+# ----------------------------------------------------- check= neither True, False nor a function
+
+_CHECK = (
+    "{where}: check={given!r} is {a}, not True, False or a function. Pass True ({default}), "
+    "False (no health check), or a function of the {of} that raises when it is unhealthy (sync "
+    "or async), e.g. check={example}{hint}."
+)
+_FROM_ENV = (
+    " (a setting read from the environment is a string, and 'false' would count as true: "
+    'convert it, e.g. check=os.environ.get(...) == "1")'
+)
+
+
+@pytest.mark.parametrize(
+    ("integration", "where", "default", "of", "example"),
+    [
+        ("asyncpg", "Pool 'pool'", "SELECT 1 on a connection of the pool", "pool",
+         'lambda pool: pool.fetchval("SELECT 1")'),
+        ("psycopg", "Pool 'pool'", "SELECT 1 on a connection of the pool", "pool",
+         "lambda pool: pool.check() (psycopg_pool's own check of its idle connections)"),
+        ("redis", "Redis client 'redis'", "PING", "client", 'lambda r: r.get("health")'),
+        ("httpx", "HTTP client 'http'", "the client is open, and health_url answers if given",
+         "client", 'lambda client: client.get("/health")'),
+        ("aiosqlite", "database('database')",
+         "reads the file's schema version on a new connection", "Database",
+         "lambda db: os.stat(db.path)"),
+        ("sqlalchemy", "Engine 'engine'", "SELECT 1 on a connection of the engine", "engine",
+         "ping, with `async def ping(engine)` running a statement through `engine.connect()`"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("given", [5, "false"])
+def test_a_check_that_is_no_choice_is_refused_with_this_integrations_example(
+    integration: str, where: str, default: str, of: str, example: str, given: Any
+) -> None:
+    """Each integration's ``check=`` takes True (its own check), False or a function: anything
+    else is refused when declared, with the choices and an example for that integration
+    (before: lc.resource's "is not callable" with an asyncpg example for every integration,
+    and SQLAlchemy's "not a bool", which left the function out)."""
+    from tether.integrations import aiosqlite, asyncpg, httpx, psycopg, redis, sqlalchemy
+
+    declare = {
+        "asyncpg": lambda lc: asyncpg.pool(lc, "postgresql://u@h/d", check=given),
+        "psycopg": lambda lc: psycopg.pool(lc, "postgresql://u@h/d", check=given),
+        "redis": lambda lc: redis.client(lc, "redis://h", check=given),
+        "httpx": lambda lc: httpx.client(lc, check=given),
+        "aiosqlite": lambda lc: aiosqlite.database(lc, "x.db", check=given),
+        "sqlalchemy": lambda lc: sqlalchemy.engine(lc, "sqlite+aiosqlite:///x", check=given),
+    }[integration]
+    lc = tether.Lifecycle()
+    with pytest.raises(TypeError) as caught:
+        declare(lc)
+    assert str(caught.value) == _CHECK.format(
+        where=where,
+        given=given,
+        a="an int" if given == 5 else "a str",
+        default=default,
+        of=of,
+        example=example,
+        hint="" if given == 5 else _FROM_ENV,
+    )
+    assert not lc.resources
+
+
+async def test_a_base_url_function_returning_no_string_is_named_whole_in_the_startup_error() -> (
+    None
+):
+    """The example in a cause ending a sentence inside StartupError's is kept whole (before:
+    its trailing dots stripped, "e.g. https://."), and "an int" is said so (not "a int")."""
+    lc = tether.Lifecycle()
+    thttpx.client(lc, base_url=lambda: 5)
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    assert str(caught.value).startswith(
+        "App resource 'http' failed to open: TypeError: HTTP client 'http': the function given "
+        "for the base_url returned an int, not a string: return the base_url string, e.g. "
+        '"https://api.example.com". The resources already open were closed.'
+    )
+
+
+def test_unstopped_drops_one_full_stop_not_an_ellipsis() -> None:
+    from tether._errors import unstopped
+
+    assert unstopped("refused.") == "refused"
+    assert unstopped("e.g. https://...") == "e.g. https://..."
+    assert unstopped("no stop") == "no stop"

@@ -428,8 +428,6 @@ FALSE = (
          "Engine 'engine'", "pgbouncer"),
         (lambda lc, e, s: tsa.engine(lc, "postgresql+asyncpg://h/d", required="false"),
          "Engine 'engine'", "required"),
-        (lambda lc, e, s: tsa.engine(lc, "postgresql+asyncpg://h/d", check="false"),
-         "Engine 'engine'", "check"),
         (lambda lc, e, s: tsa.sync_engine(lc, "postgresql+psycopg://h/d", name="db",
                                           pool_pre_ping="false"),
          "Engine 'db'", "pool_pre_ping"),

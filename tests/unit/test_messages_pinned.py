@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -316,7 +316,10 @@ def test_an_idempotent_route_tether_cannot_run_again_says_it_is_not_retried(
             assert client.get("/notes").json() == "conn"
     assert logged(caplog, "@idempotent") == [
         "tether: GET /notes is marked @idempotent, but tether serves it through its ASGI app "
-        "(not a FastAPI request handler), where it cannot run it again: it is not retried"
+        "(not a FastAPI request handler), where it cannot run it again: it is not retried. "
+        "Its route class builds the route's app another way than FastAPI's APIRoute (it wraps "
+        "or replaces `self.app`): to have it retried, do that work in a middleware or a "
+        "dependency and keep APIRoute's app, or drop @idempotent"
     ]
 
 
@@ -444,3 +447,60 @@ def test_a_metrics_module_without_its_extra_names_the_install(
     with pytest.raises(ImportError, match=exactly(message)) as info:
         importlib.import_module(module)
     assert isinstance(info.value.__cause__, ImportError)
+
+
+# ------------------------------------------------- FastAPI helpers given the wrong thing
+
+
+def _fastapi_misuses() -> list[tuple[str, Callable[[], object], str]]:
+    import tether.fastapi as tf
+
+    lc = tether.Lifecycle()
+    not_lc = (
+        "{where}: {given}, not a tether.Lifecycle: pass the Lifecycle the app's resources are "
+        "registered on, e.g. {example}."
+    )
+    no_app = (
+        "tether.fastapi.install(): {given} with no routes, not a FastAPI or Starlette app (or "
+        "router): pass the app whose routes use the Lifecycle's resources, e.g. install(app, "
+        "lc); for an app wrapped in a middleware, the app inside it."
+    )
+    return [
+        (
+            "health_router(None)",
+            lambda: tf.health_router(None),  # type: ignore[arg-type]
+            not_lc.format(where="health_router()", given="lc is None", example="health_router(lc)"),
+        ),
+        (
+            'dashboard_router("lc")',
+            lambda: tf.dashboard_router("lc"),  # type: ignore[arg-type]
+            not_lc.format(
+                where="dashboard_router()", given="lc='lc' is a str", example="dashboard_router(lc)"
+            ),
+        ),
+        (
+            "install(app, None)",
+            lambda: tf.install(FastAPI(), None),  # type: ignore[arg-type]
+            not_lc.format(
+                where="tether.fastapi.install()", given="lc is None", example="install(app, lc)"
+            ),
+        ),
+        ("install(None, lc)", lambda: tf.install(None, lc), no_app.format(given="app is None")),
+        ("install(42, lc)", lambda: tf.install(42, lc), no_app.format(given="app=42 is an int")),
+        (
+            'idempotent("x")',
+            lambda: tf.idempotent("x"),  # type: ignore[call-overload]
+            "@tether.fastapi.idempotent was given 'x', which is not callable: put it under the "
+            "route decorator, bare (@idempotent) or with its retries (@idempotent(retries=2)).",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_a_fastapi_helper_given_the_wrong_thing_says_so(case: int) -> None:
+    """Before: accepted, then an AttributeError on the first probe (`health_router(None)`),
+    nothing installed without a word (`install(None, lc)`), or an AttributeError at once."""
+    _, call, message = _fastapi_misuses()[case]
+    with pytest.raises(TypeError) as caught:
+        call()
+    assert str(caught.value) == message

@@ -516,6 +516,35 @@ async def test_a_configuration_mistake_gets_no_retry_advice(retries: int) -> Non
     assert len(attempts) == 1
 
 
+@pytest.mark.parametrize("retries", [0, 2])
+async def test_an_app_generator_that_never_yields_is_a_mistake_not_retried(retries: int) -> None:
+    """A generator that returns without yielding is a mistake in the code: not retried, and
+    not told to add retries= (before: tried retries + 1 times, then "give 'pool' retries=
+    or a longer timeout= if it is slow to come up")."""
+    lc = tether.Lifecycle()
+    attempts: list[int] = []
+
+    @lc.resource(scope="app", retries=retries, backoff=0)
+    async def pool() -> AsyncIterator[str]:
+        attempts.append(1)
+        if attempts:
+            return
+        yield "never"  # pragma: no cover
+
+    expected = (
+        "App resource 'pool' failed to open: RuntimeError: Resource 'pool': its generator "
+        "returned without yielding a value. A generator resource yields its value once "
+        "(`yield value`) and cleans up after the yield: check the path that returned before "
+        "it (an early `return`, an `if` around the `yield`). The resources already open were "
+        "closed. Fix the cause above: a mistake in the configuration or the code, which no "
+        "retry mends."
+    )
+    with pytest.raises(tether.StartupError, match=exactly(expected)):
+        async with lc.run():
+            pass  # pragma: no cover
+    assert len(attempts) == 1
+
+
 async def test_an_upstream_answer_that_fails_to_parse_keeps_the_retry_advice() -> None:
     # json.JSONDecodeError is a ValueError, but what it reports is what a server answered (an
     # HTML error page while the upstream starts), which a retry can mend.

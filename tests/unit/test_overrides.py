@@ -10,7 +10,7 @@ import pytest
 
 import tether
 
-from ._messages import cycle, unknown
+from ._messages import cycle
 
 pytestmark = pytest.mark.anyio
 
@@ -283,13 +283,18 @@ class TestOverrideErrors:
         def fake_conn(pol: str) -> str:
             return pol  # pragma: no cover
 
-        with pytest.raises(
-            tether.UnknownResourceError,
-            match=unknown(
-                "conn", "pol", " Did you mean 'pool'?", "cache, conn, pool, repo, settings"
-            ),
-        ):
+        with pytest.raises(tether.UnknownResourceError) as caught:
             app.lc.override(app.conn, fake_conn)
+        # The override's factory is named: 'conn' itself has no such parameter.
+        assert str(caught.value) == (
+            "lc.override() of resource 'conn': the override's factory "
+            "TestOverrideErrors.test_override_factory_with_unknown_parameter.<locals>."
+            "fake_conn() has a parameter 'pol' that names no resource. Did you mean 'pool'? "
+            "Parameters of a factory name the resources it depends on (registered: cache, "
+            "conn, pool, repo, settings): rename the parameter, or give it a default to make "
+            "it plain configuration."
+        )
+        assert caught.value.name == "pol"
         async with app.lc.run():
             assert await app.request(app.repo) == "repo(conn(pool(real-settings)))"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -136,8 +137,56 @@ class TestLazyOpening:
             if False:  # pragma: no cover
                 yield "never"
 
-        expected = re.escape("Resource 'conn': its generator returned without yielding a value.")
+        expected = re.escape(
+            "Resource 'conn': its generator returned without yielding a value. A generator "
+            "resource yields its value once (`yield value`) and cleans up after the yield: "
+            "check the path that returned before it (an early `return`, an `if` around the "
+            "`yield`)."
+        )
         with pytest.raises(RuntimeError, match=rf"^{expected}$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+
+    @pytest.mark.parametrize("kind", ["async", "sync"])
+    async def test_context_manager_that_does_not_yield(self, kind: str) -> None:
+        """An ``@asynccontextmanager`` or ``@contextmanager`` factory whose generator returns
+        without yielding is named, as a generator resource is (before: contextlib's bare
+        "generator didn't yield", naming no resource); another RuntimeError of its own
+        passes through as it was raised."""
+        lc = tether.Lifecycle()
+        fail = [False]
+
+        if kind == "async":
+
+            @lc.resource
+            @contextlib.asynccontextmanager
+            async def conn() -> AsyncIterator[str]:
+                if fail[0]:
+                    raise RuntimeError("the server said no")
+                if False:  # pragma: no cover
+                    yield "never"
+
+        else:
+
+            @lc.resource(thread=False)
+            @contextlib.contextmanager
+            def conn() -> Iterator[str]:
+                if fail[0]:
+                    raise RuntimeError("the server said no")
+                if False:  # pragma: no cover
+                    yield "never"
+
+        expected = re.escape(
+            "Resource 'conn': its context manager's generator (contextlib) returned without "
+            "yielding a value. A generator resource yields its value once (`yield value`) and "
+            "cleans up after the yield: check the path that returned before it (an early "
+            "`return`, an `if` around the `yield`)."
+        )
+        with pytest.raises(RuntimeError, match=rf"^{expected}$"):
+            async with lc.scope() as s:
+                await s.get(conn)
+        fail[0] = True
+        with pytest.raises(RuntimeError, match=r"^the server said no$"):
             async with lc.scope() as s:
                 await s.get(conn)
 

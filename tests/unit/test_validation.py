@@ -236,19 +236,64 @@ class TestRegistration:
         with pytest.raises(TypeError, match=rf"^{expected}$"):
             lc.resource(42)  # type: ignore[call-overload]
 
-    def test_name_must_be_an_identifier(self) -> None:
-        """A name that is not a valid parameter name is refused."""
+    @pytest.mark.parametrize(
+        ("name", "error", "message"),
+        [
+            (
+                "my-db",
+                ValueError,
+                "Resource name='my-db' is not a valid parameter name, and a parameter asks for "
+                "a resource by its name: use letters, digits and underscores, not starting "
+                "with a digit, e.g. name='my_db'.",
+            ),
+            (
+                "2db",
+                ValueError,
+                "Resource name='2db' is not a valid parameter name, and a parameter asks for "
+                "a resource by its name: use letters, digits and underscores, not starting "
+                "with a digit, e.g. name='r_2db'.",
+            ),
+            (
+                "",
+                ValueError,
+                "Resource name='' is not a valid parameter name, and a parameter asks for a "
+                "resource by its name: use letters, digits and underscores, not starting with "
+                "a digit, e.g. name='db'.",
+            ),
+            (
+                5,
+                TypeError,
+                "Resource name=5 is an int, not a string. A parameter asks for a resource by "
+                "its name: pass one, e.g. name='db'.",
+            ),
+        ],
+    )
+    def test_name_must_be_an_identifier(
+        self, name: Any, error: type[Exception], message: str
+    ) -> None:
+        """A name that is not a valid parameter name is refused, naming it (before, the
+        message blamed the function, "Cannot tell the name of resource <function r>", and
+        an empty name was replaced by the function's without a word)."""
         lc = tether.Lifecycle()
 
         def r() -> int:
             return 1
 
+        with pytest.raises(error) as caught:
+            lc.resource(name=name)(r)
+        assert str(caught.value) == message
+        assert not lc.resources
+
+    def test_a_function_without_a_name_is_refused(self) -> None:
+        """A factory whose name is no parameter name (a lambda) is refused, naming the fix."""
+        lc = tether.Lifecycle()
+        r = lambda: 1  # noqa: E731
         expected = re.escape(
             f"Cannot tell the name of resource {r!r}. Give it one that is a valid "
             f"parameter name: @lc.resource(name=...)."
         )
         with pytest.raises(ValueError, match=rf"^{expected}$"):
-            lc.resource(name="my-db")(r)
+            lc.resource(r)
 
     async def test_app_resource_registered_while_running(self) -> None:
         """Registering an app resource after startup raises ScopeError."""

@@ -20,10 +20,12 @@ from .._errors import (
     ScopeError,
     StartupError,
     TetherError,
+    _a_type,
     describe,
     for_good,
     redact,
     remember_secrets,
+    unstopped,
 )
 from .._resource import current_unit
 from .._scope import anyio_cancellation
@@ -337,6 +339,26 @@ def _secret_example(example: str) -> str:
     return f"lambda: settings.{field}.get_secret_value()"
 
 
+def check_check(check: object, where: str, *, default: str, of: str, example: str) -> None:
+    """Refuse an integration's ``check=`` that is neither ``True``, ``False`` nor a function:
+    a TypeError naming *where*, the value and the three choices, with *default* (what
+    ``True`` checks) and an *example* function of the value (*of*: the pool, the client)."""
+    if isinstance(check, bool) or callable(check):
+        return
+    hint = ""
+    if isinstance(check, str):
+        hint = (
+            f" (a setting read from the environment is a string, and {check!r} would count as "
+            f'true: convert it, e.g. check=os.environ.get(...) == "1")'
+        )
+    msg = (
+        f"{where}: check={check!r} is {_a_type(check)}, not True, False or a function. Pass "
+        f"True ({default}), False (no health check), or a function of the {of} that raises "
+        f"when it is unhealthy (sync or async), e.g. check={example}{hint}."
+    )
+    raise TypeError(msg)
+
+
 def check_dsn_value(
     value: object,
     where: str,
@@ -387,13 +409,13 @@ def check_dsn_value(
         # The type only: a mapping of connection parameters holds the password.
         if returned:
             msg = (
-                f"{_at(where)}{given} a {type(value).__name__}, not a string: return the "
+                f"{_at(where)}{given} {_a_type(value)}, not a string: return the "
                 f"{what} string, e.g. {example}."
             )
         else:
             msg = (
-                f"{_at(where)}the {what} must be a string or a function returning one, not a "
-                f"{type(value).__name__}; build the {what} string from it, or pass e.g. "
+                f"{_at(where)}the {what} must be a string or a function returning one, not "
+                f"{_a_type(value)}; build the {what} string from it, or pass e.g. "
                 f"{example}."
             )
         raise mark(TypeError(msg))
@@ -1260,7 +1282,7 @@ def unreachable(
     Names the pool (or client) and where it tried to connect; *target* (a DSN or URL)
     and the cause are shown with their passwords redacted.
     """
-    said = str(cause).strip().rstrip(".")
+    said = unstopped(str(cause).strip())
     reason = f"{type(cause).__name__}: {said}" if said else type(cause).__name__
     msg = redact(
         f"{name!r} cannot reach {target}: {reason}. Check that the server runs and is "

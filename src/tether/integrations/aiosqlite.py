@@ -87,6 +87,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
     asyncio_only,
+    check_check,
     check_resource,
     connect_or_close,
     depends_on,
@@ -413,6 +414,13 @@ def database(
     check_bool(wal, "wal", where)
     check_bool(foreign_keys, "foreign_keys", where)
     check_bool(create_dirs, "create_dirs", where)
+    check_check(
+        check,
+        where,
+        default="reads the file's schema version on a new connection",
+        of="Database",
+        example="lambda db: os.stat(db.path)",
+    )
     synchronous = _check_synchronous(synchronous, where)
 
     async def open_database() -> AsyncIterator[Database]:

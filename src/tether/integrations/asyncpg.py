@@ -93,6 +93,7 @@ from ._common import (
     PerResource,
     asyncio_only,
     check_budget,
+    check_check,
     check_dsn,
     check_resource,
     commit_not_sent,
@@ -477,6 +478,13 @@ def pool(
         check_number(workers, "workers", where, integer=True, least=1, example="4")
     check_bool(pgbouncer, "pgbouncer", where)
     check_bool(required, "required", where)
+    check_check(
+        check,
+        where,
+        default="SELECT 1 on a connection of the pool",
+        of="pool",
+        example='lambda pool: pool.fetchval("SELECT 1")',
+    )
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         asyncio_only(where, "asyncpg")

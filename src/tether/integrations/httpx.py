@@ -77,6 +77,7 @@ from .._stats import PoolStats
 from ._common import (
     Dsn,
     caller_outside,
+    check_check,
     check_dsn_value,
     per_unit,
     redact,
@@ -406,6 +407,13 @@ def client(
     if not isinstance(timeout, httpx.Timeout):
         check_number(timeout, "timeout", where, above=True, none=True, example="10")
     check_bool(http2, "http2", where)
+    check_check(
+        check,
+        where,
+        default="the client is open, and health_url answers if given",
+        of="client",
+        example='lambda client: client.get("/health")',
+    )
     if health_url is not None and base_url == "":
         _check_health_url(health_url, where, returned=False)
     for option in ("trust_env", "follow_redirects"):  # httpx's on/off options
@@ -435,7 +443,7 @@ def client(
         for key, mounted in (options.pop("mounts", None) or {}).items():
             mounts[key] = None if mounted is None else wrapped_given(mounted)
         url = resolve_dsn(
-            base_url, where, what="base_url", example="https://...", empty=True,
+            base_url, where, what="base_url", example="\"https://api.example.com\"", empty=True,
             objects=(httpx.URL,),
         )  # fmt: skip
         if health_url is not None and not url:  # a function returned ""

@@ -103,6 +103,7 @@ from ._common import (
     PerResource,
     asyncio_only,
     check_budget,
+    check_check,
     check_dsn,
     check_resource,
     commit_not_sent,
@@ -337,6 +338,13 @@ def pool(
     check_bool(pgbouncer, "pgbouncer", where)
     check_bool(pre_ping, "pre_ping", where)
     check_bool(required, "required", where)
+    check_check(
+        check,
+        where,
+        default="SELECT 1 on a connection of the pool",
+        of="pool",
+        example="lambda pool: pool.check() (psycopg_pool's own check of its idle connections)",
+    )
     if check is AsyncConnectionPool.check_connection:
         msg = (
             f"Pool {name!r}: check=AsyncConnectionPool.check_connection is psycopg_pool's "

@@ -79,6 +79,7 @@ from ._common import (
     Dsn,
     asyncio_only,
     caller_outside,
+    check_check,
     check_dsn,
     dropped_cancellation,
     per_unit,
@@ -738,6 +739,13 @@ def client(
     for option in ("decode_responses", "retry_on_timeout"):  # redis-py's on/off options
         if option in kw:
             check_bool(kw[option], option, where)
+    check_check(
+        check,
+        where,
+        default="PING",
+        of="client",
+        example='lambda r: r.get("health")',
+    )
 
     async def open_client() -> AsyncIterator[aioredis.Redis]:
         asyncio_only(where, "redis-py's asyncio client")

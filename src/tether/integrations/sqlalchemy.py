@@ -111,6 +111,7 @@ from ._common import (
     budget_refused,
     budget_unread,
     check_budget,
+    check_check,
     check_dsn_value,
     commit_not_sent,
     connection_lost,
@@ -1504,8 +1505,14 @@ def _check_engine_flags(where: str, check: object, **flags: object) -> None:
     from the environment, ``"false"``, would count as true)."""
     for option, value in flags.items():
         check_bool(value, option, where)
-    if not isinstance(check, bool) and not callable(check):
-        check_bool(check, "check", where)  # True, False, or a function
+    check_check(
+        check,
+        where,
+        default="SELECT 1 on a connection of the engine",
+        of="engine",
+        example="ping, with `async def ping(engine)` running a statement through "
+        "`engine.connect()`",
+    )
 
 
 def engine(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import importlib
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -152,25 +154,29 @@ def stats_url(url: str) -> str:
 
 
 def _ambiguous(url: str) -> bool:
-    """Whether *url* has a user and password and an ``@`` in its path too
-    (``http://user:p@ss/word@host/``): an unencoded ``@`` and then ``/`` in the password, which
-    every parser ends at the first ``@`` (urllib reads host ``ss``). Several ``@`` before the
-    first ``/`` are read right (the last one ends the password), and one in the query is
-    the query's."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
+    """Whether *url* (as given) has a user and password and may mean another host than
+    parsers read: an unencoded ``@`` in the password, then a ``/``, ``?`` or ``#``
+    (``http://user:p@ss/word@host/``, ``http://admin:s3cr@t?42@host/tether/``), which every
+    parser ends at the first ``@`` (urllib reads host ``ss``, or ``t``), where the user meant
+    the host after the last ``@``, with its path. Several ``@`` before the first ``/`` are
+    read right (the last one ends the password), and one in the query with no path after it
+    (``?email=ops@example.com``) is the query's."""
+    _, sep, rest = url.partition("://")
+    if not sep:
         return False
-    return "@" in parts.netloc and "@" in parts.path
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    if "@" not in rest[: min(ends, default=len(rest))]:
+        return False  # no user or password
+    before, _, after = rest.rpartition("@")
+    return any(c in before for c in "/?#") and "/" in after
 
 
 def _shown(url: str) -> str:
-    """*url* as messages show it: redacted; an ambiguous one (`_ambiguous`) from the last
-    ``@`` of its path on, as nobody can tell where its password ends."""
+    """*url* as messages show it: redacted; an ambiguous one (`_ambiguous`) from its last
+    ``@`` on, as nobody can tell where its password ends."""
     if _ambiguous(url):
-        parts = urllib.parse.urlsplit(url)
-        rest = parts.path.rpartition("@")[2] + (f"?{parts.query}" if parts.query else "")
-        return redact(f"{parts.scheme}://***@{rest}")
+        scheme, _, rest = url.partition("://")
+        return redact(f"{scheme}://***@{rest.rpartition('@')[2]}")
     return redact(url)
 
 
@@ -178,7 +184,8 @@ def _shown(url: str) -> str:
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%-._~"
 
 _ENCODE = (
-    "Percent-encode an '@' in the user or password as %40 and a '/' as %2F "
+    "Percent-encode an '@' in the user or password as %40, and a '/', '?' or '#' as %2F, "
+    "%3F or %23 "
     "(http://user:p%40ss%2Fword@host:8000/tether/)."
 )
 
@@ -218,6 +225,18 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         netloc = parts.netloc.rpartition("@")[2]
         url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    # A host name outside ASCII (http://пример.рф/) sent IDNA-encoded, as a browser does: a
+    # percent-encoded one urllib decodes again, and http.client's Host header refuses it.
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            msg = f"tether stats: {shown!r}: its host {host!r} is not a valid name ({exc})."
+            raise _ConfigError(msg) from None
+        port = f":{parts.port}" if parts.port is not None else ""
+        url = urllib.parse.urlunsplit(parts._replace(netloc=ascii_host + port))
     # Characters outside ASCII (a path or a token that holds one) sent percent-encoded, as a
     # browser does: http.client refuses them (a UnicodeEncodeError), and a space (InvalidURL).
     url = urllib.parse.quote(url, safe=_URL_SAFE)
@@ -229,6 +248,12 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         name, sep, value = header.partition(":")
         if not sep or not name.strip():
             msg = f"--header {header!r} is not of the form 'Name: value' (e.g. 'X-Token: abc')."
+            raise _ConfigError(msg)
+        if any(c in header for c in "\r\n"):
+            msg = (
+                f"--header {header!r}: a header's name and value cannot hold a line break; "
+                f"pass each header with a --header of its own."
+            )
             raise _ConfigError(msg)
         try:
             value.strip().encode("latin-1")
@@ -263,10 +288,11 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         msg = f"tether stats: cannot read {shown}: {reason}. {fix}"
         raise SystemExit(msg) from None
     except http.client.IncompleteRead as exc:  # the server closed the connection mid-answer
-        read, more = len(exc.partial), exc.expected
+        read = f"{len(exc.partial)} bytes read"
+        said = f"{read}, {exc.expected} more expected" if exc.expected else read
         msg = (
-            f"tether stats: {shown} cut its answer short ({read} bytes read, {more} more "
-            f"expected): a proxy or the app ended the connection. {fix}"
+            f"tether stats: {shown} cut its answer short ({said}): a proxy or the app ended "
+            f"the connection. {fix}"
         )
         raise SystemExit(msg) from None
     except http.client.HTTPException as exc:  # not HTTP
@@ -282,13 +308,41 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
     return data
 
 
-def _read(request: urllib.request.Request, timeout: float, deadline: float) -> bytes:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        chunks = []
-        while chunk := response.read1(65536):
-            chunks.append(chunk)
-            if time.monotonic() > deadline:  # its reader has given up: stop reading
-                raise TimeoutError(f"its answer did not end within {timeout:g} s")
+def _opener(sockets: list[socket.socket]) -> urllib.request.OpenerDirector:
+    """urllib's opener, noting in *sockets* each socket it connects (to be shut down from
+    another thread when the answer is given up on: `_within`)."""
+
+    def noting(connection_class: Any) -> Any:
+        class Noted(connection_class):  # type: ignore[misc]
+            def connect(self) -> None:
+                super().connect()
+                sockets.append(self.sock)
+
+        return Noted
+
+    class HTTP(urllib.request.HTTPHandler):
+        def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
+            return super().do_open(noting(http_class), req, **kw)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
+            return super().do_open(noting(http_class), req, **kw)
+
+    return urllib.request.build_opener(HTTP, HTTPS)
+
+
+def _read(
+    request: urllib.request.Request, timeout: float, deadline: float, sockets: list[socket.socket]
+) -> bytes:
+    with _opener(sockets).open(request, timeout=timeout) as response:
+        chunks: list[bytes] = []
+        try:
+            while chunk := response.read1(65536):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:  # its reader has given up: stop reading
+                    raise TimeoutError(f"its answer did not end within {timeout:g} s")
+        except http.client.IncompleteRead as exc:  # a chunked answer cut short
+            raise http.client.IncompleteRead(b"".join(chunks) + exc.partial, exc.expected) from None
         body = b"".join(chunks)
         if response.length:  # the connection ended before the Content-Length it announced
             raise http.client.IncompleteRead(body, response.length)
@@ -298,15 +352,18 @@ def _read(request: urllib.request.Request, timeout: float, deadline: float) -> b
 def _within(timeout: float, request: urllib.request.Request) -> bytes:
     """The answer to *request*, headers and body, within *timeout* seconds in all: urllib's
     timeout bounds each socket read, and a server that trickles its answer a byte a second
-    would hold the command for as long as it likes. Read in a thread of its own, given up
-    (left to end at its next read) at the deadline; its exception raised here."""
+    would hold the command for as long as it likes. Read in a thread of its own; at the
+    deadline its socket is shut down, so that the thread ends at once (under ``--watch``, a
+    thread and a socket left per read that timed out would pile up); its exception raised
+    here."""
     deadline = time.monotonic() + timeout
     done: list[bytes] = []
     failed: list[BaseException] = []
+    sockets: list[socket.socket] = []
 
     def read() -> None:
         try:
-            done.append(_read(request, timeout, deadline))
+            done.append(_read(request, timeout, deadline, sockets))
         except BaseException as exc:  # raised in the caller's thread
             failed.append(exc)
 
@@ -314,6 +371,10 @@ def _within(timeout: float, request: urllib.request.Request) -> bytes:
     reader.start()
     reader.join(timeout)
     if reader.is_alive():
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        reader.join(1.0)  # ends at its next read, on the shut socket
         raise TimeoutError(f"its answer did not end within {timeout:g} s")
     if failed:
         raise failed[0]
@@ -398,6 +459,9 @@ def render_stats(data: dict[str, Any], previous: dict[str, Any] | None = None) -
 
 
 def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | None) -> int:
+    if _ambiguous(url):  # as given: `stats_url` drops a fragment, which may hold a password's end
+        msg = f"tether stats: {_shown(url)!r}: where its user and password end is ambiguous. "
+        raise _ConfigError(msg + _ENCODE)
     url = stats_url(url)
     read = False
     previous: dict[str, Any] | None = None

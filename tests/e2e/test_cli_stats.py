@@ -237,6 +237,15 @@ class _Dashboard(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[:-40])
             self.close_connection = True
             return
+        if self.path.startswith("/chunkcut/"):  # chunked, closed mid-chunk
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n" % len(body) + body[:20])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if self.path.startswith("/trickle-head/"):  # its status line and headers, slowly
             head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 40
             for byte in head:
@@ -454,6 +463,65 @@ def test_stats_gives_up_on_an_answer_that_never_ends(dashboard: str) -> None:
         assert time.monotonic() - started < 8, part  # the whole answer takes 14 s or more
 
 
+def test_reads_given_up_leave_no_thread_or_socket_behind(dashboard: str) -> None:
+    """Each read given up at its deadline (as `--watch` retries one after another) ends its
+    reader thread and closes its socket (before: both were left to the server's next byte,
+    which a server trickling its headers sends for as long as it likes: they piled up)."""
+    from tether.cli import fetch_stats
+
+    for _ in range(3):
+        with pytest.raises(SystemExit, match="did not end within 0.5 s"):
+            fetch_stats(f"{dashboard}/trickle-head/stats.json", timeout=0.5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        readers = [t for t in threading.enumerate() if t.name == "tether-stats-read"]
+        if not readers:
+            break
+        time.sleep(0.05)
+    assert readers == []
+
+
+def test_stats_says_a_chunked_answer_cut_short_with_what_was_read(dashboard: str) -> None:
+    """A chunked answer whose connection ends mid-chunk: the bytes read are counted (before:
+    "0 bytes read, None more expected")."""
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            f"tether stats: {dashboard}/chunkcut/stats.json cut its answer short (20 bytes "
+            f"read): a proxy or the app ended the connection. Is the app running, and does it "
+            f"include tether.fastapi.dashboard_router(lc)?"
+        ),
+    ):
+        main(["stats", f"{dashboard}/chunkcut/"])
+
+
+def test_stats_of_a_host_name_outside_ascii_is_sent_idna_encoded() -> None:
+    """`http://пример.рф/`: the host is looked up IDNA-encoded, as a browser does, and a name
+    IDNA cannot encode is said (before: a UnicodeEncodeError traceback from the Host
+    header)."""
+    with pytest.raises(SystemExit) as raised:
+        main(["stats", "http://пример.invalid:9/tether/"])
+    assert str(raised.value.code).startswith(
+        "tether stats: cannot read http://xn--e1afmkfd.invalid:9/tether/stats.json: "
+    )
+    host = "ü" * 64  # a label IDNA cannot encode (over 63 characters)
+    with pytest.raises(SystemExit) as raised:
+        main(["stats", f"http://{host}/tether/"])
+    assert str(raised.value.code).startswith(
+        f"tether stats: 'http://{host}/tether/stats.json': its host {host!r} is not a valid name ("
+    )
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    """--header $'X: a\\nb': said, with the fix (before: http.client's ValueError traceback)."""
+    with pytest.raises(SystemExit) as raised:
+        main(["stats", "http://127.0.0.1:9/tether/", "--header", "X-Token: a\nb"])
+    assert str(raised.value.code) == (
+        "--header 'X-Token: a\\nb': a header's name and value cannot hold a line break; pass "
+        "each header with a --header of its own."
+    )
+
+
 def test_stats_into_a_pipe_closed_early_ends_quietly(dashboard: str) -> None:
     """`tether stats --watch 0.05 URL | head -1`: the reader leaves, and the command ends
     with the status SIGPIPE gives, nothing on stderr (before: a BrokenPipeError traceback)."""
@@ -532,14 +600,22 @@ def test_stats_reads_a_url_with_a_user_and_an_at_in_its_query(
         # urllib reads host 'ss' and port 'w0rd'.
         (
             "http://admin:p@ss:w0rd/x@127.0.0.1:8000/tether/",
-            "'http://***@127.0.0.1:8000/tether/stats.json' is not a URL (Port could not be "
-            "cast to integer value as 'w0rd')",
+            "'http://***@127.0.0.1:8000/tether/': where its user and password end is ambiguous",
         ),
         # urllib reads host '9': the password's first piece would go there as Basic auth.
         (
             "http://admin:Xk@9/qLm2@127.0.0.1:8000/tether/",
-            "'http://***@127.0.0.1:8000/tether/stats.json': where its user and password end "
-            "is ambiguous",
+            "'http://***@127.0.0.1:8000/tether/': where its user and password end is ambiguous",
+        ),
+        # A '?' after the '@' (urllib reads host 't', the rest a query), or a '#' (the
+        # fragment, dropped before the request was made): checked as given.
+        (
+            "http://admin:Xk@t?qLm2@127.0.0.1:8000/tether/",
+            "'http://***@127.0.0.1:8000/tether/': where its user and password end is ambiguous",
+        ),
+        (
+            "http://admin:Xk@t#qLm2@127.0.0.1:8000/tether/",
+            "'http://***@127.0.0.1:8000/tether/': where its user and password end is ambiguous",
         ),
     ],
 )
@@ -551,8 +627,8 @@ def test_stats_refuses_a_password_with_an_unencoded_at_and_slash(url: str, cause
         main(["stats", url])
     message = str(raised.value.code)
     assert message == (
-        f"tether stats: {cause}. Percent-encode an '@' in the user or password as %40 and a "
-        f"'/' as %2F (http://user:p%40ss%2Fword@host:8000/tether/)."
+        f"tether stats: {cause}. Percent-encode an '@' in the user or password as %40, and a "
+        f"'/', '?' or '#' as %2F, %3F or %23 (http://user:p%40ss%2Fword@host:8000/tether/)."
     )
     for piece in ["p@ss", "w0rd/x", "Xk", "qLm2"]:
         assert piece not in message

@@ -70,3 +70,28 @@ async def test_the_task_still_running_fails_at_once_rather_than_hang(postgres: P
         async with lc.scope() as s:  # the pool replaced it
             c = await s.get(conn)
             assert await (await c.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_a_holder_between_two_turns_of_its_wait_lets_go_before_the_close(
+    postgres: Postgres,
+) -> None:
+    """psycopg's wait yields to the loop with no reader or writer registered when the loop has
+    been busy (its ``await sleep(0)``): a holder there is not "waiting on the socket", yet it
+    resumes into the connection. The hang-up gives it its turn, and it fails on the shut socket
+    and lets go, before the connection is closed (before: closed at once under it)."""
+    aconn = await psycopg.AsyncConnection.connect(postgres.dsn, autocommit=True)
+    seen: list[bool] = []
+
+    async def holder() -> None:
+        async with aconn.lock:  # as psycopg's query holds it
+            await asyncio.sleep(0)  # psycopg's `sleep(0)` between two waits
+            seen.append(aconn.closed)  # resumed: closed under it?
+
+    task = asyncio.create_task(holder())
+    await asyncio.sleep(0)  # the holder takes the lock and yields
+    assert aconn.lock.locked()
+    async with asyncio.timeout(5):  # in this task (wait_for's own task would let it run first)
+        await tpsy._hang_up_held(aconn)
+    await task
+    assert seen == [False]
+    assert aconn.closed

@@ -1165,7 +1165,7 @@ async def _hang_up_held(conn: Connection) -> None:
             pass
         finally:
             shut.close()
-        if _waited_on(fileno):  # a generator suspended between rows is not: no wait for it
+        if await _holder_waits(conn, fileno):  # a generator between rows does not: no wait
             lock = conn.lock
             try:
                 async with asyncio.timeout(_LET_GO):
@@ -1174,6 +1174,21 @@ async def _hang_up_held(conn: Connection) -> None:
             except TimeoutError:
                 pass
     await conn.close()
+
+
+async def _holder_waits(conn: Connection, fileno: int) -> bool:
+    """Whether the task holding *conn* waits inside a query (`_waited_on`), its socket just
+    shut down. psycopg's wait yields to the loop without a reader or writer registered when
+    the loop has been busy (its ``await sleep(0)``): such a holder is given two turns of the
+    loop to wait again, or to fail on the shut socket and let go (False: nothing to wait
+    for). A generator suspended between rows waits on nothing in that time."""
+    for _ in range(2):
+        if _waited_on(fileno):
+            return True
+        if not conn.lock.locked():
+            return False
+        await asyncio.sleep(0)
+    return _waited_on(fileno)
 
 
 def _waited_on(fileno: int) -> bool:

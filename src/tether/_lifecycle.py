@@ -686,6 +686,14 @@ class Lifecycle:
                 f"without one that cannot open); a request resource opens when asked for."
             )
             raise ValueError(msg)
+        if scope != "app" and (retries or backoff != 0.1):
+            msg = (
+                f"Resource {rname!r}: retries= and backoff= are for app resources (retried "
+                f"while they come up at startup); a request resource's open is not retried: a "
+                f"request that cannot open it is answered 503 with Retry-After, for the "
+                f"client to retry. Drop them, or use scope='app'."
+            )
+            raise ValueError(msg)
         res.error_status = error_status
         res.required = required
         return res

@@ -184,6 +184,48 @@ def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
     assert rows(path) == []  # the author written first was rolled back too
 
 
+CLOSED_BY_USER = (
+    "Connection 'connection' was closed by the code using it (`await conn.close()`) before its "
+    "unit of work ended: its transaction ended with it, rolled back, so nothing it wrote since "
+    "its last commit is kept. Do not close it: tether commits (or rolls back) and closes it "
+    "when the unit of work ends."
+)
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_code_closed_is_said_and_the_units_own_error_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The code using the connection closes it (tether's to close): a unit that succeeded
+    fails saying so, not with aiosqlite's "no active connection" from the commit; one that
+    failed keeps its own error, and the misuse is logged (before: aiosqlite's ValueError
+    replaced the unit's error). Nothing it wrote is kept, the pool's slot is freed."""
+    path = tmp_path / "app.db"
+    _, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    async with lc.run():
+        with pytest.raises(tether.ScopeError) as caught:
+            async with lc.scope() as unit:
+                c = await unit.get(conn)
+                await c.execute("INSERT INTO authors (name) VALUES ('lost')")
+                await c.close()
+        assert str(caught.value) == CLOSED_BY_USER
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tether"):
+            with pytest.raises(RuntimeError, match="^the endpoint failed$"):
+                async with lc.scope() as unit:
+                    c = await unit.get(conn)
+                    await c.close()
+                    raise RuntimeError("the endpoint failed")
+        assert [r.getMessage() for r in caplog.records] == [f"tether: {CLOSED_BY_USER}"]
+        assert rows(path) == []
+        assert lc.stats().resources["connection"].in_use == 0
+        async with lc.scope() as unit:  # the next unit gets a connection of its own
+            c = await unit.get(conn)
+            await c.execute("INSERT INTO authors (name) VALUES ('kept')")
+        assert [row[-1] for row in rows(path)] == ["kept"]
+
+
 @pytest.mark.anyio
 async def test_cancelled_unit_of_work_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "app.db"

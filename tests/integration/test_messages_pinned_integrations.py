@@ -289,3 +289,32 @@ def test_unstopped_drops_one_full_stop_not_an_ellipsis() -> None:
     assert unstopped("refused.") == "refused"
     assert unstopped("e.g. https://...") == "e.g. https://..."
     assert unstopped("no stop") == "no stop"
+
+
+@pytest.mark.parametrize(
+    ("declare", "error", "message"),
+    [
+        (
+            lambda lc: thttpx.client(lc, base_url="https://api.example.com", health_url=5),
+            TypeError,
+            "HTTP client 'http': health_url=5 is an int, not a URL: pass the path (relative to "
+            'base_url) or the URL the check GETs, e.g. health_url="/health".',
+        ),
+        (
+            lambda lc: tsqlite.connection(lc, "x.db", row_factory=5),
+            TypeError,
+            "connection('connection'): row_factory=5 is not callable: pass a function of the "
+            "cursor and the row, as sqlite3 takes it (e.g. row_factory=sqlite3.Row, the "
+            "default), or None for tuples.",
+        ),
+    ],
+    ids=["httpx-health_url", "aiosqlite-row_factory"],
+)
+def test_an_option_of_the_wrong_kind_is_refused_when_declared(
+    declare: Callable[[tether.Lifecycle], object], error: type[Exception], message: str
+) -> None:
+    """Before: accepted, and failing later (every readiness check; the first query)."""
+    lc = tether.Lifecycle()
+    with pytest.raises(error) as caught:
+        declare(lc)
+    assert str(caught.value) == message

@@ -284,6 +284,26 @@ class TestRegistration:
         assert str(caught.value) == message
         assert not lc.resources
 
+    @pytest.mark.parametrize("options", [{"retries": 2}, {"backoff": 1.0}])
+    def test_retries_are_for_app_resources(self, options: dict[str, Any]) -> None:
+        """A request resource's open is never retried: retries= or backoff= on one is refused
+        (before: accepted, and nothing retried)."""
+        lc = tether.Lifecycle()
+
+        def conn() -> int:
+            return 1
+
+        with pytest.raises(ValueError) as caught:
+            lc.resource(**options)(conn)
+        assert str(caught.value) == (
+            "Resource 'conn': retries= and backoff= are for app resources (retried while they "
+            "come up at startup); a request resource's open is not retried: a request that "
+            "cannot open it is answered 503 with Retry-After, for the client to retry. Drop "
+            "them, or use scope='app'."
+        )
+        assert not lc.resources
+        lc.resource(scope="app", **options)(conn)  # an app resource's
+
     def test_a_function_without_a_name_is_refused(self) -> None:
         """A factory whose name is no parameter name (a lambda) is refused, naming the fix."""
         lc = tether.Lifecycle()

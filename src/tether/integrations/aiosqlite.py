@@ -82,7 +82,14 @@ except ImportError as exc:  # pragma: no cover - import guard
     raise ImportError(msg) from exc
 from aiosqlite.context import contextmanager
 
-from .._errors import ResourceUnavailable, check_bool, check_number, describe, for_good
+from .._errors import (
+    ResourceUnavailable,
+    ScopeError,
+    check_bool,
+    check_number,
+    describe,
+    for_good,
+)
 from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
@@ -854,6 +861,24 @@ async def _begin(db: Database, begin: Begin, name: str) -> _Connection:
     return conn
 
 
+def _closed_by_user(conn: aiosqlite.Connection) -> bool:
+    """Whether the code using *conn* closed it (aiosqlite: "no active connection")."""
+    try:
+        conn.in_transaction  # noqa: B018 - raises once closed
+    except ValueError:
+        return True
+    return False
+
+
+def _closed_by_user_message(name: str) -> str:
+    return (
+        f"Connection {name!r} was closed by the code using it (`await conn.close()`) before "
+        f"its unit of work ended: its transaction ended with it, rolled back, so nothing it "
+        f"wrote since its last commit is kept. Do not close it: tether commits (or rolls "
+        f"back) and closes it when the unit of work ends."
+    )
+
+
 async def _rollback(conn: _Connection, name: str) -> None:
     """Roll back a unit of work that failed.
 
@@ -912,6 +937,13 @@ def connection(
     if begin not in ("deferred", "immediate", "exclusive"):
         msg = f"connection({name!r}): begin={begin!r} is not deferred, immediate or exclusive."
         raise ValueError(msg)
+    if row_factory is not None and not callable(row_factory):
+        msg = (
+            f"connection({name!r}): row_factory={row_factory!r} is not callable: pass a "
+            f"function of the cursor and the row, as sqlite3 takes it (e.g. "
+            f"row_factory=sqlite3.Row, the default), or None for tuples."
+        )
+        raise TypeError(msg)
     if isinstance(database, Resource):
         check_resource(
             lc,
@@ -946,11 +978,16 @@ def connection(
                     try:
                         yield conn
                     except BaseException as exc:
+                        if _closed_by_user(conn):
+                            log.warning("tether: %s", _closed_by_user_message(name))
+                            raise
                         await _rollback(conn, name)
                         if _is_busy(exc):
                             raise db.locked(exc, "a statement waited for the write lock") from exc
                         raise
                     else:
+                        if _closed_by_user(conn):
+                            raise ScopeError(_closed_by_user_message(name))
                         try:
                             if conn.in_transaction:
                                 await conn.commit()

@@ -71,7 +71,13 @@ except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.httpx needs httpx: pip install 'tether[httpx]'"
     raise ImportError(msg) from exc
 
-from .._errors import ClientDisconnected, ResourceUnavailable, check_bool, check_number
+from .._errors import (
+    ClientDisconnected,
+    ResourceUnavailable,
+    _a_type,
+    check_bool,
+    check_number,
+)
 from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
@@ -414,6 +420,13 @@ def client(
         of="client",
         example='lambda client: client.get("/health")',
     )
+    given_health: object = health_url  # checked as what a caller may pass
+    if given_health is not None and not isinstance(given_health, str | httpx.URL):
+        msg = (
+            f"{where}: health_url={health_url!r} is {_a_type(health_url)}, not a URL: pass "
+            f'the path (relative to base_url) or the URL the check GETs, e.g. health_url="/health".'
+        )
+        raise TypeError(msg)
     if health_url is not None and base_url == "":
         _check_health_url(health_url, where, returned=False)
     for option in ("trust_env", "follow_redirects"):  # httpx's on/off options

@@ -2225,3 +2225,14 @@ def _current_loop() -> Any:
 
 
 __all__ = ["Lifecycle", "Override", "ResourceDecorator", "State"]
+
+
+def check_lifecycle(lc: object, where: str, example: str) -> None:
+    """Refuse *lc* that is not a Lifecycle, naming *where* and the fix (*example*)."""
+    if not isinstance(lc, Lifecycle):
+        given = "lc is None" if lc is None else f"lc={lc!r} is {_a_type(lc)}"
+        msg = (
+            f"{where}: {given}, not a tether.Lifecycle: pass the Lifecycle the app's "
+            f"resources are registered on, e.g. {example}."
+        )
+        raise TypeError(msg)

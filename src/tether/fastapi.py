@@ -63,7 +63,7 @@ from ._errors import (
     describe,
     is_seconds,
 )
-from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken
+from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken, check_lifecycle
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
     Entry,
@@ -306,17 +306,6 @@ def _retrying(handler: Any, retries: int, label: str) -> Any:
 # --------------------------------------------------------------------------- install
 
 
-def _check_lifecycle(lc: object, where: str, example: str) -> None:
-    """Refuse *lc* that is not a Lifecycle, naming *where* and the fix (*example*)."""
-    if not isinstance(lc, Lifecycle):
-        given = "lc is None" if lc is None else f"lc={lc!r} is {_a_type(lc)}"
-        msg = (
-            f"{where}: {given}, not a tether.Lifecycle: pass the Lifecycle the app's "
-            f"resources are registered on, e.g. {example}."
-        )
-        raise TypeError(msg)
-
-
 def install(app: Any, lc: Lifecycle) -> None:
     """Let *lc* own the unit of work of every route of *app* that uses its resources.
 
@@ -324,7 +313,7 @@ def install(app: Any, lc: Lifecycle) -> None:
     routes, for an app that cannot hand tether its lifespan (and then run
     ``async with lc.run():`` in your own lifespan). Calling it again is harmless.
     """
-    _check_lifecycle(lc, "tether.fastapi.install()", "install(app, lc)")
+    check_lifecycle(lc, "tether.fastapi.install()", "install(app, lc)")
     if getattr(app, "routes", None) is None:
         given = "app is None" if app is None else f"app={app!r} is {_a_type(app)}"
         msg = (
@@ -2573,7 +2562,7 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     """
     from fastapi import APIRouter
 
-    _check_lifecycle(lc, "health_router()", "health_router(lc)")
+    check_lifecycle(lc, "health_router()", "health_router(lc)")
     check_number(cache, "cache", "health_router()", least=None, example="1.0, or 0 for every probe")
     if not is_seconds(cache, zero=True):
         msg = (
@@ -2686,7 +2675,7 @@ def dashboard_router(
 
     from ._dashboard import page, snapshot
 
-    _check_lifecycle(lc, "dashboard_router()", "dashboard_router(lc)")
+    check_lifecycle(lc, "dashboard_router()", "dashboard_router(lc)")
     check_number(refresh, "refresh", "dashboard_router()", least=None, above=True, example="2.0")
     check_bool(include_in_schema, "include_in_schema", "dashboard_router()")
     if not is_seconds(refresh):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._lifecycle import DrainedUnit, _entry_site
+from ._lifecycle import DrainedUnit, _entry_site, check_lifecycle
 
 if TYPE_CHECKING:
     from ._lifecycle import CancelledUnit, Lifecycle, Override
@@ -56,6 +56,7 @@ async def running(lc: Lifecycle, app: Any = None) -> AsyncIterator[Lifecycle]:
     A failure to start (``StartupError``) is raised on entering; one at shutdown
     (``ShutdownError``) on leaving. Outside asyncio (trio) it is ``lc.run()`` itself.
     """
+    check_lifecycle(lc, "tether.testing.running()", "running(lc)")
     scope = lc.lifespan(app) if app is not None else lc.run()
     site = _entry_site()  # the fixture's line: the task holding the scope has no frame of it
     try:
@@ -100,6 +101,7 @@ _HINT = (
 def in_flight(lc: Lifecycle, *, ignore: Collection[Unit] = ()) -> list[str]:
     """One line per unit of work of *lc* in flight (but those in *ignore*): its label, its
     age, and what it holds, with where each value was acquired when that is known."""
+    check_lifecycle(lc, "tether.testing.in_flight()", "in_flight(lc)")
     now = time.perf_counter()
     return [_describe(unit, now) for unit in _units_in_flight(lc, ignore)]
 
@@ -113,6 +115,7 @@ def assert_released(lc: Lifecycle, *, wait: float = 1.0, ignore: Collection[Unit
     a server's), it gets the time; not running and open (pytest-asyncio's between tests), it is
     run for that time, when no loop runs in this thread; run by this very thread (a call from a
     coroutine) or closed, nothing can end, and there is no wait."""
+    check_lifecycle(lc, "tether.testing.assert_released()", "assert_released(lc)")
     _assert_released(lc, wait=wait, ignore=ignore, since=time.perf_counter())
 
 
@@ -243,6 +246,9 @@ def assert_pools_returned(
     connections being given back up to *wait* seconds (on the app scope's loop, as
     :func:`assert_released` waits). Run it when no unit of work of the test is in flight:
     what is still in use then was taken straight from the pool."""
+    check_lifecycle(
+        lc, "tether.testing.assert_pools_returned()", "assert_pools_returned(lc, before)"
+    )
     _assert_pools_returned(lc, before, wait=wait, since=time.perf_counter())
 
 
@@ -265,6 +271,7 @@ def _assert_pools_returned(
 
 def pools_in_use(lc: Lifecycle) -> dict[str, int | None]:
     """Connections in use now, by driver pool (what :func:`assert_pools_returned` compares)."""
+    check_lifecycle(lc, "tether.testing.pools_in_use()", "pools_in_use(lc)")
     return {name: p.in_use for name, p in lc._pool_stats().items()}
 
 
@@ -280,6 +287,7 @@ def _grown(lc: Lifecycle, before: Mapping[str, int | None]) -> list[tuple[str, i
 def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[str]:
     """Undo every override of *lc* still in place (but those in *keep*), newest first;
     return one line for each, naming the resource and where the override was made."""
+    check_lifecycle(lc, "tether.testing.undo_overrides()", "undo_overrides(lc)")
     undone = []
     for ov in reversed(list(lc._override_stack)):
         if ov in keep:

@@ -504,3 +504,40 @@ def test_a_fastapi_helper_given_the_wrong_thing_says_so(case: int) -> None:
     with pytest.raises(TypeError) as caught:
         call()
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "example"),
+    [
+        ("in_flight", lambda: tether.testing.in_flight(None), "in_flight(lc)"),  # type: ignore[arg-type]
+        ("assert_released", lambda: tether.testing.assert_released(None), "assert_released(lc)"),  # type: ignore[arg-type]
+        (
+            "assert_pools_returned",
+            lambda: tether.testing.assert_pools_returned(None, {}),  # type: ignore[arg-type]
+            "assert_pools_returned(lc, before)",
+        ),
+        ("pools_in_use", lambda: tether.testing.pools_in_use(None), "pools_in_use(lc)"),  # type: ignore[arg-type]
+        ("undo_overrides", lambda: tether.testing.undo_overrides(None), "undo_overrides(lc)"),  # type: ignore[arg-type]
+    ],
+)  # fmt: skip
+def test_a_testing_helper_given_no_lifecycle_says_so(
+    name: str, call: Callable[[], object], example: str
+) -> None:
+    """Before: an AttributeError from inside tether (`'NoneType' object has no attribute
+    '_units'`)."""
+    with pytest.raises(TypeError) as caught:
+        call()
+    assert str(caught.value) == (
+        f"tether.testing.{name}(): lc is None, not a tether.Lifecycle: pass the Lifecycle the "
+        f"app's resources are registered on, e.g. {example}."
+    )
+
+
+async def test_running_given_no_lifecycle_says_so() -> None:
+    with pytest.raises(TypeError) as caught:
+        async with tether.testing.running(None):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    assert str(caught.value) == (
+        "tether.testing.running(): lc is None, not a tether.Lifecycle: pass the Lifecycle the "
+        "app's resources are registered on, e.g. running(lc)."
+    )

@@ -307,8 +307,14 @@ def test_unstopped_drops_one_full_stop_not_an_ellipsis() -> None:
             "cursor and the row, as sqlite3 takes it (e.g. row_factory=sqlite3.Row, the "
             "default), or None for tuples.",
         ),
+        (
+            lambda lc: tsqlite.database(lc, 5),
+            TypeError,
+            "database('database'): the path is an int (5), not a path: pass the file's path (a "
+            'str or a pathlib.Path), e.g. "notes.db", or a function returning it.',
+        ),
     ],
-    ids=["httpx-health_url", "aiosqlite-row_factory"],
+    ids=["httpx-health_url", "aiosqlite-row_factory", "aiosqlite-path"],
 )
 def test_an_option_of_the_wrong_kind_is_refused_when_declared(
     declare: Callable[[tether.Lifecycle], object], error: type[Exception], message: str

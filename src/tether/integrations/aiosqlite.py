@@ -85,6 +85,7 @@ from aiosqlite.context import contextmanager
 from .._errors import (
     ResourceUnavailable,
     ScopeError,
+    _a_type,
     check_bool,
     check_number,
     describe,
@@ -338,6 +339,13 @@ def _check_path(raw: object, name: str) -> None:
             f"function returning it."
         )
         raise ValueError(msg)
+    if not isinstance(raw, str | bytes | os.PathLike):
+        msg = (
+            f"database({name!r}): the path is {_a_type(raw)} ({raw!r}), not a path: pass the "
+            f'file\'s path (a str or a pathlib.Path), e.g. "notes.db", or a function returning '
+            f"it."
+        )
+        raise TypeError(msg)
     text = raw if isinstance(raw, str) else ""
     scheme = text.partition(":")[0]
     if ":" in text and (scheme == "sqlite" or scheme.startswith("sqlite+")):

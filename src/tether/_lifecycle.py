@@ -380,7 +380,6 @@ class Lifecycle:
         self._app_values: dict[Resource[Any], Any] = {}
         self._app_slots: list[_AppSlot] = []
         self._slot_of: dict[Resource[Any], _AppSlot] = {}
-        self._override_entries: dict[Resource[Any], Entry] = {}
         self._units: set[Unit] = set()
         # The task of each unit of work of `scope()` (an HTTP unit keeps its own).
         self._unit_tasks: weakref.WeakKeyDictionary[Unit, asyncio.Task[Any] | None] = (
@@ -798,14 +797,6 @@ class Lifecycle:
         for other in self._override_stack:  # an older override of the same resource
             if other.target is ov.target:
                 self._overrides[other.target] = other.replacement
-        entry = self._override_entries.pop(ov.target, None)
-        if entry is not None and self._loop is not None:
-            log.warning(
-                "tether: override of app resource %r undone while the app runs; "
-                "its value is closed at shutdown.",
-                ov.target.name,
-            )
-            self._late_entries.append(entry)
         self._validated = False
 
     def _check_owned(self, resource: Any) -> None:
@@ -907,7 +898,6 @@ class Lifecycle:
         self._broken_any = False
         self.validate()
         self.state = State.STARTING
-        self._late_entries: list[Entry] = []
         self._app_values = {}
         self._app_slots = []
         self._make_limiters()
@@ -1410,12 +1400,6 @@ class Lifecycle:
         """Close the app values in reverse order; return ``(resource name, failure)`` pairs.
         *note*: note each driver pool's connections in use when it closes (a shutdown)."""
         errors: list[tuple[str, BaseException]] = []
-        for entry in reversed(self._late_entries):
-            try:
-                await close_entry(self, entry, None)
-            except Exception as exc:
-                errors.append((entry.res.name, exc))
-        self._late_entries = []
         in_use: dict[str, int | None] = {}
         for slot in reversed(self._app_slots):
             # Database pools only: a client's (httpx, Redis: those that count their own

@@ -29,12 +29,12 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.middleware.base import BaseHTTPMiddleware
 
 import tether
 import tether.fastapi
 from tests.inprocess import Exchange, http_scope
+from tests.routes import WrappingRoute
 from tests.serving import Server
 from tether.integrations import aiosqlite as tsqlite
 
@@ -52,19 +52,6 @@ ABORTED = (
     "GET /books: a cleanup failed after the response started (logged above): "
     "the response is aborted, its last body message not sent"
 )
-
-
-class WrappingRoute(APIRoute):
-    """A route class that wraps its own app: tether serves it through `handle` and `send`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.app
-
-        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-            await inner(scope, receive, send)
-
-        self.app = wrapped
 
 
 class Books:

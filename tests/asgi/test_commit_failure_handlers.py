@@ -36,12 +36,12 @@ import pytest
 import starlette.responses
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 import tether
 import tether.fastapi
 from tests.inprocess import Exchange, http_scope
+from tests.routes import WrappingRoute
 from tests.serving import Server
 from tether.integrations import aiosqlite as tsqlite
 
@@ -56,19 +56,6 @@ CREATE TABLE books (
 
 # What tether logs for the failed commit, once, whatever answers it.
 FAILED = "tether: closing resource 'writer' failed: IntegrityError: FOREIGN KEY constraint failed"
-
-
-class WrappingRoute(APIRoute):
-    """A route class that wraps its own app: tether serves it through `handle` and `send`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.app
-
-        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-            await inner(scope, receive, send)
-
-        self.app = wrapped
 
 
 def function_scope() -> bool:

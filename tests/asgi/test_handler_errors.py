@@ -14,9 +14,9 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 
 import tether
+from tests.routes import WrappingRoute
 
 
 def served(app: FastAPI, lc: tether.Lifecycle, path: str) -> httpx.Response:
@@ -29,19 +29,6 @@ def served(app: FastAPI, lc: tether.Lifecycle, path: str) -> httpx.Response:
                 return await asyncio.get_running_loop().create_task(client.get(path))
 
     return asyncio.run(main())
-
-
-class WrappingRoute(APIRoute):
-    """A route class that wraps its own app: tether serves it through `handle`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.app
-
-        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-            await inner(scope, receive, send)
-
-        self.app = wrapped
 
 
 class Busy(tether.ResourceUnavailable):

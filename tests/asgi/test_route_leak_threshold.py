@@ -12,27 +12,14 @@ from typing import Annotated, Any
 import anyio
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.routing import APIRoute
 
 import tether
 import tether.fastapi
 from tests.asgi.test_websocket_faults import Socket, waiting_for_a_message
 from tests.inprocess import client_of
+from tests.routes import WrappingRoute
 
 pytestmark = pytest.mark.anyio
-
-
-class _OwnApp(APIRoute):
-    """A route class that wraps its own app: tether serves it through its route wrapper."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.app
-
-        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-            await inner(scope, receive, send)
-
-        self.app = wrapped
 
 
 def _app(lifecycle_threshold: float | None) -> tuple[FastAPI, tether.Lifecycle, anyio.Event]:
@@ -48,7 +35,7 @@ def _app(lifecycle_threshold: float | None) -> tuple[FastAPI, tether.Lifecycle, 
 
     Conn = Annotated[str, Depends(conn)]
     app = FastAPI(lifespan=lc.lifespan)
-    own = APIRouter(route_class=_OwnApp)
+    own = APIRouter(route_class=WrappingRoute)
     included = APIRouter()
 
     def get() -> Callable[..., Any]:

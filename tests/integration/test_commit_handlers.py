@@ -22,7 +22,6 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import tether
 import tether.fastapi
+from tests.routes import WrappingRoute
 from tests.servers import Postgres
 from tether.integrations import sqlalchemy as tsa
 
@@ -44,19 +44,6 @@ class Name(Base):
     __tablename__ = "cth_names"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
-
-
-class WrappingRoute(APIRoute):
-    """A route class that wraps its own app: tether serves it through `handle`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.app
-
-        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-            await inner(scope, receive, send)
-
-        self.app = wrapped
 
 
 @pytest.fixture

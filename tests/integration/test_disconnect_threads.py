@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import tether
+from tests.routes import WrappingRoute
 from tests.servers import Postgres
 from tether.integrations import sqlalchemy as tsa
 
@@ -274,17 +275,6 @@ async def test_a_def_endpoint_on_a_route_served_through_handle_rolls_back_too() 
     app): the response the endpoint makes after its client left does not turn the unit's
     failure back into a success (it committed, when that response started)."""
     from fastapi import APIRouter
-    from fastapi.routing import APIRoute
-
-    class WrappingRoute(APIRoute):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            inner = self.app
-
-            async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-                await inner(scope, receive, send)
-
-            self.app = wrapped
 
     lc, tx, events = recorded_tx()
 

@@ -16,12 +16,12 @@ from typing import Annotated, Any
 import anyio
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 import tether
 import tether.fastapi
 import tether.testing
+from tests.routes import WrappingRoute
 
 from ._messages import exactly
 
@@ -292,17 +292,7 @@ def test_an_idempotent_route_tether_cannot_run_again_says_it_is_not_retried(
     async def conn() -> AsyncIterator[str]:
         yield "conn"
 
-    class Timed(APIRoute):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            inner = self.app
-
-            async def app(scope: Any, receive: Any, send: Any) -> None:
-                await inner(scope, receive, send)
-
-            self.app = app
-
-    router = APIRouter(route_class=Timed)
+    router = APIRouter(route_class=WrappingRoute)
 
     @router.get("/notes")
     @tether.fastapi.idempotent

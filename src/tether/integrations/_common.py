@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -337,6 +338,23 @@ def _secret_example(example: str) -> str:
     found = re.search(r"os\.environ\[['\"](\w+)['\"]\]", example)
     field = found[1].lower() if found else "url"
     return f"lambda: settings.{field}.get_secret_value()"
+
+
+def shut_down_socket(fileno: int) -> bool:
+    """Shut down the socket *fileno* both ways, through a copy of its descriptor (the driver
+    still owns, and closes, the original): a task waiting on it wakes and fails at once,
+    while the driver's connection object stays whole. False if there is no such socket."""
+    try:
+        shut = socket.socket(fileno=os.dup(fileno))
+    except OSError:  # no such descriptor, or not a socket (its copy closed then)
+        return False
+    try:
+        shut.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        shut.close()
+    return True
 
 
 def check_check(check: object, where: str, *, default: str, of: str, example: str) -> None:

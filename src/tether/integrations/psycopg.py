@@ -51,10 +51,8 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import random
 import re
-import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -124,6 +122,7 @@ from ._common import (
     registered,
     resolve_dsn,
     saturation,
+    shut_down_socket,
     unavailable,
     unreachable,
 )
@@ -1147,32 +1146,19 @@ async def _hang_up_held(conn: Connection) -> None:
     lets go; then the connection is closed. A holder that does not let go within `_LET_GO`
     is not inside a wait (a generator suspended between rows reads the connection afresh
     when it resumes)."""
-    shut = None
     try:
         fileno = conn.pgconn.socket
-        fd = os.dup(fileno)
-    except (OSError, psycopg.Error):  # no socket any more: nothing waits on it
-        pass
-    else:
+    except psycopg.Error:  # no socket any more: nothing waits on it
+        fileno = -1
+    # A generator between rows does not wait on the socket: no wait for it.
+    if fileno >= 0 and shut_down_socket(fileno) and await _holder_waits(conn, fileno):
+        lock = conn.lock
         try:
-            shut = socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-    if shut is not None:
-        try:
-            shut.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            async with asyncio.timeout(_LET_GO):
+                await lock.acquire()
+            lock.release()
+        except TimeoutError:
             pass
-        finally:
-            shut.close()
-        if await _holder_waits(conn, fileno):  # a generator between rows does not: no wait
-            lock = conn.lock
-            try:
-                async with asyncio.timeout(_LET_GO):
-                    await lock.acquire()
-                lock.release()
-            except TimeoutError:
-                pass
     await conn.close()
 
 

@@ -51,9 +51,7 @@ import functools
 import inspect
 import logging
 import math
-import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -130,6 +128,7 @@ from ._common import (
     registered,
     remember_secrets,
     saturation,
+    shut_down_socket,
     sqlstates,
     unavailable,
     used_concurrently,
@@ -2044,30 +2043,13 @@ async def _hang_up(driver: Any) -> None:
     package = type(driver).__module__.partition(".")[0]
     try:
         if package == "psycopg":
-            _shut_down(driver.pgconn.socket)
+            shut_down_socket(driver.pgconn.socket)
         elif package == "asyncpg":
             driver.terminate()
         elif package == "aiosqlite":
             await driver.interrupt()
     except Exception as exc:  # no socket any more: nothing waits on it
         log.debug("tether: hanging up a connection in use failed: %s", describe(exc))
-
-
-def _shut_down(fileno: int) -> None:
-    """Shut down the socket *fileno* (both ways), through a copy of its descriptor: the
-    driver still owns, and closes, the original."""
-    fd = os.dup(fileno)
-    try:
-        shut = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        raise
-    try:
-        shut.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        shut.close()
 
 
 async def _rollback(s: AsyncSession, name: str, own: AsyncEngine | None, info: _PoolInfo) -> None:

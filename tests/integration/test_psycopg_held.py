@@ -67,6 +67,11 @@ async def test_the_task_still_running_fails_at_once_rather_than_hang(postgres: P
             with pytest.raises(psycopg.OperationalError, match="server closed the connection"):
                 async with asyncio.timeout(10):  # (the query itself takes 30 s)
                     await orphan
+        # Its backend is ended as the connection goes back (PostgreSQL notices a client gone
+        # only when it next writes to it: the query would run its 30 s, holding a slot).
+        async with asyncio.timeout(5):
+            while any("pg_sleep(30)" in row["query"] for row in postgres.activity()):
+                await asyncio.sleep(0.05)
         async with lc.scope() as s:  # the pool replaced it
             c = await s.get(conn)
             assert await (await c.execute("SELECT 1")).fetchone() == (1,)

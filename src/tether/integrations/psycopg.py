@@ -671,11 +671,14 @@ def connection(
                 await _reset_session(conn, name, reset_timeout, again)
             if not conn.closed and _settings(conn) != kept:
                 await _restore(conn, kept, name)
-            elif _left_running(conn) and not _behind_pgbouncer(state):
+            elif (
+                _left_running(conn) or (conn.closed and conn in _hung_up_held)
+            ) and not _behind_pgbouncer(state):
                 # psycopg hung up on it, not the server, nor a close() of tether's (its cancel
                 # of a query interrupted again by an anyio cancel scope, or not confirmed in
                 # time), or left it mid-query (psycopg before 3.3.7 on that interruption;
-                # the pool closes it): a query may still run on the server, its transaction
+                # the pool closes it), or tether hung it up under another task's query
+                # (`_hang_up_held`): a query may still run on the server, its transaction
                 # and locks held.
                 await _end_backend(p, pid, name)
             _drop_callbacks(conn, callbacks)
@@ -1159,7 +1162,15 @@ async def _hang_up_held(conn: Connection) -> None:
             lock.release()
         except TimeoutError:
             pass
+    _hung_up_held.add(conn)
     await conn.close()
+
+
+#: The connections `_hang_up_held` closed under a task that held them: a query of that task
+#: may still run on the server (PostgreSQL notices a client gone only when it next writes to
+#: it: a ``pg_sleep``, a long aggregate runs to its end), so its backend is ended as the
+#: connection goes back.
+_hung_up_held: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 async def _holder_waits(conn: Connection, fileno: int) -> bool:

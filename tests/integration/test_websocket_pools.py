@@ -146,7 +146,7 @@ async def test_drain_cancels_a_socket_in_a_query_before_the_pool_closes(
     check = await asyncpg.connect(postgres.dsn)
     try:
         busy = await check.fetch(
-            "SELECT state FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+            "SELECT state FROM pg_stat_activity WHERE query = 'SELECT pg_sleep($1)' "
             "AND pid <> pg_backend_pid()"
         )
     finally:

@@ -155,20 +155,21 @@ def stats_url(url: str) -> str:
 
 def _ambiguous(url: str) -> bool:
     """Whether *url* (as given) has a user and password and may mean another host than
-    parsers read: an unencoded ``@`` in the password, then a ``/``, ``?`` or ``#``
-    (``http://user:p@ss/word@host/``, ``http://admin:s3cr@t?42@host/tether/``), which every
-    parser ends at the first ``@`` (urllib reads host ``ss``, or ``t``), where the user meant
-    the host after the last ``@``, with its path. Several ``@`` before the first ``/`` are
-    read right (the last one ends the password), and one in the query with no path after it
-    (``?email=ops@example.com``) is the query's."""
+    parsers read: an ``@`` after a ``/``, ``?`` or ``#`` that follows the user and password
+    (``http://user:p@ss/word@host/``, ``http://admin:s3cr@t?42@host``). Every parser ends the
+    password at the first ``@`` before them (urllib reads host ``ss``, or ``t``), where the
+    user may have meant the host after the last ``@``: the password's first piece would go
+    to the wrong host. An ``@`` in a query or a path (``?email=ops@example.com``) cannot be
+    told from one, and is refused too, with the fix (percent-encode it). Several ``@``
+    before the first ``/`` are read right (the last one ends the password)."""
     _, sep, rest = url.partition("://")
     if not sep:
         return False
     ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
     if "@" not in rest[: min(ends, default=len(rest))]:
         return False  # no user or password
-    before, _, after = rest.rpartition("@")
-    return any(c in before for c in "/?#") and "/" in after
+    before = rest.rpartition("@")[0]
+    return any(c in before for c in "/?#")
 
 
 def _shown(url: str) -> str:
@@ -185,8 +186,8 @@ _URL_SAFE = ":/?#[]@!$&'()*+,;=%-._~"
 
 _ENCODE = (
     "Percent-encode an '@' in the user or password as %40, and a '/', '?' or '#' as %2F, "
-    "%3F or %23 "
-    "(http://user:p%40ss%2Fword@host:8000/tether/)."
+    "%3F or %23 (http://user:p%40ss%2Fword@host:8000/tether/), and an '@' in the path or "
+    "query as %40."
 )
 
 

@@ -579,16 +579,15 @@ def test_stats_interrupted_before_it_read_says_so() -> None:
     assert (proc.returncode, out, err) == (130, "", "")
 
 
-def test_stats_reads_a_url_with_a_user_and_an_at_in_its_query(
+def test_stats_reads_a_url_whose_password_holds_an_at(
     dashboard: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An `@` in the query (`?email=ops@example.com`) or several before the first `/` (a
-    password `p@ss`, read right by every parser) is not taken for an ambiguous password
-    (before: refused, the query's `@` counted as the password's)."""
+    """Several `@` before the first `/` (a password `p@ss`, read right by every parser) are
+    not taken for an ambiguous password; nor is a query's `@` percent-encoded."""
     host = dashboard.removeprefix("http://")
     for url in [
-        f"http://admin:secret@{host}/tether/?email=ops@example.com",
         f"http://admin:p@ss@{host}/tether/",
+        f"http://admin:secret@{host}/tether/?email=ops%40example.com",
     ]:
         assert main(["stats", url, "--json"]) == 0, url
         assert json.loads(capsys.readouterr().out) == MINIMAL
@@ -617,6 +616,16 @@ def test_stats_reads_a_url_with_a_user_and_an_at_in_its_query(
             "http://admin:Xk@t#qLm2@127.0.0.1:8000/tether/",
             "'http://***@127.0.0.1:8000/tether/': where its user and password end is ambiguous",
         ),
+        # ... with no path after the host meant: urllib still reads host 't'.
+        (
+            "http://admin:Xk@t?qLm2@127.0.0.1:8000",
+            "'http://***@127.0.0.1:8000': where its user and password end is ambiguous",
+        ),
+        # An '@' in the query, which cannot be told from one in a password.
+        (
+            "http://admin:Xk@127.0.0.1:8000/tether/?email=qLm2@example.com",
+            "'http://***@example.com': where its user and password end is ambiguous",
+        ),
     ],
 )
 def test_stats_refuses_a_password_with_an_unencoded_at_and_slash(url: str, cause: str) -> None:
@@ -628,7 +637,8 @@ def test_stats_refuses_a_password_with_an_unencoded_at_and_slash(url: str, cause
     message = str(raised.value.code)
     assert message == (
         f"tether stats: {cause}. Percent-encode an '@' in the user or password as %40, and a "
-        f"'/', '?' or '#' as %2F, %3F or %23 (http://user:p%40ss%2Fword@host:8000/tether/)."
+        f"'/', '?' or '#' as %2F, %3F or %23 (http://user:p%40ss%2Fword@host:8000/tether/), "
+        f"and an '@' in the path or query as %40."
     )
     for piece in ["p@ss", "w0rd/x", "Xk", "qLm2"]:
         assert piece not in message

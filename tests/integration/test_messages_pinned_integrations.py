@@ -324,3 +324,20 @@ def test_an_option_of_the_wrong_kind_is_refused_when_declared(
     with pytest.raises(error) as caught:
         declare(lc)
     assert str(caught.value) == message
+
+
+def test_check_none_means_no_health_check_for_every_integration() -> None:
+    """``check=None`` is accepted as ``False`` is (lc.resource's own default: no check), as it
+    was before the choices were checked."""
+    from tether.integrations import aiosqlite, asyncpg, httpx, psycopg, redis, sqlalchemy
+
+    lc = tether.Lifecycle()
+    declared = [
+        asyncpg.pool(lc, "postgresql://u@h/d", check=None, name="a"),
+        psycopg.pool(lc, "postgresql://u@h/d", check=None, name="p"),
+        redis.client(lc, "redis://h", check=None, name="r"),
+        httpx.client(lc, check=None, name="h"),
+        aiosqlite.database(lc, "x.db", check=None, name="q"),
+        sqlalchemy.engine(lc, "sqlite+aiosqlite:///x", check=None, name="s"),
+    ]
+    assert [res.check for res in declared] == [None] * 6

@@ -196,3 +196,37 @@ async def test_aiosqlite_query_still_running_is_interrupted(
         assert pool(lc).in_use == 0
         assert pool(lc).discarded == 1
         await select_one(lc, session)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_the_hang_up_replaces_that_connection_only(postgres: Postgres, driver: str) -> None:
+    """The task's connection error is a disconnect, on which SQLAlchemy replaces every
+    connection of the pool: only the one hung up is replaced (before, with psycopg, a pool of
+    3 made 3 new ones)."""
+    lc = tether.Lifecycle()
+    engine = tsa.engine(
+        lc, postgres.url(f"postgresql+{driver}"), pool_size=3, max_overflow=0, application_name=APP
+    )
+    session = tsa.session(lc, engine)
+
+    async def three_at_once() -> None:
+        async def one() -> None:
+            async with lc.scope() as s:
+                ss = await s.get(session)
+                await ss.execute(text("SELECT pg_sleep(0.05)"))
+
+        async with asyncio.timeout(10):
+            await asyncio.gather(one(), one(), one())
+
+    async with lc.run():
+        await three_at_once()  # the pool's three connections made
+        made = pool(lc).created
+        with pytest.raises(tether.ScopeError):
+            async with lc.scope() as s:
+                ss = await s.get(session)
+                orphan = asyncio.ensure_future(ss.execute(text("SELECT pg_sleep(30)")))
+                await asyncio.sleep(0.1)  # the query is on the server
+        await orphan_fails(orphan)
+        await three_at_once()
+        assert pool(lc).created == made + 1

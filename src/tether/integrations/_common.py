@@ -361,8 +361,8 @@ def check_check(check: object, where: str, *, default: str, of: str, example: st
     """Refuse an integration's ``check=`` that is neither ``True``, ``False`` nor a function:
     a TypeError naming *where*, the value and the three choices, with *default* (what
     ``True`` checks) and an *example* function of the value (*of*: the pool, the client)."""
-    if isinstance(check, bool) or callable(check):
-        return
+    if check is None or isinstance(check, bool) or callable(check):
+        return  # None: no health check, as False (and as lc.resource's own default)
     hint = ""
     if isinstance(check, str):
         hint = (

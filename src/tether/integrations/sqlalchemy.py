@@ -575,6 +575,29 @@ def _interrupt_cancelled(eng: Engine) -> None:
     event.listen(eng, "handle_error", handle_error)
 
 
+#: The driver connections `_let_go` hung up under another task. The error that task then gets
+#: is a disconnect, on which SQLAlchemy replaces every connection of the pool by default
+#: (``invalidate_pool_on_disconnect``): only that one was hung up, the others are fine.
+_hung_up: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _keep_pool_on_hang_up(eng: Engine) -> None:
+    """The error of a connection tether hung up (`_let_go`) invalidates that connection
+    only, not the whole pool, as SQLAlchemy does on a disconnect."""
+
+    def handle_error(context: Any) -> None:
+        if not _hung_up or not context.is_disconnect or context.connection is None:
+            return
+        try:
+            driver = context.connection.connection.driver_connection
+        except Exception:  # closed or invalidated already
+            return
+        if driver in _hung_up:
+            context.invalidate_pool_on_disconnect = False
+
+    event.listen(eng, "handle_error", handle_error)
+
+
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # a rollback the interrupt also reached: the close follows
@@ -1635,6 +1658,7 @@ def engine(
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = create_async_engine(u, **options)
+        _keep_pool_on_hang_up(eng.sync_engine)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
             _close_streams_on_return(eng.sync_engine, name)
@@ -1978,9 +2002,14 @@ async def _let_go(s: AsyncSession, name: str, eng: Any, info: _PoolInfo) -> bool
         name,
     )
     pids = []
+    own = _pool_of(eng)
     for fairy in held:
         driver = fairy.driver_connection
-        pid = _pid_of(driver)  # read first: no round trip
+        # Read first, with no round trip; ended through this engine only if it is this
+        # engine's (a session with `binds=` holds other engines' too, maybe on other hosts).
+        pid = _pid_of(driver) if getattr(fairy, "_pool", None) is own else None
+        with contextlib.suppress(TypeError):  # not weakly referable: the pool is replaced
+            _hung_up.add(driver)
         await _hang_up(driver)
         if pid is not None:
             pids.append(pid)
@@ -2040,7 +2069,8 @@ async def _hang_up(driver: Any) -> None:
     there would read freed memory; the wait wakes on the shut socket, fails and lets go, and
     the pool's invalidation closes it after); asyncpg's is terminated (its waiting query fails
     with ``ConnectionDoesNotExistError``); aiosqlite's query is interrupted. Best effort."""
-    package = type(driver).__module__.partition(".")[0]
+    packages = {c.__module__.partition(".")[0] for c in type(driver).__mro__}
+    package = next((p for p in ("psycopg", "asyncpg", "aiosqlite") if p in packages), "")
     try:
         if package == "psycopg":
             shut_down_socket(driver.pgconn.socket)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -168,6 +169,11 @@ SLOW_SQLITE = (
 )
 
 
+@pytest.mark.skipif(
+    sqlalchemy.__version__.startswith("2.0."),
+    reason="SQLAlchemy 2.0's aiosqlite adapter has no execute lock to tell a query running "
+    "in another task by: the close waits for it, as before (docs/integrations/sqlalchemy.md)",
+)
 @pytest.mark.timeout(90)
 async def test_aiosqlite_query_still_running_is_interrupted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

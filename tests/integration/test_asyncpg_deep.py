@@ -142,10 +142,10 @@ async def test_a_codec_a_unit_sets_does_not_reach_the_next_unit(
     assert pids[0] == pids[1] != pids[2] == pids[3]  # unit 1's connection went
     warned = [r.getMessage() for r in caplog.records if "type codec" in r.getMessage()]
     assert warned == [
-        "tether: 'conn': the unit of work changed a type codec (set_type_codec or "
-        "set_builtin_type_codec), which asyncpg's reset keeps: the connection was closed, not "
-        "returned, so the next unit on it does not decode with it. Set codecs in the pool's "
-        "init= (every connection, once), not per unit of work"
+        "tether: 'conn': the unit of work changed a type codec (set_type_codec, "
+        "set_builtin_type_codec or reset_type_codec), which asyncpg's reset keeps: the "
+        "connection was closed, not returned, so the next unit on it does not decode with "
+        "it. Set codecs in the pool's init= (every connection, once), not per unit of work"
     ]
 
 

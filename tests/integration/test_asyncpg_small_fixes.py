@@ -77,17 +77,18 @@ async def test_a_codec_a_unit_sets_in_a_block_does_not_reach_the_next_unit(
     # The test's own codec (on the block's connection) is the pool's to close after the block.
     warned = [r.getMessage() for r in caplog.records if "type codec" in r.getMessage()]
     assert warned[1:] == [
-        "tether: pool 'pool': a type codec was changed (set_type_codec or "
-        "set_builtin_type_codec) on a connection while it was held, which asyncpg's reset "
-        "keeps: the connection was closed, not returned, so the next holder does not decode "
+        "tether: pool 'pool': a type codec was changed (set_type_codec, "
+        "set_builtin_type_codec or reset_type_codec) on a connection while it was held, "
+        "which asyncpg's reset keeps: the connection was closed, not returned, so the next holder does not decode "
         "with it. Set codecs in the pool's init= (every connection, once)"
     ]
     assert warned[:1] == [
-        "tether: 'conn': the unit of work changed a type codec (set_type_codec or "
-        "set_builtin_type_codec), which asyncpg's reset keeps: in production the connection "
-        "is closed, not returned, so the next unit on it does not decode with it; in this "
-        "rolled_back() block the codecs it changed were put back as the unit found them. Set "
-        "codecs in the pool's init= (every connection, once), not per unit of work"
+        "tether: 'conn': the unit of work changed a type codec (set_type_codec, "
+        "set_builtin_type_codec or reset_type_codec), which asyncpg's reset keeps: in "
+        "production the connection is closed, not returned, so the next unit on it does not "
+        "decode with it; in this rolled_back() block the codecs it changed were put back as "
+        "the unit found them. Set codecs in the pool's init= (every connection, once), not per "
+        "unit of work"
     ]
 
 
@@ -107,3 +108,93 @@ async def test_a_codec_a_failing_unit_sets_in_a_block_is_put_back(postgres: Post
         async with lc.scope() as s:
             c = await s.get(conn)
             assert await c.fetchval("""SELECT '{"a": 1}'::json""") == '{"a": 1}'
+
+
+# A unit that resets a codec (``reset_type_codec``) the pool's ``init=`` set: the next unit on
+# that connection decoded without it (asyncpg's reset keeps the change), units on the others
+# with it. Production now closes that connection as it goes back; a block puts the codec back.
+
+JSONB = """SELECT '{"b": 2}'::jsonb, pg_backend_pid()"""
+
+
+async def _jsonb_as_dict(c: asyncpg.Connection) -> None:
+    await c.set_type_codec("jsonb", encoder=json.dumps, decoder=_as_dict, schema="pg_catalog")
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["autocommit", "tx"])
+async def test_a_codec_a_unit_resets_does_not_reach_the_next_unit(
+    postgres: Postgres, transaction: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1, init=_jsonb_as_dict)
+    conn = tpg.connection(lc, pool, transaction=transaction)
+    seen = []
+    async with lc.run():
+        for unit in range(3):
+            async with lc.scope() as s:
+                c = await s.get(conn)
+                if unit == 1:
+                    await c.reset_type_codec("jsonb", schema="pg_catalog")
+                    assert await c.fetchval(JSONB) == '{"b": 2}'  # asyncpg's own: text
+                else:
+                    seen.append(tuple(await c.fetchrow(JSONB)))
+        figures = lc.stats().pools["pool"]
+    assert [row[0] for row in seen] == [{"b": 2}] * 2  # unit 2 used to get '{"b": 2}'
+    assert seen[0][1] != seen[1][1]  # unit 1's connection went
+    assert (figures.created, figures.discarded) == (2, 0)
+    warned = [r.getMessage() for r in caplog.records if "type codec" in r.getMessage()]
+    assert warned == [
+        "tether: 'conn': the unit of work changed a type codec (set_type_codec, "
+        "set_builtin_type_codec or reset_type_codec), which asyncpg's reset keeps: the "
+        "connection was closed, not returned, so the next unit on it does not decode with "
+        "it. Set codecs in the pool's init= (every connection, once), not per unit of work"
+    ]
+
+
+async def test_a_codec_a_unit_resets_in_a_block_is_put_back(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1, init=_jsonb_as_dict)
+    conn = tpg.connection(lc, pool)
+    async with lc.run():
+        async with tpg.rolled_back(conn) as block:
+            with caplog.at_level(logging.WARNING, logger="tether"):
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    await c.reset_type_codec("jsonb", schema="pg_catalog")
+                    assert await c.fetchval(JSONB) == '{"b": 2}'
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    assert await c.fetchval(JSONB) == {"b": 2}  # was '{"b": 2}'
+            assert await block.fetchval(JSONB) == {"b": 2}
+        # The block's connection went back with the pool's codec: kept, not closed.
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert await c.fetchval(JSONB) == {"b": 2}
+        figures = lc.stats().pools["pool"]
+    assert figures.created == 1
+    warned = [r.getMessage() for r in caplog.records if "type codec" in r.getMessage()]
+    assert len(warned) == 1 and "in this rolled_back() block the codecs" in warned[0]
+
+
+async def test_a_codec_the_test_resets_on_a_block_stays_reset_after_its_units(
+    postgres: Postgres,
+) -> None:
+    """A test that resets the pool's codec on the block's connection itself: the block's units
+    decode as the test left the connection (a unit that changes the codec puts back the
+    test's reset, not the pool's ``init=`` codec)."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=1, init=_jsonb_as_dict)
+    conn = tpg.connection(lc, pool)
+    async with lc.run(), tpg.rolled_back(conn) as block:
+        await block.reset_type_codec("jsonb", schema="pg_catalog")
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            await c.set_type_codec(
+                "jsonb", encoder=json.dumps, decoder=_unit_1s, schema="pg_catalog"
+            )
+            assert await c.fetchval(JSONB) == "unit 1's decoder"
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert await c.fetchval(JSONB) == '{"b": 2}'  # the test's reset, not init's codec

@@ -259,11 +259,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             if raw in codecs:
                 codecs.discard(raw)
                 log.warning(
-                    "tether: pool %r: a type codec was changed (set_type_codec or "
-                    "set_builtin_type_codec) on a connection while it was held, which "
-                    "asyncpg's reset keeps: the connection was closed, not returned, so the "
-                    "next holder does not decode with it. Set codecs in the pool's init= "
-                    "(every connection, once)",
+                    "tether: pool %r: a type codec was changed (set_type_codec, "
+                    "set_builtin_type_codec or reset_type_codec) on a connection while it was "
+                    "held, which asyncpg's reset keeps: the connection was closed, not "
+                    "returned, so the next holder does not decode with it. Set codecs in the "
+                    "pool's init= (every connection, once)",
                     self._tether.name,
                 )
                 _terminate(connection)
@@ -626,6 +626,13 @@ class _CodecsNoted:
         await super().set_builtin_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
         _codec_set(self, "set_builtin_type_codec", typename, args, kwargs)
 
+    # Back to asyncpg's own codec: a codec the pool's ``init`` set is gone from the connection,
+    # so the next unit on it would decode without it.
+    async def reset_type_codec(self, typename: str, *args: Any, **kwargs: Any) -> None:
+        _codec_changed(self)
+        await super().reset_type_codec(typename, *args, **kwargs)  # type: ignore[misc]
+        _codec_reset(self, typename, kwargs.get("schema", "public"))
+
 
 #: `rolled_back`: the codec calls made on each connection outside a unit of work of a block
 #: (the pool's ``init`` and ``setup``, a test's on the block's connection), the last per type,
@@ -656,22 +663,37 @@ def _codec_set(
     calls[key] = (args, dict(kwargs))
 
 
+def _codec_reset(conn: Any, typename: str, schema: str) -> None:
+    """Note a ``reset_type_codec`` on *conn* that went through: for the unit of a
+    `rolled_back` block running on it, a type it changed; else the calls made on the type are
+    undone, not to make again after such a unit."""
+    changed = _unit_codecs.get(conn)
+    if changed is not None:
+        changed.add((typename, schema))
+        return
+    calls = _kept_codecs.get(conn)
+    if calls:
+        for key in [k for k in calls if k[:2] == (typename, schema)]:
+            del calls[key]
+
+
 async def _put_back_codecs(raw: Any, changed: set[tuple[str, str]], name: str) -> None:
     """`rolled_back`: put the codecs of the types a unit of work changed (*changed*) back as
     it found them, for the block's next unit: asyncpg's own, then those the pool's ``init`` and
     ``setup`` and the test set on the connection. (Production closes such a connection.)"""
     log.warning(
-        "tether: %r: the unit of work changed a type codec (set_type_codec or "
-        "set_builtin_type_codec), which asyncpg's reset keeps: in production the connection is "
-        "closed, not returned, so the next unit on it does not decode with it; in this "
-        "rolled_back() block the codecs it changed were put back as the unit found them. Set "
-        "codecs in the pool's init= (every connection, once), not per unit of work",
+        "tether: %r: the unit of work changed a type codec (set_type_codec, "
+        "set_builtin_type_codec or reset_type_codec), which asyncpg's reset keeps: in "
+        "production the connection is closed, not returned, so the next unit on it does not "
+        "decode with it; in this rolled_back() block the codecs it changed were put back as "
+        "the unit found them. Set codecs in the pool's init= (every connection, once), not per "
+        "unit of work",
         name,
     )
     calls = list(_kept_codecs.get(raw, {}).items())
     try:
         for typename, schema in sorted(changed):
-            await raw.reset_type_codec(typename, schema=schema)
+            await super(_CodecsNoted, raw).reset_type_codec(typename, schema=schema)
         for (typename, schema, method, _), (args, kwargs) in calls:
             if (typename, schema) in changed:  # set again, not noted again
                 await getattr(super(_CodecsNoted, raw), method)(typename, *args, **kwargs)
@@ -1432,10 +1454,10 @@ async def _close_with_codecs(
     state.codecs.discard(raw)
     if not closed:
         log.warning(
-            "tether: %r: the unit of work changed a type codec (set_type_codec or "
-            "set_builtin_type_codec), which asyncpg's reset keeps: the connection was closed, "
-            "not returned, so the next unit on it does not decode with it. Set codecs in the "
-            "pool's init= (every connection, once), not per unit of work",
+            "tether: %r: the unit of work changed a type codec (set_type_codec, "
+            "set_builtin_type_codec or reset_type_codec), which asyncpg's reset keeps: the "
+            "connection was closed, not returned, so the next unit on it does not decode with "
+            "it. Set codecs in the pool's init= (every connection, once), not per unit of work",
             name,
         )
     _terminate(conn)

@@ -351,6 +351,55 @@ def test_a_read_only_write_of_the_units_own_is_its_error_not_a_failover(
     assert committed(postgres, table) == []
 
 
+@pytest.mark.anyio
+@pytest.mark.fastapi_free
+@pytest.mark.parametrize("driver", [*DRIVERS, "sync"])
+async def test_a_read_only_write_of_the_units_own_on_a_busy_pool_is_still_its_error(
+    postgres: Postgres, table: str, driver: str
+) -> None:
+    """The same on a pool of 1 that another unit waits for: the check of the server (a
+    checkout of its own, after the unit's rollback gave the connection back) must not lose
+    the connection to the waiter and time out, which would be taken for a failover (a 503
+    after `pool_timeout`, the pool replaced). It takes the connection the unit gave back."""
+    lc = tether.Lifecycle()
+    session: Any
+    if driver == "sync":
+        url = postgres.url("postgresql+psycopg")
+        engine = tsa.sync_engine(lc, url, pool_size=1, max_overflow=0, pool_timeout=1)
+        session = tsa.sync_session(lc, engine)
+    else:
+        url = postgres.url(f"postgresql+{driver}")
+        session = tsa.session(lc, tsa.engine(lc, url, pool_size=1, max_overflow=0, pool_timeout=1))
+
+    async def sql(s: Any, statement: str) -> Any:
+        if driver == "sync":
+            return await anyio.to_thread.run_sync(s.execute, text(statement))
+        return await s.execute(text(statement))
+
+    pids: list[int] = []
+
+    async def waiter() -> None:  # waits for the pool's one connection, then holds it 1.5 s
+        async with lc.scope() as scope:
+            s = await scope.get(session)
+            pids.append((await sql(s, "SELECT pg_backend_pid()")).scalar_one())
+            await asyncio.sleep(1.5)
+
+    async with lc.run():
+        # A check that lost its turn: ResourceUnavailable (503) after the 1 s pool_timeout.
+        with pytest.raises(sa_exc.DBAPIError, match="read-only transaction"):
+            async with lc.scope() as scope:
+                s = await scope.get(session)
+                pids.append((await sql(s, "SELECT pg_backend_pid()")).scalar_one())
+                await sql(s, "SET TRANSACTION READ ONLY")
+                waiting = asyncio.create_task(waiter())
+                await asyncio.sleep(0.2)
+                await sql(s, f"INSERT INTO {table} (v) VALUES ('refused')")
+        await waiting
+        figures = next(iter(lc.stats().pools.values()))
+    assert pids[0] == pids[1]
+    assert figures.created == 1  # the pool kept its connection
+
+
 # --------------------------------------------------------------------------- a read-only server
 
 

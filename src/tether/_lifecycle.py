@@ -66,7 +66,7 @@ from ._scope import (
     thread_stack,
     user_frames,
 )
-from ._stats import PoolStats, Stats, snapshot
+from ._stats import ByName, PoolStats, ResourceStats, Stats, snapshot
 
 if TYPE_CHECKING:
     from contextlib import _AsyncGeneratorContextManager, _GeneratorContextManager
@@ -1727,24 +1727,29 @@ class Lifecycle:
         # SIGTERM came and drain_delay runs: "stopping", as readiness says.
         running = self.state is State.RUNNING
         state = "stopping" if self._stopping and running else self.state.value
+        resources = ByName[ResourceStats](
+            (name, snapshot(name, res.scope, res.counters, self._down_reason(res)))
+            for name, res in self._resources.items()
+        )
+        pools = self._pool_stats()
+        pools._where = "lc.stats().pools"
+        pools._resources = tuple(resources)
+        pools._state = state
         return Stats(
             state=state,
             units_in_flight=len(self._units),
             units_total=self._units_total,
             units_refused=self._units_refused,
-            resources={
-                name: snapshot(name, res.scope, res.counters, self._down_reason(res))
-                for name, res in self._resources.items()
-            },
-            pools=self._pool_stats(),
+            resources=resources,
+            pools=pools,
         )
 
     def _down_reason(self, res: Resource[Any]) -> str | None:
         down = self._down(res)
         return None if down is None else str(down)
 
-    def _pool_stats(self) -> dict[str, PoolStats]:
-        pools: dict[str, PoolStats] = {}
+    def _pool_stats(self) -> ByName[PoolStats]:
+        pools = ByName[PoolStats]()
         for name, res in self._resources.items():
             figures = self._figures_of(res)
             if figures is not None:

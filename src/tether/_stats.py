@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_V = TypeVar("_V")
 
 
 class Counters:
@@ -101,6 +105,43 @@ class PoolStats:
     discarded: int | None = None
 
 
+class ByName(dict[str, _V]):
+    """``lc.stats().resources`` and ``.pools``: a dict by resource name, whose missing key
+    says which names there are (and, for a pool, why a resource may have no figures)."""
+
+    __slots__ = ("_resources", "_state", "_where")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._where = "lc.stats().resources"
+        self._resources: tuple[str, ...] = ()
+        self._state = ""
+
+    def __missing__(self, key: str) -> _V:
+        raise KeyError(self._missing(key))
+
+    def _missing(self, key: object) -> str:
+        where = getattr(self, "_where", "lc.stats()")
+        names = ", ".join(repr(n) for n in self) or "none"
+        if where.endswith(".resources"):
+            msg = f"No resource named {key!r} in {where}; the Lifecycle's resources: {names}."
+        else:
+            msg = (
+                f"No pool named {key!r} in {where}, which lists the open driver pools of "
+                f"tether's integrations, by resource name: {names}."
+            )
+            if key in getattr(self, "_resources", ()):
+                msg += (
+                    f" {key!r} is a resource, but not one of them: not an integration's pool, "
+                    f"not open (the Lifecycle is {self._state}), or overridden."
+                )
+                return msg
+        close = difflib.get_close_matches(str(key), [str(n) for n in self], n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r}?"
+        return msg
+
+
 @dataclass(frozen=True, slots=True)
 class Stats:
     """A snapshot of a lifecycle: its state, units of work and every resource; *pools*,
@@ -110,8 +151,8 @@ class Stats:
     units_in_flight: int
     units_total: int
     units_refused: int
-    resources: dict[str, ResourceStats] = field(default_factory=dict)
-    pools: dict[str, PoolStats] = field(default_factory=dict)
+    resources: dict[str, ResourceStats] = field(default_factory=ByName)
+    pools: dict[str, PoolStats] = field(default_factory=ByName)
 
     def __getitem__(self, name: str) -> ResourceStats:
         return self.resources[name]

@@ -341,3 +341,19 @@ def test_check_none_means_no_health_check_for_every_integration() -> None:
         sqlalchemy.engine(lc, "sqlite+aiosqlite:///x", check=None, name="s"),
     ]
     assert [res.check for res in declared] == [None] * 6
+
+
+# ------------------------------------------------------------- lc.stats().pools: a wrong name
+
+
+async def test_a_pool_name_stats_has_not_names_the_open_pools(tmp_path: Path) -> None:
+    """`lc.stats().pools["db"]` for a pool named `database` was a bare `KeyError: 'db'`."""
+    lc = tether.Lifecycle()
+    tsqlite.database(lc, tmp_path / "app.db")
+    async with lc.run():
+        with pytest.raises(KeyError) as info:
+            lc.stats().pools["databse"]
+    assert info.value.args == (
+        "No pool named 'databse' in lc.stats().pools, which lists the open driver pools of "
+        "tether's integrations, by resource name: 'database'. Did you mean 'database'?",
+    )

@@ -206,3 +206,49 @@ async def test_an_open_cancelled_while_it_waits_is_no_open_error() -> None:
                 await s.get(conn)
         stats = lc.stats()["conn"]
         assert (stats.opened, stats.open_errors, stats.timeouts) == (0, 0, 0)
+
+
+async def test_a_name_stats_has_not_says_which_it_has() -> None:
+    """`lc.stats().resources["x"]` (and `lc.stats()["x"]`, `.pools["x"]`) for a name it does
+    not hold was a bare `KeyError: 'x'`. It names the names it holds, a close match, and for a
+    pool, why a resource may have no figures there. Still a `KeyError`, and still a dict."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def orders_db() -> AsyncIterator[object]:
+        yield object()
+
+    @lc.resource
+    async def session() -> AsyncIterator[int]:
+        yield 1
+
+    stats = lc.stats()
+    with pytest.raises(KeyError) as info:
+        stats.resources["order_db"]
+    assert info.value.args == (
+        "No resource named 'order_db' in lc.stats().resources; the Lifecycle's resources: "
+        "'orders_db', 'session'. Did you mean 'orders_db'?",
+    )
+    with pytest.raises(KeyError, match=r"^\"No resource named 'nope' in .+'session'\.\"$"):
+        stats["nope"]
+    with pytest.raises(KeyError) as info:
+        stats.pools["orders_db"]
+    assert info.value.args == (
+        "No pool named 'orders_db' in lc.stats().pools, which lists the open driver pools of "
+        "tether's integrations, by resource name: none. 'orders_db' is a resource, but not one "
+        "of them: not an integration's pool, not open (the Lifecycle is created), or "
+        "overridden.",
+    )
+    async with lc.run():
+        with pytest.raises(KeyError, match=r"\(the Lifecycle is running\)"):
+            lc.stats().pools["orders_db"]
+        with pytest.raises(KeyError) as info:
+            lc.stats().pools["other"]
+    assert info.value.args == (
+        "No pool named 'other' in lc.stats().pools, which lists the open driver pools of "
+        "tether's integrations, by resource name: none.",
+    )
+    assert stats.resources == {"orders_db": stats["orders_db"], "session": stats["session"]}
+    assert isinstance(stats.pools, dict)
+    assert stats.resources.get("nope") is None
+    assert "nope" not in stats.resources

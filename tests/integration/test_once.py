@@ -354,6 +354,75 @@ def test_bad_arguments_are_refused_when_declared() -> None:
     )
 
 
+DECLARE_ONCE: dict[str, Callable[..., Any]] = {
+    "asyncpg": lambda lc, work, **kw: tpg.once(lc, tpg.pool(lc, "postgresql://u@h/d"), work, **kw),
+    "psycopg": lambda lc, work, **kw: tpsy.once(
+        lc, tpsy.pool(lc, "postgresql://u@h/d"), work, **kw
+    ),
+    "sqlalchemy": lambda lc, work, **kw: tsa.once(
+        lc, tsa.engine(lc, "postgresql+asyncpg://u@h/d"), work, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("driver", DECLARE_ONCE)
+@pytest.mark.parametrize(
+    ("given", "error", "message"),
+    [
+        (
+            {"key": 5},
+            TypeError,
+            "once 'work': key=5 is an int, not a string. Pass a string that changes when the "
+            "work does, e.g. f'migrations:{APP_VERSION}' (the work runs once per key).",
+        ),
+        (
+            {"key": "  "},
+            ValueError,
+            "once 'work': key='  ' must be a non-empty string of at most 200 characters that "
+            "changes when the work does, e.g. f'migrations:{APP_VERSION}' (the work runs once "
+            "per key).",
+        ),
+        (
+            {"key": "k", "table": 5},
+            TypeError,
+            "once 'work': table=5 is an int, not a string. Pass the name of the table that "
+            "records the work done, e.g. table='tether_once' (the default).",
+        ),
+        (
+            {"key": "k", "record": "no"},
+            TypeError,
+            "once 'work': record='no' is a str, not a bool. Pass True or False (a setting read "
+            "from the environment is a string, and 'no' would count as true: convert it, e.g. "
+            'record=os.environ.get(...) == "1").',
+        ),
+        (
+            {"key": "k", "name": ""},
+            ValueError,
+            "Resource name='' is not a valid parameter name, and a parameter asks for a resource "
+            "by its name: use letters, digits and underscores, not starting with a digit, e.g. "
+            "name='db'.",
+        ),
+    ],
+    ids=["key-type", "key-blank", "table-type", "record-str", "name-empty"],
+)
+def test_each_bad_argument_has_its_own_message_on_every_driver(
+    driver: str, given: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """`table=5` was Python's bare "expected string or bytes-like object"; `key=5` a
+    ValueError; `name=""` was taken as no name (the function's); `record=` named a call the
+    user did not write (`tether.integrations.asyncpg.once(key='k')`) on two drivers of three.
+    The same message on each driver now, where `once` is called."""
+    lc = tether.Lifecycle()
+
+    async def work(conn: Any) -> None:
+        pass
+
+    with pytest.raises(error) as info:
+        DECLARE_ONCE[driver](lc, work, **given)
+    assert str(info.value) == message
+    assert "work" not in lc.resources
+
+
 def test_uvicorn_workers_migrate_once_and_all_serve(
     postgres: Postgres, names: tuple[str, str], tmp_path: Any
 ) -> None:

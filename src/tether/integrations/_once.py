@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._errors import _a_type, check_bool
+from .._lifecycle import _check_name
 from ._common import depends_on, sqlstates
 
 if TYPE_CHECKING:
@@ -90,7 +92,12 @@ def declare(
 ) -> Resource[bool]:
     """Check the arguments now (not at the next deployment) and register the app resource,
     which runs ``run_with(value of dep, job)``."""
-    label: str = name or getattr(fn, "__name__", None) or "once"
+    if name is not None:
+        _check_name(name)
+        label = name
+    else:
+        label = getattr(fn, "__name__", None) or "once"
+    check_bool(record, "record", f"once {label!r}")
     job = Job(label, key, check_arguments(label, fn, key, table), record, table)
 
     async def run_once(value: Any) -> bool:
@@ -169,13 +176,27 @@ def check_arguments(
         )
         raise TypeError(msg)
     given: object = key  # checked at run time too: a caller without a type checker
-    if not isinstance(given, str) or not given.strip() or len(given) > 200:
+    if not isinstance(given, str):
+        msg = (
+            f"once {name!r}: key={key!r} is {_a_type(given)}, not a string. Pass a string that "
+            f"changes when the work does, e.g. f'migrations:{{APP_VERSION}}' (the work runs "
+            f"once per key)."
+        )
+        raise TypeError(msg)
+    if not given.strip() or len(given) > 200:
         msg = (
             f"once {name!r}: key={key!r} must be a non-empty string of at most 200 "
             f"characters that changes when the work does, e.g. "
             f"f'migrations:{{APP_VERSION}}' (the work runs once per key)."
         )
         raise ValueError(msg)
+    named: object = table
+    if not isinstance(named, str):
+        msg = (
+            f"once {name!r}: table={table!r} is {_a_type(named)}, not a string. Pass the name "
+            f"of the table that records the work done, e.g. table='tether_once' (the default)."
+        )
+        raise TypeError(msg)
     if not _IDENTIFIER.fullmatch(table):
         msg = (
             f"once {name!r}: table={table!r} is not a plain SQL name (letters, digits and "

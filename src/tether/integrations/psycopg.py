@@ -1504,7 +1504,6 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
-    check_bool(record, "record", f"tether.integrations.psycopg.once(key={key!r})")
     pool_name = pool.name
 
     async def run_once(p: Any, job: _once.Job) -> bool:

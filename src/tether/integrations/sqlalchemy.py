@@ -2996,9 +2996,6 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
-    label = name or getattr(fn, "__name__", None) or "once"
-    check_bool(record, "record", f"once {label!r}")
-
     async def run_once(eng: AsyncEngine, job: _once.Job) -> bool:
         if eng.dialect.name != "postgresql":
             msg = (

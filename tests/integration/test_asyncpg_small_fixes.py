@@ -175,7 +175,8 @@ async def test_a_codec_a_unit_resets_in_a_block_is_put_back(
         figures = lc.stats().pools["pool"]
     assert figures.created == 1
     warned = [r.getMessage() for r in caplog.records if "type codec" in r.getMessage()]
-    assert len(warned) == 1 and "in this rolled_back() block the codecs" in warned[0]
+    assert len(warned) == 1
+    assert "in this rolled_back() block the codecs" in warned[0]
 
 
 async def test_a_codec_the_test_resets_on_a_block_stays_reset_after_its_units(

@@ -2563,12 +2563,21 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     from fastapi import APIRouter
 
     check_lifecycle(lc, "health_router()", "health_router(lc)")
+    _check_prefix(prefix, "health_router", '"/live" and "/ready"', "/health")
     check_number(cache, "cache", "health_router()", least=None, example="1.0, or 0 for every probe")
     if not is_seconds(cache, zero=True):
         msg = (
             f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
             f"the checks' report, and must be a number >= 0; e.g. cache=1.0, or 0 to run "
             f"the checks for every probe."
+        )
+        raise ValueError(msg)
+    if cache == float("inf"):
+        msg = (
+            f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
+            f"the checks' report: an infinite cache would answer the first report for ever, "
+            f"never running the checks again. Pass a finite number, e.g. cache=1.0, or 0 to "
+            f"run the checks for every probe."
         )
         raise ValueError(msg)
     router = APIRouter(prefix=prefix, tags=["health"])
@@ -2651,6 +2660,60 @@ class _Reports:
             mine.set()
 
 
+def _check_prefix(prefix: object, fn: str, paths: str, default: str) -> None:
+    """Refuse a router's *prefix* FastAPI would refuse (with an AttributeError or an
+    AssertionError of its own) where the router is made: not a string, not starting with
+    "/", ending with "/"."""
+    if not isinstance(prefix, str):
+        kind = "is not" if prefix is None else f"is {_a_type(prefix)}, not"
+        msg = (
+            f"{fn}(): prefix={prefix!r} {kind} a string. Pass the path "
+            f'its routes go under, e.g. prefix="{default}" (the default), or "" for none.'
+        )
+        raise TypeError(msg)
+    if prefix == "" or (prefix.startswith("/") and not prefix.endswith("/")):
+        return
+    wrong = []
+    if not prefix.startswith("/"):
+        wrong.append('does not start with "/"')
+    if prefix.endswith("/"):
+        wrong.append('ends with "/"')
+    fixed = prefix.strip("/")
+    fix = f'prefix="/{fixed}"' if fixed else 'prefix="" for its routes at the root'
+    msg = (
+        f"{fn}(prefix={prefix!r}): the prefix {' and '.join(wrong)}: it must start with "
+        f'"/" and not end with one, as its routes ({paths}) start with "/", or be "" for '
+        f"none. Pass {fix}."
+    )
+    raise ValueError(msg)
+
+
+def _check_dependencies(dependencies: object) -> None:
+    """Refuse dashboard_router()'s *dependencies* that FastAPI would fail on: one
+    ``Depends(...)`` not in a list, an item that is not a ``Depends(...)``."""
+    from fastapi import params
+
+    if dependencies is None:
+        return
+    single = isinstance(dependencies, params.Depends | str | bytes)
+    if single or not hasattr(dependencies, "__iter__"):
+        given = getattr(getattr(dependencies, "dependency", None), "__name__", None)
+        msg = (
+            f"dashboard_router(): dependencies={dependencies!r} is {_a_type(dependencies)}, "
+            f"not a list. Pass a list of Depends(...), e.g. "
+            f"dependencies=[Depends({given or 'require_admin'})]."
+        )
+        raise TypeError(msg)
+    for i, item in enumerate(dependencies if isinstance(dependencies, list | tuple) else ()):
+        if not isinstance(item, params.Depends):
+            shown = getattr(item, "__name__", None) if callable(item) else None
+            msg = (
+                f"dashboard_router(): dependencies[{i}]={item!r} is {_a_type(item)}, not a "
+                f"Depends(...). Wrap it: dependencies=[Depends({shown or 'require_admin'})]."
+            )
+            raise TypeError(msg)
+
+
 def dashboard_router(
     lc: Lifecycle,
     *,
@@ -2676,6 +2739,7 @@ def dashboard_router(
     from ._dashboard import page, snapshot
 
     check_lifecycle(lc, "dashboard_router()", "dashboard_router(lc)")
+    _check_prefix(prefix, "dashboard_router", '"/", "/stats.json" and "/checks.json"', "/tether")
     check_number(refresh, "refresh", "dashboard_router()", least=None, above=True, example="2.0")
     check_bool(include_in_schema, "include_in_schema", "dashboard_router()")
     if not is_seconds(refresh):
@@ -2684,6 +2748,14 @@ def dashboard_router(
             f"its stats, in seconds, and must be a positive number; e.g. refresh=2.0."
         )
         raise ValueError(msg)
+    if refresh == float("inf"):  # the page reads it as NaN, and would poll without pause
+        msg = (
+            f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls "
+            f"its stats, in seconds, and must be finite (the page would read it as no "
+            f"delay, and poll without pause); e.g. refresh=2.0, or 3600 for about never."
+        )
+        raise ValueError(msg)
+    _check_dependencies(dependencies)
     router = APIRouter(
         prefix=prefix,
         tags=["tether"],

@@ -53,6 +53,9 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -77,6 +80,7 @@ from .._errors import (
     _a_type,
     check_bool,
     check_number,
+    is_seconds,
 )
 from .._resource import Resource
 from .._stats import PoolStats
@@ -371,7 +375,7 @@ def client(
     *,
     name: str = "http",
     base_url: Dsn = "",
-    timeout: float | httpx.Timeout = 10.0,
+    timeout: float | tuple[float | None, ...] | httpx.Timeout | None = 10.0,
     limits: httpx.Limits = DEFAULT_LIMITS,
     health_url: str | None = None,
     check: Check | bool = True,
@@ -383,8 +387,9 @@ def client(
     Args:
         base_url: prefixed to relative request URLs; a string, or a function returning it
             (called when the app starts, so settings can be read then, not at import).
-        timeout: seconds for each of connect, read, write and the pool wait (a number),
-            or an ``httpx.Timeout``.
+        timeout: seconds for each of connect, read, write and the pool wait (a number, or
+            ``None`` for none), a tuple of them ``(connect, read, write, pool)`` (as httpx
+            takes it: the last two may be left out), or an ``httpx.Timeout``.
         limits: the pool: ``max_connections`` (its size), ``max_keepalive_connections``,
             ``keepalive_expiry``.
         health_url: a URL (relative to *base_url*) the check GETs, expecting 2xx; a
@@ -410,8 +415,9 @@ def client(
         raise ValueError(msg)
     if not callable(given) and not isinstance(given, httpx.URL) and given != "":
         check_dsn_value(given, where, what="base_url", example='"https://api.example.com"')
-    if not isinstance(timeout, httpx.Timeout):
-        check_number(timeout, "timeout", where, above=True, none=True, example="10")
+    _check_options(kw, where)
+    timeout = _check_timeout(timeout, where)
+    _check_limits(limits, where)
     check_bool(http2, "http2", where)
     check_check(
         check,
@@ -505,6 +511,130 @@ def client(
         backend="the server it calls",
     )
     return res
+
+
+#: The keyword arguments of client() besides those of ``httpx.AsyncClient``: its own, and
+#: httpx < 0.28's ``proxies`` (which tether still takes, as a mapping of routes to proxies).
+_OWN_OPTIONS = ("name", "health_url", "check", "proxies")
+
+
+@functools.cache
+def _client_options() -> frozenset[str] | None:
+    """The keyword arguments this httpx's ``AsyncClient`` takes; ``None`` if it takes any
+    (``**kwargs``) or its signature cannot be read."""
+    try:
+        params = inspect.signature(httpx.AsyncClient.__init__).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None  # pragma: no cover - an httpx taking **kwargs
+    return frozenset(
+        p.name
+        for p in params
+        if p.name != "self"
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+
+
+def _check_options(kw: dict[str, Any], where: str) -> None:
+    """Refuse a keyword argument neither client() nor this httpx's ``AsyncClient`` takes
+    (``verfy=False``, httpx < 0.28's ``app=``) at the declaration: httpx would refuse it
+    only when the app starts."""
+    accepted = _client_options()
+    if accepted is None:
+        return  # pragma: no cover - an httpx taking **kwargs
+    for key in kw:
+        if key in accepted or key in _OWN_OPTIONS:
+            continue
+        if key == "app":  # httpx < 0.28's app=, removed in 0.28
+            fix = (
+                "Since httpx 0.28 an app is called through a transport: pass "
+                "transport=httpx.ASGITransport(app=app) instead."
+            )
+        else:
+            close = difflib.get_close_matches(key, sorted(accepted | set(_OWN_OPTIONS)), n=1)
+            fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+        msg = (
+            f"{where}: {key}= is not an option of client() nor of httpx.AsyncClient "
+            f"(httpx {httpx.__version__}), which client() passes its other keyword "
+            f"arguments to. {fix}"
+        )
+        raise TypeError(msg)
+
+
+_TIMEOUT_PARTS = ("connect", "read", "write", "pool")
+
+
+def _check_timeout(timeout: object, where: str) -> float | httpx.Timeout | None:
+    """*timeout* as httpx takes it (a number of seconds, ``None``, a tuple of 2 to 4 of
+    them, an ``httpx.Timeout``), checked; a tuple is made an ``httpx.Timeout``."""
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if isinstance(timeout, tuple | list):
+        example = "timeout=(5.0, 30.0, 30.0, 1.0)"
+        if isinstance(timeout, list):
+            msg = (
+                f"{where}: timeout={timeout!r} is a list: httpx takes the seconds for "
+                f"(connect, read, write, pool) as a tuple, not a list. Pass "
+                f"timeout={tuple(timeout)!r}, or an httpx.Timeout, e.g. "
+                f"timeout=httpx.Timeout(10.0, pool=1.0)."
+            )
+            raise TypeError(msg)
+        if not 2 <= len(timeout) <= 4:
+            msg = (
+                f"{where}: timeout={timeout!r} has {len(timeout)} item"
+                f"{'' if len(timeout) == 1 else 's'}: a tuple gives the seconds for "
+                f"(connect, read, write, pool), 2 to 4 of them (write and pool may be left "
+                f"out). Pass e.g. {example}, or a number for all four."
+            )
+            raise ValueError(msg)
+        for part, seconds in zip(_TIMEOUT_PARTS, timeout, strict=False):
+            if seconds is None or is_seconds(seconds):
+                continue
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                msg = (
+                    f"{where}: timeout={timeout!r}: its {part} timeout {seconds!r} is "
+                    f"{_a_type(seconds)}, not a number of seconds. Pass a positive number of "
+                    f"seconds (or None) for each of (connect, read, write, pool), e.g. "
+                    f"{example}."
+                )
+                raise TypeError(msg)
+            msg = (
+                f"{where}: timeout={timeout!r}: its {part} timeout {seconds!r} must be a "
+                f"positive number of seconds (or None)."
+            )
+            raise ValueError(msg)
+        return httpx.Timeout(timeout)
+    if timeout is not None and not isinstance(timeout, str | int | float):
+        msg = (
+            f"{where}: timeout={timeout!r} is {_a_type(timeout)}, not a timeout. Pass a "
+            f"positive number of seconds (or None), e.g. timeout=10, a tuple of them for "
+            f"(connect, read, write, pool), or an httpx.Timeout, e.g. "
+            f"timeout=httpx.Timeout(10.0, pool=1.0)."
+        )
+        raise TypeError(msg)
+    check_number(timeout, "timeout", where, above=True, none=True, example="10")
+    return timeout  # type: ignore[return-value]
+
+
+def _check_limits(limits: object, where: str) -> None:
+    """Refuse *limits* that is not an ``httpx.Limits`` (``limits=5``) at the declaration:
+    httpx would fail on it only when the app starts."""
+    if isinstance(limits, httpx.Limits):
+        return
+    example = "max_connections=100"
+    if isinstance(limits, int) and not isinstance(limits, bool):
+        example = f"max_connections={limits}"
+    elif isinstance(limits, dict) and limits and all(isinstance(k, str) for k in limits):
+        example = ", ".join(f"{k}={v!r}" for k, v in limits.items())
+    kind = "is not" if limits is None else f"is {_a_type(limits)}, not"
+    msg = (
+        f"{where}: limits={limits!r} {kind} an httpx.Limits. Pass "
+        f"httpx.Limits({example}) (max_connections is the pool's size; it also takes "
+        f"max_keepalive_connections= and keepalive_expiry=), or leave limits out for "
+        f"httpx.Limits(max_connections=100, max_keepalive_connections=20)."
+    )
+    raise TypeError(msg)
 
 
 def _check_health_url(health_url: str, where: str, *, returned: bool) -> None:

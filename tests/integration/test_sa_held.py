@@ -7,7 +7,9 @@ for it: psycopg's commit waited for its connection's lock the whole ``close_time
 at once with its raw ``InterfaceError: another operation is in progress``. Now, as tether's
 psycopg integration does for its connections, the connection is hung up under that task
 within moments (its query fails with a connection error), discarded (the pool replaces it),
-and a warning names the session and the cause.
+and a warning names the session and the cause. A task still waiting for a connection for the
+session (the pool's wait, or a connect) is cancelled instead: it never takes one after the
+unit's end.
 """
 
 import asyncio
@@ -18,8 +20,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
+from sqlalchemy.util import await_only
 
 import tether
 from tests.servers import Postgres
@@ -45,6 +48,22 @@ NOT_COMMITTED = (
     "started with it and not awaited, or the other operation of an asyncio.gather that "
     "failed), so its transaction could not be committed: the connection was hung up under "
     "that task and discarded, and the unit of work rolled back."
+)
+
+
+NOT_COMMITTED_WAITING = (
+    "Session 'session' was still in use by another task when its unit of work ended (a task "
+    "started with it and not awaited, or the other operation of an asyncio.gather that "
+    "failed), so its transaction could not be committed: that task, still waiting for a "
+    "connection for the session, was cancelled, and the unit of work rolled back."
+)
+
+WAITING = (
+    "tether: session 'session': a task still using the session after its unit of work ended "
+    "(a task started with it and not awaited, or the other operation of an `asyncio.gather` "
+    "that failed) is still waiting for a connection for it (the pool's wait, or a connect); "
+    "that task is cancelled, so that it never takes a connection outside the unit of work, "
+    "and the unit of work rolled back."
 )
 
 
@@ -236,3 +255,84 @@ async def test_the_hang_up_replaces_that_connection_only(postgres: Postgres, dri
         await orphan_fails(orphan)
         await three_at_once()
         assert pool(lc).created == made + 1
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("where", ["pool", "pool after a commit", "connect", "pool, failing"])
+async def test_a_task_still_waiting_for_a_connection_is_cancelled(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture, driver: str, where: str
+) -> None:
+    """A task the unit started is still getting the session its connection as the unit ends:
+    waiting for the pool (a pool of one, held elsewhere; the session declared with
+    ``connect=False``, or its connection given back by the endpoint's commit), or connecting.
+    Before, the rollback and the close each waited 5 s for it and failed with SQLAlchemy's
+    ``IllegalStateChangeError`` (10 s, a 500); the task then took the connection after the
+    unit's end, ran its query, and left the connection checked out, idle in transaction,
+    for good: every later unit of work timed out. Now it is cancelled within moments."""
+    lc = tether.Lifecycle()
+    engine = tsa.engine(
+        lc,
+        postgres.url(f"postgresql+{driver}"),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=20,
+        application_name=APP,
+    )
+    session = tsa.session(lc, engine, connect=where == "pool after a commit")
+    async with lc.run():
+        eng = lc.get(engine)
+        let_go = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def hold() -> None:  # the pool's one connection, elsewhere
+            async with eng.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                holding.set()
+                await let_go.wait()
+
+        def slow_connect(*args: Any) -> None:  # (in SQLAlchemy's greenlet)
+            await_only(asyncio.sleep(30))
+
+        holder = None
+        if where == "connect":
+            await eng.dispose()  # the next checkout connects
+            event.listen(eng.sync_engine, "do_connect", slow_connect)
+        elif where != "pool after a commit":
+            holder = asyncio.ensure_future(hold())
+            await holding.wait()
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            started = time.monotonic()
+            with pytest.raises((tether.ScopeError, LookupError)) as raised:
+                async with lc.scope() as s:
+                    ss = await s.get(session)
+                    if where == "pool after a commit":
+                        await ss.commit()  # its connection back to the pool
+                        holder = asyncio.ensure_future(hold())
+                        await holding.wait()
+                    orphan = asyncio.ensure_future(ss.execute(text("SELECT 42")))
+                    await asyncio.sleep(0.1)  # the task waits for its connection
+                    assert not orphan.done()
+                    if where == "pool, failing":
+                        raise LookupError("the endpoint's own")
+            took = time.monotonic() - started
+        assert took < 3, took  # (before: 10 s)
+        if where == "pool, failing":
+            assert raised.type is LookupError  # a failed unit keeps its own error
+        else:
+            assert raised.type is tether.ScopeError
+            assert str(raised.value).startswith(NOT_COMMITTED_WAITING)
+        assert WAITING in caplog.text, caplog.text
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(3):
+                await orphan
+        let_go.set()
+        if holder is not None:
+            await holder
+        await asyncio.sleep(0.2)  # (before: the task took the connection, ran its query)
+        assert not any("SELECT 42" in row["query"] for row in postgres.activity(APP))
+        assert pool(lc).in_use == 0  # (before: 1 for good)
+        assert pool(lc).discarded == 0  # no connection was taken: none to discard
+        if where == "connect":
+            event.remove(eng.sync_engine, "do_connect", slow_connect)
+        await select_one(lc, session)

@@ -75,6 +75,7 @@ try:
         create_async_engine,
     )
     from sqlalchemy.orm import Session
+    from sqlalchemy.orm.session import SessionTransactionState
     from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - import guard
@@ -1917,6 +1918,19 @@ def _still_in_use(name: str) -> str:
     )
 
 
+def _still_waiting(name: str) -> str:
+    """The error of a unit of work that succeeded while a task it started still waited for a
+    connection for its session (`_let_go`)."""
+    return (
+        f"Session {name!r} was still in use by another task when its unit of work ended (a "
+        f"task started with it and not awaited, or the other operation of an asyncio.gather "
+        f"that failed), so its transaction could not be committed: that task, still waiting "
+        f"for a connection for the session, was cancelled, and the unit of work rolled back. "
+        f"Await every task using the session before the unit of work ends, or give each task "
+        f"a session of its own (`async with lc.scope() as s: await s.get({name})` in the task)."
+    )
+
+
 def _used_concurrently(name: str) -> ScopeError:
     done = "The unit of work was rolled back."
     return used_concurrently("Session", name, "SQLAlchemy", done)
@@ -1943,15 +1957,21 @@ async def _when_free(op: Callable[[], Awaitable[Any]]) -> Any:
 _LET_GO = 0.5
 
 
+#: In `_held`'s answer: another task is getting the session's transaction a connection (it
+#: waits for the pool, or connects).
+_CONNECTING = object()
+_PROVISIONING = SessionTransactionState.PROVISIONING_CONNECTION
+
+
 def _held(s: AsyncSession) -> list[Any]:
     """The pool's connections (``PoolProxiedConnection``) of *s* that another task runs an
     operation on now: SQLAlchemy's adapted connection holds its execute lock (asyncpg,
-    aiosqlite), or psycopg's connection its own. A few attribute reads; none without a
-    connection."""
+    aiosqlite), or psycopg's connection its own; and `_CONNECTING` if another task is getting
+    the session a connection. A few attribute reads; none without a transaction."""
     tx = s.sync_session.get_transaction()
     if tx is None:
         return []
-    held: list[Any] = []
+    held: list[Any] = [_CONNECTING] if tx._state is _PROVISIONING else []
     for entry in getattr(tx, "_connections", _NO_CONNECTIONS).values():
         fairy = getattr(entry[0], "_dbapi_connection", None)
         if fairy is None:
@@ -1970,26 +1990,40 @@ def _held(s: AsyncSession) -> list[Any]:
 _NO_CONNECTIONS: dict[Any, Any] = {}
 
 
-async def _let_go(s: AsyncSession, name: str, eng: Any, info: _PoolInfo) -> bool:
-    """Whether the session is free for the commit, the rollback or the close: no other task
-    runs an operation on it (a task started with it and not awaited, or the other query of an
-    ``asyncio.gather`` that failed). One that ends within `_LET_GO` s is waited for. One
-    still running would hold the unit's end until ``close_timeout`` (psycopg waits for its
-    lock; a pool connection abandoned), or make it fail (asyncpg refuses): its connection is
-    hung up under it (`_hang_up`), so its operation fails with a connection error at once,
-    and is discarded (False: what the unit did is lost with it); on PostgreSQL its backend,
-    still running the query, is ended (`_end_backends`). A few attribute reads when nothing
-    holds it."""
+_LetGo = Literal["free", "discarded", "cancelled"]
+
+
+async def _let_go(s: AsyncSession, name: str, eng: Any, info: _PoolInfo) -> _LetGo:
+    """Whether the session is free for the commit, the rollback or the close ("free"): no
+    other task runs an operation on it (a task started with it and not awaited, or the other
+    query of an ``asyncio.gather`` that failed). One that ends within `_LET_GO` s is waited
+    for. One still running would hold the unit's end until ``close_timeout`` (psycopg waits
+    for its lock; a pool connection abandoned), or make it fail (asyncpg refuses): its
+    connection is hung up under it (`_hang_up`), so its operation fails with a connection
+    error at once, and is discarded ("discarded": what the unit did is lost with it); on
+    PostgreSQL its backend, still running the query, is ended (`_end_backends`). A task
+    still waiting for a connection for the session (the pool's wait, or a connect) would
+    make the rollback and the close fail, then take the connection after the unit's end and
+    keep it checked out for good: it is cancelled (`_cancel_connecting`; "cancelled": the
+    session is left to roll back). A few attribute reads when nothing holds it."""
     if not _held(s):
-        return True
+        return "free"
     deadline = time.monotonic() + _LET_GO
     while True:
         await asyncio.sleep(0.005)
         held = _held(s)
         if not held:
-            return True
+            return "free"
         if time.monotonic() > deadline:
             break
+    if held[0] is _CONNECTING:
+        held = held[1:]
+        _cancel_connecting(s.sync_session, name)
+    if not held:  # no connection taken: nothing to hang up or discard
+        deadline = time.monotonic() + _LET_GO
+        while _held(s) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # the task wakes, is cancelled, and lets go
+        return "cancelled"
     log.warning(
         "tether: session %r: its connection is still in use at the end of its unit of work, "
         "by a task still using the session after its unit of work ended (a task started with "
@@ -2022,6 +2056,52 @@ async def _let_go(s: AsyncSession, name: str, eng: Any, info: _PoolInfo) -> bool
         log.warning("tether: invalidating session %r failed: %s", name, describe(exc))
     if pids and eng.dialect.name == "postgresql" and not info.pgbouncer:
         await _end_backends(eng, pids, name)
+    return "discarded"
+
+
+def _cancel_connecting(sync: Session, name: str) -> None:
+    """Cancel the tasks (not this one) getting *sync* a connection: SQLAlchemy's greenlet of
+    the task is inside the session's ``_connection_for_bind`` (the pool's wait, or a
+    connect). Found by walking each task's awaits (only when the unit of work ends with one)."""
+    log.warning(
+        "tether: session %r: a task still using the session after its unit of work ended (a "
+        "task started with it and not awaited, or the other operation of an `asyncio.gather` "
+        "that failed) is still waiting for a connection for it (the pool's wait, or a "
+        "connect); that task is cancelled, so that it never takes a connection outside the "
+        "unit of work, and the unit of work rolled back. Await every task using the session "
+        "before the unit of work ends, or give each task a session of its own (`async with "
+        "lc.scope() as s: await s.get(%s)` in the task).",
+        name,
+        name,
+    )
+    me = asyncio.current_task()
+    found = False
+    for task in asyncio.all_tasks():
+        if task is not me and not task.done() and _connecting_for(task, sync):
+            task.cancel(f"tether: session {name!r}: its unit of work ended")
+            found = True
+    if not found:  # pragma: no cover - a greenlet not run by a task's greenlet_spawn
+        log.warning("tether: session %r: the task waiting for a connection was not found", name)
+
+
+def _connecting_for(task: asyncio.Task[Any], sync: Session) -> bool:
+    """Whether *task* awaits SQLAlchemy's ``greenlet_spawn`` whose greenlet is inside
+    *sync*'s ``_connection_for_bind``."""
+    awaited: Any = task.get_coro()
+    for _ in range(200):  # (a bound: the chain of awaits is short)
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "greenlet_spawn":
+            inner = getattr(frame.f_locals.get("context"), "gr_frame", None)
+            while inner is not None:
+                if inner.f_code.co_name == "_connection_for_bind":
+                    owner = inner.f_locals.get("self")
+                    if owner is sync or getattr(owner, "session", None) is sync:
+                        return True
+                inner = inner.f_back
+            return False
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     return False
 
 
@@ -2086,7 +2166,7 @@ async def _rollback(s: AsyncSession, name: str, own: AsyncEngine | None, info: _
     """Roll back; if that fails (a connection lost or mid-query), invalidate it instead. A
     connection still in use by another task is hung up under it first (`_let_go`), if the
     session's connection is its own, of engine *own* (None: `rolled_back`'s block's)."""
-    if own is not None and not await _let_go(s, name, own, info):
+    if own is not None and await _let_go(s, name, own, info) == "discarded":
         return  # discarded, its transaction with it
     try:
         await _when_free(s.rollback)
@@ -2401,10 +2481,16 @@ def session(
                 raise
             raise answer from exc
         else:
-            if own_engine is not None and not await _let_go(s, name, own_engine, info):
+            went = "free" if own_engine is None else await _let_go(s, name, own_engine, info)
+            if went == "discarded":
                 # A task the endpoint started still ran an operation on the session: hung
                 # up under it, the transaction lost with the connection.
                 raise ScopeError(_still_in_use(name))
+            if went == "cancelled":
+                # A task the endpoint started still waited for a connection for the
+                # session: cancelled, what the session did rolled back.
+                await _rollback(s, name, None, info)
+                raise ScopeError(_still_waiting(name))
             try:
                 await s.commit()
             except sa_exc.InvalidRequestError as exc:

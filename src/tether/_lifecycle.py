@@ -948,7 +948,10 @@ class Lifecycle:
         # tether's own thread limiters (never anyio's default one, which endpoints use),
         # made in the running event loop: by `run()`, or by the first `scope()` without it.
         self._open_limiter = anyio.CapacityLimiter(self.sync_threads)
-        self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4))
+        # As many cleanups in threads at once as a resource may have values open (its
+        # `concurrency`): a burst of slow commits does not queue behind each other.
+        most = max((r.concurrency or 0 for r in self._resources.values()), default=0)
+        self._close_limiter = anyio.CapacityLimiter(max(self.sync_threads, 4, most))
         # Runs an open whose caller already holds a token of one of the limiters above.
         self._thread_runner = anyio.CapacityLimiter(math.inf)
         # A limiter per resource, `sync_threads` tokens without `concurrency=`: opens of one

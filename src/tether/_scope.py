@@ -1014,15 +1014,19 @@ async def close_entry(
             if res.thread:
                 # Shielded like any cleanup (an anyio shield alone does not stop a native
                 # `task.cancel()`, which cancels the future of the thread); abandoned
-                # only past close_timeout, since a thread cannot be interrupted.
+                # only past close_timeout, since a thread cannot be interrupted. The wait
+                # for a thread of the close limiter is not the cleanup's time: a cleanup
+                # abandoned before its thread started would never run (its connection
+                # checked out, idle in transaction, for good).
                 with anyio.CancelScope(shield=True):
-                    await _drive(
-                        lc,
-                        res,
-                        anyio.to_thread.run_sync(
-                            closer, limiter=lc._close_limiter, abandon_on_cancel=True
-                        ),
-                    )
+                    async with lc._close_limiter:
+                        await _drive(
+                            lc,
+                            res,
+                            anyio.to_thread.run_sync(
+                                closer, limiter=lc._thread_runner, abandon_on_cancel=True
+                            ),
+                        )
             else:
                 closer()
     except BaseException as failure:

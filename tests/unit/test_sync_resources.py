@@ -418,3 +418,66 @@ async def test_a_plain_def_given_a_timeout_runs_in_a_thread_bounded_by_it() -> N
         tg.cancel_scope.cancel()
     assert time.monotonic() - started < 1.5
     assert ticks >= 3  # the loop ran while the function blocked its thread
+
+
+class TestCleanupBurst:
+    """A burst of sync cleanups, more than the close limiter's threads (review sync, defect
+    2): the wait for a thread counted toward ``close_timeout``, and a cleanup abandoned while
+    it still waited for one never ran (with a sync session: a connection checked out, idle in
+    transaction, for good; its request answered 500 while others' abandoned commits went on)."""
+
+    async def test_every_cleanup_runs_however_long_it_waits_for_a_thread(self) -> None:
+        lc = tether.Lifecycle(close_timeout=1.0, sync_threads=2)  # 4 threads for cleanups
+        closed: list[int] = []
+
+        @lc.resource
+        def session() -> Iterator[str]:
+            yield "session"
+            time.sleep(0.6)  # a slow commit, well within close_timeout
+            closed.append(1)
+
+        failures: list[BaseException] = []
+
+        async def unit() -> None:
+            try:
+                async with lc.scope() as s:
+                    await s.get(session)
+            except Exception as exc:
+                failures.append(exc)
+
+        async with lc.run():
+            async with anyio.create_task_group() as tg:
+                for _ in range(12):  # three rounds of 4: the third waited 1.2 s for a thread
+                    tg.start_soon(unit)
+            stats = lc.stats()["session"]
+        assert failures == []  # was 4+ TimeoutErrors: "took longer than close_timeout=1 s"
+        assert len(closed) == 12  # was 8 or fewer: the cleanups that never started
+        assert (stats.closed, stats.in_use, stats.timeouts) == (12, 0, 0)
+
+    async def test_as_many_cleanups_run_at_once_as_values_may_be_open(self) -> None:
+        """A resource whose ``concurrency`` is above the close limiter's threads gets as
+        many: its burst of cleanups runs at once, not in rounds."""
+        lc = tether.Lifecycle(sync_threads=2)
+        lock = threading.Lock()
+        running = [0, 0]  # now, most at once
+        all_in = threading.Barrier(8, timeout=5)
+
+        @lc.resource(concurrency=8)
+        def session() -> Iterator[str]:
+            yield "session"
+            with lock:
+                running[0] += 1
+                running[1] = max(running)
+            all_in.wait()  # broken (an error) unless all 8 run at once
+            with lock:
+                running[0] -= 1
+
+        async def unit() -> None:
+            async with lc.scope() as s:
+                await s.get(session)
+
+        async with lc.run():
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(unit)
+        assert running == [0, 8]  # was at most 4 at once (max(sync_threads, 4))

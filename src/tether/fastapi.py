@@ -1647,6 +1647,64 @@ def _runs_a_thread(fut: Any) -> bool:
     return False
 
 
+_worker_run: Any = None  # the code of anyio's worker threads' loop (`_in_its_thread`)
+
+
+def _in_its_thread(unit: Unit) -> bool:
+    """Whether one of anyio's worker threads runs code of *unit* now: a ``def`` endpoint or
+    dependency (FastAPI's ``run_in_threadpool``), in the unit's context (the thread runs in
+    a copy of it). Read from the threads' frames: on the failure path only."""
+    global _worker_run
+    if _worker_run is None:
+        from anyio._backends._asyncio import WorkerThread
+
+        _worker_run = WorkerThread.run.__code__
+    for top in sys._current_frames().values():
+        frame: Any = top
+        while frame is not None:
+            if frame.f_code is _worker_run:
+                context = frame.f_locals.get("context")
+                if isinstance(context, contextvars.Context):
+                    ref = context.get(_CURRENT)
+                    if ref is not None and ref() is unit:
+                        return True
+                break
+            frame = frame.f_back
+    return False
+
+
+async def _after_its_threads(unit: Unit, exc: BaseException) -> None:
+    """A unit cancelled from outside tether (an ``asyncio.timeout`` or ``wait_for`` around
+    the app, uvicorn's ``--timeout-graceful-shutdown``, the drain's cancel) while its code
+    runs in a worker thread, which no cancel stops: its values close once that thread
+    returns, not under it (a connection back in its pool, then another request's, while
+    the thread still wrote on it). The wait cannot be cut short: while the app drains, it
+    lasts at most ``close_timeout``. A client that went away was waited for already
+    (`HttpUnit._cancel`)."""
+    if not isinstance(exc, asyncio.CancelledError) or not _in_its_thread(unit):
+        return
+    log.info(
+        "tether: %s was cancelled while it ran in a worker thread, which no cancel stops: "
+        "its values close when that returns",
+        unit.label,
+    )
+    lc = unit.lc
+    deadline = time.monotonic() + lc.close_timeout
+    while _in_its_thread(unit):
+        if lc.state is not State.RUNNING and time.monotonic() > deadline:
+            log.warning(
+                "tether: %s: its worker thread still runs after close_timeout=%g s while the "
+                "app stops; its values close under it",
+                unit.label,
+                lc.close_timeout,
+            )
+            return
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            continue  # cancelled again: the values still wait for the thread
+
+
 class _KeepingUnit(HttpUnit):
     """The unit of work of a route marked ``@release("response")``: nothing is released
     when the response starts; every value closes with the response."""
@@ -1909,6 +1967,7 @@ class _TetherRoute:
             finally:
                 _CURRENT.reset(token)  # the cleanups run without it, as on HTTP routes
         except BaseException as exc:
+            await _after_its_threads(unit, exc)
             await unit.aclose(exc)
             if _drain_cancelled(lc, unit, exc):
                 await _close_for_restart(unit.label, scope, send, stage)
@@ -1940,6 +1999,7 @@ async def _run(
             await app(scope, receive, unit.send)
         except BaseException as exc:
             unit.leave_context()
+            await _after_its_threads(unit, exc)
             await _route_failed(unit, exc, scope)
         else:
             unit.leave_context()
@@ -2219,6 +2279,7 @@ def _handler(
                 response = await handler(request)
             except BaseException as exc:
                 _CURRENT.reset(token)
+                await _after_its_threads(unit, exc)
                 if defer and not again:
                     late = _defer_failure(unit, exc)
                 return await _handler_failed(unit, exc, again, deferred=late)

@@ -291,3 +291,52 @@ async def test_a_def_endpoint_on_a_route_served_through_handle_rolls_back_too() 
     async with lc.lifespan(app):
         await call(app, "/long", leave_after=0.3)
     assert events == ["endpoint ended", "rollback (ClientDisconnected)"]
+
+
+def timed_out_after(app: Any, seconds: float) -> Any:
+    """The usual request-timeout middleware: ``asyncio.wait_for`` around the app, 504."""
+
+    async def timed(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.wait_for(app(scope, receive, send), seconds)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    return timed
+
+
+@pytest.mark.parametrize("make", [psycopg_app, sqlalchemy_app], ids=["psycopg_pool", "tsa"])
+async def test_a_def_endpoint_cancelled_by_a_timeout_runs_to_its_end_and_rolls_back(
+    postgres: Postgres, table: None, make: Any
+) -> None:
+    """The same for a cancel from outside tether: a timeout middleware's (review sync,
+    defect 1; uvicorn's ``--timeout-graceful-shutdown`` cancels the same way). The values
+    closed at the cancel, under the running thread: the next request got its connection and
+    committed the timed-out request's rows (124 of them in the review's run)."""
+    name = f"timed-{uuid.uuid4().hex[:10]}"
+    app, lc, (resource, insert) = make(postgres, name)
+    Value = Annotated[Any, Depends(resource)]
+    ended: list[str] = []
+
+    @app.post("/long")
+    def long(v: Value) -> dict[str, str]:
+        for i in range(ROWS):
+            insert(v, i, "timed out")
+            time.sleep(0.005)
+        ended.append("returned")
+        return {"status": "done"}
+
+    @app.post("/one")
+    def one(v: Value) -> dict[str, str]:
+        insert(v, -1, "next")
+        return {"status": "done"}
+
+    timed = timed_out_after(app, 0.3)
+    async with lc.lifespan(app):
+        assert await call(timed, "/long", leave_after=None) == [504]
+        assert ended == ["returned"]  # the values closed once the thread returned
+        for _ in range(3):
+            assert await call(app, "/one", leave_after=None) == [200]
+    assert postgres.sql("SELECT who, count(*) FROM gone_rows GROUP BY who") == [("next", 3)]
+    assert postgres.activity_after_close(name) == []

@@ -1,0 +1,120 @@
+"""A unit cancelled from outside tether while its ``def`` endpoint runs in a worker thread
+(review sync, defect 1; review shutdown, defect 2): an ``asyncio.wait_for`` or
+``asyncio.timeout`` middleware (the usual request timeout), uvicorn's
+``--timeout-graceful-shutdown``. The cancel closed the unit's values at once, under the
+thread still running the endpoint: its connection went back to the pool, and another request
+got it and committed what the cancelled one wrote after. They now close once the thread
+returns, with the cancel as their failure (rolled back), as they do for a client that left."""
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI
+
+import tether
+from tests.inprocess import client_of
+
+pytestmark = pytest.mark.anyio
+
+
+def timeout_middleware(app: Any, seconds: float) -> Any:
+    """The common request-timeout middleware: ``asyncio.wait_for`` around the app, 504."""
+
+    async def timed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(app(scope, receive, send), seconds)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b"timed out"})
+
+    return timed
+
+
+@pytest.mark.parametrize("endpoint", ["def endpoint", "def dependency"])
+async def test_a_timeout_waits_for_the_thread_before_the_values_close(endpoint: str) -> None:
+    lc = tether.Lifecycle()
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def note(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException as exc:
+            note(f"rolled back ({type(exc).__name__})")
+            raise
+        note("committed")
+
+    Conn = Annotated[str, Depends(conn)]
+    app = FastAPI(lifespan=lc.lifespan)
+
+    def slow_write(c: str) -> str:
+        time.sleep(0.6)  # a slow statement, past the middleware's 0.2 s
+        note("thread wrote")
+        return c
+
+    if endpoint == "def endpoint":
+
+        @app.get("/write")
+        def write(c: Conn) -> str:
+            return slow_write(c)
+
+    else:
+
+        def writing(c: Conn) -> str:
+            return slow_write(c)
+
+        @app.get("/write")
+        async def write_async(c: Annotated[str, Depends(writing)]) -> str:
+            return c
+
+    async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
+        started = time.monotonic()
+        r = await client.get("/write")
+        took = time.monotonic() - started
+        stats = lc.stats()["conn"]
+    assert r.status_code == 504
+    # Closed once the thread returned: "rolled back" came first, under the thread.
+    assert events == ["thread wrote", "rolled back (CancelledError)"]
+    assert took > 0.5  # the answer waits for the thread (a bound: the thread's 0.6 s)
+    assert (stats.opened, stats.closed, stats.in_use) == (1, 1, 0)
+
+
+async def test_an_async_endpoint_is_cancelled_at_once() -> None:
+    """No thread: the values close at the cancel, as before."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException as exc:
+            events.append(f"rolled back ({type(exc).__name__})")
+            raise
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/write")
+    async def write(c: Annotated[str, Depends(conn)]) -> str:
+        await asyncio.sleep(5)
+        return c  # pragma: no cover
+
+    async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
+        started = time.monotonic()
+        r = await client.get("/write")
+        took = time.monotonic() - started
+    assert r.status_code == 504
+    assert events == ["rolled back (CancelledError)"]
+    assert took < 3  # not the endpoint's 5 s

@@ -1019,7 +1019,8 @@ async def close_entry(
                 # abandoned before its thread started would never run (its connection
                 # checked out, idle in transaction, for good).
                 with anyio.CancelScope(shield=True):
-                    async with lc._close_limiter:
+                    await _close_thread(lc, res)
+                    try:
                         await _drive(
                             lc,
                             res,
@@ -1027,6 +1028,8 @@ async def close_entry(
                                 closer, limiter=lc._thread_runner, abandon_on_cancel=True
                             ),
                         )
+                    finally:
+                        lc._close_limiter.release()
             else:
                 closer()
     except BaseException as failure:
@@ -1036,6 +1039,21 @@ async def close_entry(
         raise
     finally:
         _count_closed(entry)
+
+
+async def _close_thread(lc: Lifecycle, res: Resource[Any]) -> None:
+    """Take a thread of the close limiter for a sync cleanup: at once when one is free (no
+    suspension), else waiting for one as long as it takes, shielded from cancellation
+    (native too: `_drive`), and not counted toward ``close_timeout``."""
+    limiter = lc._close_limiter
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        if asyncio._get_running_loop() is None:  # trio: an anyio shield is enough
+            with anyio.CancelScope(shield=True):
+                await limiter.acquire()
+        else:
+            await _drive(lc, res, limiter.acquire(), bounded=False)
 
 
 def _close_sync(res: Resource[Any], handle: Any, exc: BaseException | None) -> None:

@@ -230,12 +230,12 @@ def test_the_strictest_policy_of_the_pools_counted_applies(first: str) -> None:
 
 
 async def test_a_psycopg_pool_that_fails_to_build_leaves_no_share(postgres: Postgres) -> None:
-    """An option psycopg_pool does not take fails the start; the pool's share, noted when its
-    budget was read, goes with it (before: it stayed, counted by every later check of the
+    """A pool psycopg_pool refuses to build (``num_workers=0``) fails the start; the pool's
+    share, noted when its budget was read, goes with it (before: it stayed, counted by every later check of the
     Lifecycle)."""
     lc = tether.Lifecycle()
-    tpsy.pool(lc, postgres.dsn, min_size=1, max_size=10, workers=1, bogus_option=1)
-    with pytest.raises(tether.StartupError, match="bogus_option"):
+    tpsy.pool(lc, postgres.dsn, min_size=1, max_size=10, workers=1, num_workers=0)
+    with pytest.raises(tether.StartupError, match="num_workers"):
         async with lc.run():
             pass  # pragma: no cover - it does not start
     assert not _common._shares.get(lc)

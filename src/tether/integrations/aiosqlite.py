@@ -61,6 +61,9 @@ a ``sqlite+aiosqlite:///path.db`` URL instead.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import functools
+import inspect
 import logging
 import os
 import re
@@ -916,6 +919,49 @@ async def _rollback(conn: _Connection, name: str) -> None:
         log.warning("tether: rolling back connection %r failed: %s", name, describe(exc))
 
 
+#: sqlite3's transaction settings, which tether's connection does not take (it runs each
+#: unit of work in a transaction begun as begin= says).
+_SQLITE3_TRANSACTIONS = ("isolation_level", "autocommit")
+
+
+@functools.cache
+def _database_options() -> tuple[frozenset[str], frozenset[str]]:
+    """The keyword arguments connection() passes to database(), and those with
+    connection()'s own (for a suggestion)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+    def keywords(func: Callable[..., Any]) -> frozenset[str]:
+        params = inspect.signature(func).parameters.values()
+        return frozenset(p.name for p in params if p.kind in kinds)
+
+    taken = keywords(database) - {"lc", "path", "name"}
+    return taken, taken | (keywords(connection) - {"lc", "database"})
+
+
+def _check_database_options(options: dict[str, Any], where: str) -> None:
+    """Refuse a keyword argument neither connection() nor database() takes
+    (``isolaton_level=``), naming the fix, instead of Python's bare "unexpected keyword
+    argument"."""
+    accepted, known = _database_options()
+    for key in options:
+        if key in accepted:
+            continue
+        close = difflib.get_close_matches(key, sorted(known | set(_SQLITE3_TRANSACTIONS)), n=1)
+        if close and close[0] in _SQLITE3_TRANSACTIONS:
+            fix = (
+                f"tether begins and ends the transaction of each unit of work itself "
+                f"(sqlite3's {close[0]} is not taken): choose how it begins with "
+                f"begin='deferred', 'immediate' or 'exclusive', or remove it."
+            )
+        else:
+            fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+        msg = (
+            f"{where}: {key}= is not an option of connection() nor of database(), which "
+            f"connection() passes its other keyword arguments to. {fix}"
+        )
+        raise TypeError(msg)
+
+
 def connection(
     lc: Lifecycle,
     database: Resource[Database] | PathLike | Callable[[], PathLike],
@@ -969,6 +1015,7 @@ def connection(
             raise TypeError(msg)
         db_res = database
     else:
+        _check_database_options(database_options, f"connection({name!r})")
         db_res = _database(lc, database, name=f"{name}_database", **database_options)
 
     writes = begin != "deferred"  # it takes the write lock as it opens: a writer's turn

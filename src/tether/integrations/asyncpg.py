@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import difflib
 import functools
 import inspect
 import logging
@@ -301,6 +302,46 @@ def _create_pool_defaults() -> dict[str, Any]:
     }
 
 
+def _keywords(func: Callable[..., Any]) -> frozenset[str]:
+    """The parameters of *func* a keyword argument can fill."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(func).parameters.values()
+    return frozenset(p.name for p in params if p.kind in kinds)
+
+
+@functools.cache
+def _pool_options() -> tuple[frozenset[str], frozenset[str]] | None:
+    """The keyword arguments this asyncpg's ``create_pool`` takes, with those of ``connect``
+    (create_pool passes its other keyword arguments to each connect), and those with
+    pool()'s own (for a suggestion); ``None`` if a signature cannot be read."""
+    try:
+        taken = (_keywords(asyncpg.create_pool) | _keywords(asyncpg.connect)) - {"dsn"}
+    except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
+        return None
+    return taken, taken | (_keywords(pool) - {"lc", "dsn"})
+
+
+def _check_options(kw: Mapping[str, Any], where: str) -> None:
+    """Refuse a keyword argument neither pool() nor this asyncpg's ``create_pool`` and
+    ``connect`` take (``comand_timeout=5``) at the declaration: asyncpg would refuse it only
+    when the app starts. Not with ``connect=``: that function may take other ones."""
+    options = _pool_options()
+    if options is None or kw.get("connect") is not None:
+        return
+    accepted, known = options
+    for key in kw:
+        if key in accepted:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+        msg = (
+            f"{where}: {key}= is not an option of pool() nor of asyncpg.create_pool() or "
+            f"asyncpg.connect() (asyncpg {asyncpg.__version__}), which pool() passes its "
+            f"other keyword arguments to. {fix}"
+        )
+        raise TypeError(msg)
+
+
 async def _no_reset(conn: Any) -> None:
     """PgBouncer transaction mode: no session state to reset (asyncpg still rolls back)."""
 
@@ -485,6 +526,7 @@ def pool(
         of="pool",
         example='lambda pool: pool.fetchval("SELECT 1")',
     )
+    _check_options(kw, where)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         asyncio_only(where, "asyncpg")

@@ -29,8 +29,8 @@
 * Its requests, straight or through a proxy (``proxy=``, or ``HTTP_PROXY``,
   ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` when ``trust_env`` and no
   ``transport=``), go through httpx's own transport with the client's ``limits``,
-  ``verify``, ``cert`` and ``http2`` (or through ``transport=``, or a transport given in
-  ``mounts=``).
+  ``verify``, ``cert``, ``http1`` and ``http2`` (or through ``transport=``, or a transport
+  given in ``mounts=``).
 * A server (or proxy) that cannot be reached (``ConnectError``, ``ConnectTimeout``), or no
   connection free in the pool within the pool timeout (``PoolTimeout``, counted in the
   resource's ``timeouts``), on any of those routes, raises an error
@@ -449,6 +449,7 @@ def client(
         # httpx still makes proxy='s transport itself, from these settings: so does tether.)
         settings: dict[str, Any] = {
             "limits": limits,
+            "http1": options.get("http1", True),
             "http2": http2,
             "verify": options.pop("verify", True),
             "cert": options.pop("cert", None),

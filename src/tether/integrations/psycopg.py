@@ -48,7 +48,9 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
+import inspect
 import logging
 import math
 import random
@@ -63,6 +65,7 @@ import anyio
 
 try:
     import psycopg
+    import psycopg_pool
     from psycopg.pq import TransactionStatus
     from psycopg.rows import tuple_row
     from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -80,6 +83,7 @@ from .._errors import (
     check_bool,
     check_number,
     describe,
+    for_good,
     refused_for_good,
 )
 from .._resource import Resource
@@ -272,6 +276,131 @@ async def _first_row(probe: psycopg.AsyncConnection[Any], query: str) -> Any:
         return await cur.fetchone()
 
 
+def _keywords(func: Callable[..., Any]) -> frozenset[str]:
+    """The parameters of *func* a keyword argument can fill."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(func).parameters.values()
+    return frozenset(p.name for p in params if p.kind in kinds)
+
+
+@functools.cache
+def _pool_options() -> tuple[frozenset[str], frozenset[str]] | None:
+    """The keyword arguments this psycopg_pool's ``AsyncConnectionPool`` takes besides those
+    pool() sets itself, and those with pool()'s own (for a suggestion); ``None`` if its
+    signature cannot be read."""
+    try:
+        taken = _keywords(AsyncConnectionPool.__init__)
+    except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
+        return None
+    own = _keywords(pool) - {"lc"}
+    return taken - own - {"self", "open"}, (taken | own) - {"self", "open"}
+
+
+def _check_pool_options(pool_kw: Mapping[str, Any], where: str) -> None:
+    """Refuse a keyword argument neither pool() nor this psycopg_pool's
+    ``AsyncConnectionPool`` takes (``max_idel=5``) at the declaration: psycopg_pool would
+    refuse it only when the app starts, after a connection to the database (so, the database
+    down, as a database that cannot be reached)."""
+    options = _pool_options()
+    if options is None:
+        return  # pragma: no cover - a signature inspect cannot read
+    accepted, known = options
+    for key in pool_kw:
+        if key in accepted:
+            continue
+        if key == "open":
+            msg = (
+                f"{where}: open= is pool()'s to set: it opens the pool when the app starts "
+                f"and closes it at shutdown. Remove it."
+            )
+            raise TypeError(msg)
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+        msg = (
+            f"{where}: {key}= is not an option of pool() nor of "
+            f"psycopg_pool.AsyncConnectionPool (psycopg_pool {psycopg_pool.__version__}), "
+            f"which pool() passes its other keyword arguments to. {fix}"
+        )
+        raise TypeError(msg)
+
+
+@functools.cache
+def _libpq_options() -> frozenset[str]:
+    """The connection options this libpq takes (``dbname``, ``application_name``, ...)."""
+    return frozenset(option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults())
+
+
+@functools.cache
+def _connect_options(connection_class: type[Any]) -> frozenset[str] | None:
+    """The connection arguments *connection_class* takes: its ``connect()``'s own
+    (``autocommit``, ``row_factory``, ...) and libpq's options; ``None`` if they cannot be
+    read."""
+    try:
+        return (_keywords(connection_class.connect) - {"conninfo"}) | _libpq_options()
+    except Exception:  # pragma: no cover - a signature or a libpq that cannot be read
+        return None
+
+
+#: Connection arguments of other drivers, and what libpq calls them.
+_LIBPQ_NAMES = {"database": "dbname", "db": "dbname", "username": "user"}
+
+
+def _fix(key: str, accepted: frozenset[str]) -> str:
+    """The fix for a connection argument *key* not in *accepted*: its libpq name, or the
+    closest one."""
+    close = [_LIBPQ_NAMES[key]] if key in _LIBPQ_NAMES else []
+    close = close or difflib.get_close_matches(key, sorted(accepted), n=1)
+    return f"Did you mean {close[0]!r}? Fix or remove it." if close else "Remove it."
+
+
+def _libpq() -> str:
+    number = psycopg.pq.version()
+    return f"libpq {number // 10000}.{number % 10000}"
+
+
+def _check_connect_options(
+    kwargs: Mapping[str, Any] | None, pool_kw: Mapping[str, Any], where: str
+) -> None:
+    """Refuse a connection argument of *kwargs* neither psycopg's ``connect()`` nor libpq
+    takes (``{'autocomit': True}``) at the declaration: libpq would refuse it only when the
+    app starts."""
+    if not kwargs:
+        return
+    connection_class = pool_kw.get("connection_class", psycopg.AsyncConnection)
+    accepted = _connect_options(connection_class) if isinstance(connection_class, type) else None
+    if accepted is None:
+        return  # pragma: no cover - a signature or a libpq that cannot be read
+    for key in kwargs:
+        if key in accepted:
+            continue
+        fix = _fix(str(key), accepted)
+        of = (
+            "psycopg.AsyncConnection"
+            if connection_class is psycopg.AsyncConnection
+            else connection_class.__qualname__
+        )
+        msg = (
+            f"{where}: kwargs has {key!r}, which is not a connection option of libpq "
+            f"({_libpq()}) nor of {of}.connect() (psycopg {psycopg.__version__}). {fix}"
+        )
+        raise TypeError(msg)
+
+
+def _invalid_option(exc: BaseException, where: str) -> BaseException | None:
+    """libpq's refusal of an option it does not know (in the conninfo, or its URL's query), made
+    a configuration mistake (no retry, no 503) naming the fix; ``None`` for another error."""
+    if not isinstance(exc, psycopg.ProgrammingError):
+        return None
+    said = str(exc).strip()
+    if not said.startswith(("invalid connection option", "invalid URI query parameter")):
+        return None
+    found = said.split('"')
+    key = found[1] if len(found) > 2 else ""
+    fix = _fix(key, _libpq_options())
+    msg = f"{where}: {_libpq()} refused the conninfo: {said}. {fix}"
+    return for_good(psycopg.ProgrammingError(redact(msg)))
+
+
 def pool(
     lc: Lifecycle,
     conninfo: Dsn,
@@ -352,6 +481,8 @@ def pool(
             f"check=: pre_ping=True (the default) passes that check to psycopg_pool."
         )
         raise TypeError(msg)
+    _check_pool_options(pool_kw, where)
+    _check_connect_options(kwargs, pool_kw, where)
 
     async def open_pool() -> AsyncIterator[Pool]:
         asyncio_only(where, "psycopg's async pool")
@@ -373,6 +504,11 @@ def pool(
         # max_connections for the budget before the pool opens any.
         try:
             probe = await _connect(target, **{**connect_kwargs, "autocommit": True})
+        except psycopg.ProgrammingError as exc:
+            invalid = _invalid_option(exc, where)
+            if invalid is None:
+                raise
+            raise invalid from exc
         except (psycopg.OperationalError, OSError) as exc:
             if refused_for_good(exc) is not None:
                 raise  # wrong password, unknown database: not a matter of retrying

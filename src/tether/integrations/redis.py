@@ -44,6 +44,9 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 try:
+    import redis
     import redis.asyncio as aioredis
     import redis.exceptions as redis_errors
     from redis.asyncio.retry import Retry
@@ -689,6 +693,70 @@ class _BlockingPool(_PoolMixin, aioredis.BlockingConnectionPool):
     pass
 
 
+def _keywords(func: Any) -> frozenset[str]:
+    """The parameters of *func* a keyword argument can fill."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(func).parameters.values()
+    return frozenset(p.name for p in params if p.kind in kinds) - {"self"}
+
+
+@functools.cache
+def _pool_options(blocking: bool) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The keyword arguments this redis-py's pool (a ``BlockingConnectionPool`` if
+    *blocking*) and its connections (TCP, TLS, Unix socket: the URL picks one) take besides
+    those client() sets itself, and those with client()'s own (for a suggestion); ``None``
+    if a signature cannot be read."""
+    base = getattr(aioredis.connection, "AbstractConnection", None)
+    classes = (
+        aioredis.Connection, aioredis.SSLConnection, aioredis.UnixDomainSocketConnection
+    )  # fmt: skip
+    try:
+        taken = set(_keywords(aioredis.ConnectionPool.__init__))
+        if blocking:
+            taken |= _keywords(aioredis.BlockingConnectionPool.__init__)
+        for cls in classes:
+            for part in cls.__mro__:
+                if "__init__" in vars(part) and (base is None or issubclass(part, base)):
+                    taken |= _keywords(vars(part)["__init__"])
+        own = _keywords(client) - {"lc", "url"}
+    except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
+        return None
+    taken -= {"timeout", "max_connections"}  # client()'s: pool_timeout=, max_connections=
+    return frozenset(taken - own), frozenset(taken | own)
+
+
+def _check_options(kw: dict[str, Any], blocking: bool, where: str) -> None:
+    """Refuse a keyword argument neither client() nor this redis-py's pool and connections
+    take (``decode_respones=True``) at the declaration: redis-py would refuse it only when
+    the app starts. Not with ``connection_class=`` or ``connection_pool=``, whose classes
+    may take other ones."""
+    if "connection_class" in kw or "connection_pool" in kw:
+        return
+    options = _pool_options(blocking)
+    if options is None:
+        return  # pragma: no cover - a signature inspect cannot read
+    accepted, known = options
+    for key in kw:
+        if key in accepted:
+            continue
+        in_blocking = _pool_options(True) or (accepted, known)
+        if key in in_blocking[0]:  # queue_class=: BlockingConnectionPool's
+            msg = (
+                f"{where}: {key}= is an option of redis-py's BlockingConnectionPool, which "
+                f"client() makes only given max_connections=. Give max_connections= (the "
+                f"pool's size), or remove it."
+            )
+            raise TypeError(msg)
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+        msg = (
+            f"{where}: {key}= is not an option of client() nor of redis-py's connection pool "
+            f"or its connections (redis {redis.__version__}), which client() passes its "
+            f"other keyword arguments to. {fix}"
+        )
+        raise TypeError(msg)
+
+
 def client(
     lc: Lifecycle,
     url: Dsn,
@@ -736,6 +804,7 @@ def client(
     check_number(socket_connect_timeout, "socket_connect_timeout", where, above=True, none=True)
     check_number(max_connections, "max_connections", where, integer=True, least=1, none=True)
     check_number(pool_timeout, "pool_timeout", where, above=True)
+    _check_options(kw, max_connections is not None, where)
     for option in ("decode_responses", "retry_on_timeout"):  # redis-py's on/off options
         if option in kw:
             check_bool(kw[option], option, where)

@@ -56,12 +56,13 @@ from ._scope import (
     Entry,
     OpenStop,
     Unit,
-    await_stack,
+    bounded,
     capture_stack,
     close_entry,
     code_of,
     open_value,
     outside,
+    task_stack,
     thread_frames,
     thread_stack,
     user_frames,
@@ -366,6 +367,12 @@ class Lifecycle:
         self._stopping = False  # SIGTERM came, drain_delay runs: readiness fails
         self.close_timeout = close_timeout
         self.drain_timeout = drain_timeout
+        # The lowest leak threshold of any unit of work (inf: none): a value that closes
+        # held longer is checked against its unit's (`_leak_at_close`), one comparison.
+        self._leak_floor = math.inf
+        self._leak_threshold: float | None = None
+        # The units of work given a leak_threshold of their own (`lc.scope(...)`).
+        self._leak_thresholds = _Thresholds(self)
         self.leak_threshold = leak_threshold
         self.sync_threads = sync_threads
         self.check_timeout = check_timeout
@@ -393,10 +400,6 @@ class Lifecycle:
         # ... and units a shutdown's drain waited on until they ended.
         self._drained_units: deque[DrainedUnit] = deque(maxlen=100)
         self._drained: anyio.Event | None = None
-        # The units of work given a leak_threshold of their own (`lc.scope(...)`).
-        self._leak_thresholds: weakref.WeakKeyDictionary[Unit, float | None] = (
-            weakref.WeakKeyDictionary()
-        )
         self._open_limiter: Any = None
         self._close_limiter: Any = None
         self._thread_runner: Any = None
@@ -1827,55 +1830,144 @@ class Lifecycle:
             exc_info=exc,
         )
 
+    @property
+    def leak_threshold(self) -> float | None:
+        """A request resource held longer than this many seconds is reported once (None:
+        no reports)."""
+        return self._leak_threshold
+
+    @leak_threshold.setter
+    def leak_threshold(self, value: float | None) -> None:
+        self._leak_threshold = value
+        self._leak_floor = min(_as_threshold(value), self._leak_thresholds.floor)
+
     def _leak_threshold_of(self, unit: Unit) -> float | None:
         """*unit*'s leak threshold: its own (`lc.scope(label, leak_threshold=...)`), or the
         Lifecycle's."""
         own = self._leak_thresholds
-        return own.get(unit, self.leak_threshold) if own else self.leak_threshold
+        return own.get(unit, self._leak_threshold) if own else self._leak_threshold
 
     def _sweep_leaks(self, now: float) -> None:
-        if self.leak_threshold is None and not self._leak_thresholds:
+        if self._leak_threshold is None and not self._leak_thresholds:
             return
         for unit in list(self._units):
             threshold = self._leak_threshold_of(unit)
             if threshold is None:
                 continue
+            found: list[Entry] | None = None
             for entry in unit.entries:
-                held = now - entry.opened_at
-                if held > threshold and entry.leak_reported is None:
-                    entry.leak_reported = unit.label
-                    entry.res.counters.leaks += 1
-                    if entry.res.guard:  # one leak: not counted again if used after close
-                        object.__setattr__(entry.value, "_tether_counted", True)
-                    where = _format_stack(entry.stack, "acquired at")
-                    # A request's (an `HttpUnit`), or a WebSocket's or a scope's task.
-                    task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
-                    if not where and task is not None and not task.done():
-                        try:
-                            where = _where_now(unit, task, entry.value)
-                        except Exception:  # a diagnostic: the report is made without it
-                            log.debug("tether: where %s is now", unit.label, exc_info=True)
-                    log.warning(
-                        "tether: resource %r held for %.1f s (leak_threshold=%g s) by %s%s",
-                        entry.res.name,
-                        held,
-                        threshold,
-                        unit.label,
-                        where,
-                        extra={"tether_resource": entry.res.name},
-                    )
+                if now - entry.opened_at > threshold and entry.leak_reported is None:
+                    if found is None:
+                        found = [entry]
+                    else:
+                        found.append(entry)
+            if found is not None:
+                self._report_leak(unit, found, now - found[0].opened_at, threshold)
+
+    def _report_leak(
+        self,
+        unit: Unit,
+        found: Entry | list[Entry],
+        held: float,
+        threshold: float,
+        *,
+        at_close: bool = False,
+    ) -> None:
+        """Report what *unit* holds past its *threshold* in one warning (*found*, held for
+        *held* s at most; with them, the unit's other values not reported yet and held as
+        long: a transaction and the connection it depends on are one leak to look for),
+        each counted in its resource's ``leaks``. *at_close*: *found* is closing (the
+        sweep did not see it: the event loop was blocked, or no sweep had run yet)."""
+        entries = [found] if isinstance(found, Entry) else found
+        if at_close:  # the unit's other values past the threshold, still open
+            now = time.perf_counter()
+            entries += [
+                e
+                for e in unit.entries
+                if e.leak_reported is None and e not in entries and now - e.opened_at > threshold
+            ]
+            held = max([held, *(now - e.opened_at for e in entries[1:])])
+        for entry in entries:
+            entry.leak_reported = unit.label
+            entry.res.counters.leaks += 1
+            if entry.res.guard:  # one leak: not counted again if used after close
+                object.__setattr__(entry.value, "_tether_counted", True)
+        first = entries[0]
+        where = _format_stack(first.stack, "acquired at")
+        if at_close:
+            seen = (
+                ", seen at its close (the event loop was blocked, or no leak sweep had run "
+                "since it went past the threshold)"
+            )
+        else:
+            seen = ""
+            # A request's (an `HttpUnit`), or a WebSocket's or a scope's task.
+            task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
+            if not where and task is not None and not task.done():
+                try:
+                    where = _where_now(unit, task, first.value)
+                except Exception:  # a diagnostic: the report is made without it
+                    log.debug("tether: where %s is now", unit.label, exc_info=True)
+        names = ", ".join(repr(entry.res.name) for entry in entries)
+        log.warning(
+            "tether: %s %s held for %.1f s (leak_threshold=%g s) by %s%s%s",
+            "resources" if len(entries) > 1 else "resource",
+            names,
+            held,
+            threshold,
+            unit.label,
+            seen,
+            where,
+            extra={
+                "tether_resource": first.res.name,
+                "tether_resources": [entry.res.name for entry in entries],
+            },
+        )
+
+
+class _Thresholds(weakref.WeakKeyDictionary[Unit, float | None]):
+    """The units of work given a leak threshold of their own, and the lowest ever given
+    (`floor`), kept in their Lifecycle's ``_leak_floor``."""
+
+    def __init__(self, lc: Lifecycle) -> None:
+        super().__init__()
+        self.floor = math.inf
+        self._lc = weakref.ref(lc)  # not a cycle: a Lifecycle is freed as soon as dropped
+
+    def __setitem__(self, unit: Unit, threshold: float | None) -> None:
+        super().__setitem__(unit, threshold)
+        value = _as_threshold(threshold)
+        if value < self.floor:
+            self.floor = value
+            lc = self._lc()
+            if lc is not None:
+                lc._leak_floor = min(lc._leak_floor, value)
+
+
+def _as_threshold(value: Any) -> float:
+    """A leak threshold as a number (inf: none; a value set past its check, not a
+    number: left to the sweep, which logs its failure)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return math.inf
 
 
 def _where_now(unit: Unit, task: Any, value: Any) -> str:
     """Where a unit of work that recorded no stack when it opened *value* is now (a request
-    records none: it would cost every request): where its task waits, or the worker thread
-    running its ``def`` endpoint."""
-    frames = await_stack(task)
-    if not frames:  # it waits for a worker thread (a `def` endpoint)
+    records none: it would cost every request): where its task waits and, when it waits
+    for a worker thread (a ``def`` endpoint or dependency), where that thread is, innermost
+    last. The thread is read whenever the task waits for one, not only when the await chain
+    has no frame of the user's (an ASGI middleware of the user's around a ``def`` endpoint
+    was given as where the request was)."""
+    frames, in_thread = task_stack(task)
+    thread = thread_stack(in_thread, value) if in_thread is not None else []
+    if not thread and (in_thread is not None or not frames):
+        # Its thread not told apart by what it runs (a wrapper shared by several routes),
+        # or no await chain to read: the thread running the endpoint's own code.
         request = getattr(unit, "request", None)
         scope = getattr(request, "scope", None) or {}
-        frames = thread_stack(scope.get("endpoint"), value)
-    return _format_stack(frames, "the request is now at")
+        thread = thread_stack(scope.get("endpoint"), value)
+    return _format_stack(bounded(frames + thread), "the request is now at")
 
 
 # Frames that are not where a user entered the app scope: tether's, the frameworks', and

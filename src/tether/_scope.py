@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -78,6 +79,8 @@ _TETHER_DIRS = (
     *code_of(
         "anyio",
         "asyncio",
+        "trio",
+        "outcome",
         "contextlib",
         "starlette",
         "fastapi",
@@ -101,10 +104,16 @@ _TETHER_DIRS = (
 class Entry:
     """One opened value in a scope, with what is needed to close it."""
 
-    __slots__ = ("handle", "late", "leak_reported", "opened_at", "res", "stack", "value")
+    __slots__ = ("handle", "late", "leak_reported", "opened_at", "res", "stack", "unit", "value")
 
     def __init__(
-        self, res: Resource[Any], handle: Any, value: Any, stack: Any, opened_at: float
+        self,
+        res: Resource[Any],
+        handle: Any,
+        value: Any,
+        stack: Any,
+        opened_at: float,
+        unit: Unit | None = None,
     ) -> None:
         self.res = res
         self.handle = handle
@@ -115,6 +124,9 @@ class Entry:
         # a label may be "").
         self.leak_reported: str | None = None
         self.stack = stack
+        # The unit of work that holds it (None: an app value), for a leak seen at its close
+        # (`_leak_at_close`). No cycle outlives the close: the unit's list drops the entry.
+        self.unit = unit
 
 
 # --------------------------------------------------------------------------- opening
@@ -693,12 +705,12 @@ class _Shielded:
         except StopAsyncIteration:
             if entry is None:
                 raise
-            _count_closed(entry)  # the generator finished: closed
+            _count_closed(lc, entry)  # the generator finished: closed
             return None
         except BaseException as failure:
             if entry is None:
                 raise
-            _count_closed(entry)
+            _count_closed(lc, entry, None if failure is self.exc else failure)
             if failure is self.exc:
                 return None
             entry.res.counters.close_errors += 1
@@ -892,10 +904,13 @@ async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     return result
 
 
+_ABANDONED = "Closing resource "  # how `_close_timed_out`'s message begins
+
+
 def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
     res.counters.timeouts += 1
     msg = (
-        f"Closing resource {res.name!r} took longer than close_timeout={lc.close_timeout:g} s "
+        f"{_ABANDONED}{res.name!r} took longer than close_timeout={lc.close_timeout:g} s "
         f"and was abandoned; its connection was not returned in a known state. "
         f"Look for a cleanup that waits on the network, or for a task still using the value "
         f"after its unit of work ended (one not awaited), or raise close_timeout."
@@ -903,7 +918,9 @@ def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
     raise TimeoutError(msg)
 
 
-def _count_closed(entry: Entry) -> None:
+def _count_closed(lc: Lifecycle, entry: Entry, failed: BaseException | None = None) -> None:
+    """Count *entry* closed (*failed*: its cleanup's failure, or abandoned past
+    close_timeout)."""
     c = entry.res.counters
     c.closed += 1
     c.in_use -= 1
@@ -912,13 +929,27 @@ def _count_closed(entry: Entry) -> None:
     if held > c.max_hold_time:
         c.max_hold_time = held
     if entry.leak_reported is not None:
-        _leak_given_back(entry, held)
+        _leak_given_back(entry, held, failed)
+    elif held > lc._leak_floor:
+        _leak_at_close(lc, entry, held)
 
 
-def _leak_given_back(entry: Entry, held: float) -> None:
+def _leak_given_back(entry: Entry, held: float, failed: BaseException | None = None) -> None:
     """A value reported as a leak (held past ``leak_threshold``) has now closed: say so,
     once, so that a report in the log is followed by its end (HikariCP's "previously
-    reported leaked connection was returned"). Not a warning: nothing is wrong any more."""
+    reported leaked connection was returned"). Not a warning: nothing is wrong any more.
+    Its cleanup *failed* (or was abandoned): say that instead (its error is logged)."""
+    if failed is not None:
+        log.info(
+            "tether: resource %r, reported as held too long by %s, was not given back after "
+            "%.1f s: its cleanup %s (see the error logged for it)",
+            entry.res.name,
+            entry.leak_reported,
+            held,
+            "was abandoned past close_timeout" if _abandoned(failed) else "failed",
+            extra={"tether_resource": entry.res.name},
+        )
+        return
     log.info(
         "tether: resource %r, reported as held too long by %s, was given back after %.1f s",
         entry.res.name,
@@ -926,6 +957,28 @@ def _leak_given_back(entry: Entry, held: float) -> None:
         held,
         extra={"tether_resource": entry.res.name},
     )
+
+
+def _abandoned(failure: BaseException) -> bool:
+    """Whether *failure* is `_close_timed_out`'s: the cleanup abandoned past close_timeout."""
+    return isinstance(failure, TimeoutError) and str(failure).startswith(_ABANDONED)
+
+
+def _leak_at_close(lc: Lifecycle, entry: Entry, held: float) -> None:
+    """*entry*, never reported, closes after *held* seconds, past the lowest leak
+    threshold of *lc*: if past its unit's own, report it now (the sweep, which runs on the
+    event loop, did not see it: the loop was blocked, by a sync call in an ``async def``,
+    or no sweep had run since it went past)."""
+    unit = entry.unit
+    if unit is None:  # an app value
+        return
+    try:
+        threshold = lc._leak_threshold_of(unit)
+        if threshold is None or not held > threshold:
+            return
+        lc._report_leak(unit, entry, held, threshold, at_close=True)
+    except Exception:  # a diagnostic: never the close's failure
+        log.debug("tether: the leak of %r seen at its close", entry.res.name, exc_info=True)
 
 
 def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
@@ -958,11 +1011,13 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
                 c.max_hold_time = held
             if entry.leak_reported is not None:
                 _leak_given_back(entry, held)
+            elif held > lc._leak_floor:
+                _leak_at_close(lc, entry, held)
             return None
         except StopIteration:
             return close_entry(lc, entry, exc, again=True)
         except BaseException as failure:
-            _count_closed(entry)
+            _count_closed(lc, entry, None if failure is exc else failure)
             if failure is exc:
                 return None
             res.counters.close_errors += 1
@@ -973,10 +1028,10 @@ def start_close(lc: Lifecycle, entry: Entry, exc: BaseException | None) -> Any:
             _close_sync(res, entry.handle, exc)
         except BaseException as failure:
             if failure is not exc:
+                _count_closed(lc, entry, failure)
                 res.counters.close_errors += 1
                 raise
-        finally:
-            _count_closed(entry)
+        _count_closed(lc, entry)
         return None
     return close_entry(lc, entry, exc)
 
@@ -994,6 +1049,7 @@ async def close_entry(
     res = entry.res
     kind = res.kind
     handle = entry.handle
+    failed: BaseException | None = None
     try:
         if kind is Kind.ASYNC_GEN:
             if not again:  # else `start_close` ran the step, and it yielded again
@@ -1035,10 +1091,11 @@ async def close_entry(
     except BaseException as failure:
         if failure is exc:
             return  # the cleanup let the original failure through: that is not a new one
+        failed = failure
         res.counters.close_errors += 1
         raise
     finally:
-        _count_closed(entry)
+        _count_closed(lc, entry, failed)
 
 
 async def _close_thread(lc: Lifecycle, res: Resource[Any]) -> None:
@@ -1335,19 +1392,19 @@ def outside(
     frames: list[tuple[str, int, str]], skipped: tuple[str, ...]
 ) -> list[tuple[str, int, str]]:
     """*frames* (innermost first, as `thread_frames` gives them: names as faulthandler
-    wrote them) whose files are not under *skipped*, innermost last (at most 12), names
-    read back, as `user_frames` gives them."""
+    wrote them) whose files are not under *skipped*, innermost last (bounded: `bounded`),
+    names read back, as `user_frames` gives them."""
     prefixes = tuple(_escaped(prefix) for prefix in skipped)
-    kept = [frame for frame in frames if not frame[0].startswith(prefixes)][:12]
+    kept = [frame for frame in frames if not frame[0].startswith(prefixes)]
     kept.reverse()
-    return [(_unescaped(filename), line, _unescaped(name)) for filename, line, name in kept]
+    return bounded([(_unescaped(f), line, _unescaped(name)) for f, line, name in kept])
 
 
 def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
     """The frames from *f* outward whose files are not under *skipped*, innermost last (at
     most 12)."""
     frames: list[tuple[str, int, str]] = []
-    while f is not None and len(frames) < 12:
+    while f is not None and len(frames) < _MOST_FRAMES:
         filename = f.f_code.co_filename
         if not filename.startswith(skipped):
             frames.append((filename, f.f_lineno, f.f_code.co_name))
@@ -1356,11 +1413,56 @@ def user_frames(f: Any, skipped: tuple[str, ...]) -> list[tuple[str, int, str]]:
     return frames
 
 
-def await_stack(task: Any) -> list[tuple[str, int, str]]:
+#: The most frames a stack in a leak report gives, and of those, the most given of the
+#: libraries the innermost frame of the user's code called.
+_MOST_FRAMES = 12
+_LIBRARY_FRAMES = 4
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Where the standard library and installed packages are: a frame there is not the
+    user's (the project's own code is elsewhere: installed as a package, it reads as a
+    library's, and the innermost frames are kept)."""
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return (*sorted(os.path.join(d, "") for d in dirs if d), "<frozen ")
+
+
+_LIBRARY_DIRS = _library_dirs()
+
+
+def bounded(frames: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """*frames* (innermost last) cut to `_MOST_FRAMES`, keeping the user's: the innermost
+    frame outside the standard library and installed packages, and its callers, with at
+    most `_LIBRARY_FRAMES` of the library frames below it (the call into the library, and
+    where it waits). A request awaiting a slow HTTP client lost its endpoint's line under
+    a dozen of the client's frames. No frame of the user's: the innermost ones."""
+    if len(frames) <= _MOST_FRAMES:
+        return frames
+    user = len(frames) - 1
+    while user >= 0 and frames[user][0].startswith(_LIBRARY_DIRS):
+        user -= 1
+    if user < 0:
+        return frames[-_MOST_FRAMES:]
+    below = frames[user + 1 :]
+    if len(below) > _LIBRARY_FRAMES:
+        below = [below[0], *below[len(below) - _LIBRARY_FRAMES + 1 :]]
+    return frames[: user + 1][-(_MOST_FRAMES - len(below)) :] + below
+
+
+# The step of anyio that runs a function in a worker thread (its asyncio and trio
+# backends): its `func` is what the thread runs.
+_IN_THREAD = "run_sync_in_worker_thread"
+
+
+def task_stack(task: Any) -> tuple[list[tuple[str, int, str]], Any]:
     """Where a suspended asyncio *task* waits: the frames of its await chain outside
-    tether and the frameworks, innermost last. (``Task.get_stack`` stops at the outermost
-    coroutine: a suspended coroutine's frame has no ``f_back``.)"""
+    tether and the frameworks, innermost last, not bounded; and the function a worker
+    thread runs for it if it waits for one (anyio's ``run_sync``: a ``def`` endpoint or
+    dependency), else None. (``Task.get_stack`` stops at the outermost coroutine: a
+    suspended coroutine's frame has no ``f_back``.)"""
     frames: list[tuple[str, int, str]] = []
+    in_thread: Any = None
     # `_coro`, not `get_coro()`: the same on CPython's tasks, and None on granian's
     # `--task-impl rust` tasks, whose `get_coro()` crashes the process.
     aw = getattr(task, "_coro", None)
@@ -1378,9 +1480,12 @@ def await_stack(task: Any) -> list[tuple[str, int, str]]:
             filename = frame.f_code.co_filename
             if not filename.startswith(_TETHER_DIRS):
                 frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+            elif frame.f_code.co_name == _IN_THREAD:
+                # A suspended coroutine's frame, on this thread: its locals are safe to read.
+                in_thread = frame.f_locals.get("func")
         step = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
         aw = step or getattr(aw, "gi_yieldfrom", None)
-    return frames[-12:]
+    return frames, in_thread
 
 
 def count_open_failure(counters: Counters, exc: BaseException) -> None:
@@ -1392,21 +1497,42 @@ def count_open_failure(counters: Counters, exc: BaseException) -> None:
             counters.timeouts += 1
 
 
-def thread_stack(endpoint: Any, value: Any) -> list[tuple[str, int, str]]:
-    """Where a worker thread running *endpoint* (a ``def`` endpoint: its request's task only
-    waits for the thread) is now: the frames outside tether and the frameworks, innermost
-    last. Several threads running it at once: none (which one holds *value* would take
-    reading a running thread's locals, see `thread_frames`)."""
-    code = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
-    if code is None:
-        return []
+def _code_run(func: Any) -> Any:
+    """The code object a worker thread runs for *func* (a ``functools.partial`` of it, a
+    decorated function, a sync context manager's ``__enter__``: its generator's), or None."""
+    for _ in range(16):
+        if not isinstance(func, partial):
+            break
+        func = func.func
+    gen = getattr(getattr(func, "__self__", None), "gen", None)  # contextlib's __enter__
+    if isinstance(gen, types.GeneratorType):
+        return gen.gi_code
+    try:
+        func = inspect.unwrap(func)
+    except ValueError:  # a cycle of __wrapped__
+        return None
+    code = getattr(func, "__code__", None)
+    if code is None and not isinstance(func, (types.FunctionType, types.MethodType)):
+        code = getattr(type(func).__call__, "__code__", None)  # a callable object
+    return code
+
+
+def thread_stack(func: Any, value: Any) -> list[tuple[str, int, str]]:
+    """Where a worker thread running *func* (a ``def`` endpoint or dependency: its
+    request's task only waits for the thread) is now: the frames outside tether, the
+    frameworks and the thread's machinery (threading's), innermost last. Several threads
+    running it at once: none (which one holds *value* would take reading a running
+    thread's locals, see `thread_frames`)."""
+    code = _code_run(func) if func is not None else None
+    if code is None or code.co_filename.startswith(_TETHER_DIRS):
+        return []  # tether's or a framework's: it would match every thread running one
     site = (_escaped(code.co_filename), _escaped(code.co_name))  # as faulthandler writes them
     found = [
         frames
         for frames in thread_frames().values()
         if any((filename, name) == site for filename, _, name in frames)
     ]
-    return outside(found[0], _TETHER_DIRS) if len(found) == 1 else []
+    return outside(found[0], _RUNNERS) if len(found) == 1 else []
 
 
 def ready_args(unit: Unit, res: Resource[Any]) -> list[Any] | None:
@@ -1628,7 +1754,7 @@ class Unit:
             if c.in_use > c.max_in_use:
                 c.max_in_use = c.in_use
             stack = capture_stack(3) if self.track_stacks else None
-            entry = Entry(target, handle, value, stack, now)
+            entry = Entry(target, handle, value, stack, now, self)
             if entry.late:
                 self.late = True
                 if target.deps:

@@ -987,7 +987,7 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                         c.in_use += 1
                         if c.in_use > c.max_in_use:
                             c.max_in_use = c.in_use
-                        unit.entries.append(Entry(res, handle, value, None, now))
+                        unit.entries.append(Entry(res, handle, value, None, now, unit))
                     opened[res] = value
                     if unit.waiting is not None:
                         unit._opened(res)

@@ -341,3 +341,107 @@ async def test_a_scope_labelled_empty_is_reported_once_and_given_back(
     assert len(_leak_warnings(caplog)) == 1
     assert len(_given_back(caplog)) == 1
     assert lc.stats().resources["conn"].leaks == 1
+
+
+async def test_a_scope_blocking_the_loop_past_its_own_threshold_is_reported_at_its_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job's own threshold, lower than the Lifecycle's, passed while the event loop is
+    blocked (no sweep can run): reported at the close, with where it was acquired (before:
+    never). One with a higher threshold of its own, held as long: not reported."""
+    import time
+
+    lc, conn = _lifecycle(leak_threshold=10, sweep_interval=0.02)
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            async with lc.scope("patient job", leak_threshold=60) as s:
+                await s.get(conn)
+                time.sleep(0.3)
+            assert _leak_warnings(caplog) == []
+            async with lc.scope("nightly job", leak_threshold=0.1) as s:
+                await s.get(conn)
+                time.sleep(0.3)  # a sync call: the event loop is blocked
+    (record,) = _leak_warnings(caplog)
+    first, _, stack = record.getMessage().partition("\n")
+    assert first.startswith("tether: resource 'conn' held for 0.")
+    assert first.endswith(
+        " s (leak_threshold=0.1 s) by nightly job, seen at its close (the event loop was "
+        "blocked, or no leak sweep had run since it went past the threshold); acquired at:"
+    )
+    assert f'File "{__file__}"' in stack
+    assert lc.stats().resources["conn"].leaks == 1
+    assert _given_back(caplog) == []
+
+
+async def test_a_reported_value_whose_cleanup_fails_is_not_said_to_be_given_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After its leak report, a cleanup that raises: the end of the report says so (before:
+    "was given back", then the error)."""
+    lc = tether.Lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+
+    @lc.resource
+    async def failing() -> AsyncIterator[str]:
+        yield "conn"
+        raise ConnectionResetError("rollback failed: server closed the connection")
+
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            with pytest.raises(ConnectionResetError):
+                async with lc.scope("nightly job") as s:
+                    await s.get(failing)
+                    await anyio.sleep(0.3)
+    assert len(_leak_warnings(caplog)) == 1
+    assert _given_back(caplog) == []
+    (end,) = [r.getMessage() for r in caplog.records if "was not given back" in r.getMessage()]
+    assert end.startswith(
+        "tether: resource 'failing', reported as held too long by nightly job, was not given "
+        "back after 0."
+    )
+    assert end.endswith(" s: its cleanup failed (see the error logged for it)")
+
+
+async def test_values_that_depend_on_each_other_are_one_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transaction and the connection it depends on, held by one unit: one report naming
+    both (before: one per value, with the same stack), each counted in its resource's
+    `leaks`."""
+    lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+
+    @lc.resource
+    async def tx(conn: str) -> AsyncIterator[str]:
+        yield f"tx on {conn}"
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        async with lc.run():
+            async with lc.scope("nightly job") as s:
+                await s.get(tx)
+                await anyio.sleep(0.3)
+    (record,) = _leak_warnings(caplog)
+    first = record.getMessage().partition("\n")[0]
+    assert first.startswith("tether: resources 'conn', 'tx' held for 0.")
+    assert first.endswith(" s (leak_threshold=0.1 s) by nightly job; acquired at:")
+    assert record.tether_resources == ["conn", "tx"]  # type: ignore[attr-defined]
+    assert lc.stats().resources["conn"].leaks == 1
+    assert lc.stats().resources["tx"].leaks == 1
+
+
+def test_trio_frames_are_left_out_of_the_stack(caplog: pytest.LogCaptureFixture) -> None:
+    """Under trio, its runner's frames (`trio/_core/_run.py`) are not the user's."""
+    pytest.importorskip("trio")
+    (trio_dir,) = code_of("trio")
+    lc, conn = _lifecycle(leak_threshold=0.1, sweep_interval=0.02)
+
+    async def main() -> None:
+        async with lc.run():
+            async with lc.scope("trio job") as s:
+                await s.get(conn)
+                await anyio.sleep(0.3)
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        anyio.run(main, backend="trio")
+    (record,) = _leak_warnings(caplog)
+    stack = record.getMessage().partition("\n")[2]
+    assert stack.rstrip().endswith("in main")
+    assert trio_dir not in stack

@@ -338,6 +338,14 @@ class Lifecycle:
         drain_delay: float = 0.0,
         expose_errors: bool = True,
     ) -> None:
+        if drain_delay == math.inf:
+            msg = (
+                f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
+                f"readiness fails after SIGTERM before the server shuts down: an infinite one "
+                f"would never let SIGTERM stop the server (only a second SIGTERM, or the "
+                f"orchestrator's SIGKILL). Pass a finite number, e.g. drain_delay=5."
+            )
+            raise ValueError(msg)
         if not is_seconds(drain_delay, zero=True):
             msg = (
                 f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
@@ -2140,6 +2148,10 @@ def _held_by_loop(loop: asyncio.AbstractEventLoop, signum: int) -> bool:
     return getattr(handler, "__self__", None) is loop
 
 
+#: Seconds within which a second SIGTERM is the first one relayed (`_delayed_exit`).
+_RELAYED = 1.0
+
+
 @contextmanager
 def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
     """While the app serves: SIGTERM makes readiness fail for ``drain_delay`` seconds, then
@@ -2166,13 +2178,21 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
         return
 
     serving = True
+    first = 0.0  # when the first SIGTERM came
 
     def on_sigterm(hand_over: Callable[[], None]) -> None:
+        nonlocal first
+        if lc._stopping and serving and time.monotonic() - first < _RELAYED:
+            # The same stop, sent twice: a supervisor signalled the whole process group
+            # (systemd's default, `kill -TERM -PGID`), and the server's parent (uvicorn
+            # --workers, gunicorn) passed it on to this worker too. Not a second SIGTERM.
+            return
         if lc._stopping or not serving or loop.is_closed():
             # A second SIGTERM: the server stops now. Or this app is over, and this handler
             # was left behind another's (two apps at once): it only passes the signal on.
             hand_over()
             return
+        first = time.monotonic()
         lc._stopping = True
         log.warning(
             "tether: SIGTERM: /health/ready fails for drain_delay=%g s while the app serves, "

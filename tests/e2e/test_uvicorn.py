@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -115,6 +117,45 @@ class TestGracefulShutdown:
         assert "Traceback" not in output
         assert "tether: SIGTERM: /health/ready fails for drain_delay=3 s" in output
         assert server.events() == ["pool open", "pool close"]
+
+    def test_a_sigterm_to_the_process_group_of_workers_keeps_drain_delay(
+        self, serve: type[Server]
+    ) -> None:
+        """`uvicorn --workers 2` stopped as systemd stops it: SIGTERM to every process of
+        the group at once. Each worker got it twice (directly, and from uvicorn's parent),
+        took the second for an operator's second SIGTERM, and handed over at once: the
+        listener closed after 0.5 s of the 3 s delay, refusing the load balancer."""
+        server = serve("tests.e2e.app_drain_delay:app", "--workers", "2")
+        pid = server.proc.pid
+        deadline = time.monotonic() + 20
+        while len(workers := _children(pid)) < 2 or not _both_serve(server.base_url):
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        for each in [pid, *workers]:  # as `kill -TERM -PGID` does
+            os.kill(each, signal.SIGTERM)
+        signalled = time.monotonic()
+        with httpx.Client(base_url=server.base_url, timeout=5) as http:
+            while time.monotonic() - signalled < 1.5:  # was refused from about 0.5 s
+                assert http.get("/ok").status_code == 200
+                time.sleep(0.05)
+        assert server.wait() in (0, -15)
+        assert time.monotonic() - signalled > 2.8  # the delay, then uvicorn's shutdown
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _both_serve(base_url: str) -> bool:
+    """Whether the workers answer (a few requests, which the kernel spreads over them)."""
+    try:
+        return all(httpx.get(f"{base_url}/ok", timeout=2).status_code == 200 for _ in range(6))
+    except httpx.HTTPError:
+        return False
 
 
 def test_lifespan_off_is_named_in_the_error(serve: type[Server]) -> None:

@@ -140,6 +140,47 @@ async def test_drain_delay_holds_back_a_sigterm_handler_of_the_loop(
         assert len(server_handler) == 2
 
 
+async def test_the_same_sigterm_sent_twice_at_once_is_one(
+    server_handler: list[float],
+) -> None:
+    """A supervisor that signals the whole process group (systemd's default stop, ``kill
+    -TERM -PGID``) reaches each worker of ``uvicorn --workers N`` twice: directly, and as its
+    parent passes it on. The second was taken for a second SIGTERM and handed over at once:
+    the listener closed after 0.5 s of a ``drain_delay=3``. A second one within a second of
+    the first is the same stop; a later one still hands over at once."""
+    lc = tether.Lifecycle(drain_delay=6.0)
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    async with lc.lifespan(None):
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # relayed by the server's parent
+        await anyio.sleep(1.5)
+        assert server_handler == []  # still serving, readiness failing
+        assert lc.stats().state == "stopping"
+        second = time.perf_counter()
+        signal.raise_signal(signal.SIGTERM)  # an operator's second SIGTERM
+        with anyio.fail_after(5):
+            while not server_handler:
+                await anyio.sleep(0.01)
+        # At once, not at the end of the 6 s delay (4.5 s on from here).
+        assert server_handler[0] - second < 2.5
+
+
+def test_an_infinite_drain_delay_is_refused() -> None:
+    """SIGTERM would never stop the server: only a second one, or SIGKILL."""
+    with pytest.raises(ValueError) as info:
+        tether.Lifecycle(drain_delay=float("inf"))
+    assert str(info.value) == (
+        "Lifecycle(drain_delay=inf): drain_delay is how long, in seconds, readiness fails "
+        "after SIGTERM before the server shuts down: an infinite one would never let SIGTERM "
+        "stop the server (only a second SIGTERM, or the orchestrator's SIGKILL). Pass a "
+        "finite number, e.g. drain_delay=5."
+    )
+
+
 def test_overlapping_startups_leave_signals_as_they_were() -> None:
     """Two apps starting at once in one process (two services in one test) chain their
     handlers; one is left installed behind the other's. Once their loop is closed, it only

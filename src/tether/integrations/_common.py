@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import os
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .._errors import (
@@ -1338,3 +1339,27 @@ def _close_abandoned(attempt: asyncio.Future[T], close: Callable[[T], Any]) -> N
         task = asyncio.ensure_future(closing)
         _closing.add(task)
         task.add_done_callback(_closing.discard)
+
+
+def keyword_names(func: Callable[..., Any]) -> frozenset[str]:
+    """The parameters of *func* a keyword argument can fill (a driver's options, read once
+    by each integration to check what it passes on at the declaration)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(func).parameters.values()
+    return frozenset(p.name for p in params if p.kind in kinds)
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """The fix for a keyword argument *key* that nothing takes: its close match in *known*."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+
+
+def not_an_option(where: str, key: str, fn: str, of: str, fix: str) -> TypeError:
+    """The refusal, at the declaration, of a keyword argument *key* that neither *fn*
+    (tether's: ``pool()``) nor *of* (what it passes its other keyword arguments to, with its
+    version) takes; the driver would refuse it only when the app starts."""
+    return TypeError(
+        f"{where}: {key}= is not an option of {fn} nor of {of}, which {fn} passes its other "
+        f"keyword arguments to. {fix}"
+    )

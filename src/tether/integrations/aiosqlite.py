@@ -63,7 +63,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import functools
-import inspect
 import logging
 import os
 import re
@@ -102,6 +101,9 @@ from ._common import (
     check_resource,
     connect_or_close,
     depends_on,
+    did_you_mean,
+    keyword_names,
+    not_an_option,
     unavailable,
 )
 
@@ -928,14 +930,8 @@ _SQLITE3_TRANSACTIONS = ("isolation_level", "autocommit")
 def _database_options() -> tuple[frozenset[str], frozenset[str]]:
     """The keyword arguments connection() passes to database(), and those with
     connection()'s own (for a suggestion)."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-
-    def keywords(func: Callable[..., Any]) -> frozenset[str]:
-        params = inspect.signature(func).parameters.values()
-        return frozenset(p.name for p in params if p.kind in kinds)
-
-    taken = keywords(database) - {"lc", "path", "name"}
-    return taken, taken | (keywords(connection) - {"lc", "database"})
+    taken = keyword_names(database) - {"lc", "path", "name"}
+    return taken, taken | (keyword_names(connection) - {"lc", "database"})
 
 
 def _check_database_options(options: dict[str, Any], where: str) -> None:
@@ -954,12 +950,8 @@ def _check_database_options(options: dict[str, Any], where: str) -> None:
                 f"begin='deferred', 'immediate' or 'exclusive', or remove it."
             )
         else:
-            fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
-        msg = (
-            f"{where}: {key}= is not an option of connection() nor of database(), which "
-            f"connection() passes its other keyword arguments to. {fix}"
-        )
-        raise TypeError(msg)
+            fix = did_you_mean(key, known)
+        raise not_an_option(where, key, "connection()", "database()", fix)
 
 
 def connection(

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import difflib
 import functools
 import inspect
 import logging
@@ -100,8 +99,11 @@ from ._common import (
     commit_not_sent,
     connection_lost,
     depends_on,
+    did_you_mean,
     failed_transaction,
     forget_budget,
+    keyword_names,
+    not_an_option,
     note_pgbouncer,
     pooler_never_sent,
     queue_full,
@@ -302,23 +304,16 @@ def _create_pool_defaults() -> dict[str, Any]:
     }
 
 
-def _keywords(func: Callable[..., Any]) -> frozenset[str]:
-    """The parameters of *func* a keyword argument can fill."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(func).parameters.values()
-    return frozenset(p.name for p in params if p.kind in kinds)
-
-
 @functools.cache
 def _pool_options() -> tuple[frozenset[str], frozenset[str]] | None:
     """The keyword arguments this asyncpg's ``create_pool`` takes, with those of ``connect``
     (create_pool passes its other keyword arguments to each connect), and those with
     pool()'s own (for a suggestion); ``None`` if a signature cannot be read."""
     try:
-        taken = (_keywords(asyncpg.create_pool) | _keywords(asyncpg.connect)) - {"dsn"}
+        taken = (keyword_names(asyncpg.create_pool) | keyword_names(asyncpg.connect)) - {"dsn"}
     except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
         return None
-    return taken, taken | (_keywords(pool) - {"lc", "dsn"})
+    return taken, taken | (keyword_names(pool) - {"lc", "dsn"})
 
 
 def _check_options(kw: Mapping[str, Any], where: str) -> None:
@@ -332,14 +327,8 @@ def _check_options(kw: Mapping[str, Any], where: str) -> None:
     for key in kw:
         if key in accepted:
             continue
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
-        msg = (
-            f"{where}: {key}= is not an option of pool() nor of asyncpg.create_pool() or "
-            f"asyncpg.connect() (asyncpg {asyncpg.__version__}), which pool() passes its "
-            f"other keyword arguments to. {fix}"
-        )
-        raise TypeError(msg)
+        of = f"asyncpg.create_pool() or asyncpg.connect() (asyncpg {asyncpg.__version__})"
+        raise not_an_option(where, key, "pool()", of, did_you_mean(key, known))
 
 
 async def _no_reset(conn: Any) -> None:

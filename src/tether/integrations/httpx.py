@@ -53,7 +53,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import logging
@@ -89,6 +88,8 @@ from ._common import (
     caller_outside,
     check_check,
     check_dsn_value,
+    did_you_mean,
+    not_an_option,
     per_unit,
     redact,
     resolve_dsn,
@@ -553,14 +554,9 @@ def _check_options(kw: dict[str, Any], where: str) -> None:
                 "transport=httpx.ASGITransport(app=app) instead."
             )
         else:
-            close = difflib.get_close_matches(key, sorted(accepted | set(_OWN_OPTIONS)), n=1)
-            fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
-        msg = (
-            f"{where}: {key}= is not an option of client() nor of httpx.AsyncClient "
-            f"(httpx {httpx.__version__}), which client() passes its other keyword "
-            f"arguments to. {fix}"
-        )
-        raise TypeError(msg)
+            fix = did_you_mean(key, accepted | set(_OWN_OPTIONS))
+        of = f"httpx.AsyncClient (httpx {httpx.__version__})"
+        raise not_an_option(where, key, "client()", of, fix)
 
 
 _TIMEOUT_PARTS = ("connect", "read", "write", "pool")

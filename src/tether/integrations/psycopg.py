@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import functools
-import inspect
 import logging
 import math
 import random
@@ -112,11 +111,14 @@ from ._common import (
     connect_or_close,
     connection_lost,
     depends_on,
+    did_you_mean,
     dropped_cancellation,
     failed_transaction,
     forget_budget,
+    keyword_names,
     lost_after_commit,
     lost_at_commit,
+    not_an_option,
     note_pgbouncer,
     pooler_never_sent,
     read_budget,
@@ -276,23 +278,16 @@ async def _first_row(probe: psycopg.AsyncConnection[Any], query: str) -> Any:
         return await cur.fetchone()
 
 
-def _keywords(func: Callable[..., Any]) -> frozenset[str]:
-    """The parameters of *func* a keyword argument can fill."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(func).parameters.values()
-    return frozenset(p.name for p in params if p.kind in kinds)
-
-
 @functools.cache
 def _pool_options() -> tuple[frozenset[str], frozenset[str]] | None:
     """The keyword arguments this psycopg_pool's ``AsyncConnectionPool`` takes besides those
     pool() sets itself, and those with pool()'s own (for a suggestion); ``None`` if its
     signature cannot be read."""
     try:
-        taken = _keywords(AsyncConnectionPool.__init__)
+        taken = keyword_names(AsyncConnectionPool.__init__)
     except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
         return None
-    own = _keywords(pool) - {"lc"}
+    own = keyword_names(pool) - {"lc"}
     return taken - own - {"self", "open"}, (taken | own) - {"self", "open"}
 
 
@@ -314,14 +309,8 @@ def _check_pool_options(pool_kw: Mapping[str, Any], where: str) -> None:
                 f"and closes it at shutdown. Remove it."
             )
             raise TypeError(msg)
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
-        msg = (
-            f"{where}: {key}= is not an option of pool() nor of "
-            f"psycopg_pool.AsyncConnectionPool (psycopg_pool {psycopg_pool.__version__}), "
-            f"which pool() passes its other keyword arguments to. {fix}"
-        )
-        raise TypeError(msg)
+        of = f"psycopg_pool.AsyncConnectionPool (psycopg_pool {psycopg_pool.__version__})"
+        raise not_an_option(where, key, "pool()", of, did_you_mean(key, known))
 
 
 @functools.cache
@@ -336,7 +325,7 @@ def _connect_options(connection_class: type[Any]) -> frozenset[str] | None:
     (``autocommit``, ``row_factory``, ...) and libpq's options; ``None`` if they cannot be
     read."""
     try:
-        return (_keywords(connection_class.connect) - {"conninfo"}) | _libpq_options()
+        return (keyword_names(connection_class.connect) - {"conninfo"}) | _libpq_options()
     except Exception:  # pragma: no cover - a signature or a libpq that cannot be read
         return None
 

@@ -226,7 +226,7 @@ def test_psycopg_takes_every_option_of_the_pool_and_of_a_connection() -> None:
 def test_redis_takes_every_option_of_its_pool_and_connections(max_connections: int | None) -> None:
     """client()'s other keyword arguments go to the pool (a BlockingConnectionPool given
     max_connections) and its connections, TCP, TLS or Unix socket as the URL says; a
-    connection_class= or connection_pool= may take others, so none is refused then."""
+    connection_class= may take others, so none is refused then."""
     taken = keywords(aioredis.ConnectionPool.__init__)
     if max_connections is not None:
         taken |= keywords(aioredis.BlockingConnectionPool.__init__)
@@ -245,7 +245,8 @@ def test_redis_takes_every_option_of_its_pool_and_connections(max_connections: i
             **{option: values.get(option)},
         )
     tredis.client(tether.Lifecycle(), "redis://x", connection_class=aioredis.Connection, custom=1)
-    tredis.client(tether.Lifecycle(), "redis://x", connection_pool=None, custom=1)
+    with pytest.raises(TypeError, match=r"^Redis client 'redis': connection_pool= cannot be given"):
+        tredis.client(tether.Lifecycle(), "redis://x", connection_pool=None)
     with pytest.raises(TypeError, match=r"^Redis client 'redis': decode_respones= is not an"):
         tredis.client(tether.Lifecycle(), "redis://x", decode_respones=True)
 

@@ -44,9 +44,7 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import functools
-import inspect
 import logging
 import math
 import os
@@ -85,7 +83,10 @@ from ._common import (
     caller_outside,
     check_check,
     check_dsn,
+    did_you_mean,
     dropped_cancellation,
+    keyword_names,
+    not_an_option,
     per_unit,
     redact,
     resolve_dsn,
@@ -693,13 +694,6 @@ class _BlockingPool(_PoolMixin, aioredis.BlockingConnectionPool):
     pass
 
 
-def _keywords(func: Any) -> frozenset[str]:
-    """The parameters of *func* a keyword argument can fill."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(func).parameters.values()
-    return frozenset(p.name for p in params if p.kind in kinds) - {"self"}
-
-
 @functools.cache
 def _pool_options(blocking: bool) -> tuple[frozenset[str], frozenset[str]] | None:
     """The keyword arguments this redis-py's pool (a ``BlockingConnectionPool`` if
@@ -711,26 +705,37 @@ def _pool_options(blocking: bool) -> tuple[frozenset[str], frozenset[str]] | Non
         aioredis.Connection, aioredis.SSLConnection, aioredis.UnixDomainSocketConnection
     )  # fmt: skip
     try:
-        taken = set(_keywords(aioredis.ConnectionPool.__init__))
+        taken = set(keyword_names(aioredis.ConnectionPool.__init__))
         if blocking:
-            taken |= _keywords(aioredis.BlockingConnectionPool.__init__)
+            taken |= keyword_names(aioredis.BlockingConnectionPool.__init__)
         for cls in classes:
             for part in cls.__mro__:
                 if "__init__" in vars(part) and (base is None or issubclass(part, base)):
-                    taken |= _keywords(vars(part)["__init__"])
-        own = _keywords(client) - {"lc", "url"}
+                    taken |= keyword_names(vars(part)["__init__"])
+        own = keyword_names(client) - {"lc", "url"}
     except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
         return None
-    taken -= {"timeout", "max_connections"}  # client()'s: pool_timeout=, max_connections=
+    taken -= {"self", "timeout", "max_connections"}  # client()'s: pool_timeout=, max_connections=
     return frozenset(taken - own), frozenset(taken | own)
 
 
 def _check_options(kw: dict[str, Any], blocking: bool, where: str) -> None:
     """Refuse a keyword argument neither client() nor this redis-py's pool and connections
     take (``decode_respones=True``) at the declaration: redis-py would refuse it only when
-    the app starts. Not with ``connection_class=`` or ``connection_pool=``, whose classes
-    may take other ones."""
-    if "connection_class" in kw or "connection_pool" in kw:
+    the app starts. Not with ``connection_class=``, whose class may take other ones. And
+    ``connection_pool=``: client() makes the pool (redis-py passed it on to each connection,
+    which refused it at startup)."""
+    if "connection_pool" in kw:
+        msg = (
+            f"{where}: connection_pool= cannot be given: client() makes the connection pool "
+            f"from the URL and owns it (it closes it at shutdown), and redis-py would pass "
+            f"connection_pool= on to each connection, which refuses it at startup. Give the "
+            f"pool's options as keywords instead (max_connections=, pool_timeout=, "
+            f"connection_class=, ...), or declare an app resource of your own returning "
+            f"redis.asyncio.Redis(connection_pool=...) to use a pool you make."
+        )
+        raise TypeError(msg)
+    if "connection_class" in kw:
         return
     options = _pool_options(blocking)
     if options is None:
@@ -747,14 +752,8 @@ def _check_options(kw: dict[str, Any], blocking: bool, where: str) -> None:
                 f"pool's size), or remove it."
             )
             raise TypeError(msg)
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        fix = f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
-        msg = (
-            f"{where}: {key}= is not an option of client() nor of redis-py's connection pool "
-            f"or its connections (redis {redis.__version__}), which client() passes its "
-            f"other keyword arguments to. {fix}"
-        )
-        raise TypeError(msg)
+        of = f"redis-py's connection pool or its connections (redis {redis.__version__})"
+        raise not_an_option(where, key, "client()", of, did_you_mean(key, known))
 
 
 def client(

@@ -172,6 +172,7 @@ class _PoolInfo:
         "served",
         "shown_url",
         "timed_out_at",
+        "users",
         "waiting",
     )
 
@@ -190,6 +191,9 @@ class _PoolInfo:
         self.claims = 0
         self.max_waiting: int | None = None  # past it, a unit is refused at once
         self.engine: Engine | None = None  # the open engine (the sync one of an AsyncEngine)
+        # An engine resource the user made (not engine()/sync_engine()): its app value is
+        # the engine, read when a unit of work first asks (`_users_engine`).
+        self.users: Resource[Any] | None = None
         self.lock = threading.Lock()
         # When the pool last handed out a connection (None: not known, an engine whose pool
         # class is not tether's).
@@ -416,6 +420,7 @@ def _info_for(engine: Resource[Any]) -> _PoolInfo:
     if info is None:
         # An engine resource the user made: tether knows its name only.
         info = _PoolInfo(engine.name, 0, -1, 0.0)
+        info.users = engine
         _pools[engine] = info
     return info
 
@@ -1208,6 +1213,32 @@ def _check_async_driver(u: URL, name: str) -> None:
 
 
 _ASYNC_DRIVER = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+_SYNC_DRIVER = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
+
+
+def _check_sync_driver(u: URL, name: str) -> None:
+    """Refuse a URL of an async driver for :func:`sync_engine`, saying which (SQLAlchemy's
+    own error, at startup, blamed the pool class and suggested retries)."""
+    try:
+        is_async = getattr(u.get_dialect(), "is_async", False)
+    except Exception:  # a driver SQLAlchemy does not know: create_engine says what is wrong
+        return
+    if not is_async:
+        return
+    backend = u.get_backend_name()
+    drivers = {
+        "sqlite": "'sqlite'",
+        "postgresql": "'postgresql+psycopg' or 'postgresql+psycopg2'",
+        "mysql": "'mysql+pymysql' or 'mysql+mysqldb'",
+    }.get(backend, "a sync one")
+    example = u.set(drivername=_SYNC_DRIVER.get(backend, backend)).render_as_string()
+    msg = (
+        f"Engine {name!r}: {u.drivername!r} is an async driver, and sync_engine() makes a "
+        f"sync engine, which needs a sync driver: use {drivers} in the URL (e.g. "
+        f"{example!r}), or declare an async engine with engine() and its sessions with "
+        f"session()."
+    )
+    raise ValueError(msg)
 
 
 def _options(
@@ -2576,12 +2607,20 @@ def sync_engine(
         pgbouncer=pgbouncer,
         required=required,
     )
+    if isinstance(url, str | URL):  # a function's URL is checked when the app starts
+        try:
+            given = make_url(url)
+        except Exception:  # create_engine says what is wrong, at startup
+            pass
+        else:
+            _check_sync_driver(given, name)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
 
     def open_engine() -> Iterator[Engine]:
         u = _resolve_url(url)
+        _check_sync_driver(u, name)  # a function's URL: a mistake, not retried
         info.shown_url = u.render_as_string(hide_password=True)
         options = _options(
             u,
@@ -2674,9 +2713,25 @@ def _token_wait(info: _PoolInfo) -> _Ticket:
     limiter (``concurrency``, the pool's size): the unit starts its ask for a connection
     there, so it counts as waiting for the pool (``max_waiting``, the pool's figures), and
     its wait for the token is bounded by ``pool_timeout``, as the pool's own wait is."""
+    if info.users is not None:
+        _users_engine(info, info.users)
     ticket = info.enter_wait()
     ticket.reset = _ASKING.set(ticket)
     return ticket
+
+
+def _users_engine(info: _PoolInfo, engine: Resource[Any]) -> None:
+    """Point *info* at the engine of the user's engine resource, open since startup: its
+    pool's ``pool_timeout`` bounds the wait for a token, and its figures are the pool's, from
+    the first unit of work on (else only once a session had opened, in its thread: the
+    first burst's units all waited for a token without bound)."""
+    lc = engine.lifecycle
+    res = lc._overrides.get(engine, engine) if lc._overrides else engine
+    value = lc._app_values.get(res)
+    if isinstance(value, Connection):
+        value = value.engine
+    if isinstance(value, Engine):
+        info.engine = value  # (a new one for each run of the app)
 
 
 def sync_session(

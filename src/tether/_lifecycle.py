@@ -29,6 +29,7 @@ from contextlib import (
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _graph
@@ -436,6 +437,10 @@ class Lifecycle:
         # per test: one still in use then was kept by something that never gave it back).
         self._in_use_at_shutdown: deque[dict[str, int | None]] = deque(maxlen=100)
         self._app_site = ""  # where the app scope that runs was entered, "FILE:LINE in NAME"
+        # The task that entered the app scope (asyncio), and the one whose end without a
+        # shutdown was logged (`_stopped_from_outside`).
+        self._app_task: asyncio.Task[Any] | None = None
+        self._forced_logged: asyncio.Task[Any] | None = None
         LIFECYCLES.add(self)
 
     def __repr__(self) -> str:
@@ -919,6 +924,7 @@ class Lifecycle:
         # out of the task group and raised after it, so it is not wrapped in a group.
         error: Exception | None = None
         entered_in = asyncio.current_task() if _on_asyncio() else None
+        self._app_task = entered_in
         try:
             async with _left_in(entered_in), anyio.create_task_group() as tg:
                 try:
@@ -954,6 +960,8 @@ class Lifecycle:
             self._app_values = {}
             self.state = State.CLOSED
             self._loop = None
+            self._app_task = None
+            self._forced_logged = None
 
     def _make_limiters(self) -> None:
         # tether's own thread limiters (never anyio's default one, which endpoints use),
@@ -1165,6 +1173,17 @@ class Lifecycle:
                 # generator can have asked for (its `asyncio.TaskGroup`, a task of which
                 # failed, or an `asyncio.timeout` around its yield).
                 native = anyio.current_effective_deadline() != -math.inf
+                if native and self._stopped_from_outside():
+                    # Every task cancelled at once (the event loop's end: a forced exit,
+                    # uvicorn's second Ctrl-C), the app scope's too: no failure of its own.
+                    # It closes as at a shutdown: when the app scope's shutdown releases it
+                    # (after the units of work, and after what uses it), or once the app
+                    # scope's task group is cancelled, after what uses it (in `finally`).
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()  # taken here: the close below is not cut short
+                    await slot.release.wait()
+                    return
                 slot.opening.shield = True  # a cancel from outside now waits for the close
                 if native or anyio.current_effective_deadline() == -math.inf:
                     # ...or a scope inside this one, which only the generator can have
@@ -1189,6 +1208,23 @@ class Lifecycle:
             else:
                 slot.opening.shield = True  # the close is not interrupted from outside
                 await self._close_slot(slot, entry)
+
+    def _stopped_from_outside(self) -> bool:
+        """Whether a native cancel of a holder task came from outside: the task that runs
+        the app scope is cancelled (or over) too, as when `asyncio.run` cancels every task
+        at the event loop's end, and not the generator's own task group. Logs that once."""
+        app = self._app_task
+        if app is None or not (app.done() or app.cancelling()):
+            return False
+        if self._forced_logged is not app:
+            self._forced_logged = app
+            log.warning(
+                "tether: the app scope was cancelled from outside, every task at once (a "
+                "forced exit: the server stopped without its lifespan shutdown, a second "
+                "Ctrl-C); the app resources are closed as at a shutdown, each after what "
+                "uses it"
+            )
+        return True
 
     async def _broke(self, slot: _AppSlot, res: Resource[Any], entry: Entry) -> None:
         """*slot*'s value failed while open (a task its generator started around its yield
@@ -1391,6 +1427,10 @@ class Lifecycle:
                     # variable, a typo): retried, it only delays the failure by the backoff.
                     raise
                 res.counters.open_errors += 1  # each failed attempt (the last one: by the caller)
+                if anyio.current_effective_deadline() == -math.inf:
+                    # The start was stopped (a signal, another resource failed) while this
+                    # attempt ran in its thread: no retry follows; the checkpoint raises the cancel.
+                    await anyio.lowlevel.checkpoint()
                 log.warning(
                     "tether: app resource %r failed to open (attempt %d of %d): %s; "
                     "retrying in %.2f s",

@@ -1651,9 +1651,12 @@ _worker_run: Any = None  # the code of anyio's worker threads' loop (`_in_its_th
 
 
 def _in_its_thread(unit: Unit) -> bool:
-    """Whether one of anyio's worker threads runs code of *unit* now: a ``def`` endpoint or
-    dependency (FastAPI's ``run_in_threadpool``), in the unit's context (the thread runs in
-    a copy of it). Read from the threads' frames: on the failure path only."""
+    """Whether one of anyio's worker threads runs code of *unit* now that its waiter was
+    cancelled: a ``def`` endpoint or dependency (FastAPI's ``run_in_threadpool``), in the
+    unit's context (the thread runs in a copy of it), whose future the cancel of the task
+    waiting for it cancelled. Not a thread the unit's code started and did not wait for (a
+    background job: its future is not cancelled), which does not hold the unit's values.
+    Read from the threads' frames: on the failure path only."""
     global _worker_run
     if _worker_run is None:
         from anyio._backends._asyncio import WorkerThread
@@ -1663,8 +1666,13 @@ def _in_its_thread(unit: Unit) -> bool:
         frame: Any = top
         while frame is not None:
             if frame.f_code is _worker_run:
-                context = frame.f_locals.get("context")
-                if isinstance(context, contextvars.Context):
+                found = frame.f_locals
+                context, future = found.get("context"), found.get("future")
+                if (
+                    isinstance(context, contextvars.Context)
+                    and isinstance(future, asyncio.Future)
+                    and future.cancelled()
+                ):
                     ref = context.get(_CURRENT)
                     if ref is not None and ref() is unit:
                         return True

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio.to_thread
 import pytest
 from fastapi import Depends, FastAPI
 
@@ -118,3 +119,41 @@ async def test_an_async_endpoint_is_cancelled_at_once() -> None:
     assert r.status_code == 504
     assert events == ["rolled back (CancelledError)"]
     assert took < 3  # not the endpoint's 5 s
+
+
+async def test_a_thread_the_endpoint_did_not_wait_for_does_not_hold_its_values() -> None:
+    """A background job the endpoint started in a worker thread and did not wait for runs in
+    a copy of the request's context too, but holds none of its values: the timeout closes
+    them at once, not when that job ends (diff15 review, F0: the 504 came after the job's
+    5 s, the connection checked out all along)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+    job_done = threading.Event()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        finally:
+            events.append("closed")
+
+    app = FastAPI(lifespan=lc.lifespan)
+    jobs: set[asyncio.Task[None]] = set()
+
+    def report() -> None:
+        job_done.wait(10)
+        events.append("job done")
+
+    @app.get("/write")
+    async def write(c: Annotated[str, Depends(conn)]) -> str:
+        jobs.add(asyncio.create_task(anyio.to_thread.run_sync(report)))
+        await asyncio.sleep(10)  # a slow upstream call: timed out
+        return c  # pragma: no cover
+
+    async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
+        r = await client.get("/write")
+        assert events == ["closed"]  # was []: waiting for the job
+        job_done.set()
+        await asyncio.gather(*jobs)
+    assert r.status_code == 504
+    assert events == ["closed", "job done"]

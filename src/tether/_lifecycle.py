@@ -380,6 +380,7 @@ class Lifecycle:
         # held longer is checked against its unit's (`_leak_at_close`), one comparison.
         self._leak_floor = math.inf
         self._leak_threshold: float | None = None
+        self._leak_unset = False  # deleted (`del lc.leak_threshold`) and not set again
         # The units of work given a leak_threshold of their own (`lc.scope(...)`).
         self._leak_thresholds = _Thresholds(self)
         self.leak_threshold = leak_threshold
@@ -1785,6 +1786,7 @@ class Lifecycle:
             (name, snapshot(name, res.scope, res.counters, self._down_reason(res)))
             for name, res in self._resources.items()
         )
+        resources._where = "lc.stats().resources"
         pools = self._pool_stats()
         pools._where = "lc.stats().pools"
         pools._resources = tuple(resources)
@@ -1882,12 +1884,22 @@ class Lifecycle:
     def leak_threshold(self) -> float | None:
         """A request resource held longer than this many seconds is reported once (None:
         no reports)."""
+        if self._leak_unset:
+            raise AttributeError("'Lifecycle' object has no attribute 'leak_threshold'")
         return self._leak_threshold
 
     @leak_threshold.setter
     def leak_threshold(self, value: float | None) -> None:
         self._leak_threshold = value
         self._leak_floor = min(_as_threshold(value), self._leak_thresholds.floor)
+        self._leak_unset = False
+
+    @leak_threshold.deleter
+    def leak_threshold(self) -> None:
+        # What `mock.patch.object(lc, "leak_threshold", x)` does on its exit before it sets
+        # the value back: unset (no reports) until it is set again.
+        self.leak_threshold = None
+        self._leak_unset = True
 
     def _leak_threshold_of(self, unit: Unit) -> float | None:
         """*unit*'s leak threshold: its own (`lc.scope(label, leak_threshold=...)`), or the

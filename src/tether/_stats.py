@@ -113,7 +113,7 @@ class ByName(dict[str, _V]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._where = "lc.stats().resources"
+        self._where = ""  # set by lc.stats(); "" in a copy (`dataclasses.asdict`)
         self._resources: tuple[str, ...] = ()
         self._state = ""
 
@@ -121,9 +121,11 @@ class ByName(dict[str, _V]):
         raise KeyError(self._missing(key))
 
     def _missing(self, key: object) -> str:
-        where = getattr(self, "_where", "lc.stats()")
+        where = getattr(self, "_where", "")
         names = ", ".join(repr(n) for n in self) or "none"
-        if where.endswith(".resources"):
+        if not where:  # a copy: which of the two it was is not known
+            msg = f"No name {key!r} in this copy of lc.stats()'s figures; the names: {names}."
+        elif where.endswith(".resources"):
             msg = f"No resource named {key!r} in {where}; the Lifecycle's resources: {names}."
         else:
             msg = (

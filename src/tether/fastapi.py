@@ -2783,6 +2783,10 @@ def _check_dependencies(dependencies: object) -> None:
             raise TypeError(msg)
 
 
+#: The longest ``refresh`` a browser's ``setTimeout`` takes (2**31 - 1 ms, in seconds).
+_MOST_REFRESH = 2_147_483
+
+
 def dashboard_router(
     lc: Lifecycle,
     *,
@@ -2817,11 +2821,12 @@ def dashboard_router(
             f"its stats, in seconds, and must be a positive number; e.g. refresh=2.0."
         )
         raise ValueError(msg)
-    if refresh == float("inf"):  # the page reads it as NaN, and would poll without pause
+    if refresh > _MOST_REFRESH:  # a browser's timer takes it as no delay: it would poll
         msg = (
             f"dashboard_router(refresh={refresh!r}): refresh is how often the page polls "
-            f"its stats, in seconds, and must be finite (the page would read it as no "
-            f"delay, and poll without pause); e.g. refresh=2.0, or 3600 for about never."
+            f"its stats, in seconds, and must be at most {_MOST_REFRESH:,} (about 24 days: "
+            f"past that, a browser's timer reads it as no delay, and the page would poll "
+            f"without pause); e.g. refresh=2.0, or 3600 for about never."
         )
         raise ValueError(msg)
     _check_dependencies(dependencies)

@@ -286,3 +286,31 @@ async def test_libpq_refusing_an_option_of_the_conninfo_is_a_mistake_not_retried
             async with lc.run():
                 pass
     assert isinstance(caught.value.__cause__, psycopg.ProgrammingError)
+
+
+@pytest.mark.parametrize(
+    ("given", "fix"),
+    [
+        (
+            "ssl",
+            "TLS is asked for by the URL's scheme: use rediss://... (the ssl_* options, such "
+            "as ssl_ca_certs=, go with it).",
+        ),
+        (
+            "single_connection_client",
+            "It is an option of redis.asyncio.Redis itself, which client() makes with its own "
+            "settings: remove it.",
+        ),
+    ],
+)
+def test_redis_options_of_the_client_say_what_to_do_instead(given: str, fix: str) -> None:
+    """``ssl=True`` is how redis-py's ``Redis()`` asks for TLS: "Remove it." would have left
+    the connection in plain text (diff15, F2b); ``single_connection_client=`` was offered
+    ``connection_class=``."""
+    with pytest.raises(TypeError) as info:
+        tredis.client(tether.Lifecycle(), "redis://x", **{given: True})
+    assert str(info.value) == (
+        f"Redis client 'redis': {given}= is not an option of client() nor of redis-py's "
+        f"connection pool or its connections (redis {redis.__version__}), which client() "
+        f"passes its other keyword arguments to. {fix}"
+    )

@@ -398,9 +398,9 @@ DECLARE_ONCE: dict[str, Callable[..., Any]] = {
         (
             {"key": "k", "name": ""},
             ValueError,
-            "Resource name='' is not a valid parameter name, and a parameter asks for a resource "
-            "by its name: use letters, digits and underscores, not starting with a digit, e.g. "
-            "name='db'.",
+            "once(work, name=...): Resource name='' is not a valid parameter name, and a "
+            "parameter asks for a resource by its name: use letters, digits and underscores, "
+            "not starting with a digit, e.g. name='db'.",
         ),
     ],
     ids=["key-type", "key-blank", "table-type", "record-str", "name-empty"],

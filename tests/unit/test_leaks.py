@@ -445,3 +445,16 @@ def test_trio_frames_are_left_out_of_the_stack(caplog: pytest.LogCaptureFixture)
     stack = record.getMessage().partition("\n")[2]
     assert stack.rstrip().endswith("in main")
     assert trio_dir not in stack
+
+
+def test_mock_patch_object_of_leak_threshold_puts_it_back() -> None:
+    """`leak_threshold` became a property: `mock.patch.object(lc, "leak_threshold", x)`
+    raised AttributeError on its exit (no deleter) and left the patched value (diff15, F1)."""
+    from unittest import mock
+
+    lc = tether.Lifecycle(leak_threshold=30)
+    with mock.patch.object(lc, "leak_threshold", 0.1):
+        assert lc.leak_threshold == 0.1
+        assert lc._leak_floor == 0.1
+    assert lc.leak_threshold == 30
+    assert lc._leak_floor == 30

@@ -94,8 +94,18 @@ def bad_prefix(fn: str, prefix: str, wrong: str, routes: str, fix: str) -> str:
             lambda lc: dashboard_router(lc, refresh=float("inf")),
             ValueError,
             "dashboard_router(refresh=inf): refresh is how often the page polls its stats, in "
-            "seconds, and must be finite (the page would read it as no delay, and poll without "
-            "pause); e.g. refresh=2.0, or 3600 for about never.",
+            "seconds, and must be at most 2,147,483 (about 24 days: past that, a browser's "
+            "timer reads it as no delay, and the page would poll without pause); e.g. "
+            "refresh=2.0, or 3600 for about never.",
+        ),
+        (
+            # diff15 F2: a finite refresh past a browser's timer limit polled without pause.
+            lambda lc: dashboard_router(lc, refresh=1e7),
+            ValueError,
+            "dashboard_router(refresh=10000000.0): refresh is how often the page polls its "
+            "stats, in seconds, and must be at most 2,147,483 (about 24 days: past that, a "
+            "browser's timer reads it as no delay, and the page would poll without pause); "
+            "e.g. refresh=2.0, or 3600 for about never.",
         ),
         (
             lambda lc: dashboard_router(lc, dependencies=[require_admin]),
@@ -120,6 +130,7 @@ def bad_prefix(fn: str, prefix: str, wrong: str, routes: str, fix: str) -> str:
         "dashboard-prefix-both",
         "health-cache-inf",
         "dashboard-refresh-inf",
+        "dashboard-refresh-past-timers",
         "dashboard-dependency-not-depends",
         "dashboard-dependencies-int",
     ],

@@ -252,3 +252,24 @@ async def test_a_name_stats_has_not_says_which_it_has() -> None:
     assert isinstance(stats.pools, dict)
     assert stats.resources.get("nope") is None
     assert "nope" not in stats.resources
+
+
+async def test_a_copy_of_the_stats_says_no_more_than_it_knows() -> None:
+    """`dataclasses.asdict(lc.stats())` rebuilds the dicts: its pools said "No resource
+    named ... in lc.stats().resources" (diff15, F3)."""
+    import dataclasses
+
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def session() -> AsyncIterator[int]:
+        yield 1
+
+    copied = dataclasses.asdict(lc.stats())
+    with pytest.raises(KeyError) as info:
+        copied["pools"]["session"]
+    assert info.value.args == (
+        "No name 'session' in this copy of lc.stats()'s figures; the names: none.",
+    )
+    with pytest.raises(KeyError, match="the names: 'session'"):
+        copied["resources"]["sesion"]

@@ -93,7 +93,10 @@ def declare(
     """Check the arguments now (not at the next deployment) and register the app resource,
     which runs ``run_with(value of dep, job)``."""
     if name is not None:
-        _check_name(name)
+        try:
+            _check_name(name)
+        except (TypeError, ValueError) as exc:  # said of once(), not of a resource
+            raise type(exc)(f"once({getattr(fn, '__name__', '...')}, name=...): {exc}") from None
         label = name
     else:
         label = getattr(fn, "__name__", None) or "once"

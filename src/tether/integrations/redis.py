@@ -752,8 +752,26 @@ def _check_options(kw: dict[str, Any], blocking: bool, where: str) -> None:
                 f"pool's size), or remove it."
             )
             raise TypeError(msg)
+        if key == "ssl":  # redis.asyncio.Redis(ssl=True): a URL's scheme here
+            fix = (
+                "TLS is asked for by the URL's scheme: use rediss://... (the ssl_* options, "
+                "such as ssl_ca_certs=, go with it)."
+            )
+        elif key in _CLIENT_ONLY:
+            fix = (
+                "It is an option of redis.asyncio.Redis itself, which client() makes with "
+                "its own settings: remove it."
+            )
+        else:
+            fix = did_you_mean(key, known)
         of = f"redis-py's connection pool or its connections (redis {redis.__version__})"
-        raise not_an_option(where, key, "client()", of, did_you_mean(key, known))
+        raise not_an_option(where, key, "client()", of, fix)
+
+
+#: Options of ``redis.asyncio.Redis`` that are neither the pool's nor its connections'.
+_CLIENT_ONLY = frozenset(
+    {"single_connection_client", "auto_close_connection_pool", "cache", "cache_config"}
+)
 
 
 def client(

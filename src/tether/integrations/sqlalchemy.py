@@ -1936,29 +1936,21 @@ def _busy(exc: BaseException) -> bool:
     )
 
 
-def _still_in_use(name: str) -> str:
-    """The error of a unit of work that succeeded while a task it started still ran an
-    operation on its session (`_let_go`)."""
+_HUNG_UP = "the connection was hung up under that task and discarded"
+_CANCELLED = "that task, still waiting for a connection for the session, was cancelled"
+
+
+def _still_in_use(name: str, done: str = _HUNG_UP) -> str:
+    """The error of a unit of work that succeeded while a task it started still used its
+    session (`_let_go`): *done*, what became of that task (its connection hung up under it,
+    or, still waiting for one, the task cancelled)."""
     return (
         f"Session {name!r} was still in use by another task when its unit of work ended (a "
         f"task started with it and not awaited, or the other operation of an asyncio.gather "
-        f"that failed), so its transaction could not be committed: the connection was hung up "
-        f"under that task and discarded, and the unit of work rolled back. Await every task "
-        f"using the session before the unit of work ends, or give each task a session of its "
-        f"own (`async with lc.scope() as s: await s.get({name})` in the task)."
-    )
-
-
-def _still_waiting(name: str) -> str:
-    """The error of a unit of work that succeeded while a task it started still waited for a
-    connection for its session (`_let_go`)."""
-    return (
-        f"Session {name!r} was still in use by another task when its unit of work ended (a "
-        f"task started with it and not awaited, or the other operation of an asyncio.gather "
-        f"that failed), so its transaction could not be committed: that task, still waiting "
-        f"for a connection for the session, was cancelled, and the unit of work rolled back. "
-        f"Await every task using the session before the unit of work ends, or give each task "
-        f"a session of its own (`async with lc.scope() as s: await s.get({name})` in the task)."
+        f"that failed), so its transaction could not be committed: {done}, and the unit of "
+        f"work rolled back. Await every task using the session before the unit of work ends, "
+        f"or give each task a session of its own (`async with lc.scope() as s: await "
+        f"s.get({name})` in the task)."
     )
 
 
@@ -2521,7 +2513,7 @@ def session(
                 # A task the endpoint started still waited for a connection for the
                 # session: cancelled, what the session did rolled back.
                 await _rollback(s, name, None, info)
-                raise ScopeError(_still_waiting(name))
+                raise ScopeError(_still_in_use(name, _CANCELLED))
             try:
                 await s.commit()
             except sa_exc.InvalidRequestError as exc:

@@ -1,5 +1,6 @@
 """Calling an ASGI app in-process, as a server would, without a server."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,3 +51,20 @@ class Exchange:
     @property
     def statuses(self) -> list[int]:
         return [m["status"] for m in self.sent if m["type"] == "http.response.start"]
+
+
+def timeout_middleware(app: Any, seconds: float) -> Any:
+    """The usual request-timeout middleware: ``asyncio.wait_for`` around the app, and 504
+    when it times out (it cancels the request's task from outside tether)."""
+
+    async def timed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(app(scope, receive, send), seconds)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b"timed out"})
+
+    return timed

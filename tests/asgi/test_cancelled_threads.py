@@ -10,32 +10,16 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio.to_thread
 import pytest
 from fastapi import Depends, FastAPI
 
 import tether
-from tests.inprocess import client_of
+from tests.inprocess import client_of, timeout_middleware
 
 pytestmark = pytest.mark.anyio
-
-
-def timeout_middleware(app: Any, seconds: float) -> Any:
-    """The common request-timeout middleware: ``asyncio.wait_for`` around the app, 504."""
-
-    async def timed(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        try:
-            await asyncio.wait_for(app(scope, receive, send), seconds)
-        except TimeoutError:
-            await send({"type": "http.response.start", "status": 504, "headers": []})
-            await send({"type": "http.response.body", "body": b"timed out"})
-
-    return timed
 
 
 @pytest.mark.parametrize("endpoint", ["def endpoint", "def dependency"])

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import tether
+from tests.inprocess import timeout_middleware
 from tests.routes import WrappingRoute
 from tests.servers import Postgres
 from tether.integrations import sqlalchemy as tsa
@@ -293,19 +294,6 @@ async def test_a_def_endpoint_on_a_route_served_through_handle_rolls_back_too() 
     assert events == ["endpoint ended", "rollback (ClientDisconnected)"]
 
 
-def timed_out_after(app: Any, seconds: float) -> Any:
-    """The usual request-timeout middleware: ``asyncio.wait_for`` around the app, 504."""
-
-    async def timed(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await asyncio.wait_for(app(scope, receive, send), seconds)
-        except TimeoutError:
-            await send({"type": "http.response.start", "status": 504, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
-    return timed
-
-
 @pytest.mark.parametrize("make", [psycopg_app, sqlalchemy_app], ids=["psycopg_pool", "tsa"])
 async def test_a_def_endpoint_cancelled_by_a_timeout_runs_to_its_end_and_rolls_back(
     postgres: Postgres, table: None, make: Any
@@ -332,7 +320,7 @@ async def test_a_def_endpoint_cancelled_by_a_timeout_runs_to_its_end_and_rolls_b
         insert(v, -1, "next")
         return {"status": "done"}
 
-    timed = timed_out_after(app, 0.3)
+    timed = timeout_middleware(app, 0.3)
     async with lc.lifespan(app):
         assert await call(timed, "/long", leave_after=None) == [504]
         assert ended == ["returned"]  # the values closed once the thread returned

@@ -1229,8 +1229,10 @@ def close_failed(
 class Guarded:
     """A transparent proxy for a value opened with ``guard=True``.
 
-    Attribute access and calls go to the value while its scope is open, and raise
-    :class:`~tether.ResourceClosedError` after (counted as one leak, however often used).
+    Attribute access, calls, item access (``c["k"]``), ``in``, iteration and ``with`` go to
+    the value while its scope is open, and raise :class:`~tether.ResourceClosedError` after
+    (counted as one leak, however often used). Not ``len()`` nor truth: a ``__len__`` here
+    would make ``bool(proxy)`` fail for a value without one.
     """
 
     __slots__ = ("_tether_closed", "_tether_counted", "_tether_res", "_tether_value")
@@ -1263,6 +1265,26 @@ class Guarded:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._tether_check()(*args, **kwargs)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._tether_check()[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._tether_check()[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._tether_check()[key]
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._tether_check()
+
+    def __iter__(self) -> Any:
+        # Defined with __getitem__: else `iter()` would index the value from 0 (a dict's
+        # KeyError: 0) where the value has its own iteration, or none (a TypeError).
+        return iter(self._tether_check())
+
+    def __aiter__(self) -> Any:
+        return aiter(self._tether_check())
 
     async def __aenter__(self) -> Any:
         return await self._tether_check().__aenter__()

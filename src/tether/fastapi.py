@@ -1599,12 +1599,7 @@ def _in_worker_thread(task: asyncio.Task[Any]) -> bool:
     it opens after a cancel)."""
     global _thread_waits
     if _thread_waits is None:
-        from anyio._backends._asyncio import AsyncIOBackend
-
-        _thread_waits = (
-            AsyncIOBackend.run_sync_in_worker_thread.__code__,
-            asyncio.to_thread.__code__,
-        )
+        _thread_waits = (_anyio_run_sync(), asyncio.to_thread.__code__)
     # `_coro`, not `get_coro()`: the same on CPython's tasks, and None on granian's
     # `--task-impl rust` tasks, whose `get_coro()` crashes the process.
     aw: Any = getattr(task, "_coro", None)
@@ -1647,37 +1642,67 @@ def _runs_a_thread(fut: Any) -> bool:
     return False
 
 
-_worker_run: Any = None  # the code of anyio's worker threads' loop (`_in_its_thread`)
+_run_sync: Any = None
 
 
-def _in_its_thread(unit: Unit) -> bool:
-    """Whether one of anyio's worker threads runs code of *unit* now that its waiter was
-    cancelled: a ``def`` endpoint or dependency (FastAPI's ``run_in_threadpool``), in the
-    unit's context (the thread runs in a copy of it), whose future the cancel of the task
-    waiting for it cancelled. Not a thread the unit's code started and did not wait for (a
-    background job: its future is not cancelled), which does not hold the unit's values.
-    Read from the threads' frames: on the failure path only."""
-    global _worker_run
-    if _worker_run is None:
-        from anyio._backends._asyncio import WorkerThread
+def _anyio_run_sync() -> Any:
+    """The code of anyio's step that hands a function to a worker thread and waits for it
+    (its asyncio backend's): its locals ``func``, ``context`` and ``future``, and its await
+    of that future, are what tether reads of anyio's internals (`_in_worker_thread`,
+    `_its_threads`; `task_stack` finds it by name)."""
+    global _run_sync
+    if _run_sync is None:
+        from anyio._backends._asyncio import AsyncIOBackend
 
-        _worker_run = WorkerThread.run.__code__
-    for top in sys._current_frames().values():
-        frame: Any = top
-        while frame is not None:
-            if frame.f_code is _worker_run:
-                found = frame.f_locals
-                context, future = found.get("context"), found.get("future")
-                if (
-                    isinstance(context, contextvars.Context)
-                    and isinstance(future, asyncio.Future)
-                    and future.cancelled()
-                ):
-                    ref = context.get(_CURRENT)
-                    if ref is not None and ref() is unit:
-                        return True
-                break
-            frame = frame.f_back
+        _run_sync = AsyncIOBackend.run_sync_in_worker_thread.__code__
+    return _run_sync
+
+
+def _its_threads(unit: Unit, exc: BaseException) -> list[contextvars.Context]:
+    """The contexts of *unit*'s calls into worker threads (a ``def`` endpoint or dependency,
+    FastAPI's ``run_in_threadpool``, ``asyncio.to_thread``) whose wait the cancel *exc* cut:
+    read from the frames *exc* went through (this thread's, ended: their locals are safe to
+    read). Each call runs in a context of its own, a copy of the unit's, entered by its
+    thread while the function runs (not ``loop.run_in_executor``, which passes none). Not a thread the unit's code started and did not wait for (a
+    background job), which holds none of its values. On the failure path only.
+
+    Other threads' frames are never walked (``sys._current_frames()``, then ``f_back``):
+    on CPython 3.11 that can crash the process (see `thread_frames`)."""
+    run_sync, to_thread = _anyio_run_sync(), asyncio.to_thread.__code__
+    found: list[contextvars.Context] = []
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and len(seen) < 8:
+        seen.add(id(cause))
+        tb = cause.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            context: Any = None
+            if frame.f_code is run_sync:
+                future = frame.f_locals.get("future")
+                if isinstance(future, asyncio.Future) and future.cancelled():
+                    context = frame.f_locals.get("context")
+            elif frame.f_code is to_thread:  # `await asyncio.to_thread(...)` in the app's code
+                context = frame.f_locals.get("ctx")
+            if isinstance(context, contextvars.Context) and context not in found:
+                ref = context.get(_CURRENT)
+                if ref is not None and ref() is unit:
+                    found.append(context)
+            tb = tb.tb_next
+        cause = cause.__context__
+    return found
+
+
+def _running(contexts: list[contextvars.Context]) -> bool:
+    """Whether a thread runs in one of *contexts* now: a context is entered by one thread
+    at a time, and entering it here fails while the thread's function runs. Entered for
+    ``int()``, a call in C that cannot let the thread run meanwhile (a Python function
+    could: the thread, entering then, would fail)."""
+    for context in contexts:
+        try:
+            context.run(int)
+        except RuntimeError:  # "cannot enter context: ... is already entered"
+            return True
     return False
 
 
@@ -1686,27 +1711,42 @@ async def _after_its_threads(unit: Unit, exc: BaseException) -> None:
     the app, uvicorn's ``--timeout-graceful-shutdown``, the drain's cancel) while its code
     runs in a worker thread, which no cancel stops: its values close once that thread
     returns, not under it (a connection back in its pool, then another request's, while
-    the thread still wrote on it). The wait cannot be cut short: while the app drains, it
-    lasts at most ``close_timeout``. A client that went away was waited for already
-    (`HttpUnit._cancel`)."""
-    if not isinstance(exc, asyncio.CancelledError) or not _in_its_thread(unit):
+    the thread still wrote on it). The wait cannot be cut short: once the app stops, it
+    lasts at most ``close_timeout`` more (counted from the stop, not from the cancel). A
+    client that went away was waited for already (`HttpUnit._cancel`)."""
+    if not isinstance(exc, asyncio.CancelledError):
         return
+    contexts = _its_threads(unit, exc)
+    if not contexts:
+        return
+    if not _running(contexts):
+        # Its thread may be about to enter the context (past anyio's check that the call
+        # was not cancelled): a tick to be sure. Else it ended, or never started.
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass  # cancelled again: as below
+        if not _running(contexts):
+            return
     log.info(
         "tether: %s was cancelled while it ran in a worker thread, which no cancel stops: "
         "its values close when that returns",
         unit.label,
     )
     lc = unit.lc
-    deadline = time.monotonic() + lc.close_timeout
-    while _in_its_thread(unit):
-        if lc.state is not State.RUNNING and time.monotonic() > deadline:
-            log.warning(
-                "tether: %s: its worker thread still runs after close_timeout=%g s while the "
-                "app stops; its values close under it",
-                unit.label,
-                lc.close_timeout,
-            )
-            return
+    deadline: float | None = None
+    while _running(contexts):
+        if lc.state is not State.RUNNING:
+            if deadline is None:
+                deadline = time.monotonic() + lc.close_timeout
+            elif time.monotonic() > deadline:
+                log.warning(
+                    "tether: %s: its worker thread still runs close_timeout=%g s after the "
+                    "app began to stop; its values close under it",
+                    unit.label,
+                    lc.close_timeout,
+                )
+                return
         try:
             await asyncio.sleep(0.01)
         except asyncio.CancelledError:
@@ -2614,6 +2654,9 @@ def _detail(lc: Lifecycle, error: ResourceUnavailable) -> str:
 # --------------------------------------------------------------------------- health
 
 
+_DAY = 86400.0  # the longest `health_router(cache=)`
+
+
 def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0) -> Any:
     """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
 
@@ -2647,6 +2690,14 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
             f"the checks' report: an infinite cache would answer the first report for ever, "
             f"never running the checks again. Pass a finite number, e.g. cache=1.0, or 0 to "
             f"run the checks for every probe."
+        )
+        raise ValueError(msg)
+    if cache > _DAY:
+        msg = (
+            f"health_router(cache={cache!r}): cache is how long, in seconds, /ready reuses "
+            f"the checks' report: {cache:g} s is over a day, so /ready would go on answering "
+            f"200 long after the database went away. Pass a number of seconds up to 86400, "
+            f"e.g. cache=1.0, or 0 to run the checks for every probe."
         )
         raise ValueError(msg)
     router = APIRouter(prefix=prefix, tags=["health"])

@@ -141,3 +141,176 @@ async def test_a_thread_the_endpoint_did_not_wait_for_does_not_hold_its_values()
         await asyncio.gather(*jobs)
     assert r.status_code == 504
     assert events == ["closed", "job done"]
+
+
+async def serving(lc: tether.Lifecycle, app: FastAPI, stop: asyncio.Event) -> None:
+    """The app's lifespan in a task of its own, as a server runs it: *stop* is the SIGTERM."""
+    async with lc.lifespan(app):
+        await stop.wait()
+
+
+async def test_a_stop_long_after_the_cancel_still_waits_close_timeout_for_the_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bound on that wait counts from when the app begins to stop, not from the cancel:
+    a request timed out 2.5 s before a SIGTERM has its values closed once its thread returns
+    within ``close_timeout`` of the stop, not under the thread the moment the stop begins
+    (note33: the deadline started at the cancel, so it had passed already)."""
+    lc = tether.Lifecycle(close_timeout=2.0)
+    events: list[str] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def note(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException as exc:
+            note(f"rolled back ({type(exc).__name__})")
+            raise
+        note("committed")  # pragma: no cover
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/write")
+    def write(c: Annotated[str, Depends(conn)]) -> str:
+        release.wait(10)  # a slow statement, past the middleware's 0.2 s
+        note("thread wrote")
+        return c
+
+    stop = asyncio.Event()
+    async with client_of(timeout_middleware(app, 0.2)) as client:
+        stopping = asyncio.ensure_future(serving(lc, app, stop))
+        await asyncio.sleep(0.1)
+        answer = asyncio.ensure_future(client.get("/write"))
+        await asyncio.sleep(2.5)  # past close_timeout since the cancel at 0.2 s
+        stop.set()
+        await asyncio.sleep(0.3)
+        assert lc.state is not tether.State.RUNNING
+        assert events == []  # was ["rolled back (CancelledError)"]: closed under the thread
+        release.set()
+        r = await asyncio.wait_for(answer, 10)
+        await asyncio.wait_for(stopping, 10)
+    assert r.status_code == 504
+    assert events == ["thread wrote", "rolled back (CancelledError)"]
+    assert "still runs close_timeout" not in caplog.text
+
+
+async def test_a_thread_past_close_timeout_after_the_stop_has_its_values_closed_under_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once the app has been stopping for ``close_timeout``, the wait ends: a thread that
+    never returns does not hold the shutdown (one WARNING says so)."""
+    lc = tether.Lifecycle(close_timeout=0.5)
+    events: list[str] = []
+    release = threading.Event()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException as exc:
+            events.append(f"rolled back ({type(exc).__name__})")
+            raise
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/write")
+    def write(c: Annotated[str, Depends(conn)]) -> str:
+        release.wait(10)
+        return c
+
+    try:
+        stop = asyncio.Event()
+        async with client_of(timeout_middleware(app, 0.2)) as client:
+            stopping = asyncio.ensure_future(serving(lc, app, stop))
+            await asyncio.sleep(0.1)
+            answer = asyncio.ensure_future(client.get("/write"))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            stop.set()
+            await asyncio.wait_for(stopping, 10)
+            took = time.monotonic() - started
+            assert events == ["rolled back (CancelledError)"]
+            assert took < 5  # close_timeout's 0.5 s, not the thread's 10 s
+    finally:
+        release.set()
+    r = await asyncio.wait_for(answer, 10)
+    assert r.status_code == 504
+    assert (
+        "GET /write: its worker thread still runs close_timeout=0.5 s after the app began to "
+        "stop; its values close under it"
+    ) in caplog.text
+
+
+async def test_the_wait_reads_no_frame_of_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which thread runs the unit's code is found from the cancel's own frames and the call's
+    context, not by walking the worker threads' frames (`sys._current_frames()`, then
+    `f_back`), which can crash CPython 3.11 while those threads run (note34)."""
+
+    def refused() -> None:
+        raise AssertionError("another thread's frames were read")
+
+    monkeypatch.setattr("sys._current_frames", refused)
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException:
+            events.append("rolled back")
+            raise
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/write")
+    def write(c: Annotated[str, Depends(conn)]) -> str:
+        time.sleep(0.6)
+        events.append("thread wrote")
+        return c
+
+    async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
+        r = await client.get("/write")
+    assert r.status_code == 504
+    assert events == ["thread wrote", "rolled back"]
+
+
+async def test_an_async_endpoint_awaiting_asyncio_to_thread_waits_for_it() -> None:
+    """`await asyncio.to_thread(write, conn)` in an `async def` endpoint: the thread runs on
+    after the timeout's cancel, as a `def` endpoint's does, and the values wait for it (they
+    closed under it)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+    lock = threading.Lock()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        try:
+            yield "conn"
+        except BaseException:
+            with lock:
+                events.append("rolled back")
+            raise
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    def slow_write(c: str) -> str:
+        time.sleep(0.6)
+        with lock:
+            events.append("thread wrote")
+        return c
+
+    @app.get("/write")
+    async def write(c: Annotated[str, Depends(conn)]) -> str:
+        return await asyncio.to_thread(slow_write, c)
+
+    async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
+        r = await client.get("/write")
+    assert r.status_code == 504
+    assert events == ["thread wrote", "rolled back"]

@@ -159,3 +159,74 @@ class TestGuard:
 
         async with lc.scope() as s:
             assert await s.get(conn) is made[0]
+
+
+class Cache(dict[str, int]):
+    """A mapping value (a Redis-like cache, a row): used by item access, `in`, iteration."""
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for key in list(self):
+            yield key
+
+
+class TestGuardedContainers:
+    """Item access, `in` and iteration on a guarded value (leak review #9: `c["k"]` after
+    close was a TypeError, "'Guarded' object is not subscriptable", not a
+    ResourceClosedError; and inside the scope it did not work at all)."""
+
+    @staticmethod
+    def _lifecycle() -> tuple[tether.Lifecycle, tether.Resource[Any]]:
+        lc = tether.Lifecycle()
+
+        @lc.resource(guard=True)
+        async def conn() -> AsyncIterator[Cache]:
+            yield Cache(a=1)
+
+        return lc, conn
+
+    async def test_they_reach_the_value_inside_its_scope(self) -> None:
+        lc, conn = self._lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            assert c["a"] == 1
+            c["b"] = 2
+            del c["a"]
+            assert "b" in c
+            assert "a" not in c
+            assert list(c) == ["b"]
+            assert [k async for k in c] == ["b"]
+            assert c  # truth is the proxy's, as before: not the value's len()
+        assert lc.stats().resources["conn"].leaks == 0
+
+    async def test_each_raises_after_the_scope_closed_and_counts_one_leak(self) -> None:
+        lc, conn = self._lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+
+        async def iterate_async() -> None:
+            async for _ in c:
+                pass  # pragma: no cover
+
+        def assign() -> None:
+            c["k"] = 1
+
+        def delete() -> None:
+            del c["k"]
+
+        for use in (lambda: c["k"], assign, delete, lambda: "k" in c, lambda: list(c)):
+            with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+                use()
+        with pytest.raises(tether.ResourceClosedError, match=rf"^{CLOSED}$"):
+            await iterate_async()
+        assert lc.stats().resources["conn"].leaks == 1
+
+    async def test_a_value_that_is_no_container_fails_as_it_would_unguarded(self) -> None:
+        lc, conn = _guarded_lifecycle()
+        async with lc.scope() as s:
+            c = await s.get(conn)
+            with pytest.raises(TypeError, match="'Connection' object is not subscriptable"):
+                c["k"]
+            with pytest.raises(TypeError, match="'Connection' object is not iterable"):
+                iter(c)
+            with pytest.raises(TypeError, match="'Connection' object is not an async iterable"):
+                aiter(c)

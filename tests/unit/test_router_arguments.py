@@ -91,6 +91,15 @@ def bad_prefix(fn: str, prefix: str, wrong: str, routes: str, fix: str) -> str:
             "every probe.",
         ),
         (
+            # note33: a finite cache past any use answered the first report for ever too.
+            lambda lc: health_router(lc, cache=1e308),
+            ValueError,
+            "health_router(cache=1e+308): cache is how long, in seconds, /ready reuses the "
+            "checks' report: 1e+308 s is over a day, so /ready would go on answering 200 long "
+            "after the database went away. Pass a number of seconds up to 86400, e.g. "
+            "cache=1.0, or 0 to run the checks for every probe.",
+        ),
+        (
             lambda lc: dashboard_router(lc, refresh=float("inf")),
             ValueError,
             "dashboard_router(refresh=inf): refresh is how often the page polls its stats, in "
@@ -129,6 +138,7 @@ def bad_prefix(fn: str, prefix: str, wrong: str, routes: str, fix: str) -> str:
         "health-prefix-root",
         "dashboard-prefix-both",
         "health-cache-inf",
+        "health-cache-past-a-day",
         "dashboard-refresh-inf",
         "dashboard-refresh-past-timers",
         "dashboard-dependency-not-depends",

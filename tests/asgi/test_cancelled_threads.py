@@ -9,7 +9,7 @@ returns, with the cancel as their failure (rolled back), as they do for a client
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio.to_thread
@@ -143,60 +143,91 @@ async def test_a_thread_the_endpoint_did_not_wait_for_does_not_hold_its_values()
     assert events == ["closed", "job done"]
 
 
+class Recorded:
+    """A request resource that records how it closed, and what the app's threads did, in
+    one list, in order."""
+
+    def __init__(self, lc: tether.Lifecycle) -> None:
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+
+        @lc.resource
+        async def conn() -> AsyncIterator[str]:
+            try:
+                yield "conn"
+            except BaseException as exc:
+                self.note(f"rolled back ({type(exc).__name__})")
+                raise
+            self.note("committed")
+
+        self.conn = conn
+
+    def note(self, event: str) -> None:
+        with self.lock:
+            self.events.append(event)
+
+
 async def serving(lc: tether.Lifecycle, app: FastAPI, stop: asyncio.Event) -> None:
     """The app's lifespan in a task of its own, as a server runs it: *stop* is the SIGTERM."""
     async with lc.lifespan(app):
         await stop.wait()
 
 
-async def test_a_stop_long_after_the_cancel_still_waits_close_timeout_for_the_thread(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The bound on that wait counts from when the app begins to stop, not from the cancel:
-    a request timed out 2.5 s before a SIGTERM has its values closed once its thread returns
-    within ``close_timeout`` of the stop, not under the thread the moment the stop begins
-    (note33: the deadline started at the cancel, so it had passed already)."""
-    lc = tether.Lifecycle(close_timeout=2.0)
-    events: list[str] = []
-    lock = threading.Lock()
-    release = threading.Event()
-
-    def note(event: str) -> None:
-        with lock:
-            events.append(event)
-
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
-        try:
-            yield "conn"
-        except BaseException as exc:
-            note(f"rolled back ({type(exc).__name__})")
-            raise
-        note("committed")  # pragma: no cover
-
-    app = FastAPI(lifespan=lc.lifespan)
-
-    @app.get("/write")
-    def write(c: Annotated[str, Depends(conn)]) -> str:
-        release.wait(10)  # a slow statement, past the middleware's 0.2 s
-        note("thread wrote")
-        return c
-
+async def timed_out_while_stopping(
+    lc: tether.Lifecycle,
+    app: FastAPI,
+    release: Callable[[], None],
+    *,
+    cancel_to_stop: float,
+    stop_to_release: float,
+) -> tuple[list[float], int]:
+    """A request to /write timed out at 0.2 s; the app begins to stop *cancel_to_stop* s
+    after; *stop_to_release* s after that, *release* is called. Returns when the stop ended
+    (s after it began) and the answer's status."""
     stop = asyncio.Event()
     async with client_of(timeout_middleware(app, 0.2)) as client:
         stopping = asyncio.ensure_future(serving(lc, app, stop))
         await asyncio.sleep(0.1)
         answer = asyncio.ensure_future(client.get("/write"))
-        await asyncio.sleep(2.5)  # past close_timeout since the cancel at 0.2 s
+        await asyncio.sleep(0.2 + cancel_to_stop)
+        started = time.monotonic()
         stop.set()
-        await asyncio.sleep(0.3)
-        assert lc.state is not tether.State.RUNNING
-        assert events == []  # was ["rolled back (CancelledError)"]: closed under the thread
+        ended: list[float] = []
+        stopping.add_done_callback(lambda _: ended.append(time.monotonic() - started))
+        await asyncio.sleep(stop_to_release)
+        release()
+        return ended, (await asyncio.wait_for(answer, 10)).status_code
+
+
+async def test_a_stop_long_after_the_cancel_still_waits_close_timeout_for_the_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bound on that wait counts from when the app begins to stop, not from the cancel:
+    a request timed out 2.3 s before a SIGTERM has its values closed once its thread returns
+    within ``close_timeout`` of the stop, not under the thread the moment the stop begins
+    (note33: the deadline started at the cancel, so it had passed already)."""
+    lc = tether.Lifecycle(close_timeout=2.0)
+    rec = Recorded(lc)
+    release = threading.Event()
+    app = FastAPI(lifespan=lc.lifespan)
+    seen: list[list[str]] = []
+
+    @app.get("/write")
+    def write(c: Annotated[str, Depends(rec.conn)]) -> str:
+        release.wait(10)  # a slow statement, past the middleware's 0.2 s
+        rec.note("thread wrote")
+        return c
+
+    def check_then_release() -> None:
+        seen.append(list(rec.events))
         release.set()
-        r = await asyncio.wait_for(answer, 10)
-        await asyncio.wait_for(stopping, 10)
-    assert r.status_code == 504
-    assert events == ["thread wrote", "rolled back (CancelledError)"]
+
+    _, status = await timed_out_while_stopping(
+        lc, app, check_then_release, cancel_to_stop=2.3, stop_to_release=0.3
+    )
+    assert seen == [[]]  # was [["rolled back (CancelledError)"]]: closed under the thread
+    assert status == 504
+    assert rec.events == ["thread wrote", "rolled back (CancelledError)"]
     assert "still runs close_timeout" not in caplog.text
 
 
@@ -206,41 +237,32 @@ async def test_a_thread_past_close_timeout_after_the_stop_has_its_values_closed_
     """Once the app has been stopping for ``close_timeout``, the wait ends: a thread that
     never returns does not hold the shutdown (one WARNING says so)."""
     lc = tether.Lifecycle(close_timeout=0.5)
-    events: list[str] = []
+    rec = Recorded(lc)
     release = threading.Event()
-
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
-        try:
-            yield "conn"
-        except BaseException as exc:
-            events.append(f"rolled back ({type(exc).__name__})")
-            raise
-
     app = FastAPI(lifespan=lc.lifespan)
 
     @app.get("/write")
-    def write(c: Annotated[str, Depends(conn)]) -> str:
+    def write(c: Annotated[str, Depends(rec.conn)]) -> str:
         release.wait(10)
         return c
 
+    seen: list[list[str]] = []
+
+    def check_then_release() -> None:
+        seen.append(list(rec.events))
+        release.set()
+
     try:
-        stop = asyncio.Event()
-        async with client_of(timeout_middleware(app, 0.2)) as client:
-            stopping = asyncio.ensure_future(serving(lc, app, stop))
-            await asyncio.sleep(0.1)
-            answer = asyncio.ensure_future(client.get("/write"))
-            await asyncio.sleep(0.5)
-            started = time.monotonic()
-            stop.set()
-            await asyncio.wait_for(stopping, 10)
-            took = time.monotonic() - started
-            assert events == ["rolled back (CancelledError)"]
-            assert took < 5  # close_timeout's 0.5 s, not the thread's 10 s
+        ended, status = await timed_out_while_stopping(
+            lc, app, check_then_release, cancel_to_stop=0.3, stop_to_release=2
+        )
     finally:
         release.set()
-    r = await asyncio.wait_for(answer, 10)
-    assert r.status_code == 504
+    # Closed 0.5 s into the stop, before the thread returned; the stop ended then too.
+    assert seen == [["rolled back (CancelledError)"]]
+    assert ended
+    assert ended[0] < 2
+    assert status == 504
     assert (
         "GET /write: its worker thread still runs close_timeout=0.5 s after the app began to "
         "stop; its values close under it"
@@ -257,28 +279,19 @@ async def test_the_wait_reads_no_frame_of_another_thread(monkeypatch: pytest.Mon
 
     monkeypatch.setattr("sys._current_frames", refused)
     lc = tether.Lifecycle()
-    events: list[str] = []
-
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
-        try:
-            yield "conn"
-        except BaseException:
-            events.append("rolled back")
-            raise
-
+    rec = Recorded(lc)
     app = FastAPI(lifespan=lc.lifespan)
 
     @app.get("/write")
-    def write(c: Annotated[str, Depends(conn)]) -> str:
+    def write(c: Annotated[str, Depends(rec.conn)]) -> str:
         time.sleep(0.6)
-        events.append("thread wrote")
+        rec.note("thread wrote")
         return c
 
     async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
         r = await client.get("/write")
     assert r.status_code == 504
-    assert events == ["thread wrote", "rolled back"]
+    assert rec.events == ["thread wrote", "rolled back (CancelledError)"]
 
 
 async def test_an_async_endpoint_awaiting_asyncio_to_thread_waits_for_it() -> None:
@@ -286,31 +299,19 @@ async def test_an_async_endpoint_awaiting_asyncio_to_thread_waits_for_it() -> No
     after the timeout's cancel, as a `def` endpoint's does, and the values wait for it (they
     closed under it)."""
     lc = tether.Lifecycle()
-    events: list[str] = []
-    lock = threading.Lock()
-
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
-        try:
-            yield "conn"
-        except BaseException:
-            with lock:
-                events.append("rolled back")
-            raise
-
+    rec = Recorded(lc)
     app = FastAPI(lifespan=lc.lifespan)
 
     def slow_write(c: str) -> str:
         time.sleep(0.6)
-        with lock:
-            events.append("thread wrote")
+        rec.note("thread wrote")
         return c
 
     @app.get("/write")
-    async def write(c: Annotated[str, Depends(conn)]) -> str:
+    async def write(c: Annotated[str, Depends(rec.conn)]) -> str:
         return await asyncio.to_thread(slow_write, c)
 
     async with lc.lifespan(app), client_of(timeout_middleware(app, 0.2)) as client:
         r = await client.get("/write")
     assert r.status_code == 504
-    assert events == ["thread wrote", "rolled back"]
+    assert rec.events == ["thread wrote", "rolled back (CancelledError)"]

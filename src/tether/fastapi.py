@@ -1663,8 +1663,9 @@ def _its_threads(unit: Unit, exc: BaseException) -> list[contextvars.Context]:
     FastAPI's ``run_in_threadpool``, ``asyncio.to_thread``) whose wait the cancel *exc* cut:
     read from the frames *exc* went through (this thread's, ended: their locals are safe to
     read). Each call runs in a context of its own, a copy of the unit's, entered by its
-    thread while the function runs (not ``loop.run_in_executor``, which passes none). Not a thread the unit's code started and did not wait for (a
-    background job), which holds none of its values. On the failure path only.
+    thread while the function runs (not ``loop.run_in_executor``, which passes none). Not a
+    thread the unit's code started and did not wait for (a background job), which holds none
+    of its values. On the failure path only.
 
     Other threads' frames are never walked (``sys._current_frames()``, then ``f_back``):
     on CPython 3.11 that can crash the process (see `thread_frames`)."""

@@ -51,8 +51,12 @@ _PASSWORD_KEY = r"[\w.\-]*?(?:password|passwd|pwd|secret)"
 _SECRET_KEY = r"[\w.\-]*?(?:password|passwd|pwd|secret|token|api_?key|signature)"
 _QUOTED = r"""'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?"""
 _KW_PASSWORD = re.compile(
-    rf"(?P<head>(?<![\w.\-]){_SECRET_KEY}\s*=\s*)(?P<pw>{_QUOTED}|(?:[^\s\\]|\\.)+)", re.I
+    rf"(?P<head>(?<![\w.\-?&]){_SECRET_KEY}\s*=\s*)(?P<pw>{_QUOTED}|(?:[^\s\\]|\\.)+)", re.I
 )
+# In a URL's query (after '?' or '&'), the value ends at the next '&': URL parsers and libpq
+# split the query there (an '&' in the value is sent encoded, %26), so the parameters after
+# it (sslmode=) stay shown. Not at '#': libpq reads it as part of the value.
+_QUERY_PASSWORD = re.compile(rf"(?P<head>(?<=[?&]){_SECRET_KEY}=)(?P<pw>[^&\s]*)", re.I)
 _DICT_PASSWORD = re.compile(
     rf"(?P<head>(?P<q>['\"]){_SECRET_KEY}(?P=q)\s*:\s*b?)(?P<pw>{_QUOTED}|[^\s,}}\]]+)", re.I
 )
@@ -150,6 +154,7 @@ def redact(text: object) -> str:
         text = _URL_PASSWORD_SLASH.sub(r"\g<head>***@", text)
         text = _URL_PASSWORD_SPACE.sub(r"\g<head>***@", text)
     if _KEYS.search(text):
+        text = _QUERY_PASSWORD.sub(r"\g<head>***", text)
         text = _KW_PASSWORD.sub(r"\g<head>***", text)
         text = _DICT_PASSWORD.sub(r"\g<head>***", text)
         text = _COLON_PASSWORD.sub(r"\g<head>***", text)

@@ -190,6 +190,8 @@ def _log_close_failure(name: str, error: BaseException) -> None:
 #: Seconds between the background attempts of a ``required=False`` resource whose server
 #: refused the credentials or the database.
 _REFUSED_RETRY = 60.0
+#: The least delay between the background attempts of a required=False app resource.
+_BACKGROUND_FLOOR = 1.0
 
 
 class _AppSlot:
@@ -549,11 +551,11 @@ class Lifecycle:
                 400 or more; ``lambda status: status >= 500`` commits on a 4xx.
             required: for app resources. ``False``: if it cannot open at startup (after its
                 *retries*), the app starts without it, and it is retried in the background
-                (every *backoff* seconds, doubled after each failure, capped at 10 s) until
-                it opens. Meanwhile it is *down*: what needs it (a request resource, a
-                dependent app resource, ``lc.get``) gets :class:`ResourceUnavailable` (503
-                with ``Retry-After``), and the health report lists it as failing. App
-                resources that depend on it wait for it the same way.
+                (every *backoff* seconds but at least 1 s, doubled after each failure, capped
+                at 10 s) until it opens. Meanwhile it is *down*: what needs it (a request
+                resource, a dependent app resource, ``lc.get``) gets
+                :class:`ResourceUnavailable` (503 with ``Retry-After``), and the health report
+                lists it as failing. App resources that depend on it wait for it the same way.
         """
 
         def register(fn: Callable[..., Any]) -> Resource[Any]:
@@ -646,6 +648,15 @@ class Lifecycle:
             check_number(concurrency, "concurrency", where, integer=True, least=1, example="4")
         if check_timeout is not None:
             check_number(check_timeout, "check_timeout", where, above=True, example="2")
+        given_after: object = retry_after  # checked as what a caller may pass
+        if isinstance(given_after, float) and not math.isfinite(given_after):
+            msg = (
+                f"{where}: retry_after={retry_after!r} is not a finite number: retry_after is "
+                f"the seconds sent in the Retry-After header of its 503 answers, as a whole "
+                f"number, which {retry_after!r} cannot be made (every such answer would fail "
+                f"as a 500). Pass a finite number of seconds, e.g. retry_after=1."
+            )
+            raise ValueError(msg)
         check_number(retry_after, "retry_after", where, example="1")
         check_bool(thread, "thread", where, none=True)
         check_bool(guard, "guard", where)
@@ -1326,7 +1337,10 @@ class Lifecycle:
                 unstopped(describe(exc)),
             )
             slot.opened.set()
-        delay = res.backoff
+        # At least 1 s between background attempts: backoff=0 means "retry at once" for the
+        # startup retries, and doubled it would stay 0 here, a busy loop of connects (and
+        # log records) against a server that is down.
+        delay = max(res.backoff, _BACKGROUND_FLOOR)
         refused = False
         while True:
             if not refused and (state := refused_for_good(slot.down)) is not None:
@@ -1828,6 +1842,11 @@ class Lifecycle:
     async def _sweep_forever(self) -> None:
         self._sweeping = True
         try:
+            # The hooks once at once, not only after the first `sweep_interval`: one may set up
+            # what ends with this task (Prometheus's multiprocess mode writes a worker's last
+            # figures then), and an app stopped before its first sweep skipped that (a worker
+            # left reporting `tether_lifecycle_running` 1 for good).
+            self._run_sweepers(time.perf_counter())
             await self._sweep_loop()
         finally:
             self._sweeping = False
@@ -1849,11 +1868,14 @@ class Lifecycle:
                 self._sweep_leaks(now)
             except Exception as exc:  # never the end of the app scope's task group
                 self._sweeper_failed("the leak sweep", exc)
-            for hook in self._sweepers:
-                try:
-                    hook(now)
-                except Exception as exc:  # never the end of the app scope's task group
-                    self._sweeper_failed(hook, exc)
+            self._run_sweepers(now)
+
+    def _run_sweepers(self, now: float) -> None:
+        for hook in self._sweepers:
+            try:
+                hook(now)
+            except Exception as exc:  # never the end of the app scope's task group
+                self._sweeper_failed(hook, exc)
 
     def _sweeper_failed(self, hook: Any, exc: Exception) -> None:
         """Log a sweeper hook's failure, once per hook; the sweep goes on."""

@@ -14,7 +14,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 import tether
 from tether.metrics.prometheus import register
 
-lc = tether.Lifecycle()
+# APP_SWEEP_INTERVAL: a test's, to stop a worker before its first sweep.
+lc = tether.Lifecycle(sweep_interval=float(os.environ.get("APP_SWEEP_INTERVAL", "0.25")))
 
 
 @lc.resource

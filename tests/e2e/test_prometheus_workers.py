@@ -116,3 +116,32 @@ def test_a_scrape_adds_up_the_workers_and_never_goes_back(tmp_path: Path) -> Non
     assert stopped["tether_resource_in_use"] == 0
     assert stopped["tether_units_in_flight"] == 0
     assert stopped["tether_lifecycle_running"] == 0
+
+
+def test_workers_stopped_before_their_first_sweep_report_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """A worker's last figures are written when its app scope ends even if no sweep ran yet
+    (a worker uvicorn had just started again, stopped at once): they read
+    `tether_lifecycle_running` 1 for good, the figures a scrape wrote (promflake review,
+    reproduced 3 of 3 with the sweeps switched off)."""
+    files = tmp_path / "prometheus"
+    files.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(files), "APP_SWEEP_INTERVAL": "1000"}
+    server = Server(APP, tmp_path, "--workers", "2", env=env)
+    try:
+        served: dict[int, int] = {}
+        for _ in range(6):
+            request(server, served)
+        assert scrape(server)["tether_lifecycle_running"] == 1
+    finally:
+        server.stop()
+    stopped = values(
+        [
+            sample
+            for family in MultiProcessCollector(None, str(files)).collect()
+            for sample in family.samples
+        ]
+    )
+    assert stopped["tether_lifecycle_running"] == 0
+    assert stopped["tether_resource_in_use"] == 0

@@ -45,7 +45,7 @@ def no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         ("postgresql://app@h:5432/db?application_name=a@b", "postgresql://app@h:5432/db?application_name=a@b"),
         # Keys ending in password or secret, in key/value form or a URL's query.
         ("host=h sslpassword=hunter2 dbname=d", "host=h sslpassword=*** dbname=d"),
-        ("postgresql://app@h/db?sslpassword=hunter2&sslmode=require", "postgresql://app@h/db?sslpassword=***"),
+        ("postgresql://app@h/db?sslpassword=hunter2&sslmode=require", "postgresql://app@h/db?sslpassword=***&sslmode=require"),
         ("host=h oauth_client_secret=hunter2 dbname=d", "host=h oauth_client_secret=*** dbname=d"),
         ("PGPASSWORD=hunter2", "PGPASSWORD=***"),
         ("https://api.example.com/v1?access_token=hunter2", "https://api.example.com/v1?access_token=***"),

@@ -64,6 +64,7 @@ __all__ = [
     "budget_unread",
     "read_budget",
     "check_budget",
+    "check_budget_policy",
     "forget_budget",
     "check_dsn",
     "check_dsn_value",
@@ -1347,6 +1348,24 @@ def keyword_names(func: Callable[..., Any]) -> frozenset[str]:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     params = inspect.signature(func).parameters.values()
     return frozenset(p.name for p in params if p.kind in kinds)
+
+
+def check_budget_policy(budget: object, where: str) -> None:
+    """Refuse a ``budget=`` that is not one of ``"warn"``, ``"error"``, ``"off"``, at the
+    declaration: any other value (``"Error"``) would behave as ``"warn"``."""
+    if isinstance(budget, str) and budget in _BUDGET_POLICIES:
+        return
+    fix = 'Pass "warn" (the default), "error" or "off"'
+    if isinstance(budget, str) and budget.strip().lower() in _BUDGET_POLICIES:
+        fix = f"Did you mean budget={budget.strip().lower()!r}? The values are lower case"
+    msg = (
+        f"{where}: budget={budget!r} is not one of 'warn', 'error', 'off' (what to do when "
+        f"the connection budget exceeds the server's max_connections). {fix}."
+    )
+    raise ValueError(msg)
+
+
+_BUDGET_POLICIES = ("warn", "error", "off")
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:

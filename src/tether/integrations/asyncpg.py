@@ -93,6 +93,7 @@ from ._common import (
     PerResource,
     asyncio_only,
     check_budget,
+    check_budget_policy,
     check_check,
     check_dsn,
     check_resource,
@@ -507,6 +508,7 @@ def pool(
     if workers is not None:
         check_number(workers, "workers", where, integer=True, least=1, example="4")
     check_bool(pgbouncer, "pgbouncer", where)
+    check_budget_policy(budget, where)
     check_bool(required, "required", where)
     check_check(
         check,

@@ -104,6 +104,7 @@ from ._common import (
     PerResource,
     asyncio_only,
     check_budget,
+    check_budget_policy,
     check_check,
     check_dsn,
     check_resource,
@@ -453,6 +454,7 @@ def pool(
     if workers is not None:
         check_number(workers, "workers", where, integer=True, least=1, example="4")
     check_bool(pgbouncer, "pgbouncer", where)
+    check_budget_policy(budget, where)
     check_bool(pre_ping, "pre_ping", where)
     check_bool(required, "required", where)
     check_check(

@@ -51,7 +51,9 @@ import functools
 import inspect
 import logging
 import math
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -110,6 +112,7 @@ from ._common import (
     budget_refused,
     budget_unread,
     check_budget,
+    check_budget_policy,
     check_check,
     check_dsn_value,
     commit_not_sent,
@@ -1654,6 +1657,7 @@ def engine(
         pgbouncer=pgbouncer,
         required=required,
     )
+    check_budget_policy(budget, f"Engine {name!r}")
     from ._common import check_dsn
 
     example = "lambda: os.environ['DATABASE_URL']"
@@ -1940,10 +1944,18 @@ _HUNG_UP = "the connection was hung up under that task and discarded"
 _CANCELLED = "that task, still waiting for a connection for the session, was cancelled"
 
 
-def _still_in_use(name: str, done: str = _HUNG_UP) -> str:
+def _still_in_use(name: str, done: str = _HUNG_UP, *, thread: bool = False) -> str:
     """The error of a unit of work that succeeded while a task it started still used its
     session (`_let_go`): *done*, what became of that task (its connection hung up under it,
-    or, still waiting for one, the task cancelled)."""
+    or, still waiting for one, the task cancelled). With *thread*, the same for a thread a
+    ``def`` endpoint started on a `sync_session` and did not join (`_let_go_sync`)."""
+    if thread:
+        return (
+            f"Session {name!r} was still in use by another thread when its unit of work "
+            f"ended (a thread the endpoint started with it and did not join), so its "
+            f"transaction could not be committed: {done}, and the unit of work rolled back. "
+            f"Join every thread using the session before the endpoint returns."
+        )
     return (
         f"Session {name!r} was still in use by another task when its unit of work ended (a "
         f"task started with it and not awaited, or the other operation of an asyncio.gather "
@@ -2599,6 +2611,7 @@ def sync_engine(
         pgbouncer=pgbouncer,
         required=required,
     )
+    check_budget_policy(budget, f"Engine {name!r}")
     if isinstance(url, str | URL):  # a function's URL is checked when the app starts
         try:
             given = make_url(url)
@@ -2700,6 +2713,279 @@ def _sync_rollback(s: Session, name: str) -> None:
             log.warning("tether: invalidating session %r failed: %s", name, describe(again))
 
 
+# A thread a `def` endpoint started on its `sync_session` and did not join, still using the
+# session when the unit of work ends (`_let_go_sync`).
+
+_THREAD_HUNG_UP = (
+    "the connection was hung up under that thread (its statement fails with a connection "
+    "error, and SQLAlchemy discards the connection in that thread)"
+)
+_THREAD_REFUSED = (
+    "that thread, still waiting for a connection for the session, is refused it when it "
+    "comes (tether.ResourceClosedError)"
+)
+
+#: `_let_go_sync`'s answer: the session is free for the commit, the rollback and the close;
+#: or a thread still uses it: its connections were hung up under it ("hung up"), or it waits
+#: for one, which it will be refused ("refused"). Then the session is the thread's: tether
+#: does not touch it again (SQLAlchemy's own handling, in that thread, gives its connections
+#: back to the pool).
+_SyncLetGo = Literal["free", "hung up", "refused"]
+
+
+def _query_running(driver: Any) -> bool:
+    """Whether the psycopg or psycopg2 connection *driver* runs a statement now: libpq's
+    transaction status is ``PQTRANS_ACTIVE`` (1), read without the driver's lock, so from
+    another thread while the statement runs. False for other drivers, which have no such
+    status (nothing else read)."""
+    try:
+        return getattr(getattr(driver, "info", None), "transaction_status", None) == 1
+    except Exception:  # closed
+        return False
+
+
+def _in_use_by_thread(tx: Any) -> tuple[bool, list[tuple[Any, Any]]]:
+    """Whether another thread is getting the session's transaction *tx* a connection (the
+    pool's wait, or a connect) or is inside another of its state changes (its own commit,
+    rollback or close: SQLAlchemy's ``_current_fn``), and the (engine, pool connection) of
+    *tx* that run a statement. A few attribute reads and one libpq status read per
+    connection."""
+    running: list[tuple[Any, Any]] = []
+    last = None
+    # A copy, taken at once: the other thread may add a connection meanwhile.
+    for entry in tuple(getattr(tx, "_connections", _NO_CONNECTIONS).values()):
+        if entry is last:  # (each entry is there twice: by connection, then by engine)
+            continue
+        last = entry
+        fairy = getattr(entry[0], "_dbapi_connection", None)
+        if fairy is not None and _query_running(fairy.dbapi_connection):
+            running.append((entry[0].engine, fairy))
+    return tx._state is _PROVISIONING or _changing(tx), running
+
+
+def _changing(tx: Any) -> bool:
+    """Whether a thread is inside one of *tx*'s state changes (commit, rollback, close,
+    getting a connection): SQLAlchemy refuses another then (``IllegalStateChangeError``)."""
+    return getattr(tx, "_current_fn", None) is not None
+
+
+def _committing(tx: Any) -> bool:
+    """Whether a thread is inside *tx*'s ``commit()`` past its flush: its ``COMMIT`` may
+    be on its way, which hanging up would not stop (the thread would get an error for work
+    the server committed)."""
+    return getattr(getattr(tx, "_current_fn", None), "__name__", "") == "commit"
+
+
+def _open_connections(tx: Any) -> list[tuple[Any, Any]]:
+    """The (``Connection``, pool connection) of *tx* still checked out by its connections."""
+    found: list[tuple[Any, Any]] = []
+    for entry in tuple(getattr(tx, "_connections", _NO_CONNECTIONS).values()):
+        fairy = getattr(entry[0], "_dbapi_connection", None)
+        ours = fairy is not None and fairy.dbapi_connection is not None
+        if ours and not any(fairy is f for _, f in found):
+            found.append((entry[0], fairy))
+    return found
+
+
+def _socket_of(driver: Any) -> int:
+    pgconn = getattr(driver, "pgconn", None)  # psycopg
+    return int(pgconn.socket if pgconn is not None else driver.fileno())  # psycopg2
+
+
+def _still_ours(fairy: Any, record: Any) -> bool:
+    """Whether the pool connection *record* is still checked out by *fairy*: the pool's
+    check-in clears ``fairy_ref`` before it gives the record back, and a later checkout
+    makes a new fairy."""
+    ref = getattr(record, "fairy_ref", None)
+    return ref is not None and ref() is fairy and fairy.dbapi_connection is not None
+
+
+def _hang_up_thread(fairy: Any, record: Any, *, running: bool) -> bool:
+    """Shut down the socket of the pool connection *fairy* (psycopg's or psycopg2's),
+    which another thread uses: its statement fails at once with a connection error, and
+    SQLAlchemy, in that thread, discards the connection and checks it in. With *running*,
+    only if a statement runs on it, checked last, just before the shutdown (one that ended
+    meanwhile is left alone: the thread may never use the connection again, and then
+    nothing would check it in). Done only while the connection is still the session's,
+    under the pool's own lock, so that it cannot be checked in and handed to another
+    request meanwhile (its check-in waits for that lock); through a copy of the descriptor,
+    checked to be still the driver's after the copy was made (a socket closed meanwhile
+    may have given its number to another). Whether it was shut down."""
+    queue = getattr(getattr(fairy, "_pool", None), "_pool", None)
+    mutex = getattr(queue, "mutex", None)  # QueuePool's
+    with mutex if mutex is not None else contextlib.nullcontext():
+        if not _still_ours(fairy, record):
+            return False
+        driver = fairy.dbapi_connection
+        try:
+            fd = _socket_of(driver)
+            copy = os.dup(fd)
+        except Exception:  # closed, or no socket: nothing waits on it
+            return False
+        try:
+            sock = socket.socket(fileno=copy)
+        except OSError:  # pragma: no cover - not a socket
+            os.close(copy)
+            return False
+        try:
+            if _socket_of(driver) != fd:  # pragma: no cover - closed between the reads
+                return False
+            if running and not _query_running(driver):
+                return False  # it ended: the unit's end waited for it, in effect
+            sock.shutdown(socket.SHUT_RDWR)
+            return True
+        except Exception:  # pragma: no cover - closed between the reads
+            return False
+        finally:
+            sock.close()
+
+
+#: The dialects `_let_go_sync` registered `_keep_pool_on_hang_up` on (once each).
+_keeping_pool: weakref.WeakSet[Any] = weakref.WeakSet()
+_keeping_lock = threading.Lock()
+
+
+def _keep_pool_once(eng: Any) -> None:
+    """`_keep_pool_on_hang_up` on *eng*'s dialect, once (``handle_error`` is the dialect's),
+    before the first hang-up under a thread on it: that connection is discarded, not the
+    whole pool."""
+    try:
+        with _keeping_lock:
+            if eng.dialect in _keeping_pool:
+                return
+            _keeping_pool.add(eng.dialect)
+    except TypeError:  # pragma: no cover - not weakly referable: the pool is replaced
+        return
+    _keep_pool_on_hang_up(eng)
+
+
+def _refuse_connections(s: Session, message: str, res: Resource[Any]) -> Callable[..., None]:
+    """Make the thread still waiting for a connection for *s* give it back as it comes
+    (SQLAlchemy's ``after_begin``, in that thread, on this session only) and raise
+    :class:`ResourceClosedError` (*message*, the closed session's) there. The listener."""
+
+    def after_begin(session: Any, transaction: Any, connection: Any) -> None:
+        with contextlib.suppress(Exception):  # a hung-up socket: invalidated instead
+            connection.close()  # rolled back, and checked in
+        guarded = cast("_Guarded", session)
+        if not guarded._tether_counted:
+            guarded._tether_counted = True
+            res.counters.leaks += 1
+        raise ResourceClosedError(message, resource=res.name)
+
+    event.listen(s, "after_begin", after_begin)
+    return after_begin
+
+
+#: Times the end of a `sync_session`'s unit of work checks for a thread using it and
+#: commits, when a thread's own commit began between the two.
+_COMMIT_TRIES = 3
+
+
+def _let_go_sync(s: Session, name: str, message: str, res: Resource[Any]) -> _SyncLetGo:
+    """Whether the session is free for the commit, the rollback or the close ("free"): no
+    thread the endpoint started and did not join still uses it. A statement such a thread
+    runs would hold the commit (psycopg's lock) until ``close_timeout``, and the abandoned
+    commit then commit the unit's work after its 500; a thread waiting for the pool would
+    make the close fail, then take the connection and keep it checked out. One that ends
+    within `_LET_GO` s is waited for. Then the session is marked closed (no new
+    transaction for that thread), a thread waiting for a connection is refused it when it
+    comes (`_refuse_connections`), and every connection of the session's transaction is
+    hung up under it (`_hang_up_thread`), which SQLAlchemy then discards in that thread;
+    nothing is committed. tether does not touch the session after that: a sync ``Session``
+    has no lock, and a rollback or close from here while the thread runs SQLAlchemy's
+    disconnect handling could check a connection in twice. psycopg and psycopg2 only (the
+    drivers whose statement in progress can be read from another thread); a few attribute
+    reads when no thread holds it."""
+    tx = s.get_transaction()
+    if tx is None:
+        return "free"
+    connecting, running = _in_use_by_thread(tx)
+    if not connecting and not running:
+        return "free"
+    deadline = time.monotonic() + _LET_GO
+    last = deadline + _BUSY_WAIT  # for a thread's own COMMIT (`_committing`)
+    while True:
+        time.sleep(0.005)
+        if s.get_transaction() is not tx:  # the thread committed or rolled back
+            return "free"
+        connecting, running = _in_use_by_thread(tx)
+        if not connecting and not running:
+            return "free"
+        now = time.monotonic()
+        if now > deadline and (now > last or not _committing(tx)):
+            break
+    _mark_closed(s, message, res)  # from here on the thread begins no transaction
+    before = [conn for conn, _ in _open_connections(tx)]
+    armed = tx._state is _PROVISIONING
+    if armed:
+        # Registered before the connections are read below: a connection the thread got
+        # before the listener was in place is in the transaction by then.
+        _refuse_connections(s, message, res)
+    hung: list[tuple[Any, Any]] = []
+    deadline = time.monotonic() + _LET_GO
+    while True:
+        for conn, fairy in _open_connections(tx):
+            if any(fairy is f for f, _ in hung):
+                continue
+            # A connection the thread got as the listener was registered: hung up before
+            # the thread's statement, which is about to run. One it had before: only if
+            # its statement still runs.
+            new = not any(conn is c for c in before)
+            # One the thread is committing, rolling back or closing with: hung up too (the
+            # thread uses it now; a COMMIT already sent may have committed all the same).
+            only_running = not new and not _changing(tx)
+            if only_running and not _query_running(fairy.dbapi_connection):
+                continue
+            record = getattr(fairy, "_connection_record", None)
+            _keep_pool_once(conn.engine)
+            with contextlib.suppress(TypeError):  # not weakly referable: the pool is replaced
+                _hung_up.add(fairy.dbapi_connection)
+            if _hang_up_thread(fairy, record, running=only_running):
+                hung.append((fairy, record))
+        if all(not _still_ours(f, r) for f, r in hung) or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)  # the thread wakes, fails, and lets go
+    if not hung and not armed:
+        # Its statement ended just now: as if within the wait. Unmarked, so that the commit
+        # may begin a transaction, as it does when the thread's own commit ended its own.
+        cast("_Guarded", s)._tether_closed = None
+        return "free"
+    log.warning(
+        "tether: session %r: a thread the endpoint started and did not join still uses the "
+        "session at the end of its unit of work (it runs a statement, or waits for a "
+        "connection); its connection is hung up under it (its statement fails with a "
+        "connection error), a connection it waits for is refused it when it comes "
+        "(tether.ResourceClosedError), and nothing is committed. Join every thread using the "
+        "session before the endpoint returns.",
+        name,
+    )
+    for fairy, record in hung:
+        _discard_idle(fairy, record, name)
+    return "hung up" if hung else "refused"
+
+
+def _discard_idle(fairy: Any, record: Any, name: str) -> None:
+    """A connection hung up under a thread that has not let go of it: its statement ended
+    in the moment between the last read of it and the shutdown (psycopg2 ends it without
+    the GIL), so the thread, which may never use the session again, did not see the
+    shutdown, and the connection would stay checked out for as long as the session lives.
+    Discarded from here, under the pool's lock, if no statement runs on it (one that runs
+    fails on the shut socket, and the thread lets go itself)."""
+    queue = getattr(getattr(fairy, "_pool", None), "_pool", None)
+    mutex = getattr(queue, "mutex", None)
+    with mutex if mutex is not None else contextlib.nullcontext():
+        if not _still_ours(fairy, record) or _query_running(fairy.dbapi_connection):
+            return
+        log.warning(
+            "tether: session %r: the thread's statement ended as its connection was hung "
+            "up; the connection is discarded",
+            name,
+        )
+        with contextlib.suppress(Exception):
+            fairy.invalidate()
+
+
 def _token_wait(info: _PoolInfo) -> _Ticket:
     """A sync session's open, on the event loop, before it waits for a token of its
     limiter (``concurrency``, the pool's size): the unit starts its ask for a connection
@@ -2773,6 +3059,8 @@ def sync_session(
         session_kwargs,
         class_,
     )
+    if concurrency is not None:
+        check_number(concurrency, "concurrency", where, integer=True, least=1, example="4")
     info = _info_for(engine)
     limit = concurrency if concurrency is not None else info.limit
     if limit is None:
@@ -2806,12 +3094,18 @@ def sync_session(
                     ticket.leave()
                 else:
                     ticket.took()  # the wait is over: what remains is the open's
+        # A thread the endpoint started and did not join may still use the session (not
+        # under `rolled_back`, whose connection is the block's): "free" unless one does.
+        went: _SyncLetGo = "free"
         try:
             if connect:
                 cast("_Guarded", s)._tether_begun = (s.get_transaction(), opened)
             yield s
         except BaseException as exc:
-            _sync_rollback(s, name)
+            if join is None:
+                went = _let_go_sync(s, name, closed_message, res)
+            if went == "free":
+                _sync_rollback(s, name)  # (else nothing was committed, and it is the thread's)
             if not isinstance(exc, Exception):
                 raise
             if read_only(exc) and not _sync_read_only_server(eng, exc):
@@ -2822,14 +3116,30 @@ def sync_session(
                 raise
             raise answer from exc
         else:
-            try:
-                s.commit()
-            except sa_exc.DBAPIError:
-                _sync_rollback(s, name)  # as in `session`: SQLite keeps a failed commit's
-                raise  # transaction open, past the pool's return
+            for attempt in range(_COMMIT_TRIES):
+                if join is None:
+                    went = _let_go_sync(s, name, closed_message, res)
+                if went != "free":
+                    done = _THREAD_HUNG_UP if went == "hung up" else _THREAD_REFUSED
+                    raise ScopeError(_still_in_use(name, done, thread=True))
+                try:
+                    s.commit()
+                except sa_exc.IllegalStateChangeError:
+                    # A thread the endpoint started began its own commit (rollback, close)
+                    # between the check and this one, which did nothing: checked again.
+                    if join is not None or attempt == _COMMIT_TRIES - 1:
+                        raise
+                    continue
+                except sa_exc.DBAPIError:
+                    _sync_rollback(s, name)  # as in `session`: SQLite keeps a failed commit's
+                    raise  # transaction open, past the pool's return
+                break
         finally:
-            s.close()
+            # Marked first: a thread still using the session begins no new transaction
+            # (taking a connection for good) between the close and the mark.
             _mark_closed(s, closed_message, res)
+            if went == "free":
+                s.close()
 
     closed_message = _closed_message(name, release)
     res: Resource[Session] = lc.resource(

@@ -38,7 +38,8 @@ __all__ = [
 #   ``oauth_client_secret``, ``PGPASSWORD``), or ``token``, ``api_key``/``apikey`` or
 #   ``signature`` (``access_token``, ``X-Amz-Signature``): ``key=value`` (libpq's key/value
 #   form, a URL's query: a quoted value with its escapes, ``'o\'x'``), ``'key': 'value'``
-#   (a dict's repr, JSON), ``password: value``.
+#   (a dict's repr, JSON), ``password: value``. In a URL's query also ``key``, ``sig``,
+#   ``auth``, ``access_key`` and ``private_key`` (`_QUERY_KEY`).
 # - the exact passwords of the DSNs the resources opened with (``remember_secrets``), where a
 #   driver's parse error quotes them, or a piece of them, in a form none of the above finds.
 _SCHEME = r"[a-zA-Z][a-zA-Z0-9+.\-]*://"
@@ -56,7 +57,11 @@ _KW_PASSWORD = re.compile(
 # In a URL's query (after '?' or '&'), the value ends at the next '&': URL parsers and libpq
 # split the query there (an '&' in the value is sent encoded, %26), so the parameters after
 # it (sslmode=) stay shown. Not at '#': libpq reads it as part of the value.
-_QUERY_PASSWORD = re.compile(rf"(?P<head>(?<=[?&]){_SECRET_KEY}=)(?P<pw>[^&\s]*)", re.I)
+# There, also the keys web APIs put their credentials in: ``key`` (Google's API keys),
+# ``sig`` (Azure's SAS), ``auth``, ``access_key``/``private_key``; only there, where a value
+# is a secret by the key alone (libpq's ``sslkey=`` names a file).
+_QUERY_KEY = rf"(?:{_SECRET_KEY}|key|sig|auth|[\w.\-]*?(?:access|private)[_\-]?key)"
+_QUERY_PASSWORD = re.compile(rf"(?P<head>(?<=[?&]){_QUERY_KEY}=)(?P<pw>[^&\s]*)", re.I)
 _DICT_PASSWORD = re.compile(
     rf"(?P<head>(?P<q>['\"]){_SECRET_KEY}(?P=q)\s*:\s*b?)(?P<pw>{_QUOTED}|[^\s,}}\]]+)", re.I
 )
@@ -142,8 +147,8 @@ def redact(text: object) -> str:
     """Return *text* with the passwords in it replaced by ``***`` (anything else than a
     string is made one first: ``None`` gives ``'None'``): those of URLs
     (``scheme://user:***@host``), those after a key naming a secret (``password=***``,
-    ``sslpassword=***``, ``'password': ***``, ``?access_token=***``), and the passwords of
-    the DSNs the resources opened with (``remember_secrets``)."""
+    ``sslpassword=***``, ``'password': ***``, ``?access_token=***``, ``?key=***``), and the
+    passwords of the DSNs the resources opened with (``remember_secrets``)."""
     if not isinstance(text, str):
         text = str(text)
     for secret in _secrets:
@@ -153,8 +158,9 @@ def redact(text: object) -> str:
         text = _URL_PASSWORD.sub(r"\g<head>***@", text)
         text = _URL_PASSWORD_SLASH.sub(r"\g<head>***@", text)
         text = _URL_PASSWORD_SPACE.sub(r"\g<head>***@", text)
-    if _KEYS.search(text):
+    if "?" in text:
         text = _QUERY_PASSWORD.sub(r"\g<head>***", text)
+    if _KEYS.search(text):
         text = _KW_PASSWORD.sub(r"\g<head>***", text)
         text = _DICT_PASSWORD.sub(r"\g<head>***", text)
         text = _COLON_PASSWORD.sub(r"\g<head>***", text)

@@ -2152,7 +2152,7 @@ async def _answer(
         (b"content-length", str(len(body)).encode()),
     ]
     if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+        headers.append((b"retry-after", _retry_after(retry_after).encode()))
     await send({"type": f"{kind}.response.start", "status": status, "headers": headers})
     await send({"type": f"{kind}.response.body", "body": body, "more_body": False})
 
@@ -2634,8 +2634,31 @@ def _response(status: int, detail: str, retry_after: float | None) -> Any:
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     headers = None
     if retry_after is not None:
-        headers = {"retry-after": str(max(1, round(retry_after)))}
+        headers = {"retry-after": _retry_after(retry_after)}
     return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+#: The longest ``Retry-After`` sent: a day, as ``health_router(cache=)``'s bound.
+_LONGEST_RETRY = 86400
+
+
+def _retry_after(seconds: object) -> str:
+    """The ``Retry-After`` header's value for a :class:`~tether.ResourceUnavailable`'s
+    ``retry_after``: whole seconds, at least 1, at most a day. The declaration refuses a
+    value that is no finite number, but the app's own code may raise the error with one
+    (``retry_after=float("inf")``, ``"5"``): then its 503 goes out with ``Retry-After: 1``
+    and a WARNING, instead of failing as a 500."""
+    try:
+        whole = seconds if isinstance(seconds, int) else round(float(seconds))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        log.warning(
+            "tether: a ResourceUnavailable was raised with retry_after=%r, which is not a "
+            "finite number of seconds; its 503 is sent with Retry-After: 1. Raise it with a "
+            "finite number of seconds, e.g. retry_after=1.",
+            seconds,
+        )
+        return "1"
+    return str(min(_LONGEST_RETRY, max(1, whole)))
 
 
 def _error_response(error: BaseException, lc: Lifecycle) -> Any:

@@ -50,6 +50,14 @@ def no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         ("PGPASSWORD=hunter2", "PGPASSWORD=***"),
         ("https://api.example.com/v1?access_token=hunter2", "https://api.example.com/v1?access_token=***"),
         ("https://b.s3.amazonaws.com/k?X-Amz-Signature=hunter2", "https://b.s3.amazonaws.com/k?X-Amz-Signature=***"),
+        # In a URL's query, also the keys web APIs put credentials in.
+        ("https://maps.example.com/api?key=hunter2&q=x", "https://maps.example.com/api?key=***&q=x"),
+        ("https://a.blob.core.windows.net/c?sv=2022&sig=hunter2%2B", "https://a.blob.core.windows.net/c?sv=2022&sig=***"),
+        ("https://api.example.com/v1?auth=hunter2", "https://api.example.com/v1?auth=***"),
+        ("https://api.example.com/v1?q=1&AWS_Access_Key=hunter2", "https://api.example.com/v1?q=1&AWS_Access_Key=***"),
+        ("https://api.example.com/v1?private-key=hunter2", "https://api.example.com/v1?private-key=***"),
+        ("https://api.example.com/v1?monkey=1&keys=2&signal=3", "https://api.example.com/v1?monkey=1&keys=2&signal=3"),
+        ("postgresql://app@h/db?sslkey=/etc/key.pem&sslmode=require", "postgresql://app@h/db?sslkey=/etc/key.pem&sslmode=require"),
         # Quoted values with escaped quotes, and unquoted ones with escapes, hidden whole.
         (r"host=h password='o\'hunter2-tail' dbname=d", "host=h password=*** dbname=d"),
         ("host=h password='hunter2 tail' dbname=d", "host=h password=*** dbname=d"),

@@ -423,7 +423,10 @@ _mirror: _Mirror | None = None
 
 
 def _refresh_at_exit() -> None:
-    """The worker's last figures (the Lifecycle closed by now: nothing open)."""
+    """The worker's last figures (the Lifecycle closed by now: nothing open). A backup: the
+    figures are written as the app scope ends (`_Refresh`). uvicorn never runs it after a
+    SIGTERM: once its graceful shutdown is over it raises the signal again with its default
+    action, which ends the process without ``atexit``."""
     if _mirror is not None:
         try:
             _mirror.refresh()

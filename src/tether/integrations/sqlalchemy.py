@@ -1572,6 +1572,144 @@ def _check_engine_flags(where: str, check: object, **flags: object) -> None:
     )
 
 
+# The keyword arguments ``create_engine`` takes for itself (the others go to the dialect, the
+# DBAPI's import, the pool and the ``Engine``), and its names for the pool's.
+_CREATE_ENGINE_OWN = frozenset(
+    ("connect_args", "creator", "enable_from_linting", "module", "plugins", "pool", "poolclass")
+)
+_POOL_KWARG_NAMES = {
+    "echo": "echo_pool",
+    "logging_name": "pool_logging_name",
+    "pre_ping": "pool_pre_ping",
+    "recycle": "pool_recycle",
+    "reset_on_return": "pool_reset_on_return",
+    "timeout": "pool_timeout",
+    "use_lifo": "pool_use_lifo",
+}
+_NOT_KWARGS = frozenset(("cls", "compiler_linting", "dbapi", "dialect", "events", "url"))
+_INVALID_ARGUMENTS = re.compile(r"Invalid argument\(s\) (.*) sent to create_engine\(\)")
+
+
+def _engine_kwarg_names(u: URL, options: Mapping[str, Any], *, is_async: bool) -> set[str]:
+    """The keyword arguments ``create_engine`` (``create_async_engine``) would take for *u*,
+    as it reads them (the close match of one it refused); empty if they cannot be read."""
+    from sqlalchemy.util import get_cls_kwargs, get_func_kwargs
+
+    names = set(_CREATE_ENGINE_OWN) | ({"async_creator"} if is_async else set())
+    try:
+        dialect_cls: Any = u.get_dialect(_is_async=is_async)
+        names |= get_cls_kwargs(dialect_cls) | set(get_func_kwargs(dialect_cls.import_dbapi))
+        pool_cls = options.get("poolclass") or dialect_cls.get_pool_class(u)
+        names |= {_POOL_KWARG_NAMES.get(k, k) for k in get_cls_kwargs(pool_cls)}
+        names |= get_cls_kwargs(Engine)
+    except Exception:  # pragma: no cover - a dialect or pool class SQLAlchemy cannot read
+        return set()
+    return {n for n in names if not n.startswith("_") and n not in _NOT_KWARGS}
+
+
+def _kwargs_refused(
+    exc: TypeError,
+    u: URL,
+    name: str,
+    engine_kwargs: Mapping[str, Any],
+    options: Mapping[str, Any],
+    *,
+    is_async: bool,
+) -> TypeError:
+    """tether's message for *exc*, the ``TypeError`` of ``create_engine`` for the options
+    :func:`engine` (*is_async*) or :func:`sync_engine` gave it: the keyword arguments it
+    refused (``pool_recylce=5``), each with its close match."""
+    fn = "engine" if is_async else "sync_engine"
+    made_by = "create_async_engine" if is_async else "create_engine"
+    dialect = f"{u.get_backend_name()}+{u.get_driver_name()}"
+    found = _INVALID_ARGUMENTS.match(str(exc))
+    refused = re.findall(r"'([^']*)'", found.group(1)) if found else []
+    unknown = [k for k in engine_kwargs if k in refused]
+    if not unknown or len(unknown) != len(refused):  # not SQLAlchemy's usual refusal
+        shown = redact(str(exc)).rstrip(".")
+        msg = (
+            f"Engine {name!r}: {made_by}() for {dialect} refused the keyword arguments given "
+            f"to {fn}(): {shown}."
+        )
+        return TypeError(msg)
+    import difflib
+
+    import sqlalchemy
+
+    from ._common import keyword_names
+
+    own = engine if is_async else sync_engine
+    known = _engine_kwarg_names(u, options, is_async=is_async) | keyword_names(own)
+    known -= {"lc", "url"}
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
+    verb = "is not an option" if len(unknown) == 1 else "are not options"
+    msg = (
+        f"Engine {name!r}: {' and '.join(hints)} {verb} of {fn}() nor of {made_by}() for "
+        f"{dialect} (SQLAlchemy {sqlalchemy.__version__}), which {fn}() passes its other "
+        f"keyword arguments to. Fix or remove {'it' if len(unknown) == 1 else 'them'}."
+    )
+    return TypeError(msg)
+
+
+def _create_engine(
+    u: URL,
+    name: str,
+    options: dict[str, Any],
+    engine_kwargs: Mapping[str, Any],
+    *,
+    is_async: bool,
+) -> Any:
+    """``create_async_engine(u, **options)`` (*is_async*) or ``create_engine``: it does not
+    connect. A keyword argument SQLAlchemy does not take is a ``TypeError`` naming it and its
+    close match (`_kwargs_refused`), at the declaration or, for a URL from a function, as the
+    app starts (not retried: a mistake in the configuration)."""
+    try:
+        if is_async:
+            return create_async_engine(u, **options)
+        return create_engine(u, **options)
+    except TypeError as exc:
+        raise _kwargs_refused(exc, u, name, engine_kwargs, options, is_async=is_async) from None
+
+
+def _check_engine_kwargs(
+    u: URL,
+    name: str,
+    engine_kwargs: dict[str, Any],
+    options_for: Callable[[URL], dict[str, Any]],
+    *,
+    is_async: bool,
+) -> None:
+    """Refuse a keyword argument of :func:`engine` or :func:`sync_engine` that SQLAlchemy
+    does not take for *u*'s dialect and driver (``pool_recylce=5``) when it is declared: it
+    would fail only as the app starts. SQLAlchemy itself checks them: the engine is built with
+    the options the startup gives it (*options_for*), which opens no connection and starts
+    no thread, then dropped (about 0.1 ms, once the driver is imported). Not checked here,
+    and left to the startup as before: a driver not installed, an option of tether's that
+    the startup refuses (``pgbouncer=True`` for another database), ``plugins``."""
+    if not engine_kwargs or "plugins" in engine_kwargs or "plugin" in u.query:
+        return  # a plugin may take keyword arguments, and is not started for a check
+    try:
+        options = options_for(u)
+    except Exception:  # said as the app starts, as before
+        return
+    if "pool_size" in options and "poolclass" not in options:
+        # The startup's class is a subclass of it, taking the same keyword arguments.
+        options["poolclass"] = AsyncAdaptedQueuePool if is_async else QueuePool
+    for key in ("echo", "echo_pool"):
+        if options.get(key):  # taken whatever its value; a check adds no log handler
+            options[key] = False
+    try:
+        eng = _create_engine(u, name, options, engine_kwargs, is_async=is_async)
+    except TypeError:  # tether's message (`_kwargs_refused`)
+        raise
+    except Exception:  # a driver not installed, a URL not understood: said as the app starts
+        return
+    getattr(eng, "sync_engine", eng).pool.dispose()  # it holds no connection
+
+
 def engine(
     lc: Lifecycle,
     url: Url,
@@ -1669,6 +1807,19 @@ def engine(
             pass
         else:
             _check_async_driver(given, name)
+            options_for = functools.partial(
+                _options,
+                name=name,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=pool_timeout,
+                pool_pre_ping=pool_pre_ping,
+                pgbouncer=pgbouncer,
+                application_name=application_name,
+                connect_timeout=connect_timeout,
+                engine_kwargs=engine_kwargs,
+            )
+            _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=True)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -1693,7 +1844,7 @@ def engine(
         )
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
-        eng = create_async_engine(u, **options)
+        eng = cast("AsyncEngine", _create_engine(u, name, options, engine_kwargs, is_async=True))
         _keep_pool_on_hang_up(eng.sync_engine)
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
@@ -2619,6 +2770,19 @@ def sync_engine(
             pass
         else:
             _check_sync_driver(given, name)
+            options_for = functools.partial(
+                _options,
+                name=name,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=pool_timeout,
+                pool_pre_ping=pool_pre_ping,
+                pgbouncer=pgbouncer,
+                application_name=application_name,
+                connect_timeout=connect_timeout,
+                engine_kwargs=engine_kwargs,
+            )
+            _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=False)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -2641,7 +2805,7 @@ def sync_engine(
         )
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _sync_pool(info)
-        eng = create_engine(u, **options)
+        eng = cast("Engine", _create_engine(u, name, options, engine_kwargs, is_async=False))
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng, name, "`with session.begin_nested():`")
             _close_streams_on_return(eng, name)

@@ -283,3 +283,20 @@ def test_a_driver_not_installed_is_left_to_the_startup(monkeypatch: pytest.Monke
     lc = tether.Lifecycle()
     tsa.engine(lc, "postgresql+asyncpg://app@127.0.0.1:1/app", pool_recylce=3600)
     assert "engine" in lc.resources
+
+
+@pytest.mark.parametrize("fn", ["engine", "sync_engine"])
+def test_a_pool_built_beforehand_is_refused_naming_the_options_to_pass(fn: str) -> None:
+    from sqlalchemy.pool import QueuePool
+
+    declare = getattr(tsa, fn)
+    url = "sqlite+aiosqlite://" if fn == "engine" else "sqlite://"
+    for given in (url, lambda: url):  # a URL from a function too: nothing needs it
+        with pytest.raises(TypeError) as caught:
+            declare(tether.Lifecycle(), given, pool=QueuePool(lambda: None))
+        assert str(caught.value) == (
+            f"Engine 'engine': pool= is not an option of {fn}(): tether builds the engine's "
+            "pool itself, to bound, count and watch its connections. Pass the pool's options "
+            "instead (pool_size=, max_overflow=, pool_timeout=, pool_recycle=), or "
+            "poolclass=NullPool for no pool."
+        )

@@ -1572,6 +1572,19 @@ def _check_engine_flags(where: str, check: object, **flags: object) -> None:
     )
 
 
+def _check_no_pool(where: str, engine_kwargs: Mapping[str, Any], fn: str) -> None:
+    """Refuse ``pool=`` (a pool already built) when the engine is declared: tether builds
+    the engine's pool, and SQLAlchemy refuses the pool options beside it."""
+    if "pool" in engine_kwargs:
+        msg = (
+            f"{where}: pool= is not an option of {fn}(): tether builds the engine's pool "
+            f"itself, to bound, count and watch its connections. Pass the pool's options "
+            f"instead (pool_size=, max_overflow=, pool_timeout=, pool_recycle=), or "
+            f"poolclass=NullPool for no pool."
+        )
+        raise TypeError(msg)
+
+
 # The keyword arguments ``create_engine`` takes for itself (the others go to the dialect, the
 # DBAPI's import, the pool and the ``Engine``), and its names for the pool's.
 _CREATE_ENGINE_OWN = frozenset(
@@ -1796,6 +1809,7 @@ def engine(
         required=required,
     )
     check_budget_policy(budget, f"Engine {name!r}")
+    _check_no_pool(f"Engine {name!r}", engine_kwargs, "engine")
     from ._common import check_dsn
 
     example = "lambda: os.environ['DATABASE_URL']"
@@ -2763,6 +2777,7 @@ def sync_engine(
         required=required,
     )
     check_budget_policy(budget, f"Engine {name!r}")
+    _check_no_pool(f"Engine {name!r}", engine_kwargs, "sync_engine")
     if isinstance(url, str | URL):  # a function's URL is checked when the app starts
         try:
             given = make_url(url)

@@ -29,18 +29,25 @@ class CheckResult:
 
     @property
     def status(self) -> str:
+        """``"ok"`` or ``"failing"``, as the report's JSON says."""
         return "ok" if self.ok else "failing"
 
 
 @dataclass(frozen=True, slots=True)
 class HealthReport:
-    """Every check's result; ``ok`` when the app scope runs and every check passed."""
+    """Every check's result; ``ok`` when the app scope runs and every check passed.
+
+    *state* is the Lifecycle's (``"running"``, ``"starting"``, ``"stopping"``...); outside
+    ``"running"`` no check runs and each is failing. ``report[name]`` is the result of the
+    resource named *name* (``KeyError`` if it has none).
+    """
 
     state: str
     checks: list[CheckResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """True when *state* is ``"running"`` and every check passed."""
         return self.state == "running" and all(c.ok for c in self.checks)
 
     def __getitem__(self, name: str) -> CheckResult:

@@ -87,7 +87,9 @@ _LIFECYCLES: Any = object()
 
 
 class State(enum.Enum):
-    """Where a lifecycle is in its life."""
+    """Where a lifecycle is in its life: ``lc.state``. Each value is the member's name in
+    lower case, as ``lc.stats().state`` and the health report give it (which also say
+    ``"stopping"`` while a SIGTERM's ``drain_delay`` runs: no member)."""
 
     CREATED = "created"  # resources may be registered; nothing is open
     STARTING = "starting"  # app resources are opening
@@ -137,7 +139,8 @@ class ResourceDecorator(Protocol):
 
 
 class Override:
-    """An override of a resource; undo it with :meth:`undo` or by leaving its ``with``."""
+    """An override of a resource, as ``lc.override()`` returns it; undo it with :meth:`undo`
+    or by leaving its ``with``. *target* is the resource replaced."""
 
     def __init__(self, lc: Lifecycle, target: Resource[Any], replacement: Resource[Any]) -> None:
         self._lc = lc

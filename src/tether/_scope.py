@@ -1616,7 +1616,10 @@ class Unit:
 
     Values are opened on first :meth:`get`, at most once, and closed in reverse order
     when the unit ends, seeing the exception that ended it. Use it through
-    ``async with lc.scope() as s: await s.get(res)``.
+    ``async with lc.scope() as s: await s.get(res)``; *label* is the label given,
+    *started* the ``time.perf_counter()`` reading when it began, *closed* true once it
+    ended. Made by ``lc.scope()`` (and by tether for each request): one made by hand is not
+    counted, drained at shutdown or watched for leaks.
     """
 
     __slots__ = (

@@ -147,7 +147,13 @@ class ByName(dict[str, _V]):
 @dataclass(frozen=True, slots=True)
 class Stats:
     """A snapshot of a lifecycle: its state, units of work and every resource; *pools*,
-    the figures of the driver pools the integrations opened, by resource name."""
+    the figures of the driver pools the integrations opened, by resource name.
+
+    *units_in_flight* counts the units of work running now (requests, WebSocket connections,
+    ``lc.scope()`` blocks), *units_total* those admitted since the Lifecycle was made,
+    *units_refused* those refused because the app was shutting down (or had shut down).
+    ``stats[name]`` is ``stats.resources[name]``.
+    """
 
     state: str
     units_in_flight: int

@@ -490,6 +490,8 @@ class TetherCollector(Collector):
         return [family.family for family in _Families().all()]
 
     def collect(self) -> Iterator[Metric]:
+        """The families with their samples, read from the Lifecycles' stats (the registry
+        calls it at each scrape); in multiprocess mode, none: it refreshes the files."""
         if self.multiprocess:
             if _mirror is not None:
                 _mirror.refresh()

@@ -310,3 +310,15 @@ def test_connection_instruments_are_per_driver_pool() -> None:
         assert points[key("tether.resource.timeouts", **{POOL_NAME: name, SCOPE: "request"})] == 1
     assert points[key("tether.resource.timeouts", **{POOL_NAME: "conn", SCOPE: "request"})] == 0
     assert found["tether.resource.timeouts"].data.is_monotonic is True
+
+
+def test_the_attribute_names_are_exported_for_views_and_filters() -> None:
+    from tether.metrics import opentelemetry as totel
+
+    assert sorted(totel.__all__) == ["PHASE", "POOL_NAME", "SCOPE", "STATE", "register"]
+    assert (totel.POOL_NAME, totel.SCOPE, totel.STATE, totel.PHASE) == (
+        "db.client.connection.pool.name",
+        "tether.resource.scope",
+        "db.client.connection.state",
+        "tether.phase",
+    )

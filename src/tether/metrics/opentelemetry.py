@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._stats import PoolStats, ResourceStats, Stats
 
-__all__ = ["POOL_NAME", "SCOPE", "STATE", "register"]
+__all__ = ["PHASE", "POOL_NAME", "SCOPE", "STATE", "register"]
 
 POOL_NAME = "db.client.connection.pool.name"  # the resource's name
 STATE = "db.client.connection.state"  # of a driver pool's connections: "used" or "idle"

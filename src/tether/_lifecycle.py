@@ -364,14 +364,7 @@ class Lifecycle:
         where = "Lifecycle()"
         check_number(close_timeout, "close_timeout", where, above=True, example="10")
         check_number(drain_timeout, "drain_timeout", where, example="30")
-        check_number(
-            leak_threshold,
-            "leak_threshold",
-            where,
-            above=True,
-            none=True,
-            example="60, or None to turn leak detection off",
-        )
+        _check_leak_threshold(leak_threshold, where)
         check_number(sync_threads, "sync_threads", where, integer=True, least=1, example="10")
         check_number(check_timeout, "check_timeout", where, above=True, example="5")
         check_number(sweep_interval, "sweep_interval", where, above=True, example="0.25")
@@ -1915,6 +1908,9 @@ class Lifecycle:
 
     @leak_threshold.setter
     def leak_threshold(self, value: float | None) -> None:
+        # Checked as `Lifecycle()` checks it: a string set here ("60" from the environment)
+        # would make every leak sweep fail.
+        _check_leak_threshold(value, "lc.leak_threshold")
         self._leak_threshold = value
         self._leak_floor = min(_as_threshold(value), self._leak_thresholds.floor)
         self._leak_unset = False
@@ -2027,6 +2023,17 @@ class _Thresholds(weakref.WeakKeyDictionary[Unit, float | None]):
             lc = self._lc()
             if lc is not None:
                 lc._leak_floor = min(lc._leak_floor, value)
+
+
+def _check_leak_threshold(value: object, where: str) -> None:
+    check_number(
+        value,
+        "leak_threshold",
+        where,
+        above=True,
+        none=True,
+        example="60, or None to turn leak detection off",
+    )
 
 
 def _as_threshold(value: Any) -> float:

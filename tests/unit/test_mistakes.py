@@ -101,7 +101,7 @@ async def test_a_failing_leak_sweep_never_closes_the_app_scope(
     """Whatever makes a leak sweep fail, it is logged once and the app runs on (before: the
     sweep's error ended the app scope's task group, closing the pools mid-run)."""
     lc = tether.Lifecycle(sweep_interval=0.01)
-    lc.leak_threshold = "60"  # type: ignore[assignment]  # set past the check
+    lc._leak_threshold = "60"  # type: ignore[assignment]  # set past the check
 
     @lc.resource(scope="app")
     async def pool() -> AsyncIterator[str]:
@@ -125,6 +125,28 @@ async def test_a_failing_leak_sweep_never_closes_the_app_scope(
         "'float' and 'str' (leak_threshold='60'); the app runs on, without leak reports, and "
         "its later failures are not logged"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("60", TypeError, "lc.leak_threshold: leak_threshold='60' is a str, not a number of seconds. Pass a positive number of seconds (or None), e.g. leak_threshold=60, or None to turn leak detection off (a setting read from the environment is a string: convert it with float())."),
+        (0, ValueError, "lc.leak_threshold: leak_threshold=0 must be a positive number of seconds (or None)."),
+        (float("nan"), ValueError, "lc.leak_threshold: leak_threshold=nan must be a positive number of seconds (or None)."),
+    ],
+)  # fmt: skip
+def test_a_leak_threshold_set_on_a_live_lifecycle_is_checked_as_lifecycle_checks_it(
+    value: object, error: type[Exception], message: str
+) -> None:
+    """Before, `lc.leak_threshold = "60"` was taken, and every leak sweep then failed (one
+    ERROR, then no leak reports at all); now refused where it is set, the old value kept."""
+    lc = tether.Lifecycle(leak_threshold=30)
+    with pytest.raises(error, match=exactly(message)):
+        lc.leak_threshold = value  # type: ignore[assignment]
+    assert lc.leak_threshold == 30
+    lc.leak_threshold = None  # still allowed, and numbers too
+    lc.leak_threshold = 0.5
+    assert lc.leak_threshold == 0.5
 
 
 # --------------------------------------------------------------------- lc.resource options

@@ -437,3 +437,127 @@ async def test_a_failing_unit_keeps_its_own_error(
         assert isinstance(errors[0], sa_exc.DBAPIError), errors
         settled(lc, postgres, app_name)
         assert rows(postgres, req) == []
+
+
+# No thread at all: the endpoint's own thread leaves libpq "a command in progress" (a COPY
+# through session.execute(), which fails; a driver's copy() left early). Before, the unit's
+# end took that for a thread the endpoint did not join: it hung up the connection after 0.5 s,
+# logged that warning, answered 500, and the connection stayed checked out for good (nothing
+# read the shut socket): with a pool of one, every later request got 503.
+
+
+def copy_caught(s: Session, driver: str) -> None:
+    try:
+        s.execute(text("COPY (SELECT generate_series(1, 100000)) TO STDOUT"))
+    except sa_exc.DBAPIError:
+        pass  # (a CSV export tried the wrong way, its error handled)
+
+
+def copy_uncaught(s: Session, driver: str) -> None:
+    s.execute(text("COPY (SELECT generate_series(1, 100000)) TO STDOUT"))
+
+
+def copy_left_early(s: Session, driver: str) -> None:
+    cursor = s.connection().connection.driver_connection.cursor()
+    with cursor.copy("COPY (SELECT generate_series(1, 100000)) TO STDOUT") as copy:
+        for _ in copy:
+            break  # a preview: the first block only
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("driver", "left"),
+    [(d, f) for d in DRIVERS for f in (copy_caught, copy_uncaught)]
+    + [("psycopg", copy_left_early)],  # psycopg's copy()
+    ids=lambda p: p if isinstance(p, str) else p.__name__,
+)
+async def test_a_command_the_endpoint_itself_left_in_progress_is_no_thread(
+    postgres: Postgres, table: None, driver: str, left: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip(driver)
+    app_name = f"unj-n-{uuid.uuid4().hex[:8]}"
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(
+        lc, postgres.url(f"postgresql+{driver}"), pool_size=1, max_overflow=0, pool_timeout=3,
+        application_name=app_name,
+    )  # fmt: skip
+    session = tsa.sync_session(lc, engine)
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[Session, Depends(session)]
+    req = uuid.uuid4().hex
+
+    @app.post("/a")
+    def a(s: S) -> dict[str, bool]:
+        left(s, driver)
+        return {"ok": True}
+
+    @app.post("/b")
+    def b(s: S) -> dict[str, bool]:
+        insert(s, req, "unit")
+        return {"ok": True}
+
+    async with lc.lifespan(app):
+        status, _ = await post(app, "/a")
+        # psycopg2 drops a COPY left half-way at its next command, so the commit succeeds;
+        # psycopg refuses the commit ("another command is already in progress").
+        expected = 200 if (driver, left) == ("psycopg2", copy_caught) else 500
+        assert status == expected
+        assert "did not join" not in caplog.text
+        settled(lc, postgres, app_name)  # the connection went back (or was discarded)
+        for _ in range(2):  # the pool's one slot serves the next requests
+            status, _ = await post(app, "/b")
+            assert status == 200
+        assert rows(postgres, req) == ["unit", "unit"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_thread_that_commits_and_goes_on_is_followed_into_its_next_transaction(
+    postgres: Postgres, table: None, driver: str
+) -> None:
+    """A batch loop in the thread: its statement ends within the grace, it commits and runs
+    the next one in a new transaction. Before, the new transaction read as "free": tether's
+    commit waited behind its statement for close_timeout (a 500 after 10 s), and then
+    committed it, after the 500."""
+    pytest.importorskip(driver)
+    app_name = f"unj-s-{uuid.uuid4().hex[:8]}"
+    lc, session = make(postgres, driver, app_name)
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[Session, Depends(session)]
+    req = uuid.uuid4().hex
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    @app.post("/a")
+    def a(s: S) -> dict[str, bool]:
+        insert(s, req, "unit")
+
+        def work() -> None:
+            try:
+                s.execute(text("SELECT pg_sleep(0.5)"))  # ends within the unit end's grace
+                insert(s, req, "thread 1")
+                s.commit()
+                insert(s, req, "thread 2")  # a new transaction
+                s.execute(text("SELECT pg_sleep(3)"))
+                s.commit()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, daemon=True).start()
+        time.sleep(0.3)  # the thread's first statement is on the server
+        return {"ok": True}
+
+    async with lc.lifespan(app):
+        status, took = await post(app, "/a")
+        assert status != 200, status
+        assert took < 5, took  # (before: close_timeout, 10 s)
+        assert done.wait(10)
+        assert errors
+        assert isinstance(errors[0], sa_exc.DBAPIError), errors
+        assert errors[0].connection_invalidated, errors[0]
+        settled(lc, postgres, app_name)
+        time.sleep(3.2)  # past the statement's end on the server: still not committed
+        # What the thread committed itself, before the unit's end caught up with it, stays.
+        assert rows(postgres, req) == ["thread 1", "unit"]

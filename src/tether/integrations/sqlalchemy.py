@@ -1810,6 +1810,19 @@ def engine(
     )
     check_budget_policy(budget, f"Engine {name!r}")
     _check_no_pool(f"Engine {name!r}", engine_kwargs, "engine")
+    # What create_engine is given (the URL aside): checked at declaration, used at startup.
+    options_for = functools.partial(
+        _options,
+        name=name,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=pool_pre_ping,
+        pgbouncer=pgbouncer,
+        application_name=application_name,
+        connect_timeout=connect_timeout,
+        engine_kwargs=engine_kwargs,
+    )
     from ._common import check_dsn
 
     example = "lambda: os.environ['DATABASE_URL']"
@@ -1821,18 +1834,6 @@ def engine(
             pass
         else:
             _check_async_driver(given, name)
-            options_for = functools.partial(
-                _options,
-                name=name,
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=pool_timeout,
-                pool_pre_ping=pool_pre_ping,
-                pgbouncer=pgbouncer,
-                application_name=application_name,
-                connect_timeout=connect_timeout,
-                engine_kwargs=engine_kwargs,
-            )
             _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=True)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
@@ -1844,18 +1845,7 @@ def engine(
         u = _resolve_url(url)
         _check_async_driver(u, name)
         info.shown_url = u.render_as_string(hide_password=True)
-        options = _options(
-            u,
-            name=name,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_timeout=pool_timeout,
-            pool_pre_ping=pool_pre_ping,
-            pgbouncer=pgbouncer,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            engine_kwargs=engine_kwargs,
-        )
+        options = options_for(u)
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = cast("AsyncEngine", _create_engine(u, name, options, engine_kwargs, is_async=True))
@@ -2778,6 +2768,19 @@ def sync_engine(
     )
     check_budget_policy(budget, f"Engine {name!r}")
     _check_no_pool(f"Engine {name!r}", engine_kwargs, "sync_engine")
+    # What create_engine is given (the URL aside): checked at declaration, used at startup.
+    options_for = functools.partial(
+        _options,
+        name=name,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=pool_pre_ping,
+        pgbouncer=pgbouncer,
+        application_name=application_name,
+        connect_timeout=connect_timeout,
+        engine_kwargs=engine_kwargs,
+    )
     if isinstance(url, str | URL):  # a function's URL is checked when the app starts
         try:
             given = make_url(url)
@@ -2785,18 +2788,6 @@ def sync_engine(
             pass
         else:
             _check_sync_driver(given, name)
-            options_for = functools.partial(
-                _options,
-                name=name,
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=pool_timeout,
-                pool_pre_ping=pool_pre_ping,
-                pgbouncer=pgbouncer,
-                application_name=application_name,
-                connect_timeout=connect_timeout,
-                engine_kwargs=engine_kwargs,
-            )
             _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=False)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
@@ -2806,18 +2797,7 @@ def sync_engine(
         u = _resolve_url(url)
         _check_sync_driver(u, name)  # a function's URL: a mistake, not retried
         info.shown_url = u.render_as_string(hide_password=True)
-        options = _options(
-            u,
-            name=name,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_timeout=pool_timeout,
-            pool_pre_ping=pool_pre_ping,
-            pgbouncer=pgbouncer,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            engine_kwargs=engine_kwargs,
-        )
+        options = options_for(u)
         if "pool_size" in options and "poolclass" not in options:
             options["poolclass"] = _sync_pool(info)
         eng = cast("Engine", _create_engine(u, name, options, engine_kwargs, is_async=False))

@@ -2646,8 +2646,9 @@ def _retry_after(seconds: object) -> str:
     """The ``Retry-After`` header's value for a :class:`~tether.ResourceUnavailable`'s
     ``retry_after``: whole seconds, at least 1, at most a day. The declaration refuses a
     value that is no finite number, but the app's own code may raise the error with one
-    (``retry_after=float("inf")``, ``"5"``): then its 503 goes out with ``Retry-After: 1``
-    and a WARNING, instead of failing as a 500."""
+    (``retry_after=float("inf")``, ``"soon"``): then its 503 goes out with ``Retry-After:
+    1`` and a WARNING, instead of failing as a 500. A numeric string (``"5"``) is read as
+    its number."""
     try:
         whole = seconds if isinstance(seconds, int) else round(float(seconds))  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):

@@ -588,7 +588,9 @@ class Lifecycle:
         if res.name in self._resources:
             msg = (
                 f"A resource named {res.name!r} is already registered on this Lifecycle. "
-                f"Pick another name with @lc.resource(name=...)."
+                f"Give one of them another name: @lc.resource(name=...), or name= of the "
+                f"integration that declared it (e.g. tsa.sync_engine(lc, url, "
+                f"name='sync_engine') beside tsa.engine(), both named 'engine' by default)."
             )
             raise DuplicateResourceError(msg)
         if self.state is not State.CREATED and res.scope == "app":

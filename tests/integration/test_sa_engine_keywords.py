@@ -300,3 +300,26 @@ def test_a_pool_built_beforehand_is_refused_naming_the_options_to_pass(fn: str) 
             "instead (pool_size=, max_overflow=, pool_timeout=, pool_recycle=), or "
             "poolclass=NullPool for no pool."
         )
+
+
+@pytest.mark.parametrize("fn", ["session", "sync_session"])
+def test_a_session_on_an_engine_of_another_lifecycle_says_so(fn: str) -> None:
+    other = tether.Lifecycle()
+    made = tsa.engine if fn == "session" else tsa.sync_engine
+    engine = made(other, "sqlite+aiosqlite://" if fn == "session" else "sqlite://")
+    with pytest.raises(TypeError) as caught:
+        getattr(tsa, fn)(tether.Lifecycle(), engine)
+    assert str(caught.value) == (
+        f"{fn}(): the engine resource 'engine' was declared on another Lifecycle than this "
+        "session. Declare the engine and its sessions on the same Lifecycle (the one the app's "
+        "lifespan runs)."
+    )
+
+
+def test_two_engines_named_alike_are_refused_naming_the_integrations_name() -> None:
+    lc = tether.Lifecycle()
+    tsa.engine(lc, "sqlite+aiosqlite://")
+    with pytest.raises(tether.DuplicateResourceError) as caught:
+        tsa.sync_engine(lc, "sqlite://")
+    assert "tsa.sync_engine(lc, url, name='sync_engine')" in str(caught.value)
+    tsa.sync_engine(lc, "sqlite://", name="sync_engine")  # the fix it names

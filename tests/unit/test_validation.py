@@ -188,7 +188,9 @@ class TestRegistration:
 
         expected = re.escape(
             "A resource named 'conn' is already registered on this Lifecycle. "
-            "Pick another name with @lc.resource(name=...)."
+            "Give one of them another name: @lc.resource(name=...), or name= of the "
+            "integration that declared it (e.g. tsa.sync_engine(lc, url, "
+            "name='sync_engine') beside tsa.engine(), both named 'engine' by default)."
         )
         with pytest.raises(tether.DuplicateResourceError, match=rf"^{expected}$"):
 

@@ -2373,7 +2373,14 @@ async def _rollback(s: AsyncSession, name: str, own: AsyncEngine | None, info: _
 
 
 def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
-    if not isinstance(engine, Resource) or engine.lifecycle is not lc:
+    if isinstance(engine, Resource) and engine.lifecycle is not lc:
+        msg = (
+            f"{what}: the engine resource {engine.name!r} was declared on another Lifecycle "
+            f"than this session. Declare the engine and its sessions on the same Lifecycle "
+            f"(the one the app's lifespan runs)."
+        )
+        raise TypeError(msg)
+    if not isinstance(engine, Resource):
         shown = redact(repr(engine))  # a URL given by mistake: never its password
         msg = (
             f"{what}: `engine` must be the resource returned by engine()/sync_engine() (or "

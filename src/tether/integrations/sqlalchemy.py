@@ -1645,8 +1645,6 @@ def _kwargs_refused(
             f"to {fn}(): {shown}."
         )
         return TypeError(msg)
-    import difflib
-
     import sqlalchemy
 
     from ._common import keyword_names
@@ -1654,17 +1652,32 @@ def _kwargs_refused(
     own = engine if is_async else sync_engine
     known = _engine_kwarg_names(u, options, is_async=is_async) | keyword_names(own)
     known -= {"lc", "url"}
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
-    verb = "is not an option" if len(unknown) == 1 else "are not options"
+    listed, verb, them = _unknown_keywords(unknown, known)
     msg = (
-        f"Engine {name!r}: {' and '.join(hints)} {verb} of {fn}() nor of {made_by}() for "
+        f"Engine {name!r}: {listed} {verb} of {fn}() nor of {made_by}() for "
         f"{dialect} (SQLAlchemy {sqlalchemy.__version__}), which {fn}() passes its other "
-        f"keyword arguments to. Fix or remove {'it' if len(unknown) == 1 else 'them'}."
+        f"keyword arguments to. Fix or remove {them}."
     )
     return TypeError(msg)
+
+
+def _unknown_keywords(unknown: list[str], known: Iterable[str]) -> tuple[str, str, str]:
+    """The words for keyword arguments *unknown* that are not among *known*: each with its
+    close match (``pool_recylce= (did you mean pool_recycle=?)``), the verb, and the pronoun
+    (``it`` or ``them``)."""
+    import difflib
+
+    candidates = sorted(known)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, candidates, n=1)
+        hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
+    one = len(unknown) == 1
+    return (
+        " and ".join(hints),
+        "is not an option" if one else "are not options",
+        "it" if one else "them",
+    )
 
 
 def _create_engine(
@@ -2473,17 +2486,10 @@ def _check_session_kwargs(
         if not unknown:
             msg = f"{where}: {shown}() refused the keyword arguments given to {fn}(): {exc}."
             raise TypeError(msg) from None
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(accepted or ()), n=1)
-            hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
-        options = " and ".join(hints)
-        verb = "is not an option" if len(unknown) == 1 else "are not options"
+        options, verb, them = _unknown_keywords(unknown, accepted or ())
         msg = (
             f"{where}: {options} {verb} of {shown}, which {fn}() passes its keyword arguments "
-            f"to. Fix or remove {'it' if len(unknown) == 1 else 'them'}."
+            f"to. Fix or remove {them}."
         )
         raise TypeError(msg) from None
     except Exception as exc:

@@ -204,3 +204,10 @@ def check_psycopg_own_pool() -> None:
         tpsy.connection(lc, tpsy.pool(lc, "postgresql://x"), name="c2"),
         tether.Resource[AsyncConnection[Any]],
     )
+
+
+# A misspelt option is a type error too (the runtime refuses it naming the one meant);
+# `--strict` warns of an unused ignore, so each line below must stay an error.
+tether.Lifecycle(drain_timout=30)  # type: ignore[arg-type]
+lc.resource(scope="app", timout=3)  # type: ignore[call-overload]
+assert_type(tether.Lifecycle(drain_timeout=30, close_timeout=5), tether.Lifecycle)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -319,6 +319,44 @@ def check_bool(value: object, option: str, where: str, *, none: bool = False) ->
         f"{' (or None)' if none else ''}{hint}."
     )
     raise TypeError(msg)
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The one of *candidates* *word* is most likely a misspelling of, if any (difflib's
+    close match): for the "did you mean" of an error."""
+    import difflib  # only for an error
+
+    close = difflib.get_close_matches(word, sorted(candidates), n=1)
+    return close[0] if close else None
+
+
+def unknown_keywords(unknown: Iterable[str], known: Iterable[str]) -> tuple[str, str, str]:
+    """The words for keyword arguments *unknown* that are not among *known*: each with its
+    close match (``pool_recylce= (did you mean pool_recycle=?)``), the verb, and the pronoun
+    (``it`` or ``them``)."""
+    candidates = list(known)
+    hints = []
+    for key in unknown:
+        close = closest(key, candidates)
+        hints.append(f"{key}=" + (f" (did you mean {close}=?)" if close else ""))
+    one = len(hints) == 1
+    return (
+        " and ".join(hints),
+        "is not an option" if one else "are not options",
+        "it" if one else "them",
+    )
+
+
+def not_options(where: str, unknown: Iterable[str], known: Iterable[str]) -> TypeError:
+    """The ``TypeError`` for keyword arguments *unknown* that *where* (``Lifecycle()``) does
+    not take, where Python's own would not name the one meant: each with its close match
+    among *known*, and, when one has none, the options there are."""
+    unknown, known = list(unknown), list(known)
+    listed, verb, them = unknown_keywords(unknown, known)
+    options = ""
+    if any(closest(key, known) is None for key in unknown):
+        options = f" (its options: {', '.join(f'{k}=' for k in known)})"
+    return TypeError(f"{listed} {verb} of {where}{options}. Fix or remove {them}.")
 
 
 class TetherError(Exception):

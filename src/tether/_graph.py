@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import DependencyCycleError, ScopeError, UnknownResourceError
+from ._errors import DependencyCycleError, ScopeError, UnknownResourceError, closest
 from ._resource import Resource
 
 
@@ -40,8 +39,8 @@ def unknown_override_message(
     """The message for a parameter of *factory*, given to ``lc.override(res, ...)``, that
     names no resource: the override's factory is named, not *res* (which has no such
     parameter)."""
-    close = difflib.get_close_matches(param, list(resources), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(param, resources)
+    hint = f" Did you mean {close!r}?" if close else ""
     known = ", ".join(sorted(resources)) or "none"
     what = getattr(factory, "__qualname__", None) or repr(factory)
     return (
@@ -53,8 +52,8 @@ def unknown_override_message(
 
 
 def _unknown_message(res: Resource[Any], param: str, resources: Mapping[str, Resource[Any]]) -> str:
-    close = difflib.get_close_matches(param, list(resources), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(param, resources)
+    hint = f" Did you mean {close!r}?" if close else ""
     known = ", ".join(sorted(resources)) or "none"
     return (
         f"Resource {res.name!r} has a parameter {param!r} that names no resource.{hint} "

@@ -26,7 +26,7 @@ from contextlib import (
     contextmanager,
     suppress,
 )
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import IO, TYPE_CHECKING, Any, Never, Protocol, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +46,7 @@ from ._errors import (
     describe,
     is_seconds,
     marked_for_good,
+    not_options,
     refused_for_good,
     unstopped,
 )
@@ -302,6 +303,12 @@ def _check_name(name: object) -> None:
         raise ValueError(msg)
 
 
+def _keyword_options(fn: Callable[..., Any]) -> list[str]:
+    """*fn*'s keyword-only parameters: the options of an error naming a misspelt one."""
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 class Lifecycle:
     """The registry of resources of one application, and the runtime that opens them.
 
@@ -343,7 +350,10 @@ class Lifecycle:
         sweep_interval: float = 0.25,
         drain_delay: float = 0.0,
         expose_errors: bool = True,
+        **unknown: Never,  # a misspelt option: refused naming the one meant (type checkers too)
     ) -> None:
+        if unknown:
+            raise not_options("Lifecycle()", unknown, _keyword_options(Lifecycle.__init__))
         if drain_delay == math.inf:
             msg = (
                 f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
@@ -502,6 +512,7 @@ class Lifecycle:
         guard: bool = False,
         error_status: Callable[[int], bool] | None = None,
         required: bool = True,
+        **unknown: Never,
     ) -> ResourceDecorator: ...
 
     def resource(
@@ -523,6 +534,7 @@ class Lifecycle:
         guard: bool = False,
         error_status: Callable[[int], bool] | None = None,
         required: bool = True,
+        **unknown: Never,  # a misspelt option: refused naming the one meant (type checkers too)
     ) -> Resource[Any] | ResourceDecorator:
         """Register a resource: ``@lc.resource`` or ``@lc.resource(scope="app", ...)``.
 
@@ -553,6 +565,9 @@ class Lifecycle:
                 :class:`ResourceUnavailable` (503 with ``Retry-After``), and the health report
                 lists it as failing. App resources that depend on it wait for it the same way.
         """
+
+        if unknown:
+            raise not_options("lc.resource()", unknown, _keyword_options(Lifecycle.resource))
 
         def register(fn: Callable[..., Any]) -> Resource[Any]:
             return self._register(

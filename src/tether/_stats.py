@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from ._errors import closest
 
 _V = TypeVar("_V")
 
@@ -138,9 +139,9 @@ class ByName(dict[str, _V]):
                     f"not open (the Lifecycle is {self._state}), or overridden."
                 )
                 return msg
-        close = difflib.get_close_matches(str(key), [str(n) for n in self], n=1)
+        close = closest(str(key), [str(n) for n in self])
         if close:
-            msg += f" Did you mean {close[0]!r}?"
+            msg += f" Did you mean {close!r}?"
         return msg
 
 

@@ -304,6 +304,14 @@ class NameChecker:
             signature = inspect.signature(function)
         except (TypeError, ValueError):
             return
+        # `**unknown: Never` (Lifecycle(), lc.resource()) takes no keyword: it is there to
+        # refuse a misspelt one with a better message than Python's.
+        params = [
+            p
+            for p in signature.parameters.values()
+            if not (p.kind is p.VAR_KEYWORD and str(p.annotation) in ("Never", "typing.Never"))
+        ]
+        signature = signature.replace(parameters=params)
         try:
             signature.bind(*node.args, **{k.arg: k.value for k in node.keywords if k.arg})
         except TypeError as exc:

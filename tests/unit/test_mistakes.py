@@ -231,6 +231,78 @@ def test_resource_options_are_checked_at_declaration(
     assert "r" not in lc.resources
 
 
+# --------------------------------------------------------------------- misspelt options
+
+LIFECYCLE_OPTIONS = (
+    "close_timeout=, drain_timeout=, leak_threshold=, sync_threads=, check_timeout=, "
+    "track_stacks=, sweep_interval=, drain_delay=, expose_errors="
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"drain_timout": 30},
+            "drain_timout= (did you mean drain_timeout=?) is not an option of Lifecycle(). "
+            "Fix or remove it.",
+        ),
+        (
+            {"leak_treshold": 30, "close_timeout": 5},
+            "leak_treshold= (did you mean leak_threshold=?) is not an option of Lifecycle(). "
+            "Fix or remove it.",
+        ),
+        (
+            {"sync_thread": 4, "debug": True},
+            "sync_thread= (did you mean sync_threads=?) and debug= are not options of "
+            f"Lifecycle() (its options: {LIFECYCLE_OPTIONS}). Fix or remove them.",
+        ),
+    ],
+)
+def test_a_misspelt_lifecycle_option_names_the_one_meant(
+    options: dict[str, Any], message: str
+) -> None:
+    """Before: Python's bare "Lifecycle.__init__() got an unexpected keyword argument"."""
+    with pytest.raises(TypeError, match=exactly(message)):
+        tether.Lifecycle(**options)
+
+
+@pytest.mark.parametrize(
+    "decorator", [True, False], ids=["lc.resource(...)(fn)", "lc.resource(fn, ...)"]
+)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"scope": "app", "timout": 3},
+            "timout= (did you mean timeout=?) is not an option of lc.resource(). Fix or remove it.",
+        ),
+        (
+            {"scop": "app"},
+            "scop= (did you mean scope=?) is not an option of lc.resource(). Fix or remove it.",
+        ),
+        (
+            {"lazy": True},
+            "lazy= is not an option of lc.resource() (its options: scope=, name=, check=, "
+            "timeout=, release=, retries=, backoff=, concurrency=, thread=, check_timeout=, "
+            "retry_after=, guard=, error_status=, required=). Fix or remove it.",
+        ),
+    ],
+)
+def test_a_misspelt_resource_option_names_the_one_meant(
+    options: dict[str, Any], message: str, decorator: bool
+) -> None:
+    """Refused before anything is registered; the fix then registers it."""
+    lc = tether.Lifecycle()
+    with pytest.raises(TypeError, match=exactly(message)):
+        if decorator:
+            lc.resource(**options)(r)
+        else:
+            lc.resource(r, **options)
+    assert "r" not in lc.resources
+    assert lc.resource(scope="app", timeout=3)(r).name == "r"
+
+
 # --------------------------------------------------------------------- FastAPI's markers
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import inspect
 import logging
 import os
@@ -23,6 +22,7 @@ from .._errors import (
     StartupError,
     TetherError,
     _a_type,
+    closest,
     describe,
     for_good,
     redact,
@@ -1277,6 +1277,25 @@ def note_pgbouncer(exc: BaseException) -> bool:
     return True
 
 
+# SQLite's SQLITE_BUSY (5), and its extended code for a WAL read snapshot too old to write
+# from (517). Not SQLITE_LOCKED ("database table is locked"): that comes from the same
+# connection (a statement its own cursor still reads from), which no retry mends.
+SQLITE_BUSY = 5
+SQLITE_BUSY_SNAPSHOT = SQLITE_BUSY | (2 << 8)
+
+
+def sqlite_busy(exc: BaseException | None) -> bool:
+    """Whether *exc* is SQLite's "database is locked" (``SQLITE_BUSY``, any extended code):
+    another connection holds the lock, and waiting may end it."""
+    sqlite3 = sys.modules.get("sqlite3")  # imported by whoever raised one
+    if sqlite3 is None or not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF == SQLITE_BUSY
+    return "database is locked" in str(exc)  # pragma: no cover - without sqlite_errorcode
+
+
 def read_only(exc: BaseException) -> bool:
     """Whether *exc* (a driver's error, or SQLAlchemy's wrapping one) is SQLSTATE 25006."""
     return READ_ONLY_SQLSTATE in sqlstates(exc)
@@ -1370,8 +1389,8 @@ _BUDGET_POLICIES = ("warn", "error", "off")
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
     """The fix for a keyword argument *key* that nothing takes: its close match in *known*."""
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f"Did you mean {close[0]}=? Fix or remove it." if close else "Remove it."
+    close = closest(key, known)
+    return f"Did you mean {close}=? Fix or remove it." if close else "Remove it."
 
 
 def not_an_option(where: str, key: str, fn: str, of: str, fix: str) -> TypeError:

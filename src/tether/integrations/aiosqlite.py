@@ -61,7 +61,6 @@ a ``sqlite+aiosqlite:///path.db`` URL instead.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import functools
 import logging
 import os
@@ -90,12 +89,14 @@ from .._errors import (
     _a_type,
     check_bool,
     check_number,
+    closest,
     describe,
     for_good,
 )
 from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
+    SQLITE_BUSY_SNAPSHOT,
     asyncio_only,
     check_check,
     check_resource,
@@ -104,6 +105,7 @@ from ._common import (
     did_you_mean,
     keyword_names,
     not_an_option,
+    sqlite_busy,
     unavailable,
 )
 
@@ -120,22 +122,7 @@ Begin = Literal["deferred", "immediate", "exclusive"]
 Release = Literal["handler", "response"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-# SQLITE_BUSY only: another connection holds the lock, and waiting may end it. SQLITE_LOCKED
-# ("database table is locked") comes from the same connection (a statement its own cursor
-# still reads from), which no retry mends: an error of the endpoint, not a 503.
-_BUSY = (sqlite3.SQLITE_BUSY,)
-_BUSY_SNAPSHOT = sqlite3.SQLITE_BUSY | (2 << 8)  # 517: a WAL read snapshot too old to write
 _INTERRUPT_AFTER = 0.05  # s: a rollback still waiting then waits behind a running statement
-
-
-def _is_busy(exc: BaseException) -> bool:
-    """Whether *exc* is SQLite's "database is locked" (busy, any extended code)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return int(code) & 0xFF in _BUSY
-    return "database is locked" in str(exc)  # pragma: no cover - without sqlite_errorcode
 
 
 class Database:
@@ -293,7 +280,7 @@ class Database:
         """The 503 for "database is locked": another writer held the lock too long, or
         committed after this unit of work's first read (a snapshot too old to write from)."""
         code = getattr(exc, "sqlite_errorcode", None)
-        if code == _BUSY_SNAPSHOT:
+        if code == SQLITE_BUSY_SNAPSHOT:
             reason = (
                 f"another writer committed to {self.path!r} after this unit of work first "
                 f"read it, so it cannot write from that read ({describe(exc)}: "
@@ -859,7 +846,7 @@ async def _begin(db: Database, begin: Begin, name: str) -> _Connection:
     except sqlite3.OperationalError as exc:
         # Setting the connection up reads the schema (PRAGMA synchronous), which waits for
         # another process's exclusive lock (a rollback journal, locking_mode=EXCLUSIVE).
-        if _is_busy(exc):
+        if sqlite_busy(exc):
             raise db.locked(exc, "setting up the connection") from exc
         raise
     try:
@@ -868,7 +855,7 @@ async def _begin(db: Database, begin: Begin, name: str) -> _Connection:
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await conn.close()
-        if _is_busy(exc):
+        if sqlite_busy(exc):
             raise db.locked(exc, f"BEGIN {begin.upper()}") from exc
         raise
     return conn
@@ -942,11 +929,11 @@ def _check_database_options(options: dict[str, Any], where: str) -> None:
     for key in options:
         if key in accepted:
             continue
-        close = difflib.get_close_matches(key, sorted(known | set(_SQLITE3_TRANSACTIONS)), n=1)
-        if close and close[0] in _SQLITE3_TRANSACTIONS:
+        close = closest(key, known | set(_SQLITE3_TRANSACTIONS))
+        if close in _SQLITE3_TRANSACTIONS:
             fix = (
                 f"tether begins and ends the transaction of each unit of work itself "
-                f"(sqlite3's {close[0]} is not taken): choose how it begins with "
+                f"(sqlite3's {close} is not taken): choose how it begins with "
                 f"begin='deferred', 'immediate' or 'exclusive', or remove it."
             )
         else:
@@ -1029,7 +1016,7 @@ def connection(
                             log.warning("tether: %s", _closed_by_user_message(name))
                             raise
                         await _rollback(conn, name)
-                        if _is_busy(exc):
+                        if sqlite_busy(exc):
                             raise db.locked(exc, "a statement waited for the write lock") from exc
                         raise
                     else:
@@ -1040,7 +1027,7 @@ def connection(
                                 await conn.commit()
                         except sqlite3.Error as exc:
                             await _rollback(conn, name)
-                            if _is_busy(exc):
+                            if sqlite_busy(exc):
                                 raise db.locked(exc, "COMMIT") from exc
                             raise
                 finally:

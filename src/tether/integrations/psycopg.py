@@ -48,7 +48,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import functools
 import logging
 import math
@@ -81,6 +80,7 @@ from .._errors import (
     ResourceUnavailable,
     check_bool,
     check_number,
+    closest,
     describe,
     for_good,
     refused_for_good,
@@ -338,9 +338,8 @@ _LIBPQ_NAMES = {"database": "dbname", "db": "dbname", "username": "user"}
 def _fix(key: str, accepted: frozenset[str]) -> str:
     """The fix for a connection argument *key* not in *accepted*: its libpq name, or the
     closest one."""
-    close = [_LIBPQ_NAMES[key]] if key in _LIBPQ_NAMES else []
-    close = close or difflib.get_close_matches(key, sorted(accepted), n=1)
-    return f"Did you mean {close[0]!r}? Fix or remove it." if close else "Remove it."
+    close = _LIBPQ_NAMES.get(key) or closest(key, accepted)
+    return f"Did you mean {close!r}? Fix or remove it." if close else "Remove it."
 
 
 def _libpq() -> str:

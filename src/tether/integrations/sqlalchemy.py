@@ -93,6 +93,7 @@ from .._errors import (
     check_number,
     describe,
     refused_for_good,
+    unknown_keywords,
 )
 from .._resource import Resource
 from .._scope import set_token_wait
@@ -105,6 +106,7 @@ from ._common import (
     RESET_SESSION,
     SERVER_READ_ONLY,
     SESSION_SETTINGS,
+    SQLITE_BUSY_SNAPSHOT,
     BudgetPolicy,
     LoopBound,
     PerResource,
@@ -133,6 +135,7 @@ from ._common import (
     remember_secrets,
     saturation,
     shut_down_socket,
+    sqlite_busy,
     sqlstates,
     unavailable,
     used_concurrently,
@@ -1145,6 +1148,10 @@ def _use_failure(
         return read_only_failure(info.name)
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
+    if isinstance(exc, sa_exc.OperationalError) and sqlite_busy(exc.orig):
+        if committed:
+            return None  # a 503 would have the client write again what the commit wrote
+        return _locked(info, exc)
     if _is_lost(exc):
         if committed:
             return lost_after_commit(info.name, _describe_db(exc))
@@ -1158,6 +1165,42 @@ def _use_failure(
         # The server ended the transaction with the connection: nothing was committed.
         return connection_lost(info.name, _describe_db(exc))
     return None
+
+
+def _commit_locked(
+    info: _PoolInfo, exc: sa_exc.DBAPIError, s: Session
+) -> ResourceUnavailable | None:
+    """The 503 for tether's own ``COMMIT`` refused as SQLite's "database is locked" (nothing
+    committed: rolled back), unless the endpoint's own ``commit()`` wrote something before."""
+    if not sqlite_busy(exc.orig) or cast("_Guarded", s)._tether_committed:
+        return None
+    return _locked(info, exc)
+
+
+def _locked(info: _PoolInfo, exc: sa_exc.DBAPIError) -> ResourceUnavailable:
+    """The 503 for SQLite's "database is locked" (*exc*), with nothing written: another
+    connection held the lock past SQLite's busy timeout (in a statement, or at ``COMMIT``, which
+    waits for the readers of a rollback journal), or committed after this unit of work's first
+    read (a WAL snapshot too old to write from). As the aiosqlite integration answers it."""
+    url = getattr(info.engine, "url", None)
+    db = repr(url.database) if isinstance(url, URL) and url.database else "(in memory)"
+    said = _describe_db(exc)
+    if getattr(exc.orig, "sqlite_errorcode", None) == SQLITE_BUSY_SNAPSHOT:
+        reason = (
+            f"another writer committed to the SQLite database {db} after this unit of work "
+            f"first read it, so it cannot write from that read ({said}: SQLITE_BUSY_SNAPSHOT, "
+            f"refused at once); nothing was written. Retry it"
+        )
+    else:
+        during = "at COMMIT" if exc.statement is None else "a statement waited for the write lock"
+        reason = (
+            f"the SQLite database {db} is locked by another writer ({during}; {said}); "
+            f"nothing was written. Retry shortly; if it persists, keep the transactions that "
+            f"write short, use WAL mode (its readers never block the writer), or let a writer "
+            f"wait longer for the lock: connect_args={{'timeout': 15}} (SQLite's busy timeout, "
+            f"in seconds: 5 by default)"
+        )
+    return ResourceUnavailable(redact(f"Engine {info.name!r}: {reason}."), resource=info.name)
 
 
 # --------------------------------------------------------------------------- engine options
@@ -1652,32 +1695,13 @@ def _kwargs_refused(
     own = engine if is_async else sync_engine
     known = _engine_kwarg_names(u, options, is_async=is_async) | keyword_names(own)
     known -= {"lc", "url"}
-    listed, verb, them = _unknown_keywords(unknown, known)
+    listed, verb, them = unknown_keywords(unknown, known)
     msg = (
         f"Engine {name!r}: {listed} {verb} of {fn}() nor of {made_by}() for "
         f"{dialect} (SQLAlchemy {sqlalchemy.__version__}), which {fn}() passes its other "
         f"keyword arguments to. Fix or remove {them}."
     )
     return TypeError(msg)
-
-
-def _unknown_keywords(unknown: list[str], known: Iterable[str]) -> tuple[str, str, str]:
-    """The words for keyword arguments *unknown* that are not among *known*: each with its
-    close match (``pool_recylce= (did you mean pool_recycle=?)``), the verb, and the pronoun
-    (``it`` or ``them``)."""
-    import difflib
-
-    candidates = sorted(known)
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, candidates, n=1)
-        hints.append(f"{key}=" + (f" (did you mean {close[0]}=?)" if close else ""))
-    one = len(unknown) == 1
-    return (
-        " and ".join(hints),
-        "is not an option" if one else "are not options",
-        "it" if one else "them",
-    )
 
 
 def _create_engine(
@@ -2486,7 +2510,7 @@ def _check_session_kwargs(
         if not unknown:
             msg = f"{where}: {shown}() refused the keyword arguments given to {fn}(): {exc}."
             raise TypeError(msg) from None
-        options, verb, them = _unknown_keywords(unknown, accepted or ())
+        options, verb, them = unknown_keywords(unknown, accepted or ())
         msg = (
             f"{where}: {options} {verb} of {shown}, which {fn}() passes its keyword arguments "
             f"to. Fix or remove {them}."
@@ -2709,6 +2733,9 @@ def session(
                     # foreign key), and SQLAlchemy's return to the pool then leaves it so,
                     # holding the write lock for every later unit of work.
                     await _rollback(s, name, own_engine, info)
+                    locked = _commit_locked(info, exc, s.sync_session)
+                    if locked is not None:
+                        raise locked from exc
                     raise
                 # asyncpg refused to send COMMIT (the server ended the session, and its
                 # error or the close arrived first): nothing was committed since the
@@ -3387,9 +3414,12 @@ def sync_session(
                     if join is not None or attempt == _COMMIT_TRIES - 1:
                         raise
                     continue
-                except sa_exc.DBAPIError:
+                except sa_exc.DBAPIError as exc:
                     _sync_rollback(s, name)  # as in `session`: SQLite keeps a failed commit's
-                    raise  # transaction open, past the pool's return
+                    locked = _commit_locked(info, exc, s)  # transaction open, past the
+                    if locked is not None:  # pool's return
+                        raise locked from exc
+                    raise
                 break
         finally:
             # Marked first: a thread still using the session begins no new transaction

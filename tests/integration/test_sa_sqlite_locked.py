@@ -1,0 +1,171 @@
+"""SQLite's "database is locked" through the SQLAlchemy integration: a 503 with
+``Retry-After`` naming the lock, as the aiosqlite integration answers it, when nothing was
+written; the original error (a 500) once the endpoint committed something itself.
+
+Real SQLite files. The other writer is a plain ``sqlite3`` connection of the test holding the
+write lock (``BEGIN IMMEDIATE``), or a read transaction holding its shared lock, which makes a
+writer's ``COMMIT`` wait (the rollback journal, SQLite's default)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+import tether
+import tether.integrations.sqlalchemy as tsa
+from tether.fastapi import install
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+WAIT = 0.2  # s: SQLite's busy timeout in these tests (pysqlite's `timeout`)
+LOCKED = "is locked by another writer"
+WRITTEN = "nothing was written"
+
+
+def make_db(path: Path) -> None:
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE t (x INTEGER)")
+    raw.commit()
+    raw.close()
+
+
+def rows(path: Path) -> list[int]:
+    raw = sqlite3.connect(path)
+    try:
+        return [x for (x,) in raw.execute("SELECT x FROM t ORDER BY x")]
+    finally:
+        raw.close()
+
+
+@contextmanager
+def holding(path: Path, how: str) -> Iterator[None]:
+    """Another connection holding the write lock (``"write"``) or a read transaction's
+    shared lock (``"read"``)."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        if how == "write":
+            raw.execute("BEGIN IMMEDIATE")
+        else:
+            raw.execute("BEGIN")
+            raw.execute("SELECT count(*) FROM t").fetchall()
+        yield
+    finally:
+        raw.execute("ROLLBACK")
+        raw.close()
+
+
+def declare(path: Path, sync: bool) -> tuple[tether.Lifecycle, Any]:
+    lc = tether.Lifecycle()
+    if sync:
+        engine = tsa.sync_engine(lc, f"sqlite:///{path}", connect_args={"timeout": WAIT})
+        return lc, tsa.sync_session(lc, engine)
+    engine = tsa.engine(lc, f"sqlite+aiosqlite:///{path}", connect_args={"timeout": WAIT})
+    return lc, tsa.session(lc, engine)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+@pytest.mark.parametrize(
+    ("how", "during"),
+    [("write", "a statement waited for the write lock"), ("read", "COMMIT")],
+    ids=["statement", "commit"],
+)
+async def test_a_lock_held_too_long_is_a_503_and_nothing_is_written(
+    tmp_path: Path, sync: bool, how: str, during: str
+) -> None:
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc, session = declare(path, sync)
+    app = FastAPI(lifespan=lc.lifespan)
+    install(app, lc)
+
+    if sync:
+
+        @app.post("/write")
+        def write_sync(s: Session = Depends(session)) -> dict[str, str]:
+            s.execute(text("INSERT INTO t VALUES (1)"))
+            return {"ok": "yes"}
+
+    else:
+
+        @app.post("/write")
+        async def write(s: AsyncSession = Depends(session)) -> dict[str, str]:
+            await s.execute(text("INSERT INTO t VALUES (1)"))
+            return {"ok": "yes"}
+
+    async with lc.lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            with holding(path, how):
+                r = await client.post("/write")
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            detail = r.json()["detail"]
+            assert LOCKED in detail and during in detail and WRITTEN in detail, detail
+            assert "app.db" in detail, detail
+            assert rows(path) == []
+            # The lock gone, the same route writes: the connection went back clean.
+            r = await client.post("/write")
+            assert r.status_code == 200, r.text
+            assert rows(path) == [1]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_the_error_is_resource_unavailable_outside_requests(
+    tmp_path: Path, sync: bool
+) -> None:
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc, session = declare(path, sync)
+    async with lc.run():
+        with holding(path, "write"), pytest.raises(tether.ResourceUnavailable) as caught:
+            async with lc.scope() as sc:
+                s = await sc.get(session)
+                if sync:
+                    s.execute(text("INSERT INTO t VALUES (1)"))
+                else:
+                    await s.execute(text("INSERT INTO t VALUES (1)"))
+        assert caught.value.retry_after == 1.0
+        assert caught.value.resource == "engine"
+        assert str(caught.value).startswith("Engine 'engine': the SQLite database "), str(
+            caught.value
+        )
+        assert "connect_args={'timeout': " in str(caught.value)
+        assert isinstance(caught.value.__cause__, sa_exc.OperationalError)
+    assert rows(path) == []
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_after_the_endpoint_s_own_commit_the_lock_is_the_original_error(
+    tmp_path: Path, sync: bool
+) -> None:
+    """A 503 would ask the client to retry, which would write again what the endpoint's
+    own ``commit()`` wrote: the error stays SQLAlchemy's (a 500)."""
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc, session = declare(path, sync)
+    async with lc.run():
+        with pytest.raises(sa_exc.OperationalError, match="database is locked"):
+            async with lc.scope() as sc:
+                s = await sc.get(session)
+                if sync:
+                    s.execute(text("INSERT INTO t VALUES (1)"))
+                    s.commit()
+                    with holding(path, "write"):
+                        s.execute(text("INSERT INTO t VALUES (2)"))
+                else:
+                    await s.execute(text("INSERT INTO t VALUES (1)"))
+                    await s.commit()
+                    with holding(path, "write"):
+                        await s.execute(text("INSERT INTO t VALUES (2)"))
+    assert rows(path) == [1]

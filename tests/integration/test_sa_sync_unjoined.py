@@ -561,3 +561,73 @@ async def test_a_thread_that_commits_and_goes_on_is_followed_into_its_next_trans
         time.sleep(3.2)  # past the statement's end on the server: still not committed
         # What the thread committed itself, before the unit's end caught up with it, stays.
         assert rows(postgres, req) == ["thread 1", "unit"]
+
+
+@pytest.fixture
+def slow_commit(postgres: Postgres, table: None) -> Iterator[float]:
+    """A COMMIT of a row into ``unjoined_rows`` that takes *yielded* seconds on the server
+    (a deferred constraint trigger sleeping), past tether's wait for a thread's own commit."""
+    seconds = 7.0
+    postgres.sql(
+        "CREATE OR REPLACE FUNCTION unjoined_slow() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+    )
+    postgres.sql(
+        "CREATE CONSTRAINT TRIGGER unjoined_slow AFTER INSERT ON unjoined_rows "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION unjoined_slow()"
+    )
+    yield seconds
+    postgres.sql("DROP TABLE IF EXISTS unjoined_rows")
+    postgres.sql("DROP FUNCTION IF EXISTS unjoined_slow()")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_thread_hung_up_in_its_own_commit_is_not_said_to_have_committed_nothing(
+    postgres: Postgres, slow_commit: float, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread's ``COMMIT`` outlasts tether's wait for it, so its connection is hung up
+    under it; the server commits all the same (it learns of the hang-up only when it answers).
+    Before, the 500's error and the WARNING said "nothing is committed"; they now say that the
+    outcome is not known, and the row is there."""
+    pytest.importorskip(driver)
+    app_name = f"unj-c-{uuid.uuid4().hex[:8]}"
+    lc, session = make(postgres, driver, app_name)
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[Session, Depends(session)]
+    req = uuid.uuid4().hex
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    @app.post("/a")
+    def a(s: S) -> dict[str, bool]:
+        def work() -> None:
+            try:
+                insert(s, req, "thread")
+                s.commit()  # COMMIT runs the deferred trigger: `slow_commit` s
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, daemon=True).start()
+        time.sleep(0.5)  # the thread's COMMIT is on the server
+        return {"ok": True}
+
+    async with lc.lifespan(app):
+        with caplog.at_level("WARNING", logger="tether"):
+            status, took = await post(app, "/a")
+        assert status == 500, status
+        assert took < slow_commit, took  # hung up before the server's COMMIT ended
+        assert done.wait(slow_commit + 5)
+        assert errors
+        assert isinstance(errors[0], sa_exc.DBAPIError), errors
+        deadline = time.monotonic() + 10
+        while rows(postgres, req) != ["thread"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rows(postgres, req) == ["thread"]  # the server committed it
+        settled(lc, postgres, app_name)
+    # The WARNING, and the ScopeError (logged as the session's close failing).
+    assert "nothing is committed" not in caplog.text, caplog.text
+    assert caplog.text.count("its own COMMIT") == 2, caplog.text
+    assert caplog.text.count("the server may have committed it") == 2, caplog.text

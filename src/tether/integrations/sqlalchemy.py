@@ -2158,6 +2158,18 @@ def _still_in_use(name: str, done: str = _HUNG_UP, *, thread: bool = False) -> s
     )
 
 
+def _hung_up_at_commit(name: str) -> str:
+    """The error of a unit of work whose session a thread the ``def`` endpoint started (and
+    did not join) was still committing when tether's wait for it ended (`_let_go_sync`)."""
+    return (
+        f"Session {name!r} was still in use by another thread when its unit of work ended (a "
+        f"thread the endpoint started with it and did not join), in its own COMMIT of the "
+        f"session after {_LET_GO + _BUSY_WAIT:g} s; its connection was hung up under that "
+        f"COMMIT, so whether the transaction was committed is not known (the server may have "
+        f"committed it). Join every thread using the session before the endpoint returns."
+    )
+
+
 def _used_concurrently(name: str) -> ScopeError:
     done = "The unit of work was rolled back."
     return used_concurrently("Session", name, "SQLAlchemy", done)
@@ -2930,7 +2942,7 @@ _THREAD_REFUSED = (
 #: for one, which it will be refused ("refused"). Then the session is the thread's: tether
 #: does not touch it again (SQLAlchemy's own handling, in that thread, gives its connections
 #: back to the pool).
-_SyncLetGo = Literal["free", "hung up", "refused"]
+_SyncLetGo = Literal["free", "hung up", "hung up at commit", "refused"]
 
 
 #: On a ``Connection``: SQLAlchemy runs a statement on it now, between
@@ -3199,6 +3211,7 @@ def _let_go_sync(s: Session, name: str, message: str, res: Resource[Any]) -> _Sy
         # before the listener was in place is in the transaction by then.
         _refuse_connections(s, message, res)
     hung: list[tuple[Any, Any]] = []
+    at_commit = False  # one was hung up under the thread's own COMMIT
     deadline = time.monotonic() + _LET_GO
     while True:
         for conn, fairy in _open_connections(tx):
@@ -3221,8 +3234,10 @@ def _let_go_sync(s: Session, name: str, message: str, res: Resource[Any]) -> _Sy
             # the whole pool, as SQLAlchemy does.
             with contextlib.suppress(TypeError):  # not weakly referable: the pool is replaced
                 _hung_up.add(driver)
+            committing = _committing(tx)
             if _hang_up_thread(conn, fairy, record, running=only_running):
                 hung.append((fairy, record))
+                at_commit = at_commit or committing
             else:
                 with contextlib.suppress(TypeError):
                     _hung_up.discard(driver)
@@ -3234,17 +3249,30 @@ def _let_go_sync(s: Session, name: str, message: str, res: Resource[Any]) -> _Sy
         # may begin a transaction, as it does when the thread's own commit ended its own.
         cast("_Guarded", s)._tether_closed = None
         return "free"
-    log.warning(
-        "tether: session %r: a thread the endpoint started and did not join still uses the "
-        "session at the end of its unit of work (it runs a statement, or waits for a "
-        "connection); its connection is hung up under it (its statement fails with a "
-        "connection error), a connection it waits for is refused it when it comes "
-        "(tether.ResourceClosedError), and nothing is committed. Join every thread using the "
-        "session before the endpoint returns.",
-        name,
-    )
+    if at_commit:
+        log.warning(
+            "tether: session %r: a thread the endpoint started and did not join was still in "
+            "its own COMMIT of the session %g s after its unit of work ended; its connection "
+            "is hung up under it, so whether that transaction was committed is not known (the "
+            "server may have committed it: it learns of the hang-up only when it answers). "
+            "Join every thread using the session before the endpoint returns.",
+            name,
+            _LET_GO + _BUSY_WAIT,
+        )
+    else:
+        log.warning(
+            "tether: session %r: a thread the endpoint started and did not join still uses "
+            "the session at the end of its unit of work (it runs a statement, or waits for a "
+            "connection); its connection is hung up under it (its statement fails with a "
+            "connection error), a connection it waits for is refused it when it comes "
+            "(tether.ResourceClosedError), and nothing is committed. Join every thread using "
+            "the session before the endpoint returns.",
+            name,
+        )
     for fairy, record in hung:
         _discard_idle(fairy, record, name)
+    if at_commit:
+        return "hung up at commit"
     return "hung up" if hung else "refused"
 
 
@@ -3403,6 +3431,8 @@ def sync_session(
             for attempt in range(_COMMIT_TRIES):
                 if join is None:
                     went = _let_go_sync(s, name, closed_message, res)
+                if went == "hung up at commit":
+                    raise ScopeError(_hung_up_at_commit(name))
                 if went != "free":
                     done = _THREAD_HUNG_UP if went == "hung up" else _THREAD_REFUSED
                     raise ScopeError(_still_in_use(name, done, thread=True))

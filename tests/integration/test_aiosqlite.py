@@ -454,6 +454,31 @@ async def test_writer_waiting_past_busy_timeout_for_another_process_is_a_503(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("begin", ["deferred", "immediate"])
+async def test_a_lock_after_the_endpoints_own_commit_is_no_503(tmp_path: Path, begin: str) -> None:
+    """The endpoint committed a row itself, then waited out the lock for the next one: a 503
+    would say "nothing was written" and have the client write the first row again; it is
+    sqlite3's error (a 500), and the first row stays (before: the 503)."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, busy_timeout=0.2)
+    writer = tsqlite.connection(lc, db, name="writer", begin=begin)
+
+    @app.post("/write")
+    async def write(c: Annotated[Conn, Depends(writer)]) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES ('first')")
+        await c.commit()
+        with holding_the_lock(path, "BEGIN IMMEDIATE"):
+            await c.execute("INSERT INTO authors (name) VALUES ('second')")
+        return "both"  # pragma: no cover - the lock is held
+
+    async with running(app) as client:
+        r = await client.post("/write")
+        assert r.status_code == 500, r.text
+        assert rows(path) == [(1, "first")]
+        assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.anyio
 async def test_a_table_locked_by_the_units_own_cursor_is_an_error_not_a_503(
     tmp_path: Path,
 ) -> None:

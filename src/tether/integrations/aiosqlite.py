@@ -631,6 +631,13 @@ class _Connection(aiosqlite.Connection):
         # The connection resource's name, for a unit of work's connection (in its
         # transaction); None for `Database.connect()`'s.
         self._tether_unit: str | None = None
+        # The endpoint's own commit() went through: from then on "database is locked" is no
+        # 503 ("nothing was written"), whose retry would write that again.
+        self._tether_committed = False
+
+    async def commit(self) -> None:
+        await super().commit()
+        self._tether_committed = True
 
     def _kept(self, cursor: aiosqlite.Cursor) -> aiosqlite.Cursor:
         self._tether_cursors.add(cursor)
@@ -1016,7 +1023,7 @@ def connection(
                             log.warning("tether: %s", _closed_by_user_message(name))
                             raise
                         await _rollback(conn, name)
-                        if sqlite_busy(exc):
+                        if sqlite_busy(exc) and not conn._tether_committed:
                             raise db.locked(exc, "a statement waited for the write lock") from exc
                         raise
                     else:
@@ -1027,7 +1034,7 @@ def connection(
                                 await conn.commit()
                         except sqlite3.Error as exc:
                             await _rollback(conn, name)
-                            if sqlite_busy(exc):
+                            if sqlite_busy(exc) and not conn._tether_committed:
                                 raise db.locked(exc, "COMMIT") from exc
                             raise
                 finally:

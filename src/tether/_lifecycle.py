@@ -303,6 +303,28 @@ def _check_name(name: object) -> None:
         raise ValueError(msg)
 
 
+#: For a resource name two integrations' functions both take by default: the usual pair, and
+#: how to tell them apart (`DuplicateResourceError`).
+_SAME_DEFAULT_NAME = {
+    "engine": (
+        "tsa.sync_engine(lc, url, name='sync_engine') beside tsa.engine(), both named "
+        "'engine' by default"
+    ),
+    "session": (
+        "tsa.sync_session(lc, sync_engine, name='sync_session') beside tsa.session(), both "
+        "named 'session' by default"
+    ),
+    "pool": (
+        "tpg.pool(lc, replica_dsn, name='replica') beside another pool(), every pool() "
+        "named 'pool' by default"
+    ),
+    "conn": (
+        "tpg.connection(lc, replica, name='replica_conn') beside another connection(), "
+        "asyncpg's and psycopg's named 'conn' by default"
+    ),
+}
+
+
 def _keyword_options(fn: Callable[..., Any]) -> list[str]:
     """*fn*'s keyword-only parameters: the options of an error naming a misspelt one."""
     params = inspect.signature(fn).parameters.values()
@@ -601,11 +623,11 @@ class Lifecycle:
             raise TypeError(msg)
         res = self._make(fn, **options)
         if res.name in self._resources:
+            example = _SAME_DEFAULT_NAME.get(res.name, _SAME_DEFAULT_NAME["engine"])
             msg = (
                 f"A resource named {res.name!r} is already registered on this Lifecycle. "
                 f"Give one of them another name: @lc.resource(name=...), or name= of the "
-                f"integration that declared it (e.g. tsa.sync_engine(lc, url, "
-                f"name='sync_engine') beside tsa.engine(), both named 'engine' by default)."
+                f"integration that declared it (e.g. {example})."
             )
             raise DuplicateResourceError(msg)
         if self.state is not State.CREATED and res.scope == "app":

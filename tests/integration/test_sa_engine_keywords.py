@@ -323,3 +323,19 @@ def test_two_engines_named_alike_are_refused_naming_the_integrations_name() -> N
         tsa.sync_engine(lc, "sqlite://")
     assert "tsa.sync_engine(lc, url, name='sync_engine')" in str(caught.value)
     tsa.sync_engine(lc, "sqlite://", name="sync_engine")  # the fix it names
+
+
+def test_two_sessions_named_alike_are_refused_naming_the_sessions_name() -> None:
+    """Before, the message named the engines' fix (sync_engine(name=...)) for sessions too."""
+    lc = tether.Lifecycle()
+    tsa.session(lc, tsa.engine(lc, "sqlite+aiosqlite://"))
+    sync_engine = tsa.sync_engine(lc, "sqlite://", name="sync_engine")
+    with pytest.raises(tether.DuplicateResourceError) as caught:
+        tsa.sync_session(lc, sync_engine)
+    assert str(caught.value) == (
+        "A resource named 'session' is already registered on this Lifecycle. Give one of them "
+        "another name: @lc.resource(name=...), or name= of the integration that declared it "
+        "(e.g. tsa.sync_session(lc, sync_engine, name='sync_session') beside tsa.session(), "
+        "both named 'session' by default)."
+    )
+    tsa.sync_session(lc, sync_engine, name="sync_session")  # the fix it names

@@ -531,3 +531,20 @@ async def test_running_given_no_lifecycle_says_so() -> None:
         "tether.testing.running(): lc is None, not a tether.Lifecycle: pass the Lifecycle the "
         "app's resources are registered on, e.g. running(lc)."
     )
+
+
+@pytest.mark.parametrize(
+    ("waiting", "words"),
+    [(1, "1 unit of work already waits"), (2, "2 units of work already wait")],
+)
+def test_a_queue_full_503_counts_its_waiters_in_good_english(waiting: int, words: str) -> None:
+    """Before: "1 units of work already wait for one (max_waiting=1)"."""
+    from tether.integrations._common import queue_full
+
+    refused = queue_full("pool", waiting=waiting, max_waiting=waiting, size=1, in_use=1)
+    assert str(refused) == (
+        f"Pool 'pool' (size 1, in use 1, waiting {waiting}) could not give a connection: no "
+        f"connection is free (each is in use or still being made) and {words} for one "
+        f"(max_waiting={waiting}); refused at once rather than queued. Retry shortly; if it "
+        f"persists, check the database and the pool size."
+    )

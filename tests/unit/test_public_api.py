@@ -16,6 +16,7 @@ def test_all_is_sorted_and_complete() -> None:
     # (pytest rewrites the asserts of a distribution with a pytest plugin: "@py_builtins")
     public = {name for name in dir(tether) if not name.startswith(("_", "@"))} - {
         "annotations",
+        "TYPE_CHECKING",
         "fastapi",
         "integrations",
         "metrics",
@@ -92,3 +93,30 @@ def test_fastapi_integration_without_starlette_says_what_to_install() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out == "tether.fastapi needs Starlette or FastAPI: pip install 'tether[fastapi]'\n"
+
+
+def test_a_bare_import_reaches_the_submodules_on_first_use() -> None:
+    """`import tether` then `tether.fastapi.install(...)`, as the docs write it: the
+    submodule is imported on first use (before: AttributeError), and not before (the core
+    imports no FastAPI); a name that is no submodule is still an AttributeError."""
+    code = (
+        "import sys\n"
+        "import tether\n"
+        "print('fastapi' in sys.modules, 'tether.fastapi' in sys.modules)\n"
+        "print(tether.fastapi.health_router.__module__, tether.testing.running.__module__)\n"
+        "import tether.integrations.sqlalchemy\n"
+        "print(tether.integrations.sqlalchemy.engine.__name__)\n"
+        "try:\n"
+        "    tether.fastapy\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.splitlines() == [
+        "False False",
+        "tether.fastapi tether.testing",
+        "engine",
+        "module 'tether' has no attribute 'fastapy'",
+    ]

@@ -189,8 +189,9 @@ class TestRegistration:
         expected = re.escape(
             "A resource named 'conn' is already registered on this Lifecycle. "
             "Give one of them another name: @lc.resource(name=...), or name= of the "
-            "integration that declared it (e.g. tsa.sync_engine(lc, url, "
-            "name='sync_engine') beside tsa.engine(), both named 'engine' by default)."
+            "integration that declared it (e.g. tpg.connection(lc, replica, "
+            "name='replica_conn') beside another connection(), asyncpg's and psycopg's named "
+            "'conn' by default)."
         )
         with pytest.raises(tether.DuplicateResourceError, match=rf"^{expected}$"):
 

@@ -1182,9 +1182,9 @@ def queue_full(
 ) -> ResourceUnavailable:
     """The 503 for a unit of work refused at once by ``max_waiting``."""
     reason = (
-        f"no connection is free (each is in use or still being made) and {waiting} units of "
-        f"work already wait for one (max_waiting={max_waiting}); refused at once rather than "
-        f"queued"
+        f"no connection is free (each is in use or still being made) and {waiting} "
+        f"{'unit of work already waits' if waiting == 1 else 'units of work already wait'} "
+        f"for one (max_waiting={max_waiting}); refused at once rather than queued"
     )
     return unavailable(name, reason, size=size, in_use=in_use, waiting=waiting)
 

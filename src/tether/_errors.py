@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 _E = TypeVar("_E", bound=BaseException)
@@ -347,11 +347,16 @@ def unknown_keywords(unknown: Iterable[str], known: Iterable[str]) -> tuple[str,
     )
 
 
-def not_options(where: str, unknown: Iterable[str], known: Iterable[str]) -> TypeError:
-    """The ``TypeError`` for keyword arguments *unknown* that *where* (``Lifecycle()``) does
-    not take, where Python's own would not name the one meant: each with its close match
-    among *known*, and, when one has none, the options there are."""
-    unknown, known = list(unknown), list(known)
+def not_options(where: str, unknown: Iterable[str], fn: Callable[..., Any]) -> TypeError:
+    """The ``TypeError`` for keyword arguments *unknown* that *where* (``Lifecycle()``, the
+    function *fn*, whose ``**unknown: Never`` takes them) does not take, where Python's own
+    would not name the one meant: each with its close match among *fn*'s keyword-only
+    parameters, and, when one has none, those."""
+    import inspect  # only for an error
+
+    params = inspect.signature(fn).parameters.values()
+    known = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = list(unknown)
     listed, verb, them = unknown_keywords(unknown, known)
     options = ""
     if any(closest(key, known) is None for key in unknown):

@@ -325,12 +325,6 @@ _SAME_DEFAULT_NAME = {
 }
 
 
-def _keyword_options(fn: Callable[..., Any]) -> list[str]:
-    """*fn*'s keyword-only parameters: the options of an error naming a misspelt one."""
-    params = inspect.signature(fn).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-
 class Lifecycle:
     """The registry of resources of one application, and the runtime that opens them.
 
@@ -375,7 +369,7 @@ class Lifecycle:
         **unknown: Never,  # a misspelt option: refused naming the one meant (type checkers too)
     ) -> None:
         if unknown:
-            raise not_options("Lifecycle()", unknown, _keyword_options(Lifecycle.__init__))
+            raise not_options("Lifecycle()", unknown, Lifecycle.__init__)
         if drain_delay == math.inf:
             msg = (
                 f"Lifecycle(drain_delay={drain_delay!r}): drain_delay is how long, in seconds, "
@@ -589,7 +583,7 @@ class Lifecycle:
         """
 
         if unknown:
-            raise not_options("lc.resource()", unknown, _keyword_options(Lifecycle.resource))
+            raise not_options("lc.resource()", unknown, Lifecycle.resource)
 
         def register(fn: Callable[..., Any]) -> Resource[Any]:
             return self._register(
@@ -1642,7 +1636,11 @@ class Lifecycle:
 
     @asynccontextmanager
     async def scope(
-        self, label: str = "scope", *, leak_threshold: float | None = _LIFECYCLES
+        self,
+        label: str = "scope",
+        *,
+        leak_threshold: float | None = _LIFECYCLES,
+        **unknown: Never,  # a misspelt option: refused naming the one meant
     ) -> AsyncIterator[Unit]:
         """A request scope outside a request: ``async with lc.scope() as s: await s.get(r)``.
 
@@ -1651,6 +1649,8 @@ class Lifecycle:
         *leak_threshold*: this unit's, in place of the Lifecycle's (a long job: a number of
         seconds it may hold its values, or None for no leak reports of it).
         """
+        if unknown:
+            raise not_options("lc.scope()", unknown, Lifecycle.scope)
         if leak_threshold is not _LIFECYCLES:
             check_number(
                 leak_threshold,

@@ -34,7 +34,7 @@ import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Never, TypeVar, overload
 
 import anyio
 
@@ -62,6 +62,7 @@ from ._errors import (
     check_number,
     describe,
     is_seconds,
+    not_options,
 )
 from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken, check_lifecycle
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
@@ -2682,7 +2683,13 @@ def _detail(lc: Lifecycle, error: ResourceUnavailable) -> str:
 _DAY = 86400.0  # the longest `health_router(cache=)`
 
 
-def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0) -> Any:
+def health_router(
+    lc: Lifecycle,
+    *,
+    prefix: str = "/health",
+    cache: float = 1.0,
+    **unknown: Never,  # a misspelt option: refused naming the one meant
+) -> Any:
     """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
 
     ``live`` answers 200 while the process serves, and 503 (``"status": "broken"``, naming
@@ -2699,6 +2706,8 @@ def health_router(lc: Lifecycle, *, prefix: str = "/health", cache: float = 1.0)
     """
     from fastapi import APIRouter
 
+    if unknown:
+        raise not_options("health_router()", unknown, health_router)
     check_lifecycle(lc, "health_router()", "health_router(lc)")
     _check_prefix(prefix, "health_router", '"/live" and "/ready"', "/health")
     check_number(cache, "cache", "health_router()", least=None, example="1.0, or 0 for every probe")

@@ -129,3 +129,85 @@ async def test_over_http_it_is_a_500_with_tethers_message(
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "ScopeError: Connection 'conn' was used by two tasks at once" in logged
     assert "another operation is in progress" not in r.text
+
+
+# ------------------------------------------- a task still running a query as the unit ends
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transaction", [False, True], ids=["conn", "transaction"])
+async def test_an_asyncpg_task_still_querying_as_the_unit_ends_is_named_in_the_log(
+    postgres: Postgres, transaction: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task the endpoint started with its connection, not awaited, still runs a query when
+    the unit of work ends. The connection is terminated under it (asyncpg cannot reset it),
+    and the WARNING names the unit of work, the task and the fix. Before, it read
+    "connection could not be reset (InterfaceError: ... another operation is in progress)",
+    and with ``transaction=True`` tether's own failed COMMIT was blamed on the endpoint
+    ("connection returned inside an open transaction; ... commit or roll back the
+    transactions you start"), then the raw InterfaceError was the 500's. With a transaction
+    nothing is committed, and the unit fails with a ScopeError saying why; without one, the
+    endpoint's own statements ran in autocommit, and its answer stands."""
+    lc = tether.Lifecycle()
+    conn = asyncpg_conn(lc, postgres, transaction)
+    app = FastAPI(lifespan=lc.lifespan)
+    tasks: list[asyncio.Task[Any]] = []
+    postgres.sql("DROP TABLE IF EXISTS left_running")
+    postgres.sql("CREATE TABLE left_running (who text)")
+    postgres.sql("GRANT ALL ON left_running TO tether")
+
+    @app.post("/leaky")
+    async def leaky(c: Annotated[Any, Depends(conn)]) -> str:
+        await c.execute("INSERT INTO left_running VALUES ('endpoint')")
+        task = asyncio.ensure_future(c.execute("SELECT pg_sleep(2)"))
+        tasks.append(task)
+        await asyncio.sleep(0.1)  # its query is on the server
+        return "ok"
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        lc.lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            started = time.monotonic()
+            r = await client.post("/leaky")
+            took = time.monotonic() - started
+        assert took < 1.5, took  # not behind the task's 2 s query
+        with pytest.raises(Exception) as task_failed:  # noqa: PT011 - asyncpg's, as it is
+            await asyncio.wait_for(tasks[0], 5)
+        assert "closed" in str(task_failed.value).lower(), task_failed.value
+        await settled(lc, postgres)
+        written = [who for (who,) in postgres.sql("SELECT who FROM left_running")]
+        if transaction:
+            assert r.status_code == 500, r.text
+            assert written == []  # nothing committed
+        else:
+            assert r.status_code == 200, r.text
+            assert written == ["endpoint"]  # autocommitted as it ran
+        # The next request on the pool is served.
+        tasks.clear()
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    fix = (
+        "Await every task using the connection before the unit of work ends, or give the task "
+        "a connection of its own (`async with lc.scope() as s: await s.get(conn)` in the task)."
+    )
+    if transaction:  # the unit's error, logged as its close failing
+        said = (
+            "tether: closing resource 'conn': ScopeError: Connection 'conn' was still in use by "
+            "another task when its unit of work ended (a task started with it and not awaited, "
+            "or the other operation of an asyncio.gather that failed), so its transaction "
+            "could not be committed: the connection was terminated under that task (its query "
+            "fails), and the unit of work rolled back. "
+            "Await every task using the connection before the unit of work ends, or give each "
+            "task a connection of its own (`async with lc.scope() as s: await s.get(conn)` in "
+            "the task)."
+        )
+    else:
+        said = (
+            "tether: 'conn': a task still ran a query on the connection when its unit of work "
+            "(POST /leaky) ended (a task started with it and not awaited); the connection was "
+            "terminated under it (its query fails), and its backend with it. "
+        ) + fix
+    assert warnings == [said], warnings
+    postgres.sql("DROP TABLE IF EXISTS left_running")

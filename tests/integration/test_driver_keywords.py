@@ -314,3 +314,40 @@ def test_redis_options_of_the_client_say_what_to_do_instead(given: str, fix: str
         f"connection pool or its connections (redis {redis.__version__}), which client() "
         f"passes its other keyword arguments to. {fix}"
     )
+
+
+@pytest.mark.parametrize(
+    ("driver", "kwargs", "message"),
+    [
+        (
+            "asyncpg",
+            {"transation": True},
+            "transation= (did you mean transaction=?) is not an option of "
+            "tether.integrations.asyncpg.connection(). Fix or remove it.",
+        ),
+        (
+            "asyncpg",
+            {"guard": True},
+            "guard= is not an option of tether.integrations.asyncpg.connection() (its options: "
+            "name=, transaction=, release=, error_status=, acquire_timeout=, reset_timeout=, "
+            "isolation=, readonly=). Fix or remove it.",
+        ),
+        (
+            "psycopg",
+            {"transacton": True, "reset_sesion": False},
+            "transacton= (did you mean transaction=?) and reset_sesion= (did you mean "
+            "reset_session=?) are not options of tether.integrations.psycopg.connection(). Fix "
+            "or remove them.",
+        ),
+    ],
+)
+def test_a_misspelt_connection_option_names_the_one_meant(
+    driver: str, kwargs: dict[str, Any], message: str
+) -> None:
+    """Before: Python's bare "connection() got an unexpected keyword argument"."""
+    module = tasyncpg if driver == "asyncpg" else tpsycopg
+    lc = tether.Lifecycle()
+    pool = module.pool(lc, DSN)
+    with pytest.raises(TypeError, match=exactly(message)):
+        module.connection(lc, pool, **kwargs)
+    assert "conn" not in lc.resources

@@ -70,6 +70,23 @@ class TestAiosqlite:
         ):
             tsqlite.connection(lc, db, wal=False, busy_timeout=1.0)
 
+    def test_a_misspelt_option_beside_a_database_resource_is_named_as_such(
+        self, tmp_path: Path
+    ) -> None:
+        """Before: "['begn'] are settings of the database resource 'database': pass them to
+        database()", which takes no such setting either."""
+        lc = tether.Lifecycle()
+        db = tsqlite.database(lc, tmp_path / "x.db")
+        with pytest.raises(
+            TypeError,
+            match=exactly(
+                "connection('connection'): begn= is not an option of connection() nor of "
+                "database(), which connection() passes its other keyword arguments to. Did "
+                "you mean begin=? Fix or remove it."
+            ),
+        ):
+            tsqlite.connection(lc, db, begn="immediate")
+
 
 class TestPostgresPools:
     @pytest.mark.parametrize("sizes", [{"max_size": 0}, {"min_size": 5, "max_size": 2}])

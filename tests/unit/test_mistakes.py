@@ -303,6 +303,31 @@ def test_a_misspelt_resource_option_names_the_one_meant(
     assert lc.resource(scope="app", timeout=3)(r).name == "r"
 
 
+async def test_a_misspelt_scope_option_names_the_one_meant() -> None:
+    lc = tether.Lifecycle()
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "leak_treshold= (did you mean leak_threshold=?) is not an option of lc.scope(). "
+            "Fix or remove it."
+        ),
+    ):
+        async with lc.scope(leak_treshold=3):  # type: ignore[call-arg]
+            pass  # pragma: no cover
+
+
+def test_a_misspelt_health_router_option_names_the_one_meant() -> None:
+    import tether.fastapi
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "prefx= (did you mean prefix=?) is not an option of health_router(). Fix or remove it."
+        ),
+    ):
+        tether.fastapi.health_router(tether.Lifecycle(), prefx="/probes")
+
+
 # --------------------------------------------------------------------- FastAPI's markers
 
 

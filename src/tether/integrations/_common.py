@@ -1164,6 +1164,21 @@ def unavailable(
     )
 
 
+def still_in_use(what: str, name: str, done: str) -> str:
+    """The error of a unit of work that succeeded while a task it started still used its
+    connection or session (*what*: ``"Connection"``, ``"Session"``), so that its transaction
+    could not be committed; *done*: what became of that task."""
+    thing = what.lower()
+    return (
+        f"{what} {name!r} was still in use by another task when its unit of work ended (a "
+        f"task started with it and not awaited, or the other operation of an asyncio.gather "
+        f"that failed), so its transaction could not be committed: {done}, and the unit of "
+        f"work rolled back. Await every task using the {thing} before the unit of work ends, "
+        f"or give each task a {thing} of its own (`async with lc.scope() as s: await "
+        f"s.get({name})` in the task)."
+    )
+
+
 def used_concurrently(what: str, name: str, driver: str, done: str) -> ScopeError:
     """The error for one unit of work's connection (*what*: ``"Connection"``, ``"Session"``)
     used by two tasks at once, which *driver* refused; *done*: what tether did about it."""

@@ -994,6 +994,8 @@ def connection(
             example='tether.integrations.aiosqlite.database(lc, "notes.db")',
         )
         if database_options:
+            # A misspelt one (`begn=`) is named as such first, not sent to database().
+            _check_database_options(database_options, f"connection({name!r})")
             msg = (
                 f"connection({name!r}): {sorted(database_options)} are settings of the "
                 f"database resource {database.name!r}: pass them to database()."

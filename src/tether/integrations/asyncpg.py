@@ -56,7 +56,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Never
 
 import anyio
 
@@ -71,11 +71,13 @@ except ImportError as exc:  # pragma: no cover - import guard
 from .._errors import (
     ClientDisconnected,
     ResourceUnavailable,
+    ScopeError,
     check_bool,
     check_number,
     describe,
+    not_options,
 )
-from .._resource import Resource
+from .._resource import Resource, current_unit
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -116,6 +118,7 @@ from ._common import (
     resolve_dsn,
     saturation,
     sqlstates,
+    still_in_use,
     unavailable,
     unreachable,
     used_concurrently,
@@ -125,6 +128,7 @@ from ._common import workers as worker_count
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
     from .._resource import Check, Release
+    from .._scope import Unit
 
 __all__ = ["Pool", "connection", "once", "pool", "rolled_back"]
 
@@ -903,6 +907,7 @@ def connection(
     reset_timeout: float = 5.0,
     isolation: str | None = None,
     readonly: bool = False,
+    **unknown: Never,  # a misspelt option: refused naming the one meant
 ) -> Resource[asyncpg.Connection]:
     """Register a connection of *pool* as a request resource of *lc*; return the resource.
 
@@ -927,6 +932,9 @@ def connection(
             ``transaction=True`` only (without a transaction there is none they apply to,
             and a ``ValueError`` says so).
     """
+    if unknown:
+        where = "tether.integrations.asyncpg.connection()"
+        raise not_options(where, unknown, connection)
     check_bool(transaction, "transaction", f"Connection {name!r}")
     check_bool(readonly, "readonly", f"Connection {name!r}")
     _check_transaction_options(name, transaction, isolation, readonly)
@@ -957,6 +965,7 @@ def connection(
                     p, pool_name, state, timeout, name, reset_timeout, None, conn
                 )
         interrupted = False
+        unit = current_unit.get()  # (for a WARNING naming it)
         try:
             try:
                 yield conn
@@ -999,6 +1008,12 @@ def connection(
                 try:
                     await _commit(conn, tx, name)
                 except (pg_errors.InternalClientError, pg_errors.InterfaceError) as exc:
+                    if _concurrent(exc):
+                        # A task the endpoint started still runs a query on it: terminated
+                        # under that task, which rolls the transaction back.
+                        await _discard(p, conn, _server_pid(conn), name)
+                        done = "the connection was terminated under that task (its query fails)"
+                        raise ScopeError(still_in_use("Connection", name, done)) from exc
                     # asyncpg refused to send COMMIT: the connection is mid-way through
                     # something else, most often an error the server sent unasked as it
                     # ended the session (a restart, pg_terminate_backend) before the close
@@ -1014,7 +1029,7 @@ def connection(
             counters = res.counters
             counters.in_use -= 1
             try:
-                await _give_back(p, conn, name, reset_timeout, interrupted)
+                await _give_back(p, conn, name, reset_timeout, interrupted, unit)
             finally:
                 counters.in_use += 1  # as tether's bookkeeping takes it off, at once
 
@@ -1122,6 +1137,21 @@ def _concurrent(exc: BaseException) -> bool:
     """Whether *exc* is asyncpg refusing a query while another runs on the connection."""
     busy = "another operation is in progress"
     return isinstance(exc, pg_errors.InterfaceError) and busy in str(exc)
+
+
+def _still_querying(name: str, unit: Callable[[], Unit | None] | None) -> str:
+    """The WARNING for a unit of work's connection on which a task it started (and did not
+    await) still runs a query as the unit ends: terminated under it (asyncpg cannot reset
+    it). *unit*: the unit of work's reference, as the connection was opened in it."""
+    held = unit() if unit is not None else None
+    label = f" ({held.label})" if held is not None and held.label else ""
+    return (
+        f"{name!r}: a task still ran a query on the connection when its unit of work{label} "
+        f"ended (a task started with it and not awaited); the connection was terminated under "
+        f"it (its query fails), and its backend with it. Await every task using the "
+        f"connection before the unit of work ends, or give the task a connection of its own "
+        f"(`async with lc.scope() as s: await s.get({name})` in the task)."
+    )
 
 
 def _is_lost(conn: Any, exc: BaseException) -> bool:
@@ -1403,7 +1433,12 @@ async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> Non
 
 
 async def _give_back(
-    p: Any, conn: Any, name: str, within: float, interrupted: bool = False
+    p: Any,
+    conn: Any,
+    name: str,
+    within: float,
+    interrupted: bool = False,
+    unit: Callable[[], Unit | None] | None = None,
 ) -> None:
     """Return *conn* to *p* reset, or terminate it: never return it in an unknown state.
 
@@ -1462,11 +1497,15 @@ async def _give_back(
         if state is not None and state.idle_since is not None:
             state.idle_since[raw] = time.monotonic()
     except Exception as exc:
-        log.warning(
-            "tether: %r: connection could not be reset (%s); terminated, not returned to the pool",
-            name,
-            describe(exc),
-        )
+        if _concurrent(exc):
+            log.warning("tether: %s", _still_querying(name, unit))
+        else:
+            log.warning(
+                "tether: %r: connection could not be reset (%s); terminated, not returned to "
+                "the pool",
+                name,
+                describe(exc),
+            )
         if state is not None and not closed:
             state.discarded += 1
         await _discard(p, conn, pid, name)

@@ -57,7 +57,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Never, cast
 
 import anyio
 
@@ -83,6 +83,7 @@ from .._errors import (
     closest,
     describe,
     for_good,
+    not_options,
     refused_for_good,
 )
 from .._resource import Resource
@@ -661,6 +662,7 @@ def connection(
     timeout: float | None = None,
     reset_timeout: float = 5.0,
     reset_session: bool = True,
+    **unknown: Never,  # a misspelt option: refused naming the one meant
 ) -> Resource[Connection]:
     """Register a connection of *pool* as a request resource of *lc*; return the resource.
 
@@ -692,6 +694,8 @@ def connection(
             it, for code that never changes the session (the next unit of work would inherit
             it).
     """
+    if unknown:
+        raise not_options("tether.integrations.psycopg.connection()", unknown, connection)
     check_resource(
         lc,
         pool,

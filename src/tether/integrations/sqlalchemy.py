@@ -137,6 +137,7 @@ from ._common import (
     shut_down_socket,
     sqlite_busy,
     sqlstates,
+    still_in_use,
     unavailable,
     used_concurrently,
 )
@@ -2148,14 +2149,7 @@ def _still_in_use(name: str, done: str = _HUNG_UP, *, thread: bool = False) -> s
             f"transaction could not be committed: {done}, and the unit of work rolled back. "
             f"Join every thread using the session before the endpoint returns."
         )
-    return (
-        f"Session {name!r} was still in use by another task when its unit of work ended (a "
-        f"task started with it and not awaited, or the other operation of an asyncio.gather "
-        f"that failed), so its transaction could not be committed: {done}, and the unit of "
-        f"work rolled back. Await every task using the session before the unit of work ends, "
-        f"or give each task a session of its own (`async with lc.scope() as s: await "
-        f"s.get({name})` in the task)."
-    )
+    return still_in_use("Session", name, done)
 
 
 def _hung_up_at_commit(name: str) -> str:

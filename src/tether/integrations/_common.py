@@ -1281,14 +1281,33 @@ PGBOUNCER_NOTE = (
 )
 
 
-def note_pgbouncer(exc: BaseException) -> bool:
+#: The same, for an engine declared ``pgbouncer=True`` whose own ``connect_args`` turned the
+#: driver's preparing back on (which PgBouncer 1.21+ supports with max_prepared_statements).
+PREPARING_AGAIN_NOTE = (
+    "tether: the server does not have a prepared statement the driver cached, or has it "
+    "already, although the engine is declared pgbouncer=True: a connect_args= option of "
+    "yours (psycopg's prepare_threshold, asyncpg's statement_cache_size or "
+    "prepared_statement_cache_size), or a PREPARE statement, prepares statements again, "
+    "which PgBouncer in transaction mode does not keep across transactions (unless its "
+    "max_prepared_statements is set). Remove it: pgbouncer=True turns the driver's "
+    "preparing off."
+)
+
+
+def note_pgbouncer(exc: BaseException, declared: bool = False) -> bool:
     """Add `PGBOUNCER_NOTE` to *exc* if it is a prepared statement missing, or there twice,
-    on the server (for a pool not declared ``pgbouncer=True``): its traceback says the fix.
-    Returns whether it is."""
-    if not any(code in _PREPARED_STATEMENT_SQLSTATES for code in sqlstates(exc)):
+    on the server: its traceback says the fix (for a pool *declared* ``pgbouncer=True``,
+    `PREPARING_AGAIN_NOTE`). Returns whether it is."""
+    codes = set(sqlstates(exc))
+    if not any(code in _PREPARED_STATEMENT_SQLSTATES for code in codes) and not (
+        # "bind message supplies 0 parameters, but prepared statement ... requires 1": one
+        # name the server has for another statement (a protocol violation, 08P01)
+        "08P01" in codes and "prepared statement" in str(exc)
+    ):
         return False
-    if PGBOUNCER_NOTE not in getattr(exc, "__notes__", ()):
-        exc.add_note(PGBOUNCER_NOTE)
+    note = PREPARING_AGAIN_NOTE if declared else PGBOUNCER_NOTE
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
     return True
 
 

@@ -496,7 +496,7 @@ def _refused_to_send(exc: sa_exc.DBAPIError) -> bool:
 def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
-    if not info.pgbouncer and note_pgbouncer(exc):
+    if note_pgbouncer(exc, info.pgbouncer):
         return None  # a pool set up for the wrong server, not one out of connections: a 500
     if _is_unreachable(exc):
         return info.unreachable(exc)
@@ -2700,8 +2700,7 @@ def session(
             yield s
         except BaseException as exc:
             await _rollback(s, name, own_engine, info)
-            if not info.pgbouncer:
-                note_pgbouncer(exc)
+            note_pgbouncer(exc, info.pgbouncer)
             if _busy(exc):
                 raise _used_concurrently(name) from exc
             if not isinstance(exc, Exception):
@@ -3412,6 +3411,7 @@ def sync_session(
                 went = _let_go_sync(s, name, closed_message, res)
             if went == "free":
                 _sync_rollback(s, name)  # (else nothing was committed, and it is the thread's)
+            note_pgbouncer(exc, info.pgbouncer)
             if not isinstance(exc, Exception):
                 raise
             if read_only(exc) and not _sync_read_only_server(eng, exc):

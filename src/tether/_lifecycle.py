@@ -255,13 +255,22 @@ class CancelledUnit:
     """A unit of work still in flight when a shutdown's ``drain_timeout`` passed, and so
     cancelled: what it held then, and when."""
 
-    __slots__ = ("at", "drain_timeout", "entries", "unit")
+    __slots__ = ("abandoned", "at", "drain_timeout", "entries", "unit")
 
-    def __init__(self, unit: Unit, entries: list[Entry], at: float, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        unit: Unit,
+        entries: list[Entry],
+        at: float,
+        drain_timeout: float,
+        abandoned: bool = False,
+    ) -> None:
         self.unit = unit
         self.entries = entries
         self.at = at  # time.perf_counter() when it was cancelled
         self.drain_timeout = drain_timeout
+        # Not cancelled: the task that entered it had ended without leaving it (`_abandoned`).
+        self.abandoned = abandoned
 
 
 class DrainedUnit:
@@ -301,6 +310,20 @@ def _check_name(name: object) -> None:
             f"digit, e.g. name={fixed!r}."
         )
         raise ValueError(msg)
+
+
+def _left_open(units: set[Unit]) -> str:
+    """The drain warning's tail for the units of work left open by a task that has ended
+    (`Lifecycle._abandoned`), "" if none."""
+    if not units:
+        return ""
+    return (
+        f"; left open by a task that has ended: "
+        f"{', '.join(sorted(u.label for u in units)[:10])} (an `lc.scope()` entered by hand, "
+        f"its `__aenter__` with no `__aexit__`): nothing runs in it to cancel, and what it "
+        f"holds stays taken until the app resources close; exit every `lc.scope()` (`async "
+        f"with lc.scope() as s:`)"
+    )
 
 
 #: For a resource name two integrations' functions both take by default: the usual pair, and
@@ -1534,22 +1557,25 @@ class Lifecycle:
                 # the pools are still open (closing the pools under them would leave their
                 # values to close after what they use).
                 now = time.perf_counter()
+                abandoned = self._abandoned()
                 self._cancelled.extend(
-                    CancelledUnit(u, list(u.entries), now, self.drain_timeout)
+                    CancelledUnit(u, list(u.entries), now, self.drain_timeout, u in abandoned)
                     for u in self._in_flight()
                 )
                 cancelled = self._cancel_units()
-                left = [u for u in self._units if u not in cancelled]
+                left = [u for u in self._units if u not in cancelled and u not in abandoned]
                 log.warning(
                     "tether: %d units of work still in flight after drain_timeout=%g s, "
-                    "cancelled: %s%s",
+                    "cancelled: %s%s%s",
                     len(self._units),
                     self.drain_timeout,
                     ", ".join(sorted(u.label for u in cancelled)[:10]) or "none",
                     self._not_cancelled(left),
+                    _left_open(abandoned),
                 )
-                with anyio.move_on_after(self.close_timeout):
-                    await self._drained.wait()
+                if cancelled or left:  # (nothing runs in an abandoned one to end it)
+                    with anyio.move_on_after(self.close_timeout):
+                        await self._drained.wait()
         await self._stop_opening()
         errors = await self._close_app_slots(note=True)
         if errors:
@@ -1796,6 +1822,21 @@ class Lifecycle:
                 task.cancel(f"tether: drain_timeout={self.drain_timeout:g} s passed at shutdown")
                 cancelled.append(unit)
         return cancelled
+
+    def _abandoned(self) -> set[Unit]:
+        """The units of work in flight whose task, on asyncio, has ended without leaving
+        them: an ``lc.scope()`` entered by hand (``__aenter__`` without ``__aexit__``).
+        Nothing runs in them to cancel, or to end them."""
+        try:
+            asyncio.current_task()
+        except RuntimeError:  # not on asyncio (trio): no task known
+            return set()
+        found = set()
+        for unit in list(self._units):
+            task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
+            if task is not None and task.done():
+                found.add(unit)
+        return found
 
     def _not_cancelled(self, units: list[Unit]) -> str:
         """The drain warning's tail for the units past ``drain_timeout`` it could not cancel

@@ -134,10 +134,12 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             )
         ids = request.node.stash.get(_HELD_UP_BY_THE_BODY, set())
         body = {c for c in lc._cancelled if id(c) in ids}
+        held_at_shutdown = False  # units past the drain held the pools' connections
         try:  # units a shutdown at a fixture's teardown (a function-scoped app) cancelled
             _assert_not_cancelled(lc, keep=cancelled | body, ignore=units)
         except AssertionError as exc:
             problems.append(str(exc))
+            held_at_shutdown = True
         try:  # ... or waited on past the grace
             _assert_not_drained(
                 lc,
@@ -159,7 +161,7 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             problems.append(str(exc))
         found = list(lc._in_use_at_shutdown)[shutdowns.get(lc, 0) :]
         closed = _grown_at_shutdown(found, pools, pools_in_use(lc))
-        if closed:
+        if closed and not held_at_shutdown:  # (else those units held them: reported above)
             listed = "".join(
                 f"\n  - {name!r}: {now} in use, {was} before the test" for name, now, was in closed
             )

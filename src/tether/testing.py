@@ -148,14 +148,29 @@ def _assert_not_cancelled(
     if cancelled:
         n = len(cancelled)
         count = f"{n} unit{'s' if n > 1 else ''} of work"
-        listed = "".join(f"\n  - {_describe(c.unit, c.at, c.entries)}" for c in cancelled)
+        listed = "".join(
+            f"\n  - {_describe(c.unit, c.at, c.entries)}" + (_ABANDONED if c.abandoned else "")
+            for c in cancelled
+        )
         timeouts = sorted({c.drain_timeout for c in cancelled})
         drain = ", ".join(f"drain_timeout={t:g} s" for t in timeouts)
+        ended = (
+            f"cancelled after {drain}"
+            if not any(c.abandoned for c in cancelled)
+            else f"past {drain}"
+        )
         msg = (
             f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
-            f"cancelled after {drain}:{listed}\n{_HINT}"
+            f"{ended}:{listed}\n{_HINT}"
         )
         raise AssertionError(msg)
+
+
+#: For a unit of work left open by a task that has ended, which no drain could cancel.
+_ABANDONED = (
+    ", left open by a task that has ended (an `lc.scope()` entered by hand: `__aenter__` "
+    "with no `__aexit__`), so not cancelled"
+)
 
 
 def _assert_not_drained(

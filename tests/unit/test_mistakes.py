@@ -5,6 +5,7 @@ hang, a value that silently was something else, or an app scope that died mid-ru
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -326,6 +327,42 @@ def test_a_misspelt_health_router_option_names_the_one_meant() -> None:
         ),
     ):
         tether.fastapi.health_router(tether.Lifecycle(), prefx="/probes")
+
+
+async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`lc.scope()` entered by hand in a task that then ends: the drain cannot cancel it, and
+    says why, and does not wait close_timeout for it (nothing runs in it to end it). Before,
+    the warning said "not cancelled (no asyncio task to cancel, as on trio)" on asyncio, and
+    the shutdown waited close_timeout all the same."""
+    lc = tether.Lifecycle(drain_timeout=0.1, close_timeout=5)
+
+    @lc.resource
+    async def conn() -> AsyncIterator[int]:
+        yield 1
+
+    kept: list[Any] = []
+
+    async def enter() -> None:
+        scope = lc.scope("by hand")
+        kept.append(scope)
+        await (await scope.__aenter__()).get(conn)
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        async with lc.run():
+            await asyncio.ensure_future(enter())  # its task ends; the block is never left
+            stopping = time.monotonic()
+        took = time.monotonic() - stopping
+    assert took < 2.5, took  # the drain (0.1 s), not close_timeout (5 s)
+    warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
+    assert warnings == [
+        "tether: 1 units of work still in flight after drain_timeout=0.1 s, cancelled: none; "
+        "left open by a task that has ended: by hand (an `lc.scope()` entered by hand, its "
+        "`__aenter__` with no `__aexit__`): nothing runs in it to cancel, and what it holds "
+        "stays taken until the app resources close; exit every `lc.scope()` (`async with "
+        "lc.scope() as s:`)"
+    ]
 
 
 # --------------------------------------------------------------------- FastAPI's markers

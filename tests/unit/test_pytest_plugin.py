@@ -576,6 +576,55 @@ def test_units_a_function_scoped_app_cancelled_at_shutdown_are_reported(
     assert "test_after" not in errors
 
 
+def test_a_scope_entered_by_hand_and_never_left_is_reported_as_such(
+    suite: pytest.Pytester,
+) -> None:
+    """A test enters an `lc.scope()` by hand in a task that then ends: at the function-scoped
+    app's shutdown nothing can cancel it. The report says so, where it said "cancelled after
+    drain_timeout" (while the log said it was not cancelled) and then blamed the pool's
+    connection on code that took it "straight from the pool", not on the unit."""
+    suite.makepyfile(
+        test_by_hand=textwrap.dedent(
+            """
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from app import app, lc, take
+
+            kept = []
+
+
+            @pytest.fixture
+            def client():
+                with TestClient(app) as client:
+                    yield client
+
+
+            def test_leaves_a_scope_open(client):
+                async def enter():
+                    scope = lc.scope("by hand")
+                    kept.append(scope)
+                    await take(await scope.__aenter__())
+
+                client.portal.call(enter)
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaves_a_scope_open*",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='closed'> still in "
+            "flight when its app scope shut down, past drain_timeout=0.2 s:",
+            "  - 'by hand' (in flight *.** s) holds 'conn' (acquired at */app.py:* in take), "
+            "left open by a task that has ended (an `lc.scope()` entered by hand: `__aenter__` "
+            "with no `__aexit__`), so not cancelled",
+        ]
+    )
+    assert "straight from the pool" not in result.stdout.str()
+
+
 def test_units_a_function_scoped_app_waited_on_at_shutdown_are_reported(
     suite: pytest.Pytester,
 ) -> None:

@@ -321,6 +321,28 @@ def check_bool(value: object, option: str, where: str, *, none: bool = False) ->
     raise TypeError(msg)
 
 
+#: SQLSTATEs of a transaction the server rolled back as a whole for a conflict with a
+#: concurrent one: serialization_failure (SERIALIZABLE, REPEATABLE READ) and deadlock_detected.
+#: Nothing of it was committed, and running it again is the remedy the server asks for.
+_CONFLICTS = frozenset({"40001", "40P01"})
+
+
+def transaction_conflict(exc: BaseException) -> BaseException | None:
+    """The error along *exc*'s chain (a driver's, or SQLAlchemy's wrapping one: ``orig``,
+    then the causes) saying that the server rolled back the transaction for a conflict with a
+    concurrent one (`_CONFLICTS`), if one does."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if code in _CONFLICTS:
+            return current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
 def closest(word: str, candidates: Iterable[str]) -> str | None:
     """The one of *candidates* *word* is most likely a misspelling of, if any (difflib's
     close match): for the "did you mean" of an error."""

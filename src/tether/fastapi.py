@@ -63,6 +63,7 @@ from ._errors import (
     describe,
     is_seconds,
     not_options,
+    transaction_conflict,
 )
 from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken, check_lifecycle
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
@@ -158,16 +159,19 @@ def idempotent(*, retries: int = 1) -> Callable[[E], E]: ...
 
 def idempotent(endpoint: Any = None, /, *, retries: int = 1) -> Any:
     """Declare an endpoint safe to run again: tether then retries it when its connection
-    is lost.
+    is lost, or its transaction conflicts with a concurrent one.
 
     ``@idempotent`` (under the route decorator) or ``@idempotent(retries=2)``. When a
     request of this route fails because its database connection was lost under it (a
     server restart or failover between the pool's check and the first statement, a
     connection killed mid-request: what tether otherwise answers 503 with
-    ``ResourceUnavailable.lost``), tether closes that unit of work (rolling back) and runs
-    the route again, with fresh resources, up to *retries* more times, before answering
-    the 503. Only routes declared so are retried: running a route again repeats all it
-    does, not only its database work. A request with a form body is not retried.
+    ``ResourceUnavailable.lost``), or because the server rolled its transaction back for a
+    conflict with a concurrent one (SQLSTATE 40001, a serialization failure, in a statement
+    or at ``COMMIT``; 40P01, a deadlock: otherwise a 500), tether closes that unit of work
+    (rolling back) and runs the route again, with fresh resources, up to *retries* more
+    times, before answering as it would have. Only routes declared so are retried: running
+    a route again repeats all it does, not only its database work. A request with a form
+    body is not retried.
     """
     if endpoint is not None and not callable(endpoint):
         msg = (
@@ -273,13 +277,29 @@ class _Retry(Exception):
 
 
 def _lost(exc: BaseException, errors: list[BaseException]) -> BaseException | None:
-    """The failure that says the unit of work's connection was lost, if one does."""
+    """The failure that says the unit of work may run again, if one does: its connection was
+    lost, or the server rolled its transaction back for a conflict with a concurrent one (a
+    serialization failure, a deadlock)."""
     for error in (exc, *errors):
         if isinstance(error, ResourceUnavailable) and error.lost:
             return error
     if LOST_NOTE in getattr(exc, "__notes__", ()):
         return exc
+    for error in (exc, *errors):
+        if transaction_conflict(error) is not None:
+            return error
     return None
+
+
+def _why_again(error: BaseException) -> str:
+    """What happened to a unit of work an ``idempotent`` route runs again (`_retrying`)."""
+    conflict = transaction_conflict(error)
+    if conflict is not None:
+        return (
+            f"had its transaction rolled back by the server for a conflict with a concurrent "
+            f"one ({describe(conflict)})"
+        )
+    return f"lost its connection ({describe(error)})"
 
 
 def _retrying(handler: Any, retries: int, label: str) -> Any:
@@ -292,10 +312,9 @@ def _retrying(handler: Any, retries: int, label: str) -> Any:
                 return await handler(request, again=True)
             except _Retry as retry:
                 log.warning(
-                    "tether: %s lost its connection (%s); running it again "
-                    "(idempotent, retry %d of %d)",
+                    "tether: %s %s; running it again (idempotent, retry %d of %d)",
                     label,
-                    describe(retry.error),
+                    _why_again(retry.error),
                     attempt,
                     retries,
                 )
@@ -2382,15 +2401,15 @@ def _handler(
 
 
 def _retry_if_lost(unit: HttpUnit, failed: BaseException, again: bool) -> None:
-    """A commit that failed with its connection lost and nothing committed (asyncpg
-    refusing to send ``COMMIT``): an ``idempotent`` route runs again, as it does when the
-    connection is lost under the endpoint (the response has not started)."""
-    if (
-        again
-        and isinstance(failed, ResourceUnavailable)
-        and failed.lost
-        and getattr(unit.request, "_form", None) is None
-    ):
+    """A commit that failed with nothing committed: its connection lost (asyncpg refusing to
+    send ``COMMIT``), or refused by the server for a conflict with a concurrent transaction
+    (a serialization failure found at ``COMMIT``, which rolls it back). An ``idempotent``
+    route runs again, as it does when that happens under the endpoint (the response has not
+    started)."""
+    retryable = (isinstance(failed, ResourceUnavailable) and failed.lost) or (
+        transaction_conflict(failed) is not None
+    )
+    if again and retryable and getattr(unit.request, "_form", None) is None:
         raise _Retry(failed)
 
 

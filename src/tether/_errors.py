@@ -185,21 +185,34 @@ def describe(exc: BaseException) -> str:
 _FOR_GOOD = ("28", "3D000")
 
 # libpq keeps the SQLSTATE of a connection the server refused to itself, so psycopg's (and
-# psycopg2's) error for it has none: the server's message says which it was. Messages in
-# English (the server's lc_messages); in another language the refusal is not recognised, and
-# the start is retried as for any other failure.
+# psycopg2's) error for it has none: the server's message says which it was. PgBouncer
+# refuses a client with its own messages, and the SQLSTATE 08P01 (protocol violation) for
+# any of them, a wrong password included: asyncpg's error for it is a ProtocolViolationError
+# ("SASL authentication failed", "password authentication failed", "no such database: x",
+# or the server's 'database "x" does not exist', which PgBouncer passes on as 08P01), and
+# psycopg's says "FATAL:  SASL authentication failed". Messages in English (the server's
+# lc_messages; PgBouncer's are English only); in another language the refusal is not
+# recognised, and the start is retried as for any other failure.
 _REFUSALS = (
-    (re.compile(r"password authentication failed for user"), "28P01"),
-    (re.compile(r'FATAL:\s+role "[^"]*" (does not exist|is not permitted to log in)'), "28000"),
+    (re.compile(r"(?:^|FATAL:\s+)(?:SASL|password) authentication failed"), "28P01"),
+    (
+        re.compile(r'(?:^|FATAL:\s+)role "[^"]*" (does not exist|is not permitted to log in)'),
+        "28000",
+    ),
     (re.compile(r"no pg_hba\.conf entry for|pg_hba\.conf rejects connection"), "28000"),
-    (re.compile(r'FATAL:\s+database "[^"]*" does not exist'), "3D000"),
+    (re.compile(r'(?:^|FATAL:\s+)database "[^"]*" does not exist'), "3D000"),
+    (re.compile(r"(?:^|FATAL:\s+)no such database: "), "3D000"),
 )
+#: PgBouncer's SQLSTATE for every client it refuses (its ``disconnect_client``).
+_PGBOUNCER_REFUSAL = "08P01"
 
 
 def _sqlstate(exc: BaseException) -> object:
     state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
-    if state is None and type(exc).__module__.startswith("psycopg"):
-        text = str(exc)
+    if (state is None and type(exc).__module__.startswith("psycopg")) or (
+        state == _PGBOUNCER_REFUSAL
+    ):
+        text = str(exc).strip()
         for pattern, code in _REFUSALS:
             if pattern.search(text):
                 return code

@@ -68,6 +68,7 @@ __all__ = [
     "forget_budget",
     "check_dsn",
     "check_dsn_value",
+    "check_driver_scheme",
     "commit_not_sent",
     "note_pgbouncer",
     "plain_dsn",
@@ -83,6 +84,7 @@ __all__ = [
     "registered",
     "remember_secrets",
     "resolve_dsn",
+    "scrub_secrets",
     "sqlstates",
     "unavailable",
     "unreachable",
@@ -318,6 +320,57 @@ def plain_dsn(value: object) -> object:
     """*value* as a driver takes it: a URL of pydantic's (``PostgresDsn``) as its ``str()``,
     which keeps the password; anything else as it is (`check_dsn_value` judges it)."""
     return str(value) if _is_pydantic_url(value) else value
+
+
+#: A SQLAlchemy URL's scheme: ``postgresql+psycopg://``, ``postgres+asyncpg://`` (the
+#: ``+driver`` names SQLAlchemy's dialect driver), where the drivers take ``postgresql://``.
+_DRIVER_SCHEME = re.compile(r"\s*(?P<scheme>postgres(?:ql)?)(?P<driver>\+[^:/?#@\s]*)://", re.I)
+
+
+def check_driver_scheme(
+    value: object, where: str, *, what: str, reader: str, returned: bool = False
+) -> None:
+    """Refuse a SQLAlchemy URL (``postgresql+psycopg://...``, easy to pass when one
+    ``DATABASE_URL`` feeds SQLAlchemy too) given to a driver's own pool, which *reader*
+    (``libpq``, ``asyncpg``) does not read: a ``ValueError`` naming *where*, the cause and
+    the fix, the password redacted (*returned*: by the function given for the *what*, marked
+    for good: its next call returns the same)."""
+    value = plain_dsn(value)
+    if not isinstance(value, str):
+        return
+    found = _DRIVER_SCHEME.match(value)
+    if found is None:
+        return
+    remember_secrets(value)  # a password redact's patterns do not find whole is hidden too
+    driver = found["driver"]
+    fixed = (value[: found.end("scheme")] + value[found.end("driver") :]).strip()
+    given = f"the function given for the {what} returned" if returned else f"the {what} is"
+    msg = redact(
+        f"{_at(where)}{given} {value.strip()}, a SQLAlchemy URL: {reader} takes "
+        f"postgresql:// or postgres://, not the driver part {driver!r} of its scheme. Drop "
+        f"it: {fixed} (where one setting feeds SQLAlchemy too, drop it for this pool, e.g. "
+        f"lambda: os.environ['DATABASE_URL'].replace({driver!r}, '', 1))."
+    )
+    raise (for_good if returned else _same)(ValueError(msg))
+
+
+def scrub_secrets(exc: BaseException) -> BaseException:
+    """*exc*, and the exceptions chained to it, with the passwords in their messages
+    (``args``) replaced by ``***`` (`redact`), in place: a driver's error that quotes the
+    DSN (libpq's parse error of a conninfo) keeps its type, its text and its traceback,
+    and what prints the chain (a traceback, uvicorn's log line) shows no password."""
+    link: BaseException | None = exc
+    for _ in range(8):  # a chain is never this long; stop on anything circular
+        if link is None:
+            break
+        args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in link.args)
+        if args != link.args:
+            try:
+                link.args = args
+            except (AttributeError, TypeError):  # pragma: no cover - args it does not let go
+                pass
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 def _is_mask(value: str) -> bool:

@@ -76,6 +76,7 @@ from .._errors import (
     check_number,
     describe,
     not_options,
+    refused_for_good,
 )
 from .._resource import Resource, current_unit
 from .._stats import PoolStats
@@ -97,6 +98,7 @@ from ._common import (
     check_budget,
     check_budget_policy,
     check_check,
+    check_driver_scheme,
     check_dsn,
     check_resource,
     commit_not_sent,
@@ -117,6 +119,7 @@ from ._common import (
     registered,
     resolve_dsn,
     saturation,
+    scrub_secrets,
     sqlstates,
     still_in_use,
     unavailable,
@@ -498,6 +501,8 @@ def pool(
     """
     where = f"Pool {name!r}"
     check_dsn(dsn, where, example=_EXAMPLE_DSN)
+    if not callable(dsn):
+        check_driver_scheme(dsn, where, what="DSN", reader="asyncpg")
     check_number(min_size, "min_size", where, integer=True, least=None, example="1")
     check_number(max_size, "max_size", where, integer=True, least=None, example="10")
     if max_size < 1 or not 0 <= min_size <= max_size:
@@ -526,6 +531,7 @@ def pool(
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         asyncio_only(where, "asyncpg")
         target = resolve_dsn(dsn, where, example=_EXAMPLE_DSN)
+        check_driver_scheme(target, where, what="DSN", reader="asyncpg", returned=callable(dsn))
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
         state.max_waiting = max_waiting
         if ping_after is not None:
@@ -557,7 +563,10 @@ def pool(
         except BaseException as exc:
             # Cancelled or failed half-way: the connections made so far go too.
             _terminate_pool(p)
-            if isinstance(exc, UNREACHABLE):
+            scrub_secrets(exc)  # asyncpg's parse errors may quote a piece of the DSN
+            # Wrong credentials, unknown database, PgBouncer's refusals of them included (a
+            # ProtocolViolationError, 08P01): not a matter of retrying.
+            if isinstance(exc, UNREACHABLE) and refused_for_good(exc) is None:
                 raise unreachable(name, state.shown, exc) from exc
             raise
         try:

@@ -64,6 +64,7 @@ import anyio
 try:
     import psycopg
     import psycopg_pool
+    from psycopg.conninfo import conninfo_to_dict
     from psycopg.pq import TransactionStatus
     from psycopg.rows import tuple_row
     from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -85,6 +86,7 @@ from .._errors import (
     for_good,
     not_options,
     refused_for_good,
+    unstopped,
 )
 from .._resource import Resource
 from .._stats import PoolStats
@@ -107,6 +109,7 @@ from ._common import (
     check_budget,
     check_budget_policy,
     check_check,
+    check_driver_scheme,
     check_dsn,
     check_resource,
     commit_not_sent,
@@ -122,14 +125,17 @@ from ._common import (
     lost_at_commit,
     not_an_option,
     note_pgbouncer,
+    plain_dsn,
     pooler_never_sent,
     read_budget,
     read_only,
     read_only_failure,
     redact,
     registered,
+    remember_secrets,
     resolve_dsn,
     saturation,
+    scrub_secrets,
     shut_down_socket,
     unavailable,
     unreachable,
@@ -391,6 +397,42 @@ def _invalid_option(exc: BaseException, where: str) -> BaseException | None:
     return for_good(psycopg.ProgrammingError(redact(msg)))
 
 
+def _check_conninfo(value: object, where: str, *, returned: bool = False) -> None:
+    """Refuse a conninfo libpq cannot read, before any connection is tried: a SQLAlchemy
+    URL (``postgresql+psycopg://``, `check_driver_scheme`), one libpq cannot parse
+    (``missing "=" after ...``: psycopg's ``conninfo_to_dict``, libpq's
+    ``PQconninfoParse``, which connects to nothing and reads no environment), or one with an
+    option libpq does not know (`_invalid_option`). A configuration mistake no retry mends
+    (marked `for_good`), at declaration for a string, when the app starts for one a
+    function returned (*returned*). libpq's error, which quotes the conninfo, is chained
+    with its password redacted (`scrub_secrets`): its type and traceback stay."""
+    check_driver_scheme(value, where, what="conninfo", reader="libpq", returned=returned)
+    conninfo = plain_dsn(value)
+    if not isinstance(conninfo, str):
+        return  # check_dsn refused it already
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        if "://" in conninfo:
+            # A URL's password, where libpq quotes it in a form redact's patterns do not find
+            # (an unencoded space: 'unexpected spaces found in "pa?ss w0rd"'), as resolve_dsn
+            # notes it when the app starts. Not a key/value conninfo's: the words after an
+            # unquoted password's space would be noted too (a "dbname"), hidden everywhere.
+            remember_secrets(conninfo)
+        scrub_secrets(exc)
+        invalid = _invalid_option(exc, where)
+        if invalid is not None:
+            raise invalid from exc
+        given = "the conninfo the function given for it returned" if returned else "the conninfo"
+        said = redact(f"{where}: {_libpq()} cannot parse {given}: {str(exc).strip()}")
+        msg = (  # worded so that redact, which the StartupError's text goes through, keeps it
+            f"{unstopped(said)}. Fix it: pass a URL, postgresql://host:port/dbname with "
+            f"user:password@ before the host (URL-encoded: %40 for @), or key=value pairs, "
+            f"host=... port=5432 dbname=... (a value with spaces in single quotes)."
+        )
+        raise for_good(psycopg.ProgrammingError(msg)) from exc
+
+
 def pool(
     lc: Lifecycle,
     conninfo: Dsn,
@@ -442,6 +484,8 @@ def pool(
     """
     where = f"Pool {name!r}"
     check_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
+    if not callable(conninfo):
+        _check_conninfo(conninfo, where)
     check_number(min_size, "min_size", where, integer=True, least=None, example="1")
     check_number(max_size, "max_size", where, integer=True, least=None, example="10")
     if max_size < 1 or not 0 <= min_size <= max_size:
@@ -478,6 +522,7 @@ def pool(
     async def open_pool() -> AsyncIterator[Pool]:
         asyncio_only(where, "psycopg's async pool")
         target = resolve_dsn(conninfo, where, what="conninfo", example=_EXAMPLE_DSN)
+        _check_conninfo(target, where, returned=callable(conninfo))
         state = _State(name, timeout, redact(target), pgbouncer)
         connect_kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, **(kwargs or {})}
         if pgbouncer:
@@ -496,13 +541,17 @@ def pool(
         try:
             probe = await _connect(target, **{**connect_kwargs, "autocommit": True})
         except psycopg.ProgrammingError as exc:
+            scrub_secrets(exc)  # libpq's errors may quote the conninfo: no password shown
             invalid = _invalid_option(exc, where)
             if invalid is None:
                 raise
             raise invalid from exc
         except (psycopg.OperationalError, OSError) as exc:
+            scrub_secrets(exc)
             if refused_for_good(exc) is not None:
-                raise  # wrong password, unknown database: not a matter of retrying
+                # Wrong credentials, unknown database (PgBouncer's refusals too): not a
+                # matter of retrying.
+                raise
             raise unreachable(name, state.shown, exc) from exc
         try:
             if not (pgbouncer or budget == "off"):
@@ -547,6 +596,7 @@ def pool(
             with anyio.CancelScope(shield=True):
                 await p.close()
             if not isinstance(exc, PoolTimeout):
+                scrub_secrets(exc)
                 raise
             # The connection made by hand just before got in: what failed is the pool's
             # own making of one (psycopg logs each failure, and retries until the timeout).

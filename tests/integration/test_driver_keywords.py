@@ -351,3 +351,20 @@ def test_a_misspelt_connection_option_names_the_one_meant(
     with pytest.raises(TypeError, match=exactly(message)):
         module.connection(lc, pool, **kwargs)
     assert "conn" not in lc.resources
+
+
+def test_pgbouncer_true_says_it_overrides_a_prepare_threshold_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg's pool with pgbouncer=True sets prepare_threshold=None over one given in
+    kwargs=: said where it is declared (before: silently, while the SQLAlchemy integration
+    keeps a prepare_threshold given in connect_args)."""
+    with caplog.at_level("WARNING", logger="tether"):
+        tpsycopg.pool(tether.Lifecycle(), DSN, pgbouncer=True, kwargs={"prepare_threshold": 0})
+        tpsycopg.pool(tether.Lifecycle(), DSN, pgbouncer=True, kwargs={"prepare_threshold": None})
+        tpsycopg.pool(tether.Lifecycle(), DSN, kwargs={"prepare_threshold": 0})
+    assert [r.getMessage() for r in caplog.records] == [
+        "tether: pool 'pool': pgbouncer=True sets psycopg's prepare_threshold=None (no prepared "
+        "statements, which PgBouncer in transaction mode does not keep across transactions), "
+        "in place of the prepare_threshold=0 given in kwargs=. Drop it from kwargs=."
+    ]

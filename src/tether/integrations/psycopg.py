@@ -518,6 +518,16 @@ def pool(
         raise TypeError(msg)
     _check_pool_options(pool_kw, where)
     _check_connect_options(kwargs, pool_kw, where)
+    threshold = (kwargs or {}).get("prepare_threshold")
+    if pgbouncer and threshold is not None:
+        log.warning(
+            "tether: pool %r: pgbouncer=True sets psycopg's prepare_threshold=None (no "
+            "prepared statements, which PgBouncer in transaction mode does not keep across "
+            "transactions), in place of the prepare_threshold=%r given in kwargs=. Drop it "
+            "from kwargs=.",
+            name,
+            threshold,
+        )
 
     async def open_pool() -> AsyncIterator[Pool]:
         asyncio_only(where, "psycopg's async pool")

@@ -6,6 +6,7 @@ a real PostgreSQL.
   connection a unit changed a codec on).
 """
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -199,3 +200,32 @@ async def test_a_codec_the_test_resets_on_a_block_stays_reset_after_its_units(
         async with lc.scope() as s:
             c = await s.get(conn)
             assert await c.fetchval(JSONB) == '{"b": 2}'  # the test's reset, not init's codec
+
+
+@pytest.mark.parametrize("transaction", [False, True], ids=["conn", "transaction"])
+async def test_a_command_timeout_says_what_ran_out(postgres: Postgres, transaction: bool) -> None:
+    """asyncpg's `command_timeout` raises an empty `TimeoutError`: the 500's error now carries
+    a note naming it (before: nothing but "TimeoutError"); the endpoint's own
+    `asyncio.timeout` gets no such note."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, max_size=2, command_timeout=0.3)
+    conn = tpg.connection(lc, pool, transaction=transaction)
+    caught: list[BaseException] = []
+    async with lc.run():
+        for own in (False, True):
+            with pytest.raises(TimeoutError) as raised:
+                async with lc.scope() as s:
+                    c = await s.get(conn)
+                    if own:
+                        async with asyncio.timeout(0.1):
+                            await c.fetchval("SELECT pg_sleep(0.2)")
+                    else:
+                        await c.fetchval("SELECT pg_sleep(1)")
+            caught.append(raised.value)
+    assert getattr(caught[0], "__notes__", []) == [
+        "tether: asyncpg's timeout for a statement (the call's timeout=, else the pool's "
+        "command_timeout=0.3 s) ran out on a statement of this unit of work, and asyncpg "
+        "cancelled it on the server. If the statement is slow by design, give that call a "
+        "longer timeout= (conn.fetch(..., timeout=30)), or raise the pool's command_timeout=."
+    ]
+    assert not getattr(caught[1], "__notes__", [])

@@ -983,6 +983,7 @@ def connection(
                 # conn.transaction():`, say): a transaction it left open is not its mistake.
                 interrupted = isinstance(exc, ClientDisconnected | asyncio.CancelledError)
                 _note_prepared(exc, pgbouncer=state is not None and state.pgbouncer)
+                _note_timeout(conn, exc)
                 if not readonly and read_only(exc):
                     if tx is not None:  # aborted: the check below needs it rolled back
                         await _rollback(p, conn, tx, name, reset_timeout)
@@ -1146,6 +1147,32 @@ def _concurrent(exc: BaseException) -> bool:
     """Whether *exc* is asyncpg refusing a query while another runs on the connection."""
     busy = "another operation is in progress"
     return isinstance(exc, pg_errors.InterfaceError) and busy in str(exc)
+
+
+def _note_timeout(conn: Any, exc: BaseException) -> None:
+    """Say what an empty ``TimeoutError`` raised by asyncpg itself was: its
+    ``command_timeout`` (or a call's ``timeout=``) ran out on a statement, which asyncpg then
+    cancelled on the server. The 500 and its traceback said nothing else."""
+    if not isinstance(exc, TimeoutError) or str(exc):
+        return
+    tb = exc.__traceback__
+    if tb is None:
+        return
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if "asyncpg" not in tb.tb_frame.f_code.co_filename:
+        return  # the endpoint's own (asyncio.timeout), not asyncpg's
+    try:
+        timeout = _raw(conn)._config.command_timeout
+    except Exception:  # pragma: no cover - a connection that works otherwise
+        timeout = None
+    given = "" if timeout is None else f", else the pool's command_timeout={timeout:g} s"
+    exc.add_note(
+        f"tether: asyncpg's timeout for a statement (the call's timeout={given}) ran out on a "
+        f"statement of this unit of work, and asyncpg cancelled it on the server. If the "
+        f"statement is slow by design, give that call a longer timeout= (conn.fetch(..., "
+        f"timeout=30)), or raise the pool's command_timeout=."
+    )
 
 
 def _still_querying(name: str, unit: Callable[[], Unit | None] | None) -> str:

@@ -276,7 +276,7 @@ class _Retry(Exception):
         self.error = error
 
 
-def _lost(exc: BaseException, errors: list[BaseException]) -> BaseException | None:
+def _why_run_again(exc: BaseException, errors: list[BaseException]) -> BaseException | None:
     """The failure that says the unit of work may run again, if one does: its connection was
     lost, or the server rolled its transaction back for a conflict with a concurrent one (a
     serialization failure, a deadlock)."""
@@ -2454,7 +2454,7 @@ async def _handler_failed(
     errors = [] if deferred else await unit.aclose(exc)
     # Not a request with a form body: its files are closed by now.
     if again and getattr(unit.request, "_form", None) is None:
-        lost = _lost(exc, errors)
+        lost = _why_run_again(exc, errors)
         if lost is not None:
             raise _Retry(lost) from exc
     if isinstance(exc, ResourceUnavailable):

@@ -338,7 +338,13 @@ async def test_the_right_password_through_pgbouncer_still_opens(
                 "the conninfo the function given for it returned",
             )[:-1],
         ),
-        ("asyncpg", "ValueError: bad query field: 'ss ***@127.0.0.1:1/app'"),
+        # asyncpg 0.32 quotes a piece of the password; 0.30 (the floor) reads the port
+        # from it and quotes none.
+        (
+            "asyncpg",
+            "ValueError: bad query field: 'ss ***@127.0.0.1:1/app'"
+            "|ValueError: invalid literal for int() with base 10: 'pa'",
+        ),
     ],
 )
 async def test_a_driver_error_quoting_the_dsn_is_chained_without_its_password(
@@ -350,7 +356,7 @@ async def test_a_driver_error_quoting_the_dsn_is_chained_without_its_password(
     lc = tether.Lifecycle()
     MODULES[kind].pool(lc, lambda: "postgresql://app:pa?ss w0rd@127.0.0.1:1/app")
     failure = await start(lc)
-    assert str(failure) == unretried(cause)
+    assert str(failure) in [unretried(one) for one in cause.split("|")]
     text = full_traceback(failure)
     assert "w0rd" not in text
     assert "pa?ss" not in text

@@ -73,6 +73,16 @@ def make(url: str, *, sync: bool, **engine_kw: Any) -> FastAPI:
     return app
 
 
+def collisions(failed: list[tuple[int, str]]) -> list[str]:
+    """The failures that name a prepared statement (at least one): a collision can also
+    surface as a data error, when the name the server has is another statement's whose
+    parameters it reads differently ("invalid byte sequence for encoding", 22021), which
+    tether cannot tell from the app's own and leaves without a note."""
+    named = [body for _, body in failed if "prepared statement" in body]
+    assert named, failed[:3]
+    return named
+
+
 async def hammer(app: FastAPI, count: int) -> list[tuple[int, str]]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     limit = asyncio.Semaphore(8)
@@ -103,8 +113,8 @@ async def test_without_pgbouncer_true_each_failure_names_the_fix(
     failed = [(status, body) for status, body in answers if status != 200]
     assert failed, "no collision: the test proves nothing"
     assert {status for status, _ in failed} == {500}, [f for f in failed if f[0] != 500][:3]
-    assert all("prepared statement" in body for _, body in failed), failed[:3]
-    assert all(NOT_DECLARED in body for _, body in failed), failed[:3]
+    named = collisions(failed)
+    assert all(NOT_DECLARED in body for body in named), named[:3]
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync_session", "session"])
@@ -118,5 +128,6 @@ async def test_pgbouncer_true_with_preparing_turned_back_on_names_the_option(
     failed = [(status, body) for status, body in answers if status != 200]
     assert failed, "no collision: the test proves nothing"
     assert {status for status, _ in failed} == {500}, [f for f in failed if f[0] != 500][:3]
-    assert all(DECLARED in body for _, body in failed), failed[:3]
-    assert not any(NOT_DECLARED in body for _, body in failed), failed[:3]
+    named = collisions(failed)
+    assert all(DECLARED in body for body in named), named[:3]
+    assert not any(NOT_DECLARED in body for body in named), named[:3]

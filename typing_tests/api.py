@@ -182,7 +182,7 @@ async def check_plain_functions() -> None:
 # psycopg: a pool tether did not open is accepted where tether's `Pool` is, as documented.
 from typing import Any  # noqa: E402
 
-from psycopg import AsyncConnection  # noqa: E402
+from psycopg import AsyncConnection, IsolationLevel  # noqa: E402
 from psycopg_pool import AsyncConnectionPool  # noqa: E402
 
 from tether.integrations import psycopg as tpsy  # noqa: E402
@@ -204,6 +204,11 @@ def check_psycopg_own_pool() -> None:
         tpsy.connection(lc, tpsy.pool(lc, "postgresql://x"), name="c2"),
         tether.Resource[AsyncConnection[Any]],
     )
+    tpsy.connection(lc, own_pool, name="c3", transaction=True, isolation="serializable")
+    tpsy.connection(
+        lc, own_pool, name="c4", transaction=True, isolation=IsolationLevel.SERIALIZABLE
+    )
+    tpsy.connection(lc, own_pool, name="c5", transaction=True, readonly=True)
 
 
 # A misspelt option is a type error too (the runtime refuses it naming the one meant);

@@ -79,12 +79,17 @@ def raised(caplog: pytest.LogCaptureFixture, kind: type[BaseException]) -> BaseE
 
 
 def make(
-    postgres: Postgres, *, transaction: bool = True, name: str | None = None, **pool_kw: Any
+    postgres: Postgres,
+    *,
+    transaction: bool = True,
+    name: str | None = None,
+    isolation: str | None = None,
+    **pool_kw: Any,
 ) -> tuple[FastAPI, tether.Lifecycle, tether.Resource[Conn]]:
     lc = tether.Lifecycle()
     kwargs = {"application_name": name or app_name(), **pool_kw.pop("kwargs", {})}
     pool = tpsy.pool(lc, postgres.dsn, kwargs=kwargs, **pool_kw)
-    conn = tpsy.connection(lc, pool, name="tx", transaction=transaction)
+    conn = tpsy.connection(lc, pool, name="tx", transaction=transaction, isolation=isolation)
     return FastAPI(lifespan=lc.lifespan), lc, conn
 
 
@@ -573,17 +578,30 @@ class TestGeneratorLeftOpen:
 
 
 class TestQueryLeftOnTheServer:
-    @pytest.mark.parametrize("transaction", [True, False], ids=["transaction", "autocommit"])
+    @pytest.mark.parametrize(
+        ("transaction", "isolation"),
+        [(True, None), (False, None), (True, "serializable")],
+        ids=["transaction", "autocommit", "serializable"],
+    )
     async def test_a_query_cut_short_by_an_anyio_scope_does_not_run_on(
-        self, postgres: Postgres, transaction: bool
+        self, postgres: Postgres, transaction: bool, isolation: str | None
     ) -> None:
         """``anyio.move_on_after`` around a query (as Starlette's ``StreamingResponse``
         cancels a body whose client left): anyio cancels psycopg's own cancel of the query
         too, and psycopg closes the socket, but the server runs the query to its end (it
         notices a client gone when it next writes). tether ends that backend on the server
-        as the unit ends."""
+        as the unit ends, also when the connection's settings (``isolation=``) are put back
+        (psycopg before 3.3.7 leaves the connection mid-query, and putting them back closes
+        it)."""
         name = app_name()
-        app, _, conn = make(postgres, transaction=transaction, name=name, min_size=1, max_size=2)
+        app, _, conn = make(
+            postgres,
+            transaction=transaction,
+            name=name,
+            isolation=isolation,
+            min_size=1,
+            max_size=2,
+        )
 
         @app.get("/slow")
         async def slow(c: Annotated[Conn, Depends(conn)]) -> str:

@@ -48,16 +48,13 @@ class Db:
             pool = tpg.pool(lc, pg.dsn, max_size=4)
             self.res = tpg.connection(lc, pool, transaction=True, isolation="serializable")
         elif kind == "psycopg":
-            self.res = tpsy.connection(lc, tpsy.pool(lc, pg.dsn, max_size=4), transaction=True)
+            pool = tpsy.pool(lc, pg.dsn, max_size=4)
+            self.res = tpsy.connection(lc, pool, transaction=True, isolation="serializable")
         else:
             engine = tsa.engine(lc, pg.url("postgresql+asyncpg"), pool_size=4)
             self.res = tsa.session(
                 lc, engine, execution_options={"isolation_level": "SERIALIZABLE"}
             )
-
-    async def begin(self, c: Any) -> None:
-        if self.kind == "psycopg":  # its first statement: the transaction's level
-            await c.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
 
     async def value(self, c: Any, sql: str, *args: Any) -> Any:
         if self.kind == "asyncpg":
@@ -101,7 +98,6 @@ def make(pg: Postgres, kind: str, table: str, declared: bool) -> tuple[FastAPI, 
     async def increment(c: Any, who: str) -> int:
         runs.append(who)
         first = len(runs) <= 2  # (a run again meets nobody)
-        await db.begin(c)
         n = await db.value(c, f"SELECT n FROM {table} WHERE id = 1")
         if first:  # the first runs meet: each has read before either writes
             await meet(who)
@@ -113,7 +109,6 @@ def make(pg: Postgres, kind: str, table: str, declared: bool) -> tuple[FastAPI, 
         refuses at the second COMMIT (the first has committed by then)."""
         runs.append(who)
         first = len(runs) <= 2  # (a run again meets nobody)
-        await db.begin(c)
         total = await db.value(c, f"SELECT sum(n) FROM {table}")
         await db.run(c, f"UPDATE {table} SET n = n + 1 WHERE id = %s", 1 if who == "a" else 2)
         if first:

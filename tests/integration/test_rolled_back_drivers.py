@@ -394,41 +394,62 @@ async def test_session_settings_do_not_carry_to_the_next_unit(
             assert (await client.get("/seen")).json() == production
 
 
+@pytest.mark.parametrize("name", DRIVERS)
 @pytest.mark.anyio
-async def test_asyncpg_read_only_and_isolation_as_in_production(
-    postgres: Postgres, items: None
+async def test_read_only_and_isolation_as_in_production(
+    postgres: Postgres, items: None, name: str
 ) -> None:
     """A connection resource with `readonly=True` refuses a write in the block as in
-    production (a 500, not a 200), and one with `isolation=` runs at that level."""
+    production (a 500, not a 200), and one with `isolation=` runs at that level; the next
+    unit of work on a plain resource of the pool runs as the pool gave the connection."""
+    driver = Driver(name)
     lc = tether.Lifecycle()
-    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=2)
-    ro = tpg.connection(lc, pool, name="ro", transaction=True, readonly=True)
-    ser = tpg.connection(lc, pool, name="ser", transaction=True, isolation="serializable")
+    pool = driver.module.pool(lc, postgres.dsn, min_size=1, max_size=1)
+    ro = driver.module.connection(lc, pool, name="ro", transaction=True, readonly=True)
+    ser = driver.module.connection(lc, pool, name="ser", transaction=True, isolation="serializable")
+    plain = driver.module.connection(lc, pool, name="plain", transaction=True)
     app = FastAPI(lifespan=lc.lifespan)
+    setting = "SELECT current_setting('transaction_isolation') || ' ' || current_setting('transaction_read_only')"
 
     @app.post("/report")
-    async def report(c: Annotated[asyncpg.Connection, Depends(ro)]) -> None:
-        await c.execute(f"INSERT INTO {TABLE} VALUES (1)")
+    async def report(c: Annotated[Any, Depends(ro)]) -> None:
+        await driver.execute(c, f"INSERT INTO {TABLE} VALUES (1)")
+
+    @app.post("/commit-then-count")
+    async def commit_then_count(c: Annotated[Any, Depends(ro)]) -> int:
+        await c.commit()  # psycopg's (nothing written): the unit goes on read-only
+        return int(await driver.value(c, f"SELECT count(*) FROM {TABLE}"))
 
     @app.get("/level")
-    async def level(c: Annotated[asyncpg.Connection, Depends(ser)]) -> str:
-        return str(await c.fetchval("SHOW transaction_isolation"))
+    async def level(c: Annotated[Any, Depends(ser)]) -> str:
+        return str(await driver.value(c, setting))
+
+    @app.get("/plain")
+    async def plain_level(c: Annotated[Any, Depends(plain)]) -> str:
+        return str(await driver.value(c, setting))
 
     @app.get("/count")
-    async def count(c: Annotated[asyncpg.Connection, Depends(ro)]) -> int:
-        return int(await c.fetchval(f"SELECT count(*) FROM {TABLE}"))
+    async def count(c: Annotated[Any, Depends(ro)]) -> int:
+        return int(await driver.value(c, f"SELECT count(*) FROM {TABLE}"))
 
     async with running(app) as client:
         assert (await client.post("/report")).status_code == 500  # production
-        assert (await client.get("/level")).json() == "serializable"
-        async with tpg.rolled_back(ro) as c:
+        assert (await client.get("/level")).json() == "serializable off"
+        assert (await client.get("/plain")).json() == "read committed off"
+        assert (await client.get("/count")).json() == 0  # the pool was not replaced
+        async with driver.module.rolled_back(ro) as c:
             # The test seeds its data on the block's connection: read-only is the units'.
-            await c.execute(f"INSERT INTO {TABLE} VALUES (7), (8)")
+            await driver.execute(c, f"INSERT INTO {TABLE} VALUES (7), (8)")
             assert (await client.post("/report")).status_code == 500
             assert (await client.get("/count")).json() == 2
-            assert (await client.get("/count")).json() == 2
-        async with tpg.rolled_back(ser):
-            assert (await client.get("/level")).json() == "serializable"
+            if name == "psycopg":  # (asyncpg's connection has no commit())
+                assert (await client.post("/commit-then-count")).json() == 2
+                assert (await client.post("/report")).status_code == 500
+            await driver.execute(c, f"INSERT INTO {TABLE} VALUES (9)")  # still writable
+            assert (await client.get("/count")).json() == 3
+        async with driver.module.rolled_back(ser):
+            assert (await client.get("/level")).json() == "serializable off"
+        assert (await client.get("/plain")).json() == "read committed off"
     assert rows(postgres) == []
 
 

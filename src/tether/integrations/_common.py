@@ -206,6 +206,8 @@ D = TypeVar("D")
 #: and the savepoint each unit of work runs in.
 SETTLE = 10.0
 SAVEPOINT = "tether_unit"
+#: After a read-only unit of work's savepoint: undone when it is rolled back to.
+READ_ONLY_UNIT = "; SET LOCAL transaction_read_only = on"
 
 
 class PerResource(Generic[V]):
@@ -251,14 +253,66 @@ class PerResource(Generic[V]):
 
 class ConnectionOf:
     """How a connection resource of a driver's integration was registered, for its
-    ``rolled_back()``: the pool resource it takes connections from, and whether each unit of
-    work is a transaction."""
+    ``rolled_back()``: the pool resource it takes connections from, whether each unit of
+    work is a transaction, and that transaction's isolation level and read-only flag."""
 
-    __slots__ = ("pool", "transaction")
+    __slots__ = ("isolation", "pool", "readonly", "transaction")
 
-    def __init__(self, pool: Resource[Any], transaction: bool) -> None:
+    def __init__(
+        self,
+        pool: Resource[Any],
+        transaction: bool,
+        isolation: Any = None,
+        readonly: bool = False,
+    ) -> None:
         self.pool = pool
         self.transaction = transaction
+        self.isolation = isolation  # of the transaction (the driver's value), None: the server's
+        self.readonly = readonly
+
+
+#: The isolation levels ``connection(isolation=...)`` takes, in asyncpg's spelling (psycopg's
+#: integration takes the same names, and psycopg's ``IsolationLevel``).
+ISOLATIONS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
+
+
+def check_transaction_options(
+    name: str,
+    transaction: bool,
+    isolation: object,
+    readonly: bool,
+    *,
+    known: str,
+    also: Iterable[object] = (),
+) -> None:
+    """Refuse, as a connection resource is registered, what would fail (or be ignored) on
+    every request: an isolation level not in :data:`ISOLATIONS` or *also* (SQL's spelling,
+    ``"repeatable read"``, a typo; *known* names who knows them), and ``isolation=`` or
+    ``readonly=`` without ``transaction=True``."""
+    if isolation is not None and isolation not in ISOLATIONS and isolation not in also:
+        spelled = str(isolation).strip().lower().replace(" ", "_").replace("-", "_")
+        fix = f"isolation={spelled!r}" if spelled in ISOLATIONS else "one of them"
+        msg = (
+            f"Connection {name!r}: isolation={isolation!r} is not an isolation level {known} "
+            f"knows ({', '.join(map(repr, ISOLATIONS))}), so every request would fail as it "
+            f"begins its transaction. Pass {fix}, or None for the server's default."
+        )
+        raise ValueError(msg)
+    if transaction:
+        return
+    given = [f"isolation={isolation!r}"] * (isolation is not None) + ["readonly=True"] * readonly
+    if given:
+        what, them = (given[0], given[0]) if len(given) == 1 else (" and ".join(given), "them")
+        need = "needs" if len(given) == 1 else "need"
+        msg = (
+            f"Connection {name!r}: {what} {need} transaction=True: "
+            f"{'it is' if len(given) == 1 else 'they are'} of the unit of work's transaction, "
+            f"and transaction=False runs none (each statement commits on its own), so "
+            f"{'it' if len(given) == 1 else 'they'} would be ignored"
+            f"{' and writes committed' if readonly else ''}. Pass transaction=True, or drop "
+            f"{them}."
+        )
+        raise ValueError(msg)
 
 
 def registered(

@@ -84,6 +84,7 @@ from . import _once
 from ._common import (
     IN_BLOCK_RESET,
     LOST_NOTE,
+    READ_ONLY_UNIT,
     RESET_SESSION,
     SAVEPOINT,
     SERVER_READ_ONLY,
@@ -101,6 +102,7 @@ from ._common import (
     check_driver_scheme,
     check_dsn,
     check_resource,
+    check_transaction_options,
     commit_not_sent,
     connection_lost,
     depends_on,
@@ -946,7 +948,7 @@ def connection(
         raise not_options(where, unknown, connection)
     check_bool(transaction, "transaction", f"Connection {name!r}")
     check_bool(readonly, "readonly", f"Connection {name!r}")
-    _check_transaction_options(name, transaction, isolation, readonly)
+    check_transaction_options(name, transaction, isolation, readonly, known="asyncpg")
     check_resource(
         lc,
         pool,
@@ -1046,46 +1048,8 @@ def connection(
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
-    _connections[res] = ConnectionOf(pool, transaction)
-    if transaction:
-        _begins[res] = (isolation, readonly)
+    _connections[res] = ConnectionOf(pool, transaction, isolation, readonly)
     return res
-
-
-#: asyncpg's names for a transaction's isolation level.
-_ISOLATIONS = ("read_committed", "read_uncommitted", "repeatable_read", "serializable")
-
-
-def _check_transaction_options(
-    name: str, transaction: bool, isolation: object, readonly: bool
-) -> None:
-    """Refuse, as the resource is registered, what would fail (or be ignored) on every request:
-    an isolation level asyncpg does not know (SQL's spelling, ``"repeatable read"``), and
-    ``isolation=``/``readonly=`` without ``transaction=True``."""
-    if isolation is not None and isolation not in _ISOLATIONS:
-        spelled = str(isolation).strip().lower().replace(" ", "_").replace("-", "_")
-        fix = f"isolation={spelled!r}" if spelled in _ISOLATIONS else "one of them"
-        msg = (
-            f"Connection {name!r}: isolation={isolation!r} is not an isolation level asyncpg "
-            f"knows ({', '.join(map(repr, _ISOLATIONS))}), so every request would fail as it "
-            f"begins its transaction. Pass {fix}, or None for the server's default."
-        )
-        raise ValueError(msg)
-    if transaction:
-        return
-    given = [f"isolation={isolation!r}"] * (isolation is not None) + ["readonly=True"] * readonly
-    if given:
-        what, them = (given[0], given[0]) if len(given) == 1 else (" and ".join(given), "them")
-        need = "needs" if len(given) == 1 else "need"
-        msg = (
-            f"Connection {name!r}: {what} {need} transaction=True: "
-            f"{'it is' if len(given) == 1 else 'they are'} of the unit of work's transaction, "
-            f"and transaction=False runs none (each statement commits on its own), so "
-            f"{'it' if len(given) == 1 else 'they'} would be ignored"
-            f"{' and writes committed' if readonly else ''}. Pass transaction=True, or drop "
-            f"{them}."
-        )
-        raise ValueError(msg)
 
 
 #: SQLSTATEs of a prepared statement the server does not have (26000) or has already (42P05).
@@ -1648,11 +1612,6 @@ async def _keep_unit(conn: Any, name: str, after: str) -> None:
         raise
 
 
-#: How each connection resource made here begins its transaction (isolation, read-only): for
-#: :func:`rolled_back`, which begins its outer transaction so.
-_begins: PerResource[tuple[str | None, bool]] = PerResource("asyncpg_begins")
-
-
 @asynccontextmanager
 async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connection]:
     """Roll back, when the block ends, everything the app writes through *connection* in it.
@@ -1704,7 +1663,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
     raw = _raw(conn)
     pooled = _found_callbacks(raw)  # the test's own go with the block
     try:
-        isolation, readonly = _begins.get(connection, (None, False))
+        isolation, readonly = spec.isolation, spec.readonly
         # Read-only per unit of work, not for the block: the test seeds its data on it.
         outer = conn.transaction(isolation=isolation)
         await outer.start()
@@ -1716,7 +1675,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                 found_callbacks = _found_callbacks(raw)  # as the unit found them
                 begin = f"SAVEPOINT {SAVEPOINT}"
                 if readonly:  # undone with the savepoint, which a read-only unit rolls back
-                    begin += "; SET LOCAL transaction_read_only = on"
+                    begin += READ_ONLY_UNIT
                 try:
                     # What the test set on the session (the unit's reset puts it back after).
                     found = await conn.fetchval(SESSION_SETTINGS) if reset and not readonly else ""

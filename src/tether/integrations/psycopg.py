@@ -64,6 +64,7 @@ import anyio
 try:
     import psycopg
     import psycopg_pool
+    from psycopg import IsolationLevel
     from psycopg.conninfo import conninfo_to_dict
     from psycopg.pq import TransactionStatus
     from psycopg.rows import tuple_row
@@ -95,6 +96,7 @@ from ._common import (
     IN_BLOCK_RESET,
     LOSES_CANCEL,
     LOST_NOTE,
+    READ_ONLY_UNIT,
     RESET_SESSION,
     SAVEPOINT,
     SERVER_READ_ONLY,
@@ -112,6 +114,7 @@ from ._common import (
     check_driver_scheme,
     check_dsn,
     check_resource,
+    check_transaction_options,
     commit_not_sent,
     connect_or_close,
     connection_lost,
@@ -722,6 +725,8 @@ def connection(
     timeout: float | None = None,
     reset_timeout: float = 5.0,
     reset_session: bool = True,
+    isolation: str | IsolationLevel | None = None,
+    readonly: bool = False,
     **unknown: Never,  # a misspelt option: refused naming the one meant
 ) -> Resource[Connection]:
     """Register a connection of *pool* as a request resource of *lc*; return the resource.
@@ -753,6 +758,12 @@ def connection(
             tables), as asyncpg's pool does: one round trip per unit of work. ``False`` skips
             it, for code that never changes the session (the next unit of work would inherit
             it).
+        isolation, readonly: of the transaction (``"serializable"``, ``"repeatable_read"``,
+            ``"read_committed"``, ``"read_uncommitted"``, or psycopg's ``IsolationLevel``;
+            ``None``: the server's default): with ``transaction=True`` only (without a
+            transaction there is none they apply to, and a ``ValueError`` says so). psycopg
+            begins the unit's transaction with them; the connection goes back to the pool as
+            it came.
     """
     if unknown:
         raise not_options("tether.integrations.psycopg.connection()", unknown, connection)
@@ -769,6 +780,11 @@ def connection(
     check_number(reset_timeout, "reset_timeout", f"Connection {name!r}", above=True)
     check_bool(transaction, "transaction", f"Connection {name!r}")
     check_bool(reset_session, "reset_session", f"Connection {name!r}")
+    check_bool(readonly, "readonly", f"Connection {name!r}")
+    check_transaction_options(
+        name, transaction, isolation, readonly, known="psycopg", also=tuple(IsolationLevel)
+    )
+    level = _LEVELS[isolation] if isinstance(isolation, str) else isolation
     pool_name = pool.name
     given_back = _given_back_message(name, pool_name, release)
 
@@ -785,6 +801,10 @@ def connection(
         callbacks = _callbacks(conn, state)
         try:
             await conn.set_autocommit(not transaction)
+            if level is not None:  # no round trip: psycopg's BEGIN carries them
+                await conn.set_isolation_level(level)
+            if readonly:
+                await conn.set_read_only(True)
         except BaseException:
             # Interrupted before the unit of work got it (a cancellation): give it back
             # shielded. (After `yield`, tether's own close is shielded.)
@@ -798,7 +818,11 @@ def connection(
             except BaseException as exc:
                 if state is None or not state.pgbouncer:
                     note_pgbouncer(exc)
-                if read_only(exc) and await _server_read_only(conn, name, reset_timeout):
+                if (
+                    not readonly
+                    and read_only(exc)
+                    and await _server_read_only(conn, name, reset_timeout)
+                ):
                     # The server is read-only (a failover reached a replica): this
                     # connection and every other one of the pool go to the wrong server.
                     await conn.close()  # the pool replaces a closed connection
@@ -859,11 +883,10 @@ def connection(
             if reset:
                 again = state.configured.get(conn, "") if state is not None else ""
                 await _reset_session(conn, name, reset_timeout, again)
+            running = _left_running(conn) or (conn.closed and conn in _hung_up_held)
             if not conn.closed and _settings(conn) != kept:
-                await _restore(conn, kept, name)
-            elif (
-                _left_running(conn) or (conn.closed and conn in _hung_up_held)
-            ) and not _behind_pgbouncer(state):
+                await _restore(conn, kept, name)  # (closes one mid-query)
+            if running and not _behind_pgbouncer(state):
                 # psycopg hung up on it, not the server, nor a close() of tether's (its cancel
                 # of a query interrupted again by an anyio cancel scope, or not confirmed in
                 # time), or left it mid-query (psycopg before 3.3.7 on that interruption;
@@ -877,8 +900,17 @@ def connection(
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
     )
-    _connections[res] = ConnectionOf(pool, transaction)
+    _connections[res] = ConnectionOf(pool, transaction, level, readonly)
     return res
+
+
+#: psycopg's isolation levels by the names ``connection(isolation=...)`` takes (asyncpg's).
+_LEVELS = {
+    "read_committed": IsolationLevel.READ_COMMITTED,
+    "read_uncommitted": IsolationLevel.READ_UNCOMMITTED,
+    "repeatable_read": IsolationLevel.REPEATABLE_READ,
+    "serializable": IsolationLevel.SERIALIZABLE,
+}
 
 
 #: A transaction still open, COMMIT not run (`_Handed.commit`).
@@ -1474,6 +1506,19 @@ async def _back_to_savepoint(conn: Connection) -> None:
     await conn.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
 
 
+async def _drop_unit(conn: Connection, name: str) -> None:
+    """End a read-only unit of work's savepoint (of ``transaction=True``): roll back to it,
+    as it wrote nothing, and its read-only setting must not reach the block; if a statement
+    failed in it and its error was caught, raise what a commit raises."""
+    failed = conn.info.transaction_status == TransactionStatus.INERROR
+    await _back_to_savepoint(conn)
+    if failed:
+        savepoint = "`async with conn.transaction():`"
+        raise psycopg.errors.InFailedSqlTransaction(
+            failed_transaction("Connection", name, savepoint)
+        )
+
+
 async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = "") -> None:
     """Release the unit of work's savepoint (its commit), its deferred constraints checked
     first, as ``COMMIT`` checks them: a violation rolls back to it and is raised, as
@@ -1525,6 +1570,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     driver's error, where ``COMMIT`` raises it), and the session's settings (``SET``, ``SET
     LOCAL``, ``set_config(..., true)``, the role) are reset after each unit, as on release.
 
+    The block's transaction runs at the resource's ``isolation``; a ``readonly=True``
+    resource's units of work are read-only (each its savepoint), while the test, outside
+    them, may write its data on the block's connection.
+
     The units of work take turns on the one connection: one that asks for *connection*
     while another holds it waits for it, up to the pool's acquire timeout, then raises a
     ``RuntimeError`` saying why (at once if its own task holds it: a nested ``lc.scope()``).
@@ -1559,17 +1608,24 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     # As production's reset on release (none behind PgBouncer), then what each unit of work
     # found set again: what the pool's `configure` set, and the test on the block's connection.
     resets = state is None or not state.pgbouncer
+    # A read-only unit's savepoint is read-only; the block is not: the test seeds its data.
+    begin = f"SAVEPOINT {SAVEPOINT}" + (READ_ONLY_UNIT if spec.readonly else "")
     try:
         await conn.set_autocommit(False)
+        if spec.isolation is not None:
+            await conn.set_isolation_level(spec.isolation)
         await conn.execute("SELECT 1")  # begins the outer transaction
         lock = turns.lock
 
         async def commit() -> None:  # the endpoint's own: ends the unit's savepoint, opens one
             if spec.transaction:
                 try:
-                    await _keep_unit(conn, name, strict=False)  # a failed one rolls back
+                    if spec.readonly:  # nothing written: its read-only setting goes with it
+                        await _back_to_savepoint(conn)
+                    else:
+                        await _keep_unit(conn, name, strict=False)  # a failed one rolls back
                 finally:
-                    await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+                    await conn.execute(begin, prepare=False)
 
         async def rollback() -> None:
             if spec.transaction:
@@ -1581,13 +1637,13 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                     raise RuntimeError(_aborted(name, "`async with conn.transaction():`"))
                 callbacks = _callbacks(conn, None)  # as the unit found them, as in production
                 reset = ""
-                if resets:
+                if resets and not spec.readonly:  # (a read-only unit's go with its savepoint)
                     # Tuples, whatever the pool's row_factory (dict_row: row[0] a KeyError).
                     async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
                         await cur.execute(SESSION_SETTINGS)
                         row = await cur.fetchone()
                     reset = f"; {IN_BLOCK_RESET}{(row[0] if row else None) or ''}"
-                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+                await conn.execute(begin, prepare=False)  # (maybe two statements)
                 # Instance attributes: the unit's commit and rollback act on its savepoint.
                 conn.commit = commit  # type: ignore[method-assign]
                 conn.rollback = rollback  # type: ignore[method-assign]
@@ -1605,7 +1661,10 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                                 except psycopg.DatabaseError:
                                     pass  # rolled back: the unit's own error is raised
                         raise
-                    await _keep_unit(conn, name, strict=spec.transaction, reset=reset)
+                    if spec.readonly:  # nothing to keep: its settings go with its savepoint
+                        await _drop_unit(conn, name)
+                    else:
+                        await _keep_unit(conn, name, strict=spec.transaction, reset=reset)
                 finally:
                     handed._tether_give_back(given_back, connection)  # the unit of work is over
                     del conn.commit, conn.rollback

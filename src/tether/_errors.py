@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -207,8 +207,41 @@ _REFUSALS = (
 _PGBOUNCER_REFUSAL = "08P01"
 
 
-def _sqlstate(exc: BaseException) -> object:
-    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+def links(exc: BaseException, *, context: bool = False) -> Iterator[BaseException]:
+    """*exc*, then what it wraps, each once: SQLAlchemy's ``orig``, else the cause (else,
+    with *context*, the exception it was raised while handling)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        if isinstance(orig, BaseException):
+            current = orig
+        else:
+            current = current.__cause__ or (current.__context__ if context else None)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE a driver's error carries (asyncpg's and psycopg's ``sqlstate``,
+    psycopg2's ``pgcode``), not looking along the chain."""
+    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def sqlstates(exc: BaseException) -> Iterator[str]:
+    """The SQLSTATE codes along *exc*'s chain (:func:`links`): a driver's error, or
+    SQLAlchemy's wrapping one, and their causes."""
+    for link in links(exc):
+        code = sqlstate(link)
+        if code is not None:
+            yield code
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """:func:`sqlstate`, or the code of a refusal a driver gives none (PgBouncer's, libpq's
+    text: `_REFUSALS`)."""
+    state = sqlstate(exc)
     if (state is None and type(exc).__module__.startswith("psycopg")) or (
         state == _PGBOUNCER_REFUSAL
     ):
@@ -222,15 +255,10 @@ def _sqlstate(exc: BaseException) -> object:
 def refused_for_good(exc: BaseException) -> str | None:
     """The SQLSTATE if *exc* (or what it wraps: a cause, SQLAlchemy's ``orig``) is the
     server refusing the credentials or the database, which retrying cannot mend."""
-    link: BaseException | None = exc
-    for _ in range(8):  # a chain is never this long; stop on anything circular
-        if link is None:
-            return None
+    for link in links(exc, context=True):
         state = _sqlstate(link)
-        if isinstance(state, str) and state.startswith(_FOR_GOOD):
+        if state is not None and state.startswith(_FOR_GOOD):
             return state
-        orig = getattr(link, "orig", None)
-        link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
     return None
 
 
@@ -344,16 +372,7 @@ def transaction_conflict(exc: BaseException) -> BaseException | None:
     """The error along *exc*'s chain (a driver's, or SQLAlchemy's wrapping one: ``orig``,
     then the causes) saying that the server rolled back the transaction for a conflict with a
     concurrent one (`_CONFLICTS`), if one does."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if code in _CONFLICTS:
-            return current
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return None
+    return next((link for link in links(exc) if sqlstate(link) in _CONFLICTS), None)
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

@@ -27,6 +27,7 @@ from .._errors import (
     for_good,
     redact,
     remember_secrets,
+    sqlstates,
     unstopped,
 )
 from .._resource import current_unit
@@ -1347,20 +1348,6 @@ def depends_on(fn: F, *resources: Resource[Any]) -> F:
 #: is read-only, as a replica is: after a failover the writer's address can reach one, and
 #: every pooled connection to it fails each write until it is replaced.
 READ_ONLY_SQLSTATE = "25006"
-
-
-def sqlstates(exc: BaseException) -> Iterator[str]:
-    """The SQLSTATE codes along *exc*'s chain: a driver's error, or SQLAlchemy's wrapping one
-    (``orig``), and their causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str):
-            yield code
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
 
 
 def failed_transaction(what: str, name: str, savepoint: str) -> str:

@@ -36,6 +36,12 @@ BACKOFF = 8.0
 MODULES: dict[str, Any] = {"psycopg": tpsy, "asyncpg": tapg}
 READER = {"psycopg": "libpq", "asyncpg": "asyncpg"}
 WHAT = {"psycopg": "conninfo", "asyncpg": "DSN"}
+MISREAD = (
+    "Pool 'pool': {given} a port that is not a port number where its hosts are read, and an "
+    "'@' after them: a password holding '/', '?', '#' or '@' must be URL-encoded (%2F, %3F, "
+    "%23, %40), or it is read as the host and port. No connection can be made so, and no "
+    "retry mends that: encode the password, e.g. with urllib.parse.quote(password, safe='')."
+)
 
 
 def shown(text: str) -> str:
@@ -338,12 +344,13 @@ async def test_the_right_password_through_pgbouncer_still_opens(
                 "the conninfo the function given for it returned",
             )[:-1],
         ),
-        # asyncpg 0.32 quotes a piece of the password; 0.30 (the floor) reads the port
-        # from it and quotes none.
+        # asyncpg reads the port from the password ('pa'): refused before it quotes a piece
+        # of the password (0.32: "bad query field: 'ss w0rd@...'", 0.30: "invalid literal
+        # for int() with base 10: 'pa'").
         (
             "asyncpg",
-            "ValueError: bad query field: 'ss ***@127.0.0.1:1/app'"
-            "|ValueError: invalid literal for int() with base 10: 'pa'",
+            "ValueError: "
+            + MISREAD.format(given="the DSN the function given for it returned has")[:-1],
         ),
     ],
 )
@@ -372,3 +379,100 @@ def test_a_url_libpq_cannot_parse_is_refused_at_declaration_without_its_password
     text = full_traceback(info.value)
     assert "w0rd" not in text
     assert "pa?ss" not in text
+
+
+# ------------------------------------------------------------------------------ ports
+
+
+def port_refused(port: str, given: str, said: str = "") -> str:
+    return (
+        f"Pool 'pool': {given} port {port!r}, which is not a port number (1 to 65535){said}: no "
+        f"connection can be made with it, and no retry mends that. Fix it (PostgreSQL's "
+        f"default is 5432), or leave the port out for the default."
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "dsn", "port"),
+    [
+        ("psycopg", "host=127.0.0.1 port=abc dbname=app", "abc"),
+        ("psycopg", "postgresql://app:s3cret-pw@127.0.0.1:5432x/app", "5432x"),
+        ("psycopg", "postgresql://app:pw@h1:5432,h2:70000/app", "70000"),
+        ("asyncpg", "postgresql://app:s3cret-pw@127.0.0.1:abc/app", "abc"),
+        ("asyncpg", "postgresql://app:pw@[::1]:0/app", "0"),
+        ("asyncpg", "postgresql://app:pw@h1:5432,h2:99999/app?sslmode=disable", "99999"),
+    ],
+)
+def test_a_port_that_is_no_number_is_refused_at_declaration(kind: str, dsn: str, port: str) -> None:
+    """It was read only as the pool connected: each of the startup's retries failed the
+    same, as a server that "cannot be reached" (psycopg), or with asyncpg's bare
+    "invalid literal for int() with base 10: 'abc'"."""
+    with pytest.raises(ValueError) as caught:
+        MODULES[kind].pool(tether.Lifecycle(), dsn)
+    assert str(caught.value) == port_refused(port, f"the {WHAT[kind]} has")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_an_empty_port_value_swallowing_the_next_option_is_explained() -> None:
+    """libpq reads `port= password=...` as port 'password=...' (spaces around '=' are
+    optional): the password is lost, and not quoted."""
+    with pytest.raises(ValueError) as caught:
+        tpsy.pool(tether.Lifecycle(), "host=127.0.0.1 port= password=s3cret dbname=app")
+    assert str(caught.value) == (
+        "Pool 'pool': the conninfo has 'port=' followed by 'password=': libpq reads the "
+        "spaces around '=' as optional, so the port is 'password=...' and the password= is "
+        "lost. No connection can be made so, and no retry mends that: give the port "
+        "(PostgreSQL's default is 5432), write an empty one port='', or leave it out."
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "dsn"),
+    [
+        ("psycopg", "postgresql://app:p/ss" + "w0rd@127.0.0.1:5432/app"),  # host 'app', port 'p'
+        ("asyncpg", "postgresql://app:p/ss" + "w0rd@127.0.0.1:5432/app"),
+        ("asyncpg", "postgresql://app:p#ss" + "w0rd@127.0.0.1:5432/app"),  # (libpq reads it)
+        ("asyncpg", "postgresql://app:p?ss" + "w0rd@127.0.0.1:5432/app"),
+    ],
+)
+def test_a_port_read_from_an_unencoded_password_is_not_quoted(kind: str, dsn: str) -> None:
+    """An unencoded '/', '#' or '@' in the password: the drivers read the host and port from
+    it. Before, asyncpg and libpq quoted that piece of the password in their error."""
+    with pytest.raises(ValueError) as caught:
+        MODULES[kind].pool(tether.Lifecycle(), dsn)
+    assert str(caught.value) == MISREAD.format(given=f"the {WHAT[kind]} has")
+    assert "w0rd" not in str(caught.value)
+    assert "ss" not in str(caught.value).replace("address", "").replace("pass", "")
+
+
+def test_ports_left_out_or_empty_are_the_default() -> None:
+    for dsn in (
+        "postgresql://app:pw@127.0.0.1/app",
+        "postgresql://app:pw@127.0.0.1:/app",
+        "postgresql://app:pw@h1:5432,h2/app",
+        "postgresql://app:pw@[::1]/app",
+        "postgresql://app:pw@[::1]:65535/app",
+    ):
+        tapg.pool(tether.Lifecycle(), dsn)
+        tpsy.pool(tether.Lifecycle(), dsn)
+    tpsy.pool(tether.Lifecycle(), "host=127.0.0.1 port='' dbname=app")
+    tpsy.pool(tether.Lifecycle(), "host=h1,h2 port=5432,5433 dbname=app")
+
+
+@pytest.mark.parametrize("kind", ["psycopg", "asyncpg"])
+async def test_a_port_from_a_function_fails_the_start_unretried(kind: str) -> None:
+    calls: list[int] = []
+
+    def dsn() -> str:
+        calls.append(1)
+        return "postgresql://app:s3cret-pw@127.0.0.1:5432x/app"
+
+    lc = tether.Lifecycle()
+    MODULES[kind].pool(lc, dsn, retries=3, backoff=BACKOFF)
+    t0 = time.monotonic()
+    failure = await start(lc)
+    assert time.monotonic() - t0 < 5.0
+    given = f"the {WHAT[kind]} the function given for it returned has"
+    assert str(failure) == unretried(f"ValueError: {unstopped(port_refused('5432x', given))}")
+    assert calls == [1]
+    assert "s3cret" not in full_traceback(failure)

@@ -409,6 +409,73 @@ def check_driver_scheme(
     raise (for_good if returned else _same)(ValueError(msg))
 
 
+def url_ports(url: str) -> list[str]:
+    """The ports a ``postgresql://`` URL gives its hosts (``host:port``, several hosts
+    separated by commas, ``[::1]:port``) as asyncpg reads them (the authority ends at the
+    first ``/``, ``?`` or ``#``, the user at its first ``@``): as written, empty ones (the
+    default) left out."""
+    if "://" not in url:
+        return []
+    netloc = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    ports = []
+    for host in netloc.partition("@")[2].split(",") if "@" in netloc else netloc.split(","):
+        ipv6 = host.startswith("[")
+        port = host.rpartition("]")[2].removeprefix(":") if ipv6 else host.partition(":")[2]
+        ports.append(port)
+    return [port for port in ports if port.strip()]
+
+
+def _misread(url: str) -> bool:
+    """Whether *url*'s hosts may be read from its password: an ``@`` after the authority's
+    end (a password holding ``/``, ``?`` or ``#``, not URL-encoded), or in its hosts."""
+    if "://" not in url:
+        return False
+    rest = url.split("://", 1)[1]
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return "@" in netloc.partition("@")[2] or ("@" not in netloc and "@" in rest)
+
+
+def check_ports(
+    ports: Iterable[str], dsn: str, where: str, *, what: str, returned: bool = False
+) -> None:
+    """Refuse a port of *dsn* that is not a number from 1 to 65535 (``port=abc``, a URL's
+    ``host:5432x``): libpq and asyncpg read it only as they connect, and every attempt of the
+    startup's retries failed the same, reported as a server that cannot be reached. A
+    ``ValueError`` naming *where* and the port, never the rest of the *what*: not the port
+    either where it may be part of the password (`_misread`), or of the next option (``port=
+    password=...``). *returned*: by the function given for it, marked for good."""
+    for port in ports:
+        text = port.strip()
+        if text.isascii() and text.isdigit() and 0 < int(text) < 65536:
+            continue
+        given = (
+            f"the {what} the function given for it returned has" if returned else f"the {what} has"
+        )
+        key = text.partition("=")[0]
+        if _misread(dsn):
+            msg = (
+                f"{_at(where)}{given} a port that is not a port number where its hosts are "
+                f"read, and an '@' after them: a password holding '/', '?', '#' or '@' must be "
+                f"URL-encoded (%2F, %3F, %23, %40), or it is read as the host and port. No "
+                f"connection can be made so, and no retry mends that: encode the password, "
+                f"e.g. with urllib.parse.quote(password, safe='')."
+            )
+        elif "=" in text and key.isidentifier():
+            msg = (
+                f"{_at(where)}{given} 'port=' followed by '{key}=': libpq reads the spaces "
+                f"around '=' as optional, so the port is '{key}=...' and the {key}= is lost. "
+                f"No connection can be made so, and no retry mends that: give the port "
+                f"(PostgreSQL's default is 5432), write an empty one port='', or leave it out."
+            )
+        else:
+            msg = (
+                f"{_at(where)}{given} port {port!r}, which is not a port number (1 to "
+                f"65535): no connection can be made with it, and no retry mends that. Fix "
+                f"it (PostgreSQL's default is 5432), or leave the port out for the default."
+            )
+        raise (for_good if returned else _same)(ValueError(msg))
+
+
 def scrub_secrets(exc: BaseException) -> BaseException:
     """*exc*, and the exceptions chained to it, with the passwords in their messages
     (``args``) replaced by ``***`` (`redact`), in place: a driver's error that quotes the

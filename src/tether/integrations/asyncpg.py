@@ -101,6 +101,7 @@ from ._common import (
     check_check,
     check_driver_scheme,
     check_dsn,
+    check_ports,
     check_resource,
     check_transaction_options,
     commit_not_sent,
@@ -112,6 +113,7 @@ from ._common import (
     keyword_names,
     not_an_option,
     note_pgbouncer,
+    plain_dsn,
     pooler_never_sent,
     queue_full,
     read_budget,
@@ -126,6 +128,7 @@ from ._common import (
     still_in_use,
     unavailable,
     unreachable,
+    url_ports,
     used_concurrently,
 )
 from ._common import workers as worker_count
@@ -505,6 +508,8 @@ def pool(
     check_dsn(dsn, where, example=_EXAMPLE_DSN)
     if not callable(dsn):
         check_driver_scheme(dsn, where, what="DSN", reader="asyncpg")
+        plain = str(plain_dsn(dsn))
+        check_ports(url_ports(plain), plain, where, what="DSN")
     check_number(min_size, "min_size", where, integer=True, least=None, example="1")
     check_number(max_size, "max_size", where, integer=True, least=None, example="10")
     if max_size < 1 or not 0 <= min_size <= max_size:
@@ -534,6 +539,7 @@ def pool(
         asyncio_only(where, "asyncpg")
         target = resolve_dsn(dsn, where, example=_EXAMPLE_DSN)
         check_driver_scheme(target, where, what="DSN", reader="asyncpg", returned=callable(dsn))
+        check_ports(url_ports(target), target, where, what="DSN", returned=callable(dsn))
         state = _State(name, acquire_timeout, redact(target), pgbouncer)
         state.max_waiting = max_waiting
         if ping_after is not None:

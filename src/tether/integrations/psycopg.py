@@ -113,6 +113,7 @@ from ._common import (
     check_check,
     check_driver_scheme,
     check_dsn,
+    check_ports,
     check_resource,
     check_transaction_options,
     commit_not_sent,
@@ -414,7 +415,7 @@ def _check_conninfo(value: object, where: str, *, returned: bool = False) -> Non
     if not isinstance(conninfo, str):
         return  # check_dsn refused it already
     try:
-        conninfo_to_dict(conninfo)
+        params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
         if "://" in conninfo:
             # A URL's password, where libpq quotes it in a form redact's patterns do not find
@@ -434,6 +435,9 @@ def _check_conninfo(value: object, where: str, *, returned: bool = False) -> Non
             f"host=... port=5432 dbname=... (a value with spaces in single quotes)."
         )
         raise for_good(psycopg.ProgrammingError(msg)) from exc
+    ports = str(params.get("port") or "").split(",")  # (libpq: an empty one is the default)
+    ports = [port for port in ports if port.strip()]
+    check_ports(ports, conninfo, where, what="conninfo", returned=returned)
 
 
 def pool(

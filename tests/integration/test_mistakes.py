@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import tether
@@ -308,3 +309,114 @@ def test_sqlalchemy_engine_numbers_are_checked_at_declaration(
     with pytest.raises(error, match=exactly(message)):
         declare(lc, url, **options)
     assert lc.resources == {}
+
+
+# ------------------------------------------------- URLs SQLAlchemy cannot read or has no dialect
+
+_NO_DIALECT = (
+    "Engine 'engine': SQLAlchemy has no dialect {driver!r} (NoSuchModuleError: Can't load "
+    "plugin: sqlalchemy.dialects:{plugin}), so no engine can be made, and no retry mends "
+    "that. {fix}"
+)
+
+
+def _postgres_fix(wanted: str) -> str:
+    return (
+        "SQLAlchemy names PostgreSQL's dialect 'postgresql' (a postgres:// URL, as hosting "
+        "platforms give it, is read by libpq and asyncpg, not SQLAlchemy): use "
+        f"{wanted}://..., e.g. lambda: os.environ['DATABASE_URL'].replace('postgres://', "
+        f"'{wanted}://', 1)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "url", "driver", "plugin", "fix"),
+    [
+        (tsa.engine, "postgres://u:hunter2@h/db", "postgres", "postgres", _postgres_fix("postgresql+asyncpg")),
+        (tsa.sync_engine, "postgres://u:hunter2@h/db", "postgres", "postgres", _postgres_fix("postgresql+psycopg")),
+        (tsa.engine, "postgresql+asyncpgg://u:hunter2@h/db", "postgresql+asyncpgg", "postgresql.asyncpgg", "Did you mean 'postgresql+asyncpg'?"),
+        (tsa.sync_engine, "postgresq://u:hunter2@h/db", "postgresq", "postgresq", "Did you mean 'postgresql'?"),
+        (tsa.engine, "foo+bar://h/db", "foo+bar", "foo.bar", "SQLAlchemy's own are 'mariadb', 'mssql', 'mysql', 'oracle', 'postgresql', 'sqlite'; another needs its package installed."),
+    ],
+)  # fmt: skip
+def test_a_dialect_sqlalchemy_has_not_is_refused_at_declaration(
+    make: Callable[..., Any], url: str, driver: str, plugin: str, fix: str
+) -> None:
+    """It was retried as the app started (retries=3: 7 s), then blamed on a database "slow
+    to come up"."""
+    with pytest.raises(ValueError) as info:
+        make(tether.Lifecycle(), url)
+    assert str(info.value) == _NO_DIALECT.format(driver=driver, plugin=plugin, fix=fix)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_a_dialect_sqlalchemy_has_not_from_a_function_is_not_retried() -> None:
+    lc = tether.Lifecycle()
+    calls: list[int] = []
+
+    def url() -> str:
+        calls.append(1)
+        return "postgres://u:hunter2@h/db"
+
+    tsa.engine(lc, url, retries=3, backoff=5)
+    with pytest.raises(tether.StartupError) as info:
+        async with lc.run():
+            pass  # pragma: no cover
+    fix = _postgres_fix("postgresql+asyncpg")
+    said = _NO_DIALECT.format(driver="postgres", plugin="postgres", fix=fix)
+    assert str(info.value) == (
+        f"App resource 'engine' failed to open: ValueError: {said[:-1]}. The resources "
+        f"already open were closed. Fix the cause above: a mistake in the configuration or "
+        f"the code, which no retry mends."
+    )
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        (
+            "postgresql+asyncpg://u:hunter2@h:54x/db",
+            "its port is not a number, or a password holding '/', '?', '#' or '@' is not "
+            "URL-encoded (%2F, %3F, %23, %40)",
+        ),
+        (
+            "not a url",
+            "ArgumentError: Could not parse SQLAlchemy URL from given URL string",
+        ),
+    ],
+)
+def test_a_url_sqlalchemy_cannot_read_is_refused_at_declaration(url: str, why: str) -> None:
+    """SQLAlchemy's own error (which quotes the port) came as the app started."""
+    with pytest.raises(ValueError) as info:
+        tsa.engine(tether.Lifecycle(), url)
+    assert str(info.value) == (
+        f"Engine 'engine': the URL is one SQLAlchemy cannot read: {why}. No engine can be "
+        f"made with it, and no retry mends that. Pass dialect+driver://user:password@host:"
+        f"port/database, e.g. 'postgresql+asyncpg://app:pw@db:5432/app' (or build one from "
+        f"its parts with sqlalchemy.engine.URL.create, which encodes the password)."
+    )
+    assert "hun" not in str(info.value)
+
+
+@pytest.mark.parametrize("make", [tsa.engine, tsa.sync_engine])
+async def test_an_option_value_sqlalchemy_refuses_as_it_connects_is_not_retried(
+    make: Callable[..., Any], tmp_path: Path
+) -> None:
+    """SQLAlchemy's ArgumentError for an option's value, raised as the first connection is
+    made: it was retried, and blamed on a database slow to come up."""
+    lc = tether.Lifecycle()
+    driver = "sqlite+aiosqlite" if make is tsa.engine else "sqlite"
+    url = f"{driver}:///{tmp_path / 'x.db'}"
+    make(lc, lambda: url, retries=3, backoff=5, isolation_level="BOGUS")
+    with pytest.raises(tether.StartupError) as info:
+        with anyio.fail_after(4):  # no backoff of 5 s
+            async with lc.run():
+                pass  # pragma: no cover
+    assert str(info.value).startswith(
+        "App resource 'engine' failed to open: ArgumentError: Invalid value 'BOGUS' for "
+        "isolation_level."
+    )
+    assert str(info.value).endswith(
+        "Fix the cause above: a mistake in the configuration or the code, which no retry mends."
+    )

@@ -91,9 +91,12 @@ from .._errors import (
     TetherError,
     check_bool,
     check_number,
+    closest,
     describe,
+    for_good,
     refused_for_good,
     unknown_keywords,
+    unstopped,
 )
 from .._resource import Resource
 from .._scope import set_token_wait
@@ -1207,7 +1210,7 @@ def _locked(info: _PoolInfo, exc: sa_exc.DBAPIError) -> ResourceUnavailable:
 # --------------------------------------------------------------------------- engine options
 
 
-def _resolve_url(url: Url) -> URL:
+def _resolve_url(url: Url, name: str) -> URL:
     raw = plain_dsn(url() if callable(url) else url)  # a function may return anything
     example = "lambda: os.environ['DATABASE_URL']"
     check_dsn_value(raw, "", what="URL", example=example, returned=callable(url), strings=False)
@@ -1219,7 +1222,7 @@ def _resolve_url(url: Url) -> URL:
             f"the URL from it (URL.create(...))."
         )
         raise TypeError(msg)
-    return make_url(raw)
+    return _read_url(raw, name, returned=callable(url))
 
 
 def _unique_statement_name() -> str:
@@ -1233,6 +1236,85 @@ def _is_memory_sqlite(u: URL) -> bool:
         return False
     db = u.database or ""
     return db in ("", ":memory:") or u.query.get("mode") == "memory" or ":memory:" in db
+
+
+#: SQLAlchemy's own dialects and their drivers: for the "did you mean" of one it has not.
+_DIALECTS = {
+    "postgresql": ("asyncpg", "psycopg", "psycopg2", "pg8000", "psycopg2cffi"),
+    "sqlite": ("aiosqlite", "pysqlite", "pysqlcipher"),
+    "mysql": ("aiomysql", "asyncmy", "pymysql", "mysqldb", "mysqlconnector", "mariadbconnector"),
+    "mariadb": ("aiomysql", "asyncmy", "pymysql", "mysqldb", "mysqlconnector", "mariadbconnector"),
+    "oracle": ("oracledb", "cx_oracle"),
+    "mssql": ("pyodbc", "pymssql", "aioodbc"),
+}
+
+
+def _read_url(url: str | URL, name: str, *, returned: bool = False) -> URL:
+    """``make_url(url)``, or a ``ValueError`` naming the engine and the fix: a string
+    SQLAlchemy cannot read as a URL, or a port that is not a number (SQLAlchemy's error
+    quotes it, which may be a piece of an unencoded password); *returned*: by the function
+    given for it, marked as no retry mends it. Never quotes the URL."""
+    try:
+        return make_url(url)
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        given = "the function given for the URL returned one" if returned else "the URL is one"
+        port = isinstance(exc, ValueError) and "int()" in str(exc)
+        why = (
+            "its port is not a number, or a password holding '/', '?', '#' or '@' is not "
+            "URL-encoded (%2F, %3F, %23, %40)"
+            if port
+            else f"{type(exc).__name__}: {unstopped(str(exc))}"
+        )
+        msg = (
+            f"Engine {name!r}: {given} SQLAlchemy cannot read: {why}. No engine can be made "
+            f"with it, and no retry mends that. Pass dialect+driver://user:password@host:port/"
+            f"database, e.g. 'postgresql+asyncpg://app:pw@db:5432/app' (or build one from its "
+            f"parts with sqlalchemy.engine.URL.create, which encodes the password)."
+        )
+        error = ValueError(msg)
+        raise (for_good(error) if returned else error) from None
+
+
+def _check_dialect(u: URL, name: str, *, is_async: bool, returned: bool = False) -> None:
+    """Refuse a URL whose dialect or driver SQLAlchemy has not (``postgres://``, as hosting
+    platforms give it, a typo in the driver): SQLAlchemy's ``NoSuchModuleError`` at startup
+    was retried as a database slow to come up. A ``ValueError`` naming the close match;
+    *returned*: by the function given for the URL, marked as no retry mends it."""
+    try:
+        u.get_dialect(_is_async=is_async)
+    except sa_exc.NoSuchModuleError as exc:
+        backend, _, driver = u.drivername.partition("+")
+        wanted = "postgresql+asyncpg" if is_async else "postgresql+psycopg"
+        if backend in ("postgres", "pgsql", "pg"):
+            fix = (
+                f"SQLAlchemy names PostgreSQL's dialect 'postgresql' (a {backend}:// URL, as "
+                f"hosting platforms give it, is read by libpq and asyncpg, not SQLAlchemy): "
+                f"use {wanted}://..., e.g. lambda: os.environ['DATABASE_URL'].replace("
+                f"'{backend}://', '{wanted}://', 1)."
+            )
+        elif backend not in _DIALECTS:
+            near = closest(backend, _DIALECTS)
+            fix = (
+                f"Did you mean {near!r}?"
+                if near is not None
+                else f"SQLAlchemy's own are {', '.join(map(repr, sorted(_DIALECTS)))}; another "
+                f"needs its package installed."
+            )
+        else:
+            near = closest(driver, _DIALECTS[backend])
+            fix = (
+                f"Did you mean '{backend}+{near}'?"
+                if near is not None
+                else f"Its drivers include {', '.join(_DIALECTS[backend])}."
+            )
+        msg = (
+            f"Engine {name!r}: SQLAlchemy has no dialect {u.drivername!r} (NoSuchModuleError: "
+            f"{exc}), so no engine can be made, and no retry mends that. {fix}"
+        )
+        error = ValueError(msg)
+        raise (for_good(error) if returned else error) from None
+    except Exception:  # anything else: create_engine says it, as the app starts
+        return
 
 
 def _check_async_driver(u: URL, name: str) -> None:
@@ -1716,13 +1798,17 @@ def _create_engine(
     """``create_async_engine(u, **options)`` (*is_async*) or ``create_engine``: it does not
     connect. A keyword argument SQLAlchemy does not take is a ``TypeError`` naming it and its
     close match (`_kwargs_refused`), at the declaration or, for a URL from a function, as the
-    app starts (not retried: a mistake in the configuration)."""
+    app starts (not retried: a mistake in the configuration, as SQLAlchemy's ``ArgumentError``
+    for an option's value)."""
     try:
         if is_async:
             return create_async_engine(u, **options)
         return create_engine(u, **options)
     except TypeError as exc:
         raise _kwargs_refused(exc, u, name, engine_kwargs, options, is_async=is_async) from None
+    except sa_exc.ArgumentError as exc:  # an option's value SQLAlchemy refuses: no retry mends
+        for_good(exc)
+        raise
 
 
 def _check_engine_kwargs(
@@ -1866,13 +1952,10 @@ def engine(
     example = "lambda: os.environ['DATABASE_URL']"
     check_dsn(url, f"Engine {name!r}", what="URL", example=example, strings=False)
     if isinstance(url, str | URL):  # a function's URL is checked when the app starts
-        try:
-            given = make_url(url)
-        except Exception:  # create_async_engine says what is wrong, at startup
-            pass
-        else:
-            _check_async_driver(given, name)
-            _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=True)
+        given = _read_url(url, name)
+        _check_dialect(given, name, is_async=True)
+        _check_async_driver(given, name)
+        _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=True)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
@@ -1880,7 +1963,8 @@ def engine(
 
     async def open_engine() -> AsyncIterator[AsyncEngine]:
         asyncio_only(f"Engine {name!r}", "SQLAlchemy's async engine")
-        u = _resolve_url(url)
+        u = _resolve_url(url, name)
+        _check_dialect(u, name, is_async=True, returned=callable(url))
         _check_async_driver(u, name)
         info.shown_url = u.render_as_string(hide_password=True)
         options = options_for(u)
@@ -1906,6 +1990,8 @@ def engine(
                             name, budget, functools.partial(_first_row, conn), conn.rollback
                         )
             except Exception as exc:
+                if isinstance(exc, sa_exc.ArgumentError):  # an option's value: a mistake
+                    for_good(exc)
                 failure = _open_failure(info, exc)
                 if failure is None:
                     raise
@@ -2827,19 +2913,17 @@ def sync_engine(
         engine_kwargs=engine_kwargs,
     )
     if isinstance(url, str | URL):  # a function's URL is checked when the app starts
-        try:
-            given = make_url(url)
-        except Exception:  # create_engine says what is wrong, at startup
-            pass
-        else:
-            _check_sync_driver(given, name)
-            _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=False)
+        given = _read_url(url, name)
+        _check_dialect(given, name, is_async=False)
+        _check_sync_driver(given, name)
+        _check_engine_kwargs(given, name, engine_kwargs, options_for, is_async=False)
     info = _PoolInfo(name, pool_size, max_overflow, pool_timeout)
     info.pgbouncer = pgbouncer
     info.max_waiting = max_waiting
 
     def open_engine() -> Iterator[Engine]:
-        u = _resolve_url(url)
+        u = _resolve_url(url, name)
+        _check_dialect(u, name, is_async=False, returned=callable(url))
         _check_sync_driver(u, name)  # a function's URL: a mistake, not retried
         info.shown_url = u.render_as_string(hide_password=True)
         options = options_for(u)
@@ -2862,6 +2946,8 @@ def sync_engine(
                     if _wants_budget(u, pgbouncer, budget, name):
                         server_max = _read_budget_sync(conn, name, budget)
             except Exception as exc:
+                if isinstance(exc, sa_exc.ArgumentError):  # an option's value: a mistake
+                    for_good(exc)
                 failure = _open_failure(info, exc)
                 if failure is None:
                     raise

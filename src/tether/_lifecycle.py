@@ -2050,7 +2050,7 @@ class Lifecycle:
             held = max([held, *(now - e.opened_at for e in entries[1:])])
         for entry in entries:
             entry.leak_reported = unit.label
-            entry.res.counters.leaks += 1
+            _leak_owner(entry.res).counters.leaks += 1
             if entry.res.guard:  # one leak: not counted again if used after close
                 object.__setattr__(entry.value, "_tether_counted", True)
         first = entries[0]
@@ -2069,7 +2069,7 @@ class Lifecycle:
                     where = _where_now(unit, task, first.value)
                 except Exception:  # a diagnostic: the report is made without it
                     log.debug("tether: where %s is now", unit.label, exc_info=True)
-        names = ", ".join(repr(entry.res.name) for entry in entries)
+        names = ", ".join(_leak_name(entry.res) for entry in entries)
         log.warning(
             "tether: %s %s held for %.1f s (leak_threshold=%g s) by %s%s%s",
             "resources" if len(entries) > 1 else "resource",
@@ -2080,10 +2080,25 @@ class Lifecycle:
             seen,
             where,
             extra={
-                "tether_resource": first.res.name,
-                "tether_resources": [entry.res.name for entry in entries],
+                "tether_resource": _leak_owner(first.res).name,
+                "tether_resources": [_leak_owner(entry.res).name for entry in entries],
             },
         )
+
+
+def _leak_owner(res: Resource[Any]) -> Resource[Any]:
+    """The resource a leak of *res* is counted on: the app resource whose per-unit
+    collection it is (`per_unit`), else itself."""
+    return res.leak_of[0] if res.leak_of is not None else res
+
+
+def _leak_name(res: Resource[Any]) -> str:
+    """*res* as a leak report names it: ``'redis' (a dedicated connection: ...)`` for an
+    integration's per-unit collection, its own name otherwise."""
+    if res.leak_of is None:
+        return repr(res.name)
+    owner, what = res.leak_of
+    return f"{owner.name!r} ({what})"
 
 
 class _Thresholds(weakref.WeakKeyDictionary[Unit, float | None]):

@@ -224,6 +224,7 @@ class Resource(Generic[T]):
         "is_sync",
         "kind",
         "late",
+        "leak_of",
         "lifecycle",
         "limiter",
         "name",
@@ -308,6 +309,10 @@ class Resource(Generic[T]):
         # background), set by `lc.resource(required=False)`.
         self.required = True
         self.fast = False
+        # For an integration's own per-unit resource (`per_unit`: Redis's dedicated
+        # connections, httpx's streamed responses): the app resource a leak of it is counted
+        # on and named as, and what of it was held ("a dedicated connection: ...").
+        self.leak_of: tuple[Resource[Any], str] | None = None
         self.set_deps(())
 
     def set_deps(self, deps: tuple[Resource[Any], ...]) -> None:

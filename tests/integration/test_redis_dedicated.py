@@ -333,3 +333,31 @@ def test_a_dedicated_connection_never_closed_goes_back_at_the_end_of_the_request
         "c:`, or `await c.aclose()`."
     )
     redis_server.command("DEL", key, other)
+
+
+@pytest.mark.anyio
+async def test_a_pubsub_held_past_the_leak_threshold_is_reported_and_counted_as_the_client(
+    redis_server: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unit of work (a WebSocket's, a job's) holding a PubSub past its leak threshold: the
+    report named "'cache dedicated connections'", a resource the app never declared, and
+    counted its leak nowhere the app reads (`lc.stats()`, the metrics)."""
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, name="cache", max_connections=2)
+    caplog.set_level(logging.WARNING, "tether")
+    async with lc.run():
+        async with lc.scope("chat", leak_threshold=0.2) as unit:
+            r = await unit.get(cache)
+            async with r.pubsub() as ps:
+                await ps.subscribe("room")
+                with anyio.move_on_after(5):
+                    while not any("held for" in m for m in caplog.messages):
+                        await anyio.sleep(0.05)
+        assert lc.stats().resources["cache"].leaks == 1
+    reports = [m for m in caplog.messages if "held for" in m]
+    assert len(reports) == 1
+    assert reports[0].startswith(
+        "tether: resource 'cache' (its dedicated connections: pubsub(), a pipeline after "
+        "watch(), client()) held for "
+    )
+    assert "(leak_threshold=0.2 s) by chat" in reports[0]

@@ -653,12 +653,16 @@ def per_unit(
     name: str,
     make: Callable[[], V],
     close: Callable[[V, BaseException | None], Awaitable[None]],
+    *,
+    owner: Resource[Any],
+    held: str,
 ) -> Resource[V]:
     """A request resource of an integration's own, not registered (it is no resource of the
     app's): *make()*'s collection of what one unit of work opened through a client (httpx's
     streamed responses, Redis's dedicated connections), given to *close* with the unit's
     failure (None: it succeeded). Released after the response's last byte, so a body streamed
-    from it has used it by then, in the unit tether runs."""
+    from it has used it by then, in the unit tether runs. Held past the leak threshold, it is
+    reported as *owner* (the client's resource) and *held*, and counted on *owner*."""
     from .._resource import Resource
 
     async def open_collection() -> AsyncIterator[V]:
@@ -672,11 +676,13 @@ def per_unit(
         finally:
             await close(made, failure)
 
-    return Resource(
+    res: Resource[V] = Resource(
         lc, open_collection, name=name, scope="request", check=None, timeout=None,
         release="response", retries=0, backoff=0.0, concurrency=None, thread=False,
         check_timeout=lc.check_timeout, retry_after=1.0, guard=False,
     )  # fmt: skip
+    res.leak_of = (owner, held)
+    return res
 
 
 def caller_outside(*skipped: str) -> str:

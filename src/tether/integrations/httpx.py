@@ -498,7 +498,12 @@ def client(
 
     # The streamed responses of a unit of work, closed at its end if still open.
     streams = per_unit(
-        lc, f"{name} streamed responses", _Streams, lambda opened, f: opened.close(res, f)
+        lc,
+        f"{name} streamed responses",
+        _Streams,
+        lambda opened, f: opened.close(res, f),
+        owner=res,
+        held="its streamed responses: client.stream(...), send(..., stream=True)",
     )
     # Readiness reads a full pool instead of queueing the health_url GET behind the traffic
     # (it would fail its timeout while the server answers everyone else).

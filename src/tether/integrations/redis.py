@@ -903,7 +903,12 @@ def client(
 
     # The connections `r.client()` clones hold in a unit of work, given back at its end.
     held = per_unit(
-        lc, f"{name} dedicated connections", _Held, lambda holders, f: holders.close(name, res, f)
+        lc,
+        f"{name} dedicated connections",
+        _Held,
+        lambda holders, f: holders.close(name, res, f),
+        owner=res,
+        held="its dedicated connections: pubsub(), a pipeline after watch(), client()",
     )
     # Readiness reads a full pool instead of queueing a PING behind it (or, in a pool that
     # does not wait, failing it at once). No figures for a pool without a cap: PING.

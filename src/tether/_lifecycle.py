@@ -1602,6 +1602,15 @@ class Lifecycle:
             return _CalledLifespan(self)
         if app is _NO_APP:
             app = None
+        elif callable(app) and inspect.isasyncgenfunction(inspect.unwrap(app)):
+            name = getattr(app, "__name__", "my_lifespan")
+            msg = (
+                f"lc.lifespan({name}): lc.lifespan takes the app (`async with "
+                f"lc.lifespan(app):` in a test), and {name} is a lifespan function, not an "
+                f"app. To run it inside tether's lifespan, pass it as wrap=: "
+                f"FastAPI(lifespan=lc.lifespan(wrap={name}))."
+            )
+            raise TypeError(msg)
         if wrap is not None:
             user = _user_lifespan(wrap)
 

@@ -516,6 +516,28 @@ def test_wrap_takes_an_async_generator_function() -> None:
     assert events == ["pool open", "user startup", "user shutdown", "pool close"]
 
 
+def test_a_lifespan_function_given_as_the_app_is_refused() -> None:
+    """`lc.lifespan(my_lifespan)` (wrap= forgotten) was taken as the app: the app then failed
+    as it started, with "'function' object does not support the asynchronous context manager
+    protocol"."""
+    lc, _ = _app_lc()
+
+    @asynccontextmanager
+    async def my_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield  # pragma: no cover
+
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            "lc.lifespan(my_lifespan): lc.lifespan takes the app (`async with "
+            "lc.lifespan(app):` in a test), and my_lifespan is a lifespan function, not an "
+            "app. To run it inside tether's lifespan, pass it as wrap=: "
+            "FastAPI(lifespan=lc.lifespan(wrap=my_lifespan))."
+        ),
+    ):
+        lc.lifespan(my_lifespan)
+
+
 def test_wrap_given_a_called_lifespan_is_refused() -> None:
     lc, _ = _app_lc()
 

@@ -216,3 +216,17 @@ def check_psycopg_own_pool() -> None:
 tether.Lifecycle(drain_timout=30)  # type: ignore[arg-type]
 lc.resource(scope="app", timout=3)  # type: ignore[call-overload]
 assert_type(tether.Lifecycle(drain_timeout=30, close_timeout=5), tether.Lifecycle)
+
+
+def check_rolled_back_is_async_only(conn: tether.Resource[AsyncConnection[Any]]) -> None:
+    # An async context manager: `with` on it stays a type error (the runtime's TypeError
+    # says how to enter it from a sync test).
+    with tpsy.rolled_back(conn):  # type: ignore[attr-defined]
+        pass
+
+
+async def check_rolled_back_yields_the_connection(
+    conn: tether.Resource[AsyncConnection[Any]],
+) -> None:
+    async with tpsy.rolled_back(conn) as c:
+        assert_type(c, AsyncConnection[Any])

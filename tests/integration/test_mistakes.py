@@ -420,3 +420,31 @@ async def test_an_option_value_sqlalchemy_refuses_as_it_connects_is_not_retried(
     assert str(info.value).endswith(
         "Fix the cause above: a mistake in the configuration or the code, which no retry mends."
     )
+
+
+@pytest.mark.parametrize(
+    ("module", "make"),
+    [
+        (tsa, lambda lc: tsa.session(lc, tsa.engine(lc, "sqlite+aiosqlite:///x.db"))),
+        (tpg, lambda lc: tpg.connection(lc, tpg.pool(lc, "postgresql://h/db"))),
+        (tpsycopg, lambda lc: tpsycopg.connection(lc, tpsycopg.pool(lc, "postgresql://h/db"))),
+    ],
+    ids=["sqlalchemy", "asyncpg", "psycopg"],
+)
+def test_rolled_back_entered_with_a_plain_with_says_how_from_a_sync_test(
+    module: Any, make: Callable[[tether.Lifecycle], Any]
+) -> None:
+    """`with tsa.rolled_back(session):` in a sync test, the natural spelling beside
+    TestClient, was "'_AsyncGeneratorContextManager' object does not support the context
+    manager protocol"."""
+    res = make(tether.Lifecycle())
+    with pytest.raises(TypeError) as caught:
+        with module.rolled_back(res):
+            pass  # pragma: no cover
+    what = f"rolled_back({res.name})"
+    assert str(caught.value) == (
+        f"{what} is an async context manager: `async with {what} as conn:` in an async test. "
+        f"Beside TestClient, in a sync test, enter it through the client's portal, inside "
+        f"`with TestClient(app) as client:`: `with "
+        f"client.portal.wrap_async_context_manager({what}) as conn:`."
+    )

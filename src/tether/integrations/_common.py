@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .._errors import (
@@ -314,6 +316,52 @@ def check_transaction_options(
             f"{them}."
         )
         raise ValueError(msg)
+
+
+class AsyncBlock(AbstractAsyncContextManager[V]):
+    """A test helper's async context manager (``rolled_back(...)``) that, entered with a
+    plain ``with`` (a sync test, beside ``TestClient``), says how to enter it from sync code
+    instead of "'_AsyncGeneratorContextManager' object does not support the context manager
+    protocol"."""
+
+    __slots__ = ("_cm", "_what")
+
+    def __init__(self, cm: AbstractAsyncContextManager[V], what: str) -> None:
+        self._cm = cm
+        self._what = what
+
+    async def __aenter__(self) -> V:
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._cm.__aexit__(*exc_info)
+
+    if not TYPE_CHECKING:  # (to type checkers, `with` on it stays an error)
+
+        def __enter__(self) -> Any:
+            msg = (
+                f"{self._what} is an async context manager: `async with {self._what} as "
+                f"conn:` in an async test. Beside TestClient, in a sync test, enter it through "
+                f"the client's portal, inside `with TestClient(app) as client:`: `with "
+                f"client.portal.wrap_async_context_manager({self._what}) as conn:`."
+            )
+            raise TypeError(msg)
+
+        def __exit__(self, *exc_info: Any) -> None:  # pragma: no cover - never entered
+            return None
+
+
+def async_block(
+    fn: Callable[[Resource[Any]], AbstractAsyncContextManager[V]],
+) -> Callable[[Resource[Any]], AsyncBlock[V]]:
+    """*fn* (a ``rolled_back``), its context manager an :class:`AsyncBlock`."""
+
+    @functools.wraps(fn)
+    def block(resource: Resource[Any]) -> AsyncBlock[V]:
+        what = f"{fn.__name__}({getattr(resource, 'name', 'resource')})"
+        return AsyncBlock(fn(resource), what)
+
+    return block
 
 
 def registered(

@@ -95,6 +95,7 @@ from ._common import (
     Dsn,
     LoopBound,
     PerResource,
+    async_block,
     asyncio_only,
     check_budget,
     check_budget_policy,
@@ -1618,6 +1619,7 @@ async def _keep_unit(conn: Any, name: str, after: str) -> None:
         raise
 
 
+@async_block
 @asynccontextmanager
 async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connection]:
     """Roll back, when the block ends, everything the app writes through *connection* in it.

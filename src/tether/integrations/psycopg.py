@@ -107,6 +107,7 @@ from ._common import (
     Dsn,
     LoopBound,
     PerResource,
+    async_block,
     asyncio_only,
     check_budget,
     check_budget_policy,
@@ -1551,6 +1552,7 @@ async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = 
         )
 
 
+@async_block
 @asynccontextmanager
 async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
     """Roll back, when the block ends, everything the app writes through *connection* in it.

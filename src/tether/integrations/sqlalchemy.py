@@ -113,6 +113,7 @@ from ._common import (
     BudgetPolicy,
     LoopBound,
     PerResource,
+    async_block,
     asyncio_only,
     budget_refused,
     budget_unread,
@@ -3625,6 +3626,7 @@ def _turn_timeout(eng: Any) -> float:
     return float(timeout()) if callable(timeout) else 30.0
 
 
+@async_block
 @asynccontextmanager
 async def rolled_back(session: Resource[Any]) -> AsyncIterator[Any]:
     """Roll back, when the block ends, everything the app writes through *session* in it.

@@ -625,3 +625,61 @@ async def test_what_the_work_sets_on_its_session_is_not_the_first_requests(
     )
     async with lc.run():
         assert await each_connection(lc, query, 2) == [('"$user", public', "0", 0)] * 2
+
+
+# ----------------------------------------------------------------------- a sync (def) app
+
+
+def test_a_sync_engine_is_refused_at_declaration_naming_an_async_one_for_once() -> None:
+    """It was accepted, then the startup ran `await eng.connect()` on the sync Engine: a
+    connection checked out on the event loop, a TypeError, and the connection never given
+    back."""
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, "postgresql+psycopg://u:p@h/db")
+
+    async def migrate(conn: Any) -> None:  # pragma: no cover - never run
+        pass
+
+    with pytest.raises(TypeError) as caught:
+        tsa.once(lc, engine, migrate, key="schema:1")  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "once(migrate): the engine resource 'engine' is a sync engine (sync_engine()), and "
+        "once() runs on an async one, engine(). Declare one on the same URL for it (with "
+        "psycopg, postgresql+psycopg:// serves both): migrations = tsa.engine(lc, url, "
+        "name='migrations', pool_size=1), then tsa.once(lc, migrations, migrate, "
+        "key='schema:1') with `async def migrate(conn): await conn.run_sync(...)` (run_sync "
+        "calls your sync code, metadata.create_all or Alembic's upgrade, with a sync "
+        "connection)."
+    )
+
+
+async def test_a_sync_app_runs_its_schema_once_through_an_async_engine_on_the_same_url(
+    postgres: Postgres,
+) -> None:
+    """What the refusal above says to do, done: a `def` app's sync engine and session, and
+    an async engine on the same postgresql+psycopg:// URL for `once`, whose function runs the
+    sync `create_all` through `run_sync`; the app's sync session then writes to the table."""
+    from sqlalchemy import Column, Integer, MetaData, Table, text
+
+    table = f"once_sync_{uuid.uuid4().hex[:8]}"
+    metadata = MetaData()
+    Table(table, metadata, Column("id", Integer, primary_key=True))
+    url = postgres.url("postgresql+psycopg")
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, url, pool_size=2)
+    session = tsa.sync_session(lc, engine)
+    migrations = tsa.engine(lc, url, name="migrations", pool_size=1)
+
+    async def migrate(conn: Any) -> None:
+        await conn.run_sync(metadata.create_all)
+
+    tsa.once(lc, migrations, migrate, key=f"schema:{table}")
+    try:
+        async with lc.run():
+            async with lc.scope("job") as unit:
+                db = await unit.get(session)
+                await asyncio.to_thread(db.execute, text(f"INSERT INTO {table} VALUES (1)"))
+        assert postgres.sql(f"SELECT id FROM {table}") == [(1,)]
+    finally:
+        postgres.sql(f"DROP TABLE IF EXISTS {table}")
+        postgres.sql(f"DELETE FROM tether_once WHERE key = 'schema:{table}'")

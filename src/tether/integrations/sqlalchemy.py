@@ -3838,7 +3838,11 @@ def once(
     table: str = "tether_once",
     timeout: float | None = None,
 ) -> Resource[bool]:
+    _check_once_engine(engine, fn, key)
+
     async def run_once(eng: AsyncEngine, job: _once.Job) -> bool:
+        if not isinstance(eng, AsyncEngine):  # a resource of the app's own giving a sync one
+            raise TypeError(_once_sync_engine(engine.name, getattr(fn, "__name__", "fn"), key))
         if eng.dialect.name != "postgresql":
             msg = (
                 f"once {job.name!r}: engine {engine.name!r} is {eng.dialect.name}, and once() "
@@ -3872,6 +3876,29 @@ once.__doc__ = _once.DOC.format(
     nested="``conn.begin_nested()``",
     extra="\n            Alembic runs on it with ``await conn.run_sync(upgrade)`` (see the docs).",
 )  # fmt: skip
+
+
+def _check_once_engine(engine: object, fn: object, key: str) -> None:
+    """Refuse, at declaration, a sync engine (``sync_engine()``) given to :func:`once`: it
+    ran ``await eng.connect()``, which checked out a connection (on the event loop), then
+    failed to await it, the connection never given back."""
+    if (
+        isinstance(engine, Resource)
+        and _pools.get(engine) is not None
+        and not inspect.isasyncgenfunction(engine.factory)  # made by sync_engine()
+    ):
+        raise TypeError(_once_sync_engine(engine.name, getattr(fn, "__name__", "fn"), key))
+
+
+def _once_sync_engine(engine: str, fn: str, key: str) -> str:
+    return (
+        f"once({fn}): the engine resource {engine!r} is a sync engine (sync_engine()), and "
+        f"once() runs on an async one, engine(). Declare one on the same URL for it (with "
+        f"psycopg, postgresql+psycopg:// serves both): migrations = tsa.engine(lc, url, "
+        f"name='migrations', pool_size=1), then tsa.once(lc, migrations, {fn}, key={key!r}) "
+        f"with `async def {fn}(conn): await conn.run_sync(...)` (run_sync calls your sync "
+        f"code, metadata.create_all or Alembic's upgrade, with a sync connection)."
+    )
 
 
 async def _backend_pid(conn: AsyncConnection) -> int | None:

@@ -392,6 +392,37 @@ async def test_pool_wait_timeout_is_a_503_naming_the_pool(postgres: Postgres, ma
 
 
 @pytest.mark.anyio
+async def test_a_database_gone_after_startup_is_a_503_that_does_not_blame_the_pool_size(
+    postgres: Postgres,
+) -> None:
+    """The server stops listening after the app started (its pooled connections closed
+    too): a unit of work's connect is refused, a 503 saying to check that the database runs
+    and is reachable. It said "check the database and the pool size", which has nothing to
+    do with a refused connect."""
+    from tests.faultproxy import FaultProxy
+
+    proxy = FaultProxy(postgres.port).start()
+    try:
+        url = f"postgresql+asyncpg://{postgres.user}:{postgres.password}@127.0.0.1:{proxy.port}/{postgres.database}"
+        lc = tether.Lifecycle()
+        session = tsa.session(lc, tsa.engine(lc, url, pool_size=1))
+        async with lc.run():
+            proxy.stop()
+            with pytest.raises(tether.ResourceUnavailable) as caught:
+                async with lc.scope() as unit:
+                    await (await unit.get(session)).execute(text("SELECT 1"))
+    finally:
+        proxy.stop()
+    message = str(caught.value)
+    assert message.startswith("Pool 'engine'"), message
+    assert "cannot connect to postgresql+asyncpg://" in message, message
+    assert message.endswith(
+        "Retry shortly; if it persists, check that the database runs and is reachable."
+    ), message
+    assert postgres.password not in message
+
+
+@pytest.mark.anyio
 async def test_unreachable_database_at_startup_is_a_startup_error_without_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

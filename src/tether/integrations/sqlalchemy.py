@@ -325,6 +325,7 @@ class _PoolInfo:
             self.name,
             f"cannot connect to {self.shown_url}: {_describe_db(exc)}",
             refused=refused_for_good(exc),
+            unreachable=True,
         )
 
 

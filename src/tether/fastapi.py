@@ -517,6 +517,8 @@ def _warn_late_cleanup(route: Any, lc: Lifecycle, extra: tuple[Any, ...], label:
         stack.extend(getattr(d, "dependencies", ()))
         if getattr(d, "scope", None) == "function" or not _is_generator(call):
             continue
+        if not _cleans_up(call):  # `yield s` and nothing after it: no cleanup to find it closed
+            continue
         res = _request_resource(d, lc)
         if res is None:
             continue
@@ -540,6 +542,31 @@ def _is_generator(call: Any) -> bool:
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             return True
     return False
+
+
+def _cleans_up(call: Any) -> bool:
+    """Whether the generator function *call* may run code after its ``yield`` (a cleanup):
+    false only when its source shows one ``yield``, the body's last statement, outside any
+    ``try`` or ``with`` (``async def uow(s=Depends(session)): yield s``). Read once per route,
+    when the app starts; true when the source cannot be read."""
+    import ast
+    import textwrap
+
+    fn = inspect.unwrap(call)
+    if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+        return True  # a class whose __call__ is the generator: not looked into
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return True
+    yields = [n for n in ast.walk(node) if isinstance(n, ast.Yield | ast.YieldFrom)]
+    last = node.body[-1]
+    return not (
+        len(yields) == 1 and isinstance(last, ast.Expr) and isinstance(last.value, ast.Yield)
+    )
 
 
 def _request_resource(dependant: Any, lc: Lifecycle) -> Resource[Any] | None:

@@ -259,6 +259,11 @@ def test_a_yield_dependency_on_a_request_resource_is_warned_about(
     def plain(s: Annotated[dict[str, bool], Depends(session)]) -> Any:
         return s  # no cleanup: nothing to warn about
 
+    async def bare(s: Annotated[dict[str, bool], Depends(session)]) -> AsyncIterator[Any]:
+        """Nothing after the yield: no cleanup to find the session closed (it was warned
+        about)."""
+        yield s
+
     app = FastAPI(lifespan=lc.lifespan)
 
     @app.get("/")
@@ -266,6 +271,7 @@ def test_a_yield_dependency_on_a_request_resource_is_warned_about(
         u: Annotated[Any, Depends(uow)],
         p: Annotated[str, Depends(on_pool)],
         q: Annotated[Any, Depends(plain)],
+        b: Annotated[Any, Depends(bare)],
     ) -> str:
         return "ok"
 

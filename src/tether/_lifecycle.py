@@ -2409,6 +2409,19 @@ def _format_stack(stack: list[tuple[str, int, str]] | None, what: str) -> str:
 _WRAPS = "__tether_wraps__"
 
 
+def lifecycle_of_app(app: Any) -> Lifecycle | None:
+    """The Lifecycle whose lifespan *app* runs (``FastAPI(lifespan=lc.lifespan)``, with
+    ``wrap=``, or ``lc.lifespan()``), or None: for the CLI, named the app."""
+    lifespan = getattr(getattr(app, "router", None), "lifespan_context", None)
+    owner = getattr(lifespan, "__self__", None)
+    if isinstance(owner, Lifecycle):
+        return owner
+    if isinstance(lifespan, _CalledLifespan):
+        return lifespan._lc
+    made = getattr(lifespan, "__dict__", {}).get(_WRAPS)
+    return made[0] if made is not None and isinstance(made[0], Lifecycle) else None
+
+
 class _CalledLifespan:
     """``lc.lifespan()`` with no app: the lifespan still, both as the function of the app
     that ``FastAPI(lifespan=...)`` calls and as an async context manager of no app."""

@@ -30,7 +30,7 @@ import anyio
 
 from . import _graph
 from ._errors import ShutdownError, TetherError, describe, redact
-from ._lifecycle import Lifecycle
+from ._lifecycle import Lifecycle, lifecycle_of_app
 
 __all__ = ["main"]
 
@@ -55,8 +55,14 @@ def load(target: str) -> Lifecycle:
             msg = f"{module_name!r} has no attribute {attr!r}."
             raise SystemExit(msg)
     if not isinstance(obj, Lifecycle):
+        found = lifecycle_of_app(obj)  # an app whose lifespan is a Lifecycle's
+        if found is not None:
+            return found
         kind = "None" if obj is None else f"of type {type(obj).__name__}"
-        msg = f"{target!r} is {kind}, not a tether.Lifecycle: name the Lifecycle."
+        msg = (
+            f"{target!r} is {kind}, not a tether.Lifecycle nor an app whose lifespan is one "
+            f"(FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
+        )
         raise SystemExit(msg)
     return obj
 

@@ -136,8 +136,8 @@ def test_bad_target_says_what_to_name() -> None:
     with pytest.raises(
         SystemExit,
         match=exactly(
-            "'tests.unit.cli_target:healthy' is of type dict, not a tether.Lifecycle: name the "
-            "Lifecycle."
+            "'tests.unit.cli_target:healthy' is of type dict, not a tether.Lifecycle nor an app "
+            "whose lifespan is one (FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
         ),
     ):
         main(["graph", "tests.unit.cli_target:healthy"])
@@ -145,7 +145,8 @@ def test_bad_target_says_what_to_name() -> None:
     with pytest.raises(
         SystemExit,
         match=exactly(
-            "'tests.unit.cli_target:nothing' is None, not a tether.Lifecycle: name the Lifecycle."
+            "'tests.unit.cli_target:nothing' is None, not a tether.Lifecycle nor an app whose "
+            "lifespan is one (FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
         ),
     ):
         main(["graph", "tests.unit.cli_target:nothing"])
@@ -397,3 +398,25 @@ def test_check_interrupted_says_so_and_closes_what_opened(tmp_path: Path) -> Non
     assert (proc.returncode, out) == (130, "")
     assert err == "tether check: interrupted (^C); what it had opened is closed\n"
     assert log.read_text().splitlines() == ["first opened", "second opening", "first closed"]
+
+
+@pytest.mark.parametrize("name", ["app", "wrapped", "called"])
+def test_an_app_is_named_for_the_lifecycle_its_lifespan_is(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tether graph main:app`: was "is of type FastAPI, not a tether.Lifecycle"."""
+    assert main(["graph", TARGET, "--json"]) == 0
+    expected = capsys.readouterr().out
+    assert main(["graph", f"tests.unit.cli_app:{name}", "--json"]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_an_app_without_a_lifecycle_is_refused() -> None:
+    with pytest.raises(
+        SystemExit,
+        match=exactly(
+            "'tests.unit.cli_app:other' is of type FastAPI, not a tether.Lifecycle nor an app "
+            "whose lifespan is one (FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
+        ),
+    ):
+        main(["graph", "tests.unit.cli_app:other"])

@@ -448,3 +448,13 @@ def test_rolled_back_entered_with_a_plain_with_says_how_from_a_sync_test(
         f"`with TestClient(app) as client:`: `with "
         f"client.portal.wrap_async_context_manager({what}) as conn:`."
     )
+
+
+def test_redis_errors_of_tethers_keep_their_message_in_repr() -> None:
+    """redis-py's errors repr as "network:ConnectionError": a `log.warning("%r", exc)` of
+    tether's RedisUnavailable printed "network:RedisUnavailable", the message lost."""
+    gone = tredis.RedisUnavailable("'redis' is unavailable now. Retry later.", resource="redis")
+    said = "'redis' is unavailable now. Retry later."
+    assert repr(gone) == f"RedisUnavailable({said!r})"
+    slow = tredis.RedisTimeout("connecting timed out", resource="redis")
+    assert repr(slow) == "RedisTimeout('connecting timed out')"

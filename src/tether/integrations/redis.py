@@ -110,12 +110,18 @@ class RedisUnavailable(ResourceUnavailable, redis_errors.ConnectionError):
     A ``redis.exceptions.ConnectionError`` and a :class:`~tether.ResourceUnavailable`.
     """
 
+    def __repr__(self) -> str:  # redis-py's is "network:ConnectionError", the message lost
+        return f"{type(self).__name__}({str(self)!r})"
+
 
 class RedisTimeout(ResourceUnavailable, redis_errors.TimeoutError):
     """Connecting to the Redis server timed out.
 
     A ``redis.exceptions.TimeoutError`` and a :class:`~tether.ResourceUnavailable`.
     """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
 
 
 # Options of the user's that replace tether's retry.

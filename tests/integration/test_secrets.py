@@ -113,14 +113,15 @@ async def test_a_hash_password_and_an_sslpassword_are_never_shown(
 
 async def test_an_unencoded_slash_in_a_password(postgres: Postgres) -> None:
     """A generated (base64) password pasted unencoded: asyncpg reads its first piece as the
-    port, and says so; the StartupError hides that piece too."""
+    port. Refused where the pool is declared, saying to encode the password, quoting none
+    of it (it was asyncpg's "invalid literal for int() with base 10: 'hunter2'" as the app
+    started, the piece hidden by redaction)."""
     lc = tether.Lifecycle()
-    tasyncpg.pool(lc, f"postgresql://tether:hunter2/Xk9+q=@127.0.0.1:{postgres.port}/tether")
-    cause = "ValueError: invalid literal for int() with base 10: '***'"
-    with pytest.raises(tether.StartupError) as info:
-        async with lc.run():
-            pass  # pragma: no cover
-    assert str(info.value).startswith(f"App resource 'pool' failed to open: {cause}. ")
+    dsn = f"postgresql://tether:hunter2/Xk9+q=@127.0.0.1:{postgres.port}/tether"
+    with pytest.raises(ValueError, match="must be URL-encoded") as info:
+        tasyncpg.pool(lc, dsn)
+    assert "hunter2" not in str(info.value)
+    assert "Xk9" not in str(info.value)
 
 
 async def test_asyncpg_sslpassword_in_the_query(

@@ -208,6 +208,7 @@ class Resource(Generic[T]):
 
     __slots__ = (
         "__weakref__",
+        "async_api",
         "backoff",
         "call",
         "check",
@@ -313,6 +314,9 @@ class Resource(Generic[T]):
         # connections, httpx's streamed responses): the app resource a leak of it is counted
         # on and named as, and what of it was held ("a dedicated connection: ...").
         self.leak_of: tuple[Resource[Any], str] | None = None
+        # Set by an integration whose value's API is async (an AsyncSession, an asyncpg
+        # connection): what the value is, for the warning given a `def` endpoint taking it.
+        self.async_api: str | None = None
         self.set_deps(())
 
     def set_deps(self, deps: tuple[Resource[Any], ...]) -> None:

@@ -366,6 +366,7 @@ def install(app: Any, lc: Lifecycle) -> None:
         if said not in warned and (_uses(route, lc, hot) or _depends_use(extra, lc, hot)):
             warned.add(said)
             _warn_blocking(route, lc, said)
+            _warn_async_in_def(route, lc, said)
             _warn_late_cleanup(route, lc, extra, said)
     for route, included, extra, said in walked:
         if _installed(route):
@@ -483,6 +484,34 @@ def _warn_blocking(route: Any, lc: Lifecycle, label: str) -> None:
                 "async resource; a sync resource that does no I/O can say thread=False.",
                 label,
                 res.name,
+            )
+
+
+def _warn_async_in_def(route: Any, lc: Lifecycle, label: str) -> None:
+    """Warn about a ``def`` endpoint that takes a resource whose value's API is async (an
+    ``AsyncSession``, an asyncpg connection: `Resource.async_api`): FastAPI runs it in a
+    thread, where each of the value's calls returns a coroutine nothing awaits, so nothing
+    is queried or written, and what it returns may be a coroutine's repr with a 200. Once
+    per route, when the app starts (the mirror of `_warn_blocking`)."""
+    endpoint = getattr(route, "endpoint", None)
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or endpoint is None or _is_websocket(route):
+        return
+    if inspect.iscoroutinefunction(endpoint) or _is_generator(endpoint):
+        return
+    if inspect.iscoroutinefunction(getattr(endpoint, "__call__", None)):  # noqa: B004
+        return
+    for d in getattr(dependant, "dependencies", ()):
+        res = getattr(d, "call", None)
+        if isinstance(res, Resource) and res.lifecycle is lc and res.async_api is not None:
+            log.warning(
+                "tether: %s is `def` but takes %r, %s: its calls are coroutines, which a "
+                "`def` endpoint cannot await (each returns a coroutine that never runs: "
+                "nothing is queried or written). Declare the endpoint `async def`, or give it "
+                "a sync resource.",
+                label,
+                res.name,
+                res.async_api,
             )
 
 

@@ -90,3 +90,46 @@ def test_a_router_included_twice_is_warned_about_at_both_paths(
         WARNING.replace("GET /async", "GET /v1/async"),
         WARNING.replace("GET /async", "GET /v2/async"),
     ]
+
+
+def test_a_def_endpoint_on_an_async_session_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror: a `def` endpoint taking an AsyncSession ran in a thread, where
+    `s.execute(...)` returned a coroutine nothing awaited. It answered 200 with the
+    coroutine's repr, and nothing was queried, with no word of why."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    lc = tether.Lifecycle()
+    engine = tsa.engine(lc, f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", pool_size=2)
+    session = tsa.session(lc, engine)
+
+    @lc.resource
+    async def settings() -> Any:
+        return {"mode": "test"}  # async-made, a plain value: nothing to warn about
+
+    app = FastAPI(lifespan=lc.lifespan)
+    S = Annotated[AsyncSession, Depends(session)]
+
+    @app.get("/def")
+    def in_a_thread(s: S) -> str:
+        return repr(s.execute(text("SELECT 1")))  # pragma: no cover - a coroutine, never run
+
+    @app.get("/async")
+    async def on_the_loop(s: S) -> int:
+        return int((await s.execute(text("SELECT 1"))).scalar_one())
+
+    @app.get("/settings")
+    def read_settings(c: Annotated[Any, Depends(settings)]) -> dict[str, str]:
+        return dict(c)
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        assert client.get("/async").json() == 1
+        assert client.get("/settings").json() == {"mode": "test"}
+    warned = [r.getMessage() for r in caplog.records if "`def` but takes" in r.getMessage()]
+    assert warned == [
+        "tether: GET /def is `def` but takes 'session', an AsyncSession: its calls are "
+        "coroutines, which a `def` endpoint cannot await (each returns a coroutine that never "
+        "runs: nothing is queried or written). Declare the endpoint `async def`, or give it a "
+        "sync resource."
+    ]

@@ -504,6 +504,7 @@ def database(
         chosen = check
     res: Resource[Database] = lc.resource(scope="app", name=name, check=chosen)(open_database)
     res.pool_stats = _figures
+    res.async_api = "an aiosqlite database"
     return res
 
 
@@ -1050,4 +1051,5 @@ def connection(
     res: Resource[aiosqlite.Connection] = lc.resource(
         name=name, release=release, error_status=error_status
     )(depends_on(open_connection, db_res))
+    res.async_api = "an aiosqlite connection"
     return res

@@ -621,6 +621,7 @@ def pool(
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     res.saturation = lambda p: _saturation(name, p)
+    res.async_api = "an asyncpg pool"
     return res
 
 
@@ -1056,6 +1057,7 @@ def connection(
         depends_on(open_connection, pool)
     )
     _connections[res] = ConnectionOf(pool, transaction, isolation, readonly)
+    res.async_api = "an asyncpg connection"
     return res
 
 

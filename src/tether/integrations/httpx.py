@@ -495,6 +495,7 @@ def client(
     )(open_client)
     res.pool_stats = lambda c: _pool_stats(name, c)
     res.counts_waits = True
+    res.async_api = "an httpx.AsyncClient"
 
     # The streamed responses of a unit of work, closed at its end if still open.
     streams = per_unit(

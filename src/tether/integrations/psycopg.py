@@ -652,6 +652,7 @@ def pool(
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     res.saturation = lambda p: _saturation(name, p)
+    res.async_api = "a psycopg AsyncConnectionPool"
     return res
 
 
@@ -906,6 +907,7 @@ def connection(
         depends_on(open_connection, pool)
     )
     _connections[res] = ConnectionOf(pool, transaction, level, readonly)
+    res.async_api = "a psycopg AsyncConnection"
     return res
 
 

@@ -906,6 +906,7 @@ def client(
     )(open_client)
     res.pool_stats = lambda r: _figures(name, r)
     res.counts_waits = True
+    res.async_api = "a redis.asyncio client"
 
     # The connections `r.client()` clones hold in a unit of work, given back at its end.
     held = per_unit(

@@ -2023,6 +2023,7 @@ def engine(
         required=required,
         info=info,
     )
+    res.async_api = "an AsyncEngine"
     return cast("Resource[AsyncEngine]", res)
 
 
@@ -2846,6 +2847,7 @@ def session(
         name=name, release=release, error_status=error_status
     )(depends_on(open_session, engine))
     _sessions[res] = _SessionOf(engine, open_session, is_async=True)
+    res.async_api = "an AsyncSession"
     return res
 
 

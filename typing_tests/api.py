@@ -77,6 +77,7 @@ async def check() -> None:
     assert_type(settings, tether.Resource[str])
     async with lc.run(), lc.scope() as s:
         assert_type(await s.get(conn), Conn)
+        assert_type(await s.run_sync(len, "abc"), int)
         assert_type(lc.get(pool), Pool)
         assert_type(lc.stats(), tether.Stats)
         figures = lc.stats().pools["pool"]

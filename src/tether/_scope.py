@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._errors import (
@@ -654,6 +655,11 @@ class _Shielded:
                                 # again after. An anyio scope's: see below.
                                 if fut.cancelled() and self.timed_out:
                                     pass
+                                elif not fut.cancelled() and fut.exception() is cancel:
+                                    # The future's own result: the cleanup ended with a
+                                    # CancelledError (a sync cleanup in a thread re-raising
+                                    # the unit's, thrown in), no cancellation of the task.
+                                    thrown = cancel
                                 elif self.own:
                                     self.own = False
                                     thrown = cancel
@@ -1666,6 +1672,37 @@ class Unit:
             await event.wait()
             return await self.get(res)
         return value  # type: ignore[no-any-return]
+
+    async def run_sync(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread and return what it returns: sync code on a
+        sync resource's value (a ``sync_session``), off the event loop.
+
+        It is waited for to its end even when the unit of work is cancelled (a deadline
+        around it, ``task.cancel()``, the drain at shutdown): no cancellation stops a
+        thread, and the unit's values would otherwise close under a statement it still
+        runs (its connection back in the pool mid-statement). The cancellation is raised
+        once it has returned. The thread sees the caller's context variables.
+        """
+        if asyncio._get_running_loop() is None:  # trio: its cancellations are scopes'
+            with anyio.CancelScope(shield=True):
+                result = await anyio.to_thread.run_sync(partial(fn, *args))
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return result
+        thread = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        cancelled: asyncio.CancelledError | None = None
+        # An anyio scope's cancellation waits for the shield's end (asked again each loop
+        # iteration, it would keep the loop busy); a one-shot `task.cancel()` is held here.
+        with anyio.CancelScope(shield=True):
+            while not thread.done():
+                try:
+                    await asyncio.wait((thread,))
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+        if cancelled is not None:
+            failed = thread.exception()  # (retrieved: asyncio would log it as never retrieved)
+            raise cancelled from failed
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return thread.result()
 
     async def _open(self, res: Resource[T]) -> T:
         lc = self.lc

@@ -873,6 +873,51 @@ class TestNativeShield:
         stats = lc.stats().resources["conn"]
         assert (stats.closed, stats.close_errors, stats.timeouts) == (1, 0, 0)
 
+    @pytest.mark.parametrize("kind", ["generator", "context manager"])
+    async def test_a_timeout_ending_a_unit_with_a_sync_resource_does_not_escape_it(
+        self, kind: str
+    ) -> None:
+        """An `asyncio.timeout` that ends a unit of work holding a sync resource (its cleanup
+        in a thread, where the unit's CancelledError is thrown into it and comes back as the
+        thread's result) is raised as TimeoutError where it was entered, and nothing more.
+        Before, that CancelledError, the thread's result, was taken for a cancellation of
+        the task held back during the cleanup and delivered again: the task's next await
+        after the `async with asyncio.timeout()` block was cancelled."""
+        import asyncio
+
+        lc = tether.Lifecycle()
+        events: list[str] = []
+
+        if kind == "generator":
+
+            @lc.resource
+            def res() -> Iterator[str]:
+                yield "v"
+                events.append("closed")  # pragma: no cover - thrown the CancelledError
+
+        else:
+
+            @contextlib.contextmanager
+            def cm() -> Iterator[str]:
+                try:
+                    yield "v"
+                finally:
+                    events.append("closed")
+
+            @lc.resource(name="res")
+            def res() -> contextlib.AbstractContextManager[str]:
+                return cm()
+
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                async with lc.scope("job") as unit:
+                    await unit.get(res)
+                    await asyncio.sleep(5)
+        await asyncio.sleep(0)  # was cancelled
+        await asyncio.sleep(0.01)
+        stats = lc.stats().resources["res"]
+        assert (stats.closed, stats.in_use) == (1, 0)
+
     async def test_cleanup_with_its_own_cancel_scope(self) -> None:
         """A cleanup that enters an anyio cancel scope before it first waits closes cleanly."""
         lc = tether.Lifecycle()

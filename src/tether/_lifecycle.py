@@ -461,6 +461,8 @@ class Lifecycle:
         self._close_limiter: Any = None
         self._thread_runner: Any = None
         self._loop: Any = None
+        # The thread the app scope's event loop runs in (`threading.get_ident()`), while it runs.
+        self._loop_thread: int | None = None
         self._pid = os.getpid()  # of the process whose app scope runs
         self._sweepers: list[Callable[[float], None]] = []
         self._failed_sweepers: set[Any] = set()  # hooks whose failure was logged
@@ -982,6 +984,7 @@ class Lifecycle:
         self._app_slots = []
         self._make_limiters()
         self._loop = _current_loop()
+        self._loop_thread = threading.get_ident()
         self._pid = os.getpid()
         started = time.perf_counter()
         # A failure (StartupError, ShutdownError, or the body's own exception) is carried
@@ -1024,6 +1027,7 @@ class Lifecycle:
             self._app_values = {}
             self.state = State.CLOSED
             self._loop = None
+            self._loop_thread = None
             self._app_task = None
             self._forced_logged = None
 

@@ -3,6 +3,7 @@ session) is named in a warning when the app starts: every call on it would block
 loop, and every other request with it (pain.md T1.3)."""
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -132,4 +133,33 @@ def test_a_def_endpoint_on_an_async_session_is_warned_about(
         "coroutines, which a `def` endpoint cannot await (each returns a coroutine that never "
         "runs: nothing is queried or written). Declare the endpoint `async def`, or give it a "
         "sync resource."
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_sync_session_called_on_the_event_loop_in_a_job_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job's `lc.scope()` is `async def`: a `sync_session`'s statements called there run
+    in the event loop's thread, and every request waits. That was silent; it is named, once
+    per engine, with where the job called it. Through `unit.run_sync` it is not."""
+    lc = tether.Lifecycle()
+    engine = tsa.sync_engine(lc, f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=2)
+    session = tsa.sync_session(lc, engine)
+    caplog.set_level(logging.WARNING, logger="tether")
+    async with lc.run():
+        async with lc.scope("job") as unit:
+            s = await unit.get(session)
+            await unit.run_sync(s.execute, text("SELECT 1"))  # in a worker thread
+            assert [r for r in caplog.records if "event loop's thread" in r.getMessage()] == []
+            line = sys._getframe().f_lineno + 1
+            s.execute(text("SELECT 2"))  # in the loop's thread
+            s.execute(text("SELECT 3"))
+    warned = [r.getMessage() for r in caplog.records if "event loop's thread" in r.getMessage()]
+    assert warned == [
+        f"tether: sync engine 'engine' ran a statement in the event loop's thread "
+        f"({__file__}:{line} in test_a_sync_session_called_on_the_event_loop_in_a_job_is_warned_"
+        f"about_once): the loop, and every other request with it, waits for the database "
+        f"meanwhile. Run sync code in a worker thread: a `def` endpoint, or `await "
+        f"unit.run_sync(fn, session)` in an `lc.scope()` job."
     ]

@@ -117,6 +117,7 @@ from ._common import (
     asyncio_only,
     budget_refused,
     budget_unread,
+    caller_outside,
     check_budget,
     check_budget_policy,
     check_check,
@@ -2940,6 +2941,7 @@ def sync_engine(
             _note_executions_once(eng)
         _count_connections(eng, info)
         _note_checkouts(eng, info)
+        _warn_on_the_loop(eng, lc, name)
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng, name, server=not pgbouncer)
         try:
@@ -3036,6 +3038,39 @@ _EXECUTING = "_tether_executing"
 
 #: The engines `_note_executions_once` registered on.
 _noting: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_on_the_loop(eng: Engine, lc: Lifecycle, name: str) -> None:
+    """Warn, once per engine opened, when a sync engine runs a statement in the thread of
+    the app's event loop: a job's ``lc.scope()`` calling a ``sync_session`` from its
+    ``async def`` (the ``async def`` endpoint that takes one is warned about at startup):
+    the loop, and every other request, waits for the database meanwhile. One thread-id
+    comparison per statement (none once warned)."""
+    loop_thread = lc._loop_thread
+    if loop_thread is None:  # opened outside `lc.run()` (by hand): no loop to watch
+        return
+    warned = False
+
+    def before(
+        conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any
+    ) -> None:
+        nonlocal warned
+        if warned or threading.get_ident() != loop_thread:
+            return
+        warned = True
+        log.warning(
+            "tether: sync engine %r ran a statement in the event loop's thread (%s): the "
+            "loop, and every other request with it, waits for the database meanwhile. Run "
+            "sync code in a worker thread: a `def` endpoint, or `await unit.run_sync(fn, "
+            "session)` in an `lc.scope()` job.",
+            name,
+            caller_outside(_SQLALCHEMY_DIR),
+        )
+
+    event.listen(eng, "before_cursor_execute", before)
+
+
+_SQLALCHEMY_DIR = os.path.dirname(os.path.dirname(sa_exc.__file__)) + os.sep
 
 
 def _note_executions_once(eng: Any) -> None:

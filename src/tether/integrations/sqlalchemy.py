@@ -2227,6 +2227,14 @@ _HUNG_UP = "the connection was hung up under that task and discarded"
 _CANCELLED = "that task, still waiting for a connection for the session, was cancelled"
 
 
+#: The fix for a thread still using a `sync_session` as its unit of work ended.
+_JOIN = (
+    "Join every thread using the session before its unit of work ends: before the endpoint "
+    "returns; in a job, `await unit.run_sync(fn, session)` waits for its thread, even when "
+    "cancelled."
+)
+
+
 def _still_in_use(name: str, done: str = _HUNG_UP, *, thread: bool = False) -> str:
     """The error of a unit of work that succeeded while a task it started still used its
     session (`_let_go`): *done*, what became of that task (its connection hung up under it,
@@ -2235,9 +2243,8 @@ def _still_in_use(name: str, done: str = _HUNG_UP, *, thread: bool = False) -> s
     if thread:
         return (
             f"Session {name!r} was still in use by another thread when its unit of work "
-            f"ended (a thread the endpoint started with it and did not join), so its "
-            f"transaction could not be committed: {done}, and the unit of work rolled back. "
-            f"Join every thread using the session before the endpoint returns."
+            f"ended (a thread started with it and not joined), so its transaction could not "
+            f"be committed: {done}, and the unit of work rolled back. {_JOIN}"
         )
     return still_in_use("Session", name, done)
 
@@ -2247,10 +2254,10 @@ def _hung_up_at_commit(name: str) -> str:
     did not join) was still committing when tether's wait for it ended (`_let_go_sync`)."""
     return (
         f"Session {name!r} was still in use by another thread when its unit of work ended (a "
-        f"thread the endpoint started with it and did not join), in its own COMMIT of the "
-        f"session after {_LET_GO + _BUSY_WAIT:g} s; its connection was hung up under that "
-        f"COMMIT, so whether the transaction was committed is not known (the server may have "
-        f"committed it). Join every thread using the session before the endpoint returns."
+        f"thread started with it and not joined), in its own COMMIT of the session after "
+        f"{_LET_GO + _BUSY_WAIT:g} s; its connection was hung up under that COMMIT, so "
+        f"whether the transaction was committed is not known (the server may have committed "
+        f"it). {_JOIN}"
     )
 
 
@@ -3369,23 +3376,25 @@ def _let_go_sync(s: Session, name: str, message: str, res: Resource[Any]) -> _Sy
         return "free"
     if at_commit:
         log.warning(
-            "tether: session %r: a thread the endpoint started and did not join was still in "
-            "its own COMMIT of the session %g s after its unit of work ended; its connection "
-            "is hung up under it, so whether that transaction was committed is not known (the "
-            "server may have committed it: it learns of the hang-up only when it answers). "
-            "Join every thread using the session before the endpoint returns.",
+            "tether: session %r: a thread started with it and not joined (by a `def` endpoint, "
+            "or a job's `to_thread`) was still in its own COMMIT of the session %g s after its "
+            "unit of work ended; its connection is hung up under it, so whether that "
+            "transaction was committed is not known (the server may have committed it: it "
+            "learns of the hang-up only when it answers). %s",
             name,
             _LET_GO + _BUSY_WAIT,
+            _JOIN,
         )
     else:
         log.warning(
-            "tether: session %r: a thread the endpoint started and did not join still uses "
-            "the session at the end of its unit of work (it runs a statement, or waits for a "
-            "connection); its connection is hung up under it (its statement fails with a "
-            "connection error), a connection it waits for is refused it when it comes "
-            "(tether.ResourceClosedError), and nothing is committed. Join every thread using "
-            "the session before the endpoint returns.",
+            "tether: session %r: a thread started with it and not joined (by a `def` "
+            "endpoint, or a job's `to_thread`) still uses the session at the end of its unit "
+            "of work (it runs a statement, or waits for a connection); its connection is hung "
+            "up under it (its statement fails with a connection error), a connection it waits "
+            "for is refused it when it comes (tether.ResourceClosedError), and nothing is "
+            "committed. %s",
             name,
+            _JOIN,
         )
     for fairy, record in hung:
         _discard_idle(fairy, record, name)

@@ -71,9 +71,10 @@ _COLON_PASSWORD = re.compile(
 _KEYS = re.compile(r"passw|pwd|secret|token|api_?key|signature", re.I)
 
 #: The passwords of the DSNs resources opened with that the patterns above may not find
-#: whole in a driver's message (``remember_secrets``), longest first. A tuple replaced
-#: whole: read from any thread without a lock.
-_secrets: tuple[str, ...] = ()
+#: whole in a driver's message (``remember_secrets``): each password whole (a string), then
+#: its pieces (a pattern matching the piece as a whole word), longest first. A tuple
+#: replaced whole: read from any thread without a lock.
+_secrets: tuple[str | re.Pattern[str], ...] = ()
 # A password of these characters only is delimited by the patterns, and no driver splits
 # it: scrubbing it as plain text as well would turn a common word (a development password
 # ``postgres``) into ``***`` in every message.
@@ -86,13 +87,26 @@ _NEXT_KEY = re.compile(r"\s+[\w.\-]+\s*=")
 
 def _remember(password: str) -> None:
     global _secrets
-    found = set()
+    found: set[str | re.Pattern[str]] = set()
     for shape in {password, unquote(password)}:
         if len(shape) >= 4 and not _PLAIN.fullmatch(shape):
             found.add(shape)
-            found.update(p for p in _SPLITS.split(shape) if len(p) >= 4)
+            # A piece only as a whole word: one that is a common one (`pass` of
+            # `Wr0ng#pass@x`) is not cut out of others ("password" shown "***word").
+            found.update(
+                re.compile(rf"(?<![A-Za-z0-9]){re.escape(p)}(?![A-Za-z0-9])")
+                for p in _SPLITS.split(shape)
+                if len(p) >= 4 and p != shape
+            )
     if found - set(_secrets):
-        _secrets = tuple(sorted({*_secrets, *found}, key=len, reverse=True))
+        _secrets = tuple(sorted({*_secrets, *found}, key=_secret_order))
+
+
+def _secret_order(secret: str | re.Pattern[str]) -> tuple[bool, int]:
+    """Whole passwords first, then pieces; each longest first."""
+    if isinstance(secret, str):
+        return (False, -len(secret))
+    return (True, -len(secret.pattern))
 
 
 def _unquoted(value: str) -> str:
@@ -152,8 +166,11 @@ def redact(text: object) -> str:
     if not isinstance(text, str):
         text = str(text)
     for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
+        if isinstance(secret, str):
+            if secret in text:
+                text = text.replace(secret, "***")
+        else:
+            text = secret.sub("***", text)
     if "@" in text:
         text = _URL_PASSWORD.sub(r"\g<head>***@", text)
         text = _URL_PASSWORD_SLASH.sub(r"\g<head>***@", text)

@@ -129,6 +129,20 @@ def test_plain_passwords_are_not_remembered() -> None:
     )
 
 
+def test_a_piece_of_a_password_is_hidden_as_a_word_not_inside_others() -> None:
+    """`Wr0ng#pass@x`: its piece `pass` is hidden where a driver quotes it, and no longer
+    cut out of other words (the refusal that says to encode the password read "encode
+    the ***word")."""
+    remember_secrets("postgresql://app:Wr0ng#pass@x@127.0.0.1/db")
+    assert redact("invalid literal for int() with base 10: 'pass'") == (
+        "invalid literal for int() with base 10: '***'"
+    )
+    assert redact("a password holding '#' must be URL-encoded: encode the password") == (
+        "a password holding '#' must be URL-encoded: encode the password"
+    )
+    assert redact("bad password Wr0ng#pass@x here") == "bad password *** here"
+
+
 @pytest.mark.parametrize(
     "dsn",
     [

@@ -411,6 +411,7 @@ def install(app: Any, lc: Lifecycle) -> None:
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
+        lc._sweepers.append(_refusals(lc).flush)
     _install_after_router_lifespans(app, lc)
 
 
@@ -1923,6 +1924,67 @@ class _Watch:
         self.task: asyncio.Task[None] | None = None
 
 
+#: Seconds the refusals of one resource are counted, not logged one by one, after the first.
+QUIET = 10.0
+
+
+class _Refusals:
+    """The units of work a route had refused for a resource (503, a WebSocket's 1013): the
+    first logged in full, the next ones within `QUIET` seconds counted, and said in one line
+    when that window ends (the sweeper's `flush`), with the last one's text. An outage under
+    traffic logs a line per route and resource every 10 s, not one per request; one refused
+    nothing for a window has its next refusal logged in full again. Failure paths only, on
+    the event loop."""
+
+    __slots__ = ("windows",)
+
+    def __init__(self) -> None:
+        # (resource, route, action) -> [window start (monotonic), refusals not logged, the
+        # last one's error]
+        self.windows: dict[tuple[str, str, str], list[Any]] = {}
+
+    def log(self, label: str, action: str, exc: BaseException) -> None:
+        key = (str(getattr(exc, "resource", None) or "?"), label, action)
+        window = self.windows.get(key)
+        if window is None:
+            self.windows[key] = [time.monotonic(), 0, None]
+            log.warning("tether: %s %s: %s", label, action, describe(exc))
+            return
+        window[1] += 1
+        window[2] = exc
+
+    def flush(self, now: float) -> None:
+        """Say what each window that ended counted (a sweeper hook; *now* unused)."""
+        moment = time.monotonic()
+        for key, window in list(self.windows.items()):
+            if moment - window[0] < QUIET:
+                continue
+            if not window[1]:
+                del self.windows[key]  # quiet for a window: the next one logged in full
+                continue
+            _, label, action = key
+            log.warning(
+                "tether: %s %s %d more times in the last %.0f s (not logged one by one; the "
+                "last: %s)",
+                label,
+                action,
+                window[1],
+                moment - window[0],
+                describe(window[2]),
+            )
+            self.windows[key] = [moment, 0, None]
+
+
+_refusals_of: weakref.WeakKeyDictionary[Lifecycle, _Refusals] = weakref.WeakKeyDictionary()
+
+
+def _refusals(lc: Lifecycle) -> _Refusals:
+    found = _refusals_of.get(lc)
+    if found is None:
+        found = _refusals_of[lc] = _Refusals()
+    return found
+
+
 class _Sweeper:
     """Starts disconnect watchers for requests that have run for a while."""
 
@@ -2180,7 +2242,7 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
         return
     errors = await unit.aclose(exc)
     if isinstance(exc, ResourceUnavailable) and unit.state == 0:
-        log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
+        _refusals(unit.lc).log(unit.label, "answered 503", exc)
         await _answer(unit._send, 503, _detail(unit.lc, exc), exc.retry_after)
         return
     if errors and unit.state == 0 and isinstance(errors[-1], ResourceUnavailable):
@@ -2300,7 +2362,10 @@ async def _websocket_ended(
         return True  # closed by the endpoint: the failure is logged, nothing to answer
     if raised:
         action = "answered 503" if stage == 0 else "closed the socket with 1013"
-        log.warning("tether: %s %s: %s", label, action, describe(error))
+        if isinstance(error, ResourceUnavailable):
+            _refusals(lc).log(label, action, error)
+        else:
+            log.warning("tether: %s %s: %s", label, action, describe(error))
     try:
         extensions = scope.get("extensions") or ()
         if not isinstance(error, ResourceUnavailable):
@@ -2516,7 +2581,7 @@ async def _handler_failed(
     if isinstance(exc, ResourceUnavailable):
         if _app_handles(getattr(unit.request, "scope", None), exc):
             raise exc
-        log.warning("tether: %s answered 503: %s", unit.label, describe(exc))
+        _refusals(unit.lc).log(unit.label, "answered 503", exc)
         answer = _response(503, _detail(unit.lc, exc), exc.retry_after)
         return _ClosedFirst(answer, unit, exc) if deferred else answer
     if errors and isinstance(errors[-1], ResourceUnavailable):

@@ -1939,6 +1939,13 @@ class Lifecycle:
             await self._sweep_loop()
         finally:
             self._sweeping = False
+            for hook in self._sweepers:  # what a hook keeps for its next sweep, said now
+                at_end = getattr(hook, "at_end", None)
+                if at_end is not None:
+                    try:
+                        at_end()
+                    except Exception as exc:  # never the end of the app scope's task group
+                        self._sweeper_failed(hook, exc)
             # Hand the deadlines of cleanups still running to timers.
             loop = _current_loop()
             now = time.perf_counter()

@@ -411,7 +411,7 @@ def install(app: Any, lc: Lifecycle) -> None:
                 _hook_handler(route, lc, wrap=False)
     if not any(isinstance(hook, _Sweeper) for hook in lc._sweepers):
         lc._sweepers.append(_Sweeper(lc))
-        lc._sweepers.append(_refusals(lc).flush)
+        lc._sweepers.append(_refusals(lc))
     _install_after_router_lifespans(app, lc)
 
 
@@ -1953,11 +1953,18 @@ class _Refusals:
         window[1] += 1
         window[2] = exc
 
-    def flush(self, now: float) -> None:
-        """Say what each window that ended counted (a sweeper hook; *now* unused)."""
+    def __call__(self, now: float) -> None:
+        """The sweeper's hook: say what each window that ended counted (*now* unused)."""
+        self.flush()
+
+    def at_end(self) -> None:
+        """As the app scope ends: say what every window counted so far."""
+        self.flush(final=True)
+
+    def flush(self, *, final: bool = False) -> None:
         moment = time.monotonic()
         for key, window in list(self.windows.items()):
-            if moment - window[0] < QUIET:
+            if moment - window[0] < QUIET and not (final and window[1]):
                 continue
             if not window[1]:
                 del self.windows[key]  # quiet for a window: the next one logged in full

@@ -75,3 +75,19 @@ async def test_an_outage_logs_a_line_per_route_and_window_not_per_request(
         down["db"] = True
         assert (await c.get("/a")).status_code == 503
         assert refusals(caplog)[-1] == f"tether: GET /a answered 503: {first}"
+
+
+async def test_what_a_window_counted_is_said_as_the_app_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refusals counted in a window the app stops in are said then, not lost."""
+    app, lc = make({"db": True})
+    caplog.set_level(logging.WARNING, logger="tether")
+    transport = httpx.ASGITransport(app=app)
+    async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for _ in range(3):
+            assert (await c.get("/a")).status_code == 503
+        assert len(refusals(caplog)) == 1
+    said = refusals(caplog)
+    assert len(said) == 2, said
+    assert said[1].startswith("tether: GET /a answered 503 2 more times in the last "), said

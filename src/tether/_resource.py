@@ -338,16 +338,6 @@ class Resource(Generic[T]):
     def __repr__(self) -> str:
         return f"<tether.Resource {self.name!r} scope={self.scope!r}>"
 
-    if not TYPE_CHECKING:  # (to type checkers, a Resource has only the attributes it has)
-
-        def __getattr__(self, attr: str) -> Any:
-            """An attribute a Resource has not: the value's, asked of the resource (code
-            written for the engine or pool itself, `create_all(engine)`, `engine.connect()`,
-            kept after the engine became a resource). A missing dunder is plain."""
-            if attr.startswith("__") or attr in Resource.__slots__:
-                raise AttributeError(attr)
-            raise NotTheValueError(self, attr)
-
     # FastAPI inspects the signature of a dependency to know what to inject. A Resource
     # asks for the HTTP connection (works for HTTP and WebSocket routes alike). The
     # annotation is resolved lazily so the core does not import Starlette.
@@ -390,33 +380,6 @@ class Resource(Generic[T]):
             f"await s.get({self.name})`."
         )
         raise ScopeError(msg)
-
-
-class NotTheValueError(AttributeError):
-    """An attribute of a resource's value asked of the resource; its message made only when
-    read (a ``getattr(res, name, default)`` that finds none costs no text)."""
-
-    def __init__(self, res: Resource[Any], attr: str) -> None:
-        super().__init__(attr)
-        self.res = res
-        self.attr = attr
-
-    def __str__(self) -> str:
-        name = self.res.name
-        if self.res.scope == "app":
-            how = (
-                f"lc.get({name}) while the app runs (in a script or job, inside `async with "
-                f"lc.run():`), or Depends({name}) in a route"
-            )
-        else:
-            how = (
-                f"Depends({name}) in a route, or `await unit.get({name})` inside `async with "
-                f"lc.scope() as unit:` elsewhere"
-            )
-        return (
-            f"tether.Resource {name!r} has no attribute {self.attr!r}: it declares the value "
-            f"and opens it, and is not the value itself. Take the value with {how}."
-        )
 
 
 class _Opening:

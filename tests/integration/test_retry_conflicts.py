@@ -211,7 +211,9 @@ async def test_a_serialization_failure_at_commit_runs_an_idempotent_route_again(
     assert a.json() == 0
     assert b.json() == 1  # its second run read what "a" committed
     assert postgres.sql(f"SELECT id, n FROM {table} ORDER BY id") == [(1, 1), (2, 1)]
-    assert runs == ["a", "b", "b"], runs
+    # The two first runs start in either order; "b", refused at its COMMIT, runs again.
+    assert sorted(runs[:2]) == ["a", "b"], runs
+    assert runs[2:] == ["b"], runs
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -464,7 +464,7 @@ def url_ports(url: str) -> list[str]:
     default) left out."""
     if "://" not in url:
         return []
-    netloc = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    netloc = _authority(url.split("://", 1)[1])
     ports = []
     for host in netloc.partition("@")[2].split(",") if "@" in netloc else netloc.split(","):
         ipv6 = host.startswith("[")
@@ -473,13 +473,19 @@ def url_ports(url: str) -> list[str]:
     return [port for port in ports if port.strip()]
 
 
+def _authority(rest: str) -> str:
+    """A URL's authority (*rest*: what follows ``://``), as URL parsers read it: up to the
+    first ``/``, ``?`` or ``#``."""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
 def _misread(url: str) -> bool:
     """Whether *url*'s hosts may be read from its password: an ``@`` after the authority's
     end (a password holding ``/``, ``?`` or ``#``, not URL-encoded), or in its hosts."""
     if "://" not in url:
         return False
     rest = url.split("://", 1)[1]
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    netloc = _authority(rest)
     return "@" in netloc.partition("@")[2] or ("@" not in netloc and "@" in rest)
 
 

@@ -861,9 +861,7 @@ def connection(
                     # A failed statement aborted it, its error caught: PostgreSQL would
                     # answer COMMIT with a rollback, and psycopg raises nothing.
                     await _rollback(conn, name, reset_timeout)
-                    savepoint = "`async with conn.transaction():`"
-                    msg = failed_transaction("Connection", name, savepoint)
-                    raise psycopg.errors.InFailedSqlTransaction(msg)
+                    raise _failed_unit(name)
                 broken = conn.broken
                 try:
                     committed = await _commit(conn)
@@ -1520,10 +1518,7 @@ async def _drop_unit(conn: Connection, name: str) -> None:
     failed = conn.info.transaction_status == TransactionStatus.INERROR
     await _back_to_savepoint(conn)
     if failed:
-        savepoint = "`async with conn.transaction():`"
-        raise psycopg.errors.InFailedSqlTransaction(
-            failed_transaction("Connection", name, savepoint)
-        )
+        raise _failed_unit(name)
 
 
 async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = "") -> None:
@@ -1548,10 +1543,14 @@ async def _keep_unit(conn: Connection, name: str, *, strict: bool, reset: str = 
         return
     await _back_to_savepoint(conn)
     if strict:
-        savepoint = "`async with conn.transaction():`"
-        raise psycopg.errors.InFailedSqlTransaction(
-            failed_transaction("Connection", name, savepoint)
-        )
+        raise _failed_unit(name)
+
+
+def _failed_unit(name: str) -> psycopg.errors.InFailedSqlTransaction:
+    """What the commit of a unit of work whose transaction a failed statement aborted (its
+    error caught) raises: nothing of it was committed."""
+    savepoint = "`async with conn.transaction():`"
+    return psycopg.errors.InFailedSqlTransaction(failed_transaction("Connection", name, savepoint))
 
 
 @async_block

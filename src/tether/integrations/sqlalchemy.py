@@ -2512,6 +2512,14 @@ async def _rollback(s: AsyncSession, name: str, own: AsyncEngine | None, info: _
             log.warning("tether: invalidating session %r failed: %s", name, describe(again))
 
 
+def _made_async(engine: object) -> bool | None:
+    """Whether *engine*, a resource made by :func:`engine` (an async generator) or
+    :func:`sync_engine`, is an async engine; None for any other resource or value."""
+    if isinstance(engine, Resource) and _pools.get(engine) is not None:
+        return inspect.isasyncgenfunction(engine.factory)
+    return None
+
+
 def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
     if isinstance(engine, Resource) and engine.lifecycle is not lc:
         msg = (
@@ -2527,20 +2535,19 @@ def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
             f"another resource) on this Lifecycle, not {shown}."
         )
         raise TypeError(msg)
-    if _pools.get(engine) is not None:  # made by engine() (an async generator) or sync_engine()
-        made_async = inspect.isasyncgenfunction(engine.factory)
-        if made_async == what.startswith("sync_"):
-            made, use, other = (
-                ("engine()", "session()", "an async")
-                if made_async
-                else ("sync_engine()", "sync_session()", "a sync")
-            )
-            msg = (
-                f"{what}: the engine resource {engine.name!r} is {other} engine, made by "
-                f"{made}, and {what} needs the other kind. Use {use} with it, or declare the "
-                f"engine with {'sync_engine()' if made_async else 'engine()'}."
-            )
-            raise TypeError(msg)
+    made_async = _made_async(engine)
+    if made_async is not None and made_async == what.startswith("sync_"):
+        made, use, other = (
+            ("engine()", "session()", "an async")
+            if made_async
+            else ("sync_engine()", "sync_session()", "a sync")
+        )
+        msg = (
+            f"{what}: the engine resource {engine.name!r} is {other} engine, made by "
+            f"{made}, and {what} needs the other kind. Use {use} with it, or declare the "
+            f"engine with {'sync_engine()' if made_async else 'engine()'}."
+        )
+        raise TypeError(msg)
 
 
 def _session_class(class_: object, where: str, *, is_async: bool) -> type[Any]:
@@ -3925,15 +3932,11 @@ once.__doc__ = _once.DOC.format(
 )  # fmt: skip
 
 
-def _check_once_engine(engine: object, fn: object, key: str) -> None:
+def _check_once_engine(engine: Resource[Any], fn: object, key: str) -> None:
     """Refuse, at declaration, a sync engine (``sync_engine()``) given to :func:`once`: it
     ran ``await eng.connect()``, which checked out a connection (on the event loop), then
     failed to await it, the connection never given back."""
-    if (
-        isinstance(engine, Resource)
-        and _pools.get(engine) is not None
-        and not inspect.isasyncgenfunction(engine.factory)  # made by sync_engine()
-    ):
+    if _made_async(engine) is False:  # made by sync_engine()
         raise TypeError(_once_sync_engine(engine.name, getattr(fn, "__name__", "fn"), key))
 
 

@@ -65,7 +65,7 @@ from ._errors import (
     not_options,
     transaction_conflict,
 )
-from ._lifecycle import _LIFECYCLES, Lifecycle, State, broken, check_lifecycle
+from ._lifecycle import _LIFECYCLES, Lifecycle, State, _one, broken, check_lifecycle
 from ._resource import _MISSING, OPENING, Kind, Resource, current_unit
 from ._scope import (
     Entry,
@@ -1889,6 +1889,12 @@ class _ProducedUnit(_KeepingUnit):
             failure = exc if exc is not None else self.failure
             if failure is None and not self.sent:
                 failure = FailedResponse(500)  # the stream did not end: cut short
+            elif (
+                failure is not None
+                and self.state == 1
+                and not isinstance(failure, (ClientDisconnected, FailedResponse))
+            ):
+                _log_cut_short(self.label, [e.res.name for e in self.entries], _one(failure))
             try:
                 await HttpUnit.aclose(self, failure)
             finally:
@@ -1933,18 +1939,29 @@ class _Refusals:
     first logged in full, the next ones within `QUIET` seconds counted, and said in one line
     when that window ends (the sweeper's `flush`), with the last one's text. An outage under
     traffic logs a line per route and resource every 10 s, not one per request; one refused
-    nothing for a window has its next refusal logged in full again. Failure paths only, on
-    the event loop."""
+    nothing for a window has its next refusal logged in full again.
 
-    __slots__ = ("windows",)
+    A refusal that is no pool's saturation (a connect refused, a connection lost: not
+    ``timed_out``) starts an outage of its resource, which ends with the next successful
+    open of it or of a resource opened from it (their ``opened`` counters, read by the
+    sweeper): one line says so, and how many units were refused meanwhile. Failure paths
+    only, on the event loop."""
 
-    def __init__(self) -> None:
+    __slots__ = ("lc", "outages", "windows")
+
+    def __init__(self, lc: Lifecycle) -> None:
         # (resource, route, action) -> [window start (monotonic), refusals not logged, the
         # last one's error]
         self.windows: dict[tuple[str, str, str], list[Any]] = {}
+        # resource -> [first refusal (monotonic), refusals, what its users had opened at
+        # the last one, its users]
+        self.outages: dict[Resource[Any], list[Any]] = {}
+        self.lc = weakref.ref(lc)  # (the registry's values must not keep its keys alive)
 
     def log(self, label: str, action: str, exc: BaseException) -> None:
-        key = (str(getattr(exc, "resource", None) or "?"), label, action)
+        name = str(getattr(exc, "resource", None) or "?")
+        self.outage(name, exc)
+        key = (name, label, action)
         window = self.windows.get(key)
         if window is None:
             self.windows[key] = [time.monotonic(), 0, None]
@@ -1953,17 +1970,50 @@ class _Refusals:
         window[1] += 1
         window[2] = exc
 
+    def outage(self, name: str, exc: BaseException) -> None:
+        lc = self.lc()
+        if lc is None or (res := lc._resources.get(name)) is None:
+            return  # "shutting down"; the app's own error naming no resource of its
+        if getattr(exc, "timed_out", False) and not getattr(exc, "_unreachable", False):
+            return  # a pool busy with traffic
+        outage = self.outages.get(res)
+        if outage is None:
+            # What opens once it answers again: it, and what is opened from it (a pool's
+            # connections, an engine's sessions: the error names the pool).
+            users = [r for r in lc._resources.values() if r is res or res in r.deps]
+            self.outages[res] = outage = [time.monotonic(), 0, 0, users]
+        outage[1] += 1
+        outage[2] = _opened(outage[3])
+
     def __call__(self, now: float) -> None:
-        """The sweeper's hook: say what each window that ended counted (*now* unused)."""
+        """The sweeper's hook: say what each window that ended counted, and which outages
+        ended (*now* unused)."""
+        for res, (start, refused, opened, users) in list(self.outages.items()):
+            if _opened(users) > opened:
+                del self.outages[res]
+                self.flush(final=True, resource=res.name)  # what the outage's windows counted
+                log.warning(
+                    "tether: %r opens again: %d unit%s of work refused for it over the last %.0f s",
+                    res.name,
+                    refused,
+                    "" if refused == 1 else "s",
+                    time.monotonic() - start,
+                )
         self.flush()
 
     def at_end(self) -> None:
         """As the app scope ends: say what every window counted so far."""
         self.flush(final=True)
+        self.outages.clear()
 
-    def flush(self, *, final: bool = False) -> None:
+    def flush(self, *, final: bool = False, resource: str | None = None) -> None:
+        """Say what each window that ended counted (every window: *final*); *resource*:
+        those of that resource only, forgotten (its outage ended: the next refusal is
+        logged in full)."""
         moment = time.monotonic()
         for key, window in list(self.windows.items()):
+            if resource is not None and key[0] != resource:
+                continue
             if moment - window[0] < QUIET and not (final and window[1]):
                 continue
             if not window[1]:
@@ -1980,6 +2030,13 @@ class _Refusals:
                 describe(window[2]),
             )
             self.windows[key] = [moment, 0, None]
+        if resource is not None:
+            for key in [key for key in self.windows if key[0] == resource]:
+                del self.windows[key]
+
+
+def _opened(resources: list[Resource[Any]]) -> int:
+    return sum(res.counters.opened for res in resources)
 
 
 _refusals_of: weakref.WeakKeyDictionary[Lifecycle, _Refusals] = weakref.WeakKeyDictionary()
@@ -1988,7 +2045,7 @@ _refusals_of: weakref.WeakKeyDictionary[Lifecycle, _Refusals] = weakref.WeakKeyD
 def _refusals(lc: Lifecycle) -> _Refusals:
     found = _refusals_of.get(lc)
     if found is None:
-        found = _refusals_of[lc] = _Refusals()
+        found = _refusals_of[lc] = _Refusals(lc)
     return found
 
 
@@ -2247,7 +2304,15 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
         if unit.state == 0:
             await _answer(unit._send, _GONE_STATUS, _GONE, None)
         return
+    held = None
+    if unit.state == 1 and not unit.streaming:  # (a produced stream's: `close_after_producer`)
+        held = [entry.res.name for entry in unit.entries]
     errors = await unit.aclose(exc)
+    if held:
+        # A body that failed once its response started (a stream's query on a lost
+        # connection): the server's traceback names neither the route nor what tether did
+        # with the values the body used.
+        _log_cut_short(unit.label, held, exc)
     if isinstance(exc, ResourceUnavailable) and unit.state == 0:
         _refusals(unit.lc).log(unit.label, "answered 503", exc)
         await _answer(unit._send, 503, _detail(unit.lc, exc), exc.retry_after)
@@ -2286,6 +2351,18 @@ def _client_gone(unit: HttpUnit, exc: BaseException) -> bool:
     gone.__cause__ = exc
     unit.failure = gone
     return True
+
+
+def _log_cut_short(label: str, held: list[str], exc: BaseException) -> None:
+    """One line for a response whose body failed after it started, naming the route and
+    the values that closed with the failure (the server's traceback follows)."""
+    log.warning(
+        "tether: %s: the response failed after it started (%s): the client gets it cut "
+        "short, and %s closed with that failure (what was not committed is rolled back)",
+        label,
+        describe(exc),
+        ", ".join(repr(name) for name in dict.fromkeys(held)),
+    )
 
 
 async def _answer(

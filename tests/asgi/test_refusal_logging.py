@@ -91,3 +91,89 @@ async def test_what_a_window_counted_is_said_as_the_app_stops(
     said = refusals(caplog)
     assert len(said) == 2, said
     assert said[1].startswith("tether: GET /a answered 503 2 more times in the last "), said
+
+
+def make_pooled(
+    down: dict[str, bool], *, timed_out: bool = False
+) -> tuple[FastAPI, tether.Lifecycle]:
+    """A request resource opened from an app resource "pool", whose refusals name the pool,
+    as the integrations' do."""
+    lc = tether.Lifecycle(sweep_interval=0.05)
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    @lc.resource
+    async def conn(pool: str) -> AsyncIterator[str]:
+        if down["db"]:
+            raise tether.ResourceUnavailable(
+                "'pool' cannot reach the database", resource="pool", timed_out=timed_out
+            )
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/a")
+    async def a(c: Annotated[str, Depends(conn)]) -> str:
+        return c
+
+    @app.get("/b")
+    async def b(c: Annotated[str, Depends(conn)]) -> str:
+        return c
+
+    return app, lc
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tether" and r.levelno >= 30]
+
+
+async def test_the_end_of_an_outage_is_said_once_after_what_its_windows_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = {"db": True}
+    app, lc = make_pooled(down)
+    caplog.set_level(logging.WARNING, logger="tether")
+    transport = httpx.ASGITransport(app=app)
+    async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for path in ("/a", "/a", "/a", "/b"):
+            assert (await c.get(path)).status_code == 503
+        down["db"] = False
+        await anyio.sleep(0.3)  # no request yet: nothing opened, the outage goes on
+        assert not [line for line in lines(caplog) if "opens again" in line]
+        assert (await c.get("/b")).status_code == 200
+        with anyio.fail_after(5):
+            while not [line for line in lines(caplog) if "opens again" in line]:
+                await anyio.sleep(0.05)
+        assert (await c.get("/a")).status_code == 200
+        await anyio.sleep(0.3)
+        said = lines(caplog)
+        assert said[:2] == [
+            "tether: GET /a answered 503: ResourceUnavailable: 'pool' cannot reach the database",
+            "tether: GET /b answered 503: ResourceUnavailable: 'pool' cannot reach the database",
+        ]
+        assert said[2].startswith("tether: GET /a answered 503 2 more times in the last "), said
+        assert said[3].startswith("tether: 'pool' opens again: 4 units of work refused for it "), (
+            said
+        )
+        assert said[3].endswith(" s"), said
+        assert len(said) == 4, said
+        down["db"] = True  # a new outage: its first refusal logged in full again
+        assert (await c.get("/a")).status_code == 503
+        assert lines(caplog)[-1] == said[0]
+
+
+async def test_a_pool_too_busy_for_its_traffic_is_no_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = {"db": True}
+    app, lc = make_pooled(down, timed_out=True)
+    caplog.set_level(logging.WARNING, logger="tether")
+    transport = httpx.ASGITransport(app=app)
+    async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        assert (await c.get("/a")).status_code == 503
+        down["db"] = False
+        assert (await c.get("/a")).status_code == 200
+        await anyio.sleep(0.3)
+    assert [line for line in lines(caplog) if "opens again" in line] == []

@@ -1394,9 +1394,13 @@ def unavailable(
     else:
         advice = f"Retry shortly; if it persists, check {backend} and the pool size."
     msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}")
-    return ResourceUnavailable(
+    error = ResourceUnavailable(
         msg, resource=name, retry_after=retry_after, lost=lost, timed_out=timed_out
     )
+    # A wait that ran out because the backend is down, not because the pool is busy: an
+    # outage, whose end is logged (`tether.fastapi._Refusals`).
+    error._unreachable = unreachable  # type: ignore[attr-defined]
+    return error
 
 
 def still_in_use(what: str, name: str, done: str) -> str:

@@ -2322,7 +2322,55 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
             raise errors[-1]
         await _answer(unit._send, 503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
         return
+    if unit.state == 0 and _stopped_by_the_shutdown(unit, exc):
+        with contextlib.suppress(Exception):  # the client (or its connection) is gone
+            await _answer(unit._send, 503, _SHUTTING_DOWN, 5.0)
     raise exc
+
+
+#: What the cancel uvicorn sends the requests still running when its
+#: ``--timeout-graceful-shutdown`` runs out says.
+_GRACEFUL = "timeout graceful shutdown exceeded"
+
+
+def _stopped_by_the_shutdown(unit: HttpUnit, exc: BaseException) -> bool:
+    """Whether *exc* is the cancel of a request the server's shutdown stopped (uvicorn's,
+    once its graceful timeout ran out; tether's drain, `_drain_cancelled`), which is then
+    answered 503 with ``Retry-After`` (a load balancer tries another instance) where the
+    server answers 500; said in a line. The cancellation goes on once it is sent."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    if _GRACEFUL in str(exc):
+        why = "uvicorn's --timeout-graceful-shutdown ran out"
+    elif _drain_cancelled(unit.lc, unit, exc):
+        why = f"drain_timeout={unit.lc.drain_timeout:g} s ran out"
+    else:
+        return False
+    log.warning(
+        "tether: %s answered 503: the server cancelled it as it shut down (%s); its values "
+        "closed with the cancellation (rolled back)",
+        unit.label,
+        why,
+    )
+    return True
+
+
+class _ThenCancelled:
+    """tether's answer to a request the shutdown cancelled (`_stopped_by_the_shutdown`),
+    returned by the handler; the cancellation is raised again once it is sent."""
+
+    __slots__ = ("exc", "response")
+
+    def __init__(self, response: Any, exc: BaseException) -> None:
+        self.response = response
+        self.exc = exc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        except Exception as exc:  # the client (or its connection) is gone
+            log.debug("tether: the 503 was not sent: %s", describe(exc))
+        raise self.exc
 
 
 def _run_scope() -> Any:
@@ -2672,6 +2720,9 @@ async def _handler_failed(
         if _app_handles(getattr(unit.request, "scope", None), errors[-1]):
             raise errors[-1]
         return _response(503, _detail(unit.lc, errors[-1]), errors[-1].retry_after)
+    if _stopped_by_the_shutdown(unit, exc):
+        answer = _response(503, _SHUTTING_DOWN, 5.0)
+        return _ThenCancelled(_ClosedFirst(answer, unit, exc) if deferred else answer, exc)
     raise exc
 
 

@@ -359,6 +359,17 @@ class TestDisconnect:
             assert time.monotonic() - started < 6
             took = wait_until(lambda: postgres.activity(name) == [], timeout=3)
             assert took < 2.0, postgres.activity(name)
+            # Answered 503 with Retry-After, which a load balancer retries elsewhere, where
+            # uvicorn answers 500; tether's line says why.
+            sock.settimeout(5)
+            head = sock.recv(65536).split(b"\r\n\r\n", 1)[0].decode().lower()
+            assert head.startswith("http/1.1 503 "), head
+            assert "\r\nretry-after: 5" in head, head
+            assert (
+                "tether: GET /sleep-tx answered 503: the server cancelled it as it shut down "
+                "(uvicorn's --timeout-graceful-shutdown ran out); its values closed with the "
+                "cancellation (rolled back)"
+            ) in server.output()
         finally:
             sock.close()
             server.stop()

@@ -2423,14 +2423,26 @@ _WRAPS = "__tether_wraps__"
 def lifecycle_of_app(app: Any) -> Lifecycle | None:
     """The Lifecycle whose lifespan *app* runs (``FastAPI(lifespan=lc.lifespan)``, with
     ``wrap=``, or ``lc.lifespan()``), or None: for the CLI, named the app."""
-    lifespan = getattr(getattr(app, "router", None), "lifespan_context", None)
-    owner = getattr(lifespan, "__self__", None)
-    if isinstance(owner, Lifecycle):
-        return owner
-    if isinstance(lifespan, _CalledLifespan):
-        return lifespan._lc
-    made = getattr(lifespan, "__dict__", {}).get(_WRAPS)
-    return made[0] if made is not None and isinstance(made[0], Lifecycle) else None
+    # An app that includes a router has FastAPI's merge of its lifespan with the router's
+    # (``_merge_lifespan_context``): the app's own is in the merge's closure, first.
+    todo = [getattr(getattr(app, "router", None), "lifespan_context", None)]
+    for _ in range(32):
+        if not todo:
+            break
+        lifespan = todo.pop(0)
+        owner = getattr(lifespan, "__self__", None)
+        if isinstance(owner, Lifecycle):
+            return owner
+        if isinstance(lifespan, _CalledLifespan):
+            return lifespan._lc
+        made = getattr(lifespan, "__dict__", {}).get(_WRAPS)
+        if made is not None and isinstance(made[0], Lifecycle):
+            return made[0]
+        inner = getattr(lifespan, "__wrapped__", lifespan)
+        for cell in getattr(inner, "__closure__", None) or ():
+            with suppress(ValueError):  # (a cell not filled yet)
+                todo.append(cell.cell_contents)
+    return None
 
 
 class _CalledLifespan:

@@ -400,7 +400,7 @@ def test_check_interrupted_says_so_and_closes_what_opened(tmp_path: Path) -> Non
     assert log.read_text().splitlines() == ["first opened", "second opening", "first closed"]
 
 
-@pytest.mark.parametrize("name", ["app", "wrapped", "called"])
+@pytest.mark.parametrize("name", ["app", "wrapped", "called", "with_health", "with_routers"])
 def test_an_app_is_named_for_the_lifecycle_its_lifespan_is(
     name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -411,12 +411,13 @@ def test_an_app_is_named_for_the_lifecycle_its_lifespan_is(
     assert capsys.readouterr().out == expected
 
 
-def test_an_app_without_a_lifecycle_is_refused() -> None:
+@pytest.mark.parametrize("name", ["other", "other_with_router"])
+def test_an_app_without_a_lifecycle_is_refused(name: str) -> None:
     with pytest.raises(
         SystemExit,
         match=exactly(
-            "'tests.unit.cli_app:other' is of type FastAPI, not a tether.Lifecycle nor an app "
-            "whose lifespan is one (FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
+            f"'tests.unit.cli_app:{name}' is of type FastAPI, not a tether.Lifecycle nor an "
+            f"app whose lifespan is one (FastAPI(lifespan=lc.lifespan)): name the Lifecycle."
         ),
     ):
-        main(["graph", "tests.unit.cli_app:other"])
+        main(["graph", f"tests.unit.cli_app:{name}"])

@@ -74,7 +74,25 @@ class HealthReport:
         }
 
 
+#: What a failing check of a resource replaced by ``lc.override()`` adds to its error.
+_OVERRIDDEN = (
+    " (the resource is replaced by lc.override(), and its check ran on the stand-in: give "
+    "the stand-in what the check calls, or override with None, which is not checked)"
+)
+
+
 async def _check_one(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
+    assert res.check is not None
+    replaced = lc._overrides.get(res)
+    if replaced is not None and replaced.check is None:  # lc.override(res, None)
+        return CheckResult(res.name, True, 0.0, detail="replaced by None: not checked")
+    result = await _run_check(lc, res)
+    if replaced is not None and not result.ok and result.error is not None:
+        return CheckResult(res.name, False, result.latency, result.error + _OVERRIDDEN)
+    return result
+
+
+async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
     assert res.check is not None
     t0 = time.perf_counter()
     synchronous = False  # a sync check: no timeout can interrupt it

@@ -825,7 +825,7 @@ class Lifecycle:
             factory,
             scope=resource.scope,
             name=resource.name,
-            check=resource.check,
+            check=None if value_or_factory is None else resource.check,
             timeout=None,
             release=resource.release,
             retries=0,

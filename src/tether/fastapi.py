@@ -3045,9 +3045,22 @@ def health_router(
 class _Reports:
     """The readiness report, reused for *cache* seconds; probes that come while a round of
     checks runs wait for it, unless it started more than *cache* seconds ago (a check
-    stuck on a database that does not answer): then they start a round of their own."""
+    stuck on a database that does not answer): then they start a round of their own.
 
-    __slots__ = ("cache", "last", "last_started", "lc", "running", "started", "until")
+    A report is only reused in the app scope that made it, with the same overrides: the
+    next test's app (its own `TestClient`, another `lc.override`) runs its own checks."""
+
+    __slots__ = (
+        "cache",
+        "key",
+        "last",
+        "last_started",
+        "lc",
+        "round_key",
+        "running",
+        "started",
+        "until",
+    )
 
     def __init__(self, lc: Lifecycle, cache: float) -> None:
         self.lc = lc
@@ -3057,16 +3070,25 @@ class _Reports:
         self.until = 0.0
         self.running: anyio.Event | None = None
         self.started = 0.0
+        self.key: tuple[int, ...] = ()  # the app scope and overrides `last` was made in
+        self.round_key: tuple[int, ...] = ()  # and the round under way
+
+    def _key(self) -> tuple[int, ...]:
+        lc = self.lc
+        return (lc._runs, *map(id, lc._overrides.values()))
 
     async def report(self) -> HealthReport:
         lc = self.lc
         if lc.state is not _RUNNING or lc._stopping or not self.cache:
             return await lc.health()  # starting, stopping, draining: says so at once, no I/O
         now = time.monotonic()
+        key = self._key()
+        if key != self.key:
+            self.last = None  # made in another app scope, or before an override
         if self.last is not None and now < self.until:
             return self.last
         running = self.running
-        if running is not None and now - self.started < self.cache:
+        if running is not None and now - self.started < self.cache and key == self.round_key:
             await running.wait()  # a round under way: its report will do
             if (
                 self.last is not None
@@ -3076,11 +3098,12 @@ class _Reports:
             ):
                 return self.last
         self.running = mine = anyio.Event()
+        self.round_key = key
         self.started = started = time.monotonic()
         try:
             report = await lc.health()
             if started >= self.last_started:  # not overtaken by a round started later
-                self.last, self.last_started = report, started
+                self.last, self.last_started, self.key = report, started, key
                 self.until = time.monotonic() + self.cache
             return report
         finally:

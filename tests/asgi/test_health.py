@@ -231,3 +231,37 @@ def test_expose_errors_false_keeps_the_causes_out_of_client_bodies(
             assert check["status"] == "failing"
             assert logged == [f"tether: readiness check 'pool' fails: ConnectionError: {reason}"]
         assert reason in caplog.text  # the log has it either way
+
+
+def test_a_report_is_not_reused_by_the_next_app_scope_nor_after_an_override() -> None:
+    """Each test's app (its own `TestClient`) runs its own checks, and so does a probe after
+    an `lc.override`: before, the router kept the last report for `cache=` seconds whatever
+    ran since, and a test got the previous test's readiness (a test of a failing check
+    passed after a healthy app's probe, and the other way round)."""
+    from fastapi.testclient import TestClient
+
+    lc = tether.Lifecycle()
+
+    class Cache:
+        async def ping(self) -> bool:
+            return True
+
+    @lc.resource(scope="app", check=lambda cache: cache.ping())
+    def cache() -> Cache:
+        return Cache()
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=60))
+
+    class Down:
+        async def ping(self) -> bool:
+            raise ConnectionError("connection refused")
+
+    with lc.override(cache, Down()), TestClient(app) as client:
+        assert client.get("/health/ready").status_code == 503
+    with TestClient(app) as client:  # the next test: the real resource
+        assert client.get("/health/ready").status_code == 200
+        with lc.override(cache, Down()):  # an override while the app runs
+            assert client.get("/health/ready").status_code == 503
+        assert client.get("/health/ready").status_code == 200
+        assert client.get("/health/ready").status_code == 200  # (reused, within the run)

@@ -323,7 +323,11 @@ async def test_sqlalchemy_once_needs_postgresql(tmp_path: Any) -> None:
     with pytest.raises(tether.StartupError) as info:
         await start(lc, res)
     assert str(info.value.__cause__) == (
-        "once 'noop': engine 'db' is sqlite, and once() needs PostgreSQL's advisory locks."
+        "once 'noop': engine 'db' is sqlite, and once() needs PostgreSQL's advisory locks. For "
+        "a sqlite database (a test run, the demo), declare in its place an app resource of your "
+        'own that runs it at every start: `@lc.resource(scope="app") async def run_noop(engine: '
+        "AsyncEngine) -> None: async with engine.begin() as conn: await noop(conn)`, choosing "
+        "between the two by the URL."
     )
 
 

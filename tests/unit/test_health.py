@@ -228,3 +228,35 @@ async def test_a_check_that_blocks_past_its_timeout_is_failing() -> None:
         " s, longer than check_timeout=0.1 s, blocking the event loop meanwhile: make it async "
         "(or run it in a thread)"
     )
+
+
+async def test_a_resource_overridden_with_none_is_not_checked_and_a_stand_in_is() -> None:
+    """`lc.override(cache, None)` (a test or script without Redis) left readiness failing
+    with "AttributeError: 'NoneType' object has no attribute 'ping'"; a stand-in without
+    what the check calls failed the same way, naming neither the override nor the fix."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app", check=lambda p: p.ping())
+    def cache() -> Pool:
+        return Pool("cache")
+
+    class DictCache(dict[str, str]):
+        pass
+
+    with lc.override(cache, None):
+        async with lc.run():
+            report = await lc.health()
+    assert report.ok
+    assert report["cache"].detail == "replaced by None: not checked"
+    with lc.override(cache, DictCache()):
+        async with lc.run():
+            report = await lc.health()
+    assert not report.ok
+    assert report["cache"].error == (
+        "AttributeError: 'DictCache' object has no attribute 'ping' (the resource is replaced "
+        "by lc.override(), and its check ran on the stand-in: give the stand-in what the check "
+        "calls, or override with None, which is not checked)"
+    )
+    with lc.override(cache, lambda: Pool("stand-in")):  # a stand-in with a ping: checked
+        async with lc.run():
+            assert (await lc.health()).ok

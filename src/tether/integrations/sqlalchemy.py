@@ -3898,9 +3898,14 @@ def once(
         if not isinstance(eng, AsyncEngine):  # a resource of the app's own giving a sync one
             raise TypeError(_once_sync_engine(engine.name, getattr(fn, "__name__", "fn"), key))
         if eng.dialect.name != "postgresql":
+            fn_name = getattr(fn, "__name__", "fn")
             msg = (
                 f"once {job.name!r}: engine {engine.name!r} is {eng.dialect.name}, and once() "
-                f"needs PostgreSQL's advisory locks."
+                f"needs PostgreSQL's advisory locks. For a {eng.dialect.name} database (a test "
+                f"run, the demo), declare in its place an app resource of your own that runs "
+                f'it at every start: `@lc.resource(scope="app") async def run_{fn_name}(engine: '
+                f"AsyncEngine) -> None: async with engine.begin() as conn: await "
+                f"{fn_name}(conn)`, choosing between the two by the URL."
             )
             raise TypeError(msg)
         conn = await eng.connect()

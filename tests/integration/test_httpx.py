@@ -74,6 +74,18 @@ class TestClientLifecycle:
             assert not report["http"].ok
             assert "404" in (report["http"].error or "")
 
+    def test_a_health_url_that_does_not_answer_in_time_is_named_with_the_bound(
+        self, upstream: Server
+    ) -> None:
+        """The check's report said only "ReadTimeout" (httpx's message is empty)."""
+        app, lc, _ = make_app(base_url=upstream.base_url, health_url="/slow?seconds=3", timeout=0.5)
+        with TestClient(app) as client:
+            report = client.portal.call(lc.health)
+        assert report["http"].error == (
+            f"ReadTimeout: GET {upstream.base_url}/slow?seconds=3 got no answer within the "
+            f"client's read timeout (0.5 s)"
+        )
+
 
 class TestUnavailable:
     def test_unreachable_upstream_is_a_503_and_still_an_httpx_error(self) -> None:

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 import tether
+from tether._lifecycle import broken
 
 pytestmark = pytest.mark.anyio
 
@@ -258,3 +259,60 @@ async def test_a_task_an_app_resource_left_running_is_refused_once_the_app_close
         "are closed. Stop the task that starts it in the cleanup of the app resource that "
         "started it (after its `yield`)."
     ]
+
+
+async def test_a_consumer_in_a_task_group_outlives_an_outage_and_a_crash_is_seen() -> None:
+    """The docs' consumer (docs/operations.md): a task group around the resource's `yield`,
+    the loop catching `ResourceUnavailable` per message. Before, the docs' example used a bare
+    `asyncio.create_task`: a loop that died (its database down) died unseen, liveness stayed
+    200, and the failure surfaced only at shutdown, as a failed cleanup."""
+    import asyncio
+
+    lc = tether.Lifecycle(drain_timeout=5)
+    down = {"db": True, "crash": False}
+    handled: list[str] = []
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        if down["db"]:
+            raise tether.ResourceUnavailable("'pool' cannot reach the database", resource="pool")
+        yield "conn"
+
+    async def handle(message: str, c: str) -> None:
+        if down["crash"]:
+            raise RuntimeError("a bug in handle()")
+        handled.append(message)
+
+    @lc.resource(scope="app")
+    async def consumer() -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                message = await queue.get()
+                try:
+                    async with lc.scope("consume message") as s:
+                        await handle(message, await s.get(conn))
+                except tether.ResourceUnavailable:  # the database is down: retry it later
+                    await queue.put(message)
+                    await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            yield
+            tg.cancel_scope.cancel()
+
+    async with lc.run():
+        await queue.put("first")
+        await anyio.sleep(0.2)  # the outage: retried, not lost, the loop alive
+        assert handled == []
+        down["db"] = False
+        with anyio.fail_after(5):
+            while handled != ["first"]:
+                await anyio.sleep(0.01)
+        assert (await lc.health()).ok
+        down["crash"] = True
+        await queue.put("second")
+        with anyio.fail_after(5):
+            while not broken(lc):
+                await anyio.sleep(0.01)
+        assert broken(lc) == ["consumer"]  # /health/live answers 503 naming it

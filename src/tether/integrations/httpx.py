@@ -750,7 +750,31 @@ def _client_check(check: Check | bool, health_url: str | None) -> Check | None:
             msg = "the client is closed"
             raise RuntimeError(msg)
         if health_url is not None:
-            response = await c.get(health_url)
+            try:
+                response = await c.get(health_url)
+            except httpx.TimeoutException as exc:
+                # httpx's says nothing ("ReadTimeout"): the check's report names the URL
+                # and the bound that ran out.
+                raise type(exc)(_timed_out_check(c, exc), request=exc.request) from exc
             response.raise_for_status()
 
     return is_open
+
+
+def _timed_out_check(c: httpx.AsyncClient, exc: httpx.TimeoutException) -> str:
+    """What a check's GET of ``health_url`` that timed out says."""
+    phase = {
+        httpx.ConnectTimeout: ("connect", "could not connect"),
+        httpx.ReadTimeout: ("read", "got no answer"),
+        httpx.WriteTimeout: ("write", "could not send the request"),
+        httpx.PoolTimeout: ("pool", "got no connection from the client's pool"),
+    }
+    key, what = phase.get(type(exc), ("read", "timed out"))
+    bound = getattr(c.timeout, key, None)
+    within = f" within the client's {key} timeout ({bound:g} s)" if bound is not None else ""
+    try:
+        url = redact(str(exc.request.url))
+    except RuntimeError:  # (httpx's: no request set)
+        url = "health_url"
+    said = f": {exc}" if str(exc) else ""
+    return f"GET {url} {what}{within}{said}"

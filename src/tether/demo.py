@@ -57,8 +57,9 @@ Writer = Annotated[aiosqlite.Connection, Depends(writer)]
 app = FastAPI(lifespan=lc.lifespan)
 app.include_router(health_router(lc))
 # The dashboard shows route paths and source files: in production, guard it, e.g.
-# dashboard_router(lc, dependencies=[Depends(require_admin)]).
-app.include_router(dashboard_router(lc))
+# dashboard_router(lc, dependencies=[Depends(require_admin)]). The demo listens on 127.0.0.1
+# only: `dependencies=[]` says so (without it, the start warns that nothing guards it).
+app.include_router(dashboard_router(lc, dependencies=[]))
 
 
 class NoteIn(BaseModel):

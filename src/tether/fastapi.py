@@ -368,6 +368,17 @@ def install(app: Any, lc: Lifecycle) -> None:
             _warn_blocking(route, lc, said)
             _warn_async_in_def(route, lc, said)
             _warn_late_cleanup(route, lc, extra, said)
+        elif said not in warned and _unguarded_dashboard(route, extra):
+            warned.add(said)
+            log.warning(
+                "tether: the dashboard at %s is served to whoever reaches the app, with no "
+                "dependencies: it shows the resources' errors, the routes' paths and the "
+                "source files of the code that holds values. Guard it: "
+                "dashboard_router(lc, dependencies=[Depends(require_admin)]) (or the app's or "
+                "include_router's dependencies=); if a middleware or the network guards it "
+                "already, pass dependencies=[] to say so",
+                said,
+            )
     for route, included, extra, said in walked:
         if _installed(route):
             continue
@@ -458,6 +469,15 @@ class _InstallAfter:
 
 # The routes (by label) each Lifecycle has been warned about: `install` runs at every start.
 _warned: weakref.WeakKeyDictionary[Lifecycle, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _unguarded_dashboard(route: Any, extra: tuple[Any, ...]) -> bool:
+    """Whether *route* is the page of a ``dashboard_router()`` given no *dependencies*,
+    served with none from the app or the routers it is included through."""
+    endpoint = getattr(route, "endpoint", None)
+    return bool(getattr(endpoint, "_tether_unguarded", False)) and not (
+        getattr(route, "dependencies", None) or extra
+    )
 
 
 def _warn_blocking(route: Any, lc: Lifecycle, label: str) -> None:
@@ -1894,7 +1914,7 @@ class _ProducedUnit(_KeepingUnit):
                 and self.state == 1
                 and not isinstance(failure, (ClientDisconnected, FailedResponse))
             ):
-                _log_cut_short(self.label, [e.res.name for e in self.entries], _one(failure))
+                _log_cut_short(self.label, _declared(self.entries), _one(failure))
             try:
                 await HttpUnit.aclose(self, failure)
             finally:
@@ -2306,7 +2326,7 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
         return
     held = None
     if unit.state == 1 and not unit.streaming:  # (a produced stream's: `close_after_producer`)
-        held = [entry.res.name for entry in unit.entries]
+        held = _declared(unit.entries)
     errors = await unit.aclose(exc)
     if held:
         # A body that failed once its response started (a stream's query on a lost
@@ -2401,15 +2421,29 @@ def _client_gone(unit: HttpUnit, exc: BaseException) -> bool:
     return True
 
 
+def _declared(entries: list[Entry]) -> list[str]:
+    """The names of the app's own resources among *entries*: not an integration's
+    per-unit bookkeeping (httpx's streamed responses, which says its own line)."""
+    return list(dict.fromkeys(e.res.name for e in entries if e.res.leak_of is None))
+
+
 def _log_cut_short(label: str, held: list[str], exc: BaseException) -> None:
     """One line for a response whose body failed after it started, naming the route and
     the values that closed with the failure (the server's traceback follows)."""
+    if not held:
+        return
+    if isinstance(exc, asyncio.CancelledError) and _GRACEFUL in str(exc):
+        what = (
+            "was cancelled by the server's shutdown (uvicorn's --timeout-graceful-shutdown ran out)"
+        )
+    else:
+        what = f"failed ({describe(exc)})"
     log.warning(
-        "tether: %s: the response failed after it started (%s): the client gets it cut "
-        "short, and %s closed with that failure (what was not committed is rolled back)",
+        "tether: %s: the response %s after it started: the client gets it cut short, and %s "
+        "closed with that failure (what was not committed is rolled back)",
         label,
-        describe(exc),
-        ", ".join(repr(name) for name in dict.fromkeys(held)),
+        what,
+        ", ".join(repr(name) for name in held),
     )
 
 
@@ -3188,7 +3222,10 @@ def dashboard_router(
     is loaded from elsewhere.
 
     It shows route paths and source file names: guard it with *dependencies*, e.g.
-    ``dependencies=[Depends(require_admin)]``, which apply to all three routes.
+    ``dependencies=[Depends(require_admin)]``, which apply to all three routes. Served with
+    none (from this call, the app or an ``include_router``), it is named in a warning when
+    the app starts; ``dependencies=[]`` says that something else guards it (a middleware,
+    the network).
     """
     from fastapi import APIRouter
 
@@ -3227,6 +3264,10 @@ def dashboard_router(
     async def dashboard(request: Request) -> HTMLResponse:
         urls = request.url_for(stats_name).path, request.url_for(checks_name).path
         return HTMLResponse(page(*urls, refresh), headers={"Cache-Control": "no-store"})
+
+    # No dependencies= given (not even []): named in a warning when the app starts, unless
+    # the app or an include_router guards it (`_unguarded_dashboard`).
+    dashboard._tether_unguarded = dependencies is None  # type: ignore[attr-defined]
 
     @router.get("/stats.json", name=stats_name)
     async def stats() -> JSONResponse:

@@ -14,9 +14,9 @@ import tether
 from tests.inprocess import http_scope
 
 CUT = (
-    "tether: GET /stream: the response failed after it started (ConnectionError: database "
-    "lost): the client gets it cut short, and 'session' closed with that failure (what was not "
-    "committed is rolled back)"
+    "tether: GET /stream: the response failed (ConnectionError: database lost) after it "
+    "started: the client gets it cut short, and 'session' closed with that failure (what was "
+    "not committed is rolled back)"
 )
 
 
@@ -137,3 +137,27 @@ def test_a_generator_endpoint_failing_mid_stream_is_named_with_what_it_raised(
     assert raised.group_contains(ConnectionError) or isinstance(raised.value, ConnectionError)
     assert closes == ["rollback"]
     assert [r.getMessage() for r in caplog.records if r.name == "tether"] == [CUT]
+
+
+@pytest.mark.anyio
+async def test_a_stream_the_servers_shutdown_cancels_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn cancels a stream still running when its --timeout-graceful-shutdown runs out."""
+    import asyncio
+
+    closes: list[str] = []
+    lc, app = make_app(closes)
+    async with lc.lifespan(app):
+        with caplog.at_level(logging.WARNING, "tether"):
+            task = asyncio.get_running_loop().create_task(serve(app, b"fail=false"))
+            await anyio.sleep(0.02)  # the first chunk is out
+            task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert closes == ["rollback: CancelledError"]
+    assert [r.getMessage() for r in caplog.records if r.name == "tether"] == [
+        "tether: GET /stream: the response was cancelled by the server's shutdown (uvicorn's "
+        "--timeout-graceful-shutdown ran out) after it started: the client gets it cut short, "
+        "and 'session' closed with that failure (what was not committed is rolled back)"
+    ]

@@ -240,6 +240,45 @@ def test_dependencies_guard_every_route() -> None:
             assert client.get(path, headers={"x-token": "let-me-in"}).status_code == 200, path
 
 
+UNGUARDED = (
+    "tether: the dashboard at GET /tether/ is served to whoever reaches the app, with no "
+    "dependencies: it shows the resources' errors, the routes' paths and the source files of "
+    "the code that holds values. Guard it: dashboard_router(lc, dependencies=[Depends("
+    "require_admin)]) (or the app's or include_router's dependencies=); if a middleware or the "
+    "network guards it already, pass dependencies=[] to say so"
+)
+
+
+@pytest.mark.parametrize(
+    ("how", "warned"),
+    [
+        pytest.param("none", True, id="no dependencies anywhere: warned"),
+        pytest.param("own", False, id="its own dependencies="),
+        pytest.param("said", False, id="dependencies=[]: guarded elsewhere, said so"),
+        pytest.param("app", False, id="the app's dependencies="),
+        pytest.param("include", False, id="include_router's dependencies="),
+    ],
+)
+def test_a_dashboard_nothing_guards_is_named_when_the_app_starts(
+    how: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def admin() -> None:
+        pass
+
+    lc = tether.Lifecycle()
+    guard = [Depends(admin)]
+    app = FastAPI(lifespan=lc.lifespan, dependencies=guard if how == "app" else None)
+    options: dict[str, Any] = {"own": {"dependencies": guard}, "said": {"dependencies": []}}
+    app.include_router(
+        dashboard_router(lc, **options.get(how, {})),
+        dependencies=guard if how == "include" else None,
+    )
+    with caplog.at_level("WARNING", logger="tether"), TestClient(app) as client:
+        assert client.get("/tether/").status_code == 200
+    said = [r.getMessage() for r in caplog.records if "dashboard at" in r.getMessage()]
+    assert said == ([UNGUARDED] if warned else [])
+
+
 @pytest.mark.parametrize("refresh", [0, -1, float("nan")])
 def test_refresh_must_be_a_positive_number(refresh: Any) -> None:
     """Out of range; a string or a bool is a TypeError (tests/unit/test_contract.py)."""

@@ -18,14 +18,33 @@ import tether.fastapi
 pytestmark = pytest.mark.anyio
 
 
-def make(down: dict[str, bool]) -> tuple[FastAPI, tether.Lifecycle]:
+def make(
+    down: dict[str, bool], *, pooled: bool = False, timed_out: bool = False
+) -> tuple[FastAPI, tether.Lifecycle]:
+    """`/a` and `/b` on a request resource `conn` refused while *down*, naming "pool"; with
+    *pooled*, `conn` is opened from an app resource "pool", as the integrations' are."""
     lc = tether.Lifecycle(sweep_interval=0.05)
 
-    @lc.resource
-    async def conn() -> AsyncIterator[str]:
+    async def refused_while_down() -> AsyncIterator[str]:
         if down["db"]:
-            raise tether.ResourceUnavailable("'pool' cannot reach the database", resource="pool")
+            raise tether.ResourceUnavailable(
+                "'pool' cannot reach the database", resource="pool", timed_out=timed_out
+            )
         yield "conn"
+
+    if pooled:
+
+        @lc.resource(scope="app")
+        async def pool() -> AsyncIterator[str]:
+            yield "pool"
+
+        @lc.resource
+        async def conn(pool: str) -> AsyncIterator[str]:
+            async for value in refused_while_down():
+                yield value
+
+    else:
+        conn = lc.resource(name="conn")(refused_while_down)
 
     app = FastAPI(lifespan=lc.lifespan)
 
@@ -93,38 +112,6 @@ async def test_what_a_window_counted_is_said_as_the_app_stops(
     assert said[1].startswith("tether: GET /a answered 503 2 more times in the last "), said
 
 
-def make_pooled(
-    down: dict[str, bool], *, timed_out: bool = False
-) -> tuple[FastAPI, tether.Lifecycle]:
-    """A request resource opened from an app resource "pool", whose refusals name the pool,
-    as the integrations' do."""
-    lc = tether.Lifecycle(sweep_interval=0.05)
-
-    @lc.resource(scope="app")
-    async def pool() -> AsyncIterator[str]:
-        yield "pool"
-
-    @lc.resource
-    async def conn(pool: str) -> AsyncIterator[str]:
-        if down["db"]:
-            raise tether.ResourceUnavailable(
-                "'pool' cannot reach the database", resource="pool", timed_out=timed_out
-            )
-        yield "conn"
-
-    app = FastAPI(lifespan=lc.lifespan)
-
-    @app.get("/a")
-    async def a(c: Annotated[str, Depends(conn)]) -> str:
-        return c
-
-    @app.get("/b")
-    async def b(c: Annotated[str, Depends(conn)]) -> str:
-        return c
-
-    return app, lc
-
-
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "tether" and r.levelno >= 30]
 
@@ -133,7 +120,7 @@ async def test_the_end_of_an_outage_is_said_once_after_what_its_windows_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     down = {"db": True}
-    app, lc = make_pooled(down)
+    app, lc = make(down, pooled=True)
     caplog.set_level(logging.WARNING, logger="tether")
     transport = httpx.ASGITransport(app=app)
     async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -168,7 +155,7 @@ async def test_a_pool_too_busy_for_its_traffic_is_no_outage(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     down = {"db": True}
-    app, lc = make_pooled(down, timed_out=True)
+    app, lc = make(down, pooled=True, timed_out=True)
     caplog.set_level(logging.WARNING, logger="tether")
     transport = httpx.ASGITransport(app=app)
     async with lc.lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:

@@ -91,6 +91,15 @@ class Request:
             self.error = exc
             raise
 
+    @classmethod
+    async def running(cls, app: FastAPI, events: list[str]) -> "Request":
+        """One GET /slow, once its endpoint runs."""
+        request = cls(app)
+        with anyio.fail_after(5):
+            while "started" not in events:
+                await asyncio.sleep(0.01)
+        return request
+
     async def ended(self) -> list[dict[str, Any]]:
         with anyio.fail_after(5):
             while not self.task.done():
@@ -117,10 +126,7 @@ async def test_uvicorns_cancel_past_its_graceful_timeout_is_answered_503(
     app, lc = make(events, route)
     caplog.set_level(logging.WARNING, logger="tether")
     async with lc.lifespan(app):
-        request = Request(app)
-        with anyio.fail_after(5):
-            while "started" not in events:
-                await asyncio.sleep(0.01)
+        request = await Request.running(app, events)
         request.task.cancel(msg=GRACEFUL)
         sent = await request.ended()
     answered_503(sent)
@@ -141,10 +147,7 @@ async def test_tethers_cancel_past_drain_timeout_is_answered_503(
     app, lc = make(events, route, drain_timeout=0.2)
     caplog.set_level(logging.WARNING, logger="tether")
     async with lc.lifespan(app):
-        request = Request(app)
-        with anyio.fail_after(5):
-            while "started" not in events:
-                await asyncio.sleep(0.01)
+        request = await Request.running(app, events)
     sent = await request.ended()
     answered_503(sent)
     assert events == ["started", "rollback (CancelledError)"]
@@ -163,10 +166,7 @@ async def test_another_cancel_is_left_to_whoever_cancelled(
     app, lc = make(events, route)
     caplog.set_level(logging.WARNING, logger="tether")
     async with lc.lifespan(app):
-        request = Request(app)
-        with anyio.fail_after(5):
-            while "started" not in events:
-                await asyncio.sleep(0.01)
+        request = await Request.running(app, events)
         request.task.cancel()  # a timeout middleware's, say: it answers 504 itself
         sent = await request.ended()
     assert sent == []

@@ -28,7 +28,9 @@ in the ini file, for all; ``-p no:tether`` unloads the plugin.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +124,8 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
     ended = time.perf_counter()  # ages are told, and the grace counted, from here
     problems: list[str] = []
     for lc in list(LIFECYCLES):
+        _let_started_work_begin(lc)
+    for lc in list(LIFECYCLES):
         overrides, units, pools, cancelled = before.get(lc, ((), set(), {}, set()))
         undone = undo_overrides(lc, keep=overrides)
         if undone:
@@ -187,6 +191,30 @@ def _tether_check(request: pytest.FixtureRequest) -> Iterator[None]:
             )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+def _let_started_work_begin(lc: Any) -> None:
+    """Let the loop of *lc*'s app scope, running in another thread (TestClient's), take two
+    turns before the checks: a job the test started there last
+    (``client.portal.start_task_soon(job)``) has entered its ``lc.scope()`` by then, and is
+    this test's; before, it could enter it only after the check, and be reported against
+    the next test, whose own leak then went unreported. Waits at most a second (a loop busy
+    in a blocking call)."""
+    loop = lc._loop
+    if (
+        not isinstance(loop, asyncio.AbstractEventLoop)
+        or lc._loop_thread in (None, threading.get_ident())
+        or not loop.is_running()
+    ):
+        return
+    turned = threading.Event()
+    try:
+        # The job's task is made by a callback already queued; its first step, queued by
+        # that callback, runs before the second turn.
+        loop.call_soon_threadsafe(loop.call_soon, turned.set)
+    except RuntimeError:  # closed meanwhile
+        return
+    turned.wait(1.0)
 
 
 def _resource_overrides(app: Any) -> list[Resource[Any]]:

@@ -887,3 +887,46 @@ def test_a_connection_kept_by_an_app_run_per_test_is_reported(suite: pytest.Pyte
     ]
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_keeps_one *", *message])
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_keeps_one_app_in_the_test*", *message])
+
+
+def test_a_job_started_as_the_test_ends_is_that_tests(suite: pytest.Pytester) -> None:
+    """A test's last line starts a job on TestClient's loop and returns: the job entered its
+    `lc.scope()` only after the test's check (which found nothing), and was reported against
+    the next test, whose own leak then went unreported (trial 9: 3 runs in 12). The check now
+    lets the app's loop take two turns first: the job is the test's, every time."""
+    suite.makepyfile(
+        test_late_job=textwrap.dedent(
+            """
+            import anyio
+            import pytest
+            from fastapi.testclient import TestClient
+
+            from app import app, lc, take
+
+
+            @pytest.fixture(scope="module")
+            def client():
+                with TestClient(app) as client:
+                    yield client
+
+
+            async def job():
+                async with lc.scope("late job") as s:
+                    await take(s)
+                    await anyio.sleep(3)
+
+
+            @pytest.mark.parametrize("run", range(6))
+            def test_starts_a_job_last(client, run):
+                client.portal.start_task_soon(job)
+
+
+            def test_next(client):
+                assert client.get("/").json() == "real"
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=7, errors=6)
+    errors = re.findall(r"_ ERROR at teardown of (\S+) _", result.stdout.str())
+    assert errors == [f"test_starts_a_job_last[{run}]" for run in range(6)]

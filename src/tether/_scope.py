@@ -539,10 +539,12 @@ class _Shielded:
         "exc",
         "first",
         "fut",
+        "given_up",
         "lc",
         "limit",
         "own",
         "res",
+        "salvage",
         "timed_out",
     )
 
@@ -562,6 +564,8 @@ class _Shielded:
         self.first = first
         self.fut: asyncio.Future[Any] | None = None
         self.timed_out = False
+        self.given_up = False  # past the deadline and its salvage: every wait cancelled
+        self.salvage: asyncio.TimerHandle | None = None
         self.own = False  # the future was cancelled by the cleanup's own asyncio timeout
         self.deadline = 0.0
         self.bounded = bounded  # by close_timeout (a cleanup); an open has its own timeout=
@@ -571,9 +575,23 @@ class _Shielded:
         self._asyncio_future_blocking = False
 
     def expire(self) -> None:
-        """Past the deadline (called by a timer, or by the lifecycle's sweeper)."""
-        self.timed_out = True
+        """Past the deadline (called by a timer, or by the lifecycle's sweeper).
+
+        A cleanup's first expiry cancels what it waits on (a ``COMMIT`` waiting for a lock,
+        say) and gives it `SALVAGE` more seconds to end in a known state: its driver asks
+        the server to cancel the statement, and the integration rolls back or terminates
+        the connection, and its backend (each wait of that salvage was cancelled at once
+        before, so a ``COMMIT`` abandoned this way went on on the server, committed after
+        the client's 500, and outlived the process). The second expiry, or an open's
+        first, gives up: every wait is cancelled as it comes."""
         fut = self.fut
+        if self.timed_out or not self.bounded:
+            self.timed_out = self.given_up = True
+        else:
+            self.timed_out = True
+            self.deadline = _now() + SALVAGE  # the sweeper's next expiry, if it runs
+            if not self.lc._sweeping:
+                self.salvage = asyncio.get_running_loop().call_later(SALVAGE, self.expire)
         if fut is not None:
             fut.cancel()
 
@@ -639,7 +657,7 @@ class _Shielded:
                     if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
                         fut = yielded
                         fut._asyncio_future_blocking = False
-                        if self.timed_out:
+                        if self.given_up:
                             fut.cancel()
                         if not fut.done():
                             self.fut = fut
@@ -702,6 +720,8 @@ class _Shielded:
                     timer.cancel()
                 elif self.bounded:
                     lc._slow_closes.discard(self)
+                if self.salvage is not None:
+                    self.salvage.cancel()
                 if swallowed:
                     _deliver_again(swallowed, message)
             if self.timed_out:
@@ -910,6 +930,9 @@ async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     return result
 
 
+#: Seconds a cleanup past its close_timeout has to end in a known state (`_Shielded.expire`).
+SALVAGE = 2.0
+
 _ABANDONED = "Closing resource "  # how `_close_timed_out`'s message begins
 
 
@@ -917,9 +940,12 @@ def _close_timed_out(lc: Lifecycle, res: Resource[Any]) -> None:
     res.counters.timeouts += 1
     msg = (
         f"{_ABANDONED}{res.name!r} took longer than close_timeout={lc.close_timeout:g} s "
-        f"and was abandoned; its connection was not returned in a known state. "
-        f"Look for a cleanup that waits on the network, or for a task still using the value "
-        f"after its unit of work ended (one not awaited), or raise close_timeout."
+        f"and was cut short: what it waited on was cancelled (the integrations' drivers "
+        f"cancel a statement on the server: a COMMIT waiting for a lock there is rolled "
+        f"back), and its connection may not have been returned in a known state. Look for "
+        f"a cleanup that waits on the network (a COMMIT waiting for a lock), or for a task "
+        f"still using the value after its unit of work ended (one not awaited), or raise "
+        f"close_timeout."
     )
     raise TimeoutError(msg)
 
@@ -952,7 +978,7 @@ def _leak_given_back(entry: Entry, held: float, failed: BaseException | None = N
             entry.res.name,
             entry.leak_reported,
             held,
-            "was abandoned past close_timeout" if _abandoned(failed) else "failed",
+            "was cut short past close_timeout" if _abandoned(failed) else "failed",
             extra={"tether_resource": entry.res.name},
         )
         return

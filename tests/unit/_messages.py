@@ -54,9 +54,11 @@ def open_timeout(resource: str, seconds: str) -> str:
 def close_timeout(resource: str, seconds: str) -> str:
     return exactly(
         f"Closing resource {resource!r} took longer than close_timeout={seconds} s and was "
-        f"abandoned; its connection was not returned in a known state. Look for a cleanup "
-        f"that waits on the network, or for a task still using the value after its unit of "
-        f"work ended (one not awaited), or raise close_timeout."
+        f"cut short: what it waited on was cancelled (the integrations' drivers cancel a "
+        f"statement on the server: a COMMIT waiting for a lock there is rolled back), and its "
+        f"connection may not have been returned in a known state. Look for a cleanup that "
+        f"waits on the network (a COMMIT waiting for a lock), or for a task still using the "
+        f"value after its unit of work ended (one not awaited), or raise close_timeout."
     )
 
 

@@ -1,0 +1,169 @@
+"""A `COMMIT` that waits longer than `close_timeout` (for a lock another transaction holds on a
+deferred unique constraint) is cancelled on the server: the client's 500 at `close_timeout`
+is the outcome, nothing is committed, and no backend is left running it. Before, every wait of
+the cleanup after the deadline was cancelled at once, so the driver's cancel request never
+reached the server: the client got its 500 and the `COMMIT` went through once the lock was
+free (trial 8, on asyncpg, psycopg and SQLAlchemy)."""
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+import tether
+from tests.servers import Postgres
+from tests.serving import Server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.servers]
+
+CLOSE_TIMEOUT = 1.0
+HELD = 5.0  # how long the other transaction holds the key
+
+
+def make(kind: str, dsn: str, name: str, close_timeout: float = CLOSE_TIMEOUT) -> FastAPI:
+    lc = tether.Lifecycle(close_timeout=close_timeout)
+    app = FastAPI(lifespan=lc.lifespan)
+    if kind == "asyncpg":
+        from tether.integrations import asyncpg as tpg
+
+        pool = tpg.pool(lc, dsn, max_size=2, server_settings={"application_name": name})
+        tx = tpg.connection(lc, pool, transaction=True)
+
+        @app.post("/orders/{k}")
+        async def order(k: int, c: Annotated[Any, Depends(tx)]) -> int:
+            await c.execute("INSERT INTO slow_orders (k) VALUES ($1)", k)
+            return k
+
+    elif kind == "psycopg":
+        from tether.integrations import psycopg as tpsy
+
+        pool = tpsy.pool(lc, dsn, max_size=2, kwargs={"application_name": name})
+        tx = tpsy.connection(lc, pool, transaction=True)
+
+        @app.post("/orders/{k}")
+        async def order(k: int, c: Annotated[Any, Depends(tx)]) -> int:
+            await c.execute("INSERT INTO slow_orders (k) VALUES (%s)", [k])
+            return k
+
+    else:
+        from sqlalchemy import text
+
+        from tether.integrations import sqlalchemy as tsa
+
+        engine = tsa.engine(
+            lc,
+            dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            pool_size=2,
+            connect_args={"server_settings": {"application_name": name}},
+        )
+        session = tsa.session(lc, engine)
+
+        @app.post("/orders/{k}")
+        async def order(k: int, s: Annotated[Any, Depends(session)]) -> int:
+            await s.execute(text("INSERT INTO slow_orders (k) VALUES (:k)"), {"k": k})
+            return k
+
+    return app
+
+
+def served() -> FastAPI:
+    """For uvicorn (`--factory`): the app of the environment's driver, DSN and name."""
+    env = os.environ
+    return make(env["SLOW_KIND"], env["SLOW_DSN"], env["SLOW_NAME"], float(env["SLOW_CLOSE"]))
+
+
+def orders_table(postgres: Postgres) -> None:
+    postgres.sql("DROP TABLE IF EXISTS slow_orders")
+    postgres.sql(
+        "CREATE TABLE slow_orders (k int, CONSTRAINT slow_orders_k UNIQUE (k) "
+        "DEFERRABLE INITIALLY DEFERRED)"
+    )
+    postgres.sql("GRANT ALL ON slow_orders TO tether")
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "psycopg", "sqlalchemy"])
+async def test_a_commit_past_close_timeout_is_cancelled_on_the_server(
+    kind: str, postgres: Postgres
+) -> None:
+    orders_table(postgres)
+    name = f"slow-commit-{kind}"
+    app = make(kind, postgres.dsn, name)
+    other = await asyncpg.connect(postgres.dsn)
+    try:
+        await other.execute("BEGIN")
+        await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client,
+        ):
+            started = time.monotonic()
+            answer = await client.post("/orders/1")  # its COMMIT waits for k=1
+            took = time.monotonic() - started
+            assert answer.status_code == 500, answer.text
+            assert took < CLOSE_TIMEOUT + 4, took  # the bound, and the salvage's
+            # The COMMIT is no longer waiting on the server: it was cancelled.
+            waiting = [r for r in postgres.activity(name) if r["state"] != "idle"]
+            assert waiting == []
+        await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
+        await anyio.sleep(0.5)
+    finally:
+        await other.close()
+    assert postgres.sql("SELECT count(*) FROM slow_orders") == [(0,)]
+    assert postgres.activity(name) == []
+
+
+def test_a_commit_waiting_at_sigterm_is_cancelled_before_the_process_exits(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """uvicorn with `--timeout-graceful-shutdown 2`, `close_timeout=4`, a `COMMIT` waiting for
+    a lock when SIGTERM comes: the process exits once the close is cut short, and the
+    `COMMIT` with it. Before, the backend went on waiting after the process had exited, and
+    committed once the lock was free, after the client's 500 (trial 8)."""
+    orders_table(postgres)
+    name = "slow-commit-sigterm"
+    env = {"SLOW_KIND": "asyncpg", "SLOW_DSN": postgres.dsn, "SLOW_NAME": name, "SLOW_CLOSE": "4"}
+    server = Server(
+        "tests.integration.test_slow_commit:served",
+        tmp_path,
+        "--factory",
+        "--timeout-graceful-shutdown",
+        "2",
+        env=env,
+    )
+    hold = psycopg_holding_k1(postgres)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"POST /orders/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while not any("COMMIT" in r["query"] for r in postgres.activity(name)):
+            assert time.monotonic() < deadline, postgres.activity(name)
+            time.sleep(0.05)
+        server.terminate()
+        server.wait(20)
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 500 ")
+        assert postgres.activity(name) == []  # no backend outlives the process
+    finally:
+        sock.close()
+        server.stop()
+        hold.rollback()  # k=1 free: a COMMIT still waiting would go through now
+        hold.close()
+    time.sleep(0.5)
+    assert postgres.sql("SELECT count(*) FROM slow_orders") == [(0,)]
+
+
+def psycopg_holding_k1(postgres: Postgres) -> Any:
+    """A connection whose open transaction holds k=1 (sync: the test drives a process)."""
+    import psycopg
+
+    conn = psycopg.connect(postgres.dsn)
+    conn.execute("INSERT INTO slow_orders (k) VALUES (1)")
+    return conn

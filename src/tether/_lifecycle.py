@@ -2044,6 +2044,17 @@ class Lifecycle:
                         found.append(entry)
             if found is not None:
                 self._report_leak(unit, found, now - found[0].opened_at, threshold)
+        # Values whose close is taking long (a COMMIT waiting for a lock): out of their
+        # unit's entries, and seen here instead of only once the close ends.
+        for close in list(self._slow_closes):
+            closing: Entry | None = close.entry
+            owner = closing.unit if closing is not None else None
+            if closing is None or owner is None or closing.leak_reported is not None:
+                continue
+            limit = self._leak_threshold_of(owner)
+            if limit is not None and now - closing.opened_at > limit:
+                held = now - closing.opened_at
+                self._report_leak(owner, closing, held, limit, closing=True)
 
     def _report_leak(
         self,
@@ -2053,12 +2064,14 @@ class Lifecycle:
         threshold: float,
         *,
         at_close: bool = False,
+        closing: bool = False,
     ) -> None:
         """Report what *unit* holds past its *threshold* in one warning (*found*, held for
         *held* s at most; with them, the unit's other values not reported yet and held as
         long: a transaction and the connection it depends on are one leak to look for),
         each counted in its resource's ``leaks``. *at_close*: *found* is closing (the
-        sweep did not see it: the event loop was blocked, or no sweep had run yet)."""
+        sweep did not see it: the event loop was blocked, or no sweep had run yet).
+        *closing*: *found* is in a close that is taking long, seen by the sweep."""
         entries = [found] if isinstance(found, Entry) else found
         if at_close:  # the unit's other values past the threshold, still open
             now = time.perf_counter()
@@ -2080,6 +2093,8 @@ class Lifecycle:
                 ", seen at its close (the event loop was blocked, or no leak sweep had run "
                 "since it went past the threshold)"
             )
+        elif closing:
+            seen = ", in its close, which is still running (a COMMIT waiting for a lock, say)"
         else:
             seen = ""
             # A request's (an `HttpUnit`), or a WebSocket's or a scope's task.

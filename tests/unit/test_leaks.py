@@ -458,3 +458,35 @@ def test_mock_patch_object_of_leak_threshold_puts_it_back() -> None:
         assert lc._leak_floor == 0.1
     assert lc.leak_threshold == 30
     assert lc._leak_floor == 30
+
+
+async def test_a_value_whose_close_takes_long_is_reported_while_it_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A close that waits past the threshold (a COMMIT waiting for a lock) is reported by the
+    sweep while it runs; before, the sweep did not see values in their close, and the report
+    came when the close ended, blaming a blocked event loop (trial 8)."""
+    lc = tether.Lifecycle(leak_threshold=0.2, sweep_interval=0.02)
+    seen_during: list[int] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+        await anyio.sleep(0.6)  # the COMMIT, waiting
+        seen_during.append(len(_leak_warnings(caplog)))
+
+    with caplog.at_level(logging.INFO, logger="tether"):
+        async with lc.run():
+            await anyio.sleep(0.05)  # the sweeper runs
+            async with lc.scope("slow commit") as s:
+                await s.get(conn)
+    assert seen_during == [1]  # reported before the close ended
+    (record,) = _leak_warnings(caplog)
+    first = record.getMessage().partition("\n")[0]
+    assert first.startswith("tether: resource 'conn' held for 0.")
+    assert first.endswith(
+        " s (leak_threshold=0.2 s) by slow commit, in its close, which is still running (a "
+        "COMMIT waiting for a lock, say); acquired at:"
+    )
+    assert len(_given_back(caplog)) == 1  # and its end, when the close ended
+    assert lc.stats().resources["conn"].leaks == 1

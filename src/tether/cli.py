@@ -42,6 +42,12 @@ def load(target: str) -> Lifecycle:
         msg = f"{target!r} is not of the form module:attribute (for example myapp.main:lc)."
         raise SystemExit(msg)
     sys.path.insert(0, "")
+    # The CLI opens the app's resources in a process of its own, whose figures are not the
+    # service's: in prometheus-client's multiprocess mode (the variable set, as in the
+    # service's environment) its counters would be written to the service's directory, and
+    # added to what the service reports (a cron check, a new set of files each run).
+    for variable in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        os.environ.pop(variable, None)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

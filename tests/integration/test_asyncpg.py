@@ -802,6 +802,42 @@ class TestBudget:
         assert info.value.resource == "pool"
         assert own_pg.activity_after_close(name) == []
 
+    def test_budget_error_is_not_retried(
+        self, own_pg: Postgres, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+    ) -> None:
+        """A budget that does not fit is the configuration's: `retries=` are not spent on it
+        (each failed boot paid the backoff, 5 s for 3 retries), nor advised."""
+        app, _, _ = make_app(
+            own_pg.dsn, unique(request), workers=4, max_size=10, budget="error", retries=3
+        )
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            with pytest.raises(tether.StartupError) as info, TestClient(app):
+                pass
+        assert time.monotonic() - started < 2
+        assert "retrying in" not in caplog.text
+        assert str(info.value).endswith(
+            "Fix the cause above: a mistake in the configuration or the code, which no retry mends."
+        )
+
+    def test_no_slot_left_on_the_server_says_so(
+        self, own_pg: Postgres, request: pytest.FixtureRequest
+    ) -> None:
+        """Every connection slot taken (a reload's old workers, another app): the error
+        points at max_connections and the pools' sizes, not at the server's address."""
+        held = hold_every_slot(own_pg.dsn)
+        try:
+            app, _, _ = make_app(own_pg.dsn, unique(request), min_size=1, max_size=1)
+            with pytest.raises(tether.StartupError) as info, TestClient(app):
+                pass
+        finally:
+            for conn in held:
+                conn.close()
+        assert "sorry, too many clients already" in str(info.value)
+        assert ("The server has no connection slot left (SQLSTATE 53300, max_connections)") in str(
+            info.value
+        )
+
     def test_budget_that_fits_says_nothing(
         self, own_pg: Postgres, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
     ) -> None:
@@ -810,3 +846,19 @@ class TestBudget:
         with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app):
             pass
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def hold_every_slot(dsn: str) -> list[Any]:
+    """Connections (psycopg's: sync, outside the app's loop) taking every slot the role may
+    have, until the server refuses one."""
+    import psycopg
+
+    held: list[Any] = []
+    while len(held) < 200:
+        try:
+            held.append(psycopg.connect(dsn))
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) and "reserved" not in str(exc):
+                raise
+            return held
+    raise AssertionError("the server took 200 connections")

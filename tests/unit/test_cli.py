@@ -421,3 +421,25 @@ def test_an_app_without_a_lifecycle_is_refused(name: str) -> None:
         ),
     ):
         main(["graph", f"tests.unit.cli_app:{name}"])
+
+
+def test_check_writes_nothing_to_the_services_metrics_directory(tmp_path: Path) -> None:
+    """`tether check` run in the service's environment (PROMETHEUS_MULTIPROC_DIR set): its
+    own figures went to the service's directory, and added to what the service reports."""
+    import os
+    import sys
+
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "check", "tests.unit.cli_metrics:lc"],
+        cwd=root,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(shared.iterdir()) == []

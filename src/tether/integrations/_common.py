@@ -1118,7 +1118,7 @@ def _check_shared(
 def _over_budget(name: str, msg: str, policy: BudgetPolicy) -> None:
     """A budget that does not fit: a `StartupError` with ``budget="error"``, else a warning."""
     if policy == "error":
-        raise StartupError(msg, resource=name)
+        raise for_good(StartupError(msg, resource=name))  # configuration: no retry mends it
     log.warning("tether: %s", msg)
 
 
@@ -1389,6 +1389,8 @@ def unavailable(
             f"The server refused the credentials or the database (SQLSTATE {refused}): "
             f"check the user, password and database name it connects with."
         )
+    elif isinstance(cause, BaseException) and _no_slot_left(cause):
+        advice = _NO_SLOT_LEFT
     elif unreachable:
         advice = f"Retry shortly; if it persists, check that {backend} runs and is reachable."
     else:
@@ -1582,11 +1584,31 @@ def unreachable(
     """
     said = unstopped(str(cause).strip())
     reason = f"{type(cause).__name__}: {said}" if said else type(cause).__name__
-    msg = redact(
-        f"{name!r} cannot reach {target}: {reason}. Check that the server runs and is "
-        f"reachable from here, and the address and credentials in its DSN."
+    advice = (
+        _NO_SLOT_LEFT
+        if _no_slot_left(cause)
+        else "Check that the server runs and is reachable from here, and the address and "
+        "credentials in its DSN."
     )
+    msg = redact(f"{name!r} cannot reach {target}: {reason}. {advice}")
     return ResourceUnavailable(msg, resource=name, retry_after=retry_after)
+
+
+#: What a connection refused for want of a slot on the server says to do.
+_NO_SLOT_LEFT = (
+    "The server has no connection slot left (SQLSTATE 53300, max_connections): other clients "
+    "hold them (the old workers of a reload, which overlap the new ones; another app; "
+    "connections left behind). Retry shortly; if it persists, lower the pools' sizes "
+    "(workers x size + reserved must fit max_connections, twice over during a reload) or "
+    "raise max_connections."
+)
+
+
+def _no_slot_left(cause: BaseException) -> bool:
+    """Whether *cause* is the server refusing a connection for want of a slot (53300),
+    which no check of its address mends. libpq keeps that SQLSTATE to itself (psycopg's
+    error has none): its message says it."""
+    return "53300" in sqlstates(cause) or "too many clients already" in str(cause)
 
 
 T = TypeVar("T")

@@ -573,17 +573,25 @@ def _warn_late_cleanup(route: Any, lc: Lifecycle, extra: tuple[Any, ...], label:
         if res is None:
             continue
         name = getattr(call, "__name__", None) or type(call).__name__
+        if _function_scope():
+            fix = (
+                f'Declare it Depends({name}, scope="function"), so that tether closes '
+                f"{res.name!r} after its cleanup; or do that work in the resource itself."
+            )
+        else:  # FastAPI 0.118 to 0.120: no scope= yet
+            fix = (
+                f"Do that work in the resource itself (a generator resource's code after its "
+                f'`yield`), or upgrade to FastAPI 0.121+ and declare it Depends({name}, '
+                f'scope="function").'
+            )
         log.warning(
             "tether: %s takes %r, a `yield` dependency on %r: FastAPI runs its cleanup after "
-            "the response is sent, after tether closed %r, so the cleanup finds it closed. "
-            'Declare it Depends(%s, scope="function") (FastAPI 0.121+), so that tether '
-            "closes %r after its cleanup; or do that work in the resource itself.",
+            "the response is sent, after tether closed %r, so the cleanup finds it closed. %s",
             label,
             name,
             res.name,
             res.name,
-            name,
-            res.name,
+            fix,
         )
 
 
@@ -650,6 +658,14 @@ def _cleanup_after_response() -> bool:
             major, minor = 1, 0
         _after_response = (major, minor) >= (0, 118)
     return _after_response
+
+
+@functools.cache
+def _function_scope() -> bool:
+    """Whether this FastAPI's ``Depends`` takes ``scope=`` (0.121+)."""
+    import fastapi
+
+    return "scope" in inspect.signature(fastapi.Depends).parameters
 
 
 def _installed(route: Any) -> bool:
@@ -1227,7 +1243,8 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
         # A FastAPI route of the app tether took over at startup, which it left alone: it
         # declares no resource (a resolver that opens one lazily: `await conn(request)`),
         # or an override set while the app runs replaced a dependency with one that does.
-        label = f"{scope.get('method', 'GET')} {path}"
+        websocket = scope.get("type") == "websocket"
+        label = f"WEBSOCKET {path}" if websocket else f"{scope.get('method', 'GET')} {path}"
         overridden = _overridden_while_running(route, scope.get("app"), lc)
         if overridden:
             cause = (
@@ -1244,6 +1261,10 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
                 f"`include_router(...)` (for strawberry's GraphQLRouter, "
                 f"`context_getter=...` with a `Depends({res})` parameter), "
             )
+            if websocket:  # FastAPI 0.118+ has an exit stack for the connection: no error there
+                cause += (
+                    "or run FastAPI 0.118+, where such a route gets a unit of work of its own, "
+                )
         msg = f"{what} was asked for on {path!r}: {cause}or open a unit of work: {opening}."
         raise ScopeError(msg)
     if (

@@ -220,17 +220,31 @@ def test_a_503_tether_answers_goes_out_after_the_values_close() -> None:
     assert lc.stats().units_in_flight == 0
 
 
-WARNING = (
-    "tether: GET / takes 'uow', a `yield` dependency on 'session': FastAPI runs its cleanup "
-    "after the response is sent, after tether closed 'session', so the cleanup finds it "
-    'closed. Declare it Depends(uow, scope="function") (FastAPI 0.121+), so that tether '
-    "closes 'session' after its cleanup; or do that work in the resource itself."
-)
-
-
 def fastapi_version() -> tuple[int, int]:
     major, minor = fastapi.__version__.split(".")[:2]
     return int(major), int(minor)
+
+
+def late_cleanup_fix(dependency: str, resource: str) -> str:
+    """What the warning about a `yield` dependency on a request resource says to do: with
+    `scope="function"` where FastAPI has it (0.121+), else the resource itself (0.118 to
+    0.120, where the warning said to declare a scope those versions do not take)."""
+    if fastapi_version() >= (0, 121):
+        return (
+            f'Declare it Depends({dependency}, scope="function"), so that tether closes '
+            f"{resource!r} after its cleanup; or do that work in the resource itself."
+        )
+    return (
+        "Do that work in the resource itself (a generator resource's code after its `yield`), "
+        f'or upgrade to FastAPI 0.121+ and declare it Depends({dependency}, scope="function").'
+    )
+
+
+WARNING = (
+    "tether: GET / takes 'uow', a `yield` dependency on 'session': FastAPI runs its cleanup "
+    "after the response is sent, after tether closed 'session', so the cleanup finds it "
+    "closed. " + late_cleanup_fix("uow", "session")
+)
 
 
 def test_a_yield_dependency_on_a_request_resource_is_warned_about(
@@ -366,9 +380,7 @@ def test_the_yield_dependency_warning_on_included_and_websocket_routes(
         assert warned == [
             "tether: POST /admin/purge takes 'uow', a `yield` dependency on 'session': "
             "FastAPI runs its cleanup after the response is sent, after tether closed "
-            "'session', so the cleanup finds it closed. Declare it Depends(uow, "
-            "scope=\"function\") (FastAPI 0.121+), so that tether closes 'session' after its "
-            "cleanup; or do that work in the resource itself."
+            "'session', so the cleanup finds it closed. " + late_cleanup_fix("uow", "session")
         ]
         assert sorted(events) == ["uow cleanup: open=False", "uow cleanup: open=True"]
     else:

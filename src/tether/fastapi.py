@@ -581,7 +581,7 @@ def _warn_late_cleanup(route: Any, lc: Lifecycle, extra: tuple[Any, ...], label:
         else:  # FastAPI 0.118 to 0.120: no scope= yet
             fix = (
                 f"Do that work in the resource itself (a generator resource's code after its "
-                f'`yield`), or upgrade to FastAPI 0.121+ and declare it Depends({name}, '
+                f"`yield`), or upgrade to FastAPI 0.121+ and declare it Depends({name}, "
                 f'scope="function").'
             )
         log.warning(

@@ -420,7 +420,8 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
         f"Pool 'database' (size 32, in use 1, waiting 0) could not give a connection: the "
         f"database {str(path)!r} is locked by another writer (this app's writers take turns, "
         f"and this one waited busy_timeout=0.2 s for its turn); nothing was written. Retry "
-        f"shortly; if it persists, check the database and the pool size."
+        f"shortly; if it persists, keep the transactions short, or raise busy_timeout (now "
+        f"0.2 s)."
     )
     assert rows(path) == [(1, "a")]
 
@@ -448,7 +449,7 @@ async def test_writer_waiting_past_busy_timeout_for_another_process_is_a_503(
         f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
         f"{str(path)!r} is locked by another writer (BEGIN IMMEDIATE; OperationalError: "
         f"database is locked; busy_timeout=0.2 s); nothing was written. Retry shortly; if it "
-        f"persists, check the database and the pool size."
+        f"persists, keep the transactions short, or raise busy_timeout (now 0.2 s)."
     )
     assert rows(path) == [(1, "c")]
 
@@ -540,8 +541,8 @@ async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: 
         f"committed to {str(path)!r} after this unit of work first read it, so it cannot "
         f"write from that read (OperationalError: database is locked: SQLITE_BUSY_SNAPSHOT, "
         f"refused at once); nothing was written. For endpoints that read, then write, declare "
-        f'the connection begin="immediate". Retry shortly; if it persists, check the database '
-        f"and the pool size."
+        f'the connection begin="immediate". Retry: the next unit of work reads from that '
+        f"commit."
     )
     assert rows(path) == [(1, "fast")]
 
@@ -659,11 +660,23 @@ async def test_a_database_locked_while_a_connection_is_set_up_is_a_503(
         assert lc.stats().pools["database"].in_use == 0
     for r in got:
         assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
+        held_by = (
+            "another writer"
+            if wal
+            else "another connection, a writer or, with wal=False (a rollback journal), a "
+            "reader in a transaction"
+        )
+        journal = (
+            ""
+            if wal
+            else "use WAL mode (wal=True, the default: its readers never block the writer), "
+        )
         assert r.json()["detail"] == (
             f"Pool 'database' (size 32, in use 1) could not give a connection: the database "
-            f"{str(path)!r} is locked by another writer (setting up the connection; "
+            f"{str(path)!r} is locked by {held_by} (setting up the connection; "
             f"OperationalError: database is locked; busy_timeout=0.3 s); nothing was written. "
-            f"Retry shortly; if it persists, check the database and the pool size."
+            f"Retry shortly; if it persists, keep the transactions short, {journal}or raise "
+            f"busy_timeout (now 0.3 s)."
         )
     assert rows(path) == [(1, "w")]
 
@@ -792,3 +805,47 @@ def test_docs_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with sqlite3.connect(path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     other.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["execute", "execute_fetchall", "cursor"])
+async def test_a_stream_reading_a_connection_closed_at_the_handler_names_the_fix(
+    tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A StreamingResponse body reading a release="handler" connection (the recipe's
+    warning): tether's `ResourceClosedError` naming release="response", as SQLAlchemy's
+    session gives; before, aiosqlite's bare "ValueError: no active connection" (trial 11)."""
+    from fastapi.responses import StreamingResponse
+
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    reader = tsqlite.connection(lc, db, name="reader")
+    raised: list[BaseException] = []
+
+    @app.get("/export")
+    async def export(c: Annotated[Conn, Depends(reader)]) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            try:
+                if method == "cursor":
+                    await c.cursor()
+                else:
+                    await getattr(c, method)("SELECT * FROM authors")
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        return StreamingResponse(body())
+
+    async with running(app) as client:
+        response = await client.get("/export")
+    assert (response.status_code, response.content) == (200, b"id,name\n")  # cut short
+    (error,) = raised
+    assert isinstance(error, tether.ResourceClosedError)
+    assert str(error) == (
+        "Connection 'reader' was closed by tether at the end of its unit of work (in a "
+        "request, release='handler' closes it when the endpoint returns, before the "
+        "response), and cannot be used again. A StreamingResponse body that queries needs "
+        "release='response'; a background task, a connection of its own (`async with "
+        "lc.scope() as s: await s.get(reader)`)."
+    )

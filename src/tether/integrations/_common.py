@@ -1367,13 +1367,14 @@ def unavailable(
     timed_out: bool = False,
     refused: str | None = None,
     unreachable: bool = False,
+    advice: str | None = None,
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
     *backend* names what to check if it persists (``"the Redis server"``, ...). *refused*:
     the SQLSTATE of a server that refused the credentials or the database, which no retry
     mends. *unreachable*: the backend could not be reached, which the pool's size has
-    nothing to do with.
+    nothing to do with. *advice*: what to do, where the pool's size is not the point.
     """
     state = []
     if size is not None:
@@ -1384,7 +1385,9 @@ def unavailable(
         state.append(f"waiting {waiting}")
     shown = f" ({', '.join(state)})" if state else ""
     reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-    if refused is not None:
+    if advice is not None:
+        pass
+    elif refused is not None:
         advice = (
             f"The server refused the credentials or the database (SQLSTATE {refused}): "
             f"check the user, password and database name it connects with."
@@ -1403,6 +1406,24 @@ def unavailable(
     # outage, whose end is logged (`tether.fastapi._Refusals`).
     error._unreachable = unreachable  # type: ignore[attr-defined]
     return error
+
+
+def closed_by_tether(what: str, name: str, release: str, why: str = "") -> str:
+    """The error of a unit of work's session or connection (*what*) used once tether closed
+    it (a StreamingResponse body reading it after the release point); *why*: what using it
+    would do, completed by "unit of work"."""
+    when = (
+        "release='handler' closes it when the endpoint returns, before the response"
+        if release == "handler"
+        else "release='response' closes it after the response"
+    )
+    because = f": {why} unit of work" if why else ""
+    return (
+        f"{what} {name!r} was closed by tether at the end of its unit of work (in a "
+        f"request, {when}), and cannot be used again{because}. A StreamingResponse body that "
+        f"queries needs release='response'; a background task, a {what.lower()} of its own "
+        f"(`async with lc.scope() as s: await s.get({name})`)."
+    )
 
 
 def still_in_use(what: str, name: str, done: str) -> str:

@@ -84,6 +84,7 @@ except ImportError as exc:  # pragma: no cover - import guard
 from aiosqlite.context import contextmanager
 
 from .._errors import (
+    ResourceClosedError,
     ResourceUnavailable,
     ScopeError,
     _a_type,
@@ -100,6 +101,7 @@ from ._common import (
     asyncio_only,
     check_check,
     check_resource,
+    closed_by_tether,
     connect_or_close,
     depends_on,
     did_you_mean,
@@ -260,6 +262,7 @@ class Database:
                 size=self.max_connections,
                 in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
                 waiting=writers.statistics().tasks_waiting,
+                advice=self._lock_advice(),
             ) from None
 
     def _end_turn(self, token: object) -> None:
@@ -287,9 +290,16 @@ class Database:
                 f"SQLITE_BUSY_SNAPSHOT, refused at once); nothing was written. For endpoints "
                 f'that read, then write, declare the connection begin="immediate"'
             )
-        else:
+        elif self.wal:
             reason = (
                 f"the database {self.path!r} is locked by another writer ({during}; "
+                f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written"
+            )
+        else:
+            # A rollback journal: a reader's open transaction blocks a writer's COMMIT too.
+            reason = (
+                f"the database {self.path!r} is locked by another connection, a writer or, with "
+                f"wal=False (a rollback journal), a reader in a transaction ({during}; "
                 f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written"
             )
         return unavailable(
@@ -297,6 +307,23 @@ class Database:
             reason,
             size=self.max_connections,
             in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
+            advice=(
+                "Retry: the next unit of work reads from that commit."
+                if code == SQLITE_BUSY_SNAPSHOT
+                else self._lock_advice()
+            ),
+        )
+
+    def _lock_advice(self) -> str:
+        """What to do about a lock held too long (not the pool's size)."""
+        journal = (
+            ""
+            if self.wal
+            else "use WAL mode (wal=True, the default: its readers never block the writer), "
+        )
+        return (
+            f"Retry shortly; if it persists, keep the transactions short, {journal}or raise "
+            f"busy_timeout (now {self.busy_timeout:g} s)."
         )
 
 
@@ -635,6 +662,17 @@ class _Connection(aiosqlite.Connection):
         # The endpoint's own commit() went through: from then on "database is locked" is no
         # 503 ("nothing was written"), whose retry would write that again.
         self._tether_committed = False
+        # The release point that closed it at its unit of work's end ("handler",
+        # "response"): a use after that is tether's error, naming the fix, not aiosqlite's
+        # bare "no active connection" (a StreamingResponse body on a release="handler" one).
+        self._tether_closed: str | None = None
+
+    def _used_closed(self, exc: ValueError) -> BaseException:
+        release = self._tether_closed
+        if release is None or self._tether_unit is None:
+            return exc
+        msg = closed_by_tether("Connection", self._tether_unit, release)
+        return ResourceClosedError(msg, resource=self._tether_unit)
 
     async def commit(self) -> None:
         await super().commit()
@@ -646,15 +684,38 @@ class _Connection(aiosqlite.Connection):
 
     @contextmanager
     async def cursor(self) -> aiosqlite.Cursor:
-        return self._kept(await super().cursor())
+        try:
+            return self._kept(await super().cursor())
+        except ValueError as exc:
+            raise self._used_closed(exc) from None
 
     @contextmanager
     async def execute(self, sql: str, parameters: Any = None) -> aiosqlite.Cursor:
-        return self._kept(await super().execute(sql, parameters))
+        try:
+            return self._kept(await super().execute(sql, parameters))
+        except ValueError as exc:
+            raise self._used_closed(exc) from None
 
     @contextmanager
     async def executemany(self, sql: str, parameters: Any) -> aiosqlite.Cursor:
-        return self._kept(await super().executemany(sql, parameters))
+        try:
+            return self._kept(await super().executemany(sql, parameters))
+        except ValueError as exc:
+            raise self._used_closed(exc) from None
+
+    @contextmanager
+    async def execute_fetchall(self, sql: str, parameters: Any = None) -> Any:
+        try:
+            return await super().execute_fetchall(sql, parameters)
+        except ValueError as exc:
+            raise self._used_closed(exc) from None
+
+    @contextmanager
+    async def execute_insert(self, sql: str, parameters: Any = None) -> Any:
+        try:
+            return await super().execute_insert(sql, parameters)
+        except ValueError as exc:
+            raise self._used_closed(exc) from None
 
     @contextmanager
     async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
@@ -1041,6 +1102,7 @@ def connection(
                                 raise db.locked(exc, "COMMIT") from exc
                             raise
                 finally:
+                    conn._tether_closed = release
                     await conn.close()
             finally:
                 db._release(token)

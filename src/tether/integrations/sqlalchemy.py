@@ -122,6 +122,7 @@ from ._common import (
     check_budget_policy,
     check_check,
     check_dsn_value,
+    closed_by_tether,
     commit_not_sent,
     connection_lost,
     depends_on,
@@ -2186,18 +2187,7 @@ def _note_commit(session: Any) -> None:
 
 
 def _closed_message(name: str, release: str) -> str:
-    when = (
-        "release='handler' closes it when the endpoint returns, before the response"
-        if release == "handler"
-        else "release='response' closes it after the response"
-    )
-    return (
-        f"Session {name!r} was closed by tether at the end of its unit of work (in a "
-        f"request, {when}), and cannot be used again: it would take a connection outside any "
-        f"unit of work. A StreamingResponse body that queries needs release='response'; a "
-        f"background task, a session of its own "
-        f"(`async with lc.scope() as s: await s.get({name})`)."
-    )
+    return closed_by_tether("Session", name, release, "it would take a connection outside any")
 
 
 def _mark_closed(session: Any, message: str, res: Resource[Any]) -> None:

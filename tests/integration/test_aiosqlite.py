@@ -777,6 +777,38 @@ def test_a_database_file_deleted_while_serving_fails_readiness_and_is_not_recrea
         assert lc.stats().pools["database"].in_use == 0
 
 
+def test_a_database_file_another_library_made_anew_is_not_the_apps(tmp_path: Path) -> None:
+    """The file deleted, then made anew at its path (SQLAlchemy, on the same file, creates it
+    for its next connection): every request then failed with "no such table" (a 500) and
+    readiness said ok on the empty file (trial 11). It is the deleted file's 503, saying that
+    another file is at its path now."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path)
+    conn = tsqlite.connection(lc, db)
+    app.include_router(health_router(lc, cache=0))
+
+    @app.get("/authors")
+    async def authors(c: Annotated[Conn, Depends(conn)]) -> int:
+        return len(await c.execute_fetchall("SELECT * FROM authors"))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/authors").json() == 0
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        sqlite3.connect(path).close()  # an empty file, made anew
+        gone = (
+            f"Database 'database': the file {str(path)!r} is gone (deleted, or its volume "
+            f"unmounted, after the app started; FileNotFoundError: another file is at its path "
+            f"now). tether does not create it again, empty, while the app serves: restore the "
+            f"file, or restart the app to create a new one."
+        )
+        r = client.get("/authors")
+        assert (r.status_code, r.json()["detail"]) == (503, gone)
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"]["error"] == f"ResourceUnavailable: {gone}"
+
+
 def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
     lc = tether.Lifecycle()
     db = tsqlite.database(lc, tmp_path / "x.db")

@@ -1568,3 +1568,35 @@ async def test_a_sqlite_write_cut_by_a_timeout_commits_nothing_of_its_unit(
         async with lc.scope() as unit:
             s = await unit.get(sess)
             assert (await s.execute(text("SELECT count(*) FROM orders"))).scalar() == 0
+
+
+@pytest.mark.parametrize("variant", ["async", "sync"])
+def test_an_sqlite_file_deleted_under_the_engine_fails_readiness(
+    tmp_path: Path, variant: str
+) -> None:
+    """SQLAlchemy opens SQLite files as asked, creating them: once the file is deleted, each
+    new connection made a new, empty one ("no such table", a 500), the pooled ones read the
+    deleted file, and the engine's `SELECT 1` check passed on both: readiness stayed 200
+    (trial 11). The check now sees that the file is not the one the engine opened."""
+    from tether.fastapi import health_router
+
+    path = tmp_path / "app.db"
+    lc = tether.Lifecycle()
+    if variant == "async":
+        engine: Any = tsa.engine(lc, f"sqlite+aiosqlite:///{path}")
+    else:
+        engine = tsa.sync_engine(lc, f"sqlite:///{path}")
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=0))
+    with TestClient(app) as client:
+        assert client.get("/health/ready").status_code == 200
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"][engine.name]["error"] == (
+            f"RuntimeError: the SQLite file {str(path)!r} is gone (deleted, or its volume "
+            f"unmounted, after the app started): connections opened since then use a new file "
+            f"(empty, with no tables: 'no such table'), and those opened before, the deleted "
+            f"one. Restore the file, then restart the app."
+        )

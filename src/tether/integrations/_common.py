@@ -1408,6 +1408,34 @@ def unavailable(
     return error
 
 
+class FileWatch:
+    """Whether an SQLite file is still the one an engine or database opened: not deleted,
+    and not made anew at its path (SQLite, or another library on the same file, creates an
+    empty one for its next connection). A new file is told by its (device, inode), and by its
+    size: a filesystem may give the new file the deleted one's inode at once, but an SQLite
+    file made anew is empty until something writes to it."""
+
+    __slots__ = ("had_data", "identity", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        found = os.stat(path)
+        self.identity = (found.st_dev, found.st_ino)
+        self.had_data = found.st_size > 0
+
+    def changed(self) -> str | None:
+        """What became of the file (None: it is the one opened); one ``os.stat``."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return "gone"
+        if (found.st_dev, found.st_ino) != self.identity or (self.had_data and found.st_size == 0):
+            return "replaced"
+        if found.st_size > 0:
+            self.had_data = True
+        return None
+
+
 def closed_by_tether(what: str, name: str, release: str, why: str = "") -> str:
     """The error of a unit of work's session or connection (*what*) used once tether closed
     it (a StreamingResponse body reading it after the release point); *why*: what using it

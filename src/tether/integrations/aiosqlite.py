@@ -98,6 +98,7 @@ from .._resource import Resource
 from .._stats import PoolStats
 from ._common import (
     SQLITE_BUSY_SNAPSHOT,
+    FileWatch,
     asyncio_only,
     check_check,
     check_resource,
@@ -131,6 +132,7 @@ class Database:
     """An SQLite database file and how its connections are set up (:func:`database`'s value)."""
 
     __slots__ = (
+        "_identity",
         "_uri",
         "_writers",
         "busy_timeout",
@@ -168,6 +170,9 @@ class Database:
         # Once the app started (the file exists): the file as a URI, opened read-write
         # without creating it (a file deleted while serving is an error, not a new one).
         self._uri: str | None = None
+        # The file, once it exists: one made anew at its path since (another library
+        # creating it after it was deleted) is not the app's database.
+        self._identity: FileWatch | None = None
 
     def __repr__(self) -> str:
         mode = "wal" if self.wal else "journal"
@@ -206,6 +211,9 @@ class Database:
                 if uri is not None and not await anyio.Path(self.path).exists():
                     raise self._gone(exc) from exc
                 raise
+            if self._identity is not None and self._identity.changed() is not None:
+                await conn.close()
+                raise self._gone(FileNotFoundError("another file is at its path now"))
             try:
                 if self.foreign_keys:
                     await conn.execute("PRAGMA foreign_keys = ON")
@@ -513,6 +521,7 @@ def database(
         db.limiter = anyio.CapacityLimiter(max_connections)
         db._writers = anyio.CapacityLimiter(1)
         db._uri = _rw_uri(db.path)  # the file exists now: never create it again
+        db._identity = FileWatch(str(file))
         log.info("tether: database %r open: %s", name, db.path)
         yield db
 

@@ -111,6 +111,7 @@ from ._common import (
     SESSION_SETTINGS,
     SQLITE_BUSY_SNAPSHOT,
     BudgetPolicy,
+    FileWatch,
     LoopBound,
     PerResource,
     async_block,
@@ -1662,8 +1663,44 @@ def _sync_pool(info: _PoolInfo) -> type[QueuePool]:
 
 
 async def _select_one(eng: AsyncEngine) -> None:
+    _same_sqlite_file(eng.sync_engine)
     async with eng.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+def _note_sqlite_file(eng: Engine, u: URL) -> None:
+    """Note which file an SQLite engine opened (its device and inode), for its check: once
+    the file is deleted, SQLite creates a new, empty one for each new connection while the
+    pooled ones go on reading the deleted one, and `SELECT 1` passes on either."""
+    database = u.database or ""
+    if u.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return
+    if database.startswith("file:") or u.query.get("mode") == "memory":
+        return  # a URI: opened as given
+    try:
+        watch = FileWatch(os.path.abspath(database))
+    except OSError:
+        return
+    eng._tether_sqlite_file = watch  # type: ignore[attr-defined]
+
+
+def _same_sqlite_file(eng: Engine) -> None:
+    """Fail the check of an SQLite engine whose file was deleted or replaced since it
+    opened (`_note_sqlite_file`)."""
+    watch: FileWatch | None = getattr(eng, "_tether_sqlite_file", None)
+    changed = watch.changed() if watch is not None else None
+    if watch is None or changed is None:
+        return
+    if changed == "gone":
+        what = "is gone (deleted, or its volume unmounted, after the app started)"
+    else:
+        what = "was replaced (another file is at its path now)"
+    msg = (
+        f"the SQLite file {watch.path!r} {what}: connections opened since then use a new file "
+        f"(empty, with no tables: 'no such table'), and those opened before, the deleted one. "
+        f"Restore the file, then restart the app."
+    )
+    raise RuntimeError(msg)
 
 
 def _check_pool_numbers(
@@ -2006,6 +2043,7 @@ def engine(
             with anyio.CancelScope(shield=True):
                 await eng.dispose()
             raise
+        _note_sqlite_file(eng.sync_engine, u)
         info.engine = eng.sync_engine
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
         try:
@@ -2967,6 +3005,7 @@ def sync_engine(
             forget_budget(lc, name)
             eng.dispose()
             raise
+        _note_sqlite_file(eng, u)
         info.engine = eng
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
         try:
@@ -2977,6 +3016,7 @@ def sync_engine(
             eng.dispose()
 
     def select_one(eng: Engine) -> None:
+        _same_sqlite_file(eng)
         with eng.connect() as conn:
             conn.execute(text("SELECT 1"))
 

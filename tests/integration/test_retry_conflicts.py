@@ -157,8 +157,21 @@ def make(pg: Postgres, kind: str, table: str, declared: bool) -> tuple[FastAPI, 
 
 
 async def serve(app: FastAPI) -> Any:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
+    """A client of *app*; what the app raised to the server (a 500's cause) is kept in the
+    client's `app_errors`, for the assertions' messages."""
+    errors: list[str] = []
+
+    async def recorded(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:
+            errors.append(f"{scope.get('path')}: {type(exc).__name__}: {exc}")
+            raise
+
+    transport = httpx.ASGITransport(app=recorded, raise_app_exceptions=False)
+    client = httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
+    client.app_errors = errors  # type: ignore[attr-defined]
+    return client
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -223,6 +236,6 @@ async def test_a_deadlock_runs_an_idempotent_route_again(
     app, runs = make(postgres, kind, table, declared=True)
     async with app.router.lifespan_context(app), await serve(app) as client:
         a, b = await asyncio.gather(client.post("/deadlock/a"), client.post("/deadlock/b"))
-    assert (a.status_code, b.status_code) == (200, 200), (a.text, b.text)
+    assert (a.status_code, b.status_code) == (200, 200), (a.text, b.text, client.app_errors)
     assert postgres.sql(f"SELECT id, n FROM {table} ORDER BY id") == [(1, 11), (2, 11)]
     assert len(runs) == 3, runs

@@ -930,8 +930,9 @@ async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     return result
 
 
-#: Seconds a cleanup past its close_timeout has to end in a known state (`_Shielded.expire`).
-SALVAGE = 2.0
+#: Seconds a cleanup past its close_timeout has to end in a known state (`_Shielded.expire`):
+#: as long as psycopg gives its own cancel request (a new connection to the server, under load).
+SALVAGE = 5.0
 
 _ABANDONED = "Closing resource "  # how `_close_timed_out`'s message begins
 

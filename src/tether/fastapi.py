@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import sys
 import time
 import weakref
@@ -318,9 +319,24 @@ def _retrying(handler: Any, retries: int, label: str) -> Any:
                     attempt,
                     retries,
                 )
+                if transaction_conflict(retry.error) is not None:
+                    await anyio.sleep(_conflict_pause(attempt))
         return await handler(request)
 
     return retried
+
+
+#: Seconds before running a unit of work again after a conflict, at its first retry.
+CONFLICT_PAUSE = 0.1
+
+
+def _conflict_pause(attempt: int) -> float:
+    """How long to wait before the *attempt*-th run again after a conflict (a deadlock, a
+    serialization failure): the transaction that won it still has to finish. Run at once,
+    on the connection just rolled back, the run again took the first row back before that
+    transaction's backend woke up, and met it in a second deadlock (seen under CI's load).
+    Doubled at each retry, with jitter, so that two losers do not meet again in step."""
+    return float(CONFLICT_PAUSE * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
 
 
 # --------------------------------------------------------------------------- install

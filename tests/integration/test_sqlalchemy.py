@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import logging
 import socket
+import sqlite3
 import sys
 import time
 import uuid
@@ -1571,32 +1572,64 @@ async def test_a_sqlite_write_cut_by_a_timeout_commits_nothing_of_its_unit(
 
 
 @pytest.mark.parametrize("variant", ["async", "sync"])
-def test_an_sqlite_file_deleted_under_the_engine_fails_readiness(
+def test_an_sqlite_file_deleted_under_the_engine_is_refused_not_made_anew(
     tmp_path: Path, variant: str
 ) -> None:
-    """SQLAlchemy opens SQLite files as asked, creating them: once the file is deleted, each
-    new connection made a new, empty one ("no such table", a 500), the pooled ones read the
-    deleted file, and the engine's `SELECT 1` check passed on both: readiness stayed 200
-    (trial 11). The check now sees that the file is not the one the engine opened."""
+    """SQLAlchemy opens SQLite files as asked, creating them: once the file was deleted,
+    each new connection made a new, empty one ("no such table", a 500, and a restart then
+    found an empty database), the pooled ones read the deleted file and failed to write
+    ("attempt to write a readonly database", a 500), and the engine's `SELECT 1` check passed on both: readiness stayed 200 (trial
+    11). Now no new file is made, the pooled connections are refused, requests get a 503
+    naming the file, and the check fails; the file put back is served again."""
     from tether.fastapi import health_router
 
-    path = tmp_path / "app.db"
+    (tmp_path / "data").mkdir()
+    path, aside = tmp_path / "data" / "app.db", tmp_path / "aside.db"
     lc = tether.Lifecycle()
     if variant == "async":
-        engine: Any = tsa.engine(lc, f"sqlite+aiosqlite:///{path}")
+        engine: Any = tsa.engine(lc, f"sqlite+aiosqlite:///{path}", pool_size=2)
+        sess: Any = tsa.session(lc, engine)
+
+        async def write(s: Any = Depends(sess)) -> dict[str, int]:
+            await s.execute(text("INSERT INTO t VALUES (1)"))
+            return {"rows": (await s.execute(text("SELECT count(*) FROM t"))).scalar()}
+
     else:
-        engine = tsa.sync_engine(lc, f"sqlite:///{path}")
+        engine = tsa.sync_engine(lc, f"sqlite:///{path}", pool_size=2)
+        sess = tsa.sync_session(lc, engine)
+
+        def write(s: Any = Depends(sess)) -> dict[str, int]:  # type: ignore[misc]
+            s.execute(text("INSERT INTO t VALUES (1)"))
+            return {"rows": s.execute(text("SELECT count(*) FROM t")).scalar()}
+
     app = FastAPI(lifespan=lc.lifespan)
     app.include_router(health_router(lc, cache=0))
+    app.post("/write")(write)
+    problem = (
+        f"the SQLite file {str(path)!r} is gone (deleted, or its volume unmounted, after the "
+        f"app started): tether opens no new connection to it (SQLite would create it anew, "
+        f"empty) and refuses the pooled ones (they would read the deleted file). Restore "
+        f"the file, then restart the app"
+    )
     with TestClient(app) as client:
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE t (v int)")
+        assert client.post("/write").json() == {"rows": 1}
         assert client.get("/health/ready").status_code == 200
-        for leftover in tmp_path.iterdir():
+        path.rename(aside)  # as a volume unmounted (or the file deleted) would
+        for leftover in path.parent.iterdir():
             leftover.unlink()
+        for _ in range(3):  # the pooled connection, then new ones
+            refused = client.post("/write")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["detail"] == (
+                f"Pool {engine.name!r} could not give a connection: {problem}."
+            )
+        assert not path.exists()
         ready = client.get("/health/ready")
         assert ready.status_code == 503
-        assert ready.json()["checks"][engine.name]["error"] == (
-            f"RuntimeError: the SQLite file {str(path)!r} is gone (deleted, or its volume "
-            f"unmounted, after the app started): connections opened since then use a new file "
-            f"(empty, with no tables: 'no such table'), and those opened before, the deleted "
-            f"one. Restore the file, then restart the app."
-        )
+        assert ready.json()["checks"][engine.name]["error"] == f"RuntimeError: {problem}."
+        aside.rename(path)  # the same file back: served again
+        assert client.post("/write").json() == {"rows": 2}
+        assert client.get("/health/ready").status_code == 200

@@ -1354,6 +1354,22 @@ def _lost(name: str, reason: str) -> ResourceUnavailable:
     return ResourceUnavailable(msg, resource=name, retry_after=1.0, lost=True)
 
 
+def _advice(
+    cause: BaseException | str, backend: str, *, refused: str | None, unreachable: bool
+) -> str:
+    """What to do about a pool that could not give a connection (`unavailable`)."""
+    if refused is not None:
+        return (
+            f"The server refused the credentials or the database (SQLSTATE {refused}): "
+            f"check the user, password and database name it connects with."
+        )
+    if isinstance(cause, BaseException) and _no_slot_left(cause):
+        return _NO_SLOT_LEFT
+    if unreachable:
+        return f"Retry shortly; if it persists, check that {backend} runs and is reachable."
+    return f"Retry shortly; if it persists, check {backend} and the pool size."
+
+
 def unavailable(
     name: str,
     cause: BaseException | str,
@@ -1374,7 +1390,8 @@ def unavailable(
     *backend* names what to check if it persists (``"the Redis server"``, ...). *refused*:
     the SQLSTATE of a server that refused the credentials or the database, which no retry
     mends. *unreachable*: the backend could not be reached, which the pool's size has
-    nothing to do with. *advice*: what to do, where the pool's size is not the point.
+    nothing to do with. *advice*: what to do, where the pool's size is not the point (empty:
+    *cause* says it).
     """
     state = []
     if size is not None:
@@ -1385,20 +1402,9 @@ def unavailable(
         state.append(f"waiting {waiting}")
     shown = f" ({', '.join(state)})" if state else ""
     reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-    if advice is not None:
-        pass
-    elif refused is not None:
-        advice = (
-            f"The server refused the credentials or the database (SQLSTATE {refused}): "
-            f"check the user, password and database name it connects with."
-        )
-    elif isinstance(cause, BaseException) and _no_slot_left(cause):
-        advice = _NO_SLOT_LEFT
-    elif unreachable:
-        advice = f"Retry shortly; if it persists, check that {backend} runs and is reachable."
-    else:
-        advice = f"Retry shortly; if it persists, check {backend} and the pool size."
-    msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}")
+    if advice is None:
+        advice = _advice(cause, backend, refused=refused, unreachable=unreachable)
+    msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}".rstrip())
     error = ResourceUnavailable(
         msg, resource=name, retry_after=retry_after, lost=lost, timed_out=timed_out
     )

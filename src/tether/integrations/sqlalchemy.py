@@ -61,6 +61,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
@@ -502,6 +503,10 @@ def _refused_to_send(exc: sa_exc.DBAPIError) -> bool:
 
 
 def _open_failure(info: _PoolInfo, exc: BaseException) -> ResourceUnavailable | None:
+    watch: FileWatch | None = getattr(info.engine, "_tether_sqlite_file", None)
+    problem = _sqlite_file_problem(watch) if watch is not None else None
+    if isinstance(exc, _SQLiteFileChanged) or (problem is not None and _is_unreachable(exc)):
+        return unavailable(info.name, problem or str(exc), advice="", unreachable=True)
     if isinstance(exc, sa_exc.TimeoutError):
         return info.timed_out(exc)
     if note_pgbouncer(exc, info.pgbouncer):
@@ -1669,9 +1674,14 @@ async def _select_one(eng: AsyncEngine) -> None:
 
 
 def _note_sqlite_file(eng: Engine, u: URL) -> None:
-    """Note which file an SQLite engine opened (its device and inode), for its check: once
-    the file is deleted, SQLite creates a new, empty one for each new connection while the
-    pooled ones go on reading the deleted one, and `SELECT 1` passes on either."""
+    """Note which file an SQLite engine opened (its device and inode), once it is open, and
+    keep to it: once the file is deleted, SQLite would create a new, empty one for each new
+    connection ("no such table", and a restart would find it empty), while the pooled ones
+    go on reading the deleted one (SQLite refuses their writes: "attempt to write a readonly
+    database", a 500), and `SELECT 1` passes on either. New connections open the file
+    read-write without creating it, and a checkout after the file changed refuses the pooled
+    connection: a 503 naming the file (`_open_failure`), and the engine's check fails
+    (`_same_sqlite_file`)."""
     database = u.database or ""
     if u.get_backend_name() != "sqlite" or database in ("", ":memory:"):
         return
@@ -1682,25 +1692,48 @@ def _note_sqlite_file(eng: Engine, u: URL) -> None:
     except OSError:
         return
     eng._tether_sqlite_file = watch  # type: ignore[attr-defined]
+    uri = f"{Path(watch.path).as_uri()}?mode=rw"
+
+    def open_existing(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        if cargs and isinstance(cargs[0], str) and not cparams.get("uri"):
+            cargs[0] = uri
+            cparams["uri"] = True
+
+    def same_file(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        problem = _sqlite_file_problem(watch)
+        if problem is not None:
+            raise _SQLiteFileChanged(problem)  # SQLAlchemy discards the connection
+
+    event.listen(eng, "do_connect", open_existing)
+    event.listen(eng, "checkout", same_file)
+
+
+class _SQLiteFileChanged(RuntimeError):
+    """A checkout refused: the engine's SQLite file is gone, or another is at its path."""
+
+
+def _sqlite_file_problem(watch: FileWatch) -> str | None:
+    changed = watch.changed()
+    if changed is None:
+        return None
+    if changed == "gone":
+        what = "is gone (deleted, or its volume unmounted, after the app started)"
+    else:
+        what = "was replaced (another file is at its path now)"
+    return (
+        f"the SQLite file {watch.path!r} {what}: tether opens no new connection to it (SQLite "
+        f"would create it anew, empty) and refuses the pooled ones (they would read the "
+        f"deleted file). Restore the file, then restart the app"
+    )
 
 
 def _same_sqlite_file(eng: Engine) -> None:
     """Fail the check of an SQLite engine whose file was deleted or replaced since it
     opened (`_note_sqlite_file`)."""
     watch: FileWatch | None = getattr(eng, "_tether_sqlite_file", None)
-    changed = watch.changed() if watch is not None else None
-    if watch is None or changed is None:
-        return
-    if changed == "gone":
-        what = "is gone (deleted, or its volume unmounted, after the app started)"
-    else:
-        what = "was replaced (another file is at its path now)"
-    msg = (
-        f"the SQLite file {watch.path!r} {what}: connections opened since then use a new file "
-        f"(empty, with no tables: 'no such table'), and those opened before, the deleted one. "
-        f"Restore the file, then restart the app."
-    )
-    raise RuntimeError(msg)
+    problem = _sqlite_file_problem(watch) if watch is not None else None
+    if problem is not None:
+        raise RuntimeError(f"{problem}.")
 
 
 def _check_pool_numbers(

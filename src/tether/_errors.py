@@ -481,19 +481,23 @@ class ResourceUnavailable(TetherError):
     the wait for a connection ran out of time (counted in the resource's ``timeouts``: the
     ``tether.resource.timeouts`` metric, and the ``db.client.connection.timeouts`` of the
     driver pool it draws from).
+
+    The app's own code may raise it: ``raise ResourceUnavailable("the upstream is busy",
+    retry_after=5)``; ``resource`` names what could not be had (raised while a resource
+    opens, that resource's name when not given).
     """
 
     def __init__(
         self,
         message: str,
         *,
-        resource: str,
+        resource: str | None = None,
         retry_after: float = 1.0,
         lost: bool = False,
         timed_out: bool = False,
     ) -> None:
         super().__init__(message)
-        self.resource = resource
+        self.resource: str | None = resource
         self.retry_after = retry_after
         self.lost = lost
         self.timed_out = timed_out

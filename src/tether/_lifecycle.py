@@ -678,6 +678,14 @@ class Lifecycle:
         error_status: Callable[[int], bool] | None = None,
         required: bool = True,
     ) -> Resource[Any]:
+        if isinstance(fn, Resource):
+            owner = "this Lifecycle" if fn.lifecycle is self else "another Lifecycle"
+            msg = (
+                f"lc.resource() was given {fn!r}, which is a resource already (of {owner}). "
+                f"Register its factory function instead, or, to use it, name it as a "
+                f"parameter of another resource or pass it to Depends()."
+            )
+            raise TypeError(msg)
         if name is not None:
             _check_name(name)
         rname = name or getattr(fn, "__name__", None)
@@ -1142,13 +1150,14 @@ class Lifecycle:
                 f"The resources already open were closed. It was tried {tries} times "
                 f"(retries={failure.res.retries}, backoff={failure.res.backoff:g} s): fix the "
                 f"cause above, or give {failure.res.name!r} more retries= or a longer "
-                f"timeout= if it is slow to come up."
+                f"{_open_timeout(failure.res)} if it is slow to come up."
             )
         else:
             msg = (
                 f"App resource {failure.res.name!r} failed to open: {cause}. "
                 f"The resources already open were closed. Fix the cause above, or give "
-                f"{failure.res.name!r} retries= or a longer timeout= if it is slow to come up."
+                f"{failure.res.name!r} retries= or a longer {_open_timeout(failure.res)} if it "
+                f"is slow to come up."
             )
         raise StartupError(msg, resource=failure.res.name) from failure.error
 
@@ -2422,6 +2431,21 @@ def _delayed_exit(lc: Lifecycle) -> Iterator[None]:
         serving = False
         restore()
         lc._stopping = False
+
+
+#: The option that bounds the open of an integration's app resource, by its factory's
+#: module (they take no ``timeout=``, except httpx's client).
+_OPEN_TIMEOUTS = {
+    "tether.integrations.asyncpg": "connect_timeout=",
+    "tether.integrations.psycopg": "open_timeout=",
+    "tether.integrations.sqlalchemy": "connect_timeout=",
+    "tether.integrations.redis": "socket_connect_timeout=",
+}
+
+
+def _open_timeout(res: Resource[Any]) -> str:
+    """The option a startup failure's advice names to give *res* more time to open."""
+    return _OPEN_TIMEOUTS.get(getattr(res.factory, "__module__", ""), "timeout=")
 
 
 def _format_stack(stack: list[tuple[str, int, str]] | None, what: str) -> str:

@@ -1543,13 +1543,17 @@ def task_stack(task: Any) -> tuple[list[tuple[str, int, str]], Any]:
     return frames, in_thread
 
 
-def count_open_failure(counters: Counters, exc: BaseException) -> None:
-    """Count an open that failed with *exc*: not a cancelled one (a client gone, a timeout
-    of the caller's), which is no failure of the resource."""
+def count_open_failure(counters: Counters, exc: BaseException, name: str) -> None:
+    """Count an open of resource *name* that failed with *exc*: not a cancelled one (a
+    client gone, a timeout of the caller's), which is no failure of the resource. A
+    ``ResourceUnavailable`` its factory raised naming nothing is named after it."""
     if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
         counters.open_errors += 1
-        if isinstance(exc, ResourceUnavailable) and exc.timed_out:
-            counters.timeouts += 1
+        if isinstance(exc, ResourceUnavailable):
+            if exc.resource is None:
+                exc.resource = name
+            if exc.timed_out:
+                counters.timeouts += 1
 
 
 def _code_run(func: Any) -> Any:
@@ -1794,7 +1798,7 @@ class Unit:
                 value, handle = await open_value(lc, target, list(args))
         except BaseException as exc:
             if started:
-                count_open_failure(target.counters, exc)
+                count_open_failure(target.counters, exc, res.name)
             self._open_failed(res)
             raise
         if self._ended():  # the unit ended while this opened (asked for by a task of its own)

@@ -148,7 +148,12 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
             said = result.get("error") or result.get("detail")
             error = f"  {said}" if said else ""
             print(f"{result['status']:8} {name:24} {result['latency_ms']:8.1f} ms{error}")
-        print(report["status"])
+        failing = sum(r["status"] != "ok" for r in report["checks"].values())
+        total = len(report["checks"])
+        if report["status"] == "ok":
+            print(f"ok: {total} check{'s' if total != 1 else ''} passed")
+        else:  # what /health/ready answers with a 503
+            print(f"{report['status']}: {failing} of {total} checks failed (readiness: 503)")
     return 0 if report["status"] == "ok" and not closing else 1
 
 
@@ -585,8 +590,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tether {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [
         ("graph", "print the resources in opening order with their dependencies"),

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 import weakref
@@ -1096,7 +1097,7 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                             handle = None
                             value = res.call(*args)
                     except BaseException as exc:
-                        count_open_failure(res.counters, exc)
+                        count_open_failure(res.counters, exc, res.name)
                         unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
                             raise no_value(res) from None
@@ -2576,7 +2577,7 @@ async def _websocket_ended(
         elif stage == 0 and "websocket.http.response" in extensions:
             await _answer(send, 503, _detail(lc, error), error.retry_after, "websocket.http")
         else:
-            reason = _close_reason(f"{error.resource!r} is unavailable now. Retry later.")
+            reason = _close_reason(_unavailable_now(error))
             await send({"type": "websocket.close", "code": 1013, "reason": reason})
     except Exception as exc:  # the client is gone
         log.debug("tether: %s: the answer was not sent: %s", label, describe(exc))
@@ -3020,7 +3021,12 @@ def _detail(lc: Lifecycle, error: ResourceUnavailable) -> str:
     resource's name only (the message is logged)."""
     if lc.expose_errors or error.resource == "lifecycle":  # "shutting down": nothing inside
         return str(error)
-    return f"{error.resource!r} is unavailable now. Retry later."
+    return _unavailable_now(error)
+
+
+def _unavailable_now(error: ResourceUnavailable) -> str:
+    what = "A resource" if error.resource is None else repr(error.resource)
+    return f"{what} is unavailable now. Retry later."
 
 
 # --------------------------------------------------------------------------- health
@@ -3100,10 +3106,15 @@ def health_router(
         if not lc.expose_errors:  # kept from the body: in the log, each time it changes
             for check in report.checks:
                 error = check.error or ""
-                if logged.get(check.name, "") != error:
-                    logged[check.name] = error
+                # Its figures aside (a time, a count: "none handed out for 7.2 s"), which
+                # change at each round: a line per probe, not per change (trial 14).
+                kind = _FIGURES.sub("#", error)
+                if logged.get(check.name, "") != kind:
                     if error:
                         log.warning("tether: readiness check %r fails: %s", check.name, error)
+                    elif logged.get(check.name):
+                        log.info("tether: readiness check %r passes again", check.name)
+                    logged[check.name] = kind
         return JSONResponse(
             report.as_dict(errors=lc.expose_errors),
             status_code=200 if report.ok else 503,
@@ -3111,6 +3122,10 @@ def health_router(
         )
 
     return router
+
+
+#: The figures in a check's error, left out when telling whether it changed.
+_FIGURES = re.compile(r"\d+(?:\.\d+)?")
 
 
 class _Reports:

@@ -1,5 +1,6 @@
 """/health/ready under a storm of probes: one round of checks per `cache=` seconds."""
 
+import logging
 import time
 from typing import Annotated
 
@@ -7,6 +8,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 
 import tether
 from tests.inprocess import client_of
@@ -187,10 +189,6 @@ def test_expose_errors_false_keeps_the_causes_out_of_client_bodies(
     """With `Lifecycle(expose_errors=False)` a 503's body names the resource only, and the
     readiness report says which check fails, not why (the server's address, the driver's
     error): the message goes to the log. By default both carry it."""
-    import logging
-
-    from fastapi.testclient import TestClient
-
     reason = "'pool' cannot reach postgresql://app:***@db.internal:5432/notes: refused"
     for expose in (True, False):
         lc = tether.Lifecycle(expose_errors=expose)
@@ -265,3 +263,39 @@ def test_a_report_is_not_reused_by_the_next_app_scope_nor_after_an_override() ->
             assert client.get("/health/ready").status_code == 503
         assert client.get("/health/ready").status_code == 200
         assert client.get("/health/ready").status_code == 200  # (reused, within the run)
+
+
+def test_a_failing_check_is_logged_once_while_only_its_figures_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With expose_errors=False a check's error is logged when it changes: a saturated
+    pool's ("none handed out for 7.2 s") changed at every probe, a line a second (trial
+    14). Its figures aside it is the same error; its end is logged too."""
+    lc = tether.Lifecycle(expose_errors=False)
+    state = {"failing": True, "probes": 0}
+
+    def check(pool: object) -> None:
+        state["probes"] += 1
+        if state["failing"]:
+            raise ConnectionError(f"none handed out for {state['probes'] * 1.5:.1f} s")
+
+    @lc.resource(scope="app", check=check)
+    def pool() -> object:
+        return object()
+
+    app = FastAPI(lifespan=lc.lifespan)
+    app.include_router(health_router(lc, cache=0))
+    with caplog.at_level(logging.INFO, logger="tether"), TestClient(app) as client:
+        caplog.clear()
+        for _ in range(3):
+            assert client.get("/health/ready").status_code == 503
+        state["failing"] = False
+        assert client.get("/health/ready").status_code == 200
+        state["failing"] = True
+        assert client.get("/health/ready").status_code == 503
+        logged = [m for m in caplog.messages if "readiness check" in m]
+    assert logged == [
+        "tether: readiness check 'pool' fails: ConnectionError: none handed out for 1.5 s",
+        "tether: readiness check 'pool' passes again",
+        "tether: readiness check 'pool' fails: ConnectionError: none handed out for 7.5 s",
+    ]

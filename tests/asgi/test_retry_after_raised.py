@@ -81,3 +81,32 @@ def test_a_retry_after_that_is_no_number_still_answers_503_with_1_second(
         return
     assert r.headers["retry-after"] == "1"
     assert WARNING.format(given) in caplog.messages
+
+
+@pytest.mark.parametrize("expose_errors", [True, False])
+@pytest.mark.parametrize("where", ["factory", "endpoint"])
+def test_raised_without_a_resource_name_is_a_503(where: str, expose_errors: bool) -> None:
+    """`ResourceUnavailable("busy")` raised the natural way (no `resource=`) was a
+    TypeError, a 500 (trial 16). Raised by a resource's factory it names that resource."""
+    lc = tether.Lifecycle(expose_errors=expose_errors)
+
+    @lc.resource
+    async def upstream() -> AsyncIterator[str]:
+        if where == "factory":
+            raise tether.ResourceUnavailable("the upstream is busy", retry_after=5)
+        yield "upstream"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(u: Annotated[str, Depends(upstream)]) -> str:
+        raise tether.ResourceUnavailable("the upstream is busy", retry_after=5)
+
+    response = served(app, lc)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    named = "'upstream'" if where == "factory" else "A resource"
+    detail = (
+        "the upstream is busy" if expose_errors else f"{named} is unavailable now. Retry later."
+    )
+    assert response.json() == {"detail": detail}

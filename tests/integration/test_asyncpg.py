@@ -673,7 +673,8 @@ class TestStartup:
         fix = re.escape(
             ". Check that the server runs and is reachable from here, and the address and "
             "credentials in its DSN. The resources already open were closed. Fix the cause "
-            "above, or give 'pool' retries= or a longer timeout= if it is slow to come up."
+            "above, or give 'pool' retries= or a longer connect_timeout= if it is slow to come "
+            "up."
         )
         assert re.fullmatch(f"{reason}(ConnectionRefusedError|OSError): .+{fix}", text), text
         chain: BaseException | None = error

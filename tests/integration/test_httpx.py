@@ -383,7 +383,9 @@ class TestPoolFigures:
                 check = report["http"]
                 assert report.ok, report
                 assert check.detail is not None
-                assert check.detail.startswith("busy: all 2 connections in use; one was handed")
+                assert check.detail.startswith(
+                    "busy: all 2 connections in use; the last response came"
+                )
                 await asyncio.sleep(1.1)  # no response for longer than the pool timeout
                 first = asyncio.create_task(c.get("/echo/x"))
                 for _ in range(50):
@@ -395,7 +397,7 @@ class TestPoolFigures:
                 assert report.ok, report
                 assert report["http"].detail is not None
                 assert report["http"].detail.startswith(
-                    "busy: all 2 connections in use, 1 waiting; one was handed out"
+                    "busy: all 2 connections in use, 1 waiting; the last response came"
                 )
                 with pytest.raises(thttpx.PoolUnavailable):
                     await first  # its wait timed out: the next one's fails too
@@ -409,7 +411,7 @@ class TestPoolFigures:
                 assert not report.ok
                 assert report["http"].error is not None
                 assert report["http"].error.startswith(
-                    "saturated: all 2 connections in use, 1 waiting, and none handed out for"
+                    "saturated: all 2 connections in use, 1 waiting, and no response came for"
                 )
                 await a.aread()
                 await b.aread()

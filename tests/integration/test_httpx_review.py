@@ -175,7 +175,7 @@ async def test_through_a_proxy_readiness_and_figures_read_its_pool(
             assert report.ok, report
             assert report["http"].detail is not None
             assert report["http"].detail.startswith(
-                "busy: all 2 connections in use; one was handed out"
+                "busy: all 2 connections in use; the last response came"
             )
             assert [r.status_code for r in await asyncio.gather(*load)] == [200, 200]
             assert lc.stats().resources["http"].timeouts == 0

@@ -206,6 +206,29 @@ def test_an_aiosqlite_connection_of_a_sqlalchemy_engine(tmp_path: Path) -> None:
         tsqlite.connection(lc, engine)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fn", ["session", "sync_session"])
+def test_a_session_of_an_asyncpg_pool(fn: str) -> None:
+    """A session given another integration's pool was accepted, to fail at its first use
+    with `AttributeError: 'Pool' object has no attribute 'sync_engine'`; a sync_session
+    asked for concurrency=, which moved the failure to the first request (trial 16)."""
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, "postgresql://u:pw@h/db")
+    maker = "engine" if fn == "session" else "sync_engine"
+    with pytest.raises(
+        TypeError,
+        match=exactly(
+            f"{fn}(): the engine resource 'pool' is an asyncpg resource of "
+            f"tether.integrations.asyncpg, not an engine made by "
+            f"tether.integrations.sqlalchemy.{maker}(). Pass one made by "
+            f"tether.integrations.sqlalchemy.{maker}() (`engine = "
+            f"tether.integrations.sqlalchemy.{maker}(lc, url)`), or use the integration that "
+            f"made 'pool' to use it."
+        ),
+    ):
+        getattr(tsa, fn)(lc, pool)
+    assert list(lc.resources) == ["pool"]
+
+
 def test_a_session_given_a_url_hides_its_password() -> None:
     with pytest.raises(
         TypeError,

@@ -351,7 +351,7 @@ class TestStartup:
             f"logs each attempt as \"error connecting in 'pool'\"); or the server is slow to "
             f"accept more connections: give open_timeout= more seconds. The resources already "
             f"open were closed. Fix the cause above, or give 'pool' retries= or a longer "
-            f"timeout= if it is slow to come up."
+            f"open_timeout= if it is slow to come up."
         )
         assert postgres.activity_after_close(name) == []
 

@@ -100,7 +100,7 @@ async def post(app: FastAPI, path: str) -> tuple[int, float]:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_thread_still_querying_is_hung_up_and_nothing_is_committed(
-    postgres: Postgres, table: None, driver: str
+    postgres: Postgres, table: None, driver: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip(driver)
     app_name = f"unj-q-{uuid.uuid4().hex[:8]}"
@@ -139,6 +139,14 @@ async def test_a_thread_still_querying_is_hung_up_and_nothing_is_committed(
         status, took = await post(app, "/a")
         assert status != 200, status
         assert took < 5, took  # (before: close_timeout, 10 s)
+        # The line ends with the fix (it ended "join_transaction_mode": trial 13).
+        said = [r.getMessage() for r in caplog.records if "not joined" in r.getMessage()]
+        assert said, caplog.text
+        assert said[0].endswith(
+            "Join every thread using the session before its unit of work ends: before the "
+            "endpoint returns; in a job, `await unit.run_sync(fn, session)` waits for its "
+            "thread, even when cancelled."
+        ), said
         assert done.wait(10)
         assert errors
         assert isinstance(errors[0], sa_exc.DBAPIError), errors

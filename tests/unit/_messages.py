@@ -10,11 +10,12 @@ def exactly(message: str) -> str:
     return f"^{re.escape(message)}$"
 
 
-def startup(resource: str, cause: str) -> str:
+def startup(resource: str, cause: str, timeout: str = "timeout=") -> str:
+    """*timeout*: the option that bounds the resource's open (an integration's own)."""
     return exactly(
         f"App resource {resource!r} failed to open: {cause}. The resources already open were "
-        f"closed. Fix the cause above, or give {resource!r} retries= or a longer timeout= if it "
-        f"is slow to come up."
+        f"closed. Fix the cause above, or give {resource!r} retries= or a longer {timeout} if "
+        f"it is slow to come up."
     )
 
 

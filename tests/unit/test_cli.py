@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import tether
 from tests.unit import cli_target
 from tests.unit._messages import exactly
 from tether.cli import main
@@ -65,7 +66,7 @@ def test_graph_lists_request_resources_after_what_they_use(
 def test_check_passes_then_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """`check` exits 0 when every check passes and 1 when one fails, saying which."""
     assert main(["check", TARGET]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "ok"
+    assert capsys.readouterr().out.splitlines()[-1] == "ok: 1 check passed"
     cli_target.healthy["db"] = False
     try:
         assert main(["check", TARGET]) == 1
@@ -73,7 +74,7 @@ def test_check_passes_then_fails(capsys: pytest.CaptureFixture[str]) -> None:
         cli_target.healthy["db"] = True
     out = capsys.readouterr().out
     assert "ConnectionError: connection refused" in out
-    assert out.splitlines()[-1] == "unavailable"
+    assert out.splitlines()[-1] == "unavailable: 1 of 1 checks failed (readiness: 503)"
 
 
 def test_check_keeps_its_report_when_a_close_fails(capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +120,7 @@ def test_check_prints_what_a_passing_check_says(capsys: pytest.CaptureFixture[st
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ok       db ")
     assert lines[0].endswith(" ms  busy: all 2 connections in use")
-    assert lines[-1] == "ok"
+    assert lines[-1] == "ok: 1 check passed"
 
 
 def test_graph_of_a_cycle_says_so_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
@@ -443,3 +444,11 @@ def test_check_writes_nothing_to_the_services_metrics_directory(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     assert list(shared.iterdir()) == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tether --version` said "the following arguments are required: command" (trial 16)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"tether {tether.__version__}\n"

@@ -318,6 +318,31 @@ class TestRegistration:
         with pytest.raises(ValueError, match=rf"^{expected}$"):
             lc.resource(r)
 
+    @pytest.mark.parametrize("owner", ["this", "another"])
+    @pytest.mark.parametrize("named", [False, True])
+    def test_a_resource_given_to_lc_resource_again_is_refused(
+        self, owner: str, named: bool
+    ) -> None:
+        """A resource registered again (decorated twice, or moved to a second Lifecycle)
+        was refused for its name, and with name= accepted, to fail at its first use naming
+        a parameter 'connection' the user never wrote (trial 16)."""
+        first = tether.Lifecycle()
+
+        @first.resource
+        def conn() -> int:
+            return 1
+
+        lc = first if owner == "this" else tether.Lifecycle()
+        options = {"name": "again"} if named else {}
+        with pytest.raises(TypeError) as caught:
+            lc.resource(**options)(conn)
+        assert str(caught.value) == (
+            f"lc.resource() was given <tether.Resource 'conn' scope='request'>, which is a "
+            f"resource already (of {owner} Lifecycle). Register its factory function instead, "
+            f"or, to use it, name it as a parameter of another resource or pass it to Depends()."
+        )
+        assert list(lc.resources) == (["conn"] if owner == "this" else [])
+
     async def test_app_resource_registered_while_running(self) -> None:
         """Registering an app resource after startup raises ScopeError."""
         lc = tether.Lifecycle()

@@ -805,6 +805,10 @@ _MADE = {
 }
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def check_resource(
     lc: Any, value: object, *, where: str, param: str, maker: str, example: str
 ) -> None:
@@ -833,7 +837,7 @@ def check_resource(
     made = _MADE.get(module)
     if made is not None and not maker.startswith(module + "."):
         msg = (
-            f"{where}: the {param} resource {value.name!r} is {made}, not a {param} made by "
+            f"{where}: the {param} resource {value.name!r} is {made}, not {_a(param)} made by "
             f"{maker}. Pass one made by {maker} ({declare}), or use the integration that "
             f"made {value.name!r} to use it."
         )
@@ -1162,6 +1166,7 @@ def saturation(
     timed_out_at: float,
     holders: str = "the queries holding them",
     backend: str = "the database",
+    served_as: tuple[str, str] = ("one was handed out", "none handed out"),
 ) -> tuple[bool, str] | None:
     """A pool's readiness when every connection is in use (``Resource.saturation``).
 
@@ -1176,7 +1181,8 @@ def saturation(
     (``None``: the pool waits without end, and nothing times out). The pool enforces its
     timeout, so a unit that waited longer than it is one that timed out: the pools' acquire
     wrappers note when a wait timed out (``time.monotonic()``, on that failure only), and
-    *served* when one was handed out.
+    *served* when one was handed out. *served_as* says what *served* is, as it was and as
+    it was not (an httpx client's: when a request last got its response).
     """
     most, in_use = figures.max, figures.in_use
     waiting = figures.waiting or 0
@@ -1200,12 +1206,12 @@ def saturation(
     recent = served < timed_out_at and now - timed_out_at <= (within or 0.0)
     if waiting and within is not None and recent and ago > within:
         return False, (
-            f"saturated: {held} in use, {waiting} waiting, and none handed "
-            f"out for {ago:.1f} s (longer than {timeout_name}={within:g} s): {holders} "
+            f"saturated: {held} in use, {waiting} waiting, and {served_as[1]} "
+            f"for {ago:.1f} s (longer than {timeout_name}={within:g} s): {holders} "
             f"are stuck, or {backend} stopped answering"
         )
     queue = f", {waiting} waiting" if waiting else ""
-    return True, f"busy: {held} in use{queue}; one was handed out {ago:.1f} s ago"
+    return True, f"busy: {held} in use{queue}; {served_as[0]} {ago:.1f} s ago"
 
 
 class _Forks:

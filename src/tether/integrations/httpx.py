@@ -517,6 +517,7 @@ def client(
         timed_out_at=max((t.timed_out_at for t in _transports[c]), default=-math.inf),
         holders="the requests holding them",
         backend="the server it calls",
+        served_as=("the last response came", "no response came"),
     )
     return res
 

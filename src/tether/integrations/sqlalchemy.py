@@ -100,7 +100,7 @@ from .._errors import (
     unstopped,
 )
 from .._resource import Resource
-from .._scope import set_token_wait
+from .._scope import SALVAGE, set_token_wait
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -124,6 +124,7 @@ from ._common import (
     check_budget_policy,
     check_check,
     check_dsn_value,
+    check_resource,
     closed_by_tether,
     commit_not_sent,
     connection_lost,
@@ -631,6 +632,64 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 
 _FAILED = "tether_failed"  # in a connection's info: a statement failed in its transaction
 _IN_FAILED_TRANSACTION = "25P02"
+
+
+#: The cancel requests `_cancel_before_hang_up` sends, until they are sent.
+_CANCELS: set[asyncio.Task[None]] = set()
+
+
+def _cancel_before_hang_up(eng: Engine, name: str) -> None:
+    """Have the server cancel the statement of an asyncpg connection discarded while asyncpg
+    cancels it. A task cancelled mid-statement again and again (anyio's cancel scopes:
+    under a ``BaseHTTPMiddleware``, or a task group, the request's task is cancelled at
+    every await) fails at once in SQLAlchemy, which discards the connection and so hangs
+    it up: that cancels asyncpg's own cancel request, and the statement ran on, for its
+    whole length, after the unit of work (and at a shutdown, the process) had ended (trial
+    17). The same request is sent from a task of tether's own, which the hang-up does not
+    cancel; the engine's close waits for it. Not otherwise: a connection discarded with no
+    cancel under way runs nothing. (psycopg closes its connection itself first, its own
+    cancel request cancelled the same way: not mended here.)"""
+
+    def invalidated(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
+        raw = getattr(dbapi_connection, "driver_connection", None)
+        pending = getattr(raw, "_cancellations", None)
+        if not pending or all(task.done() for task in pending):
+            return
+        try:
+            from asyncpg import connect_utils
+
+            protocol = raw._protocol  # type: ignore[union-attr]
+            request = connect_utils._cancel(
+                loop=raw._loop,  # type: ignore[union-attr]
+                addr=raw._addr,  # type: ignore[union-attr]
+                params=raw._params,  # type: ignore[union-attr]
+                backend_pid=protocol.backend_pid,
+                backend_secret=protocol.backend_secret,
+            )
+        except Exception as exc:  # another asyncpg: its own cancel, as before
+            log.debug("tether: engine %r: no cancel request sent: %s", name, describe(exc))
+            return
+        task = raw._loop.create_task(_send_cancel(request, name))  # type: ignore[union-attr]
+        _CANCELS.add(task)
+        task.add_done_callback(_CANCELS.discard)
+
+    event.listen(eng, "invalidate", invalidated)
+
+
+async def _send_cancel(request: Awaitable[Any], name: str) -> None:
+    try:
+        async with asyncio.timeout(SALVAGE):
+            await request
+    except (Exception, asyncio.CancelledError) as exc:  # best effort, as asyncpg's own
+        log.debug("tether: engine %r: the cancel request failed: %s", name, describe(exc))
+
+
+async def _cancels_sent() -> None:
+    """Wait (shielded, at most `SALVAGE` seconds) for the cancel requests under way."""
+    pending = [task for task in _CANCELS if task.get_loop() is asyncio.get_running_loop()]
+    if pending:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(pending, timeout=SALVAGE)
 
 
 def _refuse_failed_commits(
@@ -2049,6 +2108,8 @@ def engine(
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
             _close_streams_on_return(eng.sync_engine, name)
+            if u.get_driver_name() == "asyncpg":
+                _cancel_before_hang_up(eng.sync_engine, name)
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
@@ -2084,6 +2145,7 @@ def engine(
         finally:
             forget_budget(lc, name)
             info.engine = None
+            await _cancels_sent()
             await eng.dispose()
 
     res = _register_engine(
@@ -2117,6 +2179,19 @@ class _Guarded:
     # The endpoint began a commit (`_note_committing`), which a lost connection may have
     # cut short before or after the server committed.
     _tether_committing = False
+    # Its resource's name; tether's own close at the end of the unit of work (`_end`).
+    _tether_name = "session"
+    _tether_ending = False
+
+    def close(self) -> None:
+        """Refuse the endpoint's own ``close()`` (or ``with session:``) of a session with
+        writes not committed: it would roll them back while the request goes on, and
+        tether's commit at the end would then commit nothing, or only what came after
+        (a 200 for writes lost; trial 13). tether's own close, and a close with nothing
+        to lose, go through."""
+        if not self._tether_ending and self._tether_closed is None and _loses_writes(self):
+            raise ScopeError(_closed_by_the_endpoint(self._tether_name))
+        super().close()  # type: ignore[misc]
 
     def _autobegin_t(self, begin: bool = False) -> Any:
         closed = self._tether_closed
@@ -2159,6 +2234,45 @@ class _Guarded:
 
 
 _MISSING = object()
+
+
+def _loses_writes(session: Any) -> bool:
+    """Whether closing *session* now would lose writes: objects added, changed or deleted
+    and not flushed, or a transaction that wrote on the server (PostgreSQL: it has a
+    transaction id; SQLite: its connection is in a transaction). Only on a close by the
+    endpoint: a query, on PostgreSQL."""
+    if session.new or session.deleted or session.dirty:
+        return True
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    for conn, *_ in list(getattr(transaction, "_connections", {}).values()):
+        if conn.closed or conn.invalidated:
+            continue
+        dialect = conn.dialect.name
+        try:
+            if dialect == "postgresql":
+                if conn.exec_driver_sql(_WROTE).scalar():
+                    return True
+            elif dialect != "sqlite" or conn.connection.driver_connection.in_transaction:
+                return True
+        except Exception:  # its transaction failed already: nothing of it can be committed
+            continue
+    return False
+
+
+#: Whether the transaction wrote anything on the server: it has a transaction id.
+_WROTE = "SELECT txid_current_if_assigned() IS NOT NULL"
+
+
+def _closed_by_the_endpoint(name: str) -> str:
+    return (
+        f"Session {name!r} has writes not committed, and the endpoint closed it "
+        f"(session.close(), or `with session:`): that would roll them back while the request "
+        f"goes on, and answer 200 for writes that were lost. tether commits the session when "
+        f"the unit of work succeeds, and closes it: do not close it yourself. Call "
+        f"session.commit() to keep the writes now, or session.rollback() to discard them."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2596,6 +2710,15 @@ def _check_engine(lc: Lifecycle, engine: Any, what: str) -> None:
             f"another resource) on this Lifecycle, not {shown}."
         )
         raise TypeError(msg)
+    maker = "sync_engine" if what.startswith("sync_") else "engine"
+    check_resource(  # a pool of another integration's (an asyncpg pool)
+        lc,
+        engine,
+        where=what,
+        param="engine",
+        maker=f"tether.integrations.sqlalchemy.{maker}()",
+        example=f"tether.integrations.sqlalchemy.{maker}(lc, url)",
+    )
     made_async = _made_async(engine)
     if made_async is not None and made_async == what.startswith("sync_"):
         made, use, other = (
@@ -2815,10 +2938,11 @@ def session(
     ) -> AsyncIterator[AsyncSession]:
         if info.engine is None:
             info.engine = eng.sync_engine
-        extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
+        extra = session_kwargs if join is None else {**session_kwargs, _JOIN_MODE: join}
         extra = {**extra, "sync_session_class": sync_class_of(extra)}
         bind, extra = bound(eng, extra, join is not None)
         s = session_class(bind, expire_on_commit=expire_on_commit, **extra)
+        cast("_Guarded", s.sync_session)._tether_name = name
         if join is None and info.rolled_back:  # tests only: outside the block open
             _outside_the_block(info, None if connect else s.sync_session)
         if connect:
@@ -2915,6 +3039,7 @@ def session(
                     raise lost_after_commit(info.name, describe(exc.orig or exc)) from exc
                 raise commit_not_sent(info.name, exc.orig or exc) from exc
         finally:
+            cast("_Guarded", s.sync_session)._tether_ending = True
             await _when_free(s.close)
             _mark_closed(s, closed_message, res)
 
@@ -3582,9 +3707,10 @@ def sync_session(
         if info.engine is None:
             info.engine = eng if isinstance(eng, Engine) else eng.engine
             _note_executions_once(info.engine)  # an engine not made by sync_engine()
-        extra = session_kwargs if join is None else {**session_kwargs, _JOIN: join}
+        extra = session_kwargs if join is None else {**session_kwargs, _JOIN_MODE: join}
         bind, extra = bound(eng, extra, join is not None)
         s = guarded_class(bind, expire_on_commit=expire_on_commit, **extra)
+        s._tether_name = name
         if join is None and info.rolled_back:  # tests only: outside the block open
             _outside_the_block(info, None if connect else s)
         if connect:
@@ -3654,6 +3780,7 @@ def sync_session(
             # (taking a connection for good) between the close and the mark.
             _mark_closed(s, closed_message, res)
             if went == "free":
+                s._tether_ending = True
                 s.close()
 
     closed_message = _closed_message(name, release)
@@ -3669,7 +3796,7 @@ def sync_session(
 # --------------------------------------------------------------------------- tests
 
 
-_JOIN = "join_transaction_mode"  # Session's, for `rolled_back`
+_JOIN_MODE = "join_transaction_mode"  # Session's, for `rolled_back`
 _SETTLE = 10.0  # seconds `rolled_back` waits, at its end, for a session still open
 
 

@@ -441,6 +441,7 @@ def install(app: Any, lc: Lifecycle) -> None:
         lc._sweepers.append(_Sweeper(lc))
         lc._sweepers.append(_refusals(lc))
     _install_after_router_lifespans(app, lc)
+    _answer_the_shutdown(app)
 
 
 def _install_after_router_lifespans(app: Any, lc: Lifecycle) -> None:
@@ -2383,6 +2384,8 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
     if unit.state == 0 and _stopped_by_the_shutdown(unit, exc):
         with contextlib.suppress(Exception):  # the client (or its connection) is gone
             await _answer(unit._send, 503, _SHUTTING_DOWN, 5.0)
+    elif unit.state == 0:
+        _cut_before_the_start(scope, unit, exc)
     raise exc
 
 
@@ -2404,13 +2407,95 @@ def _stopped_by_the_shutdown(unit: HttpUnit, exc: BaseException) -> bool:
         why = f"drain_timeout={unit.lc.drain_timeout:g} s ran out"
     else:
         return False
+    _log_answered_503(unit.label, why)
+    return True
+
+
+def _log_answered_503(label: str, why: str) -> None:
     log.warning(
         "tether: %s answered 503: the server cancelled it as it shut down (%s); its values "
         "closed with the cancellation (rolled back)",
-        unit.label,
+        label,
         why,
     )
-    return True
+
+
+def _cut_before_the_start(scope: Any, unit: HttpUnit, exc: BaseException) -> None:
+    """Note, in the request's *scope*, a unit of work cancelled before its response started
+    by a cancel that does not say who sent it: a ``BaseHTTPMiddleware``'s task group's,
+    passing on the cancel of the request's task (`_AnswersTheShutdown` reads it there)."""
+    if scope is not None and isinstance(exc, asyncio.CancelledError):
+        scope["tether.cut"] = unit.label
+
+
+def _has_base_http_middleware(app: Any) -> bool:
+    """Whether *app* runs a ``BaseHTTPMiddleware`` (``@app.middleware("http")``)."""
+    try:
+        from starlette.middleware.base import BaseHTTPMiddleware
+    except ImportError:  # pragma: no cover - Starlette has it
+        return False
+    for middleware in getattr(app, "user_middleware", None) or ():
+        cls = getattr(middleware, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, BaseHTTPMiddleware):
+            return True
+    return False
+
+
+class _AnswersTheShutdown:
+    """Around the middleware stack of an app that runs a ``BaseHTTPMiddleware``: answers
+    503 with ``Retry-After`` for a request of tether's cancelled by the server's shutdown
+    (uvicorn's ``--timeout-graceful-shutdown``) before its response started, as tether does
+    without the middleware (`_stopped_by_the_shutdown`). The middleware runs the route in a
+    task group of its own: the route's task is cancelled by the task group, with a cancel
+    that does not say uvicorn sent it, and the middleware's task, which could still answer,
+    is cancelled too; only here does uvicorn's cancel come through as sent. Installed only
+    on such apps: a send wrapped per request."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError as exc:
+            label = scope.get("tether.cut")
+            if label is not None and not started and _GRACEFUL in str(exc):
+                _log_answered_503(label, "uvicorn's --timeout-graceful-shutdown ran out")
+                with contextlib.suppress(Exception):  # the client (or its connection) is gone
+                    await _answer(send, 503, _SHUTTING_DOWN, 5.0)
+            raise
+
+
+def _answer_the_shutdown(app: Any) -> None:
+    """Install `_AnswersTheShutdown` on *app* if it runs a ``BaseHTTPMiddleware``: around
+    its middleware stack, or, not built yet, around the one it builds."""
+    if not _has_base_http_middleware(app):
+        return
+    stack = getattr(app, "middleware_stack", None)
+    if stack is None:  # built at the first request (a lifespan entered by hand)
+        build = app.build_middleware_stack
+        if not getattr(build, "_tether_answers", False):
+
+            def building() -> ASGIApp:
+                return _AnswersTheShutdown(build())
+
+            building._tether_answers = True  # type: ignore[attr-defined]
+            app.build_middleware_stack = building
+    elif not isinstance(stack, _AnswersTheShutdown):
+        app.middleware_stack = _AnswersTheShutdown(stack)
 
 
 class _ThenCancelled:
@@ -2795,6 +2880,7 @@ async def _handler_failed(
     if _stopped_by_the_shutdown(unit, exc):
         answer = _response(503, _SHUTTING_DOWN, 5.0)
         return _ThenCancelled(_ClosedFirst(answer, unit, exc) if deferred else answer, exc)
+    _cut_before_the_start(getattr(unit.request, "scope", None), unit, exc)
     raise exc
 
 
@@ -2841,6 +2927,8 @@ def _app_reports(scope: Any, failed: BaseException) -> bool:
     # `ServerErrorMiddleware` the exception reaches on its way out. Its handler, not the
     # app's `exception_handlers`: the one the stack was built with is the one that runs.
     stack = getattr(scope.get("app"), "middleware_stack", None)
+    if isinstance(stack, _AnswersTheShutdown):
+        stack = stack.app
     return (
         isinstance(failed, Exception)
         and isinstance(stack, ServerErrorMiddleware)

@@ -35,7 +35,7 @@ import re
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Never, TypeVar, overload
 
 import anyio
@@ -62,6 +62,7 @@ from ._errors import (
     _a_type,
     check_bool,
     check_number,
+    closest,
     describe,
     is_seconds,
     not_options,
@@ -3128,6 +3129,7 @@ def health_router(
     *,
     prefix: str = "/health",
     cache: float = 1.0,
+    optional: Iterable[str] = (),
     **unknown: Never,  # a misspelt option: refused naming the one meant
 ) -> Any:
     """An ``APIRouter`` serving ``{prefix}/live`` and ``{prefix}/ready``.
@@ -3143,6 +3145,11 @@ def health_router(
     per node) costs the database one round of checks per *cache* seconds. The state is
     never cached: ``ready`` fails the moment the app starts draining. ``cache=0`` runs
     the checks for every probe.
+
+    *optional* names the resources the app can serve without (a cache, an upstream many
+    instances share): their checks are run and reported (``"optional": true``), failing
+    or down, but do not fail ``ready``, so that their outage does not take every instance
+    out of rotation at once.
     """
     from fastapi import APIRouter
 
@@ -3174,6 +3181,7 @@ def health_router(
             f"e.g. cache=1.0, or 0 to run the checks for every probe."
         )
         raise ValueError(msg)
+    spared = _optional_checks(lc, optional)
     router = APIRouter(prefix=prefix, tags=["health"])
     last = _Reports(lc, cache)
 
@@ -3190,7 +3198,12 @@ def health_router(
     @router.get("/ready")
     async def ready() -> JSONResponse:
         report = await last.report()
-        headers = {} if report.ok else {"Retry-After": "5"}
+        ok = report.ok or (
+            bool(spared)
+            and report.state == "running"
+            and all(c.ok or c.name in spared for c in report.checks)
+        )
+        headers = {} if ok else {"Retry-After": "5"}
         if not lc.expose_errors:  # kept from the body: in the log, each time it changes
             for check in report.checks:
                 error = check.error or ""
@@ -3203,13 +3216,48 @@ def health_router(
                     elif logged.get(check.name):
                         log.info("tether: readiness check %r passes again", check.name)
                     logged[check.name] = kind
-        return JSONResponse(
-            report.as_dict(errors=lc.expose_errors),
-            status_code=200 if report.ok else 503,
-            headers=headers,
-        )
+        body = report.as_dict(errors=lc.expose_errors)
+        if spared:
+            body["status"] = "ok" if ok else "unavailable"
+            for name, check in body["checks"].items():
+                if name in spared:
+                    check["optional"] = True
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     return router
+
+
+def _optional_checks(lc: Lifecycle, optional: object) -> frozenset[str]:
+    """`health_router`'s *optional*, checked: names of resources declared on *lc*."""
+    where = "health_router(optional=...)"
+    if isinstance(optional, str) or not isinstance(optional, Iterable):
+        msg = (
+            f"{where}: optional={optional!r} is {_a_type(optional)}, not a list of resource "
+            f'names: pass them in a list, e.g. optional=["cache"].'
+        )
+        raise TypeError(msg)
+    names = list(optional)
+    declared = lc.resources
+    for name in names:
+        if not isinstance(name, str):
+            got = f"{name!r}, {_a_type(name)}"
+            if isinstance(name, Resource):
+                got = f"the resource {name.name!r} itself"
+            msg = (
+                f"{where}: {got} is no resource name: pass the names, e.g. "
+                f'optional=["cache"] (a resource\'s name is its .name).'
+            )
+            raise TypeError(msg)
+        if name not in declared:
+            near = closest(name, declared)
+            meant = f" (did you mean {near!r}?)" if near else ""
+            msg = (
+                f"{where}: {name!r} is no resource of this Lifecycle{meant}. Name a declared "
+                f"resource, declared before health_router() is called; its resources: "
+                f"{', '.join(map(repr, declared)) or 'none yet'}."
+            )
+            raise ValueError(msg)
+    return frozenset(names)
 
 
 #: The figures in a check's error, left out when telling whether it changed.

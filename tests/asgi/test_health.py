@@ -299,3 +299,78 @@ def test_a_failing_check_is_logged_once_while_only_its_figures_change(
         "tether: readiness check 'pool' passes again",
         "tether: readiness check 'pool' fails: ConnectionError: none handed out for 7.5 s",
     ]
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_an_optional_resource_down_or_failing_does_not_fail_readiness(optional: bool) -> None:
+    """The recipe's cache the app can run without (required=False): down, it failed
+    readiness, and so took every instance out of rotation at once (trial 16). Named in
+    optional=, it is reported, failing, and /ready stays 200; a required check still
+    fails it."""
+    lc = tether.Lifecycle()
+    state = {"db": True}
+
+    def db_check(db: object) -> None:
+        if not state["db"]:
+            raise ConnectionError("db down")
+
+    @lc.resource(scope="app", check=db_check)
+    def db() -> object:
+        return object()
+
+    @lc.resource(scope="app", required=False, retries=0)
+    def cache() -> object:
+        raise ConnectionError("cache down")
+
+    def upstream_check(upstream: object) -> None:
+        raise ConnectionError("upstream down")
+
+    @lc.resource(scope="app", check=upstream_check)
+    def upstream() -> object:
+        return object()
+
+    app = FastAPI(lifespan=lc.lifespan)
+    names = ["cache", "upstream"] if optional else []
+    app.include_router(health_router(lc, cache=0, optional=names))
+    with TestClient(app) as client:
+        ready = client.get("/health/ready")
+        body = ready.json()
+        assert body["checks"]["cache"]["status"] == "failing"
+        assert body["checks"]["upstream"]["status"] == "failing"
+        if optional:
+            assert (ready.status_code, body["status"]) == (200, "ok")
+            assert body["checks"]["cache"]["optional"] is True
+            assert body["checks"]["upstream"]["optional"] is True
+            assert "optional" not in body["checks"]["db"]
+            assert "retry-after" not in ready.headers
+        else:
+            assert (ready.status_code, body["status"]) == (503, "unavailable")
+        state["db"] = False  # a required one: readiness fails whatever the others do
+        failed = client.get("/health/ready")
+        assert (failed.status_code, failed.json()["status"]) == (503, "unavailable")
+        assert failed.headers["retry-after"] == "5"
+
+
+def test_optional_names_declared_resources() -> None:
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def cache() -> object:
+        return object()
+
+    with pytest.raises(ValueError, match=exactly(
+        "health_router(optional=...): 'cahce' is no resource of this Lifecycle (did you "
+        "mean 'cache'?). Name a declared resource, declared before health_router() is "
+        "called; its resources: 'cache'."
+    )):  # fmt: skip
+        health_router(lc, optional=["cahce"])
+    with pytest.raises(TypeError, match=exactly(
+        "health_router(optional=...): optional='cache' is a str, not a list of resource "
+        "names: pass them in a list, e.g. optional=[\"cache\"]."
+    )):  # fmt: skip
+        health_router(lc, optional="cache")
+    with pytest.raises(TypeError, match=exactly(
+        "health_router(optional=...): the resource 'cache' itself is no resource name: pass "
+        "the names, e.g. optional=[\"cache\"] (a resource's name is its .name)."
+    )):  # fmt: skip
+        health_router(lc, optional=[cache])  # type: ignore[list-item]

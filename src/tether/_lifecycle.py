@@ -1590,13 +1590,22 @@ class Lifecycle:
                     with anyio.move_on_after(self.close_timeout):
                         await self._drained.wait()
         await self._stop_opening()
+        closing = [slot.res.name for slot in reversed(self._app_slots) if slot.entry is not None]
+        started = time.perf_counter()
         errors = await self._close_app_slots(note=True)
+        if closing:
+            log.info(
+                "tether: %d app resources closed in %.3f s, in this order: %s",
+                len(closing),
+                time.perf_counter() - started,
+                ", ".join(closing),
+            )
         if errors:
             self.state = State.CLOSED
             excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
-            names = ", ".join(repr(name) for name, _ in errors)
+            failed = ", ".join(repr(name) for name, _ in errors)
             msg = (
-                f"{len(excs)} cleanup(s) failed at shutdown ({names}); every cleanup still "
+                f"{len(excs)} cleanup(s) failed at shutdown ({failed}); every cleanup still "
                 f"ran, and each failure is logged with its traceback."
             )
             raise ShutdownError(msg, excs)

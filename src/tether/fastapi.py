@@ -1208,6 +1208,18 @@ async def unit_for_connection(lc: Lifecycle, connection: Any, name: str | None =
             f"(`uvicorn --lifespan on`, `granian --interface asgi`)."
         )
         raise ScopeError(msg)
+    other = _lifespan_of(scope.get("app")) if lc.state is State.CREATED else None
+    if other is not None and other is not lc and other.state is State.RUNNING:
+        # An app factory that made a Lifecycle per app, and a router made with another's
+        # resources (one made at import, or another app's).
+        msg = (
+            f"{what} was asked for on {path!r}, and it is a resource of another Lifecycle "
+            f"than the one this app's lifespan runs: the app's has started, the resource's "
+            f"never has. Declare the route's resources on the app's Lifecycle: in an app "
+            f"factory, make the Lifecycle, its resources and the routers that use them in "
+            f"the factory (a router built by a function given the resources)."
+        )
+        raise ScopeError(msg)
     if lc.state is State.CREATED:
         # The commonest case in tests: `TestClient(app)` without `with`, or httpx's
         # `ASGITransport`, neither of which runs the lifespan that installs tether.
@@ -1341,6 +1353,13 @@ def _lifespan_is(app: Any, lc: Lifecycle) -> bool:
                 if callable(cell.cell_contents):
                     todo.append(cell.cell_contents)
     return False
+
+
+def _lifespan_of(app: Any) -> Lifecycle | None:
+    """The Lifecycle whose lifespan *app*'s is, if any (on the error path only)."""
+    from ._lifecycle import LIFECYCLES
+
+    return next((lc for lc in list(LIFECYCLES) if _lifespan_is(app, lc)), None)
 
 
 def _mounted_at(scope: Any) -> str:

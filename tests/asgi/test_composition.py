@@ -372,3 +372,32 @@ def test_routes_a_router_lifespan_adds_are_taken_over() -> None:
         with TestClient(app) as client:
             assert client.get("/plugin").json() == "conn"
             assert events == ["open", "commit"]
+
+
+def test_a_route_using_another_lifecycles_resource_is_told_so() -> None:
+    """An app factory that makes a Lifecycle per app, and a router built with another
+    Lifecycle's resource: the request was told the app's lifespan had not run, which it had
+    (trial 17)."""
+    app_lc, other_lc = tether.Lifecycle(), tether.Lifecycle()
+
+    @other_lc.resource
+    def conn() -> str:
+        return "conn"
+
+    router = APIRouter()
+
+    @router.get("/x")
+    def x(c: Annotated[str, Depends(conn)]) -> str:
+        return c
+
+    app = FastAPI(lifespan=app_lc.lifespan)
+    app.include_router(router)
+    with TestClient(app) as client, pytest.raises(tether.ScopeError) as caught:
+        client.get("/x")
+    assert str(caught.value) == (
+        "Resource 'conn' was asked for on '/x', and it is a resource of another Lifecycle "
+        "than the one this app's lifespan runs: the app's has started, the resource's never "
+        "has. Declare the route's resources on the app's Lifecycle: in an app factory, make "
+        "the Lifecycle, its resources and the routers that use them in the factory (a router "
+        "built by a function given the resources)."
+    )

@@ -388,8 +388,17 @@ _CONFLICTS = frozenset({"40001", "40P01"})
 def transaction_conflict(exc: BaseException) -> BaseException | None:
     """The error along *exc*'s chain (a driver's, or SQLAlchemy's wrapping one: ``orig``,
     then the causes) saying that the server rolled back the transaction for a conflict with a
-    concurrent one (`_CONFLICTS`), if one does."""
-    return next((link for link in links(exc) if sqlstate(link) in _CONFLICTS), None)
+    concurrent one (`_CONFLICTS`), or, Redis's, did not run it (redis-py's ``WatchError``: a
+    watched key changed before ``EXEC``), if one does."""
+    return next(
+        (link for link in links(exc) if sqlstate(link) in _CONFLICTS or _watch_error(link)),
+        None,
+    )
+
+
+def _watch_error(exc: BaseException) -> bool:
+    kind = type(exc)
+    return kind.__name__ == "WatchError" and kind.__module__.startswith("redis.")
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

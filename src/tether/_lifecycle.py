@@ -1064,6 +1064,7 @@ class Lifecycle:
         self._slot_of = slots
         failed = anyio.Event()  # set when one fails to open, or a signal stops the start
         self._start_stop = failed
+        started = time.monotonic()
         if self._interrupted is not None:
             failed.set()
         for res in order:
@@ -1078,6 +1079,7 @@ class Lifecycle:
                         scope.cancel()
 
                     race.start_soon(on_fail)
+                    race.start_soon(_say_still_opening, slot.res, started)
                     await slot.opened.wait()
                     race.cancel_scope.cancel()
             if slot.error is not None or wait.cancelled_caught:
@@ -2450,6 +2452,35 @@ _OPEN_TIMEOUTS = {
     "tether.integrations.sqlalchemy": "connect_timeout=",
     "tether.integrations.redis": "socket_connect_timeout=",
 }
+
+
+#: Seconds into the start after which an app resource still opening is said, then every
+#: `STILL_OPENING_EVERY` seconds.
+STILL_OPENING = 10.0
+STILL_OPENING_EVERY = 30.0
+
+
+async def _say_still_opening(res: Resource[Any], started: float) -> None:
+    """Log that *res* is still opening, `STILL_OPENING` seconds into the start and then every
+    `STILL_OPENING_EVERY`: a start that waits on a backend says which (an app resource
+    without ``timeout=`` waits for it without end, and said nothing)."""
+    await anyio.sleep(max(0.0, started + STILL_OPENING - time.monotonic()))
+    while True:
+        if res.timeout is None and _open_timeout(res) == "timeout=":
+            bound = (
+                "It has no timeout=, so the start waits for it without end: give it one "
+                '(@lc.resource(scope="app", timeout=10)), or see what its open waits on.'
+            )
+        else:
+            bound = f"Its {_open_timeout(res)} and retries= bound how long."
+        log.warning(
+            "tether: app resource %r is still opening, %.1f s into the start; the app "
+            "serves nothing until it opens. %s",
+            res.name,
+            time.monotonic() - started,
+            bound,
+        )
+        await anyio.sleep(STILL_OPENING_EVERY)
 
 
 def _open_timeout(res: Resource[Any]) -> str:

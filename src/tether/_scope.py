@@ -24,6 +24,7 @@ import types
 import weakref
 from collections.abc import Callable, Generator
 from functools import partial
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -188,8 +189,12 @@ async def _open(
     if kind is Kind.SYNC_FUNC:
         if res.thread:
             fn = partial(factory, *args)
-            return await _in_thread(lc, res, fn, limiter, deadline, pair=False), None
-        return factory(*args), None
+            value = await _in_thread(lc, res, fn, limiter, deadline, pair=False)
+        else:
+            value = factory(*args)
+        if type(value) is CoroutineType:
+            raise coroutine_value(res, value)
+        return value, None
     if kind is Kind.SYNC_GEN:
 
         def enter_gen() -> tuple[Any, Any]:
@@ -1622,6 +1627,20 @@ def _first(res: Resource[Any], gen: Any) -> Any:
         raise no_value(res) from None
 
 
+def coroutine_value(res: Resource[Any], value: Any) -> TypeError:
+    """The error for a plain-function resource whose value is a coroutine: it called an
+    async function without awaiting it (the coroutine is closed: never awaited, no warning
+    of Python's besides)."""
+    value.close()
+    called = getattr(value, "__name__", "an async function")
+    msg = (
+        f"Resource {res.name!r}: its function returned a coroutine ({called}(...), not "
+        f"awaited), which would be handed out as the value. Make the factory `async def` and "
+        f"await the call (`return await {called}(...)`), or return what it should give."
+    )
+    return for_good(TypeError(msg))
+
+
 def no_value(res: Resource[Any], what: str = "its generator") -> RuntimeError:
     """The error for a generator resource that returned without yielding (*what*: a context
     manager's generator): a mistake in the code, which no retry mends (`for_good`)."""
@@ -1789,6 +1808,8 @@ class Unit:
                     raise no_value(res) from None
             elif kind is Kind.SYNC_FUNC:
                 value, handle = target.call(*args), None
+                if type(value) is CoroutineType:
+                    raise coroutine_value(res, value)
             elif kind is Kind.ASYNC_FUNC:
                 value, handle = await target.call(*args), None
             elif kind is Kind.SYNC_GEN:

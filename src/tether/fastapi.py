@@ -36,6 +36,7 @@ import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Never, TypeVar, overload
 
 import anyio
@@ -59,6 +60,7 @@ from ._errors import (
     FailedResponse,
     ResourceUnavailable,
     ScopeError,
+    TetherError,
     _a_type,
     check_bool,
     check_number,
@@ -76,6 +78,7 @@ from ._scope import (
     _first,
     _now,
     close_all,
+    coroutine_value,
     count_open_failure,
     in_anyio_scope,
     no_value,
@@ -297,6 +300,8 @@ def _why_run_again(exc: BaseException, errors: list[BaseException]) -> BaseExcep
 def _why_again(error: BaseException) -> str:
     """What happened to a unit of work an ``idempotent`` route runs again (`_retrying`)."""
     conflict = transaction_conflict(error)
+    if conflict is not None and type(conflict).__name__ == "WatchError":
+        return f"had its Redis transaction not run: a key it watched changed ({describe(conflict)})"
     if conflict is not None:
         return (
             f"had its transaction rolled back by the server for a conflict with a concurrent "
@@ -1098,6 +1103,8 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                         else:
                             handle = None
                             value = res.call(*args)
+                            if type(value) is CoroutineType:
+                                raise coroutine_value(res, value)
                     except BaseException as exc:
                         count_open_failure(res.counters, exc, res.name)
                         unit._open_failed(res)
@@ -2406,7 +2413,7 @@ async def _route_failed(unit: HttpUnit, exc: BaseException, scope: Scope) -> Non
             await _answer(unit._send, 503, _SHUTTING_DOWN, 5.0)
     elif unit.state == 0:
         _cut_before_the_start(scope, unit, exc)
-    raise exc
+    raise _said_instead(exc, errors)
 
 
 #: What the cancel uvicorn sends the requests still running when its
@@ -2901,7 +2908,18 @@ async def _handler_failed(
         answer = _response(503, _SHUTTING_DOWN, 5.0)
         return _ThenCancelled(_ClosedFirst(answer, unit, exc) if deferred else answer, exc)
     _cut_before_the_start(getattr(unit.request, "scope", None), unit, exc)
-    raise exc
+    raise _said_instead(exc, errors)
+
+
+def _said_instead(exc: BaseException, errors: list[BaseException]) -> BaseException:
+    """What to raise for the endpoint's *exc*: tether's own error for it, if an integration's
+    cleanup said what *exc* meant (`raise ScopeError(...) from exc`: asyncpg's "another
+    operation is in progress" is two tasks on one connection), else *exc*, whatever the
+    other cleanups raised. On the failure path only."""
+    for error in errors:
+        if error.__cause__ is exc and isinstance(error, TetherError):
+            return error
+    return exc
 
 
 def _app_handles(scope: Any, exc: BaseException) -> bool:

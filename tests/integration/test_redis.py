@@ -1,5 +1,6 @@
 """tether.integrations.redis against a real Redis: ground truth from CLIENT LIST."""
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -428,3 +429,42 @@ async def test_the_default_pool_is_read_when_full_and_refuses_at_once(
         for task in blocked:
             task.cancel()
         await asyncio.gather(*blocked, return_exceptions=True)
+
+
+def test_an_idempotent_route_runs_again_when_its_watched_key_changed(
+    redis_server: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis's optimistic lock: a key watched before MULTI changed before EXEC, and redis-py
+    raises WatchError: the transaction did not run, which is the server asking to run it
+    again, as a serialization failure is. An @idempotent route ran into a 500 (trial 15);
+    it now runs again."""
+    from tether.fastapi import idempotent
+
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url)
+    app = FastAPI(lifespan=lc.lifespan)
+    key = f"k-watch-{uuid.uuid4().hex[:6]}"
+    runs: list[int] = []
+
+    @app.post("/reserve")
+    @idempotent(retries=2)
+    async def reserve(r: Annotated[aioredis.Redis, Depends(cache)]) -> int:
+        runs.append(1)
+        async with r.pipeline() as pipe:
+            await pipe.watch(key)
+            seats = int(await pipe.get(key) or 0)
+            if len(runs) == 1:  # another client changes it
+                async with redis.asyncio.from_url(redis_server.url) as other:
+                    await other.incr(key)
+            pipe.multi()
+            pipe.set(key, seats + 10)
+            await pipe.execute()
+        return seats + 10
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        response = client.post("/reserve")
+    assert (response.status_code, response.json(), len(runs)) == (200, 11, 2)
+    assert any(
+        "had its Redis transaction not run: a key it watched changed (WatchError" in m
+        for m in caplog.messages
+    ), caplog.messages

@@ -872,3 +872,41 @@ async def test_the_log_says_what_opened_and_what_closed_in_which_order(
         r"tether: 2 app resources closed in \d+\.\d{3} s, in this order: pool, settings",
         closed[0],
     ), closed
+
+
+async def test_an_app_resource_still_opening_is_said(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app resource without timeout= whose open hangs kept the start waiting without end,
+    and nothing said so (trial 16). It is said 10 s into the start (here 0.2 s), and again
+    every 30 s (here 0.3 s), until it opens."""
+    import tether._lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "STILL_OPENING", 0.2)
+    monkeypatch.setattr(lifecycle, "STILL_OPENING_EVERY", 0.3)
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    async def slow() -> AsyncIterator[str]:
+        await anyio.sleep(0.65)
+        yield "slow"
+
+    @lc.resource(scope="app", timeout=5)
+    async def bounded(slow: str) -> AsyncIterator[str]:
+        yield "bounded"
+
+    caplog.set_level(logging.WARNING, logger="tether")
+    async with lc.run():
+        pass
+    said = [m for m in caplog.messages if "still opening" in m]
+    assert len(said) == 2, said
+    assert all(
+        re.fullmatch(
+            r"tether: app resource 'slow' is still opening, \d\.\d s into the start; the app "
+            r"serves nothing until it opens\. It has no timeout=, so the start waits for it without "
+            r'end: give it one \(@lc\.resource\(scope="app", timeout=10\)\), or see what its '
+            r"open waits on\.",
+            m,
+        )
+        for m in said
+    ), said

@@ -742,3 +742,48 @@ async def test_an_upstream_answer_that_fails_to_parse_keeps_the_retry_advice() -
         "It was tried 2 times (retries=1, backoff=0 s): fix the cause above, or give "
         "'upstream' more retries= or a longer timeout= if it is slow to come up."
     )
+
+
+COROUTINE_VALUE = (
+    "Resource 'conn': its function returned a coroutine (make(...), not awaited), which "
+    "would be handed out as the value. Make the factory `async def` and await the call "
+    "(`return await make(...)`), or return what it should give."
+)
+
+
+@pytest.mark.parametrize("thread", [False, True])
+async def test_a_function_returning_a_coroutine_is_refused(thread: bool) -> None:
+    """`def conn(): return make()`, make being async: the coroutine was the value, with
+    only Python's "never awaited" warning (trial 16)."""
+    lc = tether.Lifecycle()
+
+    async def make() -> int:
+        return 1
+
+    @lc.resource(thread=thread)
+    def conn() -> Any:
+        return make()
+
+    @lc.resource(scope="app")
+    def pool() -> Any:
+        return make()
+
+    with pytest.raises(tether.StartupError) as failed:
+        async with lc.run():
+            pass
+    assert str(failed.value.__cause__) == COROUTINE_VALUE.replace("'conn'", "'pool'")
+    with lc.override(pool, "pool"):
+        async with lc.run(), lc.scope() as s:
+            with pytest.raises(TypeError) as refused:
+                await s.get(conn)
+    assert str(refused.value) == COROUTINE_VALUE
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    def route(c: Annotated[Any, Depends(conn)]) -> str:
+        return "unreachable"
+
+    with lc.override(pool, "pool"), TestClient(app) as client:
+        with pytest.raises(TypeError) as refused:
+            client.get("/")
+    assert str(refused.value) == COROUTINE_VALUE

@@ -14,12 +14,22 @@ def resolve(resources: Mapping[str, Resource[Any]], extra: list[Resource[Any]]) 
 
     *extra* are resources not in the registry (overrides) resolved against it too.
     """
+    overrides = {id(r) for r in extra}
     for res in [*resources.values(), *extra]:
         deps = []
         for param in res.params:
             dep = resources.get(param)
             if dep is None:
                 raise UnknownResourceError(_unknown_message(res, param, resources), name=param)
+            if res.scope == "app" and dep.scope == "request" and id(res) in overrides:
+                what = getattr(res.factory, "__qualname__", None) or repr(res.factory)
+                msg = (
+                    f"lc.override() of app resource {res.name!r}: the override's factory "
+                    f"{what}() depends on request resource {dep.name!r}, which an app "
+                    f"resource, living for the whole application, cannot hold. Give the "
+                    f"override a value, or a factory of app resources only."
+                )
+                raise ScopeError(msg)
             if res.scope == "app" and dep.scope == "request":
                 msg = (
                     f"App resource {res.name!r} depends on request resource {dep.name!r}: "

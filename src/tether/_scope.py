@@ -1096,8 +1096,7 @@ async def close_entry(
                 except StopAsyncIteration:
                     return
             await _drive(lc, res, handle.aclose())
-            msg = f"Resource {res.name!r}: its generator yielded more than once."
-            raise RuntimeError(msg)
+            raise RuntimeError(_yielded_again(res))
         if kind is Kind.ASYNC_CM:
             if exc is None:
                 await _drive(lc, res, handle.__aexit__(None, None, None))
@@ -1166,8 +1165,16 @@ def _close_sync(res: Resource[Any], handle: Any, exc: BaseException | None) -> N
     except StopIteration:
         return
     handle.close()
-    msg = f"Resource {res.name!r}: its generator yielded more than once."
-    raise RuntimeError(msg)
+    raise RuntimeError(_yielded_again(res))
+
+
+def _yielded_again(res: Resource[Any]) -> str:
+    return (
+        f"Resource {res.name!r}: its generator yielded more than once. A generator resource "
+        f"yields its value once (`yield value`), then cleans up: look for a second `yield` "
+        f"(in a loop, or in a `finally` or an `except` after the first one). tether closed the "
+        f"generator."
+    )
 
 
 async def close_entries(
@@ -1219,7 +1226,30 @@ def _as_failure(error_status: Any, exc: BaseException) -> BaseException | None:
         if exceptions is None or not isinstance(exc, exceptions.HTTPException):
             return exc
         status = exc.status_code
-    return None if isinstance(status, int) and not error_status(status) else exc
+    if not isinstance(status, int):
+        return exc
+    try:
+        failed = error_status(status)
+    except Exception as error:  # the user's function: said (once), and rolled back
+        if error_status not in _SAID_ERROR_STATUS:
+            _SAID_ERROR_STATUS.add(error_status)
+            what = getattr(error_status, "__qualname__", None) or repr(error_status)
+            log.error(
+                "tether: error_status=%s raised %s for status %d: it is given the response's "
+                "status code (an int) and returns whether it is a failure (e.g. "
+                "error_status=lambda status: status >= 500). Its resource is rolled back "
+                "for each such response; said once",
+                what,
+                describe(error),
+                status,
+                exc_info=error,
+            )
+        return exc
+    return None if not failed else exc
+
+
+#: The ``error_status`` functions that raised, said once each (`_as_failure`).
+_SAID_ERROR_STATUS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def close_failed(

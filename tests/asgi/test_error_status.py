@@ -1,6 +1,7 @@
 """`error_status=`: which response statuses take a request resource's failure path."""
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import pytest
@@ -185,3 +186,44 @@ def test_error_status_must_be_a_function_for_a_request_resource() -> None:
         "Resource 'p': error_status= is for request resources; an app resource never sees "
         "a response."
     )
+
+
+def test_an_error_status_that_raises_is_named_and_its_resource_rolls_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`error_status=lambda s: s.startswith("5")` raised on the first error response, logged
+    as "closing resource 'conn' failed", and the generator was closed by the garbage
+    collector (trial 16). Now the function is named, once, and the resource rolls back."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    def by_text(status: Any) -> bool:
+        return bool(status.startswith("5"))
+
+    @lc.resource(error_status=by_text)
+    def conn() -> Iterator[int]:
+        try:
+            yield 1
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+        events.append("commit")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    def route(c: Annotated[int, Depends(conn)]) -> None:
+        raise HTTPException(404)
+
+    with caplog.at_level(logging.ERROR, logger="tether"), TestClient(app) as client:
+        assert client.get("/").status_code == 404
+        assert client.get("/").status_code == 404
+    assert events == ["rollback (HTTPException)"] * 2
+    said = [r.getMessage() for r in caplog.records if "error_status=" in r.getMessage()]
+    assert said == [
+        "tether: error_status=test_an_error_status_that_raises_is_named_and_its_resource_"
+        "rolls_back.<locals>.by_text raised AttributeError: 'int' object has no attribute "
+        "'startswith' for status 404: it is given the response's status code (an int) and "
+        "returns whether it is a failure (e.g. error_status=lambda status: status >= 500). "
+        "Its resource is rolled back for each such response; said once"
+    ]

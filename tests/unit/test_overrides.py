@@ -312,3 +312,30 @@ class TestOverrideErrors:
             app.lc.override(app.pool, fake_pool)
         async with app.lc.run():
             assert app.lc.get(app.cache) == "cache(pool(real-settings))"
+
+
+def test_an_override_breaking_the_scope_rules_is_named() -> None:
+    """The declaration was blamed ("Make 'conn' an app resource, or make 'pool' a request
+    resource"), where the override was wrong (trial 16)."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def pool() -> int:
+        return 1
+
+    @lc.resource
+    def conn(pool: int) -> int:
+        return 2
+
+    def fake_pool(conn: int) -> int:
+        return 5
+
+    with pytest.raises(tether.ScopeError) as refused:
+        lc.override(pool, fake_pool)
+    assert str(refused.value) == (
+        "lc.override() of app resource 'pool': the override's factory "
+        "test_an_override_breaking_the_scope_rules_is_named.<locals>.fake_pool() depends on "
+        "request resource 'conn', which an app resource, living for the whole application, "
+        "cannot hold. Give the override a value, or a factory of app resources only."
+    )
+    assert not lc._overrides  # nothing left in place

@@ -203,7 +203,12 @@ class TestLazyOpening:
             finally:
                 closed.append("conn")
 
-        expected = re.escape("Resource 'conn': its generator yielded more than once.")
+        expected = re.escape(
+            "Resource 'conn': its generator yielded more than once. A generator resource "
+            "yields its value once (`yield value`), then cleans up: look for a second `yield` "
+            "(in a loop, or in a `finally` or an `except` after the first one). tether closed the "
+            "generator."
+        )
         with pytest.raises(RuntimeError, match=rf"^{expected}$"):
             async with lc.scope() as s:
                 await s.get(conn)

@@ -53,6 +53,28 @@ def _contextlib_helper(fn: Any) -> bool:
     )
 
 
+def _same_kind(helper: Any, wrapped: Any) -> None:
+    """Refuse ``@asynccontextmanager`` on a sync generator function, and ``@contextmanager``
+    on an async one, when the resource is declared: each would fail at its first use, with
+    Python's ``AttributeError`` (``'_AsyncGeneratorContextManager' object has no attribute
+    '__enter__'``) naming no resource."""
+    names = helper.__code__.co_names
+    is_async = "_AsyncGeneratorContextManager" in names
+    if not is_async and "_GeneratorContextManager" not in names:
+        return  # a backport's helper, or another: as before
+    if is_async and inspect.isgeneratorfunction(wrapped):
+        given, other = "@asynccontextmanager", "a sync generator function (`def`)"
+        fix = "make it `async def`, or use @contextmanager"
+    elif not is_async and inspect.isasyncgenfunction(wrapped):
+        given, other = "@contextmanager", "an async generator function (`async def`)"
+        fix = "use @asynccontextmanager, or make it a `def`"
+    else:
+        return
+    name = getattr(wrapped, "__qualname__", repr(wrapped))
+    msg = f"A resource factory: {given} is on {name}, which is {other}: {fix}."
+    raise TypeError(msg)
+
+
 def kind_of(factory: Callable[..., Any]) -> Kind:
     """Classify *factory* once, at registration.
 
@@ -77,6 +99,7 @@ def kind_of(factory: Callable[..., Any]) -> Kind:
             return Kind.SYNC_GEN
         wrapped = getattr(fn, "__wrapped__", None)
         if wrapped is not None and _contextlib_helper(fn):
+            _same_kind(fn, wrapped)
             if inspect.isasyncgenfunction(wrapped):
                 return Kind.ASYNC_CM
             if inspect.isgeneratorfunction(wrapped):

@@ -374,3 +374,33 @@ class TestLifecycleOptions:
         )
         with pytest.raises(error, match=f"^{re.escape(expected)}$"):
             tether.Lifecycle(drain_delay=delay)  # type: ignore[arg-type]
+
+
+def test_a_context_manager_decorator_of_the_other_kind_is_refused_when_declared() -> None:
+    """`@asynccontextmanager` on a `def` generator (or `@contextmanager` on an `async def`
+    one) failed at first use with Python's AttributeError, naming no resource (trial 16)."""
+    from contextlib import asynccontextmanager, contextmanager
+
+    lc = tether.Lifecycle()
+
+    def sync_gen() -> Any:
+        yield 1
+
+    async def async_gen() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError) as refused:
+        lc.resource(asynccontextmanager(sync_gen))
+    assert str(refused.value) == (
+        "A resource factory: @asynccontextmanager is on test_a_context_manager_decorator_of_"
+        "the_other_kind_is_refused_when_declared.<locals>.sync_gen, which is a sync generator "
+        "function (`def`): make it `async def`, or use @contextmanager."
+    )
+    with pytest.raises(TypeError) as refused:
+        lc.resource(contextmanager(async_gen))  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "A resource factory: @contextmanager is on test_a_context_manager_decorator_of_the_"
+        "other_kind_is_refused_when_declared.<locals>.async_gen, which is an async generator "
+        "function (`async def`): use @asynccontextmanager, or make it a `def`."
+    )
+    assert not lc.resources

@@ -42,12 +42,13 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import re
 import sqlite3
 import textwrap
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -533,11 +534,21 @@ def test_a_wrong_name_fails(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def in_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def in_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    return tmp_path
+    # A block that configures logging (operations.md's handler on the `tether` logger) is
+    # undone after it: later tests read that logger's records at their own levels.
+    loggers = [logging.getLogger(), logging.getLogger("tether")]
+    kept = [(lg, lg.level, lg.handlers[:], lg.propagate) for lg in loggers]
+    yield tmp_path
+    for lg, level, handlers, propagate in kept:
+        for added in [h for h in lg.handlers if h not in handlers]:
+            lg.removeHandler(added)
+            added.close()
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 @pytest.mark.anyio

@@ -93,8 +93,10 @@ def _remember(password: str) -> None:
             found.add(shape)
             # A piece only as a whole word: one that is a common one (`pass` of
             # `Wr0ng#pass@x`) is not cut out of others ("password" shown "***word").
+            # Case aside: a driver may quote a piece lower-cased (redis-py's "connecting to
+            # vb7qmzr2:6379", the host it parsed out of the password).
             found.update(
-                re.compile(rf"(?<![A-Za-z0-9]){re.escape(p)}(?![A-Za-z0-9])")
+                re.compile(rf"(?<![A-Za-z0-9]){re.escape(p)}(?![A-Za-z0-9])", re.I)
                 for p in _SPLITS.split(shape)
                 if len(p) >= 4 and p != shape
             )
@@ -141,6 +143,12 @@ def remember_secrets(dsn: object) -> None:
         _user, colon, password = rest[: max(at, 0)].partition(":")
         if colon and (at == authority.rfind("@") or not re.match(r"\d*/", password)):
             _remember(password)
+        # A password with an unencoded '@' and a '/' (`user:Kx9@Vb7Q/Tw4@host`): URL parsers
+        # end the authority at the '/', and quote what follows; the userinfo up to the last
+        # '@' is remembered too, with its pieces.
+        last = rest.partition("?")[0].rfind("@")
+        if colon and last > at:
+            _remember(rest[:last].partition(":")[2])
         if at >= 0:
             rest = rest[at + 1 :]
         for pair in rest.partition("?")[2].split("&"):

@@ -16,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -77,7 +78,7 @@ def graph(lc: Lifecycle, *, as_json: bool) -> int:
     try:
         lc.validate()
     except TetherError as exc:  # a cycle, a parameter naming no resource: said, not traced
-        print(f"tether: {describe(exc)}", file=sys.stderr)
+        print(_plain(f"tether: {describe(exc)}"), file=sys.stderr)
         return 1
     app = _graph.app_order(lc._resources, lc._overrides)
     rows = [
@@ -137,17 +138,18 @@ def check(lc: Lifecycle, *, as_json: bool) -> int:
     except TetherError as exc:
         if as_json:  # a report all the same, for what reads stdout
             print(json.dumps({"status": "error", "error": describe(exc)}, indent=2))
-        print(f"tether: {describe(exc)}", file=sys.stderr)
+        print(_plain(f"tether: {describe(exc)}"), file=sys.stderr)
         return 1
     for failure in closing:
-        print(f"tether: {describe(failure)}", file=sys.stderr)
+        print(_plain(f"tether: {describe(failure)}"), file=sys.stderr)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         for name, result in report["checks"].items():
             said = result.get("error") or result.get("detail")
             error = f"  {said}" if said else ""
-            print(f"{result['status']:8} {name:24} {result['latency_ms']:8.1f} ms{error}")
+            line = f"{result['status']:8} {name:24} {result['latency_ms']:8.1f} ms{error}"
+            print(_plain(line.replace("\n", " ")))
         failing = sum(r["status"] != "ok" for r in report["checks"].values())
         total = len(report["checks"])
         if report["status"] == "ok":
@@ -187,6 +189,20 @@ def _ambiguous(url: str) -> bool:
         return False  # no user or password
     before = rest.rpartition("@")[0]
     return any(c in before for c in "/?#")
+
+
+#: The control characters of a text from an app (an error's message: a remote one for
+#: `tether stats`), but a newline: escaped as the CLI prints them, so that none moves the
+#: cursor (a carriage return printing "ok" over a failing check), clears the screen or sets
+#: the terminal's title.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _plain(text: str) -> str:
+    """*text* with its control characters escaped (`_CONTROL`): ``\x1b`` shown as such."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _shown(url: str) -> str:
@@ -494,7 +510,7 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
                 # said and tried again, until ^C. A first read that fails is a wrong URL or app.
                 if watch is None or not read:
                     raise
-                print(exc.code, file=sys.stderr, flush=True)
+                print(_plain(str(exc.code)), file=sys.stderr, flush=True)
                 time.sleep(watch)
                 continue
             if as_json:
@@ -505,7 +521,7 @@ def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | Non
                 except (KeyError, TypeError, ValueError, AttributeError, IndexError):
                     # The keys, not their shape (another tool's JSON): said, not traced.
                     raise SystemExit(_not_a_dashboard(_shown(url))) from None
-                print(table, flush=True)
+                print(_plain(table), flush=True)
             read, previous = True, data
             if watch is None:
                 return 0

@@ -452,3 +452,31 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"tether {tether.__version__}\n"
+
+
+def test_control_characters_from_the_app_are_escaped(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error's text reached the terminal raw: an escape sequence cleared the screen or
+    set its title, and a carriage return printed "ok" over a failing check (trial 19;
+    `tether stats` reads such text from a remote app)."""
+    import types
+
+    lc = tether.Lifecycle()
+
+    def check(db: object) -> None:
+        raise RuntimeError("\x1b[2J\x1b]0;OWNED\x07\x1b[32mall ok\x1b[0m\rFAKE")
+
+    @lc.resource(scope="app", check=check)
+    def db() -> object:
+        return object()
+
+    module = types.ModuleType("cli_ansi")
+    module.lc = lc  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cli_ansi", module)
+    assert main(["check", "cli_ansi:lc"]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert (
+        r"RuntimeError: \x1b[2J\x1b]0;OWNED\x07\x1b[32mall ok\x1b[0m\rFAKE" in out.splitlines()[0]
+    )

@@ -476,7 +476,7 @@ def test_control_characters_from_the_app_are_escaped(
     monkeypatch.setitem(sys.modules, "cli_ansi", module)
     assert main(["check", "cli_ansi:lc"]) == 1
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert not set(out) & {"\x1b", "\r", "\x07"}
     assert (
         r"RuntimeError: \x1b[2J\x1b]0;OWNED\x07\x1b[32mall ok\x1b[0m\rFAKE" in out.splitlines()[0]
     )

@@ -3446,8 +3446,8 @@ def dashboard_router(
     every resource's counters (``lc.stats()``), and the oldest units of work in flight
     with what each holds, and where a value held past the leak threshold was acquired.
     Its "Run checks" button reads ``{prefix}/checks.json`` (``lc.health()``, 503 when a
-    check fails, as ``/health/ready``; a round of checks is reused for a second). The page is self-contained: no script or style
-    is loaded from elsewhere.
+    check fails, as ``/health/ready``; a round of checks is reused for a second). The page
+    is self-contained: no script or style is loaded from elsewhere.
 
     It shows route paths and source file names: guard it with *dependencies*, e.g.
     ``dependencies=[Depends(require_admin)]``, which apply to all three routes. Served with

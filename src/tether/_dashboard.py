@@ -7,6 +7,9 @@ the registry of units of work in flight that drain and leak detection keep anywa
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import os
 import socket
 import time
@@ -101,6 +104,31 @@ def snapshot(lc: Lifecycle, *, max_units: int = MAX_UNITS) -> dict[str, Any]:
             for p in stats.pools.values()
         ],
         "in_flight": in_flight,
+    }
+
+
+@functools.cache
+def security_headers() -> dict[str, str]:
+    """The page's Content-Security-Policy: its own inline style and script only (by their
+    hashes), its JSON from its own origin, no frame may show it (clickjacking: a button
+    that runs the checks), nothing else loaded; and the older ``X-Frame-Options``."""
+    html = resources.files("tether").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    def digest(tag: str) -> str:
+        body = html.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        value = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        return f"'sha256-{value}'"
+
+    policy = (
+        f"default-src 'none'; style-src {digest('style')}; script-src {digest('script')}; "
+        f"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        f"frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
     }
 
 

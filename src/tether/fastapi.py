@@ -3457,7 +3457,7 @@ def dashboard_router(
     """
     from fastapi import APIRouter
 
-    from ._dashboard import page, snapshot
+    from ._dashboard import page, security_headers, snapshot
 
     check_lifecycle(lc, "dashboard_router()", "dashboard_router(lc)")
     _check_prefix(prefix, "dashboard_router", '"/", "/stats.json" and "/checks.json"', "/tether")
@@ -3491,7 +3491,8 @@ def dashboard_router(
     @router.get("/", response_class=HTMLResponse)
     async def dashboard(request: Request) -> HTMLResponse:
         urls = request.url_for(stats_name).path, request.url_for(checks_name).path
-        return HTMLResponse(page(*urls, refresh), headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store", **security_headers()}
+        return HTMLResponse(page(*urls, refresh), headers=headers)
 
     # No dependencies= given (not even []): named in a warning when the app starts, unless
     # the app or an include_router guards it (`_unguarded_dashboard`).

@@ -314,3 +314,19 @@ def test_a_storm_of_checks_json_runs_one_round_of_checks() -> None:
             assert client.get("/tether/checks.json").status_code == 200
         took = time.monotonic() - started
     assert 1 <= len(pings) <= 2 + int(took), (len(pings), took)
+
+
+def test_the_page_says_what_it_may_load_and_that_no_frame_may_show_it() -> None:
+    """No CSP nor anti-framing header (trial 19): another site could frame the page (its
+    "Run checks" button). Its policy allows its own inline style and script by their hashes
+    (the browser tests run the page under it: a wrong hash fails them)."""
+    lc = tether.Lifecycle()
+    app = notes_app(lc)
+    with TestClient(app) as client:
+        page = client.get("/tether/")
+    policy = page.headers["content-security-policy"]
+    assert policy.startswith("default-src 'none'; style-src 'sha256-")
+    assert "; connect-src 'self';" in policy
+    assert policy.endswith("frame-ancestors 'none'")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["x-content-type-options"] == "nosniff"

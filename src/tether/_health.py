@@ -109,7 +109,7 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
                     latency = time.perf_counter() - t0
                     if ok:
                         return CheckResult(res.name, True, latency, detail=note)
-                    return CheckResult(res.name, False, latency, note)
+                    return CheckResult(res.name, False, latency, note + _holders(lc, res))
                 result = res.check(value)
                 if inspect.isawaitable(result):
                     await result
@@ -140,6 +140,30 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
             f"blocking the event loop meanwhile: make it async (or run it in a thread)",
         )
     return CheckResult(res.name, True, latency)
+
+
+def _holders(lc: Lifecycle, res: Resource[Any]) -> str:
+    """Which units of work hold a value made from *res* (a connection of a saturated pool),
+    by route or label, most first, and for how long the oldest has: what holds the pool may
+    wait on something else (another service), the database idle (trial 14). On the
+    failure path only."""
+    counts: dict[str, int] = {}
+    oldest = None
+    for unit in lc._in_flight():
+        if any(res in entry.res.deps for entry in list(unit.entries)):
+            counts[unit.label] = counts.get(unit.label, 0) + 1
+            oldest = unit.started if oldest is None else min(oldest, unit.started)
+    if oldest is None:
+        return ""
+    total = sum(counts.values())
+    top = sorted(counts.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{n} {label}" for label, n in top[:3])
+    more = f", {total - sum(n for _, n in top[:3])} other" if len(top) > 3 else ""
+    return (
+        f"; held by {total} unit{'s' if total != 1 else ''} of work ({shown}{more}), the "
+        f"oldest for {time.perf_counter() - oldest:.1f} s: what they wait on may be another "
+        f"service"
+    )
 
 
 async def run_checks(lc: Lifecycle) -> HealthReport:

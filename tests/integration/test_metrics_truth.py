@@ -135,7 +135,9 @@ async def test_readiness_answers_at_once_with_every_connection_in_use(
             assert re.fullmatch(
                 r"saturated: all 2 connections in use, \d+ waiting, and none handed out "
                 rf"for \d+\.\d s \(longer than {timeout_name}=1 s\): the queries holding "
-                r"them are stuck, or the database stopped answering",
+                r"them are stuck, or the database stopped answering; held by 2 units of work "
+                r"\(2 scope\), the oldest for \d+\.\d s: what they wait on may be another "
+                r"service",
                 error,
             ), error
 

@@ -241,11 +241,7 @@ def fetch_stats(url: str, headers: Sequence[str] = (), timeout: float = 5.0) -> 
         msg = f"tether stats: {shown!r} is not a URL ({exc}). {fix}"
         raise _ConfigError(msg) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        msg = (
-            f"tether stats: {redact(repr(url))} is not an http:// or https:// URL. Give the "
-            f"dashboard's with its scheme, e.g. {example}"
-        )
-        raise _ConfigError(msg)
+        raise _ConfigError(_not_http(url))
     if ambiguous:
         # http://user:p@ss/word@host/: urllib reads host 'ss' and would send the password's
         # first piece to it as Basic auth.
@@ -492,10 +488,21 @@ def render_stats(data: dict[str, Any], previous: dict[str, Any] | None = None) -
     return "\n".join(lines)
 
 
+def _not_http(url: str) -> str:
+    return (
+        f"tether stats: {redact(repr(url))} is not an http:// or https:// URL. Give the "
+        f"dashboard's with its scheme, e.g. http://127.0.0.1:8000/tether/"
+    )
+
+
 def stats(url: str, *, headers: Sequence[str], as_json: bool, watch: float | None) -> int:
     if _ambiguous(url):  # as given: `stats_url` drops a fragment, which may hold a password's end
         msg = f"tether stats: {_shown(url)!r}: where its user and password end is ambiguous. "
         raise _ConfigError(msg + _ENCODE)
+    with contextlib.suppress(ValueError):  # (said by `fetch_stats`)
+        typed = urllib.parse.urlsplit(url)
+        if typed.scheme not in ("http", "https") or not typed.hostname:
+            raise _ConfigError(_not_http(url))  # as typed, not with /stats.json added
     url = stats_url(url)
     read = False
     previous: dict[str, Any] | None = None

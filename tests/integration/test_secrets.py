@@ -219,8 +219,11 @@ def test_stats_sends_the_urls_credentials_and_never_shows_them(
     with pytest.raises(SystemExit, match=exactly(refused)):
         main(["stats", f"http://admin:hunter2-wrong@{base}/"])
     not_a_url = (
-        "tether stats: 'ftp://admin:***@host/tether/stats.json' is not an http:// or "
+        "tether stats: 'ftp://admin:***@host/tether/' is not an http:// or "
         "https:// URL. Give the dashboard's with its scheme, e.g. http://127.0.0.1:8000/tether/"
     )
     with pytest.raises(SystemExit, match=exactly(not_a_url)):
         main(["stats", "ftp://admin:hunter2-pw@host/tether/"])
+    # As typed: it showed 'notaurl/stats.json', what it made of it (trial 16).
+    with pytest.raises(SystemExit, match="^tether stats: 'notaurl' is not an http"):
+        main(["stats", "notaurl"])

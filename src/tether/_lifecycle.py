@@ -476,6 +476,9 @@ class Lifecycle:
         self._start_stop: anyio.Event | None = None
         self._sweeping = False  # the sweeper runs: it enforces close deadlines
         self._slow_closes: set[Any] = set()  # cleanups that suspended, with a deadline
+        # Leak reports after the first of a route and its values, counted for a window
+        # (`LEAK_WINDOW`): (label, names) -> [window start, reports not logged, longest held].
+        self._leak_windows: dict[tuple[str, str], list[float]] = {}
         # The apps whose routes it serves (`install`), for the pytest plugin's check of
         # their `dependency_overrides`: each with the tether resources those replaced when
         # it was first served.
@@ -1591,6 +1594,7 @@ class Lifecycle:
                 if cancelled or left:  # (nothing runs in an abandoned one to end it)
                     with anyio.move_on_after(self.close_timeout):
                         await self._drained.wait()
+        _end_leak_windows(self, time.perf_counter(), every=True)
         await self._stop_opening()
         closing = [slot.res.name for slot in reversed(self._app_slots) if slot.entry is not None]
         started = time.perf_counter()
@@ -2049,6 +2053,8 @@ class Lifecycle:
         return own.get(unit, self._leak_threshold) if own else self._leak_threshold
 
     def _sweep_leaks(self, now: float) -> None:
+        if self._leak_windows:
+            _end_leak_windows(self, now)
         if self._leak_threshold is None and not self._leak_thresholds:
             return
         for unit in list(self._units):
@@ -2125,6 +2131,14 @@ class Lifecycle:
                 except Exception:  # a diagnostic: the report is made without it
                     log.debug("tether: where %s is now", unit.label, exc_info=True)
         names = ", ".join(_leak_name(entry.res) for entry in entries)
+        # The first of a route's (and values') reports in full, then a count: a slow
+        # backend makes every request a leak report, a traceback each (trial 14).
+        window = self._leak_windows.get((unit.label, names))
+        if window is not None:
+            window[1] += 1
+            window[2] = max(window[2], held)
+            return
+        self._leak_windows[unit.label, names] = [time.perf_counter(), 0, 0.0]
         log.warning(
             "tether: %s %s held for %.1f s (leak_threshold=%g s) by %s%s%s",
             "resources" if len(entries) > 1 else "resource",
@@ -2139,6 +2153,32 @@ class Lifecycle:
                 "tether_resources": [_leak_owner(entry.res).name for entry in entries],
             },
         )
+
+
+#: Seconds after a leak report during which the next reports of the same route and values
+#: are counted, then said in one line.
+LEAK_WINDOW = 60.0
+
+
+def _end_leak_windows(lc: Lifecycle, now: float, *, every: bool = False) -> None:
+    """Say what each leak window that ended (*every*: each, at shutdown) counted
+    (`Lifecycle._report_leak`), and end it."""
+    for key, (start, count, longest) in list(lc._leak_windows.items()):
+        if now - start < LEAK_WINDOW and not every:
+            continue
+        del lc._leak_windows[key]
+        if count:
+            label, names = key
+            log.warning(
+                "tether: %s held %s past the leak threshold %d more time%s in the last "
+                "%.0f s (the longest for %.1f s), as reported above; counted in leaks",
+                label,
+                names,
+                int(count),
+                "s" if count > 1 else "",
+                now - start,
+                longest,
+            )
 
 
 def _leak_owner(res: Resource[Any]) -> Resource[Any]:

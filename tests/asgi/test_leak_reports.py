@@ -215,3 +215,44 @@ def test_without_a_temporary_directory_leaks_are_still_reported(
         assert message.endswith(" s (leak_threshold=0.1 s) by GET /sync"), message
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert module.lc.stats().resources["conn"].leaks == 1
+
+
+def test_a_routes_repeated_leaks_are_counted_after_the_first_report(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow backend made every request a leak report, several lines each (trial 14). The
+    first of a route is reported in full, the next ones counted for a window (60 s; here
+    0.6 s), then said in one line; the leaks counter counts each."""
+    import re
+    import time
+
+    import tether._lifecycle
+
+    monkeypatch.setattr(tether._lifecycle, "LEAK_WINDOW", 0.6)
+    lc = tether.Lifecycle(leak_threshold=0.05, sweep_interval=0.02)
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "conn"
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/slow")
+    async def slow(c: Annotated[str, Depends(conn)]) -> str:
+        await anyio.sleep(0.15)
+        return c
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        for _ in range(3):
+            assert client.get("/slow").status_code == 200
+        time.sleep(0.8)  # the window ends
+        client.get("/health-nothing")  # (a request: the loop turns)
+        assert lc.stats().resources["conn"].leaks == 3
+    said = [m for m in caplog.messages if "'conn'" in m and "held" in m]
+    assert len(said) == 2, said
+    assert said[0].startswith("tether: resource 'conn' held for 0.")
+    assert re.fullmatch(
+        r"tether: GET /slow held 'conn' past the leak threshold 2 more times in the last "
+        r"\d+ s \(the longest for 0\.\d s\), as reported above; counted in leaks",
+        said[1],
+    ), said

@@ -1661,7 +1661,11 @@ class HttpUnit(Unit):
             self._receive = request._receive
         if not self.body_done:
             # Read in full through the request (FastAPI reads it before the endpoint runs).
-            read = request is not None and ("_body" in vars(request) or "_form" in vars(request))
+            # Starlette sets `_form = None` as it makes the request: a form is read once it
+            # is not None (the watch took over bodies still arriving: a slow upload then
+            # waited for ever, trial 18).
+            fields = vars(request) if request is not None else {}
+            read = "_body" in fields or fields.get("_form") is not None
             if not read:
                 for name, value in self.headers:
                     if name == b"transfer-encoding" or (

@@ -195,6 +195,26 @@ class TestExhaustion:
 
 
 class TestLostConnection:
+    def test_idle_connections_killed_together_are_replaced_at_once(
+        self, postgres: Postgres, request: pytest.FixtureRequest
+    ) -> None:
+        """An idle timeout (the server's, a proxy's) closed every connection of a pool of 4:
+        psycopg_pool waited 1, 2, 4 s after each dead one it checked, and the next request
+        got a 503 after `timeout` with the database up (trial 18). Now they are checked one
+        after the other, and the request is served."""
+        name = unique(request)
+        app, lc, _ = make_app(postgres.dsn, name, min_size=4, max_size=4)
+        with TestClient(app) as client:
+            assert client.get("/pid").status_code == 200
+            deadline = time.monotonic() + 5
+            while len(postgres.activity(name)) < 4:  # the pool's 4, idle
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert postgres.terminate(name) == 4
+            started = time.monotonic()
+            assert client.get("/pid").status_code == 200
+            assert time.monotonic() - started < 2.0  # (before: a 503 after 5 s)
+
     def test_backend_killed_mid_transaction_is_a_503_then_recovers(
         self, postgres: Postgres, request: pytest.FixtureRequest
     ) -> None:

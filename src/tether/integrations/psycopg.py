@@ -239,6 +239,34 @@ class Pool(AsyncConnectionPool[Connection]):
             attempt = _Attempt(timeout=self.reconnect_timeout)
         await super()._add_connection(attempt, growing=growing)
 
+    async def _getconn_with_check_loop(self, deadline: float) -> Connection:
+        """psycopg_pool's loop of checks of the connection it hands out (``pre_ping``),
+        without its backoff between two connections that fail the check while there may be
+        live ones among the pool's (up to ``max_size``): after an idle timeout (the server's
+        ``idle_session_timeout``, a proxy's) had closed several, each dead one cost the
+        next a wait of 1, 2, 4 s..., and a pool of 4 answered 503 after ``timeout`` with the
+        database up (trial 18). A dead connection is discarded, and its replacement made,
+        as before; past ``max_size`` failures in a row (what is handed out keeps dying: the
+        server is going down), psycopg's own delay, 1 s."""
+        failed = 0
+        while True:
+            conn = await self._getconn_unchecked(deadline - time.monotonic())
+            try:
+                await self._check_connection(conn)
+            except Exception:
+                await self._putconn(conn, from_getconn=True)
+            except BaseException:  # cancelled: the connection goes back, no more tries
+                await self._putconn(conn, from_getconn=True)
+                raise
+            else:
+                return conn
+            failed += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PoolTimeout()
+            if failed > self.max_size:
+                await asyncio.sleep(min(1.0, left))
+
     async def getconn(self, timeout: float | None = None) -> Connection:
         state = self._tether
         if state is None:

@@ -292,7 +292,8 @@ def test_stats_refuses_what_no_retry_can_fix() -> None:
         ),
         (
             ["127.0.0.1:8000/tether/"],
-            f"tether stats: '127.0.0.1:8000/tether/stats.json' is not an http:// or https:// "
+            # As typed, not with the /stats.json it would be given (trial 16).
+            f"tether stats: '127.0.0.1:8000/tether/' is not an http:// or https:// "
             f"URL. Give the dashboard's with its scheme, e.g. {example}",
         ),
         (

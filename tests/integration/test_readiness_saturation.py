@@ -234,7 +234,8 @@ async def stuck(
         assert re.fullmatch(
             r"saturated: all 2 connections in use, \d waiting, and none handed out for "
             rf"\d+\.\d s \(longer than {timeout_name}=1 s\): the queries holding them are "
-            r"stuck, or the database stopped answering",
+            r"stuck, or the database stopped answering; held by 2 units of work \(2 GET /hold\), "
+            r"the oldest for \d+\.\d s: what they wait on may be another service",
             error,
         ), error
         assert all("could not give a connection" in said for said in refused), refused

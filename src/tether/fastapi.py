@@ -328,7 +328,21 @@ def _retrying(handler: Any, retries: int, label: str) -> Any:
                 )
                 if transaction_conflict(retry.error) is not None:
                     await anyio.sleep(_conflict_pause(attempt))
-        return await handler(request)
+        try:
+            return await handler(request)
+        except Exception as exc:
+            # The last run failed as the others did: said, or the client's 500 would be
+            # all there is to it (trial 18).
+            if _why_run_again(exc, []) is not None:
+                log.warning(
+                    "tether: %s %s again, after %d retr%s (idempotent): not run again; it "
+                    "fails as it is",
+                    label,
+                    _why_again(exc),
+                    retries,
+                    "y" if retries == 1 else "ies",
+                )
+            raise
 
     return retried
 

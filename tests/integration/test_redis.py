@@ -468,3 +468,38 @@ def test_an_idempotent_route_runs_again_when_its_watched_key_changed(
         "had its Redis transaction not run: a key it watched changed (WatchError" in m
         for m in caplog.messages
     ), caplog.messages
+
+
+def test_an_idempotent_route_that_conflicts_every_time_says_it_gave_up(
+    redis_server: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last run failing as the others did ended in a bare 500, with nothing after the
+    "running it again" lines (trial 18)."""
+    from tether.fastapi import idempotent
+
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url)
+    app = FastAPI(lifespan=lc.lifespan)
+    key = f"k-watch-{uuid.uuid4().hex[:6]}"
+
+    @app.post("/reserve")
+    @idempotent(retries=1)
+    async def reserve(r: Annotated[aioredis.Redis, Depends(cache)]) -> None:
+        async with r.pipeline() as pipe:
+            await pipe.watch(key)
+            async with redis.asyncio.from_url(redis_server.url) as other:
+                await other.incr(key)  # another client, every time
+            pipe.multi()
+            pipe.set(key, 0)
+            await pipe.execute()
+
+    with caplog.at_level(logging.WARNING, logger="tether"), TestClient(app) as client:
+        with pytest.raises(redis.exceptions.WatchError):
+            client.post("/reserve")
+    said = [m for m in caplog.messages if "POST /reserve" in m]
+    assert len(said) == 2, said
+    assert said[1].startswith(
+        "tether: POST /reserve had its Redis transaction not run: a key it watched changed "
+        "(WatchError"
+    ), said
+    assert said[1].endswith("again, after 1 retry (idempotent): not run again; it fails as it is")

@@ -68,3 +68,19 @@ def timeout_middleware(app: Any, seconds: float) -> Any:
             await send({"type": "http.response.body", "body": b"timed out"})
 
     return timed
+
+
+def staying_client() -> Any:
+    """The ``receive`` of a request with an empty body whose client stays: the body, then
+    nothing (a disconnect never comes)."""
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)  # the client stays
+        raise AssertionError  # pragma: no cover
+
+    return receive

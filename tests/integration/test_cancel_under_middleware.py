@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import tether
-from tests.inprocess import http_scope
+from tests.inprocess import http_scope, staying_client
 from tests.servers import Postgres
 from tether.integrations import sqlalchemy as tsa
 
@@ -56,15 +56,7 @@ async def test_a_statement_cancelled_under_an_http_middleware_stops_on_the_serve
             return await call_next(request)
 
     sent: list[dict[str, Any]] = []
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(3600)  # the client stays
-        raise AssertionError  # pragma: no cover
+    receive = staying_client()
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)

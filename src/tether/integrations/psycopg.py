@@ -207,6 +207,12 @@ class _State:
         )
 
 
+#: Whether psycopg_pool has what tether's pre-ping loop calls (`Pool._getconn_with_check_loop`).
+_OWN_CHECK_LOOP = all(
+    callable(getattr(AsyncConnectionPool, name, None))
+    for name in ("_getconn_with_check_loop", "_getconn_unchecked", "_check_connection", "_putconn")
+)
+
 #: The longest wait between two attempts at replacing a lost connection (give or take 10 %).
 RECONNECT_DELAY_CAP = 2.0
 
@@ -247,7 +253,10 @@ class Pool(AsyncConnectionPool[Connection]):
         next a wait of 1, 2, 4 s..., and a pool of 4 answered 503 after ``timeout`` with the
         database up (trial 18). A dead connection is discarded, and its replacement made,
         as before; past ``max_size`` failures in a row (what is handed out keeps dying: the
-        server is going down), psycopg's own delay, 1 s."""
+        server is going down), psycopg's own delay, 1 s. On a psycopg_pool whose private
+        methods differ from 3.3's, psycopg's own loop."""
+        if not _OWN_CHECK_LOOP:
+            return await super()._getconn_with_check_loop(deadline)
         failed = 0
         while True:
             conn = await self._getconn_unchecked(deadline - time.monotonic())

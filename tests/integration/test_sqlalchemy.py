@@ -1612,7 +1612,7 @@ def test_an_sqlite_file_deleted_under_the_engine_is_refused_not_made_anew(
         f"the file, then restart the app"
     )
     with TestClient(app) as client:
-        with sqlite3.connect(path) as db:
+        with closing(sqlite3.connect(path)) as db, db:
             db.execute("CREATE TABLE t (v int)")
         assert client.post("/write").json() == {"rows": 1}
         assert client.get("/health/ready").status_code == 200

@@ -936,10 +936,12 @@ async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
 
 
 #: Seconds a cleanup past its close_timeout has to end in a known state (`_Shielded.expire`):
-#: as long as psycopg gives its own cancel request (a new connection to the server) and then
-#: the query's end, 5 s each. At 5 s in all, CI's load once cut psycopg's cancel short: it
-#: closed the connection, and the `COMMIT` went on waiting on the server.
-SALVAGE = 10.0
+#: longer than psycopg gives its own cancel request (a new connection to the server) and then
+#: the query's end, 5 s each, so that psycopg ends that itself and the integration's last
+#: resort (`pg_terminate_backend` on a connection of its own) still runs after it. At 5 s,
+#: then 10 s, CI's load cut psycopg's cancel short: it closed the connection, nothing ended
+#: the backend, and the `COMMIT` went on waiting on the server.
+SALVAGE = 12.0
 
 _ABANDONED = "Closing resource "  # how `_close_timed_out`'s message begins
 

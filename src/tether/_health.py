@@ -97,6 +97,7 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
     t0 = time.perf_counter()
     synchronous = False  # a sync check: no timeout can interrupt it
     bound = anyio.move_on_after(res.check_timeout)
+    busy = ""  # a busy pool's note, while a connection outside it checks the server
     try:
         with bound:
             if res.scope == "app":
@@ -106,6 +107,16 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
                     # Every connection in use: the check would queue behind the traffic
                     # (and fail its timeout while the database answers everyone else).
                     ok, note = verdict
+                    aside_check = res.aside_check
+                    aside = None
+                    if ok and aside_check is not None:
+                        aside = aside_check(value, res.check_timeout)
+                    if aside is not None:
+                        # Nothing handed out for longer than the check's timeout: the
+                        # server, checked on a connection of its own, outside the pool.
+                        busy = note
+                        await aside
+                        note += "; the server answers a connection outside the pool"
                     latency = time.perf_counter() - t0
                     if ok:
                         return CheckResult(res.name, True, latency, detail=note)
@@ -124,9 +135,16 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
         # A check's own error (a driver's TimeoutError too) says what failed; one that the
         # bound's cancellation turned into another error did not finish in time.
         if not bound.cancel_called:
-            return CheckResult(res.name, False, time.perf_counter() - t0, describe(exc))
+            latency = time.perf_counter() - t0
+            if busy:
+                error = _aside_failed(busy, f"failed: {describe(exc)}")
+                return CheckResult(res.name, False, latency, error + _holders(lc, res))
+            return CheckResult(res.name, False, latency, describe(exc))
     latency = time.perf_counter() - t0
     if bound.cancel_called:
+        if busy:
+            error = _aside_failed(busy, f"got no answer within {res.check_timeout:g} s")
+            return CheckResult(res.name, False, latency, error + _holders(lc, res))
         return CheckResult(
             res.name, False, latency, f"check did not finish within {res.check_timeout:g} s"
         )
@@ -140,6 +158,14 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
             f"blocking the event loop meanwhile: make it async (or run it in a thread)",
         )
     return CheckResult(res.name, True, latency)
+
+
+def _aside_failed(busy: str, what: str) -> str:
+    """A busy pool's failing readiness: the server, checked outside the pool, did not answer."""
+    return (
+        f"the server stopped answering: a connection of the check's own, outside the pool, "
+        f"{what} ({busy.removeprefix('busy: ')})"
+    )
 
 
 def _holders(lc: Lifecycle, res: Resource[Any]) -> str:

@@ -8,7 +8,7 @@ import inspect
 import os
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -231,6 +231,7 @@ class Resource(Generic[T]):
 
     __slots__ = (
         "__weakref__",
+        "aside_check",
         "async_api",
         "backoff",
         "call",
@@ -326,6 +327,12 @@ class Resource(Generic[T]):
         # None: not saturated (run the check); (True, note): busy and serving (ready, the
         # check is not run); (False, reason): saturated and nothing handed out for too long.
         self.saturation: Callable[[Any], tuple[bool, str] | None] | None = None
+        # With `saturation`, set by an integration: for a pool read as busy, a check of the
+        # server on a connection of its own, outside the pool (an awaitable), when nothing
+        # has been handed out for longer than the check's timeout (None otherwise): a server
+        # that froze, its pool filled by commands that wait on it, read as busy, and ready,
+        # until a wait for a connection timed out (trial 14).
+        self.aside_check: Callable[[Any, float], Awaitable[None] | None] | None = None
         # Which response statuses take the failure path (None: 400 and more), set by
         # `lc.resource(error_status=...)`.
         self.error_status: Callable[[int], bool] | None = None

@@ -5,9 +5,9 @@ Under the middleware, the route runs in a task of an anyio task group, which can
 every await once the request's task is cancelled (uvicorn's graceful timeout, a timeout
 middleware). SQLAlchemy then discarded the connection at once, and the hang-up cancelled
 asyncpg's own cancel request: the statement ran on for its whole length, after the request
-(and at a shutdown, the process) had ended (trial 17). On SQLAlchemy's asyncpg engine;
-psycopg closes its connection itself there, its own cancel request cancelled the same way
-(not mended).
+(and at a shutdown, the process) had ended (trial 17). On SQLAlchemy's asyncpg engine, and
+on its psycopg one, where psycopg closes its connection itself, its own cancel request
+cancelled the same way.
 """
 
 import asyncio
@@ -34,13 +34,15 @@ def running(postgres: Postgres, name: str) -> list[str]:
     return [r["query"] for r in postgres.activity(name) if r["state"] == "active"]
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 @pytest.mark.parametrize("middleware", [True, False])
 async def test_a_statement_cancelled_under_an_http_middleware_stops_on_the_server(
-    postgres: Postgres, middleware: bool
+    postgres: Postgres, middleware: bool, driver: str
 ) -> None:
     name = f"mwc-{uuid.uuid4().hex[:8]}"
     lc = tether.Lifecycle()
-    engine = tsa.engine(lc, postgres.url("postgresql+asyncpg"), pool_size=2, application_name=name)
+    url = postgres.url(f"postgresql+{driver}")
+    engine = tsa.engine(lc, url, pool_size=2, application_name=name)
     session = tsa.session(lc, engine)
     app = FastAPI(lifespan=lc.lifespan)
 

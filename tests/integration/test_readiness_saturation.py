@@ -75,11 +75,13 @@ DRIVERS = pytest.mark.parametrize(
 
 
 def make_app(
-    make: Callable[[tether.Lifecycle, Postgres], tether.Resource[Any]], pg: Postgres
+    make: Callable[[tether.Lifecycle, Postgres], tether.Resource[Any]],
+    pg: Postgres,
+    check_timeout: float = 3.0,
 ) -> tuple[FastAPI, tether.Lifecycle, anyio.Event]:
     """An app whose ``/hold`` keeps its connection until the returned event is set (a long
     report), and whose ``/q`` runs ``SELECT 1``."""
-    lc = tether.Lifecycle(check_timeout=3.0)
+    lc = tether.Lifecycle(check_timeout=check_timeout)
     conn = make(lc, pg)
     Conn = Annotated[Any, Depends(conn)]
     release = anyio.Event()
@@ -379,3 +381,58 @@ async def test_a_psycopg_pool_growing_under_traffic_is_ready_at_once(postgres: P
             proxy.latency(0)
             release.set()
         assert sorted(statuses) == [200, 200]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_frozen_database_fails_readiness_though_its_pool_reads_busy(
+    postgres: Postgres, driver: str
+) -> None:
+    """A database that stops answering without closing its connections (a network partition
+    that drops packets, here a proxy that stops forwarding) fills the pool with queries
+    waiting on it. Its full pool read busy, so ready, until a wait for a connection timed
+    out (here 30 s). A busy pool that has handed nothing out for longer than the check's
+    timeout is checked on a connection of its own, outside the pool: ready while the
+    database answers it (two long requests), not ready once it does not."""
+    with FaultProxy(postgres.port) as proxy:
+
+        def through_proxy(lc: tether.Lifecycle, pg: Postgres) -> tether.Resource[Any]:
+            url = _pg_url("postgresql", proxy.port, None)
+            if driver == "asyncpg":
+                pool = tpg.pool(lc, url, name="pg", min_size=2, max_size=2, acquire_timeout=30)
+                return tpg.connection(lc, pool)
+            # No pre-ping: a connection checked on the frozen server is neither in use nor
+            # idle, and the pool then reads not full (the check runs, and fails its timeout).
+            pool = tpsy.pool(
+                lc, url, name="pg", min_size=2, max_size=2, timeout=30, pre_ping=False
+            )
+            return tpsy.connection(lc, pool)
+
+        app, lc, release = make_app(through_proxy, postgres, check_timeout=1.0)
+        async with held(app, lc) as (client, tg, get, statuses):
+            await anyio.sleep(1.3)  # nothing handed out for longer than check_timeout
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["checks"]["pg"]["detail"].endswith(
+                "; the server answers a connection outside the pool"
+            ), ready.text
+            release.set()
+            await until(lambda: in_use(lc, "pg") == 0, "both connections back")
+
+            proxy.blackhole()
+            for _ in range(3):
+                tg.start_soon(get, "/q")  # two wait on the database, one for a connection
+            await until(lambda: (in_use(lc, "pg"), waiting(lc, "pg")) == (2, 1), "a full pool")
+            started = time.monotonic()
+            while (ready := await client.get("/health/ready")).status_code == 200:
+                assert time.monotonic() - started < 15, ready.text  # 30 s and more before
+                await anyio.sleep(0.2)
+            error = ready.json()["checks"]["pg"]["error"]
+            assert re.fullmatch(
+                r"the server stopped answering: a connection of the check's own, outside the "
+                r"pool, got no answer within 1 s \(all 2 connections in use, 1 waiting; one "
+                r"was handed out \d+\.\d s ago\); held by 2 units of work \(2 GET /q\), the "
+                r"oldest for \d+\.\d s: what they wait on may be another service",
+                error,
+            ), error
+            proxy.restore()  # the queries held get their answers
+        assert sorted(statuses) == [200] * 5

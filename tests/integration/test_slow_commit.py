@@ -120,6 +120,81 @@ async def test_a_commit_past_close_timeout_is_cancelled_on_the_server(
     assert postgres.activity(name) == []
 
 
+@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy"])
+async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_back(
+    kind: str, postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The salvage over while psycopg still cancels the `COMMIT` (CI's load did it at 5 and
+    10 s): psycopg closes the connection, and every await of the cleanup after is cancelled
+    as it comes. The backend is still ended on the server, and the connection given back
+    (before, the `COMMIT` went on waiting, and went through once the lock was free, and the
+    pool counted the connection in use for good)."""
+    import psycopg
+
+    import tether._scope
+    from tether.integrations import psycopg as tpsy
+
+    try_cancel = psycopg.AsyncConnection._try_cancel
+
+    async def slow_cancel(self: Any, *args: Any, **kwargs: Any) -> None:
+        await anyio.sleep(2)  # the server slow to take the cancel request, as under load
+        await try_cancel(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "_try_cancel", slow_cancel)
+    monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)  # over while psycopg cancels
+    orders_table(postgres)
+    name = "slow-commit-given-up"
+    lc = tether.Lifecycle(close_timeout=CLOSE_TIMEOUT)
+    app = FastAPI(lifespan=lc.lifespan)
+    if kind == "psycopg":
+        pool = tpsy.pool(lc, postgres.dsn, max_size=2, kwargs={"application_name": name})
+        tx = tpsy.connection(lc, pool, transaction=True)
+
+        @app.post("/orders/{k}")
+        async def order(k: int, c: Annotated[Any, Depends(tx)]) -> int:
+            await c.execute("INSERT INTO slow_orders (k) VALUES (%s)", [k])
+            return k
+
+    else:
+        from sqlalchemy import text
+
+        from tether.integrations import sqlalchemy as tsa
+
+        url = postgres.dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+        engine = tsa.engine(
+            lc, url, name="pool", pool_size=2, connect_args={"application_name": name}
+        )
+        session = tsa.session(lc, engine)
+
+        @app.post("/orders/{k}")
+        async def order(k: int, s: Annotated[Any, Depends(session)]) -> int:
+            await s.execute(text("INSERT INTO slow_orders (k) VALUES (:k)"), {"k": k})
+            return k
+
+    other = await asyncpg.connect(postgres.dsn)
+    try:
+        await other.execute("BEGIN")
+        await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client,
+        ):
+            answer = await client.post("/orders/1")  # its COMMIT waits for k=1
+            assert answer.status_code == 500, answer.text
+            with anyio.fail_after(10):  # ended from a task of its own: soon after the 500
+                while [r for r in postgres.activity(name) if r["state"] != "idle"]:
+                    await anyio.sleep(0.05)
+                while lc.stats().pools["pool"].in_use:
+                    await anyio.sleep(0.05)
+            assert (await client.post("/orders/2")).status_code == 200  # the pool serves
+        await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
+        await anyio.sleep(0.5)
+    finally:
+        await other.close()
+    assert postgres.sql("SELECT k FROM slow_orders") == [(2,)]
+
+
 def test_a_commit_waiting_at_sigterm_is_cancelled_before_the_process_exits(
     postgres: Postgres, tmp_path: Path
 ) -> None:

@@ -621,8 +621,30 @@ def pool(
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     res.saturation = lambda p: _saturation(name, p)
+    res.aside_check = _aside_check
     res.async_api = "an asyncpg pool"
     return res
+
+
+def _aside_check(p: Any, within: float) -> Awaitable[None] | None:
+    """A busy pool's check (``Resource.aside_check``): ``SELECT 1`` on a connection of its
+    own, made with the pool's connect arguments, outside the pool, once none has been handed
+    out for longer than *within* (the check's timeout, which bounds it). A server that stops
+    answering without closing its connections (frozen, a network partition that drops
+    packets) fills the pool with queries waiting on it, read as busy, so ready, until a wait
+    for a connection timed out."""
+    state: _State | None = getattr(p, "_tether", None)
+    if state is None or time.monotonic() - state.served <= within:
+        return None
+    return _select_1_aside(p)
+
+
+async def _select_1_aside(p: Any) -> None:
+    conn = await asyncpg.connect(*p._connect_args, **p._connect_kwargs)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        conn.terminate()
 
 
 def _ping_after(name: str, pre_ping: object) -> float | None:

@@ -90,6 +90,7 @@ from .._errors import (
     unstopped,
 )
 from .._resource import Resource
+from .._scope import SALVAGE
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -677,6 +678,7 @@ def pool(
         finally:
             forget_budget(lc, name)
             with anyio.CancelScope(shield=True):
+                await _ends_done(p)
                 await p.close(timeout=lc.close_timeout / 2)
 
     res: Resource[Any] = lc.resource(
@@ -689,8 +691,32 @@ def pool(
     )(open_pool)
     res.pool_stats = lambda p: _figures(name, p)
     res.saturation = lambda p: _saturation(name, p)
+    res.aside_check = _aside_check
     res.async_api = "a psycopg AsyncConnectionPool"
     return res
+
+
+def _aside_check(p: Any, within: float) -> Awaitable[None] | None:
+    """A busy pool's check (``Resource.aside_check``): ``SELECT 1`` on a connection of its
+    own, with the pool's conninfo and connection parameters, outside the pool, once none has
+    been handed out for longer than *within* (the check's timeout, which bounds it). A server
+    that stops answering without closing its connections (frozen, a network partition that
+    drops packets) fills the pool with queries waiting on it, read as busy, so ready, until
+    a wait for a connection timed out."""
+    state: _State | None = getattr(p, "_tether", None)
+    if state is None or time.monotonic() - state.served <= within:
+        return None
+    return _select_1_aside(p)
+
+
+async def _select_1_aside(p: Any) -> None:
+    kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
+    other = await _connect(p.conninfo, **kwargs)
+    try:
+        async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
+            await cur.execute("SELECT 1")
+    finally:
+        await other.close()
 
 
 def _figures(name: str, p: Any) -> PoolStats:
@@ -921,22 +947,24 @@ def connection(
             handed._tether_give_back(given_back, res)  # the unit of work is over
             # psycopg's pool checks what comes back: a transaction left open is rolled
             # back, a connection mid-query or broken is closed and replaced.
-            if reset:
-                again = state.configured.get(conn, "") if state is not None else ""
-                await _reset_session(conn, name, reset_timeout, again)
-            running = _left_running(conn) or (conn.closed and conn in _hung_up_held)
-            if not conn.closed and _settings(conn) != kept:
-                await _restore(conn, kept, name)  # (closes one mid-query)
-            if running and not _behind_pgbouncer(state):
-                # psycopg hung up on it, not the server, nor a close() of tether's (its cancel
-                # of a query interrupted again by an anyio cancel scope, or not confirmed in
-                # time), or left it mid-query (psycopg before 3.3.7 on that interruption;
-                # the pool closes it), or tether hung it up under another task's query
-                # (`_hang_up_held`): a query may still run on the server, its transaction
-                # and locks held.
-                await _end_backend(p, pid, name)
-            _drop_callbacks(conn, callbacks)
-            await p.putconn(conn)
+            ending: asyncio.Task[None] | None = None
+            try:
+                if reset:
+                    again = state.configured.get(conn, "") if state is not None else ""
+                    await _reset_session(conn, name, reset_timeout, again)
+                ending = _end_if_running(p, conn, pid, name, state)
+                if ending is None and not conn.closed and _settings(conn) != kept:
+                    await _restore(conn, kept, name)  # (closes one mid-query)
+            finally:
+                _drop_callbacks(conn, callbacks)
+                if ending is None:
+                    # A close given up on (its salvage over) cancels each await as it comes:
+                    # one that left a query running still has its backend ended.
+                    ending = _end_if_running(p, conn, pid, name, state)
+                if ending is None:
+                    await p.putconn(conn)
+                else:
+                    await asyncio.shield(ending)  # given up on, it still runs to its end
 
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)
@@ -1486,6 +1514,47 @@ def _left_running(conn: Connection) -> bool:
 
 #: Seconds `_end_backend` may take (a connection of its own, one statement).
 _STOP_WITHIN = 1.0
+
+#: The backends `_end_if_running` is ending, until each connection is given back, and the
+#: pool each goes back to: the pool's close waits for its own (`_ends_done`).
+_ENDING: dict[asyncio.Task[None], Any] = {}
+
+
+def _end_if_running(
+    p: Any, conn: Connection, pid: int, name: str, state: _State | None
+) -> asyncio.Task[None] | None:
+    """If a query may still run on the server for *conn* as it goes back, end its backend
+    then give *conn* back to *p*, from a task of its own (returned), which a close given up
+    on does not cancel: psycopg hung up on the connection, not the server, nor a close() of
+    tether's (its cancel of a query interrupted again by an anyio cancel scope, or by the end
+    of tether's salvage of a close cut short, or not confirmed in time), or left it
+    mid-query (psycopg before 3.3.7 on that interruption; the pool closes it), or tether hung
+    it up under another task's query (`_hang_up_held`): a query may still run on the server,
+    its transaction and locks held. Awaited in the unit's cleanup, the end would be cancelled
+    with it, and the connection not given back (CI's load, trial 8's slow ``COMMIT``)."""
+    if not (_left_running(conn) or (conn.closed and conn in _hung_up_held)):
+        return None
+    if _behind_pgbouncer(state):
+        return None  # the pid is PgBouncer's, which drops the server side itself
+
+    async def end_then_give_back() -> None:
+        try:
+            await _end_backend(p, pid, name)
+        finally:
+            await p.putconn(conn)
+
+    task = asyncio.get_running_loop().create_task(end_then_give_back())
+    _ENDING[task] = p
+    task.add_done_callback(_ENDING.pop)
+    return task
+
+
+async def _ends_done(p: Any) -> None:
+    """Wait (shielded, at most `SALVAGE` seconds) for the backends of *p* being ended."""
+    pending = [task for task, pool in _ENDING.items() if pool is p]
+    if pending:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(pending, timeout=SALVAGE)
 
 
 async def _end_backend(p: Any, pid: int, name: str) -> None:

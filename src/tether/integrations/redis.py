@@ -50,7 +50,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -928,7 +928,30 @@ def client(
         holders="the commands holding them",
         backend="the Redis server",
     )
+    res.aside_check = _aside_check
     return res
+
+
+def _aside_check(r: Any, within: float) -> Awaitable[None] | None:
+    """A busy pool's check (``Resource.aside_check``): a PING on a connection of its own,
+    outside the pool, once none has been handed out for longer than *within* (the check's
+    timeout, which bounds it). A frozen server (``SIGSTOP``, a network partition that
+    drops packets) fills the pool with commands waiting on it, and read as busy, so ready,
+    until a wait for a connection timed out: ``pool_timeout`` and more (trial 14)."""
+    pool = r.connection_pool
+    if time.monotonic() - pool.tether_served <= within:
+        return None
+    return _ping_aside(pool)
+
+
+async def _ping_aside(pool: Any) -> None:
+    conn = pool.connection_class(**pool.connection_kwargs)
+    try:
+        await conn.connect()
+        await conn.send_command("PING")
+        await conn.read_response()
+    finally:
+        await conn.disconnect(nowait=True)
 
 
 # redis-py's pool without max_connections: 2**31 in redis-py 5, as good as none (redis-py 8

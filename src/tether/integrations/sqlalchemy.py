@@ -634,7 +634,8 @@ _FAILED = "tether_failed"  # in a connection's info: a statement failed in its t
 _IN_FAILED_TRANSACTION = "25P02"
 
 
-#: The cancel requests `_cancel_before_hang_up` sends, until they are sent.
+#: The cancel requests `_cancel_before_hang_up` sends, until they are sent, and the backends
+#: `_end_after_psycopg_hang_up` ends, until they are ended.
 _CANCELS: set[asyncio.Task[None]] = set()
 
 
@@ -674,6 +675,78 @@ def _cancel_before_hang_up(eng: Engine, name: str) -> None:
         task.add_done_callback(_CANCELS.discard)
 
     event.listen(eng, "invalidate", invalidated)
+
+
+def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
+    """End the backend of a psycopg connection that psycopg closed itself mid-query, as it
+    does when its cancel of a statement is interrupted again (the end of tether's salvage of
+    a close cut short, an anyio cancel scope) or not confirmed in 5 s: PostgreSQL notices the
+    client gone only when it next writes to it, so a ``COMMIT`` waiting for a lock went on
+    waiting, and committed once the lock was free, after the client's 500. From a task of
+    tether's own, on a connection of its own (a pool's slot may be taken), when the
+    connection is invalidated (the first thing SQLAlchemy does with it): a close given up
+    on cancels every await of its own. The backend's pid is read when the connection is made
+    (libpq's, no round trip); the engine's close waits for the task, as for
+    `_cancel_before_hang_up`'s."""
+    sync = eng.sync_engine
+    params: list[Any] = [(), {}]
+
+    def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        params[:] = [cargs, cparams]  # as the later listeners leave them (a token renewed)
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        with contextlib.suppress(Exception):
+            record.info[_PID] = dbapi_connection.driver_connection.pgconn.backend_pid
+
+    def invalidate(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        pid = record.info.get(_PID) if record is not None else None
+        try:
+            hung_up = driver.broken and driver.pgconn.pgconn_ptr is None  # type: ignore[union-attr]
+            loop = asyncio.get_running_loop()
+        except Exception:  # not psycopg's, or no loop: nothing to do
+            return
+        if not hung_up or pid is None:
+            return
+        cargs, cparams = params
+        task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
+        _CANCELS.add(task)
+        task.add_done_callback(_CANCELS.discard)
+
+    event.listen(sync, "do_connect", do_connect)
+    event.listen(sync, "connect", connect)
+    event.listen(sync, "invalidate", invalidate)
+
+
+_PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
+
+
+async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name: str) -> None:
+    """End backend *pid* from a psycopg connection made for it, with the engine's own
+    connect arguments (as its dialect makes one)."""
+    import psycopg
+
+    kwargs = dict(cparams)
+    make = kwargs.pop("async_creator_fn", psycopg.AsyncConnection.connect)
+    other: Any = None
+    try:
+        async with asyncio.timeout(_STOP_WITHIN):
+            other = await make(*cargs, **kwargs)
+            await other.set_autocommit(True)
+            async with psycopg.AsyncCursor(other) as cur:
+                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    except Exception as exc:
+        log.warning(
+            "tether: engine %r: could not end backend %d on the server (%s); the statement it "
+            "was running may run to its end",
+            name,
+            pid,
+            describe(exc),
+        )
+    finally:
+        if other is not None:
+            with anyio.CancelScope(shield=True):
+                await other.close()
 
 
 async def _send_cancel(request: Awaitable[Any], name: str) -> None:
@@ -2110,6 +2183,8 @@ def engine(
             _close_streams_on_return(eng.sync_engine, name)
             if u.get_driver_name() == "asyncpg":
                 _cancel_before_hang_up(eng.sync_engine, name)
+            elif u.get_driver_name() == "psycopg" and not pgbouncer:
+                _end_after_psycopg_hang_up(eng, name)
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
         _count_connections(eng.sync_engine, info)

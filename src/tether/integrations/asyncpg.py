@@ -75,6 +75,7 @@ from .._errors import (
     check_bool,
     check_number,
     describe,
+    for_good,
     not_options,
     refused_for_good,
 )
@@ -349,17 +350,79 @@ async def _no_reset(conn: Any) -> None:
     """PgBouncer transaction mode: no session state to reset (asyncpg still rolls back)."""
 
 
-def _resetting(state: _State) -> Callable[[Any], Awaitable[None]]:
+def _resetting(
+    state: _State, own: Callable[[Any], Awaitable[None]] | None = None
+) -> Callable[[Any], Awaitable[None]]:
     """asyncpg's reset on release, and what it leaves: ``SET ROLE`` and ``SET SESSION
     AUTHORIZATION`` (which survive its ``RESET ALL``) and temporary tables
     (``RESET_SESSION``); then what the pool's ``init`` set, set again: one round trip, as
-    asyncpg's."""
+    asyncpg's. Then the app's own ``reset=``, if it gave one (it replaced all of this
+    before, and a unit's ``SET ROLE`` and temporary tables reached the next: trial 23)."""
 
     async def reset(conn: Any) -> None:
         configured = state.configured
         await conn.execute(RESET_SESSION + (configured.get(conn, "") if configured else ""))
 
-    return reset
+    if own is None:
+        return reset
+
+    async def both(conn: Any) -> None:
+        await reset(conn)
+        await own(conn)
+
+    return both
+
+
+#: PgBouncer's refusal of a startup parameter it does not track (``server_settings=``).
+_UNSUPPORTED_PARAMETER = re.compile(r"unsupported startup parameter: (\w+)")
+
+
+def _parameter_refused(name: str, parameter: str) -> ValueError:
+    msg = (
+        f"Pool {name!r}: the server refused the startup parameter {parameter!r} "
+        f'("unsupported startup parameter"): PgBouncer passes on only the few it tracks, '
+        f"refuses the others, and drops those its ignore_startup_parameters lists without a "
+        f"word. Take {parameter!r} out of server_settings=, and set it with the role's "
+        f"defaults (ALTER ROLE ... SET {parameter} = ...) or PgBouncer's connect_query. No "
+        f"retry mends this, so none was made."
+    )
+    return ValueError(msg)
+
+
+def _check_reset_options(kw: dict[str, Any], pgbouncer: bool, where: str) -> None:
+    """``reset=`` and ``statement_cache_size=`` against what tether sets itself."""
+    own = kw.get("reset")
+    if own is not None and not callable(own):
+        msg = (
+            f"{where}: reset={own!r} is not a coroutine function. asyncpg calls reset(conn) "
+            f"as a connection goes back to the pool: `async def reset(conn): await "
+            f"conn.execute(...)`. tether resets the session itself (RESET ALL, SET ROLE, "
+            f"temporary tables, what init= set kept); yours runs after it."
+        )
+        raise TypeError(msg)
+    if not pgbouncer:
+        return
+    cache = kw.get("statement_cache_size")
+    if cache is not None and cache != 0:
+        msg = (
+            f"{where}: statement_cache_size={cache!r} with pgbouncer=True. PgBouncer in "
+            f"transaction mode runs each transaction on any server connection, where "
+            f"asyncpg's named statements are missing or are another client's (errors such as "
+            f'"prepared statement __asyncpg_stmt_3__ does not exist", or a statement run with '
+            f"another one's parameters): pgbouncer=True sets statement_cache_size=0. Drop "
+            f"statement_cache_size=, or drop pgbouncer=True if this DSN reaches PostgreSQL "
+            f"directly or PgBouncer in session mode."
+        )
+        raise ValueError(msg)
+    if own is not None:
+        msg = (
+            f"{where}: reset= with pgbouncer=True. Behind PgBouncer in transaction mode the "
+            f"reset would run on whichever server connection PgBouncer picks, not on the "
+            f"session the unit of work used (tether runs none there; PgBouncer's own "
+            f"server_reset_query does not run in that mode either). Drop reset=, and keep "
+            f"session state out of the units of work (SET LOCAL in a transaction, not SET)."
+        )
+        raise ValueError(msg)
 
 
 def _keeping_init(state: _State, init: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
@@ -404,6 +467,13 @@ def _drop_callbacks(raw: Any, state: _State | None) -> None:
     if state is None:
         return  # a pool tether did not open: what its init added is not known
     # asyncpg >= 0.30's (the pool refuses a connection that is not one): read directly.
+    # Notification and log listeners: asyncpg's release clears them too, after warning of
+    # each (an InterfaceWarning per request of a route that listened: trial 23), and the
+    # reset unlistens on the server.
+    if raw._listeners:
+        raw._listeners.clear()
+    if raw._log_listeners:
+        raw._log_listeners.clear()
     if raw._query_loggers:  # none, the common case: nothing to drop
         _put_back_loggers(raw, state.loggers.get(raw))
     listeners = raw._termination_listeners
@@ -535,6 +605,7 @@ def pool(
         example='lambda pool: pool.fetchval("SELECT 1")',
     )
     _check_options(kw, where)
+    _check_reset_options(kw, pgbouncer, where)
 
     async def open_pool() -> AsyncIterator[asyncpg.Pool]:
         asyncio_only(where, "asyncpg")
@@ -551,10 +622,10 @@ def pool(
         if server_settings:
             options["server_settings"] = dict(server_settings)
         if "reset" in options:  # asyncpg >= 0.30
-            options["reset"] = _no_reset if pgbouncer else _resetting(state)
+            options["reset"] = _no_reset if pgbouncer else _resetting(state, kw.get("reset"))
         if pgbouncer:
             options["statement_cache_size"] = 0
-        options.update(kw)
+        options.update((key, value) for key, value in kw.items() if key != "reset")
         kept = ("timeout", "statement_cache_size") if pgbouncer else ("timeout",)
         state.connect_kept = {key: options[key] for key in kept}
         options["connect"] = _counting(state, options.get("connect") or asyncpg.connect)
@@ -573,6 +644,9 @@ def pool(
             # Cancelled or failed half-way: the connections made so far go too.
             _terminate_pool(p)
             scrub_secrets(exc)  # asyncpg's parse errors may quote a piece of the DSN
+            unsupported = _UNSUPPORTED_PARAMETER.search(str(exc))
+            if isinstance(exc, pg_errors.ProtocolViolationError) and unsupported:
+                raise for_good(_parameter_refused(name, unsupported[1])) from exc
             # Wrong credentials, unknown database, PgBouncer's refusals of them included (a
             # ProtocolViolationError, 08P01): not a matter of retrying.
             if isinstance(exc, UNREACHABLE) and refused_for_good(exc) is None:
@@ -1040,6 +1114,8 @@ def connection(
                             raise never from exc  # it did not run: a 503
                         exc.add_note(LOST_NOTE)  # still a 500: the statement may have run
                     raise
+                if not lost and not _closed(conn) and not _raw(conn).is_in_transaction():
+                    log.warning("tether: %s", _ended_by_endpoint(name, _NOTHING_ROLLED_BACK))
                 await _rollback(p, conn, tx, name, reset_timeout)
                 if lost:
                     # The server ended the transaction with the connection: nothing was
@@ -1304,6 +1380,22 @@ async def _acquire_tested(
     raise AssertionError  # pragma: no cover - the loop returns or raises
 
 
+def _ended_by_endpoint(name: str, more: str) -> str:
+    """The WARNING for a ``transaction=True`` unit whose transaction the endpoint ended
+    itself (a raw ``COMMIT`` or ``ROLLBACK``): what it ran after ran in autocommit, and no
+    failure of the unit rolls it back (trial 23). Nothing was said before."""
+    return (
+        f"{name!r}: the endpoint ended the unit of work's transaction itself (a COMMIT or "
+        f"ROLLBACK it ran on the connection): the statements after it ran outside any "
+        f"transaction, each committed as it ran{more}. For a part of the unit, use `async with "
+        f"conn.transaction():` (a savepoint); to commit as you go, use a connection resource "
+        f"without transaction=True."
+    )
+
+
+_NOTHING_ROLLED_BACK = ", and this unit's failure rolls none of them back"
+
+
 async def _commit(conn: Any, tx: Any, name: str) -> None:
     """Commit *tx* as asyncpg's ``Transaction.commit()`` does, reading the server's answer:
     PostgreSQL answers ``COMMIT`` of a transaction that a failed statement aborted with
@@ -1317,6 +1409,10 @@ async def _commit(conn: Any, tx: Any, name: str) -> None:
         await tx.commit()
         return
     raw._top_xact = None
+    if not raw.is_in_transaction():
+        log.warning("tether: %s", _ended_by_endpoint(name, ""))
+        top._state = _TxState.COMMITTED
+        return
     try:
         answer = await raw.execute("COMMIT;")
     except BaseException:

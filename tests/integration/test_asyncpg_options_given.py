@@ -93,16 +93,14 @@ async def test_a_startup_parameter_pgbouncer_refuses_is_said_and_not_retried(
     pgbouncer: PgBouncer,
 ) -> None:
     lc = tether.Lifecycle()
-    tpg.pool(
-        lc, pgbouncer.dsn, pgbouncer=True, server_settings={"work_mem": "7MB"}, retries=2
-    )
+    tpg.pool(lc, pgbouncer.dsn, pgbouncer=True, server_settings={"work_mem": "7MB"}, retries=2)
     with pytest.raises(tether.StartupError) as caught:
         async with lc.run():
             pass
     said = str(caught.value)
     assert (
         "Pool 'pool': the server refused the startup parameter 'work_mem' (\"unsupported "
-        "startup parameter\"): PgBouncer passes on only the few it tracks, refuses the "
+        'startup parameter"): PgBouncer passes on only the few it tracks, refuses the '
         "others, and drops those its ignore_startup_parameters lists without a word. Take "
         "'work_mem' out of server_settings=, and set it with the role's defaults (ALTER ROLE "
         "... SET work_mem = ...) or PgBouncer's connect_query. No retry mends this, so none "

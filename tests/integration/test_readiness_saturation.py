@@ -402,9 +402,7 @@ async def test_a_frozen_database_fails_readiness_though_its_pool_reads_busy(
                 return tpg.connection(lc, pool)
             # No pre-ping: a connection checked on the frozen server is neither in use nor
             # idle, and the pool then reads not full (the check runs, and fails its timeout).
-            pool = tpsy.pool(
-                lc, url, name="pg", min_size=2, max_size=2, timeout=30, pre_ping=False
-            )
+            pool = tpsy.pool(lc, url, name="pg", min_size=2, max_size=2, timeout=30, pre_ping=False)
             return tpsy.connection(lc, pool)
 
         app, lc, release = make_app(through_proxy, postgres, check_timeout=1.0)

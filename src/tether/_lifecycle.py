@@ -824,7 +824,9 @@ class Lifecycle:
                 f"lc.override({resource.name}, {fn}())."
             )
             raise TypeError(msg)
-        if _is_factory(value_or_factory):
+        if isinstance(value_or_factory, Resource):
+            factory = self._alias(resource, value_or_factory)
+        elif _is_factory(value_or_factory):
             factory = value_or_factory
         else:
             value = value_or_factory
@@ -861,6 +863,37 @@ class Lifecycle:
         self._overrides[resource] = replacement
         self._validated = False
         return ov
+
+    def _alias(self, resource: Resource[Any], other: Resource[Any]) -> Callable[..., Any]:
+        """The factory of an override of *resource* by another resource, *other*: its value
+        (``lc.override(replica_session, session)``: the replica's routes get the primary's
+        session). The resource itself was the value before, and the route failed at its
+        first use (``'Resource' object has no attribute 'scalar'``: trial 21)."""
+        if other.lifecycle is not self:
+            msg = (
+                f"lc.override({resource.name}, {other.name}): {other.name!r} is a resource of "
+                f"another Lifecycle. Override with a resource of this one, or with a factory."
+            )
+            raise TypeError(msg)
+        if other is resource:
+            msg = f"lc.override({resource.name}, {resource.name}): a resource overridden by itself."
+            raise TypeError(msg)
+
+        def alias(value: Any) -> Any:
+            return value
+
+        try:
+            param = inspect.Parameter(other.name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        except ValueError:  # a name no parameter can have
+            msg = (
+                f"lc.override({resource.name!r}, ...): the resource {other.name!r} cannot be "
+                f"named by a parameter. Override with a factory that takes it: declare it "
+                f"under a name that is an identifier."
+            )
+            raise TypeError(msg) from None
+        alias.__signature__ = inspect.Signature([param])  # type: ignore[attr-defined]
+        alias.__qualname__ = alias.__name__ = f"the value of {other.name!r}"
+        return alias
 
     def _warn_built_from(self, resource: Resource[Any]) -> None:
         """An app resource overridden while the app runs: the app resources built from it

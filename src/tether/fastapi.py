@@ -566,8 +566,9 @@ def _warn_async_in_def(route: Any, lc: Lifecycle, label: str) -> None:
             log.warning(
                 "tether: %s is `def` but takes %r, %s: its calls are coroutines, which a "
                 "`def` endpoint cannot await (each returns a coroutine that never runs: "
-                "nothing is queried or written). Declare the endpoint `async def`, or give it "
-                "a sync resource.",
+                "nothing is queried, flushed or deleted; what its sync methods do, such as "
+                "a session's add(), still happens, and is committed without the rest). "
+                "Declare the endpoint `async def`, or give it a sync resource.",
                 label,
                 res.name,
                 res.async_api,

@@ -131,8 +131,9 @@ def test_a_def_endpoint_on_an_async_session_is_warned_about(
     assert warned == [
         "tether: GET /def is `def` but takes 'session', an AsyncSession: its calls are "
         "coroutines, which a `def` endpoint cannot await (each returns a coroutine that never "
-        "runs: nothing is queried or written). Declare the endpoint `async def`, or give it a "
-        "sync resource."
+        "runs: nothing is queried, flushed or deleted; what its sync methods do, such as a "
+        "session's add(), still happens, and is committed without the rest). Declare the "
+        "endpoint `async def`, or give it a sync resource."
     ]
 
 

@@ -339,3 +339,57 @@ def test_an_override_breaking_the_scope_rules_is_named() -> None:
         "cannot hold. Give the override a value, or a factory of app resources only."
     )
     assert not lc._overrides  # nothing left in place
+
+
+async def test_an_override_by_another_resource_gives_that_resources_value() -> None:
+    """`lc.override(replica_session, session)`: the replica's users get the primary's value,
+    opened once per unit and closed by tether. The Resource object itself was the value
+    before, and the route failed at its first use (trial 21)."""
+    lc = tether.Lifecycle()
+    events: list[str] = []
+
+    @lc.resource
+    async def primary() -> AsyncIterator[str]:
+        events.append("open primary")
+        yield "primary"
+        events.append("close primary")
+
+    @lc.resource
+    def replica() -> str:
+        return "replica"
+
+    @lc.resource
+    def report(replica: str) -> str:
+        return f"report({replica})"
+
+    async with lc.run():
+        with lc.override(replica, primary):
+            async with lc.scope() as unit:
+                assert await unit.get(replica) == "primary"
+                assert await unit.get(report) == "report(primary)"
+                assert await unit.get(primary) == "primary"
+        async with lc.scope() as unit:
+            assert await unit.get(replica) == "replica"
+    assert events == ["open primary", "close primary"]  # once, shared with its own users
+
+
+def test_an_override_by_itself_or_by_another_lifecycles_resource_is_refused() -> None:
+    lc, other = tether.Lifecycle(), tether.Lifecycle()
+
+    @lc.resource
+    def session() -> str:
+        return "s"
+
+    @other.resource
+    def elsewhere() -> str:
+        return "e"
+
+    with pytest.raises(TypeError) as caught:
+        lc.override(session, session)
+    assert str(caught.value) == "lc.override(session, session): a resource overridden by itself."
+    with pytest.raises(TypeError) as caught:
+        lc.override(session, elsewhere)
+    assert str(caught.value) == (
+        "lc.override(session, elsewhere): 'elsewhere' is a resource of another Lifecycle. "
+        "Override with a resource of this one, or with a factory."
+    )

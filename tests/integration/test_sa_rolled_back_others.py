@@ -188,3 +188,54 @@ def test_a_sync_session_of_another_resource_of_the_engine_is_warned_of(
             assert client.post("/audit/5").status_code == 200  # no block: no warning
         assert messages(seen) == []
     assert rows(postgres) == [2, 4, 5]
+
+
+def test_a_session_of_another_engine_of_the_same_database_is_warned_of(
+    postgres: Postgres, items: None
+) -> None:
+    """The app's async `session` and, for its `def` routes, a `sync_session` on a
+    `sync_engine()` of the same database: the block on `session` does not cover the sync
+    one, whose writes stayed after the test in silence (trial 21). Warned of now; a block
+    for each covers both; another database's engine is not warned of."""
+    lc = tether.Lifecycle()
+    eng = tsa.engine(lc, postgres.url("postgresql+asyncpg"), name="db", pool_size=2)
+    sync_eng = tsa.sync_engine(lc, postgres.url("postgresql+psycopg"), name="sync_db")
+    other_eng = tsa.sync_engine(lc, "sqlite://", name="elsewhere")
+    session = tsa.session(lc, eng, name="session")
+    sync_session = tsa.sync_session(lc, sync_eng, name="sync_session")
+    elsewhere = tsa.sync_session(lc, other_eng, name="elsewhere_session")
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/notes/{item_id}")
+    async def note(item_id: int, s: Annotated[AsyncSession, Depends(session)]) -> int:
+        await s.execute(INSERT, {"id": item_id})
+        return item_id
+
+    @app.post("/sync/{item_id}")
+    def sync_note(item_id: int, s: Annotated[Session, Depends(sync_session)]) -> int:
+        s.execute(INSERT, {"id": item_id})
+        return item_id
+
+    @app.get("/elsewhere")
+    def read_elsewhere(s: Annotated[Session, Depends(elsewhere)]) -> int:
+        return int(s.execute(text("SELECT 1")).scalar_one())
+
+    with TestClient(app) as client:
+        assert client.portal is not None
+        with client.portal.wrap_async_context_manager(tsa.rolled_back(session)):
+            with quiet() as seen:
+                assert client.post("/notes/1").status_code == 200
+                assert client.get("/elsewhere").status_code == 200
+            assert messages(seen) == []
+            with pytest.warns(RuntimeWarning) as warned:
+                assert client.post("/sync/2").status_code == 200
+            assert [str(w.message) for w in warned] == [outside("session", "sync_db")]
+        with (
+            client.portal.wrap_async_context_manager(tsa.rolled_back(session)),
+            client.portal.wrap_async_context_manager(tsa.rolled_back(sync_session)),
+            quiet() as seen,
+        ):
+            assert client.post("/notes/3").status_code == 200
+            assert client.post("/sync/4").status_code == 200
+        assert messages(seen) == []
+    assert rows(postgres) == [2]  # the one outside both blocks, warned of

@@ -319,6 +319,110 @@ def test_a_connection_taken_straight_from_a_pool_is_reported(suite: pytest.Pytes
     )
 
 
+def test_a_connection_taken_beside_a_unit_left_in_flight_is_reported_too(
+    suite: pytest.Pytester,
+) -> None:
+    """A test that leaves a unit in flight and also keeps a connection it took straight from
+    the pool: both are reported. The pools were not checked once a unit was reported, so
+    the connection was hidden (trial 9); a unit's own connection is not reported twice."""
+    suite.makepyfile(
+        pools=textwrap.dedent(
+            """
+            import anyio
+            import tether
+
+            lc = tether.Lifecycle(drain_timeout=0.5)
+
+
+            class Pool:
+                in_use = 0
+
+                def acquire(self):
+                    self.in_use += 1
+
+                def release(self):
+                    self.in_use -= 1
+
+
+            @lc.resource(scope="app")
+            def pg():
+                return Pool()
+
+
+            pg.pool_stats = lambda p: tether.PoolStats(
+                name="pg", max=5, open=p.in_use, in_use=p.in_use, idle=0, waiting=0
+            )
+
+
+            @lc.resource
+            def conn(pg):
+                pg.acquire()
+                yield "conn"
+                pg.release()
+
+
+            async def hold(label):
+                async with lc.scope(label) as unit:
+                    await unit.get(conn)
+                    await anyio.sleep(30)
+            """
+        ),
+        conftest=textwrap.dedent(
+            """
+            import pytest
+            from anyio.from_thread import start_blocking_portal
+
+            from pools import lc
+
+
+            @pytest.fixture(scope="session")
+            def portal():
+                with start_blocking_portal() as portal:
+                    with portal.wrap_async_context_manager(lc.run()):
+                        yield portal
+            """
+        ),
+        test_pools=textwrap.dedent(
+            """
+            import time
+
+            from pools import hold, lc
+
+
+            def started(portal, label):
+                portal.start_task_soon(hold, label)
+                while lc.get(lc.resources["pg"]).in_use < 1:
+                    time.sleep(0.01)
+
+
+            def test_unit_only(portal):
+                started(portal, "unit only")
+
+
+            def test_unit_and_raw(portal):
+                before = lc.get(lc.resources["pg"]).in_use
+                portal.start_task_soon(hold, "unit and raw")
+                while lc.get(lc.resources["pg"]).in_use < before + 1:
+                    time.sleep(0.01)
+                lc.get(lc.resources["pg"]).acquire()
+            """
+        ),
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=2, errors=2)
+    out = "\n".join(result.outlines)
+    assert out.count("has more connections in use than before the test and than") == 1, out
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_unit_and_raw*",
+            "*'unit and raw' (in flight *",
+            "tether: a driver pool of <tether.Lifecycle resources=2 state='running'> has more "
+            "connections in use than before the test and than the units of work above hold:",
+            "  - 'pg': 3 in use, 1 before the test, 1 held by the units of work above",
+        ]
+    )
+
+
 def test_units_on_an_idle_session_loop_get_the_grace(pytester: pytest.Pytester) -> None:
     """Under pytest-asyncio the session loop does not run between tests: the check runs it
     for the grace, so a job ending 50 ms after its test is not blamed, and a job that runs on

@@ -595,7 +595,10 @@ class _Shielded:
         else:
             self.timed_out = True
             self.deadline = _now() + SALVAGE  # the sweeper's next expiry, if it runs
-            if not self.lc._sweeping:
+            # The sweeper expires only the closes it was given as they began: one that began
+            # on a timer, before the sweeper's first run, was never given up (trial 24).
+            lc = self.lc
+            if not (lc._sweeping and self in lc._slow_closes):
                 self.salvage = asyncio.get_running_loop().call_later(SALVAGE, self.expire)
         if fut is not None:
             fut.cancel()

@@ -2865,8 +2865,18 @@ def _retry_if_lost(unit: HttpUnit, failed: BaseException, again: bool) -> None:
     retryable = (isinstance(failed, ResourceUnavailable) and failed.lost) or (
         transaction_conflict(failed) is not None
     )
-    if again and retryable and getattr(unit.request, "_form", None) is None:
+    if again and retryable and _body_again(unit.request):
         raise _Retry(failed)
+
+
+def _body_again(request: Any) -> bool:
+    """Whether a run again of the route would find the request's body: not a form (its
+    files are closed by now), and not a body the route streamed (``request.stream()``, read
+    once: a run again failed with Starlette's "Stream consumed", a 500 where the lost
+    connection would have been a 503: trial 24). A body read whole is kept (``_body``)."""
+    if getattr(request, "_form", None) is not None:
+        return False
+    return not getattr(request, "_stream_consumed", False) or hasattr(request, "_body")
 
 
 async def _release_slow(unit: HttpUnit, response: Any, again: bool) -> tuple[Any, bool]:
@@ -2908,8 +2918,8 @@ async def _handler_failed(
         await unit.aclose(unit.failure)
         return _response(_GONE_STATUS, _GONE, None)
     errors = [] if deferred else await unit.aclose(exc)
-    # Not a request with a form body: its files are closed by now.
-    if again and getattr(unit.request, "_form", None) is None:
+    # Not a request whose body is gone: a form's files are closed by now, a stream read.
+    if again and _body_again(unit.request):
         lost = _why_run_again(exc, errors)
         if lost is not None:
             raise _Retry(lost) from exc

@@ -857,7 +857,10 @@ class Lifecycle:
             if param not in self._resources:
                 msg = _graph.unknown_override_message(resource, factory, param, self._resources)
                 raise UnknownResourceError(msg, name=param)
-        _graph.resolve(self._resources, [replacement])
+        # Checked with the overrides in place: two that form a cycle together (each alone
+        # fine) made a request wait for ever on a value its own task was opening (trial 24).
+        others = [r for target, r in self._overrides.items() if target is not resource]
+        _graph.resolve(self._resources, [*others, replacement])
         if resource.scope == "app" and self.state in (State.RUNNING, State.DRAINING):
             self._warn_built_from(resource)
         ov = Override(self, resource, replacement)
@@ -1042,7 +1045,7 @@ class Lifecycle:
         started = time.perf_counter()
         # A failure (StartupError, ShutdownError, or the body's own exception) is carried
         # out of the task group and raised after it, so it is not wrapped in a group.
-        error: Exception | None = None
+        error: BaseException | None = None
         entered_in = asyncio.current_task() if _on_asyncio() else None
         self._app_task = entered_in
         try:
@@ -1063,7 +1066,9 @@ class Lifecycle:
                     finally:
                         with anyio.CancelScope(shield=True):
                             await self._shutdown()
-                except Exception as exc:
+                # And `sys.exit(3)` or ^C in the body: a group around them lost the exit
+                # status (1, not 3) and `except KeyboardInterrupt` (trial 24).
+                except (Exception, KeyboardInterrupt, SystemExit) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()

@@ -121,3 +121,103 @@ def test_an_idempotent_route_that_streamed_its_body_is_not_run_again() -> None:
         runs.clear()
         answer = client.post("/whole", content=b"x" * 1000)
         assert (answer.status_code, answer.json(), runs) == (200, 1000, [1000, 1000])
+
+
+def test_two_overrides_forming_a_cycle_are_refused_as_the_second_is_made() -> None:
+    """Each alone is fine; together `a -> b -> a`. `lc.scope()` refused them, and a request
+    waited for ever on a value its own task was opening."""
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    def a() -> str:
+        return "a"
+
+    @lc.resource
+    def b() -> str:
+        return "b"
+
+    def fake_a(b: str) -> str:
+        return f"fake a({b})"
+
+    def fake_b(a: str) -> str:
+        return f"fake b({a})"
+
+    with lc.override(a, fake_a):
+        with pytest.raises(tether.DependencyCycleError, match="a -> b -> a|b -> a -> b"):
+            lc.override(b, fake_b)
+        assert [ov.target for ov in lc._override_stack] == [a]  # the first one stays
+
+
+def test_an_overridden_dependency_of_a_late_resource_stays_open_for_the_stream() -> None:
+    """`cursor` (release="response") streams from `conn`; overridden in a test, `conn`'s
+    stand-in was closed at the handler, under the stream (an empty 200), and before
+    `cursor`."""
+    from fastapi.responses import StreamingResponse
+
+    events: list[str] = []
+    lc = tether.Lifecycle()
+
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name, self.closed = name, False
+
+        def row(self) -> bytes:
+            assert not self.closed, f"{self.name}: used after its close"
+            return b"row\n"
+
+    @lc.resource
+    async def conn() -> AsyncIterator[Conn]:
+        c = Conn("real")
+        yield c
+        c.closed = True
+        events.append("real conn closed")
+
+    @lc.resource(release="response")
+    async def cursor(conn: Conn) -> AsyncIterator[Conn]:
+        yield conn
+        events.append("cursor closed")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/rows")
+    async def rows(cur: Annotated[Conn, Depends(cursor)]) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield cur.row()
+
+        return StreamingResponse(body())
+
+    async def fake_conn() -> AsyncIterator[Conn]:
+        c = Conn("fake")
+        yield c
+        c.closed = True
+        events.append("fake conn closed")
+
+    with TestClient(app) as client:
+        assert client.get("/rows").content == b"row\n" * 3
+        assert events == ["cursor closed", "real conn closed"]
+        events.clear()
+        with lc.override(conn, fake_conn):
+            assert client.get("/rows").content == b"row\n" * 3
+        assert events == ["cursor closed", "fake conn closed"]
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
+async def test_sys_exit_and_ctrl_c_in_the_app_scope_come_out_as_they_are(
+    raised: BaseException,
+) -> None:
+    """A CLI job's `sys.exit(3)` inside `async with lc.run():` came out as a
+    `BaseExceptionGroup`: exit status 1, and `except KeyboardInterrupt` missed ^C."""
+    lc = tether.Lifecycle()
+    closed: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        closed.append("pool")
+
+    with pytest.raises(type(raised)) as caught:
+        async with lc.run():
+            raise raised
+    assert caught.value is raised
+    assert closed == ["pool"]

@@ -1737,7 +1737,9 @@ class Unit:
         self.started = _now()
         self.track_stacks = track_stacks
         self.late = False  # some value is released after the response
-        self.waiting: dict[Resource[Any], anyio.Event] | None = None  # tasks awaiting an open
+        # Tasks awaiting an open: the event each waits on, by resource; and by that event,
+        # the error of an open that failed (`_open_failed`), raised in each of them.
+        self.waiting: dict[Any, Any] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.entries)} open"
@@ -1757,6 +1759,11 @@ class Unit:
             if event is None:
                 event = waiting[res] = anyio.Event()
             await event.wait()
+            # That open failed: its error, not an open of this task's own (N tasks waited N
+            # times the timeout one after the other, each counted: trial 24).
+            failed = waiting.get(event)
+            if failed is not None:
+                raise failed
             return await self.get(res)
         return value  # type: ignore[no-any-return]
 
@@ -1857,7 +1864,7 @@ class Unit:
         except BaseException as exc:
             if started:
                 count_open_failure(target.counters, exc, res.name)
-            self._open_failed(res)
+            self._open_failed(res, exc)
             raise
         if self._ended():  # the unit ended while this opened (asked for by a task of its own)
             await self._opened_too_late(res, target, handle, value, t0)
@@ -1916,11 +1923,18 @@ class Unit:
             self._opened(res)
         return value
 
-    def _open_failed(self, res: Resource[Any]) -> None:
-        """Forget a value whose opening failed (the failure propagates)."""
+    def _open_failed(self, res: Resource[Any], exc: BaseException | None = None) -> None:
+        """Forget a value whose opening failed (the failure propagates); the tasks waiting
+        for that open get its error *exc* (a cancellation of the opener's task: they open
+        it themselves)."""
         self.values.pop(res, None)  # gone already if the unit ended meanwhile
-        if self.waiting is not None:
-            self._opened(res)
+        waiting = self.waiting
+        if waiting is not None:
+            event = waiting.pop(res, None)
+            if event is not None:
+                if isinstance(exc, Exception):
+                    waiting[event] = exc
+                event.set()
 
     def _opened(self, res: Resource[Any]) -> None:
         assert self.waiting is not None

@@ -1122,9 +1122,11 @@ def _inline(route: Any, lc: Lifecycle) -> _Inlined | None:
                                 raise coroutine_value(res, value)
                     except BaseException as exc:
                         count_open_failure(res.counters, exc, res.name)
-                        unit._open_failed(res)
                         if isinstance(exc, StopAsyncIteration):
-                            raise no_value(res) from None
+                            error = no_value(res)
+                            unit._open_failed(res, error)
+                            raise error from None
+                        unit._open_failed(res, exc)
                         raise
                     # `Unit._add`, inline, for a fast resource (no proxy, released at the
                     # handler; an `HttpUnit` names its route, not a stack, in a leak report).

@@ -221,3 +221,28 @@ async def test_sys_exit_and_ctrl_c_in_the_app_scope_come_out_as_they_are(
             raise raised
     assert caught.value is raised
     assert closed == ["pool"]
+
+
+async def test_tasks_waiting_for_an_open_that_fails_get_its_error_at_once() -> None:
+    """Five tasks of one unit ask at once for a resource whose open fails after its
+    timeout: one attempt, and each task gets its error (each opened it again in turn: five
+    times the timeout, five timeouts counted)."""
+    lc = tether.Lifecycle()
+    attempts: list[int] = []
+
+    @lc.resource(timeout=0.3)
+    async def backend() -> AsyncIterator[str]:
+        attempts.append(1)
+        await asyncio.sleep(10)  # a backend that does not answer
+        yield "never"
+
+    async with lc.run(), lc.scope("fan-out") as unit:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(unit.get(backend) for _ in range(5)), return_exceptions=True
+        )
+        took = time.monotonic() - started
+    assert [type(r).__name__ for r in results] == ["ResourceUnavailable"] * 5
+    assert len(attempts) == 1
+    assert took < 1.2  # one timeout (0.3 s), not five
+    assert lc.stats().resources["backend"].open_errors == 1

@@ -51,7 +51,7 @@ from ._errors import (
     unstopped,
 )
 from ._health import HealthReport, run_checks
-from ._resource import Check, Kind, Release, Resource, Scope
+from ._resource import Check, Kind, Release, Resource, Scope, current_unit
 from ._scope import (
     _TETHER_DIRS,
     OPEN_STOP,
@@ -1791,8 +1791,17 @@ class Lifecycle:
         if _on_asyncio():
             self._unit_tasks[unit] = asyncio.current_task()  # cancelled past drain_timeout
         failure: BaseException | None = None
+        # The unit of work the block's code runs in, and the tasks it starts: the innermost
+        # one, in a request or in another `lc.scope()` (what an integration notes per unit,
+        # a forgotten httpx stream, went to the outer one: a WebSocket's, or a consumer's,
+        # until its end: trial 24). Not during the closes, as for a request's.
+        token = current_unit.set(weakref.ref(unit))
         try:
-            yield unit
+            try:
+                yield unit
+            finally:
+                with suppress(ValueError):  # exited in another context (GC)
+                    current_unit.reset(token)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 errors = await unit.aclose(exc)

@@ -229,6 +229,28 @@ async def test_a_stream_left_open_in_a_scope_is_closed_at_its_end(
         await outside.aclose()
 
 
+async def test_a_stream_left_open_in_a_nested_scope_is_closed_at_its_end(
+    upstream: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unit per item inside a consumer's longer one (or per message of a WebSocket): a
+    stream an item forgets is closed as that item's unit ends, named by its label. It went
+    to the outer unit, open until the consumer ended: with a pool of one, the next item
+    waited the pool timeout and failed (trial 24)."""
+    lc = tether.Lifecycle()
+    http = thttpx.client(
+        lc, base_url=upstream.base_url, limits=httpx.Limits(max_connections=1), timeout=2
+    )
+    async with lc.run(), lc.scope("consumer"):
+        for _ in range(2):
+            async with lc.scope("item") as s:
+                job = await s.get(http)
+                await job.send(job.build_request("GET", "/chunks?n=2"), stream=True)  # opened: item
+            assert await in_use(lc) == 0
+    url = f"{upstream.base_url}/chunks"
+    function = "test_a_stream_left_open_in_a_nested_scope_is_closed_at_its_end"
+    assert warnings_of(caplog) == [leaked("item", url, line_of("item"), function)] * 2
+
+
 async def test_a_stream_cut_short_by_the_client_going_away_is_closed_quietly(
     upstream: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -121,6 +121,33 @@ async def test_workers_starting_together_run_the_work_once(
 
 
 @DRIVERS
+async def test_workers_run_the_work_once_under_repeatable_read(
+    postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
+) -> None:
+    """The database's default isolation is repeatable read (a hardening): the worker that
+    waited for the lock took its snapshot before the wait, did not see the first one's
+    record, ran the work again, and failed to start on the record's INSERT (trial 24). The
+    lock's transaction is read committed, whatever the default."""
+    runs, key = names
+
+    async def migrate(conn: Any) -> None:
+        await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+        await asyncio.sleep(0.5)
+
+    def worker() -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        return lc, declare(lc, postgres, migrate, key=key)
+
+    postgres.sql("ALTER ROLE tether SET default_transaction_isolation = 'repeatable read'")
+    try:
+        results = await asyncio.gather(*(start(*worker()) for _ in range(2)))
+    finally:
+        postgres.sql("ALTER ROLE tether RESET default_transaction_isolation")
+    assert sorted(ran for ran, _ in results) == [False, True]
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
+
+
+@DRIVERS
 async def test_a_failed_run_keeps_nothing_and_the_next_start_runs_it(
     postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]
 ) -> None:

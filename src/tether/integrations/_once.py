@@ -250,6 +250,11 @@ async def run(db: Session, job: Job) -> bool:
     if record:
         await _ensure_table(db, name, table)
     await db.begin()
+    # Read committed, whatever the database's or the engine's default: under repeatable read
+    # or serializable the snapshot is taken by the lock's statement, before the wait for the
+    # lock, and the check after it did not see the record of the worker that held it: the
+    # function ran again, and the record's INSERT failed that worker's start (trial 24).
+    await db.fetchval("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
     lock = lock_id(key)
     if not await db.fetchval("SELECT pg_try_advisory_xact_lock(CAST($1 AS bigint))", lock):
         log.info("tether: %r waits: another worker is running %r", name, key)

@@ -80,7 +80,7 @@ try:
     from sqlalchemy.orm import Session
     from sqlalchemy.orm.session import SessionTransactionState
     from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool, StaticPool
-    from sqlalchemy.util import await_only
+    from sqlalchemy.util import await_only, greenlet_spawn
 except ImportError as exc:  # pragma: no cover - import guard
     msg = "tether.integrations.sqlalchemy needs SQLAlchemy 2: pip install 'tether[sqlalchemy]'"
     raise ImportError(msg) from exc
@@ -172,6 +172,7 @@ class _PoolInfo:
 
     __slots__ = (
         "claims",
+        "connect_params",
         "create_time",
         "created",
         "discarded",
@@ -194,6 +195,8 @@ class _PoolInfo:
 
     def __init__(self, name: str, pool_size: int, max_overflow: int, pool_timeout: float) -> None:
         self.name = name
+        # The dialect and the arguments of its last connect (`_aside_check`'s own connection).
+        self.connect_params: tuple[Any, Any, Any] | None = None
         self.pool_size = pool_size
         self.max_overflow = max_overflow
         self.pool_timeout = pool_timeout
@@ -972,6 +975,7 @@ def _count_connections(eng: Engine, info: _PoolInfo) -> None:
 
     def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         record.info["tether_connecting"] = time.monotonic()
+        info.connect_params = (dialect, cargs, cparams)  # as the later listeners leave them
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         started = record.info.pop("tether_connecting", None)
@@ -1702,7 +1706,35 @@ def _register_engine(
     _pools[res] = info
     res.pool_stats = lambda eng: _figures(name, eng, info)
     res.saturation = lambda eng: _saturation(info, eng)
+    res.aside_check = lambda eng, within: _aside_check(info, eng, within)
     return res
+
+
+def _aside_check(info: _PoolInfo, eng: Any, within: float) -> Awaitable[None] | None:
+    """A busy async engine's check (``Resource.aside_check``): ``SELECT 1`` on a connection
+    of its own, made by the dialect with the arguments of the pool's last connect, outside
+    the pool, once none has been handed out for longer than *within* (the check's timeout,
+    which bounds it). Not for a sync engine (a thread no timeout interrupts)."""
+    params = info.connect_params
+    if params is None or not isinstance(eng, AsyncEngine) or info.served is None:
+        return None
+    if time.monotonic() - info.served <= within:
+        return None
+    return _select_1_aside(*params)
+
+
+async def _select_1_aside(dialect: Any, cargs: Any, cparams: Any) -> None:
+    def probe() -> None:
+        conn = dialect.connect(*cargs, **cparams)
+        try:
+            cursor = conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        finally:
+            conn.close()
+
+    await greenlet_spawn(probe)
 
 
 def _figures(name: str, eng: Any, info: _PoolInfo | None = None) -> PoolStats:
@@ -1778,7 +1810,6 @@ def _loop_bound_pool(bound: LoopBound, info: _PoolInfo) -> type[AsyncAdaptedQueu
             except sa_exc.TimeoutError:
                 info.timed_out_at = time.monotonic()  # also a wait outside tether's sessions
                 raise
-            info.served = time.monotonic()
             _took_connection()
             return entry
 
@@ -3065,6 +3096,10 @@ def session(
                         if not deadline.expired():
                             raise  # the driver's own (connect_timeout): mapped below
                         raise info.no_answer(within) from exc
+                # Readiness: handed out once it passed its pre-ping (noted as the pool
+                # handed it out, a frozen network's checkouts, each failing its pre-ping
+                # seconds later, kept a full pool "busy", so ready: trial 22).
+                info.served = time.monotonic()
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     await _rollback(

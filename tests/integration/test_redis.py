@@ -1,5 +1,6 @@
 """tether.integrations.redis against a real Redis: ground truth from CLIENT LIST."""
 
+import importlib.util
 import logging
 import time
 import uuid
@@ -566,3 +567,27 @@ def test_an_idempotent_route_that_conflicts_every_time_says_it_gave_up(
         "(WatchError"
     ), said
     assert said[1].endswith("again, after 1 retry (idempotent): not run again; it fails as it is")
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})])
+async def test_connections_the_network_reset_are_made_again_on_uvloop() -> None:
+    """The network resets the pool's connections (an RST): the next commands get their
+    replies, redis-py's retry making a connection again. On uvloop, uvicorn's default loop,
+    the first command on each reset connection raised `RuntimeError: unable to perform
+    operation on <TCPTransport closed=True ...>; the handler is closed`: a 500 (trial 22)."""
+    import asyncio
+
+    from tests.faultproxy import FaultProxy
+
+    with Redis() as srv, FaultProxy(int(srv.url.rsplit(":", 1)[1].split("/")[0])) as proxy:
+        lc = tether.Lifecycle()
+        cache = tredis.client(lc, f"redis://127.0.0.1:{proxy.port}/0", max_connections=2)
+        async with lc.run():
+            r = lc.get(cache)
+            await r.set("k", "v")
+            await asyncio.gather(r.get("k"), r.get("k"))  # both connections made
+            proxy.cut()
+            await asyncio.sleep(0.3)
+            assert [await r.get("k") for _ in range(3)] == [b"v"] * 3

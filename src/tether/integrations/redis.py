@@ -193,6 +193,7 @@ class _PoolMixin:
                 _mapping_connect_failures(self, conn, method)
         if LOSES_CANCEL:  # redis-py sends each command under asyncio.wait_for
             _delivering_cancellations(conn)
+        _closed_transport_is_lost(conn)
         return conn
 
     def _unavailable(self, exc: BaseException, failed: Any = None) -> ResourceUnavailable:
@@ -254,6 +255,26 @@ def _mapping_connect_failures(pool: _PoolMixin, conn: Any, method: str) -> None:
             raise pool._unavailable(exc, conn) from exc
 
     setattr(conn, method, connecting)
+
+
+def _closed_transport_is_lost(conn: Any) -> None:
+    """A write on a connection the network reset (an RST) is redis-py's ``ConnectionError``,
+    as on asyncio's own loop, so that its retry reconnects (and a reconnect that fails is
+    the pool's 503). On uvloop (uvicorn's default) it was a ``RuntimeError`` ("unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed"), a 500 for
+    the first command on each connection reset (trial 22)."""
+    send = conn.send_packed_command
+
+    async def send_packed_command(command: Any, check_health: bool = True) -> None:
+        try:
+            await send(command, check_health)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            msg = f"Error writing to the connection: it was reset ({exc})"
+            raise redis_errors.ConnectionError(msg) from exc
+
+    conn.send_packed_command = send_packed_command
 
 
 def _delivering_cancellations(conn: Any) -> None:

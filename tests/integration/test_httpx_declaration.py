@@ -2,6 +2,7 @@
 httpx.AsyncClient does not take where it is called, not when the app starts (as httpx's own
 error inside a StartupError); and takes every timeout httpx takes."""
 
+import importlib.util
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -192,3 +193,16 @@ async def test_a_tuple_timeout_is_taken_as_httpx_takes_it(timeout: tuple[Any, ..
         c = await s.get(http)
         assert c.timeout == httpx.Timeout(timeout)
         assert (await c.get("/x")).text == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("h2") is not None, reason="h2 is installed")
+def test_http2_without_h2_is_refused_at_declaration() -> None:
+    """httpx's client refuses `http2=True` without `h2`; the transport tether makes did not,
+    and every request went out in HTTP/1.1 (trial 25)."""
+    with pytest.raises(ImportError) as caught:
+        thttpx.client(tether.Lifecycle(), base_url="http://x", http2=True)
+    assert str(caught.value) == (
+        "HTTP client 'http': http2=True, but the 'h2' package is not installed, so every "
+        "request would go out in HTTP/1.1. Install httpx with its http2 extra: `pip install "
+        "httpx[http2]`, or drop http2=True."
+    )

@@ -619,3 +619,41 @@ async def test_a_stream_dropped_half_read_is_a_leak_when_another_call_fails(
     (warning,) = [r for r in caplog.records if "still open" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert "(GET http://api.test/events, opened at " in warning.getMessage()
+
+
+async def test_a_health_url_that_cannot_be_connected_to_in_time_is_said_so() -> None:
+    """A listener whose backlog is full drops the SYNs: the check's GET of `health_url`
+    times out connecting. Its report was tether's own `TypeError` (`_Unavailable.__init__()
+    missing 2 required keyword-only arguments`) where it names the URL and the bound."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filling = []
+    for _ in range(4):  # the backlog, full
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        filling.append(s)
+    try:
+        lc = tether.Lifecycle(check_timeout=5)
+        thttpx.client(
+            lc,
+            name="up",
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=httpx.Timeout(1.0),
+            health_url="/health",
+        )
+        async with lc.run():
+            report = await lc.health()
+        assert not report.ok
+        assert report["up"].error == (
+            f"ConnectTimeout: GET http://127.0.0.1:{port}/health could not connect within the "
+            f"client's connect timeout (1 s)"
+        )
+    finally:
+        for s in [*filling, listener]:
+            s.close()

@@ -273,3 +273,37 @@ async def test_a_stream_cut_short_by_the_client_going_away_is_closed_quietly(
             f"httpx client 'http' still open (GET {upstream.base_url}/chunks): tether "
             "closed it." in caplog.messages
         )
+
+
+async def test_callers_giving_up_together_leave_no_connection_slot_behind(
+    upstream: Server,
+) -> None:
+    """Five requests hold a pool of five on a slow upstream, ten more wait; the holders are
+    cancelled, then at the next turn the waiters (callers that all gave up, each request's
+    task cancelled as its client left). httpcore left the connections it had given the
+    waiters connecting for good: every later call a 503 with the upstream healthy (trial
+    25, encode/httpcore#1093). tether drops them: the pool serves."""
+    import asyncio
+
+    lc = tether.Lifecycle()
+    http = thttpx.client(
+        lc,
+        base_url=upstream.base_url,
+        limits=httpx.Limits(max_connections=5),
+        timeout=httpx.Timeout(5, pool=1),
+    )
+    async with lc.run():
+        c = lc.get(http)
+        holders = [asyncio.create_task(c.get("/chunks?n=4&seconds=0.5")) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        waiters = [asyncio.create_task(c.get("/chunks?n=1")) for _ in range(10)]
+        await asyncio.sleep(0.3)
+        for task in holders:
+            task.cancel()
+        await asyncio.sleep(0)
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*holders, *waiters, return_exceptions=True)
+        answers = await asyncio.gather(*(c.get("/chunks?n=1") for _ in range(5)))
+        assert [a.status_code for a in answers] == [200] * 5
+        assert lc.stats().pools["http"].in_use == 0

@@ -53,7 +53,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import importlib.util
 import inspect
 import logging
 import math
@@ -135,6 +137,48 @@ class PoolUnavailable(_Unavailable, httpx.PoolTimeout):
     """No connection came free in time: an ``httpx.PoolTimeout`` and a ResourceUnavailable."""
 
 
+def _reap_unconnected(transport: Any) -> None:
+    """Drop from *transport*'s pool the connections left connecting for no request: a
+    request cancelled (or timed out) after the pool gave it a new connection, and before
+    that connection connected, leaves it ``[CONNECTING]`` for good, a slot of the pool lost
+    (httpcore 1.0.9, encode/httpcore#1093). tether cancels a request whose client went away,
+    so a burst of callers giving up at once lost one slot after another, until every call
+    was a 503 with the upstream healthy (trial 25). Run as a request fails, after httpcore's
+    own cleanup; queued requests are then given the slots. Best effort: httpcore's internals
+    as in 1.0."""
+    pool = getattr(transport, "_pool", None)
+    try:
+        connections = pool._connections  # type: ignore[union-attr]
+        requests = pool._requests  # type: ignore[union-attr]
+        lock = pool._optional_thread_lock  # type: ignore[union-attr]
+    except AttributeError:
+        return
+    with lock:
+        taken = {id(r.connection) for r in requests if getattr(r, "connection", None) is not None}
+        lost = [
+            c
+            for c in connections
+            if getattr(c, "_connection", False) is None
+            and getattr(c, "_connect_failed", True) is False
+            and id(c) not in taken
+        ]
+        if not lost:
+            return
+        for connection in lost:
+            connections.remove(connection)
+        closing = pool._assign_requests_to_connections()  # type: ignore[union-attr]
+    log.debug("tether: %d connection(s) left connecting for no request dropped", len(lost))
+    if closing and asyncio._get_running_loop() is not None:  # (on trio: left to the GC)
+        # Idle ones past the keep-alive limit: closed from a task, this one is failing.
+        task = asyncio.get_running_loop().create_task(pool._close_connections(closing))  # type: ignore[union-attr]
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+
+#: The closes `_reap_unconnected` started, until they end.
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 class _Transport(httpx.AsyncBaseTransport):
     """httpx's own transport, with its connection failures made ResourceUnavailable."""
 
@@ -148,7 +192,11 @@ class _Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            response = await self.inner.handle_async_request(request)
+            try:
+                response = await self.inner.handle_async_request(request)
+            except BaseException:
+                _reap_unconnected(self.inner)
+                raise
             self.served = time.monotonic()
             return response
         except httpx.PoolTimeout as exc:
@@ -420,6 +468,14 @@ def client(
     timeout = _check_timeout(timeout, where)
     _check_limits(limits, where)
     check_bool(http2, "http2", where)
+    if http2 and importlib.util.find_spec("h2") is None:
+        # httpx's client refuses it so; its transport, which tether makes, went on in HTTP/1.1.
+        msg = (
+            f"{where}: http2=True, but the 'h2' package is not installed, so every request "
+            f"would go out in HTTP/1.1. Install httpx with its http2 extra: "
+            f"`pip install httpx[http2]`, or drop http2=True."
+        )
+        raise ImportError(msg)
     check_check(
         check,
         where,
@@ -756,7 +812,10 @@ def _client_check(check: Check | bool, health_url: str | None) -> Check | None:
             except httpx.TimeoutException as exc:
                 # httpx's says nothing ("ReadTimeout"): the check's report names the URL
                 # and the bound that ran out.
-                raise type(exc)(_timed_out_check(c, exc), request=exc.request) from exc
+                # (httpx's own class: tether's 503 errors, for a connect or pool timeout,
+                # take more than a message: a TypeError was the report: trial 25.)
+                plain = next(k for k in type(exc).__mro__ if k.__module__.startswith("httpx"))
+                raise plain(_timed_out_check(c, exc), request=exc.request) from exc
             response.raise_for_status()
 
     return is_open
@@ -764,18 +823,20 @@ def _client_check(check: Check | bool, health_url: str | None) -> Check | None:
 
 def _timed_out_check(c: httpx.AsyncClient, exc: httpx.TimeoutException) -> str:
     """What a check's GET of ``health_url`` that timed out says."""
-    phase = {
+    phase: dict[type[Exception], tuple[str, str]] = {
         httpx.ConnectTimeout: ("connect", "could not connect"),
         httpx.ReadTimeout: ("read", "got no answer"),
         httpx.WriteTimeout: ("write", "could not send the request"),
         httpx.PoolTimeout: ("pool", "got no connection from the client's pool"),
     }
-    key, what = phase.get(type(exc), ("read", "timed out"))
+    kind = next((k for k in phase if isinstance(exc, k)), None)  # tether's 503s are subclasses
+    key, what = phase[kind] if kind is not None else ("read", "timed out")
     bound = getattr(c.timeout, key, None)
     within = f" within the client's {key} timeout ({bound:g} s)" if bound is not None else ""
     try:
         url = redact(str(exc.request.url))
     except RuntimeError:  # (httpx's: no request set)
         url = "health_url"
-    said = f": {exc}" if str(exc) else ""
+    # (tether's 503 for it says the pool's figures and "retry shortly": not the check's.)
+    said = f": {exc}" if str(exc) and not isinstance(exc, _Unavailable) else ""
     return f"GET {url} {what}{within}{said}"

@@ -1813,6 +1813,7 @@ class Lifecycle:
                 errors = await unit.aclose(None)
             if errors:
                 failure = errors[-1]
+            await _held_back_cancel()
         finally:
             self._retire(unit)
         if failure is not None:
@@ -2700,6 +2701,20 @@ def _count_timeout(res: Resource[Any], exc: BaseException) -> None:
     """Count in *res*'s ``timeouts`` an open of an app resource that ran out of time."""
     if isinstance(exc, ResourceUnavailable) and exc.timed_out:
         res.counters.timeouts += 1
+
+
+async def _held_back_cancel() -> None:
+    """Deliver, in the block, a one-shot cancellation the closes held back: an
+    ``asyncio.timeout()`` around the block whose deadline passed during a close. The closes
+    deliver it again at the task's next await; with none left in the block (the close its
+    last step, the shape of a job), it fired at the next await after the timeout's block, a
+    ``CancelledError`` there (Python 3.11, 3.12), or the timeout forgot it (3.13; trial 24).
+    One step of the loop, only for a task with a cancellation requested."""
+    if asyncio._get_running_loop() is None:
+        return  # trio: its cancellations are scopes'
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        await asyncio.sleep(0)
 
 
 def _is_factory(obj: Any) -> bool:

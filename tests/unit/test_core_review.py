@@ -246,3 +246,32 @@ async def test_tasks_waiting_for_an_open_that_fails_get_its_error_at_once() -> N
     assert len(attempts) == 1
     assert took < 1.2  # one timeout (0.3 s), not five
     assert lc.stats().resources["backend"].open_errors == 1
+
+
+async def test_a_timeout_that_expires_during_the_close_is_raised_by_its_block() -> None:
+    """`asyncio.timeout()` around a job whose deadline passes during the unit's close (a
+    slow commit): the close runs to its end, shielded, then the block raises
+    `TimeoutError`. The cancellation fired at the next await after the block instead (a
+    `CancelledError` there, on 3.11 and 3.12), or was forgotten (3.13)."""
+    lc = tether.Lifecycle()
+    closed: list[str] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[str]:
+        yield "c"
+        await asyncio.sleep(0.3)  # the commit, slower than what is left of the deadline
+        closed.append("conn")
+
+    async def job() -> str:
+        try:
+            async with asyncio.timeout(0.1), lc.scope("job") as s:
+                await s.get(conn)
+        except TimeoutError:
+            await asyncio.sleep(0.01)  # the task goes on, no cancellation pending
+            return "timed out"
+        return "no timeout"
+
+    async with lc.run():
+        await asyncio.sleep(0)
+        assert await asyncio.create_task(job()) == "timed out"
+    assert closed == ["conn"]

@@ -275,3 +275,48 @@ async def test_a_timeout_that_expires_during_the_close_is_raised_by_its_block() 
         await asyncio.sleep(0)
         assert await asyncio.create_task(job()) == "timed out"
     assert closed == ["conn"]
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])
+async def test_an_app_resource_with_a_task_group_across_its_yield_opens_with_a_timeout(
+    timeout: float | None,
+) -> None:
+    """A refresher in the resource's own task group, across its `yield` (documented to work
+    on asyncio): with `timeout=` its start failed with a bare `ExceptionGroup` ("Attempted
+    to exit a cancel scope that isn't the current tasks's current cancel scope")."""
+    import anyio
+
+    lc = tether.Lifecycle()
+    refreshed = asyncio.Event()
+
+    @lc.resource(scope="app", timeout=timeout)
+    async def token() -> AsyncIterator[str]:
+        async with anyio.create_task_group() as tg:
+
+            async def refresh() -> None:
+                refreshed.set()
+                await anyio.sleep(60)
+
+            tg.start_soon(refresh)
+            yield "token"
+            tg.cancel_scope.cancel()
+
+    async with lc.run():
+        assert lc.get(token) == "token"
+        await asyncio.wait_for(refreshed.wait(), 5)
+
+
+async def test_a_generator_past_its_timeout_is_still_a_503() -> None:
+    """The deadline of a generator's open (asyncio's timeout now): a `ResourceUnavailable`
+    naming the timeout, as before."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(timeout=0.2)
+    async def slow() -> AsyncIterator[str]:
+        await asyncio.sleep(10)
+        yield "never"
+
+    async with lc.run():
+        with pytest.raises(tether.ResourceUnavailable, match="did not open within 0.2 s"):
+            async with lc.scope() as s:
+                await s.get(slow)

@@ -189,7 +189,10 @@ def _assert_not_drained(
     late = [
         d
         for d in list(lc._drained_units)
-        if d not in keep and d.unit not in ignore and d.ended - since > wait
+        if d not in keep
+        and d.unit not in ignore
+        # (a block that rolled back under a unit: whenever it gave up)
+        and (d.ended - since > wait or (isinstance(d, _BlockWaited) and d.gave_up))
     ]
     messages = []
     drained = [d for d in late if not isinstance(d, _BlockWaited)]
@@ -213,8 +216,13 @@ def _assert_not_drained(
         n = len(waited)
         count = f"{n} unit{'s' if n > 1 else ''} of work"
         listed = "".join(
-            f"\n  - {_describe(d.unit, since, d.entries)}, gave it back "
-            f"{d.ended - since:.2f} s after the test"
+            f"\n  - {_describe(d.unit, since, d.entries)}, "
+            + (
+                f"still held it {d.ended - since:.2f} s after the test, when the block gave "
+                f"up waiting and rolled back under it"
+                if d.gave_up
+                else f"gave it back {d.ended - since:.2f} s after the test"
+            )
             for d in waited
         )
         messages.append(
@@ -422,11 +430,14 @@ class _BlockWaited(DrainedUnit):
     connection: what it held, and when it gave the connection back (the pytest plugin reports
     one that did so past its grace, as one a shutdown's drain waited on)."""
 
-    __slots__ = ("block",)
+    __slots__ = ("block", "gave_up")
 
-    def __init__(self, unit: Unit, entries: list[Entry], ended: float, block: str) -> None:
+    def __init__(
+        self, unit: Unit, entries: list[Entry], ended: float, block: str, gave_up: bool = False
+    ) -> None:
         super().__init__(unit, entries, ended)
         self.block = block
+        self.gave_up = gave_up  # it held it still: the block rolled back under it
 
 
 def _holds(unit: Unit, name: str) -> list[Entry] | None:
@@ -465,12 +476,15 @@ async def _watching(resource: Resource[Any]) -> AsyncIterator[dict[Unit, list[En
             tg.cancel_scope.cancel()
 
 
-def _note_waited(resource: Resource[Any], holders: Mapping[Unit, list[Entry]]) -> None:
-    """Note that the end of ``rolled_back(resource)`` waited on *holders* until now."""
+def _note_waited(
+    resource: Resource[Any], holders: Mapping[Unit, list[Entry]], gave_up: bool = False
+) -> None:
+    """Note that the end of ``rolled_back(resource)`` waited on *holders* until now (and,
+    *gave_up*, rolled back under them: not noted before, the worst case was not reported)."""
     now = time.perf_counter()
     drained = resource.lifecycle._drained_units
     for unit, entries in holders.items():
-        drained.append(_BlockWaited(unit, entries, now, resource.name))
+        drained.append(_BlockWaited(unit, entries, now, resource.name, gave_up))
 
 
 def outside_the_block(resource: str, pool: str) -> None:
@@ -562,8 +576,7 @@ class _Turns:
             with anyio.move_on_after(within):
                 await self.lock.acquire()
                 held = True
-        if held:
-            _note_waited(resource, holders)
+        _note_waited(resource, holders, gave_up=not held)
         return held
 
     async def sync_settled(self, resource: Resource[Any], within: float) -> bool:
@@ -572,8 +585,7 @@ class _Turns:
             return True
         async with _watching(resource) as holders:
             held = await anyio.to_thread.run_sync(self.sync_settle, within)
-        if held:
-            _note_waited(resource, holders)
+        _note_waited(resource, holders, gave_up=not held)
         return held
 
     def sync_settle(self, within: float) -> bool:

@@ -112,6 +112,41 @@ async def test_a_command_that_would_change_the_pooled_connection_is_refused(
     assert await one.set("k", "v") is True  # answered, not QUEUED
 
 
+@pytest.mark.parametrize("transaction", [True, False])
+@pytest.mark.parametrize(
+    ("buffer", "message"),
+    [
+        (lambda p: p.select(3), "SELECT 3 would leave the pooled connection it runs on using "),
+        (
+            lambda p: p.execute_command("MULTI"),
+            "MULTI would leave the pooled connection it runs on inside a transaction",
+        ),
+        (
+            lambda p: p.client_setname("hijacked"),
+            "CLIENT SETNAME would leave the pooled connection it runs on with a setting",
+        ),
+    ],
+    ids=["select", "multi", "client-setname"],
+)
+async def test_a_pipeline_that_would_change_the_pooled_connection_is_refused(
+    one: aioredis.Redis, transaction: bool, buffer: Callable[[Any], Any], message: str
+) -> None:
+    """Refused at `execute()`, before anything is sent: a `SELECT 3` in a pipeline had the
+    next requests on that connection read database 3, and a `MULTI` had them answered
+    `QUEUED`, their writes lost, with 200s (trial 27)."""
+    key = f"tt-pipe-{uuid.uuid4().hex[:6]}"
+    async with one.pipeline(transaction=transaction) as pipe:
+        pipe.incr(key)
+        buffer(pipe)
+        pipe.incr(key)
+        with pytest.raises(tether.ScopeError, match=f"^Redis client 'redis': {message}"):
+            await pipe.execute()
+    await clean(one)
+    assert await one.incr(key) == 1  # nothing of the pipeline ran; answered, not QUEUED
+    info = await one.client_info()
+    assert info["name"] != "hijacked"
+
+
 async def test_select_of_the_clients_own_database_is_harmless(one: aioredis.Redis) -> None:
     assert await one.select(0) is True
     await clean(one)

@@ -439,6 +439,7 @@ class _Client(aioredis.Redis):
         pipe: Any = super().pipeline(transaction, shard_hint)
         if self.tether_held is not None:
             _noting(pipe, "immediate_execute_command", self._tether_hold, "pipeline")
+        _checking(pipe, self)
         return pipe
 
     def pubsub(self, **kwargs: Any) -> Any:
@@ -459,6 +460,31 @@ class _Client(aioredis.Redis):
             holders = await unit.get(held)
             holders.label = unit.label
             holders.add(holder, caller_outside(_REDIS_DIR), kind)
+
+
+def _checking(pipe: Any, client: _Client) -> None:
+    """Refuse, at *pipe*'s ``execute()`` and before anything is sent, the buffered commands
+    that would change the state of the connection it runs on (`_CONNECTION_STATE`): it goes
+    back to the pool, and to any later command, another request's too. A ``SELECT 3`` in a
+    pipeline had every later request of that connection read database 3, and a ``MULTI``
+    in one that is not a transaction had them answered ``QUEUED``, their writes lost, with
+    200s (trial 27). The pipeline is reset (its commands dropped), as redis-py's own errors
+    leave it. Through a weak reference, as `_noting`."""
+    ref = weakref.ref(pipe)
+    run = type(pipe).execute
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+
+    async def execute(*args: Any, **kwargs: Any) -> Any:
+        it: Any = ref()  # alive: this runs as its method
+        for command, _options in it.command_stack:
+            if command and _is_watched(command[0]):
+                changes = _changes_connection(command, db)
+                if changes is not None:
+                    await it.reset()
+                    raise client._refusal(*changes)
+        return await run(it, *args, **kwargs)
+
+    pipe.execute = execute
 
 
 def _noting(holder: Any, method: str, hold: Any, kind: str) -> None:

@@ -432,8 +432,8 @@ class TestDisconnect:
                 pid = c.get_server_pid()
                 orphan = asyncio.ensure_future(c.execute("SELECT pg_sleep(5)"))
                 await asyncio.sleep(0.2)  # running on the server now
-            assert (
-                "a task still ran a query on the connection when its unit of work ended"
+            assert (  # named: the `lc.scope()` is the unit its code runs in
+                "a task still ran a query on the connection when its unit of work (scope) ended"
                 in caplog.text
             )
             with pytest.raises(asyncpg.ConnectionDoesNotExistError):  # closed under it

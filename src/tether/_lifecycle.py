@@ -150,6 +150,9 @@ class Override:
         self._active = True
         # Where the override was made, for the pytest plugin's report of one left in place.
         self.made_at = capture_stack(1)
+        # An integration's `rolled_back()` block's own: undone by the block, never by
+        # `tether.testing.undo_overrides` (the test's writes then escaped the block: trial 26).
+        self.block = False
 
     def undo(self) -> None:
         """Restore the resource exactly as it was before this override."""
@@ -861,7 +864,25 @@ class Lifecycle:
         # fine) made a request wait for ever on a value its own task was opening (trial 24).
         others = [r for target, r in self._overrides.items() if target is not resource]
         _graph.resolve(self._resources, [*others, replacement])
-        if resource.scope == "app" and self.state in (State.RUNNING, State.DRAINING):
+        running = self.state in (State.RUNNING, State.DRAINING)
+        if (
+            resource.scope == "app"
+            and running
+            and (replacement.deps or replacement.kind is not Kind.SYNC_FUNC)
+        ):
+            # It would need opening, which only the app's start does: accepted, every use
+            # failed after (trial 26). Said now, where the override is made.
+            what = getattr(value_or_factory, "__qualname__", None) or repr(value_or_factory)
+            msg = (
+                f"lc.override() of app resource {resource.name!r} while the app runs: "
+                f"{what} needs opening (an async function, a generator, a context manager, "
+                f"or a factory of other resources), which only the app's start does. "
+                f"Override it before the app starts (before `with TestClient(app)`, or the "
+                f"fixture that runs the app), or give a value, or a plain function of no "
+                f"resources."
+            )
+            raise ScopeError(msg)
+        if resource.scope == "app" and running:
             self._warn_built_from(resource)
         ov = Override(self, resource, replacement)
         self._override_stack.append(ov)

@@ -308,13 +308,14 @@ def _grown(lc: Lifecycle, before: Mapping[str, int | None]) -> list[tuple[str, i
 
 
 def undo_overrides(lc: Lifecycle, *, keep: Collection[Override] = ()) -> list[str]:
-    """Undo every override of *lc* still in place (but those in *keep*), newest first;
+    """Undo every override of *lc* still in place (but those in *keep*, and those of the
+    integrations' ``rolled_back()`` blocks open, which their block undoes), newest first;
     return one line for each, naming the resource and where the override was made."""
     check_lifecycle(lc, "tether.testing.undo_overrides()", "undo_overrides(lc)")
     undone = []
     for ov in reversed(list(lc._override_stack)):
-        if ov in keep:
-            continue
+        if ov in keep or ov.block:
+            continue  # (a `rolled_back()` block's own: the block undoes it)
         ov.undo()
         where = f" made at {_frame(ov.made_at[-1])}" if ov.made_at else ""
         undone.append(f"lc.override({ov.target.name}, ...){where}")

@@ -163,3 +163,30 @@ async def test_a_notification_listener_left_by_a_unit_goes_without_a_warning(
             await c.execute("LISTEN left_here; NOTIFY left_here, 'next'")  # the next unit's own
             await c.execute("UNLISTEN left_here")
     assert got == []  # the first unit's callback is gone
+
+
+async def test_undo_overrides_in_a_block_leaves_the_blocks_own(postgres: Postgres) -> None:
+    """`tether.testing.undo_overrides(lc)` in the middle of a test, inside a `rolled_back()`
+    block: the test's own overrides go, the block's stays, and what the test writes after is
+    still rolled back (the block's went too, and the writes were committed: trial 26)."""
+    import tether.testing
+
+    postgres.sql("DROP TABLE IF EXISTS block_notes")
+    postgres.sql("CREATE TABLE block_notes (v text)")
+    postgres.sql("GRANT ALL ON block_notes TO tether")
+    lc = tether.Lifecycle()
+    pool = tpg.pool(lc, postgres.dsn, min_size=1, max_size=2)
+    conn = tpg.connection(lc, pool)
+
+    @lc.resource
+    def user() -> str:
+        return "real"
+
+    async with lc.run(), tpg.rolled_back(conn):
+        lc.override(user, lambda: "stray")
+        undone = tether.testing.undo_overrides(lc)
+        assert [line.split(" made at")[0] for line in undone] == ["lc.override(user, ...)"]
+        async with lc.scope() as unit:
+            c = await unit.get(conn)
+            await c.execute("INSERT INTO block_notes VALUES ('in the block')")
+    assert postgres.sql("SELECT count(*) FROM block_notes") == [(0,)]

@@ -15,6 +15,14 @@ from ._messages import cycle
 pytestmark = pytest.mark.anyio
 
 
+REFUSED_WHILE_RUNNING = (
+    "lc.override() of app resource 'pool' while the app runs: {what} needs opening (an async "
+    "function, a generator, a context manager, or a factory of other resources), which only "
+    "the app's start does. Override it before the app starts (before `with TestClient(app)`, "
+    "or the fixture that runs the app), or give a value, or a plain function of no resources."
+)
+
+
 class App:
     """A small graph: settings -> pool (app), conn (request) -> repo (request)."""
 
@@ -216,14 +224,12 @@ class TestAppOverrides:
         async def fake_pool() -> AsyncIterator[str]:
             yield "never"  # pragma: no cover
 
-        expected = re.escape(
-            "App resource 'pool' is overridden while the app runs with a factory that needs "
-            "opening. Override app resources before the app starts."
-        )
+        expected = re.escape(REFUSED_WHILE_RUNNING.format(what=fake_pool.__qualname__))
         async with app.lc.run():
-            with app.lc.override(app.pool, fake_pool):
-                with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
-                    await app.request(app.conn)
+            # Refused where the override is made (it was accepted, and every use failed).
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                app.lc.override(app.pool, fake_pool)
+            assert await app.request(app.conn) == "conn(pool(real-settings))"
 
     async def test_async_function_override_of_app_resource_while_running_is_refused(
         self,
@@ -236,14 +242,11 @@ class TestAppOverrides:
         async def fake_pool() -> str:
             return "never"  # pragma: no cover
 
-        expected = re.escape(
-            "App resource 'pool' is overridden while the app runs with a factory that needs "
-            "opening. Override app resources before the app starts."
-        )
+        expected = re.escape(REFUSED_WHILE_RUNNING.format(what=fake_pool.__qualname__))
         async with app.lc.run():
-            with app.lc.override(app.pool, fake_pool):
-                with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
-                    app.lc.get(app.pool)
+            with pytest.raises(tether.ScopeError, match=rf"^{expected}$"):
+                app.lc.override(app.pool, fake_pool)
+            assert app.lc.get(app.pool) == "pool(real-settings)"
 
     async def test_an_override_made_before_start_and_undone_while_running_says_so(
         self,

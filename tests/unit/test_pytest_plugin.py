@@ -174,6 +174,32 @@ def test_an_override_left_in_place_is_undone_and_reported(suite: pytest.Pytester
     )
 
 
+def test_an_override_left_by_an_unchecked_test_is_undone_all_the_same(
+    suite: pytest.Pytester,
+) -> None:
+    """`@pytest.mark.tether_unchecked` turns off the reports, not the cleanup: an override
+    the test leaves is undone, silently, and the next test sees the real resource (it went
+    on replacing it in every later test: trial 26)."""
+    suite.makepyfile(
+        test_unchecked=textwrap.dedent(
+            """
+            import pytest
+            from app import conn, lc, value
+
+            @pytest.mark.tether_unchecked
+            def test_forgets() -> None:
+                lc.override(conn, "stale")
+                assert value() == "stale"
+
+            def test_next_sees_the_real_one() -> None:
+                assert value() == "real"
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=2)
+
+
 def test_a_unit_left_in_flight_is_reported_with_what_it_holds(suite: pytest.Pytester) -> None:
     """A scope never exited makes its test error, naming the unit, what it holds and where it
     took it; later tests are not blamed for it, and requests through TestClient pass."""

@@ -36,7 +36,7 @@ from .._resource import current_unit
 from .._scope import anyio_cancellation
 
 if TYPE_CHECKING:
-    from .._lifecycle import Lifecycle
+    from .._lifecycle import Lifecycle, Override
     from .._resource import Resource
     from .._scope import Unit
     from .._stats import PoolStats
@@ -54,6 +54,7 @@ __all__ = [
     "ConnectionOf",
     "PGBOUNCER_NOTE",
     "failed_transaction",
+    "block_override",
     "RESET_SESSION",
     "SESSION_SETTINGS",
     "IN_BLOCK_RESET",
@@ -1743,3 +1744,11 @@ def not_an_option(where: str, key: str, fn: str, of: str, fix: str) -> TypeError
         f"{where}: {key}= is not an option of {fn} nor of {of}, which {fn} passes its other "
         f"keyword arguments to. {fix}"
     )
+
+
+def block_override(lc: Lifecycle, res: Resource[Any], replacement: Any) -> Override:
+    """``lc.override(res, replacement)`` for a ``rolled_back()`` block, marked as the block's:
+    `tether.testing.undo_overrides` leaves it to the block."""
+    ov = lc.override(res, replacement)
+    ov.block = True
+    return ov

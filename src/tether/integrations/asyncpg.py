@@ -98,6 +98,7 @@ from ._common import (
     PerResource,
     async_block,
     asyncio_only,
+    block_override,
     check_budget,
     check_budget_policy,
     check_check,
@@ -1843,7 +1844,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[asyncpg.Connec
                             await _put_back_codecs(raw, changed, name)
 
         try:
-            with lc.override(connection, joined):
+            with block_override(lc, connection, joined):
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):

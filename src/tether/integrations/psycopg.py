@@ -110,6 +110,7 @@ from ._common import (
     PerResource,
     async_block,
     asyncio_only,
+    block_override,
     check_budget,
     check_budget_policy,
     check_check,
@@ -1784,7 +1785,7 @@ async def rolled_back(connection: Resource[Any]) -> AsyncIterator[Connection]:
                     _drop_callbacks(conn, callbacks)
 
         try:
-            with lc.override(connection, joined):
+            with block_override(lc, connection, joined):
                 yield cast("Connection", block)
         finally:
             block._tether_give_back(_block_over(name), connection, leak=False)

@@ -117,6 +117,7 @@ from ._common import (
     PerResource,
     async_block,
     asyncio_only,
+    block_override,
     budget_refused,
     budget_unread,
     caller_outside,
@@ -4119,7 +4120,7 @@ async def _rolled_back(
                                 await conn.run_sync(_reset_unit, found)
 
             try:
-                with lc.override(session, joined):
+                with block_override(lc, session, joined):
                     yield conn
             finally:
                 with anyio.CancelScope(shield=True):
@@ -4163,7 +4164,7 @@ async def _rolled_back(
                         _reset_unit(conn, found)
 
         try:
-            with lc.override(session, sync_joined):
+            with block_override(lc, session, sync_joined):
                 yield conn
         finally:
             with anyio.CancelScope(shield=True):

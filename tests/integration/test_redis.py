@@ -591,3 +591,33 @@ async def test_connections_the_network_reset_are_made_again_on_uvloop() -> None:
             proxy.cut()
             await asyncio.sleep(0.3)
             assert [await r.get("k") for _ in range(3)] == [b"v"] * 3
+
+
+@pytest.mark.anyio
+async def test_a_pipeline_that_loses_its_connection_while_watching_is_a_503(
+    redis_server: Redis,
+) -> None:
+    """The connection of a pipeline watching keys is killed: the transaction did not run,
+    and the route gets the 503 `r.client()` gives for it (`lost`, which `@idempotent` runs
+    again), not redis-py's `WatchError` read as a key that changed (a 500, trial 27)."""
+    lc = tether.Lifecycle()
+    cache = tredis.client(lc, redis_server.url, max_connections=4, client_name="tt-watching")
+    key = f"tt-watch-{uuid.uuid4().hex[:6]}"
+    admin = aioredis.from_url(redis_server.url)
+    try:
+        async with lc.run():
+            r = lc.get(cache)
+            async with r.pipeline() as pipe:
+                await pipe.watch(key)
+                await admin.client_kill_filter(_type="normal", skipme=True)
+                pipe.multi()
+                pipe.incr(key)
+                with pytest.raises(tredis.RedisUnavailable) as caught:
+                    await pipe.execute()
+            assert caught.value.lost
+            assert str(caught.value).startswith(
+                "Redis client 'redis': the connection of a pipeline was lost while watching keys"
+            )
+            assert await r.get(key) is None  # nothing ran
+    finally:
+        await admin.aclose()

@@ -482,7 +482,21 @@ def _checking(pipe: Any, client: _Client) -> None:
                 if changes is not None:
                     await it.reset()
                     raise client._refusal(*changes)
-        return await run(it, *args, **kwargs)
+        try:
+            return await run(it, *args, **kwargs)
+        except redis_errors.WatchError as exc:
+            if "ConnectionError" not in str(exc):
+                raise  # a key it watched changed: the optimistic lock's "run it again"
+            # The connection lost while it watched keys (redis-py's WatchError: "A
+            # ConnectionError occurred while watching one or more keys"): a 503, as for
+            # `r.client()`, not a 500 read as a conflict (trial 27).
+            msg = (
+                f"Redis client {client.tether_name!r}: the connection of a pipeline was lost "
+                f"while watching keys (after WATCH): the server forgot the watched keys with "
+                f"it, and ran none of the transaction's commands: run the transaction again, "
+                f"from WATCH. Retry shortly; if it persists, check the Redis server."
+            )
+            raise RedisUnavailable(msg, resource=client.tether_name, lost=True) from exc
 
     pipe.execute = execute
 

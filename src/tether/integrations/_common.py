@@ -55,6 +55,7 @@ __all__ = [
     "PGBOUNCER_NOTE",
     "failed_transaction",
     "block_override",
+    "terminate_backend",
     "RESET_SESSION",
     "SESSION_SETTINGS",
     "IN_BLOCK_RESET",
@@ -1752,3 +1753,34 @@ def block_override(lc: Lifecycle, res: Resource[Any], replacement: Any) -> Overr
     ov = lc.override(res, replacement)
     ov.block = True
     return ov
+
+
+async def terminate_backend(
+    connect: Callable[[], Awaitable[Any]], pid: int, who: str, within: float = 1.0
+) -> None:
+    """End backend *pid* on the server (``pg_terminate_backend``) from a psycopg connection of
+    its own, made by *connect()* in autocommit, within *within* seconds; a failure is a
+    WARNING naming *who* (the psycopg integration's pool, SQLAlchemy's engine). Its
+    connection, not the pool's: the login role's, and no slot of a pool that may have none
+    to spare."""
+    import anyio
+    import psycopg
+
+    other: Any = None
+    try:
+        async with asyncio.timeout(within):
+            other = await connect()
+            async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
+                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    except Exception as exc:
+        log.warning(
+            "tether: %s: could not end backend %d on the server (%s); a query it was running "
+            "may run to its end",
+            who,
+            pid,
+            describe(exc),
+        )
+    finally:
+        if other is not None:
+            with anyio.CancelScope(shield=True):
+                await other.close()

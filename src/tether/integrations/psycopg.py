@@ -144,6 +144,7 @@ from ._common import (
     saturation,
     scrub_secrets,
     shut_down_socket,
+    terminate_backend,
     unavailable,
     unreachable,
 )
@@ -1571,25 +1572,8 @@ async def _end_backend(p: Any, pid: int, name: str) -> None:
     role of less privilege may not end the login role's backends), and with no pool slot
     (a pool of one, or a busy one, has none to spare). Only on this rare path.
     Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself."""
-    other: Connection | None = None
-    try:
-        async with asyncio.timeout(_STOP_WITHIN):
-            kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
-            other = await _connect(p.conninfo, **kwargs)
-            async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
-                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    except Exception as exc:
-        log.warning(
-            "tether: %r: could not end backend %d on the server (%s); a query it was running "
-            "may run to its end",
-            name,
-            pid,
-            describe(exc),
-        )
-    finally:
-        if other is not None:
-            with anyio.CancelScope(shield=True):
-                await other.close()
+    kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
+    await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), _STOP_WITHIN)
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:

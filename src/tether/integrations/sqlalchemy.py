@@ -148,6 +148,7 @@ from ._common import (
     sqlite_busy,
     sqlstates,
     still_in_use,
+    terminate_backend,
     unavailable,
     used_concurrently,
 )
@@ -760,25 +761,13 @@ async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name
 
     kwargs = dict(cparams)
     make = kwargs.pop("async_creator_fn", psycopg.AsyncConnection.connect)
-    other: Any = None
-    try:
-        async with asyncio.timeout(_STOP_WITHIN):
-            other = await make(*cargs, **kwargs)
-            await other.set_autocommit(True)
-            async with psycopg.AsyncCursor(other) as cur:
-                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    except Exception as exc:
-        log.warning(
-            "tether: engine %r: could not end backend %d on the server (%s); the statement it "
-            "was running may run to its end",
-            name,
-            pid,
-            describe(exc),
-        )
-    finally:
-        if other is not None:
-            with anyio.CancelScope(shield=True):
-                await other.close()
+
+    async def connect() -> Any:
+        other = await make(*cargs, **kwargs)
+        await other.set_autocommit(True)
+        return other
+
+    await terminate_backend(connect, pid, f"engine {name!r}", _STOP_WITHIN)
 
 
 async def _send_cancel(request: Awaitable[Any], name: str) -> None:

@@ -27,9 +27,13 @@ CLOSE_TIMEOUT = 1.0
 HELD = 5.0  # how long the other transaction holds the key
 
 
-def make(kind: str, dsn: str, name: str, close_timeout: float = CLOSE_TIMEOUT) -> FastAPI:
+def make(
+    kind: str, dsn: str, name: str, close_timeout: float = CLOSE_TIMEOUT, driver: str = "asyncpg"
+) -> FastAPI:
+    """The app of *kind*, its Lifecycle in ``app.state.lc`` (*driver*: SQLAlchemy's)."""
     lc = tether.Lifecycle(close_timeout=close_timeout)
     app = FastAPI(lifespan=lc.lifespan)
+    app.state.lc = lc
     if kind == "asyncpg":
         from tether.integrations import asyncpg as tpg
 
@@ -57,11 +61,12 @@ def make(kind: str, dsn: str, name: str, close_timeout: float = CLOSE_TIMEOUT) -
 
         from tether.integrations import sqlalchemy as tsa
 
+        named = {"server_settings": {"application_name": name}}  # asyncpg's way
         engine = tsa.engine(
             lc,
-            dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            dsn.replace("postgresql://", f"postgresql+{driver}://", 1),
             pool_size=2,
-            connect_args={"server_settings": {"application_name": name}},
+            connect_args=named if driver == "asyncpg" else {"application_name": name},
         )
         session = tsa.session(lc, engine)
 
@@ -132,7 +137,6 @@ async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_ba
     import psycopg
 
     import tether._scope
-    from tether.integrations import psycopg as tpsy
 
     try_cancel = psycopg.AsyncConnection._try_cancel
 
@@ -144,32 +148,8 @@ async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_ba
     monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)  # over while psycopg cancels
     orders_table(postgres)
     name = "slow-commit-given-up"
-    lc = tether.Lifecycle(close_timeout=CLOSE_TIMEOUT)
-    app = FastAPI(lifespan=lc.lifespan)
-    if kind == "psycopg":
-        pool = tpsy.pool(lc, postgres.dsn, max_size=2, kwargs={"application_name": name})
-        tx = tpsy.connection(lc, pool, transaction=True)
-
-        @app.post("/orders/{k}")
-        async def order(k: int, c: Annotated[Any, Depends(tx)]) -> int:
-            await c.execute("INSERT INTO slow_orders (k) VALUES (%s)", [k])
-            return k
-
-    else:
-        from sqlalchemy import text
-
-        from tether.integrations import sqlalchemy as tsa
-
-        url = postgres.dsn.replace("postgresql://", "postgresql+psycopg://", 1)
-        engine = tsa.engine(
-            lc, url, name="pool", pool_size=2, connect_args={"application_name": name}
-        )
-        session = tsa.session(lc, engine)
-
-        @app.post("/orders/{k}")
-        async def order(k: int, s: Annotated[Any, Depends(session)]) -> int:
-            await s.execute(text("INSERT INTO slow_orders (k) VALUES (:k)"), {"k": k})
-            return k
+    app = make(kind, postgres.dsn, name, driver="psycopg")
+    lc: tether.Lifecycle = app.state.lc
 
     other = await asyncpg.connect(postgres.dsn)
     try:
@@ -185,7 +165,7 @@ async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_ba
             with anyio.fail_after(10):  # ended from a task of its own: soon after the 500
                 while [r for r in postgres.activity(name) if r["state"] != "idle"]:
                     await anyio.sleep(0.05)
-                while lc.stats().pools["pool"].in_use:
+                while any(pool.in_use for pool in lc.stats().pools.values()):
                     await anyio.sleep(0.05)
             assert (await client.post("/orders/2")).status_code == 200  # the pool serves
         await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through

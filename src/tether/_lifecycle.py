@@ -829,7 +829,18 @@ class Lifecycle:
                 f"lc.override({resource.name}, {fn}())."
             )
             raise TypeError(msg)
-        if isinstance(value_or_factory, Resource):
+        alias = isinstance(value_or_factory, Resource)
+        if alias and value_or_factory is resource:
+            msg = f"lc.override({resource.name}, {resource.name}): a resource overridden by itself."
+            raise TypeError(msg)
+        if alias and self._open_app_value(value_or_factory) is not _NOT_OPEN:
+            # An app resource open now (the app runs): its value, as a value would be.
+            value = self._open_app_value(value_or_factory)
+
+            def factory() -> Any:
+                return value
+
+        elif alias:
             factory = self._alias(resource, value_or_factory)
         elif _is_factory(value_or_factory):
             factory = value_or_factory
@@ -901,9 +912,14 @@ class Lifecycle:
                 f"another Lifecycle. Override with a resource of this one, or with a factory."
             )
             raise TypeError(msg)
-        if other is resource:
-            msg = f"lc.override({resource.name}, {resource.name}): a resource overridden by itself."
-            raise TypeError(msg)
+        if resource.scope == "app" and other.scope == "request":
+            msg = (
+                f"lc.override({resource.name}, {other.name}): {resource.name!r} is an app "
+                f"resource, which lives for the whole application, and {other.name!r} a "
+                f"request resource, whose value lives for one unit of work: an app resource "
+                f"cannot take it. Override with another app resource, a value, or a factory."
+            )
+            raise ScopeError(msg)
 
         def alias(value: Any) -> Any:
             return value
@@ -920,6 +936,13 @@ class Lifecycle:
         alias.__signature__ = inspect.Signature([param])  # type: ignore[attr-defined]
         alias.__qualname__ = alias.__name__ = f"the value of {other.name!r}"
         return alias
+
+    def _open_app_value(self, res: Resource[Any]) -> Any:
+        """The value of app resource *res* if it is open now (through its override, if
+        any), else `_NOT_OPEN`."""
+        if res.scope != "app" or res.lifecycle is not self:
+            return _NOT_OPEN
+        return self._app_values.get(self._overrides.get(res, res), _NOT_OPEN)
 
     def _warn_built_from(self, resource: Resource[Any]) -> None:
         """An app resource overridden while the app runs: the app resources built from it

@@ -142,15 +142,11 @@ async def open_value(
     kind = res.kind
     if res.timeout is None:
         return await _open(lc, res, factory, kind, args, limiter, None)
+    deadline = anyio.current_time() + res.timeout
     try:
-        if kind in _HOLDS_SCOPES and asyncio._get_running_loop() is not None:
-            # A generator or context manager may enter a cancel scope of its own (a task
-            # group) before its value and keep it open after: an anyio scope for the deadline,
-            # exited first, broke anyio's nesting (its start failed with a bare ExceptionGroup:
-            # trial 24). asyncio's timeout keeps no stack of scopes.
-            async with asyncio.timeout(res.timeout):
-                return await _open(lc, res, factory, kind, args, limiter, None)
-        deadline = anyio.current_time() + res.timeout
+        # An anyio scope, which the factory's own shields hold off (an asyncio timeout
+        # cancelled inside them: trial 28). A generator that enters a task group before its
+        # value and keeps it across its yield cannot take timeout= (documented).
         with anyio.CancelScope(deadline=deadline):
             return await _open(lc, res, factory, kind, args, limiter, deadline)
         raise TimeoutError  # the deadline cancelled the open (a token's wait, or async code)
@@ -164,10 +160,6 @@ async def open_value(
         raise ResourceUnavailable(
             msg, resource=res.name, retry_after=res.retry_after, timed_out=True
         ) from None
-
-
-#: The kinds of factory that may hold a cancel scope of their own across their value.
-_HOLDS_SCOPES = frozenset({Kind.ASYNC_GEN, Kind.ASYNC_CM})
 
 
 async def _open(

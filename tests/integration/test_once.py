@@ -147,6 +147,30 @@ async def test_workers_run_the_work_once_under_repeatable_read(
     assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
 
 
+async def test_an_autocommit_engine_runs_the_work_once(
+    postgres: Postgres, names: tuple[str, str]
+) -> None:
+    """An engine of `isolation_level="AUTOCOMMIT"`: the lock's "transaction" was none, so
+    its lock was gone at once and every worker ran the work (trial 28). The lock's
+    transaction is one whatever the engine's isolation level."""
+    runs, key = names
+
+    async def migrate(conn: Any) -> None:
+        await execute(conn, f"INSERT INTO {runs} DEFAULT VALUES")
+        await asyncio.sleep(0.5)
+
+    def worker() -> tuple[tether.Lifecycle, tether.Resource[bool]]:
+        lc = tether.Lifecycle()
+        engine = tsa.engine(
+            lc, postgres.url("postgresql+asyncpg"), pool_size=2, isolation_level="AUTOCOMMIT"
+        )
+        return lc, tsa.once(lc, engine, migrate, key=key)
+
+    results = await asyncio.gather(*(start(*worker()) for _ in range(2)))
+    assert sorted(ran for ran, _ in results) == [False, True]
+    assert len(await sql(postgres, f"SELECT * FROM {runs}")) == 1
+
+
 @DRIVERS
 async def test_a_failed_run_keeps_nothing_and_the_next_start_runs_it(
     postgres: Postgres, names: tuple[str, str], declare: Callable[..., tether.Resource[bool]]

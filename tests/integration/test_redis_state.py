@@ -201,3 +201,18 @@ async def test_the_forms_that_change_no_pooled_connection_work(
         await one.acl_deluser(user)
         await one.delete(key)
     await clean(one)
+
+
+async def test_a_pipeline_watching_keys_sends_no_command_that_changes_its_connection(
+    one: aioredis.Redis,
+) -> None:
+    """After `watch()` a pipeline sends its commands at once: a `SELECT 3` then went out
+    unchecked, and the connection went back to the pool in database 3 (trial 28). Refused
+    as it is sent; the pipeline's own WATCH passes."""
+    key = f"tt-watching-{uuid.uuid4().hex[:6]}"
+    async with one.pipeline() as pipe:
+        await pipe.watch(key)
+        with pytest.raises(tether.ScopeError, match="^Redis client 'redis': SELECT 3 would"):
+            await pipe.select(3)
+    await clean(one)
+    assert await one.set(key, "v") is True

@@ -277,19 +277,36 @@ async def test_a_timeout_that_expires_during_the_close_is_raised_by_its_block() 
     assert closed == ["conn"]
 
 
-@pytest.mark.parametrize("timeout", [None, 10.0])
-async def test_an_app_resource_with_a_task_group_across_its_yield_opens_with_a_timeout(
-    timeout: float | None,
-) -> None:
+async def test_a_generators_own_shield_holds_off_its_timeout() -> None:
+    """A factory's own anyio shield (a connect it must not leave half-made) holds off the
+    deadline of its `timeout=`: the shielded step finishes (and with it here the open). An
+    asyncio timeout for the deadline cancelled inside the shield (trial 28)."""
+    import anyio
+
+    lc = tether.Lifecycle()
+    finished: list[str] = []
+
+    @lc.resource(timeout=0.2)
+    async def careful() -> AsyncIterator[str]:
+        with anyio.CancelScope(shield=True):
+            await asyncio.sleep(0.5)
+            finished.append("shielded step")
+        yield "value"
+
+    async with lc.run(), lc.scope() as s:
+        assert await s.get(careful) == "value"
+    assert finished == ["shielded step"]
+
+
+async def test_an_app_resource_with_a_task_group_across_its_yield_opens() -> None:
     """A refresher in the resource's own task group, across its `yield` (documented to work
-    on asyncio): with `timeout=` its start failed with a bare `ExceptionGroup` ("Attempted
-    to exit a cancel scope that isn't the current tasks's current cancel scope")."""
+    on asyncio, without `timeout=`)."""
     import anyio
 
     lc = tether.Lifecycle()
     refreshed = asyncio.Event()
 
-    @lc.resource(scope="app", timeout=timeout)
+    @lc.resource(scope="app")
     async def token() -> AsyncIterator[str]:
         async with anyio.create_task_group() as tg:
 
@@ -320,3 +337,35 @@ async def test_a_generator_past_its_timeout_is_still_a_503() -> None:
         with pytest.raises(tether.ResourceUnavailable, match="did not open within 0.2 s"):
             async with lc.scope() as s:
                 await s.get(slow)
+
+
+async def test_an_override_by_an_open_app_resource_or_a_request_one_of_an_app_resource() -> None:
+    """While the app runs, an app resource overridden by another, open, gets its value (it
+    was refused as "needs opening"); an app resource overridden by a request resource is
+    refused, saying so (the message named a factory "the value of 'per_request'()")."""
+    lc = tether.Lifecycle()
+
+    @lc.resource(scope="app")
+    def settings() -> str:
+        return "settings"
+
+    @lc.resource(scope="app")
+    def other_settings() -> str:
+        return "other settings"
+
+    @lc.resource
+    def per_request() -> str:
+        return "per request"
+
+    with pytest.raises(tether.ScopeError) as caught:
+        lc.override(settings, per_request)
+    assert str(caught.value) == (
+        "lc.override(settings, per_request): 'settings' is an app resource, which lives for "
+        "the whole application, and 'per_request' a request resource, whose value lives for "
+        "one unit of work: an app resource cannot take it. Override with another app "
+        "resource, a value, or a factory."
+    )
+    async with lc.run():
+        with lc.override(settings, other_settings):
+            assert lc.get(settings) == "other settings"
+        assert lc.get(settings) == "settings"

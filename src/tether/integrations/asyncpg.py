@@ -375,7 +375,7 @@ def _resetting(
 
 
 #: PgBouncer's refusal of a startup parameter it does not track (``server_settings=``).
-_UNSUPPORTED_PARAMETER = re.compile(r"unsupported startup parameter: (\w+)")
+_UNSUPPORTED_PARAMETER = re.compile(r"unsupported startup parameter: ([\w.]+)")
 
 
 def _parameter_refused(name: str, parameter: str) -> ValueError:
@@ -709,13 +709,16 @@ def _aside_check(p: Any, within: float) -> Awaitable[None] | None:
     packets) fills the pool with queries waiting on it, read as busy, so ready, until a wait
     for a connection timed out."""
     state: _State | None = getattr(p, "_tether", None)
-    if state is None or time.monotonic() - state.served <= within:
-        return None
+    if state is None or state.pgbouncer or time.monotonic() - state.served <= within:
+        return None  # (behind PgBouncer, its SELECT would queue behind the traffic too)
     return _select_1_aside(p)
 
 
 async def _select_1_aside(p: Any) -> None:
-    conn = await asyncpg.connect(*p._connect_args, **p._connect_kwargs)
+    try:
+        conn = await asyncpg.connect(*p._connect_args, **p._connect_kwargs)
+    except pg_errors.PostgresError:
+        return  # the server answered (too many clients, say): it is not frozen
     try:
         await conn.fetchval("SELECT 1")
     finally:

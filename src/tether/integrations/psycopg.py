@@ -706,14 +706,19 @@ def _aside_check(p: Any, within: float) -> Awaitable[None] | None:
     drops packets) fills the pool with queries waiting on it, read as busy, so ready, until
     a wait for a connection timed out."""
     state: _State | None = getattr(p, "_tether", None)
-    if state is None or time.monotonic() - state.served <= within:
-        return None
+    if state is None or state.pgbouncer or time.monotonic() - state.served <= within:
+        return None  # (behind PgBouncer, its SELECT would queue behind the traffic too)
     return _select_1_aside(p)
 
 
 async def _select_1_aside(p: Any) -> None:
     kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
-    other = await _connect(p.conninfo, **kwargs)
+    try:
+        other = await _connect(p.conninfo, **kwargs)
+    except psycopg.OperationalError as exc:
+        if exc.sqlstate is not None or refused_for_good(exc) is not None:
+            return  # the server answered (too many clients, say): it is not frozen
+        raise
     try:
         async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
             await cur.execute("SELECT 1")

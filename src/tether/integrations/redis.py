@@ -463,42 +463,73 @@ class _Client(aioredis.Redis):
 
 
 def _checking(pipe: Any, client: _Client) -> None:
-    """Refuse, at *pipe*'s ``execute()`` and before anything is sent, the buffered commands
-    that would change the state of the connection it runs on (`_CONNECTION_STATE`): it goes
-    back to the pool, and to any later command, another request's too. A ``SELECT 3`` in a
-    pipeline had every later request of that connection read database 3, and a ``MULTI``
-    in one that is not a transaction had them answered ``QUEUED``, their writes lost, with
-    200s (trial 27). The pipeline is reset (its commands dropped), as redis-py's own errors
-    leave it. Through a weak reference, as `_noting`."""
+    """Refuse the commands of *pipe* that would change the state of the connection it runs
+    on (`_CONNECTION_STATE`), before anything is sent: it goes back to the pool, and to any
+    later command, another request's too. Those it buffers are checked at ``execute()``,
+    those it sends at once (after ``watch()``) as they are sent; the pipeline's own
+    ``WATCH`` passes (its ``reset()`` unwatches). A ``SELECT 3`` in a pipeline had every later
+    request of that connection read database 3, and a ``MULTI`` in one that is not a
+    transaction had them answered ``QUEUED``, their writes lost, with 200s (trials 27, 28).
+    The pipeline is reset (its commands dropped), as redis-py's own errors leave it. And its
+    connection lost while it watched keys is the 503 `r.client()` gives for it. Through a
+    weak reference, as `_noting`."""
     ref = weakref.ref(pipe)
     run = type(pipe).execute
+    noted = pipe.__dict__.get("immediate_execute_command")  # `_noting`'s, if it is there
+    run_now = type(pipe).immediate_execute_command
     db = client.connection_pool.connection_kwargs.get("db", 0)
+
+    async def refuse_if_changing(it: Any, command: tuple[Any, ...]) -> None:
+        if command and _is_watched(command[0]) and _word(command[0]) != "WATCH":
+            changes = _changes_connection(command, db)
+            if changes is not None:
+                await it.reset()
+                raise client._refusal(*changes)
 
     async def execute(*args: Any, **kwargs: Any) -> Any:
         it: Any = ref()  # alive: this runs as its method
         for command, _options in it.command_stack:
-            if command and _is_watched(command[0]):
-                changes = _changes_connection(command, db)
-                if changes is not None:
-                    await it.reset()
-                    raise client._refusal(*changes)
+            await refuse_if_changing(it, command)
         try:
             return await run(it, *args, **kwargs)
         except redis_errors.WatchError as exc:
-            if "ConnectionError" not in str(exc):
-                raise  # a key it watched changed: the optimistic lock's "run it again"
-            # The connection lost while it watched keys (redis-py's WatchError: "A
-            # ConnectionError occurred while watching one or more keys"): a 503, as for
-            # `r.client()`, not a 500 read as a conflict (trial 27).
-            msg = (
-                f"Redis client {client.tether_name!r}: the connection of a pipeline was lost "
-                f"while watching keys (after WATCH): the server forgot the watched keys with "
-                f"it, and ran none of the transaction's commands: run the transaction again, "
-                f"from WATCH. Retry shortly; if it persists, check the Redis server."
-            )
-            raise RedisUnavailable(msg, resource=client.tether_name, lost=True) from exc
+            lost = _lost_while_watching(client, exc)
+            if lost is exc:
+                raise
+            raise lost from exc
+
+    async def immediate_execute_command(*args: Any, **options: Any) -> Any:
+        it: Any = ref()
+        await refuse_if_changing(it, args)
+        try:
+            if noted is not None:
+                return await noted(*args, **options)
+            return await run_now(it, *args, **options)
+        except redis_errors.WatchError as exc:
+            lost = _lost_while_watching(client, exc)
+            if lost is exc:
+                raise
+            raise lost from exc
 
     pipe.execute = execute
+    pipe.immediate_execute_command = immediate_execute_command
+
+
+def _lost_while_watching(client: _Client, exc: redis_errors.WatchError) -> Exception:
+    """*exc* as it is (a key it watched changed: the optimistic lock's "run it again"), or,
+    for redis-py's "A ConnectionError (or TimeoutError) occurred while watching one or more
+    keys", the 503 `r.client()` gives for its connection lost (``lost``): a 500 before, and
+    `@idempotent` said "a key it watched changed" (trial 27)."""
+    said = str(exc)
+    if "occurred while watching" not in said:
+        return exc
+    msg = (
+        f"Redis client {client.tether_name!r}: the connection of a pipeline was lost while "
+        f"watching keys (after WATCH): the server forgot the watched keys with it, and ran "
+        f"none of the transaction's commands: run the transaction again, from WATCH. Retry "
+        f"shortly; if it persists, check the Redis server."
+    )
+    return RedisUnavailable(msg, resource=client.tether_name, lost=True)
 
 
 def _noting(holder: Any, method: str, hold: Any, kind: str) -> None:

@@ -1708,6 +1708,8 @@ def _aside_check(info: _PoolInfo, eng: Any, within: float) -> Awaitable[None] | 
     params = info.connect_params
     if params is None or not isinstance(eng, AsyncEngine) or info.served is None:
         return None
+    if info.pgbouncer:
+        return None  # its SELECT would queue behind the traffic too
     if time.monotonic() - info.served <= within:
         return None
     return _select_1_aside(*params)
@@ -1715,7 +1717,12 @@ def _aside_check(info: _PoolInfo, eng: Any, within: float) -> Awaitable[None] | 
 
 async def _select_1_aside(dialect: Any, cargs: Any, cparams: Any) -> None:
     def probe() -> None:
-        conn = dialect.connect(*cargs, **cparams)
+        try:
+            conn = dialect.connect(*cargs, **cparams)
+        except Exception as exc:
+            if next(sqlstates(exc), None) is not None:
+                return  # the server answered (too many clients, say): it is not frozen
+            raise
         try:
             cursor = conn.cursor()
             cursor.execute("SELECT 1")
@@ -4229,6 +4236,9 @@ def once(
             )
             raise TypeError(msg)
         conn = await eng.connect()
+        # A transaction of its own whatever the engine's isolation_level (AUTOCOMMIT held the
+        # lock for no transaction at all: every worker ran the work, trial 28).
+        await conn.execution_options(isolation_level="READ COMMITTED")
         pid = await _backend_pid(conn)  # now: a cancelled query may leave it unreadable
         try:
             ran = await _once.run(_OnceSession(conn), job)

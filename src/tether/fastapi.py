@@ -2083,6 +2083,8 @@ class _Refusals:
             return  # "shutting down"; the app's own error naming no resource of its
         if getattr(exc, "timed_out", False) and not getattr(exc, "_unreachable", False):
             return  # a pool busy with traffic
+        if getattr(exc, "_busy", False):
+            return  # a lock held by another writer (SQLite's): busy, no outage (trial 29)
         outage = self.outages.get(res)
         if outage is None:
             # What opens once it answers again: it, and what is opened from it (a pool's

@@ -427,6 +427,40 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
+async def test_a_lock_held_by_another_writer_is_no_outage_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer refused for the lock another one held, then the database serving again: the
+    log said "'database' opens again: 1 unit of work refused ...", as of an outage, of a
+    healthy file (trial 29). The lock is the database busy, not down."""
+    import logging
+
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, busy_timeout=0.2)
+    lc.sweep_interval = 0.05
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+    holding = asyncio.Event()
+
+    @app.post("/write/{name}")
+    async def write(name: str, c: Annotated[Conn, Depends(writer)], hold: float = 0) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES (?)", (name,))
+        if hold:
+            holding.set()
+            await asyncio.sleep(hold)
+        return name
+
+    caplog.set_level(logging.WARNING, logger="tether")
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/write/a?hold=1"))
+        await holding.wait()
+        assert (await client.post("/write/b")).status_code == 503
+        assert (await first).status_code == 200
+        assert (await client.post("/write/c")).status_code == 200
+        await asyncio.sleep(0.3)  # the sweeper's turns
+    assert [m for m in caplog.messages if "opens again" in m] == []
+
+
+@pytest.mark.anyio
 async def test_writer_waiting_past_busy_timeout_for_another_process_is_a_503(
     tmp_path: Path,
 ) -> None:

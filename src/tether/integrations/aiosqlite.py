@@ -262,15 +262,17 @@ class Database:
             with anyio.fail_after(self.busy_timeout):
                 await writers.acquire_on_behalf_of(token)
         except TimeoutError:
-            raise unavailable(
-                self.name,
-                f"the database {self.path!r} is locked by another writer (this app's writers "
-                f"take turns, and this one waited busy_timeout={self.busy_timeout:g} s for its "
-                f"turn); nothing was written",
-                size=self.max_connections,
-                in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
-                waiting=writers.statistics().tasks_waiting,
-                advice=self._lock_advice(),
+            raise _busy(
+                unavailable(
+                    self.name,
+                    f"the database {self.path!r} is locked by another writer (this app's writers "
+                    f"take turns, and this one waited busy_timeout={self.busy_timeout:g} s for its "
+                    f"turn); nothing was written",
+                    size=self.max_connections,
+                    in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
+                    waiting=writers.statistics().tasks_waiting,
+                    advice=self._lock_advice(),
+                )
             ) from None
 
     def _end_turn(self, token: object) -> None:
@@ -310,16 +312,18 @@ class Database:
                 f"wal=False (a rollback journal), a reader in a transaction ({during}; "
                 f"{describe(exc)}; busy_timeout={self.busy_timeout:g} s); nothing was written"
             )
-        return unavailable(
-            self.name,
-            reason,
-            size=self.max_connections,
-            in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
-            advice=(
-                "Retry: the next unit of work reads from that commit."
-                if code == SQLITE_BUSY_SNAPSHOT
-                else self._lock_advice()
-            ),
+        return _busy(
+            unavailable(
+                self.name,
+                reason,
+                size=self.max_connections,
+                in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
+                advice=(
+                    "Retry: the next unit of work reads from that commit."
+                    if code == SQLITE_BUSY_SNAPSHOT
+                    else self._lock_advice()
+                ),
+            )
         )
 
     def _lock_advice(self) -> str:
@@ -1124,3 +1128,10 @@ def connection(
     )(depends_on(open_connection, db_res))
     res.async_api = "an aiosqlite connection"
     return res
+
+
+def _busy(error: ResourceUnavailable) -> ResourceUnavailable:
+    """Mark *error* (a lock another writer held) as the database busy, not down: the log's
+    outage lines leave it out ("opens again" was said of a healthy file: trial 29)."""
+    error._busy = True  # type: ignore[attr-defined]
+    return error

@@ -1368,7 +1368,9 @@ def _locked(info: _PoolInfo, exc: sa_exc.DBAPIError) -> ResourceUnavailable:
             f"wait longer for the lock: connect_args={{'timeout': 15}} (SQLite's busy timeout, "
             f"in seconds: 5 by default)"
         )
-    return ResourceUnavailable(redact(f"Engine {info.name!r}: {reason}."), resource=info.name)
+    locked = ResourceUnavailable(redact(f"Engine {info.name!r}: {reason}."), resource=info.name)
+    locked._busy = True  # type: ignore[attr-defined]  # busy, not down: no outage line
+    return locked
 
 
 # --------------------------------------------------------------------------- engine options

@@ -735,11 +735,16 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
         pid = record.info.get(_PID) if record is not None else None
         try:
-            hung_up = driver.broken and driver.pgconn.pgconn_ptr is None  # type: ignore[union-attr]
+            pgconn = driver.pgconn  # type: ignore[union-attr]
+            # Hung up by psycopg itself; or, before psycopg 3.3.7, left mid-query (an anyio
+            # scope's cancel cut its cancel short), which the invalidation now closes.
+            running = (driver.broken and pgconn.pgconn_ptr is None) or (  # type: ignore[union-attr]
+                pgconn.pgconn_ptr is not None and pgconn.transaction_status == _ACTIVE
+            )
             loop = asyncio.get_running_loop()
         except Exception:  # not psycopg's, or no loop: nothing to do
             return
-        if not hung_up or pid is None:
+        if not running or pid is None:
             return
         cargs, cparams = params
         task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
@@ -752,6 +757,7 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
 
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
+_ACTIVE = 1  # libpq's PQTRANS_ACTIVE: a query in progress (psycopg's TransactionStatus.ACTIVE)
 
 
 async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name: str) -> None:

@@ -521,7 +521,8 @@ def _lost_while_watching(client: _Client, exc: redis_errors.WatchError) -> Excep
     keys", the 503 `r.client()` gives for its connection lost (``lost``): a 500 before, and
     `@idempotent` said "a key it watched changed" (trial 27)."""
     said = str(exc)
-    if "occurred while watching" not in said:
+    # (redis-py 5.0 says "A ConnectionError occurred on while watching ...")
+    if "while watching" not in said or not ("ConnectionError" in said or "TimeoutError" in said):
         return exc
     msg = (
         f"Redis client {client.tether_name!r}: the connection of a pipeline was lost while "

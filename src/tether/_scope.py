@@ -603,7 +603,7 @@ class _Shielded:
             lc = self.lc
             if not (lc._sweeping and self in lc._slow_closes):
                 self.salvage = asyncio.get_running_loop().call_later(SALVAGE, self.expire)
-        if fut is not None:
+        if fut is not None and fut not in _TO_THE_END:
             fut.cancel()
 
     # What the task waiting on the cleanup uses: the future it stands in for, but for
@@ -668,7 +668,7 @@ class _Shielded:
                     if isinstance(yielded, asyncio.Future) and yielded._asyncio_future_blocking:
                         fut = yielded
                         fut._asyncio_future_blocking = False
-                        if self.given_up:
+                        if self.given_up and fut not in _TO_THE_END:
                             fut.cancel()
                         if not fut.done():
                             self.fut = fut
@@ -939,6 +939,22 @@ async def _drive_anyio(lc: Lifecycle, res: Resource[Any], coro: Any) -> Any:
     if cs.cancelled_caught:
         _close_timed_out(lc, res)
     return result
+
+
+#: Futures a cleanup waits on to their end, past its deadline and its salvage too: each is
+#: bounded of its own (`wait_to_the_end`).
+_TO_THE_END: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+
+
+def wait_to_the_end(task: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """*task*, shielded, for a cleanup to await to its end even past its close_timeout and
+    salvage, which cancel every other wait: an integration's last resort, bounded of its
+    own (ending a backend still running a query on the server), which must be done before
+    the client gets its answer, or a ``COMMIT`` still waiting for a lock there could commit
+    after the client's 500. Cancelled from elsewhere (an anyio scope), the task runs on."""
+    outer = asyncio.shield(task)
+    _TO_THE_END.add(outer)
+    return outer
 
 
 #: Seconds a cleanup past its close_timeout has to end in a known state (`_Shielded.expire`):

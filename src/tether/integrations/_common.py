@@ -1771,7 +1771,13 @@ async def terminate_backend(
         async with asyncio.timeout(within):
             other = await connect()
             async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
-                await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                if other.info.server_version >= 140000:
+                    # Waits for the backend to exit (its transaction rolled back), not only
+                    # signals it: the client's answer follows (PostgreSQL 14+).
+                    wait_ms = max(1, int(within * 500))
+                    await cur.execute("SELECT pg_terminate_backend(%s, %s)", (pid, wait_ms))
+                else:
+                    await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
     except Exception as exc:
         log.warning(
             "tether: %s: could not end backend %d on the server (%s); a query it was running "

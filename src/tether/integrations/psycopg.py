@@ -90,7 +90,7 @@ from .._errors import (
     unstopped,
 )
 from .._resource import Resource
-from .._scope import SALVAGE
+from .._scope import SALVAGE, wait_to_the_end
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -971,7 +971,8 @@ def connection(
                 if ending is None:
                     await p.putconn(conn)
                 else:
-                    await asyncio.shield(ending)  # given up on, it still runs to its end
+                    # Done before the client's answer, past the close's deadline too.
+                    await wait_to_the_end(ending)
 
     res = lc.resource(name=name, release=release, error_status=error_status)(
         depends_on(open_connection, pool)

@@ -100,7 +100,7 @@ from .._errors import (
     unstopped,
 )
 from .._resource import Resource
-from .._scope import SALVAGE, set_token_wait
+from .._scope import SALVAGE, set_token_wait, wait_to_the_end
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -750,10 +750,37 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
         _CANCELS.add(task)
         task.add_done_callback(_CANCELS.discard)
+        # The session whose close this is waits for it (`_backends_ended`), while it runs.
+        closing = asyncio.current_task()
+        if closing is not None:
+            _ENDING_FOR.setdefault(closing, []).append(task)
+            task.add_done_callback(functools.partial(_ended, closing))
 
     event.listen(sync, "do_connect", do_connect)
     event.listen(sync, "connect", connect)
     event.listen(sync, "invalidate", invalidate)
+
+
+#: The tasks ending backends (`_end_after_psycopg_hang_up`), by the task whose close of a
+#: session began them: that close waits for them.
+_ENDING_FOR: dict[asyncio.Task[Any], list[asyncio.Task[None]]] = {}
+
+
+def _ended(closing: asyncio.Task[Any], task: asyncio.Task[None]) -> None:
+    ending = _ENDING_FOR.get(closing)
+    if ending is not None and task in ending:
+        ending.remove(task)
+        if not ending:
+            del _ENDING_FOR[closing]
+
+
+async def _backends_ended() -> None:
+    """Wait, past the session's close_timeout too, for the backends its close began to end:
+    done before the client's answer, or a ``COMMIT`` still waiting for a lock on the server
+    could commit after the client's 500 (CI's load)."""
+    ending = _ENDING_FOR.pop(cast("asyncio.Task[Any]", asyncio.current_task()), None)
+    if ending:
+        await wait_to_the_end(asyncio.gather(*ending, return_exceptions=True))
 
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
@@ -3182,9 +3209,13 @@ def session(
                     raise lost_after_commit(info.name, describe(exc.orig or exc)) from exc
                 raise commit_not_sent(info.name, exc.orig or exc) from exc
         finally:
-            cast("_Guarded", s.sync_session)._tether_ending = True
-            await _when_free(s.close)
-            _mark_closed(s, closed_message, res)
+            try:
+                cast("_Guarded", s.sync_session)._tether_ending = True
+                await _when_free(s.close)
+                _mark_closed(s, closed_message, res)
+            finally:
+                if _ENDING_FOR:
+                    await _backends_ended()
 
     closed_message = _closed_message(name, release)
     res: Resource[AsyncSession] = lc.resource(

@@ -1055,9 +1055,13 @@ class Lifecycle:
             raise ScopeError(msg)
         return self._app_value(resource)
 
+    def run(self) -> AbstractAsyncContextManager[Lifecycle]:
+        """Open the app scope outside a server (scripts, workers, tests):
+        ``async with lc.run():``."""
+        return AsyncOnly(self._run(), "lc.run()", _RUN_FROM_SYNC)
+
     @asynccontextmanager
-    async def run(self) -> AsyncIterator[Lifecycle]:
-        """Open the app scope outside a server (scripts, workers, tests)."""
+    async def _run(self) -> AsyncIterator[Lifecycle]:
         if self.state in (State.STARTING, State.RUNNING, State.DRAINING):
             site = self._app_site
             held = (
@@ -1790,14 +1794,13 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ units of work
 
-    @asynccontextmanager
-    async def scope(
+    def scope(
         self,
         label: str = "scope",
         *,
         leak_threshold: float | None = _LIFECYCLES,
         **unknown: Never,  # a misspelt option: refused naming the one meant
-    ) -> AsyncIterator[Unit]:
+    ) -> AbstractAsyncContextManager[Unit]:
         """A request scope outside a request: ``async with lc.scope() as s: await s.get(r)``.
 
         Values open on first ``get`` and close in reverse order when the block ends;
@@ -1805,6 +1808,14 @@ class Lifecycle:
         *leak_threshold*: this unit's, in place of the Lifecycle's (a long job: a number of
         seconds it may hold its values, or None for no leak reports of it).
         """
+        return AsyncOnly(
+            self._scope(label, leak_threshold, unknown), "lc.scope()", _SCOPE_FROM_SYNC
+        )
+
+    @asynccontextmanager
+    async def _scope(
+        self, label: str, leak_threshold: float | None, unknown: dict[str, Any]
+    ) -> AsyncIterator[Unit]:
         if unknown:
             raise not_options("lc.scope()", unknown, Lifecycle.scope)
         if leak_threshold is not _LIFECYCLES:
@@ -2376,6 +2387,44 @@ def _entry_site() -> str:
         return ""
     filename, line, name = frames[-1]
     return f"{filename}:{line} in {name}"
+
+
+class AsyncOnly(AbstractAsyncContextManager[T]):
+    """An async context manager that, entered with a plain ``with``, says how to enter it
+    (*advice*), instead of Python's "'_AsyncGeneratorContextManager' object does not support
+    the context manager protocol"."""
+
+    __slots__ = ("_advice", "_cm", "_what")
+
+    def __init__(self, cm: AbstractAsyncContextManager[T], what: str, advice: str) -> None:
+        self._cm = cm
+        self._what = what
+        self._advice = advice
+
+    async def __aenter__(self) -> T:
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._cm.__aexit__(*exc_info)
+
+    if not TYPE_CHECKING:  # (to type checkers, `with` on it stays an error)
+
+        def __enter__(self) -> Any:
+            raise TypeError(f"{self._what} is an async context manager: {self._advice}")
+
+        def __exit__(self, *exc_info: Any) -> None:  # pragma: no cover - never entered
+            return None
+
+
+_SCOPE_FROM_SYNC = (
+    "`async with lc.scope() as s:` in an async function (a script runs that function with "
+    "`asyncio.run()`). In a sync test beside TestClient, inside `with TestClient(app) as "
+    "client:`: `with client.portal.wrap_async_context_manager(lc.scope()) as s:`."
+)
+_RUN_FROM_SYNC = (
+    "`async with lc.run():` in an async function (a script runs that function with "
+    "`asyncio.run()`). In a sync test, `with TestClient(app):` runs the app scope."
+)
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -315,6 +315,39 @@ async def test_a_misspelt_scope_option_names_the_one_meant() -> None:
     ):
         async with lc.scope(leak_treshold=3):  # type: ignore[call-arg]
             pass  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("enter", "said"),
+    [
+        (
+            lambda lc: lc.scope(),
+            "lc.scope() is an async context manager: `async with lc.scope() as s:` in an async "
+            "function (a script runs that function with `asyncio.run()`). In a sync test beside "
+            "TestClient, inside `with TestClient(app) as client:`: `with "
+            "client.portal.wrap_async_context_manager(lc.scope()) as s:`.",
+        ),
+        (
+            lambda lc: lc.run(),
+            "lc.run() is an async context manager: `async with lc.run():` in an async function "
+            "(a script runs that function with `asyncio.run()`). In a sync test, `with "
+            "TestClient(app):` runs the app scope.",
+        ),
+    ],
+    ids=["scope", "run"],
+)
+def test_scope_and_run_entered_with_a_plain_with_say_how(
+    enter: Callable[[tether.Lifecycle], Any], said: str
+) -> None:
+    """`with lc.scope() as s:` (a sync function, a sync test beside TestClient) was
+    "'_AsyncGeneratorContextManager' object does not support the context manager protocol",
+    naming neither tether's call nor the way to enter it."""
+    lc = tether.Lifecycle()
+    with pytest.raises(TypeError) as caught:
+        with enter(lc):
+            pass  # pragma: no cover
+    assert str(caught.value) == said
+    assert lc.state is tether.State.CREATED  # nothing was started
 
 
 def test_a_misspelt_health_router_option_names_the_one_meant() -> None:

@@ -32,6 +32,7 @@ from .._errors import (
     sqlstates,
     unstopped,
 )
+from .._lifecycle import AsyncOnly
 from .._resource import current_unit
 from .._scope import anyio_cancellation
 
@@ -320,37 +321,19 @@ def check_transaction_options(
         raise ValueError(msg)
 
 
-class AsyncBlock(AbstractAsyncContextManager[V]):
+class AsyncBlock(AsyncOnly[V]):
     """A test helper's async context manager (``rolled_back(...)``) that, entered with a
-    plain ``with`` (a sync test, beside ``TestClient``), says how to enter it from sync code
-    instead of "'_AsyncGeneratorContextManager' object does not support the context manager
-    protocol"."""
+    plain ``with`` (a sync test, beside ``TestClient``), says how to enter it from sync code."""
 
-    __slots__ = ("_cm", "_what")
+    __slots__ = ()
 
     def __init__(self, cm: AbstractAsyncContextManager[V], what: str) -> None:
-        self._cm = cm
-        self._what = what
-
-    async def __aenter__(self) -> V:
-        return await self._cm.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self._cm.__aexit__(*exc_info)
-
-    if not TYPE_CHECKING:  # (to type checkers, `with` on it stays an error)
-
-        def __enter__(self) -> Any:
-            msg = (
-                f"{self._what} is an async context manager: `async with {self._what} as "
-                f"conn:` in an async test. Beside TestClient, in a sync test, enter it through "
-                f"the client's portal, inside `with TestClient(app) as client:`: `with "
-                f"client.portal.wrap_async_context_manager({self._what}) as conn:`."
-            )
-            raise TypeError(msg)
-
-        def __exit__(self, *exc_info: Any) -> None:  # pragma: no cover - never entered
-            return None
+        advice = (
+            f"`async with {what} as conn:` in an async test. Beside TestClient, in a sync "
+            f"test, enter it through the client's portal, inside `with TestClient(app) as "
+            f"client:`: `with client.portal.wrap_async_context_manager({what}) as conn:`."
+        )
+        super().__init__(cm, what, advice)
 
 
 def async_block(

@@ -758,6 +758,7 @@ def _counting(state: _State, connect: Callable[..., Awaitable[Any]]) -> Callable
             _note_codecs(conn)
         return conn
 
+    counted.__wrapped__ = connect  # type: ignore[attr-defined]
     return counted
 
 
@@ -1107,7 +1108,7 @@ def connection(
                     raise read_only_failure(pool_name) from exc
                 if _concurrent(exc):
                     # The other task's query still runs on it: nothing to roll back with.
-                    await _discard(p, conn, _server_pid(conn), name)
+                    await _discard(p, conn, _backend(conn), name)
                     done = "The connection was terminated (what ran on it was rolled back)."
                     raise used_concurrently("Connection", name, "asyncpg", done) from exc
                 lost = _is_lost(conn, exc)
@@ -1133,7 +1134,7 @@ def connection(
                     if _concurrent(exc):
                         # A task the endpoint started still runs a query on it: terminated
                         # under that task, which rolls the transaction back.
-                        await _discard(p, conn, _server_pid(conn), name)
+                        await _discard(p, conn, _backend(conn), name)
                         done = "the connection was terminated under that task (its query fails)"
                         raise ScopeError(still_in_use("Connection", name, done)) from exc
                     # asyncpg refused to send COMMIT: the connection is mid-way through
@@ -1549,7 +1550,7 @@ async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> Non
     """
     if _closed(conn):
         return  # lost with the server, which ended the transaction: nothing to roll back
-    pid = _server_pid(conn)
+    backend = _backend(conn)
     try:
         async with asyncio.timeout(within):
             await tx.rollback()
@@ -1557,7 +1558,7 @@ async def _rollback(p: Any, conn: Any, tx: Any, name: str, within: float) -> Non
         log.warning(
             "tether: %r: rollback failed (%s); terminating the connection", name, describe(exc)
         )
-        await _discard(p, conn, pid, name)
+        await _discard(p, conn, backend, name)
     except BaseException:
         _terminate(conn)  # interrupted: no time to ask the server for anything
         raise
@@ -1603,7 +1604,7 @@ async def _give_back(
         return
     if not closed:  # closed: asyncpg runs (or ran) its termination listeners, and drops all
         _drop_callbacks(raw, state)
-    pid = _server_pid(conn)  # now: a failed release terminates and detaches the connection
+    backend = _backend(conn)  # now: a failed release terminates and detaches the connection
     try:
         if left_in_transaction:
             if interrupted:
@@ -1639,7 +1640,7 @@ async def _give_back(
             )
         if state is not None and not closed:
             state.discarded += 1
-        await _discard(p, conn, pid, name)
+        await _discard(p, conn, backend, name)
     except BaseException:
         if state is not None and not closed:
             state.discarded += 1
@@ -1682,14 +1683,37 @@ def _closed(conn: Any) -> bool:
         return True  # already released
 
 
-def _server_pid(conn: Any) -> int | None:
+async def _terminate_at(p: Any, addr: Any, pid: int) -> None:
+    """End backend *pid* on the server at *addr* (the pool's own connections reached
+    another of its DSN's hosts), through a connection made for it there."""
+    made = getattr(p, "_connect", None)
+    own_connect = getattr(made, "__wrapped__", made) is asyncpg.connect  # not the app's connect=
+    if not isinstance(addr, tuple) or not own_connect:
+        msg = f"the pool's connections are on another server than {addr!r}, its backend's"
+        raise RuntimeError(msg)
+    host, port = addr[:2]
+    other = await asyncpg.connect(
+        *p._connect_args, **{**p._connect_kwargs, "host": host, "port": port}
+    )
     try:
-        return None if conn.is_closed() else int(conn.get_server_pid())
+        await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        other.terminate()
+
+
+def _backend(conn: Any) -> tuple[int, Any] | None:
+    """*conn*'s backend: its pid, and the address it reached (a DSN may name several
+    hosts); None once closed or released."""
+    try:
+        if conn.is_closed():
+            return None
+        raw = getattr(conn, "_con", conn)  # a pool's proxy: its connection
+        return int(conn.get_server_pid()), getattr(raw, "_addr", None)
     except pg_errors.InterfaceError:
         return None  # already released
 
 
-async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
+async def _discard(p: Any, conn: Any, backend: tuple[int, Any] | None, name: str) -> None:
     """Terminate *conn* and make sure its backend *pid* stops too.
 
     Closing the socket alone does not stop a query running on the server (PostgreSQL
@@ -1699,11 +1723,19 @@ async def _discard(p: Any, conn: Any, pid: int | None, name: str) -> None:
     """
     _terminate(conn)
     state: _State | None = getattr(p, "_tether", None)
-    if pid is None or (state is not None and state.pgbouncer):
+    if backend is None or (state is not None and state.pgbouncer):
         return  # behind PgBouncer the pid is PgBouncer's, which drops the server side itself
+    pid, addr = backend
     try:
-        async with asyncio.timeout(_STOP_WITHIN), p.acquire(timeout=_STOP_WITHIN) as other:
-            await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+        async with asyncio.timeout(_STOP_WITHIN):
+            async with p.acquire(timeout=_STOP_WITHIN) as other:
+                # A DSN of several hosts: the pool's connections may be on another server
+                # (made after a failover), where that pid is another session's, or none.
+                there = addr is None or getattr(other._con, "_addr", None) in (None, addr)
+                if there:
+                    await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+            if not there:
+                await _terminate_at(p, addr, pid)
     except Exception as exc:
         log.warning(
             "tether: %r: could not terminate backend %d on the server (%s); a query it "
@@ -1959,13 +1991,13 @@ def once(
     async def run_once(p: Any, job: _once.Job) -> bool:
         state: _State | None = getattr(p, "_tether", None)
         conn = await _acquire(p, pool_name, state, state.acquire_timeout if state else 5.0)
-        pid = _server_pid(conn)
+        backend = _backend(conn)
         try:
             ran = await _once.run(_OnceSession(conn), job)
         except BaseException:
             # The server ends the transaction, and frees the lock, with the connection.
             with anyio.CancelScope(shield=True):
-                await _discard(p, conn, pid, job.name)
+                await _discard(p, conn, backend, job.name)
             raise
         with anyio.CancelScope(shield=True):
             await _give_back(p, conn, job.name, 5.0)

@@ -177,6 +177,7 @@ class _State:
         "pgbouncer",
         "rolled_back",
         "served",
+        "servers",
         "shown",
         "timed_out_at",
         "timeout",
@@ -208,6 +209,9 @@ class _State:
         self.callbacks: weakref.WeakKeyDictionary[Connection, _Callbacks] = (
             weakref.WeakKeyDictionary()
         )
+        # With a conninfo of several hosts only: the server each connection reached
+        # (`_noting_server`), where `_end_backend` ends its backend.
+        self.servers: weakref.WeakKeyDictionary[Connection, dict[str, str]] | None = None
 
 
 #: Whether psycopg_pool has what tether's pre-ping loop calls (`Pool._getconn_with_check_loop`).
@@ -592,6 +596,8 @@ def pool(
         configure = options.get("configure")
         if configure is not None:
             options["configure"] = _keeping_configured(configure, state)
+        if _several_hosts(target, connect_kwargs):
+            options["configure"] = _noting_server(options.get("configure"), state)
 
         # One connection by hand first: an unreachable database fails at once, with
         # libpq's reason (the pool would retry quietly until open_timeout), and it reads
@@ -1545,9 +1551,21 @@ def _end_if_running(
     if _behind_pgbouncer(state):
         return None  # the pid is PgBouncer's, which drops the server side itself
 
+    servers = state.servers if state is not None else None
+    server = servers.get(conn) if servers is not None else None
+
     async def end_then_give_back() -> None:
         try:
-            await _end_backend(p, pid, name)
+            if servers is None or server is not None:
+                await _end_backend(p, pid, name, server)
+            else:  # (made before the pool's configure ran: none is)
+                log.warning(
+                    "tether: %r: could not end backend %d on the server (which of the "
+                    "conninfo's hosts it is on is not known); a query it was running may run "
+                    "to its end",
+                    name,
+                    pid,
+                )
         finally:
             await p.putconn(conn)
 
@@ -1565,7 +1583,7 @@ async def _ends_done(p: Any) -> None:
             await asyncio.wait(pending, timeout=SALVAGE)
 
 
-async def _end_backend(p: Any, pid: int, name: str) -> None:
+async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | None) -> None:
     """End backend *pid* on the server: its connection was closed on this side (or is about
     to be, mid-query), and PostgreSQL only notices a client gone when it next writes to it,
     so a query it runs (``pg_sleep``, a long aggregate) would run to its end, its
@@ -1577,8 +1595,10 @@ async def _end_backend(p: Any, pid: int, name: str) -> None:
     parameters but not its ``configure``: as the login role (a setup's ``SET ROLE`` to a
     role of less privilege may not end the login role's backends), and with no pool slot
     (a pool of one, or a busy one, has none to spare). Only on this rare path.
-    Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself."""
-    kwargs = {**p.kwargs, "autocommit": True, "prepare_threshold": None}
+    Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself.
+    *server*: with a conninfo of several hosts, the one the connection reached (the first
+    that answers now may be another, where the pid is another session's, or none)."""
+    kwargs = {**p.kwargs, **(server or {}), "autocommit": True, "prepare_threshold": None}
     await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), _STOP_WITHIN)
 
 
@@ -1909,6 +1929,34 @@ async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
             await cur.execute(_PARAM.sub("%s", _once.STOP_WAITING), (pid, locks))
     except Exception as exc:
         log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)
+
+
+def _several_hosts(conninfo: str, kwargs: dict[str, Any]) -> bool:
+    """Whether *conninfo* (with *kwargs*) names several hosts, libpq's failover list."""
+    try:
+        params = conninfo_to_dict(conninfo, **kwargs)
+    except Exception:  # refused at the first connect, with libpq's reason
+        return False
+    return any("," in str(params.get(key) or "") for key in ("host", "hostaddr"))
+
+
+def _noting_server(
+    configure: Callable[[Connection], Awaitable[None]] | None, state: _State
+) -> Callable[[Connection], Awaitable[None]]:
+    """The pool's ``configure`` (if any), after a note of the server each new connection
+    reached, of a conninfo of several hosts (`_end_backend`)."""
+    servers = state.servers = weakref.WeakKeyDictionary()
+
+    async def noting(conn: Connection) -> None:
+        info = conn.info
+        server = {"host": info.host, "port": str(info.port)}
+        if info.hostaddr:
+            server["hostaddr"] = info.hostaddr
+        servers[conn] = server
+        if configure is not None:
+            await configure(conn)
+
+    return noting
 
 
 def _keeping_configured(

@@ -729,7 +729,16 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         with contextlib.suppress(Exception):
-            record.info[_PID] = dbapi_connection.driver_connection.pgconn.backend_pid
+            driver = dbapi_connection.driver_connection
+            record.info[_PID] = driver.pgconn.backend_pid
+            if any("," in str(params[1].get(key) or "") for key in ("host", "hostaddr")):
+                # Several hosts (libpq's failover list): the one it reached, where its
+                # backend is ended (the first that answers then may be another).
+                info = driver.info
+                server = {"host": info.host, "port": str(info.port)}
+                if info.hostaddr:
+                    server["hostaddr"] = info.hostaddr
+                record.info[_SERVER] = server
 
     def invalidate(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
@@ -747,6 +756,11 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         if not running or pid is None:
             return
         cargs, cparams = params
+        if any("," in str(cparams.get(key) or "") for key in ("host", "hostaddr")):
+            server = record.info.get(_SERVER)
+            if server is None:
+                return  # not known which server: ending that pid elsewhere could end another
+            cparams = {**cparams, **server}
         task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
         _CANCELS.add(task)
         task.add_done_callback(_CANCELS.discard)
@@ -784,6 +798,7 @@ async def _backends_ended() -> None:
 
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
+_SERVER = "tether_server"  # ... and, of a URL of several hosts, the server it reached
 _ACTIVE = 1  # libpq's PQTRANS_ACTIVE: a query in progress (psycopg's TransactionStatus.ACTIVE)
 
 

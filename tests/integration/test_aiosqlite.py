@@ -424,6 +424,9 @@ async def test_writer_waiting_past_busy_timeout_is_a_503(tmp_path: Path) -> None
         f"0.2 s)."
     )
     assert rows(path) == [(1, "a")]
+    # A wait of busy_timeout that ran out: a timeout of the writer, and of its pool, as the
+    # metrics docs say (it counted as an error only: trial 30).
+    assert lc.stats().resources["writer"].timeouts == 1
 
 
 @pytest.mark.anyio

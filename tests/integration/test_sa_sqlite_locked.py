@@ -172,3 +172,68 @@ async def test_after_the_endpoint_s_own_commit_the_lock_is_the_original_error(
                     with holding(path, "write"):
                         await s.execute(text("INSERT INTO t VALUES (2)"))
     assert rows(path) == [1]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_read_refused_for_another_process_s_lock_says_so_and_fails_readiness(
+    tmp_path: Path, sync: bool
+) -> None:
+    """Another process holding an exclusive lock (a rollback journal): every read is a 503,
+    which said "a statement waited for the write lock" of a `SELECT`; and `/health/ready`
+    stayed 200, its `SELECT 1` reading no file, where the aiosqlite integration's check
+    fails (trial 30)."""
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc, session = declare(path, sync)
+    app = FastAPI(lifespan=lc.lifespan)
+    install(app, lc)
+    from tether.fastapi import health_router
+
+    app.include_router(health_router(lc, cache=0))  # each call checks
+
+    @app.get("/count")
+    async def count(s: Any = Depends(session)) -> int:
+        result = s.execute(text("SELECT count(*) FROM t"))
+        return int((result if sync else await result).scalar_one())
+
+    async with lc.lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/health/ready")).status_code == 200
+            raw = sqlite3.connect(path, isolation_level=None)
+            try:
+                raw.execute("BEGIN EXCLUSIVE")
+                r = await client.get("/count")
+                assert r.status_code == 503, r.text
+                assert "(a read waited for the lock; OperationalError: " in r.json()["detail"]
+                ready = await client.get("/health/ready")
+                assert ready.status_code == 503, ready.text
+                assert "database is locked" in ready.json()["checks"]["engine"]["error"]
+            finally:
+                raw.execute("ROLLBACK")
+                raw.close()
+            assert (await client.get("/health/ready")).status_code == 200
+            assert (await client.get("/count")).json() == 0
+
+
+async def test_in_wal_mode_the_advice_is_no_longer_wal_mode(tmp_path: Path) -> None:
+    """The 503 of a lock held too long advised "use WAL mode" of a file already in WAL."""
+    path = tmp_path / "app.db"
+    make_db(path)
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.close()
+    lc, session = declare(path, False)
+    async with lc.run():
+        with holding(path, "write"), pytest.raises(tether.ResourceUnavailable) as caught:
+            async with lc.scope() as sc:
+                s = await sc.get(session)
+                await s.execute(text("INSERT INTO t VALUES (1)"))
+    assert str(caught.value) == (
+        f"Engine 'engine': the SQLite database {str(path)!r} is locked by another writer (a "
+        f"statement waited for the write lock; OperationalError: database is locked); nothing "
+        f"was written. Retry shortly; if it persists, keep the transactions that write short, "
+        f"or let a writer wait longer for the lock: connect_args={{'timeout': 15}} (SQLite's "
+        f"busy timeout, in seconds: 5 by default)."
+    )
+    assert rows(path) == []

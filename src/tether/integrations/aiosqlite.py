@@ -272,6 +272,7 @@ class Database:
                     in_use=self.limiter.borrowed_tokens if self.limiter is not None else None,
                     waiting=writers.statistics().tasks_waiting,
                     advice=self._lock_advice(),
+                    timed_out=True,  # a wait of busy_timeout: counted as the pool's timeout
                 )
             ) from None
 
@@ -323,6 +324,7 @@ class Database:
                     if code == SQLITE_BUSY_SNAPSHOT
                     else self._lock_advice()
                 ),
+                timed_out=code != SQLITE_BUSY_SNAPSHOT,  # SQLite's wait of busy_timeout
             )
         )
 

@@ -1401,22 +1401,36 @@ def _locked(info: _PoolInfo, exc: sa_exc.DBAPIError) -> ResourceUnavailable:
     url = getattr(info.engine, "url", None)
     db = repr(url.database) if isinstance(url, URL) and url.database else "(in memory)"
     said = _describe_db(exc)
-    if getattr(exc.orig, "sqlite_errorcode", None) == SQLITE_BUSY_SNAPSHOT:
+    snapshot = getattr(exc.orig, "sqlite_errorcode", None) == SQLITE_BUSY_SNAPSHOT
+    if snapshot:
         reason = (
             f"another writer committed to the SQLite database {db} after this unit of work "
             f"first read it, so it cannot write from that read ({said}: SQLITE_BUSY_SNAPSHOT, "
             f"refused at once); nothing was written. Retry it"
         )
     else:
-        during = "at COMMIT" if exc.statement is None else "a statement waited for the write lock"
+        statement = (exc.statement or "").lstrip().upper()
+        if exc.statement is None:
+            during = "at COMMIT"
+        elif statement.startswith(("SELECT", "WITH", "PRAGMA")):
+            during = "a read waited for the lock"
+        else:
+            during = "a statement waited for the write lock"
+        path = url.database if isinstance(url, URL) else None
+        # (its `-wal` file is there while a connection has it open in WAL mode)
+        in_wal = bool(path) and os.path.exists(f"{path}-wal")
+        wal = "" if in_wal else "use WAL mode (its readers never block the writer), "
         reason = (
             f"the SQLite database {db} is locked by another writer ({during}; {said}); "
             f"nothing was written. Retry shortly; if it persists, keep the transactions that "
-            f"write short, use WAL mode (its readers never block the writer), or let a writer "
-            f"wait longer for the lock: connect_args={{'timeout': 15}} (SQLite's busy timeout, "
-            f"in seconds: 5 by default)"
+            f"write short, {wal}or let a writer wait longer for the lock: "
+            f"connect_args={{'timeout': 15}} (SQLite's busy timeout, in seconds: 5 by default)"
         )
-    locked = ResourceUnavailable(redact(f"Engine {info.name!r}: {reason}."), resource=info.name)
+    locked = ResourceUnavailable(
+        redact(f"Engine {info.name!r}: {reason}."),
+        resource=info.name,
+        timed_out=not snapshot,  # SQLite's wait of its busy timeout (a snapshot: at once)
+    )
     locked._busy = True  # type: ignore[attr-defined]  # busy, not down: no outage line
     return locked
 
@@ -1908,7 +1922,20 @@ def _sync_pool(info: _PoolInfo) -> type[QueuePool]:
 async def _select_one(eng: AsyncEngine) -> None:
     _same_sqlite_file(eng.sync_engine)
     async with eng.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+        await conn.execute(_check_query(eng.sync_engine))
+
+
+def _check_query(eng: Engine) -> Any:
+    """The default check's statement: ``SELECT 1``; on SQLite, one that reads the file (its
+    header), as the aiosqlite integration's check does: ``SELECT 1`` passed while another
+    process held a lock that made every unit of work a 503 (trial 30)."""
+    if eng.dialect.name == "sqlite" and not _is_memory_sqlite(eng.url):
+        return _READ_THE_FILE
+    return _SELECT_1
+
+
+_SELECT_1 = text("SELECT 1")
+_READ_THE_FILE = text("PRAGMA schema_version")
 
 
 def _note_sqlite_file(eng: Engine, u: URL) -> None:
@@ -3365,7 +3392,7 @@ def sync_engine(
     def select_one(eng: Engine) -> None:
         _same_sqlite_file(eng)
         with eng.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(_check_query(eng))
 
     async def default_check(eng: Engine) -> None:
         await anyio.to_thread.run_sync(select_one, eng, abandon_on_cancel=True)

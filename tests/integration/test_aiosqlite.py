@@ -803,8 +803,9 @@ def test_a_database_file_deleted_while_serving_fails_readiness_and_is_not_recrea
         gone = (
             f"Database 'database': the file {str(path)!r} is gone (deleted, or its volume "
             f"unmounted, after the app started; OperationalError: unable to open database "
-            f"file). tether does not create it again, empty, while the app serves: restore "
-            f"the file, or restart the app to create a new one."
+            f"file). tether does not create it again, empty, while the app serves: put the "
+            f"same file back (moved back, not a copy), or restart the app to open the one at "
+            f"its path then (a copy restored from a backup), or to create a new one."
         )
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"]["error"] == f"ResourceUnavailable: {gone}"
@@ -817,8 +818,9 @@ def test_a_database_file_deleted_while_serving_fails_readiness_and_is_not_recrea
 def test_a_database_file_another_library_made_anew_is_not_the_apps(tmp_path: Path) -> None:
     """The file deleted, then made anew at its path (SQLAlchemy, on the same file, creates it
     for its next connection): every request then failed with "no such table" (a 500) and
-    readiness said ok on the empty file (trial 11). It is the deleted file's 503, saying that
-    another file is at its path now."""
+    readiness said ok on the empty file (trial 11). It is a 503 saying that another file is
+    at its path now, and that a restart opens it (it said "gone ... FileNotFoundError" of a
+    copy restored from a backup, and "restore the file", which that was: trial 30)."""
     path = tmp_path / "app.db"
     app, lc, db = make(path)
     conn = tsqlite.connection(lc, db)
@@ -834,10 +836,10 @@ def test_a_database_file_another_library_made_anew_is_not_the_apps(tmp_path: Pat
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         sqlite3.connect(path).close()  # an empty file, made anew
         gone = (
-            f"Database 'database': the file {str(path)!r} is gone (deleted, or its volume "
-            f"unmounted, after the app started; FileNotFoundError: another file is at its path "
-            f"now). tether does not create it again, empty, while the app serves: restore the "
-            f"file, or restart the app to create a new one."
+            f"Database 'database': another file is at {str(path)!r} now, not the one the app "
+            f"opened at startup (replaced, or restored from a copy, after the app started). "
+            f"tether serves only the file it opened while the app runs: restart the app to "
+            f"open the one at its path now."
         )
         r = client.get("/authors")
         assert (r.status_code, r.json()["detail"]) == (503, gone)

@@ -8,6 +8,7 @@ Ground truth comes from the server: ``pg_stat_activity`` rows of a unique
 import asyncio
 import importlib.util
 import logging
+import shutil
 import socket
 import sqlite3
 import sys
@@ -1608,8 +1609,9 @@ def test_an_sqlite_file_deleted_under_the_engine_is_refused_not_made_anew(
     problem = (
         f"the SQLite file {str(path)!r} is gone (deleted, or its volume unmounted, after the "
         f"app started): tether opens no new connection to it (SQLite would create it anew, "
-        f"empty) and refuses the pooled ones (they would read the deleted file). Restore "
-        f"the file, then restart the app"
+        f"empty) and refuses the pooled ones (they would read the deleted file). Put the "
+        f"same file back (moved back, not a copy), or restart the app to open the one at "
+        f"its path then (a copy restored from a backup, or a new, empty one)"
     )
     with TestClient(app) as client:
         with closing(sqlite3.connect(path)) as db, db:
@@ -1633,3 +1635,21 @@ def test_an_sqlite_file_deleted_under_the_engine_is_refused_not_made_anew(
         aside.rename(path)  # the same file back: served again
         assert client.post("/write").json() == {"rows": 2}
         assert client.get("/health/ready").status_code == 200
+        # A copy put over it (a restore from a backup): another file, refused until a
+        # restart, and said so (it said "Restore the file" of that: trial 30).
+        shutil.copy(path, aside)
+        aside.replace(path)
+        replaced = (
+            f"another file is at the SQLite file's path {str(path)!r} now, not the one the "
+            f"app opened at startup (replaced, or restored from a copy, after the app "
+            f"started): tether refuses the pooled connections (they would read the file they "
+            f"opened) and serves only that file while the app runs. Restart the app to open "
+            f"the one at its path now"
+        )
+        refused = client.post("/write")
+        assert (refused.status_code, refused.json()["detail"]) == (
+            503,
+            f"Pool {engine.name!r} could not give a connection: {replaced}.",
+        )
+        ready = client.get("/health/ready")
+        assert ready.json()["checks"][engine.name]["error"] == f"RuntimeError: {replaced}."

@@ -211,9 +211,12 @@ class Database:
                 if uri is not None and not await anyio.Path(self.path).exists():
                     raise self._gone(exc) from exc
                 raise
-            if self._identity is not None and self._identity.changed() is not None:
+            changed = self._identity.changed() if self._identity is not None else None
+            if changed is not None:
                 await conn.close()
-                raise self._gone(FileNotFoundError("another file is at its path now"))
+                if changed == "gone":  # (deleted between the open and the look)
+                    raise self._gone(FileNotFoundError("the file is gone"))
+                raise self._replaced()
             try:
                 if self.foreign_keys:
                     await conn.execute("PRAGMA foreign_keys = ON")
@@ -285,8 +288,20 @@ class Database:
         msg = (
             f"Database {self.name!r}: the file {self.path!r} is gone (deleted, or its volume "
             f"unmounted, after the app started; {describe(exc)}). tether does not create it "
-            f"again, empty, while the app serves: restore the file, or restart the app to "
-            f"create a new one."
+            f"again, empty, while the app serves: put the same file back (moved back, not a "
+            f"copy), or restart the app to open the one at its path then (a copy restored "
+            f"from a backup), or to create a new one."
+        )
+        return ResourceUnavailable(msg, resource=self.name)
+
+    def _replaced(self) -> ResourceUnavailable:
+        """The error for another file put at the database's path after the app started (a
+        copy restored from a backup, a file renamed over it): not the file it opened."""
+        msg = (
+            f"Database {self.name!r}: another file is at {self.path!r} now, not the one the "
+            f"app opened at startup (replaced, or restored from a copy, after the app "
+            f"started). tether serves only the file it opened while the app runs: restart the "
+            f"app to open the one at its path now."
         )
         return ResourceUnavailable(msg, resource=self.name)
 

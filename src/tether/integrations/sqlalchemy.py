@@ -1982,13 +1982,19 @@ def _sqlite_file_problem(watch: FileWatch) -> str | None:
     if changed is None:
         return None
     if changed == "gone":
-        what = "is gone (deleted, or its volume unmounted, after the app started)"
-    else:
-        what = "was replaced (another file is at its path now)"
+        return (
+            f"the SQLite file {watch.path!r} is gone (deleted, or its volume unmounted, after "
+            f"the app started): tether opens no new connection to it (SQLite would create it "
+            f"anew, empty) and refuses the pooled ones (they would read the deleted file). "
+            f"Put the same file back (moved back, not a copy), or restart the app to open "
+            f"the one at its path then (a copy restored from a backup, or a new, empty one)"
+        )
     return (
-        f"the SQLite file {watch.path!r} {what}: tether opens no new connection to it (SQLite "
-        f"would create it anew, empty) and refuses the pooled ones (they would read the "
-        f"deleted file). Restore the file, then restart the app"
+        f"another file is at the SQLite file's path {watch.path!r} now, not the one the app "
+        f"opened at startup (replaced, or restored from a copy, after the app started): "
+        f"tether refuses the pooled connections (they would read the file they opened) and "
+        f"serves only that file while the app runs. Restart the app to open the one at its "
+        f"path now"
     )
 
 

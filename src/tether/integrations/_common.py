@@ -9,12 +9,14 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import sys
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .._errors import (
@@ -91,6 +93,8 @@ __all__ = [
     "remember_secrets",
     "resolve_dsn",
     "scrub_secrets",
+    "sqlite_cannot_open",
+    "sqlite_error_name",
     "sqlstates",
     "unavailable",
     "unreachable",
@@ -1773,3 +1777,70 @@ async def terminate_backend(
         if other is not None:
             with anyio.CancelScope(shield=True):
                 await other.close()
+
+
+def sqlite_error_name(exc: BaseException) -> str | None:
+    """SQLite's primary result code name (``SQLITE_CANTOPEN``) of *exc*, if it has one."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(code, int):  # pragma: no cover - Python < 3.11
+        return None
+    return _SQLITE_PRIMARY_NAMES.get(code & 0xFF)
+
+
+_SQLITE_PRIMARY_NAMES = {
+    sqlite3.SQLITE_CANTOPEN: "SQLITE_CANTOPEN",
+    sqlite3.SQLITE_NOTADB: "SQLITE_NOTADB",
+    sqlite3.SQLITE_READONLY: "SQLITE_READONLY",
+}
+
+
+def sqlite_cannot_open(
+    who: str, path: str, file: Path, exc: BaseException, *, missing_dir: str, wal: bool = False
+) -> sqlite3.Error | None:
+    """The error, marked as a mistake no retry mends, for a path that cannot be an SQLite
+    database (a directory, a file of something else, a directory missing, a read-only file
+    switched to WAL mode), *who* (``Database 'db'``, ``Engine 'engine'``) failing to open it;
+    *missing_dir*: the fix for a directory that does not exist. None for another failure (a
+    lock: a retry may mend it)."""
+    error = sqlite_error_name(exc)
+    if error == "SQLITE_READONLY" and wal:  # the WAL switch writes to the file
+        msg = (
+            f"{who}: {path!r} is read-only ({describe(exc)}), and switching it to "
+            f"WAL mode (wal=True, the default) writes to it. Pass wal=False for a read-only "
+            f"database, or make the file and its directory writable by the app's user."
+        )
+        return for_good(sqlite3.OperationalError(msg))
+    where = f"{who}: cannot open {path!r}"
+    if error == "SQLITE_NOTADB":
+        msg = (
+            f"{where}: the file is not an SQLite database ({describe(exc)}). Pass the path of "
+            f"the database file (is it the right file?), or move this one aside to have a new, "
+            f"empty database created there."
+        )
+        return for_good(sqlite3.DatabaseError(msg))
+    if error != "SQLITE_CANTOPEN":
+        return None
+    if file.is_dir():
+        example = str(file / "app.db")
+        msg = (
+            f"{where}: it is a directory, not a file ({describe(exc)}). Pass the path of the "
+            f"database file, e.g. {example!r}."
+        )
+    elif not file.parent.is_dir():
+        msg = (
+            f"{where}: its directory {str(file.parent)!r} does not exist ({describe(exc)}): "
+            f"{missing_dir}"
+        )
+    elif path.startswith("file:") and not file.exists():
+        msg = (
+            f"{where}: the file {str(file)!r} does not exist, and the URI's mode= does not let "
+            f"SQLite create it ({describe(exc)}). Pass the path of an existing database, or "
+            f"drop mode= (or use mode=rwc) to have it created."
+        )
+    else:
+        msg = (
+            f"{where} ({describe(exc)}). Check that the app's user may read and write the "
+            f"file and its directory (SQLite creates {file.name}-wal and {file.name}-shm next "
+            f"to it)."
+        )
+    return for_good(sqlite3.OperationalError(msg))

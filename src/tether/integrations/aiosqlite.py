@@ -109,6 +109,7 @@ from ._common import (
     keyword_names,
     not_an_option,
     sqlite_busy,
+    sqlite_cannot_open,
     unavailable,
 )
 
@@ -565,71 +566,16 @@ def database(
     return res
 
 
-def _error_name(exc: BaseException) -> str | None:
-    """SQLite's primary result code name (``SQLITE_CANTOPEN``) of *exc*, if it has one."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if not isinstance(code, int):  # pragma: no cover - Python < 3.11
-        return None
-    return _PRIMARY_NAMES.get(code & 0xFF)
-
-
-_PRIMARY_NAMES = {
-    sqlite3.SQLITE_CANTOPEN: "SQLITE_CANTOPEN",
-    sqlite3.SQLITE_NOTADB: "SQLITE_NOTADB",
-    sqlite3.SQLITE_READONLY: "SQLITE_READONLY",
-}
-
-
 def _cannot_open(
     name: str, path: str, file: Path, exc: sqlite3.Error, *, create_dirs: bool, wal: bool
 ) -> sqlite3.Error | None:
-    """The error, marked as a mistake no retry mends, for a path that cannot be a database
-    (a directory, a file of something else, a directory missing, a read-only file switched to
-    WAL mode); None for another failure (a lock: a retry may mend it)."""
-    error = _error_name(exc)
-    if error == "SQLITE_READONLY" and wal:  # the WAL switch writes to the file
-        msg = (
-            f"Database {name!r}: {path!r} is read-only ({describe(exc)}), and switching it to "
-            f"WAL mode (wal=True, the default) writes to it. Pass wal=False for a read-only "
-            f"database, or make the file and its directory writable by the app's user."
-        )
-        return for_good(sqlite3.OperationalError(msg))
-    where = f"Database {name!r}: cannot open {path!r}"
-    if error == "SQLITE_NOTADB":
-        msg = (
-            f"{where}: the file is not an SQLite database ({describe(exc)}). Pass the path of "
-            f"the database file (is it the right file?), or move this one aside to have a new, "
-            f"empty database created there."
-        )
-        return for_good(sqlite3.DatabaseError(msg))
-    if error != "SQLITE_CANTOPEN":
-        return None
-    if file.is_dir():
-        example = str(file / "app.db")
-        msg = (
-            f"{where}: it is a directory, not a file ({describe(exc)}). Pass the path of the "
-            f"database file, e.g. {example!r}."
-        )
-    elif not file.parent.is_dir():
-        fix = (
-            "create it, or pass create_dirs=True (the default) to have it created at startup."
-            if not create_dirs
-            else "is a part of it a file?"
-        )
-        msg = f"{where}: its directory {str(file.parent)!r} does not exist ({describe(exc)}): {fix}"
-    elif path.startswith("file:") and not file.exists():
-        msg = (
-            f"{where}: the file {str(file)!r} does not exist, and the URI's mode= does not let "
-            f"SQLite create it ({describe(exc)}). Pass the path of an existing database, or "
-            f"drop mode= (or use mode=rwc) to have it created."
-        )
-    else:
-        msg = (
-            f"{where} ({describe(exc)}). Check that the app's user may read and write the "
-            f"file and its directory (SQLite creates {file.name}-wal and {file.name}-shm next "
-            f"to it)."
-        )
-    return for_good(sqlite3.OperationalError(msg))
+    """`sqlite_cannot_open` for database *name*."""
+    missing = (
+        "create it, or pass create_dirs=True (the default) to have it created at startup."
+        if not create_dirs
+        else "is a part of it a file?"
+    )
+    return sqlite_cannot_open(f"Database {name!r}", path, file, exc, missing_dir=missing, wal=wal)
 
 
 _SYNCHRONOUS: tuple[Synchronous, ...] = ("OFF", "NORMAL", "FULL", "EXTRA")

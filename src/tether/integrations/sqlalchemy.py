@@ -146,6 +146,7 @@ from ._common import (
     saturation,
     shut_down_socket,
     sqlite_busy,
+    sqlite_cannot_open,
     sqlstates,
     still_in_use,
     terminate_backend,
@@ -2007,6 +2008,21 @@ def _same_sqlite_file(eng: Engine) -> None:
         raise RuntimeError(f"{problem}.")
 
 
+def _sqlite_path_error(name: str, u: URL, exc: BaseException) -> Exception | None:
+    """For an SQLite URL whose path cannot be a database (a directory, a file of something
+    else, a directory missing), the error saying so, marked as a mistake no retry mends; it
+    read as a server that cannot be reached ("check that the database runs and is
+    reachable", retries=, connect_timeout=: trial 30). None for another failure."""
+    path = u.database
+    if u.get_backend_name() != "sqlite" or not path or _is_memory_sqlite(u):
+        return None
+    if path.startswith("file:"):
+        return None  # a URI, opened as given
+    orig = getattr(exc, "orig", None) or exc
+    missing = "create it (SQLAlchemy creates the database file, not its directory)."
+    return sqlite_cannot_open(f"Engine {name!r}", path, Path(path), orig, missing_dir=missing)
+
+
 def _check_pool_numbers(
     where: str,
     pool_size: object,
@@ -2333,7 +2349,7 @@ def engine(
             server_max: tuple[int | None, str | None] = (None, None)
             try:
                 async with eng.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                    await conn.execute(_check_query(eng.sync_engine))  # (an SQLite file: read)
                     if _wants_budget(u, pgbouncer, budget, name):
                         server_max = await read_budget(
                             name, budget, functools.partial(_first_row, conn), conn.rollback
@@ -2341,7 +2357,7 @@ def engine(
             except Exception as exc:
                 if isinstance(exc, sa_exc.ArgumentError):  # an option's value: a mistake
                     for_good(exc)
-                failure = _open_failure(info, exc)
+                failure = _sqlite_path_error(name, u, exc) or _open_failure(info, exc)
                 if failure is None:
                     raise
                 raise failure from exc
@@ -3370,13 +3386,13 @@ def sync_engine(
             server_max: tuple[int | None, str | None] = (None, None)
             try:
                 with eng.connect() as conn:
-                    conn.execute(text("SELECT 1"))
+                    conn.execute(_check_query(eng))  # (an SQLite file: read)
                     if _wants_budget(u, pgbouncer, budget, name):
                         server_max = _read_budget_sync(conn, name, budget)
             except Exception as exc:
                 if isinstance(exc, sa_exc.ArgumentError):  # an option's value: a mistake
                     for_good(exc)
-                failure = _open_failure(info, exc)
+                failure = _sqlite_path_error(name, u, exc) or _open_failure(info, exc)
                 if failure is None:
                     raise
                 raise failure from exc

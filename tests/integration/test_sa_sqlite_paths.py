@@ -1,0 +1,80 @@
+"""SQLAlchemy on an SQLite path that cannot be a database: the app does not start, and the
+error says what is wrong with the path and how to fix it, as the aiosqlite integration's do,
+with no retry (no retry mends it).
+
+Before (trial 30), each read as a server that cannot be reached: "cannot connect to
+sqlite+aiosqlite:///...: OperationalError: unable to open database file. Retry shortly; if it
+persists, check that the database runs and is reachable ... give 'engine' retries= or a longer
+connect_timeout=", and `retries=` retried it; a file of something else (a few bytes of text)
+even started, its `SELECT 1` reading nothing of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import tether
+from tether.integrations import sqlalchemy as tsa
+
+pytestmark = pytest.mark.anyio
+
+NO_RETRY = (
+    " The resources already open were closed. Fix the cause above: a mistake in the "
+    "configuration or the code, which no retry mends."
+)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+@pytest.mark.parametrize("case", ["missing_directory", "directory", "not_a_database"])
+async def test_a_path_that_cannot_be_a_database_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool, case: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if case == "missing_directory":
+        path = "data/sub/app.db"
+        said = (
+            f"OperationalError: Engine 'engine': cannot open {path!r}: its directory "
+            f"'data/sub' does not exist (OperationalError: unable to open database file): "
+            f"create it (SQLAlchemy creates the database file, not its directory)."
+        )
+    elif case == "directory":
+        path = "data"
+        Path(path).mkdir()
+        said = (
+            f"OperationalError: Engine 'engine': cannot open {path!r}: it is a directory, not "
+            f"a file (OperationalError: unable to open database file). Pass the path of the "
+            f"database file, e.g. 'data/app.db'."
+        )
+    else:
+        path = "notes.txt"
+        Path(path).write_text("hello\n")
+        said = (
+            f"DatabaseError: Engine 'engine': cannot open {path!r}: the file is not an SQLite "
+            f"database (DatabaseError: file is not a database). Pass the path of the database "
+            f"file (is it the right file?), or move this one aside to have a new, empty "
+            f"database created there."
+        )
+    lc = tether.Lifecycle()
+    if sync:
+        tsa.sync_engine(lc, f"sqlite:///{path}", retries=3, backoff=5)
+    else:
+        tsa.engine(lc, f"sqlite+aiosqlite:///{path}", retries=3, backoff=5)
+    before = set(threading.enumerate())
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    # aiosqlite stops the thread of a connection that failed to open without waiting for it
+    # (omnilib/aiosqlite#389): its end must reach this loop before the test closes it.
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.endswith("(_connection_worker_thread)"):
+            await anyio.to_thread.run_sync(thread.join, 10)
+    # No retry: three of them, 5 s apart, would have the test time out first.
+    assert str(caught.value) == f"App resource 'engine' failed to open: {said}{NO_RETRY}"
+    if case == "not_a_database":
+        assert Path(path).read_text() == "hello\n"  # left as it was
+    assert not Path("data/sub").exists()  # nothing made

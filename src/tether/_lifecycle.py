@@ -1036,6 +1036,18 @@ class Lifecycle:
                 f"runs a lifespan, wrap the client in `async with lc.lifespan(app):`; "
                 f"elsewhere, `async with lc.run():`."
             )
+        elif self.state is State.STARTING:
+            # Code an app resource runs as it opens (a consumer's loop, started before its
+            # `yield`) asked for one opening beside it: it said to start the app scope, which
+            # was starting (trial 31, the docs' own consumer).
+            msg = (
+                f"App resource {res.name!r} is not open yet: the app scope is starting, and "
+                f"app resources that do not depend on each other open at the same time. An app "
+                f"resource whose code uses {res.name!r} as it opens (a task it starts before "
+                f"its `yield`: a consumer's loop), directly or through a request resource made "
+                f"from it, must depend on it: take it as a parameter of its factory "
+                f"(`{res.name}: ...`), so that it opens first, and closes after."
+            )
         else:
             msg = (
                 f"App resource {res.name!r} is not open: the app scope is "

@@ -316,3 +316,74 @@ async def test_a_consumer_in_a_task_group_outlives_an_outage_and_a_crash_is_seen
             while not broken(lc):
                 await anyio.sleep(0.01)
         assert broken(lc) == ["consumer"]  # /health/live answers 503 naming it
+
+
+def consuming_app(*, depends: bool) -> tuple[tether.Lifecycle, list[str], anyio.Event]:
+    """A pool that opens only once the consumer's loop has asked for a connection of it, and
+    a consumer (taking the pool as a parameter, if *depends*) whose loop asks as it opens."""
+    lc = tether.Lifecycle()
+    asked = anyio.Event()
+    got: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        with anyio.move_on_after(0.5):  # (opened first, it waits in vain)
+            await asked.wait()
+        yield "pool"
+
+    @lc.resource
+    async def conn(pool: str) -> str:
+        return f"conn of {pool}"
+
+    async def loop() -> None:
+        try:
+            async with lc.scope("consume message") as s:
+                got.append(await s.get(conn))
+        finally:
+            asked.set()
+
+    async def consume() -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            yield
+            tg.cancel_scope.cancel()
+
+    if depends:
+
+        @lc.resource(scope="app")
+        async def consumer(pool: str) -> AsyncIterator[None]:
+            async for _ in consume():
+                yield
+
+    else:
+
+        @lc.resource(scope="app")
+        async def consumer() -> AsyncIterator[None]:  # type: ignore[no-redef]
+            async for _ in consume():
+                yield
+
+    return lc, got, asked
+
+
+async def test_a_consumer_using_a_pool_it_does_not_depend_on_is_told_to_depend_on_it() -> None:
+    """The docs' consumer asked for a connection of a pool it did not take as a parameter:
+    both open at once, and with a message waiting at boot its loop asked while the pool
+    still opened. The app failed to start, told to start the app scope with
+    `FastAPI(lifespan=lc.lifespan)`, which was starting (trial 31). It is told to take the
+    pool as a parameter; taking it, the consumer runs."""
+    lc, got, _ = consuming_app(depends=False)
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    assert str(caught.value).startswith(
+        "App resource 'consumer' failed to open: ScopeError: App resource 'pool' is not open "
+        "yet: the app scope is starting, and app resources that do not depend on each other "
+        "open at the same time. An app resource whose code uses 'pool' as it opens (a task it "
+        "starts before its `yield`: a consumer's loop), directly or through a request "
+        "resource made from it, must depend on it: take it as a parameter of its factory "
+        "(`pool: ...`), so that it opens first, and closes after."
+    ), str(caught.value)
+    lc, got, asked = consuming_app(depends=True)
+    async with lc.run():
+        await asked.wait()
+    assert got == ["conn of pool"]

@@ -574,7 +574,7 @@ async def test_deferred_read_then_write_after_another_commit_is_a_503(tmp_path: 
         assert time.monotonic() - started < 3  # at once, not after busy_timeout (5 s)
     assert response.status_code == 503
     assert response.json()["detail"] == (
-        f"Pool 'database' (size 32, in use 1) could not give a connection: another writer "
+        f"Pool 'database' (size 32, in use 1) could not write: another writer "
         f"committed to {str(path)!r} after this unit of work first read it, so it cannot "
         f"write from that read (OperationalError: database is locked: SQLITE_BUSY_SNAPSHOT, "
         f"refused at once); nothing was written. For endpoints that read, then write, declare "
@@ -665,6 +665,41 @@ async def test_readers_keep_their_slots_while_writers_wait_for_the_write_lock(
         done = await asyncio.gather(first, *burst)
     assert [r.status_code for r in done] == [200] * 11
     assert len(rows(path)) == 11
+
+
+@pytest.mark.anyio
+async def test_a_commit_a_reader_blocks_past_busy_timeout_says_the_commit_failed(
+    tmp_path: Path,
+) -> None:
+    """A rollback journal: another process's read transaction blocks the writer's COMMIT.
+    The 503 said the pool "could not give a connection", of a unit that had its connection
+    and wrote with it (trial 30)."""
+    path = tmp_path / "app.db"
+    app, lc, db = make(path, wal=False, busy_timeout=0.3)
+    writer = tsqlite.connection(lc, db, name="writer", begin="immediate")
+
+    @app.post("/write")
+    async def write(c: Annotated[Conn, Depends(writer)]) -> str:
+        await c.execute("INSERT INTO authors (name) VALUES ('w')")
+        return "ok"
+
+    async with running(app) as client:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN")
+            other.execute("SELECT * FROM authors").fetchall()  # a read lock, held
+            r = await client.post("/write")
+        finally:
+            other.close()
+        assert (await client.post("/write")).status_code == 200
+    assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
+    assert r.json()["detail"].startswith(
+        f"Pool 'database' (size 32, in use 1) could not commit: the database {str(path)!r} is "
+        f"locked by another connection, a writer or, with wal=False (a rollback journal), a "
+        f"reader in a transaction (COMMIT; OperationalError: database is locked; "
+        f"busy_timeout=0.3 s); nothing was written."
+    ), r.json()["detail"]
+    assert rows(path) == [(1, "w")]
 
 
 @pytest.mark.anyio
@@ -855,6 +890,12 @@ def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
         tsqlite.connection(lc, db, wal=False)
     with pytest.raises(ValueError, match="begin='later'"):
         tsqlite.connection(lc, db, begin="later")  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as caught:
+        tsqlite.database(lc, tmp_path / "y.db", name="y", busy_timout=2)  # type: ignore[call-arg]
+    assert str(caught.value) == (  # Python's bare "unexpected keyword argument" (trial 30)
+        "busy_timout= (did you mean busy_timeout=?) is not an option of "
+        "tether.integrations.aiosqlite.database(). Fix or remove it."
+    )
 
 
 # ------------------------------------------------------------- the reference service (tether.demo)

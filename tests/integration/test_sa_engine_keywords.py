@@ -339,3 +339,19 @@ def test_two_sessions_named_alike_are_refused_naming_the_sessions_name() -> None
         "both named 'session' by default)."
     )
     tsa.sync_session(lc, sync_engine, name="sync_session")  # the fix it names
+
+
+@pytest.mark.parametrize("option", ["busy_timeout", "timeout"])
+@pytest.mark.parametrize("fn", ["engine", "sync_engine"])
+def test_sqlite_s_busy_timeout_given_as_an_option_names_the_driver_s(fn: str, option: str) -> None:
+    """`busy_timeout=` (the aiosqlite integration's option) on an SQLite engine was "did you
+    mean pool_timeout=?", which bounds another wait (trial 30)."""
+    url = "sqlite+aiosqlite:///x.db" if fn == "engine" else "sqlite:///x.db"
+    with pytest.raises(TypeError) as caught:
+        getattr(tsa, fn)(tether.Lifecycle(), url, **{option: 5})
+    assert str(caught.value) == (
+        f"Engine 'engine': {option}= is not an option of {fn}(): SQLite's busy timeout (how "
+        f"long a statement waits for a lock another connection holds) is the driver's, "
+        f"connect_args={{'timeout': 5}} (in seconds: 5 by default). pool_timeout= bounds the "
+        f"wait for one of the pool's connections."
+    )

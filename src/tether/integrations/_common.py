@@ -1379,6 +1379,7 @@ def unavailable(
     refused: str | None = None,
     unreachable: bool = False,
     advice: str | None = None,
+    failed: str = "could not give a connection",
 ) -> ResourceUnavailable:
     """A :class:`ResourceUnavailable` naming the pool and its state; passwords redacted.
 
@@ -1386,7 +1387,8 @@ def unavailable(
     the SQLSTATE of a server that refused the credentials or the database, which no retry
     mends. *unreachable*: the backend could not be reached, which the pool's size has
     nothing to do with. *advice*: what to do, where the pool's size is not the point (empty:
-    *cause* says it).
+    *cause* says it). *failed*: what the pool could not do (a connection already given, its
+    ``COMMIT``: "could not commit").
     """
     state = []
     if size is not None:
@@ -1399,7 +1401,7 @@ def unavailable(
     reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
     if advice is None:
         advice = _advice(cause, backend, refused=refused, unreachable=unreachable)
-    msg = redact(f"Pool {name!r}{shown} could not give a connection: {reason}. {advice}".rstrip())
+    msg = redact(f"Pool {name!r}{shown} {failed}: {reason}. {advice}".rstrip())
     error = ResourceUnavailable(
         msg, resource=name, retry_after=retry_after, lost=lost, timed_out=timed_out
     )

@@ -71,7 +71,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Never, cast
 from urllib.parse import parse_qs, unquote
 
 import anyio
@@ -93,6 +93,7 @@ from .._errors import (
     closest,
     describe,
     for_good,
+    not_options,
 )
 from .._resource import Resource
 from .._stats import PoolStats
@@ -341,6 +342,15 @@ class Database:
                     else self._lock_advice()
                 ),
                 timed_out=code != SQLITE_BUSY_SNAPSHOT,  # SQLite's wait of busy_timeout
+                # The unit had its connection: its COMMIT, or a write, failed (it read
+                # "could not give a connection": trial 30).
+                failed=(
+                    "could not commit"
+                    if during == "COMMIT"
+                    else "could not write"
+                    if during.startswith("a statement")
+                    else "could not give a connection"
+                ),
             )
         )
 
@@ -452,6 +462,7 @@ def database(
     max_connections: int = 32,
     create_dirs: bool = True,
     check: bool | Check = True,
+    **unknown: Never,  # a misspelt option: refused naming the one meant
 ) -> Resource[Database]:
     """Register the app resource for an SQLite database file; return it.
 
@@ -470,6 +481,8 @@ def database(
         check: ``True`` reads the file (``PRAGMA schema_version``) on a new connection as
             the health check.
     """
+    if unknown:
+        raise not_options("tether.integrations.aiosqlite.database()", unknown, database)
     if not callable(path):
         _check_path(path, name)
     where = f"database({name!r})"

@@ -2139,6 +2139,16 @@ def _kwargs_refused(
     own = engine if is_async else sync_engine
     known = _engine_kwarg_names(u, options, is_async=is_async) | keyword_names(own)
     known -= {"lc", "url"}
+    busy = [k for k in unknown if "busy" in k or k == "timeout"]
+    if u.get_backend_name() == "sqlite" and busy:
+        # The aiosqlite integration's busy_timeout=: not pool_timeout=, its close match.
+        msg = (
+            f"Engine {name!r}: {busy[0]}= is not an option of {fn}(): SQLite's busy timeout "
+            f"(how long a statement waits for a lock another connection holds) is the "
+            f"driver's, connect_args={{'timeout': 5}} (in seconds: 5 by default). "
+            f"pool_timeout= bounds the wait for one of the pool's connections."
+        )
+        return TypeError(msg)
     listed, verb, them = unknown_keywords(unknown, known)
     msg = (
         f"Engine {name!r}: {listed} {verb} of {fn}() nor of {made_by}() for "

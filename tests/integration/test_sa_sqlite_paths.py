@@ -78,3 +78,32 @@ async def test_a_path_that_cannot_be_a_database_says_why(
     if case == "not_a_database":
         assert Path(path).read_text() == "hello\n"  # left as it was
     assert not Path("data/sub").exists()  # nothing made
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:", "file"])
+async def test_an_in_memory_database_says_what_its_units_of_work_share(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request answered 201 whose write another request's failure rolled back, on
+    `:memory:`, with nothing in the log (trial 30): its engine says, as it opens, what the
+    units of work share. A file says nothing."""
+    in_memory = url != "file"
+    if not in_memory:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    lc = tether.Lifecycle()
+    tsa.engine(lc, url)
+    with caplog.at_level("WARNING", logger="tether"):
+        async with lc.run():
+            pass
+    said = [r.getMessage() for r in caplog.records if "in-memory" in r.getMessage()]
+    if not in_memory:
+        assert said == []
+    else:
+        assert said == [
+            "tether: engine 'engine' is an in-memory SQLite database: one connection, whose "
+            "one transaction the units of work that run at the same time share, so one that "
+            "fails rolls back the writes of the others (answered 2xx), or has its own "
+            "committed by another. Fine for a test that sends one request at a time; where "
+            "requests run at once, use a file (sqlite+aiosqlite:///./app.db), or "
+            "rolled_back(session) in tests, which serialises them."
+        ]

@@ -2008,6 +2008,24 @@ def _same_sqlite_file(eng: Engine) -> None:
         raise RuntimeError(f"{problem}.")
 
 
+def _said_in_memory(u: URL, name: str, options: Mapping[str, Any]) -> None:
+    """Say, as the engine opens, what an in-memory SQLite database shares: its one connection
+    (`StaticPool`, tether's choice) has one transaction, which units of work that run at once
+    share, so one that fails rolls back the others' writes after their 2xx, in silence
+    (trial 30). The aiosqlite integration refuses ``:memory:``; here a test's one request at a
+    time is a common, safe use."""
+    if _is_memory_sqlite(u) and options.get("poolclass") is StaticPool:
+        log.warning(
+            "tether: engine %r is an in-memory SQLite database: one connection, whose one "
+            "transaction the units of work that run at the same time share, so one that fails "
+            "rolls back the writes of the others (answered 2xx), or has its own committed by "
+            "another. Fine for a test that sends one request at a time; where requests run at "
+            "once, use a file (sqlite+aiosqlite:///./app.db), or rolled_back(session) in tests, "
+            "which serialises them.",
+            name,
+        )
+
+
 def _sqlite_path_error(name: str, u: URL, exc: BaseException) -> Exception | None:
     """For an SQLite URL whose path cannot be a database (a directory, a file of something
     else, a directory missing), the error saying so, marked as a mistake no retry mends; it
@@ -2380,6 +2398,7 @@ def engine(
         _note_sqlite_file(eng.sync_engine, u)
         info.engine = eng.sync_engine
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
+        _said_in_memory(u, name, options)
         try:
             yield eng
         finally:
@@ -3414,6 +3433,7 @@ def sync_engine(
         _note_sqlite_file(eng, u)
         info.engine = eng
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
+        _said_in_memory(u, name, options)
         try:
             yield eng
         finally:

@@ -323,9 +323,19 @@ def _left_open(units: set[Unit]) -> str:
     return (
         f"; left open by a task that has ended: "
         f"{', '.join(sorted(u.label for u in units)[:10])} (an `lc.scope()` entered by hand, "
-        f"its `__aenter__` with no `__aexit__`): nothing runs in it to cancel, and what it "
-        f"holds stays taken until the app resources close; exit every `lc.scope()` (`async "
-        f"with lc.scope() as s:`)"
+        f"its `__aenter__` with no `__aexit__`): nothing runs in it to wait for or cancel, so "
+        f"what it holds is closed now, rolled back; exit every `lc.scope()` (`async with "
+        f"lc.scope() as s:`)"
+    )
+
+
+def _abandoned_error(unit: Unit) -> ScopeError:
+    """What an abandoned unit of work's values are closed with at shutdown: an error, so
+    that they roll back (its work was never finished)."""
+    return ScopeError(
+        f"Unit of work {unit.label!r} was left open by a task that has ended (an "
+        f"`lc.scope()` entered by hand, its `__aenter__` with no `__aexit__`): closed at "
+        f"shutdown, rolled back."
     )
 
 
@@ -1678,6 +1688,8 @@ class Lifecycle:
                     with anyio.move_on_after(0.05):
                         await self._drained.wait()
                     self._note_drained(waited)
+                    if self._units and self._units <= self._abandoned():
+                        break  # nothing runs in them to end them (it waited drain_timeout)
             self._note_drained(waited)
             if self._units:
                 # Cancelled, so that they roll back and give their connections back while
@@ -1691,18 +1703,33 @@ class Lifecycle:
                 )
                 cancelled = self._cancel_units()
                 left = [u for u in self._units if u not in cancelled and u not in abandoned]
-                log.warning(
-                    "tether: %d units of work still in flight after drain_timeout=%g s, "
-                    "cancelled: %s%s%s",
-                    len(self._units),
-                    self.drain_timeout,
-                    ", ".join(sorted(u.label for u in cancelled)[:10]) or "none",
-                    self._not_cancelled(left),
-                    _left_open(abandoned),
-                )
-                if cancelled or left:  # (nothing runs in an abandoned one to end it)
+                if cancelled or left:
+                    log.warning(
+                        "tether: %d units of work still in flight after drain_timeout=%g s, "
+                        "cancelled: %s%s%s",
+                        len(self._units),
+                        self.drain_timeout,
+                        ", ".join(sorted(u.label for u in cancelled)[:10]) or "none",
+                        self._not_cancelled(left),
+                        _left_open(abandoned),
+                    )
                     with anyio.move_on_after(self.close_timeout):
                         await self._drained.wait()
+                else:
+                    log.warning(
+                        "tether: %d units of work in flight at shutdown, none to wait for%s",
+                        len(abandoned),
+                        _left_open(abandoned),
+                    )
+                # Nothing runs in an abandoned one: its values are closed here, rolled back,
+                # while the pools are open (at the loop's end, its generator's and theirs
+                # were closed at once by asyncio, "athrow(): asynchronous generator is
+                # already running": trial 30).
+                for unit in sorted(abandoned, key=lambda u: u.started):
+                    if unit in self._units:
+                        with anyio.CancelScope(shield=True):
+                            await unit.aclose(_abandoned_error(unit))
+                        self._retire(unit)
         _end_leak_windows(self, time.perf_counter(), every=True)
         await self._stop_opening()
         closing = [slot.res.name for slot in reversed(self._app_slots) if slot.entry is not None]

@@ -154,11 +154,12 @@ def _assert_not_cancelled(
         )
         timeouts = sorted({c.drain_timeout for c in cancelled})
         drain = ", ".join(f"drain_timeout={t:g} s" for t in timeouts)
-        ended = (
-            f"cancelled after {drain}"
-            if not any(c.abandoned for c in cancelled)
-            else f"past {drain}"
-        )
+        if not any(c.abandoned for c in cancelled):
+            ended = f"cancelled after {drain}"
+        elif all(c.abandoned for c in cancelled):
+            ended = "with nothing running in it"  # (not waited for: closed, rolled back)
+        else:
+            ended = f"past {drain}"
         msg = (
             f"tether: {count} of {lc!r} still in flight when its app scope shut down, "
             f"{ended}:{listed}\n{_HINT}"
@@ -169,7 +170,7 @@ def _assert_not_cancelled(
 #: For a unit of work left open by a task that has ended, which no drain could cancel.
 _ABANDONED = (
     ", left open by a task that has ended (an `lc.scope()` entered by hand: `__aenter__` "
-    "with no `__aexit__`), so not cancelled"
+    "with no `__aexit__`), so closed by the shutdown, rolled back"
 )
 
 

@@ -362,18 +362,27 @@ def test_a_misspelt_health_router_option_names_the_one_meant() -> None:
         tether.fastapi.health_router(tether.Lifecycle(), prefx="/probes")
 
 
+@pytest.mark.tether_unchecked  # (the plugin reports the unit left open: tested there)
 async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`lc.scope()` entered by hand in a task that then ends: the drain cannot cancel it, and
-    says why, and does not wait close_timeout for it (nothing runs in it to end it). Before,
-    the warning said "not cancelled (no asyncio task to cancel, as on trio)" on asyncio, and
-    the shutdown waited close_timeout all the same."""
-    lc = tether.Lifecycle(drain_timeout=0.1, close_timeout=5)
+    says why, and waits for it neither drain_timeout nor close_timeout (nothing runs in it to
+    end it); its values are closed, rolled back, while the pools are open. Before, the
+    warning said "not cancelled (no asyncio task to cancel, as on trio)" on asyncio, and the
+    shutdown waited close_timeout all the same; then it waited drain_timeout, and left the
+    values to asyncio's end of the loop ("athrow(): asynchronous generator is already
+    running", trial 30)."""
+    lc = tether.Lifecycle(drain_timeout=30, close_timeout=5)
+    closed_with: list[str] = []
 
     @lc.resource
     async def conn() -> AsyncIterator[int]:
-        yield 1
+        try:
+            yield 1
+        except Exception as exc:
+            closed_with.append(str(exc))  # rolled back
+            raise
 
     kept: list[Any] = []
 
@@ -387,14 +396,18 @@ async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
             await asyncio.ensure_future(enter())  # its task ends; the block is never left
             stopping = time.monotonic()
         took = time.monotonic() - stopping
-    assert took < 2.5, took  # the drain (0.1 s), not close_timeout (5 s)
-    warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
+    assert took < 2.5, took  # neither drain_timeout (30 s) nor close_timeout (5 s)
+    warnings = [r.getMessage() for r in caplog.records if "in flight" in r.getMessage()]
     assert warnings == [
-        "tether: 1 units of work still in flight after drain_timeout=0.1 s, cancelled: none; "
-        "left open by a task that has ended: by hand (an `lc.scope()` entered by hand, its "
-        "`__aenter__` with no `__aexit__`): nothing runs in it to cancel, and what it holds "
-        "stays taken until the app resources close; exit every `lc.scope()` (`async with "
-        "lc.scope() as s:`)"
+        "tether: 1 units of work in flight at shutdown, none to wait for; left open by a task "
+        "that has ended: by hand (an `lc.scope()` entered by hand, its `__aenter__` with no "
+        "`__aexit__`): nothing runs in it to wait for or cancel, so what it holds is closed "
+        "now, rolled back; exit every `lc.scope()` (`async with lc.scope() as s:`)"
+    ]
+    assert closed_with == [
+        "Unit of work 'by hand' was left open by a task that has ended (an `lc.scope()` "
+        "entered by hand, its `__aenter__` with no `__aexit__`): closed at shutdown, rolled "
+        "back."
     ]
 
 

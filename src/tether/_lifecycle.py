@@ -2806,9 +2806,19 @@ _MISCONFIGURED = (ValueError, TypeError, KeyError, ImportError, AttributeError, 
 _ANSWERED = (json.JSONDecodeError, UnicodeError)
 
 
+#: SQLite's errors that no retry mends, by their primary result code (``sqlite_errorname``,
+#: Python 3.11+): a read-only file written to, a file that is not a database. Not
+#: SQLITE_CANTOPEN: a volume mounted late may mend it.
+_SQLITE_FOR_GOOD = ("SQLITE_READONLY", "SQLITE_NOTADB")
+
+
 def _misconfigured(exc: BaseException) -> bool:
     if marked_for_good(exc):  # tether's own refusal of what it was given to open
         return True
+    for error in (exc, getattr(exc, "orig", None)):  # (SQLAlchemy's wraps the driver's)
+        code = getattr(error, "sqlite_errorname", None)
+        if isinstance(code, str) and code.startswith(_SQLITE_FOR_GOOD):
+            return True  # it advised retries= or a longer timeout= (trial 30)
     return isinstance(exc, _MISCONFIGURED) and not isinstance(exc, _ANSWERED)
 
 

@@ -7,7 +7,8 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -833,3 +834,32 @@ async def test_a_function_returning_a_coroutine_is_refused(thread: bool) -> None
         with pytest.raises(TypeError) as refused:
             client.get("/")
     assert str(refused.value) == COROUTINE_VALUE
+
+
+async def test_an_sqlite_error_no_retry_mends_is_not_retried(tmp_path: Path) -> None:
+    """An app resource of the app's own writing to a read-only SQLite database (a volume
+    mounted read-only): the StartupError advised `retries=` or a longer `timeout=`, and
+    retries= retried it (trial 30)."""
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    sqlite3.connect(path).close()
+    lc = tether.Lifecycle()
+    attempts: list[int] = []
+
+    @lc.resource(scope="app", retries=2, backoff=5)
+    def schema() -> None:
+        attempts.append(1)
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            conn.execute("CREATE TABLE t (x INTEGER)")
+
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    assert str(caught.value) == (
+        "App resource 'schema' failed to open: OperationalError: attempt to write a readonly "
+        "database. The resources already open were closed. It was not retried (retries=2). "
+        "Fix the cause above: a mistake in the configuration or the code, which no retry "
+        "mends."
+    )
+    assert attempts == [1]

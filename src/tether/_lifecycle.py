@@ -231,7 +231,7 @@ class _AppSlot:
         self.up = anyio.Event()  # set once open (late, for one that was down)
         self.settled = anyio.Event()  # set once it stopped trying: open, failed or stopped
         # Fired when the app scope stops waiting for an open still running in a thread.
-        self.stop = OpenStop()
+        self.stop = OpenStop(res)
         self.release = anyio.Event()
         self.closed = anyio.Event()
         # The slots whose resources use this one, and set once this one no longer uses its
@@ -1050,14 +1050,32 @@ class Lifecycle:
             # Code an app resource runs as it opens (a consumer's loop, started before its
             # `yield`) asked for one opening beside it: it said to start the app scope, which
             # was starting (trial 31, the docs' own consumer).
-            msg = (
-                f"App resource {res.name!r} is not open yet: the app scope is starting, and "
-                f"app resources that do not depend on each other open at the same time. An app "
-                f"resource whose code uses {res.name!r} as it opens (a task it starts before "
-                f"its `yield`: a consumer's loop), directly or through a request resource made "
-                f"from it, must depend on it: take it as a parameter of its factory "
-                f"(`{res.name}: ...`), so that it opens first, and closes after."
-            )
+            stop = OPEN_STOP.get()
+            asker = stop.res if stop is not None else None
+            if asker is not None and (asker is res or asker in self._graph_closure(res)):
+                # ... or for itself, or for one that depends on it: no dependency mends it.
+                msg = (
+                    f"App resource {res.name!r} is not open yet: "
+                    + (
+                        "it is the resource whose code asks for it, which has not yielded "
+                        "its value yet."
+                        if asker is res
+                        else f"it depends on {asker.name!r}, whose code asks for it as "
+                        f"{asker.name!r} opens, so it opens after."
+                    )
+                    + " Use it only once the app has started (after the lifespan's startup), "
+                    "or give the task the value it needs."
+                )
+            else:
+                msg = (
+                    f"App resource {res.name!r} is not open yet: the app scope is starting, "
+                    f"and app resources that do not depend on each other open at the same "
+                    f"time. An app resource whose code uses {res.name!r} as it opens (a task "
+                    f"it starts before its `yield`: a consumer's loop), directly or through a "
+                    f"request resource made from it, must depend on it: take it as a "
+                    f"parameter of its factory (`{res.name}: ...`), so that it opens first, "
+                    f"and closes after."
+                )
         else:
             msg = (
                 f"App resource {res.name!r} is not open: the app scope is "
@@ -1065,6 +1083,17 @@ class Lifecycle:
                 f"(and `with TestClient(app):` in tests) or `async with lc.run():`."
             )
         raise ScopeError(msg)
+
+    def _graph_closure(self, res: Resource[Any]) -> set[Resource[Any]]:
+        """Every resource *res* depends on, directly or not (overrides followed)."""
+        found: set[Resource[Any]] = set()
+        stack = list(self._overrides.get(res, res).deps)
+        while stack:
+            dep = stack.pop()
+            if dep not in found:
+                found.add(dep)
+                stack.extend(self._overrides.get(dep, dep).deps)
+        return found
 
     def get(self, resource: Resource[T]) -> T:
         """The value of an open app resource (for code outside a unit of work)."""
@@ -1330,7 +1359,11 @@ class Lifecycle:
                 try:
                     opened = await self._open_slot(slot, target, slots)
                 except Exception as exc:
-                    slot.error = exc
+                    # A task group's group of one (a task the factory started before its
+                    # `yield` failed): what failed, named ("ExceptionGroup: unhandled errors in
+                    # a TaskGroup (1 sub-exception)" said nothing: trial 33).
+                    one = _one(exc)
+                    slot.error = one if isinstance(one, Exception) else exc
                     res.counters.open_errors += 1
                     failed.set()
             finally:
@@ -2445,6 +2478,12 @@ class AsyncOnly(AbstractAsyncContextManager[T]):
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         return await self._cm.__aexit__(*exc_info)
+
+    def __call__(self, fn: Any) -> Any:
+        """As a decorator (``@lc.scope()``, ``@lc.run()``): *fn* run in a new one at each
+        call, as contextlib's own async context managers do."""
+        decorate: Any = self._cm
+        return decorate(fn)
 
     if not TYPE_CHECKING:  # (to type checkers, `with` on it stays an error)
 

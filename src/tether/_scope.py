@@ -324,9 +324,10 @@ class OpenStop:
     the open and it is still running in a thread past ``close_timeout``, `fire` ends the
     wait for the thread, which is left to finish and closes what it opens (`_Handoff`)."""
 
-    __slots__ = ("fired", "over", "wakers")
+    __slots__ = ("fired", "over", "res", "wakers")
 
-    def __init__(self) -> None:
+    def __init__(self, res: Resource[Any] | None = None) -> None:
+        self.res = res  # the app resource opening (what asks, for `_app_value`'s message)
         self.fired = False
         self.over = False  # the open is over (tasks it started keep the variable)
         self.wakers: set[Callable[[], Any]] = set()

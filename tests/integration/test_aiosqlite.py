@@ -668,6 +668,27 @@ async def test_readers_keep_their_slots_while_writers_wait_for_the_write_lock(
 
 
 @pytest.mark.anyio
+async def test_a_read_another_process_blocks_says_a_statement_not_a_write(tmp_path: Path) -> None:
+    """A `SELECT` blocked past busy_timeout by another process's exclusive lock was answered
+    "could not write ... (a statement waited for the write lock ...)" (trial 33)."""
+    path = tmp_path / "app.db"
+    _, lc, db = make(path, wal=False, busy_timeout=0.2)
+    reader = tsqlite.connection(lc, db, name="reader")
+    async with lc.run():
+        with pytest.raises(tether.ResourceUnavailable) as caught:
+            async with lc.scope() as s:
+                c = await s.get(reader)
+                with holding_the_lock(path, "BEGIN EXCLUSIVE"):
+                    await c.execute_fetchall("SELECT * FROM authors")
+    assert str(caught.value).startswith(
+        f"Pool 'database' (size 32, in use 1) could not run a statement: the database "
+        f"{str(path)!r} is locked by another connection, a writer or, with wal=False (a "
+        f"rollback journal), a reader in a transaction (a statement waited for the lock; "
+        f"OperationalError: database is locked; busy_timeout=0.2 s); nothing was written."
+    ), str(caught.value)
+
+
+@pytest.mark.anyio
 async def test_a_commit_a_reader_blocks_past_busy_timeout_says_the_commit_failed(
     tmp_path: Path,
 ) -> None:

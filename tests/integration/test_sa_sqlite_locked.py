@@ -237,3 +237,33 @@ async def test_in_wal_mode_the_advice_is_no_longer_wal_mode(tmp_path: Path) -> N
         f"busy timeout, in seconds: 5 by default)."
     )
     assert rows(path) == []
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_file_locked_as_the_app_starts_starts_all_the_same(
+    tmp_path: Path, sync: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process (a migration, a backup) holds an exclusive lock as the app boots: the
+    startup's read of the file waits for it, then the app starts all the same, and says why.
+    It failed the start, worded as a server that cannot be reached (trial 33)."""
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc, session = declare(path, sync)
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN EXCLUSIVE")
+    try:
+        async with lc.run():
+            said = [r.getMessage() for r in caplog.records if "as the app starts" in r.getMessage()]
+            assert said == [
+                f"tether: engine 'engine': the SQLite database {str(path)!r} is locked by "
+                f"another connection as the app starts (OperationalError: database is locked); "
+                f"starting all the same: units of work wait for the lock (the busy timeout), "
+                f"and are answered 503 while it lasts"
+            ]
+            raw.execute("ROLLBACK")
+            async with lc.scope() as sc:
+                s = await sc.get(session)
+                result = s.execute(text("SELECT count(*) FROM t"))
+                assert (result if sync else await result).scalar_one() == 0
+    finally:
+        raw.close()

@@ -387,3 +387,47 @@ async def test_a_consumer_using_a_pool_it_does_not_depend_on_is_told_to_depend_o
     async with lc.run():
         await asked.wait()
     assert got == ["conn of pool"]
+
+
+@pytest.mark.parametrize("case", ["depends_on_the_asker", "itself"])
+async def test_an_app_resource_asking_for_one_that_cannot_open_first_is_not_told_to_depend(
+    case: str,
+) -> None:
+    """The advice to take the resource as a parameter was given where following it makes a
+    cycle: asked for by the resource it depends on, or by itself (trial 33)."""
+    lc = tether.Lifecycle()
+
+    async def asking(name: str) -> AsyncIterator[str]:
+        async def loop() -> None:
+            lc.get(lc.resources[name])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            await anyio.sleep(0.1)  # the loop asks before the value is yielded
+            yield "b"
+            tg.cancel_scope.cancel()
+
+    @lc.resource(scope="app")
+    async def b() -> AsyncIterator[str]:
+        async for value in asking("a" if case == "depends_on_the_asker" else "b"):
+            yield value
+
+    @lc.resource(scope="app")
+    async def a(b: str) -> str:
+        return f"a of {b}"
+
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    said = str(caught.value)
+    if case == "itself":
+        assert (
+            "App resource 'b' is not open yet: it is the resource whose code asks for it, " in said
+        )
+    else:
+        assert (
+            "App resource 'a' is not open yet: it depends on 'b', whose code asks for it as 'b' "
+            "opens, so it opens after. Use it only once the app has started (after the "
+            "lifespan's startup), or give the task the value it needs."
+        ) in said, said
+    assert "take it as a parameter" not in said

@@ -351,6 +351,27 @@ def test_scope_and_run_entered_with_a_plain_with_say_how(
     assert lc.state is tether.State.CREATED  # nothing was started
 
 
+async def test_scope_and_run_still_decorate() -> None:
+    """contextlib's async context managers are decorators too: `@lc.scope()` and `@lc.run()`
+    stopped working when they got their plain-`with` message (trial 33)."""
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def thing() -> AsyncIterator[int]:
+        yield 1
+
+    @lc.scope("job")
+    async def job() -> str:
+        return "ran"
+
+    @lc.run()
+    async def main() -> list[str]:
+        return [await job(), await job()]  # a new unit of work at each call
+
+    assert await main() == ["ran", "ran"]
+    assert lc.state is tether.State.CLOSED
+
+
 def test_a_misspelt_health_router_option_names_the_one_meant() -> None:
     import tether.fastapi
 

@@ -59,6 +59,7 @@ __all__ = [
     "failed_transaction",
     "block_override",
     "terminate_backend",
+    "STOP_WITHIN",
     "RESET_SESSION",
     "SESSION_SETTINGS",
     "IN_BLOCK_RESET",
@@ -95,6 +96,7 @@ __all__ = [
     "scrub_secrets",
     "sqlite_cannot_open",
     "sqlite_error_name",
+    "server_of",
     "sqlstates",
     "unavailable",
     "unreachable",
@@ -1744,6 +1746,18 @@ def block_override(lc: Lifecycle, res: Resource[Any], replacement: Any) -> Overr
     return ov
 
 
+def server_of(info: Any) -> dict[str, str]:
+    """The server a psycopg connection reached (its ``info``), as connection parameters that
+    reach it again: host, port, and hostaddr (empty for a unix socket, so that a conninfo's
+    list of them does not outnumber the one host)."""
+    return {"host": info.host, "port": str(info.port), "hostaddr": info.hostaddr or ""}
+
+
+#: Seconds `terminate_backend` may take: its connection may be refused for a moment by a
+#: server at max_connections (what makes cancels slow), and is tried again within them.
+STOP_WITHIN = 2.0
+
+
 async def terminate_backend(
     connect: Callable[[], Awaitable[Any]], pid: int, who: str, within: float = 1.0
 ) -> None:
@@ -1758,7 +1772,18 @@ async def terminate_backend(
     other: Any = None
     try:
         async with asyncio.timeout(within):
-            other = await connect()
+            pause = 0.05
+            while True:
+                try:
+                    other = await connect()
+                    break
+                except psycopg.OperationalError as exc:
+                    if "too many clients" not in str(exc) and exc.sqlstate != "53300":
+                        raise
+                    # Full: a slot frees as the app's other units of work end (the backend
+                    # to end holds one). Tried again within the bound (trial 33).
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.4)
             async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory
                 if other.info.server_version >= 140000:
                     # Waits for the backend to exit (its transaction rolled back), not only

@@ -347,7 +347,9 @@ class Database:
                 failed=(
                     "could not commit"
                     if during == "COMMIT"
-                    else "could not write"
+                    else "could not write"  # (refused a write from an older snapshot)
+                    if code == SQLITE_BUSY_SNAPSHOT
+                    else "could not run a statement"  # (a read, or a write: not known)
                     if during.startswith("a statement")
                     else "could not give a connection"
                 ),
@@ -1077,7 +1079,7 @@ def connection(
                             raise
                         await _rollback(conn, name)
                         if sqlite_busy(exc) and not conn._tether_committed:
-                            raise db.locked(exc, "a statement waited for the write lock") from exc
+                            raise db.locked(exc, "a statement waited for the lock") from exc
                         raise
                     else:
                         if _closed_by_user(conn):

@@ -50,6 +50,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -1688,10 +1689,18 @@ async def _terminate_at(p: Any, addr: Any, pid: int) -> None:
     another of its DSN's hosts), through a connection made for it there."""
     made = getattr(p, "_connect", None)
     own_connect = getattr(made, "__wrapped__", made) is asyncpg.connect  # not the app's connect=
-    if not isinstance(addr, tuple) or not own_connect:
-        msg = f"the pool's connections are on another server than {addr!r}, its backend's"
+    if isinstance(addr, str) and ".s.PGSQL." in addr:  # a unix socket: DIR/.s.PGSQL.PORT
+        host, port = os.path.dirname(addr), int(addr.rsplit(".", 1)[1])
+    elif isinstance(addr, tuple):
+        host, port = addr[:2]
+    else:
+        own_connect = False
+    if not own_connect:
+        msg = (
+            f"the pool's connections are on another server than {addr!r}, its backend's, "
+            f"and the pool's connect= is the app's: tether cannot make one there"
+        )
         raise RuntimeError(msg)
-    host, port = addr[:2]
     other = await asyncpg.connect(
         *p._connect_args, **{**p._connect_kwargs, "host": host, "port": port}
     )

@@ -103,6 +103,7 @@ from ._common import (
     SERVER_READ_ONLY,
     SESSION_SETTINGS,
     SETTLE,
+    STOP_WITHIN,
     BudgetPolicy,
     ConnectionOf,
     Dsn,
@@ -143,6 +144,7 @@ from ._common import (
     resolve_dsn,
     saturation,
     scrub_secrets,
+    server_of,
     shut_down_socket,
     terminate_backend,
     unavailable,
@@ -596,7 +598,7 @@ def pool(
         configure = options.get("configure")
         if configure is not None:
             options["configure"] = _keeping_configured(configure, state)
-        if _several_hosts(target, connect_kwargs):
+        if not pgbouncer:  # (behind it, no backend of ours is ended: its pids are its own)
             options["configure"] = _noting_server(options.get("configure"), state)
 
         # One connection by hand first: an unreachable database fails at once, with
@@ -1526,9 +1528,6 @@ def _left_running(conn: Connection) -> bool:
     return conn.pgconn.transaction_status == TransactionStatus.ACTIVE
 
 
-#: Seconds `_end_backend` may take (a connection of its own, one statement).
-_STOP_WITHIN = 1.0
-
 #: The backends `_end_if_running` is ending, until each connection is given back, and the
 #: pool each goes back to: the pool's close waits for its own (`_ends_done`).
 _ENDING: dict[asyncio.Task[None], Any] = {}
@@ -1599,7 +1598,7 @@ async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | Non
     *server*: with a conninfo of several hosts, the one the connection reached (the first
     that answers now may be another, where the pid is another session's, or none)."""
     kwargs = {**p.kwargs, **(server or {}), "autocommit": True, "prepare_threshold": None}
-    await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), _STOP_WITHIN)
+    await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), STOP_WITHIN)
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:
@@ -1931,28 +1930,16 @@ async def _stop_waiting(p: Any, pid: int, locks: list[int], name: str) -> None:
         log.warning("tether: %r: could not end backend %d on the server (%s)", name, pid, exc)
 
 
-def _several_hosts(conninfo: str, kwargs: dict[str, Any]) -> bool:
-    """Whether *conninfo* (with *kwargs*) names several hosts, libpq's failover list."""
-    try:
-        params = conninfo_to_dict(conninfo, **kwargs)
-    except Exception:  # refused at the first connect, with libpq's reason
-        return False
-    return any("," in str(params.get(key) or "") for key in ("host", "hostaddr"))
-
-
 def _noting_server(
     configure: Callable[[Connection], Awaitable[None]] | None, state: _State
 ) -> Callable[[Connection], Awaitable[None]]:
     """The pool's ``configure`` (if any), after a note of the server each new connection
-    reached, of a conninfo of several hosts (`_end_backend`)."""
+    reached (`_end_backend`): with several hosts (in the conninfo, or libpq's ``PGHOST``, a
+    service file) the first that answers later may be another server. Once per connection."""
     servers = state.servers = weakref.WeakKeyDictionary()
 
     async def noting(conn: Connection) -> None:
-        info = conn.info
-        server = {"host": info.host, "port": str(info.port)}
-        if info.hostaddr:
-            server["hostaddr"] = info.hostaddr
-        servers[conn] = server
+        servers[conn] = server_of(conn.info)
         if configure is not None:
             await configure(conn)
 

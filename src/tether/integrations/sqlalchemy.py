@@ -111,6 +111,7 @@ from ._common import (
     SERVER_READ_ONLY,
     SESSION_SETTINGS,
     SQLITE_BUSY_SNAPSHOT,
+    STOP_WITHIN,
     BudgetPolicy,
     FileWatch,
     LoopBound,
@@ -144,6 +145,7 @@ from ._common import (
     registered,
     remember_secrets,
     saturation,
+    server_of,
     shut_down_socket,
     sqlite_busy,
     sqlite_cannot_open,
@@ -732,14 +734,11 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         with contextlib.suppress(Exception):
             driver = dbapi_connection.driver_connection
             record.info[_PID] = driver.pgconn.backend_pid
-            if any("," in str(params[1].get(key) or "") for key in ("host", "hostaddr")):
-                # Several hosts (libpq's failover list): the one it reached, where its
-                # backend is ended (the first that answers then may be another).
-                info = driver.info
-                server = {"host": info.host, "port": str(info.port)}
-                if info.hostaddr:
-                    server["hostaddr"] = info.hostaddr
-                record.info[_SERVER] = server
+            # The server it reached, where its backend is ended: with several hosts (the
+            # URL's, libpq's PGHOST, a service file) the first that answers then may be
+            # another; with async_creator= (no do_connect), its database and user too.
+            info = driver.info
+            record.info[_SERVER] = {**server_of(info), "dbname": info.dbname, "user": info.user}
 
     def invalidate(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
@@ -757,11 +756,12 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         if not running or pid is None:
             return
         cargs, cparams = params
-        if any("," in str(cparams.get(key) or "") for key in ("host", "hostaddr")):
-            server = record.info.get(_SERVER)
-            if server is None:
-                return  # not known which server: ending that pid elsewhere could end another
-            cparams = {**cparams, **server}
+        server = record.info.get(_SERVER)
+        if server is None:
+            return  # not known which server: ending that pid elsewhere could end another
+        if cargs or "conninfo" in cparams or "dbname" in cparams:
+            server = {k: v for k, v in server.items() if k not in ("dbname", "user")}
+        cparams = {**cparams, **server}
         task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
         _CANCELS.add(task)
         task.add_done_callback(_CANCELS.discard)
@@ -816,7 +816,7 @@ async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name
         await other.set_autocommit(True)
         return other
 
-    await terminate_backend(connect, pid, f"engine {name!r}", _STOP_WITHIN)
+    await terminate_backend(connect, pid, f"engine {name!r}", STOP_WITHIN)
 
 
 async def _send_cancel(request: Awaitable[Any], name: str) -> None:
@@ -2008,6 +2008,26 @@ def _same_sqlite_file(eng: Engine) -> None:
         raise RuntimeError(f"{problem}.")
 
 
+def _locked_at_startup(name: str, u: URL, exc: sa_exc.OperationalError) -> bool:
+    """Whether *exc*, of the startup's read of an SQLite file, is a lock another connection
+    holds (a migration, a backup): said, and the engine opens all the same, its units of work
+    answered 503 while it lasts, as before the startup read the file (it failed the start,
+    worded as a server that cannot be reached: trial 33)."""
+    code = getattr(exc.orig, "sqlite_errorname", None)
+    busy = code.startswith("SQLITE_BUSY") if isinstance(code, str) else False
+    if u.get_backend_name() != "sqlite" or not (busy or "database is locked" in str(exc.orig)):
+        return False
+    log.warning(
+        "tether: engine %r: the SQLite database %r is locked by another connection as the app "
+        "starts (%s); starting all the same: units of work wait for the lock (the busy "
+        "timeout), and are answered 503 while it lasts",
+        name,
+        u.database,
+        _describe_db(exc),
+    )
+    return True
+
+
 def _said_in_memory(u: URL, name: str, options: Mapping[str, Any]) -> None:
     """Say, as the engine opens, what an in-memory SQLite database shares: its one connection
     (`StaticPool`, tether's choice) has one transaction, which units of work that run at once
@@ -2377,7 +2397,11 @@ def engine(
             server_max: tuple[int | None, str | None] = (None, None)
             try:
                 async with eng.connect() as conn:
-                    await conn.execute(_check_query(eng.sync_engine))  # (an SQLite file: read)
+                    try:
+                        await conn.execute(_check_query(eng.sync_engine))  # (SQLite: read)
+                    except sa_exc.OperationalError as exc:
+                        if not _locked_at_startup(name, u, exc):
+                            raise
                     if _wants_budget(u, pgbouncer, budget, name):
                         server_max = await read_budget(
                             name, budget, functools.partial(_first_row, conn), conn.rollback
@@ -3415,7 +3439,11 @@ def sync_engine(
             server_max: tuple[int | None, str | None] = (None, None)
             try:
                 with eng.connect() as conn:
-                    conn.execute(_check_query(eng))  # (an SQLite file: read)
+                    try:
+                        conn.execute(_check_query(eng))  # (SQLite: read)
+                    except sa_exc.OperationalError as exc:
+                        if not _locked_at_startup(name, u, exc):
+                            raise
                     if _wants_budget(u, pgbouncer, budget, name):
                         server_max = _read_budget_sync(conn, name, budget)
             except Exception as exc:

@@ -175,6 +175,71 @@ async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_ba
     assert postgres.sql("SELECT k FROM slow_orders") == [(2,)]
 
 
+@pytest.fixture(scope="module")
+def small() -> Any:
+    """A server of 10 connections, filled by a test."""
+    server = Postgres(max_connections=10).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy"])
+async def test_a_salvage_given_up_on_a_full_server_still_stops_the_commit(
+    kind: str, small: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, on a server at max_connections: the connection made to end the backend is
+    refused ("too many clients"), and the COMMIT went through after the 500 (trial 33). A
+    cancel request, which needs no slot, is sent first: nothing is committed."""
+    import psycopg
+
+    import tether._scope
+
+    try_cancel = psycopg.AsyncConnection._try_cancel
+
+    async def slow_cancel(self: Any, *args: Any, **kwargs: Any) -> None:
+        await anyio.sleep(2)
+        await try_cancel(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "_try_cancel", slow_cancel)
+    monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)
+    orders_table(small)
+    name = f"slow-commit-full-{kind}"
+    app = make(kind, small.dsn, name, driver="psycopg")
+    other = await asyncpg.connect(small.dsn)
+    fillers: list[Any] = []
+    try:
+        await other.execute("BEGIN")
+        await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client,
+        ):
+            assert (await client.post("/orders/2")).status_code == 200  # the pool warm
+            with anyio.fail_after(10):
+                while True:  # every slot taken
+                    try:
+                        fillers.append(await asyncpg.connect(small.dsn))
+                    except asyncpg.TooManyConnectionsError:
+                        break
+            answer = await client.post("/orders/1")  # its COMMIT waits for k=1
+            assert answer.status_code == 500, answer.text
+            for filler in fillers:
+                await filler.close()
+            fillers.clear()
+            # The COMMIT was cancelled before the 500, though no connection could be made.
+            assert [r for r in small.activity(name) if r["query"] == "COMMIT"] == []
+        await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
+        await anyio.sleep(0.5)
+    finally:
+        for filler in fillers:
+            await filler.close()
+        await other.close()
+    assert small.sql("SELECT k FROM slow_orders") == [(2,)]
+
+
 def test_a_commit_waiting_at_sigterm_is_cancelled_before_the_process_exits(
     postgres: Postgres, tmp_path: Path
 ) -> None:

@@ -911,6 +911,13 @@ def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
         tsqlite.connection(lc, db, wal=False)
     with pytest.raises(ValueError, match="begin='later'"):
         tsqlite.connection(lc, db, begin="later")  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as refused:  # (create_dirs made a directory named '~')
+        tsqlite.database(lc, "~/notes.db", name="home")
+    assert str(refused.value) == (
+        "database('home'): '~/notes.db' begins with '~', which is not expanded to a home "
+        "directory: SQLite (and create_dirs=True) would make a directory named '~' here. Pass "
+        "the full path: os.path.expanduser('~/notes.db')."
+    )
     with pytest.raises(TypeError) as caught:
         tsqlite.database(lc, tmp_path / "y.db", name="y", busy_timout=2)  # type: ignore[call-arg]
     assert str(caught.value) == (  # Python's bare "unexpected keyword argument" (trial 30)

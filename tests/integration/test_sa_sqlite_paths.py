@@ -30,7 +30,9 @@ NO_RETRY = (
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
-@pytest.mark.parametrize("case", ["missing_directory", "directory", "not_a_database"])
+@pytest.mark.parametrize(
+    "case", ["missing_directory", "directory", "not_a_database", "tilde", "through_a_file"]
+)
 async def test_a_path_that_cannot_be_a_database_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool, case: str
 ) -> None:
@@ -49,6 +51,21 @@ async def test_a_path_that_cannot_be_a_database_says_why(
             f"OperationalError: Engine 'engine': cannot open {path!r}: it is a directory, not "
             f"a file (OperationalError: unable to open database file). Pass the path of the "
             f"database file, e.g. 'data/app.db'."
+        )
+    elif case == "tilde":  # (trial 33: it said "create the directory '~'")
+        path = "~/app.db"
+        said = (
+            f"OperationalError: Engine 'engine': cannot open {path!r}: a path that begins "
+            f"with '~' is not expanded to a home directory (OperationalError: unable to open "
+            f"database file). Pass the full path (os.path.expanduser() makes it)."
+        )
+    elif case == "through_a_file":  # (it said "its directory ... does not exist")
+        Path("data").write_text("")
+        path = "data/app.db"
+        said = (
+            f"OperationalError: Engine 'engine': cannot open {path!r}: 'data', a part of its "
+            f"path, is a file, not a directory (OperationalError: unable to open database "
+            f"file). Fix the path."
         )
     else:
         path = "notes.txt"

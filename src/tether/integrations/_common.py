@@ -1881,11 +1881,23 @@ def sqlite_cannot_open(
             f"{where}: it is a directory, not a file ({describe(exc)}). Pass the path of the "
             f"database file, e.g. {example!r}."
         )
-    elif not file.parent.is_dir():
+    elif path.startswith("~") and not file.parent.is_dir():
         msg = (
-            f"{where}: its directory {str(file.parent)!r} does not exist ({describe(exc)}): "
-            f"{missing_dir}"
+            f"{where}: a path that begins with '~' is not expanded to a home directory "
+            f"({describe(exc)}). Pass the full path (os.path.expanduser() makes it)."
         )
+    elif not file.parent.is_dir():
+        parent = next((d for d in file.parents if d.exists()), None)
+        if parent is not None and not parent.is_dir():  # a part of the path is a file
+            msg = (
+                f"{where}: {str(parent)!r}, a part of its path, is a file, not a directory "
+                f"({describe(exc)}). Fix the path."
+            )
+        else:
+            msg = (
+                f"{where}: its directory {str(file.parent)!r} does not exist "
+                f"({describe(exc)}): {missing_dir}"
+            )
     elif path.startswith("file:") and not file.exists():
         msg = (
             f"{where}: the file {str(file)!r} does not exist, and the URI's mode= does not let "

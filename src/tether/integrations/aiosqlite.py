@@ -418,6 +418,13 @@ def _check_path(raw: object, name: str) -> None:
             f"tether.integrations.sqlalchemy.engine() for a URL)."
         )
         raise ValueError(msg)
+    if text.startswith("~"):
+        msg = (
+            f"database({name!r}): {text!r} begins with '~', which is not expanded to a home "
+            f"directory: SQLite (and create_dirs=True) would make a directory named '~' here. "
+            f"Pass the full path: os.path.expanduser({text!r})."
+        )
+        raise ValueError(msg)
 
 
 def _resolve_path(path: PathLike | Callable[[], PathLike], name: str = "database") -> str:

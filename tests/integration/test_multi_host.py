@@ -65,16 +65,21 @@ async def started_on(postgres: Postgres, name: str) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy"])
+@pytest.mark.parametrize("kind", ["psycopg", "psycopg-pghost", "sqlalchemy"])
 async def test_a_query_cut_short_is_ended_on_the_server_its_connection_reached(
-    kind: str, first: Postgres, postgres: Postgres
+    kind: str, first: Postgres, postgres: Postgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg hangs up on a query an anyio scope cut short; tether ends its backend from a
-    connection of its own, made to the host the connection reached."""
+    connection of its own, made to the host the connection reached: the hosts in the
+    conninfo, or in libpq's environment (`PGHOST`, `PGPORT`: they were not seen, trial 33)."""
     name = f"multi-{uuid.uuid4().hex[:8]}"
     dsn = both(first, postgres)
     lc = tether.Lifecycle()
-    if kind == "psycopg":
+    if kind == "psycopg-pghost":
+        monkeypatch.setenv("PGHOST", "127.0.0.1,127.0.0.1")
+        monkeypatch.setenv("PGPORT", f"{first.port},{postgres.port}")
+        dsn = f"dbname=tether user={postgres.user} password=s3cret-pw"
+    if kind.startswith("psycopg"):
         pool = tpsy.pool(lc, dsn, min_size=1, max_size=2, kwargs={"application_name": name})
         conn: tether.Resource[Any] = tpsy.connection(lc, pool)
 

@@ -96,7 +96,6 @@ __all__ = [
     "scrub_secrets",
     "sqlite_cannot_open",
     "sqlite_error_name",
-    "send_cancel",
     "server_of",
     "sqlstates",
     "unavailable",
@@ -1759,29 +1758,8 @@ def server_of(info: Any) -> dict[str, str]:
 STOP_WITHIN = 2.0
 
 
-async def send_cancel(cancel: Any, who: str, within: float = 1.0) -> bool:
-    """Send a protocol cancel request for a backend (*cancel*: libpq's ``PQgetCancel`` object,
-    taken while its connection was open), in a thread (libpq's is blocking), within *within*
-    seconds: whether it was sent. It needs no connection slot of the server's (a server at
-    max_connections refuses the one `terminate_backend` makes: trial 33)."""
-    import anyio
-    import anyio.to_thread
-
-    try:
-        with anyio.fail_after(within):
-            await anyio.to_thread.run_sync(cancel.cancel, abandon_on_cancel=True)
-    except Exception as exc:
-        log.debug("tether: %s: the cancel request failed: %s", who, describe(exc))
-        return False
-    return True
-
-
 async def terminate_backend(
-    connect: Callable[[], Awaitable[Any]],
-    pid: int,
-    who: str,
-    within: float = 1.0,
-    cancel: Any = None,
+    connect: Callable[[], Awaitable[Any]], pid: int, who: str, within: float = 1.0
 ) -> None:
     """End backend *pid* on the server (``pg_terminate_backend``) from a psycopg connection of
     its own, made by *connect()* in autocommit, within *within* seconds; a failure is a
@@ -1791,9 +1769,6 @@ async def terminate_backend(
     import anyio
     import psycopg
 
-    # First the statement, by a cancel request (no slot needed): a COMMIT waiting for a lock
-    # is rolled back, and the backend ends as it next writes to the closed socket.
-    cancelled = cancel is not None and await send_cancel(cancel, who)
     other: Any = None
     try:
         async with asyncio.timeout(within):
@@ -1819,14 +1794,11 @@ async def terminate_backend(
                     await cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
     except Exception as exc:
         log.warning(
-            "tether: %s: could not end backend %d on the server (%s); %s",
+            "tether: %s: could not end backend %d on the server (%s); a query it was running "
+            "may run to its end",
             who,
             pid,
             describe(exc),
-            "its statement was cancelled (a cancel request), and it ends as it next writes "
-            "to its closed connection"
-            if cancelled
-            else "a query it was running may run to its end",
         )
     finally:
         if other is not None:

@@ -48,7 +48,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -173,7 +172,6 @@ class _State:
         "acquiring",
         "bound",
         "callbacks",
-        "cancels",
         "configured",
         "discarded",
         "name",
@@ -216,8 +214,6 @@ class _State:
         # With a conninfo of several hosts only: the server each connection reached
         # (`_noting_server`), where `_end_backend` ends its backend.
         self.servers: weakref.WeakKeyDictionary[Connection, dict[str, str]] | None = None
-        # ... and a cancel request of each (libpq's, taken as it was made): it needs no slot.
-        self.cancels: weakref.WeakKeyDictionary[Connection, Any] = weakref.WeakKeyDictionary()
 
 
 #: Whether psycopg_pool has what tether's pre-ping loop calls (`Pool._getconn_with_check_loop`).
@@ -1556,12 +1552,11 @@ def _end_if_running(
 
     servers = state.servers if state is not None else None
     server = servers.get(conn) if servers is not None else None
-    cancel = state.cancels.get(conn) if state is not None else None
 
     async def end_then_give_back() -> None:
         try:
             if servers is None or server is not None:
-                await _end_backend(p, pid, name, server, cancel)
+                await _end_backend(p, pid, name, server)
             else:  # (made before the pool's configure ran: none is)
                 log.warning(
                     "tether: %r: could not end backend %d on the server (which of the "
@@ -1587,9 +1582,7 @@ async def _ends_done(p: Any) -> None:
             await asyncio.wait(pending, timeout=SALVAGE)
 
 
-async def _end_backend(
-    p: Any, pid: int, name: str, server: dict[str, str] | None, cancel: Any = None
-) -> None:
+async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | None) -> None:
     """End backend *pid* on the server: its connection was closed on this side (or is about
     to be, mid-query), and PostgreSQL only notices a client gone when it next writes to it,
     so a query it runs (``pg_sleep``, a long aggregate) would run to its end, its
@@ -1605,9 +1598,7 @@ async def _end_backend(
     *server*: with a conninfo of several hosts, the one the connection reached (the first
     that answers now may be another, where the pid is another session's, or none)."""
     kwargs = {**p.kwargs, **(server or {}), "autocommit": True, "prepare_threshold": None}
-    await terminate_backend(
-        lambda: _connect(p.conninfo, **kwargs), pid, repr(name), STOP_WITHIN, cancel
-    )
+    await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), STOP_WITHIN)
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:
@@ -1947,12 +1938,8 @@ def _noting_server(
     service file) the first that answers later may be another server. Once per connection."""
     servers = state.servers = weakref.WeakKeyDictionary()
 
-    cancels = state.cancels
-
     async def noting(conn: Connection) -> None:
         servers[conn] = server_of(conn.info)
-        with contextlib.suppress(Exception):  # (no cancel object: psycopg's own cancel only)
-            cancels[conn] = conn.pgconn.get_cancel()
         if configure is not None:
             await configure(conn)
 

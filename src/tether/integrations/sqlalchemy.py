@@ -739,9 +739,6 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
             # another; with async_creator= (no do_connect), its database and user too.
             info = driver.info
             record.info[_SERVER] = {**server_of(info), "dbname": info.dbname, "user": info.user}
-            # A cancel request of it (libpq's, needs no connection slot: a server at
-            # max_connections refuses the one made to end the backend, trial 33).
-            record.info[_CANCEL] = driver.pgconn.get_cancel()
 
     def invalidate(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
@@ -765,8 +762,7 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         if cargs or "conninfo" in cparams or "dbname" in cparams:
             server = {k: v for k, v in server.items() if k not in ("dbname", "user")}
         cparams = {**cparams, **server}
-        cancel = record.info.get(_CANCEL)
-        task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name, cancel))
+        task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
         _CANCELS.add(task)
         task.add_done_callback(_CANCELS.discard)
         # The session whose close this is waits for it (`_backends_ended`), while it runs.
@@ -803,14 +799,11 @@ async def _backends_ended() -> None:
 
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
-_SERVER = "tether_server"  # ... the server it reached
-_CANCEL = "tether_cancel"  # ... and a cancel request of it (libpq's ``PQgetCancel``)
+_SERVER = "tether_server"  # ... and, of a URL of several hosts, the server it reached
 _ACTIVE = 1  # libpq's PQTRANS_ACTIVE: a query in progress (psycopg's TransactionStatus.ACTIVE)
 
 
-async def _end_backend_alone(
-    cargs: Any, cparams: dict[str, Any], pid: int, name: str, cancel: Any = None
-) -> None:
+async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name: str) -> None:
     """End backend *pid* from a psycopg connection made for it, with the engine's own
     connect arguments (as its dialect makes one)."""
     import psycopg
@@ -823,7 +816,7 @@ async def _end_backend_alone(
         await other.set_autocommit(True)
         return other
 
-    await terminate_backend(connect, pid, f"engine {name!r}", STOP_WITHIN, cancel)
+    await terminate_backend(connect, pid, f"engine {name!r}", STOP_WITHIN)
 
 
 async def _send_cancel(request: Awaitable[Any], name: str) -> None:

@@ -211,8 +211,8 @@ class _State:
         self.callbacks: weakref.WeakKeyDictionary[Connection, _Callbacks] = (
             weakref.WeakKeyDictionary()
         )
-        # With a conninfo of several hosts only: the server each connection reached
-        # (`_noting_server`), where `_end_backend` ends its backend.
+        # The server each connection reached (`_noting_server`; None behind PgBouncer), where
+        # `_end_backend` ends its backend.
         self.servers: weakref.WeakKeyDictionary[Connection, dict[str, str]] | None = None
 
 
@@ -1595,8 +1595,8 @@ async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | Non
     role of less privilege may not end the login role's backends), and with no pool slot
     (a pool of one, or a busy one, has none to spare). Only on this rare path.
     Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself.
-    *server*: with a conninfo of several hosts, the one the connection reached (the first
-    that answers now may be another, where the pid is another session's, or none)."""
+    *server*: the one the connection reached (with several hosts, the first that answers
+    now may be another, where the pid is another session's, or none)."""
     kwargs = {**p.kwargs, **(server or {}), "autocommit": True, "prepare_threshold": None}
     await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), STOP_WITHIN)
 

@@ -799,7 +799,7 @@ async def _backends_ended() -> None:
 
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
-_SERVER = "tether_server"  # ... and, of a URL of several hosts, the server it reached
+_SERVER = "tether_server"  # ... and the server it reached (its host, port, database, user)
 _ACTIVE = 1  # libpq's PQTRANS_ACTIVE: a query in progress (psycopg's TransactionStatus.ACTIVE)
 
 
@@ -2013,9 +2013,7 @@ def _locked_at_startup(name: str, u: URL, exc: sa_exc.OperationalError) -> bool:
     holds (a migration, a backup): said, and the engine opens all the same, its units of work
     answered 503 while it lasts, as before the startup read the file (it failed the start,
     worded as a server that cannot be reached: trial 33)."""
-    code = getattr(exc.orig, "sqlite_errorname", None)
-    busy = code.startswith("SQLITE_BUSY") if isinstance(code, str) else False
-    if u.get_backend_name() != "sqlite" or not (busy or "database is locked" in str(exc.orig)):
+    if u.get_backend_name() != "sqlite" or not sqlite_busy(exc.orig):
         return False
     log.warning(
         "tether: engine %r: the SQLite database %r is locked by another connection as the app "

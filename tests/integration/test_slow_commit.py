@@ -6,6 +6,7 @@ reached the server: the client got its 500 and the `COMMIT` went through once th
 free (trial 8, on asyncpg, psycopg and SQLAlchemy)."""
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -173,6 +174,81 @@ async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_ba
     finally:
         await other.close()
     assert postgres.sql("SELECT k FROM slow_orders") == [(2,)]
+
+
+@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy"])
+async def test_a_given_up_commit_on_a_full_server_is_cancelled_with_a_cancel_request(
+    kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The salvage given up on (as above) while the server is at max_connections: tether's
+    connection to end the backend is refused ("too many clients"), so the backend gets a
+    cancel request, which needs no slot, made as its connection was. Before, the end was
+    tried for 2 s and given up, and the `COMMIT` went through once the lock was free, after
+    the client's 500 (trial 33)."""
+    import psycopg
+
+    import tether._scope
+
+    try_cancel = psycopg.AsyncConnection._try_cancel
+
+    async def slow_cancel(self: Any, *args: Any, **kwargs: Any) -> None:
+        await anyio.sleep(2)  # the server slow to take psycopg's own cancel, as under load
+        await try_cancel(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "_try_cancel", slow_cancel)
+    monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)
+    caplog.set_level("INFO", "tether")
+    with Postgres(max_connections=12) as full:
+        orders_table(full)
+        name = "slow-commit-full"
+        app = make(kind, full.dsn, name, driver="psycopg")
+        other = await asyncpg.connect(full.dsn)
+        fillers: list[asyncpg.Connection] = []
+        try:
+            await other.execute("BEGIN")
+            await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with (
+                app.router.lifespan_context(app),
+                httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c,
+            ):
+                # The pool's two connections made, then every slot left taken.
+                assert [r.status_code for r in await gather(c, "/orders/100", "/orders/101")] == [
+                    200,
+                    200,
+                ]
+                with pytest.raises(asyncpg.TooManyConnectionsError):
+                    for _ in range(20):
+                        fillers.append(await asyncpg.connect(full.dsn))
+                answer = await c.post("/orders/1")  # its COMMIT waits for k=1
+                assert answer.status_code == 500, answer.text
+                await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting commits
+                await anyio.sleep(0.5)
+        finally:
+            for filler in fillers:
+                await filler.close()
+            await other.close()
+        assert full.sql("SELECT k FROM slow_orders ORDER BY k") == [(100,), (101,)]
+    said = [r.getMessage() for r in caplog.records if "cancel request" in r.getMessage()]
+    assert len(said) == 1, said
+    assert re.fullmatch(
+        r"tether: ('conn'|engine 'engine'): the server has no connection slot left to end "
+        r"backend \d+: its query was cancelled with a cancel request",
+        said[0],
+    ), said
+
+
+async def gather(client: httpx.AsyncClient, *paths: str) -> list[httpx.Response]:
+    """POST each of *paths* at once."""
+    async with anyio.create_task_group() as tg:
+        answers: dict[str, httpx.Response] = {}
+
+        async def post(path: str) -> None:
+            answers[path] = await client.post(path)
+
+        for path in paths:
+            tg.start_soon(post, path)
+    return [answers[path] for path in paths]
 
 
 def test_a_commit_waiting_at_sigterm_is_cancelled_before_the_process_exits(

@@ -59,6 +59,7 @@ __all__ = [
     "failed_transaction",
     "block_override",
     "terminate_backend",
+    "cancel_request_of",
     "STOP_WITHIN",
     "RESET_SESSION",
     "SESSION_SETTINGS",
@@ -1758,14 +1759,66 @@ def server_of(info: Any) -> dict[str, str]:
 STOP_WITHIN = 2.0
 
 
+def cancel_request_of(pgconn: Any) -> Any | None:
+    """A cancel request for the backend of psycopg's *pgconn* (libpq 17's ``PGcancelConn``),
+    made now, while the connection is open, and sent later by `terminate_backend` if need
+    be: it needs no connection slot, and it reaches the backend after psycopg has hung up
+    (its key is copied now). None where libpq is older, or psycopg has no such object."""
+    try:
+        return pgconn.cancel_conn()  # no socket until it is started; about 10 KB
+    except Exception:
+        return None
+
+
+async def _send_cancel_request(cancel: Any) -> None:
+    """Send *cancel* (`cancel_request_of`) without blocking the event loop (libpq's blocking
+    ``PQcancel`` keeps the GIL while it waits on the network: it froze the process)."""
+    from psycopg import pq
+
+    loop = asyncio.get_running_loop()
+    cancel.start()
+    try:
+        while (status := cancel.poll()) != pq.PollingStatus.OK:
+            if status == pq.PollingStatus.FAILED:
+                raise OSError(cancel.get_error_message() or "the cancel request failed")
+            fd = cancel.socket
+            ready = loop.create_future()
+            done = functools.partial(_set_once, ready)
+            if status == pq.PollingStatus.READING:
+                loop.add_reader(fd, done)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+            else:
+                loop.add_writer(fd, done)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
+    finally:
+        cancel.finish()
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def terminate_backend(
-    connect: Callable[[], Awaitable[Any]], pid: int, who: str, within: float = 1.0
+    connect: Callable[[], Awaitable[Any]],
+    pid: int,
+    who: str,
+    within: float = 1.0,
+    cancel: Any | None = None,
 ) -> None:
     """End backend *pid* on the server (``pg_terminate_backend``) from a psycopg connection of
     its own, made by *connect()* in autocommit, within *within* seconds; a failure is a
     WARNING naming *who* (the psycopg integration's pool, SQLAlchemy's engine). Its
     connection, not the pool's: the login role's, and no slot of a pool that may have none
-    to spare."""
+    to spare. A server with no slot left for it (max_connections) is sent *cancel* instead
+    (`cancel_request_of`, made as the connection was), which needs none: the query the
+    backend runs (a ``COMMIT`` waiting for a lock) is cancelled, its transaction rolled back."""
     import anyio
     import psycopg
 
@@ -1780,6 +1833,18 @@ async def terminate_backend(
                 except psycopg.OperationalError as exc:
                     if "too many clients" not in str(exc) and exc.sqlstate != "53300":
                         raise
+                    if cancel is not None:
+                        # Full (trial 33): the cancel request needs no slot. Sent once;
+                        # the backend, its query cancelled, then finds its client gone.
+                        sending, cancel = cancel, None
+                        await _send_cancel_request(sending)
+                        log.info(
+                            "tether: %s: the server has no connection slot left to end "
+                            "backend %d: its query was cancelled with a cancel request",
+                            who,
+                            pid,
+                        )
+                        return
                     # Full: a slot frees as the app's other units of work end (the backend
                     # to end holds one). Tried again within the bound (trial 33).
                     await asyncio.sleep(pause)

@@ -112,6 +112,7 @@ from ._common import (
     async_block,
     asyncio_only,
     block_override,
+    cancel_request_of,
     check_budget,
     check_budget_policy,
     check_check,
@@ -172,6 +173,7 @@ class _State:
         "acquiring",
         "bound",
         "callbacks",
+        "cancels",
         "configured",
         "discarded",
         "name",
@@ -214,6 +216,9 @@ class _State:
         # The server each connection reached (`_noting_server`; None behind PgBouncer), where
         # `_end_backend` ends its backend.
         self.servers: weakref.WeakKeyDictionary[Connection, dict[str, str]] | None = None
+        # A cancel request for each connection's backend (`cancel_request_of`), made as it
+        # was: `_end_backend` sends it when the server has no slot left for its connection.
+        self.cancels: weakref.WeakKeyDictionary[Connection, Any] = weakref.WeakKeyDictionary()
 
 
 #: Whether psycopg_pool has what tether's pre-ping loop calls (`Pool._getconn_with_check_loop`).
@@ -1552,11 +1557,12 @@ def _end_if_running(
 
     servers = state.servers if state is not None else None
     server = servers.get(conn) if servers is not None else None
+    cancel = state.cancels.get(conn) if state is not None else None
 
     async def end_then_give_back() -> None:
         try:
             if servers is None or server is not None:
-                await _end_backend(p, pid, name, server)
+                await _end_backend(p, pid, name, server, cancel)
             else:  # (made before the pool's configure ran: none is)
                 log.warning(
                     "tether: %r: could not end backend %d on the server (which of the "
@@ -1582,7 +1588,9 @@ async def _ends_done(p: Any) -> None:
             await asyncio.wait(pending, timeout=SALVAGE)
 
 
-async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | None) -> None:
+async def _end_backend(
+    p: Any, pid: int, name: str, server: dict[str, str] | None, cancel: Any = None
+) -> None:
     """End backend *pid* on the server: its connection was closed on this side (or is about
     to be, mid-query), and PostgreSQL only notices a client gone when it next writes to it,
     so a query it runs (``pg_sleep``, a long aggregate) would run to its end, its
@@ -1596,9 +1604,11 @@ async def _end_backend(p: Any, pid: int, name: str, server: dict[str, str] | Non
     (a pool of one, or a busy one, has none to spare). Only on this rare path.
     Not behind PgBouncer: the pid is PgBouncer's, which drops the server side itself.
     *server*: the one the connection reached (with several hosts, the first that answers
-    now may be another, where the pid is another session's, or none)."""
+    now may be another, where the pid is another session's, or none). *cancel*: its cancel
+    request, sent instead when the server has no slot left (`terminate_backend`)."""
     kwargs = {**p.kwargs, **(server or {}), "autocommit": True, "prepare_threshold": None}
-    await terminate_backend(lambda: _connect(p.conninfo, **kwargs), pid, repr(name), STOP_WITHIN)
+    connect = functools.partial(_connect, p.conninfo, **kwargs)
+    await terminate_backend(connect, pid, repr(name), STOP_WITHIN, cancel)
 
 
 async def _rollback(conn: Connection, name: str, within: float) -> None:
@@ -1937,9 +1947,13 @@ def _noting_server(
     reached (`_end_backend`): with several hosts (in the conninfo, or libpq's ``PGHOST``, a
     service file) the first that answers later may be another server. Once per connection."""
     servers = state.servers = weakref.WeakKeyDictionary()
+    cancels = state.cancels
 
     async def noting(conn: Connection) -> None:
         servers[conn] = server_of(conn.info)
+        cancel = cancel_request_of(conn.pgconn)
+        if cancel is not None:
+            cancels[conn] = cancel
         if configure is not None:
             await configure(conn)
 

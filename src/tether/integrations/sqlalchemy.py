@@ -122,6 +122,7 @@ from ._common import (
     budget_refused,
     budget_unread,
     caller_outside,
+    cancel_request_of,
     check_budget,
     check_budget_policy,
     check_check,
@@ -739,6 +740,8 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
             # another; with async_creator= (no do_connect), its database and user too.
             info = driver.info
             record.info[_SERVER] = {**server_of(info), "dbname": info.dbname, "user": info.user}
+            # Sent instead of the end if the server has no slot left (`terminate_backend`).
+            record.info[_CANCEL] = cancel_request_of(driver.pgconn)
 
     def invalidate(dbapi_connection: Any, record: Any, exc: BaseException | None) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
@@ -762,7 +765,8 @@ def _end_after_psycopg_hang_up(eng: AsyncEngine, name: str) -> None:
         if cargs or "conninfo" in cparams or "dbname" in cparams:
             server = {k: v for k, v in server.items() if k not in ("dbname", "user")}
         cparams = {**cparams, **server}
-        task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name))
+        cancel = record.info.get(_CANCEL)
+        task = loop.create_task(_end_backend_alone(cargs, cparams, pid, name, cancel))
         _CANCELS.add(task)
         task.add_done_callback(_CANCELS.discard)
         # The session whose close this is waits for it (`_backends_ended`), while it runs.
@@ -800,12 +804,16 @@ async def _backends_ended() -> None:
 
 _PID = "tether_pid"  # in a connection's info: its backend's pid (psycopg's, on PostgreSQL)
 _SERVER = "tether_server"  # ... and the server it reached (its host, port, database, user)
+_CANCEL = "tether_cancel"  # ... and a cancel request for its backend (`cancel_request_of`)
 _ACTIVE = 1  # libpq's PQTRANS_ACTIVE: a query in progress (psycopg's TransactionStatus.ACTIVE)
 
 
-async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name: str) -> None:
+async def _end_backend_alone(
+    cargs: Any, cparams: dict[str, Any], pid: int, name: str, cancel: Any = None
+) -> None:
     """End backend *pid* from a psycopg connection made for it, with the engine's own
-    connect arguments (as its dialect makes one)."""
+    connect arguments (as its dialect makes one); or send it *cancel*, its cancel request,
+    if the server has no slot left for that connection."""
     import psycopg
 
     kwargs = dict(cparams)
@@ -816,7 +824,7 @@ async def _end_backend_alone(cargs: Any, cparams: dict[str, Any], pid: int, name
         await other.set_autocommit(True)
         return other
 
-    await terminate_backend(connect, pid, f"engine {name!r}", STOP_WITHIN)
+    await terminate_backend(connect, pid, f"engine {name!r}", STOP_WITHIN, cancel)
 
 
 async def _send_cancel(request: Awaitable[Any], name: str) -> None:

@@ -11,6 +11,7 @@ even started, its `SELECT 1` reading nothing of it.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -37,10 +38,13 @@ async def test_a_path_that_cannot_be_a_database_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool, case: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    # A relative path is said with the directory it is relative to (a service started from
+    # another directory than its code's).
+    relative = f" (relative to the working directory, {os.getcwd()!r})"
     if case == "missing_directory":
         path = "data/sub/app.db"
         said = (
-            f"OperationalError: Engine 'engine': cannot open {path!r}: its directory "
+            f"OperationalError: Engine 'engine': cannot open {path!r}{relative}: its directory "
             f"'data/sub' does not exist (OperationalError: unable to open database file): "
             f"create it (SQLAlchemy creates the database file, not its directory)."
         )
@@ -48,7 +52,7 @@ async def test_a_path_that_cannot_be_a_database_says_why(
         path = "data"
         Path(path).mkdir()
         said = (
-            f"OperationalError: Engine 'engine': cannot open {path!r}: it is a directory, not "
+            f"OperationalError: Engine 'engine': cannot open {path!r}{relative}: it is a directory, not "
             f"a file (OperationalError: unable to open database file). Pass the path of the "
             f"database file, e.g. 'data/app.db'."
         )
@@ -63,7 +67,7 @@ async def test_a_path_that_cannot_be_a_database_says_why(
         Path("data").write_text("")
         path = "data/app.db"
         said = (
-            f"OperationalError: Engine 'engine': cannot open {path!r}: 'data', a part of its "
+            f"OperationalError: Engine 'engine': cannot open {path!r}{relative}: 'data', a part of its "
             f"path, is a file, not a directory (OperationalError: unable to open database "
             f"file). Fix the path."
         )
@@ -71,7 +75,7 @@ async def test_a_path_that_cannot_be_a_database_says_why(
         path = "notes.txt"
         Path(path).write_text("hello\n")
         said = (
-            f"DatabaseError: Engine 'engine': cannot open {path!r}: the file is not an SQLite "
+            f"DatabaseError: Engine 'engine': cannot open {path!r}{relative}: the file is not an SQLite "
             f"database (DatabaseError: file is not a database). Pass the path of the database "
             f"file (is it the right file?), or move this one aside to have a new, empty "
             f"database created there."

@@ -1903,6 +1903,9 @@ def sqlite_cannot_open(
         )
         return for_good(sqlite3.OperationalError(msg))
     where = f"{who}: cannot open {path!r}"
+    if not path.startswith(("file:", "~", "/")):
+        # Relative: to the process's working directory, wherever it was started from.
+        where += f" (relative to the working directory, {os.getcwd()!r})"
     if error == "SQLITE_NOTADB":
         msg = (
             f"{where}: the file is not an SQLite database ({describe(exc)}). Pass the path of "

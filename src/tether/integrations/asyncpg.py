@@ -57,7 +57,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Never
+from typing import TYPE_CHECKING, Any, NamedTuple, Never
 
 import anyio
 
@@ -81,6 +81,7 @@ from .._errors import (
     refused_for_good,
 )
 from .._resource import Resource, current_unit
+from .._scope import wait_to_the_end
 from .._stats import PoolStats
 from . import _once
 from ._common import (
@@ -1131,6 +1132,11 @@ def connection(
             if tx is not None:
                 try:
                     await _commit(conn, tx, name)
+                except asyncio.CancelledError:
+                    # Cut short (close_timeout): the COMMIT still waits on the server, not
+                    # a transaction the unit left open by mistake.
+                    interrupted = True
+                    raise
                 except (pg_errors.InternalClientError, pg_errors.InterfaceError) as exc:
                     if _concurrent(exc):
                         # A task the endpoint started still runs a query on it: terminated
@@ -1646,6 +1652,14 @@ async def _give_back(
         if state is not None and not closed:
             state.discarded += 1
         _terminate(conn)
+        if left_in_transaction and backend is not None:
+            # Cut short while it rolled back (the salvage of a close given up on ended): the
+            # server may still run what the connection was sent (a COMMIT waiting for a
+            # lock, its cancel request stopped with the connection), which would commit once
+            # the lock is free, after the client's 500. Ended from a task of its own,
+            # before the client's answer (`wait_to_the_end`), bounded of its own.
+            loop = asyncio.get_running_loop()
+            await wait_to_the_end(loop.create_task(_discard(p, conn, backend, name)))
         raise
 
 
@@ -1710,19 +1724,45 @@ async def _terminate_at(p: Any, addr: Any, pid: int) -> None:
         other.terminate()
 
 
-def _backend(conn: Any) -> tuple[int, Any] | None:
-    """*conn*'s backend: its pid, and the address it reached (a DSN may name several
-    hosts); None once closed or released."""
+class _Backend(NamedTuple):
+    """A connection's backend: its pid, the address it reached (a DSN may name several
+    hosts), and a cancel request for it (None where asyncpg has none to give): sent when no
+    connection can end it (`_discard`), as it needs no connection slot."""
+
+    pid: int
+    addr: Any
+    cancel: Callable[[], Awaitable[None]] | None
+
+
+def _backend(conn: Any) -> _Backend | None:
+    """*conn*'s backend; None once closed or released."""
     try:
         if conn.is_closed():
             return None
         raw = getattr(conn, "_con", conn)  # a pool's proxy: its connection
-        return int(conn.get_server_pid()), getattr(raw, "_addr", None)
+        pid = int(conn.get_server_pid())
+        addr = getattr(raw, "_addr", None)
     except pg_errors.InterfaceError:
         return None  # already released
+    cancel = None
+    try:  # asyncpg's own cancel request, as its query cancel sends it (its key, now)
+        from asyncpg import connect_utils
+
+        secret = raw._protocol.backend_secret
+        cancel = functools.partial(
+            connect_utils._cancel,
+            loop=asyncio.get_running_loop(),
+            addr=addr,
+            params=raw._params,
+            backend_pid=pid,
+            backend_secret=secret,
+        )
+    except Exception:  # pragma: no cover - an asyncpg that keeps these otherwise
+        pass
+    return _Backend(pid, addr, cancel)
 
 
-async def _discard(p: Any, conn: Any, backend: tuple[int, Any] | None, name: str) -> None:
+async def _discard(p: Any, conn: Any, backend: _Backend | None, name: str) -> None:
     """Terminate *conn* and make sure its backend *pid* stops too.
 
     Closing the socket alone does not stop a query running on the server (PostgreSQL
@@ -1734,7 +1774,7 @@ async def _discard(p: Any, conn: Any, backend: tuple[int, Any] | None, name: str
     state: _State | None = getattr(p, "_tether", None)
     if backend is None or (state is not None and state.pgbouncer):
         return  # behind PgBouncer the pid is PgBouncer's, which drops the server side itself
-    pid, addr = backend
+    pid, addr, cancel = backend
     try:
         async with asyncio.timeout(_STOP_WITHIN):
             async with p.acquire(timeout=_STOP_WITHIN) as other:
@@ -1746,12 +1786,31 @@ async def _discard(p: Any, conn: Any, backend: tuple[int, Any] | None, name: str
             if not there:
                 await _terminate_at(p, addr, pid)
     except Exception as exc:
+        why = describe(exc)
+        if cancel is not None:
+            # No connection to end it from (the pool's all in use, the server full): a
+            # cancel request needs no slot. Its query (a COMMIT waiting for a lock) is
+            # cancelled, and the backend then finds its client gone.
+            try:
+                async with asyncio.timeout(_STOP_WITHIN):
+                    await cancel()
+            except Exception as also:
+                why = f"{why}; its cancel request failed too: {describe(also)}"
+            else:
+                log.info(
+                    "tether: %r: could not end backend %d on the server (%s): its query was "
+                    "cancelled with a cancel request",
+                    name,
+                    pid,
+                    why,
+                )
+                return
         log.warning(
             "tether: %r: could not terminate backend %d on the server (%s); a query it "
             "was running may run to its end",
             name,
             pid,
-            describe(exc),
+            why,
         )
 
 

@@ -145,9 +145,9 @@ async def _run_check(lc: Lifecycle, res: Resource[Any]) -> CheckResult:
         if busy:
             error = _aside_failed(busy, f"got no answer within {res.check_timeout:g} s")
             return CheckResult(res.name, False, latency, error + _holders(lc, res))
-        return CheckResult(
-            res.name, False, latency, f"check did not finish within {res.check_timeout:g} s"
-        )
+        late = f" ({res.check_late})" if res.check_late else ""
+        error = f"check did not finish within {res.check_timeout:g} s{late}"
+        return CheckResult(res.name, False, latency, error)
     if synchronous and latency > res.check_timeout:
         # A check that blocked the event loop (a sync call): no timeout can interrupt it.
         return CheckResult(

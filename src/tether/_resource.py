@@ -236,6 +236,7 @@ class Resource(Generic[T]):
         "backoff",
         "call",
         "check",
+        "check_late",
         "check_timeout",
         "concurrency",
         "counters",
@@ -333,6 +334,9 @@ class Resource(Generic[T]):
         # that froze, its pool filled by commands that wait on it, read as busy, and ready,
         # until a wait for a connection timed out (trial 14).
         self.aside_check: Callable[[Any, float], Awaitable[None] | None] | None = None
+        # Set by an integration: what a check that does not finish within check_timeout
+        # most likely waits for (SQLite: a lock, for up to its busy timeout), said with it.
+        self.check_late: str | None = None
         # Which response statuses take the failure path (None: 400 and more), set by
         # `lc.resource(error_status=...)`.
         self.error_status: Callable[[int], bool] | None = None

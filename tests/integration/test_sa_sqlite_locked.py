@@ -9,11 +9,14 @@ writer's ``COMMIT`` wait (the rollback journal, SQLite's default)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
@@ -267,3 +270,53 @@ async def test_a_file_locked_as_the_app_starts_starts_all_the_same(
                 assert (result if sync else await result).scalar_one() == 0
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlalchemy", "sqlalchemy-sync", "aiosqlite"])
+async def test_a_check_outlasted_by_the_busy_timeout_names_the_lock(
+    tmp_path: Path, kind: str
+) -> None:
+    """SQLite's busy timeout (5 s by default) as long as the check's, or longer: a check that
+    waits for another process's lock did not finish, and said only "check did not finish
+    within 5 s" (trial 33). It now says what it most likely waited for."""
+    from tether.integrations import aiosqlite as tsq
+
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc = tether.Lifecycle(check_timeout=0.3)
+    if kind == "aiosqlite":
+        tsq.database(lc, path, wal=False, busy_timeout=3)
+        busy = "busy_timeout=3"
+    elif kind == "sqlalchemy":
+        tsa.engine(lc, f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 3})
+        busy = "connect_args={'timeout': 3}"
+    else:
+        tsa.sync_engine(lc, f"sqlite:///{path}", connect_args={"timeout": 3})
+        busy = "connect_args={'timeout': 3}"
+    before = set(threading.enumerate())
+    async with lc.run():
+        assert (await lc.health()).checks[0].ok
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("BEGIN EXCLUSIVE")
+            (check,) = (await lc.health()).checks
+        finally:
+            raw.execute("ROLLBACK")
+            raw.close()
+        # The check's statement, in its connection's thread, ends now (the lock is free):
+        # its thread delivers its end to this loop, before the test closes it. Before, on
+        # SQLAlchemy's async engine, a close of it never ended: asyncio.run() hung at exit.
+        for thread in set(threading.enumerate()) - before:
+            if thread.name.endswith("(_connection_worker_thread)"):
+                await anyio.to_thread.run_sync(thread.join, 10)
+                assert not thread.is_alive()
+        # (The sync engine's check, left to its thread, gives its connection back now.)
+        with anyio.fail_after(10):
+            while any(pool.in_use for pool in lc.stats().pools.values()):
+                await anyio.sleep(0.05)
+    assert not check.ok
+    assert check.error == (
+        "check did not finish within 0.3 s (SQLite waits for a lock on the file for up to its "
+        f"busy timeout, {busy}: another connection or process holding the database (a long "
+        "write, a backup, BEGIN EXCLUSIVE) is the likeliest cause)"
+    )

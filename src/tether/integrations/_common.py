@@ -60,6 +60,7 @@ __all__ = [
     "block_override",
     "terminate_backend",
     "cancel_request_of",
+    "sqlite_lock_hint",
     "STOP_WITHIN",
     "RESET_SESSION",
     "SESSION_SETTINGS",
@@ -1869,6 +1870,16 @@ async def terminate_backend(
         if other is not None:
             with anyio.CancelScope(shield=True):
                 await other.close()
+
+
+def sqlite_lock_hint(busy: str) -> str:
+    """What a check of an SQLite file that does not finish in time most likely waits for
+    (`Resource.check_late`), *busy* naming the busy timeout's setting and value."""
+    return (
+        f"SQLite waits for a lock on the file for up to its busy timeout, {busy}: another "
+        f"connection or process holding the database (a long write, a backup, BEGIN "
+        f"EXCLUSIVE) is the likeliest cause"
+    )
 
 
 def sqlite_error_name(exc: BaseException) -> str | None:

@@ -111,6 +111,7 @@ from ._common import (
     not_an_option,
     sqlite_busy,
     sqlite_cannot_open,
+    sqlite_lock_hint,
     unavailable,
 )
 
@@ -585,6 +586,7 @@ def database(
     res: Resource[Database] = lc.resource(scope="app", name=name, check=chosen)(open_database)
     res.pool_stats = _figures
     res.async_api = "an aiosqlite database"
+    res.check_late = sqlite_lock_hint(f"busy_timeout={busy_timeout:g}")
     return res
 
 

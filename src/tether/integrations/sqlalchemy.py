@@ -150,6 +150,7 @@ from ._common import (
     shut_down_socket,
     sqlite_busy,
     sqlite_cannot_open,
+    sqlite_lock_hint,
     sqlstates,
     still_in_use,
     terminate_backend,
@@ -637,6 +638,31 @@ def _interrupt_cancelled(eng: Engine) -> None:
         queue.put_nowait((done, raw.rollback))
 
     event.listen(eng, "handle_error", handle_error)
+
+
+def _stopped_once(eng: Engine) -> None:
+    """An aiosqlite connection's thread is stopped once: a second ``stop()`` does nothing.
+
+    SQLAlchemy terminates a connection invalidated as its task is cancelled by closing it
+    (shielded), and, cancelled again there (an anyio scope cancels each await: a readiness
+    check past ``check_timeout`` waiting for a lock), by stopping its thread. The close,
+    still running, then stopped it again, and waited for a thread that had ended: forever,
+    so ``asyncio.run()`` (uvicorn's) never returned at exit."""
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        driver: Any = getattr(dbapi_connection, "driver_connection", None)
+        stop = getattr(driver, "stop", None)
+        if stop is None or not hasattr(driver, "_running"):
+            return  # an aiosqlite without stop(), or not aiosqlite
+
+        def stop_once() -> Any:
+            if not driver._running:
+                return None  # stopped: its thread ends (or ended) with the first stop
+            return stop()
+
+        driver.stop = stop_once
+
+    event.listen(eng, "connect", connect)
 
 
 #: The driver connections `_let_go` hung up under another task. The error that task then gets
@@ -1947,6 +1973,14 @@ _SELECT_1 = text("SELECT 1")
 _READ_THE_FILE = text("PRAGMA schema_version")
 
 
+def _sqlite_check_late(u: URL, options: Mapping[str, Any]) -> str | None:
+    """What a readiness check of an SQLite file that does not finish in time waits for."""
+    if u.get_backend_name() != "sqlite" or _is_memory_sqlite(u):
+        return None
+    busy = (options.get("connect_args") or {}).get("timeout", 5)
+    return sqlite_lock_hint(f"connect_args={{'timeout': {busy!r}}}")
+
+
 def _note_sqlite_file(eng: Engine, u: URL) -> None:
     """Note which file an SQLite engine opened (its device and inode), once it is open, and
     keep to it: once the file is deleted, SQLite would create a new, empty one for each new
@@ -2396,6 +2430,7 @@ def engine(
                 _end_after_psycopg_hang_up(eng, name)
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
+            _stopped_once(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
@@ -2426,6 +2461,7 @@ def engine(
                 await eng.dispose()
             raise
         _note_sqlite_file(eng.sync_engine, u)
+        res.check_late = _sqlite_check_late(u, options)
         info.engine = eng.sync_engine
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
         _said_in_memory(u, name, options)
@@ -3465,6 +3501,7 @@ def sync_engine(
             eng.dispose()
             raise
         _note_sqlite_file(eng, u)
+        res.check_late = _sqlite_check_late(u, options)
         info.engine = eng
         log.info("tether: engine %r open on %s", name, redact(info.shown_url))
         _said_in_memory(u, name, options)

@@ -134,3 +134,30 @@ async def test_a_connection_still_querying_is_ended_on_the_server_it_reached(
                 await left
     finally:
         first.start()
+
+
+async def test_a_query_cut_short_is_ended_when_only_async_creator_can_log_in() -> None:
+    """SQLAlchemy's `async_creator=` holding the password (a secrets manager, a token): the
+    connection tether makes to end a backend cannot log in ("no password supplied"), so the
+    backend gets its cancel request instead, which needs no login. Before (trial 34), the
+    WARNING said it could not end it, and the query ran on for its whole length."""
+    import psycopg
+
+    name = f"creator-{uuid.uuid4().hex[:8]}"
+    with Postgres(auth="scram-sha-256") as server:
+
+        async def creator() -> Any:
+            return await psycopg.AsyncConnection.connect(
+                server.dsn, application_name=name
+            )  # (the password is in the DSN the creator holds, not the engine's URL)
+
+        lc = tether.Lifecycle()
+        engine = tsa.engine(lc, "postgresql+psycopg://", async_creator=creator, pool_size=2)
+        session = tsa.session(lc, engine)
+        async with lc.run():
+            with pytest.raises(TimeoutError):
+                async with lc.scope() as s:
+                    value = await s.get(session)
+                    with anyio.fail_after(1):
+                        await value.execute(text("SELECT pg_sleep(30)"))
+            await ended_on(server, name)

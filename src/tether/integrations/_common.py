@@ -1806,6 +1806,14 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+#: What PostgreSQL says of a connection refused for want of a slot (53300): the server's
+#: (for a superuser, then for a role without the reserved slots), a role's or a database's
+#: CONNECTION LIMIT. psycopg gives such a refusal no sqlstate.
+_FULL = re.compile(
+    r"too many clients|remaining connection slots are reserved|too many connections for"
+)
+
+
 async def terminate_backend(
     connect: Callable[[], Awaitable[Any]],
     pid: int,
@@ -1817,9 +1825,10 @@ async def terminate_backend(
     its own, made by *connect()* in autocommit, within *within* seconds; a failure is a
     WARNING naming *who* (the psycopg integration's pool, SQLAlchemy's engine). Its
     connection, not the pool's: the login role's, and no slot of a pool that may have none
-    to spare. A server with no slot left for it (max_connections) is sent *cancel* instead
-    (`cancel_request_of`, made as the connection was), which needs none: the query the
-    backend runs (a ``COMMIT`` waiting for a lock) is cancelled, its transaction rolled back."""
+    to spare. If that connection is refused (a server with no slot left, a role's connection
+    limit, credentials only an ``async_creator`` knows), the backend is sent *cancel* instead
+    (`cancel_request_of`, made as the connection was), which needs neither: the query it
+    runs (a ``COMMIT`` waiting for a lock) is cancelled, its transaction rolled back."""
     import anyio
     import psycopg
 
@@ -1832,22 +1841,25 @@ async def terminate_backend(
                     other = await connect()
                     break
                 except psycopg.OperationalError as exc:
-                    if "too many clients" not in str(exc) and exc.sqlstate != "53300":
-                        raise
                     if cancel is not None:
-                        # Full (trial 33): the cancel request needs no slot. Sent once;
-                        # the backend, its query cancelled, then finds its client gone.
+                        # Refused (a server full, a role's CONNECTION LIMIT, credentials
+                        # only an async_creator knows: trials 33, 34): the cancel request
+                        # needs neither a slot nor a login. Its query (a COMMIT waiting for
+                        # a lock) is cancelled; the backend then finds its client gone.
                         sending, cancel = cancel, None
                         await _send_cancel_request(sending)
                         log.info(
-                            "tether: %s: the server has no connection slot left to end "
-                            "backend %d: its query was cancelled with a cancel request",
+                            "tether: %s: could not end backend %d on the server (%s): its "
+                            "query was cancelled with a cancel request",
                             who,
                             pid,
+                            describe(exc),
                         )
                         return
-                    # Full: a slot frees as the app's other units of work end (the backend
-                    # to end holds one). Tried again within the bound (trial 33).
+                    if not _FULL.search(str(exc)):
+                        raise
+                    # Full: a slot frees as a client of the server disconnects (the pool
+                    # closing a connection, another app's). Tried again within the bound.
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 0.4)
             async with psycopg.AsyncCursor(other) as cur:  # whatever the row/cursor factory

@@ -918,6 +918,11 @@ def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
         "directory: SQLite (and create_dirs=True) would make a directory named '~' here. Pass "
         "the full path: os.path.expanduser('~/notes.db')."
     )
+    # A Path and a URI too (trial 34: both made './~'); '~backup.db' is a file's name.
+    for home in [Path("~/notes.db"), "file:~/notes.db?mode=rwc"]:
+        with pytest.raises(ValueError, match="os.path.expanduser\\('~/notes.db'\\)"):
+            tsqlite.database(lc, home, name=f"home{len(lc.resources)}")
+    tsqlite.database(lc, "~backup.db", name="tilde_named")
     with pytest.raises(TypeError) as caught:
         tsqlite.database(lc, tmp_path / "y.db", name="y", busy_timout=2)  # type: ignore[call-arg]
     assert str(caught.value) == (  # Python's bare "unexpected keyword argument" (trial 30)

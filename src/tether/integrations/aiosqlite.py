@@ -408,7 +408,7 @@ def _check_path(raw: object, name: str) -> None:
             f"it."
         )
         raise TypeError(msg)
-    text = raw if isinstance(raw, str) else ""
+    text = raw if isinstance(raw, str) else os.fsdecode(raw)
     scheme = text.partition(":")[0]
     if ":" in text and (scheme == "sqlite" or scheme.startswith("sqlite+")):
         rest = text.partition(":")[2]
@@ -419,11 +419,12 @@ def _check_path(raw: object, name: str) -> None:
             f"tether.integrations.sqlalchemy.engine() for a URL)."
         )
         raise ValueError(msg)
-    if text.startswith("~"):
+    path = text.removeprefix("file:").partition("?")[0]
+    if path.startswith("~") and os.path.expanduser(path) != path:  # ("~backup.db" is a name)
         msg = (
             f"database({name!r}): {text!r} begins with '~', which is not expanded to a home "
             f"directory: SQLite (and create_dirs=True) would make a directory named '~' here. "
-            f"Pass the full path: os.path.expanduser({text!r})."
+            f"Pass the full path: os.path.expanduser({path!r})."
         )
         raise ValueError(msg)
 

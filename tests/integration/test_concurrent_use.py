@@ -61,10 +61,13 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["gather", "task-group"])
 @pytest.mark.parametrize("case", list(CASES))
 async def test_two_tasks_on_one_resource_get_tethers_error_and_nothing_stays_busy(
-    postgres: Postgres, case: str
+    postgres: Postgres, case: str, group: bool
 ) -> None:
+    """With asyncio.gather, and in a task group, whose error is a group of the driver's
+    (trial 35: asyncpg's came through, inside an ExceptionGroup)."""
     make, named, driver = CASES[case]
     lc = tether.Lifecycle()
     conn = make(lc, postgres)
@@ -73,9 +76,14 @@ async def test_two_tasks_on_one_resource_get_tethers_error_and_nothing_stays_bus
             with pytest.raises(tether.ScopeError) as caught:
                 async with lc.scope() as s:
                     c = await s.get(conn)
-                    await asyncio.gather(
-                        scalar(c, "SELECT pg_sleep(0.2)"), scalar(c, "SELECT pg_sleep(0.2)")
-                    )
+                    if group:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(scalar, c, "SELECT pg_sleep(0.2)")
+                            tg.start_soon(scalar, c, "SELECT pg_sleep(0.2)")
+                    else:
+                        await asyncio.gather(
+                            scalar(c, "SELECT pg_sleep(0.2)"), scalar(c, "SELECT pg_sleep(0.2)")
+                        )
             message = str(caught.value)
             assert message.startswith(f"{named} was used by two tasks at once (asyncio.gather")
             assert f"and {driver} refused the second" in message

@@ -1227,7 +1227,11 @@ LOST: tuple[type[BaseException], ...] = (
 
 
 def _concurrent(exc: BaseException) -> bool:
-    """Whether *exc* is asyncpg refusing a query while another runs on the connection."""
+    """Whether *exc* is asyncpg refusing a query while another runs on the connection, or a
+    task group's error with one such (trial 35: tasks of a task group sharing the unit's
+    connection got asyncpg's error, not tether's)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_concurrent(inner) for inner in exc.exceptions)
     busy = "another operation is in progress"
     return isinstance(exc, pg_errors.InterfaceError) and busy in str(exc)
 

@@ -2716,7 +2716,10 @@ _BUSY_WAIT = 5.0
 def _busy(exc: BaseException) -> bool:
     """Whether *exc* says another task is using the session right now (SQLAlchemy refuses
     a second operation while one is in progress: "concurrent operations are not permitted",
-    or a state change while a method is "already in progress")."""
+    or a state change while a method is "already in progress"); or a task group's error with
+    one such (trial 35)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_busy(inner) for inner in exc.exceptions)
     return isinstance(exc, sa_exc.IllegalStateChangeError) or (
         isinstance(exc, sa_exc.InvalidRequestError)
         and "concurrent operations are not permitted" in str(exc)

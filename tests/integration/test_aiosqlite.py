@@ -994,3 +994,22 @@ async def test_a_stream_reading_a_connection_closed_at_the_handler_names_the_fix
         "release='response'; a background task, a connection of its own (`async with "
         "lc.scope() as s: await s.get(reader)`)."
     )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("under", ["afile/app.db", "afile/sub/app.db"])
+async def test_a_path_through_a_file_says_so_with_create_dirs(tmp_path: Path, under: str) -> None:
+    """create_dirs=True (the default) and a file where the path needs a directory: it said
+    "create the directory" (trial 34), and named 'afile/sub' for the deeper path."""
+    (tmp_path / "afile").write_text("")
+    path = str(tmp_path / under)
+    lc = tether.Lifecycle()
+    tsqlite.database(lc, path)
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    said = str(caught.value)
+    assert f"{str(tmp_path / 'afile')!r}, a part of its path, is a file, not a directory (" in said
+    assert said.endswith(". Fix the path. The resources already open were closed. Fix the cause "
+                         "above: a mistake in the configuration or the code, which no retry "
+                         "mends."), said  # fmt: skip

@@ -320,3 +320,46 @@ async def test_a_check_outlasted_by_the_busy_timeout_names_the_lock(
         f"busy timeout, {busy}: another connection or process holding the database (a long "
         "write, a backup, BEGIN EXCLUSIVE) is the likeliest cause)"
     )
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["journal", "wal"])
+async def test_a_file_locked_as_the_app_starts_starts_all_the_same_on_aiosqlite(
+    tmp_path: Path, wal: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same with tether's aiosqlite integration (the embedded default): it failed the
+    start, worded as a pool that "could not give a connection ... check the database and
+    the pool size" (trial 34). With wal=True the switch waits for the next start."""
+    from tether.integrations import aiosqlite as tsq
+
+    path = tmp_path / "app.db"
+    make_db(path)
+    lc = tether.Lifecycle()
+    db = tsq.database(lc, path, wal=wal, busy_timeout=WAIT)
+    conn = tsq.connection(lc, db)
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN EXCLUSIVE")
+    try:
+        async with lc.run():
+            said = [r.getMessage() for r in caplog.records if "as the app starts" in r.getMessage()]
+            assert said == [
+                f"tether: database 'database': the SQLite file {str(path)!r} is locked by "
+                f"another connection as the app starts (OperationalError: database is locked); "
+                f"starting all the same: units of work wait for the lock (busy_timeout), and "
+                f"are answered 503 while it lasts"
+                + (
+                    "; journal_mode=WAL was not switched on, and is at the next start"
+                    if wal
+                    else ""
+                )
+            ]
+            with pytest.raises(tether.ResourceUnavailable, match="locked"):
+                async with lc.scope() as sc:
+                    c = await sc.get(conn)
+                    await c.execute("SELECT count(*) FROM t")
+            raw.execute("ROLLBACK")
+            async with lc.scope() as sc:
+                c = await sc.get(conn)
+                async with c.execute("SELECT count(*) FROM t") as cur:
+                    assert tuple(await cur.fetchone()) == (0,)
+    finally:
+        raw.close()

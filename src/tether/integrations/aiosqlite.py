@@ -392,6 +392,22 @@ def _in_memory(text: str) -> str | None:
     return None
 
 
+def _locked_at_start(name: str, path: str, exc: sqlite3.Error, wal: bool) -> None:
+    """Say that the file is locked by another connection as the app starts (a migration, a
+    backup, another process's write): it starts all the same, as SQLAlchemy's engine does;
+    its units of work wait for the lock, and get a 503 while it lasts. It failed the start,
+    worded as a pool that "could not give a connection" (trial 34)."""
+    log.warning(
+        "tether: database %r: the SQLite file %r is locked by another connection as the app "
+        "starts (%s); starting all the same: units of work wait for the lock (busy_timeout), "
+        "and are answered 503 while it lasts%s",
+        name,
+        path,
+        describe(exc),
+        "; journal_mode=WAL was not switched on, and is at the next start" if wal else "",
+    )
+
+
 def _check_path(raw: object, name: str) -> None:
     """Refuse what is not a path: None (a setting not set) or a SQLAlchemy URL."""
     if raw is None:
@@ -527,43 +543,62 @@ def database(
             try:
                 file.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                msg = (
-                    f"Database {name!r}: cannot create the directory {str(file.parent)!r} "
-                    f"of {db.path!r} (create_dirs=True): {describe(exc)}. Fix the path, or "
-                    f"create the directory, writable by the app's user."
-                )
+                part = next((d for d in file.parents if d.exists()), None)
+                if part is not None and not part.is_dir():  # (trial 34: "create it")
+                    msg = (
+                        f"Database {name!r}: cannot create the directory "
+                        f"{str(file.parent)!r} of {db.path!r} (create_dirs=True): "
+                        f"{str(part)!r}, a part of its path, is a file, not a directory "
+                        f"({describe(exc)}). Fix the path."
+                    )
+                else:
+                    msg = (
+                        f"Database {name!r}: cannot create the directory "
+                        f"{str(file.parent)!r} of {db.path!r} (create_dirs=True): "
+                        f"{describe(exc)}. Fix the path, or create the directory, writable "
+                        f"by the app's user."
+                    )
                 raise for_good(OSError(msg)) from exc
+        conn: aiosqlite.Connection | None = None
         try:
             conn = await db._open()
         except sqlite3.Error as exc:
             misconfigured = _cannot_open(name, db.path, file, exc, create_dirs=create_dirs, wal=wal)
             if misconfigured is not None:
                 raise misconfigured from exc
-            raise unavailable(name, f"cannot open {db.path!r}: {describe(exc)}") from exc
-        try:
-            if wal:
-                async with conn.execute("PRAGMA journal_mode = WAL") as cur:
-                    row = await cur.fetchone()
-                mode = str(row[0]) if row else "?"
-                if mode.lower() != "wal":
-                    log.warning(
-                        "tether: database %r (%s) stays in journal_mode=%s, not WAL "
-                        "(a filesystem without shared memory?); writers block readers.",
-                        name,
-                        db.path,
-                        mode,
-                    )
-            await conn.execute("PRAGMA schema_version")
-        except sqlite3.Error as exc:
-            # A file of something else is read only now when the connection set nothing up
-            # (foreign_keys=False, synchronous=None); a read-only one, by the WAL switch.
-            misconfigured = _cannot_open(name, db.path, file, exc, create_dirs=create_dirs, wal=wal)
-            if misconfigured is not None:
-                raise misconfigured from exc
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
-                await conn.close()
+            if not sqlite_busy(exc):
+                raise unavailable(name, f"cannot open {db.path!r}: {describe(exc)}") from exc
+            _locked_at_start(name, db.path, exc, wal)
+        if conn is not None:
+            try:
+                if wal:
+                    async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                        row = await cur.fetchone()
+                    mode = str(row[0]) if row else "?"
+                    if mode.lower() != "wal":
+                        log.warning(
+                            "tether: database %r (%s) stays in journal_mode=%s, not WAL "
+                            "(a filesystem without shared memory?); writers block readers.",
+                            name,
+                            db.path,
+                            mode,
+                        )
+                await conn.execute("PRAGMA schema_version")
+            except sqlite3.Error as exc:
+                # A file of something else is read only now when the connection set nothing
+                # up (foreign_keys=False, synchronous=None); a read-only one, by the WAL
+                # switch.
+                misconfigured = _cannot_open(
+                    name, db.path, file, exc, create_dirs=create_dirs, wal=wal
+                )
+                if misconfigured is not None:
+                    raise misconfigured from exc
+                if not sqlite_busy(exc):
+                    raise
+                _locked_at_start(name, db.path, exc, wal)
+            finally:
+                with anyio.CancelScope(shield=True):  # also when a cancellation ends the open
+                    await conn.close()
         db.limiter = anyio.CapacityLimiter(max_connections)
         db._writers = anyio.CapacityLimiter(1)
         db._uri = _rw_uri(db.path)  # the file exists now: never create it again

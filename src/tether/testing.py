@@ -157,7 +157,7 @@ def _assert_not_cancelled(
         if not any(c.abandoned for c in cancelled):
             ended = f"cancelled after {drain}"
         elif all(c.abandoned for c in cancelled):
-            ended = "with nothing running in it"  # (not waited for: closed, rolled back)
+            ended = "with nothing running in it"  # (closed past the drain, rolled back)
         else:
             ended = f"past {drain}"
         msg = (

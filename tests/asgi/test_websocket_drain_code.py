@@ -110,7 +110,7 @@ async def test_a_socket_open_past_drain_timeout_is_closed_with_1012(
     assert isinstance(socket.error, asyncio.CancelledError)
     warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
     assert warnings == [
-        "tether: 1 units of work still in flight after drain_timeout=0.2 s, cancelled: "
+        "tether: 1 unit of work still in flight after drain_timeout=0.2 s, cancelled: "
         f"WEBSOCKET {path}"
     ]
 

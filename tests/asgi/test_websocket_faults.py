@@ -226,7 +226,7 @@ async def test_drain_cancels_a_websocket_still_running(
     assert isinstance(socket.error, asyncio.CancelledError)
     warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
     assert warnings == [
-        "tether: 1 units of work still in flight after drain_timeout=0.2 s, cancelled: "
+        "tether: 1 unit of work still in flight after drain_timeout=0.2 s, cancelled: "
         f"WEBSOCKET {path}/hold"
     ]
 
@@ -280,7 +280,7 @@ async def test_drain_warning_names_the_units_it_could_not_cancel(
             tg.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
     assert warnings == [
-        "tether: 1 units of work still in flight after drain_timeout=0.1 s, cancelled: none; "
+        "tether: 1 unit of work still in flight after drain_timeout=0.1 s, cancelled: none; "
         "not cancelled (no asyncio task to cancel, as on trio): stuck job: they get up to "
         "close_timeout=0.2 s to end before the app resources close under them; end them from "
         "the server's shutdown (its graceful timeout)"

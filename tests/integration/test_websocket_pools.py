@@ -154,7 +154,7 @@ async def test_drain_cancels_a_socket_in_a_query_before_the_pool_closes(
     assert busy == []
     messages = [r.getMessage() for r in caplog.records]
     assert (
-        "tether: 1 units of work still in flight after drain_timeout=0.5 s, cancelled: "
+        "tether: 1 unit of work still in flight after drain_timeout=0.5 s, cancelled: "
         f"WEBSOCKET {path}/hold"
     ) in messages
     assert not [m for m in messages if "did not close within" in m]

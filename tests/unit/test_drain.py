@@ -122,7 +122,7 @@ class TestDrain:
         assert 0.09 < elapsed < 1
         warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
         assert warnings == [
-            "tether: 1 units of work still in flight after drain_timeout=0.1 s, cancelled: "
+            "tether: 1 unit of work still in flight after drain_timeout=0.1 s, cancelled: "
             "stuck job"
         ]
 
@@ -407,7 +407,7 @@ async def test_an_app_resource_asking_for_one_that_cannot_open_first_is_not_told
             yield "b"
             tg.cancel_scope.cancel()
 
-    @lc.resource(scope="app")
+    @lc.resource(scope="app", retries=2, backoff=5)
     async def b() -> AsyncIterator[str]:
         async for value in asking("a" if case == "depends_on_the_asker" else "b"):
             yield value
@@ -416,10 +416,15 @@ async def test_an_app_resource_asking_for_one_that_cannot_open_first_is_not_told
     async def a(b: str) -> str:
         return f"a of {b}"
 
+    started = time.monotonic()
     with pytest.raises(tether.StartupError) as caught:
         async with lc.run():
             pass  # pragma: no cover
+    assert time.monotonic() - started < 4  # not retried: the same order comes again
     said = str(caught.value)
+    assert said.endswith(
+        "Fix the cause above: a mistake in the configuration or the code, which no retry mends."
+    ), said
     if case == "itself":
         assert (
             "App resource 'b' is not open yet: it is the resource whose code asks for it, " in said
@@ -428,6 +433,6 @@ async def test_an_app_resource_asking_for_one_that_cannot_open_first_is_not_told
         assert (
             "App resource 'a' is not open yet: it depends on 'b', whose code asks for it as 'b' "
             "opens, so it opens after. Use it only once the app has started (after the "
-            "lifespan's startup), or give the task the value it needs."
+            "lifespan's startup), or pass the value it needs to the code that asks for it."
         ) in said, said
     assert "take it as a parameter" not in said

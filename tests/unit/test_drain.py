@@ -122,8 +122,7 @@ class TestDrain:
         assert 0.09 < elapsed < 1
         warnings = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
         assert warnings == [
-            "tether: 1 unit of work still in flight after drain_timeout=0.1 s, cancelled: "
-            "stuck job"
+            "tether: 1 unit of work still in flight after drain_timeout=0.1 s, cancelled: stuck job"
         ]
 
     async def test_scope_after_shutdown_is_not_refused_as_draining(self) -> None:

@@ -1970,6 +1970,17 @@ class Lifecycle:
                 with suppress(ValueError):  # exited in another context (GC)
                     current_unit.reset(token)
         except BaseException as exc:
+            if isinstance(exc, GeneratorExit) and not unit.closed:
+                # Never exited: its context manager was dropped with the block open, and
+                # Python's finalizer closes it now. What it did is rolled back: said, where
+                # the client of a request that did this got its 200 in silence (trial 34).
+                log.warning(
+                    "tether: unit of work %r was never exited: its `lc.scope()` context "
+                    "manager was garbage-collected with the block open (entered by hand, its "
+                    "`__aenter__` with no `__aexit__`), so what it holds is rolled back now. "
+                    "Exit every `lc.scope()` (`async with lc.scope() as s:`)",
+                    unit.label,
+                )
             with anyio.CancelScope(shield=True):
                 errors = await unit.aclose(exc)
             shut = self._shut.get(unit)

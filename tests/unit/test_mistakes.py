@@ -3,6 +3,7 @@ made, with a message naming the thing, the cause and the fix (before: a bare Typ
 hang, a value that silently was something else, or an app scope that died mid-run)."""
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -1014,3 +1015,42 @@ async def test_a_scope_entered_by_hand_by_the_task_shutting_down_is_closed(
     ]
     with pytest.raises(tether.ScopeError, match="closed by the shutdown, rolled back"):
         await scope.__aexit__(None, None, None)
+
+
+async def test_a_scope_dropped_with_its_block_open_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`lc.scope()` entered by hand and its context manager dropped (an endpoint that returns
+    without exiting it): Python's finalizer closes it, rolled back. Before (trial 34), the
+    request's client got its 200 and the write was rolled back with nothing in the log."""
+    lc = tether.Lifecycle()
+    ends: list[str] = []
+
+    @lc.resource
+    async def conn() -> AsyncIterator[int]:
+        try:
+            yield 1
+        except BaseException:
+            ends.append("rolled back")
+            raise
+        ends.append("committed")  # pragma: no cover - the test fails if it is
+
+    async def leave() -> None:
+        scope = lc.scope("dropped")
+        await (await scope.__aenter__()).get(conn)  # returns with the block open
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        async with lc.run():
+            await leave()
+            gc.collect()  # (what CPython does at once, its last reference gone)
+            with anyio.fail_after(5):
+                while not ends:
+                    await anyio.sleep(0.01)
+    assert ends == ["rolled back"]
+    said = [r.getMessage() for r in caplog.records if "never exited" in r.getMessage()]
+    assert said == [
+        "tether: unit of work 'dropped' was never exited: its `lc.scope()` context manager was "
+        "garbage-collected with the block open (entered by hand, its `__aenter__` with no "
+        "`__aexit__`), so what it holds is rolled back now. Exit every `lc.scope()` (`async "
+        "with lc.scope() as s:`)"
+    ]

@@ -126,56 +126,6 @@ async def test_a_commit_past_close_timeout_is_cancelled_on_the_server(
     assert postgres.activity(name) == []
 
 
-@pytest.mark.parametrize("kind", ["psycopg", "sqlalchemy"])
-async def test_a_salvage_given_up_on_psycopg_still_ends_the_backend_and_gives_back(
-    kind: str, postgres: Postgres, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The salvage over while psycopg still cancels the `COMMIT` (CI's load did it at 5 and
-    10 s): psycopg closes the connection, and every await of the cleanup after is cancelled
-    as it comes. The backend is still ended on the server, and the connection given back,
-    before the client gets its 500 (before, the `COMMIT` went on waiting, and went through
-    once the lock was free, and the pool counted the connection in use for good; then the
-    500 came before the end, and the `COMMIT` could still go through after it)."""
-    import psycopg
-
-    import tether._scope
-
-    try_cancel = psycopg.AsyncConnection._try_cancel
-
-    async def slow_cancel(self: Any, *args: Any, **kwargs: Any) -> None:
-        await anyio.sleep(2)  # the server slow to take the cancel request, as under load
-        await try_cancel(self, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.AsyncConnection, "_try_cancel", slow_cancel)
-    monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)  # over while psycopg cancels
-    orders_table(postgres)
-    name = "slow-commit-given-up"
-    app = make(kind, postgres.dsn, name, driver="psycopg")
-    lc: tether.Lifecycle = app.state.lc
-
-    other = await asyncpg.connect(postgres.dsn)
-    try:
-        await other.execute("BEGIN")
-        await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client,
-        ):
-            answer = await client.post("/orders/1")  # its COMMIT waits for k=1
-            assert answer.status_code == 500, answer.text
-            # Ended (from a task of its own) before the client got its 500: the COMMIT
-            # could not go through after it (CI's load had the 500 first).
-            assert [r for r in postgres.activity(name) if r["state"] != "idle"] == []
-            assert not any(pool.in_use for pool in lc.stats().pools.values())
-            assert (await client.post("/orders/2")).status_code == 200  # the pool serves
-        await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
-        await anyio.sleep(0.5)
-    finally:
-        await other.close()
-    assert postgres.sql("SELECT k FROM slow_orders") == [(2,)]
-
-
 def slow_driver_cancel(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver's own cancel request slowed 2 s (the server slow to take it, as under
     load), and tether's salvage of a close cut short at 0.5 s: over while the driver cancels."""
@@ -204,18 +154,27 @@ def slow_driver_cancel(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tether._scope, "SALVAGE", 0.5)
 
 
-async def test_a_salvage_given_up_on_asyncpg_still_ends_the_backend(
-    postgres: Postgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", ["asyncpg", "psycopg", "sqlalchemy"])
+async def test_a_salvage_given_up_still_ends_the_backend_and_gives_back(
+    kind: str,
+    postgres: Postgres,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """As the test above, on asyncpg: the salvage over while asyncpg's cancel request is on
-    its way, the connection is terminated, and that cancel request with it. Before, nothing
-    ended the backend: the client got its 500 with the `COMMIT` still waiting on the server,
-    and it went through once the lock was free; and the log blamed the unit for a
-    "connection returned inside an open transaction"."""
-    slow_driver_cancel("asyncpg", monkeypatch)
+    """The salvage over while the driver still cancels the `COMMIT` (CI's load did it at 5
+    and 10 s, on psycopg): psycopg closes the connection (asyncpg's is terminated, its
+    cancel request with it), and every await of the cleanup after is cancelled as it comes.
+    The backend is still ended on the server, and the connection given back, before the
+    client gets its 500. Before, the `COMMIT` went on waiting, and went through once the
+    lock was free (psycopg's pool counted the connection in use for good; then the 500 came
+    before the end, and the `COMMIT` could still go through after it; on asyncpg, nothing
+    ended it, and the log blamed the unit for a "connection returned inside an open
+    transaction")."""
+    slow_driver_cancel(kind, monkeypatch)
     orders_table(postgres)
-    name = "slow-commit-given-up-asyncpg"
-    app = make("asyncpg", postgres.dsn, name)
+    name = f"slow-commit-given-up-{kind}"
+    app = make(kind, postgres.dsn, name, driver="psycopg")
+    lc: tether.Lifecycle = app.state.lc
     other = await asyncpg.connect(postgres.dsn)
     try:
         await other.execute("BEGIN")
@@ -227,7 +186,10 @@ async def test_a_salvage_given_up_on_asyncpg_still_ends_the_backend(
         ):
             answer = await client.post("/orders/1")  # its COMMIT waits for k=1
             assert answer.status_code == 500, answer.text
+            # Ended (from a task of its own) before the client got its 500: the COMMIT
+            # could not go through after it (CI's load had the 500 first).
             assert [r for r in postgres.activity(name) if r["state"] != "idle"] == []
+            assert not any(pool.in_use for pool in lc.stats().pools.values())
             assert (await client.post("/orders/2")).status_code == 200  # the pool serves
         await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
         await anyio.sleep(0.5)

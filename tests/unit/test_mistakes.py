@@ -397,6 +397,21 @@ def test_a_misspelt_health_router_option_names_the_one_meant() -> None:
         tether.fastapi.health_router(tether.Lifecycle(), prefx="/probes")
 
 
+def ending(lc: tether.Lifecycle, ends: list[str]) -> tether.Resource[int]:
+    """A request resource of *lc* that notes in *ends* how each of its values ended."""
+
+    @lc.resource(name="conn")
+    async def conn() -> AsyncIterator[int]:
+        try:
+            yield 1
+        except BaseException:
+            ends.append("rolled back")
+            raise
+        ends.append("committed")
+
+    return conn
+
+
 @pytest.mark.tether_unchecked  # (the plugin reports the unit left open: tested there)
 async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
     caplog: pytest.LogCaptureFixture,
@@ -458,15 +473,7 @@ async def test_a_scope_handed_to_another_task_is_waited_for_and_committed() -> N
     and its late `__aexit__` returned as if committed."""
     lc = tether.Lifecycle(drain_timeout=10)
     ends: list[str] = []
-
-    @lc.resource
-    async def conn() -> AsyncIterator[int]:
-        try:
-            yield 1
-        except BaseException:
-            ends.append("rolled back")
-            raise
-        ends.append("committed")
+    conn = ending(lc, ends)
 
     async def worker(scope: Any) -> None:
         await anyio.sleep(0.5)  # the rest of the job, as the shutdown begins
@@ -495,15 +502,7 @@ async def test_a_scope_entered_by_hand_in_a_task_cancelled_at_drain_is_closed(
     is already running"), the server's transaction open until then."""
     lc = tether.Lifecycle(drain_timeout=0.5, close_timeout=30)
     ends: list[str] = []
-
-    @lc.resource
-    async def conn() -> AsyncIterator[int]:
-        try:
-            yield 1
-        except BaseException:
-            ends.append("rolled back")
-            raise
-        ends.append("committed")  # pragma: no cover - the test fails if it is
+    conn = ending(lc, ends)
 
     entered = anyio.Event()
 
@@ -987,15 +986,7 @@ async def test_a_scope_entered_by_hand_by_the_task_shutting_down_is_closed(
     under it, and "its generator yielded more than once" at the loop's end)."""
     lc = tether.Lifecycle(drain_timeout=0.5, close_timeout=30)
     ends: list[str] = []
-
-    @lc.resource
-    async def conn() -> AsyncIterator[int]:
-        try:
-            yield 1
-        except BaseException:
-            ends.append("rolled back")
-            raise
-        ends.append("committed")  # pragma: no cover - the test fails if it is
+    conn = ending(lc, ends)
 
     with caplog.at_level(logging.WARNING, logger="tether"):
         async with lc.run():
@@ -1025,15 +1016,7 @@ async def test_a_scope_dropped_with_its_block_open_is_said(
     request's client got its 200 and the write was rolled back with nothing in the log."""
     lc = tether.Lifecycle()
     ends: list[str] = []
-
-    @lc.resource
-    async def conn() -> AsyncIterator[int]:
-        try:
-            yield 1
-        except BaseException:
-            ends.append("rolled back")
-            raise
-        ends.append("committed")  # pragma: no cover - the test fails if it is
+    conn = ending(lc, ends)
 
     async def leave() -> None:
         scope = lc.scope("dropped")

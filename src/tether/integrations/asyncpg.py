@@ -57,7 +57,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple, Never
+from typing import TYPE_CHECKING, Any, Never
 
 import anyio
 
@@ -1728,42 +1728,40 @@ async def _terminate_at(p: Any, addr: Any, pid: int) -> None:
         other.terminate()
 
 
-class _Backend(NamedTuple):
-    """A connection's backend: its pid, the address it reached (a DSN may name several
-    hosts), and a cancel request for it (None where asyncpg has none to give): sent when no
-    connection can end it (`_discard`), as it needs no connection slot."""
-
-    pid: int
-    addr: Any
-    cancel: Callable[[], Awaitable[None]] | None
+#: A connection's backend: its pid, the address it reached (a DSN may name several hosts),
+#: and what asyncpg's cancel request for it needs (its connection parameters and secret
+#: key, `_cancel_request`), read as it is released: sent when no connection can end it
+#: (`_discard`), as it needs no connection slot. (A plain tuple: made at each release.)
+_Backend = tuple[int, Any, Any, Any]
 
 
 def _backend(conn: Any) -> _Backend | None:
-    """*conn*'s backend; None once closed or released."""
+    """*conn*'s backend; None once closed or released. (Read at each release: attribute
+    reads only.)"""
     try:
         if conn.is_closed():
             return None
         raw = getattr(conn, "_con", conn)  # a pool's proxy: its connection
         pid = int(conn.get_server_pid())
-        addr = getattr(raw, "_addr", None)
+        protocol = getattr(raw, "_protocol", None)
+        secret = getattr(protocol, "backend_secret", None)
+        return pid, getattr(raw, "_addr", None), getattr(raw, "_params", None), secret
     except pg_errors.InterfaceError:
         return None  # already released
-    cancel = None
-    try:  # asyncpg's own cancel request, as its query cancel sends it (its key, now)
-        from asyncpg import connect_utils
 
-        secret = raw._protocol.backend_secret
-        cancel = functools.partial(
-            connect_utils._cancel,
-            loop=asyncio.get_running_loop(),
-            addr=addr,
-            params=raw._params,
-            backend_pid=pid,
-            backend_secret=secret,
-        )
-    except Exception:  # pragma: no cover - an asyncpg that keeps these otherwise
-        pass
-    return _Backend(pid, addr, cancel)
+
+async def _cancel_request(backend: _Backend) -> None:
+    """Send *backend* asyncpg's own cancel request (as its query cancel sends it)."""
+    from asyncpg import connect_utils
+
+    pid, addr, params, secret = backend
+    await connect_utils._cancel(
+        loop=asyncio.get_running_loop(),
+        addr=addr,
+        params=params,
+        backend_pid=pid,
+        backend_secret=secret,
+    )
 
 
 async def _discard(p: Any, conn: Any, backend: _Backend | None, name: str) -> None:
@@ -1778,7 +1776,8 @@ async def _discard(p: Any, conn: Any, backend: _Backend | None, name: str) -> No
     state: _State | None = getattr(p, "_tether", None)
     if backend is None or (state is not None and state.pgbouncer):
         return  # behind PgBouncer the pid is PgBouncer's, which drops the server side itself
-    pid, addr, cancel = backend
+    pid, addr, params, secret = backend
+    can_cancel = addr is not None and params is not None and secret is not None
     try:
         async with asyncio.timeout(_STOP_WITHIN):
             async with p.acquire(timeout=_STOP_WITHIN) as other:
@@ -1791,13 +1790,13 @@ async def _discard(p: Any, conn: Any, backend: _Backend | None, name: str) -> No
                 await _terminate_at(p, addr, pid)
     except Exception as exc:
         why = describe(exc)
-        if cancel is not None:
+        if can_cancel:
             # No connection to end it from (the pool's all in use, the server full): a
             # cancel request needs no slot. Its query (a COMMIT waiting for a lock) is
             # cancelled, and the backend then finds its client gone.
             try:
                 async with asyncio.timeout(_STOP_WITHIN):
-                    await cancel()
+                    await _cancel_request(backend)
             except Exception as also:
                 why = f"{why}; its cancel request failed too: {describe(also)}"
             else:

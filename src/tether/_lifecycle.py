@@ -2934,6 +2934,9 @@ _ANSWERED = (json.JSONDecodeError, UnicodeError)
 #: Python 3.11+): a read-only file written to, a file that is not a database. Not
 #: SQLITE_CANTOPEN: a volume mounted late may mend it.
 _SQLITE_FOR_GOOD = ("SQLITE_READONLY", "SQLITE_NOTADB")
+#: ... but for these, which SQLite documents as passing: another connection recovering the
+#: WAL file, or setting up its shared memory (trial 34).
+_SQLITE_PASSING = ("SQLITE_READONLY_RECOVERY", "SQLITE_READONLY_CANTINIT")
 
 
 def _misconfigured(exc: BaseException) -> bool:
@@ -2942,7 +2945,11 @@ def _misconfigured(exc: BaseException) -> bool:
         return True
     for error in (exc, getattr(exc, "orig", None)):  # (SQLAlchemy's wraps the driver's)
         code = getattr(error, "sqlite_errorname", None)
-        if isinstance(code, str) and code.startswith(_SQLITE_FOR_GOOD):
+        if (
+            isinstance(code, str)
+            and code.startswith(_SQLITE_FOR_GOOD)
+            and code not in _SQLITE_PASSING
+        ):
             return True  # it advised retries= or a longer timeout= (trial 30)
     return isinstance(exc, _MISCONFIGURED) and not isinstance(exc, _ANSWERED)
 

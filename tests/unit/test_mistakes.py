@@ -1037,3 +1037,40 @@ async def test_a_scope_dropped_with_its_block_open_is_said(
         "`__aexit__`), so what it holds is rolled back now. Exit every `lc.scope()` (`async "
         "with lc.scope() as s:`)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("code", "retried"),
+    [
+        ("SQLITE_READONLY", False),
+        ("SQLITE_READONLY_DBMOVED", False),
+        ("SQLITE_READONLY_RECOVERY", True),
+        ("SQLITE_READONLY_CANTINIT", True),
+    ],
+)
+async def test_an_sqlite_error_that_passes_is_retried(code: str, retried: bool) -> None:
+    """SQLite's read-only errors are mistakes no retry mends, but for the two it documents as
+    passing (another connection recovering the WAL, or setting up its shared memory): they
+    were classed with them by their prefix (trial 34)."""
+    import sqlite3
+
+    lc = tether.Lifecycle()
+    attempts: list[int] = []
+
+    @lc.resource(scope="app", retries=1, backoff=0.01)
+    async def db() -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            error = sqlite3.OperationalError("attempt to write a readonly database")
+            error.sqlite_errorname = code
+            raise error
+        return 1
+
+    if retried:
+        async with lc.run():
+            assert lc.get(db) == 1
+    else:
+        with pytest.raises(tether.StartupError, match="which no retry mends"):
+            async with lc.run():
+                pass  # pragma: no cover
+    assert len(attempts) == (2 if retried else 1)

@@ -2080,9 +2080,10 @@ def _said_in_memory(u: URL, name: str, options: Mapping[str, Any]) -> None:
             "transaction the units of work that run at the same time share, so one that fails "
             "rolls back the writes of the others (answered 2xx), or has its own committed by "
             "another. Fine for a test that sends one request at a time; where requests run at "
-            "once, use a file (sqlite+aiosqlite:///./app.db), or rolled_back(session) in tests, "
-            "which serialises them.",
+            "once, use a file (%s:///./app.db), or rolled_back(session) in tests, which "
+            "serialises them.",
             name,
+            u.drivername,  # (a sync engine's: sqlite, trial 34)
         )
 
 

@@ -1085,10 +1085,15 @@ class Lifecycle:
                 f"and closes after."
             )
         else:
+            how = (
+                "has not started"  # (it read "is created": trial 35)
+                if self.state is State.CREATED
+                else f"is {self.state.value}"
+            )
             msg = (
-                f"App resource {res.name!r} is not open: the app scope is "
-                f"{self.state.value}. Start it with `FastAPI(lifespan=lc.lifespan)` "
-                f"(and `with TestClient(app):` in tests) or `async with lc.run():`."
+                f"App resource {res.name!r} is not open: the app scope {how}. Start it with "
+                f"`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+                f"`async with lc.run():`."
             )
         raise ScopeError(msg)
 

@@ -1019,7 +1019,7 @@ def test_request_before_the_lifecycle_started_names_the_fix(layout: str) -> None
     include_routes(app, router)
     install(app, lc)
     expected = (
-        "App resource 'pool' is not open: the app scope is created. Start it with "
+        "App resource 'pool' is not open: the app scope has not started. Start it with "
         "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
         "`async with lc.run():`."
     )

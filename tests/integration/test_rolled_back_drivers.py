@@ -255,7 +255,7 @@ async def test_rolled_back_misuse_says_what_to_pass(postgres: Postgres, name: st
     with pytest.raises(
         tether.ScopeError,
         match=exactly(
-            "App resource 'pool' is not open: the app scope is created. Start it with "
+            "App resource 'pool' is not open: the app scope has not started. Start it with "
             "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
             "`async with lc.run():`."
         ),

@@ -819,7 +819,7 @@ async def test_rolled_back_misuse_says_what_to_pass(tmp_path: Path) -> None:
     with pytest.raises(
         tether.ScopeError,
         match=exactly(
-            "App resource 'engine' is not open: the app scope is created. Start it with "
+            "App resource 'engine' is not open: the app scope has not started. Start it with "
             "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
             "`async with lc.run():`."
         ),

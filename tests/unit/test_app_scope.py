@@ -164,7 +164,7 @@ class TestOpening:
             return f"conn({settings})"  # pragma: no cover - never opened here
 
         not_open = re.escape(
-            "App resource 'settings' is not open: the app scope is created. Start it with "
+            "App resource 'settings' is not open: the app scope has not started. Start it with "
             "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
             "`async with lc.run():`."
         )

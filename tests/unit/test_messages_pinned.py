@@ -548,3 +548,21 @@ def test_a_queue_full_503_counts_its_waiters_in_good_english(waiting: int, words
         f"(max_waiting={waiting}); refused at once rather than queued. Retry shortly; if it "
         f"persists, check the database and the pool size."
     )
+
+
+def test_a_server_that_never_answers_says_the_connect_timeout_ran_out() -> None:
+    """A bare "TimeoutError" said nothing of what ran out (trial 35); a role that is not a
+    superuser, refused for want of a slot, gets the advice for a full server."""
+    from tether.integrations._common import unreachable
+
+    said = str(unreachable("pool", "postgresql://u:pw@db/app", TimeoutError()))
+    assert said == (
+        "'pool' cannot reach postgresql://u:***@db/app: TimeoutError (no answer within the "
+        "connect timeout). Check that the server runs and is reachable from here, and the "
+        "address and credentials in its DSN."
+    )
+    full = OSError(
+        "connection failed: FATAL:  remaining connection slots are reserved for "
+        "non-replication superuser connections"
+    )
+    assert "The server has no connection slot left" in str(unreachable("pool", "db", full))

@@ -1640,6 +1640,8 @@ def unreachable(
     """
     said = unstopped(str(cause).strip())
     reason = f"{type(cause).__name__}: {said}" if said else type(cause).__name__
+    if not said and isinstance(cause, TimeoutError):  # (trial 35: a bare "TimeoutError")
+        reason += " (no answer within the connect timeout)"
     advice = (
         _NO_SLOT_LEFT
         if _no_slot_left(cause)
@@ -1664,7 +1666,12 @@ def _no_slot_left(cause: BaseException) -> bool:
     """Whether *cause* is the server refusing a connection for want of a slot (53300),
     which no check of its address mends. libpq keeps that SQLSTATE to itself (psycopg's
     error has none): its message says it."""
-    return "53300" in sqlstates(cause) or "too many clients already" in str(cause)
+    said = str(cause)
+    return (
+        "53300" in sqlstates(cause)
+        or "too many clients already" in said
+        or "remaining connection slots are reserved" in said  # (a role not a superuser)
+    )
 
 
 T = TypeVar("T")

@@ -133,3 +133,21 @@ async def test_an_in_memory_database_says_what_its_units_of_work_share(
             f"requests run at once, use a file ({url.partition(':')[0]}:///./app.db), or "
             "rolled_back(session) in tests, which serialises them."
         ]
+
+
+async def test_a_uri_that_cannot_open_says_why(tmp_path: Path) -> None:
+    """`sqlite+aiosqlite:///file:...?mode=ro&uri=true` of a file that does not exist: worded
+    as a server that cannot be reached, and retried (trial 33)."""
+    path = tmp_path / "none.db"
+    lc = tether.Lifecycle()
+    tsa.engine(lc, f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true", retries=3, backoff=5)
+    with pytest.raises(tether.StartupError) as caught:
+        async with lc.run():
+            pass  # pragma: no cover
+    assert str(caught.value) == (
+        f"App resource 'engine' failed to open: OperationalError: Engine 'engine': cannot open "
+        f"'file:{path}': the file {str(path)!r} does not exist, and the URI's mode= does not "
+        f"let SQLite create it (OperationalError: unable to open database file). Pass the path "
+        f"of an existing database, or drop mode= (or use mode=rwc) to have it created."
+        f"{NO_RETRY}"
+    )

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from urllib.parse import unquote
 
 from .._errors import (
     LOST_NOTE,
@@ -61,6 +62,7 @@ __all__ = [
     "terminate_backend",
     "cancel_request_of",
     "sqlite_lock_hint",
+    "sqlite_file_of",
     "STOP_WITHIN",
     "RESET_SESSION",
     "SESSION_SETTINGS",
@@ -1914,6 +1916,16 @@ _SQLITE_PRIMARY_NAMES = {
     sqlite3.SQLITE_NOTADB: "SQLITE_NOTADB",
     sqlite3.SQLITE_READONLY: "SQLITE_READONLY",
 }
+
+
+def sqlite_file_of(path: str) -> Path:
+    """The file *path* names: a ``file:`` URI's path part (percent-decoded), or *path*."""
+    if not path.startswith("file:"):
+        return Path(path)
+    rest = path[len("file:") :].partition("?")[0].partition("#")[0]
+    if rest.startswith("//"):  # file://localhost/abs/path, file:///abs/path
+        rest = "/" + rest[2:].partition("/")[2]
+    return Path(unquote(rest))
 
 
 def sqlite_cannot_open(

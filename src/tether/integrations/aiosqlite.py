@@ -72,7 +72,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Never, cast
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import anyio
 
@@ -111,6 +111,7 @@ from ._common import (
     not_an_option,
     sqlite_busy,
     sqlite_cannot_open,
+    sqlite_file_of,
     sqlite_lock_hint,
     unavailable,
 )
@@ -459,16 +460,6 @@ def _resolve_path(path: PathLike | Callable[[], PathLike], name: str = "database
     return text
 
 
-def _file_of(path: str) -> Path:
-    """The file *path* names: a ``file:`` URI's path part (percent-decoded), or *path*."""
-    if not path.startswith("file:"):
-        return Path(path)
-    rest = path[len("file:") :].partition("?")[0].partition("#")[0]
-    if rest.startswith("//"):  # file://localhost/abs/path, file:///abs/path
-        rest = "/" + rest[2:].partition("/")[2]
-    return Path(unquote(rest))
-
-
 def _rw_uri(path: str) -> str | None:
     """*path* as a URI that opens it read-write, never creating it; ``None`` for a path that
     is a ``file:`` URI already (opened as given)."""
@@ -538,7 +529,7 @@ def database(
             synchronous=synchronous,
             max_connections=max_connections,
         )
-        file = _file_of(db.path)
+        file = sqlite_file_of(db.path)
         if create_dirs:
             try:
                 file.parent.mkdir(parents=True, exist_ok=True)

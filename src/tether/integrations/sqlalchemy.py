@@ -150,6 +150,7 @@ from ._common import (
     shut_down_socket,
     sqlite_busy,
     sqlite_cannot_open,
+    sqlite_file_of,
     sqlite_lock_hint,
     sqlstates,
     still_in_use,
@@ -2095,10 +2096,11 @@ def _sqlite_path_error(name: str, u: URL, exc: BaseException) -> Exception | Non
     path = u.database
     if u.get_backend_name() != "sqlite" or not path or _is_memory_sqlite(u):
         return None
-    if path.startswith("file:"):
-        return None  # a URI, opened as given
     orig = getattr(exc, "orig", None) or exc
     missing = "create it (SQLAlchemy creates the database file, not its directory)."
+    if path.startswith("file:") and u.query.get("uri") in ("true", "1"):  # a URI (trial 33)
+        file = sqlite_file_of(path)
+        return sqlite_cannot_open(f"Engine {name!r}", path, file, orig, missing_dir=missing)
     return sqlite_cannot_open(f"Engine {name!r}", path, Path(path), orig, missing_dir=missing)
 
 

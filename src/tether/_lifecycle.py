@@ -325,9 +325,7 @@ def _left_open(units: set[Unit], by: str = "a task that has ended") -> str:
     return (
         f"; left open by {by}: "
         f"{', '.join(sorted(u.label for u in units)[:10])} (an `lc.scope()` entered by hand, "
-        f"its `__aenter__` with no `__aexit__`): nothing runs in it to cancel, so what it "
-        f"holds is closed now, rolled back; exit every `lc.scope()` (`async with lc.scope() "
-        f"as s:`)"
+        f"its `__aenter__` with no `__aexit__` yet): nothing runs in it to cancel"
     )
 
 
@@ -1794,6 +1792,15 @@ class Lifecycle:
                 # 30, 34). All at once: each is bounded by its own close.
                 still = [u for u in self._in_flight() if u in self._units]
                 if still:
+                    # Said as it is done: a unit exited meanwhile was not (trial 37).
+                    log.warning(
+                        "tether: %d unit%s of work still open at the end of the drain, closed "
+                        "now, rolled back: %s; exit every `lc.scope()` (`async with "
+                        "lc.scope() as s:`)",
+                        len(still),
+                        "s" if len(still) > 1 else "",
+                        ", ".join(sorted(u.label for u in still)[:10]),
+                    )
                     with anyio.CancelScope(shield=True):
                         async with anyio.create_task_group() as tg:
                             for unit in still:

@@ -5,6 +5,7 @@ the cleanup after the deadline was cancelled at once, so the driver's cancel req
 reached the server: the client got its 500 and the `COMMIT` went through once the lock was
 free (trial 8, on asyncpg, psycopg and SQLAlchemy)."""
 
+import asyncio
 import os
 import re
 import socket
@@ -313,3 +314,34 @@ def psycopg_holding_k1(postgres: Postgres) -> Any:
     conn = psycopg.connect(postgres.dsn)
     conn.execute("INSERT INTO slow_orders (k) VALUES (1)")
     return conn
+
+
+async def test_an_asyncpg_pool_terminated_under_a_commit_cancels_it_first(
+    postgres: Postgres,
+) -> None:
+    """The pool's close ran out (a forced exit closes the pool beside a unit still closing,
+    trial 37): its connections in use are sent a cancel request before the pool terminates
+    them. Before, a `COMMIT` waiting for a lock stayed on the server after the process had
+    exited, and committed once the lock was free, after the client's 500."""
+    from tether.integrations.asyncpg import _close_pool
+
+    orders_table(postgres)
+    other = await asyncpg.connect(postgres.dsn)
+    pool = await asyncpg.create_pool(postgres.dsn, min_size=1, max_size=1)
+    try:
+        await other.execute("BEGIN")
+        await other.execute("INSERT INTO slow_orders (k) VALUES (1)")  # holds k=1
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO slow_orders (k) VALUES (1)")
+        commit = asyncio.ensure_future(conn.execute("COMMIT"))  # waits for k=1
+        await asyncio.sleep(0.3)
+        await _close_pool(pool, "pool", 0.5)
+        with pytest.raises(Exception):  # noqa: B017, PT011 - cancelled, or its socket gone
+            await commit
+        await other.execute("ROLLBACK")  # k=1 free: a COMMIT still waiting would go through
+        await anyio.sleep(0.5)
+    finally:
+        await other.close()
+        pool.terminate()
+    assert postgres.sql("SELECT count(*) FROM slow_orders") == [(0,)]

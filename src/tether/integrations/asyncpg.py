@@ -1000,18 +1000,48 @@ def _terminate_pool(p: Any) -> None:
 
 
 async def _close_pool(p: Any, name: str, within: float) -> None:
-    """Close gracefully (waits for connections in use); terminate what is left after *within*."""
+    """Close gracefully (waits for connections in use); terminate what is left after *within*,
+    their backends sent a cancel request first: PostgreSQL notices a client gone only when it
+    next writes to it, and a ``COMMIT`` waiting for a lock committed once it was free, after
+    the process had exited (trial 37: a forced exit closed the pool beside a unit still
+    closing)."""
+    closing = asyncio.ensure_future(p.close())
     try:
-        async with asyncio.timeout(within):
-            await p.close()
-    except TimeoutError:
+        done, _ = await asyncio.wait({closing}, timeout=within)
+        if done:
+            closing.result()
+            return
         log.warning(
             "tether: asyncpg pool %r did not close within %g s (connections still in use); "
             "terminating them",
             name,
             within,
         )
+        state: _State | None = getattr(p, "_tether", None)
+        if state is None or not state.pgbouncer:  # (PgBouncer's pids: it ends its side)
+            # Before the close is stopped: asyncpg's pool terminates them as it is.
+            await _cancel_in_use(p)
+    finally:
+        if not closing.done():
+            closing.cancel()  # asyncpg's pool terminates its connections on that
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
         p.terminate()
+
+
+async def _cancel_in_use(p: Any) -> None:
+    """Send each connection *p* has in use a cancel request, at once, within 1 s (asyncpg's
+    own, which needs no connection slot): what runs on it stops, and rolls back."""
+    backends = []
+    for holder in list(getattr(p, "_holders", ())):
+        con = getattr(holder, "_con", None)
+        if con is not None and getattr(holder, "_in_use", None) is not None:
+            backend = _backend(con)
+            if backend is not None and None not in backend:
+                backends.append(backend)
+    if backends:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_WITHIN):
+            await asyncio.gather(*(_cancel_request(b) for b in backends), return_exceptions=True)
 
 
 # --------------------------------------------------------------------------- connections

@@ -329,6 +329,9 @@ def _left_open(units: set[Unit], by: str = "a task that has ended") -> str:
     )
 
 
+_HOLDER = "an app resource's own code, which runs until the app resources close"
+
+
 def _abandoned_error(unit: Unit) -> ScopeError:
     """What a unit of work still open at the end of a shutdown's drain is closed with (its
     values, and a later exit of it): an error, so that they roll back (its work was never
@@ -463,6 +466,9 @@ class Lifecycle:
         self._slot_of: dict[Resource[Any], _AppSlot] = {}
         self._units: set[Unit] = set()
         # The task of each unit of work of `scope()` (an HTTP unit keeps its own).
+        # The tasks holding the app resources open (`_hold`): the drain never cancels one
+        # for a unit of work its resource's code entered by hand (trial 34).
+        self._holding: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._unit_tasks: weakref.WeakKeyDictionary[Unit, asyncio.Task[Any] | None] = (
             weakref.WeakKeyDictionary()
         )
@@ -1358,6 +1364,10 @@ class Lifecycle:
         failed: anyio.Event,
     ) -> None:
         """Open one app resource, keep it until released, close it in this same task."""
+        if _on_asyncio():
+            task = asyncio.current_task()
+            if task is not None:
+                self._holding.add(task)
         slot = slots[res]
         target = self._overrides.get(res, res)
         opened: tuple[Any, Any] | None = None
@@ -1762,15 +1772,16 @@ class Lifecycle:
                 )
                 cancelled = self._cancel_units()
                 own = self._own_units()
+                held = self._held_units()
                 left = [
                     u
                     for u in self._units
-                    if u not in cancelled and u not in abandoned and u not in own
+                    if u not in cancelled and u not in abandoned and u not in own | held
                 ]
                 n = len(self._units)
                 log.warning(
                     "tether: %d unit%s of work still in flight after drain_timeout=%g s, "
-                    "cancelled: %s%s%s%s",
+                    "cancelled: %s%s%s%s%s",
                     n,
                     "s" if n > 1 else "",
                     self.drain_timeout,
@@ -1778,10 +1789,11 @@ class Lifecycle:
                     self._not_cancelled(left),
                     _left_open(abandoned),
                     _left_open(own, by="the task shutting the app down"),
+                    _left_open(held, by=_HOLDER),
                 )
                 if cancelled or left:
                     with anyio.move_on_after(self.close_timeout):
-                        while self._units and not self._units <= self._abandoned() | own:
+                        while self._units and not self._units <= self._abandoned() | own | held:
                             with anyio.move_on_after(0.05):
                                 await self._drained.wait()
                 # What is still open is closed here, rolled back, while the pools are open:
@@ -2118,6 +2130,16 @@ class Lifecycle:
             if (getattr(unit, "task", None) or self._unit_tasks.get(unit)) is current
         }
 
+    def _held_units(self) -> set[Unit]:
+        """The units of work in flight entered by an app resource's own code, in the task
+        that holds it open (an `lc.scope()` entered by hand before its `yield`, a warm-up):
+        that task runs until the app resources close, after the drain."""
+        return {
+            unit
+            for unit in list(self._units)
+            if (getattr(unit, "task", None) or self._unit_tasks.get(unit)) in self._holding
+        }
+
     def _cancel_units(self) -> list[Unit]:
         """Cancel the task of every unit of work still in flight (past ``drain_timeout``);
         return the units cancelled."""
@@ -2128,6 +2150,8 @@ class Lifecycle:
         cancelled = []
         for unit in list(self._units):
             task = getattr(unit, "task", None) or self._unit_tasks.get(unit)
+            if task in self._holding:
+                continue  # an app resource's own: cancelled, it would break (`_held_units`)
             if task is not None and task is not current and not task.done():
                 task.cancel(f"tether: drain_timeout={self.drain_timeout:g} s passed at shutdown")
                 cancelled.append(unit)

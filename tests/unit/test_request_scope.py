@@ -616,9 +616,9 @@ class TestAppDependencies:
             async with lc.run():
                 pass
         expected = re.escape(
-            f"App resource 'pool' is not open: the app scope is {state}. Start it with "
-            f"`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
-            f"`async with lc.run():`."
+            "App resource 'pool' is not open: the app scope has not started. Start it with "
+            "`FastAPI(lifespan=lc.lifespan)` (and `with TestClient(app):` in tests) or "
+            "`async with lc.run():`."
             if state != "closed"
             else "App resource 'pool' is not open: the app scope is closed, its lifespan "
             "ended (an earlier test ran the app, or it shut down). In tests, run the lifespan "

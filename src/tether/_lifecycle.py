@@ -339,8 +339,8 @@ def _abandoned_error(unit: Unit) -> ScopeError:
     return ScopeError(
         f"Unit of work {unit.label!r} was still open when the shutdown's drain_timeout="
         f"{unit.lc.drain_timeout:g} s passed, and nothing had exited it (an `lc.scope()` "
-        f"entered by hand, its `__aenter__` with no `__aexit__` in time): closed by the "
-        f"shutdown, rolled back."
+        f"entered by hand, its `__aenter__` with no `__aexit__` in time, or a task that went "
+        f"on after the drain cancelled it): closed by the shutdown, rolled back."
     )
 
 
@@ -1766,18 +1766,15 @@ class Lifecycle:
                 # values to close after what they use).
                 now = time.perf_counter()
                 abandoned = self._abandoned()
+                own = self._own_units()
+                held = self._held_units()
+                by_hand = abandoned | own | held  # nothing runs in them to cancel
                 self._cancelled.extend(
-                    CancelledUnit(u, list(u.entries), now, self.drain_timeout, u in abandoned)
+                    CancelledUnit(u, list(u.entries), now, self.drain_timeout, u in by_hand)
                     for u in self._in_flight()
                 )
                 cancelled = self._cancel_units()
-                own = self._own_units()
-                held = self._held_units()
-                left = [
-                    u
-                    for u in self._units
-                    if u not in cancelled and u not in abandoned and u not in own | held
-                ]
+                left = [u for u in self._units if u not in cancelled and u not in by_hand]
                 n = len(self._units)
                 log.warning(
                     "tether: %d unit%s of work still in flight after drain_timeout=%g s, "
@@ -1791,11 +1788,11 @@ class Lifecycle:
                     _left_open(own, by="the task shutting the app down"),
                     _left_open(held, by=_HOLDER),
                 )
-                if cancelled or left:
-                    with anyio.move_on_after(self.close_timeout):
-                        while self._units and not self._units <= self._abandoned() | own | held:
-                            with anyio.move_on_after(0.05):
-                                await self._drained.wait()
+                # Up to close_timeout for the units cancelled above, those with no task to
+                # cancel (trio), and those closing already: a worker's exit of a unit handed
+                # to it, its COMMIT still running (the pools closed under it, and it
+                # committed after the log said "rolled back": trial 36).
+                await self._wait_for_ends(own | held)
                 # What is still open is closed here, rolled back, while the pools are open:
                 # left open by a task that has ended, or by one cancelled above that did not
                 # leave it (an `lc.scope()` entered by hand), or one with no task to cancel
@@ -1817,6 +1814,8 @@ class Lifecycle:
                         async with anyio.create_task_group() as tg:
                             for unit in still:
                                 tg.start_soon(self._close_left_open, unit)
+                        # ... and the closes a worker began meanwhile (not the shutdown's).
+                        await self._wait_for_ends(own | held, closing_only=True)
         _end_leak_windows(self, time.perf_counter(), every=True)
         await self._stop_opening()
         closing = [slot.res.name for slot in reversed(self._app_slots) if slot.entry is not None]
@@ -2157,9 +2156,29 @@ class Lifecycle:
                 cancelled.append(unit)
         return cancelled
 
+    async def _wait_for_ends(self, stuck: set[Unit], *, closing_only: bool = False) -> None:
+        """Wait, up to ``close_timeout``, while a unit of work in flight is closing, or (but
+        with *closing_only*) may still end on its own: not in *stuck* (entered by the task
+        shutting the app down, or an app resource's), nor left by a task that has ended."""
+
+        def may_end(unit: Unit) -> bool:
+            if unit.closed:
+                return True  # its close runs (a worker's exit, a cancelled request's)
+            return not closing_only and unit not in stuck and unit not in self._abandoned()
+
+        drained = self._drained
+        assert drained is not None  # (the drain made it)
+        with anyio.move_on_after(self.close_timeout):
+            while any(may_end(unit) for unit in list(self._units)):
+                with anyio.move_on_after(0.05):
+                    await drained.wait()
+
     async def _close_left_open(self, unit: Unit) -> None:
         """Close *unit*, still open at the end of a shutdown's drain, rolled back; its
-        ``__aexit__``, if anything calls it later, raises what it was closed with."""
+        ``__aexit__``, if anything calls it later, raises what it was closed with. Not one
+        whose own close began meanwhile (a worker's exit: trial 36)."""
+        if unit.closed:
+            return
         error = _abandoned_error(unit)
         self._shut[unit] = error
         try:

@@ -167,10 +167,11 @@ def _assert_not_cancelled(
         raise AssertionError(msg)
 
 
-#: For a unit of work left open by a task that has ended, which no drain could cancel.
+#: For a unit of work entered by hand and never exited, which no drain could cancel (its task
+#: had ended, or was the one shutting the app down, or an app resource's).
 _ABANDONED = (
-    ", left open by a task that has ended (an `lc.scope()` entered by hand: `__aenter__` "
-    "with no `__aexit__`), so closed by the shutdown, rolled back"
+    ", entered by hand and never exited (an `lc.scope()`: `__aenter__` with no `__aexit__`), "
+    "so closed by the shutdown, rolled back"
 )
 
 

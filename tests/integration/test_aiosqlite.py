@@ -919,7 +919,7 @@ def test_options_belong_to_the_database_resource(tmp_path: Path) -> None:
         "the full path: os.path.expanduser('~/notes.db')."
     )
     # A Path and a URI too (trial 34: both made './~'); '~backup.db' is a file's name.
-    for home in [Path("~/notes.db"), "file:~/notes.db?mode=rwc"]:
+    for home in [Path("~/notes.db"), "file:~/notes.db?mode=rwc", "file://localhost/~/notes.db"]:
         with pytest.raises(ValueError, match="os.path.expanduser\\('~/notes.db'\\)"):
             tsqlite.database(lc, home, name=f"home{len(lc.resources)}")
     tsqlite.database(lc, "~backup.db", name="tilde_named")

@@ -461,7 +461,8 @@ async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
     assert closed_with == [
         "Unit of work 'by hand' was still open when the shutdown's drain_timeout=1 s passed, "
         "and nothing had exited it (an `lc.scope()` entered by hand, its `__aenter__` with no "
-        "`__aexit__` in time): closed by the shutdown, rolled back."
+        "`__aexit__` in time, or a task that went on after the drain cancelled it): closed by "
+        "the shutdown, rolled back."
     ]
     with pytest.raises(tether.ScopeError, match=exactly(closed_with[0])):
         await kept[0].__aexit__(None, None, None)  # late: it must not pass for committed
@@ -1157,3 +1158,40 @@ async def test_a_scope_an_app_resource_entered_by_hand_is_closed_not_its_task_ca
     assert (
         "left open by an app resource's own code, which runs until the app resources close: warm-up"
     ) in "\n".join(logged)
+
+
+async def test_a_handed_off_scope_still_committing_at_drain_timeout_is_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker a unit was handed to exits it before drain_timeout, and its commit runs
+    past it: the shutdown waits for that close (up to close_timeout) before it closes the
+    pools. Before (trial 36), it closed them under the COMMIT, which committed after the
+    log had said "closed now, rolled back"."""
+    lc = tether.Lifecycle(drain_timeout=0.3, close_timeout=5)
+    order: list[str] = []
+
+    @lc.resource(scope="app")
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        order.append("pool closed")
+
+    @lc.resource
+    async def conn(pool: str) -> AsyncIterator[str]:
+        yield pool
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.8)  # its COMMIT, slow (a deferred trigger)
+        order.append("committed")
+
+    async def worker(scope: Any) -> None:
+        await anyio.sleep(0.1)  # exits before drain_timeout; its close runs past it
+        await scope.__aexit__(None, None, None)
+
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        async with lc.run():
+            scope = lc.scope("handed off")
+            unit = await asyncio.ensure_future(scope.__aenter__())  # its task ends
+            await unit.get(conn)
+            handed = asyncio.ensure_future(worker(scope))
+    await handed
+    assert order == ["committed", "pool closed"]
+    assert not [r for r in caplog.records if "closed now, rolled back" in r.getMessage()]

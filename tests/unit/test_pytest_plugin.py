@@ -766,11 +766,53 @@ def test_a_scope_entered_by_hand_and_never_left_is_reported_as_such(
                 "tether: 1 unit of work of <tether.Lifecycle resources=1 state='closed'> still "
                 "in flight when its app scope shut down, with nothing running in it:",
                 f"  - '{label}' (in flight *.** s) holds 'conn' (acquired at */app.py:* in "
-                "take), left open by a task that has ended (an `lc.scope()` entered by hand: "
-                "`__aenter__` with no `__aexit__`), so closed by the shutdown, rolled back",
+                "take), entered by hand and never exited (an `lc.scope()`: `__aenter__` with no "
+                "`__aexit__`), so closed by the shutdown, rolled back",
             ]
         )
     assert "straight from the pool" not in result.stdout.str()
+
+
+def test_a_scope_left_open_in_the_tests_own_app_scope_is_reported(
+    suite: pytest.Pytester,
+) -> None:
+    """A test enters an `lc.scope()` by hand in the block of its own `lc.run()`, and leaves
+    the block: the unit is closed by the shutdown, rolled back, and the test fails, as the
+    plugin said before the shutdown closed such units (then it passed, with WARNINGs only:
+    trial 36)."""
+    suite.makepyfile(
+        test_own_run=textwrap.dedent(
+            """
+            import anyio
+
+            from app import lc, take
+
+
+            def test_leaves_a_scope_open_in_its_run():
+                kept = []
+
+                async def main():
+                    async with lc.run():
+                        scope = lc.scope("in the block")
+                        kept.append(scope)
+                        await take(await scope.__aenter__())
+
+                anyio.run(main)
+            """
+        )
+    )
+    result = suite.runpytest_subprocess()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaves_a_scope_open_in_its_run *",
+            "tether: 1 unit of work of <tether.Lifecycle resources=1 state='closed'> still "
+            "in flight when its app scope shut down, with nothing running in it:",
+            "  - 'in the block' (in flight *.** s) holds 'conn' (acquired at */app.py:* in "
+            "take), entered by hand and never exited (an `lc.scope()`: `__aenter__` with no "
+            "`__aexit__`), so closed by the shutdown, rolled back",
+        ]
+    )
 
 
 def test_units_a_function_scoped_app_waited_on_at_shutdown_are_reported(

@@ -393,6 +393,23 @@ def _in_memory(text: str) -> str | None:
     return None
 
 
+#: The default checks' reads of the file still running (`database`'s `read_the_file`).
+_READING: set[asyncio.Future[None]] = set()
+
+
+async def _read_the_file(db: Database) -> None:
+    async with db.connect() as conn:
+        await conn.execute("PRAGMA schema_version")
+
+
+def _read(reading: asyncio.Future[None]) -> None:
+    """A check's read ended: forgotten, its error retrieved (the check that gave up on it
+    has answered already)."""
+    _READING.discard(reading)
+    if not reading.cancelled():
+        reading.exception()
+
+
 def _locked_at_start(name: str, path: str, exc: sqlite3.Error, wal: bool) -> None:
     """Say that the file is locked by another connection as the app starts (a migration, a
     backup, another process's write): it starts all the same, as SQLAlchemy's engine does;
@@ -437,6 +454,9 @@ def _check_path(raw: object, name: str) -> None:
         )
         raise ValueError(msg)
     path = text.removeprefix("file:").partition("?")[0]
+    if text.startswith("file:"):  # (file://localhost/~/x.db made '/~': trial 36)
+        parts = sqlite_file_of(text).parts
+        path = os.path.join(*parts[1:]) if parts[:1] == ("/",) and parts[1:2] == ("~",) else path
     if path.startswith("~") and os.path.expanduser(path) != path:  # ("~backup.db" is a name)
         msg = (
             f"database({name!r}): {text!r} begins with '~', which is not expanded to a home "
@@ -599,9 +619,14 @@ def database(
 
     async def read_the_file(db: Database) -> None:
         # Reads the file's header (``SELECT 1`` reads nothing); a file that is gone fails the
-        # open (the connection does not create it again).
-        async with db.connect() as conn:
-            await conn.execute("PRAGMA schema_version")
+        # open (the connection does not create it again). In a task of its own: the
+        # statement runs to its end in the connection's thread (a lock waited for up to
+        # busy_timeout), which no cancel reaches, and the connection's close waits for it;
+        # the check's bound does not (it answered after busy_timeout: trial 36).
+        reading = asyncio.ensure_future(_read_the_file(db))
+        _READING.add(reading)
+        reading.add_done_callback(_read)
+        await asyncio.shield(reading)
 
     chosen: Check | None
     if check is True:

@@ -1978,8 +1978,10 @@ def _sqlite_check_late(u: URL, options: Mapping[str, Any]) -> str | None:
     """What a readiness check of an SQLite file that does not finish in time waits for."""
     if u.get_backend_name() != "sqlite" or _is_memory_sqlite(u):
         return None
-    busy = (options.get("connect_args") or {}).get("timeout", 5)
-    return sqlite_lock_hint(f"connect_args={{'timeout': {busy!r}}}")
+    busy = (options.get("connect_args") or {}).get("timeout")
+    if busy is None and "timeout" in u.query:  # (the URL's ?timeout=30: trial 36)
+        return sqlite_lock_hint(f"timeout={u.query['timeout']} in the URL")
+    return sqlite_lock_hint(f"connect_args={{'timeout': {5 if busy is None else busy!r}}}")
 
 
 def _note_sqlite_file(eng: Engine, u: URL) -> None:

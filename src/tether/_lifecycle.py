@@ -325,7 +325,7 @@ def _left_open(units: set[Unit], by: str = "a task that has ended") -> str:
     return (
         f"; left open by {by}: "
         f"{', '.join(sorted(u.label for u in units)[:10])} (an `lc.scope()` entered by hand, "
-        f"its `__aenter__` with no `__aexit__` yet): nothing runs in it to cancel"
+        f"its `__aenter__` with no `__aexit__` yet): no task of it to cancel"
     )
 
 

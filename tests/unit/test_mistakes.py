@@ -454,7 +454,7 @@ async def test_a_scope_left_open_by_a_task_that_ended_is_named_at_shutdown(
         "hand; if nothing exits it by then, what it holds is closed, rolled back",
         "tether: 1 unit of work still in flight after drain_timeout=1 s, cancelled: none; left "
         "open by a task that has ended: by hand (an `lc.scope()` entered by hand, its "
-        "`__aenter__` with no `__aexit__` yet): nothing runs in it to cancel",
+        "`__aenter__` with no `__aexit__` yet): no task of it to cancel",
         "tether: 1 unit of work still open at the end of the drain, closed now, rolled back: "
         "by hand; exit every `lc.scope()` (`async with lc.scope() as s:`)",
     ]
@@ -1002,7 +1002,7 @@ async def test_a_scope_entered_by_hand_by_the_task_shutting_down_is_closed(
     assert said == [
         "tether: 1 unit of work still in flight after drain_timeout=0.5 s, cancelled: none; "
         "left open by the task shutting the app down: in the block (an `lc.scope()` entered "
-        "by hand, its `__aenter__` with no `__aexit__` yet): nothing runs in it to cancel"
+        "by hand, its `__aenter__` with no `__aexit__` yet): no task of it to cancel"
     ]
     with pytest.raises(tether.ScopeError, match="closed by the shutdown, rolled back"):
         await scope.__aexit__(None, None, None)

@@ -1279,6 +1279,15 @@ def _as_failure(error_status: Any, exc: BaseException) -> BaseException | None:
 _SAID_ERROR_STATUS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def _http_exception(failure: BaseException) -> bool:
+    """Whether *failure* is Starlette's (FastAPI's) ``HTTPException``, which the app answers
+    with its status: not any exception with a ``status_code`` (an SDK's ``APIStatusError``
+    carries its upstream's 429, and the client gets a 500: it was logged at INFO as
+    "answered 429", trial 38). Starlette is imported by whoever raised one."""
+    starlette = sys.modules.get("starlette.exceptions")
+    return starlette is not None and isinstance(failure, starlette.HTTPException)
+
+
 def close_failed(
     entry: Entry, failure: BaseException, exc: BaseException | None, errors: list[BaseException]
 ) -> BaseException:
@@ -1293,7 +1302,7 @@ def close_failed(
             describe(failure),
             extra={"tether_resource": entry.res.name},
         )
-    elif isinstance(failure, Exception) and isinstance(getattr(failure, "status_code", None), int):
+    elif _http_exception(failure):
         # An answer the cleanup chose (``raise HTTPException(409)`` for a conflict its flush
         # found): the app's handler answers with its status, as for one raised by a handler,
         # which Starlette does not log either. Noted, without a traceback.

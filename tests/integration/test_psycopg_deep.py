@@ -211,20 +211,30 @@ class TestFirstStatementInABlock:
 
 
 class TestLostAfterOwnCommit:
+    @pytest.mark.parametrize("how", ["commit()", "raw"])
     @pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
     async def test_a_connection_lost_after_the_endpoints_commit_is_not_nothing_committed(
-        self, postgres: Postgres, table: str, caught: bool, caplog: pytest.LogCaptureFixture
+        self,
+        postgres: Postgres,
+        table: str,
+        caught: bool,
+        how: str,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         """The endpoint commits part of its work itself, then its connection is lost: what
         it committed stays, so not a 503 "nothing was committed" (an ``idempotent`` route, a
         client's retry would write it twice), but tether's ``LostAfterCommit`` (a 500).
-        Whether the endpoint let the error out or caught it and returned."""
+        Whether the endpoint let the error out or caught it and returned; with `commit()`,
+        or a raw `COMMIT` (it was the 503: trial 38)."""
         app, _, conn = make(postgres, min_size=1, max_size=1)
 
         @app.post("/two-steps")
         async def two_steps(c: Annotated[Conn, Depends(conn)]) -> dict[str, str]:
             await c.execute(f"INSERT INTO {table} VALUES ('first')")
-            await c.commit()
+            if how == "raw":
+                await c.execute(" commit ;")
+            else:
+                await c.commit()
             await c.execute(f"INSERT INTO {table} VALUES ('second')")
             pid = c.info.backend_pid
             await asyncio.to_thread(postgres.sql, "SELECT pg_terminate_backend(%s)", [pid])

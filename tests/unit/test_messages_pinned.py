@@ -566,3 +566,39 @@ def test_a_server_that_never_answers_says_the_connect_timeout_ran_out() -> None:
         "non-replication superuser connections"
     )
     assert "The server has no connection slot left" in str(unreachable("pool", "db", full))
+
+
+def test_a_cleanup_error_with_a_status_code_that_is_no_http_exception_is_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An SDK's error carrying its upstream's `status_code` (429), raised by a cleanup: the
+    client gets a 500, and tether logs the failure at ERROR. It was logged at INFO, with no
+    traceback, as "answered 429" (trial 38)."""
+
+    class APIStatusError(Exception):
+        status_code = 429
+
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def res() -> AsyncIterator[int]:
+        yield 1
+        raise APIStatusError("upstream said 429")
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.get("/")
+    async def root(v: Annotated[int, Depends(res)]) -> int:
+        return v
+
+    with (
+        caplog.at_level(logging.INFO, logger="tether"),
+        TestClient(app, raise_server_exceptions=False) as client,
+    ):
+        assert client.get("/").status_code == 500
+    said = [
+        (r.levelno, r.getMessage()) for r in caplog.records if "closing resource" in r.getMessage()
+    ]
+    assert said == [
+        (logging.ERROR, "tether: closing resource 'res' failed: APIStatusError: upstream said 429")
+    ]

@@ -1004,6 +1004,9 @@ _LEVELS = {
 }
 
 
+#: A statement that commits the transaction (`_Handed.execute`).
+_RAW_COMMIT = re.compile(r"\s*(COMMIT|END)\s*(WORK|TRANSACTION)?\s*;?\s*$", re.IGNORECASE)
+
 #: A transaction still open, COMMIT not run (`_Handed.commit`).
 _OPEN_TRANSACTION = frozenset({TransactionStatus.INTRANS, TransactionStatus.INERROR})
 
@@ -1023,7 +1026,8 @@ class _Handed:
     otherwise be the outer transaction, committed at its end whatever became of the unit's.
     ``commit()`` notes that the endpoint committed part of its work itself: a connection lost
     after it, or during it, is then not "nothing was committed". A ``commit()`` of an aborted
-    transaction (answered ``ROLLBACK``) commits nothing, and a raw ``COMMIT`` is not seen."""
+    transaction (answered ``ROLLBACK``) commits nothing. ``execute()`` notes a raw ``COMMIT``
+    the same way (one run on a cursor of its own is not seen)."""
 
     __slots__ = (
         "__weakref__",
@@ -1082,6 +1086,31 @@ class _Handed:
             raise
         object.__setattr__(self, "_tether_committing", False)
         object.__setattr__(self, "_tether_committed", True)
+
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        """psycopg's, noting a raw ``COMMIT`` (or ``END``) of the unit's transaction as
+        `commit` notes its own: a connection lost after it was the 503 "nothing was
+        committed", and an ``idempotent`` route ran again (trial 38)."""
+        conn = self._tether_live()
+        raw_commit = (
+            isinstance(query, str)
+            and _RAW_COMMIT.match(query) is not None
+            and not conn.autocommit
+            and conn.info.transaction_status == TransactionStatus.INTRANS
+        )
+        if not raw_commit:
+            return await conn.execute(query, *args, **kwargs)
+        object.__setattr__(self, "_tether_committing", True)
+        try:
+            result = await conn.execute(query, *args, **kwargs)
+        except BaseException as exc:
+            answered = getattr(exc, "sqlstate", None) is not None
+            if not conn.broken and (answered or conn.info.transaction_status in _OPEN_TRANSACTION):
+                object.__setattr__(self, "_tether_committing", False)
+            raise
+        object.__setattr__(self, "_tether_committing", False)
+        object.__setattr__(self, "_tether_committed", True)
+        return result
 
     @property  # type: ignore[misc]
     def __class__(self) -> type[Any]:  # isinstance(conn, psycopg.AsyncConnection) holds

@@ -467,3 +467,48 @@ def test_a_file_the_server_sends_commits_before_it_and_a_failed_commit_aborts_it
     assert tether_errors(caplog) == [
         "tether: closing resource 'tx' failed: RuntimeError: commit failed: deferred constraint"
     ]
+
+
+@pytest.mark.parametrize("route", ["/failed-commit", "/not-found", "/committed"])
+def test_background_tasks_run_only_after_a_commit_that_went_through(route: str) -> None:
+    """recipes.md ("Work that must follow the commit"): Starlette's `BackgroundTasks` run after
+    the response, so only when the endpoint succeeded and the commit at the release point went
+    through; not after a failed commit (a 500), nor after an error answer (trial 38: the
+    recipe's whole point, pinned by nothing)."""
+    from fastapi import BackgroundTasks, HTTPException
+
+    ran: list[str] = []
+    lc = tether.Lifecycle()
+
+    @lc.resource
+    async def session() -> AsyncIterator[str]:
+        yield "s"
+
+    @lc.resource
+    async def failing() -> AsyncIterator[str]:
+        yield "s"
+        raise RuntimeError("COMMIT failed")  # the commit fails at the release point
+
+    app = FastAPI(lifespan=lc.lifespan)
+
+    @app.post("/failed-commit")
+    async def failed_commit(
+        s: Annotated[str, Depends(failing)], after: BackgroundTasks
+    ) -> dict[str, str]:
+        after.add_task(ran.append, "failed-commit")
+        return {"s": s}
+
+    @app.post("/{name}")
+    async def other(
+        name: str, s: Annotated[str, Depends(session)], after: BackgroundTasks
+    ) -> dict[str, str]:
+        after.add_task(ran.append, name)
+        if name == "not-found":
+            raise HTTPException(404)
+        return {"s": s}
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        status = client.post(route).status_code
+    expected = {"/failed-commit": 500, "/not-found": 404, "/committed": 200}[route]
+    assert status == expected
+    assert ran == (["committed"] if route == "/committed" else [])

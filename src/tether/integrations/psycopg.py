@@ -57,7 +57,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Never, cast
+from typing import TYPE_CHECKING, Any, Never, TypeVar, cast
 
 import anyio
 
@@ -1004,6 +1004,8 @@ _LEVELS = {
 }
 
 
+_R = TypeVar("_R")
+
 #: A statement that commits the transaction (`_Handed.execute`).
 _RAW_COMMIT = re.compile(r"\s*(COMMIT|END)\s*(WORK|TRANSACTION)?\s*;?\s*$", re.IGNORECASE)
 
@@ -1069,41 +1071,36 @@ class _Handed:
             # nothing of the endpoint's own is committed.
             await conn.commit()
             return
-        # COMMIT sent and its answer lost (the connection lost meanwhile): whether the
-        # server committed is unknown, so no 503 "nothing was committed" after it.
-        object.__setattr__(self, "_tether_committing", True)
-        try:
-            await conn.commit()
-        except BaseException as exc:
-            # Still committing unless COMMIT surely did not commit: the server answered it
-            # with an error (a deferred constraint, a serialization failure: its SQLSTATE),
-            # or it did not run (the transaction still open), on a connection still whole.
-            # A cancel (a deadline around the commit) that cut it once COMMIT was sent left
-            # psycopg to close the connection: unknown.
-            answered = getattr(exc, "sqlstate", None) is not None
-            if not conn.broken and (answered or conn.info.transaction_status in _OPEN_TRANSACTION):
-                object.__setattr__(self, "_tether_committing", False)
-            raise
-        object.__setattr__(self, "_tether_committing", False)
-        object.__setattr__(self, "_tether_committed", True)
+        await self._tether_committing_by(conn, conn.commit())
 
     async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
         """psycopg's, noting a raw ``COMMIT`` (or ``END``) of the unit's transaction as
         `commit` notes its own: a connection lost after it was the 503 "nothing was
         committed", and an ``idempotent`` route ran again (trial 38)."""
         conn = self._tether_live()
-        raw_commit = (
+        if (
             isinstance(query, str)
             and _RAW_COMMIT.match(query) is not None
             and not conn.autocommit
             and conn.info.transaction_status == TransactionStatus.INTRANS
-        )
-        if not raw_commit:
-            return await conn.execute(query, *args, **kwargs)
+        ):
+            return await self._tether_committing_by(conn, conn.execute(query, *args, **kwargs))
+        return await conn.execute(query, *args, **kwargs)
+
+    async def _tether_committing_by(self, conn: Connection, committing: Awaitable[_R]) -> _R:
+        """Await *committing*, the endpoint's own ``COMMIT`` of the unit's open transaction,
+        noted: sent and its answer lost (the connection lost meanwhile), whether the server
+        committed is unknown, so no 503 "nothing was committed" after it; done, what it
+        committed stays."""
         object.__setattr__(self, "_tether_committing", True)
         try:
-            result = await conn.execute(query, *args, **kwargs)
+            result = await committing
         except BaseException as exc:
+            # Still committing unless COMMIT surely did not commit: the server answered it
+            # with an error (a deferred constraint, a serialization failure: its SQLSTATE),
+            # or it did not run (the transaction still open), on a connection still whole.
+            # A cancel (a deadline around the commit) that cut it once COMMIT was sent left
+            # psycopg to close the connection: unknown.
             answered = getattr(exc, "sqlstate", None) is not None
             if not conn.broken and (answered or conn.info.transaction_status in _OPEN_TRANSACTION):
                 object.__setattr__(self, "_tether_committing", False)

@@ -394,7 +394,7 @@ def _in_memory(text: str) -> str | None:
 
 
 #: The default checks' reads of the file still running (`database`'s `read_the_file`).
-_READING: set[asyncio.Future[None]] = set()
+_READING: dict[asyncio.Future[None], Database] = {}
 
 
 async def _read_the_file(db: Database) -> None:
@@ -402,10 +402,20 @@ async def _read_the_file(db: Database) -> None:
         await conn.execute("PRAGMA schema_version")
 
 
+async def _reads_done(db: Database) -> None:
+    """Wait for the checks' reads of *db* still running (shielded, within its busy timeout
+    and a second), as the database closes: one left to the loop's end had its connection's
+    thread report to a closed loop ("Event loop is closed")."""
+    pending = [reading for reading, of in _READING.items() if of is db]
+    if pending:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(pending, timeout=db.busy_timeout + 1)
+
+
 def _read(reading: asyncio.Future[None]) -> None:
     """A check's read ended: forgotten, its error retrieved (the check that gave up on it
     has answered already)."""
-    _READING.discard(reading)
+    _READING.pop(reading, None)
     if not reading.cancelled():
         reading.exception()
 
@@ -615,7 +625,10 @@ def database(
         db._uri = _rw_uri(db.path)  # the file exists now: never create it again
         db._identity = FileWatch(str(file))
         log.info("tether: database %r open: %s", name, db.path)
-        yield db
+        try:
+            yield db
+        finally:
+            await _reads_done(db)
 
     async def read_the_file(db: Database) -> None:
         # Reads the file's header (``SELECT 1`` reads nothing); a file that is gone fails the
@@ -624,7 +637,7 @@ def database(
         # busy_timeout), which no cancel reaches, and the connection's close waits for it;
         # the check's bound does not (it answered after busy_timeout: trial 36).
         reading = asyncio.ensure_future(_read_the_file(db))
-        _READING.add(reading)
+        _READING[reading] = db
         reading.add_done_callback(_read)
         await asyncio.shield(reading)
 

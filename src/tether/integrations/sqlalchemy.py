@@ -641,14 +641,19 @@ def _interrupt_cancelled(eng: Engine) -> None:
     event.listen(eng, "handle_error", handle_error)
 
 
-def _stopped_once(eng: Engine) -> None:
+def _stopped_once(eng: Engine) -> Callable[[], Awaitable[None]]:
     """An aiosqlite connection's thread is stopped once: a second ``stop()`` does nothing.
+    Returns what waits (at the engine's close) for the threads so stopped to end.
 
     SQLAlchemy terminates a connection invalidated as its task is cancelled by closing it
     (shielded), and, cancelled again there (an anyio scope cancels each await: a readiness
     check past ``check_timeout`` waiting for a lock), by stopping its thread. The close,
     still running, then stopped it again, and waited for a thread that had ended: forever,
-    so ``asyncio.run()`` (uvicorn's) never returned at exit."""
+    so ``asyncio.run()`` (uvicorn's) never returned at exit. Nothing waits for such a
+    thread, which ends once its statement has (a lock waited for): one still running when
+    the loop closes reports to a closed loop ("Event loop is closed"), so the engine's
+    close waits for it."""
+    stopped: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         driver: Any = getattr(dbapi_connection, "driver_connection", None)
@@ -659,11 +664,32 @@ def _stopped_once(eng: Engine) -> None:
         def stop_once() -> Any:
             if not driver._running:
                 return None  # stopped: its thread ends (or ended) with the first stop
+            thread = getattr(driver, "_thread", None)
+            if thread is not None:
+                stopped.add(thread)
             return stop()
 
         driver.stop = stop_once
 
     event.listen(eng, "connect", connect)
+
+    async def threads_ended() -> None:
+        threads = [thread for thread in list(stopped) if thread.is_alive()]
+        if threads:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_THREADS_END):
+                while any(thread.is_alive() for thread in threads):
+                    await anyio.sleep(0.01)
+
+    return threads_ended
+
+
+async def _no_threads() -> None:
+    """What an engine of no SQLite file waits for at its close (`_stopped_once`)."""
+
+
+#: Seconds an SQLite engine's close waits for the threads of connections SQLAlchemy stopped
+#: (`_stopped_once`): past the busy timeout their statements ended on.
+_THREADS_END = 10.0
 
 
 #: The driver connections `_let_go` hung up under another task. The error that task then gets
@@ -2426,6 +2452,7 @@ def engine(
             options["poolclass"] = _loop_bound_pool(LoopBound(name), info)
         eng = cast("AsyncEngine", _create_engine(u, name, options, engine_kwargs, is_async=True))
         _keep_pool_on_hang_up(eng.sync_engine)
+        threads_ended: Callable[[], Awaitable[None]] = _no_threads
         if u.get_backend_name() == "postgresql":
             _refuse_failed_commits(eng.sync_engine, name)
             _close_streams_on_return(eng.sync_engine, name)
@@ -2435,7 +2462,7 @@ def engine(
                 _end_after_psycopg_hang_up(eng, name)
         elif u.get_backend_name() == "sqlite":
             _interrupt_cancelled(eng.sync_engine)
-            _stopped_once(eng.sync_engine)
+            threads_ended = _stopped_once(eng.sync_engine)
         _count_connections(eng.sync_engine, info)
         if reset_session and u.get_backend_name() == "postgresql":
             _reset_sessions(eng.sync_engine, name, server=not pgbouncer)
@@ -2477,6 +2504,7 @@ def engine(
             info.engine = None
             await _cancels_sent()
             await eng.dispose()
+            await threads_ended()
 
     res = _register_engine(
         lc,

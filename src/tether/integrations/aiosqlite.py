@@ -403,13 +403,21 @@ async def _read_the_file(db: Database) -> None:
 
 
 async def _reads_done(db: Database) -> None:
-    """Wait for the checks' reads of *db* still running (shielded, within its busy timeout
-    and a second), as the database closes: one left to the loop's end had its connection's
-    thread report to a closed loop ("Event loop is closed")."""
+    """Wait for the checks' reads of *db* still running, and for the threads of connections
+    closed that still finish their work (shielded, within its busy timeout and a second), as
+    the database closes: one left to the loop's end had its connection's thread report to a
+    closed loop ("Event loop is closed")."""
     pending = [reading for reading, of in _READING.items() if of is db]
-    if pending:
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait(pending, timeout=db.busy_timeout + 1)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(db.busy_timeout + 1):
+        if pending:
+            await asyncio.wait(pending)
+        ending = [t for c, t in list(_THREADS.items()) if not c._running and t.is_alive()]
+        while any(thread.is_alive() for thread in ending):
+            await anyio.sleep(0.01)
+
+
+#: The thread of each connection tether made, until that thread ends (`_reads_done`).
+_THREADS: dict[Any, Any] = {}
 
 
 def _read(reading: asyncio.Future[None]) -> None:
@@ -961,7 +969,13 @@ async def _connect(path: str, **kwargs: Any) -> _Connection:
     conn = _Connection(partial(sqlite3.connect, path, **kwargs), 64)  # as aiosqlite.connect
     connecting = cast("Awaitable[_Connection]", conn)  # awaiting it connects, and returns it
     try:
-        return await connect_or_close(connecting, aiosqlite.Connection.close)
+        made = await connect_or_close(connecting, aiosqlite.Connection.close)
+        worker = getattr(made, "_thread", None)
+        if worker is not None:
+            for ended in [c for c, t in _THREADS.items() if not t.is_alive()]:
+                del _THREADS[ended]  # (its thread ended: forgotten)
+            _THREADS[made] = worker
+        return made
     except sqlite3.Error:
         # aiosqlite stops its thread on a failed connect without waiting for it, and the
         # thread then reports to the event loop: one closed by then (an app whose start

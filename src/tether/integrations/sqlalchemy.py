@@ -652,21 +652,24 @@ def _stopped_once(eng: Engine) -> Callable[[], Awaitable[None]]:
     so ``asyncio.run()`` (uvicorn's) never returned at exit. Nothing waits for such a
     thread, which ends once its statement has (a lock waited for): one still running when
     the loop closes reports to a closed loop ("Event loop is closed"), so the engine's
-    close waits for it."""
-    stopped: weakref.WeakSet[Any] = weakref.WeakSet()
+    close waits for it, as for the thread of any connection closed that still finishes its
+    work (a rollback `_interrupt_cancelled` queued behind a statement)."""
+    threads: dict[Any, Any] = {}  # each connection's driver and its thread, while alive
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         driver: Any = getattr(dbapi_connection, "driver_connection", None)
         stop = getattr(driver, "stop", None)
         if stop is None or not hasattr(driver, "_running"):
             return  # an aiosqlite without stop(), or not aiosqlite
+        thread = getattr(driver, "_thread", None)
+        if thread is not None:
+            for known in [d for d, t in threads.items() if not t.is_alive()]:
+                del threads[known]  # (ended: forgotten)
+            threads[driver] = thread
 
         def stop_once() -> Any:
             if not driver._running:
                 return None  # stopped: its thread ends (or ended) with the first stop
-            thread = getattr(driver, "_thread", None)
-            if thread is not None:
-                stopped.add(thread)
             return stop()
 
         driver.stop = stop_once
@@ -674,10 +677,11 @@ def _stopped_once(eng: Engine) -> Callable[[], Awaitable[None]]:
     event.listen(eng, "connect", connect)
 
     async def threads_ended() -> None:
-        threads = [thread for thread in list(stopped) if thread.is_alive()]
-        if threads:
+        # Of the connections closed or stopped (not one the app still holds open).
+        ending = [t for d, t in list(threads.items()) if not d._running and t.is_alive()]
+        if ending:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_THREADS_END):
-                while any(thread.is_alive() for thread in threads):
+                while any(thread.is_alive() for thread in ending):
                     await anyio.sleep(0.01)
 
     return threads_ended

@@ -298,6 +298,9 @@ async def test_a_check_outlasted_by_the_busy_timeout_names_the_lock(
     else:
         tsa.sync_engine(lc, f"sqlite:///{path}", connect_args={"timeout": 6})
         busy = "connect_args={'timeout': 6}"
+    import aiosqlite
+
+    stops = hasattr(aiosqlite.Connection, "stop")  # (aiosqlite 0.22.1+)
     before = set(threading.enumerate())
     async with lc.run():
         assert (await lc.health()).checks[0].ok
@@ -308,9 +311,16 @@ async def test_a_check_outlasted_by_the_busy_timeout_names_the_lock(
             (check,) = (await lc.health()).checks
             took = time.monotonic() - started
         finally:
-            # Freed a second later, as the app shuts down: the check's statement, still
-            # waiting in its connection's thread, ends then.
-            threading.Timer(1.0, lambda: (raw.execute("ROLLBACK"), raw.close())).start()
+            # Freed as the app shuts down (a second later where aiosqlite stops the thread
+            # of a connection SQLAlchemy terminates, 0.22.1+): the check's statement, still
+            # waiting in its connection's thread, ends then. Before 0.22.1 that thread is
+            # never stopped, and is freed here, where this loop still runs.
+            if stops:
+                threading.Timer(1.0, lambda: (raw.execute("ROLLBACK"), raw.close())).start()
+            else:
+                raw.execute("ROLLBACK")
+                raw.close()
+                await anyio.sleep(0.5)
         # (The sync engine's check, left to its thread, gives its connection back then.)
         with anyio.fail_after(10):
             while any(pool.in_use for pool in lc.stats().pools.values()):
@@ -319,13 +329,14 @@ async def test_a_check_outlasted_by_the_busy_timeout_names_the_lock(
     # the engine's (the database's) close waited for that thread: one left running reported
     # to the test's closed loop ("Event loop is closed", CI's Python 3.13 stage). Before,
     # on SQLAlchemy's async engine, a close of it never ended: asyncio.run() hung at exit.
-    left = [
+    left = [  # aiosqlite's threads (before 0.21, its connection is one)
         thread
         for thread in set(threading.enumerate()) - before
         if thread.name.endswith("(_connection_worker_thread)")
+        or type(thread).__module__.startswith("aiosqlite")
     ]
     with anyio.fail_after(0.3):  # (a thread ends a moment after its last answer)
-        while any(thread.is_alive() for thread in left):
+        while stops and any(thread.is_alive() for thread in left):
             await anyio.sleep(0.01)
     assert not check.ok
     assert took < 3, took  # the check's bound, not the busy timeout (6 s: trial 36)

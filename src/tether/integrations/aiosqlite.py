@@ -66,6 +66,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -970,8 +971,8 @@ async def _connect(path: str, **kwargs: Any) -> _Connection:
     connecting = cast("Awaitable[_Connection]", conn)  # awaiting it connects, and returns it
     try:
         made = await connect_or_close(connecting, aiosqlite.Connection.close)
-        worker = getattr(made, "_thread", None)
-        if worker is not None:
+        worker = getattr(made, "_thread", made)  # (before aiosqlite 0.21: the connection)
+        if isinstance(worker, threading.Thread):
             for ended in [c for c, t in _THREADS.items() if not t.is_alive()]:
                 del _THREADS[ended]  # (its thread ended: forgotten)
             _THREADS[made] = worker

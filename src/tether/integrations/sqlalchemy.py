@@ -658,14 +658,17 @@ def _stopped_once(eng: Engine) -> Callable[[], Awaitable[None]]:
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         driver: Any = getattr(dbapi_connection, "driver_connection", None)
-        stop = getattr(driver, "stop", None)
-        if stop is None or not hasattr(driver, "_running"):
-            return  # an aiosqlite without stop(), or not aiosqlite
-        thread = getattr(driver, "_thread", None)
-        if thread is not None:
+        if not hasattr(driver, "_running"):
+            return  # not aiosqlite
+        # aiosqlite 0.21+ keeps its thread as `_thread`; before, the connection was it.
+        thread = getattr(driver, "_thread", driver)
+        if isinstance(thread, threading.Thread):
             for known in [d for d, t in threads.items() if not t.is_alive()]:
                 del threads[known]  # (ended: forgotten)
             threads[driver] = thread
+        stop = getattr(driver, "stop", None)
+        if stop is None:
+            return  # an aiosqlite without stop() (before 0.22.1): SQLAlchemy closes it
 
         def stop_once() -> Any:
             if not driver._running:
